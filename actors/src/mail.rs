@@ -1,0 +1,243 @@
+//! What goes into the dispatcher and what comes out: a composed message with
+//! its envelope and deadline, and the report of its delivery.
+//!
+//! The message is already rendered to bytes (CRLF line endings) by the daemon;
+//! the actors only move it. The report records every attempt, so a caller can
+//! see exactly which relay said what.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use lettre::Address;
+use tokio::time::Instant;
+
+/// A message ready for delivery.
+#[derive(Debug, Clone)]
+pub struct Mail {
+    /// The Message-ID header value, without angle brackets. Used in logs and
+    /// reports to match a result to what a server received.
+    pub message_id: String,
+    /// MAIL FROM. `None` uses the relay's configured sender, and failing that
+    /// the null sender `<>`.
+    pub from: Option<Address>,
+    /// RCPT TO, already de-duplicated.
+    pub to: Vec<Address>,
+    /// The whole message, headers and body, with CRLF line endings.
+    pub bytes: Arc<[u8]>,
+    /// Delivery, queueing and failover together must finish by then.
+    pub deadline: Instant,
+    /// Try this relay first, whatever the strategy says.
+    pub prefer: Option<String>,
+}
+
+impl Mail {
+    /// Whether any envelope address needs SMTPUTF8.
+    pub fn needs_smtputf8(&self) -> bool {
+        self.from
+            .iter()
+            .chain(&self.to)
+            .any(|a: &Address| !AsRef::<str>::as_ref(a).is_ascii())
+    }
+}
+
+/// How one attempt ended, classified by SMTP phase (DESIGN.md rule 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureClass {
+    /// The relay itself failed: connect, TLS, greeting, EHLO or AUTH. The
+    /// message goes to another relay and this one backs off.
+    RelayFault,
+    /// A 4xx reply to MAIL, RCPT or DATA: worth another relay.
+    Transient,
+    /// A 5xx reply to MAIL, to every RCPT, or after the final ".": it would
+    /// fail everywhere, so no failover.
+    Permanent,
+    /// The connection was lost or timed out after the final "." was sent:
+    /// the message may have been delivered and is never sent again.
+    Unknown,
+    /// The relay had no capacity (its queue is full) or was unavailable; not
+    /// the relay's fault and not counted against its health.
+    Busy,
+}
+
+impl FailureClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureClass::RelayFault => "relay_fault",
+            FailureClass::Transient => "transient",
+            FailureClass::Permanent => "permanent",
+            FailureClass::Unknown => "unknown",
+            FailureClass::Busy => "busy",
+        }
+    }
+
+    /// Whether the router sends the message on to another relay.
+    pub fn fails_over(self) -> bool {
+        matches!(
+            self,
+            FailureClass::RelayFault | FailureClass::Transient | FailureClass::Busy
+        )
+    }
+}
+
+/// An SMTP reply worth reporting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    pub text: String,
+}
+
+/// One relay's try at one message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attempt {
+    pub relay: String,
+    /// `None` when the relay took the message.
+    pub class: Option<FailureClass>,
+    /// The SMTP reply that decided the outcome, if there was one.
+    pub reply: Option<Reply>,
+    /// What happened, in words, when there was no reply or to add to it.
+    pub detail: String,
+    pub duration: Duration,
+}
+
+/// A recipient the server refused while others were accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub address: String,
+    pub reply: Reply,
+}
+
+/// The overall result of a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Every recipient accepted.
+    Sent,
+    /// Some recipients accepted, others refused with 5xx.
+    Partial,
+    /// The connection was lost after the final "."; the message may have been
+    /// delivered and was not sent again.
+    Unknown,
+    /// Not delivered.
+    Failed,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Sent => "sent",
+            Status::Partial => "partial",
+            Status::Unknown => "unknown",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+/// Why a delivery failed, when it did. Stable codes for agents to act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureReason {
+    /// A relay refused the message permanently.
+    Rejected,
+    /// Every candidate relay failed or was unavailable.
+    AllRelaysFailed,
+    /// No relay could take the message before the deadline.
+    Busy,
+    /// The deadline passed before the message was delivered.
+    DeadlineExceeded,
+    /// The message is larger than the configured limit.
+    TooLarge,
+    /// The message needs SMTPUTF8 and no relay offers it.
+    Smtputf8Unsupported,
+    /// A relay named by the caller does not exist.
+    UnknownRelay,
+    /// The dispatcher is shutting down or an actor stopped under the call.
+    Unavailable,
+}
+
+impl FailureReason {
+    pub fn code(self) -> &'static str {
+        match self {
+            FailureReason::Rejected => "rejected",
+            FailureReason::AllRelaysFailed => "all_relays_failed",
+            FailureReason::Busy => "busy",
+            FailureReason::DeadlineExceeded => "deadline_exceeded",
+            FailureReason::TooLarge => "too_large",
+            FailureReason::Smtputf8Unsupported => "smtputf8_unsupported",
+            FailureReason::UnknownRelay => "unknown_relay",
+            FailureReason::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// What happened to one message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub message_id: String,
+    pub status: Status,
+    /// The relay that took the message (or last tried it).
+    pub relay: Option<String>,
+    pub accepted: Vec<String>,
+    pub rejected: Vec<Rejected>,
+    pub attempts: Vec<Attempt>,
+    /// Set when `status` is `Failed`.
+    pub failure: Option<FailureReason>,
+    /// A sentence an agent or operator can act on, when not `Sent`.
+    pub message: Option<String>,
+}
+
+impl Report {
+    pub(crate) fn failed(mail: &Mail, reason: FailureReason, message: String) -> Self {
+        Report {
+            message_id: mail.message_id.clone(),
+            status: Status::Failed,
+            relay: None,
+            accepted: vec![],
+            rejected: vec![],
+            attempts: vec![],
+            failure: Some(reason),
+            message: Some(message),
+        }
+    }
+}
+
+/// How far a message got, shared between the caller and the task delivering
+/// it. It decides, race-free, whether a message whose caller gave up (deadline)
+/// or whose actor crashed may be sent again elsewhere.
+#[derive(Debug, Default)]
+pub struct Progress(AtomicU8);
+
+const PENDING: u8 = 0;
+const COMMITTED: u8 = 1;
+const ABANDONED: u8 = 2;
+
+impl Progress {
+    /// Called by a delivery task just before it sends the final "." of DATA.
+    /// Returns false if the caller has already given up: then the task must
+    /// not send the message.
+    pub fn commit(&self) -> bool {
+        self.0
+            .compare_exchange(PENDING, COMMITTED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Called by a caller that gives up. Returns false if the message was
+    /// already committed: then it may have been delivered.
+    pub fn abandon(&self) -> bool {
+        match self
+            .0
+            .compare_exchange(PENDING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => true,
+            Err(state) => state == ABANDONED,
+        }
+    }
+
+    /// Whether the final "." was (or is being) sent.
+    pub fn is_committed(&self) -> bool {
+        self.0.load(Ordering::Acquire) == COMMITTED
+    }
+
+    /// Whether the caller gave up on the message.
+    pub fn is_abandoned(&self) -> bool {
+        self.0.load(Ordering::Acquire) == ABANDONED
+    }
+}
