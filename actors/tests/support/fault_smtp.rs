@@ -91,7 +91,7 @@ impl Share {
         match self {
             Share::All => true,
             Share::FirstN(n) => occurrence <= n,
-            Share::EveryNth(n) => n > 0 && occurrence % n == 0,
+            Share::EveryNth(n) => n > 0 && occurrence.is_multiple_of(n),
         }
     }
 }
