@@ -441,10 +441,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let guard = OpenGuard::new(shared.clone());
-                    sessions.spawn(async move {
-                        let _guard = guard;
-                        session(stream, _guard.0.clone()).await;
-                    });
+                    sessions.spawn(session(stream, guard));
                 }
                 // Out of file descriptors and the like: back off instead of spinning.
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
@@ -470,6 +467,9 @@ enum End {
 /// The state of one SMTP session.
 struct Session {
     shared: Arc<Shared>,
+    /// Dropped at QUIT: a client that said QUIT has let go of the connection,
+    /// whenever the socket itself closes.
+    open: Option<OpenGuard>,
     greeted: bool,
     authenticated: bool,
     tls_active: bool,
@@ -477,11 +477,12 @@ struct Session {
     rcpt_to: Vec<String>,
 }
 
-async fn session(stream: TcpStream, shared: Arc<Shared>) {
+async fn session(stream: TcpStream, guard: OpenGuard) {
     let _ = stream.set_nodelay(true);
     let mut conn: Conn = BufReader::new(Box::new(stream));
     let mut s = Session {
-        shared,
+        shared: guard.0.clone(),
+        open: Some(guard),
         greeted: false,
         authenticated: false,
         tls_active: false,
@@ -545,6 +546,7 @@ impl Session {
                 "NOOP" => send(conn, "250 2.0.0 Ok").await.map(|_| None),
                 "VRFY" => send(conn, "252 2.0.0 Cannot verify").await.map(|_| None),
                 "QUIT" => {
+                    self.open = None;
                     send(conn, "221 2.0.0 Bye").await?;
                     return Ok(End::Closed);
                 }
