@@ -20,6 +20,10 @@ use super::{AttachmentInput, ComposeError, ComposePolicy};
 /// limit).
 const MAX_FILENAME: usize = 255;
 
+/// Longest content type, parameters included; it must fit one header line
+/// because lettre folds it only at spaces.
+const MAX_CONTENT_TYPE: usize = 255;
+
 /// Standard alphabet; padding optional, as documented on the tool.
 const BASE64: GeneralPurpose = GeneralPurpose::new(
     &base64::alphabet::STANDARD,
@@ -81,6 +85,13 @@ fn content_type(
     };
     check_header_value(field, given)?;
     let given = given.trim();
+    if given.len() > MAX_CONTENT_TYPE {
+        return Err(ComposeError::new(
+            field,
+            "invalid_content_type",
+            format!("is longer than {MAX_CONTENT_TYPE} bytes"),
+        ));
+    }
     let invalid = |why: &str| ComposeError::new(field, "invalid_content_type", why.to_owned());
     let parsed = ContentType::parse(given)
         .map_err(|_| invalid("is not a MIME type such as `application/pdf`"))?;

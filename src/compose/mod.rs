@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use lettre::Message;
 use lettre::address::Envelope;
 use lettre::message::header::{ContentTransferEncoding, ContentType};
-use lettre::message::{Attachment, MultiPart, SinglePart};
+use lettre::message::{Attachment, Body, MultiPart, SinglePart};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -191,9 +191,10 @@ pub struct Composed {
     pub preview: Preview,
 }
 
-/// Longest subject in bytes after template substitution: one RFC 5322 line.
-/// lettre folds at spaces only, so a longer word could not be folded.
-const MAX_SUBJECT: usize = 998;
+/// Longest subject in bytes after template substitution. lettre folds at
+/// spaces only, so one long word must still fit a 998-byte line with the
+/// `Subject: ` prefix.
+const MAX_SUBJECT: usize = 900;
 
 /// Validates and renders a draft.
 ///
@@ -335,10 +336,8 @@ pub fn compose(draft: &Draft, policy: &ComposePolicy) -> Result<Composed, Compos
             BodyPart::Single(part) => MultiPart::mixed().singlepart(part),
             BodyPart::Alternative(part) => MultiPart::mixed().multipart(part),
         };
-        for a in &attachments {
-            mixed = mixed.singlepart(
-                Attachment::new(a.filename.clone()).body(a.data.clone(), a.content_type.clone()),
-            );
+        for a in attachments.iter() {
+            mixed = mixed.singlepart(attachment_part(a));
         }
         builder.multipart(mixed)
     };
@@ -490,6 +489,18 @@ fn text_part(content_type: ContentType, text: String) -> SinglePart {
     } else {
         builder.body(text)
     }
+}
+
+/// Attachments are always base64: lettre would send ASCII-only content as
+/// 7bit without converting its line endings, and a bare LF is exactly what
+/// the SMTP layer fails to dot-stuff.
+fn attachment_part(a: &attach::Loaded) -> SinglePart {
+    let body = match Body::new_with_encoding(a.data.clone(), ContentTransferEncoding::Base64) {
+        Ok(body) => body,
+        // Base64 accepts any bytes; lettre hands the input back only for 7bit/8bit.
+        Err(data) => Body::new(data),
+    };
+    Attachment::new(a.filename.clone()).body(body, a.content_type.clone())
 }
 
 fn body_part(html: bool, rendered: &Rendered) -> BodyPart {
