@@ -289,7 +289,13 @@ pub fn compose(draft: &Draft, policy: &ComposePolicy) -> Result<Composed, Compos
         + rendered.body.len()
         + rendered.html_body.as_ref().map_or(0, String::len);
     if estimate > policy.max_message_bytes {
-        return Err(too_large("body", policy.max_message_bytes));
+        let html_len = rendered.html_body.as_ref().map_or(0, String::len);
+        let field = if html_len > rendered.body.len() {
+            "html_body"
+        } else {
+            "body"
+        };
+        return Err(too_large(field, policy.max_message_bytes));
     }
     let attachments = draft
         .attachments

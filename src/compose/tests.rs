@@ -48,7 +48,26 @@ fn split(raw: &str) -> (&str, &str) {
         .expect("blank line after headers")
 }
 
+/// The top-level header fields, read from the bytes independently of
+/// `Preview` (folded lines are joined).
+fn scan_headers(bytes: &[u8]) -> Vec<(String, String)> {
+    let raw = String::from_utf8_lossy(bytes);
+    let (head, _) = raw
+        .split_once("\r\n\r\n")
+        .expect("blank line after headers");
+    let unfolded = head.replace("\r\n ", " ").replace("\r\n\t", "\t");
+    unfolded
+        .split("\r\n")
+        .map(|line| {
+            let (name, value) = line.split_once(": ").expect("name: value");
+            (name.to_owned(), value.to_owned())
+        })
+        .collect()
+}
+
+/// A header from the preview, which must agree with the bytes.
 fn header<'a>(c: &'a Composed, name: &str) -> Option<&'a str> {
+    assert_eq!(c.preview.headers, scan_headers(&c.bytes));
     c.preview
         .headers
         .iter()
