@@ -99,14 +99,29 @@ pub fn load_from(
     let mut names = vec!["defaults".to_string()];
     let mut figment = Figment::new();
 
-    if let Some(file) = config_file(sources, &env) {
-        let layer = FileLayer::read(&file)?;
-        check_unknown_keys(&layer)?;
-        names.push(layer.name.clone());
-        figment = figment.merge(layer);
+    let (relay_vars, mailmux): (Vec<_>, Vec<_>) = env::mailmux_vars(&env)
+        .into_iter()
+        .partition(|v| v.path.first().is_some_and(|k| k == "relays"));
+    let mut overrides = Vec::new();
+    match config_file(sources, &env) {
+        Some(file) => {
+            let mut layer = FileLayer::read(&file)?;
+            check_unknown_keys(&layer)?;
+            overrides = layer.inject(&relay_vars)?;
+            names.push(layer.name.clone());
+            figment = figment.merge(layer);
+        }
+        None => {
+            if let Some(var) = relay_vars.first() {
+                return Err(ConfigError {
+                    key: var.var.clone(),
+                    source_name: env::source_name(&var.var),
+                    message: "names a relay, but no configuration file lists relays".into(),
+                });
+            }
+        }
     }
-    let mailmux = env::mailmux_vars(&env);
-    if !mailmux.is_empty() {
+    if !mailmux.is_empty() || !relay_vars.is_empty() {
         names.push("env MAILMUX_*".into());
     }
     let seed = env::seed_vars(&env);
@@ -121,7 +136,7 @@ pub fn load_from(
     let tree = figment
         .find_value("")
         .unwrap_or_else(|_| Value::from(Dict::new()));
-    validate::build(raw, &figment, &tree, names)
+    validate::build(raw, &figment, &tree, &overrides, names)
 }
 
 /// The file to read and how it was named: `--config`, else `MAILMUX_CONFIG`.
@@ -205,6 +220,57 @@ impl FileLayer {
 
     fn root(&self) -> Option<&Dict> {
         self.data.get(&Profile::Default)
+    }
+
+    /// Applies `MAILMUX_RELAYS__<NAME or INDEX>__<KEY>` to the file's relays
+    /// (figment would replace the whole array with a dict). Returns, for each
+    /// value set, its path and the variable, so that errors name the variable.
+    fn inject(&mut self, vars: &[env::EnvVar]) -> Result<Vec<(String, String)>, ConfigError> {
+        let mut applied = Vec::new();
+        for var in vars {
+            let fail = |message: String| ConfigError {
+                key: var.var.clone(),
+                source_name: env::source_name(&var.var),
+                message,
+            };
+            let [_, relay, field] = var.path.as_slice() else {
+                return Err(fail(
+                    "expected MAILMUX_RELAYS__<NAME or INDEX>__<KEY>".to_string(),
+                ));
+            };
+            if !raw::RELAY_KEYS.contains(&field.as_str())
+                && !raw::TUNING_KEYS.contains(&field.as_str())
+            {
+                return Err(fail(format!("unknown relay key {field:?}")));
+            }
+            let relays = match self
+                .data
+                .get_mut(&Profile::Default)
+                .and_then(|root| root.get_mut("relays"))
+            {
+                Some(Value::Array(_, relays)) => relays,
+                _ => return Err(fail(format!("{} lists no relays", self.name))),
+            };
+            // Env names are upper case and cannot hold `-`.
+            let matches = |v: &Value| {
+                v.as_dict()
+                    .and_then(|d| d.get("name"))
+                    .and_then(Value::as_str)
+                    .is_some_and(|n| n.to_ascii_lowercase().replace('-', "_") == *relay)
+            };
+            let index = match relay.parse::<usize>() {
+                Ok(i) if i < relays.len() => i,
+                _ => relays
+                    .iter()
+                    .position(matches)
+                    .ok_or_else(|| fail(format!("no relay named {relay:?} in {}", self.name)))?,
+            };
+            if let Some(Value::Dict(_, d)) = relays.get_mut(index) {
+                d.insert(field.clone(), Value::from(var.value.clone()));
+                applied.push((format!("relays.{index}.{field}"), var.var.clone()));
+            }
+        }
+        Ok(applied)
     }
 }
 

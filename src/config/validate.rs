@@ -17,7 +17,7 @@ use mailmux_actors::{
 };
 use serde_json::{Map, Value as Json, json};
 
-use super::env::{SEED_KEY, SINGLE, seed_var_name};
+use super::env::{SEED_KEY, SINGLE, seed_var_name, source_name};
 use super::raw::{RawConfig, RawRelay, RawSeedRelay, StringList};
 use super::{Config, ConfigError, DaemonSettings, HttpSettings};
 use crate::compose::ComposePolicy;
@@ -85,11 +85,16 @@ enum Origin {
 struct Ctx<'a> {
     figment: &'a Figment,
     tree: &'a Value,
+    /// Paths set by `MAILMUX_RELAYS__…` inside the file layer, and the variable.
+    overrides: &'a [(String, String)],
 }
 
 impl Ctx<'_> {
     /// The source of the value at a dotted path, if a layer set it.
     fn source(&self, path: &str) -> Option<String> {
+        if let Some((_, var)) = self.overrides.iter().find(|(p, _)| p == path) {
+            return Some(source_name(var));
+        }
         let mut v = self.tree;
         for seg in path.split('.') {
             v = match v {
@@ -153,9 +158,14 @@ pub(crate) fn build(
     raw: RawConfig,
     figment: &Figment,
     tree: &Value,
+    overrides: &[(String, String)],
     sources: Vec<String>,
 ) -> Result<Config, ConfigError> {
-    let ctx = Ctx { figment, tree };
+    let ctx = Ctx {
+        figment,
+        tree,
+        overrides,
+    };
     let mut out = Map::new();
 
     let at = ctx.at("strategy");
