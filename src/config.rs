@@ -340,10 +340,20 @@ fn from_figment(err: figment::Error) -> ConfigError {
             .map_or_else(|| display_key(&err.path), str::to_string),
         _ => display_key(&err.path),
     };
+    // serde's type errors quote the value, which must not happen to a secret.
+    let secret = err
+        .path
+        .last()
+        .is_some_and(|k| k == "password" || k == "token");
+    let message = if secret {
+        "must be a string (value not shown)".to_string()
+    } else {
+        err.kind.to_string()
+    };
     ConfigError {
         key,
         source_name,
-        message: err.kind.to_string(),
+        message,
     }
 }
 

@@ -506,8 +506,10 @@ fn no_relay_means_the_embedded_file_relay() {
     assert!(!c.default_relay);
 }
 
-/// Each case: file content, env, the key the error must name, and a part of
-/// the source it must name (`FILE` stands for the file's path).
+/// A file's content (empty: no file), the env, the key the error must name
+/// and the source it must name (`FILE` stands for the file's path).
+type Case<'a> = (String, Vec<(&'a str, &'a str)>, &'a str, &'a str);
+
 #[test]
 fn every_validation_error_names_the_key_and_the_source() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -515,7 +517,7 @@ fn every_validation_error_names_the_key_and_the_source() {
     let empty_pw = write(&dir, "empty.pw", "\n");
     let missing = dir.path().join("missing");
     let missing = missing.display().to_string();
-    let cases: Vec<(String, Vec<(&str, &str)>, &str, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "[[relays]]\nname = \"a\"\nhost = \"x\"\n[[relays]]\nname = \"a\"\nhost = \"y\"\n"
                 .into(),
@@ -773,6 +775,17 @@ fn invalid_values_list_the_valid_ones() {
     }
     let e = err(None, &[("SMTP_HOST", "x"), ("SMTP_PASSWORD", "hunter2")]);
     assert!(!e.to_string().contains("hunter2"), "{e}");
+
+    // A password of the wrong type is not quoted back.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        "m.toml",
+        "[[relays]]\nhost = \"x\"\nusername = \"u\"\npassword = 987654321\n",
+    );
+    let e = err(Some(&file), &[]);
+    assert_eq!(e.key, "relays[0].password");
+    assert!(!e.to_string().contains("987654321"), "{e}");
 }
 
 #[test]
