@@ -705,6 +705,12 @@ fn every_validation_error_names_the_key_and_the_source() {
         ),
         (
             String::new(),
+            vec![("SMTP_HOST", "x"), ("SMTP_PASSWORD_2", "p")],
+            "SMTP_HOST_2",
+            "env var SMTP_PASSWORD_2",
+        ),
+        (
+            String::new(),
             vec![("SMTP_MAX_RETRIES", "many")],
             "max_attempts",
             "env var SMTP_MAX_RETRIES",

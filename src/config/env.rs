@@ -110,13 +110,16 @@ fn split_seed(var: &str) -> Option<(String, &str)> {
 /// `SMTP_MAX_RETRIES` and `LOG_LEVEL`.
 ///
 /// As in the seed, numbered relays replace the single one: when any
-/// `SMTP_HOST_N` is set, the unsuffixed relay variables are not read.
+/// `SMTP_*_N` relay variable is set, the unsuffixed ones are not read.
 /// `SMTP_MAX_RETRIES` and every `SMTP_MAX_RETRIES_N` set `max_attempts`; the
 /// largest wins, because the router's budget is global.
 pub(crate) fn seed_vars(env: &[(String, String)]) -> Vec<EnvVar> {
     let vars = present(env);
+    // Any numbered relay variable switches to numbered relays, so that a
+    // stray `SMTP_PORT_3` is reported rather than ignored.
     let numbered = vars.iter().any(|(var, _)| {
-        matches!(split_seed(var), Some((stem, suffix)) if stem == "host" && !suffix.is_empty())
+        matches!(split_seed(var), Some((stem, suffix))
+            if !suffix.is_empty() && SEED_RELAY_FIELDS.contains(&stem.as_str()))
     });
     let mut out = Vec::new();
     let mut retries: Option<(&str, &str)> = None;
