@@ -45,6 +45,24 @@ pub async fn wait_until(mut cond: impl FnMut() -> bool, timeout: Duration) -> bo
     }
 }
 
+/// Like [`wait_until`], for a condition that has to await (a status call).
+pub async fn wait_until_async<F, Fut>(mut cond: F, timeout: Duration) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if cond().await {
+            return true;
+        }
+        if start.elapsed() >= timeout {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The value of the first `Message-ID` header of a raw message, trimmed, with its
 /// angle brackets (for example `<abc@example.com>`); folded headers are unfolded.
 pub fn message_id(data: &[u8]) -> Option<String> {
