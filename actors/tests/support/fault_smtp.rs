@@ -448,9 +448,10 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let guard = OpenGuard::new(shared.clone());
+                    let shared = shared.clone();
                     sessions.spawn(async move {
-                        let _guard = guard;
-                        session::serve(stream, _guard.0.clone()).await;
+                        session::serve(stream, shared).await;
+                        drop(guard);
                     });
                 }
                 // Out of file descriptors and the like: back off instead of spinning.
