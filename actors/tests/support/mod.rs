@@ -63,6 +63,19 @@ where
     }
 }
 
+/// A message that a real SMTP server (aiosmtpd, smtp-sink) received and stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// The MAIL FROM address, without angle brackets (empty for the null sender).
+    pub mail_from: String,
+    /// The RCPT TO addresses, in order.
+    pub rcpt_to: Vec<String>,
+    /// The message data as the server stored it.
+    pub data: Vec<u8>,
+    /// The Message-ID header's value, with angle brackets.
+    pub message_id: Option<String>,
+}
+
 /// The value of the first `Message-ID` header of a raw message, trimmed, with its
 /// angle brackets (for example `<abc@example.com>`); folded headers are unfolded.
 pub fn message_id(data: &[u8]) -> Option<String> {
