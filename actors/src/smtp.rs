@@ -151,6 +151,8 @@ pub(crate) struct Conn {
     inner: AsyncSmtpConnection,
     pub(crate) last_used: Instant,
     pub(crate) sent: u32,
+    /// Implicit TLS runs under lettre, which then sees a plain stream.
+    implicit_tls: bool,
     /// Set when the session is in an unknown state; the connection is then
     /// dropped, never reused.
     pub(crate) broken: bool,
@@ -171,7 +173,7 @@ impl Conn {
     }
 
     pub(crate) fn is_encrypted(&self) -> bool {
-        self.inner.is_encrypted()
+        self.implicit_tls || self.inner.is_encrypted()
     }
 
     /// Ends the session politely, within `limit`.
@@ -257,6 +259,7 @@ pub(crate) async fn dial(
         inner,
         last_used: Instant::now(),
         sent: 0,
+        implicit_tls: s.tls == TlsMode::Implicit,
         broken: false,
     })
 }

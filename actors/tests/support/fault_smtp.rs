@@ -141,6 +141,10 @@ pub enum StartTls {
     /// Advertised, answered 220, then non-TLS bytes and a closed connection: the
     /// client's handshake fails.
     Broken,
+    /// Implicit TLS (port 465 style): the TLS handshake comes first, before the
+    /// greeting, with a certificate signed by [`FaultSmtp::ca_pem`]. STARTTLS is
+    /// not advertised.
+    Implicit,
 }
 
 /// Server options other than the script.
@@ -227,7 +231,8 @@ impl FaultSmtp {
             .await
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local address");
-        let ca = (options.starttls == StartTls::On).then(TestCa::generate);
+        let ca =
+            matches!(options.starttls, StartTls::On | StartTls::Implicit).then(TestCa::generate);
         let tls = ca.as_ref().map(acceptor);
         let shared = Arc::new(Shared {
             options,

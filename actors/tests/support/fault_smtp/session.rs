@@ -38,13 +38,24 @@ struct Session {
 
 pub(super) async fn serve(stream: TcpStream, open: OpenGuard) {
     let _ = stream.set_nodelay(true);
-    let mut conn: Conn = BufReader::new(Box::new(stream));
+    let implicit = match (open.0.options.starttls, &open.0.tls) {
+        (StartTls::Implicit, Some(acceptor)) => Some(acceptor.clone()),
+        _ => None,
+    };
+    let mut conn: Conn = match implicit {
+        Some(acceptor) => match acceptor.accept(stream).await {
+            Ok(tls) => BufReader::new(Box::new(tls)),
+            Err(_) => return,
+        },
+        None => BufReader::new(Box::new(stream)),
+    };
+    let implicit_active = open.0.options.starttls == StartTls::Implicit;
     let mut s = Session {
         shared: open.0.clone(),
         open: Some(open),
         greeted: false,
         authenticated: false,
-        tls_active: false,
+        tls_active: implicit_active,
         mail_from: None,
         rcpt_to: Vec::new(),
     };
