@@ -259,7 +259,7 @@ impl RouterState {
             }
         }
         let settings = |i: usize| &self.table[i].shared.settings;
-        let pick = match self.settings.strategy {
+        match self.settings.strategy {
             Strategy::Priority => candidates
                 .iter()
                 .copied()
@@ -306,8 +306,7 @@ impl RouterState {
                 )
             }),
             Strategy::Random => Some(candidates[self.rng.random_range(0..candidates.len())]),
-        };
-        pick
+        }
     }
 
     /// "; tried: a (relay_fault: …); b: backing_off (retry in 3s)"
