@@ -146,9 +146,22 @@ struct Measurement {
     /// Per-message latency, sorted; empty when the path cannot tell.
     latencies: Vec<Duration>,
     first_error: Option<String>,
+    /// CPU time (user + system) the client spent during the run.
+    client_cpu: Option<Duration>,
+    /// CPU time smtp-sink spent during the run.
+    sink_cpu: Option<Duration>,
 }
 
 impl Measurement {
+    /// CPU per accepted message, in microseconds: unlike the rate, it hardly
+    /// changes when other programs share the machine.
+    fn per_message(&self, cpu: Option<Duration>) -> String {
+        match cpu {
+            Some(cpu) if self.ok > 0 => format!("{:.1}", cpu.as_secs_f64() * 1e6 / self.ok as f64),
+            _ => "n/a".into(),
+        }
+    }
+
     fn rate(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64()
     }
@@ -227,8 +240,10 @@ impl Sink {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
 
-    /// Stops the sink and returns how many messages it took.
-    fn stop(mut self) -> anyhow::Result<u64> {
+    /// Stops the sink and returns how many messages it took and the CPU
+    /// time it used.
+    fn stop(mut self) -> anyhow::Result<(u64, Option<Duration>)> {
+        let cpu = process_cpu(&self.child.id().to_string());
         // Every client has its final reply by now, so the counter is complete.
         self.child.kill()?;
         self.child.wait()?;
@@ -243,11 +258,35 @@ impl Sink {
                     .collect::<String>()
             });
         match last.and_then(|s| s.parse().ok()) {
-            Some(n) => Ok(n),
-            None if out.trim().is_empty() => Ok(0),
+            Some(n) => Ok((n, cpu)),
+            None if out.trim().is_empty() => Ok((0, cpu)),
             None => bail!("no counter in smtp-sink's output: {}", out.trim()),
         }
     }
+}
+
+/// User plus system CPU time of a process (`self` or a pid), from
+/// /proc/PID/stat, in clock ticks of 1/100 s.
+fn process_cpu(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after it do not.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 1000 / CLK_TCK))
+}
+
+/// USER_HZ: 100 on every Linux this runs on (`getconf CLK_TCK`).
+const CLK_TCK: u64 = 100;
+
+/// Parses the children's line of the shell's `times`: "0m1.230000s 0m0.450000s".
+fn parse_times(line: &str) -> Option<Duration> {
+    let mut total = 0.0;
+    for field in line.split_whitespace() {
+        let (min, sec) = field.strip_suffix('s')?.split_once('m')?;
+        total += min.parse::<f64>().ok()? * 60.0 + sec.parse::<f64>().ok()?;
+    }
+    Some(Duration::from_secs_f64(total))
 }
 
 fn is_root() -> bool {
@@ -282,8 +321,15 @@ fn share(n: usize, c: usize, i: usize) -> usize {
 fn run_source(c: usize, n: usize, size: usize) -> anyhow::Result<Measurement> {
     let sink = Sink::start(c)?;
     let started = Instant::now();
-    // -d keeps each session open for the next message, as the other paths do.
-    let out = Command::new(SMTP_SOURCE)
+    // The shell reports the CPU time of its child with `times`, on stderr
+    // so that it stays apart from smtp-source's (silenced) output. -d keeps
+    // each session open for the next message, as the other paths do.
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            r#""$0" "$@" >/dev/null; rc=$?; times >&2; exit $rc"#,
+            SMTP_SOURCE,
+        ])
         .args(["-d", "-s", &c.to_string(), "-m", &n.to_string()])
         .args([
             "-l",
@@ -302,9 +348,11 @@ fn run_source(c: usize, n: usize, size: usize) -> anyhow::Result<Measurement> {
         .output()
         .with_context(|| format!("running {SMTP_SOURCE}"))?;
     let elapsed = started.elapsed();
-    let count = sink.stop()?;
+    let (count, sink_cpu) = sink.stop()?;
     let ok = usize::try_from(count).unwrap_or(usize::MAX).min(n);
     let failed = !out.status.success();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let client_cpu = stderr.lines().last().and_then(parse_times);
     Ok(Measurement {
         messages: n,
         ok,
@@ -312,13 +360,9 @@ fn run_source(c: usize, n: usize, size: usize) -> anyhow::Result<Measurement> {
         sink_count: Some(count),
         elapsed,
         latencies: Vec::new(),
-        first_error: failed.then(|| {
-            format!(
-                "smtp-source {}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )
-        }),
+        first_error: failed.then(|| format!("smtp-source {}: {}", out.status, stderr.trim())),
+        client_cpu,
+        sink_cpu,
     })
 }
 
@@ -349,6 +393,7 @@ async fn run_lettre(
 ) -> anyhow::Result<(Measurement, Vec<AsyncSmtpConnection>)> {
     let envelope = Envelope::new(Some(FROM.parse::<Address>()?), vec![TO.parse::<Address>()?])?;
     let envelope = Arc::new(envelope);
+    let cpu = process_cpu("self");
     let started = Instant::now();
     let mut tasks = JoinSet::new();
     for i in 0..c {
@@ -398,9 +443,14 @@ async fn run_lettre(
     let results = tasks.join_all().await;
     let elapsed = started.elapsed();
     let mut m = collect(n, elapsed, results.iter());
+    m.client_cpu = cpu_since(cpu);
     m.latencies.sort_unstable();
     let conns = results.into_iter().filter_map(|r| r.conn).collect();
     Ok((m, conns))
+}
+
+fn cpu_since(before: Option<Duration>) -> Option<Duration> {
+    Some(process_cpu("self")?.saturating_sub(before?))
 }
 
 fn collect<'a>(
@@ -416,6 +466,8 @@ fn collect<'a>(
         elapsed,
         latencies: Vec::with_capacity(n),
         first_error: None,
+        client_cpu: None,
+        sink_cpu: None,
     };
     for r in results {
         m.latencies.extend_from_slice(&r.latencies);
@@ -446,6 +498,7 @@ async fn run_actors(port: u16, c: usize, n: usize, msg: Arc<[u8]>) -> anyhow::Re
     let from: Address = FROM.parse()?;
     let to: Address = TO.parse()?;
 
+    let cpu = process_cpu("self");
     let started = Instant::now();
     let mut tasks = JoinSet::new();
     for i in 0..c {
@@ -485,6 +538,7 @@ async fn run_actors(port: u16, c: usize, n: usize, msg: Arc<[u8]>) -> anyhow::Re
     let results = tasks.join_all().await;
     let elapsed = started.elapsed();
     let mut m = collect(n, elapsed, results.iter());
+    m.client_cpu = cpu_since(cpu);
     m.latencies.sort_unstable();
     let shut = dispatcher.shutdown(Duration::from_secs(5)).await;
     if shut.abandoned > 0 {
@@ -515,13 +569,13 @@ fn measure(
                     let _ = conn.quit().await;
                 }
             });
-            m.sink_count = Some(sink.stop()?);
+            (m.sink_count, m.sink_cpu) = sink.stop().map(|(n, cpu)| (Some(n), cpu))?;
             Ok(m)
         }
         Client::Actors => {
             let sink = Sink::start(c)?;
             let mut m = rt.block_on(run_actors(sink.port, c, n, msg.clone()))?;
-            m.sink_count = Some(sink.stop()?);
+            (m.sink_count, m.sink_cpu) = sink.stop().map(|(n, cpu)| (Some(n), cpu))?;
             Ok(m)
         }
     }
@@ -562,9 +616,9 @@ fn table(rows: &[Row], runs: usize) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| size | C | path | messages | accepted (sink) | errors | msgs/s | p50 ms | p99 ms | vs raw lettre | vs smtp-source |"
+        "| size | C | path | messages | accepted (sink) | errors | msgs/s | p50 ms | p99 ms | client CPU µs/msg | sink CPU µs/msg | vs raw lettre | vs smtp-source |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let lettre = find(r.size, r.c, Client::Lettre);
         let source = find(r.size, r.c, Client::Source);
@@ -583,7 +637,7 @@ fn table(rows: &[Row], runs: usize) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} |",
             size_name(r.size),
             r.c,
             r.path.name(),
@@ -593,6 +647,8 @@ fn table(rows: &[Row], runs: usize) -> String {
             r.m.rate(),
             ms(r.m.percentile(0.50)),
             ms(r.m.percentile(0.99)),
+            r.m.per_message(r.m.client_cpu),
+            r.m.per_message(r.m.sink_cpu),
             vs_lettre,
             vs_source,
         );
@@ -646,7 +702,7 @@ fn main() -> anyhow::Result<()> {
                     let m = measure(&rt, path, c, n, size, &msg)
                         .with_context(|| format!("{} at C={c}", path.name()))?;
                     eprintln!(
-                        "size {size} C={c} run {run} {:<11} {:>8.0} msgs/s  ok {} errors {} sink {:?} p50 {} p99 {}{}",
+                        "size {size} C={c} run {run} {:<11} {:>8.0} msgs/s  ok {} errors {} sink {:?} p50 {} p99 {} cpu/msg client {} sink {}{}",
                         path.name(),
                         m.rate(),
                         m.ok,
@@ -654,6 +710,8 @@ fn main() -> anyhow::Result<()> {
                         m.sink_count,
                         ms(m.percentile(0.5)),
                         ms(m.percentile(0.99)),
+                        m.per_message(m.client_cpu),
+                        m.per_message(m.sink_cpu),
                         m.first_error
                             .as_deref()
                             .map(|e| format!("  first error: {e}"))
