@@ -121,7 +121,9 @@ impl RelayShared {
             if conn.last_used.elapsed() < max_age {
                 return Some(conn);
             }
-            self.retire(conn).await;
+            // Boxed: QUIT is the cold path, and inline its future would
+            // make every delivery task kilobytes larger (see `deliver_smtp`).
+            Box::pin(self.retire(conn)).await;
         }
     }
 
@@ -132,7 +134,7 @@ impl RelayShared {
         if conn.broken {
             self.open.fetch_sub(1, Ordering::AcqRel);
         } else if limit > 0 && conn.sent >= limit {
-            self.retire(conn).await;
+            Box::pin(self.retire(conn)).await;
         } else {
             self.idle
                 .lock()
@@ -635,7 +637,15 @@ async fn deliver_smtp(shared: &RelayShared, flight: &Flight) -> Result<Delivered
         let mut conn = match pooled.take() {
             Some(c) => c,
             None => {
-                let c = smtp::dial(settings, &shared.settings.timeouts, mail.deadline).await?;
+                // Boxed: dialling (TLS, AUTH) is the cold path and its
+                // future is several kilobytes; inline, it would be copied
+                // into every delivery task at spawn.
+                let c = Box::pin(smtp::dial(
+                    settings,
+                    &shared.settings.timeouts,
+                    mail.deadline,
+                ))
+                .await?;
                 shared.open.fetch_add(1, Ordering::AcqRel);
                 c
             }

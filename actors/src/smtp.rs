@@ -148,7 +148,9 @@ async fn bounded<T>(
 
 /// An open, greeted, authenticated SMTP connection.
 pub(crate) struct Conn {
-    inner: AsyncSmtpConnection,
+    /// Boxed: lettre's connection is over a kilobyte, and a delivery task
+    /// moves its `Conn` in and out of the pool for every message.
+    inner: Box<AsyncSmtpConnection>,
     pub(crate) last_used: Instant,
     pub(crate) sent: u32,
     /// Implicit TLS runs under lettre, which then sees a plain stream.
@@ -256,7 +258,7 @@ pub(crate) async fn dial(
     }
 
     Ok(Conn {
-        inner,
+        inner: Box::new(inner),
         last_used: Instant::now(),
         sent: 0,
         implicit_tls: s.tls == TlsMode::Implicit,
