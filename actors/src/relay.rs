@@ -518,18 +518,18 @@ async fn deliver(
 
     match result {
         Ok(delivered) => {
-            let report = success(&flight, &name, delivered);
+            let report = success(&mut flight, &name, delivered);
             flight.answer(report);
         }
         Err(_) if fails_over => router.route(flight),
         Err(f) => {
-            let report = final_failure(&flight, &name, &f);
+            let report = final_failure(&mut flight, &name, &f);
             flight.answer(report);
         }
     }
 }
 
-fn success(flight: &Flight, relay: &str, d: Delivered) -> Report {
+fn success(flight: &mut Flight, relay: &str, d: Delivered) -> Report {
     let partial = !d.rejected.is_empty();
     Report {
         message_id: flight.mail.message_id.clone(),
@@ -548,12 +548,12 @@ fn success(flight: &Flight, relay: &str, d: Delivered) -> Report {
         }),
         accepted: d.accepted,
         rejected: d.rejected,
-        attempts: flight.attempts.clone(),
+        attempts: std::mem::take(&mut flight.attempts),
         failure: None,
     }
 }
 
-fn final_failure(flight: &Flight, relay: &str, f: &Failure) -> Report {
+fn final_failure(flight: &mut Flight, relay: &str, f: &Failure) -> Report {
     let (status, failure, message) = match f.class {
         FailureClass::Unknown => (
             Status::Unknown,
@@ -580,7 +580,7 @@ fn final_failure(flight: &Flight, relay: &str, f: &Failure) -> Report {
         relay: Some(relay.to_owned()),
         accepted: Vec::new(),
         rejected: Vec::new(),
-        attempts: flight.attempts.clone(),
+        attempts: std::mem::take(&mut flight.attempts),
         failure,
         message: Some(message),
     }
