@@ -2,13 +2,31 @@
 //!
 //! It owns the global in-flight bound and the caller's side of every send: it
 //! waits for the reply until the deadline and, when an actor crashed under a
-//! message that had not reached DATA yet, sends it again through the router.
+//! message that had not reached the final "." yet, sends it again through the
+//! router. It never resends a message that may have been delivered.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::mail::{Mail, Report};
+use ractor::{Actor, ActorRef};
+use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio::time::Instant;
+
+use crate::mail::{FailureReason, Mail, Progress, Report, Status};
+use crate::relay::{RelayMsg, relay_status};
+use crate::router::{Flight, Pin, RouterCell, RouterMsg};
 use crate::settings::Settings;
 use crate::status::{ProbeReport, ReloadDiff, Selection, ShutdownReport, Snapshot};
+use crate::supervisor::{SupMsg, Supervisor, SupervisorArgs, View};
+
+/// How long a control call (status, pin, reload) waits for an actor.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a caller waits past its deadline for the answer of a task that
+/// was already bounded by that deadline: bookkeeping only.
+const REPLY_GRACE: Duration = Duration::from_millis(250);
+/// How long a send waits before retrying while the router restarts.
+const ROUTER_RETRY: Duration = Duration::from_millis(20);
 
 /// Errors of the dispatcher's control operations (not of deliveries: those
 /// are reports).
@@ -32,36 +50,188 @@ pub enum PanicTarget {
 
 /// A cheap, cloneable handle on a running actor system.
 #[derive(Clone, Debug)]
-pub struct Dispatcher {}
+pub struct Dispatcher {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    supervisor: ActorRef<SupMsg>,
+    router: RouterCell,
+    pin: Pin,
+    /// Messages accepted at once, across all relays (`limits.max_in_flight`).
+    slots: Arc<Semaphore>,
+    max_message_bytes: AtomicUsize,
+    accepting: AtomicBool,
+    in_flight: AtomicUsize,
+    idle: Notify,
+}
+
+/// Counts a send in flight for as long as it lives.
+struct InFlight<'a>(&'a Inner);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
 
 impl Dispatcher {
     /// Starts the supervisor, the router and one actor per relay.
     pub async fn start(settings: Settings) -> Result<Dispatcher, ControlError> {
-        let _ = settings;
-        todo!()
+        validate(&settings)?;
+        let router = RouterCell::detached();
+        let pin: Pin = Arc::new(Mutex::new(None));
+        let slots = Arc::new(Semaphore::new(settings.limits.max_in_flight));
+        let max_message_bytes = AtomicUsize::new(settings.limits.max_message_bytes);
+        let args = SupervisorArgs {
+            settings,
+            router: router.clone(),
+            pin: pin.clone(),
+        };
+        let (supervisor, _) = Actor::spawn(None, Supervisor, args)
+            .await
+            .map_err(|e| ControlError::Invalid(e.to_string()))?;
+        Ok(Dispatcher {
+            inner: Arc::new(Inner {
+                supervisor,
+                router,
+                pin,
+                slots,
+                max_message_bytes,
+                accepting: AtomicBool::new(true),
+                in_flight: AtomicUsize::new(0),
+                idle: Notify::new(),
+            }),
+        })
     }
 
     /// Delivers one message, failing over as the settings allow. Never hangs
     /// past `mail.deadline` (plus a few milliseconds of bookkeeping).
     pub async fn send(&self, mail: Mail) -> Report {
-        let _ = mail;
-        todo!()
+        let inner = &*self.inner;
+        if !inner.accepting.load(Ordering::Acquire) {
+            return Report::failed(
+                &mail,
+                FailureReason::Unavailable,
+                "mailmux is shutting down and takes no new messages".into(),
+            );
+        }
+        let max = inner.max_message_bytes.load(Ordering::Relaxed);
+        if mail.bytes.len() > max {
+            return Report::failed(
+                &mail,
+                FailureReason::TooLarge,
+                format!(
+                    "the message is {} bytes; the limit is {max}",
+                    mail.bytes.len()
+                ),
+            );
+        }
+        let deadline = mail.deadline;
+        let _slot = match tokio::time::timeout_at(deadline, inner.slots.acquire()).await {
+            Ok(Ok(permit)) => permit,
+            _ => {
+                return Report::failed(
+                    &mail,
+                    FailureReason::Busy,
+                    "too many messages in flight; none finished before the deadline".into(),
+                );
+            }
+        };
+        inner.in_flight.fetch_add(1, Ordering::AcqRel);
+        let _counted = InFlight(inner);
+
+        let mail = Arc::new(mail);
+        let progress = Arc::new(Progress::default());
+        loop {
+            let (tx, rx) = oneshot::channel();
+            let flight = Flight {
+                mail: mail.clone(),
+                progress: progress.clone(),
+                tried: Vec::new(),
+                attempts: Vec::new(),
+                reply: tx,
+            };
+            let sent = inner
+                .router
+                .get()
+                .is_some_and(|r| r.cast(RouterMsg::Route(flight)).is_ok());
+            if !sent {
+                // The router is restarting; try again shortly.
+                if Instant::now() + ROUTER_RETRY >= deadline {
+                    return lost(
+                        &mail,
+                        &progress,
+                        "the router was not available before the deadline",
+                    );
+                }
+                tokio::time::sleep(ROUTER_RETRY).await;
+                continue;
+            }
+            match tokio::time::timeout_at(deadline + REPLY_GRACE, rx).await {
+                Ok(Ok(report)) => return report,
+                // An actor stopped with the message in its mailbox or its
+                // task: send it again unless it may have been delivered.
+                Ok(Err(_)) if !progress.is_committed() && Instant::now() < deadline => {
+                    tracing::warn!(message_id = %mail.message_id, "an actor stopped under a message; routing it again");
+                }
+                Ok(Err(_)) | Err(_) => {
+                    return lost(&mail, &progress, "no answer before the deadline");
+                }
+            }
+        }
     }
 
     /// A snapshot of every relay and the router.
     pub async fn status(&self) -> Result<Snapshot, ControlError> {
-        todo!()
+        let view = self.view().await?;
+        let mut relays = Vec::with_capacity(view.relays.len());
+        for (shared, actor, restarts) in &view.relays {
+            let live = match actor {
+                Some(a) => {
+                    ractor::call_t!(a, RelayMsg::Status, CONTROL_TIMEOUT.as_millis() as u64).ok()
+                }
+                None => None,
+            };
+            relays.push(live.unwrap_or_else(|| relay_status(shared, None, *restarts)));
+        }
+        Ok(Snapshot {
+            strategy: view.settings.router.strategy,
+            pinned: self.pinned(),
+            relays,
+            in_flight: self.inner.in_flight.load(Ordering::Acquire),
+            router_restarts: view.router_restarts,
+        })
     }
 
     /// Pins a relay (`Some`) or unpins (`None`); returns the new selection.
     pub async fn pin(&self, relay: Option<String>) -> Result<Selection, ControlError> {
-        let _ = relay;
-        todo!()
+        if let Some(name) = &relay {
+            let view = self.view().await?;
+            let valid: Vec<String> = view.relays.iter().map(|r| r.0.name().to_owned()).collect();
+            if !valid.contains(name) {
+                return Err(ControlError::UnknownRelay {
+                    name: name.clone(),
+                    valid,
+                });
+            }
+        }
+        *self.inner.pin.lock().unwrap_or_else(|e| e.into_inner()) = relay;
+        self.selection().await
     }
 
     /// The current pin and the relay the next message would go to.
     pub async fn selection(&self) -> Result<Selection, ControlError> {
-        todo!()
+        let router = self.inner.router.get().ok_or(ControlError::Stopped)?;
+        ractor::call_t!(
+            router,
+            RouterMsg::Selection,
+            CONTROL_TIMEOUT.as_millis() as u64
+        )
+        .map_err(|_| ControlError::Stopped)
     }
 
     /// Probes every relay, or the one named.
@@ -69,33 +239,210 @@ impl Dispatcher {
         &self,
         relay: Option<&str>,
     ) -> Result<Vec<ProbeReport>, ControlError> {
-        let _ = relay;
-        todo!()
+        self.probe_all(relay, RelayMsg::Test).await
     }
 
     /// Applies new settings as a diff: added relays start, removed relays
     /// drain and stop, changed relays are replaced.
     pub async fn reload(&self, settings: Settings) -> Result<ReloadDiff, ControlError> {
-        let _ = settings;
-        todo!()
+        validate(&settings)?;
+        let limits = settings.limits.clone();
+        let diff = ractor::call_t!(
+            self.inner.supervisor,
+            SupMsg::Reload,
+            CONTROL_TIMEOUT.as_millis() as u64,
+            settings
+        )
+        .map_err(|_| ControlError::Stopped)??;
+        self.inner
+            .max_message_bytes
+            .store(limits.max_message_bytes, Ordering::Relaxed);
+        let mut pin = self.inner.pin.lock().unwrap_or_else(|e| e.into_inner());
+        if pin.as_ref().is_some_and(|p| diff.removed.contains(p)) {
+            *pin = None;
+        }
+        Ok(diff)
     }
 
     /// Drops every connection, resets health and probes each relay.
     pub async fn reconnect(&self) -> Result<Snapshot, ControlError> {
-        todo!()
+        self.probe_all(None, RelayMsg::Reconnect).await?;
+        self.status().await
     }
 
     /// Refuses new sends, waits up to `grace` for those in flight, then stops
     /// the actors (which QUIT their connections).
     pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
-        let _ = grace;
-        todo!()
+        let inner = &*self.inner;
+        inner.accepting.store(false, Ordering::Release);
+        let at_start = inner.in_flight.load(Ordering::Acquire);
+        let wait = async {
+            loop {
+                let idle = inner.idle.notified();
+                if inner.in_flight.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        let _ = tokio::time::timeout(grace, wait).await;
+        let abandoned = inner.in_flight.load(Ordering::Acquire);
+        inner.supervisor.stop_children(Some("shutdown".into()));
+        let _ = inner
+            .supervisor
+            .stop_and_wait(Some("shutdown".into()), Some(CONTROL_TIMEOUT))
+            .await;
+        ShutdownReport {
+            in_flight_at_start: at_start,
+            abandoned,
+        }
+    }
+
+    /// Messages accepted and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.inner.in_flight.load(Ordering::Acquire)
     }
 
     /// Crashes an actor, for fault tests only.
     #[cfg(feature = "fault-hooks")]
     pub async fn inject_panic(&self, target: PanicTarget) -> Result<(), ControlError> {
-        let _ = target;
-        todo!()
+        match target {
+            PanicTarget::Router => {
+                let router = self.inner.router.get().ok_or(ControlError::Stopped)?;
+                router
+                    .cast(RouterMsg::Panic)
+                    .map_err(|_| ControlError::Stopped)
+            }
+            PanicTarget::Relay(name) => {
+                let view = self.view().await?;
+                let actor = view
+                    .relays
+                    .iter()
+                    .find(|r| r.0.name() == name)
+                    .and_then(|r| r.1.clone())
+                    .ok_or(ControlError::Stopped)?;
+                actor
+                    .cast(RelayMsg::Panic)
+                    .map_err(|_| ControlError::Stopped)
+            }
+        }
     }
+
+    fn pinned(&self) -> Option<String> {
+        self.inner
+            .pin
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    async fn view(&self) -> Result<View, ControlError> {
+        ractor::call_t!(
+            self.inner.supervisor,
+            SupMsg::View,
+            CONTROL_TIMEOUT.as_millis() as u64
+        )
+        .map_err(|_| ControlError::Stopped)
+    }
+
+    /// Sends a probing message to every relay (or one) at once and collects
+    /// the reports in configuration order.
+    async fn probe_all(
+        &self,
+        relay: Option<&str>,
+        msg: fn(ractor::RpcReplyPort<ProbeReport>) -> RelayMsg,
+    ) -> Result<Vec<ProbeReport>, ControlError> {
+        let view = self.view().await?;
+        if let Some(name) = relay
+            && !view.relays.iter().any(|r| r.0.name() == name)
+        {
+            return Err(ControlError::UnknownRelay {
+                name: name.to_owned(),
+                valid: view.relays.iter().map(|r| r.0.name().to_owned()).collect(),
+            });
+        }
+        let mut pending = Vec::new();
+        for (shared, actor, _) in &view.relays {
+            if relay.is_some_and(|n| n != shared.name()) {
+                continue;
+            }
+            let timeouts = &shared.settings.timeouts;
+            let limit = timeouts.connect + timeouts.greeting + timeouts.command * 4;
+            let name = shared.name().to_owned();
+            let rx = actor.as_ref().map(|a| {
+                let (tx, rx) = oneshot::channel();
+                let _ = a.cast(msg(tx.into()));
+                rx
+            });
+            pending.push((name, limit, rx));
+        }
+        let mut out = Vec::with_capacity(pending.len());
+        for (name, limit, rx) in pending {
+            let started = Instant::now();
+            let report = match rx {
+                Some(rx) => tokio::time::timeout(limit, rx)
+                    .await
+                    .ok()
+                    .and_then(Result::ok),
+                None => None,
+            };
+            out.push(report.unwrap_or_else(|| ProbeReport {
+                relay: name,
+                reachable: false,
+                tls: false,
+                auth: None,
+                latency: started.elapsed(),
+                error: Some((
+                    crate::mail::FailureClass::RelayFault,
+                    "the relay's actor is restarting or disabled".into(),
+                )),
+            }));
+        }
+        Ok(out)
+    }
+}
+
+/// The report for a message whose answer never came: unknown if the final
+/// "." may have gone out, failed otherwise.
+fn lost(mail: &Mail, progress: &Progress, why: &str) -> Report {
+    if progress.abandon() {
+        Report::failed(
+            mail,
+            FailureReason::DeadlineExceeded,
+            format!("{why}; the message was not sent"),
+        )
+    } else {
+        Report {
+            status: Status::Unknown,
+            failure: None,
+            message: Some(format!(
+                "{why} after the message was handed to the relay; it may have been delivered and was not sent again"
+            )),
+            ..Report::failed(mail, FailureReason::DeadlineExceeded, String::new())
+        }
+    }
+}
+
+fn validate(settings: &Settings) -> Result<(), ControlError> {
+    let mut names = std::collections::HashSet::new();
+    for r in &settings.relays {
+        if !names.insert(r.name.as_str()) {
+            return Err(ControlError::Invalid(format!(
+                "relay name {:?} is used twice",
+                r.name
+            )));
+        }
+        if r.pool.max_connections == 0 {
+            return Err(ControlError::Invalid(format!(
+                "relay {:?}: max_connections must be at least 1",
+                r.name
+            )));
+        }
+    }
+    if settings.limits.max_in_flight == 0 {
+        return Err(ControlError::Invalid(
+            "max_in_flight must be at least 1".into(),
+        ));
+    }
+    Ok(())
 }

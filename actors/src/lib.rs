@@ -7,19 +7,26 @@
 //! - [`settings`]: the validated settings the actors run on;
 //! - [`mail`]: the message going in and the report coming out;
 //! - [`status`]: read-only views for status, probes and reloads;
-//! - [`dispatcher`]: the handle the daemon holds, and the caller's side of a send.
+//! - [`dispatcher`]: the handle the daemon holds, and the caller's side of a send;
+//! - `supervisor`, `router`, `relay`: the actors, one file each;
+//! - `smtp`, `file`: one delivery attempt over SMTP or into a folder;
+//! - `health`: backoff, circuit breaker, counters and latency of one relay.
 
 pub mod dispatcher;
+mod file;
+mod health;
 pub mod mail;
+mod relay;
+mod router;
 pub mod settings;
+mod smtp;
 pub mod status;
+mod supervisor;
 
 #[cfg(feature = "fault-hooks")]
 pub use dispatcher::PanicTarget;
 pub use dispatcher::{ControlError, Dispatcher};
-pub use mail::{
-    Attempt, FailureClass, FailureReason, Mail, Progress, Rejected, Reply, Report, Status,
-};
+pub use mail::{Attempt, FailureClass, FailureReason, Mail, Rejected, Reply, Report, Status};
 pub use settings::{
     Credentials, HealthSettings, Limits, PoolSettings, RelayKind, RelaySettings, RouterSettings,
     Secret, Settings, SmtpSettings, Strategy, SupervisorSettings, Timeouts, TlsMode,

@@ -231,6 +231,14 @@ impl Progress {
         }
     }
 
+    /// Called after a clear 4xx reply to the final ".": the server did not
+    /// take the message, so another relay may.
+    pub fn release(&self) {
+        let _ = self
+            .0
+            .compare_exchange(COMMITTED, PENDING, Ordering::AcqRel, Ordering::Acquire);
+    }
+
     /// Whether the final "." was (or is being) sent.
     pub fn is_committed(&self) -> bool {
         self.0.load(Ordering::Acquire) == COMMITTED

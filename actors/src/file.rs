@@ -1,0 +1,80 @@
+//! The `file` relay: writes each message as an `.eml` file into a folder.
+//!
+//! It is the embedded default when no relay is configured, so that mailmux
+//! does its job on a fresh machine without an SMTP account. Files are written
+//! to a temporary name and renamed, so a reader never sees half a message.
+
+use std::path::Path;
+
+use tokio::time::Instant;
+
+use crate::mail::{FailureClass, Mail, Reply};
+use crate::smtp::{Delivered, Failure};
+
+/// Writes `mail` to `<dir>/<message-id>.eml`.
+pub(crate) async fn deliver(dir: &Path, mail: &Mail) -> Result<Delivered, Failure> {
+    let fail = |what: &str, e: std::io::Error| Failure {
+        class: FailureClass::RelayFault,
+        reply: None,
+        detail: format!("{what} {}: {e}", dir.display()),
+    };
+    if Instant::now() >= mail.deadline {
+        return Err(Failure {
+            class: FailureClass::Busy,
+            reply: None,
+            detail: "the caller's deadline passed".into(),
+        });
+    }
+    tokio::fs::create_dir_all(dir)
+        .await
+        .map_err(|e| fail("cannot create", e))?;
+    let stem = file_stem(&mail.message_id);
+    let tmp = dir.join(format!(".{stem}.tmp"));
+    let path = dir.join(format!("{stem}.eml"));
+    tokio::fs::write(&tmp, &mail.bytes[..])
+        .await
+        .map_err(|e| fail("cannot write to", e))?;
+    tokio::fs::rename(&tmp, &path)
+        .await
+        .map_err(|e| fail("cannot rename in", e))?;
+    Ok(Delivered {
+        accepted: mail.to.iter().map(|a| a.to_string()).collect(),
+        rejected: Vec::new(),
+        reply: Reply {
+            code: 250,
+            text: format!("written to {}", path.display()),
+        },
+    })
+}
+
+/// A file name from a Message-ID: only characters safe in any file system.
+fn file_stem(message_id: &str) -> String {
+    let stem: String = message_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let stem = stem.trim_start_matches('.');
+    if stem.is_empty() {
+        "message".into()
+    } else {
+        stem.chars().take(200).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_stem_is_safe() {
+        assert_eq!(file_stem("abc@example.org"), "abc@example.org");
+        assert_eq!(file_stem("../../etc/passwd"), "_.._etc_passwd");
+        assert_eq!(file_stem(""), "message");
+    }
+}

@@ -1,0 +1,620 @@
+//! The relay actor: one per configured relay. It owns that relay's
+//! connections (an idle pool behind a `max_connections` semaphore) and its
+//! health (state, backoff, circuit, counters, latency).
+//!
+//! `Deliver` is never awaited inside `handle`: the actor spawns a task that
+//! runs the SMTP transaction, answers the caller (or hands the message back
+//! to the router for failover), and casts an `Outcome` back so the actor
+//! updates health. The pool and the semaphore live in [`RelayShared`], which
+//! outlives a crashed actor, so the connection bound holds across restarts.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lettre::Address;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::file;
+use crate::health::{Health, State};
+use crate::mail::{Attempt, FailureClass, FailureReason, Report, Status};
+use crate::router::{Flight, RouterCell};
+use crate::settings::{RelayKind, RelaySettings};
+use crate::smtp::{self, Conn, Delivered, Failure};
+use crate::status::{ProbeReport, RelayStatus};
+
+/// Messages to a relay actor.
+#[derive(Debug)]
+pub(crate) enum RelayMsg {
+    /// Deliver a message (from the router).
+    Deliver(Flight),
+    /// A delivery task finished (from the relay's own tasks).
+    Outcome(Outcome),
+    /// Time to check whether a probe is due.
+    Tick,
+    /// A probe finished.
+    Probed(Result<smtp::Probed, Failure>),
+    Status(RpcReplyPort<RelayStatus>),
+    /// Probe now and answer with the result.
+    Test(RpcReplyPort<ProbeReport>),
+    /// Drop every idle connection, reset health, probe, answer.
+    Reconnect(RpcReplyPort<ProbeReport>),
+    /// Stop taking messages; stop once those in flight are done.
+    Drain,
+    /// Crash on purpose (fault tests).
+    #[cfg(feature = "fault-hooks")]
+    Panic,
+}
+
+/// What a delivery task reports back for health.
+#[derive(Debug)]
+pub(crate) struct Outcome {
+    failure: Option<(FailureClass, String)>,
+    latency: Duration,
+    partial: bool,
+    failed_over: bool,
+}
+
+/// The part of a relay that outlives its actor and that the router reads
+/// without a message: the pool, the bounds, the in-flight count and the
+/// health state as last published.
+#[derive(Debug)]
+pub(crate) struct RelayShared {
+    pub(crate) settings: RelaySettings,
+    /// Connection permits: at most `max_connections` open at once.
+    permits: Arc<Semaphore>,
+    /// Messages waiting for a permit.
+    queued: AtomicUsize,
+    /// Messages handed to this relay and not yet finished.
+    pub(crate) in_flight: AtomicUsize,
+    /// Open connections, idle or in use.
+    open: AtomicUsize,
+    idle: Mutex<Vec<Conn>>,
+    /// Health state as the actor last published it.
+    state: Mutex<State>,
+    /// False once the relay drains (removed or replaced by a reload).
+    accepting: AtomicBool,
+}
+
+impl RelayShared {
+    pub(crate) fn new(settings: RelaySettings) -> Arc<Self> {
+        Arc::new(Self {
+            permits: Arc::new(Semaphore::new(settings.pool.max_connections)),
+            settings,
+            queued: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
+            idle: Mutex::new(Vec::new()),
+            state: Mutex::new(State::Healthy),
+            accepting: AtomicBool::new(true),
+        })
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    pub(crate) fn state(&self) -> State {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn set_state(&self, state: State) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = state;
+    }
+
+    /// Whether the router may send a message here now.
+    pub(crate) fn available(&self, now: Instant) -> bool {
+        self.accepting.load(Ordering::Acquire) && self.state().available(now)
+    }
+
+    fn take_idle(&self) -> Option<Conn> {
+        let max_age = self.settings.pool.idle_timeout;
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(conn) = idle.pop() {
+            if conn.last_used.elapsed() < max_age {
+                return Some(conn);
+            }
+            self.close(conn);
+        }
+        None
+    }
+
+    fn put_back(&self, conn: Conn) {
+        let limit = self.settings.pool.messages_per_connection;
+        if conn.broken {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+        } else if limit > 0 && conn.sent >= limit {
+            self.close(conn);
+        } else {
+            self.idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(conn);
+        }
+    }
+
+    /// Closes a healthy connection with QUIT, in the background.
+    fn close(&self, conn: Conn) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        let limit = self.settings.timeouts.command;
+        tokio::spawn(conn.quit(limit));
+    }
+
+    /// Closes every idle connection.
+    pub(crate) fn close_idle(&self) {
+        let conns: Vec<Conn> =
+            std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
+        for conn in conns {
+            self.close(conn);
+        }
+    }
+
+    pub(crate) fn stop_accepting(&self) {
+        self.accepting.store(false, Ordering::Release);
+    }
+}
+
+/// Startup arguments: the shared part, the router to hand failovers to, and
+/// how often this relay's actor was restarted before.
+#[derive(Debug)]
+pub(crate) struct RelayArgs {
+    pub shared: Arc<RelayShared>,
+    pub router: RouterCell,
+    pub restarts: u32,
+}
+
+#[derive(Debug)]
+pub(crate) struct RelayActor;
+
+#[derive(Debug)]
+pub(crate) struct RelayState {
+    shared: Arc<RelayShared>,
+    router: RouterCell,
+    health: Health,
+    rng: StdRng,
+    probing: bool,
+    draining: bool,
+    restarts: u32,
+}
+
+impl Actor for RelayActor {
+    type Msg = RelayMsg;
+    type State = RelayState;
+    type Arguments = RelayArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RelayMsg>,
+        args: RelayArgs,
+    ) -> Result<RelayState, ActorProcessingErr> {
+        let health = Health::new(args.shared.settings.health.clone());
+        args.shared.set_state(health.state);
+        myself.send_interval(args.shared.settings.health.probe_interval, || {
+            RelayMsg::Tick
+        });
+        Ok(RelayState {
+            shared: args.shared,
+            router: args.router,
+            health,
+            rng: StdRng::from_os_rng(),
+            probing: false,
+            draining: false,
+            restarts: args.restarts,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<RelayMsg>,
+        state: &mut RelayState,
+    ) -> Result<(), ActorProcessingErr> {
+        state.shared.close_idle();
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<RelayMsg>,
+        msg: RelayMsg,
+        state: &mut RelayState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            RelayMsg::Deliver(flight) => {
+                state.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+                tokio::spawn(deliver(
+                    state.shared.clone(),
+                    myself.clone(),
+                    state.router.clone(),
+                    flight,
+                ));
+            }
+            RelayMsg::Outcome(outcome) => {
+                state.on_outcome(outcome, &myself);
+                if state.draining && state.shared.in_flight.load(Ordering::Acquire) == 0 {
+                    myself.stop(Some("drained".into()));
+                }
+            }
+            RelayMsg::Tick => {
+                let now = Instant::now();
+                let due = match state.health.state {
+                    State::BackingOff { until } | State::CircuitOpen { until } => now >= until,
+                    State::Healthy | State::Disabled => false,
+                };
+                if due && !state.probing {
+                    state.probing = true;
+                    spawn_probe(state.shared.clone(), myself.clone(), None);
+                }
+                if state.draining && state.shared.in_flight.load(Ordering::Acquire) == 0 {
+                    myself.stop(Some("drained".into()));
+                }
+            }
+            RelayMsg::Probed(result) => {
+                state.probing = false;
+                match result {
+                    Ok(_) => state.health.recover(),
+                    Err(f) => {
+                        let now = Instant::now();
+                        state
+                            .health
+                            .on_probe_failure(now, &f.detail, &mut state.rng);
+                        state.schedule_tick(&myself);
+                    }
+                }
+                state.shared.set_state(state.health.state);
+            }
+            RelayMsg::Status(reply) => {
+                let _ = reply.send(state.status());
+            }
+            RelayMsg::Test(reply) => {
+                spawn_probe(state.shared.clone(), myself.clone(), Some(reply));
+            }
+            RelayMsg::Reconnect(reply) => {
+                state.shared.close_idle();
+                state.health.reset();
+                state.shared.set_state(state.health.state);
+                spawn_probe(state.shared.clone(), myself.clone(), Some(reply));
+            }
+            RelayMsg::Drain => {
+                state.draining = true;
+                state.shared.stop_accepting();
+                state.shared.close_idle();
+                if state.shared.in_flight.load(Ordering::Acquire) == 0 {
+                    myself.stop(Some("drained".into()));
+                }
+            }
+            #[cfg(feature = "fault-hooks")]
+            RelayMsg::Panic => panic!("fault hook: relay {} panics", state.shared.name()),
+        }
+        Ok(())
+    }
+}
+
+impl RelayState {
+    fn on_outcome(&mut self, outcome: Outcome, myself: &ActorRef<RelayMsg>) {
+        let counters = &mut self.health.counters;
+        if outcome.failed_over {
+            counters.failovers_out += 1;
+        }
+        match outcome.failure {
+            None => {
+                if outcome.partial {
+                    counters.partial += 1;
+                } else {
+                    counters.sent += 1;
+                }
+                self.health.on_success(outcome.latency);
+            }
+            Some((FailureClass::Permanent, detail)) => {
+                // The relay works; the message was refused.
+                self.health.counters.permanent += 1;
+                self.health.on_success(outcome.latency);
+                self.health.last_error = Some(detail);
+            }
+            Some((class, detail)) => {
+                let before = self.health.state;
+                self.health
+                    .on_failure(Instant::now(), class, &detail, &mut self.rng);
+                if self.health.state != before {
+                    self.schedule_tick(myself);
+                }
+            }
+        }
+        self.shared.set_state(self.health.state);
+    }
+
+    /// Wakes the actor when its backoff runs out, so it probes on time.
+    fn schedule_tick(&self, myself: &ActorRef<RelayMsg>) {
+        if let State::BackingOff { until } | State::CircuitOpen { until } = self.health.state {
+            let delay = until.saturating_duration_since(Instant::now());
+            myself.send_after(delay, || RelayMsg::Tick);
+        }
+    }
+
+    fn status(&self) -> RelayStatus {
+        relay_status(&self.shared, Some(&self.health), self.restarts)
+    }
+}
+
+/// The status of a relay. Without `health` (its actor is restarting or
+/// disabled) the counters are empty and the state is the last published.
+pub(crate) fn relay_status(
+    shared: &RelayShared,
+    health: Option<&Health>,
+    restarts: u32,
+) -> RelayStatus {
+    let s = &shared.settings;
+    let (kind, host, port, tls, dir) = match &s.kind {
+        RelayKind::Smtp(smtp) => (
+            "smtp",
+            Some(smtp.host.clone()),
+            Some(smtp.port),
+            Some(smtp.tls.as_str()),
+            None,
+        ),
+        RelayKind::File { dir } => ("file", None, None, None, Some(dir.display().to_string())),
+    };
+    RelayStatus {
+        name: s.name.clone(),
+        kind,
+        host,
+        port,
+        tls,
+        dir,
+        priority: s.priority,
+        weight: s.weight,
+        state: shared.state().view(Instant::now()),
+        consecutive_failures: health.map_or(0, |h| h.consecutive_failures),
+        in_flight: shared.in_flight.load(Ordering::Acquire),
+        connections: shared.open.load(Ordering::Acquire),
+        counters: health.map(|h| h.counters.clone()).unwrap_or_default(),
+        latency: health.map(|h| h.latency()).unwrap_or_default(),
+        restarts,
+        last_error: health.and_then(|h| h.last_error.clone()),
+    }
+}
+
+fn spawn_probe(
+    shared: Arc<RelayShared>,
+    myself: ActorRef<RelayMsg>,
+    reply: Option<RpcReplyPort<ProbeReport>>,
+) {
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let result = match &shared.settings.kind {
+            RelayKind::Smtp(s) => smtp::probe(s, &shared.settings.timeouts).await,
+            RelayKind::File { dir } => probe_dir(dir).await.map(|()| smtp::Probed {
+                tls: false,
+                latency: started.elapsed(),
+            }),
+        };
+        if let Some(reply) = reply {
+            let has_auth = matches!(&shared.settings.kind, RelayKind::Smtp(s) if s.auth.is_some());
+            let report = match &result {
+                Ok(p) => ProbeReport {
+                    relay: shared.name().to_owned(),
+                    reachable: true,
+                    tls: p.tls,
+                    auth: has_auth.then_some(true),
+                    latency: p.latency,
+                    error: None,
+                },
+                Err(f) => ProbeReport {
+                    relay: shared.name().to_owned(),
+                    reachable: !f.detail.starts_with("connect"),
+                    tls: false,
+                    auth: (has_auth && f.detail.starts_with("AUTH")).then_some(false),
+                    latency: started.elapsed(),
+                    error: Some((f.class, f.detail.clone())),
+                },
+            };
+            let _ = reply.send(report);
+        }
+        let _ = myself.cast(RelayMsg::Probed(result));
+    });
+}
+
+async fn probe_dir(dir: &std::path::Path) -> Result<(), Failure> {
+    let fail = |e: std::io::Error| Failure {
+        class: FailureClass::RelayFault,
+        reply: None,
+        detail: format!("folder {}: {e}", dir.display()),
+    };
+    tokio::fs::create_dir_all(dir).await.map_err(fail)?;
+    let probe = dir.join(".mailmux-probe");
+    tokio::fs::write(&probe, b"").await.map_err(fail)?;
+    let _ = tokio::fs::remove_file(&probe).await;
+    Ok(())
+}
+
+/// The delivery task: one attempt at one relay, then the answer or the
+/// failover.
+async fn deliver(
+    shared: Arc<RelayShared>,
+    myself: ActorRef<RelayMsg>,
+    router: RouterCell,
+    mut flight: Flight,
+) {
+    let started = Instant::now();
+    let result = match &shared.settings.kind {
+        RelayKind::File { dir } => file::deliver(dir, &flight.mail).await,
+        RelayKind::Smtp(_) => deliver_smtp(&shared, &flight).await,
+    };
+    let latency = started.elapsed();
+    shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+
+    let name = shared.name().to_owned();
+    let fails_over =
+        matches!(&result, Err(f) if f.class.fails_over() && !flight.progress.is_committed());
+    let _ = myself.cast(RelayMsg::Outcome(Outcome {
+        failure: result.as_ref().err().map(|f| (f.class, f.detail.clone())),
+        latency,
+        partial: matches!(&result, Ok(d) if !d.rejected.is_empty()),
+        failed_over: fails_over,
+    }));
+
+    let attempt = Attempt {
+        relay: name.clone(),
+        class: result.as_ref().err().map(|f| f.class),
+        reply: match &result {
+            Ok(d) => Some(d.reply.clone()),
+            Err(f) => f.reply.clone(),
+        },
+        detail: match &result {
+            Ok(_) => "accepted".into(),
+            Err(f) => f.detail.clone(),
+        },
+        duration: latency,
+    };
+    flight.attempts.push(attempt);
+
+    match result {
+        Ok(delivered) => {
+            let report = success(&flight, &name, delivered);
+            flight.answer(report);
+        }
+        Err(_) if fails_over => router.route(flight),
+        Err(f) => {
+            let report = final_failure(&flight, &name, &f);
+            flight.answer(report);
+        }
+    }
+}
+
+fn success(flight: &Flight, relay: &str, d: Delivered) -> Report {
+    let partial = !d.rejected.is_empty();
+    Report {
+        message_id: flight.mail.message_id.clone(),
+        status: if partial {
+            Status::Partial
+        } else {
+            Status::Sent
+        },
+        relay: Some(relay.to_owned()),
+        message: partial.then(|| {
+            format!(
+                "{} of {} recipients were refused; the others got the message",
+                d.rejected.len(),
+                d.rejected.len() + d.accepted.len()
+            )
+        }),
+        accepted: d.accepted,
+        rejected: d.rejected,
+        attempts: flight.attempts.clone(),
+        failure: None,
+    }
+}
+
+fn final_failure(flight: &Flight, relay: &str, f: &Failure) -> Report {
+    let (status, failure, message) = match f.class {
+        FailureClass::Unknown => (
+            Status::Unknown,
+            None,
+            format!(
+                "{relay}: {}. The message may have been delivered and was not sent again.",
+                f.detail
+            ),
+        ),
+        FailureClass::Permanent => (
+            Status::Failed,
+            Some(FailureReason::Rejected),
+            format!("{relay} refused the message permanently: {}", f.detail),
+        ),
+        _ => (
+            Status::Failed,
+            Some(FailureReason::DeadlineExceeded),
+            format!("{relay}: {}", f.detail),
+        ),
+    };
+    Report {
+        message_id: flight.mail.message_id.clone(),
+        status,
+        relay: Some(relay.to_owned()),
+        accepted: Vec::new(),
+        rejected: Vec::new(),
+        attempts: flight.attempts.clone(),
+        failure,
+        message: Some(message),
+    }
+}
+
+/// One SMTP attempt: wait for a connection permit (bounded queue, bounded by
+/// the deadline), reuse an idle connection or dial, run the transaction.
+async fn deliver_smtp(shared: &RelayShared, flight: &Flight) -> Result<Delivered, Failure> {
+    let RelayKind::Smtp(settings) = &shared.settings.kind else {
+        unreachable!("deliver_smtp is only called for smtp relays");
+    };
+    let mail = &flight.mail;
+    let busy = |detail: String| Failure {
+        class: FailureClass::Busy,
+        reply: None,
+        detail,
+    };
+
+    if shared.queued.fetch_add(1, Ordering::AcqRel) >= shared.settings.pool.max_queued {
+        shared.queued.fetch_sub(1, Ordering::AcqRel);
+        return Err(busy(format!(
+            "the relay's queue is full ({} waiting)",
+            shared.settings.pool.max_queued
+        )));
+    }
+    let permit =
+        tokio::time::timeout_at(mail.deadline, shared.permits.clone().acquire_owned()).await;
+    shared.queued.fetch_sub(1, Ordering::AcqRel);
+    let _permit = match permit {
+        Ok(Ok(p)) => p,
+        Ok(Err(_)) => return Err(busy("the relay is shutting down".into())),
+        Err(_) => {
+            return Err(busy(
+                "no connection to the relay came free before the deadline".into(),
+            ));
+        }
+    };
+
+    let from = match &mail.from {
+        Some(a) => Some(a.clone()),
+        None => shared
+            .settings
+            .from_email
+            .as_deref()
+            .and_then(|s| s.parse::<Address>().ok()),
+    };
+
+    // A pooled connection may have been closed by the server while idle; such
+    // a failure before anything was committed is retried once on a fresh
+    // connection.
+    let mut pooled = shared.take_idle();
+    loop {
+        let reused = pooled.is_some();
+        let mut conn = match pooled.take() {
+            Some(c) => c,
+            None => {
+                let c = smtp::dial(settings, &shared.settings.timeouts, mail.deadline).await?;
+                shared.open.fetch_add(1, Ordering::AcqRel);
+                c
+            }
+        };
+        let result = smtp::transact(
+            &mut conn,
+            from.as_ref(),
+            mail,
+            &shared.settings.timeouts,
+            &flight.progress,
+        )
+        .await;
+        shared.put_back(conn);
+        match result {
+            Err(f)
+                if reused
+                    && f.class == FailureClass::RelayFault
+                    && !flight.progress.is_committed() =>
+            {
+                continue;
+            }
+            other => return other,
+        }
+    }
+}

@@ -1,0 +1,511 @@
+//! One SMTP session, driven phase by phase: dial (TCP with TCP_NODELAY, TLS,
+//! greeting, EHLO, AUTH), then MAIL, RCPT and DATA, each with its own timeout,
+//! and every outcome classified by the phase it happened in (DESIGN.md rule 4).
+//!
+//! This module owns no state beyond one connection. Pooling, health and
+//! failover belong to the relay and router actors.
+
+use std::error::Error as _;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use lettre::Address;
+use lettre::transport::smtp::authentication::{Credentials as LettreCredentials, Mechanism};
+#[allow(deprecated)]
+use lettre::transport::smtp::client::{AsyncNetworkStream, AsyncTokioStream};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
+use lettre::transport::smtp::commands::{Data, Mail as MailCmd, Noop, Rcpt, Rset};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailParameter};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
+
+use crate::mail::{FailureClass, Mail, Progress, Rejected, Reply};
+use crate::settings::{SmtpSettings, Timeouts, TlsMode};
+
+/// Why an attempt failed, with the reply that said so when there was one.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Failure {
+    pub class: FailureClass,
+    pub reply: Option<Reply>,
+    pub detail: String,
+}
+
+impl Failure {
+    fn new(class: FailureClass, detail: impl Into<String>) -> Self {
+        Failure {
+            class,
+            reply: None,
+            detail: detail.into(),
+        }
+    }
+
+    /// Classifies a lettre error from `phase`. A negative reply keeps its code
+    /// and text; anything else is a broken connection.
+    fn from_lettre(err: &lettre::transport::smtp::Error, phase: Phase) -> Self {
+        let reply = err.status().map(|code| Reply {
+            code: u16::from(code),
+            text: err.source().map(|s| s.to_string()).unwrap_or_default(),
+        });
+        let class = match (phase, &reply) {
+            (Phase::Connect | Phase::Greeting | Phase::Tls | Phase::Auth, _) => {
+                FailureClass::RelayFault
+            }
+            (Phase::AfterDot, None) => FailureClass::Unknown,
+            (_, None) => FailureClass::RelayFault,
+            (_, Some(r)) if r.code >= 500 => FailureClass::Permanent,
+            (_, Some(_)) => FailureClass::Transient,
+        };
+        let detail = match &reply {
+            Some(r) => format!("{} replied {} {}", phase, r.code, r.text),
+            None => format!("{phase}: {err}"),
+        };
+        Failure {
+            class,
+            reply,
+            detail,
+        }
+    }
+
+    fn timeout(phase: Phase, after: Duration) -> Self {
+        Failure::new(
+            Self::lost_in(phase),
+            format!("{phase}: no reply within {after:?}"),
+        )
+    }
+
+    /// The caller's deadline ran out while waiting in `phase`. Before the
+    /// final "." the message was not sent; after it, it may have been.
+    fn deadline(phase: Phase) -> Self {
+        let class = match phase {
+            Phase::AfterDot => FailureClass::Unknown,
+            _ => FailureClass::Busy,
+        };
+        Failure::new(class, format!("{phase}: the caller's deadline passed"))
+    }
+
+    /// The class of a connection lost in `phase`.
+    fn lost_in(phase: Phase) -> FailureClass {
+        if phase == Phase::AfterDot {
+            FailureClass::Unknown
+        } else {
+            FailureClass::RelayFault
+        }
+    }
+}
+
+/// The phase of a session, for classification and messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Connect,
+    Greeting,
+    Tls,
+    Auth,
+    Mail,
+    Rcpt,
+    Data,
+    AfterDot,
+    Noop,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Phase::Connect => "connect",
+            Phase::Greeting => "greeting/EHLO",
+            Phase::Tls => "TLS",
+            Phase::Auth => "AUTH",
+            Phase::Mail => "MAIL FROM",
+            Phase::Rcpt => "RCPT TO",
+            Phase::Data => "DATA",
+            Phase::AfterDot => "end of data",
+            Phase::Noop => "NOOP",
+        })
+    }
+}
+
+/// Runs `fut` for at most `limit`, and never past `deadline`.
+async fn bounded<T>(
+    phase: Phase,
+    limit: Duration,
+    deadline: Instant,
+    fut: impl Future<Output = Result<T, lettre::transport::smtp::Error>>,
+) -> Result<T, Failure> {
+    let until = deadline.min(Instant::now() + limit);
+    match tokio::time::timeout_at(until, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Failure::from_lettre(&e, phase)),
+        Err(_) if until == deadline => Err(Failure::deadline(phase)),
+        Err(_) => Err(Failure::timeout(phase, limit)),
+    }
+}
+
+/// An open, greeted, authenticated SMTP connection.
+pub(crate) struct Conn {
+    inner: AsyncSmtpConnection,
+    pub(crate) last_used: Instant,
+    pub(crate) sent: u32,
+    /// Set when the session is in an unknown state; the connection is then
+    /// dropped, never reused.
+    pub(crate) broken: bool,
+}
+
+impl fmt::Debug for Conn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Conn")
+            .field("sent", &self.sent)
+            .field("broken", &self.broken)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Conn {
+    pub(crate) fn supports(&self, ext: Extension) -> bool {
+        self.inner.server_info().supports_feature(ext)
+    }
+
+    pub(crate) fn is_encrypted(&self) -> bool {
+        self.inner.is_encrypted()
+    }
+
+    /// Ends the session politely, within `limit`.
+    pub(crate) async fn quit(mut self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, self.inner.quit()).await;
+    }
+}
+
+/// Opens a connection: TCP (TCP_NODELAY on), implicit TLS or STARTTLS as
+/// configured, EHLO, AUTH. Every step is bounded by its timeout and the
+/// deadline.
+pub(crate) async fn dial(
+    s: &SmtpSettings,
+    t: &Timeouts,
+    deadline: Instant,
+) -> Result<Conn, Failure> {
+    let tcp = bounded_io(
+        Phase::Connect,
+        t.connect,
+        deadline,
+        TcpStream::connect((s.host.as_str(), s.port)),
+    )
+    .await?;
+    tcp.set_nodelay(true).map_err(|e| {
+        Failure::new(
+            FailureClass::RelayFault,
+            format!("connect: TCP_NODELAY: {e}"),
+        )
+    })?;
+    let hello = ClientId::Domain(s.hello_name.clone());
+
+    let stream: Box<dyn AsyncTokioStream> = if s.tls == TlsMode::Implicit {
+        let params = tls_parameters(s)?;
+        #[allow(deprecated)]
+        let mut net = AsyncNetworkStream::use_existing_tokio1(Box::new(tcp));
+        bounded(Phase::Tls, t.connect, deadline, net.upgrade_tls(params)).await?;
+        Box::new(TlsStream(net.compat()))
+    } else {
+        Box::new(tcp)
+    };
+
+    let mut inner = bounded(
+        Phase::Greeting,
+        t.greeting,
+        deadline,
+        AsyncSmtpConnection::connect_with_transport(stream, &hello),
+    )
+    .await?;
+
+    match s.tls {
+        TlsMode::Starttls | TlsMode::Opportunistic if inner.can_starttls() => {
+            let params = tls_parameters(s)?;
+            bounded(
+                Phase::Tls,
+                t.command,
+                deadline,
+                inner.starttls(params, &hello),
+            )
+            .await?;
+        }
+        TlsMode::Starttls => {
+            return Err(Failure::new(
+                FailureClass::RelayFault,
+                "TLS: the server does not offer STARTTLS and tls = \"starttls\" requires it",
+            ));
+        }
+        _ => {}
+    }
+
+    if let Some(creds) = &s.auth {
+        let lettre_creds =
+            LettreCredentials::new(creds.username.clone(), creds.password.expose().to_owned());
+        bounded(
+            Phase::Auth,
+            t.command,
+            deadline,
+            inner.auth(&[Mechanism::Plain, Mechanism::Login], &lettre_creds),
+        )
+        .await?;
+    }
+
+    Ok(Conn {
+        inner,
+        last_used: Instant::now(),
+        sent: 0,
+        broken: false,
+    })
+}
+
+async fn bounded_io<T>(
+    phase: Phase,
+    limit: Duration,
+    deadline: Instant,
+    fut: impl Future<Output = io::Result<T>>,
+) -> Result<T, Failure> {
+    let until = deadline.min(Instant::now() + limit);
+    match tokio::time::timeout_at(until, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Failure::new(
+            FailureClass::RelayFault,
+            format!("{phase}: {e}"),
+        )),
+        Err(_) if until == deadline => Err(Failure::deadline(phase)),
+        Err(_) => Err(Failure::timeout(phase, limit)),
+    }
+}
+
+fn tls_parameters(s: &SmtpSettings) -> Result<TlsParameters, Failure> {
+    let tls_err = |e: lettre::transport::smtp::Error| {
+        Failure::new(FailureClass::RelayFault, format!("TLS: {e}"))
+    };
+    let mut b = TlsParameters::builder(s.host.clone());
+    if let Some(pem) = &s.ca_pem {
+        b = b.add_root_certificate(Certificate::from_pem(pem).map_err(tls_err)?);
+    }
+    if s.accept_invalid_certs {
+        b = b.dangerous_accept_invalid_certs(true);
+    }
+    b.build().map_err(tls_err)
+}
+
+/// What a relay accepted.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Delivered {
+    pub accepted: Vec<String>,
+    pub rejected: Vec<Rejected>,
+    pub reply: Reply,
+}
+
+/// Sends one message over an open connection, phase by phase.
+///
+/// - MAIL 4xx, any RCPT 4xx, DATA 4xx: transient, the session is reset.
+/// - Some RCPT 5xx: those recipients are reported, the rest get the message.
+/// - Every RCPT 5xx, MAIL 5xx, DATA 5xx, 5xx after the dot: permanent.
+/// - No reply after the final ".": unknown, and the connection is dropped.
+///
+/// Before the final "." the message is committed in `progress`; if the caller
+/// has given up by then, nothing is sent.
+pub(crate) async fn transact(
+    conn: &mut Conn,
+    from: Option<&Address>,
+    mail: &Mail,
+    t: &Timeouts,
+    progress: &Progress,
+) -> Result<Delivered, Failure> {
+    let result = transact_inner(conn, from, mail, t, progress).await;
+    conn.last_used = Instant::now();
+    if let Err(f) = &result {
+        match f.class {
+            // The session may be mid-transaction: reset it so the
+            // connection can be reused, or mark it broken.
+            FailureClass::Transient | FailureClass::Permanent | FailureClass::Busy
+                if !conn.broken =>
+            {
+                let reset = tokio::time::timeout(t.command, conn.inner.command(Rset)).await;
+                if !matches!(reset, Ok(Ok(_))) {
+                    conn.broken = true;
+                }
+            }
+            _ => conn.broken = true,
+        }
+    }
+    if conn.inner.has_broken() {
+        conn.broken = true;
+    }
+    result
+}
+
+async fn transact_inner(
+    conn: &mut Conn,
+    from: Option<&Address>,
+    mail: &Mail,
+    t: &Timeouts,
+    progress: &Progress,
+) -> Result<Delivered, Failure> {
+    let deadline = mail.deadline;
+    let mut params = Vec::new();
+    if mail.needs_smtputf8() {
+        if !conn.supports(Extension::SmtpUtfEight) {
+            return Err(Failure::new(
+                FailureClass::Busy,
+                "the relay does not offer SMTPUTF8, which a non-ASCII address needs",
+            ));
+        }
+        params.push(MailParameter::SmtpUtfEight);
+    }
+    if !mail.bytes.is_ascii() && conn.supports(Extension::EightBitMime) {
+        params.push(MailParameter::Body(
+            lettre::transport::smtp::extension::MailBodyParameter::EightBitMime,
+        ));
+    }
+
+    bounded(
+        Phase::Mail,
+        t.command,
+        deadline,
+        conn.inner.command(MailCmd::new(from.cloned(), params)),
+    )
+    .await?;
+
+    let mut accepted = Vec::with_capacity(mail.to.len());
+    let mut rejected = Vec::new();
+    for rcpt in &mail.to {
+        match bounded(
+            Phase::Rcpt,
+            t.command,
+            deadline,
+            conn.inner.command(Rcpt::new(rcpt.clone(), vec![])),
+        )
+        .await
+        {
+            Ok(_) => accepted.push(rcpt.to_string()),
+            Err(f) if f.class == FailureClass::Permanent => rejected.push(Rejected {
+                address: rcpt.to_string(),
+                reply: f.reply.clone().unwrap_or(Reply {
+                    code: 550,
+                    text: f.detail.clone(),
+                }),
+            }),
+            Err(f) => return Err(f),
+        }
+    }
+    if accepted.is_empty() {
+        let first = rejected.first().map(|r| r.reply.clone());
+        return Err(Failure {
+            class: FailureClass::Permanent,
+            detail: format!(
+                "every recipient was refused{}",
+                first
+                    .as_ref()
+                    .map(|r| format!(": {} {}", r.code, r.text))
+                    .unwrap_or_default()
+            ),
+            reply: first,
+        });
+    }
+
+    bounded(Phase::Data, t.command, deadline, conn.inner.command(Data)).await?;
+
+    if !progress.commit() {
+        return Err(Failure::new(
+            FailureClass::Busy,
+            "the caller's deadline passed before the message was sent",
+        ));
+    }
+    match bounded(
+        Phase::AfterDot,
+        t.data,
+        deadline,
+        conn.inner.message(&mail.bytes),
+    )
+    .await
+    {
+        Ok(resp) => {
+            conn.sent += 1;
+            Ok(Delivered {
+                accepted,
+                rejected,
+                reply: Reply {
+                    code: u16::from(resp.code()),
+                    text: resp.message().collect::<Vec<_>>().join(" "),
+                },
+            })
+        }
+        Err(f) => {
+            if f.class == FailureClass::Transient {
+                // A 4xx after the dot is a clear "not taken": another relay
+                // may take it without risk of a duplicate.
+                progress.release();
+            }
+            Err(f)
+        }
+    }
+}
+
+/// What a probe found.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Probed {
+    pub tls: bool,
+    pub latency: Duration,
+}
+
+/// Connect, TLS, EHLO, AUTH (if configured), NOOP, QUIT.
+pub(crate) async fn probe(s: &SmtpSettings, t: &Timeouts) -> Result<Probed, Failure> {
+    let started = Instant::now();
+    let deadline = started + t.connect + t.greeting + t.command * 3;
+    let mut conn = dial(s, t, deadline).await?;
+    bounded(Phase::Noop, t.command, deadline, conn.inner.command(Noop)).await?;
+    let tls = conn.is_encrypted();
+    let latency = started.elapsed();
+    conn.quit(t.command).await;
+    Ok(Probed { tls, latency })
+}
+
+/// A TLS stream that lettre set up over our own socket, handed back to lettre
+/// as a plain transport (implicit TLS: the greeting comes after the
+/// handshake).
+#[allow(deprecated)]
+struct TlsStream(Compat<AsyncNetworkStream>);
+
+impl fmt::Debug for TlsStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TlsStream")
+    }
+}
+
+impl AsyncTokioStream for TlsStream {
+    fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.0.get_ref().peer_addr()
+    }
+}
+
+impl AsyncRead for TlsStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
