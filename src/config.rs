@@ -5,10 +5,17 @@
 //! `MAILMUX_CONFIG`), `MAILMUX_*` env vars, then the seed-compatible `SMTP_*`
 //! env vars. Every error names the key and where its value came from.
 
+mod env;
+mod raw;
+mod validate;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use figment::providers::{Format, Json, Toml, Yaml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
 use mailmux_actors::{Secret, Settings};
 
 use crate::compose::ComposePolicy;
@@ -75,8 +82,335 @@ pub struct ConfigError {
 }
 
 /// Loads and validates configuration from the sources and the process
-/// environment.
+/// environment. Variables that are not valid UTF-8 are skipped.
 pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
-    let _ = sources;
-    todo!()
+    let env = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+    load_from(sources, env)
+}
+
+/// Loads and validates configuration with an explicit environment, so that
+/// callers (and tests) decide what the environment is.
+pub fn load_from(
+    sources: &Sources,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigError> {
+    let env: Vec<(String, String)> = env.into_iter().collect();
+    let mut names = vec!["defaults".to_string()];
+    let mut figment = Figment::new();
+
+    let (relay_vars, mailmux): (Vec<_>, Vec<_>) = env::mailmux_vars(&env)
+        .into_iter()
+        .partition(|v| v.path.first().is_some_and(|k| k == "relays"));
+    let mut overrides = Vec::new();
+    match config_file(sources, &env) {
+        Some(file) => {
+            let mut layer = FileLayer::read(&file)?;
+            check_unknown_keys(&layer)?;
+            overrides = layer.inject(&relay_vars)?;
+            names.push(layer.name.clone());
+            figment = figment.merge(layer);
+        }
+        None => {
+            if let Some(var) = relay_vars.first() {
+                return Err(ConfigError {
+                    key: var.var.clone(),
+                    source_name: env::source_name(&var.var),
+                    message: "names a relay, but no configuration file lists relays".into(),
+                });
+            }
+        }
+    }
+    if !mailmux.is_empty() || !relay_vars.is_empty() {
+        names.push("env MAILMUX_*".into());
+    }
+    let seed = env::seed_vars(&env);
+    if !seed.is_empty() {
+        names.push("env SMTP_*".into());
+    }
+    for var in mailmux.into_iter().chain(seed) {
+        figment = figment.merge(var);
+    }
+
+    let raw: raw::RawConfig = figment.extract_lossy().map_err(from_figment)?;
+    let tree = figment
+        .find_value("")
+        .unwrap_or_else(|_| Value::from(Dict::new()));
+    validate::build(raw, &figment, &tree, &overrides, names)
+}
+
+/// The file to read and how it was named: `--config`, else `MAILMUX_CONFIG`.
+struct NamedFile {
+    path: PathBuf,
+    /// The flag or variable that named it, for errors.
+    key: String,
+    source: String,
+}
+
+fn config_file(sources: &Sources, env: &[(String, String)]) -> Option<NamedFile> {
+    if let Some(path) = &sources.file {
+        return Some(NamedFile {
+            path: path.clone(),
+            key: "--config".into(),
+            source: "command line".into(),
+        });
+    }
+    env.iter()
+        .find(|(k, v)| k == env::CONFIG_VAR && !v.is_empty())
+        .map(|(k, v)| NamedFile {
+            path: PathBuf::from(v),
+            key: k.clone(),
+            source: env::source_name(k),
+        })
+}
+
+/// A configuration file, parsed once, under the name errors show for it.
+struct FileLayer {
+    name: String,
+    path: PathBuf,
+    data: Map<Profile, Dict>,
+}
+
+impl FileLayer {
+    fn read(file: &NamedFile) -> Result<Self, ConfigError> {
+        let path = &file.path;
+        let fail = |message: String| ConfigError {
+            key: file.key.clone(),
+            source_name: file.source.clone(),
+            message,
+        };
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => return Err(fail(format!("{} is not a file", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(fail(format!(
+                    "configuration file {} not found",
+                    path.display()
+                )));
+            }
+            Err(e) => return Err(fail(format!("cannot read {}: {e}", path.display()))),
+        }
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        let parsed = match ext.as_deref() {
+            Some("toml") => Toml::file_exact(path).data(),
+            Some("yaml" | "yml") => Yaml::file_exact(path).data(),
+            Some("json") => Json::file_exact(path).data(),
+            _ => {
+                return Err(fail(format!(
+                    "cannot tell the format of {}: name it .toml, .yaml, .yml or .json",
+                    path.display()
+                )));
+            }
+        };
+        let name = format!("file {}", path.display());
+        let data = parsed.map_err(|e| ConfigError {
+            key: file.key.clone(),
+            source_name: name.clone(),
+            message: e.kind.to_string(),
+        })?;
+        Ok(FileLayer {
+            name,
+            path: path.clone(),
+            data,
+        })
+    }
+
+    fn root(&self) -> Option<&Dict> {
+        self.data.get(&Profile::Default)
+    }
+
+    /// Applies `MAILMUX_RELAYS__<NAME or INDEX>__<KEY>` to the file's relays
+    /// (figment would replace the whole array with a dict). Returns, for each
+    /// value set, its path and the variable, so that errors name the variable.
+    fn inject(&mut self, vars: &[env::EnvVar]) -> Result<Vec<(String, String)>, ConfigError> {
+        let mut applied = Vec::new();
+        for var in vars {
+            let fail = |message: String| ConfigError {
+                key: var.var.clone(),
+                source_name: env::source_name(&var.var),
+                message,
+            };
+            let [_, relay, field] = var.path.as_slice() else {
+                return Err(fail(
+                    "expected MAILMUX_RELAYS__<NAME or INDEX>__<KEY>".to_string(),
+                ));
+            };
+            if !raw::RELAY_KEYS.contains(&field.as_str())
+                && !raw::TUNING_KEYS.contains(&field.as_str())
+            {
+                return Err(fail(format!("unknown relay key {field:?}")));
+            }
+            let relays = match self
+                .data
+                .get_mut(&Profile::Default)
+                .and_then(|root| root.get_mut("relays"))
+            {
+                Some(Value::Array(_, relays)) => relays,
+                _ => return Err(fail(format!("{} lists no relays", self.name))),
+            };
+            // Env names are upper case and cannot hold `-`.
+            let matches = |v: &Value| {
+                v.as_dict()
+                    .and_then(|d| d.get("name"))
+                    .and_then(Value::as_str)
+                    .is_some_and(|n| n.to_ascii_lowercase().replace('-', "_") == *relay)
+            };
+            let index = match relay.parse::<usize>() {
+                Ok(i) if i < relays.len() => i,
+                _ => relays
+                    .iter()
+                    .position(matches)
+                    .ok_or_else(|| fail(format!("no relay named {relay:?} in {}", self.name)))?,
+            };
+            if let Some(Value::Dict(_, d)) = relays.get_mut(index) {
+                d.insert(field.clone(), Value::from(var.value.clone()));
+                applied.push((format!("relays.{index}.{field}"), var.var.clone()));
+            }
+        }
+        Ok(applied)
+    }
+}
+
+impl Provider for FileLayer {
+    fn metadata(&self) -> Metadata {
+        Metadata::from(self.name.clone(), self.path.as_path())
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(self.data.clone())
+    }
+}
+
+/// A misspelt key in a file would otherwise be ignored without a word. Env
+/// vars are not checked: other programs share the `MAILMUX_` prefix.
+fn check_unknown_keys(layer: &FileLayer) -> Result<(), ConfigError> {
+    let Some(root) = layer.root() else {
+        return Ok(());
+    };
+    let unknown = |key: String, known: &[&str]| ConfigError {
+        key,
+        source_name: layer.name.clone(),
+        message: format!("unknown key; expected one of {}", known.join(", ")),
+    };
+    let check = |dict: &Dict, prefix: &str, known: &[&[&str]]| -> Result<(), ConfigError> {
+        let all: Vec<&str> = known.iter().flat_map(|k| k.iter().copied()).collect();
+        match dict.keys().find(|k| !all.contains(&k.as_str())) {
+            Some(k) => Err(unknown(format!("{prefix}{k}"), &all)),
+            None => Ok(()),
+        }
+    };
+    check(root, "", &[raw::TOP_KEYS])?;
+    if let Some(Value::Dict(_, d)) = root.get("supervisor") {
+        check(d, "supervisor.", &[raw::SUPERVISOR_KEYS])?;
+    }
+    if let Some(Value::Dict(_, d)) = root.get("http") {
+        check(d, "http.", &[raw::HTTP_KEYS])?;
+    }
+    if let Some(Value::Dict(_, d)) = root.get("relay_defaults") {
+        check(d, "relay_defaults.", &[raw::TUNING_KEYS])?;
+    }
+    if let Some(Value::Array(_, relays)) = root.get("relays") {
+        for (i, r) in relays.iter().enumerate() {
+            if let Value::Dict(_, d) = r {
+                check(
+                    d,
+                    &format!("relays[{i}]."),
+                    &[raw::RELAY_KEYS, raw::TUNING_KEYS],
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Turns a figment error (a value of the wrong type) into one that names
+/// the key as the user wrote it.
+fn from_figment(err: figment::Error) -> ConfigError {
+    let source_name = err
+        .metadata
+        .as_ref()
+        .map_or_else(|| "configuration".to_string(), |m| m.name.to_string());
+    let key = match err.path.first().map(String::as_str) {
+        // A seed relay's key is the variable's name.
+        Some(env::SEED_KEY) => source_name
+            .strip_prefix("env var ")
+            .map_or_else(|| display_key(&err.path), str::to_string),
+        _ => display_key(&err.path),
+    };
+    // serde's type errors quote the value, which must not happen to a secret.
+    let secret = err
+        .path
+        .last()
+        .is_some_and(|k| k == "password" || k == "token");
+    let message = if secret {
+        "must be a string (value not shown)".to_string()
+    } else {
+        err.kind.to_string()
+    };
+    ConfigError {
+        key,
+        source_name,
+        message,
+    }
+}
+
+/// `["relays", "1", "port"]` → `relays[1].port`.
+fn display_key(path: &[String]) -> String {
+    let mut key = String::new();
+    for seg in path {
+        if !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_digit()) {
+            key.push_str(&format!("[{seg}]"));
+        } else {
+            if !key.is_empty() {
+                key.push('.');
+            }
+            key.push_str(seg);
+        }
+    }
+    if key.is_empty() {
+        key.push_str("(root)");
+    }
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_display_with_indices() {
+        let path: Vec<String> = ["relays", "1", "port"].map(String::from).to_vec();
+        assert_eq!(display_key(&path), "relays[1].port");
+        assert_eq!(display_key(&[]), "(root)");
+    }
+
+    #[test]
+    fn an_empty_environment_gives_the_embedded_relay() {
+        let config = load_from(&Sources::default(), Vec::new()).expect("defaults are valid");
+        assert!(config.default_relay);
+        assert_eq!(config.sources, ["defaults"]);
+        assert_eq!(config.dispatch.relays.len(), 1);
+        assert_eq!(config.dispatch.relays[0].name, "outbox");
+    }
+
+    #[test]
+    fn an_unknown_extension_is_refused() {
+        let dir = std::env::temp_dir().join(format!("mailmux-config-ext-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("mailmux.ini");
+        std::fs::write(&file, "strategy = priority").expect("write");
+        let err = load_from(
+            &Sources {
+                file: Some(file.clone()),
+            },
+            Vec::new(),
+        )
+        .expect_err("ini is not a known format");
+        assert_eq!(err.key, "--config");
+        assert!(err.message.contains(".toml"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

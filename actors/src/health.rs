@@ -103,12 +103,22 @@ impl Health {
         rng: &mut impl Rng,
     ) {
         self.counters.count_failure(class);
-        if !matches!(
+        if matches!(
             class,
             FailureClass::RelayFault | FailureClass::Transient | FailureClass::Unknown
         ) {
-            return;
+            self.record_failure(now, detail, rng);
         }
+    }
+
+    /// A probe failed: stay down, and wait longer before the next one.
+    pub(crate) fn on_probe_failure(&mut self, now: Instant, detail: &str, rng: &mut impl Rng) {
+        self.record_failure(now, detail, rng);
+    }
+
+    /// Backs off for longer with each consecutive failure, and opens the
+    /// circuit when `circuit_failures` fall within `circuit_window`.
+    fn record_failure(&mut self, now: Instant, detail: &str, rng: &mut impl Rng) {
         self.last_error = Some(detail.to_owned());
         if self.state == State::Disabled {
             return;
@@ -123,24 +133,11 @@ impl Health {
             }
         }
         let delay = self.backoff(self.consecutive_failures, rng);
-        self.state = if self.failures_in_window.len() as u32 >= self.settings.circuit_failures {
+        let open = self.failures_in_window.len() as u32 >= self.settings.circuit_failures;
+        self.state = if open || matches!(self.state, State::CircuitOpen { .. }) {
             State::CircuitOpen { until: now + delay }
         } else {
             State::BackingOff { until: now + delay }
-        };
-    }
-
-    /// A probe failed: stay down, and wait longer before the next one.
-    pub(crate) fn on_probe_failure(&mut self, now: Instant, detail: &str, rng: &mut impl Rng) {
-        self.last_error = Some(detail.to_owned());
-        if self.state == State::Disabled {
-            return;
-        }
-        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
-        let delay = self.backoff(self.consecutive_failures, rng);
-        self.state = match self.state {
-            State::CircuitOpen { .. } => State::CircuitOpen { until: now + delay },
-            _ => State::BackingOff { until: now + delay },
         };
     }
 

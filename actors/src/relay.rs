@@ -111,24 +111,30 @@ impl RelayShared {
         self.accepting.load(Ordering::Acquire) && self.state().available(now)
     }
 
-    fn take_idle(&self) -> Option<Conn> {
+    /// An idle connection young enough to reuse. Older ones are closed here,
+    /// by a caller that holds a connection permit, so that a replacement is
+    /// never dialled while the old connection is still open.
+    async fn checkout(&self) -> Option<Conn> {
         let max_age = self.settings.pool.idle_timeout;
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some(conn) = idle.pop() {
+        loop {
+            let conn = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
             if conn.last_used.elapsed() < max_age {
                 return Some(conn);
             }
-            self.close(conn);
+            // Boxed: QUIT is the cold path, and inline its future would
+            // make every delivery task kilobytes larger (see `deliver_smtp`).
+            Box::pin(self.retire(conn)).await;
         }
-        None
     }
 
-    fn put_back(&self, conn: Conn) {
+    /// Returns a connection after use: back to the pool, or closed when it is
+    /// broken or has carried its share of messages.
+    async fn checkin(&self, conn: Conn) {
         let limit = self.settings.pool.messages_per_connection;
         if conn.broken {
             self.open.fetch_sub(1, Ordering::AcqRel);
         } else if limit > 0 && conn.sent >= limit {
-            self.close(conn);
+            Box::pin(self.retire(conn)).await;
         } else {
             self.idle
                 .lock()
@@ -137,19 +143,36 @@ impl RelayShared {
         }
     }
 
-    /// Closes a healthy connection with QUIT, in the background.
-    fn close(&self, conn: Conn) {
+    /// Closes a healthy connection with QUIT.
+    async fn retire(&self, conn: Conn) {
+        conn.quit(self.settings.timeouts.command).await;
         self.open.fetch_sub(1, Ordering::AcqRel);
-        let limit = self.settings.timeouts.command;
-        tokio::spawn(conn.quit(limit));
     }
 
-    /// Closes every idle connection.
-    pub(crate) fn close_idle(&self) {
+    /// Closes idle connections older than the idle timeout, in the background.
+    pub(crate) fn sweep_idle(self: &Arc<Self>) {
+        let max_age = self.settings.pool.idle_timeout;
+        let expired: Vec<Conn> = {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            let (old, young) = std::mem::take(&mut *idle)
+                .into_iter()
+                .partition(|c| c.last_used.elapsed() >= max_age);
+            *idle = young;
+            old
+        };
+        for conn in expired {
+            let me = self.clone();
+            tokio::spawn(async move { me.retire(conn).await });
+        }
+    }
+
+    /// Closes every idle connection, in the background.
+    pub(crate) fn close_idle(self: &Arc<Self>) {
         let conns: Vec<Conn> =
             std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
         for conn in conns {
-            self.close(conn);
+            let me = self.clone();
+            tokio::spawn(async move { me.retire(conn).await });
         }
     }
 
@@ -239,6 +262,7 @@ impl Actor for RelayActor {
                 }
             }
             RelayMsg::Tick => {
+                state.shared.sweep_idle();
                 let now = Instant::now();
                 let due = match state.health.state {
                     State::BackingOff { until } | State::CircuitOpen { until } => now >= until,
@@ -256,6 +280,9 @@ impl Actor for RelayActor {
                 state.probing = false;
                 match result {
                     Ok(_) => state.health.recover(),
+                    // No permit was free: the relay is busy, which says
+                    // nothing about its health.
+                    Err(f) if f.class == FailureClass::Busy => {}
                     Err(f) => {
                         let now = Instant::now();
                         state
@@ -384,12 +411,30 @@ fn spawn_probe(
 ) {
     tokio::spawn(async move {
         let started = Instant::now();
-        let result = match &shared.settings.kind {
-            RelayKind::Smtp(s) => smtp::probe(s, &shared.settings.timeouts).await,
-            RelayKind::File { dir } => probe_dir(dir).await.map(|()| smtp::Probed {
-                tls: false,
-                latency: started.elapsed(),
+        // A probe opens a connection too, so it needs a permit like a delivery.
+        let permit = tokio::time::timeout(
+            shared.settings.timeouts.connect,
+            shared.permits.clone().acquire_owned(),
+        )
+        .await;
+        let result = match (&shared.settings.kind, permit) {
+            (_, Err(_) | Ok(Err(_))) => Err(Failure {
+                class: FailureClass::Busy,
+                reply: None,
+                detail: format!(
+                    "all {} connections are busy delivering",
+                    shared.settings.pool.max_connections
+                ),
             }),
+            (RelayKind::Smtp(s), Ok(Ok(_permit))) => {
+                smtp::probe(s, &shared.settings.timeouts).await
+            }
+            (RelayKind::File { dir }, Ok(Ok(_permit))) => {
+                probe_dir(dir).await.map(|()| smtp::Probed {
+                    tls: false,
+                    latency: started.elapsed(),
+                })
+            }
         };
         if let Some(reply) = reply {
             let has_auth = matches!(&shared.settings.kind, RelayKind::Smtp(s) if s.auth.is_some());
@@ -473,18 +518,18 @@ async fn deliver(
 
     match result {
         Ok(delivered) => {
-            let report = success(&flight, &name, delivered);
+            let report = success(&mut flight, &name, delivered);
             flight.answer(report);
         }
         Err(_) if fails_over => router.route(flight),
         Err(f) => {
-            let report = final_failure(&flight, &name, &f);
+            let report = final_failure(&mut flight, &name, &f);
             flight.answer(report);
         }
     }
 }
 
-fn success(flight: &Flight, relay: &str, d: Delivered) -> Report {
+fn success(flight: &mut Flight, relay: &str, d: Delivered) -> Report {
     let partial = !d.rejected.is_empty();
     Report {
         message_id: flight.mail.message_id.clone(),
@@ -503,12 +548,12 @@ fn success(flight: &Flight, relay: &str, d: Delivered) -> Report {
         }),
         accepted: d.accepted,
         rejected: d.rejected,
-        attempts: flight.attempts.clone(),
+        attempts: std::mem::take(&mut flight.attempts),
         failure: None,
     }
 }
 
-fn final_failure(flight: &Flight, relay: &str, f: &Failure) -> Report {
+fn final_failure(flight: &mut Flight, relay: &str, f: &Failure) -> Report {
     let (status, failure, message) = match f.class {
         FailureClass::Unknown => (
             Status::Unknown,
@@ -535,7 +580,7 @@ fn final_failure(flight: &Flight, relay: &str, f: &Failure) -> Report {
         relay: Some(relay.to_owned()),
         accepted: Vec::new(),
         rejected: Vec::new(),
-        attempts: flight.attempts.clone(),
+        attempts: std::mem::take(&mut flight.attempts),
         failure,
         message: Some(message),
     }
@@ -586,13 +631,21 @@ async fn deliver_smtp(shared: &RelayShared, flight: &Flight) -> Result<Delivered
     // A pooled connection may have been closed by the server while idle; such
     // a failure before anything was committed is retried once on a fresh
     // connection.
-    let mut pooled = shared.take_idle();
+    let mut pooled = shared.checkout().await;
     loop {
         let reused = pooled.is_some();
         let mut conn = match pooled.take() {
             Some(c) => c,
             None => {
-                let c = smtp::dial(settings, &shared.settings.timeouts, mail.deadline).await?;
+                // Boxed: dialling (TLS, AUTH) is the cold path and its
+                // future is several kilobytes; inline, it would be copied
+                // into every delivery task at spawn.
+                let c = Box::pin(smtp::dial(
+                    settings,
+                    &shared.settings.timeouts,
+                    mail.deadline,
+                ))
+                .await?;
                 shared.open.fetch_add(1, Ordering::AcqRel);
                 c
             }
@@ -605,7 +658,7 @@ async fn deliver_smtp(shared: &RelayShared, flight: &Flight) -> Result<Delivered
             &flight.progress,
         )
         .await;
-        shared.put_back(conn);
+        shared.checkin(conn).await;
         match result {
             Err(f)
                 if reused

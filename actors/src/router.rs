@@ -6,7 +6,6 @@
 //! It never waits on a relay: it casts `Deliver` and moves on. It reads each
 //! relay's availability and in-flight count from the relay's shared part.
 
-use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -149,7 +148,7 @@ impl Actor for RouterActor {
                 let now = Instant::now();
                 let pinned = state.pinned();
                 let next = state
-                    .choose(None, &HashSet::new(), now, false)
+                    .choose(None, &[], now, false)
                     .map(|i| state.table[i].name().to_owned());
                 let _ = reply.send(Selection {
                     pinned,
@@ -195,11 +194,10 @@ impl RouterState {
                 return flight.answer(report);
             }
             let max = self.settings.max_attempts.max(1) as usize;
-            let tried: HashSet<&str> = flight.tried.iter().map(String::as_str).collect();
             let pick = if flight.tried.len() >= max {
                 None
             } else {
-                self.choose(flight.mail.prefer.as_deref(), &tried, now, true)
+                self.choose(flight.mail.prefer.as_deref(), &flight.tried, now, true)
             };
             let Some(i) = pick else {
                 let reason = if flight
@@ -239,14 +237,14 @@ impl RouterState {
     fn choose(
         &mut self,
         prefer: Option<&str>,
-        tried: &HashSet<&str>,
+        tried: &[String],
         now: Instant,
         advance: bool,
     ) -> Option<usize> {
         let candidates: Vec<usize> = (0..self.table.len())
             .filter(|&i| {
                 let e = &self.table[i];
-                e.actor.is_some() && !tried.contains(e.name()) && e.shared.available(now)
+                e.actor.is_some() && !tried.iter().any(|t| t == e.name()) && e.shared.available(now)
             })
             .collect();
         if candidates.is_empty() {
@@ -259,7 +257,7 @@ impl RouterState {
             }
         }
         let settings = |i: usize| &self.table[i].shared.settings;
-        let pick = match self.settings.strategy {
+        match self.settings.strategy {
             Strategy::Priority => candidates
                 .iter()
                 .copied()
@@ -306,8 +304,7 @@ impl RouterState {
                 )
             }),
             Strategy::Random => Some(candidates[self.rng.random_range(0..candidates.len())]),
-        };
-        pick
+        }
     }
 
     /// "; tried: a (relay_fault: …); b: backing_off (retry in 3s)"

@@ -148,9 +148,13 @@ async fn bounded<T>(
 
 /// An open, greeted, authenticated SMTP connection.
 pub(crate) struct Conn {
-    inner: AsyncSmtpConnection,
+    /// Boxed: lettre's connection is over a kilobyte, and a delivery task
+    /// moves its `Conn` in and out of the pool for every message.
+    inner: Box<AsyncSmtpConnection>,
     pub(crate) last_used: Instant,
     pub(crate) sent: u32,
+    /// Implicit TLS runs under lettre, which then sees a plain stream.
+    implicit_tls: bool,
     /// Set when the session is in an unknown state; the connection is then
     /// dropped, never reused.
     pub(crate) broken: bool,
@@ -171,7 +175,7 @@ impl Conn {
     }
 
     pub(crate) fn is_encrypted(&self) -> bool {
-        self.inner.is_encrypted()
+        self.implicit_tls || self.inner.is_encrypted()
     }
 
     /// Ends the session politely, within `limit`.
@@ -254,9 +258,10 @@ pub(crate) async fn dial(
     }
 
     Ok(Conn {
-        inner,
+        inner: Box::new(inner),
         last_used: Instant::now(),
         sent: 0,
+        implicit_tls: s.tls == TlsMode::Implicit,
         broken: false,
     })
 }

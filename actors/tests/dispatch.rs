@@ -1,0 +1,840 @@
+//! The dispatch core against SMTP servers that speak real SMTP over loopback:
+//! priority, failover by phase, partial acceptance, unknown outcomes, timeouts,
+//! backoff and circuit, strategies, bounds. Every case is asserted on what the
+//! servers received, not only on what mailmux returned.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mailmux_actors::{
+    Dispatcher, FailureClass, FailureReason, HealthSettings, Limits, Mail, RelayKind,
+    RelaySettings, RelayState, RouterSettings, Settings, Status, Strategy, SupervisorSettings,
+    Timeouts,
+};
+use support::fault_smtp::{Action, AfterDot, FaultSmtp, Options, Phase, Script, StartTls};
+use tokio::time::Instant;
+
+fn relay(name: &str, port: u16, priority: i32) -> RelaySettings {
+    let mut r = RelaySettings::smtp(name, "127.0.0.1", port);
+    r.priority = priority;
+    r.timeouts = Timeouts::uniform(Duration::from_secs(5));
+    r.health = HealthSettings {
+        backoff_base: Duration::from_secs(30),
+        backoff_max: Duration::from_secs(60),
+        circuit_failures: 5,
+        circuit_window: Duration::from_secs(60),
+        probe_interval: Duration::from_secs(30),
+    };
+    r
+}
+
+fn settings(relays: Vec<RelaySettings>, strategy: Strategy) -> Settings {
+    Settings {
+        relays,
+        router: RouterSettings {
+            strategy,
+            max_attempts: 3,
+        },
+        supervisor: SupervisorSettings::default(),
+        limits: Limits::default(),
+    }
+}
+
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn mail_to(to: &[&str]) -> Mail {
+    let n = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = format!("m{n}.{}@test.mailmux", std::process::id());
+    let bytes = format!(
+        "From: sender@test.example\r\nTo: {}\r\nSubject: test {n}\r\nMessage-ID: <{id}>\r\n\r\nHello {n}.\r\n",
+        to.join(", ")
+    );
+    Mail {
+        message_id: id,
+        from: Some("sender@test.example".parse().unwrap()),
+        to: to.iter().map(|a| a.parse().unwrap()).collect(),
+        bytes: Arc::from(bytes.into_bytes()),
+        deadline: Instant::now() + Duration::from_secs(20),
+        prefer: None,
+    }
+}
+
+fn mail() -> Mail {
+    mail_to(&["rcpt@test.example"])
+}
+
+/// Copies of this message that the server answered 250 to.
+fn copies(server: &FaultSmtp, message_id: &str) -> usize {
+    let wanted = format!("<{message_id}>");
+    server
+        .delivered()
+        .iter()
+        .filter(|r| r.message_id.as_deref() == Some(&wanted))
+        .count()
+}
+
+/// Transactions of this message the server saw through the final ".".
+fn seen(server: &FaultSmtp, message_id: &str) -> usize {
+    let wanted = format!("<{message_id}>");
+    server
+        .received()
+        .iter()
+        .filter(|r| r.message_id.as_deref() == Some(&wanted))
+        .count()
+}
+
+async fn pair(primary: Script, backup: Script) -> (FaultSmtp, FaultSmtp, Dispatcher) {
+    let a = FaultSmtp::start(primary).await;
+    let b = FaultSmtp::start(backup).await;
+    let d = Dispatcher::start(settings(
+        vec![relay("primary", a.port(), 10), relay("backup", b.port(), 1)],
+        Strategy::Priority,
+    ))
+    .await
+    .unwrap();
+    (a, b, d)
+}
+
+#[tokio::test]
+async fn priority_sends_everything_to_the_highest_priority_relay() {
+    let low = FaultSmtp::start(Script::ok()).await;
+    let high = FaultSmtp::start(Script::ok()).await;
+    let mid = FaultSmtp::start(Script::ok()).await;
+    let d = Dispatcher::start(settings(
+        vec![
+            relay("low", low.port(), 1),
+            relay("high", high.port(), 100),
+            relay("mid", mid.port(), 50),
+        ],
+        Strategy::Priority,
+    ))
+    .await
+    .unwrap();
+    for _ in 0..20 {
+        let m = mail();
+        let id = m.message_id.clone();
+        let r = d.send(m).await;
+        assert_eq!(r.status, Status::Sent, "{r:?}");
+        assert_eq!(r.relay.as_deref(), Some("high"));
+        assert_eq!(copies(&high, &id), 1);
+    }
+    assert_eq!(high.delivered().len(), 20);
+    assert!(low.received().is_empty() && mid.received().is_empty());
+    assert_eq!(low.connections() + mid.connections(), 0);
+}
+
+#[tokio::test]
+async fn relay_faults_fail_over_and_the_relay_backs_off() {
+    for (what, script) in [
+        (
+            "421 greeting",
+            Script::ok().on(Phase::Greeting, Action::reply(421, "busy")),
+        ),
+        (
+            "EHLO failure",
+            Script::ok().on(Phase::Ehlo, Action::reply(554, "go away")),
+        ),
+    ] {
+        let (a, b, d) = pair(script, Script::ok()).await;
+        let m = mail();
+        let r = d.send(m).await;
+        assert_eq!(r.relay.as_deref(), Some("backup"), "{what}: {r:?}");
+        assert_eq!(
+            r.attempts[0].class,
+            Some(FailureClass::RelayFault),
+            "{what}"
+        );
+        assert_eq!(a.delivered().len(), 0);
+        assert_eq!(b.delivered().len(), 1);
+        let st = d.status().await.unwrap();
+        assert!(
+            matches!(st.relays[0].state, RelayState::BackingOff { .. }),
+            "{what}: {:?}",
+            st.relays[0].state
+        );
+        // While it backs off, the primary is skipped without a connection.
+        let before = a.connections();
+        assert_fails_over_to_backup_only(&b, &d).await;
+        assert_eq!(a.connections(), before, "{what}");
+    }
+}
+
+async fn assert_fails_over_to_backup_only(backup: &FaultSmtp, d: &Dispatcher) {
+    let m = mail();
+    let id = m.message_id.clone();
+    let r = d.send(m).await;
+    assert_eq!(r.relay.as_deref(), Some("backup"), "{r:?}");
+    assert_eq!(r.attempts.len(), 1, "a backing-off relay is skipped: {r:?}");
+    assert_eq!(copies(backup, &id), 1);
+}
+
+#[tokio::test]
+async fn connection_refused_fails_over() {
+    let refused = support::free_port();
+    let b = FaultSmtp::start(Script::ok()).await;
+    let d = Dispatcher::start(settings(
+        vec![relay("primary", refused, 10), relay("backup", b.port(), 1)],
+        Strategy::Priority,
+    ))
+    .await
+    .unwrap();
+    let r = d.send(mail()).await;
+    assert_eq!(r.status, Status::Sent);
+    assert_eq!(r.relay.as_deref(), Some("backup"));
+    assert_eq!(r.attempts[0].class, Some(FailureClass::RelayFault));
+    assert!(r.attempts[0].detail.contains("connect"), "{r:?}");
+    assert_eq!(b.delivered().len(), 1);
+}
+
+#[tokio::test]
+async fn auth_535_fails_over() {
+    let a = FaultSmtp::start_with(
+        Script::ok(),
+        Options {
+            auth: Some(("user".into(), "right".into())),
+            ..Options::default()
+        },
+    )
+    .await;
+    let b = FaultSmtp::start(Script::ok()).await;
+    let mut primary = relay("primary", a.port(), 10);
+    if let RelayKind::Smtp(s) = &mut primary.kind {
+        s.auth = Some(mailmux_actors::Credentials {
+            username: "user".into(),
+            password: mailmux_actors::Secret::new("wrong"),
+        });
+    }
+    let d = Dispatcher::start(settings(
+        vec![primary, relay("backup", b.port(), 1)],
+        Strategy::Priority,
+    ))
+    .await
+    .unwrap();
+    let r = d.send(mail()).await;
+    assert_eq!(r.relay.as_deref(), Some("backup"), "{r:?}");
+    assert_eq!(r.attempts[0].class, Some(FailureClass::RelayFault));
+    assert_eq!(r.attempts[0].reply.as_ref().map(|r| r.code), Some(535));
+    assert!(
+        !format!("{r:?}").contains("wrong"),
+        "the password leaked: {r:?}"
+    );
+    assert!(a.received().is_empty());
+    assert_eq!(b.delivered().len(), 1);
+}
+
+#[tokio::test]
+async fn tls_failure_fails_over() {
+    let a = FaultSmtp::start_with(
+        Script::ok(),
+        Options {
+            starttls: StartTls::Broken,
+            ..Options::default()
+        },
+    )
+    .await;
+    let b = FaultSmtp::start(Script::ok()).await;
+    let mut primary = relay("primary", a.port(), 10);
+    if let RelayKind::Smtp(s) = &mut primary.kind {
+        s.tls = mailmux_actors::TlsMode::Starttls;
+    }
+    let d = Dispatcher::start(settings(
+        vec![primary, relay("backup", b.port(), 1)],
+        Strategy::Priority,
+    ))
+    .await
+    .unwrap();
+    let r = d.send(mail()).await;
+    assert_eq!(r.relay.as_deref(), Some("backup"), "{r:?}");
+    assert_eq!(r.attempts[0].class, Some(FailureClass::RelayFault));
+    assert!(a.received().is_empty());
+    assert_eq!(b.delivered().len(), 1);
+}
+
+#[tokio::test]
+async fn starttls_required_but_not_offered_is_a_relay_fault() {
+    let (a, b, d) = {
+        let a = FaultSmtp::start(Script::ok()).await;
+        let b = FaultSmtp::start(Script::ok()).await;
+        let mut primary = relay("primary", a.port(), 10);
+        if let RelayKind::Smtp(s) = &mut primary.kind {
+            s.tls = mailmux_actors::TlsMode::Starttls;
+        }
+        let d = Dispatcher::start(settings(
+            vec![primary, relay("backup", b.port(), 1)],
+            Strategy::Priority,
+        ))
+        .await
+        .unwrap();
+        (a, b, d)
+    };
+    let r = d.send(mail()).await;
+    assert_eq!(r.relay.as_deref(), Some("backup"));
+    assert!(r.attempts[0].detail.contains("STARTTLS"), "{r:?}");
+    assert!(a.received().is_empty());
+    assert_eq!(b.delivered().len(), 1);
+}
+
+#[tokio::test]
+async fn transient_4xx_at_mail_rcpt_or_data_fails_over_exactly_once() {
+    for phase in [Phase::Mail, Phase::Rcpt, Phase::Data] {
+        let (a, b, d) = pair(
+            Script::ok().on(phase, Action::reply(451, "try later")),
+            Script::ok(),
+        )
+        .await;
+        let m = mail();
+        let id = m.message_id.clone();
+        let r = d.send(m).await;
+        assert_eq!(r.status, Status::Sent, "{phase:?}: {r:?}");
+        assert_eq!(
+            r.attempts[0].class,
+            Some(FailureClass::Transient),
+            "{phase:?}"
+        );
+        assert_eq!(r.attempts[0].reply.as_ref().map(|r| r.code), Some(451));
+        assert_eq!(copies(&b, &id), 1, "{phase:?}");
+        assert_eq!(seen(&a, &id), 0, "{phase:?}");
+        assert_eq!(b.delivered().len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn transient_4xx_after_the_dot_fails_over() {
+    let (a, b, d) = pair(
+        Script::ok().on(Phase::AfterDot, Action::reply(451, "queue full")),
+        Script::ok(),
+    )
+    .await;
+    let m = mail();
+    let id = m.message_id.clone();
+    let r = d.send(m).await;
+    assert_eq!(r.status, Status::Sent, "{r:?}");
+    assert_eq!(copies(&a, &id), 0);
+    assert_eq!(copies(&b, &id), 1);
+}
+
+#[tokio::test]
+async fn rcpt_550_is_per_recipient_and_partial_acceptance_delivers_to_the_rest() {
+    let (a, b, d) = pair(
+        Script::ok().on_rcpt("nobody@test.example", Action::reply(550, "no such user")),
+        Script::ok(),
+    )
+    .await;
+    let m = mail_to(&[
+        "ada@test.example",
+        "nobody@test.example",
+        "bob@test.example",
+    ]);
+    let id = m.message_id.clone();
+    let r = d.send(m).await;
+    assert_eq!(r.status, Status::Partial, "{r:?}");
+    assert_eq!(r.relay.as_deref(), Some("primary"));
+    assert_eq!(r.accepted, vec!["ada@test.example", "bob@test.example"]);
+    assert_eq!(r.rejected.len(), 1);
+    assert_eq!(r.rejected[0].address, "nobody@test.example");
+    assert_eq!(r.rejected[0].reply.code, 550);
+    let got = a.delivered();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].rcpt_to, vec!["ada@test.example", "bob@test.example"]);
+    assert_eq!(copies(&a, &id), 1);
+    assert!(
+        b.received().is_empty() && b.connections() == 0,
+        "no failover"
+    );
+}
+
+#[tokio::test]
+async fn every_recipient_refused_is_permanent_without_failover() {
+    let (a, b, d) = pair(
+        Script::ok().on(Phase::Rcpt, Action::reply(550, "no")),
+        Script::ok(),
+    )
+    .await;
+    let r = d.send(mail()).await;
+    assert_eq!(r.status, Status::Failed);
+    assert_eq!(r.failure, Some(FailureReason::Rejected));
+    assert_eq!(r.attempts.len(), 1);
+    assert!(a.received().is_empty());
+    assert_eq!(b.connections(), 0);
+}
+
+#[tokio::test]
+async fn permanent_5xx_after_the_dot_does_not_fail_over() {
+    let (a, b, d) = pair(
+        Script::ok().on(Phase::AfterDot, Action::reply(554, "content rejected")),
+        Script::ok(),
+    )
+    .await;
+    let m = mail();
+    let id = m.message_id.clone();
+    let r = d.send(m).await;
+    assert_eq!(r.status, Status::Failed, "{r:?}");
+    assert_eq!(r.failure, Some(FailureReason::Rejected));
+    assert_eq!(r.attempts[0].class, Some(FailureClass::Permanent));
+    assert_eq!(r.attempts[0].reply.as_ref().map(|r| r.code), Some(554));
+    assert_eq!(seen(&a, &id), 1);
+    assert_eq!(copies(&a, &id), 0);
+    assert_eq!(b.connections(), 0);
+    // A refused message says nothing against the relay.
+    let st = d.status().await.unwrap();
+    assert_eq!(st.relays[0].state, RelayState::Healthy);
+}
+
+#[tokio::test]
+async fn connection_lost_after_the_dot_is_unknown_and_never_resent() {
+    let (a, b, d) = pair(
+        Script::ok().on(Phase::AfterDot, Action::Close),
+        Script::ok(),
+    )
+    .await;
+    let m = mail();
+    let id = m.message_id.clone();
+    let r = d.send(m).await;
+    assert_eq!(r.status, Status::Unknown, "{r:?}");
+    assert_eq!(r.attempts.len(), 1);
+    assert_eq!(r.attempts[0].class, Some(FailureClass::Unknown));
+    assert_eq!(seen(&a, &id), 1, "exactly one copy at the first server");
+    assert_eq!(a.received()[0].outcome, AfterDot::Closed);
+    assert!(
+        b.received().is_empty() && b.connections() == 0,
+        "never resent"
+    );
+}
+
+#[tokio::test]
+async fn no_reply_after_the_dot_is_unknown_within_the_data_timeout() {
+    let a = FaultSmtp::start(Script::ok().on(Phase::AfterDot, Action::Hang)).await;
+    let b = FaultSmtp::start(Script::ok()).await;
+    let mut primary = relay("primary", a.port(), 10);
+    primary.timeouts.data = Duration::from_millis(400);
+    let d = Dispatcher::start(settings(
+        vec![primary, relay("backup", b.port(), 1)],
+        Strategy::Priority,
+    ))
+    .await
+    .unwrap();
+    let m = mail();
+    let id = m.message_id.clone();
+    let started = Instant::now();
+    let r = d.send(m).await;
+    let took = started.elapsed();
+    assert_eq!(r.status, Status::Unknown, "{r:?}");
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert_eq!(seen(&a, &id), 1);
+    assert!(b.received().is_empty());
+}
+
+#[tokio::test]
+async fn a_hang_at_each_phase_is_bounded_and_the_actors_stay_responsive() {
+    for phase in [
+        Phase::Greeting,
+        Phase::Ehlo,
+        Phase::Mail,
+        Phase::Rcpt,
+        Phase::Data,
+    ] {
+        let a = FaultSmtp::start(Script::ok().on(phase, Action::Hang)).await;
+        let b = FaultSmtp::start(Script::ok()).await;
+        let mut primary = relay("primary", a.port(), 10);
+        primary.timeouts = Timeouts::uniform(Duration::from_millis(500));
+        let d = Dispatcher::start(settings(
+            vec![primary, relay("backup", b.port(), 1)],
+            Strategy::Priority,
+        ))
+        .await
+        .unwrap();
+        let m = mail();
+        let id = m.message_id.clone();
+        let sender = {
+            let d = d.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                (d.send(m).await, started.elapsed())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let asked = Instant::now();
+        let st = d.status().await.unwrap();
+        assert!(
+            asked.elapsed() < Duration::from_millis(100),
+            "{phase:?}: status took {:?}",
+            asked.elapsed()
+        );
+        assert_eq!(st.relays[0].in_flight, 1, "{phase:?}");
+        let (r, took) = sender.await.unwrap();
+        assert_eq!(r.status, Status::Sent, "{phase:?}: {r:?}");
+        assert_eq!(r.relay.as_deref(), Some("backup"));
+        assert_eq!(
+            r.attempts[0].class,
+            Some(FailureClass::RelayFault),
+            "{phase:?}"
+        );
+        assert!(
+            took < Duration::from_millis(2500),
+            "{phase:?}: took {took:?}"
+        );
+        assert_eq!(copies(&b, &id), 1);
+        assert_eq!(seen(&a, &id), 0);
+    }
+}
+
+#[tokio::test]
+async fn a_backed_off_relay_is_probed_and_comes_back() {
+    let a = FaultSmtp::start(Script::ok().on(Phase::Greeting, Action::reply(421, "down"))).await;
+    let b = FaultSmtp::start(Script::ok()).await;
+    let mut primary = relay("primary", a.port(), 10);
+    primary.health.backoff_base = Duration::from_millis(600);
+    primary.health.backoff_max = Duration::from_millis(600);
+    primary.health.probe_interval = Duration::from_millis(200);
+    let d = Dispatcher::start(settings(
+        vec![primary, relay("backup", b.port(), 1)],
+        Strategy::Priority,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(d.send(mail()).await.relay.as_deref(), Some("backup"));
+    let st = d.status().await.unwrap();
+    let retry = st.relays[0].state.retry_in().expect("backing off");
+    assert!(
+        retry <= Duration::from_millis(600) && retry >= Duration::from_millis(250),
+        "{retry:?}"
+    );
+
+    // Skipped while backing off: no connection, straight to the backup.
+    let conns = a.connections();
+    assert_eq!(d.send(mail()).await.attempts.len(), 1);
+    assert_eq!(a.connections(), conns);
+
+    // The primary recovers; once its backoff runs out a probe brings it back.
+    a.set_script(Script::ok());
+    let back = support::wait_until(|| a.connections() > conns, Duration::from_secs(3)).await;
+    assert!(back, "the primary was never probed");
+    let mut healthy = false;
+    for _ in 0..50 {
+        if d.status().await.unwrap().relays[0].state == RelayState::Healthy {
+            healthy = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(healthy, "the probe did not restore the primary");
+    let m = mail();
+    let id = m.message_id.clone();
+    assert_eq!(d.send(m).await.relay.as_deref(), Some("primary"));
+    assert_eq!(copies(&a, &id), 1);
+}
+
+#[tokio::test]
+async fn the_circuit_opens_and_all_down_names_every_relay() {
+    let a = FaultSmtp::start(Script::ok().on(Phase::Greeting, Action::reply(421, "down"))).await;
+    let b = FaultSmtp::start(Script::ok().on(Phase::Ehlo, Action::reply(554, "no"))).await;
+    let mut relays = vec![relay("primary", a.port(), 10), relay("backup", b.port(), 1)];
+    for r in &mut relays {
+        r.health.backoff_base = Duration::from_millis(1);
+        r.health.backoff_max = Duration::from_millis(2);
+        r.health.circuit_failures = 3;
+        r.health.probe_interval = Duration::from_secs(60);
+    }
+    let d = Dispatcher::start(settings(relays, Strategy::Priority))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let r = d.send(mail()).await;
+        assert_eq!(r.status, Status::Failed);
+        assert_eq!(r.failure, Some(FailureReason::AllRelaysFailed));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let st = d.status().await.unwrap();
+    for relay in &st.relays {
+        assert!(
+            matches!(relay.state, RelayState::CircuitOpen { .. }),
+            "{relay:?}"
+        );
+    }
+    let r = d.send(mail()).await;
+    assert_eq!(r.status, Status::Failed);
+    assert!(r.attempts.is_empty(), "open circuits are not tried: {r:?}");
+    let msg = r.message.unwrap();
+    assert!(
+        msg.contains("primary: circuit_open") && msg.contains("backup: circuit_open"),
+        "{msg}"
+    );
+    assert!(a.delivered().is_empty() && b.delivered().is_empty());
+}
+
+async fn three(strategy: Strategy, weights: [u32; 3]) -> ([FaultSmtp; 3], Dispatcher) {
+    let servers = [
+        FaultSmtp::start(Script::ok()).await,
+        FaultSmtp::start(Script::ok()).await,
+        FaultSmtp::start(Script::ok()).await,
+    ];
+    let relays = servers
+        .iter()
+        .zip(["a", "b", "c"])
+        .zip(weights)
+        .map(|((s, n), w)| {
+            let mut r = relay(n, s.port(), 1);
+            r.weight = w;
+            r
+        })
+        .collect();
+    let d = Dispatcher::start(settings(relays, strategy)).await.unwrap();
+    (servers, d)
+}
+
+#[tokio::test]
+async fn round_robin_spreads_evenly() {
+    let (servers, d) = three(Strategy::RoundRobin, [1, 1, 1]).await;
+    for _ in 0..300 {
+        assert_eq!(d.send(mail()).await.status, Status::Sent);
+    }
+    for s in &servers {
+        assert_eq!(s.delivered().len(), 100);
+    }
+}
+
+#[tokio::test]
+async fn weighted_is_proportional_to_the_weights() {
+    let (servers, d) = three(Strategy::Weighted, [1, 2, 5]).await;
+    let n = 800;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let d = d.clone();
+        tasks.spawn(async move { d.send(mail()).await.status });
+    }
+    while let Some(st) = tasks.join_next().await {
+        assert_eq!(st.unwrap(), Status::Sent);
+    }
+    let got: Vec<f64> = servers
+        .iter()
+        .map(|s| s.delivered().len() as f64 / n as f64)
+        .collect();
+    for (share, want) in got.iter().zip([1.0 / 8.0, 2.0 / 8.0, 5.0 / 8.0]) {
+        assert!((share - want).abs() < 0.07, "shares {got:?}");
+    }
+}
+
+#[tokio::test]
+async fn least_outstanding_prefers_the_idle_relay() {
+    let busy = FaultSmtp::start(Script::ok().on(Phase::AfterDot, Action::Hang)).await;
+    let idle = FaultSmtp::start(Script::ok()).await;
+    let mut first = relay("busy", busy.port(), 10);
+    first.timeouts.data = Duration::from_secs(3);
+    let d = Dispatcher::start(settings(
+        vec![first, relay("idle", idle.port(), 1)],
+        Strategy::LeastOutstanding,
+    ))
+    .await
+    .unwrap();
+    // The first message goes to the higher-priority relay and stays there.
+    let slow = {
+        let d = d.clone();
+        tokio::spawn(async move { d.send(mail()).await })
+    };
+    assert!(support::wait_until(|| busy.commands(Phase::Data) == 1, Duration::from_secs(3)).await);
+    for _ in 0..5 {
+        let r = d.send(mail()).await;
+        assert_eq!(r.relay.as_deref(), Some("idle"), "{r:?}");
+    }
+    assert_eq!(idle.delivered().len(), 5);
+    assert_eq!(slow.await.unwrap().status, Status::Unknown);
+}
+
+#[tokio::test]
+async fn a_pin_overrides_the_strategy_while_the_pinned_relay_is_healthy() {
+    let (servers, d) = three(Strategy::RoundRobin, [1, 1, 1]).await;
+    let sel = d.pin(Some("c".into())).await.unwrap();
+    assert_eq!(sel.pinned.as_deref(), Some("c"));
+    assert_eq!(sel.next.as_deref(), Some("c"));
+    for _ in 0..10 {
+        assert_eq!(d.send(mail()).await.relay.as_deref(), Some("c"));
+    }
+    assert_eq!(servers[2].delivered().len(), 10);
+    let err = d.pin(Some("nope".into())).await.unwrap_err();
+    assert!(err.to_string().contains("a, b, c"), "{err}");
+    // The pinned relay goes down: traffic moves on.
+    servers[2].set_script(Script::ok().on(Phase::Mail, Action::reply(451, "later")));
+    let r = d.send(mail()).await;
+    assert_eq!(r.status, Status::Sent);
+    assert_ne!(r.relay.as_deref(), Some("c"));
+    d.pin(None).await.unwrap();
+    assert_eq!(d.selection().await.unwrap().pinned, None);
+}
+
+#[tokio::test]
+async fn a_preferred_relay_is_tried_first_and_an_unknown_one_is_an_error() {
+    let (servers, d) = three(Strategy::Priority, [1, 1, 1]).await;
+    let mut m = mail();
+    m.prefer = Some("b".into());
+    assert_eq!(d.send(m).await.relay.as_deref(), Some("b"));
+    assert_eq!(servers[1].delivered().len(), 1);
+    let mut m = mail();
+    m.prefer = Some("zzz".into());
+    let r = d.send(m).await;
+    assert_eq!(r.failure, Some(FailureReason::UnknownRelay));
+    assert!(r.message.unwrap().contains("a, b, c"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_concurrent_sends_never_exceed_max_connections() {
+    let a = FaultSmtp::start(Script::ok()).await;
+    let b = FaultSmtp::start(Script::ok()).await;
+    let mut relays = vec![relay("a", a.port(), 1), relay("b", b.port(), 1)];
+    for r in &mut relays {
+        r.pool.max_connections = 4;
+        r.pool.max_queued = 4096;
+    }
+    let d = Dispatcher::start(settings(relays, Strategy::RoundRobin))
+        .await
+        .unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..2000 {
+        let d = d.clone();
+        tasks.spawn(async move {
+            let mut m = mail();
+            m.deadline = Instant::now() + Duration::from_secs(120);
+            d.send(m).await
+        });
+    }
+    let mut sent = 0;
+    while let Some(r) = tasks.join_next().await {
+        let r = r.unwrap();
+        assert_eq!(r.status, Status::Sent, "{r:?}");
+        sent += 1;
+    }
+    assert_eq!(sent, 2000);
+    assert_eq!(a.delivered().len() + b.delivered().len(), 2000);
+    assert!(
+        a.max_concurrent_connections() <= 4,
+        "a saw {}",
+        a.max_concurrent_connections()
+    );
+    assert!(
+        b.max_concurrent_connections() <= 4,
+        "b saw {}",
+        b.max_concurrent_connections()
+    );
+    // Connections are reused, not dialled per message.
+    assert!(
+        a.connections() + b.connections() < 100,
+        "{} connections",
+        a.connections() + b.connections()
+    );
+}
+
+#[tokio::test]
+async fn a_full_global_bound_answers_busy_at_the_deadline() {
+    let a = FaultSmtp::start(Script::ok().on(Phase::AfterDot, Action::Hang)).await;
+    let mut s = settings(vec![relay("a", a.port(), 1)], Strategy::Priority);
+    s.limits.max_in_flight = 1;
+    let d = Dispatcher::start(s).await.unwrap();
+    let hog = {
+        let d = d.clone();
+        tokio::spawn(async move { d.send(mail()).await })
+    };
+    assert!(support::wait_until(|| a.commands(Phase::Data) == 1, Duration::from_secs(3)).await);
+    let mut m = mail();
+    m.deadline = Instant::now() + Duration::from_millis(200);
+    let r = d.send(m).await;
+    assert_eq!(r.failure, Some(FailureReason::Busy), "{r:?}");
+    assert_eq!(
+        a.commands(Phase::Data),
+        1,
+        "the busy message reached no server"
+    );
+    hog.abort();
+}
+
+#[tokio::test]
+async fn an_oversize_message_is_refused_before_any_relay() {
+    let a = FaultSmtp::start(Script::ok()).await;
+    let mut s = settings(vec![relay("a", a.port(), 1)], Strategy::Priority);
+    s.limits.max_message_bytes = 100;
+    let d = Dispatcher::start(s).await.unwrap();
+    let r = d.send(mail()).await;
+    assert_eq!(r.failure, Some(FailureReason::TooLarge));
+    assert_eq!(a.connections(), 0);
+}
+
+#[tokio::test]
+async fn a_non_ascii_address_goes_only_through_a_relay_with_smtputf8() {
+    let plain = FaultSmtp::start_with(
+        Script::ok(),
+        Options {
+            smtputf8: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    let utf8 = FaultSmtp::start(Script::ok()).await;
+    let d = Dispatcher::start(settings(
+        vec![
+            relay("plain", plain.port(), 10),
+            relay("utf8", utf8.port(), 1),
+        ],
+        Strategy::Priority,
+    ))
+    .await
+    .unwrap();
+    let r = d.send(mail_to(&["jöran@test.example"])).await;
+    assert_eq!(r.relay.as_deref(), Some("utf8"), "{r:?}");
+    assert!(r.attempts[0].detail.contains("SMTPUTF8"));
+    assert!(plain.received().is_empty());
+    assert_eq!(utf8.delivered().len(), 1);
+    // The relay without SMTPUTF8 is not held responsible.
+    assert_eq!(
+        d.status().await.unwrap().relays[0].state,
+        RelayState::Healthy
+    );
+}
+
+#[tokio::test]
+async fn the_file_relay_writes_eml_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Dispatcher::start(settings(
+        vec![RelaySettings::new(
+            "outbox",
+            RelayKind::File {
+                dir: dir.path().join("out"),
+            },
+        )],
+        Strategy::Priority,
+    ))
+    .await
+    .unwrap();
+    let m = mail();
+    let id = m.message_id.clone();
+    let bytes = m.bytes.clone();
+    let r = d.send(m).await;
+    assert_eq!(r.status, Status::Sent, "{r:?}");
+    let written = std::fs::read(dir.path().join("out").join(format!("{id}.eml"))).unwrap();
+    assert_eq!(written, &bytes[..]);
+    let probe = d.test_connection(None).await.unwrap();
+    assert!(probe[0].reachable && probe[0].error.is_none(), "{probe:?}");
+}
+
+#[tokio::test]
+async fn probes_report_reachability_and_auth() {
+    let ok = FaultSmtp::start(Script::ok()).await;
+    let refused = support::free_port();
+    let d = Dispatcher::start(settings(
+        vec![relay("ok", ok.port(), 1), relay("refused", refused, 1)],
+        Strategy::Priority,
+    ))
+    .await
+    .unwrap();
+    let all = d.test_connection(None).await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert!(all[0].reachable && all[0].error.is_none(), "{all:?}");
+    assert!(!all[1].reachable);
+    assert_eq!(all[1].error.as_ref().unwrap().0, FailureClass::RelayFault);
+    assert!(ok.verb_count("NOOP") >= 1);
+    let one = d.test_connection(Some("ok")).await.unwrap();
+    assert_eq!(one.len(), 1);
+    assert!(d.test_connection(Some("nope")).await.is_err());
+}

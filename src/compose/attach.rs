@@ -1,0 +1,553 @@
+//! Attachments: inline base64 content, or files inside the configured
+//! attachments directory.
+//!
+//! Sizes are checked before anything is decoded or read, and a path never
+//! escapes the directory or opens anything but a regular file (a FIFO would
+//! block the caller forever).
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Component, Path, PathBuf};
+
+use base64::Engine;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use lettre::message::header::ContentType;
+
+use super::address::check_header_value;
+use super::{AttachmentInput, ComposeError, ComposePolicy};
+
+/// Longest file name shown to the recipient, in bytes (a common file system
+/// limit).
+const MAX_FILENAME: usize = 255;
+
+/// Longest content type, parameters included; it must fit one header line
+/// because lettre folds it only at spaces.
+const MAX_CONTENT_TYPE: usize = 255;
+
+/// Standard alphabet; padding optional, as documented on the tool.
+const BASE64: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// An attachment ready for the message.
+#[derive(Debug)]
+pub(crate) struct Loaded {
+    pub filename: String,
+    pub content_type: ContentType,
+    pub content_type_name: String,
+    pub data: Vec<u8>,
+}
+
+/// Encoded size of `decoded` bytes in the message: base64 (4/3) plus a CRLF
+/// every 76 characters, rounded up to 1.37.
+pub(crate) fn encoded_estimate(decoded: usize) -> usize {
+    decoded.saturating_mul(137) / 100
+}
+
+/// The type for a file name from a small table; anything else is
+/// `application/octet-stream`.
+fn guess_content_type(filename: &str) -> &'static str {
+    let ext = Path::new(filename)
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    match ext.as_deref() {
+        Some("txt") => "text/plain",
+        Some("html" | "htm") => "text/html",
+        Some("csv") => "text/csv",
+        Some("json") => "application/json",
+        Some("pdf") => "application/pdf",
+        Some("png") => "image/png",
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("gif") => "image/gif",
+        Some("zip") => "application/zip",
+        Some("eml") => "message/rfc822",
+        _ => "application/octet-stream",
+    }
+}
+
+fn content_type(
+    field: &str,
+    given: Option<&str>,
+    filename: &str,
+) -> Result<(ContentType, String), ComposeError> {
+    let Some(given) = given else {
+        let name = guess_content_type(filename);
+        let parsed = ContentType::parse(name).map_err(|_| {
+            ComposeError::new(
+                field,
+                "invalid_content_type",
+                "built-in type failed to parse",
+            )
+        })?;
+        return Ok((parsed, name.to_owned()));
+    };
+    check_header_value(field, given)?;
+    let given = given.trim();
+    if given.len() > MAX_CONTENT_TYPE {
+        return Err(ComposeError::new(
+            field,
+            "invalid_content_type",
+            format!("is longer than {MAX_CONTENT_TYPE} bytes"),
+        ));
+    }
+    let invalid = |why: &str| ComposeError::new(field, "invalid_content_type", why.to_owned());
+    let parsed = ContentType::parse(given)
+        .map_err(|_| invalid("is not a MIME type such as `application/pdf`"))?;
+    // A multipart type needs a boundary this part does not have.
+    if given
+        .get(..10)
+        .is_some_and(|p| p.eq_ignore_ascii_case("multipart/"))
+    {
+        return Err(invalid("multipart types cannot be attachments"));
+    }
+    Ok((parsed, given.to_owned()))
+}
+
+fn check_filename(field: &str, name: &str) -> Result<(), ComposeError> {
+    check_header_value(field, name)?;
+    let invalid = |why: String| ComposeError::new(field, "invalid_filename", why);
+    if name.trim().is_empty() {
+        return Err(invalid("is empty".into()));
+    }
+    if name.len() > MAX_FILENAME {
+        return Err(invalid(format!("is longer than {MAX_FILENAME} bytes")));
+    }
+    if name.contains(['/', '\\']) {
+        return Err(invalid(
+            "contains a path separator; give a bare file name".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The decoded size of valid base64 text, computed from its length alone so
+/// that an oversized attachment is refused before any decoding.
+fn base64_decoded_len(text: &str) -> usize {
+    let significant = text.bytes().filter(|b| !b.is_ascii_whitespace());
+    let (mut chars, mut padding) = (0usize, 0usize);
+    for b in significant {
+        chars += 1;
+        padding = if b == b'=' { padding + 1 } else { 0 };
+    }
+    (chars - padding) / 4 * 3 + ((chars - padding) % 4).saturating_sub(1)
+}
+
+fn too_large(field: &str, max: usize) -> ComposeError {
+    ComposeError::new(
+        field,
+        "attachment_too_large",
+        format!("is larger than {max} bytes"),
+    )
+}
+
+/// Loads attachment `index`. `estimate` is the running estimate of the
+/// encoded message size; it grows by this attachment's share and is checked
+/// against `max_message_bytes` before any decoding or reading.
+pub(crate) fn load(
+    index: usize,
+    input: &AttachmentInput,
+    policy: &ComposePolicy,
+    estimate: &mut usize,
+) -> Result<Loaded, ComposeError> {
+    match input {
+        AttachmentInput::Inline {
+            filename,
+            content_base64,
+            content_type: given,
+        } => {
+            let name_field = format!("attachments[{index}].filename");
+            check_filename(&name_field, filename)?;
+            let data_field = format!("attachments[{index}].content_base64");
+            let decoded = base64_decoded_len(content_base64);
+            if decoded > policy.max_attachment_bytes {
+                return Err(too_large(&data_field, policy.max_attachment_bytes));
+            }
+            grow_estimate(index, estimate, decoded, policy)?;
+            let compact: Vec<u8> = content_base64
+                .bytes()
+                .filter(|b| !b.is_ascii_whitespace())
+                .collect();
+            let data = BASE64.decode(&compact).map_err(|e| {
+                ComposeError::new(
+                    &data_field,
+                    "invalid_base64",
+                    format!("is not valid base64 (standard alphabet): {e}"),
+                )
+            })?;
+            if data.len() > policy.max_attachment_bytes {
+                return Err(too_large(&data_field, policy.max_attachment_bytes));
+            }
+            let (content_type, content_type_name) = content_type(
+                &format!("attachments[{index}].content_type"),
+                given.as_deref(),
+                filename,
+            )?;
+            Ok(Loaded {
+                filename: filename.clone(),
+                content_type,
+                content_type_name,
+                data,
+            })
+        }
+        AttachmentInput::Path {
+            path,
+            content_type: given,
+        } => {
+            let field = format!("attachments[{index}].path");
+            let (filename, data) = read_path(&field, path, policy, index, estimate)?;
+            let (content_type, content_type_name) = content_type(
+                &format!("attachments[{index}].content_type"),
+                given.as_deref(),
+                &filename,
+            )?;
+            Ok(Loaded {
+                filename,
+                content_type,
+                content_type_name,
+                data,
+            })
+        }
+    }
+}
+
+fn grow_estimate(
+    index: usize,
+    estimate: &mut usize,
+    decoded: usize,
+    policy: &ComposePolicy,
+) -> Result<(), ComposeError> {
+    *estimate = estimate.saturating_add(encoded_estimate(decoded));
+    if *estimate > policy.max_message_bytes {
+        return Err(ComposeError::new(
+            format!("attachments[{index}]"),
+            "too_large",
+            format!(
+                "the message would exceed {} bytes once encoded",
+                policy.max_message_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The path relative to `base`, decided on the text alone so that a path
+/// outside the directory is refused without revealing whether it exists.
+fn lexically_inside(base: &Path, configured: &Path, requested: &Path) -> Option<PathBuf> {
+    let relative = if requested.is_absolute() {
+        requested
+            .strip_prefix(base)
+            .or_else(|_| requested.strip_prefix(configured))
+            .ok()?
+    } else {
+        requested
+    };
+    let mut depth = 0usize;
+    for component in relative.components() {
+        match component {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::ParentDir => depth = depth.checked_sub(1)?,
+            Component::RootDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(base.join(relative))
+}
+
+fn outside(field: &str) -> ComposeError {
+    ComposeError::new(
+        field,
+        "path_outside_attachments_dir",
+        "is outside the attachments directory",
+    )
+}
+
+fn io_error(field: &str, e: &io::Error) -> ComposeError {
+    if e.kind() == io::ErrorKind::NotFound {
+        ComposeError::new(field, "attachment_not_found", "no such file")
+    } else {
+        ComposeError::new(
+            field,
+            "attachment_unreadable",
+            format!("cannot be read: {}", e.kind()),
+        )
+    }
+}
+
+fn not_regular(field: &str) -> ComposeError {
+    ComposeError::new(
+        field,
+        "not_a_regular_file",
+        "is not a regular file (directory, device, FIFO or socket)",
+    )
+}
+
+/// Opens without blocking (a FIFO swapped in after the type check would
+/// otherwise hang the open) and without following a final symlink.
+#[cfg(unix)]
+fn open_no_block(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path)
+}
+
+#[cfg(not(unix))]
+fn open_no_block(path: &Path) -> io::Result<File> {
+    File::open(path)
+}
+
+fn read_path(
+    field: &str,
+    path: &str,
+    policy: &ComposePolicy,
+    index: usize,
+    estimate: &mut usize,
+) -> Result<(String, Vec<u8>), ComposeError> {
+    let Some(dir) = policy.attachments_dir.as_deref() else {
+        return Err(ComposeError::new(
+            field,
+            "attachments_by_path_disabled",
+            "attachments by path are disabled (no attachments directory is configured); \
+             send the content as content_base64",
+        ));
+    };
+    check_header_value(field, path)?;
+    if path.trim().is_empty() {
+        return Err(ComposeError::new(field, "invalid_path", "is empty"));
+    }
+    let base = fs::canonicalize(dir).map_err(|e| {
+        ComposeError::new(
+            field,
+            "attachments_dir_unavailable",
+            format!("the attachments directory cannot be opened: {}", e.kind()),
+        )
+    })?;
+    let joined = lexically_inside(&base, dir, Path::new(path)).ok_or_else(|| outside(field))?;
+    // Canonicalising resolves symlinks, so a link pointing outside is caught.
+    let canonical = fs::canonicalize(&joined).map_err(|e| io_error(field, &e))?;
+    if !canonical.starts_with(&base) || canonical == base {
+        return Err(outside(field));
+    }
+    let meta = fs::symlink_metadata(&canonical).map_err(|e| io_error(field, &e))?;
+    if !meta.file_type().is_file() {
+        return Err(not_regular(field));
+    }
+    let max = policy.max_attachment_bytes;
+    let len = usize::try_from(meta.len()).unwrap_or(usize::MAX);
+    if len > max {
+        return Err(too_large(field, max));
+    }
+    grow_estimate(index, estimate, len, policy)?;
+    let file = open_no_block(&canonical).map_err(|e| io_error(field, &e))?;
+    // The path may have been replaced since the check: trust only the handle.
+    let meta = file.metadata().map_err(|e| io_error(field, &e))?;
+    if !meta.file_type().is_file() {
+        return Err(not_regular(field));
+    }
+    let mut data = Vec::with_capacity(len.min(max));
+    file.take(max as u64 + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| io_error(field, &e))?;
+    if data.len() > max {
+        return Err(too_large(field, max));
+    }
+    let filename = canonical
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    check_filename(field, &filename)?;
+    Ok((filename, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(dir: Option<&Path>) -> ComposePolicy {
+        ComposePolicy {
+            attachments_dir: dir.map(Path::to_path_buf),
+            max_attachment_bytes: 100,
+            ..ComposePolicy::default()
+        }
+    }
+
+    fn by_path(path: &str) -> AttachmentInput {
+        AttachmentInput::Path {
+            path: path.into(),
+            content_type: None,
+        }
+    }
+
+    fn load_one(input: &AttachmentInput, p: &ComposePolicy) -> Result<Loaded, ComposeError> {
+        let mut estimate = 0;
+        load(0, input, p, &mut estimate)
+    }
+
+    #[test]
+    fn guesses_types() {
+        assert_eq!(guess_content_type("a.PDF"), "application/pdf");
+        assert_eq!(guess_content_type("photo.jpeg"), "image/jpeg");
+        assert_eq!(guess_content_type("x.eml"), "message/rfc822");
+        assert_eq!(guess_content_type("noext"), "application/octet-stream");
+    }
+
+    #[test]
+    fn inline_padding_optional_and_whitespace_tolerated() {
+        let p = policy(None);
+        for b64 in ["aGk", "aGk=", "aG\r\nk="] {
+            let input = AttachmentInput::Inline {
+                filename: "a.txt".into(),
+                content_base64: b64.into(),
+                content_type: None,
+            };
+            let loaded = load_one(&input, &p).expect("valid");
+            assert_eq!(loaded.data, b"hi");
+            assert_eq!(loaded.content_type_name, "text/plain");
+        }
+    }
+
+    #[test]
+    fn inline_size_is_checked_before_decoding() {
+        let p = policy(None);
+        // Not valid base64 at all: the size rule must fire first.
+        let input = AttachmentInput::Inline {
+            filename: "a.bin".into(),
+            content_base64: "!".repeat(1000),
+            content_type: None,
+        };
+        let err = load_one(&input, &p).unwrap_err();
+        assert_eq!(err.rule, "attachment_too_large");
+        assert_eq!(err.field, "attachments[0].content_base64");
+    }
+
+    #[test]
+    fn inline_exact_limit_is_accepted() {
+        let p = policy(None);
+        let input = AttachmentInput::Inline {
+            filename: "a.bin".into(),
+            content_base64: BASE64.encode([7u8; 100]),
+            content_type: None,
+        };
+        assert_eq!(load_one(&input, &p).expect("at the limit").data.len(), 100);
+        let input = AttachmentInput::Inline {
+            filename: "a.bin".into(),
+            content_base64: BASE64.encode([7u8; 101]),
+            content_type: None,
+        };
+        assert_eq!(
+            load_one(&input, &p).unwrap_err().rule,
+            "attachment_too_large"
+        );
+    }
+
+    #[test]
+    fn path_rules() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("att");
+        fs::create_dir(&dir).expect("mkdir");
+        fs::write(dir.join("ok.csv"), b"a,b\n").expect("write");
+        fs::write(root.path().join("secret.txt"), b"secret").expect("write");
+        fs::write(dir.join("big.bin"), [0u8; 101]).expect("write");
+        fs::create_dir(dir.join("sub")).expect("mkdir");
+        fs::write(dir.join("sub/inner.txt"), b"in").expect("write");
+        let p = policy(Some(&dir));
+
+        let loaded = load_one(&by_path("ok.csv"), &p).expect("inside");
+        assert_eq!(loaded.filename, "ok.csv");
+        assert_eq!(loaded.content_type_name, "text/csv");
+        assert_eq!(loaded.data, b"a,b\n");
+        assert_eq!(
+            load_one(&by_path("sub/../sub/inner.txt"), &p)
+                .expect("inside")
+                .data,
+            b"in"
+        );
+        let abs = dir.join("ok.csv");
+        assert!(load_one(&by_path(abs.to_str().expect("utf-8")), &p).is_ok());
+
+        let rule = |path: &str| load_one(&by_path(path), &p).unwrap_err().rule;
+        assert_eq!(rule("../secret.txt"), "path_outside_attachments_dir");
+        assert_eq!(rule("../does-not-exist"), "path_outside_attachments_dir");
+        assert_eq!(
+            rule(root.path().join("secret.txt").to_str().expect("utf-8")),
+            "path_outside_attachments_dir"
+        );
+        assert_eq!(rule("/etc/passwd"), "path_outside_attachments_dir");
+        assert_eq!(rule("missing.txt"), "attachment_not_found");
+        assert_eq!(rule("sub"), "not_a_regular_file");
+        assert_eq!(rule("."), "path_outside_attachments_dir");
+        assert_eq!(rule("big.bin"), "attachment_too_large");
+        assert_eq!(rule("a\nb"), "header_injection");
+
+        let disabled = policy(None);
+        assert_eq!(
+            load_one(&by_path("ok.csv"), &disabled).unwrap_err().rule,
+            "attachments_by_path_disabled"
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn symlinks_and_fifos() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("att");
+        fs::create_dir(&dir).expect("mkdir");
+        fs::write(root.path().join("secret.txt"), b"secret").expect("write");
+        fs::write(dir.join("real.txt"), b"real").expect("write");
+        std::os::unix::fs::symlink(root.path().join("secret.txt"), dir.join("out.txt"))
+            .expect("symlink");
+        std::os::unix::fs::symlink(dir.join("real.txt"), dir.join("in.txt")).expect("symlink");
+        let p = policy(Some(&dir));
+
+        let rule = |path: &str| load_one(&by_path(path), &p).unwrap_err().rule;
+        assert_eq!(rule("out.txt"), "path_outside_attachments_dir");
+        let loaded = load_one(&by_path("in.txt"), &p).expect("link inside");
+        assert_eq!(loaded.data, b"real");
+
+        let fifo = dir.join("pipe");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo runs");
+        assert!(status.success());
+        // Would hang forever if the FIFO were opened.
+        assert_eq!(rule("pipe"), "not_a_regular_file");
+        assert_eq!(rule("/dev/null"), "path_outside_attachments_dir");
+    }
+
+    #[test]
+    fn filename_and_type_rules() {
+        let p = policy(None);
+        let inline = |filename: &str, ct: Option<&str>| AttachmentInput::Inline {
+            filename: filename.into(),
+            content_base64: "aGk=".into(),
+            content_type: ct.map(Into::into),
+        };
+        let rule = |input: AttachmentInput| load_one(&input, &p).unwrap_err();
+        let e = rule(inline("a\r\nBcc: x@y", None));
+        assert_eq!(
+            (e.field.as_str(), e.rule),
+            ("attachments[0].filename", "header_injection")
+        );
+        assert_eq!(rule(inline("", None)).rule, "invalid_filename");
+        assert_eq!(rule(inline("../a.txt", None)).rule, "invalid_filename");
+        let e = rule(inline("a.txt", Some("not a type")));
+        assert_eq!(
+            (e.field.as_str(), e.rule),
+            ("attachments[0].content_type", "invalid_content_type")
+        );
+        assert_eq!(
+            rule(inline("a.txt", Some("text/plain\r\nX: y"))).rule,
+            "header_injection"
+        );
+        assert_eq!(
+            rule(inline("a.txt", Some("multipart/mixed"))).rule,
+            "invalid_content_type"
+        );
+        let ok = load_one(&inline("a.txt", Some("application/x-custom; v=1")), &p).expect("ok");
+        assert_eq!(ok.content_type_name, "application/x-custom; v=1");
+    }
+}

@@ -1,0 +1,544 @@
+//! Message composition: turns a send request into a validated envelope and the
+//! exact bytes to deliver.
+//!
+//! Everything is checked here before lettre's builder sees it (lettre panics
+//! on CR or LF in a display name). Every error names the field and the rule.
+//! This module never sends anything and never touches the network.
+
+mod address;
+mod attach;
+mod template;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use lettre::Message;
+use lettre::address::Envelope;
+use lettre::message::header::{ContentTransferEncoding, ContentType};
+use lettre::message::{Attachment, Body, MultiPart, SinglePart};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Recipients as an array of addresses or one comma-separated string. An
+/// address may carry a display name: `Ada Lovelace <ada@example.org>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Recipients {
+    List(Vec<String>),
+    Csv(String),
+}
+
+impl Default for Recipients {
+    fn default() -> Self {
+        Recipients::List(Vec::new())
+    }
+}
+
+/// One attachment: inline base64 content, or a path inside the configured
+/// attachments directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum AttachmentInput {
+    Inline {
+        /// The file name shown to the recipient.
+        filename: String,
+        /// The content, base64-encoded (standard alphabet, padding optional).
+        content_base64: String,
+        /// MIME type; guessed from the file name when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        content_type: Option<String>,
+    },
+    Path {
+        /// A path relative to the configured attachments directory.
+        path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        content_type: Option<String>,
+    },
+}
+
+/// What the caller asks to send: the content of a `send_email` call.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Draft {
+    /// Primary recipients.
+    #[serde(default)]
+    pub to: Recipients,
+    /// Carbon-copy recipients.
+    #[serde(default)]
+    pub cc: Recipients,
+    /// Blind-copy recipients: in the envelope, never in the headers.
+    #[serde(default)]
+    pub bcc: Recipients,
+    /// The subject line. Non-ASCII is encoded.
+    #[serde(default)]
+    pub subject: String,
+    /// The body: plain text, or HTML when `html` is true.
+    #[serde(default)]
+    pub body: String,
+    /// The body is HTML.
+    #[serde(default)]
+    pub html: bool,
+    /// An HTML alternative sent beside the text `body` (multipart/alternative).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub html_body: Option<String>,
+    /// Sender address; defaults to the configured sender.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_email: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+    /// Message-ID this message replies to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_reply_to: Option<String>,
+    /// Message-IDs of the thread, space-separated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub references: Option<String>,
+    #[serde(default)]
+    pub attachments: Vec<AttachmentInput>,
+    /// Values for `{name}` and `{?name}…{/name}` in subject and bodies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_vars: Option<BTreeMap<String, String>>,
+}
+
+/// The rules composition enforces, from configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ComposePolicy {
+    /// Sender when the draft names none.
+    pub default_from: Option<String>,
+    /// Senders a draft may use: exact addresses or `@domain`. Empty: any.
+    pub allowed_senders: Vec<String>,
+    /// Recipients per message, to, cc and bcc together.
+    pub max_recipients: usize,
+    /// Whole message after encoding, in bytes.
+    pub max_message_bytes: usize,
+    /// One attachment, decoded, in bytes.
+    pub max_attachment_bytes: usize,
+    /// Attachments by path are allowed only inside this directory.
+    pub attachments_dir: Option<PathBuf>,
+    /// Domain for generated Message-IDs.
+    pub message_id_domain: String,
+}
+
+impl Default for ComposePolicy {
+    fn default() -> Self {
+        Self {
+            default_from: None,
+            allowed_senders: Vec::new(),
+            max_recipients: 100,
+            max_message_bytes: 10 * 1024 * 1024,
+            max_attachment_bytes: 7 * 1024 * 1024,
+            attachments_dir: None,
+            message_id_domain: "mailmux.localhost".into(),
+        }
+    }
+}
+
+/// An input error: which field, which rule, and a sentence for the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ComposeError {
+    /// The parameter at fault, e.g. `to[2]`, `attachments[0].filename`.
+    pub field: String,
+    /// A stable rule code, e.g. `header_injection`, `invalid_address`,
+    /// `too_many_recipients`, `too_large`, `missing_template_vars`.
+    pub rule: &'static str,
+    pub message: String,
+}
+
+impl ComposeError {
+    /// An error for `field` breaking `rule`.
+    pub fn new(field: impl Into<String>, rule: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            rule,
+            message: message.into(),
+        }
+    }
+}
+
+/// An attachment as it went into the message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+pub struct AttachmentSummary {
+    pub filename: String,
+    pub content_type: String,
+    /// Decoded size in bytes.
+    pub size: usize,
+}
+
+/// The rendered message, for `dry_run` and logs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+pub struct Preview {
+    /// Header name and value, in order, as sent (Bcc never appears).
+    pub headers: Vec<(String, String)>,
+    pub text: Option<String>,
+    pub html: Option<String>,
+    pub attachments: Vec<AttachmentSummary>,
+    /// Size of the encoded message in bytes.
+    pub total_bytes: usize,
+}
+
+/// A validated, rendered message.
+#[derive(Debug, Clone)]
+pub struct Composed {
+    /// Without angle brackets.
+    pub message_id: String,
+    pub from: lettre::Address,
+    /// to, cc and bcc, de-duplicated.
+    pub recipients: Vec<lettre::Address>,
+    /// CRLF line endings throughout.
+    pub bytes: Vec<u8>,
+    pub preview: Preview,
+}
+
+/// Longest subject in bytes after template substitution. lettre folds at
+/// spaces only, so one long word must still fit a 998-byte line with the
+/// `Subject: ` prefix.
+const MAX_SUBJECT: usize = 900;
+
+/// Validates and renders a draft.
+///
+/// The rules, in the order they are checked (the first broken rule is
+/// reported, with the field and a stable rule code):
+///
+/// - Header fields (recipients, subject, `from_email`, `reply_to`,
+///   `in_reply_to`, `references`, attachment file names, paths and content
+///   types) must not contain CR, LF or NUL (`header_injection`) or other
+///   ASCII controls except TAB (`control_character`).
+/// - The sender is `from_email`, else `policy.default_from`
+///   (`missing_sender`), and must match `policy.allowed_senders` when that is
+///   not empty (`sender_not_allowed`).
+/// - Recipients are parsed with lettre (`invalid_address`), de-duplicated on
+///   the exact local part and the lowercased domain (the first occurrence
+///   wins, to before cc before bcc), at least one is required
+///   (`no_recipients`) and at most `policy.max_recipients` distinct ones
+///   (`too_many_recipients`). Bcc recipients are in the envelope only, never
+///   in a header.
+/// - Non-ASCII subjects and display names are RFC 2047-encoded. A non-ASCII
+///   address (UTF-8 local part or domain) is accepted here and written as
+///   UTF-8 (RFC 6532); whether it can be delivered depends on the relay
+///   supporting SMTPUTF8, which the delivery layer checks.
+/// - `template_vars`, when present, is applied to the subject, `body` and
+///   `html_body` (see [the template rules](#templates)).
+/// - Bodies get CRLF line endings (bare LF and bare CR become CRLF) so that
+///   the SMTP layer's dot-stuffing sees every line; lettre picks 7bit,
+///   quoted-printable or base64 so that lines stay short. A body containing
+///   NUL is sent base64-encoded.
+/// - Attachments: see [`AttachmentInput`]; inline content must be base64
+///   (`invalid_base64`), at most `policy.max_attachment_bytes` decoded
+///   (`attachment_too_large`, checked from the encoded length before
+///   decoding); paths need `policy.attachments_dir`
+///   (`attachments_by_path_disabled`), must stay inside it
+///   (`path_outside_attachments_dir`) and name a regular file
+///   (`not_a_regular_file`).
+/// - The encoded message must fit `policy.max_message_bytes` (`too_large`):
+///   estimated before building, measured after.
+///
+/// # Templates
+///
+/// `{name}` is replaced by the value of `name`; `{?name}…{/name}` keeps its
+/// content only when `name` is given and not empty (blocks nest). Names are
+/// ASCII letters, digits and `_`. A variable used outside a dropped block but
+/// not given is an error (`missing_template_vars`, listing every missing
+/// name); an unclosed or mismatched block is `template_syntax`. Any other
+/// brace (`{{`, `{ x }`, `{}`, a lone `{`) is left as written, and values are
+/// never re-scanned, so a literal `{name}` can be produced by passing
+/// `"{name}"` as a value. Values are HTML-escaped in `html_body` and in
+/// `body` when `html` is true, raw elsewhere. Without `template_vars`, braces
+/// are not touched at all.
+pub fn compose(draft: &Draft, policy: &ComposePolicy) -> Result<Composed, ComposeError> {
+    address::check_header_value("subject", &draft.subject)?;
+    let from = address::resolve_sender(draft.from_email.as_deref(), policy)?;
+    let recipients =
+        address::parse_recipients(&draft.to, &draft.cc, &draft.bcc, policy.max_recipients)?;
+    let reply_to = draft
+        .reply_to
+        .as_deref()
+        .map(|r| address::parse_mailbox("reply_to", r))
+        .transpose()?;
+    let in_reply_to = draft
+        .in_reply_to
+        .as_deref()
+        .map(address::in_reply_to)
+        .transpose()?;
+    let references = draft
+        .references
+        .as_deref()
+        .map(address::references)
+        .transpose()?;
+    let id_domain = message_id_domain(&policy.message_id_domain)?;
+    if draft.html && draft.html_body.is_some() {
+        return Err(ComposeError::new(
+            "html_body",
+            "conflicting_fields",
+            "html_body is the HTML alternative to a text body; with html=true the body \
+             is already HTML: send one or the other",
+        ));
+    }
+
+    let rendered = render(draft)?;
+    if rendered.subject.len() > MAX_SUBJECT {
+        return Err(ComposeError::new(
+            "subject",
+            "too_long",
+            format!("is longer than {MAX_SUBJECT} bytes"),
+        ));
+    }
+
+    let mut estimate = rendered.subject.len()
+        + rendered.body.len()
+        + rendered.html_body.as_ref().map_or(0, String::len);
+    if estimate > policy.max_message_bytes {
+        let html_len = rendered.html_body.as_ref().map_or(0, String::len);
+        let field = if html_len > rendered.body.len() {
+            "html_body"
+        } else {
+            "body"
+        };
+        return Err(too_large(field, policy.max_message_bytes));
+    }
+    let attachments = draft
+        .attachments
+        .iter()
+        .enumerate()
+        .map(|(i, input)| attach::load(i, input, policy, &mut estimate))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let message_id = format!("{:032x}@{id_domain}", rand::random::<u128>());
+    let envelope = Envelope::new(Some(from.email.clone()), recipients.envelope())
+        .map_err(|_| ComposeError::new("to", "no_recipients", "no recipient for the envelope"))?;
+
+    let mut builder = Message::builder().from(from.clone());
+    if let Some(reply_to) = reply_to {
+        builder = builder.reply_to(reply_to);
+    }
+    for mailbox in &recipients.to {
+        builder = builder.to(mailbox.clone());
+    }
+    for mailbox in &recipients.cc {
+        builder = builder.cc(mailbox.clone());
+    }
+    builder = builder
+        .subject(rendered.subject.clone())
+        .date_now()
+        .message_id(Some(format!("<{message_id}>")));
+    if let Some(id) = in_reply_to {
+        builder = builder.in_reply_to(id);
+    }
+    if let Some(ids) = references {
+        builder = builder.references(ids);
+    }
+    // An explicit envelope: Bcc is never given to the header builder at all.
+    builder = builder.envelope(envelope);
+
+    let body = body_part(draft.html, &rendered);
+    let built = if attachments.is_empty() {
+        match body {
+            BodyPart::Single(part) => builder.singlepart(part),
+            BodyPart::Alternative(part) => builder.multipart(part),
+        }
+    } else {
+        let mut mixed = match body {
+            BodyPart::Single(part) => MultiPart::mixed().singlepart(part),
+            BodyPart::Alternative(part) => MultiPart::mixed().multipart(part),
+        };
+        for a in attachments.iter() {
+            mixed = mixed.singlepart(attachment_part(a));
+        }
+        builder.multipart(mixed)
+    };
+    let message = built.map_err(|e| {
+        ComposeError::new("message", "build_failed", format!("cannot be built: {e}"))
+    })?;
+    let bytes = message.formatted();
+    if bytes.len() > policy.max_message_bytes {
+        return Err(too_large("message", policy.max_message_bytes));
+    }
+
+    let (text, html) = if draft.html {
+        (None, Some(rendered.body))
+    } else {
+        (Some(rendered.body), rendered.html_body)
+    };
+    let preview = Preview {
+        headers: header_fields(&bytes),
+        text,
+        html,
+        attachments: attachments
+            .iter()
+            .map(|a| AttachmentSummary {
+                filename: a.filename.clone(),
+                content_type: a.content_type_name.clone(),
+                size: a.data.len(),
+            })
+            .collect(),
+        total_bytes: bytes.len(),
+    };
+    Ok(Composed {
+        message_id,
+        from: from.email,
+        recipients: recipients.envelope(),
+        bytes,
+        preview,
+    })
+}
+
+fn too_large(field: &str, max: usize) -> ComposeError {
+    ComposeError::new(
+        field,
+        "too_large",
+        format!("the message would exceed {max} bytes once encoded"),
+    )
+}
+
+/// The configured Message-ID domain, checked so that configuration can never
+/// put arbitrary text into a header.
+fn message_id_domain(domain: &str) -> Result<&str, ComposeError> {
+    let valid = !domain.is_empty()
+        && domain.len() <= 253
+        && domain
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if valid {
+        Ok(domain)
+    } else {
+        Err(ComposeError::new(
+            "message_id_domain",
+            "invalid_message_id_domain",
+            "the configured Message-ID domain must be ASCII letters, digits, `-` and `.`",
+        ))
+    }
+}
+
+/// Subject and bodies after template substitution, bodies with CRLF line
+/// endings.
+#[derive(Debug)]
+struct Rendered {
+    subject: String,
+    body: String,
+    html_body: Option<String>,
+}
+
+fn render(draft: &Draft) -> Result<Rendered, ComposeError> {
+    let Some(vars) = &draft.template_vars else {
+        return Ok(Rendered {
+            subject: draft.subject.clone(),
+            body: crlf(&draft.body),
+            html_body: draft.html_body.as_deref().map(crlf),
+        });
+    };
+    let mut missing = BTreeSet::new();
+    let mut run = |field: &str, src: &str, escape| {
+        template::render(src, vars, escape, &mut missing)
+            .map_err(|why| ComposeError::new(field, "template_syntax", why))
+    };
+    let body_escape = if draft.html {
+        template::Escape::Html
+    } else {
+        template::Escape::Raw
+    };
+    let subject = run("subject", &draft.subject, template::Escape::Raw)?;
+    let body = run("body", &draft.body, body_escape)?;
+    let html_body = draft
+        .html_body
+        .as_deref()
+        .map(|h| run("html_body", h, template::Escape::Html))
+        .transpose()?;
+    if !missing.is_empty() {
+        let names: Vec<_> = missing.into_iter().collect();
+        return Err(ComposeError::new(
+            "template_vars",
+            "missing_template_vars",
+            format!("no value given for: {}", names.join(", ")),
+        ));
+    }
+    address::check_header_value("subject", &subject).map_err(|mut e| {
+        e.message.push_str(" (after template substitution)");
+        e
+    })?;
+    Ok(Rendered {
+        subject,
+        body: crlf(&body),
+        html_body: html_body.as_deref().map(crlf),
+    })
+}
+
+/// Every line ending becomes CRLF. lettre converts bare LF but not bare CR,
+/// and its SMTP layer only dot-stuffs lines that follow a CRLF.
+fn crlf(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + text.len() / 32);
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\r' => {
+                chars.next_if_eq(&'\n');
+                out.push_str("\r\n");
+            }
+            '\n' => out.push_str("\r\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[derive(Debug)]
+enum BodyPart {
+    Single(SinglePart),
+    Alternative(MultiPart),
+}
+
+fn text_part(content_type: ContentType, text: String) -> SinglePart {
+    let builder = SinglePart::builder().header(content_type);
+    // 7bit and quoted-printable text may not carry NUL (RFC 2045).
+    if text.contains('\0') {
+        builder.header(ContentTransferEncoding::Base64).body(text)
+    } else {
+        builder.body(text)
+    }
+}
+
+/// Attachments are always base64: lettre would send ASCII-only content as
+/// 7bit without converting its line endings, and a bare LF is exactly what
+/// the SMTP layer fails to dot-stuff.
+fn attachment_part(a: &attach::Loaded) -> SinglePart {
+    let body = match Body::new_with_encoding(a.data.clone(), ContentTransferEncoding::Base64) {
+        Ok(body) => body,
+        // Base64 accepts any bytes; lettre hands the input back only for 7bit/8bit.
+        Err(data) => Body::new(data),
+    };
+    Attachment::new(a.filename.clone()).body(body, a.content_type.clone())
+}
+
+fn body_part(html: bool, rendered: &Rendered) -> BodyPart {
+    let body = rendered.body.clone();
+    match (&rendered.html_body, html) {
+        (_, true) => BodyPart::Single(text_part(ContentType::TEXT_HTML, body)),
+        (None, false) => BodyPart::Single(text_part(ContentType::TEXT_PLAIN, body)),
+        (Some(html_body), false) => BodyPart::Alternative(
+            MultiPart::alternative()
+                .singlepart(text_part(ContentType::TEXT_PLAIN, body))
+                .singlepart(text_part(ContentType::TEXT_HTML, html_body.clone())),
+        ),
+    }
+}
+
+/// The top-level header fields of a formatted message, unfolded, values as
+/// sent (still RFC 2047-encoded).
+fn header_fields(bytes: &[u8]) -> Vec<(String, String)> {
+    let end = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(bytes.len());
+    let head = String::from_utf8_lossy(&bytes[..end]);
+    let mut fields: Vec<(String, String)> = Vec::new();
+    for line in head.split("\r\n") {
+        if line.starts_with([' ', '\t']) {
+            if let Some((_, value)) = fields.last_mut() {
+                value.push_str(line);
+            }
+        } else if let Some((name, value)) = line.split_once(':') {
+            fields.push((name.to_owned(), value.trim_start().to_owned()));
+        }
+    }
+    fields
+}

@@ -1,0 +1,281 @@
+//! The `template_vars` language: `{name}` substitutes, `{?name}…{/name}` keeps
+//! its block only when `name` is set and not empty.
+//!
+//! Anything else in braces (`{{`, `{ x }`, `{}`, a lone `{`, JSON) is left
+//! exactly as written. This module only renders strings; it knows nothing of
+//! mail.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Nesting of `{?name}` blocks; rendering recurses once per level, so an
+/// input of a million nested blocks must not reach the stack.
+const MAX_NESTING: usize = 32;
+
+/// How substituted values are written into the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Escape {
+    /// Values go in as given (plain text, subject).
+    Raw,
+    /// Values are HTML-escaped (HTML bodies): a value never becomes markup.
+    Html,
+}
+
+#[derive(Debug)]
+enum Node<'a> {
+    Text(&'a str),
+    Var(&'a str),
+    Block(&'a str, Vec<Node<'a>>),
+}
+
+/// A token at `{`: which marker it is and how many bytes it spans.
+enum Marker<'a> {
+    Var(&'a str),
+    Open(&'a str),
+    Close(&'a str),
+}
+
+fn is_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_'
+}
+
+/// Recognises `{name}`, `{?name}` or `{/name}` at the start of `s`.
+fn marker(s: &str) -> Option<(Marker<'_>, usize)> {
+    let bytes = s.as_bytes();
+    if bytes.first() != Some(&b'{') {
+        return None;
+    }
+    let (sigil, start) = match bytes.get(1) {
+        Some(b'?') => (Some(b'?'), 2),
+        Some(b'/') => (Some(b'/'), 2),
+        _ => (None, 1),
+    };
+    let len = bytes[start..]
+        .iter()
+        .take_while(|b| is_name_byte(**b))
+        .count();
+    if len == 0 || bytes.get(start + len) != Some(&b'}') {
+        return None;
+    }
+    let name = &s[start..start + len];
+    let marker = match sigil {
+        Some(b'?') => Marker::Open(name),
+        Some(_) => Marker::Close(name),
+        None => Marker::Var(name),
+    };
+    Some((marker, start + len + 1))
+}
+
+fn parse(src: &str) -> Result<Vec<Node<'_>>, String> {
+    // Open blocks: (name, the nodes collected before it opened).
+    let mut stack: Vec<(&str, Vec<Node<'_>>)> = Vec::new();
+    let mut nodes: Vec<Node<'_>> = Vec::new();
+    let mut text_start = 0;
+    let mut i = 0;
+    while let Some(offset) = src[i..].find('{') {
+        let at = i + offset;
+        let Some((marker, len)) = marker(&src[at..]) else {
+            i = at + 1;
+            continue;
+        };
+        if text_start < at {
+            nodes.push(Node::Text(&src[text_start..at]));
+        }
+        match marker {
+            Marker::Var(name) => nodes.push(Node::Var(name)),
+            Marker::Open(name) => {
+                if stack.len() >= MAX_NESTING {
+                    return Err(format!(
+                        "conditional blocks nest deeper than {MAX_NESTING} levels"
+                    ));
+                }
+                stack.push((name, std::mem::take(&mut nodes)));
+            }
+            Marker::Close(name) => match stack.pop() {
+                Some((open, outer)) if open == name => {
+                    let inner = std::mem::replace(&mut nodes, outer);
+                    nodes.push(Node::Block(name, inner));
+                }
+                Some((open, _)) => {
+                    return Err(format!("{{/{name}}} closes {{?{open}}}"));
+                }
+                None => return Err(format!("{{/{name}}} has no matching {{?{name}}}")),
+            },
+        }
+        i = at + len;
+        text_start = i;
+    }
+    if let Some((open, _)) = stack.last() {
+        return Err(format!("{{?{open}}} is never closed with {{/{open}}}"));
+    }
+    if text_start < src.len() {
+        nodes.push(Node::Text(&src[text_start..]));
+    }
+    Ok(nodes)
+}
+
+pub(crate) fn escape_html(value: &str, out: &mut String) {
+    for c in value.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+}
+
+fn render_nodes(
+    nodes: &[Node<'_>],
+    vars: &BTreeMap<String, String>,
+    escape: Escape,
+    missing: &mut BTreeSet<String>,
+    out: &mut String,
+) {
+    for node in nodes {
+        match node {
+            Node::Text(t) => out.push_str(t),
+            Node::Var(name) => match vars.get(*name) {
+                Some(value) if escape == Escape::Html => escape_html(value, out),
+                Some(value) => out.push_str(value),
+                None => {
+                    missing.insert((*name).to_owned());
+                }
+            },
+            // Variables inside a dropped block are not required.
+            Node::Block(name, inner) => {
+                if vars.get(*name).is_some_and(|v| !v.is_empty()) {
+                    render_nodes(inner, vars, escape, missing, out);
+                }
+            }
+        }
+    }
+}
+
+/// Renders `src`, adding every variable it uses but `vars` lacks to
+/// `missing` (so one error can list them all). The error is a syntax
+/// problem with the conditional markers.
+pub(crate) fn render(
+    src: &str,
+    vars: &BTreeMap<String, String>,
+    escape: Escape,
+    missing: &mut BTreeSet<String>,
+) -> Result<String, String> {
+    let nodes = parse(src)?;
+    let mut out = String::with_capacity(src.len());
+    render_nodes(&nodes, vars, escape, missing, &mut out);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn raw(src: &str, v: &BTreeMap<String, String>) -> (String, BTreeSet<String>) {
+        let mut missing = BTreeSet::new();
+        let out = render(src, v, Escape::Raw, &mut missing).expect("valid template");
+        (out, missing)
+    }
+
+    #[test]
+    fn substitutes_variables() {
+        let v = vars(&[("name", "Ada"), ("company", "Acme")]);
+        let (out, missing) = raw("Hello {name}, welcome to {company}!", &v);
+        assert_eq!(out, "Hello Ada, welcome to Acme!");
+        assert!(missing.is_empty());
+    }
+
+    #[test]
+    fn conditional_kept_when_set_and_dropped_when_empty_or_absent() {
+        let src = "A{?offer}[{offer}]{/offer}B";
+        assert_eq!(raw(src, &vars(&[("offer", "10%")])).0, "A[10%]B");
+        assert_eq!(raw(src, &vars(&[("offer", "")])).0, "AB");
+        let (out, missing) = raw(src, &vars(&[]));
+        assert_eq!(out, "AB");
+        assert!(
+            missing.is_empty(),
+            "vars in a dropped block are not required"
+        );
+    }
+
+    #[test]
+    fn nested_blocks() {
+        let src = "{?a}a{?b}b{/b}{/a}.";
+        assert_eq!(raw(src, &vars(&[("a", "1"), ("b", "1")])).0, "ab.");
+        assert_eq!(raw(src, &vars(&[("a", "1")])).0, "a.");
+        assert_eq!(raw(src, &vars(&[("b", "1")])).0, ".");
+    }
+
+    #[test]
+    fn lists_every_missing_variable() {
+        let (_, missing) = raw("{z} {a} {m} {a}", &vars(&[("m", "x")]));
+        assert_eq!(missing.into_iter().collect::<Vec<_>>(), ["a", "z"]);
+    }
+
+    #[test]
+    fn other_braces_are_left_as_written() {
+        let v = vars(&[("x", "X")]);
+        for src in [
+            "{",
+            "}",
+            "{}",
+            "{ x }",
+            "{\"k\": 1}",
+            "a{b-c}d",
+            "{?}",
+            "{/}",
+        ] {
+            assert_eq!(raw(src, &v).0, src);
+        }
+        assert_eq!(raw("{{x}}", &v).0, "{X}");
+    }
+
+    #[test]
+    fn values_are_not_rescanned() {
+        let v = vars(&[("x", "{y}")]);
+        let (out, missing) = raw("{x}", &v);
+        assert_eq!(out, "{y}");
+        assert!(missing.is_empty());
+    }
+
+    #[test]
+    fn html_escape() {
+        let mut missing = BTreeSet::new();
+        let out = render(
+            "<p>{v}</p>",
+            &vars(&[("v", "<b>&\"'")]),
+            Escape::Html,
+            &mut missing,
+        )
+        .expect("valid");
+        assert_eq!(out, "<p>&lt;b&gt;&amp;&quot;&#39;</p>");
+    }
+
+    #[test]
+    fn syntax_errors() {
+        let v = vars(&[]);
+        let mut m = BTreeSet::new();
+        assert!(render("{?a}x", &v, Escape::Raw, &mut m).is_err());
+        assert!(render("x{/a}", &v, Escape::Raw, &mut m).is_err());
+        assert!(render("{?a}{?b}{/a}{/b}", &v, Escape::Raw, &mut m).is_err());
+        let deep = "{?a}".repeat(1000) + &"{/a}".repeat(1000);
+        assert!(render(&deep, &v, Escape::Raw, &mut m).is_err());
+        let ok = "{?a}".repeat(MAX_NESTING) + &"{/a}".repeat(MAX_NESTING);
+        assert!(render(&ok, &v, Escape::Raw, &mut m).is_ok());
+    }
+
+    #[test]
+    fn unicode_around_markers() {
+        let v = vars(&[("n", "Zoë")]);
+        assert_eq!(raw("¡{n}! {日本}", &v).1.len(), 0);
+        assert_eq!(raw("¡{n}! {日本}", &v).0, "¡Zoë! {日本}");
+    }
+}

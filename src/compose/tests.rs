@@ -1,0 +1,1001 @@
+//! Behaviour of [`compose`]: the produced bytes are parsed back and checked,
+//! every rule has a failing input, and random input never panics.
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+
+use super::*;
+
+fn policy() -> ComposePolicy {
+    ComposePolicy {
+        default_from: Some("Mailmux <sender@example.org>".into()),
+        ..ComposePolicy::default()
+    }
+}
+
+fn draft(to: &str) -> Draft {
+    Draft {
+        to: Recipients::Csv(to.into()),
+        subject: "Hello".into(),
+        body: "Hi there.\n".into(),
+        ..Draft::default()
+    }
+}
+
+fn ok(d: &Draft, p: &ComposePolicy) -> Composed {
+    match compose(d, p) {
+        Ok(c) => c,
+        Err(e) => panic!("expected Ok, got {e} ({})", e.rule),
+    }
+}
+
+fn err(d: &Draft, p: &ComposePolicy) -> ComposeError {
+    match compose(d, p) {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e,
+    }
+}
+
+fn text(c: &Composed) -> &str {
+    std::str::from_utf8(&c.bytes).expect("utf-8 message")
+}
+
+/// The header block and the body of a message (or of a MIME part).
+fn split(raw: &str) -> (&str, &str) {
+    raw.split_once("\r\n\r\n")
+        .expect("blank line after headers")
+}
+
+/// The top-level header fields, read from the bytes independently of
+/// `Preview` (folded lines are joined).
+fn scan_headers(bytes: &[u8]) -> Vec<(String, String)> {
+    let raw = String::from_utf8_lossy(bytes);
+    let (head, _) = raw
+        .split_once("\r\n\r\n")
+        .expect("blank line after headers");
+    let unfolded = head.replace("\r\n ", " ").replace("\r\n\t", "\t");
+    unfolded
+        .split("\r\n")
+        .map(|line| {
+            let (name, value) = line.split_once(": ").expect("name: value");
+            (name.to_owned(), value.to_owned())
+        })
+        .collect()
+}
+
+/// A header from the preview, which must agree with the bytes.
+fn header<'a>(c: &'a Composed, name: &str) -> Option<&'a str> {
+    assert_eq!(c.preview.headers, scan_headers(&c.bytes));
+    c.preview
+        .headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+fn header_names(c: &Composed) -> Vec<String> {
+    c.preview
+        .headers
+        .iter()
+        .map(|(n, _)| n.to_ascii_lowercase())
+        .collect()
+}
+
+fn has_bare_line_break(bytes: &[u8]) -> bool {
+    bytes.iter().enumerate().any(|(i, b)| match b {
+        b'\n' => i == 0 || bytes[i - 1] != b'\r',
+        b'\r' => bytes.get(i + 1) != Some(&b'\n'),
+        _ => false,
+    })
+}
+
+/// SMTP transparency (RFC 5321 4.5.2): what the client sends, and what the
+/// server stores.
+fn dot_stuff(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    for line in bytes.split_inclusive(|b| *b == b'\n') {
+        if line.first() == Some(&b'.') {
+            out.push(b'.');
+        }
+        out.extend_from_slice(line);
+    }
+    out
+}
+
+fn dot_unstuff(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    for line in bytes.split_inclusive(|b| *b == b'\n') {
+        out.extend_from_slice(line.strip_prefix(b".").unwrap_or(line));
+    }
+    out
+}
+
+fn addresses(c: &Composed) -> Vec<String> {
+    c.recipients.iter().map(ToString::to_string).collect()
+}
+
+#[test]
+fn plain_message_headers_and_ids() {
+    let c = ok(&draft("Ada <ada@example.org>"), &policy());
+    let raw = text(&c);
+    assert!(!has_bare_line_break(&c.bytes));
+    assert_eq!(c.from.to_string(), "sender@example.org");
+    assert_eq!(addresses(&c), ["ada@example.org"]);
+    assert_eq!(header(&c, "From"), Some("Mailmux <sender@example.org>"));
+    assert_eq!(header(&c, "To"), Some("Ada <ada@example.org>"));
+    assert_eq!(header(&c, "Subject"), Some("Hello"));
+    assert!(header(&c, "Date").is_some());
+    assert_eq!(header(&c, "MIME-Version"), Some("1.0"));
+    assert_eq!(
+        header(&c, "Content-Type"),
+        Some("text/plain; charset=utf-8")
+    );
+
+    let (id, domain) = c.message_id.split_once('@').expect("id@domain");
+    assert_eq!(domain, "mailmux.localhost");
+    assert_eq!(id.len(), 32);
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(
+        header(&c, "Message-ID"),
+        Some(format!("<{}>", c.message_id).as_str())
+    );
+    let other = ok(&draft("ada@example.org"), &policy());
+    assert_ne!(other.message_id, c.message_id);
+
+    assert_eq!(split(raw).1, "Hi there.\r\n\r\n");
+    assert_eq!(c.preview.text.as_deref(), Some("Hi there.\r\n"));
+    assert_eq!(c.preview.html, None);
+    assert_eq!(c.preview.total_bytes, c.bytes.len());
+}
+
+#[test]
+fn bcc_is_in_the_envelope_only() {
+    let mut d = draft("to@example.org");
+    d.cc = Recipients::List(vec!["cc@example.org".into()]);
+    d.bcc = Recipients::List(vec!["Hidden Person <hidden@example.org>".into()]);
+    let c = ok(&d, &policy());
+    assert_eq!(
+        addresses(&c),
+        ["to@example.org", "cc@example.org", "hidden@example.org"]
+    );
+    assert!(!header_names(&c).contains(&"bcc".to_owned()));
+    let raw = text(&c).to_ascii_lowercase();
+    assert!(!raw.contains("hidden"), "bcc leaked into the message");
+    assert_eq!(header(&c, "Cc"), Some("cc@example.org"));
+}
+
+#[test]
+fn bcc_only_message() {
+    let mut d = draft("");
+    d.bcc = Recipients::Csv("hidden@example.org".into());
+    let c = ok(&d, &policy());
+    assert_eq!(addresses(&c), ["hidden@example.org"]);
+    assert!(!text(&c).contains("hidden"));
+}
+
+#[test]
+fn duplicates_removed_first_occurrence_wins() {
+    let mut d = draft("A <a@x.org>, b@x.org");
+    d.cc = Recipients::List(vec!["a@X.ORG".into(), "A@x.org".into(), "c@x.org".into()]);
+    d.bcc = Recipients::Csv("c@x.org, b@X.org, d@x.org".into());
+    let c = ok(&d, &policy());
+    assert_eq!(
+        addresses(&c),
+        ["a@x.org", "b@x.org", "A@x.org", "c@x.org", "d@x.org"]
+    );
+    assert_eq!(header(&c, "To"), Some("A <a@x.org>, b@x.org"));
+    assert_eq!(header(&c, "Cc"), Some("A@x.org, c@x.org"));
+}
+
+#[test]
+fn quoted_display_name_with_comma() {
+    let c = ok(
+        &draft(r#""Doe, Jane" <jane@x.org>, "Roe, Rick" <rick@x.org>"#),
+        &policy(),
+    );
+    assert_eq!(addresses(&c), ["jane@x.org", "rick@x.org"]);
+    // lettre writes a name with a comma as an encoded word.
+    let to = header(&c, "To").expect("to");
+    assert_eq!(
+        to,
+        format!(
+            "=?utf-8?b?{}?= <jane@x.org>, =?utf-8?b?{}?= <rick@x.org>",
+            STANDARD.encode("Doe, Jane"),
+            STANDARD.encode("Roe, Rick")
+        )
+    );
+}
+
+#[test]
+fn non_ascii_subject_and_names_are_encoded() {
+    let mut d = draft("Zoë Ångström <zoe@example.org>");
+    d.subject = "Grüße aus Köln ✉".into();
+    d.from_email = Some("Jürgen <sender@example.org>".into());
+    let c = ok(&d, &policy());
+    let (head, _) = split(text(&c));
+    assert!(head.is_ascii(), "headers must be ASCII: {head}");
+    let subject = header(&c, "Subject").expect("subject");
+    assert!(subject.starts_with("=?utf-8?"), "{subject}");
+    assert!(header(&c, "To").expect("to").contains("=?utf-8?"));
+    assert!(header(&c, "From").expect("from").contains("=?utf-8?"));
+}
+
+#[test]
+fn non_ascii_address_is_accepted() {
+    let c = ok(&draft("jörg@bücher.example"), &policy());
+    assert_eq!(addresses(&c), ["jörg@bücher.example"]);
+}
+
+#[test]
+fn html_alternative_has_both_parts() {
+    let mut d = draft("a@x.org");
+    d.body = "Plain version".into();
+    d.html_body = Some("<p>HTML version</p>".into());
+    let c = ok(&d, &policy());
+    let raw = text(&c);
+    let ct = header(&c, "Content-Type").expect("content type");
+    assert!(ct.starts_with("multipart/alternative;"), "{ct}");
+    let plain = raw.find("Content-Type: text/plain").expect("text part");
+    let html = raw.find("Content-Type: text/html").expect("html part");
+    assert!(plain < html, "the preferred (HTML) part comes last");
+    assert!(raw.contains("Plain version"));
+    assert!(raw.contains("<p>HTML version</p>"));
+    assert_eq!(c.preview.text.as_deref(), Some("Plain version"));
+    assert_eq!(c.preview.html.as_deref(), Some("<p>HTML version</p>"));
+    assert!(!has_bare_line_break(&c.bytes));
+}
+
+#[test]
+fn html_body_flag() {
+    let mut d = draft("a@x.org");
+    d.body = "<b>bold</b>".into();
+    d.html = true;
+    let c = ok(&d, &policy());
+    assert_eq!(header(&c, "Content-Type"), Some("text/html; charset=utf-8"));
+    assert_eq!(c.preview.html.as_deref(), Some("<b>bold</b>"));
+    assert_eq!(c.preview.text, None);
+}
+
+#[test]
+fn attachment_makes_multipart_mixed() {
+    let mut d = draft("a@x.org");
+    d.html_body = Some("<p>hi</p>".into());
+    let content = b"col1,col2\n1,2\n".to_vec();
+    d.attachments = vec![AttachmentInput::Inline {
+        filename: "report.csv".into(),
+        content_base64: STANDARD.encode(&content),
+        content_type: None,
+    }];
+    let c = ok(&d, &policy());
+    let raw = text(&c);
+    let ct = header(&c, "Content-Type").expect("content type");
+    assert!(ct.starts_with("multipart/mixed;"), "{ct}");
+    assert!(raw.contains("multipart/alternative"));
+    assert!(raw.contains("Content-Disposition: attachment; filename=\"report.csv\""));
+    assert!(raw.contains("Content-Type: text/csv"));
+    let start = raw
+        .find("filename=\"report.csv\"")
+        .expect("attachment part");
+    let (_, part_body) = split(&raw[start..]);
+    let encoded: String = part_body
+        .lines()
+        .take_while(|l| !l.starts_with("--"))
+        .collect();
+    assert_eq!(STANDARD.decode(encoded).expect("base64 part"), content);
+    assert_eq!(
+        c.preview.attachments,
+        [AttachmentSummary {
+            filename: "report.csv".into(),
+            content_type: "text/csv".into(),
+            size: content.len(),
+        }]
+    );
+    assert!(!has_bare_line_break(&c.bytes));
+}
+
+#[test]
+fn dot_lines_and_line_endings_survive() {
+    let mut d = draft("a@x.org");
+    d.body = "first\n.\nsecond\r.\rthird\r\n.\r\n..fourth\n".into();
+    let c = ok(&d, &policy());
+    assert!(
+        !has_bare_line_break(&c.bytes),
+        "bare CR or LF in the message"
+    );
+    let (_, body) = split(text(&c));
+    assert_eq!(
+        body,
+        "first\r\n.\r\nsecond\r\n.\r\nthird\r\n.\r\n..fourth\r\n\r\n"
+    );
+    // What the SMTP client sends and the server stores is the message again.
+    let stuffed = dot_stuff(&c.bytes);
+    assert!(!stuffed.windows(5).any(|w| w == b"\r\n.\r\n"));
+    assert_eq!(dot_unstuff(&stuffed), c.bytes);
+}
+
+#[test]
+fn long_lines_and_unicode_bodies_stay_short() {
+    let mut d = draft("a@x.org");
+    d.body = format!("{}\n.\n{}\n", "x".repeat(5000), "é".repeat(3000));
+    let c = ok(&d, &policy());
+    assert!(!has_bare_line_break(&c.bytes));
+    let longest = c
+        .bytes
+        .split(|b| *b == b'\n')
+        .map(<[u8]>::len)
+        .max()
+        .unwrap_or(0);
+    assert!(longest <= 78, "a line of {longest} bytes");
+}
+
+#[test]
+fn nul_in_body_is_base64() {
+    let mut d = draft("a@x.org");
+    d.body = "a\0b".into();
+    let c = ok(&d, &policy());
+    assert_eq!(header(&c, "Content-Transfer-Encoding"), Some("base64"));
+    assert!(!c.bytes.contains(&0));
+}
+
+#[test]
+fn templates_apply_to_subject_and_bodies() {
+    let mut d = draft("a@x.org");
+    d.subject = "Hello {name}!".into();
+    d.body = "Dear {name},\n{?offer}Offer: {offer}\n{/offer}{?none}gone{/none}Bye".into();
+    d.html_body = Some("<p>{name}</p>".into());
+    d.template_vars = Some(BTreeMap::from([
+        ("name".to_owned(), "<Ada & Co>".to_owned()),
+        ("offer".to_owned(), "10%".to_owned()),
+    ]));
+    let c = ok(&d, &policy());
+    assert_eq!(header(&c, "Subject"), Some("Hello <Ada & Co>!"));
+    assert_eq!(
+        c.preview.text.as_deref(),
+        Some("Dear <Ada & Co>,\r\nOffer: 10%\r\nBye")
+    );
+    assert_eq!(
+        c.preview.html.as_deref(),
+        Some("<p>&lt;Ada &amp; Co&gt;</p>")
+    );
+
+    d.html = true;
+    d.html_body = None;
+    let c = ok(&d, &policy());
+    assert!(
+        c.preview
+            .html
+            .as_deref()
+            .is_some_and(|h| h.starts_with("Dear &lt;Ada &amp; Co&gt;,"))
+    );
+}
+
+#[test]
+fn missing_template_vars_are_all_listed() {
+    let mut d = draft("a@x.org");
+    d.subject = "{zeta}".into();
+    d.body = "{alpha} {beta} {?gamma}{delta}{/gamma}".into();
+    d.html_body = Some("{omega}".into());
+    d.template_vars = Some(BTreeMap::new());
+    let e = err(&d, &policy());
+    assert_eq!(
+        (e.field.as_str(), e.rule),
+        ("template_vars", "missing_template_vars")
+    );
+    assert!(
+        e.message.ends_with("alpha, beta, omega, zeta"),
+        "{}",
+        e.message
+    );
+}
+
+#[test]
+fn braces_untouched_without_template_vars() {
+    let mut d = draft("a@x.org");
+    d.subject = "{name} {?x}".into();
+    d.body = "fn main() { println!(\"{}\", x); } {name} {?a}".into();
+    let c = ok(&d, &policy());
+    assert_eq!(header(&c, "Subject"), Some("{name} {?x}"));
+    assert_eq!(c.preview.text.as_deref(), Some(d.body.as_str()));
+}
+
+#[test]
+fn template_value_with_line_break_cannot_reach_the_subject() {
+    let mut d = draft("a@x.org");
+    d.subject = "Hi {v}".into();
+    d.template_vars = Some(BTreeMap::from([(
+        "v".to_owned(),
+        "x\r\nBcc: evil@x.org".to_owned(),
+    )]));
+    let e = err(&d, &policy());
+    assert_eq!((e.field.as_str(), e.rule), ("subject", "header_injection"));
+}
+
+#[test]
+fn sender_rules() {
+    let mut p = policy();
+    p.default_from = None;
+    let e = err(&draft("a@x.org"), &p);
+    assert_eq!((e.field.as_str(), e.rule), ("from_email", "missing_sender"));
+
+    let mut d = draft("a@x.org");
+    d.from_email = Some("Ops <ops@Corp.Example>".into());
+    p.allowed_senders = vec!["@corp.example".into()];
+    assert_eq!(ok(&d, &p).from.to_string(), "ops@Corp.Example");
+    p.allowed_senders = vec!["ops@corp.example".into()];
+    assert!(compose(&d, &p).is_ok());
+    p.allowed_senders = vec!["Ops@corp.example".into(), "@other.example".into()];
+    let e = err(&d, &p);
+    assert_eq!(
+        (e.field.as_str(), e.rule),
+        ("from_email", "sender_not_allowed")
+    );
+
+    // The configured default is held to the same list.
+    let mut p = policy();
+    p.allowed_senders = vec!["@elsewhere.example".into()];
+    let e = err(&draft("a@x.org"), &p);
+    assert_eq!(
+        (e.field.as_str(), e.rule),
+        ("default_from", "sender_not_allowed")
+    );
+}
+
+#[test]
+fn threading_headers() {
+    let mut d = draft("a@x.org");
+    d.reply_to = Some("Help Desk <help@example.org>".into());
+    d.in_reply_to = Some("abc123@mail.example".into());
+    d.references = Some("<root@mail.example> abc123@mail.example".into());
+    let c = ok(&d, &policy());
+    assert_eq!(
+        header(&c, "Reply-To"),
+        Some("\"Help Desk\" <help@example.org>")
+    );
+    assert_eq!(header(&c, "In-Reply-To"), Some("<abc123@mail.example>"));
+    assert_eq!(
+        header(&c, "References"),
+        Some("<root@mail.example> <abc123@mail.example>")
+    );
+}
+
+#[test]
+fn recipient_limit_counts_distinct_addresses() {
+    let mut p = policy();
+    p.max_recipients = 2;
+    let mut d = draft("a@x.org, A@X.org");
+    d.cc = Recipients::Csv("a@x.org, b@x.org".into());
+    // a@x.org, A@x.org: two distinct local parts.
+    let e = err(&d, &p);
+    assert_eq!((e.field.as_str(), e.rule), ("cc[1]", "too_many_recipients"));
+    d.cc = Recipients::Csv("a@X.ORG".into());
+    assert_eq!(ok(&d, &p).recipients.len(), 2);
+}
+
+#[test]
+fn size_limits() {
+    let mut p = policy();
+    p.max_message_bytes = 1000;
+    let mut d = draft("a@x.org");
+    d.body = "x".repeat(2000);
+    let e = err(&d, &p);
+    assert_eq!((e.field.as_str(), e.rule), ("body", "too_large"));
+
+    // Passes the estimate, but headers push the real size over.
+    d.body = "x".repeat(700);
+    let e = err(&d, &p);
+    assert_eq!((e.field.as_str(), e.rule), ("message", "too_large"));
+
+    d.body = "short".into();
+    d.attachments = vec![AttachmentInput::Inline {
+        filename: "a.bin".into(),
+        content_base64: STANDARD.encode([1u8; 900]),
+        content_type: None,
+    }];
+    let e = err(&d, &p);
+    assert_eq!((e.field.as_str(), e.rule), ("attachments[0]", "too_large"));
+}
+
+#[test]
+fn attachment_by_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("notes.txt"), "hello\n").expect("write");
+    let mut p = policy();
+    p.attachments_dir = Some(dir.path().to_path_buf());
+    let mut d = draft("a@x.org");
+    d.attachments = vec![AttachmentInput::Path {
+        path: "notes.txt".into(),
+        content_type: Some("text/markdown".into()),
+    }];
+    let c = ok(&d, &p);
+    assert_eq!(c.preview.attachments[0].filename, "notes.txt");
+    assert_eq!(c.preview.attachments[0].content_type, "text/markdown");
+    assert!(text(&c).contains("filename=\"notes.txt\""));
+}
+
+#[test]
+fn drafts_deserialize_from_tool_json() {
+    let d: Draft = serde_json::from_str(
+        r#"{"to": "a@x.org, b@x.org", "cc": ["c@x.org"], "subject": "s", "body": "b",
+            "attachments": [{"filename": "a.txt", "content_base64": "aGk="},
+                            {"path": "x.pdf"}]}"#,
+    )
+    .expect("valid json");
+    assert_eq!(d.to, Recipients::Csv("a@x.org, b@x.org".into()));
+    assert!(matches!(d.attachments[1], AttachmentInput::Path { .. }));
+}
+
+#[test]
+fn bad_input_table() {
+    type Edit = fn(&mut Draft, &mut ComposePolicy);
+    let table: Vec<(&str, Edit, &str)> = vec![
+        (
+            "to[0]",
+            |d, _| d.to = Recipients::Csv("not an address".into()),
+            "invalid_address",
+        ),
+        (
+            "to[1]",
+            |d, _| d.to = Recipients::Csv("a@x.org, b@".into()),
+            "invalid_address",
+        ),
+        (
+            "to[0]",
+            |d, _| d.to = Recipients::List(vec!["".into()]),
+            "invalid_address",
+        ),
+        (
+            "to[0]",
+            |d, _| d.to = Recipients::List(vec!["a@x.org\r\nBcc: e@x.org".into()]),
+            "header_injection",
+        ),
+        (
+            "cc[1]",
+            |d, _| {
+                d.cc = Recipients::List(vec!["c@x.org".into(), "\"Evil\nName\" <e@x.org>".into()])
+            },
+            "header_injection",
+        ),
+        (
+            "bcc[0]",
+            |d, _| d.bcc = Recipients::Csv("x\0@x.org".into()),
+            "header_injection",
+        ),
+        (
+            "to[0]",
+            |d, _| d.to = Recipients::Csv("\"Bell\u{7}\" <b@x.org>".into()),
+            "control_character",
+        ),
+        (
+            "to[0]",
+            |d, _| d.to = Recipients::Csv(format!("{}@x.org", "a".repeat(600))),
+            "invalid_address",
+        ),
+        (
+            "to",
+            |d, _| d.to = Recipients::Csv(" , ".into()),
+            "no_recipients",
+        ),
+        (
+            "to[2]",
+            |d, p| {
+                p.max_recipients = 2;
+                d.to = Recipients::Csv("a@x.org,b@x.org,c@x.org".into())
+            },
+            "too_many_recipients",
+        ),
+        (
+            "subject",
+            |d, _| d.subject = "Hi\r\nBcc: e@x.org".into(),
+            "header_injection",
+        ),
+        (
+            "subject",
+            |d, _| d.subject = "Hi\nthere".into(),
+            "header_injection",
+        ),
+        ("subject", |d, _| d.subject = "x".repeat(1000), "too_long"),
+        (
+            "from_email",
+            |d, _| d.from_email = Some("me@x.org\r\nX: y".into()),
+            "header_injection",
+        ),
+        (
+            "from_email",
+            |d, _| d.from_email = Some("me at x.org".into()),
+            "invalid_address",
+        ),
+        (
+            "from_email",
+            |d, p| {
+                p.default_from = None;
+                d.from_email = None
+            },
+            "missing_sender",
+        ),
+        (
+            "from_email",
+            |d, p| {
+                p.allowed_senders = vec!["@corp.example".into()];
+                d.from_email = Some("me@x.org".into())
+            },
+            "sender_not_allowed",
+        ),
+        (
+            "default_from",
+            |_, p| p.default_from = Some("bad\n@x.org".into()),
+            "header_injection",
+        ),
+        (
+            "reply_to",
+            |d, _| d.reply_to = Some("r@x.org\nBcc: e@x.org".into()),
+            "header_injection",
+        ),
+        (
+            "reply_to",
+            |d, _| d.reply_to = Some("nope".into()),
+            "invalid_address",
+        ),
+        (
+            "in_reply_to",
+            |d, _| d.in_reply_to = Some("<a@b>\r\nX: y".into()),
+            "header_injection",
+        ),
+        (
+            "in_reply_to",
+            |d, _| d.in_reply_to = Some("<a b@c>".into()),
+            "invalid_message_id",
+        ),
+        (
+            "references",
+            |d, _| d.references = Some("a@b\nc@d".into()),
+            "header_injection",
+        ),
+        (
+            "references[1]",
+            |d, _| d.references = Some("<a@b> <nohost>".into()),
+            "invalid_message_id",
+        ),
+        (
+            "references",
+            |d, _| d.references = Some("  ".into()),
+            "invalid_message_id",
+        ),
+        (
+            "html_body",
+            |d, _| {
+                d.html = true;
+                d.html_body = Some("<p>x</p>".into())
+            },
+            "conflicting_fields",
+        ),
+        (
+            "template_vars",
+            |d, _| {
+                d.body = "{who}".into();
+                d.template_vars = Some(BTreeMap::new())
+            },
+            "missing_template_vars",
+        ),
+        (
+            "body",
+            |d, _| {
+                d.body = "{?x}never closed".into();
+                d.template_vars = Some(BTreeMap::new())
+            },
+            "template_syntax",
+        ),
+        (
+            "html_body",
+            |d, _| {
+                d.html_body = Some("{/x}".into());
+                d.template_vars = Some(BTreeMap::new())
+            },
+            "template_syntax",
+        ),
+        (
+            "body",
+            |d, p| {
+                p.max_message_bytes = 100;
+                d.body = "x".repeat(200)
+            },
+            "too_large",
+        ),
+        (
+            "message_id_domain",
+            |_, p| p.message_id_domain = "bad domain\r\n".into(),
+            "invalid_message_id_domain",
+        ),
+        (
+            "attachments[0].filename",
+            |d, _| {
+                d.attachments = vec![AttachmentInput::Inline {
+                    filename: "a\r\n.txt".into(),
+                    content_base64: "aGk=".into(),
+                    content_type: None,
+                }]
+            },
+            "header_injection",
+        ),
+        (
+            "attachments[0].filename",
+            |d, _| {
+                d.attachments = vec![AttachmentInput::Inline {
+                    filename: " ".into(),
+                    content_base64: "aGk=".into(),
+                    content_type: None,
+                }]
+            },
+            "invalid_filename",
+        ),
+        (
+            "attachments[0].content_base64",
+            |d, _| {
+                d.attachments = vec![AttachmentInput::Inline {
+                    filename: "a.txt".into(),
+                    content_base64: "not base64!".into(),
+                    content_type: None,
+                }]
+            },
+            "invalid_base64",
+        ),
+        (
+            "attachments[1].content_base64",
+            |d, p| {
+                p.max_attachment_bytes = 10;
+                d.attachments = vec![
+                    AttachmentInput::Inline {
+                        filename: "a.txt".into(),
+                        content_base64: "aGk=".into(),
+                        content_type: None,
+                    },
+                    AttachmentInput::Inline {
+                        filename: "b.txt".into(),
+                        content_base64: "A".repeat(100),
+                        content_type: None,
+                    },
+                ]
+            },
+            "attachment_too_large",
+        ),
+        (
+            "attachments[0].content_type",
+            |d, _| {
+                d.attachments = vec![AttachmentInput::Inline {
+                    filename: "a.txt".into(),
+                    content_base64: "aGk=".into(),
+                    content_type: Some("text/plain\nX-Evil: 1".into()),
+                }]
+            },
+            "header_injection",
+        ),
+        (
+            "attachments[0].content_type",
+            |d, _| {
+                d.attachments = vec![AttachmentInput::Inline {
+                    filename: "a.txt".into(),
+                    content_base64: "aGk=".into(),
+                    content_type: Some("plain".into()),
+                }]
+            },
+            "invalid_content_type",
+        ),
+        (
+            "attachments[0].path",
+            |d, _| {
+                d.attachments = vec![AttachmentInput::Path {
+                    path: "a.txt".into(),
+                    content_type: None,
+                }]
+            },
+            "attachments_by_path_disabled",
+        ),
+        (
+            "attachments[0]",
+            |d, p| {
+                p.max_message_bytes = 500;
+                d.attachments = vec![AttachmentInput::Inline {
+                    filename: "a.bin".into(),
+                    content_base64: "A".repeat(600),
+                    content_type: None,
+                }]
+            },
+            "too_large",
+        ),
+    ];
+    for (field, edit, rule) in table {
+        let mut d = draft("a@x.org");
+        let mut p = policy();
+        edit(&mut d, &mut p);
+        let e = match compose(&d, &p) {
+            Ok(_) => panic!("{field}: expected rule {rule}, got Ok"),
+            Err(e) => e,
+        };
+        assert_eq!(
+            (e.field.as_str(), e.rule),
+            (field, rule),
+            "message was: {}",
+            e.message
+        );
+        assert!(!e.message.is_empty());
+        assert!(e.to_string().starts_with(field));
+    }
+}
+
+/// A small deterministic generator (xorshift64*): the same strings on every
+/// run, so a failure can be reproduced.
+struct Gen(u64);
+
+impl Gen {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn chance(&mut self, one_in: usize) -> bool {
+        self.below(one_in) == 0
+    }
+
+    fn string(&mut self) -> String {
+        const PIECES: &[&str] = &[
+            "\r",
+            "\n",
+            "\r\n",
+            "\0",
+            "\u{1}",
+            "\u{7f}",
+            "\t",
+            " ",
+            ",",
+            "\"",
+            "\\",
+            "<",
+            ">",
+            "@",
+            ".",
+            "(",
+            ")",
+            "{",
+            "}",
+            "{a}",
+            "{?a}",
+            "{/a}",
+            "{b}",
+            "=?utf-8?b?",
+            "é",
+            "日本",
+            "😀",
+            "\u{2028}",
+            "\u{85}",
+            "\u{feff}",
+            "a",
+            "x.org",
+            "ada@example.org",
+            "\"Doe, Jane\" <j@x.org>",
+            "..",
+            "/",
+            "=",
+            "aGk=",
+            "\n.\n",
+            ".",
+            "\u{10ffff}",
+        ];
+        let mut s = String::new();
+        if self.chance(40) {
+            let piece = PIECES[self.below(PIECES.len())];
+            return piece.repeat(20_000 + self.below(20_000));
+        }
+        for _ in 0..self.below(24) {
+            s.push_str(PIECES[self.below(PIECES.len())]);
+        }
+        if self.chance(5) {
+            s.push(char::from_u32(self.next() as u32 % 0x11_0000).unwrap_or('?'));
+        }
+        s
+    }
+
+    /// Mostly a valid value, sometimes a hostile one: both paths must be
+    /// exercised.
+    fn or_valid(&mut self, valid: &str) -> String {
+        if self.chance(8) {
+            self.string()
+        } else {
+            valid.to_owned()
+        }
+    }
+
+    fn recipients(&mut self, valid: &str) -> Recipients {
+        match self.below(16) {
+            0 => Recipients::Csv(self.string()),
+            1 => Recipients::List((0..self.below(4)).map(|_| self.string()).collect()),
+            _ => Recipients::Csv(valid.into()),
+        }
+    }
+
+    fn attachment(&mut self) -> AttachmentInput {
+        if self.chance(4) {
+            return AttachmentInput::Path {
+                path: self.or_valid("a"),
+                content_type: self.chance(4).then(|| self.string()),
+            };
+        }
+        let content_base64 = if self.chance(2) {
+            let bytes: Vec<u8> = (0..self.below(3000)).map(|_| self.next() as u8).collect();
+            STANDARD.encode(bytes)
+        } else {
+            self.string()
+        };
+        AttachmentInput::Inline {
+            filename: self.or_valid("f.txt"),
+            content_base64,
+            content_type: self.chance(4).then(|| self.string()),
+        }
+    }
+}
+
+#[test]
+fn random_input_never_panics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("a"), "file a").expect("write");
+    let mut g = Gen(0x9E37_79B9_7F4A_7C15);
+    let (mut accepted, mut rejected) = (0, 0);
+    for round in 0..1500 {
+        let p = ComposePolicy {
+            default_from: (!g.chance(8)).then(|| "sender@example.org".into()),
+            max_message_bytes: 200_000,
+            max_attachment_bytes: 50_000,
+            attachments_dir: g.chance(2).then(|| dir.path().to_path_buf()),
+            ..ComposePolicy::default()
+        };
+        let d = Draft {
+            to: g.recipients(r#"ada@example.org, "Doe, Jane" <j@x.org>"#),
+            cc: g.recipients(""),
+            bcc: g.recipients("Zoë <z@x.org>"),
+            subject: g.or_valid("Grüße"),
+            body: g.string(),
+            html: g.chance(3),
+            html_body: g.chance(4).then(|| g.string()),
+            from_email: g.chance(10).then(|| g.string()),
+            reply_to: g.chance(8).then(|| g.string()),
+            in_reply_to: g.chance(8).then(|| g.string()),
+            references: g.chance(8).then(|| g.string()),
+            attachments: if g.chance(3) {
+                (0..1 + g.below(2)).map(|_| g.attachment()).collect()
+            } else {
+                Vec::new()
+            },
+            template_vars: g
+                .chance(4)
+                .then(|| BTreeMap::from([("a".to_owned(), g.string()), (g.string(), g.string())])),
+        };
+        match compose(&d, &p) {
+            Ok(c) => {
+                accepted += 1;
+                assert!(!has_bare_line_break(&c.bytes), "round {round}: bare CR/LF");
+                assert!(!c.bytes.contains(&0), "round {round}: NUL in message");
+                assert!(
+                    c.bytes.split(|b| *b == b'\n').all(|l| l.len() <= 1000),
+                    "round {round}: line over 998 bytes"
+                );
+                assert!(!header_names(&c).contains(&"bcc".to_owned()));
+                assert!(c.bytes.len() <= p.max_message_bytes);
+            }
+            Err(e) => {
+                rejected += 1;
+                assert!(!e.field.is_empty(), "round {round}: error without a field");
+                assert!(!e.rule.is_empty());
+            }
+        }
+    }
+    assert!(
+        accepted > 100 && rejected > 100,
+        "the generator should produce both valid and invalid drafts: {accepted} ok, {rejected} rejected"
+    );
+}

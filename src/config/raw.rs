@@ -1,0 +1,381 @@
+//! The raw configuration: the serde shape that figment merges from every
+//! layer, before validation.
+//!
+//! Every field is optional here; the default that applies when a field is
+//! absent is documented on the field and applied in `validate`, never here.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+
+/// Top-level keys, for the unknown-key check of configuration files.
+pub(crate) const TOP_KEYS: &[&str] = &[
+    "strategy",
+    "max_attempts",
+    "from_email",
+    "allowed_senders",
+    "send_deadline",
+    "shutdown_grace",
+    "max_in_flight",
+    "max_message_bytes",
+    "max_recipients",
+    "max_attachment_bytes",
+    "attachments_dir",
+    "message_id_domain",
+    "outbox_dir",
+    "log_level",
+    "supervisor",
+    "http",
+    "relay_defaults",
+    "relays",
+];
+
+pub(crate) const SUPERVISOR_KEYS: &[&str] = &["max_restarts", "restart_window", "restart_pause"];
+
+pub(crate) const HTTP_KEYS: &[&str] = &[
+    "bind",
+    "token",
+    "token_file",
+    "allowed_hosts",
+    "allowed_origins",
+    "body_limit",
+    "stateful",
+];
+
+/// Keys that `relay_defaults` accepts and every relay may override.
+pub(crate) const TUNING_KEYS: &[&str] = &[
+    "max_connections",
+    "max_queued",
+    "messages_per_connection",
+    "idle_timeout",
+    "timeout",
+    "connect_timeout",
+    "greeting_timeout",
+    "command_timeout",
+    "data_timeout",
+    "backoff_base",
+    "backoff_max",
+    "circuit_failures",
+    "circuit_window",
+    "probe_interval",
+];
+
+/// Keys of one relay besides the tuning keys.
+pub(crate) const RELAY_KEYS: &[&str] = &[
+    "name",
+    "kind",
+    "host",
+    "port",
+    "tls",
+    "username",
+    "password",
+    "password_file",
+    "hello_name",
+    "ca_file",
+    "accept_invalid_certs",
+    "priority",
+    "weight",
+    "from_email",
+    "dir",
+];
+
+/// The whole configuration as the layers wrote it.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawConfig {
+    /// `priority` | `round_robin` | `weighted` | `least_outstanding` | `random`.
+    /// Default: `priority`.
+    pub strategy: Option<String>,
+    /// Relays one message may try, in all (`SMTP_MAX_RETRIES` sets it too).
+    /// Default: 3.
+    pub max_attempts: Option<u32>,
+    /// Sender when a message names none. Default: none, then the `from_email`
+    /// of the highest-priority relay that has one.
+    pub from_email: Option<String>,
+    /// Senders a message may use: exact addresses or `@domain`. Default: empty
+    /// (any sender).
+    pub allowed_senders: Option<StringList>,
+    /// Overall deadline of one send. Default: 90s.
+    pub send_deadline: Option<Dur>,
+    /// How long shutdown waits for deliveries in flight. Default: 30s.
+    pub shutdown_grace: Option<Dur>,
+    /// Messages in delivery at once, across relays. Default: 4096.
+    pub max_in_flight: Option<usize>,
+    /// Largest encoded message in bytes. Default: 10485760 (10 MiB).
+    pub max_message_bytes: Option<usize>,
+    /// Recipients per message, to, cc and bcc together. Default: 100.
+    pub max_recipients: Option<usize>,
+    /// One decoded attachment in bytes. Default: 7340032 (7 MiB).
+    pub max_attachment_bytes: Option<usize>,
+    /// Attachments by path are read only inside this folder. Default: none
+    /// (attachments by path are refused).
+    pub attachments_dir: Option<PathBuf>,
+    /// Domain of generated Message-IDs. Default: `mailmux.localhost`.
+    pub message_id_domain: Option<String>,
+    /// Folder of the embedded file relay. Default: `outbox`.
+    pub outbox_dir: Option<PathBuf>,
+    /// Log filter when `RUST_LOG` is not set (`LOG_LEVEL` sets it too).
+    /// Default: none (the daemon's own default).
+    pub log_level: Option<String>,
+    #[serde(default)]
+    pub supervisor: RawSupervisor,
+    #[serde(default)]
+    pub http: RawHttp,
+    /// Tuning applied to every relay that does not set the key itself.
+    #[serde(default)]
+    pub relay_defaults: RawRelay,
+    /// The relays, in order. Default: none, which means the embedded file
+    /// relay `outbox`.
+    #[serde(default)]
+    pub relays: Vec<RawRelay>,
+    /// Relays from the seed's `SMTP_*` env vars, by suffix; never written in
+    /// a file (the unknown-key check refuses it there).
+    #[serde(default)]
+    pub smtp_env: BTreeMap<String, RawSeedRelay>,
+}
+
+/// `[supervisor]`: restart policy of crashed actors.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawSupervisor {
+    /// Restarts of one actor within `restart_window`. Default: 5.
+    pub max_restarts: Option<u32>,
+    /// Window of the restart budget. Default: 60s.
+    pub restart_window: Option<Dur>,
+    /// Pause before each restart. Default: 100ms.
+    pub restart_pause: Option<Dur>,
+}
+
+/// `[http]`: the streamable HTTP transport.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawHttp {
+    /// Listen address. Default: `127.0.0.1:8025`.
+    pub bind: Option<String>,
+    /// Bearer token (`MAILMUX_HTTP_TOKEN`). Default: none (no token check).
+    pub token: Option<String>,
+    /// File holding the bearer token. Default: none.
+    pub token_file: Option<PathBuf>,
+    /// Allowed Host header values. Default: empty (loopback names only).
+    pub allowed_hosts: Option<StringList>,
+    /// Allowed Origin header values. Default: empty.
+    pub allowed_origins: Option<StringList>,
+    /// Request body limit in bytes. Default: 16777216 (16 MiB).
+    pub body_limit: Option<usize>,
+    /// Stateful sessions. Default: true.
+    pub stateful: Option<bool>,
+}
+
+/// One `[[relays]]` entry, and also `[relay_defaults]` (tuning keys only).
+#[derive(Debug, Default, Clone, Deserialize)]
+pub(crate) struct RawRelay {
+    /// Unique name. Default: `host` for SMTP relays, `outbox` for file relays.
+    pub name: Option<String>,
+    /// `smtp` | `file`. Default: `smtp`.
+    pub kind: Option<String>,
+    /// SMTP server host name or address. Required for SMTP relays.
+    pub host: Option<String>,
+    /// Default: 587 for `starttls`, 465 for `implicit`, 25 otherwise. Wide
+    /// so that out-of-range values get a clear error.
+    pub port: Option<i64>,
+    /// `starttls` | `opportunistic` | `implicit` | `none`. Default: `starttls`.
+    pub tls: Option<String>,
+    /// AUTH user. Default: none (no AUTH).
+    pub username: Option<String>,
+    /// AUTH password; prefer `password_file` or the env.
+    pub password: Option<String>,
+    /// File holding the AUTH password (trailing newline ignored).
+    pub password_file: Option<PathBuf>,
+    /// EHLO name. Default: the machine's host name.
+    pub hello_name: Option<String>,
+    /// Extra trusted root certificates, PEM. Default: none.
+    pub ca_file: Option<PathBuf>,
+    /// Accept any certificate (test servers only). Default: false.
+    pub accept_invalid_certs: Option<bool>,
+    /// Higher is preferred. Default: 0.
+    pub priority: Option<i32>,
+    /// Share of traffic under `weighted`. Default: 1.
+    pub weight: Option<u32>,
+    /// Sender for messages that name none. Default: none.
+    pub from_email: Option<String>,
+    /// Folder of a `file` relay. Default: `outbox_dir`.
+    pub dir: Option<PathBuf>,
+    /// Open connections at most. Default: 8.
+    pub max_connections: Option<usize>,
+    /// Messages waiting for a connection at most. Default: 1024.
+    pub max_queued: Option<usize>,
+    /// Messages per connection before it is closed (0: no limit). Default: 100.
+    pub messages_per_connection: Option<u32>,
+    /// Idle connections older than this are closed. Default: 30s.
+    pub idle_timeout: Option<Dur>,
+    /// One timeout for every wait; the specific timeouts below override it.
+    pub timeout: Option<Dur>,
+    /// TCP connect and implicit-TLS handshake. Default: 10s.
+    pub connect_timeout: Option<Dur>,
+    /// Greeting and EHLO reply. Default: 30s.
+    pub greeting_timeout: Option<Dur>,
+    /// Each command's reply. Default: 30s.
+    pub command_timeout: Option<Dur>,
+    /// Sending the message and the reply after the final ".". Default: 120s.
+    pub data_timeout: Option<Dur>,
+    /// First backoff after a failure. Default: 1s.
+    pub backoff_base: Option<Dur>,
+    /// Backoff cap. Default: 300s.
+    pub backoff_max: Option<Dur>,
+    /// Failures within `circuit_window` that open the circuit. Default: 5.
+    pub circuit_failures: Option<u32>,
+    /// Window of those failures. Default: 60s.
+    pub circuit_window: Option<Dur>,
+    /// Probe interval of a relay that is down. Default: 15s.
+    pub probe_interval: Option<Dur>,
+}
+
+/// One relay from the seed's `SMTP_*{_N}` env vars, field names as in the
+/// variable names.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub(crate) struct RawSeedRelay {
+    pub host: Option<String>,
+    pub port: Option<i64>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// STARTTLS. Default: true, as in the seed.
+    pub use_tls: Option<bool>,
+    /// Implicit TLS; wins over `use_tls`. Default: false.
+    pub use_ssl: Option<bool>,
+    pub timeout: Option<Dur>,
+    pub from_email: Option<String>,
+    pub name: Option<String>,
+    pub priority: Option<i32>,
+}
+
+/// The seed variable stems (after `SMTP_`, before `_N`) that describe a relay.
+pub(crate) const SEED_RELAY_FIELDS: &[&str] = &[
+    "host",
+    "port",
+    "username",
+    "password",
+    "password_file",
+    "use_tls",
+    "use_ssl",
+    "timeout",
+    "from_email",
+    "name",
+    "priority",
+];
+
+/// A duration written as humantime (`30s`, `5m`, `1h 30m`) or as a bare
+/// number of seconds (integer, decimal, or a string of digits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Dur(pub Duration);
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+/// Parses a duration the way configuration files write it.
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse::<u64>()
+            .map(Duration::from_secs)
+            .map_err(|e| format!("invalid duration {s:?}: {e}"));
+    }
+    if let Ok(secs) = s.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs)
+            .map_err(|_| format!("invalid duration {s:?}: negative or too large"));
+    }
+    humantime::parse_duration(s).map_err(|e| {
+        format!("invalid duration {s:?}: {e} (write e.g. `30s`, `5m`, or a number of seconds)")
+    })
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration such as `30s` or `5m`, or a number of seconds")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Dur, E> {
+                Ok(Dur(Duration::from_secs(v)))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Dur, E> {
+                u64::try_from(v)
+                    .map(|v| Dur(Duration::from_secs(v)))
+                    .map_err(|_| E::custom(format!("invalid duration {v}: negative")))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Dur, E> {
+                Duration::try_from_secs_f64(v)
+                    .map(Dur)
+                    .map_err(|_| E::custom(format!("invalid duration {v}: negative or too large")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Dur, E> {
+                parse_duration(v).map(Dur).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A list of strings, written as an array or as one comma-separated string
+/// (the form env vars can carry).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct StringList(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for StringList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StringList;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of strings or one comma-separated string")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<StringList, E> {
+                Ok(StringList(
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                        .collect(),
+                ))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<StringList, A::Error> {
+                let mut out = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    out.push(s);
+                }
+                Ok(StringList(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_in_every_written_form() {
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration(" 30s "), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("100ms"), Ok(Duration::from_millis(100)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn duration_serializes_as_humantime() {
+        let s = serde_json::to_string(&Dur(Duration::from_secs(90))).unwrap();
+        assert_eq!(s, "\"1m 30s\"");
+    }
+}

@@ -1,0 +1,1071 @@
+//! Validation: turns the merged raw configuration into the typed settings the
+//! daemon and the actors run on, applying the documented defaults.
+//!
+//! Every error names the key and the source of its value, looked up in the
+//! merged figment tree; secrets are read here but never printed.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::value::Value;
+use mailmux_actors::{
+    Credentials, HealthSettings, Limits, PoolSettings, RelayKind, RelaySettings, RouterSettings,
+    Secret, Settings, SmtpSettings, Strategy, SupervisorSettings, Timeouts, TlsMode,
+};
+use serde_json::{Map, Value as Json, json};
+
+use super::env::{SEED_KEY, SINGLE, seed_var_name, source_name};
+use super::raw::{RawConfig, RawRelay, RawSeedRelay, StringList};
+use super::{Config, ConfigError, DaemonSettings, HttpSettings};
+use crate::compose::ComposePolicy;
+
+/// Source name of a value no layer set.
+pub(crate) const DEFAULT_SOURCE: &str = "default";
+/// What `mailmux config` prints instead of a secret.
+const REDACTED: &str = "[redacted]";
+
+/// Defaults of the daemon's own keys; the actors' defaults come from their
+/// `Default` impls.
+const SEND_DEADLINE: Duration = Duration::from_secs(90);
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+const HTTP_BIND: &str = "127.0.0.1:8025";
+/// Above the largest message (10 MiB) even after base64 in a JSON body.
+const HTTP_BODY_LIMIT: usize = 16 * 1024 * 1024;
+const OUTBOX_DIR: &str = "outbox";
+const EMBEDDED_RELAY: &str = "outbox";
+
+/// A value's key, as the user wrote it, and the source it came from.
+#[derive(Debug, Clone)]
+struct At {
+    key: String,
+    source: String,
+}
+
+impl At {
+    fn err(&self, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            key: self.key.clone(),
+            source_name: self.source.clone(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Adds one leaf of the effective configuration, with its source.
+fn leaf(out: &mut Map<String, Json>, name: &str, value: Json, at: &At) {
+    out.insert(name.into(), json!({ "value": value, "source": at.source }));
+}
+
+fn secs(d: Duration) -> Json {
+    json!(humantime::format_duration(d).to_string())
+}
+
+fn path_json(p: &Path) -> Json {
+    json!(p.display().to_string())
+}
+
+/// Where a relay was configured.
+#[derive(Debug, Clone)]
+enum Origin {
+    /// `relays[i]` in a file (or the env).
+    Listed(usize),
+    /// Seed env vars with this group (`single` or the number); `tls_stem` is
+    /// the variable that decided the TLS mode.
+    Seed {
+        group: String,
+        tls_stem: &'static str,
+    },
+    /// The embedded file relay.
+    Embedded,
+}
+
+struct Ctx<'a> {
+    figment: &'a Figment,
+    tree: &'a Value,
+    /// Paths set by `MAILMUX_RELAYS__…` inside the file layer, and the variable.
+    overrides: &'a [(String, String)],
+}
+
+impl Ctx<'_> {
+    /// The source of the value at a dotted path, if a layer set it.
+    fn source(&self, path: &str) -> Option<String> {
+        if let Some((_, var)) = self.overrides.iter().find(|(p, _)| p == path) {
+            return Some(source_name(var));
+        }
+        let mut v = self.tree;
+        for seg in path.split('.') {
+            v = match v {
+                Value::Dict(_, d) => d.get(seg)?,
+                Value::Array(_, a) => a.get(seg.parse::<usize>().ok()?)?,
+                _ => return None,
+            };
+        }
+        self.figment
+            .get_metadata(v.tag())
+            .map(|m| m.name.to_string())
+    }
+
+    fn at(&self, path: &str) -> At {
+        At {
+            key: path.to_string(),
+            source: self
+                .source(path)
+                .unwrap_or_else(|| DEFAULT_SOURCE.to_string()),
+        }
+    }
+
+    /// A relay field's key and source at the relay's own origin.
+    fn relay_at(&self, origin: &Origin, field: &str) -> At {
+        match origin {
+            Origin::Listed(i) => {
+                let mut at = self.at(&format!("relays.{i}.{field}"));
+                at.key = format!("relays[{i}].{field}");
+                at
+            }
+            Origin::Seed { group, tls_stem } => {
+                let stem = match field {
+                    "tls" => Some(*tls_stem),
+                    "host" | "port" | "username" | "password" | "password_file" | "timeout"
+                    | "from_email" | "name" | "priority" => Some(field),
+                    _ => None,
+                };
+                match stem {
+                    Some(stem) => At {
+                        key: seed_var_name(stem, group),
+                        source: self
+                            .source(&format!("{SEED_KEY}.{group}.{stem}"))
+                            .unwrap_or_else(|| DEFAULT_SOURCE.to_string()),
+                    },
+                    None => At {
+                        key: format!("{field} of the relay from {}", seed_var_name("host", group)),
+                        source: DEFAULT_SOURCE.into(),
+                    },
+                }
+            }
+            Origin::Embedded => At {
+                key: format!("{field} of the embedded relay"),
+                source: DEFAULT_SOURCE.into(),
+            },
+        }
+    }
+}
+
+/// Builds the effective configuration from the merged raw layers.
+pub(crate) fn build(
+    raw: RawConfig,
+    figment: &Figment,
+    tree: &Value,
+    overrides: &[(String, String)],
+    sources: Vec<String>,
+) -> Result<Config, ConfigError> {
+    let ctx = Ctx {
+        figment,
+        tree,
+        overrides,
+    };
+    let mut out = Map::new();
+
+    let at = ctx.at("strategy");
+    let strategy = match &raw.strategy {
+        Some(s) => Strategy::from_str(s).map_err(|m| at.err(m))?,
+        None => Strategy::default(),
+    };
+    leaf(&mut out, "strategy", json!(strategy.as_str()), &at);
+
+    let router_defaults = RouterSettings::default();
+    let max_attempts = at_least_one(
+        &ctx,
+        &mut out,
+        "max_attempts",
+        raw.max_attempts,
+        router_defaults.max_attempts,
+    )?;
+
+    let at = ctx.at("from_email");
+    if let Some(addr) = &raw.from_email {
+        check_address(addr, &at)?;
+    }
+    leaf(&mut out, "from_email", json!(raw.from_email), &at);
+
+    let at = ctx.at("allowed_senders");
+    let allowed_senders = raw.allowed_senders.clone().unwrap_or_default().0;
+    for s in &allowed_senders {
+        check_sender_rule(s, &at)?;
+    }
+    leaf(&mut out, "allowed_senders", json!(allowed_senders), &at);
+
+    let send_deadline = positive(
+        &ctx,
+        &mut out,
+        "send_deadline",
+        raw.send_deadline.map(|d| d.0),
+        SEND_DEADLINE,
+    )?;
+    let at = ctx.at("shutdown_grace");
+    let shutdown_grace = raw.shutdown_grace.map_or(SHUTDOWN_GRACE, |d| d.0);
+    leaf(&mut out, "shutdown_grace", secs(shutdown_grace), &at);
+
+    let limits = Limits::default();
+    let compose_defaults = ComposePolicy::default();
+    let max_in_flight = at_least_one(
+        &ctx,
+        &mut out,
+        "max_in_flight",
+        raw.max_in_flight,
+        limits.max_in_flight,
+    )?;
+    let max_message_bytes = at_least_one(
+        &ctx,
+        &mut out,
+        "max_message_bytes",
+        raw.max_message_bytes,
+        limits.max_message_bytes,
+    )?;
+    let max_recipients = at_least_one(
+        &ctx,
+        &mut out,
+        "max_recipients",
+        raw.max_recipients,
+        compose_defaults.max_recipients,
+    )?;
+    let max_attachment_bytes = at_least_one(
+        &ctx,
+        &mut out,
+        "max_attachment_bytes",
+        raw.max_attachment_bytes,
+        compose_defaults.max_attachment_bytes,
+    )?;
+
+    let at = ctx.at("attachments_dir");
+    leaf(
+        &mut out,
+        "attachments_dir",
+        json!(
+            raw.attachments_dir
+                .as_deref()
+                .map(|p| p.display().to_string())
+        ),
+        &at,
+    );
+
+    let at = ctx.at("message_id_domain");
+    let message_id_domain = raw
+        .message_id_domain
+        .clone()
+        .unwrap_or(compose_defaults.message_id_domain);
+    if message_id_domain.is_empty()
+        || message_id_domain
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "@<>".contains(c))
+    {
+        return Err(at.err(format!(
+            "{message_id_domain:?} is not a domain (no spaces, `@`, `<` or `>`)"
+        )));
+    }
+    leaf(&mut out, "message_id_domain", json!(message_id_domain), &at);
+
+    let at = ctx.at("outbox_dir");
+    let outbox_dir = raw
+        .outbox_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(OUTBOX_DIR));
+    leaf(&mut out, "outbox_dir", path_json(&outbox_dir), &at);
+
+    let at = ctx.at("log_level");
+    if raw
+        .log_level
+        .as_deref()
+        .is_some_and(|l| l.trim().is_empty())
+    {
+        return Err(at.err("must not be empty"));
+    }
+    leaf(&mut out, "log_level", json!(raw.log_level), &at);
+
+    let supervisor = supervisor(&ctx, &raw, &mut out)?;
+    let http = http(&ctx, &raw, &mut out)?;
+
+    // Relays: the listed ones, then the seed's, which replace a listed relay
+    // of the same name.
+    let seeds: Vec<(String, RawRelay, Origin)> = raw
+        .smtp_env
+        .iter()
+        .map(|(group, seed)| {
+            let (relay, origin) = from_seed(group, seed);
+            (group.clone(), relay, origin)
+        })
+        .collect();
+    let mut ordered: Vec<&(String, RawRelay, Origin)> = seeds.iter().collect();
+    ordered.sort_by_key(|(group, ..)| (group != SINGLE, group.parse::<u64>().unwrap_or(0)));
+    let seed_names: Vec<String> = ordered.iter().map(|(_, r, _)| listed_name(r)).collect();
+
+    // A listed relay that a seed relay replaces keeps its place in the order.
+    let mut slots: Vec<Result<(RelaySettings, Json, At), String>> = Vec::new();
+    for (i, r) in raw.relays.iter().enumerate() {
+        let name = listed_name(r);
+        if seed_names.contains(&name) {
+            slots.push(Err(name));
+            continue;
+        }
+        slots.push(Ok(relay(
+            &ctx,
+            r,
+            &Origin::Listed(i),
+            &raw.relay_defaults,
+            &outbox_dir,
+            strategy,
+        )?));
+    }
+    for (group, r, origin) in ordered {
+        if r.host.is_none() {
+            // Some other variable of this group is set: name it.
+            let stem = ctx
+                .tree
+                .find_ref(&format!("{SEED_KEY}.{group}"))
+                .and_then(|v| v.as_dict())
+                .and_then(|d| d.keys().next().cloned())
+                .unwrap_or_default();
+            let host = seed_var_name("host", group);
+            return Err(ConfigError {
+                key: host.clone(),
+                source_name: ctx
+                    .source(&format!("{SEED_KEY}.{group}.{stem}"))
+                    .unwrap_or_else(|| DEFAULT_SOURCE.into()),
+                message: format!("{} is set but {host} is not", seed_var_name(&stem, group)),
+            });
+        }
+        let built = relay(&ctx, r, origin, &raw.relay_defaults, &outbox_dir, strategy)?;
+        let pending = slots
+            .iter()
+            .position(|s| matches!(s, Err(n) if *n == built.0.name));
+        match pending {
+            Some(k) => slots[k] = Ok(built),
+            None => slots.push(Ok(built)),
+        }
+    }
+    let mut relays: Vec<(RelaySettings, Json, At)> = slots.into_iter().flatten().collect();
+    check_tuning_only(&ctx, &raw.relay_defaults)?;
+
+    let default_relay = relays.is_empty();
+    if default_relay {
+        let r = RawRelay {
+            name: Some(EMBEDDED_RELAY.into()),
+            kind: Some("file".into()),
+            ..RawRelay::default()
+        };
+        relays.push(relay(
+            &ctx,
+            &r,
+            &Origin::Embedded,
+            &raw.relay_defaults,
+            &outbox_dir,
+            strategy,
+        )?);
+    }
+    for (k, (r, _, at)) in relays.iter().enumerate() {
+        if let Some((first, _, first_at)) = relays[..k].iter().find(|(f, ..)| f.name == r.name) {
+            return Err(at.err(format!(
+                "relay name {:?} is used twice (first at `{}`); names must be unique",
+                first.name, first_at.key
+            )));
+        }
+    }
+
+    // A sender for messages that name none: the global one, else the
+    // highest-priority relay's (the first of equals).
+    let default_from = raw.from_email.clone().or_else(|| {
+        let mut best: Option<&RelaySettings> = None;
+        for (r, ..) in &relays {
+            if r.from_email.is_some() && best.is_none_or(|b| r.priority > b.priority) {
+                best = Some(r);
+            }
+        }
+        best.and_then(|r| r.from_email.clone())
+    });
+
+    let (relays, relay_json): (Vec<RelaySettings>, Vec<Json>) =
+        relays.into_iter().map(|(r, j, _)| (r, j)).unzip();
+    out.insert("relays".into(), Json::Array(relay_json));
+    out.insert("default_relay".into(), json!(default_relay));
+
+    Ok(Config {
+        dispatch: Settings {
+            relays,
+            router: RouterSettings {
+                strategy,
+                max_attempts,
+            },
+            supervisor,
+            limits: Limits {
+                max_in_flight,
+                max_message_bytes,
+            },
+        },
+        daemon: DaemonSettings {
+            send_deadline,
+            shutdown_grace,
+            compose: ComposePolicy {
+                default_from,
+                allowed_senders,
+                max_recipients,
+                max_message_bytes,
+                max_attachment_bytes,
+                attachments_dir: raw.attachments_dir,
+                message_id_domain,
+            },
+            http,
+            log_level: raw.log_level,
+        },
+        default_relay,
+        sources,
+        redacted: Json::Object(out),
+    })
+}
+
+/// A count that must be at least one.
+fn at_least_one<T: Copy + PartialOrd + From<u8> + serde::Serialize + std::fmt::Display>(
+    ctx: &Ctx,
+    out: &mut Map<String, Json>,
+    path: &str,
+    raw: Option<T>,
+    default: T,
+) -> Result<T, ConfigError> {
+    let at = ctx.at(path);
+    let v = raw.unwrap_or(default);
+    if v < T::from(1) {
+        return Err(at.err(format!("must be at least 1, got {v}")));
+    }
+    leaf(out, path.rsplit('.').next().unwrap_or(path), json!(v), &at);
+    Ok(v)
+}
+
+/// A duration that must not be zero.
+fn positive(
+    ctx: &Ctx,
+    out: &mut Map<String, Json>,
+    path: &str,
+    raw: Option<Duration>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let at = ctx.at(path);
+    let v = raw.unwrap_or(default);
+    if v.is_zero() {
+        return Err(at.err("must be greater than zero"));
+    }
+    leaf(out, path.rsplit('.').next().unwrap_or(path), secs(v), &at);
+    Ok(v)
+}
+
+fn supervisor(
+    ctx: &Ctx,
+    raw: &RawConfig,
+    top: &mut Map<String, Json>,
+) -> Result<SupervisorSettings, ConfigError> {
+    let d = SupervisorSettings::default();
+    let s = &raw.supervisor;
+    let mut out = Map::new();
+    let at = ctx.at("supervisor.max_restarts");
+    let max_restarts = s.max_restarts.unwrap_or(d.max_restarts);
+    leaf(&mut out, "max_restarts", json!(max_restarts), &at);
+    let restart_window = positive(
+        ctx,
+        &mut out,
+        "supervisor.restart_window",
+        s.restart_window.map(|d| d.0),
+        d.restart_window,
+    )?;
+    let at = ctx.at("supervisor.restart_pause");
+    let restart_pause = s.restart_pause.map_or(d.restart_pause, |d| d.0);
+    leaf(&mut out, "restart_pause", secs(restart_pause), &at);
+    top.insert("supervisor".into(), Json::Object(out));
+    Ok(SupervisorSettings {
+        max_restarts,
+        restart_window,
+        restart_pause,
+    })
+}
+
+fn http(
+    ctx: &Ctx,
+    raw: &RawConfig,
+    top: &mut Map<String, Json>,
+) -> Result<HttpSettings, ConfigError> {
+    let h = &raw.http;
+    let mut out = Map::new();
+
+    let at = ctx.at("http.bind");
+    let bind_text = h.bind.as_deref().unwrap_or(HTTP_BIND);
+    let bind: SocketAddr = bind_text.trim().parse().map_err(|e| {
+        at.err(format!(
+            "{bind_text:?} is not an address and port such as 127.0.0.1:8025: {e}"
+        ))
+    })?;
+    leaf(&mut out, "bind", json!(bind.to_string()), &at);
+
+    let token_at = ctx.at("http.token");
+    let file_at = ctx.at("http.token_file");
+    let token = match (&h.token, &h.token_file) {
+        (Some(_), Some(_)) => {
+            return Err(file_at.err(format!(
+                "http.token (from {}) and http.token_file are both set; use one",
+                token_at.source
+            )));
+        }
+        (Some(t), None) => {
+            if t.trim().is_empty() {
+                return Err(token_at.err("must not be empty"));
+            }
+            Some(Secret::new(t.clone()))
+        }
+        (None, Some(path)) => Some(read_secret(path, &file_at, "token")?),
+        (None, None) => None,
+    };
+    let shown = token.as_ref().map(|_| REDACTED);
+    let at = if h.token_file.is_some() {
+        &file_at
+    } else {
+        &token_at
+    };
+    leaf(&mut out, "token", json!(shown), at);
+    leaf(
+        &mut out,
+        "token_file",
+        json!(h.token_file.as_deref().map(|p| p.display().to_string())),
+        &file_at,
+    );
+
+    let list = |field: &str, v: &Option<StringList>, out: &mut Map<String, Json>| {
+        let at = ctx.at(&format!("http.{field}"));
+        let v = v.clone().unwrap_or_default().0;
+        leaf(out, field, json!(v), &at);
+        v
+    };
+    let allowed_hosts = list("allowed_hosts", &h.allowed_hosts, &mut out);
+    let allowed_origins = list("allowed_origins", &h.allowed_origins, &mut out);
+    let body_limit = at_least_one(
+        ctx,
+        &mut out,
+        "http.body_limit",
+        h.body_limit,
+        HTTP_BODY_LIMIT,
+    )?;
+    let at = ctx.at("http.stateful");
+    let stateful = h.stateful.unwrap_or(true);
+    leaf(&mut out, "stateful", json!(stateful), &at);
+
+    top.insert("http".into(), Json::Object(out));
+    Ok(HttpSettings {
+        bind,
+        token,
+        allowed_hosts,
+        allowed_origins,
+        body_limit,
+        stateful,
+    })
+}
+
+/// Reads a secret from a file; the error names the file, never the content.
+fn read_secret(path: &Path, at: &At, what: &str) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| at.err(format!("cannot read {what} file {}: {e}", path.display())))?;
+    let secret = text.trim_end_matches(['\r', '\n']);
+    if secret.is_empty() {
+        return Err(at.err(format!("{what} file {} is empty", path.display())));
+    }
+    Ok(Secret::new(secret))
+}
+
+fn check_address(addr: &str, at: &At) -> Result<(), ConfigError> {
+    lettre::Address::from_str(addr)
+        .map(|_| ())
+        .map_err(|e| at.err(format!("{addr:?} is not an email address: {e}")))
+}
+
+fn check_sender_rule(rule: &str, at: &At) -> Result<(), ConfigError> {
+    match rule.strip_prefix('@') {
+        Some(domain) => {
+            if domain.is_empty() || domain.contains('@') || domain.contains(char::is_whitespace) {
+                return Err(at.err(format!("{rule:?} is not `@domain`")));
+            }
+            Ok(())
+        }
+        None => check_address(rule, at),
+    }
+}
+
+/// Normalises a seed relay into the shape of a listed one.
+fn from_seed(group: &str, s: &RawSeedRelay) -> (RawRelay, Origin) {
+    // Implicit TLS wins over STARTTLS, as smtplib's SMTP_SSL did.
+    let (tls, tls_stem) = if s.use_ssl == Some(true) {
+        ("implicit", "use_ssl")
+    } else if s.use_tls == Some(false) {
+        // STARTTLS is on unless turned off: the seed's default.
+        ("none", "use_tls")
+    } else {
+        ("starttls", "use_tls")
+    };
+    let name = s.name.clone().unwrap_or_else(|| {
+        if group == SINGLE {
+            "primary".into()
+        } else {
+            format!("server_{group}")
+        }
+    });
+    let relay = RawRelay {
+        name: Some(name),
+        kind: Some("smtp".into()),
+        host: s.host.clone(),
+        port: s.port,
+        tls: Some(tls.into()),
+        username: s.username.clone(),
+        password: s.password.clone(),
+        password_file: s.password_file.clone(),
+        priority: s.priority,
+        from_email: s.from_email.clone(),
+        timeout: s.timeout,
+        ..RawRelay::default()
+    };
+    (
+        relay,
+        Origin::Seed {
+            group: group.into(),
+            tls_stem,
+        },
+    )
+}
+
+/// The name a listed relay will have, before validation.
+fn listed_name(r: &RawRelay) -> String {
+    match (&r.name, r.kind.as_deref()) {
+        (Some(n), _) => n.clone(),
+        (None, Some("file")) => EMBEDDED_RELAY.into(),
+        (None, _) => r.host.clone().unwrap_or_default(),
+    }
+}
+
+/// `relay_defaults` takes tuning keys only; anything else would silently
+/// apply to nothing.
+fn check_tuning_only(ctx: &Ctx, d: &RawRelay) -> Result<(), ConfigError> {
+    let set = [
+        ("name", d.name.is_some()),
+        ("kind", d.kind.is_some()),
+        ("host", d.host.is_some()),
+        ("port", d.port.is_some()),
+        ("tls", d.tls.is_some()),
+        ("username", d.username.is_some()),
+        ("password", d.password.is_some()),
+        ("password_file", d.password_file.is_some()),
+        ("hello_name", d.hello_name.is_some()),
+        ("ca_file", d.ca_file.is_some()),
+        ("accept_invalid_certs", d.accept_invalid_certs.is_some()),
+        ("priority", d.priority.is_some()),
+        ("weight", d.weight.is_some()),
+        ("from_email", d.from_email.is_some()),
+        ("dir", d.dir.is_some()),
+    ];
+    match set.iter().find(|(_, is)| *is) {
+        Some((field, _)) => Err(ctx.at(&format!("relay_defaults.{field}")).err(
+            "relay_defaults takes only pool, timeout and health keys; set this on each relay",
+        )),
+        None => Ok(()),
+    }
+}
+
+fn dur_field(r: &RawRelay, f: &str) -> Option<Duration> {
+    let d = match f {
+        "idle_timeout" => r.idle_timeout,
+        "timeout" => r.timeout,
+        "connect_timeout" => r.connect_timeout,
+        "greeting_timeout" => r.greeting_timeout,
+        "command_timeout" => r.command_timeout,
+        "data_timeout" => r.data_timeout,
+        "backoff_base" => r.backoff_base,
+        "backoff_max" => r.backoff_max,
+        "circuit_window" => r.circuit_window,
+        "probe_interval" => r.probe_interval,
+        _ => None,
+    };
+    d.map(|d| d.0)
+}
+
+fn num_field(r: &RawRelay, f: &str) -> Option<u64> {
+    match f {
+        "max_connections" => r.max_connections.map(|v| v as u64),
+        "max_queued" => r.max_queued.map(|v| v as u64),
+        "messages_per_connection" => r.messages_per_connection.map(u64::from),
+        "circuit_failures" => r.circuit_failures.map(u64::from),
+        _ => None,
+    }
+}
+
+/// The tuning sources of one relay: its own keys, then `relay_defaults`.
+struct Tuning<'a> {
+    ctx: &'a Ctx<'a>,
+    own: &'a RawRelay,
+    origin: &'a Origin,
+    defaults: &'a RawRelay,
+}
+
+impl Tuning<'_> {
+    /// The first of `fields` set on the relay, else on `relay_defaults`, else
+    /// the built-in default. `fields` lists a specific key before a general
+    /// one (`connect_timeout`, then `timeout`).
+    fn pick<T>(
+        &self,
+        fields: &[&str],
+        get: impl Fn(&RawRelay, &str) -> Option<T>,
+        builtin: T,
+    ) -> (T, At) {
+        for f in fields {
+            if let Some(v) = get(self.own, f) {
+                return (v, self.ctx.relay_at(self.origin, f));
+            }
+        }
+        for f in fields {
+            if let Some(v) = get(self.defaults, f) {
+                return (v, self.ctx.at(&format!("relay_defaults.{f}")));
+            }
+        }
+        let mut at = self.ctx.relay_at(self.origin, fields[0]);
+        at.source = DEFAULT_SOURCE.into();
+        (builtin, at)
+    }
+
+    fn duration(
+        &self,
+        out: &mut Map<String, Json>,
+        fields: &[&str],
+        builtin: Duration,
+    ) -> Result<(Duration, At), ConfigError> {
+        let (v, at) = self.pick(fields, dur_field, builtin);
+        if v.is_zero() {
+            return Err(at.err("must be greater than zero"));
+        }
+        leaf(out, fields[0], secs(v), &at);
+        Ok((v, at))
+    }
+
+    fn count(
+        &self,
+        out: &mut Map<String, Json>,
+        field: &str,
+        builtin: u64,
+        min: u64,
+    ) -> Result<u64, ConfigError> {
+        let (v, at) = self.pick(&[field], num_field, builtin);
+        if v < min {
+            return Err(at.err(format!("must be at least {min}, got {v}")));
+        }
+        leaf(out, field, json!(v), &at);
+        Ok(v)
+    }
+}
+
+fn relay(
+    ctx: &Ctx,
+    r: &RawRelay,
+    origin: &Origin,
+    defaults: &RawRelay,
+    outbox_dir: &Path,
+    strategy: Strategy,
+) -> Result<(RelaySettings, Json, At), ConfigError> {
+    let mut out = Map::new();
+    let at_of = |f: &str| ctx.relay_at(origin, f);
+
+    let kind_at = at_of("kind");
+    let kind = r.kind.as_deref().unwrap_or("smtp");
+    if kind != "smtp" && kind != "file" {
+        return Err(kind_at.err(format!(
+            "unknown relay kind {kind:?}; expected one of smtp, file"
+        )));
+    }
+
+    let name_at = at_of("name");
+    let name = listed_name(r);
+    if name.trim().is_empty() || name.chars().any(char::is_control) {
+        return Err(name_at.err(if r.name.is_none() && kind == "smtp" {
+            "a relay needs a name or a host".to_string()
+        } else {
+            format!("{name:?} is not a usable name (empty or control characters)")
+        }));
+    }
+    leaf(&mut out, "name", json!(name), &name_at);
+    leaf(&mut out, "kind", json!(kind), &kind_at);
+
+    let at = at_of("priority");
+    let priority = r.priority.unwrap_or(0);
+    leaf(&mut out, "priority", json!(priority), &at);
+
+    let at = at_of("weight");
+    let weight = r.weight.unwrap_or(1);
+    if weight == 0 && strategy == Strategy::Weighted {
+        return Err(at.err("must be greater than zero under the weighted strategy"));
+    }
+    leaf(&mut out, "weight", json!(weight), &at);
+
+    let at = at_of("from_email");
+    if let Some(addr) = &r.from_email {
+        check_address(addr, &at)?;
+    }
+    leaf(&mut out, "from_email", json!(r.from_email), &at);
+
+    let kind = if kind == "file" {
+        for (field, set) in [
+            ("host", r.host.is_some()),
+            ("port", r.port.is_some()),
+            ("username", r.username.is_some()),
+            (
+                "password",
+                r.password.is_some() || r.password_file.is_some(),
+            ),
+        ] {
+            if set {
+                return Err(at_of(field).err("not used by a file relay (kind = \"file\")"));
+            }
+        }
+        let at = at_of("dir");
+        let dir = r.dir.clone().unwrap_or_else(|| outbox_dir.to_path_buf());
+        leaf(&mut out, "dir", path_json(&dir), &at);
+        RelayKind::File { dir }
+    } else {
+        RelayKind::Smtp(smtp(ctx, r, origin, &mut out)?)
+    };
+
+    let t = Tuning {
+        ctx,
+        own: r,
+        origin,
+        defaults,
+    };
+    let pool_d = PoolSettings::default();
+    let to_usize = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+    let to_u32 = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+    let pool = PoolSettings {
+        max_connections: to_usize(t.count(
+            &mut out,
+            "max_connections",
+            pool_d.max_connections as u64,
+            1,
+        )?),
+        max_queued: to_usize(t.count(&mut out, "max_queued", pool_d.max_queued as u64, 0)?),
+        messages_per_connection: to_u32(t.count(
+            &mut out,
+            "messages_per_connection",
+            pool_d.messages_per_connection.into(),
+            0,
+        )?),
+        idle_timeout: t
+            .duration(&mut out, &["idle_timeout"], pool_d.idle_timeout)?
+            .0,
+    };
+
+    let to_d = Timeouts::default();
+    let timeouts = Timeouts {
+        connect: t
+            .duration(&mut out, &["connect_timeout", "timeout"], to_d.connect)?
+            .0,
+        greeting: t
+            .duration(&mut out, &["greeting_timeout", "timeout"], to_d.greeting)?
+            .0,
+        command: t
+            .duration(&mut out, &["command_timeout", "timeout"], to_d.command)?
+            .0,
+        data: t
+            .duration(&mut out, &["data_timeout", "timeout"], to_d.data)?
+            .0,
+    };
+
+    let h_d = HealthSettings::default();
+    let (backoff_base, base_at) = t.duration(&mut out, &["backoff_base"], h_d.backoff_base)?;
+    let (backoff_max, max_at) = t.duration(&mut out, &["backoff_max"], h_d.backoff_max)?;
+    if backoff_base > backoff_max {
+        return Err(base_at.err(format!(
+            "backoff_base ({}) is larger than backoff_max ({}, `{}` from {})",
+            humantime::format_duration(backoff_base),
+            humantime::format_duration(backoff_max),
+            max_at.key,
+            max_at.source
+        )));
+    }
+    let health = HealthSettings {
+        backoff_base,
+        backoff_max,
+        circuit_failures: to_u32(t.count(
+            &mut out,
+            "circuit_failures",
+            h_d.circuit_failures.into(),
+            1,
+        )?),
+        circuit_window: t
+            .duration(&mut out, &["circuit_window"], h_d.circuit_window)?
+            .0,
+        probe_interval: t
+            .duration(&mut out, &["probe_interval"], h_d.probe_interval)?
+            .0,
+    };
+
+    let settings = RelaySettings {
+        name,
+        kind,
+        priority,
+        weight,
+        from_email: r.from_email.clone(),
+        pool,
+        timeouts,
+        health,
+    };
+    Ok((settings, Json::Object(out), name_at))
+}
+
+fn smtp(
+    ctx: &Ctx,
+    r: &RawRelay,
+    origin: &Origin,
+    out: &mut Map<String, Json>,
+) -> Result<SmtpSettings, ConfigError> {
+    let at_of = |f: &str| ctx.relay_at(origin, f);
+
+    let at = at_of("host");
+    let host = r.host.clone().unwrap_or_default();
+    if host.trim().is_empty() {
+        return Err(at.err("an SMTP relay needs a host"));
+    }
+    if host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(at.err(format!("{host:?} is not a host name")));
+    }
+    leaf(out, "host", json!(host), &at);
+
+    let at = at_of("tls");
+    let tls = match r.tls.as_deref().unwrap_or("starttls") {
+        "starttls" => TlsMode::Starttls,
+        "opportunistic" => TlsMode::Opportunistic,
+        "implicit" => TlsMode::Implicit,
+        "none" => TlsMode::None,
+        other => {
+            return Err(at.err(format!(
+                "unknown tls mode {other:?}; expected one of starttls, opportunistic, implicit, none"
+            )));
+        }
+    };
+    leaf(out, "tls", json!(tls.as_str()), &at);
+
+    let at = at_of("port");
+    let port = match r.port {
+        Some(p) => u16::try_from(p)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| at.err(format!("must be in 1..=65535, got {p}")))?,
+        None => match tls {
+            TlsMode::Starttls => 587,
+            TlsMode::Implicit => 465,
+            TlsMode::None | TlsMode::Opportunistic => 25,
+        },
+    };
+    leaf(out, "port", json!(port), &at);
+
+    let user_at = at_of("username");
+    let pass_at = at_of("password");
+    let file_at = at_of("password_file");
+    let password = match (&r.password, &r.password_file) {
+        (Some(_), Some(_)) => {
+            return Err(file_at.err(format!(
+                "`{}` (from {}) and `{}` are both set; use one",
+                pass_at.key, pass_at.source, file_at.key
+            )));
+        }
+        (Some(p), None) => Some((Secret::new(p.clone()), &pass_at)),
+        (None, Some(path)) => Some((read_secret(path, &file_at, "password")?, &file_at)),
+        (None, None) => None,
+    };
+    let auth = match (&r.username, password) {
+        (Some(u), Some((password, _))) => {
+            if u.trim().is_empty() {
+                return Err(user_at.err("must not be empty"));
+            }
+            Some(Credentials {
+                username: u.clone(),
+                password,
+            })
+        }
+        (Some(_), None) => {
+            return Err(user_at.err(format!(
+                "a username needs a password (`{}` or `{}`)",
+                pass_at.key, file_at.key
+            )));
+        }
+        (None, Some((_, at))) => {
+            return Err(at.err(format!("a password needs a username (`{}`)", user_at.key)));
+        }
+        (None, None) => None,
+    };
+    leaf(out, "username", json!(r.username), &user_at);
+    let shown = auth.as_ref().map(|_| REDACTED);
+    let at = if r.password_file.is_some() {
+        &file_at
+    } else {
+        &pass_at
+    };
+    leaf(out, "password", json!(shown), at);
+    leaf(
+        out,
+        "password_file",
+        json!(r.password_file.as_deref().map(|p| p.display().to_string())),
+        &file_at,
+    );
+
+    let at = at_of("hello_name");
+    let hello_name = match &r.hello_name {
+        Some(h) if h.trim().is_empty() || h.chars().any(|c| c.is_whitespace()) => {
+            return Err(at.err(format!("{h:?} is not a host name")));
+        }
+        Some(h) => h.clone(),
+        None => lettre::transport::smtp::extension::ClientId::default().to_string(),
+    };
+    leaf(out, "hello_name", json!(hello_name), &at);
+
+    let at = at_of("ca_file");
+    let ca_pem = match &r.ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| at.err(format!("cannot read CA file {}: {e}", path.display())))?;
+            if !pem
+                .windows(b"-----BEGIN CERTIFICATE-----".len())
+                .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+            {
+                return Err(at.err(format!(
+                    "CA file {} holds no PEM certificate",
+                    path.display()
+                )));
+            }
+            Some(pem)
+        }
+        None => None,
+    };
+    leaf(
+        out,
+        "ca_file",
+        json!(r.ca_file.as_deref().map(|p| p.display().to_string())),
+        &at,
+    );
+
+    let at = at_of("accept_invalid_certs");
+    let accept_invalid_certs = r.accept_invalid_certs.unwrap_or(false);
+    leaf(
+        out,
+        "accept_invalid_certs",
+        json!(accept_invalid_certs),
+        &at,
+    );
+
+    Ok(SmtpSettings {
+        host,
+        port,
+        tls,
+        auth,
+        hello_name,
+        ca_pem,
+        accept_invalid_certs,
+    })
+}

@@ -1,0 +1,844 @@
+//! Configuration loading: layers, seed env vars, validation errors, secrets.
+//!
+//! The environment is passed explicitly (`load_from`), so these tests never
+//! touch the process environment and run in parallel safely.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Format, Toml};
+use mailmux::config::{Config, ConfigError, Sources, load_from};
+use mailmux_actors::{RelayKind, SmtpSettings, Strategy, Timeouts, TlsMode};
+use serde_json::Value as Json;
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn load(file: Option<&Path>, pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let sources = Sources {
+        file: file.map(Path::to_path_buf),
+    };
+    load_from(&sources, env(pairs))
+}
+
+fn ok(file: Option<&Path>, pairs: &[(&str, &str)]) -> Config {
+    match load(file, pairs) {
+        Ok(c) => c,
+        Err(e) => panic!("configuration should load: {e}"),
+    }
+}
+
+fn err(file: Option<&Path>, pairs: &[(&str, &str)]) -> ConfigError {
+    match load(file, pairs) {
+        Ok(c) => panic!("configuration should fail, got {:?}", c.redacted),
+        Err(e) => e,
+    }
+}
+
+fn write(dir: &tempfile::TempDir, name: &str, content: &str) -> PathBuf {
+    let path = dir.path().join(name);
+    std::fs::write(&path, content).expect("write test file");
+    path
+}
+
+/// The `{"value", "source"}` leaf of `mailmux config` at a JSON pointer.
+fn leaf<'a>(config: &'a Config, pointer: &str) -> (&'a Json, &'a str) {
+    let node = config
+        .redacted
+        .pointer(pointer)
+        .unwrap_or_else(|| panic!("no {pointer} in {}", config.redacted));
+    (
+        &node["value"],
+        node["source"].as_str().expect("source is a string"),
+    )
+}
+
+fn smtp(config: &Config, i: usize) -> &SmtpSettings {
+    match &config.dispatch.relays[i].kind {
+        RelayKind::Smtp(s) => s,
+        RelayKind::File { .. } => panic!("relay {i} is a file relay"),
+    }
+}
+
+#[test]
+fn layers_override_in_order_default_file_mailmux_seed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        "mailmux.toml",
+        "max_attempts = 4\nstrategy = \"round_robin\"\n",
+    );
+    let file_source = format!("file {}", file.display());
+
+    let c = ok(None, &[]);
+    assert_eq!(c.dispatch.router.max_attempts, 3);
+    assert_eq!(leaf(&c, "/max_attempts").1, "default");
+
+    let c = ok(Some(&file), &[]);
+    assert_eq!(c.dispatch.router.max_attempts, 4);
+    assert_eq!(leaf(&c, "/max_attempts").1, file_source);
+    assert_eq!(c.dispatch.router.strategy, Strategy::RoundRobin);
+
+    let c = ok(Some(&file), &[("MAILMUX_MAX_ATTEMPTS", "5")]);
+    assert_eq!(c.dispatch.router.max_attempts, 5);
+    assert_eq!(leaf(&c, "/max_attempts").1, "env var MAILMUX_MAX_ATTEMPTS");
+    assert_eq!(leaf(&c, "/strategy").1, file_source);
+
+    let c = ok(
+        Some(&file),
+        &[("MAILMUX_MAX_ATTEMPTS", "5"), ("SMTP_MAX_RETRIES", "6")],
+    );
+    assert_eq!(c.dispatch.router.max_attempts, 6);
+    assert_eq!(leaf(&c, "/max_attempts").1, "env var SMTP_MAX_RETRIES");
+    assert_eq!(
+        c.sources,
+        [
+            "defaults",
+            file_source.as_str(),
+            "env MAILMUX_*",
+            "env SMTP_*"
+        ]
+    );
+}
+
+#[test]
+fn the_file_can_be_named_by_mailmux_config() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(&dir, "m.toml", "max_recipients = 7\n");
+    let path = file.to_str().expect("utf-8 path");
+    let c = ok(None, &[("MAILMUX_CONFIG", path)]);
+    assert_eq!(c.daemon.compose.max_recipients, 7);
+
+    // --config wins over the variable.
+    let other = write(&dir, "o.toml", "max_recipients = 8\n");
+    let c = ok(Some(&other), &[("MAILMUX_CONFIG", path)]);
+    assert_eq!(c.daemon.compose.max_recipients, 8);
+}
+
+#[test]
+fn a_named_file_that_is_missing_is_an_error_naming_the_path() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let missing = dir.path().join("nope.toml");
+    let e = err(Some(&missing), &[]);
+    assert_eq!(e.key, "--config");
+    assert!(
+        e.to_string().contains(&missing.display().to_string()),
+        "{e}"
+    );
+
+    let e = err(
+        None,
+        &[("MAILMUX_CONFIG", missing.to_str().expect("utf-8 path"))],
+    );
+    assert_eq!(e.key, "MAILMUX_CONFIG");
+    assert_eq!(e.source_name, "env var MAILMUX_CONFIG");
+    assert!(e.message.contains("not found"), "{e}");
+}
+
+#[test]
+fn mailmux_vars_nest_with_double_underscore() {
+    let c = ok(
+        None,
+        &[
+            ("MAILMUX_HTTP__BIND", "0.0.0.0:9000"),
+            ("MAILMUX_HTTP__STATEFUL", "false"),
+            ("MAILMUX_HTTP_TOKEN", "s3cret-token"),
+            ("MAILMUX_STRATEGY", "least_outstanding"),
+            ("MAILMUX_SUPERVISOR__RESTART_WINDOW", "5m"),
+            ("MAILMUX_ALLOWED_SENDERS", "ada@example.org, @example.net"),
+            ("MAILMUX_RELAY_DEFAULTS__MAX_CONNECTIONS", "3"),
+            ("MAILMUX_CONFIG", ""),
+        ],
+    );
+    assert_eq!(c.daemon.http.bind, "0.0.0.0:9000".parse().expect("addr"));
+    assert!(!c.daemon.http.stateful);
+    assert_eq!(
+        c.daemon.http.token.as_ref().map(|t| t.expose()),
+        Some("s3cret-token")
+    );
+    assert_eq!(leaf(&c, "/http/token").1, "env var MAILMUX_HTTP_TOKEN");
+    assert_eq!(c.dispatch.router.strategy, Strategy::LeastOutstanding);
+    assert_eq!(
+        c.dispatch.supervisor.restart_window,
+        Duration::from_secs(300)
+    );
+    assert_eq!(
+        c.daemon.compose.allowed_senders,
+        ["ada@example.org", "@example.net"]
+    );
+    assert_eq!(c.dispatch.relays[0].pool.max_connections, 3);
+    assert_eq!(
+        leaf(&c, "/relays/0/max_connections").1,
+        "env var MAILMUX_RELAY_DEFAULTS__MAX_CONNECTIONS"
+    );
+}
+
+#[test]
+fn every_single_relay_seed_variable() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let c = ok(
+        None,
+        &[
+            ("SMTP_HOST", "smtp.example.org"),
+            ("SMTP_PORT", "2525"),
+            ("SMTP_USERNAME", "ada@example.org"),
+            ("SMTP_PASSWORD", "12345"),
+            ("SMTP_USE_TLS", "false"),
+            ("SMTP_USE_SSL", "false"),
+            ("SMTP_TIMEOUT", "7"),
+            ("SMTP_MAX_RETRIES", "2"),
+            ("SMTP_FROM_EMAIL", "ada@example.org"),
+            ("SMTP_NAME", "main"),
+            ("SMTP_PRIORITY", "100"),
+            ("LOG_LEVEL", "DEBUG"),
+            ("UNRELATED", "x"),
+        ],
+    );
+    let _ = dir;
+    assert!(!c.default_relay);
+    assert_eq!(c.dispatch.relays.len(), 1);
+    let r = &c.dispatch.relays[0];
+    assert_eq!(r.name, "main");
+    assert_eq!(r.priority, 100);
+    assert_eq!(r.from_email.as_deref(), Some("ada@example.org"));
+    assert_eq!(r.timeouts, Timeouts::uniform(Duration::from_secs(7)));
+    let s = smtp(&c, 0);
+    assert_eq!(s.host, "smtp.example.org");
+    assert_eq!(s.port, 2525);
+    assert_eq!(s.tls, TlsMode::None);
+    let auth = s.auth.as_ref().expect("AUTH configured");
+    assert_eq!(auth.username, "ada@example.org");
+    // Digits stay a string: a password is never a number.
+    assert_eq!(auth.password.expose(), "12345");
+    assert_eq!(c.dispatch.router.max_attempts, 2);
+    assert_eq!(c.daemon.log_level.as_deref(), Some("DEBUG"));
+    assert_eq!(
+        c.daemon.compose.default_from.as_deref(),
+        Some("ada@example.org")
+    );
+    assert_eq!(leaf(&c, "/relays/0/port").1, "env var SMTP_PORT");
+    assert_eq!(leaf(&c, "/relays/0/data_timeout").1, "env var SMTP_TIMEOUT");
+    assert_eq!(leaf(&c, "/relays/0/tls").1, "env var SMTP_USE_TLS");
+}
+
+#[test]
+fn seed_defaults_are_the_seeds() {
+    let c = ok(None, &[("SMTP_HOST", "smtp.example.org")]);
+    let r = &c.dispatch.relays[0];
+    assert_eq!(r.name, "primary");
+    assert_eq!(r.priority, 0);
+    assert_eq!(r.timeouts, Timeouts::default());
+    let s = smtp(&c, 0);
+    assert_eq!(s.tls, TlsMode::Starttls, "SMTP_USE_TLS defaults to true");
+    assert_eq!(s.port, 587);
+    assert!(s.auth.is_none());
+
+    let c = ok(
+        None,
+        &[("SMTP_HOST", "smtp.example.org"), ("SMTP_USE_SSL", "true")],
+    );
+    assert_eq!(smtp(&c, 0).tls, TlsMode::Implicit);
+    assert_eq!(smtp(&c, 0).port, 465);
+    assert_eq!(leaf(&c, "/relays/0/tls").1, "env var SMTP_USE_SSL");
+}
+
+#[test]
+fn numbered_seed_relays_with_priorities() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pw = write(&dir, "pw2", "from-file\n");
+    let c = ok(
+        None,
+        &[
+            ("SMTP_HOST", "ignored.example.org"),
+            ("SMTP_HOST_1", "smtp.gmail.com"),
+            ("SMTP_PORT_1", "587"),
+            ("SMTP_USERNAME_1", "one@example.org"),
+            ("SMTP_PASSWORD_1", "pw-one"),
+            ("SMTP_USE_TLS_1", "true"),
+            ("SMTP_NAME_1", "gmail_primary"),
+            ("SMTP_PRIORITY_1", "100"),
+            ("SMTP_FROM_EMAIL_1", "one@example.org"),
+            ("SMTP_HOST_2", "smtp.outlook.com"),
+            ("SMTP_USERNAME_2", "two@example.org"),
+            ("SMTP_PASSWORD_FILE_2", pw.to_str().expect("utf-8 path")),
+            ("SMTP_NAME_2", "outlook_backup"),
+            ("SMTP_PRIORITY_2", "50"),
+            ("SMTP_TIMEOUT_2", "45s"),
+            ("SMTP_FROM_EMAIL_2", "two@example.org"),
+            ("SMTP_HOST_3", "smtp.example.com"),
+            ("SMTP_PORT_3", "465"),
+            ("SMTP_USE_SSL_3", "true"),
+            ("SMTP_PRIORITY_3", "10"),
+            ("SMTP_MAX_RETRIES_1", "2"),
+            ("SMTP_MAX_RETRIES_3", "3"),
+        ],
+    );
+    let names: Vec<_> = c.dispatch.relays.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["gmail_primary", "outlook_backup", "server_3"]);
+    let prios: Vec<_> = c.dispatch.relays.iter().map(|r| r.priority).collect();
+    assert_eq!(prios, [100, 50, 10]);
+    assert_eq!(smtp(&c, 0).port, 587);
+    assert_eq!(smtp(&c, 0).tls, TlsMode::Starttls);
+    let auth2 = smtp(&c, 1).auth.as_ref().expect("AUTH from file");
+    assert_eq!(auth2.password.expose(), "from-file");
+    assert_eq!(
+        c.dispatch.relays[1].timeouts,
+        Timeouts::uniform(Duration::from_secs(45))
+    );
+    assert_eq!(smtp(&c, 2).tls, TlsMode::Implicit);
+    assert_eq!(smtp(&c, 2).port, 465);
+    assert!(smtp(&c, 2).auth.is_none());
+    assert_eq!(c.dispatch.router.max_attempts, 3);
+    // The highest-priority relay's sender is the default sender.
+    assert_eq!(
+        c.daemon.compose.default_from.as_deref(),
+        Some("one@example.org")
+    );
+    assert_eq!(leaf(&c, "/relays/1/password").0, "[redacted]");
+    assert_eq!(
+        leaf(&c, "/relays/1/password").1,
+        "env var SMTP_PASSWORD_FILE_2"
+    );
+}
+
+#[test]
+fn a_seed_relay_replaces_a_file_relay_of_the_same_name_else_is_added() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        "m.toml",
+        r#"
+[[relays]]
+name = "primary"
+host = "file.example.org"
+priority = 5
+
+[[relays]]
+name = "other"
+host = "other.example.org"
+"#,
+    );
+    let c = ok(Some(&file), &[("SMTP_HOST", "env.example.org")]);
+    let names: Vec<_> = c.dispatch.relays.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["primary", "other"]);
+    assert_eq!(smtp(&c, 0).host, "env.example.org");
+    assert_eq!(c.dispatch.relays[0].priority, 0);
+
+    let c = ok(
+        Some(&file),
+        &[("SMTP_HOST", "env.example.org"), ("SMTP_NAME", "extra")],
+    );
+    let names: Vec<_> = c.dispatch.relays.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["primary", "other", "extra"]);
+}
+
+#[test]
+fn yaml_and_json_files() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let yaml = write(
+        &dir,
+        "m.yaml",
+        "strategy: random\nrelays:\n  - name: y\n    host: y.example.org\n    tls: implicit\n    idle_timeout: 12\n",
+    );
+    let c = ok(Some(&yaml), &[]);
+    assert_eq!(c.dispatch.router.strategy, Strategy::Random);
+    assert_eq!(smtp(&c, 0).port, 465);
+    assert_eq!(
+        c.dispatch.relays[0].pool.idle_timeout,
+        Duration::from_secs(12)
+    );
+
+    let json = write(
+        &dir,
+        "m.json",
+        r#"{"strategy": "weighted", "relays": [{"name": "j", "host": "j.example.org", "tls": "none", "weight": 4}]}"#,
+    );
+    let c = ok(Some(&json), &[]);
+    assert_eq!(c.dispatch.router.strategy, Strategy::Weighted);
+    assert_eq!(smtp(&c, 0).port, 25);
+    assert_eq!(c.dispatch.relays[0].weight, 4);
+    assert_eq!(
+        leaf(&c, "/relays/0/weight").1,
+        format!("file {}", json.display())
+    );
+}
+
+#[test]
+fn durations_as_numbers_or_humantime() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        "m.toml",
+        r#"
+send_deadline = 45
+shutdown_grace = "1m 30s"
+
+[relay_defaults]
+timeout = "20s"
+data_timeout = 300
+
+[[relays]]
+host = "a.example.org"
+connect_timeout = "2s"
+backoff_max = "10m"
+"#,
+    );
+    let c = ok(
+        Some(&file),
+        &[("MAILMUX_SUPERVISOR__RESTART_PAUSE", "250ms")],
+    );
+    assert_eq!(c.daemon.send_deadline, Duration::from_secs(45));
+    assert_eq!(c.daemon.shutdown_grace, Duration::from_secs(90));
+    assert_eq!(
+        c.dispatch.supervisor.restart_pause,
+        Duration::from_millis(250)
+    );
+    let r = &c.dispatch.relays[0];
+    assert_eq!(r.name, "a.example.org", "name defaults to the host");
+    assert_eq!(
+        r.timeouts,
+        Timeouts {
+            connect: Duration::from_secs(2),
+            greeting: Duration::from_secs(20),
+            command: Duration::from_secs(20),
+            data: Duration::from_secs(300),
+        }
+    );
+    assert_eq!(r.health.backoff_max, Duration::from_secs(600));
+    assert_eq!(
+        leaf(&c, "/relays/0/greeting_timeout").1,
+        format!("file {}", file.display())
+    );
+    assert_eq!(
+        c.dispatch.relays[0].pool.max_connections,
+        mailmux_actors::PoolSettings::default().max_connections
+    );
+
+    let c = ok(None, &[("MAILMUX_SEND_DEADLINE", "2m")]);
+    assert_eq!(c.daemon.send_deadline, Duration::from_secs(120));
+    let c = ok(None, &[("MAILMUX_SEND_DEADLINE", "15")]);
+    assert_eq!(c.daemon.send_deadline, Duration::from_secs(15));
+}
+
+#[test]
+fn password_from_a_file_and_from_mailmux_relays_vars() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pw = write(&dir, "pw", "correct horse\r\n");
+    let file = write(
+        &dir,
+        "m.toml",
+        &format!(
+            "[[relays]]\nname = \"a\"\nhost = \"a.example.org\"\nusername = \"u\"\npassword_file = {:?}\n\n[[relays]]\nname = \"b-relay\"\nhost = \"b.example.org\"\nusername = \"u\"\n",
+            pw.display().to_string()
+        ),
+    );
+    let c = ok(
+        Some(&file),
+        &[("MAILMUX_RELAYS__B_RELAY__PASSWORD", "from-env")],
+    );
+    let a = smtp(&c, 0).auth.as_ref().expect("AUTH a");
+    assert_eq!(a.password.expose(), "correct horse");
+    let b = smtp(&c, 1).auth.as_ref().expect("AUTH b");
+    assert_eq!(b.password.expose(), "from-env");
+    assert_eq!(
+        leaf(&c, "/relays/1/password").1,
+        "env var MAILMUX_RELAYS__B_RELAY__PASSWORD"
+    );
+
+    let e = err(Some(&file), &[("MAILMUX_RELAYS__NOPE__PASSWORD", "x")]);
+    assert_eq!(e.key, "MAILMUX_RELAYS__NOPE__PASSWORD");
+}
+
+#[test]
+fn secrets_are_redacted_in_the_effective_config_and_in_debug() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let token = write(&dir, "token", "tok-XYZZY-secret\n");
+    let file = write(
+        &dir,
+        "m.toml",
+        &format!(
+            "[http]\ntoken_file = {:?}\n\n[[relays]]\nname = \"f\"\nhost = \"f.example.org\"\nusername = \"u\"\npassword = \"pw-in-file-PLUGH\"\n",
+            token.display().to_string()
+        ),
+    );
+    let c = ok(
+        Some(&file),
+        &[
+            ("SMTP_HOST", "e.example.org"),
+            ("SMTP_USERNAME", "u"),
+            ("SMTP_PASSWORD", "pw-in-env-FROTZ"),
+        ],
+    );
+    let shown = c.redacted.to_string();
+    let debug = format!("{c:?}");
+    for secret in ["tok-XYZZY-secret", "pw-in-file-PLUGH", "pw-in-env-FROTZ"] {
+        assert!(!shown.contains(secret), "{secret} in redacted: {shown}");
+        assert!(!debug.contains(secret), "{secret} in Debug");
+    }
+    assert!(shown.contains("[redacted]"));
+    assert_eq!(leaf(&c, "/http/token").0, "[redacted]");
+    assert_eq!(
+        c.daemon.http.token.as_ref().map(|t| t.expose()),
+        Some("tok-XYZZY-secret")
+    );
+}
+
+#[test]
+fn no_relay_means_the_embedded_file_relay() {
+    let c = ok(None, &[("MAILMUX_OUTBOX_DIR", "/tmp/mailmux-test-outbox")]);
+    assert!(c.default_relay);
+    assert_eq!(c.dispatch.relays.len(), 1);
+    let r = &c.dispatch.relays[0];
+    assert_eq!(r.name, "outbox");
+    assert_eq!(
+        r.kind,
+        RelayKind::File {
+            dir: PathBuf::from("/tmp/mailmux-test-outbox")
+        }
+    );
+    assert_eq!(c.redacted["default_relay"], true);
+
+    let c = ok(None, &[("SMTP_HOST", "a.example.org")]);
+    assert!(!c.default_relay);
+}
+
+/// A file's content (empty: no file), the env, the key the error must name
+/// and the source it must name (`FILE` stands for the file's path).
+type Case<'a> = (String, Vec<(&'a str, &'a str)>, &'a str, &'a str);
+
+#[test]
+fn every_validation_error_names_the_key_and_the_source() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pem = write(&dir, "not.pem", "hello");
+    let empty_pw = write(&dir, "empty.pw", "\n");
+    let missing = dir.path().join("missing");
+    let missing = missing.display().to_string();
+    let cases: Vec<Case> = vec![
+        (
+            "[[relays]]\nname = \"a\"\nhost = \"x\"\n[[relays]]\nname = \"a\"\nhost = \"y\"\n"
+                .into(),
+            vec![],
+            "relays[1].name",
+            "FILE",
+        ),
+        (
+            "[[relays]]\nname = \"a\"\nhost = \"\"\n".into(),
+            vec![],
+            "relays[0].host",
+            "FILE",
+        ),
+        (
+            "[[relays]]\nname = \"a\"\nkind = \"smtp\"\n".into(),
+            vec![],
+            "relays[0].host",
+            "default",
+        ),
+        (
+            "[[relays]]\nhost = \"x\"\nport = 0\n".into(),
+            vec![],
+            "relays[0].port",
+            "FILE",
+        ),
+        (
+            "[[relays]]\nhost = \"x\"\nport = 70000\n".into(),
+            vec![],
+            "relays[0].port",
+            "FILE",
+        ),
+        (
+            "[[relays]]\nhost = \"x\"\ntls = \"ssl\"\n".into(),
+            vec![],
+            "relays[0].tls",
+            "FILE",
+        ),
+        (
+            "[[relays]]\nhost = \"x\"\nkind = \"carrier-pigeon\"\n".into(),
+            vec![],
+            "relays[0].kind",
+            "FILE",
+        ),
+        (
+            String::new(),
+            vec![("MAILMUX_STRATEGY", "fastest")],
+            "strategy",
+            "env var MAILMUX_STRATEGY",
+        ),
+        (
+            "strategy = \"weighted\"\n[[relays]]\nhost = \"x\"\nweight = 0\n".into(),
+            vec![],
+            "relays[0].weight",
+            "FILE",
+        ),
+        (
+            "[[relays]]\nhost = \"x\"\nmax_connections = 0\n".into(),
+            vec![],
+            "relays[0].max_connections",
+            "FILE",
+        ),
+        (
+            "[relay_defaults]\nmax_connections = 0\n".into(),
+            vec![],
+            "relay_defaults.max_connections",
+            "FILE",
+        ),
+        (
+            "[[relays]]\nhost = \"x\"\nprobe_interval = \"0s\"\n".into(),
+            vec![],
+            "relays[0].probe_interval",
+            "FILE",
+        ),
+        (
+            String::new(),
+            vec![("MAILMUX_SEND_DEADLINE", "0")],
+            "send_deadline",
+            "env var MAILMUX_SEND_DEADLINE",
+        ),
+        (
+            "[[relays]]\nhost = \"x\"\nbackoff_base = \"10m\"\nbackoff_max = \"1m\"\n".into(),
+            vec![],
+            "relays[0].backoff_base",
+            "FILE",
+        ),
+        (
+            format!(
+                "[[relays]]\nhost = \"x\"\nusername = \"u\"\npassword = \"p\"\npassword_file = {empty_pw:?}\n",
+                empty_pw = empty_pw.display().to_string()
+            ),
+            vec![],
+            "relays[0].password_file",
+            "FILE",
+        ),
+        (
+            String::new(),
+            vec![("SMTP_HOST", "x"), ("SMTP_PASSWORD", "p")],
+            "SMTP_PASSWORD",
+            "env var SMTP_PASSWORD",
+        ),
+        (
+            String::new(),
+            vec![("SMTP_HOST", "x"), ("SMTP_USERNAME", "u")],
+            "SMTP_USERNAME",
+            "env var SMTP_USERNAME",
+        ),
+        (
+            format!("[[relays]]\nhost = \"x\"\nusername = \"u\"\npassword_file = {missing:?}\n"),
+            vec![],
+            "relays[0].password_file",
+            "FILE",
+        ),
+        (
+            format!(
+                "[[relays]]\nhost = \"x\"\nusername = \"u\"\npassword_file = {:?}\n",
+                empty_pw.display().to_string()
+            ),
+            vec![],
+            "relays[0].password_file",
+            "FILE",
+        ),
+        (
+            format!("[[relays]]\nhost = \"x\"\nca_file = {missing:?}\n"),
+            vec![],
+            "relays[0].ca_file",
+            "FILE",
+        ),
+        (
+            format!(
+                "[[relays]]\nhost = \"x\"\nca_file = {:?}\n",
+                pem.display().to_string()
+            ),
+            vec![],
+            "relays[0].ca_file",
+            "FILE",
+        ),
+        (
+            String::new(),
+            vec![("MAILMUX_HTTP__BIND", "localhost")],
+            "http.bind",
+            "env var MAILMUX_HTTP__BIND",
+        ),
+        (
+            format!("[http]\ntoken = \"t\"\ntoken_file = {missing:?}\n"),
+            vec![],
+            "http.token_file",
+            "FILE",
+        ),
+        (
+            String::new(),
+            vec![
+                ("SMTP_HOST_1", "x"),
+                ("SMTP_HOST_2", "y"),
+                ("SMTP_PORT_2", "abc"),
+            ],
+            "SMTP_PORT_2",
+            "env var SMTP_PORT_2",
+        ),
+        (
+            String::new(),
+            vec![
+                ("SMTP_HOST_1", "x"),
+                ("SMTP_HOST_2", "y"),
+                ("SMTP_PORT_2", "0"),
+            ],
+            "SMTP_PORT_2",
+            "env var SMTP_PORT_2",
+        ),
+        (
+            String::new(),
+            vec![
+                ("SMTP_HOST_1", "x"),
+                ("SMTP_NAME_1", "a"),
+                ("SMTP_HOST_2", "y"),
+                ("SMTP_NAME_2", "a"),
+            ],
+            "SMTP_NAME_2",
+            "env var SMTP_NAME_2",
+        ),
+        (
+            String::new(),
+            vec![("SMTP_HOST_1", "x"), ("SMTP_PORT_3", "25")],
+            "SMTP_HOST_3",
+            "env var SMTP_PORT_3",
+        ),
+        (
+            String::new(),
+            vec![("SMTP_HOST", "x"), ("SMTP_PASSWORD_2", "p")],
+            "SMTP_HOST_2",
+            "env var SMTP_PASSWORD_2",
+        ),
+        (
+            String::new(),
+            vec![("SMTP_MAX_RETRIES", "many")],
+            "max_attempts",
+            "env var SMTP_MAX_RETRIES",
+        ),
+        ("max_atempts = 3\n".into(), vec![], "max_atempts", "FILE"),
+        (
+            "[[relays]]\nhost = \"x\"\nprot = 25\n".into(),
+            vec![],
+            "relays[0].prot",
+            "FILE",
+        ),
+        (
+            "max_attempts = \"three\"\n".into(),
+            vec![],
+            "max_attempts",
+            "FILE",
+        ),
+        (
+            "[relay_defaults]\nhost = \"x\"\n".into(),
+            vec![],
+            "relay_defaults.host",
+            "FILE",
+        ),
+        (
+            "from_email = \"not an address\"\n".into(),
+            vec![],
+            "from_email",
+            "FILE",
+        ),
+        (
+            "[[relays]]\nkind = \"file\"\nhost = \"x\"\n".into(),
+            vec![],
+            "relays[0].host",
+            "FILE",
+        ),
+    ];
+    for (i, (content, env, key, source)) in cases.into_iter().enumerate() {
+        let file = (!content.is_empty()).then(|| write(&dir, &format!("case{i}.toml"), &content));
+        let e = err(file.as_deref(), &env);
+        let want_source = match &file {
+            Some(f) if source == "FILE" => format!("file {}", f.display()),
+            _ => source.to_string(),
+        };
+        assert_eq!(e.key, key, "case {i} ({content:?}, {env:?}): {e}");
+        assert_eq!(
+            e.source_name, want_source,
+            "case {i} ({content:?}, {env:?}): {e}"
+        );
+        let shown = e.to_string();
+        assert!(
+            shown.contains(key) && shown.contains(&want_source),
+            "{shown}"
+        );
+    }
+}
+
+#[test]
+fn invalid_values_list_the_valid_ones() {
+    let e = err(None, &[("MAILMUX_STRATEGY", "fastest")]);
+    for name in [
+        "priority",
+        "round_robin",
+        "weighted",
+        "least_outstanding",
+        "random",
+    ] {
+        assert!(e.message.contains(name), "{e}");
+    }
+    let e = err(None, &[("SMTP_HOST", "x"), ("SMTP_PASSWORD", "hunter2")]);
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+
+    // A password of the wrong type is not quoted back.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        "m.toml",
+        "[[relays]]\nhost = \"x\"\nusername = \"u\"\npassword = 987654321\n",
+    );
+    let e = err(Some(&file), &[]);
+    assert_eq!(e.key, "relays[0].password");
+    assert!(!e.to_string().contains("987654321"), "{e}");
+}
+
+#[test]
+fn every_shipped_configuration_file_loads() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&root).expect("config/ exists") {
+        let path = entry.expect("dir entry").path();
+        if !path
+            .extension()
+            .is_some_and(|e| e == "toml" || e == "yaml" || e == "json")
+        {
+            continue;
+        }
+        // Examples keep passwords out of the file: give each relay with a
+        // username the password through the environment, as users would.
+        let raw: Json = figment::Figment::from(Toml::file_exact(&path))
+            .extract()
+            .expect("parses as TOML");
+        let mut vars = Vec::new();
+        if let Some(relays) = raw["relays"].as_array() {
+            for (i, r) in relays.iter().enumerate() {
+                if r.get("username").is_some()
+                    && r.get("password").is_none()
+                    && r.get("password_file").is_none()
+                {
+                    vars.push((format!("MAILMUX_RELAYS__{i}__PASSWORD"), "test".to_string()));
+                }
+            }
+        }
+        let config = load_from(
+            &Sources {
+                file: Some(path.clone()),
+            },
+            vars,
+        )
+        .unwrap_or_else(|e| panic!("{} does not load: {e}", path.display()));
+        if path.ends_with("default.toml") {
+            assert!(config.default_relay);
+            // The documented defaults are the built-in ones.
+            let builtin = ok(None, &[]);
+            assert_eq!(config.dispatch, builtin.dispatch);
+            assert_eq!(config.daemon, builtin.daemon);
+        } else {
+            assert!(!config.default_relay, "{}", path.display());
+        }
+        seen += 1;
+    }
+    assert!(seen >= 4, "expected the shipped files, saw {seen}");
+}
