@@ -16,6 +16,7 @@ use rmcp::model::CallToolRequestParams;
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
 const TOKEN: &str = "test-token-8d1f";
@@ -129,13 +130,22 @@ async fn guards_token_host_origin_and_body_limit() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403, "foreign host");
-    let r = post(&http, &url)
-        .bearer_auth(TOKEN)
-        .body(vec![b' '; 65 * 1024])
-        .send()
+    // Refused from the headers alone, before any of the body is read.
+    let port = base.rsplit(':').next().unwrap();
+    let mut raw = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
         .await
         .unwrap();
-    assert_eq!(r.status(), 413, "body too large");
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n\
+         Content-Length: {}\r\n\r\n",
+        65 * 1024
+    );
+    raw.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 64];
+    let n = raw.read(&mut answer).await.unwrap();
+    let status_line = String::from_utf8_lossy(&answer[..n]);
+    assert!(status_line.starts_with("HTTP/1.1 413"), "{status_line}");
 
     // Allowed: a listed origin, a loopback origin, the right token.
     for origin in ["https://app.example.org", "http://localhost:5173"] {

@@ -40,7 +40,10 @@ impl AuthSmtpd {
         let mut line = String::new();
         while line.trim() != "ready" {
             line.clear();
-            assert!(out.read_line(&mut line).unwrap() > 0, "auth smtpd did not start");
+            assert!(
+                out.read_line(&mut line).unwrap() > 0,
+                "auth smtpd did not start"
+            );
         }
         AuthSmtpd { child, port, dir }
     }
