@@ -242,7 +242,7 @@ async fn unknown_relay_lists_the_valid_ones() {
 }
 
 #[tokio::test]
-async fn failed_send_is_an_error_with_attempts() {
+async fn a_dead_preferred_relay_fails_over() {
     let smtp = Aiosmtpd::start();
     let h = harness(&smtp).await;
     // Only the dead relay: pin it and let the router try it alone.
@@ -259,6 +259,25 @@ async fn failed_send_is_an_error_with_attempts() {
     assert_eq!(attempts[0]["relay"], "backup");
     assert_eq!(attempts[0]["class"], "relay_fault");
     assert!(!out.to_string().contains("hunter2"));
+}
+
+#[tokio::test]
+async fn failed_send_is_a_tool_error_with_class_and_attempts() {
+    let dead = free_port();
+    let h = harness_with(config(vec![relay("only", dead, 1)]), Sources::default()).await;
+    let (is_error, out, text) = call(
+        &h,
+        "send_email",
+        json!({"to": "a@example.org", "subject": "x", "body": "y"}),
+    )
+    .await;
+    assert!(is_error, "{out}");
+    assert_eq!(out["status"], "failed");
+    assert_eq!(out["error"]["code"], "all_relays_failed", "{out}");
+    assert_eq!(out["error"]["class"], "relay_fault");
+    assert_eq!(out["attempts"][0]["relay"], "only");
+    assert!(out["message_id"].is_string());
+    assert!(text.starts_with("failed: "), "{text}");
 }
 
 #[tokio::test]
