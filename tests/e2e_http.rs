@@ -223,6 +223,7 @@ impl Drop for Daemon {
 async fn binary_serves_http_with_a_token() {
     let smtp = Aiosmtpd::start();
     let port = free_port();
+    let logs = tempfile::NamedTempFile::new().unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_mailmux"))
         .args(["serve", "--http", &format!("127.0.0.1:{port}")])
         .env_clear()
@@ -234,7 +235,7 @@ async fn binary_serves_http_with_a_token() {
         .env("MAILMUX_HTTP_TOKEN", TOKEN)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(std::fs::File::create(logs.path()).unwrap())
         .spawn()
         .unwrap();
     let mut daemon = Daemon(child);
@@ -282,5 +283,8 @@ async fn binary_serves_http_with_a_token() {
         assert!(Instant::now() < deadline, "did not stop on SIGTERM");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(status.success(), "{status:?}");
+    let logs = std::fs::read_to_string(logs.path()).unwrap();
+    assert!(status.success(), "{status:?}\n{logs}");
+    assert!(logs.contains("SIGTERM received"), "{logs}");
+    assert!(logs.contains("all deliveries finished"), "{logs}");
 }
