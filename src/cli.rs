@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use base64::Engine;
 use clap::{Args, Parser, Subcommand};
 use mailmux_actors::{Dispatcher, Secret};
+use tracing::Instrument;
 
 use crate::compose::{AttachmentInput, Draft, Recipients};
 use crate::config::{self, Config, Sources};
@@ -254,7 +255,10 @@ async fn send(config: Config, sources: Sources, args: SendArgs) -> ExitCode {
         relay: args.relay,
         dry_run: Some(args.dry_run),
     };
-    let (out, text) = server.send_email_params(params).await;
+    let (out, text) = server
+        .send_email_params(params)
+        .instrument(mcp::tools::tool_span("send"))
+        .await;
     dispatcher.shutdown(grace).await;
     match serde_json::to_string_pretty(&out) {
         Ok(json) => println!("{json}"),

@@ -53,7 +53,8 @@ fn control_error(e: ControlError) -> ToolError {
     }
 }
 
-fn tool_span(tool: &'static str) -> tracing::Span {
+/// The span of one tool call; `message_id` and `relay` are recorded when known.
+pub fn tool_span(tool: &'static str) -> tracing::Span {
     tracing::info_span!("tool", tool, message_id = Empty, relay = Empty)
 }
 
