@@ -127,3 +127,58 @@ fn sigterm_drains_and_exits_zero() {
     assert!(logs.contains("SIGTERM received"), "{logs}");
     assert!(logs.contains("in_flight=0"), "{logs}");
 }
+
+#[test]
+fn socket_pair_stdio_uses_the_socket_path() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::UnixStream;
+
+    let smtp = Aiosmtpd::start();
+    let (mut ours, theirs) = UnixStream::pair().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let errors = dir.path().join("err.log");
+    let mut cmd = Command::new(BIN);
+    seed_env(&mut cmd, smtp.port);
+    let mut child = cmd
+        .arg("serve")
+        .stdin(Stdio::from(OwnedFd::from(theirs.try_clone().unwrap())))
+        .stdout(Stdio::from(OwnedFd::from(theirs)))
+        .stderr(std::fs::File::create(&errors).unwrap())
+        .spawn()
+        .unwrap();
+    let lines = [
+        r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"socket-test","version":"1"}}}"#,
+        r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+        r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"send_email","arguments":{"to":"rcpt@example.org","subject":"over a socket","body":"hello"}}}"#,
+    ];
+    ours.write_all((lines.join("\n") + "\n").as_bytes())
+        .unwrap();
+    ours.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut reader = BufReader::new(ours.try_clone().unwrap());
+    let mut send = None;
+    while send.is_none() {
+        let mut line = String::new();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "stdout closed early"
+        );
+        let v: Value = serde_json::from_str(&line).unwrap();
+        if v["id"] == 2 {
+            send = Some(v);
+        }
+    }
+    // End of stdin: the daemon drains and exits 0.
+    ours.shutdown(std::net::Shutdown::Write).unwrap();
+    let status = child.wait().unwrap();
+    let logs = std::fs::read_to_string(&errors).unwrap();
+    assert!(status.success(), "{status:?}\n{logs}");
+    assert!(logs.contains("mode=Socket"), "{logs}");
+    let send = send.unwrap();
+    assert_eq!(
+        send["result"]["structuredContent"]["status"], "sent",
+        "{send}"
+    );
+    assert_eq!(smtp.wait_messages(1).len(), 1);
+}
