@@ -1,1 +1,13 @@
-fn main() {}
+//! The `mailmux` binary: parse the command line, set up logging, run.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use mailmux::cli::{self, Cli};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    mailmux::logging::init(cli.log_format);
+    cli::run(cli).await
+}

@@ -1,0 +1,414 @@
+//! The command line: `serve` (the default), one-shot `send`, `check` and
+//! `config`. It loads configuration, starts the actors and maps outcomes to
+//! exit codes; the work itself is done by `mcp` and the dispatcher.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use base64::Engine;
+use clap::{Args, Parser, Subcommand};
+use mailmux_actors::{Dispatcher, Secret};
+use tracing::Instrument;
+
+use crate::compose::{AttachmentInput, Draft, Recipients};
+use crate::config::{self, Config, Sources};
+use crate::logging::LogFormat;
+use crate::mcp::types::{ProbeOut, SendEmailParams, SendStatus};
+use crate::mcp::{self, MailmuxServer, Transport};
+
+/// Exit code of a usage or configuration error.
+const EXIT_CONFIG: u8 = 2;
+
+/// mailmux: an MCP server through which AI agents send email, with relay failover.
+#[derive(Debug, Parser)]
+#[command(name = "mailmux", version, about)]
+pub struct Cli {
+    /// Configuration file (TOML, YAML or JSON). Else `MAILMUX_CONFIG`.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Log line format (logs always go to stderr).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve MCP on stdio (default) or streamable HTTP.
+    Serve(ServeArgs),
+    /// Send one message through the relays and print the result as JSON.
+    Send(SendArgs),
+    /// Probe every relay and print a table; exit 0 only if all are OK.
+    Check,
+    /// Print the effective configuration, secrets redacted, with each value's source.
+    Config,
+}
+
+#[derive(Debug, Default, Args)]
+pub struct ServeArgs {
+    /// Serve streamable HTTP at /mcp instead of stdio, on ADDR (default:
+    /// `http.bind` from the configuration, 127.0.0.1:8025).
+    #[arg(long, value_name = "ADDR", num_args = 0..=1)]
+    pub http: Option<Option<SocketAddr>>,
+    /// HTTP without sessions: each POST is answered on its own.
+    #[arg(long, requires = "http")]
+    pub stateless: bool,
+}
+
+#[derive(Debug, Default, Args)]
+pub struct SendArgs {
+    /// Recipient (repeatable, or comma-separated).
+    #[arg(long, required = true)]
+    pub to: Vec<String>,
+    #[arg(long)]
+    pub cc: Vec<String>,
+    #[arg(long)]
+    pub bcc: Vec<String>,
+    /// Sender; defaults to the configured sender.
+    #[arg(long)]
+    pub from: Option<String>,
+    #[arg(long, default_value = "")]
+    pub subject: String,
+    /// The body text.
+    #[arg(long, conflicts_with = "body_file")]
+    pub body: Option<String>,
+    /// Read the body from a file.
+    #[arg(long, value_name = "PATH")]
+    pub body_file: Option<PathBuf>,
+    /// The body is HTML.
+    #[arg(long)]
+    pub html: bool,
+    /// Attach a file (repeatable); sent inline, so no attachments_dir is needed.
+    #[arg(long, value_name = "PATH")]
+    pub attach: Vec<PathBuf>,
+    /// Try this relay first.
+    #[arg(long)]
+    pub relay: Option<String>,
+    /// Render and validate only; send nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Runs the command and returns the process exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    let sources = Sources {
+        file: cli.config.clone(),
+    };
+    let command = cli
+        .command
+        .unwrap_or_else(|| Command::Serve(ServeArgs::default()));
+    let config = match load(&sources).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("mailmux: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match command {
+        Command::Serve(args) => serve(config, sources, args).await,
+        Command::Send(args) => send(config, sources, args).await,
+        Command::Check => check(config).await,
+        Command::Config => print_config(&config),
+    }
+}
+
+async fn load(sources: &Sources) -> Result<Config, String> {
+    let sources = sources.clone();
+    match tokio::task::spawn_blocking(move || config::load(&sources)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("loading the configuration failed: {e}")),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => tracing::info!("SIGINT received"),
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+            }
+        }
+        _ => {
+            tracing::warn!("cannot listen for SIGTERM; only Ctrl-C stops the daemon");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn serve(mut config: Config, sources: Sources, args: ServeArgs) -> ExitCode {
+    let transport = match args.http {
+        None => Transport::Stdio,
+        Some(addr) => {
+            // The token may come from the environment even when the
+            // configuration layer did not map it.
+            if config.daemon.http.token.is_none()
+                && let Ok(token) = std::env::var("MAILMUX_HTTP_TOKEN")
+                && !token.is_empty()
+            {
+                config.daemon.http.token = Some(Secret::new(token));
+            }
+            Transport::Http {
+                bind: addr.unwrap_or(config.daemon.http.bind),
+                stateful: config.daemon.http.stateful && !args.stateless,
+            }
+        }
+    };
+    match mcp::run(config, sources, transport, shutdown_signal()).await {
+        Ok(()) => {
+            tracing::info!("mailmux stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let chain = error_chain(&e);
+            tracing::error!("{chain}");
+            eprintln!("mailmux: {chain}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+}
+
+fn draft_from_args(args: &SendArgs) -> Result<Draft, String> {
+    let body = match (&args.body, &args.body_file) {
+        (Some(b), _) => b.clone(),
+        (None, Some(p)) => String::from_utf8(read_file(p, "body file")?)
+            .map_err(|_| format!("body file {} is not UTF-8", p.display()))?,
+        (None, None) => String::new(),
+    };
+    let mut attachments = Vec::with_capacity(args.attach.len());
+    for path in &args.attach {
+        let bytes = read_file(path, "attachment")?;
+        let filename = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "attachment".into());
+        attachments.push(AttachmentInput::Inline {
+            filename,
+            content_base64: base64::engine::general_purpose::STANDARD.encode(bytes),
+            content_type: None,
+        });
+    }
+    Ok(Draft {
+        to: Recipients::List(args.to.clone()),
+        cc: Recipients::List(args.cc.clone()),
+        bcc: Recipients::List(args.bcc.clone()),
+        subject: args.subject.clone(),
+        body,
+        html: args.html,
+        from_email: args.from.clone(),
+        attachments,
+        ..Draft::default()
+    })
+}
+
+async fn start(config: &Config) -> Option<Dispatcher> {
+    if let Some(w) = mcp::default_relay_warning(config) {
+        tracing::warn!("{w}");
+    }
+    match Dispatcher::start(config.dispatch.clone()).await {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::error!("cannot start the relays: {e}");
+            eprintln!("mailmux: cannot start the relays: {e}");
+            None
+        }
+    }
+}
+
+async fn send(config: Config, sources: Sources, args: SendArgs) -> ExitCode {
+    let draft = match draft_from_args(&args) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("mailmux: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let grace = config.daemon.shutdown_grace;
+    let Some(dispatcher) = start(&config).await else {
+        return ExitCode::FAILURE;
+    };
+    let server = MailmuxServer::new(dispatcher.clone(), config, sources);
+    let params = SendEmailParams {
+        draft,
+        relay: args.relay,
+        dry_run: Some(args.dry_run),
+    };
+    let (out, text) = server
+        .send_email_params(params)
+        .instrument(mcp::tools::tool_span("send"))
+        .await;
+    dispatcher.shutdown(grace).await;
+    match serde_json::to_string_pretty(&out) {
+        Ok(json) => println!("{json}"),
+        Err(e) => eprintln!("mailmux: {e}"),
+    }
+    eprintln!("{text}");
+    match out.status {
+        SendStatus::Sent | SendStatus::DryRun => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
+    }
+}
+
+/// One row of the `check` table.
+pub fn probe_row(p: &ProbeOut) -> String {
+    let auth = match p.auth {
+        Some(true) => "ok",
+        Some(false) => "FAILED",
+        None => "-",
+    };
+    let error = match (&p.error_class, &p.error_text) {
+        (Some(c), Some(t)) => format!("{c}: {t}"),
+        (Some(c), None) => c.clone(),
+        _ => String::new(),
+    };
+    format!(
+        "{:<20} {:<9} {:<4} {:<6} {:>8} {}",
+        p.relay,
+        if p.reachable { "yes" } else { "NO" },
+        if p.tls { "yes" } else { "no" },
+        auth,
+        format!("{}ms", p.latency_ms),
+        error
+    )
+}
+
+async fn check(config: Config) -> ExitCode {
+    let grace = config.daemon.shutdown_grace;
+    let Some(dispatcher) = start(&config).await else {
+        return ExitCode::FAILURE;
+    };
+    let reports = dispatcher.test_connection(None).await;
+    dispatcher.shutdown(grace).await;
+    let reports = match reports {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mailmux: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "{:<20} {:<9} {:<4} {:<6} {:>8} ERROR",
+        "RELAY", "REACHABLE", "TLS", "AUTH", "LATENCY"
+    );
+    let mut all_ok = !reports.is_empty();
+    for report in &reports {
+        let p = ProbeOut::from(report);
+        all_ok &= p.reachable && p.error_class.is_none() && p.auth != Some(false);
+        println!("{}", probe_row(&p));
+    }
+    if let Some(w) = mcp::default_relay_warning(&config) {
+        println!("WARNING: {w}");
+    }
+    if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn print_config(config: &Config) -> ExitCode {
+    match serde_json::to_string_pretty(&config.redacted) {
+        Ok(json) => {
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mailmux: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serve_is_the_default_and_http_takes_an_optional_addr() {
+        let cli = Cli::try_parse_from(["mailmux"]).unwrap();
+        assert!(cli.command.is_none());
+        let cli = Cli::try_parse_from(["mailmux", "serve", "--http", "127.0.0.1:9000"]).unwrap();
+        match cli.command {
+            Some(Command::Serve(a)) => {
+                assert_eq!(a.http, Some(Some("127.0.0.1:9000".parse().unwrap())))
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from(["mailmux", "serve", "--http", "--stateless"]).unwrap();
+        match cli.command {
+            Some(Command::Serve(a)) => {
+                assert_eq!(a.http, Some(None));
+                assert!(a.stateless);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["mailmux", "serve", "--stateless"]).is_err());
+    }
+
+    #[test]
+    fn send_flags_build_a_draft_with_inline_attachments() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.txt");
+        std::fs::write(&path, b"hello").unwrap();
+        let cli = Cli::try_parse_from([
+            "mailmux",
+            "--config",
+            "x.toml",
+            "send",
+            "--to",
+            "a@example.org",
+            "--to",
+            "b@example.org",
+            "--subject",
+            "Hi",
+            "--body",
+            "text",
+            "--attach",
+            path.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(cli.config, Some(PathBuf::from("x.toml")));
+        let Some(Command::Send(args)) = cli.command else {
+            panic!("not send")
+        };
+        let draft = draft_from_args(&args).unwrap();
+        assert_eq!(
+            draft.to,
+            Recipients::List(vec!["a@example.org".into(), "b@example.org".into()])
+        );
+        assert_eq!(draft.attachments.len(), 1);
+        match &draft.attachments[0] {
+            AttachmentInput::Inline {
+                filename,
+                content_base64,
+                ..
+            } => {
+                assert_eq!(filename, "a.txt");
+                assert_eq!(content_base64, "aGVsbG8=");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! Logging setup: a tracing subscriber that writes to stderr only, as text or
+//! JSON, filtered by `RUST_LOG`, else the seed's `LOG_LEVEL`, else `info`.
+//!
+//! It never writes to stdout: under stdio, stdout belongs to MCP.
+
+use tracing_subscriber::EnvFilter;
+
+/// The log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Maps the seed's `LOG_LEVEL` names (Python's) to a tracing filter.
+pub fn level_from_seed(level: &str) -> Option<&'static str> {
+    match level.trim().to_ascii_uppercase().as_str() {
+        "TRACE" => Some("trace"),
+        "DEBUG" => Some("debug"),
+        "INFO" => Some("info"),
+        "WARNING" | "WARN" => Some("warn"),
+        "ERROR" | "CRITICAL" | "FATAL" => Some("error"),
+        "OFF" => Some("off"),
+        _ => None,
+    }
+}
+
+/// The filter in force: `RUST_LOG` when set, else `LOG_LEVEL`, else `info`.
+pub fn filter() -> EnvFilter {
+    if let Ok(spec) = std::env::var("RUST_LOG")
+        && !spec.trim().is_empty()
+        && let Ok(filter) = EnvFilter::try_new(&spec)
+    {
+        return filter;
+    }
+    let level = std::env::var("LOG_LEVEL")
+        .ok()
+        .and_then(|l| level_from_seed(&l))
+        .unwrap_or("info");
+    EnvFilter::new(level)
+}
+
+/// Installs the global subscriber. Calling it twice is harmless.
+pub fn init(format: LogFormat) {
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter())
+        .with_writer(std::io::stderr)
+        .with_target(true);
+    let result = match format {
+        LogFormat::Text => builder.with_ansi(false).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+    };
+    // A second init (tests) keeps the first subscriber; nothing to report.
+    drop(result);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::level_from_seed;
+
+    #[test]
+    fn seed_levels() {
+        assert_eq!(level_from_seed("DEBUG"), Some("debug"));
+        assert_eq!(level_from_seed("warning"), Some("warn"));
+        assert_eq!(level_from_seed("ERROR"), Some("error"));
+        assert_eq!(level_from_seed("INFO"), Some("info"));
+        assert_eq!(level_from_seed("loud"), None);
+    }
+}

@@ -1,0 +1,311 @@
+//! The streamable HTTP transport: `/mcp` (rmcp's service) and `/health`
+//! inside axum, behind Host, Origin, bearer-token and body-size checks.
+//!
+//! `/health` passes the Host and Origin checks but needs no token: it shows
+//! only relay names and states, never a secret, so probes can reach it.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use mailmux_actors::{RelayState, Secret};
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+
+use super::{MailmuxServer, RunError, drain};
+use crate::config::HttpSettings;
+
+/// Host names always allowed, with any port: the server is meant for loopback.
+const LOOPBACK_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "[::1]"];
+
+/// How long open connections get to finish after the sessions are closed.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// The request checks, in the order they run.
+#[derive(Debug, Clone)]
+pub struct Guard {
+    allowed_hosts: Vec<String>,
+    allowed_origins: Vec<String>,
+    token: Option<Secret>,
+    body_limit: usize,
+}
+
+impl Guard {
+    pub fn new(http: &HttpSettings) -> Self {
+        Guard {
+            allowed_hosts: http
+                .allowed_hosts
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+            allowed_origins: http
+                .allowed_origins
+                .iter()
+                .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
+                .collect(),
+            token: http.token.clone(),
+            body_limit: http.body_limit,
+        }
+    }
+
+    fn host_allowed(&self, authority: &str) -> bool {
+        let authority = authority.to_ascii_lowercase();
+        let host = host_part(&authority);
+        LOOPBACK_HOSTS.contains(&host)
+            || self
+                .allowed_hosts
+                .iter()
+                .any(|a| a == &authority || a == host)
+    }
+
+    fn origin_allowed(&self, origin: &str) -> bool {
+        let origin = origin.trim_end_matches('/').to_ascii_lowercase();
+        if self.allowed_origins.contains(&origin) {
+            return true;
+        }
+        let rest = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"));
+        rest.is_some_and(|authority| LOOPBACK_HOSTS.contains(&host_part(authority)))
+    }
+
+    fn token_ok(&self, headers: &HeaderMap) -> bool {
+        let Some(expected) = &self.token else {
+            return true;
+        };
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .unwrap_or("");
+        bool::from(given.as_bytes().ct_eq(expected.expose().as_bytes()))
+    }
+}
+
+/// `host` of `host[:port]`, keeping IPv6 brackets.
+fn host_part(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return match authority.find(']') {
+            Some(end) => &authority[..=end],
+            None => authority,
+        };
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
+        _ => authority,
+    }
+}
+
+fn reject(status: StatusCode, message: &str) -> Response {
+    let mut resp = (status, axum::Json(json!({ "error": message }))).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+    }
+    resp
+}
+
+async fn check(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
+    let authority = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    if !authority.is_some_and(|a| guard.host_allowed(&a)) {
+        tracing::warn!(host = ?req.headers().get(header::HOST), "HTTP request refused: Host not allowed");
+        return reject(StatusCode::FORBIDDEN, "host not allowed");
+    }
+    if let Some(origin) = req.headers().get(header::ORIGIN) {
+        let ok = origin.to_str().is_ok_and(|o| guard.origin_allowed(o));
+        if !ok {
+            tracing::warn!(origin = ?origin, "HTTP request refused: Origin not allowed");
+            return reject(StatusCode::FORBIDDEN, "origin not allowed");
+        }
+    }
+    if req.uri().path() != "/health" && !guard.token_ok(req.headers()) {
+        return reject(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    let length = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    // A body without Content-Length (chunked) is capped by rmcp as it streams.
+    if length.is_some_and(|l| l > guard.body_limit) {
+        return reject(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+    }
+    next.run(req).await
+}
+
+async fn health(State(server): State<MailmuxServer>) -> Response {
+    let (ok, relays) = match server.dispatcher().status().await {
+        Ok(s) => {
+            let ok =
+                !server.is_closing() && s.relays.iter().any(|r| r.state == RelayState::Healthy);
+            let relays: Vec<_> = s
+                .relays
+                .iter()
+                .map(|r| json!({ "name": r.name, "state": r.state.as_str() }))
+                .collect();
+            (ok, relays)
+        }
+        Err(_) => (false, Vec::new()),
+    };
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(json!({ "ok": ok, "relays": relays }))).into_response()
+}
+
+/// The axum application: `/mcp`, `/health` and the request checks. The
+/// returned token closes every MCP session when cancelled.
+pub fn app(server: &MailmuxServer, stateful: bool) -> (Router, CancellationToken) {
+    let http = server.config().daemon.http.clone();
+    let cancel = CancellationToken::new();
+    let config = StreamableHttpServerConfig::default()
+        .with_legacy_session_mode(stateful)
+        .with_json_response(!stateful)
+        .with_cancellation_token(cancel.child_token())
+        .with_max_request_body_bytes(http.body_limit)
+        // Host and Origin are checked by `check`, for /health too.
+        .disable_allowed_hosts()
+        .disable_allowed_origins();
+    let factory = server.clone();
+    let mcp = StreamableHttpService::new(
+        move || Ok(factory.clone()),
+        Arc::new(LocalSessionManager::default()),
+        config,
+    );
+    let guard = Arc::new(Guard::new(&http));
+    let router = Router::new()
+        .route("/health", get(health))
+        .with_state(server.clone())
+        .nest_service("/mcp", mcp)
+        .layer(middleware::from_fn_with_state(guard, check));
+    (router, cancel)
+}
+
+/// Serves streamable HTTP on `bind` until `shutdown` resolves, then drains.
+pub async fn serve(
+    server: MailmuxServer,
+    bind: SocketAddr,
+    stateful: bool,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    let listener = tokio::net::TcpListener::bind(bind)
+        .await
+        .map_err(|source| RunError::Bind { addr: bind, source })?;
+    let local = listener.local_addr().map_err(RunError::Transport)?;
+    let (router, cancel) = app(&server, stateful);
+    if !bind.ip().is_loopback() {
+        tracing::warn!(%local, "HTTP transport bound beyond loopback; set http.token and http.allowed_hosts");
+    }
+    if server.config().daemon.http.token.is_none() {
+        tracing::info!(
+            "HTTP transport has no bearer token (set MAILMUX_HTTP_TOKEN to require one)"
+        );
+    }
+    tracing::info!(%local, stateful, "serving MCP on http://{local}/mcp");
+
+    let closed = CancellationToken::new();
+    let closed_signal = closed.clone();
+    let mut serving = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(closed_signal.cancelled_owned())
+            .await
+    });
+    tokio::select! {
+        r = &mut serving => {
+            // The server stopped on its own: an accept loop error.
+            drain(&server).await;
+            return match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(RunError::Transport(e)),
+                Err(e) => Err(RunError::Transport(std::io::Error::other(e))),
+            };
+        }
+        () = shutdown => {}
+    }
+    tracing::info!("shutdown signal received");
+    drain(&server).await;
+    cancel.cancel();
+    closed.cancel();
+    match tokio::time::timeout(CLOSE_GRACE, &mut serving).await {
+        Ok(Ok(Err(e))) => Err(RunError::Transport(e)),
+        Ok(_) => Ok(()),
+        Err(_) => {
+            tracing::warn!("HTTP connections still open after the close grace; closing them");
+            serving.abort();
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard(hosts: &[&str], origins: &[&str]) -> Guard {
+        Guard {
+            allowed_hosts: hosts.iter().map(|s| s.to_string()).collect(),
+            allowed_origins: origins.iter().map(|s| s.to_string()).collect(),
+            token: Some(Secret::new("s3cret")),
+            body_limit: 10,
+        }
+    }
+
+    #[test]
+    fn hosts() {
+        let g = guard(&["mail.example.org", "api.example.org:8443"], &[]);
+        assert!(g.host_allowed("localhost:8025"));
+        assert!(g.host_allowed("127.0.0.1"));
+        assert!(g.host_allowed("[::1]:9"));
+        assert!(g.host_allowed("LOCALHOST:1"));
+        assert!(g.host_allowed("mail.example.org:80"));
+        assert!(g.host_allowed("api.example.org:8443"));
+        assert!(!g.host_allowed("api.example.org:9999"));
+        assert!(!g.host_allowed("evil.example.com"));
+        assert!(!g.host_allowed("localhost.evil.com"));
+        assert!(!g.host_allowed("[::2]:80"));
+    }
+
+    #[test]
+    fn origins() {
+        let g = guard(&[], &["https://app.example.org"]);
+        assert!(g.origin_allowed("http://localhost:3000"));
+        assert!(g.origin_allowed("http://127.0.0.1"));
+        assert!(g.origin_allowed("https://app.example.org/"));
+        assert!(!g.origin_allowed("https://evil.example.com"));
+        assert!(!g.origin_allowed("null"));
+        assert!(!g.origin_allowed("http://localhost.evil.com"));
+    }
+
+    #[test]
+    fn tokens() {
+        let g = guard(&[], &[]);
+        let mut h = HeaderMap::new();
+        assert!(!g.token_ok(&h));
+        h.insert(header::AUTHORIZATION, "Bearer wrong".parse().unwrap());
+        assert!(!g.token_ok(&h));
+        h.insert(header::AUTHORIZATION, "Bearer s3cret".parse().unwrap());
+        assert!(g.token_ok(&h));
+    }
+}

@@ -1,0 +1,203 @@
+//! The MCP front-end: one handler type, [`MailmuxServer`], serves stdio and
+//! streamable HTTP, and [`run`] ties it to the actors and to shutdown.
+//!
+//! Only this module knows rmcp. It turns tool calls into dispatcher calls and
+//! never talks SMTP itself.
+
+pub mod http;
+pub mod tools;
+pub mod transport;
+pub mod types;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use mailmux_actors::{ControlError, Dispatcher, RelayKind};
+use rmcp::handler::server::router::tool::ToolRouter;
+
+use crate::config::{Config, Sources};
+
+/// The MCP handler. Cheap to clone: every clone shares one state, so the HTTP
+/// transport can hand a clone to each session.
+#[derive(Clone)]
+pub struct MailmuxServer {
+    state: Arc<State>,
+    tool_router: ToolRouter<MailmuxServer>,
+}
+
+struct State {
+    dispatcher: Dispatcher,
+    /// Swapped whole by a reload; readers clone the `Arc` and never hold the
+    /// lock across an await.
+    config: RwLock<Arc<Config>>,
+    sources: Sources,
+    started: Instant,
+    /// Set when shutdown begins: new tool calls are refused from then on.
+    closing: AtomicBool,
+    /// Reloads run one at a time, so that two cannot interleave their diffs.
+    reload: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for MailmuxServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MailmuxServer")
+            .field("sources", &self.state.sources)
+            .field("closing", &self.is_closing())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MailmuxServer {
+    /// A handler over a running dispatcher. `sources` are read again by
+    /// `reload_smtp_configuration`.
+    pub fn new(dispatcher: Dispatcher, config: Config, sources: Sources) -> Self {
+        MailmuxServer {
+            state: Arc::new(State {
+                dispatcher,
+                config: RwLock::new(Arc::new(config)),
+                sources,
+                started: Instant::now(),
+                closing: AtomicBool::new(false),
+                reload: tokio::sync::Mutex::new(()),
+            }),
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    pub fn dispatcher(&self) -> &Dispatcher {
+        &self.state.dispatcher
+    }
+
+    /// The configuration in force now.
+    pub fn config(&self) -> Arc<Config> {
+        match self.state.config.read() {
+            Ok(c) => Arc::clone(&c),
+            // A panic while swapping cannot leave a half-written `Arc`.
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    fn set_config(&self, config: Config) {
+        let new = Arc::new(config);
+        match self.state.config.write() {
+            Ok(mut c) => *c = new,
+            Err(poisoned) => *poisoned.into_inner() = new,
+        }
+    }
+
+    /// Refuse new tool calls from now on (they get an `unavailable` error).
+    pub fn begin_shutdown(&self) {
+        self.state.closing.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.state.closing.load(Ordering::SeqCst)
+    }
+
+    /// Names of the configured relays, in configuration order.
+    pub fn relay_names(&self) -> Vec<String> {
+        self.config()
+            .dispatch
+            .relays
+            .iter()
+            .map(|r| r.name.clone())
+            .collect()
+    }
+}
+
+/// The loud notice for the embedded file relay, if it is in use.
+pub fn default_relay_warning(config: &Config) -> Option<String> {
+    if !config.default_relay {
+        return None;
+    }
+    let dir = config
+        .dispatch
+        .relays
+        .iter()
+        .find_map(|r| match &r.kind {
+            RelayKind::File { dir } => Some(dir.display().to_string()),
+            RelayKind::Smtp(_) => None,
+        })
+        .unwrap_or_else(|| "a local folder".into());
+    Some(format!(
+        "no SMTP relay is configured: mail is written as .eml files to {dir} and nothing is delivered"
+    ))
+}
+
+/// Which transport [`run`] serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// MCP over stdin and stdout; ends at the end of stdin.
+    Stdio,
+    /// Streamable HTTP at `/mcp`, plus `/health`.
+    Http { bind: SocketAddr, stateful: bool },
+}
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot start the relays")]
+    Start(#[source] ControlError),
+    #[error("cannot bind {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("transport failed")]
+    Transport(#[source] std::io::Error),
+}
+
+/// Runs the daemon until `shutdown` resolves (or, under stdio, stdin ends).
+///
+/// Shutdown order: refuse new calls, let deliveries in flight finish within
+/// `daemon.shutdown_grace` while the transport still carries their answers,
+/// stop the actors, then close the transport.
+pub async fn run(
+    config: Config,
+    sources: Sources,
+    transport: Transport,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    if let Some(warning) = default_relay_warning(&config) {
+        tracing::warn!("{warning}");
+    }
+    let dispatcher = Dispatcher::start(config.dispatch.clone())
+        .await
+        .map_err(RunError::Start)?;
+    tracing::info!(
+        relays = config.dispatch.relays.len(),
+        strategy = config.dispatch.router.strategy.as_str(),
+        sources = ?config.sources,
+        "mailmux started"
+    );
+    let server = MailmuxServer::new(dispatcher, config, sources);
+    match transport {
+        Transport::Stdio => transport::serve_stdio(server, shutdown).await,
+        Transport::Http { bind, stateful } => http::serve(server, bind, stateful, shutdown).await,
+    }
+}
+
+/// Refuses new calls and drains the dispatcher; logs what it found.
+pub async fn drain(server: &MailmuxServer) {
+    server.begin_shutdown();
+    let grace = server.config().daemon.shutdown_grace;
+    tracing::info!(grace = ?grace, "shutting down: no new calls, waiting for deliveries in flight");
+    let report = server.dispatcher().shutdown(grace).await;
+    if report.abandoned > 0 {
+        tracing::warn!(
+            in_flight = report.in_flight_at_start,
+            abandoned = report.abandoned,
+            "shutdown grace ran out with deliveries unfinished"
+        );
+    } else {
+        tracing::info!(
+            in_flight = report.in_flight_at_start,
+            abandoned = 0,
+            "all deliveries finished"
+        );
+    }
+}

@@ -1,0 +1,169 @@
+//! The stdio transport: MCP over stdin and stdout, with non-blocking pipes
+//! when the client launched us with pipes or sockets.
+//!
+//! Under stdio, stdout carries only MCP messages: nothing else in the daemon
+//! may write to it (logs go to stderr).
+
+use std::fs::File;
+use std::future::Future;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+
+use rmcp::ServiceExt;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{MailmuxServer, RunError, drain};
+
+/// A boxed reading half of a transport.
+pub type Reader = Box<dyn AsyncRead + Send + Unpin>;
+/// A boxed writing half of a transport.
+pub type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// How stdin and stdout are driven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StdioMode {
+    /// Both are pipes (FIFOs): tokio's non-blocking pipe driver on the reactor.
+    Pipe,
+    /// Both are Unix sockets (some clients use socket pairs): tokio's UnixStream.
+    Socket,
+    /// Anything else (files, terminals): tokio's stdin/stdout, which go
+    /// through blocking threads and are several times slower.
+    Blocking,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FdKind {
+    Fifo,
+    Socket,
+    Other,
+}
+
+fn fd_kind(fd: impl AsFd) -> FdKind {
+    let Ok(owned) = fd.as_fd().try_clone_to_owned() else {
+        return FdKind::Other;
+    };
+    match File::from(owned).metadata() {
+        Ok(m) if m.file_type().is_fifo() => FdKind::Fifo,
+        Ok(m) if m.file_type().is_socket() => FdKind::Socket,
+        _ => FdKind::Other,
+    }
+}
+
+/// Opens the pipe behind `fd` again through `/proc/self/fd`, non-blocking.
+/// A new open file description keeps `O_NONBLOCK` private to us: the parent
+/// and any child sharing the original descriptor keep their blocking mode.
+/// Falls back to a plain duplicate where `/proc` is unavailable.
+fn reopen_pipe(fd: impl AsFd, write: bool) -> std::io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd());
+    let reopened = std::fs::OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path);
+    match reopened {
+        Ok(f) => Ok(f.into()),
+        Err(_) => fd.as_fd().try_clone_to_owned(),
+    }
+}
+
+fn pipe_streams() -> std::io::Result<(Reader, Writer)> {
+    let rx =
+        tokio::net::unix::pipe::Receiver::from_owned_fd(reopen_pipe(std::io::stdin(), false)?)?;
+    let tx = tokio::net::unix::pipe::Sender::from_owned_fd(reopen_pipe(std::io::stdout(), true)?)?;
+    Ok((Box::new(rx), Box::new(tx)))
+}
+
+fn socket_streams() -> std::io::Result<(Reader, Writer)> {
+    let open = |fd: OwnedFd| -> std::io::Result<tokio::net::UnixStream> {
+        let std = std::os::unix::net::UnixStream::from(fd);
+        std.set_nonblocking(true)?;
+        tokio::net::UnixStream::from_std(std)
+    };
+    let rx = open(std::io::stdin().as_fd().try_clone_to_owned()?)?;
+    let tx = open(std::io::stdout().as_fd().try_clone_to_owned()?)?;
+    Ok((Box::new(rx), Box::new(tx)))
+}
+
+/// The fastest streams for this process's stdin and stdout. Must be called
+/// inside a tokio runtime.
+pub fn stdio_streams() -> (Reader, Writer, StdioMode) {
+    let kinds = (fd_kind(std::io::stdin()), fd_kind(std::io::stdout()));
+    let fast = match kinds {
+        (FdKind::Fifo, FdKind::Fifo) => pipe_streams().map(|(r, w)| (r, w, StdioMode::Pipe)),
+        (FdKind::Socket, FdKind::Socket) => {
+            socket_streams().map(|(r, w)| (r, w, StdioMode::Socket))
+        }
+        _ => Err(std::io::Error::other("not pipes")),
+    };
+    match fast {
+        Ok(streams) => streams,
+        Err(e) => {
+            if kinds.0 != FdKind::Other && kinds.1 != FdKind::Other {
+                tracing::debug!(error = %e, "non-blocking stdio unavailable");
+            }
+            let (r, w) = rmcp::transport::stdio();
+            (Box::new(r), Box::new(w), StdioMode::Blocking)
+        }
+    }
+}
+
+/// Serves MCP on stdin and stdout until stdin ends or `shutdown` resolves.
+pub async fn serve_stdio(
+    server: MailmuxServer,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    let (reader, writer, mode) = stdio_streams();
+    tracing::info!(mode = ?mode, "serving MCP on stdio");
+    serve_io(server, reader, writer, shutdown).await
+}
+
+/// Serves MCP over any byte streams (stdio, or a duplex in tests) until the
+/// reader ends or `shutdown` resolves, then drains the dispatcher.
+pub async fn serve_io<R, W>(
+    server: MailmuxServer,
+    reader: R,
+    writer: W,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError>
+where
+    R: AsyncRead + Send + Unpin + 'static,
+    W: AsyncWrite + Send + Unpin + 'static,
+{
+    tokio::pin!(shutdown);
+    let running = tokio::select! {
+        r = server.clone().serve((reader, writer)) => r,
+        () = &mut shutdown => {
+            tracing::info!("shutdown requested before the client initialized");
+            drain(&server).await;
+            return Ok(());
+        }
+    };
+    let running = match running {
+        Ok(r) => r,
+        Err(e) => {
+            // A client that leaves before initializing is not a daemon fault.
+            tracing::info!(error = %e, "the MCP session ended during initialization");
+            drain(&server).await;
+            return Ok(());
+        }
+    };
+    let cancel = running.cancellation_token();
+    let waiting = running.waiting();
+    tokio::pin!(waiting);
+    tokio::select! {
+        r = &mut waiting => {
+            tracing::info!(reason = ?r.as_ref().map(|q| format!("{q:?}")), "stdin closed");
+            drain(&server).await;
+        }
+        () = &mut shutdown => {
+            tracing::info!("shutdown signal received");
+            // Deliveries in flight finish first, while the transport can still
+            // carry their results; only then does the session close.
+            drain(&server).await;
+            cancel.cancel();
+            let _ = waiting.await;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,570 @@
+//! Parameter and result types of the MCP tools, with their JSON schemas.
+//!
+//! These are the only shapes an MCP client sees; they map the actors' plain
+//! Rust views to JSON and must never carry a secret.
+
+use std::time::Duration;
+
+use mailmux_actors::{
+    Attempt, FailureClass, ProbeReport, Rejected, RelayStatus, Report, Selection, Snapshot,
+};
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::compose::{ComposeError, Draft, Preview};
+
+/// Tool arguments that always deserialize: a shape error becomes a tool
+/// result with `isError` instead of a JSON-RPC fault, so an agent sees it.
+/// The schema is the wrapped type's.
+#[derive(Debug)]
+pub struct Checked<T>(pub Result<T, String>);
+
+impl<'de, T: serde::de::DeserializeOwned> Deserialize<'de> for Checked<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(d)?;
+        Ok(Checked(
+            serde_json::from_value(value).map_err(|e| e.to_string()),
+        ))
+    }
+}
+
+impl<T: JsonSchema> JsonSchema for Checked<T> {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        T::schema_name()
+    }
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        T::json_schema(generator)
+    }
+}
+
+/// Arguments of `send_email`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+pub struct SendEmailParams {
+    #[serde(flatten)]
+    pub draft: Draft,
+    /// Try this relay first (a name from `get_smtp_status`).
+    #[serde(default)]
+    pub relay: Option<String>,
+    /// Validate and render only: return the preview, the envelope and the
+    /// relay that would take the message, and send nothing.
+    #[serde(default)]
+    pub dry_run: Option<bool>,
+}
+
+/// Arguments naming one relay, or none for all of them.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+pub struct ServerNameParams {
+    /// A relay name; omit for every relay. `switch_smtp_server` also takes
+    /// `"auto"` to unpin.
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+/// A tool failure an agent can act on: a stable code and a sentence.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
+pub struct ToolError {
+    /// Stable code: `invalid_input`, `unknown_relay`, `unavailable`,
+    /// `invalid_config`, or a delivery failure (`rejected`,
+    /// `all_relays_failed`, `busy`, `deadline_exceeded`, `too_large`,
+    /// `smtputf8_unsupported`).
+    pub code: String,
+    pub message: String,
+    /// The parameter at fault (`invalid_input`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// The rule it broke (`invalid_input`), e.g. `invalid_address`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// The valid relay names (`unknown_relay`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub valid: Option<Vec<String>>,
+    /// The failure class of the last attempt (`relay_fault`, `transient`,
+    /// `permanent`, `unknown`, `busy`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    /// The SMTP reply that decided it, if there was one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply: Option<SmtpReply>,
+}
+
+impl ToolError {
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        ToolError {
+            code: code.into(),
+            message: message.into(),
+            ..Default::default()
+        }
+    }
+
+    pub fn unknown_relay(name: &str, valid: Vec<String>) -> Self {
+        ToolError {
+            message: format!("unknown relay {name:?}; valid relays: {}", valid.join(", ")),
+            valid: Some(valid),
+            ..ToolError::new("unknown_relay", "")
+        }
+    }
+
+    pub fn invalid_input(e: &ComposeError) -> Self {
+        ToolError {
+            field: Some(e.field.clone()),
+            rule: Some(e.rule.to_string()),
+            ..ToolError::new("invalid_input", e.to_string())
+        }
+    }
+
+    pub fn unavailable() -> Self {
+        ToolError::new(
+            "unavailable",
+            "mailmux is shutting down and takes no new calls; retry on another instance or later",
+        )
+    }
+}
+
+/// An SMTP reply.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct SmtpReply {
+    pub code: u16,
+    pub text: String,
+}
+
+/// Every result type carries an optional error, so that an `isError` result
+/// still matches the tool's output schema.
+pub trait ToolOutput: Serialize + Default {
+    fn error(&self) -> Option<&ToolError>;
+    fn set_error(&mut self, e: ToolError);
+    fn from_error(e: ToolError) -> Self {
+        let mut out = Self::default();
+        out.set_error(e);
+        out
+    }
+}
+
+macro_rules! tool_output {
+    ($($t:ty),*) => {$(
+        impl ToolOutput for $t {
+            fn error(&self) -> Option<&ToolError> { self.error.as_ref() }
+            fn set_error(&mut self, e: ToolError) { self.error = Some(e); }
+        }
+    )*};
+}
+
+/// Overall outcome of `send_email`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SendStatus {
+    /// Every recipient accepted.
+    Sent,
+    /// Some recipients accepted, others refused (see `rejected`).
+    Partial,
+    /// The connection was lost after the message was sent: it may have been
+    /// delivered. Do not resend blindly.
+    Unknown,
+    /// Not delivered (see `error`).
+    #[default]
+    Failed,
+    /// Rendered only (`dry_run`); nothing was sent.
+    DryRun,
+}
+
+impl SendStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SendStatus::Sent => "sent",
+            SendStatus::Partial => "partial",
+            SendStatus::Unknown => "unknown",
+            SendStatus::Failed => "failed",
+            SendStatus::DryRun => "dry_run",
+        }
+    }
+}
+
+/// A recipient the server refused.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct RejectedRecipient {
+    pub address: String,
+    pub code: u16,
+    pub text: String,
+}
+
+/// One relay's try at the message.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct AttemptOut {
+    pub relay: String,
+    /// `delivered`, or the failure class.
+    pub class: String,
+    /// The SMTP reply code that decided the attempt, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<u16>,
+    /// The SMTP reply text, or what happened.
+    pub text: String,
+    pub duration_ms: u64,
+}
+
+/// The SMTP envelope of a message.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
+pub struct Envelope {
+    pub from: String,
+    pub recipients: Vec<String>,
+}
+
+/// Result of `send_email`.
+#[derive(Debug, Clone, Default, Serialize, JsonSchema)]
+pub struct SendResult {
+    pub status: SendStatus,
+    /// Message-ID header value, without angle brackets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    /// The relay that took the message (or would, for a dry run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
+    pub accepted: Vec<String>,
+    pub rejected: Vec<RejectedRecipient>,
+    pub attempts: Vec<AttemptOut>,
+    /// What the agent should know when the status is not `sent`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub envelope: Option<Envelope>,
+    /// The rendered message (`dry_run` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preview: Option<Preview>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ToolError>,
+}
+
+pub fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn secs(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0).round() / 1000.0
+}
+
+fn class_str(class: Option<FailureClass>) -> String {
+    class.map_or("delivered", FailureClass::as_str).to_string()
+}
+
+impl From<&Attempt> for AttemptOut {
+    fn from(a: &Attempt) -> Self {
+        let text = match &a.reply {
+            Some(r) if a.detail.is_empty() => r.text.clone(),
+            Some(r) => format!("{} ({})", r.text, a.detail),
+            None => a.detail.clone(),
+        };
+        AttemptOut {
+            relay: a.relay.clone(),
+            class: class_str(a.class),
+            code: a.reply.as_ref().map(|r| r.code),
+            text,
+            duration_ms: millis(a.duration),
+        }
+    }
+}
+
+impl From<&Rejected> for RejectedRecipient {
+    fn from(r: &Rejected) -> Self {
+        RejectedRecipient {
+            address: r.address.clone(),
+            code: r.reply.code,
+            text: r.reply.text.clone(),
+        }
+    }
+}
+
+impl SendResult {
+    /// Maps a delivery report; a failed report gets a structured error whose
+    /// class and reply come from the last attempt.
+    pub fn from_report(report: &Report, envelope: Envelope) -> Self {
+        let status = match report.status {
+            mailmux_actors::Status::Sent => SendStatus::Sent,
+            mailmux_actors::Status::Partial => SendStatus::Partial,
+            mailmux_actors::Status::Unknown => SendStatus::Unknown,
+            mailmux_actors::Status::Failed => SendStatus::Failed,
+        };
+        let error = (status == SendStatus::Failed).then(|| {
+            let last = report.attempts.last();
+            ToolError {
+                class: last.and_then(|a| a.class).map(|c| c.as_str().to_string()),
+                reply: last.and_then(|a| a.reply.as_ref()).map(|r| SmtpReply {
+                    code: r.code,
+                    text: r.text.clone(),
+                }),
+                ..ToolError::new(
+                    report.failure.map_or("all_relays_failed", |f| f.code()),
+                    report
+                        .message
+                        .clone()
+                        .unwrap_or_else(|| "the message was not delivered".into()),
+                )
+            }
+        });
+        SendResult {
+            status,
+            message_id: Some(report.message_id.clone()),
+            relay: report.relay.clone(),
+            accepted: report.accepted.clone(),
+            rejected: report.rejected.iter().map(Into::into).collect(),
+            attempts: report.attempts.iter().map(Into::into).collect(),
+            message: report.message.clone(),
+            envelope: Some(envelope),
+            preview: None,
+            error,
+        }
+    }
+}
+
+/// Delivery counters of one relay.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
+pub struct CountersOut {
+    pub sent: u64,
+    pub partial: u64,
+    pub relay_fault: u64,
+    pub transient: u64,
+    pub permanent: u64,
+    pub unknown: u64,
+    pub busy: u64,
+    pub failovers_out: u64,
+}
+
+/// Delivery latency percentiles, in milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
+pub struct LatencyOut {
+    pub count: u64,
+    pub p50_ms: u64,
+    pub p90_ms: u64,
+    pub p99_ms: u64,
+    pub max_ms: u64,
+}
+
+/// One relay in `get_smtp_status`.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct RelayOut {
+    pub name: String,
+    /// `smtp` or `file`.
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// `none`, `opportunistic`, `starttls` or `implicit`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<String>,
+    /// The folder of a `file` relay.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
+    pub priority: i32,
+    pub weight: u32,
+    /// `healthy`, `backing_off`, `circuit_open` or `disabled`.
+    pub state: String,
+    pub consecutive_failures: u32,
+    /// Seconds until the relay is tried again, when it is not healthy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_retry_secs: Option<f64>,
+    pub in_flight: usize,
+    pub connections: usize,
+    pub counters: CountersOut,
+    pub latency: LatencyOut,
+    pub restarts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+impl From<&RelayStatus> for RelayOut {
+    fn from(r: &RelayStatus) -> Self {
+        let c = &r.counters;
+        let l = &r.latency;
+        RelayOut {
+            name: r.name.clone(),
+            kind: r.kind.to_string(),
+            host: r.host.clone(),
+            port: r.port,
+            tls: r.tls.map(str::to_string),
+            dir: r.dir.clone(),
+            priority: r.priority,
+            weight: r.weight,
+            state: r.state.as_str().to_string(),
+            consecutive_failures: r.consecutive_failures,
+            next_retry_secs: r.state.retry_in().map(secs),
+            in_flight: r.in_flight,
+            connections: r.connections,
+            counters: CountersOut {
+                sent: c.sent,
+                partial: c.partial,
+                relay_fault: c.relay_fault,
+                transient: c.transient,
+                permanent: c.permanent,
+                unknown: c.unknown,
+                busy: c.busy,
+                failovers_out: c.failovers_out,
+            },
+            latency: LatencyOut {
+                count: l.count,
+                p50_ms: millis(l.p50),
+                p90_ms: millis(l.p90),
+                p99_ms: millis(l.p99),
+                max_ms: millis(l.max),
+            },
+            restarts: r.restarts,
+            last_error: r.last_error.clone(),
+        }
+    }
+}
+
+/// Result of `get_smtp_status`.
+#[derive(Debug, Clone, Default, Serialize, JsonSchema)]
+pub struct StatusResult {
+    pub version: String,
+    pub uptime_secs: u64,
+    /// The relay selection strategy.
+    pub strategy: String,
+    /// The pinned relay, if any (`switch_smtp_server`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
+    /// Messages being delivered now, across all relays.
+    pub in_flight: usize,
+    pub router_restarts: u32,
+    /// Where the configuration came from, in order.
+    pub config_sources: Vec<String>,
+    /// True when no relay is configured and mail goes to local files.
+    pub default_relay: bool,
+    /// Set when something needs the operator's attention, such as the
+    /// embedded file relay delivering nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+    pub relays: Vec<RelayOut>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ToolError>,
+}
+
+/// One relay's probe.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct ProbeOut {
+    pub relay: String,
+    pub reachable: bool,
+    /// Whether the session ended up encrypted.
+    pub tls: bool,
+    /// AUTH succeeded (`true`), failed (`false`), or none configured (absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth: Option<bool>,
+    pub latency_ms: u64,
+    /// The failure class, when the probe failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_class: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_text: Option<String>,
+}
+
+impl From<&ProbeReport> for ProbeOut {
+    fn from(p: &ProbeReport) -> Self {
+        ProbeOut {
+            relay: p.relay.clone(),
+            reachable: p.reachable,
+            tls: p.tls,
+            auth: p.auth,
+            latency_ms: millis(p.latency),
+            error_class: p.error.as_ref().map(|(c, _)| c.as_str().to_string()),
+            error_text: p.error.as_ref().map(|(_, t)| t.clone()),
+        }
+    }
+}
+
+/// Result of `test_smtp_connection`.
+#[derive(Debug, Clone, Default, Serialize, JsonSchema)]
+pub struct ProbeResult {
+    /// Every probed relay answered and authenticated.
+    pub ok: bool,
+    pub relays: Vec<ProbeOut>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ToolError>,
+}
+
+/// Result of `switch_smtp_server`.
+#[derive(Debug, Clone, Default, Serialize, JsonSchema)]
+pub struct SwitchResult {
+    /// The pinned relay; absent under automatic selection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
+    /// The relay the next message would go to, if any is available.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+    pub strategy: String,
+    /// Every relay name, for the next call.
+    pub relays: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ToolError>,
+}
+
+impl SwitchResult {
+    pub fn from_selection(s: &Selection, relays: Vec<String>) -> Self {
+        SwitchResult {
+            pinned: s.pinned.clone(),
+            next: s.next.clone(),
+            strategy: s.strategy.as_str().to_string(),
+            relays,
+            error: None,
+        }
+    }
+}
+
+/// Result of `reload_smtp_configuration`.
+#[derive(Debug, Clone, Default, Serialize, JsonSchema)]
+pub struct ReloadResult {
+    /// Whether the new configuration is now in force.
+    pub reloaded: bool,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+    /// The strategy or attempt limit changed.
+    pub router_changed: bool,
+    /// Daemon settings (composition rules, deadlines) changed.
+    pub daemon_changed: bool,
+    pub config_sources: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ToolError>,
+}
+
+/// One relay after `reconnect_smtp_servers`.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct RelayStateOut {
+    pub name: String,
+    pub state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_retry_secs: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// Result of `reconnect_smtp_servers`.
+#[derive(Debug, Clone, Default, Serialize, JsonSchema)]
+pub struct ReconnectResult {
+    pub relays: Vec<RelayStateOut>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ToolError>,
+}
+
+impl ReconnectResult {
+    pub fn from_snapshot(s: &Snapshot) -> Self {
+        ReconnectResult {
+            relays: s
+                .relays
+                .iter()
+                .map(|r| RelayStateOut {
+                    name: r.name.clone(),
+                    state: r.state.as_str().to_string(),
+                    next_retry_secs: r.state.retry_in().map(secs),
+                    last_error: r.last_error.clone(),
+                })
+                .collect(),
+            error: None,
+        }
+    }
+}
+
+tool_output!(
+    SendResult,
+    StatusResult,
+    ProbeResult,
+    SwitchResult,
+    ReloadResult,
+    ReconnectResult
+);

@@ -1,0 +1,140 @@
+//! Shared helpers of the daemon's black-box tests: an aiosmtpd child that
+//! keeps what it receives in a maildir, and a configuration built in code.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mailmux::compose::ComposePolicy;
+use mailmux::config::{Config, DaemonSettings, HttpSettings};
+use mailmux_actors::{RelaySettings, Settings, Timeouts};
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().unwrap().port()
+}
+
+fn wait_listening(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("nothing listens on {addr}");
+}
+
+/// `python3 -m aiosmtpd` with the Mailbox handler on a free loopback port.
+/// Killed on drop.
+pub struct Aiosmtpd {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Aiosmtpd {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Extra arguments go before the handler (e.g. `-u` for SMTPUTF8).
+    pub fn start_with(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new("python3")
+            .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}")])
+            .args(extra)
+            .args(["-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(dir.path().join("mail"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 -m aiosmtpd");
+        wait_listening(port);
+        Aiosmtpd { port, dir, child }
+    }
+
+    pub fn maildir(&self) -> PathBuf {
+        self.dir.path().join("mail").join("new")
+    }
+
+    /// Every message received so far, as text.
+    pub fn messages(&self) -> Vec<String> {
+        read_maildir(&self.maildir())
+    }
+
+    /// Waits until `n` messages are there (the server writes after replying).
+    pub fn wait_messages(&self, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let m = self.messages();
+            if m.len() >= n || Instant::now() > deadline {
+                return m;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+pub fn read_maildir(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return vec![];
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .collect()
+}
+
+impl Drop for Aiosmtpd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain-text relay to 127.0.0.1:`port` with short timeouts.
+pub fn relay(name: &str, port: u16, priority: i32) -> RelaySettings {
+    let mut r = RelaySettings::smtp(name, "127.0.0.1", port);
+    r.priority = priority;
+    r.timeouts = Timeouts::uniform(Duration::from_secs(3));
+    r
+}
+
+/// A configuration built in code, with the given relays.
+pub fn config(relays: Vec<RelaySettings>) -> Config {
+    Config {
+        dispatch: Settings {
+            relays,
+            router: Default::default(),
+            supervisor: Default::default(),
+            limits: Default::default(),
+        },
+        daemon: DaemonSettings {
+            send_deadline: Duration::from_secs(15),
+            shutdown_grace: Duration::from_secs(5),
+            compose: ComposePolicy {
+                default_from: Some("sender@example.org".into()),
+                ..ComposePolicy::default()
+            },
+            http: HttpSettings {
+                bind: "127.0.0.1:0".parse().unwrap(),
+                token: None,
+                allowed_hosts: vec![],
+                allowed_origins: vec![],
+                body_limit: 4 * 1024 * 1024,
+                stateful: true,
+            },
+            log_level: None,
+        },
+        default_relay: false,
+        sources: vec!["test".into()],
+        redacted: serde_json::json!({}),
+    }
+}

@@ -1,0 +1,290 @@
+//! Streamable HTTP end to end: rmcp's HTTP client against the daemon (the
+//! binary, and in process), plus raw requests for the Host, Origin, token and
+//! body-size checks and `/health`.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Aiosmtpd, config, free_port, relay};
+use mailmux::config::Sources;
+use mailmux::mcp::MailmuxServer;
+use mailmux_actors::{Dispatcher, Secret};
+use rmcp::ServiceExt;
+use rmcp::model::CallToolRequestParams;
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+const TOKEN: &str = "test-token-8d1f";
+
+async fn wait_health(base: &str) {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = client.get(format!("{base}/health")).send().await
+            && r.status().as_u16() != 0
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{base} never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn mcp_call(url: &str, token: Option<&str>, tool: &str, args: Value) -> (bool, Value) {
+    let mut cfg = StreamableHttpClientTransportConfig::with_uri(url.to_string());
+    if let Some(t) = token {
+        cfg = cfg.auth_header(t.to_string());
+    }
+    let transport = StreamableHttpClientTransport::from_config(cfg);
+    let client = ().serve(transport).await.expect("client initializes over HTTP");
+    let mut params = CallToolRequestParams::new(tool.to_string());
+    if let Value::Object(map) = args {
+        params = params.with_arguments(map);
+    }
+    let result = tokio::time::timeout(Duration::from_secs(60), client.call_tool(params))
+        .await
+        .expect("answer within 60 s")
+        .expect("no protocol error");
+    let _ = client.cancel().await;
+    (
+        result.is_error.unwrap_or(false),
+        result.structured_content.expect("structured content"),
+    )
+}
+
+/// The daemon in process on a free port, with a token and a small body limit.
+async fn in_process(
+    smtp: &Aiosmtpd,
+    stateful: bool,
+) -> (String, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let mut cfg = config(vec![relay("primary", smtp.port, 100)]);
+    cfg.daemon.http.token = Some(Secret::new(TOKEN));
+    cfg.daemon.http.body_limit = 64 * 1024;
+    cfg.daemon.http.allowed_origins = vec!["https://app.example.org".into()];
+    let dispatcher = Dispatcher::start(cfg.dispatch.clone()).await.unwrap();
+    let server = MailmuxServer::new(dispatcher, cfg, Sources::default());
+    let port = free_port();
+    let addr = ([127, 0, 0, 1], port).into();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        mailmux::mcp::http::serve(server, addr, stateful, async {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("serves");
+    });
+    let base = format!("http://127.0.0.1:{port}");
+    wait_health(&base).await;
+    (base, stop, task)
+}
+
+fn init_body() -> Value {
+    json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{
+        "protocolVersion":"2025-06-18","capabilities":{},
+        "clientInfo":{"name":"raw","version":"1"}}})
+}
+
+fn post(client: &reqwest::Client, url: &str) -> reqwest::RequestBuilder {
+    client
+        .post(url)
+        .header("Accept", "application/json, text/event-stream")
+        .header("Content-Type", "application/json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guards_token_host_origin_and_body_limit() {
+    let smtp = Aiosmtpd::start();
+    let (base, stop, task) = in_process(&smtp, true).await;
+    let url = format!("{base}/mcp");
+    let http = reqwest::Client::new();
+    let body = init_body().to_string();
+
+    let r = post(&http, &url).body(body.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 401, "no token");
+    assert!(r.headers().get("www-authenticate").is_some());
+    let r = post(&http, &url)
+        .bearer_auth("wrong")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "wrong token");
+    let r = post(&http, &url)
+        .bearer_auth(TOKEN)
+        .header("Origin", "https://evil.example.com")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "foreign origin");
+    let r = post(&http, &url)
+        .bearer_auth(TOKEN)
+        .header("Host", "evil.example.com")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "foreign host");
+    // Refused from the headers alone, before any of the body is read.
+    let port = base.rsplit(':').next().unwrap();
+    let mut raw = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n\
+         Content-Length: {}\r\n\r\n",
+        65 * 1024
+    );
+    raw.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 64];
+    let n = raw.read(&mut answer).await.unwrap();
+    let status_line = String::from_utf8_lossy(&answer[..n]);
+    assert!(status_line.starts_with("HTTP/1.1 413"), "{status_line}");
+
+    // Allowed: a listed origin, a loopback origin, the right token.
+    for origin in ["https://app.example.org", "http://localhost:5173"] {
+        let r = post(&http, &url)
+            .bearer_auth(TOKEN)
+            .header("Origin", origin)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{origin}");
+    }
+
+    // /health needs no token but still checks Host.
+    let r = http.get(format!("{base}/health")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let health: Value = r.json().await.unwrap();
+    assert_eq!(health["ok"], true);
+    assert_eq!(
+        health["relays"],
+        json!([{"name": "primary", "state": "healthy"}])
+    );
+    let r = http
+        .get(format!("{base}/health"))
+        .header("Host", "evil.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+
+    // The MCP client with the token works.
+    let (is_error, out) = mcp_call(&url, Some(TOKEN), "get_smtp_status", json!({})).await;
+    assert!(!is_error);
+    assert_eq!(out["relays"][0]["name"], "primary");
+
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(15), task)
+        .await
+        .expect("stops")
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stateless_mode_sends() {
+    let smtp = Aiosmtpd::start();
+    let (base, stop, task) = in_process(&smtp, false).await;
+    let url = format!("{base}/mcp");
+    let (is_error, out) = mcp_call(
+        &url,
+        Some(TOKEN),
+        "send_email",
+        json!({"to": "rcpt@example.org", "subject": "stateless", "body": "hi"}),
+    )
+    .await;
+    assert!(!is_error, "{out}");
+    assert_eq!(out["status"], "sent");
+    let id = out["message_id"].as_str().unwrap();
+    let m = smtp.wait_messages(1);
+    assert_eq!(m.len(), 1);
+    assert!(m[0].contains(&format!("<{id}>")));
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+}
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_serves_http_with_a_token() {
+    let smtp = Aiosmtpd::start();
+    let port = free_port();
+    let logs = tempfile::NamedTempFile::new().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_mailmux"))
+        .args(["serve", "--http", &format!("127.0.0.1:{port}")])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("SMTP_HOST", "127.0.0.1")
+        .env("SMTP_PORT", smtp.port.to_string())
+        .env("SMTP_USE_TLS", "false")
+        .env("SMTP_FROM_EMAIL", "sender@example.org")
+        .env("MAILMUX_HTTP_TOKEN", TOKEN)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(logs.path()).unwrap())
+        .spawn()
+        .unwrap();
+    let mut daemon = Daemon(child);
+    let base = format!("http://127.0.0.1:{port}");
+    wait_health(&base).await;
+    let url = format!("{base}/mcp");
+
+    let http = reqwest::Client::new();
+    let r = post(&http, &url)
+        .body(init_body().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    let (is_error, out) = mcp_call(
+        &url,
+        Some(TOKEN),
+        "send_email",
+        json!({"to": ["rcpt@example.org"], "subject": "over http", "body": "hello"}),
+    )
+    .await;
+    assert!(!is_error, "{out}");
+    assert_eq!(out["status"], "sent");
+    let id = out["message_id"].as_str().unwrap();
+    let m = smtp.wait_messages(1);
+    assert_eq!(m.len(), 1);
+    assert!(m[0].contains(&format!("<{id}>")));
+    assert!(m[0].contains("Subject: over http"));
+
+    // SIGTERM: drains and exits 0.
+    let pid = daemon.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = daemon.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let logs = std::fs::read_to_string(logs.path()).unwrap();
+    assert!(status.success(), "{status:?}\n{logs}");
+    assert!(logs.contains("SIGTERM received"), "{logs}");
+    assert!(logs.contains("all deliveries finished"), "{logs}");
+}

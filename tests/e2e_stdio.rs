@@ -1,0 +1,184 @@
+//! The `mailmux` binary over stdio: through pipes with the official MCP Python
+//! SDK (tests/e2e_stdio.py), and with stdin and stdout as plain files.
+
+mod common;
+
+use std::process::{Command, Stdio};
+
+use common::Aiosmtpd;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mailmux");
+
+fn seed_env(cmd: &mut Command, port: u16) {
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("SMTP_HOST", "127.0.0.1")
+        .env("SMTP_PORT", port.to_string())
+        .env("SMTP_USE_TLS", "false")
+        .env("SMTP_FROM_EMAIL", "sender@example.org")
+        .env("RUST_LOG", "info");
+}
+
+#[test]
+fn python_sdk_over_pipes_delivers_a_full_message() {
+    let smtp = Aiosmtpd::start();
+    let maildir = smtp.dir.path().join("mail");
+    let out = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e_stdio.py"))
+        .arg(BIN)
+        .arg(smtp.port.to_string())
+        .arg(&maildir)
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "e2e_stdio.py failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+}
+
+#[test]
+fn stdin_and_stdout_as_files_use_the_blocking_path() {
+    let smtp = Aiosmtpd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let output = dir.path().join("out.jsonl");
+    let errors = dir.path().join("err.log");
+    let lines = [
+        r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"file-test","version":"1"}}}"#,
+        r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+        r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#,
+        r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"get_smtp_status","arguments":{}}}"#,
+        r#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"send_email","arguments":{"to":"rcpt@example.org","subject":"from a file","body":"hello"}}}"#,
+    ];
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let mut cmd = Command::new(BIN);
+    seed_env(&mut cmd, smtp.port);
+    let status = cmd
+        .arg("serve")
+        .stdin(std::fs::File::open(&input).unwrap())
+        .stdout(std::fs::File::create(&output).unwrap())
+        .stderr(std::fs::File::create(&errors).unwrap())
+        .status()
+        .expect("mailmux runs");
+    let logs = std::fs::read_to_string(&errors).unwrap();
+    assert!(status.success(), "exit {status:?}\n{logs}");
+    assert!(logs.contains("mode=Blocking"), "{logs}");
+
+    let out = std::fs::read_to_string(&output).unwrap();
+    let mut by_id = std::collections::HashMap::new();
+    for line in out.lines().filter(|l| !l.trim().is_empty()) {
+        // stdout carries only JSON-RPC: every line parses.
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        if let Some(id) = v.get("id").and_then(Value::as_u64) {
+            by_id.insert(id, v);
+        }
+    }
+    for id in 1..=4 {
+        assert!(by_id.contains_key(&id), "no answer to {id}:\n{out}\n{logs}");
+    }
+    assert_eq!(by_id[&2]["result"]["tools"].as_array().unwrap().len(), 6);
+    let send = &by_id[&4]["result"];
+    assert_eq!(send["isError"], false, "{send}");
+    assert_eq!(send["structuredContent"]["status"], "sent", "{send}");
+    let id = send["structuredContent"]["message_id"].as_str().unwrap();
+    let messages = smtp.wait_messages(1);
+    assert_eq!(messages.len(), 1);
+    assert!(messages[0].contains(&format!("<{id}>")));
+}
+
+#[test]
+fn sigterm_drains_and_exits_zero() {
+    let smtp = Aiosmtpd::start();
+    let mut cmd = Command::new(BIN);
+    seed_env(&mut cmd, smtp.port);
+    let dir = tempfile::tempdir().unwrap();
+    let errors = dir.path().join("err.log");
+    let mut child = cmd
+        .arg("serve")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&errors).unwrap())
+        .spawn()
+        .unwrap();
+    // Wait until it serves, then ask it to stop.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !std::fs::read_to_string(&errors)
+        .unwrap_or_default()
+        .contains("serving MCP on stdio")
+    {
+        assert!(std::time::Instant::now() < deadline, "never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    let logs = std::fs::read_to_string(&errors).unwrap();
+    assert!(status.success(), "exit {status:?}\n{logs}");
+    assert!(logs.contains("SIGTERM received"), "{logs}");
+    assert!(logs.contains("in_flight=0"), "{logs}");
+}
+
+#[test]
+fn socket_pair_stdio_uses_the_socket_path() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::UnixStream;
+
+    let smtp = Aiosmtpd::start();
+    let (mut ours, theirs) = UnixStream::pair().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let errors = dir.path().join("err.log");
+    let mut cmd = Command::new(BIN);
+    seed_env(&mut cmd, smtp.port);
+    let mut child = cmd
+        .arg("serve")
+        .stdin(Stdio::from(OwnedFd::from(theirs.try_clone().unwrap())))
+        .stdout(Stdio::from(OwnedFd::from(theirs)))
+        .stderr(std::fs::File::create(&errors).unwrap())
+        .spawn()
+        .unwrap();
+    let lines = [
+        r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"socket-test","version":"1"}}}"#,
+        r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+        r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"send_email","arguments":{"to":"rcpt@example.org","subject":"over a socket","body":"hello"}}}"#,
+    ];
+    ours.write_all((lines.join("\n") + "\n").as_bytes())
+        .unwrap();
+    ours.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut reader = BufReader::new(ours.try_clone().unwrap());
+    let mut send = None;
+    while send.is_none() {
+        let mut line = String::new();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "stdout closed early"
+        );
+        let v: Value = serde_json::from_str(&line).unwrap();
+        if v["id"] == 2 {
+            send = Some(v);
+        }
+    }
+    // End of stdin: the daemon drains and exits 0.
+    ours.shutdown(std::net::Shutdown::Write).unwrap();
+    let status = child.wait().unwrap();
+    let logs = std::fs::read_to_string(&errors).unwrap();
+    assert!(status.success(), "{status:?}\n{logs}");
+    assert!(logs.contains("mode=Socket"), "{logs}");
+    let send = send.unwrap();
+    assert_eq!(
+        send["result"]["structuredContent"]["status"], "sent",
+        "{send}"
+    );
+    assert_eq!(smtp.wait_messages(1).len(), 1);
+}

@@ -1,0 +1,132 @@
+//! Secrets never reach the logs: a send and a probe through a relay that
+//! needs AUTH, with every log level on, and no trace of the password.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use common::free_port;
+
+const USER: &str = "mailuser";
+const PASSWORD: &str = "Pa55-w0rd-zq81";
+
+struct AuthSmtpd {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl AuthSmtpd {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut child = Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/aiosmtpd_auth.py"
+            ))
+            .arg(port.to_string())
+            .arg(dir.path().join("mail"))
+            .args([USER, PASSWORD])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while line.trim() != "ready" {
+            line.clear();
+            assert!(
+                out.read_line(&mut line).unwrap() > 0,
+                "auth smtpd did not start"
+            );
+        }
+        AuthSmtpd { child, port, dir }
+    }
+}
+
+impl Drop for AuthSmtpd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mailmux(smtp: &AuthSmtpd, args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mailmux"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("SMTP_HOST", "127.0.0.1")
+        .env("SMTP_PORT", smtp.port.to_string())
+        .env("SMTP_USE_TLS", "false")
+        .env("SMTP_USERNAME", USER)
+        .env("SMTP_PASSWORD", PASSWORD)
+        .env("SMTP_FROM_EMAIL", "sender@example.org")
+        .env("RUST_LOG", "trace")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn assert_no_secret(what: &str, text: &str) {
+    let plain = STANDARD.encode(format!("\0{USER}\0{PASSWORD}"));
+    let login = STANDARD.encode(PASSWORD);
+    for needle in [
+        PASSWORD,
+        plain.as_str(),
+        login.as_str(),
+        plain.trim_end_matches('='),
+    ] {
+        assert!(
+            !text.contains(needle),
+            "{what} contains a secret ({needle}):\n{text}"
+        );
+    }
+}
+
+#[test]
+fn password_never_appears_in_logs_or_output() {
+    let smtp = AuthSmtpd::start();
+    let (status, stdout, stderr) = mailmux(
+        &smtp,
+        &[
+            "send",
+            "--to",
+            "rcpt@example.org",
+            "--subject",
+            "auth",
+            "--body",
+            "hello",
+        ],
+    );
+    assert!(status.success(), "send failed:\n{stdout}\n{stderr}");
+    let result: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(result["status"], "sent");
+    assert!(stderr.contains("send finished"), "{stderr}");
+    assert_eq!(
+        common::read_maildir(&smtp.dir.path().join("mail/new")).len(),
+        1
+    );
+    assert_no_secret("send stderr", &stderr);
+    assert_no_secret("send stdout", &stdout);
+
+    let (status, stdout, stderr) = mailmux(&smtp, &["check"]);
+    assert!(status.success(), "check failed:\n{stdout}\n{stderr}");
+    assert_no_secret("check stderr", &stderr);
+    assert_no_secret("check stdout", &stdout);
+
+    let (status, stdout, stderr) = mailmux(&smtp, &["config"]);
+    assert!(status.success(), "config failed:\n{stdout}\n{stderr}");
+    assert_no_secret("config stdout", &stdout);
+    assert_no_secret("config stderr", &stderr);
+}

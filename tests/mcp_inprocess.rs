@@ -1,0 +1,474 @@
+//! The MCP tools end to end in one process: rmcp's client over an in-memory
+//! duplex, the real dispatcher, and aiosmtpd receiving over loopback.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Aiosmtpd, config, free_port, relay};
+use mailmux::config::Sources;
+use mailmux::mcp::MailmuxServer;
+use mailmux_actors::{Credentials, Dispatcher, RelayKind, Secret};
+use rmcp::model::CallToolRequestParams;
+use rmcp::service::RunningService;
+use rmcp::{RoleClient, ServiceExt};
+use serde_json::{Value, json};
+
+struct Harness {
+    client: RunningService<RoleClient, ()>,
+    server: MailmuxServer,
+}
+
+async fn harness_with(cfg: mailmux::config::Config, sources: Sources) -> Harness {
+    let dispatcher = Dispatcher::start(cfg.dispatch.clone())
+        .await
+        .expect("dispatcher starts");
+    let server = MailmuxServer::new(dispatcher, cfg, sources);
+    let (client_io, server_io) = tokio::io::duplex(1 << 20);
+    let (r, w) = tokio::io::split(server_io);
+    tokio::spawn(mailmux::mcp::transport::serve_io(
+        server.clone(),
+        r,
+        w,
+        std::future::pending(),
+    ));
+    let client = ().serve(client_io).await.expect("client initializes");
+    Harness { client, server }
+}
+
+/// Two relays: "primary" at aiosmtpd, "backup" at a closed port, with a
+/// password that must never show.
+async fn harness(smtp: &Aiosmtpd) -> Harness {
+    let mut backup = relay("backup", free_port(), 10);
+    if let RelayKind::Smtp(s) = &mut backup.kind {
+        s.auth = Some(Credentials {
+            username: "user".into(),
+            password: Secret::new("hunter2-very-secret"),
+        });
+    }
+    harness_with(
+        config(vec![relay("primary", smtp.port, 100), backup]),
+        Sources::default(),
+    )
+    .await
+}
+
+async fn call(h: &Harness, tool: &str, args: Value) -> (bool, Value, String) {
+    let mut params = CallToolRequestParams::new(tool.to_string());
+    if let Value::Object(map) = args {
+        params = params.with_arguments(map);
+    }
+    let result = tokio::time::timeout(Duration::from_secs(60), h.client.call_tool(params))
+        .await
+        .unwrap_or_else(|_| panic!("{tool} did not answer within 60 s"))
+        .expect("no protocol error");
+    let text = result
+        .content
+        .first()
+        .and_then(|c| c.as_text())
+        .map(|t| t.text.clone())
+        .unwrap_or_default();
+    (
+        result.is_error.unwrap_or(false),
+        result.structured_content.expect("structured content"),
+        text,
+    )
+}
+
+fn header<'a>(message: &'a str, name: &str) -> Option<&'a str> {
+    let head = message.split("\n\n").next().unwrap_or("");
+    head.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+#[tokio::test]
+async fn lists_every_tool_with_input_and_output_schemas() {
+    let smtp = Aiosmtpd::start();
+    let h = harness(&smtp).await;
+    let tools = h.client.list_all_tools().await.unwrap();
+    let mut names: Vec<_> = tools.iter().map(|t| t.name.to_string()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "get_smtp_status",
+            "reconnect_smtp_servers",
+            "reload_smtp_configuration",
+            "send_email",
+            "switch_smtp_server",
+            "test_smtp_connection"
+        ]
+    );
+    for t in &tools {
+        assert_eq!(
+            t.input_schema.get("type"),
+            Some(&json!("object")),
+            "{}",
+            t.name
+        );
+        let out = t
+            .output_schema
+            .as_ref()
+            .unwrap_or_else(|| panic!("{} has no output schema", t.name));
+        assert!(out.get("properties").is_some(), "{}", t.name);
+        assert!(t.description.is_some());
+    }
+    let send = tools.iter().find(|t| t.name == "send_email").unwrap();
+    let props = send.input_schema.get("properties").unwrap();
+    for p in [
+        "to",
+        "cc",
+        "bcc",
+        "subject",
+        "body",
+        "attachments",
+        "relay",
+        "dry_run",
+    ] {
+        assert!(props.get(p).is_some(), "send_email lacks {p}");
+    }
+}
+
+#[tokio::test]
+async fn send_email_delivers_and_reports() {
+    let smtp = Aiosmtpd::start();
+    let h = harness(&smtp).await;
+    let (is_error, out, text) = call(
+        &h,
+        "send_email",
+        json!({"to": ["rcpt@example.org"], "bcc": "hidden@example.org", "subject": "Hello", "body": "Hi there"}),
+    )
+    .await;
+    assert!(!is_error, "{out}");
+    assert_eq!(out["status"], "sent");
+    assert_eq!(out["relay"], "primary");
+    assert!(text.starts_with("sent "), "{text}");
+    let id = out["message_id"].as_str().unwrap().to_string();
+    let accepted = out["accepted"].as_array().unwrap();
+    assert_eq!(accepted.len(), 2);
+    assert_eq!(out["attempts"][0]["class"], "delivered");
+    let messages = smtp.wait_messages(1);
+    assert_eq!(messages.len(), 1);
+    let m = &messages[0];
+    assert_eq!(header(m, "Message-ID"), Some(format!("<{id}>").as_str()));
+    assert_eq!(header(m, "Subject"), Some("Hello"));
+    assert!(header(m, "Bcc").is_none());
+    assert!(
+        header(m, "X-RcptTo")
+            .unwrap()
+            .contains("hidden@example.org")
+    );
+}
+
+#[tokio::test]
+async fn dry_run_renders_and_sends_nothing() {
+    let smtp = Aiosmtpd::start();
+    let h = harness(&smtp).await;
+    let (is_error, out, _) = call(
+        &h,
+        "send_email",
+        json!({"to": "rcpt@example.org", "subject": "Preview", "body": "text", "dry_run": true}),
+    )
+    .await;
+    assert!(!is_error, "{out}");
+    assert_eq!(out["status"], "dry_run");
+    assert_eq!(out["relay"], "primary");
+    assert_eq!(out["envelope"]["recipients"], json!(["rcpt@example.org"]));
+    assert_eq!(out["envelope"]["from"], "sender@example.org");
+    assert!(out["preview"]["total_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(out["preview"]["text"], "text");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(smtp.messages().is_empty());
+}
+
+#[tokio::test]
+async fn invalid_input_is_a_tool_error_naming_the_field() {
+    let smtp = Aiosmtpd::start();
+    let h = harness(&smtp).await;
+    let (is_error, out, text) = call(
+        &h,
+        "send_email",
+        json!({"to": ["ok@example.org", "not an address"], "subject": "x", "body": "y"}),
+    )
+    .await;
+    assert!(is_error);
+    assert_eq!(out["status"], "failed");
+    assert_eq!(out["error"]["code"], "invalid_input");
+    assert!(
+        out["error"]["field"].as_str().unwrap().starts_with("to"),
+        "{out}"
+    );
+    assert!(out["error"]["rule"].is_string());
+    assert!(!text.is_empty());
+
+    // Header injection in the subject.
+    let (is_error, out, _) = call(
+        &h,
+        "send_email",
+        json!({"to": "a@example.org", "subject": "x\r\nBcc: victim@example.org", "body": "y"}),
+    )
+    .await;
+    assert!(is_error);
+    assert_eq!(out["error"]["code"], "invalid_input");
+    assert_eq!(out["error"]["field"], "subject");
+
+    // Arguments of the wrong shape are a tool error too, not a protocol fault.
+    let (is_error, out, _) = call(&h, "send_email", json!({"to": 5})).await;
+    assert!(is_error);
+    assert_eq!(out["error"]["code"], "invalid_input");
+    assert_eq!(out["error"]["field"], "arguments");
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(smtp.messages().is_empty());
+}
+
+#[tokio::test]
+async fn unknown_relay_lists_the_valid_ones() {
+    let smtp = Aiosmtpd::start();
+    let h = harness(&smtp).await;
+    let (is_error, out, text) = call(
+        &h,
+        "send_email",
+        json!({"to": "a@example.org", "subject": "x", "body": "y", "relay": "nope"}),
+    )
+    .await;
+    assert!(is_error);
+    assert_eq!(out["error"]["code"], "unknown_relay");
+    assert_eq!(out["error"]["valid"], json!(["primary", "backup"]));
+    assert!(text.contains("primary") && text.contains("backup"));
+    assert!(smtp.messages().is_empty());
+}
+
+#[tokio::test]
+async fn a_dead_preferred_relay_fails_over() {
+    let smtp = Aiosmtpd::start();
+    let h = harness(&smtp).await;
+    // Only the dead relay: pin it and let the router try it alone.
+    let (_, out, _) = call(
+        &h,
+        "send_email",
+        json!({"to": "a@example.org", "subject": "x", "body": "y", "relay": "backup"}),
+    )
+    .await;
+    // "backup" is down, so the router fails over to "primary".
+    assert_eq!(out["status"], "sent", "{out}");
+    assert_eq!(out["relay"], "primary");
+    let attempts = out["attempts"].as_array().unwrap();
+    assert_eq!(attempts[0]["relay"], "backup");
+    assert_eq!(attempts[0]["class"], "relay_fault");
+    assert!(!out.to_string().contains("hunter2"));
+}
+
+#[tokio::test]
+async fn failed_send_is_a_tool_error_with_class_and_attempts() {
+    let dead = free_port();
+    let h = harness_with(config(vec![relay("only", dead, 1)]), Sources::default()).await;
+    let (is_error, out, text) = call(
+        &h,
+        "send_email",
+        json!({"to": "a@example.org", "subject": "x", "body": "y"}),
+    )
+    .await;
+    assert!(is_error, "{out}");
+    assert_eq!(out["status"], "failed");
+    assert_eq!(out["error"]["code"], "all_relays_failed", "{out}");
+    assert_eq!(out["error"]["class"], "relay_fault");
+    assert_eq!(out["attempts"][0]["relay"], "only");
+    assert!(out["message_id"].is_string());
+    assert!(text.starts_with("failed: "), "{text}");
+}
+
+#[tokio::test]
+async fn switch_pins_unpins_and_rejects_unknown_names() {
+    let smtp = Aiosmtpd::start();
+    let h = harness(&smtp).await;
+    let (is_error, out, _) = call(&h, "switch_smtp_server", json!({})).await;
+    assert!(!is_error);
+    assert!(out.get("pinned").is_none());
+    assert_eq!(out["next"], "primary");
+    assert_eq!(out["strategy"], "priority");
+    assert_eq!(out["relays"], json!(["primary", "backup"]));
+
+    let (is_error, out, _) = call(&h, "switch_smtp_server", json!({"server_name": "backup"})).await;
+    assert!(!is_error, "{out}");
+    assert_eq!(out["pinned"], "backup");
+
+    let (_, status, _) = call(&h, "get_smtp_status", json!({})).await;
+    assert_eq!(status["pinned"], "backup");
+
+    let (is_error, out, _) = call(&h, "switch_smtp_server", json!({"server_name": "auto"})).await;
+    assert!(!is_error);
+    assert!(out.get("pinned").is_none());
+
+    let (is_error, out, text) =
+        call(&h, "switch_smtp_server", json!({"server_name": "nope"})).await;
+    assert!(is_error);
+    assert_eq!(out["error"]["code"], "unknown_relay");
+    assert_eq!(out["error"]["valid"], json!(["primary", "backup"]));
+    assert!(text.contains("primary"));
+}
+
+#[tokio::test]
+async fn status_shows_every_relay_and_no_secret() {
+    let smtp = Aiosmtpd::start();
+    let h = harness(&smtp).await;
+    let (is_error, out, _) = call(&h, "get_smtp_status", json!({})).await;
+    assert!(!is_error);
+    assert_eq!(out["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(out["strategy"], "priority");
+    assert_eq!(out["default_relay"], false);
+    assert!(out.get("warning").is_none());
+    assert_eq!(out["config_sources"], json!(["test"]));
+    assert!(out["uptime_secs"].is_u64());
+    let relays = out["relays"].as_array().unwrap();
+    assert_eq!(relays.len(), 2);
+    let primary = relays.iter().find(|r| r["name"] == "primary").unwrap();
+    for field in [
+        "kind",
+        "host",
+        "port",
+        "tls",
+        "priority",
+        "weight",
+        "state",
+        "consecutive_failures",
+        "in_flight",
+        "connections",
+        "counters",
+        "latency",
+        "restarts",
+    ] {
+        assert!(
+            primary.get(field).is_some(),
+            "status lacks {field}: {primary}"
+        );
+    }
+    assert_eq!(primary["kind"], "smtp");
+    assert_eq!(primary["port"], smtp.port);
+    assert_eq!(primary["tls"], "none");
+    assert!(primary["latency"]["p99_ms"].is_u64());
+    assert!(!out.to_string().contains("hunter2"));
+}
+
+#[tokio::test]
+async fn test_connection_probes_all_or_one() {
+    let smtp = Aiosmtpd::start();
+    let h = harness(&smtp).await;
+    let (is_error, out, _) = call(&h, "test_smtp_connection", json!({})).await;
+    assert!(!is_error);
+    assert_eq!(out["ok"], false);
+    let relays = out["relays"].as_array().unwrap();
+    let primary = relays.iter().find(|r| r["relay"] == "primary").unwrap();
+    assert_eq!(primary["reachable"], true);
+    assert!(primary.get("error_class").is_none());
+    let backup = relays.iter().find(|r| r["relay"] == "backup").unwrap();
+    assert_eq!(backup["reachable"], false);
+    assert_eq!(backup["error_class"], "relay_fault");
+    assert!(!out.to_string().contains("hunter2"));
+
+    let (is_error, out, _) = call(
+        &h,
+        "test_smtp_connection",
+        json!({"server_name": "primary"}),
+    )
+    .await;
+    assert!(!is_error);
+    assert_eq!(out["ok"], true);
+    assert_eq!(out["relays"].as_array().unwrap().len(), 1);
+
+    let (is_error, out, _) = call(&h, "test_smtp_connection", json!({"server_name": "nope"})).await;
+    assert!(is_error);
+    assert_eq!(out["error"]["code"], "unknown_relay");
+}
+
+#[tokio::test]
+async fn reconnect_reports_each_relay_state() {
+    let smtp = Aiosmtpd::start();
+    let h = harness(&smtp).await;
+    let (is_error, out, _) = call(&h, "reconnect_smtp_servers", json!({})).await;
+    assert!(!is_error, "{out}");
+    let relays = out["relays"].as_array().unwrap();
+    assert_eq!(relays.len(), 2);
+    let primary = relays.iter().find(|r| r["name"] == "primary").unwrap();
+    assert_eq!(primary["state"], "healthy");
+    let backup = relays.iter().find(|r| r["name"] == "backup").unwrap();
+    assert_ne!(backup["state"], "healthy");
+}
+
+#[tokio::test]
+async fn reload_with_an_invalid_file_keeps_the_running_configuration() {
+    let smtp = Aiosmtpd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mailmux.toml");
+    std::fs::write(&file, "this is = = not valid [toml\n").unwrap();
+    let cfg = config(vec![relay("primary", smtp.port, 100)]);
+    let h = harness_with(cfg, Sources { file: Some(file) }).await;
+    let (is_error, out, text) = call(&h, "reload_smtp_configuration", json!({})).await;
+    assert!(is_error, "{out}");
+    assert_eq!(out["error"]["code"], "invalid_config");
+    assert_eq!(out["reloaded"], false);
+    assert!(text.contains("unchanged"), "{text}");
+    let (_, status, _) = call(&h, "get_smtp_status", json!({})).await;
+    assert_eq!(status["relays"][0]["name"], "primary");
+    assert_eq!(status["config_sources"], json!(["test"]));
+    // And sending still works on the running configuration.
+    let (is_error, out, _) = call(
+        &h,
+        "send_email",
+        json!({"to": "a@example.org", "subject": "x", "body": "y"}),
+    )
+    .await;
+    assert!(!is_error, "{out}");
+    assert_eq!(smtp.wait_messages(1).len(), 1);
+}
+
+#[tokio::test]
+async fn reload_applies_the_new_configuration_as_a_diff() {
+    let smtp = Aiosmtpd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mailmux.toml");
+    // An empty file is valid and configures no relay: the embedded file relay
+    // replaces ours.
+    std::fs::write(&file, "").unwrap();
+    let cfg = config(vec![relay("primary", smtp.port, 100)]);
+    let h = harness_with(cfg, Sources { file: Some(file) }).await;
+    let (is_error, out, _) = call(&h, "reload_smtp_configuration", json!({})).await;
+    assert!(!is_error, "{out}");
+    assert_eq!(out["reloaded"], true);
+    assert_eq!(out["removed"], json!(["primary"]));
+    assert_eq!(out["added"].as_array().unwrap().len(), 1);
+    let (_, status, _) = call(&h, "get_smtp_status", json!({})).await;
+    assert_eq!(status["default_relay"], true);
+    assert!(
+        status["warning"]
+            .as_str()
+            .unwrap()
+            .contains("nothing is delivered")
+    );
+    assert_eq!(status["relays"][0]["kind"], "file");
+}
+
+#[tokio::test]
+async fn calls_after_shutdown_began_are_refused() {
+    let smtp = Aiosmtpd::start();
+    let h = harness(&smtp).await;
+    h.server.begin_shutdown();
+    for tool in [
+        "send_email",
+        "get_smtp_status",
+        "switch_smtp_server",
+        "reconnect_smtp_servers",
+    ] {
+        let args = if tool == "send_email" {
+            json!({"to": "a@example.org", "subject": "x", "body": "y"})
+        } else {
+            json!({})
+        };
+        let (is_error, out, _) = call(&h, tool, args).await;
+        assert!(is_error, "{tool}");
+        assert_eq!(out["error"]["code"], "unavailable", "{tool}");
+    }
+    assert!(smtp.messages().is_empty());
+}
