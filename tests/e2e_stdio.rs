@@ -113,6 +113,9 @@ fn sigterm_drains_and_exits_zero() {
         assert!(std::time::Instant::now() < deadline, "never started");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    // Hold stdin open: `Child::wait` would close it, and end of stdin is a
+    // shutdown trigger of its own that would race the signal.
+    let stdin = child.stdin.take();
     let pid = child.id().to_string();
     assert!(
         Command::new("kill")
@@ -122,6 +125,7 @@ fn sigterm_drains_and_exits_zero() {
             .success()
     );
     let status = child.wait().unwrap();
+    drop(stdin);
     let logs = std::fs::read_to_string(&errors).unwrap();
     assert!(status.success(), "exit {status:?}\n{logs}");
     assert!(logs.contains("SIGTERM received"), "{logs}");
