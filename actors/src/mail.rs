@@ -58,6 +58,9 @@ pub enum FailureClass {
     /// The relay had no capacity (its queue is full) or was unavailable; not
     /// the relay's fault and not counted against its health.
     Busy,
+    /// The relay cannot carry this message: a non-ASCII address needs
+    /// SMTPUTF8 and the relay does not offer it. Another relay may.
+    Unsupported,
 }
 
 impl FailureClass {
@@ -68,6 +71,7 @@ impl FailureClass {
             FailureClass::Permanent => "permanent",
             FailureClass::Unknown => "unknown",
             FailureClass::Busy => "busy",
+            FailureClass::Unsupported => "unsupported",
         }
     }
 
@@ -75,7 +79,10 @@ impl FailureClass {
     pub fn fails_over(self) -> bool {
         matches!(
             self,
-            FailureClass::RelayFault | FailureClass::Transient | FailureClass::Busy
+            FailureClass::RelayFault
+                | FailureClass::Transient
+                | FailureClass::Busy
+                | FailureClass::Unsupported
         )
     }
 }

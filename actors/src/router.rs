@@ -200,13 +200,14 @@ impl RouterState {
                 self.choose(flight.mail.prefer.as_deref(), &flight.tried, now, true)
             };
             let Some(i) = pick else {
-                let reason = if flight
-                    .attempts
-                    .iter()
-                    .all(|a| a.class == Some(FailureClass::Busy))
-                    && !flight.attempts.is_empty()
-                {
+                let all = |class| {
+                    !flight.attempts.is_empty()
+                        && flight.attempts.iter().all(|a| a.class == Some(class))
+                };
+                let reason = if all(FailureClass::Busy) {
                     FailureReason::Busy
+                } else if all(FailureClass::Unsupported) {
+                    FailureReason::Smtputf8Unsupported
                 } else {
                     FailureReason::AllRelaysFailed
                 };

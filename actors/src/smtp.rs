@@ -328,7 +328,10 @@ pub(crate) async fn transact(
         match f.class {
             // The session may be mid-transaction: reset it so the
             // connection can be reused, or mark it broken.
-            FailureClass::Transient | FailureClass::Permanent | FailureClass::Busy
+            FailureClass::Transient
+            | FailureClass::Permanent
+            | FailureClass::Busy
+            | FailureClass::Unsupported
                 if !conn.broken =>
             {
                 let reset = tokio::time::timeout(t.command, conn.inner.command(Rset)).await;
@@ -357,7 +360,7 @@ async fn transact_inner(
     if mail.needs_smtputf8() {
         if !conn.supports(Extension::SmtpUtfEight) {
             return Err(Failure::new(
-                FailureClass::Busy,
+                FailureClass::Unsupported,
                 "the relay does not offer SMTPUTF8, which a non-ASCII address needs",
             ));
         }

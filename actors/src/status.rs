@@ -62,7 +62,7 @@ impl Counters {
             FailureClass::Transient => self.transient += 1,
             FailureClass::Permanent => self.permanent += 1,
             FailureClass::Unknown => self.unknown += 1,
-            FailureClass::Busy => self.busy += 1,
+            FailureClass::Busy | FailureClass::Unsupported => self.busy += 1,
         }
     }
 }

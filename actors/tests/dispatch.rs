@@ -784,6 +784,7 @@ async fn a_non_ascii_address_goes_only_through_a_relay_with_smtputf8() {
     let r = d.send(mail_to(&["jöran@test.example"])).await;
     assert_eq!(r.relay.as_deref(), Some("utf8"), "{r:?}");
     assert!(r.attempts[0].detail.contains("SMTPUTF8"));
+    assert_eq!(r.attempts[0].class, Some(FailureClass::Unsupported));
     assert!(plain.received().is_empty());
     assert_eq!(utf8.delivered().len(), 1);
     // The relay without SMTPUTF8 is not held responsible.
