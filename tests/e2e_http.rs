@@ -251,6 +251,24 @@ async fn binary_serves_http_with_a_token() {
         .unwrap();
     assert_eq!(r.status(), 401);
 
+    // The official Python SDK over streamable HTTP: the full message (text
+    // and HTML parts, attachment, Bcc, UTF-8 template subject) checked as
+    // aiosmtpd stored it.
+    let maildir = smtp.dir.path().join("mail");
+    let py = tokio::process::Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e_client.py"))
+        .args(["http", &url, TOKEN])
+        .arg(&maildir)
+        .output()
+        .await
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&py.stdout);
+    assert!(
+        py.status.success() && stdout.contains(" passed, 0 failed"),
+        "e2e_client.py http failed\n{stdout}\n{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+
     let (is_error, out) = mcp_call(
         &url,
         Some(TOKEN),
@@ -261,10 +279,13 @@ async fn binary_serves_http_with_a_token() {
     assert!(!is_error, "{out}");
     assert_eq!(out["status"], "sent");
     let id = out["message_id"].as_str().unwrap();
-    let m = smtp.wait_messages(1);
-    assert_eq!(m.len(), 1);
-    assert!(m[0].contains(&format!("<{id}>")));
-    assert!(m[0].contains("Subject: over http"));
+    let m = smtp.wait_messages(2);
+    assert_eq!(m.len(), 2);
+    let ours = m
+        .iter()
+        .find(|msg| msg.contains(&format!("<{id}>")))
+        .expect("the message with the returned Message-ID");
+    assert!(ours.contains("Subject: over http"));
 
     // SIGTERM: drains and exits 0.
     let pid = daemon.0.id().to_string();

@@ -1,5 +1,5 @@
 //! The `mailmux` binary over stdio: through pipes with the official MCP Python
-//! SDK (tests/e2e_stdio.py), and with stdin and stdout as plain files.
+//! SDK (tests/e2e_client.py), and with stdin and stdout as plain files.
 
 mod common;
 
@@ -25,7 +25,8 @@ fn python_sdk_over_pipes_delivers_a_full_message() {
     let smtp = Aiosmtpd::start();
     let maildir = smtp.dir.path().join("mail");
     let out = Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e_stdio.py"))
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e_client.py"))
+        .arg("stdio")
         .arg(BIN)
         .arg(smtp.port.to_string())
         .arg(&maildir)
@@ -35,7 +36,7 @@ fn python_sdk_over_pipes_delivers_a_full_message() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "e2e_stdio.py failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        "e2e_client.py failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
     );
     assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
 }
