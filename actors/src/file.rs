@@ -14,12 +14,14 @@ use crate::smtp::{Delivered, Failure};
 /// Writes `mail` to `<dir>/<message-id>.eml`.
 pub(crate) async fn deliver(dir: &Path, mail: &Mail) -> Result<Delivered, Failure> {
     let fail = |what: &str, e: std::io::Error| Failure {
+        lost: false,
         class: FailureClass::RelayFault,
         reply: None,
         detail: format!("{what} {}: {e}", dir.display()),
     };
     if Instant::now() >= mail.deadline {
         return Err(Failure {
+            lost: false,
             class: FailureClass::Busy,
             reply: None,
             detail: "the caller's deadline passed".into(),

@@ -419,6 +419,7 @@ fn spawn_probe(
         .await;
         let result = match (&shared.settings.kind, permit) {
             (_, Err(_) | Ok(Err(_))) => Err(Failure {
+                lost: false,
                 class: FailureClass::Busy,
                 reply: None,
                 detail: format!(
@@ -464,6 +465,7 @@ fn spawn_probe(
 
 async fn probe_dir(dir: &std::path::Path) -> Result<(), Failure> {
     let fail = |e: std::io::Error| Failure {
+        lost: false,
         class: FailureClass::RelayFault,
         reply: None,
         detail: format!("folder {}: {e}", dir.display()),
@@ -594,6 +596,7 @@ async fn deliver_smtp(shared: &RelayShared, flight: &Flight) -> Result<Delivered
     };
     let mail = &flight.mail;
     let busy = |detail: String| Failure {
+        lost: false,
         class: FailureClass::Busy,
         reply: None,
         detail,

@@ -35,15 +35,25 @@ pub(crate) struct Failure {
     pub class: FailureClass,
     pub reply: Option<Reply>,
     pub detail: String,
+    /// The session is in an unknown state (a wait timed out, the connection
+    /// broke, or the server is reading message data): the connection must be
+    /// dropped, not reset and reused.
+    pub lost: bool,
 }
 
 impl Failure {
-    fn new(class: FailureClass, detail: impl Into<String>) -> Self {
+    pub(crate) fn new(class: FailureClass, detail: impl Into<String>) -> Self {
         Failure {
             class,
             reply: None,
             detail: detail.into(),
+            lost: false,
         }
+    }
+
+    fn lost(mut self) -> Self {
+        self.lost = true;
+        self
     }
 
     /// Classifies a lettre error from `phase`. A negative reply keeps its code
@@ -68,6 +78,7 @@ impl Failure {
         };
         Failure {
             class,
+            lost: reply.is_none(),
             reply,
             detail,
         }
@@ -78,6 +89,7 @@ impl Failure {
             Self::lost_in(phase),
             format!("{phase}: no reply within {after:?}"),
         )
+        .lost()
     }
 
     /// The caller's deadline ran out while waiting in `phase`. Before the
@@ -87,7 +99,7 @@ impl Failure {
             Phase::AfterDot => FailureClass::Unknown,
             _ => FailureClass::Busy,
         };
-        Failure::new(class, format!("{phase}: the caller's deadline passed"))
+        Failure::new(class, format!("{phase}: the caller's deadline passed")).lost()
     }
 
     /// The class of a connection lost in `phase`.
@@ -325,21 +337,15 @@ pub(crate) async fn transact(
     let result = transact_inner(conn, from, mail, t, progress).await;
     conn.last_used = Instant::now();
     if let Err(f) = &result {
-        match f.class {
-            // The session may be mid-transaction: reset it so the
-            // connection can be reused, or mark it broken.
-            FailureClass::Transient
-            | FailureClass::Permanent
-            | FailureClass::Busy
-            | FailureClass::Unsupported
-                if !conn.broken =>
-            {
-                let reset = tokio::time::timeout(t.command, conn.inner.command(Rset)).await;
-                if !matches!(reset, Ok(Ok(_))) {
-                    conn.broken = true;
-                }
+        if f.lost || f.class == FailureClass::Unknown {
+            conn.broken = true;
+        } else if !conn.broken {
+            // A refusal mid-transaction: reset the session so the connection
+            // can be reused.
+            let reset = tokio::time::timeout(t.command, conn.inner.command(Rset)).await;
+            if !matches!(reset, Ok(Ok(_))) {
+                conn.broken = true;
             }
-            _ => conn.broken = true,
         }
     }
     if conn.inner.has_broken() {
@@ -405,6 +411,7 @@ async fn transact_inner(
     if accepted.is_empty() {
         let first = rejected.first().map(|r| r.reply.clone());
         return Err(Failure {
+            lost: false,
             class: FailureClass::Permanent,
             detail: format!(
                 "every recipient was refused{}",
@@ -420,10 +427,12 @@ async fn transact_inner(
     bounded(Phase::Data, t.command, deadline, conn.inner.command(Data)).await?;
 
     if !progress.commit() {
+        // The server now reads message data: the session cannot be reset.
         return Err(Failure::new(
             FailureClass::Busy,
             "the caller's deadline passed before the message was sent",
-        ));
+        )
+        .lost());
     }
     match bounded(
         Phase::AfterDot,

@@ -839,3 +839,36 @@ async fn probes_report_reachability_and_auth() {
     assert_eq!(one.len(), 1);
     assert!(d.test_connection(Some("nope")).await.is_err());
 }
+
+#[tokio::test]
+async fn a_session_whose_wait_timed_out_is_dropped_not_reused() {
+    let a = FaultSmtp::start(Script::ok().on_share(
+        Phase::Rcpt,
+        Action::Hang,
+        support::fault_smtp::Share::FirstN(1),
+    ))
+    .await;
+    let mut only = relay("a", a.port(), 1);
+    only.pool.max_connections = 1;
+    only.timeouts.command = Duration::from_millis(300);
+    only.health.backoff_base = Duration::from_millis(1);
+    only.health.backoff_max = Duration::from_millis(2);
+    let d = Dispatcher::start(settings(vec![only], Strategy::Priority))
+        .await
+        .unwrap();
+    let first = d.send(mail()).await;
+    assert_eq!(first.status, Status::Failed, "{first:?}");
+    assert_eq!(first.attempts[0].class, Some(FailureClass::RelayFault));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let m = mail();
+    let id = m.message_id.clone();
+    let second = d.send(m).await;
+    assert_eq!(second.status, Status::Sent, "{second:?}");
+    assert_eq!(copies(&a, &id), 1);
+    assert_eq!(
+        a.delivered().len(),
+        1,
+        "only the second message got through"
+    );
+    assert!(a.connections() >= 2, "the hung session was not reused");
+}
