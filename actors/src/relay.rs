@@ -127,19 +127,22 @@ impl RelayShared {
         }
     }
 
-    /// Returns a connection after use: back to the pool, or closed when it is
-    /// broken or has carried its share of messages.
-    async fn checkin(&self, conn: Conn) {
+    /// Returns a connection after use: back to the pool, or dropped when it
+    /// is broken. One that has carried its share of messages is handed back
+    /// to the caller to retire.
+    fn checkin(&self, conn: Conn) -> Option<Conn> {
         let limit = self.settings.pool.messages_per_connection;
         if conn.broken {
             self.open.fetch_sub(1, Ordering::AcqRel);
+            None
         } else if limit > 0 && conn.sent >= limit {
-            Box::pin(self.retire(conn)).await;
+            Some(conn)
         } else {
             self.idle
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(conn);
+            None
         }
     }
 
@@ -590,7 +593,7 @@ fn final_failure(flight: &mut Flight, relay: &str, f: &Failure) -> Report {
 
 /// One SMTP attempt: wait for a connection permit (bounded queue, bounded by
 /// the deadline), reuse an idle connection or dial, run the transaction.
-async fn deliver_smtp(shared: &RelayShared, flight: &Flight) -> Result<Delivered, Failure> {
+async fn deliver_smtp(shared: &Arc<RelayShared>, flight: &Flight) -> Result<Delivered, Failure> {
     let RelayKind::Smtp(settings) = &shared.settings.kind else {
         unreachable!("deliver_smtp is only called for smtp relays");
     };
@@ -612,7 +615,7 @@ async fn deliver_smtp(shared: &RelayShared, flight: &Flight) -> Result<Delivered
     let permit =
         tokio::time::timeout_at(mail.deadline, shared.permits.clone().acquire_owned()).await;
     shared.queued.fetch_sub(1, Ordering::AcqRel);
-    let _permit = match permit {
+    let permit = match permit {
         Ok(Ok(p)) => p,
         Ok(Err(_)) => return Err(busy("the relay is shutting down".into())),
         Err(_) => {
@@ -661,16 +664,31 @@ async fn deliver_smtp(shared: &RelayShared, flight: &Flight) -> Result<Delivered
             &flight.progress,
         )
         .await;
-        shared.checkin(conn).await;
+        let exhausted = shared.checkin(conn);
         match result {
             Err(f)
                 if reused
                     && f.class == FailureClass::RelayFault
                     && !flight.progress.is_committed() =>
             {
+                if let Some(old) = exhausted {
+                    Box::pin(shared.retire(old)).await;
+                }
                 continue;
             }
-            other => return other,
+            other => {
+                // The caller gets its answer now; the QUIT of a connection
+                // that carried its share happens after, still under the
+                // permit so that the connection bound holds.
+                if let Some(old) = exhausted {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        shared.retire(old).await;
+                        drop(permit);
+                    });
+                }
+                return other;
+            }
         }
     }
 }
