@@ -25,6 +25,8 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a caller waits past its deadline for the answer of a task that
 /// was already bounded by that deadline: bookkeeping only.
 const REPLY_GRACE: Duration = Duration::from_millis(250);
+/// How long shutdown waits for the QUITs of idle connections.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a send waits before retrying while the router restarts.
 const ROUTER_RETRY: Duration = Duration::from_millis(20);
 
@@ -287,6 +289,11 @@ impl Dispatcher {
         };
         let _ = tokio::time::timeout(grace, wait).await;
         let abandoned = inner.in_flight.load(Ordering::Acquire);
+        // Say QUIT on every idle connection before the actors go.
+        if let Ok(view) = self.view().await {
+            let quits = view.relays.iter().map(|(shared, _, _)| shared.quit_idle());
+            let _ = tokio::time::timeout(QUIT_TIMEOUT, futures_join_all(quits)).await;
+        }
         inner.supervisor.stop_children(Some("shutdown".into()));
         let _ = inner
             .supervisor
@@ -400,6 +407,20 @@ impl Dispatcher {
         }
         Ok(out)
     }
+}
+
+/// Runs futures concurrently to completion.
+async fn futures_join_all<F: std::future::Future<Output = ()>>(futures: impl Iterator<Item = F>) {
+    let mut all: Vec<_> = futures.map(Box::pin).collect();
+    std::future::poll_fn(|cx| {
+        all.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+        if all.is_empty() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
 }
 
 /// The report for a message whose answer never came: unknown if the final

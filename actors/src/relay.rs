@@ -169,6 +169,20 @@ impl RelayShared {
         }
     }
 
+    /// Closes every idle connection with QUIT and waits for it (shutdown).
+    pub(crate) async fn quit_idle(&self) {
+        let conns: Vec<Conn> =
+            std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut quits = tokio::task::JoinSet::new();
+        for conn in conns {
+            let limit = self.settings.timeouts.command;
+            quits.spawn(conn.quit(limit));
+        }
+        while quits.join_next().await.is_some() {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
     /// Closes every idle connection, in the background.
     pub(crate) fn close_idle(self: &Arc<Self>) {
         let conns: Vec<Conn> =

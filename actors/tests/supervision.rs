@@ -336,8 +336,9 @@ async fn shutdown_lets_in_flight_finish_and_refuses_new_mail() {
         late.failure,
         Some(mailmux_actors::FailureReason::Unavailable)
     );
+    assert!(a.verb_count("QUIT") >= 1, "idle connections were QUIT");
     assert!(
         support::wait_until(|| a.open_connections() == 0, Duration::from_secs(3)).await,
-        "connections were QUIT"
+        "connections were closed"
     );
 }
