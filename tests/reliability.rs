@@ -78,3 +78,194 @@ async fn a_relay_killed_mid_burst_fails_over_and_loses_nothing() {
         "only {to_backup} went to the backup"
     );
 }
+
+/// Short backoff, so that a storm and the recovery both fit in seconds.
+fn quick_health(r: &mut mailmux_actors::RelaySettings) {
+    r.health.backoff_base = Duration::from_millis(100);
+    r.health.backoff_max = Duration::from_millis(500);
+    r.health.probe_interval = Duration::from_millis(200);
+}
+
+/// Polls `get_smtp_status` every 20 ms until `stop` is set; returns each
+/// answer with how long it took.
+fn poll_status(
+    peer: &rmcp::service::Peer<rmcp::RoleClient>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<(Duration, serde_json::Value)>> {
+    let peer = peer.clone();
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let c = harness::call(
+                &peer,
+                "status",
+                "get_smtp_status",
+                serde_json::json!({}),
+                Duration::from_secs(5),
+            )
+            .await;
+            let value = c
+                .value()
+                .cloned()
+                .unwrap_or_else(|| panic!("get_smtp_status did not answer: {:?}", c.answer));
+            assert!(!c.is_error(), "get_smtp_status failed: {value}");
+            seen.push((c.elapsed, value));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        seen
+    })
+}
+
+/// Scenario 2: the primary answers 4xx to a share of transactions (421 to
+/// MAIL, 451 after the final "."), then recovers. Every message is
+/// delivered exactly once, the backoff shows in the status during the
+/// storm, and the primary takes traffic again afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_4xx_storm_backs_off_delivers_everything_and_recovers() {
+    use support::fault_smtp::{Action, Phase, Share};
+    const CALLS: usize = 800;
+    let storm = Script::ok()
+        .on_share(
+            Phase::Mail,
+            Action::reply(421, "4.3.2 too busy, closing"),
+            Share::EveryNth(3),
+        )
+        .on_share(
+            Phase::AfterDot,
+            Action::reply(451, "4.3.0 try again later"),
+            Share::EveryNth(4),
+        );
+    let primary = FaultSmtp::start(storm).await;
+    let backup = FaultSmtp::start(Script::ok()).await;
+    let mut p = relay("primary", primary.port(), 10);
+    quick_health(&mut p);
+    let b = relay("backup", backup.port(), 1);
+    let mut cfg = config(vec![p, b]);
+    cfg.daemon.send_deadline = DEADLINE;
+    let d = InProcess::start(cfg, Sources::default()).await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let polls = poll_status(d.peer(), stop.clone());
+    let calls = burst(d.peer(), "storm", CALLS, 32, LIMIT, |i| small("storm", i));
+    let half = support::wait_until(
+        || calls.done.load(std::sync::atomic::Ordering::SeqCst) >= CALLS / 2,
+        LIMIT,
+    )
+    .await;
+    assert!(half, "half the burst did not finish in time");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let during = polls.await.unwrap();
+    primary.set_script(Script::ok());
+    let refused_in_storm = primary
+        .received()
+        .iter()
+        .filter(|r| !r.is_delivered())
+        .count();
+    let delivered_in_storm = primary.delivered().len();
+
+    let mut calls = calls.join().await;
+    let sent_in_burst = calls.iter().filter(|c| c.status() == Some("sent")).count();
+    assert_eq!(sent_in_burst, CALLS, "everything is delivered");
+    assert!(
+        primary.commands(Phase::Mail) > 0 && refused_in_storm > 0,
+        "the storm never hit a transaction"
+    );
+    let backed_off = during.iter().any(|(_, s)| {
+        let p = harness::relay_status(s, "primary");
+        matches!(p["state"].as_str(), Some("backing_off" | "circuit_open"))
+            && p["consecutive_failures"].as_u64() > Some(0)
+    });
+    assert!(
+        backed_off,
+        "no status during the storm showed the primary backing off ({} polls)",
+        during.len()
+    );
+
+    // After recovery the primary is healthy and takes traffic again.
+    let healthy = support::wait_until_async(
+        || async { harness::relay_status(&d.status().await, "primary")["state"] == "healthy" },
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(healthy, "the primary did not recover: {}", d.status().await);
+    let after = burst(d.peer(), "after", 100, 16, LIMIT, |i| small("after", i))
+        .join()
+        .await;
+    let to_primary = after
+        .iter()
+        .filter(|c| c.relay() == Some("primary"))
+        .count();
+    assert!(
+        to_primary >= 90,
+        "only {to_primary} of 100 went to the recovered primary"
+    );
+    calls.extend(after);
+    let tally = reconcile(&calls, &[&primary, &backup]).await;
+    assert_eq!(tally.sent, CALLS + 100, "{tally:?}");
+    eprintln!(
+        "storm: primary delivered {delivered_in_storm} and refused {refused_in_storm} after the dot; {} status polls",
+        during.len()
+    );
+}
+
+/// Scenario 3: the primary accepts TCP connections and never says a word.
+/// Short timeouts bound each attempt, every message fails over, and
+/// `get_smtp_status` stays fast while the burst runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackhole_relay_times_out_fails_over_and_status_stays_fast() {
+    use support::fault_smtp::{Action, Phase};
+    const CALLS: usize = 400;
+    let primary = FaultSmtp::start(Script::ok().on(Phase::Greeting, Action::Hang)).await;
+    let backup = FaultSmtp::start(Script::ok()).await;
+    let mut p = relay("primary", primary.port(), 10);
+    p.pool.max_connections = 4;
+    p.timeouts = mailmux_actors::Timeouts {
+        connect: Duration::from_secs(1),
+        greeting: Duration::from_millis(500),
+        command: Duration::from_secs(1),
+        data: Duration::from_secs(2),
+    };
+    quick_health(&mut p);
+    let b = relay("backup", backup.port(), 1);
+    let mut cfg = config(vec![p, b]);
+    cfg.daemon.send_deadline = DEADLINE;
+    let d = InProcess::start(cfg, Sources::default()).await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let polls = poll_status(d.peer(), stop.clone());
+    let calls = burst(d.peer(), "blackhole", CALLS, 64, LIMIT, |i| {
+        small("blackhole", i)
+    });
+    let calls_done = calls.done.clone();
+    let calls = calls.join().await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let during = polls.await.unwrap();
+    assert_eq!(calls_done.load(std::sync::atomic::Ordering::SeqCst), CALLS);
+
+    let tally = reconcile(&calls, &[&primary, &backup]).await;
+    assert_eq!(tally.sent, CALLS, "{tally:?}");
+    assert!(primary.connections() > 0, "the primary was never tried");
+    assert!(primary.received().is_empty());
+    // Each message waits at most one greeting timeout at the primary, then
+    // goes to the backup: far from the deadline.
+    let slowest = calls.iter().map(|c| c.elapsed).max().unwrap();
+    assert!(slowest < Duration::from_secs(5), "slowest call {slowest:?}");
+
+    let mut times: Vec<Duration> = during.iter().map(|(t, _)| *t).collect();
+    times.sort();
+    assert!(times.len() >= 5, "only {} status polls", times.len());
+    let median = times[times.len() / 2];
+    let max = *times.last().unwrap();
+    eprintln!(
+        "blackhole: {} status calls during the burst, median {median:?}, max {max:?}; slowest send {slowest:?}",
+        times.len()
+    );
+    // A debug build on a shared 2-core machine: the median carries the
+    // 100 ms bound, the max gets 500 ms for scheduling noise.
+    assert!(median < Duration::from_millis(100), "median {median:?}");
+    assert!(max < Duration::from_millis(500), "max {max:?}");
+    let down = during
+        .iter()
+        .any(|(_, s)| harness::relay_status(s, "primary")["state"] != "healthy");
+    assert!(down, "the status never showed the primary down");
+}
