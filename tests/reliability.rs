@@ -269,3 +269,242 @@ async fn a_blackhole_relay_times_out_fails_over_and_status_stays_fast() {
         .any(|(_, s)| harness::relay_status(s, "primary")["state"] != "healthy");
     assert!(down, "the status never showed the primary down");
 }
+
+/// Scenario 4: the test-only hook panics the primary's actor, then the
+/// router, while a burst runs. The daemon keeps serving, every call gets
+/// its answer, nothing is lost or doubled, and both restarts show in the
+/// status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actor_panics_under_load_are_restarted_and_every_call_answers() {
+    use mailmux_actors::PanicTarget;
+    use std::sync::atomic::Ordering;
+    const CALLS: usize = 1000;
+    let primary = FaultSmtp::start(Script::ok()).await;
+    let backup = FaultSmtp::start(Script::ok()).await;
+    let mut cfg = config(vec![
+        relay("primary", primary.port(), 10),
+        relay("backup", backup.port(), 1),
+    ]);
+    cfg.daemon.send_deadline = DEADLINE;
+    cfg.dispatch.supervisor.restart_pause = Duration::from_millis(50);
+    let d = InProcess::start(cfg, Sources::default()).await;
+
+    let calls = burst(d.peer(), "panic", CALLS, 128, LIMIT, |i| small("panic", i));
+    assert!(support::wait_until(|| primary.delivered().len() >= 150, LIMIT).await);
+    d.dispatcher
+        .inject_panic(PanicTarget::Relay("primary".into()))
+        .await
+        .expect("the primary's actor is there to panic");
+    let at_relay_panic = calls.done.load(Ordering::SeqCst);
+    assert!(
+        support::wait_until(
+            || calls.done.load(Ordering::SeqCst) >= at_relay_panic + 200,
+            LIMIT
+        )
+        .await
+    );
+    d.dispatcher
+        .inject_panic(PanicTarget::Router)
+        .await
+        .expect("the router is there to panic");
+    let at_router_panic = calls.done.load(Ordering::SeqCst);
+    let calls = calls.join().await;
+    eprintln!(
+        "panics: relay after {at_relay_panic} answers, router after {at_router_panic}, of {CALLS}"
+    );
+    assert!(
+        at_router_panic < CALLS - 128,
+        "the router panic came after the burst"
+    );
+
+    let tally = reconcile(&calls, &[&primary, &backup]).await;
+    assert_eq!(tally.sent, CALLS, "{tally:?}");
+
+    let restarted = support::wait_until_async(
+        || async {
+            let s = d.status().await;
+            harness::relay_status(&s, "primary")["restarts"] == 1 && s["router_restarts"] == 1
+        },
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        restarted,
+        "restarts not in the status: {}",
+        d.status().await
+    );
+    // Still serving, through the restarted actors.
+    let more = burst(d.peer(), "after", 20, 20, LIMIT, |i| small("after", i))
+        .join()
+        .await;
+    assert!(more.iter().all(|c| c.status() == Some("sent")), "{more:?}");
+}
+
+/// A configuration file for [`a_reload_under_load_replaces_relays_and_loses_nothing`].
+fn relays_toml(relays: &[(&str, u16, i32)], timeout: &str) -> String {
+    let mut out = format!(
+        "from_email = \"sender@example.org\"\nsend_deadline = \"{}s\"\n\n[relay_defaults]\ntimeout = \"{timeout}\"\nmax_connections = 8\n",
+        DEADLINE.as_secs()
+    );
+    for (name, port, priority) in relays {
+        out.push_str(&format!(
+            "\n[[relays]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"none\"\npriority = {priority}\n"
+        ));
+    }
+    out
+}
+
+/// Scenario 5: `reload_smtp_configuration` replaces the relays twice while a
+/// burst runs (one removed, one changed, one added; then back). Nothing is
+/// lost or sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_under_load_replaces_relays_and_loses_nothing() {
+    use serde_json::json;
+    use std::sync::atomic::Ordering;
+    const CALLS: usize = 1200;
+    let a = FaultSmtp::start(Script::ok()).await;
+    let b = FaultSmtp::start(Script::ok()).await;
+    let c = FaultSmtp::start(Script::ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mailmux.toml");
+    std::fs::write(
+        &file,
+        relays_toml(&[("a", a.port(), 10), ("b", b.port(), 1)], "3s"),
+    )
+    .unwrap();
+    let sources = Sources {
+        file: Some(file.clone()),
+    };
+    let cfg = mailmux::config::load_from(&sources, Vec::new()).expect("the file is valid");
+    let d = InProcess::start(cfg, sources).await;
+
+    let calls = burst(d.peer(), "reload", CALLS, 128, LIMIT, |i| {
+        small("reload", i)
+    });
+    assert!(support::wait_until(|| a.delivered().len() >= 150, LIMIT).await);
+    // "a" goes, "b" changes (a new timeout: a new actor), "c" comes.
+    std::fs::write(
+        &file,
+        relays_toml(&[("b", b.port(), 1), ("c", c.port(), 10)], "4s"),
+    )
+    .unwrap();
+    let first = harness::call(
+        d.peer(),
+        "reload 1",
+        "reload_smtp_configuration",
+        json!({}),
+        LIMIT,
+    )
+    .await;
+    let out = first.value().cloned().unwrap_or_default();
+    assert!(!first.is_error(), "{out}");
+    assert_eq!(out["removed"], json!(["a"]), "{out}");
+    assert_eq!(out["added"], json!(["c"]), "{out}");
+    assert_eq!(out["changed"], json!(["b"]), "{out}");
+    let at_first = calls.done.load(Ordering::SeqCst);
+
+    assert!(support::wait_until(|| c.delivered().len() >= 150, LIMIT).await);
+    // And back: "a" returns at the top, "c" goes.
+    std::fs::write(
+        &file,
+        relays_toml(&[("a", a.port(), 10), ("b", b.port(), 1)], "4s"),
+    )
+    .unwrap();
+    let second = harness::call(
+        d.peer(),
+        "reload 2",
+        "reload_smtp_configuration",
+        json!({}),
+        LIMIT,
+    )
+    .await;
+    let out = second.value().cloned().unwrap_or_default();
+    assert!(!second.is_error(), "{out}");
+    assert_eq!(out["removed"], json!(["c"]), "{out}");
+    assert_eq!(out["added"], json!(["a"]), "{out}");
+    let at_second = calls.done.load(Ordering::SeqCst);
+    let calls = calls.join().await;
+    eprintln!("reloads after {at_first} and {at_second} of {CALLS} answers");
+    assert!(
+        at_second < CALLS - 128,
+        "the second reload came after the burst"
+    );
+
+    let tally = reconcile(&calls, &[&a, &b, &c]).await;
+    assert_eq!(tally.sent, CALLS, "{tally:?}");
+    let via = |name: &str| calls.iter().filter(|x| x.relay() == Some(name)).count();
+    assert!(
+        via("c") > 0 && via("a") > 0,
+        "a: {}, c: {}",
+        via("a"),
+        via("c")
+    );
+    let status = d.status().await;
+    let names: Vec<_> = status["relays"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["a", "b"], "{status}");
+}
+
+/// Scenario 7: the bad-input table runs while a burst is in flight. Every
+/// bad input gets its `invalid_input` error, the burst is all sent, and no
+/// server receives a bad message (the reconciliation finds no copy that
+/// does not belong to a sent call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_during_a_burst_does_no_collateral_damage() {
+    const CALLS: usize = 600;
+    let attachments = bad_input::AttachmentsDir::create();
+    let primary = FaultSmtp::start(Script::ok()).await;
+    let backup = FaultSmtp::start(Script::ok()).await;
+    let mut cfg = config(vec![
+        relay("primary", primary.port(), 10),
+        relay("backup", backup.port(), 1),
+    ]);
+    cfg.daemon.send_deadline = DEADLINE;
+    cfg.daemon.compose = attachments.policy();
+    let d = InProcess::start(cfg, Sources::default()).await;
+
+    let calls = burst(d.peer(), "good", CALLS, 64, LIMIT, |i| small("good", i));
+    assert!(support::wait_until(|| primary.delivered().len() >= 100, LIMIT).await);
+    let cases = bad_input::cases(&attachments.path());
+    let mut set = tokio::task::JoinSet::new();
+    for (i, case) in cases.iter().cloned().enumerate() {
+        let peer = d.peer().clone();
+        set.spawn(async move {
+            let c = harness::call(
+                &peer,
+                format!("bad {}", case.name),
+                "send_email",
+                case.args,
+                LIMIT,
+            )
+            .await;
+            (i, c)
+        });
+    }
+    let mut bad = Vec::new();
+    while let Some(r) = set.join_next().await {
+        bad.push(r.unwrap());
+    }
+    bad.sort_by_key(|(i, _)| *i);
+    let done_after_bad = calls.done.load(std::sync::atomic::Ordering::SeqCst);
+    let problems: Vec<String> = bad
+        .iter()
+        .filter_map(|(i, c)| bad_input::check(&cases[*i], c).err())
+        .collect();
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+
+    let mut all = calls.join().await;
+    assert!(
+        done_after_bad < CALLS,
+        "the bad input did not overlap the burst"
+    );
+    let good_sent = all.iter().filter(|c| c.status() == Some("sent")).count();
+    assert_eq!(good_sent, CALLS);
+    all.extend(bad.into_iter().map(|(_, c)| c));
+    let tally = reconcile(&all, &[&primary, &backup]).await;
+    assert_eq!(tally.codes.get("invalid_input"), Some(&cases.len()));
+}
