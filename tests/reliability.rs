@@ -508,3 +508,258 @@ async fn bad_input_during_a_burst_does_no_collateral_damage() {
     let tally = reconcile(&all, &[&primary, &backup]).await;
     assert_eq!(tally.codes.get("invalid_input"), Some(&cases.len()));
 }
+
+/// A configuration file for the binary: one relay per `(name, port,
+/// priority)`, plain text on loopback, and `extra` top-level keys.
+fn daemon_toml(relays: &[(&str, u16, i32)], extra: &str) -> String {
+    let mut out = format!(
+        "from_email = \"sender@example.org\"\n{extra}\n[relay_defaults]\ntimeout = \"5s\"\nmax_connections = 16\n"
+    );
+    for (name, port, priority) in relays {
+        out.push_str(&format!(
+            "\n[[relays]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"none\"\npriority = {priority}\n"
+        ));
+    }
+    out
+}
+
+/// Scenario 6: eight concurrent sends of about 10 MB each (a 7 MB
+/// attachment, 9.6 MB encoded, under the 10 MiB `max_message_bytes`) and a
+/// stream of small sends, through the binary over stdio. The daemon's
+/// memory stays bounded and the small sends are not starved.
+///
+/// The bound: each big send holds its JSON argument (9.3 MB), the decoded
+/// attachment (7 MB) and the encoded message (9.6 MB) at most, about 26 MB,
+/// so eight at once need about 210 MB; with allocator slack and the runtime,
+/// peak RSS must stay under 400 MB. A copy per connection or per attempt
+/// more would break it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_messages_keep_memory_bounded_and_small_ones_flowing() {
+    use base64::Engine;
+    use support::smtp_sink::SmtpSink;
+    const BIG: usize = 8;
+    const RSS_BOUND_KB: u64 = 400 * 1024;
+    let sink = SmtpSink::start().await;
+    let d = harness::ChildDaemon::start(&daemon_toml(
+        &[("sink", sink.port(), 1)],
+        "send_deadline = \"30s\"",
+    ))
+    .await;
+    let limit = Duration::from_secs(33);
+    let idle_kb = d.proc_kb("VmRSS").unwrap_or(0);
+
+    let payload: Vec<u8> = (0..7_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let encoded = base64::engine::general_purpose::STANDARD.encode(&payload);
+    drop(payload);
+    let big_args = move |i: usize| {
+        serde_json::json!({
+            "to": "rcpt@example.org",
+            "subject": format!("big {i}"),
+            "body": "the attachment is about 7 MB",
+            "attachments": [{"filename": format!("big{i}.bin"), "content_base64": encoded}],
+        })
+    };
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        let pid = d.pid;
+        tokio::spawn(async move {
+            let mut peak = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                let rss = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                    .unwrap_or(0);
+                peak = peak.max(rss);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            peak
+        })
+    };
+    let big = burst(d.peer(), "big", BIG, BIG, limit, big_args);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // One stdio stream carries every call, and the daemon reads requests in
+    // order: this call waits until all the big requests ahead of it were
+    // read and parsed. Its latency is reported, not bounded.
+    let behind = harness::call(
+        d.peer(),
+        "small behind the big ones",
+        "send_email",
+        small("behind", 0),
+        limit,
+    )
+    .await;
+    let big_left = BIG - big.done.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        big_left > 0,
+        "the big sends were over before the small ones started"
+    );
+    // Small sends in batches of 8 for as long as big ones are composed and
+    // delivered.
+    let mut small_calls = Vec::new();
+    let mut batch = 0;
+    while big.done.load(std::sync::atomic::Ordering::SeqCst) < BIG && batch < 50 {
+        let name = format!("small {batch}");
+        let tag = name.clone();
+        small_calls.extend(
+            burst(d.peer(), &name, 8, 8, limit, move |i| small(&tag, i))
+                .join()
+                .await,
+        );
+        batch += 1;
+    }
+    let big_calls = big.join().await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let sampled_peak = sampler.await.unwrap();
+    let hwm = d.proc_kb("VmHWM").unwrap_or(0);
+
+    let slowest_small = small_calls.iter().map(|c| c.elapsed).max().unwrap();
+    let slowest_big = big_calls.iter().map(|c| c.elapsed).max().unwrap();
+    eprintln!(
+        "big messages: RSS idle {idle_kb} kB, sampled peak {sampled_peak} kB, high-water mark {hwm} kB; \
+         the small send behind the big requests took {:?}; then {} small sends while {big_left} big ones were in flight, slowest {slowest_small:?}; slowest big {slowest_big:?}",
+        behind.elapsed,
+        small_calls.len()
+    );
+    let small_sent = small_calls.len() + 1;
+    let mut all = big_calls;
+    all.extend(small_calls.iter().cloned());
+    all.push(behind);
+    let tally = reconcile(&all, &[&sink]).await;
+    assert_eq!(tally.sent, BIG + small_sent, "{tally:?}");
+    assert!(
+        hwm.max(sampled_peak) < RSS_BOUND_KB,
+        "peak RSS {} kB over the {RSS_BOUND_KB} kB bound",
+        hwm.max(sampled_peak)
+    );
+    assert!(
+        slowest_small < Duration::from_secs(5),
+        "a small send took {slowest_small:?} while big ones flowed"
+    );
+    let big_ids: Vec<String> = all
+        .iter()
+        .filter(|c| c.label.starts_with("big"))
+        .filter_map(|c| c.message_id().map(|id| format!("<{id}>")))
+        .collect();
+    let received = sink.received();
+    for id in &big_ids {
+        let m = received
+            .iter()
+            .find(|m| m.message_id.as_deref() == Some(id.as_str()))
+            .expect("big message received");
+        assert!(
+            m.data.len() > 9_333_336,
+            "{id}: only {} bytes",
+            m.data.len()
+        );
+    }
+}
+
+/// Scenario 8: SIGTERM to the binary while a burst is in flight (the relay
+/// answers DATA after a second, so deliveries are in progress). Those in
+/// flight finish within the grace, new calls are refused as `unavailable`,
+/// the exit is clean and the log says how many were in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_burst_drains_refuses_and_exits_cleanly() {
+    use support::smtp_sink::{SinkOptions, SmtpSink};
+    const CALLS: usize = 64;
+    let sink = SmtpSink::start_with(SinkOptions {
+        extra_args: vec!["-w".into(), "1".into()],
+        ..SinkOptions::default()
+    })
+    .await;
+    let mut d = harness::ChildDaemon::start(&daemon_toml(
+        &[("sink", sink.port(), 1)],
+        "send_deadline = \"15s\"\nshutdown_grace = \"10s\"",
+    ))
+    .await;
+    let limit = Duration::from_secs(18);
+
+    let calls = burst(d.peer(), "term", CALLS, CALLS, limit, |i| small("term", i));
+    assert!(
+        sink.wait_for_count(16, Duration::from_secs(10)).await,
+        "the burst never reached the relay"
+    );
+    let answered_at_signal = calls.done.load(std::sync::atomic::Ordering::SeqCst);
+    let signalled = std::time::Instant::now();
+    d.signal("TERM");
+    assert!(
+        support::wait_until(
+            || d.logs().contains("SIGTERM received"),
+            Duration::from_secs(5)
+        )
+        .await,
+        "the daemon did not see the signal:\n{}",
+        d.logs()
+    );
+    // New calls during the grace are refused.
+    let mut refused = Vec::new();
+    for i in 0..3 {
+        refused.push(
+            harness::call(
+                d.peer(),
+                format!("refused {i}"),
+                "send_email",
+                small("refused", i),
+                limit,
+            )
+            .await,
+        );
+    }
+    let status = harness::call(
+        d.peer(),
+        "refused status",
+        "get_smtp_status",
+        serde_json::json!({}),
+        limit,
+    )
+    .await;
+    for c in refused.iter().chain([&status]) {
+        assert!(c.is_error(), "{}: {:?}", c.label, c.answer);
+        assert_eq!(
+            c.error_code(),
+            Some("unavailable"),
+            "{}: {:?}",
+            c.label,
+            c.answer
+        );
+    }
+
+    let calls = calls.join().await;
+    let exit = tokio::time::timeout(Duration::from_secs(15), d.child.wait())
+        .await
+        .expect("the daemon exits within the grace")
+        .expect("wait");
+    let took = signalled.elapsed();
+    let logs = d.logs();
+    assert!(exit.success(), "exit {exit:?}\n{logs}");
+    assert!(
+        took < Duration::from_secs(12),
+        "exit {took:?} after SIGTERM"
+    );
+    eprintln!("SIGTERM after {answered_at_signal} of {CALLS} answers; exit after {took:?}");
+    assert!(
+        answered_at_signal < CALLS,
+        "nothing was in flight at SIGTERM"
+    );
+    let in_flight: usize = logs
+        .lines()
+        .find(|l| l.contains("all deliveries finished"))
+        .and_then(|l| l.split("in_flight=").nth(1))
+        .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no in-flight count in the log:\n{logs}"));
+    assert!(in_flight > 0, "the log reports nothing in flight:\n{logs}");
+    assert!(logs.contains("abandoned=0"), "{logs}");
+
+    let mut all = calls;
+    all.extend(refused);
+    let tally = reconcile(&all, &[&sink]).await;
+    assert_eq!(tally.sent, CALLS, "in-flight deliveries finish: {tally:?}");
+    assert_eq!(tally.codes.get("unavailable"), Some(&3));
+}
