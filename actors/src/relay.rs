@@ -638,6 +638,15 @@ async fn deliver_smtp(shared: &Arc<RelayShared>, flight: &Flight) -> Result<Deli
             ));
         }
     };
+    // The relay may have gone down while this message waited for a
+    // connection (the messages ahead of it failed). Hand it to another relay
+    // now instead of letting it wait its turn to time out against a dead
+    // server; the router would not pick this relay for it either.
+    if !shared.state().available(Instant::now()) {
+        return Err(busy(
+            "the relay went down while the message waited for a connection".into(),
+        ));
+    }
 
     let from = match &mail.from {
         Some(a) => Some(a.clone()),

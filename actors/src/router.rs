@@ -85,6 +85,10 @@ pub(crate) enum RouterMsg {
     Route(Flight),
     /// The relay table changed (start, restart, reload).
     Table(Vec<RelayEntry>),
+    /// Install a new table and answer once it is in force: every message
+    /// routed after the answer sees it (a reload waits for this before it
+    /// lets the retired relays stop accepting).
+    Install(Vec<RelayEntry>, RpcReplyPort<()>),
     Settings(RouterSettings),
     /// The relay the next message would go to.
     Selection(RpcReplyPort<Selection>),
@@ -143,6 +147,10 @@ impl Actor for RouterActor {
         match msg {
             RouterMsg::Route(flight) => state.route(flight),
             RouterMsg::Table(table) => state.table = table,
+            RouterMsg::Install(table, reply) => {
+                state.table = table;
+                let _ = reply.send(());
+            }
             RouterMsg::Settings(settings) => state.settings = settings,
             RouterMsg::Selection(reply) => {
                 let now = Instant::now();

@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use ractor::{
     Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
@@ -20,6 +21,11 @@ use crate::relay::{RelayActor, RelayArgs, RelayMsg, RelayShared};
 use crate::router::{Pin, RelayEntry, RouterActor, RouterArgs, RouterCell, RouterMsg};
 use crate::settings::{RelaySettings, Settings, SupervisorSettings};
 use crate::status::ReloadDiff;
+
+/// How long a reload waits for the router to install the new relay table.
+/// The router's handlers are short, so this only runs out when the router is
+/// crashing; a restarted router starts from the new table anyway.
+const INSTALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A relay as the supervisor keeps it.
 #[derive(Debug)]
@@ -349,9 +355,22 @@ impl SupState {
         self.settings = new;
 
         // The router stops sending to retired relays first; then they drain.
-        self.publish_table();
+        // It must have installed the new table before a retired relay stops
+        // accepting: messages queued in its mailbox would otherwise be routed
+        // against the old table, find every relay there closed, and fail.
         if let Some(router) = &self.router {
             let _ = router.cast(RouterMsg::Settings(self.settings.router.clone()));
+            let installed = ractor::call_t!(
+                router,
+                RouterMsg::Install,
+                INSTALL_TIMEOUT.as_millis() as u64,
+                self.table()
+            );
+            if installed.is_err() {
+                tracing::warn!(
+                    "the router did not confirm the new relay table; retiring relays anyway"
+                );
+            }
         }
         for slot in retired {
             slot.shared.stop_accepting();
