@@ -148,6 +148,10 @@ struct Measurement {
     peak_rss_kb: Option<u64>,
     /// CPU time of the daemon (MCP paths) or of smtp-source.
     cpu: Option<Duration>,
+    /// CPU time of this process: the rmcp client (MCP paths).
+    client_cpu: Option<Duration>,
+    /// CPU time of smtp-sink.
+    sink_cpu: Option<Duration>,
 }
 
 impl Measurement {
@@ -168,11 +172,19 @@ impl Measurement {
     }
 
     fn cpu_per_message(&self) -> String {
-        match self.cpu {
+        self.per_message(self.cpu)
+    }
+
+    fn per_message(&self, cpu: Option<Duration>) -> String {
+        match cpu {
             Some(cpu) if self.ok > 0 => format!("{:.1}", cpu.as_secs_f64() * 1e6 / self.ok as f64),
             _ => "n/a".into(),
         }
     }
+}
+
+fn since(before: Option<Duration>, now: Option<Duration>) -> Option<Duration> {
+    Some(now?.saturating_sub(before?))
 }
 
 fn share(n: usize, c: usize, i: usize) -> usize {
@@ -193,6 +205,7 @@ fn parse_times(line: &str) -> Option<Duration> {
 /// next message, as the daemon's pool does.
 fn run_source(c: usize, n: usize, size: usize) -> anyhow::Result<Measurement> {
     let sink = Sink::start(c, false)?;
+    let sink_before = load::proc_cpu(sink.pid());
     let started = Instant::now();
     let out = Command::new("sh")
         .args([
@@ -211,6 +224,7 @@ fn run_source(c: usize, n: usize, size: usize) -> anyhow::Result<Measurement> {
         .with_context(|| format!("running {}", load::SMTP_SOURCE))?;
     let elapsed = started.elapsed();
     let count = sink.wait_count(n as u64, Duration::from_secs(5));
+    let sink_cpu = since(sink_before, load::proc_cpu(sink.pid()));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let ok = usize::try_from(count).unwrap_or(usize::MAX).min(n);
     Ok(Measurement {
@@ -224,6 +238,8 @@ fn run_source(c: usize, n: usize, size: usize) -> anyhow::Result<Measurement> {
             .then(|| format!("smtp-source {}: {}", out.status, stderr.trim())),
         peak_rss_kb: None,
         cpu: stderr.lines().last().and_then(parse_times),
+        client_cpu: None,
+        sink_cpu,
     })
 }
 
@@ -251,6 +267,8 @@ async fn run_mcp(
     )
     .await?;
     let cpu_before = load::proc_cpu(daemon.pid);
+    let client_before = load::self_cpu();
+    let sink_before = load::proc_cpu(sink.pid());
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..c {
@@ -274,10 +292,9 @@ async fn run_mcp(
     }
     let results = tasks.join_all().await;
     let elapsed = started.elapsed();
-    let cpu = match (cpu_before, load::proc_cpu(daemon.pid)) {
-        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
-        _ => None,
-    };
+    let cpu = since(cpu_before, load::proc_cpu(daemon.pid));
+    let client_cpu = since(client_before, load::self_cpu());
+    let sink_cpu = since(sink_before, load::proc_cpu(sink.pid()));
     let peak_rss_kb = load::proc_sample(daemon.pid).ok().map(|s| s.hwm_kb);
     let mut m = Measurement {
         messages: n,
@@ -289,6 +306,8 @@ async fn run_mcp(
         first_error: None,
         peak_rss_kb,
         cpu,
+        client_cpu,
+        sink_cpu,
     };
     for (lat, errors, first) in results {
         m.latencies.extend(lat);
@@ -402,9 +421,12 @@ fn table(rows: &[Row], memory: &[Memory], runs: usize) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| size | C | path | messages | accepted (sink) | errors | msgs/s | p50 ms | p99 ms | daemon peak RSS MB | CPU µs/msg | vs smtp-source |"
+        "| size | C | path | messages | accepted (sink) | errors | msgs/s | p50 ms | p99 ms | daemon peak RSS MB | daemon (or smtp-source) CPU µs/msg | MCP client CPU µs/msg | sink CPU µs/msg | vs smtp-source |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for r in rows {
         let vs = match (r.path, find(r.size, r.c, Path::Source)) {
             (Path::Source, _) | (_, None) => String::new(),
@@ -417,7 +439,7 @@ fn table(rows: &[Row], memory: &[Memory], runs: usize) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
             size_name(r.size),
             r.c,
             r.path.name(),
@@ -429,12 +451,14 @@ fn table(rows: &[Row], memory: &[Memory], runs: usize) -> String {
             ms(load::percentile(&r.m.latencies, 0.99)),
             mb(r.m.peak_rss_kb),
             r.m.cpu_per_message(),
+            r.m.per_message(r.m.client_cpu),
+            r.m.per_message(r.m.sink_cpu),
             vs,
         );
     }
     let _ = writeln!(
         out,
-        "\nBest of {runs} run(s) per row. CPU µs/msg is the daemon's (MCP rows) or smtp-source's."
+        "\nBest of {runs} run(s) per row. CPU times come from /proc (10 ms ticks); the MCP client is the harness process itself."
     );
     if !memory.is_empty() {
         let _ = writeln!(
@@ -544,7 +568,7 @@ fn main() -> anyhow::Result<()> {
                     }
                     .with_context(|| format!("{} at C={c}", path.name()))?;
                     eprintln!(
-                        "size {size} C={c} run {run} {:<11} {:>7.0} msgs/s  ok {} errors {} sink {} p50 {} p99 {} peak RSS {} MB cpu/msg {}{}",
+                        "size {size} C={c} run {run} {:<11} {:>7.0} msgs/s  ok {} errors {} sink {} p50 {} p99 {} peak RSS {} MB cpu/msg daemon {} client {} sink {}{}",
                         path.name(),
                         m.rate(),
                         m.ok,
@@ -554,6 +578,8 @@ fn main() -> anyhow::Result<()> {
                         ms(load::percentile(&m.latencies, 0.99)),
                         mb(m.peak_rss_kb),
                         m.cpu_per_message(),
+                        m.per_message(m.client_cpu),
+                        m.per_message(m.sink_cpu),
                         m.first_error
                             .as_deref()
                             .map(|e| format!("  first error: {e}"))

@@ -999,3 +999,20 @@ fn random_input_never_panics() {
         "the generator should produce both valid and invalid drafts: {accepted} ok, {rejected} rejected"
     );
 }
+
+#[test]
+fn crlf_normalises_every_line_ending_and_keeps_the_rest() {
+    for (input, expected) in [
+        ("", ""),
+        ("no break", "no break"),
+        ("a\nb", "a\r\nb"),
+        ("a\rb", "a\r\nb"),
+        ("a\r\nb", "a\r\nb"),
+        ("a\n\rb", "a\r\n\r\nb"),
+        ("\r\r\n\n", "\r\n\r\n\r\n"),
+        ("é\nü\r\n✓\r", "é\r\nü\r\n✓\r\n"),
+        ("end\n", "end\r\n"),
+    ] {
+        assert_eq!(crlf(input), expected, "{input:?}");
+    }
+}

@@ -229,6 +229,11 @@ pub fn proc_cpu(pid: u32) -> Option<Duration> {
     Some(Duration::from_millis((utime + stime) * 10))
 }
 
+/// CPU time of this process (all its threads).
+pub fn self_cpu() -> Option<Duration> {
+    proc_cpu(std::process::id())
+}
+
 /// How the client reaches the daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
