@@ -498,6 +498,11 @@ fn text_part(content_type: ContentType, text: String) -> SinglePart {
     // 7bit and quoted-printable text may not carry NUL (RFC 2045).
     if text.contains('\0') {
         builder.header(ContentTransferEncoding::Base64).body(text)
+    } else if text.is_ascii() {
+        // Line endings are CRLF already (`crlf`), but lettre converts a
+        // `String` body again, a full pass over it. For ASCII it chooses the
+        // same encoding from the bytes, and bytes are not converted.
+        builder.body(Body::new(text.into_bytes()))
     } else {
         builder.body(text)
     }
