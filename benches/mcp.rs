@@ -148,6 +148,8 @@ struct Measurement {
     peak_rss_kb: Option<u64>,
     /// CPU time of the daemon (MCP paths) or of smtp-source.
     cpu: Option<Duration>,
+    /// The daemon's system (kernel) part of `cpu`.
+    daemon_sys: Option<Duration>,
     /// CPU time of this process: the rmcp client (MCP paths).
     client_cpu: Option<Duration>,
     /// CPU time of smtp-sink.
@@ -238,6 +240,7 @@ fn run_source(c: usize, n: usize, size: usize) -> anyhow::Result<Measurement> {
             .then(|| format!("smtp-source {}: {}", out.status, stderr.trim())),
         peak_rss_kb: None,
         cpu: stderr.lines().last().and_then(parse_times),
+        daemon_sys: None,
         client_cpu: None,
         sink_cpu,
     })
@@ -267,6 +270,7 @@ async fn run_mcp(
     )
     .await?;
     let cpu_before = load::proc_cpu(daemon.pid);
+    let sys_before = load::proc_cpu_split(daemon.pid).map(|s| s.1);
     let client_before = load::self_cpu();
     let sink_before = load::proc_cpu(sink.pid());
     let started = Instant::now();
@@ -293,6 +297,7 @@ async fn run_mcp(
     let results = tasks.join_all().await;
     let elapsed = started.elapsed();
     let cpu = since(cpu_before, load::proc_cpu(daemon.pid));
+    let daemon_sys = since(sys_before, load::proc_cpu_split(daemon.pid).map(|s| s.1));
     let client_cpu = since(client_before, load::self_cpu());
     let sink_cpu = since(sink_before, load::proc_cpu(sink.pid()));
     let peak_rss_kb = load::proc_sample(daemon.pid).ok().map(|s| s.hwm_kb);
@@ -306,6 +311,7 @@ async fn run_mcp(
         first_error: None,
         peak_rss_kb,
         cpu,
+        daemon_sys,
         client_cpu,
         sink_cpu,
     };
@@ -568,7 +574,7 @@ fn main() -> anyhow::Result<()> {
                     }
                     .with_context(|| format!("{} at C={c}", path.name()))?;
                     eprintln!(
-                        "size {size} C={c} run {run} {:<11} {:>7.0} msgs/s  ok {} errors {} sink {} p50 {} p99 {} peak RSS {} MB cpu/msg daemon {} client {} sink {}{}",
+                        "size {size} C={c} run {run} {:<11} {:>7.0} msgs/s  ok {} errors {} sink {} p50 {} p99 {} peak RSS {} MB cpu/msg daemon {} (sys {}) client {} sink {}{}",
                         path.name(),
                         m.rate(),
                         m.ok,
@@ -578,6 +584,7 @@ fn main() -> anyhow::Result<()> {
                         ms(load::percentile(&m.latencies, 0.99)),
                         mb(m.peak_rss_kb),
                         m.cpu_per_message(),
+                        m.per_message(m.daemon_sys),
                         m.per_message(m.client_cpu),
                         m.per_message(m.sink_cpu),
                         m.first_error

@@ -222,11 +222,19 @@ pub fn proc_sample(pid: u32) -> anyhow::Result<ProcSample> {
 
 /// User plus system CPU time of a process, from /proc/PID/stat (10 ms ticks).
 pub fn proc_cpu(pid: u32) -> Option<Duration> {
+    proc_cpu_split(pid).map(|(user, system)| user + system)
+}
+
+/// User and system CPU time of a process, apart.
+pub fn proc_cpu_split(pid: u32) -> Option<(Duration, Duration)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(Duration::from_millis((utime + stime) * 10))
+    Some((
+        Duration::from_millis(utime * 10),
+        Duration::from_millis(stime * 10),
+    ))
 }
 
 /// CPU time of this process (all its threads).
