@@ -322,6 +322,12 @@ async fn status_shows_every_relay_and_no_secret() {
     assert!(out.get("warning").is_none());
     assert_eq!(out["config_sources"], json!(["test"]));
     assert!(out["uptime_secs"].is_u64());
+    // The current-thread test runtime: one live task at least (the session's).
+    assert_eq!(out["runtime"]["workers"], 1, "{out}");
+    assert!(
+        out["runtime"]["alive_tasks"].as_u64().unwrap() >= 1,
+        "{out}"
+    );
     let relays = out["relays"].as_array().unwrap();
     assert_eq!(relays.len(), 2);
     let primary = relays.iter().find(|r| r["name"] == "primary").unwrap();

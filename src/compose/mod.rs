@@ -466,18 +466,24 @@ fn render(draft: &Draft) -> Result<Rendered, ComposeError> {
 /// Every line ending becomes CRLF. lettre converts bare LF but not bare CR,
 /// and its SMTP layer only dot-stuffs lines that follow a CRLF.
 fn crlf(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + text.len() / 32);
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '\r' => {
-                chars.next_if_eq(&'\n');
-                out.push_str("\r\n");
-            }
-            '\n' => out.push_str("\r\n"),
-            c => out.push(c),
-        }
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len() + text.len() / 32 + 2);
+    // Copies the runs between line breaks whole: pushing char by char cost
+    // about 28 000 instructions per KiB of body, a sixth of all composing.
+    let mut start = 0;
+    let mut i = 0;
+    while let Some(at) = memchr::memchr2(b'\r', b'\n', &bytes[i..]) {
+        let at = i + at;
+        out.push_str(&text[start..at]);
+        out.push_str("\r\n");
+        i = if bytes[at] == b'\r' && bytes.get(at + 1) == Some(&b'\n') {
+            at + 2
+        } else {
+            at + 1
+        };
+        start = i;
     }
+    out.push_str(&text[start..]);
     out
 }
 
@@ -492,6 +498,11 @@ fn text_part(content_type: ContentType, text: String) -> SinglePart {
     // 7bit and quoted-printable text may not carry NUL (RFC 2045).
     if text.contains('\0') {
         builder.header(ContentTransferEncoding::Base64).body(text)
+    } else if text.is_ascii() {
+        // Line endings are CRLF already (`crlf`), but lettre converts a
+        // `String` body again, a full pass over it. For ASCII it chooses the
+        // same encoding from the bytes, and bytes are not converted.
+        builder.body(Body::new(text.into_bytes()))
     } else {
         builder.body(text)
     }

@@ -999,3 +999,46 @@ fn random_input_never_panics() {
         "the generator should produce both valid and invalid drafts: {accepted} ok, {rejected} rejected"
     );
 }
+
+#[test]
+fn crlf_normalises_every_line_ending_and_keeps_the_rest() {
+    for (input, expected) in [
+        ("", ""),
+        ("no break", "no break"),
+        ("a\nb", "a\r\nb"),
+        ("a\rb", "a\r\nb"),
+        ("a\r\nb", "a\r\nb"),
+        ("a\n\rb", "a\r\n\r\nb"),
+        ("\r\r\n\n", "\r\n\r\n\r\n"),
+        ("é\nü\r\n✓\r", "é\r\nü\r\n✓\r\n"),
+        ("end\n", "end\r\n"),
+    ] {
+        assert_eq!(crlf(input), expected, "{input:?}");
+    }
+}
+
+#[test]
+fn text_bodies_get_the_encoding_lettre_chooses() {
+    let long = "x".repeat(100);
+    for (body, encoding) in [
+        ("short ASCII lines\nonly\n".to_string(), "7bit"),
+        (format!("{long}\nand a short one\n"), "quoted-printable"),
+        ("short but not ASCII: é\n".to_string(), "quoted-printable"),
+    ] {
+        let mut d = draft("a@x.org");
+        d.body = body.clone();
+        let c = ok(&d, &policy());
+        assert_eq!(
+            header(&c, "Content-Transfer-Encoding"),
+            Some(encoding),
+            "{body:?}"
+        );
+        assert!(!has_bare_line_break(&c.bytes), "{body:?}");
+        // The same choice lettre makes for the String on its own.
+        let reference = SinglePart::builder()
+            .header(ContentType::TEXT_PLAIN)
+            .body(crlf(&body));
+        let ours = text_part(ContentType::TEXT_PLAIN, crlf(&body));
+        assert_eq!(ours.formatted(), reference.formatted(), "{body:?}");
+    }
+}

@@ -167,6 +167,7 @@ impl MailmuxServer {
                 default_relay: config.default_relay,
                 warning: warning.clone(),
                 relays: snapshot.relays.iter().map(Into::into).collect(),
+                runtime: RuntimeOut::current(),
                 error: None,
             };
             let mut text = out

@@ -432,8 +432,32 @@ pub struct StatusResult {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
     pub relays: Vec<RelayOut>,
+    /// The daemon's async runtime, for spotting leaked tasks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<RuntimeOut>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ToolError>,
+}
+
+/// The tokio runtime's own counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, JsonSchema)]
+pub struct RuntimeOut {
+    /// Tasks spawned and not yet finished: steady under steady load, so a
+    /// count that keeps growing is a leak.
+    pub alive_tasks: usize,
+    /// Worker threads of the runtime.
+    pub workers: usize,
+}
+
+impl RuntimeOut {
+    /// The counters of the runtime this is called on, if any.
+    pub fn current() -> Option<Self> {
+        let metrics = tokio::runtime::Handle::try_current().ok()?.metrics();
+        Some(RuntimeOut {
+            alive_tasks: metrics.num_alive_tasks(),
+            workers: metrics.num_workers(),
+        })
+    }
 }
 
 /// One relay's probe.
