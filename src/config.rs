@@ -40,6 +40,10 @@ pub struct HttpSettings {
     pub allowed_origins: Vec<String>,
     /// Request body limit in bytes.
     pub body_limit: usize,
+    /// MCP requests (POSTs to `/mcp`) handled at once; more wait, unread.
+    /// Each holds its body and the message built from it, so this bounds
+    /// the memory a burst of large calls can take.
+    pub max_concurrent_requests: usize,
     /// Stateful sessions (true) or stateless request/response (false).
     pub stateful: bool,
 }

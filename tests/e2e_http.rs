@@ -3,6 +3,8 @@
 //! body-size checks and `/health`.
 
 mod common;
+#[path = "../actors/tests/support/mod.rs"]
+mod support;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -66,6 +68,13 @@ async fn in_process(
     cfg.daemon.http.token = Some(Secret::new(TOKEN));
     cfg.daemon.http.body_limit = 64 * 1024;
     cfg.daemon.http.allowed_origins = vec!["https://app.example.org".into()];
+    in_process_with(cfg, stateful).await
+}
+
+async fn in_process_with(
+    cfg: mailmux::config::Config,
+    stateful: bool,
+) -> (String, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let dispatcher = Dispatcher::start(cfg.dispatch.clone()).await.unwrap();
     let server = MailmuxServer::new(dispatcher, cfg, Sources::default());
     let port = free_port();
@@ -308,4 +317,58 @@ async fn binary_serves_http_with_a_token() {
     assert!(status.success(), "{status:?}\n{logs}");
     assert!(logs.contains("SIGTERM received"), "{logs}");
     assert!(logs.contains("all deliveries finished"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_requests_past_the_bound_wait_unread() {
+    use support::fault_smtp::{Action, FaultSmtp, Phase, Script, Share};
+    // The first message hangs after its final "." until the data timeout.
+    let smtp =
+        FaultSmtp::start(Script::ok().on_share(Phase::AfterDot, Action::Hang, Share::FirstN(1)))
+            .await;
+    let mut primary = relay("primary", smtp.port(), 100);
+    primary.timeouts.data = Duration::from_millis(1500);
+    // The lost connection backs the relay off; keep that short here.
+    primary.health.backoff_base = Duration::from_millis(1);
+    primary.health.backoff_max = Duration::from_millis(2);
+    let mut cfg = config(vec![primary]);
+    cfg.daemon.http.max_concurrent_requests = 1;
+    let (base, stop, task) = in_process_with(cfg, true).await;
+    let url = format!("{base}/mcp");
+    let send = |subject: &'static str| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            mcp_call(
+                &url,
+                None,
+                "send_email",
+                json!({"to": "rcpt@example.org", "subject": subject, "body": "x"}),
+            )
+            .await
+        })
+    };
+
+    let first = send("first");
+    assert!(
+        support::wait_until(
+            || smtp.commands(Phase::AfterDot) == 1,
+            Duration::from_secs(10)
+        )
+        .await,
+        "the first call reached the end of its data"
+    );
+    let second = send("second");
+    // While the first call holds the only slot, the second is not handled:
+    // the server sees no second transaction.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(smtp.commands(Phase::Mail), 1, "the second call waited");
+
+    let (_, one) = first.await.unwrap();
+    assert_eq!(one["status"], "unknown", "{one}");
+    let (is_error, two) = second.await.unwrap();
+    assert!(!is_error, "{two}");
+    assert_eq!(two["status"], "sent");
+    assert_eq!(smtp.delivered().len(), 1);
+    let _ = stop.send(());
+    let _ = task.await;
 }

@@ -43,6 +43,7 @@ pub(crate) const HTTP_KEYS: &[&str] = &[
     "allowed_hosts",
     "allowed_origins",
     "body_limit",
+    "max_concurrent_requests",
     "stateful",
 ];
 
@@ -163,6 +164,8 @@ pub(crate) struct RawHttp {
     pub allowed_origins: Option<StringList>,
     /// Request body limit in bytes. Default: 16777216 (16 MiB).
     pub body_limit: Option<usize>,
+    /// MCP requests handled at once; more wait unread. Default: 64.
+    pub max_concurrent_requests: Option<usize>,
     /// Stateful sessions. Default: true.
     pub stateful: Option<bool>,
 }

@@ -11,15 +11,17 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use http_body_util::BodyExt;
 use mailmux_actors::{RelayState, Secret};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use serde_json::json;
 use subtle::ConstantTimeEq;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::{MailmuxServer, RunError, drain};
@@ -153,6 +155,26 @@ async fn check(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Res
     next.run(req).await
 }
 
+/// Bounds the MCP requests handled at once (`http.max_concurrent_requests`).
+/// A request holds its permit from the moment it is taken until its response
+/// body ends (in stateful mode the tool result comes on that body, after the
+/// handler returned), so at most that many bodies and the messages built from
+/// them are in memory. Requests past the bound wait with their bodies unread.
+async fn limit(State(permits): State<Arc<Semaphore>>, req: Request, next: Next) -> Response {
+    if req.method() != Method::POST {
+        return next.run(req).await;
+    }
+    let Ok(permit) = permits.acquire_owned().await else {
+        return reject(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    };
+    let (parts, body) = next.run(req).await.into_parts();
+    let body = body.map_frame(move |frame| {
+        let _held = &permit;
+        frame
+    });
+    Response::from_parts(parts, axum::body::Body::new(body))
+}
+
 async fn health(State(server): State<MailmuxServer>) -> Response {
     let (ok, relays) = match server.dispatcher().status().await {
         Ok(s) => {
@@ -195,10 +217,13 @@ pub fn app(server: &MailmuxServer, stateful: bool) -> (Router, CancellationToken
         config,
     );
     let guard = Arc::new(Guard::new(&http));
+    let permits = Arc::new(Semaphore::new(http.max_concurrent_requests));
     let router = Router::new()
         .route("/health", get(health))
         .with_state(server.clone())
         .nest_service("/mcp", mcp)
+        // Layers run outermost last-added first: the checks, then the bound.
+        .layer(middleware::from_fn_with_state(permits, limit))
         .layer(middleware::from_fn_with_state(guard, check));
     (router, cancel)
 }

@@ -129,6 +129,7 @@ pub fn config(relays: Vec<RelaySettings>) -> Config {
                 allowed_hosts: vec![],
                 allowed_origins: vec![],
                 body_limit: 4 * 1024 * 1024,
+                max_concurrent_requests: 64,
                 stateful: true,
             },
             log_level: None,
