@@ -40,10 +40,6 @@ pub struct HttpSettings {
     pub allowed_origins: Vec<String>,
     /// Request body limit in bytes.
     pub body_limit: usize,
-    /// MCP requests (POSTs to `/mcp`) handled at once; more wait, unread.
-    /// Each holds its body and the message built from it, so this bounds
-    /// the memory a burst of large calls can take.
-    pub max_concurrent_requests: usize,
     /// Stateful sessions (true) or stateless request/response (false).
     pub stateful: bool,
 }
@@ -56,6 +52,11 @@ pub struct DaemonSettings {
     /// How long shutdown waits for deliveries in flight.
     pub shutdown_grace: Duration,
     pub compose: ComposePolicy,
+    /// MCP calls handled at once, over either transport; requests past it
+    /// wait unread (in the pipe, or on their HTTP connection). Each call holds
+    /// its arguments and the message built from them, so this bounds the
+    /// memory a burst of large calls can take.
+    pub max_concurrent_calls: usize,
     pub http: HttpSettings,
     /// `LOG_LEVEL` from the seed, used when `RUST_LOG` is not set.
     pub log_level: Option<String>,

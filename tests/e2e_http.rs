@@ -329,10 +329,12 @@ async fn mcp_requests_past_the_bound_wait_unread() {
     let mut primary = relay("primary", smtp.port(), 100);
     primary.timeouts.data = Duration::from_millis(1500);
     // The lost connection backs the relay off; keep that short here.
-    primary.health.backoff_base = Duration::from_millis(1);
-    primary.health.backoff_max = Duration::from_millis(2);
-    let mut cfg = config(vec![primary]);
-    cfg.daemon.http.max_concurrent_requests = 1;
+    // The lost connection backs the primary off; the second call may then
+    // go to the backup.
+    let backup_smtp = FaultSmtp::start(Script::ok()).await;
+    let backup = relay("backup", backup_smtp.port(), 1);
+    let mut cfg = config(vec![primary, backup]);
+    cfg.daemon.max_concurrent_calls = 1;
     let (base, stop, task) = in_process_with(cfg, true).await;
     let url = format!("{base}/mcp");
     let send = |subject: &'static str| {
@@ -362,13 +364,18 @@ async fn mcp_requests_past_the_bound_wait_unread() {
     // the server sees no second transaction.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(smtp.commands(Phase::Mail), 1, "the second call waited");
+    assert_eq!(
+        backup_smtp.commands(Phase::Mail),
+        0,
+        "the second call waited"
+    );
 
     let (_, one) = first.await.unwrap();
     assert_eq!(one["status"], "unknown", "{one}");
     let (is_error, two) = second.await.unwrap();
     assert!(!is_error, "{two}");
     assert_eq!(two["status"], "sent");
-    assert_eq!(smtp.delivered().len(), 1);
+    assert_eq!(smtp.delivered().len() + backup_smtp.delivered().len(), 1);
     let _ = stop.send(());
     let _ = task.await;
 }

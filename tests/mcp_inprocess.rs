@@ -2,6 +2,8 @@
 //! duplex, the real dispatcher, and aiosmtpd receiving over loopback.
 
 mod common;
+#[path = "../actors/tests/support/mod.rs"]
+mod support;
 
 use std::time::Duration;
 
@@ -477,4 +479,57 @@ async fn calls_after_shutdown_began_are_refused() {
         assert_eq!(out["error"]["code"], "unavailable", "{tool}");
     }
     assert!(smtp.messages().is_empty());
+}
+
+/// With `max_concurrent_calls` taken, the stream transport reads no further
+/// request: the next call waits in the pipe and reaches no server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_past_the_bound_wait_unread() {
+    use std::sync::Arc;
+    use support::fault_smtp::{Action, FaultSmtp, Phase, Script, Share};
+    let smtp =
+        FaultSmtp::start(Script::ok().on_share(Phase::AfterDot, Action::Hang, Share::FirstN(1)))
+            .await;
+    let mut primary = relay("primary", smtp.port(), 100);
+    primary.timeouts.data = Duration::from_millis(1500);
+    // The lost connection backs the primary off; the second call may then
+    // go to the backup.
+    let backup_smtp = FaultSmtp::start(Script::ok()).await;
+    let backup = relay("backup", backup_smtp.port(), 1);
+    let mut cfg = config(vec![primary, backup]);
+    cfg.daemon.max_concurrent_calls = 1;
+    let h = Arc::new(harness_with(cfg, Sources::default()).await);
+    let send = |subject: &'static str| {
+        let h = h.clone();
+        tokio::spawn(async move {
+            call(
+                &h,
+                "send_email",
+                json!({"to": "rcpt@example.org", "subject": subject, "body": "x"}),
+            )
+            .await
+        })
+    };
+    let first = send("first");
+    assert!(
+        support::wait_until(
+            || smtp.commands(Phase::AfterDot) == 1,
+            Duration::from_secs(10)
+        )
+        .await
+    );
+    let second = send("second");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(smtp.commands(Phase::Mail), 1, "the second call waited");
+    assert_eq!(
+        backup_smtp.commands(Phase::Mail),
+        0,
+        "the second call waited"
+    );
+    let (_, one, _) = first.await.unwrap();
+    assert_eq!(one["status"], "unknown", "{one}");
+    let (is_error, two, _) = second.await.unwrap();
+    assert!(!is_error, "{two}");
+    assert_eq!(two["status"], "sent");
+    assert_eq!(smtp.delivered().len() + backup_smtp.delivered().len(), 1);
 }

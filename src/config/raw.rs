@@ -21,6 +21,7 @@ pub(crate) const TOP_KEYS: &[&str] = &[
     "send_deadline",
     "shutdown_grace",
     "max_in_flight",
+    "max_concurrent_calls",
     "max_message_bytes",
     "max_recipients",
     "max_attachment_bytes",
@@ -43,7 +44,6 @@ pub(crate) const HTTP_KEYS: &[&str] = &[
     "allowed_hosts",
     "allowed_origins",
     "body_limit",
-    "max_concurrent_requests",
     "stateful",
 ];
 
@@ -105,6 +105,9 @@ pub(crate) struct RawConfig {
     pub shutdown_grace: Option<Dur>,
     /// Messages in delivery at once, across relays. Default: 4096.
     pub max_in_flight: Option<usize>,
+    /// MCP calls handled at once, over stdio or HTTP; more wait unread.
+    /// Default: 64.
+    pub max_concurrent_calls: Option<usize>,
     /// Largest encoded message in bytes. Default: 10485760 (10 MiB).
     pub max_message_bytes: Option<usize>,
     /// Recipients per message, to, cc and bcc together. Default: 100.
@@ -164,8 +167,6 @@ pub(crate) struct RawHttp {
     pub allowed_origins: Option<StringList>,
     /// Request body limit in bytes. Default: 16777216 (16 MiB).
     pub body_limit: Option<usize>,
-    /// MCP requests handled at once; more wait unread. Default: 64.
-    pub max_concurrent_requests: Option<usize>,
     /// Stateful sessions. Default: true.
     pub stateful: Option<bool>,
 }

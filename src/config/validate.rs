@@ -34,9 +34,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 const HTTP_BIND: &str = "127.0.0.1:8025";
 /// Above the largest message (10 MiB) even after base64 in a JSON body.
 const HTTP_BODY_LIMIT: usize = 16 * 1024 * 1024;
-/// MCP requests over HTTP handled at once: enough to keep every relay busy,
-/// few enough that 64 calls near the size limit fit in memory.
-const HTTP_MAX_CONCURRENT_REQUESTS: usize = 64;
+/// MCP calls handled at once: enough to keep every relay busy, few enough
+/// that 64 calls near the size limit fit in memory.
+const MAX_CONCURRENT_CALLS: usize = 64;
 const OUTBOX_DIR: &str = "outbox";
 const EMBEDDED_RELAY: &str = "outbox";
 
@@ -219,6 +219,13 @@ pub(crate) fn build(
         "max_in_flight",
         raw.max_in_flight,
         limits.max_in_flight,
+    )?;
+    let max_concurrent_calls = at_least_one(
+        &ctx,
+        &mut out,
+        "max_concurrent_calls",
+        raw.max_concurrent_calls,
+        MAX_CONCURRENT_CALLS,
     )?;
     let max_message_bytes = at_least_one(
         &ctx,
@@ -418,6 +425,7 @@ pub(crate) fn build(
                 attachments_dir: raw.attachments_dir,
                 message_id_domain,
             },
+            max_concurrent_calls,
             http,
             log_level: raw.log_level,
         },
@@ -554,13 +562,6 @@ fn http(
         h.body_limit,
         HTTP_BODY_LIMIT,
     )?;
-    let max_concurrent_requests = at_least_one(
-        ctx,
-        &mut out,
-        "http.max_concurrent_requests",
-        h.max_concurrent_requests,
-        HTTP_MAX_CONCURRENT_REQUESTS,
-    )?;
     let at = ctx.at("http.stateful");
     let stateful = h.stateful.unwrap_or(true);
     leaf(&mut out, "stateful", json!(stateful), &at);
@@ -572,7 +573,6 @@ fn http(
         allowed_hosts,
         allowed_origins,
         body_limit,
-        max_concurrent_requests,
         stateful,
     })
 }

@@ -155,7 +155,7 @@ async fn check(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Res
     next.run(req).await
 }
 
-/// Bounds the MCP requests handled at once (`http.max_concurrent_requests`).
+/// Bounds the MCP requests handled at once (`max_concurrent_calls`).
 /// A request holds its permit from the moment it is taken until its response
 /// body ends (in stateful mode the tool result comes on that body, after the
 /// handler returned), so at most that many bodies and the messages built from
@@ -217,7 +217,7 @@ pub fn app(server: &MailmuxServer, stateful: bool) -> (Router, CancellationToken
         config,
     );
     let guard = Arc::new(Guard::new(&http));
-    let permits = Arc::new(Semaphore::new(http.max_concurrent_requests));
+    let permits = Arc::new(Semaphore::new(server.config().daemon.max_concurrent_calls));
     let router = Router::new()
         .route("/health", get(health))
         .with_state(server.clone())

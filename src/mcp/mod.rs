@@ -39,6 +39,8 @@ struct State {
     closing: AtomicBool,
     /// Reloads run one at a time, so that two cannot interleave their diffs.
     reload: tokio::sync::Mutex<()>,
+    /// `send_email` calls in progress, bounded by `max_concurrent_calls`.
+    calls: Arc<transport::CallGate>,
 }
 
 impl std::fmt::Debug for MailmuxServer {
@@ -54,6 +56,7 @@ impl MailmuxServer {
     /// A handler over a running dispatcher. `sources` are read again by
     /// `reload_smtp_configuration`.
     pub fn new(dispatcher: Dispatcher, config: Config, sources: Sources) -> Self {
+        let calls = transport::CallGate::new(config.daemon.max_concurrent_calls);
         MailmuxServer {
             state: Arc::new(State {
                 dispatcher,
@@ -62,9 +65,15 @@ impl MailmuxServer {
                 started: Instant::now(),
                 closing: AtomicBool::new(false),
                 reload: tokio::sync::Mutex::new(()),
+                calls,
             }),
             tool_router: Self::tool_router(),
         }
+    }
+
+    /// The count of `send_email` calls in progress.
+    pub fn call_gate(&self) -> Arc<transport::CallGate> {
+        self.state.calls.clone()
     }
 
     pub fn dispatcher(&self) -> &Dispatcher {

@@ -308,6 +308,7 @@ impl MailmuxServer {
     /// compose, then send (or only render, for a dry run). Returns the result
     /// and a sentence for the caller.
     pub async fn send_email_params(&self, params: SendEmailParams) -> (SendResult, String) {
+        let _slot = self.call_gate().enter();
         if self.is_closing() {
             return failed(ToolError::unavailable());
         }

@@ -8,9 +8,15 @@ use std::fs::File;
 use std::future::Future;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 
 use rmcp::ServiceExt;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+use tokio::sync::futures::OwnedNotified;
 
 use super::{MailmuxServer, RunError, drain};
 
@@ -131,6 +137,11 @@ where
     W: AsyncWrite + Send + Unpin + 'static,
 {
     tokio::pin!(shutdown);
+    let reader = Gated {
+        inner: reader,
+        gate: server.call_gate(),
+        wait: None,
+    };
     let running = tokio::select! {
         r = server.clone().serve((reader, writer)) => r,
         () = &mut shutdown => {
@@ -166,4 +177,82 @@ where
         }
     }
     Ok(())
+}
+
+/// Counts the `send_email` calls in progress (`max_concurrent_calls`), so that
+/// the stream transport stops reading requests while they are all taken: a
+/// burst of large calls then waits in the pipe, not in memory.
+#[derive(Debug)]
+pub struct CallGate {
+    active: AtomicUsize,
+    max: usize,
+    freed: Arc<Notify>,
+}
+
+impl CallGate {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(CallGate {
+            active: AtomicUsize::new(0),
+            max: max.max(1),
+            freed: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Counts a call in progress until the slot is dropped.
+    pub fn enter(self: &Arc<Self>) -> CallSlot {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        CallSlot(self.clone())
+    }
+
+    fn is_full(&self) -> bool {
+        self.active.load(Ordering::Acquire) >= self.max
+    }
+}
+
+/// One call in progress.
+#[derive(Debug)]
+pub struct CallSlot(Arc<CallGate>);
+
+impl Drop for CallSlot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_waiters();
+    }
+}
+
+/// A reader that reads only while the gate has room.
+struct Gated<R> {
+    inner: R,
+    gate: Arc<CallGate>,
+    wait: Option<Pin<Box<OwnedNotified>>>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Gated<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if !this.gate.is_full() {
+                this.wait = None;
+                return Pin::new(&mut this.inner).poll_read(cx, buf);
+            }
+            let freed = this.gate.freed.clone();
+            let wait = this
+                .wait
+                .get_or_insert_with(|| Box::pin(freed.notified_owned()));
+            // Registered before the second look, so a slot freed in between
+            // still wakes us.
+            wait.as_mut().enable();
+            if !this.gate.is_full() {
+                continue;
+            }
+            match wait.as_mut().poll(cx) {
+                Poll::Ready(()) => this.wait = None,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
 }

@@ -123,13 +123,13 @@ pub fn config(relays: Vec<RelaySettings>) -> Config {
                 default_from: Some("sender@example.org".into()),
                 ..ComposePolicy::default()
             },
+            max_concurrent_calls: 64,
             http: HttpSettings {
                 bind: "127.0.0.1:0".parse().unwrap(),
                 token: None,
                 allowed_hosts: vec![],
                 allowed_origins: vec![],
                 body_limit: 4 * 1024 * 1024,
-                max_concurrent_requests: 64,
                 stateful: true,
             },
             log_level: None,
