@@ -8,6 +8,10 @@
 //! cargo bench --bench dispatch -- --messages 20000,2000 --concurrency 1,8,32,64 --size 1024,102400
 //! ```
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::{ms, parse_times, share, size_name};
 use std::fmt::Write as _;
 use std::net::TcpListener;
 use std::path::Path;
@@ -279,16 +283,6 @@ fn process_cpu(pid: &str) -> Option<Duration> {
 /// USER_HZ: 100 on every Linux this runs on (`getconf CLK_TCK`).
 const CLK_TCK: u64 = 100;
 
-/// Parses the children's line of the shell's `times`: "0m1.230000s 0m0.450000s".
-fn parse_times(line: &str) -> Option<Duration> {
-    let mut total = 0.0;
-    for field in line.split_whitespace() {
-        let (min, sec) = field.strip_suffix('s')?.split_once('m')?;
-        total += min.parse::<f64>().ok()? * 60.0 + sec.parse::<f64>().ok()?;
-    }
-    Some(Duration::from_secs_f64(total))
-}
-
 fn is_root() -> bool {
     use std::os::unix::fs::MetadataExt as _;
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
@@ -310,11 +304,6 @@ fn message(size: usize) -> Arc<[u8]> {
         left = left.saturating_sub(take + 2);
     }
     Arc::from(m)
-}
-
-/// Splits `n` messages among `c` senders as evenly as possible.
-fn share(n: usize, c: usize, i: usize) -> usize {
-    n / c + usize::from(i < n % c)
 }
 
 /// The physical limit: Postfix's own C client, one process, no pipelining.
@@ -588,24 +577,12 @@ struct Row {
     m: Measurement,
 }
 
-fn ms(d: Option<Duration>) -> String {
-    d.map_or("n/a".into(), |d| format!("{:.2}", d.as_secs_f64() * 1e3))
-}
-
 fn ratio(a: Option<&Row>, b: Option<&Row>) -> Option<f64> {
     Some(a?.m.rate() / b?.m.rate())
 }
 
 fn pct(r: Option<f64>) -> String {
     r.map_or("".into(), |r| format!("{:.0} %", r * 100.0))
-}
-
-fn size_name(size: usize) -> String {
-    if size >= 1024 && size.is_multiple_of(1024) {
-        format!("{} KiB", size / 1024)
-    } else {
-        format!("{size} B")
-    }
 }
 
 fn table(rows: &[Row], runs: usize) -> String {

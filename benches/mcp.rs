@@ -8,6 +8,8 @@
 //! cargo bench --bench mcp -- --messages 20000,2000 --concurrency 1,8,32,64 --size 1024,102400
 //! ```
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/load/mod.rs"]
 mod load;
 
@@ -18,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use common::{ms, parse_times, share, size_name};
 use load::{Daemon, DaemonOptions, Sink, Transport};
 
 const USAGE: &str = "\
@@ -187,20 +190,6 @@ impl Measurement {
 
 fn since(before: Option<Duration>, now: Option<Duration>) -> Option<Duration> {
     Some(now?.saturating_sub(before?))
-}
-
-fn share(n: usize, c: usize, i: usize) -> usize {
-    n / c + usize::from(i < n % c)
-}
-
-/// Parses the children's line of the shell's `times`: "0m1.230000s 0m0.450000s".
-fn parse_times(line: &str) -> Option<Duration> {
-    let mut total = 0.0;
-    for field in line.split_whitespace() {
-        let (min, sec) = field.strip_suffix('s')?.split_once('m')?;
-        total += min.parse::<f64>().ok()? * 60.0 + sec.parse::<f64>().ok()?;
-    }
-    Some(Duration::from_secs_f64(total))
 }
 
 /// Postfix's own client: one process, `-d` to keep each session for the
@@ -403,20 +392,8 @@ struct Row {
     m: Measurement,
 }
 
-fn ms(d: Option<Duration>) -> String {
-    d.map_or("n/a".into(), |d| format!("{:.2}", d.as_secs_f64() * 1e3))
-}
-
 fn mb(kb: Option<u64>) -> String {
     kb.map_or("n/a".into(), |kb| format!("{:.1}", kb as f64 / 1024.0))
-}
-
-fn size_name(size: usize) -> String {
-    if size >= 1024 && size.is_multiple_of(1024) {
-        format!("{} KiB", size / 1024)
-    } else {
-        format!("{size} B")
-    }
 }
 
 fn table(rows: &[Row], memory: &[Memory], runs: usize) -> String {
