@@ -25,7 +25,8 @@ use lettre::address::Envelope;
 use lettre::transport::smtp::client::AsyncSmtpConnection;
 use lettre::transport::smtp::extension::ClientId;
 use mailmux_actors::{
-    Dispatcher, Limits, Mail, RelaySettings, RouterSettings, Settings, Status, SupervisorSettings,
+    Dispatcher, Limits, Mail, RelayKind, RelaySettings, RouterSettings, Settings, Status,
+    SupervisorSettings,
 };
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
@@ -44,14 +45,20 @@ usage: cargo bench --bench dispatch -- [options]
   --concurrency C[,C...]   sessions, connections or sending tasks in parallel (1,8,32,64)
   --size BYTES[,BYTES...]  message body size (1024)
   --runs R                 runs of each measurement; the best is reported (2)
-  --paths P[,P...]         any of source, lettre, actors (all three)
+  --paths P[,P...]         any of source, lettre, actors, actors-serial
+                           (default: source, lettre, actors, actors-serial)
 ";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Client {
     Source,
     Lettre,
+    /// The actors as shipped: pipelining MAIL, RCPT and DATA (smtp-sink
+    /// offers PIPELINING).
     Actors,
+    /// The actors with `pipelining = false`: the same SMTP exchange as raw
+    /// lettre, so the difference is the actors' own cost.
+    ActorsSerial,
 }
 
 impl Client {
@@ -60,6 +67,7 @@ impl Client {
             Client::Source => "smtp-source",
             Client::Lettre => "raw lettre",
             Client::Actors => "actors",
+            Client::ActorsSerial => "actors, no pipelining",
         }
     }
 }
@@ -95,7 +103,12 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut concurrency = vec![1, 8, 32, 64];
     let mut sizes = vec![1024];
     let mut runs = 2;
-    let mut paths = vec![Client::Source, Client::Lettre, Client::Actors];
+    let mut paths = vec![
+        Client::Source,
+        Client::Lettre,
+        Client::Actors,
+        Client::ActorsSerial,
+    ];
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -113,6 +126,7 @@ fn parse_args() -> anyhow::Result<Args> {
                         "source" | "smtp-source" => Ok(Client::Source),
                         "lettre" => Ok(Client::Lettre),
                         "actors" => Ok(Client::Actors),
+                        "actors-serial" => Ok(Client::ActorsSerial),
                         other => bail!("--paths: unknown path {other:?}"),
                     })
                     .collect::<anyhow::Result<_>>()?;
@@ -471,8 +485,17 @@ fn collect<'a>(
 
 /// The actor system with one relay whose pool has C connections, fed by C
 /// concurrent callers, each timing its own `send`.
-async fn run_actors(port: u16, c: usize, n: usize, msg: Arc<[u8]>) -> anyhow::Result<Measurement> {
+async fn run_actors(
+    port: u16,
+    c: usize,
+    n: usize,
+    msg: Arc<[u8]>,
+    pipelining: bool,
+) -> anyhow::Result<Measurement> {
     let mut relay = RelaySettings::smtp("sink", "127.0.0.1", port);
+    if let RelayKind::Smtp(s) = &mut relay.kind {
+        s.pipelining = pipelining;
+    }
     relay.pool.max_connections = c;
     relay.pool.messages_per_connection = 0;
     relay.pool.max_queued = n.max(1024);
@@ -561,9 +584,10 @@ fn measure(
             (m.sink_count, m.sink_cpu) = sink.stop().map(|(n, cpu)| (Some(n), cpu))?;
             Ok(m)
         }
-        Client::Actors => {
+        Client::Actors | Client::ActorsSerial => {
             let sink = Sink::start(c)?;
-            let mut m = rt.block_on(run_actors(sink.port, c, n, msg.clone()))?;
+            let pipelining = path == Client::Actors;
+            let mut m = rt.block_on(run_actors(sink.port, c, n, msg.clone(), pipelining))?;
             (m.sink_count, m.sink_cpu) = sink.stop().map(|(n, cpu)| (Some(n), cpu))?;
             Ok(m)
         }
@@ -600,7 +624,7 @@ fn table(rows: &[Row], runs: usize) -> String {
         let lettre = find(r.size, r.c, Client::Lettre);
         let source = find(r.size, r.c, Client::Source);
         let vs_lettre = match r.path {
-            Client::Actors => pct(ratio(Some(r), lettre)),
+            Client::Actors | Client::ActorsSerial => pct(ratio(Some(r), lettre)),
             _ => String::new(),
         };
         let vs_source = match r.path {
@@ -637,22 +661,25 @@ fn table(rows: &[Row], runs: usize) -> String {
     let mut sizes: Vec<usize> = rows.iter().map(|r| r.size).collect();
     sizes.dedup();
     for size in sizes {
-        let (Some(a), Some(l)) = (
-            find(size, 32, Client::Actors),
-            find(size, 32, Client::Lettre),
-        ) else {
+        let Some(l) = find(size, 32, Client::Lettre) else {
             continue;
         };
-        let r = a.m.rate() / l.m.rate();
-        let _ = writeln!(
-            out,
-            "\nTarget at C=32, {}: actors reach {:.1} % of raw lettre ({:.0} vs {:.0} msgs/s): {}.",
-            size_name(size),
-            r * 100.0,
-            a.m.rate(),
-            l.m.rate(),
-            if r >= 0.9 { "met" } else { "NOT met" }
-        );
+        for path in [Client::Actors, Client::ActorsSerial] {
+            let Some(a) = find(size, 32, path) else {
+                continue;
+            };
+            let r = a.m.rate() / l.m.rate();
+            let _ = writeln!(
+                out,
+                "\nTarget at C=32, {}: {} reach {:.1} % of raw lettre ({:.0} vs {:.0} msgs/s): {}.",
+                size_name(size),
+                path.name(),
+                r * 100.0,
+                a.m.rate(),
+                l.m.rate(),
+                if r >= 0.9 { "met" } else { "NOT met" }
+            );
+        }
     }
     out
 }

@@ -182,6 +182,9 @@ pub struct SmtpSettings {
     pub ca_pem: Option<Vec<u8>>,
     /// Accept any certificate. For test servers only; said loudly in the log.
     pub accept_invalid_certs: bool,
+    /// Send MAIL, RCPT and DATA in one write when the server offers
+    /// PIPELINING (RFC 2920).
+    pub pipelining: bool,
 }
 
 /// Transport security for an SMTP relay.
@@ -366,6 +369,7 @@ impl RelaySettings {
                 hello_name: "localhost".into(),
                 ca_pem: None,
                 accept_invalid_certs: false,
+                pipelining: true,
             }),
         )
     }

@@ -19,7 +19,7 @@ use lettre::transport::smtp::authentication::{Credentials as LettreCredentials, 
 #[allow(deprecated)]
 use lettre::transport::smtp::client::{AsyncNetworkStream, AsyncTokioStream};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
-use lettre::transport::smtp::commands::{Data, Mail as MailCmd, Noop, Rcpt, Rset};
+use lettre::transport::smtp::commands::{Data, Ehlo, Mail as MailCmd, Noop, Rcpt, Rset};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailParameter};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -170,6 +170,9 @@ pub(crate) struct Conn {
     /// Set when the session is in an unknown state; the connection is then
     /// dropped, never reused.
     pub(crate) broken: bool,
+    /// The server offers PIPELINING and the relay allows it: MAIL, RCPT and
+    /// DATA go out in one write.
+    pipelining: bool,
 }
 
 impl fmt::Debug for Conn {
@@ -177,6 +180,7 @@ impl fmt::Debug for Conn {
         f.debug_struct("Conn")
             .field("sent", &self.sent)
             .field("broken", &self.broken)
+            .field("pipelining", &self.pipelining)
             .finish_non_exhaustive()
     }
 }
@@ -257,6 +261,8 @@ pub(crate) async fn dial(
         _ => {}
     }
 
+    let pipelining = s.pipelining && offers_pipelining(&mut inner, &hello, t, deadline).await?;
+
     if let Some(creds) = &s.auth {
         let lettre_creds =
             LettreCredentials::new(creds.username.clone(), creds.password.expose().to_owned());
@@ -275,7 +281,49 @@ pub(crate) async fn dial(
         sent: 0,
         implicit_tls: s.tls == TlsMode::Implicit,
         broken: false,
+        pipelining,
     })
+}
+
+/// Whether the server offers PIPELINING (RFC 2920). lettre keeps only the
+/// EHLO keywords it uses, and PIPELINING is not one of them, so this asks
+/// once more and reads the keywords itself: one round trip per connection.
+async fn offers_pipelining(
+    inner: &mut AsyncSmtpConnection,
+    hello: &ClientId,
+    t: &Timeouts,
+    deadline: Instant,
+) -> Result<bool, Failure> {
+    let reply = bounded(
+        Phase::Greeting,
+        t.greeting,
+        deadline,
+        inner.command(Ehlo::new(hello.clone())),
+    )
+    .await?;
+    Ok(reply.message().skip(1).any(|line| {
+        line.split_whitespace()
+            .next()
+            .is_some_and(|keyword| keyword.eq_ignore_ascii_case("PIPELINING"))
+    }))
+}
+
+/// MAIL, every RCPT and DATA, written at once to a server that offers
+/// PIPELINING. lettre's `command` writes whatever its argument displays as,
+/// then reads one reply: the MAIL reply. The others are read one by one.
+struct Batch<'a> {
+    mail: &'a MailCmd,
+    rcpts: &'a [Rcpt],
+}
+
+impl fmt::Display for Batch<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.mail)?;
+        for rcpt in self.rcpts {
+            write!(f, "{rcpt}")?;
+        }
+        write!(f, "{Data}")
+    }
 }
 
 async fn bounded_io<T>(
@@ -378,25 +426,51 @@ async fn transact_inner(
         ));
     }
 
-    bounded(
-        Phase::Mail,
-        t.command,
-        deadline,
-        conn.inner.command(MailCmd::new(from.cloned(), params)),
-    )
-    .await?;
+    // With PIPELINING every reply still comes back in order and is
+    // classified by its own phase. A refusal does not stop the reading: the
+    // replies to the commands already sent are read too, so that the session
+    // stays in step and can be reset and reused.
+    let mail_cmd = MailCmd::new(from.cloned(), params);
+    let rcpts: Vec<Rcpt> = mail
+        .to
+        .iter()
+        .map(|a| Rcpt::new(a.clone(), vec![]))
+        .collect();
+    let pipelined = conn.pipelining;
+    let sent = if pipelined {
+        let batch = Batch {
+            mail: &mail_cmd,
+            rcpts: &rcpts,
+        };
+        bounded(Phase::Mail, t.command, deadline, conn.inner.command(batch)).await
+    } else {
+        bounded(
+            Phase::Mail,
+            t.command,
+            deadline,
+            conn.inner.command(&mail_cmd),
+        )
+        .await
+    };
+    // The first refusal that fails the whole message.
+    let mut refusal = match sent {
+        Ok(_) => None,
+        Err(f) if f.lost || !pipelined => return Err(f),
+        Err(f) => Some(f),
+    };
 
     let mut accepted = Vec::with_capacity(mail.to.len());
     let mut rejected = Vec::new();
-    for rcpt in &mail.to {
-        match bounded(
-            Phase::Rcpt,
-            t.command,
-            deadline,
-            conn.inner.command(Rcpt::new(rcpt.clone(), vec![])),
-        )
-        .await
-        {
+    for (rcpt, cmd) in mail.to.iter().zip(rcpts) {
+        let reply = if pipelined {
+            bounded(Phase::Rcpt, t.command, deadline, conn.inner.read_response()).await
+        } else {
+            bounded(Phase::Rcpt, t.command, deadline, conn.inner.command(cmd)).await
+        };
+        match reply {
+            Err(f) if f.lost => return Err(lost_after(refusal, f)),
+            // Replies to commands sent after a refusal change nothing.
+            _ if refusal.is_some() => {}
             Ok(_) => accepted.push(rcpt.to_string()),
             Err(f) if f.class == FailureClass::Permanent => rejected.push(Rejected {
                 address: rcpt.to_string(),
@@ -405,26 +479,33 @@ async fn transact_inner(
                     text: f.detail.clone(),
                 }),
             }),
+            Err(f) if pipelined => refusal = Some(f),
             Err(f) => return Err(f),
         }
     }
-    if accepted.is_empty() {
-        let first = rejected.first().map(|r| r.reply.clone());
-        return Err(Failure {
-            lost: false,
-            class: FailureClass::Permanent,
-            detail: format!(
-                "every recipient was refused{}",
-                first
-                    .as_ref()
-                    .map(|r| format!(": {} {}", r.code, r.text))
-                    .unwrap_or_default()
-            ),
-            reply: first,
-        });
+    if refusal.is_none() && accepted.is_empty() {
+        let f = every_recipient_refused(&rejected);
+        if !pipelined {
+            return Err(f);
+        }
+        refusal = Some(f);
     }
 
-    bounded(Phase::Data, t.command, deadline, conn.inner.command(Data)).await?;
+    let data = if pipelined {
+        bounded(Phase::Data, t.command, deadline, conn.inner.read_response()).await
+    } else {
+        bounded(Phase::Data, t.command, deadline, conn.inner.command(Data)).await
+    };
+    match (data, refusal) {
+        (Ok(_), None) => {}
+        // The server said 354 although the message cannot go: it now reads
+        // message data, and only dropping the connection ends that without
+        // a delivery.
+        (Ok(_), Some(f)) => return Err(f.lost()),
+        (Err(d), Some(f)) if d.lost => return Err(f.lost()),
+        (Err(_), Some(f)) => return Err(f),
+        (Err(d), None) => return Err(d),
+    }
 
     if !progress.commit() {
         // The server now reads message data: the session cannot be reset.
@@ -461,6 +542,32 @@ async fn transact_inner(
             }
             Err(f)
         }
+    }
+}
+
+/// The failure of a message none of whose recipients was accepted.
+fn every_recipient_refused(rejected: &[Rejected]) -> Failure {
+    let first = rejected.first().map(|r| r.reply.clone());
+    Failure {
+        lost: false,
+        class: FailureClass::Permanent,
+        detail: format!(
+            "every recipient was refused{}",
+            first
+                .as_ref()
+                .map(|r| format!(": {} {}", r.code, r.text))
+                .unwrap_or_default()
+        ),
+        reply: first,
+    }
+}
+
+/// The connection broke (`lost`) while the replies to a pipelined batch were
+/// read. An earlier refusal still says why the message failed.
+fn lost_after(refusal: Option<Failure>, lost: Failure) -> Failure {
+    match refusal {
+        Some(f) => f.lost(),
+        None => lost,
     }
 }
 

@@ -297,7 +297,129 @@ async fn transient_4xx_at_mail_rcpt_or_data_fails_over_exactly_once() {
         assert_eq!(copies(&b, &id), 1, "{phase:?}");
         assert_eq!(seen(&a, &id), 0, "{phase:?}");
         assert_eq!(b.delivered().len(), 1);
+        assert_eq!(a.pipelined(), 1, "{phase:?}: the pipelined path was tested");
     }
+}
+
+/// One relay at `port` with PIPELINING allowed or not.
+fn relay_pipelining(name: &str, port: u16, allowed: bool) -> RelaySettings {
+    let mut r = relay(name, port, 1);
+    if let RelayKind::Smtp(s) = &mut r.kind {
+        s.pipelining = allowed;
+    }
+    r
+}
+
+#[tokio::test]
+async fn pipelining_is_used_only_when_offered_and_allowed() {
+    for (offered, allowed) in [(true, true), (false, true), (true, false)] {
+        let options = Options {
+            pipelining: offered,
+            ..Options::default()
+        };
+        let a = FaultSmtp::start_with(Script::ok(), options).await;
+        let d = Dispatcher::start(settings(
+            vec![relay_pipelining("a", a.port(), allowed)],
+            Strategy::Priority,
+        ))
+        .await
+        .unwrap();
+        for _ in 0..5 {
+            let m = mail_to(&["ada@test.example", "bob@test.example"]);
+            let id = m.message_id.clone();
+            let r = d.send(m).await;
+            assert_eq!(r.status, Status::Sent, "{offered}/{allowed}: {r:?}");
+            assert_eq!(copies(&a, &id), 1);
+        }
+        let expected = if offered && allowed { 5 } else { 0 };
+        assert_eq!(
+            a.pipelined(),
+            expected,
+            "offered {offered}, allowed {allowed}"
+        );
+        for got in a.delivered() {
+            assert_eq!(got.rcpt_to, vec!["ada@test.example", "bob@test.example"]);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_4xx_at_one_rcpt_sends_no_data_and_fails_over_exactly_once() {
+    // Pipelined, the server has one good recipient when DATA arrives and
+    // answers 354: mailmux must then drop the session, not send the message
+    // to half of its recipients.
+    for offered in [true, false] {
+        let options = Options {
+            pipelining: offered,
+            ..Options::default()
+        };
+        let a = FaultSmtp::start_with(
+            Script::ok().on_rcpt("later@test.example", Action::reply(451, "try later")),
+            options,
+        )
+        .await;
+        let b = FaultSmtp::start(Script::ok()).await;
+        let d = Dispatcher::start(settings(
+            vec![relay("primary", a.port(), 10), relay("backup", b.port(), 1)],
+            Strategy::Priority,
+        ))
+        .await
+        .unwrap();
+        let m = mail_to(&["ada@test.example", "later@test.example"]);
+        let id = m.message_id.clone();
+        let r = d.send(m).await;
+        assert_eq!(r.status, Status::Sent, "pipelined {offered}: {r:?}");
+        assert_eq!(r.relay.as_deref(), Some("backup"));
+        assert_eq!(r.attempts[0].class, Some(FailureClass::Transient));
+        assert_eq!(r.attempts[0].reply.as_ref().map(|r| r.code), Some(451));
+        assert_eq!(
+            seen(&a, &id),
+            0,
+            "pipelined {offered}: no data at the primary"
+        );
+        assert_eq!(copies(&b, &id), 1);
+        assert_eq!(
+            b.delivered()[0].rcpt_to,
+            vec!["ada@test.example", "later@test.example"]
+        );
+        assert_eq!(a.pipelined(), u64::from(offered));
+    }
+}
+
+#[tokio::test]
+async fn a_pipelined_refusal_at_mail_keeps_the_session_in_step_for_reuse() {
+    // MAIL 451, then 503 to the RCPT and DATA already sent: all three replies
+    // are read, RSET gets its own 250, and the connection serves the next
+    // message.
+    let a = FaultSmtp::start(Script::ok().on_share(
+        Phase::Mail,
+        Action::reply(451, "try later"),
+        support::fault_smtp::Share::FirstN(1),
+    ))
+    .await;
+    let mut only = relay("a", a.port(), 1);
+    only.pool.max_connections = 1;
+    only.health.backoff_base = Duration::from_millis(100);
+    only.health.backoff_max = Duration::from_millis(200);
+    let d = Dispatcher::start(settings(vec![only], Strategy::Priority))
+        .await
+        .unwrap();
+    let first = d.send(mail()).await;
+    assert_eq!(first.status, Status::Failed, "{first:?}");
+    assert_eq!(first.attempts[0].class, Some(FailureClass::Transient));
+    let status = d.status().await.unwrap();
+    assert_eq!(
+        status.relays[0].connections, 1,
+        "the connection went back to the pool"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let m = mail();
+    let id = m.message_id.clone();
+    let second = d.send(m).await;
+    assert_eq!(second.status, Status::Sent, "{second:?}");
+    assert_eq!(copies(&a, &id), 1);
+    assert_eq!(a.verb_count("RSET"), 1);
+    assert_eq!(a.pipelined(), 2);
 }
 
 #[tokio::test]
@@ -871,4 +993,46 @@ async fn a_session_whose_wait_timed_out_is_dropped_not_reused() {
         "only the second message got through"
     );
     assert!(a.connections() >= 2, "the hung session was not reused");
+}
+
+#[tokio::test]
+async fn pipelined_transactions_reach_postfix_smtp_sink_whole() {
+    // smtp-sink (Postfix) offers PIPELINING: 200 concurrent messages, three
+    // recipients each, over 4 connections, each read back from the sink.
+    let sink = support::smtp_sink::SmtpSink::start().await;
+    let mut r = relay("sink", sink.port(), 1);
+    r.pool.max_connections = 4;
+    let d = Dispatcher::start(settings(vec![r], Strategy::Priority))
+        .await
+        .unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let d = d.clone();
+        tasks.spawn(async move {
+            let m = mail_to(&["a@test.example", "b@test.example", "c@test.example"]);
+            let id = m.message_id.clone();
+            (id, d.send(m).await)
+        });
+    }
+    let mut ids = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (id, r) = joined.unwrap();
+        assert_eq!(r.status, Status::Sent, "{r:?}");
+        assert_eq!(r.accepted.len(), 3);
+        ids.push(format!("<{id}>"));
+    }
+    let wait = Duration::from_secs(10);
+    assert!(sink.wait_for_count(200, wait).await, "count {}", sink.count());
+    assert!(support::wait_until(|| sink.received().len() == 200, wait).await);
+    let mut got = sink.message_ids();
+    got.sort();
+    ids.sort();
+    assert_eq!(got, ids, "each message exactly once");
+    for m in sink.received() {
+        assert_eq!(
+            m.rcpt_to,
+            vec!["a@test.example", "b@test.example", "c@test.example"]
+        );
+        assert_eq!(m.mail_from, "sender@test.example");
+    }
 }

@@ -155,11 +155,13 @@ async fn ehlo_advertises_extensions_per_options() {
         }
     }
     assert!(lines.contains("SMTPUTF8") && lines.contains("8BITMIME"));
+    assert!(lines.contains("PIPELINING"));
     assert!(!lines.contains("AUTH") && !lines.contains("STARTTLS"));
 
     let options = Options {
         smtputf8: false,
         eightbitmime: false,
+        pipelining: false,
         ..Options::default()
     };
     let plain = FaultSmtp::start_with(Script::ok(), options).await;
@@ -170,7 +172,9 @@ async fn ehlo_advertises_extensions_per_options() {
     assert!(line.starts_with("250-"));
     line.clear();
     c.reader.read_line(&mut line).await.expect("read");
-    assert!(!line.contains("SMTPUTF8") && !line.contains("8BITMIME"));
+    assert!(
+        !line.contains("SMTPUTF8") && !line.contains("8BITMIME") && !line.contains("PIPELINING")
+    );
     assert_eq!(c.cmd("MAIL FROM:<jörg@a.test>").await, 553);
     assert_eq!(c.cmd("MAIL FROM:<a@a.test> SMTPUTF8").await, 553);
 }

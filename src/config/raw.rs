@@ -78,6 +78,7 @@ pub(crate) const RELAY_KEYS: &[&str] = &[
     "hello_name",
     "ca_file",
     "accept_invalid_certs",
+    "pipelining",
     "priority",
     "weight",
     "from_email",
@@ -197,6 +198,9 @@ pub(crate) struct RawRelay {
     pub ca_file: Option<PathBuf>,
     /// Accept any certificate (test servers only). Default: false.
     pub accept_invalid_certs: Option<bool>,
+    /// Pipeline MAIL, RCPT and DATA when the server offers PIPELINING.
+    /// Default: true.
+    pub pipelining: Option<bool>,
     /// Higher is preferred. Default: 0.
     pub priority: Option<i32>,
     /// Share of traffic under `weighted`. Default: 1.

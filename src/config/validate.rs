@@ -671,6 +671,7 @@ fn check_tuning_only(ctx: &Ctx, d: &RawRelay) -> Result<(), ConfigError> {
         ("hello_name", d.hello_name.is_some()),
         ("ca_file", d.ca_file.is_some()),
         ("accept_invalid_certs", d.accept_invalid_certs.is_some()),
+        ("pipelining", d.pipelining.is_some()),
         ("priority", d.priority.is_some()),
         ("weight", d.weight.is_some()),
         ("from_email", d.from_email.is_some()),
@@ -1070,6 +1071,10 @@ fn smtp(
         &at,
     );
 
+    let at = at_of("pipelining");
+    let pipelining = r.pipelining.unwrap_or(true);
+    leaf(out, "pipelining", json!(pipelining), &at);
+
     Ok(SmtpSettings {
         host,
         port,
@@ -1078,5 +1083,6 @@ fn smtp(
         hello_name,
         ca_pem,
         accept_invalid_certs,
+        pipelining,
     })
 }

@@ -157,6 +157,9 @@ pub struct Options {
     pub smtputf8: bool,
     /// Advertise 8BITMIME.
     pub eightbitmime: bool,
+    /// Advertise PIPELINING. Commands are read line by line either way, so a
+    /// client that pipelines without it is served all the same.
+    pub pipelining: bool,
     /// STARTTLS behaviour.
     pub starttls: StartTls,
     /// The name in the greeting and the EHLO reply.
@@ -169,6 +172,7 @@ impl Default for Options {
             auth: None,
             smtputf8: true,
             eightbitmime: true,
+            pipelining: true,
             starttls: StartTls::Off,
             hostname: "fault-smtp.test".to_string(),
         }
@@ -244,6 +248,7 @@ impl FaultSmtp {
             connections: AtomicU64::new(0),
             open: AtomicUsize::new(0),
             max_open: AtomicUsize::new(0),
+            pipelined: AtomicU64::new(0),
         });
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
         FaultSmtp {
@@ -327,6 +332,12 @@ impl FaultSmtp {
             .unwrap_or(0)
     }
 
+    /// How many MAIL commands arrived with the next command already behind
+    /// them in the same read: transactions the client pipelined.
+    pub fn pipelined(&self) -> u64 {
+        self.shared.pipelined.load(Ordering::SeqCst)
+    }
+
     /// Stops listening and drops every open connection; later connects are refused.
     pub async fn kill(&self) {
         self.accept.abort();
@@ -375,6 +386,7 @@ struct Shared {
     connections: AtomicU64,
     open: AtomicUsize,
     max_open: AtomicUsize,
+    pipelined: AtomicU64,
 }
 
 impl std::fmt::Debug for Shared {

@@ -98,6 +98,9 @@ impl Session {
             };
             let (verb, arg) = split_command(&line);
             self.shared.count_verb(&verb);
+            if verb == "MAIL" && !conn.buffer().is_empty() {
+                self.shared.pipelined.fetch_add(1, Ordering::SeqCst);
+            }
             if rejected && verb != "QUIT" {
                 send(conn, "503 5.5.1 No service").await?;
                 continue;
@@ -165,6 +168,9 @@ impl Session {
         }
         if opts.smtputf8 {
             lines.push("SMTPUTF8".into());
+        }
+        if opts.pipelining {
+            lines.push("PIPELINING".into());
         }
         if opts.starttls != StartTls::Off && !self.tls_active {
             lines.push("STARTTLS".into());
