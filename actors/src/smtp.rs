@@ -515,14 +515,24 @@ async fn transact_inner(
         )
         .lost());
     }
-    match bounded(
-        Phase::AfterDot,
-        t.data,
-        deadline,
-        conn.inner.message(&mail.bytes),
-    )
-    .await
-    {
+    let sent = match std::str::from_utf8(&mail.bytes) {
+        Ok(text) => {
+            let content = Content(text);
+            bounded(
+                Phase::AfterDot,
+                t.data,
+                deadline,
+                conn.inner.command(content),
+            )
+            .await
+        }
+        // lettre's own writer takes bytes, in two writes.
+        Err(_) => {
+            let content = conn.inner.message(&mail.bytes);
+            bounded(Phase::AfterDot, t.data, deadline, content).await
+        }
+    };
+    match sent {
         Ok(resp) => {
             conn.sent += 1;
             Ok(Delivered {
@@ -542,6 +552,32 @@ async fn transact_inner(
             }
             Err(f)
         }
+    }
+}
+
+/// A message as DATA content: dot-stuffed, then the final ".", for one write
+/// through lettre's `command` (its `message` writes the content and the final
+/// "." apart, two segments and two wake-ups at the server). A "." that starts
+/// a line gets a second one, as RFC 5321 says; a line here starts after any
+/// LF, so a bare LF (which lettre does not stuff after) cannot end the data
+/// early at a server that takes it for a line end.
+struct Content<'a>(&'a str);
+
+impl fmt::Display for Content<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = self.0;
+        if text.starts_with('.') {
+            f.write_str(".")?;
+        }
+        let mut start = 0;
+        for (at, _) in text.match_indices("\n.") {
+            // Up to and including the ".", then the stuffed one.
+            f.write_str(&text[start..at + 2])?;
+            f.write_str(".")?;
+            start = at + 2;
+        }
+        f.write_str(&text[start..])?;
+        f.write_str("\r\n.\r\n")
     }
 }
 
@@ -631,5 +667,30 @@ impl AsyncWrite for TlsStream {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Content;
+
+    fn stuffed(text: &str) -> String {
+        Content(text).to_string()
+    }
+
+    #[test]
+    fn a_dot_that_starts_a_line_is_doubled_and_the_data_ends_with_a_dot_line() {
+        assert_eq!(stuffed("Hello"), "Hello\r\n.\r\n");
+        assert_eq!(stuffed(".x"), "..x\r\n.\r\n");
+        assert_eq!(stuffed("a\r\n.\r\nb"), "a\r\n..\r\nb\r\n.\r\n");
+        assert_eq!(stuffed("a\r\n..b\r\n.c"), "a\r\n...b\r\n..c\r\n.\r\n");
+        assert_eq!(stuffed("a.\r\nb.c\r\n"), "a.\r\nb.c\r\n\r\n.\r\n");
+        assert_eq!(stuffed(""), "\r\n.\r\n");
+    }
+
+    #[test]
+    fn a_dot_after_a_bare_lf_is_doubled_too() {
+        assert_eq!(stuffed("a\n.\nb"), "a\n..\nb\r\n.\r\n");
+        assert_eq!(stuffed("\n.\n."), "\n..\n..\r\n.\r\n");
     }
 }

@@ -1022,7 +1022,11 @@ async fn pipelined_transactions_reach_postfix_smtp_sink_whole() {
         ids.push(format!("<{id}>"));
     }
     let wait = Duration::from_secs(10);
-    assert!(sink.wait_for_count(200, wait).await, "count {}", sink.count());
+    assert!(
+        sink.wait_for_count(200, wait).await,
+        "count {}",
+        sink.count()
+    );
     assert!(support::wait_until(|| sink.received().len() == 200, wait).await);
     let mut got = sink.message_ids();
     got.sort();
@@ -1035,4 +1039,23 @@ async fn pipelined_transactions_reach_postfix_smtp_sink_whole() {
         );
         assert_eq!(m.mail_from, "sender@test.example");
     }
+}
+
+#[tokio::test]
+async fn lines_that_start_with_a_dot_arrive_intact() {
+    let a = FaultSmtp::start(Script::ok()).await;
+    let d = Dispatcher::start(settings(vec![relay("a", a.port(), 1)], Strategy::Priority))
+        .await
+        .unwrap();
+    let mut m = mail();
+    let text = format!(
+        ".first\r\nMessage-ID: <{}>\r\n\r\n.leading\r\n.\r\n..two\r\n...\r\nend",
+        m.message_id
+    );
+    m.bytes = Arc::from(text.clone().into_bytes());
+    let r = d.send(m).await;
+    assert_eq!(r.status, Status::Sent, "{r:?}");
+    let got = a.delivered();
+    assert_eq!(got.len(), 1, "one message, not cut at the lone dot");
+    assert_eq!(String::from_utf8_lossy(&got[0].data), format!("{text}\r\n"));
 }
