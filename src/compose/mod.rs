@@ -188,7 +188,24 @@ pub struct Composed {
     pub recipients: Vec<lettre::Address>,
     /// CRLF line endings throughout.
     pub bytes: Vec<u8>,
-    pub preview: Preview,
+    /// The parts as rendered, for [`Composed::preview`].
+    text: Option<String>,
+    html: Option<String>,
+    attachments: Vec<AttachmentSummary>,
+}
+
+impl Composed {
+    /// The rendered message, for a dry run. Built on demand: a real send
+    /// needs only the bytes.
+    pub fn preview(&self) -> Preview {
+        Preview {
+            headers: header_fields(&self.bytes),
+            text: self.text.clone(),
+            html: self.html.clone(),
+            attachments: self.attachments.clone(),
+            total_bytes: self.bytes.len(),
+        }
+    }
 }
 
 /// Longest subject in bytes after template substitution. lettre folds at
@@ -360,26 +377,22 @@ pub fn compose(draft: &Draft, policy: &ComposePolicy) -> Result<Composed, Compos
     } else {
         (Some(rendered.body), rendered.html_body)
     };
-    let preview = Preview {
-        headers: header_fields(&bytes),
-        text,
-        html,
-        attachments: attachments
-            .iter()
-            .map(|a| AttachmentSummary {
-                filename: a.filename.clone(),
-                content_type: a.content_type_name.clone(),
-                size: a.data.len(),
-            })
-            .collect(),
-        total_bytes: bytes.len(),
-    };
+    let attachments = attachments
+        .iter()
+        .map(|a| AttachmentSummary {
+            filename: a.filename.clone(),
+            content_type: a.content_type_name.clone(),
+            size: a.data.len(),
+        })
+        .collect();
     Ok(Composed {
         message_id,
         from: from.email,
         recipients: recipients.envelope(),
         bytes,
-        preview,
+        text,
+        html,
+        attachments,
     })
 }
 

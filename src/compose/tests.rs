@@ -66,17 +66,17 @@ fn scan_headers(bytes: &[u8]) -> Vec<(String, String)> {
 }
 
 /// A header from the preview, which must agree with the bytes.
-fn header<'a>(c: &'a Composed, name: &str) -> Option<&'a str> {
-    assert_eq!(c.preview.headers, scan_headers(&c.bytes));
-    c.preview
-        .headers
-        .iter()
+fn header(c: &Composed, name: &str) -> Option<String> {
+    let headers = c.preview().headers;
+    assert_eq!(headers, scan_headers(&c.bytes));
+    headers
+        .into_iter()
         .find(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
+        .map(|(_, v)| v)
 }
 
 fn header_names(c: &Composed) -> Vec<String> {
-    c.preview
+    c.preview()
         .headers
         .iter()
         .map(|(n, _)| n.to_ascii_lowercase())
@@ -123,13 +123,16 @@ fn plain_message_headers_and_ids() {
     assert!(!has_bare_line_break(&c.bytes));
     assert_eq!(c.from.to_string(), "sender@example.org");
     assert_eq!(addresses(&c), ["ada@example.org"]);
-    assert_eq!(header(&c, "From"), Some("Mailmux <sender@example.org>"));
-    assert_eq!(header(&c, "To"), Some("Ada <ada@example.org>"));
-    assert_eq!(header(&c, "Subject"), Some("Hello"));
-    assert!(header(&c, "Date").is_some());
-    assert_eq!(header(&c, "MIME-Version"), Some("1.0"));
     assert_eq!(
-        header(&c, "Content-Type"),
+        header(&c, "From").as_deref(),
+        Some("Mailmux <sender@example.org>")
+    );
+    assert_eq!(header(&c, "To").as_deref(), Some("Ada <ada@example.org>"));
+    assert_eq!(header(&c, "Subject").as_deref(), Some("Hello"));
+    assert!(header(&c, "Date").as_deref().is_some());
+    assert_eq!(header(&c, "MIME-Version").as_deref(), Some("1.0"));
+    assert_eq!(
+        header(&c, "Content-Type").as_deref(),
         Some("text/plain; charset=utf-8")
     );
 
@@ -138,16 +141,16 @@ fn plain_message_headers_and_ids() {
     assert_eq!(id.len(), 32);
     assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
     assert_eq!(
-        header(&c, "Message-ID"),
+        header(&c, "Message-ID").as_deref(),
         Some(format!("<{}>", c.message_id).as_str())
     );
     let other = ok(&draft("ada@example.org"), &policy());
     assert_ne!(other.message_id, c.message_id);
 
     assert_eq!(split(raw).1, "Hi there.\r\n\r\n");
-    assert_eq!(c.preview.text.as_deref(), Some("Hi there.\r\n"));
-    assert_eq!(c.preview.html, None);
-    assert_eq!(c.preview.total_bytes, c.bytes.len());
+    assert_eq!(c.preview().text.as_deref(), Some("Hi there.\r\n"));
+    assert_eq!(c.preview().html, None);
+    assert_eq!(c.preview().total_bytes, c.bytes.len());
 }
 
 #[test]
@@ -163,7 +166,7 @@ fn bcc_is_in_the_envelope_only() {
     assert!(!header_names(&c).contains(&"bcc".to_owned()));
     let raw = text(&c).to_ascii_lowercase();
     assert!(!raw.contains("hidden"), "bcc leaked into the message");
-    assert_eq!(header(&c, "Cc"), Some("cc@example.org"));
+    assert_eq!(header(&c, "Cc").as_deref(), Some("cc@example.org"));
 }
 
 #[test]
@@ -185,8 +188,8 @@ fn duplicates_removed_first_occurrence_wins() {
         addresses(&c),
         ["a@x.org", "b@x.org", "A@x.org", "c@x.org", "d@x.org"]
     );
-    assert_eq!(header(&c, "To"), Some("A <a@x.org>, b@x.org"));
-    assert_eq!(header(&c, "Cc"), Some("A@x.org, c@x.org"));
+    assert_eq!(header(&c, "To").as_deref(), Some("A <a@x.org>, b@x.org"));
+    assert_eq!(header(&c, "Cc").as_deref(), Some("A@x.org, c@x.org"));
 }
 
 #[test]
@@ -242,8 +245,8 @@ fn html_alternative_has_both_parts() {
     assert!(plain < html, "the preferred (HTML) part comes last");
     assert!(raw.contains("Plain version"));
     assert!(raw.contains("<p>HTML version</p>"));
-    assert_eq!(c.preview.text.as_deref(), Some("Plain version"));
-    assert_eq!(c.preview.html.as_deref(), Some("<p>HTML version</p>"));
+    assert_eq!(c.preview().text.as_deref(), Some("Plain version"));
+    assert_eq!(c.preview().html.as_deref(), Some("<p>HTML version</p>"));
     assert!(!has_bare_line_break(&c.bytes));
 }
 
@@ -253,9 +256,12 @@ fn html_body_flag() {
     d.body = "<b>bold</b>".into();
     d.html = true;
     let c = ok(&d, &policy());
-    assert_eq!(header(&c, "Content-Type"), Some("text/html; charset=utf-8"));
-    assert_eq!(c.preview.html.as_deref(), Some("<b>bold</b>"));
-    assert_eq!(c.preview.text, None);
+    assert_eq!(
+        header(&c, "Content-Type").as_deref(),
+        Some("text/html; charset=utf-8")
+    );
+    assert_eq!(c.preview().html.as_deref(), Some("<b>bold</b>"));
+    assert_eq!(c.preview().text, None);
 }
 
 #[test]
@@ -285,7 +291,7 @@ fn attachment_makes_multipart_mixed() {
         .collect();
     assert_eq!(STANDARD.decode(encoded).expect("base64 part"), content);
     assert_eq!(
-        c.preview.attachments,
+        c.preview().attachments,
         [AttachmentSummary {
             filename: "report.csv".into(),
             content_type: "text/csv".into(),
@@ -335,7 +341,10 @@ fn nul_in_body_is_base64() {
     let mut d = draft("a@x.org");
     d.body = "a\0b".into();
     let c = ok(&d, &policy());
-    assert_eq!(header(&c, "Content-Transfer-Encoding"), Some("base64"));
+    assert_eq!(
+        header(&c, "Content-Transfer-Encoding").as_deref(),
+        Some("base64")
+    );
     assert!(!c.bytes.contains(&0));
 }
 
@@ -350,13 +359,13 @@ fn templates_apply_to_subject_and_bodies() {
         ("offer".to_owned(), "10%".to_owned()),
     ]));
     let c = ok(&d, &policy());
-    assert_eq!(header(&c, "Subject"), Some("Hello <Ada & Co>!"));
+    assert_eq!(header(&c, "Subject").as_deref(), Some("Hello <Ada & Co>!"));
     assert_eq!(
-        c.preview.text.as_deref(),
+        c.preview().text.as_deref(),
         Some("Dear <Ada & Co>,\r\nOffer: 10%\r\nBye")
     );
     assert_eq!(
-        c.preview.html.as_deref(),
+        c.preview().html.as_deref(),
         Some("<p>&lt;Ada &amp; Co&gt;</p>")
     );
 
@@ -364,7 +373,7 @@ fn templates_apply_to_subject_and_bodies() {
     d.html_body = None;
     let c = ok(&d, &policy());
     assert!(
-        c.preview
+        c.preview()
             .html
             .as_deref()
             .is_some_and(|h| h.starts_with("Dear &lt;Ada &amp; Co&gt;,"))
@@ -396,8 +405,8 @@ fn braces_untouched_without_template_vars() {
     d.subject = "{name} {?x}".into();
     d.body = "fn main() { println!(\"{}\", x); } {name} {?a}".into();
     let c = ok(&d, &policy());
-    assert_eq!(header(&c, "Subject"), Some("{name} {?x}"));
-    assert_eq!(c.preview.text.as_deref(), Some(d.body.as_str()));
+    assert_eq!(header(&c, "Subject").as_deref(), Some("{name} {?x}"));
+    assert_eq!(c.preview().text.as_deref(), Some(d.body.as_str()));
 }
 
 #[test]
@@ -450,12 +459,15 @@ fn threading_headers() {
     d.references = Some("<root@mail.example> abc123@mail.example".into());
     let c = ok(&d, &policy());
     assert_eq!(
-        header(&c, "Reply-To"),
+        header(&c, "Reply-To").as_deref(),
         Some("\"Help Desk\" <help@example.org>")
     );
-    assert_eq!(header(&c, "In-Reply-To"), Some("<abc123@mail.example>"));
     assert_eq!(
-        header(&c, "References"),
+        header(&c, "In-Reply-To").as_deref(),
+        Some("<abc123@mail.example>")
+    );
+    assert_eq!(
+        header(&c, "References").as_deref(),
         Some("<root@mail.example> <abc123@mail.example>")
     );
 }
@@ -509,8 +521,8 @@ fn attachment_by_path() {
         content_type: Some("text/markdown".into()),
     }];
     let c = ok(&d, &p);
-    assert_eq!(c.preview.attachments[0].filename, "notes.txt");
-    assert_eq!(c.preview.attachments[0].content_type, "text/markdown");
+    assert_eq!(c.preview().attachments[0].filename, "notes.txt");
+    assert_eq!(c.preview().attachments[0].content_type, "text/markdown");
     assert!(text(&c).contains("filename=\"notes.txt\""));
 }
 
@@ -1029,7 +1041,7 @@ fn text_bodies_get_the_encoding_lettre_chooses() {
         d.body = body.clone();
         let c = ok(&d, &policy());
         assert_eq!(
-            header(&c, "Content-Transfer-Encoding"),
+            header(&c, "Content-Transfer-Encoding").as_deref(),
             Some(encoding),
             "{body:?}"
         );

@@ -343,18 +343,19 @@ impl MailmuxServer {
             let text = format!(
                 "dry run: {} ({} bytes) from {} to {} would go to {}; nothing was sent",
                 composed.message_id,
-                composed.preview.total_bytes,
+                composed.bytes.len(),
                 envelope.from,
                 envelope.recipients.join(", "),
                 relay.as_deref().unwrap_or("no available relay"),
             );
             tracing::info!(recipients = envelope.recipients.len(), "dry run");
+            let preview = composed.preview();
             let out = SendResult {
                 status: SendStatus::DryRun,
                 message_id: Some(composed.message_id),
                 relay,
                 envelope: Some(envelope),
-                preview: Some(composed.preview),
+                preview: Some(preview),
                 ..Default::default()
             };
             return (out, text);
