@@ -7,6 +7,7 @@
 
 mod address;
 mod attach;
+mod qp;
 mod template;
 #[cfg(test)]
 mod tests;
@@ -514,8 +515,18 @@ fn text_part(content_type: ContentType, text: String) -> SinglePart {
     } else if text.is_ascii() {
         // Line endings are CRLF already (`crlf`), but lettre converts a
         // `String` body again, a full pass over it. For ASCII it chooses the
-        // same encoding from the bytes, and bytes are not converted.
-        builder.body(Body::new(text.into_bytes()))
+        // same encoding from the bytes, and bytes are not converted. When
+        // that encoding is quoted-printable, `qp` does the encoding.
+        let encoding = email_encoding::body::Encoding::choose(text.as_str(), false);
+        if encoding == email_encoding::body::Encoding::QuotedPrintable {
+            let encoded = qp::encode(&text);
+            builder.body(Body::dangerous_pre_encoded(
+                encoded,
+                ContentTransferEncoding::QuotedPrintable,
+            ))
+        } else {
+            builder.body(Body::new(text.into_bytes()))
+        }
     } else {
         builder.body(text)
     }

@@ -337,6 +337,27 @@ fn long_lines_and_unicode_bodies_stay_short() {
 }
 
 #[test]
+fn long_ascii_lines_are_quoted_printable_that_decodes_to_the_body() {
+    let mut d = draft("a@x.org");
+    let paragraph = "An unwrapped paragraph, as agents write them: a = b, 100 % sure. ".repeat(6);
+    d.body = format!("{paragraph}\n.\n{paragraph} \nshort line\t\n");
+    let c = ok(&d, &policy());
+    assert_eq!(
+        header(&c, "Content-Transfer-Encoding").as_deref(),
+        Some("quoted-printable")
+    );
+    let (_, body) = split(text(&c));
+    assert!(body.lines().all(|l| l.len() <= 76), "{body}");
+    let decoded = quoted_printable::decode(body, quoted_printable::ParseMode::Strict).unwrap();
+    assert_eq!(
+        String::from_utf8(decoded).unwrap(),
+        format!("{paragraph}\r\n.\r\n{paragraph} \r\nshort line\t\r\n\r\n")
+    );
+    let stuffed = dot_stuff(&c.bytes);
+    assert_eq!(dot_unstuff(&stuffed), c.bytes);
+}
+
+#[test]
 fn nul_in_body_is_base64() {
     let mut d = draft("a@x.org");
     d.body = "a\0b".into();
