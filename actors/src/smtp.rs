@@ -570,11 +570,16 @@ impl fmt::Display for Content<'_> {
             f.write_str(".")?;
         }
         let mut start = 0;
-        for (at, _) in text.match_indices("\n.") {
-            // Up to and including the ".", then the stuffed one.
-            f.write_str(&text[start..at + 2])?;
-            f.write_str(".")?;
-            start = at + 2;
+        let mut from = 0;
+        while let Some(found) = text[from..].find('\n') {
+            let at = from + found;
+            from = at + 1;
+            if text.as_bytes().get(from) == Some(&b'.') {
+                // Up to and including the ".", then the stuffed one.
+                f.write_str(&text[start..=from])?;
+                f.write_str(".")?;
+                start = from + 1;
+            }
         }
         f.write_str(&text[start..])?;
         f.write_str("\r\n.\r\n")
