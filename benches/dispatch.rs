@@ -24,6 +24,12 @@ use lettre::Address;
 use lettre::address::Envelope;
 use lettre::transport::smtp::client::AsyncSmtpConnection;
 use lettre::transport::smtp::extension::ClientId;
+// The allocator the `mailmux` daemon ships with: the actors run in this
+// process, so they are measured as they run in the daemon. Raw lettre shares
+// the process and so the allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use mailmux_actors::{
     Dispatcher, Limits, Mail, RelayKind, RelaySettings, RouterSettings, Settings, Status,
     SupervisorSettings,

@@ -533,7 +533,7 @@ fn main() -> anyhow::Result<()> {
         bail!("{} does not exist", args.bin.display());
     }
     eprintln!("daemon binary: {}", args.bin.display());
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let mut rows = Vec::new();
