@@ -167,6 +167,27 @@ pub struct AttachmentSummary {
     pub size: usize,
 }
 
+/// Input above this many bytes makes composing a draft slow enough (decoding,
+/// encoding, copying: about a millisecond per 256 KiB in a release build) to
+/// be kept off the async workers.
+const HEAVY_INPUT_BYTES: usize = 256 * 1024;
+
+impl Draft {
+    /// Whether composing this draft should run on a blocking thread: it
+    /// reads files (attachments by path), or its text and attachments are
+    /// large. Small drafts compose in microseconds, less than a thread hop.
+    pub fn is_heavy(&self) -> bool {
+        let mut bytes = self.body.len() + self.html_body.as_ref().map_or(0, String::len);
+        for a in &self.attachments {
+            match a {
+                AttachmentInput::Inline { content_base64, .. } => bytes += content_base64.len(),
+                AttachmentInput::Path { .. } => return true,
+            }
+        }
+        bytes > HEAVY_INPUT_BYTES
+    }
+}
+
 /// The rendered message, for `dry_run` and logs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
 pub struct Preview {

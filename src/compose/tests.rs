@@ -1075,3 +1075,24 @@ fn text_bodies_get_the_encoding_lettre_chooses() {
         assert_eq!(ours.formatted(), reference.formatted(), "{body:?}");
     }
 }
+
+#[test]
+fn large_or_file_drafts_are_heavy_and_small_ones_are_not() {
+    let mut d = draft("a@x.org");
+    assert!(!d.is_heavy());
+    d.body = "x".repeat(300 * 1024);
+    assert!(d.is_heavy(), "a 300 KiB body");
+    let mut d = draft("a@x.org");
+    d.attachments = vec![AttachmentInput::Path {
+        path: "notes.txt".into(),
+        content_type: None,
+    }];
+    assert!(d.is_heavy(), "a file to read");
+    let mut d = draft("a@x.org");
+    d.attachments = vec![AttachmentInput::Inline {
+        filename: "a.bin".into(),
+        content_base64: "QUJD".repeat(100),
+        content_type: None,
+    }];
+    assert!(!d.is_heavy(), "a small inline attachment");
+}

@@ -307,7 +307,7 @@ impl MailmuxServer {
     /// The whole `send_email` flow, shared by the tool and `mailmux send`:
     /// compose, then send (or only render, for a dry run). Returns the result
     /// and a sentence for the caller.
-    pub async fn send_email_params(&self, params: SendEmailParams) -> (SendResult, String) {
+    pub async fn send_email_params(&self, mut params: SendEmailParams) -> (SendResult, String) {
         let _slot = self.call_gate().enter();
         if self.is_closing() {
             return failed(ToolError::unavailable());
@@ -319,7 +319,25 @@ impl MailmuxServer {
                 return failed(ToolError::unknown_relay(relay, names));
             }
         }
-        let composed = match compose(&params.draft, &config.daemon.compose) {
+        // A large draft is composed on the blocking pool, so that calls
+        // behind it are not held up (over stdio the daemon has one worker).
+        let composed = if params.draft.is_heavy() {
+            let draft = std::mem::take(&mut params.draft);
+            let policy = config.clone();
+            let job = tokio::task::spawn_blocking(move || compose(&draft, &policy.daemon.compose));
+            match job.await {
+                Ok(result) => result,
+                Err(e) => {
+                    return failed(ToolError::new(
+                        "internal",
+                        format!("composing the message failed: {e}"),
+                    ));
+                }
+            }
+        } else {
+            compose(&params.draft, &config.daemon.compose)
+        };
+        let composed = match composed {
             Ok(c) => c,
             Err(e) => return failed(ToolError::invalid_input(&e)),
         };
