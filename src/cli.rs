@@ -91,6 +91,34 @@ pub struct SendArgs {
     pub dry_run: bool,
 }
 
+impl Cli {
+    /// Whether this command serves MCP over stdio (`serve` without `--http`,
+    /// or no command).
+    pub fn serves_stdio(&self) -> bool {
+        match &self.command {
+            None => true,
+            Some(Command::Serve(args)) => args.http.is_none(),
+            Some(_) => false,
+        }
+    }
+
+    /// The tokio runtime for this command. Over stdio the daemon serves one
+    /// client, whose requests rmcp reads one at a time, and an MCP host starts
+    /// one such process per client: it runs on one worker thread, which on a
+    /// busy two-core machine spent about a fifth less CPU per `send_email`
+    /// than two workers waking each other (BENCHMARKS.md). Over HTTP, the
+    /// shared daemon, and for the other commands: one worker per core.
+    /// `TOKIO_WORKER_THREADS`, when set, decides instead.
+    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.enable_all();
+        if self.serves_stdio() && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+            builder.worker_threads(1);
+        }
+        builder.build()
+    }
+}
+
 /// Runs the command and returns the process exit code.
 pub async fn run(cli: Cli) -> ExitCode {
     let sources = Sources {
@@ -365,6 +393,16 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(Cli::try_parse_from(["mailmux", "serve", "--stateless"]).is_err());
+    }
+
+    #[test]
+    fn only_stdio_serving_counts_as_stdio() {
+        let stdio = |args: &[&str]| Cli::try_parse_from(args).unwrap().serves_stdio();
+        assert!(stdio(&["mailmux"]));
+        assert!(stdio(&["mailmux", "serve"]));
+        assert!(!stdio(&["mailmux", "serve", "--http"]));
+        assert!(!stdio(&["mailmux", "check"]));
+        assert!(!stdio(&["mailmux", "send", "--to", "a@example.org"]));
     }
 
     #[test]

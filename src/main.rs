@@ -8,9 +8,14 @@ use mailmux::cli::{self, Cli};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     mailmux::logging::init(cli.log_format);
-    cli::run(cli).await
+    match cli.runtime() {
+        Ok(runtime) => runtime.block_on(cli::run(cli)),
+        Err(e) => {
+            eprintln!("mailmux: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
