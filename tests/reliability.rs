@@ -261,9 +261,12 @@ async fn a_blackhole_relay_times_out_fails_over_and_status_stays_fast() {
         times.len()
     );
     // A debug build on a shared 2-core machine: the median carries the
-    // 100 ms bound, the max gets 500 ms for scheduling noise.
+    // 100 ms bound. While all 64 call slots (`max_concurrent_calls`) hold
+    // sends that wait out the primary's 500 ms greeting timeout, the daemon
+    // reads no further request, so a status call can wait for the first slot
+    // to come free: the max gets that timeout plus 500 ms for scheduling.
     assert!(median < Duration::from_millis(100), "median {median:?}");
-    assert!(max < Duration::from_millis(500), "max {max:?}");
+    assert!(max < Duration::from_millis(1000), "max {max:?}");
     let down = during
         .iter()
         .any(|(_, s)| harness::relay_status(s, "primary")["state"] != "healthy");
