@@ -328,7 +328,6 @@ async fn mcp_requests_past_the_bound_wait_unread() {
             .await;
     let mut primary = relay("primary", smtp.port(), 100);
     primary.timeouts.data = Duration::from_millis(1500);
-    // The lost connection backs the relay off; keep that short here.
     // The lost connection backs the primary off; the second call may then
     // go to the backup.
     let backup_smtp = FaultSmtp::start(Script::ok()).await;

@@ -7,40 +7,15 @@ mod support;
 
 use std::time::Duration;
 
-use common::{Aiosmtpd, config, free_port, relay};
+use common::{Aiosmtpd, InProcess, config, free_port, relay};
 use mailmux::config::Sources;
-use mailmux::mcp::MailmuxServer;
-use mailmux_actors::{Credentials, Dispatcher, RelayKind, Secret};
+use mailmux_actors::{Credentials, RelayKind, Secret};
 use rmcp::model::CallToolRequestParams;
-use rmcp::service::RunningService;
-use rmcp::{RoleClient, ServiceExt};
 use serde_json::{Value, json};
-
-struct Harness {
-    client: RunningService<RoleClient, ()>,
-    server: MailmuxServer,
-}
-
-async fn harness_with(cfg: mailmux::config::Config, sources: Sources) -> Harness {
-    let dispatcher = Dispatcher::start(cfg.dispatch.clone())
-        .await
-        .expect("dispatcher starts");
-    let server = MailmuxServer::new(dispatcher, cfg, sources);
-    let (client_io, server_io) = tokio::io::duplex(1 << 20);
-    let (r, w) = tokio::io::split(server_io);
-    tokio::spawn(mailmux::mcp::transport::serve_io(
-        server.clone(),
-        r,
-        w,
-        std::future::pending(),
-    ));
-    let client = ().serve(client_io).await.expect("client initializes");
-    Harness { client, server }
-}
 
 /// Two relays: "primary" at aiosmtpd, "backup" at a closed port, with a
 /// password that must never show.
-async fn harness(smtp: &Aiosmtpd) -> Harness {
+async fn harness(smtp: &Aiosmtpd) -> InProcess {
     let mut backup = relay("backup", free_port(), 10);
     if let RelayKind::Smtp(s) = &mut backup.kind {
         s.auth = Some(Credentials {
@@ -48,14 +23,14 @@ async fn harness(smtp: &Aiosmtpd) -> Harness {
             password: Secret::new("hunter2-very-secret"),
         });
     }
-    harness_with(
+    InProcess::start(
         config(vec![relay("primary", smtp.port, 100), backup]),
         Sources::default(),
     )
     .await
 }
 
-async fn call(h: &Harness, tool: &str, args: Value) -> (bool, Value, String) {
+async fn call(h: &InProcess, tool: &str, args: Value) -> (bool, Value, String) {
     let mut params = CallToolRequestParams::new(tool.to_string());
     if let Value::Object(map) = args {
         params = params.with_arguments(map);
@@ -266,7 +241,7 @@ async fn a_dead_preferred_relay_fails_over() {
 #[tokio::test]
 async fn failed_send_is_a_tool_error_with_class_and_attempts() {
     let dead = free_port();
-    let h = harness_with(config(vec![relay("only", dead, 1)]), Sources::default()).await;
+    let h = InProcess::start(config(vec![relay("only", dead, 1)]), Sources::default()).await;
     let (is_error, out, text) = call(
         &h,
         "send_email",
@@ -412,7 +387,7 @@ async fn reload_with_an_invalid_file_keeps_the_running_configuration() {
     let file = dir.path().join("mailmux.toml");
     std::fs::write(&file, "this is = = not valid [toml\n").unwrap();
     let cfg = config(vec![relay("primary", smtp.port, 100)]);
-    let h = harness_with(cfg, Sources { file: Some(file) }).await;
+    let h = InProcess::start(cfg, Sources { file: Some(file) }).await;
     let (is_error, out, text) = call(&h, "reload_smtp_configuration", json!({})).await;
     assert!(is_error, "{out}");
     assert_eq!(out["error"]["code"], "invalid_config");
@@ -441,7 +416,7 @@ async fn reload_applies_the_new_configuration_as_a_diff() {
     // replaces ours.
     std::fs::write(&file, "").unwrap();
     let cfg = config(vec![relay("primary", smtp.port, 100)]);
-    let h = harness_with(cfg, Sources { file: Some(file) }).await;
+    let h = InProcess::start(cfg, Sources { file: Some(file) }).await;
     let (is_error, out, _) = call(&h, "reload_smtp_configuration", json!({})).await;
     assert!(!is_error, "{out}");
     assert_eq!(out["reloaded"], true);
@@ -498,7 +473,7 @@ async fn calls_past_the_bound_wait_unread() {
     let backup = relay("backup", backup_smtp.port(), 1);
     let mut cfg = config(vec![primary, backup]);
     cfg.daemon.max_concurrent_calls = 1;
-    let h = Arc::new(harness_with(cfg, Sources::default()).await);
+    let h = Arc::new(InProcess::start(cfg, Sources::default()).await);
     let send = |subject: &'static str| {
         let h = h.clone();
         tokio::spawn(async move {

@@ -1,5 +1,6 @@
 //! Shared helpers of the daemon's black-box tests: an aiosmtpd child that
-//! keeps what it receives in a maildir, and a configuration built in code.
+//! keeps what it receives in a maildir, a configuration built in code, and
+//! the daemon served in process.
 #![allow(dead_code)]
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -8,8 +9,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mailmux::compose::ComposePolicy;
-use mailmux::config::{Config, DaemonSettings, HttpSettings};
-use mailmux_actors::{RelaySettings, Settings, Timeouts};
+use mailmux::config::{Config, DaemonSettings, HttpSettings, Sources};
+use mailmux::mcp::MailmuxServer;
+use mailmux_actors::{Dispatcher, RelaySettings, Settings, Timeouts};
+use rmcp::service::{Peer, RunningService};
+use rmcp::{RoleClient, ServiceExt};
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
@@ -137,5 +141,42 @@ pub fn config(relays: Vec<RelaySettings>) -> Config {
         default_relay: false,
         sources: vec!["test".into()],
         redacted: serde_json::json!({}),
+    }
+}
+
+/// The daemon in this process: the real dispatcher and MCP server, and
+/// rmcp's client over an in-memory duplex. The dispatcher is kept so that a
+/// test can reach the fault hooks.
+pub struct InProcess {
+    pub client: RunningService<RoleClient, ()>,
+    pub server: MailmuxServer,
+    pub dispatcher: Dispatcher,
+}
+
+impl InProcess {
+    pub async fn start(cfg: Config, sources: Sources) -> Self {
+        let dispatcher = Dispatcher::start(cfg.dispatch.clone())
+            .await
+            .expect("dispatcher starts");
+        let server = MailmuxServer::new(dispatcher.clone(), cfg, sources);
+        // Large enough that 10 MB arguments do not stall on the pipe.
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let (r, w) = tokio::io::split(server_io);
+        tokio::spawn(mailmux::mcp::transport::serve_io(
+            server.clone(),
+            r,
+            w,
+            std::future::pending(),
+        ));
+        let client = ().serve(client_io).await.expect("client initializes");
+        InProcess {
+            client,
+            server,
+            dispatcher,
+        }
+    }
+
+    pub fn peer(&self) -> &Peer<RoleClient> {
+        self.client.peer()
     }
 }

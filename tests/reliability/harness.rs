@@ -12,9 +12,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use mailmux::config::{Config, Sources};
-use mailmux::mcp::MailmuxServer;
-use mailmux_actors::Dispatcher;
 use rmcp::model::CallToolRequestParams;
 use rmcp::service::{Peer, RunningService};
 use rmcp::{RoleClient, ServiceExt};
@@ -176,41 +173,9 @@ pub fn small(tag: &str, i: usize) -> Value {
     })
 }
 
-/// The daemon in this process: rmcp's client over an in-memory duplex. The
-/// dispatcher is kept so that a test can reach the fault hooks.
-pub struct InProcess {
-    pub client: RunningService<RoleClient, ()>,
-    pub server: MailmuxServer,
-    pub dispatcher: Dispatcher,
-}
+pub use crate::common::InProcess;
 
 impl InProcess {
-    pub async fn start(cfg: Config, sources: Sources) -> Self {
-        let dispatcher = Dispatcher::start(cfg.dispatch.clone())
-            .await
-            .expect("dispatcher starts");
-        let server = MailmuxServer::new(dispatcher.clone(), cfg, sources);
-        // Large enough that 10 MB arguments do not stall on the pipe.
-        let (client_io, server_io) = tokio::io::duplex(1 << 20);
-        let (r, w) = tokio::io::split(server_io);
-        tokio::spawn(mailmux::mcp::transport::serve_io(
-            server.clone(),
-            r,
-            w,
-            std::future::pending(),
-        ));
-        let client = ().serve(client_io).await.expect("client initializes");
-        InProcess {
-            client,
-            server,
-            dispatcher,
-        }
-    }
-
-    pub fn peer(&self) -> &Peer<RoleClient> {
-        self.client.peer()
-    }
-
     /// `get_smtp_status`' structured result.
     pub async fn status(&self) -> Value {
         status(self.peer()).await
