@@ -534,19 +534,21 @@ fn text_part(content_type: ContentType, text: String) -> SinglePart {
     if text.contains('\0') {
         builder.header(ContentTransferEncoding::Base64).body(text)
     } else if text.is_ascii() {
-        // Line endings are CRLF already (`crlf`), but lettre converts a
-        // `String` body again, a full pass over it. For ASCII it chooses the
-        // same encoding from the bytes, and bytes are not converted. When
-        // that encoding is quoted-printable, `qp` does the encoding.
-        let encoding = email_encoding::body::Encoding::choose(text.as_str(), false);
-        if encoding == email_encoding::body::Encoding::QuotedPrintable {
-            let encoded = qp::encode(&text);
-            builder.body(Body::dangerous_pre_encoded(
-                encoded,
+        // Line endings are CRLF already (`crlf`). The encoding is the one
+        // lettre would choose (`Body::new`, with the same chooser); 7bit text
+        // goes as it is and `qp` does quoted-printable, so neither lettre's
+        // second CRLF pass nor a second choice runs over the body.
+        use email_encoding::body::Encoding;
+        match Encoding::choose(text.as_str(), false) {
+            Encoding::SevenBit => builder.body(Body::dangerous_pre_encoded(
+                text.into_bytes(),
+                ContentTransferEncoding::SevenBit,
+            )),
+            Encoding::QuotedPrintable => builder.body(Body::dangerous_pre_encoded(
+                qp::encode(&text),
                 ContentTransferEncoding::QuotedPrintable,
-            ))
-        } else {
-            builder.body(Body::new(text.into_bytes()))
+            )),
+            _ => builder.body(Body::new(text.into_bytes())),
         }
     } else {
         builder.body(text)

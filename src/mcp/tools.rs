@@ -323,8 +323,8 @@ impl MailmuxServer {
         // behind it are not held up (over stdio the daemon has one worker).
         let composed = if params.draft.is_heavy() {
             let draft = std::mem::take(&mut params.draft);
-            let policy = config.clone();
-            let job = tokio::task::spawn_blocking(move || compose(&draft, &policy.daemon.compose));
+            let config = Arc::clone(&config);
+            let job = tokio::task::spawn_blocking(move || compose(&draft, &config.daemon.compose));
             match job.await {
                 Ok(result) => result,
                 Err(e) => {
