@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use base64::Engine;
 use clap::{Args, Parser, Subcommand};
+use mailmux_actors::queue::Queue;
 use mailmux_actors::{Dispatcher, Secret};
 use tracing::Instrument;
 
@@ -39,7 +40,7 @@ pub enum Command {
     /// Serve MCP on stdio (default) or streamable HTTP.
     Serve(ServeArgs),
     /// Send one message through the relays and print the result as JSON.
-    Send(SendArgs),
+    Send(Box<SendArgs>),
     /// Probe every relay and print a table; exit 0 only if all are OK.
     Check,
     /// Print the effective configuration, secrets redacted, with each value's source.
@@ -89,6 +90,17 @@ pub struct SendArgs {
     /// Render and validate only; send nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Make the send safe to repeat: a second send with this key and the
+    /// same content sends nothing and prints the first message's status.
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
+    /// Send later: an RFC 3339 time or a delay such as 10m.
+    #[arg(long, value_name = "WHEN")]
+    pub send_at: Option<String>,
+    /// Answer once the message is durably queued, without waiting for the
+    /// delivery (it is delivered now, or by the next daemon to start).
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 impl Cli {
@@ -137,7 +149,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     };
     match command {
         Command::Serve(args) => serve(config, sources, args).await,
-        Command::Send(args) => send(config, sources, args).await,
+        Command::Send(args) => send(config, sources, *args).await,
         Command::Check => check(config).await,
         Command::Config => print_config(&config),
     }
@@ -251,6 +263,22 @@ fn draft_from_args(args: &SendArgs) -> Result<Draft, String> {
     })
 }
 
+/// The dispatcher and the queue for a one-shot command.
+async fn start_queue(config: &Config) -> Option<Queue> {
+    if let Some(w) = mcp::default_relay_warning(config) {
+        tracing::warn!("{w}");
+    }
+    match mcp::start_queue(config).await {
+        Ok(q) => Some(q),
+        Err(e) => {
+            let e = anyhow::Error::new(e);
+            tracing::error!("{e:#}");
+            eprintln!("mailmux: {e:#}");
+            None
+        }
+    }
+}
+
 async fn start(config: &Config) -> Option<Dispatcher> {
     if let Some(w) = mcp::default_relay_warning(config) {
         tracing::warn!("{w}");
@@ -274,20 +302,23 @@ async fn send(config: Config, sources: Sources, args: SendArgs) -> ExitCode {
         }
     };
     let grace = config.daemon.shutdown_grace;
-    let Some(dispatcher) = start(&config).await else {
+    let Some(queue) = start_queue(&config).await else {
         return ExitCode::FAILURE;
     };
-    let server = MailmuxServer::new(dispatcher.clone(), config, sources);
+    let server = MailmuxServer::new(queue.clone(), config, sources);
     let params = SendEmailParams {
         draft,
         relay: args.relay,
         dry_run: Some(args.dry_run),
+        idempotency_key: args.idempotency_key,
+        wait: Some(!args.no_wait),
+        send_at: args.send_at,
     };
     let (out, text) = server
         .send_email_params(params)
         .instrument(mcp::tools::tool_span("send"))
         .await;
-    dispatcher.shutdown(grace).await;
+    queue.shutdown(grace).await;
     match serde_json::to_string_pretty(&out) {
         Ok(json) => println!("{json}"),
         Err(e) => eprintln!("mailmux: {e}"),
@@ -295,6 +326,10 @@ async fn send(config: Config, sources: Sources, args: SendArgs) -> ExitCode {
     eprintln!("{text}");
     match out.status {
         SendStatus::Sent | SendStatus::DryRun => ExitCode::SUCCESS,
+        SendStatus::Queued | SendStatus::Scheduled if out.error.is_none() && args.no_wait => {
+            ExitCode::SUCCESS
+        }
+        SendStatus::Scheduled if out.error.is_none() => ExitCode::SUCCESS,
         _ => ExitCode::FAILURE,
     }
 }

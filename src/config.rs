@@ -16,6 +16,7 @@ use std::time::Duration;
 use figment::providers::{Format, Json, Toml, Yaml};
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
+use mailmux_actors::queue::QueueSettings;
 use mailmux_actors::{Secret, Settings};
 
 use crate::compose::ComposePolicy;
@@ -66,6 +67,7 @@ pub struct DaemonSettings {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub dispatch: Settings,
+    pub queue: QueueSettings,
     pub daemon: DaemonSettings,
     /// True when no relay was configured and the embedded `file` relay is used.
     pub default_relay: bool,
@@ -313,6 +315,9 @@ fn check_unknown_keys(layer: &FileLayer) -> Result<(), ConfigError> {
     }
     if let Some(Value::Dict(_, d)) = root.get("http") {
         check(d, "http.", &[raw::HTTP_KEYS])?;
+    }
+    if let Some(Value::Dict(_, d)) = root.get("queue") {
+        check(d, "queue.", &[raw::QUEUE_KEYS])?;
     }
     if let Some(Value::Dict(_, d)) = root.get("relay_defaults") {
         check(d, "relay_defaults.", &[raw::TUNING_KEYS])?;

@@ -13,6 +13,7 @@ fn mailmux(port: u16, args: &[&str]) -> (i32, String, String) {
         .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("MAILMUX_QUEUE__PATH", common::queue_db())
         .env("SMTP_HOST", "127.0.0.1")
         .env("SMTP_PORT", port.to_string())
         .env("SMTP_USE_TLS", "false")
@@ -69,10 +70,13 @@ fn send_prints_json_and_exits_by_status() {
             "y",
         ],
     );
+    // No relay took it: it stays queued for a retry, which this one-shot
+    // command does not wait for, so the exit code is not success.
     assert_eq!(code, 1);
     let out: Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(out["status"], "failed");
-    assert!(out["error"]["code"].is_string());
+    assert_eq!(out["status"], "queued", "{out}");
+    assert!(out["next_attempt_at"].is_string(), "{out}");
+    assert_eq!(out["attempts"][0]["class"], "relay_fault", "{out}");
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::{Aiosmtpd, config, free_port, relay};
 use mailmux::config::Sources;
 use mailmux::mcp::MailmuxServer;
-use mailmux_actors::{Dispatcher, Secret};
+use mailmux_actors::Secret;
 use rmcp::ServiceExt;
 use rmcp::model::CallToolRequestParams;
 use rmcp::transport::StreamableHttpClientTransport;
@@ -75,8 +75,8 @@ async fn in_process_with(
     cfg: mailmux::config::Config,
     stateful: bool,
 ) -> (String, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let dispatcher = Dispatcher::start(cfg.dispatch.clone()).await.unwrap();
-    let server = MailmuxServer::new(dispatcher, cfg, Sources::default());
+    let queue = mailmux::mcp::start_queue(&cfg).await.unwrap();
+    let server = MailmuxServer::new(queue, cfg, Sources::default());
     let port = free_port();
     let addr = ([127, 0, 0, 1], port).into();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -237,6 +237,7 @@ async fn binary_serves_http_with_a_token() {
         .args(["serve", "--http", &format!("127.0.0.1:{port}")])
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("MAILMUX_QUEUE__PATH", common::queue_db())
         .env("SMTP_HOST", "127.0.0.1")
         .env("SMTP_PORT", smtp.port.to_string())
         .env("SMTP_USE_TLS", "false")

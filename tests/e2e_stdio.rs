@@ -5,7 +5,7 @@ mod common;
 
 use std::process::{Command, Stdio};
 
-use common::Aiosmtpd;
+use common::{Aiosmtpd, queue_db};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mailmux");
@@ -17,7 +17,8 @@ fn seed_env(cmd: &mut Command, port: u16) {
         .env("SMTP_PORT", port.to_string())
         .env("SMTP_USE_TLS", "false")
         .env("SMTP_FROM_EMAIL", "sender@example.org")
-        .env("RUST_LOG", "info");
+        .env("RUST_LOG", "info")
+        .env("MAILMUX_QUEUE__PATH", queue_db());
 }
 
 #[test]
@@ -81,7 +82,7 @@ fn stdin_and_stdout_as_files_use_the_blocking_path() {
     for id in 1..=4 {
         assert!(by_id.contains_key(&id), "no answer to {id}:\n{out}\n{logs}");
     }
-    assert_eq!(by_id[&2]["result"]["tools"].as_array().unwrap().len(), 6);
+    assert_eq!(by_id[&2]["result"]["tools"].as_array().unwrap().len(), 9);
     let send = &by_id[&4]["result"];
     assert_eq!(send["isError"], false, "{send}");
     assert_eq!(send["structuredContent"]["status"], "sent", "{send}");

@@ -61,6 +61,7 @@ fn mailmux(smtp: &AuthSmtpd, args: &[&str]) -> (std::process::ExitStatus, String
         .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("MAILMUX_QUEUE__PATH", common::queue_db())
         .env("SMTP_HOST", "127.0.0.1")
         .env("SMTP_PORT", smtp.port.to_string())
         .env("SMTP_USE_TLS", "false")

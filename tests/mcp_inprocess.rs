@@ -70,7 +70,10 @@ async fn lists_every_tool_with_input_and_output_schemas() {
     assert_eq!(
         names,
         [
+            "cancel_message",
+            "get_message_status",
             "get_smtp_status",
+            "list_messages",
             "reconnect_smtp_servers",
             "reload_smtp_configuration",
             "send_email",
@@ -239,7 +242,7 @@ async fn a_dead_preferred_relay_fails_over() {
 }
 
 #[tokio::test]
-async fn failed_send_is_a_tool_error_with_class_and_attempts() {
+async fn a_send_no_relay_takes_is_queued_for_a_retry_with_its_attempts() {
     let dead = free_port();
     let h = InProcess::start(config(vec![relay("only", dead, 1)]), Sources::default()).await;
     let (is_error, out, text) = call(
@@ -248,13 +251,14 @@ async fn failed_send_is_a_tool_error_with_class_and_attempts() {
         json!({"to": "a@example.org", "subject": "x", "body": "y"}),
     )
     .await;
-    assert!(is_error, "{out}");
-    assert_eq!(out["status"], "failed");
-    assert_eq!(out["error"]["code"], "all_relays_failed", "{out}");
-    assert_eq!(out["error"]["class"], "relay_fault");
+    // Every relay failed transiently: not a failure, a deferral.
+    assert!(!is_error, "{out}");
+    assert_eq!(out["status"], "queued", "{out}");
+    assert!(out["next_attempt_at"].is_string(), "{out}");
+    assert_eq!(out["attempts"][0]["class"], "relay_fault");
     assert_eq!(out["attempts"][0]["relay"], "only");
     assert!(out["message_id"].is_string());
-    assert!(text.starts_with("failed: "), "{text}");
+    assert!(text.starts_with("queued "), "{text}");
 }
 
 #[tokio::test]

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use common::{config, relay};
 use mailmux::config::Sources;
 use mailmux::mcp::MailmuxServer;
-use mailmux_actors::Dispatcher;
 use rmcp::ServiceExt;
 use rmcp::model::CallToolRequestParams;
 use serde_json::json;
@@ -25,8 +24,8 @@ async fn shutdown_refuses_new_calls_and_bounds_in_flight_deliveries() {
     let mut cfg = config(vec![slow]);
     cfg.daemon.shutdown_grace = Duration::from_secs(1);
     cfg.daemon.send_deadline = Duration::from_secs(30);
-    let dispatcher = Dispatcher::start(cfg.dispatch.clone()).await.unwrap();
-    let server = MailmuxServer::new(dispatcher, cfg, Sources::default());
+    let queue = mailmux::mcp::start_queue(&cfg).await.unwrap();
+    let server = MailmuxServer::new(queue, cfg, Sources::default());
 
     let (client_io, server_io) = tokio::io::duplex(1 << 20);
     let (r, w) = tokio::io::split(server_io);

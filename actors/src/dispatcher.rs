@@ -13,7 +13,7 @@ use ractor::{Actor, ActorRef};
 use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio::time::Instant;
 
-use crate::mail::{FailureReason, Mail, Progress, Report, Status};
+use crate::mail::{CommitMark, FailureReason, Mail, Progress, Report, Status};
 use crate::relay::{RelayMsg, relay_status};
 use crate::router::{Flight, Pin, RouterCell, RouterMsg};
 use crate::settings::Settings;
@@ -113,6 +113,12 @@ impl Dispatcher {
     /// Delivers one message, failing over as the settings allow. Never hangs
     /// past `mail.deadline` (plus a few milliseconds of bookkeeping).
     pub async fn send(&self, mail: Mail) -> Report {
+        self.send_marked(mail, None).await
+    }
+
+    /// [`Dispatcher::send`], recording with `mark` before the final "." of
+    /// any attempt (the durable queue's crash marker).
+    pub async fn send_marked(&self, mail: Mail, mark: Option<Arc<dyn CommitMark>>) -> Report {
         let inner = &*self.inner;
         if !inner.accepting.load(Ordering::Acquire) {
             return Report::failed(
@@ -147,7 +153,7 @@ impl Dispatcher {
         let _counted = InFlight(inner);
 
         let mail = Arc::new(mail);
-        let progress = Arc::new(Progress::default());
+        let progress = Arc::new(Progress::marked(mark));
         loop {
             let (tx, rx) = oneshot::channel();
             let flight = Flight {

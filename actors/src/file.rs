@@ -8,11 +8,15 @@ use std::path::Path;
 
 use tokio::time::Instant;
 
-use crate::mail::{FailureClass, Mail, Reply};
+use crate::mail::{FailureClass, Mail, Progress, Reply};
 use crate::smtp::{Delivered, Failure};
 
 /// Writes `mail` to `<dir>/<message-id>.eml`.
-pub(crate) async fn deliver(dir: &Path, mail: &Mail) -> Result<Delivered, Failure> {
+pub(crate) async fn deliver(
+    dir: &Path,
+    mail: &Mail,
+    progress: &Progress,
+) -> Result<Delivered, Failure> {
     let fail = |what: &str, e: std::io::Error| Failure {
         lost: false,
         class: FailureClass::RelayFault,
@@ -36,6 +40,26 @@ pub(crate) async fn deliver(dir: &Path, mail: &Mail) -> Result<Delivered, Failur
     tokio::fs::write(&tmp, &mail.bytes[..])
         .await
         .map_err(|e| fail("cannot write to", e))?;
+    // The rename is the delivery: record it first, as before a final ".".
+    let busy = |detail: String| Failure {
+        lost: false,
+        class: FailureClass::Busy,
+        reply: None,
+        detail,
+    };
+    match progress.commit_marked().await {
+        Ok(true) => {}
+        Ok(false) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(busy("the caller's deadline passed".into()));
+        }
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(busy(format!(
+                "the queue could not record the delivery, so it was not written: {e}"
+            )));
+        }
+    }
     tokio::fs::rename(&tmp, &path)
         .await
         .map_err(|e| fail("cannot rename in", e))?;

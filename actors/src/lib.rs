@@ -10,12 +10,15 @@
 //! - [`dispatcher`]: the handle the daemon holds, and the caller's side of a send;
 //! - `supervisor`, `router`, `relay`: the actors, one file each;
 //! - `smtp`, `file`: one delivery attempt over SMTP or into a folder;
+//! - [`queue`]: the durable queue: the store trait, its SQLite backend, and
+//!   the runner that delivers from it;
 //! - `health`: backoff, circuit breaker, counters and latency of one relay.
 
 pub mod dispatcher;
 mod file;
 mod health;
 pub mod mail;
+pub mod queue;
 mod relay;
 mod router;
 pub mod settings;
@@ -26,7 +29,9 @@ mod supervisor;
 #[cfg(feature = "fault-hooks")]
 pub use dispatcher::PanicTarget;
 pub use dispatcher::{ControlError, Dispatcher};
-pub use mail::{Attempt, FailureClass, FailureReason, Mail, Rejected, Reply, Report, Status};
+pub use mail::{
+    Attempt, CommitMark, FailureClass, FailureReason, Mail, Rejected, Reply, Report, Status,
+};
 pub use settings::{
     Credentials, HealthSettings, Limits, PoolSettings, RelayKind, RelaySettings, RouterSettings,
     Secret, Settings, SmtpSettings, Strategy, SupervisorSettings, Timeouts, TlsMode,

@@ -5,6 +5,8 @@
 //! the actors only move it. The report records every attempt, so a caller can
 //! see exactly which relay said what.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
@@ -206,31 +208,61 @@ impl Report {
     }
 }
 
+/// Records, durably, that a message is committing to a relay: the queue's
+/// crash marker. Called just before the final "." is written; when it fails,
+/// the message is not sent.
+pub trait CommitMark: Send + Sync + std::fmt::Debug {
+    fn record(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
+}
+
 /// How far a message got, shared between the caller and the task delivering
 /// it. It decides, race-free, whether a message whose caller gave up (deadline)
 /// or whose actor crashed may be sent again elsewhere.
 #[derive(Debug, Default)]
-pub struct Progress(AtomicU8);
+pub struct Progress {
+    state: AtomicU8,
+    mark: Option<Arc<dyn CommitMark>>,
+}
 
 const PENDING: u8 = 0;
 const COMMITTED: u8 = 1;
 const ABANDONED: u8 = 2;
 
 impl Progress {
+    /// Progress whose commit is first recorded by `mark`.
+    pub fn marked(mark: Option<Arc<dyn CommitMark>>) -> Self {
+        Progress {
+            state: AtomicU8::new(PENDING),
+            mark,
+        }
+    }
+
     /// Called by a delivery task just before it sends the final "." of DATA.
     /// Returns false if the caller has already given up: then the task must
     /// not send the message.
     pub fn commit(&self) -> bool {
-        self.0
+        self.state
             .compare_exchange(PENDING, COMMITTED, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
+    }
+
+    /// [`Progress::commit`], after recording the commit with the mark (if
+    /// any). An error means the record failed and nothing may be sent.
+    pub async fn commit_marked(&self) -> Result<bool, String> {
+        if self.is_abandoned() {
+            return Ok(false);
+        }
+        if let Some(mark) = &self.mark {
+            mark.record().await?;
+        }
+        Ok(self.commit())
     }
 
     /// Called by a caller that gives up. Returns false if the message was
     /// already committed: then it may have been delivered.
     pub fn abandon(&self) -> bool {
         match self
-            .0
+            .state
             .compare_exchange(PENDING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
         {
             Ok(_) => true,
@@ -241,18 +273,18 @@ impl Progress {
     /// Called after a clear 4xx reply to the final ".": the server did not
     /// take the message, so another relay may.
     pub fn release(&self) {
-        let _ = self
-            .0
-            .compare_exchange(COMMITTED, PENDING, Ordering::AcqRel, Ordering::Acquire);
+        let _ =
+            self.state
+                .compare_exchange(COMMITTED, PENDING, Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// Whether the final "." was (or is being) sent.
     pub fn is_committed(&self) -> bool {
-        self.0.load(Ordering::Acquire) == COMMITTED
+        self.state.load(Ordering::Acquire) == COMMITTED
     }
 
     /// Whether the caller gave up on the message.
     pub fn is_abandoned(&self) -> bool {
-        self.0.load(Ordering::Acquire) == ABANDONED
+        self.state.load(Ordering::Acquire) == ABANDONED
     }
 }

@@ -504,7 +504,7 @@ async fn deliver(
 ) {
     let started = Instant::now();
     let result = match &shared.settings.kind {
-        RelayKind::File { dir } => file::deliver(dir, &flight.mail).await,
+        RelayKind::File { dir } => file::deliver(dir, &flight.mail, &flight.progress).await,
         RelayKind::Smtp(_) => deliver_smtp(&shared, &flight).await,
     };
     let latency = started.elapsed();

@@ -507,13 +507,24 @@ async fn transact_inner(
         (Err(d), None) => return Err(d),
     }
 
-    if !progress.commit() {
-        // The server now reads message data: the session cannot be reset.
-        return Err(Failure::new(
-            FailureClass::Busy,
-            "the caller's deadline passed before the message was sent",
-        )
-        .lost());
+    // The server now reads message data: if the message does not go, only
+    // dropping the connection ends that without a delivery.
+    match progress.commit_marked().await {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(Failure::new(
+                FailureClass::Busy,
+                "the caller's deadline passed before the message was sent",
+            )
+            .lost());
+        }
+        Err(e) => {
+            return Err(Failure::new(
+                FailureClass::Busy,
+                format!("the queue could not record the delivery, so it was not sent: {e}"),
+            )
+            .lost());
+        }
     }
     let sent = match std::str::from_utf8(&mail.bytes) {
         Ok(text) => {

@@ -31,6 +31,7 @@ pub(crate) const TOP_KEYS: &[&str] = &[
     "log_level",
     "supervisor",
     "http",
+    "queue",
     "relay_defaults",
     "relays",
 ];
@@ -45,6 +46,17 @@ pub(crate) const HTTP_KEYS: &[&str] = &[
     "allowed_origins",
     "body_limit",
     "stateful",
+];
+
+pub(crate) const QUEUE_KEYS: &[&str] = &[
+    "store",
+    "path",
+    "max_age",
+    "retry_base",
+    "retry_max",
+    "idempotency_ttl",
+    "retain",
+    "max_schedule",
 ];
 
 /// Keys that `relay_defaults` accepts and every relay may override.
@@ -129,6 +141,8 @@ pub(crate) struct RawConfig {
     pub supervisor: RawSupervisor,
     #[serde(default)]
     pub http: RawHttp,
+    #[serde(default)]
+    pub queue: RawQueue,
     /// Tuning applied to every relay that does not set the key itself.
     #[serde(default)]
     pub relay_defaults: RawRelay,
@@ -170,6 +184,28 @@ pub(crate) struct RawHttp {
     pub body_limit: Option<usize>,
     /// Stateful sessions. Default: true.
     pub stateful: Option<bool>,
+}
+
+/// `[queue]`: the durable queue.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawQueue {
+    /// `sqlite` | `memory`. Default: `sqlite`.
+    pub store: Option<String>,
+    /// The SQLite file. Default: `mailmux-queue.db` in the working folder.
+    pub path: Option<PathBuf>,
+    /// How long a message may wait for delivery from when it is due.
+    /// Default: 24h.
+    pub max_age: Option<Dur>,
+    /// First retry delay after every relay failed transiently. Default: 30s.
+    pub retry_base: Option<Dur>,
+    /// Retry delay cap. Default: 1h.
+    pub retry_max: Option<Dur>,
+    /// How long an idempotency key is remembered. Default: 24h.
+    pub idempotency_ttl: Option<Dur>,
+    /// How long finished messages are kept for status queries. Default: 7d.
+    pub retain: Option<Dur>,
+    /// How far ahead `send_at` may be. Default: 30d.
+    pub max_schedule: Option<Dur>,
 }
 
 /// One `[[relays]]` entry, and also `[relay_defaults]` (tuning keys only).

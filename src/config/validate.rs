@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use figment::Figment;
 use figment::value::Value;
+use mailmux_actors::queue::{QueueSettings, StoreKind};
 use mailmux_actors::{
     Credentials, HealthSettings, Limits, PoolSettings, RelayKind, RelaySettings, RouterSettings,
     Secret, Settings, SmtpSettings, Strategy, SupervisorSettings, Timeouts, TlsMode,
@@ -18,7 +19,7 @@ use mailmux_actors::{
 use serde_json::{Map, Value as Json, json};
 
 use super::env::{SEED_KEY, SINGLE, seed_var_name, source_name};
-use super::raw::{RawConfig, RawRelay, RawSeedRelay, StringList};
+use super::raw::{Dur, RawConfig, RawRelay, RawSeedRelay, StringList};
 use super::{Config, ConfigError, DaemonSettings, HttpSettings};
 use crate::compose::ComposePolicy;
 
@@ -38,6 +39,7 @@ const HTTP_BODY_LIMIT: usize = 16 * 1024 * 1024;
 /// that 64 calls near the size limit fit in memory.
 const MAX_CONCURRENT_CALLS: usize = 64;
 const OUTBOX_DIR: &str = "outbox";
+const QUEUE_PATH: &str = "mailmux-queue.db";
 const EMBEDDED_RELAY: &str = "outbox";
 
 /// A value's key, as the user wrote it, and the source it came from.
@@ -296,6 +298,7 @@ pub(crate) fn build(
 
     let supervisor = supervisor(&ctx, &raw, &mut out)?;
     let http = http(&ctx, &raw, &mut out)?;
+    let queue = queue(&ctx, &raw, send_deadline, &mut out)?;
 
     // Relays: the listed ones, then the seed's, which replace a listed relay
     // of the same name.
@@ -401,6 +404,7 @@ pub(crate) fn build(
     out.insert("default_relay".into(), json!(default_relay));
 
     Ok(Config {
+        queue,
         dispatch: Settings {
             relays,
             router: RouterSettings {
@@ -574,6 +578,73 @@ fn http(
         allowed_origins,
         body_limit,
         stateful,
+    })
+}
+
+fn queue(
+    ctx: &Ctx,
+    raw: &RawConfig,
+    send_deadline: Duration,
+    top: &mut Map<String, Json>,
+) -> Result<QueueSettings, ConfigError> {
+    let d = QueueSettings::default();
+    let q = &raw.queue;
+    let mut out = Map::new();
+    let at = ctx.at("queue.store");
+    let path_at = ctx.at("queue.path");
+    let path = q.path.clone().unwrap_or_else(|| PathBuf::from(QUEUE_PATH));
+    let store = match q.store.as_deref().map(str::trim) {
+        None | Some("sqlite") => {
+            if path.as_os_str().is_empty() {
+                return Err(path_at.err("must not be empty"));
+            }
+            StoreKind::Sqlite { path: path.clone() }
+        }
+        Some("memory") => StoreKind::Memory,
+        Some("postgres") => {
+            return Err(
+                at.err("the postgres store is not built into this version; use sqlite or memory")
+            );
+        }
+        Some(other) => {
+            return Err(at.err(format!(
+                "{other:?} is not a store; expected sqlite or memory"
+            )));
+        }
+    };
+    leaf(&mut out, "store", json!(store.as_str()), &at);
+    leaf(&mut out, "path", path_json(&path), &path_at);
+    let mut dur = |key: &str, raw: &Option<Dur>, default: Duration| {
+        positive(
+            ctx,
+            &mut out,
+            &format!("queue.{key}"),
+            raw.as_ref().map(|d| d.0),
+            default,
+        )
+    };
+    let max_age = dur("max_age", &q.max_age, d.max_age)?;
+    let retry_base = dur("retry_base", &q.retry_base, d.retry_base)?;
+    let retry_max = dur("retry_max", &q.retry_max, d.retry_max)?;
+    let idempotency_ttl = dur("idempotency_ttl", &q.idempotency_ttl, d.idempotency_ttl)?;
+    let retain = dur("retain", &q.retain, d.retain)?;
+    let max_schedule = dur("max_schedule", &q.max_schedule, d.max_schedule)?;
+    if retry_max < retry_base {
+        return Err(ctx.at("queue.retry_max").err(format!(
+            "must be at least retry_base ({})",
+            humantime::format_duration(retry_base)
+        )));
+    }
+    top.insert("queue".into(), Json::Object(out));
+    Ok(QueueSettings {
+        store,
+        max_age,
+        retry_base,
+        retry_max,
+        idempotency_ttl,
+        retain,
+        max_schedule,
+        delivery_timeout: send_deadline,
     })
 }
 

@@ -2,7 +2,9 @@
 //! inside axum, behind Host, Origin, bearer-token and body-size checks.
 //!
 //! `/health` passes the Host and Origin checks but needs no token: it shows
-//! only relay names and states, never a secret, so probes can reach it.
+//! only relay names and states and the queue's counts, never a secret or an
+//! address, so probes can reach it. It answers 503 while no relay is healthy
+//! or the queue store refuses writes.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -189,12 +191,18 @@ async fn health(State(server): State<MailmuxServer>) -> Response {
         }
         Err(_) => (false, Vec::new()),
     };
+    let queue = server.queue_status().await;
+    let ok = ok && queue.available;
     let status = if ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, axum::Json(json!({ "ok": ok, "relays": relays }))).into_response()
+    (
+        status,
+        axum::Json(json!({ "ok": ok, "relays": relays, "queue": queue })),
+    )
+        .into_response()
 }
 
 /// The axum application: `/mcp`, `/health` and the request checks. The

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
+use mailmux_actors::queue::{self, Queue, StoreError};
 use mailmux_actors::{ControlError, Dispatcher, RelayKind};
 use rmcp::handler::server::router::tool::ToolRouter;
 
@@ -29,7 +30,7 @@ pub struct MailmuxServer {
 }
 
 struct State {
-    dispatcher: Dispatcher,
+    queue: Queue,
     /// Swapped whole by a reload; readers clone the `Arc` and never hold the
     /// lock across an await.
     config: RwLock<Arc<Config>>,
@@ -53,13 +54,13 @@ impl std::fmt::Debug for MailmuxServer {
 }
 
 impl MailmuxServer {
-    /// A handler over a running dispatcher. `sources` are read again by
-    /// `reload_smtp_configuration`.
-    pub fn new(dispatcher: Dispatcher, config: Config, sources: Sources) -> Self {
+    /// A handler over a running queue (and its dispatcher). `sources` are
+    /// read again by `reload_smtp_configuration`.
+    pub fn new(queue: Queue, config: Config, sources: Sources) -> Self {
         let calls = transport::CallGate::new(config.daemon.max_concurrent_calls);
         MailmuxServer {
             state: Arc::new(State {
-                dispatcher,
+                queue,
                 config: RwLock::new(Arc::new(config)),
                 sources,
                 started: Instant::now(),
@@ -77,7 +78,11 @@ impl MailmuxServer {
     }
 
     pub fn dispatcher(&self) -> &Dispatcher {
-        &self.state.dispatcher
+        self.state.queue.dispatcher()
+    }
+
+    pub fn queue(&self) -> &Queue {
+        &self.state.queue
     }
 
     /// The configuration in force now.
@@ -150,6 +155,8 @@ pub enum Transport {
 pub enum RunError {
     #[error("cannot start the relays")]
     Start(#[source] ControlError),
+    #[error("cannot open the queue")]
+    Queue(#[source] StoreError),
     #[error("cannot bind {addr}")]
     Bind {
         addr: SocketAddr,
@@ -174,28 +181,44 @@ pub async fn run(
     if let Some(warning) = default_relay_warning(&config) {
         tracing::warn!("{warning}");
     }
-    let dispatcher = Dispatcher::start(config.dispatch.clone())
-        .await
-        .map_err(RunError::Start)?;
+    let queue = start_queue(&config).await?;
     tracing::info!(
         relays = config.dispatch.relays.len(),
         strategy = config.dispatch.router.strategy.as_str(),
+        queue = queue.store_kind(),
         sources = ?config.sources,
         "mailmux started"
     );
-    let server = MailmuxServer::new(dispatcher, config, sources);
+    let server = MailmuxServer::new(queue, config, sources);
     match transport {
         Transport::Stdio => transport::serve_stdio(server, shutdown).await,
         Transport::Http { bind, stateful } => http::serve(server, bind, stateful, shutdown).await,
     }
 }
 
-/// Refuses new calls and drains the dispatcher; logs what it found.
+/// Opens the configured store (a start-up error names its path), starts the
+/// actors, then the queue over both.
+pub async fn start_queue(config: &Config) -> Result<Queue, RunError> {
+    let store = queue::open(&config.queue.store).map_err(RunError::Queue)?;
+    let dispatcher = Dispatcher::start(config.dispatch.clone())
+        .await
+        .map_err(RunError::Start)?;
+    Queue::start(
+        store,
+        dispatcher,
+        config.queue.clone(),
+        config.dispatch.limits.max_in_flight,
+    )
+    .await
+    .map_err(RunError::Queue)
+}
+
+/// Refuses new calls and drains the queue; logs what it found.
 pub async fn drain(server: &MailmuxServer) {
     server.begin_shutdown();
     let grace = server.config().daemon.shutdown_grace;
     tracing::info!(grace = ?grace, "shutting down: no new calls, waiting for deliveries in flight");
-    let report = server.dispatcher().shutdown(grace).await;
+    let report = server.queue().shutdown(grace).await;
     if report.abandoned > 0 {
         tracing::warn!(
             in_flight = report.in_flight_at_start,

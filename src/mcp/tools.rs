@@ -6,11 +6,15 @@
 
 use std::sync::Arc;
 
+use std::time::{Duration, SystemTime};
+
+use mailmux_actors::queue::{Cancel, QueueError, State, Submit};
 use mailmux_actors::{ControlError, Mail};
 use rmcp::handler::server::tool::schema_for_output;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{CallToolResult, ContentBlock, Implementation, ServerCapabilities, ServerConfig};
 use rmcp::{ErrorData, ServerHandler, tool, tool_handler, tool_router};
+use sha2::Digest;
 use tracing::{Instrument, field::Empty};
 
 use super::MailmuxServer;
@@ -51,6 +55,97 @@ fn control_error(e: ControlError) -> ToolError {
         ControlError::Invalid(m) => ToolError::new("invalid_config", m),
         ControlError::Stopped => ToolError::unavailable(),
     }
+}
+
+fn queue_unavailable(e: &QueueError) -> ToolError {
+    ToolError::new(
+        "queue_unavailable",
+        format!("the queue store is unavailable, so the message was not accepted: {e}"),
+    )
+}
+
+fn queue_error(e: &QueueError) -> ToolError {
+    ToolError::new(
+        "queue_unavailable",
+        format!("the queue store is unavailable: {e}"),
+    )
+}
+
+fn invalid(field: &str, rule: &str, message: String) -> ToolError {
+    ToolError {
+        field: Some(field.into()),
+        rule: Some(rule.into()),
+        ..ToolError::new("invalid_input", message)
+    }
+}
+
+/// Longest idempotency key, in characters.
+const MAX_KEY_CHARS: usize = 200;
+
+/// Checks `idempotency_key` and `send_at`; returns the key and the time.
+#[allow(clippy::result_large_err)] // the error is the tool's answer, built once
+fn check_queue_params(
+    p: &SendEmailParams,
+    config: &config::Config,
+) -> Result<(Option<String>, Option<SystemTime>), ToolError> {
+    if let Some(key) = &p.idempotency_key {
+        let n = key.chars().count();
+        if n == 0 || n > MAX_KEY_CHARS {
+            return Err(invalid(
+                "idempotency_key",
+                "length",
+                format!("idempotency_key must be 1 to {MAX_KEY_CHARS} characters, got {n}"),
+            ));
+        }
+        if key.chars().any(char::is_control) {
+            return Err(invalid(
+                "idempotency_key",
+                "printable",
+                "idempotency_key must hold printable characters only (no control characters)"
+                    .into(),
+            ));
+        }
+    }
+    let send_at = match p.send_at.as_deref().map(str::trim) {
+        None => None,
+        Some(text) => {
+            let now = SystemTime::now();
+            let at = if let Ok(t) = text.parse::<jiff::Timestamp>() {
+                SystemTime::from(t)
+            } else if let Ok(d) = humantime::parse_duration(text) {
+                now + d
+            } else {
+                return Err(invalid(
+                    "send_at",
+                    "time",
+                    format!(
+                        "send_at {text:?} is neither an RFC 3339 time (2026-12-01T09:00:00Z) nor a delay such as 10m or 2h"
+                    ),
+                ));
+            };
+            let limit = config.queue.max_schedule;
+            if at.duration_since(now).unwrap_or(Duration::ZERO) > limit {
+                return Err(invalid(
+                    "send_at",
+                    "max_schedule",
+                    format!(
+                        "send_at is more than queue.max_schedule ({}) ahead",
+                        humantime::format_duration(limit)
+                    ),
+                ));
+            }
+            Some(at)
+        }
+    };
+    Ok((p.idempotency_key.clone(), send_at))
+}
+
+/// The hash that decides "the same content" for an idempotency key: every
+/// parameter except `wait` (and the key itself).
+fn content_hash(p: &SendEmailParams) -> [u8; 32] {
+    let content = (&p.draft, &p.relay, &p.dry_run, &p.send_at);
+    let bytes = serde_json::to_vec(&content).unwrap_or_default();
+    sha2::Sha256::digest(&bytes).into()
 }
 
 /// The span of one tool call; `message_id` and `relay` are recorded when known.
@@ -167,6 +262,7 @@ impl MailmuxServer {
                 default_relay: config.default_relay,
                 warning: warning.clone(),
                 relays: snapshot.relays.iter().map(Into::into).collect(),
+                queue: Some(self.queue_status().await),
                 runtime: RuntimeOut::current(),
                 error: None,
             };
@@ -177,6 +273,9 @@ impl MailmuxServer {
                 .collect::<Vec<_>>()
                 .join("; ");
             if let Some(w) = warning {
+                text = format!("WARNING: {w}. {text}");
+            }
+            if let Some(w) = out.queue.as_ref().and_then(|q| q.warning.as_ref()) {
                 text = format!("WARNING: {w}. {text}");
             }
             respond(out, text)
@@ -287,6 +386,195 @@ impl MailmuxServer {
         .instrument(span)
         .await
     }
+    /// A message's state, times, envelope and attempts.
+    #[tool(
+        name = "get_message_status",
+        description = "Look up one message by `message_id` (from send_email) or by the \
+                       `idempotency_key` it was sent with: its status (scheduled, queued, \
+                       sending, sent, partial, failed, unknown, expired, cancelled), its times, \
+                       the envelope, every attempt with relay, class, code and text, and its \
+                       history. Never the body.",
+        output_schema = schema_for_output::<MessageStatusResult>()
+    )]
+    pub async fn get_message_status(
+        &self,
+        params: Parameters<Checked<MessageStatusParams>>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let span = tool_span("get_message_status");
+        async move {
+            let p = match params.0.0 {
+                Ok(p) => p,
+                Err(e) => return fail::<MessageStatusResult>(invalid("arguments", "schema", e)),
+            };
+            let found = match (&p.message_id, &p.idempotency_key) {
+                (Some(id), None) => {
+                    tracing::Span::current().record("message_id", id.as_str());
+                    self.queue().status(id).await
+                }
+                (None, Some(key)) => self.queue().status_by_key(key).await,
+                _ => {
+                    return fail::<MessageStatusResult>(invalid(
+                        "message_id",
+                        "one_of",
+                        "give exactly one of message_id and idempotency_key".into(),
+                    ));
+                }
+            };
+            match found {
+                Ok(Some(r)) => {
+                    let text = format!("{}: {}", r.message_id, r.state.as_str());
+                    respond(MessageStatusResult::from(&r), text)
+                }
+                Ok(None) => fail::<MessageStatusResult>(ToolError::new(
+                    "not_found",
+                    "no such message (it may have been purged after queue.retain)",
+                )),
+                Err(e) => fail::<MessageStatusResult>(queue_error(&e)),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The most recent messages, newest first.
+    #[tool(
+        name = "list_messages",
+        description = "List the most recent messages, newest first, optionally only those in \
+                       one `status`. At most `limit` (1-100, default 20) a page; pass \
+                       `next_cursor` back as `cursor` for the next page.",
+        output_schema = schema_for_output::<ListMessagesResult>()
+    )]
+    pub async fn list_messages(
+        &self,
+        params: Parameters<Checked<ListMessagesParams>>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let span = tool_span("list_messages");
+        async move {
+            let p = match params.0.0 {
+                Ok(p) => p,
+                Err(e) => return fail::<ListMessagesResult>(invalid("arguments", "schema", e)),
+            };
+            let state = match p.status.as_deref() {
+                None => None,
+                Some(s) => match State::parse(s) {
+                    Some(st) => Some(st),
+                    None => {
+                        let valid: Vec<&str> = State::ALL.iter().map(|s| s.as_str()).collect();
+                        return fail::<ListMessagesResult>(invalid(
+                            "status",
+                            "one_of",
+                            format!("status {s:?} is not one of {}", valid.join(", ")),
+                        ));
+                    }
+                },
+            };
+            let limit = p.limit.unwrap_or(20);
+            if !(1..=100).contains(&limit) {
+                return fail::<ListMessagesResult>(invalid(
+                    "limit",
+                    "range",
+                    format!("limit must be 1 to 100, got {limit}"),
+                ));
+            }
+            let cursor = match p.cursor.as_deref() {
+                None => None,
+                Some(c) => match c.parse::<i64>() {
+                    Ok(n) if n > 0 => Some(n),
+                    _ => {
+                        return fail::<ListMessagesResult>(invalid(
+                            "cursor",
+                            "cursor",
+                            "cursor must be a next_cursor from list_messages".into(),
+                        ));
+                    }
+                },
+            };
+            match self.queue().list(state, limit as usize, cursor).await {
+                Ok((page, next)) => {
+                    let out = ListMessagesResult {
+                        messages: page.iter().map(Into::into).collect(),
+                        next_cursor: next.map(|n| n.to_string()),
+                        error: None,
+                    };
+                    let text = format!(
+                        "{} messages{}",
+                        out.messages.len(),
+                        if out.next_cursor.is_some() {
+                            "; more with next_cursor"
+                        } else {
+                            ""
+                        }
+                    );
+                    respond(out, text)
+                }
+                Err(e) => fail::<ListMessagesResult>(queue_error(&e)),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Cancels a scheduled or queued message.
+    #[tool(
+        name = "cancel_message",
+        description = "Cancel a message that is `scheduled` or `queued` (waiting for its time or \
+                       a retry). A message a relay already holds, or that is finished, cannot be \
+                       cancelled: the error `not_cancellable` names its state.",
+        output_schema = schema_for_output::<CancelMessageResult>()
+    )]
+    pub async fn cancel_message(
+        &self,
+        params: Parameters<Checked<CancelMessageParams>>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let span = tool_span("cancel_message");
+        async move {
+            let id = match params.0.0 {
+                Ok(p) => p.message_id,
+                Err(e) => return fail::<CancelMessageResult>(invalid("arguments", "schema", e)),
+            };
+            tracing::Span::current().record("message_id", id.as_str());
+            match self.queue().cancel(&id).await {
+                Ok(Cancel::Cancelled) => {
+                    tracing::info!("message cancelled");
+                    respond(
+                        CancelMessageResult {
+                            message_id: Some(id.clone()),
+                            cancelled: true,
+                            status: Some(SendStatus::Cancelled),
+                            error: None,
+                        },
+                        format!("cancelled {id}"),
+                    )
+                }
+                Ok(Cancel::Refused(state)) => {
+                    let e = ToolError::new(
+                        "not_cancellable",
+                        format!(
+                            "{id} is {} and cannot be cancelled; only scheduled or queued messages can",
+                            state.as_str()
+                        ),
+                    );
+                    let text = e.message.clone();
+                    respond(
+                        CancelMessageResult {
+                            message_id: Some(id),
+                            cancelled: false,
+                            status: Some(state.into()),
+                            error: Some(e),
+                        },
+                        text,
+                    )
+                }
+                Ok(Cancel::NotFound) => fail::<CancelMessageResult>(ToolError::new(
+                    "not_found",
+                    format!("no message {id:?}"),
+                )),
+                Err(e) => fail::<CancelMessageResult>(queue_error(&e)),
+            }
+        }
+        .instrument(span)
+        .await
+    }
 }
 
 impl MailmuxServer {
@@ -296,11 +584,18 @@ impl MailmuxServer {
     ) -> (SendResult, String) {
         match params {
             Ok(p) => self.send_email_params(p).await,
-            Err(e) => failed(ToolError {
-                field: Some("arguments".into()),
-                rule: Some("schema".into()),
-                ..ToolError::new("invalid_input", format!("arguments: {e}"))
-            }),
+            Err(e) => {
+                // A shape error in one of the typed fields names that field.
+                let field = e
+                    .strip_prefix(FIELD_PREFIX)
+                    .and_then(|rest| rest.split('`').next())
+                    .unwrap_or("arguments");
+                failed(ToolError {
+                    field: Some(field.into()),
+                    rule: Some("schema".into()),
+                    ..ToolError::new("invalid_input", format!("arguments: {e}"))
+                })
+            }
         }
     }
 
@@ -313,6 +608,11 @@ impl MailmuxServer {
             return failed(ToolError::unavailable());
         }
         let config = self.config();
+        let (idempotency, send_at) = match check_queue_params(&params, &config) {
+            Ok(v) => v,
+            Err(e) => return failed(e),
+        };
+        let hash = content_hash(&params);
         if let Some(relay) = &params.relay {
             let names = self.relay_names();
             if !names.contains(relay) {
@@ -379,6 +679,7 @@ impl MailmuxServer {
             return (out, text);
         }
 
+        let wait = params.wait.unwrap_or(true);
         let mail = Mail {
             message_id: composed.message_id.clone(),
             from: Some(composed.from),
@@ -387,35 +688,122 @@ impl MailmuxServer {
             deadline: tokio::time::Instant::now() + config.daemon.send_deadline,
             prefer: params.relay,
         };
-        let report = self.dispatcher().send(mail).await;
-        if let Some(relay) = &report.relay {
+        let submitted = self
+            .queue()
+            .submit(Submit {
+                mail,
+                send_at,
+                idempotency: idempotency.map(|key| (key, hash)),
+                wait,
+            })
+            .await;
+        let sub = match submitted {
+            Ok(s) => s,
+            Err(QueueError::ShuttingDown) => return failed(ToolError::unavailable()),
+            Err(QueueError::Conflict { message_id }) => {
+                return failed(ToolError {
+                    field: Some("idempotency_key".into()),
+                    rule: Some("same_content".into()),
+                    ..ToolError::new(
+                        "idempotency_conflict",
+                        format!(
+                            "idempotency_key was already used for a different message ({message_id}); nothing was sent"
+                        ),
+                    )
+                });
+            }
+            Err(e) => return failed(queue_unavailable(&e)),
+        };
+        let record = &sub.record;
+        // The report of the round this call saw, when it is the final word;
+        // otherwise the message as stored.
+        let mut out = match &sub.report {
+            Some(report) if record.state.is_final() && !sub.replay => {
+                let mut out = SendResult::from_report(report, envelope);
+                out.status = record.state.into();
+                out.queued_at = Some(rfc3339(record.queued_at));
+                if record.state == State::Expired {
+                    out = SendResult::from_record(record);
+                }
+                out
+            }
+            _ => SendResult::from_record(record),
+        };
+        out.idempotent_replay = sub.replay;
+        if let Some(relay) = &out.relay {
             span.record("relay", relay.as_str());
         }
-        let out = SendResult::from_report(&report, envelope);
         let text = match out.status {
+            _ if sub.replay => format!(
+                "idempotent replay: {} is {}; nothing was sent again",
+                record.message_id,
+                out.status.as_str()
+            ),
             SendStatus::Sent => format!(
                 "sent {} via {} to {}",
-                report.message_id,
-                report.relay.as_deref().unwrap_or("?"),
-                report.accepted.join(", ")
+                record.message_id,
+                out.relay.as_deref().unwrap_or("?"),
+                out.accepted.join(", ")
+            ),
+            SendStatus::Queued => match &out.next_attempt_at {
+                Some(t) => format!(
+                    "queued {}: no relay took it yet; next attempt at {t}",
+                    record.message_id
+                ),
+                None => format!("queued {}", record.message_id),
+            },
+            SendStatus::Scheduled => format!(
+                "scheduled {} for {}",
+                record.message_id,
+                out.next_attempt_at.as_deref().unwrap_or("?")
             ),
             status => format!(
                 "{}: {}",
                 status.as_str(),
-                report
-                    .message
-                    .clone()
-                    .unwrap_or_else(|| "see attempts".into())
+                out.message.clone().unwrap_or_else(|| "see attempts".into())
             ),
         };
         tracing::info!(
             status = out.status.as_str(),
+            replay = sub.replay,
             accepted = out.accepted.len(),
             rejected = out.rejected.len(),
             attempts = out.attempts.len(),
             "send finished"
         );
         (out, text)
+    }
+
+    /// The queue's part of `get_smtp_status` and `/health`.
+    pub async fn queue_status(&self) -> QueueOut {
+        let queue = self.queue();
+        let warning = (!queue.durable()).then(|| {
+            "the queue is in memory (queue.store = \"memory\"): accepted mail that is not yet delivered is lost on a crash or restart".to_string()
+        });
+        let mut out = QueueOut {
+            store: queue.store_kind().into(),
+            durable: queue.durable(),
+            available: queue.available(),
+            warning,
+            ..Default::default()
+        };
+        match queue.stats().await {
+            Ok(stats) => {
+                for st in State::ALL {
+                    out.counts.insert(st.as_str().into(), 0);
+                }
+                for (st, n) in stats.counts {
+                    out.counts.insert(st.as_str().into(), n);
+                }
+                let now = mailmux_actors::queue::now_millis();
+                out.oldest_queued_age_secs = stats
+                    .oldest_queued_at
+                    .map(|t| ((now - t).max(0) as f64) / 1000.0);
+                out.next_retry_at = stats.next_retry_at.map(rfc3339);
+            }
+            Err(_) => out.available = false,
+        }
+        out
     }
 
     async fn reload_inner(&self) -> Result<CallToolResult, ErrorData> {

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use mailmux_actors::queue::{AttemptRecord, Millis, Record, RejectedRecord, State, Summary};
 use mailmux_actors::{
     Attempt, FailureClass, ProbeReport, Rejected, RelayStatus, Report, Selection, Snapshot,
 };
@@ -22,10 +23,34 @@ pub struct Checked<T>(pub Result<T, String>);
 impl<'de, T: serde::de::DeserializeOwned> Deserialize<'de> for Checked<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let value = serde_json::Value::deserialize(d)?;
-        Ok(Checked(
-            serde_json::from_value(value).map_err(|e| e.to_string()),
-        ))
+        let wrong = mistyped_field(&value);
+        Ok(Checked(serde_json::from_value(value).map_err(
+            |e| match wrong {
+                Some(msg) => msg,
+                None => e.to_string(),
+            },
+        )))
     }
+}
+
+/// How a shape error that [`mistyped_field`] found begins.
+pub const FIELD_PREFIX: &str = "field `";
+
+/// Names a scalar parameter of the wrong JSON type, since serde's own error
+/// (through a flattened struct) does not say which field it was.
+fn mistyped_field(value: &serde_json::Value) -> Option<String> {
+    const BOOLS: [&str; 3] = ["wait", "dry_run", "html"];
+    const STRINGS: [&str; 4] = ["send_at", "idempotency_key", "relay", "subject"];
+    let obj = value.as_object()?;
+    for (k, v) in obj {
+        if BOOLS.contains(&k.as_str()) && !v.is_boolean() && !v.is_null() {
+            return Some(format!("{FIELD_PREFIX}{k}` must be true or false"));
+        }
+        if STRINGS.contains(&k.as_str()) && !v.is_string() && !v.is_null() {
+            return Some(format!("{FIELD_PREFIX}{k}` must be a string"));
+        }
+    }
+    None
 }
 
 impl<T: JsonSchema> JsonSchema for Checked<T> {
@@ -49,6 +74,55 @@ pub struct SendEmailParams {
     /// relay that would take the message, and send nothing.
     #[serde(default)]
     pub dry_run: Option<bool>,
+    /// Makes the call safe to repeat: a second call with the same key and
+    /// the same content sends nothing and answers with the first message's
+    /// status (`idempotent_replay: true`); the same key with other content is
+    /// refused (`idempotency_conflict`). At most 200 printable characters.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    /// `true` (default): wait for the delivery outcome until the send
+    /// deadline. `false`: answer as soon as the message is durably queued.
+    #[serde(default)]
+    pub wait: Option<bool>,
+    /// Send later: an RFC 3339 time (`2026-12-01T09:00:00Z`) or a delay
+    /// (`10m`, `2h`). The call answers `scheduled` at once.
+    #[serde(default)]
+    pub send_at: Option<String>,
+}
+
+/// Arguments of `get_message_status`: exactly one of the two.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MessageStatusParams {
+    /// The `message_id` a send answered with.
+    #[serde(default)]
+    pub message_id: Option<String>,
+    /// The `idempotency_key` the message was sent with.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+/// Arguments of `list_messages`.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ListMessagesParams {
+    /// Only messages in this state (`scheduled`, `queued`, `sending`, `sent`,
+    /// `partial`, `failed`, `unknown`, `expired`, `cancelled`).
+    #[serde(default)]
+    pub status: Option<String>,
+    /// Messages per page, 1 to 100. Default: 20.
+    #[serde(default)]
+    pub limit: Option<u32>,
+    /// The `next_cursor` of the page before.
+    #[serde(default)]
+    pub cursor: Option<String>,
+}
+
+/// Arguments of `cancel_message`.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelMessageParams {
+    pub message_id: String,
 }
 
 /// Arguments naming one relay, or none for all of them.
@@ -164,6 +238,32 @@ pub enum SendStatus {
     Failed,
     /// Rendered only (`dry_run`); nothing was sent.
     DryRun,
+    /// Stored; waits for its `send_at`.
+    Scheduled,
+    /// Stored; waits for a relay (new, or deferred to `next_attempt_at`).
+    Queued,
+    /// A relay holds it now.
+    Sending,
+    /// Not delivered within the queue's `max_age`.
+    Expired,
+    /// Cancelled before delivery.
+    Cancelled,
+}
+
+impl From<State> for SendStatus {
+    fn from(s: State) -> Self {
+        match s {
+            State::Scheduled => SendStatus::Scheduled,
+            State::Queued => SendStatus::Queued,
+            State::Sending => SendStatus::Sending,
+            State::Sent => SendStatus::Sent,
+            State::Partial => SendStatus::Partial,
+            State::Failed => SendStatus::Failed,
+            State::Unknown => SendStatus::Unknown,
+            State::Expired => SendStatus::Expired,
+            State::Cancelled => SendStatus::Cancelled,
+        }
+    }
 }
 
 impl SendStatus {
@@ -174,6 +274,11 @@ impl SendStatus {
             SendStatus::Unknown => "unknown",
             SendStatus::Failed => "failed",
             SendStatus::DryRun => "dry_run",
+            SendStatus::Scheduled => "scheduled",
+            SendStatus::Queued => "queued",
+            SendStatus::Sending => "sending",
+            SendStatus::Expired => "expired",
+            SendStatus::Cancelled => "cancelled",
         }
     }
 }
@@ -198,6 +303,9 @@ pub struct AttemptOut {
     /// The SMTP reply text, or what happened.
     pub text: String,
     pub duration_ms: u64,
+    /// When the attempt started (RFC 3339, UTC), where it was recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
 }
 
 /// The SMTP envelope of a message.
@@ -228,6 +336,16 @@ pub struct SendResult {
     /// The rendered message (`dry_run` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preview: Option<Preview>,
+    /// When the queue accepted the message (RFC 3339, UTC).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queued_at: Option<String>,
+    /// When it is due (`scheduled`) or tried next (a deferred `queued`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<String>,
+    /// True when the idempotency key named an earlier message: this is that
+    /// message's status, and nothing was sent again.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub idempotent_replay: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ToolError>,
 }
@@ -257,6 +375,7 @@ impl From<&Attempt> for AttemptOut {
             code: a.reply.as_ref().map(|r| r.code),
             text,
             duration_ms: millis(a.duration),
+            at: None,
         }
     }
 }
@@ -307,10 +426,250 @@ impl SendResult {
             attempts: report.attempts.iter().map(Into::into).collect(),
             message: report.message.clone(),
             envelope: Some(envelope),
+            error,
+            ..Default::default()
+        }
+    }
+
+    /// The result of a message as the queue stores it (a replay, a message
+    /// that is not final yet, or one whose last round this call did not see).
+    pub fn from_record(r: &Record) -> Self {
+        let status = SendStatus::from(r.state);
+        let error = matches!(r.state, State::Failed | State::Expired).then(|| {
+            let last = r.attempts.last();
+            ToolError {
+                class: last.and_then(|a| a.class.clone()),
+                reply: last.and_then(|a| {
+                    a.code.map(|code| SmtpReply {
+                        code,
+                        text: a.text.clone(),
+                    })
+                }),
+                ..ToolError::new(
+                    r.reason.as_deref().unwrap_or(if r.state == State::Expired {
+                        "expired"
+                    } else {
+                        "all_relays_failed"
+                    }),
+                    r.note
+                        .clone()
+                        .unwrap_or_else(|| "the message was not delivered".into()),
+                )
+            }
+        });
+        SendResult {
+            status,
+            message_id: Some(r.message_id.clone()),
+            relay: r.relay.clone(),
+            accepted: r.accepted.clone(),
+            rejected: r.rejected.iter().map(Into::into).collect(),
+            attempts: r.attempts.iter().map(Into::into).collect(),
+            message: r.note.clone(),
+            envelope: Some(Envelope::of(r)),
             preview: None,
+            queued_at: Some(rfc3339(r.queued_at)),
+            next_attempt_at: r.next_attempt_at.map(rfc3339),
+            idempotent_replay: false,
             error,
         }
     }
+}
+
+impl Envelope {
+    pub fn of(r: &Record) -> Self {
+        Envelope {
+            from: r.from.clone().unwrap_or_default(),
+            recipients: r.to.clone(),
+        }
+    }
+}
+
+/// A stored time as RFC 3339 in UTC, to the millisecond.
+pub fn rfc3339(ms: Millis) -> String {
+    match jiff::Timestamp::from_millisecond(ms) {
+        Ok(t) => format!("{t:.3}"),
+        Err(_) => String::new(),
+    }
+}
+
+impl From<&AttemptRecord> for AttemptOut {
+    fn from(a: &AttemptRecord) -> Self {
+        AttemptOut {
+            relay: a.relay.clone(),
+            class: a.class.clone().unwrap_or_else(|| "delivered".into()),
+            code: a.code,
+            text: a.text.clone(),
+            duration_ms: a.duration_ms,
+            at: Some(rfc3339(a.at)),
+        }
+    }
+}
+
+impl From<&RejectedRecord> for RejectedRecipient {
+    fn from(r: &RejectedRecord) -> Self {
+        RejectedRecipient {
+            address: r.address.clone(),
+            code: r.code,
+            text: r.text.clone(),
+        }
+    }
+}
+
+/// One state a message was in, and when it entered it.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct StateChange {
+    pub status: SendStatus,
+    pub at: String,
+}
+
+/// Everything stored about one message, except its body.
+#[derive(Debug, Clone, Default, Serialize, JsonSchema)]
+pub struct MessageStatusResult {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<SendStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub envelope: Option<Envelope>,
+    /// The stored message's size in bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+    /// The relay asked for with the message, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preferred_relay: Option<String>,
+    /// The relay that took it (or last tried it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queued_at: Option<String>,
+    /// When it was due: its `send_at`, or when it was accepted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub due_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<String>,
+    pub accepted: Vec<String>,
+    pub rejected: Vec<RejectedRecipient>,
+    /// Every attempt at every relay, oldest first.
+    pub attempts: Vec<AttemptOut>,
+    /// Every state it was in, oldest first.
+    pub history: Vec<StateChange>,
+    /// The stable failure code, when it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// What the agent should know about its state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ToolError>,
+}
+
+impl From<&Record> for MessageStatusResult {
+    fn from(r: &Record) -> Self {
+        MessageStatusResult {
+            message_id: Some(r.message_id.clone()),
+            status: Some(r.state.into()),
+            idempotency_key: r.idempotency_key.clone(),
+            envelope: Some(Envelope::of(r)),
+            size_bytes: Some(r.size),
+            preferred_relay: r.prefer.clone(),
+            relay: r.relay.clone(),
+            queued_at: Some(rfc3339(r.queued_at)),
+            due_at: Some(rfc3339(r.due_at)),
+            updated_at: Some(rfc3339(r.updated_at)),
+            next_attempt_at: r.next_attempt_at.map(rfc3339),
+            accepted: r.accepted.clone(),
+            rejected: r.rejected.iter().map(Into::into).collect(),
+            attempts: r.attempts.iter().map(Into::into).collect(),
+            history: r
+                .history
+                .iter()
+                .map(|(s, at)| StateChange {
+                    status: (*s).into(),
+                    at: rfc3339(*at),
+                })
+                .collect(),
+            reason: r.reason.clone(),
+            message: r.note.clone(),
+            error: None,
+        }
+    }
+}
+
+/// One message in a listing.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct MessageSummaryOut {
+    pub message_id: String,
+    pub status: SendStatus,
+    pub from: String,
+    pub recipients: Vec<String>,
+    pub queued_at: String,
+    pub updated_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
+}
+
+impl From<&Summary> for MessageSummaryOut {
+    fn from(s: &Summary) -> Self {
+        MessageSummaryOut {
+            message_id: s.message_id.clone(),
+            status: s.state.into(),
+            from: s.from.clone().unwrap_or_default(),
+            recipients: s.to.clone(),
+            queued_at: rfc3339(s.queued_at),
+            updated_at: rfc3339(s.updated_at),
+            relay: s.relay.clone(),
+        }
+    }
+}
+
+/// Result of `list_messages`.
+#[derive(Debug, Clone, Default, Serialize, JsonSchema)]
+pub struct ListMessagesResult {
+    /// Newest first.
+    pub messages: Vec<MessageSummaryOut>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ToolError>,
+}
+
+/// Result of `cancel_message`.
+#[derive(Debug, Clone, Default, Serialize, JsonSchema)]
+pub struct CancelMessageResult {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    pub cancelled: bool,
+    /// The message's state now (`cancelled`, or the state that refused it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<SendStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ToolError>,
+}
+
+/// The queue, in `get_smtp_status` and `/health`.
+#[derive(Debug, Clone, Default, Serialize, JsonSchema)]
+pub struct QueueOut {
+    /// `sqlite` or `memory`.
+    pub store: String,
+    /// Whether accepted mail survives a crash.
+    pub durable: bool,
+    /// False while the store refuses writes: new sends are refused.
+    pub available: bool,
+    /// Messages per state.
+    pub counts: std::collections::BTreeMap<String, u64>,
+    /// Age of the oldest message waiting for a relay, in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest_queued_age_secs: Option<f64>,
+    /// The earliest retry of a deferred message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_retry_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// Delivery counters of one relay.
@@ -432,6 +791,9 @@ pub struct StatusResult {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
     pub relays: Vec<RelayOut>,
+    /// The durable queue.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueOut>,
     /// The daemon's async runtime, for spotting leaked tasks.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runtime: Option<RuntimeOut>,
@@ -590,5 +952,8 @@ tool_output!(
     ProbeResult,
     SwitchResult,
     ReloadResult,
-    ReconnectResult
+    ReconnectResult,
+    MessageStatusResult,
+    ListMessagesResult,
+    CancelMessageResult
 );

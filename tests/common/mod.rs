@@ -11,9 +11,24 @@ use std::time::{Duration, Instant};
 use mailmux::compose::ComposePolicy;
 use mailmux::config::{Config, DaemonSettings, HttpSettings, Sources};
 use mailmux::mcp::MailmuxServer;
+use mailmux_actors::queue::{QueueSettings, StoreKind};
 use mailmux_actors::{Dispatcher, RelaySettings, Settings, Timeouts};
 use rmcp::service::{Peer, RunningService};
 use rmcp::{RoleClient, ServiceExt};
+
+/// A fresh SQLite queue path for a spawned daemon, so that tests never share
+/// the default `mailmux-queue.db` (a second daemon on one store refuses to
+/// start). The folder lives as long as the test process.
+pub fn queue_db() -> String {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let dir = DIR.get_or_init(|| tempfile::tempdir().expect("a temporary folder"));
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    dir.path()
+        .join(format!("queue-{n}.db"))
+        .display()
+        .to_string()
+}
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
@@ -114,6 +129,11 @@ pub fn relay(name: &str, port: u16, priority: i32) -> RelaySettings {
 /// A configuration built in code, with the given relays.
 pub fn config(relays: Vec<RelaySettings>) -> Config {
     Config {
+        queue: QueueSettings {
+            store: StoreKind::Memory,
+            delivery_timeout: Duration::from_secs(15),
+            ..QueueSettings::default()
+        },
         dispatch: Settings {
             relays,
             router: Default::default(),
@@ -155,10 +175,11 @@ pub struct InProcess {
 
 impl InProcess {
     pub async fn start(cfg: Config, sources: Sources) -> Self {
-        let dispatcher = Dispatcher::start(cfg.dispatch.clone())
+        let queue = mailmux::mcp::start_queue(&cfg)
             .await
-            .expect("dispatcher starts");
-        let server = MailmuxServer::new(dispatcher.clone(), cfg, sources);
+            .expect("the queue and the dispatcher start");
+        let dispatcher = queue.dispatcher().clone();
+        let server = MailmuxServer::new(queue, cfg, sources);
         // Large enough that 10 MB arguments do not stall on the pipe.
         let (client_io, server_io) = tokio::io::duplex(1 << 20);
         let (r, w) = tokio::io::split(server_io);

@@ -1,0 +1,372 @@
+//! The durable queue: every accepted message is written to a store before
+//! anyone is told it was accepted, and delivery runs from the store.
+//!
+//! [`Store`] is the one trait the backends implement (`sqlite` on disk, the
+//! same engine in memory, and later PostgreSQL). [`Queue`] is the handle the
+//! daemon holds: it accepts messages, hands due ones to the [`Dispatcher`],
+//! records each outcome (settle), and retries deferred mail. It owns the crash
+//! rule: a message is marked durably as committing to a relay before its
+//! final "." is written; on recovery an unmarked message is sent again and a
+//! marked one becomes `unknown`.
+//!
+//! [`Dispatcher`]: crate::Dispatcher
+
+mod runner;
+pub mod sqlite;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub use runner::{Queue, QueueError, Submit, Submitted};
+
+/// Where a message is in its life. Every change is stored with its time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum State {
+    /// `send_at` is in the future.
+    Scheduled,
+    /// Waiting for a relay: new, or deferred after every relay answered 4xx
+    /// or was down, with its next attempt time.
+    Queued,
+    /// A relay holds it now.
+    Sending,
+    /// Every recipient accepted.
+    Sent,
+    /// Some recipients accepted, others refused.
+    Partial,
+    /// Refused permanently.
+    Failed,
+    /// The connection was lost after the final "."; never resent.
+    Unknown,
+    /// `max_age` passed without delivery.
+    Expired,
+    /// Cancelled before delivery.
+    Cancelled,
+}
+
+impl State {
+    pub const ALL: [State; 9] = [
+        State::Scheduled,
+        State::Queued,
+        State::Sending,
+        State::Sent,
+        State::Partial,
+        State::Failed,
+        State::Unknown,
+        State::Expired,
+        State::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Scheduled => "scheduled",
+            State::Queued => "queued",
+            State::Sending => "sending",
+            State::Sent => "sent",
+            State::Partial => "partial",
+            State::Failed => "failed",
+            State::Unknown => "unknown",
+            State::Expired => "expired",
+            State::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<State> {
+        State::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// Whether nothing more will happen to the message.
+    pub fn is_final(self) -> bool {
+        !matches!(self, State::Scheduled | State::Queued | State::Sending)
+    }
+}
+
+/// Which backend holds the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    /// SQLite in one file, in WAL mode, fsynced per batch.
+    Sqlite { path: PathBuf },
+    /// The same engine in memory: no durability at all.
+    Memory,
+}
+
+impl StoreKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StoreKind::Sqlite { .. } => "sqlite",
+            StoreKind::Memory => "memory",
+        }
+    }
+
+    pub fn is_durable(&self) -> bool {
+        !matches!(self, StoreKind::Memory)
+    }
+}
+
+/// Validated `[queue]` settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueSettings {
+    pub store: StoreKind,
+    /// How long a message may wait for delivery, from when it is due.
+    pub max_age: Duration,
+    /// First retry delay after every relay failed transiently; doubles.
+    pub retry_base: Duration,
+    /// Retry delay cap.
+    pub retry_max: Duration,
+    /// How long an idempotency key is remembered.
+    pub idempotency_ttl: Duration,
+    /// How long finished messages are kept for status queries.
+    pub retain: Duration,
+    /// How far ahead `send_at` may be.
+    pub max_schedule: Duration,
+    /// The deadline of one delivery round the queue starts by itself
+    /// (retries, scheduled and recovered mail).
+    pub delivery_timeout: Duration,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        QueueSettings {
+            store: StoreKind::Sqlite {
+                path: PathBuf::from("mailmux-queue.db"),
+            },
+            max_age: Duration::from_secs(24 * 3600),
+            retry_base: Duration::from_secs(30),
+            retry_max: Duration::from_secs(3600),
+            idempotency_ttl: Duration::from_secs(24 * 3600),
+            retain: Duration::from_secs(7 * 24 * 3600),
+            max_schedule: Duration::from_secs(30 * 24 * 3600),
+            delivery_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+/// Opens the configured store for a daemon (taking its lock).
+pub fn open(kind: &StoreKind) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match kind {
+        StoreKind::Sqlite { path } => Arc::new(sqlite::SqliteStore::open(path)?),
+        StoreKind::Memory => Arc::new(sqlite::SqliteStore::memory()?),
+    })
+}
+
+/// Milliseconds since the Unix epoch: how every time is stored.
+pub type Millis = i64;
+
+pub fn to_millis(t: SystemTime) -> Millis {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(_) => 0,
+    }
+}
+
+pub fn from_millis(ms: Millis) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+pub fn now_millis() -> Millis {
+    to_millis(SystemTime::now())
+}
+
+/// A message to store.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub message_id: String,
+    /// MAIL FROM; `None` uses the relay's sender.
+    pub from: Option<String>,
+    /// RCPT TO.
+    pub to: Vec<String>,
+    pub bytes: Arc<[u8]>,
+    pub prefer: Option<String>,
+    /// When it was accepted.
+    pub queued_at: Millis,
+    /// When it is due: its `send_at`, or now.
+    pub due_at: Millis,
+    /// The caller's key and the hash of the call's content.
+    pub idempotency: Option<(String, [u8; 32])>,
+}
+
+/// What `accept` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// Stored in this state.
+    Stored(State),
+    /// The key was seen with the same content: the first message's id.
+    Replay(String),
+    /// The key was seen with other content: the first message's id.
+    Conflict(String),
+}
+
+/// One attempt at one relay, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRecord {
+    pub at: Millis,
+    pub relay: String,
+    /// `None` when the relay took the message.
+    pub class: Option<String>,
+    pub code: Option<u16>,
+    pub text: String,
+    pub duration_ms: u64,
+}
+
+/// A recipient refused while others were accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedRecord {
+    pub address: String,
+    pub code: u16,
+    pub text: String,
+}
+
+/// The outcome of one delivery round, to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settle {
+    pub state: State,
+    pub relay: Option<String>,
+    pub attempts: Vec<AttemptRecord>,
+    pub accepted: Vec<String>,
+    pub rejected: Vec<RejectedRecord>,
+    /// The stable failure code (`rejected`, `all_relays_failed`, …).
+    pub reason: Option<String>,
+    /// A sentence for the caller.
+    pub note: Option<String>,
+    /// Set when `state` is `Queued`: the next try.
+    pub next_attempt_at: Option<Millis>,
+}
+
+/// A due message, loaded for delivery.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub message_id: String,
+    pub state: State,
+    pub from: Option<String>,
+    pub to: Vec<String>,
+    pub bytes: Arc<[u8]>,
+    pub prefer: Option<String>,
+    pub due_at: Millis,
+    /// Delivery rounds so far.
+    pub rounds: u32,
+}
+
+/// Everything stored about one message, except its body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub message_id: String,
+    pub state: State,
+    pub from: Option<String>,
+    pub to: Vec<String>,
+    pub size: u64,
+    pub prefer: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub queued_at: Millis,
+    pub due_at: Millis,
+    pub updated_at: Millis,
+    pub next_attempt_at: Option<Millis>,
+    pub relay: Option<String>,
+    pub accepted: Vec<String>,
+    pub rejected: Vec<RejectedRecord>,
+    pub reason: Option<String>,
+    pub note: Option<String>,
+    pub attempts: Vec<AttemptRecord>,
+    /// Every state it was in, with the time it entered it, oldest first.
+    pub history: Vec<(State, Millis)>,
+}
+
+/// One line of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub message_id: String,
+    pub state: State,
+    pub from: Option<String>,
+    pub to: Vec<String>,
+    pub queued_at: Millis,
+    pub updated_at: Millis,
+    pub relay: Option<String>,
+}
+
+/// Counts and ages of the queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub counts: Vec<(State, u64)>,
+    /// When the oldest message waiting (`queued`) was accepted.
+    pub oldest_queued_at: Option<Millis>,
+    /// The earliest next attempt of a deferred message.
+    pub next_retry_at: Option<Millis>,
+}
+
+/// What recovery did at start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Left in `sending` before the commit mark: queued again.
+    pub requeued: u64,
+    /// Marked as committing: may have been delivered, now `unknown`.
+    pub unknown: u64,
+}
+
+/// Why the store could not do what was asked.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// The store cannot be opened or written (disk full, read-only, corrupt).
+    #[error("the queue store is unavailable: {0}")]
+    Unavailable(String),
+    /// Another daemon holds the store.
+    #[error("{path}: the queue store is held by another mailmux daemon (lock taken)")]
+    Locked { path: String },
+    /// The store was written by a newer mailmux.
+    #[error(
+        "{path}: the queue store has schema version {found}; this mailmux knows up to {known}. It was written by a newer version"
+    )]
+    TooNew {
+        path: String,
+        found: i64,
+        known: i64,
+    },
+}
+
+/// The result of `cancel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancel {
+    Cancelled,
+    /// Not cancellable in this state.
+    Refused(State),
+    NotFound,
+}
+
+/// A queue backend. Every write is durable when it returns `Ok` (for a
+/// durable store); the writes of concurrent callers may share one commit.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// `sqlite`, `memory` or `postgres`.
+    fn kind(&self) -> &'static str;
+    /// Whether an accepted message survives a crash.
+    fn durable(&self) -> bool;
+    /// Stores a new message, or finds its idempotency key.
+    async fn accept(&self, m: NewMessage) -> Result<Accepted, StoreError>;
+    /// Marks a message as committing to a relay (state `sending`): after
+    /// this, a crash makes it `unknown`, never resent.
+    async fn mark(&self, message_id: &str) -> Result<(), StoreError>;
+    /// Records the outcome of a delivery round.
+    async fn settle(&self, message_id: &str, s: Settle) -> Result<(), StoreError>;
+    /// `scheduled` or `queued` → `cancelled`.
+    async fn cancel(&self, message_id: &str) -> Result<Cancel, StoreError>;
+    /// Ids of messages due by `now` (oldest due first).
+    async fn due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError>;
+    /// The earliest due time of a waiting message.
+    async fn next_due(&self) -> Result<Option<Millis>, StoreError>;
+    /// A waiting message with its body, for delivery.
+    async fn load(&self, message_id: &str) -> Result<Option<Pending>, StoreError>;
+    async fn get(&self, message_id: &str) -> Result<Option<Record>, StoreError>;
+    /// The message an idempotency key names.
+    async fn find_key(&self, key: &str) -> Result<Option<String>, StoreError>;
+    /// Newest first; `cursor` is the `next` of the page before.
+    async fn list(
+        &self,
+        state: Option<State>,
+        limit: usize,
+        cursor: Option<i64>,
+    ) -> Result<(Vec<Summary>, Option<i64>), StoreError>;
+    async fn stats(&self) -> Result<Stats, StoreError>;
+    /// Applies the crash rule to messages left in `sending`.
+    async fn recover(&self) -> Result<Recovered, StoreError>;
+    /// Deletes finished messages older than `finished_before` and keys
+    /// older than `keys_before`; returns the messages deleted.
+    async fn purge(&self, finished_before: Millis, keys_before: Millis) -> Result<u64, StoreError>;
+}

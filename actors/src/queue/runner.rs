@@ -1,0 +1,768 @@
+//! The queue's handle and runner: accept, deliver in rounds, settle, retry.
+//!
+//! A round is one [`Dispatcher::send_marked`] of one message (with failover
+//! across relays), followed by one settle write. A caller that waits runs
+//! the first round itself; every other round is started by the runner, which
+//! takes new messages from a bounded channel and polls the store for due
+//! ones (retries, scheduled mail, mail recovered after a crash, mail another
+//! process queued). A message is delivered by at most one round at a time:
+//! the `claimed` set is the lock, taken before a message is stored or loaded.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use lettre::Address;
+use rand::Rng;
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::{
+    Accepted, AttemptRecord, Cancel, Millis, NewMessage, Pending, QueueSettings, Record,
+    RejectedRecord, Settle, State, Stats, Store, StoreError, Summary, now_millis, to_millis,
+};
+use crate::dispatcher::Dispatcher;
+use crate::mail::{CommitMark, FailureReason, Mail, Report, Status};
+
+/// New messages waiting for the runner. Past this, a message stays in the
+/// store and the next poll takes it: the channel bounds memory, not intake.
+const READY_CAPACITY: usize = 1024;
+/// How often the runner looks for due messages when nothing woke it.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Due messages taken per poll at most.
+const POLL_BATCH: usize = 256;
+/// How often finished messages and old keys are purged.
+const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+/// How long shutdown waits for the settle writes of rounds that ended.
+const SETTLE_GRACE: Duration = Duration::from_secs(2);
+
+/// A message for the queue.
+#[derive(Debug)]
+pub struct Submit {
+    /// The message; its `deadline` bounds a waiting caller's first round.
+    pub mail: Mail,
+    /// Not before this time.
+    pub send_at: Option<SystemTime>,
+    /// The caller's idempotency key and the hash of the call's content.
+    pub idempotency: Option<(String, [u8; 32])>,
+    /// Wait for the outcome until `mail.deadline`.
+    pub wait: bool,
+}
+
+/// What the queue did with a message.
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    /// The message as stored now.
+    pub record: Record,
+    /// The report of the last round this call waited for, if any.
+    pub report: Option<Report>,
+    /// The idempotency key named an earlier message: nothing new was stored.
+    pub replay: bool,
+}
+
+/// Why the queue refused a message or a request.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum QueueError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("mailmux is shutting down and takes no new messages")]
+    ShuttingDown,
+    #[error(
+        "the idempotency key was used for a different message ({message_id}); nothing was sent"
+    )]
+    Conflict { message_id: String },
+    #[error("no message {0:?}")]
+    NotFound(String),
+}
+
+/// The handle the daemon holds on the queue.
+#[derive(Debug, Clone)]
+pub struct Queue {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Arc<dyn Store>,
+    dispatcher: Dispatcher,
+    settings: QueueSettings,
+    /// Messages a round holds (or is about to): the per-message lock.
+    claimed: Mutex<HashSet<String>>,
+    ready: mpsc::Sender<Pending>,
+    wake: Notify,
+    /// Callers waiting for the next round of a message.
+    waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Report>>>>,
+    /// Rounds at once, across callers and the runner (`max_in_flight`).
+    slots: Arc<Semaphore>,
+    accepting: AtomicBool,
+    /// False after a write failed, until one succeeds.
+    available: AtomicBool,
+    rounds: AtomicUsize,
+    idle: Notify,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+/// Counts a round for as long as it lives.
+struct RoundGuard<'a>(&'a Inner);
+
+impl Drop for RoundGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.rounds.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// The crash marker of one message: the store's `mark`.
+#[derive(Debug)]
+struct StoreMark {
+    inner: Arc<Inner>,
+    message_id: String,
+}
+
+impl CommitMark for StoreMark {
+    fn record(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            let result = self.inner.store.mark(&self.message_id).await;
+            self.inner.note_write(&result);
+            result.map_err(|e| e.to_string())
+        })
+    }
+}
+
+impl Queue {
+    /// Recovers the store (the crash rule), then starts the runner and the
+    /// purge loop.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        dispatcher: Dispatcher,
+        settings: QueueSettings,
+        max_rounds: usize,
+    ) -> Result<Queue, StoreError> {
+        let recovered = store.recover().await?;
+        if recovered.requeued + recovered.unknown > 0 {
+            tracing::warn!(
+                requeued = recovered.requeued,
+                unknown = recovered.unknown,
+                "recovered the queue: messages interrupted before their final \".\" are queued again; those interrupted after it are unknown and not resent"
+            );
+        }
+        if !store.durable() {
+            tracing::warn!(
+                store = store.kind(),
+                "the queue is in memory: accepted mail that is not yet delivered is lost on a crash or restart"
+            );
+        }
+        let (ready, ready_rx) = mpsc::channel(READY_CAPACITY);
+        let inner = Arc::new(Inner {
+            store,
+            dispatcher,
+            settings,
+            claimed: Mutex::new(HashSet::new()),
+            ready,
+            wake: Notify::new(),
+            waiters: Mutex::new(HashMap::new()),
+            slots: Arc::new(Semaphore::new(max_rounds.max(1))),
+            accepting: AtomicBool::new(true),
+            available: AtomicBool::new(true),
+            rounds: AtomicUsize::new(0),
+            idle: Notify::new(),
+            stop: tokio_util::sync::CancellationToken::new(),
+        });
+        tokio::spawn(run(inner.clone(), ready_rx));
+        tokio::spawn(purge_loop(inner.clone()));
+        Ok(Queue { inner })
+    }
+
+    pub fn settings(&self) -> &QueueSettings {
+        &self.inner.settings
+    }
+
+    pub fn store_kind(&self) -> &'static str {
+        self.inner.store.kind()
+    }
+
+    pub fn durable(&self) -> bool {
+        self.inner.store.durable()
+    }
+
+    /// False while the store refuses writes.
+    pub fn available(&self) -> bool {
+        self.inner.available.load(Ordering::Acquire)
+    }
+
+    pub fn dispatcher(&self) -> &Dispatcher {
+        &self.inner.dispatcher
+    }
+
+    /// Stores a message durably, then delivers it: at once in this call
+    /// when `wait`, otherwise through the runner. Never answers for a
+    /// message it did not store.
+    pub async fn submit(&self, s: Submit) -> Result<Submitted, QueueError> {
+        let inner = &self.inner;
+        if !inner.accepting.load(Ordering::Acquire) {
+            return Err(QueueError::ShuttingDown);
+        }
+        let now = now_millis();
+        let due_at = s.send_at.map_or(now, to_millis).max(now);
+        let id = s.mail.message_id.clone();
+        let due_now = due_at <= now;
+        // Claimed before it is stored, so that a poll cannot take it too.
+        if due_now {
+            inner.claim(&id);
+        }
+        let stored = inner
+            .store
+            .accept(NewMessage {
+                message_id: id.clone(),
+                from: s.mail.from.as_ref().map(ToString::to_string),
+                to: s.mail.to.iter().map(ToString::to_string).collect(),
+                bytes: s.mail.bytes.clone(),
+                prefer: s.mail.prefer.clone(),
+                queued_at: now,
+                due_at,
+                idempotency: s.idempotency.clone(),
+            })
+            .await;
+        inner.note_write(&stored);
+        let state = match stored {
+            Ok(Accepted::Stored(state)) => state,
+            Ok(Accepted::Replay(first)) => {
+                inner.unclaim(&id);
+                let record = inner.record(&first).await?;
+                return Ok(Submitted {
+                    record,
+                    report: None,
+                    replay: true,
+                });
+            }
+            Ok(Accepted::Conflict(first)) => {
+                inner.unclaim(&id);
+                return Err(QueueError::Conflict { message_id: first });
+            }
+            Err(e) => {
+                inner.unclaim(&id);
+                return Err(e.into());
+            }
+        };
+        let pending = Pending {
+            message_id: id.clone(),
+            state,
+            from: s.mail.from.as_ref().map(ToString::to_string),
+            to: s.mail.to.iter().map(ToString::to_string).collect(),
+            bytes: s.mail.bytes.clone(),
+            prefer: s.mail.prefer.clone(),
+            due_at,
+            rounds: 0,
+        };
+        if !due_now {
+            inner.wake.notify_one();
+            return Ok(Submitted {
+                record: inner.record(&id).await?,
+                report: None,
+                replay: false,
+            });
+        }
+        if !s.wait {
+            let record = stored_record(&pending, now);
+            if let Err(e) = inner.ready.try_send(pending) {
+                // The runner is behind: the message waits in the store for
+                // the next poll.
+                let p = match e {
+                    mpsc::error::TrySendError::Full(p) | mpsc::error::TrySendError::Closed(p) => p,
+                };
+                inner.unclaim(&p.message_id);
+                inner.wake.notify_one();
+            }
+            return Ok(Submitted {
+                record,
+                report: None,
+                replay: false,
+            });
+        }
+
+        // Wait: the first round here, then later rounds (retries within the
+        // deadline) through the runner.
+        let deadline = s.mail.deadline;
+        let mut next = inner.waiter(&id);
+        let slot =
+            match tokio::time::timeout_at(deadline, inner.slots.clone().acquire_owned()).await {
+                Ok(Ok(permit)) => Some(permit),
+                _ => None,
+            };
+        let mut report = None;
+        if let Some(slot) = slot {
+            report = Some(round(inner.clone(), pending, deadline, slot).await);
+        } else {
+            // No round slot before the deadline: the runner takes it later.
+            inner.unclaim(&id);
+            inner.wake.notify_one();
+        }
+        loop {
+            let record = inner.record(&id).await?;
+            let retry_in_time = record.state == State::Queued
+                && record
+                    .next_attempt_at
+                    .is_some_and(|t| instant_of(t) < deadline);
+            if record.state.is_final() || !retry_in_time {
+                inner.drop_waiters(&id);
+                return Ok(Submitted {
+                    record,
+                    report,
+                    replay: false,
+                });
+            }
+            match tokio::time::timeout_at(deadline, next).await {
+                Ok(Ok(r)) => {
+                    report = Some(r);
+                    next = inner.waiter(&id);
+                }
+                _ => {
+                    inner.drop_waiters(&id);
+                    return Ok(Submitted {
+                        record: inner.record(&id).await?,
+                        report,
+                        replay: false,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The message as stored, with `sending` while a round holds it.
+    pub async fn status(&self, message_id: &str) -> Result<Option<Record>, QueueError> {
+        Ok(self.inner.store.get(message_id).await?.map(|mut r| {
+            if r.state == State::Queued && self.inner.is_claimed(&r.message_id) {
+                r.state = State::Sending;
+            }
+            r
+        }))
+    }
+
+    /// The message an idempotency key names.
+    pub async fn status_by_key(&self, key: &str) -> Result<Option<Record>, QueueError> {
+        match self.inner.store.find_key(key).await? {
+            Some(id) => self.status(&id).await,
+            None => Ok(None),
+        }
+    }
+
+    pub async fn list(
+        &self,
+        state: Option<State>,
+        limit: usize,
+        cursor: Option<i64>,
+    ) -> Result<(Vec<Summary>, Option<i64>), QueueError> {
+        Ok(self.inner.store.list(state, limit, cursor).await?)
+    }
+
+    /// Cancels a `scheduled` or `queued` message that no relay holds.
+    pub async fn cancel(&self, message_id: &str) -> Result<Cancel, QueueError> {
+        let inner = &self.inner;
+        if !inner.try_claim(message_id) {
+            return Ok(Cancel::Refused(State::Sending));
+        }
+        let result = inner.store.cancel(message_id).await;
+        inner.unclaim(message_id);
+        inner.note_write(&result);
+        Ok(result?)
+    }
+
+    pub async fn stats(&self) -> Result<Stats, QueueError> {
+        Ok(self.inner.store.stats().await?)
+    }
+
+    /// Refuses new messages, stops the runner, lets rounds in flight finish
+    /// within `grace`, then stops the dispatcher. Queued mail stays in the
+    /// store for the next start.
+    pub async fn shutdown(&self, grace: Duration) -> crate::status::ShutdownReport {
+        let inner = &*self.inner;
+        inner.accepting.store(false, Ordering::Release);
+        inner.stop.cancel();
+        let report = inner.dispatcher.shutdown(grace).await;
+        let settled = async {
+            loop {
+                let idle = inner.idle.notified();
+                if inner.rounds.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        let _ = tokio::time::timeout(SETTLE_GRACE, settled).await;
+        report
+    }
+}
+
+impl Inner {
+    fn claim(&self, id: &str) {
+        self.claimed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_owned());
+    }
+
+    fn try_claim(&self, id: &str) -> bool {
+        self.claimed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_owned())
+    }
+
+    fn unclaim(&self, id: &str) {
+        self.claimed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+
+    fn is_claimed(&self, id: &str) -> bool {
+        self.claimed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(id)
+    }
+
+    fn waiter(&self, id: &str) -> oneshot::Receiver<Report> {
+        let (tx, rx) = oneshot::channel();
+        self.waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id.to_owned())
+            .or_default()
+            .push(tx);
+        rx
+    }
+
+    fn drop_waiters(&self, id: &str) {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(list) = waiters.get_mut(id) {
+            list.retain(|tx| !tx.is_closed());
+            if list.is_empty() {
+                waiters.remove(id);
+            }
+        }
+    }
+
+    fn wake_waiters(&self, id: &str, report: &Report) {
+        let list = self
+            .waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        for tx in list.into_iter().flatten() {
+            let _ = tx.send(report.clone());
+        }
+    }
+
+    /// Tracks whether the store takes writes, and logs each change once.
+    fn note_write<T>(&self, result: &Result<T, StoreError>) {
+        let ok = !matches!(result, Err(StoreError::Unavailable(_)));
+        let was = self.available.swap(ok, Ordering::AcqRel);
+        match (was, result) {
+            (true, Err(e)) if !ok => {
+                tracing::error!(error = %e, "the queue store refuses writes; new sends are refused")
+            }
+            (false, _) if ok => tracing::info!("the queue store takes writes again"),
+            _ => {}
+        }
+    }
+
+    async fn record(&self, id: &str) -> Result<Record, QueueError> {
+        self.store
+            .get(id)
+            .await?
+            .ok_or_else(|| QueueError::NotFound(id.to_owned()))
+    }
+
+    /// The next state of a message after a round that reported `report`.
+    fn settle_for(&self, report: &Report, p: &Pending, started: Millis) -> Settle {
+        let mut at = started;
+        let attempts = report
+            .attempts
+            .iter()
+            .map(|a| {
+                let rec = AttemptRecord {
+                    at,
+                    relay: a.relay.clone(),
+                    class: a.class.map(|c| c.as_str().to_owned()),
+                    code: a.reply.as_ref().map(|r| r.code),
+                    text: match &a.reply {
+                        Some(r) if a.detail.is_empty() => r.text.clone(),
+                        Some(r) => format!("{} ({})", r.text, a.detail),
+                        None => a.detail.clone(),
+                    },
+                    duration_ms: a.duration.as_millis() as u64,
+                };
+                at += a.duration.as_millis() as i64;
+                rec
+            })
+            .collect();
+        let mut settle = Settle {
+            state: State::Failed,
+            relay: report.relay.clone(),
+            attempts,
+            accepted: report.accepted.clone(),
+            rejected: report
+                .rejected
+                .iter()
+                .map(|r| RejectedRecord {
+                    address: r.address.clone(),
+                    code: r.reply.code,
+                    text: r.reply.text.clone(),
+                })
+                .collect(),
+            reason: report.failure.map(|f| f.code().to_owned()),
+            note: report.message.clone(),
+            next_attempt_at: None,
+        };
+        settle.state = match report.status {
+            Status::Sent => State::Sent,
+            Status::Partial => State::Partial,
+            Status::Unknown => State::Unknown,
+            Status::Failed => match report.failure {
+                Some(
+                    FailureReason::Rejected
+                    | FailureReason::TooLarge
+                    | FailureReason::Smtputf8Unsupported
+                    | FailureReason::UnknownRelay,
+                ) => State::Failed,
+                // Every relay failed transiently, was busy or down, or the
+                // daemon is stopping: wait and try again.
+                reason => {
+                    let now = now_millis();
+                    let delay = if reason == Some(FailureReason::Unavailable) {
+                        Duration::ZERO
+                    } else {
+                        self.retry_delay(p.rounds + 1)
+                    };
+                    let next = now + delay.as_millis() as i64;
+                    let expires = p.due_at + self.settings.max_age.as_millis() as i64;
+                    if next > expires {
+                        settle.note = Some(format!(
+                            "not delivered within max_age ({}); last: {}",
+                            humantime::format_duration(self.settings.max_age),
+                            report.message.as_deref().unwrap_or("no relay took it")
+                        ));
+                        settle.reason = Some("expired".into());
+                        State::Expired
+                    } else {
+                        settle.next_attempt_at = Some(next);
+                        State::Queued
+                    }
+                }
+            },
+        };
+        settle
+    }
+
+    /// `retry_base · 2^(n-1)`, capped at `retry_max`, half fixed and half
+    /// random (as the relays' backoff).
+    fn retry_delay(&self, round: u32) -> Duration {
+        let s = &self.settings;
+        let exp = round.saturating_sub(1).min(30);
+        let full = s.retry_base.saturating_mul(1u32 << exp).min(s.retry_max);
+        let half = full / 2;
+        let jitter = rand::rng().random_range(0.0..=1.0);
+        half + half.mul_f64(jitter)
+    }
+
+    /// Settles a message that waited past `max_age` without a round.
+    async fn expire(&self, p: &Pending) {
+        let settle = Settle {
+            state: State::Expired,
+            relay: None,
+            attempts: Vec::new(),
+            accepted: Vec::new(),
+            rejected: Vec::new(),
+            reason: Some("expired".into()),
+            note: Some(format!(
+                "not delivered within max_age ({})",
+                humantime::format_duration(self.settings.max_age)
+            )),
+            next_attempt_at: None,
+        };
+        let result = self.store.settle(&p.message_id, settle).await;
+        self.note_write(&result);
+    }
+}
+
+/// The stored shape of a message just accepted, without reading it back.
+fn stored_record(p: &Pending, now: Millis) -> Record {
+    Record {
+        message_id: p.message_id.clone(),
+        state: p.state,
+        from: p.from.clone(),
+        to: p.to.clone(),
+        size: p.bytes.len() as u64,
+        prefer: p.prefer.clone(),
+        idempotency_key: None,
+        queued_at: now,
+        due_at: p.due_at,
+        updated_at: now,
+        next_attempt_at: None,
+        relay: None,
+        accepted: Vec::new(),
+        rejected: Vec::new(),
+        reason: None,
+        note: None,
+        attempts: Vec::new(),
+        history: vec![(p.state, now)],
+    }
+}
+
+/// The monotonic instant of a wall-clock time, for deadlines.
+fn instant_of(t: Millis) -> Instant {
+    let now = now_millis();
+    let ahead = Duration::from_millis(u64::try_from(t - now).unwrap_or(0));
+    Instant::now() + ahead
+}
+
+/// One delivery round of a claimed message: send, settle, unclaim, wake
+/// whoever waits for it.
+async fn round(
+    inner: Arc<Inner>,
+    p: Pending,
+    deadline: Instant,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) -> Report {
+    inner.rounds.fetch_add(1, Ordering::AcqRel);
+    let _counted = RoundGuard(&inner);
+    let started = now_millis();
+    let id = p.message_id.clone();
+    let report = match mail_of(&p, deadline) {
+        Ok(mail) => {
+            let mark: Arc<dyn CommitMark> = Arc::new(StoreMark {
+                inner: inner.clone(),
+                message_id: id.clone(),
+            });
+            inner.dispatcher.send_marked(mail, Some(mark)).await
+        }
+        Err(e) => Report {
+            message_id: id.clone(),
+            status: Status::Failed,
+            relay: None,
+            accepted: vec![],
+            rejected: vec![],
+            attempts: vec![],
+            failure: Some(FailureReason::Rejected),
+            message: Some(e),
+        },
+    };
+    let settle = inner.settle_for(&report, &p, started);
+    let state = settle.state;
+    let result = inner.store.settle(&id, settle).await;
+    inner.note_write(&result);
+    if let Err(e) = &result {
+        // The outcome is not stored. A message marked as committing stays
+        // `sending` and becomes `unknown` at recovery; one not marked stays
+        // queued and is tried again.
+        tracing::error!(message_id = %id, state = state.as_str(), error = %e, "could not record a delivery's outcome");
+    }
+    inner.unclaim(&id);
+    inner.wake_waiters(&id, &report);
+    report
+}
+
+fn mail_of(p: &Pending, deadline: Instant) -> Result<Mail, String> {
+    let parse = |s: &str| {
+        s.parse::<Address>()
+            .map_err(|e| format!("stored address {s:?} is not valid: {e}"))
+    };
+    Ok(Mail {
+        message_id: p.message_id.clone(),
+        from: p.from.as_deref().map(parse).transpose()?,
+        to: p.to.iter().map(|s| parse(s)).collect::<Result<_, _>>()?,
+        bytes: p.bytes.clone(),
+        deadline,
+        prefer: p.prefer.clone(),
+    })
+}
+
+/// The runner: new messages from the channel, due ones from the store.
+async fn run(inner: Arc<Inner>, mut ready: mpsc::Receiver<Pending>) {
+    loop {
+        tokio::select! {
+            biased;
+            () = inner.stop.cancelled() => break,
+            Some(p) = ready.recv() => {
+                let Some(slot) = acquire(&inner).await else { break };
+                let deadline = Instant::now() + inner.settings.delivery_timeout;
+                tokio::spawn(round(inner.clone(), p, deadline, slot));
+            }
+            () = inner.wake.notified() => poll(&inner).await,
+            () = tokio::time::sleep(POLL_INTERVAL) => poll(&inner).await,
+        }
+    }
+    // Messages still in the channel stay queued in the store.
+    while let Ok(p) = ready.try_recv() {
+        inner.unclaim(&p.message_id);
+    }
+}
+
+async fn acquire(inner: &Arc<Inner>) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    tokio::select! {
+        () = inner.stop.cancelled() => None,
+        p = inner.slots.clone().acquire_owned() => p.ok(),
+    }
+}
+
+/// Starts a round for every due message no round holds, as slots allow.
+async fn poll(inner: &Arc<Inner>) {
+    let free = inner.slots.available_permits();
+    if free == 0 || inner.stop.is_cancelled() {
+        return;
+    }
+    let ids = match inner.store.due(now_millis(), free.min(POLL_BATCH)).await {
+        Ok(ids) => ids,
+        Err(e) => {
+            tracing::debug!(error = %e, "polling the queue failed");
+            return;
+        }
+    };
+    for id in ids {
+        if !inner.try_claim(&id) {
+            continue;
+        }
+        // Loaded after the claim: a cancel that won the race shows here.
+        let p = match inner.store.load(&id).await {
+            Ok(Some(p)) if matches!(p.state, State::Queued | State::Scheduled) => p,
+            _ => {
+                inner.unclaim(&id);
+                continue;
+            }
+        };
+        let expires = p.due_at + inner.settings.max_age.as_millis() as i64;
+        if now_millis() > expires {
+            inner.expire(&p).await;
+            inner.unclaim(&id);
+            continue;
+        }
+        let Ok(slot) = inner.slots.clone().try_acquire_owned() else {
+            inner.unclaim(&id);
+            return;
+        };
+        let deadline = Instant::now() + inner.settings.delivery_timeout;
+        tokio::spawn(round(inner.clone(), p, deadline, slot));
+    }
+}
+
+async fn purge_loop(inner: Arc<Inner>) {
+    loop {
+        let now = now_millis();
+        let finished = now - inner.settings.retain.as_millis() as i64;
+        let keys = now - inner.settings.idempotency_ttl.as_millis() as i64;
+        match inner.store.purge(finished, keys).await {
+            Ok(n) if n > 0 => tracing::info!(purged = n, "purged finished messages past retain"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "purging the queue failed"),
+        }
+        tokio::select! {
+            () = inner.stop.cancelled() => return,
+            () = tokio::time::sleep(PURGE_INTERVAL) => {}
+        }
+    }
+}

@@ -1,0 +1,852 @@
+//! The SQLite store: one file in WAL mode, or the same schema in memory.
+//!
+//! SQLite has no group commit, so one writer thread owns the write
+//! connection and folds every write that arrives while it commits into the
+//! next transaction: one fsync (`synchronous=FULL`) per batch, each write in
+//! its own savepoint so that one failing write does not undo the others.
+//! Reads go through a second connection on the blocking pool. A daemon holds
+//! an advisory lock on the file for as long as it runs; other processes may
+//! still open it for short transactions.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
+use tokio::sync::oneshot;
+
+use super::{
+    Accepted, AttemptRecord, Cancel, Millis, NewMessage, Pending, Record, Recovered,
+    RejectedRecord, Settle, State, Stats, Store, StoreError, Summary, now_millis,
+};
+
+/// Writes folded into one transaction at most. Bounds the latency a write
+/// can add to the batch it joins.
+const MAX_BATCH: usize = 512;
+/// How long a connection waits for another process's lock (the queue
+/// command, a `send --no-wait`) before failing.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The schema, one migration per version. `PRAGMA user_version` records how
+/// many were applied.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    mail_from TEXT,
+    rcpt TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    body BLOB,
+    prefer TEXT,
+    idem_key TEXT,
+    queued_at INTEGER NOT NULL,
+    due_at INTEGER NOT NULL,
+    next_attempt_at INTEGER,
+    updated_at INTEGER NOT NULL,
+    finished_at INTEGER,
+    committing INTEGER NOT NULL DEFAULT 0,
+    rounds INTEGER NOT NULL DEFAULT 0,
+    relay TEXT,
+    accepted TEXT,
+    rejected TEXT,
+    reason TEXT,
+    note TEXT
+);
+CREATE INDEX messages_due ON messages(next_attempt_at) WHERE state IN ('queued', 'scheduled');
+CREATE INDEX messages_finished ON messages(finished_at) WHERE finished_at IS NOT NULL;
+CREATE INDEX messages_state ON messages(state, seq);
+CREATE TABLE attempts (
+    seq INTEGER NOT NULL,
+    at INTEGER NOT NULL,
+    relay TEXT NOT NULL,
+    class TEXT,
+    code INTEGER,
+    text TEXT NOT NULL,
+    duration_ms INTEGER NOT NULL
+);
+CREATE INDEX attempts_seq ON attempts(seq);
+CREATE TABLE events (
+    seq INTEGER NOT NULL,
+    at INTEGER NOT NULL,
+    state TEXT NOT NULL
+);
+CREATE INDEX events_seq ON events(seq);
+CREATE TABLE idempotency (
+    key TEXT PRIMARY KEY,
+    message_id TEXT NOT NULL,
+    hash BLOB NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX idempotency_created ON idempotency(created_at);
+"#];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// A write for the writer thread, with where its answer goes.
+enum Write {
+    Accept(NewMessage, oneshot::Sender<Result<Accepted, StoreError>>),
+    Mark(String, oneshot::Sender<Result<(), StoreError>>),
+    Settle(String, Settle, oneshot::Sender<Result<(), StoreError>>),
+    Cancel(String, oneshot::Sender<Result<Cancel, StoreError>>),
+    Recover(oneshot::Sender<Result<Recovered, StoreError>>),
+    Purge(Millis, Millis, oneshot::Sender<Result<u64, StoreError>>),
+}
+
+/// The SQLite store.
+#[derive(Debug)]
+pub struct SqliteStore {
+    path: Option<PathBuf>,
+    writes: mpsc::Sender<Write>,
+    reader: Arc<Mutex<Connection>>,
+    /// The advisory lock of a daemon; released when the store is dropped.
+    _lock: Option<File>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store at `path` for a daemon: takes the
+    /// advisory lock, applies migrations, starts the writer.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        Self::open_with(path, true)
+    }
+
+    /// Opens the store without its daemon lock, for short transactions by
+    /// another process (the queue command, `send --no-wait`) while the daemon
+    /// may be running. Migrations are not applied: the store must exist.
+    pub fn open_shared(path: &Path) -> Result<SqliteStore, StoreError> {
+        Self::open_with(path, false)
+    }
+
+    fn open_with(path: &Path, lock: bool) -> Result<SqliteStore, StoreError> {
+        let shown = path.display().to_string();
+        let named = |e: &dyn std::fmt::Display| StoreError::Unavailable(format!("{shown}: {e}"));
+        let lock = if lock {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(|e| named(&e))?;
+            match file.try_lock() {
+                Ok(()) => Some(file),
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(StoreError::Locked { path: shown });
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(named(&e)),
+            }
+        } else {
+            if !path.exists() {
+                return Err(named(
+                    &"no queue store here (start the daemon once to create it)",
+                ));
+            }
+            None
+        };
+        let writer = Connection::open(path).map_err(|e| named(&e))?;
+        configure(&writer, true).map_err(|e| named(&e))?;
+        migrate(&writer, &shown, lock.is_some())?;
+        let reader = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| named(&e))?;
+        configure(&reader, false).map_err(|e| named(&e))?;
+        Ok(SqliteStore {
+            path: Some(path.to_owned()),
+            writes: spawn_writer(writer),
+            reader: Arc::new(Mutex::new(reader)),
+            _lock: lock,
+        })
+    }
+
+    /// The same schema in memory: nothing survives the process.
+    pub fn memory() -> Result<SqliteStore, StoreError> {
+        // A shared-cache database in memory, so that the writer and the
+        // reader see the same data; its name is unique to this store.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let uri = format!(
+            "file:mailmux-memory-{}-{n}?mode=memory&cache=shared",
+            std::process::id()
+        );
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let writer = Connection::open_with_flags(&uri, flags).map_err(unavailable)?;
+        writer
+            .execute_batch("PRAGMA synchronous=OFF; PRAGMA read_uncommitted=ON;")
+            .map_err(unavailable)?;
+        migrate(&writer, "memory", true)?;
+        let reader = Connection::open_with_flags(&uri, flags).map_err(unavailable)?;
+        reader
+            .execute_batch("PRAGMA read_uncommitted=ON;")
+            .map_err(unavailable)?;
+        reader.busy_timeout(BUSY_TIMEOUT).map_err(unavailable)?;
+        Ok(SqliteStore {
+            path: None,
+            writes: spawn_writer(writer),
+            reader: Arc::new(Mutex::new(reader)),
+            _lock: None,
+        })
+    }
+
+    async fn write<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Write,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writes
+            .send(make(tx))
+            .map_err(|_| unavailable("the store's writer has stopped"))?;
+        rx.await
+            .map_err(|_| unavailable("the store's writer has stopped"))?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|e| e.into_inner());
+            f(&conn)
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(unavailable)
+    }
+}
+
+fn configure(conn: &Connection, writer: bool) -> rusqlite::Result<()> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    if writer {
+        // WAL: readers never block the writer. FULL: each commit is fsynced,
+        // so an accepted message survives power loss.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+    }
+    Ok(())
+}
+
+fn migrate(conn: &Connection, shown: &str, apply: bool) -> Result<(), StoreError> {
+    let found: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(|e| StoreError::Unavailable(format!("{shown}: {e}")))?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            path: shown.into(),
+            found,
+            known: SCHEMA_VERSION,
+        });
+    }
+    if found == SCHEMA_VERSION {
+        return Ok(());
+    }
+    if !apply {
+        return Err(StoreError::Unavailable(format!(
+            "{shown}: the store has schema version {found} and needs {SCHEMA_VERSION}; start the daemon once to migrate it"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let version = i as i64 + 1;
+        let batch = format!("BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {version}; COMMIT;");
+        conn.execute_batch(&batch).map_err(|e| {
+            let _ = conn.execute_batch("ROLLBACK");
+            StoreError::Unavailable(format!("{shown}: migration to version {version}: {e}"))
+        })?;
+        tracing::info!(store = shown, version, "queue store migrated");
+    }
+    Ok(())
+}
+
+fn spawn_writer(conn: Connection) -> mpsc::Sender<Write> {
+    let (tx, rx) = mpsc::channel::<Write>();
+    std::thread::Builder::new()
+        .name("mailmux-queue-writer".into())
+        .spawn(move || writer_loop(conn, rx))
+        .expect("spawning the queue writer thread");
+    tx
+}
+
+/// The writer thread: takes every write waiting, runs them in one
+/// transaction, commits once, then answers each.
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Write>) {
+    let mut batch: Vec<Write> = Vec::with_capacity(MAX_BATCH);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        run_batch(&mut conn, &mut batch);
+    }
+}
+
+/// An answer held until the batch's commit is known.
+enum Answer {
+    Accept(
+        oneshot::Sender<Result<Accepted, StoreError>>,
+        Result<Accepted, StoreError>,
+    ),
+    Unit(
+        oneshot::Sender<Result<(), StoreError>>,
+        Result<(), StoreError>,
+    ),
+    Cancel(
+        oneshot::Sender<Result<Cancel, StoreError>>,
+        Result<Cancel, StoreError>,
+    ),
+    Recover(
+        oneshot::Sender<Result<Recovered, StoreError>>,
+        Result<Recovered, StoreError>,
+    ),
+    Count(
+        oneshot::Sender<Result<u64, StoreError>>,
+        Result<u64, StoreError>,
+    ),
+}
+
+impl Answer {
+    /// Sends the answer, or the commit's error in place of a success.
+    fn send(self, commit: &Result<(), StoreError>) {
+        fn pick<T>(r: Result<T, StoreError>, c: &Result<(), StoreError>) -> Result<T, StoreError> {
+            match (r, c) {
+                (Ok(_), Err(e)) => Err(e.clone()),
+                (r, _) => r,
+            }
+        }
+        match self {
+            Answer::Accept(tx, r) => drop(tx.send(pick(r, commit))),
+            Answer::Unit(tx, r) => drop(tx.send(pick(r, commit))),
+            Answer::Cancel(tx, r) => drop(tx.send(pick(r, commit))),
+            Answer::Recover(tx, r) => drop(tx.send(pick(r, commit))),
+            Answer::Count(tx, r) => drop(tx.send(pick(r, commit))),
+        }
+    }
+}
+
+fn run_batch(conn: &mut Connection, batch: &mut Vec<Write>) {
+    let mut answers = Vec::with_capacity(batch.len());
+    let commit = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+        Ok(mut tx) => {
+            for w in batch.drain(..) {
+                answers.push(apply(&mut tx, w));
+            }
+            tx.commit().map_err(unavailable)
+        }
+        Err(e) => {
+            let err = unavailable(e);
+            for w in batch.drain(..) {
+                answers.push(refuse(w, &err));
+            }
+            Err(err)
+        }
+    };
+    if let Err(e) = &commit {
+        tracing::error!(error = %e, "the queue store could not commit");
+    }
+    for a in answers {
+        a.send(&commit);
+    }
+}
+
+fn refuse(w: Write, e: &StoreError) -> Answer {
+    match w {
+        Write::Accept(_, tx) => Answer::Accept(tx, Err(e.clone())),
+        Write::Mark(_, tx) | Write::Settle(_, _, tx) => Answer::Unit(tx, Err(e.clone())),
+        Write::Cancel(_, tx) => Answer::Cancel(tx, Err(e.clone())),
+        Write::Recover(tx) => Answer::Recover(tx, Err(e.clone())),
+        Write::Purge(_, _, tx) => Answer::Count(tx, Err(e.clone())),
+    }
+}
+
+/// Runs one write in its own savepoint.
+fn apply(tx: &mut Transaction<'_>, w: Write) -> Answer {
+    fn scoped<T>(
+        tx: &mut Transaction<'_>,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let sp = tx.savepoint().map_err(unavailable)?;
+        match f(&sp) {
+            Ok(v) => {
+                sp.commit().map_err(unavailable)?;
+                Ok(v)
+            }
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+    let now = now_millis();
+    match w {
+        Write::Accept(m, reply) => Answer::Accept(reply, scoped(tx, |c| accept(c, &m, now))),
+        Write::Mark(id, reply) => Answer::Unit(
+            reply,
+            scoped(tx, |c| {
+                let seq = seq_of(c, &id)?;
+                c.execute(
+                    "UPDATE messages SET state = 'sending', committing = 1, updated_at = ?2 WHERE seq = ?1",
+                    params![seq, now],
+                )?;
+                event(c, seq, State::Sending, now)
+            }),
+        ),
+        Write::Settle(id, s, reply) => Answer::Unit(reply, scoped(tx, |c| settle(c, &id, &s, now))),
+        Write::Cancel(id, reply) => Answer::Cancel(reply, scoped(tx, |c| cancel(c, &id, now))),
+        Write::Recover(reply) => Answer::Recover(reply, scoped(tx, |c| recover(c, now))),
+        Write::Purge(finished, keys, reply) => Answer::Count(
+            reply,
+            scoped(tx, |c| {
+                c.execute(
+                    "DELETE FROM attempts WHERE seq IN (SELECT seq FROM messages WHERE finished_at < ?1)",
+                    [finished],
+                )?;
+                c.execute(
+                    "DELETE FROM events WHERE seq IN (SELECT seq FROM messages WHERE finished_at < ?1)",
+                    [finished],
+                )?;
+                let n = c.execute("DELETE FROM messages WHERE finished_at < ?1", [finished])?;
+                c.execute("DELETE FROM idempotency WHERE created_at < ?1", [keys])?;
+                Ok(n as u64)
+            }),
+        ),
+    }
+}
+
+fn seq_of(c: &Connection, id: &str) -> rusqlite::Result<i64> {
+    c.query_row(
+        "SELECT seq FROM messages WHERE message_id = ?1",
+        [id],
+        |r| r.get(0),
+    )
+}
+
+fn event(c: &Connection, seq: i64, state: State, at: Millis) -> rusqlite::Result<()> {
+    c.prepare_cached("INSERT INTO events (seq, at, state) VALUES (?1, ?2, ?3)")?
+        .execute(params![seq, at, state.as_str()])?;
+    Ok(())
+}
+
+fn accept(c: &Connection, m: &NewMessage, now: Millis) -> rusqlite::Result<Accepted> {
+    if let Some((key, hash)) = &m.idempotency {
+        let seen: Option<(String, Vec<u8>)> = c
+            .prepare_cached("SELECT message_id, hash FROM idempotency WHERE key = ?1")?
+            .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        if let Some((id, seen_hash)) = seen {
+            return Ok(if seen_hash == hash {
+                Accepted::Replay(id)
+            } else {
+                Accepted::Conflict(id)
+            });
+        }
+        c.prepare_cached(
+            "INSERT INTO idempotency (key, message_id, hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![key, m.message_id, &hash[..], now])?;
+    }
+    let state = if m.due_at > now {
+        State::Scheduled
+    } else {
+        State::Queued
+    };
+    c.prepare_cached(
+        "INSERT INTO messages (message_id, state, mail_from, rcpt, size, body, prefer, idem_key,
+                               queued_at, due_at, next_attempt_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?9)",
+    )?
+    .execute(params![
+        m.message_id,
+        state.as_str(),
+        m.from,
+        m.to.join("\n"),
+        m.bytes.len() as i64,
+        &m.bytes[..],
+        m.prefer,
+        m.idempotency.as_ref().map(|(k, _)| k),
+        m.queued_at,
+        m.due_at,
+    ])?;
+    event(c, c.last_insert_rowid(), state, now)?;
+    Ok(Accepted::Stored(state))
+}
+
+fn settle(c: &Connection, id: &str, s: &Settle, now: Millis) -> rusqlite::Result<()> {
+    let seq = seq_of(c, id)?;
+    let finished = s.state.is_final().then_some(now);
+    // The body is dropped once nothing can send it again; a failed or
+    // expired message keeps it, so that an operator may retry it.
+    let keep_body = !matches!(
+        s.state,
+        State::Sent | State::Partial | State::Unknown | State::Cancelled
+    );
+    let rejected: Vec<String> = s
+        .rejected
+        .iter()
+        .map(|r| format!("{}\t{}\t{}", r.address, r.code, one_line(&r.text)))
+        .collect();
+    c.prepare_cached(
+        "UPDATE messages SET state = ?2, updated_at = ?3, finished_at = ?4, committing = 0,
+                rounds = rounds + 1, relay = COALESCE(?5, relay), accepted = ?6, rejected = ?7,
+                reason = ?8, note = ?9, next_attempt_at = ?10,
+                body = CASE WHEN ?11 THEN body ELSE NULL END
+         WHERE seq = ?1",
+    )?
+    .execute(params![
+        seq,
+        s.state.as_str(),
+        now,
+        finished,
+        s.relay,
+        s.accepted.join("\n"),
+        rejected.join("\n"),
+        s.reason,
+        s.note,
+        s.next_attempt_at,
+        keep_body,
+    ])?;
+    let mut insert = c.prepare_cached(
+        "INSERT INTO attempts (seq, at, relay, class, code, text, duration_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    for a in &s.attempts {
+        insert.execute(params![
+            seq,
+            a.at,
+            a.relay,
+            a.class,
+            a.code,
+            a.text,
+            a.duration_ms as i64
+        ])?;
+    }
+    event(c, seq, s.state, now)
+}
+
+fn one_line(s: &str) -> String {
+    s.replace(['\t', '\r', '\n'], " ")
+}
+
+fn cancel(c: &Connection, id: &str, now: Millis) -> rusqlite::Result<Cancel> {
+    let row: Option<(i64, String)> = c
+        .query_row(
+            "SELECT seq, state FROM messages WHERE message_id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let Some((seq, state)) = row else {
+        return Ok(Cancel::NotFound);
+    };
+    let state = State::parse(&state).unwrap_or(State::Failed);
+    if !matches!(state, State::Queued | State::Scheduled) {
+        return Ok(Cancel::Refused(state));
+    }
+    c.execute(
+        "UPDATE messages SET state = 'cancelled', updated_at = ?2, finished_at = ?2,
+                next_attempt_at = NULL, body = NULL WHERE seq = ?1",
+        params![seq, now],
+    )?;
+    event(c, seq, State::Cancelled, now)?;
+    Ok(Cancel::Cancelled)
+}
+
+fn recover(c: &Connection, now: Millis) -> rusqlite::Result<Recovered> {
+    let mut out = Recovered::default();
+    let rows: Vec<(i64, bool)> = c
+        .prepare("SELECT seq, committing FROM messages WHERE state = 'sending'")?
+        .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (seq, committing) in rows {
+        if committing {
+            c.execute(
+                "UPDATE messages SET state = 'unknown', committing = 0, updated_at = ?2, finished_at = ?2,
+                        body = NULL, reason = NULL,
+                        note = 'mailmux stopped after the message was handed to a relay; it may have been delivered and was not sent again'
+                 WHERE seq = ?1",
+                params![seq, now],
+            )?;
+            event(c, seq, State::Unknown, now)?;
+            out.unknown += 1;
+        } else {
+            c.execute(
+                "UPDATE messages SET state = 'queued', updated_at = ?2, next_attempt_at = ?2 WHERE seq = ?1",
+                params![seq, now],
+            )?;
+            event(c, seq, State::Queued, now)?;
+            out.requeued += 1;
+        }
+    }
+    Ok(out)
+}
+
+fn lines(s: Option<String>) -> Vec<String> {
+    match s {
+        Some(s) if !s.is_empty() => s.split('\n').map(str::to_owned).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn parse_state(s: String) -> State {
+    // A state this build does not know cannot come from its own schema.
+    State::parse(&s).unwrap_or(State::Failed)
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    fn kind(&self) -> &'static str {
+        if self.path.is_some() {
+            "sqlite"
+        } else {
+            "memory"
+        }
+    }
+
+    fn durable(&self) -> bool {
+        self.path.is_some()
+    }
+
+    async fn accept(&self, m: NewMessage) -> Result<Accepted, StoreError> {
+        self.write(|tx| Write::Accept(m, tx)).await
+    }
+
+    async fn mark(&self, message_id: &str) -> Result<(), StoreError> {
+        let id = message_id.to_owned();
+        self.write(|tx| Write::Mark(id, tx)).await
+    }
+
+    async fn settle(&self, message_id: &str, s: Settle) -> Result<(), StoreError> {
+        let id = message_id.to_owned();
+        self.write(|tx| Write::Settle(id, s, tx)).await
+    }
+
+    async fn cancel(&self, message_id: &str) -> Result<Cancel, StoreError> {
+        let id = message_id.to_owned();
+        self.write(|tx| Write::Cancel(id, tx)).await
+    }
+
+    async fn due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT message_id FROM messages WHERE state IN ('queued', 'scheduled')
+                   AND next_attempt_at <= ?1 ORDER BY next_attempt_at LIMIT ?2",
+            )?
+            .query_map(params![now, limit as i64], |r| r.get(0))?
+            .collect()
+        })
+        .await
+    }
+
+    async fn next_due(&self) -> Result<Option<Millis>, StoreError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT MIN(next_attempt_at) FROM messages WHERE state IN ('queued', 'scheduled')",
+                [],
+                |r| r.get(0),
+            )
+        })
+        .await
+    }
+
+    async fn load(&self, message_id: &str) -> Result<Option<Pending>, StoreError> {
+        let id = message_id.to_owned();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT message_id, state, mail_from, rcpt, body, prefer, due_at, rounds
+                   FROM messages WHERE message_id = ?1 AND body IS NOT NULL",
+            )?
+            .query_row([id], |r| {
+                let body: Vec<u8> = r.get(4)?;
+                Ok(Pending {
+                    message_id: r.get(0)?,
+                    state: parse_state(r.get(1)?),
+                    from: r.get(2)?,
+                    to: lines(r.get(3)?),
+                    bytes: Arc::from(body),
+                    prefer: r.get(5)?,
+                    due_at: r.get(6)?,
+                    rounds: r.get(7)?,
+                })
+            })
+            .optional()
+        })
+        .await
+    }
+
+    async fn get(&self, message_id: &str) -> Result<Option<Record>, StoreError> {
+        let id = message_id.to_owned();
+        self.read(move |c| get(c, &id)).await
+    }
+
+    async fn find_key(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let key = key.to_owned();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT message_id FROM idempotency WHERE key = ?1",
+                [key],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        state: Option<State>,
+        limit: usize,
+        cursor: Option<i64>,
+    ) -> Result<(Vec<Summary>, Option<i64>), StoreError> {
+        self.read(move |c| {
+            let before = cursor.unwrap_or(i64::MAX);
+            let state = state.map(State::as_str);
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, message_id, state, mail_from, rcpt, queued_at, updated_at, relay
+                   FROM messages WHERE seq < ?1 AND (?2 IS NULL OR state = ?2)
+                   ORDER BY seq DESC LIMIT ?3",
+            )?;
+            let rows: Vec<(i64, Summary)> = stmt
+                .query_map(params![before, state, limit as i64 + 1], |r| {
+                    Ok((
+                        r.get(0)?,
+                        Summary {
+                            message_id: r.get(1)?,
+                            state: parse_state(r.get(2)?),
+                            from: r.get(3)?,
+                            to: lines(r.get(4)?),
+                            queued_at: r.get(5)?,
+                            updated_at: r.get(6)?,
+                            relay: r.get(7)?,
+                        },
+                    ))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let more = rows.len() > limit;
+            let page: Vec<(i64, Summary)> = rows.into_iter().take(limit).collect();
+            let next = if more {
+                page.last().map(|(s, _)| *s)
+            } else {
+                None
+            };
+            Ok((page.into_iter().map(|(_, s)| s).collect(), next))
+        })
+        .await
+    }
+
+    async fn stats(&self) -> Result<Stats, StoreError> {
+        self.read(|c| {
+            let counts: Vec<(State, u64)> = c
+                .prepare_cached("SELECT state, COUNT(*) FROM messages GROUP BY state")?
+                .query_map([], |r| {
+                    Ok((parse_state(r.get(0)?), r.get::<_, i64>(1)? as u64))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let oldest_queued_at = c.query_row(
+                "SELECT MIN(queued_at) FROM messages WHERE state = 'queued'",
+                [],
+                |r| r.get(0),
+            )?;
+            let next_retry_at = c.query_row(
+                "SELECT MIN(next_attempt_at) FROM messages WHERE state = 'queued' AND rounds > 0",
+                [],
+                |r| r.get(0),
+            )?;
+            Ok(Stats {
+                counts,
+                oldest_queued_at,
+                next_retry_at,
+            })
+        })
+        .await
+    }
+
+    async fn recover(&self) -> Result<Recovered, StoreError> {
+        self.write(Write::Recover).await
+    }
+
+    async fn purge(&self, finished_before: Millis, keys_before: Millis) -> Result<u64, StoreError> {
+        self.write(|tx| Write::Purge(finished_before, keys_before, tx))
+            .await
+    }
+}
+
+fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<Record>> {
+    type Row = (i64, Record);
+    let row: Option<Row> = c
+        .prepare_cached(
+            "SELECT seq, message_id, state, mail_from, rcpt, size, prefer, idem_key, queued_at, due_at,
+                    updated_at, next_attempt_at, relay, accepted, rejected, reason, note
+               FROM messages WHERE message_id = ?1",
+        )?
+        .query_row([id], |r| {
+            let rejected: Vec<RejectedRecord> = lines(r.get(14)?)
+                .into_iter()
+                .filter_map(|l| {
+                    let mut parts = l.splitn(3, '\t');
+                    Some(RejectedRecord {
+                        address: parts.next()?.to_owned(),
+                        code: parts.next()?.parse().ok()?,
+                        text: parts.next().unwrap_or("").to_owned(),
+                    })
+                })
+                .collect();
+            let state = parse_state(r.get(2)?);
+            Ok((
+                r.get(0)?,
+                Record {
+                    message_id: r.get(1)?,
+                    state,
+                    from: r.get(3)?,
+                    to: lines(r.get(4)?),
+                    size: r.get::<_, i64>(5)? as u64,
+                    prefer: r.get(6)?,
+                    idempotency_key: r.get(7)?,
+                    queued_at: r.get(8)?,
+                    due_at: r.get(9)?,
+                    updated_at: r.get(10)?,
+                    next_attempt_at: if matches!(state, State::Queued | State::Scheduled) {
+                        r.get(11)?
+                    } else {
+                        None
+                    },
+                    relay: r.get(12)?,
+                    accepted: lines(r.get(13)?),
+                    rejected,
+                    reason: r.get(15)?,
+                    note: r.get(16)?,
+                    attempts: Vec::new(),
+                    history: Vec::new(),
+                },
+            ))
+        })
+        .optional()?;
+    let Some((seq, mut record)) = row else {
+        return Ok(None);
+    };
+    record.attempts = c
+        .prepare_cached(
+            "SELECT at, relay, class, code, text, duration_ms FROM attempts WHERE seq = ?1 ORDER BY rowid",
+        )?
+        .query_map([seq], |r| {
+            Ok(AttemptRecord {
+                at: r.get(0)?,
+                relay: r.get(1)?,
+                class: r.get(2)?,
+                code: r.get(3)?,
+                text: r.get(4)?,
+                duration_ms: r.get::<_, i64>(5)? as u64,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    record.history = c
+        .prepare_cached("SELECT state, at FROM events WHERE seq = ?1 ORDER BY rowid")?
+        .query_map([seq], |r| Ok((parse_state(r.get(0)?), r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(Some(record))
+}

@@ -1,0 +1,771 @@
+//! The durable queue against the real binary: SIGKILL at each point of a
+//! delivery and a restart over the same store, a killed burst, idempotency
+//! across calls and restarts, deferred retries, expiry, cancel, `send_at`,
+//! and store faults. Every test reconciles what each call was told against
+//! what the fault-injecting SMTP server received.
+
+mod common;
+#[path = "reliability/harness.rs"]
+mod harness;
+#[path = "../actors/tests/support/mod.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use harness::{Call, burst, call};
+use rmcp::service::{Peer, RunningService};
+use rmcp::{RoleClient, ServiceExt};
+use serde_json::{Value, json};
+use support::fault_smtp::{Action, FaultSmtp, Phase, Received, Script};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// The built binary over stdio, on a configuration and a store in `dir`,
+/// which outlives the process so that a restart finds the same store.
+struct Daemon {
+    client: Option<RunningService<RoleClient, ()>>,
+    child: tokio::process::Child,
+    pid: u32,
+    log: PathBuf,
+}
+
+fn config_toml(dir: &Path, port: u16, extra_queue: &str) -> String {
+    format!(
+        r#"
+send_deadline = "8s"
+shutdown_grace = "2s"
+
+[queue]
+path = "{db}"
+retry_base = "300ms"
+retry_max = "1s"
+{extra_queue}
+
+[[relays]]
+name = "sink"
+host = "127.0.0.1"
+port = {port}
+tls = "none"
+from_email = "sender@example.org"
+timeout = "3s"
+backoff_base = "50ms"
+backoff_max = "200ms"
+probe_interval = "200ms"
+"#,
+        db = dir.join("queue.db").display()
+    )
+}
+
+impl Daemon {
+    async fn start(dir: &Path, config: &str) -> Daemon {
+        let path = dir.join("mailmux.toml");
+        std::fs::write(&path, config).unwrap();
+        let log = dir.join(format!("mailmux-{}.log", rand_suffix()));
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
+            .arg("--config")
+            .arg(&path)
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .current_dir(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("mailmux starts");
+        let pid = child.id().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let client = tokio::time::timeout(Duration::from_secs(20), ().serve((stdout, stdin)))
+            .await
+            .expect("the daemon initializes")
+            .expect("client initializes");
+        Daemon {
+            client: Some(client),
+            child,
+            pid,
+            log,
+        }
+    }
+
+    fn peer(&self) -> &Peer<RoleClient> {
+        self.client.as_ref().unwrap().peer()
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    async fn kill9(mut self) {
+        let ok = std::process::Command::new("kill")
+            .args(["-KILL", &self.pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -KILL {}", self.pid);
+        let _ = self.child.wait().await;
+        drop(self.client.take());
+    }
+
+    /// Closes stdin: a graceful stop.
+    async fn stop(mut self) {
+        if let Some(c) = self.client.take() {
+            let _ = c.cancel().await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+fn msg(subject: &str, extra: Value) -> Value {
+    let mut v = json!({
+        "to": "rcpt@example.org",
+        "subject": subject,
+        "body": format!("body of {subject}\n"),
+    });
+    if let (Value::Object(m), Value::Object(e)) = (&mut v, extra) {
+        m.extend(e);
+    }
+    v
+}
+
+async fn send(peer: &Peer<RoleClient>, args: Value) -> Call {
+    call(peer, "send", "send_email", args, LIMIT).await
+}
+
+async fn status_of(peer: &Peer<RoleClient>, id: &str) -> Value {
+    let c = call(
+        peer,
+        "status",
+        "get_message_status",
+        json!({ "message_id": id }),
+        LIMIT,
+    )
+    .await;
+    c.value().cloned().unwrap_or(Value::Null)
+}
+
+/// Waits until the message is in a final state; returns its status.
+async fn settled(peer: &Peer<RoleClient>, id: &str, limit: Duration) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        let s = status_of(peer, id).await;
+        let st = s["status"].as_str().unwrap_or("");
+        if !matches!(st, "queued" | "scheduled" | "sending" | "") || start.elapsed() > limit {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Copies of each message at the sink, by Message-ID (without brackets),
+/// counting every transaction whose data arrived in full.
+fn copies(received: &[Received]) -> HashMap<String, usize> {
+    let mut out = HashMap::new();
+    for r in received {
+        let id = r
+            .message_id
+            .clone()
+            .unwrap_or_default()
+            .trim_matches(|c| c == '<' || c == '>')
+            .to_string();
+        *out.entry(id).or_default() += 1;
+    }
+    out
+}
+
+fn subject_of(r: &Received) -> Option<String> {
+    let text = String::from_utf8_lossy(&r.data);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
+}
+
+/// Kill after `queued` was answered, before any delivery: the relay hangs at
+/// MAIL. After the restart (relay healthy), each message goes out once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_after_queued_before_delivery_sends_each_message_once() {
+    let smtp = FaultSmtp::start(Script::ok().on(Phase::Mail, Action::Hang)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(dir.path(), smtp.port(), "");
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let c = send(d.peer(), msg(&format!("early {i}"), json!({"wait": false}))).await;
+        assert_eq!(c.status(), Some("queued"), "{c:?}");
+        ids.push(c.message_id().unwrap().to_string());
+    }
+    // The relay holds every attempt at MAIL: nothing is delivered.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(smtp.received().is_empty());
+    d.kill9().await;
+
+    smtp.set_script(Script::ok());
+    let d = Daemon::start(dir.path(), &cfg).await;
+    for id in &ids {
+        let s = settled(d.peer(), id, LIMIT).await;
+        assert_eq!(s["status"], "sent", "{s}");
+    }
+    let seen = copies(&smtp.received());
+    for id in &ids {
+        assert_eq!(seen.get(id), Some(&1), "{id} at the sink: {seen:?}");
+    }
+    assert_eq!(
+        seen.len(),
+        ids.len(),
+        "no message nobody asked for: {seen:?}"
+    );
+    d.stop().await;
+}
+
+/// Kill while DATA is being sent (the server never answers DATA): the final
+/// "." was never written, so the restart sends the message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_during_data_resends_once() {
+    let smtp = FaultSmtp::start(Script::ok().on(Phase::Data, Action::Hang)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(dir.path(), smtp.port(), "");
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let c = send(d.peer(), msg("mid data", json!({"wait": false}))).await;
+    assert_eq!(c.status(), Some("queued"), "{c:?}");
+    let id = c.message_id().unwrap().to_string();
+    assert!(
+        support::wait_until(|| smtp.commands(Phase::Data) >= 1, LIMIT).await,
+        "DATA was never sent"
+    );
+    let s = status_of(d.peer(), &id).await;
+    assert_eq!(s["status"], "sending", "a relay holds it: {s}");
+    d.kill9().await;
+
+    smtp.set_script(Script::ok());
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let s = settled(d.peer(), &id, LIMIT).await;
+    assert_eq!(s["status"], "sent", "{s}");
+    assert_eq!(copies(&smtp.received()).get(&id), Some(&1));
+    assert_eq!(smtp.received().len(), 1);
+    d.stop().await;
+}
+
+/// Kill after the final "." (the server hangs before its reply): the message
+/// may have been delivered, so after the restart it is `unknown` and never
+/// sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_after_the_final_dot_is_unknown_and_never_resent() {
+    let smtp = FaultSmtp::start(Script::ok().on(Phase::AfterDot, Action::Hang)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(dir.path(), smtp.port(), "");
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let c = send(d.peer(), msg("after dot", json!({"wait": false}))).await;
+    assert_eq!(c.status(), Some("queued"), "{c:?}");
+    let id = c.message_id().unwrap().to_string();
+    assert!(
+        support::wait_until(|| !smtp.received().is_empty(), LIMIT).await,
+        "the data never arrived"
+    );
+    d.kill9().await;
+
+    smtp.set_script(Script::ok());
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let s = status_of(d.peer(), &id).await;
+    assert_eq!(s["status"], "unknown", "{s}");
+    let history: Vec<&str> = s["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(history, ["queued", "sending", "unknown"], "{s}");
+    // Give a wrongful resend every chance to happen.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(smtp.received().len(), 1, "never sent again");
+    assert!(d.logs().contains("recovered the queue"), "{}", d.logs());
+    d.stop().await;
+}
+
+/// 5,000 calls with `wait: false` at C=32, the daemon killed in the middle
+/// and restarted: every message answered `queued` is at the sink exactly
+/// once, or is `unknown` and there at most once; nothing appears twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_killed_mid_way_loses_nothing_and_doubles_nothing() {
+    const CALLS: usize = 5000;
+    let smtp = FaultSmtp::start(Script::ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(dir.path(), smtp.port(), "");
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let calls = burst(d.peer(), "burst", CALLS, 32, LIMIT, |i| {
+        msg(&format!("burst {i}"), json!({"wait": false}))
+    });
+    // Kill at a moment that depends on the run: after 1,500 to 3,500 answers.
+    let at = 1500 + (std::process::id() as usize % 2000);
+    let reached = support::wait_until(
+        || calls.done.load(std::sync::atomic::Ordering::SeqCst) >= at,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(reached, "the burst never reached {at} answers");
+    d.kill9().await;
+    let calls = calls.join().await;
+
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let queued: Vec<&Call> = calls
+        .iter()
+        .filter(|c| c.status() == Some("queued"))
+        .collect();
+    let unanswered = calls.iter().filter(|c| c.value().is_none()).count();
+    // Wait until the restarted daemon has nothing left to send.
+    let drained = support::wait_until_async(
+        || async {
+            let st = harness::status(d.peer()).await;
+            let counts = &st["queue"]["counts"];
+            counts["queued"] == 0 && counts["sending"] == 0
+        },
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(drained, "the queue never drained");
+    let received = smtp.received();
+    let seen = copies(&received);
+    let (mut sent, mut unknown) = (0, 0);
+    for c in &queued {
+        let id = c.message_id().unwrap();
+        let n = seen.get(id).copied().unwrap_or(0);
+        let s = status_of(d.peer(), id).await;
+        match s["status"].as_str() {
+            Some("sent") => {
+                sent += 1;
+                assert_eq!(n, 1, "{id}: sent, {n} copies at the sink");
+            }
+            Some("unknown") => {
+                unknown += 1;
+                assert!(n <= 1, "{id}: unknown, {n} copies at the sink");
+            }
+            other => panic!("{id}: answered queued, now {other:?}"),
+        }
+    }
+    // No copy twice, answered or not, and nothing nobody asked for.
+    for (id, n) in &seen {
+        assert_eq!(*n, 1, "{id} reached the sink {n} times");
+    }
+    for r in &received {
+        let subject = subject_of(r).unwrap_or_default();
+        assert!(
+            subject.starts_with("burst "),
+            "unasked-for message {subject:?}"
+        );
+    }
+    eprintln!(
+        "burst of {CALLS}: killed after {at} answers; {} answered queued, {unanswered} unanswered; \
+         after restart {sent} sent exactly once, {unknown} unknown; {} messages at the sink, 0 duplicated",
+        queued.len(),
+        received.len()
+    );
+    assert_eq!(sent + unknown, queued.len());
+    d.stop().await;
+}
+
+/// Idempotency keys: a repeat, 32 concurrent calls with one key, a repeat
+/// after a restart, and a conflict. Each counts the copies at the sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_send_once_across_calls_and_restarts() {
+    let smtp = FaultSmtp::start(Script::ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(dir.path(), smtp.port(), "");
+    let d = Daemon::start(dir.path(), &cfg).await;
+
+    let first = send(d.peer(), msg("idem", json!({"idempotency_key": "k-1"}))).await;
+    assert_eq!(first.status(), Some("sent"), "{first:?}");
+    let id = first.message_id().unwrap().to_string();
+    let again = send(
+        d.peer(),
+        msg("idem", json!({"idempotency_key": "k-1", "wait": false})),
+    )
+    .await;
+    assert_eq!(again.status(), Some("sent"), "{again:?}");
+    assert_eq!(again.message_id(), Some(id.as_str()));
+    assert_eq!(again.value().unwrap()["idempotent_replay"], true);
+
+    // 32 at once with a new key: one message.
+    let calls = burst(d.peer(), "same", 32, 32, LIMIT, |_| {
+        msg("thirty-two", json!({"idempotency_key": "k-32"}))
+    })
+    .join()
+    .await;
+    let ids: std::collections::HashSet<&str> =
+        calls.iter().filter_map(|c| c.message_id()).collect();
+    assert_eq!(ids.len(), 1, "one message for one key: {ids:?}");
+    let replays = calls
+        .iter()
+        .filter(|c| c.value().unwrap()["idempotent_replay"] == true)
+        .count();
+    assert_eq!(replays, 31);
+
+    // Same key, other content: refused, nothing sent.
+    let conflict = send(d.peer(), msg("other", json!({"idempotency_key": "k-1"}))).await;
+    assert!(conflict.is_error());
+    assert_eq!(conflict.error_code(), Some("idempotency_conflict"));
+    d.kill9().await;
+
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let after = send(d.peer(), msg("idem", json!({"idempotency_key": "k-1"}))).await;
+    assert_eq!(after.message_id(), Some(id.as_str()), "{after:?}");
+    assert_eq!(after.value().unwrap()["idempotent_replay"], true);
+    let by_key = call(
+        d.peer(),
+        "by key",
+        "get_message_status",
+        json!({"idempotency_key": "k-32"}),
+        LIMIT,
+    )
+    .await;
+    assert_eq!(by_key.status(), Some("sent"), "{by_key:?}");
+
+    let received = smtp.received();
+    let subjects: Vec<String> = received.iter().filter_map(subject_of).collect();
+    assert_eq!(subjects.iter().filter(|s| *s == "idem").count(), 1);
+    assert_eq!(subjects.iter().filter(|s| *s == "thirty-two").count(), 1);
+    assert_eq!(subjects.iter().filter(|s| *s == "other").count(), 0);
+    assert_eq!(received.len(), 2);
+    d.stop().await;
+}
+
+/// Every relay answers 451 for a while: the message is `queued` with a next
+/// attempt, then delivered once after recovery. A message past `max_age`
+/// expires; a cancelled one is never sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_mail_is_retried_expired_or_cancelled() {
+    let smtp =
+        FaultSmtp::start(Script::ok().on(Phase::Mail, Action::reply(451, "try later"))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(dir.path(), smtp.port(), "max_age = \"3s\"");
+    let d = Daemon::start(dir.path(), &cfg).await;
+
+    let c = send(d.peer(), msg("deferred", json!({"wait": false}))).await;
+    assert_eq!(c.status(), Some("queued"), "{c:?}");
+    let id = c.message_id().unwrap().to_string();
+    // After the first round: still queued, with its next attempt and the 451.
+    let start = std::time::Instant::now();
+    let s = loop {
+        let s = status_of(d.peer(), &id).await;
+        if s["status"] == "queued" && !s["attempts"].as_array().unwrap().is_empty() {
+            break s;
+        }
+        assert!(start.elapsed() < LIMIT, "never deferred: {s}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(s["next_attempt_at"].is_string(), "{s}");
+    assert_eq!(s["attempts"][0]["code"], 451, "{s}");
+    assert_eq!(s["attempts"][0]["class"], "transient", "{s}");
+
+    // Cancel another deferred message while it waits for its retry.
+    let doomed = send(d.peer(), msg("cancel me", json!({"wait": false}))).await;
+    assert_eq!(doomed.status(), Some("queued"), "{doomed:?}");
+    let doomed_id = doomed.message_id().unwrap().to_string();
+    let mut cancelled = None;
+    for _ in 0..50 {
+        let c = call(
+            d.peer(),
+            "cancel",
+            "cancel_message",
+            json!({"message_id": doomed_id}),
+            LIMIT,
+        )
+        .await;
+        if c.value().unwrap()["cancelled"] == true {
+            cancelled = Some(c);
+            break;
+        }
+        // A retry round holds it right now.
+        assert_eq!(c.error_code(), Some("not_cancellable"), "{c:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(cancelled.is_some(), "never cancellable");
+    let again = call(
+        d.peer(),
+        "cancel",
+        "cancel_message",
+        json!({"message_id": doomed_id}),
+        LIMIT,
+    )
+    .await;
+    assert_eq!(again.error_code(), Some("not_cancellable"));
+    assert!(
+        again.value().unwrap()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cancelled")
+    );
+
+    // Recovery: the retry delivers the first message once.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    smtp.set_script(Script::ok());
+    let s = settled(d.peer(), &id, Duration::from_secs(10)).await;
+    assert_eq!(s["status"], "sent", "{s}");
+
+    // A message that never gets through expires after max_age (3 s): a
+    // caller that waits (deadline 8 s) sees it retried, then expired.
+    smtp.set_script(Script::ok().on(Phase::Mail, Action::reply(451, "still later")));
+    let late = send(d.peer(), msg("expires", json!({}))).await;
+    assert_eq!(late.status(), Some("expired"), "{late:?}");
+    assert_eq!(late.error_code(), Some("expired"), "{late:?}");
+    let late_id = late.message_id().unwrap().to_string();
+    let s = status_of(d.peer(), &late_id).await;
+    assert_eq!(s["status"], "expired", "{s}");
+    assert!(s["attempts"].as_array().unwrap().len() >= 2, "retried: {s}");
+
+    let subjects: Vec<String> = smtp.received().iter().filter_map(subject_of).collect();
+    assert_eq!(
+        subjects,
+        ["deferred"],
+        "only the deferred message got through"
+    );
+    let s = status_of(d.peer(), &doomed_id).await;
+    assert_eq!(s["status"], "cancelled");
+    d.stop().await;
+}
+
+/// `send_at` in the future: `scheduled` at once, nothing before the time,
+/// one copy after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_at_waits_for_its_time() {
+    let smtp = FaultSmtp::start(Script::ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(dir.path(), smtp.port(), "");
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let c = send(d.peer(), msg("later", json!({"send_at": "2s"}))).await;
+    assert_eq!(c.status(), Some("scheduled"), "{c:?}");
+    let id = c.message_id().unwrap().to_string();
+    let due = c.value().unwrap()["next_attempt_at"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let due: jiff::Timestamp = due.parse().unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(smtp.received().is_empty(), "sent before its time");
+    let s = settled(d.peer(), &id, Duration::from_secs(10)).await;
+    assert_eq!(s["status"], "sent", "{s}");
+    let sent_at: jiff::Timestamp = s["attempts"][0]["at"].as_str().unwrap().parse().unwrap();
+    assert!(sent_at >= due, "sent at {sent_at}, due {due}");
+    assert_eq!(smtp.received().len(), 1);
+
+    // Bad values are refused, naming the field, and nothing is queued.
+    for (args, field) in [
+        (json!({"send_at": "next tuesday"}), "send_at"),
+        (json!({"send_at": "400d"}), "send_at"),
+        (json!({"idempotency_key": ""}), "idempotency_key"),
+        (json!({"idempotency_key": "a\u{7}b"}), "idempotency_key"),
+        (
+            json!({"idempotency_key": "x".repeat(201)}),
+            "idempotency_key",
+        ),
+    ] {
+        let c = send(d.peer(), msg("bad", args.clone())).await;
+        assert_eq!(c.error_code(), Some("invalid_input"), "{args}: {c:?}");
+        assert_eq!(c.value().unwrap()["error"]["field"], field, "{args}");
+    }
+    let c = send(d.peer(), msg("bad", json!({"wait": "yes"}))).await;
+    assert_eq!(c.error_code(), Some("invalid_input"), "{c:?}");
+    assert_eq!(c.value().unwrap()["error"]["field"], "wait", "{c:?}");
+    let list = call(d.peer(), "list", "list_messages", json!({}), LIMIT).await;
+    assert_eq!(
+        list.value().unwrap()["messages"].as_array().unwrap().len(),
+        1
+    );
+    d.stop().await;
+}
+
+/// `list_messages` pages newest first; `get_smtp_status` shows the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_messages_pages_newest_first() {
+    let smtp = FaultSmtp::start(Script::ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(dir.path(), smtp.port(), "");
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let c = send(d.peer(), msg(&format!("list {i}"), json!({}))).await;
+        ids.push(c.message_id().unwrap().to_string());
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut args = json!({"limit": 3});
+        if let Some(c) = &cursor {
+            args["cursor"] = json!(c);
+        }
+        let page = call(d.peer(), "list", "list_messages", args, LIMIT).await;
+        let v = page.value().unwrap();
+        for m in v["messages"].as_array().unwrap() {
+            seen.push(m["message_id"].as_str().unwrap().to_string());
+        }
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    ids.reverse();
+    assert_eq!(seen, ids);
+    let sent = call(
+        d.peer(),
+        "list",
+        "list_messages",
+        json!({"status": "queued"}),
+        LIMIT,
+    )
+    .await;
+    assert!(
+        sent.value().unwrap()["messages"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let bad = call(
+        d.peer(),
+        "list",
+        "list_messages",
+        json!({"limit": 101}),
+        LIMIT,
+    )
+    .await;
+    assert_eq!(bad.error_code(), Some("invalid_input"));
+    let st = harness::status(d.peer()).await;
+    assert_eq!(st["queue"]["store"], "sqlite");
+    assert_eq!(st["queue"]["durable"], true);
+    assert_eq!(st["queue"]["counts"]["sent"], 7);
+    d.stop().await;
+}
+
+/// A second daemon on the same store refuses to start, naming the path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_held_by_another_daemon_is_a_start_up_error() {
+    let smtp = FaultSmtp::start(Script::ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(dir.path(), smtp.port(), "");
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let out = start_failure(dir.path(), &cfg);
+    assert!(out.contains("held by another mailmux daemon"), "{out}");
+    assert!(out.contains("queue.db"), "{out}");
+    // The first daemon still serves.
+    let c = send(d.peer(), msg("still here", json!({}))).await;
+    assert_eq!(c.status(), Some("sent"));
+    d.stop().await;
+}
+
+/// Runs the binary expecting it to refuse to start; returns its stderr.
+fn start_failure(dir: &Path, config: &str) -> String {
+    let path = dir.join("second.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
+        .arg("--config")
+        .arg(&path)
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "it started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A store written by a newer mailmux, and a file that is not a database,
+/// are start-up errors that say so.
+#[test]
+fn a_newer_or_corrupt_store_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(dir.path(), 9, "");
+    let db = dir.path().join("queue.db");
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.pragma_update(None, "user_version", 99).unwrap();
+    }
+    let out = start_failure(dir.path(), &cfg);
+    assert!(out.contains("newer version"), "{out}");
+    std::fs::write(&db, b"this is not a database at all, not even close....").unwrap();
+    let _ = std::fs::remove_file(dir.path().join("queue.db-wal"));
+    let out = start_failure(dir.path(), &cfg);
+    assert!(out.contains("queue.db"), "{out}");
+    assert!(out.contains("cannot open the queue"), "{out}");
+}
+
+/// A full disk: sends are refused with `queue_unavailable` (never `queued`),
+/// `/health`-style status says so, and once there is room again sends work
+/// and nothing was lost or doubled. The store lives on a small tmpfs that
+/// the test mounts (it needs root, as CI has).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_sends_clearly_and_recovers() {
+    let smtp = FaultSmtp::start(Script::ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap()
+        .success();
+    assert!(mounted, "mounting a tmpfs needs root (CI runs as root)");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+
+    let cfg = config_toml(&mnt, smtp.port(), "");
+    let d = Daemon::start(&mnt, &cfg).await;
+    let ok = send(d.peer(), msg("before", json!({}))).await;
+    assert_eq!(ok.status(), Some("sent"), "{ok:?}");
+
+    // Fill the disk.
+    let filler = mnt.join("filler");
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(Stdio::null())
+        .status();
+    let big = "x".repeat(200_000);
+    let mut refused = 0;
+    for i in 0..5 {
+        let mut a = msg(&format!("full {i}"), json!({"wait": false}));
+        a["body"] = json!(big);
+        let c = send(d.peer(), a).await;
+        match c.status() {
+            Some("queued") | Some("sent") => {}
+            _ => {
+                assert_eq!(c.error_code(), Some("queue_unavailable"), "{c:?}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused > 0, "a full disk refused nothing");
+    let st = harness::status(d.peer()).await;
+    assert_eq!(st["queue"]["available"], false, "{}", st["queue"]);
+
+    std::fs::remove_file(&filler).unwrap();
+    let after = send(d.peer(), msg("after", json!({}))).await;
+    assert_eq!(after.status(), Some("sent"), "{after:?}");
+    let st = harness::status(d.peer()).await;
+    assert_eq!(st["queue"]["available"], true);
+    let subjects: Vec<String> = smtp.received().iter().filter_map(subject_of).collect();
+    for s in &subjects {
+        assert_eq!(subjects.iter().filter(|x| *x == s).count(), 1, "{s} twice");
+    }
+    assert!(subjects.contains(&"before".to_string()));
+    assert!(subjects.contains(&"after".to_string()));
+    d.stop().await;
+}
