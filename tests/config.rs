@@ -835,10 +835,36 @@ fn every_shipped_configuration_file_loads() {
             let builtin = ok(None, &[]);
             assert_eq!(config.dispatch, builtin.dispatch);
             assert_eq!(config.daemon, builtin.daemon);
+            assert_eq!(config.queue, builtin.queue);
         } else {
             assert!(!config.default_relay, "{}", path.display());
         }
         seen += 1;
     }
     assert!(seen >= 4, "expected the shipped files, saw {seen}");
+}
+
+#[test]
+fn queue_keys_validate_with_their_names() {
+    let c = ok(None, &[]);
+    assert_eq!(
+        c.queue.store,
+        mailmux_actors::queue::StoreKind::Sqlite {
+            path: "mailmux-queue.db".into()
+        }
+    );
+    let c = ok(
+        None,
+        &[
+            ("MAILMUX_QUEUE__STORE", "memory"),
+            ("MAILMUX_QUEUE__RETRY_BASE", "2s"),
+        ],
+    );
+    assert_eq!(c.queue.store, mailmux_actors::queue::StoreKind::Memory);
+    assert_eq!(c.queue.retry_base, std::time::Duration::from_secs(2));
+    let e = err(None, &[("MAILMUX_QUEUE__STORE", "redis")]);
+    assert_eq!(e.key, "queue.store");
+    assert!(e.message.contains("sqlite or memory"), "{e}");
+    let e = err(None, &[("MAILMUX_QUEUE__MAX_AGE", "0s")]);
+    assert_eq!(e.key, "queue.max_age");
 }
