@@ -1,0 +1,186 @@
+//! One conformance suite for every queue store: the same checks run against
+//! SQLite on disk and the same engine in memory, so that no backend drifts.
+
+use std::sync::Arc;
+
+use mailmux_actors::queue::sqlite::SqliteStore;
+use mailmux_actors::queue::{
+    Accepted, Cancel, NewMessage, Settle, State, Store, StoreError, now_millis,
+};
+
+fn message(id: &str, key: Option<(&str, u8)>) -> NewMessage {
+    let now = now_millis();
+    NewMessage {
+        message_id: id.into(),
+        from: Some("a@example.org".into()),
+        to: vec!["b@example.org".into(), "c@example.org".into()],
+        bytes: Arc::from(&b"Subject: x\r\n\r\nbody\r\n"[..]),
+        prefer: None,
+        queued_at: now,
+        due_at: now,
+        idempotency: key.map(|(k, h)| (k.to_string(), [h; 32])),
+    }
+}
+
+fn settle(state: State, next: Option<i64>) -> Settle {
+    Settle {
+        state,
+        relay: Some("r".into()),
+        attempts: vec![],
+        accepted: vec![],
+        rejected: vec![],
+        reason: None,
+        note: None,
+        next_attempt_at: next,
+    }
+}
+
+async fn conformance(store: &dyn Store) {
+    // Accept, and keys: replay with the same hash, conflict with another.
+    assert_eq!(
+        store.accept(message("m1", Some(("k", 1)))).await.unwrap(),
+        Accepted::Stored(State::Queued)
+    );
+    assert_eq!(
+        store.accept(message("m2", Some(("k", 1)))).await.unwrap(),
+        Accepted::Replay("m1".into())
+    );
+    assert_eq!(
+        store.accept(message("m3", Some(("k", 2)))).await.unwrap(),
+        Accepted::Conflict("m1".into())
+    );
+    assert!(store.get("m2").await.unwrap().is_none());
+    assert_eq!(store.find_key("k").await.unwrap().as_deref(), Some("m1"));
+
+    // A future due time is scheduled, and not due now.
+    let mut later = message("m4", None);
+    later.due_at += 60_000;
+    assert_eq!(
+        store.accept(later).await.unwrap(),
+        Accepted::Stored(State::Scheduled)
+    );
+    let due = store.due(now_millis(), 10).await.unwrap();
+    assert_eq!(due, ["m1"]);
+
+    // The body loads for delivery; the record never carries it.
+    let p = store.load("m1").await.unwrap().unwrap();
+    assert_eq!(&p.bytes[..], b"Subject: x\r\n\r\nbody\r\n");
+    assert_eq!(p.to, ["b@example.org", "c@example.org"]);
+
+    // Deferred: queued with a next attempt in the past is due again.
+    let t = now_millis() - 1;
+    store
+        .settle("m1", settle(State::Queued, Some(t)))
+        .await
+        .unwrap();
+    let r = store.get("m1").await.unwrap().unwrap();
+    assert_eq!(r.state, State::Queued);
+    assert_eq!(r.next_attempt_at, Some(t));
+    assert_eq!(store.due(now_millis(), 10).await.unwrap(), ["m1"]);
+
+    // The crash rule: marked → unknown at recovery, never due again.
+    store.mark("m1").await.unwrap();
+    let rec = store.recover().await.unwrap();
+    assert_eq!((rec.unknown, rec.requeued), (1, 0));
+    let r = store.get("m1").await.unwrap().unwrap();
+    assert_eq!(r.state, State::Unknown);
+    let states: Vec<State> = r.history.iter().map(|h| h.0).collect();
+    assert_eq!(
+        states,
+        [State::Queued, State::Queued, State::Sending, State::Unknown]
+    );
+    assert!(store.due(now_millis(), 10).await.unwrap().is_empty());
+    assert!(store.load("m1").await.unwrap().is_none(), "body dropped");
+
+    // Cancel: scheduled yes; finished no; missing is not found.
+    assert_eq!(store.cancel("m4").await.unwrap(), Cancel::Cancelled);
+    assert_eq!(
+        store.cancel("m4").await.unwrap(),
+        Cancel::Refused(State::Cancelled)
+    );
+    assert_eq!(store.cancel("nope").await.unwrap(), Cancel::NotFound);
+
+    // Listing pages newest first.
+    for i in 0..5 {
+        store.accept(message(&format!("l{i}"), None)).await.unwrap();
+    }
+    let (page, next) = store.list(None, 4, None).await.unwrap();
+    let ids: Vec<&str> = page.iter().map(|s| s.message_id.as_str()).collect();
+    assert_eq!(ids, ["l4", "l3", "l2", "l1"]);
+    let (page, next) = store.list(None, 4, next).await.unwrap();
+    let ids: Vec<&str> = page.iter().map(|s| s.message_id.as_str()).collect();
+    assert_eq!(ids, ["l0", "m4", "m1"]);
+    assert!(next.is_none());
+    let (page, _) = store.list(Some(State::Unknown), 10, None).await.unwrap();
+    assert_eq!(page.len(), 1);
+
+    let stats = store.stats().await.unwrap();
+    let count = |s: State| stats.counts.iter().find(|c| c.0 == s).map_or(0, |c| c.1);
+    assert_eq!(count(State::Queued), 5);
+    assert_eq!(count(State::Unknown), 1);
+    assert_eq!(count(State::Cancelled), 1);
+
+    // Purge removes finished messages and old keys only.
+    let n = store.purge(now_millis() + 1, now_millis() + 1).await.unwrap();
+    assert_eq!(n, 2);
+    assert!(store.get("m1").await.unwrap().is_none());
+    assert!(store.get("l0").await.unwrap().is_some());
+    assert!(store.find_key("k").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn sqlite_on_disk_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("q.db")).unwrap();
+    assert!(store.durable());
+    conformance(&store).await;
+}
+
+#[tokio::test]
+async fn memory_conforms() {
+    let store = SqliteStore::memory().unwrap();
+    assert!(!store.durable());
+    conformance(&store).await;
+}
+
+#[tokio::test]
+async fn one_daemon_owns_a_file_and_the_data_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let store = SqliteStore::open(&path).unwrap();
+    store.accept(message("kept", None)).await.unwrap();
+    match SqliteStore::open(&path) {
+        Err(StoreError::Locked { path: p }) => assert!(p.ends_with("q.db")),
+        other => panic!("a second owner was let in: {other:?}"),
+    }
+    // Another process may still read and write (the queue command).
+    let shared = SqliteStore::open_shared(&path).unwrap();
+    assert!(shared.get("kept").await.unwrap().is_some());
+    drop(shared);
+    drop(store);
+    let again = SqliteStore::open(&path).unwrap();
+    assert_eq!(again.due(now_millis(), 10).await.unwrap(), ["kept"]);
+}
+
+#[tokio::test]
+async fn concurrent_writes_share_commits_and_each_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("q.db")).unwrap());
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store.accept(message(&format!("c{i}"), Some(("one", 7)))).await
+        }));
+    }
+    let mut stored = 0;
+    let mut replays = 0;
+    for t in tasks {
+        match t.await.unwrap().unwrap() {
+            Accepted::Stored(_) => stored += 1,
+            Accepted::Replay(_) => replays += 1,
+            Accepted::Conflict(_) => panic!("same content is no conflict"),
+        }
+    }
+    assert_eq!((stored, replays), (1, 199));
+}
