@@ -227,9 +227,13 @@ struct Tally {
 async fn soak() -> anyhow::Result<()> {
     let plan = plan();
     let c = plan.concurrency.max(1);
-    let bin = std::env::var_os("MAILMUX_SOAK_BIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| env!("CARGO_BIN_EXE_mailmux").into());
+    // A relative MAILMUX_SOAK_BIN is the caller's, not the daemon's working
+    // folder's (the daemon runs in a folder of its own).
+    let bin = match std::env::var_os("MAILMUX_SOAK_BIN") {
+        Some(b) => std::path::absolute(&b)
+            .map_err(|e| anyhow::anyhow!("MAILMUX_SOAK_BIN {}: {e}", b.display()))?,
+        None => env!("CARGO_BIN_EXE_mailmux").into(),
+    };
     eprintln!("soak: {plan:?}, binary {}", bin.display());
 
     let sink = Sink::start(c, true)?;

@@ -121,7 +121,10 @@ async fn conformance(store: &dyn Store) {
     assert_eq!(count(State::Cancelled), 1);
 
     // Purge removes finished messages and old keys only.
-    let n = store.purge(now_millis() + 1, now_millis() + 1).await.unwrap();
+    let n = store
+        .purge(now_millis() + 1, now_millis() + 1)
+        .await
+        .unwrap();
     assert_eq!(n, 2);
     assert!(store.get("m1").await.unwrap().is_none());
     assert!(store.get("l0").await.unwrap().is_some());
@@ -170,7 +173,9 @@ async fn concurrent_writes_share_commits_and_each_is_answered() {
     for i in 0..200 {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
-            store.accept(message(&format!("c{i}"), Some(("one", 7)))).await
+            store
+                .accept(message(&format!("c{i}"), Some(("one", 7))))
+                .await
         }));
     }
     let mut stored = 0;
