@@ -122,6 +122,16 @@ impl Daemon {
     }
 }
 
+/// A fault-injecting SMTP server with `script`, a folder, the configuration
+/// (with `extra` in its `[queue]` table) and the daemon started on them.
+async fn setup(script: Script, extra: &str) -> (FaultSmtp, tempfile::TempDir, String, Daemon) {
+    let smtp = FaultSmtp::start(script).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(dir.path(), smtp.port(), extra);
+    let d = Daemon::start(dir.path(), &cfg).await;
+    (smtp, dir, cfg, d)
+}
+
 fn rand_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
@@ -195,10 +205,7 @@ fn subject_of(r: &Received) -> Option<String> {
 /// MAIL. After the restart (relay healthy), each message goes out once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_after_queued_before_delivery_sends_each_message_once() {
-    let smtp = FaultSmtp::start(Script::ok().on(Phase::Mail, Action::Hang)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config_toml(dir.path(), smtp.port(), "");
-    let d = Daemon::start(dir.path(), &cfg).await;
+    let (smtp, dir, cfg, d) = setup(Script::ok().on(Phase::Mail, Action::Hang), "").await;
     let mut ids = Vec::new();
     for i in 0..5 {
         let c = send(d.peer(), msg(&format!("early {i}"), json!({"wait": false}))).await;
@@ -232,10 +239,7 @@ async fn kill_after_queued_before_delivery_sends_each_message_once() {
 /// "." was never written, so the restart sends the message once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_during_data_resends_once() {
-    let smtp = FaultSmtp::start(Script::ok().on(Phase::Data, Action::Hang)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config_toml(dir.path(), smtp.port(), "");
-    let d = Daemon::start(dir.path(), &cfg).await;
+    let (smtp, dir, cfg, d) = setup(Script::ok().on(Phase::Data, Action::Hang), "").await;
     let c = send(d.peer(), msg("mid data", json!({"wait": false}))).await;
     assert_eq!(c.status(), Some("queued"), "{c:?}");
     let id = c.message_id().unwrap().to_string();
@@ -261,10 +265,7 @@ async fn kill_during_data_resends_once() {
 /// sent again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_after_the_final_dot_is_unknown_and_never_resent() {
-    let smtp = FaultSmtp::start(Script::ok().on(Phase::AfterDot, Action::Hang)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config_toml(dir.path(), smtp.port(), "");
-    let d = Daemon::start(dir.path(), &cfg).await;
+    let (smtp, dir, cfg, d) = setup(Script::ok().on(Phase::AfterDot, Action::Hang), "").await;
     let c = send(d.peer(), msg("after dot", json!({"wait": false}))).await;
     assert_eq!(c.status(), Some("queued"), "{c:?}");
     let id = c.message_id().unwrap().to_string();
@@ -298,10 +299,7 @@ async fn kill_after_the_final_dot_is_unknown_and_never_resent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_killed_mid_way_loses_nothing_and_doubles_nothing() {
     const CALLS: usize = 5000;
-    let smtp = FaultSmtp::start(Script::ok()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config_toml(dir.path(), smtp.port(), "");
-    let d = Daemon::start(dir.path(), &cfg).await;
+    let (smtp, dir, cfg, d) = setup(Script::ok(), "").await;
     let calls = burst(d.peer(), "burst", CALLS, 32, LIMIT, |i| {
         msg(&format!("burst {i}"), json!({"wait": false}))
     });
@@ -377,10 +375,7 @@ async fn a_burst_killed_mid_way_loses_nothing_and_doubles_nothing() {
 /// after a restart, and a conflict. Each counts the copies at the sink.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_keys_send_once_across_calls_and_restarts() {
-    let smtp = FaultSmtp::start(Script::ok()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config_toml(dir.path(), smtp.port(), "");
-    let d = Daemon::start(dir.path(), &cfg).await;
+    let (smtp, dir, cfg, d) = setup(Script::ok(), "").await;
 
     let first = send(d.peer(), msg("idem", json!({"idempotency_key": "k-1"}))).await;
     assert_eq!(first.status(), Some("sent"), "{first:?}");
@@ -537,10 +532,7 @@ async fn deferred_mail_is_retried_expired_or_cancelled() {
 /// one copy after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_at_waits_for_its_time() {
-    let smtp = FaultSmtp::start(Script::ok()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config_toml(dir.path(), smtp.port(), "");
-    let d = Daemon::start(dir.path(), &cfg).await;
+    let (smtp, _dir, _cfg, d) = setup(Script::ok(), "").await;
     let c = send(d.peer(), msg("later", json!({"send_at": "2s"}))).await;
     assert_eq!(c.status(), Some("scheduled"), "{c:?}");
     let id = c.message_id().unwrap().to_string();
@@ -586,10 +578,7 @@ async fn send_at_waits_for_its_time() {
 /// `list_messages` pages newest first; `get_smtp_status` shows the queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_messages_pages_newest_first() {
-    let smtp = FaultSmtp::start(Script::ok()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config_toml(dir.path(), smtp.port(), "");
-    let d = Daemon::start(dir.path(), &cfg).await;
+    let (_smtp, _dir, _cfg, d) = setup(Script::ok(), "").await;
     let mut ids = Vec::new();
     for i in 0..7 {
         let c = send(d.peer(), msg(&format!("list {i}"), json!({}))).await;
@@ -647,10 +636,7 @@ async fn list_messages_pages_newest_first() {
 /// A second daemon on the same store refuses to start, naming the path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_held_by_another_daemon_is_a_start_up_error() {
-    let smtp = FaultSmtp::start(Script::ok()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config_toml(dir.path(), smtp.port(), "");
-    let d = Daemon::start(dir.path(), &cfg).await;
+    let (_smtp, dir, cfg, d) = setup(Script::ok(), "").await;
     let out = start_failure(dir.path(), &cfg);
     assert!(out.contains("held by another mailmux daemon"), "{out}");
     assert!(out.contains("queue.db"), "{out}");

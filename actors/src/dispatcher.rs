@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ractor::{Actor, ActorRef};
-use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio::sync::{Semaphore, oneshot};
 use tokio::time::Instant;
 
 use crate::mail::{CommitMark, FailureReason, Mail, Progress, Report, Status};
@@ -19,6 +19,7 @@ use crate::router::{Flight, Pin, RouterCell, RouterMsg};
 use crate::settings::Settings;
 use crate::status::{ProbeReport, ReloadDiff, Selection, ShutdownReport, Snapshot};
 use crate::supervisor::{SupMsg, Supervisor, SupervisorArgs, View};
+use crate::tally::Tally;
 
 /// How long a control call (status, pin, reload) waits for an actor.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -65,19 +66,7 @@ struct Inner {
     slots: Arc<Semaphore>,
     max_message_bytes: AtomicUsize,
     accepting: AtomicBool,
-    in_flight: AtomicUsize,
-    idle: Notify,
-}
-
-/// Counts a send in flight for as long as it lives.
-struct InFlight<'a>(&'a Inner);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
+    in_flight: Tally,
 }
 
 impl Dispatcher {
@@ -104,8 +93,7 @@ impl Dispatcher {
                 slots,
                 max_message_bytes,
                 accepting: AtomicBool::new(true),
-                in_flight: AtomicUsize::new(0),
-                idle: Notify::new(),
+                in_flight: Tally::default(),
             }),
         })
     }
@@ -149,8 +137,7 @@ impl Dispatcher {
                 );
             }
         };
-        inner.in_flight.fetch_add(1, Ordering::AcqRel);
-        let _counted = InFlight(inner);
+        let _counted = inner.in_flight.enter();
 
         let mail = Arc::new(mail);
         let progress = Arc::new(Progress::marked(mark));
@@ -210,7 +197,7 @@ impl Dispatcher {
             strategy: view.settings.router.strategy,
             pinned: self.pinned(),
             relays,
-            in_flight: self.inner.in_flight.load(Ordering::Acquire),
+            in_flight: self.inner.in_flight.get(),
             router_restarts: view.router_restarts,
         })
     }
@@ -283,18 +270,9 @@ impl Dispatcher {
     pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
         let inner = &*self.inner;
         inner.accepting.store(false, Ordering::Release);
-        let at_start = inner.in_flight.load(Ordering::Acquire);
-        let wait = async {
-            loop {
-                let idle = inner.idle.notified();
-                if inner.in_flight.load(Ordering::Acquire) == 0 {
-                    return;
-                }
-                idle.await;
-            }
-        };
-        let _ = tokio::time::timeout(grace, wait).await;
-        let abandoned = inner.in_flight.load(Ordering::Acquire);
+        let at_start = inner.in_flight.get();
+        let _ = tokio::time::timeout(grace, inner.in_flight.idle()).await;
+        let abandoned = inner.in_flight.get();
         // Say QUIT on every idle connection before the actors go.
         if let Ok(view) = self.view().await {
             let quits = view.relays.iter().map(|(shared, _, _)| shared.quit_idle());
@@ -313,7 +291,7 @@ impl Dispatcher {
 
     /// Messages accepted and not yet finished.
     pub fn in_flight(&self) -> usize {
-        self.inner.in_flight.load(Ordering::Acquire)
+        self.inner.in_flight.get()
     }
 
     /// Crashes an actor, for fault tests only.

@@ -12,6 +12,7 @@
 //! - `smtp`, `file`: one delivery attempt over SMTP or into a folder;
 //! - [`queue`]: the durable queue: the store trait, its SQLite backend, and
 //!   the runner that delivers from it;
+//! - `tally`: a count of work in progress that shutdown awaits;
 //! - `health`: backoff, circuit breaker, counters and latency of one relay.
 
 pub mod dispatcher;
@@ -25,6 +26,7 @@ pub mod settings;
 mod smtp;
 pub mod status;
 mod supervisor;
+mod tally;
 
 #[cfg(feature = "fault-hooks")]
 pub use dispatcher::PanicTarget;

@@ -612,7 +612,8 @@ impl MailmuxServer {
             Ok(v) => v,
             Err(e) => return failed(e),
         };
-        let hash = content_hash(&params);
+        // Hashed only when a key asks for it: the draft may be megabytes.
+        let idempotency = idempotency.map(|key| (key, content_hash(&params)));
         if let Some(relay) = &params.relay {
             let names = self.relay_names();
             if !names.contains(relay) {
@@ -693,7 +694,7 @@ impl MailmuxServer {
             .submit(Submit {
                 mail,
                 send_at,
-                idempotency: idempotency.map(|key| (key, hash)),
+                idempotency,
                 wait,
             })
             .await;

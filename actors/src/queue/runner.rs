@@ -9,7 +9,7 @@
 //! the `claimed` set is the lock, taken before a message is stored or loaded.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -24,6 +24,7 @@ use super::{
 };
 use crate::dispatcher::Dispatcher;
 use crate::mail::{CommitMark, FailureReason, Mail, Report, Status};
+use crate::tally::Tally;
 
 /// New messages waiting for the runner. Past this, a message stays in the
 /// store and the next poll takes it: the channel bounds memory, not intake.
@@ -98,20 +99,8 @@ struct Inner {
     accepting: AtomicBool,
     /// False after a write failed, until one succeeds.
     available: AtomicBool,
-    rounds: AtomicUsize,
-    idle: Notify,
+    rounds: Tally,
     stop: tokio_util::sync::CancellationToken,
-}
-
-/// Counts a round for as long as it lives.
-struct RoundGuard<'a>(&'a Inner);
-
-impl Drop for RoundGuard<'_> {
-    fn drop(&mut self) {
-        if self.0.rounds.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
 }
 
 /// The crash marker of one message: the store's `mark`.
@@ -168,8 +157,7 @@ impl Queue {
             slots: Arc::new(Semaphore::new(max_rounds.max(1))),
             accepting: AtomicBool::new(true),
             available: AtomicBool::new(true),
-            rounds: AtomicUsize::new(0),
-            idle: Notify::new(),
+            rounds: Tally::default(),
             stop: tokio_util::sync::CancellationToken::new(),
         });
         tokio::spawn(run(inner.clone(), ready_rx));
@@ -294,23 +282,33 @@ impl Queue {
                 _ => None,
             };
         let mut report = None;
+        // After the first round the answer is derived from what the round
+        // settled, without reading the store back; later rounds are read.
+        let mut record = None;
         if let Some(slot) = slot {
-            report = Some(round(inner.clone(), pending, deadline, slot).await);
+            let mut base = stored_record(&pending, now);
+            base.idempotency_key = s.idempotency.map(|(key, _)| key);
+            let (r, settle) = round(inner.clone(), pending, deadline, slot).await;
+            report = Some(r);
+            record = Some(base.settled(&settle));
         } else {
             // No round slot before the deadline: the runner takes it later.
             inner.unclaim(&id);
             inner.wake.notify_one();
         }
         loop {
-            let record = inner.record(&id).await?;
-            let retry_in_time = record.state == State::Queued
-                && record
+            let current = match record.take() {
+                Some(r) => r,
+                None => inner.record(&id).await?,
+            };
+            let retry_in_time = current.state == State::Queued
+                && current
                     .next_attempt_at
                     .is_some_and(|t| instant_of(t) < deadline);
-            if record.state.is_final() || !retry_in_time {
+            if current.state.is_final() || !retry_in_time {
                 inner.drop_waiters(&id);
                 return Ok(Submitted {
-                    record,
+                    record: current,
                     report,
                     replay: false,
                 });
@@ -383,16 +381,7 @@ impl Queue {
         inner.accepting.store(false, Ordering::Release);
         inner.stop.cancel();
         let report = inner.dispatcher.shutdown(grace).await;
-        let settled = async {
-            loop {
-                let idle = inner.idle.notified();
-                if inner.rounds.load(Ordering::Acquire) == 0 {
-                    return;
-                }
-                idle.await;
-            }
-        };
-        let _ = tokio::time::timeout(SETTLE_GRACE, settled).await;
+        let _ = tokio::time::timeout(SETTLE_GRACE, inner.rounds.idle()).await;
         report
     }
 }
@@ -614,6 +603,27 @@ fn stored_record(p: &Pending, now: Millis) -> Record {
     }
 }
 
+impl Record {
+    /// This record after `s` was settled on it (the answer to a caller
+    /// that waited for the round, without reading the store back).
+    fn settled(mut self, s: &Settle) -> Record {
+        let now = now_millis();
+        self.state = s.state;
+        self.updated_at = now;
+        self.next_attempt_at = s.next_attempt_at;
+        if s.relay.is_some() {
+            self.relay = s.relay.clone();
+        }
+        self.accepted = s.accepted.clone();
+        self.rejected = s.rejected.clone();
+        self.reason = s.reason.clone();
+        self.note = s.note.clone();
+        self.attempts.extend(s.attempts.iter().cloned());
+        self.history.push((s.state, now));
+        self
+    }
+}
+
 /// The monotonic instant of a wall-clock time, for deadlines.
 fn instant_of(t: Millis) -> Instant {
     let now = now_millis();
@@ -622,15 +632,14 @@ fn instant_of(t: Millis) -> Instant {
 }
 
 /// One delivery round of a claimed message: send, settle, unclaim, wake
-/// whoever waits for it.
+/// whoever waits for it. Returns the report and what was settled.
 async fn round(
     inner: Arc<Inner>,
     p: Pending,
     deadline: Instant,
     _slot: tokio::sync::OwnedSemaphorePermit,
-) -> Report {
-    inner.rounds.fetch_add(1, Ordering::AcqRel);
-    let _counted = RoundGuard(&inner);
+) -> (Report, Settle) {
+    let _counted = inner.rounds.enter();
     let started = now_millis();
     let id = p.message_id.clone();
     let report = match mail_of(&p, deadline) {
@@ -654,7 +663,7 @@ async fn round(
     };
     let settle = inner.settle_for(&report, &p, started);
     let state = settle.state;
-    let result = inner.store.settle(&id, settle).await;
+    let result = inner.store.settle(&id, settle.clone()).await;
     inner.note_write(&result);
     if let Err(e) = &result {
         // The outcome is not stored. A message marked as committing stays
@@ -664,7 +673,7 @@ async fn round(
     }
     inner.unclaim(&id);
     inner.wake_waiters(&id, &report);
-    report
+    (report, settle)
 }
 
 fn mail_of(p: &Pending, deadline: Instant) -> Result<Mail, String> {

@@ -84,21 +84,19 @@ CREATE INDEX idempotency_created ON idempotency(created_at);
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
-/// A write for the writer thread, with where its answer goes.
-enum Write {
-    Accept(NewMessage, oneshot::Sender<Result<Accepted, StoreError>>),
-    Mark(String, oneshot::Sender<Result<(), StoreError>>),
-    Settle(String, Settle, oneshot::Sender<Result<(), StoreError>>),
-    Cancel(String, oneshot::Sender<Result<Cancel, StoreError>>),
-    Recover(oneshot::Sender<Result<Recovered, StoreError>>),
-    Purge(Millis, Millis, oneshot::Sender<Result<u64, StoreError>>),
-}
+/// A write for the writer thread. It runs inside the batch's transaction
+/// (or gets the error that the transaction could not begin) and returns the
+/// answer to send once the commit's outcome is known.
+type Job = Box<dyn FnOnce(Result<&mut Transaction<'_>, &StoreError>, Millis) -> Answer + Send>;
+
+/// Sends a write's result, or the commit's error in place of a success.
+type Answer = Box<dyn FnOnce(&Result<(), StoreError>) + Send>;
 
 /// The SQLite store.
 #[derive(Debug)]
 pub struct SqliteStore {
     path: Option<PathBuf>,
-    writes: mpsc::Sender<Write>,
+    writes: mpsc::Sender<Job>,
     reader: Arc<Mutex<Connection>>,
     /// The advisory lock of a daemon; released when the store is dropped.
     _lock: Option<File>,
@@ -197,13 +195,27 @@ impl SqliteStore {
         })
     }
 
-    async fn write<T>(
+    /// Runs `f` in the writer thread's next transaction, in a savepoint of
+    /// its own; answers once that transaction is committed.
+    async fn write<T: Send + 'static>(
         &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Write,
+        f: impl FnOnce(&Connection, Millis) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let (tx, rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel::<Result<T, StoreError>>();
+        let job: Job = Box::new(move |batch, now| {
+            let result = match batch {
+                Ok(t) => in_savepoint(t, |c| f(c, now)),
+                Err(e) => Err(e.clone()),
+            };
+            Box::new(move |commit| {
+                let _ = tx.send(match (result, commit) {
+                    (Ok(_), Err(e)) => Err(e.clone()),
+                    (r, _) => r,
+                });
+            })
+        });
         self.writes
-            .send(make(tx))
+            .send(job)
             .map_err(|_| unavailable("the store's writer has stopped"))?;
         rx.await
             .map_err(|_| unavailable("the store's writer has stopped"))?
@@ -266,8 +278,8 @@ fn migrate(conn: &Connection, shown: &str, apply: bool) -> Result<(), StoreError
     Ok(())
 }
 
-fn spawn_writer(conn: Connection) -> mpsc::Sender<Write> {
-    let (tx, rx) = mpsc::channel::<Write>();
+fn spawn_writer(conn: Connection) -> mpsc::Sender<Job> {
+    let (tx, rx) = mpsc::channel::<Job>();
     std::thread::Builder::new()
         .name("mailmux-queue-writer".into())
         .spawn(move || writer_loop(conn, rx))
@@ -277,8 +289,8 @@ fn spawn_writer(conn: Connection) -> mpsc::Sender<Write> {
 
 /// The writer thread: takes every write waiting, runs them in one
 /// transaction, commits once, then answers each.
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Write>) {
-    let mut batch: Vec<Write> = Vec::with_capacity(MAX_BATCH);
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while let Ok(first) = rx.recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -291,62 +303,20 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Write>) {
     }
 }
 
-/// An answer held until the batch's commit is known.
-enum Answer {
-    Accept(
-        oneshot::Sender<Result<Accepted, StoreError>>,
-        Result<Accepted, StoreError>,
-    ),
-    Unit(
-        oneshot::Sender<Result<(), StoreError>>,
-        Result<(), StoreError>,
-    ),
-    Cancel(
-        oneshot::Sender<Result<Cancel, StoreError>>,
-        Result<Cancel, StoreError>,
-    ),
-    Recover(
-        oneshot::Sender<Result<Recovered, StoreError>>,
-        Result<Recovered, StoreError>,
-    ),
-    Count(
-        oneshot::Sender<Result<u64, StoreError>>,
-        Result<u64, StoreError>,
-    ),
-}
-
-impl Answer {
-    /// Sends the answer, or the commit's error in place of a success.
-    fn send(self, commit: &Result<(), StoreError>) {
-        fn pick<T>(r: Result<T, StoreError>, c: &Result<(), StoreError>) -> Result<T, StoreError> {
-            match (r, c) {
-                (Ok(_), Err(e)) => Err(e.clone()),
-                (r, _) => r,
-            }
-        }
-        match self {
-            Answer::Accept(tx, r) => drop(tx.send(pick(r, commit))),
-            Answer::Unit(tx, r) => drop(tx.send(pick(r, commit))),
-            Answer::Cancel(tx, r) => drop(tx.send(pick(r, commit))),
-            Answer::Recover(tx, r) => drop(tx.send(pick(r, commit))),
-            Answer::Count(tx, r) => drop(tx.send(pick(r, commit))),
-        }
-    }
-}
-
-fn run_batch(conn: &mut Connection, batch: &mut Vec<Write>) {
-    let mut answers = Vec::with_capacity(batch.len());
+fn run_batch(conn: &mut Connection, batch: &mut Vec<Job>) {
+    let now = now_millis();
+    let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
     let commit = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
         Ok(mut tx) => {
-            for w in batch.drain(..) {
-                answers.push(apply(&mut tx, w));
+            for job in batch.drain(..) {
+                answers.push(job(Ok(&mut tx), now));
             }
             tx.commit().map_err(unavailable)
         }
         Err(e) => {
             let err = unavailable(e);
-            for w in batch.drain(..) {
-                answers.push(refuse(w, &err));
+            for job in batch.drain(..) {
+                answers.push(job(Err(&err), now));
             }
             Err(err)
         }
@@ -354,70 +324,44 @@ fn run_batch(conn: &mut Connection, batch: &mut Vec<Write>) {
     if let Err(e) = &commit {
         tracing::error!(error = %e, "the queue store could not commit");
     }
-    for a in answers {
-        a.send(&commit);
+    for answer in answers {
+        answer(&commit);
     }
 }
 
-fn refuse(w: Write, e: &StoreError) -> Answer {
-    match w {
-        Write::Accept(_, tx) => Answer::Accept(tx, Err(e.clone())),
-        Write::Mark(_, tx) | Write::Settle(_, _, tx) => Answer::Unit(tx, Err(e.clone())),
-        Write::Cancel(_, tx) => Answer::Cancel(tx, Err(e.clone())),
-        Write::Recover(tx) => Answer::Recover(tx, Err(e.clone())),
-        Write::Purge(_, _, tx) => Answer::Count(tx, Err(e.clone())),
-    }
+/// Runs one write in its own savepoint, so that a failing write does not
+/// undo the others in its batch.
+fn in_savepoint<T>(
+    tx: &mut Transaction<'_>,
+    f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+) -> Result<T, StoreError> {
+    let sp = tx.savepoint().map_err(unavailable)?;
+    let v = f(&sp).map_err(unavailable)?;
+    sp.commit().map_err(unavailable)?;
+    Ok(v)
 }
 
-/// Runs one write in its own savepoint.
-fn apply(tx: &mut Transaction<'_>, w: Write) -> Answer {
-    fn scoped<T>(
-        tx: &mut Transaction<'_>,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
-    ) -> Result<T, StoreError> {
-        let sp = tx.savepoint().map_err(unavailable)?;
-        match f(&sp) {
-            Ok(v) => {
-                sp.commit().map_err(unavailable)?;
-                Ok(v)
-            }
-            Err(e) => Err(unavailable(e)),
-        }
-    }
-    let now = now_millis();
-    match w {
-        Write::Accept(m, reply) => Answer::Accept(reply, scoped(tx, |c| accept(c, &m, now))),
-        Write::Mark(id, reply) => Answer::Unit(
-            reply,
-            scoped(tx, |c| {
-                let seq = seq_of(c, &id)?;
-                c.execute(
-                    "UPDATE messages SET state = 'sending', committing = 1, updated_at = ?2 WHERE seq = ?1",
-                    params![seq, now],
-                )?;
-                event(c, seq, State::Sending, now)
-            }),
-        ),
-        Write::Settle(id, s, reply) => Answer::Unit(reply, scoped(tx, |c| settle(c, &id, &s, now))),
-        Write::Cancel(id, reply) => Answer::Cancel(reply, scoped(tx, |c| cancel(c, &id, now))),
-        Write::Recover(reply) => Answer::Recover(reply, scoped(tx, |c| recover(c, now))),
-        Write::Purge(finished, keys, reply) => Answer::Count(
-            reply,
-            scoped(tx, |c| {
-                c.execute(
-                    "DELETE FROM attempts WHERE seq IN (SELECT seq FROM messages WHERE finished_at < ?1)",
-                    [finished],
-                )?;
-                c.execute(
-                    "DELETE FROM events WHERE seq IN (SELECT seq FROM messages WHERE finished_at < ?1)",
-                    [finished],
-                )?;
-                let n = c.execute("DELETE FROM messages WHERE finished_at < ?1", [finished])?;
-                c.execute("DELETE FROM idempotency WHERE created_at < ?1", [keys])?;
-                Ok(n as u64)
-            }),
-        ),
-    }
+fn mark(c: &Connection, id: &str, now: Millis) -> rusqlite::Result<()> {
+    let seq = seq_of(c, id)?;
+    c.execute(
+        "UPDATE messages SET state = 'sending', committing = 1, updated_at = ?2 WHERE seq = ?1",
+        params![seq, now],
+    )?;
+    event(c, seq, State::Sending, now)
+}
+
+fn purge(c: &Connection, finished: Millis, keys: Millis) -> rusqlite::Result<u64> {
+    c.execute(
+        "DELETE FROM attempts WHERE seq IN (SELECT seq FROM messages WHERE finished_at < ?1)",
+        [finished],
+    )?;
+    c.execute(
+        "DELETE FROM events WHERE seq IN (SELECT seq FROM messages WHERE finished_at < ?1)",
+        [finished],
+    )?;
+    let n = c.execute("DELETE FROM messages WHERE finished_at < ?1", [finished])?;
+    c.execute("DELETE FROM idempotency WHERE created_at < ?1", [keys])?;
+    Ok(n as u64)
 }
 
 fn seq_of(c: &Connection, id: &str) -> rusqlite::Result<i64> {
@@ -613,22 +557,22 @@ impl Store for SqliteStore {
     }
 
     async fn accept(&self, m: NewMessage) -> Result<Accepted, StoreError> {
-        self.write(|tx| Write::Accept(m, tx)).await
+        self.write(move |c, now| accept(c, &m, now)).await
     }
 
     async fn mark(&self, message_id: &str) -> Result<(), StoreError> {
         let id = message_id.to_owned();
-        self.write(|tx| Write::Mark(id, tx)).await
+        self.write(move |c, now| mark(c, &id, now)).await
     }
 
     async fn settle(&self, message_id: &str, s: Settle) -> Result<(), StoreError> {
         let id = message_id.to_owned();
-        self.write(|tx| Write::Settle(id, s, tx)).await
+        self.write(move |c, now| settle(c, &id, &s, now)).await
     }
 
     async fn cancel(&self, message_id: &str) -> Result<Cancel, StoreError> {
         let id = message_id.to_owned();
-        self.write(|tx| Write::Cancel(id, tx)).await
+        self.write(move |c, now| cancel(c, &id, now)).await
     }
 
     async fn due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
@@ -767,11 +711,11 @@ impl Store for SqliteStore {
     }
 
     async fn recover(&self) -> Result<Recovered, StoreError> {
-        self.write(Write::Recover).await
+        self.write(recover).await
     }
 
     async fn purge(&self, finished_before: Millis, keys_before: Millis) -> Result<u64, StoreError> {
-        self.write(|tx| Write::Purge(finished_before, keys_before, tx))
+        self.write(move |c, _| purge(c, finished_before, keys_before))
             .await
     }
 }
