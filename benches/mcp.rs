@@ -30,24 +30,43 @@ usage: cargo bench --bench mcp -- [options]
   --concurrency C[,C...]   calls (or smtp-source sessions) in parallel (1,8,32,64)
   --size BYTES[,BYTES...]  message body size (1024)
   --runs R                 runs of each measurement; the best is reported (2)
-  --paths P[,P...]         any of source, stdio, http (all three)
+  --paths P[,P...]         any of source, stdio, stdio-memory, http, http-memory
+                           (all five; stdio and http run on the default sqlite store)
   --burst N                concurrent calls of the memory measurement, 0 to skip it (1000)
   --log FILTER             the daemon's RUST_LOG (info, its default)
   --bin PATH               the mailmux binary (the one cargo built for this bench)
 ";
 
+/// The queue store a daemon runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Store {
+    Sqlite,
+    Memory,
+}
+
+impl Store {
+    fn name(self) -> &'static str {
+        match self {
+            Store::Sqlite => "sqlite",
+            Store::Memory => "memory",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Path {
     Source,
-    Mcp(Transport),
+    Mcp(Transport, Store),
 }
 
 impl Path {
     fn name(self) -> &'static str {
         match self {
             Path::Source => "smtp-source",
-            Path::Mcp(Transport::Stdio) => "MCP stdio",
-            Path::Mcp(Transport::Http) => "MCP HTTP",
+            Path::Mcp(Transport::Stdio, Store::Sqlite) => "MCP stdio, sqlite",
+            Path::Mcp(Transport::Stdio, Store::Memory) => "MCP stdio, memory",
+            Path::Mcp(Transport::Http, Store::Sqlite) => "MCP HTTP, sqlite",
+            Path::Mcp(Transport::Http, Store::Memory) => "MCP HTTP, memory",
         }
     }
 }
@@ -83,8 +102,10 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut runs = 2;
     let mut paths = vec![
         Path::Source,
-        Path::Mcp(Transport::Stdio),
-        Path::Mcp(Transport::Http),
+        Path::Mcp(Transport::Stdio, Store::Sqlite),
+        Path::Mcp(Transport::Stdio, Store::Memory),
+        Path::Mcp(Transport::Http, Store::Sqlite),
+        Path::Mcp(Transport::Http, Store::Memory),
     ];
     let mut burst = 1000;
     let mut log = "info".to_string();
@@ -106,8 +127,10 @@ fn parse_args() -> anyhow::Result<Args> {
                     .split(',')
                     .map(|p| match p.trim() {
                         "source" | "smtp-source" => Ok(Path::Source),
-                        "stdio" => Ok(Path::Mcp(Transport::Stdio)),
-                        "http" => Ok(Path::Mcp(Transport::Http)),
+                        "stdio" => Ok(Path::Mcp(Transport::Stdio, Store::Sqlite)),
+                        "stdio-memory" => Ok(Path::Mcp(Transport::Stdio, Store::Memory)),
+                        "http" => Ok(Path::Mcp(Transport::Http, Store::Sqlite)),
+                        "http-memory" => Ok(Path::Mcp(Transport::Http, Store::Memory)),
                         other => bail!("--paths: unknown path {other:?}"),
                     })
                     .collect::<anyhow::Result<_>>()?;
@@ -241,6 +264,7 @@ fn run_source(c: usize, n: usize, size: usize) -> anyhow::Result<Measurement> {
 async fn run_mcp(
     args: &Args,
     transport: Transport,
+    store: Store,
     c: usize,
     n: usize,
     body: Arc<String>,
@@ -255,6 +279,7 @@ async fn run_mcp(
             messages_per_connection: 0,
             log: args.log.clone(),
             http_requests: c,
+            store: store.name(),
         },
     )
     .await?;
@@ -350,6 +375,7 @@ async fn run_memory(
             messages_per_connection: 100,
             log: args.log.clone(),
             http_requests: burst,
+            store: Store::Sqlite.name(),
         },
     )
     .await?;
@@ -476,8 +502,9 @@ fn table(rows: &[Row], memory: &[Memory], runs: usize) -> String {
             continue;
         };
         for (path, target) in [
-            (Path::Mcp(Transport::Stdio), 0.6),
-            (Path::Mcp(Transport::Http), 0.4),
+            (Path::Mcp(Transport::Stdio, Store::Sqlite), 0.6),
+            (Path::Mcp(Transport::Stdio, Store::Memory), 0.6),
+            (Path::Mcp(Transport::Http, Store::Sqlite), 0.4),
         ] {
             if let Some(r) = find(size, 32, path) {
                 let ratio = r.m.rate() / source.m.rate();
@@ -494,12 +521,12 @@ fn table(rows: &[Row], memory: &[Memory], runs: usize) -> String {
                 );
             }
         }
-        if let Some(r) = find(size, 1, Path::Mcp(Transport::Stdio))
+        if let Some(r) = find(size, 1, Path::Mcp(Transport::Stdio, Store::Sqlite))
             && let Some(p50) = load::percentile(&r.m.latencies, 0.5)
         {
             let _ = writeln!(
                 out,
-                "- MCP stdio p50 at C=1, {}: {} ms, target 1 ms: {}.",
+                "- MCP stdio (sqlite) p50 at C=1, {}: {} ms, target 1 ms: {}.",
                 size_name(size),
                 ms(Some(p50)),
                 verdict(p50 <= Duration::from_millis(1))
@@ -547,7 +574,9 @@ fn main() -> anyhow::Result<()> {
                 for (k, &path) in args.paths.iter().enumerate() {
                     let m = match path {
                         Path::Source => run_source(c, n, size),
-                        Path::Mcp(t) => rt.block_on(run_mcp(&args, t, c, n, body.clone())),
+                        Path::Mcp(t, store) => {
+                            rt.block_on(run_mcp(&args, t, store, c, n, body.clone()))
+                        }
                     }
                     .with_context(|| format!("{} at C={c}", path.name()))?;
                     eprintln!(
@@ -590,7 +619,10 @@ fn main() -> anyhow::Result<()> {
     let mut memory = Vec::new();
     if args.burst > 0 {
         for &path in &args.paths {
-            let Path::Mcp(t) = path else { continue };
+            // The memory of the default (sqlite) daemon, once per transport.
+            let Path::Mcp(t, Store::Sqlite) = path else {
+                continue;
+            };
             for &(size, _) in &args.sizes {
                 let m = rt.block_on(run_memory(&args, t, size, args.burst))?;
                 eprintln!("memory: {m:?}");

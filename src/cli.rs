@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use base64::Engine;
 use clap::{Args, Parser, Subcommand};
-use mailmux_actors::queue::Queue;
+use mailmux_actors::queue::{Queue, StoreError};
 use mailmux_actors::{Dispatcher, Secret};
 use tracing::Instrument;
 
@@ -263,17 +263,34 @@ fn draft_from_args(args: &SendArgs) -> Result<Draft, String> {
     })
 }
 
-/// The dispatcher and the queue for a one-shot command.
-async fn start_queue(config: &Config) -> Option<Queue> {
+/// The dispatcher and the queue for `send`. When a daemon holds the store,
+/// `--no-wait` hands the message to it through the store.
+async fn start_queue(config: &Config, no_wait: bool) -> Option<Queue> {
     if let Some(w) = mcp::default_relay_warning(config) {
         tracing::warn!("{w}");
     }
-    match mcp::start_queue(config).await {
+    let started = match mcp::start_queue(config).await {
+        Err(mcp::RunError::Queue(StoreError::Locked { .. })) if no_wait => {
+            let q = mcp::start_handoff(config).await;
+            if q.is_ok() {
+                eprintln!(
+                    "mailmux: a running daemon holds the queue store; the message is handed to it"
+                );
+            }
+            q
+        }
+        other => other,
+    };
+    match started {
         Ok(q) => Some(q),
         Err(e) => {
+            let locked = matches!(e, mcp::RunError::Queue(StoreError::Locked { .. }));
             let e = anyhow::Error::new(e);
             tracing::error!("{e:#}");
             eprintln!("mailmux: {e:#}");
+            if locked {
+                eprintln!("mailmux: with --no-wait the message is handed to that daemon instead");
+            }
             None
         }
     }
@@ -302,7 +319,7 @@ async fn send(config: Config, sources: Sources, args: SendArgs) -> ExitCode {
         }
     };
     let grace = config.daemon.shutdown_grace;
-    let Some(queue) = start_queue(&config).await else {
+    let Some(queue) = start_queue(&config, args.no_wait && !args.dry_run).await else {
         return ExitCode::FAILURE;
     };
     let server = MailmuxServer::new(queue.clone(), config, sources);

@@ -755,3 +755,46 @@ async fn a_full_disk_refuses_sends_clearly_and_recovers() {
     assert!(subjects.contains(&"after".to_string()));
     d.stop().await;
 }
+
+/// `mailmux send` while a daemon owns the store: without `--no-wait` it
+/// refuses and says how; with it, the message is stored for the daemon,
+/// which delivers it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_no_wait_hands_a_message_to_the_running_daemon() {
+    let (smtp, dir, _cfg, d) = setup(Script::ok(), "").await;
+    let cli = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
+            .arg("--config")
+            .arg(dir.path().join("mailmux.toml"))
+            .args(["send", "--to", "rcpt@example.org", "--subject", "handed"])
+            .args(["--body", "from the command line"])
+            .args(extra)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, _, err) = cli(&[]);
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("held by another mailmux daemon"), "{err}");
+    assert!(err.contains("--no-wait"), "{err}");
+    assert!(smtp.received().is_empty());
+
+    let (code, out, err) = cli(&["--no-wait"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["status"], "queued", "{v}");
+    let id = v["message_id"].as_str().unwrap().to_string();
+    let s = settled(d.peer(), &id, LIMIT).await;
+    assert_eq!(s["status"], "sent", "{s}");
+    let subjects: Vec<String> = smtp.received().iter().filter_map(subject_of).collect();
+    assert_eq!(subjects, ["handed"]);
+    d.stop().await;
+}

@@ -16,6 +16,7 @@ async fn workers(transport: Transport) -> anyhow::Result<u64> {
             max_connections: 1,
             messages_per_connection: 0,
             log: "warn".into(),
+            store: "sqlite",
             http_requests: 1,
         },
     )

@@ -247,6 +247,7 @@ async fn soak() -> anyhow::Result<()> {
             // that a leak on open or close shows up in the FD count.
             messages_per_connection: 100,
             log: "warn".into(),
+            store: "sqlite",
             http_requests: c * 2,
         },
     )

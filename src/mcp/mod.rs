@@ -213,6 +213,25 @@ pub async fn start_queue(config: &Config) -> Result<Queue, RunError> {
     .map_err(RunError::Queue)
 }
 
+/// A hand-off queue over the SQLite store a running daemon owns: messages
+/// are stored for that daemon to deliver (`mailmux send --no-wait`).
+pub async fn start_handoff(config: &Config) -> Result<Queue, RunError> {
+    let queue::StoreKind::Sqlite { path } = &config.queue.store else {
+        return Err(RunError::Queue(StoreError::Unavailable(
+            "only a sqlite store can be shared with a running daemon".into(),
+        )));
+    };
+    let store = queue::sqlite::SqliteStore::open_shared(path).map_err(RunError::Queue)?;
+    let dispatcher = Dispatcher::start(config.dispatch.clone())
+        .await
+        .map_err(RunError::Start)?;
+    Ok(Queue::handoff(
+        std::sync::Arc::new(store),
+        dispatcher,
+        config.queue.clone(),
+    ))
+}
+
 /// Refuses new calls and drains the queue; logs what it found.
 pub async fn drain(server: &MailmuxServer) {
     server.begin_shutdown();

@@ -272,6 +272,9 @@ pub struct DaemonOptions {
     pub log: String,
     /// Concurrent requests the HTTP client may have open.
     pub http_requests: usize,
+    /// The queue's store: `sqlite` (the default, a file in the daemon's
+    /// folder) or `memory`.
+    pub store: &'static str,
 }
 
 /// The `mailmux` binary serving MCP, with a connected rmcp client. The
@@ -297,6 +300,9 @@ send_deadline = "300s"
 shutdown_grace = "10s"
 message_id_domain = "load.localhost"
 
+[queue]
+store = "{store}"
+
 [[relays]]
 name = "sink"
 host = "127.0.0.1"
@@ -310,6 +316,7 @@ messages_per_connection = {per_conn}
         port = o.sink_port,
         conns = o.max_connections,
         per_conn = o.messages_per_connection,
+        store = o.store,
     )
 }
 

@@ -88,6 +88,9 @@ struct Inner {
     store: Arc<dyn Store>,
     dispatcher: Dispatcher,
     settings: QueueSettings,
+    /// False for a hand-off queue: it stores messages for the daemon that
+    /// owns the store, and delivers nothing itself.
+    delivers: bool,
     /// Messages a round holds (or is about to): the per-message lock.
     claimed: Mutex<HashSet<String>>,
     ready: mpsc::Sender<Pending>,
@@ -145,11 +148,39 @@ impl Queue {
                 "the queue is in memory: accepted mail that is not yet delivered is lost on a crash or restart"
             );
         }
+        let (inner, ready_rx) = Inner::new(store, dispatcher, settings, max_rounds, true);
+        tokio::spawn(run(inner.clone(), ready_rx));
+        tokio::spawn(purge_loop(inner.clone()));
+        Ok(Queue { inner })
+    }
+
+    /// A queue over a store that a running daemon owns (opened without its
+    /// lock): `submit` stores the message and the daemon's runner, which
+    /// polls the store, delivers it. No recovery, runner or purge here.
+    pub fn handoff(
+        store: Arc<dyn Store>,
+        dispatcher: Dispatcher,
+        settings: QueueSettings,
+    ) -> Queue {
+        let (inner, _) = Inner::new(store, dispatcher, settings, 1, false);
+        Queue { inner }
+    }
+}
+
+impl Inner {
+    fn new(
+        store: Arc<dyn Store>,
+        dispatcher: Dispatcher,
+        settings: QueueSettings,
+        max_rounds: usize,
+        delivers: bool,
+    ) -> (Arc<Inner>, mpsc::Receiver<Pending>) {
         let (ready, ready_rx) = mpsc::channel(READY_CAPACITY);
         let inner = Arc::new(Inner {
             store,
             dispatcher,
             settings,
+            delivers,
             claimed: Mutex::new(HashSet::new()),
             ready,
             wake: Notify::new(),
@@ -160,11 +191,11 @@ impl Queue {
             rounds: Tally::default(),
             stop: tokio_util::sync::CancellationToken::new(),
         });
-        tokio::spawn(run(inner.clone(), ready_rx));
-        tokio::spawn(purge_loop(inner.clone()));
-        Ok(Queue { inner })
+        (inner, ready_rx)
     }
+}
 
+impl Queue {
     pub fn settings(&self) -> &QueueSettings {
         &self.inner.settings
     }
@@ -250,6 +281,14 @@ impl Queue {
             inner.wake.notify_one();
             return Ok(Submitted {
                 record: inner.record(&id).await?,
+                report: None,
+                replay: false,
+            });
+        }
+        if !inner.delivers {
+            inner.unclaim(&id);
+            return Ok(Submitted {
+                record: stored_record(&pending, now),
                 report: None,
                 replay: false,
             });
