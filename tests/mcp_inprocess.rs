@@ -512,3 +512,98 @@ async fn calls_past_the_bound_wait_unread() {
     assert_eq!(two["status"], "sent");
     assert_eq!(smtp.delivered().len() + backup_smtp.delivered().len(), 1);
 }
+
+/// Records the resource updates the server notifies.
+#[derive(Clone, Default)]
+struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl rmcp::ClientHandler for Recorder {
+    async fn on_resource_updated(
+        &self,
+        params: rmcp::model::ResourceUpdatedNotificationParam,
+        _context: rmcp::service::NotificationContext<rmcp::RoleClient>,
+    ) {
+        self.0.lock().unwrap().push(params.uri);
+    }
+}
+
+/// Each message is the resource `mailmux://messages/{id}`: a template, a
+/// listing, a read that matches `get_message_status` without the body, and
+/// `notifications/resources/updated` on each state change for a subscriber.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_are_resources_with_updates_for_subscribers() {
+    use rmcp::ServiceExt;
+    use rmcp::model::{ReadResourceRequestParams, ResourceContents, SubscribeRequestParams};
+
+    let smtp = Aiosmtpd::start();
+    let cfg = config(vec![relay("primary", smtp.port, 1)]);
+    let queue = mailmux::mcp::start_queue(&cfg).await.unwrap();
+    let server = mailmux::mcp::MailmuxServer::new(queue, cfg, Sources::default());
+    let (client_io, server_io) = tokio::io::duplex(1 << 20);
+    let (r, w) = tokio::io::split(server_io);
+    tokio::spawn(mailmux::mcp::transport::serve_io(
+        server,
+        r,
+        w,
+        std::future::pending(),
+    ));
+    let recorder = Recorder::default();
+    let client = recorder.clone().serve(client_io).await.unwrap();
+    let caps = client.peer_info().unwrap().capabilities.resources.clone();
+    assert!(caps.is_some_and(|r| r.subscribe == Some(true)));
+
+    let templates = client.list_all_resource_templates().await.unwrap();
+    assert_eq!(templates[0].uri_template, "mailmux://messages/{message_id}");
+
+    // A message due in 1 s: subscribe while it is scheduled.
+    let mut params = CallToolRequestParams::new("send_email");
+    params = params.with_arguments(
+        json!({"to": "a@example.org", "subject": "watched", "body": "SECRET-BODY-TEXT",
+               "send_at": "1s"})
+        .as_object()
+        .unwrap()
+        .clone(),
+    );
+    let sent = client.call_tool(params).await.unwrap();
+    let out = sent.structured_content.unwrap();
+    assert_eq!(out["status"], "scheduled", "{out}");
+    let id = out["message_id"].as_str().unwrap().to_string();
+    let uri = format!("mailmux://messages/{id}");
+    // resources/subscribe, as clients that negotiate 2025-06-18 send it.
+    #[allow(deprecated)]
+    client
+        .subscribe(SubscribeRequestParams::new(uri.clone()))
+        .await
+        .unwrap();
+    let listed = client.list_all_resources().await.unwrap();
+    assert!(listed.iter().any(|r| r.uri == uri), "{listed:?}");
+
+    // Sending, then sent: at least two updates, each naming the message.
+    let notified = support::wait_until(
+        || recorder.0.lock().unwrap().len() >= 2,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(notified, "updates: {:?}", recorder.0.lock().unwrap());
+    assert!(recorder.0.lock().unwrap().iter().all(|u| *u == uri));
+    let read = client
+        .read_resource(ReadResourceRequestParams::new(uri.clone()))
+        .await
+        .unwrap();
+    let ResourceContents::TextResourceContents { text, .. } = &read.contents[0] else {
+        panic!("not text: {read:?}");
+    };
+    let v: Value = serde_json::from_str(text).unwrap();
+    assert_eq!(v["status"], "sent", "{v}");
+    assert_eq!(v["message_id"], id.as_str());
+    assert!(
+        !text.contains("SECRET-BODY-TEXT"),
+        "the body leaked: {text}"
+    );
+    assert_eq!(smtp.wait_messages(1).len(), 1);
+
+    let missing = client
+        .read_resource(ReadResourceRequestParams::new("mailmux://messages/nope"))
+        .await;
+    assert!(missing.is_err());
+}

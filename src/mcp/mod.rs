@@ -5,6 +5,7 @@
 //! never talks SMTP itself.
 
 pub mod http;
+pub mod resources;
 pub mod tools;
 pub mod transport;
 pub mod types;
@@ -42,6 +43,8 @@ struct State {
     reload: tokio::sync::Mutex<()>,
     /// `send_email` calls in progress, bounded by `max_concurrent_calls`.
     calls: Arc<transport::CallGate>,
+    /// Clients subscribed to message resources.
+    subscriptions: resources::Subscriptions,
 }
 
 impl std::fmt::Debug for MailmuxServer {
@@ -67,6 +70,7 @@ impl MailmuxServer {
                 closing: AtomicBool::new(false),
                 reload: tokio::sync::Mutex::new(()),
                 calls,
+                subscriptions: resources::Subscriptions::default(),
             }),
             tool_router: Self::tool_router(),
         }

@@ -10,15 +10,22 @@ use std::time::{Duration, SystemTime};
 
 use mailmux_actors::queue::{Cancel, QueueError, State, Submit};
 use mailmux_actors::{ControlError, Mail};
+use rmcp::RoleServer;
 use rmcp::handler::server::tool::schema_for_output;
 use rmcp::handler::server::wrapper::Parameters;
-use rmcp::model::{CallToolResult, ContentBlock, Implementation, ServerCapabilities, ServerConfig};
+use rmcp::model::{
+    CallToolResult, ContentBlock, Implementation, ListResourceTemplatesResult, ListResourcesResult,
+    PaginatedRequestParams, ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult,
+    Resource, ResourceContents, ResourceTemplate, ServerCapabilities, ServerConfig,
+    SubscribeRequestParams, UnsubscribeRequestParams,
+};
+use rmcp::service::RequestContext;
 use rmcp::{ErrorData, ServerHandler, tool, tool_handler, tool_router};
 use sha2::Digest;
 use tracing::{Instrument, field::Empty};
 
-use super::MailmuxServer;
 use super::types::*;
+use super::{MailmuxServer, resources};
 use crate::compose::compose;
 use crate::config;
 
@@ -881,13 +888,108 @@ impl MailmuxServer {
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for MailmuxServer {
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+        let capabilities = ServerCapabilities::builder()
+            .enable_tools()
+            .enable_resources()
+            .enable_resources_subscribe()
+            .build();
+        ServerConfig::new(capabilities)
             .with_server_info(Implementation::new("mailmux", env!("CARGO_PKG_VERSION")))
             .with_instructions(
                 "mailmux sends email through SMTP relays with failover. Use send_email (try \
                  dry_run first if unsure), get_smtp_status to see the relays, and \
                  test_smtp_connection to probe them. A failed send has isError and a stable \
-                 error code; status \"unknown\" means it may have been delivered.",
+                 error code; status \"unknown\" means it may have been delivered. Each message \
+                 is also the resource mailmux://messages/{message_id}.",
             )
     }
+
+    async fn list_resource_templates(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListResourceTemplatesResult, ErrorData> {
+        Ok(ListResourceTemplatesResult::with_all_items(vec![
+            ResourceTemplate::new(format!("{}{{message_id}}", resources::PREFIX), "message")
+                .with_description(
+                    "One message in mailmux's queue: status, times, envelope and attempts \
+                     (never the body), as JSON. Subscribe for a notification on each change.",
+                )
+                .with_mime_type("application/json"),
+        ]))
+    }
+
+    async fn list_resources(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListResourcesResult, ErrorData> {
+        let (page, _) = self
+            .queue()
+            .list(None, RESOURCES_LISTED, None)
+            .await
+            .map_err(|e| ErrorData::internal_error(queue_error(&e).message, None))?;
+        Ok(ListResourcesResult::with_all_items(
+            page.iter()
+                .map(|m| {
+                    Resource::new(resources::uri(&m.message_id), m.message_id.clone())
+                        .with_description(format!("{} message", m.state.as_str()))
+                        .with_mime_type("application/json")
+                })
+                .collect(),
+        ))
+    }
+
+    async fn read_resource(
+        &self,
+        request: ReadResourceRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceResponse, ErrorData> {
+        let id = resources::message_id(&request.uri).ok_or_else(|| {
+            ErrorData::resource_not_found(format!("no resource {:?}", request.uri), None)
+        })?;
+        let record = self
+            .queue()
+            .status(id)
+            .await
+            .map_err(|e| ErrorData::internal_error(queue_error(&e).message, None))?
+            .ok_or_else(|| ErrorData::resource_not_found(format!("no message {id:?}"), None))?;
+        let json = serde_json::to_string(&MessageStatusResult::from(&record))
+            .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
+        Ok(ReadResourceResult::new(vec![
+            ResourceContents::text(json, request.uri).with_mime_type("application/json"),
+        ])
+        .into())
+    }
+
+    #[allow(deprecated)] // resources/subscribe: what clients of 2025-06-18 send
+    async fn subscribe(
+        &self,
+        request: SubscribeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        let id = resources::message_id(&request.uri).ok_or_else(|| {
+            ErrorData::resource_not_found(format!("no resource {:?}", request.uri), None)
+        })?;
+        self.state
+            .subscriptions
+            .subscribe(self.queue(), id, context.peer.clone());
+        Ok(())
+    }
+
+    #[allow(deprecated)]
+    async fn unsubscribe(
+        &self,
+        request: UnsubscribeRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        if let Some(id) = resources::message_id(&request.uri) {
+            self.state.subscriptions.unsubscribe(id);
+        }
+        Ok(())
+    }
 }
+
+/// Messages `resources/list` shows: the most recent (the template reaches
+/// every other one).
+const RESOURCES_LISTED: usize = 100;

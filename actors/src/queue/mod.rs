@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub use runner::{Queue, QueueError, Submit, Submitted};
+pub use runner::{Change, Queue, QueueError, Submit, Submitted};
 
 /// Where a message is in its life. Every change is stored with its time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use lettre::Address;
 use rand::Rng;
-use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::{
@@ -33,6 +33,8 @@ const READY_CAPACITY: usize = 1024;
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Due messages taken per poll at most.
 const POLL_BATCH: usize = 256;
+/// State changes a slow listener may fall behind by before it misses some.
+const CHANGES_CAPACITY: usize = 1024;
 /// How often finished messages and old keys are purged.
 const PURGE_INTERVAL: Duration = Duration::from_secs(60);
 /// How long shutdown waits for the settle writes of rounds that ended.
@@ -49,6 +51,13 @@ pub struct Submit {
     pub idempotency: Option<(String, [u8; 32])>,
     /// Wait for the outcome until `mail.deadline`.
     pub wait: bool,
+}
+
+/// One message entered a state (stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub message_id: String,
+    pub state: State,
 }
 
 /// What the queue did with a message.
@@ -95,6 +104,9 @@ struct Inner {
     claimed: Mutex<HashSet<String>>,
     ready: mpsc::Sender<Pending>,
     wake: Notify,
+    /// Every state change of every message, for whoever listens (resource
+    /// subscriptions). Sending costs nothing while nobody listens.
+    changes: broadcast::Sender<Change>,
     /// Callers waiting for the next round of a message.
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Report>>>>,
     /// Rounds at once, across callers and the runner (`max_in_flight`).
@@ -120,6 +132,9 @@ impl CommitMark for StoreMark {
         Box::pin(async move {
             let result = self.inner.store.mark(&self.message_id).await;
             self.inner.note_write(&result);
+            if result.is_ok() {
+                self.inner.changed(&self.message_id, State::Sending);
+            }
             result.map_err(|e| e.to_string())
         })
     }
@@ -181,6 +196,7 @@ impl Inner {
             dispatcher,
             settings,
             delivers,
+            changes: broadcast::channel(CHANGES_CAPACITY).0,
             claimed: Mutex::new(HashSet::new()),
             ready,
             wake: Notify::new(),
@@ -248,7 +264,10 @@ impl Queue {
             .await;
         inner.note_write(&stored);
         let state = match stored {
-            Ok(Accepted::Stored(state)) => state,
+            Ok(Accepted::Stored(state)) => {
+                inner.changed(&id, state);
+                state
+            }
             Ok(Accepted::Replay(first)) => {
                 inner.unclaim(&id);
                 let record = inner.record(&first).await?;
@@ -405,7 +424,15 @@ impl Queue {
         let result = inner.store.cancel(message_id).await;
         inner.unclaim(message_id);
         inner.note_write(&result);
+        if matches!(result, Ok(Cancel::Cancelled)) {
+            inner.changed(message_id, State::Cancelled);
+        }
         Ok(result?)
+    }
+
+    /// Every state change from now on, as it is stored.
+    pub fn changes(&self) -> broadcast::Receiver<Change> {
+        self.inner.changes.subscribe()
     }
 
     pub async fn stats(&self) -> Result<Stats, QueueError> {
@@ -615,6 +642,18 @@ impl Inner {
         };
         let result = self.store.settle(&p.message_id, settle).await;
         self.note_write(&result);
+        if result.is_ok() {
+            self.changed(&p.message_id, State::Expired);
+        }
+    }
+
+    fn changed(&self, id: &str, state: State) {
+        if self.changes.receiver_count() > 0 {
+            let _ = self.changes.send(Change {
+                message_id: id.to_owned(),
+                state,
+            });
+        }
     }
 }
 
@@ -704,6 +743,9 @@ async fn round(
     let state = settle.state;
     let result = inner.store.settle(&id, settle.clone()).await;
     inner.note_write(&result);
+    if result.is_ok() {
+        inner.changed(&id, state);
+    }
     if let Err(e) = &result {
         // The outcome is not stored. A message marked as committing stays
         // `sending` and becomes `unknown` at recovery; one not marked stays

@@ -1,0 +1,170 @@
+//! The queue store at scale: fills a SQLite store with N finished messages,
+//! then measures what the daemon pays per message and at start-up with that
+//! many in the store: accept + mark + settle at C=32, recovery on reopen, a
+//! status lookup, the first page of a listing, and the queue's counts. Run by
+//! hand; it asserts nothing and prints markdown.
+//!
+//! ```text
+//! cargo bench --bench queue -- --messages 10000,1000000
+//! ```
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use mailmux_actors::queue::sqlite::SqliteStore;
+use mailmux_actors::queue::{NewMessage, Settle, State, Store, now_millis};
+
+/// Concurrent writers, as at C=32 over MCP.
+const WRITERS: usize = 32;
+/// Messages measured on top of the fill.
+const MEASURED: usize = 10_000;
+/// Body of each stored message: a small message, so that a million fit.
+const BODY: usize = 256;
+
+fn message(id: String) -> NewMessage {
+    let now = now_millis();
+    NewMessage {
+        message_id: id,
+        from: Some("bench@example.org".into()),
+        to: vec!["rcpt@example.org".into()],
+        bytes: Arc::from(vec![b'x'; BODY]),
+        prefer: None,
+        queued_at: now,
+        due_at: now,
+        idempotency: None,
+    }
+}
+
+fn sent() -> Settle {
+    Settle {
+        state: State::Sent,
+        relay: Some("sink".into()),
+        attempts: vec![],
+        accepted: vec!["rcpt@example.org".into()],
+        rejected: vec![],
+        reason: None,
+        note: None,
+        next_attempt_at: None,
+    }
+}
+
+/// `n` messages through the life a delivered message has: accept, mark,
+/// settle; `WRITERS` at a time. Returns the wall time.
+async fn lifecycle(store: Arc<dyn Store>, prefix: &str, n: usize) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..WRITERS {
+        let store = store.clone();
+        let prefix = prefix.to_string();
+        tasks.spawn(async move {
+            let mut i = w;
+            while i < n {
+                let id = format!("{prefix}-{i}");
+                store.accept(message(id.clone())).await?;
+                store.mark(&id).await?;
+                store.settle(&id, sent()).await?;
+                i += WRITERS;
+            }
+            anyhow::Ok(())
+        });
+    }
+    for r in tasks.join_all().await {
+        r?;
+    }
+    Ok(started.elapsed())
+}
+
+fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let t = Instant::now();
+    let v = f();
+    (v, t.elapsed())
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.0}", d.as_secs_f64() * 1e6)
+}
+
+async fn measure(fill: usize) -> anyhow::Result<String> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("queue.db");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path)?);
+    let filled = lifecycle(store.clone(), "fill", fill).await?;
+    eprintln!("filled {fill} in {filled:?}");
+    let took = lifecycle(store.clone(), "measured", MEASURED).await?;
+    let per_msg = took / MEASURED as u32;
+
+    // Lookups against the full store.
+    let mut lookups = Vec::new();
+    for k in 0..200 {
+        let id = format!("fill-{}", (k * 7919) % fill.max(1));
+        let t = Instant::now();
+        store.get(&id).await?.context("a stored message")?;
+        lookups.push(t.elapsed());
+    }
+    lookups.sort_unstable();
+    let t = Instant::now();
+    store.list(None, 100, None).await?;
+    let list = t.elapsed();
+    let t = Instant::now();
+    store.stats().await?;
+    let stats = t.elapsed();
+    let t = Instant::now();
+    store.due(now_millis(), 256).await?;
+    let due = t.elapsed();
+    drop(store);
+
+    // Start-up: open (lock, migrations) and recover.
+    let (reopened, open) = timed(|| SqliteStore::open(&path));
+    let reopened = reopened?;
+    let t = Instant::now();
+    reopened.recover().await?;
+    let recover = t.elapsed();
+    let size = std::fs::metadata(&path)?.len();
+
+    Ok(format!(
+        "| {fill} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
+        MEASURED as f64 / took.as_secs_f64(),
+        us(per_msg),
+        us(lookups[lookups.len() / 2]),
+        us(lookups[lookups.len() * 99 / 100]),
+        us(list),
+        us(stats),
+        us(due),
+        us(open),
+        us(recover),
+        size as f64 / 1e6,
+    ))
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut fills = vec![10_000, 1_000_000];
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--bench" => {}
+            "--messages" => {
+                fills = args
+                    .next()
+                    .context("--messages needs a value")?
+                    .split(',')
+                    .map(|s| s.trim().replace('_', "").parse::<usize>())
+                    .collect::<Result<_, _>>()
+                    .context("--messages takes numbers")?;
+            }
+            other => bail!("unknown argument {other:?}; usage: --messages N[,N...]"),
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut out = String::from(
+        "| messages in the store | accept+mark+settle msgs/s (C=32) | µs per message (wall) | get p50 µs | get p99 µs | list 100 µs | stats µs | due µs | open µs | recover µs | file MB |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for fill in fills {
+        out.push_str(&rt.block_on(measure(fill))?);
+        out.push('\n');
+    }
+    println!("{out}");
+    Ok(())
+}
