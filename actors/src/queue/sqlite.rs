@@ -51,7 +51,8 @@ CREATE TABLE messages (
     accepted TEXT,
     rejected TEXT,
     reason TEXT,
-    note TEXT
+    note TEXT,
+    history TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX messages_due ON messages(next_attempt_at) WHERE state IN ('queued', 'scheduled');
 CREATE INDEX messages_finished ON messages(finished_at) WHERE finished_at IS NOT NULL;
@@ -66,12 +67,6 @@ CREATE TABLE attempts (
     duration_ms INTEGER NOT NULL
 );
 CREATE INDEX attempts_seq ON attempts(seq);
-CREATE TABLE events (
-    seq INTEGER NOT NULL,
-    at INTEGER NOT NULL,
-    state TEXT NOT NULL
-);
-CREATE INDEX events_seq ON events(seq);
 CREATE TABLE idempotency (
     key TEXT PRIMARY KEY,
     message_id TEXT NOT NULL,
@@ -335,18 +330,29 @@ fn in_savepoint<T>(
     tx: &mut Transaction<'_>,
     f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
 ) -> Result<T, StoreError> {
-    let sp = tx.savepoint().map_err(unavailable)?;
-    let v = f(&sp).map_err(unavailable)?;
-    sp.commit().map_err(unavailable)?;
-    Ok(v)
+    // Cached statements: a savepoint per write must not cost a parse.
+    let c: &Connection = tx;
+    let run = |sql: &str| c.prepare_cached(sql).and_then(|mut st| st.execute([]));
+    run("SAVEPOINT write").map_err(unavailable)?;
+    match f(c) {
+        Ok(v) => {
+            run("RELEASE write").map_err(unavailable)?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = run("ROLLBACK TO write");
+            let _ = run("RELEASE write");
+            Err(unavailable(e))
+        }
+    }
 }
 
 fn mark(c: &Connection, id: &str, now: Millis) -> rusqlite::Result<()> {
     let seq = seq_of(c, id)?;
-    c.execute(
+    c.prepare_cached(
         "UPDATE messages SET state = 'sending', committing = 1, updated_at = ?2 WHERE seq = ?1",
-        params![seq, now],
-    )?;
+    )?
+    .execute(params![seq, now])?;
     event(c, seq, State::Sending, now)
 }
 
@@ -355,26 +361,24 @@ fn purge(c: &Connection, finished: Millis, keys: Millis) -> rusqlite::Result<u64
         "DELETE FROM attempts WHERE seq IN (SELECT seq FROM messages WHERE finished_at < ?1)",
         [finished],
     )?;
-    c.execute(
-        "DELETE FROM events WHERE seq IN (SELECT seq FROM messages WHERE finished_at < ?1)",
-        [finished],
-    )?;
     let n = c.execute("DELETE FROM messages WHERE finished_at < ?1", [finished])?;
     c.execute("DELETE FROM idempotency WHERE created_at < ?1", [keys])?;
     Ok(n as u64)
 }
 
 fn seq_of(c: &Connection, id: &str) -> rusqlite::Result<i64> {
-    c.query_row(
-        "SELECT seq FROM messages WHERE message_id = ?1",
-        [id],
-        |r| r.get(0),
-    )
+    c.prepare_cached("SELECT seq FROM messages WHERE message_id = ?1")?
+        .query_row([id], |r| r.get(0))
 }
 
+/// Appends a state change to the message's history (`state@millis`, `;`
+/// between): on the row itself, so that a change costs no row elsewhere.
 fn event(c: &Connection, seq: i64, state: State, at: Millis) -> rusqlite::Result<()> {
-    c.prepare_cached("INSERT INTO events (seq, at, state) VALUES (?1, ?2, ?3)")?
-        .execute(params![seq, at, state.as_str()])?;
+    c.prepare_cached(
+        "UPDATE messages SET history = history || CASE WHEN history = '' THEN '' ELSE ';' END || ?2
+         WHERE seq = ?1",
+    )?
+    .execute(params![seq, format!("{}@{at}", state.as_str())])?;
     Ok(())
 }
 
@@ -788,9 +792,15 @@ fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<Record>> {
             })
         })?
         .collect::<rusqlite::Result<_>>()?;
-    record.history = c
-        .prepare_cached("SELECT state, at FROM events WHERE seq = ?1 ORDER BY rowid")?
-        .query_map([seq], |r| Ok((parse_state(r.get(0)?), r.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?;
+    let history: String = c
+        .prepare_cached("SELECT history FROM messages WHERE seq = ?1")?
+        .query_row([seq], |r| r.get(0))?;
+    record.history = history
+        .split(';')
+        .filter_map(|h| {
+            let (state, at) = h.split_once('@')?;
+            Some((State::parse(state)?, at.parse().ok()?))
+        })
+        .collect();
     Ok(Some(record))
 }
