@@ -1,8 +1,9 @@
 //! One conformance suite for every queue store: the same checks run against
-//! SQLite on disk and the same engine in memory, so that no backend drifts.
+//! SQLite on disk and the in-memory store, so that no backend drifts.
 
 use std::sync::Arc;
 
+use mailmux_actors::queue::memory::MemoryStore;
 use mailmux_actors::queue::sqlite::SqliteStore;
 use mailmux_actors::queue::{
     Accepted, Cancel, NewMessage, Settle, State, Store, StoreError, now_millis,
@@ -141,7 +142,7 @@ async fn sqlite_on_disk_conforms() {
 
 #[tokio::test]
 async fn memory_conforms() {
-    let store = SqliteStore::memory().unwrap();
+    let store = MemoryStore::new();
     assert!(!store.durable());
     conformance(&store).await;
 }

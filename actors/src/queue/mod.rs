@@ -11,6 +11,7 @@
 //!
 //! [`Dispatcher`]: crate::Dispatcher
 
+pub mod memory;
 mod runner;
 pub mod sqlite;
 
@@ -86,7 +87,7 @@ impl State {
 pub enum StoreKind {
     /// SQLite in one file, in WAL mode, fsynced per batch.
     Sqlite { path: PathBuf },
-    /// The same engine in memory: no durability at all.
+    /// In this process's memory: no durability at all.
     Memory,
 }
 
@@ -145,7 +146,7 @@ impl Default for QueueSettings {
 pub fn open(kind: &StoreKind) -> Result<Arc<dyn Store>, StoreError> {
     Ok(match kind {
         StoreKind::Sqlite { path } => Arc::new(sqlite::SqliteStore::open(path)?),
-        StoreKind::Memory => Arc::new(sqlite::SqliteStore::memory()?),
+        StoreKind::Memory => Arc::new(memory::MemoryStore::new()),
     })
 }
 

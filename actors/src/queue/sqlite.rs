@@ -1,4 +1,4 @@
-//! The SQLite store: one file in WAL mode, or the same schema in memory.
+//! The SQLite store: one file in WAL mode.
 //!
 //! SQLite has no group commit, so one writer thread owns the write
 //! connection and folds every write that arrives while it commits into the
@@ -9,7 +9,7 @@
 //! still open it for short transactions.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, mpsc};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
@@ -90,7 +90,6 @@ type Answer = Box<dyn FnOnce(&Result<(), StoreError>) + Send>;
 /// The SQLite store.
 #[derive(Debug)]
 pub struct SqliteStore {
-    path: Option<PathBuf>,
     writes: mpsc::Sender<Job>,
     reader: Arc<Mutex<Connection>>,
     /// The advisory lock of a daemon; released when the store is dropped.
@@ -151,42 +150,9 @@ impl SqliteStore {
         .map_err(|e| named(&e))?;
         configure(&reader, false).map_err(|e| named(&e))?;
         Ok(SqliteStore {
-            path: Some(path.to_owned()),
             writes: spawn_writer(writer),
             reader: Arc::new(Mutex::new(reader)),
             _lock: lock,
-        })
-    }
-
-    /// The same schema in memory: nothing survives the process.
-    pub fn memory() -> Result<SqliteStore, StoreError> {
-        // A shared-cache database in memory, so that the writer and the
-        // reader see the same data; its name is unique to this store.
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let uri = format!(
-            "file:mailmux-memory-{}-{n}?mode=memory&cache=shared",
-            std::process::id()
-        );
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_URI
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let writer = Connection::open_with_flags(&uri, flags).map_err(unavailable)?;
-        writer
-            .execute_batch("PRAGMA synchronous=OFF; PRAGMA read_uncommitted=ON;")
-            .map_err(unavailable)?;
-        migrate(&writer, "memory", true)?;
-        let reader = Connection::open_with_flags(&uri, flags).map_err(unavailable)?;
-        reader
-            .execute_batch("PRAGMA read_uncommitted=ON;")
-            .map_err(unavailable)?;
-        reader.busy_timeout(BUSY_TIMEOUT).map_err(unavailable)?;
-        Ok(SqliteStore {
-            path: None,
-            writes: spawn_writer(writer),
-            reader: Arc::new(Mutex::new(reader)),
-            _lock: None,
         })
     }
 
@@ -549,15 +515,11 @@ fn parse_state(s: String) -> State {
 #[async_trait::async_trait]
 impl Store for SqliteStore {
     fn kind(&self) -> &'static str {
-        if self.path.is_some() {
-            "sqlite"
-        } else {
-            "memory"
-        }
+        "sqlite"
     }
 
     fn durable(&self) -> bool {
-        self.path.is_some()
+        true
     }
 
     async fn accept(&self, m: NewMessage) -> Result<Accepted, StoreError> {

@@ -1,0 +1,366 @@
+//! The `memory` store: the queue in this process's memory, behind one mutex.
+//! Nothing survives the process; it exists for benches and for those who ask
+//! for it, and the daemon says so loudly. It passes the same conformance
+//! suite as the SQLite store.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::{
+    Accepted, Cancel, Millis, NewMessage, Pending, Record, Recovered, Settle, State, Stats, Store,
+    StoreError, Summary, now_millis,
+};
+
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: Mutex<Mem>,
+}
+
+#[derive(Debug, Default)]
+struct Mem {
+    next_seq: i64,
+    seq_of: HashMap<String, i64>,
+    rows: BTreeMap<i64, Row>,
+    /// Waiting messages by due time: what the runner polls.
+    due: BTreeSet<(Millis, i64)>,
+    /// Idempotency key → (message id, content hash, created).
+    keys: HashMap<String, (String, [u8; 32], Millis)>,
+}
+
+#[derive(Debug)]
+struct Row {
+    record: Record,
+    body: Option<Arc<[u8]>>,
+    committing: bool,
+    rounds: u32,
+    finished_at: Option<Millis>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Mem> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn waiting(s: State) -> bool {
+    matches!(s, State::Queued | State::Scheduled)
+}
+
+impl Mem {
+    fn row(&mut self, id: &str) -> Result<(i64, &mut Row), StoreError> {
+        let seq = *self
+            .seq_of
+            .get(id)
+            .ok_or_else(|| StoreError::Unavailable(format!("no message {id:?}")))?;
+        let row = self
+            .rows
+            .get_mut(&seq)
+            .ok_or_else(|| StoreError::Unavailable(format!("no message {id:?}")))?;
+        Ok((seq, row))
+    }
+
+    /// Moves a row to `state` at `now`, keeping the due index in step.
+    fn enter(
+        &mut self,
+        id: &str,
+        state: State,
+        next: Option<Millis>,
+        now: Millis,
+    ) -> Result<i64, StoreError> {
+        let (seq, row) = self.row(id)?;
+        let old = (row.record.state, row.record.next_attempt_at);
+        row.record.state = state;
+        row.record.updated_at = now;
+        row.record.next_attempt_at = next;
+        row.record.history.push((state, now));
+        if state.is_final() {
+            row.finished_at = Some(now);
+        }
+        if let (s, Some(t)) = old
+            && waiting(s)
+        {
+            self.due.remove(&(t, seq));
+        }
+        if let (true, Some(t)) = (waiting(state), next) {
+            self.due.insert((t, seq));
+        }
+        Ok(seq)
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for MemoryStore {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn durable(&self) -> bool {
+        false
+    }
+
+    async fn accept(&self, m: NewMessage) -> Result<Accepted, StoreError> {
+        let mut mem = self.lock();
+        let now = now_millis();
+        if let Some((key, hash)) = &m.idempotency {
+            if let Some((id, seen, _)) = mem.keys.get(key) {
+                return Ok(if seen == hash {
+                    Accepted::Replay(id.clone())
+                } else {
+                    Accepted::Conflict(id.clone())
+                });
+            }
+            mem.keys
+                .insert(key.clone(), (m.message_id.clone(), *hash, now));
+        }
+        let state = if m.due_at > now {
+            State::Scheduled
+        } else {
+            State::Queued
+        };
+        mem.next_seq += 1;
+        let seq = mem.next_seq;
+        mem.seq_of.insert(m.message_id.clone(), seq);
+        mem.due.insert((m.due_at, seq));
+        let record = Record {
+            message_id: m.message_id,
+            state,
+            from: m.from,
+            to: m.to,
+            size: m.bytes.len() as u64,
+            prefer: m.prefer,
+            idempotency_key: m.idempotency.map(|(k, _)| k),
+            queued_at: m.queued_at,
+            due_at: m.due_at,
+            updated_at: m.queued_at,
+            next_attempt_at: Some(m.due_at),
+            relay: None,
+            accepted: Vec::new(),
+            rejected: Vec::new(),
+            reason: None,
+            note: None,
+            attempts: Vec::new(),
+            history: vec![(state, now)],
+        };
+        mem.rows.insert(
+            seq,
+            Row {
+                record,
+                body: Some(m.bytes),
+                committing: false,
+                rounds: 0,
+                finished_at: None,
+            },
+        );
+        Ok(Accepted::Stored(state))
+    }
+
+    async fn mark(&self, message_id: &str) -> Result<(), StoreError> {
+        let mut mem = self.lock();
+        mem.enter(message_id, State::Sending, None, now_millis())?;
+        mem.row(message_id)?.1.committing = true;
+        Ok(())
+    }
+
+    async fn settle(&self, message_id: &str, s: Settle) -> Result<(), StoreError> {
+        let mut mem = self.lock();
+        mem.enter(message_id, s.state, s.next_attempt_at, now_millis())?;
+        let (_, row) = mem.row(message_id)?;
+        row.committing = false;
+        row.rounds += 1;
+        if s.relay.is_some() {
+            row.record.relay = s.relay;
+        }
+        row.record.accepted = s.accepted;
+        row.record.rejected = s.rejected;
+        row.record.reason = s.reason;
+        row.record.note = s.note;
+        row.record.attempts.extend(s.attempts);
+        if matches!(
+            s.state,
+            State::Sent | State::Partial | State::Unknown | State::Cancelled
+        ) {
+            row.body = None;
+        }
+        Ok(())
+    }
+
+    async fn cancel(&self, message_id: &str) -> Result<Cancel, StoreError> {
+        let mut mem = self.lock();
+        let Some(seq) = mem.seq_of.get(message_id).copied() else {
+            return Ok(Cancel::NotFound);
+        };
+        let state = mem.rows[&seq].record.state;
+        if !waiting(state) {
+            return Ok(Cancel::Refused(state));
+        }
+        mem.enter(message_id, State::Cancelled, None, now_millis())?;
+        mem.row(message_id)?.1.body = None;
+        Ok(Cancel::Cancelled)
+    }
+
+    async fn due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
+        let mem = self.lock();
+        Ok(mem
+            .due
+            .iter()
+            .take_while(|(t, _)| *t <= now)
+            .take(limit)
+            .filter_map(|(_, seq)| mem.rows.get(seq).map(|r| r.record.message_id.clone()))
+            .collect())
+    }
+
+    async fn next_due(&self) -> Result<Option<Millis>, StoreError> {
+        Ok(self.lock().due.first().map(|(t, _)| *t))
+    }
+
+    async fn load(&self, message_id: &str) -> Result<Option<Pending>, StoreError> {
+        let mem = self.lock();
+        let Some(row) = mem.seq_of.get(message_id).and_then(|s| mem.rows.get(s)) else {
+            return Ok(None);
+        };
+        let Some(body) = &row.body else {
+            return Ok(None);
+        };
+        let r = &row.record;
+        Ok(Some(Pending {
+            message_id: r.message_id.clone(),
+            state: r.state,
+            from: r.from.clone(),
+            to: r.to.clone(),
+            bytes: body.clone(),
+            prefer: r.prefer.clone(),
+            due_at: r.due_at,
+            rounds: row.rounds,
+        }))
+    }
+
+    async fn get(&self, message_id: &str) -> Result<Option<Record>, StoreError> {
+        let mem = self.lock();
+        Ok(mem
+            .seq_of
+            .get(message_id)
+            .and_then(|s| mem.rows.get(s))
+            .map(|row| {
+                let mut r = row.record.clone();
+                if !waiting(r.state) {
+                    r.next_attempt_at = None;
+                }
+                r
+            }))
+    }
+
+    async fn find_key(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.lock().keys.get(key).map(|(id, _, _)| id.clone()))
+    }
+
+    async fn list(
+        &self,
+        state: Option<State>,
+        limit: usize,
+        cursor: Option<i64>,
+    ) -> Result<(Vec<Summary>, Option<i64>), StoreError> {
+        let mem = self.lock();
+        let mut page: Vec<(i64, Summary)> = mem
+            .rows
+            .range(..cursor.unwrap_or(i64::MAX))
+            .rev()
+            .filter(|(_, row)| state.is_none_or(|s| row.record.state == s))
+            .take(limit + 1)
+            .map(|(seq, row)| {
+                let r = &row.record;
+                (
+                    *seq,
+                    Summary {
+                        message_id: r.message_id.clone(),
+                        state: r.state,
+                        from: r.from.clone(),
+                        to: r.to.clone(),
+                        queued_at: r.queued_at,
+                        updated_at: r.updated_at,
+                        relay: r.relay.clone(),
+                    },
+                )
+            })
+            .collect();
+        let more = page.len() > limit;
+        page.truncate(limit);
+        let next = if more {
+            page.last().map(|(s, _)| *s)
+        } else {
+            None
+        };
+        Ok((page.into_iter().map(|(_, s)| s).collect(), next))
+    }
+
+    async fn stats(&self) -> Result<Stats, StoreError> {
+        let mem = self.lock();
+        let mut counts: BTreeMap<State, u64> = BTreeMap::new();
+        let mut oldest_queued_at: Option<Millis> = None;
+        let mut next_retry_at: Option<Millis> = None;
+        for row in mem.rows.values() {
+            let r = &row.record;
+            *counts.entry(r.state).or_default() += 1;
+            if r.state == State::Queued {
+                oldest_queued_at =
+                    Some(oldest_queued_at.map_or(r.queued_at, |o| o.min(r.queued_at)));
+                if row.rounds > 0
+                    && let Some(t) = r.next_attempt_at
+                {
+                    next_retry_at = Some(next_retry_at.map_or(t, |n| n.min(t)));
+                }
+            }
+        }
+        Ok(Stats {
+            counts: counts.into_iter().collect(),
+            oldest_queued_at,
+            next_retry_at,
+        })
+    }
+
+    async fn recover(&self) -> Result<Recovered, StoreError> {
+        let mut mem = self.lock();
+        let now = now_millis();
+        let sending: Vec<(String, bool)> = mem
+            .rows
+            .values()
+            .filter(|r| r.record.state == State::Sending)
+            .map(|r| (r.record.message_id.clone(), r.committing))
+            .collect();
+        let mut out = Recovered::default();
+        for (id, committing) in sending {
+            if committing {
+                mem.enter(&id, State::Unknown, None, now)?;
+                let (_, row) = mem.row(&id)?;
+                row.committing = false;
+                row.body = None;
+                out.unknown += 1;
+            } else {
+                mem.enter(&id, State::Queued, Some(now), now)?;
+                out.requeued += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn purge(&self, finished_before: Millis, keys_before: Millis) -> Result<u64, StoreError> {
+        let mut mem = self.lock();
+        let gone: Vec<i64> = mem
+            .rows
+            .iter()
+            .filter(|(_, r)| r.finished_at.is_some_and(|f| f < finished_before))
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in &gone {
+            if let Some(row) = mem.rows.remove(seq) {
+                mem.seq_of.remove(&row.record.message_id);
+            }
+        }
+        mem.keys
+            .retain(|_, (_, _, created)| *created >= keys_before);
+        Ok(gone.len() as u64)
+    }
+}
