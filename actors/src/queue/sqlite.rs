@@ -314,12 +314,17 @@ fn in_savepoint<T>(
 }
 
 fn mark(c: &Connection, id: &str, now: Millis) -> rusqlite::Result<()> {
-    let seq = seq_of(c, id)?;
-    c.prepare_cached(
-        "UPDATE messages SET state = 'sending', committing = 1, updated_at = ?2 WHERE seq = ?1",
-    )?
-    .execute(params![seq, now])?;
-    event(c, seq, State::Sending, now)
+    let n = c
+        .prepare_cached(&format!(
+            "UPDATE messages SET state = 'sending', committing = 1, updated_at = ?2, {}
+             WHERE message_id = ?1",
+            append_history(3)
+        ))?
+        .execute(params![id, now, entry(State::Sending, now)])?;
+    if n == 0 {
+        return Err(rusqlite::Error::QueryReturnedNoRows);
+    }
+    Ok(())
 }
 
 fn purge(c: &Connection, finished: Millis, keys: Millis) -> rusqlite::Result<u64> {
@@ -332,19 +337,24 @@ fn purge(c: &Connection, finished: Millis, keys: Millis) -> rusqlite::Result<u64
     Ok(n as u64)
 }
 
-fn seq_of(c: &Connection, id: &str) -> rusqlite::Result<i64> {
-    c.prepare_cached("SELECT seq FROM messages WHERE message_id = ?1")?
-        .query_row([id], |r| r.get(0))
+/// The assignment that appends parameter `?n` (an [`entry`]) to a message's
+/// history (`state@millis`, `;` between), made in the statement that changes
+/// the state: a change costs no row elsewhere.
+fn append_history(n: usize) -> String {
+    format!("history = history || CASE WHEN history = '' THEN '' ELSE ';' END || ?{n}")
 }
 
-/// Appends a state change to the message's history (`state@millis`, `;`
-/// between): on the row itself, so that a change costs no row elsewhere.
+fn entry(state: State, at: Millis) -> String {
+    format!("{}@{at}", state.as_str())
+}
+
+/// Appends a state change to the history of the message at `seq`.
 fn event(c: &Connection, seq: i64, state: State, at: Millis) -> rusqlite::Result<()> {
-    c.prepare_cached(
-        "UPDATE messages SET history = history || CASE WHEN history = '' THEN '' ELSE ';' END || ?2
-         WHERE seq = ?1",
-    )?
-    .execute(params![seq, format!("{}@{at}", state.as_str())])?;
+    c.prepare_cached(&format!(
+        "UPDATE messages SET {} WHERE seq = ?1",
+        append_history(2)
+    ))?
+    .execute(params![seq, entry(state, at)])?;
     Ok(())
 }
 
@@ -373,8 +383,8 @@ fn accept(c: &Connection, m: &NewMessage, now: Millis) -> rusqlite::Result<Accep
     };
     c.prepare_cached(
         "INSERT INTO messages (message_id, state, mail_from, rcpt, size, body, prefer, idem_key,
-                               queued_at, due_at, next_attempt_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?9)",
+                               queued_at, due_at, next_attempt_at, updated_at, history)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?9, ?11)",
     )?
     .execute(params![
         m.message_id,
@@ -387,13 +397,12 @@ fn accept(c: &Connection, m: &NewMessage, now: Millis) -> rusqlite::Result<Accep
         m.idempotency.as_ref().map(|(k, _)| k),
         m.queued_at,
         m.due_at,
+        entry(state, now),
     ])?;
-    event(c, c.last_insert_rowid(), state, now)?;
     Ok(Accepted::Stored(state))
 }
 
 fn settle(c: &Connection, id: &str, s: &Settle, now: Millis) -> rusqlite::Result<()> {
-    let seq = seq_of(c, id)?;
     let finished = s.state.is_final().then_some(now);
     // The body is dropped once nothing can send it again; a failed or
     // expired message keeps it, so that an operator may retry it.
@@ -406,26 +415,32 @@ fn settle(c: &Connection, id: &str, s: &Settle, now: Millis) -> rusqlite::Result
         .iter()
         .map(|r| format!("{}\t{}\t{}", r.address, r.code, one_line(&r.text)))
         .collect();
-    c.prepare_cached(
-        "UPDATE messages SET state = ?2, updated_at = ?3, finished_at = ?4, committing = 0,
+    let seq: i64 = c
+        .prepare_cached(&format!(
+            "UPDATE messages SET state = ?2, updated_at = ?3, finished_at = ?4, committing = 0,
                 rounds = rounds + 1, relay = COALESCE(?5, relay), accepted = ?6, rejected = ?7,
                 reason = ?8, note = ?9, next_attempt_at = ?10,
-                body = CASE WHEN ?11 THEN body ELSE NULL END
-         WHERE seq = ?1",
-    )?
-    .execute(params![
-        seq,
-        s.state.as_str(),
-        now,
-        finished,
-        s.relay,
-        s.accepted.join("\n"),
-        rejected.join("\n"),
-        s.reason,
-        s.note,
-        s.next_attempt_at,
-        keep_body,
-    ])?;
+                body = CASE WHEN ?11 THEN body ELSE NULL END, {}
+             WHERE message_id = ?1 RETURNING seq",
+            append_history(12)
+        ))?
+        .query_row(
+            params![
+                id,
+                s.state.as_str(),
+                now,
+                finished,
+                s.relay,
+                s.accepted.join("\n"),
+                rejected.join("\n"),
+                s.reason,
+                s.note,
+                s.next_attempt_at,
+                keep_body,
+                entry(s.state, now),
+            ],
+            |r| r.get(0),
+        )?;
     let mut insert = c.prepare_cached(
         "INSERT INTO attempts (seq, at, relay, class, code, text, duration_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?;
@@ -440,7 +455,7 @@ fn settle(c: &Connection, id: &str, s: &Settle, now: Millis) -> rusqlite::Result
             a.duration_ms as i64
         ])?;
     }
-    event(c, seq, s.state, now)
+    Ok(())
 }
 
 fn one_line(s: &str) -> String {
