@@ -190,3 +190,43 @@ async fn concurrent_writes_share_commits_and_each_is_answered() {
     }
     assert_eq!((stored, replays), (1, 199));
 }
+
+/// Schema migrations run at start: a store of version 1 (no `counts` table)
+/// is migrated to the current version and its counts are backfilled.
+#[tokio::test]
+async fn a_version_1_store_is_migrated_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        store.accept(message("old-1", None)).await.unwrap();
+        store.accept(message("old-2", None)).await.unwrap();
+        store.cancel("old-2").await.unwrap();
+    }
+    // What version 1 left: no counts table, no triggers.
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(
+            "DROP TRIGGER counts_insert; DROP TRIGGER counts_update; DROP TRIGGER counts_delete;
+             DROP TABLE counts; PRAGMA user_version = 1;",
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let v: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, mailmux_actors::queue::sqlite::SCHEMA_VERSION);
+    let mut counts = store.stats().await.unwrap().counts;
+    counts.sort();
+    assert_eq!(counts, [(State::Queued, 1), (State::Cancelled, 1)]);
+    // And the triggers keep them from then on.
+    store.accept(message("new", None)).await.unwrap();
+    let stats = store.stats().await.unwrap();
+    assert!(
+        stats.counts.contains(&(State::Queued, 2)),
+        "{:?}",
+        stats.counts
+    );
+}

@@ -25,6 +25,8 @@ struct Mem {
     due: BTreeSet<(Millis, i64)>,
     /// Idempotency key → (message id, content hash, created).
     keys: HashMap<String, (String, [u8; 32], Millis)>,
+    /// Messages per state, kept as states change.
+    counts: BTreeMap<State, u64>,
 }
 
 #[derive(Debug)]
@@ -88,6 +90,10 @@ impl Mem {
         if let (true, Some(t)) = (waiting(state), next) {
             self.due.insert((t, seq));
         }
+        if let Some(n) = self.counts.get_mut(&old.0) {
+            *n = n.saturating_sub(1);
+        }
+        *self.counts.entry(state).or_default() += 1;
         Ok(seq)
     }
 }
@@ -125,6 +131,7 @@ impl Store for MemoryStore {
         let seq = mem.next_seq;
         mem.seq_of.insert(m.message_id.clone(), seq);
         mem.due.insert((m.due_at, seq));
+        *mem.counts.entry(state).or_default() += 1;
         let record = Record {
             message_id: m.message_id,
             state,
@@ -298,24 +305,29 @@ impl Store for MemoryStore {
 
     async fn stats(&self) -> Result<Stats, StoreError> {
         let mem = self.lock();
-        let mut counts: BTreeMap<State, u64> = BTreeMap::new();
+        // Only waiting messages are walked, never the finished ones.
         let mut oldest_queued_at: Option<Millis> = None;
         let mut next_retry_at: Option<Millis> = None;
-        for row in mem.rows.values() {
-            let r = &row.record;
-            *counts.entry(r.state).or_default() += 1;
-            if r.state == State::Queued {
-                oldest_queued_at =
-                    Some(oldest_queued_at.map_or(r.queued_at, |o| o.min(r.queued_at)));
-                if row.rounds > 0
-                    && let Some(t) = r.next_attempt_at
-                {
-                    next_retry_at = Some(next_retry_at.map_or(t, |n| n.min(t)));
-                }
+        for (t, seq) in &mem.due {
+            let Some(row) = mem.rows.get(seq) else {
+                continue;
+            };
+            if row.record.state != State::Queued {
+                continue;
+            }
+            let q = row.record.queued_at;
+            oldest_queued_at = Some(oldest_queued_at.map_or(q, |o| o.min(q)));
+            if row.rounds > 0 && next_retry_at.is_none() {
+                next_retry_at = Some(*t);
             }
         }
         Ok(Stats {
-            counts: counts.into_iter().collect(),
+            counts: mem
+                .counts
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(s, n)| (*s, *n))
+                .collect(),
             oldest_queued_at,
             next_retry_at,
         })
@@ -357,6 +369,9 @@ impl Store for MemoryStore {
         for seq in &gone {
             if let Some(row) = mem.rows.remove(seq) {
                 mem.seq_of.remove(&row.record.message_id);
+                if let Some(n) = mem.counts.get_mut(&row.record.state) {
+                    *n = n.saturating_sub(1);
+                }
             }
         }
         mem.keys

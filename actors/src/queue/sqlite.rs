@@ -29,7 +29,8 @@ const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The schema, one migration per version. `PRAGMA user_version` records how
 /// many were applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE messages (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     message_id TEXT NOT NULL UNIQUE,
@@ -74,7 +75,27 @@ CREATE TABLE idempotency (
     created_at INTEGER NOT NULL
 );
 CREATE INDEX idempotency_created ON idempotency(created_at);
-"#];
+"#,
+    r#"
+-- Messages per state, kept by triggers, so that the queue's counts cost the
+-- same with a million messages as with ten (a GROUP BY walks every row).
+CREATE TABLE counts (state TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO counts (state, n) SELECT state, COUNT(*) FROM messages GROUP BY state;
+CREATE TRIGGER counts_insert AFTER INSERT ON messages BEGIN
+    INSERT INTO counts (state, n) VALUES (NEW.state, 1)
+        ON CONFLICT (state) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER counts_update AFTER UPDATE OF state ON messages
+    WHEN OLD.state <> NEW.state BEGIN
+    UPDATE counts SET n = n - 1 WHERE state = OLD.state;
+    INSERT INTO counts (state, n) VALUES (NEW.state, 1)
+        ON CONFLICT (state) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER counts_delete AFTER DELETE ON messages BEGIN
+    UPDATE counts SET n = n - 1 WHERE state = OLD.state;
+END;
+"#,
+];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -667,7 +688,7 @@ impl Store for SqliteStore {
     async fn stats(&self) -> Result<Stats, StoreError> {
         self.read(|c| {
             let counts: Vec<(State, u64)> = c
-                .prepare_cached("SELECT state, COUNT(*) FROM messages GROUP BY state")?
+                .prepare_cached("SELECT state, n FROM counts WHERE n > 0")?
                 .query_map([], |r| {
                     Ok((parse_state(r.get(0)?), r.get::<_, i64>(1)? as u64))
                 })?
