@@ -29,7 +29,8 @@ struct Daemon {
     client: Option<RunningService<RoleClient, ()>>,
     child: tokio::process::Child,
     pid: u32,
-    log: PathBuf,
+    /// The daemon's stderr, outside `dir`: a test may fill `dir`'s disk.
+    log: tempfile::NamedTempFile,
 }
 
 fn config_toml(dir: &Path, port: u16, extra_queue: &str) -> String {
@@ -63,7 +64,11 @@ impl Daemon {
     async fn start(dir: &Path, config: &str) -> Daemon {
         let path = dir.join("mailmux.toml");
         std::fs::write(&path, config).unwrap();
-        let log = dir.join(format!("mailmux-{}.log", rand_suffix()));
+        let log = tempfile::Builder::new()
+            .prefix("mailmux-test-")
+            .suffix(".log")
+            .tempfile()
+            .unwrap();
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
             .arg("--config")
             .arg(&path)
@@ -74,7 +79,7 @@ impl Daemon {
             .current_dir(dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(log.reopen().unwrap())
             .kill_on_drop(true)
             .spawn()
             .expect("mailmux starts");
@@ -118,7 +123,7 @@ impl Daemon {
     }
 
     fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
 }
 
@@ -130,12 +135,6 @@ async fn setup(script: Script, extra: &str) -> (FaultSmtp, tempfile::TempDir, St
     let cfg = config_toml(dir.path(), smtp.port(), extra);
     let d = Daemon::start(dir.path(), &cfg).await;
     (smtp, dir, cfg, d)
-}
-
-fn rand_suffix() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
 }
 
 fn msg(subject: &str, extra: Value) -> Value {
@@ -733,7 +732,12 @@ async fn a_full_disk_refuses_sends_clearly_and_recovers() {
         match c.status() {
             Some("queued") | Some("sent") => {}
             _ => {
-                assert_eq!(c.error_code(), Some("queue_unavailable"), "{c:?}");
+                assert_eq!(
+                    c.error_code(),
+                    Some("queue_unavailable"),
+                    "{c:?}\n{}",
+                    d.logs()
+                );
                 refused += 1;
             }
         }

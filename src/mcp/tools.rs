@@ -754,11 +754,11 @@ impl MailmuxServer {
                 out.accepted.join(", ")
             ),
             SendStatus::Queued => match &out.next_attempt_at {
-                Some(t) => format!(
+                Some(t) if !out.attempts.is_empty() => format!(
                     "queued {}: no relay took it yet; next attempt at {t}",
                     record.message_id
                 ),
-                None => format!("queued {}", record.message_id),
+                _ => format!("queued {}", record.message_id),
             },
             SendStatus::Scheduled => format!(
                 "scheduled {} for {}",

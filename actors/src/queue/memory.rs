@@ -132,31 +132,12 @@ impl Store for MemoryStore {
         mem.seq_of.insert(m.message_id.clone(), seq);
         mem.due.insert((m.due_at, seq));
         *mem.counts.entry(state).or_default() += 1;
-        let record = Record {
-            message_id: m.message_id,
-            state,
-            from: m.from,
-            to: m.to,
-            size: m.bytes.len() as u64,
-            prefer: m.prefer,
-            idempotency_key: m.idempotency.map(|(k, _)| k),
-            queued_at: m.queued_at,
-            due_at: m.due_at,
-            updated_at: m.queued_at,
-            next_attempt_at: Some(m.due_at),
-            relay: None,
-            accepted: Vec::new(),
-            rejected: Vec::new(),
-            reason: None,
-            note: None,
-            attempts: Vec::new(),
-            history: vec![(state, now)],
-        };
+        let record = m.record(state, now);
         mem.rows.insert(
             seq,
             Row {
                 record,
-                body: Some(m.bytes),
+                body: Some(m.bytes.clone()),
                 committing: false,
                 rounds: 0,
                 finished_at: None,
@@ -186,10 +167,7 @@ impl Store for MemoryStore {
         row.record.reason = s.reason;
         row.record.note = s.note;
         row.record.attempts.extend(s.attempts);
-        if matches!(
-            s.state,
-            State::Sent | State::Partial | State::Unknown | State::Cancelled
-        ) {
+        if !s.state.keeps_body() {
             row.body = None;
         }
         Ok(())

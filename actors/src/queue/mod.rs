@@ -76,6 +76,16 @@ impl State {
         State::ALL.into_iter().find(|st| st.as_str() == s)
     }
 
+    /// Whether a message in this state keeps its body: one that nothing can
+    /// send again drops it; a failed or expired one keeps it, so that an
+    /// operator may retry it.
+    pub fn keeps_body(self) -> bool {
+        !matches!(
+            self,
+            State::Sent | State::Partial | State::Unknown | State::Cancelled
+        )
+    }
+
     /// Whether nothing more will happen to the message.
     pub fn is_final(self) -> bool {
         !matches!(self, State::Scheduled | State::Queued | State::Sending)
@@ -184,6 +194,32 @@ pub struct NewMessage {
     pub due_at: Millis,
     /// The caller's key and the hash of the call's content.
     pub idempotency: Option<(String, [u8; 32])>,
+}
+
+impl NewMessage {
+    /// The message's record as it is stored in `state` at `now`.
+    pub fn record(&self, state: State, now: Millis) -> Record {
+        Record {
+            message_id: self.message_id.clone(),
+            state,
+            from: self.from.clone(),
+            to: self.to.clone(),
+            size: self.bytes.len() as u64,
+            prefer: self.prefer.clone(),
+            idempotency_key: self.idempotency.as_ref().map(|(k, _)| k.clone()),
+            queued_at: self.queued_at,
+            due_at: self.due_at,
+            updated_at: now,
+            next_attempt_at: Some(self.due_at),
+            relay: None,
+            accepted: Vec::new(),
+            rejected: Vec::new(),
+            reason: None,
+            note: None,
+            attempts: Vec::new(),
+            history: vec![(state, now)],
+        }
+    }
 }
 
 /// What `accept` did.

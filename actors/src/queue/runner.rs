@@ -249,19 +249,17 @@ impl Queue {
         if due_now {
             inner.claim(&id);
         }
-        let stored = inner
-            .store
-            .accept(NewMessage {
-                message_id: id.clone(),
-                from: s.mail.from.as_ref().map(ToString::to_string),
-                to: s.mail.to.iter().map(ToString::to_string).collect(),
-                bytes: s.mail.bytes.clone(),
-                prefer: s.mail.prefer.clone(),
-                queued_at: now,
-                due_at,
-                idempotency: s.idempotency.clone(),
-            })
-            .await;
+        let new = NewMessage {
+            message_id: id.clone(),
+            from: s.mail.from.as_ref().map(ToString::to_string),
+            to: s.mail.to.iter().map(ToString::to_string).collect(),
+            bytes: s.mail.bytes.clone(),
+            prefer: s.mail.prefer.clone(),
+            queued_at: now,
+            due_at,
+            idempotency: s.idempotency.clone(),
+        };
+        let stored = inner.store.accept(new.clone()).await;
         inner.note_write(&stored);
         let state = match stored {
             Ok(Accepted::Stored(state)) => {
@@ -307,13 +305,13 @@ impl Queue {
         if !inner.delivers {
             inner.unclaim(&id);
             return Ok(Submitted {
-                record: stored_record(&pending, now),
+                record: new.record(state, now),
                 report: None,
                 replay: false,
             });
         }
         if !s.wait {
-            let record = stored_record(&pending, now);
+            let record = new.record(state, now);
             if let Err(e) = inner.ready.try_send(pending) {
                 // The runner is behind: the message waits in the store for
                 // the next poll.
@@ -344,8 +342,7 @@ impl Queue {
         // settled, without reading the store back; later rounds are read.
         let mut record = None;
         if let Some(slot) = slot {
-            let mut base = stored_record(&pending, now);
-            base.idempotency_key = s.idempotency.map(|(key, _)| key);
+            let base = new.record(state, now);
             let (r, settle) = round(inner.clone(), pending, deadline, slot).await;
             report = Some(r);
             record = Some(base.settled(&settle));
@@ -654,30 +651,6 @@ impl Inner {
                 state,
             });
         }
-    }
-}
-
-/// The stored shape of a message just accepted, without reading it back.
-fn stored_record(p: &Pending, now: Millis) -> Record {
-    Record {
-        message_id: p.message_id.clone(),
-        state: p.state,
-        from: p.from.clone(),
-        to: p.to.clone(),
-        size: p.bytes.len() as u64,
-        prefer: p.prefer.clone(),
-        idempotency_key: None,
-        queued_at: now,
-        due_at: p.due_at,
-        updated_at: now,
-        next_attempt_at: None,
-        relay: None,
-        accepted: Vec::new(),
-        rejected: Vec::new(),
-        reason: None,
-        note: None,
-        attempts: Vec::new(),
-        history: vec![(p.state, now)],
     }
 }
 

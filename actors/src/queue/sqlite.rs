@@ -425,12 +425,7 @@ fn accept(c: &Connection, m: &NewMessage, now: Millis) -> rusqlite::Result<Accep
 
 fn settle(c: &Connection, id: &str, s: &Settle, now: Millis) -> rusqlite::Result<()> {
     let finished = s.state.is_final().then_some(now);
-    // The body is dropped once nothing can send it again; a failed or
-    // expired message keeps it, so that an operator may retry it.
-    let keep_body = !matches!(
-        s.state,
-        State::Sent | State::Partial | State::Unknown | State::Cancelled
-    );
+    let keep_body = s.state.keeps_body();
     let rejected: Vec<String> = s
         .rejected
         .iter()
