@@ -535,6 +535,7 @@ async fn run_actors(
                     bytes: msg.clone(),
                     deadline: tokio::time::Instant::now() + DEADLINE,
                     prefer: None,
+                    only: None,
                 };
                 let t = Instant::now();
                 let report = d.send(mail).await;

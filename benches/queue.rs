@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use mailmux_actors::queue::sqlite::SqliteStore;
-use mailmux_actors::queue::{NewMessage, Settle, State, Store, now_millis};
+use mailmux_actors::queue::{Filter, NewMessage, Settle, State, Store, now_millis};
 
 /// Concurrent writers, as at C=32 over MCP.
 const WRITERS: usize = 32;
@@ -33,6 +33,10 @@ fn message(id: String) -> NewMessage {
         queued_at: now,
         due_at: now,
         idempotency: None,
+        caller: None,
+        meta: None,
+        hold: None,
+        only: None,
     }
 }
 
@@ -104,7 +108,7 @@ async fn measure(fill: usize) -> anyhow::Result<String> {
     }
     lookups.sort_unstable();
     let t = Instant::now();
-    store.list(None, 100, None).await?;
+    store.list(&Filter::default(), 100, None).await?;
     let list = t.elapsed();
     let t = Instant::now();
     store.stats().await?;

@@ -1,6 +1,8 @@
-//! The command line: `serve` (the default), one-shot `send`, `check` and
-//! `config`. It loads configuration, starts the actors and maps outcomes to
+//! The command line: `serve` (the default), one-shot `send`, `check`,
+//! `config`, and `queue` (approve and reject held messages). It loads configuration, starts the actors and maps outcomes to
 //! exit codes; the work itself is done by `mcp` and the dispatcher.
+
+mod queue;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -45,6 +47,10 @@ pub enum Command {
     Check,
     /// Print the effective configuration, secrets redacted, with each value's source.
     Config,
+    /// Act on the queue's store: approve or reject held messages (an
+    /// operator's token in MAILMUX_OPERATOR_TOKEN).
+    #[command(subcommand)]
+    Queue(queue::QueueCommand),
 }
 
 #[derive(Debug, Default, Args)]
@@ -152,6 +158,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Send(args) => send(config, sources, *args).await,
         Command::Check => check(config).await,
         Command::Config => print_config(&config),
+        Command::Queue(cmd) => queue::run(config, cmd).await,
     }
 }
 
@@ -331,8 +338,10 @@ async fn send(config: Config, sources: Sources, args: SendArgs) -> ExitCode {
         wait: Some(!args.no_wait),
         send_at: args.send_at,
     };
+    // The command line sends as the stdio caller, under its policy.
+    let caller = server.gate().stdio_caller();
     let (out, text) = server
-        .send_email_params(params)
+        .send_email_params(caller, params, None)
         .instrument(mcp::tools::tool_span("send"))
         .await;
     queue.shutdown(grace).await;

@@ -7,6 +7,7 @@
 
 mod env;
 mod raw;
+mod safety;
 mod validate;
 
 use std::net::SocketAddr;
@@ -69,6 +70,8 @@ pub struct Config {
     pub dispatch: Settings,
     pub queue: QueueSettings,
     pub daemon: DaemonSettings,
+    /// Callers, operators, policy and the audit log.
+    pub safety: crate::policy::SafetySettings,
     /// True when no relay was configured and the embedded `file` relay is used.
     pub default_relay: bool,
     /// The sources that contributed, in order (e.g. "defaults", "file /etc/mailmux.toml",
@@ -143,7 +146,7 @@ pub fn load_from(
     let tree = figment
         .find_value("")
         .unwrap_or_else(|_| Value::from(Dict::new()));
-    validate::build(raw, &figment, &tree, &overrides, names)
+    validate::build(raw, &figment, &tree, &overrides, names, &env)
 }
 
 /// The file to read and how it was named: `--config`, else `MAILMUX_CONFIG`.
@@ -318,6 +321,24 @@ fn check_unknown_keys(layer: &FileLayer) -> Result<(), ConfigError> {
     }
     if let Some(Value::Dict(_, d)) = root.get("queue") {
         check(d, "queue.", &[raw::QUEUE_KEYS])?;
+    }
+    if let Some(Value::Dict(_, d)) = root.get("policy") {
+        check(d, "policy.", &[raw::POLICY_KEYS])?;
+    }
+    if let Some(Value::Dict(_, d)) = root.get("audit") {
+        check(d, "audit.", &[raw::AUDIT_KEYS])?;
+    }
+    for (table, known) in [
+        ("callers", &[raw::IDENTITY_KEYS, raw::POLICY_KEYS][..]),
+        ("operators", &[raw::IDENTITY_KEYS][..]),
+    ] {
+        if let Some(Value::Array(_, entries)) = root.get(table) {
+            for (i, e) in entries.iter().enumerate() {
+                if let Value::Dict(_, d) = e {
+                    check(d, &format!("{table}[{i}]."), known)?;
+                }
+            }
+        }
     }
     if let Some(Value::Dict(_, d)) = root.get("relay_defaults") {
         check(d, "relay_defaults.", &[raw::TUNING_KEYS])?;

@@ -3,13 +3,17 @@
 //! Layout:
 //! - [`config`]: layered configuration, validated into actor settings;
 //! - [`compose`]: validation and rendering of messages;
+//! - [`policy`]: callers, operators and the per-caller policy and rates;
+//! - [`audit`]: the audit log;
 //! - [`mcp`]: the MCP tools and the stdio and HTTP transports (only it knows rmcp);
 //! - [`cli`]: the command line (`serve`, `send`, `check`, `config`);
 //! - [`logging`]: tracing to stderr;
 //! - `mailmux_actors` (the `actors/` crate): supervisor, router, relays.
 
+pub mod audit;
 pub mod cli;
 pub mod compose;
 pub mod config;
 pub mod logging;
 pub mod mcp;
+pub mod policy;

@@ -166,9 +166,11 @@ fn mailmux_vars_nest_with_double_underscore() {
         c.dispatch.supervisor.restart_window,
         Duration::from_secs(300)
     );
+    // The old top-level key still works: it is the default policy's list.
+    assert_eq!(c.safety.policy.allowed_senders.len(), 2);
     assert_eq!(
-        c.daemon.compose.allowed_senders,
-        ["ada@example.org", "@example.net"]
+        leaf(&c, "/policy/allowed_senders").1,
+        "env var MAILMUX_ALLOWED_SENDERS"
     );
     assert_eq!(c.dispatch.relays[0].pool.max_connections, 3);
     assert_eq!(

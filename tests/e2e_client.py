@@ -71,6 +71,9 @@ async def stdio_main(binary, port, maildir):
         "SMTP_FROM_EMAIL": "sender@example.org",
         "RUST_LOG": "info",
     }
+    # The test's own queue store, never the default one in the working folder.
+    if os.environ.get("MAILMUX_QUEUE__PATH"):
+        env["MAILMUX_QUEUE__PATH"] = os.environ["MAILMUX_QUEUE__PATH"]
     params = StdioServerParameters(command=binary, args=["serve"], env=env)
     errlog = tempfile.TemporaryFile(mode="w+")
     async with stdio_client(params, errlog=errlog) as (read, write):

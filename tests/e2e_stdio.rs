@@ -31,6 +31,7 @@ fn python_sdk_over_pipes_delivers_a_full_message() {
         .arg(BIN)
         .arg(smtp.port.to_string())
         .arg(&maildir)
+        .env("MAILMUX_QUEUE__PATH", queue_db())
         .output()
         .expect("python3 runs");
     let stdout = String::from_utf8_lossy(&out.stdout);

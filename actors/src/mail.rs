@@ -31,6 +31,8 @@ pub struct Mail {
     pub deadline: Instant,
     /// Try this relay first, whatever the strategy says.
     pub prefer: Option<String>,
+    /// Only these relays may take it (the caller's `allowed_relays`).
+    pub only: Option<Arc<[String]>>,
 }
 
 impl Mail {

@@ -156,7 +156,7 @@ impl Actor for RouterActor {
                 let now = Instant::now();
                 let pinned = state.pinned();
                 let next = state
-                    .choose(None, &[], now, false)
+                    .choose(None, None, &[], now, false)
                     .map(|i| state.table[i].name().to_owned());
                 let _ = reply.send(Selection {
                     pinned,
@@ -205,7 +205,13 @@ impl RouterState {
             let pick = if flight.tried.len() >= max {
                 None
             } else {
-                self.choose(flight.mail.prefer.as_deref(), &flight.tried, now, true)
+                self.choose(
+                    flight.mail.prefer.as_deref(),
+                    flight.mail.only.as_deref(),
+                    &flight.tried,
+                    now,
+                    true,
+                )
             };
             let Some(i) = pick else {
                 let all = |class| {
@@ -246,6 +252,7 @@ impl RouterState {
     fn choose(
         &mut self,
         prefer: Option<&str>,
+        only: Option<&[String]>,
         tried: &[String],
         now: Instant,
         advance: bool,
@@ -253,7 +260,10 @@ impl RouterState {
         let candidates: Vec<usize> = (0..self.table.len())
             .filter(|&i| {
                 let e = &self.table[i];
-                e.actor.is_some() && !tried.iter().any(|t| t == e.name()) && e.shared.available(now)
+                e.actor.is_some()
+                    && !tried.iter().any(|t| t == e.name())
+                    && only.is_none_or(|only| only.iter().any(|n| n == e.name()))
+                    && e.shared.available(now)
             })
             .collect();
         if candidates.is_empty() {

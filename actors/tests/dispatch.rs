@@ -58,6 +58,7 @@ fn mail_to(to: &[&str]) -> Mail {
         bytes: Arc::from(bytes.into_bytes()),
         deadline: Instant::now() + Duration::from_secs(20),
         prefer: None,
+        only: None,
     }
 }
 

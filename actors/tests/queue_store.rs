@@ -6,8 +6,16 @@ use std::sync::Arc;
 use mailmux_actors::queue::memory::MemoryStore;
 use mailmux_actors::queue::sqlite::SqliteStore;
 use mailmux_actors::queue::{
-    Accepted, Cancel, NewMessage, Settle, State, Store, StoreError, now_millis,
+    Accepted, Cancel, Decided, Decision, Filter, Hold, NewMessage, Settle, State, Store,
+    StoreError, now_millis,
 };
+
+fn by_state(state: State) -> Filter {
+    Filter {
+        state: Some(state),
+        caller: None,
+    }
+}
 
 fn message(id: &str, key: Option<(&str, u8)>) -> NewMessage {
     let now = now_millis();
@@ -20,6 +28,10 @@ fn message(id: &str, key: Option<(&str, u8)>) -> NewMessage {
         queued_at: now,
         due_at: now,
         idempotency: key.map(|(k, h)| (k.to_string(), [h; 32])),
+        caller: Some("agent".into()),
+        meta: None,
+        hold: None,
+        only: None,
     }
 }
 
@@ -105,14 +117,17 @@ async fn conformance(store: &dyn Store) {
     for i in 0..5 {
         store.accept(message(&format!("l{i}"), None)).await.unwrap();
     }
-    let (page, next) = store.list(None, 4, None).await.unwrap();
+    let (page, next) = store.list(&Filter::default(), 4, None).await.unwrap();
     let ids: Vec<&str> = page.iter().map(|s| s.message_id.as_str()).collect();
     assert_eq!(ids, ["l4", "l3", "l2", "l1"]);
-    let (page, next) = store.list(None, 4, next).await.unwrap();
+    let (page, next) = store.list(&Filter::default(), 4, next).await.unwrap();
     let ids: Vec<&str> = page.iter().map(|s| s.message_id.as_str()).collect();
     assert_eq!(ids, ["l0", "m4", "m1"]);
     assert!(next.is_none());
-    let (page, _) = store.list(Some(State::Unknown), 10, None).await.unwrap();
+    let (page, _) = store
+        .list(&by_state(State::Unknown), 10, None)
+        .await
+        .unwrap();
     assert_eq!(page.len(), 1);
 
     let stats = store.stats().await.unwrap();
@@ -132,12 +147,121 @@ async fn conformance(store: &dyn Store) {
     assert!(store.find_key("k").await.unwrap().is_none());
 }
 
+/// Held messages: never due, released only by an approval for the same
+/// content, rejected or expired otherwise; listings filter by caller.
+async fn approvals(store: &dyn Store) {
+    let now = now_millis();
+    let held = |id: &str, until: i64| NewMessage {
+        hold: Some(Hold {
+            until,
+            hash: [7; 32],
+        }),
+        ..message(id, None)
+    };
+    for id in ["h1", "h2", "h3"] {
+        assert_eq!(
+            store.accept(held(id, now + 60_000)).await.unwrap(),
+            Accepted::Stored(State::Held)
+        );
+    }
+    assert_eq!(
+        store.accept(held("h4", now - 1)).await.unwrap(),
+        Accepted::Stored(State::Held)
+    );
+    assert!(store.due(now + 120_000, 10).await.unwrap().is_empty());
+    let r = store.get("h1").await.unwrap().unwrap();
+    assert_eq!(
+        r.next_attempt_at,
+        Some(now + 60_000),
+        "the approval deadline"
+    );
+    assert_eq!(r.caller.as_deref(), Some("agent"));
+
+    let approve = |hash: Option<[u8; 32]>| Decision {
+        approve: true,
+        by: "operator ops".into(),
+        hash,
+    };
+    assert_eq!(
+        store.decide("h1", approve(Some([8; 32]))).await.unwrap(),
+        Decided::HashMismatch
+    );
+    assert_eq!(store.get("h1").await.unwrap().unwrap().state, State::Held);
+    assert_eq!(
+        store.decide("h1", approve(Some([7; 32]))).await.unwrap(),
+        Decided::Released(State::Queued)
+    );
+    let r = store.get("h1").await.unwrap().unwrap();
+    assert_eq!(r.decided_by.as_deref(), Some("operator ops"));
+    assert!(
+        store
+            .due(now_millis(), 10)
+            .await
+            .unwrap()
+            .contains(&"h1".to_string())
+    );
+    assert_eq!(
+        store.decide("h1", approve(None)).await.unwrap(),
+        Decided::NotHeld(State::Queued)
+    );
+
+    let reject = Decision {
+        approve: false,
+        by: "operator ops".into(),
+        hash: None,
+    };
+    assert_eq!(
+        store.decide("h2", reject.clone()).await.unwrap(),
+        Decided::Rejected
+    );
+    assert_eq!(
+        store.get("h2").await.unwrap().unwrap().state,
+        State::Rejected
+    );
+    assert!(store.load("h2").await.unwrap().is_none(), "body dropped");
+    assert_eq!(
+        store.decide("h2", approve(None)).await.unwrap(),
+        Decided::NotHeld(State::Rejected)
+    );
+    assert_eq!(
+        store.decide("none", reject).await.unwrap(),
+        Decided::NotFound
+    );
+
+    // Past its deadline: expired, and an approval no longer releases it.
+    assert_eq!(store.expire_held(now_millis()).await.unwrap(), ["h4"]);
+    assert_eq!(
+        store.get("h4").await.unwrap().unwrap().state,
+        State::Expired
+    );
+    assert_eq!(
+        store.decide("h4", approve(None)).await.unwrap(),
+        Decided::NotHeld(State::Expired)
+    );
+    assert_eq!(store.get("h3").await.unwrap().unwrap().state, State::Held);
+    // A caller may withdraw a held message.
+    assert_eq!(store.cancel("h3").await.unwrap(), Cancel::Cancelled);
+
+    let mine = Filter {
+        state: None,
+        caller: Some("agent".into()),
+    };
+    let theirs = Filter {
+        state: None,
+        caller: Some("other".into()),
+    };
+    assert_eq!(store.list(&mine, 10, None).await.unwrap().0.len(), 4);
+    assert!(store.list(&theirs, 10, None).await.unwrap().0.is_empty());
+}
+
 #[tokio::test]
 async fn sqlite_on_disk_conforms() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("q.db")).unwrap();
     assert!(store.durable());
     conformance(&store).await;
+    let store = SqliteStore::open(&dir.path().join("approvals.db")).unwrap();
+    approvals(&store).await;
 }
 
 #[tokio::test]
@@ -145,6 +269,7 @@ async fn memory_conforms() {
     let store = MemoryStore::new();
     assert!(!store.durable());
     conformance(&store).await;
+    approvals(&MemoryStore::new()).await;
 }
 
 #[tokio::test]
@@ -191,8 +316,9 @@ async fn concurrent_writes_share_commits_and_each_is_answered() {
     assert_eq!((stored, replays), (1, 199));
 }
 
-/// Schema migrations run at start: a store of version 1 (no `counts` table)
-/// is migrated to the current version and its counts are backfilled.
+/// Schema migrations run at start: a store of version 1 (no `counts` table,
+/// no caller or approval columns) is migrated to the current version, its
+/// counts are backfilled and its messages read back.
 #[tokio::test]
 async fn a_version_1_store_is_migrated_at_start() {
     let dir = tempfile::tempdir().unwrap();
@@ -203,12 +329,17 @@ async fn a_version_1_store_is_migrated_at_start() {
         store.accept(message("old-2", None)).await.unwrap();
         store.cancel("old-2").await.unwrap();
     }
-    // What version 1 left: no counts table, no triggers.
+    // What version 1 left: no counts table, no triggers (version 2), no
+    // caller, approval or relay columns (version 3).
     {
         let c = rusqlite::Connection::open(&path).unwrap();
         c.execute_batch(
             "DROP TRIGGER counts_insert; DROP TRIGGER counts_update; DROP TRIGGER counts_delete;
-             DROP TABLE counts; PRAGMA user_version = 1;",
+             DROP TABLE counts; DROP INDEX messages_caller;
+             ALTER TABLE messages DROP COLUMN caller; ALTER TABLE messages DROP COLUMN meta;
+             ALTER TABLE messages DROP COLUMN held_hash; ALTER TABLE messages DROP COLUMN decided_by;
+             ALTER TABLE messages DROP COLUMN relays;
+             PRAGMA user_version = 1;",
         )
         .unwrap();
     }
@@ -221,6 +352,9 @@ async fn a_version_1_store_is_migrated_at_start() {
     let mut counts = store.stats().await.unwrap().counts;
     counts.sort();
     assert_eq!(counts, [(State::Queued, 1), (State::Cancelled, 1)]);
+    let old = store.get("old-1").await.unwrap().unwrap();
+    assert_eq!((old.state, old.caller), (State::Queued, None));
+    assert!(store.load("old-1").await.unwrap().unwrap().only.is_none());
     // And the triggers keep them from then on.
     store.accept(message("new", None)).await.unwrap();
     let stats = store.stats().await.unwrap();

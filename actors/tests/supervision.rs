@@ -59,6 +59,7 @@ fn mail() -> Mail {
         bytes: Arc::from(bytes.into_bytes()),
         deadline: Instant::now() + Duration::from_secs(30),
         prefer: None,
+        only: None,
     }
 }
 

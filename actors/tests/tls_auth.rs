@@ -63,6 +63,7 @@ fn mail(n: u32) -> Mail {
         bytes: Arc::from(bytes.into_bytes()),
         deadline: Instant::now() + Duration::from_secs(20),
         prefer: None,
+        only: None,
     }
 }
 

@@ -134,6 +134,8 @@ pub(crate) struct RecipientSet {
     pub to: Vec<Mailbox>,
     pub cc: Vec<Mailbox>,
     pub bcc: Vec<Mailbox>,
+    /// The field each kept recipient came from (`to`, 0), in envelope order.
+    pub fields: Vec<(&'static str, usize)>,
 }
 
 impl RecipientSet {
@@ -155,6 +157,7 @@ pub(crate) fn parse_recipients(
 ) -> Result<RecipientSet, ComposeError> {
     let mut seen = HashSet::new();
     let mut set = RecipientSet::default();
+    let mut fields = Vec::new();
     let lists: [(&str, &Recipients, &mut Vec<Mailbox>); 3] = [
         ("to", to, &mut set.to),
         ("cc", cc, &mut set.cc),
@@ -175,8 +178,10 @@ pub(crate) fn parse_recipients(
                 ));
             }
             out.push(mailbox);
+            fields.push((name, i));
         }
     }
+    set.fields = fields;
     if seen.is_empty() {
         return Err(ComposeError::new(
             "to",

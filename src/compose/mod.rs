@@ -208,12 +208,16 @@ pub struct Composed {
     pub from: lettre::Address,
     /// to, cc and bcc, de-duplicated.
     pub recipients: Vec<lettre::Address>,
+    /// Where each of `recipients` was given: (`to`|`cc`|`bcc`, index).
+    pub fields: Vec<(&'static str, usize)>,
+    /// The subject as rendered.
+    pub subject: String,
     /// CRLF line endings throughout.
     pub bytes: Vec<u8>,
     /// The parts as rendered, for [`Composed::preview`].
-    text: Option<String>,
-    html: Option<String>,
-    attachments: Vec<AttachmentSummary>,
+    pub(crate) text: Option<String>,
+    pub(crate) html: Option<String>,
+    pub(crate) attachments: Vec<AttachmentSummary>,
 }
 
 impl Composed {
@@ -411,6 +415,8 @@ pub fn compose(draft: &Draft, policy: &ComposePolicy) -> Result<Composed, Compos
         message_id,
         from: from.email,
         recipients: recipients.envelope(),
+        fields: recipients.fields,
+        subject: rendered.subject,
         bytes,
         text,
         html,

@@ -34,7 +34,32 @@ pub(crate) const TOP_KEYS: &[&str] = &[
     "queue",
     "relay_defaults",
     "relays",
+    "stdio_caller",
+    "policy",
+    "callers",
+    "operators",
+    "audit",
 ];
+
+/// Keys of `[policy]`, which every `[[callers]]` entry may override.
+pub(crate) const POLICY_KEYS: &[&str] = &[
+    "allowed_senders",
+    "allowed_recipients",
+    "allow_bcc",
+    "max_recipients",
+    "max_message_bytes",
+    "allowed_relays",
+    "mode",
+    "rate",
+    "approval",
+    "approval_ttl",
+    "elicitation_timeout",
+];
+
+/// Keys of a `[[callers]]` or `[[operators]]` entry besides the policy keys.
+pub(crate) const IDENTITY_KEYS: &[&str] = &["name", "token_sha256", "token_file", "token_env"];
+
+pub(crate) const AUDIT_KEYS: &[&str] = &["path", "subjects", "required"];
 
 pub(crate) const SUPERVISOR_KEYS: &[&str] = &["max_restarts", "restart_window", "restart_pause"];
 
@@ -150,6 +175,19 @@ pub(crate) struct RawConfig {
     /// relay `outbox`.
     #[serde(default)]
     pub relays: Vec<RawRelay>,
+    /// The caller that stdio serves. Default: `local`.
+    pub stdio_caller: Option<String>,
+    /// The default policy of every caller.
+    #[serde(default)]
+    pub policy: RawPolicy,
+    /// Callers named by their bearer tokens, each with policy overrides.
+    #[serde(default)]
+    pub callers: Vec<RawIdentity>,
+    /// People who may approve and reject held messages.
+    #[serde(default)]
+    pub operators: Vec<RawIdentity>,
+    #[serde(default)]
+    pub audit: RawAudit,
     /// Relays from the seed's `SMTP_*` env vars, by suffix; never written in
     /// a file (the unknown-key check refuses it there).
     #[serde(default)]
@@ -206,6 +244,61 @@ pub(crate) struct RawQueue {
     pub retain: Option<Dur>,
     /// How far ahead `send_at` may be. Default: 30d.
     pub max_schedule: Option<Dur>,
+}
+
+/// `[policy]`, and the overrides on a `[[callers]]` entry. An overriding
+/// list replaces the default list.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub(crate) struct RawPolicy {
+    /// Exact addresses or `@domain`. Default: the top-level
+    /// `allowed_senders`, else empty (any sender).
+    pub allowed_senders: Option<StringList>,
+    /// Exact addresses, `@domain`, `@*.domain` or `*`. Default: empty (anyone).
+    pub allowed_recipients: Option<StringList>,
+    /// Default: true.
+    pub allow_bcc: Option<bool>,
+    /// Default: none (the global `max_recipients`).
+    pub max_recipients: Option<usize>,
+    /// Default: none (the global `max_message_bytes`).
+    pub max_message_bytes: Option<usize>,
+    /// Default: none (any relay).
+    pub allowed_relays: Option<StringList>,
+    /// `send` | `dry_run`. Default: `send`.
+    pub mode: Option<String>,
+    /// Limits such as `30/min` or `recipients: 1000/day`. Default: none.
+    pub rate: Option<StringList>,
+    /// `never` | `always` | `outside_allowlist`. Default: `never`.
+    pub approval: Option<String>,
+    /// How long a held message waits. Default: 1h.
+    pub approval_ttl: Option<Dur>,
+    /// How long a call waits for the user's approval form. Default: 5m.
+    pub elicitation_timeout: Option<Dur>,
+}
+
+/// A `[[callers]]` or `[[operators]]` entry: a name and one token form.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawIdentity {
+    pub name: Option<String>,
+    /// Hex of the token's SHA-256.
+    pub token_sha256: Option<String>,
+    /// A file holding the token.
+    pub token_file: Option<PathBuf>,
+    /// An environment variable holding the token.
+    pub token_env: Option<String>,
+    /// Policy overrides (callers only).
+    #[serde(flatten)]
+    pub policy: RawPolicy,
+}
+
+/// `[audit]`.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawAudit {
+    /// The JSON-lines file. Default: none (no audit log).
+    pub path: Option<PathBuf>,
+    /// Subjects as written (true) or as SHA-256 (false). Default: true.
+    pub subjects: Option<bool>,
+    /// Refuse new messages while the log cannot be written. Default: false.
+    pub required: Option<bool>,
 }
 
 /// One `[[relays]]` entry, and also `[relay_defaults]` (tuning keys only).

@@ -26,7 +26,7 @@ use crate::compose::ComposePolicy;
 /// Source name of a value no layer set.
 pub(crate) const DEFAULT_SOURCE: &str = "default";
 /// What `mailmux config` prints instead of a secret.
-const REDACTED: &str = "[redacted]";
+pub(super) const REDACTED: &str = "[redacted]";
 
 /// Defaults of the daemon's own keys; the actors' defaults come from their
 /// `Default` impls.
@@ -44,13 +44,13 @@ const EMBEDDED_RELAY: &str = "outbox";
 
 /// A value's key, as the user wrote it, and the source it came from.
 #[derive(Debug, Clone)]
-struct At {
+pub(super) struct At {
     key: String,
     source: String,
 }
 
 impl At {
-    fn err(&self, message: impl Into<String>) -> ConfigError {
+    pub(super) fn err(&self, message: impl Into<String>) -> ConfigError {
         ConfigError {
             key: self.key.clone(),
             source_name: self.source.clone(),
@@ -60,11 +60,11 @@ impl At {
 }
 
 /// Adds one leaf of the effective configuration, with its source.
-fn leaf(out: &mut Map<String, Json>, name: &str, value: Json, at: &At) {
+pub(super) fn leaf(out: &mut Map<String, Json>, name: &str, value: Json, at: &At) {
     out.insert(name.into(), json!({ "value": value, "source": at.source }));
 }
 
-fn secs(d: Duration) -> Json {
+pub(super) fn secs(d: Duration) -> Json {
     json!(humantime::format_duration(d).to_string())
 }
 
@@ -87,7 +87,7 @@ enum Origin {
     Embedded,
 }
 
-struct Ctx<'a> {
+pub(crate) struct Ctx<'a> {
     figment: &'a Figment,
     tree: &'a Value,
     /// Paths set by `MAILMUX_RELAYS__…` inside the file layer, and the variable.
@@ -96,7 +96,7 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     /// The source of the value at a dotted path, if a layer set it.
-    fn source(&self, path: &str) -> Option<String> {
+    pub(super) fn source(&self, path: &str) -> Option<String> {
         if let Some((_, var)) = self.overrides.iter().find(|(p, _)| p == path) {
             return Some(source_name(var));
         }
@@ -113,7 +113,7 @@ impl Ctx<'_> {
             .map(|m| m.name.to_string())
     }
 
-    fn at(&self, path: &str) -> At {
+    pub(super) fn at(&self, path: &str) -> At {
         At {
             key: path.to_string(),
             source: self
@@ -165,6 +165,7 @@ pub(crate) fn build(
     tree: &Value,
     overrides: &[(String, String)],
     sources: Vec<String>,
+    env: &[(String, String)],
 ) -> Result<Config, ConfigError> {
     let ctx = Ctx {
         figment,
@@ -194,13 +195,6 @@ pub(crate) fn build(
         check_address(addr, &at)?;
     }
     leaf(&mut out, "from_email", json!(raw.from_email), &at);
-
-    let at = ctx.at("allowed_senders");
-    let allowed_senders = raw.allowed_senders.clone().unwrap_or_default().0;
-    for s in &allowed_senders {
-        check_sender_rule(s, &at)?;
-    }
-    leaf(&mut out, "allowed_senders", json!(allowed_senders), &at);
 
     let send_deadline = positive(
         &ctx,
@@ -398,6 +392,16 @@ pub(crate) fn build(
         best.and_then(|r| r.from_email.clone())
     });
 
+    let relay_names: Vec<String> = relays.iter().map(|(r, ..)| r.name.clone()).collect();
+    let safety = super::safety::build(
+        &ctx,
+        &raw,
+        env,
+        http.token.as_ref().map(Secret::expose),
+        &relay_names,
+        &mut out,
+    )?;
+
     let (relays, relay_json): (Vec<RelaySettings>, Vec<Json>) =
         relays.into_iter().map(|(r, j, _)| (r, j)).unzip();
     out.insert("relays".into(), Json::Array(relay_json));
@@ -422,7 +426,8 @@ pub(crate) fn build(
             shutdown_grace,
             compose: ComposePolicy {
                 default_from,
-                allowed_senders,
+                // Senders are the callers' policy (crate::policy).
+                allowed_senders: Vec::new(),
                 max_recipients,
                 max_message_bytes,
                 max_attachment_bytes,
@@ -433,6 +438,7 @@ pub(crate) fn build(
             http,
             log_level: raw.log_level,
         },
+        safety,
         default_relay,
         sources,
         redacted: Json::Object(out),
@@ -649,7 +655,7 @@ fn queue(
 }
 
 /// Reads a secret from a file; the error names the file, never the content.
-fn read_secret(path: &Path, at: &At, what: &str) -> Result<Secret, ConfigError> {
+pub(super) fn read_secret(path: &Path, at: &At, what: &str) -> Result<Secret, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| at.err(format!("cannot read {what} file {}: {e}", path.display())))?;
     let secret = text.trim_end_matches(['\r', '\n']);
@@ -663,18 +669,6 @@ fn check_address(addr: &str, at: &At) -> Result<(), ConfigError> {
     lettre::Address::from_str(addr)
         .map(|_| ())
         .map_err(|e| at.err(format!("{addr:?} is not an email address: {e}")))
-}
-
-fn check_sender_rule(rule: &str, at: &At) -> Result<(), ConfigError> {
-    match rule.strip_prefix('@') {
-        Some(domain) => {
-            if domain.is_empty() || domain.contains('@') || domain.contains(char::is_whitespace) {
-                return Err(at.err(format!("{rule:?} is not `@domain`")));
-            }
-            Ok(())
-        }
-        None => check_address(rule, at),
-    }
 }
 
 /// Normalises a seed relay into the shape of a listed one.

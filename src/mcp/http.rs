@@ -12,22 +12,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::{Extension, Path, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use http_body_util::BodyExt;
-use mailmux_actors::{RelayState, Secret};
+use mailmux_actors::RelayState;
+use mailmux_actors::queue::{Decided, Decision};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use serde_json::json;
-use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use super::types::MessageStatusResult;
 use super::{MailmuxServer, RunError, drain};
 use crate::config::HttpSettings;
+use crate::policy::Caller;
 
 /// Host names always allowed, with any port: the server is meant for loopback.
 const LOOPBACK_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "[::1]"];
@@ -40,12 +42,13 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 pub struct Guard {
     allowed_hosts: Vec<String>,
     allowed_origins: Vec<String>,
-    token: Option<Secret>,
     body_limit: usize,
+    /// The callers and operators by token (the server's, as reloaded).
+    server: Option<MailmuxServer>,
 }
 
 impl Guard {
-    pub fn new(http: &HttpSettings) -> Self {
+    pub fn new(http: &HttpSettings, server: &MailmuxServer) -> Self {
         Guard {
             allowed_hosts: http
                 .allowed_hosts
@@ -57,8 +60,8 @@ impl Guard {
                 .iter()
                 .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
                 .collect(),
-            token: http.token.clone(),
             body_limit: http.body_limit,
+            server: Some(server.clone()),
         }
     }
 
@@ -83,20 +86,27 @@ impl Guard {
         rest.is_some_and(|authority| LOOPBACK_HOSTS.contains(&host_part(authority)))
     }
 
-    fn token_ok(&self, headers: &HeaderMap) -> bool {
-        let Some(expected) = &self.token else {
-            return true;
-        };
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .unwrap_or("");
-        bool::from(given.as_bytes().ct_eq(expected.expose().as_bytes()))
+    /// The caller the request's bearer token names (every token is
+    /// compared in constant time); `None` when it names none.
+    fn caller(&self, headers: &HeaderMap) -> Option<Arc<Caller>> {
+        self.server.as_ref()?.gate().http_caller(bearer(headers))
     }
+
+    /// The operator the request's bearer token names.
+    fn operator(&self, headers: &HeaderMap) -> Option<String> {
+        self.server.as_ref()?.gate().operator(bearer(headers))
+    }
+}
+
+/// The token of `Authorization: Bearer …`.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
 }
 
 /// `host` of `host[:port]`, keeping IPv6 brackets.
@@ -124,7 +134,7 @@ fn reject(status: StatusCode, message: &str) -> Response {
     resp
 }
 
-async fn check(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
+async fn check(State(guard): State<Arc<Guard>>, mut req: Request, next: Next) -> Response {
     let authority = req
         .headers()
         .get(header::HOST)
@@ -142,8 +152,22 @@ async fn check(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Res
             return reject(StatusCode::FORBIDDEN, "origin not allowed");
         }
     }
-    if req.uri().path() != "/health" && !guard.token_ok(req.headers()) {
-        return reject(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    let path = req.uri().path();
+    if path.starts_with("/admin/") {
+        // Operators only: a caller's token never opens the admin routes.
+        match guard.operator(req.headers()) {
+            Some(name) => {
+                req.extensions_mut().insert(Operator(name));
+            }
+            None => return reject(StatusCode::UNAUTHORIZED, "missing or wrong operator token"),
+        }
+    } else if path != "/health" {
+        match guard.caller(req.headers()) {
+            Some(caller) => {
+                req.extensions_mut().insert(caller);
+            }
+            None => return reject(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"),
+        }
     }
     let length = req
         .headers()
@@ -205,6 +229,67 @@ async fn health(State(server): State<MailmuxServer>) -> Response {
         .into_response()
 }
 
+/// The operator an `/admin/` request's token named.
+#[derive(Debug, Clone)]
+struct Operator(String);
+
+/// `GET /admin/messages/{id}`: the message's status, as `get_message_status`.
+async fn admin_show(State(server): State<MailmuxServer>, Path(id): Path<String>) -> Response {
+    match server.queue().status(&id).await {
+        Ok(Some(r)) => axum::Json(MessageStatusResult::from(&r)).into_response(),
+        Ok(None) => reject(StatusCode::NOT_FOUND, "no such message"),
+        Err(e) => reject(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+async fn admin_approve(
+    State(server): State<MailmuxServer>,
+    Extension(op): Extension<Operator>,
+    Path(id): Path<String>,
+) -> Response {
+    admin_decide(server, op, id, true).await
+}
+
+async fn admin_reject(
+    State(server): State<MailmuxServer>,
+    Extension(op): Extension<Operator>,
+    Path(id): Path<String>,
+) -> Response {
+    admin_decide(server, op, id, false).await
+}
+
+/// Approves or rejects a held message as an operator. 409 when it is not
+/// held, with its state.
+async fn admin_decide(server: MailmuxServer, op: Operator, id: String, approve: bool) -> Response {
+    let decision = Decision {
+        approve,
+        by: format!("operator {}", op.0),
+        hash: None,
+    };
+    match server.queue().decide(&id, decision).await {
+        Ok(Decided::Released(state)) => {
+            tracing::info!(message_id = %id, operator = %op.0, "operator approved a held message");
+            axum::Json(json!({ "message_id": id, "approved": true, "status": state.as_str() }))
+                .into_response()
+        }
+        Ok(Decided::Rejected) => {
+            tracing::info!(message_id = %id, operator = %op.0, "operator rejected a held message");
+            axum::Json(json!({ "message_id": id, "approved": false, "status": "rejected" }))
+                .into_response()
+        }
+        Ok(Decided::NotHeld(state)) => reject(
+            StatusCode::CONFLICT,
+            &format!("{id} is {}, not held; nothing was changed", state.as_str()),
+        ),
+        Ok(Decided::HashMismatch) => reject(
+            StatusCode::CONFLICT,
+            "the approval was for other content; nothing was changed",
+        ),
+        Ok(Decided::NotFound) => reject(StatusCode::NOT_FOUND, "no such message"),
+        Err(e) => reject(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
 /// The axum application: `/mcp`, `/health` and the request checks. The
 /// returned token closes every MCP session when cancelled.
 pub fn app(server: &MailmuxServer, stateful: bool) -> (Router, CancellationToken) {
@@ -224,10 +309,13 @@ pub fn app(server: &MailmuxServer, stateful: bool) -> (Router, CancellationToken
         Arc::new(LocalSessionManager::default()),
         config,
     );
-    let guard = Arc::new(Guard::new(&http));
+    let guard = Arc::new(Guard::new(&http, server));
     let permits = Arc::new(Semaphore::new(server.config().daemon.max_concurrent_calls));
     let router = Router::new()
         .route("/health", get(health))
+        .route("/admin/messages/{id}", get(admin_show))
+        .route("/admin/messages/{id}/approve", post(admin_approve))
+        .route("/admin/messages/{id}/reject", post(admin_reject))
         .with_state(server.clone())
         .nest_service("/mcp", mcp)
         // Layers run outermost last-added first: the checks, then the bound.
@@ -251,9 +339,10 @@ pub async fn serve(
     if !bind.ip().is_loopback() {
         tracing::warn!(%local, "HTTP transport bound beyond loopback; set http.token and http.allowed_hosts");
     }
-    if server.config().daemon.http.token.is_none() {
+    let safety = &server.config().safety;
+    if server.config().daemon.http.token.is_none() && safety.callers.is_empty() {
         tracing::info!(
-            "HTTP transport has no bearer token (set MAILMUX_HTTP_TOKEN to require one)"
+            "HTTP transport has no bearer token: every request is the caller \"default\" (set MAILMUX_HTTP_TOKEN or [[callers]] to require one)"
         );
     }
     tracing::info!(%local, stateful, "serving MCP on http://{local}/mcp");
@@ -300,8 +389,8 @@ mod tests {
         Guard {
             allowed_hosts: hosts.iter().map(|s| s.to_string()).collect(),
             allowed_origins: origins.iter().map(|s| s.to_string()).collect(),
-            token: Some(Secret::new("s3cret")),
             body_limit: 10,
+            server: None,
         }
     }
 
@@ -329,16 +418,5 @@ mod tests {
         assert!(!g.origin_allowed("https://evil.example.com"));
         assert!(!g.origin_allowed("null"));
         assert!(!g.origin_allowed("http://localhost.evil.com"));
-    }
-
-    #[test]
-    fn tokens() {
-        let g = guard(&[], &[]);
-        let mut h = HeaderMap::new();
-        assert!(!g.token_ok(&h));
-        h.insert(header::AUTHORIZATION, "Bearer wrong".parse().unwrap());
-        assert!(!g.token_ok(&h));
-        h.insert(header::AUTHORIZATION, "Bearer s3cret".parse().unwrap());
-        assert!(g.token_ok(&h));
     }
 }

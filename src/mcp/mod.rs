@@ -4,6 +4,7 @@
 //! Only this module knows rmcp. It turns tool calls into dispatcher calls and
 //! never talks SMTP itself.
 
+pub mod approval;
 pub mod http;
 pub mod resources;
 pub mod tools;
@@ -20,7 +21,9 @@ use mailmux_actors::queue::{self, Queue, StoreError};
 use mailmux_actors::{ControlError, Dispatcher, RelayKind};
 use rmcp::handler::server::router::tool::ToolRouter;
 
+use crate::audit::Audit;
 use crate::config::{Config, Sources};
+use crate::policy::Gate;
 
 /// The MCP handler. Cheap to clone: every clone shares one state, so the HTTP
 /// transport can hand a clone to each session.
@@ -45,6 +48,10 @@ struct State {
     calls: Arc<transport::CallGate>,
     /// Clients subscribed to message resources.
     subscriptions: resources::Subscriptions,
+    /// Callers and operators by token, with their policies and rate
+    /// buckets; rebuilt with the configuration.
+    gate: RwLock<Arc<Gate>>,
+    audit: Arc<Audit>,
 }
 
 impl std::fmt::Debug for MailmuxServer {
@@ -61,6 +68,18 @@ impl MailmuxServer {
     /// read again by `reload_smtp_configuration`.
     pub fn new(queue: Queue, config: Config, sources: Sources) -> Self {
         let calls = transport::CallGate::new(config.daemon.max_concurrent_calls);
+        let http_token = config.daemon.http.token.as_ref().map(|t| t.expose());
+        let gate = Arc::new(Gate::new(&config.safety, http_token, None));
+        let audit = Arc::new(Audit::open(config.safety.audit.clone()).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot open the audit log; audit lines are lost until SIGHUP reopens it");
+            Audit::unopened(config.safety.audit.clone())
+        }));
+        if audit.enabled() {
+            queue.observe(audit.clone());
+        }
+        for name in gate.open_recipients() {
+            tracing::warn!(caller = %name, "caller may mail any recipient: allowed_recipients is empty");
+        }
         MailmuxServer {
             state: Arc::new(State {
                 queue,
@@ -71,6 +90,8 @@ impl MailmuxServer {
                 reload: tokio::sync::Mutex::new(()),
                 calls,
                 subscriptions: resources::Subscriptions::default(),
+                gate: RwLock::new(gate),
+                audit,
             }),
             tool_router: Self::tool_router(),
         }
@@ -98,7 +119,25 @@ impl MailmuxServer {
         }
     }
 
+    /// Callers and operators in force now.
+    pub fn gate(&self) -> Arc<Gate> {
+        match self.state.gate.read() {
+            Ok(g) => Arc::clone(&g),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    pub fn audit(&self) -> &Arc<Audit> {
+        &self.state.audit
+    }
+
     fn set_config(&self, config: Config) {
+        let http_token = config.daemon.http.token.as_ref().map(|t| t.expose());
+        let gate = Arc::new(Gate::new(&config.safety, http_token, Some(&self.gate())));
+        match self.state.gate.write() {
+            Ok(mut g) => *g = gate,
+            Err(poisoned) => *poisoned.into_inner() = gate,
+        }
         let new = Arc::new(config);
         match self.state.config.write() {
             Ok(mut c) => *c = new,
@@ -169,6 +208,8 @@ pub enum RunError {
     },
     #[error("transport failed")]
     Transport(#[source] std::io::Error),
+    #[error("cannot open the audit log (audit.path)")]
+    Audit(#[source] std::io::Error),
 }
 
 /// Runs the daemon until `shutdown` resolves (or, under stdio, stdin ends).
@@ -185,6 +226,10 @@ pub async fn run(
     if let Some(warning) = default_relay_warning(&config) {
         tracing::warn!("{warning}");
     }
+    // A configured audit log that cannot be opened stops the start.
+    if config.safety.audit.path.is_some() {
+        Audit::open(config.safety.audit.clone()).map_err(RunError::Audit)?;
+    }
     let queue = start_queue(&config).await?;
     tracing::info!(
         relays = config.dispatch.relays.len(),
@@ -194,10 +239,31 @@ pub async fn run(
         "mailmux started"
     );
     let server = MailmuxServer::new(queue, config, sources);
+    reopen_on_hangup(server.audit().clone());
     match transport {
         Transport::Stdio => transport::serve_stdio(server, shutdown).await,
         Transport::Http { bind, stateful } => http::serve(server, bind, stateful, shutdown).await,
     }
+}
+
+/// Reopens the audit log on each SIGHUP (log rotation).
+fn reopen_on_hangup(audit: Arc<Audit>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        audit.reopen();
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP"),
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = audit;
 }
 
 /// Opens the configured store (a start-up error names its path), starts the

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use std::time::{Duration, SystemTime};
 
-use mailmux_actors::queue::{Cancel, QueueError, State, Submit};
+use mailmux_actors::queue::{Cancel, Filter, Hold, QueueError, State, Submit};
 use mailmux_actors::{ControlError, Mail};
 use rmcp::RoleServer;
 use rmcp::handler::server::tool::schema_for_output;
@@ -19,15 +19,17 @@ use rmcp::model::{
     Resource, ResourceContents, ResourceTemplate, ServerCapabilities, ServerConfig,
     SubscribeRequestParams, UnsubscribeRequestParams,
 };
-use rmcp::service::RequestContext;
+use rmcp::service::{Peer, RequestContext};
 use rmcp::{ErrorData, ServerHandler, tool, tool_handler, tool_router};
 use sha2::Digest;
 use tracing::{Instrument, field::Empty};
 
 use super::types::*;
-use super::{MailmuxServer, resources};
-use crate::compose::compose;
+use super::{MailmuxServer, approval, resources};
+use crate::audit::{Meta, Refusal};
+use crate::compose::{Composed, compose};
 use crate::config;
+use crate::policy::{Caller, Verdict};
 
 /// Serialises a result; `isError` follows the presence of its `error`.
 fn respond<T: ToolOutput>(out: T, text: String) -> Result<CallToolResult, ErrorData> {
@@ -85,6 +87,9 @@ fn invalid(field: &str, rule: &str, message: String) -> ToolError {
         ..ToolError::new("invalid_input", message)
     }
 }
+
+/// The part of a refused message's subject the audit log keeps, in characters.
+const MAX_AUDIT_SUBJECT: usize = 998;
 
 /// Longest idempotency key, in characters.
 const MAX_KEY_CHARS: usize = 200;
@@ -157,7 +162,66 @@ fn content_hash(p: &SendEmailParams) -> [u8; 32] {
 
 /// The span of one tool call; `message_id` and `relay` are recorded when known.
 pub fn tool_span(tool: &'static str) -> tracing::Span {
-    tracing::info_span!("tool", tool, message_id = Empty, relay = Empty)
+    tracing::info_span!(
+        "tool",
+        tool,
+        caller = Empty,
+        message_id = Empty,
+        relay = Empty
+    )
+}
+
+/// The caller of a request: the one the HTTP guard found for its token,
+/// else (stdio, in process) the stdio caller. An HTTP request without one
+/// never reaches a tool (the guard answers 401).
+pub fn caller_of(server: &MailmuxServer, ctx: &RequestContext<RoleServer>) -> Option<Arc<Caller>> {
+    match ctx.extensions.get::<axum::http::request::Parts>() {
+        Some(parts) => parts.extensions.get::<Arc<Caller>>().cloned(),
+        None => Some(server.gate().stdio_caller()),
+    }
+}
+
+/// A call from a request without a caller: refused, and said so.
+fn no_caller() -> ToolError {
+    ToolError::new(
+        "unauthorized",
+        "the request carries no known caller; nothing was done",
+    )
+}
+
+/// Whether `caller` may see or act on a message stored by `owner`.
+fn owns(caller: &Caller, owner: Option<&str>) -> bool {
+    owner.is_none_or(|o| o == &*caller.name)
+}
+
+/// The audit description of a message: recipients by field and subject.
+fn meta_of(c: &Composed) -> Meta {
+    let mut m = Meta {
+        subject: c.subject.clone(),
+        ..Meta::default()
+    };
+    for (address, (list, _)) in c.recipients.iter().zip(&c.fields) {
+        let out = match *list {
+            "to" => &mut m.to,
+            "cc" => &mut m.cc,
+            _ => &mut m.bcc,
+        };
+        out.push(address.to_string());
+    }
+    m
+}
+
+/// The hash an approval binds to: the exact bytes and envelope.
+fn approval_hash(c: &Composed) -> [u8; 32] {
+    let mut h = sha2::Sha256::new();
+    h.update(c.from.to_string().as_bytes());
+    for r in &c.recipients {
+        h.update(b"\n");
+        h.update(r.to_string().as_bytes());
+    }
+    h.update(b"\n\n");
+    h.update(&c.bytes);
+    h.finalize().into()
 }
 
 #[tool_router(router = tool_router, vis = "pub(crate)")]
@@ -176,9 +240,17 @@ impl MailmuxServer {
     pub async fn send_email(
         &self,
         params: Parameters<Checked<SendEmailParams>>,
+        ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
         let span = tool_span("send_email");
-        let (out, text) = self.send_email_checked(params.0.0).instrument(span).await;
+        let Some(caller) = caller_of(self, &ctx) else {
+            return fail::<SendResult>(no_caller());
+        };
+        span.record("caller", &*caller.name);
+        let (out, text) = self
+            .send_email_checked(caller, params.0.0, Some(ctx.peer))
+            .instrument(span)
+            .await;
         respond(out, text)
     }
 
@@ -246,8 +318,12 @@ impl MailmuxServer {
                        selection strategy, the pinned relay, uptime and version. Holds no secret.",
         output_schema = schema_for_output::<StatusResult>()
     )]
-    pub async fn get_smtp_status(&self) -> Result<CallToolResult, ErrorData> {
+    pub async fn get_smtp_status(
+        &self,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
         let span = tool_span("get_smtp_status");
+        let caller = caller_of(self, &ctx);
         async move {
             if self.is_closing() {
                 return fail::<StatusResult>(ToolError::unavailable());
@@ -270,6 +346,17 @@ impl MailmuxServer {
                 warning: warning.clone(),
                 relays: snapshot.relays.iter().map(Into::into).collect(),
                 queue: Some(self.queue_status().await),
+                caller: caller.map(|c| CallerOut {
+                    name: c.name.to_string(),
+                    mode: match c.policy.mode {
+                        crate::policy::Mode::Send => "send".into(),
+                        crate::policy::Mode::DryRun => "dry_run".into(),
+                    },
+                    approval: c.policy.approval.as_str().into(),
+                    allowed_recipients: c.policy.allowed_recipients.len(),
+                    rate: c.policy.rate.iter().map(|r| r.text.clone()).collect(),
+                }),
+                open_recipients: self.gate().open_recipients(),
                 runtime: RuntimeOut::current(),
                 error: None,
             };
@@ -284,6 +371,12 @@ impl MailmuxServer {
             }
             if let Some(w) = out.queue.as_ref().and_then(|q| q.warning.as_ref()) {
                 text = format!("WARNING: {w}. {text}");
+            }
+            if !out.open_recipients.is_empty() {
+                text = format!(
+                    "WARNING: caller(s) {} may mail any recipient (allowed_recipients is empty). {text}",
+                    out.open_recipients.join(", ")
+                );
             }
             respond(out, text)
         }
@@ -406,8 +499,13 @@ impl MailmuxServer {
     pub async fn get_message_status(
         &self,
         params: Parameters<Checked<MessageStatusParams>>,
+        ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
         let span = tool_span("get_message_status");
+        let Some(caller) = caller_of(self, &ctx) else {
+            return fail::<MessageStatusResult>(no_caller());
+        };
+        span.record("caller", &*caller.name);
         async move {
             let p = match params.0.0 {
                 Ok(p) => p,
@@ -428,11 +526,12 @@ impl MailmuxServer {
                 }
             };
             match found {
-                Ok(Some(r)) => {
+                Ok(Some(r)) if owns(&caller, r.caller.as_deref()) => {
                     let text = format!("{}: {}", r.message_id, r.state.as_str());
                     respond(MessageStatusResult::from(&r), text)
                 }
-                Ok(None) => fail::<MessageStatusResult>(ToolError::new(
+                // Another caller's message is not shown, nor said to exist.
+                Ok(_) => fail::<MessageStatusResult>(ToolError::new(
                     "not_found",
                     "no such message (it may have been purged after queue.retain)",
                 )),
@@ -454,8 +553,13 @@ impl MailmuxServer {
     pub async fn list_messages(
         &self,
         params: Parameters<Checked<ListMessagesParams>>,
+        ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
         let span = tool_span("list_messages");
+        let Some(caller) = caller_of(self, &ctx) else {
+            return fail::<ListMessagesResult>(no_caller());
+        };
+        span.record("caller", &*caller.name);
         async move {
             let p = match params.0.0 {
                 Ok(p) => p,
@@ -496,7 +600,11 @@ impl MailmuxServer {
                     }
                 },
             };
-            match self.queue().list(state, limit as usize, cursor).await {
+            let filter = Filter {
+                state,
+                caller: Some(caller.name.to_string()),
+            };
+            match self.queue().list(&filter, limit as usize, cursor).await {
                 Ok((page, next)) => {
                     let out = ListMessagesResult {
                         messages: page.iter().map(Into::into).collect(),
@@ -532,14 +640,29 @@ impl MailmuxServer {
     pub async fn cancel_message(
         &self,
         params: Parameters<Checked<CancelMessageParams>>,
+        ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
         let span = tool_span("cancel_message");
+        let Some(caller) = caller_of(self, &ctx) else {
+            return fail::<CancelMessageResult>(no_caller());
+        };
+        span.record("caller", &*caller.name);
         async move {
             let id = match params.0.0 {
                 Ok(p) => p.message_id,
                 Err(e) => return fail::<CancelMessageResult>(invalid("arguments", "schema", e)),
             };
             tracing::Span::current().record("message_id", id.as_str());
+            match self.queue().status(&id).await {
+                Ok(Some(r)) if owns(&caller, r.caller.as_deref()) => {}
+                Ok(_) => {
+                    return fail::<CancelMessageResult>(ToolError::new(
+                        "not_found",
+                        format!("no message {id:?}"),
+                    ));
+                }
+                Err(e) => return fail::<CancelMessageResult>(queue_error(&e)),
+            }
             match self.queue().cancel(&id).await {
                 Ok(Cancel::Cancelled) => {
                     tracing::info!("message cancelled");
@@ -557,7 +680,7 @@ impl MailmuxServer {
                     let e = ToolError::new(
                         "not_cancellable",
                         format!(
-                            "{id} is {} and cannot be cancelled; only scheduled or queued messages can",
+                            "{id} is {} and cannot be cancelled; only scheduled, queued or held messages can",
                             state.as_str()
                         ),
                     );
@@ -587,16 +710,25 @@ impl MailmuxServer {
 impl MailmuxServer {
     async fn send_email_checked(
         &self,
+        caller: Arc<Caller>,
         params: Result<SendEmailParams, String>,
+        peer: Option<Peer<RoleServer>>,
     ) -> (SendResult, String) {
         match params {
-            Ok(p) => self.send_email_params(p).await,
+            Ok(p) => self.send_email_params(caller, p, peer).await,
             Err(e) => {
                 // A shape error in one of the typed fields names that field.
                 let field = e
                     .strip_prefix(FIELD_PREFIX)
                     .and_then(|rest| rest.split('`').next())
                     .unwrap_or("arguments");
+                self.audit().refused(&Refusal {
+                    caller: &caller.name,
+                    code: "invalid_input",
+                    rule: Some("schema"),
+                    field: Some(field),
+                    ..Refusal::default()
+                });
                 failed(ToolError {
                     field: Some(field.into()),
                     rule: Some("schema".into()),
@@ -606,10 +738,50 @@ impl MailmuxServer {
         }
     }
 
+    /// A refusal after the caller was identified: audited, then answered.
+    /// `message` is the composed message, or the subject as given when it
+    /// was refused before it could be composed.
+    fn refuse(
+        &self,
+        caller: &Caller,
+        message: Result<&Composed, &str>,
+        e: ToolError,
+    ) -> (SendResult, String) {
+        if self.audit().enabled() {
+            let composed = message.ok();
+            let meta = match message {
+                Ok(c) => Some(meta_of(c)),
+                Err(subject) => Some(Meta {
+                    subject: subject.chars().take(MAX_AUDIT_SUBJECT).collect(),
+                    ..Meta::default()
+                }),
+            };
+            let from = composed.map(|c| c.from.to_string());
+            self.audit().refused(&Refusal {
+                caller: &caller.name,
+                message_id: composed.map(|c| c.message_id.as_str()),
+                from: from.as_deref(),
+                meta: meta.as_ref(),
+                size: composed.map(|c| c.bytes.len()),
+                code: &e.code,
+                rule: e.rule.as_deref(),
+                field: e.field.as_deref(),
+            });
+        }
+        let (mut out, text) = failed(e);
+        out.caller = Some(caller.name.to_string());
+        (out, text)
+    }
+
     /// The whole `send_email` flow, shared by the tool and `mailmux send`:
     /// compose, then send (or only render, for a dry run). Returns the result
     /// and a sentence for the caller.
-    pub async fn send_email_params(&self, mut params: SendEmailParams) -> (SendResult, String) {
+    pub async fn send_email_params(
+        &self,
+        caller: Arc<Caller>,
+        mut params: SendEmailParams,
+        peer: Option<Peer<RoleServer>>,
+    ) -> (SendResult, String) {
         let _slot = self.call_gate().enter();
         if self.is_closing() {
             return failed(ToolError::unavailable());
@@ -617,16 +789,21 @@ impl MailmuxServer {
         let config = self.config();
         let (idempotency, send_at) = match check_queue_params(&params, &config) {
             Ok(v) => v,
-            Err(e) => return failed(e),
+            Err(e) => return self.refuse(&caller, Err(&params.draft.subject), e),
         };
         // Hashed only when a key asks for it: the draft may be megabytes.
         let idempotency = idempotency.map(|key| (key, content_hash(&params)));
         if let Some(relay) = &params.relay {
             let names = self.relay_names();
             if !names.contains(relay) {
-                return failed(ToolError::unknown_relay(relay, names));
+                return self.refuse(
+                    &caller,
+                    Err(&params.draft.subject),
+                    ToolError::unknown_relay(relay, names),
+                );
             }
         }
+        let subject = params.draft.subject.clone();
         // A large draft is composed on the blocking pool, so that calls
         // behind it are not held up (over stdio the daemon has one worker).
         let composed = if params.draft.is_heavy() {
@@ -647,16 +824,29 @@ impl MailmuxServer {
         };
         let composed = match composed {
             Ok(c) => c,
-            Err(e) => return failed(ToolError::invalid_input(&e)),
+            Err(e) => return self.refuse(&caller, Err(&subject), ToolError::invalid_input(&e)),
         };
         let span = tracing::Span::current();
         span.record("message_id", composed.message_id.as_str());
+        let dry_run = params.dry_run.unwrap_or(false);
+        // Policy, then rate, then approval; a refusal takes no rate.
+        let verdict = match caller.check(&composed, params.relay.as_deref(), dry_run) {
+            Ok(v) => v,
+            Err(d) => {
+                let e = ToolError {
+                    field: Some(d.field),
+                    rule: Some(d.rule.into()),
+                    ..ToolError::new("policy_denied", format!("{}; nothing was sent", d.message))
+                };
+                return self.refuse(&caller, Ok(&composed), e);
+            }
+        };
         let envelope = Envelope {
             from: composed.from.to_string(),
             recipients: composed.recipients.iter().map(|a| a.to_string()).collect(),
         };
 
-        if params.dry_run.unwrap_or(false) {
+        if dry_run {
             let relay = match &params.relay {
                 Some(r) => Some(r.clone()),
                 None => self
@@ -682,10 +872,58 @@ impl MailmuxServer {
                 relay,
                 envelope: Some(envelope),
                 preview: Some(preview),
+                caller: Some(caller.name.to_string()),
                 ..Default::default()
             };
             return (out, text);
         }
+
+        if !self.audit().admits() {
+            return failed(ToolError::new(
+                "audit_unavailable",
+                "the audit log cannot be written and audit.required is set; nothing was sent",
+            ));
+        }
+        if let Err(limited) = caller.take_rate(composed.recipients.len()) {
+            let e = match limited.retry_after {
+                Some(after) => ToolError {
+                    rule: Some(limited.rule.clone()),
+                    retry_after_s: Some((after.as_secs_f64() * 1000.0).ceil() / 1000.0),
+                    ..ToolError::new(
+                        "rate_limited",
+                        format!(
+                            "caller {:?} is over its rate limit {}; try again in {:.1} s. Nothing was sent",
+                            caller.name,
+                            limited.rule,
+                            after.as_secs_f64()
+                        ),
+                    )
+                },
+                None => ToolError {
+                    field: Some("to".into()),
+                    rule: Some("rate_exceeds_limit".into()),
+                    ..ToolError::new(
+                        "policy_denied",
+                        format!(
+                            "the message has more recipients than the rate limit {} allows at all; nothing was sent",
+                            limited.rule
+                        ),
+                    )
+                },
+            };
+            return self.refuse(&caller, Ok(&composed), e);
+        }
+        let policy = &caller.policy;
+        let hold = (verdict == Verdict::Hold).then(|| Hold {
+            until: mailmux_actors::queue::now_millis() + policy.approval_ttl.as_millis() as i64,
+            hash: approval_hash(&composed),
+        });
+        let meta = self
+            .audit()
+            .enabled()
+            .then(|| serde_json::to_string(&meta_of(&composed)).unwrap_or_default());
+        let prompt = hold.as_ref().map(|_| approval::prompt(&composed));
+        let hold_hash = hold.as_ref().map(|h| h.hash);
 
         let wait = params.wait.unwrap_or(true);
         let mail = Mail {
@@ -695,7 +933,9 @@ impl MailmuxServer {
             bytes: Arc::from(composed.bytes),
             deadline: tokio::time::Instant::now() + config.daemon.send_deadline,
             prefer: params.relay,
+            only: caller.relays(),
         };
+        let deadline = mail.deadline;
         let submitted = self
             .queue()
             .submit(Submit {
@@ -703,6 +943,9 @@ impl MailmuxServer {
                 send_at,
                 idempotency,
                 wait,
+                caller: Some(caller.name.to_string()),
+                meta,
+                hold,
             })
             .await;
         let sub = match submitted {
@@ -722,6 +965,25 @@ impl MailmuxServer {
             }
             Err(e) => return failed(queue_unavailable(&e)),
         };
+        // A held message: ask the user when the client can be asked.
+        let mut sub = sub;
+        if sub.record.state == State::Held
+            && !sub.replay
+            && let (Some(peer), Some(prompt), Some(hash)) = (peer, prompt, hold_hash)
+            && let Some(record) = approval::elicit(
+                self.queue(),
+                &peer,
+                &caller,
+                &sub.record.message_id,
+                &prompt,
+                hash,
+                wait.then_some(deadline),
+            )
+            .await
+        {
+            sub.report = None;
+            sub.record = record;
+        }
         let record = &sub.record;
         // The report of the round this call saw, when it is the final word;
         // otherwise the message as stored.
@@ -738,6 +1000,7 @@ impl MailmuxServer {
             _ => SendResult::from_record(record),
         };
         out.idempotent_replay = sub.replay;
+        out.caller = Some(caller.name.to_string());
         if let Some(relay) = &out.relay {
             span.record("relay", relay.as_str());
         }
@@ -764,6 +1027,15 @@ impl MailmuxServer {
                 "scheduled {} for {}",
                 record.message_id,
                 out.next_attempt_at.as_deref().unwrap_or("?")
+            ),
+            SendStatus::Held => format!(
+                "held {} for approval: nothing is sent unless a person approves it (until {})",
+                record.message_id,
+                out.next_attempt_at.as_deref().unwrap_or("?")
+            ),
+            SendStatus::Rejected => format!(
+                "rejected {}: the approver refused it; nothing was sent",
+                record.message_id
             ),
             status => format!(
                 "{}: {}",
@@ -922,11 +1194,17 @@ impl ServerHandler for MailmuxServer {
     async fn list_resources(
         &self,
         _request: Option<PaginatedRequestParams>,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<ListResourcesResult, ErrorData> {
+        let caller = caller_of(self, &context)
+            .ok_or_else(|| ErrorData::invalid_request(no_caller().message, None))?;
+        let filter = Filter {
+            state: None,
+            caller: Some(caller.name.to_string()),
+        };
         let (page, _) = self
             .queue()
-            .list(None, RESOURCES_LISTED, None)
+            .list(&filter, RESOURCES_LISTED, None)
             .await
             .map_err(|e| ErrorData::internal_error(queue_error(&e).message, None))?;
         Ok(ListResourcesResult::with_all_items(
@@ -943,8 +1221,10 @@ impl ServerHandler for MailmuxServer {
     async fn read_resource(
         &self,
         request: ReadResourceRequestParams,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<ReadResourceResponse, ErrorData> {
+        let caller = caller_of(self, &context)
+            .ok_or_else(|| ErrorData::invalid_request(no_caller().message, None))?;
         let id = resources::message_id(&request.uri).ok_or_else(|| {
             ErrorData::resource_not_found(format!("no resource {:?}", request.uri), None)
         })?;
@@ -953,6 +1233,7 @@ impl ServerHandler for MailmuxServer {
             .status(id)
             .await
             .map_err(|e| ErrorData::internal_error(queue_error(&e).message, None))?
+            .filter(|r| owns(&caller, r.caller.as_deref()))
             .ok_or_else(|| ErrorData::resource_not_found(format!("no message {id:?}"), None))?;
         let json = serde_json::to_string(&MessageStatusResult::from(&record))
             .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;

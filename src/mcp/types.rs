@@ -159,6 +159,9 @@ pub struct ToolError {
     /// The SMTP reply that decided it, if there was one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reply: Option<SmtpReply>,
+    /// Seconds until the message would pass the rate limit (`rate_limited`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_s: Option<f64>,
 }
 
 impl ToolError {
@@ -248,6 +251,11 @@ pub enum SendStatus {
     Expired,
     /// Cancelled before delivery.
     Cancelled,
+    /// Stored; waits for a person's approval (the caller's policy held it).
+    /// Nothing is sent unless it is approved.
+    Held,
+    /// A person refused it; nothing was sent.
+    Rejected,
 }
 
 impl From<State> for SendStatus {
@@ -262,6 +270,8 @@ impl From<State> for SendStatus {
             State::Unknown => SendStatus::Unknown,
             State::Expired => SendStatus::Expired,
             State::Cancelled => SendStatus::Cancelled,
+            State::Held => SendStatus::Held,
+            State::Rejected => SendStatus::Rejected,
         }
     }
 }
@@ -279,6 +289,8 @@ impl SendStatus {
             SendStatus::Sending => "sending",
             SendStatus::Expired => "expired",
             SendStatus::Cancelled => "cancelled",
+            SendStatus::Held => "held",
+            SendStatus::Rejected => "rejected",
         }
     }
 }
@@ -346,6 +358,9 @@ pub struct SendResult {
     /// message's status, and nothing was sent again.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub idempotent_replay: bool,
+    /// The caller the daemon identified (by token over HTTP; `stdio_caller`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caller: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ToolError>,
 }
@@ -470,6 +485,7 @@ impl SendResult {
             queued_at: Some(rfc3339(r.queued_at)),
             next_attempt_at: r.next_attempt_at.map(rfc3339),
             idempotent_replay: false,
+            caller: r.caller.clone(),
             error,
         }
     }
@@ -563,6 +579,12 @@ pub struct MessageStatusResult {
     /// What the agent should know about its state.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The caller that sent it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caller: Option<String>,
+    /// Who approved or rejected it, when it was held.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ToolError>,
 }
@@ -594,6 +616,8 @@ impl From<&Record> for MessageStatusResult {
                 .collect(),
             reason: r.reason.clone(),
             message: r.note.clone(),
+            caller: r.caller.clone(),
+            decided_by: r.decided_by.clone(),
             error: None,
         }
     }
@@ -610,6 +634,8 @@ pub struct MessageSummaryOut {
     pub updated_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub relay: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caller: Option<String>,
 }
 
 impl From<&Summary> for MessageSummaryOut {
@@ -622,6 +648,7 @@ impl From<&Summary> for MessageSummaryOut {
             queued_at: rfc3339(s.queued_at),
             updated_at: rfc3339(s.updated_at),
             relay: s.relay.clone(),
+            caller: s.caller.clone(),
         }
     }
 }
@@ -794,11 +821,31 @@ pub struct StatusResult {
     /// The durable queue.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queue: Option<QueueOut>,
+    /// The calling caller and its policy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caller: Option<CallerOut>,
+    /// Callers whose policy lets them mail anyone (`allowed_recipients` empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub open_recipients: Vec<String>,
     /// The daemon's async runtime, for spotting leaked tasks.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runtime: Option<RuntimeOut>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ToolError>,
+}
+
+/// The caller of a `get_smtp_status` call, and its policy in brief.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
+pub struct CallerOut {
+    pub name: String,
+    /// `send` or `dry_run`.
+    pub mode: String,
+    /// `never`, `always` or `outside_allowlist`.
+    pub approval: String,
+    /// Allowed recipient rules; empty means anyone.
+    pub allowed_recipients: usize,
+    /// The caller's rate limits, as written.
+    pub rate: Vec<String>,
 }
 
 /// The tokio runtime's own counters.

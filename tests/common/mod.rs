@@ -158,6 +158,7 @@ pub fn config(relays: Vec<RelaySettings>) -> Config {
             },
             log_level: None,
         },
+        safety: Default::default(),
         default_relay: false,
         sources: vec!["test".into()],
         redacted: serde_json::json!({}),

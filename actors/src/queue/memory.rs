@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{
-    Accepted, Cancel, Millis, NewMessage, Pending, Record, Recovered, Settle, State, Stats, Store,
-    StoreError, Summary, now_millis,
+    Accepted, Cancel, Decided, Decision, Filter, Millis, NewMessage, Pending, Record, Recovered,
+    Settle, State, Stats, Store, StoreError, Summary, now_millis,
 };
 
 #[derive(Debug, Default)]
@@ -23,6 +23,8 @@ struct Mem {
     rows: BTreeMap<i64, Row>,
     /// Waiting messages by due time: what the runner polls.
     due: BTreeSet<(Millis, i64)>,
+    /// Held messages by approval deadline.
+    held: BTreeSet<(Millis, i64)>,
     /// Idempotency key → (message id, content hash, created).
     keys: HashMap<String, (String, [u8; 32], Millis)>,
     /// Messages per state, kept as states change.
@@ -36,6 +38,8 @@ struct Row {
     committing: bool,
     rounds: u32,
     finished_at: Option<Millis>,
+    held_hash: Option<[u8; 32]>,
+    only: Option<Arc<[String]>>,
 }
 
 impl MemoryStore {
@@ -90,6 +94,9 @@ impl Mem {
         if let (true, Some(t)) = (waiting(state), next) {
             self.due.insert((t, seq));
         }
+        if let (State::Held, Some(t)) = old {
+            self.held.remove(&(t, seq));
+        }
         if let Some(n) = self.counts.get_mut(&old.0) {
             *n = n.saturating_sub(1);
         }
@@ -122,15 +129,14 @@ impl Store for MemoryStore {
             mem.keys
                 .insert(key.clone(), (m.message_id.clone(), *hash, now));
         }
-        let state = if m.due_at > now {
-            State::Scheduled
-        } else {
-            State::Queued
-        };
+        let state = m.initial_state(now);
         mem.next_seq += 1;
         let seq = mem.next_seq;
         mem.seq_of.insert(m.message_id.clone(), seq);
-        mem.due.insert((m.due_at, seq));
+        match &m.hold {
+            Some(h) => mem.held.insert((h.until, seq)),
+            None => mem.due.insert((m.due_at, seq)),
+        };
         *mem.counts.entry(state).or_default() += 1;
         let record = m.record(state, now);
         mem.rows.insert(
@@ -141,6 +147,8 @@ impl Store for MemoryStore {
                 committing: false,
                 rounds: 0,
                 finished_at: None,
+                held_hash: m.hold.as_ref().map(|h| h.hash),
+                only: m.only.clone(),
             },
         );
         Ok(Accepted::Stored(state))
@@ -179,12 +187,72 @@ impl Store for MemoryStore {
             return Ok(Cancel::NotFound);
         };
         let state = mem.rows[&seq].record.state;
-        if !waiting(state) {
+        if !waiting(state) && state != State::Held {
             return Ok(Cancel::Refused(state));
         }
         mem.enter(message_id, State::Cancelled, None, now_millis())?;
         mem.row(message_id)?.1.body = None;
         Ok(Cancel::Cancelled)
+    }
+
+    async fn decide(&self, message_id: &str, d: Decision) -> Result<Decided, StoreError> {
+        let mut mem = self.lock();
+        let Some(seq) = mem.seq_of.get(message_id).copied() else {
+            return Ok(Decided::NotFound);
+        };
+        let row = &mem.rows[&seq];
+        let state = row.record.state;
+        if state != State::Held {
+            return Ok(Decided::NotHeld(state));
+        }
+        if d.approve
+            && let Some(hash) = d.hash
+            && row.held_hash != Some(hash)
+        {
+            return Ok(Decided::HashMismatch);
+        }
+        let now = now_millis();
+        let due_at = row.record.due_at;
+        let out = if !d.approve {
+            mem.enter(message_id, State::Rejected, None, now)?;
+            let (_, row) = mem.row(message_id)?;
+            row.body = None;
+            row.record.reason = Some("rejected_by_approver".into());
+            Decided::Rejected
+        } else {
+            let next = if due_at > now {
+                State::Scheduled
+            } else {
+                State::Queued
+            };
+            mem.enter(message_id, next, Some(due_at.max(now)), now)?;
+            Decided::Released(next)
+        };
+        mem.row(message_id)?.1.record.decided_by = Some(d.by);
+        Ok(out)
+    }
+
+    async fn expire_held(&self, now: Millis) -> Result<Vec<String>, StoreError> {
+        let mut mem = self.lock();
+        let past: Vec<i64> = mem
+            .held
+            .iter()
+            .take_while(|(t, _)| *t <= now)
+            .map(|(_, seq)| *seq)
+            .collect();
+        let mut out = Vec::new();
+        for seq in past {
+            let Some(id) = mem.rows.get(&seq).map(|r| r.record.message_id.clone()) else {
+                continue;
+            };
+            mem.enter(&id, State::Expired, None, now)?;
+            let (_, row) = mem.row(&id)?;
+            row.body = None;
+            row.record.reason = Some("approval_expired".into());
+            row.record.note = Some("nobody approved it before its approval deadline".into());
+            out.push(id);
+        }
+        Ok(out)
     }
 
     async fn due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
@@ -220,6 +288,9 @@ impl Store for MemoryStore {
             prefer: r.prefer.clone(),
             due_at: r.due_at,
             rounds: row.rounds,
+            caller: r.caller.clone(),
+            meta: r.meta.clone(),
+            only: row.only.clone(),
         }))
     }
 
@@ -231,7 +302,7 @@ impl Store for MemoryStore {
             .and_then(|s| mem.rows.get(s))
             .map(|row| {
                 let mut r = row.record.clone();
-                if !waiting(r.state) {
+                if !waiting(r.state) && r.state != State::Held {
                     r.next_attempt_at = None;
                 }
                 r
@@ -244,16 +315,23 @@ impl Store for MemoryStore {
 
     async fn list(
         &self,
-        state: Option<State>,
+        filter: &Filter,
         limit: usize,
         cursor: Option<i64>,
     ) -> Result<(Vec<Summary>, Option<i64>), StoreError> {
         let mem = self.lock();
+        let state = filter.state;
         let mut page: Vec<(i64, Summary)> = mem
             .rows
             .range(..cursor.unwrap_or(i64::MAX))
             .rev()
             .filter(|(_, row)| state.is_none_or(|s| row.record.state == s))
+            .filter(|(_, row)| {
+                filter
+                    .caller
+                    .as_ref()
+                    .is_none_or(|c| row.record.caller.as_ref() == Some(c))
+            })
             .take(limit + 1)
             .map(|(seq, row)| {
                 let r = &row.record;
@@ -267,6 +345,7 @@ impl Store for MemoryStore {
                         queued_at: r.queued_at,
                         updated_at: r.updated_at,
                         relay: r.relay.clone(),
+                        caller: r.caller.clone(),
                     },
                 )
             })

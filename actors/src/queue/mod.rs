@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub use runner::{Change, Queue, QueueError, Submit, Submitted};
+pub use runner::{Action, Change, Event, Observer, Queue, QueueError, Submit, Submitted};
 
 /// Where a message is in its life. Every change is stored with its time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -43,10 +43,15 @@ pub enum State {
     Expired,
     /// Cancelled before delivery.
     Cancelled,
+    /// Waiting for a person's approval (the caller's policy held it), until
+    /// its approval deadline (`next_attempt_at`).
+    Held,
+    /// A person refused a held message.
+    Rejected,
 }
 
 impl State {
-    pub const ALL: [State; 9] = [
+    pub const ALL: [State; 11] = [
         State::Scheduled,
         State::Queued,
         State::Sending,
@@ -56,6 +61,8 @@ impl State {
         State::Unknown,
         State::Expired,
         State::Cancelled,
+        State::Held,
+        State::Rejected,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -69,6 +76,8 @@ impl State {
             State::Unknown => "unknown",
             State::Expired => "expired",
             State::Cancelled => "cancelled",
+            State::Held => "held",
+            State::Rejected => "rejected",
         }
     }
 
@@ -82,13 +91,16 @@ impl State {
     pub fn keeps_body(self) -> bool {
         !matches!(
             self,
-            State::Sent | State::Partial | State::Unknown | State::Cancelled
+            State::Sent | State::Partial | State::Unknown | State::Cancelled | State::Rejected
         )
     }
 
     /// Whether nothing more will happen to the message.
     pub fn is_final(self) -> bool {
-        !matches!(self, State::Scheduled | State::Queued | State::Sending)
+        !matches!(
+            self,
+            State::Scheduled | State::Queued | State::Sending | State::Held
+        )
     }
 }
 
@@ -194,9 +206,39 @@ pub struct NewMessage {
     pub due_at: Millis,
     /// The caller's key and the hash of the call's content.
     pub idempotency: Option<(String, [u8; 32])>,
+    /// Who sent it (the daemon's caller name).
+    pub caller: Option<String>,
+    /// The daemon's description of the message for its audit log (opaque
+    /// here; never the body).
+    pub meta: Option<String>,
+    /// Stored `held` for approval instead of `queued`.
+    pub hold: Option<Hold>,
+    /// Only these relays may take it.
+    pub only: Option<Arc<[String]>>,
+}
+
+/// A message held for a person's approval.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    /// When it expires unless approved.
+    pub until: Millis,
+    /// The hash of the content the approval is for; an approval naming
+    /// another hash does not release it.
+    pub hash: [u8; 32],
 }
 
 impl NewMessage {
+    /// The state it is stored in at `now`.
+    pub fn initial_state(&self, now: Millis) -> State {
+        if self.hold.is_some() {
+            State::Held
+        } else if self.due_at > now {
+            State::Scheduled
+        } else {
+            State::Queued
+        }
+    }
+
     /// The message's record as it is stored in `state` at `now`.
     pub fn record(&self, state: State, now: Millis) -> Record {
         Record {
@@ -210,7 +252,7 @@ impl NewMessage {
             queued_at: self.queued_at,
             due_at: self.due_at,
             updated_at: now,
-            next_attempt_at: Some(self.due_at),
+            next_attempt_at: Some(self.hold.as_ref().map_or(self.due_at, |h| h.until)),
             relay: None,
             accepted: Vec::new(),
             rejected: Vec::new(),
@@ -218,6 +260,9 @@ impl NewMessage {
             note: None,
             attempts: Vec::new(),
             history: vec![(state, now)],
+            caller: self.caller.clone(),
+            meta: self.meta.clone(),
+            decided_by: None,
         }
     }
 }
@@ -281,6 +326,9 @@ pub struct Pending {
     pub due_at: Millis,
     /// Delivery rounds so far.
     pub rounds: u32,
+    pub caller: Option<String>,
+    pub meta: Option<String>,
+    pub only: Option<Arc<[String]>>,
 }
 
 /// Everything stored about one message, except its body.
@@ -305,6 +353,10 @@ pub struct Record {
     pub attempts: Vec<AttemptRecord>,
     /// Every state it was in, with the time it entered it, oldest first.
     pub history: Vec<(State, Millis)>,
+    pub caller: Option<String>,
+    pub meta: Option<String>,
+    /// Who approved or rejected it, when it was held.
+    pub decided_by: Option<String>,
 }
 
 /// One line of a listing.
@@ -317,6 +369,7 @@ pub struct Summary {
     pub queued_at: Millis,
     pub updated_at: Millis,
     pub relay: Option<String>,
+    pub caller: Option<String>,
 }
 
 /// Counts and ages of the queue.
@@ -367,6 +420,37 @@ pub enum Cancel {
     NotFound,
 }
 
+/// A person's decision on a held message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub approve: bool,
+    /// Who decided: an operator's name, or the user of an MCP client.
+    pub by: String,
+    /// The content hash the decision was made on; a mismatch refuses it.
+    pub hash: Option<[u8; 32]>,
+}
+
+/// The result of `decide`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decided {
+    /// Approved: now in this state (`queued` or `scheduled`).
+    Released(State),
+    Rejected,
+    /// The message is not held: its state.
+    NotHeld(State),
+    /// The approval was for other content.
+    HashMismatch,
+    NotFound,
+}
+
+/// Which messages a listing shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub state: Option<State>,
+    /// Only this caller's messages.
+    pub caller: Option<String>,
+}
+
 /// A queue backend. Every write is durable when it returns `Ok` (for a
 /// durable store); the writes of concurrent callers may share one commit.
 #[async_trait::async_trait]
@@ -384,6 +468,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn settle(&self, message_id: &str, s: Settle) -> Result<(), StoreError>;
     /// `scheduled` or `queued` → `cancelled`.
     async fn cancel(&self, message_id: &str) -> Result<Cancel, StoreError>;
+    /// `held` → `queued` (or `scheduled`) when approved, `rejected` when not.
+    async fn decide(&self, message_id: &str, d: Decision) -> Result<Decided, StoreError>;
+    /// `held` past its deadline → `expired`; returns their ids.
+    async fn expire_held(&self, now: Millis) -> Result<Vec<String>, StoreError>;
     /// Ids of messages due by `now` (oldest due first).
     async fn due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError>;
     /// The earliest due time of a waiting message.
@@ -396,7 +484,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Newest first; `cursor` is the `next` of the page before.
     async fn list(
         &self,
-        state: Option<State>,
+        filter: &Filter,
         limit: usize,
         cursor: Option<i64>,
     ) -> Result<(Vec<Summary>, Option<i64>), StoreError>;

@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use lettre::Address;
@@ -19,8 +19,9 @@ use tokio::sync::{Notify, Semaphore, broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::{
-    Accepted, AttemptRecord, Cancel, Millis, NewMessage, Pending, QueueSettings, Record,
-    RejectedRecord, Settle, State, Stats, Store, StoreError, Summary, now_millis, to_millis,
+    Accepted, AttemptRecord, Cancel, Decided, Decision, Filter, Hold, Millis, NewMessage, Pending,
+    QueueSettings, Record, RejectedRecord, Settle, State, Stats, Store, StoreError, Summary,
+    now_millis, to_millis,
 };
 use crate::dispatcher::Dispatcher;
 use crate::mail::{CommitMark, FailureReason, Mail, Report, Status};
@@ -37,6 +38,8 @@ const POLL_BATCH: usize = 256;
 const CHANGES_CAPACITY: usize = 1024;
 /// How often finished messages and old keys are purged.
 const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+/// How often held messages past their approval deadline are expired.
+const HELD_INTERVAL: Duration = Duration::from_secs(1);
 /// How long shutdown waits for the settle writes of rounds that ended.
 const SETTLE_GRACE: Duration = Duration::from_secs(2);
 
@@ -51,6 +54,82 @@ pub struct Submit {
     pub idempotency: Option<(String, [u8; 32])>,
     /// Wait for the outcome until `mail.deadline`.
     pub wait: bool,
+    /// The caller's name, stored with the message.
+    pub caller: Option<String>,
+    /// The daemon's audit description of the message (opaque here).
+    pub meta: Option<String>,
+    /// Store it `held` for approval; nothing delivers it until approved.
+    pub hold: Option<Hold>,
+}
+
+/// What happened to a message, as the audit log names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Stored for delivery.
+    Accepted,
+    /// Stored for approval.
+    Held,
+    Approved,
+    Rejected,
+    Sent,
+    Partial,
+    Failed,
+    Unknown,
+    Expired,
+    Cancelled,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Accepted => "accepted",
+            Action::Held => "held",
+            Action::Approved => "approved",
+            Action::Rejected => "rejected",
+            Action::Sent => "sent",
+            Action::Partial => "partial",
+            Action::Failed => "failed",
+            Action::Unknown => "unknown",
+            Action::Expired => "expired",
+            Action::Cancelled => "cancelled",
+        }
+    }
+
+    /// The action of a round that ended in `state`; none for a retry.
+    fn of_outcome(state: State) -> Option<Action> {
+        Some(match state {
+            State::Sent => Action::Sent,
+            State::Partial => Action::Partial,
+            State::Failed => Action::Failed,
+            State::Unknown => Action::Unknown,
+            State::Expired => Action::Expired,
+            _ => return None,
+        })
+    }
+}
+
+/// One audited change of one message. Never holds the body.
+#[derive(Debug)]
+pub struct Event<'a> {
+    pub action: Action,
+    pub message_id: &'a str,
+    pub caller: Option<&'a str>,
+    pub meta: Option<&'a str>,
+    pub from: Option<&'a str>,
+    pub to: &'a [String],
+    pub size: u64,
+    pub relay: Option<&'a str>,
+    /// The last SMTP reply code of the round.
+    pub code: Option<u16>,
+    pub reason: Option<&'a str>,
+    /// Who approved or rejected it.
+    pub decided_by: Option<&'a str>,
+}
+
+/// Hears every audited change, after it is stored. Called on the task that
+/// made the change: it must not block for long.
+pub trait Observer: Send + Sync + std::fmt::Debug {
+    fn event(&self, e: &Event<'_>);
 }
 
 /// One message entered a state (stored).
@@ -116,6 +195,7 @@ struct Inner {
     available: AtomicBool,
     rounds: Tally,
     stop: tokio_util::sync::CancellationToken,
+    observer: OnceLock<Arc<dyn Observer>>,
 }
 
 /// The crash marker of one message: the store's `mark`.
@@ -206,6 +286,7 @@ impl Inner {
             available: AtomicBool::new(true),
             rounds: Tally::default(),
             stop: tokio_util::sync::CancellationToken::new(),
+            observer: OnceLock::new(),
         });
         (inner, ready_rx)
     }
@@ -233,6 +314,12 @@ impl Queue {
         &self.inner.dispatcher
     }
 
+    /// Sets the one observer of audited changes (the audit log). Later
+    /// calls are ignored.
+    pub fn observe(&self, observer: Arc<dyn Observer>) {
+        let _ = self.inner.observer.set(observer);
+    }
+
     /// Stores a message durably, then delivers it: at once in this call
     /// when `wait`, otherwise through the runner. Never answers for a
     /// message it did not store.
@@ -244,7 +331,7 @@ impl Queue {
         let now = now_millis();
         let due_at = s.send_at.map_or(now, to_millis).max(now);
         let id = s.mail.message_id.clone();
-        let due_now = due_at <= now;
+        let due_now = due_at <= now && s.hold.is_none();
         // Claimed before it is stored, so that a poll cannot take it too.
         if due_now {
             inner.claim(&id);
@@ -258,12 +345,22 @@ impl Queue {
             queued_at: now,
             due_at,
             idempotency: s.idempotency.clone(),
+            caller: s.caller.clone(),
+            meta: s.meta.clone(),
+            hold: s.hold.clone(),
+            only: s.mail.only.clone(),
         };
         let stored = inner.store.accept(new.clone()).await;
         inner.note_write(&stored);
         let state = match stored {
             Ok(Accepted::Stored(state)) => {
                 inner.changed(&id, state);
+                let action = if state == State::Held {
+                    Action::Held
+                } else {
+                    Action::Accepted
+                };
+                inner.notify(action, &new.record(state, now), None);
                 state
             }
             Ok(Accepted::Replay(first)) => {
@@ -293,7 +390,17 @@ impl Queue {
             prefer: s.mail.prefer.clone(),
             due_at,
             rounds: 0,
+            caller: s.caller,
+            meta: s.meta,
+            only: s.mail.only.clone(),
         };
+        if state == State::Held {
+            return Ok(Submitted {
+                record: new.record(state, now),
+                report: None,
+                replay: false,
+            });
+        }
         if !due_now {
             inner.wake.notify_one();
             return Ok(Submitted {
@@ -405,11 +512,58 @@ impl Queue {
 
     pub async fn list(
         &self,
-        state: Option<State>,
+        filter: &Filter,
         limit: usize,
         cursor: Option<i64>,
     ) -> Result<(Vec<Summary>, Option<i64>), QueueError> {
-        Ok(self.inner.store.list(state, limit, cursor).await?)
+        Ok(self.inner.store.list(filter, limit, cursor).await?)
+    }
+
+    /// Approves or rejects a held message. An approved message is queued
+    /// (or scheduled) and the runner delivers it.
+    pub async fn decide(&self, message_id: &str, d: Decision) -> Result<Decided, QueueError> {
+        let inner = &self.inner;
+        let by = d.by.clone();
+        let result = inner.store.decide(message_id, d).await;
+        inner.note_write(&result);
+        let decided = result?;
+        let action = match decided {
+            Decided::Released(state) => {
+                inner.changed(message_id, state);
+                inner.wake.notify_one();
+                Action::Approved
+            }
+            Decided::Rejected => {
+                inner.changed(message_id, State::Rejected);
+                Action::Rejected
+            }
+            _ => return Ok(decided),
+        };
+        if inner.observer.get().is_some()
+            && let Ok(Some(r)) = inner.store.get(message_id).await
+        {
+            inner.notify(action, &r, Some(&by));
+        }
+        Ok(decided)
+    }
+
+    /// The message once it is final, or as it is at `deadline`.
+    pub async fn wait_final(
+        &self,
+        message_id: &str,
+        deadline: Instant,
+    ) -> Result<Record, QueueError> {
+        let inner = &self.inner;
+        loop {
+            let next = inner.waiter(message_id);
+            let record = inner.record(message_id).await?;
+            if record.state.is_final() || Instant::now() >= deadline {
+                inner.drop_waiters(message_id);
+                return Ok(record);
+            }
+            let pause = Instant::now() + POLL_INTERVAL * 2;
+            let _ = tokio::time::timeout_at(pause.min(deadline), next).await;
+        }
     }
 
     /// Cancels a `scheduled` or `queued` message that no relay holds.
@@ -423,6 +577,11 @@ impl Queue {
         inner.note_write(&result);
         if matches!(result, Ok(Cancel::Cancelled)) {
             inner.changed(message_id, State::Cancelled);
+            if inner.observer.get().is_some()
+                && let Ok(Some(r)) = inner.store.get(message_id).await
+            {
+                inner.notify(Action::Cancelled, &r, None);
+            }
         }
         Ok(result?)
     }
@@ -637,11 +796,52 @@ impl Inner {
             )),
             next_attempt_at: None,
         };
-        let result = self.store.settle(&p.message_id, settle).await;
+        let result = self.store.settle(&p.message_id, settle.clone()).await;
         self.note_write(&result);
         if result.is_ok() {
             self.changed(&p.message_id, State::Expired);
+            self.notify_settled(p, &settle);
         }
+    }
+
+    /// Tells the observer of an audited change.
+    fn notify(&self, action: Action, r: &Record, decided_by: Option<&str>) {
+        let Some(o) = self.observer.get() else {
+            return;
+        };
+        o.event(&Event {
+            action,
+            message_id: &r.message_id,
+            caller: r.caller.as_deref(),
+            meta: r.meta.as_deref(),
+            from: r.from.as_deref(),
+            to: &r.to,
+            size: r.size,
+            relay: r.relay.as_deref(),
+            code: r.attempts.iter().rev().find_map(|a| a.code),
+            reason: r.reason.as_deref(),
+            decided_by: decided_by.or(r.decided_by.as_deref()),
+        });
+    }
+
+    /// Tells the observer of a round's final outcome.
+    fn notify_settled(&self, p: &Pending, s: &Settle) {
+        let (Some(o), Some(action)) = (self.observer.get(), Action::of_outcome(s.state)) else {
+            return;
+        };
+        o.event(&Event {
+            action,
+            message_id: &p.message_id,
+            caller: p.caller.as_deref(),
+            meta: p.meta.as_deref(),
+            from: p.from.as_deref(),
+            to: &p.to,
+            size: p.bytes.len() as u64,
+            relay: s.relay.as_deref(),
+            code: s.attempts.iter().rev().find_map(|a| a.code),
+            reason: s.reason.as_deref(),
+            decided_by: None,
+        });
     }
 
     fn changed(&self, id: &str, state: State) {
@@ -718,6 +918,7 @@ async fn round(
     inner.note_write(&result);
     if result.is_ok() {
         inner.changed(&id, state);
+        inner.notify_settled(&p, &settle);
     }
     if let Err(e) = &result {
         // The outcome is not stored. A message marked as committing stays
@@ -742,12 +943,18 @@ fn mail_of(p: &Pending, deadline: Instant) -> Result<Mail, String> {
         bytes: p.bytes.clone(),
         deadline,
         prefer: p.prefer.clone(),
+        only: p.only.clone(),
     })
 }
 
 /// The runner: new messages from the channel, due ones from the store.
 async fn run(inner: Arc<Inner>, mut ready: mpsc::Receiver<Pending>) {
+    let mut held_checked = Instant::now();
     loop {
+        if held_checked.elapsed() >= HELD_INTERVAL {
+            held_checked = Instant::now();
+            expire_held(&inner).await;
+        }
         tokio::select! {
             biased;
             () = inner.stop.cancelled() => break,
@@ -763,6 +970,26 @@ async fn run(inner: Arc<Inner>, mut ready: mpsc::Receiver<Pending>) {
     // Messages still in the channel stay queued in the store.
     while let Ok(p) = ready.try_recv() {
         inner.unclaim(&p.message_id);
+    }
+}
+
+/// Expires held messages that nobody approved in time.
+async fn expire_held(inner: &Arc<Inner>) {
+    let ids = match inner.store.expire_held(now_millis()).await {
+        Ok(ids) => ids,
+        Err(e) => {
+            tracing::debug!(error = %e, "expiring held messages failed");
+            return;
+        }
+    };
+    for id in ids {
+        tracing::info!(message_id = %id, "a held message expired: nobody approved it in time");
+        inner.changed(&id, State::Expired);
+        if inner.observer.get().is_some()
+            && let Ok(Some(r)) = inner.store.get(&id).await
+        {
+            inner.notify(Action::Expired, &r, None);
+        }
     }
 }
 

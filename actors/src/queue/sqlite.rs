@@ -16,8 +16,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 use tokio::sync::oneshot;
 
 use super::{
-    Accepted, AttemptRecord, Cancel, Millis, NewMessage, Pending, Record, Recovered,
-    RejectedRecord, Settle, State, Stats, Store, StoreError, Summary, now_millis,
+    Accepted, AttemptRecord, Cancel, Decided, Decision, Filter, Millis, NewMessage, Pending,
+    Record, Recovered, RejectedRecord, Settle, State, Stats, Store, StoreError, Summary,
+    now_millis,
 };
 
 /// Writes folded into one transaction at most. Bounds the latency a write
@@ -94,6 +95,17 @@ END;
 CREATE TRIGGER counts_delete AFTER DELETE ON messages BEGIN
     UPDATE counts SET n = n - 1 WHERE state = OLD.state;
 END;
+"#,
+    r#"
+-- Who sent each message, the daemon's audit description of it, and the
+-- approval of a held message: the content hash it binds to and who decided.
+ALTER TABLE messages ADD COLUMN caller TEXT;
+ALTER TABLE messages ADD COLUMN meta TEXT;
+ALTER TABLE messages ADD COLUMN held_hash BLOB;
+ALTER TABLE messages ADD COLUMN decided_by TEXT;
+-- The relays that may take the message (the caller's allowed_relays), one a line.
+ALTER TABLE messages ADD COLUMN relays TEXT;
+CREATE INDEX messages_caller ON messages(caller, seq);
 "#,
 ];
 
@@ -397,15 +409,13 @@ fn accept(c: &Connection, m: &NewMessage, now: Millis) -> rusqlite::Result<Accep
         )?
         .execute(params![key, m.message_id, &hash[..], now])?;
     }
-    let state = if m.due_at > now {
-        State::Scheduled
-    } else {
-        State::Queued
-    };
+    let state = m.initial_state(now);
+    let next = m.hold.as_ref().map_or(m.due_at, |h| h.until);
     c.prepare_cached(
         "INSERT INTO messages (message_id, state, mail_from, rcpt, size, body, prefer, idem_key,
-                               queued_at, due_at, next_attempt_at, updated_at, history)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?9, ?11)",
+                               queued_at, due_at, next_attempt_at, updated_at, history,
+                               caller, meta, held_hash, relays)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?12, ?9, ?11, ?13, ?14, ?15, ?16)",
     )?
     .execute(params![
         m.message_id,
@@ -419,6 +429,11 @@ fn accept(c: &Connection, m: &NewMessage, now: Millis) -> rusqlite::Result<Accep
         m.queued_at,
         m.due_at,
         entry(state, now),
+        next,
+        m.caller,
+        m.meta,
+        m.hold.as_ref().map(|h| &h.hash[..]),
+        m.only.as_ref().map(|o| o.join("\n")),
     ])?;
     Ok(Accepted::Stored(state))
 }
@@ -490,7 +505,7 @@ fn cancel(c: &Connection, id: &str, now: Millis) -> rusqlite::Result<Cancel> {
         return Ok(Cancel::NotFound);
     };
     let state = State::parse(&state).unwrap_or(State::Failed);
-    if !matches!(state, State::Queued | State::Scheduled) {
+    if !matches!(state, State::Queued | State::Scheduled | State::Held) {
         return Ok(Cancel::Refused(state));
     }
     c.execute(
@@ -500,6 +515,66 @@ fn cancel(c: &Connection, id: &str, now: Millis) -> rusqlite::Result<Cancel> {
     )?;
     event(c, seq, State::Cancelled, now)?;
     Ok(Cancel::Cancelled)
+}
+
+fn decide(c: &Connection, id: &str, d: &Decision, now: Millis) -> rusqlite::Result<Decided> {
+    let row: Option<(i64, String, Option<Vec<u8>>, Millis)> = c
+        .query_row(
+            "SELECT seq, state, held_hash, due_at FROM messages WHERE message_id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()?;
+    let Some((seq, state, held_hash, due_at)) = row else {
+        return Ok(Decided::NotFound);
+    };
+    let state = parse_state(state);
+    if state != State::Held {
+        return Ok(Decided::NotHeld(state));
+    }
+    if d.approve
+        && let Some(hash) = &d.hash
+        && held_hash.as_deref() != Some(&hash[..])
+    {
+        return Ok(Decided::HashMismatch);
+    }
+    let (next, finished, out) = if !d.approve {
+        (State::Rejected, Some(now), Decided::Rejected)
+    } else if due_at > now {
+        (State::Scheduled, None, Decided::Released(State::Scheduled))
+    } else {
+        (State::Queued, None, Decided::Released(State::Queued))
+    };
+    c.prepare_cached(&format!(
+        "UPDATE messages SET state = ?2, updated_at = ?3, finished_at = ?4, decided_by = ?5,
+                next_attempt_at = CASE WHEN ?6 THEN MAX(due_at, ?3) ELSE NULL END,
+                body = CASE WHEN ?6 THEN body ELSE NULL END,
+                reason = CASE WHEN ?6 THEN NULL ELSE 'rejected_by_approver' END, {}
+         WHERE seq = ?1",
+        append_history(7)
+    ))?
+    .execute(params![
+        seq,
+        next.as_str(),
+        now,
+        finished,
+        d.by,
+        d.approve,
+        entry(next, now)
+    ])?;
+    Ok(out)
+}
+
+fn expire_held(c: &Connection, now: Millis) -> rusqlite::Result<Vec<String>> {
+    c.prepare_cached(&format!(
+        "UPDATE messages SET state = 'expired', updated_at = ?1, finished_at = ?1, body = NULL,
+                next_attempt_at = NULL, reason = 'approval_expired',
+                note = 'nobody approved it before its approval deadline', {}
+         WHERE state = 'held' AND next_attempt_at <= ?1 RETURNING message_id",
+        append_history(2)
+    ))?
+    .query_map(params![now, entry(State::Expired, now)], |r| r.get(0))?
+    .collect()
 }
 
 fn recover(c: &Connection, now: Millis) -> rusqlite::Result<Recovered> {
@@ -572,6 +647,15 @@ impl Store for SqliteStore {
         self.write(move |c, now| cancel(c, &id, now)).await
     }
 
+    async fn decide(&self, message_id: &str, d: Decision) -> Result<Decided, StoreError> {
+        let id = message_id.to_owned();
+        self.write(move |c, now| decide(c, &id, &d, now)).await
+    }
+
+    async fn expire_held(&self, now: Millis) -> Result<Vec<String>, StoreError> {
+        self.write(move |c, _| expire_held(c, now)).await
+    }
+
     async fn due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
         self.read(move |c| {
             c.prepare_cached(
@@ -599,7 +683,7 @@ impl Store for SqliteStore {
         let id = message_id.to_owned();
         self.read(move |c| {
             c.prepare_cached(
-                "SELECT message_id, state, mail_from, rcpt, body, prefer, due_at, rounds
+                "SELECT message_id, state, mail_from, rcpt, body, prefer, due_at, rounds, caller, meta, relays
                    FROM messages WHERE message_id = ?1 AND body IS NOT NULL",
             )?
             .query_row([id], |r| {
@@ -613,6 +697,11 @@ impl Store for SqliteStore {
                     prefer: r.get(5)?,
                     due_at: r.get(6)?,
                     rounds: r.get(7)?,
+                    caller: r.get(8)?,
+                    meta: r.get(9)?,
+                    only: r
+                        .get::<_, Option<String>>(10)?
+                        .map(|s| Arc::from(lines(Some(s)))),
                 })
             })
             .optional()
@@ -640,20 +729,22 @@ impl Store for SqliteStore {
 
     async fn list(
         &self,
-        state: Option<State>,
+        filter: &Filter,
         limit: usize,
         cursor: Option<i64>,
     ) -> Result<(Vec<Summary>, Option<i64>), StoreError> {
+        let state = filter.state.map(State::as_str);
+        let caller = filter.caller.clone();
         self.read(move |c| {
             let before = cursor.unwrap_or(i64::MAX);
-            let state = state.map(State::as_str);
             let mut stmt = c.prepare_cached(
-                "SELECT seq, message_id, state, mail_from, rcpt, queued_at, updated_at, relay
+                "SELECT seq, message_id, state, mail_from, rcpt, queued_at, updated_at, relay, caller
                    FROM messages WHERE seq < ?1 AND (?2 IS NULL OR state = ?2)
+                   AND (?4 IS NULL OR caller = ?4)
                    ORDER BY seq DESC LIMIT ?3",
             )?;
             let rows: Vec<(i64, Summary)> = stmt
-                .query_map(params![before, state, limit as i64 + 1], |r| {
+                .query_map(params![before, state, limit as i64 + 1, caller], |r| {
                     Ok((
                         r.get(0)?,
                         Summary {
@@ -664,6 +755,7 @@ impl Store for SqliteStore {
                             queued_at: r.get(5)?,
                             updated_at: r.get(6)?,
                             relay: r.get(7)?,
+                            caller: r.get(8)?,
                         },
                     ))
                 })?
@@ -722,7 +814,8 @@ fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<Record>> {
     let row: Option<Row> = c
         .prepare_cached(
             "SELECT seq, message_id, state, mail_from, rcpt, size, prefer, idem_key, queued_at, due_at,
-                    updated_at, next_attempt_at, relay, accepted, rejected, reason, note
+                    updated_at, next_attempt_at, relay, accepted, rejected, reason, note,
+                    caller, meta, decided_by
                FROM messages WHERE message_id = ?1",
         )?
         .query_row([id], |r| {
@@ -751,7 +844,10 @@ fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<Record>> {
                     queued_at: r.get(8)?,
                     due_at: r.get(9)?,
                     updated_at: r.get(10)?,
-                    next_attempt_at: if matches!(state, State::Queued | State::Scheduled) {
+                    next_attempt_at: if matches!(
+                        state,
+                        State::Queued | State::Scheduled | State::Held
+                    ) {
                         r.get(11)?
                     } else {
                         None
@@ -763,6 +859,9 @@ fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<Record>> {
                     note: r.get(16)?,
                     attempts: Vec::new(),
                     history: Vec::new(),
+                    caller: r.get(17)?,
+                    meta: r.get(18)?,
+                    decided_by: r.get(19)?,
                 },
             ))
         })

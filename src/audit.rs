@@ -1,0 +1,308 @@
+//! The audit log: one JSON line per state change of a message, or per
+//! refusal, appended to `audit.path` (created with mode 0600).
+//!
+//! Field names follow the Elastic Common Schema where they fit (`event.*`,
+//! `email.*`, `user.name`); mailmux's own fields are under `mailmux.*`. A
+//! line never holds a body, an attachment, a token or a password: the
+//! queue's events carry none, and refusals are written from the envelope
+//! and subject only. serde_json escapes every value, so a subject cannot
+//! forge a field or a line. The file is reopened on SIGHUP (log rotation).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use mailmux_actors::queue::{Event, Observer};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+/// `[audit]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditSettings {
+    /// `None`: no audit log.
+    pub path: Option<PathBuf>,
+    /// Write subjects as they are; false writes their SHA-256.
+    pub subjects: bool,
+    /// Refuse new messages while the log cannot be written.
+    pub required: bool,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        AuditSettings {
+            path: None,
+            subjects: true,
+            required: false,
+        }
+    }
+}
+
+/// What the daemon stores with each message for its audit lines: the
+/// recipients by field and the subject. Never the body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Meta {
+    #[serde(default)]
+    pub to: Vec<String>,
+    #[serde(default)]
+    pub cc: Vec<String>,
+    #[serde(default)]
+    pub bcc: Vec<String>,
+    #[serde(default)]
+    pub subject: String,
+}
+
+/// A refusal to record: everything known about the message by then.
+#[derive(Debug, Default)]
+pub struct Refusal<'a> {
+    pub caller: &'a str,
+    pub message_id: Option<&'a str>,
+    pub from: Option<&'a str>,
+    pub meta: Option<&'a Meta>,
+    pub size: Option<usize>,
+    /// The error code (`policy_denied`, `rate_limited`, `invalid_input`…).
+    pub code: &'a str,
+    pub rule: Option<&'a str>,
+    pub field: Option<&'a str>,
+}
+
+#[derive(Debug)]
+pub struct Audit {
+    settings: AuditSettings,
+    file: Mutex<Option<File>>,
+    /// Writes that failed, since start.
+    failures: AtomicU64,
+    /// False after a write failed, until one succeeds.
+    healthy: AtomicBool,
+}
+
+fn open(path: &PathBuf) -> std::io::Result<File> {
+    let mut o = OpenOptions::new();
+    o.create(true).append(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(0o600);
+    }
+    o.open(path)
+}
+
+impl Audit {
+    /// Opens the log (creating it with mode 0600). A log that cannot be
+    /// opened is an error at start.
+    pub fn open(settings: AuditSettings) -> std::io::Result<Audit> {
+        let file = match &settings.path {
+            Some(p) => Some(open(p)?),
+            None => None,
+        };
+        Ok(Audit {
+            settings,
+            file: Mutex::new(file),
+            failures: AtomicU64::new(0),
+            healthy: AtomicBool::new(true),
+        })
+    }
+
+    /// A log that could not be opened at start: enabled, unhealthy, and
+    /// reopened by SIGHUP or (when required) by the next send.
+    pub fn unopened(settings: AuditSettings) -> Audit {
+        Audit {
+            settings,
+            file: Mutex::new(None),
+            failures: AtomicU64::new(0),
+            healthy: AtomicBool::new(false),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.settings.path.is_some()
+    }
+
+    /// Whether new messages may be taken: always, unless the log is
+    /// required and its last write failed (then it is reopened first).
+    pub fn admits(&self) -> bool {
+        if !self.settings.required || self.healthy.load(Ordering::Acquire) {
+            return true;
+        }
+        self.reopen();
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Reopens the file at its path (after rotation).
+    pub fn reopen(&self) {
+        let Some(path) = &self.settings.path else {
+            return;
+        };
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        match open(path) {
+            Ok(f) => {
+                *file = Some(f);
+                self.healthy.store(true, Ordering::Release);
+                tracing::info!(path = %path.display(), "audit log reopened");
+            }
+            Err(e) => {
+                self.healthy.store(false, Ordering::Release);
+                tracing::error!(path = %path.display(), error = %e, "cannot reopen the audit log");
+            }
+        }
+    }
+
+    fn write(&self, line: &Value) {
+        let mut bytes = match serde_json::to_vec(line) {
+            Ok(b) => b,
+            Err(_) => return,
+        };
+        bytes.push(b'\n');
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(f) = file.as_mut() else {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        // One write of the whole line: O_APPEND keeps lines whole even with
+        // another process (the queue command) appending.
+        match f.write_all(&bytes) {
+            Ok(()) => {
+                if !self.healthy.swap(true, Ordering::AcqRel) {
+                    tracing::info!("the audit log is written again");
+                }
+            }
+            Err(e) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                if self.healthy.swap(false, Ordering::AcqRel) {
+                    tracing::error!(error = %e, "writing the audit log failed");
+                }
+            }
+        }
+    }
+
+    fn subject(
+        &self,
+        email: &mut serde_json::Map<String, Value>,
+        own: &mut serde_json::Map<String, Value>,
+        subject: &str,
+    ) {
+        if self.settings.subjects {
+            email.insert("subject".into(), json!(subject));
+        } else {
+            let hash: [u8; 32] = Sha256::digest(subject.as_bytes()).into();
+            own.insert("subject_sha256".into(), json!(hex(&hash)));
+        }
+    }
+
+    fn line(
+        &self,
+        action: &str,
+        caller: Option<&str>,
+        message_id: Option<&str>,
+        from: Option<&str>,
+        meta: Option<&Meta>,
+        fallback_to: &[String],
+    ) -> (Value, serde_json::Map<String, Value>) {
+        let mut email = serde_json::Map::new();
+        let mut own = serde_json::Map::new();
+        if let Some(id) = message_id {
+            email.insert("message_id".into(), json!(id));
+        }
+        if let Some(from) = from {
+            email.insert("from".into(), json!({ "address": [from] }));
+        }
+        let addresses = |list: &[String]| json!({ "address": list });
+        match meta {
+            Some(m) => {
+                email.insert("to".into(), addresses(&m.to));
+                email.insert("cc".into(), addresses(&m.cc));
+                email.insert("bcc".into(), addresses(&m.bcc));
+                self.subject(&mut email, &mut own, &m.subject);
+            }
+            None => {
+                // A message stored without the daemon's description: its
+                // envelope, which does not say which recipient was Bcc.
+                own.insert("envelope_to".into(), json!(fallback_to));
+            }
+        }
+        let outcome = match action {
+            "refused" | "rejected" | "failed" | "expired" | "cancelled" => "failure",
+            "unknown" => "unknown",
+            _ => "success",
+        };
+        let line = json!({
+            "@timestamp": jiff::Timestamp::now().to_string(),
+            "event": { "action": action, "outcome": outcome },
+            "user": { "name": caller },
+            "email": Value::Object(email),
+        });
+        (line, own)
+    }
+
+    /// Records a refusal.
+    pub fn refused(&self, r: &Refusal<'_>) {
+        if !self.enabled() {
+            return;
+        }
+        let (mut line, mut own) =
+            self.line("refused", Some(r.caller), r.message_id, r.from, r.meta, &[]);
+        if r.meta.is_none() {
+            own.remove("envelope_to");
+        }
+        if let Some(size) = r.size {
+            own.insert("size".into(), json!(size));
+        }
+        own.insert("code".into(), json!(r.code));
+        if let Some(rule) = r.rule {
+            own.insert("rule".into(), json!(rule));
+        }
+        if let Some(field) = r.field {
+            own.insert("field".into(), json!(field));
+        }
+        line["event"]["reason"] = json!(r.rule.unwrap_or(r.code));
+        line["mailmux"] = Value::Object(own);
+        self.write(&line);
+    }
+}
+
+impl Observer for Audit {
+    fn event(&self, e: &Event<'_>) {
+        if !self.enabled() {
+            return;
+        }
+        let meta: Option<Meta> = e.meta.and_then(|m| serde_json::from_str(m).ok());
+        let (mut line, mut own) = self.line(
+            e.action.as_str(),
+            e.caller,
+            Some(e.message_id),
+            e.from,
+            meta.as_ref(),
+            e.to,
+        );
+        own.insert("size".into(), json!(e.size));
+        if let Some(relay) = e.relay {
+            own.insert("relay".into(), json!(relay));
+        }
+        if let Some(code) = e.code {
+            own.insert("smtp_code".into(), json!(code));
+        }
+        if let Some(by) = e.decided_by {
+            own.insert("decided_by".into(), json!(by));
+        }
+        if let Some(reason) = e.reason {
+            line["event"]["reason"] = json!(reason);
+        }
+        line["mailmux"] = Value::Object(own);
+        self.write(&line);
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}

@@ -1,0 +1,423 @@
+//! Who is calling, and what they may send: callers named by their bearer
+//! tokens, operators, and the policy the daemon enforces on each message
+//! whatever the agent was told.
+//!
+//! The checks run in a fixed order: identity (the transport names the
+//! caller), policy ([`Caller::check`]), rate ([`Caller::take_rate`]),
+//! approval (the verdict of the policy check), then the queue. A refused
+//! message takes no rate and nothing is queued.
+
+pub mod rate;
+pub mod rules;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::audit::AuditSettings;
+use crate::compose::Composed;
+use rate::{Limited, Limiter, RateRule};
+use rules::AddressRule;
+
+/// `mode`: a `dry_run` caller may only preview.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Send,
+    DryRun,
+}
+
+/// `approval`: when a message waits for a person.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Approval {
+    /// A recipient outside `allowed_recipients` is refused.
+    Never,
+    /// A message with any recipient outside `allowed_recipients` is held.
+    OutsideAllowlist,
+    /// Every message is held.
+    Always,
+}
+
+impl Approval {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Approval::Never => "never",
+            Approval::OutsideAllowlist => "outside_allowlist",
+            Approval::Always => "always",
+        }
+    }
+}
+
+/// One caller's rules (the `[policy]` table with the caller's overrides).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// Empty: any sender.
+    pub allowed_senders: Vec<AddressRule>,
+    /// Empty: any recipient.
+    pub allowed_recipients: Vec<AddressRule>,
+    pub allow_bcc: bool,
+    pub max_recipients: Option<usize>,
+    pub max_message_bytes: Option<usize>,
+    /// `None`: any relay.
+    pub allowed_relays: Option<Vec<String>>,
+    pub mode: Mode,
+    pub rate: Vec<RateRule>,
+    pub approval: Approval,
+    /// How long a held message waits for a decision.
+    pub approval_ttl: Duration,
+    /// How long a call waits for the user's answer to an approval form.
+    pub elicitation_timeout: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            allowed_senders: Vec::new(),
+            allowed_recipients: Vec::new(),
+            allow_bcc: true,
+            max_recipients: None,
+            max_message_bytes: None,
+            allowed_relays: None,
+            mode: Mode::Send,
+            rate: Vec::new(),
+            approval: Approval::Never,
+            approval_ttl: Duration::from_secs(3600),
+            elicitation_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A bearer token as configured: its SHA-256, never the token.
+pub type TokenHash = [u8; 32];
+
+pub fn hash_token(token: &str) -> TokenHash {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// A `[[callers]]` entry, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallerSettings {
+    pub name: String,
+    /// `None` only for the stdio caller, which no token names.
+    pub token: Option<TokenHash>,
+    pub policy: Policy,
+}
+
+/// An `[[operators]]` entry: may approve and reject held messages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OperatorSettings {
+    pub name: String,
+    pub token: TokenHash,
+}
+
+/// Callers, operators, the default policy and the audit log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SafetySettings {
+    /// The `[[callers]]`; `http.token` adds the caller `default`.
+    pub callers: Vec<CallerSettings>,
+    pub operators: Vec<OperatorSettings>,
+    /// The caller that stdio serves (`stdio_caller`).
+    pub stdio: CallerSettings,
+    /// `[policy]`: what a caller without overrides gets.
+    pub policy: Policy,
+    pub audit: AuditSettings,
+}
+
+impl Default for SafetySettings {
+    fn default() -> Self {
+        SafetySettings {
+            callers: Vec::new(),
+            operators: Vec::new(),
+            stdio: CallerSettings {
+                name: "local".into(),
+                token: None,
+                policy: Policy::default(),
+            },
+            policy: Policy::default(),
+            audit: AuditSettings::default(),
+        }
+    }
+}
+
+/// The name HTTP callers get when no token is configured at all, and the
+/// name of `http.token`'s caller.
+pub const DEFAULT_CALLER: &str = "default";
+
+/// A caller at run time: its policy and its rate buckets.
+#[derive(Debug)]
+pub struct Caller {
+    pub name: Arc<str>,
+    pub policy: Policy,
+    limits: Vec<(RateRule, Limiter)>,
+}
+
+/// A refusal by policy: the field at fault and the rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denied {
+    pub field: String,
+    pub rule: &'static str,
+    pub message: String,
+}
+
+impl Denied {
+    fn new(field: impl Into<String>, rule: &'static str, message: impl Into<String>) -> Self {
+        Denied {
+            field: field.into(),
+            rule,
+            message: message.into(),
+        }
+    }
+}
+
+/// What the policy says of a message it does not refuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Send,
+    /// Store it for a person's approval.
+    Hold,
+}
+
+impl Caller {
+    /// The policy checks, in order: mode, sender, relay, recipient count,
+    /// size, Bcc, then recipients against the allowlist (which refuses, or
+    /// holds under `approval`). Recipients count the same in to, cc and bcc.
+    pub fn check(
+        &self,
+        c: &Composed,
+        relay: Option<&str>,
+        dry_run: bool,
+    ) -> Result<Verdict, Denied> {
+        let p = &self.policy;
+        if p.mode == Mode::DryRun && !dry_run {
+            return Err(Denied::new(
+                "dry_run",
+                "dry_run_only",
+                format!(
+                    "caller {:?} may only preview (mode = \"dry_run\"); nothing was sent",
+                    self.name
+                ),
+            ));
+        }
+        if !p.allowed_senders.is_empty() && !rules::allowed(&p.allowed_senders, &c.from) {
+            return Err(Denied::new(
+                "from_email",
+                "sender_not_allowed",
+                format!(
+                    "{} is not among the senders caller {:?} may use",
+                    c.from, self.name
+                ),
+            ));
+        }
+        if let (Some(only), Some(relay)) = (&p.allowed_relays, relay)
+            && !only.iter().any(|r| r == relay)
+        {
+            return Err(Denied::new(
+                "relay",
+                "relay_not_allowed",
+                format!(
+                    "caller {:?} may not use relay {relay:?}; allowed: {}",
+                    self.name,
+                    only.join(", ")
+                ),
+            ));
+        }
+        if let Some(max) = p.max_recipients
+            && c.recipients.len() > max
+        {
+            let (list, i) = c.fields[max];
+            return Err(Denied::new(
+                format!("{list}[{i}]"),
+                "too_many_recipients",
+                format!(
+                    "caller {:?} may send to at most {max} recipients a message (to, cc and bcc together)",
+                    self.name
+                ),
+            ));
+        }
+        if let Some(max) = p.max_message_bytes
+            && c.bytes.len() > max
+        {
+            return Err(Denied::new(
+                "message",
+                "too_large",
+                format!(
+                    "the message is {} bytes; caller {:?} may send at most {max}",
+                    c.bytes.len(),
+                    self.name
+                ),
+            ));
+        }
+        if !p.allow_bcc
+            && let Some((list, i)) = c.fields.iter().find(|(l, _)| *l == "bcc")
+        {
+            return Err(Denied::new(
+                format!("{list}[{i}]"),
+                "bcc_not_allowed",
+                format!("caller {:?} may not send Bcc", self.name),
+            ));
+        }
+        let outside = if p.allowed_recipients.is_empty() {
+            None
+        } else {
+            c.recipients
+                .iter()
+                .zip(&c.fields)
+                .find(|(a, _)| !rules::allowed(&p.allowed_recipients, a))
+        };
+        match (p.approval, outside) {
+            (Approval::Always, _) | (Approval::OutsideAllowlist, Some(_)) => Ok(Verdict::Hold),
+            (Approval::Never, Some((address, (list, i)))) => Err(Denied::new(
+                format!("{list}[{i}]"),
+                "recipient_not_allowed",
+                format!(
+                    "{address} is not among the recipients caller {:?} may mail",
+                    self.name
+                ),
+            )),
+            _ => Ok(Verdict::Send),
+        }
+    }
+
+    /// Takes the message from the caller's rate limits.
+    pub fn take_rate(&self, recipients: usize) -> Result<(), Limited> {
+        if self.limits.is_empty() {
+            return Ok(());
+        }
+        rate::take(&self.limits, &self.name, recipients)
+    }
+
+    /// The relays this caller's messages may take, for routing.
+    pub fn relays(&self) -> Option<Arc<[String]>> {
+        self.policy
+            .allowed_relays
+            .as_ref()
+            .map(|r| Arc::from(r.as_slice()))
+    }
+}
+
+/// Resolves tokens to callers and operators. Built from the settings at
+/// start and on reload; a reload keeps the buckets of unchanged limits.
+#[derive(Debug)]
+pub struct Gate {
+    by_token: Vec<(TokenHash, Arc<Caller>)>,
+    /// HTTP's caller when no token is configured at all.
+    open: Option<Arc<Caller>>,
+    stdio: Arc<Caller>,
+    operators: Vec<(TokenHash, String)>,
+    limiters: HashMap<RateRule, Limiter>,
+}
+
+impl Gate {
+    /// `http_token` (`http.token`) is the token of the caller `default`,
+    /// which has the default policy.
+    pub fn new(s: &SafetySettings, http_token: Option<&str>, before: Option<&Gate>) -> Gate {
+        let mut limiters: HashMap<RateRule, Limiter> = HashMap::new();
+        let mut caller = |c: &CallerSettings| {
+            let limits = c
+                .policy
+                .rate
+                .iter()
+                .map(|rule| {
+                    let l = limiters
+                        .entry(rule.clone())
+                        .or_insert_with(|| {
+                            before
+                                .and_then(|b| b.limiters.get(rule).cloned())
+                                .unwrap_or_else(|| rate::limiter(rule))
+                        })
+                        .clone();
+                    (rule.clone(), l)
+                })
+                .collect();
+            Arc::new(Caller {
+                name: Arc::from(c.name.as_str()),
+                policy: c.policy.clone(),
+                limits,
+            })
+        };
+        let mut by_token: Vec<(TokenHash, Arc<Caller>)> = s
+            .callers
+            .iter()
+            .filter_map(|c| Some((c.token?, caller(c))))
+            .collect();
+        if let Some(t) = http_token {
+            let default = CallerSettings {
+                name: DEFAULT_CALLER.into(),
+                token: Some(hash_token(t)),
+                policy: s.policy.clone(),
+            };
+            by_token.push((hash_token(t), caller(&default)));
+        }
+        let open = by_token.is_empty().then(|| {
+            caller(&CallerSettings {
+                name: DEFAULT_CALLER.into(),
+                token: None,
+                policy: s.policy.clone(),
+            })
+        });
+        let stdio = caller(&s.stdio);
+        Gate {
+            by_token,
+            open,
+            stdio,
+            operators: s
+                .operators
+                .iter()
+                .map(|o| (o.token, o.name.clone()))
+                .collect(),
+            limiters,
+        }
+    }
+
+    /// The caller a bearer token names over HTTP; without any configured
+    /// token, every request is the caller `default`. `None`: refuse (401).
+    pub fn http_caller(&self, bearer: Option<&str>) -> Option<Arc<Caller>> {
+        if let Some(open) = &self.open {
+            return Some(open.clone());
+        }
+        let given = hash_token(bearer?);
+        // Every entry is compared, in constant time each.
+        let mut found = None;
+        for (hash, caller) in &self.by_token {
+            if bool::from(hash.ct_eq(&given)) {
+                found = Some(caller.clone());
+            }
+        }
+        found
+    }
+
+    pub fn stdio_caller(&self) -> Arc<Caller> {
+        self.stdio.clone()
+    }
+
+    /// The operator a bearer token names.
+    pub fn operator(&self, bearer: Option<&str>) -> Option<String> {
+        let given = hash_token(bearer?);
+        let mut found = None;
+        for (hash, name) in &self.operators {
+            if bool::from(hash.ct_eq(&given)) {
+                found = Some(name.clone());
+            }
+        }
+        found
+    }
+
+    /// Whether some HTTP caller (or stdio's) may mail anyone.
+    pub fn open_recipients(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .by_token
+            .iter()
+            .map(|(_, c)| c)
+            .chain(self.open.iter())
+            .chain(std::iter::once(&self.stdio))
+            .filter(|c| {
+                c.policy.allowed_recipients.is_empty() && c.policy.approval != Approval::Always
+            })
+            .map(|c| c.name.to_string())
+            .collect();
+        names.dedup();
+        names
+    }
+}

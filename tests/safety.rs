@@ -1,0 +1,815 @@
+//! Agent safety against the real binary over streamable HTTP, with rmcp's
+//! client: callers named by their tokens, each with its own policy; every
+//! bypass attempt refused before any MAIL reaches the SMTP server; per-caller
+//! rates; approval by MCP elicitation, by the `queue` command and by the
+//! admin endpoint; expiry; the audit log; a dry-run-only caller.
+
+mod common;
+#[path = "../actors/tests/support/mod.rs"]
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rmcp::model::{
+    CallToolRequestParams, ClientCapabilities, ClientConfig, ElicitRequestParams, ElicitResult,
+    ElicitationAction, Implementation, ProtocolVersion,
+};
+use rmcp::service::{RequestContext, RunningService};
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::{ClientHandler, ErrorData, RoleClient, ServiceExt};
+use serde_json::{Value, json};
+use sha2::Digest;
+use support::fault_smtp::{FaultSmtp, Script};
+
+const ALPHA: &str = "alpha-token-5b0e";
+const BETA: &str = "beta-token-91c4";
+const GAMMA: &str = "gamma-token-0d7a";
+const DELTA: &str = "delta-token-3f21";
+const OPS: &str = "operator-token-77aa";
+/// A body and a password that must never appear in the audit log.
+const BODY_MARKER: &str = "BODY-MARKER-d41d8cd9";
+const PASSWORD_MARKER: &str = "PASSWORD-MARKER-8f00b204";
+
+/// The binary serving HTTP on a configuration in its own folder.
+struct Daemon {
+    child: Child,
+    dir: tempfile::TempDir,
+    base: String,
+    config: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sha256_hex(s: &str) -> String {
+    sha2::Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The configuration: a default policy with a recipient allowlist and a
+/// rate, four callers and an operator. `extra` goes at the top.
+fn config_toml(dir: &Path, sink: u16, other: u16, extra: &str) -> String {
+    format!(
+        r#"
+send_deadline = "8s"
+shutdown_grace = "2s"
+{extra}
+
+[queue]
+path = "{db}"
+
+[audit]
+path = "{audit}"
+
+[policy]
+allowed_recipients = ["@example.org", "boss@partner.net", "@*.corp.example"]
+rate = ["10/min"]
+
+# Tight limits.
+[[callers]]
+name = "alpha"
+token_env = "ALPHA_TOKEN"
+allowed_senders = ["@example.org"]
+max_recipients = 3
+allow_bcc = false
+allowed_relays = ["sink"]
+
+# Preview only, to anyone.
+[[callers]]
+name = "beta"
+token_sha256 = "{beta}"
+allowed_recipients = ["*"]
+mode = "dry_run"
+
+# Outside the allowlist: held for approval.
+[[callers]]
+name = "gamma"
+token_env = "GAMMA_TOKEN"
+approval = "outside_allowlist"
+approval_ttl = "4s"
+elicitation_timeout = "2s"
+
+# The default policy.
+[[callers]]
+name = "delta"
+token_env = "DELTA_TOKEN"
+
+[[operators]]
+name = "ops"
+token_env = "OPS_TOKEN"
+
+[[relays]]
+name = "sink"
+host = "127.0.0.1"
+port = {sink}
+tls = "none"
+from_email = "sender@example.org"
+priority = 10
+timeout = "3s"
+
+[[relays]]
+name = "other"
+host = "127.0.0.1"
+port = {other}
+tls = "none"
+username = "mailmux"
+password = "{password}"
+priority = 1
+timeout = "3s"
+"#,
+        db = dir.join("queue.db").display(),
+        audit = dir.join("audit.jsonl").display(),
+        beta = sha256_hex(BETA),
+        password = PASSWORD_MARKER,
+    )
+}
+
+fn envs(cmd: &mut Command) -> &mut Command {
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("ALPHA_TOKEN", ALPHA)
+        .env("GAMMA_TOKEN", GAMMA)
+        .env("DELTA_TOKEN", DELTA)
+        .env("OPS_TOKEN", OPS)
+}
+
+async fn start(sink: &FaultSmtp, other: &FaultSmtp, extra: &str) -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mailmux.toml");
+    std::fs::write(
+        &config,
+        config_toml(dir.path(), sink.port(), other.port(), extra),
+    )
+    .unwrap();
+    let port = common::free_port();
+    let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+    let child = envs(&mut Command::new(env!("CARGO_BIN_EXE_mailmux")))
+        .arg("--config")
+        .arg(&config)
+        .args(["serve", "--http", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "info")
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("mailmux starts");
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http.get(format!("{base}/health")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "the daemon never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Daemon {
+        child,
+        dir,
+        base,
+        config,
+    }
+}
+
+impl Daemon {
+    fn audit(&self) -> Vec<Value> {
+        read_lines(&self.dir.path().join("audit.jsonl"))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// `mailmux queue <verb> <id>` with the operator token (or `token`).
+    fn queue_cmd(&self, verb: &str, id: &str, token: Option<&str>) -> (bool, String) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mailmux"));
+        envs(&mut cmd);
+        if let Some(t) = token {
+            cmd.env("MAILMUX_OPERATOR_TOKEN", t);
+        }
+        let out = cmd
+            .arg("--config")
+            .arg(&self.config)
+            .args(["queue", verb, id])
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+}
+
+/// Every line of a JSON-lines file, each parsed (a line that is not JSON
+/// fails the test).
+fn read_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not one JSON line: {l:?}: {e}"))
+        })
+        .collect()
+}
+
+/// How a test client answers an approval form.
+#[derive(Debug, Clone, Copy)]
+enum Answer {
+    Approve,
+    Refuse,
+    Decline,
+    Never,
+}
+
+/// An MCP client that declares elicitation and answers it as told, keeping
+/// the prompts it was shown.
+#[derive(Debug, Clone)]
+struct Approver {
+    answer: Answer,
+    prompts: Arc<Mutex<Vec<String>>>,
+}
+
+impl ClientHandler for Approver {
+    async fn create_elicitation(
+        &self,
+        request: ElicitRequestParams,
+        _context: RequestContext<RoleClient>,
+    ) -> Result<ElicitResult, ErrorData> {
+        if let ElicitRequestParams::FormElicitationParams { message, .. } = request {
+            self.prompts.lock().unwrap().push(message);
+        }
+        let (action, content) = match self.answer {
+            Answer::Approve => (ElicitationAction::Accept, Some(json!({ "approve": true }))),
+            Answer::Refuse => (ElicitationAction::Accept, Some(json!({ "approve": false }))),
+            Answer::Decline => (ElicitationAction::Decline, None),
+            Answer::Never => {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                (ElicitationAction::Cancel, None)
+            }
+        };
+        let mut result = ElicitResult::new(action);
+        if let Some(c) = content {
+            result = result.with_content(c);
+        }
+        Ok(result)
+    }
+
+    fn get_info(&self) -> ClientConfig {
+        ClientConfig::new(
+            ClientCapabilities::builder().enable_elicitation().build(),
+            Implementation::new("safety-test", "1"),
+        )
+        .with_protocol_version(ProtocolVersion::LATEST_WITH_INITIALIZE)
+    }
+}
+
+type Client = RunningService<RoleClient, Box<dyn rmcp::service::DynService<RoleClient>>>;
+
+async fn connect_with<H: ClientHandler>(d: &Daemon, token: &str, handler: H) -> Client {
+    let cfg = StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp", d.base))
+        .auth_header(token.to_string());
+    let transport = StreamableHttpClientTransport::from_config(cfg);
+    handler
+        .into_dyn()
+        .serve(transport)
+        .await
+        .expect("client initializes over HTTP")
+}
+
+async fn connect(d: &Daemon, token: &str) -> Client {
+    connect_with(d, token, ()).await
+}
+
+/// One tool call: (isError, structured content).
+async fn call(c: &Client, tool: &str, args: Value) -> (bool, Value) {
+    let mut params = CallToolRequestParams::new(tool.to_string());
+    if let Value::Object(map) = args {
+        params = params.with_arguments(map);
+    }
+    let r = tokio::time::timeout(Duration::from_secs(30), c.peer().call_tool(params))
+        .await
+        .expect("answer within 30 s")
+        .expect("no protocol error");
+    (
+        r.is_error.unwrap_or(false),
+        r.structured_content.unwrap_or(Value::Null),
+    )
+}
+
+fn mail(to: Value) -> Value {
+    json!({ "to": to, "subject": "hello", "body": BODY_MARKER })
+}
+
+async fn status(c: &Client, id: &str) -> Value {
+    call(c, "get_message_status", json!({ "message_id": id }))
+        .await
+        .1
+}
+
+/// Waits until the message's status is `want`.
+async fn wait_status(c: &Client, id: &str, want: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = status(c, id).await;
+        if s["status"] == want {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{id} never became {want}: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn servers() -> (FaultSmtp, FaultSmtp) {
+    (
+        FaultSmtp::start(Script::ok()).await,
+        FaultSmtp::start(Script::ok()).await,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bypass_attempt_is_refused_before_any_mail_command() {
+    let (sink, other) = servers().await;
+    let d = start(&sink, &other, "").await;
+    let alpha = connect(&d, ALPHA).await;
+    let delta = connect(&d, DELTA).await;
+
+    // Attempts, each with the caller, the arguments and the field at fault.
+    let attempts: Vec<(&Client, &str, Value, &str)> = vec![
+        (
+            &alpha,
+            "case and suffix",
+            mail(json!(["x@EXAMPLE.ORG.attacker.net"])),
+            "to[0]",
+        ),
+        (
+            &alpha,
+            "suffix trick",
+            mail(json!(["x@evil.example.org.attacker.net"])),
+            "to[0]",
+        ),
+        (
+            &alpha,
+            "lookalike prefix",
+            mail(json!(["x@notexample.org"])),
+            "to[0]",
+        ),
+        (
+            &alpha,
+            "subdomain of an exact domain",
+            mail(json!(["x@sub.example.org"])),
+            "to[0]",
+        ),
+        (
+            &alpha,
+            "IDN lookalike",
+            mail(json!(["x@ex\u{0430}mple.org"])),
+            "to[0]",
+        ),
+        (
+            &alpha,
+            "display name",
+            mail(json!(["\"ok@example.org\" <evil@attacker.net>"])),
+            "to[0]",
+        ),
+        (
+            &alpha,
+            "quoted local part",
+            mail(json!(["\"ok\"@attacker.net"])),
+            "to[0]",
+        ),
+        (
+            &alpha,
+            "quoted local part inside",
+            mail(json!(["\"evil\"@example.org.attacker.net"])),
+            "to[0]",
+        ),
+        (
+            &alpha,
+            "exact address, other local part",
+            mail(json!(["boss2@partner.net"])),
+            "to[0]",
+        ),
+        (
+            &alpha,
+            "the subdomain rule's own domain",
+            mail(json!(["x@corp.example"])),
+            "to[0]",
+        ),
+        (
+            &delta,
+            "in cc only",
+            json!({"to": ["a@example.org"], "cc": ["evil@attacker.net"], "subject": "s", "body": "b"}),
+            "cc[0]",
+        ),
+        (
+            &delta,
+            "in bcc only",
+            json!({"to": ["a@example.org"], "bcc": ["evil@attacker.net"], "subject": "s", "body": "b"}),
+            "bcc[0]",
+        ),
+        (
+            &alpha,
+            "too many recipients",
+            mail(json!([
+                "a@example.org",
+                "b@example.org",
+                "c@example.org",
+                "d@example.org"
+            ])),
+            "to[3]",
+        ),
+        (
+            &alpha,
+            "bcc not allowed",
+            json!({"to": ["a@example.org"], "bcc": ["b@example.org"], "subject": "s", "body": "b"}),
+            "bcc[0]",
+        ),
+        (
+            &alpha,
+            "sender not allowed",
+            json!({"to": ["a@example.org"], "from_email": "me@attacker.net", "subject": "s", "body": "b"}),
+            "from_email",
+        ),
+        (
+            &alpha,
+            "relay not allowed",
+            json!({"to": ["a@example.org"], "relay": "other", "subject": "s", "body": "b"}),
+            "relay",
+        ),
+    ];
+    for (client, what, args, field) in &attempts {
+        let (is_error, out) = call(client, "send_email", args.clone()).await;
+        assert!(is_error, "{what}: not refused: {out}");
+        assert_eq!(out["error"]["code"], "policy_denied", "{what}: {out}");
+        assert_eq!(out["error"]["field"], *field, "{what}: {out}");
+        assert!(out["error"]["rule"].is_string(), "{what}: {out}");
+    }
+    // Forms mailmux refuses as invalid addresses stay refused as such.
+    for to in [
+        "evil@attacker.net (ok@example.org)",
+        "\"ok@example.org\"@attacker.net",
+        "ok@example.org@attacker.net",
+    ] {
+        let (is_error, out) = call(&alpha, "send_email", mail(json!([to]))).await;
+        assert!(is_error, "{to}: {out}");
+        assert!(
+            ["invalid_input", "policy_denied"]
+                .contains(&out["error"]["code"].as_str().unwrap_or("")),
+            "{to}: {out}"
+        );
+    }
+    assert_eq!(
+        sink.verb_count("MAIL"),
+        0,
+        "a refused message reached the server"
+    );
+    assert_eq!(other.verb_count("MAIL"), 0);
+
+    // Within the policy: delivered, with case and IDN forms of allowed
+    // domains matching.
+    for to in ["x@Example.ORG", "boss@partner.net", "y@mail.corp.example"] {
+        let (is_error, out) = call(&alpha, "send_email", mail(json!([to]))).await;
+        assert!(!is_error, "{to}: {out}");
+        assert_eq!(out["status"], "sent", "{to}: {out}");
+        assert_eq!(out["caller"], "alpha");
+    }
+    assert_eq!(sink.verb_count("MAIL"), 3);
+
+    // An unknown token, and an operator's token, get 401 on /mcp.
+    for token in ["nobody", OPS] {
+        let r = reqwest::Client::new()
+            .post(format!("{}/mcp", d.base))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401, "token {token}");
+    }
+    // Each caller sees its own messages only.
+    let listed = call(&delta, "list_messages", json!({})).await.1;
+    assert_eq!(listed["messages"].as_array().unwrap().len(), 0, "{listed}");
+    let listed = call(&alpha, "list_messages", json!({})).await.1;
+    assert_eq!(listed["messages"].as_array().unwrap().len(), 3, "{listed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_caller_has_its_own_rate_and_refusals_take_none() {
+    let (sink, other) = servers().await;
+    let d = start(&sink, &other, "").await;
+    let alpha = connect(&d, ALPHA).await;
+    let delta = connect(&d, DELTA).await;
+    // Refused by policy first: these take no rate.
+    for _ in 0..5 {
+        let (is_error, out) = call(&alpha, "send_email", mail(json!(["x@attacker.net"]))).await;
+        assert!(is_error && out["error"]["code"] == "policy_denied", "{out}");
+    }
+    let mut sent = 0;
+    let mut limited = 0;
+    for i in 0..25 {
+        let (is_error, out) = call(
+            &alpha,
+            "send_email",
+            mail(json!([format!("r{i}@example.org")])),
+        )
+        .await;
+        if !is_error {
+            assert_eq!(out["status"], "sent", "{out}");
+            sent += 1;
+        } else {
+            assert_eq!(out["error"]["code"], "rate_limited", "{out}");
+            let after = out["error"]["retry_after_s"]
+                .as_f64()
+                .expect("retry_after_s");
+            assert!(after > 0.0 && after <= 60.0, "{out}");
+            limited += 1;
+        }
+    }
+    assert_eq!((sent, limited), (10, 15));
+    // Another caller under the same limit has its own bucket.
+    let (is_error, out) = call(&delta, "send_email", mail(json!(["d@example.org"]))).await;
+    assert!(!is_error, "{out}");
+    assert!(sink.wait_for_delivered(11, Duration::from_secs(10)).await);
+    assert_eq!(sink.delivered().len(), 11);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_messages_go_out_only_when_a_person_approves() {
+    let (sink, other) = servers().await;
+    let d = start(&sink, &other, "").await;
+    let approver = |answer| Approver {
+        answer,
+        prompts: Arc::new(Mutex::new(Vec::new())),
+    };
+    let outside = json!({
+        "to": ["friend@outside.net"], "cc": ["a@example.org"], "bcc": ["hidden@outside.net"],
+        "subject": "quarterly numbers", "body": format!("line one\n{BODY_MARKER}\nline three"),
+    });
+
+    // Within the allowlist: sent at once, nobody asked.
+    let yes = approver(Answer::Approve);
+    let gamma = connect_with(&d, GAMMA, yes.clone()).await;
+    let (_, out) = call(&gamma, "send_email", mail(json!(["a@example.org"]))).await;
+    assert_eq!(out["status"], "sent", "{out}");
+    assert!(yes.prompts.lock().unwrap().is_empty());
+
+    // Approved through elicitation: the prompt shows what goes out.
+    let (_, out) = call(&gamma, "send_email", outside.clone()).await;
+    assert_eq!(out["status"], "sent", "{out}");
+    let approved_id = out["message_id"].as_str().unwrap().to_string();
+    let prompt = yes.prompts.lock().unwrap()[0].clone();
+    for needle in [
+        "From: sender@example.org",
+        "To: friend@outside.net",
+        "Cc: a@example.org",
+        "Bcc (hidden from the others): hidden@outside.net",
+        "Subject: quarterly numbers",
+        "line one",
+    ] {
+        assert!(
+            prompt.contains(needle),
+            "{needle:?} not in the prompt:\n{prompt}"
+        );
+    }
+    let s = status(&gamma, &approved_id).await;
+    assert!(s["decided_by"].as_str().unwrap().contains("gamma"), "{s}");
+    assert_eq!(sink.delivered().len(), 2);
+
+    // Declined, or answered approve=false: rejected, never sent.
+    for answer in [Answer::Decline, Answer::Refuse] {
+        let c = connect_with(&d, GAMMA, approver(answer)).await;
+        let (_, out) = call(&c, "send_email", outside.clone()).await;
+        assert_eq!(out["status"], "rejected", "{answer:?}: {out}");
+    }
+
+    // No answer within elicitation_timeout: held; an operator approves it
+    // with the queue command; the message goes out only then.
+    let silent = connect_with(&d, GAMMA, approver(Answer::Never)).await;
+    let (_, out) = call(&silent, "send_email", outside.clone()).await;
+    assert_eq!(out["status"], "held", "{out}");
+    let held_id = out["message_id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        sink.delivered().len(),
+        2,
+        "a held message reached the server"
+    );
+    let (ok, text) = d.queue_cmd("approve", &held_id, None);
+    assert!(!ok, "approve without an operator token: {text}");
+    let (ok, text) = d.queue_cmd("approve", &held_id, Some(GAMMA));
+    assert!(!ok, "a caller's token is not an operator's: {text}");
+    let (ok, text) = d.queue_cmd("approve", &held_id, Some(OPS));
+    assert!(ok, "{text}");
+    let plain = connect(&d, GAMMA).await;
+    wait_status(&plain, &held_id, "sent").await;
+    assert_eq!(sink.delivered().len(), 3);
+    let (ok, text) = d.queue_cmd("approve", &held_id, Some(OPS));
+    assert!(!ok && text.contains("not held"), "{text}");
+
+    // A client without elicitation gets `held`, never a silent send. The
+    // admin endpoint rejects it; a caller's token cannot.
+    let (_, out) = call(&plain, "send_email", outside.clone()).await;
+    assert_eq!(out["status"], "held", "{out}");
+    let id = out["message_id"].as_str().unwrap().to_string();
+    let http = reqwest::Client::new();
+    let url = format!("{}/admin/messages/{id}/reject", d.base);
+    let r = http.post(&url).bearer_auth(GAMMA).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = http.post(&url).bearer_auth(OPS).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(status(&plain, &id).await["status"], "rejected");
+    let r = http
+        .post(format!("{}/admin/messages/{id}/approve", d.base))
+        .bearer_auth(OPS)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        409,
+        "a rejected message cannot be approved"
+    );
+
+    // Nobody decides within approval_ttl: expired, and no approval
+    // releases it then.
+    let (_, out) = call(&plain, "send_email", outside.clone()).await;
+    let id = out["message_id"].as_str().unwrap().to_string();
+    let s = wait_status(&plain, &id, "expired").await;
+    assert_eq!(s["reason"], "approval_expired", "{s}");
+    let (ok, text) = d.queue_cmd("approve", &id, Some(OPS));
+    assert!(!ok && text.contains("expired"), "{text}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        sink.delivered().len(),
+        3,
+        "only approved messages were sent"
+    );
+
+    // The audit log has one line per event, with who decided.
+    let audit = d.audit();
+    let actions = |id: &str| -> Vec<String> {
+        audit
+            .iter()
+            .filter(|l| l["email"]["message_id"] == id)
+            .map(|l| l["event"]["action"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(actions(&approved_id), ["held", "approved", "sent"]);
+    assert_eq!(actions(&held_id), ["held", "approved", "sent"]);
+    let approval = audit
+        .iter()
+        .find(|l| {
+            l["email"]["message_id"] == held_id.as_str() && l["event"]["action"] == "approved"
+        })
+        .unwrap();
+    assert_eq!(approval["mailmux"]["decided_by"], "operator ops");
+    assert_eq!(approval["user"]["name"], "gamma");
+    assert_eq!(
+        approval["email"]["bcc"]["address"],
+        json!(["hidden@outside.net"])
+    );
+    assert_eq!(
+        approval["email"]["to"]["address"],
+        json!(["friend@outside.net"])
+    );
+    let sent = audit
+        .iter()
+        .find(|l| l["email"]["message_id"] == held_id.as_str() && l["event"]["action"] == "sent")
+        .unwrap();
+    assert_eq!(sent["mailmux"]["smtp_code"], 250);
+    assert_eq!(sent["mailmux"]["relay"], "sink");
+    assert_eq!(actions(&id), ["held", "expired"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_log_is_complete_escaped_secret_free_and_reopened_on_sighup() {
+    let (sink, other) = servers().await;
+    let d = start(&sink, &other, "").await;
+    let delta = connect(&d, DELTA).await;
+    let (_, out) = call(&delta, "send_email", mail(json!(["a@example.org"]))).await;
+    assert_eq!(out["status"], "sent", "{out}");
+    let sent_id = out["message_id"].as_str().unwrap().to_string();
+    call(&delta, "send_email", mail(json!(["x@attacker.net"]))).await;
+    // A subject that tries to end the line and forge a field: refused as
+    // invalid input, and still one JSON line.
+    let forged = "He said \"hi\"\n{\"event\":{\"action\":\"approved\"}}";
+    let (is_error, out) = call(
+        &delta,
+        "send_email",
+        json!({"to": ["a@example.org"], "subject": forged, "body": "b"}),
+    )
+    .await;
+    assert!(is_error && out["error"]["code"] == "invalid_input", "{out}");
+
+    let path = d.dir.path().join("audit.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    for secret in [BODY_MARKER, PASSWORD_MARKER, DELTA, ALPHA, OPS] {
+        assert!(!text.contains(secret), "{secret} is in the audit log");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    let lines = d.audit();
+    let of = |id: &str| {
+        lines
+            .iter()
+            .filter(|l| l["email"]["message_id"] == id)
+            .count()
+    };
+    assert_eq!(of(&sent_id), 2, "accepted and sent: {lines:?}");
+    let accepted = &lines[0];
+    assert_eq!(accepted["event"]["action"], "accepted");
+    assert_eq!(accepted["user"]["name"], "delta");
+    assert_eq!(accepted["email"]["subject"], "hello");
+    assert_eq!(
+        accepted["email"]["from"]["address"],
+        json!(["sender@example.org"])
+    );
+    assert!(accepted["@timestamp"].is_string());
+    let refusals: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["event"]["action"] == "refused")
+        .collect();
+    assert_eq!(refusals.len(), 2);
+    assert_eq!(refusals[0]["mailmux"]["code"], "policy_denied");
+    assert_eq!(refusals[0]["mailmux"]["rule"], "recipient_not_allowed");
+    assert_eq!(
+        refusals[0]["email"]["to"]["address"],
+        json!(["x@attacker.net"])
+    );
+    assert_eq!(
+        refusals[1]["email"]["subject"], forged,
+        "escaped, not interpreted"
+    );
+    assert_eq!(text.lines().count(), lines.len());
+    assert!(!lines.iter().any(|l| l["event"]["action"] == "approved"));
+
+    // Rotation: move the file away, SIGHUP, and the next line starts a new one.
+    let rotated = d.dir.path().join("audit.jsonl.1");
+    std::fs::rename(&path, &rotated).unwrap();
+    let pid = d.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !d.log().contains("audit log reopened") {
+        assert!(Instant::now() < deadline, "no reopen: {}", d.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    call(&delta, "send_email", mail(json!(["b@example.org"]))).await;
+    let fresh = read_lines(&path);
+    assert_eq!(
+        fresh.len(),
+        2,
+        "accepted and sent in the new file: {fresh:?}"
+    );
+    assert_eq!(read_lines(&rotated).len(), lines.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_caller_sends_nothing() {
+    let (sink, other) = servers().await;
+    let d = start(&sink, &other, "").await;
+    let beta = connect(&d, BETA).await;
+    let (is_error, out) = call(&beta, "send_email", mail(json!(["anyone@anywhere.net"]))).await;
+    assert!(is_error, "{out}");
+    assert_eq!(out["error"]["code"], "policy_denied");
+    assert_eq!(out["error"]["rule"], "dry_run_only");
+    let mut preview = mail(json!(["anyone@anywhere.net"]));
+    preview["dry_run"] = json!(true);
+    let (is_error, out) = call(&beta, "send_email", preview).await;
+    assert!(!is_error, "{out}");
+    assert_eq!(out["status"], "dry_run");
+    let status = call(&beta, "get_smtp_status", json!({})).await.1;
+    assert_eq!(status["caller"]["name"], "beta");
+    assert_eq!(status["caller"]["mode"], "dry_run");
+    assert!(status.get("open_recipients").is_none(), "{status}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.verb_count("MAIL") + other.verb_count("MAIL"), 0);
+    assert!(
+        call(&beta, "list_messages", json!({})).await.1["messages"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
