@@ -2,7 +2,8 @@
 //! client: callers named by their tokens, each with its own policy; every
 //! bypass attempt refused before any MAIL reaches the SMTP server; per-caller
 //! rates; approval by MCP elicitation, by the `queue` command and by the
-//! admin endpoint; expiry; the audit log; a dry-run-only caller.
+//! admin endpoint; expiry; the audit log; a dry-run-only caller; relay
+//! rates that hold messages back without refusing them.
 
 mod common;
 #[path = "../actors/tests/support/mod.rs"]
@@ -144,13 +145,15 @@ fn envs(cmd: &mut Command) -> &mut Command {
 }
 
 async fn start(sink: &FaultSmtp, other: &FaultSmtp, extra: &str) -> Daemon {
+    start_with(|dir| config_toml(dir, sink.port(), other.port(), extra)).await
+}
+
+/// The daemon on the configuration `config` writes for its folder.
+async fn start_with(config: impl FnOnce(&Path) -> String) -> Daemon {
     let dir = tempfile::tempdir().unwrap();
+    let text = config(dir.path());
     let config = dir.path().join("mailmux.toml");
-    std::fs::write(
-        &config,
-        config_toml(dir.path(), sink.port(), other.port(), extra),
-    )
-    .unwrap();
+    std::fs::write(&config, text).unwrap();
     let port = common::free_port();
     let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
     let child = envs(&mut Command::new(env!("CARGO_BIN_EXE_mailmux")))
@@ -812,4 +815,99 @@ async fn a_dry_run_caller_sends_nothing() {
             .unwrap()
             .is_empty()
     );
+}
+
+/// Two relays' configuration: `fast` with `rate`, `spare` (lower priority)
+/// without one unless `spare_port` is `None`.
+fn rate_config(dir: &Path, fast: u16, rate: &str, spare: Option<u16>) -> String {
+    let mut text = format!(
+        r#"
+send_deadline = "30s"
+
+[queue]
+path = "{db}"
+retry_base = "200ms"
+retry_max = "1s"
+
+[[relays]]
+name = "fast"
+host = "127.0.0.1"
+port = {fast}
+tls = "none"
+from_email = "sender@example.org"
+priority = 10
+rate = ["{rate}"]
+"#,
+        db = dir.join("queue.db").display()
+    );
+    if let Some(port) = spare {
+        text.push_str(&format!(
+            r#"
+[[relays]]
+name = "spare"
+host = "127.0.0.1"
+port = {port}
+tls = "none"
+from_email = "sender@example.org"
+priority = 1
+"#
+        ));
+    }
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_rate_holds_messages_back_and_never_refuses_them() {
+    // 5 at once, then one every 400 ms.
+    let sink = FaultSmtp::start(Script::ok()).await;
+    let d = start_with(|dir| rate_config(dir, sink.port(), "5/2s", None)).await;
+    let c = connect(&d, "no-token-configured").await;
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..15 {
+        let mut args = mail(json!([format!("r{i}@example.org")]));
+        args["wait"] = json!(false);
+        let (is_error, out) = call(&c, "send_email", args).await;
+        assert!(!is_error, "never refused for the relay's rate: {out}");
+        ids.push(out["message_id"].as_str().unwrap().to_string());
+    }
+    // Sampled as they arrive: never more than the rate allows.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = sink.delivered().len();
+        let allowed = 5 + (started.elapsed().as_millis() / 400) as usize + 1;
+        assert!(
+            n <= allowed,
+            "{n} delivered after {:?}; the rate allows {allowed}",
+            started.elapsed()
+        );
+        if n == 15 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {n} of 15 delivered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(3500),
+        "{:?}",
+        started.elapsed()
+    );
+    for id in &ids {
+        assert_eq!(status(&c, id).await["status"], "sent");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_its_rate_a_relay_is_passed_over_for_another() {
+    let fast = FaultSmtp::start(Script::ok()).await;
+    let spare = FaultSmtp::start(Script::ok()).await;
+    let d = start_with(|dir| rate_config(dir, fast.port(), "2/1h", Some(spare.port()))).await;
+    let c = connect(&d, "no-token-configured").await;
+    for i in 0..6 {
+        let (is_error, out) =
+            call(&c, "send_email", mail(json!([format!("r{i}@example.org")]))).await;
+        assert!(!is_error && out["status"] == "sent", "{out}");
+    }
+    assert_eq!(fast.delivered().len(), 2);
+    assert_eq!(spare.delivered().len(), 4);
 }

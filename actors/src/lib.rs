@@ -35,8 +35,9 @@ pub use mail::{
     Attempt, CommitMark, FailureClass, FailureReason, Mail, Rejected, Reply, Report, Status,
 };
 pub use settings::{
-    Credentials, HealthSettings, Limits, PoolSettings, RelayKind, RelaySettings, RouterSettings,
-    Secret, Settings, SmtpSettings, Strategy, SupervisorSettings, Timeouts, TlsMode,
+    Credentials, HealthSettings, Limits, PoolSettings, RelayKind, RelayRate, RelaySettings,
+    RouterSettings, Secret, Settings, SmtpSettings, Strategy, SupervisorSettings, Timeouts,
+    TlsMode,
 };
 pub use status::{
     Counters, Latency, ProbeReport, RelayState, RelayStatus, ReloadDiff, Selection, ShutdownReport,

@@ -162,6 +162,9 @@ pub enum FailureReason {
     UnknownRelay,
     /// The dispatcher is shutting down or an actor stopped under the call.
     Unavailable,
+    /// Every relay that may take the message used up its `rate`; one has
+    /// room again after `wait_ms`.
+    RateLimited { wait_ms: u64 },
 }
 
 impl FailureReason {
@@ -175,6 +178,7 @@ impl FailureReason {
             FailureReason::Smtputf8Unsupported => "smtputf8_unsupported",
             FailureReason::UnknownRelay => "unknown_relay",
             FailureReason::Unavailable => "unavailable",
+            FailureReason::RateLimited { .. } => "relay_rate_limited",
         }
     }
 }

@@ -78,20 +78,53 @@ pub(crate) struct RelayShared {
     state: Mutex<State>,
     /// False once the relay drains (removed or replaced by a reload).
     accepting: AtomicBool,
+    /// The relay's `rate`, one limiter per limit. They outlive the actor
+    /// (as the permits do), so a restart does not reset them.
+    rate: Vec<governor::DefaultDirectRateLimiter>,
+}
+
+/// The limiters of a relay's `rate`: a burst of the whole count, refilled
+/// one message every `period / count`.
+fn settings_rate(settings: &RelaySettings) -> Vec<governor::DefaultDirectRateLimiter> {
+    use std::num::NonZeroU32;
+    settings
+        .rate
+        .iter()
+        .filter_map(|r| {
+            let burst = NonZeroU32::new(r.count)?;
+            let each = (r.period / r.count).max(std::time::Duration::from_nanos(1));
+            let quota = governor::Quota::with_period(each)?.allow_burst(burst);
+            Some(governor::RateLimiter::direct(quota))
+        })
+        .collect()
 }
 
 impl RelayShared {
     pub(crate) fn new(settings: RelaySettings) -> Arc<Self> {
         Arc::new(Self {
             permits: Arc::new(Semaphore::new(settings.pool.max_connections)),
-            settings,
             queued: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             open: AtomicUsize::new(0),
             idle: Mutex::new(Vec::new()),
             state: Mutex::new(State::Healthy),
             accepting: AtomicBool::new(true),
+            rate: settings_rate(&settings),
+            settings,
         })
+    }
+
+    /// Takes one message from every limit of the relay's `rate`, or says how
+    /// long until the first refusing limit has room. Limits checked before
+    /// the refusing one keep the message they took (governor has no refund).
+    pub(crate) fn take_rate(&self) -> Result<(), std::time::Duration> {
+        use governor::clock::{Clock, DefaultClock};
+        for limiter in &self.rate {
+            if let Err(not_until) = limiter.check() {
+                return Err(not_until.wait_time_from(DefaultClock::default().now()));
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn name(&self) -> &str {

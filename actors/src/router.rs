@@ -117,6 +117,9 @@ pub(crate) struct RouterState {
     pin: Pin,
     next_turn: usize,
     rng: StdRng,
+    /// While routing one message: the shortest wait of a relay that was
+    /// passed over because its `rate` was used up.
+    rate_wait: Option<std::time::Duration>,
 }
 
 impl Actor for RouterActor {
@@ -135,6 +138,7 @@ impl Actor for RouterActor {
             pin: args.pin,
             next_turn: 0,
             rng: StdRng::from_os_rng(),
+            rate_wait: None,
         })
     }
 
@@ -177,6 +181,7 @@ impl RouterState {
     }
 
     fn route(&mut self, mut flight: Flight) {
+        self.rate_wait = None;
         loop {
             let now = Instant::now();
             if let Some(name) = &flight.mail.prefer
@@ -214,6 +219,22 @@ impl RouterState {
                 )
             };
             let Some(i) = pick else {
+                if let Some(wait) = self.rate_wait {
+                    // Every relay left has used up its rate: the message
+                    // waits for its turn (the queue retries it then).
+                    let report = failed(
+                        &flight,
+                        FailureReason::RateLimited {
+                            wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                        },
+                        format!(
+                            "every relay that may take the message is at its rate limit; next turn in {:.1} s{}",
+                            wait.as_secs_f64(),
+                            self.describe(&flight)
+                        ),
+                    );
+                    return flight.answer(report);
+                }
                 let all = |class| {
                     !flight.attempts.is_empty()
                         && flight.attempts.iter().all(|a| a.class == Some(class))
@@ -257,7 +278,7 @@ impl RouterState {
         now: Instant,
         advance: bool,
     ) -> Option<usize> {
-        let candidates: Vec<usize> = (0..self.table.len())
+        let mut candidates: Vec<usize> = (0..self.table.len())
             .filter(|&i| {
                 let e = &self.table[i];
                 e.actor.is_some()
@@ -266,6 +287,25 @@ impl RouterState {
                     && e.shared.available(now)
             })
             .collect();
+        // A relay whose rate is used up is passed over (look-ahead takes no
+        // rate).
+        loop {
+            let i = self.pick(prefer, &candidates, advance)?;
+            if !advance {
+                return Some(i);
+            }
+            match self.table[i].shared.take_rate() {
+                Ok(()) => return Some(i),
+                Err(wait) => {
+                    self.rate_wait = Some(self.rate_wait.map_or(wait, |w| w.min(wait)));
+                    candidates.retain(|&c| c != i);
+                }
+            }
+        }
+    }
+
+    /// The strategy's choice among `candidates`.
+    fn pick(&mut self, prefer: Option<&str>, candidates: &[usize], advance: bool) -> Option<usize> {
         if candidates.is_empty() {
             return None;
         }

@@ -153,6 +153,17 @@ pub struct RelaySettings {
     pub timeouts: Timeouts,
     /// Backoff and circuit breaker.
     pub health: HealthSettings,
+    /// Submission limits (a provider's, such as 30 a minute): past them the
+    /// router passes the relay over, and a message no relay may take now
+    /// waits in the queue for its turn. Empty: no limit.
+    pub rate: Vec<RelayRate>,
+}
+
+/// One limit: `count` messages per `period`, refilled evenly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayRate {
+    pub count: u32,
+    pub period: Duration,
 }
 
 /// Where a relay delivers.
@@ -354,6 +365,7 @@ impl RelaySettings {
             pool: PoolSettings::default(),
             timeouts: Timeouts::default(),
             health: HealthSettings::default(),
+            rate: Vec::new(),
         }
     }
 

@@ -120,6 +120,7 @@ pub(crate) const RELAY_KEYS: &[&str] = &[
     "weight",
     "from_email",
     "dir",
+    "rate",
 ];
 
 /// The whole configuration as the layers wrote it.
@@ -338,6 +339,9 @@ pub(crate) struct RawRelay {
     pub from_email: Option<String>,
     /// Folder of a `file` relay. Default: `outbox_dir`.
     pub dir: Option<PathBuf>,
+    /// Submission limits such as `30/min`; past them messages wait or fail
+    /// over. Default: none.
+    pub rate: Option<StringList>,
     /// Open connections at most. Default: 8.
     pub max_connections: Option<usize>,
     /// Messages waiting for a connection at most. Default: 1024.

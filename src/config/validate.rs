@@ -13,8 +13,9 @@ use figment::Figment;
 use figment::value::Value;
 use mailmux_actors::queue::{QueueSettings, StoreKind};
 use mailmux_actors::{
-    Credentials, HealthSettings, Limits, PoolSettings, RelayKind, RelaySettings, RouterSettings,
-    Secret, Settings, SmtpSettings, Strategy, SupervisorSettings, Timeouts, TlsMode,
+    Credentials, HealthSettings, Limits, PoolSettings, RelayKind, RelayRate, RelaySettings,
+    RouterSettings, Secret, Settings, SmtpSettings, Strategy, SupervisorSettings, Timeouts,
+    TlsMode,
 };
 use serde_json::{Map, Value as Json, json};
 
@@ -983,6 +984,26 @@ fn relay(
             .0,
     };
 
+    let at = ctx.relay_at(origin, "rate");
+    let mut rate = Vec::new();
+    for text in r.rate.clone().unwrap_or_default().0 {
+        let rule = crate::policy::rate::RateRule::parse(&text).map_err(|m| at.err(m))?;
+        if rule.unit != crate::policy::rate::Unit::Messages {
+            return Err(at.err(format!(
+                "{text:?}: a relay's rate counts messages; recipients limits belong in [policy]"
+            )));
+        }
+        rate.push(RelayRate {
+            count: rule.count,
+            period: rule.period,
+        });
+    }
+    leaf(
+        &mut out,
+        "rate",
+        json!(r.rate.clone().unwrap_or_default().0),
+        &at,
+    );
     let settings = RelaySettings {
         name,
         kind,
@@ -992,6 +1013,7 @@ fn relay(
         pool,
         timeouts,
         health,
+        rate,
     };
     Ok((settings, Json::Object(out), name_at))
 }

@@ -745,10 +745,16 @@ impl Inner {
                 // daemon is stopping: wait and try again.
                 reason => {
                     let now = now_millis();
-                    let delay = if reason == Some(FailureReason::Unavailable) {
-                        Duration::ZERO
-                    } else {
-                        self.retry_delay(p.rounds + 1)
+                    let delay = match reason {
+                        Some(FailureReason::Unavailable) => Duration::ZERO,
+                        // A relay has room again then; waiting messages
+                        // spread over that much again, so that they do not
+                        // all come back at once.
+                        Some(FailureReason::RateLimited { wait_ms }) => {
+                            let wait = Duration::from_millis(wait_ms.max(1));
+                            wait + wait.mul_f64(rand::rng().random_range(0.0..=1.0))
+                        }
+                        _ => self.retry_delay(p.rounds + 1),
                     };
                     let next = now + delay.as_millis() as i64;
                     let expires = p.due_at + self.settings.max_age.as_millis() as i64;
