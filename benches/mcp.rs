@@ -30,7 +30,9 @@ usage: cargo bench --bench mcp -- [options]
   --concurrency C[,C...]   calls (or smtp-source sessions) in parallel (1,8,32,64)
   --size BYTES[,BYTES...]  message body size (1024)
   --runs R                 runs of each measurement; the best is reported (2)
-  --paths P[,P...]         any of source, stdio, stdio-memory, http, http-memory
+  --paths P[,P...]         any of source, stdio, stdio-memory, stdio-policy, http,
+                           http-memory, http-policy (-policy: the memory store and a
+                           caller policy every message passes)
                            (all five; stdio and http run on the default sqlite store)
   --burst N                concurrent calls of the memory measurement, 0 to skip it (1000)
   --log FILTER             the daemon's RUST_LOG (info, its default)
@@ -42,14 +44,20 @@ usage: cargo bench --bench mcp -- [options]
 enum Store {
     Sqlite,
     Memory,
+    /// The memory store with a caller policy that every message passes.
+    MemoryPolicy,
 }
 
 impl Store {
     fn name(self) -> &'static str {
         match self {
             Store::Sqlite => "sqlite",
-            Store::Memory => "memory",
+            Store::Memory | Store::MemoryPolicy => "memory",
         }
+    }
+
+    fn policy(self) -> bool {
+        self == Store::MemoryPolicy
     }
 }
 
@@ -65,6 +73,8 @@ impl Path {
             Path::Source => "smtp-source",
             Path::Mcp(Transport::Stdio, Store::Sqlite) => "MCP stdio, sqlite",
             Path::Mcp(Transport::Stdio, Store::Memory) => "MCP stdio, memory",
+            Path::Mcp(Transport::Stdio, Store::MemoryPolicy) => "MCP stdio, memory, policy",
+            Path::Mcp(Transport::Http, Store::MemoryPolicy) => "MCP HTTP, memory, policy",
             Path::Mcp(Transport::Http, Store::Sqlite) => "MCP HTTP, sqlite",
             Path::Mcp(Transport::Http, Store::Memory) => "MCP HTTP, memory",
         }
@@ -129,6 +139,8 @@ fn parse_args() -> anyhow::Result<Args> {
                         "source" | "smtp-source" => Ok(Path::Source),
                         "stdio" => Ok(Path::Mcp(Transport::Stdio, Store::Sqlite)),
                         "stdio-memory" => Ok(Path::Mcp(Transport::Stdio, Store::Memory)),
+                        "stdio-policy" => Ok(Path::Mcp(Transport::Stdio, Store::MemoryPolicy)),
+                        "http-policy" => Ok(Path::Mcp(Transport::Http, Store::MemoryPolicy)),
                         "http" => Ok(Path::Mcp(Transport::Http, Store::Sqlite)),
                         "http-memory" => Ok(Path::Mcp(Transport::Http, Store::Memory)),
                         other => bail!("--paths: unknown path {other:?}"),
@@ -280,6 +292,7 @@ async fn run_mcp(
             log: args.log.clone(),
             http_requests: c,
             store: store.name(),
+            policy: store.policy(),
         },
     )
     .await?;
@@ -376,6 +389,7 @@ async fn run_memory(
             log: args.log.clone(),
             http_requests: burst,
             store: Store::Sqlite.name(),
+            policy: false,
         },
     )
     .await?;

@@ -838,6 +838,7 @@ fn every_shipped_configuration_file_loads() {
             assert_eq!(config.dispatch, builtin.dispatch);
             assert_eq!(config.daemon, builtin.daemon);
             assert_eq!(config.queue, builtin.queue);
+            assert_eq!(config.safety, builtin.safety);
         } else {
             assert!(!config.default_relay, "{}", path.display());
         }
@@ -869,4 +870,119 @@ fn queue_keys_validate_with_their_names() {
     assert!(e.message.contains("sqlite or memory"), "{e}");
     let e = err(None, &[("MAILMUX_QUEUE__MAX_AGE", "0s")]);
     assert_eq!(e.key, "queue.max_age");
+}
+
+/// The safety keys: callers, operators, policy and audit, each error naming
+/// its key; tokens never printed.
+#[test]
+fn safety_keys_validate_with_their_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = r#"
+[[relays]]
+name = "primary"
+host = "127.0.0.1"
+tls = "none"
+"#;
+    let hex = "ebca95604276a73fb41ea1ae6556b45bf815fa9733bc6e7a7be1316f9c3e8a89";
+    let good = write(
+        &dir,
+        "good.toml",
+        &format!(
+            r#"{base}
+[policy]
+allowed_recipients = ["@example.org"]
+rate = ["30/min"]
+
+[[callers]]
+name = "a"
+token_sha256 = "{hex}"
+allowed_recipients = ["*"]
+approval = "always"
+
+[[callers]]
+name = "b"
+token_env = "B_TOKEN"
+
+[[operators]]
+name = "ops"
+token_env = "OPS_TOKEN"
+"#
+        ),
+    );
+    let c = ok(
+        Some(&good),
+        &[("B_TOKEN", "bee-secret"), ("OPS_TOKEN", "ops-secret")],
+    );
+    let s = &c.safety;
+    assert_eq!(s.callers.len(), 2);
+    assert_eq!(
+        s.callers[0].policy.approval,
+        mailmux::policy::Approval::Always
+    );
+    assert_eq!(s.callers[0].policy.rate.len(), 1, "inherited from [policy]");
+    assert_eq!(s.callers[1].policy.allowed_recipients.len(), 1);
+    assert_eq!(s.stdio.name, "local");
+    let shown = c.redacted.to_string();
+    assert!(!shown.contains("bee-secret") && !shown.contains("ops-secret"));
+
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "[[callers]]\nname = \"x\"\ntoken_env = \"B_TOKEN\"\ntoken_sha256 = \"00\"\n",
+            "callers.0",
+            "exactly one of",
+        ),
+        (
+            "[[callers]]\nname = \"x\"\ntoken_env = \"UNSET_VAR\"\n",
+            "callers.0.token_env",
+            "not set",
+        ),
+        (
+            "[[callers]]\nname = \"x\"\ntoken_sha256 = \"abc\"\n",
+            "callers.0.token_sha256",
+            "64 hex",
+        ),
+        (
+            "[policy]\nrate = [\"30/fortnight\"]\n",
+            "policy.rate",
+            "period",
+        ),
+        (
+            "[policy]\nallowed_recipients = [\"example.org\"]\n",
+            "policy.allowed_recipients",
+            "not an address",
+        ),
+        (
+            "[policy]\nallowed_relays = [\"nope\"]\n",
+            "policy.allowed_relays",
+            "not a configured relay",
+        ),
+        (
+            "[policy]\napproval = \"sometimes\"\n",
+            "policy.approval",
+            "outside_allowlist",
+        ),
+        ("[policy]\nmode = \"yolo\"\n", "policy.mode", "dry_run"),
+        (
+            "[policy]\nmax_recpients = 3\n",
+            "policy.max_recpients",
+            "unknown key",
+        ),
+        (
+            "[[callers]]\nname = \"x\"\ntoken_env = \"B_TOKEN\"\n[[operators]]\nname = \"o\"\ntoken_env = \"B_TOKEN\"\n",
+            "operators.0",
+            "token of a caller",
+        ),
+        (
+            "allowed_senders = [\"@a.org\"]\n[policy]\nallowed_senders = [\"@b.org\"]\n",
+            "allowed_senders",
+            "both",
+        ),
+    ];
+    for (i, (extra, key, message)) in cases.iter().enumerate() {
+        let file = write(&dir, &format!("bad{i}.toml"), &format!("{extra}{base}"));
+        let e = err(Some(&file), &[("B_TOKEN", "bee-secret")]);
+        assert_eq!(e.key, *key, "{extra}: {e}");
+        assert!(e.message.contains(message), "{extra}: {e}");
+        assert!(!e.to_string().contains("bee-secret"));
+    }
 }

@@ -17,6 +17,7 @@ async fn workers(transport: Transport) -> anyhow::Result<u64> {
             messages_per_connection: 0,
             log: "warn".into(),
             store: "sqlite",
+            policy: false,
             http_requests: 1,
         },
     )

@@ -248,6 +248,7 @@ async fn soak() -> anyhow::Result<()> {
             messages_per_connection: 100,
             log: "warn".into(),
             store: "sqlite",
+            policy: false,
             http_requests: c * 2,
         },
     )

@@ -81,9 +81,16 @@ pub async fn elicit(
     hash: [u8; 32],
     wait_until: Option<tokio::time::Instant>,
 ) -> Option<Record> {
-    if peer.supported_elicitation_modes().is_empty() {
+    if !peer
+        .supported_elicitation_modes()
+        .contains(&rmcp::service::ElicitationMode::Form)
+    {
+        tracing::info!(
+            "held for approval; the client declared no form elicitation, so it waits for an operator"
+        );
         return None;
     }
+    tracing::info!("held for approval; asking the client's user");
     let timeout: Duration = caller.policy.elicitation_timeout;
     let answer = peer
         .elicit_with_timeout::<ApprovalForm>(prompt.to_owned(), Some(timeout))

@@ -275,6 +275,9 @@ pub struct DaemonOptions {
     /// The queue's store: `sqlite` (the default, a file in the daemon's
     /// folder) or `memory`.
     pub store: &'static str,
+    /// A caller policy that every message passes: a recipient and sender
+    /// allowlist and a rate far above the bench's (the cost of the checks).
+    pub policy: bool,
 }
 
 /// The `mailmux` binary serving MCP, with a connected rmcp client. The
@@ -317,8 +320,18 @@ messages_per_connection = {per_conn}
         conns = o.max_connections,
         per_conn = o.messages_per_connection,
         store = o.store,
-    )
+    ) + if o.policy { POLICY } else { "" }
 }
+
+/// The policy of `DaemonOptions::policy`.
+const POLICY: &str = r#"
+[policy]
+allowed_senders = ["@example.org"]
+allowed_recipients = ["ops@example.net", "@example.com", "@*.example.org", "@example.org"]
+allow_bcc = false
+max_recipients = 10
+rate = ["100000000/min", "recipients: 100000000/day"]
+"#;
 
 impl Daemon {
     pub async fn start(bin: &Path, o: &DaemonOptions) -> anyhow::Result<Daemon> {
