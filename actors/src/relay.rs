@@ -118,10 +118,10 @@ impl RelayShared {
     /// long until the first refusing limit has room. Limits checked before
     /// the refusing one keep the message they took (governor has no refund).
     pub(crate) fn take_rate(&self) -> Result<(), std::time::Duration> {
-        use governor::clock::{Clock, DefaultClock};
+        use governor::clock::Clock;
         for limiter in &self.rate {
             if let Err(not_until) = limiter.check() {
-                return Err(not_until.wait_time_from(DefaultClock::default().now()));
+                return Err(not_until.wait_time_from(limiter.clock().now()));
             }
         }
         Ok(())
