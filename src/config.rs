@@ -10,6 +10,8 @@ mod raw;
 mod safety;
 mod validate;
 
+pub(crate) use raw::parse_duration;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;

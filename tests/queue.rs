@@ -802,3 +802,109 @@ async fn send_no_wait_hands_a_message_to_the_running_daemon() {
     assert_eq!(subjects, ["handed"]);
     d.stop().await;
 }
+
+/// `mailmux queue` on the store while the daemon runs: list, show, cancel,
+/// retry (a failed message goes out after the fault is fixed; a sent one is
+/// refused), stats and purge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_command_inspects_and_acts_while_the_daemon_runs() {
+    let script = Script::ok().on_rcpt(
+        "bounce@example.org",
+        Action::reply(550, "5.1.1 no such user"),
+    );
+    let (smtp, dir, _cfg, d) = setup(script, "").await;
+    let q = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
+            .arg("--config")
+            .arg(dir.path().join("mailmux.toml"))
+            .arg("queue")
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let failed = send(
+        d.peer(),
+        msg("bounced", json!({"to": "bounce@example.org"})),
+    )
+    .await;
+    assert_eq!(failed.status(), Some("failed"), "{failed:?}");
+    let failed_id = failed.value().unwrap()["message_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let sent = send(d.peer(), msg("fine", json!({}))).await;
+    let sent_id = sent.value().unwrap()["message_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let later = send(d.peer(), msg("later", json!({"send_at": "1h"}))).await;
+    let later_id = later.value().unwrap()["message_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let (code, out, err) = q(&["list", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let states: Vec<&str> = lines
+        .iter()
+        .map(|l| l["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["scheduled", "sent", "failed"], "{out}");
+    let (_, out, _) = q(&["list", "--status", "failed"]);
+    assert!(out.contains(&failed_id) && !out.contains(&sent_id), "{out}");
+
+    let (code, out, _) = q(&["show", &failed_id]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("5.1.1 no such user") && out.contains("Subject: bounced"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("body of bounced"),
+        "the body only with --body: {out}"
+    );
+    let (_, out, _) = q(&["show", &failed_id, "--body"]);
+    assert!(out.contains("body of bounced"), "{out}");
+
+    let (code, _, err) = q(&["cancel", &sent_id]);
+    assert_eq!(code, Some(1), "a sent message cannot be cancelled: {err}");
+    let (code, out, _) = q(&["cancel", &later_id]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(status_of(d.peer(), &later_id).await["status"], "cancelled");
+
+    let (code, _, err) = q(&["retry", &sent_id]);
+    assert_eq!(code, Some(1), "{err}");
+    smtp.set_script(Script::ok());
+    let (code, out, err) = q(&["retry", &failed_id]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let s = settled(d.peer(), &failed_id, LIMIT).await;
+    assert_eq!(
+        s["status"], "sent",
+        "the daemon delivered the retried message: {s}"
+    );
+
+    let (code, out, _) = q(&["stats"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.lines().any(|l| l.split_whitespace().eq(["sent", "2"])),
+        "{out}"
+    );
+    let (code, out, _) = q(&["purge", "--older-than", "0s"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("purged 3"), "{out}");
+    let (code, _, _) = q(&["show", &sent_id]);
+    assert_eq!(code, Some(1));
+    d.stop().await;
+}

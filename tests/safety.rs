@@ -654,6 +654,11 @@ async fn held_messages_go_out_only_when_a_person_approves() {
     assert_eq!(s["reason"], "approval_expired", "{s}");
     let (ok, text) = d.queue_cmd("approve", &id, Some(OPS));
     assert!(!ok && text.contains("expired"), "{text}");
+    let (ok, text) = d.queue_cmd("retry", &id, None);
+    assert!(
+        !ok && text.contains("only when approved"),
+        "queue retry never releases it: {text}"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         sink.delivered().len(),

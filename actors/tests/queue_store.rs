@@ -6,7 +6,7 @@ use std::sync::Arc;
 use mailmux_actors::queue::memory::MemoryStore;
 use mailmux_actors::queue::sqlite::SqliteStore;
 use mailmux_actors::queue::{
-    Accepted, Cancel, Decided, Decision, Filter, Hold, NewMessage, Settle, State, Store,
+    Accepted, Cancel, Decided, Decision, Filter, Hold, NewMessage, Retry, Settle, State, Store,
     StoreError, now_millis,
 };
 
@@ -103,7 +103,9 @@ async fn conformance(store: &dyn Store) {
         [State::Queued, State::Queued, State::Sending, State::Unknown]
     );
     assert!(store.due(now_millis(), 10).await.unwrap().is_empty());
-    assert!(store.load("m1").await.unwrap().is_none(), "body dropped");
+    // Its body stays (until retain) for an operator's forced retry.
+    assert_eq!(store.retry("m1", false).await.unwrap(), Retry::NeedsForce);
+    assert!(store.load("m1").await.unwrap().is_some(), "body kept");
 
     // Cancel: scheduled yes; finished no; missing is not found.
     assert_eq!(store.cancel("m4").await.unwrap(), Cancel::Cancelled);
@@ -145,6 +147,42 @@ async fn conformance(store: &dyn Store) {
     assert!(store.get("m1").await.unwrap().is_none());
     assert!(store.get("l0").await.unwrap().is_some());
     assert!(store.find_key("k").await.unwrap().is_none());
+}
+
+/// Retry: failed and expired messages queue again with a fresh due time;
+/// unknown only when forced; finished ones never.
+async fn retries(store: &dyn Store) {
+    for id in ["f", "e", "u", "s"] {
+        store.accept(message(id, None)).await.unwrap();
+    }
+    store
+        .settle("f", settle(State::Failed, None))
+        .await
+        .unwrap();
+    store
+        .settle("e", settle(State::Expired, None))
+        .await
+        .unwrap();
+    store.settle("s", settle(State::Sent, None)).await.unwrap();
+    store.mark("u").await.unwrap();
+    store.recover().await.unwrap();
+    let before = now_millis();
+    for id in ["f", "e"] {
+        assert_eq!(store.retry(id, false).await.unwrap(), Retry::Queued, "{id}");
+        let r = store.get(id).await.unwrap().unwrap();
+        assert_eq!(r.state, State::Queued);
+        assert!(r.due_at >= before, "max_age counts from the retry");
+    }
+    assert_eq!(store.retry("u", false).await.unwrap(), Retry::NeedsForce);
+    assert_eq!(store.retry("u", true).await.unwrap(), Retry::Queued);
+    assert_eq!(
+        store.retry("s", true).await.unwrap(),
+        Retry::Refused(State::Sent)
+    );
+    assert_eq!(store.retry("none", true).await.unwrap(), Retry::NotFound);
+    let mut due = store.due(now_millis(), 10).await.unwrap();
+    due.sort();
+    assert_eq!(due, ["e", "f", "u"]);
 }
 
 /// Held messages: never due, released only by an approval for the same
@@ -238,6 +276,18 @@ async fn approvals(store: &dyn Store) {
         store.decide("h4", approve(None)).await.unwrap(),
         Decided::NotHeld(State::Expired)
     );
+    assert_eq!(
+        store.retry("h4", true).await.unwrap(),
+        Retry::Refused(State::Expired)
+    );
+    assert_eq!(
+        store.retry("h3", true).await.unwrap(),
+        Retry::Refused(State::Held)
+    );
+    assert_eq!(
+        store.retry("h2", true).await.unwrap(),
+        Retry::Refused(State::Rejected)
+    );
     assert_eq!(store.get("h3").await.unwrap().unwrap().state, State::Held);
     // A caller may withdraw a held message.
     assert_eq!(store.cancel("h3").await.unwrap(), Cancel::Cancelled);
@@ -262,6 +312,8 @@ async fn sqlite_on_disk_conforms() {
     conformance(&store).await;
     let store = SqliteStore::open(&dir.path().join("approvals.db")).unwrap();
     approvals(&store).await;
+    let store = SqliteStore::open(&dir.path().join("retries.db")).unwrap();
+    retries(&store).await;
 }
 
 #[tokio::test]
@@ -270,6 +322,7 @@ async fn memory_conforms() {
     assert!(!store.durable());
     conformance(&store).await;
     approvals(&MemoryStore::new()).await;
+    retries(&MemoryStore::new()).await;
 }
 
 #[tokio::test]

@@ -1,6 +1,8 @@
 //! `mailmux queue`: acts on the configured store directly, so it works
 //! whether or not a daemon runs (a running daemon's poll delivers what is
-//! released here). Approving and rejecting need an operator, named by the
+//! queued or released here, within 100 ms). Every action goes through the
+//! store's state rules, each in one transaction, so it is safe while the
+//! daemon runs. Approving and rejecting need an operator, named by the
 //! token in `MAILMUX_OPERATOR_TOKEN`.
 
 use std::process::ExitCode;
@@ -8,11 +10,13 @@ use std::sync::Arc;
 
 use clap::{Args, Subcommand};
 use mailmux_actors::queue::{
-    self, Action, Decided, Decision, Event, Observer, StoreKind, sqlite::SqliteStore,
+    self, Action, Cancel, Decided, Decision, Event, Filter, Millis, Observer, Retry, State,
+    StoreError, StoreKind, sqlite::SqliteStore,
 };
 
 use crate::audit::Audit;
 use crate::config::Config;
+use crate::mcp::types::MessageStatusResult;
 use crate::policy::Gate;
 
 /// The variable holding the operator's token.
@@ -20,10 +24,57 @@ pub const OPERATOR_TOKEN_VAR: &str = "MAILMUX_OPERATOR_TOKEN";
 
 #[derive(Debug, Subcommand)]
 pub enum QueueCommand {
+    /// The most recent messages, newest first.
+    List(ListArgs),
+    /// One message: envelope, headers, attempts and history.
+    Show(ShowArgs),
+    /// Cancel a scheduled, queued or held message.
+    Cancel(IdArgs),
+    /// Queue a queued, failed or expired message for a fresh attempt now.
+    Retry(RetryArgs),
     /// Release a held message for delivery.
     Approve(IdArgs),
     /// Refuse a held message; it is never sent.
     Reject(IdArgs),
+    /// Delete finished messages older than a duration.
+    Purge(PurgeArgs),
+    /// Messages per state, the oldest queued, the next retry.
+    Stats,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only messages in this state.
+    #[arg(long)]
+    pub status: Option<String>,
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
+    /// One JSON object a line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    pub id: String,
+    /// Print the stored message (headers and body) too.
+    #[arg(long)]
+    pub body: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RetryArgs {
+    pub id: String,
+    /// Retry an `unknown` message, which the server may already have.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PurgeArgs {
+    /// Finished messages that finished longer ago than this (`7d`, `12h`).
+    #[arg(long, value_name = "DURATION")]
+    pub older_than: String,
 }
 
 #[derive(Debug, Args)]
@@ -38,9 +89,16 @@ const EXIT_REFUSED: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 
 pub async fn run(config: Config, cmd: QueueCommand) -> ExitCode {
-    let (id, approve) = match &cmd {
-        QueueCommand::Approve(a) => (a.id.clone(), true),
-        QueueCommand::Reject(a) => (a.id.clone(), false),
+    let (id, approve) = match cmd {
+        QueueCommand::Approve(a) => (a.id, true),
+        QueueCommand::Reject(a) => (a.id, false),
+        other => {
+            let store = match open(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            return inspect(&config, store.as_ref(), other).await;
+        }
     };
     if config.safety.operators.is_empty() {
         eprintln!(
@@ -54,21 +112,9 @@ pub async fn run(config: Config, cmd: QueueCommand) -> ExitCode {
         eprintln!("mailmux: {OPERATOR_TOKEN_VAR} does not hold the token of a configured operator");
         return ExitCode::from(EXIT_USAGE);
     };
-    let store: Arc<dyn queue::Store> = match &config.queue.store {
-        // Shared: the daemon that owns the store may be running.
-        StoreKind::Sqlite { path } => match SqliteStore::open_shared(path) {
-            Ok(s) => Arc::new(s),
-            Err(e) => {
-                eprintln!("mailmux: {e}");
-                return ExitCode::from(EXIT_USAGE);
-            }
-        },
-        StoreKind::Memory => {
-            eprintln!(
-                "mailmux: the memory store lives inside the daemon; use its POST /admin/messages/{{id}}/approve"
-            );
-            return ExitCode::from(EXIT_USAGE);
-        }
+    let store = match open(&config) {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     let decision = Decision {
         approve,
@@ -106,6 +152,192 @@ pub async fn run(config: Config, cmd: QueueCommand) -> ExitCode {
             eprintln!("mailmux: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The configured store, shared: the daemon that owns it may be running.
+fn open(config: &Config) -> Result<Arc<dyn queue::Store>, ExitCode> {
+    match &config.queue.store {
+        StoreKind::Sqlite { path } => match SqliteStore::open_shared(path) {
+            Ok(s) => Ok(Arc::new(s)),
+            Err(e) => {
+                eprintln!("mailmux: {e}");
+                Err(ExitCode::from(EXIT_USAGE))
+            }
+        },
+        StoreKind::Memory => {
+            eprintln!(
+                "mailmux: the memory store lives inside the daemon; use its tools or /admin/ endpoint"
+            );
+            Err(ExitCode::from(EXIT_USAGE))
+        }
+    }
+}
+
+fn time(ms: Millis) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| ms.to_string())
+}
+
+/// The commands that need no operator token.
+async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -> ExitCode {
+    let fail = |e: StoreError| {
+        eprintln!("mailmux: {e}");
+        ExitCode::FAILURE
+    };
+    match cmd {
+        QueueCommand::List(a) => {
+            let state = match a.status.as_deref().map(State::parse) {
+                None => None,
+                Some(Some(s)) => Some(s),
+                Some(None) => {
+                    let valid: Vec<&str> = State::ALL.iter().map(|s| s.as_str()).collect();
+                    eprintln!("mailmux: --status must be one of {}", valid.join(", "));
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            let filter = Filter {
+                state,
+                caller: None,
+            };
+            let (page, _) = match store.list(&filter, a.limit.max(1), None).await {
+                Ok(p) => p,
+                Err(e) => return fail(e),
+            };
+            for m in &page {
+                if a.json {
+                    let line = serde_json::json!({
+                        "message_id": m.message_id, "status": m.state.as_str(),
+                        "from": m.from, "recipients": m.to, "queued_at": time(m.queued_at),
+                        "updated_at": time(m.updated_at), "relay": m.relay, "caller": m.caller,
+                    });
+                    println!("{line}");
+                } else {
+                    println!(
+                        "{}  {:<9}  {}  {} -> {}  {}",
+                        time(m.queued_at),
+                        m.state.as_str(),
+                        m.message_id,
+                        m.from.as_deref().unwrap_or("-"),
+                        m.to.join(","),
+                        m.caller.as_deref().unwrap_or("-"),
+                    );
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        QueueCommand::Show(a) => {
+            let r = match store.get(&a.id).await {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    eprintln!("mailmux: no message {:?}", a.id);
+                    return ExitCode::from(EXIT_REFUSED);
+                }
+                Err(e) => return fail(e),
+            };
+            let out = MessageStatusResult::from(&r);
+            match serde_json::to_string_pretty(&out) {
+                Ok(json) => println!("{json}"),
+                Err(e) => eprintln!("mailmux: {e}"),
+            }
+            if let Ok(Some(p)) = store.load(&a.id).await {
+                let text = String::from_utf8_lossy(&p.bytes);
+                let headers = text.split("\r\n\r\n").next().unwrap_or("");
+                if a.body {
+                    println!("{text}");
+                } else {
+                    println!("{headers}\n(body not shown; --body prints it)");
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        QueueCommand::Cancel(a) => match store.cancel(&a.id).await {
+            Ok(Cancel::Cancelled) => {
+                audit(config, store, &a.id, Action::Cancelled).await;
+                println!("{}: cancelled", a.id);
+                ExitCode::SUCCESS
+            }
+            Ok(Cancel::Refused(state)) => {
+                eprintln!(
+                    "mailmux: {} is {}; only a scheduled, queued or held message can be cancelled",
+                    a.id,
+                    state.as_str()
+                );
+                ExitCode::from(EXIT_REFUSED)
+            }
+            Ok(Cancel::NotFound) => {
+                eprintln!("mailmux: no message {:?}", a.id);
+                ExitCode::from(EXIT_REFUSED)
+            }
+            Err(e) => fail(e),
+        },
+        QueueCommand::Retry(a) => match store.retry(&a.id, a.force).await {
+            Ok(Retry::Queued) => {
+                println!("{}: queued for a fresh attempt", a.id);
+                ExitCode::SUCCESS
+            }
+            Ok(Retry::NeedsForce) => {
+                eprintln!(
+                    "mailmux: {} is unknown: the server may already have it; --force sends it again",
+                    a.id
+                );
+                ExitCode::from(EXIT_REFUSED)
+            }
+            Ok(Retry::Refused(state)) => {
+                let why = match state {
+                    State::Held | State::Rejected | State::Expired => {
+                        "a message held for approval goes out only when approved"
+                    }
+                    _ => {
+                        "only a queued, failed or expired message (or, forced, an unknown one) can be retried"
+                    }
+                };
+                eprintln!("mailmux: {} is {}; {why}", a.id, state.as_str());
+                ExitCode::from(EXIT_REFUSED)
+            }
+            Ok(Retry::NotFound) => {
+                eprintln!("mailmux: no message {:?}", a.id);
+                ExitCode::from(EXIT_REFUSED)
+            }
+            Err(e) => fail(e),
+        },
+        QueueCommand::Purge(a) => {
+            let age = match crate::config::parse_duration(&a.older_than) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("mailmux: --older-than: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            let now = queue::now_millis();
+            let finished = now - age.as_millis() as i64;
+            let keys = now - config.queue.idempotency_ttl.as_millis() as i64;
+            match store.purge(finished, keys).await {
+                Ok(n) => {
+                    println!("purged {n} finished messages");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        QueueCommand::Stats => match store.stats().await {
+            Ok(s) => {
+                for st in State::ALL {
+                    let n = s.counts.iter().find(|c| c.0 == st).map_or(0, |c| c.1);
+                    println!("{:<10} {n}", st.as_str());
+                }
+                if let Some(t) = s.oldest_queued_at {
+                    println!("oldest queued: {}", time(t));
+                }
+                if let Some(t) = s.next_retry_at {
+                    println!("next retry:    {}", time(t));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        QueueCommand::Approve(_) | QueueCommand::Reject(_) => ExitCode::from(EXIT_USAGE),
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{
     Accepted, Cancel, Decided, Decision, Filter, Millis, NewMessage, Pending, Record, Recovered,
-    Settle, State, Stats, Store, StoreError, Summary, now_millis,
+    Retry, Settle, State, Stats, Store, StoreError, Summary, now_millis,
 };
 
 #[derive(Debug, Default)]
@@ -255,6 +255,31 @@ impl Store for MemoryStore {
         Ok(out)
     }
 
+    async fn retry(&self, message_id: &str, force: bool) -> Result<Retry, StoreError> {
+        let mut mem = self.lock();
+        let Some(seq) = mem.seq_of.get(message_id).copied() else {
+            return Ok(Retry::NotFound);
+        };
+        let row = &mem.rows[&seq];
+        let state = row.record.state;
+        let verdict = super::retryable(state, row.record.reason.as_deref(), force);
+        if verdict != Retry::Queued {
+            return Ok(verdict);
+        }
+        if row.body.is_none() {
+            return Ok(Retry::Refused(state));
+        }
+        let now = now_millis();
+        mem.enter(message_id, State::Queued, Some(now), now)?;
+        let (_, row) = mem.row(message_id)?;
+        row.finished_at = None;
+        row.committing = false;
+        row.record.due_at = now;
+        row.record.reason = None;
+        row.record.note = None;
+        Ok(Retry::Queued)
+    }
+
     async fn due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
         let mem = self.lock();
         Ok(mem
@@ -405,7 +430,6 @@ impl Store for MemoryStore {
                 mem.enter(&id, State::Unknown, None, now)?;
                 let (_, row) = mem.row(&id)?;
                 row.committing = false;
-                row.body = None;
                 out.unknown += 1;
             } else {
                 mem.enter(&id, State::Queued, Some(now), now)?;

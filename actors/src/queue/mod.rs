@@ -86,12 +86,12 @@ impl State {
     }
 
     /// Whether a message in this state keeps its body: one that nothing can
-    /// send again drops it; a failed or expired one keeps it, so that an
-    /// operator may retry it.
+    /// send again drops it; a failed, expired or unknown one keeps it (until
+    /// `retain`), so that an operator may retry it.
     pub fn keeps_body(self) -> bool {
         !matches!(
             self,
-            State::Sent | State::Partial | State::Unknown | State::Cancelled | State::Rejected
+            State::Sent | State::Partial | State::Cancelled | State::Rejected
         )
     }
 
@@ -443,6 +443,34 @@ pub enum Decided {
     NotFound,
 }
 
+/// The result of `retry`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Queued for a fresh attempt now (with a fresh `max_age`).
+    Queued,
+    /// `unknown` may have been delivered: retried only when forced.
+    NeedsForce,
+    /// Not retryable in this state (held, rejected, an approval that
+    /// expired, sending, finished, or its body is gone).
+    Refused(State),
+    NotFound,
+}
+
+/// Whether `retry` may queue a message in `state` with `reason`.
+pub fn retryable(state: State, reason: Option<&str>, force: bool) -> Retry {
+    match state {
+        State::Queued | State::Failed => Retry::Queued,
+        // Only an approval releases a message whose approval expired.
+        State::Expired if reason != Some(APPROVAL_EXPIRED) => Retry::Queued,
+        State::Unknown if force => Retry::Queued,
+        State::Unknown => Retry::NeedsForce,
+        other => Retry::Refused(other),
+    }
+}
+
+/// The `reason` of a held message nobody approved in time.
+pub const APPROVAL_EXPIRED: &str = "approval_expired";
+
 /// Which messages a listing shows.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Filter {
@@ -472,6 +500,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn decide(&self, message_id: &str, d: Decision) -> Result<Decided, StoreError>;
     /// `held` past its deadline → `expired`; returns their ids.
     async fn expire_held(&self, now: Millis) -> Result<Vec<String>, StoreError>;
+    /// Queues a `queued`, `failed` or `expired` message (or, forced, an
+    /// `unknown` one) for a fresh attempt now; see [`retryable`].
+    async fn retry(&self, message_id: &str, force: bool) -> Result<Retry, StoreError>;
     /// Ids of messages due by `now` (oldest due first).
     async fn due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError>;
     /// The earliest due time of a waiting message.

@@ -547,6 +547,18 @@ impl Queue {
         Ok(decided)
     }
 
+    /// Queues a message for a fresh attempt (see [`super::retryable`]).
+    pub async fn retry(&self, message_id: &str, force: bool) -> Result<super::Retry, QueueError> {
+        let inner = &self.inner;
+        let result = inner.store.retry(message_id, force).await;
+        inner.note_write(&result);
+        if matches!(result, Ok(super::Retry::Queued)) {
+            inner.changed(message_id, State::Queued);
+            inner.wake.notify_one();
+        }
+        Ok(result?)
+    }
+
     /// The message once it is final, or as it is at `deadline`.
     pub async fn wait_final(
         &self,

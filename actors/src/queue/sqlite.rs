@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 
 use super::{
     Accepted, AttemptRecord, Cancel, Decided, Decision, Filter, Millis, NewMessage, Pending,
-    Record, Recovered, RejectedRecord, Settle, State, Stats, Store, StoreError, Summary,
+    Record, Recovered, RejectedRecord, Retry, Settle, State, Stats, Store, StoreError, Summary,
     now_millis,
 };
 
@@ -565,6 +565,35 @@ fn decide(c: &Connection, id: &str, d: &Decision, now: Millis) -> rusqlite::Resu
     Ok(out)
 }
 
+fn retry(c: &Connection, id: &str, force: bool, now: Millis) -> rusqlite::Result<Retry> {
+    let row: Option<(i64, String, Option<String>, bool)> = c
+        .query_row(
+            "SELECT seq, state, reason, body IS NOT NULL FROM messages WHERE message_id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()?;
+    let Some((seq, state, reason, has_body)) = row else {
+        return Ok(Retry::NotFound);
+    };
+    let state = parse_state(state);
+    let verdict = super::retryable(state, reason.as_deref(), force);
+    if verdict != Retry::Queued {
+        return Ok(verdict);
+    }
+    if !has_body {
+        return Ok(Retry::Refused(state));
+    }
+    c.prepare_cached(&format!(
+        "UPDATE messages SET state = 'queued', updated_at = ?2, finished_at = NULL, due_at = ?2,
+                next_attempt_at = ?2, committing = 0, reason = NULL, note = NULL, {}
+         WHERE seq = ?1",
+        append_history(3)
+    ))?
+    .execute(params![seq, now, entry(State::Queued, now)])?;
+    Ok(Retry::Queued)
+}
+
 fn expire_held(c: &Connection, now: Millis) -> rusqlite::Result<Vec<String>> {
     c.prepare_cached(&format!(
         "UPDATE messages SET state = 'expired', updated_at = ?1, finished_at = ?1, body = NULL,
@@ -587,7 +616,7 @@ fn recover(c: &Connection, now: Millis) -> rusqlite::Result<Recovered> {
         if committing {
             c.execute(
                 "UPDATE messages SET state = 'unknown', committing = 0, updated_at = ?2, finished_at = ?2,
-                        body = NULL, reason = NULL,
+                        reason = NULL,
                         note = 'mailmux stopped after the message was handed to a relay; it may have been delivered and was not sent again'
                  WHERE seq = ?1",
                 params![seq, now],
@@ -654,6 +683,11 @@ impl Store for SqliteStore {
 
     async fn expire_held(&self, now: Millis) -> Result<Vec<String>, StoreError> {
         self.write(move |c, _| expire_held(c, now)).await
+    }
+
+    async fn retry(&self, message_id: &str, force: bool) -> Result<Retry, StoreError> {
+        let id = message_id.to_owned();
+        self.write(move |c, now| retry(c, &id, force, now)).await
     }
 
     async fn due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
