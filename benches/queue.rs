@@ -37,6 +37,7 @@ fn message(id: String) -> NewMessage {
         meta: None,
         hold: None,
         only: None,
+        batch: None,
     }
 }
 

@@ -61,6 +61,8 @@ pub struct DaemonSettings {
     /// its arguments and the message built from them, so this bounds the
     /// memory a burst of large calls can take.
     pub max_concurrent_calls: usize,
+    /// Messages one `send_batch` call may carry.
+    pub max_batch: usize,
     pub http: HttpSettings,
     /// `LOG_LEVEL` from the seed, used when `RUST_LOG` is not set.
     pub log_level: Option<String>,

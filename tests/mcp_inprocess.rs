@@ -76,6 +76,7 @@ async fn lists_every_tool_with_input_and_output_schemas() {
             "list_messages",
             "reconnect_smtp_servers",
             "reload_smtp_configuration",
+            "send_batch",
             "send_email",
             "switch_smtp_server",
             "test_smtp_connection"

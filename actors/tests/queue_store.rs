@@ -14,6 +14,7 @@ fn by_state(state: State) -> Filter {
     Filter {
         state: Some(state),
         caller: None,
+        batch: None,
     }
 }
 
@@ -32,6 +33,7 @@ fn message(id: &str, key: Option<(&str, u8)>) -> NewMessage {
         meta: None,
         hold: None,
         only: None,
+        batch: None,
     }
 }
 
@@ -295,10 +297,12 @@ async fn approvals(store: &dyn Store) {
     let mine = Filter {
         state: None,
         caller: Some("agent".into()),
+        batch: None,
     };
     let theirs = Filter {
         state: None,
         caller: Some("other".into()),
+        batch: None,
     };
     assert_eq!(store.list(&mine, 10, None).await.unwrap().0.len(), 4);
     assert!(store.list(&theirs, 10, None).await.unwrap().0.is_empty());
@@ -392,6 +396,7 @@ async fn a_version_1_store_is_migrated_at_start() {
              ALTER TABLE messages DROP COLUMN caller; ALTER TABLE messages DROP COLUMN meta;
              ALTER TABLE messages DROP COLUMN held_hash; ALTER TABLE messages DROP COLUMN decided_by;
              ALTER TABLE messages DROP COLUMN relays;
+             DROP INDEX messages_batch; ALTER TABLE messages DROP COLUMN batch;
              PRAGMA user_version = 1;",
         )
         .unwrap();

@@ -22,6 +22,7 @@ pub(crate) const TOP_KEYS: &[&str] = &[
     "shutdown_grace",
     "max_in_flight",
     "max_concurrent_calls",
+    "max_batch",
     "max_message_bytes",
     "max_recipients",
     "max_attachment_bytes",
@@ -147,6 +148,8 @@ pub(crate) struct RawConfig {
     /// MCP calls handled at once, over stdio or HTTP; more wait unread.
     /// Default: 64.
     pub max_concurrent_calls: Option<usize>,
+    /// Messages one `send_batch` call may carry. Default: 1000.
+    pub max_batch: Option<usize>,
     /// Largest encoded message in bytes. Default: 10485760 (10 MiB).
     pub max_message_bytes: Option<usize>,
     /// Recipients per message, to, cc and bcc together. Default: 100.

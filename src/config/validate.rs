@@ -39,6 +39,8 @@ const HTTP_BODY_LIMIT: usize = 16 * 1024 * 1024;
 /// MCP calls handled at once: enough to keep every relay busy, few enough
 /// that 64 calls near the size limit fit in memory.
 const MAX_CONCURRENT_CALLS: usize = 64;
+/// Messages one `send_batch` call may carry.
+const MAX_BATCH: usize = 1000;
 const OUTBOX_DIR: &str = "outbox";
 const QUEUE_PATH: &str = "mailmux-queue.db";
 const EMBEDDED_RELAY: &str = "outbox";
@@ -224,6 +226,7 @@ pub(crate) fn build(
         raw.max_concurrent_calls,
         MAX_CONCURRENT_CALLS,
     )?;
+    let max_batch = at_least_one(&ctx, &mut out, "max_batch", raw.max_batch, MAX_BATCH)?;
     let max_message_bytes = at_least_one(
         &ctx,
         &mut out,
@@ -436,6 +439,7 @@ pub(crate) fn build(
                 message_id_domain,
             },
             max_concurrent_calls,
+            max_batch,
             http,
             log_level: raw.log_level,
         },

@@ -91,6 +91,43 @@ fn invalid(field: &str, rule: &str, message: String) -> ToolError {
 /// The part of a refused message's subject the audit log keeps, in characters.
 const MAX_AUDIT_SUBJECT: usize = 998;
 
+/// The `send_email` fields a batch's `defaults` may set.
+const BATCH_DEFAULT_KEYS: &[&str] = &[
+    "to",
+    "cc",
+    "bcc",
+    "subject",
+    "body",
+    "html",
+    "html_body",
+    "from_email",
+    "reply_to",
+    "in_reply_to",
+    "references",
+    "attachments",
+    "template_vars",
+    "relay",
+];
+
+/// The fields one message of a batch may set: the defaults' and its key.
+const BATCH_ITEM_KEYS: &[&str] = &[
+    "to",
+    "cc",
+    "bcc",
+    "subject",
+    "body",
+    "html",
+    "html_body",
+    "from_email",
+    "reply_to",
+    "in_reply_to",
+    "references",
+    "attachments",
+    "template_vars",
+    "relay",
+    "idempotency_key",
+];
+
 /// Longest idempotency key, in characters.
 const MAX_KEY_CHARS: usize = 200;
 
@@ -194,6 +231,24 @@ fn owns(caller: &Caller, owner: Option<&str>) -> bool {
     owner.is_none_or(|o| o == &*caller.name)
 }
 
+/// What [`MailmuxServer::prepare`] made of a call.
+enum Prepared {
+    /// Answered already: refused, or a dry run.
+    Done(Box<(SendResult, String)>),
+    Ready(Box<Ready>),
+}
+
+/// A checked, composed message ready for the queue.
+struct Ready {
+    submit: Submit,
+    envelope: Envelope,
+    deadline: tokio::time::Instant,
+    wait: bool,
+    /// The approval form's text, when the message is held.
+    prompt: Option<String>,
+    hold_hash: Option<[u8; 32]>,
+}
+
 /// The audit description of a message: recipients by field and subject.
 fn meta_of(c: &Composed) -> Meta {
     let mut m = Meta {
@@ -251,6 +306,37 @@ impl MailmuxServer {
             .send_email_checked(caller, params.0.0, Some(ctx.peer))
             .instrument(span)
             .await;
+        respond(out, text)
+    }
+
+    /// Many messages in one call: a mail merge, or unrelated messages.
+    #[tool(
+        name = "send_batch",
+        description = "Send many messages in one call: a mail merge or a set of unrelated \
+                       messages. `defaults` holds any send_email field shared by all (subject \
+                       and body templates, from_email, attachments, ...); each of `messages` \
+                       gives its own to/cc/bcc, template_vars, idempotency_key and any field it \
+                       overrides. Every message is validated and checked on its own; the valid \
+                       ones are queued in one durable transaction and the others reported. \
+                       `results` has one entry per message, in input order. `atomic: true` \
+                       queues nothing unless every message is valid.",
+        output_schema = schema_for_output::<SendBatchResult>()
+    )]
+    pub async fn send_batch(
+        &self,
+        params: Parameters<Checked<SendBatchParams>>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let span = tool_span("send_batch");
+        let Some(caller) = caller_of(self, &ctx) else {
+            return fail::<SendBatchResult>(no_caller());
+        };
+        span.record("caller", &*caller.name);
+        let p = match params.0.0 {
+            Ok(p) => p,
+            Err(e) => return fail::<SendBatchResult>(invalid("arguments", "schema", e)),
+        };
+        let (out, text) = self.send_batch_params(caller, p).instrument(span).await;
         respond(out, text)
     }
 
@@ -603,6 +689,7 @@ impl MailmuxServer {
             let filter = Filter {
                 state,
                 caller: Some(caller.name.to_string()),
+                batch: p.batch_id.clone(),
             };
             match self.queue().list(&filter, limit as usize, cursor).await {
                 Ok((page, next)) => {
@@ -773,34 +860,28 @@ impl MailmuxServer {
         (out, text)
     }
 
-    /// The whole `send_email` flow, shared by the tool and `mailmux send`:
-    /// compose, then send (or only render, for a dry run). Returns the result
-    /// and a sentence for the caller.
-    pub async fn send_email_params(
-        &self,
-        caller: Arc<Caller>,
-        mut params: SendEmailParams,
-        peer: Option<Peer<RoleServer>>,
-    ) -> (SendResult, String) {
-        let _slot = self.call_gate().enter();
-        if self.is_closing() {
-            return failed(ToolError::unavailable());
-        }
+    /// A `send_email` call up to the queue: its parameters checked, the
+    /// message composed and checked against the caller's policy and rate
+    /// (identity, policy, rate, approval, in that order). A refusal or a dry
+    /// run is answered here; a message to store comes back as [`Ready`].
+    async fn prepare(&self, caller: &Arc<Caller>, mut params: SendEmailParams) -> Prepared {
         let config = self.config();
         let (idempotency, send_at) = match check_queue_params(&params, &config) {
             Ok(v) => v,
-            Err(e) => return self.refuse(&caller, Err(&params.draft.subject), e),
+            Err(e) => {
+                return Prepared::Done(Box::new(self.refuse(caller, Err(&params.draft.subject), e)));
+            }
         };
         // Hashed only when a key asks for it: the draft may be megabytes.
         let idempotency = idempotency.map(|key| (key, content_hash(&params)));
         if let Some(relay) = &params.relay {
             let names = self.relay_names();
             if !names.contains(relay) {
-                return self.refuse(
-                    &caller,
+                return Prepared::Done(Box::new(self.refuse(
+                    caller,
                     Err(&params.draft.subject),
                     ToolError::unknown_relay(relay, names),
-                );
+                )));
             }
         }
         let subject = params.draft.subject.clone();
@@ -813,10 +894,10 @@ impl MailmuxServer {
             match job.await {
                 Ok(result) => result,
                 Err(e) => {
-                    return failed(ToolError::new(
+                    return Prepared::Done(Box::new(failed(ToolError::new(
                         "internal",
                         format!("composing the message failed: {e}"),
-                    ));
+                    ))));
                 }
             }
         } else {
@@ -824,7 +905,13 @@ impl MailmuxServer {
         };
         let composed = match composed {
             Ok(c) => c,
-            Err(e) => return self.refuse(&caller, Err(&subject), ToolError::invalid_input(&e)),
+            Err(e) => {
+                return Prepared::Done(Box::new(self.refuse(
+                    caller,
+                    Err(&subject),
+                    ToolError::invalid_input(&e),
+                )));
+            }
         };
         let span = tracing::Span::current();
         span.record("message_id", composed.message_id.as_str());
@@ -838,7 +925,7 @@ impl MailmuxServer {
                     rule: Some(d.rule.into()),
                     ..ToolError::new("policy_denied", format!("{}; nothing was sent", d.message))
                 };
-                return self.refuse(&caller, Ok(&composed), e);
+                return Prepared::Done(Box::new(self.refuse(caller, Ok(&composed), e)));
             }
         };
         let envelope = Envelope {
@@ -875,14 +962,14 @@ impl MailmuxServer {
                 caller: Some(caller.name.to_string()),
                 ..Default::default()
             };
-            return (out, text);
+            return Prepared::Done(Box::new((out, text)));
         }
 
         if !self.audit().admits() {
-            return failed(ToolError::new(
+            return Prepared::Done(Box::new(failed(ToolError::new(
                 "audit_unavailable",
                 "the audit log cannot be written and audit.required is set; nothing was sent",
-            ));
+            ))));
         }
         if let Err(limited) = caller.take_rate(composed.recipients.len()) {
             let e = match limited.retry_after {
@@ -911,7 +998,7 @@ impl MailmuxServer {
                     )
                 },
             };
-            return self.refuse(&caller, Ok(&composed), e);
+            return Prepared::Done(Box::new(self.refuse(caller, Ok(&composed), e)));
         }
         let policy = &caller.policy;
         let hold = (verdict == Verdict::Hold).then(|| Hold {
@@ -936,9 +1023,8 @@ impl MailmuxServer {
             only: caller.relays(),
         };
         let deadline = mail.deadline;
-        let submitted = self
-            .queue()
-            .submit(Submit {
+        Prepared::Ready(Box::new(Ready {
+            submit: Submit {
                 mail,
                 send_at,
                 idempotency,
@@ -946,8 +1032,288 @@ impl MailmuxServer {
                 caller: Some(caller.name.to_string()),
                 meta,
                 hold,
-            })
-            .await;
+                batch: None,
+            },
+            envelope,
+            deadline,
+            wait,
+            prompt,
+            hold_hash,
+        }))
+    }
+
+    /// The whole `send_batch` flow: each message prepared as `send_email`
+    /// would, the valid ones stored in one transaction, then (with `wait`)
+    /// each followed to its outcome.
+    pub async fn send_batch_params(
+        &self,
+        caller: Arc<Caller>,
+        p: SendBatchParams,
+    ) -> (SendBatchResult, String) {
+        let _slot = self.call_gate().enter();
+        let refuse_all = |e: ToolError| {
+            let text = e.message.clone();
+            let out = SendBatchResult {
+                caller: Some(caller.name.to_string()),
+                error: Some(e),
+                ..SendBatchResult::default()
+            };
+            (out, text)
+        };
+        if self.is_closing() {
+            return refuse_all(ToolError::unavailable());
+        }
+        let config = self.config();
+        let max = config.daemon.max_batch;
+        if p.messages.is_empty() || p.messages.len() > max {
+            return refuse_all(invalid(
+                "messages",
+                "count",
+                format!(
+                    "messages must hold 1 to {max} messages (max_batch), got {}",
+                    p.messages.len()
+                ),
+            ));
+        }
+        if let Some(k) = p
+            .defaults
+            .keys()
+            .find(|k| !BATCH_DEFAULT_KEYS.contains(&k.as_str()))
+        {
+            return refuse_all(invalid(
+                &format!("defaults.{k}"),
+                "unknown_field",
+                format!(
+                    "defaults.{k} is not a field messages may share; allowed: {}",
+                    BATCH_DEFAULT_KEYS.join(", ")
+                ),
+            ));
+        }
+        let batch_id = format!("batch-{:016x}", rand::random::<u64>());
+        let wait = p.wait.unwrap_or(true);
+        let mut results: Vec<BatchItemOut> = Vec::with_capacity(p.messages.len());
+        let mut ready: Vec<(usize, Ready)> = Vec::new();
+        for (i, item) in p.messages.into_iter().enumerate() {
+            let item_error = |e: ToolError| BatchItemOut {
+                index: i,
+                error: Some(e),
+                ..BatchItemOut::default()
+            };
+            if let Some(k) = item.keys().find(|k| !BATCH_ITEM_KEYS.contains(&k.as_str())) {
+                let why = if ["wait", "send_at", "dry_run"].contains(&k.as_str()) {
+                    format!(
+                        "messages[{i}].{k}: {k} applies to the whole batch; set it beside `messages`"
+                    )
+                } else {
+                    format!("messages[{i}].{k} is not a send_email field")
+                };
+                results.push(item_error(invalid(
+                    &format!("messages[{i}].{k}"),
+                    "unknown_field",
+                    why,
+                )));
+                continue;
+            }
+            let mut merged = p.defaults.clone();
+            merged.extend(item);
+            // A batch always renders its templates: a message without the
+            // variables its templates use is refused, never sent with braces.
+            merged
+                .entry("template_vars")
+                .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+            for (k, v) in [
+                ("wait", p.wait.map(serde_json::Value::Bool)),
+                ("send_at", p.send_at.clone().map(serde_json::Value::String)),
+                ("dry_run", p.dry_run.map(serde_json::Value::Bool)),
+            ] {
+                if let Some(v) = v {
+                    merged.insert(k.into(), v);
+                }
+            }
+            let params: SendEmailParams =
+                match serde_json::from_value(serde_json::Value::Object(merged)) {
+                    Ok(params) => params,
+                    Err(e) => {
+                        results.push(item_error(invalid(
+                            &format!("messages[{i}]"),
+                            "schema",
+                            format!("messages[{i}]: {e}"),
+                        )));
+                        continue;
+                    }
+                };
+            match self.prepare(&caller, params).await {
+                Prepared::Done(answer) => match answer.0.error.clone() {
+                    Some(mut e) => {
+                        e.field = Some(match e.field.take() {
+                            Some(f) => format!("messages[{i}].{f}"),
+                            None => format!("messages[{i}]"),
+                        });
+                        results.push(item_error(e));
+                    }
+                    None => results.push(BatchItemOut {
+                        index: i,
+                        message_id: answer.0.message_id,
+                        status: Some(answer.0.status),
+                        ..BatchItemOut::default()
+                    }),
+                },
+                Prepared::Ready(r) => {
+                    results.push(BatchItemOut {
+                        index: i,
+                        ..BatchItemOut::default()
+                    });
+                    ready.push((i, *r));
+                }
+            }
+        }
+        let refused = results.iter().filter(|r| r.error.is_some()).count();
+        if p.atomic.unwrap_or(false) && refused > 0 {
+            let fields: Vec<String> = results
+                .iter()
+                .filter_map(|r| r.error.as_ref()?.field.clone())
+                .collect();
+            let e = ToolError {
+                field: fields.first().cloned(),
+                ..ToolError::new(
+                    "invalid_batch",
+                    format!(
+                        "{refused} of {} messages are invalid ({}); atomic is set, so nothing was queued",
+                        results.len(),
+                        fields.join(", ")
+                    ),
+                )
+            };
+            let text = e.message.clone();
+            let out = SendBatchResult {
+                results,
+                summary: [("refused".to_string(), refused)].into_iter().collect(),
+                caller: Some(caller.name.to_string()),
+                error: Some(e),
+                ..SendBatchResult::default()
+            };
+            return (out, text);
+        }
+        let mut deadline = None;
+        if !ready.is_empty() {
+            let (indexes, submits): (Vec<usize>, Vec<Submit>) = ready
+                .into_iter()
+                .map(|(i, r)| {
+                    deadline = Some(r.deadline);
+                    let mut s = r.submit;
+                    s.batch = Some(batch_id.clone());
+                    (i, s)
+                })
+                .unzip();
+            match self.queue().submit_many(submits).await {
+                Ok(answers) => {
+                    for (i, answer) in indexes.into_iter().zip(answers) {
+                        let slot = &mut results[i];
+                        match answer {
+                            Ok(sub) => {
+                                slot.message_id = Some(sub.record.message_id.clone());
+                                slot.status = Some(sub.record.state.into());
+                                slot.idempotent_replay = sub.replay;
+                            }
+                            Err(QueueError::Conflict { message_id }) => {
+                                slot.error = Some(ToolError {
+                                    field: Some(format!("messages[{i}].idempotency_key")),
+                                    rule: Some("same_content".into()),
+                                    ..ToolError::new(
+                                        "idempotency_conflict",
+                                        format!(
+                                            "the key was already used for a different message ({message_id})"
+                                        ),
+                                    )
+                                });
+                            }
+                            Err(e) => slot.error = Some(queue_error(&e)),
+                        }
+                    }
+                }
+                Err(e) => {
+                    let e = match e {
+                        QueueError::ShuttingDown => ToolError::unavailable(),
+                        other => queue_unavailable(&other),
+                    };
+                    for i in indexes {
+                        results[i].error = Some(e.clone());
+                    }
+                }
+            }
+        }
+        // With `wait`, each message this call queued is followed to its end.
+        if let (true, Some(deadline)) = (wait, deadline) {
+            let mut waits = tokio::task::JoinSet::new();
+            for r in &results {
+                if let (Some(id), Some(SendStatus::Queued), false) =
+                    (&r.message_id, r.status, r.idempotent_replay)
+                {
+                    let queue = self.queue().clone();
+                    let (id, index) = (id.clone(), r.index);
+                    waits.spawn(async move { (index, queue.wait_final(&id, deadline).await) });
+                }
+            }
+            while let Some(done) = waits.join_next().await {
+                if let Ok((index, Ok(record))) = done {
+                    results[index].status = Some(record.state.into());
+                }
+            }
+        }
+        let mut summary = std::collections::BTreeMap::new();
+        for r in &results {
+            let key = match (&r.error, r.status) {
+                (Some(_), _) => "refused".to_string(),
+                (None, Some(s)) => s.as_str().to_string(),
+                (None, None) => "unknown".to_string(),
+            };
+            *summary.entry(key).or_insert(0usize) += 1;
+        }
+        let text = format!(
+            "batch {batch_id}: {}",
+            summary
+                .iter()
+                .map(|(k, n)| format!("{n} {k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        tracing::info!(batch = %batch_id, messages = results.len(), refused, "batch finished");
+        let out = SendBatchResult {
+            batch_id: Some(batch_id),
+            results,
+            summary,
+            caller: Some(caller.name.to_string()),
+            error: None,
+        };
+        (out, text)
+    }
+
+    /// The whole `send_email` flow, shared by the tool and `mailmux send`:
+    /// compose, then send (or only render, for a dry run). Returns the result
+    /// and a sentence for the caller.
+    pub async fn send_email_params(
+        &self,
+        caller: Arc<Caller>,
+        params: SendEmailParams,
+        peer: Option<Peer<RoleServer>>,
+    ) -> (SendResult, String) {
+        let _slot = self.call_gate().enter();
+        if self.is_closing() {
+            return failed(ToolError::unavailable());
+        }
+        let Ready {
+            submit,
+            envelope,
+            deadline,
+            wait,
+            prompt,
+            hold_hash,
+        } = match self.prepare(&caller, params).await {
+            Prepared::Done(answer) => return *answer,
+            Prepared::Ready(ready) => *ready,
+        };
+        let span = tracing::Span::current();
+        let submitted = self.queue().submit(submit).await;
         let sub = match submitted {
             Ok(s) => s,
             Err(QueueError::ShuttingDown) => return failed(ToolError::unavailable()),
@@ -1201,6 +1567,7 @@ impl ServerHandler for MailmuxServer {
         let filter = Filter {
             state: None,
             caller: Some(caller.name.to_string()),
+            batch: None,
         };
         let (page, _) = self
             .queue()

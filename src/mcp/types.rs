@@ -90,6 +90,63 @@ pub struct SendEmailParams {
     pub send_at: Option<String>,
 }
 
+/// Arguments of `send_batch`.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SendBatchParams {
+    /// Any `send_email` field shared by every message (`from_email`,
+    /// `subject` and `body` templates, `html_body`, `attachments`,
+    /// `reply_to`, `cc`, `relay`, ...). A message's own field replaces it;
+    /// templates are rendered per message with its `template_vars`.
+    #[serde(default)]
+    pub defaults: serde_json::Map<String, serde_json::Value>,
+    /// Up to `max_batch` (1,000) messages, each with its own `to`/`cc`/`bcc`,
+    /// `template_vars`, `idempotency_key` and any field it overrides.
+    pub messages: Vec<serde_json::Map<String, serde_json::Value>>,
+    /// `true` (default): wait for every outcome until the send deadline.
+    #[serde(default)]
+    pub wait: Option<bool>,
+    /// Send every message later (RFC 3339 time or a delay such as `10m`).
+    #[serde(default)]
+    pub send_at: Option<String>,
+    /// Validate and render every message; send nothing.
+    #[serde(default)]
+    pub dry_run: Option<bool>,
+    /// `true`: queue nothing unless every message is valid.
+    #[serde(default)]
+    pub atomic: Option<bool>,
+}
+
+/// One message of a `send_batch` answer, in input order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
+pub struct BatchItemOut {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<SendStatus>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub idempotent_replay: bool,
+    /// Why this message was refused; its `field` starts with `messages[i]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ToolError>,
+}
+
+/// The answer of `send_batch`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
+pub struct SendBatchResult {
+    /// Names the call; `list_messages` takes it as `batch_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<String>,
+    pub results: Vec<BatchItemOut>,
+    /// Messages per status, and `refused` for those that were not queued.
+    pub summary: std::collections::BTreeMap<String, usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caller: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ToolError>,
+}
+
 /// Arguments of `get_message_status`: exactly one of the two.
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -116,6 +173,9 @@ pub struct ListMessagesParams {
     /// The `next_cursor` of the page before.
     #[serde(default)]
     pub cursor: Option<String>,
+    /// Only the messages of this `send_batch` call.
+    #[serde(default)]
+    pub batch_id: Option<String>,
 }
 
 /// Arguments of `cancel_message`.
@@ -1002,5 +1062,6 @@ tool_output!(
     ReconnectResult,
     MessageStatusResult,
     ListMessagesResult,
-    CancelMessageResult
+    CancelMessageResult,
+    SendBatchResult
 );

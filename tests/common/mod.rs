@@ -148,6 +148,7 @@ pub fn config(relays: Vec<RelaySettings>) -> Config {
                 ..ComposePolicy::default()
             },
             max_concurrent_calls: 64,
+            max_batch: 1000,
             http: HttpSettings {
                 bind: "127.0.0.1:0".parse().unwrap(),
                 token: None,

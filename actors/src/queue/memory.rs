@@ -40,6 +40,7 @@ struct Row {
     finished_at: Option<Millis>,
     held_hash: Option<[u8; 32]>,
     only: Option<Arc<[String]>>,
+    batch: Option<String>,
 }
 
 impl MemoryStore {
@@ -149,9 +150,18 @@ impl Store for MemoryStore {
                 finished_at: None,
                 held_hash: m.hold.as_ref().map(|h| h.hash),
                 only: m.only.clone(),
+                batch: m.batch.clone(),
             },
         );
         Ok(Accepted::Stored(state))
+    }
+
+    async fn accept_many(&self, ms: Vec<NewMessage>) -> Result<Vec<Accepted>, StoreError> {
+        let mut out = Vec::with_capacity(ms.len());
+        for m in ms {
+            out.push(self.accept(m).await?);
+        }
+        Ok(out)
     }
 
     async fn mark(&self, message_id: &str) -> Result<(), StoreError> {
@@ -356,6 +366,10 @@ impl Store for MemoryStore {
                     .caller
                     .as_ref()
                     .is_none_or(|c| row.record.caller.as_ref() == Some(c))
+                    && filter
+                        .batch
+                        .as_ref()
+                        .is_none_or(|b| row.batch.as_ref() == Some(b))
             })
             .take(limit + 1)
             .map(|(seq, row)| {

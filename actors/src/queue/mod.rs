@@ -215,6 +215,8 @@ pub struct NewMessage {
     pub hold: Option<Hold>,
     /// Only these relays may take it.
     pub only: Option<Arc<[String]>>,
+    /// The `send_batch` call it came in.
+    pub batch: Option<String>,
 }
 
 /// A message held for a person's approval.
@@ -477,6 +479,8 @@ pub struct Filter {
     pub state: Option<State>,
     /// Only this caller's messages.
     pub caller: Option<String>,
+    /// Only the messages of this `send_batch` call.
+    pub batch: Option<String>,
 }
 
 /// A queue backend. Every write is durable when it returns `Ok` (for a
@@ -489,6 +493,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn durable(&self) -> bool;
     /// Stores a new message, or finds its idempotency key.
     async fn accept(&self, m: NewMessage) -> Result<Accepted, StoreError>;
+    /// Stores several messages in one transaction: all of them, or (on an
+    /// error) none.
+    async fn accept_many(&self, ms: Vec<NewMessage>) -> Result<Vec<Accepted>, StoreError>;
     /// Marks a message as committing to a relay (state `sending`): after
     /// this, a crash makes it `unknown`, never resent.
     async fn mark(&self, message_id: &str) -> Result<(), StoreError>;

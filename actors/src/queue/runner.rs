@@ -60,6 +60,8 @@ pub struct Submit {
     pub meta: Option<String>,
     /// Store it `held` for approval; nothing delivers it until approved.
     pub hold: Option<Hold>,
+    /// The `send_batch` call it came in.
+    pub batch: Option<String>,
 }
 
 /// What happened to a message, as the audit log names it.
@@ -349,6 +351,7 @@ impl Queue {
             meta: s.meta.clone(),
             hold: s.hold.clone(),
             only: s.mail.only.clone(),
+            batch: s.batch.clone(),
         };
         let stored = inner.store.accept(new.clone()).await;
         inner.note_write(&stored);
@@ -490,6 +493,116 @@ impl Queue {
                 }
             }
         }
+    }
+
+    /// Stores several messages in one transaction (all or none), then hands
+    /// the due ones to the runner. Never waits for a delivery: a caller that
+    /// wants the outcomes follows each with [`Queue::wait_final`]. Each
+    /// answer is the message as stored, or the first message of its
+    /// idempotency key (a replay), or a conflict.
+    pub async fn submit_many(
+        &self,
+        batch: Vec<Submit>,
+    ) -> Result<Vec<Result<Submitted, QueueError>>, QueueError> {
+        let inner = &self.inner;
+        if !inner.accepting.load(Ordering::Acquire) {
+            return Err(QueueError::ShuttingDown);
+        }
+        let now = now_millis();
+        let mut news = Vec::with_capacity(batch.len());
+        let mut pendings = Vec::with_capacity(batch.len());
+        for s in batch {
+            let due_at = s.send_at.map_or(now, to_millis).max(now);
+            let new = NewMessage {
+                message_id: s.mail.message_id.clone(),
+                from: s.mail.from.as_ref().map(ToString::to_string),
+                to: s.mail.to.iter().map(ToString::to_string).collect(),
+                bytes: s.mail.bytes.clone(),
+                prefer: s.mail.prefer.clone(),
+                queued_at: now,
+                due_at,
+                idempotency: s.idempotency,
+                caller: s.caller.clone(),
+                meta: s.meta,
+                hold: s.hold,
+                only: s.mail.only.clone(),
+                batch: s.batch,
+            };
+            if new.initial_state(now) == State::Queued {
+                inner.claim(&new.message_id);
+            }
+            pendings.push(Pending {
+                message_id: new.message_id.clone(),
+                state: State::Queued,
+                from: new.from.clone(),
+                to: new.to.clone(),
+                bytes: new.bytes.clone(),
+                prefer: new.prefer.clone(),
+                due_at,
+                rounds: 0,
+                caller: new.caller.clone(),
+                meta: new.meta.clone(),
+                only: new.only.clone(),
+            });
+            news.push(new);
+        }
+        let stored = inner.store.accept_many(news.clone()).await;
+        inner.note_write(&stored);
+        let accepted = match stored {
+            Ok(a) => a,
+            Err(e) => {
+                for n in &news {
+                    inner.unclaim(&n.message_id);
+                }
+                return Err(e.into());
+            }
+        };
+        let mut out = Vec::with_capacity(news.len());
+        for ((new, pending), accepted) in news.into_iter().zip(pendings).zip(accepted) {
+            let id = new.message_id.clone();
+            match accepted {
+                Accepted::Stored(state) => {
+                    inner.changed(&id, state);
+                    let action = if state == State::Held {
+                        Action::Held
+                    } else {
+                        Action::Accepted
+                    };
+                    inner.notify(action, &new.record(state, now), None);
+                    if state == State::Queued && inner.delivers {
+                        if let Err(e) = inner.ready.try_send(pending) {
+                            let p = match e {
+                                mpsc::error::TrySendError::Full(p)
+                                | mpsc::error::TrySendError::Closed(p) => p,
+                            };
+                            inner.unclaim(&p.message_id);
+                            inner.wake.notify_one();
+                        }
+                    } else {
+                        inner.unclaim(&id);
+                    }
+                    out.push(Ok(Submitted {
+                        record: new.record(state, now),
+                        report: None,
+                        replay: false,
+                    }));
+                }
+                Accepted::Replay(first) => {
+                    inner.unclaim(&id);
+                    out.push(inner.record(&first).await.map(|record| Submitted {
+                        record,
+                        report: None,
+                        replay: true,
+                    }));
+                }
+                Accepted::Conflict(first) => {
+                    inner.unclaim(&id);
+                    out.push(Err(QueueError::Conflict { message_id: first }));
+                }
+            }
+        }
+        inner.wake.notify_one();
+        Ok(out)
     }
 
     /// The message as stored, with `sending` while a round holds it.

@@ -107,6 +107,11 @@ ALTER TABLE messages ADD COLUMN decided_by TEXT;
 ALTER TABLE messages ADD COLUMN relays TEXT;
 CREATE INDEX messages_caller ON messages(caller, seq);
 "#,
+    r#"
+-- The send_batch call a message came in.
+ALTER TABLE messages ADD COLUMN batch TEXT;
+CREATE INDEX messages_batch ON messages(batch, seq) WHERE batch IS NOT NULL;
+"#,
 ];
 
 /// The schema version this build writes.
@@ -414,8 +419,8 @@ fn accept(c: &Connection, m: &NewMessage, now: Millis) -> rusqlite::Result<Accep
     c.prepare_cached(
         "INSERT INTO messages (message_id, state, mail_from, rcpt, size, body, prefer, idem_key,
                                queued_at, due_at, next_attempt_at, updated_at, history,
-                               caller, meta, held_hash, relays)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?12, ?9, ?11, ?13, ?14, ?15, ?16)",
+                               caller, meta, held_hash, relays, batch)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?12, ?9, ?11, ?13, ?14, ?15, ?16, ?17)",
     )?
     .execute(params![
         m.message_id,
@@ -434,6 +439,7 @@ fn accept(c: &Connection, m: &NewMessage, now: Millis) -> rusqlite::Result<Accep
         m.meta,
         m.hold.as_ref().map(|h| &h.hash[..]),
         m.only.as_ref().map(|o| o.join("\n")),
+        m.batch,
     ])?;
     Ok(Accepted::Stored(state))
 }
@@ -661,6 +667,11 @@ impl Store for SqliteStore {
         self.write(move |c, now| accept(c, &m, now)).await
     }
 
+    async fn accept_many(&self, ms: Vec<NewMessage>) -> Result<Vec<Accepted>, StoreError> {
+        self.write(move |c, now| ms.iter().map(|m| accept(c, m, now)).collect())
+            .await
+    }
+
     async fn mark(&self, message_id: &str) -> Result<(), StoreError> {
         let id = message_id.to_owned();
         self.write(move |c, now| mark(c, &id, now)).await
@@ -769,16 +780,17 @@ impl Store for SqliteStore {
     ) -> Result<(Vec<Summary>, Option<i64>), StoreError> {
         let state = filter.state.map(State::as_str);
         let caller = filter.caller.clone();
+        let batch = filter.batch.clone();
         self.read(move |c| {
             let before = cursor.unwrap_or(i64::MAX);
             let mut stmt = c.prepare_cached(
                 "SELECT seq, message_id, state, mail_from, rcpt, queued_at, updated_at, relay, caller
                    FROM messages WHERE seq < ?1 AND (?2 IS NULL OR state = ?2)
-                   AND (?4 IS NULL OR caller = ?4)
+                   AND (?4 IS NULL OR caller = ?4) AND (?5 IS NULL OR batch = ?5)
                    ORDER BY seq DESC LIMIT ?3",
             )?;
             let rows: Vec<(i64, Summary)> = stmt
-                .query_map(params![before, state, limit as i64 + 1, caller], |r| {
+                .query_map(params![before, state, limit as i64 + 1, caller, batch], |r| {
                     Ok((
                         r.get(0)?,
                         Summary {

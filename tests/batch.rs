@@ -1,0 +1,240 @@
+//! `send_batch` through rmcp's client against the daemon in process, on a
+//! SQLite queue, with the fault-injecting SMTP server counting what arrives:
+//! a mail merge, a batch with invalid messages, `atomic`, idempotency keys
+//! per message, a dry run, and the limits of a batch.
+
+mod common;
+#[path = "../actors/tests/support/mod.rs"]
+mod support;
+
+use std::time::Duration;
+
+use common::{InProcess, config, relay};
+use mailmux::config::Sources;
+use mailmux_actors::queue::StoreKind;
+use rmcp::model::CallToolRequestParams;
+use serde_json::{Value, json};
+use support::fault_smtp::{FaultSmtp, Script};
+
+struct Setup {
+    smtp: FaultSmtp,
+    h: InProcess,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(max_batch: usize) -> Setup {
+    let smtp = FaultSmtp::start(Script::ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(vec![relay("primary", smtp.port(), 100)]);
+    cfg.queue.store = StoreKind::Sqlite {
+        path: dir.path().join("queue.db"),
+    };
+    cfg.daemon.max_batch = max_batch;
+    let h = InProcess::start(cfg, Sources::default()).await;
+    Setup { smtp, h, _dir: dir }
+}
+
+async fn call(s: &Setup, tool: &str, args: Value) -> (bool, Value) {
+    let mut params = CallToolRequestParams::new(tool.to_string());
+    if let Value::Object(map) = args {
+        params = params.with_arguments(map);
+    }
+    let r = tokio::time::timeout(Duration::from_secs(60), s.h.peer().call_tool(params))
+        .await
+        .expect("answer within 60 s")
+        .expect("no protocol error");
+    (
+        r.is_error.unwrap_or(false),
+        r.structured_content.expect("structured content"),
+    )
+}
+
+fn subject(data: &[u8]) -> String {
+    let text = String::from_utf8_lossy(data);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Subject: "))
+        .unwrap_or("")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mail_merge_renders_each_message_and_sends_every_one() {
+    let s = setup(1000).await;
+    let names = ["Ada", "Grace", "Edsger", "Barbara", "Ken"];
+    let messages: Vec<Value> = names
+        .iter()
+        .map(|n| {
+            json!({"to": [format!("{}@example.org", n.to_lowercase())],
+                   "template_vars": {"name": n}})
+        })
+        .collect();
+    let (is_error, out) = call(
+        &s,
+        "send_batch",
+        json!({
+            "defaults": {"subject": "Hello {name}", "body": "Dear {name},\nthe report is out.",
+                         "from_email": "news@example.org"},
+            "messages": messages,
+        }),
+    )
+    .await;
+    assert!(!is_error, "{out}");
+    assert_eq!(out["summary"], json!({"sent": 5}), "{out}");
+    let results = out["results"].as_array().unwrap();
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r["index"], i);
+        assert_eq!(r["status"], "sent");
+    }
+    let mut subjects: Vec<String> = s
+        .smtp
+        .delivered()
+        .iter()
+        .map(|r| subject(&r.data))
+        .collect();
+    subjects.sort();
+    let mut want: Vec<String> = names.iter().map(|n| format!("Hello {n}")).collect();
+    want.sort();
+    assert_eq!(subjects, want);
+    for r in s.smtp.delivered() {
+        assert_eq!(r.mail_from, "news@example.org");
+        assert_eq!(r.rcpt_to.len(), 1);
+    }
+    // The batch's messages, and only they, by its id.
+    let batch = out["batch_id"].as_str().unwrap();
+    call(
+        &s,
+        "send_email",
+        json!({"to": ["x@example.org"], "subject": "s", "body": "b"}),
+    )
+    .await;
+    let (_, listed) = call(&s, "list_messages", json!({"batch_id": batch})).await;
+    assert_eq!(listed["messages"].as_array().unwrap().len(), 5, "{listed}");
+    let id = results[2]["message_id"].as_str().unwrap();
+    let (_, status) = call(&s, "get_message_status", json!({"message_id": id})).await;
+    assert_eq!(status["status"], "sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_messages_are_reported_and_the_valid_ones_sent() {
+    let s = setup(1000).await;
+    let batch = json!({
+        "defaults": {"subject": "Hi {name}", "body": "b"},
+        "messages": [
+            {"to": ["a@example.org"], "template_vars": {"name": "A"}},
+            {"to": ["not an address"], "template_vars": {"name": "B"}},
+            {"to": ["c@example.org"]},
+            {"to": ["d@example.org"], "template_vars": {"name": "D"}, "colour": "red"},
+            {"to": ["e@example.org"], "template_vars": {"name": "E"}, "wait": false},
+            {"to": ["f@example.org"], "template_vars": {"name": "F"}},
+        ],
+    });
+    let (is_error, out) = call(&s, "send_batch", batch.clone()).await;
+    assert!(
+        !is_error,
+        "a partly invalid batch is not an error result: {out}"
+    );
+    let r = out["results"].as_array().unwrap();
+    assert_eq!(r[0]["status"], "sent");
+    assert_eq!(r[1]["error"]["code"], "invalid_input");
+    assert_eq!(r[1]["error"]["field"], "messages[1].to[0]");
+    assert_eq!(r[2]["error"]["rule"], "missing_template_vars", "{}", r[2]);
+    assert!(
+        r[2]["error"]["field"]
+            .as_str()
+            .unwrap()
+            .starts_with("messages[2].")
+    );
+    assert_eq!(r[3]["error"]["field"], "messages[3].colour");
+    assert_eq!(r[4]["error"]["field"], "messages[4].wait");
+    assert_eq!(r[5]["status"], "sent");
+    assert_eq!(out["summary"], json!({"refused": 4, "sent": 2}));
+    assert_eq!(s.smtp.delivered().len(), 2);
+
+    // atomic: the same batch queues nothing and is an error listing each.
+    let mut atomic = batch;
+    atomic["atomic"] = json!(true);
+    let (is_error, out) = call(&s, "send_batch", atomic).await;
+    assert!(is_error, "{out}");
+    assert_eq!(out["error"]["code"], "invalid_batch");
+    let message = out["error"]["message"].as_str().unwrap();
+    for f in [
+        "messages[1].to[0]",
+        "messages[3].colour",
+        "messages[4].wait",
+    ] {
+        assert!(message.contains(f), "{f} not in {message}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.smtp.delivered().len(), 2, "atomic queued nothing");
+    let (_, listed) = call(&s, "list_messages", json!({})).await;
+    assert_eq!(listed["messages"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_dry_runs_and_limits_apply_per_message() {
+    let s = setup(3).await;
+    let batch = json!({
+        "defaults": {"subject": "once", "body": "b"},
+        "messages": [
+            {"to": ["a@example.org"], "idempotency_key": "k-a"},
+            {"to": ["b@example.org"], "idempotency_key": "k-b"},
+        ],
+        "wait": false,
+    });
+    let (_, first) = call(&s, "send_batch", batch.clone()).await;
+    assert_eq!(first["summary"], json!({"queued": 2}), "{first}");
+    let (_, again) = call(&s, "send_batch", batch).await;
+    for (i, r) in again["results"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(r["idempotent_replay"], true, "{r}");
+        assert_eq!(r["message_id"], first["results"][i]["message_id"]);
+    }
+    assert!(s.smtp.wait_for_delivered(2, Duration::from_secs(10)).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.smtp.delivered().len(), 2, "each message once");
+
+    // The same key with other content in a batch is a conflict.
+    let (_, out) = call(
+        &s,
+        "send_batch",
+        json!({"defaults": {"subject": "other", "body": "b"},
+               "messages": [{"to": ["a@example.org"], "idempotency_key": "k-a"}]}),
+    )
+    .await;
+    assert_eq!(
+        out["results"][0]["error"]["code"], "idempotency_conflict",
+        "{out}"
+    );
+    assert_eq!(
+        out["results"][0]["error"]["field"],
+        "messages[0].idempotency_key"
+    );
+
+    let (_, out) = call(
+        &s,
+        "send_batch",
+        json!({"defaults": {"subject": "s", "body": "b"}, "dry_run": true,
+               "messages": [{"to": ["p@example.org"]}, {"to": ["q@example.org"]}]}),
+    )
+    .await;
+    assert_eq!(out["summary"], json!({"dry_run": 2}), "{out}");
+
+    let four: Vec<Value> = (0..4)
+        .map(|i| json!({"to": [format!("r{i}@example.org")]}))
+        .collect();
+    let (is_error, out) = call(&s, "send_batch", json!({"messages": four})).await;
+    assert!(is_error);
+    assert_eq!(out["error"]["field"], "messages");
+    let (is_error, out) = call(&s, "send_batch", json!({"messages": [], "defaults": {}})).await;
+    assert!(is_error && out["error"]["rule"] == "count", "{out}");
+    let (is_error, out) = call(
+        &s,
+        "send_batch",
+        json!({"defaults": {"idempotency_key": "shared"}, "messages": [{"to": ["a@example.org"]}]}),
+    )
+    .await;
+    assert!(
+        is_error && out["error"]["field"] == "defaults.idempotency_key",
+        "{out}"
+    );
+    assert_eq!(s.smtp.delivered().len(), 2, "nothing else was sent");
+}
