@@ -95,7 +95,27 @@ async fn lists_every_tool_with_input_and_output_schemas() {
             .unwrap_or_else(|| panic!("{} has no output schema", t.name));
         assert!(out.get("properties").is_some(), "{}", t.name);
         assert!(t.description.is_some());
+        // Only formats JSON Schema defines, so that validating clients
+        // (ajv in the TypeScript SDK) accept every schema without warning.
+        for schema in [&*t.input_schema, &**out] {
+            let mut formats = Vec::new();
+            collect_formats(&Value::Object(schema.clone()), &mut formats);
+            for f in formats {
+                assert!(
+                    mailmux::mcp::schema::STANDARD_FORMATS.contains(&f.as_str()),
+                    "{}: non-standard format {f:?}",
+                    t.name
+                );
+            }
+        }
     }
+    // An unsigned number keeps its lower bound.
+    let status = tools
+        .iter()
+        .find(|t| t.name == "get_message_status")
+        .unwrap();
+    let text = serde_json::to_string(status.output_schema.as_ref().unwrap()).unwrap();
+    assert!(text.contains("\"minimum\":0"), "{text}");
     let send = tools.iter().find(|t| t.name == "send_email").unwrap();
     let props = send.input_schema.get("properties").unwrap();
     for p in [
@@ -607,4 +627,18 @@ async fn messages_are_resources_with_updates_for_subscribers() {
         .read_resource(ReadResourceRequestParams::new("mailmux://messages/nope"))
         .await;
     assert!(missing.is_err());
+}
+
+/// Every `format` value anywhere in a schema.
+fn collect_formats(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(o) => {
+            if let Some(Value::String(f)) = o.get("format") {
+                out.push(f.clone());
+            }
+            o.values().for_each(|x| collect_formats(x, out));
+        }
+        Value::Array(a) => a.iter().for_each(|x| collect_formats(x, out)),
+        _ => {}
+    }
 }

@@ -7,6 +7,7 @@
 pub mod approval;
 pub mod http;
 pub mod resources;
+pub mod schema;
 pub mod tools;
 pub mod transport;
 pub mod types;
@@ -93,7 +94,7 @@ impl MailmuxServer {
                 gate: RwLock::new(gate),
                 audit,
             }),
-            tool_router: Self::tool_router(),
+            tool_router: standard_schemas(Self::tool_router()),
         }
     }
 
@@ -163,6 +164,17 @@ impl MailmuxServer {
             .map(|r| r.name.clone())
             .collect()
     }
+}
+
+/// The tools with schemas that use only standard JSON Schema formats.
+fn standard_schemas(mut router: ToolRouter<MailmuxServer>) -> ToolRouter<MailmuxServer> {
+    for route in router.map.values_mut() {
+        schema::standardize(Arc::make_mut(&mut route.attr.input_schema));
+        if let Some(out) = route.attr.output_schema.as_mut() {
+            schema::standardize(Arc::make_mut(out));
+        }
+    }
+    router
 }
 
 /// The loud notice for the embedded file relay, if it is in use.

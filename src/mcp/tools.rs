@@ -869,7 +869,11 @@ impl MailmuxServer {
         let (idempotency, send_at) = match check_queue_params(&params, &config) {
             Ok(v) => v,
             Err(e) => {
-                return Prepared::Done(Box::new(self.refuse(caller, Err(&params.draft.subject), e)));
+                return Prepared::Done(Box::new(self.refuse(
+                    caller,
+                    Err(&params.draft.subject),
+                    e,
+                )));
             }
         };
         // Hashed only when a key asks for it: the draft may be megabytes.
