@@ -3,6 +3,7 @@
 Usage:
   python3 tests/e2e_client.py stdio BINARY SMTP_PORT MAILDIR
   python3 tests/e2e_client.py http URL TOKEN MAILDIR
+  python3 tests/e2e_client.py batch BINARY SMTP_PORT MAILDIR
 
 stdio: starts BINARY as an MCP server over pipes (one relay: the aiosmtpd at
 127.0.0.1:SMTP_PORT, configured with the seed's SMTP_* variables).
@@ -11,6 +12,9 @@ TOKEN.
 
 Either way it sends a message with text and HTML parts, an attachment, a Bcc
 and a UTF-8 templated subject, then checks what aiosmtpd stored in MAILDIR.
+batch: over stdio as above, a 300-message mail merge through send_batch
+(with a Bcc shared by all and an idempotency key each), sent twice; checks
+that each message arrived exactly once with its own variables.
 """
 
 import asyncio
@@ -184,11 +188,82 @@ def check_delivery(maildir, message_id):
         check(not hidden_in_headers, f"bcc address only in the envelope: {hidden_in_headers}")
 
 
+MERGE = 300
+
+
+async def batch_main(binary, port, maildir):
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "SMTP_HOST": "127.0.0.1",
+        "SMTP_PORT": str(port),
+        "SMTP_USE_TLS": "false",
+        "SMTP_FROM_EMAIL": "sender@example.org",
+        "RUST_LOG": "info",
+    }
+    if os.environ.get("MAILMUX_QUEUE__PATH"):
+        env["MAILMUX_QUEUE__PATH"] = os.environ["MAILMUX_QUEUE__PATH"]
+    params = StdioServerParameters(command=binary, args=["serve"], env=env)
+    errlog = tempfile.TemporaryFile(mode="w+")
+    batch = {
+        "defaults": {
+            "subject": "Hello {name}",
+            "body": "Dear {name},\nyour code is {code}.",
+            "bcc": ["audit@example.org"],
+        },
+        "messages": [
+            {
+                "to": [f"r{i}@example.org"],
+                "template_vars": {"name": f"n{i}", "code": f"c{i:04}"},
+                "idempotency_key": f"merge-{i}",
+            }
+            for i in range(MERGE)
+        ],
+    }
+    async with stdio_client(params, errlog=errlog) as (read, write):
+        async with ClientSession(read, write) as session:
+            await session.initialize()
+            tools = await session.list_tools()
+            check("send_batch" in {t.name for t in tools.tools}, "send_batch listed")
+            first = await session.call_tool("send_batch", batch)
+            out = first.structured_content or {}
+            check(not first.is_error, f"batch is not an error: {str(out)[:300]}")
+            check(out.get("summary") == {"sent": MERGE}, f"summary: {out.get('summary')}")
+            results = out.get("results", [])
+            check([r.get("index") for r in results] == list(range(MERGE)), "results in input order")
+            again = await session.call_tool("send_batch", batch)
+            rep = again.structured_content or {}
+            replays = [r.get("idempotent_replay") for r in rep.get("results", [])]
+            check(replays == [True] * MERGE, "the repeated batch is a replay, message by message")
+            check(
+                [r.get("message_id") for r in rep.get("results", [])]
+                == [r.get("message_id") for r in results],
+                "replays name the first messages",
+            )
+    time.sleep(0.5)
+    raw = read_maildir(maildir)
+    check(len(raw) == MERGE, f"{MERGE} messages at the sink, got {len(raw)}")
+    seen = {}
+    for data in raw:
+        msg = email.message_from_bytes(data, policy=email.policy.default)
+        to = str(msg["To"])
+        seen[to] = seen.get(to, 0) + 1
+        i = int(to.split("@")[0][1:])
+        check(str(msg["Subject"]) == f"Hello n{i}", f"subject of {to}: {msg['Subject']}")
+        body = msg.get_body(preferencelist=("plain",)).get_content()
+        check(f"your code is c{i:04}." in body, f"body of {to}")
+        check(msg["Bcc"] is None, "no Bcc header")
+        check("audit@example.org" in str(msg["X-RcptTo"]), "the Bcc is in the envelope")
+    check(sorted(seen) == sorted(f"r{i}@example.org" for i in range(MERGE)), "every recipient")
+    check(all(n == 1 for n in seen.values()), "each exactly once")
+
+
 def main(argv):
     if argv[1] == "stdio":
         asyncio.run(stdio_main(argv[2], int(argv[3]), argv[4]))
     elif argv[1] == "http":
         asyncio.run(http_main(argv[2], argv[3], argv[4]))
+    elif argv[1] == "batch":
+        asyncio.run(batch_main(argv[2], int(argv[3]), argv[4]))
     else:
         print(__doc__, file=sys.stderr)
         return 2

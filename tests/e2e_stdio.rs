@@ -43,6 +43,29 @@ fn python_sdk_over_pipes_delivers_a_full_message() {
     assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
 }
 
+/// A 300-message mail merge through `send_batch` from the Python SDK.
+#[test]
+fn python_sdk_sends_a_300_message_mail_merge_once_each() {
+    let smtp = Aiosmtpd::start();
+    let maildir = smtp.dir.path().join("mail");
+    let out = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e_client.py"))
+        .arg("batch")
+        .arg(BIN)
+        .arg(smtp.port.to_string())
+        .arg(&maildir)
+        .env("MAILMUX_QUEUE__PATH", queue_db())
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "e2e_client.py batch failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+}
+
 #[test]
 fn stdin_and_stdout_as_files_use_the_blocking_path() {
     let smtp = Aiosmtpd::start();

@@ -916,3 +916,44 @@ async fn over_its_rate_a_relay_is_passed_over_for_another() {
     assert_eq!(fast.delivered().len(), 2);
     assert_eq!(spare.delivered().len(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_checked_per_message_and_each_message_takes_rate() {
+    let (sink, other) = servers().await;
+    let d = start(&sink, &other, "").await;
+    let delta = connect(&d, DELTA).await;
+    // 13 messages: one outside the allowlist, twelve inside; delta may send
+    // ten a minute.
+    let mut messages: Vec<Value> = vec![json!({"to": ["evil@attacker.net"]})];
+    messages.extend((0..12).map(|i| json!({"to": [format!("r{i}@example.org")]})));
+    let (is_error, out) = call(
+        &delta,
+        "send_batch",
+        json!({"defaults": {"subject": "s", "body": BODY_MARKER}, "messages": messages}),
+    )
+    .await;
+    assert!(!is_error, "{out}");
+    let r = out["results"].as_array().unwrap();
+    assert_eq!(r[0]["error"]["code"], "policy_denied");
+    assert_eq!(r[0]["error"]["field"], "messages[0].to[0]");
+    let sent = r.iter().filter(|x| x["status"] == "sent").count();
+    let limited: Vec<&Value> = r
+        .iter()
+        .filter(|x| x["error"]["code"] == "rate_limited")
+        .collect();
+    assert_eq!((sent, limited.len()), (10, 2), "{out}");
+    assert!(
+        limited
+            .iter()
+            .all(|x| x["error"]["retry_after_s"].as_f64().unwrap() > 0.0)
+    );
+    assert_eq!(out["summary"], json!({"refused": 3, "sent": 10}));
+    assert_eq!(sink.delivered().len(), 10);
+    // Each refusal is audited on its own.
+    let refused = d
+        .audit()
+        .into_iter()
+        .filter(|l| l["event"]["action"] == "refused")
+        .count();
+    assert_eq!(refused, 3);
+}
