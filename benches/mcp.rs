@@ -30,9 +30,10 @@ usage: cargo bench --bench mcp -- [options]
   --concurrency C[,C...]   calls (or smtp-source sessions) in parallel (1,8,32,64)
   --size BYTES[,BYTES...]  message body size (1024)
   --runs R                 runs of each measurement; the best is reported (2)
-  --paths P[,P...]         any of source, stdio, stdio-memory, stdio-policy, http,
-                           http-memory, http-policy (-policy: the memory store and a
-                           caller policy every message passes)
+  --paths P[,P...]         any of source, stdio, stdio-memory, stdio-policy, stdio-batch,
+                           http, http-memory, http-policy, http-batch (-policy: the
+                           memory store and a caller policy every message passes;
+                           -batch: the sqlite store, send_batch calls of 1000)
                            (all five; stdio and http run on the default sqlite store)
   --burst N                concurrent calls of the memory measurement, 0 to skip it (1000)
   --log FILTER             the daemon's RUST_LOG (info, its default)
@@ -46,12 +47,18 @@ enum Store {
     Memory,
     /// The memory store with a caller policy that every message passes.
     MemoryPolicy,
+    /// The sqlite store, with the messages sent in `send_batch` calls of
+    /// up to [`BATCH`].
+    Batch,
 }
+
+/// Messages per `send_batch` call on the `-batch` paths.
+const BATCH: usize = 1000;
 
 impl Store {
     fn name(self) -> &'static str {
         match self {
-            Store::Sqlite => "sqlite",
+            Store::Sqlite | Store::Batch => "sqlite",
             Store::Memory | Store::MemoryPolicy => "memory",
         }
     }
@@ -75,6 +82,8 @@ impl Path {
             Path::Mcp(Transport::Stdio, Store::Memory) => "MCP stdio, memory",
             Path::Mcp(Transport::Stdio, Store::MemoryPolicy) => "MCP stdio, memory, policy",
             Path::Mcp(Transport::Http, Store::MemoryPolicy) => "MCP HTTP, memory, policy",
+            Path::Mcp(Transport::Stdio, Store::Batch) => "MCP stdio, send_batch",
+            Path::Mcp(Transport::Http, Store::Batch) => "MCP HTTP, send_batch",
             Path::Mcp(Transport::Http, Store::Sqlite) => "MCP HTTP, sqlite",
             Path::Mcp(Transport::Http, Store::Memory) => "MCP HTTP, memory",
         }
@@ -141,6 +150,8 @@ fn parse_args() -> anyhow::Result<Args> {
                         "stdio-memory" => Ok(Path::Mcp(Transport::Stdio, Store::Memory)),
                         "stdio-policy" => Ok(Path::Mcp(Transport::Stdio, Store::MemoryPolicy)),
                         "http-policy" => Ok(Path::Mcp(Transport::Http, Store::MemoryPolicy)),
+                        "stdio-batch" => Ok(Path::Mcp(Transport::Stdio, Store::Batch)),
+                        "http-batch" => Ok(Path::Mcp(Transport::Http, Store::Batch)),
                         "http" => Ok(Path::Mcp(Transport::Http, Store::Sqlite)),
                         "http-memory" => Ok(Path::Mcp(Transport::Http, Store::Memory)),
                         other => bail!("--paths: unknown path {other:?}"),
@@ -281,13 +292,15 @@ async fn run_mcp(
     n: usize,
     body: Arc<String>,
 ) -> anyhow::Result<Measurement> {
-    let sink = Sink::start(c, false)?;
+    let sink = Sink::start(if store == Store::Batch { 32 } else { c }, false)?;
     let daemon = Daemon::start(
         &args.bin,
         &DaemonOptions {
             transport,
             sink_port: sink.port,
-            max_connections: c,
+            // A batch is one call whatever C is: it gets smtp-source's
+            // best connection count.
+            max_connections: if store == Store::Batch { 32 } else { c },
             messages_per_connection: 0,
             log: args.log.clone(),
             http_requests: c,
@@ -309,13 +322,22 @@ async fn run_mcp(
             let mut latencies = Vec::with_capacity(k);
             let mut errors = 0;
             let mut first_error = None;
-            for j in 0..k {
-                let r = load::send_email(&peer, &format!("bench {i}.{j}"), &body).await;
-                if r.status == "sent" {
-                    latencies.push(r.latency);
+            let mut j = 0;
+            while j < k {
+                let sent = if store == Store::Batch {
+                    let count = BATCH.min(k - j);
+                    load::send_batch(&peer, &format!("bench {i}.{j}"), &body, count).await
                 } else {
-                    errors += 1;
-                    first_error.get_or_insert_with(|| format!("{}: {:?}", r.status, r.detail));
+                    vec![load::send_email(&peer, &format!("bench {i}.{j}"), &body).await]
+                };
+                j += sent.len().max(1);
+                for r in sent {
+                    if r.status == "sent" {
+                        latencies.push(r.latency);
+                    } else {
+                        errors += 1;
+                        first_error.get_or_insert_with(|| format!("{}: {:?}", r.status, r.detail));
+                    }
                 }
             }
             (latencies, errors, first_error)

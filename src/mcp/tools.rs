@@ -1209,7 +1209,8 @@ impl MailmuxServer {
                     (i, s)
                 })
                 .unzip();
-            match self.queue().submit_many(submits).await {
+            let wait_until = if wait { deadline } else { None };
+            match self.queue().submit_many(submits, wait_until).await {
                 Ok(answers) => {
                     for (i, answer) in indexes.into_iter().zip(answers) {
                         let slot = &mut results[i];
@@ -1243,24 +1244,6 @@ impl MailmuxServer {
                     for i in indexes {
                         results[i].error = Some(e.clone());
                     }
-                }
-            }
-        }
-        // With `wait`, each message this call queued is followed to its end.
-        if let (true, Some(deadline)) = (wait, deadline) {
-            let mut waits = tokio::task::JoinSet::new();
-            for r in &results {
-                if let (Some(id), Some(SendStatus::Queued), false) =
-                    (&r.message_id, r.status, r.idempotent_replay)
-                {
-                    let queue = self.queue().clone();
-                    let (id, index) = (id.clone(), r.index);
-                    waits.spawn(async move { (index, queue.wait_final(&id, deadline).await) });
-                }
-            }
-            while let Some(done) = waits.join_next().await {
-                if let Ok((index, Ok(record))) = done {
-                    results[index].status = Some(record.state.into());
                 }
             }
         }

@@ -491,6 +491,62 @@ pub async fn send_email(peer: &Peer<RoleClient>, subject: &str, body: &str) -> S
     }
 }
 
+/// One `send_batch` call of `count` messages to [`TO`] (each its own
+/// recipient address, so that none is a duplicate of another); one [`Sent`]
+/// per message, each with the call's latency.
+pub async fn send_batch(
+    peer: &Peer<RoleClient>,
+    subject: &str,
+    body: &str,
+    count: usize,
+) -> Vec<Sent> {
+    let (local, domain) = TO.split_once('@').unwrap_or((TO, "example.org"));
+    let messages: Vec<Value> = (0..count)
+        .map(|i| json!({"to": [format!("{local}+{i}@{domain}")]}))
+        .collect();
+    let mut args = Map::new();
+    args.insert("defaults".into(), json!({"subject": subject, "body": body}));
+    args.insert("messages".into(), Value::Array(messages));
+    let params = CallToolRequestParams::new("send_batch").with_arguments(args);
+    let t = Instant::now();
+    let result = peer.call_tool(params).await;
+    let latency = t.elapsed();
+    match result {
+        Ok(r) => {
+            let out = r.structured_content.unwrap_or(Value::Null);
+            match out["results"].as_array() {
+                Some(results) => results
+                    .iter()
+                    .map(|m| Sent {
+                        status: m["status"].as_str().unwrap_or("refused").to_string(),
+                        message_id: m["message_id"].as_str().map(str::to_string),
+                        latency,
+                        detail: m.get("error").map(Value::to_string),
+                    })
+                    .collect(),
+                None => vec![
+                    Sent {
+                        status: "error".into(),
+                        message_id: None,
+                        latency,
+                        detail: Some(out.to_string()),
+                    };
+                    count
+                ],
+            }
+        }
+        Err(e) => vec![
+            Sent {
+                status: "protocol_error".into(),
+                message_id: None,
+                latency,
+                detail: Some(e.to_string()),
+            };
+            count
+        ],
+    }
+}
+
 /// `get_smtp_status`'s `runtime.alive_tasks` and `runtime.workers`.
 pub async fn runtime_tasks(peer: &Peer<RoleClient>) -> anyhow::Result<(u64, u64)> {
     let r = peer

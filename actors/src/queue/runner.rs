@@ -495,14 +495,18 @@ impl Queue {
         }
     }
 
-    /// Stores several messages in one transaction (all or none), then hands
-    /// the due ones to the runner. Never waits for a delivery: a caller that
-    /// wants the outcomes follows each with [`Queue::wait_final`]. Each
-    /// answer is the message as stored, or the first message of its
-    /// idempotency key (a replay), or a conflict.
+    /// Stores several messages in one transaction (all or none), then
+    /// delivers the due ones. With `wait_until`, this call runs the first
+    /// round of each (as many at once as `max_in_flight` allows) and answers
+    /// with what it settled, without reading the store back; a message that
+    /// got no round slot by then, or that was deferred, answers `queued`
+    /// and the runner goes on with it. Without it, the runner delivers them.
+    /// Each answer is the message, or the first message of its idempotency
+    /// key (a replay), or a conflict.
     pub async fn submit_many(
         &self,
         batch: Vec<Submit>,
+        wait_until: Option<Instant>,
     ) -> Result<Vec<Result<Submitted, QueueError>>, QueueError> {
         let inner = &self.inner;
         if !inner.accepting.load(Ordering::Acquire) {
@@ -558,7 +562,10 @@ impl Queue {
             }
         };
         let mut out = Vec::with_capacity(news.len());
-        for ((new, pending), accepted) in news.into_iter().zip(pendings).zip(accepted) {
+        let mut rounds = tokio::task::JoinSet::new();
+        for (k, ((new, pending), accepted)) in
+            news.into_iter().zip(pendings).zip(accepted).enumerate()
+        {
             let id = new.message_id.clone();
             match accepted {
                 Accepted::Stored(state) => {
@@ -568,8 +575,29 @@ impl Queue {
                     } else {
                         Action::Accepted
                     };
-                    inner.notify(action, &new.record(state, now), None);
-                    if state == State::Queued && inner.delivers {
+                    let base = new.record(state, now);
+                    inner.notify(action, &base, None);
+                    if let (State::Queued, true, Some(deadline)) =
+                        (state, inner.delivers, wait_until)
+                    {
+                        let inner = self.inner.clone();
+                        let record = base.clone();
+                        rounds.spawn(async move {
+                            let slots = inner.slots.clone();
+                            match tokio::time::timeout_at(deadline, slots.acquire_owned()).await {
+                                Ok(Ok(slot)) => {
+                                    let (report, settle) =
+                                        round(inner, pending, deadline, slot).await;
+                                    (k, record.settled(&settle), Some(report))
+                                }
+                                _ => {
+                                    inner.unclaim(&record.message_id);
+                                    inner.wake.notify_one();
+                                    (k, record, None)
+                                }
+                            }
+                        });
+                    } else if state == State::Queued && inner.delivers {
                         if let Err(e) = inner.ready.try_send(pending) {
                             let p = match e {
                                 mpsc::error::TrySendError::Full(p)
@@ -582,7 +610,7 @@ impl Queue {
                         inner.unclaim(&id);
                     }
                     out.push(Ok(Submitted {
-                        record: new.record(state, now),
+                        record: base,
                         report: None,
                         replay: false,
                     }));
@@ -602,6 +630,15 @@ impl Queue {
             }
         }
         inner.wake.notify_one();
+        while let Some(done) = rounds.join_next().await {
+            if let Ok((k, record, report)) = done {
+                out[k] = Ok(Submitted {
+                    record,
+                    report,
+                    replay: false,
+                });
+            }
+        }
         Ok(out)
     }
 
