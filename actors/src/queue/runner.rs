@@ -562,7 +562,9 @@ impl Queue {
             }
         };
         let mut out = Vec::with_capacity(news.len());
-        let mut rounds = tokio::task::JoinSet::new();
+        // Spawned, not in a JoinSet: a caller that goes away must not abort
+        // a round half way (its claim and its settle would be lost).
+        let mut rounds = Vec::new();
         for (k, ((new, pending), accepted)) in
             news.into_iter().zip(pendings).zip(accepted).enumerate()
         {
@@ -582,7 +584,7 @@ impl Queue {
                     {
                         let inner = self.inner.clone();
                         let record = base.clone();
-                        rounds.spawn(async move {
+                        rounds.push(tokio::spawn(async move {
                             let slots = inner.slots.clone();
                             match tokio::time::timeout_at(deadline, slots.acquire_owned()).await {
                                 Ok(Ok(slot)) => {
@@ -596,7 +598,7 @@ impl Queue {
                                     (k, record, None)
                                 }
                             }
-                        });
+                        }));
                     } else if state == State::Queued && inner.delivers {
                         if let Err(e) = inner.ready.try_send(pending) {
                             let p = match e {
@@ -630,8 +632,8 @@ impl Queue {
             }
         }
         inner.wake.notify_one();
-        while let Some(done) = rounds.join_next().await {
-            if let Ok((k, record, report)) = done {
+        for handle in rounds {
+            if let Ok((k, record, report)) = handle.await {
                 out[k] = Ok(Submitted {
                     record,
                     report,
