@@ -134,6 +134,14 @@ impl Audit {
         self.failures.load(Ordering::Relaxed)
     }
 
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    pub fn settings(&self) -> &AuditSettings {
+        &self.settings
+    }
+
     /// Reopens the file at its path (after rotation).
     pub fn reopen(&self) {
         let Some(path) = &self.settings.path else {

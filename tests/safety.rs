@@ -645,6 +645,14 @@ async fn held_messages_go_out_only_when_a_person_approves() {
         409,
         "a rejected message cannot be approved"
     );
+    // The queue command rejects as well.
+    let (_, out) = call(&plain, "send_email", outside.clone()).await;
+    let cli_rejected = out["message_id"].as_str().unwrap().to_string();
+    let (ok, text) = d.queue_cmd("reject", &cli_rejected, Some(OPS));
+    assert!(ok, "{text}");
+    assert_eq!(status(&plain, &cli_rejected).await["status"], "rejected");
+    let (ok, text) = d.queue_cmd("reject", &cli_rejected, Some(OPS));
+    assert!(!ok && text.contains("not held"), "{text}");
 
     // Nobody decides within approval_ttl: expired, and no approval
     // releases it then.
@@ -809,6 +817,8 @@ async fn a_dry_run_caller_sends_nothing() {
     assert!(!is_error, "{out}");
     assert_eq!(out["status"], "dry_run");
     let status = call(&beta, "get_smtp_status", json!({})).await.1;
+    assert_eq!(status["audit"]["healthy"], true, "{status}");
+    assert_eq!(status["audit"]["failed_writes"], 0);
     assert_eq!(status["caller"]["name"], "beta");
     assert_eq!(status["caller"]["mode"], "dry_run");
     assert!(status.get("open_recipients").is_none(), "{status}");

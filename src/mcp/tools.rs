@@ -442,6 +442,12 @@ impl MailmuxServer {
                     allowed_recipients: c.policy.allowed_recipients.len(),
                     rate: c.policy.rate.iter().map(|r| r.text.clone()).collect(),
                 }),
+                audit: self.audit().settings().path.as_ref().map(|p| AuditOut {
+                    path: p.display().to_string(),
+                    healthy: self.audit().healthy(),
+                    failed_writes: self.audit().failures(),
+                    required: self.audit().settings().required,
+                }),
                 open_recipients: self.gate().open_recipients(),
                 runtime: RuntimeOut::current(),
                 error: None,

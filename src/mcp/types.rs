@@ -884,6 +884,9 @@ pub struct StatusResult {
     /// The calling caller and its policy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub caller: Option<CallerOut>,
+    /// The audit log, when one is configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditOut>,
     /// Callers whose policy lets them mail anyone (`allowed_recipients` empty).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub open_recipients: Vec<String>,
@@ -892,6 +895,18 @@ pub struct StatusResult {
     pub runtime: Option<RuntimeOut>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ToolError>,
+}
+
+/// The audit log's health.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
+pub struct AuditOut {
+    pub path: String,
+    /// False after a write failed, until one succeeds.
+    pub healthy: bool,
+    /// Lines that could not be written since start.
+    pub failed_writes: u64,
+    /// New messages are refused while the log cannot be written.
+    pub required: bool,
 }
 
 /// The caller of a `get_smtp_status` call, and its policy in brief.

@@ -17,6 +17,7 @@ use lettre::Address;
 use rand::Rng;
 use tokio::sync::{Notify, Semaphore, broadcast, mpsc, oneshot};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::{
     Accepted, AttemptRecord, Cancel, Decided, Decision, Filter, Hold, Millis, NewMessage, Pending,
@@ -1069,7 +1070,17 @@ async fn round(
                 inner: inner.clone(),
                 message_id: id.clone(),
             });
-            inner.dispatcher.send_marked(mail, Some(mark)).await
+            // The delivery's log lines name the message and its caller.
+            let span = tracing::info_span!(
+                "delivery",
+                message_id = %id,
+                caller = p.caller.as_deref().unwrap_or("")
+            );
+            inner
+                .dispatcher
+                .send_marked(mail, Some(mark))
+                .instrument(span)
+                .await
         }
         Err(e) => Report {
             message_id: id.clone(),
