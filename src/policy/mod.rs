@@ -315,7 +315,7 @@ impl Gate {
     pub fn new(s: &SafetySettings, http_token: Option<&str>, before: Option<&Gate>) -> Gate {
         let mut limiters: HashMap<RateRule, Limiter> = HashMap::new();
         let mut caller = |c: &CallerSettings| {
-            let limits = c
+            let mut limits: Vec<(RateRule, Limiter)> = c
                 .policy
                 .rate
                 .iter()
@@ -331,6 +331,11 @@ impl Gate {
                     (rule.clone(), l)
                 })
                 .collect();
+            // Shortest period first: the limit that refuses most often takes
+            // nothing from the others (governor has no refund), and when a
+            // longer one refuses, what the shorter ones counted refills long
+            // before the longer one has room.
+            limits.sort_by_key(|(rule, _)| rule.period);
             Arc::new(Caller {
                 name: Arc::from(c.name.as_str()),
                 policy: c.policy.clone(),
