@@ -106,7 +106,7 @@ fn stdin_and_stdout_as_files_use_the_blocking_path() {
     for id in 1..=4 {
         assert!(by_id.contains_key(&id), "no answer to {id}:\n{out}\n{logs}");
     }
-    assert_eq!(by_id[&2]["result"]["tools"].as_array().unwrap().len(), 9);
+    assert_eq!(by_id[&2]["result"]["tools"].as_array().unwrap().len(), 10);
     let send = &by_id[&4]["result"];
     assert_eq!(send["isError"], false, "{send}");
     assert_eq!(send["structuredContent"]["status"], "sent", "{send}");
