@@ -1,5 +1,7 @@
-//! The six MCP tools, each a thin mapping from typed arguments to one
-//! dispatcher call and back to a structured result.
+//! The MCP tools (sending, status, the queue, the relays) and the resource
+//! handlers. Each maps typed arguments to the queue or the dispatcher and
+//! back to a structured result; `prepare` holds the checks every message
+//! goes through (compose, then the caller's policy, rate and approval).
 //!
 //! A failure the agent can act on is a result with `isError: true` and a
 //! structured `error`; JSON-RPC errors are left to rmcp for protocol faults.
