@@ -66,7 +66,8 @@ def read_maildir(path):
 ATTACHMENT = b"quarterly numbers\n1,2,3\n"
 
 
-async def stdio_main(binary, port, maildir):
+def server_params(binary, port):
+    """The binary over pipes, with aiosmtpd at 127.0.0.1:port as its relay."""
     env = {
         "PATH": os.environ.get("PATH", ""),
         "SMTP_HOST": "127.0.0.1",
@@ -78,7 +79,11 @@ async def stdio_main(binary, port, maildir):
     # The test's own queue store, never the default one in the working folder.
     if os.environ.get("MAILMUX_QUEUE__PATH"):
         env["MAILMUX_QUEUE__PATH"] = os.environ["MAILMUX_QUEUE__PATH"]
-    params = StdioServerParameters(command=binary, args=["serve"], env=env)
+    return StdioServerParameters(command=binary, args=["serve"], env=env)
+
+
+async def stdio_main(binary, port, maildir):
+    params = server_params(binary, port)
     errlog = tempfile.TemporaryFile(mode="w+")
     async with stdio_client(params, errlog=errlog) as (read, write):
         async with ClientSession(read, write) as session:
@@ -192,17 +197,7 @@ MERGE = 300
 
 
 async def batch_main(binary, port, maildir):
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "SMTP_HOST": "127.0.0.1",
-        "SMTP_PORT": str(port),
-        "SMTP_USE_TLS": "false",
-        "SMTP_FROM_EMAIL": "sender@example.org",
-        "RUST_LOG": "info",
-    }
-    if os.environ.get("MAILMUX_QUEUE__PATH"):
-        env["MAILMUX_QUEUE__PATH"] = os.environ["MAILMUX_QUEUE__PATH"]
-    params = StdioServerParameters(command=binary, args=["serve"], env=env)
+    params = server_params(binary, port)
     errlog = tempfile.TemporaryFile(mode="w+")
     batch = {
         "defaults": {

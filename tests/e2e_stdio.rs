@@ -21,13 +21,14 @@ fn seed_env(cmd: &mut Command, port: u16) {
         .env("MAILMUX_QUEUE__PATH", queue_db());
 }
 
-#[test]
-fn python_sdk_over_pipes_delivers_a_full_message() {
+/// Runs tests/e2e_client.py in `mode` against the binary over pipes, with
+/// aiosmtpd as the relay, and asserts that every one of its checks passed.
+fn python_client(mode: &str) {
     let smtp = Aiosmtpd::start();
     let maildir = smtp.dir.path().join("mail");
     let out = Command::new("python3")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e_client.py"))
-        .arg("stdio")
+        .arg(mode)
         .arg(BIN)
         .arg(smtp.port.to_string())
         .arg(&maildir)
@@ -38,32 +39,20 @@ fn python_sdk_over_pipes_delivers_a_full_message() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "e2e_client.py failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        "e2e_client.py {mode} failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
     );
     assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+}
+
+#[test]
+fn python_sdk_over_pipes_delivers_a_full_message() {
+    python_client("stdio");
 }
 
 /// A 300-message mail merge through `send_batch` from the Python SDK.
 #[test]
 fn python_sdk_sends_a_300_message_mail_merge_once_each() {
-    let smtp = Aiosmtpd::start();
-    let maildir = smtp.dir.path().join("mail");
-    let out = Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e_client.py"))
-        .arg("batch")
-        .arg(BIN)
-        .arg(smtp.port.to_string())
-        .arg(&maildir)
-        .env("MAILMUX_QUEUE__PATH", queue_db())
-        .output()
-        .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "e2e_client.py batch failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
-    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+    python_client("batch");
 }
 
 #[test]

@@ -357,17 +357,5 @@ async fn audit(config: &Config, store: &dyn queue::Store, id: &str, action: Acti
     let Ok(Some(r)) = store.get(id).await else {
         return;
     };
-    log.event(&Event {
-        action,
-        message_id: &r.message_id,
-        caller: r.caller.as_deref(),
-        meta: r.meta.as_deref(),
-        from: r.from.as_deref(),
-        to: &r.to,
-        size: r.size,
-        relay: None,
-        code: None,
-        reason: r.reason.as_deref(),
-        decided_by: r.decided_by.as_deref(),
-    });
+    log.event(&Event::of(action, &r, None));
 }

@@ -111,25 +111,6 @@ const BATCH_DEFAULT_KEYS: &[&str] = &[
     "relay",
 ];
 
-/// The fields one message of a batch may set: the defaults' and its key.
-const BATCH_ITEM_KEYS: &[&str] = &[
-    "to",
-    "cc",
-    "bcc",
-    "subject",
-    "body",
-    "html",
-    "html_body",
-    "from_email",
-    "reply_to",
-    "in_reply_to",
-    "references",
-    "attachments",
-    "template_vars",
-    "relay",
-    "idempotency_key",
-];
-
 /// Longest idempotency key, in characters.
 const MAX_KEY_CHARS: usize = 200;
 
@@ -1111,7 +1092,9 @@ impl MailmuxServer {
                 error: Some(e),
                 ..BatchItemOut::default()
             };
-            if let Some(k) = item.keys().find(|k| !BATCH_ITEM_KEYS.contains(&k.as_str())) {
+            // A message may set what the defaults may, and its own key.
+            let allowed = |k: &str| BATCH_DEFAULT_KEYS.contains(&k) || k == "idempotency_key";
+            if let Some(k) = item.keys().find(|k| !allowed(k)) {
                 let why = if ["wait", "send_at", "dry_run"].contains(&k.as_str()) {
                     format!(
                         "messages[{i}].{k}: {k} applies to the whole batch; set it beside `messages`"

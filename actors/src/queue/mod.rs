@@ -230,6 +230,23 @@ pub struct Hold {
 }
 
 impl NewMessage {
+    /// The message as a round delivers it, in `state`, before any round.
+    pub fn pending(&self, state: State) -> Pending {
+        Pending {
+            message_id: self.message_id.clone(),
+            state,
+            from: self.from.clone(),
+            to: self.to.clone(),
+            bytes: self.bytes.clone(),
+            prefer: self.prefer.clone(),
+            due_at: self.due_at,
+            rounds: 0,
+            caller: self.caller.clone(),
+            meta: self.meta.clone(),
+            only: self.only.clone(),
+        }
+    }
+
     /// The state it is stored in at `now`.
     pub fn initial_state(&self, now: Millis) -> State {
         if self.hold.is_some() {

@@ -129,10 +129,51 @@ pub struct Event<'a> {
     pub decided_by: Option<&'a str>,
 }
 
+impl<'a> Event<'a> {
+    /// The change `action` of the stored message `r`.
+    pub fn of(action: Action, r: &'a Record, decided_by: Option<&'a str>) -> Event<'a> {
+        Event {
+            action,
+            message_id: &r.message_id,
+            caller: r.caller.as_deref(),
+            meta: r.meta.as_deref(),
+            from: r.from.as_deref(),
+            to: &r.to,
+            size: r.size,
+            relay: r.relay.as_deref(),
+            code: r.attempts.iter().rev().find_map(|a| a.code),
+            reason: r.reason.as_deref(),
+            decided_by: decided_by.or(r.decided_by.as_deref()),
+        }
+    }
+}
+
 /// Hears every audited change, after it is stored. Called on the task that
 /// made the change: it must not block for long.
 pub trait Observer: Send + Sync + std::fmt::Debug {
     fn event(&self, e: &Event<'_>);
+}
+
+impl Submit {
+    /// The message as it is stored when accepted at `now`.
+    fn stored_at(&self, now: Millis) -> NewMessage {
+        let m = &self.mail;
+        NewMessage {
+            message_id: m.message_id.clone(),
+            from: m.from.as_ref().map(ToString::to_string),
+            to: m.to.iter().map(ToString::to_string).collect(),
+            bytes: m.bytes.clone(),
+            prefer: m.prefer.clone(),
+            queued_at: now,
+            due_at: self.send_at.map_or(now, to_millis).max(now),
+            idempotency: self.idempotency.clone(),
+            caller: self.caller.clone(),
+            meta: self.meta.clone(),
+            hold: self.hold.clone(),
+            only: m.only.clone(),
+            batch: self.batch.clone(),
+        }
+    }
 }
 
 /// One message entered a state (stored).
@@ -332,28 +373,13 @@ impl Queue {
             return Err(QueueError::ShuttingDown);
         }
         let now = now_millis();
-        let due_at = s.send_at.map_or(now, to_millis).max(now);
-        let id = s.mail.message_id.clone();
-        let due_now = due_at <= now && s.hold.is_none();
+        let new = s.stored_at(now);
+        let id = new.message_id.clone();
+        let due_now = new.initial_state(now) == State::Queued;
         // Claimed before it is stored, so that a poll cannot take it too.
         if due_now {
             inner.claim(&id);
         }
-        let new = NewMessage {
-            message_id: id.clone(),
-            from: s.mail.from.as_ref().map(ToString::to_string),
-            to: s.mail.to.iter().map(ToString::to_string).collect(),
-            bytes: s.mail.bytes.clone(),
-            prefer: s.mail.prefer.clone(),
-            queued_at: now,
-            due_at,
-            idempotency: s.idempotency.clone(),
-            caller: s.caller.clone(),
-            meta: s.meta.clone(),
-            hold: s.hold.clone(),
-            only: s.mail.only.clone(),
-            batch: s.batch.clone(),
-        };
         let stored = inner.store.accept(new.clone()).await;
         inner.note_write(&stored);
         let state = match stored {
@@ -385,19 +411,7 @@ impl Queue {
                 return Err(e.into());
             }
         };
-        let pending = Pending {
-            message_id: id.clone(),
-            state,
-            from: s.mail.from.as_ref().map(ToString::to_string),
-            to: s.mail.to.iter().map(ToString::to_string).collect(),
-            bytes: s.mail.bytes.clone(),
-            prefer: s.mail.prefer.clone(),
-            due_at,
-            rounds: 0,
-            caller: s.caller,
-            meta: s.meta,
-            only: s.mail.only.clone(),
-        };
+        let pending = new.pending(state);
         if state == State::Held {
             return Ok(Submitted {
                 record: new.record(state, now),
@@ -517,38 +531,11 @@ impl Queue {
         let mut news = Vec::with_capacity(batch.len());
         let mut pendings = Vec::with_capacity(batch.len());
         for s in batch {
-            let due_at = s.send_at.map_or(now, to_millis).max(now);
-            let new = NewMessage {
-                message_id: s.mail.message_id.clone(),
-                from: s.mail.from.as_ref().map(ToString::to_string),
-                to: s.mail.to.iter().map(ToString::to_string).collect(),
-                bytes: s.mail.bytes.clone(),
-                prefer: s.mail.prefer.clone(),
-                queued_at: now,
-                due_at,
-                idempotency: s.idempotency,
-                caller: s.caller.clone(),
-                meta: s.meta,
-                hold: s.hold,
-                only: s.mail.only.clone(),
-                batch: s.batch,
-            };
+            let new = s.stored_at(now);
             if new.initial_state(now) == State::Queued {
                 inner.claim(&new.message_id);
             }
-            pendings.push(Pending {
-                message_id: new.message_id.clone(),
-                state: State::Queued,
-                from: new.from.clone(),
-                to: new.to.clone(),
-                bytes: new.bytes.clone(),
-                prefer: new.prefer.clone(),
-                due_at,
-                rounds: 0,
-                caller: new.caller.clone(),
-                meta: new.meta.clone(),
-                only: new.only.clone(),
-            });
+            pendings.push(new.pending(State::Queued));
             news.push(new);
         }
         let stored = inner.store.accept_many(news.clone()).await;
@@ -980,19 +967,7 @@ impl Inner {
         let Some(o) = self.observer.get() else {
             return;
         };
-        o.event(&Event {
-            action,
-            message_id: &r.message_id,
-            caller: r.caller.as_deref(),
-            meta: r.meta.as_deref(),
-            from: r.from.as_deref(),
-            to: &r.to,
-            size: r.size,
-            relay: r.relay.as_deref(),
-            code: r.attempts.iter().rev().find_map(|a| a.code),
-            reason: r.reason.as_deref(),
-            decided_by: decided_by.or(r.decided_by.as_deref()),
-        });
+        o.event(&Event::of(action, r, decided_by));
     }
 
     /// Tells the observer of a round's final outcome.
