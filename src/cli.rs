@@ -62,6 +62,10 @@ pub struct ServeArgs {
     /// HTTP without sessions: each POST is answered on its own.
     #[arg(long, requires = "http")]
     pub stateless: bool,
+    /// Serve /metrics on a listener of its own at ADDR (`metrics.bind`),
+    /// for a daemon serving stdio.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, Default, Args)]
@@ -191,6 +195,9 @@ pub async fn shutdown_signal() {
 }
 
 async fn serve(mut config: Config, sources: Sources, args: ServeArgs) -> ExitCode {
+    if args.metrics.is_some() {
+        config.daemon.metrics.bind = args.metrics;
+    }
     let transport = match args.http {
         None => Transport::Stdio,
         Some(addr) => {

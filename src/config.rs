@@ -48,6 +48,16 @@ pub struct HttpSettings {
     pub stateful: bool,
 }
 
+/// `/metrics`: who may read it, and where besides the HTTP listener.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MetricsSettings {
+    /// When set, `/metrics` needs `Authorization: Bearer` with it; when not,
+    /// only loopback peers may read it.
+    pub token: Option<Secret>,
+    /// A listener of its own (for a daemon serving stdio).
+    pub bind: Option<SocketAddr>,
+}
+
 /// Daemon settings outside the actor system.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DaemonSettings {
@@ -64,6 +74,7 @@ pub struct DaemonSettings {
     /// Messages one `send_batch` call may carry.
     pub max_batch: usize,
     pub http: HttpSettings,
+    pub metrics: MetricsSettings,
     /// `LOG_LEVEL` from the seed, used when `RUST_LOG` is not set.
     pub log_level: Option<String>,
 }
@@ -322,6 +333,9 @@ fn check_unknown_keys(layer: &FileLayer) -> Result<(), ConfigError> {
     }
     if let Some(Value::Dict(_, d)) = root.get("http") {
         check(d, "http.", &[raw::HTTP_KEYS])?;
+    }
+    if let Some(Value::Dict(_, d)) = root.get("metrics") {
+        check(d, "metrics.", &[raw::METRICS_KEYS])?;
     }
     if let Some(Value::Dict(_, d)) = root.get("queue") {
         check(d, "queue.", &[raw::QUEUE_KEYS])?;

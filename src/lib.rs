@@ -5,6 +5,7 @@
 //! - [`compose`]: validation and rendering of messages;
 //! - [`policy`]: callers, operators and the per-caller policy and rates;
 //! - [`audit`]: the audit log;
+//! - [`telemetry`]: the Prometheus metrics;
 //! - [`mcp`]: the MCP tools and the stdio and HTTP transports (only it knows rmcp);
 //! - [`cli`]: the command line (`serve`, `send`, `check`, `config`);
 //! - [`logging`]: tracing to stderr;
@@ -17,3 +18,4 @@ pub mod config;
 pub mod logging;
 pub mod mcp;
 pub mod policy;
+pub mod telemetry;

@@ -13,12 +13,14 @@
 //! - [`queue`]: the durable queue: the store trait, its SQLite backend, and
 //!   the runner that delivers from it;
 //! - `tally`: a count of work in progress that shutdown awaits;
-//! - `health`: backoff, circuit breaker, counters and latency of one relay.
+//! - `health`: backoff, circuit breaker, counters and latency of one relay;
+//! - [`meters`]: the relay metrics recorded through the `metrics` facade.
 
 pub mod dispatcher;
 mod file;
 mod health;
 pub mod mail;
+pub mod meters;
 pub mod queue;
 mod relay;
 mod router;

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use crate::file;
 use crate::health::{Health, State};
 use crate::mail::{Attempt, FailureClass, FailureReason, Report, Status};
+use crate::meters::RelayMeters;
 use crate::router::{Flight, RouterCell};
 use crate::settings::{RelayKind, RelaySettings};
 use crate::smtp::{self, Conn, Delivered, Failure};
@@ -81,6 +82,8 @@ pub(crate) struct RelayShared {
     /// The relay's `rate`, one limiter per limit. They outlive the actor
     /// (as the permits do), so a restart does not reset them.
     rate: Vec<governor::DefaultDirectRateLimiter>,
+    /// Attempts, failovers and latency, as metrics.
+    meters: RelayMeters,
 }
 
 /// The limiters of a relay's `rate`: a burst of the whole count, refilled
@@ -110,6 +113,7 @@ impl RelayShared {
             state: Mutex::new(State::Healthy),
             accepting: AtomicBool::new(true),
             rate: settings_rate(&settings),
+            meters: RelayMeters::new(&settings.name),
             settings,
         })
     }
@@ -373,8 +377,14 @@ impl Actor for RelayActor {
 impl RelayState {
     fn on_outcome(&mut self, outcome: Outcome, myself: &ActorRef<RelayMsg>) {
         let counters = &mut self.health.counters;
+        let meters = &self.shared.meters;
         if outcome.failed_over {
             counters.failovers_out += 1;
+            meters.failed_over();
+        }
+        match &outcome.failure {
+            None => meters.delivered(outcome.partial, outcome.latency),
+            Some((class, _)) => meters.failed(*class),
         }
         match outcome.failure {
             None => {

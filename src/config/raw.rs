@@ -40,6 +40,7 @@ pub(crate) const TOP_KEYS: &[&str] = &[
     "callers",
     "operators",
     "audit",
+    "metrics",
 ];
 
 /// Keys of `[policy]`, which every `[[callers]]` entry may override.
@@ -73,6 +74,8 @@ pub(crate) const HTTP_KEYS: &[&str] = &[
     "body_limit",
     "stateful",
 ];
+
+pub(crate) const METRICS_KEYS: &[&str] = &["token", "token_file", "bind"];
 
 pub(crate) const QUEUE_KEYS: &[&str] = &[
     "store",
@@ -171,6 +174,8 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub http: RawHttp,
     #[serde(default)]
+    pub metrics: RawMetrics,
+    #[serde(default)]
     pub queue: RawQueue,
     /// Tuning applied to every relay that does not set the key itself.
     #[serde(default)]
@@ -226,6 +231,19 @@ pub(crate) struct RawHttp {
     pub body_limit: Option<usize>,
     /// Stateful sessions. Default: true.
     pub stateful: Option<bool>,
+}
+
+/// `[metrics]`: `/metrics`.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawMetrics {
+    /// Bearer token `/metrics` asks for (`MAILMUX_METRICS__TOKEN`). Default:
+    /// none (open to loopback peers only).
+    pub token: Option<String>,
+    /// File holding that token. Default: none.
+    pub token_file: Option<PathBuf>,
+    /// A listener of its own for `/metrics`, for a daemon serving stdio.
+    /// Default: none.
+    pub bind: Option<String>,
 }
 
 /// `[queue]`: the durable queue.

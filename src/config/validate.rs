@@ -21,7 +21,7 @@ use serde_json::{Map, Value as Json, json};
 
 use super::env::{SEED_KEY, SINGLE, seed_var_name, source_name};
 use super::raw::{Dur, RawConfig, RawRelay, RawSeedRelay, StringList};
-use super::{Config, ConfigError, DaemonSettings, HttpSettings};
+use super::{Config, ConfigError, DaemonSettings, HttpSettings, MetricsSettings};
 use crate::compose::ComposePolicy;
 
 /// Source name of a value no layer set.
@@ -296,6 +296,7 @@ pub(crate) fn build(
 
     let supervisor = supervisor(&ctx, &raw, &mut out)?;
     let http = http(&ctx, &raw, &mut out)?;
+    let metrics = metrics(&ctx, &raw, &mut out)?;
     let queue = queue(&ctx, &raw, send_deadline, &mut out)?;
 
     // Relays: the listed ones, then the seed's, which replace a listed relay
@@ -441,6 +442,7 @@ pub(crate) fn build(
             max_concurrent_calls,
             max_batch,
             http,
+            metrics,
             log_level: raw.log_level,
         },
         safety,
@@ -530,37 +532,7 @@ fn http(
     })?;
     leaf(&mut out, "bind", json!(bind.to_string()), &at);
 
-    let token_at = ctx.at("http.token");
-    let file_at = ctx.at("http.token_file");
-    let token = match (&h.token, &h.token_file) {
-        (Some(_), Some(_)) => {
-            return Err(file_at.err(format!(
-                "http.token (from {}) and http.token_file are both set; use one",
-                token_at.source
-            )));
-        }
-        (Some(t), None) => {
-            if t.trim().is_empty() {
-                return Err(token_at.err("must not be empty"));
-            }
-            Some(Secret::new(t.clone()))
-        }
-        (None, Some(path)) => Some(read_secret(path, &file_at, "token")?),
-        (None, None) => None,
-    };
-    let shown = token.as_ref().map(|_| REDACTED);
-    let at = if h.token_file.is_some() {
-        &file_at
-    } else {
-        &token_at
-    };
-    leaf(&mut out, "token", json!(shown), at);
-    leaf(
-        &mut out,
-        "token_file",
-        json!(h.token_file.as_deref().map(|p| p.display().to_string())),
-        &file_at,
-    );
+    let token = token_pair(ctx, &mut out, "http", &h.token, &h.token_file)?;
 
     let list = |field: &str, v: &Option<StringList>, out: &mut Map<String, Json>| {
         let at = ctx.at(&format!("http.{field}"));
@@ -590,6 +562,72 @@ fn http(
         body_limit,
         stateful,
     })
+}
+
+/// A secret given as `{table}.token` or `{table}.token_file` (not both),
+/// shown redacted.
+fn token_pair(
+    ctx: &Ctx,
+    out: &mut Map<String, Json>,
+    table: &str,
+    token: &Option<String>,
+    token_file: &Option<PathBuf>,
+) -> Result<Option<Secret>, ConfigError> {
+    let token_at = ctx.at(&format!("{table}.token"));
+    let file_at = ctx.at(&format!("{table}.token_file"));
+    let secret = match (token, token_file) {
+        (Some(_), Some(_)) => {
+            return Err(file_at.err(format!(
+                "{table}.token (from {}) and {table}.token_file are both set; use one",
+                token_at.source
+            )));
+        }
+        (Some(t), None) => {
+            if t.trim().is_empty() {
+                return Err(token_at.err("must not be empty"));
+            }
+            Some(Secret::new(t.clone()))
+        }
+        (None, Some(path)) => Some(read_secret(path, &file_at, "token")?),
+        (None, None) => None,
+    };
+    let shown = secret.as_ref().map(|_| REDACTED);
+    let at = if token_file.is_some() {
+        &file_at
+    } else {
+        &token_at
+    };
+    leaf(out, "token", json!(shown), at);
+    leaf(
+        out,
+        "token_file",
+        json!(token_file.as_deref().map(|p| p.display().to_string())),
+        &file_at,
+    );
+    Ok(secret)
+}
+
+/// `[metrics]`: who may read `/metrics`, and the listener of its own.
+fn metrics(
+    ctx: &Ctx,
+    raw: &RawConfig,
+    top: &mut Map<String, Json>,
+) -> Result<MetricsSettings, ConfigError> {
+    let m = &raw.metrics;
+    let mut out = Map::new();
+    let token = token_pair(ctx, &mut out, "metrics", &m.token, &m.token_file)?;
+    let at = ctx.at("metrics.bind");
+    let bind = match m.bind.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(text) => Some(text.parse::<SocketAddr>().map_err(|e| {
+            at.err(format!(
+                "{text:?} is not an address and port such as 127.0.0.1:9090: {e}"
+            ))
+        })?),
+    };
+    leaf(&mut out, "bind", json!(bind.map(|b| b.to_string())), &at);
+    top.insert("metrics".into(), Json::Object(out));
+    Ok(MetricsSettings { token, bind })
 }
 
 fn queue(

@@ -1,10 +1,15 @@
-//! The streamable HTTP transport: `/mcp` (rmcp's service) and `/health`
-//! inside axum, behind Host, Origin, bearer-token and body-size checks.
+//! The streamable HTTP transport: `/mcp` (rmcp's service), `/health`,
+//! `/metrics` and the operators' `/admin/` routes inside axum, behind Host,
+//! Origin, bearer-token and body-size checks.
 //!
 //! `/health` passes the Host and Origin checks but needs no token: it shows
 //! only relay names and states and the queue's counts, never a secret or an
 //! address, so probes can reach it. It answers 503 while no relay is healthy
 //! or the queue store refuses writes.
+//!
+//! `/metrics` takes no caller token: with `metrics.token` set it needs that
+//! one, and without it only loopback peers may read it. A daemon serving
+//! stdio can serve it on a listener of its own (`metrics.bind`).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -161,7 +166,7 @@ async fn check(State(guard): State<Arc<Guard>>, mut req: Request, next: Next) ->
             }
             None => return reject(StatusCode::UNAUTHORIZED, "missing or wrong operator token"),
         }
-    } else if path != "/health" {
+    } else if path != "/health" && path != "/metrics" {
         match guard.caller(req.headers()) {
             Some(caller) => {
                 req.extensions_mut().insert(caller);
@@ -225,6 +230,40 @@ async fn health(State(server): State<MailmuxServer>) -> Response {
     (
         status,
         axum::Json(json!({ "ok": ok, "relays": relays, "queue": queue })),
+    )
+        .into_response()
+}
+
+/// `GET /metrics`: every metric as Prometheus text.
+async fn metrics(State(server): State<MailmuxServer>, req: Request) -> Response {
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let config = server.config();
+    match &config.daemon.metrics.token {
+        Some(token) => {
+            use subtle::ConstantTimeEq;
+            let given = bearer(req.headers()).unwrap_or_default();
+            if !bool::from(given.as_bytes().ct_eq(token.expose().as_bytes())) {
+                return reject(StatusCode::UNAUTHORIZED, "missing or wrong metrics token");
+            }
+        }
+        None if !peer.is_some_and(|p| p.ip().is_loopback()) => {
+            return reject(
+                StatusCode::FORBIDDEN,
+                "metrics are open to loopback peers only; set metrics.token",
+            );
+        }
+        None => {}
+    }
+    let text = crate::telemetry::scrape(server.queue()).await;
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
     )
         .into_response()
 }
@@ -313,6 +352,7 @@ pub fn app(server: &MailmuxServer, stateful: bool) -> (Router, CancellationToken
     let permits = Arc::new(Semaphore::new(server.config().daemon.max_concurrent_calls));
     let router = Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/admin/messages/{id}", get(admin_show))
         .route("/admin/messages/{id}/approve", post(admin_approve))
         .route("/admin/messages/{id}/reject", post(admin_reject))
@@ -350,9 +390,12 @@ pub async fn serve(
     let closed = CancellationToken::new();
     let closed_signal = closed.clone();
     let mut serving = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(closed_signal.cancelled_owned())
-            .await
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(closed_signal.cancelled_owned())
+        .await
     });
     tokio::select! {
         r = &mut serving => {
@@ -379,6 +422,32 @@ pub async fn serve(
             Ok(())
         }
     }
+}
+
+/// Serves `/metrics` alone on `bind` (`metrics.bind`), behind the same
+/// Host and Origin checks, until the runtime ends.
+pub async fn serve_metrics(server: &MailmuxServer, bind: SocketAddr) -> Result<(), RunError> {
+    let listener = tokio::net::TcpListener::bind(bind)
+        .await
+        .map_err(|source| RunError::Bind { addr: bind, source })?;
+    let local = listener.local_addr().map_err(RunError::Transport)?;
+    let guard = Arc::new(Guard::new(&server.config().daemon.http, server));
+    let router = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(server.clone())
+        .layer(middleware::from_fn_with_state(guard, check));
+    tracing::info!(%local, "serving metrics on http://{local}/metrics");
+    tokio::spawn(async move {
+        let served = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the metrics listener stopped");
+        }
+    });
+    Ok(())
 }
 
 #[cfg(test)]

@@ -75,9 +75,12 @@ impl MailmuxServer {
             tracing::error!(error = %e, "cannot open the audit log; audit lines are lost until SIGHUP reopens it");
             Audit::unopened(config.safety.audit.clone())
         }));
+        let mut observers: Vec<Arc<dyn queue::Observer>> =
+            vec![Arc::new(crate::telemetry::MessageMeter)];
         if audit.enabled() {
-            queue.observe(audit.clone());
+            observers.push(audit.clone());
         }
+        queue.observe(Arc::new(observers));
         for name in gate.open_recipients() {
             tracing::warn!(caller = %name, "caller may mail any recipient: allowed_recipients is empty");
         }
@@ -242,6 +245,8 @@ pub async fn run(
     if config.safety.audit.path.is_some() {
         Audit::open(config.safety.audit.clone()).map_err(RunError::Audit)?;
     }
+    // Before the actors start, so that their handles record into it.
+    crate::telemetry::spawn_upkeep(crate::telemetry::install());
     let queue = start_queue(&config).await?;
     tracing::info!(
         relays = config.dispatch.relays.len(),
@@ -250,8 +255,12 @@ pub async fn run(
         sources = ?config.sources,
         "mailmux started"
     );
+    let metrics_bind = config.daemon.metrics.bind;
     let server = MailmuxServer::new(queue, config, sources);
     reopen_on_hangup(server.audit().clone());
+    if let Some(bind) = metrics_bind {
+        http::serve_metrics(&server, bind).await?;
+    }
     match transport {
         Transport::Stdio => transport::serve_stdio(server, shutdown).await,
         Transport::Http { bind, stateful } => http::serve(server, bind, stateful, shutdown).await,

@@ -13,13 +13,14 @@ use std::time::{Duration, SystemTime};
 use mailmux_actors::queue::{Cancel, Filter, Hold, QueueError, State, Submit};
 use mailmux_actors::{ControlError, Mail};
 use rmcp::RoleServer;
-use rmcp::handler::server::tool::schema_for_output;
+use rmcp::handler::server::tool::{ToolCallContext, schema_for_output};
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
-    CallToolResult, ContentBlock, Implementation, ListResourceTemplatesResult, ListResourcesResult,
-    PaginatedRequestParams, ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult,
-    Resource, ResourceContents, ResourceTemplate, ServerCapabilities, ServerConfig,
-    SubscribeRequestParams, UnsubscribeRequestParams,
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
+    ListResourceTemplatesResult, ListResourcesResult, PaginatedRequestParams,
+    ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, Resource,
+    ResourceContents, ResourceTemplate, ServerCapabilities, ServerConfig, SubscribeRequestParams,
+    UnsubscribeRequestParams,
 };
 use rmcp::service::{Peer, RequestContext};
 use rmcp::{ErrorData, ServerHandler, tool, tool_handler, tool_router};
@@ -844,6 +845,7 @@ impl MailmuxServer {
                 field: e.field.as_deref(),
             });
         }
+        crate::telemetry::refused(&caller.name, &e.code);
         let (mut out, text) = failed(e);
         out.caller = Some(caller.name.to_string());
         (out, text)
@@ -1503,6 +1505,28 @@ impl MailmuxServer {
 
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for MailmuxServer {
+    /// Calls the tool, and counts the call by tool and outcome.
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let tool = if self.tool_router.has_route(&request.name) {
+            request.name.to_string()
+        } else {
+            "unknown".to_owned()
+        };
+        let tcc = ToolCallContext::new(self, request, context);
+        let result = self.tool_router.call(tcc).await;
+        let outcome = match &result {
+            Ok(CallToolResponse::Complete(r)) if r.is_error == Some(true) => "error",
+            Ok(_) => "ok",
+            Err(_) => "protocol_error",
+        };
+        crate::telemetry::call(tool, outcome);
+        result
+    }
+
     fn get_info(&self) -> ServerConfig {
         let capabilities = ServerCapabilities::builder()
             .enable_tools()

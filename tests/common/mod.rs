@@ -157,6 +157,7 @@ pub fn config(relays: Vec<RelaySettings>) -> Config {
                 body_limit: 4 * 1024 * 1024,
                 stateful: true,
             },
+            metrics: Default::default(),
             log_level: None,
         },
         safety: Default::default(),

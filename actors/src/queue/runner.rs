@@ -154,6 +154,15 @@ pub trait Observer: Send + Sync + std::fmt::Debug {
     fn event(&self, e: &Event<'_>);
 }
 
+/// Several observers (the audit log and the metrics), each told in turn.
+impl Observer for Vec<Arc<dyn Observer>> {
+    fn event(&self, e: &Event<'_>) {
+        for o in self {
+            o.event(e);
+        }
+    }
+}
+
 impl Submit {
     /// The message as it is stored when accepted at `now`.
     fn stored_at(&self, now: Millis) -> NewMessage {
@@ -358,8 +367,8 @@ impl Queue {
         &self.inner.dispatcher
     }
 
-    /// Sets the one observer of audited changes (the audit log). Later
-    /// calls are ignored.
+    /// Sets the one observer of audited changes (the audit log and the
+    /// metrics). Later calls are ignored.
     pub fn observe(&self, observer: Arc<dyn Observer>) {
         let _ = self.inner.observer.set(observer);
     }

@@ -1,0 +1,204 @@
+//! Metrics: the Prometheus recorder behind the `metrics` facade, the names
+//! mailmux records, and what `/metrics` renders.
+//!
+//! Counters and the latency histogram are recorded where things happen: the
+//! relays count attempts, failovers and latency (`mailmux_actors::meters`),
+//! the queue's observer counts messages by caller and status, the MCP
+//! front-end counts calls and refusals. Gauges (the queue by state, its
+//! oldest message, each relay's state and connections) are read from the
+//! queue and the dispatcher at each scrape, so they cost nothing between
+//! scrapes.
+//!
+//! Labels stay low-cardinality: relay, state, status, class, caller, tool,
+//! outcome and code are all names from the configuration or fixed sets;
+//! never an address, a subject or a message id.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use mailmux_actors::meters::{ATTEMPTS, DELIVERY_SECONDS, FAILOVERS};
+use mailmux_actors::queue::{Event, Observer, Queue, State, now_millis};
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Messages by caller and status: `accepted` and `held` as they are stored,
+/// then `approved`, and each final status.
+pub const MESSAGES: &str = "mailmux_messages_total";
+/// Calls refused before anything was stored, by caller and error code
+/// (`invalid_input`, `policy_denied`, `rate_limited`, …).
+pub const REFUSED: &str = "mailmux_refused_total";
+/// MCP tool calls, by tool and outcome (`ok`, `error`, `protocol_error`).
+pub const CALLS: &str = "mailmux_mcp_calls_total";
+/// Messages in the queue, by state.
+pub const QUEUE_MESSAGES: &str = "mailmux_queue_messages";
+/// Age of the oldest message waiting for a relay (`queued`); 0 when none.
+pub const QUEUE_OLDEST: &str = "mailmux_queue_oldest_age_seconds";
+/// Messages handed to the actors and not yet finished.
+pub const IN_FLIGHT: &str = "mailmux_in_flight";
+/// 1 for each relay's current state, 0 for the others.
+pub const RELAY_STATE: &str = "mailmux_relay_state";
+/// Open connections of a relay, idle or busy.
+pub const RELAY_CONNECTIONS: &str = "mailmux_relay_connections";
+/// Messages a relay holds now.
+pub const RELAY_IN_FLIGHT: &str = "mailmux_relay_in_flight";
+/// 1 while the queue's store takes writes.
+pub const QUEUE_AVAILABLE: &str = "mailmux_queue_available";
+/// The build: 1, with the version as a label.
+pub const BUILD_INFO: &str = "mailmux_build_info";
+
+/// Upper bounds of the delivery latency buckets, in seconds: a loopback
+/// relay answers in milliseconds, a remote provider in a second or more.
+pub const DELIVERY_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// How often the recorder's upkeep runs.
+const UPKEEP: Duration = Duration::from_secs(5);
+
+/// Relay states, as the `state` label spells them.
+const RELAY_STATES: [&str; 4] = ["healthy", "backing_off", "circuit_open", "disabled"];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder (once; later calls return the same
+/// handle) and describes every metric. Call before the actors start, so
+/// their handles record into it.
+pub fn install() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new();
+        let builder = match builder
+            .set_buckets_for_metric(Matcher::Full(DELIVERY_SECONDS.into()), &DELIVERY_BUCKETS)
+        {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: the latency buckets were refused; it is a summary");
+                PrometheusBuilder::new()
+            }
+        };
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("metrics: another recorder is installed; /metrics stays empty");
+        }
+        describe();
+        metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        handle
+    })
+}
+
+/// Runs the recorder's upkeep (it drains histogram buffers) for as long as
+/// the runtime lives.
+pub fn spawn_upkeep(handle: &'static PrometheusHandle) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(UPKEEP);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            handle.run_upkeep();
+        }
+    });
+}
+
+fn describe() {
+    describe_counter!(
+        MESSAGES,
+        "Messages by caller and status: accepted and held as stored, then approved and each final status."
+    );
+    describe_counter!(
+        REFUSED,
+        "Calls refused before anything was stored, by caller and error code."
+    );
+    describe_counter!(CALLS, "MCP tool calls, by tool and outcome.");
+    describe_counter!(ATTEMPTS, "Delivery attempts, by relay and class.");
+    describe_counter!(
+        FAILOVERS,
+        "Messages a relay could not take that went on to another relay."
+    );
+    describe_histogram!(
+        DELIVERY_SECONDS,
+        Unit::Seconds,
+        "Time from handing a message to a relay to its final reply, of delivered messages."
+    );
+    describe_gauge!(QUEUE_MESSAGES, "Messages in the queue, by state.");
+    describe_gauge!(
+        QUEUE_OLDEST,
+        Unit::Seconds,
+        "Age of the oldest message waiting for a relay; 0 when none waits."
+    );
+    describe_gauge!(QUEUE_AVAILABLE, "1 while the queue's store takes writes.");
+    describe_gauge!(
+        IN_FLIGHT,
+        "Messages handed to the relays and not yet finished."
+    );
+    describe_gauge!(
+        RELAY_STATE,
+        "1 for each relay's current state, 0 for the others."
+    );
+    describe_gauge!(
+        RELAY_CONNECTIONS,
+        "Open connections of a relay, idle or busy."
+    );
+    describe_gauge!(RELAY_IN_FLIGHT, "Messages a relay holds now.");
+    describe_gauge!(BUILD_INFO, "1, with the version as a label.");
+}
+
+/// Reads the gauges from the queue and the dispatcher, then renders every
+/// metric as Prometheus text.
+pub async fn scrape(queue: &Queue) -> String {
+    let handle = install();
+    let available = queue.available();
+    match queue.stats().await {
+        Ok(stats) => {
+            for st in State::ALL {
+                let n = stats
+                    .counts
+                    .iter()
+                    .find(|(s, _)| *s == st)
+                    .map_or(0, |(_, n)| *n);
+                metrics::gauge!(QUEUE_MESSAGES, "state" => st.as_str()).set(n as f64);
+            }
+            let oldest = stats
+                .oldest_queued_at
+                .map_or(0.0, |t| (now_millis() - t).max(0) as f64 / 1000.0);
+            metrics::gauge!(QUEUE_OLDEST).set(oldest);
+            metrics::gauge!(QUEUE_AVAILABLE).set(if available { 1.0 } else { 0.0 });
+        }
+        Err(_) => metrics::gauge!(QUEUE_AVAILABLE).set(0.0),
+    }
+    if let Ok(snapshot) = queue.dispatcher().status().await {
+        metrics::gauge!(IN_FLIGHT).set(snapshot.in_flight as f64);
+        for r in &snapshot.relays {
+            let now = r.state.as_str();
+            for state in RELAY_STATES {
+                let on = if state == now { 1.0 } else { 0.0 };
+                metrics::gauge!(RELAY_STATE, "relay" => r.name.clone(), "state" => state).set(on);
+            }
+            metrics::gauge!(RELAY_CONNECTIONS, "relay" => r.name.clone()).set(r.connections as f64);
+            metrics::gauge!(RELAY_IN_FLIGHT, "relay" => r.name.clone()).set(r.in_flight as f64);
+        }
+    }
+    handle.render()
+}
+
+/// A refused call, by caller and error code.
+pub fn refused(caller: &str, code: &str) {
+    metrics::counter!(REFUSED, "caller" => caller.to_owned(), "code" => code.to_owned())
+        .increment(1);
+}
+
+/// One MCP tool call and how it ended. `tool` is a tool's name, or
+/// `unknown` for a name no tool has.
+pub fn call(tool: String, outcome: &'static str) {
+    metrics::counter!(CALLS, "tool" => tool, "outcome" => outcome).increment(1);
+}
+
+/// Counts the queue's changes of each message, by caller and status.
+#[derive(Debug, Default)]
+pub struct MessageMeter;
+
+impl Observer for MessageMeter {
+    fn event(&self, e: &Event<'_>) {
+        let caller = e.caller.unwrap_or("-").to_owned();
+        metrics::counter!(MESSAGES, "caller" => caller, "status" => e.action.as_str()).increment(1);
+    }
+}

@@ -1,0 +1,506 @@
+//! `/metrics` against the real binary: after a scripted run (delivered
+//! mail, a 550, a 451 that fails over, a held message, refusals) the
+//! Prometheus text parses and its counters equal what happened; the token
+//! rules; the listener of its own beside stdio; and every metric the shipped
+//! Grafana dashboard uses exists.
+
+mod common;
+#[path = "../actors/tests/support/mod.rs"]
+mod support;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use prometheus_parse::{Sample, Scrape, Value as Prom};
+use rmcp::model::CallToolRequestParams;
+use rmcp::service::RunningService;
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::{RoleClient, ServiceExt};
+use serde_json::{Value, json};
+use support::fault_smtp::{Action, FaultSmtp, Script};
+
+const CALLER_TOKEN: &str = "caller-token-1f3e";
+const METRICS_TOKEN: &str = "metrics-token-9a2b";
+
+struct Daemon {
+    child: Child,
+    _dir: tempfile::TempDir,
+    base: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config_toml(dir: &Path, primary: u16, backup: u16) -> String {
+    format!(
+        r#"
+send_deadline = "8s"
+shutdown_grace = "1s"
+
+[http]
+token = "{CALLER_TOKEN}"
+
+[metrics]
+token = "{METRICS_TOKEN}"
+
+[queue]
+path = "{db}"
+
+[policy]
+allowed_recipients = ["@example.org"]
+approval = "outside_allowlist"
+rate = ["5/min"]
+
+[[relays]]
+name = "primary"
+host = "127.0.0.1"
+port = {primary}
+tls = "none"
+from_email = "sender@example.org"
+priority = 10
+timeout = "3s"
+backoff_base = "60s"
+backoff_max = "60s"
+
+[[relays]]
+name = "backup"
+host = "127.0.0.1"
+port = {backup}
+tls = "none"
+priority = 1
+timeout = "3s"
+"#,
+        db = dir.join("queue.db").display(),
+    )
+}
+
+async fn start(primary: u16, backup: u16) -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mailmux.toml");
+    std::fs::write(&config, config_toml(dir.path(), primary, backup)).unwrap();
+    let port = common::free_port();
+    let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_mailmux"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .arg("--config")
+        .arg(&config)
+        .args(["serve", "--http", &format!("127.0.0.1:{port}")])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("mailmux starts");
+    let base = format!("http://127.0.0.1:{port}");
+    wait_health(&base).await;
+    Daemon {
+        child,
+        _dir: dir,
+        base,
+    }
+}
+
+async fn wait_health(base: &str) {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http.get(format!("{base}/health")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "the daemon never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+type Client = RunningService<RoleClient, ()>;
+
+async fn connect(d: &Daemon) -> Client {
+    let cfg = StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp", d.base))
+        .auth_header(CALLER_TOKEN.to_string());
+    ().serve(StreamableHttpClientTransport::from_config(cfg))
+        .await
+        .expect("client initializes over HTTP")
+}
+
+/// One tool call: (isError, structured content).
+async fn call(c: &Client, tool: &str, args: Value) -> (bool, Value) {
+    let mut params = CallToolRequestParams::new(tool.to_string());
+    if let Value::Object(map) = args {
+        params = params.with_arguments(map);
+    }
+    let r = tokio::time::timeout(Duration::from_secs(30), c.peer().call_tool(params))
+        .await
+        .expect("answer within 30 s")
+        .expect("no protocol error");
+    (
+        r.is_error.unwrap_or(false),
+        r.structured_content.unwrap_or(Value::Null),
+    )
+}
+
+async fn send(c: &Client, to: &str) -> (bool, Value) {
+    call(
+        c,
+        "send_email",
+        json!({ "to": [to], "subject": "metrics", "body": "hello" }),
+    )
+    .await
+}
+
+/// `GET /metrics` with `token`: (status, body).
+async fn get_metrics(base: &str, token: Option<&str>) -> (u16, String) {
+    let mut req = reqwest::Client::new().get(format!("{base}/metrics"));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.expect("the daemon answers");
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap_or_default())
+}
+
+/// Parses Prometheus text, first checking that every line is a comment or
+/// one well-formed sample (the parser skips what it cannot read).
+fn parse(text: &str) -> Vec<Sample> {
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name_labels, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("not a sample line: {line:?}"));
+        let name: String = name_labels
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ':')
+            .collect();
+        assert!(
+            name.starts_with("mailmux_"),
+            "a metric outside mailmux_: {line:?}"
+        );
+        let rest = &name_labels[name.len()..];
+        assert!(
+            rest.is_empty() || (rest.starts_with('{') && rest.ends_with('}')),
+            "bad labels: {line:?}"
+        );
+        assert!(
+            value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value),
+            "bad value: {line:?}"
+        );
+    }
+    Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("Prometheus text parses")
+        .samples
+}
+
+/// The value of the counter or gauge `name` with exactly these labels
+/// among its own (others may be present); 0 when there is no such series.
+fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            Prom::Counter(v) | Prom::Gauge(v) | Prom::Untyped(v) => v,
+            _ => panic!("{name} is not a single value"),
+        })
+        .sum()
+}
+
+/// The `+Inf` bucket (the count) of a histogram series.
+fn histogram_count(samples: &[Sample], name: &str, relay: &str) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.metric == name && s.labels.get("relay") == Some(relay))
+        .map(|s| match &s.value {
+            Prom::Histogram(buckets) => buckets
+                .iter()
+                .find(|b| b.less_than.is_infinite())
+                .map_or(0.0, |b| b.count),
+            _ => panic!("{name} is not a histogram"),
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_equal_what_happened() {
+    let primary = FaultSmtp::start(
+        Script::ok()
+            .on_rcpt(
+                "refused@example.org",
+                Action::reply(550, "5.1.1 no such user"),
+            )
+            .on_rcpt("later@example.org", Action::reply(451, "4.3.0 try later")),
+    )
+    .await;
+    let backup = FaultSmtp::start(Script::ok()).await;
+    let d = start(primary.port(), backup.port()).await;
+
+    // The token rules, before anything happened.
+    assert_eq!(get_metrics(&d.base, None).await.0, 401, "no token");
+    assert_eq!(
+        get_metrics(&d.base, Some(CALLER_TOKEN)).await.0,
+        401,
+        "a caller's token does not open /metrics"
+    );
+    assert_eq!(get_metrics(&d.base, Some("wrong")).await.0, 401);
+    let (code, text) = get_metrics(&d.base, Some(METRICS_TOKEN)).await;
+    assert_eq!(code, 200);
+    let before = parse(&text);
+    assert_eq!(
+        value(&before, "mailmux_build_info", &[]),
+        1.0,
+        "build info: {text}"
+    );
+
+    let c = connect(&d).await;
+    // Two delivered by the primary.
+    for to in ["one@example.org", "two@example.org"] {
+        let (err, out) = send(&c, to).await;
+        assert!(!err, "{out}");
+        assert_eq!(out["status"], "sent", "{out}");
+        assert_eq!(out["relay"], "primary", "{out}");
+    }
+    // A 550: failed for good, no failover.
+    let (err, out) = send(&c, "refused@example.org").await;
+    assert!(err, "{out}");
+    assert_eq!(out["status"], "failed", "{out}");
+    // A 451 from the primary: delivered by the backup; the primary backs off.
+    let (err, out) = send(&c, "later@example.org").await;
+    assert!(!err, "{out}");
+    assert_eq!(out["status"], "sent", "{out}");
+    assert_eq!(out["relay"], "backup", "{out}");
+    // Outside the allowlist: held for approval (this client has no
+    // elicitation, so it stays held).
+    let (err, out) = call(
+        &c,
+        "send_email",
+        json!({ "to": ["someone@elsewhere.net"], "subject": "metrics", "body": "hello", "wait": false }),
+    )
+    .await;
+    assert!(!err, "{out}");
+    assert_eq!(out["status"], "held", "{out}");
+    // The sixth message of a 5/min rate: refused, nothing stored.
+    let (err, out) = send(&c, "three@example.org").await;
+    assert!(err, "{out}");
+    assert_eq!(out["error"]["code"], "rate_limited", "{out}");
+    // Invalid input: refused.
+    let (err, out) = send(&c, "not an address").await;
+    assert!(err, "{out}");
+    assert_eq!(out["error"]["code"], "invalid_input", "{out}");
+
+    let (code, text) = get_metrics(&d.base, Some(METRICS_TOKEN)).await;
+    assert_eq!(code, 200);
+    let m = parse(&text);
+    let msgs = |status: &str| {
+        value(
+            &m,
+            "mailmux_messages_total",
+            &[("caller", "default"), ("status", status)],
+        )
+    };
+    assert_eq!(msgs("accepted"), 4.0, "{text}");
+    assert_eq!(msgs("held"), 1.0, "{text}");
+    assert_eq!(msgs("sent"), 3.0, "{text}");
+    assert_eq!(msgs("failed"), 1.0, "{text}");
+    assert_eq!(msgs("unknown") + msgs("partial") + msgs("expired"), 0.0);
+
+    let attempts = |relay: &str, class: &str| {
+        value(
+            &m,
+            "mailmux_attempts_total",
+            &[("relay", relay), ("class", class)],
+        )
+    };
+    assert_eq!(attempts("primary", "sent"), 2.0, "{text}");
+    assert_eq!(attempts("primary", "permanent"), 1.0, "{text}");
+    assert_eq!(attempts("primary", "transient"), 1.0, "{text}");
+    assert_eq!(attempts("backup", "sent"), 1.0, "{text}");
+    assert_eq!(attempts("backup", "transient"), 0.0, "{text}");
+    assert_eq!(
+        value(&m, "mailmux_failovers_total", &[("relay", "primary")]),
+        1.0
+    );
+    assert_eq!(
+        value(&m, "mailmux_failovers_total", &[("relay", "backup")]),
+        0.0
+    );
+    assert_eq!(
+        histogram_count(&m, "mailmux_delivery_seconds", "primary"),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        histogram_count(&m, "mailmux_delivery_seconds", "backup"),
+        1.0
+    );
+
+    let refused = |code: &str| {
+        value(
+            &m,
+            "mailmux_refused_total",
+            &[("caller", "default"), ("code", code)],
+        )
+    };
+    assert_eq!(refused("rate_limited"), 1.0, "{text}");
+    assert_eq!(refused("invalid_input"), 1.0, "{text}");
+
+    // Seven send_email calls: four answered without error (three sent, one
+    // held), three with one.
+    let calls = |outcome: &str| {
+        value(
+            &m,
+            "mailmux_mcp_calls_total",
+            &[("tool", "send_email"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(calls("ok"), 4.0, "{text}");
+    assert_eq!(calls("error"), 3.0, "{text}");
+
+    // Gauges read at the scrape.
+    let queue = |state: &str| value(&m, "mailmux_queue_messages", &[("state", state)]);
+    assert_eq!(queue("sent"), 3.0, "{text}");
+    assert_eq!(queue("failed"), 1.0);
+    assert_eq!(queue("held"), 1.0);
+    assert_eq!(queue("queued"), 0.0);
+    assert_eq!(value(&m, "mailmux_queue_oldest_age_seconds", &[]), 0.0);
+    assert_eq!(value(&m, "mailmux_queue_available", &[]), 1.0);
+    let state = |relay: &str, state: &str| {
+        value(
+            &m,
+            "mailmux_relay_state",
+            &[("relay", relay), ("state", state)],
+        )
+    };
+    assert_eq!(state("primary", "backing_off"), 1.0, "{text}");
+    assert_eq!(state("primary", "healthy"), 0.0);
+    assert_eq!(state("backup", "healthy"), 1.0);
+    assert!(value(&m, "mailmux_relay_connections", &[("relay", "backup")]) >= 0.0);
+
+    // No address, subject or message id reaches a label.
+    for needle in ["example.org", "elsewhere.net", "metrics\"", "hello", "@"] {
+        let labelled = m
+            .iter()
+            .flat_map(|s| s.labels.values())
+            .any(|v| v.contains(needle));
+        assert!(!labelled, "a label holds {needle:?}");
+    }
+    assert!(!text.contains(CALLER_TOKEN) && !text.contains(METRICS_TOKEN));
+
+    // Every metric the shipped dashboard uses exists now.
+    let names: BTreeSet<String> = m
+        .iter()
+        .flat_map(|s| {
+            let base = s.metric.clone();
+            match s.value {
+                Prom::Histogram(_) => vec![
+                    format!("{base}_bucket"),
+                    format!("{base}_sum"),
+                    format!("{base}_count"),
+                    base,
+                ],
+                _ => vec![base],
+            }
+        })
+        .collect();
+    let used = dashboard_metrics();
+    assert!(used.len() >= 10, "the dashboard uses {used:?}");
+    let missing: Vec<_> = used.iter().filter(|u| !names.contains(*u)).collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard uses metrics that do not exist: {missing:?}"
+    );
+}
+
+/// The metric names in every `expr` of `config/grafana-dashboard.json`.
+fn dashboard_metrics() -> BTreeSet<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/grafana-dashboard.json");
+    let text = std::fs::read_to_string(&path).expect("the dashboard exists");
+    let json: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let mut exprs = Vec::new();
+    collect_exprs(&json, &mut exprs);
+    assert!(!exprs.is_empty(), "the dashboard has no queries");
+    let mut names = BTreeSet::new();
+    for e in exprs {
+        let mut rest = e.as_str();
+        while let Some(at) = rest.find("mailmux_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            names.insert(name);
+        }
+    }
+    names
+}
+
+fn collect_exprs(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v) {
+                    ("expr", Value::String(s)) => out.push(s.clone()),
+                    _ => collect_exprs(v, out),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_exprs(v, out)),
+        _ => {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stdio_daemon_serves_metrics_on_a_listener_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mailmux"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("MAILMUX_QUEUE__PATH", common::queue_db())
+        .env("MAILMUX_OUTBOX_DIR", dir.path().join("outbox"))
+        .args(["serve", "--metrics", &format!("127.0.0.1:{port}")])
+        .current_dir(dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mailmux starts");
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        match reqwest::get(format!("{base}/metrics")).await {
+            Ok(r) => {
+                // No metrics.token: open to loopback peers.
+                assert_eq!(r.status().as_u16(), 200);
+                break r.text().await.unwrap();
+            }
+            Err(_) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the metrics listener never answered"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let m = parse(&text);
+    assert_eq!(value(&m, "mailmux_build_info", &[]), 1.0, "{text}");
+    let states: HashMap<String, f64> = m
+        .iter()
+        .filter(|s| s.metric == "mailmux_relay_state")
+        .filter_map(|s| match s.value {
+            Prom::Gauge(v) => Some((s.labels.get("state")?.to_owned(), v)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(states.get("healthy"), Some(&1.0), "{text}");
+    // Only /metrics is served there.
+    let other = reqwest::get(format!("{base}/mcp")).await.unwrap();
+    assert_eq!(other.status().as_u16(), 404);
+    drop(child.stdin.take());
+    let _ = child.wait();
+}
