@@ -6,6 +6,7 @@
 //! - [`policy`]: callers, operators and the per-caller policy and rates;
 //! - [`audit`]: the audit log;
 //! - [`telemetry`]: the Prometheus metrics;
+//! - [`console`]: the operators' web console on the HTTP listener;
 //! - [`mcp`]: the MCP tools and the stdio and HTTP transports (only it knows rmcp);
 //! - [`cli`]: the command line (`serve`, `send`, `check`, `config`);
 //! - [`logging`]: tracing to stderr;
@@ -15,6 +16,7 @@ pub mod audit;
 pub mod cli;
 pub mod compose;
 pub mod config;
+pub mod console;
 pub mod logging;
 pub mod mcp;
 pub mod policy;

@@ -104,3 +104,57 @@ fn config_prints_the_effective_configuration() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("mailmux.toml"), "{stderr}");
 }
+
+/// The shipped systemd unit starts the daemon with arguments this build
+/// accepts, names every variable it sets by a key the configuration knows,
+/// and keeps its sandboxing options.
+#[test]
+fn the_systemd_unit_runs_a_command_line_this_build_accepts() {
+    use clap::Parser;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/mailmux.service");
+    let unit = std::fs::read_to_string(&path).expect("config/mailmux.service exists");
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("an ExecStart line");
+    let args: Vec<&str> = exec.split_whitespace().collect();
+    assert!(args[0].ends_with("/mailmux"), "{exec}");
+    let cli = mailmux::cli::Cli::try_parse_from(&args).expect("the unit's arguments parse");
+    assert!(!cli.serves_stdio(), "the unit serves HTTP");
+    for option in [
+        "DynamicUser=yes",
+        "ProtectSystem=strict",
+        "StateDirectory=mailmux",
+        "NoNewPrivileges=yes",
+    ] {
+        assert!(unit.lines().any(|l| l == option), "missing {option}");
+    }
+    // Each MAILMUX_ variable is a configuration key: the daemon refuses
+    // nothing here, and a misspelt key would be silently ignored.
+    let mut env = Vec::new();
+    for line in unit.lines() {
+        if let Some(pair) = line.strip_prefix("Environment=") {
+            let (k, v) = pair.split_once('=').expect("NAME=value");
+            let v = v
+                .replace("%S", "/var/lib")
+                .replace("%d", "/run/credentials");
+            env.push((k.to_string(), v));
+        }
+    }
+    let known = [
+        "MAILMUX_QUEUE__PATH",
+        "MAILMUX_OUTBOX_DIR",
+        "MAILMUX_HTTP__TOKEN_FILE",
+        "MAILMUX_METRICS__TOKEN_FILE",
+    ];
+    for (k, _) in &env {
+        assert!(known.contains(&k.as_str()), "unexpected variable {k}");
+    }
+    // The token files do not exist here: loading names the key that reads them.
+    let e = mailmux::config::load_from(&mailmux::config::Sources { file: None }, env)
+        .expect_err("the credential files are absent on this machine");
+    assert!(
+        e.key == "http.token_file" || e.key == "metrics.token_file",
+        "{e}"
+    );
+}

@@ -259,9 +259,10 @@ impl Dispatcher {
         Ok(diff)
     }
 
-    /// Drops every connection, resets health and probes each relay.
-    pub async fn reconnect(&self) -> Result<Snapshot, ControlError> {
-        self.probe_all(None, RelayMsg::Reconnect).await?;
+    /// Drops the connections of `relay` (or of every relay), resets its
+    /// health and probes it.
+    pub async fn reconnect(&self, relay: Option<&str>) -> Result<Snapshot, ControlError> {
+        self.probe_all(relay, RelayMsg::Reconnect).await?;
         self.status().await
     }
 

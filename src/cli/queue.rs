@@ -199,8 +199,7 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
             };
             let filter = Filter {
                 state,
-                caller: None,
-                batch: None,
+                ..Filter::default()
             };
             let (page, _) = match store.list(&filter, a.limit.max(1), None).await {
                 Ok(p) => p,

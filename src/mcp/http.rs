@@ -1,6 +1,7 @@
 //! The streamable HTTP transport: `/mcp` (rmcp's service), `/health`,
-//! `/metrics` and the operators' `/admin/` routes inside axum, behind Host,
-//! Origin, bearer-token and body-size checks.
+//! `/metrics`, the operators' `/admin/` routes and the console
+//! (`crate::console`) inside axum, behind Host, Origin, bearer-token and
+//! body-size checks.
 //!
 //! `/health` passes the Host and Origin checks but needs no token: it shows
 //! only relay names and states and the queue's counts, never a secret or an
@@ -139,6 +140,11 @@ fn reject(status: StatusCode, message: &str) -> Response {
     resp
 }
 
+/// The console's paths: it checks its own sessions.
+fn is_console(path: &str) -> bool {
+    path == "/console" || path.starts_with("/console/")
+}
+
 async fn check(State(guard): State<Arc<Guard>>, mut req: Request, next: Next) -> Response {
     let authority = req
         .headers()
@@ -166,7 +172,7 @@ async fn check(State(guard): State<Arc<Guard>>, mut req: Request, next: Next) ->
             }
             None => return reject(StatusCode::UNAUTHORIZED, "missing or wrong operator token"),
         }
-    } else if path != "/health" && path != "/metrics" {
+    } else if path != "/health" && path != "/metrics" && !is_console(path) {
         match guard.caller(req.headers()) {
             Some(caller) => {
                 req.extensions_mut().insert(caller);
@@ -357,6 +363,7 @@ pub fn app(server: &MailmuxServer, stateful: bool) -> (Router, CancellationToken
         .route("/admin/messages/{id}/approve", post(admin_approve))
         .route("/admin/messages/{id}/reject", post(admin_reject))
         .with_state(server.clone())
+        .merge(crate::console::routes(server))
         .nest_service("/mcp", mcp)
         // Layers run outermost last-added first: the checks, then the bound.
         .layer(middleware::from_fn_with_state(permits, limit))
@@ -386,6 +393,10 @@ pub async fn serve(
         );
     }
     tracing::info!(%local, stateful, "serving MCP on http://{local}/mcp");
+    if !server.config().safety.operators.is_empty() {
+        tracing::info!(%local, "operators' console on http://{local}/console");
+    }
+    crate::console::spawn_sampler(server.clone());
 
     let closed = CancellationToken::new();
     let closed_signal = closed.clone();

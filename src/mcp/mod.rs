@@ -53,6 +53,8 @@ struct State {
     /// buckets; rebuilt with the configuration.
     gate: RwLock<Arc<Gate>>,
     audit: Arc<Audit>,
+    /// The web console's sessions and chart samples.
+    console: crate::console::Console,
 }
 
 impl std::fmt::Debug for MailmuxServer {
@@ -96,6 +98,7 @@ impl MailmuxServer {
                 subscriptions: resources::Subscriptions::default(),
                 gate: RwLock::new(gate),
                 audit,
+                console: crate::console::Console::default(),
             }),
             tool_router: standard_schemas(Self::tool_router()),
         }
@@ -133,6 +136,10 @@ impl MailmuxServer {
 
     pub fn audit(&self) -> &Arc<Audit> {
         &self.state.audit
+    }
+
+    pub fn console(&self) -> &crate::console::Console {
+        &self.state.console
     }
 
     fn set_config(&self, config: Config) {

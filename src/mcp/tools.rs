@@ -252,15 +252,8 @@ fn meta_of(c: &Composed) -> Meta {
 
 /// The hash an approval binds to: the exact bytes and envelope.
 fn approval_hash(c: &Composed) -> [u8; 32] {
-    let mut h = sha2::Sha256::new();
-    h.update(c.from.to_string().as_bytes());
-    for r in &c.recipients {
-        h.update(b"\n");
-        h.update(r.to_string().as_bytes());
-    }
-    h.update(b"\n\n");
-    h.update(&c.bytes);
-    h.finalize().into()
+    let to: Vec<String> = c.recipients.iter().map(ToString::to_string).collect();
+    crate::policy::approval_hash(c.from.as_ref(), &to, &c.bytes)
 }
 
 #[tool_router(router = tool_router, vis = "pub(crate)")]
@@ -544,7 +537,7 @@ impl MailmuxServer {
             if self.is_closing() {
                 return fail::<ReconnectResult>(ToolError::unavailable());
             }
-            match self.dispatcher().reconnect().await {
+            match self.dispatcher().reconnect(None).await {
                 Ok(s) => {
                     let out = ReconnectResult::from_snapshot(&s);
                     let text = out
@@ -680,6 +673,7 @@ impl MailmuxServer {
                 state,
                 caller: Some(caller.name.to_string()),
                 batch: p.batch_id.clone(),
+                recipient: None,
             };
             match self.queue().list(&filter, limit as usize, cursor).await {
                 Ok((page, next)) => {
@@ -1569,7 +1563,7 @@ impl ServerHandler for MailmuxServer {
         let filter = Filter {
             state: None,
             caller: Some(caller.name.to_string()),
-            batch: None,
+            ..Filter::default()
         };
         let (page, _) = self
             .queue()

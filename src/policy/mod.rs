@@ -96,6 +96,20 @@ pub fn hash_token(token: &str) -> TokenHash {
     Sha256::digest(token.as_bytes()).into()
 }
 
+/// The hash an approval binds to: the envelope and the exact bytes, as
+/// stored. An approval that names another hash is refused.
+pub fn approval_hash(from: &str, to: &[String], bytes: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(from.as_bytes());
+    for r in to {
+        h.update(b"\n");
+        h.update(r.as_bytes());
+    }
+    h.update(b"\n\n");
+    h.update(bytes);
+    h.finalize().into()
+}
+
 /// A `[[callers]]` entry, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallerSettings {
@@ -399,10 +413,15 @@ impl Gate {
 
     /// The operator a bearer token names.
     pub fn operator(&self, bearer: Option<&str>) -> Option<String> {
-        let given = hash_token(bearer?);
+        self.operator_by_hash(&hash_token(bearer?))
+    }
+
+    /// The operator whose token has this hash (a console session keeps the
+    /// hash, so that a reload that drops or changes the token ends it).
+    pub fn operator_by_hash(&self, given: &TokenHash) -> Option<String> {
         let mut found = None;
         for (hash, name) in &self.operators {
-            if bool::from(hash.ct_eq(&given)) {
+            if bool::from(hash.ct_eq(given)) {
                 found = Some(name.clone());
             }
         }

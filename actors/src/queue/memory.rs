@@ -370,6 +370,7 @@ impl Store for MemoryStore {
                         .batch
                         .as_ref()
                         .is_none_or(|b| row.batch.as_ref() == Some(b))
+                    && filter.recipient_matches(&row.record.to)
             })
             .take(limit + 1)
             .map(|(seq, row)| {

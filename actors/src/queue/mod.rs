@@ -498,6 +498,18 @@ pub struct Filter {
     pub caller: Option<String>,
     /// Only the messages of this `send_batch` call.
     pub batch: Option<String>,
+    /// Only messages with a recipient that contains this text (any case).
+    pub recipient: Option<String>,
+}
+
+impl Filter {
+    /// Whether one of `to` matches the recipient filter.
+    pub fn recipient_matches(&self, to: &[String]) -> bool {
+        self.recipient.as_ref().is_none_or(|needle| {
+            let needle = needle.to_lowercase();
+            to.iter().any(|t| t.to_lowercase().contains(&needle))
+        })
+    }
 }
 
 /// A queue backend. Every write is durable when it returns `Ok` (for a

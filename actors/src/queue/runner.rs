@@ -651,6 +651,12 @@ impl Queue {
         }))
     }
 
+    /// The stored message with its bytes, while the store keeps them (until
+    /// it is final, or for `retain` when it may have been delivered).
+    pub async fn stored(&self, message_id: &str) -> Result<Option<Pending>, QueueError> {
+        Ok(self.inner.store.load(message_id).await?)
+    }
+
     /// The message an idempotency key names.
     pub async fn status_by_key(&self, key: &str) -> Result<Option<Record>, QueueError> {
         match self.inner.store.find_key(key).await? {

@@ -781,16 +781,20 @@ impl Store for SqliteStore {
         let state = filter.state.map(State::as_str);
         let caller = filter.caller.clone();
         let batch = filter.batch.clone();
+        let recipient = filter.recipient.as_ref().map(|r| r.to_lowercase());
         self.read(move |c| {
             let before = cursor.unwrap_or(i64::MAX);
             let mut stmt = c.prepare_cached(
                 "SELECT seq, message_id, state, mail_from, rcpt, queued_at, updated_at, relay, caller
                    FROM messages WHERE seq < ?1 AND (?2 IS NULL OR state = ?2)
                    AND (?4 IS NULL OR caller = ?4) AND (?5 IS NULL OR batch = ?5)
+                   AND (?6 IS NULL OR instr(lower(rcpt), ?6) > 0)
                    ORDER BY seq DESC LIMIT ?3",
             )?;
             let rows: Vec<(i64, Summary)> = stmt
-                .query_map(params![before, state, limit as i64 + 1, caller, batch], |r| {
+                .query_map(
+                    params![before, state, limit as i64 + 1, caller, batch, recipient],
+                    |r| {
                     Ok((
                         r.get(0)?,
                         Summary {
@@ -804,7 +808,8 @@ impl Store for SqliteStore {
                             caller: r.get(8)?,
                         },
                     ))
-                })?
+                    },
+                )?
                 .collect::<rusqlite::Result<_>>()?;
             let more = rows.len() > limit;
             let page: Vec<(i64, Summary)> = rows.into_iter().take(limit).collect();

@@ -1,0 +1,639 @@
+//! The operators' web console at `/console`: the relays and the queue at a
+//! glance, each message, the approvals of held messages, and the relay
+//! controls.
+//!
+//! Operators sign in with their `[[operators]]` token, which becomes a
+//! session (an HttpOnly, SameSite=Strict cookie naming a random id; the
+//! daemon keeps the token's hash, never the token). Every form carries the
+//! session's CSRF token. Actions go through the queue and the dispatcher, so
+//! they follow the same state rules and reach the same audit log as the
+//! tools. A message body appears only on that message's own page and on the
+//! approvals page.
+//!
+//! `pages.rs` renders the HTML (maud); `chart.rs` keeps the last hour of
+//! samples and draws them as SVG. The Host and Origin checks of the HTTP
+//! listener run before any of this.
+
+mod chart;
+mod pages;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{Form, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use mailmux_actors::queue::{Cancel, Decided, Decision, Filter, Retry, State as MsgState};
+use rand::RngCore;
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use crate::mcp::MailmuxServer;
+use crate::policy::{TokenHash, hash_token};
+
+pub use chart::History;
+
+/// The session cookie's name.
+const COOKIE: &str = "mailmux_console";
+/// How long a session lasts from sign-in.
+const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+/// Sessions kept at once; the oldest goes first past it.
+const MAX_SESSIONS: usize = 1024;
+/// Messages on one page of the queue.
+const PAGE: usize = 50;
+
+/// One signed-in operator.
+#[derive(Debug, Clone)]
+struct Session {
+    /// The hash of the token signed in with: a reload that drops or changes
+    /// it ends the session.
+    token: TokenHash,
+    csrf: String,
+    expires: Instant,
+}
+
+/// The signed-in operator of a request, as the session check found it.
+#[derive(Debug, Clone)]
+pub(crate) struct Operator {
+    pub name: String,
+    pub csrf: String,
+}
+
+/// The console's state: its sessions and its chart samples.
+#[derive(Debug, Default)]
+pub struct Console {
+    sessions: Mutex<HashMap<String, Session>>,
+    pub history: History,
+}
+
+/// A random token of 32 bytes, hex.
+fn random_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Console {
+    fn sign_in(&self, token: TokenHash) -> (String, Session) {
+        let id = random_token();
+        let session = Session {
+            token,
+            csrf: random_token(),
+            expires: Instant::now() + SESSION_TTL,
+        };
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        sessions.retain(|_, s| s.expires > now);
+        if sessions.len() >= MAX_SESSIONS
+            && let Some(oldest) = sessions
+                .iter()
+                .min_by_key(|(_, s)| s.expires)
+                .map(|(k, _)| k.clone())
+        {
+            sessions.remove(&oldest);
+        }
+        sessions.insert(id.clone(), session.clone());
+        (id, session)
+    }
+
+    fn session(&self, id: &str) -> Option<Session> {
+        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        sessions
+            .get(id)
+            .filter(|s| s.expires > Instant::now())
+            .cloned()
+    }
+
+    fn sign_out(&self, id: &str) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        sessions.remove(id);
+    }
+}
+
+/// The session id in the request's cookie.
+fn session_id(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == COOKIE).then_some(v)
+        })
+}
+
+/// The routes under `/console`. The listener's Host and Origin checks wrap
+/// them; the session check is here.
+pub fn routes(server: &MailmuxServer) -> Router {
+    let signed_in = Router::new()
+        .route("/console", get(overview))
+        .route("/console/queue", get(queue))
+        .route("/console/messages/{id}", get(message))
+        .route("/console/messages/{id}/cancel", post(cancel))
+        .route("/console/messages/{id}/retry", post(retry))
+        .route("/console/messages/{id}/approve", post(approve))
+        .route("/console/messages/{id}/reject", post(reject))
+        .route("/console/approvals", get(approvals))
+        .route("/console/relays", get(relays))
+        .route("/console/relays/{name}/reconnect", post(reconnect))
+        .route("/console/relays/{name}/pin", post(pin))
+        .route("/console/relays/unpin", post(unpin))
+        .route("/console/logout", post(logout))
+        .route_layer(middleware::from_fn_with_state(
+            server.clone(),
+            require_session,
+        ));
+    Router::new()
+        .route("/console/login", get(login_page).post(login))
+        .merge(signed_in)
+        .with_state(server.clone())
+}
+
+/// Lets a request with a live session through, with its [`Operator`];
+/// sends any other to the sign-in page. A POST must carry the session's
+/// CSRF token in its form.
+async fn require_session(
+    State(server): State<MailmuxServer>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let console = server.console();
+    let found = session_id(req.headers()).and_then(|id| console.session(id));
+    let operator = found.and_then(|s| {
+        let name = server.gate().operator_by_hash(&s.token)?;
+        Some(Operator { name, csrf: s.csrf })
+    });
+    let Some(operator) = operator else {
+        return Redirect::to("/console/login").into_response();
+    };
+    req.extensions_mut().insert(operator);
+    next.run(req).await
+}
+
+/// The CSRF token of a form, checked against the session's.
+fn csrf_ok(operator: &Operator, given: Option<&str>) -> bool {
+    given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(operator.csrf.as_bytes())))
+}
+
+fn forbidden_csrf() -> Response {
+    (
+        StatusCode::FORBIDDEN,
+        pages::plain(
+            "Refused",
+            "The form did not carry this session's CSRF token; nothing was changed.",
+        ),
+    )
+        .into_response()
+}
+
+/// Back to `to` with a notice shown at the top of the page.
+fn back(to: &str, notice: &str) -> Response {
+    let mut url = to.to_owned();
+    url.push_str(if to.contains('?') { "&" } else { "?" });
+    url.push_str("notice=");
+    url.push_str(&urlencode(notice));
+    Redirect::to(&url).into_response()
+}
+
+fn urlencode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+#[derive(Debug, Deserialize)]
+struct LoginForm {
+    token: Option<String>,
+}
+
+async fn login_page(State(server): State<MailmuxServer>, headers: HeaderMap) -> Response {
+    let signed_in = session_id(&headers).and_then(|id| server.console().session(id));
+    if signed_in.is_some() {
+        return Redirect::to("/console").into_response();
+    }
+    pages::login(None).into_response()
+}
+
+async fn login(State(server): State<MailmuxServer>, Form(form): Form<LoginForm>) -> Response {
+    let token = form.token.unwrap_or_default();
+    let hash = hash_token(token.trim());
+    let Some(name) = server.gate().operator_by_hash(&hash) else {
+        tracing::warn!("console sign-in refused: not an operator token");
+        return (
+            StatusCode::UNAUTHORIZED,
+            pages::login(Some("That is not an operator token.")),
+        )
+            .into_response();
+    };
+    let (id, _) = server.console().sign_in(hash);
+    tracing::info!(operator = %name, "operator signed in to the console");
+    let cookie = format!(
+        "{COOKIE}={id}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={}",
+        SESSION_TTL.as_secs()
+    );
+    let mut resp = Redirect::to("/console").into_response();
+    if let Ok(v) = header::HeaderValue::from_str(&cookie) {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    resp
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct CsrfForm {
+    csrf: Option<String>,
+    /// The content hash an approval was made on (hex).
+    hash: Option<String>,
+    /// `retry` of an `unknown` message.
+    force: Option<String>,
+}
+
+async fn logout(
+    State(server): State<MailmuxServer>,
+    axum::Extension(op): axum::Extension<Operator>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    if !csrf_ok(&op, form.csrf.as_deref()) {
+        return forbidden_csrf();
+    }
+    if let Some(id) = session_id(&headers) {
+        server.console().sign_out(id);
+    }
+    let mut resp = Redirect::to("/console/login").into_response();
+    resp.headers_mut().insert(
+        header::SET_COOKIE,
+        header::HeaderValue::from_static(
+            "mailmux_console=; Path=/console; HttpOnly; SameSite=Strict; Max-Age=0",
+        ),
+    );
+    resp
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Notice {
+    notice: Option<String>,
+}
+
+async fn overview(
+    State(server): State<MailmuxServer>,
+    axum::Extension(op): axum::Extension<Operator>,
+    Query(n): Query<Notice>,
+) -> Response {
+    let snapshot = server.dispatcher().status().await.ok();
+    let queue = server.queue_status().await;
+    pages::overview(
+        &op,
+        n.notice.as_deref(),
+        snapshot.as_ref(),
+        &queue,
+        &server.console().history,
+    )
+    .into_response()
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct QueueQuery {
+    state: Option<String>,
+    caller: Option<String>,
+    recipient: Option<String>,
+    before: Option<i64>,
+    notice: Option<String>,
+}
+
+async fn queue(
+    State(server): State<MailmuxServer>,
+    axum::Extension(op): axum::Extension<Operator>,
+    Query(q): Query<QueueQuery>,
+) -> Response {
+    let nonempty = |s: &Option<String>| {
+        s.as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    };
+    let state = nonempty(&q.state).and_then(|s| MsgState::parse(&s));
+    let filter = Filter {
+        state,
+        caller: nonempty(&q.caller),
+        recipient: nonempty(&q.recipient),
+        ..Filter::default()
+    };
+    let listed = server.queue().list(&filter, PAGE, q.before).await;
+    let (page, next) = match listed {
+        Ok(v) => v,
+        Err(e) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                pages::plain("Queue unavailable", &e.to_string()),
+            )
+                .into_response();
+        }
+    };
+    pages::queue(&op, q.notice.as_deref(), &filter, &page, next).into_response()
+}
+
+async fn message(
+    State(server): State<MailmuxServer>,
+    axum::Extension(op): axum::Extension<Operator>,
+    Path(id): Path<String>,
+    Query(n): Query<Notice>,
+) -> Response {
+    let record = match server.queue().status(&id).await {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            return (
+                StatusCode::NOT_FOUND,
+                pages::plain("No such message", "No message has that id."),
+            )
+                .into_response();
+        }
+        Err(e) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                pages::plain("Queue unavailable", &e.to_string()),
+            )
+                .into_response();
+        }
+    };
+    let stored = server.queue().stored(&id).await.ok().flatten();
+    pages::message(&op, n.notice.as_deref(), &record, stored.as_ref()).into_response()
+}
+
+async fn approvals(
+    State(server): State<MailmuxServer>,
+    axum::Extension(op): axum::Extension<Operator>,
+    Query(n): Query<Notice>,
+) -> Response {
+    let filter = Filter {
+        state: Some(MsgState::Held),
+        ..Filter::default()
+    };
+    let page = match server.queue().list(&filter, PAGE, None).await {
+        Ok((page, _)) => page,
+        Err(e) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                pages::plain("Queue unavailable", &e.to_string()),
+            )
+                .into_response();
+        }
+    };
+    let mut held = Vec::with_capacity(page.len());
+    for s in page {
+        if let Ok(Some(stored)) = server.queue().stored(&s.message_id).await {
+            held.push((s, stored));
+        }
+    }
+    pages::approvals(&op, n.notice.as_deref(), &held).into_response()
+}
+
+async fn cancel(
+    State(server): State<MailmuxServer>,
+    axum::Extension(op): axum::Extension<Operator>,
+    Path(id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    if !csrf_ok(&op, form.csrf.as_deref()) {
+        return forbidden_csrf();
+    }
+    let to = format!("/console/messages/{}", urlencode(&id));
+    let notice = match server.queue().cancel(&id).await {
+        Ok(Cancel::Cancelled) => {
+            tracing::info!(message_id = %id, operator = %op.name, "operator cancelled a message");
+            "Cancelled.".to_owned()
+        }
+        Ok(Cancel::Refused(state)) => {
+            format!("Not cancelled: the message is {}.", state.as_str())
+        }
+        Ok(Cancel::NotFound) => "No such message.".to_owned(),
+        Err(e) => e.to_string(),
+    };
+    back(&to, &notice)
+}
+
+async fn retry(
+    State(server): State<MailmuxServer>,
+    axum::Extension(op): axum::Extension<Operator>,
+    Path(id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    if !csrf_ok(&op, form.csrf.as_deref()) {
+        return forbidden_csrf();
+    }
+    let to = format!("/console/messages/{}", urlencode(&id));
+    let force = form.force.as_deref() == Some("on");
+    let notice = match server.queue().retry(&id, force).await {
+        Ok(Retry::Queued) => {
+            tracing::info!(message_id = %id, operator = %op.name, "operator queued a message again");
+            "Queued for a fresh attempt.".to_owned()
+        }
+        Ok(Retry::NeedsForce) => {
+            "Not queued: the message is unknown (it may have been delivered); tick \"send again anyway\" to retry it.".to_owned()
+        }
+        Ok(Retry::Refused(state)) => {
+            format!("Not queued: the message is {}.", state.as_str())
+        }
+        Ok(Retry::NotFound) => "No such message.".to_owned(),
+        Err(e) => e.to_string(),
+    };
+    back(&to, &notice)
+}
+
+async fn approve(
+    State(server): State<MailmuxServer>,
+    axum::Extension(op): axum::Extension<Operator>,
+    Path(id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    decide(server, op, id, form, true).await
+}
+
+async fn reject(
+    State(server): State<MailmuxServer>,
+    axum::Extension(op): axum::Extension<Operator>,
+    Path(id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    decide(server, op, id, form, false).await
+}
+
+fn parse_hash(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Approves or rejects a held message, bound to the content hash the
+/// operator's page showed.
+async fn decide(
+    server: MailmuxServer,
+    op: Operator,
+    id: String,
+    form: CsrfForm,
+    approve: bool,
+) -> Response {
+    if !csrf_ok(&op, form.csrf.as_deref()) {
+        return forbidden_csrf();
+    }
+    let Some(hash) = form.hash.as_deref().and_then(parse_hash) else {
+        return back(
+            "/console/approvals",
+            "The form did not name the content it approves; nothing was changed.",
+        );
+    };
+    let decision = Decision {
+        approve,
+        by: format!("operator {}", op.name),
+        hash: Some(hash),
+    };
+    let notice = match server.queue().decide(&id, decision).await {
+        Ok(Decided::Released(_)) => {
+            tracing::info!(message_id = %id, operator = %op.name, "operator approved a held message");
+            format!("Approved {id}: it is queued for delivery.")
+        }
+        Ok(Decided::Rejected) => {
+            tracing::info!(message_id = %id, operator = %op.name, "operator rejected a held message");
+            format!("Rejected {id}: it will not be sent.")
+        }
+        Ok(Decided::NotHeld(state)) => {
+            format!("{id} is {}, not held; nothing was changed.", state.as_str())
+        }
+        Ok(Decided::HashMismatch) => {
+            "The message is not the one shown; nothing was changed.".to_owned()
+        }
+        Ok(Decided::NotFound) => "No such message.".to_owned(),
+        Err(e) => e.to_string(),
+    };
+    back("/console/approvals", &notice)
+}
+
+async fn relays(
+    State(server): State<MailmuxServer>,
+    axum::Extension(op): axum::Extension<Operator>,
+    Query(n): Query<Notice>,
+) -> Response {
+    let snapshot = server.dispatcher().status().await.ok();
+    pages::relays(&op, n.notice.as_deref(), snapshot.as_ref()).into_response()
+}
+
+async fn reconnect(
+    State(server): State<MailmuxServer>,
+    axum::Extension(op): axum::Extension<Operator>,
+    Path(name): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    if !csrf_ok(&op, form.csrf.as_deref()) {
+        return forbidden_csrf();
+    }
+    let notice = match server.dispatcher().reconnect(Some(&name)).await {
+        Ok(s) => {
+            tracing::info!(relay = %name, operator = %op.name, "operator reconnected a relay");
+            let state = s
+                .relays
+                .iter()
+                .find(|r| r.name == name)
+                .map_or("unknown", |r| r.state.as_str());
+            format!("Reconnected {name}: it is {state}.")
+        }
+        Err(e) => e.to_string(),
+    };
+    back("/console/relays", &notice)
+}
+
+async fn pin(
+    State(server): State<MailmuxServer>,
+    axum::Extension(op): axum::Extension<Operator>,
+    Path(name): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    if !csrf_ok(&op, form.csrf.as_deref()) {
+        return forbidden_csrf();
+    }
+    let notice = match server.dispatcher().pin(Some(name.clone())).await {
+        Ok(_) => {
+            tracing::info!(relay = %name, operator = %op.name, "operator pinned a relay");
+            format!("Pinned {name}: every message goes to it first.")
+        }
+        Err(e) => e.to_string(),
+    };
+    back("/console/relays", &notice)
+}
+
+async fn unpin(
+    State(server): State<MailmuxServer>,
+    axum::Extension(op): axum::Extension<Operator>,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    if !csrf_ok(&op, form.csrf.as_deref()) {
+        return forbidden_csrf();
+    }
+    let notice = match server.dispatcher().pin(None).await {
+        Ok(_) => {
+            tracing::info!(operator = %op.name, "operator unpinned the relays");
+            "Unpinned: the strategy picks the relay again.".to_owned()
+        }
+        Err(e) => e.to_string(),
+    };
+    back("/console/relays", &notice)
+}
+
+/// Samples the dispatcher for the overview's charts while the runtime lives.
+pub fn spawn_sampler(server: MailmuxServer) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(chart::SAMPLE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Ok(s) = server.dispatcher().status().await {
+                server.console().history.sample(&s);
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookie_and_hash_parsing() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            "a=1; mailmux_console=abc; b=2".parse().unwrap(),
+        );
+        assert_eq!(session_id(&h), Some("abc"));
+        assert_eq!(parse_hash(&"ab".repeat(32)), Some([0xab; 32]));
+        assert_eq!(parse_hash("ab"), None);
+        assert_eq!(parse_hash(&"zz".repeat(32)), None);
+        assert_eq!(urlencode("a b&c"), "a%20b%26c");
+    }
+
+    #[test]
+    fn sessions_expire_and_sign_out() {
+        let c = Console::default();
+        let (id, s) = c.sign_in([1; 32]);
+        assert_eq!(c.session(&id).map(|s| s.csrf), Some(s.csrf));
+        assert!(c.session("other").is_none());
+        c.sign_out(&id);
+        assert!(c.session(&id).is_none());
+    }
+}

@@ -1,0 +1,641 @@
+//! The console's pages, rendered by maud (which escapes every value it
+//! writes). No page shows a secret. Only [`message`] and [`approvals`] show a
+//! message body.
+
+use mail_parser::{MessageParser, MimeHeaders};
+use mailmux_actors::queue::{Filter, Pending, Record, State, Summary};
+use mailmux_actors::{RelayStatus, Snapshot};
+use maud::{DOCTYPE, Markup, PreEscaped, html};
+
+use super::Operator;
+use super::chart::History;
+use crate::mcp::types::{QueueOut, rfc3339};
+
+/// The pages' one style sheet, inline: the console serves no other file.
+const STYLE: &str = r#"
+:root { --fg:#0f172a; --muted:#64748b; --line:#e2e8f0; --bg:#f8fafc; --accent:#2563eb; }
+* { box-sizing: border-box; }
+body { margin:0; font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif; color:var(--fg); background:var(--bg); }
+header { background:#0f172a; color:#f8fafc; padding:0 24px; display:flex; align-items:center; gap:24px; height:52px; }
+header .brand { font-weight:600; letter-spacing:.02em; }
+header nav a { color:#cbd5e1; text-decoration:none; margin-right:16px; padding:15px 0; }
+header nav a.active, header nav a:hover { color:#fff; border-bottom:2px solid #60a5fa; }
+header .who { margin-left:auto; color:#94a3b8; display:flex; gap:12px; align-items:center; }
+header .who button { background:transparent; color:#cbd5e1; border:1px solid #334155; }
+main { max-width:1180px; margin:24px auto; padding:0 24px; }
+h1 { font-size:20px; margin:0 0 16px; }
+h2 { font-size:15px; margin:24px 0 8px; color:#334155; }
+.card { background:#fff; border:1px solid var(--line); border-radius:8px; padding:16px; margin-bottom:16px; }
+.grid { display:grid; grid-template-columns:repeat(auto-fit,minmax(320px,1fr)); gap:16px; }
+table { width:100%; border-collapse:collapse; background:#fff; }
+th, td { text-align:left; padding:7px 10px; border-bottom:1px solid var(--line); vertical-align:top; }
+th { font-weight:600; color:#475569; font-size:12px; text-transform:uppercase; letter-spacing:.03em; background:#f1f5f9; }
+td.num { text-align:right; font-variant-numeric:tabular-nums; }
+code, pre, .mono { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-size:12.5px; }
+pre { white-space:pre-wrap; word-break:break-word; background:#f1f5f9; padding:12px; border-radius:6px; margin:0; max-height:420px; overflow:auto; }
+.state { display:inline-block; padding:1px 8px; border-radius:999px; font-size:12px; font-weight:600; background:#e2e8f0; color:#334155; }
+.state.healthy, .state.sent { background:#dcfce7; color:#166534; }
+.state.backing_off, .state.queued, .state.scheduled, .state.sending, .state.partial { background:#fef3c7; color:#92400e; }
+.state.circuit_open, .state.failed, .state.unknown, .state.rejected, .state.expired { background:#fee2e2; color:#991b1b; }
+.state.held { background:#ede9fe; color:#5b21b6; }
+.state.disabled, .state.cancelled { background:#e5e7eb; color:#374151; }
+.notice { background:#eff6ff; border:1px solid #bfdbfe; color:#1e3a8a; padding:10px 14px; border-radius:6px; margin-bottom:16px; }
+.error { background:#fef2f2; border:1px solid #fecaca; color:#991b1b; padding:10px 14px; border-radius:6px; margin-bottom:16px; }
+.muted { color:var(--muted); }
+button, .button { text-decoration:none; font:inherit; padding:6px 14px; border-radius:6px; border:1px solid #cbd5e1; background:#fff; cursor:pointer; color:var(--fg); }
+button.primary { background:var(--accent); border-color:var(--accent); color:#fff; }
+button.danger { background:#dc2626; border-color:#dc2626; color:#fff; }
+form.inline { display:inline; }
+form.filters { display:flex; gap:8px; align-items:end; flex-wrap:wrap; margin-bottom:12px; }
+label { display:flex; flex-direction:column; font-size:12px; color:#475569; gap:2px; }
+input, select { font:inherit; padding:6px 8px; border:1px solid #cbd5e1; border-radius:6px; background:#fff; }
+dl { display:grid; grid-template-columns:160px 1fr; gap:4px 12px; margin:0; }
+dt { color:var(--muted); }
+dd { margin:0; word-break:break-word; }
+.tag { font-size:11px; font-weight:600; background:#fde68a; color:#78350f; border-radius:4px; padding:0 5px; margin-left:4px; }
+.chart { margin:0; }
+.chart figcaption { font-size:12px; color:#475569; margin-bottom:4px; }
+.chart .legend { margin-left:8px; font-weight:600; }
+.login { max-width:380px; margin:12vh auto; }
+.login input { width:100%; margin:6px 0 12px; }
+.actions { display:flex; gap:8px; margin-top:12px; }
+"#;
+
+/// A whole page: header, navigation, notice, content.
+fn layout(
+    op: Option<&Operator>,
+    title: &str,
+    active: &str,
+    notice: Option<&str>,
+    body: Markup,
+) -> Markup {
+    let nav = [
+        ("overview", "/console", "Overview"),
+        ("queue", "/console/queue", "Queue"),
+        ("approvals", "/console/approvals", "Approvals"),
+        ("relays", "/console/relays", "Relays"),
+    ];
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                meta name="referrer" content="same-origin";
+                title { (title) " · mailmux" }
+                style { (PreEscaped(STYLE)) }
+            }
+            body {
+                header {
+                    span.brand { "mailmux" }
+                    @if let Some(op) = op {
+                        nav {
+                            @for (key, href, label) in nav {
+                                a href=(href) class=[(key == active).then_some("active")] { (label) }
+                            }
+                        }
+                        div.who {
+                            span { "operator " strong { (op.name) } }
+                            form.inline method="post" action="/console/logout" {
+                                input type="hidden" name="csrf" value=(op.csrf);
+                                button type="submit" { "Sign out" }
+                            }
+                        }
+                    }
+                }
+                main {
+                    @if let Some(n) = notice {
+                        div.notice role="status" { (n) }
+                    }
+                    (body)
+                }
+            }
+        }
+    }
+}
+
+/// A page with a title and one paragraph (errors, refusals).
+pub fn plain(title: &str, text: &str) -> Markup {
+    layout(
+        None,
+        title,
+        "",
+        None,
+        html! {
+            div.card {
+                h1 { (title) }
+                p { (text) }
+                p { a href="/console" { "Back to the console" } }
+            }
+        },
+    )
+}
+
+pub fn login(error: Option<&str>) -> Markup {
+    layout(
+        None,
+        "Sign in",
+        "",
+        None,
+        html! {
+            div.card.login {
+                h1 { "Sign in" }
+                p.muted { "Use an operator token from " code { "[[operators]]" } "." }
+                @if let Some(e) = error {
+                    div.error role="alert" { (e) }
+                }
+                form method="post" action="/console/login" {
+                    label for="token" { "Operator token" }
+                    input #token type="password" name="token" autocomplete="current-password" required autofocus;
+                    button.primary type="submit" { "Sign in" }
+                }
+            }
+        },
+    )
+}
+
+fn state_badge(s: &str) -> Markup {
+    html! { span class={ "state " (s) } { (s) } }
+}
+
+fn when(ms: i64) -> String {
+    let t = rfc3339(ms);
+    // 2026-11-29T18:03:04.123Z → 2026-11-29 18:03:04
+    t.get(..19).map_or(t.clone(), |s| s.replace('T', " "))
+}
+
+fn millis(d: std::time::Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+pub fn overview(
+    op: &Operator,
+    notice: Option<&str>,
+    snapshot: Option<&Snapshot>,
+    queue: &QueueOut,
+    history: &History,
+) -> Markup {
+    let body = html! {
+        h1 { "Overview" }
+        div.grid {
+            div.card { (history.throughput()) }
+            div.card { (history.latency()) }
+        }
+        h2 { "Relays" }
+        @match snapshot {
+            Some(s) => (relay_table(s, false, None)),
+            None => div.error { "The relays do not answer." },
+        }
+        h2 { "Queue" }
+        div.card {
+            dl {
+                dt { "store" }
+                dd {
+                    (queue.store)
+                    @if !queue.durable { " " span.tag { "not durable" } }
+                    @if !queue.available { " " span.tag { "refusing writes" } }
+                }
+                dt { "oldest waiting" }
+                dd {
+                    @match queue.oldest_queued_age_secs {
+                        Some(age) => (format!("{age:.0} s")),
+                        None => span.muted { "none waiting" },
+                    }
+                }
+                @if let Some(next) = &queue.next_retry_at {
+                    dt { "next retry" } dd { (next) }
+                }
+            }
+            table style="margin-top:12px" {
+                thead { tr { @for st in State::ALL { th { (st.as_str()) } } } }
+                tbody {
+                    tr {
+                        @for st in State::ALL {
+                            td.num {
+                                a href={ "/console/queue?state=" (st.as_str()) } {
+                                    (queue.counts.get(st.as_str()).copied().unwrap_or(0))
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    layout(Some(op), "Overview", "overview", notice, body)
+}
+
+/// The relays as a table; with `controls`, each row has its buttons.
+fn relay_table(s: &Snapshot, controls: bool, op: Option<&Operator>) -> Markup {
+    html! {
+        table {
+            thead {
+                tr {
+                    th { "relay" } th { "state" } th { "in flight" } th { "connections" }
+                    th { "sent" } th { "failed" } th { "transient" } th { "relay faults" }
+                    th { "unknown" } th { "failovers" } th { "p50" } th { "p99" } th { "last error" }
+                    @if controls { th { "" } }
+                }
+            }
+            tbody {
+                @for r in &s.relays {
+                    (relay_row(r, s.pinned.as_deref() == Some(r.name.as_str()), controls, op))
+                }
+            }
+        }
+    }
+}
+
+fn relay_row(r: &RelayStatus, pinned: bool, controls: bool, op: Option<&Operator>) -> Markup {
+    let c = &r.counters;
+    html! {
+        tr data-relay=(r.name) {
+            td {
+                strong { (r.name) }
+                @if pinned { span.tag { "pinned" } }
+                br;
+                span.muted.mono {
+                    @match (&r.host, r.port, &r.dir) {
+                        (Some(h), Some(p), _) => (format!("{h}:{p}")),
+                        (_, _, Some(d)) => (d),
+                        _ => (r.kind),
+                    }
+                }
+            }
+            td {
+                (state_badge(r.state.as_str()))
+                @if let Some(retry) = r.state.retry_in() {
+                    br; span.muted { (format!("retry in {:.0} s", retry.as_secs_f64())) }
+                }
+            }
+            td.num { (r.in_flight) }
+            td.num { (r.connections) }
+            td.num { (c.sent + c.partial) }
+            td.num { (c.permanent) }
+            td.num { (c.transient) }
+            td.num { (c.relay_fault) }
+            td.num { (c.unknown) }
+            td.num { (c.failovers_out) }
+            td.num { (millis(r.latency.p50)) }
+            td.num { (millis(r.latency.p99)) }
+            td.muted { (r.last_error.as_deref().unwrap_or("")) }
+            @if controls {
+                @if let Some(op) = op {
+                    td {
+                        form.inline method="post" action={ "/console/relays/" (r.name) "/reconnect" } {
+                            input type="hidden" name="csrf" value=(op.csrf);
+                            button type="submit" { "Reconnect" }
+                        }
+                        " "
+                        form.inline method="post" action={ "/console/relays/" (r.name) "/pin" } {
+                            input type="hidden" name="csrf" value=(op.csrf);
+                            button type="submit" { "Pin" }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub fn relays(op: &Operator, notice: Option<&str>, snapshot: Option<&Snapshot>) -> Markup {
+    let body = html! {
+        h1 { "Relays" }
+        @match snapshot {
+            Some(s) => {
+                div.card {
+                    p {
+                        "Strategy " strong { (s.strategy.as_str()) } ". "
+                        @match &s.pinned {
+                            Some(p) => { "Pinned to " strong { (p) } ": every message goes to it first. " }
+                            None => { "No relay is pinned. " }
+                        }
+                        @if s.pinned.is_some() {
+                            form.inline method="post" action="/console/relays/unpin" {
+                                input type="hidden" name="csrf" value=(op.csrf);
+                                button type="submit" { "Unpin" }
+                            }
+                        }
+                    }
+                    p.muted {
+                        "Reconnect drops a relay's connections, resets its health and probes it. "
+                        "Pin sends every message to that relay first; failover still applies."
+                    }
+                }
+                (relay_table(s, true, Some(op)))
+            }
+            None => div.error { "The relays do not answer." },
+        }
+    };
+    layout(Some(op), "Relays", "relays", notice, body)
+}
+
+pub fn queue(
+    op: &Operator,
+    notice: Option<&str>,
+    filter: &Filter,
+    page: &[Summary],
+    next: Option<i64>,
+) -> Markup {
+    let mut query = String::new();
+    for (k, v) in [
+        ("state", filter.state.map(|s| s.as_str().to_owned())),
+        ("caller", filter.caller.clone()),
+        ("recipient", filter.recipient.clone()),
+    ] {
+        if let Some(v) = v {
+            query.push_str(&format!("&{k}={}", super::urlencode(&v)));
+        }
+    }
+    let body = html! {
+        h1 { "Queue" }
+        form.filters method="get" action="/console/queue" {
+            label {
+                "state"
+                select name="state" {
+                    option value="" { "any" }
+                    @for st in State::ALL {
+                        option value=(st.as_str()) selected[filter.state == Some(st)] { (st.as_str()) }
+                    }
+                }
+            }
+            label { "caller" input type="text" name="caller" value=(filter.caller.as_deref().unwrap_or("")); }
+            label { "recipient" input type="text" name="recipient" placeholder="part of an address" value=(filter.recipient.as_deref().unwrap_or("")); }
+            button type="submit" { "Filter" }
+            a.button href="/console/queue" { "Clear" }
+        }
+        @if page.is_empty() {
+            div.card.muted { "No message matches." }
+        } @else {
+            table {
+                thead { tr { th { "accepted" } th { "message" } th { "state" } th { "from" } th { "to" } th { "caller" } th { "relay" } } }
+                tbody {
+                    @for m in page {
+                        tr {
+                            td.mono { (when(m.queued_at)) }
+                            td.mono { a href={ "/console/messages/" (super::urlencode(&m.message_id)) } { (m.message_id) } }
+                            td { (state_badge(m.state.as_str())) }
+                            td { (m.from.as_deref().unwrap_or("")) }
+                            td {
+                                (m.to.first().map(String::as_str).unwrap_or(""))
+                                @if m.to.len() > 1 { span.muted { (format!(" +{}", m.to.len() - 1)) } }
+                            }
+                            td { (m.caller.as_deref().unwrap_or("")) }
+                            td { (m.relay.as_deref().unwrap_or("")) }
+                        }
+                    }
+                }
+            }
+        }
+        @if let Some(before) = next {
+            p { a.button href={ "/console/queue?before=" (before) (query) } { "Older →" } }
+        }
+    };
+    layout(Some(op), "Queue", "queue", notice, body)
+}
+
+/// What the console shows of a stored message: its header block, its text
+/// body, its attachments, and which envelope recipients are Bcc.
+struct Parsed {
+    headers: String,
+    subject: String,
+    text: String,
+    attachments: Vec<(String, String, usize)>,
+    visible: Vec<String>,
+}
+
+fn parse(bytes: &[u8]) -> Parsed {
+    let header_end = memchr::memmem::find(bytes, b"\r\n\r\n").unwrap_or(bytes.len());
+    let headers = String::from_utf8_lossy(&bytes[..header_end]).into_owned();
+    let Some(m) = MessageParser::default().parse(bytes) else {
+        return Parsed {
+            headers,
+            subject: String::new(),
+            text: String::new(),
+            attachments: Vec::new(),
+            visible: Vec::new(),
+        };
+    };
+    let mut visible = Vec::new();
+    for list in [m.to(), m.cc()].into_iter().flatten() {
+        for a in list.iter() {
+            if let Some(addr) = a.address() {
+                visible.push(addr.to_lowercase());
+            }
+        }
+    }
+    let attachments = m
+        .attachments()
+        .map(|p| {
+            let ctype = p
+                .content_type()
+                .map(|c| match c.subtype() {
+                    Some(sub) => format!("{}/{sub}", c.ctype()),
+                    None => c.ctype().to_owned(),
+                })
+                .unwrap_or_default();
+            (
+                p.attachment_name().unwrap_or("(unnamed)").to_owned(),
+                ctype,
+                p.len(),
+            )
+        })
+        .collect();
+    Parsed {
+        headers,
+        subject: m.subject().unwrap_or("").to_owned(),
+        text: m.body_text(0).map(|t| t.into_owned()).unwrap_or_default(),
+        attachments,
+        visible,
+    }
+}
+
+/// The envelope's recipients, each marked Bcc when no To or Cc header
+/// names it.
+fn recipients(to: &[String], visible: &[String]) -> Markup {
+    html! {
+        @for r in to {
+            span.mono { (r) }
+            @if !visible.contains(&r.to_lowercase()) { span.tag { "bcc" } }
+            br;
+        }
+    }
+}
+
+fn attachment_list(list: &[(String, String, usize)]) -> Markup {
+    html! {
+        @if list.is_empty() {
+            span.muted { "none" }
+        } @else {
+            @for (name, ctype, size) in list {
+                span.mono { (name) } span.muted { " · " (ctype) " · " (size) " bytes" } br;
+            }
+        }
+    }
+}
+
+fn hex(h: &[u8; 32]) -> String {
+    h.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The approve and reject buttons of a held message, bound to the hash of
+/// the content shown.
+fn decide_forms(op: &Operator, p: &Pending) -> Markup {
+    let hash = hex(&crate::policy::approval_hash(
+        p.from.as_deref().unwrap_or(""),
+        &p.to,
+        &p.bytes,
+    ));
+    let id = super::urlencode(&p.message_id);
+    html! {
+        div.actions {
+            form.inline method="post" action={ "/console/messages/" (id) "/approve" } {
+                input type="hidden" name="csrf" value=(op.csrf);
+                input type="hidden" name="hash" value=(hash);
+                button.primary type="submit" data-action="approve" { "Approve and send" }
+            }
+            form.inline method="post" action={ "/console/messages/" (id) "/reject" } {
+                input type="hidden" name="csrf" value=(op.csrf);
+                input type="hidden" name="hash" value=(hash);
+                button.danger type="submit" data-action="reject" { "Reject" }
+            }
+        }
+    }
+}
+
+pub fn message(
+    op: &Operator,
+    notice: Option<&str>,
+    r: &Record,
+    stored: Option<&Pending>,
+) -> Markup {
+    let parsed = stored.map(|p| parse(&p.bytes));
+    let visible = parsed
+        .as_ref()
+        .map(|p| p.visible.clone())
+        .unwrap_or_default();
+    let id = super::urlencode(&r.message_id);
+    let cancellable = matches!(r.state, State::Scheduled | State::Queued);
+    let retryable = matches!(
+        r.state,
+        State::Queued | State::Expired | State::Failed | State::Unknown
+    );
+    let body = html! {
+        h1 { "Message " span.mono { (r.message_id) } }
+        div.card {
+            dl {
+                dt { "state" } dd { (state_badge(r.state.as_str())) }
+                dt { "from" } dd.mono { (r.from.as_deref().unwrap_or("")) }
+                dt { "recipients" } dd { (recipients(&r.to, &visible)) }
+                @if let Some(p) = &parsed { dt { "subject" } dd { (p.subject) } }
+                dt { "size" } dd { (r.size) " bytes" }
+                dt { "caller" } dd { (r.caller.as_deref().unwrap_or("")) }
+                dt { "relay" } dd { (r.relay.as_deref().unwrap_or("")) }
+                dt { "accepted" } dd.mono { (when(r.queued_at)) }
+                @if let Some(next) = r.next_attempt_at {
+                    dt { @if r.state == State::Held { "approval deadline" } @else { "next attempt" } }
+                    dd.mono { (when(next)) }
+                }
+                @if let Some(reason) = &r.reason { dt { "reason" } dd { (reason) } }
+                @if let Some(by) = &r.decided_by { dt { "decided by" } dd { (by) } }
+                @if let Some(key) = &r.idempotency_key { dt { "idempotency key" } dd.mono { (key) } }
+            }
+            @if cancellable || retryable {
+                div.actions {
+                    @if cancellable {
+                        form.inline method="post" action={ "/console/messages/" (id) "/cancel" } {
+                            input type="hidden" name="csrf" value=(op.csrf);
+                            button type="submit" { "Cancel" }
+                        }
+                    }
+                    @if retryable {
+                        form.inline method="post" action={ "/console/messages/" (id) "/retry" } {
+                            input type="hidden" name="csrf" value=(op.csrf);
+                            @if r.state == State::Unknown {
+                                label style="display:inline-flex;flex-direction:row;gap:4px;align-items:center" {
+                                    input type="checkbox" name="force";
+                                    "send again anyway (it may have been delivered)"
+                                }
+                                " "
+                            }
+                            button type="submit" { "Retry now" }
+                        }
+                    }
+                }
+            }
+            @if r.state == State::Held {
+                @if let Some(p) = stored { (decide_forms(op, p)) }
+            }
+        }
+        h2 { "State history" }
+        table {
+            thead { tr { th { "time" } th { "state" } } }
+            tbody {
+                @for (st, at) in &r.history {
+                    tr { td.mono { (when(*at)) } td { (state_badge(st.as_str())) } }
+                }
+            }
+        }
+        h2 { "Attempts" }
+        @if r.attempts.is_empty() {
+            div.card.muted { "No attempt yet." }
+        } @else {
+            table {
+                thead { tr { th { "time" } th { "relay" } th { "outcome" } th { "reply" } th { "took" } } }
+                tbody {
+                    @for a in &r.attempts {
+                        tr {
+                            td.mono { (when(a.at)) }
+                            td { (a.relay) }
+                            td { (a.class.as_deref().unwrap_or("delivered")) }
+                            td.mono { @if let Some(c) = a.code { (c) " " } (a.text) }
+                            td.num { (a.duration_ms) " ms" }
+                        }
+                    }
+                }
+            }
+        }
+        @match &parsed {
+            Some(p) => {
+                h2 { "Attachments" }
+                div.card { (attachment_list(&p.attachments)) }
+                h2 { "Headers" }
+                pre { (p.headers) }
+                h2 { "Text body" }
+                pre.body { (p.text) }
+            }
+            None => {
+                h2 { "Content" }
+                div.card.muted { "The store no longer keeps this message's content." }
+            }
+        }
+    };
+    layout(Some(op), "Message", "queue", notice, body)
+}
+
+pub fn approvals(op: &Operator, notice: Option<&str>, held: &[(Summary, Pending)]) -> Markup {
+    let body = html! {
+        h1 { "Approvals" }
+        @if held.is_empty() {
+            div.card.muted { "No message is waiting for approval." }
+        }
+        @for (s, p) in held {
+            @let parsed = parse(&p.bytes);
+            div.card data-message=(s.message_id) {
+                dl {
+                    dt { "message" } dd.mono { a href={ "/console/messages/" (super::urlencode(&s.message_id)) } { (s.message_id) } }
+                    dt { "caller" } dd { (s.caller.as_deref().unwrap_or("")) }
+                    dt { "accepted" } dd.mono { (when(s.queued_at)) }
+                    dt { "from" } dd.mono { (p.from.as_deref().unwrap_or("")) }
+                    dt { "recipients" } dd { (recipients(&p.to, &parsed.visible)) }
+                    dt { "subject" } dd { (parsed.subject) }
+                    dt { "attachments" } dd { (attachment_list(&parsed.attachments)) }
+                }
+                h2 { "Text body" }
+                pre.body { (parsed.text) }
+                (decide_forms(op, p))
+            }
+        }
+    };
+    layout(Some(op), "Approvals", "approvals", notice, body)
+}

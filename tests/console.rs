@@ -1,0 +1,531 @@
+//! The operators' web console in a real browser: headless Chromium driven
+//! through ChromeDriver (WebDriver) against the real binary. Signing in,
+//! a relay turning `backing_off` after its SMTP server stops, approving a
+//! held message (at the sink exactly once) and rejecting another (never at
+//! the sink); then, over plain HTTP, the CSRF, session, cookie, body and
+//! Host/Origin rules. Screenshots of each page go to `target/console/`.
+//!
+//! Needs `/usr/bin/chromium` and `/usr/bin/chromedriver` (Debian's
+//! `chromium` and `chromium-driver`; `.ci/run` installs them), or
+//! `CHROMIUM` and `CHROMEDRIVER` naming them. Without them the test fails.
+
+mod common;
+#[path = "../actors/tests/support/mod.rs"]
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client as Browser, ClientBuilder, Locator};
+use rmcp::model::CallToolRequestParams;
+use rmcp::service::RunningService;
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::{RoleClient, ServiceExt};
+use serde_json::{Value, json};
+use support::fault_smtp::{FaultSmtp, Script};
+
+const OPS: &str = "operator-token-c0n5";
+const BODY_A: &str = "BODY-A-approve-me-7c1";
+const BODY_B: &str = "BODY-B-reject-me-4e9";
+const BODY_C: &str = "BODY-C-stays-held-2d8";
+
+/// A child process killed on drop.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn config_toml(dir: &Path, sink: u16, flaky: u16) -> String {
+    format!(
+        r#"
+send_deadline = "8s"
+shutdown_grace = "1s"
+
+[queue]
+path = "{db}"
+
+[policy]
+allowed_recipients = ["@example.org"]
+approval = "outside_allowlist"
+
+[[operators]]
+name = "ops"
+token_env = "OPS_TOKEN"
+
+[[relays]]
+name = "sink"
+host = "127.0.0.1"
+port = {sink}
+tls = "none"
+from_email = "sender@example.org"
+priority = 10
+timeout = "3s"
+
+[[relays]]
+name = "flaky"
+host = "127.0.0.1"
+port = {flaky}
+tls = "none"
+priority = 1
+timeout = "3s"
+backoff_base = "60s"
+backoff_max = "60s"
+"#,
+        db = dir.join("queue.db").display(),
+    )
+}
+
+fn tool_path(var: &str, default: &str) -> PathBuf {
+    let path = std::env::var_os(var).map_or_else(|| PathBuf::from(default), PathBuf::from);
+    assert!(
+        path.exists(),
+        "{} is missing: install Debian's chromium and chromium-driver (or set {var})",
+        path.display()
+    );
+    path
+}
+
+fn screenshots() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target"),
+        PathBuf::from,
+    );
+    let dir = target.join("console");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn shoot(b: &Browser, name: &str) {
+    let png = b.screenshot().await.expect("a screenshot");
+    std::fs::write(screenshots().join(format!("{name}.png")), png).unwrap();
+}
+
+async fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// ChromeDriver on a free port, and a headless Chromium session on it.
+async fn browser(profile: &Path) -> (Killed, Browser) {
+    let chromium = tool_path("CHROMIUM", "/usr/bin/chromium");
+    let driver = tool_path("CHROMEDRIVER", "/usr/bin/chromedriver");
+    let port = common::free_port();
+    let child = Command::new(driver)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver starts");
+    let child = Killed(child);
+    wait_port(port).await;
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({
+            "binary": chromium,
+            "args": [
+                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", "--disable-quic",
+                "--window-size=1280,1000",
+                format!("--user-data-dir={}", profile.display()),
+            ]
+        }),
+    );
+    // fantoccini's rustls has both providers in this build: pick one.
+    let _ = tokio_rustls::rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let b = ClientBuilder::rustls()
+        .expect("a WebDriver client")
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{port}"))
+        .await
+        .expect("a Chromium session through chromedriver");
+    (child, b)
+}
+
+type Mcp = RunningService<RoleClient, ()>;
+
+async fn call(c: &Mcp, tool: &str, args: Value) -> Value {
+    let mut params = CallToolRequestParams::new(tool.to_string());
+    if let Value::Object(map) = args {
+        params = params.with_arguments(map);
+    }
+    let r = tokio::time::timeout(Duration::from_secs(30), c.peer().call_tool(params))
+        .await
+        .expect("answer within 30 s")
+        .expect("no protocol error");
+    r.structured_content.unwrap_or(Value::Null)
+}
+
+async fn held(c: &Mcp, args: Value) -> String {
+    let out = call(c, "send_email", args).await;
+    assert_eq!(out["status"], "held", "{out}");
+    out["message_id"].as_str().unwrap().to_owned()
+}
+
+async fn wait_status(c: &Mcp, id: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = call(c, "get_message_status", json!({ "message_id": id })).await;
+        if s["status"] == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{id} never became {want}: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn delivered_to(sink: &FaultSmtp, rcpt: &str) -> usize {
+    sink.delivered()
+        .iter()
+        .filter(|r| r.rcpt_to.iter().any(|t| t == rcpt))
+        .count()
+}
+
+async fn text_of(b: &Browser, css: &str) -> String {
+    b.wait()
+        .for_element(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_sign_in_watch_relays_and_decide_held_mail_in_chromium() {
+    let sink = FaultSmtp::start(Script::ok()).await;
+    let flaky = FaultSmtp::start(Script::ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mailmux.toml");
+    std::fs::write(&config, config_toml(dir.path(), sink.port(), flaky.port())).unwrap();
+    let port = common::free_port();
+    let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+    let _daemon = Killed(
+        Command::new(env!("CARGO_BIN_EXE_mailmux"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("OPS_TOKEN", OPS)
+            .arg("--config")
+            .arg(&config)
+            .args(["serve", "--http", &format!("127.0.0.1:{port}")])
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("mailmux starts"),
+    );
+    wait_port(port).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let mcp: Mcp = ()
+        .serve(StreamableHttpClientTransport::from_uri(format!(
+            "{base}/mcp"
+        )))
+        .await
+        .expect("an MCP client over HTTP");
+
+    let (_driver, b) = browser(&dir.path().join("chromium")).await;
+
+    // No session: to the sign-in page.
+    b.goto(&format!("{base}/console")).await.unwrap();
+    assert_eq!(b.current_url().await.unwrap().path(), "/console/login");
+    shoot(&b, "login").await;
+    // A wrong token is refused.
+    b.find(Locator::Css("#token"))
+        .await
+        .unwrap()
+        .send_keys("not-the-token")
+        .await
+        .unwrap();
+    b.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let alert = text_of(&b, "[role=alert]").await;
+    assert!(alert.contains("not an operator token"), "{alert}");
+    assert_eq!(b.current_url().await.unwrap().path(), "/console/login");
+    // The operator token signs in.
+    b.find(Locator::Css("#token"))
+        .await
+        .unwrap()
+        .send_keys(OPS)
+        .await
+        .unwrap();
+    b.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    assert_eq!(text_of(&b, "main h1").await, "Overview");
+    assert_eq!(b.current_url().await.unwrap().path(), "/console");
+    let cookie = b.get_named_cookie("mailmux_console").await.unwrap();
+    assert_eq!(cookie.http_only(), Some(true));
+    assert_eq!(
+        cookie.same_site().map(|s| s.to_string()),
+        Some("Strict".to_owned())
+    );
+    let session = cookie.value().to_owned();
+
+    // Traffic: one message delivered, then one that prefers the flaky relay
+    // after its server stopped: it fails over, and the relay backs off.
+    let out = call(
+        &mcp,
+        "send_email",
+        json!({ "to": ["ok@example.org"], "subject": "hi", "body": "plain" }),
+    )
+    .await;
+    assert_eq!(out["status"], "sent", "{out}");
+    flaky.kill().await;
+    let out = call(
+        &mcp,
+        "send_email",
+        json!({ "to": ["ok2@example.org"], "subject": "hi", "body": "plain", "relay": "flaky" }),
+    )
+    .await;
+    assert_eq!(out["status"], "sent", "{out}");
+    assert_eq!(out["relay"], "sink", "{out}");
+    b.goto(&format!("{base}/console/relays")).await.unwrap();
+    let row = text_of(&b, "tr[data-relay=flaky]").await;
+    assert!(row.contains("backing_off"), "{row}");
+    let row = text_of(&b, "tr[data-relay=sink]").await;
+    assert!(row.contains("healthy"), "{row}");
+    shoot(&b, "relays").await;
+
+    // Three held messages (outside the allowlist); A has a Bcc.
+    let a = held(
+        &mcp,
+        json!({ "to": ["alice@outside.net"], "bcc": ["hidden@example.org"],
+                "subject": "Quarterly numbers", "body": BODY_A, "wait": false }),
+    )
+    .await;
+    let bb = held(
+        &mcp,
+        json!({ "to": ["bob@outside.net"], "subject": "Please reject", "body": BODY_B, "wait": false }),
+    )
+    .await;
+    let c = held(
+        &mcp,
+        json!({ "to": ["carol@outside.net"], "subject": "Stays held", "body": BODY_C, "wait": false }),
+    )
+    .await;
+
+    b.goto(&format!("{base}/console")).await.unwrap();
+    shoot(&b, "overview").await;
+    b.goto(&format!("{base}/console/queue")).await.unwrap();
+    let listing = text_of(&b, "table").await;
+    assert!(listing.contains(&a) && listing.contains(&bb), "{listing}");
+    shoot(&b, "queue").await;
+    b.goto(&format!("{base}/console/queue?recipient=bob%40outside"))
+        .await
+        .unwrap();
+    let listing = text_of(&b, "table").await;
+    assert!(
+        listing.contains(&bb) && !listing.contains(&a),
+        "the recipient filter: {listing}"
+    );
+
+    b.goto(&format!("{base}/console/approvals")).await.unwrap();
+    let card = text_of(&b, &format!("div[data-message='{a}']")).await;
+    assert!(card.contains(BODY_A), "the approval shows the body: {card}");
+    assert!(card.contains("Quarterly numbers"), "{card}");
+    assert!(
+        card.contains("hidden@example.org") && card.contains("bcc"),
+        "bcc marked: {card}"
+    );
+    shoot(&b, "approvals").await;
+
+    // Open A, read it, approve it.
+    b.find(Locator::Css(&format!("div[data-message='{a}'] dd a")))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    assert!(
+        b.current_url()
+            .await
+            .unwrap()
+            .path()
+            .starts_with("/console/messages/"),
+        "on the message's page"
+    );
+    let body = text_of(&b, "pre.body").await;
+    assert!(body.contains(BODY_A), "{body}");
+    shoot(&b, "message").await;
+    b.find(Locator::Css("button[data-action=approve]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let notice = text_of(&b, "[role=status]").await;
+    assert!(notice.contains("Approved"), "{notice}");
+    wait_status(&mcp, &a, "sent").await;
+    // Exactly once at the sink, to both envelope recipients.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(delivered_to(&sink, "alice@outside.net"), 1);
+    assert_eq!(delivered_to(&sink, "hidden@example.org"), 1);
+
+    // Reject B from the approvals page.
+    b.goto(&format!("{base}/console/approvals")).await.unwrap();
+    b.find(Locator::Css(&format!(
+        "div[data-message='{bb}'] button[data-action=reject]"
+    )))
+    .await
+    .unwrap()
+    .click()
+    .await
+    .unwrap();
+    let notice = text_of(&b, "[role=status]").await;
+    assert!(notice.contains("Rejected"), "{notice}");
+    wait_status(&mcp, &bb, "rejected").await;
+
+    // Over plain HTTP with the browser's session: the CSRF token is needed.
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let cookie = format!("mailmux_console={session}");
+    let page = http
+        .get(format!("{base}/console/messages/{c}"))
+        .header("Cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains(BODY_C),
+        "the message's own page shows its body"
+    );
+    let hash = between(&page, "name=\"hash\" value=\"", "\"");
+    let csrf = between(&page, "name=\"csrf\" value=\"", "\"");
+    for form in [
+        vec![("hash", hash.as_str())],
+        vec![("hash", hash.as_str()), ("csrf", "0000")],
+    ] {
+        let r = http
+            .post(format!("{base}/console/messages/{c}/approve"))
+            .header("Cookie", &cookie)
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 403, "a form without the CSRF token");
+    }
+    // With the token but for other content: refused too.
+    let other = "ab".repeat(32);
+    let r = http
+        .post(format!("{base}/console/messages/{c}/approve"))
+        .header("Cookie", &cookie)
+        .form(&[("hash", other.as_str()), ("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+    let to = r.headers()["location"].to_str().unwrap().to_owned();
+    assert!(to.contains("not%20the%20one%20shown"), "{to}");
+    wait_status(&mcp, &c, "held").await;
+
+    // A body appears only on its message's page and on the approvals page.
+    for path in ["/console", "/console/queue", "/console/relays"] {
+        let page = http
+            .get(format!("{base}{path}"))
+            .header("Cookie", &cookie)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        for marker in [BODY_A, BODY_B, BODY_C] {
+            assert!(!page.contains(marker), "{path} shows a body");
+        }
+        assert!(!page.contains(OPS), "{path} shows the operator token");
+    }
+
+    // No page works without a session.
+    for path in [
+        "/console",
+        "/console/queue",
+        "/console/approvals",
+        "/console/relays",
+        &format!("/console/messages/{c}"),
+    ] {
+        let r = http.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 303, "{path}");
+        assert_eq!(r.headers()["location"], "/console/login", "{path}");
+        let r = http
+            .get(format!("{base}{path}"))
+            .header("Cookie", "mailmux_console=forged")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 303, "{path} with a forged session");
+    }
+    let r = http
+        .post(format!("{base}/console/messages/{c}/approve"))
+        .form(&[("hash", hash.as_str()), ("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 303, "an action without a session");
+    wait_status(&mcp, &c, "held").await;
+
+    // The listener's Host and Origin checks apply to the console.
+    let r = http
+        .get(format!("{base}/console/login"))
+        .header("Host", "evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let r = http
+        .post(format!("{base}/console/login"))
+        .header("Origin", "http://evil.example")
+        .form(&[("token", OPS)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    // Signing in sets the cookie flags.
+    let r = http
+        .post(format!("{base}/console/login"))
+        .form(&[("token", OPS)])
+        .send()
+        .await
+        .unwrap();
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Strict"),
+        "{set}"
+    );
+
+    // B never reached the sink; C is still held.
+    assert_eq!(delivered_to(&sink, "bob@outside.net"), 0);
+    assert_eq!(delivered_to(&sink, "carol@outside.net"), 0);
+    let _ = b.close().await;
+}
+
+/// The text between `start` and the next `end`.
+fn between(s: &str, start: &str, end: &str) -> String {
+    let at = s.find(start).unwrap_or_else(|| panic!("no {start:?}")) + start.len();
+    let len = s[at..].find(end).unwrap();
+    s[at..at + len].to_owned()
+}
