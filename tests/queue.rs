@@ -806,6 +806,103 @@ async fn send_no_wait_hands_a_message_to_the_running_daemon() {
 /// `mailmux queue` on the store while the daemon runs: list, show, cancel,
 /// retry (a failed message goes out after the fault is fixed; a sent one is
 /// refused), stats and purge.
+/// `mailmux queue` with no daemon running: every subcommand works on the
+/// store file alone, and what it queued is delivered by the next daemon to
+/// start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_command_works_with_the_daemon_stopped() {
+    let script = Script::ok().on_rcpt(
+        "bounce@example.org",
+        Action::reply(550, "5.1.1 no such user"),
+    );
+    let (smtp, dir, cfg, d) = setup(script, "").await;
+    let q = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
+            .arg("--config")
+            .arg(dir.path().join("mailmux.toml"))
+            .arg("queue")
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let id = |c: &Call| {
+        c.value().unwrap()["message_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let failed = send(
+        d.peer(),
+        msg("bounced", json!({"to": "bounce@example.org"})),
+    )
+    .await;
+    assert_eq!(failed.status(), Some("failed"), "{failed:?}");
+    let failed_id = id(&failed);
+    let sent_id = id(&send(d.peer(), msg("fine", json!({}))).await);
+    let later_id = id(&send(d.peer(), msg("later", json!({"send_at": "1h"}))).await);
+    let other_id = id(&send(d.peer(), msg("other", json!({"send_at": "1h"}))).await);
+    d.stop().await;
+
+    let (code, out, err) = q(&["list", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.lines().count(), 4, "{out}");
+    let (code, out, _) = q(&["list", "--status", "scheduled"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains(&later_id) && !out.contains(&sent_id), "{out}");
+    let (code, out, _) = q(&["show", &failed_id]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("5.1.1 no such user"), "{out}");
+    let (code, out, _) = q(&["show", &failed_id, "--body"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("body of bounced"), "{out}");
+    let (code, _, err) = q(&["cancel", &sent_id]);
+    assert_eq!(code, Some(1), "{err}");
+    let (code, out, err) = q(&["cancel", &later_id]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, _, err) = q(&["retry", &sent_id]);
+    assert_eq!(code, Some(1), "{err}");
+    let (code, out, err) = q(&["retry", &failed_id]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out, _) = q(&["stats"]);
+    assert_eq!(code, Some(0));
+    for (state, n) in [
+        ("sent", "1"),
+        ("queued", "1"),
+        ("cancelled", "1"),
+        ("scheduled", "1"),
+    ] {
+        assert!(
+            out.lines().any(|l| l.split_whitespace().eq([state, n])),
+            "{state} {n}: {out}"
+        );
+    }
+    let (code, out, _) = q(&["purge", "--older-than", "0s"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("purged 2"), "sent and cancelled: {out}");
+
+    // The next daemon delivers the message the command queued, and keeps
+    // the one still scheduled.
+    smtp.set_script(Script::ok());
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let s = settled(d.peer(), &failed_id, LIMIT).await;
+    assert_eq!(s["status"], "sent", "{s}");
+    assert_eq!(status_of(d.peer(), &other_id).await["status"], "scheduled");
+    assert_eq!(
+        status_of(d.peer(), &later_id).await["error"]["code"],
+        "not_found",
+        "purged"
+    );
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_queue_command_inspects_and_acts_while_the_daemon_runs() {
     let script = Script::ok().on_rcpt(
