@@ -69,6 +69,8 @@ fn layout(
     notice: Option<&str>,
     body: Markup,
 ) -> Markup {
+    // The overview refreshes itself every 30 s; no other page does (forms stay put).
+    let refresh = active == "overview";
     let nav = [
         ("overview", "/console", "Overview"),
         ("queue", "/console/queue", "Queue"),
@@ -82,6 +84,7 @@ fn layout(
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 meta name="referrer" content="same-origin";
+                @if refresh { meta http-equiv="refresh" content="30"; }
                 title { (title) " · mailmux" }
                 style { (PreEscaped(STYLE)) }
             }
