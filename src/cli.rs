@@ -369,10 +369,14 @@ async fn send(config: Config, sources: Sources, args: SendArgs) -> ExitCode {
 
 /// One row of the `check` table.
 pub fn probe_row(p: &ProbeOut) -> String {
-    let auth = match p.auth {
-        Some(true) => "ok",
-        Some(false) => "FAILED",
-        None => "-",
+    let auth = match (p.token, p.auth) {
+        // XOAUTH2: the token, then the server's answer.
+        (Some(false), _) => "NO TOKEN",
+        (Some(true), Some(true)) => "token ok",
+        (Some(true), _) => "token, FAILED",
+        (None, Some(true)) => "ok",
+        (None, Some(false)) => "FAILED",
+        (None, None) => "-",
     };
     let error = match (&p.error_class, &p.error_text) {
         (Some(c), Some(t)) => format!("{c}: {t}"),
@@ -380,7 +384,7 @@ pub fn probe_row(p: &ProbeOut) -> String {
         _ => String::new(),
     };
     format!(
-        "{:<20} {:<9} {:<4} {:<6} {:>8} {}",
+        "{:<20} {:<9} {:<4} {:<13} {:>8} {}",
         p.relay,
         if p.reachable { "yes" } else { "NO" },
         if p.tls { "yes" } else { "no" },
@@ -405,7 +409,7 @@ async fn check(config: Config) -> ExitCode {
         }
     };
     println!(
-        "{:<20} {:<9} {:<4} {:<6} {:>8} ERROR",
+        "{:<20} {:<9} {:<4} {:<13} {:>8} ERROR",
         "RELAY", "REACHABLE", "TLS", "AUTH", "LATENCY"
     );
     let mut all_ok = !reports.is_empty();

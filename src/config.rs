@@ -369,6 +369,9 @@ fn check_unknown_keys(layer: &FileLayer) -> Result<(), ConfigError> {
                     &format!("relays[{i}]."),
                     &[raw::RELAY_KEYS, raw::TUNING_KEYS],
                 )?;
+                if let Some(Value::Dict(_, o)) = d.get("oauth") {
+                    check(o, &format!("relays[{i}].oauth."), &[raw::OAUTH_KEYS])?;
+                }
             }
         }
     }

@@ -7,6 +7,7 @@
 //! - [`audit`]: the audit log;
 //! - [`telemetry`]: the Prometheus metrics;
 //! - [`console`]: the operators' web console on the HTTP listener;
+//! - [`oauth`]: OAuth2 access tokens for XOAUTH2 relays;
 //! - [`mcp`]: the MCP tools and the stdio and HTTP transports (only it knows rmcp);
 //! - [`cli`]: the command line (`serve`, `send`, `check`, `config`);
 //! - [`logging`]: tracing to stderr;
@@ -19,5 +20,6 @@ pub mod config;
 pub mod console;
 pub mod logging;
 pub mod mcp;
+pub mod oauth;
 pub mod policy;
 pub mod telemetry;

@@ -1039,3 +1039,134 @@ token_env = "OPS_TOKEN"
         assert!(!e.to_string().contains("bee-secret"));
     }
 }
+
+/// `auth` and `[relays.oauth]`: XOAUTH2 with a provider's presets, from a
+/// file or the seed's `SMTP_AUTH_METHOD` and `SMTP_OAUTH_*`; each mistake
+/// names its key; no secret in the effective configuration.
+#[test]
+fn xoauth2_keys_validate_with_their_names() {
+    use mailmux_actors::AuthMethod;
+    let dir = tempfile::tempdir().unwrap();
+    let relay = |extra: &str| {
+        format!(
+            "[[relays]]\nname = \"m365\"\nhost = \"smtp.office365.com\"\nusername = \"agent@contoso.com\"\n{extra}\n"
+        )
+    };
+    let file = write(
+        &dir,
+        "ms.toml",
+        &relay(
+            "auth = \"xoauth2\"\n[relays.oauth]\nprovider = \"microsoft\"\ntenant = \"contoso.onmicrosoft.com\"\nclient_id = \"app-id\"\nclient_secret = \"SECRET-q9\"\n",
+        ),
+    );
+    let c = ok(Some(&file), &[]);
+    let auth = smtp(&c, 0).auth.as_ref().expect("auth");
+    assert_eq!(auth.method, AuthMethod::Xoauth2);
+    assert_eq!(auth.username, "agent@contoso.com");
+    assert!(auth.token.is_some());
+    let (url, _) = leaf(&c, "/relays/0/oauth/token_url");
+    assert_eq!(
+        url,
+        "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+    );
+    assert_eq!(leaf(&c, "/relays/0/oauth/grant").0, "client_credentials");
+    assert_eq!(
+        leaf(&c, "/relays/0/oauth/scope").0,
+        &serde_json::json!(["https://outlook.office365.com/.default"])
+    );
+    assert!(!c.redacted.to_string().contains("SECRET-q9"));
+    assert!(!format!("{:?}", c.dispatch).contains("SECRET-q9"));
+
+    // Mistakes, each naming its key.
+    for (extra, key, says) in [
+        ("auth = \"xoauth2\"\n", "relays[0].oauth", "oauth table"),
+        (
+            "auth = \"xoauth2\"\npassword = \"pw\"\n[relays.oauth]\nprovider = \"google\"\nclient_id = \"c\"\nrefresh_token = \"r\"\n",
+            "relays[0].password",
+            "takes no password",
+        ),
+        (
+            "auth = \"xoauth2\"\n[relays.oauth]\ntoken_url = \"http://oauth.example.com/token\"\nclient_id = \"c\"\nrefresh_token = \"r\"\n",
+            "relays[0].oauth.token_url",
+            "https",
+        ),
+        (
+            "auth = \"xoauth2\"\n[relays.oauth]\nprovider = \"microsoft\"\nclient_id = \"c\"\n",
+            "relays[0].oauth.client_secret",
+            "client secret",
+        ),
+        (
+            "auth = \"xoauth2\"\n[relays.oauth]\nprovider = \"yahoo\"\nclient_id = \"c\"\n",
+            "relays[0].oauth.provider",
+            "microsoft, google",
+        ),
+        (
+            "auth = \"xoauth2\"\n[relays.oauth]\nprovider = \"google\"\nrefresh_token = \"r\"\n",
+            "relays[0].oauth.client_id",
+            "required",
+        ),
+        (
+            "auth = \"xoauth2\"\n[relays.oauth]\nprovider = \"google\"\nclient_id = \"c\"\nrefresh_tokn = \"r\"\n",
+            "relays[0].oauth.refresh_tokn",
+            "unknown key",
+        ),
+        (
+            "auth = \"kerberos\"\npassword = \"pw\"\n",
+            "relays[0].auth",
+            "xoauth2",
+        ),
+        (
+            "password = \"pw\"\n[relays.oauth]\nprovider = \"google\"\nclient_id = \"c\"\n",
+            "relays[0].oauth",
+            "only with auth",
+        ),
+    ] {
+        let file = write(&dir, "bad.toml", &relay(extra));
+        let e = err(Some(&file), &[]);
+        assert_eq!(e.key, key, "{extra}: {e}");
+        assert!(e.message.contains(says), "{extra}: {e}");
+        assert!(!e.to_string().contains("SECRET"), "{e}");
+    }
+
+    // auth = "login" keeps the password, with that mechanism only.
+    let file = write(
+        &dir,
+        "login.toml",
+        &relay("auth = \"login\"\npassword = \"pw\"\n"),
+    );
+    let c = ok(Some(&file), &[]);
+    assert_eq!(smtp(&c, 0).auth.as_ref().unwrap().method, AuthMethod::Login);
+
+    // The seed's variables.
+    let rt = write(&dir, "rt", "REFRESH-SEED-3c\n");
+    let c = ok(
+        None,
+        &[
+            ("SMTP_HOST", "smtp.gmail.com"),
+            ("SMTP_USERNAME", "agent@gmail.com"),
+            ("SMTP_AUTH_METHOD", "xoauth2"),
+            ("SMTP_OAUTH_PROVIDER", "google"),
+            ("SMTP_OAUTH_CLIENT_ID", "gid"),
+            ("SMTP_OAUTH_CLIENT_SECRET", "gsecret"),
+            ("SMTP_OAUTH_REFRESH_TOKEN_FILE", rt.to_str().unwrap()),
+        ],
+    );
+    let auth = smtp(&c, 0).auth.as_ref().expect("auth");
+    assert_eq!(auth.method, AuthMethod::Xoauth2);
+    assert_eq!(
+        leaf(&c, "/relays/0/oauth/token_url").0,
+        "https://oauth2.googleapis.com/token"
+    );
+    assert_eq!(leaf(&c, "/relays/0/oauth/grant").0, "refresh_token");
+    let e = err(
+        None,
+        &[
+            ("SMTP_HOST", "smtp.gmail.com"),
+            ("SMTP_USERNAME", "agent@gmail.com"),
+            ("SMTP_AUTH_METHOD", "xoauth2"),
+            ("SMTP_OAUTH_PROVIDER", "google"),
+            ("SMTP_OAUTH_REFRESH_TOKEN", "r"),
+        ],
+    );
+    assert_eq!(e.key, "SMTP_OAUTH_CLIENT_ID", "{e}");
+}

@@ -18,10 +18,10 @@ use serde_json::{Value, json};
 async fn harness(smtp: &Aiosmtpd) -> InProcess {
     let mut backup = relay("backup", free_port(), 10);
     if let RelayKind::Smtp(s) = &mut backup.kind {
-        s.auth = Some(Credentials {
-            username: "user".into(),
-            password: Secret::new("hunter2-very-secret"),
-        });
+        s.auth = Some(Credentials::password(
+            "user",
+            Secret::new("hunter2-very-secret"),
+        ));
     }
     InProcess::start(
         config(vec![relay("primary", smtp.port, 100), backup]),

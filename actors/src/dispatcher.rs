@@ -383,6 +383,7 @@ impl Dispatcher {
                 reachable: false,
                 tls: false,
                 auth: None,
+                token: None,
                 latency: started.elapsed(),
                 error: Some((
                     crate::mail::FailureClass::RelayFault,

@@ -37,9 +37,9 @@ pub use mail::{
     Attempt, CommitMark, FailureClass, FailureReason, Mail, Rejected, Reply, Report, Status,
 };
 pub use settings::{
-    Credentials, HealthSettings, Limits, PoolSettings, RelayKind, RelayRate, RelaySettings,
-    RouterSettings, Secret, Settings, SmtpSettings, Strategy, SupervisorSettings, Timeouts,
-    TlsMode,
+    AuthMethod, Credentials, FetchToken, HealthSettings, Limits, PoolSettings, RelayKind,
+    RelayRate, RelaySettings, RouterSettings, Secret, Settings, SmtpSettings, Strategy,
+    SupervisorSettings, Timeouts, TlsMode, TokenSource,
 };
 pub use status::{
     Counters, Latency, ProbeReport, RelayState, RelayStatus, ReloadDiff, Selection, ShutdownReport,

@@ -24,7 +24,7 @@ use crate::health::{Health, State};
 use crate::mail::{Attempt, FailureClass, FailureReason, Report, Status};
 use crate::meters::RelayMeters;
 use crate::router::{Flight, RouterCell};
-use crate::settings::{RelayKind, RelaySettings};
+use crate::settings::{AuthMethod, RelayKind, RelaySettings};
 use crate::smtp::{self, Conn, Delivered, Failure};
 use crate::status::{ProbeReport, RelayStatus};
 
@@ -499,12 +499,15 @@ fn spawn_probe(
         };
         if let Some(reply) = reply {
             let has_auth = matches!(&shared.settings.kind, RelayKind::Smtp(s) if s.auth.is_some());
+            let oauth = matches!(&shared.settings.kind,
+                RelayKind::Smtp(s) if s.auth.as_ref().is_some_and(|a| a.method == AuthMethod::Xoauth2));
             let report = match &result {
                 Ok(p) => ProbeReport {
                     relay: shared.name().to_owned(),
                     reachable: true,
                     tls: p.tls,
                     auth: has_auth.then_some(true),
+                    token: oauth.then_some(true),
                     latency: p.latency,
                     error: None,
                 },
@@ -513,6 +516,12 @@ fn spawn_probe(
                     reachable: !f.detail.starts_with("connect"),
                     tls: false,
                     auth: (has_auth && f.detail.starts_with("AUTH")).then_some(false),
+                    token: match (oauth, f.detail.starts_with(smtp::TOKEN_FAILED)) {
+                        (false, _) => None,
+                        (true, true) => Some(false),
+                        // Refused by the server: the token was obtained.
+                        (true, false) => f.detail.starts_with("AUTH").then_some(true),
+                    },
                     latency: started.elapsed(),
                     error: Some((f.class, f.detail.clone())),
                 },

@@ -227,7 +227,33 @@ impl TlsMode {
 #[derive(Clone, PartialEq)]
 pub struct Credentials {
     pub username: String,
+    /// Unused with `xoauth2`.
     pub password: Secret,
+    pub method: AuthMethod,
+    /// With `xoauth2`: where the access token comes from.
+    pub token: Option<TokenSource>,
+}
+
+impl Credentials {
+    /// A username and password, with the mechanism the server offers.
+    pub fn password(username: impl Into<String>, password: Secret) -> Self {
+        Credentials {
+            username: username.into(),
+            password,
+            method: AuthMethod::Auto,
+            token: None,
+        }
+    }
+
+    /// SASL XOAUTH2 for `username`, with access tokens from `token`.
+    pub fn xoauth2(username: impl Into<String>, token: TokenSource) -> Self {
+        Credentials {
+            username: username.into(),
+            password: Secret::new(""),
+            method: AuthMethod::Xoauth2,
+            token: Some(token),
+        }
+    }
 }
 
 impl fmt::Debug for Credentials {
@@ -235,7 +261,87 @@ impl fmt::Debug for Credentials {
         f.debug_struct("Credentials")
             .field("username", &self.username)
             .field("password", &self.password)
+            .field("method", &self.method)
+            .field("token", &self.token)
             .finish()
+    }
+}
+
+/// How a relay authenticates (`auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AuthMethod {
+    /// PLAIN or LOGIN, whichever the server offers.
+    #[default]
+    Auto,
+    Plain,
+    Login,
+    /// SASL XOAUTH2 with an OAuth2 access token (Microsoft 365, Gmail).
+    Xoauth2,
+}
+
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::Auto => "auto",
+            AuthMethod::Plain => "plain",
+            AuthMethod::Login => "login",
+            AuthMethod::Xoauth2 => "xoauth2",
+        }
+    }
+}
+
+/// Gets OAuth2 access tokens for a relay: the daemon's OAuth2 client, which
+/// caches a token until shortly before it expires.
+#[async_trait::async_trait]
+pub trait FetchToken: Send + Sync {
+    /// A current access token. `fresh` asks for a new one even when the cached
+    /// one has not expired (the server refused it). The error never holds a
+    /// secret.
+    async fn token(&self, fresh: bool) -> Result<Secret, String>;
+}
+
+/// A relay's access-token source. Two are equal when they were made from the
+/// same settings (`fingerprint`), so a reload that changes nothing keeps the
+/// relay and its cached token.
+#[derive(Clone)]
+pub struct TokenSource {
+    fetch: std::sync::Arc<dyn FetchToken>,
+    /// Where tokens come from, for status and logs (no secret).
+    label: String,
+    fingerprint: [u8; 32],
+}
+
+impl TokenSource {
+    pub fn new(
+        label: impl Into<String>,
+        fingerprint: [u8; 32],
+        fetch: std::sync::Arc<dyn FetchToken>,
+    ) -> Self {
+        TokenSource {
+            fetch,
+            label: label.into(),
+            fingerprint,
+        }
+    }
+
+    pub async fn token(&self, fresh: bool) -> Result<Secret, String> {
+        self.fetch.token(fresh).await
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+}
+
+impl PartialEq for TokenSource {
+    fn eq(&self, other: &Self) -> bool {
+        self.fingerprint == other.fingerprint
+    }
+}
+
+impl fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("TokenSource").field(&self.label).finish()
     }
 }
 

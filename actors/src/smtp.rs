@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 
 use crate::mail::{FailureClass, Mail, Progress, Rejected, Reply};
-use crate::settings::{SmtpSettings, Timeouts, TlsMode};
+use crate::settings::{AuthMethod, Credentials, SmtpSettings, Timeouts, TlsMode};
 
 /// Why an attempt failed, with the reply that said so when there was one.
 #[derive(Debug, Clone, PartialEq)]
@@ -264,15 +264,26 @@ pub(crate) async fn dial(
     let pipelining = s.pipelining && offers_pipelining(&mut inner, &hello, t, deadline).await?;
 
     if let Some(creds) = &s.auth {
-        let lettre_creds =
-            LettreCredentials::new(creds.username.clone(), creds.password.expose().to_owned());
-        bounded(
-            Phase::Auth,
-            t.command,
-            deadline,
-            inner.auth(&[Mechanism::Plain, Mechanism::Login], &lettre_creds),
-        )
-        .await?;
+        let mechanisms: &[Mechanism] = match creds.method {
+            AuthMethod::Xoauth2 => {
+                xoauth2(&mut inner, creds, t, deadline).await?;
+                &[]
+            }
+            AuthMethod::Plain => &[Mechanism::Plain],
+            AuthMethod::Login => &[Mechanism::Login],
+            AuthMethod::Auto => &[Mechanism::Plain, Mechanism::Login],
+        };
+        if !mechanisms.is_empty() {
+            let lettre_creds =
+                LettreCredentials::new(creds.username.clone(), creds.password.expose().to_owned());
+            bounded(
+                Phase::Auth,
+                t.command,
+                deadline,
+                inner.auth(mechanisms, &lettre_creds),
+            )
+            .await?;
+        }
     }
 
     Ok(Conn {
@@ -283,6 +294,98 @@ pub(crate) async fn dial(
         broken: false,
         pipelining,
     })
+}
+
+/// How a failure to get an OAuth2 access token begins (status output tells
+/// it apart from a refusal by the server).
+pub(crate) const TOKEN_FAILED: &str = "AUTH: cannot get an OAuth2 access token";
+
+/// One line of an AUTH exchange. It holds a bearer token: never logged.
+struct AuthLine(String);
+
+impl fmt::Display for AuthLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}\r\n", self.0)
+    }
+}
+
+/// SASL XOAUTH2 with the relay's current access token. When the server
+/// refuses it (535, or a 334 error challenge then 535), the token is
+/// refreshed once and AUTH tried again on the same connection.
+async fn xoauth2(
+    inner: &mut AsyncSmtpConnection,
+    creds: &Credentials,
+    t: &Timeouts,
+    deadline: Instant,
+) -> Result<(), Failure> {
+    use base64::Engine as _;
+    let Some(source) = &creds.token else {
+        return Err(Failure::new(
+            FailureClass::RelayFault,
+            format!("{TOKEN_FAILED}: no token source"),
+        ));
+    };
+    let mut last = None;
+    for fresh in [false, true] {
+        let until = deadline.min(Instant::now() + t.connect);
+        let token = match tokio::time::timeout_at(until, source.token(fresh)).await {
+            Ok(Ok(token)) => token,
+            Ok(Err(e)) => {
+                return Err(Failure::new(
+                    FailureClass::RelayFault,
+                    format!("{TOKEN_FAILED} from {}: {e}", source.label()),
+                ));
+            }
+            Err(_) => {
+                return Err(Failure::new(
+                    FailureClass::RelayFault,
+                    format!(
+                        "{TOKEN_FAILED} from {}: no answer within {:?}",
+                        source.label(),
+                        t.connect
+                    ),
+                ));
+            }
+        };
+        let sasl = format!(
+            "user={}\x01auth=Bearer {}\x01\x01",
+            creds.username,
+            token.expose()
+        );
+        let line = AuthLine(format!(
+            "AUTH XOAUTH2 {}",
+            base64::engine::general_purpose::STANDARD.encode(sasl)
+        ));
+        let reply = bounded(Phase::Auth, t.command, deadline, inner.command(line)).await;
+        let refused = match reply {
+            Ok(r) if r.has_code(334) => {
+                // The error as a challenge: answer with an empty line, and
+                // the server replies 535.
+                match bounded(
+                    Phase::Auth,
+                    t.command,
+                    deadline,
+                    inner.command(AuthLine(String::new())),
+                )
+                .await
+                {
+                    Ok(_) => Failure::new(
+                        FailureClass::RelayFault,
+                        "AUTH: the server accepted an empty XOAUTH2 answer",
+                    ),
+                    Err(f) => f,
+                }
+            }
+            Ok(_) => return Ok(()),
+            Err(f) => f,
+        };
+        // Only a refusal is worth a fresh token; a lost connection is not.
+        if refused.reply.is_none() {
+            return Err(refused);
+        }
+        last = Some(refused);
+    }
+    Err(last.unwrap_or_else(|| Failure::new(FailureClass::RelayFault, "AUTH: refused")))
 }
 
 /// Whether the server offers PIPELINING (RFC 2920). lettre keeps only the

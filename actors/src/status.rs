@@ -134,6 +134,9 @@ pub struct ProbeReport {
     pub tls: bool,
     /// `Some(true)` when AUTH succeeded, `None` when no AUTH is configured.
     pub auth: Option<bool>,
+    /// For an `xoauth2` relay: whether an access token was obtained (`None`
+    /// when the probe failed before it asked for one).
+    pub token: Option<bool>,
     pub latency: Duration,
     /// When the probe failed: its class and what went wrong.
     pub error: Option<(FailureClass, String)>,

@@ -202,10 +202,10 @@ async fn auth_535_fails_over() {
     let b = FaultSmtp::start(Script::ok()).await;
     let mut primary = relay("primary", a.port(), 10);
     if let RelayKind::Smtp(s) = &mut primary.kind {
-        s.auth = Some(mailmux_actors::Credentials {
-            username: "user".into(),
-            password: mailmux_actors::Secret::new("wrong"),
-        });
+        s.auth = Some(mailmux_actors::Credentials::password(
+            "user",
+            mailmux_actors::Secret::new("wrong"),
+        ));
     }
     let d = Dispatcher::start(settings(
         vec![primary, relay("backup", b.port(), 1)],

@@ -28,10 +28,7 @@ fn relay(
     if let RelayKind::Smtp(s) = &mut r.kind {
         s.tls = tls;
         s.ca_pem = ca.map(|c| c.as_bytes().to_vec());
-        s.auth = auth.map(|(u, p)| Credentials {
-            username: u.into(),
-            password: Secret::new(p),
-        });
+        s.auth = auth.map(|(u, p)| Credentials::password(u, Secret::new(p)));
     }
     r
 }

@@ -125,6 +125,22 @@ pub(crate) const RELAY_KEYS: &[&str] = &[
     "from_email",
     "dir",
     "rate",
+    "auth",
+    "oauth",
+];
+
+/// Keys of a relay's `oauth` table.
+pub(crate) const OAUTH_KEYS: &[&str] = &[
+    "provider",
+    "tenant",
+    "token_url",
+    "client_id",
+    "client_secret",
+    "client_secret_file",
+    "refresh_token",
+    "refresh_token_file",
+    "grant",
+    "scope",
 ];
 
 /// The whole configuration as the layers wrote it.
@@ -363,6 +379,11 @@ pub(crate) struct RawRelay {
     /// Submission limits such as `30/min`; past them messages wait or fail
     /// over. Default: none.
     pub rate: Option<StringList>,
+    /// `auto` | `plain` | `login` | `xoauth2`. Default: `auto` (PLAIN or
+    /// LOGIN when a password is set).
+    pub auth: Option<String>,
+    /// Where `xoauth2` gets its access tokens.
+    pub oauth: Option<RawOAuth>,
     /// Open connections at most. Default: 8.
     pub max_connections: Option<usize>,
     /// Messages waiting for a connection at most. Default: 1024.
@@ -410,6 +431,40 @@ pub(crate) struct RawSeedRelay {
     pub from_email: Option<String>,
     pub name: Option<String>,
     pub priority: Option<i32>,
+    /// `SMTP_AUTH_METHOD`: `auto`, `plain`, `login` or `xoauth2`.
+    pub auth_method: Option<String>,
+    pub oauth_provider: Option<String>,
+    pub oauth_tenant: Option<String>,
+    pub oauth_token_url: Option<String>,
+    pub oauth_client_id: Option<String>,
+    pub oauth_client_secret: Option<String>,
+    pub oauth_client_secret_file: Option<PathBuf>,
+    pub oauth_refresh_token: Option<String>,
+    pub oauth_refresh_token_file: Option<PathBuf>,
+    pub oauth_grant: Option<String>,
+    pub oauth_scope: Option<StringList>,
+}
+
+/// A relay's `oauth` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub(crate) struct RawOAuth {
+    /// `microsoft` | `google`: the token URL and scopes. Default: none.
+    pub provider: Option<String>,
+    /// Microsoft's tenant (id or domain). Default: `organizations`.
+    pub tenant: Option<String>,
+    /// The token endpoint; `https` unless on loopback. Default: the provider's.
+    pub token_url: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<String>,
+    pub client_secret_file: Option<PathBuf>,
+    pub refresh_token: Option<String>,
+    /// Read again at every refresh.
+    pub refresh_token_file: Option<PathBuf>,
+    /// `refresh_token` | `client_credentials`. Default: `refresh_token` when
+    /// a refresh token is given, else `client_credentials`.
+    pub grant: Option<String>,
+    /// Default: the provider's.
+    pub scope: Option<StringList>,
 }
 
 /// The seed variable stems (after `SMTP_`, before `_N`) that describe a relay.
@@ -425,6 +480,17 @@ pub(crate) const SEED_RELAY_FIELDS: &[&str] = &[
     "from_email",
     "name",
     "priority",
+    "auth_method",
+    "oauth_provider",
+    "oauth_tenant",
+    "oauth_token_url",
+    "oauth_client_id",
+    "oauth_client_secret",
+    "oauth_client_secret_file",
+    "oauth_refresh_token",
+    "oauth_refresh_token_file",
+    "oauth_grant",
+    "oauth_scope",
 ];
 
 /// A duration written as humantime (`30s`, `5m`, `1h 30m`) or as a bare

@@ -13,14 +13,14 @@ use figment::Figment;
 use figment::value::Value;
 use mailmux_actors::queue::{QueueSettings, StoreKind};
 use mailmux_actors::{
-    Credentials, HealthSettings, Limits, PoolSettings, RelayKind, RelayRate, RelaySettings,
-    RouterSettings, Secret, Settings, SmtpSettings, Strategy, SupervisorSettings, Timeouts,
-    TlsMode,
+    AuthMethod, Credentials, HealthSettings, Limits, PoolSettings, RelayKind, RelayRate,
+    RelaySettings, RouterSettings, Secret, Settings, SmtpSettings, Strategy, SupervisorSettings,
+    Timeouts, TlsMode,
 };
 use serde_json::{Map, Value as Json, json};
 
 use super::env::{SEED_KEY, SINGLE, seed_var_name, source_name};
-use super::raw::{Dur, RawConfig, RawRelay, RawSeedRelay, StringList};
+use super::raw::{Dur, RawConfig, RawOAuth, RawRelay, RawSeedRelay, StringList};
 use super::{Config, ConfigError, DaemonSettings, HttpSettings, MetricsSettings};
 use crate::compose::ComposePolicy;
 
@@ -135,14 +135,15 @@ impl Ctx<'_> {
             }
             Origin::Seed { group, tls_stem } => {
                 let stem = match field {
-                    "tls" => Some(*tls_stem),
+                    "tls" => Some(tls_stem.to_string()),
                     "host" | "port" | "username" | "password" | "password_file" | "timeout"
-                    | "from_email" | "name" | "priority" => Some(field),
-                    _ => None,
+                    | "from_email" | "name" | "priority" => Some(field.to_string()),
+                    "auth" => Some("auth_method".to_string()),
+                    _ => field.strip_prefix("oauth.").map(|k| format!("oauth_{k}")),
                 };
                 match stem {
                     Some(stem) => At {
-                        key: seed_var_name(stem, group),
+                        key: seed_var_name(&stem, group),
                         source: self
                             .source(&format!("{SEED_KEY}.{group}.{stem}"))
                             .unwrap_or_else(|| DEFAULT_SOURCE.to_string()),
@@ -744,6 +745,8 @@ fn from_seed(group: &str, s: &RawSeedRelay) -> (RawRelay, Origin) {
         priority: s.priority,
         from_email: s.from_email.clone(),
         timeout: s.timeout,
+        auth: s.auth_method.clone(),
+        oauth: seed_oauth(s),
         ..RawRelay::default()
     };
     (
@@ -753,6 +756,177 @@ fn from_seed(group: &str, s: &RawSeedRelay) -> (RawRelay, Origin) {
             tls_stem,
         },
     )
+}
+
+/// A relay's `oauth` table, validated: the provider's presets filled in,
+/// secrets kept as values or files (read now, to fail early, and again at
+/// each refresh).
+fn oauth(
+    o: &RawOAuth,
+    at_of: &dyn Fn(&str) -> At,
+    out: &mut Map<String, Json>,
+) -> Result<crate::oauth::OAuthSettings, ConfigError> {
+    use crate::oauth::{Grant, OAuthSettings, Provider, SecretFrom};
+    let mut shown = Map::new();
+    let provider = match o.provider.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(p) => Some(Provider::parse(p).ok_or_else(|| {
+            at_of("oauth.provider").err(format!(
+                "unknown provider {p:?}; expected one of microsoft, google"
+            ))
+        })?),
+    };
+    leaf(
+        &mut shown,
+        "provider",
+        json!(o.provider),
+        &at_of("oauth.provider"),
+    );
+    let secret = |value: &Option<String>,
+                  file: &Option<PathBuf>,
+                  what: &str|
+     -> Result<Option<SecretFrom>, ConfigError> {
+        let value_at = at_of(&format!("oauth.{what}"));
+        let file_at = at_of(&format!("oauth.{what}_file"));
+        match (value, file) {
+            (Some(_), Some(_)) => Err(file_at.err(format!(
+                "`{}` and `{}` are both set; use one",
+                value_at.key, file_at.key
+            ))),
+            (Some(v), None) if v.trim().is_empty() => Err(value_at.err("must not be empty")),
+            (Some(v), None) => Ok(Some(SecretFrom::Value(Secret::new(v.clone())))),
+            (None, Some(path)) => {
+                read_secret(path, &file_at, what)?;
+                Ok(Some(SecretFrom::File(path.clone())))
+            }
+            (None, None) => Ok(None),
+        }
+    };
+    let client_secret = secret(&o.client_secret, &o.client_secret_file, "client_secret")?;
+    let refresh = secret(&o.refresh_token, &o.refresh_token_file, "refresh_token")?;
+    for (key, set, file) in [
+        (
+            "client_secret",
+            o.client_secret.is_some(),
+            &o.client_secret_file,
+        ),
+        (
+            "refresh_token",
+            o.refresh_token.is_some(),
+            &o.refresh_token_file,
+        ),
+    ] {
+        leaf(
+            &mut shown,
+            key,
+            json!(set.then_some(REDACTED)),
+            &at_of(&format!("oauth.{key}")),
+        );
+        leaf(
+            &mut shown,
+            &format!("{key}_file"),
+            json!(file.as_deref().map(|p| p.display().to_string())),
+            &at_of(&format!("oauth.{key}_file")),
+        );
+    }
+    let grant_at = at_of("oauth.grant");
+    let grant = match (o.grant.as_deref().map(str::trim), refresh) {
+        (None | Some("refresh_token"), Some(r)) => Grant::RefreshToken(r),
+        (Some("refresh_token"), None) => {
+            return Err(grant_at.err(format!(
+                "the refresh_token grant needs `{}` or `{}`",
+                at_of("oauth.refresh_token").key,
+                at_of("oauth.refresh_token_file").key
+            )));
+        }
+        (None | Some("client_credentials"), None) => Grant::ClientCredentials,
+        (Some("client_credentials"), Some(_)) => {
+            return Err(grant_at.err(
+                "the client_credentials grant takes no refresh token; remove it or use grant = \"refresh_token\"",
+            ));
+        }
+        (Some(other), _) => {
+            return Err(grant_at.err(format!(
+                "unknown grant {other:?}; expected refresh_token or client_credentials"
+            )));
+        }
+    };
+    leaf(&mut shown, "grant", json!(grant.as_str()), &grant_at);
+    if grant == Grant::ClientCredentials && client_secret.is_none() {
+        return Err(at_of("oauth.client_secret").err(
+            "the client_credentials grant needs the client secret (client_secret or client_secret_file)",
+        ));
+    }
+    let client_id = match o.client_id.as_deref().map(str::trim) {
+        Some(id) if !id.is_empty() => id.to_owned(),
+        _ => return Err(at_of("oauth.client_id").err("the OAuth2 client id is required")),
+    };
+    leaf(
+        &mut shown,
+        "client_id",
+        json!(client_id),
+        &at_of("oauth.client_id"),
+    );
+    let tenant = o.tenant.as_deref().map(str::trim).filter(|t| !t.is_empty());
+    if tenant.is_some() && provider != Some(Provider::Microsoft) {
+        return Err(at_of("oauth.tenant").err("tenant applies to provider = \"microsoft\" only"));
+    }
+    let token_url = match (&o.token_url, provider) {
+        (Some(u), _) => u.trim().to_owned(),
+        (None, Some(p)) => p.token_url(tenant),
+        (None, None) => {
+            return Err(at_of("oauth.token_url")
+                .err("give the token endpoint (token_url) or a provider (microsoft, google)"));
+        }
+    };
+    crate::oauth::token_url_ok(&token_url).map_err(|e| at_of("oauth.token_url").err(e))?;
+    leaf(
+        &mut shown,
+        "token_url",
+        json!(token_url),
+        &at_of("oauth.token_url"),
+    );
+    let scopes = match (&o.scope, provider) {
+        (Some(list), _) => list.0.clone(),
+        (None, Some(p)) => p.scopes(&grant),
+        (None, None) => Vec::new(),
+    };
+    leaf(&mut shown, "scope", json!(scopes), &at_of("oauth.scope"));
+    out.insert("oauth".into(), Json::Object(shown));
+    Ok(OAuthSettings {
+        token_url,
+        client_id,
+        client_secret,
+        grant,
+        scopes,
+    })
+}
+
+/// The `oauth` table of a seed relay, from its `SMTP_OAUTH_*` variables.
+fn seed_oauth(s: &RawSeedRelay) -> Option<RawOAuth> {
+    let o = RawOAuth {
+        provider: s.oauth_provider.clone(),
+        tenant: s.oauth_tenant.clone(),
+        token_url: s.oauth_token_url.clone(),
+        client_id: s.oauth_client_id.clone(),
+        client_secret: s.oauth_client_secret.clone(),
+        client_secret_file: s.oauth_client_secret_file.clone(),
+        refresh_token: s.oauth_refresh_token.clone(),
+        refresh_token_file: s.oauth_refresh_token_file.clone(),
+        grant: s.oauth_grant.clone(),
+        scope: s.oauth_scope.clone(),
+    };
+    let any = o.provider.is_some()
+        || o.tenant.is_some()
+        || o.token_url.is_some()
+        || o.client_id.is_some()
+        || o.client_secret.is_some()
+        || o.client_secret_file.is_some()
+        || o.refresh_token.is_some()
+        || o.refresh_token_file.is_some()
+        || o.grant.is_some()
+        || o.scope.is_some();
+    any.then_some(o)
 }
 
 /// The name a listed relay will have, before validation.
@@ -1120,29 +1294,84 @@ fn smtp(
         (None, Some(path)) => Some((read_secret(path, &file_at, "password")?, &file_at)),
         (None, None) => None,
     };
-    let auth = match (&r.username, password) {
-        (Some(u), Some((password, _))) => {
-            if u.trim().is_empty() {
-                return Err(user_at.err("must not be empty"));
-            }
-            Some(Credentials {
-                username: u.clone(),
-                password,
-            })
-        }
-        (Some(_), None) => {
-            return Err(user_at.err(format!(
-                "a username needs a password (`{}` or `{}`)",
-                pass_at.key, file_at.key
+    let method_at = at_of("auth");
+    let method = match r.auth.as_deref().map(str::trim).unwrap_or("auto") {
+        "auto" => AuthMethod::Auto,
+        "plain" => AuthMethod::Plain,
+        "login" => AuthMethod::Login,
+        "xoauth2" => AuthMethod::Xoauth2,
+        other => {
+            return Err(method_at.err(format!(
+                "unknown auth method {other:?}; expected one of auto, plain, login, xoauth2"
             )));
         }
-        (None, Some((_, at))) => {
-            return Err(at.err(format!("a password needs a username (`{}`)", user_at.key)));
+    };
+    leaf(out, "auth", json!(method.as_str()), &method_at);
+    let auth = if method == AuthMethod::Xoauth2 {
+        if let Some((_, at)) = &password {
+            return Err(at.err(format!(
+                "auth = \"xoauth2\" takes no password; its tokens come from `{}`",
+                at_of("oauth").key
+            )));
         }
-        (None, None) => None,
+        let user = match &r.username {
+            Some(u) if !u.trim().is_empty() => u.clone(),
+            _ => {
+                return Err(
+                    user_at.err("auth = \"xoauth2\" needs the mailbox's address as the username")
+                );
+            }
+        };
+        let Some(raw_oauth) = &r.oauth else {
+            return Err(at_of("oauth").err(
+                "auth = \"xoauth2\" needs an oauth table (token_url or provider, client_id, …)",
+            ));
+        };
+        let settings = oauth(raw_oauth, &at_of, out)?;
+        let source = crate::oauth::OAuthClient::source(settings)
+            .map_err(|e| at_of("oauth.token_url").err(e))?;
+        Some(Credentials::xoauth2(user, source))
+    } else {
+        if r.oauth.is_some() {
+            return Err(at_of("oauth").err(format!(
+                "an oauth table is used only with auth = \"xoauth2\" (`{}`)",
+                method_at.key
+            )));
+        }
+        let auth = match (&r.username, password) {
+            (Some(u), Some((password, _))) => {
+                if u.trim().is_empty() {
+                    return Err(user_at.err("must not be empty"));
+                }
+                Some(Credentials::password(u.clone(), password))
+            }
+            (Some(_), None) => {
+                return Err(user_at.err(format!(
+                    "a username needs a password (`{}` or `{}`)",
+                    pass_at.key, file_at.key
+                )));
+            }
+            (None, Some((_, at))) => {
+                return Err(at.err(format!("a password needs a username (`{}`)", user_at.key)));
+            }
+            (None, None) => None,
+        };
+        if method != AuthMethod::Auto && auth.is_none() {
+            return Err(method_at.err(format!(
+                "auth = {:?} needs a username and a password",
+                method.as_str()
+            )));
+        }
+        auth.map(|mut a| {
+            a.method = method;
+            a
+        })
     };
     leaf(out, "username", json!(r.username), &user_at);
-    let shown = auth.as_ref().map(|_| REDACTED);
+    let shown = auth
+        .as_ref()
+        .filter(|a| a.method != AuthMethod::Xoauth2)
+        .map(|_| REDACTED);
     let at = if r.password_file.is_some() {
         &file_at
     } else {

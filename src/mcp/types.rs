@@ -954,6 +954,9 @@ pub struct ProbeOut {
     /// AUTH succeeded (`true`), failed (`false`), or none configured (absent).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auth: Option<bool>,
+    /// For an `xoauth2` relay: whether an OAuth2 access token was obtained.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<bool>,
     pub latency_ms: u64,
     /// The failure class, when the probe failed.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -969,6 +972,7 @@ impl From<&ProbeReport> for ProbeOut {
             reachable: p.reachable,
             tls: p.tls,
             auth: p.auth,
+            token: p.token,
             latency_ms: millis(p.latency),
             error_class: p.error.as_ref().map(|(c, _)| c.as_str().to_string()),
             error_text: p.error.as_ref().map(|(_, t)| t.clone()),

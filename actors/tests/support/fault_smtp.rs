@@ -153,6 +153,10 @@ pub struct Options {
     /// Advertise AUTH PLAIN LOGIN and require these credentials (535 on mismatch,
     /// 530 to MAIL before a successful AUTH).
     pub auth: Option<(String, String)>,
+    /// Advertise AUTH XOAUTH2 for this user, and take the bearer tokens that
+    /// [`FaultSmtp::accept_tokens`] allows. A wrong token gets what Gmail
+    /// sends: a 334 with a JSON error, then 535 after the client's empty line.
+    pub xoauth2_user: Option<String>,
     /// Advertise SMTPUTF8; when off, non-ASCII addresses and the SMTPUTF8 parameter get 553.
     pub smtputf8: bool,
     /// Advertise 8BITMIME.
@@ -170,6 +174,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             auth: None,
+            xoauth2_user: None,
             smtputf8: true,
             eightbitmime: true,
             pipelining: true,
@@ -249,6 +254,7 @@ impl FaultSmtp {
             open: AtomicUsize::new(0),
             max_open: AtomicUsize::new(0),
             pipelined: AtomicU64::new(0),
+            tokens: Mutex::new((Vec::new(), Vec::new())),
         });
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
         FaultSmtp {
@@ -270,6 +276,16 @@ impl FaultSmtp {
     /// The CA that signed the STARTTLS certificate (only with [`StartTls::On`]).
     pub fn ca_pem(&self) -> Option<&str> {
         self.ca.as_ref().map(|ca| ca.ca_pem.as_str())
+    }
+
+    /// XOAUTH2: from now on only these bearer tokens are accepted.
+    pub fn accept_tokens(&self, tokens: &[&str]) {
+        lock(&self.shared.tokens).0 = tokens.iter().map(|t| t.to_string()).collect();
+    }
+
+    /// XOAUTH2: every bearer token presented, in order.
+    pub fn tokens_presented(&self) -> Vec<String> {
+        lock(&self.shared.tokens).1.clone()
     }
 
     /// Replaces the script for every later command, on open connections too; the
@@ -387,6 +403,8 @@ struct Shared {
     open: AtomicUsize,
     max_open: AtomicUsize,
     pipelined: AtomicU64,
+    /// XOAUTH2: the bearer tokens accepted now, and every one presented.
+    tokens: Mutex<(Vec<String>, Vec<String>)>,
 }
 
 impl std::fmt::Debug for Shared {

@@ -175,8 +175,11 @@ impl Session {
         if opts.starttls != StartTls::Off && !self.tls_active {
             lines.push("STARTTLS".into());
         }
-        if opts.auth.is_some() {
-            lines.push("AUTH PLAIN LOGIN".into());
+        match (opts.auth.is_some(), opts.xoauth2_user.is_some()) {
+            (true, true) => lines.push("AUTH PLAIN LOGIN XOAUTH2".into()),
+            (true, false) => lines.push("AUTH PLAIN LOGIN".into()),
+            (false, true) => lines.push("AUTH XOAUTH2".into()),
+            (false, false) => {}
         }
         lines.push("ENHANCEDSTATUSCODES".into());
         let last = lines.len() - 1;
@@ -216,6 +219,16 @@ impl Session {
     }
 
     async fn auth(&mut self, conn: &mut Conn, arg: &str) -> Step {
+        if arg
+            .split_whitespace()
+            .next()
+            .map(str::to_ascii_uppercase)
+            .as_deref()
+            == Some("XOAUTH2")
+            && self.shared.options.xoauth2_user.is_some()
+        {
+            return self.xoauth2(conn, arg).await;
+        }
         let Some((user, pass)) = self.shared.options.auth.clone() else {
             return send(conn, "502 5.5.1 AUTH not available")
                 .await
@@ -269,6 +282,55 @@ impl Session {
         } else {
             send(conn, "535 5.7.8 Authentication credentials invalid").await?;
         }
+        Ok(None)
+    }
+
+    /// `AUTH XOAUTH2 <base64 of "user=U^Aauth=Bearer T^A^A">`.
+    async fn xoauth2(&mut self, conn: &mut Conn, arg: &str) -> Step {
+        let action = self.shared.decide(Phase::Auth, None);
+        if action != Action::Ok {
+            return self.fault(conn, action).await;
+        }
+        let initial = match arg.split_whitespace().nth(1) {
+            Some(r) => r.to_string(),
+            None => match self.challenge(conn, "").await? {
+                Some(r) => r,
+                None => return Ok(Some(End::Closed)),
+            },
+        };
+        let parsed = decode_utf8(&initial).and_then(|raw| {
+            let mut user = None;
+            let mut token = None;
+            for field in raw.split('\x01') {
+                if let Some(u) = field.strip_prefix("user=") {
+                    user = Some(u.to_string());
+                } else if let Some(t) = field.strip_prefix("auth=Bearer ") {
+                    token = Some(t.to_string());
+                }
+            }
+            Some((user?, token?))
+        });
+        let expected = self.shared.options.xoauth2_user.clone();
+        let ok = {
+            let mut tokens = lock(&self.shared.tokens);
+            if let Some((_, t)) = &parsed {
+                tokens.1.push(t.clone());
+            }
+            parsed
+                .as_ref()
+                .is_some_and(|(u, t)| Some(u) == expected.as_ref() && tokens.0.contains(t))
+        };
+        if ok {
+            self.authenticated = true;
+            send(conn, "235 2.7.0 Accepted").await?;
+            return Ok(None);
+        }
+        // Gmail's way: the error as a JSON challenge, then 535.
+        let error = "eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiQmVhcmVyIiwic2NvcGUiOiJodHRwczovL21haWwuZ29vZ2xlLmNvbS8ifQ==";
+        if self.challenge(conn, error).await?.is_none() {
+            return Ok(Some(End::Closed));
+        }
+        send(conn, "535 5.7.8 Username and Password not accepted").await?;
         Ok(None)
     }
 

@@ -1,0 +1,322 @@
+//! XOAUTH2 against the real binary: a token endpoint the test serves on
+//! loopback, and the fault-injecting SMTP server checking the XOAUTH2 string
+//! (user and bearer token). A first token and a refresh before expiry; a
+//! token the server revoked (one refresh, then success); the refresh-token
+//! file read again after a change; a token endpoint that is down
+//! (`relay_fault`, then failover); no token or secret in the trace log.
+
+mod common;
+#[path = "../actors/tests/support/mod.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Form, State};
+use axum::routing::post;
+use rmcp::model::CallToolRequestParams;
+use rmcp::service::RunningService;
+use rmcp::{RoleClient, ServiceExt};
+use serde_json::{Value, json};
+use support::fault_smtp::{FaultSmtp, Options, Script};
+
+const USER: &str = "agent@example.org";
+const CLIENT_SECRET: &str = "CLIENT-SECRET-5e1d9";
+const REFRESH_1: &str = "REFRESH-TOKEN-ONE-77b2";
+const REFRESH_2: &str = "REFRESH-TOKEN-TWO-c4a0";
+
+/// The token endpoint: each request gets `ACCESS-TOKEN-<n>-e9`, valid for
+/// `expires_in` seconds; every request's form is kept.
+#[derive(Debug, Default)]
+struct Endpoint {
+    requests: Mutex<Vec<HashMap<String, String>>>,
+    expires_in: u64,
+}
+
+fn access(n: usize) -> String {
+    format!("ACCESS-TOKEN-{n}-e9")
+}
+
+async fn token(
+    State(e): State<Arc<Endpoint>>,
+    Form(form): Form<HashMap<String, String>>,
+) -> axum::Json<Value> {
+    let n = {
+        let mut r = e.requests.lock().unwrap();
+        r.push(form);
+        r.len()
+    };
+    axum::Json(json!({
+        "access_token": access(n),
+        "token_type": "Bearer",
+        "expires_in": e.expires_in,
+    }))
+}
+
+async fn serve_endpoint(expires_in: u64) -> (Arc<Endpoint>, u16) {
+    let e = Arc::new(Endpoint {
+        expires_in,
+        ..Endpoint::default()
+    });
+    let app = axum::Router::new()
+        .route("/token", post(token))
+        .with_state(e.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (e, port)
+}
+
+async fn xoauth2_smtp() -> FaultSmtp {
+    FaultSmtp::start_with(
+        Script::ok(),
+        Options {
+            xoauth2_user: Some(USER.into()),
+            ..Options::default()
+        },
+    )
+    .await
+}
+
+/// The daemon over stdio, its trace log in `dir`.
+struct Daemon {
+    client: Option<RunningService<RoleClient, ()>>,
+    child: tokio::process::Child,
+}
+
+impl Daemon {
+    async fn start(dir: &Path, config: &str) -> Daemon {
+        let path = dir.join("mailmux.toml");
+        std::fs::write(&path, config).unwrap();
+        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
+            .arg("--config")
+            .arg(&path)
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "trace")
+            .current_dir(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("mailmux starts");
+        let stdout = child.stdout.take().unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let client = tokio::time::timeout(Duration::from_secs(20), ().serve((stdout, stdin)))
+            .await
+            .expect("the daemon initializes")
+            .expect("client initializes");
+        Daemon {
+            client: Some(client),
+            child,
+        }
+    }
+
+    async fn call(&self, tool: &str, args: Value) -> Value {
+        let mut params = CallToolRequestParams::new(tool.to_string());
+        if let Value::Object(map) = args {
+            params = params.with_arguments(map);
+        }
+        let r = tokio::time::timeout(
+            Duration::from_secs(30),
+            self.client.as_ref().unwrap().peer().call_tool(params),
+        )
+        .await
+        .expect("answer within 30 s")
+        .expect("no protocol error");
+        r.structured_content.unwrap_or(Value::Null)
+    }
+
+    async fn send(&self, subject: &str) -> Value {
+        self.call(
+            "send_email",
+            json!({ "to": ["rcpt@example.org"], "subject": subject, "body": "hello" }),
+        )
+        .await
+    }
+
+    async fn stop(mut self) {
+        if let Some(c) = self.client.take() {
+            let _ = c.cancel().await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+    }
+}
+
+fn relay_toml(
+    name: &str,
+    smtp: u16,
+    token_port: u16,
+    priority: i32,
+    refresh_file: &Path,
+) -> String {
+    format!(
+        r#"
+[[relays]]
+name = "{name}"
+host = "127.0.0.1"
+port = {smtp}
+tls = "none"
+priority = {priority}
+timeout = "3s"
+messages_per_connection = 1
+auth = "xoauth2"
+username = "{USER}"
+from_email = "{USER}"
+
+[relays.oauth]
+token_url = "http://127.0.0.1:{token_port}/token"
+client_id = "mailmux-test-client"
+client_secret = "{CLIENT_SECRET}"
+refresh_token_file = "{file}"
+scope = ["https://outlook.office.com/SMTP.Send", "offline_access"]
+"#,
+        file = refresh_file.display()
+    )
+}
+
+fn head(dir: &Path) -> String {
+    format!(
+        "send_deadline = \"10s\"\nshutdown_grace = \"1s\"\n\n[queue]\npath = \"{}\"\n",
+        dir.join("queue.db").display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_fetched_cached_refreshed_and_never_logged() {
+    let smtp = xoauth2_smtp().await;
+    let (endpoint, token_port) = serve_endpoint(3).await;
+    smtp.accept_tokens(&[&access(1), &access(2), &access(3), &access(4), &access(5)]);
+    let dir = tempfile::tempdir().unwrap();
+    let refresh_file = dir.path().join("refresh-token");
+    std::fs::write(&refresh_file, format!("{REFRESH_1}\n")).unwrap();
+    let config = head(dir.path()) + &relay_toml("m365", smtp.port(), token_port, 10, &refresh_file);
+    let d = Daemon::start(dir.path(), &config).await;
+    let requests = || endpoint.requests.lock().unwrap().clone();
+
+    // The first token, fetched for the first connection and cached for the
+    // second (each message gets its own connection here).
+    for subject in ["one", "two"] {
+        let out = d.send(subject).await;
+        assert_eq!(out["status"], "sent", "{out}");
+    }
+    assert_eq!(requests().len(), 1, "one token request for two messages");
+    assert_eq!(smtp.tokens_presented(), [access(1), access(1)]);
+    let first = &requests()[0];
+    assert_eq!(first["grant_type"], "refresh_token");
+    assert_eq!(first["refresh_token"], REFRESH_1);
+    assert_eq!(first["client_id"], "mailmux-test-client");
+    assert_eq!(first["client_secret"], CLIENT_SECRET);
+    assert_eq!(
+        first["scope"],
+        "https://outlook.office.com/SMTP.Send offline_access"
+    );
+
+    // Refreshed ahead of its expiry (3 s, refreshed after 2.4 s).
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    let out = d.send("three").await;
+    assert_eq!(out["status"], "sent", "{out}");
+    assert_eq!(requests().len(), 2);
+    assert_eq!(smtp.tokens_presented().last(), Some(&access(2)));
+
+    // The server revokes the cached token: one refresh, then success.
+    smtp.accept_tokens(&[&access(3), &access(4), &access(5)]);
+    let out = d.send("four").await;
+    assert_eq!(out["status"], "sent", "{out}");
+    assert_eq!(out["relay"], "m365", "{out}");
+    assert_eq!(requests().len(), 3);
+    let presented = smtp.tokens_presented();
+    assert_eq!(presented[presented.len() - 2..], [access(2), access(3)]);
+
+    // A new refresh token in the file is used at the next refresh.
+    std::fs::write(&refresh_file, format!("{REFRESH_2}\n")).unwrap();
+    smtp.accept_tokens(&[&access(4), &access(5)]);
+    let out = d.send("five").await;
+    assert_eq!(out["status"], "sent", "{out}");
+    assert_eq!(requests().len(), 4);
+    assert_eq!(requests()[3]["refresh_token"], REFRESH_2);
+    assert_eq!(smtp.tokens_presented().last(), Some(&access(4)));
+
+    // test_smtp_connection says the token was obtained and AUTH passed.
+    let probe = d
+        .call("test_smtp_connection", json!({ "relay": "m365" }))
+        .await;
+    let r = probe["relays"]
+        .as_array()
+        .and_then(|rs| rs.iter().find(|r| r["relay"] == "m365"))
+        .unwrap_or_else(|| panic!("m365 probed: {probe}"));
+    assert_eq!(r["token"], true, "{probe}");
+    assert_eq!(r["auth"], true, "{probe}");
+    assert_eq!(smtp.delivered().len(), 5);
+    d.stop().await;
+
+    // Nothing secret in the trace log: no access token, refresh token or
+    // client secret.
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    assert!(log.contains("TRACE"), "the log is at trace level");
+    for n in 1..=5 {
+        assert!(!log.contains(&access(n)), "access token {n} in the log");
+    }
+    for secret in [REFRESH_1, REFRESH_2, CLIENT_SECRET] {
+        assert!(!log.contains(secret), "{secret} in the log");
+    }
+    // Nor the XOAUTH2 string, which is base64 of the token.
+    assert!(!log.contains("AUTH XOAUTH2"), "the AUTH line in the log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_endpoint_that_is_down_is_a_relay_fault_and_fails_over() {
+    let smtp = xoauth2_smtp().await;
+    let backup = FaultSmtp::start(Script::ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let refresh_file = dir.path().join("refresh-token");
+    std::fs::write(&refresh_file, REFRESH_1).unwrap();
+    let down = common::free_port();
+    let config = head(dir.path())
+        + &relay_toml("m365", smtp.port(), down, 10, &refresh_file)
+        + &format!(
+            r#"
+[[relays]]
+name = "backup"
+host = "127.0.0.1"
+port = {}
+tls = "none"
+priority = 1
+timeout = "3s"
+"#,
+            backup.port()
+        );
+    let d = Daemon::start(dir.path(), &config).await;
+    let out = d.send("failover").await;
+    assert_eq!(out["status"], "sent", "{out}");
+    assert_eq!(out["relay"], "backup", "{out}");
+    let first = &out["attempts"][0];
+    assert_eq!(first["relay"], "m365", "{out}");
+    assert_eq!(first["class"], "relay_fault", "{out}");
+    assert!(
+        first["text"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("OAuth2 access token"),
+        "{out}"
+    );
+    assert!(smtp.tokens_presented().is_empty());
+    assert_eq!(backup.delivered().len(), 1);
+
+    let probe = d
+        .call("test_smtp_connection", json!({ "relay": "m365" }))
+        .await;
+    let r = probe["relays"]
+        .as_array()
+        .and_then(|rs| rs.iter().find(|r| r["relay"] == "m365"))
+        .unwrap_or_else(|| panic!("m365 probed: {probe}"));
+    assert_eq!(r["token"], false, "{probe}");
+    assert_eq!(r["auth"], false, "{probe}");
+    d.stop().await;
+}
