@@ -821,6 +821,7 @@ fn every_shipped_configuration_file_loads() {
         if let Some(relays) = raw["relays"].as_array() {
             for (i, r) in relays.iter().enumerate() {
                 if r.get("username").is_some()
+                    && r.get("auth").and_then(|a| a.as_str()) != Some("xoauth2")
                     && r.get("password").is_none()
                     && r.get("password_file").is_none()
                 {
