@@ -696,7 +696,14 @@ impl fmt::Display for Content<'_> {
             }
         }
         f.write_str(&text[start..])?;
-        f.write_str("\r\n.\r\n")
+        // The CRLF before the final "." ends the last line (RFC 5321
+        // 4.1.1.4): a message that ends with one gets no second, so the
+        // server stores exactly the bytes composed.
+        if text.ends_with("\r\n") {
+            f.write_str(".\r\n")
+        } else {
+            f.write_str("\r\n.\r\n")
+        }
     }
 }
 
@@ -803,7 +810,8 @@ mod tests {
         assert_eq!(stuffed(".x"), "..x\r\n.\r\n");
         assert_eq!(stuffed("a\r\n.\r\nb"), "a\r\n..\r\nb\r\n.\r\n");
         assert_eq!(stuffed("a\r\n..b\r\n.c"), "a\r\n...b\r\n..c\r\n.\r\n");
-        assert_eq!(stuffed("a.\r\nb.c\r\n"), "a.\r\nb.c\r\n\r\n.\r\n");
+        assert_eq!(stuffed("a.\r\nb.c\r\n"), "a.\r\nb.c\r\n.\r\n");
+        assert_eq!(stuffed("a\r\n\r\n"), "a\r\n\r\n.\r\n");
         assert_eq!(stuffed(""), "\r\n.\r\n");
     }
 
