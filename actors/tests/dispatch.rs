@@ -670,7 +670,18 @@ async fn the_circuit_opens_and_all_down_names_every_relay() {
         let r = d.send(mail()).await;
         assert_eq!(r.status, Status::Failed);
         assert_eq!(r.failure, Some(FailureReason::AllRelaysFailed));
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Until both backoffs (1-2 ms, counted from when each relay's actor
+        // recorded the failure) have run out, a send would find none
+        // available (`busy`).
+        for _ in 0..500 {
+            let st = d.status().await.unwrap();
+            if st.relays.iter().all(
+                |r| !matches!(r.state, RelayState::BackingOff { retry_in } if !retry_in.is_zero()),
+            ) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
     let st = d.status().await.unwrap();
     for relay in &st.relays {
