@@ -78,9 +78,15 @@ impl MailmuxServer {
             Audit::unopened(config.safety.audit.clone())
         }));
         let mut observers: Vec<Arc<dyn queue::Observer>> =
-            vec![Arc::new(crate::telemetry::MessageMeter)];
+            vec![Arc::new(crate::telemetry::MessageMeter::default())];
         if audit.enabled() {
             observers.push(audit.clone());
+        }
+        if !config.sent_copies.is_empty() {
+            observers.push(crate::sent_copy::SentCopies::start(
+                queue.clone(),
+                &config.sent_copies,
+            ));
         }
         queue.observe(Arc::new(observers));
         for name in gate.open_recipients() {
