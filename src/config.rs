@@ -87,6 +87,8 @@ pub struct Config {
     pub daemon: DaemonSettings,
     /// Callers, operators, policy and the audit log.
     pub safety: crate::policy::SafetySettings,
+    /// The relays that file a copy in the Sent folder, by relay name.
+    pub sent_copies: Vec<(String, crate::sent_copy::SentCopySettings)>,
     /// True when no relay was configured and the embedded `file` relay is used.
     pub default_relay: bool,
     /// The sources that contributed, in order (e.g. "defaults", "file /etc/mailmux.toml",
@@ -371,6 +373,13 @@ fn check_unknown_keys(layer: &FileLayer) -> Result<(), ConfigError> {
                 )?;
                 if let Some(Value::Dict(_, o)) = d.get("oauth") {
                     check(o, &format!("relays[{i}].oauth."), &[raw::OAUTH_KEYS])?;
+                }
+                if let Some(Value::Dict(_, o)) = d.get("sent_copy") {
+                    check(
+                        o,
+                        &format!("relays[{i}].sent_copy."),
+                        &[raw::SENT_COPY_KEYS],
+                    )?;
                 }
             }
         }

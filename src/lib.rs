@@ -5,6 +5,7 @@
 //! - [`compose`]: validation and rendering of messages;
 //! - [`policy`]: callers, operators and the per-caller policy and rates;
 //! - [`audit`]: the audit log;
+//! - [`sent_copy`]: the copy of each sent message in the Sent folder (IMAP);
 //! - [`telemetry`]: the Prometheus metrics;
 //! - [`console`]: the operators' web console on the HTTP listener;
 //! - [`oauth`]: OAuth2 access tokens for XOAUTH2 relays;
@@ -22,4 +23,5 @@ pub mod logging;
 pub mod mcp;
 pub mod oauth;
 pub mod policy;
+pub mod sent_copy;
 pub mod telemetry;

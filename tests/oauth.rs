@@ -11,15 +11,11 @@ mod support;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::{Form, State};
 use axum::routing::post;
-use rmcp::model::CallToolRequestParams;
-use rmcp::service::RunningService;
-use rmcp::{RoleClient, ServiceExt};
 use serde_json::{Value, json};
 use support::fault_smtp::{FaultSmtp, Options, Script};
 
@@ -81,73 +77,7 @@ async fn xoauth2_smtp() -> FaultSmtp {
     .await
 }
 
-/// The daemon over stdio, its trace log in `dir`.
-struct Daemon {
-    client: Option<RunningService<RoleClient, ()>>,
-    child: tokio::process::Child,
-}
-
-impl Daemon {
-    async fn start(dir: &Path, config: &str) -> Daemon {
-        let path = dir.join("mailmux.toml");
-        std::fs::write(&path, config).unwrap();
-        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
-            .arg("--config")
-            .arg(&path)
-            .arg("serve")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("RUST_LOG", "trace")
-            .current_dir(dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("mailmux starts");
-        let stdout = child.stdout.take().unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let client = tokio::time::timeout(Duration::from_secs(20), ().serve((stdout, stdin)))
-            .await
-            .expect("the daemon initializes")
-            .expect("client initializes");
-        Daemon {
-            client: Some(client),
-            child,
-        }
-    }
-
-    async fn call(&self, tool: &str, args: Value) -> Value {
-        let mut params = CallToolRequestParams::new(tool.to_string());
-        if let Value::Object(map) = args {
-            params = params.with_arguments(map);
-        }
-        let r = tokio::time::timeout(
-            Duration::from_secs(30),
-            self.client.as_ref().unwrap().peer().call_tool(params),
-        )
-        .await
-        .expect("answer within 30 s")
-        .expect("no protocol error");
-        r.structured_content.unwrap_or(Value::Null)
-    }
-
-    async fn send(&self, subject: &str) -> Value {
-        self.call(
-            "send_email",
-            json!({ "to": ["rcpt@example.org"], "subject": subject, "body": "hello" }),
-        )
-        .await
-    }
-
-    async fn stop(mut self) {
-        if let Some(c) = self.client.take() {
-            let _ = c.cancel().await;
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
-    }
-}
+use common::StdioDaemon as Daemon;
 
 fn relay_toml(
     name: &str,

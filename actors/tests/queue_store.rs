@@ -14,7 +14,7 @@ fn by_state(state: State) -> Filter {
     Filter {
         state: Some(state),
         caller: None,
-        batch: None,
+        ..Filter::default()
     }
 }
 
@@ -295,17 +295,43 @@ async fn approvals(store: &dyn Store) {
     assert_eq!(store.cancel("h3").await.unwrap(), Cancel::Cancelled);
 
     let mine = Filter {
-        state: None,
         caller: Some("agent".into()),
-        batch: None,
+        ..Filter::default()
     };
     let theirs = Filter {
-        state: None,
         caller: Some("other".into()),
-        batch: None,
+        ..Filter::default()
     };
     assert_eq!(store.list(&mine, 10, None).await.unwrap().0.len(), 4);
     assert!(store.list(&theirs, 10, None).await.unwrap().0.is_empty());
+    // By part of a recipient's address, in any case.
+    let first = store.get("h1").await.unwrap().unwrap().to[0].clone();
+    let needle = first[..first.len().min(6)].to_uppercase();
+    let by_rcpt = Filter {
+        recipient: Some(needle),
+        ..Filter::default()
+    };
+    let found = store.list(&by_rcpt, 10, None).await.unwrap().0;
+    assert!(found.iter().any(|m| m.message_id == "h1"), "{found:?}");
+    assert!(found.iter().all(|m| m.to.iter().any(|t| {
+        t.to_uppercase()
+            .contains(&first[..first.len().min(6)].to_uppercase())
+    })));
+    let none = Filter {
+        recipient: Some("no-such-recipient-anywhere".into()),
+        ..Filter::default()
+    };
+    assert!(store.list(&none, 10, None).await.unwrap().0.is_empty());
+    // The Sent copy's outcome is kept on the message.
+    store
+        .note_copy("h1", "failed: connect refused")
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get("h1").await.unwrap().unwrap().sent_copy.as_deref(),
+        Some("failed: connect refused")
+    );
+    store.note_copy("gone", "copied").await.unwrap();
 }
 
 #[tokio::test]
@@ -387,7 +413,8 @@ async fn a_version_1_store_is_migrated_at_start() {
         store.cancel("old-2").await.unwrap();
     }
     // What version 1 left: no counts table, no triggers (version 2), no
-    // caller, approval or relay columns (version 3).
+    // caller, approval or relay columns (version 3), no batch (version 4),
+    // no Sent copy (version 5).
     {
         let c = rusqlite::Connection::open(&path).unwrap();
         c.execute_batch(
@@ -397,6 +424,7 @@ async fn a_version_1_store_is_migrated_at_start() {
              ALTER TABLE messages DROP COLUMN held_hash; ALTER TABLE messages DROP COLUMN decided_by;
              ALTER TABLE messages DROP COLUMN relays;
              DROP INDEX messages_batch; ALTER TABLE messages DROP COLUMN batch;
+             ALTER TABLE messages DROP COLUMN sent_copy;
              PRAGMA user_version = 1;",
         )
         .unwrap();

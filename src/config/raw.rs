@@ -127,6 +127,22 @@ pub(crate) const RELAY_KEYS: &[&str] = &[
     "rate",
     "auth",
     "oauth",
+    "sent_copy",
+];
+
+/// Keys of a relay's `sent_copy` table.
+pub(crate) const SENT_COPY_KEYS: &[&str] = &[
+    "imap_host",
+    "port",
+    "tls",
+    "folder",
+    "username",
+    "password",
+    "password_file",
+    "include_bcc",
+    "max_connections",
+    "attempts",
+    "retry_base",
 ];
 
 /// Keys of a relay's `oauth` table.
@@ -384,6 +400,8 @@ pub(crate) struct RawRelay {
     pub auth: Option<String>,
     /// Where `xoauth2` gets its access tokens.
     pub oauth: Option<RawOAuth>,
+    /// A copy of each sent message in the Sent folder, over IMAP.
+    pub sent_copy: Option<RawSentCopy>,
     /// Open connections at most. Default: 8.
     pub max_connections: Option<usize>,
     /// Messages waiting for a connection at most. Default: 1024.
@@ -443,6 +461,33 @@ pub(crate) struct RawSeedRelay {
     pub oauth_refresh_token_file: Option<PathBuf>,
     pub oauth_grant: Option<String>,
     pub oauth_scope: Option<StringList>,
+}
+
+/// A relay's `sent_copy` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub(crate) struct RawSentCopy {
+    /// The IMAP server. Required.
+    pub imap_host: Option<String>,
+    /// Default: 993 for `implicit`, 143 otherwise.
+    pub port: Option<i64>,
+    /// `implicit` | `starttls` | `none`. Default: `implicit`.
+    pub tls: Option<String>,
+    /// The folder; `\Sent` finds the one whose SPECIAL-USE is `\Sent`.
+    /// Default: `Sent`.
+    pub folder: Option<String>,
+    /// Default: the relay's.
+    pub username: Option<String>,
+    /// Default: the relay's password, or its OAuth2 tokens.
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// Add a Bcc header naming the envelope's Bcc recipients. Default: false.
+    pub include_bcc: Option<bool>,
+    /// IMAP connections at once. Default: 2.
+    pub max_connections: Option<usize>,
+    /// Tries of one copy. Default: 4.
+    pub attempts: Option<u32>,
+    /// Wait before the second try, doubling after. Default: 2s.
+    pub retry_base: Option<Dur>,
 }
 
 /// A relay's `oauth` table.

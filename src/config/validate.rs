@@ -20,7 +20,7 @@ use mailmux_actors::{
 use serde_json::{Map, Value as Json, json};
 
 use super::env::{SEED_KEY, SINGLE, seed_var_name, source_name};
-use super::raw::{Dur, RawConfig, RawOAuth, RawRelay, RawSeedRelay, StringList};
+use super::raw::{Dur, RawConfig, RawOAuth, RawRelay, RawSeedRelay, RawSentCopy, StringList};
 use super::{Config, ConfigError, DaemonSettings, HttpSettings, MetricsSettings};
 use crate::compose::ComposePolicy;
 
@@ -315,7 +315,7 @@ pub(crate) fn build(
     let seed_names: Vec<String> = ordered.iter().map(|(_, r, _)| listed_name(r)).collect();
 
     // A listed relay that a seed relay replaces keeps its place in the order.
-    let mut slots: Vec<Result<(RelaySettings, Json, At), String>> = Vec::new();
+    let mut slots: Vec<Result<Built, String>> = Vec::new();
     for (i, r) in raw.relays.iter().enumerate() {
         let name = listed_name(r);
         if seed_names.contains(&name) {
@@ -358,7 +358,7 @@ pub(crate) fn build(
             None => slots.push(Ok(built)),
         }
     }
-    let mut relays: Vec<(RelaySettings, Json, At)> = slots.into_iter().flatten().collect();
+    let mut relays: Vec<Built> = slots.into_iter().flatten().collect();
     check_tuning_only(&ctx, &raw.relay_defaults)?;
 
     let default_relay = relays.is_empty();
@@ -377,8 +377,8 @@ pub(crate) fn build(
             strategy,
         )?);
     }
-    for (k, (r, _, at)) in relays.iter().enumerate() {
-        if let Some((first, _, first_at)) = relays[..k].iter().find(|(f, ..)| f.name == r.name) {
+    for (k, (r, _, at, _)) in relays.iter().enumerate() {
+        if let Some((first, _, first_at, _)) = relays[..k].iter().find(|(f, ..)| f.name == r.name) {
             return Err(at.err(format!(
                 "relay name {:?} is used twice (first at `{}`); names must be unique",
                 first.name, first_at.key
@@ -408,8 +408,12 @@ pub(crate) fn build(
         &mut out,
     )?;
 
+    let sent_copies: Vec<(String, crate::sent_copy::SentCopySettings)> = relays
+        .iter()
+        .filter_map(|(r, _, _, copy)| Some((r.name.clone(), copy.clone()?)))
+        .collect();
     let (relays, relay_json): (Vec<RelaySettings>, Vec<Json>) =
-        relays.into_iter().map(|(r, j, _)| (r, j)).unzip();
+        relays.into_iter().map(|(r, j, ..)| (r, j)).unzip();
     out.insert("relays".into(), Json::Array(relay_json));
     out.insert("default_relay".into(), json!(default_relay));
 
@@ -447,6 +451,7 @@ pub(crate) fn build(
             log_level: raw.log_level,
         },
         safety,
+        sent_copies,
         default_relay,
         sources,
         redacted: Json::Object(out),
@@ -1057,6 +1062,15 @@ impl Tuning<'_> {
     }
 }
 
+/// A validated relay: its settings, its effective configuration, where its
+/// name came from, and its Sent copy.
+type Built = (
+    RelaySettings,
+    Json,
+    At,
+    Option<crate::sent_copy::SentCopySettings>,
+);
+
 fn relay(
     ctx: &Ctx,
     r: &RawRelay,
@@ -1064,7 +1078,7 @@ fn relay(
     defaults: &RawRelay,
     outbox_dir: &Path,
     strategy: Strategy,
-) -> Result<(RelaySettings, Json, At), ConfigError> {
+) -> Result<Built, ConfigError> {
     let mut out = Map::new();
     let at_of = |f: &str| ctx.relay_at(origin, f);
 
@@ -1220,6 +1234,13 @@ fn relay(
         json!(r.rate.clone().unwrap_or_default().0),
         &at,
     );
+    let copy = match (&kind, &r.sent_copy) {
+        (_, None) => None,
+        (RelayKind::Smtp(smtp), Some(raw)) => Some(sent_copy(raw, smtp, &at_of, &mut out)?),
+        (RelayKind::File { .. }, Some(_)) => {
+            return Err(at_of("sent_copy").err("a file relay files no Sent copy"));
+        }
+    };
     let settings = RelaySettings {
         name,
         kind,
@@ -1231,7 +1252,150 @@ fn relay(
         health,
         rate,
     };
-    Ok((settings, Json::Object(out), name_at))
+    Ok((settings, Json::Object(out), name_at, copy))
+}
+
+/// A relay's `sent_copy` table, validated; the credentials default to the
+/// relay's (its OAuth2 tokens included).
+fn sent_copy(
+    raw: &RawSentCopy,
+    smtp: &SmtpSettings,
+    at_of: &dyn Fn(&str) -> At,
+    out: &mut Map<String, Json>,
+) -> Result<crate::sent_copy::SentCopySettings, ConfigError> {
+    use crate::sent_copy::{Folder, ImapAuth, ImapTls, SentCopySettings};
+    let mut shown = Map::new();
+    let at = |k: &str| at_of(&format!("sent_copy.{k}"));
+    let host = match raw.imap_host.as_deref().map(str::trim) {
+        Some(h) if !h.is_empty() && !h.chars().any(char::is_whitespace) => h.to_owned(),
+        _ => return Err(at("imap_host").err("the IMAP server's host is required")),
+    };
+    leaf(&mut shown, "imap_host", json!(host), &at("imap_host"));
+    let tls = match raw.tls.as_deref().map(str::trim).unwrap_or("implicit") {
+        "implicit" => ImapTls::Implicit,
+        "starttls" => ImapTls::Starttls,
+        "none" => ImapTls::None,
+        other => {
+            return Err(at("tls").err(format!(
+                "unknown tls mode {other:?}; expected one of implicit, starttls, none"
+            )));
+        }
+    };
+    leaf(&mut shown, "tls", json!(tls.as_str()), &at("tls"));
+    let port = match raw.port {
+        Some(p) => u16::try_from(p)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| at("port").err(format!("must be in 1..=65535, got {p}")))?,
+        None if tls == ImapTls::Implicit => 993,
+        None => 143,
+    };
+    leaf(&mut shown, "port", json!(port), &at("port"));
+    let folder = match raw.folder.as_deref().map(str::trim) {
+        None => Folder::Named("Sent".into()),
+        Some("") => return Err(at("folder").err("must not be empty")),
+        Some(f) if f.eq_ignore_ascii_case("\\Sent") => Folder::SpecialUse,
+        Some(f) => Folder::Named(f.to_owned()),
+    };
+    leaf(
+        &mut shown,
+        "folder",
+        json!(match &folder {
+            Folder::Named(f) => f.clone(),
+            Folder::SpecialUse => "\\Sent".into(),
+        }),
+        &at("folder"),
+    );
+    let relay_auth = smtp.auth.as_ref();
+    let username = match raw
+        .username
+        .clone()
+        .or_else(|| relay_auth.map(|a| a.username.clone()))
+    {
+        Some(u) if !u.trim().is_empty() => u,
+        _ => {
+            return Err(
+                at("username").err("the IMAP login is required (here, or the relay's username)")
+            );
+        }
+    };
+    leaf(&mut shown, "username", json!(username), &at("username"));
+    let auth = match (&raw.password, &raw.password_file) {
+        (Some(_), Some(_)) => {
+            return Err(at("password_file").err(format!(
+                "`{}` and `{}` are both set; use one",
+                at("password").key,
+                at("password_file").key
+            )));
+        }
+        (Some(p), None) => ImapAuth::Password(Secret::new(p.clone())),
+        (None, Some(path)) => {
+            ImapAuth::Password(read_secret(path, &at("password_file"), "password")?)
+        }
+        (None, None) => match relay_auth {
+            Some(a) if a.method == AuthMethod::Xoauth2 => match &a.token {
+                Some(t) => ImapAuth::Xoauth2(t.clone()),
+                None => return Err(at("password").err("the relay has no OAuth2 tokens to share")),
+            },
+            Some(a) => ImapAuth::Password(a.password.clone()),
+            None => {
+                return Err(at("password").err(
+                    "the IMAP password is required (here, or the relay's password or OAuth2 tokens)",
+                ));
+            }
+        },
+    };
+    leaf(
+        &mut shown,
+        "password",
+        json!(match &auth {
+            ImapAuth::Password(_) => REDACTED,
+            ImapAuth::Xoauth2(_) => "(the relay's OAuth2 tokens)",
+        }),
+        &at("password"),
+    );
+    let include_bcc = raw.include_bcc.unwrap_or(false);
+    leaf(
+        &mut shown,
+        "include_bcc",
+        json!(include_bcc),
+        &at("include_bcc"),
+    );
+    let max_connections = raw.max_connections.unwrap_or(2);
+    if max_connections == 0 {
+        return Err(at("max_connections").err("must be at least 1"));
+    }
+    leaf(
+        &mut shown,
+        "max_connections",
+        json!(max_connections),
+        &at("max_connections"),
+    );
+    let attempts = raw.attempts.unwrap_or(4);
+    if attempts == 0 {
+        return Err(at("attempts").err("must be at least 1"));
+    }
+    leaf(&mut shown, "attempts", json!(attempts), &at("attempts"));
+    let retry_base = raw.retry_base.map_or(Duration::from_secs(2), |d| d.0);
+    leaf(
+        &mut shown,
+        "retry_base",
+        secs(retry_base),
+        &at("retry_base"),
+    );
+    out.insert("sent_copy".into(), Json::Object(shown));
+    Ok(SentCopySettings {
+        host,
+        port,
+        tls,
+        folder,
+        username,
+        auth,
+        include_bcc,
+        max_connections,
+        attempts,
+        retry_base,
+    })
 }
 
 fn smtp(

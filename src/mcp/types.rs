@@ -645,8 +645,36 @@ pub struct MessageStatusResult {
     /// Who approved or rejected it, when it was held.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decided_by: Option<String>,
+    /// The copy in the Sent folder, when the relay files one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sent_copy: Option<SentCopyOut>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ToolError>,
+}
+
+/// The outcome of a message's copy in the Sent folder.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct SentCopyOut {
+    /// `copied` or `failed`.
+    pub status: String,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl SentCopyOut {
+    fn of(stored: &str) -> SentCopyOut {
+        match stored.split_once(": ") {
+            Some((status, reason)) => SentCopyOut {
+                status: status.to_owned(),
+                reason: Some(reason.to_owned()),
+            },
+            None => SentCopyOut {
+                status: stored.to_owned(),
+                reason: None,
+            },
+        }
+    }
 }
 
 impl From<&Record> for MessageStatusResult {
@@ -678,6 +706,7 @@ impl From<&Record> for MessageStatusResult {
             message: r.note.clone(),
             caller: r.caller.clone(),
             decided_by: r.decided_by.clone(),
+            sent_copy: r.sent_copy.as_deref().map(SentCopyOut::of),
             error: None,
         }
     }

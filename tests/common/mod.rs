@@ -161,6 +161,7 @@ pub fn config(relays: Vec<RelaySettings>) -> Config {
             log_level: None,
         },
         safety: Default::default(),
+        sent_copies: Vec::new(),
         default_relay: false,
         sources: vec!["test".into()],
         redacted: serde_json::json!({}),
@@ -202,5 +203,76 @@ impl InProcess {
 
     pub fn peer(&self) -> &Peer<RoleClient> {
         self.client.peer()
+    }
+}
+
+/// The real binary serving MCP over stdio with `config` (written to
+/// `dir/mailmux.toml`), its log at trace level in `dir/daemon.log`.
+pub struct StdioDaemon {
+    client: Option<RunningService<RoleClient, ()>>,
+    child: tokio::process::Child,
+}
+
+impl StdioDaemon {
+    pub async fn start(dir: &Path, config: &str) -> StdioDaemon {
+        let path = dir.join("mailmux.toml");
+        std::fs::write(&path, config).unwrap();
+        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
+            .arg("--config")
+            .arg(&path)
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "trace")
+            .current_dir(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("mailmux starts");
+        let stdout = child.stdout.take().unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let client = tokio::time::timeout(Duration::from_secs(20), ().serve((stdout, stdin)))
+            .await
+            .expect("the daemon initializes")
+            .expect("client initializes");
+        StdioDaemon {
+            client: Some(client),
+            child,
+        }
+    }
+
+    /// One tool call's structured content (an error result's too).
+    pub async fn call(&self, tool: &str, args: serde_json::Value) -> serde_json::Value {
+        let mut params = rmcp::model::CallToolRequestParams::new(tool.to_string());
+        if let serde_json::Value::Object(map) = args {
+            params = params.with_arguments(map);
+        }
+        let r = tokio::time::timeout(
+            Duration::from_secs(60),
+            self.client.as_ref().unwrap().peer().call_tool(params),
+        )
+        .await
+        .expect("answer within 60 s")
+        .expect("no protocol error");
+        r.structured_content.unwrap_or(serde_json::Value::Null)
+    }
+
+    pub async fn send(&self, subject: &str) -> serde_json::Value {
+        self.call(
+            "send_email",
+            serde_json::json!({ "to": ["rcpt@example.org"], "subject": subject, "body": "hello" }),
+        )
+        .await
+    }
+
+    /// Closes stdin (a graceful stop) and waits for the process.
+    pub async fn stop(mut self) {
+        if let Some(c) = self.client.take() {
+            let _ = c.cancel().await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
     }
 }

@@ -329,6 +329,16 @@ impl Store for MemoryStore {
         }))
     }
 
+    async fn note_copy(&self, message_id: &str, outcome: &str) -> Result<(), StoreError> {
+        let mut mem = self.lock();
+        if let Some(seq) = mem.seq_of.get(message_id).copied()
+            && let Some(row) = mem.rows.get_mut(&seq)
+        {
+            row.record.sent_copy = Some(outcome.to_owned());
+        }
+        Ok(())
+    }
+
     async fn get(&self, message_id: &str) -> Result<Option<Record>, StoreError> {
         let mem = self.lock();
         Ok(mem

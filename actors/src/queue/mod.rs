@@ -19,7 +19,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub use runner::{Action, Change, Event, Observer, Queue, QueueError, Submit, Submitted};
+pub use runner::{
+    Action, Change, Delivered, Event, Observer, Queue, QueueError, Submit, Submitted,
+};
 
 /// Where a message is in its life. Every change is stored with its time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -282,6 +284,7 @@ impl NewMessage {
             caller: self.caller.clone(),
             meta: self.meta.clone(),
             decided_by: None,
+            sent_copy: None,
         }
     }
 }
@@ -376,6 +379,9 @@ pub struct Record {
     pub meta: Option<String>,
     /// Who approved or rejected it, when it was held.
     pub decided_by: Option<String>,
+    /// The copy in the Sent folder, when the relay files one: `copied`, or
+    /// `failed: <reason>`.
+    pub sent_copy: Option<String>,
 }
 
 /// One line of a listing.
@@ -556,6 +562,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         cursor: Option<i64>,
     ) -> Result<(Vec<Summary>, Option<i64>), StoreError>;
     async fn stats(&self) -> Result<Stats, StoreError>;
+    /// Records the outcome of the message's Sent copy (`copied`, or
+    /// `failed: <reason>`); a message purged meanwhile is left alone.
+    async fn note_copy(&self, message_id: &str, outcome: &str) -> Result<(), StoreError>;
     /// Applies the crash rule to messages left in `sending`.
     async fn recover(&self) -> Result<Recovered, StoreError>;
     /// Deletes finished messages older than `finished_before` and keys

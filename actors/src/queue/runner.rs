@@ -148,17 +148,39 @@ impl<'a> Event<'a> {
     }
 }
 
+/// A message a relay took (`sent` or `partial`), with the exact bytes it
+/// was given: what a copy in the Sent folder files. The bytes are the body:
+/// never log them.
+#[derive(Debug)]
+pub struct Delivered<'a> {
+    pub message_id: &'a str,
+    pub relay: &'a str,
+    /// The envelope's recipients.
+    pub to: &'a [String],
+    pub bytes: &'a Arc<[u8]>,
+}
+
 /// Hears every audited change, after it is stored. Called on the task that
 /// made the change: it must not block for long.
 pub trait Observer: Send + Sync + std::fmt::Debug {
     fn event(&self, e: &Event<'_>);
+
+    /// A relay took a message, once its outcome is stored.
+    fn delivered(&self, _d: &Delivered<'_>) {}
 }
 
-/// Several observers (the audit log and the metrics), each told in turn.
+/// Several observers (the audit log, the metrics, the Sent copy), each told
+/// in turn.
 impl Observer for Vec<Arc<dyn Observer>> {
     fn event(&self, e: &Event<'_>) {
         for o in self {
             o.event(e);
+        }
+    }
+
+    fn delivered(&self, d: &Delivered<'_>) {
+        for o in self {
+            o.delivered(d);
         }
     }
 }
@@ -651,6 +673,13 @@ impl Queue {
         }))
     }
 
+    /// Records the outcome of a message's Sent copy.
+    pub async fn note_copy(&self, message_id: &str, outcome: &str) -> Result<(), QueueError> {
+        let result = self.inner.store.note_copy(message_id, outcome).await;
+        self.inner.note_write(&result);
+        Ok(result?)
+    }
+
     /// The stored message with its bytes, while the store keeps them (until
     /// it is final, or for `retain` when it may have been delivered).
     pub async fn stored(&self, message_id: &str) -> Result<Option<Pending>, QueueError> {
@@ -990,6 +1019,14 @@ impl Inner {
         let (Some(o), Some(action)) = (self.observer.get(), Action::of_outcome(s.state)) else {
             return;
         };
+        if let (State::Sent | State::Partial, Some(relay)) = (s.state, &s.relay) {
+            o.delivered(&Delivered {
+                message_id: &p.message_id,
+                relay,
+                to: &p.to,
+                bytes: &p.bytes,
+            });
+        }
         o.event(&Event {
             action,
             message_id: &p.message_id,

@@ -112,6 +112,10 @@ CREATE INDEX messages_caller ON messages(caller, seq);
 ALTER TABLE messages ADD COLUMN batch TEXT;
 CREATE INDEX messages_batch ON messages(batch, seq) WHERE batch IS NOT NULL;
 "#,
+    r#"
+-- The outcome of the copy in the Sent folder (IMAP APPEND).
+ALTER TABLE messages ADD COLUMN sent_copy TEXT;
+"#,
 ];
 
 /// The schema version this build writes.
@@ -687,6 +691,19 @@ impl Store for SqliteStore {
         self.write(move |c, now| cancel(c, &id, now)).await
     }
 
+    async fn note_copy(&self, message_id: &str, outcome: &str) -> Result<(), StoreError> {
+        let id = message_id.to_owned();
+        let outcome = outcome.to_owned();
+        self.write(move |c, _| {
+            c.execute(
+                "UPDATE messages SET sent_copy = ?2 WHERE message_id = ?1",
+                params![id, outcome],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
     async fn decide(&self, message_id: &str, d: Decision) -> Result<Decided, StoreError> {
         let id = message_id.to_owned();
         self.write(move |c, now| decide(c, &id, &d, now)).await
@@ -866,7 +883,7 @@ fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<Record>> {
         .prepare_cached(
             "SELECT seq, message_id, state, mail_from, rcpt, size, prefer, idem_key, queued_at, due_at,
                     updated_at, next_attempt_at, relay, accepted, rejected, reason, note,
-                    caller, meta, decided_by
+                    caller, meta, decided_by, sent_copy
                FROM messages WHERE message_id = ?1",
         )?
         .query_row([id], |r| {
@@ -913,6 +930,7 @@ fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<Record>> {
                     caller: r.get(17)?,
                     meta: r.get(18)?,
                     decided_by: r.get(19)?,
+                    sent_copy: r.get(20)?,
                 },
             ))
         })

@@ -1,0 +1,428 @@
+//! The copy of each sent message in the account's Sent folder, for relays
+//! with `[relays.sent_copy]`: SMTP submission files no copy, so after a
+//! relay took a message (`sent` or `partial`) mailmux APPENDs exactly the
+//! bytes it sent over IMAP, with the `\Seen` flag and the message's date.
+//!
+//! The copy runs off the delivery path: the queue's observer hands each
+//! delivered message to its relay's copier (a bounded channel), and at most
+//! `max_connections` workers per relay, each with one IMAP session it keeps
+//! and reuses, append them. A failed copy is tried again with backoff, then
+//! recorded on the message (`failed: <reason>`), counted, and logged once.
+//! It never delays or fails the send. IMAP is spoken by `async-imap`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_imap::{Client, Session};
+use mailmux_actors::queue::{Delivered, Event, Observer, Queue};
+use mailmux_actors::{Secret, TokenSource};
+use tokio::net::TcpStream;
+use tokio::sync::{Mutex, mpsc};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_util::either::Either;
+
+/// Copies waiting per relay; past it a copy is recorded as failed at once.
+const BACKLOG: usize = 100_000;
+/// One IMAP command (or the connection and login) may take this long.
+const IMAP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Transport security of the IMAP connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImapTls {
+    /// TLS from the first byte (port 993).
+    Implicit,
+    /// STARTTLS, required (port 143).
+    Starttls,
+    /// Plain text: loopback only.
+    None,
+}
+
+impl ImapTls {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImapTls::Implicit => "implicit",
+            ImapTls::Starttls => "starttls",
+            ImapTls::None => "none",
+        }
+    }
+}
+
+/// Which folder gets the copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Folder {
+    Named(String),
+    /// The folder whose SPECIAL-USE attribute is `\Sent` (RFC 6154), else
+    /// `Sent`.
+    SpecialUse,
+}
+
+/// How the copier logs in.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImapAuth {
+    Password(Secret),
+    /// SASL XOAUTH2 with the relay's access tokens.
+    Xoauth2(TokenSource),
+}
+
+/// A relay's validated `[relays.sent_copy]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SentCopySettings {
+    pub host: String,
+    pub port: u16,
+    pub tls: ImapTls,
+    pub folder: Folder,
+    pub username: String,
+    pub auth: ImapAuth,
+    /// Add a Bcc header naming the envelope's Bcc recipients. Default: no.
+    pub include_bcc: bool,
+    /// IMAP connections at once.
+    pub max_connections: usize,
+    /// Tries of one copy before it is recorded as failed.
+    pub attempts: u32,
+    /// The wait before the second try; it doubles for each later one.
+    pub retry_base: Duration,
+}
+
+/// One copy to file.
+#[derive(Debug)]
+struct Job {
+    message_id: String,
+    to: Vec<String>,
+    bytes: Arc<[u8]>,
+}
+
+/// The copiers of every relay with a Sent copy; the queue's observer.
+#[derive(Debug)]
+pub struct SentCopies {
+    by_relay: HashMap<String, mpsc::Sender<Job>>,
+    queue: Queue,
+}
+
+impl SentCopies {
+    /// Starts the workers of every relay in `settings` (relay name →
+    /// settings). Nothing runs for a relay without a Sent copy.
+    pub fn start(queue: Queue, settings: &[(String, SentCopySettings)]) -> Arc<SentCopies> {
+        let mut by_relay = HashMap::new();
+        for (relay, s) in settings {
+            let (tx, rx) = mpsc::channel(BACKLOG);
+            let rx = Arc::new(Mutex::new(rx));
+            let s = Arc::new(s.clone());
+            for _ in 0..s.max_connections.max(1) {
+                tokio::spawn(worker(relay.clone(), s.clone(), rx.clone(), queue.clone()));
+            }
+            by_relay.insert(relay.clone(), tx);
+        }
+        Arc::new(SentCopies { by_relay, queue })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_relay.is_empty()
+    }
+}
+
+impl Observer for SentCopies {
+    fn event(&self, _e: &Event<'_>) {}
+
+    fn delivered(&self, d: &Delivered<'_>) {
+        let Some(tx) = self.by_relay.get(d.relay) else {
+            return;
+        };
+        let job = Job {
+            message_id: d.message_id.to_owned(),
+            to: d.to.to_vec(),
+            bytes: d.bytes.clone(),
+        };
+        if let Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) =
+            tx.try_send(job)
+        {
+            let queue = self.queue.clone();
+            let relay = d.relay.to_owned();
+            tokio::spawn(async move {
+                failed(&queue, &relay, &job.message_id, "too many copies waiting").await;
+            });
+        }
+    }
+}
+
+type Stream = Either<TcpStream, TlsStream<TcpStream>>;
+
+/// Takes copies off the relay's channel and files them, one session kept
+/// open between them.
+async fn worker(
+    relay: String,
+    s: Arc<SentCopySettings>,
+    jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
+    queue: Queue,
+) {
+    let mut session: Option<(Session<Stream>, String)> = None;
+    loop {
+        let job = {
+            let mut rx = jobs.lock().await;
+            rx.recv().await
+        };
+        let Some(job) = job else {
+            return;
+        };
+        let content = copy_bytes(&job, s.include_bcc);
+        let date = internal_date(&job.bytes);
+        let mut last_error = String::new();
+        let mut delivered = false;
+        for attempt in 0..s.attempts.max(1) {
+            if attempt > 0 {
+                let wait = s.retry_base * 2u32.saturating_pow(attempt - 1);
+                tokio::time::sleep(wait).await;
+            }
+            if session.is_none() {
+                match tokio::time::timeout(IMAP_TIMEOUT, open(&s, attempt > 0)).await {
+                    Ok(Ok(opened)) => session = Some(opened),
+                    Ok(Err(e)) => {
+                        last_error = e;
+                        tracing::debug!(relay = %relay, message_id = %job.message_id, attempt, error = %last_error, "Sent copy: cannot open the IMAP session");
+                        continue;
+                    }
+                    Err(_) => {
+                        last_error = format!("no IMAP answer within {IMAP_TIMEOUT:?}");
+                        continue;
+                    }
+                }
+            }
+            let Some((sess, folder)) = session.as_mut() else {
+                continue;
+            };
+            let appended = tokio::time::timeout(
+                IMAP_TIMEOUT,
+                // async-imap quotes the mailbox name itself.
+                sess.append(folder.as_str(), Some("(\\Seen)"), date.as_deref(), &content),
+            )
+            .await;
+            match appended {
+                Ok(Ok(())) => {
+                    delivered = true;
+                    break;
+                }
+                Ok(Err(e)) => last_error = format!("APPEND to {folder:?}: {e}"),
+                Err(_) => last_error = format!("APPEND: no answer within {IMAP_TIMEOUT:?}"),
+            }
+            // The session may be broken: open a new one for the next try.
+            session = None;
+            tracing::debug!(relay = %relay, message_id = %job.message_id, attempt, error = %last_error, "Sent copy failed; trying again");
+        }
+        if delivered {
+            metrics::counter!(crate::telemetry::SENT_COPIES, "relay" => relay.clone(), "outcome" => "copied")
+                .increment(1);
+            if let Err(e) = queue.note_copy(&job.message_id, "copied").await {
+                tracing::warn!(message_id = %job.message_id, error = %e, "cannot record the Sent copy");
+            }
+        } else {
+            failed(&queue, &relay, &job.message_id, &last_error).await;
+        }
+    }
+}
+
+/// Records a copy that will not be made: on the message, as a metric, and
+/// in one log line.
+async fn failed(queue: &Queue, relay: &str, message_id: &str, reason: &str) {
+    metrics::counter!(crate::telemetry::SENT_COPIES, "relay" => relay.to_owned(), "outcome" => "failed")
+        .increment(1);
+    tracing::warn!(relay = %relay, message_id = %message_id, reason = %reason, "no copy in the Sent folder");
+    if let Err(e) = queue
+        .note_copy(message_id, &format!("failed: {reason}"))
+        .await
+    {
+        tracing::warn!(message_id = %message_id, error = %e, "cannot record the Sent copy");
+    }
+}
+
+/// The bytes to file: as sent, with a Bcc header when asked for (the
+/// envelope's recipients that no To or Cc header names).
+fn copy_bytes(job: &Job, include_bcc: bool) -> Vec<u8> {
+    if !include_bcc {
+        return job.bytes.to_vec();
+    }
+    let visible: Vec<String> = mail_parser::MessageParser::default()
+        .parse(&job.bytes[..])
+        .map(|m| {
+            [m.to(), m.cc()]
+                .into_iter()
+                .flatten()
+                .flat_map(|list| {
+                    list.iter()
+                        .filter_map(|a| a.address().map(str::to_lowercase))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let bcc: Vec<&str> = job
+        .to
+        .iter()
+        .filter(|r| !visible.contains(&r.to_lowercase()))
+        .map(String::as_str)
+        .collect();
+    if bcc.is_empty() {
+        return job.bytes.to_vec();
+    }
+    let mut out = format!("Bcc: {}\r\n", bcc.join(", ")).into_bytes();
+    out.extend_from_slice(&job.bytes);
+    out
+}
+
+/// The message's Date header as an IMAP date-time (`"29-Nov-2026 18:03:04 +0000"`).
+fn internal_date(bytes: &[u8]) -> Option<String> {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let m = mail_parser::MessageParser::default().parse_headers(bytes)?;
+    let d = m.date()?;
+    let month = MONTHS.get(usize::from(d.month).checked_sub(1)?)?;
+    let sign = if d.tz_before_gmt { '-' } else { '+' };
+    Some(format!(
+        "\"{:02}-{month}-{:04} {:02}:{:02}:{:02} {sign}{:02}{:02}\"",
+        d.day, d.year, d.hour, d.minute, d.second, d.tz_hour, d.tz_minute
+    ))
+}
+
+/// Connects, secures, logs in, and finds the folder. `fresh` asks for a
+/// new OAuth2 token (the last login may have failed on an old one).
+async fn open(s: &SentCopySettings, fresh: bool) -> Result<(Session<Stream>, String), String> {
+    let tcp = TcpStream::connect((s.host.as_str(), s.port))
+        .await
+        .map_err(|e| format!("connect to {}:{}: {e}", s.host, s.port))?;
+    let _ = tcp.set_nodelay(true);
+    let stream: Stream = match s.tls {
+        ImapTls::Implicit => Either::Right(tls(&s.host, tcp).await?),
+        _ => Either::Left(tcp),
+    };
+    let mut client = Client::new(stream);
+    client
+        .read_response()
+        .await
+        .map_err(|e| format!("greeting: {e}"))?
+        .ok_or("the server closed the connection before its greeting")?;
+    if s.tls == ImapTls::Starttls {
+        client
+            .run_command_and_check_ok("STARTTLS", None)
+            .await
+            .map_err(|e| format!("STARTTLS: {e}"))?;
+        let Either::Left(tcp) = client.into_inner() else {
+            return Err("STARTTLS on a TLS connection".into());
+        };
+        client = Client::new(Either::Right(tls(&s.host, tcp).await?));
+    }
+    let mut session = match &s.auth {
+        ImapAuth::Password(p) => client
+            .login(&s.username, p.expose())
+            .await
+            .map_err(|(e, _)| format!("LOGIN: {e}"))?,
+        ImapAuth::Xoauth2(source) => {
+            let token = source.token(fresh).await.map_err(|e| {
+                format!(
+                    "cannot get an OAuth2 access token from {}: {e}",
+                    source.label()
+                )
+            })?;
+            client
+                .authenticate(
+                    "XOAUTH2",
+                    XOAuth2 {
+                        sasl: format!(
+                            "user={}\x01auth=Bearer {}\x01\x01",
+                            s.username,
+                            token.expose()
+                        ),
+                    },
+                )
+                .await
+                .map_err(|(e, _)| format!("AUTHENTICATE XOAUTH2: {e}"))?
+        }
+    };
+    let folder = match &s.folder {
+        Folder::Named(f) => f.clone(),
+        Folder::SpecialUse => special_use_sent(&mut session).await?,
+    };
+    Ok((session, folder))
+}
+
+/// The folder marked `\Sent`, else `Sent`.
+async fn special_use_sent(session: &mut Session<Stream>) -> Result<String, String> {
+    use futures::TryStreamExt as _;
+    let names: Vec<async_imap::types::Name> = session
+        .list(Some(""), Some("*"))
+        .await
+        .map_err(|e| format!("LIST: {e}"))?
+        .try_collect()
+        .await
+        .map_err(|e| format!("LIST: {e}"))?;
+    Ok(names
+        .iter()
+        .find(|n| {
+            n.attributes()
+                .iter()
+                .any(|a| matches!(a, async_imap::imap_proto::NameAttribute::Sent))
+        })
+        .map_or_else(|| "Sent".to_owned(), |n| n.name().to_owned()))
+}
+
+/// The SASL XOAUTH2 answer. It holds a bearer token: never logged.
+struct XOAuth2 {
+    sasl: String,
+}
+
+impl async_imap::Authenticator for XOAuth2 {
+    type Response = String;
+
+    fn process(&mut self, _challenge: &[u8]) -> String {
+        // A challenge after the first answer is the server's error: an
+        // empty answer ends the exchange.
+        std::mem::take(&mut self.sasl)
+    }
+}
+
+async fn tls(host: &str, tcp: TcpStream) -> Result<TlsStream<TcpStream>, String> {
+    use tokio_rustls::rustls;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = rustls_platform_verifier::Verifier::new(provider.clone())
+        .map_err(|e| format!("TLS: {e}"))?;
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| format!("TLS: {host:?}: {e}"))?;
+    TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS with {host}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_and_bcc() {
+        let bytes: Arc<[u8]> = Arc::from(
+            &b"Date: Sun, 29 Nov 2026 18:03:04 +0100\r\nTo: a@example.org\r\nCc: B@example.org\r\nSubject: s\r\n\r\nbody\r\n"[..],
+        );
+        assert_eq!(
+            internal_date(&bytes).as_deref(),
+            Some("\"29-Nov-2026 18:03:04 +0100\"")
+        );
+        let job = Job {
+            message_id: "m".into(),
+            to: vec![
+                "a@example.org".into(),
+                "b@example.org".into(),
+                "hidden@example.org".into(),
+            ],
+            bytes,
+        };
+        assert_eq!(copy_bytes(&job, false), &job.bytes[..]);
+        let with = copy_bytes(&job, true);
+        assert!(with.starts_with(b"Bcc: hidden@example.org\r\nDate:"));
+        assert_eq!(&with[with.len() - job.bytes.len()..], &job.bytes[..]);
+    }
+}
