@@ -22,7 +22,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{Form, Path, Query, Request, State};
+use axum::extract::{Form, FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -45,6 +45,8 @@ const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 const MAX_SESSIONS: usize = 1024;
 /// Messages on one page of the queue.
 const PAGE: usize = 50;
+/// The largest form the console takes.
+const FORM_LIMIT: usize = 16 * 1024;
 
 /// One signed-in operator.
 #[derive(Debug, Clone)]
@@ -156,7 +158,7 @@ pub fn routes(server: &MailmuxServer) -> Router {
 
 /// Lets a request with a live session through, with its [`Operator`];
 /// sends any other to the sign-in page. A POST must carry the session's
-/// CSRF token in its form.
+/// CSRF token in its form, or nothing runs.
 async fn require_session(
     State(server): State<MailmuxServer>,
     mut req: Request,
@@ -171,6 +173,26 @@ async fn require_session(
     let Some(operator) = operator else {
         return Redirect::to("/console/login").into_response();
     };
+    // Every form carries the session's CSRF token: checked here, once, for
+    // every POST, before any handler runs.
+    if req.method() == axum::http::Method::POST {
+        let (parts, body) = req.into_parts();
+        let Ok(bytes) = axum::body::to_bytes(body, FORM_LIMIT).await else {
+            return (StatusCode::PAYLOAD_TOO_LARGE, "form too large").into_response();
+        };
+        let form = Form::<CsrfForm>::from_request(
+            Request::from_parts(parts.clone(), axum::body::Body::from(bytes.clone())),
+            &(),
+        )
+        .await
+        .map(|Form(f)| f)
+        .unwrap_or_default();
+        if !csrf_ok(&operator, form.csrf.as_deref()) {
+            tracing::warn!(operator = %operator.name, path = %parts.uri.path(), "console form refused: no valid CSRF token");
+            return forbidden_csrf();
+        }
+        req = Request::from_parts(parts, axum::body::Body::from(bytes));
+    }
     req.extensions_mut().insert(operator);
     next.run(req).await
 }
@@ -259,15 +281,7 @@ struct CsrfForm {
     force: Option<String>,
 }
 
-async fn logout(
-    State(server): State<MailmuxServer>,
-    axum::Extension(op): axum::Extension<Operator>,
-    headers: HeaderMap,
-    Form(form): Form<CsrfForm>,
-) -> Response {
-    if !csrf_ok(&op, form.csrf.as_deref()) {
-        return forbidden_csrf();
-    }
+async fn logout(State(server): State<MailmuxServer>, headers: HeaderMap) -> Response {
     if let Some(id) = session_id(&headers) {
         server.console().sign_out(id);
     }
@@ -403,11 +417,7 @@ async fn cancel(
     State(server): State<MailmuxServer>,
     axum::Extension(op): axum::Extension<Operator>,
     Path(id): Path<String>,
-    Form(form): Form<CsrfForm>,
 ) -> Response {
-    if !csrf_ok(&op, form.csrf.as_deref()) {
-        return forbidden_csrf();
-    }
     let to = format!("/console/messages/{}", urlencode(&id));
     let notice = match server.queue().cancel(&id).await {
         Ok(Cancel::Cancelled) => {
@@ -429,9 +439,6 @@ async fn retry(
     Path(id): Path<String>,
     Form(form): Form<CsrfForm>,
 ) -> Response {
-    if !csrf_ok(&op, form.csrf.as_deref()) {
-        return forbidden_csrf();
-    }
     let to = format!("/console/messages/{}", urlencode(&id));
     let force = form.force.as_deref() == Some("on");
     let notice = match server.queue().retry(&id, force).await {
@@ -490,9 +497,6 @@ async fn decide(
     form: CsrfForm,
     approve: bool,
 ) -> Response {
-    if !csrf_ok(&op, form.csrf.as_deref()) {
-        return forbidden_csrf();
-    }
     let Some(hash) = form.hash.as_deref().and_then(parse_hash) else {
         return back(
             "/console/approvals",
@@ -538,11 +542,7 @@ async fn reconnect(
     State(server): State<MailmuxServer>,
     axum::Extension(op): axum::Extension<Operator>,
     Path(name): Path<String>,
-    Form(form): Form<CsrfForm>,
 ) -> Response {
-    if !csrf_ok(&op, form.csrf.as_deref()) {
-        return forbidden_csrf();
-    }
     let notice = match server.dispatcher().reconnect(Some(&name)).await {
         Ok(s) => {
             tracing::info!(relay = %name, operator = %op.name, "operator reconnected a relay");
@@ -562,11 +562,7 @@ async fn pin(
     State(server): State<MailmuxServer>,
     axum::Extension(op): axum::Extension<Operator>,
     Path(name): Path<String>,
-    Form(form): Form<CsrfForm>,
 ) -> Response {
-    if !csrf_ok(&op, form.csrf.as_deref()) {
-        return forbidden_csrf();
-    }
     let notice = match server.dispatcher().pin(Some(name.clone())).await {
         Ok(_) => {
             tracing::info!(relay = %name, operator = %op.name, "operator pinned a relay");
@@ -580,11 +576,7 @@ async fn pin(
 async fn unpin(
     State(server): State<MailmuxServer>,
     axum::Extension(op): axum::Extension<Operator>,
-    Form(form): Form<CsrfForm>,
 ) -> Response {
-    if !csrf_ok(&op, form.csrf.as_deref()) {
-        return forbidden_csrf();
-    }
     let notice = match server.dispatcher().pin(None).await {
         Ok(_) => {
             tracing::info!(operator = %op.name, "operator unpinned the relays");
