@@ -111,6 +111,18 @@ scope = ["https://outlook.office.com/SMTP.Send", "offline_access"]
     )
 }
 
+/// `test_smtp_connection`'s answer for one relay.
+async fn probe_of(d: &Daemon, relay: &str) -> Value {
+    let probe = d
+        .call("test_smtp_connection", json!({ "relay": relay }))
+        .await;
+    probe["relays"]
+        .as_array()
+        .and_then(|rs| rs.iter().find(|r| r["relay"] == relay))
+        .cloned()
+        .unwrap_or_else(|| panic!("{relay} probed: {probe}"))
+}
+
 fn head(dir: &Path) -> String {
     format!(
         "send_deadline = \"10s\"\nshutdown_grace = \"1s\"\n\n[queue]\npath = \"{}\"\n",
@@ -174,15 +186,9 @@ async fn tokens_are_fetched_cached_refreshed_and_never_logged() {
     assert_eq!(smtp.tokens_presented().last(), Some(&access(4)));
 
     // test_smtp_connection says the token was obtained and AUTH passed.
-    let probe = d
-        .call("test_smtp_connection", json!({ "relay": "m365" }))
-        .await;
-    let r = probe["relays"]
-        .as_array()
-        .and_then(|rs| rs.iter().find(|r| r["relay"] == "m365"))
-        .unwrap_or_else(|| panic!("m365 probed: {probe}"));
-    assert_eq!(r["token"], true, "{probe}");
-    assert_eq!(r["auth"], true, "{probe}");
+    let r = probe_of(&d, "m365").await;
+    assert_eq!(r["token"], true, "{r}");
+    assert_eq!(r["auth"], true, "{r}");
     assert_eq!(smtp.delivered().len(), 5);
     d.stop().await;
 
@@ -239,14 +245,8 @@ timeout = "3s"
     assert!(smtp.tokens_presented().is_empty());
     assert_eq!(backup.delivered().len(), 1);
 
-    let probe = d
-        .call("test_smtp_connection", json!({ "relay": "m365" }))
-        .await;
-    let r = probe["relays"]
-        .as_array()
-        .and_then(|rs| rs.iter().find(|r| r["relay"] == "m365"))
-        .unwrap_or_else(|| panic!("m365 probed: {probe}"));
-    assert_eq!(r["token"], false, "{probe}");
-    assert_eq!(r["auth"], false, "{probe}");
+    let r = probe_of(&d, "m365").await;
+    assert_eq!(r["token"], false, "{r}");
+    assert_eq!(r["auth"], false, "{r}");
     d.stop().await;
 }

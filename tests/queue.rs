@@ -137,6 +137,26 @@ async fn setup(script: Script, extra: &str) -> (FaultSmtp, tempfile::TempDir, St
     (smtp, dir, cfg, d)
 }
 
+/// `mailmux queue <args>` on the configuration in `dir`: (exit code,
+/// stdout, stderr).
+fn queue_cmd(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
+        .arg("--config")
+        .arg(dir.join("mailmux.toml"))
+        .arg("queue")
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn msg(subject: &str, extra: Value) -> Value {
     let mut v = json!({
         "to": "rcpt@example.org",
@@ -816,23 +836,7 @@ async fn the_queue_command_works_with_the_daemon_stopped() {
         Action::reply(550, "5.1.1 no such user"),
     );
     let (smtp, dir, cfg, d) = setup(script, "").await;
-    let q = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
-            .arg("--config")
-            .arg(dir.path().join("mailmux.toml"))
-            .arg("queue")
-            .args(args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let q = |args: &[&str]| queue_cmd(dir.path(), args);
     let id = |c: &Call| {
         c.value().unwrap()["message_id"]
             .as_str()
@@ -910,23 +914,7 @@ async fn the_queue_command_inspects_and_acts_while_the_daemon_runs() {
         Action::reply(550, "5.1.1 no such user"),
     );
     let (smtp, dir, _cfg, d) = setup(script, "").await;
-    let q = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
-            .arg("--config")
-            .arg(dir.path().join("mailmux.toml"))
-            .arg("queue")
-            .args(args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let q = |args: &[&str]| queue_cmd(dir.path(), args);
     let failed = send(
         d.peer(),
         msg("bounced", json!({"to": "bounce@example.org"})),
