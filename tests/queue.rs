@@ -137,16 +137,28 @@ async fn setup(script: Script, extra: &str) -> (FaultSmtp, tempfile::TempDir, St
     (smtp, dir, cfg, d)
 }
 
+/// The operator's token in the tests that approve from the shell.
+const OPS_TOKEN: &str = "queue-ops-token-5c2e";
+
 /// `mailmux queue <args>` on the configuration in `dir`: (exit code,
 /// stdout, stderr).
 fn queue_cmd(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
+    queue_cmd_as(dir, args, None)
+}
+
+/// `mailmux queue <args>` with an operator's token (approve, reject).
+fn queue_cmd_as(dir: &Path, args: &[&str], token: Option<&str>) -> (Option<i32>, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mailmux"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    if let Some(t) = token {
+        cmd.env("MAILMUX_OPERATOR_TOKEN", t);
+    }
+    let out = cmd
         .arg("--config")
         .arg(dir.join("mailmux.toml"))
         .arg("queue")
         .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
         .current_dir(dir)
         .output()
         .unwrap();
@@ -835,8 +847,17 @@ async fn the_queue_command_works_with_the_daemon_stopped() {
         "bounce@example.org",
         Action::reply(550, "5.1.1 no such user"),
     );
-    let (smtp, dir, cfg, d) = setup(script, "").await;
+    // Mail outside @example.org is held for an operator's approval.
+    let ops_hash: String = <sha2::Sha256 as sha2::Digest>::digest(OPS_TOKEN.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let extra = format!(
+        "\n[policy]\nallowed_recipients = [\"@example.org\"]\napproval = \"outside_allowlist\"\n\n[[operators]]\nname = \"ops\"\ntoken_sha256 = \"{ops_hash}\"\n"
+    );
+    let (smtp, dir, cfg, d) = setup(script, &extra).await;
     let q = |args: &[&str]| queue_cmd(dir.path(), args);
+    let ops = |args: &[&str]| queue_cmd_as(dir.path(), args, Some(OPS_TOKEN));
     let id = |c: &Call| {
         c.value().unwrap()["message_id"]
             .as_str()
@@ -853,11 +874,28 @@ async fn the_queue_command_works_with_the_daemon_stopped() {
     let sent_id = id(&send(d.peer(), msg("fine", json!({}))).await);
     let later_id = id(&send(d.peer(), msg("later", json!({"send_at": "1h"}))).await);
     let other_id = id(&send(d.peer(), msg("other", json!({"send_at": "1h"}))).await);
+    let held_a = send(d.peer(), msg("held a", json!({"to": "a@elsewhere.net"}))).await;
+    assert_eq!(held_a.status(), Some("held"), "{held_a:?}");
+    let held_a = id(&held_a);
+    let held_b = id(&send(d.peer(), msg("held b", json!({"to": "b@elsewhere.net"}))).await);
     d.stop().await;
 
     let (code, out, err) = q(&["list", "--json"]);
     assert_eq!(code, Some(0), "{err}");
-    assert_eq!(out.lines().count(), 4, "{out}");
+    assert_eq!(out.lines().count(), 6, "{out}");
+    // Approvals need an operator's token, and a held message.
+    let (code, _, err) = q(&["approve", &held_a]);
+    assert_eq!(code, Some(2), "no operator token: {err}");
+    let (code, out, err) = ops(&["approve", &held_a]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, _, err) = ops(&["approve", &held_a]);
+    assert_eq!(code, Some(1), "no longer held: {err}");
+    let (code, _, err) = ops(&["approve", &sent_id]);
+    assert_eq!(code, Some(1), "{err}");
+    let (code, out, err) = ops(&["reject", &held_b]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, _, err) = q(&["retry", &held_b]);
+    assert_eq!(code, Some(1), "a rejected message is never retried: {err}");
     let (code, out, _) = q(&["list", "--status", "scheduled"]);
     assert_eq!(code, Some(0));
     assert!(out.contains(&later_id) && !out.contains(&sent_id), "{out}");
@@ -879,9 +917,10 @@ async fn the_queue_command_works_with_the_daemon_stopped() {
     assert_eq!(code, Some(0));
     for (state, n) in [
         ("sent", "1"),
-        ("queued", "1"),
+        ("queued", "2"),
         ("cancelled", "1"),
         ("scheduled", "1"),
+        ("rejected", "1"),
     ] {
         assert!(
             out.lines().any(|l| l.split_whitespace().eq([state, n])),
@@ -890,14 +929,20 @@ async fn the_queue_command_works_with_the_daemon_stopped() {
     }
     let (code, out, _) = q(&["purge", "--older-than", "0s"]);
     assert_eq!(code, Some(0));
-    assert!(out.contains("purged 2"), "sent and cancelled: {out}");
+    assert!(
+        out.contains("purged 3"),
+        "sent, cancelled and rejected: {out}"
+    );
 
-    // The next daemon delivers the message the command queued, and keeps
-    // the one still scheduled.
+    // The next daemon delivers the messages the command queued (the retried
+    // one and the approved one), and keeps the one still scheduled.
     smtp.set_script(Script::ok());
     let d = Daemon::start(dir.path(), &cfg).await;
     let s = settled(d.peer(), &failed_id, LIMIT).await;
     assert_eq!(s["status"], "sent", "{s}");
+    let s = settled(d.peer(), &held_a, LIMIT).await;
+    assert_eq!(s["status"], "sent", "{s}");
+    assert_eq!(s["decided_by"], "operator ops", "{s}");
     assert_eq!(status_of(d.peer(), &other_id).await["status"], "scheduled");
     assert_eq!(
         status_of(d.peer(), &later_id).await["error"]["code"],
