@@ -83,6 +83,8 @@ pub struct SentCopySettings {
     pub attempts: u32,
     /// The wait before the second try; it doubles for each later one.
     pub retry_base: Duration,
+    /// Extra trusted root certificates (PEM), beside the platform's.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// One copy to file.
@@ -291,7 +293,7 @@ async fn open(s: &SentCopySettings, fresh: bool) -> Result<(Session<Stream>, Str
         .map_err(|e| format!("connect to {}:{}: {e}", s.host, s.port))?;
     let _ = tcp.set_nodelay(true);
     let stream: Stream = match s.tls {
-        ImapTls::Implicit => Either::Right(tls(&s.host, tcp).await?),
+        ImapTls::Implicit => Either::Right(tls(s, tcp).await?),
         _ => Either::Left(tcp),
     };
     let mut client = Client::new(stream);
@@ -308,7 +310,7 @@ async fn open(s: &SentCopySettings, fresh: bool) -> Result<(Session<Stream>, Str
         let Either::Left(tcp) = client.into_inner() else {
             return Err("STARTTLS on a TLS connection".into());
         };
-        client = Client::new(Either::Right(tls(&s.host, tcp).await?));
+        client = Client::new(Either::Right(tls(s, tcp).await?));
     }
     let mut session = match &s.auth {
         ImapAuth::Password(p) => client
@@ -379,11 +381,22 @@ impl async_imap::Authenticator for XOAuth2 {
     }
 }
 
-async fn tls(host: &str, tcp: TcpStream) -> Result<TlsStream<TcpStream>, String> {
+async fn tls(s: &SentCopySettings, tcp: TcpStream) -> Result<TlsStream<TcpStream>, String> {
     use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let host = s.host.as_str();
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let verifier = rustls_platform_verifier::Verifier::new(provider.clone())
-        .map_err(|e| format!("TLS: {e}"))?;
+    let verifier = match &s.ca_pem {
+        Some(pem) => {
+            let roots = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("TLS: ca_file: {e}"))?;
+            rustls_platform_verifier::Verifier::new_with_extra_roots(roots, provider.clone())
+        }
+        None => rustls_platform_verifier::Verifier::new(provider.clone()),
+    }
+    .map_err(|e| format!("TLS: {e}"))?;
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS: {e}"))?

@@ -20,6 +20,7 @@ use common::StdioDaemon;
 use futures::TryStreamExt;
 use serde_json::{Value, json};
 use support::fault_smtp::{FaultSmtp, Options, Script};
+use support::tls::TestCa;
 
 const USER: &str = "agent@example.org";
 const PASS: &str = "imap-pass-4d1e";
@@ -27,6 +28,8 @@ const PASS: &str = "imap-pass-4d1e";
 /// A throwaway Dovecot, stopped (by its pid) on drop.
 struct Dovecot {
     port: u16,
+    /// Implicit TLS (IMAPS), when started with a certificate.
+    tls_port: u16,
     child: std::process::Child,
     _dir: tempfile::TempDir,
 }
@@ -75,6 +78,12 @@ fn chown_all(path: &Path, uid: u32, gid: u32) {
 
 impl Dovecot {
     fn start() -> Dovecot {
+        Dovecot::start_with(None)
+    }
+
+    /// With `ca`, Dovecot offers STARTTLS on `port` and implicit TLS on
+    /// `tls_port`, with the CA's certificate for localhost.
+    fn start_with(ca: Option<&TestCa>) -> Dovecot {
         let binary = PathBuf::from("/usr/sbin/dovecot");
         assert!(
             binary.exists(),
@@ -86,6 +95,18 @@ impl Dovecot {
             std::fs::create_dir(d.join(sub)).unwrap();
         }
         let port = common::free_port();
+        let tls_port = if ca.is_some() { common::free_port() } else { 0 };
+        let ssl = match ca {
+            Some(ca) => {
+                std::fs::write(d.join("cert.pem"), &ca.cert_pem).unwrap();
+                std::fs::write(d.join("key.pem"), &ca.key_pem).unwrap();
+                format!(
+                    "ssl = yes\nssl_cert = <{0}/cert.pem\nssl_key = <{0}/key.pem",
+                    d.display()
+                )
+            }
+            None => "ssl = no".to_owned(),
+        };
         let (user, group, ids) = run_as();
         std::fs::write(d.join("passwd"), format!("{USER}:{{PLAIN}}{PASS}\n")).unwrap();
         let conf = format!(
@@ -96,7 +117,7 @@ log_path = {d}/dovecot.log
 info_log_path = {d}/dovecot.log
 protocols = imap
 listen = 127.0.0.1
-ssl = no
+{ssl}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 default_internal_user = {user}
@@ -109,7 +130,8 @@ service imap-login {{
     port = {port}
   }}
   inet_listener imaps {{
-    port = 0
+    address = 127.0.0.1
+    port = {tls_port}
   }}
   chroot =
 }}
@@ -163,6 +185,7 @@ namespace inbox {{
         }
         Dovecot {
             port,
+            tls_port,
             child,
             _dir: dir,
         }
@@ -416,5 +439,64 @@ async fn a_burst_of_500_gives_500_copies_within_the_connection_bound() {
         (1..=2).contains(&max),
         "{max} IMAP connections at once, bound 2"
     );
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_go_over_implicit_tls_and_starttls() {
+    let ca = TestCa::generate();
+    let imap = Dovecot::start_with(Some(&ca));
+    let sink = smtp().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.ca_pem).unwrap();
+    let relay = |name: &str, tls: &str, port: u16| {
+        format!(
+            r#"
+[[relays]]
+name = "{name}"
+host = "127.0.0.1"
+port = {smtp}
+tls = "none"
+username = "{USER}"
+password = "{PASS}"
+from_email = "{USER}"
+timeout = "3s"
+
+[relays.sent_copy]
+imap_host = "localhost"
+port = {port}
+tls = "{tls}"
+folder = "Sent Messages"
+ca_file = "{ca}"
+"#,
+            smtp = sink.port(),
+            ca = ca_file.display()
+        )
+    };
+    let config = format!(
+        "send_deadline = \"10s\"\nshutdown_grace = \"1s\"\n\n[queue]\npath = \"{}\"\n{}{}",
+        dir.path().join("queue.db").display(),
+        relay("implicit", "implicit", imap.tls_port),
+        relay("starttls", "starttls", imap.port),
+    );
+    let d = StdioDaemon::start(dir.path(), &config).await;
+    for relay in ["implicit", "starttls"] {
+        let out = d
+            .call(
+                "send_email",
+                json!({ "to": ["alice@example.net"], "subject": relay, "body": "Over TLS.\n", "relay": relay }),
+            )
+            .await;
+        assert_eq!(out["status"], "sent", "{out}");
+        assert_eq!(out["relay"], relay, "{out}");
+        let id = out["message_id"].as_str().unwrap();
+        assert_eq!(
+            copy_status(&d, id).await,
+            json!({ "status": "copied" }),
+            "{relay}"
+        );
+    }
+    assert_eq!(imap.count("Sent Messages").await, 2);
     d.stop().await;
 }

@@ -143,6 +143,7 @@ pub(crate) const SENT_COPY_KEYS: &[&str] = &[
     "max_connections",
     "attempts",
     "retry_base",
+    "ca_file",
 ];
 
 /// Keys of a relay's `oauth` table.
@@ -488,6 +489,8 @@ pub(crate) struct RawSentCopy {
     pub attempts: Option<u32>,
     /// Wait before the second try, doubling after. Default: 2s.
     pub retry_base: Option<Dur>,
+    /// Extra trusted root certificates, PEM. Default: none.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// A relay's `oauth` table.

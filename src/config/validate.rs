@@ -1255,6 +1255,22 @@ fn relay(
     Ok((settings, Json::Object(out), name_at, copy))
 }
 
+/// A PEM file of trusted root certificates (`ca_file`).
+fn read_ca_file(path: &Path, at: &At) -> Result<Vec<u8>, ConfigError> {
+    let pem = std::fs::read(path)
+        .map_err(|e| at.err(format!("cannot read CA file {}: {e}", path.display())))?;
+    if !pem
+        .windows(b"-----BEGIN CERTIFICATE-----".len())
+        .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+    {
+        return Err(at.err(format!(
+            "CA file {} holds no PEM certificate",
+            path.display()
+        )));
+    }
+    Ok(pem)
+}
+
 /// A relay's `sent_copy` table, validated; the credentials default to the
 /// relay's (its OAuth2 tokens included).
 fn sent_copy(
@@ -1383,6 +1399,16 @@ fn sent_copy(
         secs(retry_base),
         &at("retry_base"),
     );
+    let ca_pem = match &raw.ca_file {
+        Some(path) => Some(read_ca_file(path, &at("ca_file"))?),
+        None => None,
+    };
+    leaf(
+        &mut shown,
+        "ca_file",
+        json!(raw.ca_file.as_deref().map(|p| p.display().to_string())),
+        &at("ca_file"),
+    );
     out.insert("sent_copy".into(), Json::Object(shown));
     Ok(SentCopySettings {
         host,
@@ -1395,6 +1421,7 @@ fn sent_copy(
         max_connections,
         attempts,
         retry_base,
+        ca_pem,
     })
 }
 
@@ -1561,20 +1588,7 @@ fn smtp(
 
     let at = at_of("ca_file");
     let ca_pem = match &r.ca_file {
-        Some(path) => {
-            let pem = std::fs::read(path)
-                .map_err(|e| at.err(format!("cannot read CA file {}: {e}", path.display())))?;
-            if !pem
-                .windows(b"-----BEGIN CERTIFICATE-----".len())
-                .any(|w| w == b"-----BEGIN CERTIFICATE-----")
-            {
-                return Err(at.err(format!(
-                    "CA file {} holds no PEM certificate",
-                    path.display()
-                )));
-            }
-            Some(pem)
-        }
+        Some(path) => Some(read_ca_file(path, &at)?),
         None => None,
     };
     leaf(
