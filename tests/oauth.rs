@@ -9,13 +9,9 @@ mod common;
 #[path = "../actors/tests/support/mod.rs"]
 mod support;
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::{Form, State};
-use axum::routing::post;
 use serde_json::{Value, json};
 use support::fault_smtp::{FaultSmtp, Options, Script};
 
@@ -24,47 +20,7 @@ const CLIENT_SECRET: &str = "CLIENT-SECRET-5e1d9";
 const REFRESH_1: &str = "REFRESH-TOKEN-ONE-77b2";
 const REFRESH_2: &str = "REFRESH-TOKEN-TWO-c4a0";
 
-/// The token endpoint: each request gets `ACCESS-TOKEN-<n>-e9`, valid for
-/// `expires_in` seconds; every request's form is kept.
-#[derive(Debug, Default)]
-struct Endpoint {
-    requests: Mutex<Vec<HashMap<String, String>>>,
-    expires_in: u64,
-}
-
-fn access(n: usize) -> String {
-    format!("ACCESS-TOKEN-{n}-e9")
-}
-
-async fn token(
-    State(e): State<Arc<Endpoint>>,
-    Form(form): Form<HashMap<String, String>>,
-) -> axum::Json<Value> {
-    let n = {
-        let mut r = e.requests.lock().unwrap();
-        r.push(form);
-        r.len()
-    };
-    axum::Json(json!({
-        "access_token": access(n),
-        "token_type": "Bearer",
-        "expires_in": e.expires_in,
-    }))
-}
-
-async fn serve_endpoint(expires_in: u64) -> (Arc<Endpoint>, u16) {
-    let e = Arc::new(Endpoint {
-        expires_in,
-        ..Endpoint::default()
-    });
-    let app = axum::Router::new()
-        .route("/token", post(token))
-        .with_state(e.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (e, port)
-}
+use common::{access, serve_token_endpoint as serve_endpoint};
 
 async fn xoauth2_smtp() -> FaultSmtp {
     FaultSmtp::start_with(

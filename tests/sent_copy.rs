@@ -5,7 +5,9 @@
 //! to what the SMTP server received, `\Seen`, in the folder SPECIAL-USE
 //! names; with IMAP down the send succeeds and the copy is recorded as
 //! failed; a burst of 500 sends gives 500 copies over no more connections
-//! than the bound.
+//! than the bound; implicit TLS and STARTTLS; and a login with the relay's
+//! OAuth2 tokens (XOAUTH2, which Dovecot checks at the test's token
+//! endpoint).
 
 mod common;
 #[path = "../actors/tests/support/mod.rs"]
@@ -78,12 +80,14 @@ fn chown_all(path: &Path, uid: u32, gid: u32) {
 
 impl Dovecot {
     fn start() -> Dovecot {
-        Dovecot::start_with(None)
+        Dovecot::start_with(None, None)
     }
 
     /// With `ca`, Dovecot offers STARTTLS on `port` and implicit TLS on
-    /// `tls_port`, with the CA's certificate for localhost.
-    fn start_with(ca: Option<&TestCa>) -> Dovecot {
+    /// `tls_port`, with the CA's certificate for localhost. With
+    /// `introspect` (a port), it takes XOAUTH2 too, asking that token
+    /// endpoint's `/introspect` whether a bearer token is active.
+    fn start_with(ca: Option<&TestCa>, introspect: Option<u16>) -> Dovecot {
         let binary = PathBuf::from("/usr/sbin/dovecot");
         assert!(
             binary.exists(),
@@ -107,6 +111,27 @@ impl Dovecot {
             }
             None => "ssl = no".to_owned(),
         };
+        let oauth = match introspect {
+            Some(p) => {
+                std::fs::write(
+                    d.join("oauth2.conf.ext"),
+                    format!(
+                        "introspection_mode = post\nintrospection_url = http://127.0.0.1:{p}/introspect\nusername_attribute = username\nactive_attribute = active\nactive_value = true\nforce_introspection = yes\n"
+                    ),
+                )
+                .unwrap();
+                format!(
+                    "passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  args = {}/oauth2.conf.ext\n}}\n",
+                    d.display()
+                )
+            }
+            None => String::new(),
+        };
+        let mechanisms = if introspect.is_some() {
+            "plain login xoauth2 oauthbearer"
+        } else {
+            "plain login"
+        };
         let (user, group, ids) = run_as();
         std::fs::write(d.join("passwd"), format!("{USER}:{{PLAIN}}{PASS}\n")).unwrap();
         let conf = format!(
@@ -119,7 +144,7 @@ protocols = imap
 listen = 127.0.0.1
 {ssl}
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = {mechanisms}
 default_internal_user = {user}
 default_internal_group = {group}
 default_login_user = {user}
@@ -138,7 +163,7 @@ service imap-login {{
 service anvil {{
   chroot =
 }}
-passdb {{
+{oauth}passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {d}/passwd
 }}
@@ -445,7 +470,7 @@ async fn a_burst_of_500_gives_500_copies_within_the_connection_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_go_over_implicit_tls_and_starttls() {
     let ca = TestCa::generate();
-    let imap = Dovecot::start_with(Some(&ca));
+    let imap = Dovecot::start_with(Some(&ca), None);
     let sink = smtp().await;
     let dir = tempfile::tempdir().unwrap();
     let ca_file = dir.path().join("ca.pem");
@@ -498,5 +523,65 @@ ca_file = "{ca}"
         );
     }
     assert_eq!(imap.count("Sent Messages").await, 2);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_copy_logs_in_with_the_relays_oauth2_tokens() {
+    let (endpoint, token_port) = common::serve_token_endpoint_for(USER, 3600).await;
+    let imap = Dovecot::start_with(None, Some(token_port));
+    let sink = FaultSmtp::start_with(
+        Script::ok(),
+        Options {
+            xoauth2_user: Some(USER.into()),
+            ..Options::default()
+        },
+    )
+    .await;
+    sink.accept_tokens(&[&common::access(1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+send_deadline = "10s"
+shutdown_grace = "1s"
+
+[queue]
+path = "{db}"
+
+[[relays]]
+name = "m365"
+host = "127.0.0.1"
+port = {smtp}
+tls = "none"
+username = "{USER}"
+from_email = "{USER}"
+auth = "xoauth2"
+timeout = "3s"
+
+[relays.oauth]
+token_url = "http://127.0.0.1:{token_port}/token"
+client_id = "mailmux-test-client"
+client_secret = "client-secret-for-imap-test"
+refresh_token = "refresh-token-for-imap-test"
+
+[relays.sent_copy]
+imap_host = "127.0.0.1"
+port = {imap}
+tls = "none"
+folder = "\\Sent"
+"#,
+        db = dir.path().join("queue.db").display(),
+        smtp = sink.port(),
+        imap = imap.port,
+    );
+    let d = StdioDaemon::start(dir.path(), &config).await;
+    let out = d.send("over oauth").await;
+    assert_eq!(out["status"], "sent", "{out}");
+    let id = out["message_id"].as_str().unwrap();
+    assert_eq!(copy_status(&d, id).await, json!({ "status": "copied" }));
+    assert_eq!(imap.count("Sent Messages").await, 1);
+    // One token served both SMTP and IMAP.
+    assert_eq!(endpoint.requests.lock().unwrap().len(), 1);
+    assert_eq!(sink.tokens_presented(), [common::access(1)]);
     d.stop().await;
 }

@@ -276,3 +276,74 @@ impl StdioDaemon {
         let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
     }
 }
+
+/// An OAuth2 token endpoint on loopback (`POST /token`): each request gets
+/// the access token [`access`]`(n)`, valid for `expires_in` seconds, and its
+/// form is kept. `POST /introspect` (RFC 7662, as Dovecot's oauth2 passdb
+/// asks) says a token it issued is active for `user`.
+#[derive(Debug, Default)]
+pub struct TokenEndpoint {
+    pub requests: std::sync::Mutex<Vec<std::collections::HashMap<String, String>>>,
+    expires_in: u64,
+    user: String,
+}
+
+/// The `n`th access token a [`TokenEndpoint`] issues (from 1).
+pub fn access(n: usize) -> String {
+    format!("ACCESS-TOKEN-{n}-e9")
+}
+
+/// Serves a [`TokenEndpoint`] for `user`; returns it and its port.
+pub async fn serve_token_endpoint(expires_in: u64) -> (std::sync::Arc<TokenEndpoint>, u16) {
+    serve_token_endpoint_for("agent@example.org", expires_in).await
+}
+
+pub async fn serve_token_endpoint_for(
+    user: &str,
+    expires_in: u64,
+) -> (std::sync::Arc<TokenEndpoint>, u16) {
+    use axum::extract::{Form, State};
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    async fn token(
+        State(e): State<Arc<TokenEndpoint>>,
+        Form(form): Form<HashMap<String, String>>,
+    ) -> axum::Json<serde_json::Value> {
+        let n = {
+            let mut r = e.requests.lock().unwrap();
+            r.push(form);
+            r.len()
+        };
+        axum::Json(serde_json::json!({
+            "access_token": access(n),
+            "token_type": "Bearer",
+            "expires_in": e.expires_in,
+        }))
+    }
+    async fn introspect(
+        State(e): State<Arc<TokenEndpoint>>,
+        Form(form): Form<HashMap<String, String>>,
+    ) -> axum::Json<serde_json::Value> {
+        let issued = e.requests.lock().unwrap().len();
+        let given = form.get("token").cloned().unwrap_or_default();
+        let active = (1..=issued).any(|n| access(n) == given);
+        axum::Json(if active {
+            serde_json::json!({ "active": "true", "username": e.user })
+        } else {
+            serde_json::json!({ "active": "false" })
+        })
+    }
+    let e = Arc::new(TokenEndpoint {
+        expires_in,
+        user: user.to_owned(),
+        ..TokenEndpoint::default()
+    });
+    let app = axum::Router::new()
+        .route("/token", axum::routing::post(token))
+        .route("/introspect", axum::routing::post(introspect))
+        .with_state(e.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (e, port)
+}
