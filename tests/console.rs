@@ -1,13 +1,16 @@
-//! The operators' web console in a real browser: headless Chromium driven
-//! through ChromeDriver (WebDriver) against the real binary. Signing in,
+//! The operators' web console in real browsers: headless Chromium through
+//! ChromeDriver and headless Firefox through geckodriver (WebDriver),
+//! against the real binary. Signing in,
 //! a relay turning `backing_off` after its SMTP server stops, approving a
 //! held message (at the sink exactly once) and rejecting another (never at
 //! the sink); then, over plain HTTP, the CSRF, session, cookie, body and
-//! Host/Origin rules. Screenshots of each page go to `target/console/`.
+//! Host/Origin rules. Screenshots of each page go to
+//! `target/console/<browser>/`.
 //!
-//! Needs `/usr/bin/chromium` and `/usr/bin/chromedriver` (Debian's
-//! `chromium` and `chromium-driver`; `.ci/run` installs them), or
-//! `CHROMIUM` and `CHROMEDRIVER` naming them. Without them the test fails.
+//! Needs Debian's `chromium`, `chromium-driver` and `firefox-esr`, and
+//! geckodriver (`cargo install --locked geckodriver`); `.ci/run` installs
+//! them. `CHROMIUM`, `CHROMEDRIVER`, `FIREFOX` and `GECKODRIVER` may name
+//! them elsewhere. Without them the tests fail.
 
 mod common;
 #[path = "../actors/tests/support/mod.rs"]
@@ -80,14 +83,53 @@ backoff_max = "60s"
     )
 }
 
-fn tool_path(var: &str, default: &str) -> PathBuf {
-    let path = std::env::var_os(var).map_or_else(|| PathBuf::from(default), PathBuf::from);
+/// The browsers the console is tested in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chromium,
+    Firefox,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Chromium => "chromium",
+            Kind::Firefox => "firefox",
+        }
+    }
+}
+
+fn tool_path(var: &str, candidates: &[PathBuf], install: &str) -> PathBuf {
+    let path = match std::env::var_os(var) {
+        Some(p) => PathBuf::from(p),
+        None => candidates
+            .iter()
+            .find(|p| p.exists())
+            .cloned()
+            .unwrap_or_else(|| candidates[0].clone()),
+    };
     assert!(
         path.exists(),
-        "{} is missing: install Debian's chromium and chromium-driver (or set {var})",
+        "{} is missing: {install} (or set {var})",
         path.display()
     );
     path
+}
+
+/// geckodriver: `GECKODRIVER`, else on `PATH`, else where `cargo install`
+/// puts it.
+fn geckodriver_candidates() -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("geckodriver"))
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        out.push(Path::new(&home).join(".cargo/bin/geckodriver"));
+    }
+    out
 }
 
 fn screenshots() -> PathBuf {
@@ -100,9 +142,11 @@ fn screenshots() -> PathBuf {
     dir
 }
 
-async fn shoot(b: &Browser, name: &str) {
+async fn shoot(b: &Browser, kind: Kind, name: &str) {
     let png = b.screenshot().await.expect("a screenshot");
-    std::fs::write(screenshots().join(format!("{name}.png")), png).unwrap();
+    let dir = screenshots().join(kind.name());
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
 }
 
 async fn wait_port(port: u16) {
@@ -116,33 +160,81 @@ async fn wait_port(port: u16) {
     }
 }
 
-/// ChromeDriver on a free port, and a headless Chromium session on it.
-async fn browser(profile: &Path) -> (Killed, Browser) {
-    let chromium = tool_path("CHROMIUM", "/usr/bin/chromium");
-    let driver = tool_path("CHROMEDRIVER", "/usr/bin/chromedriver");
+/// The browser's WebDriver server on a free port, and a headless session
+/// on it: Chromium through ChromeDriver, or Firefox through geckodriver.
+async fn browser(kind: Kind, profile: &Path) -> (Killed, Browser) {
     let port = common::free_port();
+    let (driver, args, caps) = match kind {
+        Kind::Chromium => {
+            let chromium = tool_path(
+                "CHROMIUM",
+                &["/usr/bin/chromium".into()],
+                "install Debian's chromium",
+            );
+            let driver = tool_path(
+                "CHROMEDRIVER",
+                &["/usr/bin/chromedriver".into()],
+                "install Debian's chromium-driver",
+            );
+            let caps = json!({ "goog:chromeOptions": {
+                "binary": chromium,
+                "args": [
+                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync", "--no-first-run", "--disable-quic",
+                    "--window-size=1280,1000",
+                    format!("--user-data-dir={}", profile.display()),
+                ]
+            }});
+            (driver, vec![format!("--port={port}")], caps)
+        }
+        Kind::Firefox => {
+            let firefox = tool_path(
+                "FIREFOX",
+                &["/usr/bin/firefox-esr".into(), "/usr/bin/firefox".into()],
+                "install Debian's firefox-esr",
+            );
+            let driver = tool_path(
+                "GECKODRIVER",
+                &geckodriver_candidates(),
+                "cargo install --locked geckodriver",
+            );
+            std::fs::create_dir_all(profile).unwrap();
+            let caps = json!({ "moz:firefoxOptions": {
+                "binary": firefox,
+                "args": ["-headless", "-width", "1280", "-height", "1000",
+                         "-profile", profile.display().to_string()],
+                "prefs": {
+                    "network.proxy.type": 0,
+                    "app.update.enabled": false,
+                    "browser.shell.checkDefaultBrowser": false,
+                    "datareporting.policy.dataSubmissionEnabled": false,
+                    "toolkit.telemetry.enabled": false,
+                }
+            }});
+            (
+                driver,
+                vec![
+                    format!("--port={port}"),
+                    "--host=127.0.0.1".into(),
+                    format!("--websocket-port={}", common::free_port()),
+                ],
+                caps,
+            )
+        }
+    };
     let child = Command::new(driver)
-        .arg(format!("--port={port}"))
+        .args(&args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("chromedriver starts");
+        .expect("the WebDriver server starts");
     let child = Killed(child);
     wait_port(port).await;
-    let mut caps = serde_json::Map::new();
-    caps.insert(
-        "goog:chromeOptions".into(),
-        json!({
-            "binary": chromium,
-            "args": [
-                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run", "--disable-quic",
-                "--window-size=1280,1000",
-                format!("--user-data-dir={}", profile.display()),
-            ]
-        }),
-    );
+    let caps = match caps {
+        Value::Object(m) => m,
+        _ => unreachable!("capabilities are an object"),
+    };
     // fantoccini's rustls has both providers in this build: pick one.
     let _ = tokio_rustls::rustls::crypto::aws_lc_rs::default_provider().install_default();
     let b = ClientBuilder::rustls()
@@ -150,7 +242,7 @@ async fn browser(profile: &Path) -> (Killed, Browser) {
         .capabilities(caps)
         .connect(&format!("http://127.0.0.1:{port}"))
         .await
-        .expect("a Chromium session through chromedriver");
+        .unwrap_or_else(|e| panic!("a {} session: {e}", kind.name()));
     (child, b)
 }
 
@@ -205,6 +297,15 @@ async fn text_of(b: &Browser, css: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_sign_in_watch_relays_and_decide_held_mail_in_chromium() {
+    operators_sign_in_watch_relays_and_decide_held_mail(Kind::Chromium).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_sign_in_watch_relays_and_decide_held_mail_in_firefox() {
+    operators_sign_in_watch_relays_and_decide_held_mail(Kind::Firefox).await;
+}
+
+async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
     let sink = FaultSmtp::start(Script::ok()).await;
     let flaky = FaultSmtp::start(Script::ok()).await;
     let dir = tempfile::tempdir().unwrap();
@@ -236,12 +337,12 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail_in_chromium() {
         .await
         .expect("an MCP client over HTTP");
 
-    let (_driver, b) = browser(&dir.path().join("chromium")).await;
+    let (_driver, b) = browser(kind, &dir.path().join(kind.name())).await;
 
     // No session: to the sign-in page.
     b.goto(&format!("{base}/console")).await.unwrap();
     assert_eq!(b.current_url().await.unwrap().path(), "/console/login");
-    shoot(&b, "login").await;
+    shoot(&b, kind, "login").await;
     // A wrong token is refused.
     b.find(Locator::Css("#token"))
         .await
@@ -304,7 +405,37 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail_in_chromium() {
     assert!(row.contains("backing_off"), "{row}");
     let row = text_of(&b, "tr[data-relay=sink]").await;
     assert!(row.contains("healthy"), "{row}");
-    shoot(&b, "relays").await;
+    shoot(&b, kind, "relays").await;
+    // Pin, unpin and reconnect.
+    let click = |css: String| {
+        let b = &b;
+        async move {
+            b.find(Locator::Css(&css))
+                .await
+                .unwrap_or_else(|e| panic!("{css}: {e}"))
+                .click()
+                .await
+                .unwrap();
+        }
+    };
+    click("tr[data-relay=sink] form[action$='/pin'] button".into()).await;
+    let notice = text_of(&b, "[role=status]").await;
+    assert!(notice.contains("Pinned sink"), "{notice}");
+    assert!(text_of(&b, "main .card").await.contains("Pinned to sink"));
+    let selection = call(&mcp, "get_smtp_status", json!({})).await;
+    assert_eq!(selection["pinned"], "sink", "{selection}");
+    click("form[action='/console/relays/unpin'] button".into()).await;
+    assert!(
+        text_of(&b, "main .card")
+            .await
+            .contains("No relay is pinned")
+    );
+    click("tr[data-relay=sink] form[action$='/reconnect'] button".into()).await;
+    let notice = text_of(&b, "[role=status]").await;
+    assert!(
+        notice.contains("Reconnected sink: it is healthy"),
+        "{notice}"
+    );
 
     // Three held messages (outside the allowlist); A has a Bcc.
     let a = held(
@@ -325,11 +456,11 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail_in_chromium() {
     .await;
 
     b.goto(&format!("{base}/console")).await.unwrap();
-    shoot(&b, "overview").await;
+    shoot(&b, kind, "overview").await;
     b.goto(&format!("{base}/console/queue")).await.unwrap();
     let listing = text_of(&b, "table").await;
     assert!(listing.contains(&a) && listing.contains(&bb), "{listing}");
-    shoot(&b, "queue").await;
+    shoot(&b, kind, "queue").await;
     b.goto(&format!("{base}/console/queue?recipient=bob%40outside"))
         .await
         .unwrap();
@@ -347,7 +478,7 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail_in_chromium() {
         card.contains("hidden@example.org") && card.contains("bcc"),
         "bcc marked: {card}"
     );
-    shoot(&b, "approvals").await;
+    shoot(&b, kind, "approvals").await;
 
     // Open A, read it, approve it.
     b.find(Locator::Css(&format!("div[data-message='{a}'] dd a")))
@@ -366,7 +497,7 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail_in_chromium() {
     );
     let body = text_of(&b, "pre.body").await;
     assert!(body.contains(BODY_A), "{body}");
-    shoot(&b, "message").await;
+    shoot(&b, kind, "message").await;
     b.find(Locator::Css("button[data-action=approve]"))
         .await
         .unwrap()

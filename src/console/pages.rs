@@ -23,6 +23,7 @@ header nav a.active, header nav a:hover { color:#fff; border-bottom:2px solid #6
 header .who { margin-left:auto; color:#94a3b8; display:flex; gap:12px; align-items:center; }
 header .who button { background:transparent; color:#cbd5e1; border:1px solid #334155; }
 main { max-width:1180px; margin:24px auto; padding:0 24px; }
+td.actions { white-space:nowrap; }
 h1 { font-size:20px; margin:0 0 16px; }
 h2 { font-size:15px; margin:24px 0 8px; color:#334155; }
 .card { background:#fff; border:1px solid var(--line); border-radius:8px; padding:16px; margin-bottom:16px; }
@@ -235,8 +236,13 @@ fn relay_table(s: &Snapshot, controls: bool, op: Option<&Operator>) -> Markup {
             thead {
                 tr {
                     th { "relay" } th { "state" } th { "in flight" } th { "connections" }
-                    th { "sent" } th { "failed" } th { "transient" } th { "relay faults" }
-                    th { "unknown" } th { "failovers" } th { "p50" } th { "p99" } th { "last error" }
+                    th { "sent" } th { "failed" }
+                    // The controls take the room of the finer counters.
+                    @if !controls {
+                        th { "transient" } th { "relay faults" } th { "unknown" }
+                        th { "failovers" } th { "p50" } th { "p99" }
+                    }
+                    th { "last error" }
                     @if controls { th { "" } }
                 }
             }
@@ -275,16 +281,18 @@ fn relay_row(r: &RelayStatus, pinned: bool, controls: bool, op: Option<&Operator
             td.num { (r.connections) }
             td.num { (c.sent + c.partial) }
             td.num { (c.permanent) }
-            td.num { (c.transient) }
-            td.num { (c.relay_fault) }
-            td.num { (c.unknown) }
-            td.num { (c.failovers_out) }
-            td.num { (millis(r.latency.p50)) }
-            td.num { (millis(r.latency.p99)) }
+            @if !controls {
+                td.num { (c.transient) }
+                td.num { (c.relay_fault) }
+                td.num { (c.unknown) }
+                td.num { (c.failovers_out) }
+                td.num { (millis(r.latency.p50)) }
+                td.num { (millis(r.latency.p99)) }
+            }
             td.muted { (r.last_error.as_deref().unwrap_or("")) }
             @if controls {
                 @if let Some(op) = op {
-                    td {
+                    td.actions {
                         form.inline method="post" action={ "/console/relays/" (r.name) "/reconnect" } {
                             input type="hidden" name="csrf" value=(op.csrf);
                             button type="submit" { "Reconnect" }
