@@ -532,15 +532,7 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
         .build()
         .unwrap();
     let cookie = format!("mailmux_console={session}");
-    let page = http
-        .get(format!("{base}/console/messages/{c}"))
-        .header("Cookie", &cookie)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = page_text(&http, &format!("{base}/console/messages/{c}"), &cookie).await;
     assert!(
         page.contains(BODY_C),
         "the message's own page shows its body"
@@ -576,15 +568,7 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
 
     // A body appears only on its message's page and on the approvals page.
     for path in ["/console", "/console/queue", "/console/relays"] {
-        let page = http
-            .get(format!("{base}{path}"))
-            .header("Cookie", &cookie)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let page = page_text(&http, &format!("{base}{path}"), &cookie).await;
         for marker in [BODY_A, BODY_B, BODY_C] {
             assert!(!page.contains(marker), "{path} shows a body");
         }
@@ -652,6 +636,18 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
     assert_eq!(delivered_to(&sink, "bob@outside.net"), 0);
     assert_eq!(delivered_to(&sink, "carol@outside.net"), 0);
     let _ = b.close().await;
+}
+
+/// A console page's HTML, fetched with the session cookie.
+async fn page_text(http: &reqwest::Client, url: &str, cookie: &str) -> String {
+    http.get(url)
+        .header("Cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 /// The text between `start` and the next `end`.

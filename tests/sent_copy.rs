@@ -217,13 +217,18 @@ namespace inbox {{
     }
 
     /// Every message in `folder`: (flags, bytes).
-    async fn messages(&self, port: u16, folder: &str) -> Vec<(Vec<String>, Vec<u8>)> {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    /// A plain IMAP session as the test user, straight to Dovecot.
+    async fn login(&self) -> async_imap::Session<tokio::net::TcpStream> {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
             .await
             .unwrap();
         let mut client = async_imap::Client::new(tcp);
         client.read_response().await.unwrap();
-        let mut session = client.login(USER, PASS).await.map_err(|(e, _)| e).unwrap();
+        client.login(USER, PASS).await.map_err(|(e, _)| e).unwrap()
+    }
+
+    async fn messages(&self, folder: &str) -> Vec<(Vec<String>, Vec<u8>)> {
+        let mut session = self.login().await;
         let mailbox = session.select(folder).await.unwrap();
         let mut out = Vec::new();
         if mailbox.exists > 0 {
@@ -244,12 +249,7 @@ namespace inbox {{
     }
 
     async fn count(&self, folder: &str) -> u32 {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .unwrap();
-        let mut client = async_imap::Client::new(tcp);
-        client.read_response().await.unwrap();
-        let mut session = client.login(USER, PASS).await.map_err(|(e, _)| e).unwrap();
+        let mut session = self.login().await;
         let n = session.examine(folder).await.unwrap().exists;
         let _ = session.logout().await;
         n
@@ -362,7 +362,7 @@ async fn the_copy_is_byte_identical_seen_and_in_the_special_use_folder() {
 
     let received = sink.delivered();
     assert_eq!(received.len(), 1);
-    let copies = imap.messages(imap.port, "Sent Messages").await;
+    let copies = imap.messages("Sent Messages").await;
     assert_eq!(copies.len(), 1, "one copy in the \\Sent folder");
     let (flags, bytes) = &copies[0];
     assert!(flags.iter().any(|f| f.contains("Seen")), "{flags:?}");
