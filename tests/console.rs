@@ -285,6 +285,25 @@ fn delivered_to(sink: &FaultSmtp, rcpt: &str) -> usize {
         .count()
 }
 
+/// The text of `css` once it contains `want`: after a click the old page
+/// may still be showing (or its elements going stale) for a moment.
+async fn text_with(b: &Browser, css: &str, want: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        if let Ok(e) = b.find(Locator::Css(css)).await
+            && let Ok(t) = e.text().await
+        {
+            if t.contains(want) {
+                return t;
+            }
+            last = t;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{css} never showed {want:?}; last: {last:?}")
+}
+
 async fn text_of(b: &Browser, css: &str) -> String {
     b.wait()
         .for_element(Locator::Css(css))
@@ -356,8 +375,7 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
         .click()
         .await
         .unwrap();
-    let alert = text_of(&b, "[role=alert]").await;
-    assert!(alert.contains("not an operator token"), "{alert}");
+    text_with(&b, "[role=alert]", "not an operator token").await;
     assert_eq!(b.current_url().await.unwrap().path(), "/console/login");
     // The operator token signs in.
     b.find(Locator::Css("#token"))
@@ -372,7 +390,7 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
         .click()
         .await
         .unwrap();
-    assert_eq!(text_of(&b, "main h1").await, "Overview");
+    assert_eq!(text_with(&b, "main h1", "Overview").await, "Overview");
     assert_eq!(b.current_url().await.unwrap().path(), "/console");
     let cookie = b.get_named_cookie("mailmux_console").await.unwrap();
     assert_eq!(cookie.http_only(), Some(true));
@@ -419,23 +437,14 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
         }
     };
     click("tr[data-relay=sink] form[action$='/pin'] button".into()).await;
-    let notice = text_of(&b, "[role=status]").await;
-    assert!(notice.contains("Pinned sink"), "{notice}");
-    assert!(text_of(&b, "main .card").await.contains("Pinned to sink"));
+    text_with(&b, "[role=status]", "Pinned sink").await;
+    text_with(&b, "main .card", "Pinned to sink").await;
     let selection = call(&mcp, "get_smtp_status", json!({})).await;
     assert_eq!(selection["pinned"], "sink", "{selection}");
     click("form[action='/console/relays/unpin'] button".into()).await;
-    assert!(
-        text_of(&b, "main .card")
-            .await
-            .contains("No relay is pinned")
-    );
+    text_with(&b, "main .card", "No relay is pinned").await;
     click("tr[data-relay=sink] form[action$='/reconnect'] button".into()).await;
-    let notice = text_of(&b, "[role=status]").await;
-    assert!(
-        notice.contains("Reconnected sink: it is healthy"),
-        "{notice}"
-    );
+    text_with(&b, "[role=status]", "Reconnected sink: it is healthy").await;
 
     // Three held messages (outside the allowlist); A has a Bcc.
     let a = held(
@@ -504,8 +513,7 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
         .click()
         .await
         .unwrap();
-    let notice = text_of(&b, "[role=status]").await;
-    assert!(notice.contains("Approved"), "{notice}");
+    text_with(&b, "[role=status]", "Approved").await;
     wait_status(&mcp, &a, "sent").await;
     // Exactly once at the sink, to both envelope recipients.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -522,8 +530,7 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
     .click()
     .await
     .unwrap();
-    let notice = text_of(&b, "[role=status]").await;
-    assert!(notice.contains("Rejected"), "{notice}");
+    text_with(&b, "[role=status]", "Rejected").await;
     wait_status(&mcp, &bb, "rejected").await;
 
     // Over plain HTTP with the browser's session: the CSRF token is needed.
