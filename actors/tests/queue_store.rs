@@ -1,7 +1,15 @@
 //! One conformance suite for every queue store: the same checks run against
-//! SQLite on disk and the in-memory store, so that no backend drifts.
+//! SQLite on disk, the in-memory store and PostgreSQL (a throwaway server),
+//! so that no backend drifts. PostgreSQL's own rules (leases, fencing,
+//! claims shared by daemons, migrations under a lock) are tested here too.
+
+mod support;
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use mailmux_actors::queue::postgres::{PgSettings, PgStore};
+use support::postgres::Postgres;
 
 use mailmux_actors::queue::memory::MemoryStore;
 use mailmux_actors::queue::sqlite::SqliteStore;
@@ -449,4 +457,166 @@ async fn a_version_1_store_is_migrated_at_start() {
         "{:?}",
         stats.counts
     );
+}
+
+fn pg(url: &str, node: &str) -> PgSettings {
+    PgSettings {
+        url: url.into(),
+        pool: 4,
+        node_id: node.into(),
+        lease: Duration::from_secs(30),
+    }
+}
+
+#[tokio::test]
+async fn postgres_conforms() {
+    let server = Postgres::start();
+    let store = PgStore::open(&pg(&server.database(), "n1")).await.unwrap();
+    assert!(store.durable());
+    assert_eq!(store.kind(), "postgres");
+    conformance(&store).await;
+    approvals(&PgStore::open(&pg(&server.database(), "n1")).await.unwrap()).await;
+    retries(&PgStore::open(&pg(&server.database(), "n1")).await.unwrap()).await;
+}
+
+/// Two daemons on one database: one idempotency key stores one message
+/// across both; due messages are claimed by one daemon each, never both.
+#[tokio::test]
+async fn postgres_daemons_share_keys_and_split_claims() {
+    let server = Postgres::start();
+    let url = server.database();
+    let a: Arc<dyn Store> = Arc::new(PgStore::open(&pg(&url, "a")).await.unwrap());
+    let b: Arc<dyn Store> = Arc::new(PgStore::open(&pg(&url, "b")).await.unwrap());
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move {
+            store
+                .accept(message(&format!("k{i}"), Some(("same-key", 7))))
+                .await
+        }));
+    }
+    let mut stored = 0;
+    for t in tasks {
+        if let Accepted::Stored(_) = t.await.unwrap().unwrap() {
+            stored += 1;
+        }
+    }
+    assert_eq!(stored, 1, "one key, one message across daemons");
+
+    // Stored by a process that claims nothing (the queue command), then
+    // claimed by both daemons at once.
+    let shared = PgStore::open_shared(&pg(&url, "cli")).await.unwrap();
+    for i in 0..200 {
+        shared
+            .accept(message(&format!("c{i}"), None))
+            .await
+            .unwrap();
+    }
+    let (da, db) = tokio::join!(a.due(now_millis(), 150), b.due(now_millis(), 150));
+    let (da, db) = (da.unwrap(), db.unwrap());
+    let mut all: Vec<&String> = da
+        .iter()
+        .chain(&db)
+        .filter(|id| id.starts_with('c'))
+        .collect();
+    let n = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), n, "a message claimed by both daemons");
+    // A message a daemon holds is not the other's to claim.
+    let more = b.due(now_millis(), 500).await.unwrap();
+    assert!(more.iter().all(|id| !da.contains(id)), "b took a's claims");
+    // Listings show the holder.
+    let r = a.get(&da[0]).await.unwrap().unwrap();
+    assert_eq!(r.node.as_deref(), Some("a"));
+    // A message held by a live lease elsewhere is not cancelled under it.
+    assert_eq!(
+        b.cancel(&da[0]).await.unwrap(),
+        Cancel::Refused(State::Sending)
+    );
+}
+
+/// A lease that ran out is taken over, and the old holder's late writes are
+/// refused: before its commit mark the message is delivered by the new
+/// holder; after it, it becomes `unknown`.
+#[tokio::test]
+async fn postgres_fences_the_writes_of_a_lease_taken_over() {
+    let server = Postgres::start();
+    let url = server.database();
+    let a = PgStore::open(&pg(&url, "a")).await.unwrap();
+    let b = PgStore::open(&pg(&url, "b")).await.unwrap();
+    a.accept(message("before-mark", None)).await.unwrap();
+    a.accept(message("after-mark", None)).await.unwrap();
+    a.mark("after-mark").await.unwrap();
+    // Daemon a stalls: its leases run out.
+    let db = url.rsplit('/').next().unwrap();
+    server.psql(db, "UPDATE mailmux_messages SET lease_until = 0");
+    let taken = b.due(now_millis(), 10).await.unwrap();
+    assert_eq!(taken, ["before-mark"]);
+    let r = b.get("after-mark").await.unwrap().unwrap();
+    assert_eq!(r.state, State::Unknown, "marked, then its daemon vanished");
+    assert_eq!(r.node.as_deref(), Some("a"));
+    let r = b.get("before-mark").await.unwrap().unwrap();
+    assert_eq!((r.state, r.node.as_deref()), (State::Queued, Some("b")));
+
+    // a wakes up: each of its writes is refused.
+    assert!(matches!(
+        a.mark("before-mark").await,
+        Err(StoreError::Fenced(_))
+    ));
+    assert!(matches!(
+        a.settle("before-mark", settle(State::Sent, None)).await,
+        Err(StoreError::Fenced(_))
+    ));
+    assert!(matches!(
+        a.settle("after-mark", settle(State::Sent, None)).await,
+        Err(StoreError::Fenced(_))
+    ));
+    assert_eq!(
+        b.get("after-mark").await.unwrap().unwrap().state,
+        State::Unknown
+    );
+    // b's own writes go through.
+    b.mark("before-mark").await.unwrap();
+    b.settle("before-mark", settle(State::Sent, None))
+        .await
+        .unwrap();
+    let r = a.get("before-mark").await.unwrap().unwrap();
+    assert_eq!((r.state, r.node.as_deref()), (State::Sent, Some("b")));
+}
+
+/// Migrations: two daemons starting at once on an empty database migrate it
+/// once; a schema newer than this build is refused.
+#[tokio::test]
+async fn postgres_migrates_once_and_refuses_a_newer_schema() {
+    let server = Postgres::start();
+    let url = server.database();
+    let db = url.rsplit('/').next().unwrap().to_owned();
+    let (sa, sb) = (pg(&url, "a"), pg(&url, "b"));
+    let (a, b) = tokio::join!(PgStore::open(&sa), PgStore::open(&sb));
+    a.unwrap();
+    b.unwrap();
+    let versions = server.psql(
+        &db,
+        "SELECT string_agg(version::text, ',') FROM mailmux_schema",
+    );
+    assert_eq!(
+        versions,
+        mailmux_actors::queue::postgres::SCHEMA_VERSION.to_string()
+    );
+    server.psql(&db, "INSERT INTO mailmux_schema (version) VALUES (99)");
+    match PgStore::open(&pg(&url, "c")).await {
+        Err(StoreError::TooNew { found, .. }) => assert_eq!(found, 99),
+        other => panic!("a newer schema was accepted: {other:?}"),
+    }
+    // An unreachable database is a clear error, not a hang.
+    let dead = format!(
+        "postgres://postgres:pw@127.0.0.1:{}/x",
+        support::free_port()
+    );
+    match PgStore::open(&pg(&dead, "d")).await {
+        Err(StoreError::Unavailable(e)) => assert!(!e.contains("pw@"), "{e}"),
+        other => panic!("{other:?}"),
+    }
 }

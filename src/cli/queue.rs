@@ -11,7 +11,7 @@ use std::sync::Arc;
 use clap::{Args, Subcommand};
 use mailmux_actors::queue::{
     self, Action, Cancel, Decided, Decision, Event, Filter, Millis, Observer, Retry, State,
-    StoreError, StoreKind, sqlite::SqliteStore,
+    StoreError, StoreKind, postgres::PgStore, sqlite::SqliteStore,
 };
 
 use crate::audit::Audit;
@@ -40,6 +40,9 @@ pub enum QueueCommand {
     Purge(PurgeArgs),
     /// Messages per state, the oldest queued, the next retry.
     Stats,
+    /// Apply the PostgreSQL store's schema migrations, then exit (for
+    /// operators who migrate before starting the daemons).
+    Migrate,
 }
 
 #[derive(Debug, Args)]
@@ -92,8 +95,9 @@ pub async fn run(config: Config, cmd: QueueCommand) -> ExitCode {
     let (id, approve) = match cmd {
         QueueCommand::Approve(a) => (a.id, true),
         QueueCommand::Reject(a) => (a.id, false),
+        QueueCommand::Migrate => return migrate(&config).await,
         other => {
-            let store = match open(&config) {
+            let store = match open(&config).await {
                 Ok(s) => s,
                 Err(code) => return code,
             };
@@ -112,7 +116,7 @@ pub async fn run(config: Config, cmd: QueueCommand) -> ExitCode {
         eprintln!("mailmux: {OPERATOR_TOKEN_VAR} does not hold the token of a configured operator");
         return ExitCode::from(EXIT_USAGE);
     };
-    let store = match open(&config) {
+    let store = match open(&config).await {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -155,15 +159,41 @@ pub async fn run(config: Config, cmd: QueueCommand) -> ExitCode {
     }
 }
 
-/// The configured store, shared: the daemon that owns it may be running.
-fn open(config: &Config) -> Result<Arc<dyn queue::Store>, ExitCode> {
+/// `queue migrate`: the PostgreSQL schema, applied under its lock.
+async fn migrate(config: &Config) -> ExitCode {
+    let StoreKind::Postgres(s) = &config.queue.store else {
+        eprintln!(
+            "mailmux: queue migrate is for the postgres store; a {} store is migrated by the daemon at start",
+            config.queue.store.as_str()
+        );
+        return ExitCode::from(EXIT_USAGE);
+    };
+    match PgStore::migrate_only(s).await {
+        Ok(v) => {
+            println!("{}: schema at version {v}", s.shown_url());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mailmux: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The configured store, shared: the daemons that own it may be running.
+async fn open(config: &Config) -> Result<Arc<dyn queue::Store>, ExitCode> {
+    let failed = |e: StoreError| {
+        eprintln!("mailmux: {e}");
+        ExitCode::from(EXIT_USAGE)
+    };
     match &config.queue.store {
         StoreKind::Sqlite { path } => match SqliteStore::open_shared(path) {
             Ok(s) => Ok(Arc::new(s)),
-            Err(e) => {
-                eprintln!("mailmux: {e}");
-                Err(ExitCode::from(EXIT_USAGE))
-            }
+            Err(e) => Err(failed(e)),
+        },
+        StoreKind::Postgres(s) => match PgStore::open_shared(s).await {
+            Ok(s) => Ok(Arc::new(s)),
+            Err(e) => Err(failed(e)),
         },
         StoreKind::Memory => {
             eprintln!(
@@ -337,7 +367,9 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
             }
             Err(e) => fail(e),
         },
-        QueueCommand::Approve(_) | QueueCommand::Reject(_) => ExitCode::from(EXIT_USAGE),
+        QueueCommand::Approve(_) | QueueCommand::Reject(_) | QueueCommand::Migrate => {
+            ExitCode::from(EXIT_USAGE)
+        }
     }
 }
 

@@ -86,6 +86,10 @@ pub(crate) const QUEUE_KEYS: &[&str] = &[
     "idempotency_ttl",
     "retain",
     "max_schedule",
+    "url",
+    "pool_size",
+    "node_id",
+    "lease",
 ];
 
 /// Keys that `relay_defaults` accepts and every relay may override.
@@ -282,8 +286,18 @@ pub(crate) struct RawMetrics {
 /// `[queue]`: the durable queue.
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct RawQueue {
-    /// `sqlite` | `memory`. Default: `sqlite`.
+    /// `sqlite` | `memory` | `postgres`. Default: `sqlite`.
     pub store: Option<String>,
+    /// The PostgreSQL URL (`MAILMUX_QUEUE__URL`; else `DATABASE_URL`). A
+    /// secret: shown without its password.
+    pub url: Option<String>,
+    /// Connections to PostgreSQL. Default: 16.
+    pub pool_size: Option<u32>,
+    /// This daemon's name on a shared queue. Default: host name and pid.
+    pub node_id: Option<String>,
+    /// How long a daemon's claim on a message lasts without renewal.
+    /// Default: 30s.
+    pub lease: Option<Dur>,
     /// The SQLite file. Default: `mailmux-queue.db` in the working folder.
     pub path: Option<PathBuf>,
     /// How long a message may wait for delivery from when it is due.

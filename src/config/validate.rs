@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use figment::Figment;
 use figment::value::Value;
+use mailmux_actors::queue::postgres::{self, PgSettings};
 use mailmux_actors::queue::{QueueSettings, StoreKind};
 use mailmux_actors::{
     AuthMethod, Credentials, HealthSettings, Limits, PoolSettings, RelayKind, RelayRate,
@@ -43,6 +44,10 @@ const MAX_CONCURRENT_CALLS: usize = 64;
 const MAX_BATCH: usize = 1000;
 const OUTBOX_DIR: &str = "outbox";
 const QUEUE_PATH: &str = "mailmux-queue.db";
+/// Connections to PostgreSQL, per daemon.
+const PG_POOL: u32 = 16;
+/// How long a claim on a message lasts without renewal.
+const PG_LEASE: Duration = Duration::from_secs(30);
 const EMBEDDED_RELAY: &str = "outbox";
 
 /// A value's key, as the user wrote it, and the source it came from.
@@ -298,7 +303,7 @@ pub(crate) fn build(
     let supervisor = supervisor(&ctx, &raw, &mut out)?;
     let http = http(&ctx, &raw, &mut out)?;
     let metrics = metrics(&ctx, &raw, &mut out)?;
-    let queue = queue(&ctx, &raw, send_deadline, &mut out)?;
+    let queue = queue(&ctx, &raw, send_deadline, env, &mut out)?;
 
     // Relays: the listed ones, then the seed's, which replace a listed relay
     // of the same name.
@@ -640,6 +645,7 @@ fn queue(
     ctx: &Ctx,
     raw: &RawConfig,
     send_deadline: Duration,
+    env: &[(String, String)],
     top: &mut Map<String, Json>,
 ) -> Result<QueueSettings, ConfigError> {
     let d = QueueSettings::default();
@@ -656,19 +662,17 @@ fn queue(
             StoreKind::Sqlite { path: path.clone() }
         }
         Some("memory") => StoreKind::Memory,
-        Some("postgres") => {
-            return Err(
-                at.err("the postgres store is not built into this version; use sqlite or memory")
-            );
-        }
+        Some("postgres") => StoreKind::Postgres(postgres(ctx, q, env, &mut out)?),
         Some(other) => {
             return Err(at.err(format!(
-                "{other:?} is not a store; expected sqlite or memory"
+                "{other:?} is not a store; expected sqlite, memory or postgres"
             )));
         }
     };
     leaf(&mut out, "store", json!(store.as_str()), &at);
-    leaf(&mut out, "path", path_json(&path), &path_at);
+    if matches!(store, StoreKind::Sqlite { .. }) {
+        leaf(&mut out, "path", path_json(&path), &path_at);
+    }
     let mut dur = |key: &str, raw: &Option<Dur>, default: Duration| {
         positive(
             ctx,
@@ -701,6 +705,78 @@ fn queue(
         max_schedule,
         delivery_timeout: send_deadline,
     })
+}
+
+/// `[queue]` for `store = "postgres"`: the URL (from `queue.url`, else
+/// `DATABASE_URL`), the pool, the node id and the lease.
+fn postgres(
+    ctx: &Ctx,
+    q: &crate::config::raw::RawQueue,
+    env: &[(String, String)],
+    out: &mut Map<String, Json>,
+) -> Result<PgSettings, ConfigError> {
+    let mut at = ctx.at("queue.url");
+    let url = match &q.url {
+        Some(u) => u.trim().to_owned(),
+        None => match env
+            .iter()
+            .find(|(k, v)| k == "DATABASE_URL" && !v.is_empty())
+        {
+            Some((_, v)) => {
+                at = At {
+                    key: "queue.url".into(),
+                    source: super::env::source_name("DATABASE_URL"),
+                };
+                v.trim().to_owned()
+            }
+            None => {
+                return Err(at.err(
+                    "the postgres store needs queue.url (or MAILMUX_QUEUE__URL, or DATABASE_URL)",
+                ));
+            }
+        },
+    };
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(at.err(format!(
+            "{:?} is not a PostgreSQL URL such as postgres://user:password@host:5432/mailmux",
+            postgres::shown_url(&url)
+        )));
+    }
+    leaf(out, "url", json!(postgres::shown_url(&url)), &at);
+    let pool = at_least_one(ctx, out, "queue.pool_size", q.pool_size, PG_POOL)?;
+    let at = ctx.at("queue.node_id");
+    let node_id = match q.node_id.as_deref().map(str::trim) {
+        Some("") => return Err(at.err("must not be empty")),
+        Some(n) => n.to_owned(),
+        None => default_node_id(),
+    };
+    leaf(out, "node_id", json!(node_id), &at);
+    let lease = positive(
+        ctx,
+        out,
+        "queue.lease",
+        q.lease.as_ref().map(|d| d.0),
+        PG_LEASE,
+    )?;
+    if lease < Duration::from_secs(1) {
+        return Err(ctx.at("queue.lease").err("must be at least 1s"));
+    }
+    Ok(PgSettings {
+        url,
+        pool,
+        node_id,
+        lease,
+    })
+}
+
+/// `host:pid`: unique among the daemons of one machine, and says where each
+/// one runs.
+fn default_node_id() -> String {
+    let host = hostname::get()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "mailmux".into());
+    format!("{host}:{}", std::process::id())
 }
 
 /// Reads a secret from a file; the error names the file, never the content.

@@ -303,7 +303,9 @@ fn reopen_on_hangup(audit: Arc<Audit>) {
 /// Opens the configured store (a start-up error names its path), starts the
 /// actors, then the queue over both.
 pub async fn start_queue(config: &Config) -> Result<Queue, RunError> {
-    let store = queue::open(&config.queue.store).map_err(RunError::Queue)?;
+    let store = queue::open(&config.queue.store)
+        .await
+        .map_err(RunError::Queue)?;
     let dispatcher = Dispatcher::start(config.dispatch.clone())
         .await
         .map_err(RunError::Start)?;
@@ -317,23 +319,29 @@ pub async fn start_queue(config: &Config) -> Result<Queue, RunError> {
     .map_err(RunError::Queue)
 }
 
-/// A hand-off queue over the SQLite store a running daemon owns: messages
-/// are stored for that daemon to deliver (`mailmux send --no-wait`).
+/// A hand-off queue over the store that running daemons own (SQLite or
+/// PostgreSQL): messages are stored for a daemon to deliver (`mailmux send
+/// --no-wait`).
 pub async fn start_handoff(config: &Config) -> Result<Queue, RunError> {
-    let queue::StoreKind::Sqlite { path } = &config.queue.store else {
-        return Err(RunError::Queue(StoreError::Unavailable(
-            "only a sqlite store can be shared with a running daemon".into(),
-        )));
+    let store: std::sync::Arc<dyn queue::Store> = match &config.queue.store {
+        queue::StoreKind::Sqlite { path } => std::sync::Arc::new(
+            queue::sqlite::SqliteStore::open_shared(path).map_err(RunError::Queue)?,
+        ),
+        queue::StoreKind::Postgres(s) => std::sync::Arc::new(
+            queue::postgres::PgStore::open_shared(s)
+                .await
+                .map_err(RunError::Queue)?,
+        ),
+        queue::StoreKind::Memory => {
+            return Err(RunError::Queue(StoreError::Unavailable(
+                "the memory store cannot be shared with a running daemon".into(),
+            )));
+        }
     };
-    let store = queue::sqlite::SqliteStore::open_shared(path).map_err(RunError::Queue)?;
     let dispatcher = Dispatcher::start(config.dispatch.clone())
         .await
         .map_err(RunError::Start)?;
-    Ok(Queue::handoff(
-        std::sync::Arc::new(store),
-        dispatcher,
-        config.queue.clone(),
-    ))
+    Ok(Queue::handoff(store, dispatcher, config.queue.clone()))
 }
 
 /// Refuses new calls and drains the queue; logs what it found.

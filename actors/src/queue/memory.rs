@@ -396,6 +396,7 @@ impl Store for MemoryStore {
                         updated_at: r.updated_at,
                         relay: r.relay.clone(),
                         caller: r.caller.clone(),
+                        node: None,
                     },
                 )
             })

@@ -2,7 +2,7 @@
 //! anyone is told it was accepted, and delivery runs from the store.
 //!
 //! [`Store`] is the one trait the backends implement (`sqlite` on disk, the
-//! same engine in memory, and later PostgreSQL). [`Queue`] is the handle the
+//! same engine in memory, and `postgres`, shared by several daemons). [`Queue`] is the handle the
 //! daemon holds: it accepts messages, hands due ones to the [`Dispatcher`],
 //! records each outcome (settle), and retries deferred mail. It owns the crash
 //! rule: a message is marked durably as committing to a relay before its
@@ -12,6 +12,7 @@
 //! [`Dispatcher`]: crate::Dispatcher
 
 pub mod memory;
+pub mod postgres;
 mod runner;
 pub mod sqlite;
 
@@ -113,6 +114,8 @@ pub enum StoreKind {
     Sqlite { path: PathBuf },
     /// In this process's memory: no durability at all.
     Memory,
+    /// PostgreSQL, shared by several daemons.
+    Postgres(postgres::PgSettings),
 }
 
 impl StoreKind {
@@ -120,6 +123,7 @@ impl StoreKind {
         match self {
             StoreKind::Sqlite { .. } => "sqlite",
             StoreKind::Memory => "memory",
+            StoreKind::Postgres(_) => "postgres",
         }
     }
 
@@ -166,11 +170,13 @@ impl Default for QueueSettings {
     }
 }
 
-/// Opens the configured store for a daemon (taking its lock).
-pub fn open(kind: &StoreKind) -> Result<Arc<dyn Store>, StoreError> {
+/// Opens the configured store for a daemon (taking its lock, or for
+/// PostgreSQL, migrating and renewing its leases).
+pub async fn open(kind: &StoreKind) -> Result<Arc<dyn Store>, StoreError> {
     Ok(match kind {
         StoreKind::Sqlite { path } => Arc::new(sqlite::SqliteStore::open(path)?),
         StoreKind::Memory => Arc::new(memory::MemoryStore::new()),
+        StoreKind::Postgres(s) => Arc::new(postgres::PgStore::open(s).await?),
     })
 }
 
@@ -285,6 +291,7 @@ impl NewMessage {
             meta: self.meta.clone(),
             decided_by: None,
             sent_copy: None,
+            node: None,
         }
     }
 }
@@ -382,6 +389,8 @@ pub struct Record {
     /// The copy in the Sent folder, when the relay files one: `copied`, or
     /// `failed: <reason>`.
     pub sent_copy: Option<String>,
+    /// The daemon that holds or last held it (a shared store only).
+    pub node: Option<String>,
 }
 
 /// One line of a listing.
@@ -395,6 +404,8 @@ pub struct Summary {
     pub updated_at: Millis,
     pub relay: Option<String>,
     pub caller: Option<String>,
+    /// The daemon that holds or last held it (a shared store only).
+    pub node: Option<String>,
 }
 
 /// Counts and ages of the queue.
@@ -422,6 +433,10 @@ pub enum StoreError {
     /// The store cannot be opened or written (disk full, read-only, corrupt).
     #[error("the queue store is unavailable: {0}")]
     Unavailable(String),
+    /// Another daemon's lease holds the message now: this daemon's lease
+    /// ran out and its write was refused (a shared store only).
+    #[error("{0}")]
+    Fenced(String),
     /// Another daemon holds the store.
     #[error("{path}: the queue store is held by another mailmux daemon (lock taken)")]
     Locked { path: String },
@@ -524,6 +539,10 @@ impl Filter {
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// `sqlite`, `memory` or `postgres`.
     fn kind(&self) -> &'static str;
+    /// This daemon's node id, for a store several daemons share.
+    fn node(&self) -> Option<&str> {
+        None
+    }
     /// Whether an accepted message survives a crash.
     fn durable(&self) -> bool;
     /// Stores a new message, or finds its idempotency key.

@@ -823,6 +823,7 @@ impl Store for SqliteStore {
                             updated_at: r.get(6)?,
                             relay: r.get(7)?,
                             caller: r.get(8)?,
+                            node: None,
                         },
                     ))
                     },
@@ -931,6 +932,7 @@ fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<Record>> {
                     meta: r.get(18)?,
                     decided_by: r.get(19)?,
                     sent_copy: r.get(20)?,
+                    node: None,
                 },
             ))
         })

@@ -11,6 +11,7 @@
 
 pub mod aiosmtpd;
 pub mod fault_smtp;
+pub mod postgres;
 pub mod smtp_sink;
 pub mod tls;
 

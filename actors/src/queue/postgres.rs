@@ -1,0 +1,1169 @@
+//! The PostgreSQL store: one queue shared by several daemons.
+//!
+//! Each daemon has a node id. A daemon delivers a message only while it
+//! holds the message's lease: `node` names the holder, `lease_until` (in the
+//! database's clock) ends it, and `lease_epoch` grows by one each time the
+//! lease changes hands. The store remembers the epoch of every lease it
+//! holds, and every write a delivery makes (`mark`, `settle`) names that
+//! epoch and this node: a daemon whose lease was taken over can no longer
+//! change the message. A task renews the leases this daemon holds.
+//!
+//! Due messages are claimed in batches with `FOR UPDATE SKIP LOCKED`, so
+//! daemons polling at once take different messages. A message left in
+//! `sending` by a daemon whose lease ran out follows the crash rule: before
+//! its commit mark it is queued again, after it it becomes `unknown`.
+//!
+//! The schema is applied at start under an advisory lock, so that two
+//! daemons starting at once do not both migrate; a schema newer than this
+//! build is refused.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::{Executor, Row};
+
+use super::{
+    Accepted, AttemptRecord, Cancel, Decided, Decision, Filter, Millis, NewMessage, Pending,
+    Record, Recovered, RejectedRecord, Retry, Settle, State, Stats, Store, StoreError, Summary,
+    now_millis,
+};
+
+/// The schema, one migration per version; `mailmux_schema` records how many
+/// were applied.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE mailmux_messages (
+    seq BIGSERIAL PRIMARY KEY,
+    message_id TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    mail_from TEXT,
+    rcpt TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    body BYTEA,
+    prefer TEXT,
+    idem_key TEXT,
+    queued_at BIGINT NOT NULL,
+    due_at BIGINT NOT NULL,
+    next_attempt_at BIGINT,
+    updated_at BIGINT NOT NULL,
+    finished_at BIGINT,
+    committing BOOLEAN NOT NULL DEFAULT false,
+    rounds INTEGER NOT NULL DEFAULT 0,
+    relay TEXT,
+    accepted TEXT,
+    rejected TEXT,
+    reason TEXT,
+    note TEXT,
+    history TEXT NOT NULL DEFAULT '',
+    caller TEXT,
+    meta TEXT,
+    held_hash BYTEA,
+    decided_by TEXT,
+    relays TEXT,
+    batch TEXT,
+    sent_copy TEXT,
+    node TEXT,
+    lease_epoch BIGINT NOT NULL DEFAULT 0,
+    lease_until BIGINT
+);
+CREATE INDEX mailmux_messages_due ON mailmux_messages (next_attempt_at)
+    WHERE state IN ('queued', 'scheduled');
+CREATE INDEX mailmux_messages_sending ON mailmux_messages (lease_until) WHERE state = 'sending';
+CREATE INDEX mailmux_messages_held ON mailmux_messages (next_attempt_at) WHERE state = 'held';
+CREATE INDEX mailmux_messages_finished ON mailmux_messages (finished_at)
+    WHERE finished_at IS NOT NULL;
+CREATE INDEX mailmux_messages_state ON mailmux_messages (state, seq);
+CREATE INDEX mailmux_messages_caller ON mailmux_messages (caller, seq);
+CREATE INDEX mailmux_messages_batch ON mailmux_messages (batch, seq) WHERE batch IS NOT NULL;
+CREATE TABLE mailmux_attempts (
+    id BIGSERIAL PRIMARY KEY,
+    seq BIGINT NOT NULL,
+    at BIGINT NOT NULL,
+    relay TEXT NOT NULL,
+    class TEXT,
+    code INTEGER,
+    text TEXT NOT NULL,
+    duration_ms BIGINT NOT NULL
+);
+CREATE INDEX mailmux_attempts_seq ON mailmux_attempts (seq);
+CREATE TABLE mailmux_idempotency (
+    key TEXT PRIMARY KEY,
+    message_id TEXT NOT NULL,
+    hash BYTEA NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX mailmux_idempotency_created ON mailmux_idempotency (created_at);
+"#];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// The advisory lock key of migrations ("mailmux" in ASCII).
+const MIGRATION_LOCK: i64 = 0x6d61_696c_6d75_78;
+
+/// The database's clock in milliseconds: leases are measured in it, so that
+/// daemons whose clocks differ agree on when a lease ends.
+macro_rules! db_now {
+    () => {
+        "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+    };
+}
+
+/// Appends `$n` (a history entry) to the history, in the statement that
+/// changes the state.
+macro_rules! history {
+    ($n:literal) => {
+        concat!(
+            "history = history || CASE WHEN history = '' THEN '' ELSE ';' END || $",
+            $n
+        )
+    };
+}
+
+/// Where the database is and how this daemon takes part.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PgSettings {
+    /// `postgres://user:password@host:port/db?sslmode=...`. A secret.
+    pub url: String,
+    /// Connections in the pool.
+    pub pool: u32,
+    /// This daemon's name in leases and listings.
+    pub node_id: String,
+    /// How long a claim lasts without renewal.
+    pub lease: Duration,
+}
+
+impl PgSettings {
+    /// The URL without its password, for logs and the effective config.
+    pub fn shown_url(&self) -> String {
+        shown_url(&self.url)
+    }
+}
+
+impl std::fmt::Debug for PgSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgSettings")
+            .field("url", &self.shown_url())
+            .field("pool", &self.pool)
+            .field("node_id", &self.node_id)
+            .field("lease", &self.lease)
+            .finish()
+    }
+}
+
+/// `url` with any password replaced by `***`.
+pub fn shown_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "***".into();
+    };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some((auth, host)) => (Some(auth), host),
+        None => (None, rest),
+    };
+    match auth {
+        Some(auth) => {
+            let user = auth.split_once(':').map_or(auth, |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => format!("{scheme}://{host}"),
+    }
+}
+
+/// The PostgreSQL store of one daemon.
+#[derive(Debug)]
+pub struct PgStore {
+    pool: PgPool,
+    node: String,
+    lease_ms: i64,
+    /// Whether a due message this daemon accepts is leased to it at once
+    /// (a daemon delivers what it accepts; the queue command does not).
+    claims: bool,
+    /// The epoch of each lease this daemon holds, by message id.
+    leases: Arc<Mutex<HashMap<String, i64>>>,
+    renewer: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        if let Some(r) = &self.renewer {
+            r.abort();
+        }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn lease_lost(id: &str) -> StoreError {
+    StoreError::Fenced(format!(
+        "message {id}: this daemon's lease on it ended; another daemon holds it now"
+    ))
+}
+
+impl PgStore {
+    /// Connects, migrates (under the advisory lock) and starts renewing
+    /// leases: the store of a daemon.
+    pub async fn open(s: &PgSettings) -> Result<PgStore, StoreError> {
+        let pool = connect(s).await?;
+        migrate(&pool, s, true).await?;
+        let leases = Arc::new(Mutex::new(HashMap::new()));
+        let lease_ms = s.lease.as_millis() as i64;
+        let renewer = tokio::spawn(renew_loop(
+            pool.clone(),
+            s.node_id.clone(),
+            lease_ms,
+            leases.clone(),
+        ));
+        Ok(PgStore {
+            pool,
+            node: s.node_id.clone(),
+            lease_ms,
+            claims: true,
+            leases,
+            renewer: Some(renewer),
+        })
+    }
+
+    /// The store for the queue command and `send --no-wait`: takes no lease
+    /// on what it stores and migrates nothing.
+    pub async fn open_shared(s: &PgSettings) -> Result<PgStore, StoreError> {
+        let pool = connect(s).await?;
+        migrate(&pool, s, false).await?;
+        Ok(PgStore {
+            pool,
+            node: s.node_id.clone(),
+            lease_ms: s.lease.as_millis() as i64,
+            claims: false,
+            leases: Arc::new(Mutex::new(HashMap::new())),
+            renewer: None,
+        })
+    }
+
+    /// Applies the migrations this build knows (`mailmux queue migrate`).
+    pub async fn migrate_only(s: &PgSettings) -> Result<i64, StoreError> {
+        let pool = connect(s).await?;
+        let v = migrate(&pool, s, true).await?;
+        pool.close().await;
+        Ok(v)
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, i64>> {
+        self.leases.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The epoch of this daemon's lease on `id`: the one it holds, or a new
+    /// one when nobody holds the message (a lease that ran out counts as
+    /// free). `None`: another daemon holds it.
+    async fn fence(&self, id: &str) -> Result<Option<i64>, StoreError> {
+        if let Some(e) = self.held().get(id) {
+            return Ok(Some(*e));
+        }
+        let epoch: Option<i64> = sqlx::query_scalar(concat!(
+            "UPDATE mailmux_messages SET node = $2, lease_until = ",
+            db_now!(),
+            " + $3,
+                    lease_epoch = lease_epoch + 1
+              WHERE message_id = $1 AND (lease_until IS NULL OR lease_until < ",
+            db_now!(),
+            " OR (node = $2 AND state <> 'sending'))
+              RETURNING lease_epoch"
+        ))
+        .bind(id)
+        .bind(&self.node)
+        .bind(self.lease_ms)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        if let Some(e) = epoch {
+            self.held().insert(id.to_owned(), e);
+        }
+        Ok(epoch)
+    }
+
+    fn release(&self, id: &str) {
+        self.held().remove(id);
+    }
+
+    /// The crash rule for messages in `sending` whose lease ran out (or, at
+    /// start, that this node id held before a restart).
+    async fn take_over(&self, own: bool) -> Result<Recovered, StoreError> {
+        let now = now_millis();
+        let rows: Vec<(String, bool)> = sqlx::query_as(concat!(
+            "UPDATE mailmux_messages SET
+                state = CASE WHEN committing THEN 'unknown' ELSE 'queued' END,
+                finished_at = CASE WHEN committing THEN $1 ELSE NULL END,
+                next_attempt_at = CASE WHEN committing THEN NULL ELSE $1 END,
+                note = CASE WHEN committing
+                    THEN 'mailmux stopped after the message was handed to a relay; it may have been delivered and was not sent again'
+                    ELSE note END,
+                reason = CASE WHEN committing THEN NULL ELSE reason END,
+                history = history || CASE WHEN history = '' THEN '' ELSE ';' END
+                    || CASE WHEN committing THEN 'unknown@' ELSE 'queued@' END || $1::text,
+                committing = false, updated_at = $1, lease_until = NULL,
+                lease_epoch = lease_epoch + 1
+              WHERE state = 'sending' AND (lease_until < ",
+            db_now!(),
+            " OR ($2 AND node = $3))
+              RETURNING message_id, state = 'unknown'"
+        ))
+        .bind(now)
+        .bind(own)
+        .bind(&self.node)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let mut out = Recovered::default();
+        for (id, unknown) in rows {
+            tracing::warn!(
+                message_id = %id,
+                outcome = if unknown { "unknown" } else { "queued again" },
+                "took over a message whose daemon's lease ran out"
+            );
+            if unknown {
+                out.unknown += 1;
+            } else {
+                out.requeued += 1;
+            }
+        }
+        Ok(out)
+    }
+}
+
+async fn connect(s: &PgSettings) -> Result<PgPool, StoreError> {
+    PgPoolOptions::new()
+        .max_connections(s.pool.max(1))
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&s.url)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("{}: {e}", s.shown_url())))
+}
+
+/// Brings the schema to this build's version, or checks it is there.
+async fn migrate(pool: &PgPool, s: &PgSettings, apply: bool) -> Result<i64, StoreError> {
+    let shown = s.shown_url();
+    let named = |e: sqlx::Error| StoreError::Unavailable(format!("{shown}: {e}"));
+    let mut tx = pool.begin().await.map_err(named)?;
+    // Held until the transaction ends: a second daemon waits here, then
+    // finds the schema in place.
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(MIGRATION_LOCK)
+        .execute(&mut *tx)
+        .await
+        .map_err(named)?;
+    tx.execute("CREATE TABLE IF NOT EXISTS mailmux_schema (version BIGINT NOT NULL)")
+        .await
+        .map_err(named)?;
+    let found: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM mailmux_schema")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(named)?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            path: shown,
+            found,
+            known: SCHEMA_VERSION,
+        });
+    }
+    if found < SCHEMA_VERSION && !apply {
+        return Err(StoreError::Unavailable(format!(
+            "{shown}: the database has schema version {found} and needs {SCHEMA_VERSION}; run `mailmux queue migrate` or start a daemon"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let version = i as i64 + 1;
+        tx.execute(*sql).await.map_err(|e| {
+            StoreError::Unavailable(format!("{shown}: migration to version {version}: {e}"))
+        })?;
+        sqlx::query("INSERT INTO mailmux_schema (version) VALUES ($1)")
+            .bind(version)
+            .execute(&mut *tx)
+            .await
+            .map_err(named)?;
+        tracing::info!(store = %shown, version, "queue store migrated");
+    }
+    tx.commit().await.map_err(named)?;
+    Ok(SCHEMA_VERSION)
+}
+
+/// Renews this daemon's leases every third of a lease, and forgets those it
+/// no longer holds (finished, cancelled, or taken over).
+async fn renew_loop(
+    pool: PgPool,
+    node: String,
+    lease_ms: i64,
+    leases: Arc<Mutex<HashMap<String, i64>>>,
+) {
+    let every = Duration::from_millis((lease_ms / 3).max(100) as u64);
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(every).await;
+        let (ids, epochs): (Vec<String>, Vec<i64>) = leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .unzip();
+        if ids.is_empty() {
+            continue;
+        }
+        let renewed: Result<Vec<String>, _> = sqlx::query_scalar(concat!(
+            "UPDATE mailmux_messages m SET lease_until = ",
+            db_now!(),
+            " + $4
+               FROM unnest($1::text[], $2::bigint[]) AS l(id, epoch)
+              WHERE m.message_id = l.id AND m.lease_epoch = l.epoch AND m.node = $3
+                AND m.state IN ('queued', 'scheduled', 'sending')
+              RETURNING m.message_id"
+        ))
+        .bind(&ids)
+        .bind(&epochs)
+        .bind(&node)
+        .bind(lease_ms)
+        .fetch_all(&pool)
+        .await;
+        match renewed {
+            Ok(kept) => {
+                if failing {
+                    tracing::info!("renewing queue leases works again");
+                    failing = false;
+                }
+                let kept: std::collections::HashSet<String> = kept.into_iter().collect();
+                let mut held = leases.lock().unwrap_or_else(|e| e.into_inner());
+                for (id, epoch) in ids.iter().zip(&epochs) {
+                    if !kept.contains(id) && held.get(id) == Some(epoch) {
+                        held.remove(id);
+                    }
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::error!(error = %e, "cannot renew queue leases; other daemons take these messages over when the leases run out");
+                    failing = true;
+                }
+            }
+        }
+    }
+}
+
+fn entry(state: State, at: Millis) -> String {
+    format!("{}@{at}", state.as_str())
+}
+
+fn lines(s: Option<String>) -> Vec<String> {
+    match s {
+        Some(s) if !s.is_empty() => s.split('\n').map(str::to_owned).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn parse_state(s: &str) -> State {
+    State::parse(s).unwrap_or(State::Failed)
+}
+
+fn one_line(s: &str) -> String {
+    s.replace(['\t', '\r', '\n'], " ")
+}
+
+/// Stores one message inside `tx`; `node` leases it to this daemon.
+async fn accept_in(
+    tx: &mut sqlx::PgConnection,
+    m: &NewMessage,
+    now: Millis,
+    node: Option<&str>,
+    lease_ms: i64,
+) -> Result<Accepted, sqlx::Error> {
+    if let Some((key, hash)) = &m.idempotency {
+        let inserted = sqlx::query(
+            "INSERT INTO mailmux_idempotency (key, message_id, hash, created_at)
+             VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(&m.message_id)
+        .bind(&hash[..])
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            let (id, seen): (String, Vec<u8>) =
+                sqlx::query_as("SELECT message_id, hash FROM mailmux_idempotency WHERE key = $1")
+                    .bind(key)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            return Ok(if seen == hash {
+                Accepted::Replay(id)
+            } else {
+                Accepted::Conflict(id)
+            });
+        }
+    }
+    let state = m.initial_state(now);
+    let next = m.hold.as_ref().map_or(m.due_at, |h| h.until);
+    let node = node.filter(|_| state == State::Queued);
+    sqlx::query(concat!(
+        "INSERT INTO mailmux_messages (message_id, state, mail_from, rcpt, size, body, prefer,
+             idem_key, queued_at, due_at, next_attempt_at, updated_at, history, caller, meta,
+             held_hash, relays, batch, node, lease_epoch, lease_until)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $9, $12, $13, $14, $15, $16, $17,
+             $18, CASE WHEN $18::text IS NULL THEN 0 ELSE 1 END,
+             CASE WHEN $18::text IS NULL THEN NULL ELSE ",
+        db_now!(),
+        " + $19 END)"
+    ))
+    .bind(&m.message_id)
+    .bind(state.as_str())
+    .bind(&m.from)
+    .bind(m.to.join("\n"))
+    .bind(m.bytes.len() as i64)
+    .bind(&m.bytes[..])
+    .bind(&m.prefer)
+    .bind(m.idempotency.as_ref().map(|(k, _)| k))
+    .bind(m.queued_at)
+    .bind(m.due_at)
+    .bind(next)
+    .bind(entry(state, now))
+    .bind(&m.caller)
+    .bind(&m.meta)
+    .bind(m.hold.as_ref().map(|h| &h.hash[..]))
+    .bind(m.only.as_ref().map(|o| o.join("\n")))
+    .bind(&m.batch)
+    .bind(node)
+    .bind(lease_ms)
+    .execute(&mut *tx)
+    .await?;
+    Ok(Accepted::Stored(state))
+}
+
+impl PgStore {
+    /// The lease node for a message accepted now, when this daemon claims.
+    fn claimer(&self) -> Option<&str> {
+        self.claims.then_some(self.node.as_str())
+    }
+
+    /// Remembers the leases of messages just stored as `queued`.
+    fn note_claims(&self, ms: &[NewMessage], out: &[Accepted], now: Millis) {
+        if !self.claims {
+            return;
+        }
+        let mut held = self.held();
+        for (m, a) in ms.iter().zip(out) {
+            if *a == Accepted::Stored(State::Queued) && m.initial_state(now) == State::Queued {
+                held.insert(m.message_id.clone(), 1);
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for PgStore {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn durable(&self) -> bool {
+        true
+    }
+
+    fn node(&self) -> Option<&str> {
+        Some(&self.node)
+    }
+
+    async fn accept(&self, m: NewMessage) -> Result<Accepted, StoreError> {
+        let now = now_millis();
+        let out = if m.idempotency.is_some() {
+            let mut tx = self.pool.begin().await.map_err(unavailable)?;
+            let out = accept_in(&mut tx, &m, now, self.claimer(), self.lease_ms)
+                .await
+                .map_err(unavailable)?;
+            tx.commit().await.map_err(unavailable)?;
+            out
+        } else {
+            let mut c = self.pool.acquire().await.map_err(unavailable)?;
+            accept_in(&mut c, &m, now, self.claimer(), self.lease_ms)
+                .await
+                .map_err(unavailable)?
+        };
+        self.note_claims(std::slice::from_ref(&m), std::slice::from_ref(&out), now);
+        Ok(out)
+    }
+
+    async fn accept_many(&self, ms: Vec<NewMessage>) -> Result<Vec<Accepted>, StoreError> {
+        let now = now_millis();
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let mut out = Vec::with_capacity(ms.len());
+        for m in &ms {
+            out.push(
+                accept_in(&mut tx, m, now, self.claimer(), self.lease_ms)
+                    .await
+                    .map_err(unavailable)?,
+            );
+        }
+        tx.commit().await.map_err(unavailable)?;
+        self.note_claims(&ms, &out, now);
+        Ok(out)
+    }
+
+    async fn mark(&self, message_id: &str) -> Result<(), StoreError> {
+        let Some(epoch) = self.fence(message_id).await? else {
+            return Err(lease_lost(message_id));
+        };
+        let now = now_millis();
+        let n = sqlx::query(concat!(
+            "UPDATE mailmux_messages SET state = 'sending', committing = true, updated_at = $2,
+                    lease_until = ",
+            db_now!(),
+            " + $5, ",
+            history!("3"),
+            " WHERE message_id = $1 AND lease_epoch = $4 AND node = $6"
+        ))
+        .bind(message_id)
+        .bind(now)
+        .bind(entry(State::Sending, now))
+        .bind(epoch)
+        .bind(self.lease_ms)
+        .bind(&self.node)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?
+        .rows_affected();
+        if n == 0 {
+            self.release(message_id);
+            return Err(lease_lost(message_id));
+        }
+        Ok(())
+    }
+
+    async fn settle(&self, message_id: &str, s: Settle) -> Result<(), StoreError> {
+        let Some(epoch) = self.fence(message_id).await? else {
+            return Err(lease_lost(message_id));
+        };
+        let now = now_millis();
+        let rejected: Vec<String> = s
+            .rejected
+            .iter()
+            .map(|r| format!("{}\t{}\t{}", r.address, r.code, one_line(&r.text)))
+            .collect();
+        let at: Vec<i64> = s.attempts.iter().map(|a| a.at).collect();
+        let relay: Vec<String> = s.attempts.iter().map(|a| a.relay.clone()).collect();
+        let class: Vec<Option<String>> = s.attempts.iter().map(|a| a.class.clone()).collect();
+        let code: Vec<Option<i32>> = s.attempts.iter().map(|a| a.code.map(i32::from)).collect();
+        let text: Vec<String> = s.attempts.iter().map(|a| a.text.clone()).collect();
+        let ms: Vec<i64> = s.attempts.iter().map(|a| a.duration_ms as i64).collect();
+        // One statement: the state and its attempts, fenced by the lease.
+        let n: i64 = sqlx::query_scalar(concat!(
+            "WITH u AS (
+                UPDATE mailmux_messages SET state = $2, updated_at = $3, finished_at = $4,
+                    committing = false, rounds = rounds + 1, relay = COALESCE($5, relay),
+                    accepted = $6, rejected = $7, reason = $8, note = $9, next_attempt_at = $10,
+                    body = CASE WHEN $11 THEN body ELSE NULL END, lease_until = NULL, ",
+            history!("12"),
+            " WHERE message_id = $1 AND lease_epoch = $13 AND node = $14
+                RETURNING seq),
+             a AS (
+                INSERT INTO mailmux_attempts (seq, at, relay, class, code, text, duration_ms)
+                SELECT u.seq, t.* FROM u,
+                    unnest($15::bigint[], $16::text[], $17::text[], $18::int[], $19::text[],
+                           $20::bigint[]) AS t)
+             SELECT COUNT(*) FROM u"
+        ))
+        .bind(message_id)
+        .bind(s.state.as_str())
+        .bind(now)
+        .bind(s.state.is_final().then_some(now))
+        .bind(&s.relay)
+        .bind(s.accepted.join("\n"))
+        .bind(rejected.join("\n"))
+        .bind(&s.reason)
+        .bind(&s.note)
+        .bind(s.next_attempt_at)
+        .bind(s.state.keeps_body())
+        .bind(entry(s.state, now))
+        .bind(epoch)
+        .bind(&self.node)
+        .bind(at)
+        .bind(relay)
+        .bind(class)
+        .bind(code)
+        .bind(text)
+        .bind(ms)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        self.release(message_id);
+        if n == 0 {
+            return Err(lease_lost(message_id));
+        }
+        Ok(())
+    }
+
+    async fn cancel(&self, message_id: &str) -> Result<Cancel, StoreError> {
+        let now = now_millis();
+        // Refused while another daemon's live lease holds it: that daemon
+        // may be about to hand it to a relay.
+        let row: Option<(String, bool)> = sqlx::query_as(concat!(
+            "WITH cur AS (
+                SELECT seq, state, (lease_until IS NULL OR lease_until < ",
+            db_now!(),
+            " OR node = $3) AS free
+                  FROM mailmux_messages WHERE message_id = $1 FOR UPDATE),
+             u AS (
+                UPDATE mailmux_messages m SET state = 'cancelled', updated_at = $2,
+                    finished_at = $2, next_attempt_at = NULL, body = NULL, lease_until = NULL, ",
+            history!("4"),
+            " FROM cur WHERE m.seq = cur.seq AND cur.free
+                    AND cur.state IN ('queued', 'scheduled', 'held')
+                RETURNING m.seq)
+             SELECT cur.state, EXISTS (SELECT 1 FROM u) FROM cur"
+        ))
+        .bind(message_id)
+        .bind(now)
+        .bind(&self.node)
+        .bind(entry(State::Cancelled, now))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(match row {
+            None => Cancel::NotFound,
+            Some((_, true)) => {
+                self.release(message_id);
+                Cancel::Cancelled
+            }
+            // Waiting, but another daemon's lease holds it.
+            Some((state, false)) => match parse_state(&state) {
+                State::Queued | State::Scheduled | State::Held => Cancel::Refused(State::Sending),
+                other => Cancel::Refused(other),
+            },
+        })
+    }
+
+    async fn decide(&self, message_id: &str, d: Decision) -> Result<Decided, StoreError> {
+        let now = now_millis();
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let row: Option<(i64, String, Option<Vec<u8>>, Millis)> = sqlx::query_as(
+            "SELECT seq, state, held_hash, due_at FROM mailmux_messages
+              WHERE message_id = $1 FOR UPDATE",
+        )
+        .bind(message_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let Some((seq, state, held_hash, due_at)) = row else {
+            return Ok(Decided::NotFound);
+        };
+        let state = parse_state(&state);
+        if state != State::Held {
+            return Ok(Decided::NotHeld(state));
+        }
+        if d.approve
+            && let Some(hash) = &d.hash
+            && held_hash.as_deref() != Some(&hash[..])
+        {
+            return Ok(Decided::HashMismatch);
+        }
+        let (next, finished, out) = if !d.approve {
+            (State::Rejected, Some(now), Decided::Rejected)
+        } else if due_at > now {
+            (State::Scheduled, None, Decided::Released(State::Scheduled))
+        } else {
+            (State::Queued, None, Decided::Released(State::Queued))
+        };
+        sqlx::query(concat!(
+            "UPDATE mailmux_messages SET state = $2, updated_at = $3, finished_at = $4,
+                    decided_by = $5,
+                    next_attempt_at = CASE WHEN $6 THEN GREATEST(due_at, $3) ELSE NULL END,
+                    body = CASE WHEN $6 THEN body ELSE NULL END,
+                    reason = CASE WHEN $6 THEN NULL ELSE 'rejected_by_approver' END, ",
+            history!("7"),
+            " WHERE seq = $1"
+        ))
+        .bind(seq)
+        .bind(next.as_str())
+        .bind(now)
+        .bind(finished)
+        .bind(&d.by)
+        .bind(d.approve)
+        .bind(entry(next, now))
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(out)
+    }
+
+    async fn expire_held(&self, now: Millis) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(concat!(
+            "UPDATE mailmux_messages SET state = 'expired', updated_at = $1, finished_at = $1,
+                    body = NULL, next_attempt_at = NULL, reason = 'approval_expired',
+                    note = 'nobody approved it before its approval deadline', ",
+            history!("2"),
+            " WHERE state = 'held' AND next_attempt_at <= $1 RETURNING message_id"
+        ))
+        .bind(now)
+        .bind(entry(State::Expired, now))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)
+    }
+
+    async fn retry(&self, message_id: &str, force: bool) -> Result<Retry, StoreError> {
+        let now = now_millis();
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let row: Option<(i64, String, Option<String>, bool)> = sqlx::query_as(
+            "SELECT seq, state, reason, body IS NOT NULL FROM mailmux_messages
+              WHERE message_id = $1 FOR UPDATE",
+        )
+        .bind(message_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let Some((seq, state, reason, has_body)) = row else {
+            return Ok(Retry::NotFound);
+        };
+        let state = parse_state(&state);
+        let verdict = super::retryable(state, reason.as_deref(), force);
+        if verdict != Retry::Queued {
+            return Ok(verdict);
+        }
+        if !has_body {
+            return Ok(Retry::Refused(state));
+        }
+        sqlx::query(concat!(
+            "UPDATE mailmux_messages SET state = 'queued', updated_at = $2, finished_at = NULL,
+                    due_at = $2, next_attempt_at = $2, committing = false, reason = NULL,
+                    note = NULL, ",
+            history!("3"),
+            " WHERE seq = $1"
+        ))
+        .bind(seq)
+        .bind(now)
+        .bind(entry(State::Queued, now))
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(Retry::Queued)
+    }
+
+    /// Claims up to `limit` due messages for this daemon: those nobody
+    /// holds, whose lease ran out, or that this daemon already holds.
+    async fn due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
+        if self.claims {
+            self.take_over(false).await?;
+        }
+        let rows: Vec<(String, i64)> = sqlx::query_as(concat!(
+            "WITH c AS (
+                SELECT seq FROM mailmux_messages
+                 WHERE state IN ('queued', 'scheduled') AND next_attempt_at <= $1
+                   AND (lease_until IS NULL OR lease_until < ",
+            db_now!(),
+            " OR node = $3)
+                 ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+             UPDATE mailmux_messages m SET
+                lease_epoch = CASE WHEN m.node = $3 AND m.lease_until >= ",
+            db_now!(),
+            " THEN m.lease_epoch ELSE m.lease_epoch + 1 END,
+                node = $3, lease_until = ",
+            db_now!(),
+            " + $4
+               FROM c WHERE m.seq = c.seq
+             RETURNING m.message_id, m.lease_epoch"
+        ))
+        .bind(now)
+        .bind(limit as i64)
+        .bind(&self.node)
+        .bind(self.lease_ms)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let mut held = self.held();
+        Ok(rows
+            .into_iter()
+            .map(|(id, epoch)| {
+                held.insert(id.clone(), epoch);
+                id
+            })
+            .collect())
+    }
+
+    async fn next_due(&self) -> Result<Option<Millis>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT MIN(next_attempt_at) FROM mailmux_messages
+              WHERE state IN ('queued', 'scheduled')",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)
+    }
+
+    async fn load(&self, message_id: &str) -> Result<Option<Pending>, StoreError> {
+        let row = sqlx::query(
+            "SELECT message_id, state, mail_from, rcpt, body, prefer, due_at, rounds, caller,
+                    meta, relays
+               FROM mailmux_messages WHERE message_id = $1 AND body IS NOT NULL",
+        )
+        .bind(message_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        row.map(|r| pending(&r)).transpose().map_err(unavailable)
+    }
+
+    async fn get(&self, message_id: &str) -> Result<Option<Record>, StoreError> {
+        let Some(r) = sqlx::query(
+            "SELECT seq, message_id, state, mail_from, rcpt, size, prefer, idem_key, queued_at,
+                    due_at, updated_at, next_attempt_at, relay, accepted, rejected, reason, note,
+                    caller, meta, decided_by, sent_copy, history, node
+               FROM mailmux_messages WHERE message_id = $1",
+        )
+        .bind(message_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?
+        else {
+            return Ok(None);
+        };
+        let seq: i64 = r.try_get("seq").map_err(unavailable)?;
+        let mut record = record(&r).map_err(unavailable)?;
+        record.attempts = sqlx::query(
+            "SELECT at, relay, class, code, text, duration_ms FROM mailmux_attempts
+              WHERE seq = $1 ORDER BY id",
+        )
+        .bind(seq)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?
+        .iter()
+        .map(|a| {
+            Ok(AttemptRecord {
+                at: a.try_get("at")?,
+                relay: a.try_get("relay")?,
+                class: a.try_get("class")?,
+                code: a
+                    .try_get::<Option<i32>, _>("code")?
+                    .and_then(|c| u16::try_from(c).ok()),
+                text: a.try_get("text")?,
+                duration_ms: a.try_get::<i64, _>("duration_ms")?.max(0) as u64,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(unavailable)?;
+        Ok(Some(record))
+    }
+
+    async fn find_key(&self, key: &str) -> Result<Option<String>, StoreError> {
+        sqlx::query_scalar("SELECT message_id FROM mailmux_idempotency WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn list(
+        &self,
+        filter: &Filter,
+        limit: usize,
+        cursor: Option<i64>,
+    ) -> Result<(Vec<Summary>, Option<i64>), StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, message_id, state, mail_from, rcpt, queued_at, updated_at, relay, caller,
+                    node
+               FROM mailmux_messages WHERE seq < $1 AND ($2::text IS NULL OR state = $2)
+                AND ($4::text IS NULL OR caller = $4) AND ($5::text IS NULL OR batch = $5)
+                AND ($6::text IS NULL OR strpos(lower(rcpt), $6) > 0)
+              ORDER BY seq DESC LIMIT $3",
+        )
+        .bind(cursor.unwrap_or(i64::MAX))
+        .bind(filter.state.map(State::as_str))
+        .bind(limit as i64 + 1)
+        .bind(&filter.caller)
+        .bind(&filter.batch)
+        .bind(filter.recipient.as_ref().map(|r| r.to_lowercase()))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let more = rows.len() > limit;
+        let mut page = Vec::with_capacity(rows.len().min(limit));
+        let mut last = None;
+        for r in rows.iter().take(limit) {
+            last = Some(r.try_get::<i64, _>("seq").map_err(unavailable)?);
+            page.push(summary(r).map_err(unavailable)?);
+        }
+        Ok((page, if more { last } else { None }))
+    }
+
+    async fn stats(&self) -> Result<Stats, StoreError> {
+        let counts: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, COUNT(*) FROM mailmux_messages GROUP BY state")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?;
+        let (oldest_queued_at, next_retry_at): (Option<i64>, Option<i64>) = sqlx::query_as(
+            "SELECT (SELECT MIN(queued_at) FROM mailmux_messages WHERE state = 'queued'),
+                    (SELECT MIN(next_attempt_at) FROM mailmux_messages
+                      WHERE state = 'queued' AND rounds > 0)",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let mut counts: Vec<(State, u64)> = counts
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(s, n)| (parse_state(&s), n as u64))
+            .collect();
+        counts.sort();
+        Ok(Stats {
+            counts,
+            oldest_queued_at,
+            next_retry_at,
+        })
+    }
+
+    async fn note_copy(&self, message_id: &str, outcome: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE mailmux_messages SET sent_copy = $2 WHERE message_id = $1")
+            .bind(message_id)
+            .bind(outcome)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// At start: the crash rule for what this node id left in `sending`
+    /// (after a restart with a fixed `node_id`) and for leases that ran out.
+    async fn recover(&self) -> Result<Recovered, StoreError> {
+        self.take_over(true).await
+    }
+
+    async fn purge(&self, finished_before: Millis, keys_before: Millis) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        sqlx::query(
+            "DELETE FROM mailmux_attempts WHERE seq IN
+                (SELECT seq FROM mailmux_messages WHERE finished_at < $1)",
+        )
+        .bind(finished_before)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let n = sqlx::query("DELETE FROM mailmux_messages WHERE finished_at < $1")
+            .bind(finished_before)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+        sqlx::query("DELETE FROM mailmux_idempotency WHERE created_at < $1")
+            .bind(keys_before)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(n)
+    }
+}
+
+fn pending(r: &PgRow) -> Result<Pending, sqlx::Error> {
+    let body: Vec<u8> = r.try_get("body")?;
+    Ok(Pending {
+        message_id: r.try_get("message_id")?,
+        state: parse_state(r.try_get("state")?),
+        from: r.try_get("mail_from")?,
+        to: lines(r.try_get("rcpt")?),
+        bytes: Arc::from(body),
+        prefer: r.try_get("prefer")?,
+        due_at: r.try_get("due_at")?,
+        rounds: r.try_get::<i32, _>("rounds")?.max(0) as u32,
+        caller: r.try_get("caller")?,
+        meta: r.try_get("meta")?,
+        only: r
+            .try_get::<Option<String>, _>("relays")?
+            .map(|s| Arc::from(lines(Some(s)))),
+    })
+}
+
+fn record(r: &PgRow) -> Result<Record, sqlx::Error> {
+    let state = parse_state(r.try_get("state")?);
+    let rejected = lines(r.try_get("rejected")?)
+        .into_iter()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, '\t');
+            Some(RejectedRecord {
+                address: parts.next()?.to_owned(),
+                code: parts.next()?.parse().ok()?,
+                text: parts.next().unwrap_or("").to_owned(),
+            })
+        })
+        .collect();
+    let history: String = r.try_get("history")?;
+    Ok(Record {
+        message_id: r.try_get("message_id")?,
+        state,
+        from: r.try_get("mail_from")?,
+        to: lines(r.try_get("rcpt")?),
+        size: r.try_get::<i64, _>("size")?.max(0) as u64,
+        prefer: r.try_get("prefer")?,
+        idempotency_key: r.try_get("idem_key")?,
+        queued_at: r.try_get("queued_at")?,
+        due_at: r.try_get("due_at")?,
+        updated_at: r.try_get("updated_at")?,
+        next_attempt_at: if matches!(state, State::Queued | State::Scheduled | State::Held) {
+            r.try_get("next_attempt_at")?
+        } else {
+            None
+        },
+        relay: r.try_get("relay")?,
+        accepted: lines(r.try_get("accepted")?),
+        rejected,
+        reason: r.try_get("reason")?,
+        note: r.try_get("note")?,
+        attempts: Vec::new(),
+        history: history
+            .split(';')
+            .filter_map(|h| {
+                let (state, at) = h.split_once('@')?;
+                Some((State::parse(state)?, at.parse().ok()?))
+            })
+            .collect(),
+        caller: r.try_get("caller")?,
+        meta: r.try_get("meta")?,
+        decided_by: r.try_get("decided_by")?,
+        sent_copy: r.try_get("sent_copy")?,
+        node: r.try_get("node")?,
+    })
+}
+
+fn summary(r: &PgRow) -> Result<Summary, sqlx::Error> {
+    Ok(Summary {
+        message_id: r.try_get("message_id")?,
+        state: parse_state(r.try_get("state")?),
+        from: r.try_get("mail_from")?,
+        to: lines(r.try_get("rcpt")?),
+        queued_at: r.try_get("queued_at")?,
+        updated_at: r.try_get("updated_at")?,
+        relay: r.try_get("relay")?,
+        caller: r.try_get("caller")?,
+        node: r.try_get("node")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shown_url;
+
+    #[test]
+    fn the_shown_url_hides_the_password() {
+        assert_eq!(
+            shown_url("postgres://mm:s3cret@127.0.0.1:5432/q?sslmode=require"),
+            "postgres://mm:***@127.0.0.1:5432/q?sslmode=require"
+        );
+        assert_eq!(
+            shown_url("postgres://127.0.0.1/q"),
+            "postgres://127.0.0.1/q"
+        );
+        assert_eq!(shown_url("not a url s3cret"), "***");
+    }
+}
