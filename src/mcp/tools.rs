@@ -1402,6 +1402,7 @@ impl MailmuxServer {
         });
         let mut out = QueueOut {
             store: queue.store_kind().into(),
+            node_id: queue.node().map(str::to_owned),
             durable: queue.durable(),
             available: queue.available(),
             warning,

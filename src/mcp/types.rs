@@ -648,6 +648,9 @@ pub struct MessageStatusResult {
     /// The copy in the Sent folder, when the relay files one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sent_copy: Option<SentCopyOut>,
+    /// The daemon that holds or delivered it (a shared `postgres` queue).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ToolError>,
 }
@@ -707,6 +710,7 @@ impl From<&Record> for MessageStatusResult {
             caller: r.caller.clone(),
             decided_by: r.decided_by.clone(),
             sent_copy: r.sent_copy.as_deref().map(SentCopyOut::of),
+            node: r.node.clone(),
             error: None,
         }
     }
@@ -725,6 +729,9 @@ pub struct MessageSummaryOut {
     pub relay: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub caller: Option<String>,
+    /// The daemon that holds or delivered it (a shared `postgres` queue).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl From<&Summary> for MessageSummaryOut {
@@ -738,6 +745,7 @@ impl From<&Summary> for MessageSummaryOut {
             updated_at: rfc3339(s.updated_at),
             relay: s.relay.clone(),
             caller: s.caller.clone(),
+            node: s.node.clone(),
         }
     }
 }
@@ -770,8 +778,11 @@ pub struct CancelMessageResult {
 /// The queue, in `get_smtp_status` and `/health`.
 #[derive(Debug, Clone, Default, Serialize, JsonSchema)]
 pub struct QueueOut {
-    /// `sqlite` or `memory`.
+    /// `sqlite`, `memory` or `postgres`.
     pub store: String,
+    /// This daemon's node id on a shared `postgres` queue.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
     /// Whether accepted mail survives a crash.
     pub durable: bool,
     /// False while the store refuses writes: new sends are refused.

@@ -100,7 +100,7 @@ CREATE INDEX mailmux_idempotency_created ON mailmux_idempotency (created_at);
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// The advisory lock key of migrations ("mailmux" in ASCII).
-const MIGRATION_LOCK: i64 = 0x6d61_696c_6d75_78;
+const MIGRATION_LOCK: i64 = 0x006d_6169_6c6d_7578;
 
 /// The database's clock in milliseconds: leases are measured in it, so that
 /// daemons whose clocks differ agree on when a lease ends.
@@ -257,33 +257,11 @@ impl PgStore {
         self.leases.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The epoch of this daemon's lease on `id`: the one it holds, or a new
-    /// one when nobody holds the message (a lease that ran out counts as
-    /// free). `None`: another daemon holds it.
-    async fn fence(&self, id: &str) -> Result<Option<i64>, StoreError> {
-        if let Some(e) = self.held().get(id) {
-            return Ok(Some(*e));
-        }
-        let epoch: Option<i64> = sqlx::query_scalar(concat!(
-            "UPDATE mailmux_messages SET node = $2, lease_until = ",
-            db_now!(),
-            " + $3,
-                    lease_epoch = lease_epoch + 1
-              WHERE message_id = $1 AND (lease_until IS NULL OR lease_until < ",
-            db_now!(),
-            " OR (node = $2 AND state <> 'sending'))
-              RETURNING lease_epoch"
-        ))
-        .bind(id)
-        .bind(&self.node)
-        .bind(self.lease_ms)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        if let Some(e) = epoch {
-            self.held().insert(id.to_owned(), e);
-        }
-        Ok(epoch)
+    /// The epoch of this daemon's lease on `id`: `None` when it holds none
+    /// (never claimed here, or taken over by another daemon). A delivery's
+    /// writes need it; nothing claims a lease anew on the way.
+    fn fence(&self, id: &str) -> Option<i64> {
+        self.held().get(id).copied()
     }
 
     fn release(&self, id: &str) {
@@ -546,6 +524,69 @@ impl PgStore {
         self.claims.then_some(self.node.as_str())
     }
 
+    async fn settle_once(&self, message_id: &str, s: &Settle) -> Result<(), StoreError> {
+        let Some(epoch) = self.fence(message_id) else {
+            return Err(lease_lost(message_id));
+        };
+        let now = now_millis();
+        let rejected: Vec<String> = s
+            .rejected
+            .iter()
+            .map(|r| format!("{}\t{}\t{}", r.address, r.code, one_line(&r.text)))
+            .collect();
+        let at: Vec<i64> = s.attempts.iter().map(|a| a.at).collect();
+        let relay: Vec<String> = s.attempts.iter().map(|a| a.relay.clone()).collect();
+        let class: Vec<Option<String>> = s.attempts.iter().map(|a| a.class.clone()).collect();
+        let code: Vec<Option<i32>> = s.attempts.iter().map(|a| a.code.map(i32::from)).collect();
+        let text: Vec<String> = s.attempts.iter().map(|a| a.text.clone()).collect();
+        let ms: Vec<i64> = s.attempts.iter().map(|a| a.duration_ms as i64).collect();
+        // One statement: the state and its attempts, fenced by the lease.
+        let n: i64 = sqlx::query_scalar(concat!(
+            "WITH u AS (
+                UPDATE mailmux_messages SET state = $2, updated_at = $3, finished_at = $4,
+                    committing = false, rounds = rounds + 1, relay = COALESCE($5, relay),
+                    accepted = $6, rejected = $7, reason = $8, note = $9, next_attempt_at = $10,
+                    body = CASE WHEN $11 THEN body ELSE NULL END, lease_until = NULL, ",
+            history!("12"),
+            " WHERE message_id = $1 AND lease_epoch = $13 AND node = $14
+                RETURNING seq),
+             a AS (
+                INSERT INTO mailmux_attempts (seq, at, relay, class, code, text, duration_ms)
+                SELECT u.seq, t.* FROM u,
+                    unnest($15::bigint[], $16::text[], $17::text[], $18::int[], $19::text[],
+                           $20::bigint[]) AS t)
+             SELECT COUNT(*) FROM u"
+        ))
+        .bind(message_id)
+        .bind(s.state.as_str())
+        .bind(now)
+        .bind(s.state.is_final().then_some(now))
+        .bind(&s.relay)
+        .bind(s.accepted.join("\n"))
+        .bind(rejected.join("\n"))
+        .bind(&s.reason)
+        .bind(&s.note)
+        .bind(s.next_attempt_at)
+        .bind(s.state.keeps_body())
+        .bind(entry(s.state, now))
+        .bind(epoch)
+        .bind(&self.node)
+        .bind(at)
+        .bind(relay)
+        .bind(class)
+        .bind(code)
+        .bind(text)
+        .bind(ms)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        self.release(message_id);
+        if n == 0 {
+            return Err(lease_lost(message_id));
+        }
+        Ok(())
+    }
+
     /// Remembers the leases of messages just stored as `queued`.
     fn note_claims(&self, ms: &[NewMessage], out: &[Accepted], now: Millis) {
         if !self.claims {
@@ -610,7 +651,7 @@ impl Store for PgStore {
     }
 
     async fn mark(&self, message_id: &str) -> Result<(), StoreError> {
-        let Some(epoch) = self.fence(message_id).await? else {
+        let Some(epoch) = self.fence(message_id) else {
             return Err(lease_lost(message_id));
         };
         let now = now_millis();
@@ -639,69 +680,30 @@ impl Store for PgStore {
         Ok(())
     }
 
+    /// Records the outcome. While the database is unreachable the write is
+    /// tried again, for as long as the lease lasts: the outcome is written
+    /// once the database is back. Past that, the lease is let go, and the
+    /// crash rule decides (a message past its commit mark becomes `unknown`).
     async fn settle(&self, message_id: &str, s: Settle) -> Result<(), StoreError> {
-        let Some(epoch) = self.fence(message_id).await? else {
-            return Err(lease_lost(message_id));
-        };
-        let now = now_millis();
-        let rejected: Vec<String> = s
-            .rejected
-            .iter()
-            .map(|r| format!("{}\t{}\t{}", r.address, r.code, one_line(&r.text)))
-            .collect();
-        let at: Vec<i64> = s.attempts.iter().map(|a| a.at).collect();
-        let relay: Vec<String> = s.attempts.iter().map(|a| a.relay.clone()).collect();
-        let class: Vec<Option<String>> = s.attempts.iter().map(|a| a.class.clone()).collect();
-        let code: Vec<Option<i32>> = s.attempts.iter().map(|a| a.code.map(i32::from)).collect();
-        let text: Vec<String> = s.attempts.iter().map(|a| a.text.clone()).collect();
-        let ms: Vec<i64> = s.attempts.iter().map(|a| a.duration_ms as i64).collect();
-        // One statement: the state and its attempts, fenced by the lease.
-        let n: i64 = sqlx::query_scalar(concat!(
-            "WITH u AS (
-                UPDATE mailmux_messages SET state = $2, updated_at = $3, finished_at = $4,
-                    committing = false, rounds = rounds + 1, relay = COALESCE($5, relay),
-                    accepted = $6, rejected = $7, reason = $8, note = $9, next_attempt_at = $10,
-                    body = CASE WHEN $11 THEN body ELSE NULL END, lease_until = NULL, ",
-            history!("12"),
-            " WHERE message_id = $1 AND lease_epoch = $13 AND node = $14
-                RETURNING seq),
-             a AS (
-                INSERT INTO mailmux_attempts (seq, at, relay, class, code, text, duration_ms)
-                SELECT u.seq, t.* FROM u,
-                    unnest($15::bigint[], $16::text[], $17::text[], $18::int[], $19::text[],
-                           $20::bigint[]) AS t)
-             SELECT COUNT(*) FROM u"
-        ))
-        .bind(message_id)
-        .bind(s.state.as_str())
-        .bind(now)
-        .bind(s.state.is_final().then_some(now))
-        .bind(&s.relay)
-        .bind(s.accepted.join("\n"))
-        .bind(rejected.join("\n"))
-        .bind(&s.reason)
-        .bind(&s.note)
-        .bind(s.next_attempt_at)
-        .bind(s.state.keeps_body())
-        .bind(entry(s.state, now))
-        .bind(epoch)
-        .bind(&self.node)
-        .bind(at)
-        .bind(relay)
-        .bind(class)
-        .bind(code)
-        .bind(text)
-        .bind(ms)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        self.release(message_id);
-        if n == 0 {
-            return Err(lease_lost(message_id));
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.settle_once(message_id, &s).await {
+                Err(StoreError::Unavailable(e))
+                    if started.elapsed() + pause < Duration::from_millis(self.lease_ms as u64) =>
+                {
+                    tracing::debug!(message_id, error = %e, "recording an outcome failed; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    self.release(message_id);
+                    return Err(e);
+                }
+                Ok(()) => return Ok(()),
+            }
         }
-        Ok(())
     }
-
     async fn cancel(&self, message_id: &str) -> Result<Cancel, StoreError> {
         let now = now_millis();
         // Refused while another daemon's live lease holds it: that daemon

@@ -41,6 +41,9 @@ const CHANGES_CAPACITY: usize = 1024;
 const PURGE_INTERVAL: Duration = Duration::from_secs(60);
 /// How often held messages past their approval deadline are expired.
 const HELD_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a caller that waits re-reads a shared store, where another
+/// daemon may deliver the message.
+const SHARED_WAIT_POLL: Duration = Duration::from_millis(250);
 /// How long shutdown waits for the settle writes of rounds that ended.
 const SETTLE_GRACE: Duration = Duration::from_secs(2);
 
@@ -380,6 +383,11 @@ impl Queue {
         self.inner.store.durable()
     }
 
+    /// This daemon's node id on a shared store.
+    pub fn node(&self) -> Option<&str> {
+        self.inner.store.node()
+    }
+
     /// False while the store refuses writes.
     pub fn available(&self) -> bool {
         self.inner.available.load(Ordering::Acquire)
@@ -524,11 +532,18 @@ impl Queue {
                     replay: false,
                 });
             }
-            match tokio::time::timeout_at(deadline, next).await {
+            // On a shared store another daemon may run the next round:
+            // read the store again at least this often.
+            let pause = match inner.store.node() {
+                Some(_) => (Instant::now() + SHARED_WAIT_POLL).min(deadline),
+                None => deadline,
+            };
+            match tokio::time::timeout_at(pause, &mut next).await {
                 Ok(Ok(r)) => {
                     report = Some(r);
                     next = inner.waiter(&id);
                 }
+                Err(_) if Instant::now() < deadline => {}
                 _ => {
                     inner.drop_waiters(&id);
                     return Ok(Submitted {

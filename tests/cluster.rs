@@ -1,0 +1,559 @@
+//! Several daemons on one PostgreSQL queue, against the real binary over
+//! streamable HTTP and a throwaway PostgreSQL: a burst spread over three
+//! daemons with one killed by SIGKILL, one idempotency key sent to two
+//! daemons at once, PostgreSQL restarted mid-burst, a daemon paused past its
+//! lease, and migrations. Every test reconciles what each call was told
+//! against what the SMTP sinks received.
+
+mod common;
+#[path = "reliability/harness.rs"]
+mod harness;
+#[path = "../actors/tests/support/mod.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use harness::{Call, burst, call};
+use rmcp::service::RunningService;
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::{RoleClient, ServiceExt};
+use serde_json::{Value, json};
+use support::fault_smtp::{Action, FaultSmtp, Phase, Received, Script, Share};
+use support::postgres::Postgres;
+
+const LIMIT: Duration = Duration::from_secs(30);
+const TOKEN: &str = "cluster-token-7d1a";
+
+/// One daemon: the binary serving HTTP on its own port.
+struct Node {
+    name: String,
+    child: Child,
+    pid: u32,
+    dir: tempfile::TempDir,
+    base: String,
+    client: Option<RunningService<RoleClient, ()>>,
+}
+
+fn config_toml(url: &str, node: &str, smtp_port: u16, lease: &str, extra: &str) -> String {
+    format!(
+        r#"
+send_deadline = "10s"
+shutdown_grace = "2s"
+{extra}
+
+[http]
+token = "{TOKEN}"
+
+[queue]
+store = "postgres"
+url = "{url}"
+node_id = "{node}"
+lease = "{lease}"
+pool_size = 8
+retry_base = "300ms"
+retry_max = "1s"
+
+[[relays]]
+name = "sink"
+host = "127.0.0.1"
+port = {smtp_port}
+tls = "none"
+from_email = "sender@example.org"
+timeout = "4s"
+backoff_base = "50ms"
+backoff_max = "200ms"
+probe_interval = "200ms"
+"#
+    )
+}
+
+impl Node {
+    async fn start(name: &str, config: &str) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mailmux.toml");
+        std::fs::write(&path, config).unwrap();
+        let port = common::free_port();
+        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_mailmux"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .arg("--config")
+            .arg(&path)
+            .args(["serve", "--http", &format!("127.0.0.1:{port}")])
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("mailmux starts");
+        let pid = child.id();
+        let mut node = Node {
+            name: name.into(),
+            child,
+            pid,
+            dir,
+            base: format!("http://127.0.0.1:{port}"),
+            client: None,
+        };
+        node.wait_health().await;
+        let cfg = StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp", node.base))
+            .auth_header(TOKEN.to_string());
+        node.client = Some(
+            ().serve(StreamableHttpClientTransport::from_config(cfg))
+                .await
+                .expect("client initializes over HTTP"),
+        );
+        node
+    }
+
+    async fn wait_health(&mut self) {
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http
+            .get(format!("{}/health", self.base))
+            .send()
+            .await
+            .is_err()
+        {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("{} exited ({status}): {}", self.name, self.logs());
+            }
+            assert!(Instant::now() < deadline, "{} never answered", self.name);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn peer(&self) -> &rmcp::service::Peer<RoleClient> {
+        self.client.as_ref().unwrap().peer()
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {}", self.pid);
+    }
+
+    fn kill9(&mut self) {
+        self.signal("-KILL");
+        let _ = self.child.wait();
+    }
+
+    async fn status(&self, id: &str) -> Value {
+        call(
+            self.peer(),
+            "status",
+            "get_message_status",
+            json!({ "message_id": id }),
+            LIMIT,
+        )
+        .await
+        .value()
+        .cloned()
+        .unwrap_or(Value::Null)
+    }
+
+    async fn queue_counts(&self) -> Value {
+        harness::status(self.peer()).await["queue"]["counts"].clone()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.pid.to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn msg(subject: &str, extra: Value) -> Value {
+    let mut v = json!({
+        "to": "rcpt@example.org",
+        "subject": subject,
+        "body": format!("body of {subject}\n"),
+    });
+    if let (Value::Object(m), Value::Object(e)) = (&mut v, extra) {
+        m.extend(e);
+    }
+    v
+}
+
+/// Copies of each message at the sinks, by Message-ID without brackets.
+fn copies<'a>(received: impl IntoIterator<Item = &'a Received>) -> HashMap<String, usize> {
+    let mut out = HashMap::new();
+    for r in received {
+        let id = r
+            .message_id
+            .clone()
+            .unwrap_or_default()
+            .trim_matches(|c| c == '<' || c == '>')
+            .to_string();
+        *out.entry(id).or_default() += 1;
+    }
+    out
+}
+
+/// Waits until the shared queue has nothing waiting or sending.
+async fn drained(node: &Node, limit: Duration) -> bool {
+    support::wait_until_async(
+        || async {
+            let c = node.queue_counts().await;
+            c["queued"] == 0 && c["sending"] == 0 && c["scheduled"] == 0
+        },
+        limit,
+    )
+    .await
+}
+
+/// Every call answered `queued` or `sent` is delivered exactly once, except
+/// those now `unknown`, at most once; nothing reaches the sinks twice.
+/// Returns (sent, unknown).
+async fn reconcile(
+    calls: &[Call],
+    node: &Node,
+    seen: &HashMap<String, usize>,
+) -> (usize, usize, Vec<Value>) {
+    let (mut sent, mut unknown) = (0, 0);
+    let mut statuses = Vec::new();
+    for c in calls {
+        if !matches!(c.status(), Some("queued" | "sent")) {
+            continue;
+        }
+        let id = c.message_id().unwrap();
+        let n = seen.get(id).copied().unwrap_or(0);
+        let s = node.status(id).await;
+        match s["status"].as_str() {
+            Some("sent") => {
+                sent += 1;
+                assert_eq!(n, 1, "{id}: sent, {n} copies at the sinks");
+            }
+            Some("unknown") => {
+                unknown += 1;
+                assert!(n <= 1, "{id}: unknown, {n} copies at the sinks");
+            }
+            other => panic!("{id}: answered {:?}, now {other:?}", c.status()),
+        }
+        statuses.push(s);
+    }
+    for (id, n) in seen {
+        assert_eq!(*n, 1, "{id} reached the sinks {n} times");
+    }
+    (sent, unknown, statuses)
+}
+
+/// Three daemons share a burst of 5,000 over HTTP; one is killed with
+/// SIGKILL mid-burst. Its relay answers slowly (every second MAIL hangs
+/// until the relay's timeout), so it holds undelivered mail when it dies;
+/// the other two finish that mail once its leases run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_daemons_share_a_burst_and_finish_a_killed_daemons_mail() {
+    const CALLS: usize = 5000;
+    let pg = Postgres::start();
+    let url = pg.database();
+    let sink = FaultSmtp::start(Script::ok()).await;
+    let slow =
+        FaultSmtp::start(Script::ok().on_share(Phase::Mail, Action::Hang, Share::EveryNth(2)))
+            .await;
+    let mut n0 = Node::start("n0", &config_toml(&url, "n0", slow.port(), "2s", "")).await;
+    let n1 = Node::start("n1", &config_toml(&url, "n1", sink.port(), "2s", "")).await;
+    let n2 = Node::start("n2", &config_toml(&url, "n2", sink.port(), "2s", "")).await;
+
+    let per = CALLS / 3;
+    let b0 = burst(n0.peer(), "n0", per, 11, LIMIT, |i| {
+        msg(&format!("n0 {i}"), json!({"wait": false}))
+    });
+    let b1 = burst(n1.peer(), "n1", per, 11, LIMIT, |i| {
+        msg(&format!("n1 {i}"), json!({"wait": false}))
+    });
+    let b2 = burst(n2.peer(), "n2", CALLS - 2 * per, 11, LIMIT, |i| {
+        msg(&format!("n2 {i}"), json!({"wait": false}))
+    });
+    let at = 500 + (std::process::id() as usize % 500);
+    let reached = support::wait_until(
+        || b0.done.load(std::sync::atomic::Ordering::SeqCst) >= at,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(reached, "n0 never answered {at} calls");
+    n0.kill9();
+    let c0 = b0.join().await;
+    let c1 = b1.join().await;
+    let c2 = b2.join().await;
+
+    assert!(
+        drained(&n1, Duration::from_secs(120)).await,
+        "the queue never drained"
+    );
+    let received: Vec<Received> = sink.received().into_iter().chain(slow.received()).collect();
+    let seen = copies(&received);
+    let all: Vec<Call> = c0.into_iter().chain(c1).chain(c2).collect();
+    let answered = all
+        .iter()
+        .filter(|c| matches!(c.status(), Some("queued" | "sent")))
+        .count();
+    let (sent, unknown, statuses) = reconcile(&all, &n1, &seen).await;
+    assert_eq!(sent + unknown, answered);
+    // n0's accepted mail: delivered by the others after its death.
+    let finished_by_others = statuses
+        .iter()
+        .filter(|s| s["status"] == "sent" && s["node"] != "n0")
+        .filter(|s| {
+            // Accepted by n0: its subject is "n0 …" (the message id does
+            // not say), so read it from the sink copy.
+            received.iter().any(|r| {
+                r.message_id.as_deref().map(|m| m.trim_matches(['<', '>']))
+                    == s["message_id"].as_str()
+                    && String::from_utf8_lossy(&r.data).contains("Subject: n0 ")
+            })
+        })
+        .count();
+    let unanswered = all.iter().filter(|c| c.value().is_none()).count();
+    eprintln!(
+        "cluster burst of {CALLS} over 3 daemons, n0 killed after {at} of its answers: \
+         {answered} answered queued or sent, {unanswered} unanswered; {sent} delivered exactly once, \
+         {unknown} unknown (at most once); {finished_by_others} of n0's messages finished by n1 and n2; \
+         {} copies at the sinks, 0 duplicated",
+        received.len(),
+    );
+    assert!(
+        finished_by_others > 0,
+        "none of n0's messages was finished by the others"
+    );
+}
+
+/// One idempotency key sent to two daemons at once: one message, one copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_key_at_two_daemons_at_once_sends_once() {
+    let pg = Postgres::start();
+    let url = pg.database();
+    let sink = FaultSmtp::start(Script::ok()).await;
+    let a = Node::start("a", &config_toml(&url, "a", sink.port(), "5s", "")).await;
+    let b = Node::start("b", &config_toml(&url, "b", sink.port(), "5s", "")).await;
+    let args = || msg("one key", json!({"idempotency_key": "cluster-k1"}));
+    let ca = burst(a.peer(), "a", 16, 16, LIMIT, move |_| args());
+    let cb = burst(b.peer(), "b", 16, 16, LIMIT, move |_| args());
+    let calls: Vec<Call> = ca.join().await.into_iter().chain(cb.join().await).collect();
+    let ids: std::collections::HashSet<&str> =
+        calls.iter().filter_map(|c| c.message_id()).collect();
+    assert_eq!(ids.len(), 1, "one key, one message: {ids:?}");
+    assert!(calls.iter().all(|c| !c.is_error()), "{calls:?}");
+    assert!(drained(&a, Duration::from_secs(30)).await);
+    assert_eq!(sink.received().len(), 1, "one copy at the sink");
+    // Both daemons answer the same about it.
+    let id = *ids.iter().next().unwrap();
+    let (sa, sb) = (a.status(id).await, b.status(id).await);
+    assert_eq!(sa["status"], "sent");
+    assert_eq!(sa["status"], sb["status"]);
+    assert_eq!(sa["node"], sb["node"]);
+}
+
+/// PostgreSQL restarts in the middle of a burst: calls while it is down
+/// are refused with `queue_unavailable` (never `queued`), nothing answered
+/// `queued` is lost, and the daemons recover without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_postgres_restart_mid_burst_refuses_clearly_and_loses_nothing() {
+    let mut pg = Postgres::start();
+    let url = pg.database();
+    let sink = FaultSmtp::start(Script::ok()).await;
+    // The outage (about 4 s) is shorter than the lease: rounds that were
+    // running write their outcomes once the database is back.
+    let a = Node::start("a", &config_toml(&url, "a", sink.port(), "10s", "")).await;
+    let b = Node::start("b", &config_toml(&url, "b", sink.port(), "10s", "")).await;
+    let ba = burst(a.peer(), "a", 1500, 8, LIMIT, |i| {
+        msg(&format!("a {i}"), json!({"wait": false}))
+    });
+    let bb = burst(b.peer(), "b", 1500, 8, LIMIT, |i| {
+        msg(&format!("b {i}"), json!({"wait": false}))
+    });
+    assert!(
+        support::wait_until(
+            || ba.done.load(std::sync::atomic::Ordering::SeqCst) >= 300,
+            Duration::from_secs(60)
+        )
+        .await
+    );
+    pg.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let down = call(
+        a.peer(),
+        "while down",
+        "send_email",
+        msg("while down", json!({"wait": false})),
+        LIMIT,
+    )
+    .await;
+    assert!(down.is_error(), "{down:?}");
+    assert_eq!(down.error_code(), Some("queue_unavailable"), "{down:?}");
+    pg.run();
+    let calls: Vec<Call> = ba.join().await.into_iter().chain(bb.join().await).collect();
+    // Recovered without a restart: a new send is stored and delivered.
+    let after = support::wait_until_async(
+        || async {
+            call(
+                a.peer(),
+                "after",
+                "send_email",
+                msg("after", json!({})),
+                LIMIT,
+            )
+            .await
+            .status()
+                == Some("sent")
+        },
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(after, "daemon a never took mail again: {}", a.logs());
+    assert!(
+        drained(&b, Duration::from_secs(60)).await,
+        "never drained: {} {}",
+        b.queue_counts().await,
+        a.logs()
+    );
+    let refused = calls
+        .iter()
+        .filter(|c| c.error_code() == Some("queue_unavailable"))
+        .count();
+    let other_errors: Vec<&Call> = calls
+        .iter()
+        .filter(|c| c.is_error() && c.error_code() != Some("queue_unavailable"))
+        .collect();
+    assert!(other_errors.is_empty(), "{other_errors:?}");
+    let received = sink.received();
+    let seen = copies(&received);
+    let (sent, unknown, _) = reconcile(&calls, &b, &seen).await;
+    eprintln!(
+        "PostgreSQL restarted mid-burst: {} calls, {refused} refused with queue_unavailable, \
+         {sent} delivered exactly once, {unknown} unknown; {} copies at the sink, 0 duplicated",
+        calls.len(),
+        received.len()
+    );
+    assert_eq!(
+        unknown, 0,
+        "an outage shorter than the lease leaves nothing unknown"
+    );
+    assert!(refused > 0 || down.is_error());
+    let logs = a.logs();
+    assert!(
+        logs.matches("the queue store refuses writes").count() <= 2,
+        "a state change is logged once, not per call"
+    );
+    assert!(
+        logs.contains("the queue store takes writes again"),
+        "{logs}"
+    );
+}
+
+/// A daemon paused (SIGSTOP) past its lease while its round waits on the
+/// relay: another daemon takes the message over and delivers it; when the
+/// first one resumes (SIGCONT), its late write is refused, so the message
+/// stays `sent` and reaches the sink once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_taken_over_refuses_the_old_holders_late_write() {
+    let pg = Postgres::start();
+    let url = pg.database();
+    // The first RCPT hangs: a's round waits there, before its commit mark.
+    let sink =
+        FaultSmtp::start(Script::ok().on_share(Phase::Rcpt, Action::Hang, Share::FirstN(1))).await;
+    let a = Node::start("a", &config_toml(&url, "a", sink.port(), "1s", "")).await;
+    let sent = call(
+        a.peer(),
+        "send",
+        "send_email",
+        msg("paused", json!({"wait": false})),
+        LIMIT,
+    )
+    .await;
+    let id = sent.message_id().unwrap().to_string();
+    assert!(support::wait_until(|| sink.commands(Phase::Rcpt) >= 1, Duration::from_secs(10)).await);
+    a.signal("-STOP");
+    let b = Node::start("b", &config_toml(&url, "b", sink.port(), "1s", "")).await;
+    let delivered = support::wait_until_async(
+        || async { b.status(&id).await["status"] == "sent" },
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(delivered, "b never took the message over: {}", b.logs());
+    a.signal("-CONT");
+    // a's round now ends (its relay timed out) and tries to record that.
+    let refused = support::wait_until(
+        || a.logs().contains("lease on it ended"),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(refused, "a's late write was not refused: {}", a.logs());
+    let s = b.status(&id).await;
+    assert_eq!(s["status"], "sent", "{s}");
+    assert_eq!(s["node"], "b");
+    assert_eq!(copies(&sink.received()).get(&id).copied(), Some(1));
+}
+
+/// `mailmux queue migrate` on an empty database, then the refusal of a
+/// schema newer than the binary, by the command and by a daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_run_from_the_command_and_a_newer_schema_is_refused() {
+    let pg = Postgres::start();
+    // The server trusts loopback; the password is there to be hidden.
+    let url = pg.database().replace("postgres@", "postgres:pw-5e1c@");
+    let db = url.rsplit('/').next().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(&url, "m", common::free_port(), "5s", "");
+    std::fs::write(dir.path().join("mailmux.toml"), &cfg).unwrap();
+    let migrate = |dir: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_mailmux"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .arg("--config")
+            .arg(dir.join("mailmux.toml"))
+            .args(["queue", "migrate"])
+            .output()
+            .unwrap()
+    };
+    let out = migrate(dir.path());
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("schema at version 1"), "{text}");
+    assert_eq!(pg.psql(&db, "SELECT COUNT(*) FROM mailmux_messages"), "0");
+    // Again: nothing to do, same answer.
+    assert!(migrate(dir.path()).status.success());
+    pg.psql(&db, "INSERT INTO mailmux_schema (version) VALUES (7)");
+    let out = migrate(dir.path());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("schema version 7"), "{err}");
+    assert!(err.contains("newer"), "{err}");
+    let daemon = Command::new(env!("CARGO_BIN_EXE_mailmux"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .arg("--config")
+        .arg(dir.path().join("mailmux.toml"))
+        .args([
+            "serve",
+            "--http",
+            &format!("127.0.0.1:{}", common::free_port()),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!daemon.status.success());
+    let err = String::from_utf8_lossy(&daemon.stderr);
+    assert!(err.contains("newer"), "{err}");
+    assert!(
+        !err.contains("pw-5e1c"),
+        "the URL is shown without its password: {err}"
+    );
+}
