@@ -39,6 +39,18 @@ struct Node {
 }
 
 fn config_toml(url: &str, node: &str, smtp_port: u16, lease: &str, extra: &str) -> String {
+    config_with_relay(url, node, smtp_port, lease, extra, "")
+}
+
+/// With `relay` added to the relay's table.
+fn config_with_relay(
+    url: &str,
+    node: &str,
+    smtp_port: u16,
+    lease: &str,
+    extra: &str,
+    relay: &str,
+) -> String {
     format!(
         r#"
 send_deadline = "10s"
@@ -67,6 +79,7 @@ timeout = "4s"
 backoff_base = "50ms"
 backoff_max = "200ms"
 probe_interval = "200ms"
+{relay}
 "#
     )
 }
@@ -526,7 +539,11 @@ async fn migrations_run_from_the_command_and_a_newer_schema_is_refused() {
     let out = migrate(dir.path());
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("schema at version 1"), "{text}");
+    let version = mailmux_actors::queue::postgres::SCHEMA_VERSION;
+    assert!(
+        text.contains(&format!("schema at version {version}")),
+        "{text}"
+    );
     assert_eq!(pg.psql(&db, "SELECT COUNT(*) FROM mailmux_messages"), "0");
     // Again: nothing to do, same answer.
     assert!(migrate(dir.path()).status.success());
@@ -555,5 +572,70 @@ async fn migrations_run_from_the_command_and_a_newer_schema_is_refused() {
     assert!(
         !err.contains("pw-5e1c"),
         "the URL is shown without its password: {err}"
+    );
+}
+
+/// A relay's `rate` holds across the cluster: three daemons with
+/// `rate = ["12/3s"]` share it evenly, so that the sink never sees more than
+/// one daemon alone would let through (12 at once, then 4 a second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_rate_holds_across_three_daemons() {
+    let pg = Postgres::start();
+    let url = pg.database();
+    let sink = FaultSmtp::start(Script::ok()).await;
+    let rate = r#"rate = ["12/3s"]"#;
+    let mut nodes = Vec::new();
+    for name in ["r0", "r1", "r2"] {
+        let cfg = config_with_relay(&url, name, sink.port(), "1500ms", "", rate);
+        nodes.push(Node::start(name, &cfg).await);
+    }
+    for n in &nodes {
+        let seen = support::wait_until_async(
+            || async { harness::status(n.peer()).await["queue"]["nodes"] == 3 },
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(seen, "{} never saw three daemons", n.name);
+    }
+    // Each daemon's queue applies the share within a second.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let start = Instant::now();
+    let bursts: Vec<harness::Burst> = nodes
+        .iter()
+        .map(|n| {
+            let name = n.name.clone();
+            burst(n.peer(), &n.name, 10, 10, LIMIT, move |i| {
+                msg(&format!("{name} rate {i}"), json!({"wait": false}))
+            })
+        })
+        .collect();
+    let mut worst = 0.0f64;
+    while start.elapsed() < Duration::from_secs(30) {
+        let t = start.elapsed().as_secs_f64();
+        let n = sink.received().len();
+        // One daemon alone: a burst of 12, then 4 a second (one spare for
+        // the sampling).
+        let bound = 12.0 + 4.0 * t + 1.0;
+        assert!(
+            (n as f64) <= bound,
+            "{n} messages at the sink after {t:.2} s: over the cluster-wide rate"
+        );
+        worst = worst.max(n as f64 - 4.0 * t);
+        if n >= 30 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for b in bursts {
+        let calls = b.join().await;
+        assert!(
+            calls.iter().all(|c| c.status() == Some("queued")),
+            "{calls:?}"
+        );
+    }
+    assert_eq!(sink.received().len(), 30, "every message goes out in time");
+    eprintln!(
+        "cluster-wide rate 12/3s over 3 daemons: 30 messages in {:.1} s; at most {worst:.1} above 4/s at any sample",
+        start.elapsed().as_secs_f64()
     );
 }

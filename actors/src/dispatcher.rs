@@ -67,6 +67,8 @@ struct Inner {
     max_message_bytes: AtomicUsize,
     accepting: AtomicBool,
     in_flight: Tally,
+    /// How many daemons share each relay's `rate`.
+    share: crate::relay::RateShare,
 }
 
 impl Dispatcher {
@@ -77,10 +79,12 @@ impl Dispatcher {
         let pin: Pin = Arc::new(Mutex::new(None));
         let slots = Arc::new(Semaphore::new(settings.limits.max_in_flight));
         let max_message_bytes = AtomicUsize::new(settings.limits.max_message_bytes);
+        let share: crate::relay::RateShare = Arc::new(std::sync::atomic::AtomicU32::new(1));
         let args = SupervisorArgs {
             settings,
             router: router.clone(),
             pin: pin.clone(),
+            share: share.clone(),
         };
         let (supervisor, _) = Actor::spawn(None, Supervisor, args)
             .await
@@ -94,8 +98,17 @@ impl Dispatcher {
                 max_message_bytes,
                 accepting: AtomicBool::new(true),
                 in_flight: Tally::default(),
+                share,
             }),
         })
+    }
+
+    /// Shares every relay's `rate` among `daemons` daemons (those on one
+    /// shared queue): this one keeps to `count / daemons` of each limit.
+    pub fn set_rate_share(&self, daemons: u32) {
+        self.inner
+            .share
+            .store(daemons.max(1), std::sync::atomic::Ordering::Release);
     }
 
     /// Delivers one message, failing over as the settings allow. Never hangs

@@ -79,23 +79,35 @@ pub(crate) struct RelayShared {
     state: Mutex<State>,
     /// False once the relay drains (removed or replaced by a reload).
     accepting: AtomicBool,
-    /// The relay's `rate`, one limiter per limit. They outlive the actor
-    /// (as the permits do), so a restart does not reset them.
-    rate: Vec<governor::DefaultDirectRateLimiter>,
+    /// The relay's `rate`, one limiter per limit, built for the share they
+    /// were made for. They outlive the actor (as the permits do), so a
+    /// restart does not reset them.
+    rate: Mutex<(u32, Vec<governor::DefaultDirectRateLimiter>)>,
+    /// How many daemons share the relay's `rate` (several daemons on one
+    /// queue): each takes an even share.
+    share: RateShare,
     /// Attempts, failovers and latency, as metrics.
     meters: RelayMeters,
 }
 
-/// The limiters of a relay's `rate`: a burst of the whole count, refilled
-/// one message every `period / count`.
-fn settings_rate(settings: &RelaySettings) -> Vec<governor::DefaultDirectRateLimiter> {
+/// How many daemons share each relay's `rate`: 1 for a daemon alone, the
+/// number of live daemons on a shared queue.
+pub type RateShare = Arc<std::sync::atomic::AtomicU32>;
+
+/// The limiters of a relay's `rate` for one of `share` daemons: a burst of
+/// `count / share` (at least one), refilled one message every
+/// `period * share / count`, so that the daemons together keep to
+/// `count` per `period`. A daemon alone has the whole burst.
+fn settings_rate(settings: &RelaySettings, share: u32) -> Vec<governor::DefaultDirectRateLimiter> {
     use std::num::NonZeroU32;
+    let share = share.max(1);
     settings
         .rate
         .iter()
         .filter_map(|r| {
-            let burst = NonZeroU32::new(r.count)?;
-            let each = (r.period / r.count).max(std::time::Duration::from_nanos(1));
+            NonZeroU32::new(r.count)?;
+            let burst = NonZeroU32::new((r.count / share).max(1))?;
+            let each = (r.period * share / r.count).max(std::time::Duration::from_nanos(1));
             let quota = governor::Quota::with_period(each)?.allow_burst(burst);
             Some(governor::RateLimiter::direct(quota))
         })
@@ -103,7 +115,7 @@ fn settings_rate(settings: &RelaySettings) -> Vec<governor::DefaultDirectRateLim
 }
 
 impl RelayShared {
-    pub(crate) fn new(settings: RelaySettings) -> Arc<Self> {
+    pub(crate) fn new(settings: RelaySettings, share: RateShare) -> Arc<Self> {
         Arc::new(Self {
             permits: Arc::new(Semaphore::new(settings.pool.max_connections)),
             queued: AtomicUsize::new(0),
@@ -112,7 +124,8 @@ impl RelayShared {
             idle: Mutex::new(Vec::new()),
             state: Mutex::new(State::Healthy),
             accepting: AtomicBool::new(true),
-            rate: settings_rate(&settings),
+            rate: Mutex::new((1, settings_rate(&settings, 1))),
+            share,
             meters: RelayMeters::new(&settings.name),
             settings,
         })
@@ -123,7 +136,19 @@ impl RelayShared {
     /// the refusing one keep the message they took (governor has no refund).
     pub(crate) fn take_rate(&self) -> Result<(), std::time::Duration> {
         use governor::clock::Clock;
-        for limiter in &self.rate {
+        let mut rate = self.rate.lock().unwrap_or_else(|e| e.into_inner());
+        let share = self.share.load(Ordering::Acquire).max(1);
+        if rate.0 != share && !rate.1.is_empty() {
+            // The number of daemons changed: limiters for the new share,
+            // starting empty (they refill evenly), so that the change
+            // itself sends nothing early.
+            let fresh = settings_rate(&self.settings, share);
+            for limiter in &fresh {
+                while limiter.check().is_ok() {}
+            }
+            *rate = (share, fresh);
+        }
+        for limiter in &rate.1 {
             if let Err(not_until) = limiter.check() {
                 return Err(not_until.wait_time_from(limiter.clock().now()));
             }

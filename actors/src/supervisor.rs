@@ -88,6 +88,7 @@ pub(crate) struct SupervisorArgs {
     pub settings: Settings,
     pub router: RouterCell,
     pub pin: Pin,
+    pub share: crate::relay::RateShare,
 }
 
 #[derive(Debug)]
@@ -104,6 +105,7 @@ pub(crate) struct SupState {
     /// Relay actors that were removed or replaced and are draining: their
     /// exit is expected and not restarted.
     draining: HashMap<ActorId, String>,
+    share: crate::relay::RateShare,
 }
 
 impl Actor for Supervisor {
@@ -124,10 +126,11 @@ impl Actor for Supervisor {
             pin: args.pin,
             draining: HashMap::new(),
             settings: args.settings.clone(),
+            share: args.share.clone(),
         };
         for settings in args.settings.relays {
             let slot = state
-                .start_relay(&myself, RelayShared::new(settings), 0)
+                .start_relay(&myself, RelayShared::new(settings, state.share.clone()), 0)
                 .await?;
             state.relays.push(slot);
         }
@@ -336,7 +339,11 @@ impl SupState {
                         diff.added.push(settings.name.clone());
                     }
                     let slot = self
-                        .start_relay(myself, RelayShared::new(settings.clone()), 0)
+                        .start_relay(
+                            myself,
+                            RelayShared::new(settings.clone(), self.share.clone()),
+                            0,
+                        )
                         .await
                         .map_err(|e| {
                             ControlError::Invalid(format!("relay {}: {e}", settings.name))

@@ -601,10 +601,10 @@ async fn postgres_migrates_once_and_refuses_a_newer_schema() {
         &db,
         "SELECT string_agg(version::text, ',') FROM mailmux_schema",
     );
-    assert_eq!(
-        versions,
-        mailmux_actors::queue::postgres::SCHEMA_VERSION.to_string()
-    );
+    let all: Vec<String> = (1..=mailmux_actors::queue::postgres::SCHEMA_VERSION)
+        .map(|v| v.to_string())
+        .collect();
+    assert_eq!(versions, all.join(","), "each migration applied once");
     server.psql(&db, "INSERT INTO mailmux_schema (version) VALUES (99)");
     match PgStore::open(&pg(&url, "c")).await {
         Err(StoreError::TooNew { found, .. }) => assert_eq!(found, 99),

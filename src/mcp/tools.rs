@@ -1403,6 +1403,7 @@ impl MailmuxServer {
         let mut out = QueueOut {
             store: queue.store_kind().into(),
             node_id: queue.node().map(str::to_owned),
+            nodes: queue.nodes(),
             durable: queue.durable(),
             available: queue.available(),
             warning,

@@ -783,6 +783,10 @@ pub struct QueueOut {
     /// This daemon's node id on a shared `postgres` queue.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
+    /// The daemons on the shared queue now (this one included); each relay's
+    /// `rate` is shared evenly among them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<u32>,
     /// Whether accepted mail survives a crash.
     pub durable: bool,
     /// False while the store refuses writes: new sends are refused.

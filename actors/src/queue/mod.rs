@@ -543,6 +543,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn node(&self) -> Option<&str> {
         None
     }
+    /// How many daemons share the store now (this one included), for a
+    /// store several daemons share.
+    fn nodes(&self) -> Option<u32> {
+        None
+    }
     /// Whether an accepted message survives a crash.
     fn durable(&self) -> bool;
     /// Stores a new message, or finds its idempotency key.

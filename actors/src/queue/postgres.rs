@@ -32,7 +32,8 @@ use super::{
 
 /// The schema, one migration per version; `mailmux_schema` records how many
 /// were applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE mailmux_messages (
     seq BIGSERIAL PRIMARY KEY,
     message_id TEXT NOT NULL UNIQUE,
@@ -94,7 +95,16 @@ CREATE TABLE mailmux_idempotency (
     created_at BIGINT NOT NULL
 );
 CREATE INDEX mailmux_idempotency_created ON mailmux_idempotency (created_at);
-"#];
+"#,
+    r#"
+-- The daemons on this queue, each seen at its last heartbeat: a relay's
+-- rate is shared evenly among those seen within one lease.
+CREATE TABLE mailmux_nodes (
+    node TEXT PRIMARY KEY,
+    seen_at BIGINT NOT NULL
+);
+"#,
+];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -181,6 +191,8 @@ pub struct PgStore {
     claims: bool,
     /// The epoch of each lease this daemon holds, by message id.
     leases: Arc<Mutex<HashMap<String, i64>>>,
+    /// The daemons seen within one lease, this one included.
+    nodes: Arc<std::sync::atomic::AtomicU32>,
     renewer: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -210,11 +222,16 @@ impl PgStore {
         migrate(&pool, s, true).await?;
         let leases = Arc::new(Mutex::new(HashMap::new()));
         let lease_ms = s.lease.as_millis() as i64;
+        let seen = heartbeat(&pool, &s.node_id, lease_ms)
+            .await
+            .map_err(unavailable)?;
+        let nodes = Arc::new(std::sync::atomic::AtomicU32::new(seen));
         let renewer = tokio::spawn(renew_loop(
             pool.clone(),
             s.node_id.clone(),
             lease_ms,
             leases.clone(),
+            nodes.clone(),
         ));
         Ok(PgStore {
             pool,
@@ -222,6 +239,7 @@ impl PgStore {
             lease_ms,
             claims: true,
             leases,
+            nodes,
             renewer: Some(renewer),
         })
     }
@@ -237,6 +255,7 @@ impl PgStore {
             lease_ms: s.lease.as_millis() as i64,
             claims: false,
             leases: Arc::new(Mutex::new(HashMap::new())),
+            nodes: Arc::new(std::sync::atomic::AtomicU32::new(1)),
             renewer: None,
         })
     }
@@ -369,18 +388,57 @@ async fn migrate(pool: &PgPool, s: &PgSettings, apply: bool) -> Result<i64, Stor
     Ok(SCHEMA_VERSION)
 }
 
-/// Renews this daemon's leases every third of a lease, and forgets those it
-/// no longer holds (finished, cancelled, or taken over).
+/// Records this daemon as alive now; returns how many daemons were seen
+/// within one lease (this one included). Daemons gone for a day are
+/// forgotten.
+async fn heartbeat(pool: &PgPool, node: &str, lease_ms: i64) -> Result<u32, sqlx::Error> {
+    let n: i64 = sqlx::query_scalar(concat!(
+        "WITH beat AS (
+            INSERT INTO mailmux_nodes (node, seen_at) VALUES ($1, ",
+        db_now!(),
+        ")
+            ON CONFLICT (node) DO UPDATE SET seen_at = EXCLUDED.seen_at),
+         gone AS (
+            DELETE FROM mailmux_nodes WHERE seen_at < ",
+        db_now!(),
+        " - 86400000)
+         SELECT COUNT(*) + 1 FROM mailmux_nodes WHERE node <> $1 AND seen_at >= ",
+        db_now!(),
+        " - $2"
+    ))
+    .bind(node)
+    .bind(lease_ms)
+    .fetch_one(pool)
+    .await?;
+    Ok(u32::try_from(n).unwrap_or(u32::MAX).max(1))
+}
+
+/// Every third of a lease: the heartbeat (and the count of daemons), then
+/// the renewal of this daemon's leases, forgetting those it no longer holds
+/// (finished, cancelled, or taken over).
 async fn renew_loop(
     pool: PgPool,
     node: String,
     lease_ms: i64,
     leases: Arc<Mutex<HashMap<String, i64>>>,
+    nodes: Arc<std::sync::atomic::AtomicU32>,
 ) {
     let every = Duration::from_millis((lease_ms / 3).max(100) as u64);
     let mut failing = false;
     loop {
         tokio::time::sleep(every).await;
+        match heartbeat(&pool, &node, lease_ms).await {
+            Ok(n) => {
+                let before = nodes.swap(n, std::sync::atomic::Ordering::AcqRel);
+                if before != n {
+                    tracing::info!(
+                        daemons = n,
+                        "daemons on the shared queue changed; relay rates are shared among them"
+                    );
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "queue heartbeat failed"),
+        }
         let (ids, epochs): (Vec<String>, Vec<i64>) = leases
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -613,6 +671,10 @@ impl Store for PgStore {
 
     fn node(&self) -> Option<&str> {
         Some(&self.node)
+    }
+
+    fn nodes(&self) -> Option<u32> {
+        Some(self.nodes.load(std::sync::atomic::Ordering::Acquire))
     }
 
     async fn accept(&self, m: NewMessage) -> Result<Accepted, StoreError> {

@@ -388,6 +388,11 @@ impl Queue {
         self.inner.store.node()
     }
 
+    /// How many daemons share the store (a shared store only).
+    pub fn nodes(&self) -> Option<u32> {
+        self.inner.store.nodes()
+    }
+
     /// False while the store refuses writes.
     pub fn available(&self) -> bool {
         self.inner.available.load(Ordering::Acquire)
@@ -1177,6 +1182,10 @@ async fn run(inner: Arc<Inner>, mut ready: mpsc::Receiver<Pending>) {
         if held_checked.elapsed() >= HELD_INTERVAL {
             held_checked = Instant::now();
             expire_held(&inner).await;
+            // Daemons on one shared store share each relay's rate.
+            if let Some(n) = inner.store.nodes() {
+                inner.dispatcher.set_rate_share(n);
+            }
         }
         tokio::select! {
             biased;
