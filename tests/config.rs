@@ -872,9 +872,87 @@ fn queue_keys_validate_with_their_names() {
     assert_eq!(c.queue.retry_base, std::time::Duration::from_secs(2));
     let e = err(None, &[("MAILMUX_QUEUE__STORE", "redis")]);
     assert_eq!(e.key, "queue.store");
-    assert!(e.message.contains("sqlite or memory"), "{e}");
+    assert!(e.message.contains("sqlite, memory or postgres"), "{e}");
     let e = err(None, &[("MAILMUX_QUEUE__MAX_AGE", "0s")]);
     assert_eq!(e.key, "queue.max_age");
+}
+
+/// `store = "postgres"`: the URL from `queue.url` or `DATABASE_URL`, shown
+/// without its password; the pool, node id and lease, each error naming its
+/// key.
+#[test]
+fn postgres_queue_keys_validate_and_hide_the_password() {
+    use mailmux_actors::queue::StoreKind;
+    let url = "postgres://mm:pg-secret-GNUSTO@db.example.org:5432/q?sslmode=require";
+    let c = ok(
+        None,
+        &[
+            ("MAILMUX_QUEUE__STORE", "postgres"),
+            ("MAILMUX_QUEUE__URL", url),
+            ("MAILMUX_QUEUE__NODE_ID", "mx-1"),
+            ("MAILMUX_QUEUE__LEASE", "10s"),
+            ("MAILMUX_QUEUE__POOL_SIZE", "4"),
+        ],
+    );
+    let StoreKind::Postgres(pg) = &c.queue.store else {
+        panic!("{:?}", c.queue.store)
+    };
+    assert_eq!(pg.url, url);
+    assert_eq!((pg.node_id.as_str(), pg.pool), ("mx-1", 4));
+    assert_eq!(pg.lease, std::time::Duration::from_secs(10));
+    let shown = c.redacted.to_string();
+    assert!(!shown.contains("pg-secret-GNUSTO"), "{shown}");
+    assert!(!format!("{c:?}").contains("pg-secret-GNUSTO"));
+    assert_eq!(
+        leaf(&c, "/queue/url").0,
+        "postgres://mm:***@db.example.org:5432/q?sslmode=require"
+    );
+
+    // DATABASE_URL when queue.url is not set; the node id defaults to host
+    // name and pid.
+    let c = ok(
+        None,
+        &[("MAILMUX_QUEUE__STORE", "postgres"), ("DATABASE_URL", url)],
+    );
+    let StoreKind::Postgres(pg) = &c.queue.store else {
+        panic!()
+    };
+    assert_eq!(pg.url, url);
+    assert!(
+        pg.node_id.ends_with(&format!(":{}", std::process::id())),
+        "{}",
+        pg.node_id
+    );
+    assert_eq!(leaf(&c, "/queue/url").1, "env var DATABASE_URL");
+
+    let e = err(None, &[("MAILMUX_QUEUE__STORE", "postgres")]);
+    assert_eq!(e.key, "queue.url");
+    assert!(e.message.contains("DATABASE_URL"), "{e}");
+    let e = err(
+        None,
+        &[
+            ("MAILMUX_QUEUE__STORE", "postgres"),
+            ("MAILMUX_QUEUE__URL", "mysql://u:hidden-PASS@h/db"),
+        ],
+    );
+    assert_eq!(e.key, "queue.url");
+    assert!(!e.message.contains("hidden-PASS"), "{e}");
+    for (key, value) in [
+        ("MAILMUX_QUEUE__LEASE", "500ms"),
+        ("MAILMUX_QUEUE__POOL_SIZE", "0"),
+        ("MAILMUX_QUEUE__NODE_ID", " "),
+    ] {
+        let e = err(
+            None,
+            &[
+                ("MAILMUX_QUEUE__STORE", "postgres"),
+                ("MAILMUX_QUEUE__URL", url),
+                (key, value),
+            ],
+        );
+        let want = key.trim_start_matches("MAILMUX_QUEUE__").to_lowercase();
+        assert_eq!(e.key, format!("queue.{want}"), "{e}");
+    }
 }
 
 /// `[metrics]`: a token (from the environment or a file, never shown) and a

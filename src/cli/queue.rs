@@ -241,17 +241,22 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
                         "message_id": m.message_id, "status": m.state.as_str(),
                         "from": m.from, "recipients": m.to, "queued_at": time(m.queued_at),
                         "updated_at": time(m.updated_at), "relay": m.relay, "caller": m.caller,
+                        "node": m.node,
                     });
                     println!("{line}");
                 } else {
                     println!(
-                        "{}  {:<9}  {}  {} -> {}  {}",
+                        "{}  {:<9}  {}  {} -> {}  {}{}",
                         time(m.queued_at),
                         m.state.as_str(),
                         m.message_id,
                         m.from.as_deref().unwrap_or("-"),
                         m.to.join(","),
                         m.caller.as_deref().unwrap_or("-"),
+                        m.node
+                            .as_deref()
+                            .map(|n| format!("  @{n}"))
+                            .unwrap_or_default(),
                     );
                 }
             }
