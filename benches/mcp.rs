@@ -12,6 +12,9 @@
 mod common;
 #[path = "../tests/load/mod.rs"]
 mod load;
+#[path = "../actors/tests/support/mod.rs"]
+#[allow(unused)]
+mod support;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -22,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use common::{ms, parse_times, share, size_name};
 use load::{Daemon, DaemonOptions, Sink, Transport};
+use support::postgres::Postgres;
 
 const USAGE: &str = "\
 usage: cargo bench --bench mcp -- [options]
@@ -31,9 +35,12 @@ usage: cargo bench --bench mcp -- [options]
   --size BYTES[,BYTES...]  message body size (1024)
   --runs R                 runs of each measurement; the best is reported (2)
   --paths P[,P...]         any of source, stdio, stdio-memory, stdio-policy, stdio-batch,
-                           http, http-memory, http-policy, http-batch (-policy: the
+                           stdio-postgres, http, http-memory, http-policy, http-batch,
+                           http-postgres, http-postgres-2, http-postgres-3 (-policy: the
                            memory store and a caller policy every message passes;
-                           -batch: the sqlite store, send_batch calls of 1000)
+                           -batch: the sqlite store, send_batch calls of 1000;
+                           -postgres: a throwaway PostgreSQL with fsync on, and 1, 2
+                           or 3 daemons sharing it, the calls spread over them)
                            (all five; stdio and http run on the default sqlite store)
   --burst N                concurrent calls of the memory measurement, 0 to skip it (1000)
   --log FILTER             the daemon's RUST_LOG (info, its default)
@@ -50,6 +57,8 @@ enum Store {
     /// The sqlite store, with the messages sent in `send_batch` calls of
     /// up to [`BATCH`].
     Batch,
+    /// A PostgreSQL queue shared by this many daemons.
+    Postgres(usize),
 }
 
 /// Messages per `send_batch` call on the `-batch` paths.
@@ -60,6 +69,14 @@ impl Store {
         match self {
             Store::Sqlite | Store::Batch => "sqlite",
             Store::Memory | Store::MemoryPolicy => "memory",
+            Store::Postgres(_) => "postgres",
+        }
+    }
+
+    fn daemons(self) -> usize {
+        match self {
+            Store::Postgres(n) => n,
+            _ => 1,
         }
     }
 
@@ -86,6 +103,10 @@ impl Path {
             Path::Mcp(Transport::Http, Store::Batch) => "MCP HTTP, send_batch",
             Path::Mcp(Transport::Http, Store::Sqlite) => "MCP HTTP, sqlite",
             Path::Mcp(Transport::Http, Store::Memory) => "MCP HTTP, memory",
+            Path::Mcp(Transport::Stdio, Store::Postgres(_)) => "MCP stdio, postgres",
+            Path::Mcp(Transport::Http, Store::Postgres(1)) => "MCP HTTP, postgres",
+            Path::Mcp(Transport::Http, Store::Postgres(2)) => "MCP HTTP, postgres, 2 daemons",
+            Path::Mcp(Transport::Http, Store::Postgres(_)) => "MCP HTTP, postgres, 3 daemons",
         }
     }
 }
@@ -154,6 +175,10 @@ fn parse_args() -> anyhow::Result<Args> {
                         "http-batch" => Ok(Path::Mcp(Transport::Http, Store::Batch)),
                         "http" => Ok(Path::Mcp(Transport::Http, Store::Sqlite)),
                         "http-memory" => Ok(Path::Mcp(Transport::Http, Store::Memory)),
+                        "stdio-postgres" => Ok(Path::Mcp(Transport::Stdio, Store::Postgres(1))),
+                        "http-postgres" => Ok(Path::Mcp(Transport::Http, Store::Postgres(1))),
+                        "http-postgres-2" => Ok(Path::Mcp(Transport::Http, Store::Postgres(2))),
+                        "http-postgres-3" => Ok(Path::Mcp(Transport::Http, Store::Postgres(3))),
                         other => bail!("--paths: unknown path {other:?}"),
                     })
                     .collect::<anyhow::Result<_>>()?;
@@ -199,6 +224,9 @@ struct Measurement {
     cpu: Option<Duration>,
     /// The daemon's system (kernel) part of `cpu`.
     daemon_sys: Option<Duration>,
+    /// PostgreSQL's statements (each a round trip) in the run, from
+    /// pg_stat_statements, and the CPU time of its processes.
+    db: Option<(u64, Duration)>,
     /// CPU time of this process: the rmcp client (MCP paths).
     client_cpu: Option<Duration>,
     /// CPU time of smtp-sink.
@@ -274,6 +302,7 @@ fn run_source(c: usize, n: usize, size: usize) -> anyhow::Result<Measurement> {
         first_error: (!out.status.success())
             .then(|| format!("smtp-source {}: {}", out.status, stderr.trim())),
         peak_rss_kb: None,
+        db: None,
         cpu: stderr.lines().last().and_then(parse_times),
         daemon_sys: None,
         client_cpu: None,
@@ -281,11 +310,50 @@ fn run_source(c: usize, n: usize, size: usize) -> anyhow::Result<Measurement> {
     })
 }
 
-/// The daemon with one relay to a fresh sink (`max_connections = C`, no
-/// limit of messages per connection) and C concurrent `send_email` calls
-/// over one MCP session.
+/// CPU time of PostgreSQL's processes (the postmaster and its children),
+/// by pid.
+fn pg_cpu(postmaster: u32) -> std::collections::HashMap<u32, Duration> {
+    let mut out = std::collections::HashMap::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if (pid == postmaster || ppid == Some(postmaster))
+            && let Some(cpu) = load::proc_cpu(pid)
+        {
+            out.insert(pid, cpu);
+        }
+    }
+    out
+}
+
+/// Statements run in database `db` so far (pg_stat_statements).
+fn pg_statements(pg: &Postgres, db: &str) -> u64 {
+    pg.psql(
+        "postgres",
+        &format!(
+            "SELECT COALESCE(SUM(calls), 0) FROM pg_stat_statements
+              WHERE dbid = (SELECT oid FROM pg_database WHERE datname = '{db}')"
+        ),
+    )
+    .parse()
+    .unwrap_or(0)
+}
+
+/// The daemon (or, on the `postgres` paths, each of the daemons sharing a
+/// fresh database) with one relay to a fresh sink (`max_connections = C`,
+/// no limit of messages per connection) and C concurrent `send_email` calls,
+/// spread over the daemons.
 async fn run_mcp(
     args: &Args,
+    pg: Option<&Postgres>,
     transport: Transport,
     store: Store,
     c: usize,
@@ -293,30 +361,60 @@ async fn run_mcp(
     body: Arc<String>,
 ) -> anyhow::Result<Measurement> {
     let sink = Sink::start(if store == Store::Batch { 32 } else { c }, false)?;
-    let daemon = Daemon::start(
-        &args.bin,
-        &DaemonOptions {
-            transport,
-            sink_port: sink.port,
-            // A batch is one call whatever C is: it gets smtp-source's
-            // best connection count.
-            max_connections: if store == Store::Batch { 32 } else { c },
-            messages_per_connection: 0,
-            log: args.log.clone(),
-            http_requests: c,
-            store: store.name(),
-            policy: store.policy(),
-        },
-    )
-    .await?;
-    let cpu_before = load::proc_cpu(daemon.pid);
-    let sys_before = load::proc_cpu_split(daemon.pid).map(|s| s.1);
+    let url = match store {
+        Store::Postgres(_) => Some(pg.context("no PostgreSQL for a postgres path")?.database()),
+        _ => None,
+    };
+    let mut daemons = Vec::new();
+    for k in 0..store.daemons() {
+        let queue_extra = url
+            .as_ref()
+            .map(|u| format!("url = \"{u}\"\nnode_id = \"bench-{k}\"\npool_size = 16"))
+            .unwrap_or_default();
+        daemons.push(
+            Daemon::start(
+                &args.bin,
+                &DaemonOptions {
+                    transport,
+                    sink_port: sink.port,
+                    // A batch is one call whatever C is: it gets smtp-source's
+                    // best connection count.
+                    max_connections: if store == Store::Batch { 32 } else { c },
+                    messages_per_connection: 0,
+                    log: args.log.clone(),
+                    http_requests: c,
+                    store: store.name(),
+                    policy: store.policy(),
+                    queue_extra,
+                },
+            )
+            .await?,
+        );
+    }
+    let cpu_of = |ds: &[Daemon]| -> Option<Duration> {
+        ds.iter()
+            .map(|d| load::proc_cpu(d.pid))
+            .sum::<Option<Duration>>()
+    };
+    let db_name = url
+        .as_ref()
+        .and_then(|u| u.rsplit('/').next())
+        .map(str::to_owned);
+    let db_before = match (pg, &db_name) {
+        (Some(pg), Some(db)) => Some((pg_statements(pg, db), pg.pid().map(pg_cpu))),
+        _ => None,
+    };
+    let cpu_before = cpu_of(&daemons);
+    let sys_before = daemons
+        .iter()
+        .map(|d| load::proc_cpu_split(d.pid).map(|s| s.1))
+        .sum::<Option<Duration>>();
     let client_before = load::self_cpu();
     let sink_before = load::proc_cpu(sink.pid());
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..c {
-        let (peer, body) = (daemon.peer(), body.clone());
+        let (peer, body) = (daemons[i % daemons.len()].peer(), body.clone());
         let k = share(n, c, i);
         tasks.spawn(async move {
             let mut latencies = Vec::with_capacity(k);
@@ -345,11 +443,31 @@ async fn run_mcp(
     }
     let results = tasks.join_all().await;
     let elapsed = started.elapsed();
-    let cpu = since(cpu_before, load::proc_cpu(daemon.pid));
-    let daemon_sys = since(sys_before, load::proc_cpu_split(daemon.pid).map(|s| s.1));
+    let cpu = since(cpu_before, cpu_of(&daemons));
+    let daemon_sys = since(
+        sys_before,
+        daemons
+            .iter()
+            .map(|d| load::proc_cpu_split(d.pid).map(|s| s.1))
+            .sum::<Option<Duration>>(),
+    );
     let client_cpu = since(client_before, load::self_cpu());
     let sink_cpu = since(sink_before, load::proc_cpu(sink.pid()));
-    let peak_rss_kb = load::proc_sample(daemon.pid).ok().map(|s| s.hwm_kb);
+    let db = match (pg, &db_name, db_before) {
+        (Some(pg), Some(db), Some((statements, Some(cpu)))) => {
+            let after = pg.pid().map(pg_cpu).unwrap_or_default();
+            let spent: Duration = after
+                .iter()
+                .map(|(pid, t)| t.saturating_sub(cpu.get(pid).copied().unwrap_or_default()))
+                .sum();
+            Some((pg_statements(pg, db).saturating_sub(statements), spent))
+        }
+        _ => None,
+    };
+    let peak_rss_kb = daemons
+        .iter()
+        .filter_map(|d| load::proc_sample(d.pid).ok().map(|s| s.hwm_kb))
+        .max();
     let mut m = Measurement {
         messages: n,
         ok: 0,
@@ -359,6 +477,7 @@ async fn run_mcp(
         latencies: Vec::with_capacity(n),
         first_error: None,
         peak_rss_kb,
+        db,
         cpu,
         daemon_sys,
         client_cpu,
@@ -373,7 +492,9 @@ async fn run_mcp(
     }
     m.ok = m.latencies.len();
     m.latencies.sort_unstable();
-    daemon.stop().await?;
+    for d in daemons {
+        d.stop().await?;
+    }
     m.sink_count = sink.wait_count(m.ok as u64, Duration::from_secs(5));
     Ok(m)
 }
@@ -412,6 +533,7 @@ async fn run_memory(
             http_requests: burst,
             store: Store::Sqlite.name(),
             policy: false,
+            queue_extra: String::new(),
         },
     )
     .await?;
@@ -529,6 +651,42 @@ fn table(rows: &[Row], memory: &[Memory], runs: usize) -> String {
             }
         }
     }
+    let pg_rows: Vec<&Row> = rows
+        .iter()
+        .filter(|r| matches!(r.path, Path::Mcp(_, Store::Postgres(_))))
+        .collect();
+    if !pg_rows.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n| size | C | path | msgs/s | vs same transport on sqlite | PostgreSQL statements (round trips) per message | PostgreSQL CPU µs/msg | daemons' CPU µs/msg |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+        for r in &pg_rows {
+            let Path::Mcp(t, _) = r.path else { continue };
+            let vs = find(r.size, r.c, Path::Mcp(t, Store::Sqlite))
+                .map(|s| format!("{:.0} %", 100.0 * r.m.rate() / s.m.rate()))
+                .unwrap_or_default();
+            let (statements, db_cpu) = match r.m.db {
+                Some((st, cpu)) if r.m.ok > 0 => (
+                    format!("{:.2}", st as f64 / r.m.ok as f64),
+                    r.m.per_message(Some(cpu)),
+                ),
+                _ => ("n/a".into(), "n/a".into()),
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {:.0} | {} | {} | {} | {} |",
+                size_name(r.size),
+                r.c,
+                r.path.name(),
+                r.m.rate(),
+                vs,
+                statements,
+                db_cpu,
+                r.m.cpu_per_message(),
+            );
+        }
+    }
     let _ = writeln!(out, "\nTargets:");
     let mut sizes: Vec<usize> = rows.iter().map(|r| r.size).collect();
     sizes.dedup();
@@ -554,6 +712,24 @@ fn table(rows: &[Row], memory: &[Memory], runs: usize) -> String {
                     source.m.rate(),
                     target * 100.0,
                     verdict(ratio >= target)
+                );
+            }
+        }
+        for t in [Transport::Stdio, Transport::Http] {
+            if let (Some(pg), Some(sq)) = (
+                find(size, 32, Path::Mcp(t, Store::Postgres(1))),
+                find(size, 32, Path::Mcp(t, Store::Sqlite)),
+            ) {
+                let ratio = pg.m.rate() / sq.m.rate();
+                let _ = writeln!(
+                    out,
+                    "- {} at C=32, {}: {:.0} % of the same daemon on sqlite ({:.0} vs {:.0} msgs/s), target 50 %: {}.",
+                    pg.path.name(),
+                    size_name(size),
+                    ratio * 100.0,
+                    pg.m.rate(),
+                    sq.m.rate(),
+                    verdict(ratio >= 0.5)
                 );
             }
         }
@@ -599,6 +775,23 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // One PostgreSQL for the postgres paths, durable (fsync on) like the
+    // sqlite store, counting statements; each run gets a fresh database.
+    let pg = args
+        .paths
+        .iter()
+        .any(|p| matches!(p, Path::Mcp(_, Store::Postgres(_))))
+        .then(|| {
+            let pg = Postgres::start_configured(
+                true,
+                "shared_preload_libraries = 'pg_stat_statements'\npg_stat_statements.track = all",
+            );
+            pg.psql(
+                "postgres",
+                "CREATE EXTENSION IF NOT EXISTS pg_stat_statements",
+            );
+            pg
+        });
     let mut rows = Vec::new();
     for &(size, n) in &args.sizes {
         let body = Arc::new(load::body(size));
@@ -611,7 +804,7 @@ fn main() -> anyhow::Result<()> {
                     let m = match path {
                         Path::Source => run_source(c, n, size),
                         Path::Mcp(t, store) => {
-                            rt.block_on(run_mcp(&args, t, store, c, n, body.clone()))
+                            rt.block_on(run_mcp(&args, pg.as_ref(), t, store, c, n, body.clone()))
                         }
                     }
                     .with_context(|| format!("{} at C={c}", path.name()))?;
@@ -667,5 +860,22 @@ fn main() -> anyhow::Result<()> {
         }
     }
     print!("{}", table(&rows, &memory, args.runs));
+    if let Some(pg) = &pg {
+        // Where PostgreSQL's time went, over every postgres run.
+        println!(
+            "\nPostgreSQL statements by total execution time (all postgres runs):\n\n| calls | total ms | mean µs | statement |\n|---|---|---|---|"
+        );
+        let top = pg.psql(
+            "postgres",
+            "SELECT calls || '|' || round(total_exec_time::numeric, 0) || '|' ||
+                    round((1000 * mean_exec_time)::numeric, 0) || '|' ||
+                    left(regexp_replace(query, '\\s+', ' ', 'g'), 90)
+               FROM pg_stat_statements WHERE dbid <> (SELECT oid FROM pg_database WHERE datname = 'postgres')
+              ORDER BY total_exec_time DESC LIMIT 10",
+        );
+        for line in top.lines() {
+            println!("| {} |", line.replace('|', " | "));
+        }
+    }
     Ok(())
 }

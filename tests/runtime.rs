@@ -18,6 +18,7 @@ async fn workers(transport: Transport) -> anyhow::Result<u64> {
             log: "warn".into(),
             store: "sqlite",
             policy: false,
+            queue_extra: String::new(),
             http_requests: 1,
         },
     )

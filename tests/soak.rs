@@ -249,6 +249,7 @@ async fn soak() -> anyhow::Result<()> {
             log: "warn".into(),
             store: "sqlite",
             policy: false,
+            queue_extra: String::new(),
             http_requests: c * 2,
         },
     )

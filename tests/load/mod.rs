@@ -278,6 +278,8 @@ pub struct DaemonOptions {
     /// A caller policy that every message passes: a recipient and sender
     /// allowlist and a rate far above the bench's (the cost of the checks).
     pub policy: bool,
+    /// More lines for the `[queue]` table (a `postgres` store's `url`).
+    pub queue_extra: String,
 }
 
 /// The `mailmux` binary serving MCP, with a connected rmcp client. The
@@ -305,6 +307,7 @@ message_id_domain = "load.localhost"
 
 [queue]
 store = "{store}"
+{queue_extra}
 
 [[relays]]
 name = "sink"
@@ -320,6 +323,7 @@ messages_per_connection = {per_conn}
         conns = o.max_connections,
         per_conn = o.messages_per_connection,
         store = o.store,
+        queue_extra = o.queue_extra,
     ) + if o.policy { POLICY } else { "" }
 }
 

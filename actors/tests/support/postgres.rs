@@ -57,6 +57,12 @@ impl Postgres {
     }
 
     pub fn start_with(durable: bool) -> Postgres {
+        Self::start_configured(durable, "")
+    }
+
+    /// With `conf` appended to `postgresql.conf`.
+    pub fn start_configured(durable: bool, conf: &str) -> Postgres {
+        let more = conf;
         let bin = bin_dir();
         let dir = tempfile::tempdir().unwrap();
         let as_nobody = euid() == 0;
@@ -97,7 +103,7 @@ impl Postgres {
             "fsync = off\nfull_page_writes = off\n"
         };
         let conf = format!(
-            "listen_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nmax_connections = 200\nshared_buffers = 128MB\n{extra}",
+            "listen_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nmax_connections = 200\nshared_buffers = 128MB\n{extra}{more}\n",
             sock.display()
         );
         let path = data.join("postgresql.conf");
@@ -167,6 +173,11 @@ impl Postgres {
             std::thread::sleep(Duration::from_millis(100));
         }
         false
+    }
+
+    /// The postmaster's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The server's log so far.
