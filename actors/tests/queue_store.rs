@@ -620,3 +620,62 @@ async fn postgres_migrates_once_and_refuses_a_newer_schema() {
         other => panic!("{other:?}"),
     }
 }
+
+/// TLS to the database where the URL asks for it: `sslmode=verify-full`
+/// with the server's CA connects over TLS (PostgreSQL's own view says so);
+/// with another CA it is refused.
+#[tokio::test]
+async fn postgres_over_tls_when_the_url_asks() {
+    let ca = support::tls::TestCa::generate();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, root) = (
+        dir.path().join("server.crt"),
+        dir.path().join("server.key"),
+        dir.path().join("ca.crt"),
+    );
+    std::fs::write(&cert, &ca.cert_pem).unwrap();
+    std::fs::write(&key, &ca.key_pem).unwrap();
+    std::fs::write(&root, &ca.ca_pem).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // The server runs as `nobody` when the tests run as root; its key
+        // must be its own.
+        if std::fs::metadata("/proc/self")
+            .is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        {
+            std::os::unix::fs::chown(&key, Some(65534), Some(65534)).unwrap();
+        }
+    }
+    let server = Postgres::start_configured(
+        false,
+        &format!(
+            "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let url = server.database();
+    let db = url.rsplit('/').next().unwrap().to_owned();
+    let tls_url = format!("{url}?sslmode=verify-full&sslrootcert={}", root.display());
+    let store = PgStore::open(&pg(&tls_url, "tls")).await.unwrap();
+    store.accept(message("over-tls", None)).await.unwrap();
+    let encrypted = server.psql(
+        "postgres",
+        &format!(
+            "SELECT COUNT(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+              WHERE s.ssl AND a.datname = '{db}'"
+        ),
+    );
+    assert!(encrypted.parse::<u32>().unwrap() >= 1, "no TLS connection");
+
+    let other = support::tls::TestCa::generate();
+    let wrong = dir.path().join("other-ca.crt");
+    std::fs::write(&wrong, &other.ca_pem).unwrap();
+    let refused = format!("{url}?sslmode=verify-full&sslrootcert={}", wrong.display());
+    match PgStore::open(&pg(&refused, "tls2")).await {
+        Err(StoreError::Unavailable(_)) => {}
+        other => panic!("a server the CA did not sign was trusted: {other:?}"),
+    }
+}
