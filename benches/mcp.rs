@@ -43,6 +43,9 @@ usage: cargo bench --bench mcp -- [options]
                            or 3 daemons sharing it, the calls spread over them)
                            (all five; stdio and http run on the default sqlite store)
   --burst N                concurrent calls of the memory measurement, 0 to skip it (1000)
+  --batch-memory N         one send_batch of N messages of each --size (wait: true) on the
+                           sqlite store, over stdio and HTTP: the daemon's peak memory;
+                           0 to skip it (0)
   --log FILTER             the daemon's RUST_LOG (info, its default)
   --bin PATH               the mailmux binary (the one cargo built for this bench)
 ";
@@ -118,6 +121,7 @@ struct Args {
     runs: usize,
     paths: Vec<Path>,
     burst: usize,
+    batch_memory: usize,
     log: String,
     bin: PathBuf,
 }
@@ -148,6 +152,7 @@ fn parse_args() -> anyhow::Result<Args> {
         Path::Mcp(Transport::Http, Store::Memory),
     ];
     let mut burst = 1000;
+    let mut batch_memory = 0;
     let mut log = "info".to_string();
     let mut bin = PathBuf::from(env!("CARGO_BIN_EXE_mailmux"));
     let mut args = std::env::args().skip(1);
@@ -159,6 +164,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--size" => sizes = list(&arg, args.next())?,
             "--runs" => runs = list(&arg, args.next())?[0].max(1),
             "--burst" => burst = list(&arg, args.next())?[0],
+            "--batch-memory" => batch_memory = list(&arg, args.next())?[0],
             "--log" => log = args.next().context("--log needs a value")?,
             "--bin" => bin = args.next().context("--bin needs a value")?.into(),
             "--paths" => {
@@ -204,6 +210,7 @@ fn parse_args() -> anyhow::Result<Args> {
         runs,
         paths,
         burst,
+        batch_memory,
         log,
         bin,
     })
@@ -386,6 +393,7 @@ async fn run_mcp(
                     store: store.name(),
                     policy: store.policy(),
                     queue_extra,
+                    max_message_bytes: None,
                 },
             )
             .await?,
@@ -534,6 +542,7 @@ async fn run_memory(
             store: Store::Sqlite.name(),
             policy: false,
             queue_extra: String::new(),
+            max_message_bytes: None,
         },
     )
     .await?;
@@ -561,6 +570,76 @@ async fn run_memory(
         after_rss_kb: after.rss_kb,
         ok,
         burst,
+        elapsed,
+        first_error: results
+            .iter()
+            .find(|r| r.status != "sent")
+            .map(|r| format!("{}: {:?}", r.status, r.detail)),
+    })
+}
+
+/// The daemon's memory around one `send_batch` of `n` messages of `size`.
+#[derive(Debug)]
+struct BatchMemory {
+    transport: Transport,
+    size: usize,
+    n: usize,
+    /// The composed messages' total, as the daemon stores them.
+    total_bytes: usize,
+    idle_rss_kb: u64,
+    peak_rss_kb: u64,
+    after_rss_kb: u64,
+    sent: usize,
+    elapsed: Duration,
+    first_error: Option<String>,
+}
+
+/// One `send_batch` of `n` messages of `size` (the body in `defaults`),
+/// `wait: true`, on the sqlite store, with `max_message_bytes` raised to
+/// let the batch's total through; VmRSS idle, VmHWM after, VmRSS 1 s later.
+async fn run_batch_memory(
+    args: &Args,
+    transport: Transport,
+    size: usize,
+    n: usize,
+) -> anyhow::Result<BatchMemory> {
+    let sink = Sink::start(32, false)?;
+    let daemon = Daemon::start(
+        &args.bin,
+        &DaemonOptions {
+            transport,
+            sink_port: sink.port,
+            max_connections: 32,
+            messages_per_connection: 0,
+            log: args.log.clone(),
+            http_requests: 4,
+            store: Store::Sqlite.name(),
+            policy: false,
+            queue_extra: String::new(),
+            max_message_bytes: Some(n * (size + 4096) + (1 << 20)),
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = load::proc_sample(daemon.pid)?;
+    let body = load::body(size);
+    let started = Instant::now();
+    let results = load::send_batch(&daemon.peer(), "batch memory", &body, n).await;
+    let elapsed = started.elapsed();
+    let peak = load::proc_sample(daemon.pid)?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = load::proc_sample(daemon.pid)?;
+    daemon.stop().await?;
+    let sent = results.iter().filter(|r| r.status == "sent").count();
+    Ok(BatchMemory {
+        transport,
+        size,
+        n,
+        total_bytes: n * (size + 600),
+        idle_rss_kb: idle.rss_kb,
+        peak_rss_kb: peak.hwm_kb,
+        after_rss_kb: after.rss_kb,
+        sent,
         elapsed,
         first_error: results
             .iter()
@@ -860,6 +939,32 @@ fn main() -> anyhow::Result<()> {
         }
     }
     print!("{}", table(&rows, &memory, args.runs));
+    if args.batch_memory > 0 {
+        println!(
+            "\n| transport | one send_batch of | message body | messages' total MB (about) | sent | wall s | idle RSS MB | peak RSS MB (VmHWM) | RSS 1 s later MB |\n|---|---|---|---|---|---|---|---|---|"
+        );
+        for t in [Transport::Stdio, Transport::Http] {
+            for &(size, _) in &args.sizes {
+                let m = rt.block_on(run_batch_memory(&args, t, size, args.batch_memory))?;
+                eprintln!("batch memory: {m:?}");
+                println!(
+                    "| {} | {} | {} | {:.1} | {} | {:.2} | {} | {} | {} |",
+                    m.transport.name(),
+                    m.n,
+                    size_name(m.size),
+                    m.total_bytes as f64 / (1024.0 * 1024.0),
+                    m.sent,
+                    m.elapsed.as_secs_f64(),
+                    mb(Some(m.idle_rss_kb)),
+                    mb(Some(m.peak_rss_kb)),
+                    mb(Some(m.after_rss_kb)),
+                );
+                if let Some(e) = &m.first_error {
+                    println!("\nFirst failed message ({}): {e}", m.transport.name());
+                }
+            }
+        }
+    }
     if let Some(pg) = &pg {
         // Where PostgreSQL's time went, over every postgres run.
         println!(

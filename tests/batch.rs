@@ -238,3 +238,47 @@ async fn idempotency_keys_dry_runs_and_limits_apply_per_message() {
     );
     assert_eq!(s.smtp.delivered().len(), 2, "nothing else was sent");
 }
+
+/// A batch whose messages total more than `max_message_bytes` once
+/// composed is refused whole, naming the field; nothing is queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_over_max_message_bytes_in_total_is_refused() {
+    let smtp = FaultSmtp::start(Script::ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(vec![relay("primary", smtp.port(), 100)]);
+    cfg.queue.store = StoreKind::Sqlite {
+        path: dir.path().join("queue.db"),
+    };
+    cfg.daemon.compose.max_message_bytes = 64 * 1024;
+    let s = Setup {
+        smtp,
+        h: InProcess::start(cfg, Sources::default()).await,
+        _dir: dir,
+    };
+    // Each message is about 10 KiB: one fits, ten do not together.
+    let body = "x".repeat(10 * 1024);
+    let ten: Vec<Value> = (0..10)
+        .map(|i| json!({"to": [format!("t{i}@example.org")]}))
+        .collect();
+    let (is_error, out) = call(
+        &s,
+        "send_batch",
+        json!({"defaults": {"subject": "big", "body": body}, "messages": ten, "wait": false}),
+    )
+    .await;
+    assert!(is_error, "{out}");
+    assert_eq!(out["error"]["field"], "messages", "{out}");
+    assert_eq!(out["error"]["rule"], "max_message_bytes", "{out}");
+    let (_, listed) = call(&s, "list_messages", json!({})).await;
+    assert_eq!(listed["messages"], json!([]), "nothing queued: {listed}");
+    let (is_error, out) = call(
+        &s,
+        "send_batch",
+        json!({"defaults": {"subject": "big", "body": body},
+               "messages": [{"to": ["one@example.org"]}], "wait": false}),
+    )
+    .await;
+    assert!(!is_error, "{out}");
+    assert!(s.smtp.wait_for_delivered(1, Duration::from_secs(10)).await);
+    assert_eq!(s.smtp.delivered().len(), 1);
+}

@@ -19,6 +19,7 @@ async fn workers(transport: Transport) -> anyhow::Result<u64> {
             store: "sqlite",
             policy: false,
             queue_extra: String::new(),
+            max_message_bytes: None,
             http_requests: 1,
         },
     )

@@ -250,6 +250,7 @@ async fn soak() -> anyhow::Result<()> {
             store: "sqlite",
             policy: false,
             queue_extra: String::new(),
+            max_message_bytes: None,
             http_requests: c * 2,
         },
     )

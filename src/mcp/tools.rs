@@ -1185,6 +1185,19 @@ impl MailmuxServer {
             };
             return (out, text);
         }
+        // The whole batch is held in memory and stored at once: its total
+        // is bounded as one message is.
+        let total: usize = ready.iter().map(|(_, r)| r.submit.mail.bytes.len()).sum();
+        let limit = config.daemon.compose.max_message_bytes;
+        if total > limit {
+            return refuse_all(invalid(
+                "messages",
+                "max_message_bytes",
+                format!(
+                    "the batch's messages total {total} bytes once composed, over max_message_bytes ({limit}), which bounds a batch as it bounds one message; split it into smaller batches"
+                ),
+            ));
+        }
         let mut deadline = None;
         if !ready.is_empty() {
             let (indexes, submits): (Vec<usize>, Vec<Submit>) = ready

@@ -280,6 +280,9 @@ pub struct DaemonOptions {
     pub policy: bool,
     /// More lines for the `[queue]` table (a `postgres` store's `url`).
     pub queue_extra: String,
+    /// `max_message_bytes` (which also bounds a batch's total); `None`:
+    /// the default.
+    pub max_message_bytes: Option<usize>,
 }
 
 /// The `mailmux` binary serving MCP, with a connected rmcp client. The
@@ -304,6 +307,7 @@ fn daemon_config(o: &DaemonOptions) -> String {
 send_deadline = "300s"
 shutdown_grace = "10s"
 message_id_domain = "load.localhost"
+{max_bytes}
 
 [queue]
 store = "{store}"
@@ -324,6 +328,10 @@ messages_per_connection = {per_conn}
         per_conn = o.messages_per_connection,
         store = o.store,
         queue_extra = o.queue_extra,
+        max_bytes = o
+            .max_message_bytes
+            .map(|n| format!("max_message_bytes = {n}"))
+            .unwrap_or_default(),
     ) + if o.policy { POLICY } else { "" }
 }
 

@@ -9,7 +9,10 @@
 //! change the message. A task renews the leases this daemon holds.
 //!
 //! Due messages are claimed in batches with `FOR UPDATE SKIP LOCKED`, so
-//! daemons polling at once take different messages. A message left in
+//! daemons polling at once take different messages. The marks of concurrent
+//! rounds go to PostgreSQL together in one statement, and so do their
+//! settles (`UPDATE … FROM unnest(…)`, each row fenced by its own epoch), as
+//! the SQLite store folds its writes into one transaction. A message left in
 //! `sending` by a daemon whose lease ran out follows the crash rule: before
 //! its commit mark it is queued again, after it it becomes `unknown`.
 //!
@@ -23,6 +26,7 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{Executor, Row};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Accepted, AttemptRecord, Cancel, Decided, Decision, Filter, Millis, NewMessage, Pending,
@@ -193,14 +197,218 @@ pub struct PgStore {
     leases: Arc<Mutex<HashMap<String, i64>>>,
     /// The daemons seen within one lease, this one included.
     nodes: Arc<std::sync::atomic::AtomicU32>,
-    renewer: Option<tokio::task::JoinHandle<()>>,
+    /// The writers that fold the marks, and the settles, of concurrent
+    /// rounds into one statement each.
+    marks: mpsc::UnboundedSender<MarkOp>,
+    settles: mpsc::UnboundedSender<SettleOp>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for PgStore {
     fn drop(&mut self) {
-        if let Some(r) = &self.renewer {
-            r.abort();
+        for t in &self.tasks {
+            t.abort();
         }
+    }
+}
+
+/// A commit mark for the marks writer: the answer is whether the lease
+/// still held (false: fenced).
+#[derive(Debug)]
+struct MarkOp {
+    id: String,
+    epoch: i64,
+    reply: oneshot::Sender<Result<bool, StoreError>>,
+}
+
+/// A settle for the settles writer.
+#[derive(Debug)]
+struct SettleOp {
+    id: String,
+    epoch: i64,
+    settle: Settle,
+    reply: oneshot::Sender<Result<bool, StoreError>>,
+}
+
+/// Writes folded into one statement at most.
+const WRITE_BATCH: usize = 256;
+
+/// Takes every op waiting (up to [`WRITE_BATCH`]) after the first.
+async fn next_batch<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> Option<Vec<T>> {
+    let first = rx.recv().await?;
+    let mut batch = vec![first];
+    while batch.len() < WRITE_BATCH {
+        match rx.try_recv() {
+            Ok(op) => batch.push(op),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
+/// The marks writer: the marks that arrive while one statement runs go
+/// together in the next, each fenced by its own epoch.
+async fn mark_loop(
+    pool: PgPool,
+    node: String,
+    lease_ms: i64,
+    mut rx: mpsc::UnboundedReceiver<MarkOp>,
+) {
+    while let Some(batch) = next_batch(&mut rx).await {
+        let now = now_millis();
+        let ids: Vec<&str> = batch.iter().map(|op| op.id.as_str()).collect();
+        let epochs: Vec<i64> = batch.iter().map(|op| op.epoch).collect();
+        let done: Result<Vec<String>, sqlx::Error> = sqlx::query_scalar(concat!(
+            "UPDATE mailmux_messages m SET state = 'sending', committing = true, updated_at = $1,
+                    lease_until = ",
+            db_now!(),
+            " + $2,
+                    history = m.history || CASE WHEN m.history = '' THEN '' ELSE ';' END || $3
+               FROM unnest($4::text[], $5::bigint[]) AS l(id, epoch)
+              WHERE m.message_id = l.id AND m.lease_epoch = l.epoch AND m.node = $6
+              RETURNING m.message_id"
+        ))
+        .bind(now)
+        .bind(lease_ms)
+        .bind(entry(State::Sending, now))
+        .bind(&ids)
+        .bind(&epochs)
+        .bind(&node)
+        .fetch_all(&pool)
+        .await;
+        answer(batch.into_iter().map(|op| (op.id, op.reply)), done);
+    }
+}
+
+/// Answers each op of a batch: whether its row was written.
+fn answer(
+    ops: impl Iterator<Item = (String, oneshot::Sender<Result<bool, StoreError>>)>,
+    done: Result<Vec<String>, sqlx::Error>,
+) {
+    match done {
+        Ok(written) => {
+            let written: std::collections::HashSet<String> = written.into_iter().collect();
+            for (id, reply) in ops {
+                let _ = reply.send(Ok(written.contains(&id)));
+            }
+        }
+        Err(e) => {
+            let e = unavailable(e);
+            for (_, reply) in ops {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// The settles writer: the outcomes of concurrent rounds and their attempts
+/// in one statement, each row fenced by its own epoch.
+async fn settle_loop(pool: PgPool, node: String, mut rx: mpsc::UnboundedReceiver<SettleOp>) {
+    while let Some(batch) = next_batch(&mut rx).await {
+        let now = now_millis();
+        let mut ids = Vec::with_capacity(batch.len());
+        let mut epochs = Vec::with_capacity(batch.len());
+        let mut states = Vec::with_capacity(batch.len());
+        let mut finished: Vec<Option<i64>> = Vec::with_capacity(batch.len());
+        let mut relays: Vec<Option<String>> = Vec::with_capacity(batch.len());
+        let mut accepted = Vec::with_capacity(batch.len());
+        let mut rejected = Vec::with_capacity(batch.len());
+        let mut reasons: Vec<Option<String>> = Vec::with_capacity(batch.len());
+        let mut notes: Vec<Option<String>> = Vec::with_capacity(batch.len());
+        let mut next: Vec<Option<i64>> = Vec::with_capacity(batch.len());
+        let mut keep = Vec::with_capacity(batch.len());
+        let mut entries = Vec::with_capacity(batch.len());
+        let (mut a_id, mut a_at, mut a_relay, mut a_class, mut a_code, mut a_text, mut a_ms) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::<Option<String>>::new(),
+            Vec::<Option<i32>>::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        for op in &batch {
+            let s = &op.settle;
+            ids.push(op.id.clone());
+            epochs.push(op.epoch);
+            states.push(s.state.as_str());
+            finished.push(s.state.is_final().then_some(now));
+            relays.push(s.relay.clone());
+            accepted.push(s.accepted.join("\n"));
+            rejected.push(
+                s.rejected
+                    .iter()
+                    .map(|r| format!("{}\t{}\t{}", r.address, r.code, one_line(&r.text)))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            );
+            reasons.push(s.reason.clone());
+            notes.push(s.note.clone());
+            next.push(s.next_attempt_at);
+            keep.push(s.state.keeps_body());
+            entries.push(entry(s.state, now));
+            for a in &s.attempts {
+                a_id.push(op.id.clone());
+                a_at.push(a.at);
+                a_relay.push(a.relay.clone());
+                a_class.push(a.class.clone());
+                a_code.push(a.code.map(i32::from));
+                a_text.push(a.text.clone());
+                a_ms.push(a.duration_ms as i64);
+            }
+        }
+        let done: Result<Vec<String>, sqlx::Error> = sqlx::query_scalar(
+            "WITH l AS (
+                SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[],
+                    $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::bigint[],
+                    $11::bool[], $12::text[])
+                    AS l(id, epoch, state, finished, relay, accepted, rejected, reason, note,
+                         next_at, keep, entry)),
+             u AS (
+                UPDATE mailmux_messages m SET state = l.state, updated_at = $13,
+                    finished_at = l.finished, committing = false, rounds = m.rounds + 1,
+                    relay = COALESCE(l.relay, m.relay), accepted = l.accepted,
+                    rejected = l.rejected, reason = l.reason, note = l.note,
+                    next_attempt_at = l.next_at,
+                    body = CASE WHEN l.keep THEN m.body ELSE NULL END, lease_until = NULL,
+                    history = m.history || CASE WHEN m.history = '' THEN '' ELSE ';' END || l.entry
+                  FROM l
+                 WHERE m.message_id = l.id AND m.lease_epoch = l.epoch AND m.node = $14
+                RETURNING m.seq, m.message_id),
+             a AS (
+                INSERT INTO mailmux_attempts (seq, at, relay, class, code, text, duration_ms)
+                SELECT u.seq, t.at, t.relay, t.class, t.code, t.text, t.ms
+                  FROM unnest($15::text[], $16::bigint[], $17::text[], $18::text[], $19::int[],
+                              $20::text[], $21::bigint[])
+                       WITH ORDINALITY AS t(id, at, relay, class, code, text, ms, ord)
+                  JOIN u ON u.message_id = t.id
+                 ORDER BY t.ord)
+             SELECT message_id FROM u",
+        )
+        .bind(&ids)
+        .bind(&epochs)
+        .bind(&states)
+        .bind(&finished)
+        .bind(&relays)
+        .bind(&accepted)
+        .bind(&rejected)
+        .bind(&reasons)
+        .bind(&notes)
+        .bind(&next)
+        .bind(&keep)
+        .bind(&entries)
+        .bind(now)
+        .bind(&node)
+        .bind(&a_id)
+        .bind(&a_at)
+        .bind(&a_relay)
+        .bind(&a_class)
+        .bind(&a_code)
+        .bind(&a_text)
+        .bind(&a_ms)
+        .fetch_all(&pool)
+        .await;
+        answer(batch.into_iter().map(|op| (op.id, op.reply)), done);
     }
 }
 
@@ -220,28 +428,11 @@ impl PgStore {
     pub async fn open(s: &PgSettings) -> Result<PgStore, StoreError> {
         let pool = connect(s).await?;
         migrate(&pool, s, true).await?;
-        let leases = Arc::new(Mutex::new(HashMap::new()));
         let lease_ms = s.lease.as_millis() as i64;
         let seen = heartbeat(&pool, &s.node_id, lease_ms)
             .await
             .map_err(unavailable)?;
-        let nodes = Arc::new(std::sync::atomic::AtomicU32::new(seen));
-        let renewer = tokio::spawn(renew_loop(
-            pool.clone(),
-            s.node_id.clone(),
-            lease_ms,
-            leases.clone(),
-            nodes.clone(),
-        ));
-        Ok(PgStore {
-            pool,
-            node: s.node_id.clone(),
-            lease_ms,
-            claims: true,
-            leases,
-            nodes,
-            renewer: Some(renewer),
-        })
+        Ok(Self::with(pool, s, true, seen))
     }
 
     /// The store for the queue command and `send --no-wait`: takes no lease
@@ -249,15 +440,46 @@ impl PgStore {
     pub async fn open_shared(s: &PgSettings) -> Result<PgStore, StoreError> {
         let pool = connect(s).await?;
         migrate(&pool, s, false).await?;
-        Ok(PgStore {
+        Ok(Self::with(pool, s, false, 1))
+    }
+
+    /// The store over `pool`, with its writers and, for a daemon
+    /// (`claims`), its renewer.
+    fn with(pool: PgPool, s: &PgSettings, claims: bool, seen: u32) -> PgStore {
+        let lease_ms = s.lease.as_millis() as i64;
+        let leases = Arc::new(Mutex::new(HashMap::new()));
+        let nodes = Arc::new(std::sync::atomic::AtomicU32::new(seen));
+        let (marks, marks_rx) = mpsc::unbounded_channel();
+        let (settles, settles_rx) = mpsc::unbounded_channel();
+        let mut tasks = vec![
+            tokio::spawn(mark_loop(
+                pool.clone(),
+                s.node_id.clone(),
+                lease_ms,
+                marks_rx,
+            )),
+            tokio::spawn(settle_loop(pool.clone(), s.node_id.clone(), settles_rx)),
+        ];
+        if claims {
+            tasks.push(tokio::spawn(renew_loop(
+                pool.clone(),
+                s.node_id.clone(),
+                lease_ms,
+                leases.clone(),
+                nodes.clone(),
+            )));
+        }
+        PgStore {
             pool,
             node: s.node_id.clone(),
-            lease_ms: s.lease.as_millis() as i64,
-            claims: false,
-            leases: Arc::new(Mutex::new(HashMap::new())),
-            nodes: Arc::new(std::sync::atomic::AtomicU32::new(1)),
-            renewer: None,
-        })
+            lease_ms,
+            claims,
+            leases,
+            nodes,
+            marks,
+            settles,
+            tasks,
+        }
     }
 
     /// Applies the migrations this build knows (`mailmux queue migrate`).
@@ -586,60 +808,21 @@ impl PgStore {
         let Some(epoch) = self.fence(message_id) else {
             return Err(lease_lost(message_id));
         };
-        let now = now_millis();
-        let rejected: Vec<String> = s
-            .rejected
-            .iter()
-            .map(|r| format!("{}\t{}\t{}", r.address, r.code, one_line(&r.text)))
-            .collect();
-        let at: Vec<i64> = s.attempts.iter().map(|a| a.at).collect();
-        let relay: Vec<String> = s.attempts.iter().map(|a| a.relay.clone()).collect();
-        let class: Vec<Option<String>> = s.attempts.iter().map(|a| a.class.clone()).collect();
-        let code: Vec<Option<i32>> = s.attempts.iter().map(|a| a.code.map(i32::from)).collect();
-        let text: Vec<String> = s.attempts.iter().map(|a| a.text.clone()).collect();
-        let ms: Vec<i64> = s.attempts.iter().map(|a| a.duration_ms as i64).collect();
-        // One statement: the state and its attempts, fenced by the lease.
-        let n: i64 = sqlx::query_scalar(concat!(
-            "WITH u AS (
-                UPDATE mailmux_messages SET state = $2, updated_at = $3, finished_at = $4,
-                    committing = false, rounds = rounds + 1, relay = COALESCE($5, relay),
-                    accepted = $6, rejected = $7, reason = $8, note = $9, next_attempt_at = $10,
-                    body = CASE WHEN $11 THEN body ELSE NULL END, lease_until = NULL, ",
-            history!("12"),
-            " WHERE message_id = $1 AND lease_epoch = $13 AND node = $14
-                RETURNING seq),
-             a AS (
-                INSERT INTO mailmux_attempts (seq, at, relay, class, code, text, duration_ms)
-                SELECT u.seq, t.* FROM u,
-                    unnest($15::bigint[], $16::text[], $17::text[], $18::int[], $19::text[],
-                           $20::bigint[]) AS t)
-             SELECT COUNT(*) FROM u"
-        ))
-        .bind(message_id)
-        .bind(s.state.as_str())
-        .bind(now)
-        .bind(s.state.is_final().then_some(now))
-        .bind(&s.relay)
-        .bind(s.accepted.join("\n"))
-        .bind(rejected.join("\n"))
-        .bind(&s.reason)
-        .bind(&s.note)
-        .bind(s.next_attempt_at)
-        .bind(s.state.keeps_body())
-        .bind(entry(s.state, now))
-        .bind(epoch)
-        .bind(&self.node)
-        .bind(at)
-        .bind(relay)
-        .bind(class)
-        .bind(code)
-        .bind(text)
-        .bind(ms)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        let (reply, answer) = oneshot::channel();
+        let op = SettleOp {
+            id: message_id.to_owned(),
+            epoch,
+            settle: s.clone(),
+            reply,
+        };
+        self.settles
+            .send(op)
+            .map_err(|_| unavailable("the store's writer has stopped"))?;
+        let written = answer
+            .await
+            .map_err(|_| unavailable("the store's writer has stopped"))??;
         self.release(message_id);
-        if n == 0 {
+        if !written {
             return Err(lease_lost(message_id));
         }
         Ok(())
@@ -716,26 +899,19 @@ impl Store for PgStore {
         let Some(epoch) = self.fence(message_id) else {
             return Err(lease_lost(message_id));
         };
-        let now = now_millis();
-        let n = sqlx::query(concat!(
-            "UPDATE mailmux_messages SET state = 'sending', committing = true, updated_at = $2,
-                    lease_until = ",
-            db_now!(),
-            " + $5, ",
-            history!("3"),
-            " WHERE message_id = $1 AND lease_epoch = $4 AND node = $6"
-        ))
-        .bind(message_id)
-        .bind(now)
-        .bind(entry(State::Sending, now))
-        .bind(epoch)
-        .bind(self.lease_ms)
-        .bind(&self.node)
-        .execute(&self.pool)
-        .await
-        .map_err(unavailable)?
-        .rows_affected();
-        if n == 0 {
+        let (reply, answer) = oneshot::channel();
+        let op = MarkOp {
+            id: message_id.to_owned(),
+            epoch,
+            reply,
+        };
+        self.marks
+            .send(op)
+            .map_err(|_| unavailable("the store's writer has stopped"))?;
+        let written = answer
+            .await
+            .map_err(|_| unavailable("the store's writer has stopped"))??;
+        if !written {
             self.release(message_id);
             return Err(lease_lost(message_id));
         }
