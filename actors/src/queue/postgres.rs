@@ -117,10 +117,36 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 const MIGRATION_LOCK: i64 = 0x006d_6169_6c6d_7578;
 
 /// The database's clock in milliseconds: leases are measured in it, so that
-/// daemons whose clocks differ agree on when a lease ends.
+/// daemons whose clocks differ agree on when a lease ends. The statement's
+/// start time: stable within a statement, so that an index can bound it.
 macro_rules! db_now {
     () => {
-        "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+        "(extract(epoch from statement_timestamp()) * 1000)::bigint"
+    };
+}
+
+/// The crash rule applied to the messages in `sending` that `$cond`
+/// selects: with the commit mark, `unknown`; without it, `queued`. The
+/// epoch grows, so the old holder's late writes are fenced.
+macro_rules! take_over_sql {
+    ($cond:expr) => {
+        concat!(
+            "UPDATE mailmux_messages SET
+                state = CASE WHEN committing THEN 'unknown' ELSE 'queued' END,
+                finished_at = CASE WHEN committing THEN $1 ELSE NULL END,
+                next_attempt_at = CASE WHEN committing THEN NULL ELSE $1 END,
+                note = CASE WHEN committing
+                    THEN 'mailmux stopped after the message was handed to a relay; it may have been delivered and was not sent again'
+                    ELSE note END,
+                reason = CASE WHEN committing THEN NULL ELSE reason END,
+                history = history || CASE WHEN history = '' THEN '' ELSE ';' END
+                    || CASE WHEN committing THEN 'unknown@' ELSE 'queued@' END || $1::text,
+                committing = false, updated_at = $1, lease_until = NULL,
+                lease_epoch = lease_epoch + 1
+              WHERE state = 'sending' AND ",
+            $cond,
+            " RETURNING message_id, state = 'unknown'"
+        )
     };
 }
 
@@ -201,7 +227,12 @@ pub struct PgStore {
     /// rounds into one statement each.
     marks: mpsc::UnboundedSender<MarkOp>,
     settles: mpsc::UnboundedSender<SettleOp>,
+    /// The writer that folds concurrent accepts without an idempotency key
+    /// into one INSERT.
+    accepts: mpsc::UnboundedSender<AcceptOp>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// When `due` last looked for leases that ran out (ms).
+    taken_over: std::sync::atomic::AtomicI64,
 }
 
 impl Drop for PgStore {
@@ -228,6 +259,13 @@ struct SettleOp {
     epoch: i64,
     settle: Settle,
     reply: oneshot::Sender<Result<bool, StoreError>>,
+}
+
+/// A message without an idempotency key, for the accepts writer.
+#[derive(Debug)]
+struct AcceptOp {
+    m: NewMessage,
+    reply: oneshot::Sender<Result<State, StoreError>>,
 }
 
 /// Writes folded into one statement at most.
@@ -296,6 +334,93 @@ fn answer(
             let e = unavailable(e);
             for (_, reply) in ops {
                 let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// The accepts writer: messages without a key that arrive while one INSERT
+/// runs go together in the next. One statement: all of them or none.
+async fn accept_loop(
+    pool: PgPool,
+    node: Option<String>,
+    lease_ms: i64,
+    mut rx: mpsc::UnboundedReceiver<AcceptOp>,
+) {
+    while let Some(batch) = next_batch(&mut rx).await {
+        let now = now_millis();
+        let states: Vec<State> = batch.iter().map(|op| op.m.initial_state(now)).collect();
+        let ms = batch.iter().map(|op| &op.m);
+        let done = sqlx::query(concat!(
+            "INSERT INTO mailmux_messages (message_id, state, mail_from, rcpt, size, body,
+                 prefer, queued_at, due_at, next_attempt_at, updated_at, history, caller, meta,
+                 held_hash, relays, batch, node, lease_epoch, lease_until)
+             SELECT l.id, l.state, l.mail_from, l.rcpt, l.size, l.body, l.prefer, l.queued_at,
+                 l.due_at, l.next_at, $1, l.entry, l.caller, l.meta, l.held_hash, l.relays,
+                 l.batch, l.node, CASE WHEN l.node IS NULL THEN 0 ELSE 1 END,
+                 CASE WHEN l.node IS NULL THEN NULL ELSE ",
+            db_now!(),
+            " + $2 END
+               FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[],
+                           $8::bytea[], $9::text[], $10::bigint[], $11::bigint[], $12::bigint[],
+                           $13::text[], $14::text[], $15::text[], $16::bytea[], $17::text[],
+                           $18::text[], $19::text[])
+                 AS l(id, state, mail_from, rcpt, size, body, prefer, queued_at, due_at,
+                      next_at, entry, caller, meta, held_hash, relays, batch, node)"
+        ))
+        .bind(now)
+        .bind(lease_ms)
+        .bind(
+            ms.clone()
+                .map(|m| m.message_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(states.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+        .bind(ms.clone().map(|m| m.from.as_deref()).collect::<Vec<_>>())
+        .bind(ms.clone().map(|m| m.to.join("\n")).collect::<Vec<_>>())
+        .bind(ms.clone().map(|m| m.bytes.len() as i64).collect::<Vec<_>>())
+        .bind(ms.clone().map(|m| &m.bytes[..]).collect::<Vec<_>>())
+        .bind(ms.clone().map(|m| m.prefer.as_deref()).collect::<Vec<_>>())
+        .bind(ms.clone().map(|m| m.queued_at).collect::<Vec<_>>())
+        .bind(ms.clone().map(|m| m.due_at).collect::<Vec<_>>())
+        .bind(
+            ms.clone()
+                .map(|m| m.hold.as_ref().map_or(m.due_at, |h| h.until))
+                .collect::<Vec<_>>(),
+        )
+        .bind(states.iter().map(|s| entry(*s, now)).collect::<Vec<_>>())
+        .bind(ms.clone().map(|m| m.caller.as_deref()).collect::<Vec<_>>())
+        .bind(ms.clone().map(|m| m.meta.as_deref()).collect::<Vec<_>>())
+        .bind(
+            ms.clone()
+                .map(|m| m.hold.as_ref().map(|h| &h.hash[..]))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            ms.clone()
+                .map(|m| m.only.as_ref().map(|o| o.join("\n")))
+                .collect::<Vec<_>>(),
+        )
+        .bind(ms.clone().map(|m| m.batch.as_deref()).collect::<Vec<_>>())
+        .bind(
+            states
+                .iter()
+                .map(|s| node.as_deref().filter(|_| *s == State::Queued))
+                .collect::<Vec<_>>(),
+        )
+        .execute(&pool)
+        .await;
+        match done {
+            Ok(_) => {
+                for (op, state) in batch.into_iter().zip(states) {
+                    let _ = op.reply.send(Ok(state));
+                }
+            }
+            Err(e) => {
+                let e = unavailable(e);
+                for op in batch {
+                    let _ = op.reply.send(Err(e.clone()));
+                }
             }
         }
     }
@@ -451,7 +576,14 @@ impl PgStore {
         let nodes = Arc::new(std::sync::atomic::AtomicU32::new(seen));
         let (marks, marks_rx) = mpsc::unbounded_channel();
         let (settles, settles_rx) = mpsc::unbounded_channel();
+        let (accepts, accepts_rx) = mpsc::unbounded_channel();
         let mut tasks = vec![
+            tokio::spawn(accept_loop(
+                pool.clone(),
+                claims.then(|| s.node_id.clone()),
+                lease_ms,
+                accepts_rx,
+            )),
             tokio::spawn(mark_loop(
                 pool.clone(),
                 s.node_id.clone(),
@@ -478,7 +610,9 @@ impl PgStore {
             nodes,
             marks,
             settles,
+            accepts,
             tasks,
+            taken_over: std::sync::atomic::AtomicI64::new(0),
         }
     }
 
@@ -513,29 +647,24 @@ impl PgStore {
     /// start, that this node id held before a restart).
     async fn take_over(&self, own: bool) -> Result<Recovered, StoreError> {
         let now = now_millis();
-        let rows: Vec<(String, bool)> = sqlx::query_as(concat!(
-            "UPDATE mailmux_messages SET
-                state = CASE WHEN committing THEN 'unknown' ELSE 'queued' END,
-                finished_at = CASE WHEN committing THEN $1 ELSE NULL END,
-                next_attempt_at = CASE WHEN committing THEN NULL ELSE $1 END,
-                note = CASE WHEN committing
-                    THEN 'mailmux stopped after the message was handed to a relay; it may have been delivered and was not sent again'
-                    ELSE note END,
-                reason = CASE WHEN committing THEN NULL ELSE reason END,
-                history = history || CASE WHEN history = '' THEN '' ELSE ';' END
-                    || CASE WHEN committing THEN 'unknown@' ELSE 'queued@' END || $1::text,
-                committing = false, updated_at = $1, lease_until = NULL,
-                lease_epoch = lease_epoch + 1
-              WHERE state = 'sending' AND (lease_until < ",
-            db_now!(),
-            " OR ($2 AND node = $3))
-              RETURNING message_id, state = 'unknown'"
-        ))
-        .bind(now)
-        .bind(own)
-        .bind(&self.node)
-        .fetch_all(&self.pool)
-        .await
+        // Two statements, so that the frequent one can use the partial
+        // index on `lease_until`.
+        let rows: Vec<(String, bool)> = if own {
+            sqlx::query_as(take_over_sql!(concat!(
+                "(lease_until < ",
+                db_now!(),
+                " OR node = $2)"
+            )))
+            .bind(now)
+            .bind(&self.node)
+            .fetch_all(&self.pool)
+            .await
+        } else {
+            sqlx::query_as(take_over_sql!(concat!("lease_until < ", db_now!())))
+                .bind(now)
+                .fetch_all(&self.pool)
+                .await
+        }
         .map_err(unavailable)?;
         let mut out = Recovered::default();
         for (id, unknown) in rows {
@@ -557,7 +686,7 @@ impl PgStore {
 async fn connect(s: &PgSettings) -> Result<PgPool, StoreError> {
     PgPoolOptions::new()
         .max_connections(s.pool.max(1))
-        .acquire_timeout(Duration::from_secs(5))
+        .acquire_timeout(Duration::from_secs(2))
         .connect(&s.url)
         .await
         .map_err(|e| StoreError::Unavailable(format!("{}: {e}", s.shown_url())))
@@ -646,9 +775,30 @@ async fn renew_loop(
     nodes: Arc<std::sync::atomic::AtomicU32>,
 ) {
     let every = Duration::from_millis((lease_ms / 3).max(100) as u64);
+    // After a failure, soon again: the leases must be renewed as soon as
+    // the database is back, before they run out.
+    let soon = Duration::from_millis(250).min(every);
     let mut failing = false;
+    let mut wait = every;
     loop {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(wait).await;
+        let renewed = renew(&pool, &node, lease_ms, &leases).await;
+        match &renewed {
+            Ok(()) if failing => {
+                tracing::info!("renewing queue leases works again");
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                tracing::error!(error = %e, "cannot renew queue leases; other daemons take these messages over when the leases run out");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+        wait = if renewed.is_ok() { every } else { soon };
+        if renewed.is_err() {
+            continue;
+        }
         match heartbeat(&pool, &node, lease_ms).await {
             Ok(n) => {
                 let before = nodes.swap(n, std::sync::atomic::Ordering::AcqRel);
@@ -661,52 +811,48 @@ async fn renew_loop(
             }
             Err(e) => tracing::debug!(error = %e, "queue heartbeat failed"),
         }
-        let (ids, epochs): (Vec<String>, Vec<i64>) = leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .unzip();
-        if ids.is_empty() {
-            continue;
-        }
-        let renewed: Result<Vec<String>, _> = sqlx::query_scalar(concat!(
-            "UPDATE mailmux_messages m SET lease_until = ",
-            db_now!(),
-            " + $4
-               FROM unnest($1::text[], $2::bigint[]) AS l(id, epoch)
-              WHERE m.message_id = l.id AND m.lease_epoch = l.epoch AND m.node = $3
-                AND m.state IN ('queued', 'scheduled', 'sending')
-              RETURNING m.message_id"
-        ))
-        .bind(&ids)
-        .bind(&epochs)
-        .bind(&node)
-        .bind(lease_ms)
-        .fetch_all(&pool)
-        .await;
-        match renewed {
-            Ok(kept) => {
-                if failing {
-                    tracing::info!("renewing queue leases works again");
-                    failing = false;
-                }
-                let kept: std::collections::HashSet<String> = kept.into_iter().collect();
-                let mut held = leases.lock().unwrap_or_else(|e| e.into_inner());
-                for (id, epoch) in ids.iter().zip(&epochs) {
-                    if !kept.contains(id) && held.get(id) == Some(epoch) {
-                        held.remove(id);
-                    }
-                }
-            }
-            Err(e) => {
-                if !failing {
-                    tracing::error!(error = %e, "cannot renew queue leases; other daemons take these messages over when the leases run out");
-                    failing = true;
-                }
-            }
+    }
+}
+
+/// Renews every lease this daemon holds; forgets those it no longer holds.
+async fn renew(
+    pool: &PgPool,
+    node: &str,
+    lease_ms: i64,
+    leases: &Mutex<HashMap<String, i64>>,
+) -> Result<(), sqlx::Error> {
+    let (ids, epochs): (Vec<String>, Vec<i64>) = leases
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(k, v)| (k.clone(), *v))
+        .unzip();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let kept: Vec<String> = sqlx::query_scalar(concat!(
+        "UPDATE mailmux_messages m SET lease_until = ",
+        db_now!(),
+        " + $4
+           FROM unnest($1::text[], $2::bigint[]) AS l(id, epoch)
+          WHERE m.message_id = l.id AND m.lease_epoch = l.epoch AND m.node = $3
+            AND m.state IN ('queued', 'scheduled', 'sending')
+          RETURNING m.message_id"
+    ))
+    .bind(&ids)
+    .bind(&epochs)
+    .bind(node)
+    .bind(lease_ms)
+    .fetch_all(pool)
+    .await?;
+    let kept: std::collections::HashSet<String> = kept.into_iter().collect();
+    let mut held = leases.lock().unwrap_or_else(|e| e.into_inner());
+    for (id, epoch) in ids.iter().zip(&epochs) {
+        if !kept.contains(id) && held.get(id) == Some(epoch) {
+            held.remove(id);
         }
     }
+    Ok(())
 }
 
 fn entry(state: State, at: Millis) -> String {
@@ -870,10 +1016,18 @@ impl Store for PgStore {
             tx.commit().await.map_err(unavailable)?;
             out
         } else {
-            let mut c = self.pool.acquire().await.map_err(unavailable)?;
-            accept_in(&mut c, &m, now, self.claimer(), self.lease_ms)
-                .await
-                .map_err(unavailable)?
+            let (reply, answer) = oneshot::channel();
+            self.accepts
+                .send(AcceptOp {
+                    m: m.clone(),
+                    reply,
+                })
+                .map_err(|_| unavailable("the store's writer has stopped"))?;
+            Accepted::Stored(
+                answer
+                    .await
+                    .map_err(|_| unavailable("the store's writer has stopped"))??,
+            )
         };
         self.note_claims(std::slice::from_ref(&m), std::slice::from_ref(&out), now);
         Ok(out)
@@ -919,17 +1073,18 @@ impl Store for PgStore {
     }
 
     /// Records the outcome. While the database is unreachable the write is
-    /// tried again, for as long as the lease lasts: the outcome is written
-    /// once the database is back. Past that, the lease is let go, and the
-    /// crash rule decides (a message past its commit mark becomes `unknown`).
+    /// tried again, for up to three leases (the renewal keeps the lease
+    /// while the database answers): the outcome is written once the
+    /// database is back. Past that, the lease is let go, and the crash rule
+    /// decides (a message past its commit mark becomes `unknown`). A lease
+    /// taken over meanwhile fences the write, whenever it comes.
     async fn settle(&self, message_id: &str, s: Settle) -> Result<(), StoreError> {
         let started = std::time::Instant::now();
+        let budget = Duration::from_millis(3 * self.lease_ms as u64);
         let mut pause = Duration::from_millis(100);
         loop {
             match self.settle_once(message_id, &s).await {
-                Err(StoreError::Unavailable(e))
-                    if started.elapsed() + pause < Duration::from_millis(self.lease_ms as u64) =>
-                {
+                Err(StoreError::Unavailable(e)) if started.elapsed() + pause < budget => {
                     tracing::debug!(message_id, error = %e, "recording an outcome failed; trying again");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(2));
@@ -1093,7 +1248,11 @@ impl Store for PgStore {
     /// Claims up to `limit` due messages for this daemon: those nobody
     /// holds, whose lease ran out, or that this daemon already holds.
     async fn due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
-        if self.claims {
+        // Leases run out on the scale of seconds: look for them once a second.
+        let last = self.taken_over.load(std::sync::atomic::Ordering::Acquire);
+        if self.claims && now - last >= 1000 {
+            self.taken_over
+                .store(now, std::sync::atomic::Ordering::Release);
             self.take_over(false).await?;
         }
         let rows: Vec<(String, i64)> = sqlx::query_as(concat!(
