@@ -616,7 +616,7 @@ async fn run_batch_memory(
             store: Store::Sqlite.name(),
             policy: false,
             queue_extra: String::new(),
-            max_message_bytes: Some(n * (size + 4096) + (1 << 20)),
+            max_message_bytes: Some(n * (2 * size + 8192) + (1 << 20)),
         },
     )
     .await?;
@@ -641,10 +641,14 @@ async fn run_batch_memory(
         after_rss_kb: after.rss_kb,
         sent,
         elapsed,
-        first_error: results
-            .iter()
-            .find(|r| r.status != "sent")
-            .map(|r| format!("{}: {:?}", r.status, r.detail)),
+        first_error: if results.is_empty() {
+            Some("the batch was refused whole".into())
+        } else {
+            results
+                .iter()
+                .find(|r| r.status != "sent")
+                .map(|r| format!("{}: {:?}", r.status, r.detail))
+        },
     })
 }
 
