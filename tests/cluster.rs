@@ -22,7 +22,7 @@ use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use rmcp::{RoleClient, ServiceExt};
 use serde_json::{Value, json};
-use support::fault_smtp::{Action, FaultSmtp, Phase, Received, Script, Share};
+use support::fault_smtp::{Action, FaultSmtp, Phase, Received, Script, Share, copies};
 use support::postgres::Postgres;
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -203,21 +203,6 @@ fn msg(subject: &str, extra: Value) -> Value {
         m.extend(e);
     }
     v
-}
-
-/// Copies of each message at the sinks, by Message-ID without brackets.
-fn copies<'a>(received: impl IntoIterator<Item = &'a Received>) -> HashMap<String, usize> {
-    let mut out = HashMap::new();
-    for r in received {
-        let id = r
-            .message_id
-            .clone()
-            .unwrap_or_default()
-            .trim_matches(|c| c == '<' || c == '>')
-            .to_string();
-        *out.entry(id).or_default() += 1;
-    }
-    out
 }
 
 /// Waits until the shared queue has nothing waiting or sending.

@@ -10,7 +10,6 @@ mod harness;
 #[path = "../actors/tests/support/mod.rs"]
 mod support;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -19,7 +18,7 @@ use harness::{Call, burst, call};
 use rmcp::service::{Peer, RunningService};
 use rmcp::{RoleClient, ServiceExt};
 use serde_json::{Value, json};
-use support::fault_smtp::{Action, FaultSmtp, Phase, Received, Script};
+use support::fault_smtp::{Action, FaultSmtp, Phase, Received, Script, copies};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -208,22 +207,6 @@ async fn settled(peer: &Peer<RoleClient>, id: &str, limit: Duration) -> Value {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// Copies of each message at the sink, by Message-ID (without brackets),
-/// counting every transaction whose data arrived in full.
-fn copies(received: &[Received]) -> HashMap<String, usize> {
-    let mut out = HashMap::new();
-    for r in received {
-        let id = r
-            .message_id
-            .clone()
-            .unwrap_or_default()
-            .trim_matches(|c| c == '<' || c == '>')
-            .to_string();
-        *out.entry(id).or_default() += 1;
-    }
-    out
 }
 
 fn subject_of(r: &Received) -> Option<String> {

@@ -48,7 +48,7 @@ impl Drop for Dovecot {
 /// The user Dovecot runs as: `nobody` when the tests run as root (Dovecot
 /// then needs no privilege), else the current user.
 fn run_as() -> (String, String, Option<(u32, u32)>) {
-    let uid = unsafe_free_uid();
+    let uid = support::euid();
     if uid == 0 {
         ("nobody".into(), "nogroup".into(), Some((65534, 65534)))
     } else {
@@ -60,21 +60,6 @@ fn run_as() -> (String, String, Option<(u32, u32)>) {
             String::from_utf8_lossy(&o.stdout).trim().to_owned()
         };
         (out(&["-un"]), out(&["-gn"]), None)
-    }
-}
-
-/// The effective uid, from `id -u` (the crate forbids unsafe code).
-fn unsafe_free_uid() -> u32 {
-    let o = std::process::Command::new("id").arg("-u").output().unwrap();
-    String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
-}
-
-fn chown_all(path: &Path, uid: u32, gid: u32) {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
-    if path.is_dir() {
-        for e in std::fs::read_dir(path).unwrap() {
-            chown_all(&e.unwrap().path(), uid, gid);
-        }
     }
 }
 
@@ -190,7 +175,7 @@ namespace inbox {{
         let mut cmd = std::process::Command::new(binary);
         cmd.args(["-F", "-c"]).arg(d.join("dovecot.conf"));
         if let Some((uid, gid)) = ids {
-            chown_all(d, uid, gid);
+            support::chown_all(d, uid, gid);
             use std::os::unix::process::CommandExt;
             cmd.uid(uid).gid(gid);
         }

@@ -211,33 +211,22 @@ impl Store for MemoryStore {
             return Ok(Decided::NotFound);
         };
         let row = &mem.rows[&seq];
-        let state = row.record.state;
-        if state != State::Held {
-            return Ok(Decided::NotHeld(state));
-        }
-        if d.approve
-            && let Some(hash) = d.hash
-            && row.held_hash != Some(hash)
-        {
-            return Ok(Decided::HashMismatch);
-        }
         let now = now_millis();
         let due_at = row.record.due_at;
-        let out = if !d.approve {
+        let held_hash = row.held_hash.as_ref().map(|h| &h[..]);
+        let next = match super::rows::decision(row.record.state, held_hash, &d, due_at, now) {
+            Ok(next) => next,
+            Err(answer) => return Ok(answer),
+        };
+        if next == State::Rejected {
             mem.enter(message_id, State::Rejected, None, now)?;
             let (_, row) = mem.row(message_id)?;
             row.body = None;
             row.record.reason = Some("rejected_by_approver".into());
-            Decided::Rejected
         } else {
-            let next = if due_at > now {
-                State::Scheduled
-            } else {
-                State::Queued
-            };
             mem.enter(message_id, next, Some(due_at.max(now)), now)?;
-            Decided::Released(next)
-        };
+        }
+        let out = super::rows::decided(next);
         mem.row(message_id)?.1.record.decided_by = Some(d.by);
         Ok(out)
     }

@@ -13,6 +13,7 @@
 
 pub mod memory;
 pub mod postgres;
+mod rows;
 mod runner;
 pub mod sqlite;
 

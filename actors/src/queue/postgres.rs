@@ -28,10 +28,10 @@ use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{Executor, Row};
 use tokio::sync::{mpsc, oneshot};
 
+use super::rows::{self, entry, lines};
 use super::{
     Accepted, AttemptRecord, Cancel, Decided, Decision, Filter, Millis, NewMessage, Pending,
-    Record, Recovered, RejectedRecord, Retry, Settle, State, Stats, Store, StoreError, Summary,
-    now_millis,
+    Record, Recovered, Retry, Settle, State, Stats, Store, StoreError, Summary, now_millis,
 };
 
 /// The schema, one migration per version; `mailmux_schema` records how many
@@ -460,13 +460,7 @@ async fn settle_loop(pool: PgPool, node: String, mut rx: mpsc::UnboundedReceiver
             finished.push(s.state.is_final().then_some(now));
             relays.push(s.relay.clone());
             accepted.push(s.accepted.join("\n"));
-            rejected.push(
-                s.rejected
-                    .iter()
-                    .map(|r| format!("{}\t{}\t{}", r.address, r.code, one_line(&r.text)))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            );
+            rejected.push(rows::rejected_text(&s.rejected));
             reasons.push(s.reason.clone());
             notes.push(s.note.clone());
             next.push(s.next_attempt_at);
@@ -855,25 +849,6 @@ async fn renew(
     Ok(())
 }
 
-fn entry(state: State, at: Millis) -> String {
-    format!("{}@{at}", state.as_str())
-}
-
-fn lines(s: Option<String>) -> Vec<String> {
-    match s {
-        Some(s) if !s.is_empty() => s.split('\n').map(str::to_owned).collect(),
-        _ => Vec::new(),
-    }
-}
-
-fn parse_state(s: &str) -> State {
-    State::parse(s).unwrap_or(State::Failed)
-}
-
-fn one_line(s: &str) -> String {
-    s.replace(['\t', '\r', '\n'], " ")
-}
-
 /// Stores one message inside `tx`; `node` leases it to this daemon.
 async fn accept_in(
     tx: &mut sqlx::PgConnection,
@@ -1130,7 +1105,7 @@ impl Store for PgStore {
                 Cancel::Cancelled
             }
             // Waiting, but another daemon's lease holds it.
-            Some((state, false)) => match parse_state(&state) {
+            Some((state, false)) => match rows::state(&state) {
                 State::Queued | State::Scheduled | State::Held => Cancel::Refused(State::Sending),
                 other => Cancel::Refused(other),
             },
@@ -1151,23 +1126,12 @@ impl Store for PgStore {
         let Some((seq, state, held_hash, due_at)) = row else {
             return Ok(Decided::NotFound);
         };
-        let state = parse_state(&state);
-        if state != State::Held {
-            return Ok(Decided::NotHeld(state));
-        }
-        if d.approve
-            && let Some(hash) = &d.hash
-            && held_hash.as_deref() != Some(&hash[..])
+        let next = match rows::decision(rows::state(&state), held_hash.as_deref(), &d, due_at, now)
         {
-            return Ok(Decided::HashMismatch);
-        }
-        let (next, finished, out) = if !d.approve {
-            (State::Rejected, Some(now), Decided::Rejected)
-        } else if due_at > now {
-            (State::Scheduled, None, Decided::Released(State::Scheduled))
-        } else {
-            (State::Queued, None, Decided::Released(State::Queued))
+            Ok(next) => next,
+            Err(answer) => return Ok(answer),
         };
+        let finished = (next == State::Rejected).then_some(now);
         sqlx::query(concat!(
             "UPDATE mailmux_messages SET state = $2, updated_at = $3, finished_at = $4,
                     decided_by = $5,
@@ -1188,7 +1152,7 @@ impl Store for PgStore {
         .await
         .map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
-        Ok(out)
+        Ok(rows::decided(next))
     }
 
     async fn expire_held(&self, now: Millis) -> Result<Vec<String>, StoreError> {
@@ -1220,7 +1184,7 @@ impl Store for PgStore {
         let Some((seq, state, reason, has_body)) = row else {
             return Ok(Retry::NotFound);
         };
-        let state = parse_state(&state);
+        let state = rows::state(&state);
         let verdict = super::retryable(state, reason.as_deref(), force);
         if verdict != Retry::Queued {
             return Ok(verdict);
@@ -1413,7 +1377,7 @@ impl Store for PgStore {
         let mut counts: Vec<(State, u64)> = counts
             .into_iter()
             .filter(|(_, n)| *n > 0)
-            .map(|(s, n)| (parse_state(&s), n as u64))
+            .map(|(s, n)| (rows::state(&s), n as u64))
             .collect();
         counts.sort();
         Ok(Stats {
@@ -1469,7 +1433,7 @@ fn pending(r: &PgRow) -> Result<Pending, sqlx::Error> {
     let body: Vec<u8> = r.try_get("body")?;
     Ok(Pending {
         message_id: r.try_get("message_id")?,
-        state: parse_state(r.try_get("state")?),
+        state: rows::state(r.try_get("state")?),
         from: r.try_get("mail_from")?,
         to: lines(r.try_get("rcpt")?),
         bytes: Arc::from(body),
@@ -1485,18 +1449,8 @@ fn pending(r: &PgRow) -> Result<Pending, sqlx::Error> {
 }
 
 fn record(r: &PgRow) -> Result<Record, sqlx::Error> {
-    let state = parse_state(r.try_get("state")?);
-    let rejected = lines(r.try_get("rejected")?)
-        .into_iter()
-        .filter_map(|l| {
-            let mut parts = l.splitn(3, '\t');
-            Some(RejectedRecord {
-                address: parts.next()?.to_owned(),
-                code: parts.next()?.parse().ok()?,
-                text: parts.next().unwrap_or("").to_owned(),
-            })
-        })
-        .collect();
+    let state = rows::state(r.try_get("state")?);
+    let rejected = rows::rejected(r.try_get("rejected")?);
     let history: String = r.try_get("history")?;
     Ok(Record {
         message_id: r.try_get("message_id")?,
@@ -1520,13 +1474,7 @@ fn record(r: &PgRow) -> Result<Record, sqlx::Error> {
         reason: r.try_get("reason")?,
         note: r.try_get("note")?,
         attempts: Vec::new(),
-        history: history
-            .split(';')
-            .filter_map(|h| {
-                let (state, at) = h.split_once('@')?;
-                Some((State::parse(state)?, at.parse().ok()?))
-            })
-            .collect(),
+        history: rows::history(&history),
         caller: r.try_get("caller")?,
         meta: r.try_get("meta")?,
         decided_by: r.try_get("decided_by")?,
@@ -1538,7 +1486,7 @@ fn record(r: &PgRow) -> Result<Record, sqlx::Error> {
 fn summary(r: &PgRow) -> Result<Summary, sqlx::Error> {
     Ok(Summary {
         message_id: r.try_get("message_id")?,
-        state: parse_state(r.try_get("state")?),
+        state: rows::state(r.try_get("state")?),
         from: r.try_get("mail_from")?,
         to: lines(r.try_get("rcpt")?),
         queued_at: r.try_get("queued_at")?,

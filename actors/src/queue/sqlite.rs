@@ -15,10 +15,10 @@ use std::sync::{Arc, Mutex, mpsc};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 use tokio::sync::oneshot;
 
+use super::rows::{self, entry, lines};
 use super::{
     Accepted, AttemptRecord, Cancel, Decided, Decision, Filter, Millis, NewMessage, Pending,
-    Record, Recovered, RejectedRecord, Retry, Settle, State, Stats, Store, StoreError, Summary,
-    now_millis,
+    Record, Recovered, Retry, Settle, State, Stats, Store, StoreError, Summary, now_millis,
 };
 
 /// Writes folded into one transaction at most. Bounds the latency a write
@@ -386,10 +386,6 @@ fn append_history(n: usize) -> String {
     format!("history = history || CASE WHEN history = '' THEN '' ELSE ';' END || ?{n}")
 }
 
-fn entry(state: State, at: Millis) -> String {
-    format!("{}@{at}", state.as_str())
-}
-
 /// Appends a state change to the history of the message at `seq`.
 fn event(c: &Connection, seq: i64, state: State, at: Millis) -> rusqlite::Result<()> {
     c.prepare_cached(&format!(
@@ -451,11 +447,7 @@ fn accept(c: &Connection, m: &NewMessage, now: Millis) -> rusqlite::Result<Accep
 fn settle(c: &Connection, id: &str, s: &Settle, now: Millis) -> rusqlite::Result<()> {
     let finished = s.state.is_final().then_some(now);
     let keep_body = s.state.keeps_body();
-    let rejected: Vec<String> = s
-        .rejected
-        .iter()
-        .map(|r| format!("{}\t{}\t{}", r.address, r.code, one_line(&r.text)))
-        .collect();
+    let rejected = rows::rejected_text(&s.rejected);
     let seq: i64 = c
         .prepare_cached(&format!(
             "UPDATE messages SET state = ?2, updated_at = ?3, finished_at = ?4, committing = 0,
@@ -473,7 +465,7 @@ fn settle(c: &Connection, id: &str, s: &Settle, now: Millis) -> rusqlite::Result
                 finished,
                 s.relay,
                 s.accepted.join("\n"),
-                rejected.join("\n"),
+                rejected,
                 s.reason,
                 s.note,
                 s.next_attempt_at,
@@ -497,10 +489,6 @@ fn settle(c: &Connection, id: &str, s: &Settle, now: Millis) -> rusqlite::Result
         ])?;
     }
     Ok(())
-}
-
-fn one_line(s: &str) -> String {
-    s.replace(['\t', '\r', '\n'], " ")
 }
 
 fn cancel(c: &Connection, id: &str, now: Millis) -> rusqlite::Result<Cancel> {
@@ -538,23 +526,11 @@ fn decide(c: &Connection, id: &str, d: &Decision, now: Millis) -> rusqlite::Resu
     let Some((seq, state, held_hash, due_at)) = row else {
         return Ok(Decided::NotFound);
     };
-    let state = parse_state(state);
-    if state != State::Held {
-        return Ok(Decided::NotHeld(state));
-    }
-    if d.approve
-        && let Some(hash) = &d.hash
-        && held_hash.as_deref() != Some(&hash[..])
-    {
-        return Ok(Decided::HashMismatch);
-    }
-    let (next, finished, out) = if !d.approve {
-        (State::Rejected, Some(now), Decided::Rejected)
-    } else if due_at > now {
-        (State::Scheduled, None, Decided::Released(State::Scheduled))
-    } else {
-        (State::Queued, None, Decided::Released(State::Queued))
+    let next = match rows::decision(rows::state(&state), held_hash.as_deref(), d, due_at, now) {
+        Ok(next) => next,
+        Err(answer) => return Ok(answer),
     };
+    let finished = (next == State::Rejected).then_some(now);
     c.prepare_cached(&format!(
         "UPDATE messages SET state = ?2, updated_at = ?3, finished_at = ?4, decided_by = ?5,
                 next_attempt_at = CASE WHEN ?6 THEN MAX(due_at, ?3) ELSE NULL END,
@@ -572,7 +548,7 @@ fn decide(c: &Connection, id: &str, d: &Decision, now: Millis) -> rusqlite::Resu
         d.approve,
         entry(next, now)
     ])?;
-    Ok(out)
+    Ok(rows::decided(next))
 }
 
 fn retry(c: &Connection, id: &str, force: bool, now: Millis) -> rusqlite::Result<Retry> {
@@ -586,7 +562,7 @@ fn retry(c: &Connection, id: &str, force: bool, now: Millis) -> rusqlite::Result
     let Some((seq, state, reason, has_body)) = row else {
         return Ok(Retry::NotFound);
     };
-    let state = parse_state(state);
+    let state = rows::state(&state);
     let verdict = super::retryable(state, reason.as_deref(), force);
     if verdict != Retry::Queued {
         return Ok(verdict);
@@ -643,18 +619,6 @@ fn recover(c: &Connection, now: Millis) -> rusqlite::Result<Recovered> {
         }
     }
     Ok(out)
-}
-
-fn lines(s: Option<String>) -> Vec<String> {
-    match s {
-        Some(s) if !s.is_empty() => s.split('\n').map(str::to_owned).collect(),
-        _ => Vec::new(),
-    }
-}
-
-fn parse_state(s: String) -> State {
-    // A state this build does not know cannot come from its own schema.
-    State::parse(&s).unwrap_or(State::Failed)
 }
 
 #[async_trait::async_trait]
@@ -752,7 +716,7 @@ impl Store for SqliteStore {
                 let body: Vec<u8> = r.get(4)?;
                 Ok(Pending {
                     message_id: r.get(0)?,
-                    state: parse_state(r.get(1)?),
+                    state: rows::state(&r.get::<_, String>(1)?),
                     from: r.get(2)?,
                     to: lines(r.get(3)?),
                     bytes: Arc::from(body),
@@ -816,7 +780,7 @@ impl Store for SqliteStore {
                         r.get(0)?,
                         Summary {
                             message_id: r.get(1)?,
-                            state: parse_state(r.get(2)?),
+                            state: rows::state(&r.get::<_, String>(2)?),
                             from: r.get(3)?,
                             to: lines(r.get(4)?),
                             queued_at: r.get(5)?,
@@ -846,7 +810,10 @@ impl Store for SqliteStore {
             let counts: Vec<(State, u64)> = c
                 .prepare_cached("SELECT state, n FROM counts WHERE n > 0")?
                 .query_map([], |r| {
-                    Ok((parse_state(r.get(0)?), r.get::<_, i64>(1)? as u64))
+                    Ok((
+                        rows::state(&r.get::<_, String>(0)?),
+                        r.get::<_, i64>(1)? as u64,
+                    ))
                 })?
                 .collect::<rusqlite::Result<_>>()?;
             let oldest_queued_at = c.query_row(
@@ -888,18 +855,8 @@ fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<Record>> {
                FROM messages WHERE message_id = ?1",
         )?
         .query_row([id], |r| {
-            let rejected: Vec<RejectedRecord> = lines(r.get(14)?)
-                .into_iter()
-                .filter_map(|l| {
-                    let mut parts = l.splitn(3, '\t');
-                    Some(RejectedRecord {
-                        address: parts.next()?.to_owned(),
-                        code: parts.next()?.parse().ok()?,
-                        text: parts.next().unwrap_or("").to_owned(),
-                    })
-                })
-                .collect();
-            let state = parse_state(r.get(2)?);
+            let rejected = rows::rejected(r.get(14)?);
+            let state = rows::state(&r.get::<_, String>(2)?);
             Ok((
                 r.get(0)?,
                 Record {
@@ -958,12 +915,6 @@ fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<Record>> {
     let history: String = c
         .prepare_cached("SELECT history FROM messages WHERE seq = ?1")?
         .query_row([seq], |r| r.get(0))?;
-    record.history = history
-        .split(';')
-        .filter_map(|h| {
-            let (state, at) = h.split_once('@')?;
-            Some((State::parse(state)?, at.parse().ok()?))
-        })
-        .collect();
+    record.history = rows::history(&history);
     Ok(Some(record))
 }

@@ -492,3 +492,21 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         }
     }
 }
+
+/// Copies of each message among `received`, by Message-ID without angle
+/// brackets, counting every transaction whose data arrived in full.
+pub fn copies<'a>(
+    received: impl IntoIterator<Item = &'a Received>,
+) -> std::collections::HashMap<String, usize> {
+    let mut out = std::collections::HashMap::new();
+    for r in received {
+        let id = r
+            .message_id
+            .clone()
+            .unwrap_or_default()
+            .trim_matches(|c| c == '<' || c == '>')
+            .to_string();
+        *out.entry(id).or_default() += 1;
+    }
+    out
+}

@@ -105,3 +105,23 @@ pub fn message_id(data: &[u8]) -> Option<String> {
     }
     None
 }
+
+/// The effective uid, from `id -u` (the crates forbid unsafe code).
+pub fn euid() -> u32 {
+    let o = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .expect("id -u");
+    String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
+}
+
+/// Gives `path` and everything under it to `uid:gid` (a server the tests
+/// run as `nobody` must own its files).
+pub fn chown_all(path: &std::path::Path, uid: u32, gid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
+    if path.is_dir() {
+        for e in std::fs::read_dir(path).unwrap() {
+            chown_all(&e.unwrap().path(), uid, gid);
+        }
+    }
+}

@@ -4,7 +4,7 @@
 //! shutdown) when dropped. A missing PostgreSQL fails the test: nothing is
 //! skipped.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -35,20 +35,6 @@ fn bin_dir() -> PathBuf {
     )
 }
 
-fn euid() -> u32 {
-    let o = Command::new("id").arg("-u").output().expect("id -u");
-    String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
-}
-
-fn chown_all(path: &Path, uid: u32, gid: u32) {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
-    if path.is_dir() {
-        for e in std::fs::read_dir(path).unwrap() {
-            chown_all(&e.unwrap().path(), uid, gid);
-        }
-    }
-}
-
 impl Postgres {
     /// initdb and start. `fsync = off` (a test's database need not survive
     /// power loss) unless `durable`.
@@ -65,7 +51,7 @@ impl Postgres {
         let more = conf;
         let bin = bin_dir();
         let dir = tempfile::tempdir().unwrap();
-        let as_nobody = euid() == 0;
+        let as_nobody = super::euid() == 0;
         let data = dir.path().join("data");
         let sock = dir.path().join("sock");
         std::fs::create_dir(&data).unwrap();
@@ -73,8 +59,8 @@ impl Postgres {
         if as_nobody {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-            chown_all(&data, 65534, 65534);
-            chown_all(&sock, 65534, 65534);
+            super::chown_all(&data, 65534, 65534);
+            super::chown_all(&sock, 65534, 65534);
         }
         let mut pg = Postgres {
             port: 0,

@@ -1,0 +1,95 @@
+//! What the SQL stores (`sqlite`, `postgres`) share: how list and history
+//! columns are written and read back, and the verdict on a person's decision.
+
+use super::{Decided, Decision, Millis, RejectedRecord, State};
+
+/// One history entry: `state@millis` (entries are joined with `;`).
+pub(crate) fn entry(state: State, at: Millis) -> String {
+    format!("{}@{at}", state.as_str())
+}
+
+/// A stored history, oldest first; entries this build cannot read are skipped.
+pub(crate) fn history(text: &str) -> Vec<(State, Millis)> {
+    text.split(';')
+        .filter_map(|h| {
+            let (state, at) = h.split_once('@')?;
+            Some((State::parse(state)?, at.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A list stored one item a line.
+pub(crate) fn lines(s: Option<String>) -> Vec<String> {
+    match s {
+        Some(s) if !s.is_empty() => s.split('\n').map(str::to_owned).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A stored state. A state this build does not know cannot come from its
+/// own schema.
+pub(crate) fn state(s: &str) -> State {
+    State::parse(s).unwrap_or(State::Failed)
+}
+
+/// Refused recipients, one a line: address, code and text, tab-separated.
+pub(crate) fn rejected_text(rejected: &[RejectedRecord]) -> String {
+    rejected
+        .iter()
+        .map(|r| {
+            let text = r.text.replace(['\t', '\r', '\n'], " ");
+            format!("{}\t{}\t{text}", r.address, r.code)
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+pub(crate) fn rejected(s: Option<String>) -> Vec<RejectedRecord> {
+    lines(s)
+        .into_iter()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, '\t');
+            Some(RejectedRecord {
+                address: parts.next()?.to_owned(),
+                code: parts.next()?.parse().ok()?,
+                text: parts.next().unwrap_or("").to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// The state a held message goes to on decision `d` (`rejected`,
+/// `scheduled` or `queued`), or the answer when it cannot be decided: not
+/// held, or approved for other content.
+pub(crate) fn decision(
+    state: State,
+    held_hash: Option<&[u8]>,
+    d: &Decision,
+    due_at: Millis,
+    now: Millis,
+) -> Result<State, Decided> {
+    if state != State::Held {
+        return Err(Decided::NotHeld(state));
+    }
+    if d.approve
+        && let Some(hash) = &d.hash
+        && held_hash != Some(&hash[..])
+    {
+        return Err(Decided::HashMismatch);
+    }
+    Ok(if !d.approve {
+        State::Rejected
+    } else if due_at > now {
+        State::Scheduled
+    } else {
+        State::Queued
+    })
+}
+
+/// The answer for a decision that moved the message to `next`.
+pub(crate) fn decided(next: State) -> Decided {
+    match next {
+        State::Rejected => Decided::Rejected,
+        other => Decided::Released(other),
+    }
+}
