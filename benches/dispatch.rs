@@ -30,6 +30,7 @@ use lettre::transport::smtp::extension::ClientId;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use mailmux_actors::queue::{self, Queue, QueueSettings, State, StoreKind, Submit};
 use mailmux_actors::{
     Dispatcher, Limits, Mail, RelayKind, RelaySettings, RouterSettings, Settings, Status,
     SupervisorSettings,
@@ -51,7 +52,8 @@ usage: cargo bench --bench dispatch -- [options]
   --concurrency C[,C...]   sessions, connections or sending tasks in parallel (1,8,32,64)
   --size BYTES[,BYTES...]  message body size (1024)
   --runs R                 runs of each measurement; the best is reported (2)
-  --paths P[,P...]         any of source, lettre, actors, actors-serial
+  --paths P[,P...]         any of source, lettre, actors, actors-serial,
+                           queue (the actors behind the SQLite queue), queue-memory
                            (default: source, lettre, actors, actors-serial)
 ";
 
@@ -65,6 +67,13 @@ enum Client {
     /// The actors with `pipelining = false`: the same SMTP exchange as raw
     /// lettre, so the difference is the actors' own cost.
     ActorsSerial,
+    /// The actors behind the durable queue on SQLite (a file in a temporary
+    /// folder): every message stored, marked before its final "." and
+    /// settled, each write fsynced, as the daemon does. Each task waits for
+    /// its message's outcome, as a `send_email` with `wait: true`.
+    QueueSqlite,
+    /// The same on the `memory` store: the queue's cost with no disk.
+    QueueMemory,
 }
 
 impl Client {
@@ -74,6 +83,8 @@ impl Client {
             Client::Lettre => "raw lettre",
             Client::Actors => "actors",
             Client::ActorsSerial => "actors, no pipelining",
+            Client::QueueSqlite => "actors + queue, sqlite",
+            Client::QueueMemory => "actors + queue, memory",
         }
     }
 }
@@ -114,6 +125,8 @@ fn parse_args() -> anyhow::Result<Args> {
         Client::Lettre,
         Client::Actors,
         Client::ActorsSerial,
+        Client::QueueSqlite,
+        Client::QueueMemory,
     ];
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -133,6 +146,8 @@ fn parse_args() -> anyhow::Result<Args> {
                         "lettre" => Ok(Client::Lettre),
                         "actors" => Ok(Client::Actors),
                         "actors-serial" => Ok(Client::ActorsSerial),
+                        "queue" | "queue-sqlite" => Ok(Client::QueueSqlite),
+                        "queue-memory" => Ok(Client::QueueMemory),
                         other => bail!("--paths: unknown path {other:?}"),
                     })
                     .collect::<anyhow::Result<_>>()?;
@@ -491,13 +506,9 @@ fn collect<'a>(
 
 /// The actor system with one relay whose pool has C connections, fed by C
 /// concurrent callers, each timing its own `send`.
-async fn run_actors(
-    port: u16,
-    c: usize,
-    n: usize,
-    msg: Arc<[u8]>,
-    pipelining: bool,
-) -> anyhow::Result<Measurement> {
+/// The dispatcher as the actor paths configure it: one relay to the sink
+/// with `c` connections.
+async fn dispatcher(port: u16, c: usize, n: usize, pipelining: bool) -> anyhow::Result<Dispatcher> {
     let mut relay = RelaySettings::smtp("sink", "127.0.0.1", port);
     if let RelayKind::Smtp(s) = &mut relay.kind {
         s.pipelining = pipelining;
@@ -505,14 +516,24 @@ async fn run_actors(
     relay.pool.max_connections = c;
     relay.pool.messages_per_connection = 0;
     relay.pool.max_queued = n.max(1024);
-    let dispatcher = Dispatcher::start(Settings {
+    Dispatcher::start(Settings {
         relays: vec![relay],
         router: RouterSettings::default(),
         supervisor: SupervisorSettings::default(),
         limits: Limits::default(),
     })
     .await
-    .context("starting the dispatcher")?;
+    .context("starting the dispatcher")
+}
+
+async fn run_actors(
+    port: u16,
+    c: usize,
+    n: usize,
+    msg: Arc<[u8]>,
+    pipelining: bool,
+) -> anyhow::Result<Measurement> {
+    let dispatcher = dispatcher(port, c, n, pipelining).await?;
     let from: Address = FROM.parse()?;
     let to: Address = TO.parse()?;
 
@@ -569,6 +590,87 @@ async fn run_actors(
     Ok(m)
 }
 
+/// The actors behind the queue: each of `c` tasks submits its share of the
+/// messages one after another and waits for each outcome.
+async fn run_queue(
+    port: u16,
+    c: usize,
+    n: usize,
+    msg: Arc<[u8]>,
+    durable: bool,
+) -> anyhow::Result<Measurement> {
+    let dir = tempfile::tempdir()?;
+    let kind = if durable {
+        StoreKind::Sqlite {
+            path: dir.path().join("queue.db"),
+        }
+    } else {
+        StoreKind::Memory
+    };
+    let store = queue::open(&kind).await.context("opening the store")?;
+    let settings = QueueSettings {
+        store: kind,
+        delivery_timeout: DEADLINE,
+        ..QueueSettings::default()
+    };
+    let dispatcher = dispatcher(port, c, n, true).await?;
+    let rounds = Limits::default().max_in_flight;
+    let q = Queue::start(store, dispatcher.clone(), settings, rounds)
+        .await
+        .context("starting the queue")?;
+    let from: Address = FROM.parse()?;
+    let to: Address = TO.parse()?;
+
+    let cpu = process_cpu("self");
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for i in 0..c {
+        let k = share(n, c, i);
+        let (q, msg, from, to) = (q.clone(), msg.clone(), from.clone(), to.clone());
+        tasks.spawn(async move {
+            let mut r = TaskResult {
+                latencies: Vec::with_capacity(k),
+                ..TaskResult::default()
+            };
+            for j in 0..k {
+                let submit = Submit {
+                    mail: Mail {
+                        message_id: format!("bench.{i}.{j}@localhost"),
+                        from: Some(from.clone()),
+                        to: vec![to.clone()],
+                        bytes: msg.clone(),
+                        deadline: tokio::time::Instant::now() + DEADLINE,
+                        prefer: None,
+                        only: None,
+                    },
+                    send_at: None,
+                    idempotency: None,
+                    wait: true,
+                    caller: None,
+                    meta: None,
+                    hold: None,
+                    batch: None,
+                };
+                let t = Instant::now();
+                match q.submit(submit).await {
+                    Ok(s) if s.record.state == State::Sent => r.latencies.push(t.elapsed()),
+                    Ok(s) => r.fail(1, format!("ended {}", s.record.state.as_str())),
+                    Err(e) => r.fail(1, e),
+                }
+            }
+            r
+        });
+    }
+    let results = tasks.join_all().await;
+    let elapsed = started.elapsed();
+    let mut m = collect(n, elapsed, results.iter());
+    m.client_cpu = cpu_since(cpu);
+    m.latencies.sort_unstable();
+    q.shutdown(Duration::from_secs(5)).await;
+    dispatcher.shutdown(Duration::from_secs(5)).await;
+    Ok(m)
+}
+
 /// One run of one path against a fresh sink.
 fn measure(
     rt: &tokio::runtime::Runtime,
@@ -595,6 +697,13 @@ fn measure(
             let sink = Sink::start(c)?;
             let pipelining = path == Client::Actors;
             let mut m = rt.block_on(run_actors(sink.port, c, n, msg.clone(), pipelining))?;
+            (m.sink_count, m.sink_cpu) = sink.stop().map(|(n, cpu)| (Some(n), cpu))?;
+            Ok(m)
+        }
+        Client::QueueSqlite | Client::QueueMemory => {
+            let sink = Sink::start(c)?;
+            let durable = path == Client::QueueSqlite;
+            let mut m = rt.block_on(run_queue(sink.port, c, n, msg.clone(), durable))?;
             (m.sink_count, m.sink_cpu) = sink.stop().map(|(n, cpu)| (Some(n), cpu))?;
             Ok(m)
         }

@@ -10,8 +10,10 @@
 //!
 //! Knobs (environment): `MAILMUX_SOAK` (`short` | `long`),
 //! `MAILMUX_SOAK_MESSAGES`, `MAILMUX_SOAK_SECONDS`, `MAILMUX_SOAK_CONCURRENCY`,
-//! `MAILMUX_SOAK_TRANSPORT` (`stdio` | `http`). Output: `target/soak/soak.csv`
-//! and `target/soak/soak.png`.
+//! `MAILMUX_SOAK_TRANSPORT` (`stdio` | `http`), `MAILMUX_SOAK_RETAIN` (the
+//! store's `retain`, 10 s unless set: finished messages are purged while
+//! the soak runs, and the store's size must level off). Output:
+//! `target/soak/soak.csv` and `target/soak/soak.png`.
 
 mod load;
 
@@ -37,6 +39,13 @@ const FD_SLACK: u64 = 8;
 /// Once the load has stopped and the pool is idle, live tasks may exceed
 /// their count before the load by at most this.
 const TASK_SLACK: u64 = 4;
+/// Once `retain` has purged for a while (warm-up, then `retain` and two
+/// purges later), the store on disk may reach at most its size then ×
+/// STORE_FACTOR + STORE_SLACK_KB: it holds about `retain` worth of mail.
+const STORE_FACTOR: f64 = 1.5;
+const STORE_SLACK_KB: u64 = 4 * 1024;
+/// The soak's default `retain`.
+const RETAIN: &str = "10s";
 
 #[derive(Debug, Clone)]
 struct Plan {
@@ -45,6 +54,7 @@ struct Plan {
     duration: Option<Duration>,
     concurrency: usize,
     transport: Transport,
+    retain: Duration,
 }
 
 fn env_num(name: &str) -> Option<u64> {
@@ -79,6 +89,13 @@ fn plan() -> Plan {
             .or(duration),
         concurrency: env_num("MAILMUX_SOAK_CONCURRENCY").unwrap_or(16) as usize,
         transport,
+        retain: {
+            let v = std::env::var("MAILMUX_SOAK_RETAIN").unwrap_or_else(|_| RETAIN.into());
+            match humantime::parse_duration(&v) {
+                Ok(d) if d >= Duration::from_secs(1) => d,
+                _ => panic!("MAILMUX_SOAK_RETAIN={v:?}: use a duration of 1s or more"),
+            }
+        },
     }
 }
 
@@ -90,16 +107,17 @@ struct Row {
     proc: ProcSample,
     alive_tasks: u64,
     workers: u64,
+    store_kb: u64,
 }
 
 fn csv(rows: &[Row]) -> String {
     let mut out = String::from(
-        "elapsed_s,messages_answered,msgs_per_s,rss_kb,hwm_kb,fds,threads,alive_tasks,workers\n",
+        "elapsed_s,messages_answered,msgs_per_s,rss_kb,hwm_kb,fds,threads,alive_tasks,workers,store_kb\n",
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "{:.1},{},{:.1},{},{},{},{},{},{}",
+            "{:.1},{},{:.1},{},{},{},{},{},{},{}",
             r.t,
             r.sent,
             r.rate,
@@ -108,7 +126,8 @@ fn csv(rows: &[Row]) -> String {
             r.proc.fds,
             r.proc.threads,
             r.alive_tasks,
-            r.workers
+            r.workers,
+            r.store_kb
         );
     }
     out
@@ -155,6 +174,11 @@ fn plot(rows: &[Row], title: &str, path: &Path) -> anyhow::Result<()> {
                         "peak RSS",
                         MAGENTA,
                         Box::new(|r: &Row| r.proc.hwm_kb as f64 / 1024.0),
+                    ),
+                    (
+                        "store on disk",
+                        BLUE,
+                        Box::new(|r: &Row| r.store_kb as f64 / 1024.0),
                     ),
                 ],
             ),
@@ -249,7 +273,7 @@ async fn soak() -> anyhow::Result<()> {
             log: "warn".into(),
             store: "sqlite",
             policy: false,
-            queue_extra: String::new(),
+            queue_extra: format!("retain = \"{}\"", humantime::format_duration(plan.retain)),
             max_message_bytes: None,
             http_requests: c * 2,
         },
@@ -298,7 +322,11 @@ async fn soak() -> anyhow::Result<()> {
         });
     }
 
-    let sample = |answered: u64, last: Option<&Row>, tasks: (u64, u64)| -> anyhow::Result<Row> {
+    let sample = |answered: u64,
+                  last: Option<&Row>,
+                  tasks: (u64, u64),
+                  store_kb: u64|
+     -> anyhow::Result<Row> {
         let t = started.elapsed().as_secs_f64();
         let rate = match last {
             Some(l) if t > l.t => (answered - l.sent) as f64 / (t - l.t),
@@ -311,9 +339,15 @@ async fn soak() -> anyhow::Result<()> {
             proc: load::proc_sample(pid)?,
             alive_tasks: tasks.0,
             workers: tasks.1,
+            store_kb,
         })
     };
-    let mut rows = vec![sample(0, None, load::runtime_tasks(&peer).await?)?];
+    let mut rows = vec![sample(
+        0,
+        None,
+        load::runtime_tasks(&peer).await?,
+        daemon.store_kb(),
+    )?];
     let mut tick =
         tokio::time::interval_at(tokio::time::Instant::now() + SAMPLE_EVERY, SAMPLE_EVERY);
     let mut results = Vec::new();
@@ -321,10 +355,10 @@ async fn soak() -> anyhow::Result<()> {
         tokio::select! {
             _ = tick.tick() => {
                 let tasks = load::runtime_tasks(&peer).await?;
-                let row = sample(answered.load(Ordering::Relaxed), rows.last(), tasks)?;
+                let row = sample(answered.load(Ordering::Relaxed), rows.last(), tasks, daemon.store_kb())?;
                 eprintln!(
-                    "soak: {:>6.1} s  {:>8} answered  {:>7.0} msgs/s  RSS {:>6} kB  FDs {:>4}  tasks {:>5}  threads {:>3}",
-                    row.t, row.sent, row.rate, row.proc.rss_kb, row.proc.fds, row.alive_tasks, row.proc.threads
+                    "soak: {:>6.1} s  {:>8} answered  {:>7.0} msgs/s  RSS {:>6} kB  FDs {:>4}  tasks {:>5}  threads {:>3}  store {:>7} kB",
+                    row.t, row.sent, row.rate, row.proc.rss_kb, row.proc.fds, row.alive_tasks, row.proc.threads, row.store_kb
                 );
                 rows.push(row);
             }
@@ -340,6 +374,7 @@ async fn soak() -> anyhow::Result<()> {
         total,
         rows.last(),
         load::runtime_tasks(&peer).await?,
+        daemon.store_kb(),
     )?);
 
     // Idle again: deliveries done, nothing should be left running but the
@@ -418,12 +453,29 @@ async fn soak() -> anyhow::Result<()> {
         .unwrap_or(warm_rss);
     let max_fds = after.iter().map(|r| r.proc.fds).max().unwrap_or(warm_fds);
     let rss_limit = (warm_rss as f64 * RSS_FACTOR) as u64 + RSS_SLACK_KB;
+    // The store's size once purging has run for a while, and its largest
+    // size after that (only while the load ran: the last row is after it).
+    let settled_at = WARM_UP + plan.retain + 2 * (plan.retain / 4).max(Duration::from_secs(1));
+    let settled = rows
+        .iter()
+        .filter(|r| r.t <= settled_at.as_secs_f64() + 0.5)
+        .map(|r| r.store_kb)
+        .max()
+        .unwrap_or(0);
+    let later_store: Vec<u64> = rows
+        .iter()
+        .filter(|r| r.t > settled_at.as_secs_f64() + 0.5)
+        .map(|r| r.store_kb)
+        .collect();
+    let max_store = later_store.iter().copied().max();
+    let store_limit = (settled as f64 * STORE_FACTOR) as u64 + STORE_SLACK_KB;
     let fd_limit = warm_fds + FD_SLACK;
     let summary = format!(
         "{} mode over {}, C={c}: {total} calls in {:.1} s ({:.0} msgs/s); sent {sent}, other {:?}; \
          at the sink {} distinct, lost {}, duplicated {}, unexpected {}; \
          RSS warm-up {warm_rss} kB, later max {max_rss} kB (limit {rss_limit}); \
          FDs warm-up {warm_fds}, later max {max_fds} (limit {fd_limit}); \
+         store (retain {}) {settled} kB at {:.0} s, later max {} (limit {store_limit}); \
          tasks idle before {tasks_before}, after {tasks_after}",
         plan.mode,
         plan.transport.name(),
@@ -434,6 +486,9 @@ async fn soak() -> anyhow::Result<()> {
         lost.len(),
         duplicated.len(),
         unexpected.len(),
+        humantime::format_duration(plan.retain),
+        settled_at.as_secs_f64(),
+        max_store.map_or("n/a (the soak ended before)".into(), |k| format!("{k} kB")),
     );
     eprintln!("soak: {summary}");
     std::fs::write(dir.join("summary.txt"), format!("{summary}\n"))?;
@@ -460,6 +515,10 @@ async fn soak() -> anyhow::Result<()> {
     assert!(
         max_fds <= fd_limit,
         "open FDs grew after warm-up: {summary}"
+    );
+    assert!(
+        max_store.is_none_or(|m| m <= store_limit),
+        "the store kept growing although retain purges it: {summary}"
     );
     assert!(
         tasks_after <= tasks_before + TASK_SLACK,

@@ -14,8 +14,8 @@ use support::postgres::Postgres;
 use mailmux_actors::queue::memory::MemoryStore;
 use mailmux_actors::queue::sqlite::SqliteStore;
 use mailmux_actors::queue::{
-    Accepted, Cancel, Decided, Decision, Filter, Hold, NewMessage, Retry, Settle, State, Store,
-    StoreError, now_millis,
+    self, Accepted, AttemptRecord, Cancel, Decided, Decision, Filter, Hold, NewMessage, Purged,
+    Retry, Settle, State, Store, StoreError, now_millis,
 };
 
 fn by_state(state: State) -> Filter {
@@ -149,14 +149,66 @@ async fn conformance(store: &dyn Store) {
     assert_eq!(count(State::Cancelled), 1);
 
     // Purge removes finished messages and old keys only.
-    let n = store
-        .purge(now_millis() + 1, now_millis() + 1)
+    let n = queue::purge(store, now_millis() + 1, now_millis() + 1, 1000)
         .await
         .unwrap();
     assert_eq!(n, 2);
     assert!(store.get("m1").await.unwrap().is_none());
     assert!(store.get("l0").await.unwrap().is_some());
     assert!(store.find_key("k").await.unwrap().is_none());
+}
+
+/// Purge deletes in chunks, oldest first, and a chunked purge goes on until
+/// every finished message and old key is gone; waiting messages stay.
+async fn purges_in_chunks(store: &dyn Store) {
+    for i in 0..7 {
+        let id = format!("p{i}");
+        let key = format!("pk{i}");
+        store.accept(message(&id, Some((&key, 1)))).await.unwrap();
+        store.mark(&id).await.unwrap();
+        let mut s = settle(State::Sent, None);
+        s.attempts.push(AttemptRecord {
+            at: now_millis(),
+            relay: "r".into(),
+            class: None,
+            code: Some(250),
+            text: "ok".into(),
+            duration_ms: 1,
+        });
+        store.settle(&id, s).await.unwrap();
+        // Distinct finish times, so that "oldest first" is observable.
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    store.accept(message("waiting", None)).await.unwrap();
+
+    let later = now_millis() + 1;
+    let first = store.purge(later, later, 3).await.unwrap();
+    assert_eq!(
+        first,
+        Purged {
+            messages: 3,
+            keys: 3
+        }
+    );
+    for i in 0..3 {
+        assert!(store.get(&format!("p{i}")).await.unwrap().is_none());
+    }
+    assert!(store.get("p3").await.unwrap().is_some());
+
+    let rest = queue::purge(store, later, later, 3).await.unwrap();
+    assert_eq!(rest, 4);
+    for i in 0..7 {
+        assert!(store.get(&format!("p{i}")).await.unwrap().is_none());
+        assert!(store.find_key(&format!("pk{i}")).await.unwrap().is_none());
+    }
+    assert_eq!(
+        store.get("waiting").await.unwrap().map(|r| r.state),
+        Some(State::Queued)
+    );
+    assert_eq!(
+        store.purge(later, later, 3).await.unwrap(),
+        Purged::default()
+    );
 }
 
 /// Retry: failed and expired messages queue again with a fresh due time;
@@ -352,6 +404,8 @@ async fn sqlite_on_disk_conforms() {
     approvals(&store).await;
     let store = SqliteStore::open(&dir.path().join("retries.db")).unwrap();
     retries(&store).await;
+    let store = SqliteStore::open(&dir.path().join("purges.db")).unwrap();
+    purges_in_chunks(&store).await;
 }
 
 #[tokio::test]
@@ -361,6 +415,7 @@ async fn memory_conforms() {
     conformance(&store).await;
     approvals(&MemoryStore::new()).await;
     retries(&MemoryStore::new()).await;
+    purges_in_chunks(&MemoryStore::new()).await;
 }
 
 #[tokio::test]
@@ -477,6 +532,7 @@ async fn postgres_conforms() {
     conformance(&store).await;
     approvals(&PgStore::open(&pg(&server.database(), "n1")).await.unwrap()).await;
     retries(&PgStore::open(&pg(&server.database(), "n1")).await.unwrap()).await;
+    purges_in_chunks(&PgStore::open(&pg(&server.database(), "n1")).await.unwrap()).await;
 }
 
 /// Two daemons on one database: one idempotency key stores one message

@@ -348,7 +348,7 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
             let now = queue::now_millis();
             let finished = now - age.as_millis() as i64;
             let keys = now - config.queue.idempotency_ttl.as_millis() as i64;
-            match store.purge(finished, keys).await {
+            match queue::purge(store, finished, keys, queue::PURGE_CHUNK).await {
                 Ok(n) => {
                     println!("purged {n} finished messages");
                     ExitCode::SUCCESS

@@ -425,6 +425,16 @@ impl Daemon {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
 
+    /// The size of the default SQLite store on disk, with its WAL, in kB.
+    pub fn store_kb(&self) -> u64 {
+        ["mailmux-queue.db", "mailmux-queue.db-wal"]
+            .iter()
+            .filter_map(|f| std::fs::metadata(self.dir.path().join(f)).ok())
+            .map(|m| m.len())
+            .sum::<u64>()
+            / 1024
+    }
+
     /// Closes the session (end of stdin, or SIGTERM for HTTP) and waits for
     /// the daemon to exit.
     pub async fn stop(mut self) -> anyhow::Result<()> {

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{
-    Accepted, Cancel, Decided, Decision, Filter, Millis, NewMessage, Pending, Record, Recovered,
-    Retry, Settle, State, Stats, Store, StoreError, Summary, now_millis,
+    Accepted, Cancel, Decided, Decision, Filter, Millis, NewMessage, Pending, Purged, Record,
+    Recovered, Retry, Settle, State, Stats, Store, StoreError, Summary, now_millis,
 };
 
 #[derive(Debug, Default)]
@@ -454,13 +454,19 @@ impl Store for MemoryStore {
         Ok(out)
     }
 
-    async fn purge(&self, finished_before: Millis, keys_before: Millis) -> Result<u64, StoreError> {
+    async fn purge(
+        &self,
+        finished_before: Millis,
+        keys_before: Millis,
+        limit: usize,
+    ) -> Result<Purged, StoreError> {
         let mut mem = self.lock();
         let gone: Vec<i64> = mem
             .rows
             .iter()
             .filter(|(_, r)| r.finished_at.is_some_and(|f| f < finished_before))
             .map(|(s, _)| *s)
+            .take(limit)
             .collect();
         for seq in &gone {
             if let Some(row) = mem.rows.remove(seq) {
@@ -470,8 +476,19 @@ impl Store for MemoryStore {
                 }
             }
         }
-        mem.keys
-            .retain(|_, (_, _, created)| *created >= keys_before);
-        Ok(gone.len() as u64)
+        let old_keys: Vec<String> = mem
+            .keys
+            .iter()
+            .filter(|(_, (_, _, created))| *created < keys_before)
+            .map(|(k, _)| k.clone())
+            .take(limit)
+            .collect();
+        for k in &old_keys {
+            mem.keys.remove(k);
+        }
+        Ok(Purged {
+            messages: gone.len() as u64,
+            keys: old_keys.len() as u64,
+        })
     }
 }

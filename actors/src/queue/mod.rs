@@ -419,6 +419,42 @@ pub struct Stats {
     pub next_retry_at: Option<Millis>,
 }
 
+/// What one purge deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Purged {
+    /// Finished messages, with their attempts.
+    pub messages: u64,
+    /// Idempotency keys.
+    pub keys: u64,
+}
+
+/// Rows one purge write deletes at most, so that a large backlog (a
+/// daemon that sent a million messages in a day, or a first purge after a
+/// long stop) never holds the store's writer for long: other writes go in
+/// between the chunks.
+pub const PURGE_CHUNK: usize = 1000;
+
+/// Deletes every finished message older than `finished_before` and every
+/// key older than `keys_before`, in writes of at most `chunk` rows each
+/// ([`PURGE_CHUNK`] in the daemon); returns the messages deleted.
+pub async fn purge(
+    store: &dyn Store,
+    finished_before: Millis,
+    keys_before: Millis,
+    chunk: usize,
+) -> Result<u64, StoreError> {
+    let chunk = chunk.max(1);
+    let mut total = 0;
+    loop {
+        let p = store.purge(finished_before, keys_before, chunk).await?;
+        total += p.messages;
+        if p.messages < chunk as u64 && p.keys < chunk as u64 {
+            return Ok(total);
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
 /// What recovery did at start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Recovered {
@@ -592,7 +628,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn note_copy(&self, message_id: &str, outcome: &str) -> Result<(), StoreError>;
     /// Applies the crash rule to messages left in `sending`.
     async fn recover(&self) -> Result<Recovered, StoreError>;
-    /// Deletes finished messages older than `finished_before` and keys
-    /// older than `keys_before`; returns the messages deleted.
-    async fn purge(&self, finished_before: Millis, keys_before: Millis) -> Result<u64, StoreError>;
+    /// Deletes up to `limit` finished messages older than `finished_before`
+    /// (oldest first) and up to `limit` keys older than `keys_before`, in
+    /// one write. [`purge`] repeats it until nothing is left.
+    async fn purge(
+        &self,
+        finished_before: Millis,
+        keys_before: Millis,
+        limit: usize,
+    ) -> Result<Purged, StoreError>;
 }

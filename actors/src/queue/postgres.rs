@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::rows::{self, entry, lines};
 use super::{
     Accepted, AttemptRecord, Cancel, Decided, Decision, Filter, Millis, NewMessage, Pending,
-    Record, Recovered, Retry, Settle, State, Stats, Store, StoreError, Summary, now_millis,
+    Purged, Record, Recovered, Retry, Settle, State, Stats, Store, StoreError, Summary, now_millis,
 };
 
 /// The schema, one migration per version; `mailmux_schema` records how many
@@ -1403,29 +1403,40 @@ impl Store for PgStore {
         self.take_over(true).await
     }
 
-    async fn purge(&self, finished_before: Millis, keys_before: Millis) -> Result<u64, StoreError> {
+    async fn purge(
+        &self,
+        finished_before: Millis,
+        keys_before: Millis,
+        limit: usize,
+    ) -> Result<Purged, StoreError> {
+        let limit = limit as i64;
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        sqlx::query(
-            "DELETE FROM mailmux_attempts WHERE seq IN
-                (SELECT seq FROM mailmux_messages WHERE finished_at < $1)",
+        // `gone` is evaluated once, so both deletes take the same messages.
+        let messages = sqlx::query(
+            "WITH gone AS (SELECT seq FROM mailmux_messages WHERE finished_at < $1
+                           ORDER BY finished_at LIMIT $2),
+                  attempts AS (DELETE FROM mailmux_attempts WHERE seq IN (SELECT seq FROM gone))
+             DELETE FROM mailmux_messages WHERE seq IN (SELECT seq FROM gone)",
         )
         .bind(finished_before)
+        .bind(limit)
         .execute(&mut *tx)
         .await
-        .map_err(unavailable)?;
-        let n = sqlx::query("DELETE FROM mailmux_messages WHERE finished_at < $1")
-            .bind(finished_before)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
-        sqlx::query("DELETE FROM mailmux_idempotency WHERE created_at < $1")
-            .bind(keys_before)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+        .map_err(unavailable)?
+        .rows_affected();
+        let keys = sqlx::query(
+            "DELETE FROM mailmux_idempotency WHERE key IN
+                (SELECT key FROM mailmux_idempotency WHERE created_at < $1
+                 ORDER BY created_at LIMIT $2)",
+        )
+        .bind(keys_before)
+        .bind(limit)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?
+        .rows_affected();
         tx.commit().await.map_err(unavailable)?;
-        Ok(n)
+        Ok(Purged { messages, keys })
     }
 }
 

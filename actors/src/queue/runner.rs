@@ -37,7 +37,9 @@ const POLL_INTERVAL: Duration = Duration::from_millis(100);
 const POLL_BATCH: usize = 256;
 /// State changes a slow listener may fall behind by before it misses some.
 const CHANGES_CAPACITY: usize = 1024;
-/// How often finished messages and old keys are purged.
+/// How often finished messages and old keys are purged at most: a quarter
+/// of `retain`, between 1 s and this, so that a short `retain` holds the
+/// store to about that much mail.
 const PURGE_INTERVAL: Duration = Duration::from_secs(60);
 /// How often held messages past their approval deadline are expired.
 const HELD_INTERVAL: Duration = Duration::from_secs(1);
@@ -1272,19 +1274,24 @@ async fn poll(inner: &Arc<Inner>) {
     }
 }
 
+/// The pause between purges for a given `retain`.
+fn purge_every(retain: Duration) -> Duration {
+    (retain / 4).clamp(Duration::from_secs(1), PURGE_INTERVAL)
+}
+
 async fn purge_loop(inner: Arc<Inner>) {
     loop {
         let now = now_millis();
         let finished = now - inner.settings.retain.as_millis() as i64;
         let keys = now - inner.settings.idempotency_ttl.as_millis() as i64;
-        match inner.store.purge(finished, keys).await {
+        match super::purge(inner.store.as_ref(), finished, keys, super::PURGE_CHUNK).await {
             Ok(n) if n > 0 => tracing::info!(purged = n, "purged finished messages past retain"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "purging the queue failed"),
         }
         tokio::select! {
             () = inner.stop.cancelled() => return,
-            () = tokio::time::sleep(PURGE_INTERVAL) => {}
+            () = tokio::time::sleep(purge_every(inner.settings.retain)) => {}
         }
     }
 }

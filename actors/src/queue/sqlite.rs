@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use super::rows::{self, entry, lines};
 use super::{
     Accepted, AttemptRecord, Cancel, Decided, Decision, Filter, Millis, NewMessage, Pending,
-    Record, Recovered, Retry, Settle, State, Stats, Store, StoreError, Summary, now_millis,
+    Purged, Record, Recovered, Retry, Settle, State, Stats, Store, StoreError, Summary, now_millis,
 };
 
 /// Writes folded into one transaction at most. Bounds the latency a write
@@ -369,14 +369,30 @@ fn mark(c: &Connection, id: &str, now: Millis) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn purge(c: &Connection, finished: Millis, keys: Millis) -> rusqlite::Result<u64> {
-    c.execute(
-        "DELETE FROM attempts WHERE seq IN (SELECT seq FROM messages WHERE finished_at < ?1)",
-        [finished],
-    )?;
-    let n = c.execute("DELETE FROM messages WHERE finished_at < ?1", [finished])?;
-    c.execute("DELETE FROM idempotency WHERE created_at < ?1", [keys])?;
-    Ok(n as u64)
+fn purge(c: &Connection, finished: Millis, keys: Millis, limit: usize) -> rusqlite::Result<Purged> {
+    let limit = limit as i64;
+    let seqs = c
+        .prepare_cached(
+            "SELECT seq FROM messages WHERE finished_at < ?1 ORDER BY finished_at LIMIT ?2",
+        )?
+        .query_map(params![finished, limit], |r| r.get::<_, i64>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut attempts = c.prepare_cached("DELETE FROM attempts WHERE seq = ?1")?;
+    let mut messages = c.prepare_cached("DELETE FROM messages WHERE seq = ?1")?;
+    for seq in &seqs {
+        attempts.execute([seq])?;
+        messages.execute([seq])?;
+    }
+    let keys = c
+        .prepare_cached(
+            "DELETE FROM idempotency WHERE key IN
+                (SELECT key FROM idempotency WHERE created_at < ?1 ORDER BY created_at LIMIT ?2)",
+        )?
+        .execute(params![keys, limit])?;
+    Ok(Purged {
+        messages: seqs.len() as u64,
+        keys: keys as u64,
+    })
 }
 
 /// The assignment that appends parameter `?n` (an [`entry`]) to a message's
@@ -839,8 +855,13 @@ impl Store for SqliteStore {
         self.write(recover).await
     }
 
-    async fn purge(&self, finished_before: Millis, keys_before: Millis) -> Result<u64, StoreError> {
-        self.write(move |c, _| purge(c, finished_before, keys_before))
+    async fn purge(
+        &self,
+        finished_before: Millis,
+        keys_before: Millis,
+        limit: usize,
+    ) -> Result<Purged, StoreError> {
+        self.write(move |c, _| purge(c, finished_before, keys_before, limit))
             .await
     }
 }
