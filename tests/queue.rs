@@ -15,17 +15,22 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use harness::{Call, burst, call};
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CancelTaskParams, ClientCapabilities, ClientConfig,
+    GetTaskParams, GetTaskResult, Implementation, TaskPayload, TaskStatus,
+};
 use rmcp::service::{Peer, RunningService};
-use rmcp::{RoleClient, ServiceExt};
+use rmcp::{ClientHandler, RoleClient, ServiceExt};
 use serde_json::{Value, json};
 use support::fault_smtp::{Action, FaultSmtp, Phase, Received, Script, copies};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
 /// The built binary over stdio, on a configuration and a store in `dir`,
-/// which outlives the process so that a restart finds the same store.
-struct Daemon {
-    client: Option<RunningService<RoleClient, ()>>,
+/// which outlives the process so that a restart finds the same store. `C`
+/// is the MCP client (what it declares at `initialize`).
+struct Daemon<C: ClientHandler = ()> {
+    client: Option<RunningService<RoleClient, C>>,
     child: tokio::process::Child,
     pid: u32,
     /// The daemon's stderr, outside `dir`: a test may fill `dir`'s disk.
@@ -61,6 +66,12 @@ probe_interval = "200ms"
 
 impl Daemon {
     async fn start(dir: &Path, config: &str) -> Daemon {
+        Daemon::start_as(dir, config, ()).await
+    }
+}
+
+impl<C: ClientHandler> Daemon<C> {
+    async fn start_as(dir: &Path, config: &str, client: C) -> Daemon<C> {
         let path = dir.join("mailmux.toml");
         std::fs::write(&path, config).unwrap();
         let log = tempfile::Builder::new()
@@ -85,7 +96,7 @@ impl Daemon {
         let pid = child.id().unwrap();
         let stdout = child.stdout.take().unwrap();
         let stdin = child.stdin.take().unwrap();
-        let client = tokio::time::timeout(Duration::from_secs(20), ().serve((stdout, stdin)))
+        let client = tokio::time::timeout(Duration::from_secs(20), client.serve((stdout, stdin)))
             .await
             .expect("the daemon initializes")
             .expect("client initializes");
@@ -1020,4 +1031,173 @@ async fn the_queue_command_inspects_and_acts_while_the_daemon_runs() {
     let (code, _, _) = q(&["show", &sent_id]);
     assert_eq!(code, Some(1));
     d.stop().await;
+}
+
+/// A client that declares the tasks extension.
+fn tasks_client() -> ClientConfig {
+    ClientConfig::new(
+        ClientCapabilities::builder().enable_tasks().build(),
+        Implementation::new("tasks-test", "1.0"),
+    )
+}
+
+/// `send_email` through `call_tool_once`: the complete result or the task.
+async fn send_once(peer: &Peer<RoleClient>, args: Value) -> CallToolResponse {
+    let Value::Object(args) = args else {
+        panic!("arguments are an object")
+    };
+    let params = CallToolRequestParams::new("send_email").with_arguments(args);
+    tokio::time::timeout(LIMIT, peer.call_tool_once(params))
+        .await
+        .expect("an answer in time")
+        .expect("no protocol error")
+}
+
+async fn get_task(peer: &Peer<RoleClient>, id: &str) -> GetTaskResult {
+    peer.get_task(GetTaskParams::new(id))
+        .await
+        .expect("tasks/get answers")
+}
+
+/// Polls `tasks/get` until the task is terminal.
+async fn task_done(peer: &Peer<RoleClient>, id: &str) -> GetTaskResult {
+    let start = std::time::Instant::now();
+    loop {
+        let t = get_task(peer, id).await;
+        if t.task.status().is_terminal() || start.elapsed() > LIMIT {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A client that declares the tasks extension gets a task for a
+/// `send_email` that would wait: the task id is the Message-ID, `tasks/get`
+/// answers from the store (also after a restart) with the `send_email`
+/// result once the message is final, and `tasks/cancel` cancels a message
+/// that still waits. Calls with `wait: false`, dry runs, refusals and
+/// clients without the extension are answered as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_email_is_a_task_for_clients_that_take_tasks() {
+    let smtp = FaultSmtp::start(Script::ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(dir.path(), smtp.port(), "");
+    let d = Daemon::start_as(dir.path(), &cfg, tasks_client()).await;
+
+    // A send that would wait is a task; it completes with the send result.
+    let CallToolResponse::Task(created) = send_once(d.peer(), msg("as a task", json!({}))).await
+    else {
+        panic!("a task for a client that takes tasks");
+    };
+    let id = created.task.task_id.clone();
+    assert!(id.ends_with("@mailmux.localhost"), "the Message-ID: {id}");
+    assert!(created.task.poll_interval_ms.is_some());
+    assert!(created.task.ttl_ms.is_some());
+    let done = task_done(d.peer(), &id).await;
+    assert_eq!(done.task.status(), TaskStatus::Completed, "{done:?}");
+    let TaskPayload::Completed { result } = &done.task.payload else {
+        panic!("a completed task carries its result: {done:?}");
+    };
+    let out = &result["structuredContent"];
+    assert_eq!(out["status"], "sent", "{result:?}");
+    assert_eq!(out["message_id"], id.as_str());
+    assert_eq!(result["isError"], false);
+    assert!(
+        result["content"][0]["text"]
+            .as_str()
+            .is_some_and(|t| t.starts_with(&format!("sent {id}"))),
+        "{result:?}"
+    );
+
+    // A message that waits for its time: working, then cancelled by
+    // tasks/cancel, and never sent.
+    let CallToolResponse::Task(later) =
+        send_once(d.peer(), msg("cancelled task", json!({"send_at": "1h"}))).await
+    else {
+        panic!("a task for a scheduled send");
+    };
+    let later_id = later.task.task_id.clone();
+    let waiting = get_task(d.peer(), &later_id).await;
+    assert_eq!(waiting.task.status(), TaskStatus::Working);
+    assert!(
+        waiting
+            .task
+            .task
+            .status_message
+            .as_deref()
+            .is_some_and(|m| m.starts_with("scheduled")),
+        "{waiting:?}"
+    );
+    d.peer()
+        .cancel_task(CancelTaskParams::new(later_id.clone()))
+        .await
+        .expect("tasks/cancel answers");
+    assert_eq!(
+        get_task(d.peer(), &later_id).await.task.status(),
+        TaskStatus::Cancelled
+    );
+    assert_eq!(status_of(d.peer(), &later_id).await["status"], "cancelled");
+
+    // An unknown task is an error, not a guess.
+    assert!(
+        d.peer()
+            .get_task(GetTaskParams::new("nope@x"))
+            .await
+            .is_err()
+    );
+
+    // Answered as before: wait: false, a dry run, and a refusal.
+    match send_once(d.peer(), msg("no wait", json!({"wait": false}))).await {
+        CallToolResponse::Complete(r) => {
+            let s = r.structured_content.unwrap();
+            assert!(
+                matches!(s["status"].as_str(), Some("queued" | "sent")),
+                "{s}"
+            );
+        }
+        other => panic!("wait: false answers at once: {other:?}"),
+    }
+    match send_once(d.peer(), msg("dry", json!({"dry_run": true}))).await {
+        CallToolResponse::Complete(r) => {
+            assert_eq!(r.structured_content.unwrap()["status"], "dry_run")
+        }
+        other => panic!("a dry run is no task: {other:?}"),
+    }
+    match send_once(
+        d.peer(),
+        json!({"to": "not an address", "subject": "x", "body": "y"}),
+    )
+    .await
+    {
+        CallToolResponse::Complete(r) => assert_eq!(r.is_error, Some(true)),
+        other => panic!("a refusal is no task: {other:?}"),
+    }
+
+    // The task is the stored message: it is still there after a restart.
+    d.kill9().await;
+    let d = Daemon::start_as(dir.path(), &cfg, tasks_client()).await;
+    let again = get_task(d.peer(), &id).await;
+    assert_eq!(again.task.status(), TaskStatus::Completed);
+    d.stop().await;
+
+    // A client without the extension gets the outcome in the call.
+    let d = Daemon::start(dir.path(), &cfg).await;
+    match send_once(d.peer(), msg("no tasks", json!({}))).await {
+        CallToolResponse::Complete(r) => {
+            assert_eq!(r.structured_content.unwrap()["status"], "sent")
+        }
+        other => panic!("no task for a client without the extension: {other:?}"),
+    }
+    d.stop().await;
+
+    let counts = copies(&smtp.received());
+    let subjects: Vec<String> = smtp.received().iter().filter_map(subject_of).collect();
+    for s in ["as a task", "no wait", "no tasks"] {
+        assert_eq!(subjects.iter().filter(|x| *x == s).count(), 1, "{s}");
+    }
+    assert_eq!(
+        subjects.iter().filter(|x| *x == "cancelled task").count(),
+        0
+    );
+    assert_eq!(counts.get(&id), Some(&1));
 }

@@ -8,6 +8,7 @@ pub mod approval;
 pub mod http;
 pub mod resources;
 pub mod schema;
+pub mod tasks;
 pub mod tools;
 pub mod transport;
 pub mod types;

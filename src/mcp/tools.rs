@@ -16,11 +16,11 @@ use rmcp::RoleServer;
 use rmcp::handler::server::tool::{ToolCallContext, schema_for_output};
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
-    ListResourceTemplatesResult, ListResourcesResult, PaginatedRequestParams,
-    ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, Resource,
-    ResourceContents, ResourceTemplate, ServerCapabilities, ServerConfig, SubscribeRequestParams,
-    UnsubscribeRequestParams,
+    CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams, ContentBlock,
+    GetTaskParams, GetTaskResult, Implementation, ListResourceTemplatesResult, ListResourcesResult,
+    PaginatedRequestParams, ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult,
+    Resource, ResourceContents, ResourceTemplate, ServerCapabilities, ServerConfig,
+    SubscribeRequestParams, UnsubscribeRequestParams,
 };
 use rmcp::service::{Peer, RequestContext};
 use rmcp::{ErrorData, ServerHandler, tool, tool_handler, tool_router};
@@ -35,7 +35,7 @@ use crate::config;
 use crate::policy::{Caller, Verdict};
 
 /// Serialises a result; `isError` follows the presence of its `error`.
-fn respond<T: ToolOutput>(out: T, text: String) -> Result<CallToolResult, ErrorData> {
+pub(super) fn respond<T: ToolOutput>(out: T, text: String) -> Result<CallToolResult, ErrorData> {
     let is_error = out.error().is_some();
     let value =
         serde_json::to_value(&out).map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
@@ -76,7 +76,7 @@ fn queue_unavailable(e: &QueueError) -> ToolError {
     )
 }
 
-fn queue_error(e: &QueueError) -> ToolError {
+pub(super) fn queue_error(e: &QueueError) -> ToolError {
     ToolError::new(
         "queue_unavailable",
         format!("the queue store is unavailable: {e}"),
@@ -211,8 +211,45 @@ fn no_caller() -> ToolError {
 }
 
 /// Whether `caller` may see or act on a message stored by `owner`.
-fn owns(caller: &Caller, owner: Option<&str>) -> bool {
+pub(super) fn owns(caller: &Caller, owner: Option<&str>) -> bool {
     owner.is_none_or(|o| o == &*caller.name)
+}
+
+/// The sentence that comes with a `send_email` result.
+pub(super) fn describe(out: &SendResult, message_id: &str, replay: bool) -> String {
+    match out.status {
+        _ if replay => format!(
+            "idempotent replay: {message_id} is {}; nothing was sent again",
+            out.status.as_str()
+        ),
+        SendStatus::Sent => format!(
+            "sent {message_id} via {} to {}",
+            out.relay.as_deref().unwrap_or("?"),
+            out.accepted.join(", ")
+        ),
+        SendStatus::Queued => match &out.next_attempt_at {
+            Some(t) if !out.attempts.is_empty() => {
+                format!("queued {message_id}: no relay took it yet; next attempt at {t}")
+            }
+            _ => format!("queued {message_id}"),
+        },
+        SendStatus::Scheduled => format!(
+            "scheduled {message_id} for {}",
+            out.next_attempt_at.as_deref().unwrap_or("?")
+        ),
+        SendStatus::Held => format!(
+            "held {message_id} for approval: nothing is sent unless a person approves it (until {})",
+            out.next_attempt_at.as_deref().unwrap_or("?")
+        ),
+        SendStatus::Rejected => {
+            format!("rejected {message_id}: the approver refused it; nothing was sent")
+        }
+        status => format!(
+            "{}: {}",
+            status.as_str(),
+            out.message.clone().unwrap_or_else(|| "see attempts".into())
+        ),
+    }
 }
 
 /// What [`MailmuxServer::prepare`] made of a call.
@@ -273,17 +310,32 @@ impl MailmuxServer {
         &self,
         params: Parameters<Checked<SendEmailParams>>,
         ctx: RequestContext<RoleServer>,
-    ) -> Result<CallToolResult, ErrorData> {
+    ) -> Result<CallToolResponse, ErrorData> {
         let span = tool_span("send_email");
         let Some(caller) = caller_of(self, &ctx) else {
-            return fail::<SendResult>(no_caller());
+            return fail::<SendResult>(no_caller()).map(Into::into);
         };
         span.record("caller", &*caller.name);
+        let mut params = params.0.0;
+        // A client that takes tasks gets one for a send that would wait:
+        // the message is stored, and the outcome read with `tasks/get`.
+        let as_task = super::tasks::wanted(&ctx)
+            && matches!(&mut params, Ok(p) if p.wait != Some(false) && p.dry_run != Some(true));
+        if as_task && let Ok(p) = &mut params {
+            p.wait = Some(false);
+        }
         let (out, text) = self
-            .send_email_checked(caller, params.0.0, Some(ctx.peer))
+            .send_email_checked(caller, params, Some(ctx.peer))
             .instrument(span)
             .await;
-        respond(out, text)
+        if as_task
+            && out.error.is_none()
+            && let Some(id) = &out.message_id
+            && let Ok(Some(record)) = self.queue().status(id).await
+        {
+            return Ok(super::tasks::created(&record, self.queue().settings()).into());
+        }
+        respond(out, text).map(Into::into)
     }
 
     /// Many messages in one call: a mail merge, or unrelated messages.
@@ -1357,45 +1409,7 @@ impl MailmuxServer {
         if let Some(relay) = &out.relay {
             span.record("relay", relay.as_str());
         }
-        let text = match out.status {
-            _ if sub.replay => format!(
-                "idempotent replay: {} is {}; nothing was sent again",
-                record.message_id,
-                out.status.as_str()
-            ),
-            SendStatus::Sent => format!(
-                "sent {} via {} to {}",
-                record.message_id,
-                out.relay.as_deref().unwrap_or("?"),
-                out.accepted.join(", ")
-            ),
-            SendStatus::Queued => match &out.next_attempt_at {
-                Some(t) if !out.attempts.is_empty() => format!(
-                    "queued {}: no relay took it yet; next attempt at {t}",
-                    record.message_id
-                ),
-                _ => format!("queued {}", record.message_id),
-            },
-            SendStatus::Scheduled => format!(
-                "scheduled {} for {}",
-                record.message_id,
-                out.next_attempt_at.as_deref().unwrap_or("?")
-            ),
-            SendStatus::Held => format!(
-                "held {} for approval: nothing is sent unless a person approves it (until {})",
-                record.message_id,
-                out.next_attempt_at.as_deref().unwrap_or("?")
-            ),
-            SendStatus::Rejected => format!(
-                "rejected {}: the approver refused it; nothing was sent",
-                record.message_id
-            ),
-            status => format!(
-                "{}: {}",
-                status.as_str(),
-                out.message.clone().unwrap_or_else(|| "see attempts".into())
-            ),
-        };
+        let text = describe(&out, &record.message_id, sub.replay);
         tracing::info!(
             status = out.status.as_str(),
             replay = sub.replay,
@@ -1541,6 +1555,7 @@ impl ServerHandler for MailmuxServer {
             .enable_tools()
             .enable_resources()
             .enable_resources_subscribe()
+            .enable_tasks()
             .build();
         ServerConfig::new(capabilities)
             .with_server_info(Implementation::new("mailmux", env!("CARGO_PKG_VERSION")))
@@ -1619,6 +1634,22 @@ impl ServerHandler for MailmuxServer {
             ResourceContents::text(json, request.uri).with_mime_type("application/json"),
         ])
         .into())
+    }
+
+    async fn get_task(
+        &self,
+        request: GetTaskParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<GetTaskResult, ErrorData> {
+        super::tasks::get(self, request, context).await
+    }
+
+    async fn cancel_task(
+        &self,
+        request: CancelTaskParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        super::tasks::cancel(self, request, context).await
     }
 
     #[allow(deprecated)] // resources/subscribe: what clients of 2025-06-18 send
