@@ -282,3 +282,91 @@ async fn a_batch_over_max_message_bytes_in_total_is_refused() {
     assert!(s.smtp.wait_for_delivered(1, Duration::from_secs(10)).await);
     assert_eq!(s.smtp.delivered().len(), 1);
 }
+
+/// The decoded content of the attachment named `filename` in a message as
+/// sent (lettre writes it base64-encoded, in lines).
+fn attachment(data: &[u8], filename: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let text = String::from_utf8_lossy(data);
+    let at = text.find(&format!("filename=\"{filename}\""))?;
+    let start = at + text[at..].find("\r\n\r\n")? + 4;
+    let end = start + text[start..].find("\r\n--")?;
+    let b64: String = text[start..end]
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    base64::engine::general_purpose::STANDARD.decode(b64).ok()
+}
+
+/// Attachments in `defaults` are decoded once for the whole batch and reach
+/// every message that has none of its own, byte for byte; a message with
+/// its own keeps only its own. The shared attachments are part of each
+/// message's content for its idempotency key. Bad base64 in the defaults
+/// refuses the whole batch, naming the field under `defaults`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attachments_in_defaults_reach_every_message() {
+    use base64::Engine;
+    let b64 = |d: &[u8]| base64::engine::general_purpose::STANDARD.encode(d);
+    let s = setup(1000).await;
+    let report: Vec<u8> = (0..48 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    let own = b"an attachment of its own\n".to_vec();
+    let batch = |content: &str| {
+        let mut messages: Vec<Value> = (0..40)
+            .map(|i| json!({"to": [format!("m{i}@example.org")], "idempotency_key": format!("att-{i}")}))
+            .collect();
+        messages.push(
+            json!({"to": ["own@example.org"], "idempotency_key": "att-own",
+            "attachments": [{"filename": "own.txt", "content_base64": b64(&own)}]}),
+        );
+        json!({"defaults": {"subject": "with attachment", "body": "see attached",
+                            "attachments": [{"filename": "report.bin", "content_base64": content}]},
+               "messages": messages})
+    };
+    let (is_error, out) = call(&s, "send_batch", batch(&b64(&report))).await;
+    assert!(!is_error, "{out}");
+    assert_eq!(out["summary"], json!({"sent": 41}), "{out}");
+    let delivered = s.smtp.delivered();
+    assert_eq!(delivered.len(), 41);
+    for r in &delivered {
+        if r.rcpt_to == ["own@example.org"] {
+            assert_eq!(attachment(&r.data, "own.txt"), Some(own.clone()));
+            assert_eq!(attachment(&r.data, "report.bin"), None);
+        } else {
+            assert_eq!(
+                attachment(&r.data, "report.bin").as_deref(),
+                Some(&report[..]),
+                "{:?}",
+                r.rcpt_to
+            );
+        }
+    }
+
+    // The same batch again: every message a replay, nothing sent again.
+    let (_, again) = call(&s, "send_batch", batch(&b64(&report))).await;
+    let results = again["results"].as_array().unwrap();
+    assert!(
+        results.iter().all(|r| r["idempotent_replay"] == true),
+        "{again}"
+    );
+    // Other shared attachments under the same keys: conflicts, except the
+    // message with its own attachment, whose content did not change.
+    let mut other = report.clone();
+    other[0] ^= 1;
+    let (_, changed) = call(&s, "send_batch", batch(&b64(&other))).await;
+    let results = changed["results"].as_array().unwrap();
+    for r in &results[..40] {
+        assert_eq!(r["error"]["code"], "idempotency_conflict", "{r}");
+    }
+    assert_eq!(results[40]["idempotent_replay"], true, "{changed}");
+
+    // Bad base64 in the defaults: the whole batch is refused.
+    let (is_error, bad) = call(&s, "send_batch", batch("not base64!")).await;
+    assert!(is_error, "{bad}");
+    assert_eq!(
+        bad["error"]["field"], "defaults.attachments[0].content_base64",
+        "{bad}"
+    );
+    assert_eq!(bad["error"]["code"], "invalid_input", "{bad}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(s.smtp.delivered().len(), 41, "nothing more was sent");
+}

@@ -39,6 +39,46 @@ pub(crate) struct Loaded {
     pub data: Vec<u8>,
 }
 
+/// Attachments decoded (or read) once for many messages: the `defaults` of a
+/// `send_batch`. Each message that has no attachments of its own gets these,
+/// encoded into its own bytes; none decodes them again.
+#[derive(Debug)]
+pub struct Shared {
+    loaded: Vec<Loaded>,
+    /// What the inputs were, for the idempotency hash of each message.
+    pub digest: [u8; 32],
+    /// The inputs' size as given (base64 text, or file size).
+    pub input_bytes: usize,
+}
+
+impl Shared {
+    /// Loads `inputs` as a message's `attachments` would be, checked against
+    /// the same limits; an error names the field as in a message
+    /// (`attachments[1].content_base64`).
+    pub fn load(
+        inputs: &[AttachmentInput],
+        policy: &ComposePolicy,
+    ) -> Result<Shared, ComposeError> {
+        use sha2::Digest;
+        let mut estimate = 0;
+        let loaded = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, input)| load(i, input, policy, &mut estimate))
+            .collect::<Result<Vec<_>, _>>()?;
+        let digest = sha2::Sha256::digest(serde_json::to_vec(inputs).unwrap_or_default()).into();
+        Ok(Shared {
+            input_bytes: loaded.iter().map(|l| l.data.len()).sum(),
+            loaded,
+            digest,
+        })
+    }
+
+    pub(crate) fn loaded(&self) -> &[Loaded] {
+        &self.loaded
+    }
+}
+
 /// Encoded size of `decoded` bytes in the message: base64 (4/3) plus a CRLF
 /// every 76 characters, rounded up to 1.37.
 pub(crate) fn encoded_estimate(decoded: usize) -> usize {
@@ -212,7 +252,7 @@ pub(crate) fn load(
     }
 }
 
-fn grow_estimate(
+pub(crate) fn grow_estimate(
     index: usize,
     estimate: &mut usize,
     decoded: usize,

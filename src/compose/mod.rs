@@ -8,6 +8,8 @@
 mod address;
 mod attach;
 mod qp;
+
+pub use attach::Shared as SharedAttachments;
 mod template;
 #[cfg(test)]
 mod tests;
@@ -177,7 +179,13 @@ impl Draft {
     /// reads files (attachments by path), or its text and attachments are
     /// large. Small drafts compose in microseconds, less than a thread hop.
     pub fn is_heavy(&self) -> bool {
-        let mut bytes = self.body.len() + self.html_body.as_ref().map_or(0, String::len);
+        self.is_heavy_with(0)
+    }
+
+    /// [`Draft::is_heavy`], with `shared` bytes of attachments it gets from
+    /// elsewhere (a batch's defaults).
+    pub fn is_heavy_with(&self, shared: usize) -> bool {
+        let mut bytes = shared + self.body.len() + self.html_body.as_ref().map_or(0, String::len);
         for a in &self.attachments {
             match a {
                 AttachmentInput::Inline { content_base64, .. } => bytes += content_base64.len(),
@@ -290,6 +298,16 @@ const MAX_SUBJECT: usize = 900;
 /// `body` when `html` is true, raw elsewhere. Without `template_vars`, braces
 /// are not touched at all.
 pub fn compose(draft: &Draft, policy: &ComposePolicy) -> Result<Composed, ComposeError> {
+    compose_with(draft, policy, None)
+}
+
+/// [`compose`], with `shared` as the attachments of a draft that has none of
+/// its own (a `send_batch`'s `defaults`, decoded once for every message).
+pub fn compose_with(
+    draft: &Draft,
+    policy: &ComposePolicy,
+    shared: Option<&SharedAttachments>,
+) -> Result<Composed, ComposeError> {
     address::check_header_value("subject", &draft.subject)?;
     let from = address::resolve_sender(draft.from_email.as_deref(), policy)?;
     let recipients =
@@ -340,12 +358,20 @@ pub fn compose(draft: &Draft, policy: &ComposePolicy) -> Result<Composed, Compos
         };
         return Err(too_large(field, policy.max_message_bytes));
     }
-    let attachments = draft
+    let own = draft
         .attachments
         .iter()
         .enumerate()
         .map(|(i, input)| attach::load(i, input, policy, &mut estimate))
         .collect::<Result<Vec<_>, _>>()?;
+    let shared = match shared {
+        Some(s) if draft.attachments.is_empty() => s.loaded(),
+        _ => &[],
+    };
+    for (i, a) in shared.iter().enumerate() {
+        attach::grow_estimate(i, &mut estimate, a.data.len(), policy)?;
+    }
+    let attachments: Vec<&attach::Loaded> = own.iter().chain(shared).collect();
 
     let message_id = format!("{:032x}@{id_domain}", rand::random::<u128>());
     let envelope = Envelope::new(Some(from.email.clone()), recipients.envelope())
@@ -385,7 +411,7 @@ pub fn compose(draft: &Draft, policy: &ComposePolicy) -> Result<Composed, Compos
             BodyPart::Single(part) => MultiPart::mixed().singlepart(part),
             BodyPart::Alternative(part) => MultiPart::mixed().multipart(part),
         };
-        for a in attachments.iter() {
+        for a in &attachments {
             mixed = mixed.singlepart(attachment_part(a));
         }
         builder.multipart(mixed)

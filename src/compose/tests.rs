@@ -264,6 +264,56 @@ fn html_body_flag() {
     assert_eq!(c.preview().text, None);
 }
 
+/// Shared attachments (a batch's defaults) are used by a draft without
+/// attachments of its own, ignored by one with its own, and count against
+/// `max_message_bytes` like its own.
+#[test]
+fn shared_attachments_go_to_drafts_without_their_own() {
+    let content = b"shared,content\n".to_vec();
+    let inputs = [AttachmentInput::Inline {
+        filename: "shared.csv".into(),
+        content_base64: STANDARD.encode(&content),
+        content_type: None,
+    }];
+    let shared = SharedAttachments::load(&inputs, &policy()).expect("loads");
+    let d = draft("a@x.org");
+    let c = compose_with(&d, &policy(), Some(&shared)).expect("composes");
+    assert_eq!(c.attachments.len(), 1);
+    assert_eq!(c.attachments[0].filename, "shared.csv");
+    assert_eq!(c.attachments[0].size, content.len());
+    assert!(text(&c).contains("filename=\"shared.csv\""));
+
+    let mut own = draft("a@x.org");
+    own.attachments = vec![AttachmentInput::Inline {
+        filename: "own.txt".into(),
+        content_base64: STANDARD.encode(b"own"),
+        content_type: None,
+    }];
+    let c = compose_with(&own, &policy(), Some(&shared)).expect("composes");
+    assert_eq!(c.attachments.len(), 1);
+    assert_eq!(c.attachments[0].filename, "own.txt");
+    assert!(!text(&c).contains("shared.csv"));
+
+    let mut small = policy();
+    small.max_message_bytes = 200;
+    let big = [AttachmentInput::Inline {
+        filename: "big.bin".into(),
+        content_base64: STANDARD.encode([7u8; 130]),
+        content_type: None,
+    }];
+    let shared = SharedAttachments::load(&big, &small).expect("fits alone");
+    let e = compose_with(&d, &small, Some(&shared)).expect_err("too large with the body");
+    assert_eq!(e.rule, "too_large");
+
+    let bad = [AttachmentInput::Inline {
+        filename: "x.bin".into(),
+        content_base64: "not base64!".into(),
+        content_type: None,
+    }];
+    let e = SharedAttachments::load(&bad, &policy()).expect_err("bad base64");
+    assert_eq!(e.field, "attachments[0].content_base64");
+}
+
 #[test]
 fn attachment_makes_multipart_mixed() {
     let mut d = draft("a@x.org");

@@ -30,7 +30,7 @@ use tracing::{Instrument, field::Empty};
 use super::types::*;
 use super::{MailmuxServer, approval, resources};
 use crate::audit::{Meta, Refusal};
-use crate::compose::{Composed, compose};
+use crate::compose::{AttachmentInput, Composed, SharedAttachments, compose_with};
 use crate::config;
 use crate::policy::{Caller, Verdict};
 
@@ -175,10 +175,16 @@ fn check_queue_params(
 
 /// The hash that decides "the same content" for an idempotency key: every
 /// parameter except `wait` (and the key itself).
-fn content_hash(p: &SendEmailParams) -> [u8; 32] {
+fn content_hash(p: &SendEmailParams, shared: Option<&SharedAttachments>) -> [u8; 32] {
     let content = (&p.draft, &p.relay, &p.dry_run, &p.send_at);
     let bytes = serde_json::to_vec(&content).unwrap_or_default();
-    sha2::Sha256::digest(&bytes).into()
+    let mut hash = sha2::Sha256::new();
+    hash.update(&bytes);
+    // Attachments from a batch's defaults are part of the content too.
+    if let Some(s) = shared.filter(|_| p.draft.attachments.is_empty()) {
+        hash.update(s.digest);
+    }
+    hash.finalize().into()
 }
 
 /// The span of one tool call; `message_id` and `relay` are recorded when known.
@@ -901,7 +907,18 @@ impl MailmuxServer {
     /// message composed and checked against the caller's policy and rate
     /// (identity, policy, rate, approval, in that order). A refusal or a dry
     /// run is answered here; a message to store comes back as [`Ready`].
-    async fn prepare(&self, caller: &Arc<Caller>, mut params: SendEmailParams) -> Prepared {
+    async fn prepare(&self, caller: &Arc<Caller>, params: SendEmailParams) -> Prepared {
+        self.prepare_with(caller, params, None).await
+    }
+
+    /// [`MailmuxServer::prepare`], with attachments decoded once for many
+    /// messages (a batch's defaults) for a draft that has none of its own.
+    async fn prepare_with(
+        &self,
+        caller: &Arc<Caller>,
+        mut params: SendEmailParams,
+        shared: Option<Arc<SharedAttachments>>,
+    ) -> Prepared {
         let config = self.config();
         let (idempotency, send_at) = match check_queue_params(&params, &config) {
             Ok(v) => v,
@@ -914,7 +931,7 @@ impl MailmuxServer {
             }
         };
         // Hashed only when a key asks for it: the draft may be megabytes.
-        let idempotency = idempotency.map(|key| (key, content_hash(&params)));
+        let idempotency = idempotency.map(|key| (key, content_hash(&params, shared.as_deref())));
         if let Some(relay) = &params.relay {
             let names = self.relay_names();
             if !names.contains(relay) {
@@ -928,10 +945,14 @@ impl MailmuxServer {
         let subject = params.draft.subject.clone();
         // A large draft is composed on the blocking pool, so that calls
         // behind it are not held up (over stdio the daemon has one worker).
-        let composed = if params.draft.is_heavy() {
+        let shared_bytes = shared.as_ref().map_or(0, |s| s.input_bytes);
+        let composed = if params.draft.is_heavy_with(shared_bytes) {
             let draft = std::mem::take(&mut params.draft);
             let config = Arc::clone(&config);
-            let job = tokio::task::spawn_blocking(move || compose(&draft, &config.daemon.compose));
+            let shared = shared.clone();
+            let job = tokio::task::spawn_blocking(move || {
+                compose_with(&draft, &config.daemon.compose, shared.as_deref())
+            });
             match job.await {
                 Ok(result) => result,
                 Err(e) => {
@@ -942,7 +963,7 @@ impl MailmuxServer {
                 }
             }
         } else {
-            compose(&params.draft, &config.daemon.compose)
+            compose_with(&params.draft, &config.daemon.compose, shared.as_deref())
         };
         let composed = match composed {
             Ok(c) => c,
@@ -1130,6 +1151,44 @@ impl MailmuxServer {
                 ),
             ));
         }
+        // Attachments in `defaults` are decoded once, for every message that
+        // has none of its own; they are not copied into each message's
+        // arguments either.
+        let mut defaults = p.defaults;
+        let shared = match defaults.remove("attachments") {
+            None => None,
+            Some(v) => {
+                let inputs: Vec<AttachmentInput> = match serde_json::from_value(v) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        return refuse_all(invalid(
+                            "defaults.attachments",
+                            "schema",
+                            format!("defaults.attachments: {e}"),
+                        ));
+                    }
+                };
+                let cfg = Arc::clone(&config);
+                let job = tokio::task::spawn_blocking(move || {
+                    SharedAttachments::load(&inputs, &cfg.daemon.compose)
+                });
+                match job.await {
+                    Ok(Ok(s)) => Some(Arc::new(s)),
+                    Ok(Err(e)) => {
+                        let mut e = ToolError::invalid_input(&e);
+                        e.field = e.field.map(|f| format!("defaults.{f}"));
+                        e.message = format!("defaults.{}", e.message);
+                        return refuse_all(e);
+                    }
+                    Err(e) => {
+                        return refuse_all(ToolError::new(
+                            "internal",
+                            format!("decoding the attachments failed: {e}"),
+                        ));
+                    }
+                }
+            }
+        };
         let batch_id = format!("batch-{:016x}", rand::random::<u64>());
         let wait = p.wait.unwrap_or(true);
         let mut results: Vec<BatchItemOut> = Vec::with_capacity(p.messages.len());
@@ -1157,7 +1216,11 @@ impl MailmuxServer {
                 )));
                 continue;
             }
-            let mut merged = p.defaults.clone();
+            let shared = match item.contains_key("attachments") {
+                true => None,
+                false => shared.clone(),
+            };
+            let mut merged = defaults.clone();
             merged.extend(item);
             // A batch always renders its templates: a message without the
             // variables its templates use is refused, never sent with braces.
@@ -1185,7 +1248,7 @@ impl MailmuxServer {
                         continue;
                     }
                 };
-            match self.prepare(&caller, params).await {
+            match self.prepare_with(&caller, params, shared).await {
                 Prepared::Done(answer) => match answer.0.error.clone() {
                     Some(mut e) => {
                         e.field = Some(match e.field.take() {
