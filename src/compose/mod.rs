@@ -373,7 +373,7 @@ pub fn compose_with(
     }
     let attachments: Vec<&attach::Loaded> = own.iter().chain(shared).collect();
 
-    let message_id = format!("{:032x}@{id_domain}", rand::random::<u128>());
+    let message_id = format!("{}@{id_domain}", local_part());
     let envelope = Envelope::new(Some(from.email.clone()), recipients.envelope())
         .map_err(|_| ComposeError::new("to", "no_recipients", "no recipient for the envelope"))?;
 
@@ -456,6 +456,20 @@ fn too_large(field: &str, max: usize) -> ComposeError {
         "too_large",
         format!("the message would exceed {max} bytes once encoded"),
     )
+}
+
+/// A Message-ID's local part: 32 hex digits, the milliseconds since the
+/// epoch in the first 12 and 80 random bits after them. Ids made later sort
+/// later, so the queue's unique index on them (SQLite's and PostgreSQL's
+/// B-trees) grows at its end instead of taking each new id on a random page;
+/// 80 random bits keep ids made in the same millisecond apart.
+fn local_part() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let time = ms & ((1 << 48) - 1);
+    let random = rand::random::<u128>() >> 48;
+    format!("{:032x}", (time << 80) | random)
 }
 
 /// The configured Message-ID domain, checked so that configuration can never

@@ -140,6 +140,16 @@ fn plain_message_headers_and_ids() {
     assert_eq!(domain, "mailmux.localhost");
     assert_eq!(id.len(), 32);
     assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+    // Time first: a later message's id sorts after an earlier one's.
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    let later = ok(&draft("a@x.org"), &policy());
+    assert!(
+        later.message_id > c.message_id,
+        "{} then {}",
+        c.message_id,
+        later.message_id
+    );
+    assert_ne!(later.message_id[12..32], c.message_id[12..32]);
     assert_eq!(
         header(&c, "Message-ID").as_deref(),
         Some(format!("<{}>", c.message_id).as_str())
