@@ -271,16 +271,47 @@ struct AcceptOp {
 /// Writes folded into one statement at most.
 const WRITE_BATCH: usize = 256;
 
-/// Takes every op waiting (up to [`WRITE_BATCH`]) after the first.
-async fn next_batch<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> Option<Vec<T>> {
+/// How long a writer waits for more ops when its last statement folded
+/// several: a sign that other rounds are running and will write soon.
+const GATHER: Duration = Duration::from_millis(1);
+/// A writer waits for more ops only while its batches are smaller than
+/// this: larger ones already cost PostgreSQL little per message, and
+/// waiting to make them larger still only adds latency.
+const GATHER_UP_TO: usize = 16;
+
+/// Takes every op waiting (up to [`WRITE_BATCH`]) after the first. When the
+/// writer's previous batch held `last` > 1 ops and fewer than twice that
+/// (and than [`GATHER_UP_TO`]) are waiting now, it waits up to [`GATHER`]
+/// for more, so that a daemon with
+/// few calls in flight (one of several on a database) still folds its
+/// writes into few statements. One op at a time never waits: a single call
+/// pays no delay.
+async fn next_batch<T>(rx: &mut mpsc::UnboundedReceiver<T>, last: &mut usize) -> Option<Vec<T>> {
     let first = rx.recv().await?;
     let mut batch = vec![first];
-    while batch.len() < WRITE_BATCH {
-        match rx.try_recv() {
-            Ok(op) => batch.push(op),
-            Err(_) => break,
+    let drain = |batch: &mut Vec<T>, rx: &mut mpsc::UnboundedReceiver<T>| {
+        while batch.len() < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+    };
+    drain(&mut batch, rx);
+    let want = (*last * 2).min(GATHER_UP_TO);
+    if *last > 1 && batch.len() < want {
+        let until = tokio::time::Instant::now() + GATHER;
+        while batch.len() < want {
+            match tokio::time::timeout_at(until, rx.recv()).await {
+                Ok(Some(op)) => {
+                    batch.push(op);
+                    drain(&mut batch, rx);
+                }
+                _ => break,
+            }
         }
     }
+    *last = batch.len();
     Some(batch)
 }
 
@@ -292,7 +323,8 @@ async fn mark_loop(
     lease_ms: i64,
     mut rx: mpsc::UnboundedReceiver<MarkOp>,
 ) {
-    while let Some(batch) = next_batch(&mut rx).await {
+    let mut last = 0;
+    while let Some(batch) = next_batch(&mut rx, &mut last).await {
         let now = now_millis();
         let ids: Vec<&str> = batch.iter().map(|op| op.id.as_str()).collect();
         let epochs: Vec<i64> = batch.iter().map(|op| op.epoch).collect();
@@ -347,7 +379,8 @@ async fn accept_loop(
     lease_ms: i64,
     mut rx: mpsc::UnboundedReceiver<AcceptOp>,
 ) {
-    while let Some(batch) = next_batch(&mut rx).await {
+    let mut last = 0;
+    while let Some(batch) = next_batch(&mut rx, &mut last).await {
         let now = now_millis();
         let states: Vec<State> = batch.iter().map(|op| op.m.initial_state(now)).collect();
         let ms = batch.iter().map(|op| &op.m);
@@ -429,7 +462,8 @@ async fn accept_loop(
 /// The settles writer: the outcomes of concurrent rounds and their attempts
 /// in one statement, each row fenced by its own epoch.
 async fn settle_loop(pool: PgPool, node: String, mut rx: mpsc::UnboundedReceiver<SettleOp>) {
-    while let Some(batch) = next_batch(&mut rx).await {
+    let mut last = 0;
+    while let Some(batch) = next_batch(&mut rx, &mut last).await {
         let now = now_millis();
         let mut ids = Vec::with_capacity(batch.len());
         let mut epochs = Vec::with_capacity(batch.len());
