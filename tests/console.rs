@@ -16,6 +16,7 @@ mod common;
 #[path = "../actors/tests/support/mod.rs"]
 mod support;
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -33,13 +34,26 @@ const BODY_A: &str = "BODY-A-approve-me-7c1";
 const BODY_B: &str = "BODY-B-reject-me-4e9";
 const BODY_C: &str = "BODY-C-stays-held-2d8";
 
-/// A child process killed on drop.
-struct Killed(Child);
+/// A child process killed on drop, with its process group when it leads
+/// one: the WebDriver server runs in a group of its own, and the browser it
+/// starts is in that group, so a test that panics leaves neither running.
+struct Killed {
+    child: Child,
+    group: bool,
+}
 
 impl Drop for Killed {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        if self.group {
+            // kill(1) with a negative pid signals the whole process group.
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", self.child.id())])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -227,9 +241,10 @@ async fn browser(kind: Kind, profile: &Path) -> (Killed, Browser) {
         .args(&args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+        .process_group(0)
         .spawn()
         .expect("the WebDriver server starts");
-    let child = Killed(child);
+    let child = Killed { child, group: true };
     wait_port(port).await;
     let caps = match caps {
         Value::Object(m) => m,
@@ -332,8 +347,8 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
     std::fs::write(&config, config_toml(dir.path(), sink.port(), flaky.port())).unwrap();
     let port = common::free_port();
     let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-    let _daemon = Killed(
-        Command::new(env!("CARGO_BIN_EXE_mailmux"))
+    let _daemon = Killed {
+        child: Command::new(env!("CARGO_BIN_EXE_mailmux"))
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("OPS_TOKEN", OPS)
@@ -346,7 +361,8 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
             .stderr(log)
             .spawn()
             .expect("mailmux starts"),
-    );
+        group: false,
+    };
     wait_port(port).await;
     let base = format!("http://127.0.0.1:{port}");
     let mcp: Mcp = ()
