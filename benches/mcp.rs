@@ -40,7 +40,9 @@ usage: cargo bench --bench mcp -- [options]
                            memory store and a caller policy every message passes;
                            -batch: the sqlite store, send_batch calls of 1000;
                            -postgres: a throwaway PostgreSQL with fsync on, and 1, 2
-                           or 3 daemons sharing it, the calls spread over them)
+                           or 3 daemons sharing it, the calls spread over them;
+                           ceiling: the HTTP client against a trivial rmcp tool in
+                           this process, the client's own limit)
                            (all five; stdio and http run on the default sqlite store)
   --burst N                concurrent calls of the memory measurement, 0 to skip it (1000)
   --batch-memory N         one send_batch of N messages of each --size (wait: true) on the
@@ -92,12 +94,16 @@ impl Store {
 enum Path {
     Source,
     Mcp(Transport, Store),
+    /// The bench's HTTP client against a trivial rmcp server in this
+    /// process: its ceiling.
+    Ceiling,
 }
 
 impl Path {
     fn name(self) -> &'static str {
         match self {
             Path::Source => "smtp-source",
+            Path::Ceiling => "HTTP client ceiling (trivial rmcp tool)",
             Path::Mcp(Transport::Stdio, Store::Sqlite) => "MCP stdio, sqlite",
             Path::Mcp(Transport::Stdio, Store::Memory) => "MCP stdio, memory",
             Path::Mcp(Transport::Stdio, Store::MemoryPolicy) => "MCP stdio, memory, policy",
@@ -173,6 +179,7 @@ fn parse_args() -> anyhow::Result<Args> {
                     .split(',')
                     .map(|p| match p.trim() {
                         "source" | "smtp-source" => Ok(Path::Source),
+                        "ceiling" => Ok(Path::Ceiling),
                         "stdio" => Ok(Path::Mcp(Transport::Stdio, Store::Sqlite)),
                         "stdio-memory" => Ok(Path::Mcp(Transport::Stdio, Store::Memory)),
                         "stdio-policy" => Ok(Path::Mcp(Transport::Stdio, Store::MemoryPolicy)),
@@ -886,6 +893,7 @@ fn main() -> anyhow::Result<()> {
                 for (k, &path) in args.paths.iter().enumerate() {
                     let m = match path {
                         Path::Source => run_source(c, n, size),
+                        Path::Ceiling => rt.block_on(ceiling::run(c, n, body.clone())),
                         Path::Mcp(t, store) => {
                             rt.block_on(run_mcp(&args, pg.as_ref(), t, store, c, n, body.clone()))
                         }
@@ -987,4 +995,129 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The ceiling of the bench's HTTP client: the same rmcp client, session and
+/// calls as the `http` paths, against an rmcp server in this process whose
+/// `send_email` answers `sent` at once and sends nothing. Client and server
+/// share this process, so the CPU column is both.
+mod ceiling {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use anyhow::Context;
+    use rmcp::handler::server::router::tool::ToolRouter;
+    use rmcp::handler::server::wrapper::Parameters;
+    use rmcp::model::{CallToolResult, ServerCapabilities, ServerConfig};
+    use rmcp::transport::StreamableHttpClientTransport;
+    use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+    use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+    use rmcp::transport::streamable_http_server::{
+        StreamableHttpServerConfig, StreamableHttpService,
+    };
+    use rmcp::{ErrorData, ServerHandler, ServiceExt, tool, tool_handler, tool_router};
+
+    use super::{Measurement, load, share};
+
+    #[derive(serde::Deserialize, schemars::JsonSchema)]
+    struct Args {
+        #[allow(dead_code)]
+        to: serde_json::Value,
+        #[allow(dead_code)]
+        subject: String,
+        #[allow(dead_code)]
+        body: String,
+    }
+
+    #[derive(Clone)]
+    struct Trivial {
+        tool_router: ToolRouter<Trivial>,
+    }
+
+    #[tool_router]
+    impl Trivial {
+        #[tool(name = "send_email", description = "Answers sent; sends nothing.")]
+        async fn send_email(&self, _args: Parameters<Args>) -> Result<CallToolResult, ErrorData> {
+            Ok(CallToolResult::structured(serde_json::json!(
+                {"status": "sent", "message_id": "ceiling@localhost"}
+            )))
+        }
+    }
+
+    #[tool_handler(router = self.tool_router)]
+    impl ServerHandler for Trivial {
+        fn get_info(&self) -> ServerConfig {
+            ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+        }
+    }
+
+    pub async fn run(c: usize, n: usize, body: Arc<String>) -> anyhow::Result<Measurement> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let service = StreamableHttpService::new(
+            || {
+                Ok(Trivial {
+                    tool_router: Trivial::tool_router(),
+                })
+            },
+            Arc::new(LocalSessionManager::default()),
+            StreamableHttpServerConfig::default(),
+        );
+        let app = axum::Router::new().nest_service("/mcp", service);
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let cfg =
+            StreamableHttpClientTransportConfig::with_uri(format!("http://127.0.0.1:{port}/mcp"))
+                .max_concurrent_requests(c);
+        let client =
+            ().serve(StreamableHttpClientTransport::from_config(cfg))
+                .await
+                .context("MCP initialize")?;
+        let cpu_before = load::self_cpu();
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..c {
+            let (peer, body) = (client.peer().clone(), body.clone());
+            let k = share(n, c, i);
+            tasks.spawn(async move {
+                let mut latencies = Vec::with_capacity(k);
+                let mut errors = 0;
+                for j in 0..k {
+                    let r = load::send_email(&peer, &format!("bench {i}.{j}"), &body).await;
+                    if r.status == "sent" {
+                        latencies.push(r.latency);
+                    } else {
+                        errors += 1;
+                    }
+                }
+                (latencies, errors)
+            });
+        }
+        let results = tasks.join_all().await;
+        let elapsed = started.elapsed();
+        let cpu = super::since(cpu_before, load::self_cpu());
+        let _ = client.cancel().await;
+        server.abort();
+        let mut latencies: Vec<Duration> = Vec::with_capacity(n);
+        let mut errors = 0;
+        for (l, e) in results {
+            latencies.extend(l);
+            errors += e;
+        }
+        latencies.sort_unstable();
+        Ok(Measurement {
+            messages: n,
+            ok: latencies.len(),
+            errors,
+            sink_count: 0,
+            elapsed,
+            latencies,
+            first_error: None,
+            peak_rss_kb: None,
+            db: None,
+            cpu: None,
+            daemon_sys: None,
+            client_cpu: cpu,
+            sink_cpu: None,
+        })
+    }
 }
