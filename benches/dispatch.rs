@@ -534,52 +534,22 @@ async fn run_actors(
     pipelining: bool,
 ) -> anyhow::Result<Measurement> {
     let dispatcher = dispatcher(port, c, n, pipelining).await?;
-    let from: Address = FROM.parse()?;
-    let to: Address = TO.parse()?;
-
-    let cpu = process_cpu("self");
-    let started = Instant::now();
-    let mut tasks = JoinSet::new();
-    for i in 0..c {
-        let k = share(n, c, i);
-        let (d, msg, from, to) = (dispatcher.clone(), msg.clone(), from.clone(), to.clone());
-        tasks.spawn(async move {
-            let mut r = TaskResult {
-                latencies: Vec::with_capacity(k),
-                ..TaskResult::default()
-            };
-            for j in 0..k {
-                let mail = Mail {
-                    message_id: format!("bench.{i}.{j}@localhost"),
-                    from: Some(from.clone()),
-                    to: vec![to.clone()],
-                    bytes: msg.clone(),
-                    deadline: tokio::time::Instant::now() + DEADLINE,
-                    prefer: None,
-                    only: None,
-                };
-                let t = Instant::now();
-                let report = d.send(mail).await;
-                match report.status {
-                    Status::Sent => r.latencies.push(t.elapsed()),
-                    other => r.fail(
-                        1,
-                        format!(
-                            "{}: {}",
-                            other.as_str(),
-                            report.message.as_deref().unwrap_or("")
-                        ),
-                    ),
-                }
+    let d = dispatcher.clone();
+    let m = drive(c, n, msg, move |mail| {
+        let d = d.clone();
+        async move {
+            let report = d.send(mail).await;
+            match report.status {
+                Status::Sent => Ok(()),
+                other => Err(format!(
+                    "{}: {}",
+                    other.as_str(),
+                    report.message.as_deref().unwrap_or("")
+                )),
             }
-            r
-        });
-    }
-    let results = tasks.join_all().await;
-    let elapsed = started.elapsed();
-    let mut m = collect(n, elapsed, results.iter());
-    m.client_cpu = cpu_since(cpu);
-    m.latencies.sort_unstable();
+        }
+    })
+    .await?;
     let shut = dispatcher.shutdown(Duration::from_secs(5)).await;
     if shut.abandoned > 0 {
         eprintln!(
@@ -618,43 +588,67 @@ async fn run_queue(
     let q = Queue::start(store, dispatcher.clone(), settings, rounds)
         .await
         .context("starting the queue")?;
+    let queue = q.clone();
+    let m = drive(c, n, msg, move |mail| {
+        let q = queue.clone();
+        async move {
+            let submit = Submit {
+                mail,
+                send_at: None,
+                idempotency: None,
+                wait: true,
+                caller: None,
+                meta: None,
+                hold: None,
+                batch: None,
+            };
+            match q.submit(submit).await {
+                Ok(s) if s.record.state == State::Sent => Ok(()),
+                Ok(s) => Err(format!("ended {}", s.record.state.as_str())),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    })
+    .await?;
+    q.shutdown(Duration::from_secs(5)).await;
+    dispatcher.shutdown(Duration::from_secs(5)).await;
+    Ok(m)
+}
+
+/// Runs `c` tasks that each send their share of `n` messages one after
+/// another through `send` (which says whether the message was sent), and
+/// measures them; the client CPU is this whole process.
+async fn drive<S, F>(c: usize, n: usize, msg: Arc<[u8]>, send: S) -> anyhow::Result<Measurement>
+where
+    S: Fn(Mail) -> F + Clone + Send + 'static,
+    F: std::future::Future<Output = Result<(), String>> + Send,
+{
     let from: Address = FROM.parse()?;
     let to: Address = TO.parse()?;
-
     let cpu = process_cpu("self");
     let started = Instant::now();
     let mut tasks = JoinSet::new();
     for i in 0..c {
         let k = share(n, c, i);
-        let (q, msg, from, to) = (q.clone(), msg.clone(), from.clone(), to.clone());
+        let (send, msg, from, to) = (send.clone(), msg.clone(), from.clone(), to.clone());
         tasks.spawn(async move {
             let mut r = TaskResult {
                 latencies: Vec::with_capacity(k),
                 ..TaskResult::default()
             };
             for j in 0..k {
-                let submit = Submit {
-                    mail: Mail {
-                        message_id: format!("bench.{i}.{j}@localhost"),
-                        from: Some(from.clone()),
-                        to: vec![to.clone()],
-                        bytes: msg.clone(),
-                        deadline: tokio::time::Instant::now() + DEADLINE,
-                        prefer: None,
-                        only: None,
-                    },
-                    send_at: None,
-                    idempotency: None,
-                    wait: true,
-                    caller: None,
-                    meta: None,
-                    hold: None,
-                    batch: None,
+                let mail = Mail {
+                    message_id: format!("bench.{i}.{j}@localhost"),
+                    from: Some(from.clone()),
+                    to: vec![to.clone()],
+                    bytes: msg.clone(),
+                    deadline: tokio::time::Instant::now() + DEADLINE,
+                    prefer: None,
+                    only: None,
                 };
                 let t = Instant::now();
-                match q.submit(submit).await {
-                    Ok(s) if s.record.state == State::Sent => r.latencies.push(t.elapsed()),
-                    Ok(s) => r.fail(1, format!("ended {}", s.record.state.as_str())),
+                match send(mail).await {
+                    Ok(()) => r.latencies.push(t.elapsed()),
                     Err(e) => r.fail(1, e),
                 }
             }
@@ -666,8 +660,6 @@ async fn run_queue(
     let mut m = collect(n, elapsed, results.iter());
     m.client_cpu = cpu_since(cpu);
     m.latencies.sort_unstable();
-    q.shutdown(Duration::from_secs(5)).await;
-    dispatcher.shutdown(Duration::from_secs(5)).await;
     Ok(m)
 }
 
