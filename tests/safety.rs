@@ -15,8 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rmcp::model::{
-    CallToolRequestParams, ClientCapabilities, ClientConfig, ElicitRequestParams, ElicitResult,
-    ElicitationAction, Implementation, ProtocolVersion,
+    CallToolRequestParams, CallToolResponse, CancelTaskParams, ClientCapabilities, ClientConfig,
+    ElicitRequestParams, ElicitResult, ElicitationAction, GetTaskParams, Implementation,
+    ProtocolVersion,
 };
 use rmcp::service::{RequestContext, RunningService};
 use rmcp::transport::StreamableHttpClientTransport;
@@ -507,6 +508,47 @@ async fn every_bypass_attempt_is_refused_before_any_mail_command() {
     assert_eq!(listed["messages"].as_array().unwrap().len(), 0, "{listed}");
     let listed = call(&alpha, "list_messages", json!({})).await.1;
     assert_eq!(listed["messages"].as_array().unwrap().len(), 3, "{listed}");
+
+    // A task is its caller's too: another caller can neither read nor
+    // cancel it.
+    let tasks = ClientConfig::new(
+        ClientCapabilities::builder().enable_tasks().build(),
+        Implementation::new("safety-tasks", "1"),
+    );
+    let alpha_tasks = connect_with(&d, ALPHA, tasks.clone()).await;
+    let delta_tasks = connect_with(&d, DELTA, tasks).await;
+    let Value::Object(args) = mail(json!(["t@example.org"])) else {
+        panic!("arguments are an object")
+    };
+    let params = CallToolRequestParams::new("send_email").with_arguments(args);
+    let CallToolResponse::Task(task) = alpha_tasks.peer().call_tool_once(params).await.unwrap()
+    else {
+        panic!("a task for a client that declares tasks");
+    };
+    let id = task.task.task_id;
+    assert!(
+        delta_tasks
+            .peer()
+            .get_task(GetTaskParams::new(id.clone()))
+            .await
+            .is_err(),
+        "another caller read the task"
+    );
+    assert!(
+        delta_tasks
+            .peer()
+            .cancel_task(CancelTaskParams::new(id.clone()))
+            .await
+            .is_err(),
+        "another caller cancelled the task"
+    );
+    assert!(
+        alpha_tasks
+            .peer()
+            .get_task(GetTaskParams::new(id))
+            .await
+            .is_ok()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
