@@ -47,8 +47,9 @@ pub struct Shared {
     loaded: Vec<Loaded>,
     /// What the inputs were, for the idempotency hash of each message.
     pub digest: [u8; 32],
-    /// The inputs' size as given (base64 text, or file size).
-    pub input_bytes: usize,
+    /// Their size decoded: what decides whether a message that gets them is
+    /// composed off the async workers.
+    pub decoded_bytes: usize,
 }
 
 impl Shared {
@@ -68,7 +69,7 @@ impl Shared {
             .collect::<Result<Vec<_>, _>>()?;
         let digest = sha2::Sha256::digest(serde_json::to_vec(inputs).unwrap_or_default()).into();
         Ok(Shared {
-            input_bytes: loaded.iter().map(|l| l.data.len()).sum(),
+            decoded_bytes: loaded.iter().map(|l| l.data.len()).sum(),
             loaded,
             digest,
         })

@@ -8,11 +8,11 @@
 mod address;
 mod attach;
 mod qp;
-
-pub use attach::Shared as SharedAttachments;
 mod template;
 #[cfg(test)]
 mod tests;
+
+pub use attach::Shared as SharedAttachments;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;

@@ -34,31 +34,34 @@ pub fn wanted(ctx: &RequestContext<RoleServer>) -> bool {
         .is_some_and(|caps| caps.supports_tasks())
 }
 
-/// The task of a stored message.
-fn task_of(r: &Record, settings: &QueueSettings) -> Task {
+/// The task of a stored message, and the `send_email` result and sentence
+/// it stands for.
+fn task_of(r: &Record, settings: &QueueSettings) -> (Task, SendResult, String) {
     let status = match r.state {
         State::Cancelled => TaskStatus::Cancelled,
         s if s.is_final() => TaskStatus::Completed,
         _ => TaskStatus::Working,
     };
     let out = SendResult::from_record(r);
+    let text = describe(&out, &r.message_id, false);
     // Kept until it expires (`max_age` after it is due) and then `retain`.
     let waits = Duration::from_millis(r.due_at.saturating_sub(r.queued_at).max(0) as u64);
     let ttl = waits + settings.max_age + settings.retain;
-    Task::new(
+    let task = Task::new(
         r.message_id.clone(),
         status,
         rfc3339(r.queued_at),
         rfc3339(r.updated_at),
     )
-    .with_status_message(describe(&out, &r.message_id, false))
+    .with_status_message(text.clone())
     .with_ttl_ms(ttl.as_millis() as u64)
-    .with_poll_interval_ms(POLL_INTERVAL_MS)
+    .with_poll_interval_ms(POLL_INTERVAL_MS);
+    (task, out, text)
 }
 
 /// The answer to a `send_email` run as a task: the stored message's task.
 pub fn created(r: &Record, settings: &QueueSettings) -> CreateTaskResult {
-    CreateTaskResult::new(task_of(r, settings))
+    CreateTaskResult::new(task_of(r, settings).0)
 }
 
 /// `tasks/get`: the message's task, with the `send_email` result once the
@@ -69,15 +72,13 @@ pub async fn get(
     ctx: RequestContext<RoleServer>,
 ) -> Result<GetTaskResult, ErrorData> {
     let r = owned(server, &params.task_id, &ctx).await?;
-    let task = task_of(&r, server.queue().settings());
+    let (task, out, text) = task_of(&r, server.queue().settings());
     let payload = match task.status {
         TaskStatus::Completed => {
-            let out = SendResult::from_record(&r);
-            let text = describe(&out, &r.message_id, false);
-            let result = respond(out, text)?;
-            let result = match serde_json::to_value(result) {
+            let result = match serde_json::to_value(respond(out, text)?) {
                 Ok(serde_json::Value::Object(o)) => o,
-                _ => JsonObject::new(),
+                Ok(_) => JsonObject::new(),
+                Err(e) => return Err(ErrorData::internal_error(e.to_string(), None)),
             };
             TaskPayload::Completed { result }
         }

@@ -945,7 +945,7 @@ impl MailmuxServer {
         let subject = params.draft.subject.clone();
         // A large draft is composed on the blocking pool, so that calls
         // behind it are not held up (over stdio the daemon has one worker).
-        let shared_bytes = shared.as_ref().map_or(0, |s| s.input_bytes);
+        let shared_bytes = shared.as_ref().map_or(0, |s| s.decoded_bytes);
         let composed = if params.draft.is_heavy_with(shared_bytes) {
             let draft = std::mem::take(&mut params.draft);
             let config = Arc::clone(&config);
@@ -1216,9 +1216,11 @@ impl MailmuxServer {
                 )));
                 continue;
             }
-            let shared = match item.contains_key("attachments") {
-                true => None,
-                false => shared.clone(),
+            // Its own `attachments`, even `[]`, replace the defaults'.
+            let shared = if item.contains_key("attachments") {
+                None
+            } else {
+                shared.clone()
             };
             let mut merged = defaults.clone();
             merged.extend(item);

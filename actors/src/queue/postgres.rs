@@ -282,10 +282,9 @@ const GATHER_UP_TO: usize = 16;
 /// Takes every op waiting (up to [`WRITE_BATCH`]) after the first. When the
 /// writer's previous batch held `last` > 1 ops and fewer than twice that
 /// (and than [`GATHER_UP_TO`]) are waiting now, it waits up to [`GATHER`]
-/// for more, so that a daemon with
-/// few calls in flight (one of several on a database) still folds its
-/// writes into few statements. One op at a time never waits: a single call
-/// pays no delay.
+/// for more, so that a daemon with few calls in flight (one of several on a
+/// database) still folds its writes into few statements. One op at a time
+/// never waits: a single call pays no delay.
 async fn next_batch<T>(rx: &mut mpsc::UnboundedReceiver<T>, last: &mut usize) -> Option<Vec<T>> {
     let first = rx.recv().await?;
     let mut batch = vec![first];
