@@ -135,7 +135,21 @@ pub struct SqliteStore {
     writes: mpsc::Sender<Job>,
     reader: Arc<Mutex<Connection>>,
     /// The advisory lock of a daemon; released when the store is dropped.
-    _lock: Option<File>,
+    _lock: Option<DaemonLock>,
+}
+
+/// The daemon's advisory lock on the store's file.
+///
+/// Dropping it unlocks explicitly rather than only closing the file: a child
+/// process forked by another thread holds a copy of the descriptor until it
+/// execs, and the lock would stay held for as long as that copy is open.
+#[derive(Debug)]
+struct DaemonLock(File);
+
+impl Drop for DaemonLock {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -168,7 +182,7 @@ impl SqliteStore {
                 .open(path)
                 .map_err(|e| named(&e))?;
             match file.try_lock() {
-                Ok(()) => Some(file),
+                Ok(()) => Some(DaemonLock(file)),
                 Err(std::fs::TryLockError::WouldBlock) => {
                     return Err(StoreError::Locked { path: shown });
                 }
