@@ -674,7 +674,10 @@ async fn a_store_held_by_another_daemon_is_a_start_up_error() {
 /// Runs the binary expecting it to refuse to start; returns its stderr.
 fn start_failure(dir: &Path, config: &str) -> String {
     let path = dir.join("second.toml");
-    std::fs::write(&path, config).unwrap();
+    // Written ahead where `dir` is read-only.
+    if std::fs::read_to_string(&path).ok().as_deref() != Some(config) {
+        std::fs::write(&path, config).unwrap();
+    }
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
         .arg("--config")
         .arg(&path)
@@ -709,6 +712,102 @@ fn a_newer_or_corrupt_store_is_refused_at_start() {
     assert!(out.contains("cannot open the queue"), "{out}");
 }
 
+/// A small tmpfs the test mounts (it needs root, as CI has), unmounted on
+/// drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path) -> Tmpfs {
+        std::fs::create_dir(at).unwrap();
+        Tmpfs::run(&["-t", "tmpfs", "-o", "size=2m", "tmpfs"], at);
+        Tmpfs(at.to_path_buf())
+    }
+
+    /// Remounts it read-only (`ro`) or read-write (`rw`).
+    fn remount(&self, mode: &str) {
+        Tmpfs::run(&["-o", &format!("remount,{mode}")], &self.0);
+    }
+
+    fn run(args: &[&str], at: &Path) {
+        let ok = std::process::Command::new("mount")
+            .args(args)
+            .arg(at)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount {args:?} needs root (CI runs as root)");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A store on a read-only file system: the daemon refuses to start, naming
+/// the path and the cause. The queue command still reads it once a clean
+/// stop has merged the write-ahead log (after a crash it says why it cannot),
+/// and refuses to change it. Once the file system is writable again the
+/// stored message is still there, and nothing was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_store_is_a_start_up_error_and_loses_nothing() {
+    let smtp = FaultSmtp::start(Script::ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Tmpfs::mount(&dir.path().join("ro"));
+    let cfg = config_toml(&fs.0, smtp.port(), "");
+    std::fs::write(fs.0.join("second.toml"), &cfg).unwrap();
+    let d = Daemon::start(&fs.0, &cfg).await;
+    let later = send(d.peer(), msg("later", json!({"send_at": "1h"}))).await;
+    assert_eq!(later.status(), Some("scheduled"), "{later:?}");
+    let id = later.message_id().unwrap().to_string();
+    d.kill9().await;
+
+    // After a crash the log holds the commits; read-only, nobody can merge it.
+    fs.remount("ro");
+    let out = start_failure(&fs.0, &cfg);
+    assert!(out.contains("queue.db"), "{out}");
+    assert!(out.contains("read-only"), "{out}");
+    let (code, _, err) = queue_cmd(&fs.0, &["list"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("never merged"), "{err}");
+
+    // A clean stop leaves the database file whole.
+    fs.remount("rw");
+    Daemon::start(&fs.0, &cfg).await.stop().await;
+    let wal = std::fs::metadata(fs.0.join("queue.db-wal")).map_or(0, |m| m.len());
+    assert_eq!(wal, 0, "a clean stop left commits in the log");
+    fs.remount("ro");
+    let (code, listed, err) = queue_cmd(&fs.0, &["list"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        listed.contains(&id) && listed.contains("scheduled"),
+        "{listed}"
+    );
+    let (code, _, err) = queue_cmd(&fs.0, &["cancel", &id]);
+    assert_ne!(code, Some(0), "a cancel on a read-only store succeeded");
+    assert!(err.contains("readonly"), "{err}");
+
+    fs.remount("rw");
+    let d = Daemon::start(&fs.0, &cfg).await;
+    let st = status_of(d.peer(), &id).await;
+    assert_eq!(st["status"], "scheduled", "{st}");
+    let c = call(
+        d.peer(),
+        "cancel",
+        "cancel_message",
+        json!({"message_id": id}),
+        LIMIT,
+    )
+    .await;
+    assert_eq!(c.status(), Some("cancelled"), "{c:?}");
+    d.stop().await;
+    assert!(smtp.received().is_empty(), "a scheduled message was sent");
+}
+
 /// A full disk: sends are refused with `queue_unavailable` (never `queued`),
 /// `/health`-style status says so, and once there is room again sends work
 /// and nothing was lost or doubled. The store lives on a small tmpfs that
@@ -717,25 +816,8 @@ fn a_newer_or_corrupt_store_is_refused_at_start() {
 async fn a_full_disk_refuses_sends_clearly_and_recovers() {
     let smtp = FaultSmtp::start(Script::ok()).await;
     let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .unwrap()
-        .success();
-    assert!(mounted, "mounting a tmpfs needs root (CI runs as root)");
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _unmount = Unmount(mnt.clone());
+    let small = Tmpfs::mount(&dir.path().join("small"));
+    let mnt = small.0.clone();
 
     let cfg = config_toml(&mnt, smtp.port(), "");
     let d = Daemon::start(&mnt, &cfg).await;

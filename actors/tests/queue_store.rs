@@ -735,3 +735,30 @@ async fn postgres_over_tls_when_the_url_asks() {
         other => panic!("a server the CA did not sign was trusted: {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn close_merges_the_log_and_refuses_later_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let store = SqliteStore::open(&path).unwrap();
+    store.accept(message("kept", None)).await.unwrap();
+    let wal = dir.path().join("q.db-wal");
+    assert!(std::fs::metadata(&wal).unwrap().len() > 0);
+    store.close().await;
+    assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
+    assert!(matches!(
+        store.accept(message("late", None)).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(store.get("kept").await.unwrap().is_some());
+    drop(store);
+    // The database file alone holds every commit.
+    let c =
+        rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    std::fs::remove_file(&wal).unwrap();
+    let n: i64 = c
+        .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1);
+}

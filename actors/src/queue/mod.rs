@@ -637,4 +637,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         keys_before: Millis,
         limit: usize,
     ) -> Result<Purged, StoreError>;
+    /// Finishes the writes already sent and stops taking new ones, leaving
+    /// the store whole on disk: the daemon's last act on it at shutdown.
+    async fn close(&self) {}
 }

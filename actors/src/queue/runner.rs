@@ -822,6 +822,7 @@ impl Queue {
         inner.stop.cancel();
         let report = inner.dispatcher.shutdown(grace).await;
         let _ = tokio::time::timeout(SETTLE_GRACE, inner.rounds.idle()).await;
+        inner.store.close().await;
         report
     }
 }

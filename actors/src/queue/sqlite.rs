@@ -129,10 +129,18 @@ type Job = Box<dyn FnOnce(Result<&mut Transaction<'_>, &StoreError>, Millis) -> 
 /// Sends a write's result, or the commit's error in place of a success.
 type Answer = Box<dyn FnOnce(&Result<(), StoreError>) + Send>;
 
+/// What the writer thread is sent.
+enum Work {
+    Write(Job),
+    /// Merge the write-ahead log into the database file and stop; answer
+    /// once done.
+    Close(oneshot::Sender<()>),
+}
+
 /// The SQLite store.
 #[derive(Debug)]
 pub struct SqliteStore {
-    writes: mpsc::Sender<Job>,
+    writes: mpsc::Sender<Work>,
     reader: Arc<Mutex<Connection>>,
     /// The advisory lock of a daemon; released when the store is dropped.
     _lock: Option<DaemonLock>,
@@ -180,7 +188,13 @@ impl SqliteStore {
                 .create(true)
                 .truncate(false)
                 .open(path)
-                .map_err(|e| named(&e))?;
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::ReadOnlyFilesystem
+                    | std::io::ErrorKind::PermissionDenied => {
+                        named(&format!("the file or its file system is read-only ({e})"))
+                    }
+                    _ => named(&e),
+                })?;
             match file.try_lock() {
                 Ok(()) => Some(DaemonLock(file)),
                 Err(std::fs::TryLockError::WouldBlock) => {
@@ -196,14 +210,31 @@ impl SqliteStore {
             }
             None
         };
-        let writer = Connection::open(path).map_err(|e| named(&e))?;
-        configure(&writer, true).map_err(|e| named(&e))?;
+        // On a read-only file system nobody can change the store, and SQLite
+        // cannot create the shared-memory file that WAL needs to read: open
+        // it as immutable, for reading. Writes then fail as read-only.
+        let frozen = lock.is_none() && on_read_only_fs(path);
+        if frozen && unmerged_log(path) {
+            return Err(named(
+                &"the file system is read-only and the store's write-ahead log was never merged \
+                  (the daemon did not stop cleanly); mount it writable to read the store",
+            ));
+        }
+        let (writer, reader) = if frozen {
+            (immutable(path), immutable(path))
+        } else {
+            (
+                Connection::open(path),
+                Connection::open_with_flags(
+                    path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                ),
+            )
+        };
+        let writer = writer.map_err(|e| named(&e))?;
+        configure(&writer, !frozen).map_err(|e| named(&e))?;
         migrate(&writer, &shown, lock.is_some())?;
-        let reader = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| named(&e))?;
+        let reader = reader.map_err(|e| named(&e))?;
         configure(&reader, false).map_err(|e| named(&e))?;
         Ok(SqliteStore {
             writes: spawn_writer(writer),
@@ -232,7 +263,7 @@ impl SqliteStore {
             })
         });
         self.writes
-            .send(job)
+            .send(Work::Write(job))
             .map_err(|_| unavailable("the store's writer has stopped"))?;
         rx.await
             .map_err(|_| unavailable("the store's writer has stopped"))?
@@ -251,6 +282,43 @@ impl SqliteStore {
         .map_err(unavailable)?
         .map_err(unavailable)
     }
+}
+
+/// Whether `path` is on a file system mounted read-only.
+fn on_read_only_fs(path: &Path) -> bool {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::ReadOnlyFilesystem)
+}
+
+/// Whether the store's write-ahead log (`<path>-wal`) holds commits not yet
+/// in the database file.
+fn unmerged_log(path: &Path) -> bool {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    std::fs::metadata(wal).is_ok_and(|m| m.len() > 0)
+}
+
+/// A read-only connection that takes the file as unchanging (SQLite's
+/// `immutable` URI parameter): no locks, no shared-memory file.
+fn immutable(path: &Path) -> rusqlite::Result<Connection> {
+    let mut uri = String::from("file:");
+    for c in path.to_string_lossy().chars() {
+        match c {
+            '%' => uri.push_str("%25"),
+            '?' => uri.push_str("%3f"),
+            '#' => uri.push_str("%23"),
+            c => uri.push(c),
+        }
+    }
+    uri.push_str("?immutable=1");
+    Connection::open_with_flags(
+        uri,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI,
+    )
 }
 
 fn configure(conn: &Connection, writer: bool) -> rusqlite::Result<()> {
@@ -295,8 +363,8 @@ fn migrate(conn: &Connection, shown: &str, apply: bool) -> Result<(), StoreError
     Ok(())
 }
 
-fn spawn_writer(conn: Connection) -> mpsc::Sender<Job> {
-    let (tx, rx) = mpsc::channel::<Job>();
+fn spawn_writer(conn: Connection) -> mpsc::Sender<Work> {
+    let (tx, rx) = mpsc::channel::<Work>();
     std::thread::Builder::new()
         .name("mailmux-queue-writer".into())
         .spawn(move || writer_loop(conn, rx))
@@ -305,18 +373,37 @@ fn spawn_writer(conn: Connection) -> mpsc::Sender<Job> {
 }
 
 /// The writer thread: takes every write waiting, runs them in one
-/// transaction, commits once, then answers each.
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
+/// transaction, commits once, then answers each. A close ends it.
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Work>) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    let mut closing = None;
     while let Ok(first) = rx.recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(w) => batch.push(w),
-                Err(_) => break,
+        let mut next = Some(first);
+        while let Some(work) = next.take() {
+            match work {
+                Work::Write(job) => batch.push(job),
+                Work::Close(done) => {
+                    closing = Some(done);
+                    break;
+                }
+            }
+            if batch.len() < MAX_BATCH {
+                next = rx.try_recv().ok();
             }
         }
-        run_batch(&mut conn, &mut batch);
+        if !batch.is_empty() {
+            run_batch(&mut conn, &mut batch);
+        }
+        if let Some(done) = closing.take() {
+            // Leaves the database file complete (an empty log), so that a
+            // copy of it alone, or a read from a read-only file system,
+            // sees every commit.
+            if let Err(e) = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
+                tracing::warn!(error = %e, "the queue store's log could not be merged at close");
+            }
+            let _ = done.send(());
+            return;
+        }
     }
 }
 
@@ -863,6 +950,13 @@ impl Store for SqliteStore {
             })
         })
         .await
+    }
+
+    async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.writes.send(Work::Close(tx)).is_ok() {
+            let _ = rx.await;
+        }
     }
 
     async fn recover(&self) -> Result<Recovered, StoreError> {
