@@ -629,6 +629,85 @@ async fn messages_are_resources_with_updates_for_subscribers() {
     assert!(missing.is_err());
 }
 
+/// `subscriptions/listen` (protocol 2026-07-28): the stream carries a
+/// resource update for each state change of the message it names, and none
+/// for a URI that is not a message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listen_stream_carries_the_updates_of_its_messages() {
+    use rmcp::model::{ProtocolVersion, ServerNotification, SubscriptionFilter};
+    use rmcp::service::{ClientLifecycleMode, ClientServiceExt};
+
+    let smtp = Aiosmtpd::start();
+    let cfg = config(vec![relay("primary", smtp.port, 1)]);
+    let queue = mailmux::mcp::start_queue(&cfg).await.unwrap();
+    let server = mailmux::mcp::MailmuxServer::new(queue, cfg, Sources::default());
+    let (client_io, server_io) = tokio::io::duplex(1 << 20);
+    let (r, w) = tokio::io::split(server_io);
+    tokio::spawn(mailmux::mcp::transport::serve_io(
+        server,
+        r,
+        w,
+        std::future::pending(),
+    ));
+    // A client of protocol 2026-07-28: `server/discover`, no `initialize`.
+    let modern = ClientLifecycleMode::Discover {
+        preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+    };
+    let client = ().serve_with_lifecycle(client_io, modern).await.unwrap();
+
+    let send = |subject: &str| {
+        let mut params = CallToolRequestParams::new("send_email");
+        params = params.with_arguments(
+            json!({"to": "a@example.org", "subject": subject, "body": "x", "send_at": "1s"})
+                .as_object()
+                .unwrap()
+                .clone(),
+        );
+        client.call_tool(params)
+    };
+    let watched = send("watched").await.unwrap().structured_content.unwrap();
+    assert_eq!(watched["status"], "scheduled", "{watched}");
+    let other = send("other").await.unwrap().structured_content.unwrap();
+    let uri = format!(
+        "mailmux://messages/{}",
+        watched["message_id"].as_str().unwrap()
+    );
+    let other_uri = format!(
+        "mailmux://messages/{}",
+        other["message_id"].as_str().unwrap()
+    );
+
+    let mut sub = client
+        .listen(
+            SubscriptionFilter::builder()
+                .resource_subscriptions(vec![uri.clone(), "file:///etc/passwd".into()])
+                .build(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        sub.acknowledged().resource_subscriptions,
+        Some(vec![uri.clone()]),
+        "only message resources are accepted"
+    );
+    // Sending, then sent: two updates, each for the watched message only.
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let next = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("an update within 10 s")
+            .unwrap();
+        match next {
+            Some(ServerNotification::ResourceUpdatedNotification(n)) => seen.push(n.params.uri),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(seen.iter().all(|u| *u == uri), "{seen:?}");
+    assert!(!seen.contains(&other_uri));
+    assert_eq!(smtp.wait_messages(2).len(), 2);
+    sub.cancel().await.unwrap();
+}
+
 /// Every `format` value anywhere in a schema.
 fn collect_formats(v: &Value, out: &mut Vec<String>) {
     match v {

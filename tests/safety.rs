@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CancelTaskParams, ClientCapabilities, ClientConfig,
     ElicitRequestParams, ElicitResult, ElicitationAction, GetTaskParams, Implementation,
-    ProtocolVersion,
+    ProtocolVersion, ReadResourceRequestParams, SubscribeRequestParams,
 };
 use rmcp::service::{RequestContext, RunningService};
 use rmcp::transport::StreamableHttpClientTransport;
@@ -545,10 +545,30 @@ async fn every_bypass_attempt_is_refused_before_any_mail_command() {
     assert!(
         alpha_tasks
             .peer()
-            .get_task(GetTaskParams::new(id))
+            .get_task(GetTaskParams::new(id.clone()))
             .await
             .is_ok()
     );
+    // So is the message's resource: another caller can neither read it nor
+    // subscribe to it. (A task's id is its Message-ID.)
+    let uri = format!("mailmux://messages/{id}");
+    for (c, who, mine) in [(&delta, "delta", false), (&alpha, "alpha", true)] {
+        let read = c
+            .peer()
+            .read_resource(ReadResourceRequestParams::new(uri.clone()))
+            .await;
+        assert_eq!(read.is_ok(), mine, "read by {who}: {read:?}");
+        #[allow(deprecated)] // resources/subscribe, as 2025-11-25 clients send it
+        let subscribed = c
+            .peer()
+            .subscribe(SubscribeRequestParams::new(uri.clone()))
+            .await;
+        assert_eq!(
+            subscribed.is_ok(),
+            mine,
+            "subscribed by {who}: {subscribed:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,8 +3,11 @@
 //! and `notifications/resources/updated` to the clients subscribed to it
 //! whenever its state changes.
 //!
-//! The listener on the queue's state changes starts with the first
-//! subscription, so a daemon nobody subscribes to pays nothing for it.
+//! Clients of 2025-06-18 and 2025-11-25 subscribe with `resources/subscribe`
+//! ([`Subscriptions`]): one listener on the queue's state changes starts with
+//! the first subscription, so a daemon nobody subscribes to pays nothing for
+//! it. Clients of 2026-07-28 open a `subscriptions/listen` stream instead
+//! ([`listen`]), which holds its own listener for as long as it is open.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -12,7 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use mailmux_actors::queue::Queue;
 use rmcp::RoleServer;
 use rmcp::model::ResourceUpdatedNotificationParam;
-use rmcp::service::Peer;
+use rmcp::service::{Peer, SubscriptionContext};
 use tokio::sync::broadcast::error::RecvError;
 
 /// The scheme and path of a message's resource URI.
@@ -44,7 +47,7 @@ impl Subscriptions {
             .or_default()
             .push(peer);
         self.listening.get_or_init(|| {
-            tokio::spawn(listen(self.clone(), queue.changes()));
+            tokio::spawn(forward(self.clone(), queue.changes()));
         });
     }
 
@@ -67,8 +70,36 @@ impl Subscriptions {
     }
 }
 
+/// Serves one `subscriptions/listen` stream: a resource update for each
+/// state change of the messages `ids`, until the client cancels it or goes.
+pub async fn listen(queue: &Queue, ids: Vec<String>, context: SubscriptionContext) {
+    let mut changes = queue.changes();
+    loop {
+        tokio::select! {
+            () = context.cancelled() => return,
+            change = changes.recv() => match change {
+                Ok(change) if ids.contains(&change.message_id) => {
+                    let sent = context
+                        .sink()
+                        .notify_resource_updated(uri(&change.message_id))
+                        .await;
+                    if sent.is_err() {
+                        tracing::debug!(message_id = %change.message_id, "a listening client is gone");
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "a subscription fell behind; some updates were not sent");
+                }
+                Err(RecvError::Closed) => return,
+            },
+        }
+    }
+}
+
 /// Forwards each state change to the peers subscribed to that message.
-async fn listen(
+async fn forward(
     subs: Subscriptions,
     mut changes: tokio::sync::broadcast::Receiver<mailmux_actors::queue::Change>,
 ) {

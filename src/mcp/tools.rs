@@ -20,9 +20,9 @@ use rmcp::model::{
     GetTaskParams, GetTaskResult, Implementation, ListResourceTemplatesResult, ListResourcesResult,
     PaginatedRequestParams, ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult,
     Resource, ResourceContents, ResourceTemplate, ServerCapabilities, ServerConfig,
-    SubscribeRequestParams, UnsubscribeRequestParams,
+    SubscribeRequestParams, SubscriptionFilter, UnsubscribeRequestParams,
 };
-use rmcp::service::{Peer, RequestContext};
+use rmcp::service::{Peer, RequestContext, SubscriptionContext};
 use rmcp::{ErrorData, ServerHandler, tool, tool_handler, tool_router};
 use sha2::Digest;
 use tracing::{Instrument, field::Empty};
@@ -205,6 +205,13 @@ pub fn caller_of(server: &MailmuxServer, ctx: &RequestContext<RoleServer>) -> Op
     match ctx.extensions.get::<axum::http::request::Parts>() {
         Some(parts) => parts.extensions.get::<Arc<Caller>>().cloned(),
         None => Some(server.gate().stdio_caller()),
+    }
+}
+
+impl MailmuxServer {
+    /// Whether the message exists and `caller` may see it.
+    async fn visible(&self, caller: &Caller, id: &str) -> bool {
+        matches!(self.queue().status(id).await, Ok(Some(r)) if owns(caller, r.caller.as_deref()))
     }
 }
 
@@ -1717,15 +1724,55 @@ impl ServerHandler for MailmuxServer {
         super::tasks::cancel(self, request, context).await
     }
 
+    /// `subscriptions/listen` (2026-07-28): the message resources asked
+    /// for; the listen itself keeps those of the caller's own messages.
+    fn accepted_subscription_filter(
+        &self,
+        requested: &SubscriptionFilter,
+    ) -> Option<SubscriptionFilter> {
+        let ours: Vec<String> = requested
+            .resource_subscriptions
+            .iter()
+            .flatten()
+            .filter(|uri| resources::message_id(uri).is_some())
+            .cloned()
+            .collect();
+        Some(
+            SubscriptionFilter::builder()
+                .resource_subscriptions(ours)
+                .build(),
+        )
+    }
+
+    async fn listen(&self, context: SubscriptionContext) -> Result<(), ErrorData> {
+        let caller = caller_of(self, context.request_context())
+            .ok_or_else(|| ErrorData::invalid_request(no_caller().message, None))?;
+        let mut ids = Vec::new();
+        for uri in context.accepted().resource_subscriptions.iter().flatten() {
+            if let Some(id) = resources::message_id(uri)
+                && self.visible(&caller, id).await
+            {
+                ids.push(id.to_owned());
+            }
+        }
+        resources::listen(self.queue(), ids, context).await;
+        Ok(())
+    }
+
     #[allow(deprecated)] // resources/subscribe: what clients of 2025-06-18 send
     async fn subscribe(
         &self,
         request: SubscribeRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<(), ErrorData> {
-        let id = resources::message_id(&request.uri).ok_or_else(|| {
-            ErrorData::resource_not_found(format!("no resource {:?}", request.uri), None)
-        })?;
+        let caller = caller_of(self, &context)
+            .ok_or_else(|| ErrorData::invalid_request(no_caller().message, None))?;
+        let not_found =
+            || ErrorData::resource_not_found(format!("no resource {:?}", request.uri), None);
+        let id = resources::message_id(&request.uri).ok_or_else(not_found)?;
+        if !self.visible(&caller, id).await {
+            return Err(not_found());
+        }
         self.state
             .subscriptions
             .subscribe(self.queue(), id, context.peer.clone());
