@@ -534,6 +534,23 @@ async fn calls_past_the_bound_wait_unread() {
     assert_eq!(smtp.delivered().len() + backup_smtp.delivered().len(), 1);
 }
 
+/// A daemon over one relay at `smtp`, served over an in-memory pipe; the
+/// client's end of the pipe.
+async fn serve_in_memory(smtp: &Aiosmtpd) -> tokio::io::DuplexStream {
+    let cfg = config(vec![relay("primary", smtp.port, 1)]);
+    let queue = mailmux::mcp::start_queue(&cfg).await.unwrap();
+    let server = mailmux::mcp::MailmuxServer::new(queue, cfg, Sources::default());
+    let (client_io, server_io) = tokio::io::duplex(1 << 20);
+    let (r, w) = tokio::io::split(server_io);
+    tokio::spawn(mailmux::mcp::transport::serve_io(
+        server,
+        r,
+        w,
+        std::future::pending(),
+    ));
+    client_io
+}
+
 /// Records the resource updates the server notifies.
 #[derive(Clone, Default)]
 struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
@@ -557,17 +574,7 @@ async fn messages_are_resources_with_updates_for_subscribers() {
     use rmcp::model::{ReadResourceRequestParams, ResourceContents, SubscribeRequestParams};
 
     let smtp = Aiosmtpd::start();
-    let cfg = config(vec![relay("primary", smtp.port, 1)]);
-    let queue = mailmux::mcp::start_queue(&cfg).await.unwrap();
-    let server = mailmux::mcp::MailmuxServer::new(queue, cfg, Sources::default());
-    let (client_io, server_io) = tokio::io::duplex(1 << 20);
-    let (r, w) = tokio::io::split(server_io);
-    tokio::spawn(mailmux::mcp::transport::serve_io(
-        server,
-        r,
-        w,
-        std::future::pending(),
-    ));
+    let client_io = serve_in_memory(&smtp).await;
     let recorder = Recorder::default();
     let client = recorder.clone().serve(client_io).await.unwrap();
     let caps = client.peer_info().unwrap().capabilities.resources.clone();
@@ -638,17 +645,7 @@ async fn a_listen_stream_carries_the_updates_of_its_messages() {
     use rmcp::service::{ClientLifecycleMode, ClientServiceExt};
 
     let smtp = Aiosmtpd::start();
-    let cfg = config(vec![relay("primary", smtp.port, 1)]);
-    let queue = mailmux::mcp::start_queue(&cfg).await.unwrap();
-    let server = mailmux::mcp::MailmuxServer::new(queue, cfg, Sources::default());
-    let (client_io, server_io) = tokio::io::duplex(1 << 20);
-    let (r, w) = tokio::io::split(server_io);
-    tokio::spawn(mailmux::mcp::transport::serve_io(
-        server,
-        r,
-        w,
-        std::future::pending(),
-    ));
+    let client_io = serve_in_memory(&smtp).await;
     // A client of protocol 2026-07-28: `server/discover`, no `initialize`.
     let modern = ClientLifecycleMode::Discover {
         preferred_versions: vec![ProtocolVersion::V_2026_07_28],
