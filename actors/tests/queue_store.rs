@@ -744,6 +744,12 @@ async fn close_merges_the_log_and_refuses_later_writes() {
     store.accept(message("kept", None)).await.unwrap();
     let wal = dir.path().join("q.db-wal");
     assert!(std::fs::metadata(&wal).unwrap().len() > 0);
+    // Another process's close (a `send --no-wait`) leaves the daemon's log
+    // alone, and the daemon's store goes on.
+    let shared = SqliteStore::open_shared(&path).unwrap();
+    shared.close().await;
+    assert!(std::fs::metadata(&wal).unwrap().len() > 0);
+    store.accept(message("more", None)).await.unwrap();
     store.close().await;
     assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
     assert!(matches!(
@@ -760,5 +766,5 @@ async fn close_merges_the_log_and_refuses_later_writes() {
     let n: i64 = c
         .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(n, 1);
+    assert_eq!(n, 2);
 }

@@ -237,7 +237,7 @@ impl SqliteStore {
         let reader = reader.map_err(|e| named(&e))?;
         configure(&reader, false).map_err(|e| named(&e))?;
         Ok(SqliteStore {
-            writes: spawn_writer(writer),
+            writes: spawn_writer(writer, lock.is_some()),
             reader: Arc::new(Mutex::new(reader)),
             _lock: lock,
         })
@@ -363,18 +363,20 @@ fn migrate(conn: &Connection, shown: &str, apply: bool) -> Result<(), StoreError
     Ok(())
 }
 
-fn spawn_writer(conn: Connection) -> mpsc::Sender<Work> {
+/// Starts the writer thread. `owner`: this is the daemon's store (it holds
+/// the lock), whose close merges the log.
+fn spawn_writer(conn: Connection, owner: bool) -> mpsc::Sender<Work> {
     let (tx, rx) = mpsc::channel::<Work>();
     std::thread::Builder::new()
         .name("mailmux-queue-writer".into())
-        .spawn(move || writer_loop(conn, rx))
+        .spawn(move || writer_loop(conn, rx, owner))
         .expect("spawning the queue writer thread");
     tx
 }
 
 /// The writer thread: takes every write waiting, runs them in one
 /// transaction, commits once, then answers each. A close ends it.
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Work>) {
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Work>, owner: bool) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut closing = None;
     while let Ok(first) = rx.recv() {
@@ -397,8 +399,10 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Work>) {
         if let Some(done) = closing.take() {
             // Leaves the database file complete (an empty log), so that a
             // copy of it alone, or a read from a read-only file system,
-            // sees every commit.
-            if let Err(e) = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
+            // sees every commit. Only the daemon's own store: another
+            // process (`send --no-wait`) must not hold up the running
+            // daemon's writes with a checkpoint.
+            if owner && let Err(e) = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
                 tracing::warn!(error = %e, "the queue store's log could not be merged at close");
             }
             let _ = done.send(());
