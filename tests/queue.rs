@@ -673,12 +673,21 @@ async fn a_store_held_by_another_daemon_is_a_start_up_error() {
 
 /// Runs the binary expecting it to refuse to start; returns its stderr.
 fn start_failure(dir: &Path, config: &str) -> String {
+    start_failure_as(
+        dir,
+        config,
+        std::process::Command::new(env!("CARGO_BIN_EXE_mailmux")),
+    )
+}
+
+/// [`start_failure`] with `mailmux` started by `command` (as another user).
+fn start_failure_as(dir: &Path, config: &str, mut command: std::process::Command) -> String {
     let path = dir.join("second.toml");
     // Written ahead where `dir` is read-only.
     if std::fs::read_to_string(&path).ok().as_deref() != Some(config) {
         std::fs::write(&path, config).unwrap();
     }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
+    let out = command
         .arg("--config")
         .arg(&path)
         .arg("serve")
@@ -690,6 +699,55 @@ fn start_failure(dir: &Path, config: &str) -> String {
         .unwrap();
     assert!(!out.status.success(), "it started");
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A store file the daemon's user may not write (mode 0444, the daemon run
+/// as `nobody` from a copy of the binary it can read): a start-up error
+/// naming the path and the cause, and the queue command, as that user,
+/// still lists the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_file_its_user_cannot_write_is_a_start_up_error() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_smtp, dir, cfg, d) = setup(Script::ok(), "").await;
+    let later = send(d.peer(), msg("later", json!({"send_at": "1h"}))).await;
+    let id = later.message_id().unwrap().to_string();
+    d.stop().await;
+    let mode = |path: &Path, m: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(m)).unwrap();
+    };
+    let bin = dir.path().join("mailmux");
+    std::fs::copy(env!("CARGO_BIN_EXE_mailmux"), &bin).unwrap();
+    mode(&bin, 0o755);
+    mode(dir.path(), 0o777);
+    mode(&dir.path().join("queue.db"), 0o444);
+    let as_nobody = || {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&bin);
+        c
+    };
+    let out = start_failure_as(dir.path(), &cfg, as_nobody());
+    assert!(out.contains("queue.db"), "{out}");
+    assert!(
+        out.contains("read-only") && out.contains("Permission denied"),
+        "{out}"
+    );
+    let listed = as_nobody()
+        .arg("--config")
+        .arg(dir.path().join("mailmux.toml"))
+        .args(["queue", "list"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    assert!(text.contains(&id) && text.contains("scheduled"), "{text}");
 }
 
 /// A store written by a newer mailmux, and a file that is not a database,
