@@ -9,9 +9,15 @@ use common::{Aiosmtpd, free_port};
 use serde_json::Value;
 
 fn mailmux(port: u16, args: &[&str]) -> (i32, String, String) {
+    mailmux_with(port, args, &[])
+}
+
+/// [`mailmux`] with more environment variables.
+fn mailmux_with(port: u16, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_mailmux"))
         .args(args)
         .env_clear()
+        .envs(env.iter().copied())
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("MAILMUX_QUEUE__PATH", common::queue_db())
         .env("SMTP_HOST", "127.0.0.1")
@@ -58,7 +64,9 @@ fn send_prints_json_and_exits_by_status() {
     assert!(m[0].contains("notes.txt"));
     assert!(m[0].contains(out["message_id"].as_str().unwrap()));
 
-    let (code, stdout, _) = mailmux(
+    // A waiting send waits for retries that fall within its deadline; with
+    // a deadline shorter than the first retry it answers after one round.
+    let (code, stdout, _) = mailmux_with(
         free_port(),
         &[
             "send",
@@ -69,9 +77,10 @@ fn send_prints_json_and_exits_by_status() {
             "--body",
             "y",
         ],
+        &[("MAILMUX_SEND_DEADLINE", "5s")],
     );
-    // No relay took it: it stays queued for a retry, which this one-shot
-    // command does not wait for, so the exit code is not success.
+    // No relay took it: it stays queued for a retry after the deadline, so
+    // the exit code is not success.
     assert_eq!(code, 1);
     let out: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(out["status"], "queued", "{out}");
