@@ -379,3 +379,92 @@ async fn mcp_requests_past_the_bound_wait_unread() {
     let _ = stop.send(());
     let _ = task.await;
 }
+
+/// `subscriptions/listen` streams (protocol 2026-07-28) stay open for as long
+/// as the client listens. They do not hold the slots of
+/// `max_concurrent_calls`: with one slot and three streams open, a call
+/// still goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_streams_do_not_hold_call_slots() {
+    use rmcp::model::{ProtocolVersion, SubscriptionFilter};
+    use rmcp::service::{ClientLifecycleMode, ClientServiceExt};
+
+    let smtp = Aiosmtpd::start();
+    let mut cfg = config(vec![relay("primary", smtp.port, 100)]);
+    cfg.daemon.max_concurrent_calls = 1;
+    let (base, stop, task) = in_process_with(cfg, true).await;
+    let url = format!("{base}/mcp");
+    let transport = StreamableHttpClientTransport::from_config(
+        StreamableHttpClientTransportConfig::with_uri(url.clone()),
+    );
+    let modern = ClientLifecycleMode::Discover {
+        preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+    };
+    let client = ().serve_with_lifecycle(transport, modern).await.unwrap();
+    let params = CallToolRequestParams::new("send_email").with_arguments(
+        json!({"to": "rcpt@example.org", "subject": "later", "body": "x", "send_at": "1h"})
+            .as_object()
+            .unwrap()
+            .clone(),
+    );
+    let later = client.call_tool(params).await.unwrap();
+    let later = later.structured_content.unwrap();
+    assert_eq!(later["status"], "scheduled", "{later}");
+    let uri = format!(
+        "mailmux://messages/{}",
+        later["message_id"].as_str().unwrap()
+    );
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let filter = SubscriptionFilter::builder()
+            .resource_subscriptions(vec![uri.clone()])
+            .build();
+        let stream = tokio::time::timeout(Duration::from_secs(10), client.listen(filter))
+            .await
+            .expect("a listen is acknowledged within 10 s")
+            .unwrap();
+        assert_eq!(
+            stream.acknowledged().resource_subscriptions,
+            Some(vec![uri.clone()])
+        );
+        streams.push(stream);
+    }
+    let call = mcp_call(
+        &url,
+        None,
+        "send_email",
+        json!({"to": "rcpt@example.org", "subject": "now", "body": "x"}),
+    );
+    let (is_error, out) = tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .expect("a call is not held up by open listen streams");
+    assert!(!is_error, "{out}");
+    assert_eq!(out["status"], "sent", "{out}");
+    // The header is trusted only because rmcp refuses a request whose body
+    // says otherwise: a call dressed as a listen is refused, and nothing is
+    // sent.
+    let dressed = post(&reqwest::Client::new(), &url)
+        .header("MCP-Protocol-Version", "2026-07-28")
+        .header("Mcp-Method", "subscriptions/listen")
+        .json(&json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+            "params": {"_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                                 "io.modelcontextprotocol/clientCapabilities": {}},
+                       "name": "send_email",
+                       "arguments": {"to": "rcpt@example.org", "subject": "dressed", "body": "x"}}}))
+        .send()
+        .await
+        .unwrap();
+    let status = dressed.status();
+    let text = dressed.text().await.unwrap();
+    assert_eq!(status.as_u16(), 400, "{text}");
+    assert!(text.contains("does not match"), "{text}");
+    for mut s in streams {
+        s.cancel().await.unwrap();
+    }
+    let _ = client.cancel().await;
+    let delivered = smtp.wait_messages(1);
+    assert_eq!(delivered.len(), 1, "only the call that was asked for");
+    assert!(!delivered[0].contains("dressed"));
+    let _ = stop.send(());
+    let _ = task.await;
+}

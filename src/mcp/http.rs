@@ -192,16 +192,54 @@ async fn check(State(guard): State<Arc<Guard>>, mut req: Request, next: Next) ->
     next.run(req).await
 }
 
+/// The bounds on the MCP requests handled at once.
+#[derive(Debug)]
+struct Limits {
+    /// `max_concurrent_calls`.
+    calls: Arc<Semaphore>,
+    /// The `subscriptions/listen` streams open at once ([`MAX_LISTENS`]).
+    listens: Arc<Semaphore>,
+}
+
+/// At most this many `subscriptions/listen` streams are open at once; more
+/// wait, as calls past their bound do.
+const MAX_LISTENS: usize = 256;
+
+/// Whether `req` opens a `subscriptions/listen` stream. rmcp checks the
+/// `Mcp-Method` header against the body whenever the request's protocol
+/// version asks for the standard headers (2026-07-28 and later), and refuses
+/// a mismatch before any handler runs; so there the header says what the
+/// body is. Before that version it is not checked, and not trusted here.
+fn is_listen(req: &Request) -> bool {
+    let headers = req.headers();
+    let checked = headers
+        .get("mcp-protocol-version")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v >= rmcp::model::ProtocolVersion::STANDARD_HEADERS.as_str());
+    let mut methods = headers.get_all("mcp-method").iter();
+    checked
+        && methods.next().is_some_and(|m| m == "subscriptions/listen")
+        && methods.next().is_none()
+}
+
 /// Bounds the MCP requests handled at once (`max_concurrent_calls`).
 /// A request holds its permit from the moment it is taken until its response
 /// body ends (in stateful mode the tool result comes on that body, after the
 /// handler returned), so at most that many bodies and the messages built from
 /// them are in memory. Requests past the bound wait with their bodies unread.
-async fn limit(State(permits): State<Arc<Semaphore>>, req: Request, next: Next) -> Response {
+/// A `subscriptions/listen` stream holds its body open for as long as the
+/// client listens, so it takes a permit of its own bound instead: open
+/// streams never keep calls waiting.
+async fn limit(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> Response {
     if req.method() != Method::POST {
         return next.run(req).await;
     }
-    let Ok(permit) = permits.acquire_owned().await else {
+    let permits = if is_listen(&req) {
+        &limits.listens
+    } else {
+        &limits.calls
+    };
+    let Ok(permit) = permits.clone().acquire_owned().await else {
         return reject(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     };
     let (parts, body) = next.run(req).await.into_parts();
@@ -355,7 +393,10 @@ pub fn app(server: &MailmuxServer, stateful: bool) -> (Router, CancellationToken
         config,
     );
     let guard = Arc::new(Guard::new(&http, server));
-    let permits = Arc::new(Semaphore::new(server.config().daemon.max_concurrent_calls));
+    let limits = Arc::new(Limits {
+        calls: Arc::new(Semaphore::new(server.config().daemon.max_concurrent_calls)),
+        listens: Arc::new(Semaphore::new(MAX_LISTENS)),
+    });
     let router = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -366,7 +407,7 @@ pub fn app(server: &MailmuxServer, stateful: bool) -> (Router, CancellationToken
         .merge(crate::console::routes(server))
         .nest_service("/mcp", mcp)
         // Layers run outermost last-added first: the checks, then the bound.
-        .layer(middleware::from_fn_with_state(permits, limit))
+        .layer(middleware::from_fn_with_state(limits, limit))
         .layer(middleware::from_fn_with_state(guard, check));
     (router, cancel)
 }
