@@ -21,7 +21,7 @@ use rmcp::model::{
 use rmcp::service::RequestContext;
 
 use super::MailmuxServer;
-use super::tools::{caller_of, describe, owns, respond};
+use super::tools::{caller_of, describe, respond};
 use super::types::{SendResult, rfc3339};
 
 /// The pause between two `tasks/get` of one task that clients are asked
@@ -119,10 +119,8 @@ async fn owned(
     let caller = caller_of(server, ctx)
         .ok_or_else(|| ErrorData::invalid_request("no caller for this request", None))?;
     server
-        .queue()
-        .status(task_id)
+        .owned_by(&caller, task_id)
         .await
         .map_err(|e| ErrorData::internal_error(super::tools::queue_error(&e).message, None))?
-        .filter(|r| owns(&caller, r.caller.as_deref()))
         .ok_or_else(|| ErrorData::invalid_params(format!("no task {task_id:?}"), None))
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use std::time::{Duration, SystemTime};
 
-use mailmux_actors::queue::{Cancel, Filter, Hold, QueueError, State, Submit};
+use mailmux_actors::queue::{Cancel, Filter, Hold, QueueError, Record, State, Submit};
 use mailmux_actors::{ControlError, Mail};
 use rmcp::RoleServer;
 use rmcp::handler::server::tool::{ToolCallContext, schema_for_output};
@@ -209,9 +209,23 @@ pub fn caller_of(server: &MailmuxServer, ctx: &RequestContext<RoleServer>) -> Op
 }
 
 impl MailmuxServer {
+    /// The message `id` if it exists and `caller` may see it: another
+    /// caller's message is not shown, nor said to exist.
+    pub(super) async fn owned_by(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<Option<Record>, QueueError> {
+        Ok(self
+            .queue()
+            .status(id)
+            .await?
+            .filter(|r| owns(caller, r.caller.as_deref())))
+    }
+
     /// Whether the message exists and `caller` may see it.
     async fn visible(&self, caller: &Caller, id: &str) -> bool {
-        matches!(self.queue().status(id).await, Ok(Some(r)) if owns(caller, r.caller.as_deref()))
+        matches!(self.owned_by(caller, id).await, Ok(Some(_)))
     }
 }
 
@@ -224,7 +238,7 @@ fn no_caller() -> ToolError {
 }
 
 /// Whether `caller` may see or act on a message stored by `owner`.
-pub(super) fn owns(caller: &Caller, owner: Option<&str>) -> bool {
+fn owns(caller: &Caller, owner: Option<&str>) -> bool {
     owner.is_none_or(|o| o == &*caller.name)
 }
 
@@ -789,9 +803,9 @@ impl MailmuxServer {
                 Err(e) => return fail::<CancelMessageResult>(invalid("arguments", "schema", e)),
             };
             tracing::Span::current().record("message_id", id.as_str());
-            match self.queue().status(&id).await {
-                Ok(Some(r)) if owns(&caller, r.caller.as_deref()) => {}
-                Ok(_) => {
+            match self.owned_by(&caller, &id).await {
+                Ok(Some(_)) => {}
+                Ok(None) => {
                     return fail::<CancelMessageResult>(ToolError::new(
                         "not_found",
                         format!("no message {id:?}"),
@@ -1694,11 +1708,9 @@ impl ServerHandler for MailmuxServer {
             ErrorData::resource_not_found(format!("no resource {:?}", request.uri), None)
         })?;
         let record = self
-            .queue()
-            .status(id)
+            .owned_by(&caller, id)
             .await
             .map_err(|e| ErrorData::internal_error(queue_error(&e).message, None))?
-            .filter(|r| owns(&caller, r.caller.as_deref()))
             .ok_or_else(|| ErrorData::resource_not_found(format!("no message {id:?}"), None))?;
         let json = serde_json::to_string(&MessageStatusResult::from(&record))
             .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
