@@ -751,7 +751,9 @@ async fn close_merges_the_log_and_refuses_later_writes() {
     assert!(std::fs::metadata(&wal).unwrap().len() > 0);
     store.accept(message("more", None)).await.unwrap();
     store.close().await;
-    assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
+    // Merged: empty, or already removed by SQLite when the writer's
+    // connection closed as the last one that had read the store.
+    assert_eq!(std::fs::metadata(&wal).map_or(0, |m| m.len()), 0);
     assert!(matches!(
         store.accept(message("late", None)).await,
         Err(StoreError::Unavailable(_))
@@ -762,7 +764,7 @@ async fn close_merges_the_log_and_refuses_later_writes() {
     let c =
         rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .unwrap();
-    std::fs::remove_file(&wal).unwrap();
+    let _ = std::fs::remove_file(&wal);
     let n: i64 = c
         .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
         .unwrap();
