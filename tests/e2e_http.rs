@@ -468,3 +468,102 @@ async fn listen_streams_do_not_hold_call_slots() {
     let _ = stop.send(());
     let _ = task.await;
 }
+
+/// One caller may hold 32 `subscriptions/listen` streams: the next is refused
+/// at once with 429, another caller still gets its own, and closing one
+/// frees its place.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_caller_cannot_take_every_listen_stream() {
+    use mailmux::policy::{CallerSettings, hash_token};
+    use rmcp::model::{ProtocolVersion, SubscriptionFilter};
+    use rmcp::service::{ClientLifecycleMode, ClientServiceExt};
+
+    let smtp = Aiosmtpd::start();
+    let mut cfg = config(vec![relay("primary", smtp.port, 100)]);
+    for name in ["alpha", "beta"] {
+        cfg.safety.callers.push(CallerSettings {
+            name: name.into(),
+            token: Some(hash_token(&format!("{name}-token"))),
+            policy: cfg.safety.policy.clone(),
+        });
+    }
+    let (base, stop, task) = in_process_with(cfg, true).await;
+    let url = format!("{base}/mcp");
+    // A client of `who`, and the URI of a scheduled message of its own.
+    let connect = |who: &'static str| {
+        let url = url.clone();
+        async move {
+            let transport = StreamableHttpClientTransport::from_config(
+                StreamableHttpClientTransportConfig::with_uri(url)
+                    .auth_header(format!("{who}-token")),
+            );
+            let modern = ClientLifecycleMode::Discover {
+                preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+            };
+            let client = ().serve_with_lifecycle(transport, modern).await.unwrap();
+            let params = CallToolRequestParams::new("send_email").with_arguments(
+                json!({"to": "rcpt@example.org", "subject": who, "body": "x", "send_at": "1h"})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+            );
+            let out = client.call_tool(params).await.unwrap();
+            let out = out.structured_content.unwrap();
+            assert_eq!(out["status"], "scheduled", "{out}");
+            let uri = format!("mailmux://messages/{}", out["message_id"].as_str().unwrap());
+            (client, uri)
+        }
+    };
+    let filter = |uri: &str| {
+        SubscriptionFilter::builder()
+            .resource_subscriptions(vec![uri.to_string()])
+            .build()
+    };
+    let (alpha, alpha_uri) = connect("alpha").await;
+    let mut streams = Vec::new();
+    for i in 0..32 {
+        let stream =
+            tokio::time::timeout(Duration::from_secs(10), alpha.listen(filter(&alpha_uri)))
+                .await
+                .expect("a listen is answered within 10 s")
+                .unwrap_or_else(|e| panic!("listen {i} of 32: {e}"));
+        streams.push(stream);
+    }
+    let refused = tokio::time::timeout(Duration::from_secs(10), alpha.listen(filter(&alpha_uri)))
+        .await
+        .expect("the 33rd listen is answered at once, not kept waiting");
+    let Err(e) = refused else {
+        panic!("the 33rd listen of one caller is refused");
+    };
+    assert!(e.to_string().contains("429"), "{e}");
+    let (beta, beta_uri) = connect("beta").await;
+    let mut other = tokio::time::timeout(Duration::from_secs(10), beta.listen(filter(&beta_uri)))
+        .await
+        .expect("another caller's listen is answered")
+        .expect("another caller still gets a stream");
+    assert_eq!(
+        other.acknowledged().resource_subscriptions,
+        Some(vec![beta_uri.clone()])
+    );
+    // Closing one of alpha's streams frees its place.
+    streams.pop().unwrap().cancel().await.unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match alpha.listen(filter(&alpha_uri)).await {
+                Ok(s) => return s,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await
+    .expect("a closed stream's place is freed");
+    streams.push(again);
+    for mut s in streams {
+        s.cancel().await.unwrap();
+    }
+    other.cancel().await.unwrap();
+    let _ = alpha.cancel().await;
+    let _ = beta.cancel().await;
+    let _ = stop.send(());
+    let _ = task.await;
+}

@@ -12,6 +12,7 @@
 //! one, and without it only loopback peers may read it. A daemon serving
 //! stdio can serve it on a listener of its own (`metrics.bind`).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -199,11 +200,51 @@ struct Limits {
     calls: Arc<Semaphore>,
     /// The `subscriptions/listen` streams open at once ([`MAX_LISTENS`]).
     listens: Arc<Semaphore>,
+    /// The streams each caller has open ([`MAX_LISTENS_PER_CALLER`]).
+    listening: Arc<std::sync::Mutex<HashMap<Arc<str>, usize>>>,
 }
 
 /// At most this many `subscriptions/listen` streams are open at once; more
 /// wait, as calls past their bound do.
 const MAX_LISTENS: usize = 256;
+
+/// At most this many of them per caller; one more is refused at once (429),
+/// so that one caller cannot take the streams of every other.
+const MAX_LISTENS_PER_CALLER: usize = 32;
+
+/// One open stream of a caller, counted until it is dropped.
+struct Listening {
+    open: Arc<std::sync::Mutex<HashMap<Arc<str>, usize>>>,
+    caller: Arc<str>,
+}
+
+impl Listening {
+    /// Counts a stream for `caller`, unless it has the most it may.
+    fn open(limits: &Limits, caller: Arc<str>) -> Option<Listening> {
+        let mut open = limits.listening.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(caller.clone()).or_default();
+        if *n >= MAX_LISTENS_PER_CALLER {
+            return None;
+        }
+        *n += 1;
+        Some(Listening {
+            open: limits.listening.clone(),
+            caller,
+        })
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.caller) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.caller);
+            }
+        }
+    }
+}
 
 /// Whether `req` opens a `subscriptions/listen` stream. rmcp checks the
 /// `Mcp-Method` header against the body whenever the request's protocol
@@ -229,12 +270,31 @@ fn is_listen(req: &Request) -> bool {
 /// them are in memory. Requests past the bound wait with their bodies unread.
 /// A `subscriptions/listen` stream holds its body open for as long as the
 /// client listens, so it takes a permit of its own bound instead: open
-/// streams never keep calls waiting.
+/// streams never keep calls waiting. A caller past its own number of streams
+/// is refused at once rather than kept waiting.
 async fn limit(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> Response {
     if req.method() != Method::POST {
         return next.run(req).await;
     }
-    let permits = if is_listen(&req) {
+    let listen = is_listen(&req);
+    let mut listening = None;
+    if listen {
+        // `check` has put the caller in every /mcp request.
+        let caller = req
+            .extensions()
+            .get::<Arc<Caller>>()
+            .map_or_else(|| Arc::from(""), |c| c.name.clone());
+        listening = Listening::open(&limits, caller);
+        if listening.is_none() {
+            return reject(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!(
+                    "this caller has {MAX_LISTENS_PER_CALLER} subscriptions/listen streams open, the most it may; close one first"
+                ),
+            );
+        }
+    }
+    let permits = if listen {
         &limits.listens
     } else {
         &limits.calls
@@ -244,7 +304,7 @@ async fn limit(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> R
     };
     let (parts, body) = next.run(req).await.into_parts();
     let body = body.map_frame(move |frame| {
-        let _held = &permit;
+        let _held = (&permit, &listening);
         frame
     });
     Response::from_parts(parts, axum::body::Body::new(body))
@@ -396,6 +456,7 @@ pub fn app(server: &MailmuxServer, stateful: bool) -> (Router, CancellationToken
     let limits = Arc::new(Limits {
         calls: Arc::new(Semaphore::new(server.config().daemon.max_concurrent_calls)),
         listens: Arc::new(Semaphore::new(MAX_LISTENS)),
+        listening: Arc::default(),
     });
     let router = Router::new()
         .route("/health", get(health))
