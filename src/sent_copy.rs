@@ -8,20 +8,27 @@
 //! `max_connections` workers per relay, each with one IMAP session it keeps
 //! and reuses, append them. A failed copy is tried again with backoff, then
 //! recorded on the message (`failed: <reason>`), counted, and logged once.
-//! It never delays or fails the send. IMAP is spoken by `async-imap`.
+//! It never delays or fails the send. At shutdown the copies still waiting
+//! get the grace period once the last delivery ended; each one not made by
+//! then is recorded as failed, never dropped unsaid. IMAP is spoken by
+//! `async-imap`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_imap::{Client, Session};
-use mailmux_actors::queue::{Delivered, Event, Observer, Queue};
+use mailmux_actors::queue::{Delivered, Drain, Event, Observer, Queue};
 use mailmux_actors::{Secret, TokenSource};
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, mpsc};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either;
+use tokio_util::sync::CancellationToken;
 
 /// Copies waiting per relay; past it a copy is recorded as failed at once.
 const BACKLOG: usize = 100_000;
@@ -95,11 +102,21 @@ struct Job {
     bytes: Arc<[u8]>,
 }
 
+/// Why a copy was not made when the daemon stopped first.
+const STOPPED: &str = "the daemon stopped before the copy was made";
+
 /// The copiers of every relay with a Sent copy; the queue's observer.
 #[derive(Debug)]
 pub struct SentCopies {
     by_relay: HashMap<String, mpsc::Sender<Job>>,
     queue: Queue,
+    /// Set at shutdown: a copy handed over later is recorded as failed.
+    closing: AtomicBool,
+    /// Copies handed over and not yet recorded, copied or failed.
+    pending: Arc<tokio::sync::watch::Sender<usize>>,
+    /// Tells the workers to stop, recording what they still hold.
+    stop: CancellationToken,
+    workers: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl SentCopies {
@@ -107,16 +124,34 @@ impl SentCopies {
     /// settings). Nothing runs for a relay without a Sent copy.
     pub fn start(queue: Queue, settings: &[(String, SentCopySettings)]) -> Arc<SentCopies> {
         let mut by_relay = HashMap::new();
+        let pending = Arc::new(tokio::sync::watch::Sender::new(0));
+        let stop = CancellationToken::new();
+        let mut workers = Vec::new();
         for (relay, s) in settings {
             let (tx, rx) = mpsc::channel(BACKLOG);
             let rx = Arc::new(Mutex::new(rx));
             let s = Arc::new(s.clone());
             for _ in 0..s.max_connections.max(1) {
-                tokio::spawn(worker(relay.clone(), s.clone(), rx.clone(), queue.clone()));
+                let copier = Copier {
+                    relay: relay.clone(),
+                    settings: s.clone(),
+                    jobs: rx.clone(),
+                    queue: queue.clone(),
+                    pending: pending.clone(),
+                    stop: stop.clone(),
+                };
+                workers.push(tokio::spawn(copier.run()));
             }
             by_relay.insert(relay.clone(), tx);
         }
-        Arc::new(SentCopies { by_relay, queue })
+        Arc::new(SentCopies {
+            by_relay,
+            queue,
+            closing: AtomicBool::new(false),
+            pending,
+            stop,
+            workers: std::sync::Mutex::new(workers),
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -136,91 +171,159 @@ impl Observer for SentCopies {
             to: d.to.to_vec(),
             bytes: d.bytes.clone(),
         };
-        if let Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) =
-            tx.try_send(job)
-        {
+        let refused = if self.closing.load(Ordering::Acquire) {
+            Some((job, STOPPED))
+        } else {
+            self.pending.send_modify(|n| *n += 1);
+            match tx.try_send(job) {
+                Ok(()) => None,
+                Err(
+                    mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job),
+                ) => {
+                    self.pending.send_modify(|n| *n -= 1);
+                    Some((job, "too many copies waiting"))
+                }
+            }
+        };
+        if let Some((job, reason)) = refused {
             let queue = self.queue.clone();
             let relay = d.relay.to_owned();
             tokio::spawn(async move {
-                failed(&queue, &relay, &job.message_id, "too many copies waiting").await;
+                failed(&queue, &relay, &job.message_id, reason).await;
             });
         }
+    }
+
+    /// Waits for the copies handed over until `until`, then stops the
+    /// workers, which record every copy they still hold as failed.
+    fn drain(&self, until: Instant) -> Drain<'_> {
+        Box::pin(async move {
+            self.closing.store(true, Ordering::Release);
+            let mut pending = self.pending.subscribe();
+            let waiting = *pending.borrow();
+            if waiting > 0 {
+                tracing::info!(copies = waiting, "shutdown: waiting for the Sent copies");
+            }
+            let _ = tokio::time::timeout_at(until, pending.wait_for(|n| *n == 0)).await;
+            self.stop.cancel();
+            let workers =
+                std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
+            for w in workers {
+                let _ = w.await;
+            }
+        })
     }
 }
 
 type Stream = Either<TcpStream, TlsStream<TcpStream>>;
 
-/// Takes copies off the relay's channel and files them, one session kept
-/// open between them.
-async fn worker(
+/// One worker of a relay's copies.
+struct Copier {
     relay: String,
-    s: Arc<SentCopySettings>,
+    settings: Arc<SentCopySettings>,
     jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
     queue: Queue,
-) {
-    let mut session: Option<(Session<Stream>, String)> = None;
-    loop {
-        let job = {
-            let mut rx = jobs.lock().await;
-            rx.recv().await
-        };
-        let Some(job) = job else {
-            return;
-        };
-        let content = copy_bytes(&job, s.include_bcc);
-        let date = internal_date(&job.bytes);
-        let mut last_error = String::new();
-        let mut delivered = false;
-        for attempt in 0..s.attempts.max(1) {
-            if attempt > 0 {
-                let wait = s.retry_base * 2u32.saturating_pow(attempt - 1);
-                tokio::time::sleep(wait).await;
-            }
-            if session.is_none() {
-                match tokio::time::timeout(IMAP_TIMEOUT, open(&s, attempt > 0)).await {
-                    Ok(Ok(opened)) => session = Some(opened),
-                    Ok(Err(e)) => {
-                        last_error = e;
-                        tracing::debug!(relay = %relay, message_id = %job.message_id, attempt, error = %last_error, "Sent copy: cannot open the IMAP session");
-                        continue;
-                    }
-                    Err(_) => {
-                        last_error = format!("no IMAP answer within {IMAP_TIMEOUT:?}");
-                        continue;
-                    }
-                }
-            }
-            let Some((sess, folder)) = session.as_mut() else {
-                continue;
+    pending: Arc<tokio::sync::watch::Sender<usize>>,
+    stop: CancellationToken,
+}
+
+impl Copier {
+    /// Takes copies off the relay's channel and files them, one session
+    /// kept open between them. Once stopped, records the copy it was making
+    /// and every one still waiting as failed.
+    async fn run(self) {
+        let mut session: Option<(Session<Stream>, String)> = None;
+        loop {
+            let job = tokio::select! {
+                biased;
+                () = self.stop.cancelled() => None,
+                job = async { self.jobs.lock().await.recv().await } => job,
             };
-            let appended = tokio::time::timeout(
-                IMAP_TIMEOUT,
-                // async-imap quotes the mailbox name itself.
-                sess.append(folder.as_str(), Some("(\\Seen)"), date.as_deref(), &content),
-            )
-            .await;
-            match appended {
-                Ok(Ok(())) => {
-                    delivered = true;
-                    break;
-                }
-                Ok(Err(e)) => last_error = format!("APPEND to {folder:?}: {e}"),
-                Err(_) => last_error = format!("APPEND: no answer within {IMAP_TIMEOUT:?}"),
-            }
-            // The session may be broken: open a new one for the next try.
-            session = None;
-            tracing::debug!(relay = %relay, message_id = %job.message_id, attempt, error = %last_error, "Sent copy failed; trying again");
+            let Some(job) = job else {
+                break;
+            };
+            let outcome = tokio::select! {
+                biased;
+                () = self.stop.cancelled() => Err(STOPPED.to_string()),
+                outcome = copy(&self.relay, &self.settings, &mut session, &job) => outcome,
+            };
+            self.record(&job, outcome).await;
         }
-        if delivered {
-            metrics::counter!(crate::telemetry::SENT_COPIES, "relay" => relay.clone(), "outcome" => "copied")
-                .increment(1);
-            if let Err(e) = queue.note_copy(&job.message_id, "copied").await {
-                tracing::warn!(message_id = %job.message_id, error = %e, "cannot record the Sent copy");
+        if self.stop.is_cancelled() {
+            loop {
+                let job = self.jobs.lock().await.try_recv();
+                let Ok(job) = job else {
+                    break;
+                };
+                self.record(&job, Err(STOPPED.to_string())).await;
             }
-        } else {
-            failed(&queue, &relay, &job.message_id, &last_error).await;
         }
     }
+
+    async fn record(&self, job: &Job, outcome: Result<(), String>) {
+        match outcome {
+            Ok(()) => {
+                metrics::counter!(crate::telemetry::SENT_COPIES, "relay" => self.relay.clone(), "outcome" => "copied")
+                    .increment(1);
+                if let Err(e) = self.queue.note_copy(&job.message_id, "copied").await {
+                    tracing::warn!(message_id = %job.message_id, error = %e, "cannot record the Sent copy");
+                }
+            }
+            Err(reason) => failed(&self.queue, &self.relay, &job.message_id, &reason).await,
+        }
+        self.pending.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// Files one copy, with the tries and backoff of the settings; the session
+/// is reused, and dropped when it may be broken.
+async fn copy(
+    relay: &str,
+    s: &SentCopySettings,
+    session: &mut Option<(Session<Stream>, String)>,
+    job: &Job,
+) -> Result<(), String> {
+    let content = copy_bytes(job, s.include_bcc);
+    let date = internal_date(&job.bytes);
+    let mut last_error = String::new();
+    for attempt in 0..s.attempts.max(1) {
+        if attempt > 0 {
+            let wait = s.retry_base * 2u32.saturating_pow(attempt - 1);
+            tokio::time::sleep(wait).await;
+        }
+        if session.is_none() {
+            match tokio::time::timeout(IMAP_TIMEOUT, open(s, attempt > 0)).await {
+                Ok(Ok(opened)) => *session = Some(opened),
+                Ok(Err(e)) => {
+                    last_error = e;
+                    tracing::debug!(relay = %relay, message_id = %job.message_id, attempt, error = %last_error, "Sent copy: cannot open the IMAP session");
+                    continue;
+                }
+                Err(_) => {
+                    last_error = format!("no IMAP answer within {IMAP_TIMEOUT:?}");
+                    continue;
+                }
+            }
+        }
+        let Some((sess, folder)) = session.as_mut() else {
+            continue;
+        };
+        let appended = tokio::time::timeout(
+            IMAP_TIMEOUT,
+            // async-imap quotes the mailbox name itself.
+            sess.append(folder.as_str(), Some("(\\Seen)"), date.as_deref(), &content),
+        )
+        .await;
+        match appended {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => last_error = format!("APPEND to {folder:?}: {e}"),
+            Err(_) => last_error = format!("APPEND: no answer within {IMAP_TIMEOUT:?}"),
+        }
+        // The session may be broken: open a new one for the next try.
+        *session = None;
+        tracing::debug!(relay = %relay, message_id = %job.message_id, attempt, error = %last_error, "Sent copy failed; trying again");
+    }
+    Err(last_error)
 }
 
 /// Records a copy that will not be made: on the message, as a metric, and

@@ -570,3 +570,101 @@ folder = "\\Sent"
     assert_eq!(sink.tokens_presented(), [common::access(1)]);
     d.stop().await;
 }
+
+/// The outcome of each message's copy, read from a daemon started again on
+/// the same store after the first one stopped.
+async fn outcomes_after_restart(dir: &Path, config: &str, ids: &[String]) -> Vec<Value> {
+    let again = StdioDaemon::start(dir, config).await;
+    let mut out = Vec::new();
+    for id in ids {
+        out.push(copy_status(&again, id).await);
+    }
+    again.stop().await;
+    out
+}
+
+fn ids_of_batch(out: &Value) -> Vec<String> {
+    out["results"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{out}"))
+        .iter()
+        .map(|r| {
+            assert_eq!(r["status"], "sent", "{r}");
+            r["message_id"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_waiting_at_shutdown_are_made_before_the_daemon_exits() {
+    let imap = Dovecot::start();
+    let sink = smtp().await;
+    let dir = tempfile::tempdir().unwrap();
+    // One IMAP connection, so that the copies of a batch queue up behind
+    // each other and are still waiting when the daemon is told to stop.
+    let cfg = config(
+        dir.path(),
+        sink.port(),
+        imap.port,
+        "folder = \"Sent Messages\"\nmax_connections = 1",
+    )
+    .replace("shutdown_grace = \"1s\"", "shutdown_grace = \"20s\"");
+    let d = StdioDaemon::start(dir.path(), &cfg).await;
+    let messages: Vec<Value> = (0..200)
+        .map(|i| json!({ "to": [format!("reader{i}@example.net")] }))
+        .collect();
+    let out = d
+        .call(
+            "send_batch",
+            json!({ "defaults": { "subject": "Digest", "body": "News.\n" },
+                    "messages": messages, "wait": true }),
+        )
+        .await;
+    let ids = ids_of_batch(&out);
+    let copied_at_stop = imap.count("Sent Messages").await;
+    d.stop().await;
+    let copied = imap.count("Sent Messages").await;
+    println!(
+        "copies in the Sent folder when the stop began: {copied_at_stop}; after the exit: {copied}"
+    );
+    assert_eq!(copied, 200, "every copy made before the daemon exited");
+    for o in outcomes_after_restart(dir.path(), &cfg, &ids).await {
+        assert_eq!(o, json!({ "status": "copied" }));
+    }
+    assert_eq!(sink.delivered().len(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_not_made_by_the_end_of_the_grace_is_recorded_failed() {
+    // An IMAP server that takes the connection and never greets.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let sink = smtp().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), sink.port(), port, "attempts = 1");
+    let d = StdioDaemon::start(dir.path(), &cfg).await;
+    let mut ids = Vec::new();
+    for subject in ["first", "second"] {
+        let out = d.send(subject).await;
+        assert_eq!(out["status"], "sent", "{out}");
+        ids.push(out["message_id"].as_str().unwrap().to_string());
+    }
+    let started = Instant::now();
+    d.stop().await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "the stop waited {took:?}, past its grace of 1 s, for a server that never answers"
+    );
+    for o in outcomes_after_restart(dir.path(), &cfg, &ids).await {
+        assert_eq!(o["status"], "failed", "{o}");
+        assert_eq!(
+            o["reason"], "the daemon stopped before the copy was made",
+            "{o}"
+        );
+    }
+    assert_eq!(sink.delivered().len(), 2);
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    assert!(!log.contains(PASS), "the password is not in the log");
+    drop(silent);
+}

@@ -172,7 +172,18 @@ pub trait Observer: Send + Sync + std::fmt::Debug {
 
     /// A relay took a message, once its outcome is stored.
     fn delivered(&self, _d: &Delivered<'_>) {}
+
+    /// At shutdown, once the last delivery ended: finishes the work it
+    /// still holds for messages already delivered, by `until`, and records
+    /// in the store what it could not finish. The store stays open until
+    /// this returns.
+    fn drain(&self, _until: Instant) -> Drain<'_> {
+        Box::pin(async {})
+    }
 }
+
+/// What [`Observer::drain`] returns.
+pub type Drain<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 
 /// Several observers (the audit log, the metrics, the Sent copy), each told
 /// in turn.
@@ -187,6 +198,14 @@ impl Observer for Vec<Arc<dyn Observer>> {
         for o in self {
             o.delivered(d);
         }
+    }
+
+    fn drain(&self, until: Instant) -> Drain<'_> {
+        Box::pin(async move {
+            for o in self {
+                o.drain(until).await;
+            }
+        })
     }
 }
 
@@ -814,14 +833,18 @@ impl Queue {
     }
 
     /// Refuses new messages, stops the runner, lets rounds in flight finish
-    /// within `grace`, then stops the dispatcher. Queued mail stays in the
-    /// store for the next start.
+    /// within `grace`, then stops the dispatcher. The observers then get
+    /// `grace` again to finish what they hold (the Sent copies). Queued
+    /// mail stays in the store for the next start.
     pub async fn shutdown(&self, grace: Duration) -> crate::status::ShutdownReport {
         let inner = &*self.inner;
         inner.accepting.store(false, Ordering::Release);
         inner.stop.cancel();
         let report = inner.dispatcher.shutdown(grace).await;
         let _ = tokio::time::timeout(SETTLE_GRACE, inner.rounds.idle()).await;
+        if let Some(observer) = inner.observer.get() {
+            observer.drain(Instant::now() + grace).await;
+        }
         inner.store.close().await;
         report
     }
