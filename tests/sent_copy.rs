@@ -310,6 +310,19 @@ tls = "none"
     )
 }
 
+/// A `send_batch` of `n` messages, one per reader.
+async fn digest(d: &StdioDaemon, n: usize, wait: bool) -> Value {
+    let messages: Vec<Value> = (0..n)
+        .map(|i| json!({ "to": [format!("reader{i}@example.net")] }))
+        .collect();
+    d.call(
+        "send_batch",
+        json!({ "defaults": { "subject": "Digest", "body": "News.\n" },
+                "messages": messages, "wait": wait }),
+    )
+    .await
+}
+
 async fn copy_status(d: &StdioDaemon, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -419,16 +432,7 @@ async fn a_burst_of_500_gives_500_copies_within_the_connection_bound() {
         ),
     )
     .await;
-    let messages: Vec<Value> = (0..500)
-        .map(|i| json!({ "to": [format!("reader{i}@example.net")] }))
-        .collect();
-    let out = d
-        .call(
-            "send_batch",
-            json!({ "defaults": { "subject": "Digest", "body": "News.\n" },
-                    "messages": messages, "wait": false }),
-        )
-        .await;
+    let out = digest(&d, 500, false).await;
     assert_eq!(out["results"].as_array().map(Vec::len), Some(500), "{out}");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -610,16 +614,7 @@ async fn copies_waiting_at_shutdown_are_made_before_the_daemon_exits() {
     )
     .replace("shutdown_grace = \"1s\"", "shutdown_grace = \"20s\"");
     let d = StdioDaemon::start(dir.path(), &cfg).await;
-    let messages: Vec<Value> = (0..200)
-        .map(|i| json!({ "to": [format!("reader{i}@example.net")] }))
-        .collect();
-    let out = d
-        .call(
-            "send_batch",
-            json!({ "defaults": { "subject": "Digest", "body": "News.\n" },
-                    "messages": messages, "wait": true }),
-        )
-        .await;
+    let out = digest(&d, 200, true).await;
     let ids = ids_of_batch(&out);
     let copied_at_stop = imap.count("Sent Messages").await;
     d.stop().await;
