@@ -535,6 +535,34 @@ async fn postgres_conforms() {
     purges_in_chunks(&PgStore::open(&pg(&server.database(), "n1")).await.unwrap()).await;
 }
 
+/// Every statement of the store finds its rows of `mailmux_messages`
+/// through an index, even on a new database, whose table is small enough
+/// that PostgreSQL would rather scan it, and would then keep the plans it
+/// cached as the table grows. auto_explain logs the plan of each statement.
+#[tokio::test]
+async fn postgres_statements_never_scan_the_messages_table() {
+    let server = Postgres::start_configured(
+        false,
+        "session_preload_libraries = 'auto_explain'\n\
+         auto_explain.log_min_duration = 0\n\
+         auto_explain.log_nested_statements = on\n",
+    );
+    let store = PgStore::open(&pg(&server.database(), "n1")).await.unwrap();
+    conformance(&store).await;
+    drop(store);
+    retries(&PgStore::open(&pg(&server.database(), "n1")).await.unwrap()).await;
+    let log = server.log();
+    assert!(
+        log.contains("Index Scan") || log.contains("Index Only Scan"),
+        "auto_explain logged no plans: {log}"
+    );
+    let scans: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Seq Scan on mailmux_messages"))
+        .collect();
+    assert!(scans.is_empty(), "{} sequential scans: {log}", scans.len());
+}
+
 /// Two daemons on one database: one idempotency key stores one message
 /// across both; due messages are claimed by one daemon each, never both.
 #[tokio::test]

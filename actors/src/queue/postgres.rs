@@ -711,12 +711,20 @@ impl PgStore {
 }
 
 async fn connect(s: &PgSettings) -> Result<PgPool, StoreError> {
+    let failed = |e: sqlx::Error| StoreError::Unavailable(format!("{}: {e}", s.shown_url()));
+    let options: sqlx::postgres::PgConnectOptions = s.url.parse().map_err(failed)?;
+    // Every statement of the store reaches its rows through an index. A
+    // plan that PostgreSQL caches while the table is still small (a new
+    // database) would scan the whole table instead, and keep doing so as
+    // it grows, until the next ANALYZE: so sequential scans are priced out
+    // (they remain where no index applies).
+    let options = options.options([("enable_seqscan", "off")]);
     PgPoolOptions::new()
         .max_connections(s.pool.max(1))
         .acquire_timeout(Duration::from_secs(2))
-        .connect(&s.url)
+        .connect_with(options)
         .await
-        .map_err(|e| StoreError::Unavailable(format!("{}: {e}", s.shown_url())))
+        .map_err(failed)
 }
 
 /// Brings the schema to this build's version, or checks it is there.
