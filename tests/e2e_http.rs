@@ -382,38 +382,50 @@ async fn mcp_requests_past_the_bound_wait_unread() {
 
 /// `subscriptions/listen` streams (protocol 2026-07-28) stay open for as long
 /// as the client listens. They do not hold the slots of
+/// A client of protocol 2026-07-28 (bearer `token`, if any), and the URI of
+/// a message it scheduled an hour ahead, to listen to.
+async fn modern_client_with_a_message(
+    url: &str,
+    token: Option<&str>,
+    subject: &str,
+) -> (rmcp::service::RunningService<rmcp::RoleClient, ()>, String) {
+    use rmcp::model::ProtocolVersion;
+    use rmcp::service::{ClientLifecycleMode, ClientServiceExt};
+
+    let mut cfg = StreamableHttpClientTransportConfig::with_uri(url.to_string());
+    if let Some(t) = token {
+        cfg = cfg.auth_header(t.to_string());
+    }
+    let transport = StreamableHttpClientTransport::from_config(cfg);
+    let modern = ClientLifecycleMode::Discover {
+        preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+    };
+    let client = ().serve_with_lifecycle(transport, modern).await.unwrap();
+    let params = CallToolRequestParams::new("send_email").with_arguments(
+        json!({"to": "rcpt@example.org", "subject": subject, "body": "x", "send_at": "1h"})
+            .as_object()
+            .unwrap()
+            .clone(),
+    );
+    let out = client.call_tool(params).await.unwrap();
+    let out = out.structured_content.unwrap();
+    assert_eq!(out["status"], "scheduled", "{out}");
+    let uri = format!("mailmux://messages/{}", out["message_id"].as_str().unwrap());
+    (client, uri)
+}
+
 /// `max_concurrent_calls`: with one slot and three streams open, a call
 /// still goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_streams_do_not_hold_call_slots() {
-    use rmcp::model::{ProtocolVersion, SubscriptionFilter};
-    use rmcp::service::{ClientLifecycleMode, ClientServiceExt};
+    use rmcp::model::SubscriptionFilter;
 
     let smtp = Aiosmtpd::start();
     let mut cfg = config(vec![relay("primary", smtp.port, 100)]);
     cfg.daemon.max_concurrent_calls = 1;
     let (base, stop, task) = in_process_with(cfg, true).await;
     let url = format!("{base}/mcp");
-    let transport = StreamableHttpClientTransport::from_config(
-        StreamableHttpClientTransportConfig::with_uri(url.clone()),
-    );
-    let modern = ClientLifecycleMode::Discover {
-        preferred_versions: vec![ProtocolVersion::V_2026_07_28],
-    };
-    let client = ().serve_with_lifecycle(transport, modern).await.unwrap();
-    let params = CallToolRequestParams::new("send_email").with_arguments(
-        json!({"to": "rcpt@example.org", "subject": "later", "body": "x", "send_at": "1h"})
-            .as_object()
-            .unwrap()
-            .clone(),
-    );
-    let later = client.call_tool(params).await.unwrap();
-    let later = later.structured_content.unwrap();
-    assert_eq!(later["status"], "scheduled", "{later}");
-    let uri = format!(
-        "mailmux://messages/{}",
-        later["message_id"].as_str().unwrap()
-    );
+    let (client, uri) = modern_client_with_a_message(&url, None, "later").await;
     let mut streams = Vec::new();
     for _ in 0..3 {
         let filter = SubscriptionFilter::builder()
@@ -475,8 +487,7 @@ async fn listen_streams_do_not_hold_call_slots() {
 #[tokio::test(flavor = "multi_thread")]
 async fn one_caller_cannot_take_every_listen_stream() {
     use mailmux::policy::{CallerSettings, hash_token};
-    use rmcp::model::{ProtocolVersion, SubscriptionFilter};
-    use rmcp::service::{ClientLifecycleMode, ClientServiceExt};
+    use rmcp::model::SubscriptionFilter;
 
     let smtp = Aiosmtpd::start();
     let mut cfg = config(vec![relay("primary", smtp.port, 100)]);
@@ -489,30 +500,9 @@ async fn one_caller_cannot_take_every_listen_stream() {
     }
     let (base, stop, task) = in_process_with(cfg, true).await;
     let url = format!("{base}/mcp");
-    // A client of `who`, and the URI of a scheduled message of its own.
     let connect = |who: &'static str| {
-        let url = url.clone();
-        async move {
-            let transport = StreamableHttpClientTransport::from_config(
-                StreamableHttpClientTransportConfig::with_uri(url)
-                    .auth_header(format!("{who}-token")),
-            );
-            let modern = ClientLifecycleMode::Discover {
-                preferred_versions: vec![ProtocolVersion::V_2026_07_28],
-            };
-            let client = ().serve_with_lifecycle(transport, modern).await.unwrap();
-            let params = CallToolRequestParams::new("send_email").with_arguments(
-                json!({"to": "rcpt@example.org", "subject": who, "body": "x", "send_at": "1h"})
-                    .as_object()
-                    .unwrap()
-                    .clone(),
-            );
-            let out = client.call_tool(params).await.unwrap();
-            let out = out.structured_content.unwrap();
-            assert_eq!(out["status"], "scheduled", "{out}");
-            let uri = format!("mailmux://messages/{}", out["message_id"].as_str().unwrap());
-            (client, uri)
-        }
+        let (url, token) = (url.clone(), format!("{who}-token"));
+        async move { modern_client_with_a_message(&url, Some(&token), who).await }
     };
     let filter = |uri: &str| {
         SubscriptionFilter::builder()
