@@ -249,14 +249,13 @@ impl Copier {
             };
             self.record(&job, outcome).await;
         }
-        if self.stop.is_cancelled() {
-            loop {
-                let job = self.jobs.lock().await.try_recv();
-                let Ok(job) = job else {
-                    break;
-                };
-                self.record(&job, Err(STOPPED.to_string())).await;
-            }
+        // Stopped (or the channel closed, and then nothing is left).
+        loop {
+            let job = self.jobs.lock().await.try_recv();
+            let Ok(job) = job else {
+                break;
+            };
+            self.record(&job, Err(STOPPED.to_string())).await;
         }
     }
 

@@ -276,25 +276,25 @@ async fn limit(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> R
     if req.method() != Method::POST {
         return next.run(req).await;
     }
-    let listen = is_listen(&req);
-    let mut listening = None;
-    if listen {
+    let listening = if is_listen(&req) {
         // `check` has put the caller in every /mcp request.
         let caller = req
             .extensions()
             .get::<Arc<Caller>>()
             .map_or_else(|| Arc::from(""), |c| c.name.clone());
-        listening = Listening::open(&limits, caller);
-        if listening.is_none() {
+        let Some(listening) = Listening::open(&limits, caller) else {
             return reject(
                 StatusCode::TOO_MANY_REQUESTS,
                 &format!(
                     "this caller has {MAX_LISTENS_PER_CALLER} subscriptions/listen streams open, the most it may; close one first"
                 ),
             );
-        }
-    }
-    let permits = if listen {
+        };
+        Some(listening)
+    } else {
+        None
+    };
+    let permits = if listening.is_some() {
         &limits.listens
     } else {
         &limits.calls
