@@ -2,8 +2,18 @@
 //! JSON, filtered by `RUST_LOG`, else the seed's `LOG_LEVEL`, else `info`.
 //!
 //! It never writes to stdout: under stdio, stdout belongs to MCP.
+//!
+//! Whatever the filter, two libraries are held below the levels at which
+//! they log what goes over the wire, so that message bodies and secrets
+//! never reach the log: rmcp (every request and response, tool arguments
+//! included, at `debug`) is held at `info`, and async-imap (every IMAP
+//! command, LOGIN and the APPENDed message included, at `trace`) at
+//! `debug`.
 
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// The log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -43,6 +53,15 @@ pub fn filter() -> EnvFilter {
     EnvFilter::new(level)
 }
 
+/// The most each library that logs wire traffic may log, on top of
+/// [`filter`]; everything else is left to it.
+pub fn wire_caps() -> Targets {
+    Targets::new()
+        .with_default(LevelFilter::TRACE)
+        .with_target("rmcp", LevelFilter::INFO)
+        .with_target("async_imap", LevelFilter::DEBUG)
+}
+
 /// Installs the global subscriber. Calling it twice is harmless.
 pub fn init(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
@@ -50,11 +69,17 @@ pub fn init(format: LogFormat) {
         .with_writer(std::io::stderr)
         .with_target(true);
     let result = match format {
-        LogFormat::Text => builder.with_ansi(false).try_init(),
+        LogFormat::Text => builder
+            .with_ansi(false)
+            .finish()
+            .with(wire_caps())
+            .try_init(),
         LogFormat::Json => builder
             .json()
             .with_current_span(true)
             .with_span_list(false)
+            .finish()
+            .with(wire_caps())
             .try_init(),
     };
     // A second init (tests) keeps the first subscriber; nothing to report.

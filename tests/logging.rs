@@ -131,3 +131,28 @@ fn password_never_appears_in_logs_or_output() {
     assert_no_secret("config stdout", &stdout);
     assert_no_secret("config stderr", &stderr);
 }
+
+/// With every level on (the daemon's log at `trace`), a tool call's
+/// arguments and its answer stay out of the log: rmcp logs every request
+/// and response at `debug`, and is held at `info` whatever `RUST_LOG` says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_bodies_never_reach_the_daemon_log() {
+    const BODY: &str = "Quarterly figures: 7f3e-body-marker";
+    let dir = tempfile::tempdir().unwrap();
+    // The embedded default: the file relay and the SQLite queue.
+    let d = common::StdioDaemon::start(dir.path(), "").await;
+    let out = d
+        .call(
+            "send_email",
+            serde_json::json!({ "from_email": "agent@example.org", "to": ["rcpt@example.org"], "subject": "Figures", "body": BODY }),
+        )
+        .await;
+    assert_eq!(out["status"], "sent", "{out}");
+    d.stop().await;
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    assert!(log.contains("TRACE"), "the log is at trace level");
+    assert!(
+        !log.contains("7f3e-body-marker"),
+        "the body is in the log:\n{log}"
+    );
+}
