@@ -51,6 +51,7 @@ fn sent() -> Settle {
         reason: None,
         note: None,
         next_attempt_at: None,
+        copy: false,
     }
 }
 

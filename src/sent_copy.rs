@@ -10,8 +10,12 @@
 //! recorded on the message (`failed: <reason>`), counted, and logged once.
 //! It never delays or fails the send. At shutdown the copies still waiting
 //! get the grace period once the last delivery ended; each one not made by
-//! then is recorded as failed, never dropped unsaid. IMAP is spoken by
-//! `async-imap`.
+//! then is recorded as failed, never dropped unsaid. A durable store holds
+//! each copy as `pending` (with the message's bytes) from the delivery's
+//! settle until its outcome, so the copies a crash interrupted are made at
+//! the next start; for those, the folder is searched for the Message-ID
+//! first, so that a copy filed just before the crash is not filed twice.
+//! IMAP is spoken by `async-imap`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,7 +23,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_imap::{Client, Session};
-use mailmux_actors::queue::{Delivered, Drain, Event, Observer, Queue};
+use mailmux_actors::queue::{
+    CopyDue, Delivered, Drain, Event, Millis, Observer, Queue, now_millis,
+};
 use mailmux_actors::{Secret, TokenSource};
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, mpsc};
@@ -100,6 +106,8 @@ struct Job {
     message_id: String,
     to: Vec<String>,
     bytes: Arc<[u8]>,
+    /// Left pending by a crash: it may be in the folder already.
+    recovered: bool,
 }
 
 /// Why a copy was not made when the daemon stopped first.
@@ -121,8 +129,11 @@ pub struct SentCopies {
 
 impl SentCopies {
     /// Starts the workers of every relay in `settings` (relay name →
-    /// settings). Nothing runs for a relay without a Sent copy.
+    /// settings), and hands them the copies a crash left pending. Nothing
+    /// runs for a relay without a Sent copy. Call it before the queue's
+    /// observer is set: the copies settled from then on are this run's.
     pub fn start(queue: Queue, settings: &[(String, SentCopySettings)]) -> Arc<SentCopies> {
+        let started = now_millis();
         let mut by_relay = HashMap::new();
         let pending = Arc::new(tokio::sync::watch::Sender::new(0));
         let stop = CancellationToken::new();
@@ -144,23 +155,92 @@ impl SentCopies {
             }
             by_relay.insert(relay.clone(), tx);
         }
-        Arc::new(SentCopies {
+        let copies = Arc::new(SentCopies {
             by_relay,
             queue,
             closing: AtomicBool::new(false),
             pending,
             stop,
             workers: std::sync::Mutex::new(workers),
-        })
+        });
+        tokio::spawn(copies.clone().resume(started));
+        copies
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.by_relay.is_empty()
+    /// Hands the copies a crash left pending (of messages settled before
+    /// `before`) to their copiers, as long as the daemon is not stopping;
+    /// the ones not handed over stay pending for the next start.
+    async fn resume(self: Arc<Self>, before: Millis) {
+        let due = match self.queue.pending_copies(before).await {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the Sent copies left pending; they are made at the next start");
+                return;
+            }
+        };
+        if !due.is_empty() {
+            tracing::info!(
+                copies = due.len(),
+                "making the Sent copies that were waiting when the daemon stopped"
+            );
+        }
+        for CopyDue { message_id, relay } in due {
+            if self.closing.load(Ordering::Acquire) {
+                return;
+            }
+            let Some(tx) = self.by_relay.get(&relay) else {
+                failed(
+                    &self.queue,
+                    &relay,
+                    &message_id,
+                    "its relay no longer files a Sent copy",
+                )
+                .await;
+                continue;
+            };
+            let stored = match self.queue.stored(&message_id).await {
+                Ok(Some(stored)) => stored,
+                Ok(None) => {
+                    failed(
+                        &self.queue,
+                        &relay,
+                        &message_id,
+                        "the message's bytes are no longer stored",
+                    )
+                    .await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read a Sent copy left pending; it is made at the next start");
+                    return;
+                }
+            };
+            let job = Job {
+                message_id,
+                to: stored.to,
+                bytes: stored.bytes,
+                recovered: true,
+            };
+            self.pending.send_modify(|n| *n += 1);
+            let sent = tokio::select! {
+                biased;
+                () = self.stop.cancelled() => false,
+                sent = tx.send(job) => sent.is_ok(),
+            };
+            if !sent {
+                self.pending.send_modify(|n| *n = n.saturating_sub(1));
+                return;
+            }
+        }
     }
 }
 
 impl Observer for SentCopies {
     fn event(&self, _e: &Event<'_>) {}
+
+    fn copies(&self, relay: &str) -> bool {
+        self.by_relay.contains_key(relay)
+    }
 
     fn delivered(&self, d: &Delivered<'_>) {
         let Some(tx) = self.by_relay.get(d.relay) else {
@@ -170,6 +250,7 @@ impl Observer for SentCopies {
             message_id: d.message_id.to_owned(),
             to: d.to.to_vec(),
             bytes: d.bytes.clone(),
+            recovered: false,
         };
         let refused = if self.closing.load(Ordering::Acquire) {
             Some((job, STOPPED))
@@ -307,6 +388,17 @@ async fn copy(
         let Some((sess, folder)) = session.as_mut() else {
             continue;
         };
+        if job.recovered {
+            match filed_already(sess, folder, &job.message_id).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => {
+                    last_error = e;
+                    *session = None;
+                    continue;
+                }
+            }
+        }
         let appended = tokio::time::timeout(
             IMAP_TIMEOUT,
             // async-imap quotes the mailbox name itself.
@@ -323,6 +415,39 @@ async fn copy(
         tracing::debug!(relay = %relay, message_id = %job.message_id, attempt, error = %last_error, "Sent copy failed; trying again");
     }
     Err(last_error)
+}
+
+/// Whether `folder` holds a message with this Message-ID: a copy the
+/// daemon may have filed just before a crash, without recording it.
+async fn filed_already(
+    session: &mut Session<Stream>,
+    folder: &str,
+    message_id: &str,
+) -> Result<bool, String> {
+    let within = |e: String| format!("looking for the copy in {folder:?}: {e}");
+    // The daemon's Message-IDs need no quoting inside "": one that would is
+    // not searched for.
+    if !message_id
+        .chars()
+        .all(|c| c.is_ascii_graphic() && c != '"' && c != '\\')
+    {
+        return Ok(false);
+    }
+    let examined = tokio::time::timeout(IMAP_TIMEOUT, session.examine(folder))
+        .await
+        .map_err(|_| within(format!("no answer within {IMAP_TIMEOUT:?}")))?;
+    match examined {
+        Ok(_) => {}
+        // No such folder yet: nothing was filed in it.
+        Err(async_imap::error::Error::No(_)) => return Ok(false),
+        Err(e) => return Err(within(e.to_string())),
+    }
+    let query = format!("HEADER Message-ID \"{message_id}\"");
+    let found = tokio::time::timeout(IMAP_TIMEOUT, session.uid_search(query))
+        .await
+        .map_err(|_| within(format!("no answer within {IMAP_TIMEOUT:?}")))?
+        .map_err(|e| within(e.to_string()))?;
+    Ok(!found.is_empty())
 }
 
 /// Records a copy that will not be made: on the message, as a metric, and
@@ -534,6 +659,7 @@ mod tests {
                 "hidden@example.org".into(),
             ],
             bytes,
+            recovered: false,
         };
         assert_eq!(copy_bytes(&job, false), &job.bytes[..]);
         let with = copy_bytes(&job, true);

@@ -233,6 +233,13 @@ namespace inbox {{
         out
     }
 
+    /// Files `bytes` in `folder` as a client would.
+    async fn append(&self, folder: &str, bytes: &[u8]) {
+        let mut session = self.login().await;
+        session.append(folder, None, None, bytes).await.unwrap();
+        let _ = session.logout().await;
+    }
+
     async fn count(&self, folder: &str) -> u32 {
         let mut session = self.login().await;
         let n = session.examine(folder).await.unwrap().exists;
@@ -329,7 +336,7 @@ async fn copy_status(d: &StdioDaemon, id: &str) -> Value {
         let s = d
             .call("get_message_status", json!({ "message_id": id }))
             .await;
-        if !s["sent_copy"].is_null() {
+        if !s["sent_copy"].is_null() && s["sent_copy"]["status"] != "pending" {
             return s["sent_copy"].clone();
         }
         assert!(Instant::now() < deadline, "no Sent copy outcome: {s}");
@@ -662,4 +669,64 @@ async fn a_copy_not_made_by_the_end_of_the_grace_is_recorded_failed() {
     let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
     assert!(!log.contains(PASS), "the password is not in the log");
     drop(silent);
+}
+
+/// SIGKILL while every copy waits (the IMAP server never greets): the store
+/// keeps each copy pending with its bytes, and the next start, against a
+/// working server, files each exactly once, including the one the first
+/// daemon had filed without recording it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_waiting_at_a_crash_are_made_once_at_the_next_start() {
+    let imap = Dovecot::start();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let sink = smtp().await;
+    let dir = tempfile::tempdir().unwrap();
+    let folder = "folder = \"Sent Messages\"";
+    let stuck = config(
+        dir.path(),
+        sink.port(),
+        silent.local_addr().unwrap().port(),
+        folder,
+    );
+    let d = StdioDaemon::start(dir.path(), &stuck).await;
+    let ids = ids_of_batch(&digest(&d, 20, true).await);
+    for id in &ids {
+        let s = d
+            .call("get_message_status", json!({ "message_id": id }))
+            .await;
+        assert_eq!(s["sent_copy"], json!({ "status": "pending" }), "{s}");
+    }
+    d.kill().await;
+    drop(silent);
+    // Written at trace level, as all these tests' logs.
+    let crashed_log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+
+    // Filed before the crash, not recorded: the first message as sent.
+    let delivered = sink.delivered();
+    assert_eq!(delivered.len(), 20);
+    let first = format!("<{}>", ids[0]);
+    let sent = delivered
+        .iter()
+        .find(|r| r.message_id.as_deref() == Some(first.as_str()))
+        .expect("the first message reached the sink");
+    imap.append("Sent Messages", &sent.data).await;
+
+    let working = config(dir.path(), sink.port(), imap.port, folder);
+    for o in outcomes_after_restart(dir.path(), &working, &ids).await {
+        assert_eq!(o, json!({ "status": "copied" }));
+    }
+    let filed = imap.messages("Sent Messages").await;
+    for id in &ids {
+        let header = format!("Message-ID: <{id}>");
+        let copies = filed
+            .iter()
+            .filter(|(_, bytes)| String::from_utf8_lossy(bytes).contains(&header))
+            .count();
+        assert_eq!(copies, 1, "{id} is in the Sent folder once");
+    }
+    assert_eq!(filed.len(), 20);
+    assert_eq!(sink.delivered().len(), 20, "no message was sent again");
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    assert!(!log.contains(PASS), "the password is not in the log");
+    assert!(!crashed_log.contains("News."), "no message body in the log");
 }

@@ -14,8 +14,8 @@ use support::postgres::Postgres;
 use mailmux_actors::queue::memory::MemoryStore;
 use mailmux_actors::queue::sqlite::SqliteStore;
 use mailmux_actors::queue::{
-    self, Accepted, AttemptRecord, Cancel, Decided, Decision, Filter, Hold, NewMessage, Purged,
-    Retry, Settle, State, Store, StoreError, now_millis,
+    self, Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Filter, Hold, NewMessage,
+    Purged, Retry, Settle, State, Store, StoreError, now_millis,
 };
 
 fn by_state(state: State) -> Filter {
@@ -55,6 +55,7 @@ fn settle(state: State, next: Option<i64>) -> Settle {
         reason: None,
         note: None,
         next_attempt_at: next,
+        copy: false,
     }
 }
 
@@ -418,6 +419,65 @@ async fn memory_conforms() {
     purges_in_chunks(&MemoryStore::new()).await;
 }
 
+/// A settle for a relay that files a Sent copy records the copy as
+/// pending and keeps the bytes; the copy's outcome drops them.
+async fn copies(store: &dyn Store) {
+    for id in ["c1", "c2", "c3"] {
+        store.accept(message(id, None)).await.unwrap();
+        store.mark(id).await.unwrap();
+    }
+    let copied = Settle {
+        copy: true,
+        ..settle(State::Sent, None)
+    };
+    store.settle("c1", copied.clone()).await.unwrap();
+    store.settle("c2", copied).await.unwrap();
+    store.settle("c3", settle(State::Sent, None)).await.unwrap();
+    let c1 = store.get("c1").await.unwrap().unwrap();
+    assert_eq!(c1.sent_copy.as_deref(), Some("pending"));
+    assert!(store.load("c1").await.unwrap().is_some(), "bytes kept");
+    assert_eq!(store.get("c3").await.unwrap().unwrap().sent_copy, None);
+    assert!(
+        store.load("c3").await.unwrap().is_none(),
+        "no copy, no bytes"
+    );
+    store.note_copy("c2", "copied").await.unwrap();
+    let c2 = store.get("c2").await.unwrap().unwrap();
+    assert_eq!(c2.sent_copy.as_deref(), Some("copied"));
+    assert!(store.load("c2").await.unwrap().is_none(), "bytes dropped");
+}
+
+#[tokio::test]
+async fn a_pending_copy_survives_a_reopen_with_its_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let store = SqliteStore::open(&path).unwrap();
+    copies(&store).await;
+    let settled = now_millis() + 1;
+    drop(store);
+    let again = SqliteStore::open(&path).unwrap();
+    let due = again.pending_copies(settled).await.unwrap();
+    assert_eq!(
+        due,
+        [CopyDue {
+            message_id: "c1".into(),
+            relay: "r".into()
+        }]
+    );
+    // Settled at or after `before` (in this run): not a leftover.
+    assert!(again.pending_copies(0).await.unwrap().is_empty());
+    let c1 = again.load("c1").await.unwrap().unwrap();
+    assert_eq!(c1.to, message("c1", None).to);
+    again.note_copy("c1", "copied").await.unwrap();
+    assert!(again.pending_copies(settled).await.unwrap().is_empty());
+    assert!(again.load("c1").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn the_memory_store_records_pending_copies_too() {
+    copies(&MemoryStore::new()).await;
+}
+
 #[tokio::test]
 async fn one_daemon_owns_a_file_and_the_data_survives_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
@@ -477,7 +537,7 @@ async fn a_version_1_store_is_migrated_at_start() {
     }
     // What version 1 left: no counts table, no triggers (version 2), no
     // caller, approval or relay columns (version 3), no batch (version 4),
-    // no Sent copy (version 5).
+    // no Sent copy (version 5), no index of pending copies (version 6).
     {
         let c = rusqlite::Connection::open(&path).unwrap();
         c.execute_batch(
@@ -487,7 +547,7 @@ async fn a_version_1_store_is_migrated_at_start() {
              ALTER TABLE messages DROP COLUMN held_hash; ALTER TABLE messages DROP COLUMN decided_by;
              ALTER TABLE messages DROP COLUMN relays;
              DROP INDEX messages_batch; ALTER TABLE messages DROP COLUMN batch;
-             ALTER TABLE messages DROP COLUMN sent_copy;
+             DROP INDEX messages_copy_pending; ALTER TABLE messages DROP COLUMN sent_copy;
              PRAGMA user_version = 1;",
         )
         .unwrap();

@@ -83,12 +83,12 @@ impl MailmuxServer {
         if audit.enabled() {
             observers.push(audit.clone());
         }
-        if !config.sent_copies.is_empty() {
-            observers.push(crate::sent_copy::SentCopies::start(
-                queue.clone(),
-                &config.sent_copies,
-            ));
-        }
+        // Started even with no relay filing copies: a copy a crash left
+        // pending for a relay that no longer files one is recorded failed.
+        observers.push(crate::sent_copy::SentCopies::start(
+            queue.clone(),
+            &config.sent_copies,
+        ));
         queue.observe(Arc::new(observers));
         for name in gate.open_recipients() {
             tracing::warn!(caller = %name, "caller may mail any recipient: allowed_recipients is empty");

@@ -658,7 +658,7 @@ pub struct MessageStatusResult {
 /// The outcome of a message's copy in the Sent folder.
 #[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 pub struct SentCopyOut {
-    /// `copied` or `failed`.
+    /// `pending` (waiting to be filed), `copied` or `failed`.
     pub status: String,
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]

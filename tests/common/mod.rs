@@ -268,6 +268,11 @@ impl StdioDaemon {
         .await
     }
 
+    /// SIGKILL, as a crash: no shutdown runs.
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+
     /// Closes stdin (a graceful stop) and waits for the process.
     pub async fn stop(mut self) {
         if let Some(c) = self.client.take() {

@@ -185,7 +185,9 @@ impl Store for MemoryStore {
         row.record.reason = s.reason;
         row.record.note = s.note;
         row.record.attempts.extend(s.attempts);
-        if !s.state.keeps_body() {
+        if s.copy {
+            row.record.sent_copy = Some("pending".to_owned());
+        } else if !s.state.keeps_body() {
             row.body = None;
         }
         Ok(())
@@ -324,6 +326,9 @@ impl Store for MemoryStore {
             && let Some(row) = mem.rows.get_mut(&seq)
         {
             row.record.sent_copy = Some(outcome.to_owned());
+            if !row.record.state.keeps_body() {
+                row.body = None;
+            }
         }
         Ok(())
     }

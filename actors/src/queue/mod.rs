@@ -342,6 +342,20 @@ pub struct Settle {
     pub note: Option<String>,
     /// Set when `state` is `Queued`: the next try.
     pub next_attempt_at: Option<Millis>,
+    /// The relay that took it files a copy in the Sent folder: a durable
+    /// store records the copy as `pending` and keeps the bytes until
+    /// [`Store::note_copy`], so that a copy waiting at a crash is made at
+    /// the next start ([`Store::pending_copies`]).
+    pub copy: bool,
+}
+
+/// A Sent copy recorded as `pending` and not yet made; the message's bytes
+/// are read with [`Store::load`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyDue {
+    pub message_id: String,
+    /// The relay that took the message.
+    pub relay: String,
 }
 
 /// A due message, loaded for delivery.
@@ -624,8 +638,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Result<(Vec<Summary>, Option<i64>), StoreError>;
     async fn stats(&self) -> Result<Stats, StoreError>;
     /// Records the outcome of the message's Sent copy (`copied`, or
-    /// `failed: <reason>`); a message purged meanwhile is left alone.
+    /// `failed: <reason>`), dropping the bytes a finished message kept only
+    /// for it; a message purged meanwhile is left alone.
     async fn note_copy(&self, message_id: &str, outcome: &str) -> Result<(), StoreError>;
+    /// The Sent copies still `pending` of messages settled before `before`
+    /// (oldest first): those a crash interrupted, for the next start to
+    /// make. A store that records no pending copy has none.
+    async fn pending_copies(&self, _before: Millis) -> Result<Vec<CopyDue>, StoreError> {
+        Ok(Vec::new())
+    }
     /// Applies the crash rule to messages left in `sending`.
     async fn recover(&self) -> Result<Recovered, StoreError>;
     /// Deletes up to `limit` finished messages older than `finished_before`

@@ -20,9 +20,9 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::{
-    Accepted, AttemptRecord, Cancel, Decided, Decision, Filter, Hold, Millis, NewMessage, Pending,
-    QueueSettings, Record, RejectedRecord, Settle, State, Stats, Store, StoreError, Summary,
-    now_millis, to_millis,
+    Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Filter, Hold, Millis, NewMessage,
+    Pending, QueueSettings, Record, RejectedRecord, Settle, State, Stats, Store, StoreError,
+    Summary, now_millis, to_millis,
 };
 use crate::dispatcher::Dispatcher;
 use crate::mail::{CommitMark, FailureReason, Mail, Report, Status};
@@ -173,6 +173,13 @@ pub trait Observer: Send + Sync + std::fmt::Debug {
     /// A relay took a message, once its outcome is stored.
     fn delivered(&self, _d: &Delivered<'_>) {}
 
+    /// Whether it files a copy of what `relay` takes (then the settle
+    /// records the copy as pending, and it must record the outcome with
+    /// [`Queue::note_copy`]).
+    fn copies(&self, _relay: &str) -> bool {
+        false
+    }
+
     /// At shutdown, once the last delivery ended: finishes the work it
     /// still holds for messages already delivered, by `until`, and records
     /// in the store what it could not finish. The store stays open until
@@ -198,6 +205,10 @@ impl Observer for Vec<Arc<dyn Observer>> {
         for o in self {
             o.delivered(d);
         }
+    }
+
+    fn copies(&self, relay: &str) -> bool {
+        self.iter().any(|o| o.copies(relay))
     }
 
     fn drain(&self, until: Instant) -> Drain<'_> {
@@ -721,6 +732,12 @@ impl Queue {
         Ok(result?)
     }
 
+    /// The Sent copies a crash left `pending`, of messages settled before
+    /// `before` (the start of this run).
+    pub async fn pending_copies(&self, before: Millis) -> Result<Vec<CopyDue>, QueueError> {
+        Ok(self.inner.store.pending_copies(before).await?)
+    }
+
     /// The stored message with its bytes, while the store keeps them (until
     /// it is final, or for `retain` when it may have been delivered).
     pub async fn stored(&self, message_id: &str) -> Result<Option<Pending>, QueueError> {
@@ -971,6 +988,7 @@ impl Inner {
             reason: report.failure.map(|f| f.code().to_owned()),
             note: report.message.clone(),
             next_attempt_at: None,
+            copy: false,
         };
         settle.state = match report.status {
             Status::Sent => State::Sent,
@@ -1015,6 +1033,11 @@ impl Inner {
                 }
             },
         };
+        settle.copy = matches!(settle.state, State::Sent | State::Partial)
+            && match (&settle.relay, self.observer.get()) {
+                (Some(relay), Some(o)) => o.copies(relay),
+                _ => false,
+            };
         settle
     }
 
@@ -1043,6 +1066,7 @@ impl Inner {
                 humantime::format_duration(self.settings.max_age)
             )),
             next_attempt_at: None,
+            copy: false,
         };
         let result = self.store.settle(&p.message_id, settle.clone()).await;
         self.note_write(&result);

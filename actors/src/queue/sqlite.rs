@@ -17,8 +17,9 @@ use tokio::sync::oneshot;
 
 use super::rows::{self, entry, lines};
 use super::{
-    Accepted, AttemptRecord, Cancel, Decided, Decision, Filter, Millis, NewMessage, Pending,
-    Purged, Record, Recovered, Retry, Settle, State, Stats, Store, StoreError, Summary, now_millis,
+    Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Filter, Millis, NewMessage,
+    Pending, Purged, Record, Recovered, Retry, Settle, State, Stats, Store, StoreError, Summary,
+    now_millis,
 };
 
 /// Writes folded into one transaction at most. Bounds the latency a write
@@ -115,6 +116,11 @@ CREATE INDEX messages_batch ON messages(batch, seq) WHERE batch IS NOT NULL;
     r#"
 -- The outcome of the copy in the Sent folder (IMAP APPEND).
 ALTER TABLE messages ADD COLUMN sent_copy TEXT;
+"#,
+    r#"
+-- Sent copies recorded as pending (the message keeps its body until the
+-- copy's outcome): those a crash interrupted are made at the next start.
+CREATE INDEX messages_copy_pending ON messages(seq) WHERE sent_copy = 'pending';
 "#,
 ];
 
@@ -567,14 +573,15 @@ fn accept(c: &Connection, m: &NewMessage, now: Millis) -> rusqlite::Result<Accep
 
 fn settle(c: &Connection, id: &str, s: &Settle, now: Millis) -> rusqlite::Result<()> {
     let finished = s.state.is_final().then_some(now);
-    let keep_body = s.state.keeps_body();
+    let keep_body = s.state.keeps_body() || s.copy;
     let rejected = rows::rejected_text(&s.rejected);
     let seq: i64 = c
         .prepare_cached(&format!(
             "UPDATE messages SET state = ?2, updated_at = ?3, finished_at = ?4, committing = 0,
                 rounds = rounds + 1, relay = COALESCE(?5, relay), accepted = ?6, rejected = ?7,
                 reason = ?8, note = ?9, next_attempt_at = ?10,
-                body = CASE WHEN ?11 THEN body ELSE NULL END, {}
+                body = CASE WHEN ?11 THEN body ELSE NULL END,
+                sent_copy = CASE WHEN ?13 THEN 'pending' ELSE sent_copy END, {}
              WHERE message_id = ?1 RETURNING seq",
             append_history(12)
         ))?
@@ -592,6 +599,7 @@ fn settle(c: &Connection, id: &str, s: &Settle, now: Millis) -> rusqlite::Result
                 s.next_attempt_at,
                 keep_body,
                 entry(s.state, now),
+                s.copy,
             ],
             |r| r.get(0),
         )?;
@@ -780,11 +788,33 @@ impl Store for SqliteStore {
         let id = message_id.to_owned();
         let outcome = outcome.to_owned();
         self.write(move |c, _| {
+            // The bytes were kept for the copy only when the state keeps
+            // none (`State::keeps_body`).
             c.execute(
-                "UPDATE messages SET sent_copy = ?2 WHERE message_id = ?1",
+                "UPDATE messages SET sent_copy = ?2,
+                    body = CASE WHEN state IN ('sent', 'partial', 'cancelled', 'rejected')
+                                THEN NULL ELSE body END
+                 WHERE message_id = ?1",
                 params![id, outcome],
             )
             .map(|_| ())
+        })
+        .await
+    }
+
+    async fn pending_copies(&self, before: Millis) -> Result<Vec<CopyDue>, StoreError> {
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT message_id, COALESCE(relay, '') FROM messages
+                  WHERE sent_copy = 'pending' AND finished_at < ?1 ORDER BY seq",
+            )?
+            .query_map([before], |r| {
+                Ok(CopyDue {
+                    message_id: r.get(0)?,
+                    relay: r.get(1)?,
+                })
+            })?
+            .collect()
         })
         .await
     }
