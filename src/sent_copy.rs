@@ -38,6 +38,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Copies waiting per relay; past it a copy is recorded as failed at once.
 const BACKLOG: usize = 100_000;
+/// How often a daemon on a shared store looks for the pending copies of
+/// daemons that stopped.
+const TAKE_OVER_EVERY: Duration = Duration::from_secs(30);
 /// One IMAP command (or the connection and login) may take this long.
 const IMAP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -168,25 +171,44 @@ impl SentCopies {
     }
 
     /// Hands the copies a crash left pending (of messages settled before
-    /// `before`) to their copiers, as long as the daemon is not stopping;
-    /// the ones not handed over stay pending for the next start.
+    /// `before`) to their copiers; on a shared store, then every
+    /// [`TAKE_OVER_EVERY`], the copies of daemons that stopped. Ends when
+    /// the daemon stops; the copies not handed over stay pending.
     async fn resume(self: Arc<Self>, before: Millis) {
-        let due = match self.queue.pending_copies(before).await {
+        let mut mine = true;
+        loop {
+            if !self.hand_over(before, mine).await || self.queue.node().is_none() {
+                return;
+            }
+            mine = false;
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                () = tokio::time::sleep(TAKE_OVER_EVERY) => {}
+            }
+        }
+    }
+
+    /// One look for pending copies ([`Queue::pending_copies`]); false once
+    /// the daemon is stopping. A copy this look took but could not hand
+    /// over stays pending, for this daemon's next start (or, on a shared
+    /// store, for another daemon once this one stopped).
+    async fn hand_over(&self, before: Millis, mine: bool) -> bool {
+        let due = match self.queue.pending_copies(before, mine).await {
             Ok(due) => due,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read the Sent copies left pending; they are made at the next start");
-                return;
+                tracing::warn!(error = %e, "cannot read the Sent copies left pending");
+                return true;
             }
         };
         if !due.is_empty() {
             tracing::info!(
                 copies = due.len(),
-                "making the Sent copies that were waiting when the daemon stopped"
+                "making the Sent copies that were waiting when a daemon stopped"
             );
         }
         for CopyDue { message_id, relay } in due {
             if self.closing.load(Ordering::Acquire) {
-                return;
+                return false;
             }
             let Some(tx) = self.by_relay.get(&relay) else {
                 failed(
@@ -211,8 +233,8 @@ impl SentCopies {
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot read a Sent copy left pending; it is made at the next start");
-                    return;
+                    tracing::warn!(error = %e, "cannot read a Sent copy left pending");
+                    return true;
                 }
             };
             let job = Job {
@@ -229,9 +251,10 @@ impl SentCopies {
             };
             if !sent {
                 self.pending.send_modify(|n| *n = n.saturating_sub(1));
-                return;
+                return false;
             }
         }
+        true
     }
 }
 

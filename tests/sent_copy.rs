@@ -7,7 +7,8 @@
 //! failed; a burst of 500 sends gives 500 copies over no more connections
 //! than the bound; implicit TLS and STARTTLS; and a login with the relay's
 //! OAuth2 tokens (XOAUTH2, which Dovecot checks at the test's token
-//! endpoint).
+//! endpoint); copies waiting at shutdown, and at a SIGKILL (made at the
+//! next start, or by another daemon on PostgreSQL, each filed once).
 
 mod common;
 #[path = "../actors/tests/support/mod.rs"]
@@ -22,6 +23,7 @@ use common::StdioDaemon;
 use futures::TryStreamExt;
 use serde_json::{Value, json};
 use support::fault_smtp::{FaultSmtp, Options, Script};
+use support::postgres::Postgres;
 use support::tls::TestCa;
 
 const USER: &str = "agent@example.org";
@@ -677,16 +679,46 @@ async fn a_copy_not_made_by_the_end_of_the_grace_is_recorded_failed() {
 /// daemon had filed without recording it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_waiting_at_a_crash_are_made_once_at_the_next_start() {
+    copies_across_a_crash(None, None, Duration::ZERO).await;
+}
+
+/// The same on PostgreSQL, where another daemon makes the copies: the one
+/// killed is not seen for a lease, so the next daemon to start takes its
+/// pending copies over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_of_a_daemon_killed_on_postgres_are_made_by_another() {
+    let server = Postgres::start();
+    let url = server.database();
+    let queue = |node: &str| {
+        format!("store = \"postgres\"\nurl = \"{url}\"\nnode_id = \"{node}\"\nlease = \"2s\"")
+    };
+    copies_across_a_crash(Some(&queue("a")), Some(&queue("b")), Duration::from_secs(3)).await;
+}
+
+/// Sends 20 messages through a daemon whose IMAP server never greets (the
+/// `[queue]` table's body is `first`, else the SQLite file), kills it with
+/// SIGKILL, files the first message in the folder as if just before the
+/// crash, waits `pause`, and starts a daemon on `second` against Dovecot:
+/// every copy is filed once and no message is sent again.
+async fn copies_across_a_crash(first: Option<&str>, second: Option<&str>, pause: Duration) {
     let imap = Dovecot::start();
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let sink = smtp().await;
     let dir = tempfile::tempdir().unwrap();
     let folder = "folder = \"Sent Messages\"";
-    let stuck = config(
-        dir.path(),
-        sink.port(),
-        silent.local_addr().unwrap().port(),
-        folder,
+    let file = format!("path = \"{}\"", dir.path().join("queue.db").display());
+    let on = |cfg: String, queue: Option<&str>| match queue {
+        Some(q) => cfg.replacen(&file, q, 1),
+        None => cfg,
+    };
+    let stuck = on(
+        config(
+            dir.path(),
+            sink.port(),
+            silent.local_addr().unwrap().port(),
+            folder,
+        ),
+        first,
     );
     let d = StdioDaemon::start(dir.path(), &stuck).await;
     let ids = ids_of_batch(&digest(&d, 20, true).await);
@@ -704,14 +736,15 @@ async fn copies_waiting_at_a_crash_are_made_once_at_the_next_start() {
     // Filed before the crash, not recorded: the first message as sent.
     let delivered = sink.delivered();
     assert_eq!(delivered.len(), 20);
-    let first = format!("<{}>", ids[0]);
+    let first_id = format!("<{}>", ids[0]);
     let sent = delivered
         .iter()
-        .find(|r| r.message_id.as_deref() == Some(first.as_str()))
+        .find(|r| r.message_id.as_deref() == Some(first_id.as_str()))
         .expect("the first message reached the sink");
     imap.append("Sent Messages", &sent.data).await;
+    tokio::time::sleep(pause).await;
 
-    let working = config(dir.path(), sink.port(), imap.port, folder);
+    let working = on(config(dir.path(), sink.port(), imap.port, folder), second);
     for o in outcomes_after_restart(dir.path(), &working, &ids).await {
         assert_eq!(o, json!({ "status": "copied" }));
     }

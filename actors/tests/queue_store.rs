@@ -456,7 +456,7 @@ async fn a_pending_copy_survives_a_reopen_with_its_bytes() {
     let settled = now_millis() + 1;
     drop(store);
     let again = SqliteStore::open(&path).unwrap();
-    let due = again.pending_copies(settled).await.unwrap();
+    let due = again.pending_copies(settled, true).await.unwrap();
     assert_eq!(
         due,
         [CopyDue {
@@ -465,11 +465,25 @@ async fn a_pending_copy_survives_a_reopen_with_its_bytes() {
         }]
     );
     // Settled at or after `before` (in this run): not a leftover.
-    assert!(again.pending_copies(0).await.unwrap().is_empty());
+    assert!(again.pending_copies(0, true).await.unwrap().is_empty());
+    // One daemon owns the file: there is no other daemon's copy to take.
+    assert!(
+        again
+            .pending_copies(settled, false)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let c1 = again.load("c1").await.unwrap().unwrap();
     assert_eq!(c1.to, message("c1", None).to);
     again.note_copy("c1", "copied").await.unwrap();
-    assert!(again.pending_copies(settled).await.unwrap().is_empty());
+    assert!(
+        again
+            .pending_copies(settled, true)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert!(again.load("c1").await.unwrap().is_none());
 }
 
@@ -593,6 +607,46 @@ async fn postgres_conforms() {
     approvals(&PgStore::open(&pg(&server.database(), "n1")).await.unwrap()).await;
     retries(&PgStore::open(&pg(&server.database(), "n1")).await.unwrap()).await;
     purges_in_chunks(&PgStore::open(&pg(&server.database(), "n1")).await.unwrap()).await;
+    copies(&PgStore::open(&pg(&server.database(), "n1")).await.unwrap()).await;
+}
+
+/// A Sent copy left pending is made by its own daemon after a restart
+/// under the same `node_id`, or taken over, once, by another daemon after
+/// its own was not seen for a lease; never while its daemon is alive.
+#[tokio::test]
+async fn postgres_pending_copies_of_a_stopped_daemon_are_taken_over_once() {
+    let server = Postgres::start();
+    let url = server.database();
+    let a = PgStore::open(&pg(&url, "a")).await.unwrap();
+    copies(&a).await;
+    let later = now_millis() + 1;
+    let b = PgStore::open(&pg(&url, "b")).await.unwrap();
+    assert!(b.pending_copies(later, true).await.unwrap().is_empty());
+    assert!(
+        b.pending_copies(later, false).await.unwrap().is_empty(),
+        "a is alive: its copy is its own"
+    );
+    let c1 = [CopyDue {
+        message_id: "c1".into(),
+        relay: "r".into(),
+    }];
+    let restarted = PgStore::open(&pg(&url, "a")).await.unwrap();
+    assert_eq!(restarted.pending_copies(later, true).await.unwrap(), c1);
+    // a stops for good: not seen for a lease.
+    let db = url.rsplit('/').next().unwrap();
+    server.psql(db, "UPDATE mailmux_nodes SET seen_at = 0 WHERE node = 'a'");
+    assert_eq!(b.pending_copies(later, false).await.unwrap(), c1);
+    assert!(
+        b.pending_copies(later, false).await.unwrap().is_empty(),
+        "taken over once"
+    );
+    b.note_copy("c1", "copied").await.unwrap();
+    let r = restarted.get("c1").await.unwrap().unwrap();
+    assert_eq!(r.sent_copy.as_deref(), Some("copied"));
+    assert!(
+        restarted.load("c1").await.unwrap().is_none(),
+        "bytes dropped"
+    );
 }
 
 /// Every statement of the store finds its rows of `mailmux_messages`

@@ -641,10 +641,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// `failed: <reason>`), dropping the bytes a finished message kept only
     /// for it; a message purged meanwhile is left alone.
     async fn note_copy(&self, message_id: &str, outcome: &str) -> Result<(), StoreError>;
-    /// The Sent copies still `pending` of messages settled before `before`
-    /// (oldest first): those a crash interrupted, for the next start to
-    /// make. A store that records no pending copy has none.
-    async fn pending_copies(&self, _before: Millis) -> Result<Vec<CopyDue>, StoreError> {
+    /// Sent copies still `pending`, for this daemon to make: with `mine`,
+    /// its own of messages settled before `before` (the copies a crash
+    /// interrupted, at the next start); on a shared store, also those of
+    /// daemons not seen within one lease, taken over. A store that records
+    /// no pending copy has none.
+    async fn pending_copies(
+        &self,
+        _before: Millis,
+        _mine: bool,
+    ) -> Result<Vec<CopyDue>, StoreError> {
         Ok(Vec::new())
     }
     /// Applies the crash rule to messages left in `sending`.

@@ -30,8 +30,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::rows::{self, entry, lines};
 use super::{
-    Accepted, AttemptRecord, Cancel, Decided, Decision, Filter, Millis, NewMessage, Pending,
-    Purged, Record, Recovered, Retry, Settle, State, Stats, Store, StoreError, Summary, now_millis,
+    Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Filter, Millis, NewMessage,
+    Pending, Purged, Record, Recovered, Retry, Settle, State, Stats, Store, StoreError, Summary,
+    now_millis,
 };
 
 /// The schema, one migration per version; `mailmux_schema` records how many
@@ -107,6 +108,14 @@ CREATE TABLE mailmux_nodes (
     node TEXT PRIMARY KEY,
     seen_at BIGINT NOT NULL
 );
+"#,
+    r#"
+-- Sent copies recorded as pending (the message keeps its body until the
+-- copy's outcome), and the daemon that is to make each: a copy whose daemon
+-- stopped is made by the next one to look.
+ALTER TABLE mailmux_messages ADD COLUMN copy_node TEXT;
+CREATE INDEX mailmux_messages_copy_pending ON mailmux_messages (seq)
+    WHERE sent_copy = 'pending';
 "#,
 ];
 
@@ -475,6 +484,7 @@ async fn settle_loop(pool: PgPool, node: String, mut rx: mpsc::UnboundedReceiver
         let mut notes: Vec<Option<String>> = Vec::with_capacity(batch.len());
         let mut next: Vec<Option<i64>> = Vec::with_capacity(batch.len());
         let mut keep = Vec::with_capacity(batch.len());
+        let mut copy = Vec::with_capacity(batch.len());
         let mut entries = Vec::with_capacity(batch.len());
         let (mut a_id, mut a_at, mut a_relay, mut a_class, mut a_code, mut a_text, mut a_ms) = (
             Vec::new(),
@@ -497,7 +507,8 @@ async fn settle_loop(pool: PgPool, node: String, mut rx: mpsc::UnboundedReceiver
             reasons.push(s.reason.clone());
             notes.push(s.note.clone());
             next.push(s.next_attempt_at);
-            keep.push(s.state.keeps_body());
+            keep.push(s.state.keeps_body() || s.copy);
+            copy.push(s.copy);
             entries.push(entry(s.state, now));
             for a in &s.attempts {
                 a_id.push(op.id.clone());
@@ -513,9 +524,9 @@ async fn settle_loop(pool: PgPool, node: String, mut rx: mpsc::UnboundedReceiver
             "WITH l AS (
                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[],
                     $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::bigint[],
-                    $11::bool[], $12::text[])
+                    $11::bool[], $12::text[], $22::bool[])
                     AS l(id, epoch, state, finished, relay, accepted, rejected, reason, note,
-                         next_at, keep, entry)),
+                         next_at, keep, entry, copy)),
              u AS (
                 UPDATE mailmux_messages m SET state = l.state, updated_at = $13,
                     finished_at = l.finished, committing = false, rounds = m.rounds + 1,
@@ -523,6 +534,8 @@ async fn settle_loop(pool: PgPool, node: String, mut rx: mpsc::UnboundedReceiver
                     rejected = l.rejected, reason = l.reason, note = l.note,
                     next_attempt_at = l.next_at,
                     body = CASE WHEN l.keep THEN m.body ELSE NULL END, lease_until = NULL,
+                    sent_copy = CASE WHEN l.copy THEN 'pending' ELSE m.sent_copy END,
+                    copy_node = CASE WHEN l.copy THEN $14 ELSE m.copy_node END,
                     history = m.history || CASE WHEN m.history = '' THEN '' ELSE ';' END || l.entry
                   FROM l
                  WHERE m.message_id = l.id AND m.lease_epoch = l.epoch AND m.node = $14
@@ -558,6 +571,7 @@ async fn settle_loop(pool: PgPool, node: String, mut rx: mpsc::UnboundedReceiver
         .bind(&a_code)
         .bind(&a_text)
         .bind(&a_ms)
+        .bind(&copy)
         .fetch_all(&pool)
         .await;
         answer(batch.into_iter().map(|op| (op.id, op.reply)), done);
@@ -1429,13 +1443,47 @@ impl Store for PgStore {
     }
 
     async fn note_copy(&self, message_id: &str, outcome: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE mailmux_messages SET sent_copy = $2 WHERE message_id = $1")
-            .bind(message_id)
-            .bind(outcome)
-            .execute(&self.pool)
-            .await
-            .map_err(unavailable)?;
+        // The bytes were kept for the copy only when the state keeps none
+        // (`State::keeps_body`).
+        sqlx::query(
+            "UPDATE mailmux_messages SET sent_copy = $2,
+                body = CASE WHEN state IN ('sent', 'partial', 'cancelled', 'rejected')
+                            THEN NULL ELSE body END
+              WHERE message_id = $1",
+        )
+        .bind(message_id)
+        .bind(outcome)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
         Ok(())
+    }
+
+    /// With `mine`, this daemon's pending copies settled before `before` (a
+    /// previous run under the same `node_id`); and those of daemons not
+    /// seen within one lease, taken over for this daemon to make.
+    async fn pending_copies(&self, before: Millis, mine: bool) -> Result<Vec<CopyDue>, StoreError> {
+        let rows: Vec<(String, String)> = sqlx::query_as(concat!(
+            "UPDATE mailmux_messages m SET copy_node = $1
+              WHERE m.sent_copy = 'pending'
+                AND CASE WHEN m.copy_node = $1 THEN $4 AND m.finished_at < $2
+                    ELSE NOT EXISTS (SELECT 1 FROM mailmux_nodes n
+                                      WHERE n.node = m.copy_node AND n.seen_at >= ",
+            db_now!(),
+            " - $3) END
+              RETURNING m.message_id, COALESCE(m.relay, '')"
+        ))
+        .bind(&self.node)
+        .bind(before)
+        .bind(self.lease_ms)
+        .bind(mine)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(rows
+            .into_iter()
+            .map(|(message_id, relay)| CopyDue { message_id, relay })
+            .collect())
     }
 
     /// At start: the crash rule for what this node id left in `sending`

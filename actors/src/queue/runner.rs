@@ -732,10 +732,13 @@ impl Queue {
         Ok(result?)
     }
 
-    /// The Sent copies a crash left `pending`, of messages settled before
-    /// `before` (the start of this run).
-    pub async fn pending_copies(&self, before: Millis) -> Result<Vec<CopyDue>, QueueError> {
-        Ok(self.inner.store.pending_copies(before).await?)
+    /// Sent copies left `pending` for this daemon to make ([`Store::pending_copies`]).
+    pub async fn pending_copies(
+        &self,
+        before: Millis,
+        mine: bool,
+    ) -> Result<Vec<CopyDue>, QueueError> {
+        Ok(self.inner.store.pending_copies(before, mine).await?)
     }
 
     /// The stored message with its bytes, while the store keeps them (until

@@ -802,7 +802,11 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn pending_copies(&self, before: Millis) -> Result<Vec<CopyDue>, StoreError> {
+    async fn pending_copies(&self, before: Millis, mine: bool) -> Result<Vec<CopyDue>, StoreError> {
+        // One daemon owns the file: every pending copy is its own.
+        if !mine {
+            return Ok(Vec::new());
+        }
         self.read(move |c| {
             c.prepare_cached(
                 "SELECT message_id, COALESCE(relay, '') FROM messages
