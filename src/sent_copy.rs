@@ -137,6 +137,7 @@ impl SentCopies {
     /// observer is set: the copies settled from then on are this run's.
     pub fn start(queue: Queue, settings: &[(String, SentCopySettings)]) -> Arc<SentCopies> {
         let started = now_millis();
+        metrics::gauge!(crate::telemetry::SENT_COPIES_WAITING).set(0.0);
         let mut by_relay = HashMap::new();
         let pending = Arc::new(tokio::sync::watch::Sender::new(0));
         let stop = CancellationToken::new();
@@ -243,14 +244,14 @@ impl SentCopies {
                 bytes: stored.bytes,
                 recovered: true,
             };
-            self.pending.send_modify(|n| *n += 1);
+            waiting(&self.pending, 1);
             let sent = tokio::select! {
                 biased;
                 () = self.stop.cancelled() => false,
                 sent = tx.send(job) => sent.is_ok(),
             };
             if !sent {
-                self.pending.send_modify(|n| *n = n.saturating_sub(1));
+                waiting(&self.pending, -1);
                 return false;
             }
         }
@@ -278,13 +279,13 @@ impl Observer for SentCopies {
         let refused = if self.closing.load(Ordering::Acquire) {
             Some((job, STOPPED))
         } else {
-            self.pending.send_modify(|n| *n += 1);
+            waiting(&self.pending, 1);
             match tx.try_send(job) {
                 Ok(()) => None,
                 Err(
                     mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job),
                 ) => {
-                    self.pending.send_modify(|n| *n -= 1);
+                    waiting(&self.pending, -1);
                     Some((job, "too many copies waiting"))
                 }
             }
@@ -374,7 +375,7 @@ impl Copier {
             }
             Err(reason) => failed(&self.queue, &self.relay, &job.message_id, &reason).await,
         }
-        self.pending.send_modify(|n| *n = n.saturating_sub(1));
+        waiting(&self.pending, -1);
     }
 }
 
@@ -471,6 +472,13 @@ async fn filed_already(
         .map_err(|_| within(format!("no answer within {IMAP_TIMEOUT:?}")))?
         .map_err(|e| within(e.to_string()))?;
     Ok(!found.is_empty())
+}
+
+/// Adds `delta` to the copies handed over and not yet recorded, and shows
+/// the count as the `mailmux_sent_copies_waiting` gauge.
+fn waiting(pending: &tokio::sync::watch::Sender<usize>, delta: isize) {
+    pending.send_modify(|n| *n = n.saturating_add_signed(delta));
+    metrics::gauge!(crate::telemetry::SENT_COPIES_WAITING).set(*pending.borrow() as f64);
 }
 
 /// Records a copy that will not be made: on the message, as a metric, and

@@ -46,6 +46,8 @@ pub const RELAY_IN_FLIGHT: &str = "mailmux_relay_in_flight";
 pub const QUEUE_AVAILABLE: &str = "mailmux_queue_available";
 /// Copies in the Sent folder, by relay and outcome (`copied`, `failed`).
 pub const SENT_COPIES: &str = "mailmux_sent_copies_total";
+/// Copies for the Sent folder handed to the copiers, not yet filed or failed.
+pub const SENT_COPIES_WAITING: &str = "mailmux_sent_copies_waiting";
 /// The build: 1, with the version as a label.
 pub const BUILD_INFO: &str = "mailmux_build_info";
 
@@ -146,6 +148,10 @@ fn describe() {
     describe_counter!(
         SENT_COPIES,
         "Copies in the Sent folder over IMAP, by relay and outcome (copied, failed)."
+    );
+    describe_gauge!(
+        SENT_COPIES_WAITING,
+        "Copies for the Sent folder handed to the copiers and not yet filed or failed."
     );
 }
 

@@ -711,6 +711,7 @@ async fn copies_across_a_crash(first: Option<&str>, second: Option<&str>, pause:
         Some(q) => cfg.replacen(&file, q, 1),
         None => cfg,
     };
+    let metrics = common::free_port();
     let stuck = on(
         config(
             dir.path(),
@@ -719,7 +720,7 @@ async fn copies_across_a_crash(first: Option<&str>, second: Option<&str>, pause:
             folder,
         ),
         first,
-    );
+    ) + &format!("\n[metrics]\nbind = \"127.0.0.1:{metrics}\"\n");
     let d = StdioDaemon::start(dir.path(), &stuck).await;
     let ids = ids_of_batch(&digest(&d, 20, true).await);
     for id in &ids {
@@ -728,6 +729,16 @@ async fn copies_across_a_crash(first: Option<&str>, second: Option<&str>, pause:
             .await;
         assert_eq!(s["sent_copy"], json!({ "status": "pending" }), "{s}");
     }
+    let text = reqwest::get(format!("http://127.0.0.1:{metrics}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.lines().any(|l| l == "mailmux_sent_copies_waiting 20"),
+        "every copy waits:\n{text}"
+    );
     d.kill().await;
     drop(silent);
     // Written at trace level, as all these tests' logs.
