@@ -55,7 +55,7 @@ pub fn filter() -> EnvFilter {
 
 /// The most each library that logs wire traffic may log, on top of
 /// [`filter`]; everything else is left to it.
-pub fn wire_caps() -> Targets {
+fn wire_caps() -> Targets {
     Targets::new()
         .with_default(LevelFilter::TRACE)
         .with_target("rmcp", LevelFilter::INFO)

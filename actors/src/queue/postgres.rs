@@ -1443,19 +1443,13 @@ impl Store for PgStore {
     }
 
     async fn note_copy(&self, message_id: &str, outcome: &str) -> Result<(), StoreError> {
-        // The bytes were kept for the copy only when the state keeps none
-        // (`State::keeps_body`).
-        sqlx::query(
-            "UPDATE mailmux_messages SET sent_copy = $2,
-                body = CASE WHEN state IN ('sent', 'partial', 'cancelled', 'rejected')
-                            THEN NULL ELSE body END
-              WHERE message_id = $1",
-        )
-        .bind(message_id)
-        .bind(outcome)
-        .execute(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        // Built from the state names alone; the values are bound.
+        sqlx::query(sqlx::AssertSqlSafe(rows::note_copy_sql('$')))
+            .bind(message_id)
+            .bind(outcome)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
         Ok(())
     }
 

@@ -18,6 +18,28 @@ pub(crate) fn history(text: &str) -> Vec<(State, Millis)> {
         .collect()
 }
 
+/// The SQL update of a message's Sent copy outcome (`?1`/`$1` the message
+/// id, `?2`/`$2` the outcome, as `p` numbers them). It drops the bytes that
+/// a state keeping none ([`State::keeps_body`]) kept only for the copy.
+pub(crate) fn note_copy_sql(p: char) -> String {
+    let without: Vec<String> = State::ALL
+        .iter()
+        .filter(|s| !s.keeps_body())
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect();
+    format!(
+        "UPDATE {table} SET sent_copy = {p}2,
+            body = CASE WHEN state IN ({states}) THEN NULL ELSE body END
+          WHERE message_id = {p}1",
+        table = if p == '$' {
+            "mailmux_messages"
+        } else {
+            "messages"
+        },
+        states = without.join(", ")
+    )
+}
+
 /// A list stored one item a line.
 pub(crate) fn lines(s: Option<String>) -> Vec<String> {
     match s {

@@ -788,16 +788,9 @@ impl Store for SqliteStore {
         let id = message_id.to_owned();
         let outcome = outcome.to_owned();
         self.write(move |c, _| {
-            // The bytes were kept for the copy only when the state keeps
-            // none (`State::keeps_body`).
-            c.execute(
-                "UPDATE messages SET sent_copy = ?2,
-                    body = CASE WHEN state IN ('sent', 'partial', 'cancelled', 'rejected')
-                                THEN NULL ELSE body END
-                 WHERE message_id = ?1",
-                params![id, outcome],
-            )
-            .map(|_| ())
+            c.prepare_cached(&rows::note_copy_sql('?'))?
+                .execute(params![id, outcome])
+                .map(|_| ())
         })
         .await
     }
