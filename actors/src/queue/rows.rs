@@ -1,5 +1,6 @@
 //! What the SQL stores (`sqlite`, `postgres`) share: how list and history
-//! columns are written and read back, and the verdict on a person's decision.
+//! columns are written and read back, the update of a Sent copy's outcome,
+//! and the verdict on a person's decision.
 
 use super::{Decided, Decision, Millis, RejectedRecord, State};
 
