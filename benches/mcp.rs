@@ -35,10 +35,12 @@ usage: cargo bench --bench mcp -- [options]
   --size BYTES[,BYTES...]  message body size (1024)
   --runs R                 runs of each measurement; the best is reported (2)
   --paths P[,P...]         any of source, stdio, stdio-memory, stdio-policy, stdio-batch,
-                           stdio-postgres, http, http-memory, http-policy, http-batch,
-                           http-postgres, http-postgres-2, http-postgres-3 (-policy: the
-                           memory store and a caller policy every message passes;
-                           -batch: the sqlite store, send_batch calls of 1000;
+                           stdio-batch-memory, stdio-postgres, http, http-memory,
+                           http-policy, http-batch, http-batch-memory, http-postgres,
+                           http-postgres-2, http-postgres-3 (-policy: the memory store
+                           and a caller policy every message passes; -batch: the sqlite
+                           store, send_batch calls of 1000; -batch-memory: the same on
+                           the memory store;
                            -postgres: a throwaway PostgreSQL with fsync on, and 1, 2
                            or 3 daemons sharing it, the calls spread over them;
                            ceiling: the HTTP client against a trivial rmcp tool in
@@ -62,6 +64,8 @@ enum Store {
     /// The sqlite store, with the messages sent in `send_batch` calls of
     /// up to [`BATCH`].
     Batch,
+    /// The memory store, with the messages sent as on [`Store::Batch`].
+    BatchMemory,
     /// A PostgreSQL queue shared by this many daemons.
     Postgres(usize),
 }
@@ -73,7 +77,7 @@ impl Store {
     fn name(self) -> &'static str {
         match self {
             Store::Sqlite | Store::Batch => "sqlite",
-            Store::Memory | Store::MemoryPolicy => "memory",
+            Store::Memory | Store::MemoryPolicy | Store::BatchMemory => "memory",
             Store::Postgres(_) => "postgres",
         }
     }
@@ -87,6 +91,10 @@ impl Store {
 
     fn policy(self) -> bool {
         self == Store::MemoryPolicy
+    }
+
+    fn batch(self) -> bool {
+        matches!(self, Store::Batch | Store::BatchMemory)
     }
 }
 
@@ -110,6 +118,8 @@ impl Path {
             Path::Mcp(Transport::Http, Store::MemoryPolicy) => "MCP HTTP, memory, policy",
             Path::Mcp(Transport::Stdio, Store::Batch) => "MCP stdio, send_batch",
             Path::Mcp(Transport::Http, Store::Batch) => "MCP HTTP, send_batch",
+            Path::Mcp(Transport::Stdio, Store::BatchMemory) => "MCP stdio, send_batch, memory",
+            Path::Mcp(Transport::Http, Store::BatchMemory) => "MCP HTTP, send_batch, memory",
             Path::Mcp(Transport::Http, Store::Sqlite) => "MCP HTTP, sqlite",
             Path::Mcp(Transport::Http, Store::Memory) => "MCP HTTP, memory",
             Path::Mcp(Transport::Stdio, Store::Postgres(_)) => "MCP stdio, postgres",
@@ -186,6 +196,8 @@ fn parse_args() -> anyhow::Result<Args> {
                         "http-policy" => Ok(Path::Mcp(Transport::Http, Store::MemoryPolicy)),
                         "stdio-batch" => Ok(Path::Mcp(Transport::Stdio, Store::Batch)),
                         "http-batch" => Ok(Path::Mcp(Transport::Http, Store::Batch)),
+                        "stdio-batch-memory" => Ok(Path::Mcp(Transport::Stdio, Store::BatchMemory)),
+                        "http-batch-memory" => Ok(Path::Mcp(Transport::Http, Store::BatchMemory)),
                         "http" => Ok(Path::Mcp(Transport::Http, Store::Sqlite)),
                         "http-memory" => Ok(Path::Mcp(Transport::Http, Store::Memory)),
                         "stdio-postgres" => Ok(Path::Mcp(Transport::Stdio, Store::Postgres(1))),
@@ -374,7 +386,7 @@ async fn run_mcp(
     n: usize,
     body: Arc<String>,
 ) -> anyhow::Result<Measurement> {
-    let sink = Sink::start(if store == Store::Batch { 32 } else { c }, false)?;
+    let sink = Sink::start(if store.batch() { 32 } else { c }, false)?;
     let url = match store {
         Store::Postgres(_) => Some(pg.context("no PostgreSQL for a postgres path")?.database()),
         _ => None,
@@ -393,7 +405,7 @@ async fn run_mcp(
                     sink_port: sink.port,
                     // A batch is one call whatever C is: it gets smtp-source's
                     // best connection count.
-                    max_connections: if store == Store::Batch { 32 } else { c },
+                    max_connections: if store.batch() { 32 } else { c },
                     messages_per_connection: 0,
                     log: args.log.clone(),
                     http_requests: c,
@@ -437,7 +449,7 @@ async fn run_mcp(
             let mut first_error = None;
             let mut j = 0;
             while j < k {
-                let sent = if store == Store::Batch {
+                let sent = if store.batch() {
                     let count = BATCH.min(k - j);
                     load::send_batch(&peer, &format!("bench {i}.{j}"), &body, count).await
                 } else {
