@@ -8,13 +8,14 @@
 //! `max_connections` workers per relay, each with one IMAP session it keeps
 //! and reuses, append them. A failed copy is tried again with backoff, then
 //! recorded on the message (`failed: <reason>`), counted, and logged once.
-//! It never delays or fails the send. At shutdown the copies still waiting
-//! get the grace period once the last delivery ended; each one not made by
-//! then is recorded as failed, never dropped unsaid. A durable store holds
-//! each copy as `pending` (with the message's bytes) from the delivery's
-//! settle until its outcome, so the copies a crash interrupted are made at
-//! the next start; for those, the folder is searched for the Message-ID
-//! first, so that a copy filed just before the crash is not filed twice.
+//! It never delays or fails the send. A durable store holds each copy as
+//! `pending` (with the message's bytes) from the delivery's settle until its
+//! outcome, so the copies a crash interrupted are made at the next start;
+//! for those, the folder is searched for the Message-ID first, so that a
+//! copy filed just before the crash is not filed twice. At shutdown the
+//! copies still waiting get the grace period once the last delivery ended;
+//! each one not made by then stays pending for the next start on a durable
+//! store, and is recorded as failed on `memory`, never dropped unsaid.
 //! IMAP is spoken by `async-imap`.
 
 use std::collections::HashMap;
@@ -277,7 +278,9 @@ impl Observer for SentCopies {
             recovered: false,
         };
         let refused = if self.closing.load(Ordering::Acquire) {
-            Some((job, STOPPED))
+            // A durable store recorded it pending with the settle: the
+            // next start makes it.
+            (!self.queue.durable()).then_some((job, STOPPED))
         } else {
             waiting(&self.pending, 1);
             match tx.try_send(job) {
@@ -300,7 +303,8 @@ impl Observer for SentCopies {
     }
 
     /// Waits for the copies handed over until `until`, then stops the
-    /// workers, which record every copy they still hold as failed.
+    /// workers. The copies they still hold stay pending on a durable store
+    /// and are recorded as failed on `memory`.
     fn drain(&self, until: Instant) -> Drain<'_> {
         Box::pin(async move {
             self.closing.store(true, Ordering::Release);
@@ -310,6 +314,13 @@ impl Observer for SentCopies {
                 tracing::info!(copies = waiting, "shutdown: waiting for the Sent copies");
             }
             let _ = tokio::time::timeout_at(until, pending.wait_for(|n| *n == 0)).await;
+            let left = *pending.borrow();
+            if left > 0 && self.queue.durable() {
+                tracing::info!(
+                    copies = left,
+                    "shutdown: Sent copies left pending; the next start makes them"
+                );
+            }
             self.stop.cancel();
             let workers =
                 std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
@@ -334,8 +345,8 @@ struct Copier {
 
 impl Copier {
     /// Takes copies off the relay's channel and files them, one session
-    /// kept open between them. Once stopped, records the copy it was making
-    /// and every one still waiting as failed.
+    /// kept open between them. Once stopped, leaves the copy it was making
+    /// and every one still waiting to [`Copier::unmade`].
     async fn run(self) {
         let mut session: Option<(Session<Stream>, String)> = None;
         loop {
@@ -349,10 +360,13 @@ impl Copier {
             };
             let outcome = tokio::select! {
                 biased;
-                () = self.stop.cancelled() => Err(STOPPED.to_string()),
-                outcome = copy(&self.relay, &self.settings, &mut session, &job) => outcome,
+                () = self.stop.cancelled() => None,
+                outcome = copy(&self.relay, &self.settings, &mut session, &job) => Some(outcome),
             };
-            self.record(&job, outcome).await;
+            match outcome {
+                Some(outcome) => self.record(&job, outcome).await,
+                None => self.unmade(&job).await,
+            }
         }
         // Stopped (or the channel closed, and then nothing is left).
         loop {
@@ -360,7 +374,19 @@ impl Copier {
             let Ok(job) = job else {
                 break;
             };
-            self.record(&job, Err(STOPPED.to_string())).await;
+            self.unmade(&job).await;
+        }
+    }
+
+    /// A copy the daemon stops before making. A durable store keeps it
+    /// pending, with the message's bytes, and the next start makes it
+    /// (searching the folder first, in case the APPEND it interrupted went
+    /// through); on `memory` it is recorded as failed.
+    async fn unmade(&self, job: &Job) {
+        if self.queue.durable() {
+            waiting(&self.pending, -1);
+        } else {
+            self.record(job, Err(STOPPED.to_string())).await;
         }
     }
 

@@ -638,21 +638,25 @@ async fn copies_waiting_at_shutdown_are_made_before_the_daemon_exits() {
     assert_eq!(sink.delivered().len(), 200);
 }
 
+/// A stop whose grace ends before the IMAP server answers: on the durable
+/// store the copies stay pending, and the next start files each once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_copy_not_made_by_the_end_of_the_grace_is_recorded_failed() {
+async fn a_copy_not_made_by_the_end_of_the_grace_is_made_at_the_next_start() {
+    let imap = Dovecot::start();
     // An IMAP server that takes the connection and never greets.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = silent.local_addr().unwrap().port();
     let sink = smtp().await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), sink.port(), port, "attempts = 1");
+    let folder = "folder = \"Sent Messages\"";
+    let cfg = config(
+        dir.path(),
+        sink.port(),
+        port,
+        &format!("{folder}\nattempts = 1"),
+    );
     let d = StdioDaemon::start(dir.path(), &cfg).await;
-    let mut ids = Vec::new();
-    for subject in ["first", "second"] {
-        let out = d.send(subject).await;
-        assert_eq!(out["status"], "sent", "{out}");
-        ids.push(out["message_id"].as_str().unwrap().to_string());
-    }
+    let ids = sent_two(&d).await;
     let started = Instant::now();
     d.stop().await;
     let took = started.elapsed();
@@ -660,17 +664,64 @@ async fn a_copy_not_made_by_the_end_of_the_grace_is_recorded_failed() {
         took < Duration::from_secs(8),
         "the stop waited {took:?}, past its grace of 1 s, for a server that never answers"
     );
-    for o in outcomes_after_restart(dir.path(), &cfg, &ids).await {
-        assert_eq!(o["status"], "failed", "{o}");
-        assert_eq!(
-            o["reason"], "the daemon stopped before the copy was made",
-            "{o}"
-        );
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    assert!(
+        log.contains("Sent copies left pending"),
+        "the stop says the copies wait for the next start:\n{log}"
+    );
+    drop(silent);
+
+    let working = config(dir.path(), sink.port(), imap.port, folder);
+    for o in outcomes_after_restart(dir.path(), &working, &ids).await {
+        assert_eq!(o, json!({ "status": "copied" }));
     }
-    assert_eq!(sink.delivered().len(), 2);
+    let filed = imap.messages("Sent Messages").await;
+    assert_eq!(filed.len(), 2, "each copy filed once");
+    assert_eq!(sink.delivered().len(), 2, "no message was sent again");
     let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
     assert!(!log.contains(PASS), "the password is not in the log");
+}
+
+/// The same stop on the `memory` store, which keeps nothing across it:
+/// each copy is recorded as failed, in the log, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_memory_store_a_copy_not_made_by_the_end_of_the_grace_is_recorded_failed() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let sink = smtp().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), sink.port(), port, "attempts = 1").replacen(
+        "[queue]\n",
+        "[queue]\nstore = \"memory\"\n",
+        1,
+    );
+    let d = StdioDaemon::start(dir.path(), &cfg).await;
+    let ids = sent_two(&d).await;
+    d.stop().await;
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    for id in &ids {
+        assert!(
+            log.lines().any(|l| l.contains("no copy in the Sent folder")
+                && l.contains(id.as_str())
+                && l.contains("the daemon stopped before the copy was made")),
+            "{id} is recorded as failed:\n{log}"
+        );
+    }
+    assert!(!log.contains("left pending"), "{log}");
+    assert!(!log.contains(PASS), "the password is not in the log");
+    assert_eq!(sink.delivered().len(), 2);
     drop(silent);
+}
+
+/// Sends two messages one by one; their ids.
+async fn sent_two(d: &StdioDaemon) -> Vec<String> {
+    let mut ids = Vec::new();
+    for subject in ["first", "second"] {
+        let out = d.send(subject).await;
+        assert_eq!(out["status"], "sent", "{out}");
+        ids.push(out["message_id"].as_str().unwrap().to_string());
+    }
+    ids
 }
 
 /// SIGKILL while every copy waits (the IMAP server never greets): the store
