@@ -640,6 +640,16 @@ async fn postgres_pending_copies_of_a_stopped_daemon_are_taken_over_once() {
         b.pending_copies(later, false).await.unwrap().is_empty(),
         "taken over once"
     );
+    // A third daemon looking at the same moment, whose view of the daemons
+    // predates b's heartbeat: b took the copy less than a lease ago, so it
+    // stays b's.
+    server.psql(db, "DELETE FROM mailmux_nodes WHERE node = 'b'");
+    let c = PgStore::open(&pg(&url, "c")).await.unwrap();
+    server.psql(db, "DELETE FROM mailmux_nodes WHERE node = 'b'");
+    assert!(
+        c.pending_copies(later, false).await.unwrap().is_empty(),
+        "a copy just taken over is not taken again"
+    );
     b.note_copy("c1", "copied").await.unwrap();
     let r = restarted.get("c1").await.unwrap().unwrap();
     assert_eq!(r.sent_copy.as_deref(), Some("copied"));

@@ -117,6 +117,11 @@ ALTER TABLE mailmux_messages ADD COLUMN copy_node TEXT;
 CREATE INDEX mailmux_messages_copy_pending ON mailmux_messages (seq)
     WHERE sent_copy = 'pending';
 "#,
+    r#"
+-- When a daemon last took over a pending copy: another may take it from
+-- that daemon only a lease later, whatever its snapshot of the daemons.
+ALTER TABLE mailmux_messages ADD COLUMN copy_claimed_at BIGINT;
+"#,
 ];
 
 /// The schema version this build writes.
@@ -1457,11 +1462,23 @@ impl Store for PgStore {
     /// previous run under the same `node_id`); and those of daemons not
     /// seen within one lease, taken over for this daemon to make.
     async fn pending_copies(&self, before: Millis, mine: bool) -> Result<Vec<CopyDue>, StoreError> {
+        // A copy is another daemon's to take once its daemon was not seen
+        // for a lease, and no daemon took it over within one. The second
+        // test is on the row itself: when two daemons look at once, the
+        // second one's UPDATE, blocked by the first, tests the row the
+        // first wrote, where its view of `mailmux_nodes` may predate the
+        // first daemon's heartbeat.
         let rows: Vec<(String, String)> = sqlx::query_as(concat!(
-            "UPDATE mailmux_messages m SET copy_node = $1
+            "UPDATE mailmux_messages m SET copy_node = $1,
+                    copy_claimed_at = CASE WHEN m.copy_node = $1 THEN m.copy_claimed_at ELSE ",
+            db_now!(),
+            " END
               WHERE m.sent_copy = 'pending'
                 AND CASE WHEN m.copy_node = $1 THEN $4 AND m.finished_at < $2
-                    ELSE NOT EXISTS (SELECT 1 FROM mailmux_nodes n
+                    ELSE COALESCE(m.copy_claimed_at, 0) < ",
+            db_now!(),
+            " - $3
+                     AND NOT EXISTS (SELECT 1 FROM mailmux_nodes n
                                       WHERE n.node = m.copy_node AND n.seen_at >= ",
             db_now!(),
             " - $3) END
