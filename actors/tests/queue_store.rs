@@ -407,6 +407,7 @@ async fn sqlite_on_disk_conforms() {
     retries(&store).await;
     let store = SqliteStore::open(&dir.path().join("purges.db")).unwrap();
     purges_in_chunks(&store).await;
+    batch_counts(&SqliteStore::open(&dir.path().join("batches.db")).unwrap()).await;
 }
 
 #[tokio::test]
@@ -417,6 +418,44 @@ async fn memory_conforms() {
     approvals(&MemoryStore::new()).await;
     retries(&MemoryStore::new()).await;
     purges_in_chunks(&MemoryStore::new()).await;
+    batch_counts(&MemoryStore::new()).await;
+}
+
+/// The counts per state after batches whose messages are stored in
+/// different states, replayed, or in conflict with a key.
+async fn batch_counts(store: &dyn Store) {
+    let mut later = message("b2", None);
+    later.due_at += 60_000;
+    let first = vec![message("b1", Some(("bk", 1))), later, message("b3", None)];
+    assert_eq!(
+        store.accept_many(first).await.unwrap(),
+        [
+            Accepted::Stored(State::Queued),
+            Accepted::Stored(State::Scheduled),
+            Accepted::Stored(State::Queued),
+        ]
+    );
+    let second = vec![
+        message("b4", Some(("bk", 1))),
+        message("b5", Some(("bk", 2))),
+        message("b6", None),
+    ];
+    assert_eq!(
+        store.accept_many(second).await.unwrap(),
+        [
+            Accepted::Replay("b1".into()),
+            Accepted::Conflict("b1".into()),
+            Accepted::Stored(State::Queued),
+        ]
+    );
+    store.mark("b1").await.unwrap();
+    store.settle("b1", settle(State::Sent, None)).await.unwrap();
+    let mut counts = store.stats().await.unwrap().counts;
+    counts.sort();
+    assert_eq!(
+        counts,
+        [(State::Scheduled, 1), (State::Queued, 2), (State::Sent, 1)]
+    );
 }
 
 /// A settle for a relay that files a Sent copy records the copy as
@@ -555,7 +594,7 @@ async fn a_version_1_store_is_migrated_at_start() {
     {
         let c = rusqlite::Connection::open(&path).unwrap();
         c.execute_batch(
-            "DROP TRIGGER counts_insert; DROP TRIGGER counts_update; DROP TRIGGER counts_delete;
+            "DROP TRIGGER counts_update; DROP TRIGGER counts_delete;
              DROP TABLE counts; DROP INDEX messages_caller;
              ALTER TABLE messages DROP COLUMN caller; ALTER TABLE messages DROP COLUMN meta;
              ALTER TABLE messages DROP COLUMN held_hash; ALTER TABLE messages DROP COLUMN decided_by;
@@ -608,6 +647,12 @@ async fn postgres_conforms() {
     retries(&PgStore::open(&pg(&server.database(), "n1")).await.unwrap()).await;
     purges_in_chunks(&PgStore::open(&pg(&server.database(), "n1")).await.unwrap()).await;
     copies(&PgStore::open(&pg(&server.database(), "n1")).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn postgres_counts_batches() {
+    let server = Postgres::start();
+    batch_counts(&PgStore::open(&pg(&server.database(), "n1")).await.unwrap()).await;
 }
 
 /// A Sent copy left pending is made by its own daemon after a restart
