@@ -669,6 +669,8 @@ async fn a_copy_not_made_by_the_end_of_the_grace_is_made_at_the_next_start() {
         log.contains("Sent copies left pending"),
         "the stop says the copies wait for the next start:\n{log}"
     );
+    let stats = queue_stats(dir.path());
+    assert!(stats.contains("sent copies pending: 2"), "{stats}");
     drop(silent);
 
     let working = config(dir.path(), sink.port(), imap.port, folder);
@@ -711,6 +713,25 @@ async fn on_the_memory_store_a_copy_not_made_by_the_end_of_the_grace_is_recorded
     assert!(!log.contains(PASS), "the password is not in the log");
     assert_eq!(sink.delivered().len(), 2);
     drop(silent);
+}
+
+/// `mailmux queue stats` on the test's configuration, while no daemon runs.
+fn queue_stats(dir: &Path) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .arg("--config")
+        .arg(dir.join("mailmux.toml"))
+        .args(["queue", "stats"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Sends two messages one by one; their ids.
@@ -790,7 +811,13 @@ async fn copies_across_a_crash(first: Option<&str>, second: Option<&str>, pause:
         text.lines().any(|l| l == "mailmux_sent_copies_waiting 20"),
         "every copy waits:\n{text}"
     );
+    let status = d.call("get_smtp_status", json!({})).await;
+    assert_eq!(status["queue"]["sent_copies_pending"], 20, "{status}");
     d.kill().await;
+    assert!(
+        queue_stats(dir.path()).contains("sent copies pending: 20"),
+        "the queue command counts the copies the crash left"
+    );
     drop(silent);
     // Written at trace level, as all these tests' logs.
     let crashed_log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();

@@ -472,6 +472,7 @@ async fn copies(store: &dyn Store) {
     store.settle("c1", copied.clone()).await.unwrap();
     store.settle("c2", copied).await.unwrap();
     store.settle("c3", settle(State::Sent, None)).await.unwrap();
+    assert_eq!(store.stats().await.unwrap().copies_pending, 2);
     let c1 = store.get("c1").await.unwrap().unwrap();
     assert_eq!(c1.sent_copy.as_deref(), Some("pending"));
     assert!(store.load("c1").await.unwrap().is_some(), "bytes kept");
@@ -484,6 +485,7 @@ async fn copies(store: &dyn Store) {
     let c2 = store.get("c2").await.unwrap().unwrap();
     assert_eq!(c2.sent_copy.as_deref(), Some("copied"));
     assert!(store.load("c2").await.unwrap().is_none(), "bytes dropped");
+    assert_eq!(store.stats().await.unwrap().copies_pending, 1);
 }
 
 #[tokio::test]
@@ -528,7 +530,14 @@ async fn a_pending_copy_survives_a_reopen_with_its_bytes() {
 
 #[tokio::test]
 async fn the_memory_store_records_pending_copies_too() {
-    copies(&MemoryStore::new()).await;
+    let store = MemoryStore::new();
+    copies(&store).await;
+    // A purged message takes its pending copy out of the count.
+    queue::purge(&store, now_millis() + 1, 0, 1000)
+        .await
+        .unwrap();
+    assert!(store.get("c1").await.unwrap().is_none());
+    assert_eq!(store.stats().await.unwrap().copies_pending, 0);
 }
 
 #[tokio::test]

@@ -368,6 +368,7 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
                 if let Some(t) = s.next_retry_at {
                     println!("next retry:    {}", time(t));
                 }
+                println!("sent copies pending: {}", s.copies_pending);
                 ExitCode::SUCCESS
             }
             Err(e) => fail(e),

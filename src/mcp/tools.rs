@@ -1535,6 +1535,7 @@ impl MailmuxServer {
                     .oldest_queued_at
                     .map(|t| ((now - t).max(0) as f64) / 1000.0);
                 out.next_retry_at = stats.next_retry_at.map(rfc3339);
+                out.sent_copies_pending = stats.copies_pending;
             }
             Err(_) => out.available = false,
         }

@@ -799,6 +799,9 @@ pub struct QueueOut {
     /// The earliest retry of a deferred message.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_retry_at: Option<String>,
+    /// Sent copies waiting for their outcome (or, left by a stop or a
+    /// crash, for this daemon or another to make them).
+    pub sent_copies_pending: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
 }

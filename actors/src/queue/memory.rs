@@ -29,6 +29,8 @@ struct Mem {
     keys: HashMap<String, (String, [u8; 32], Millis)>,
     /// Messages per state, kept as states change.
     counts: BTreeMap<State, u64>,
+    /// Messages whose Sent copy is pending.
+    copies_pending: u64,
 }
 
 #[derive(Debug)]
@@ -57,7 +59,21 @@ fn waiting(s: State) -> bool {
     matches!(s, State::Queued | State::Scheduled)
 }
 
+/// Whether the message's Sent copy is pending.
+fn pending(r: &Record) -> bool {
+    r.sent_copy.as_deref() == Some("pending")
+}
+
 impl Mem {
+    /// Keeps [`Mem::copies_pending`] as a message's copy changes.
+    fn count_copy(&mut self, was: bool, now: bool) {
+        match (was, now) {
+            (false, true) => self.copies_pending += 1,
+            (true, false) => self.copies_pending = self.copies_pending.saturating_sub(1),
+            _ => {}
+        }
+    }
+
     fn row(&mut self, id: &str) -> Result<(i64, &mut Row), StoreError> {
         let seq = *self
             .seq_of
@@ -185,11 +201,14 @@ impl Store for MemoryStore {
         row.record.reason = s.reason;
         row.record.note = s.note;
         row.record.attempts.extend(s.attempts);
+        let was_pending = pending(&row.record);
         if s.copy {
             row.record.sent_copy = Some("pending".to_owned());
         } else if !s.state.keeps_body() {
             row.body = None;
         }
+        let now_pending = pending(&row.record);
+        mem.count_copy(was_pending, now_pending);
         Ok(())
     }
 
@@ -325,10 +344,13 @@ impl Store for MemoryStore {
         if let Some(seq) = mem.seq_of.get(message_id).copied()
             && let Some(row) = mem.rows.get_mut(&seq)
         {
+            let was_pending = pending(&row.record);
             row.record.sent_copy = Some(outcome.to_owned());
             if !row.record.state.keeps_body() {
                 row.body = None;
             }
+            let now_pending = pending(&row.record);
+            mem.count_copy(was_pending, now_pending);
         }
         Ok(())
     }
@@ -432,6 +454,7 @@ impl Store for MemoryStore {
                 .collect(),
             oldest_queued_at,
             next_retry_at,
+            copies_pending: mem.copies_pending,
         })
     }
 
@@ -476,6 +499,7 @@ impl Store for MemoryStore {
         for seq in &gone {
             if let Some(row) = mem.rows.remove(seq) {
                 mem.seq_of.remove(&row.record.message_id);
+                mem.count_copy(pending(&row.record), false);
                 if let Some(n) = mem.counts.get_mut(&row.record.state) {
                     *n = n.saturating_sub(1);
                 }

@@ -431,6 +431,9 @@ pub struct Stats {
     pub oldest_queued_at: Option<Millis>,
     /// The earliest next attempt of a deferred message.
     pub next_retry_at: Option<Millis>,
+    /// Sent copies recorded as pending: waiting for their outcome, or for
+    /// the next start after a stop or a crash.
+    pub copies_pending: u64,
 }
 
 /// What one purge deleted.

@@ -1426,14 +1426,16 @@ impl Store for PgStore {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(unavailable)?;
-        let (oldest_queued_at, next_retry_at): (Option<i64>, Option<i64>) = sqlx::query_as(
-            "SELECT (SELECT MIN(queued_at) FROM mailmux_messages WHERE state = 'queued'),
+        let (oldest_queued_at, next_retry_at, copies_pending): (Option<i64>, Option<i64>, i64) =
+            sqlx::query_as(
+                "SELECT (SELECT MIN(queued_at) FROM mailmux_messages WHERE state = 'queued'),
                     (SELECT MIN(next_attempt_at) FROM mailmux_messages
-                      WHERE state = 'queued' AND rounds > 0)",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(unavailable)?;
+                      WHERE state = 'queued' AND rounds > 0),
+                    (SELECT COUNT(*) FROM mailmux_messages WHERE sent_copy = 'pending')",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
         let mut counts: Vec<(State, u64)> = counts
             .into_iter()
             .filter(|(_, n)| *n > 0)
@@ -1444,6 +1446,7 @@ impl Store for PgStore {
             counts,
             oldest_queued_at,
             next_retry_at,
+            copies_pending: copies_pending as u64,
         })
     }
 

@@ -1010,10 +1010,17 @@ impl Store for SqliteStore {
                 [],
                 |r| r.get(0),
             )?;
+            // Through the partial index of pending copies.
+            let copies_pending = c.query_row(
+                "SELECT COUNT(*) FROM messages WHERE sent_copy = 'pending'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )?;
             Ok(Stats {
                 counts,
                 oldest_queued_at,
                 next_retry_at,
+                copies_pending: copies_pending as u64,
             })
         })
         .await
