@@ -209,6 +209,9 @@ pub fn overview(
                 @if let Some(next) = &queue.next_retry_at {
                     dt { "next retry" } dd { (next) }
                 }
+                @if queue.sent_copies_pending > 0 {
+                    dt { "Sent copies pending" } dd { (queue.sent_copies_pending) }
+                }
             }
             table style="margin-top:12px" {
                 thead { tr { @for st in State::ALL { th { (st.as_str()) } } } }
