@@ -653,3 +653,31 @@ pub fn approvals(op: &Operator, notice: Option<&str>, held: &[(Summary, Pending)
     };
     layout(Some(op), "Approvals", "approvals", notice, body)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_overview_shows_the_sent_copies_pending_only_when_there_are_some() {
+        let op = Operator {
+            name: "ops".into(),
+            csrf: "c".into(),
+        };
+        let history = History::default();
+        let mut queue = QueueOut {
+            store: "sqlite".into(),
+            durable: true,
+            available: true,
+            ..Default::default()
+        };
+        let page = overview(&op, None, None, &queue, &history).into_string();
+        assert!(!page.contains("Sent copies pending"), "{page}");
+        queue.sent_copies_pending = 20;
+        let page = overview(&op, None, None, &queue, &history).into_string();
+        assert!(
+            page.contains("<dt>Sent copies pending</dt><dd>20</dd>"),
+            "{page}"
+        );
+    }
+}
