@@ -150,35 +150,6 @@ async fn setup(script: Script, extra: &str) -> (FaultSmtp, tempfile::TempDir, St
 /// The operator's token in the tests that approve from the shell.
 const OPS_TOKEN: &str = "queue-ops-token-5c2e";
 
-/// `mailmux queue <args>` on the configuration in `dir`: (exit code,
-/// stdout, stderr).
-fn queue_cmd(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    queue_cmd_as(dir, args, None)
-}
-
-/// `mailmux queue <args>` with an operator's token (approve, reject).
-fn queue_cmd_as(dir: &Path, args: &[&str], token: Option<&str>) -> (Option<i32>, String, String) {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mailmux"));
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
-    if let Some(t) = token {
-        cmd.env("MAILMUX_OPERATOR_TOKEN", t);
-    }
-    let out = cmd
-        .arg("--config")
-        .arg(dir.join("mailmux.toml"))
-        .arg("queue")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn msg(subject: &str, extra: Value) -> Value {
     let mut v = json!({
         "to": "rcpt@example.org",
@@ -829,7 +800,7 @@ async fn a_read_only_store_is_a_start_up_error_and_loses_nothing() {
     let out = start_failure(&fs.0, &cfg);
     assert!(out.contains("queue.db"), "{out}");
     assert!(out.contains("read-only"), "{out}");
-    let (code, _, err) = queue_cmd(&fs.0, &["list"]);
+    let (code, _, err) = common::queue_cmd(&fs.0, &["list"]);
     assert_ne!(code, Some(0));
     assert!(err.contains("never merged"), "{err}");
 
@@ -839,13 +810,13 @@ async fn a_read_only_store_is_a_start_up_error_and_loses_nothing() {
     let wal = std::fs::metadata(fs.0.join("queue.db-wal")).map_or(0, |m| m.len());
     assert_eq!(wal, 0, "a clean stop left commits in the log");
     fs.remount("ro");
-    let (code, listed, err) = queue_cmd(&fs.0, &["list"]);
+    let (code, listed, err) = common::queue_cmd(&fs.0, &["list"]);
     assert_eq!(code, Some(0), "{err}");
     assert!(
         listed.contains(&id) && listed.contains("scheduled"),
         "{listed}"
     );
-    let (code, _, err) = queue_cmd(&fs.0, &["cancel", &id]);
+    let (code, _, err) = common::queue_cmd(&fs.0, &["cancel", &id]);
     assert_ne!(code, Some(0), "a cancel on a read-only store succeeded");
     assert!(err.contains("readonly"), "{err}");
 
@@ -999,8 +970,8 @@ async fn the_queue_command_works_with_the_daemon_stopped() {
         "\n[policy]\nallowed_recipients = [\"@example.org\"]\napproval = \"outside_allowlist\"\n\n[[operators]]\nname = \"ops\"\ntoken_sha256 = \"{ops_hash}\"\n"
     );
     let (smtp, dir, cfg, d) = setup(script, &extra).await;
-    let q = |args: &[&str]| queue_cmd(dir.path(), args);
-    let ops = |args: &[&str]| queue_cmd_as(dir.path(), args, Some(OPS_TOKEN));
+    let q = |args: &[&str]| common::queue_cmd(dir.path(), args);
+    let ops = |args: &[&str]| common::queue_cmd_as(dir.path(), args, Some(OPS_TOKEN));
     let id = |c: &Call| {
         c.value().unwrap()["message_id"]
             .as_str()
@@ -1102,7 +1073,7 @@ async fn the_queue_command_inspects_and_acts_while_the_daemon_runs() {
         Action::reply(550, "5.1.1 no such user"),
     );
     let (smtp, dir, _cfg, d) = setup(script, "").await;
-    let q = |args: &[&str]| queue_cmd(dir.path(), args);
+    let q = |args: &[&str]| common::queue_cmd(dir.path(), args);
     let failed = send(
         d.peer(),
         msg("bounced", json!({"to": "bounce@example.org"})),

@@ -717,21 +717,9 @@ async fn on_the_memory_store_a_copy_not_made_by_the_end_of_the_grace_is_recorded
 
 /// `mailmux queue stats` on the test's configuration, while no daemon runs.
 fn queue_stats(dir: &Path) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .arg("--config")
-        .arg(dir.join("mailmux.toml"))
-        .args(["queue", "stats"])
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let (code, out, err) = common::queue_cmd(dir, &["stats"]);
+    assert_eq!(code, Some(0), "{err}");
+    out
 }
 
 /// Sends two messages one by one; their ids.

@@ -1,6 +1,7 @@
 //! Shared helpers of the daemon's black-box tests: an aiosmtpd child that
-//! keeps what it receives in a maildir, a configuration built in code, and
-//! the daemon served in process.
+//! keeps what it receives in a maildir, a configuration built in code,
+//! the daemon served in process, and `mailmux queue` run on a test's
+//! configuration.
 #![allow(dead_code)]
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -351,4 +352,37 @@ pub async fn serve_token_endpoint_for(
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move { axum::serve(listener, app).await });
     (e, port)
+}
+
+/// `mailmux queue <args>` on the configuration in `dir`: (exit code,
+/// stdout, stderr).
+pub fn queue_cmd(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    queue_cmd_as(dir, args, None)
+}
+
+/// `mailmux queue <args>` with an operator's token (approve, reject).
+pub fn queue_cmd_as(
+    dir: &Path,
+    args: &[&str],
+    token: Option<&str>,
+) -> (Option<i32>, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mailmux"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    if let Some(t) = token {
+        cmd.env("MAILMUX_OPERATOR_TOKEN", t);
+    }
+    let out = cmd
+        .arg("--config")
+        .arg(dir.join("mailmux.toml"))
+        .arg("queue")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
