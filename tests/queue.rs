@@ -289,6 +289,74 @@ async fn kill_after_the_final_dot_is_unknown_and_never_resent() {
     d.stop().await;
 }
 
+/// The ids of every stored message, newest first (one page).
+async fn stored_ids(peer: &Peer<RoleClient>) -> Vec<String> {
+    let c = call(peer, "list", "list_messages", json!({"limit": 100}), LIMIT).await;
+    c.value().unwrap()["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["message_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A call that waits (the default) and has no idempotency key is told
+/// nothing before its outcome, so its message is stored by the commit mark
+/// just before the final ".". Killed before that (the server never answers
+/// DATA), nothing was stored or sent, and the restart sends nothing: the
+/// caller, whose call broke, sends it again once. Killed after the final
+/// "." (the server never answers it), the message was stored `sending`,
+/// and the restart makes it `unknown` and never resends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_call_is_stored_when_its_message_commits() {
+    let (smtp, dir, cfg, d) = setup(Script::ok().on(Phase::Data, Action::Hang), "").await;
+    let peer = d.peer().clone();
+    let waiting = tokio::spawn(async move { send(&peer, msg("before dot", json!({}))).await });
+    assert!(
+        support::wait_until(|| smtp.commands(Phase::Data) >= 1, LIMIT).await,
+        "DATA was never sent"
+    );
+    assert!(
+        stored_ids(d.peer()).await.is_empty(),
+        "stored before its commit"
+    );
+    d.kill9().await;
+    let c = waiting.await.unwrap();
+    assert_eq!(c.status(), None, "a killed daemon answered: {c:?}");
+
+    smtp.set_script(Script::ok().on(Phase::AfterDot, Action::Hang));
+    let d = Daemon::start(dir.path(), &cfg).await;
+    assert!(stored_ids(d.peer()).await.is_empty(), "nothing to recover");
+    let peer = d.peer().clone();
+    let waiting = tokio::spawn(async move { send(&peer, msg("after dot", json!({}))).await });
+    assert!(
+        support::wait_until(|| !smtp.received().is_empty(), LIMIT).await,
+        "the data never arrived"
+    );
+    let ids = stored_ids(d.peer()).await;
+    assert_eq!(ids.len(), 1, "stored at its commit: {ids:?}");
+    d.kill9().await;
+    assert_eq!(waiting.await.unwrap().status(), None);
+
+    smtp.set_script(Script::ok());
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let s = status_of(d.peer(), &ids[0]).await;
+    assert_eq!(s["status"], "unknown", "{s}");
+    let history: Vec<&str> = s["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(history, ["queued", "sending", "unknown"], "{s}");
+    // Give a wrongful send every chance to happen.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let subjects: Vec<String> = smtp.received().iter().filter_map(subject_of).collect();
+    assert_eq!(subjects, ["after dot"], "only the committed message, once");
+    assert_eq!(stored_ids(d.peer()).await, ids);
+    d.stop().await;
+}
+
 /// 5,000 calls with `wait: false` at C=32, the daemon killed in the middle
 /// and restarted: every message answered `queued` is at the sink exactly
 /// once, or is `unknown` and there at most once; nothing appears twice.

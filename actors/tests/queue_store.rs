@@ -408,6 +408,7 @@ async fn sqlite_on_disk_conforms() {
     let store = SqliteStore::open(&dir.path().join("purges.db")).unwrap();
     purges_in_chunks(&store).await;
     batch_counts(&SqliteStore::open(&dir.path().join("batches.db")).unwrap()).await;
+    first_rounds(&SqliteStore::open(&dir.path().join("first.db")).unwrap()).await;
 }
 
 #[tokio::test]
@@ -419,6 +420,76 @@ async fn memory_conforms() {
     retries(&MemoryStore::new()).await;
     purges_in_chunks(&MemoryStore::new()).await;
     batch_counts(&MemoryStore::new()).await;
+    first_rounds(&MemoryStore::new()).await;
+}
+
+/// A waiting call's message stored only at its first round's commit mark
+/// (`accept_marked`), or with the outcome of a round that never reached it
+/// (`accept_settled`): the same rows, history and counts as the accept and
+/// the mark or settle written apart, and the same crash rule.
+async fn first_rounds(store: &dyn Store) {
+    store.accept_marked(message("f1", None)).await.unwrap();
+    store.accept_marked(message("f2", None)).await.unwrap();
+    let r = store.get("f1").await.unwrap().unwrap();
+    assert_eq!(r.state, State::Sending);
+    let states: Vec<State> = r.history.iter().map(|h| h.0).collect();
+    assert_eq!(states, [State::Queued, State::Sending]);
+    assert!(store.due(now_millis(), 10).await.unwrap().is_empty());
+    assert_eq!(
+        &store.load("f1").await.unwrap().unwrap().bytes[..],
+        b"Subject: x\r\n\r\nbody\r\n"
+    );
+    store.settle("f2", settle(State::Sent, None)).await.unwrap();
+    let r = store.get("f2").await.unwrap().unwrap();
+    let states: Vec<State> = r.history.iter().map(|h| h.0).collect();
+    assert_eq!(states, [State::Queued, State::Sending, State::Sent]);
+
+    let t = now_millis() - 1;
+    let deferred = Settle {
+        attempts: vec![AttemptRecord {
+            at: t,
+            relay: "r".into(),
+            class: Some("transient".into()),
+            code: Some(451),
+            text: "try later".into(),
+            duration_ms: 3,
+        }],
+        ..settle(State::Queued, Some(t))
+    };
+    store
+        .accept_settled(message("f3", None), deferred)
+        .await
+        .unwrap();
+    store
+        .accept_settled(message("f4", None), settle(State::Failed, None))
+        .await
+        .unwrap();
+    let r = store.get("f3").await.unwrap().unwrap();
+    assert_eq!(r.state, State::Queued);
+    assert_eq!(r.next_attempt_at, Some(t));
+    assert_eq!(r.attempts.len(), 1);
+    assert_eq!(r.attempts[0].code, Some(451));
+    assert_eq!(store.due(now_millis(), 10).await.unwrap(), ["f3"]);
+    assert_eq!(store.get("f4").await.unwrap().unwrap().state, State::Failed);
+
+    let mut counts = store.stats().await.unwrap().counts;
+    counts.sort();
+    assert_eq!(
+        counts,
+        [
+            (State::Queued, 1),
+            (State::Sending, 1),
+            (State::Sent, 1),
+            (State::Failed, 1)
+        ]
+    );
+    // Marked: a crash leaves it `unknown`, never resent.
+    let rec = store.recover().await.unwrap();
+    assert_eq!((rec.unknown, rec.requeued), (1, 0));
+    assert_eq!(
+        store.get("f1").await.unwrap().unwrap().state,
+        State::Unknown
+    );
 }
 
 /// The counts per state after batches whose messages are stored in
@@ -662,6 +733,7 @@ async fn postgres_conforms() {
 async fn postgres_counts_batches() {
     let server = Postgres::start();
     batch_counts(&PgStore::open(&pg(&server.database(), "n1")).await.unwrap()).await;
+    first_rounds(&PgStore::open(&pg(&server.database(), "n2")).await.unwrap()).await;
 }
 
 /// A Sent copy left pending is made by its own daemon after a restart

@@ -614,6 +614,24 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn mark(&self, message_id: &str) -> Result<(), StoreError>;
     /// Records the outcome of a delivery round.
     async fn settle(&self, message_id: &str, s: Settle) -> Result<(), StoreError>;
+    /// Stores a new message without an idempotency key that is committing
+    /// to a relay: [`Store::accept`] then [`Store::mark`], in one write
+    /// where the store can. A caller that waits for the outcome is told
+    /// nothing before this, so its message is stored here, not earlier.
+    async fn accept_marked(&self, m: NewMessage) -> Result<(), StoreError> {
+        let id = m.message_id.clone();
+        self.accept(m).await?;
+        self.mark(&id).await
+    }
+    /// Stores a new message without an idempotency key together with the
+    /// outcome of its first round, which never reached [`Store::mark`]:
+    /// [`Store::accept`] then [`Store::settle`], in one write where the
+    /// store can.
+    async fn accept_settled(&self, m: NewMessage, s: Settle) -> Result<(), StoreError> {
+        let id = m.message_id.clone();
+        self.accept(m).await?;
+        self.settle(&id, s).await
+    }
     /// `scheduled` or `queued` → `cancelled`.
     async fn cancel(&self, message_id: &str) -> Result<Cancel, StoreError>;
     /// `held` → `queued` (or `scheduled`) when approved, `rejected` when not.

@@ -2,7 +2,8 @@
 //!
 //! A round is one [`Dispatcher::send_marked`] of one message (with failover
 //! across relays), followed by one settle write. A caller that waits runs
-//! the first round itself; every other round is started by the runner, which
+//! the first round itself (without a key, its message is stored by that
+//! round's commit mark or settle, not before); every other round is started by the runner, which
 //! takes new messages from a bounded channel and polls the store for due
 //! ones (retries, scheduled mail, mail recovered after a crash, mail another
 //! process queued). A message is delivered by at most one round at a time:
@@ -308,11 +309,20 @@ struct Inner {
     observer: OnceLock<Arc<dyn Observer>>,
 }
 
-/// The crash marker of one message: the store's `mark`.
+/// The crash marker of one message: the store's `mark`, or for a message
+/// not stored yet, its `accept_marked`.
 #[derive(Debug)]
 struct StoreMark {
     inner: Arc<Inner>,
     message_id: String,
+    /// The message of a waiting call without a key, until it is stored.
+    fresh: Mutex<Option<NewMessage>>,
+}
+
+impl StoreMark {
+    fn take_fresh(&self) -> Option<NewMessage> {
+        self.fresh.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
 }
 
 impl CommitMark for StoreMark {
@@ -320,10 +330,27 @@ impl CommitMark for StoreMark {
         &self,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(async move {
-            let result = self.inner.store.mark(&self.message_id).await;
-            self.inner.note_write(&result);
+            let inner = &self.inner;
+            let result = match self.take_fresh() {
+                None => inner.store.mark(&self.message_id).await,
+                Some(new) => {
+                    let result = inner.store.accept_marked(new.clone()).await;
+                    match &result {
+                        Ok(()) => inner.notify(
+                            Action::Accepted,
+                            &new.record(State::Queued, new.queued_at),
+                            None,
+                        ),
+                        // Not stored: a later attempt stores it, or the
+                        // round's end does.
+                        Err(_) => *self.fresh.lock().unwrap_or_else(|e| e.into_inner()) = Some(new),
+                    }
+                    result
+                }
+            };
+            inner.note_write(&result);
             if result.is_ok() {
-                self.inner.changed(&self.message_id, State::Sending);
+                inner.changed(&self.message_id, State::Sending);
             }
             result.map_err(|e| e.to_string())
         })
@@ -456,35 +483,20 @@ impl Queue {
         if due_now {
             inner.claim(&id);
         }
-        let stored = inner.store.accept(new.clone()).await;
-        inner.note_write(&stored);
-        let state = match stored {
-            Ok(Accepted::Stored(state)) => {
-                inner.changed(&id, state);
-                let action = if state == State::Held {
-                    Action::Held
-                } else {
-                    Action::Accepted
-                };
-                inner.notify(action, &new.record(state, now), None);
-                state
-            }
-            Ok(Accepted::Replay(first)) => {
-                inner.unclaim(&id);
-                let record = inner.record(&first).await?;
-                return Ok(Submitted {
-                    record,
-                    report: None,
-                    replay: true,
-                });
-            }
-            Ok(Accepted::Conflict(first)) => {
-                inner.unclaim(&id);
-                return Err(QueueError::Conflict { message_id: first });
-            }
-            Err(e) => {
-                inner.unclaim(&id);
-                return Err(e.into());
+        // A caller that waits and has no key is told nothing before the
+        // outcome: its message is stored by the first round's commit mark
+        // (or with the round's outcome), one write where there were two.
+        let fresh = s.wait
+            && due_now
+            && new.idempotency.is_none()
+            && inner.delivers
+            && inner.available.load(Ordering::Acquire);
+        let state = if fresh {
+            State::Queued
+        } else {
+            match self.accept(&new, now).await? {
+                Ok(state) => state,
+                Err(replay) => return Ok(replay),
             }
         };
         let pending = new.pending(state);
@@ -544,11 +556,21 @@ impl Queue {
         let mut record = None;
         if let Some(slot) = slot {
             let base = new.record(state, now);
-            let (r, settle) = round(inner.clone(), pending, deadline, slot).await;
+            let fresh = fresh.then(|| new.clone());
+            let (r, settle, lost) =
+                first_round(inner.clone(), pending, fresh, deadline, slot).await;
+            if let Some(e) = lost {
+                inner.drop_waiters(&id);
+                return Err(e.into());
+            }
             report = Some(r);
             record = Some(base.settled(&settle));
         } else {
             // No round slot before the deadline: the runner takes it later.
+            if fresh && let Err(e) = self.accept(&new, now).await {
+                inner.drop_waiters(&id);
+                return Err(e);
+            }
             inner.unclaim(&id);
             inner.wake.notify_one();
         }
@@ -589,6 +611,49 @@ impl Queue {
                         replay: false,
                     });
                 }
+            }
+        }
+    }
+
+    /// Stores a new message, claimed when due now: its state, or the answer
+    /// to a call whose key names an earlier message (a replay). A conflict
+    /// or a failed write unclaims it.
+    async fn accept(
+        &self,
+        new: &NewMessage,
+        now: Millis,
+    ) -> Result<Result<State, Submitted>, QueueError> {
+        let inner = &self.inner;
+        let id = &new.message_id;
+        let stored = inner.store.accept(new.clone()).await;
+        inner.note_write(&stored);
+        match stored {
+            Ok(Accepted::Stored(state)) => {
+                inner.changed(id, state);
+                let action = if state == State::Held {
+                    Action::Held
+                } else {
+                    Action::Accepted
+                };
+                inner.notify(action, &new.record(state, now), None);
+                Ok(Ok(state))
+            }
+            Ok(Accepted::Replay(first)) => {
+                inner.unclaim(id);
+                let record = inner.record(&first).await?;
+                Ok(Err(Submitted {
+                    record,
+                    report: None,
+                    replay: true,
+                }))
+            }
+            Ok(Accepted::Conflict(first)) => {
+                inner.unclaim(id);
+                Err(QueueError::Conflict { message_id: first })
+            }
+            Err(e) => {
+                inner.unclaim(id);
+                Err(e.into())
             }
         }
     }
@@ -1159,17 +1224,34 @@ async fn round(
     inner: Arc<Inner>,
     p: Pending,
     deadline: Instant,
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    slot: tokio::sync::OwnedSemaphorePermit,
 ) -> (Report, Settle) {
+    let (report, settle, _) = first_round(inner, p, None, deadline, slot).await;
+    (report, settle)
+}
+
+/// [`round`], for a message that is `fresh` (not stored yet) when given:
+/// it is stored by the commit mark, or with the round's outcome when the
+/// round never reached the mark. The error is that of the write that
+/// should have stored a fresh message; then nothing of it is stored.
+async fn first_round(
+    inner: Arc<Inner>,
+    p: Pending,
+    fresh: Option<NewMessage>,
+    deadline: Instant,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) -> (Report, Settle, Option<StoreError>) {
     let _counted = inner.rounds.enter();
     let started = now_millis();
     let id = p.message_id.clone();
+    let store_mark = Arc::new(StoreMark {
+        inner: inner.clone(),
+        message_id: id.clone(),
+        fresh: Mutex::new(fresh),
+    });
     let report = match mail_of(&p, deadline) {
         Ok(mail) => {
-            let mark: Arc<dyn CommitMark> = Arc::new(StoreMark {
-                inner: inner.clone(),
-                message_id: id.clone(),
-            });
+            let mark: Arc<dyn CommitMark> = store_mark.clone();
             // The delivery's log lines name the message and its caller.
             let span = tracing::info_span!(
                 "delivery",
@@ -1195,13 +1277,33 @@ async fn round(
     };
     let settle = inner.settle_for(&report, &p, started);
     let state = settle.state;
-    let result = inner.store.settle(&id, settle.clone()).await;
+    let fresh = store_mark.take_fresh();
+    let result = match &fresh {
+        Some(new) => {
+            inner
+                .store
+                .accept_settled(new.clone(), settle.clone())
+                .await
+        }
+        None => inner.store.settle(&id, settle.clone()).await,
+    };
     inner.note_write(&result);
     if result.is_ok() {
+        if let Some(new) = &fresh {
+            inner.notify(
+                Action::Accepted,
+                &new.record(State::Queued, new.queued_at),
+                None,
+            );
+        }
         inner.changed(&id, state);
         inner.notify_settled(&p, &settle);
     }
-    if let Err(e) = &result {
+    let mut lost = None;
+    if let (Some(_), Err(e)) = (&fresh, &result) {
+        tracing::error!(message_id = %id, error = %e, "could not store a message after its round; the caller is told so");
+        lost = Some(e.clone());
+    } else if let Err(e) = &result {
         // The outcome is not stored. A message marked as committing stays
         // `sending` and becomes `unknown` at recovery; one not marked stays
         // queued and is tried again.
@@ -1209,7 +1311,7 @@ async fn round(
     }
     inner.unclaim(&id);
     inner.wake_waiters(&id, &report);
-    (report, settle)
+    (report, settle, lost)
 }
 
 fn mail_of(p: &Pending, deadline: Instant) -> Result<Mail, String> {

@@ -604,6 +604,44 @@ fn accept(c: &Connection, m: &NewMessage, now: Millis) -> rusqlite::Result<Accep
     Ok(Accepted::Stored(state))
 }
 
+/// Stores a new message (without a key) already committing to a relay:
+/// the row [`accept`] and then [`mark`] would leave, in one insert.
+fn accept_committing(c: &Connection, m: &NewMessage, now: Millis) -> rusqlite::Result<()> {
+    let history = format!(
+        "{};{}",
+        entry(State::Queued, m.queued_at),
+        entry(State::Sending, now)
+    );
+    c.prepare_cached(
+        "INSERT INTO messages (message_id, state, committing, mail_from, rcpt, size, body, prefer,
+                               queued_at, due_at, next_attempt_at, updated_at, history,
+                               caller, meta, relays, batch)
+         VALUES (?1, 'sending', 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+    )?
+    .execute(params![
+        m.message_id,
+        m.from,
+        m.to.join("\n"),
+        m.bytes.len() as i64,
+        &m.bytes[..],
+        m.prefer,
+        m.queued_at,
+        m.due_at,
+        now,
+        history,
+        m.caller,
+        m.meta,
+        m.only.as_ref().map(|o| o.join("\n")),
+        m.batch,
+    ])?;
+    c.prepare_cached(
+        "INSERT INTO counts (state, n) VALUES ('sending', 1)
+         ON CONFLICT (state) DO UPDATE SET n = n + 1",
+    )?
+    .execute([])?;
+    Ok(())
+}
+
 fn settle(c: &Connection, id: &str, s: &Settle, now: Millis) -> rusqlite::Result<()> {
     let finished = s.state.is_final().then_some(now);
     let keep_body = s.state.keeps_body() || s.copy;
@@ -813,6 +851,19 @@ impl Store for SqliteStore {
     async fn settle(&self, message_id: &str, s: Settle) -> Result<(), StoreError> {
         let id = message_id.to_owned();
         self.write(move |c, now| settle(c, &id, &s, now)).await
+    }
+
+    async fn accept_marked(&self, m: NewMessage) -> Result<(), StoreError> {
+        self.write(move |c, now| accept_committing(c, &m, now))
+            .await
+    }
+
+    async fn accept_settled(&self, m: NewMessage, s: Settle) -> Result<(), StoreError> {
+        self.write(move |c, now| {
+            accept_all(c, std::slice::from_ref(&m), now)?;
+            settle(c, &m.message_id, &s, now)
+        })
+        .await
     }
 
     async fn cancel(&self, message_id: &str) -> Result<Cancel, StoreError> {
