@@ -279,6 +279,8 @@ struct SettleOp {
 #[derive(Debug)]
 struct AcceptOp {
     m: NewMessage,
+    /// Stored as committing to a relay: the row `accept` and `mark` leave.
+    marked: bool,
     reply: oneshot::Sender<Result<State, StoreError>>,
 }
 
@@ -395,24 +397,42 @@ async fn accept_loop(
     let mut last = 0;
     while let Some(batch) = next_batch(&mut rx, &mut last).await {
         let now = now_millis();
-        let states: Vec<State> = batch.iter().map(|op| op.m.initial_state(now)).collect();
+        let states: Vec<State> = batch
+            .iter()
+            .map(|op| match op.marked {
+                true => State::Sending,
+                false => op.m.initial_state(now),
+            })
+            .collect();
+        let entries: Vec<String> = batch
+            .iter()
+            .zip(&states)
+            .map(|(op, s)| match op.marked {
+                true => format!(
+                    "{};{}",
+                    entry(State::Queued, op.m.queued_at),
+                    entry(State::Sending, now)
+                ),
+                false => entry(*s, now),
+            })
+            .collect();
         let ms = batch.iter().map(|op| &op.m);
         let done = sqlx::query(concat!(
             "INSERT INTO mailmux_messages (message_id, state, mail_from, rcpt, size, body,
                  prefer, queued_at, due_at, next_attempt_at, updated_at, history, caller, meta,
-                 held_hash, relays, batch, node, lease_epoch, lease_until)
+                 held_hash, relays, batch, node, lease_epoch, lease_until, committing)
              SELECT l.id, l.state, l.mail_from, l.rcpt, l.size, l.body, l.prefer, l.queued_at,
                  l.due_at, l.next_at, $1, l.entry, l.caller, l.meta, l.held_hash, l.relays,
                  l.batch, l.node, CASE WHEN l.node IS NULL THEN 0 ELSE 1 END,
                  CASE WHEN l.node IS NULL THEN NULL ELSE ",
             db_now!(),
-            " + $2 END
+            " + $2 END, l.committing
                FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[],
                            $8::bytea[], $9::text[], $10::bigint[], $11::bigint[], $12::bigint[],
                            $13::text[], $14::text[], $15::text[], $16::bytea[], $17::text[],
-                           $18::text[], $19::text[])
+                           $18::text[], $19::text[], $20::bool[])
                  AS l(id, state, mail_from, rcpt, size, body, prefer, queued_at, due_at,
-                      next_at, entry, caller, meta, held_hash, relays, batch, node)"
+                      next_at, entry, caller, meta, held_hash, relays, batch, node, committing)"
         ))
         .bind(now)
         .bind(lease_ms)
@@ -434,7 +454,7 @@ async fn accept_loop(
                 .map(|m| m.hold.as_ref().map_or(m.due_at, |h| h.until))
                 .collect::<Vec<_>>(),
         )
-        .bind(states.iter().map(|s| entry(*s, now)).collect::<Vec<_>>())
+        .bind(&entries)
         .bind(ms.clone().map(|m| m.caller.as_deref()).collect::<Vec<_>>())
         .bind(ms.clone().map(|m| m.meta.as_deref()).collect::<Vec<_>>())
         .bind(
@@ -451,9 +471,13 @@ async fn accept_loop(
         .bind(
             states
                 .iter()
-                .map(|s| node.as_deref().filter(|_| *s == State::Queued))
+                .map(|s| {
+                    node.as_deref()
+                        .filter(|_| matches!(s, State::Queued | State::Sending))
+                })
                 .collect::<Vec<_>>(),
         )
+        .bind(batch.iter().map(|op| op.marked).collect::<Vec<_>>())
         .execute(&pool)
         .await;
         match done {
@@ -1055,6 +1079,7 @@ impl Store for PgStore {
             self.accepts
                 .send(AcceptOp {
                     m: m.clone(),
+                    marked: false,
                     reply,
                 })
                 .map_err(|_| unavailable("the store's writer has stopped"))?;
@@ -1066,6 +1091,29 @@ impl Store for PgStore {
         };
         self.note_claims(std::slice::from_ref(&m), std::slice::from_ref(&out), now);
         Ok(out)
+    }
+
+    /// One row through the accepts writer, leased to this daemon and
+    /// marked: no mark statement follows.
+    async fn accept_marked(&self, m: NewMessage) -> Result<(), StoreError> {
+        let id = m.message_id.clone();
+        if m.idempotency.is_some() || !self.claims {
+            self.accept(m).await?;
+            return self.mark(&id).await;
+        }
+        let (reply, answer) = oneshot::channel();
+        self.accepts
+            .send(AcceptOp {
+                m,
+                marked: true,
+                reply,
+            })
+            .map_err(|_| unavailable("the store's writer has stopped"))?;
+        answer
+            .await
+            .map_err(|_| unavailable("the store's writer has stopped"))??;
+        self.held().insert(id, 1);
+        Ok(())
     }
 
     async fn accept_many(&self, ms: Vec<NewMessage>) -> Result<Vec<Accepted>, StoreError> {
