@@ -1335,16 +1335,17 @@ async fn send_email_is_a_task_for_clients_that_take_tasks() {
     );
 
     // Answered as before: wait: false, a dry run, and a refusal.
-    match send_once(d.peer(), msg("no wait", json!({"wait": false}))).await {
+    let no_wait = match send_once(d.peer(), msg("no wait", json!({"wait": false}))).await {
         CallToolResponse::Complete(r) => {
             let s = r.structured_content.unwrap();
             assert!(
                 matches!(s["status"].as_str(), Some("queued" | "sent")),
                 "{s}"
             );
+            s["message_id"].as_str().unwrap().to_string()
         }
         other => panic!("wait: false answers at once: {other:?}"),
-    }
+    };
     match send_once(d.peer(), msg("dry", json!({"dry_run": true}))).await {
         CallToolResponse::Complete(r) => {
             assert_eq!(r.structured_content.unwrap()["status"], "dry_run")
@@ -1362,6 +1363,11 @@ async fn send_email_is_a_task_for_clients_that_take_tasks() {
     }
 
     // The task is the stored message: it is still there after a restart.
+    // (The kill waits for the message without a wait to be delivered: one
+    // killed between its commit mark and its final "." would be `unknown`
+    // and never at the sink.)
+    let s = settled(d.peer(), &no_wait, LIMIT).await;
+    assert_eq!(s["status"], "sent", "{s}");
     d.kill9().await;
     let d = Daemon::start_as(dir.path(), &cfg, tasks_client()).await;
     let again = get_task(d.peer(), &id).await;
