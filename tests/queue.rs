@@ -191,6 +191,16 @@ async fn settled(peer: &Peer<RoleClient>, id: &str, limit: Duration) -> Value {
     }
 }
 
+/// The states a message's status lists in its history, oldest first.
+fn history_of(s: &Value) -> Vec<&str> {
+    s["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["status"].as_str().unwrap())
+        .collect()
+}
+
 fn subject_of(r: &Received) -> Option<String> {
     let text = String::from_utf8_lossy(&r.data);
     text.lines()
@@ -275,13 +285,7 @@ async fn kill_after_the_final_dot_is_unknown_and_never_resent() {
     let d = Daemon::start(dir.path(), &cfg).await;
     let s = status_of(d.peer(), &id).await;
     assert_eq!(s["status"], "unknown", "{s}");
-    let history: Vec<&str> = s["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| h["status"].as_str().unwrap())
-        .collect();
-    assert_eq!(history, ["queued", "sending", "unknown"], "{s}");
+    assert_eq!(history_of(&s), ["queued", "sending", "unknown"], "{s}");
     // Give a wrongful resend every chance to happen.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(smtp.received().len(), 1, "never sent again");
@@ -342,13 +346,7 @@ async fn a_waiting_call_is_stored_when_its_message_commits() {
     let d = Daemon::start(dir.path(), &cfg).await;
     let s = status_of(d.peer(), &ids[0]).await;
     assert_eq!(s["status"], "unknown", "{s}");
-    let history: Vec<&str> = s["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| h["status"].as_str().unwrap())
-        .collect();
-    assert_eq!(history, ["queued", "sending", "unknown"], "{s}");
+    assert_eq!(history_of(&s), ["queued", "sending", "unknown"], "{s}");
     // Give a wrongful send every chance to happen.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let subjects: Vec<String> = smtp.received().iter().filter_map(subject_of).collect();
