@@ -587,6 +587,16 @@ impl Filter {
     }
 }
 
+/// [`Store::accept_marked`] as two writes: the accept, then the mark.
+pub(crate) async fn accept_then_mark<S: Store + ?Sized>(
+    store: &S,
+    m: NewMessage,
+) -> Result<(), StoreError> {
+    let id = m.message_id.clone();
+    store.accept(m).await?;
+    store.mark(&id).await
+}
+
 /// A queue backend. Every write is durable when it returns `Ok` (for a
 /// durable store); the writes of concurrent callers may share one commit.
 #[async_trait::async_trait]
@@ -619,9 +629,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// where the store can. A caller that waits for the outcome is told
     /// nothing before this, so its message is stored here, not earlier.
     async fn accept_marked(&self, m: NewMessage) -> Result<(), StoreError> {
-        let id = m.message_id.clone();
-        self.accept(m).await?;
-        self.mark(&id).await
+        accept_then_mark(self, m).await
     }
     /// Stores a new message without an idempotency key together with the
     /// outcome of its first round, which never reached [`Store::mark`]:

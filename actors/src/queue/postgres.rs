@@ -1096,11 +1096,10 @@ impl Store for PgStore {
     /// One row through the accepts writer, leased to this daemon and
     /// marked: no mark statement follows.
     async fn accept_marked(&self, m: NewMessage) -> Result<(), StoreError> {
-        let id = m.message_id.clone();
         if m.idempotency.is_some() || !self.claims {
-            self.accept(m).await?;
-            return self.mark(&id).await;
+            return super::accept_then_mark(self, m).await;
         }
+        let id = m.message_id.clone();
         let (reply, answer) = oneshot::channel();
         self.accepts
             .send(AcceptOp {

@@ -546,12 +546,8 @@ fn accept_all(c: &Connection, ms: &[NewMessage], now: Millis) -> rusqlite::Resul
             }
         }
     }
-    let mut count = c.prepare_cached(
-        "INSERT INTO counts (state, n) VALUES (?1, ?2)
-         ON CONFLICT (state) DO UPDATE SET n = n + excluded.n",
-    )?;
     for (state, n) in added {
-        count.execute(params![state.as_str(), n])?;
+        add_count(c, state, n)?;
     }
     Ok(out)
 }
@@ -575,12 +571,27 @@ fn accept(c: &Connection, m: &NewMessage, now: Millis) -> rusqlite::Result<Accep
         .execute(params![key, m.message_id, &hash[..], now])?;
     }
     let state = m.initial_state(now);
+    insert(c, m, state, false, &entry(state, now), m.queued_at)?;
+    Ok(Accepted::Stored(state))
+}
+
+/// Inserts the row of `m` in `state`, with `history` and `updated_at`;
+/// `committing` stores it already marked.
+fn insert(
+    c: &Connection,
+    m: &NewMessage,
+    state: State,
+    committing: bool,
+    history: &str,
+    updated_at: Millis,
+) -> rusqlite::Result<()> {
     let next = m.hold.as_ref().map_or(m.due_at, |h| h.until);
     c.prepare_cached(
         "INSERT INTO messages (message_id, state, mail_from, rcpt, size, body, prefer, idem_key,
                                queued_at, due_at, next_attempt_at, updated_at, history,
-                               caller, meta, held_hash, relays, batch)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?12, ?9, ?11, ?13, ?14, ?15, ?16, ?17)",
+                               caller, meta, held_hash, relays, batch, committing)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?12, ?18, ?11, ?13, ?14, ?15, ?16, ?17,
+                 ?19)",
     )?
     .execute(params![
         m.message_id,
@@ -593,15 +604,27 @@ fn accept(c: &Connection, m: &NewMessage, now: Millis) -> rusqlite::Result<Accep
         m.idempotency.as_ref().map(|(k, _)| k),
         m.queued_at,
         m.due_at,
-        entry(state, now),
+        history,
         next,
         m.caller,
         m.meta,
         m.hold.as_ref().map(|h| &h.hash[..]),
         m.only.as_ref().map(|o| o.join("\n")),
         m.batch,
+        updated_at,
+        committing,
     ])?;
-    Ok(Accepted::Stored(state))
+    Ok(())
+}
+
+/// Adds `n` messages to the count of `state`.
+fn add_count(c: &Connection, state: State, n: i64) -> rusqlite::Result<()> {
+    c.prepare_cached(
+        "INSERT INTO counts (state, n) VALUES (?1, ?2)
+         ON CONFLICT (state) DO UPDATE SET n = n + excluded.n",
+    )?
+    .execute(params![state.as_str(), n])?;
+    Ok(())
 }
 
 /// Stores a new message (without a key) already committing to a relay:
@@ -612,34 +635,8 @@ fn accept_committing(c: &Connection, m: &NewMessage, now: Millis) -> rusqlite::R
         entry(State::Queued, m.queued_at),
         entry(State::Sending, now)
     );
-    c.prepare_cached(
-        "INSERT INTO messages (message_id, state, committing, mail_from, rcpt, size, body, prefer,
-                               queued_at, due_at, next_attempt_at, updated_at, history,
-                               caller, meta, relays, batch)
-         VALUES (?1, 'sending', 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-    )?
-    .execute(params![
-        m.message_id,
-        m.from,
-        m.to.join("\n"),
-        m.bytes.len() as i64,
-        &m.bytes[..],
-        m.prefer,
-        m.queued_at,
-        m.due_at,
-        now,
-        history,
-        m.caller,
-        m.meta,
-        m.only.as_ref().map(|o| o.join("\n")),
-        m.batch,
-    ])?;
-    c.prepare_cached(
-        "INSERT INTO counts (state, n) VALUES ('sending', 1)
-         ON CONFLICT (state) DO UPDATE SET n = n + 1",
-    )?
-    .execute([])?;
-    Ok(())
+    insert(c, m, State::Sending, true, &history, now)?;
+    add_count(c, State::Sending, 1)
 }
 
 fn settle(c: &Connection, id: &str, s: &Settle, now: Millis) -> rusqlite::Result<()> {
