@@ -788,7 +788,8 @@ async fn postgres_pending_copies_of_a_stopped_daemon_are_taken_over_once() {
 /// Every statement of the store finds its rows of `mailmux_messages`
 /// through an index, even on a new database, whose table is small enough
 /// that PostgreSQL would rather scan it, and would then keep the plans it
-/// cached as the table grows. auto_explain logs the plan of each statement.
+/// cached as the table grows; and none is compiled by JIT. auto_explain
+/// logs the plan of each statement.
 #[tokio::test]
 async fn postgres_statements_never_scan_the_messages_table() {
     let server = Postgres::start_configured(
@@ -811,6 +812,10 @@ async fn postgres_statements_never_scan_the_messages_table() {
         .filter(|l| l.contains("Seq Scan on mailmux_messages"))
         .collect();
     assert!(scans.is_empty(), "{} sequential scans: {log}", scans.len());
+    // Nor is any compiled to machine code first (JIT): a scan that remains
+    // of a small table is priced out too, past `jit_above_cost`.
+    let compiled = log.lines().filter(|l| l.contains("JIT:")).count();
+    assert_eq!(compiled, 0, "statements compiled by JIT: {log}");
 }
 
 /// Two daemons on one database: one idempotency key stores one message
