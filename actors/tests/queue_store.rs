@@ -716,24 +716,147 @@ fn pg(url: &str, node: &str) -> PgSettings {
     }
 }
 
+/// The store's counts per state against a count of the table itself: the
+/// PostgreSQL store keeps its finished messages' counts in a table of
+/// their own, which every statement that finishes, queues again or purges
+/// a message must keep exact.
+async fn assert_counts_exact(server: &Postgres, url: &str, store: &dyn Store) {
+    let db = url.rsplit('/').next().unwrap();
+    let table = server.psql(
+        db,
+        "SELECT COALESCE(string_agg(state || '=' || n, ',' ORDER BY state), '')
+           FROM (SELECT state, COUNT(*) AS n FROM mailmux_messages GROUP BY state) c",
+    );
+    let mut kept: Vec<String> = store
+        .stats()
+        .await
+        .unwrap()
+        .counts
+        .iter()
+        .map(|(s, n)| format!("{}={n}", s.as_str()))
+        .collect();
+    kept.sort();
+    assert_eq!(
+        kept.join(","),
+        table,
+        "the store's counts against the table"
+    );
+}
+
 #[tokio::test]
 async fn postgres_conforms() {
     let server = Postgres::start();
-    let store = PgStore::open(&pg(&server.database(), "n1")).await.unwrap();
+    let url = server.database();
+    let store = PgStore::open(&pg(&url, "n1")).await.unwrap();
     assert!(store.durable());
     assert_eq!(store.kind(), "postgres");
     conformance(&store).await;
-    approvals(&PgStore::open(&pg(&server.database(), "n1")).await.unwrap()).await;
-    retries(&PgStore::open(&pg(&server.database(), "n1")).await.unwrap()).await;
-    purges_in_chunks(&PgStore::open(&pg(&server.database(), "n1")).await.unwrap()).await;
-    copies(&PgStore::open(&pg(&server.database(), "n1")).await.unwrap()).await;
+    assert_counts_exact(&server, &url, &store).await;
+    macro_rules! on_a_new_database {
+        ($suite:ident) => {
+            let url = server.database();
+            let store = PgStore::open(&pg(&url, "n1")).await.unwrap();
+            $suite(&store).await;
+            assert_counts_exact(&server, &url, &store).await;
+        };
+    }
+    on_a_new_database!(approvals);
+    on_a_new_database!(retries);
+    on_a_new_database!(purges_in_chunks);
+    on_a_new_database!(copies);
 }
 
 #[tokio::test]
 async fn postgres_counts_batches() {
     let server = Postgres::start();
-    batch_counts(&PgStore::open(&pg(&server.database(), "n1")).await.unwrap()).await;
-    first_rounds(&PgStore::open(&pg(&server.database(), "n2")).await.unwrap()).await;
+    let url = server.database();
+    let store = PgStore::open(&pg(&url, "n1")).await.unwrap();
+    batch_counts(&store).await;
+    assert_counts_exact(&server, &url, &store).await;
+    let url = server.database();
+    let store = PgStore::open(&pg(&url, "n2")).await.unwrap();
+    first_rounds(&store).await;
+    assert_counts_exact(&server, &url, &store).await;
+}
+
+/// The counts of finished messages: kept per daemon, so that daemons never
+/// wait for each other's; those of daemons that stopped are folded into
+/// one row by the next purge, and the sums stay exact throughout. A
+/// database of the schema before the counts gets them from its messages
+/// when it is migrated.
+#[tokio::test]
+async fn postgres_counts_survive_daemons_purges_and_migration() {
+    let server = Postgres::start();
+    let url = server.database();
+    let db = url.rsplit('/').next().unwrap().to_owned();
+    let a = PgStore::open(&pg(&url, "a")).await.unwrap();
+    let b = PgStore::open(&pg(&url, "b")).await.unwrap();
+    for (store, prefix) in [(&a, "a"), (&b, "b")] {
+        for i in 0..6 {
+            let id = format!("{prefix}{i}");
+            store.accept(message(&id, None)).await.unwrap();
+            store.mark(&id).await.unwrap();
+            let state = [State::Sent, State::Failed, State::Unknown][i % 3];
+            store.settle(&id, settle(state, None)).await.unwrap();
+        }
+        assert_counts_exact(&server, &url, store).await;
+    }
+    // A settle written again (an answer lost after its commit) finds the
+    // message finished and changes nothing.
+    assert!(matches!(
+        a.settle("a0", settle(State::Sent, None)).await,
+        Err(StoreError::Fenced(_))
+    ));
+    assert_counts_exact(&server, &url, &a).await;
+    let rows = |server: &Postgres| {
+        server.psql(
+            &db,
+            "SELECT string_agg(DISTINCT node, ',' ORDER BY node) FROM mailmux_counts",
+        )
+    };
+    assert_eq!(
+        rows(&server),
+        "a,b",
+        "each daemon counts in rows of its own"
+    );
+    // b stops for good; a's next purge (which removes a's oldest sent
+    // message) folds b's rows into node ''.
+    drop(b);
+    server.psql(&db, "UPDATE mailmux_nodes SET seen_at = 0 WHERE node = 'b'");
+    let purged = a.purge(now_millis() + 1, 0, 1).await.unwrap();
+    assert_eq!(purged.messages, 1);
+    assert_eq!(rows(&server), ",a");
+    assert_counts_exact(&server, &url, &a).await;
+    // Queued again by an operator: no longer finished.
+    assert_eq!(a.retry("b1", true).await.unwrap(), Retry::Queued);
+    assert_counts_exact(&server, &url, &a).await;
+
+    // The schema before the counts, migrated again: the counts are made
+    // from the table.
+    drop(a);
+    let version = mailmux_actors::queue::postgres::SCHEMA_VERSION;
+    server.psql(
+        &db,
+        &format!("DROP TABLE mailmux_counts; DELETE FROM mailmux_schema WHERE version = {version}"),
+    );
+    let c = PgStore::open(&pg(&url, "c")).await.unwrap();
+    assert_eq!(rows(&server), "");
+    assert_counts_exact(&server, &url, &c).await;
+
+    // A daemon of the version before finishes a message after the
+    // migration, without counting it; `mailmux queue migrate` counts anew.
+    server.psql(
+        &db,
+        "UPDATE mailmux_messages SET state = 'sent', finished_at = 1 WHERE message_id = 'b1'",
+    );
+    let stats = c.stats().await.unwrap();
+    assert!(
+        stats.counts.contains(&(State::Sent, 3)),
+        "{:?}",
+        stats.counts
+    );
+    PgStore::migrate_only(&pg(&url, "c")).await.unwrap();
+    assert_counts_exact(&server, &url, &c).await;
 }
 
 /// A Sent copy left pending is made by its own daemon after a restart
@@ -923,6 +1046,7 @@ async fn postgres_fences_the_writes_of_a_lease_taken_over() {
         .unwrap();
     let r = a.get("before-mark").await.unwrap().unwrap();
     assert_eq!((r.state, r.node.as_deref()), (State::Sent, Some("b")));
+    assert_counts_exact(&server, &url, &a).await;
 }
 
 /// Migrations: two daemons starting at once on an empty database migrate it

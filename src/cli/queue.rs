@@ -40,8 +40,9 @@ pub enum QueueCommand {
     Purge(PurgeArgs),
     /// Messages per state, the oldest queued, the next retry.
     Stats,
-    /// Apply the PostgreSQL store's schema migrations, then exit (for
-    /// operators who migrate before starting the daemons).
+    /// Apply the PostgreSQL store's schema migrations and count the finished
+    /// messages anew, then exit (for operators who migrate before starting
+    /// the daemons, or after upgrading them all).
     Migrate,
 }
 

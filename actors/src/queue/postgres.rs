@@ -122,6 +122,24 @@ CREATE INDEX mailmux_messages_copy_pending ON mailmux_messages (seq)
 -- that daemon only a lease later, whatever its snapshot of the daemons.
 ALTER TABLE mailmux_messages ADD COLUMN copy_claimed_at BIGINT;
 "#,
+    r#"
+-- The finished messages (finished_at set) per state, so that the queue's
+-- counts do not walk a table of millions. Each daemon adds to rows of its
+-- own (`part` 1: its settles writer; 0: every other statement), in the
+-- statement that finishes, queues again or purges a message, so that
+-- daemons never wait for each other here. The purge folds the rows of
+-- daemons that stopped into the row of node ''.
+CREATE TABLE mailmux_counts (
+    node TEXT NOT NULL,
+    part SMALLINT NOT NULL,
+    state TEXT NOT NULL,
+    n BIGINT NOT NULL,
+    PRIMARY KEY (node, part, state)
+);
+INSERT INTO mailmux_counts (node, part, state, n)
+    SELECT '', 0, state, COUNT(*) FROM mailmux_messages
+     WHERE finished_at IS NOT NULL GROUP BY state;
+"#,
 ];
 
 /// The schema version this build writes.
@@ -139,13 +157,36 @@ macro_rules! db_now {
     };
 }
 
+/// A CTE (`counted`) that adds the finished rows among `$rows` (a CTE
+/// returning `state` and `finished_at`), per state, to the counts of node
+/// `$node` and part `$part` (SQL expressions); `$sign` is "" or "-".
+macro_rules! count_finished {
+    ($rows:literal, $node:literal, $part:literal, $sign:literal) => {
+        concat!(
+            "counted AS (
+                INSERT INTO mailmux_counts (node, part, state, n)
+                SELECT ",
+            $node,
+            ", ",
+            $part,
+            ", state, ",
+            $sign,
+            "COUNT(*) FROM ",
+            $rows,
+            " WHERE finished_at IS NOT NULL GROUP BY state
+                ON CONFLICT (node, part, state) DO UPDATE SET n = mailmux_counts.n + EXCLUDED.n)"
+        )
+    };
+}
+
 /// The crash rule applied to the messages in `sending` that `$cond`
 /// selects: with the commit mark, `unknown`; without it, `queued`. The
-/// epoch grows, so the old holder's late writes are fenced.
+/// epoch grows, so the old holder's late writes are fenced. `$2` is this
+/// daemon's node id, whose counts the messages made `unknown` join.
 macro_rules! take_over_sql {
     ($cond:expr) => {
         concat!(
-            "UPDATE mailmux_messages SET
+            "WITH t AS (UPDATE mailmux_messages SET
                 state = CASE WHEN committing THEN 'unknown' ELSE 'queued' END,
                 finished_at = CASE WHEN committing THEN $1 ELSE NULL END,
                 next_attempt_at = CASE WHEN committing THEN NULL ELSE $1 END,
@@ -159,7 +200,9 @@ macro_rules! take_over_sql {
                 lease_epoch = lease_epoch + 1
               WHERE state = 'sending' AND ",
             $cond,
-            " RETURNING message_id, state = 'unknown'"
+            " RETURNING message_id, state, finished_at), ",
+            count_finished!("t", "$2", "0", ""),
+            " SELECT message_id, state = 'unknown' FROM t"
         )
     };
 }
@@ -549,7 +592,7 @@ async fn settle_loop(pool: PgPool, node: String, mut rx: mpsc::UnboundedReceiver
                 a_ms.push(a.duration_ms as i64);
             }
         }
-        let done: Result<Vec<String>, sqlx::Error> = sqlx::query_scalar(
+        let done: Result<Vec<String>, sqlx::Error> = sqlx::query_scalar(concat!(
             "WITH l AS (
                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[],
                     $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::bigint[],
@@ -568,7 +611,11 @@ async fn settle_loop(pool: PgPool, node: String, mut rx: mpsc::UnboundedReceiver
                     history = m.history || CASE WHEN m.history = '' THEN '' ELSE ';' END || l.entry
                   FROM l
                  WHERE m.message_id = l.id AND m.lease_epoch = l.epoch AND m.node = $14
-                RETURNING m.seq, m.message_id),
+                   AND m.finished_at IS NULL
+                RETURNING m.seq, m.message_id, m.state, m.finished_at),
+             ",
+            count_finished!("u", "$14", "1", ""),
+            ",
              a AS (
                 INSERT INTO mailmux_attempts (seq, at, relay, class, code, text, duration_ms)
                 SELECT u.seq, t.at, t.relay, t.class, t.code, t.text, t.ms
@@ -577,8 +624,8 @@ async fn settle_loop(pool: PgPool, node: String, mut rx: mpsc::UnboundedReceiver
                        WITH ORDINALITY AS t(id, at, relay, class, code, text, ms, ord)
                   JOIN u ON u.message_id = t.id
                  ORDER BY t.ord)
-             SELECT message_id FROM u",
-        )
+             SELECT message_id FROM u"
+        ))
         .bind(&ids)
         .bind(&epochs)
         .bind(&states)
@@ -615,6 +662,68 @@ fn lease_lost(id: &str) -> StoreError {
     StoreError::Fenced(format!(
         "message {id}: this daemon's lease on it ended; another daemon holds it now"
     ))
+}
+
+/// Adds `delta` to this daemon's count of finished messages in `state`,
+/// in the transaction that finishes (or queues again) one.
+async fn add_count(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    node: &str,
+    state: State,
+    delta: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO mailmux_counts (node, part, state, n) VALUES ($1, 0, $2, $3)
+         ON CONFLICT (node, part, state) DO UPDATE SET n = mailmux_counts.n + EXCLUDED.n",
+    )
+    .bind(node)
+    .bind(state.as_str())
+    .bind(delta)
+    .execute(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    Ok(())
+}
+
+/// The advisory lock key of folding the counts ("mmcounts" in ASCII).
+const FOLD_LOCK: i64 = 0x6d6d_636f_756e_7473;
+
+/// Folds the counts of daemons not seen within a lease (stopped, or the
+/// queue command's) into node '', so that the counts table stays as small
+/// as the set of running daemons. One daemon folds at a time; a daemon
+/// seen again starts new rows of its own, so the sums stay exact.
+async fn fold_counts(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    node: &str,
+    lease_ms: i64,
+) -> Result<(), StoreError> {
+    let mine: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+        .bind(FOLD_LOCK)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(unavailable)?;
+    if !mine {
+        return Ok(());
+    }
+    sqlx::query(concat!(
+        "WITH f AS (
+            DELETE FROM mailmux_counts c
+             WHERE c.node <> '' AND c.node <> $1
+               AND NOT EXISTS (SELECT 1 FROM mailmux_nodes n
+                                WHERE n.node = c.node AND n.seen_at >= ",
+        db_now!(),
+        " - $2)
+            RETURNING state, n)
+         INSERT INTO mailmux_counts (node, part, state, n)
+         SELECT '', 0, state, SUM(n)::bigint FROM f GROUP BY state
+         ON CONFLICT (node, part, state) DO UPDATE SET n = mailmux_counts.n + EXCLUDED.n"
+    ))
+    .bind(node)
+    .bind(lease_ms)
+    .execute(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    Ok(())
 }
 
 impl PgStore {
@@ -686,10 +795,12 @@ impl PgStore {
         }
     }
 
-    /// Applies the migrations this build knows (`mailmux queue migrate`).
+    /// Applies the migrations this build knows, then counts the finished
+    /// messages anew (`mailmux queue migrate`).
     pub async fn migrate_only(s: &PgSettings) -> Result<i64, StoreError> {
         let pool = connect(s).await?;
         let v = migrate(&pool, s, true).await?;
+        recount(&pool).await?;
         pool.close().await;
         Ok(v)
     }
@@ -732,6 +843,7 @@ impl PgStore {
         } else {
             sqlx::query_as(take_over_sql!(concat!("lease_until < ", db_now!())))
                 .bind(now)
+                .bind(&self.node)
                 .fetch_all(&self.pool)
                 .await
         }
@@ -762,8 +874,8 @@ async fn connect(s: &PgSettings) -> Result<PgPool, StoreError> {
     // it grows, until the next ANALYZE: so sequential scans are priced out
     // (they remain where no index applies).
     //
-    // Priced out, a scan that remains (of the small tables of the daemons
-    // and the schema version) costs more than `jit_above_cost`, and PostgreSQL would
+    // Priced out, a scan that remains (of the small tables of the daemons,
+    // the schema version and the counts) costs more than `jit_above_cost`, and PostgreSQL would
     // compile every such statement to machine code first: 280 ms for a
     // heartbeat that otherwise takes 3. The store's statements are short;
     // none gains from JIT.
@@ -821,6 +933,28 @@ async fn migrate(pool: &PgPool, s: &PgSettings, apply: bool) -> Result<i64, Stor
     }
     tx.commit().await.map_err(named)?;
     Ok(SCHEMA_VERSION)
+}
+
+/// Counts the finished messages per state from the table: after a rolling
+/// upgrade, the messages that a daemon of an older version finished after
+/// the migration are counted too. The lock holds back every statement that
+/// writes the counts (they wait, for the time of one count of the table)
+/// and waits for those running, so the new counts are exact.
+async fn recount(pool: &PgPool) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await.map_err(unavailable)?;
+    for sql in [
+        "LOCK TABLE mailmux_counts IN SHARE ROW EXCLUSIVE MODE",
+        "DELETE FROM mailmux_counts",
+        "INSERT INTO mailmux_counts (node, part, state, n)
+         SELECT '', 0, state, COUNT(*) FROM mailmux_messages
+          WHERE finished_at IS NOT NULL GROUP BY state",
+    ] {
+        sqlx::query(sql)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+    }
+    tx.commit().await.map_err(unavailable)
 }
 
 /// Records this daemon as alive now; returns how many daemons were seen
@@ -1201,7 +1335,10 @@ impl Store for PgStore {
             history!("4"),
             " FROM cur WHERE m.seq = cur.seq AND cur.free
                     AND cur.state IN ('queued', 'scheduled', 'held')
-                RETURNING m.seq)
+                RETURNING m.seq, m.state, m.finished_at),
+             ",
+            count_finished!("u", "$3", "0", ""),
+            "
              SELECT cur.state, EXISTS (SELECT 1 FROM u) FROM cur"
         ))
         .bind(message_id)
@@ -1264,20 +1401,30 @@ impl Store for PgStore {
         .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
+        if finished.is_some() {
+            add_count(&mut tx, &self.node, next, 1).await?;
+        }
         tx.commit().await.map_err(unavailable)?;
         Ok(rows::decided(next))
     }
 
     async fn expire_held(&self, now: Millis) -> Result<Vec<String>, StoreError> {
         sqlx::query_scalar(concat!(
-            "UPDATE mailmux_messages SET state = 'expired', updated_at = $1, finished_at = $1,
+            "WITH e AS (
+                UPDATE mailmux_messages SET state = 'expired', updated_at = $1, finished_at = $1,
                     body = NULL, next_attempt_at = NULL, reason = 'approval_expired',
                     note = 'nobody approved it before its approval deadline', ",
             history!("2"),
-            " WHERE state = 'held' AND next_attempt_at <= $1 RETURNING message_id"
+            " WHERE state = 'held' AND next_attempt_at <= $1
+                RETURNING message_id, state, finished_at),
+             ",
+            count_finished!("e", "$3", "0", ""),
+            "
+             SELECT message_id FROM e"
         ))
         .bind(now)
         .bind(entry(State::Expired, now))
+        .bind(&self.node)
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)
@@ -1286,15 +1433,15 @@ impl Store for PgStore {
     async fn retry(&self, message_id: &str, force: bool) -> Result<Retry, StoreError> {
         let now = now_millis();
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        let row: Option<(i64, String, Option<String>, bool)> = sqlx::query_as(
-            "SELECT seq, state, reason, body IS NOT NULL FROM mailmux_messages
-              WHERE message_id = $1 FOR UPDATE",
+        let row: Option<(i64, String, Option<String>, bool, bool)> = sqlx::query_as(
+            "SELECT seq, state, reason, body IS NOT NULL, finished_at IS NOT NULL
+               FROM mailmux_messages WHERE message_id = $1 FOR UPDATE",
         )
         .bind(message_id)
         .fetch_optional(&mut *tx)
         .await
         .map_err(unavailable)?;
-        let Some((seq, state, reason, has_body)) = row else {
+        let Some((seq, state, reason, has_body, finished)) = row else {
             return Ok(Retry::NotFound);
         };
         let state = rows::state(&state);
@@ -1318,6 +1465,9 @@ impl Store for PgStore {
         .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
+        if finished {
+            add_count(&mut tx, &self.node, state, -1).await?;
+        }
         tx.commit().await.map_err(unavailable)?;
         Ok(Retry::Queued)
     }
@@ -1474,11 +1624,22 @@ impl Store for PgStore {
     }
 
     async fn stats(&self) -> Result<Stats, StoreError> {
-        let counts: Vec<(String, i64)> =
-            sqlx::query_as("SELECT state, COUNT(*) FROM mailmux_messages GROUP BY state")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(unavailable)?;
+        // The finished messages from the kept counts; those still on their
+        // way (few, next to a retention's worth of finished ones) through
+        // the state index.
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT state, SUM(n)::bigint FROM mailmux_counts GROUP BY state
+             UNION ALL
+             SELECT state, COUNT(*) FROM mailmux_messages
+              WHERE state IN ('scheduled', 'queued', 'sending', 'held') GROUP BY state",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let mut counts: HashMap<String, i64> = HashMap::new();
+        for (state, n) in rows {
+            *counts.entry(state).or_default() += n;
+        }
         let (oldest_queued_at, next_retry_at, copies_pending): (Option<i64>, Option<i64>, i64) =
             sqlx::query_as(
                 "SELECT (SELECT MIN(queued_at) FROM mailmux_messages WHERE state = 'queued'),
@@ -1568,18 +1729,27 @@ impl Store for PgStore {
         let limit = limit as i64;
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
         // `gone` is evaluated once, so both deletes take the same messages.
-        let messages = sqlx::query(
+        // Another daemon's purge may take the same messages at once: each
+        // counts only the rows its own delete removed.
+        let messages: i64 = sqlx::query_scalar(concat!(
             "WITH gone AS (SELECT seq FROM mailmux_messages WHERE finished_at < $1
                            ORDER BY finished_at LIMIT $2),
-                  attempts AS (DELETE FROM mailmux_attempts WHERE seq IN (SELECT seq FROM gone))
-             DELETE FROM mailmux_messages WHERE seq IN (SELECT seq FROM gone)",
-        )
+                  attempts AS (DELETE FROM mailmux_attempts WHERE seq IN (SELECT seq FROM gone)),
+                  d AS (DELETE FROM mailmux_messages WHERE seq IN (SELECT seq FROM gone)
+                        RETURNING state, finished_at),
+                  ",
+            count_finished!("d", "$3", "0", "-"),
+            "
+             SELECT COUNT(*) FROM d"
+        ))
         .bind(finished_before)
         .bind(limit)
-        .execute(&mut *tx)
+        .bind(&self.node)
+        .fetch_one(&mut *tx)
         .await
-        .map_err(unavailable)?
-        .rows_affected();
+        .map_err(unavailable)?;
+        let messages = messages as u64;
+        fold_counts(&mut tx, &self.node, self.lease_ms).await?;
         let keys = sqlx::query(
             "DELETE FROM mailmux_idempotency WHERE key IN
                 (SELECT key FROM mailmux_idempotency WHERE created_at < $1
