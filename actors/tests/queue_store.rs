@@ -941,6 +941,44 @@ async fn postgres_statements_never_scan_the_messages_table() {
     assert_eq!(compiled, 0, "statements compiled by JIT: {log}");
 }
 
+/// Each statement of the store is planned once per connection: left to
+/// choose (`plan_cache_mode = auto`), PostgreSQL plans a batched statement
+/// anew at every run whenever its arrays are small, which cost more than
+/// running it when several daemons share the calls.
+#[tokio::test]
+async fn postgres_plans_each_statement_once_per_connection() {
+    let server = Postgres::start_configured(
+        false,
+        "shared_preload_libraries = 'pg_stat_statements'\n\
+         pg_stat_statements.track_planning = on\n",
+    );
+    let url = server.database();
+    let db = url.rsplit('/').next().unwrap().to_owned();
+    server.psql(&db, "CREATE EXTENSION pg_stat_statements");
+    let settings = pg(&url, "n1");
+    let store = PgStore::open(&settings).await.unwrap();
+    for i in 0..40 {
+        let id = format!("m{i}");
+        store.accept(message(&id, None)).await.unwrap();
+        store.mark(&id).await.unwrap();
+        store.settle(&id, settle(State::Sent, None)).await.unwrap();
+    }
+    // The settles: one statement each, one message each.
+    let counted = server.psql(
+        &db,
+        "SELECT calls || ' ' || plans FROM pg_stat_statements
+          WHERE query LIKE '%INSERT INTO mailmux_attempts%'",
+    );
+    let (calls, plans) = counted.split_once(' ').expect(&counted);
+    assert_eq!(calls, "40");
+    let plans: u32 = plans.parse().unwrap();
+    assert!(
+        plans <= settings.pool,
+        "the settle was planned {plans} times over {} connections",
+        settings.pool
+    );
+}
+
 /// Two daemons on one database: one idempotency key stores one message
 /// across both; due messages are claimed by one daemon each, never both.
 #[tokio::test]

@@ -879,7 +879,17 @@ async fn connect(s: &PgSettings) -> Result<PgPool, StoreError> {
     // compile every such statement to machine code first: 280 ms for a
     // heartbeat that otherwise takes 3. The store's statements are short;
     // none gains from JIT.
-    let options = options.options([("enable_seqscan", "off"), ("jit", "off")]);
+    //
+    // Each statement is prepared once per connection and planned once
+    // (`force_generic_plan`): PostgreSQL would otherwise plan a batched
+    // statement anew at each run whenever a plan for the given array sizes
+    // looks cheaper than the generic one, as it does for the small batches
+    // of several daemons, and that planning cost more than the statement.
+    let options = options.options([
+        ("enable_seqscan", "off"),
+        ("jit", "off"),
+        ("plan_cache_mode", "force_generic_plan"),
+    ]);
     PgPoolOptions::new()
         .max_connections(s.pool.max(1))
         .acquire_timeout(Duration::from_secs(2))
