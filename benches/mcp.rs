@@ -886,7 +886,8 @@ fn main() -> anyhow::Result<()> {
         .then(|| {
             let pg = Postgres::start_configured(
                 true,
-                "shared_preload_libraries = 'pg_stat_statements'\npg_stat_statements.track = all",
+                "shared_preload_libraries = 'pg_stat_statements'\npg_stat_statements.track = all\n\
+                 pg_stat_statements.track_planning = on",
             );
             pg.psql(
                 "postgres",
@@ -992,12 +993,13 @@ fn main() -> anyhow::Result<()> {
     if let Some(pg) = &pg {
         // Where PostgreSQL's time went, over every postgres run.
         println!(
-            "\nPostgreSQL statements by total execution time (all postgres runs):\n\n| calls | total ms | mean µs | statement |\n|---|---|---|---|"
+            "\nPostgreSQL statements by total execution time (all postgres runs); plans: how many times a statement was planned, and the mean of each planning:\n\n| calls | total ms | mean µs | plans | mean plan µs | statement |\n|---|---|---|---|---|---|"
         );
         let top = pg.psql(
             "postgres",
             "SELECT calls || '|' || round(total_exec_time::numeric, 0) || '|' ||
                     round((1000 * mean_exec_time)::numeric, 0) || '|' ||
+                    plans || '|' || round((1000 * mean_plan_time)::numeric, 0) || '|' ||
                     left(regexp_replace(query, '\\s+', ' ', 'g'), 90)
                FROM pg_stat_statements WHERE dbid <> (SELECT oid FROM pg_database WHERE datname = 'postgres')
               ORDER BY total_exec_time DESC LIMIT 10",
