@@ -157,6 +157,13 @@ macro_rules! db_now {
     };
 }
 
+/// The end of an `INSERT INTO mailmux_counts`: a row that exists is added to.
+macro_rules! add_to_counts {
+    () => {
+        " ON CONFLICT (node, part, state) DO UPDATE SET n = mailmux_counts.n + EXCLUDED.n"
+    };
+}
+
 /// A CTE (`counted`) that adds the finished rows among `$rows` (a CTE
 /// returning `state` and `finished_at`), per state, to the counts of node
 /// `$node` and part `$part` (SQL expressions); `$sign` is "" or "-".
@@ -173,8 +180,9 @@ macro_rules! count_finished {
             $sign,
             "COUNT(*) FROM ",
             $rows,
-            " WHERE finished_at IS NOT NULL GROUP BY state
-                ON CONFLICT (node, part, state) DO UPDATE SET n = mailmux_counts.n + EXCLUDED.n)"
+            " WHERE finished_at IS NOT NULL GROUP BY state",
+            add_to_counts!(),
+            ")"
         )
     };
 }
@@ -672,10 +680,10 @@ async fn add_count(
     state: State,
     delta: i64,
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO mailmux_counts (node, part, state, n) VALUES ($1, 0, $2, $3)
-         ON CONFLICT (node, part, state) DO UPDATE SET n = mailmux_counts.n + EXCLUDED.n",
-    )
+    sqlx::query(concat!(
+        "INSERT INTO mailmux_counts (node, part, state, n) VALUES ($1, 0, $2, $3)",
+        add_to_counts!()
+    ))
     .bind(node)
     .bind(state.as_str())
     .bind(delta)
@@ -715,8 +723,8 @@ async fn fold_counts(
         " - $2)
             RETURNING state, n)
          INSERT INTO mailmux_counts (node, part, state, n)
-         SELECT '', 0, state, SUM(n)::bigint FROM f GROUP BY state
-         ON CONFLICT (node, part, state) DO UPDATE SET n = mailmux_counts.n + EXCLUDED.n"
+         SELECT '', 0, state, SUM(n)::bigint FROM f GROUP BY state",
+        add_to_counts!()
     ))
     .bind(node)
     .bind(lease_ms)
@@ -875,10 +883,10 @@ async fn connect(s: &PgSettings) -> Result<PgPool, StoreError> {
     // (they remain where no index applies).
     //
     // Priced out, a scan that remains (of the small tables of the daemons,
-    // the schema version and the counts) costs more than `jit_above_cost`, and PostgreSQL would
-    // compile every such statement to machine code first: 280 ms for a
-    // heartbeat that otherwise takes 3. The store's statements are short;
-    // none gains from JIT.
+    // the schema version and the counts) costs more than `jit_above_cost`,
+    // and PostgreSQL would compile every such statement to machine code
+    // first: 280 ms for a heartbeat that otherwise takes 3. The store's
+    // statements are short; none gains from JIT.
     //
     // Each statement is prepared once per connection and planned once
     // (`force_generic_plan`): PostgreSQL would otherwise plan a batched
