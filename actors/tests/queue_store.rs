@@ -1087,6 +1087,90 @@ async fn postgres_fences_the_writes_of_a_lease_taken_over() {
     assert_counts_exact(&server, &url, &a).await;
 }
 
+/// A settle whose statement committed but whose answer was lost (the
+/// connection to PostgreSQL broke in between) is tried again on a new
+/// connection. The second try must neither write the outcome twice (the
+/// history, the attempts, the rounds, the counts) nor report a lease lost:
+/// the row holds this daemon's own outcome.
+#[tokio::test]
+async fn postgres_settle_whose_answer_was_lost_is_written_once() {
+    let server = Postgres::start();
+    let url = server.database();
+    let db = url.rsplit('/').next().unwrap().to_owned();
+    let proxy = support::cut_proxy::CutProxy::start(support::loopback(server.port)).await;
+    let through = url.replace(
+        &format!(":{}/", server.port),
+        &format!(":{}/", proxy.port()),
+    );
+    // One connection, and a lease no renewal falls within: the only client
+    // bytes naming a message after it is marked are its settle's.
+    let settings = PgSettings {
+        pool: 1,
+        lease: Duration::from_secs(600),
+        ..pg(&through, "n")
+    };
+    let store = PgStore::open(&settings).await.unwrap();
+    let attempt = AttemptRecord {
+        at: now_millis(),
+        relay: "r".into(),
+        class: Some("transient".into()),
+        code: Some(451),
+        text: "try later".into(),
+        duration_ms: 3,
+    };
+    let with_attempt = |state, next| Settle {
+        attempts: vec![attempt.clone()],
+        ..settle(state, next)
+    };
+    // Warm the connection's prepared statements, so that the settle's
+    // execution is one exchange.
+    store.accept(message("warm", None)).await.unwrap();
+    store.mark("warm").await.unwrap();
+    store
+        .settle("warm", with_attempt(State::Sent, None))
+        .await
+        .unwrap();
+
+    let cases = [
+        ("lost-answer-sent", State::Sent, None, true),
+        (
+            "lost-answer-deferred",
+            State::Queued,
+            Some(now_millis() + 600_000),
+            false,
+        ),
+    ];
+    for (n, (id, state, next, marked)) in cases.into_iter().enumerate() {
+        store.accept(message(id, None)).await.unwrap();
+        if marked {
+            store.mark(id).await.unwrap();
+        }
+        proxy.arm(id.as_bytes());
+        store
+            .settle(id, with_attempt(state, next))
+            .await
+            .unwrap_or_else(|e| panic!("{id}: the settle committed, yet: {e}"));
+        assert_eq!(proxy.cut(), n + 1, "{id}: the answer was dropped");
+        let r = store.get(id).await.unwrap().unwrap();
+        let states: Vec<State> = r.history.iter().map(|(s, _)| *s).collect();
+        let expected: Vec<State> = if marked {
+            vec![State::Queued, State::Sending, state]
+        } else {
+            vec![State::Queued, state]
+        };
+        assert_eq!((r.state, states), (state, expected), "{id}");
+        let once = server.psql(
+            &db,
+            &format!(
+                "SELECT m.rounds || ',' || (SELECT COUNT(*) FROM mailmux_attempts a WHERE a.seq = m.seq)
+                   FROM mailmux_messages m WHERE message_id = '{id}'"
+            ),
+        );
+        assert_eq!(once, "1,1", "{id}: one round and one attempt");
+        assert_counts_exact(&server, &through, &store).await;
+    }
+}
+
 /// Migrations: two daemons starting at once on an empty database migrate it
 /// once; a schema newer than this build is refused.
 #[tokio::test]

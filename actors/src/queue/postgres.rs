@@ -619,7 +619,7 @@ async fn settle_loop(pool: PgPool, node: String, mut rx: mpsc::UnboundedReceiver
                     history = m.history || CASE WHEN m.history = '' THEN '' ELSE ';' END || l.entry
                   FROM l
                  WHERE m.message_id = l.id AND m.lease_epoch = l.epoch AND m.node = $14
-                   AND m.finished_at IS NULL
+                   AND m.lease_until IS NOT NULL AND m.finished_at IS NULL
                 RETURNING m.seq, m.message_id, m.state, m.finished_at),
              ",
             count_finished!("u", "$14", "1", ""),
@@ -1191,6 +1191,24 @@ impl PgStore {
         Ok(())
     }
 
+    /// Whether the message holds the outcome `state` written under this
+    /// daemon's lease of `epoch`: a settle that committed although its
+    /// answer was lost.
+    async fn settled_here(&self, id: &str, epoch: i64, state: State) -> Result<bool, StoreError> {
+        let row: Option<bool> = sqlx::query_scalar(
+            "SELECT state = $2 AND node = $3 AND lease_epoch = $4 AND lease_until IS NULL
+               FROM mailmux_messages WHERE message_id = $1",
+        )
+        .bind(id)
+        .bind(state.as_str())
+        .bind(&self.node)
+        .bind(epoch)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(row == Some(true))
+    }
+
     /// Remembers the leases of messages just stored as `queued`.
     fn note_claims(&self, ms: &[NewMessage], out: &[Accepted], now: Millis) {
         if !self.claims {
@@ -1318,16 +1336,37 @@ impl Store for PgStore {
     /// database is back. Past that, the lease is let go, and the crash rule
     /// decides (a message past its commit mark becomes `unknown`). A lease
     /// taken over meanwhile fences the write, whenever it comes.
+    ///
+    /// A failed try may have committed all the same (the connection broke
+    /// after the statement, before its answer). The settle changes only a
+    /// message whose lease is live, and it ends the lease, so a second try
+    /// of a committed settle is fenced; the fence is then checked against
+    /// the row, and a row that holds this outcome under this daemon's lease
+    /// is the first try's, not another daemon's.
     async fn settle(&self, message_id: &str, s: Settle) -> Result<(), StoreError> {
         let started = std::time::Instant::now();
         let budget = Duration::from_millis(3 * self.lease_ms as u64);
         let mut pause = Duration::from_millis(100);
+        let epoch = self.fence(message_id);
+        let mut ambiguous = false;
         loop {
             match self.settle_once(message_id, &s).await {
                 Err(StoreError::Unavailable(e)) if started.elapsed() + pause < budget => {
                     tracing::debug!(message_id, error = %e, "recording an outcome failed; trying again");
+                    ambiguous = true;
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                Err(StoreError::Fenced(e)) if ambiguous => {
+                    self.release(message_id);
+                    let Some(epoch) = epoch else {
+                        return Err(StoreError::Fenced(e));
+                    };
+                    return match self.settled_here(message_id, epoch, s.state).await {
+                        Ok(true) => Ok(()),
+                        Ok(false) => Err(StoreError::Fenced(e)),
+                        Err(e) => Err(e),
+                    };
                 }
                 Err(e) => {
                     self.release(message_id);

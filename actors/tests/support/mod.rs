@@ -1,6 +1,6 @@
 //! Test servers and helpers shared by every mailmux test binary: a scriptable
 //! fault-injecting SMTP server, Python's aiosmtpd and Postfix's smtp-sink, each on
-//! its own loopback port. Test-only code: it panics on setup failures so that a
+//! its own loopback port, and a TCP proxy that loses an answer. Test-only code: it panics on setup failures so that a
 //! broken fixture fails the test loudly; it never talks to anything but 127.0.0.1.
 //!
 //! Use it from `actors/tests/*.rs` with `mod support;` and from the root crate's
@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod aiosmtpd;
+pub mod cut_proxy;
 pub mod fault_smtp;
 pub mod postgres;
 pub mod smtp_sink;
