@@ -1171,6 +1171,104 @@ async fn postgres_settle_whose_answer_was_lost_is_written_once() {
     }
 }
 
+/// An accept whose write committed but whose answer was lost is tried
+/// again in the form that keeps the first try's rows: the message is
+/// stored once and the caller told so, on each path (the accepts writer's
+/// INSERT, a keyed accept's transaction, a batch's transaction). When the
+/// database cannot be reached again, the caller is told that the write is
+/// unconfirmed, not that nothing was stored; the stored message is then
+/// this daemon's to deliver.
+#[tokio::test]
+async fn postgres_accept_whose_answer_was_lost_is_stored_once() {
+    let server = Postgres::start();
+    let url = server.database();
+    let db = url.rsplit('/').next().unwrap().to_owned();
+    let proxy = support::cut_proxy::CutProxy::start(support::loopback(server.port)).await;
+    let through = url.replace(
+        &format!(":{}/", server.port),
+        &format!(":{}/", proxy.port()),
+    );
+    let settings = PgSettings {
+        pool: 1,
+        lease: Duration::from_secs(600),
+        ..pg(&through, "n")
+    };
+    let store = PgStore::open(&settings).await.unwrap();
+    let rows = |id: &str| {
+        server.psql(
+            &db,
+            &format!(
+                "SELECT COUNT(*) || ',' || (SELECT COUNT(*) FROM mailmux_idempotency WHERE message_id = '{id}')
+                   FROM mailmux_messages WHERE message_id = '{id}'"
+            ),
+        )
+    };
+
+    // The accepts writer's one INSERT: the cut follows the statement that
+    // names the message.
+    proxy.arm(b"lost-accept-plain");
+    assert_eq!(
+        store.accept(message("lost-accept-plain", None)).await,
+        Ok(Accepted::Stored(State::Queued))
+    );
+    assert_eq!(proxy.cut(), 1);
+    assert_eq!(rows("lost-accept-plain"), "1,0");
+
+    // A keyed accept: the answer to its COMMIT is lost.
+    proxy.arm(b"COMMIT");
+    assert_eq!(
+        store
+            .accept(message("lost-accept-keyed", Some(("lost-key", 7))))
+            .await,
+        Ok(Accepted::Stored(State::Queued))
+    );
+    assert_eq!(proxy.cut(), 2);
+    assert_eq!(rows("lost-accept-keyed"), "1,1");
+    // The key still answers for that message.
+    assert_eq!(
+        store
+            .accept(message("lost-accept-keyed-2", Some(("lost-key", 7))))
+            .await,
+        Ok(Accepted::Replay("lost-accept-keyed".into()))
+    );
+
+    // A batch: the same.
+    proxy.arm(b"COMMIT");
+    assert_eq!(
+        store
+            .accept_many(vec![
+                message("lost-batch-1", None),
+                message("lost-batch-2", Some(("lost-batch-key", 1))),
+            ])
+            .await,
+        Ok(vec![
+            Accepted::Stored(State::Queued),
+            Accepted::Stored(State::Queued)
+        ])
+    );
+    assert_eq!(proxy.cut(), 3);
+    assert_eq!(rows("lost-batch-1"), "1,0");
+    assert_eq!(rows("lost-batch-2"), "1,1");
+
+    // The database does not come back in time: unconfirmed, and in fact
+    // stored.
+    proxy.arm_then_refuse(b"lost-accept-unconfirmed");
+    let out = store.accept(message("lost-accept-unconfirmed", None)).await;
+    assert!(
+        matches!(out, Err(StoreError::Unconfirmed(_))),
+        "unconfirmed, not refused: {out:?}"
+    );
+    assert_eq!(proxy.cut(), 4);
+    proxy.allow();
+    assert_eq!(rows("lost-accept-unconfirmed"), "1,0");
+    let due = store.due(now_millis(), 100).await.unwrap();
+    assert!(
+        due.iter().any(|id| id == "lost-accept-unconfirmed"),
+        "this daemon claims it: {due:?}"
+    );
+    assert_counts_exact(&server, &through, &store).await;
+}
+
 /// Migrations: two daemons starting at once on an empty database migrate it
 /// once; a schema newer than this build is refused.
 #[tokio::test]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use std::time::{Duration, SystemTime};
 
-use mailmux_actors::queue::{Cancel, Filter, Hold, QueueError, Record, State, Submit};
+use mailmux_actors::queue::{Cancel, Filter, Hold, QueueError, Record, State, StoreError, Submit};
 use mailmux_actors::{ControlError, Mail};
 use rmcp::RoleServer;
 use rmcp::handler::server::tool::{ToolCallContext, schema_for_output};
@@ -69,11 +69,28 @@ fn control_error(e: ControlError) -> ToolError {
     }
 }
 
-fn queue_unavailable(e: &QueueError) -> ToolError {
-    ToolError::new(
-        "queue_unavailable",
-        format!("the queue store is unavailable, so the message was not accepted: {e}"),
-    )
+/// A send the queue did not take. When the store could not confirm the
+/// write (a shared store whose connection broke before its answer), the
+/// message may be stored and delivered: the caller is told so, with the
+/// Message-ID to look for, instead of "not accepted".
+fn queue_unavailable(e: &QueueError, message_id: Option<&str>) -> ToolError {
+    match e {
+        QueueError::Store(StoreError::Unconfirmed(_)) => ToolError::new(
+            "queue_unavailable",
+            match message_id {
+                Some(id) => format!(
+                    "{e}. The message may have been stored, and then it will be delivered: ask get_message_status for {id} before sending it again"
+                ),
+                None => format!(
+                    "{e}. These messages may have been stored, and then they will be delivered: look for them with list_messages before sending them again"
+                ),
+            },
+        ),
+        _ => ToolError::new(
+            "queue_unavailable",
+            format!("the queue store is unavailable, so the message was not accepted: {e}"),
+        ),
+    }
 }
 
 pub(super) fn queue_error(e: &QueueError) -> ToolError {
@@ -1377,7 +1394,7 @@ impl MailmuxServer {
                 Err(e) => {
                     let e = match e {
                         QueueError::ShuttingDown => ToolError::unavailable(),
-                        other => queue_unavailable(&other),
+                        other => queue_unavailable(&other, None),
                     };
                     for i in indexes {
                         results[i].error = Some(e.clone());
@@ -1438,6 +1455,7 @@ impl MailmuxServer {
             Prepared::Ready(ready) => *ready,
         };
         let span = tracing::Span::current();
+        let id = submit.mail.message_id.clone();
         let submitted = self.queue().submit(submit).await;
         let sub = match submitted {
             Ok(s) => s,
@@ -1454,7 +1472,7 @@ impl MailmuxServer {
                     )
                 });
             }
-            Err(e) => return failed(queue_unavailable(&e)),
+            Err(e) => return failed(queue_unavailable(&e, Some(&id))),
         };
         // A held message: ask the user when the client can be asked.
         let mut sub = sub;
@@ -1808,3 +1826,24 @@ impl ServerHandler for MailmuxServer {
 /// Messages `resources/list` shows: the most recent (the template reaches
 /// every other one).
 const RESOURCES_LISTED: usize = 100;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unconfirmed_write_is_never_reported_as_not_accepted() {
+        let unconfirmed = QueueError::Store(StoreError::Unconfirmed("connection reset".into()));
+        let e = queue_unavailable(&unconfirmed, Some("abc@mailmux.localhost"));
+        assert_eq!(e.code, "queue_unavailable");
+        assert!(!e.message.contains("not accepted"), "{}", e.message);
+        assert!(e.message.contains("may have been stored"), "{}", e.message);
+        assert!(e.message.contains("abc@mailmux.localhost"), "{}", e.message);
+        let batch = queue_unavailable(&unconfirmed, None);
+        assert!(!batch.message.contains("not accepted"), "{}", batch.message);
+
+        let down = QueueError::Store(StoreError::Unavailable("disk full".into()));
+        let e = queue_unavailable(&down, Some("abc@mailmux.localhost"));
+        assert!(e.message.contains("not accepted"), "{}", e.message);
+    }
+}

@@ -487,6 +487,13 @@ pub enum StoreError {
     /// The store cannot be opened or written (disk full, read-only, corrupt).
     #[error("the queue store is unavailable: {0}")]
     Unavailable(String),
+    /// The connection to a shared store broke after a write was sent and
+    /// before its answer, and the store could not be asked again: the
+    /// write may have been stored.
+    #[error(
+        "the queue store did not confirm the write, which may have been stored all the same: {0}"
+    )]
+    Unconfirmed(String),
     /// Another daemon's lease holds the message now: this daemon's lease
     /// ran out and its write was refused (a shared store only).
     #[error("{0}")]

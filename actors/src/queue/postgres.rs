@@ -467,8 +467,41 @@ async fn accept_loop(
                 false => entry(*s, now),
             })
             .collect();
-        let ms = batch.iter().map(|op| &op.m);
-        let done = sqlx::query(concat!(
+        let sql = |again| match again {
+            false => INSERT_ACCEPTS,
+            true => INSERT_ACCEPTS_AGAIN,
+        };
+        let done = confirm(|again| {
+            insert_accepts(
+                &pool,
+                sql(again),
+                now,
+                lease_ms,
+                node.as_deref(),
+                &batch,
+                &states,
+                &entries,
+            )
+        })
+        .await;
+        match done {
+            Ok(()) => {
+                for (op, state) in batch.into_iter().zip(states) {
+                    let _ = op.reply.send(Ok(state));
+                }
+            }
+            Err(e) => {
+                for op in batch {
+                    let _ = op.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+macro_rules! insert_accepts {
+    () => {
+        concat!(
             "INSERT INTO mailmux_messages (message_id, state, mail_from, rcpt, size, body,
                  prefer, queued_at, due_at, next_attempt_at, updated_at, history, caller, meta,
                  held_hash, relays, batch, node, lease_epoch, lease_until, committing)
@@ -484,7 +517,29 @@ async fn accept_loop(
                            $18::text[], $19::text[], $20::bool[])
                  AS l(id, state, mail_from, rcpt, size, body, prefer, queued_at, due_at,
                       next_at, entry, caller, meta, held_hash, relays, batch, node, committing)"
-        ))
+        )
+    };
+}
+/// The accepts writer's INSERT.
+const INSERT_ACCEPTS: &str = insert_accepts!();
+/// The same, tried again after an answer that did not come: the rows the
+/// first try stored are kept as they are.
+const INSERT_ACCEPTS_AGAIN: &str =
+    concat!(insert_accepts!(), " ON CONFLICT (message_id) DO NOTHING");
+
+#[allow(clippy::too_many_arguments)]
+async fn insert_accepts(
+    pool: &PgPool,
+    sql: &'static str,
+    now: Millis,
+    lease_ms: i64,
+    node: Option<&str>,
+    batch: &[AcceptOp],
+    states: &[State],
+    entries: &[String],
+) -> Result<(), sqlx::Error> {
+    let ms = batch.iter().map(|op| &op.m);
+    sqlx::query(sql)
         .bind(now)
         .bind(lease_ms)
         .bind(
@@ -505,7 +560,7 @@ async fn accept_loop(
                 .map(|m| m.hold.as_ref().map_or(m.due_at, |h| h.until))
                 .collect::<Vec<_>>(),
         )
-        .bind(&entries)
+        .bind(entries)
         .bind(ms.clone().map(|m| m.caller.as_deref()).collect::<Vec<_>>())
         .bind(ms.clone().map(|m| m.meta.as_deref()).collect::<Vec<_>>())
         .bind(
@@ -522,30 +577,62 @@ async fn accept_loop(
         .bind(
             states
                 .iter()
-                .map(|s| {
-                    node.as_deref()
-                        .filter(|_| matches!(s, State::Queued | State::Sending))
-                })
+                .map(|s| node.filter(|_| matches!(s, State::Queued | State::Sending)))
                 .collect::<Vec<_>>(),
         )
         .bind(batch.iter().map(|op| op.marked).collect::<Vec<_>>())
-        .execute(&pool)
-        .await;
-        match done {
-            Ok(_) => {
-                for (op, state) in batch.into_iter().zip(states) {
-                    let _ = op.reply.send(Ok(state));
-                }
-            }
-            Err(e) => {
-                let e = unavailable(e);
-                for op in batch {
-                    let _ = op.reply.send(Err(e.clone()));
-                }
-            }
+        .execute(pool)
+        .await
+        .map(|_| ())
+}
+
+/// Whether a failed statement may have committed all the same: its
+/// connection broke after the statement was sent, before the answer came.
+/// PostgreSQL's own errors undo the transaction, and a connection never
+/// obtained sent nothing.
+fn ambiguous(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::Io(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed
+    )
+}
+
+/// Runs a write (`again` false) and, when its outcome is not known
+/// ([`ambiguous`]), runs it again (`again` true) for up to two seconds, in
+/// its form that keeps what the first try may have stored: the first
+/// answer of either that is known decides. One that never comes is
+/// [`StoreError::Unconfirmed`].
+async fn confirm<T, F, Fut>(mut write: F) -> Result<T, StoreError>
+where
+    F: FnMut(bool) -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    let e = match write(false).await {
+        Ok(v) => return Ok(v),
+        Err(e) if ambiguous(&e) => e,
+        Err(e) => return Err(unavailable(e)),
+    };
+    tracing::debug!(error = %e, "the store's answer to a write was lost; trying again");
+    let started = std::time::Instant::now();
+    let mut pause = Duration::from_millis(50);
+    let mut last = e;
+    while started.elapsed() + pause < UNCONFIRMED_BUDGET {
+        tokio::time::sleep(pause).await;
+        pause *= 2;
+        match write(true).await {
+            Ok(v) => return Ok(v),
+            Err(e @ sqlx::Error::Database(_)) => return Err(unavailable(e)),
+            Err(e) => last = e,
         }
     }
+    Err(StoreError::Unconfirmed(last.to_string()))
 }
+
+/// How long [`confirm`] tries to learn a write's outcome.
+const UNCONFIRMED_BUDGET: Duration = Duration::from_secs(3);
 
 /// The settles writer: the outcomes of concurrent rounds and their attempts
 /// in one statement, each row fenced by its own epoch.
@@ -1098,7 +1185,9 @@ async fn accept_in(
     now: Millis,
     node: Option<&str>,
     lease_ms: i64,
+    again: bool,
 ) -> Result<Accepted, sqlx::Error> {
+    let state = m.initial_state(now);
     if let Some((key, hash)) = &m.idempotency {
         let inserted = sqlx::query(
             "INSERT INTO mailmux_idempotency (key, message_id, hash, created_at)
@@ -1117,47 +1206,59 @@ async fn accept_in(
                     .bind(key)
                     .fetch_one(&mut *tx)
                     .await?;
-            return Ok(if seen == hash {
+            return Ok(if seen == hash && id == m.message_id {
+                // This message's own key: a first try committed (`again`).
+                Accepted::Stored(state)
+            } else if seen == hash {
                 Accepted::Replay(id)
             } else {
                 Accepted::Conflict(id)
             });
         }
     }
-    let state = m.initial_state(now);
     let next = m.hold.as_ref().map_or(m.due_at, |h| h.until);
     let node = node.filter(|_| state == State::Queued);
-    sqlx::query(concat!(
-        "INSERT INTO mailmux_messages (message_id, state, mail_from, rcpt, size, body, prefer,
-             idem_key, queued_at, due_at, next_attempt_at, updated_at, history, caller, meta,
-             held_hash, relays, batch, node, lease_epoch, lease_until)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $9, $12, $13, $14, $15, $16, $17,
-             $18, CASE WHEN $18::text IS NULL THEN 0 ELSE 1 END,
-             CASE WHEN $18::text IS NULL THEN NULL ELSE ",
-        db_now!(),
-        " + $19 END)"
-    ))
-    .bind(&m.message_id)
-    .bind(state.as_str())
-    .bind(&m.from)
-    .bind(m.to.join("\n"))
-    .bind(m.bytes.len() as i64)
-    .bind(&m.bytes[..])
-    .bind(&m.prefer)
-    .bind(m.idempotency.as_ref().map(|(k, _)| k))
-    .bind(m.queued_at)
-    .bind(m.due_at)
-    .bind(next)
-    .bind(entry(state, now))
-    .bind(&m.caller)
-    .bind(&m.meta)
-    .bind(m.hold.as_ref().map(|h| &h.hash[..]))
-    .bind(m.only.as_ref().map(|o| o.join("\n")))
-    .bind(&m.batch)
-    .bind(node)
-    .bind(lease_ms)
-    .execute(&mut *tx)
-    .await?;
+    macro_rules! insert {
+        () => {
+            concat!(
+                "INSERT INTO mailmux_messages (message_id, state, mail_from, rcpt, size, body,
+                     prefer, idem_key, queued_at, due_at, next_attempt_at, updated_at, history,
+                     caller, meta, held_hash, relays, batch, node, lease_epoch, lease_until)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $9, $12, $13, $14, $15,
+                     $16, $17, $18, CASE WHEN $18::text IS NULL THEN 0 ELSE 1 END,
+                     CASE WHEN $18::text IS NULL THEN NULL ELSE ",
+                db_now!(),
+                " + $19 END)"
+            )
+        };
+    }
+    let sql = match again {
+        false => insert!(),
+        // A first try that committed stored this very row.
+        true => concat!(insert!(), " ON CONFLICT (message_id) DO NOTHING"),
+    };
+    sqlx::query(sql)
+        .bind(&m.message_id)
+        .bind(state.as_str())
+        .bind(&m.from)
+        .bind(m.to.join("\n"))
+        .bind(m.bytes.len() as i64)
+        .bind(&m.bytes[..])
+        .bind(&m.prefer)
+        .bind(m.idempotency.as_ref().map(|(k, _)| k))
+        .bind(m.queued_at)
+        .bind(m.due_at)
+        .bind(next)
+        .bind(entry(state, now))
+        .bind(&m.caller)
+        .bind(&m.meta)
+        .bind(m.hold.as_ref().map(|h| &h.hash[..]))
+        .bind(m.only.as_ref().map(|o| o.join("\n")))
+        .bind(&m.batch)
+        .bind(node)
+        .bind(lease_ms)
+        .execute(&mut *tx)
+        .await?;
     Ok(Accepted::Stored(state))
 }
 
@@ -1244,12 +1345,14 @@ impl Store for PgStore {
     async fn accept(&self, m: NewMessage) -> Result<Accepted, StoreError> {
         let now = now_millis();
         let out = if m.idempotency.is_some() {
-            let mut tx = self.pool.begin().await.map_err(unavailable)?;
-            let out = accept_in(&mut tx, &m, now, self.claimer(), self.lease_ms)
-                .await
-                .map_err(unavailable)?;
-            tx.commit().await.map_err(unavailable)?;
-            out
+            let m = &m;
+            confirm(|again| async move {
+                let mut tx = self.pool.begin().await?;
+                let out = accept_in(&mut tx, m, now, self.claimer(), self.lease_ms, again).await?;
+                tx.commit().await?;
+                Ok(out)
+            })
+            .await?
         } else {
             let (reply, answer) = oneshot::channel();
             self.accepts
@@ -1293,17 +1396,18 @@ impl Store for PgStore {
 
     async fn accept_many(&self, ms: Vec<NewMessage>) -> Result<Vec<Accepted>, StoreError> {
         let now = now_millis();
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        let mut out = Vec::with_capacity(ms.len());
-        for m in &ms {
-            out.push(
-                accept_in(&mut tx, m, now, self.claimer(), self.lease_ms)
-                    .await
-                    .map_err(unavailable)?,
-            );
-        }
-        tx.commit().await.map_err(unavailable)?;
-        self.note_claims(&ms, &out, now);
+        let ms = &ms;
+        let out = confirm(|again| async move {
+            let mut tx = self.pool.begin().await?;
+            let mut out = Vec::with_capacity(ms.len());
+            for m in ms {
+                out.push(accept_in(&mut tx, m, now, self.claimer(), self.lease_ms, again).await?);
+            }
+            tx.commit().await?;
+            Ok(out)
+        })
+        .await?;
+        self.note_claims(ms, &out, now);
         Ok(out)
     }
 

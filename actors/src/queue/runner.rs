@@ -998,7 +998,10 @@ impl Inner {
 
     /// Tracks whether the store takes writes, and logs each change once.
     fn note_write<T>(&self, result: &Result<T, StoreError>) {
-        let ok = !matches!(result, Err(StoreError::Unavailable(_)));
+        let ok = !matches!(
+            result,
+            Err(StoreError::Unavailable(_) | StoreError::Unconfirmed(_))
+        );
         let was = self.available.swap(ok, Ordering::AcqRel);
         match (was, result) {
             (true, Err(e)) if !ok => {

@@ -2,7 +2,8 @@
 //! it forwards the client's bytes that hold the marker to the server, then
 //! drops the server's next answer on that connection and closes it. The
 //! server has done the work; the client sees a broken connection and never
-//! learns the outcome (an ambiguous commit).
+//! learns the outcome (an ambiguous commit). It can also refuse every new
+//! connection after the cut, as a server that went away would.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -14,6 +15,9 @@ use tokio::net::{TcpListener, TcpStream};
 struct Shared {
     marker: Option<Vec<u8>>,
     cut: usize,
+    /// Refuse connections after the next cut.
+    refuse_after: bool,
+    refusing: bool,
 }
 
 pub struct CutProxy {
@@ -32,6 +36,10 @@ impl CutProxy {
         let state = shared.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                if state.lock().unwrap().refusing {
+                    drop(client);
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect(upstream).await else {
                     continue;
                 };
@@ -49,6 +57,21 @@ impl CutProxy {
     /// them does not, and their connection is closed.
     pub fn arm(&self, marker: &[u8]) {
         self.shared.lock().unwrap().marker = Some(marker.to_vec());
+    }
+
+    /// As [`CutProxy::arm`], and from the cut on every new connection is
+    /// closed at once, until [`CutProxy::allow`].
+    pub fn arm_then_refuse(&self, marker: &[u8]) {
+        let mut s = self.shared.lock().unwrap();
+        s.marker = Some(marker.to_vec());
+        s.refuse_after = true;
+    }
+
+    /// Takes new connections again.
+    pub fn allow(&self) {
+        let mut s = self.shared.lock().unwrap();
+        s.refusing = false;
+        s.refuse_after = false;
     }
 
     /// How many answers were dropped.
@@ -103,7 +126,9 @@ async fn pipe(client: TcpStream, server: TcpStream, shared: Arc<Mutex<Shared>>) 
                 Ok(n) => n,
             };
             if doomed.load(std::sync::atomic::Ordering::SeqCst) {
-                shared.lock().unwrap().cut += 1;
+                let mut s = shared.lock().unwrap();
+                s.cut += 1;
+                s.refusing = s.refuse_after;
                 return;
             }
             if cw.write_all(&buf[..n]).await.is_err() {
