@@ -79,10 +79,10 @@ fn queue_unavailable(e: &QueueError, message_id: Option<&str>) -> ToolError {
             "queue_unavailable",
             match message_id {
                 Some(id) => format!(
-                    "{e}. The message may have been stored, and then it will be delivered: ask get_message_status for {id} before sending it again"
+                    "{e}. The message may have been stored and may be delivered: ask get_message_status for {id} before sending it again"
                 ),
                 None => format!(
-                    "{e}. These messages may have been stored, and then they will be delivered: look for them with list_messages before sending them again"
+                    "{e}. These messages may have been stored and may be delivered: look for them with list_messages before sending them again"
                 ),
             },
         ),
