@@ -1087,6 +1087,31 @@ async fn postgres_fences_the_writes_of_a_lease_taken_over() {
     assert_counts_exact(&server, &url, &a).await;
 }
 
+/// A store on a new database, reached through a [`CutProxy`] (its
+/// database's name and the URL through the proxy with it). One connection,
+/// and a lease no renewal falls within: the only client bytes that name a
+/// message are the store's writes of it.
+///
+/// [`CutProxy`]: support::cut_proxy::CutProxy
+async fn behind_a_cut_proxy(
+    server: &Postgres,
+) -> (support::cut_proxy::CutProxy, String, String, PgStore) {
+    let url = server.database();
+    let db = url.rsplit('/').next().unwrap().to_owned();
+    let proxy = support::cut_proxy::CutProxy::start(support::loopback(server.port)).await;
+    let through = url.replace(
+        &format!(":{}/", server.port),
+        &format!(":{}/", proxy.port()),
+    );
+    let settings = PgSettings {
+        pool: 1,
+        lease: Duration::from_secs(600),
+        ..pg(&through, "n")
+    };
+    let store = PgStore::open(&settings).await.unwrap();
+    (proxy, db, through, store)
+}
+
 /// A settle whose statement committed but whose answer was lost (the
 /// connection to PostgreSQL broke in between) is tried again on a new
 /// connection. The second try must neither write the outcome twice (the
@@ -1095,21 +1120,7 @@ async fn postgres_fences_the_writes_of_a_lease_taken_over() {
 #[tokio::test]
 async fn postgres_settle_whose_answer_was_lost_is_written_once() {
     let server = Postgres::start();
-    let url = server.database();
-    let db = url.rsplit('/').next().unwrap().to_owned();
-    let proxy = support::cut_proxy::CutProxy::start(support::loopback(server.port)).await;
-    let through = url.replace(
-        &format!(":{}/", server.port),
-        &format!(":{}/", proxy.port()),
-    );
-    // One connection, and a lease no renewal falls within: the only client
-    // bytes naming a message after it is marked are its settle's.
-    let settings = PgSettings {
-        pool: 1,
-        lease: Duration::from_secs(600),
-        ..pg(&through, "n")
-    };
-    let store = PgStore::open(&settings).await.unwrap();
+    let (proxy, db, through, store) = behind_a_cut_proxy(&server).await;
     let attempt = AttemptRecord {
         at: now_millis(),
         relay: "r".into(),
@@ -1181,19 +1192,7 @@ async fn postgres_settle_whose_answer_was_lost_is_written_once() {
 #[tokio::test]
 async fn postgres_accept_whose_answer_was_lost_is_stored_once() {
     let server = Postgres::start();
-    let url = server.database();
-    let db = url.rsplit('/').next().unwrap().to_owned();
-    let proxy = support::cut_proxy::CutProxy::start(support::loopback(server.port)).await;
-    let through = url.replace(
-        &format!(":{}/", server.port),
-        &format!(":{}/", proxy.port()),
-    );
-    let settings = PgSettings {
-        pool: 1,
-        lease: Duration::from_secs(600),
-        ..pg(&through, "n")
-    };
-    let store = PgStore::open(&settings).await.unwrap();
+    let (proxy, db, through, store) = behind_a_cut_proxy(&server).await;
     let rows = |id: &str| {
         server.psql(
             &db,
