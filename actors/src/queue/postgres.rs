@@ -601,7 +601,7 @@ fn ambiguous(e: &sqlx::Error) -> bool {
 }
 
 /// Runs a write (`again` false) and, when its outcome is not known
-/// ([`ambiguous`]), runs it again (`again` true) for up to two seconds, in
+/// ([`ambiguous`]), runs it again (`again` true) for up to three seconds, in
 /// its form that keeps what the first try may have stored: the first
 /// answer of either that is known decides. One that never comes is
 /// [`StoreError::Unconfirmed`].
