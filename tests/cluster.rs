@@ -399,18 +399,20 @@ async fn a_postgres_restart_mid_burst_refuses_clearly_and_loses_nothing() {
     pg.run();
     let calls: Vec<Call> = ba.join().await.into_iter().chain(bb.join().await).collect();
     // Recovered without a restart: a new send is stored and delivered.
+    let afters = std::sync::Mutex::new(Vec::new());
     let after = support::wait_until_async(
         || async {
-            call(
+            let c = call(
                 a.peer(),
                 "after",
                 "send_email",
                 msg("after", json!({})),
                 LIMIT,
             )
-            .await
-            .status()
-                == Some("sent")
+            .await;
+            let sent = c.status() == Some("sent");
+            afters.lock().unwrap().push(c);
+            sent
         },
         Duration::from_secs(30),
     )
@@ -445,6 +447,31 @@ async fn a_postgres_restart_mid_burst_refuses_clearly_and_loses_nothing() {
         "an outage shorter than the lease leaves nothing unknown"
     );
     assert!(refused > 0 || down.is_error());
+    // Every copy at the sink was vouched for: its call was answered queued
+    // or sent, or was told that its write is unconfirmed, naming it. A call
+    // told "not accepted" never has its message delivered.
+    let afters = afters.into_inner().unwrap();
+    let every: Vec<&Call> = calls
+        .iter()
+        .chain(&afters)
+        .chain(std::iter::once(&down))
+        .collect();
+    let unconfirmed: Vec<&str> = every
+        .iter()
+        .filter_map(|c| c.error_message())
+        .filter(|m| m.contains("did not confirm"))
+        .collect();
+    for id in seen.keys() {
+        let vouched = every
+            .iter()
+            .any(|c| matches!(c.status(), Some("queued" | "sent")) && c.message_id() == Some(id))
+            || unconfirmed.iter().any(|m| m.contains(id.as_str()));
+        assert!(vouched, "{id} reached the sink, yet its call was refused");
+    }
+    eprintln!(
+        "{} calls were told their write is unconfirmed",
+        unconfirmed.len()
+    );
     let logs = a.logs();
     let changes: Vec<&str> = logs
         .lines()

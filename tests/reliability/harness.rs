@@ -71,6 +71,11 @@ impl Call {
         self.value()?.get("error")?.get("code")?.as_str()
     }
 
+    /// `error.message` of a failed call.
+    pub fn error_message(&self) -> Option<&str> {
+        self.value()?.get("error")?.get("message")?.as_str()
+    }
+
     /// The relay that took (or last tried) the message.
     pub fn relay(&self) -> Option<&str> {
         self.value()?.get("relay")?.as_str()
