@@ -467,33 +467,55 @@ async fn accept_loop(
                 false => entry(*s, now),
             })
             .collect();
-        let sql = |again| match again {
-            false => INSERT_ACCEPTS,
-            true => INSERT_ACCEPTS_AGAIN,
-        };
-        let done = confirm(|again| {
-            insert_accepts(
-                &pool,
-                sql(again),
-                now,
-                lease_ms,
-                node.as_deref(),
-                &batch,
-                &states,
-                &entries,
-            )
-        })
+        let first = insert_accepts(
+            &pool,
+            INSERT_ACCEPTS,
+            now,
+            lease_ms,
+            node.as_deref(),
+            &batch,
+            &states,
+            &entries,
+        )
         .await;
-        match done {
-            Ok(()) => {
-                for (op, state) in batch.into_iter().zip(states) {
-                    let _ = op.reply.send(Ok(state));
-                }
+        match first {
+            Ok(()) => answer_accepts(batch, states, Ok(())),
+            Err(e) if ambiguous(&e) => {
+                // Learning the outcome may take until the database is
+                // back: the next writes do not wait for it.
+                let (pool, node) = (pool.clone(), node.clone());
+                tokio::spawn(async move {
+                    let done = until_known(e, || {
+                        insert_accepts(
+                            &pool,
+                            INSERT_ACCEPTS_AGAIN,
+                            now,
+                            lease_ms,
+                            node.as_deref(),
+                            &batch,
+                            &states,
+                            &entries,
+                        )
+                    })
+                    .await;
+                    answer_accepts(batch, states, done);
+                });
             }
-            Err(e) => {
-                for op in batch {
-                    let _ = op.reply.send(Err(e.clone()));
-                }
+            Err(e) => answer_accepts(batch, states, Err(unavailable(e))),
+        }
+    }
+}
+
+fn answer_accepts(batch: Vec<AcceptOp>, states: Vec<State>, done: Result<(), StoreError>) {
+    match done {
+        Ok(()) => {
+            for (op, state) in batch.into_iter().zip(states) {
+                let _ = op.reply.send(Ok(state));
+            }
+        }
+        Err(e) => {
+            for op in batch {
+                let _ = op.reply.send(Err(e.clone()));
             }
         }
     }
@@ -601,20 +623,29 @@ fn ambiguous(e: &sqlx::Error) -> bool {
 }
 
 /// Runs a write (`again` false) and, when its outcome is not known
-/// ([`ambiguous`]), runs it again (`again` true) for up to three seconds, in
-/// its form that keeps what the first try may have stored: the first
-/// answer of either that is known decides. One that never comes is
-/// [`StoreError::Unconfirmed`].
+/// ([`ambiguous`]), runs it again (`again` true) in its form that keeps
+/// what the first try may have stored: see [`until_known`].
 async fn confirm<T, F, Fut>(mut write: F) -> Result<T, StoreError>
 where
     F: FnMut(bool) -> Fut,
     Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
 {
-    let e = match write(false).await {
-        Ok(v) => return Ok(v),
-        Err(e) if ambiguous(&e) => e,
-        Err(e) => return Err(unavailable(e)),
-    };
+    match write(false).await {
+        Ok(v) => Ok(v),
+        Err(e) if ambiguous(&e) => until_known(e, || write(true)).await,
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
+/// Runs `again` (a write whose first try failed with `e`, in the form that
+/// keeps what that try may have stored) until an answer is known, for up
+/// to [`UNCONFIRMED_BUDGET`]: the first known answer decides. None is
+/// [`StoreError::Unconfirmed`].
+async fn until_known<T, F, Fut>(e: sqlx::Error, mut again: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
     tracing::debug!(error = %e, "the store's answer to a write was lost; trying again");
     let started = std::time::Instant::now();
     let mut pause = Duration::from_millis(50);
@@ -622,7 +653,7 @@ where
     while started.elapsed() + pause < UNCONFIRMED_BUDGET {
         tokio::time::sleep(pause).await;
         pause *= 2;
-        match write(true).await {
+        match again().await {
             Ok(v) => return Ok(v),
             Err(e @ sqlx::Error::Database(_)) => return Err(unavailable(e)),
             Err(e) => last = e,
@@ -631,8 +662,10 @@ where
     Err(StoreError::Unconfirmed(last.to_string()))
 }
 
-/// How long [`confirm`] tries to learn a write's outcome.
-const UNCONFIRMED_BUDGET: Duration = Duration::from_secs(3);
+/// How long [`until_known`] tries to learn a write's outcome: long enough
+/// for PostgreSQL to restart, so that a send in flight then is stored (or
+/// found stored) once it is back, rather than left unconfirmed.
+const UNCONFIRMED_BUDGET: Duration = Duration::from_secs(10);
 
 /// The settles writer: the outcomes of concurrent rounds and their attempts
 /// in one statement, each row fenced by its own epoch.
