@@ -447,15 +447,46 @@ async fn accept_loop(
 ) {
     let mut last = 0;
     while let Some(batch) = next_batch(&mut rx, &mut last).await {
+        let accepts = Accepts::new(batch);
+        let node = node.as_deref();
+        match accepts.insert(&pool, INSERT_ACCEPTS, lease_ms, node).await {
+            Ok(()) => accepts.answer(Ok(())),
+            Err(e) if ambiguous(&e) => {
+                // Learning the outcome may take until the database is
+                // back: the next writes do not wait for it.
+                let (pool, node) = (pool.clone(), node.map(str::to_owned));
+                tokio::spawn(async move {
+                    let node = node.as_deref();
+                    let again = || accepts.insert(&pool, INSERT_ACCEPTS_AGAIN, lease_ms, node);
+                    let done = until_known(e, again).await;
+                    accepts.answer(done);
+                });
+            }
+            Err(e) => accepts.answer(Err(unavailable(e))),
+        }
+    }
+}
+
+/// One INSERT's worth of the accepts writer: the messages, the state each
+/// is stored in, and its history entry.
+struct Accepts {
+    ops: Vec<AcceptOp>,
+    states: Vec<State>,
+    entries: Vec<String>,
+    now: Millis,
+}
+
+impl Accepts {
+    fn new(ops: Vec<AcceptOp>) -> Accepts {
         let now = now_millis();
-        let states: Vec<State> = batch
+        let states: Vec<State> = ops
             .iter()
             .map(|op| match op.marked {
                 true => State::Sending,
                 false => op.m.initial_state(now),
             })
             .collect();
-        let entries: Vec<String> = batch
+        let entries = ops
             .iter()
             .zip(&states)
             .map(|(op, s)| match op.marked {
@@ -467,57 +498,84 @@ async fn accept_loop(
                 false => entry(*s, now),
             })
             .collect();
-        let first = insert_accepts(
-            &pool,
-            INSERT_ACCEPTS,
+        Accepts {
+            ops,
+            states,
+            entries,
             now,
-            lease_ms,
-            node.as_deref(),
-            &batch,
-            &states,
-            &entries,
-        )
-        .await;
-        match first {
-            Ok(()) => answer_accepts(batch, states, Ok(())),
-            Err(e) if ambiguous(&e) => {
-                // Learning the outcome may take until the database is
-                // back: the next writes do not wait for it.
-                let (pool, node) = (pool.clone(), node.clone());
-                tokio::spawn(async move {
-                    let done = until_known(e, || {
-                        insert_accepts(
-                            &pool,
-                            INSERT_ACCEPTS_AGAIN,
-                            now,
-                            lease_ms,
-                            node.as_deref(),
-                            &batch,
-                            &states,
-                            &entries,
-                        )
-                    })
-                    .await;
-                    answer_accepts(batch, states, done);
-                });
-            }
-            Err(e) => answer_accepts(batch, states, Err(unavailable(e))),
         }
     }
-}
 
-fn answer_accepts(batch: Vec<AcceptOp>, states: Vec<State>, done: Result<(), StoreError>) {
-    match done {
-        Ok(()) => {
-            for (op, state) in batch.into_iter().zip(states) {
-                let _ = op.reply.send(Ok(state));
+    fn answer(self, done: Result<(), StoreError>) {
+        match done {
+            Ok(()) => {
+                for (op, state) in self.ops.into_iter().zip(self.states) {
+                    let _ = op.reply.send(Ok(state));
+                }
+            }
+            Err(e) => {
+                for op in self.ops {
+                    let _ = op.reply.send(Err(e.clone()));
+                }
             }
         }
-        Err(e) => {
-            for op in batch {
-                let _ = op.reply.send(Err(e.clone()));
-            }
-        }
+    }
+
+    /// Runs `sql` ([`INSERT_ACCEPTS`] or [`INSERT_ACCEPTS_AGAIN`]).
+    async fn insert(
+        &self,
+        pool: &PgPool,
+        sql: &'static str,
+        lease_ms: i64,
+        node: Option<&str>,
+    ) -> Result<(), sqlx::Error> {
+        let (now, batch, states, entries) = (self.now, &self.ops, &self.states, &self.entries);
+        let ms = batch.iter().map(|op| &op.m);
+        sqlx::query(sql)
+            .bind(now)
+            .bind(lease_ms)
+            .bind(
+                ms.clone()
+                    .map(|m| m.message_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(states.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+            .bind(ms.clone().map(|m| m.from.as_deref()).collect::<Vec<_>>())
+            .bind(ms.clone().map(|m| m.to.join("\n")).collect::<Vec<_>>())
+            .bind(ms.clone().map(|m| m.bytes.len() as i64).collect::<Vec<_>>())
+            .bind(ms.clone().map(|m| &m.bytes[..]).collect::<Vec<_>>())
+            .bind(ms.clone().map(|m| m.prefer.as_deref()).collect::<Vec<_>>())
+            .bind(ms.clone().map(|m| m.queued_at).collect::<Vec<_>>())
+            .bind(ms.clone().map(|m| m.due_at).collect::<Vec<_>>())
+            .bind(
+                ms.clone()
+                    .map(|m| m.hold.as_ref().map_or(m.due_at, |h| h.until))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(entries)
+            .bind(ms.clone().map(|m| m.caller.as_deref()).collect::<Vec<_>>())
+            .bind(ms.clone().map(|m| m.meta.as_deref()).collect::<Vec<_>>())
+            .bind(
+                ms.clone()
+                    .map(|m| m.hold.as_ref().map(|h| &h.hash[..]))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                ms.clone()
+                    .map(|m| m.only.as_ref().map(|o| o.join("\n")))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(ms.clone().map(|m| m.batch.as_deref()).collect::<Vec<_>>())
+            .bind(
+                states
+                    .iter()
+                    .map(|s| node.filter(|_| matches!(s, State::Queued | State::Sending)))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(batch.iter().map(|op| op.marked).collect::<Vec<_>>())
+            .execute(pool)
+            .await
+            .map(|_| ())
     }
 }
 
@@ -548,65 +606,6 @@ const INSERT_ACCEPTS: &str = insert_accepts!();
 /// first try stored are kept as they are.
 const INSERT_ACCEPTS_AGAIN: &str =
     concat!(insert_accepts!(), " ON CONFLICT (message_id) DO NOTHING");
-
-#[allow(clippy::too_many_arguments)]
-async fn insert_accepts(
-    pool: &PgPool,
-    sql: &'static str,
-    now: Millis,
-    lease_ms: i64,
-    node: Option<&str>,
-    batch: &[AcceptOp],
-    states: &[State],
-    entries: &[String],
-) -> Result<(), sqlx::Error> {
-    let ms = batch.iter().map(|op| &op.m);
-    sqlx::query(sql)
-        .bind(now)
-        .bind(lease_ms)
-        .bind(
-            ms.clone()
-                .map(|m| m.message_id.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(states.iter().map(|s| s.as_str()).collect::<Vec<_>>())
-        .bind(ms.clone().map(|m| m.from.as_deref()).collect::<Vec<_>>())
-        .bind(ms.clone().map(|m| m.to.join("\n")).collect::<Vec<_>>())
-        .bind(ms.clone().map(|m| m.bytes.len() as i64).collect::<Vec<_>>())
-        .bind(ms.clone().map(|m| &m.bytes[..]).collect::<Vec<_>>())
-        .bind(ms.clone().map(|m| m.prefer.as_deref()).collect::<Vec<_>>())
-        .bind(ms.clone().map(|m| m.queued_at).collect::<Vec<_>>())
-        .bind(ms.clone().map(|m| m.due_at).collect::<Vec<_>>())
-        .bind(
-            ms.clone()
-                .map(|m| m.hold.as_ref().map_or(m.due_at, |h| h.until))
-                .collect::<Vec<_>>(),
-        )
-        .bind(entries)
-        .bind(ms.clone().map(|m| m.caller.as_deref()).collect::<Vec<_>>())
-        .bind(ms.clone().map(|m| m.meta.as_deref()).collect::<Vec<_>>())
-        .bind(
-            ms.clone()
-                .map(|m| m.hold.as_ref().map(|h| &h.hash[..]))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            ms.clone()
-                .map(|m| m.only.as_ref().map(|o| o.join("\n")))
-                .collect::<Vec<_>>(),
-        )
-        .bind(ms.clone().map(|m| m.batch.as_deref()).collect::<Vec<_>>())
-        .bind(
-            states
-                .iter()
-                .map(|s| node.filter(|_| matches!(s, State::Queued | State::Sending)))
-                .collect::<Vec<_>>(),
-        )
-        .bind(batch.iter().map(|op| op.marked).collect::<Vec<_>>())
-        .execute(pool)
-        .await
-        .map(|_| ())
-}
 
 /// Whether a failed statement may have committed all the same: its
 /// connection broke after the statement was sent, before the answer came.
