@@ -529,17 +529,16 @@ impl Accepts {
         lease_ms: i64,
         node: Option<&str>,
     ) -> Result<(), sqlx::Error> {
-        let (now, batch, states, entries) = (self.now, &self.ops, &self.states, &self.entries);
-        let ms = batch.iter().map(|op| &op.m);
+        let ms = self.ops.iter().map(|op| &op.m);
         sqlx::query(sql)
-            .bind(now)
+            .bind(self.now)
             .bind(lease_ms)
             .bind(
                 ms.clone()
                     .map(|m| m.message_id.as_str())
                     .collect::<Vec<_>>(),
             )
-            .bind(states.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+            .bind(self.states.iter().map(|s| s.as_str()).collect::<Vec<_>>())
             .bind(ms.clone().map(|m| m.from.as_deref()).collect::<Vec<_>>())
             .bind(ms.clone().map(|m| m.to.join("\n")).collect::<Vec<_>>())
             .bind(ms.clone().map(|m| m.bytes.len() as i64).collect::<Vec<_>>())
@@ -552,7 +551,7 @@ impl Accepts {
                     .map(|m| m.hold.as_ref().map_or(m.due_at, |h| h.until))
                     .collect::<Vec<_>>(),
             )
-            .bind(entries)
+            .bind(&self.entries)
             .bind(ms.clone().map(|m| m.caller.as_deref()).collect::<Vec<_>>())
             .bind(ms.clone().map(|m| m.meta.as_deref()).collect::<Vec<_>>())
             .bind(
@@ -567,12 +566,12 @@ impl Accepts {
             )
             .bind(ms.clone().map(|m| m.batch.as_deref()).collect::<Vec<_>>())
             .bind(
-                states
+                self.states
                     .iter()
                     .map(|s| node.filter(|_| matches!(s, State::Queued | State::Sending)))
                     .collect::<Vec<_>>(),
             )
-            .bind(batch.iter().map(|op| op.marked).collect::<Vec<_>>())
+            .bind(self.ops.iter().map(|op| op.marked).collect::<Vec<_>>())
             .execute(pool)
             .await
             .map(|_| ())
@@ -1484,16 +1483,17 @@ impl Store for PgStore {
         let budget = Duration::from_millis(3 * self.lease_ms as u64);
         let mut pause = Duration::from_millis(100);
         let epoch = self.fence(message_id);
-        let mut ambiguous = false;
+        // A try failed: the next one may find the first's outcome in place.
+        let mut failed_before = false;
         loop {
             match self.settle_once(message_id, &s).await {
                 Err(StoreError::Unavailable(e)) if started.elapsed() + pause < budget => {
                     tracing::debug!(message_id, error = %e, "recording an outcome failed; trying again");
-                    ambiguous = true;
+                    failed_before = true;
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
-                Err(StoreError::Fenced(e)) if ambiguous => {
+                Err(StoreError::Fenced(e)) if failed_before => {
                     self.release(message_id);
                     let Some(epoch) = epoch else {
                         return Err(StoreError::Fenced(e));
