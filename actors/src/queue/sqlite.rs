@@ -4,6 +4,13 @@
 //! connection and folds every write that arrives while it commits into the
 //! next transaction: one fsync (`synchronous=FULL`) per batch, each write in
 //! its own savepoint so that one failing write does not undo the others.
+//! The one exception is the outcome of a delivery that a relay took (`sent`,
+//! `partial`, with no Sent copy due): a batch of only such writes commits
+//! with `synchronous=NORMAL` and is answered once written. The next commit's
+//! fsync covers it, or the writer fsyncs the log after [`LAZY_SYNC`] with no
+//! other write. A process crash loses nothing (the log is written); a power
+//! loss before that fsync leaves the message marked and `sending`, so it is
+//! recovered as `unknown` and never resent.
 //! Reads go through a second connection on the blocking pool. A daemon holds
 //! an advisory lock on the file for as long as it runs; other processes may
 //! still open it for short transactions.
@@ -28,6 +35,10 @@ const MAX_BATCH: usize = 512;
 /// How long a connection waits for another process's lock (the queue
 /// command, a `send --no-wait`) before failing.
 const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long the log of a lazy commit may wait for its fsync when no other
+/// write comes: a relay-accepted outcome is answered once written, and made
+/// durable by the next commit or after this.
+const LAZY_SYNC: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// The schema, one migration per version. `PRAGMA user_version` records how
 /// many were applied.
@@ -143,7 +154,9 @@ type Answer = Box<dyn FnOnce(&Result<(), StoreError>) + Send>;
 
 /// What the writer thread is sent.
 enum Work {
-    Write(Job),
+    /// `lazy`: the write may be answered once written, before its fsync
+    /// (see [`LAZY_SYNC`]).
+    Write { job: Job, lazy: bool },
     /// Merge the write-ahead log into the database file and stop; answer
     /// once done.
     Close(oneshot::Sender<()>),
@@ -261,6 +274,15 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection, Millis) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
+        self.write_with(false, f).await
+    }
+
+    /// [`SqliteStore::write`]; `lazy`: answered before the fsync.
+    async fn write_with<T: Send + 'static>(
+        &self,
+        lazy: bool,
+        f: impl FnOnce(&Connection, Millis) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel::<Result<T, StoreError>>();
         let job: Job = Box::new(move |batch, now| {
             let result = match batch {
@@ -275,7 +297,7 @@ impl SqliteStore {
             })
         });
         self.writes
-            .send(Work::Write(job))
+            .send(Work::Write { job, lazy })
             .map_err(|_| unavailable("the store's writer has stopped"))?;
         rx.await
             .map_err(|_| unavailable("the store's writer has stopped"))?
@@ -391,11 +413,37 @@ fn spawn_writer(conn: Connection, owner: bool) -> mpsc::Sender<Work> {
 fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Work>, owner: bool) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut closing = None;
-    while let Ok(first) = rx.recv() {
+    // A lazy commit's log is not fsynced yet.
+    let mut unsynced = false;
+    let mut synchronous_full = true;
+    loop {
+        let first = if unsynced {
+            match rx.recv_timeout(LAZY_SYNC) {
+                Ok(w) => w,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    sync_log(&conn);
+                    unsynced = false;
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    sync_log(&conn);
+                    return;
+                }
+            }
+        } else {
+            match rx.recv() {
+                Ok(w) => w,
+                Err(_) => return,
+            }
+        };
+        let mut all_lazy = true;
         let mut next = Some(first);
         while let Some(work) = next.take() {
             match work {
-                Work::Write(job) => batch.push(job),
+                Work::Write { job, lazy } => {
+                    all_lazy &= lazy;
+                    batch.push(job);
+                }
                 Work::Close(done) => {
                     closing = Some(done);
                     break;
@@ -406,9 +454,28 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Work>, owner: bool) {
             }
         }
         if !batch.is_empty() {
-            run_batch(&mut conn, &mut batch);
+            // A lazy batch that cannot switch commits fsynced; a durable
+            // one that cannot is refused.
+            let mut ready = Ok(());
+            if synchronous_full == all_lazy {
+                let mode = if all_lazy { "NORMAL" } else { "FULL" };
+                match conn.pragma_update(None, "synchronous", mode) {
+                    Ok(()) => synchronous_full = !all_lazy,
+                    Err(e) if !all_lazy => ready = Err(unavailable(e)),
+                    Err(_) => {}
+                }
+            }
+            let committed = run_batch(&mut conn, &mut batch, ready);
+            if synchronous_full {
+                unsynced &= !committed;
+            } else {
+                unsynced |= committed;
+            }
         }
         if let Some(done) = closing.take() {
+            if unsynced {
+                sync_log(&conn);
+            }
             // Leaves the database file complete (an empty log), so that a
             // copy of it alone, or a read from a read-only file system,
             // sees every commit. Only the daemon's own store: another
@@ -423,18 +490,43 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Work>, owner: bool) {
     }
 }
 
-fn run_batch(conn: &mut Connection, batch: &mut Vec<Job>) {
+/// Whether a settle may be answered before its fsync: the relay took the
+/// message, so it was marked, and losing the outcome to a power loss leaves
+/// it `unknown`, never resent. A deferred or refused outcome, or a Sent
+/// copy still due, must be durable before it is answered.
+fn lazy(s: &Settle) -> bool {
+    matches!(s.state, State::Sent | State::Partial) && !s.copy
+}
+
+/// Fsyncs the write-ahead log, for the lazy commits before it.
+fn sync_log(conn: &Connection) {
+    let Some(path) = conn.path() else { return };
+    let synced = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("{path}-wal"))
+        .and_then(|f| f.sync_data());
+    if let Err(e) = synced {
+        tracing::warn!(error = %e, "the queue store's log could not be synced");
+    }
+}
+
+/// Runs and commits one batch, then answers each write; true if it
+/// committed.
+fn run_batch(conn: &mut Connection, batch: &mut Vec<Job>, ready: Result<(), StoreError>) -> bool {
     let now = now_millis();
     let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
-    let commit = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+    let begun = ready.and_then(|()| {
+        conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(unavailable)
+    });
+    let commit = match begun {
         Ok(mut tx) => {
             for job in batch.drain(..) {
                 answers.push(job(Ok(&mut tx), now));
             }
             tx.commit().map_err(unavailable)
         }
-        Err(e) => {
-            let err = unavailable(e);
+        Err(err) => {
             for job in batch.drain(..) {
                 answers.push(job(Err(&err), now));
             }
@@ -447,6 +539,7 @@ fn run_batch(conn: &mut Connection, batch: &mut Vec<Job>) {
     for answer in answers {
         answer(&commit);
     }
+    commit.is_ok()
 }
 
 /// Runs one write in its own savepoint, so that a failing write does not
@@ -847,7 +940,8 @@ impl Store for SqliteStore {
 
     async fn settle(&self, message_id: &str, s: Settle) -> Result<(), StoreError> {
         let id = message_id.to_owned();
-        self.write(move |c, now| settle(c, &id, &s, now)).await
+        self.write_with(lazy(&s), move |c, now| settle(c, &id, &s, now))
+            .await
     }
 
     async fn accept_marked(&self, m: NewMessage) -> Result<(), StoreError> {
@@ -1168,4 +1262,107 @@ fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<Record>> {
         .query_row([seq], |r| r.get(0))?;
     record.history = rows::history(&history);
     Ok(Some(record))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(state: State, copy: bool) -> Settle {
+        Settle {
+            state,
+            relay: Some("r".into()),
+            attempts: vec![],
+            accepted: vec![],
+            rejected: vec![],
+            reason: None,
+            note: None,
+            next_attempt_at: None,
+            copy,
+        }
+    }
+
+    fn message(id: &str) -> NewMessage {
+        let now = now_millis();
+        NewMessage {
+            message_id: id.into(),
+            from: None,
+            to: vec!["b@example.org".into()],
+            bytes: Arc::from(&b"Subject: x\r\n\r\nbody\r\n"[..]),
+            prefer: None,
+            queued_at: now,
+            due_at: now,
+            idempotency: None,
+            caller: None,
+            meta: None,
+            hold: None,
+            only: None,
+            batch: None,
+        }
+    }
+
+    /// The `synchronous` mode the batch of a write commits under.
+    async fn mode(store: &SqliteStore, lazy: bool) -> i64 {
+        store
+            .write_with(lazy, |c, _| {
+                c.pragma_query_value(None, "synchronous", |r| r.get(0))
+            })
+            .await
+            .unwrap()
+    }
+
+    #[test]
+    fn only_a_relay_accepted_outcome_is_answered_before_its_fsync() {
+        assert!(lazy(&outcome(State::Sent, false)));
+        assert!(lazy(&outcome(State::Partial, false)));
+        assert!(!lazy(&outcome(State::Sent, true)), "a Sent copy is due");
+        for state in [State::Queued, State::Failed, State::Unknown, State::Expired] {
+            assert!(!lazy(&outcome(state, false)), "{state:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_durable_write_commits_fsynced_after_lazy_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("q.db")).unwrap();
+        const FULL: i64 = 2;
+        const NORMAL: i64 = 1;
+        assert_eq!(mode(&store, false).await, FULL);
+        assert_eq!(mode(&store, true).await, NORMAL);
+        assert_eq!(mode(&store, true).await, NORMAL);
+        assert_eq!(mode(&store, false).await, FULL);
+        // The log of the last lazy commit is synced by the timer; the
+        // writes after it still work.
+        assert_eq!(mode(&store, true).await, NORMAL);
+        tokio::time::sleep(LAZY_SYNC * 4).await;
+        assert_eq!(mode(&store, false).await, FULL);
+    }
+
+    #[tokio::test]
+    async fn a_lazy_outcome_is_kept_when_the_store_is_dropped_unclosed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let store = SqliteStore::open(&path).unwrap();
+        store.accept_marked(message("m1")).await.unwrap();
+        store
+            .settle("m1", outcome(State::Sent, false))
+            .await
+            .unwrap();
+        drop(store);
+        // The writer thread ends on its own once its channel closes; the
+        // daemon lock is released with the store.
+        let mut reopened = None;
+        for _ in 0..100 {
+            match SqliteStore::open(&path) {
+                Ok(s) => {
+                    reopened = Some(s);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        }
+        let store = reopened.expect("the store reopens");
+        assert_eq!(store.recover().await.unwrap().unknown, 0);
+        assert_eq!(store.get("m1").await.unwrap().unwrap().state, State::Sent);
+    }
 }
