@@ -487,9 +487,10 @@ pub enum StoreError {
     /// The store cannot be opened or written (disk full, read-only, corrupt).
     #[error("the queue store is unavailable: {0}")]
     Unavailable(String),
-    /// The connection to a shared store broke after a write was sent and
-    /// before its answer, and the store could not be asked again: the
-    /// write may have been stored.
+    /// The write may have been stored: the connection to a shared store
+    /// broke after a write was sent and before its answer, and the store
+    /// could not be asked again; or SQLite wrote a commit to its log and
+    /// the fsync failed (a start after a crash replays it).
     #[error(
         "the queue store did not confirm the write, which may have been stored all the same: {0}"
     )]

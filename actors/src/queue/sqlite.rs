@@ -524,7 +524,7 @@ fn run_batch(conn: &mut Connection, batch: &mut Vec<Job>, ready: Result<(), Stor
             for job in batch.drain(..) {
                 answers.push(job(Ok(&mut tx), now));
             }
-            tx.commit().map_err(unavailable)
+            tx.commit().map_err(commit_error)
         }
         Err(err) => {
             for job in batch.drain(..) {
@@ -540,6 +540,20 @@ fn run_batch(conn: &mut Connection, batch: &mut Vec<Job>, ready: Result<(), Stor
         answer(&commit);
     }
     commit.is_ok()
+}
+
+/// A commit whose fsync failed had written its frames to the log, and a
+/// start after a crash replays them: its writes may be stored, so they are
+/// unconfirmed rather than refused. Every other failure undid the batch.
+fn commit_error(e: rusqlite::Error) -> StoreError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.extended_code == rusqlite::ffi::SQLITE_IOERR_FSYNC =>
+        {
+            StoreError::Unconfirmed(format!("the log was written but not synced ({e})"))
+        }
+        _ => unavailable(e),
+    }
 }
 
 /// Runs one write in its own savepoint, so that a failing write does not
