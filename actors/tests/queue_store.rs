@@ -617,6 +617,13 @@ async fn one_daemon_owns_a_file_and_the_data_survives_a_reopen() {
     let path = dir.path().join("q.db");
     let store = SqliteStore::open(&path).unwrap();
     store.accept(message("kept", None)).await.unwrap();
+    // An outcome a relay took is answered before its fsync; it is written
+    // all the same.
+    store.accept_marked(message("sent", None)).await.unwrap();
+    store
+        .settle("sent", settle(State::Sent, None))
+        .await
+        .unwrap();
     match SqliteStore::open(&path) {
         Err(StoreError::Locked { path: p }) => assert!(p.ends_with("q.db")),
         other => panic!("a second owner was let in: {other:?}"),
@@ -627,7 +634,9 @@ async fn one_daemon_owns_a_file_and_the_data_survives_a_reopen() {
     drop(shared);
     drop(store);
     let again = SqliteStore::open(&path).unwrap();
+    assert_eq!(again.recover().await.unwrap().unknown, 0);
     assert_eq!(again.due(now_millis(), 10).await.unwrap(), ["kept"]);
+    assert_eq!(again.get("sent").await.unwrap().unwrap().state, State::Sent);
 }
 
 #[tokio::test]

@@ -1296,25 +1296,6 @@ mod tests {
         }
     }
 
-    fn message(id: &str) -> NewMessage {
-        let now = now_millis();
-        NewMessage {
-            message_id: id.into(),
-            from: None,
-            to: vec!["b@example.org".into()],
-            bytes: Arc::from(&b"Subject: x\r\n\r\nbody\r\n"[..]),
-            prefer: None,
-            queued_at: now,
-            due_at: now,
-            idempotency: None,
-            caller: None,
-            meta: None,
-            hold: None,
-            only: None,
-            batch: None,
-        }
-    }
-
     /// The `synchronous` mode the batch of a write commits under.
     async fn mode(store: &SqliteStore, lazy: bool) -> i64 {
         store
@@ -1350,33 +1331,5 @@ mod tests {
         assert_eq!(mode(&store, true).await, NORMAL);
         tokio::time::sleep(LAZY_SYNC * 4).await;
         assert_eq!(mode(&store, false).await, FULL);
-    }
-
-    #[tokio::test]
-    async fn a_lazy_outcome_is_kept_when_the_store_is_dropped_unclosed() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("q.db");
-        let store = SqliteStore::open(&path).unwrap();
-        store.accept_marked(message("m1")).await.unwrap();
-        store
-            .settle("m1", outcome(State::Sent, false))
-            .await
-            .unwrap();
-        drop(store);
-        // The writer thread ends on its own once its channel closes; the
-        // daemon lock is released with the store.
-        let mut reopened = None;
-        for _ in 0..100 {
-            match SqliteStore::open(&path) {
-                Ok(s) => {
-                    reopened = Some(s);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-            }
-        }
-        let store = reopened.expect("the store reopens");
-        assert_eq!(store.recover().await.unwrap().unknown, 0);
-        assert_eq!(store.get("m1").await.unwrap().unwrap().state, State::Sent);
     }
 }
