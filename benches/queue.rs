@@ -52,6 +52,7 @@ fn sent() -> Settle {
         note: None,
         next_attempt_at: None,
         copy: false,
+        body: None,
     }
 }
 

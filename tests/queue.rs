@@ -316,8 +316,9 @@ async fn stored_ids(peer: &Peer<RoleClient>) -> Vec<String> {
 /// just before the final ".". Killed before that (the server never answers
 /// DATA), nothing was stored or sent, and the restart sends nothing: the
 /// caller, whose call broke, sends it again once. Killed after the final
-/// "." (the server never answers it), the message was stored `sending`,
-/// and the restart makes it `unknown` and never resends it.
+/// "." (the server never answers it), the message was stored `sending`
+/// without its bytes, and the restart makes it `unknown` and never resends
+/// it; even a forced retry is refused, with the reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_call_is_stored_when_its_message_commits() {
     let (smtp, dir, cfg, d) = setup(Script::ok().on(Phase::Data, Action::Hang), "").await;
@@ -359,6 +360,47 @@ async fn a_waiting_call_is_stored_when_its_message_commits() {
     let subjects: Vec<String> = smtp.received().iter().filter_map(subject_of).collect();
     assert_eq!(subjects, ["after dot"], "only the committed message, once");
     assert_eq!(stored_ids(d.peer()).await, ids);
+    // Stored by its mark without its bytes: nothing to send again.
+    let (code, _, err) = common::queue_cmd(dir.path(), &["retry", &ids[0], "--force"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("its bytes are not stored"), "{err}");
+    assert_eq!(status_of(d.peer(), &ids[0]).await["status"], "unknown");
+    d.stop().await;
+}
+
+/// A waiting call whose relay answers 451 after the final ".": its message
+/// was stored at its commit mark without its bytes, and the deferred outcome
+/// stores them, so the retry delivers the same message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_call_deferred_after_its_dot_is_retried_whole() {
+    let (smtp, _dir, _cfg, d) = setup(
+        Script::ok().on(Phase::AfterDot, Action::reply(451, "try later")),
+        "",
+    )
+    .await;
+    let peer = d.peer().clone();
+    let waiting =
+        tokio::spawn(async move { send(&peer, msg("deferred after dot", json!({}))).await });
+    assert!(
+        support::wait_until(|| !smtp.received().is_empty(), LIMIT).await,
+        "the data never arrived"
+    );
+    smtp.set_script(Script::ok());
+    let c = waiting.await.unwrap();
+    assert_eq!(c.status(), Some("sent"), "{c:?}");
+    let s = status_of(d.peer(), c.message_id().unwrap()).await;
+    assert_eq!(s["attempts"][0]["code"], 451, "{s}");
+
+    let received = smtp.received();
+    let delivered: Vec<_> = received.iter().filter(|r| r.is_delivered()).collect();
+    assert_eq!(delivered.len(), 1, "{received:?}");
+    assert!(received.len() >= 2, "{received:?}");
+    assert_eq!(
+        delivered[0].data, received[0].data,
+        "the retry sent other bytes"
+    );
+    let text = String::from_utf8_lossy(&delivered[0].data);
+    assert!(text.contains("body of deferred after dot"), "{text}");
     d.stop().await;
 }
 

@@ -325,6 +325,10 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
                     State::Held | State::Rejected | State::Expired => {
                         "a message held for approval goes out only when approved"
                     }
+                    // Retryable in its state, but its bytes are not stored.
+                    State::Unknown | State::Failed | State::Queued => {
+                        "its bytes are not stored (a crash cut its delivery off after the final \".\"), so it cannot be sent again"
+                    }
                     _ => {
                         "only a queued, failed or expired message (or, forced, an unknown one) can be retried"
                     }

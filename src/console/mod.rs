@@ -449,6 +449,12 @@ async fn retry(
         Ok(Retry::NeedsForce) => {
             "Not queued: the message is unknown (it may have been delivered); tick \"send again anyway\" to retry it.".to_owned()
         }
+        Ok(Retry::Refused(state @ (MsgState::Unknown | MsgState::Failed | MsgState::Queued))) => {
+            format!(
+                "Not queued: the message is {} and its bytes are not stored (a crash cut its delivery off after the final \".\"), so it cannot be sent again.",
+                state.as_str()
+            )
+        }
         Ok(Retry::Refused(state)) => {
             format!("Not queued: the message is {}.", state.as_str())
         }

@@ -347,6 +347,10 @@ pub struct Settle {
     /// [`Store::note_copy`], so that a copy waiting at a crash is made at
     /// the next start ([`Store::pending_copies`]).
     pub copy: bool,
+    /// The message's bytes, for one that [`Store::accept_marked`] stored
+    /// without them, when this outcome keeps them (a retry or an operator
+    /// needs them, or a Sent copy is due). `None` otherwise.
+    pub body: Option<Arc<[u8]>>,
 }
 
 /// A Sent copy recorded as `pending` and not yet made; the message's bytes
@@ -636,6 +640,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// to a relay: [`Store::accept`] then [`Store::mark`], in one write
     /// where the store can. A caller that waits for the outcome is told
     /// nothing before this, so its message is stored here, not earlier.
+    /// A marked message is never sent again from the store, so the store
+    /// may leave its bytes out: the round's [`Settle::body`] brings them
+    /// when its outcome keeps them.
     async fn accept_marked(&self, m: NewMessage) -> Result<(), StoreError> {
         accept_then_mark(self, m).await
     }

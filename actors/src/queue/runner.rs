@@ -317,6 +317,9 @@ struct StoreMark {
     message_id: String,
     /// The message of a waiting call without a key, until it is stored.
     fresh: Mutex<Option<NewMessage>>,
+    /// Whether this mark stored the message (with `accept_marked`, which
+    /// may leave its bytes out).
+    stored: AtomicBool,
 }
 
 impl StoreMark {
@@ -336,11 +339,14 @@ impl CommitMark for StoreMark {
                 Some(new) => {
                     let result = inner.store.accept_marked(new.clone()).await;
                     match &result {
-                        Ok(()) => inner.notify(
-                            Action::Accepted,
-                            &new.record(State::Queued, new.queued_at),
-                            None,
-                        ),
+                        Ok(()) => {
+                            self.stored.store(true, Ordering::Relaxed);
+                            inner.notify(
+                                Action::Accepted,
+                                &new.record(State::Queued, new.queued_at),
+                                None,
+                            )
+                        }
                         // Not stored: a later attempt stores it, or the
                         // round's end does.
                         Err(_) => *self.fresh.lock().unwrap_or_else(|e| e.into_inner()) = Some(new),
@@ -1060,6 +1066,7 @@ impl Inner {
             note: report.message.clone(),
             next_attempt_at: None,
             copy: false,
+            body: None,
         };
         settle.state = match report.status {
             Status::Sent => State::Sent,
@@ -1138,6 +1145,7 @@ impl Inner {
             )),
             next_attempt_at: None,
             copy: false,
+            body: None,
         };
         let result = self.store.settle(&p.message_id, settle.clone()).await;
         self.note_write(&result);
@@ -1251,6 +1259,7 @@ async fn first_round(
         inner: inner.clone(),
         message_id: id.clone(),
         fresh: Mutex::new(fresh),
+        stored: AtomicBool::new(false),
     });
     let report = match mail_of(&p, deadline) {
         Ok(mail) => {
@@ -1278,7 +1287,10 @@ async fn first_round(
             message: Some(e),
         },
     };
-    let settle = inner.settle_for(&report, &p, started);
+    let mut settle = inner.settle_for(&report, &p, started);
+    if store_mark.stored.load(Ordering::Relaxed) && (settle.state.keeps_body() || settle.copy) {
+        settle.body = Some(p.bytes.clone());
+    }
     let state = settle.state;
     let fresh = store_mark.take_fresh();
     let result = match &fresh {

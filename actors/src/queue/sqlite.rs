@@ -678,12 +678,12 @@ fn accept(c: &Connection, m: &NewMessage, now: Millis) -> rusqlite::Result<Accep
         .execute(params![key, m.message_id, &hash[..], now])?;
     }
     let state = m.initial_state(now);
-    insert(c, m, state, false, &entry(state, now), m.queued_at)?;
+    insert(c, m, state, false, &entry(state, now), m.queued_at, true)?;
     Ok(Accepted::Stored(state))
 }
 
 /// Inserts the row of `m` in `state`, with `history` and `updated_at`;
-/// `committing` stores it already marked.
+/// `committing` stores it already marked; `body`: with its bytes.
 fn insert(
     c: &Connection,
     m: &NewMessage,
@@ -691,6 +691,7 @@ fn insert(
     committing: bool,
     history: &str,
     updated_at: Millis,
+    body: bool,
 ) -> rusqlite::Result<()> {
     let next = m.hold.as_ref().map_or(m.due_at, |h| h.until);
     c.prepare_cached(
@@ -706,7 +707,7 @@ fn insert(
         m.from,
         m.to.join("\n"),
         m.bytes.len() as i64,
-        &m.bytes[..],
+        body.then_some(&m.bytes[..]),
         m.prefer,
         m.idempotency.as_ref().map(|(k, _)| k),
         m.queued_at,
@@ -735,14 +736,18 @@ fn add_count(c: &Connection, state: State, n: i64) -> rusqlite::Result<()> {
 }
 
 /// Stores a new message (without a key) already committing to a relay:
-/// the row [`accept`] and then [`mark`] would leave, in one insert.
+/// the row [`accept`] and then [`mark`] would leave, in one insert, but
+/// without its bytes. A marked message is never sent again from the store,
+/// and most rounds end `sent`, which drops the bytes: they are written only
+/// by a settle whose outcome keeps them ([`Settle::body`]). A crash before
+/// that leaves the message `unknown` with no bytes, which cannot be retried.
 fn accept_committing(c: &Connection, m: &NewMessage, now: Millis) -> rusqlite::Result<()> {
     let history = format!(
         "{};{}",
         entry(State::Queued, m.queued_at),
         entry(State::Sending, now)
     );
-    insert(c, m, State::Sending, true, &history, now)?;
+    insert(c, m, State::Sending, true, &history, now, false)?;
     add_count(c, State::Sending, 1)
 }
 
@@ -755,7 +760,7 @@ fn settle(c: &Connection, id: &str, s: &Settle, now: Millis) -> rusqlite::Result
             "UPDATE messages SET state = ?2, updated_at = ?3, finished_at = ?4, committing = 0,
                 rounds = rounds + 1, relay = COALESCE(?5, relay), accepted = ?6, rejected = ?7,
                 reason = ?8, note = ?9, next_attempt_at = ?10,
-                body = CASE WHEN ?11 THEN body ELSE NULL END,
+                body = CASE WHEN ?11 THEN COALESCE(body, ?14) ELSE NULL END,
                 sent_copy = CASE WHEN ?13 THEN 'pending' ELSE sent_copy END, {}
              WHERE message_id = ?1 RETURNING seq",
             append_history(12)
@@ -775,6 +780,7 @@ fn settle(c: &Connection, id: &str, s: &Settle, now: Millis) -> rusqlite::Result
                 keep_body,
                 entry(s.state, now),
                 s.copy,
+                s.body.as_deref(),
             ],
             |r| r.get(0),
         )?;
@@ -1293,6 +1299,7 @@ mod tests {
             note: None,
             next_attempt_at: None,
             copy,
+            body: None,
         }
     }
 
