@@ -124,18 +124,32 @@ impl Cli {
         }
     }
 
+    /// Whether this command serves MCP over HTTP (`serve --http`).
+    pub fn serves_http(&self) -> bool {
+        matches!(&self.command, Some(Command::Serve(args)) if args.http.is_some())
+    }
+
     /// The tokio runtime for this command. Over stdio the daemon serves one
     /// client, whose requests rmcp reads one at a time, and an MCP host starts
     /// one such process per client: it runs on one worker thread, which on a
     /// busy two-core machine spent about a fifth less CPU per `send_email`
     /// than two workers waking each other (BENCHMARKS.md). Over HTTP, the
-    /// shared daemon, and for the other commands: one worker per core.
-    /// `TOKIO_WORKER_THREADS`, when set, decides instead.
+    /// shared daemon runs one worker per core but one, which it leaves to
+    /// the queue's writer thread (SQLite) and the kernel's loopback work: on
+    /// two cores, one worker answered one call at a time in about 0.5 ms
+    /// where two took 0.8, for about 40 % less CPU a call. The other
+    /// commands: one worker per core. `TOKIO_WORKER_THREADS`, when set,
+    /// decides instead.
     pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
         let mut builder = tokio::runtime::Builder::new_multi_thread();
         builder.enable_all();
-        if self.serves_stdio() && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-            builder.worker_threads(1);
+        if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+            if self.serves_stdio() {
+                builder.worker_threads(1);
+            } else if self.serves_http() {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                builder.worker_threads(cores.saturating_sub(1).max(1));
+            }
         }
         builder.build()
     }
@@ -465,6 +479,15 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(Cli::try_parse_from(["mailmux", "serve", "--stateless"]).is_err());
+    }
+
+    #[test]
+    fn only_serve_with_http_counts_as_http() {
+        let http = |args: &[&str]| Cli::try_parse_from(args).unwrap().serves_http();
+        assert!(http(&["mailmux", "serve", "--http", "127.0.0.1:0"]));
+        assert!(!http(&["mailmux"]));
+        assert!(!http(&["mailmux", "serve"]));
+        assert!(!http(&["mailmux", "check"]));
     }
 
     #[test]
