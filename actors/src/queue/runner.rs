@@ -317,9 +317,6 @@ struct StoreMark {
     message_id: String,
     /// The message of a waiting call without a key, until it is stored.
     fresh: Mutex<Option<NewMessage>>,
-    /// Whether this mark stored the message (with `accept_marked`, which
-    /// may leave its bytes out).
-    stored: AtomicBool,
 }
 
 impl StoreMark {
@@ -339,14 +336,11 @@ impl CommitMark for StoreMark {
                 Some(new) => {
                     let result = inner.store.accept_marked(new.clone()).await;
                     match &result {
-                        Ok(()) => {
-                            self.stored.store(true, Ordering::Relaxed);
-                            inner.notify(
-                                Action::Accepted,
-                                &new.record(State::Queued, new.queued_at),
-                                None,
-                            )
-                        }
+                        Ok(()) => inner.notify(
+                            Action::Accepted,
+                            &new.record(State::Queued, new.queued_at),
+                            None,
+                        ),
                         // Not stored: a later attempt stores it, or the
                         // round's end does.
                         Err(_) => *self.fresh.lock().unwrap_or_else(|e| e.into_inner()) = Some(new),
@@ -1255,11 +1249,11 @@ async fn first_round(
     let _counted = inner.rounds.enter();
     let started = now_millis();
     let id = p.message_id.clone();
+    let was_fresh = fresh.is_some();
     let store_mark = Arc::new(StoreMark {
         inner: inner.clone(),
         message_id: id.clone(),
         fresh: Mutex::new(fresh),
-        stored: AtomicBool::new(false),
     });
     let report = match mail_of(&p, deadline) {
         Ok(mail) => {
@@ -1288,11 +1282,12 @@ async fn first_round(
         },
     };
     let mut settle = inner.settle_for(&report, &p, started);
-    if store_mark.stored.load(Ordering::Relaxed) && (settle.state.keeps_body() || settle.copy) {
-        settle.body = Some(p.bytes.clone());
-    }
     let state = settle.state;
     let fresh = store_mark.take_fresh();
+    // Stored by its mark (`accept_marked`), which may leave the bytes out.
+    if was_fresh && fresh.is_none() && (state.keeps_body() || settle.copy) {
+        settle.body = Some(p.bytes.clone());
+    }
     let result = match &fresh {
         Some(new) => {
             inner
