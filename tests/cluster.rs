@@ -537,6 +537,48 @@ async fn a_lease_taken_over_refuses_the_old_holders_late_write() {
     assert_eq!(copies(&sink.received()).get(&id).copied(), Some(1));
 }
 
+/// A waiting call whose relay answers 451 after the final ".": its message
+/// was stored at its commit mark without its bytes, and the deferred outcome
+/// stores them in PostgreSQL, so the retry delivers the same message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_call_deferred_after_its_dot_is_retried_whole() {
+    let pg = Postgres::start();
+    let url = pg.database();
+    let sink =
+        FaultSmtp::start(Script::ok().on(Phase::AfterDot, Action::reply(451, "try later"))).await;
+    let a = Node::start("a", &config_toml(&url, "a", sink.port(), "30s", "")).await;
+    let peer = a.peer().clone();
+    let waiting = tokio::spawn(async move {
+        call(
+            &peer,
+            "send",
+            "send_email",
+            msg("deferred after dot", json!({})),
+            LIMIT,
+        )
+        .await
+    });
+    assert!(
+        support::wait_until(|| !sink.received().is_empty(), LIMIT).await,
+        "the data never arrived"
+    );
+    sink.set_script(Script::ok());
+    let c = waiting.await.unwrap();
+    assert_eq!(c.status(), Some("sent"), "{c:?}");
+    let s = a.status(c.message_id().unwrap()).await;
+    assert_eq!(s["attempts"][0]["code"], 451, "{s}");
+
+    let received = sink.received();
+    let delivered: Vec<_> = received.iter().filter(|r| r.is_delivered()).collect();
+    assert_eq!(delivered.len(), 1, "{received:?}");
+    assert_eq!(
+        delivered[0].data, received[0].data,
+        "the retry sent other bytes"
+    );
+    let text = String::from_utf8_lossy(&delivered[0].data);
+    assert!(text.contains("body of deferred after dot"), "{text}");
+}
+
 /// `mailmux queue migrate` on an empty database, then the refusal of a
 /// schema newer than the binary, by the command and by a daemon.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

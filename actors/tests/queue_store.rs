@@ -413,13 +413,18 @@ async fn sqlite_on_disk_conforms() {
 }
 
 /// SQLite stores a waiting call's message at its commit mark without its
-/// bytes. An outcome that keeps them (a retry, a Sent copy) writes them; one
-/// that does not never does. A crash before the outcome leaves the message
-/// `unknown`, with nothing to retry.
+/// bytes (see [`marked_bytes`]).
 #[tokio::test]
 async fn sqlite_writes_a_marked_message_bytes_only_for_an_outcome_that_keeps_them() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("q.db")).unwrap();
+    marked_bytes(&SqliteStore::open(&dir.path().join("q.db")).unwrap()).await;
+}
+
+/// A durable store keeps a waiting call's message from its commit mark
+/// without its bytes. An outcome that keeps them (a retry, a Sent copy)
+/// writes them; one that does not never does. A crash before the outcome
+/// leaves the message `unknown`, with nothing to retry.
+async fn marked_bytes(store: &dyn Store) {
     let bytes = message("any", None).bytes;
     for id in ["sent", "deferred", "copied", "crashed"] {
         store.accept_marked(message(id, None)).await.unwrap();
@@ -813,6 +818,7 @@ async fn postgres_conforms() {
     on_a_new_database!(retries);
     on_a_new_database!(purges_in_chunks);
     on_a_new_database!(copies);
+    on_a_new_database!(marked_bytes);
 }
 
 #[tokio::test]

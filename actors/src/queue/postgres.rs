@@ -330,7 +330,8 @@ struct SettleOp {
 #[derive(Debug)]
 struct AcceptOp {
     m: NewMessage,
-    /// Stored as committing to a relay: the row `accept` and `mark` leave.
+    /// Stored as committing to a relay: the row `accept` and `mark` leave,
+    /// without the message's bytes (a settle that keeps them brings them).
     marked: bool,
     reply: oneshot::Sender<Result<State, StoreError>>,
 }
@@ -542,7 +543,12 @@ impl Accepts {
             .bind(ms.clone().map(|m| m.from.as_deref()).collect::<Vec<_>>())
             .bind(ms.clone().map(|m| m.to.join("\n")).collect::<Vec<_>>())
             .bind(ms.clone().map(|m| m.bytes.len() as i64).collect::<Vec<_>>())
-            .bind(ms.clone().map(|m| &m.bytes[..]).collect::<Vec<_>>())
+            .bind(
+                self.ops
+                    .iter()
+                    .map(|op| (!op.marked).then_some(&op.m.bytes[..]))
+                    .collect::<Vec<_>>(),
+            )
             .bind(ms.clone().map(|m| m.prefer.as_deref()).collect::<Vec<_>>())
             .bind(ms.clone().map(|m| m.queued_at).collect::<Vec<_>>())
             .bind(ms.clone().map(|m| m.due_at).collect::<Vec<_>>())
@@ -683,6 +689,7 @@ async fn settle_loop(pool: PgPool, node: String, mut rx: mpsc::UnboundedReceiver
         let mut next: Vec<Option<i64>> = Vec::with_capacity(batch.len());
         let mut keep = Vec::with_capacity(batch.len());
         let mut copy = Vec::with_capacity(batch.len());
+        let mut bodies: Vec<Option<&[u8]>> = Vec::with_capacity(batch.len());
         let mut entries = Vec::with_capacity(batch.len());
         let (mut a_id, mut a_at, mut a_relay, mut a_class, mut a_code, mut a_text, mut a_ms) = (
             Vec::new(),
@@ -707,6 +714,7 @@ async fn settle_loop(pool: PgPool, node: String, mut rx: mpsc::UnboundedReceiver
             next.push(s.next_attempt_at);
             keep.push(s.state.keeps_body() || s.copy);
             copy.push(s.copy);
+            bodies.push(s.body.as_deref());
             entries.push(entry(s.state, now));
             for a in &s.attempts {
                 a_id.push(op.id.clone());
@@ -722,16 +730,17 @@ async fn settle_loop(pool: PgPool, node: String, mut rx: mpsc::UnboundedReceiver
             "WITH l AS (
                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[],
                     $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::bigint[],
-                    $11::bool[], $12::text[], $22::bool[])
+                    $11::bool[], $12::text[], $22::bool[], $23::bytea[])
                     AS l(id, epoch, state, finished, relay, accepted, rejected, reason, note,
-                         next_at, keep, entry, copy)),
+                         next_at, keep, entry, copy, body)),
              u AS (
                 UPDATE mailmux_messages m SET state = l.state, updated_at = $13,
                     finished_at = l.finished, committing = false, rounds = m.rounds + 1,
                     relay = COALESCE(l.relay, m.relay), accepted = l.accepted,
                     rejected = l.rejected, reason = l.reason, note = l.note,
                     next_attempt_at = l.next_at,
-                    body = CASE WHEN l.keep THEN m.body ELSE NULL END, lease_until = NULL,
+                    body = CASE WHEN l.keep THEN COALESCE(m.body, l.body) ELSE NULL END,
+                    lease_until = NULL,
                     sent_copy = CASE WHEN l.copy THEN 'pending' ELSE m.sent_copy END,
                     copy_node = CASE WHEN l.copy THEN $14 ELSE m.copy_node END,
                     history = m.history || CASE WHEN m.history = '' THEN '' ELSE ';' END || l.entry
@@ -774,6 +783,7 @@ async fn settle_loop(pool: PgPool, node: String, mut rx: mpsc::UnboundedReceiver
         .bind(&a_text)
         .bind(&a_ms)
         .bind(&copy)
+        .bind(&bodies)
         .fetch_all(&pool)
         .await;
         answer(batch.into_iter().map(|op| (op.id, op.reply)), done);
@@ -1404,7 +1414,9 @@ impl Store for PgStore {
     }
 
     /// One row through the accepts writer, leased to this daemon and
-    /// marked: no mark statement follows.
+    /// marked: no mark statement follows. The bytes are left out: a marked
+    /// message is never sent again from the store, and the round's settle
+    /// writes them only when its outcome keeps them ([`Settle::body`]).
     async fn accept_marked(&self, m: NewMessage) -> Result<(), StoreError> {
         if m.idempotency.is_some() || !self.claims {
             return super::accept_then_mark(self, m).await;
