@@ -251,8 +251,9 @@ struct Measurement {
     /// The daemon's system (kernel) part of `cpu`.
     daemon_sys: Option<Duration>,
     /// PostgreSQL's statements (each a round trip) in the run, from
-    /// pg_stat_statements, and the CPU time of its processes.
-    db: Option<(u64, Duration)>,
+    /// pg_stat_statements, the CPU time of its processes, and the bytes of
+    /// WAL it wrote.
+    db: Option<(u64, Duration, u64)>,
     /// CPU time of this process: the rmcp client (MCP paths).
     client_cpu: Option<Duration>,
     /// CPU time of smtp-sink.
@@ -360,6 +361,22 @@ fn pg_cpu(postmaster: u32) -> std::collections::HashMap<u32, Duration> {
     out
 }
 
+/// The cluster's current WAL position.
+fn pg_wal_lsn(pg: &Postgres) -> String {
+    pg.psql("postgres", "SELECT pg_current_wal_lsn()")
+}
+
+/// Bytes of WAL written since `lsn`: by every database of the cluster, and
+/// so by the one run that uses it.
+fn pg_wal_since(pg: &Postgres, lsn: &str) -> u64 {
+    pg.psql(
+        "postgres",
+        &format!("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{lsn}')::bigint"),
+    )
+    .parse()
+    .unwrap_or(0)
+}
+
 /// Statements run in database `db` so far (pg_stat_statements).
 fn pg_statements(pg: &Postgres, db: &str) -> u64 {
     pg.psql(
@@ -428,7 +445,7 @@ async fn run_mcp(
         .and_then(|u| u.rsplit('/').next())
         .map(str::to_owned);
     let db_before = match (pg, &db_name) {
-        (Some(pg), Some(db)) => Some((pg_statements(pg, db), pg.pid().map(pg_cpu))),
+        (Some(pg), Some(db)) => Some((pg_statements(pg, db), pg.pid().map(pg_cpu), pg_wal_lsn(pg))),
         _ => None,
     };
     let cpu_before = cpu_of(&daemons);
@@ -481,13 +498,17 @@ async fn run_mcp(
     let client_cpu = since(client_before, load::self_cpu());
     let sink_cpu = since(sink_before, load::proc_cpu(sink.pid()));
     let db = match (pg, &db_name, db_before) {
-        (Some(pg), Some(db), Some((statements, Some(cpu)))) => {
+        (Some(pg), Some(db), Some((statements, Some(cpu), lsn))) => {
             let after = pg.pid().map(pg_cpu).unwrap_or_default();
             let spent: Duration = after
                 .iter()
                 .map(|(pid, t)| t.saturating_sub(cpu.get(pid).copied().unwrap_or_default()))
                 .sum();
-            Some((pg_statements(pg, db).saturating_sub(statements), spent))
+            Some((
+                pg_statements(pg, db).saturating_sub(statements),
+                spent,
+                pg_wal_since(pg, &lsn),
+            ))
         }
         _ => None,
     };
@@ -760,24 +781,25 @@ fn table(rows: &[Row], memory: &[Memory], runs: usize) -> String {
     if !pg_rows.is_empty() {
         let _ = writeln!(
             out,
-            "\n| size | C | path | msgs/s | vs same transport on sqlite | PostgreSQL statements (round trips) per message | PostgreSQL CPU µs/msg | daemons' CPU µs/msg |"
+            "\n| size | C | path | msgs/s | vs same transport on sqlite | PostgreSQL statements (round trips) per message | PostgreSQL CPU µs/msg | PostgreSQL WAL bytes/msg | daemons' CPU µs/msg |"
         );
-        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
         for r in &pg_rows {
             let Path::Mcp(t, _) = r.path else { continue };
             let vs = find(r.size, r.c, Path::Mcp(t, Store::Sqlite))
                 .map(|s| format!("{:.0} %", 100.0 * r.m.rate() / s.m.rate()))
                 .unwrap_or_default();
-            let (statements, db_cpu) = match r.m.db {
-                Some((st, cpu)) if r.m.ok > 0 => (
+            let (statements, db_cpu, wal) = match r.m.db {
+                Some((st, cpu, wal)) if r.m.ok > 0 => (
                     format!("{:.2}", st as f64 / r.m.ok as f64),
                     r.m.per_message(Some(cpu)),
+                    format!("{:.0}", wal as f64 / r.m.ok as f64),
                 ),
-                _ => ("n/a".into(), "n/a".into()),
+                _ => ("n/a".into(), "n/a".into(), "n/a".into()),
             };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {:.0} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {} |",
                 size_name(r.size),
                 r.c,
                 r.path.name(),
@@ -785,6 +807,7 @@ fn table(rows: &[Row], memory: &[Memory], runs: usize) -> String {
                 vs,
                 statements,
                 db_cpu,
+                wal,
                 r.m.cpu_per_message(),
             );
         }
