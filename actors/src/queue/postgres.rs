@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
-use sqlx::{Executor, Row};
+use sqlx::{Connection, Executor, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::rows::{self, entry, lines};
@@ -1001,6 +1001,10 @@ impl PgStore {
     }
 }
 
+/// How long a pooled connection may sit idle before it is pinged when handed
+/// out again.
+const PING_IDLE: Duration = Duration::from_secs(1);
+
 async fn connect(s: &PgSettings) -> Result<PgPool, StoreError> {
     let failed = |e: sqlx::Error| StoreError::Unavailable(format!("{}: {e}", s.shown_url()));
     let options: sqlx::postgres::PgConnectOptions = s.url.parse().map_err(failed)?;
@@ -1026,9 +1030,22 @@ async fn connect(s: &PgSettings) -> Result<PgPool, StoreError> {
         ("jit", "off"),
         ("plan_cache_mode", "force_generic_plan"),
     ]);
+    // The pool would otherwise ping every idle connection it hands out (one
+    // more round trip before every statement): only a connection idle for
+    // a while is pinged, since one in steady use shows a failure on its
+    // next statement anyway.
     PgPoolOptions::new()
         .max_connections(s.pool.max(1))
         .acquire_timeout(Duration::from_secs(2))
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IDLE {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_with(options)
         .await
         .map_err(failed)
