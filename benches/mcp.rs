@@ -250,7 +250,8 @@ struct Measurement {
     cpu: Option<Duration>,
     /// The daemon's system (kernel) part of `cpu`.
     daemon_sys: Option<Duration>,
-    /// PostgreSQL's statements (each a round trip) in the run, from
+    /// PostgreSQL's statements in the run (each a round trip, and one more
+    /// when sqlx's pool tests the connection given back after it), from
     /// pg_stat_statements, the CPU time of its processes, and the bytes of
     /// WAL it wrote.
     db: Option<(u64, Duration, u64)>,
@@ -781,7 +782,7 @@ fn table(rows: &[Row], memory: &[Memory], runs: usize) -> String {
     if !pg_rows.is_empty() {
         let _ = writeln!(
             out,
-            "\n| size | C | path | msgs/s | vs same transport on sqlite | PostgreSQL statements (round trips) per message | PostgreSQL CPU µs/msg | PostgreSQL WAL bytes/msg | daemons' CPU µs/msg |"
+            "\n| size | C | path | msgs/s | vs same transport on sqlite | PostgreSQL statements per message (2 round trips each) | PostgreSQL CPU µs/msg | PostgreSQL WAL bytes/msg | daemons' CPU µs/msg |"
         );
         let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
         for r in &pg_rows {
