@@ -1244,6 +1244,52 @@ async fn postgres_settle_whose_answer_was_lost_is_written_once() {
 /// database cannot be reached again, the caller is told that the write is
 /// unconfirmed, not that nothing was stored; the stored message is then
 /// this daemon's to deliver.
+/// A pooled connection is pinged before use only after a second idle. One
+/// that PostgreSQL closed while it sat in the pool for less (a fast
+/// restart) must still cost no call an error: the next accept and the next
+/// read succeed at once, on a new connection, and so does one after a
+/// second idle.
+#[tokio::test]
+async fn postgres_connections_closed_in_the_pool_cost_no_error() {
+    let server = Postgres::start();
+    let (proxy, db, _, store) = behind_a_cut_proxy(&server).await;
+    let backends = || {
+        server.psql(
+            &db,
+            "SELECT COUNT(*) FROM pg_stat_activity
+              WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+        )
+    };
+    let rows = |id: &str| {
+        server.psql(
+            &db,
+            &format!("SELECT COUNT(*) FROM mailmux_messages WHERE message_id = '{id}'"),
+        )
+    };
+    // Closes every connection of the store's pool (one, through the proxy),
+    // well inside the second without a ping.
+    let close_all = || async {
+        proxy.close_all();
+        let closed = support::wait_until(|| backends() == "0", Duration::from_secs(5)).await;
+        assert!(closed, "the proxy did not close the pool's connection");
+    };
+    store.accept(message("before", None)).await.unwrap();
+
+    close_all().await;
+    assert_eq!(
+        store.accept(message("after-close", None)).await,
+        Ok(Accepted::Stored(State::Queued))
+    );
+    assert_eq!(rows("after-close"), "1");
+
+    close_all().await;
+    assert!(store.get("before").await.unwrap().is_some());
+
+    close_all().await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(store.get("after-close").await.unwrap().is_some());
+}
+
 #[tokio::test]
 async fn postgres_accept_whose_answer_was_lost_is_stored_once() {
     let server = Postgres::start();

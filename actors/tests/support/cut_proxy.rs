@@ -3,7 +3,8 @@
 //! drops the server's next answer on that connection and closes it. The
 //! server has done the work; the client sees a broken connection and never
 //! learns the outcome (an ambiguous commit). It can also refuse every new
-//! connection after the cut, as a server that went away would.
+//! connection after the cut, as a server that went away would, and close
+//! every open connection at once, as a server that restarted does.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -23,6 +24,8 @@ struct Shared {
 pub struct CutProxy {
     addr: SocketAddr,
     shared: Arc<Mutex<Shared>>,
+    /// Bumped to close every open connection.
+    closing: tokio::sync::watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -34,6 +37,7 @@ impl CutProxy {
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Mutex::new(Shared::default()));
         let state = shared.clone();
+        let (closing, closed) = tokio::sync::watch::channel(0);
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if state.lock().unwrap().refusing {
@@ -43,10 +47,15 @@ impl CutProxy {
                 let Ok(server) = TcpStream::connect(upstream).await else {
                     continue;
                 };
-                tokio::spawn(pipe(client, server, state.clone()));
+                tokio::spawn(pipe(client, server, state.clone(), closed.clone()));
             }
         });
-        CutProxy { addr, shared, task }
+        CutProxy {
+            addr,
+            shared,
+            closing,
+            task,
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -74,6 +83,11 @@ impl CutProxy {
         s.refuse_after = false;
     }
 
+    /// Closes every open connection; new ones are taken as before.
+    pub fn close_all(&self) {
+        self.closing.send_modify(|n| *n += 1);
+    }
+
     /// How many answers were dropped.
     pub fn cut(&self) -> usize {
         self.shared.lock().unwrap().cut
@@ -86,7 +100,13 @@ impl Drop for CutProxy {
     }
 }
 
-async fn pipe(client: TcpStream, server: TcpStream, shared: Arc<Mutex<Shared>>) {
+async fn pipe(
+    client: TcpStream,
+    server: TcpStream,
+    shared: Arc<Mutex<Shared>>,
+    mut closed: tokio::sync::watch::Receiver<u64>,
+) {
+    closed.mark_unchanged();
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
     // Set when this connection's client sent the marker.
@@ -140,5 +160,6 @@ async fn pipe(client: TcpStream, server: TcpStream, shared: Arc<Mutex<Shared>>) 
     tokio::select! {
         () = up => {}
         () = down => {}
+        _ = closed.changed() => {}
     }
 }
