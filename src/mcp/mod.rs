@@ -32,7 +32,9 @@ use crate::policy::Gate;
 #[derive(Clone)]
 pub struct MailmuxServer {
     state: Arc<State>,
-    tool_router: ToolRouter<MailmuxServer>,
+    /// Shared, not copied: the HTTP transport clones the server for every
+    /// stateless request.
+    tool_router: Arc<ToolRouter<MailmuxServer>>,
 }
 
 struct State {
@@ -107,7 +109,7 @@ impl MailmuxServer {
                 audit,
                 console: crate::console::Console::default(),
             }),
-            tool_router: standard_schemas(Self::tool_router()),
+            tool_router: Arc::new(standard_schemas(Self::tool_router())),
         }
     }
 
