@@ -1237,13 +1237,6 @@ async fn postgres_settle_whose_answer_was_lost_is_written_once() {
     }
 }
 
-/// An accept whose write committed but whose answer was lost is tried
-/// again in the form that keeps the first try's rows: the message is
-/// stored once and the caller told so, on each path (the accepts writer's
-/// INSERT, a keyed accept's transaction, a batch's transaction). When the
-/// database cannot be reached again, the caller is told that the write is
-/// unconfirmed, not that nothing was stored; the stored message is then
-/// this daemon's to deliver.
 /// A pooled connection is pinged before use only after a second idle. One
 /// that PostgreSQL closed while it sat in the pool for less (a fast
 /// restart) must still cost no call an error: the next accept and the next
@@ -1290,6 +1283,13 @@ async fn postgres_connections_closed_in_the_pool_cost_no_error() {
     assert!(store.get("after-close").await.unwrap().is_some());
 }
 
+/// An accept whose write committed but whose answer was lost is tried
+/// again in the form that keeps the first try's rows: the message is
+/// stored once and the caller told so, on each path (the accepts writer's
+/// INSERT, a keyed accept's transaction, a batch's transaction). When the
+/// database cannot be reached again, the caller is told that the write is
+/// unconfirmed, not that nothing was stored; the stored message is then
+/// this daemon's to deliver.
 #[tokio::test]
 async fn postgres_accept_whose_answer_was_lost_is_stored_once() {
     let server = Postgres::start();
