@@ -97,16 +97,11 @@ pub(crate) fn parse_mailbox(field: &str, raw: &str) -> Result<Mailbox, ComposeEr
             format!("is longer than {MAX_MAILBOX_INPUT} bytes"),
         ));
     }
-    if let Some(address) = plain_address(raw) {
-        return address.map(|a| Mailbox::new(None, a)).map_err(|_| {
-            ComposeError::new(
-                field,
-                "invalid_address",
-                "is not a valid address; expected `ada@example.org` or `Ada <ada@example.org>`",
-            )
-        });
-    }
-    let mut mailbox: Mailbox = raw.parse().map_err(|_| {
+    let parsed = match plain_address(raw) {
+        Some(address) => address.map(|a| Mailbox::new(None, a)),
+        None => raw.parse(),
+    };
+    let mut mailbox = parsed.map_err(|_| {
         ComposeError::new(
             field,
             "invalid_address",
