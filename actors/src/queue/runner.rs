@@ -579,11 +579,14 @@ impl Queue {
                 Some(r) => r,
                 None => inner.record(&id).await?,
             };
+            // A round in flight (here, or on another daemon of a shared
+            // store) ends within the deadline or the deadline answers.
+            let in_flight = current.state == State::Sending;
             let retry_in_time = current.state == State::Queued
                 && current
                     .next_attempt_at
                     .is_some_and(|t| instant_of(t) < deadline);
-            if current.state.is_final() || !retry_in_time {
+            if current.state.is_final() || !(in_flight || retry_in_time) {
                 inner.drop_waiters(&id);
                 return Ok(Submitted {
                     record: current,
