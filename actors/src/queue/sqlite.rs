@@ -755,35 +755,36 @@ fn settle(c: &Connection, id: &str, s: &Settle, now: Millis) -> rusqlite::Result
     let finished = s.state.is_final().then_some(now);
     let keep_body = s.state.keeps_body() || s.copy;
     let rejected = rows::rejected_text(&s.rejected);
+    // Found first, then changed by its rowid: an `UPDATE … RETURNING` costs
+    // a temporary table per statement.
     let seq: i64 = c
-        .prepare_cached(&format!(
-            "UPDATE messages SET state = ?2, updated_at = ?3, finished_at = ?4, committing = 0,
-                rounds = rounds + 1, relay = COALESCE(?5, relay), accepted = ?6, rejected = ?7,
-                reason = ?8, note = ?9, next_attempt_at = ?10,
-                body = CASE WHEN ?11 THEN COALESCE(body, ?14) ELSE NULL END,
-                sent_copy = CASE WHEN ?13 THEN 'pending' ELSE sent_copy END, {}
-             WHERE message_id = ?1 RETURNING seq",
-            append_history(12)
-        ))?
-        .query_row(
-            params![
-                id,
-                s.state.as_str(),
-                now,
-                finished,
-                s.relay,
-                s.accepted.join("\n"),
-                rejected,
-                s.reason,
-                s.note,
-                s.next_attempt_at,
-                keep_body,
-                entry(s.state, now),
-                s.copy,
-                s.body.as_deref(),
-            ],
-            |r| r.get(0),
-        )?;
+        .prepare_cached("SELECT seq FROM messages WHERE message_id = ?1")?
+        .query_row([id], |r| r.get(0))?;
+    c.prepare_cached(&format!(
+        "UPDATE messages SET state = ?2, updated_at = ?3, finished_at = ?4, committing = 0,
+            rounds = rounds + 1, relay = COALESCE(?5, relay), accepted = ?6, rejected = ?7,
+            reason = ?8, note = ?9, next_attempt_at = ?10,
+            body = CASE WHEN ?11 THEN COALESCE(body, ?14) ELSE NULL END,
+            sent_copy = CASE WHEN ?13 THEN 'pending' ELSE sent_copy END, {}
+         WHERE seq = ?1",
+        append_history(12)
+    ))?
+    .execute(params![
+        seq,
+        s.state.as_str(),
+        now,
+        finished,
+        s.relay,
+        s.accepted.join("\n"),
+        rejected,
+        s.reason,
+        s.note,
+        s.next_attempt_at,
+        keep_body,
+        entry(s.state, now),
+        s.copy,
+        s.body.as_deref(),
+    ])?;
     let mut insert = c.prepare_cached(
         "INSERT INTO attempts (seq, at, relay, class, code, text, duration_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?;
