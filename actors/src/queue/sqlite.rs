@@ -2,8 +2,9 @@
 //!
 //! SQLite has no group commit, so one writer thread owns the write
 //! connection and folds every write that arrives while it commits into the
-//! next transaction: one fsync (`synchronous=FULL`) per batch, each write in
-//! its own savepoint so that one failing write does not undo the others.
+//! next transaction: one fsync (`synchronous=FULL`) per batch. A write that
+//! fails before it changed a row fails alone; one that fails part-way rolls
+//! its whole batch back ([`run_write`]).
 //! The one exception is the outcome of a delivery that a relay took (`sent`,
 //! `partial`, with no Sent copy due): a batch of only such writes commits
 //! with `synchronous=NORMAL` and is answered once written. The next commit's
@@ -146,8 +147,13 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// A write for the writer thread. It runs inside the batch's transaction
 /// (or gets the error that the transaction could not begin) and returns the
-/// answer to send once the commit's outcome is known.
-type Job = Box<dyn FnOnce(Result<&mut Transaction<'_>, &StoreError>, Millis) -> Answer + Send>;
+/// answer to send once the commit's outcome is known, with the error of a
+/// write that failed after it changed rows, which the batch must undo (see
+/// [`run_write`]).
+type Job = Box<
+    dyn FnOnce(Result<&mut Transaction<'_>, &StoreError>, Millis) -> (Answer, Option<StoreError>)
+        + Send,
+>;
 
 /// Sends a write's result, or the commit's error in place of a success.
 type Answer = Box<dyn FnOnce(&Result<(), StoreError>) + Send>;
@@ -268,8 +274,8 @@ impl SqliteStore {
         })
     }
 
-    /// Runs `f` in the writer thread's next transaction, in a savepoint of
-    /// its own; answers once that transaction is committed.
+    /// Runs `f` in the writer thread's next transaction; answers once that
+    /// transaction is committed.
     async fn write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection, Millis) -> rusqlite::Result<T> + Send + 'static,
@@ -285,16 +291,17 @@ impl SqliteStore {
     ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel::<Result<T, StoreError>>();
         let job: Job = Box::new(move |batch, now| {
-            let result = match batch {
-                Ok(t) => in_savepoint(t, |c| f(c, now)),
-                Err(e) => Err(e.clone()),
+            let (result, undo) = match batch {
+                Ok(t) => run_write(t, |c| f(c, now)),
+                Err(e) => (Err(e.clone()), None),
             };
-            Box::new(move |commit| {
+            let answer: Answer = Box::new(move |commit| {
                 let _ = tx.send(match (result, commit) {
                     (Ok(_), Err(e)) => Err(e.clone()),
                     (r, _) => r,
                 });
-            })
+            });
+            (answer, undo)
         });
         self.writes
             .send(Work::Write { job, lazy })
@@ -521,14 +528,40 @@ fn run_batch(conn: &mut Connection, batch: &mut Vec<Job>, ready: Result<(), Stor
     });
     let commit = match begun {
         Ok(mut tx) => {
+            // Once set, the batch is rolled back and the writes after it
+            // are not run.
+            let mut undone: Option<StoreError> = None;
             for job in batch.drain(..) {
-                answers.push(job(Ok(&mut tx), now));
+                if undone.is_none() && tx.is_autocommit() {
+                    // SQLite rolled the transaction back itself (a full
+                    // disk, an I/O error): what follows must not run
+                    // outside it.
+                    undone = Some(unavailable("SQLite rolled the transaction back"));
+                }
+                if let Some(e) = &undone {
+                    answers.push(job(Err(e), now).0);
+                    continue;
+                }
+                let (answer, failed) = job(Ok(&mut tx), now);
+                answers.push(answer);
+                undone = failed.map(|e| {
+                    StoreError::Unavailable(format!(
+                        "a write in the same transaction failed part-way, so none was stored ({e})"
+                    ))
+                });
             }
-            tx.commit().map_err(commit_error)
+            match undone {
+                None => tx.commit().map_err(commit_error),
+                Some(e) => {
+                    // Dropping the transaction rolls it back.
+                    drop(tx);
+                    Err(e)
+                }
+            }
         }
         Err(err) => {
             for job in batch.drain(..) {
-                answers.push(job(Err(&err), now));
+                answers.push(job(Err(&err), now).0);
             }
             Err(err)
         }
@@ -556,25 +589,25 @@ fn commit_error(e: rusqlite::Error) -> StoreError {
     }
 }
 
-/// Runs one write in its own savepoint, so that a failing write does not
-/// undo the others in its batch.
-fn in_savepoint<T>(
-    tx: &mut Transaction<'_>,
+/// Runs one write in the batch's transaction. Each statement is atomic, so
+/// a write that fails before it changed a row leaves the others in the
+/// batch to commit. One that fails after (in a later statement of several)
+/// returns its error a second time: the batch is then rolled back whole, and
+/// every write in it fails. A savepoint per write would undo only its own,
+/// but it copies each page the write touches, a tenth of the writer's work,
+/// for a failure (a full disk, an I/O error) that would most likely fail
+/// the others anyway.
+fn run_write<T>(
+    c: &Connection,
     f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
-) -> Result<T, StoreError> {
-    // Cached statements: a savepoint per write must not cost a parse.
-    let c: &Connection = tx;
-    let run = |sql: &str| c.prepare_cached(sql).and_then(|mut st| st.execute([]));
-    run("SAVEPOINT write").map_err(unavailable)?;
+) -> (Result<T, StoreError>, Option<StoreError>) {
+    let before = c.total_changes();
     match f(c) {
-        Ok(v) => {
-            run("RELEASE write").map_err(unavailable)?;
-            Ok(v)
-        }
+        Ok(v) => (Ok(v), None),
         Err(e) => {
-            let _ = run("ROLLBACK TO write");
-            let _ = run("RELEASE write");
-            Err(unavailable(e))
+            let e = unavailable(e);
+            let undo = (c.total_changes() != before).then(|| e.clone());
+            (Err(e), undo)
         }
     }
 }
@@ -1312,6 +1345,93 @@ mod tests {
             })
             .await
             .unwrap()
+    }
+
+    fn message(id: &str) -> NewMessage {
+        let now = now_millis();
+        NewMessage {
+            message_id: id.into(),
+            from: Some("a@example.org".into()),
+            to: vec!["b@example.org".into()],
+            bytes: Arc::from(&b"Subject: x\r\n\r\nbody\r\n"[..]),
+            prefer: None,
+            queued_at: now,
+            due_at: now,
+            idempotency: None,
+            caller: None,
+            meta: None,
+            hold: None,
+            only: None,
+            batch: None,
+        }
+    }
+
+    /// Holds the writer thread until the returned sender is dropped.
+    async fn hold_writer(store: &Arc<SqliteStore>) -> std::sync::mpsc::Sender<()> {
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (started, running) = oneshot::channel();
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .write(move |_, _| {
+                    let _ = started.send(());
+                    let _ = held.recv();
+                    Ok(())
+                })
+                .await
+        });
+        running.await.unwrap();
+        release
+    }
+
+    #[tokio::test]
+    async fn a_write_that_fails_before_changing_a_row_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("q.db")).unwrap());
+        let release = hold_writer(&store).await;
+        let s = store.clone();
+        let stored = tokio::spawn(async move { s.accept(message("<a@x>")).await });
+        let s = store.clone();
+        let missing = tokio::spawn(async move { s.mark("<nobody@x>").await });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        drop(release);
+        assert!(matches!(
+            stored.await.unwrap(),
+            Ok(Accepted::Stored(State::Queued))
+        ));
+        assert!(missing.await.unwrap().is_err());
+        assert!(store.get("<a@x>").await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_write_that_fails_part_way_rolls_its_batch_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("q.db")).unwrap());
+        let release = hold_writer(&store).await;
+        let s = store.clone();
+        let other = tokio::spawn(async move { s.accept(message("<a@x>")).await });
+        let s = store.clone();
+        let part_way = tokio::spawn(async move {
+            s.write(|c, now| {
+                accept_all(c, &[message("<b@x>")], now)?;
+                Err::<(), _>(rusqlite::Error::QueryReturnedNoRows)
+            })
+            .await
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        drop(release);
+        let other = other.await.unwrap().unwrap_err().to_string();
+        assert!(other.contains("failed part-way"), "{other}");
+        assert!(part_way.await.unwrap().is_err());
+        for id in ["<a@x>", "<b@x>"] {
+            assert!(store.get(id).await.unwrap().is_none(), "{id} was stored");
+        }
+        assert!(store.stats().await.unwrap().counts.is_empty());
+        // The next batch stores as usual.
+        assert!(matches!(
+            store.accept(message("<a@x>")).await,
+            Ok(Accepted::Stored(State::Queued))
+        ));
     }
 
     #[test]
