@@ -584,13 +584,16 @@ fn run_batch(conn: &mut Connection, batch: &mut Vec<Job>, ready: Result<(), Stor
             // Once set, the batch is rolled back and the writes after it
             // are not run.
             let mut undone: Option<StoreError> = None;
-            for job in batch.drain(..) {
+            // SQLite rolls the transaction back itself on some failures (a
+            // full disk, an I/O error): what follows must not run outside
+            // it, where each statement would commit on its own.
+            let rolled_back = |undone: &mut Option<StoreError>| {
                 if undone.is_none() && tx.is_autocommit() {
-                    // SQLite rolled the transaction back itself (a full
-                    // disk, an I/O error): what follows must not run
-                    // outside it.
-                    undone = Some(unavailable("SQLite rolled the transaction back"));
+                    *undone = Some(unavailable("SQLite rolled the transaction back"));
                 }
+            };
+            for job in batch.drain(..) {
+                rolled_back(&mut undone);
                 if let Some(e) = &undone {
                     answers.push(job(Err(e), now).0);
                     continue;
@@ -603,6 +606,7 @@ fn run_batch(conn: &mut Connection, batch: &mut Vec<Job>, ready: Result<(), Stor
                     ))
                 });
             }
+            rolled_back(&mut undone);
             if undone.is_none()
                 && let Err(e) = add_moves(&tx, moves.get())
             {
@@ -1508,6 +1512,85 @@ mod tests {
         // The next batch stores as usual.
         assert!(matches!(
             store.accept(message("<a@x>")).await,
+            Ok(Accepted::Stored(State::Queued))
+        ));
+    }
+
+    /// A full store (here: capped with `max_page_count`) refuses what it
+    /// cannot hold, in batches of concurrent writes, and answers each write
+    /// as it was: a message answered stored is there, one refused is not,
+    /// and the counts are those of the rows. Raising the cap, it stores
+    /// again.
+    #[tokio::test]
+    async fn a_full_store_answers_each_write_as_it_was_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("q.db")).unwrap());
+        let cap = |extra: i64| {
+            let store = store.clone();
+            async move {
+                store
+                    .write(move |c, _| {
+                        let pages: i64 = c.pragma_query_value(None, "page_count", |r| r.get(0))?;
+                        c.pragma_update(None, "max_page_count", pages + extra)
+                    })
+                    .await
+                    .unwrap()
+            }
+        };
+        // Some stored before the store fills, in batches of their own.
+        for i in 0..4 {
+            let id = format!("<before-{i}@x>");
+            assert!(matches!(
+                store.accept(message(&id)).await,
+                Ok(Accepted::Stored(State::Queued))
+            ));
+        }
+        cap(8).await;
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..64 {
+            let store = store.clone();
+            calls.spawn(async move {
+                let id = format!("<{i}@x>");
+                let m = NewMessage {
+                    bytes: Arc::from(vec![b'x'; 8192]),
+                    ..message(&id)
+                };
+                (id, store.accept(m).await)
+            });
+        }
+        let (mut stored, mut refused) = (4, 0);
+        for (id, answer) in calls.join_all().await {
+            let there = store.get(&id).await.unwrap().is_some();
+            match answer {
+                Ok(Accepted::Stored(State::Queued)) => {
+                    assert!(there, "{id} answered stored");
+                    stored += 1;
+                }
+                Err(e) => {
+                    assert!(!there, "{id} answered {e} but stored");
+                    refused += 1;
+                }
+                other => panic!("{id}: {other:?}"),
+            }
+        }
+        assert!(
+            stored > 0 && refused > 0,
+            "stored {stored}, refused {refused}"
+        );
+        let (counted, rows) = store
+            .read(|c| {
+                let n = |sql: &str| c.query_row(sql, [], |r| r.get::<_, i64>(0));
+                Ok((
+                    n("SELECT COALESCE(SUM(n), 0) FROM counts")?,
+                    n("SELECT COUNT(*) FROM messages")?,
+                ))
+            })
+            .await
+            .unwrap();
+        assert_eq!((counted, rows), (stored, stored));
+        cap(10_000).await;
+        assert!(matches!(
+            store.accept(message("<after@x>")).await,
             Ok(Accepted::Stored(State::Queued))
         ));
     }
