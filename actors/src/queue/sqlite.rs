@@ -909,17 +909,9 @@ fn settle(c: &Tx<'_>, id: &str, s: &Settle, now: Millis) -> rusqlite::Result<()>
 }
 
 fn cancel(c: &Tx<'_>, id: &str, now: Millis) -> rusqlite::Result<Cancel> {
-    let row: Option<(i64, String)> = c
-        .query_row(
-            "SELECT seq, state FROM messages WHERE message_id = ?1",
-            [id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
-    let Some((seq, state)) = row else {
+    let Some((seq, state)) = seq_and_state(c, id).optional()? else {
         return Ok(Cancel::NotFound);
     };
-    let state = State::parse(&state).unwrap_or(State::Failed);
     if !matches!(state, State::Queued | State::Scheduled | State::Held) {
         return Ok(Cancel::Refused(state));
     }
