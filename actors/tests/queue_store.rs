@@ -408,6 +408,7 @@ async fn sqlite_on_disk_conforms() {
     purges_in_chunks(&open("purges.db")).await;
     batch_counts(&open("batches.db")).await;
     first_rounds(&open("first.db")).await;
+    listings(&open("listings.db")).await;
     for name in [
         "q.db",
         "approvals.db",
@@ -415,9 +416,68 @@ async fn sqlite_on_disk_conforms() {
         "purges.db",
         "batches.db",
         "first.db",
+        "listings.db",
     ] {
         counts_match_rows(&dir.path().join(name));
     }
+}
+
+/// Listings by caller, by batch and by both, newest first, a page at a
+/// time: the same on every store. The SQL stores read a listing by caller
+/// or by batch through an index (`listings_read_through_indexes` for
+/// PostgreSQL, a unit test of the statement for SQLite).
+async fn listings(store: &dyn Store) {
+    for i in 0..12 {
+        let m = NewMessage {
+            caller: Some(if i % 2 == 0 { "a" } else { "b" }.into()),
+            batch: match i {
+                0..=5 => Some("x".into()),
+                6..=8 => Some("y".into()),
+                _ => None,
+            },
+            ..message(&format!("l{i}"), None)
+        };
+        store.accept(m).await.unwrap();
+    }
+    store.mark("l7").await.unwrap();
+    let ids = |caller: Option<&str>, batch: Option<&str>, state: Option<State>| {
+        let filter = Filter {
+            caller: caller.map(Into::into),
+            batch: batch.map(Into::into),
+            state,
+            ..Filter::default()
+        };
+        async move {
+            let mut ids = Vec::new();
+            let mut cursor = None;
+            loop {
+                let (page, next) = store.list(&filter, 2, cursor).await.unwrap();
+                assert!(page.len() <= 2);
+                ids.extend(page.into_iter().map(|s| s.message_id));
+                match next {
+                    Some(n) => cursor = Some(n),
+                    None => return ids,
+                }
+            }
+        }
+    };
+    assert_eq!(
+        ids(Some("a"), None, None).await,
+        ["l10", "l8", "l6", "l4", "l2", "l0"]
+    );
+    assert_eq!(
+        ids(None, Some("x"), None).await,
+        ["l5", "l4", "l3", "l2", "l1", "l0"]
+    );
+    assert_eq!(ids(Some("b"), Some("x"), None).await, ["l5", "l3", "l1"]);
+    assert_eq!(ids(Some("a"), Some("y"), None).await, ["l8", "l6"]);
+    assert_eq!(
+        ids(Some("b"), Some("y"), Some(State::Sending)).await,
+        ["l7"]
+    );
+    assert_eq!(ids(None, None, Some(State::Sending)).await, ["l7"]);
+    assert!(ids(None, Some("z"), None).await.is_empty());
+    assert!(ids(Some("c"), None, None).await.is_empty());
 }
 
 /// The counts per state that the SQLite store keeps are those of its rows.
@@ -497,6 +557,7 @@ async fn memory_conforms() {
     purges_in_chunks(&MemoryStore::new()).await;
     batch_counts(&MemoryStore::new()).await;
     first_rounds(&MemoryStore::new()).await;
+    listings(&MemoryStore::new()).await;
 }
 
 /// A waiting call's message stored only at its first round's commit mark
@@ -846,6 +907,62 @@ async fn postgres_conforms() {
     on_a_new_database!(purges_in_chunks);
     on_a_new_database!(copies);
     on_a_new_database!(marked_bytes);
+    on_a_new_database!(listings);
+}
+
+/// PostgreSQL reads a listing by caller, and one by batch, through the
+/// index on that column: its statistics count a scan of each.
+#[tokio::test]
+async fn postgres_listings_read_through_indexes() {
+    let server = Postgres::start();
+    let url = server.database();
+    let db = url.rsplit('/').next().unwrap().to_owned();
+    let store = PgStore::open(&pg(&url, "n1")).await.unwrap();
+    store.accept(message("one", None)).await.unwrap();
+    let scans = |index: &str| -> i64 {
+        server
+            .psql(
+                &db,
+                &format!(
+                    "SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = '{index}'"
+                ),
+            )
+            .parse()
+            .unwrap()
+    };
+    for (index, filter) in [
+        (
+            "mailmux_messages_caller",
+            Filter {
+                caller: Some("agent".into()),
+                ..Filter::default()
+            },
+        ),
+        (
+            "mailmux_messages_batch",
+            Filter {
+                caller: Some("agent".into()),
+                batch: Some("x".into()),
+                ..Filter::default()
+            },
+        ),
+    ] {
+        let before = scans(index);
+        // A backend reports its statistics at most once a second, and
+        // within ten when it goes idle: list until they show the scan.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            store.list(&filter, 10, None).await.unwrap();
+            if scans(index) > before {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no scan of {index} counted"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
 }
 
 #[tokio::test]

@@ -1819,23 +1819,18 @@ impl Store for PgStore {
         limit: usize,
         cursor: Option<i64>,
     ) -> Result<(Vec<Summary>, Option<i64>), StoreError> {
-        let rows = sqlx::query(
-            "SELECT seq, message_id, state, mail_from, rcpt, queued_at, updated_at, relay, caller,
-                    node
-               FROM mailmux_messages WHERE seq < $1 AND ($2::text IS NULL OR state = $2)
-                AND ($4::text IS NULL OR caller = $4) AND ($5::text IS NULL OR batch = $5)
-                AND ($6::text IS NULL OR strpos(lower(rcpt), $6) > 0)
-              ORDER BY seq DESC LIMIT $3",
-        )
-        .bind(cursor.unwrap_or(i64::MAX))
-        .bind(filter.state.map(State::as_str))
-        .bind(limit as i64 + 1)
-        .bind(&filter.caller)
-        .bind(&filter.batch)
-        .bind(filter.recipient.as_ref().map(|r| r.to_lowercase()))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        // Built from constants only: the filters are bound.
+        let sql = rows::list_sql('$', filter.caller.is_some(), filter.batch.is_some());
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(cursor.unwrap_or(i64::MAX))
+            .bind(filter.state.map(State::as_str))
+            .bind(limit as i64 + 1)
+            .bind(&filter.caller)
+            .bind(&filter.batch)
+            .bind(filter.recipient.as_ref().map(|r| r.to_lowercase()))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
         let more = rows.len() > limit;
         let mut page = Vec::with_capacity(rows.len().min(limit));
         let mut last = None;

@@ -1,6 +1,6 @@
 //! What the SQL stores (`sqlite`, `postgres`) share: how list and history
-//! columns are written and read back, the update of a Sent copy's outcome,
-//! and the verdict on a person's decision.
+//! columns are written and read back, the listing's statement, the update
+//! of a Sent copy's outcome, and the verdict on a person's decision.
 
 use super::{Decided, Decision, Millis, RejectedRecord, State};
 
@@ -38,6 +38,45 @@ pub(crate) fn note_copy_sql(p: char) -> String {
             "messages"
         },
         states = without.join(", ")
+    )
+}
+
+/// The listing's statement (`p` numbers its parameters): rows before seq
+/// `1`, newest first, at most `3`, filtered by state `2`, caller `4`,
+/// batch `5` and a recipient's substring `6`, each unset when null.
+/// Neither SQLite nor PostgreSQL's generic plan uses an index for
+/// `4 IS NULL OR caller = 4`, so a listing by caller or by batch names it
+/// in the statement, and reads through the `(caller, seq)` or
+/// `(batch, seq)` index rather than every row before its match.
+pub(crate) fn list_sql(p: char, by_caller: bool, by_batch: bool) -> String {
+    let (table, node, cast, find) = if p == '$' {
+        (
+            "mailmux_messages",
+            ", node",
+            "::text",
+            "strpos(lower(rcpt), $6)",
+        )
+    } else {
+        ("messages", "", "", "instr(lower(rcpt), ?6)")
+    };
+    let unset = |n: u8| format!("{p}{n}{cast} IS NULL");
+    let caller = if by_caller {
+        format!("caller = {p}4")
+    } else {
+        unset(4)
+    };
+    let batch = if by_batch {
+        format!("batch = {p}5")
+    } else {
+        unset(5)
+    };
+    format!(
+        "SELECT seq, message_id, state, mail_from, rcpt, queued_at, updated_at, relay, caller{node}
+           FROM {table} WHERE {caller} AND {batch} AND seq < {p}1
+            AND ({state} OR state = {p}2) AND ({rcpt} OR {find} > 0)
+          ORDER BY seq DESC LIMIT {p}3",
+        state = unset(2),
+        rcpt = unset(6),
     )
 }
 

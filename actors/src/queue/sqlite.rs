@@ -1217,33 +1217,28 @@ impl Store for SqliteStore {
         let caller = filter.caller.clone();
         let batch = filter.batch.clone();
         let recipient = filter.recipient.as_ref().map(|r| r.to_lowercase());
+        let (by_caller, by_batch) = (caller.is_some(), batch.is_some());
         self.read(move |c| {
             let before = cursor.unwrap_or(i64::MAX);
-            let mut stmt = c.prepare_cached(
-                "SELECT seq, message_id, state, mail_from, rcpt, queued_at, updated_at, relay, caller
-                   FROM messages WHERE seq < ?1 AND (?2 IS NULL OR state = ?2)
-                   AND (?4 IS NULL OR caller = ?4) AND (?5 IS NULL OR batch = ?5)
-                   AND (?6 IS NULL OR instr(lower(rcpt), ?6) > 0)
-                   ORDER BY seq DESC LIMIT ?3",
-            )?;
+            let mut stmt = c.prepare_cached(&rows::list_sql('?', by_caller, by_batch))?;
             let rows: Vec<(i64, Summary)> = stmt
                 .query_map(
                     params![before, state, limit as i64 + 1, caller, batch, recipient],
                     |r| {
-                    Ok((
-                        r.get(0)?,
-                        Summary {
-                            message_id: r.get(1)?,
-                            state: rows::state(&r.get::<_, String>(2)?),
-                            from: r.get(3)?,
-                            to: lines(r.get(4)?),
-                            queued_at: r.get(5)?,
-                            updated_at: r.get(6)?,
-                            relay: r.get(7)?,
-                            caller: r.get(8)?,
-                            node: None,
-                        },
-                    ))
+                        Ok((
+                            r.get(0)?,
+                            Summary {
+                                message_id: r.get(1)?,
+                                state: rows::state(&r.get::<_, String>(2)?),
+                                from: r.get(3)?,
+                                to: lines(r.get(4)?),
+                                queued_at: r.get(5)?,
+                                updated_at: r.get(6)?,
+                                relay: r.get(7)?,
+                                caller: r.get(8)?,
+                                node: None,
+                            },
+                        ))
                     },
                 )?
                 .collect::<rusqlite::Result<_>>()?;
@@ -1585,6 +1580,48 @@ mod tests {
             store.accept(message("<after@x>")).await,
             Ok(Accepted::Stored(State::Queued))
         ));
+    }
+
+    #[test]
+    fn a_listing_by_caller_or_batch_reads_through_its_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("q.db")).unwrap();
+        let c = store.reader.lock().unwrap();
+        let plan = |caller, batch| {
+            c.prepare(&format!(
+                "EXPLAIN QUERY PLAN {}",
+                rows::list_sql('?', caller, batch)
+            ))
+            .unwrap()
+            .query_map(
+                params![1, None::<String>, 10, "a", "b", None::<String>],
+                |r| r.get::<_, String>(3),
+            )
+            .unwrap()
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .unwrap()
+            .join("; ")
+        };
+        assert!(
+            plan(true, false).contains("USING INDEX messages_caller"),
+            "{}",
+            plan(true, false)
+        );
+        assert!(
+            plan(false, true).contains("USING INDEX messages_batch"),
+            "{}",
+            plan(false, true)
+        );
+        assert!(
+            plan(true, true).contains("USING INDEX messages_batch"),
+            "{}",
+            plan(true, true)
+        );
+        assert!(
+            !plan(false, false).contains("INDEX"),
+            "{}",
+            plan(false, false)
+        );
     }
 
     #[test]
