@@ -3,8 +3,9 @@
 //! many in the store: accept + mark + settle at C=32, the two writes of a
 //! call that waits (its message stored at its commit mark, then settled
 //! with one attempt) at C=32, recovery on reopen, a status lookup, the first
-//! page of a listing, and the queue's counts. Run by hand; it asserts
-//! nothing and prints markdown.
+//! page of a listing, a page of the oldest batch as its caller lists it, and
+//! the queue's counts. Run by hand; it prints markdown, and checks only that
+//! each answer is whole.
 //!
 //! ```text
 //! cargo bench --bench queue -- --messages 10000,1000000
@@ -23,6 +24,9 @@ const WRITERS: usize = 32;
 const MEASURED: usize = 10_000;
 /// Body of each stored message: a small message, so that a million fit.
 const BODY: usize = 256;
+/// The first messages of the fill are one batch: the listing of the
+/// oldest batch.
+const BATCH: usize = 100;
 
 fn message(id: String) -> NewMessage {
     let now = now_millis();
@@ -35,7 +39,7 @@ fn message(id: String) -> NewMessage {
         queued_at: now,
         due_at: now,
         idempotency: None,
-        caller: None,
+        caller: Some("bench".into()),
         meta: None,
         hold: None,
         only: None,
@@ -70,7 +74,11 @@ async fn lifecycle(store: Arc<dyn Store>, prefix: &str, n: usize) -> anyhow::Res
             let mut i = w;
             while i < n {
                 let id = format!("{prefix}-{i}");
-                store.accept(message(id.clone())).await?;
+                let mut m = message(id.clone());
+                if prefix == "fill" && i < BATCH {
+                    m.batch = Some("first".into());
+                }
+                store.accept(m).await?;
                 store.mark(&id).await?;
                 store.settle(&id, sent()).await?;
                 i += WRITERS;
@@ -150,6 +158,15 @@ async fn measure(fill: usize) -> anyhow::Result<String> {
     let t = Instant::now();
     store.list(&Filter::default(), 100, None).await?;
     let list = t.elapsed();
+    let oldest = Filter {
+        caller: Some("bench".into()),
+        batch: Some("first".into()),
+        ..Filter::default()
+    };
+    let t = Instant::now();
+    let (batch, _) = store.list(&oldest, BATCH, None).await?;
+    let list_batch = t.elapsed();
+    anyhow::ensure!(batch.len() == BATCH.min(fill), "the oldest batch, whole");
     let t = Instant::now();
     store.stats().await?;
     let stats = t.elapsed();
@@ -167,13 +184,14 @@ async fn measure(fill: usize) -> anyhow::Result<String> {
     let size = std::fs::metadata(&path)?.len();
 
     Ok(format!(
-        "| {fill} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
+        "| {fill} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
         MEASURED as f64 / took.as_secs_f64(),
         us(per_msg),
         MEASURED as f64 / marked.as_secs_f64(),
         us(lookups[lookups.len() / 2]),
         us(lookups[lookups.len() * 99 / 100]),
         us(list),
+        us(list_batch),
         us(stats),
         us(due),
         us(open),
@@ -204,7 +222,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let mut out = String::from(
-        "| messages in the store | accept+mark+settle msgs/s (C=32) | µs per message (wall) | marked+settle msgs/s (C=32) | get p50 µs | get p99 µs | list 100 µs | stats µs | due µs | open µs | recover µs | file MB |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| messages in the store | accept+mark+settle msgs/s (C=32) | µs per message (wall) | marked+settle msgs/s (C=32) | get p50 µs | get p99 µs | list 100 µs | list the oldest batch µs | stats µs | due µs | open µs | recover µs | file MB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for fill in fills {
         out.push_str(&rt.block_on(measure(fill))?);
