@@ -476,6 +476,12 @@ async fn listings(store: &dyn Store) {
         ["l7"]
     );
     assert_eq!(ids(None, None, Some(State::Sending)).await, ["l7"]);
+    assert_eq!(ids(Some("b"), None, Some(State::Sending)).await, ["l7"]);
+    assert!(ids(Some("a"), None, Some(State::Sending)).await.is_empty());
+    assert_eq!(
+        ids(Some("b"), None, Some(State::Queued)).await,
+        ["l11", "l9", "l5", "l3", "l1"]
+    );
     assert!(ids(None, Some("z"), None).await.is_empty());
     assert!(ids(Some("c"), None, None).await.is_empty());
 }
@@ -910,15 +916,19 @@ async fn postgres_conforms() {
     on_a_new_database!(listings);
 }
 
-/// PostgreSQL reads a listing by caller, and one by batch, through the
-/// index on that column: its statistics count a scan of each.
+/// PostgreSQL reads a listing by caller, one by batch and one by a state
+/// other than `sent` through the index on that column: its statistics
+/// count a scan of each.
 #[tokio::test]
 async fn postgres_listings_read_through_indexes() {
     let server = Postgres::start();
     let url = server.database();
     let db = url.rsplit('/').next().unwrap().to_owned();
-    let store = PgStore::open(&pg(&url, "n1")).await.unwrap();
-    store.accept(message("one", None)).await.unwrap();
+    let daemon = PgStore::open(&pg(&url, "n1")).await.unwrap();
+    daemon.accept(message("one", None)).await.unwrap();
+    drop(daemon);
+    // Without a daemon's own statements (heartbeats, leases) beside it.
+    let store = PgStore::open_shared(&pg(&url, "n1")).await.unwrap();
     let scans = |index: &str| -> i64 {
         server
             .psql(
@@ -943,6 +953,14 @@ async fn postgres_listings_read_through_indexes() {
             Filter {
                 caller: Some("agent".into()),
                 batch: Some("x".into()),
+                ..Filter::default()
+            },
+        ),
+        (
+            "mailmux_messages_state",
+            Filter {
+                caller: Some("agent".into()),
+                state: Some(State::Failed),
                 ..Filter::default()
             },
         ),

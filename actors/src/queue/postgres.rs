@@ -1820,7 +1820,7 @@ impl Store for PgStore {
         cursor: Option<i64>,
     ) -> Result<(Vec<Summary>, Option<i64>), StoreError> {
         // Built from constants only: the filters are bound.
-        let sql = rows::list_sql('$', filter.caller.is_some(), filter.batch.is_some());
+        let sql = rows::list_sql('$', filter);
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(cursor.unwrap_or(i64::MAX))
             .bind(filter.state.map(State::as_str))

@@ -2,7 +2,7 @@
 //! columns are written and read back, the listing's statement, the update
 //! of a Sent copy's outcome, and the verdict on a person's decision.
 
-use super::{Decided, Decision, Millis, RejectedRecord, State};
+use super::{Decided, Decision, Filter, Millis, RejectedRecord, State};
 
 /// One history entry: `state@millis` (entries are joined with `;`).
 pub(crate) fn entry(state: State, at: Millis) -> String {
@@ -44,11 +44,12 @@ pub(crate) fn note_copy_sql(p: char) -> String {
 /// The listing's statement (`p` numbers its parameters): rows before seq
 /// `1`, newest first, at most `3`, filtered by state `2`, caller `4`,
 /// batch `5` and a recipient's substring `6`, each unset when null.
+///
 /// Neither SQLite nor PostgreSQL's generic plan uses an index for
-/// `4 IS NULL OR caller = 4`, so a listing by caller or by batch names it
-/// in the statement, and reads through the `(caller, seq)` or
-/// `(batch, seq)` index rather than every row before its match.
-pub(crate) fn list_sql(p: char, by_caller: bool, by_batch: bool) -> String {
+/// `4 IS NULL OR caller = 4`, so one filter, chosen by [`listed_by`], is
+/// also named on its own: the listing reads through that column's index
+/// from the newest match back, and checks the other filters on each row.
+pub(crate) fn list_sql(p: char, filter: &Filter) -> String {
     let (table, node, cast, find) = if p == '$' {
         (
             "mailmux_messages",
@@ -59,25 +60,42 @@ pub(crate) fn list_sql(p: char, by_caller: bool, by_batch: bool) -> String {
     } else {
         ("messages", "", "", "instr(lower(rcpt), ?6)")
     };
-    let unset = |n: u8| format!("{p}{n}{cast} IS NULL");
-    let caller = if by_caller {
-        format!("caller = {p}4")
-    } else {
-        unset(4)
+    let by = match listed_by(filter) {
+        Some("state") => format!("state = {p}2 AND "),
+        Some("caller") => format!("caller = {p}4 AND "),
+        Some("batch") => format!("batch = {p}5 AND "),
+        _ => String::new(),
     };
-    let batch = if by_batch {
-        format!("batch = {p}5")
-    } else {
-        unset(5)
-    };
+    let any = |column: &str, n: u8| format!("({p}{n}{cast} IS NULL OR {column} = {p}{n})");
     format!(
         "SELECT seq, message_id, state, mail_from, rcpt, queued_at, updated_at, relay, caller{node}
-           FROM {table} WHERE {caller} AND {batch} AND seq < {p}1
-            AND ({state} OR state = {p}2) AND ({rcpt} OR {find} > 0)
+           FROM {table} WHERE {by}seq < {p}1 AND {state} AND {caller} AND {batch}
+            AND ({p}6{cast} IS NULL OR {find} > 0)
           ORDER BY seq DESC LIMIT {p}3",
-        state = unset(2),
-        rcpt = unset(6),
+        state = any("state", 2),
+        caller = any("caller", 4),
+        batch = any("batch", 5),
     )
+}
+
+/// The column whose index a listing reads through, or none for the rows
+/// themselves, newest first. A batch holds at most `max_batch` messages.
+/// A state other than `sent` is, in a mail queue, a few of its rows. A
+/// caller may own any share of them: through its index a listing reads
+/// only that caller's rows, but each costs a few times more than a row of
+/// the table read in order, so a caller owning most messages and a filter
+/// that few of them match (a recipient) cost more this way than before it.
+/// `sent` alone is most of the table, where reading it in order is cheapest.
+pub(crate) fn listed_by(filter: &Filter) -> Option<&'static str> {
+    if filter.batch.is_some() {
+        Some("batch")
+    } else if filter.state.is_some_and(|s| s != State::Sent) {
+        Some("state")
+    } else if filter.caller.is_some() {
+        Some("caller")
+    } else {
+        None
+    }
 }
 
 /// A list stored one item a line.

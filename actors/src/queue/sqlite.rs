@@ -1217,10 +1217,10 @@ impl Store for SqliteStore {
         let caller = filter.caller.clone();
         let batch = filter.batch.clone();
         let recipient = filter.recipient.as_ref().map(|r| r.to_lowercase());
-        let (by_caller, by_batch) = (caller.is_some(), batch.is_some());
+        let sql = rows::list_sql('?', filter);
         self.read(move |c| {
             let before = cursor.unwrap_or(i64::MAX);
-            let mut stmt = c.prepare_cached(&rows::list_sql('?', by_caller, by_batch))?;
+            let mut stmt = c.prepare_cached(&sql)?;
             let rows: Vec<(i64, Summary)> = stmt
                 .query_map(
                     params![before, state, limit as i64 + 1, caller, batch, recipient],
@@ -1583,45 +1583,63 @@ mod tests {
     }
 
     #[test]
-    fn a_listing_by_caller_or_batch_reads_through_its_index() {
+    fn a_listing_reads_through_the_index_it_is_listed_by() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("q.db")).unwrap();
         let c = store.reader.lock().unwrap();
-        let plan = |caller, batch| {
-            c.prepare(&format!(
-                "EXPLAIN QUERY PLAN {}",
-                rows::list_sql('?', caller, batch)
-            ))
-            .unwrap()
-            .query_map(
-                params![1, None::<String>, 10, "a", "b", None::<String>],
-                |r| r.get::<_, String>(3),
-            )
-            .unwrap()
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .unwrap()
-            .join("; ")
+        for state in [None, Some(State::Sent), Some(State::Failed)] {
+            for caller in [None, Some("a".to_string())] {
+                for batch in [None, Some("b".to_string())] {
+                    let filter = Filter {
+                        state,
+                        caller: caller.clone(),
+                        batch: batch.clone(),
+                        recipient: Some("r".into()),
+                    };
+                    let plan: String = c
+                        .prepare(&format!(
+                            "EXPLAIN QUERY PLAN {}",
+                            rows::list_sql('?', &filter)
+                        ))
+                        .unwrap()
+                        .query_map(
+                            params![
+                                1,
+                                state.map(State::as_str),
+                                10,
+                                caller,
+                                batch,
+                                filter.recipient
+                            ],
+                            |r| r.get::<_, String>(3),
+                        )
+                        .unwrap()
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                        .unwrap()
+                        .join("; ");
+                    match rows::listed_by(&filter) {
+                        Some(column) => assert!(
+                            plan.contains(&format!("USING INDEX messages_{column} ")),
+                            "{filter:?}: {plan}"
+                        ),
+                        None => assert!(!plan.contains("INDEX"), "{filter:?}: {plan}"),
+                    }
+                }
+            }
+        }
+        let by = |state, caller: Option<&str>, batch: Option<&str>| {
+            rows::listed_by(&Filter {
+                state,
+                caller: caller.map(Into::into),
+                batch: batch.map(Into::into),
+                recipient: None,
+            })
         };
-        assert!(
-            plan(true, false).contains("USING INDEX messages_caller"),
-            "{}",
-            plan(true, false)
-        );
-        assert!(
-            plan(false, true).contains("USING INDEX messages_batch"),
-            "{}",
-            plan(false, true)
-        );
-        assert!(
-            plan(true, true).contains("USING INDEX messages_batch"),
-            "{}",
-            plan(true, true)
-        );
-        assert!(
-            !plan(false, false).contains("INDEX"),
-            "{}",
-            plan(false, false)
-        );
+        assert_eq!(by(Some(State::Failed), Some("a"), Some("b")), Some("batch"));
+        assert_eq!(by(Some(State::Failed), Some("a"), None), Some("state"));
+        assert_eq!(by(Some(State::Sent), Some("a"), None), Some("caller"));
+        assert_eq!(by(Some(State::Sent), None, None), None);
+        assert_eq!(by(None, None, None), None);
     }
 
     #[test]
