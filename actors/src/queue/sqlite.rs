@@ -12,7 +12,10 @@
 //! other write. A process crash loses nothing (the log is written); a power
 //! loss before that fsync leaves the message marked and `sending`, so it is
 //! recovered as `unknown` and never resent.
-//! Reads go through a second connection on the blocking pool. A daemon holds
+//! Reads run on the blocking pool, on two read-only connections: one for the
+//! delivery path (due messages, their bytes), one for callers and operators
+//! (status, listings, counts), so that a long search never holds up
+//! delivery. A daemon holds
 //! an advisory lock on the file for as long as it runs; other processes may
 //! still open it for short transactions.
 
@@ -220,7 +223,12 @@ enum Work {
 #[derive(Debug)]
 pub struct SqliteStore {
     writes: mpsc::Sender<Work>,
+    /// Reads for callers and operators: status, listings, counts.
     reader: Arc<Mutex<Connection>>,
+    /// Reads of the delivery path (the due messages, their bytes, pending
+    /// Sent copies) on a connection of their own: a long listing or search
+    /// never holds up delivery.
+    delivery: Arc<Mutex<Connection>>,
     /// The advisory lock of a daemon; released when the store is dropped.
     _lock: Option<DaemonLock>,
 }
@@ -299,25 +307,31 @@ impl SqliteStore {
                   (the daemon did not stop cleanly); mount it writable to read the store",
             ));
         }
-        let (writer, reader) = if frozen {
-            (immutable(path), immutable(path))
+        let writer = if frozen {
+            immutable(path)
         } else {
-            (
-                Connection::open(path),
-                Connection::open_with_flags(
-                    path,
-                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-                ),
-            )
+            Connection::open(path)
         };
         let writer = writer.map_err(|e| named(&e))?;
         configure(&writer, !frozen).map_err(|e| named(&e))?;
         migrate(&writer, &shown, lock.is_some())?;
-        let reader = reader.map_err(|e| named(&e))?;
-        configure(&reader, false).map_err(|e| named(&e))?;
+        let reader = || -> Result<Arc<Mutex<Connection>>, StoreError> {
+            let reader = if frozen {
+                immutable(path)
+            } else {
+                Connection::open_with_flags(
+                    path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )
+            };
+            let reader = reader.map_err(|e| named(&e))?;
+            configure(&reader, false).map_err(|e| named(&e))?;
+            Ok(Arc::new(Mutex::new(reader)))
+        };
         Ok(SqliteStore {
             writes: spawn_writer(writer, lock.is_some()),
-            reader: Arc::new(Mutex::new(reader)),
+            reader: reader()?,
+            delivery: reader()?,
             _lock: lock,
         })
     }
@@ -358,19 +372,35 @@ impl SqliteStore {
             .map_err(|_| unavailable("the store's writer has stopped"))?
     }
 
+    /// Runs `f` on the connection of callers' and operators' reads.
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let reader = self.reader.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = reader.lock().unwrap_or_else(|e| e.into_inner());
-            f(&conn)
-        })
-        .await
-        .map_err(unavailable)?
-        .map_err(unavailable)
+        read_on(self.reader.clone(), f).await
     }
+
+    /// Runs `f` on the connection of the delivery path's reads.
+    async fn read_delivery<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        read_on(self.delivery.clone(), f).await
+    }
+}
+
+/// Runs `f` on `reader`, in the blocking pool.
+async fn read_on<T: Send + 'static>(
+    reader: Arc<Mutex<Connection>>,
+    f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(move || {
+        let conn = reader.lock().unwrap_or_else(|e| e.into_inner());
+        f(&conn)
+    })
+    .await
+    .map_err(unavailable)?
+    .map_err(unavailable)
 }
 
 /// Whether `path` is on a file system mounted read-only.
@@ -1106,7 +1136,7 @@ impl Store for SqliteStore {
         if !mine {
             return Ok(Vec::new());
         }
-        self.read(move |c| {
+        self.read_delivery(move |c| {
             c.prepare_cached(
                 "SELECT message_id, COALESCE(relay, '') FROM messages
                   WHERE sent_copy = 'pending' AND finished_at < ?1 ORDER BY seq",
@@ -1137,7 +1167,7 @@ impl Store for SqliteStore {
     }
 
     async fn due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
-        self.read(move |c| {
+        self.read_delivery(move |c| {
             c.prepare_cached(
                 "SELECT message_id FROM messages WHERE state IN ('queued', 'scheduled')
                    AND next_attempt_at <= ?1 ORDER BY next_attempt_at LIMIT ?2",
@@ -1149,7 +1179,7 @@ impl Store for SqliteStore {
     }
 
     async fn next_due(&self) -> Result<Option<Millis>, StoreError> {
-        self.read(|c| {
+        self.read_delivery(|c| {
             c.query_row(
                 "SELECT MIN(next_attempt_at) FROM messages WHERE state IN ('queued', 'scheduled')",
                 [],
@@ -1161,7 +1191,7 @@ impl Store for SqliteStore {
 
     async fn load(&self, message_id: &str) -> Result<Option<Pending>, StoreError> {
         let id = message_id.to_owned();
-        self.read(move |c| {
+        self.read_delivery(move |c| {
             c.prepare_cached(
                 "SELECT message_id, state, mail_from, rcpt, body, prefer, due_at, rounds, caller, meta, relays
                    FROM messages WHERE message_id = ?1 AND body IS NOT NULL",
@@ -1640,6 +1670,48 @@ mod tests {
         assert_eq!(by(Some(State::Sent), Some("a"), None), Some("caller"));
         assert_eq!(by(Some(State::Sent), None, None), None);
         assert_eq!(by(None, None, None), None);
+    }
+
+    #[tokio::test]
+    async fn a_long_read_of_a_caller_holds_up_no_delivery() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("q.db")).unwrap());
+        store.accept(message("<due@x>")).await.unwrap();
+        // A listing or a search that takes its time.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (started, running) = oneshot::channel();
+        let s = store.clone();
+        let long = tokio::spawn(async move {
+            s.read(move |_| {
+                let _ = started.send(());
+                let _ = held.recv();
+                Ok(())
+            })
+            .await
+        });
+        running.await.unwrap();
+        let limit = std::time::Duration::from_secs(10);
+        let due = tokio::time::timeout(limit, store.due(now_millis(), 10)).await;
+        assert_eq!(due.expect("due answers").unwrap(), ["<due@x>"]);
+        assert!(
+            tokio::time::timeout(limit, store.next_due())
+                .await
+                .expect("next_due answers")
+                .unwrap()
+                .is_some()
+        );
+        let load = tokio::time::timeout(limit, store.load("<due@x>"))
+            .await
+            .expect("load answers");
+        assert!(load.unwrap().is_some());
+        // A caller's status read waits its turn behind the long one.
+        let s = store.clone();
+        let status = tokio::spawn(async move { s.get("<due@x>").await });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!status.is_finished());
+        drop(release);
+        long.await.unwrap().unwrap();
+        assert!(status.await.unwrap().unwrap().is_some());
     }
 
     #[test]
