@@ -60,12 +60,14 @@ pub(crate) fn list_sql(p: char, filter: &Filter) -> String {
     } else {
         ("messages", "", "", "instr(lower(rcpt), ?6)")
     };
-    let by = match listed_by(filter) {
-        Some("state") => format!("state = {p}2 AND "),
-        Some("caller") => format!("caller = {p}4 AND "),
-        Some("batch") => format!("batch = {p}5 AND "),
-        _ => String::new(),
-    };
+    let by = listed_by(filter).map_or(String::new(), |by| {
+        let n = match by {
+            ListedBy::State => 2,
+            ListedBy::Caller => 4,
+            ListedBy::Batch => 5,
+        };
+        format!("{} = {p}{n} AND ", by.column())
+    });
     let any = |column: &str, n: u8| format!("({p}{n}{cast} IS NULL OR {column} = {p}{n})");
     format!(
         "SELECT seq, message_id, state, mail_from, rcpt, queued_at, updated_at, relay, caller{node}
@@ -78,6 +80,25 @@ pub(crate) fn list_sql(p: char, filter: &Filter) -> String {
     )
 }
 
+/// The column whose index a listing reads through ([`listed_by`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ListedBy {
+    Batch,
+    State,
+    Caller,
+}
+
+impl ListedBy {
+    /// The indexed column.
+    pub(crate) fn column(self) -> &'static str {
+        match self {
+            ListedBy::Batch => "batch",
+            ListedBy::State => "state",
+            ListedBy::Caller => "caller",
+        }
+    }
+}
+
 /// The column whose index a listing reads through, or none for the rows
 /// themselves, newest first. A batch holds at most `max_batch` messages.
 /// A state other than `sent` is, in a mail queue, a few of its rows. A
@@ -86,13 +107,13 @@ pub(crate) fn list_sql(p: char, filter: &Filter) -> String {
 /// the table read in order, so a caller owning most messages and a filter
 /// that few of them match (a recipient) cost more this way than before it.
 /// `sent` alone is most of the table, where reading it in order is cheapest.
-pub(crate) fn listed_by(filter: &Filter) -> Option<&'static str> {
+pub(crate) fn listed_by(filter: &Filter) -> Option<ListedBy> {
     if filter.batch.is_some() {
-        Some("batch")
+        Some(ListedBy::Batch)
     } else if filter.state.is_some_and(|s| s != State::Sent) {
-        Some("state")
+        Some(ListedBy::State)
     } else if filter.caller.is_some() {
-        Some("caller")
+        Some(ListedBy::Caller)
     } else {
         None
     }

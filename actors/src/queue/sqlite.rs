@@ -1648,8 +1648,8 @@ mod tests {
                         .unwrap()
                         .join("; ");
                     match rows::listed_by(&filter) {
-                        Some(column) => assert!(
-                            plan.contains(&format!("USING INDEX messages_{column} ")),
+                        Some(by) => assert!(
+                            plan.contains(&format!("USING INDEX messages_{} ", by.column())),
                             "{filter:?}: {plan}"
                         ),
                         None => assert!(!plan.contains("INDEX"), "{filter:?}: {plan}"),
@@ -1665,9 +1665,19 @@ mod tests {
                 recipient: None,
             })
         };
-        assert_eq!(by(Some(State::Failed), Some("a"), Some("b")), Some("batch"));
-        assert_eq!(by(Some(State::Failed), Some("a"), None), Some("state"));
-        assert_eq!(by(Some(State::Sent), Some("a"), None), Some("caller"));
+        use rows::ListedBy;
+        assert_eq!(
+            by(Some(State::Failed), Some("a"), Some("b")),
+            Some(ListedBy::Batch)
+        );
+        assert_eq!(
+            by(Some(State::Failed), Some("a"), None),
+            Some(ListedBy::State)
+        );
+        assert_eq!(
+            by(Some(State::Sent), Some("a"), None),
+            Some(ListedBy::Caller)
+        );
         assert_eq!(by(Some(State::Sent), None, None), None);
         assert_eq!(by(None, None, None), None);
     }
