@@ -61,12 +61,8 @@ pub(crate) fn list_sql(p: char, filter: &Filter) -> String {
         ("messages", "", "", "instr(lower(rcpt), ?6)")
     };
     let by = listed_by(filter).map_or(String::new(), |by| {
-        let n = match by {
-            ListedBy::State => 2,
-            ListedBy::Caller => 4,
-            ListedBy::Batch => 5,
-        };
-        format!("{} = {p}{n} AND ", by.column())
+        let (column, n) = by.column();
+        format!("{column} = {p}{n} AND ")
     });
     let any = |column: &str, n: u8| format!("({p}{n}{cast} IS NULL OR {column} = {p}{n})");
     format!(
@@ -89,12 +85,13 @@ pub(crate) enum ListedBy {
 }
 
 impl ListedBy {
-    /// The indexed column.
-    pub(crate) fn column(self) -> &'static str {
+    /// The indexed column, and the number of the statement's parameter
+    /// that filters by it.
+    pub(crate) fn column(self) -> (&'static str, u8) {
         match self {
-            ListedBy::Batch => "batch",
-            ListedBy::State => "state",
-            ListedBy::Caller => "caller",
+            ListedBy::State => ("state", 2),
+            ListedBy::Caller => ("caller", 4),
+            ListedBy::Batch => ("batch", 5),
         }
     }
 }

@@ -1649,7 +1649,7 @@ mod tests {
                         .join("; ");
                     match rows::listed_by(&filter) {
                         Some(by) => assert!(
-                            plan.contains(&format!("USING INDEX messages_{} ", by.column())),
+                            plan.contains(&format!("USING INDEX messages_{} ", by.column().0)),
                             "{filter:?}: {plan}"
                         ),
                         None => assert!(!plan.contains("INDEX"), "{filter:?}: {plan}"),
