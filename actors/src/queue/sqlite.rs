@@ -6,10 +6,11 @@
 //! fails before it changed a row fails alone; one that fails part-way rolls
 //! its whole batch back ([`run_write`]).
 //! The one exception is the outcome of a delivery that a relay took (`sent`,
-//! `partial`, with no Sent copy due): a batch of only such writes commits
-//! with `synchronous=NORMAL` and is answered once written. The next commit's
-//! fsync covers it, or the writer fsyncs the log after [`LAZY_SYNC`] with no
-//! other write. A process crash loses nothing (the log is written); a power
+//! `partial`, with no Sent copy due): the batch's writes of that kind commit
+//! first, in a transaction of their own with `synchronous=NORMAL`, and are
+//! answered once written, not after the fsync of the commit marks beside
+//! them. The next commit's fsync covers them, or the writer fsyncs the log
+//! after [`LAZY_SYNC`] with no other write. A process crash loses nothing (the log is written); a power
 //! loss before that fsync leaves the message marked and `sending`, so it is
 //! recovered as `unknown` and never resent.
 //! Reads run on the blocking pool, on two read-only connections: one for the
@@ -495,8 +496,15 @@ fn spawn_writer(conn: Connection, owner: bool) -> mpsc::Sender<Work> {
 
 /// The writer thread: takes every write waiting, runs them in one
 /// transaction, commits once, then answers each. A close ends it.
+///
+/// The lazy writes among them (see [`lazy`]) commit first, in a
+/// transaction of their own with `synchronous=NORMAL`, and are answered
+/// before the others' fsync: a delivered message's outcome does not wait
+/// for the commit marks written beside it. The durable writes then commit
+/// with `synchronous=FULL`, whose fsync covers both.
 fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Work>, owner: bool) {
-    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    let mut lazy_batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    let mut durable_batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut closing = None;
     // A lazy commit's log is not fsynced yet.
     let mut unsynced = false;
@@ -521,41 +529,39 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Work>, owner: bool) {
                 Err(_) => return,
             }
         };
-        let mut all_lazy = true;
         let mut next = Some(first);
         while let Some(work) = next.take() {
             match work {
-                Work::Write { job, lazy } => {
-                    all_lazy &= lazy;
-                    batch.push(job);
-                }
+                Work::Write { job, lazy: true } => lazy_batch.push(job),
+                Work::Write { job, lazy: false } => durable_batch.push(job),
                 Work::Close(done) => {
                     closing = Some(done);
                     break;
                 }
             }
-            if batch.len() < MAX_BATCH {
+            if lazy_batch.len() + durable_batch.len() < MAX_BATCH {
                 next = rx.try_recv().ok();
             }
         }
-        if !batch.is_empty() {
-            // A lazy batch that cannot switch commits fsynced; a durable
-            // one that cannot is refused.
+        if !lazy_batch.is_empty() {
+            // A lazy batch that cannot switch commits fsynced.
+            if synchronous_full && conn.pragma_update(None, "synchronous", "NORMAL").is_ok() {
+                synchronous_full = false;
+            }
+            let committed = run_batch(&mut conn, &mut lazy_batch, Ok(()));
+            unsynced |= committed && !synchronous_full;
+        }
+        if !durable_batch.is_empty() {
+            // A durable batch that cannot switch is refused.
             let mut ready = Ok(());
-            if synchronous_full == all_lazy {
-                let mode = if all_lazy { "NORMAL" } else { "FULL" };
-                match conn.pragma_update(None, "synchronous", mode) {
-                    Ok(()) => synchronous_full = !all_lazy,
-                    Err(e) if !all_lazy => ready = Err(unavailable(e)),
-                    Err(_) => {}
+            if !synchronous_full {
+                match conn.pragma_update(None, "synchronous", "FULL") {
+                    Ok(()) => synchronous_full = true,
+                    Err(e) => ready = Err(unavailable(e)),
                 }
             }
-            let committed = run_batch(&mut conn, &mut batch, ready);
-            if synchronous_full {
-                unsynced &= !committed;
-            } else {
-                unsynced |= committed;
-            }
+            let committed = run_batch(&mut conn, &mut durable_batch, ready);
+            unsynced &= !committed;
         }
         if let Some(done) = closing.take() {
             if unsynced {
@@ -1732,6 +1738,24 @@ mod tests {
         for state in [State::Queued, State::Failed, State::Unknown, State::Expired] {
             assert!(!lazy(&outcome(state, false)), "{state:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_lazy_write_beside_durable_ones_is_not_held_for_their_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("q.db")).unwrap());
+        const FULL: i64 = 2;
+        const NORMAL: i64 = 1;
+        // Both writes wait behind a held one, so they reach the writer as
+        // one batch.
+        let release = hold_writer(&store).await;
+        let (a, b) = (store.clone(), store.clone());
+        let durable = tokio::spawn(async move { mode(&a, false).await });
+        let lazy = tokio::spawn(async move { mode(&b, true).await });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        release.send(()).unwrap();
+        assert_eq!(lazy.await.unwrap(), NORMAL, "committed without an fsync");
+        assert_eq!(durable.await.unwrap(), FULL, "committed with an fsync");
     }
 
     #[tokio::test]
