@@ -10,9 +10,9 @@
 //! first, in a transaction of their own with `synchronous=NORMAL`, and are
 //! answered once written, not after the fsync of the commit marks beside
 //! them. The next commit's fsync covers them, or the writer fsyncs the log
-//! after [`LAZY_SYNC`] with no other write. A process crash loses nothing (the log is written); a power
-//! loss before that fsync leaves the message marked and `sending`, so it is
-//! recovered as `unknown` and never resent.
+//! after [`LAZY_SYNC`] with no other write. A process crash loses nothing
+//! (the log is written); a power loss before that fsync leaves the message
+//! marked and `sending`, so it is recovered as `unknown` and never resent.
 //! Reads run on the blocking pool, on two read-only connections: one for the
 //! delivery path (due messages, their bytes), one for callers and operators
 //! (status, listings, counts), so that a long search never holds up
@@ -495,7 +495,8 @@ fn spawn_writer(conn: Connection, owner: bool) -> mpsc::Sender<Work> {
 }
 
 /// The writer thread: takes every write waiting, runs them in one
-/// transaction, commits once, then answers each. A close ends it.
+/// transaction (two when some are lazy, below), commits, then answers each.
+/// A close ends it.
 ///
 /// The lazy writes among them (see [`lazy`]) commit first, in a
 /// transaction of their own with `synchronous=NORMAL`, and are answered
