@@ -216,6 +216,42 @@ async fn purges_in_chunks(store: &dyn Store) {
 /// Retry: failed and expired messages queue again with a fresh due time;
 /// unknown only when forced; finished ones never.
 async fn retries(store: &dyn Store) {
+    // The attempts of every round are kept in order, each field as written.
+    store.accept(message("a", None)).await.unwrap();
+    let attempt = |at, relay: &str, class: Option<&str>, code, text: &str| AttemptRecord {
+        at,
+        relay: relay.into(),
+        class: class.map(Into::into),
+        code,
+        text: text.into(),
+        duration_ms: at as u64 * 10,
+    };
+    let first = vec![attempt(
+        1,
+        "r",
+        Some("transient"),
+        Some(451),
+        "4.3.2 try later",
+    )];
+    let second = vec![
+        attempt(2, "r", Some("busy"), None, "connection refused"),
+        attempt(3, "s", None, Some(250), "2.0.0 Ok: queued as A1"),
+    ];
+    let deferred = Settle {
+        attempts: first.clone(),
+        ..settle(State::Queued, Some(now_millis() - 1))
+    };
+    store.settle("a", deferred).await.unwrap();
+    // Due again, and claimed for its second round.
+    assert_eq!(store.due(now_millis(), 10).await.unwrap(), ["a"]);
+    let sent = Settle {
+        attempts: second.clone(),
+        ..settle(State::Sent, None)
+    };
+    store.settle("a", sent).await.unwrap();
+    let r = store.get("a").await.unwrap().unwrap();
+    assert_eq!(r.attempts, [first, second].concat());
+
     for id in ["f", "e", "u", "s"] {
         store.accept(message(id, None)).await.unwrap();
     }
@@ -820,7 +856,8 @@ async fn a_version_1_store_is_migrated_at_start() {
     // What version 1 left: no counts table, no triggers (version 2; since
     // version 8 only the delete one is left), no
     // caller, approval or relay columns (version 3), no batch (version 4),
-    // no Sent copy (version 5), no index of pending copies (version 6).
+    // no Sent copy (version 5), no index of pending copies (version 6), and
+    // the attempts in a table of their own (until version 9).
     {
         let c = rusqlite::Connection::open(&path).unwrap();
         c.execute_batch(
@@ -831,6 +868,11 @@ async fn a_version_1_store_is_migrated_at_start() {
              ALTER TABLE messages DROP COLUMN relays;
              DROP INDEX messages_batch; ALTER TABLE messages DROP COLUMN batch;
              DROP INDEX messages_copy_pending; ALTER TABLE messages DROP COLUMN sent_copy;
+             ALTER TABLE messages DROP COLUMN attempt_log;
+             CREATE TABLE attempts (
+                 seq INTEGER NOT NULL, at INTEGER NOT NULL, relay TEXT NOT NULL, class TEXT,
+                 code INTEGER, text TEXT NOT NULL, duration_ms INTEGER NOT NULL);
+             CREATE INDEX attempts_seq ON attempts(seq);
              PRAGMA user_version = 1;",
         )
         .unwrap();
@@ -853,6 +895,101 @@ async fn a_version_1_store_is_migrated_at_start() {
     let mut counts = store.stats().await.unwrap().counts;
     counts.sort();
     assert_eq!(counts, [(State::Queued, 1), (State::Cancelled, 2)]);
+}
+
+/// Version 9 keeps each message's attempts in its row: a store of version 8
+/// has them moved there, in order, and its attempts table dropped.
+#[tokio::test]
+async fn a_version_8_store_has_its_attempts_moved_into_their_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        for id in ["tried", "untried"] {
+            store.accept(message(id, None)).await.unwrap();
+        }
+    }
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(
+            "ALTER TABLE messages DROP COLUMN attempt_log;
+             CREATE TABLE attempts (
+                 seq INTEGER NOT NULL, at INTEGER NOT NULL, relay TEXT NOT NULL, class TEXT,
+                 code INTEGER, text TEXT NOT NULL, duration_ms INTEGER NOT NULL);
+             CREATE INDEX attempts_seq ON attempts(seq);
+             INSERT INTO attempts SELECT seq, 20, 'backup', NULL, 250, 'ok', 7
+               FROM messages WHERE message_id = 'tried';
+             INSERT INTO attempts SELECT seq, 10, 'primary', 'transient', 451,
+                    'try' || char(9) || 'later' || char(13) || char(10) || 'please', 5
+               FROM messages WHERE message_id = 'tried';
+             PRAGMA user_version = 8;",
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let attempts = store.get("tried").await.unwrap().unwrap().attempts;
+    let found: Vec<_> = attempts
+        .iter()
+        .map(|a| {
+            (
+                a.at,
+                a.relay.as_str(),
+                a.class.as_deref(),
+                a.code,
+                a.text.as_str(),
+                a.duration_ms,
+            )
+        })
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (20, "backup", None, Some(250), "ok", 7),
+            (
+                10,
+                "primary",
+                Some("transient"),
+                Some(451),
+                "try later  please",
+                5
+            ),
+        ],
+        "in the order they were written, tabs and line breaks as spaces"
+    );
+    assert!(
+        store
+            .get("untried")
+            .await
+            .unwrap()
+            .unwrap()
+            .attempts
+            .is_empty()
+    );
+    let tables: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_schema WHERE name IN ('attempts', 'attempts_seq')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(tables, 0, "the attempts table and its index are gone");
+    // A settle after the migration adds to what was moved.
+    let s = Settle {
+        attempts: vec![AttemptRecord {
+            at: 30,
+            relay: "primary".into(),
+            class: None,
+            code: Some(250),
+            text: "done".into(),
+            duration_ms: 3,
+        }],
+        ..settle(State::Sent, None)
+    };
+    store.settle("tried", s).await.unwrap();
+    let attempts = store.get("tried").await.unwrap().unwrap().attempts;
+    let at: Vec<i64> = attempts.iter().map(|a| a.at).collect();
+    assert_eq!(at, [20, 10, 30]);
 }
 
 fn pg(url: &str, node: &str) -> PgSettings {

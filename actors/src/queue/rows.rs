@@ -1,8 +1,9 @@
 //! What the SQL stores (`sqlite`, `postgres`) share: how list and history
-//! columns are written and read back, the listing's statement, the update
-//! of a Sent copy's outcome, and the verdict on a person's decision.
+//! columns (and SQLite's column of attempts) are written and read back, the
+//! listing's statement, the update of a Sent copy's outcome, and the verdict
+//! on a person's decision.
 
-use super::{Decided, Decision, Filter, Millis, RejectedRecord, State};
+use super::{AttemptRecord, Decided, Decision, Filter, Millis, RejectedRecord, State};
 
 /// One history entry: `state@millis` (entries are joined with `;`).
 pub(crate) fn entry(state: State, at: Millis) -> String {
@@ -130,16 +131,71 @@ pub(crate) fn state(s: &str) -> State {
     State::parse(s).unwrap_or(State::Failed)
 }
 
+/// A field of a tab-separated line: tabs and line breaks become spaces.
+fn field(s: &str) -> String {
+    s.replace(['\t', '\r', '\n'], " ")
+}
+
 /// Refused recipients, one a line: address, code and text, tab-separated.
 pub(crate) fn rejected_text(rejected: &[RejectedRecord]) -> String {
     rejected
         .iter()
-        .map(|r| {
-            let text = r.text.replace(['\t', '\r', '\n'], " ");
-            format!("{}\t{}\t{text}", r.address, r.code)
-        })
+        .map(|r| format!("{}\t{}\t{}", r.address, r.code, field(&r.text)))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// Delivery attempts, one a line: the time, relay, failure class, reply
+/// code, duration in ms and text, tab-separated (an empty class or code is
+/// none). `None` when there are none, so that an append adds nothing.
+pub(crate) fn attempts_text(attempts: &[AttemptRecord]) -> Option<String> {
+    if attempts.is_empty() {
+        return None;
+    }
+    let lines: Vec<String> = attempts
+        .iter()
+        .map(|a| {
+            format!(
+                "{}\t{}\t{}\t{}\t{}\t{}",
+                a.at,
+                field(&a.relay),
+                a.class.as_deref().map(field).unwrap_or_default(),
+                a.code.map(|c| c.to_string()).unwrap_or_default(),
+                a.duration_ms,
+                field(&a.text)
+            )
+        })
+        .collect();
+    Some(lines.join("\n"))
+}
+
+/// Stored attempts, oldest first; lines this build cannot read are skipped.
+pub(crate) fn attempts(s: Option<String>) -> Vec<AttemptRecord> {
+    lines(s)
+        .into_iter()
+        .filter_map(|l| {
+            let mut parts = l.splitn(6, '\t');
+            let at = parts.next()?.parse().ok()?;
+            let relay = parts.next()?.to_owned();
+            let class = Some(parts.next()?)
+                .filter(|c| !c.is_empty())
+                .map(str::to_owned);
+            let code = match parts.next()? {
+                "" => None,
+                c => Some(c.parse().ok()?),
+            };
+            let duration_ms = parts.next()?.parse().ok()?;
+            let text = parts.next().unwrap_or("").to_owned();
+            Some(AttemptRecord {
+                at,
+                relay,
+                class,
+                code,
+                text,
+                duration_ms,
+            })
+        })
+        .collect()
 }
 
 pub(crate) fn rejected(s: Option<String>) -> Vec<RejectedRecord> {

@@ -31,9 +31,8 @@ use tokio::sync::oneshot;
 
 use super::rows::{self, entry, lines};
 use super::{
-    Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Filter, Millis, NewMessage,
-    Pending, Purged, Record, Recovered, Retry, Settle, State, Stats, Store, StoreError, Summary,
-    now_millis,
+    Accepted, Cancel, CopyDue, Decided, Decision, Filter, Millis, NewMessage, Pending, Purged,
+    Record, Recovered, Retry, Settle, State, Stats, Store, StoreError, Summary, now_millis,
 };
 
 /// Writes folded into one transaction at most. Bounds the latency a write
@@ -151,6 +150,24 @@ DROP TRIGGER counts_insert;
 -- state for all the writes of one transaction: the trigger run per changed
 -- row cost about a quarter of settling a message.
 DROP TRIGGER counts_update;
+"#,
+    r#"
+-- The attempts of each message are kept in its row, one a line (see
+-- rows::attempts_text), appended by the settle that rewrites the row
+-- anyway: a table of their own and its index cost about two pages of the
+-- log per commit.
+ALTER TABLE messages ADD COLUMN attempt_log TEXT;
+UPDATE messages SET attempt_log = (
+    SELECT group_concat(
+        a.at || char(9)
+            || replace(replace(replace(a.relay, char(9), ' '), char(13), ' '), char(10), ' ')
+            || char(9) || COALESCE(a.class, '') || char(9) || COALESCE(a.code, '')
+            || char(9) || a.duration_ms || char(9)
+            || replace(replace(replace(a.text, char(9), ' '), char(13), ' '), char(10), ' '),
+        char(10) ORDER BY a.rowid)
+    FROM attempts a WHERE a.seq = messages.seq)
+ WHERE seq IN (SELECT seq FROM attempts);
+DROP TABLE attempts;
 "#,
 ];
 
@@ -741,10 +758,8 @@ fn purge(c: &Connection, finished: Millis, keys: Millis, limit: usize) -> rusqli
         )?
         .query_map(params![finished, limit], |r| r.get::<_, i64>(0))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    let mut attempts = c.prepare_cached("DELETE FROM attempts WHERE seq = ?1")?;
     let mut messages = c.prepare_cached("DELETE FROM messages WHERE seq = ?1")?;
     for seq in &seqs {
-        attempts.execute([seq])?;
         messages.execute([seq])?;
     }
     let keys = c
@@ -907,7 +922,9 @@ fn settle(c: &Tx<'_>, id: &str, s: &Settle, now: Millis) -> rusqlite::Result<()>
             rounds = rounds + 1, relay = COALESCE(?5, relay), accepted = ?6, rejected = ?7,
             reason = ?8, note = ?9, next_attempt_at = ?10,
             body = CASE WHEN ?11 THEN COALESCE(body, ?14) ELSE NULL END,
-            sent_copy = CASE WHEN ?13 THEN 'pending' ELSE sent_copy END, {}
+            sent_copy = CASE WHEN ?13 THEN 'pending' ELSE sent_copy END,
+            attempt_log = CASE WHEN ?15 IS NULL OR attempt_log IS NULL THEN COALESCE(?15, attempt_log)
+                ELSE attempt_log || char(10) || ?15 END, {}
          WHERE seq = ?1",
         append_history(12)
     ))?
@@ -926,22 +943,9 @@ fn settle(c: &Tx<'_>, id: &str, s: &Settle, now: Millis) -> rusqlite::Result<()>
         entry(s.state, now),
         s.copy,
         s.body.as_deref(),
+        rows::attempts_text(&s.attempts),
     ])?;
     c.moved(Some(state), s.state, 1);
-    let mut insert = c.prepare_cached(
-        "INSERT INTO attempts (seq, at, relay, class, code, text, duration_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?;
-    for a in &s.attempts {
-        insert.execute(params![
-            seq,
-            a.at,
-            a.relay,
-            a.class,
-            a.code,
-            a.text,
-            a.duration_ms as i64
-        ])?;
-    }
     Ok(())
 }
 
@@ -1351,77 +1355,45 @@ impl Store for SqliteStore {
 }
 
 fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<Record>> {
-    type Row = (i64, Record);
-    let row: Option<Row> = c
-        .prepare_cached(
-            "SELECT seq, message_id, state, mail_from, rcpt, size, prefer, idem_key, queued_at, due_at,
-                    updated_at, next_attempt_at, relay, accepted, rejected, reason, note,
-                    caller, meta, decided_by, sent_copy
-               FROM messages WHERE message_id = ?1",
-        )?
-        .query_row([id], |r| {
-            let rejected = rows::rejected(r.get(14)?);
-            let state = rows::state(&r.get::<_, String>(2)?);
-            Ok((
-                r.get(0)?,
-                Record {
-                    message_id: r.get(1)?,
-                    state,
-                    from: r.get(3)?,
-                    to: lines(r.get(4)?),
-                    size: r.get::<_, i64>(5)? as u64,
-                    prefer: r.get(6)?,
-                    idempotency_key: r.get(7)?,
-                    queued_at: r.get(8)?,
-                    due_at: r.get(9)?,
-                    updated_at: r.get(10)?,
-                    next_attempt_at: if matches!(
-                        state,
-                        State::Queued | State::Scheduled | State::Held
-                    ) {
-                        r.get(11)?
-                    } else {
-                        None
-                    },
-                    relay: r.get(12)?,
-                    accepted: lines(r.get(13)?),
-                    rejected,
-                    reason: r.get(15)?,
-                    note: r.get(16)?,
-                    attempts: Vec::new(),
-                    history: Vec::new(),
-                    caller: r.get(17)?,
-                    meta: r.get(18)?,
-                    decided_by: r.get(19)?,
-                    sent_copy: r.get(20)?,
-                    node: None,
-                },
-            ))
+    c.prepare_cached(
+        "SELECT message_id, state, mail_from, rcpt, size, prefer, idem_key, queued_at, due_at,
+                updated_at, next_attempt_at, relay, accepted, rejected, reason, note,
+                caller, meta, decided_by, sent_copy, attempt_log, history
+           FROM messages WHERE message_id = ?1",
+    )?
+    .query_row([id], |r| {
+        let state = rows::state(&r.get::<_, String>(1)?);
+        Ok(Record {
+            message_id: r.get(0)?,
+            state,
+            from: r.get(2)?,
+            to: lines(r.get(3)?),
+            size: r.get::<_, i64>(4)? as u64,
+            prefer: r.get(5)?,
+            idempotency_key: r.get(6)?,
+            queued_at: r.get(7)?,
+            due_at: r.get(8)?,
+            updated_at: r.get(9)?,
+            next_attempt_at: if matches!(state, State::Queued | State::Scheduled | State::Held) {
+                r.get(10)?
+            } else {
+                None
+            },
+            relay: r.get(11)?,
+            accepted: lines(r.get(12)?),
+            rejected: rows::rejected(r.get(13)?),
+            reason: r.get(14)?,
+            note: r.get(15)?,
+            caller: r.get(16)?,
+            meta: r.get(17)?,
+            decided_by: r.get(18)?,
+            sent_copy: r.get(19)?,
+            attempts: rows::attempts(r.get(20)?),
+            history: rows::history(&r.get::<_, String>(21)?),
+            node: None,
         })
-        .optional()?;
-    let Some((seq, mut record)) = row else {
-        return Ok(None);
-    };
-    record.attempts = c
-        .prepare_cached(
-            "SELECT at, relay, class, code, text, duration_ms FROM attempts WHERE seq = ?1 ORDER BY rowid",
-        )?
-        .query_map([seq], |r| {
-            Ok(AttemptRecord {
-                at: r.get(0)?,
-                relay: r.get(1)?,
-                class: r.get(2)?,
-                code: r.get(3)?,
-                text: r.get(4)?,
-                duration_ms: r.get::<_, i64>(5)? as u64,
-            })
-        })?
-        .collect::<rusqlite::Result<_>>()?;
-    let history: String = c
-        .prepare_cached("SELECT history FROM messages WHERE seq = ?1")?
-        .query_row([seq], |r| r.get(0))?;
-    record.history = rows::history(&history);
-    Ok(Some(record))
+    })
+    .optional()
 }
 
 #[cfg(test)]
