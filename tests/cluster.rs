@@ -217,14 +217,39 @@ async fn drained(node: &Node, limit: Duration) -> bool {
     .await
 }
 
+/// Every message in the shared queue by id, as `list_messages` pages it.
+async fn listed(node: &Node) -> HashMap<String, Value> {
+    let mut all = HashMap::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut args = json!({ "limit": 100 });
+        if let Some(c) = &cursor {
+            args["cursor"] = json!(c);
+        }
+        let page = call(node.peer(), "list", "list_messages", args, LIMIT).await;
+        let page = page.value().cloned().unwrap_or(Value::Null);
+        let messages = page["messages"].as_array().expect("a page of messages");
+        for m in messages {
+            all.insert(m["message_id"].as_str().unwrap().to_owned(), m.clone());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => return all,
+        }
+    }
+}
+
 /// Every call answered `queued` or `sent` is delivered exactly once, except
-/// those now `unknown`, at most once; nothing reaches the sinks twice.
-/// Returns (sent, unknown).
+/// those now `unknown`, at most once; nothing reaches the sinks twice. The
+/// states come from the listing, read in pages; a sample is read again with
+/// `get_message_status`, which must agree. Returns (sent, unknown, the
+/// listed summaries of the answered calls).
 async fn reconcile(
     calls: &[Call],
     node: &Node,
     seen: &HashMap<String, usize>,
 ) -> (usize, usize, Vec<Value>) {
+    let listed = listed(node).await;
     let (mut sent, mut unknown) = (0, 0);
     let mut statuses = Vec::new();
     for c in calls {
@@ -233,7 +258,7 @@ async fn reconcile(
         }
         let id = c.message_id().unwrap();
         let n = seen.get(id).copied().unwrap_or(0);
-        let s = node.status(id).await;
+        let s = listed.get(id).cloned().unwrap_or(Value::Null);
         match s["status"].as_str() {
             Some("sent") => {
                 sent += 1;
@@ -246,6 +271,12 @@ async fn reconcile(
             other => panic!("{id}: answered {:?}, now {other:?}", c.status()),
         }
         statuses.push(s);
+    }
+    for s in statuses.iter().step_by(97) {
+        let id = s["message_id"].as_str().unwrap();
+        let one = node.status(id).await;
+        assert_eq!(one["status"], s["status"], "{id}: {one} against {s}");
+        assert_eq!(one["node"], s["node"], "{id}: {one} against {s}");
     }
     for (id, n) in seen {
         assert_eq!(*n, 1, "{id} reached the sinks {n} times");
