@@ -140,6 +140,14 @@ INSERT INTO mailmux_counts (node, part, state, n)
     SELECT '', 0, state, COUNT(*) FROM mailmux_messages
      WHERE finished_at IS NOT NULL GROUP BY state;
 "#,
+    r#"
+-- Each message's delivery attempts in its row, one a line (the format of
+-- rows::attempts_text), appended by the settle that already rewrites the
+-- row: no insert and index entry per attempt. mailmux_attempts keeps the
+-- attempts written before, and those that daemons of version 5 write during
+-- a rolling upgrade; a status read shows both.
+ALTER TABLE mailmux_messages ADD COLUMN attempt_log TEXT;
+"#,
 ];
 
 /// The schema version this build writes.
@@ -671,8 +679,9 @@ where
 /// found stored) once it is back, rather than left unconfirmed.
 const UNCONFIRMED_BUDGET: Duration = Duration::from_secs(10);
 
-/// The settles writer: the outcomes of concurrent rounds and their attempts
-/// in one statement, each row fenced by its own epoch.
+/// The settles writer: the outcomes of concurrent rounds, with their
+/// attempts appended to each row, in one statement, each row fenced by its
+/// own epoch.
 async fn settle_loop(pool: PgPool, node: String, mut rx: mpsc::UnboundedReceiver<SettleOp>) {
     let mut last = 0;
     while let Some(batch) = next_batch(&mut rx, &mut last).await {
@@ -691,15 +700,7 @@ async fn settle_loop(pool: PgPool, node: String, mut rx: mpsc::UnboundedReceiver
         let mut copy = Vec::with_capacity(batch.len());
         let mut bodies: Vec<Option<&[u8]>> = Vec::with_capacity(batch.len());
         let mut entries = Vec::with_capacity(batch.len());
-        let (mut a_id, mut a_at, mut a_relay, mut a_class, mut a_code, mut a_text, mut a_ms) = (
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::<Option<String>>::new(),
-            Vec::<Option<i32>>::new(),
-            Vec::new(),
-            Vec::new(),
-        );
+        let mut attempts: Vec<Option<String>> = Vec::with_capacity(batch.len());
         for op in &batch {
             let s = &op.settle;
             ids.push(op.id.clone());
@@ -716,23 +717,15 @@ async fn settle_loop(pool: PgPool, node: String, mut rx: mpsc::UnboundedReceiver
             copy.push(s.copy);
             bodies.push(s.body.as_deref());
             entries.push(entry(s.state, now));
-            for a in &s.attempts {
-                a_id.push(op.id.clone());
-                a_at.push(a.at);
-                a_relay.push(a.relay.clone());
-                a_class.push(a.class.clone());
-                a_code.push(a.code.map(i32::from));
-                a_text.push(a.text.clone());
-                a_ms.push(a.duration_ms as i64);
-            }
+            attempts.push(rows::attempts_text(&s.attempts));
         }
         let done: Result<Vec<String>, sqlx::Error> = sqlx::query_scalar(concat!(
             "WITH l AS (
                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[],
                     $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::bigint[],
-                    $11::bool[], $12::text[], $22::bool[], $23::bytea[])
+                    $11::bool[], $12::text[], $15::text[], $16::bool[], $17::bytea[])
                     AS l(id, epoch, state, finished, relay, accepted, rejected, reason, note,
-                         next_at, keep, entry, copy, body)),
+                         next_at, keep, entry, attempts, copy, body)),
              u AS (
                 UPDATE mailmux_messages m SET state = l.state, updated_at = $13,
                     finished_at = l.finished, committing = false, rounds = m.rounds + 1,
@@ -743,22 +736,16 @@ async fn settle_loop(pool: PgPool, node: String, mut rx: mpsc::UnboundedReceiver
                     lease_until = NULL,
                     sent_copy = CASE WHEN l.copy THEN 'pending' ELSE m.sent_copy END,
                     copy_node = CASE WHEN l.copy THEN $14 ELSE m.copy_node END,
-                    history = m.history || CASE WHEN m.history = '' THEN '' ELSE ';' END || l.entry
+                    history = m.history || CASE WHEN m.history = '' THEN '' ELSE ';' END || l.entry,
+                    attempt_log = COALESCE(m.attempt_log || E'\\n' || l.attempts, l.attempts,
+                                           m.attempt_log)
                   FROM l
                  WHERE m.message_id = l.id AND m.lease_epoch = l.epoch AND m.node = $14
                    AND m.lease_until IS NOT NULL AND m.finished_at IS NULL
-                RETURNING m.seq, m.message_id, m.state, m.finished_at),
+                RETURNING m.message_id, m.state, m.finished_at),
              ",
             count_finished!("u", "$14", "1", ""),
-            ",
-             a AS (
-                INSERT INTO mailmux_attempts (seq, at, relay, class, code, text, duration_ms)
-                SELECT u.seq, t.at, t.relay, t.class, t.code, t.text, t.ms
-                  FROM unnest($15::text[], $16::bigint[], $17::text[], $18::text[], $19::int[],
-                              $20::text[], $21::bigint[])
-                       WITH ORDINALITY AS t(id, at, relay, class, code, text, ms, ord)
-                  JOIN u ON u.message_id = t.id
-                 ORDER BY t.ord)
+            "
              SELECT message_id FROM u"
         ))
         .bind(&ids)
@@ -775,13 +762,7 @@ async fn settle_loop(pool: PgPool, node: String, mut rx: mpsc::UnboundedReceiver
         .bind(&entries)
         .bind(now)
         .bind(&node)
-        .bind(&a_id)
-        .bind(&a_at)
-        .bind(&a_relay)
-        .bind(&a_class)
-        .bind(&a_code)
-        .bind(&a_text)
-        .bind(&a_ms)
+        .bind(&attempts)
         .bind(&copy)
         .bind(&bodies)
         .fetch_all(&pool)
@@ -1767,8 +1748,9 @@ impl Store for PgStore {
         let Some(r) = sqlx::query(
             "SELECT seq, message_id, state, mail_from, rcpt, size, prefer, idem_key, queued_at,
                     due_at, updated_at, next_attempt_at, relay, accepted, rejected, reason, note,
-                    caller, meta, decided_by, sent_copy, history, node
-               FROM mailmux_messages WHERE message_id = $1",
+                    caller, meta, decided_by, sent_copy, history, node, attempt_log,
+                    EXISTS (SELECT 1 FROM mailmux_attempts a WHERE a.seq = m.seq) AS in_table
+               FROM mailmux_messages m WHERE message_id = $1",
         )
         .bind(message_id)
         .fetch_optional(&self.pool)
@@ -1777,31 +1759,38 @@ impl Store for PgStore {
         else {
             return Ok(None);
         };
-        let seq: i64 = r.try_get("seq").map_err(unavailable)?;
         let mut record = record(&r).map_err(unavailable)?;
-        record.attempts = sqlx::query(
-            "SELECT at, relay, class, code, text, duration_ms FROM mailmux_attempts
-              WHERE seq = $1 ORDER BY id",
-        )
-        .bind(seq)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?
-        .iter()
-        .map(|a| {
-            Ok(AttemptRecord {
-                at: a.try_get("at")?,
-                relay: a.try_get("relay")?,
-                class: a.try_get("class")?,
-                code: a
-                    .try_get::<Option<i32>, _>("code")?
-                    .and_then(|c| u16::try_from(c).ok()),
-                text: a.try_get("text")?,
-                duration_ms: a.try_get::<i64, _>("duration_ms")?.max(0) as u64,
+        record.attempts = rows::attempts(r.try_get("attempt_log").map_err(unavailable)?);
+        if r.try_get("in_table").map_err(unavailable)? {
+            // Attempts from before schema version 6, or from a daemon of
+            // version 5 in a rolling upgrade: merged in time order.
+            let seq: i64 = r.try_get("seq").map_err(unavailable)?;
+            let older = sqlx::query(
+                "SELECT at, relay, class, code, text, duration_ms FROM mailmux_attempts
+                  WHERE seq = $1 ORDER BY id",
+            )
+            .bind(seq)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?
+            .iter()
+            .map(|a| {
+                Ok(AttemptRecord {
+                    at: a.try_get("at")?,
+                    relay: a.try_get("relay")?,
+                    class: a.try_get("class")?,
+                    code: a
+                        .try_get::<Option<i32>, _>("code")?
+                        .and_then(|c| u16::try_from(c).ok()),
+                    text: a.try_get("text")?,
+                    duration_ms: a.try_get::<i64, _>("duration_ms")?.max(0) as u64,
+                })
             })
-        })
-        .collect::<Result<_, sqlx::Error>>()
-        .map_err(unavailable)?;
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(unavailable)?;
+            record.attempts.splice(0..0, older);
+            record.attempts.sort_by_key(|a| a.at);
+        }
         Ok(Some(record))
     }
 
