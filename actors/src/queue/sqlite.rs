@@ -923,8 +923,7 @@ fn settle(c: &Tx<'_>, id: &str, s: &Settle, now: Millis) -> rusqlite::Result<()>
             reason = ?8, note = ?9, next_attempt_at = ?10,
             body = CASE WHEN ?11 THEN COALESCE(body, ?14) ELSE NULL END,
             sent_copy = CASE WHEN ?13 THEN 'pending' ELSE sent_copy END,
-            attempt_log = CASE WHEN ?15 IS NULL OR attempt_log IS NULL THEN COALESCE(?15, attempt_log)
-                ELSE attempt_log || char(10) || ?15 END, {}
+            attempt_log = COALESCE(attempt_log || char(10) || ?15, ?15, attempt_log), {}
          WHERE seq = ?1",
         append_history(12)
     ))?
@@ -1415,6 +1414,10 @@ mod tests {
         }
     }
 
+    /// SQLite's values of `PRAGMA synchronous`.
+    const FULL: i64 = 2;
+    const NORMAL: i64 = 1;
+
     /// The `synchronous` mode the batch of a write commits under.
     async fn mode(store: &SqliteStore, lazy: bool) -> i64 {
         store
@@ -1717,8 +1720,6 @@ mod tests {
     async fn a_lazy_write_beside_durable_ones_is_not_held_for_their_fsync() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open(&dir.path().join("q.db")).unwrap());
-        const FULL: i64 = 2;
-        const NORMAL: i64 = 1;
         // Both writes wait behind a held one, so they reach the writer as
         // one batch.
         let release = hold_writer(&store).await;
@@ -1735,8 +1736,6 @@ mod tests {
     async fn a_durable_write_commits_fsynced_after_lazy_ones() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("q.db")).unwrap();
-        const FULL: i64 = 2;
-        const NORMAL: i64 = 1;
         assert_eq!(mode(&store, false).await, FULL);
         assert_eq!(mode(&store, true).await, NORMAL);
         assert_eq!(mode(&store, true).await, NORMAL);
