@@ -217,28 +217,6 @@ async fn drained(node: &Node, limit: Duration) -> bool {
     .await
 }
 
-/// Every message in the shared queue by id, as `list_messages` pages it.
-async fn listed(node: &Node) -> HashMap<String, Value> {
-    let mut all = HashMap::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let mut args = json!({ "limit": 100 });
-        if let Some(c) = &cursor {
-            args["cursor"] = json!(c);
-        }
-        let page = call(node.peer(), "list", "list_messages", args, LIMIT).await;
-        let page = page.value().cloned().unwrap_or(Value::Null);
-        let messages = page["messages"].as_array().expect("a page of messages");
-        for m in messages {
-            all.insert(m["message_id"].as_str().unwrap().to_owned(), m.clone());
-        }
-        match page["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_owned()),
-            None => return all,
-        }
-    }
-}
-
 /// Every call answered `queued` or `sent` is delivered exactly once, except
 /// those now `unknown`, at most once; nothing reaches the sinks twice. The
 /// states come from the listing, read in pages; a sample is read again with
@@ -249,7 +227,11 @@ async fn reconcile(
     node: &Node,
     seen: &HashMap<String, usize>,
 ) -> (usize, usize, Vec<Value>) {
-    let listed = listed(node).await;
+    let listed: HashMap<String, Value> = harness::list_all(node.peer(), 100)
+        .await
+        .into_iter()
+        .map(|m| (m["message_id"].as_str().unwrap().to_owned(), m))
+        .collect();
     let (mut sent, mut unknown) = (0, 0);
     let mut statuses = Vec::new();
     for c in calls {

@@ -695,23 +695,11 @@ async fn list_messages_pages_newest_first() {
         let c = send(d.peer(), msg(&format!("list {i}"), json!({}))).await;
         ids.push(c.message_id().unwrap().to_string());
     }
-    let mut seen = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let mut args = json!({"limit": 3});
-        if let Some(c) = &cursor {
-            args["cursor"] = json!(c);
-        }
-        let page = call(d.peer(), "list", "list_messages", args, LIMIT).await;
-        let v = page.value().unwrap();
-        for m in v["messages"].as_array().unwrap() {
-            seen.push(m["message_id"].as_str().unwrap().to_string());
-        }
-        match v["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_string()),
-            None => break,
-        }
-    }
+    let seen: Vec<String> = harness::list_all(d.peer(), 3)
+        .await
+        .iter()
+        .map(|m| m["message_id"].as_str().unwrap().to_string())
+        .collect();
     ids.reverse();
     assert_eq!(seen, ids);
     let sent = call(

@@ -207,6 +207,27 @@ pub async fn status(peer: &Peer<RoleClient>) -> Value {
     }
 }
 
+/// Every stored message, newest first, as `list_messages` pages it with
+/// `limit` a page; panics if a page does not answer.
+pub async fn list_all(peer: &Peer<RoleClient>, limit: u32) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut args = serde_json::json!({ "limit": limit });
+        if let Some(c) = &cursor {
+            args["cursor"] = serde_json::json!(c);
+        }
+        let page = call(peer, "list", "list_messages", args, Duration::from_secs(30)).await;
+        let page = page.value().cloned().unwrap_or(Value::Null);
+        let messages = page["messages"].as_array().expect("a page of messages");
+        all.extend(messages.iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => return all,
+        }
+    }
+}
+
 /// One relay of a status result, by name.
 pub fn relay_status<'a>(status: &'a Value, name: &str) -> &'a Value {
     status["relays"]
