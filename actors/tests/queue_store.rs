@@ -445,6 +445,7 @@ async fn sqlite_on_disk_conforms() {
     batch_counts(&open("batches.db")).await;
     first_rounds(&open("first.db")).await;
     listings(&open("listings.db")).await;
+    unconfirmed_marks(&open("unconfirmed.db")).await;
     for name in [
         "q.db",
         "approvals.db",
@@ -453,6 +454,7 @@ async fn sqlite_on_disk_conforms() {
         "batches.db",
         "first.db",
         "listings.db",
+        "unconfirmed.db",
     ] {
         counts_match_rows(&dir.path().join(name));
     }
@@ -554,6 +556,58 @@ async fn sqlite_writes_a_marked_message_bytes_only_for_an_outcome_that_keeps_the
 /// without its bytes. An outcome that keeps them (a retry, a Sent copy)
 /// writes them; one that does not never does. A crash before the outcome
 /// leaves the message `unknown`, with nothing to retry.
+/// `accept_settled_unconfirmed`, the round's end after a commit mark
+/// (`accept_marked`) whose answer never came and whose "." was not sent:
+/// a row that mark left takes the round's outcome with the message's
+/// bytes, and is delivered from the store like any deferred message; with
+/// no such row, the message is stored with its outcome. Either way once.
+async fn unconfirmed_marks(store: &dyn Store) {
+    let bytes = message("any", None).bytes;
+    // The mark was stored after all.
+    store
+        .accept_marked(message("stored-mark", None))
+        .await
+        .unwrap();
+    let t = now_millis() - 1;
+    store
+        .accept_settled_unconfirmed(message("stored-mark", None), settle(State::Queued, Some(t)))
+        .await
+        .unwrap();
+    let r = store.get("stored-mark").await.unwrap().unwrap();
+    let states: Vec<State> = r.history.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        (r.state, states),
+        (
+            State::Queued,
+            vec![State::Queued, State::Sending, State::Queued]
+        )
+    );
+    assert_eq!(
+        store.load("stored-mark").await.unwrap().unwrap().bytes,
+        bytes
+    );
+    assert_eq!(store.due(now_millis(), 10).await.unwrap(), ["stored-mark"]);
+
+    // The mark stored nothing: stored now, with the outcome.
+    store
+        .accept_settled_unconfirmed(message("no-mark", None), settle(State::Failed, None))
+        .await
+        .unwrap();
+    let r = store.get("no-mark").await.unwrap().unwrap();
+    let states: Vec<State> = r.history.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        (r.state, states),
+        (State::Failed, vec![State::Queued, State::Failed])
+    );
+    // A failed message keeps its bytes, for an operator's retry.
+    assert_eq!(store.retry("no-mark", false).await.unwrap(), Retry::Queued);
+    assert_eq!(store.load("no-mark").await.unwrap().unwrap().bytes, bytes);
+
+    // Nothing left in `sending` for a restart to call `unknown`.
+    let rec = store.recover().await.unwrap();
+    assert_eq!((rec.unknown, rec.requeued), (0, 0));
+}
+
 async fn marked_bytes(store: &dyn Store) {
     let bytes = message("any", None).bytes;
     for id in ["sent", "deferred", "copied", "crashed"] {
@@ -1051,6 +1105,7 @@ async fn postgres_conforms() {
     on_a_new_database!(copies);
     on_a_new_database!(marked_bytes);
     on_a_new_database!(listings);
+    on_a_new_database!(unconfirmed_marks);
 }
 
 /// PostgreSQL reads a listing by caller, one by batch and one by a state
@@ -1863,4 +1918,113 @@ async fn close_merges_the_log_and_refuses_later_writes() {
         .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
         .unwrap();
     assert_eq!(n, 2);
+}
+
+/// A waiting call's commit mark (`accept_marked`) whose answer is lost while
+/// PostgreSQL stays out of reach past the 10 s in which the store asks
+/// again: the "." is not sent, and the row the mark stored must not be
+/// left `sending`, to be taken for a message that may have been delivered
+/// (`unknown`) and never sent. Once the database is back the round's end
+/// turns that row into a deferred message with its bytes, and the next
+/// round delivers it, once; the call, which waits, is told `sent`.
+#[tokio::test]
+async fn postgres_a_mark_whose_answer_was_lost_is_sent_once_when_the_database_is_back() {
+    use mailmux_actors::queue::{Queue, QueueSettings, StoreKind, Submit};
+    use mailmux_actors::{Dispatcher, Limits, Mail, RelaySettings, RouterSettings};
+    use mailmux_actors::{Settings, SupervisorSettings};
+
+    let server = Postgres::start();
+    let (proxy, _db, through, store) = behind_a_cut_proxy(&server).await;
+    let sink = support::smtp_sink::SmtpSink::start().await;
+    let dispatcher = Dispatcher::start(Settings {
+        relays: vec![RelaySettings::smtp("sink", "127.0.0.1", sink.port())],
+        router: RouterSettings::default(),
+        supervisor: SupervisorSettings::default(),
+        limits: Limits::default(),
+    })
+    .await
+    .unwrap();
+    let store: Arc<dyn Store> = Arc::new(store);
+    let settings = QueueSettings {
+        store: StoreKind::Postgres(pg(&through, "n")),
+        retry_base: Duration::from_millis(200),
+        retry_max: Duration::from_millis(400),
+        ..QueueSettings::default()
+    };
+    // Warm the connection with the mark's own statement, so that the mark
+    // is one exchange; settled, so that nothing delivers it.
+    store.accept_marked(message("warm", None)).await.unwrap();
+    store
+        .settle("warm", settle(State::Sent, None))
+        .await
+        .unwrap();
+    let queue = Queue::start(store.clone(), dispatcher.clone(), settings, 8)
+        .await
+        .unwrap();
+
+    let id = "lost-mark@mailmux.test";
+    let mail = Mail {
+        message_id: id.into(),
+        from: Some("a@example.org".parse().unwrap()),
+        to: vec!["b@example.org".parse().unwrap()],
+        bytes: Arc::from(format!("Message-ID: <{id}>\r\nSubject: x\r\n\r\nbody\r\n").as_bytes()),
+        deadline: tokio::time::Instant::now() + Duration::from_secs(120),
+        prefer: None,
+        only: None,
+    };
+    proxy.arm_then_refuse(id.as_bytes());
+    let call = {
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            queue
+                .submit(Submit {
+                    mail,
+                    send_at: None,
+                    idempotency: None,
+                    wait: true,
+                    caller: None,
+                    meta: None,
+                    hold: None,
+                    batch: None,
+                })
+                .await
+        })
+    };
+    assert!(
+        support::wait_until(|| proxy.cut() == 1, Duration::from_secs(10)).await,
+        "the mark's answer was not cut"
+    );
+    // Past the store's 10 s of asking again: the mark is unconfirmed.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(sink.count(), 0, "sent although its mark was not confirmed");
+    proxy.allow();
+
+    let answer = tokio::time::timeout(Duration::from_secs(60), call)
+        .await
+        .expect("the call answers once the database is back")
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the message is stored, yet: {e}"));
+    // The call waits through the retry, within its deadline.
+    assert_eq!(answer.record.state, State::Sent, "{answer:?}");
+    let r = queue.status(id).await.unwrap().unwrap();
+    assert_eq!(r.state, State::Sent);
+    let first = &r.attempts[0];
+    assert_eq!(first.class.as_deref(), Some("busy"), "{first:?}");
+    assert!(first.text.contains("did not confirm"), "{first:?}");
+    let states: Vec<State> = r.history.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        states,
+        [
+            State::Queued,
+            State::Sending,
+            State::Queued,
+            State::Sending,
+            State::Sent
+        ]
+    );
+    assert!(sink.wait_for_count(1, Duration::from_secs(5)).await);
+    assert_eq!(sink.message_ids(), [format!("<{id}>")], "once at the sink");
+    assert_eq!(sink.count(), 1);
+    queue.shutdown(Duration::from_secs(5)).await;
+    dispatcher.shutdown(Duration::from_secs(5)).await;
 }

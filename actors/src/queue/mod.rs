@@ -655,6 +655,18 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         self.accept(m).await?;
         self.settle(&id, s).await
     }
+    /// [`Store::accept_settled`] after an [`Store::accept_marked`] of `m`
+    /// that ended [`StoreError::Unconfirmed`], and whose final "." was
+    /// therefore never sent: that write may have stored the message as
+    /// committing. If it did, that row (still this daemon's, still
+    /// committing) takes the outcome `s`, with the message's bytes where
+    /// `s` keeps them, so that it is not taken for a message that may have
+    /// been delivered. If it did not, the message is stored as
+    /// [`Store::accept_settled`] stores it. A store that never answers
+    /// `Unconfirmed` needs no more than that.
+    async fn accept_settled_unconfirmed(&self, m: NewMessage, s: Settle) -> Result<(), StoreError> {
+        self.accept_settled(m, s).await
+    }
     /// `scheduled` or `queued` → `cancelled`.
     async fn cancel(&self, message_id: &str) -> Result<Cancel, StoreError>;
     /// `held` → `queued` (or `scheduled`) when approved, `rejected` when not.

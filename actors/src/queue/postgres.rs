@@ -1436,6 +1436,28 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn accept_settled_unconfirmed(
+        &self,
+        m: NewMessage,
+        mut s: Settle,
+    ) -> Result<(), StoreError> {
+        let id = m.message_id.clone();
+        // Kept by the settle only where its outcome keeps them.
+        s.body = Some(m.bytes.clone());
+        // The lease that `accept_marked` takes with the row it stores. The
+        // settle is fenced by it: a row another daemon took over in the
+        // meantime (as `unknown`) is left as it is.
+        self.held().insert(id.clone(), 1);
+        match self.settle(&id, s.clone()).await {
+            // No row under that lease: the mark stored nothing.
+            Err(StoreError::Fenced(_)) => {
+                self.accept(m).await?;
+                self.settle(&id, s).await
+            }
+            done => done,
+        }
+    }
+
     async fn accept_many(&self, ms: Vec<NewMessage>) -> Result<Vec<Accepted>, StoreError> {
         let now = now_millis();
         let ms = &ms;

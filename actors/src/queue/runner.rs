@@ -317,6 +317,9 @@ struct StoreMark {
     message_id: String,
     /// The message of a waiting call without a key, until it is stored.
     fresh: Mutex<Option<NewMessage>>,
+    /// An `accept_marked` of `fresh` ended unconfirmed: it may have stored
+    /// the message as committing, though its "." was not sent.
+    unconfirmed: AtomicBool,
 }
 
 impl StoreMark {
@@ -331,6 +334,12 @@ impl CommitMark for StoreMark {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(async move {
             let inner = &self.inner;
+            // Not written again after an unconfirmed try: the row that try
+            // may have left would refuse it, and with it every message
+            // written in the same statement. The round's end settles it.
+            if self.unconfirmed.load(Ordering::Acquire) {
+                return Err("the queue store did not confirm an earlier write of it".into());
+            }
             let result = match self.take_fresh() {
                 None => inner.store.mark(&self.message_id).await,
                 Some(new) => {
@@ -341,9 +350,14 @@ impl CommitMark for StoreMark {
                             &new.record(State::Queued, new.queued_at),
                             None,
                         ),
-                        // Not stored: a later attempt stores it, or the
-                        // round's end does.
-                        Err(_) => *self.fresh.lock().unwrap_or_else(|e| e.into_inner()) = Some(new),
+                        // Not stored (or not known to be): a later attempt
+                        // stores it, or the round's end does.
+                        Err(e) => {
+                            if matches!(e, StoreError::Unconfirmed(_)) {
+                                self.unconfirmed.store(true, Ordering::Release);
+                            }
+                            *self.fresh.lock().unwrap_or_else(|e| e.into_inner()) = Some(new)
+                        }
                     }
                     result
                 }
@@ -1257,6 +1271,7 @@ async fn first_round(
         inner: inner.clone(),
         message_id: id.clone(),
         fresh: Mutex::new(fresh),
+        unconfirmed: AtomicBool::new(false),
     });
     let report = match mail_of(&p, deadline) {
         Ok(mail) => {
@@ -1291,7 +1306,15 @@ async fn first_round(
     if was_fresh && fresh.is_none() && (state.keeps_body() || settle.copy) {
         settle.body = Some(p.bytes.clone());
     }
+    let unconfirmed = store_mark.unconfirmed.load(Ordering::Acquire);
     let result = match &fresh {
+        // No "." was sent: a row its unconfirmed mark left takes the outcome.
+        Some(new) if unconfirmed => {
+            inner
+                .store
+                .accept_settled_unconfirmed(new.clone(), settle.clone())
+                .await
+        }
         Some(new) => {
             inner
                 .store
@@ -1315,7 +1338,13 @@ async fn first_round(
     let mut lost = None;
     if let (Some(_), Err(e)) = (&fresh, &result) {
         tracing::error!(message_id = %id, error = %e, "could not store a message after its round; the caller is told so");
-        lost = Some(e.clone());
+        // An unconfirmed mark may have stored it: never "not accepted".
+        lost = Some(match e {
+            StoreError::Unavailable(why) | StoreError::Fenced(why) if unconfirmed => {
+                StoreError::Unconfirmed(why.clone())
+            }
+            e => e.clone(),
+        });
     } else if let Err(e) = &result {
         // The outcome is not stored. A message marked as committing stays
         // `sending` and becomes `unknown` at recovery; one not marked stays

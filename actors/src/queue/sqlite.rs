@@ -1125,6 +1125,27 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn accept_settled_unconfirmed(
+        &self,
+        m: NewMessage,
+        mut s: Settle,
+    ) -> Result<(), StoreError> {
+        // Kept by the settle only where its outcome keeps them.
+        s.body = Some(m.bytes.clone());
+        self.write(move |c, now| {
+            // One daemon owns the file: a row of this new message in
+            // `sending` is the one its unconfirmed mark left.
+            if !matches!(
+                seq_and_state(c, &m.message_id).optional()?,
+                Some((_, State::Sending))
+            ) {
+                accept_all(c, std::slice::from_ref(&m), now)?;
+            }
+            settle(c, &m.message_id, &s, now)
+        })
+        .await
+    }
+
     async fn cancel(&self, message_id: &str) -> Result<Cancel, StoreError> {
         let id = message_id.to_owned();
         self.write(move |c, now| cancel(c, &id, now)).await
