@@ -1525,6 +1525,8 @@ async fn postgres_fences_the_writes_of_a_lease_taken_over() {
     a.accept(message("before-mark", None)).await.unwrap();
     a.accept(message("after-mark", None)).await.unwrap();
     a.mark("after-mark").await.unwrap();
+    // A waiting call's mark, whose answer a will be said to have lost.
+    a.accept_marked(message("lost-mark", None)).await.unwrap();
     // Daemon a stalls: its leases run out.
     let db = url.rsplit('/').next().unwrap();
     server.psql(db, "UPDATE mailmux_messages SET lease_until = 0");
@@ -1553,6 +1555,19 @@ async fn postgres_fences_the_writes_of_a_lease_taken_over() {
         b.get("after-mark").await.unwrap().unwrap().state,
         State::Unknown
     );
+    // Nor does the round's end after a lost mark's answer change the row
+    // taken over, or store the message again; a's next accept goes through.
+    let t = now_millis();
+    assert!(
+        a.accept_settled_unconfirmed(message("lost-mark", None), settle(State::Queued, Some(t)))
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        b.get("lost-mark").await.unwrap().unwrap().state,
+        State::Unknown
+    );
+    a.accept(message("after-lost-mark", None)).await.unwrap();
     // b's own writes go through.
     b.mark("before-mark").await.unwrap();
     b.settle("before-mark", settle(State::Sent, None))

@@ -1449,9 +1449,12 @@ impl Store for PgStore {
         // meantime (as `unknown`) is left as it is.
         self.held().insert(id.clone(), 1);
         match self.settle(&id, s.clone()).await {
-            // No row under that lease: the mark stored nothing.
+            // No row under that lease: the mark stored nothing, or another
+            // daemon took its row over. Stored in a transaction of its own,
+            // not the accepts writer's: a row taken over refuses it, and
+            // must not refuse the other messages of a shared INSERT.
             Err(StoreError::Fenced(_)) => {
-                self.accept(m).await?;
+                self.accept_many(vec![m]).await?;
                 self.settle(&id, s).await
             }
             done => done,
