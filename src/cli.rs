@@ -47,8 +47,9 @@ pub enum Command {
     Check,
     /// Print the effective configuration, secrets redacted, with each value's source.
     Config,
-    /// Act on the queue's store: approve or reject held messages (an
-    /// operator's token in MAILMUX_OPERATOR_TOKEN).
+    /// Read and act on the queue's store: list, show, cancel, retry, purge,
+    /// stats, migrate, and approve or reject held messages (an operator's
+    /// token in MAILMUX_OPERATOR_TOKEN).
     #[command(subcommand)]
     Queue(queue::QueueCommand),
 }
