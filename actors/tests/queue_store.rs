@@ -45,6 +45,11 @@ fn message(id: &str, key: Option<(&str, u8)>) -> NewMessage {
     }
 }
 
+/// The states of a message's history, oldest first.
+fn states_of(r: &queue::Record) -> Vec<State> {
+    r.history.iter().map(|(s, _)| *s).collect()
+}
+
 fn settle(state: State, next: Option<i64>) -> Settle {
     Settle {
         state,
@@ -574,7 +579,7 @@ async fn unconfirmed_marks(store: &dyn Store) {
         .await
         .unwrap();
     let r = store.get("stored-mark").await.unwrap().unwrap();
-    let states: Vec<State> = r.history.iter().map(|(s, _)| *s).collect();
+    let states = states_of(&r);
     assert_eq!(
         (r.state, states),
         (
@@ -594,7 +599,7 @@ async fn unconfirmed_marks(store: &dyn Store) {
         .await
         .unwrap();
     let r = store.get("no-mark").await.unwrap().unwrap();
-    let states: Vec<State> = r.history.iter().map(|(s, _)| *s).collect();
+    let states = states_of(&r);
     assert_eq!(
         (r.state, states),
         (State::Failed, vec![State::Queued, State::Failed])
@@ -1654,7 +1659,7 @@ async fn postgres_settle_whose_answer_was_lost_is_written_once() {
             .unwrap_or_else(|e| panic!("{id}: the settle committed, yet: {e}"));
         assert_eq!(proxy.cut(), n + 1, "{id}: the answer was dropped");
         let r = store.get(id).await.unwrap().unwrap();
-        let states: Vec<State> = r.history.iter().map(|(s, _)| *s).collect();
+        let states = states_of(&r);
         let expected: Vec<State> = if marked {
             vec![State::Queued, State::Sending, state]
         } else {
@@ -2026,7 +2031,7 @@ async fn postgres_a_mark_whose_answer_was_lost_is_sent_once_when_the_database_is
     let first = &r.attempts[0];
     assert_eq!(first.class.as_deref(), Some("busy"), "{first:?}");
     assert!(first.text.contains("did not confirm"), "{first:?}");
-    let states: Vec<State> = r.history.iter().map(|(s, _)| *s).collect();
+    let states = states_of(&r);
     assert_eq!(
         states,
         [

@@ -344,6 +344,10 @@ struct AcceptOp {
     reply: oneshot::Sender<Result<State, StoreError>>,
 }
 
+/// The epoch of the lease a daemon takes on a message it stores itself
+/// (the `1` of the accepts' INSERT): its own deliveries' writes name it.
+const FIRST_EPOCH: i64 = 1;
+
 /// Writes folded into one statement at most.
 const WRITE_BATCH: usize = 256;
 
@@ -1358,7 +1362,7 @@ impl PgStore {
         let mut held = self.held();
         for (m, a) in ms.iter().zip(out) {
             if *a == Accepted::Stored(State::Queued) && m.initial_state(now) == State::Queued {
-                held.insert(m.message_id.clone(), 1);
+                held.insert(m.message_id.clone(), FIRST_EPOCH);
             }
         }
     }
@@ -1432,7 +1436,7 @@ impl Store for PgStore {
         answer
             .await
             .map_err(|_| unavailable("the store's writer has stopped"))??;
-        self.held().insert(id, 1);
+        self.held().insert(id, FIRST_EPOCH);
         Ok(())
     }
 
@@ -1444,10 +1448,10 @@ impl Store for PgStore {
         let id = m.message_id.clone();
         // Kept by the settle only where its outcome keeps them.
         s.body = Some(m.bytes.clone());
-        // The lease that `accept_marked` takes with the row it stores. The
-        // settle is fenced by it: a row another daemon took over in the
-        // meantime (as `unknown`) is left as it is.
-        self.held().insert(id.clone(), 1);
+        // The lease that `accept_marked` takes with the row it stores
+        // ([`FIRST_EPOCH`]). The settle is fenced by it: a row another
+        // daemon took over in the meantime (as `unknown`) is left as it is.
+        self.held().insert(id.clone(), FIRST_EPOCH);
         match self.settle(&id, s.clone()).await {
             // No row under that lease: the mark stored nothing, or another
             // daemon took its row over. Stored in a transaction of its own,
