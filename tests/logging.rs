@@ -1,5 +1,6 @@
-//! Secrets never reach the logs: a send and a probe through a relay that
-//! needs AUTH, with every log level on, and no trace of the password.
+//! What the daemon's log holds: no password (a send and a probe through a
+//! relay that needs AUTH, with every log level on), no message body, and one
+//! message's id per line, even within a `send_batch` call.
 
 mod common;
 
@@ -155,4 +156,73 @@ async fn message_bodies_never_reach_the_daemon_log() {
         !log.contains("7f3e-body-marker"),
         "the body is in the log:\n{log}"
     );
+}
+
+/// A `send_batch` call's log names each message on its own lines: one log
+/// line never carries the ids of several messages, so a batch of n
+/// messages logs O(n) bytes, not O(n²) (each line repeating every id the
+/// call had met so far), and a dry run's line names its own message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_logs_each_message_on_its_own_lines() {
+    const N: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let d = common::StdioDaemon::start(dir.path(), "").await;
+    let messages: Vec<serde_json::Value> = (0..N)
+        .map(|i| serde_json::json!({ "to": [format!("rcpt{i}@example.org")] }))
+        .collect();
+    let defaults =
+        serde_json::json!({ "from_email": "agent@example.org", "subject": "Hi", "body": "Hello" });
+    let sent = d
+        .call(
+            "send_batch",
+            serde_json::json!({ "defaults": defaults, "messages": messages }),
+        )
+        .await;
+    assert_eq!(sent["summary"]["sent"], N, "{sent}");
+    let dry = d
+        .call(
+            "send_batch",
+            serde_json::json!({ "defaults": defaults, "messages": messages, "dry_run": true }),
+        )
+        .await;
+    assert_eq!(dry["summary"]["dry_run"], N, "{dry}");
+    d.stop().await;
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    let ids = |line: &str| {
+        let mut ids: Vec<String> = line
+            .split("message_id=")
+            .skip(1)
+            .map(|rest| {
+                rest.split(|c: char| c.is_whitespace() || c == '}' || c == ',')
+                    .next()
+                    .unwrap_or_default()
+                    .trim_matches('"')
+                    .to_string()
+            })
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    };
+    for line in log.lines() {
+        assert!(
+            ids(line).len() <= 1,
+            "a log line names several messages: {}",
+            &line[..line.len().min(600)]
+        );
+    }
+    // Each dry run's line names the message it was about.
+    let dry_ids: Vec<&str> = dry["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["message_id"].as_str().unwrap())
+        .collect();
+    for id in dry_ids {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("dry run") && ids(l) == [id.to_string()]),
+            "no dry-run line names {id}"
+        );
+    }
 }

@@ -1288,7 +1288,15 @@ impl MailmuxServer {
                         continue;
                     }
                 };
-            match self.prepare_with(&caller, params, shared).await {
+            // Each message's id goes on a span of its own: recorded on the
+            // call's span, every later line of the call would repeat the
+            // ids of all the messages before it.
+            let message = tracing::info_span!("message", index = i, message_id = Empty);
+            match self
+                .prepare_with(&caller, params, shared)
+                .instrument(message)
+                .await
+            {
                 Prepared::Done(answer) => match answer.0.error.clone() {
                     Some(mut e) => {
                         e.field = Some(match e.field.take() {
