@@ -50,6 +50,10 @@ usage: cargo bench --bench mcp -- [options]
   --batch-memory N         one send_batch of N messages of each --size (wait: true) on the
                            sqlite store, over stdio and HTTP: the daemon's peak memory;
                            0 to skip it (0)
+  --backlog N              N messages of each --size scheduled over stdio on the sqlite
+                           store (send_batch calls of up to 1000 and 8 MiB, wait: false, all due at once
+                           a few seconds later): how fast the queue delivers mail that
+                           waits in its store; 0 to skip it (0)
   --log FILTER             the daemon's RUST_LOG (info, its default)
   --bin PATH               the mailmux binary (the one cargo built for this bench)
 ";
@@ -138,6 +142,7 @@ struct Args {
     paths: Vec<Path>,
     burst: usize,
     batch_memory: usize,
+    backlog: usize,
     log: String,
     bin: PathBuf,
 }
@@ -169,6 +174,7 @@ fn parse_args() -> anyhow::Result<Args> {
     ];
     let mut burst = 1000;
     let mut batch_memory = 0;
+    let mut backlog = 0;
     let mut log = "info".to_string();
     let mut bin = PathBuf::from(env!("CARGO_BIN_EXE_mailmux"));
     let mut args = std::env::args().skip(1);
@@ -181,6 +187,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--runs" => runs = list(&arg, args.next())?[0].max(1),
             "--burst" => burst = list(&arg, args.next())?[0],
             "--batch-memory" => batch_memory = list(&arg, args.next())?[0],
+            "--backlog" => backlog = list(&arg, args.next())?[0],
             "--log" => log = args.next().context("--log needs a value")?,
             "--bin" => bin = args.next().context("--bin needs a value")?.into(),
             "--paths" => {
@@ -230,6 +237,7 @@ fn parse_args() -> anyhow::Result<Args> {
         paths,
         burst,
         batch_memory,
+        backlog,
         log,
         bin,
     })
@@ -645,22 +653,8 @@ async fn run_batch_memory(
     n: usize,
 ) -> anyhow::Result<BatchMemory> {
     let sink = Sink::start(32, false)?;
-    let daemon = Daemon::start(
-        &args.bin,
-        &DaemonOptions {
-            transport,
-            sink_port: sink.port,
-            max_connections: 32,
-            messages_per_connection: 0,
-            log: args.log.clone(),
-            http_requests: 4,
-            store: Store::Sqlite.name(),
-            policy: false,
-            queue_extra: String::new(),
-            max_message_bytes: Some(n * (2 * size + 8192) + (1 << 20)),
-        },
-    )
-    .await?;
+    let limit = n * (2 * size + 8192) + (1 << 20);
+    let daemon = Daemon::start(&args.bin, &one_daemon(args, transport, &sink, Some(limit))).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle = load::proc_sample(daemon.pid)?;
     let body = load::body(size);
@@ -690,6 +684,90 @@ async fn run_batch_memory(
                 .find(|r| r.status != "sent")
                 .map(|r| format!("{}: {:?}", r.status, r.detail))
         },
+    })
+}
+
+/// One daemon on the sqlite store with 32 connections to `sink`, for the
+/// measurements outside the table (`--batch-memory`, `--backlog`).
+fn one_daemon(
+    args: &Args,
+    transport: Transport,
+    sink: &Sink,
+    max_message_bytes: Option<usize>,
+) -> DaemonOptions {
+    DaemonOptions {
+        transport,
+        sink_port: sink.port,
+        max_connections: 32,
+        messages_per_connection: 0,
+        log: args.log.clone(),
+        http_requests: 4,
+        store: Store::Sqlite.name(),
+        policy: false,
+        queue_extra: String::new(),
+        max_message_bytes,
+    }
+}
+
+/// How fast the queue delivered mail that waited in its store.
+#[derive(Debug)]
+struct Backlog {
+    n: usize,
+    sink: u64,
+    elapsed: Duration,
+    /// The daemon's CPU time from the moment the mail was due (µs).
+    cpu_us: u64,
+}
+
+/// Schedules `n` messages over stdio on the sqlite store, all due at one
+/// moment a few seconds ahead, and times their delivery from that moment
+/// to the last message at the sink. With `wait: false` and a `send_at`,
+/// nothing is delivered by the calls: every message goes through the
+/// runner's polls of the store, as mail recovered after a restart, retried
+/// or scheduled does.
+async fn run_backlog(args: &Args, size: usize, n: usize) -> anyhow::Result<Backlog> {
+    let sink = Sink::start(32, false)?;
+    let daemon = Daemon::start(&args.bin, &one_daemon(args, Transport::Stdio, &sink, None)).await?;
+    let body = load::body(size);
+    // Far enough ahead for the calls to store every message first.
+    let lead = Duration::from_secs(3) + Duration::from_millis((n / 2) as u64);
+    let due = std::time::SystemTime::now() + lead;
+    let due_at = humantime::format_rfc3339_millis(due).to_string();
+    let started = Instant::now();
+    let mut scheduled = 0;
+    // A batch's messages together stay within the default
+    // `max_message_bytes` (10 MiB), as the daemon requires.
+    let per_call = (8 << 20) / (size + 4096);
+    while scheduled < n {
+        let count = (n - scheduled).min(BATCH).min(per_call.max(1));
+        let stored = load::schedule_batch(&daemon.peer(), &body, scheduled, count, &due_at).await?;
+        if stored != count {
+            bail!("{stored} of {count} messages were scheduled");
+        }
+        scheduled += count;
+    }
+    if started.elapsed() + Duration::from_millis(500) > lead {
+        bail!(
+            "scheduling took {:?}, past the messages' due time",
+            started.elapsed()
+        );
+    }
+    tokio::time::sleep_until((started + lead).into()).await;
+    let cpu_before = load::proc_cpu(daemon.pid).unwrap_or_default();
+    let from = Instant::now();
+    let until = from + Duration::from_secs(120);
+    while (sink.count() as usize) < n && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = from.elapsed();
+    let cpu = load::proc_cpu(daemon.pid).unwrap_or_default() - cpu_before;
+    let sink_count = sink.count();
+    daemon.stop().await?;
+    Ok(Backlog {
+        n,
+        sink: sink_count,
+        elapsed,
+        cpu_us: cpu.as_micros() as u64,
     })
 }
 
@@ -1012,6 +1090,24 @@ fn main() -> anyhow::Result<()> {
                     println!("\nFirst failed message ({}): {e}", m.transport.name());
                 }
             }
+        }
+    }
+    if args.backlog > 0 {
+        println!(
+            "\n| store | message body | messages scheduled | sent (sink) | s from due to the last at the sink | msgs/s | daemon CPU µs/msg (from due) |\n|---|---|---|---|---|---|---|"
+        );
+        for &(size, _) in &args.sizes {
+            let b = rt.block_on(run_backlog(&args, size, args.backlog))?;
+            eprintln!("backlog: {b:?}");
+            println!(
+                "| sqlite | {} | {} | {} | {:.2} | {:.0} | {:.1} |",
+                size_name(size),
+                b.n,
+                b.sink,
+                b.elapsed.as_secs_f64(),
+                b.sink as f64 / b.elapsed.as_secs_f64(),
+                b.cpu_us as f64 / b.sink.max(1) as f64,
+            );
         }
     }
     if let Some(pg) = &pg {

@@ -686,6 +686,53 @@ async fn send_at_waits_for_its_time() {
     d.stop().await;
 }
 
+/// More mail due at once than one poll of the store takes (256): every
+/// message is delivered exactly once, through polls that follow each other
+/// as rounds end, and each ends `sent`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_larger_than_a_poll_is_delivered_once_each() {
+    const N: usize = 700;
+    let (smtp, _dir, _cfg, d) = setup(Script::ok(), "").await;
+    let messages: Vec<Value> = (0..N)
+        .map(|i| json!({"to": [format!("rcpt+{i}@example.org")]}))
+        .collect();
+    let c = call(
+        d.peer(),
+        "backlog",
+        "send_batch",
+        json!({
+            "defaults": {"subject": "backlog", "body": "due at once"},
+            "messages": messages,
+            "send_at": "2s",
+            "wait": false,
+        }),
+        LIMIT,
+    )
+    .await;
+    let out = c.value().unwrap_or_else(|| panic!("{c:?}")).clone();
+    assert_eq!(out["summary"]["scheduled"], N, "{out}");
+    let ids: Vec<String> = out["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["message_id"].as_str().unwrap().to_string())
+        .collect();
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    while smtp.received().len() < N && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seen = copies(&smtp.received());
+    for id in &ids {
+        assert_eq!(seen.get(id), Some(&1), "{id} at the sink");
+    }
+    assert_eq!(seen.len(), N, "no message nobody asked for");
+    for id in ids.iter().step_by(50) {
+        let s = settled(d.peer(), id, LIMIT).await;
+        assert_eq!(s["status"], "sent", "{s}");
+    }
+    d.stop().await;
+}
+
 /// `list_messages` pages newest first; `get_smtp_status` shows the queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_messages_pages_newest_first() {

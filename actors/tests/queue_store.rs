@@ -640,6 +640,21 @@ async fn marked_bytes(store: &dyn Store) {
     assert_eq!(store.load("deferred").await.unwrap().unwrap().bytes, bytes);
     assert_eq!(store.due(now_millis(), 10).await.unwrap(), ["deferred"]);
     assert_eq!(store.load("copied").await.unwrap().unwrap().bytes, bytes);
+    // What `load` gives for each, in one read: no row, or no bytes, is
+    // left out.
+    let ids = ["sent", "deferred", "nobody", "copied", "crashed"].map(String::from);
+    let mut many = store.load_many(&ids).await.unwrap();
+    many.sort_by(|a, b| a.message_id.cmp(&b.message_id));
+    let loaded: Vec<(&str, State)> = many
+        .iter()
+        .map(|p| (p.message_id.as_str(), p.state))
+        .collect();
+    assert_eq!(
+        loaded,
+        [("copied", State::Sent), ("deferred", State::Queued)]
+    );
+    assert!(many.iter().all(|p| p.bytes == bytes));
+    assert!(store.load_many(&[]).await.unwrap().is_empty());
     let rec = store.recover().await.unwrap();
     assert_eq!((rec.unknown, rec.requeued), (1, 0));
     assert_eq!(

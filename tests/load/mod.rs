@@ -569,6 +569,37 @@ pub async fn send_batch(
     }
 }
 
+/// One `send_batch` call of `count` messages to [`TO`] (addresses `first`
+/// on), scheduled for `send_at` with `wait: false`: how many were stored
+/// `scheduled`.
+pub async fn schedule_batch(
+    peer: &Peer<RoleClient>,
+    body: &str,
+    first: usize,
+    count: usize,
+    send_at: &str,
+) -> anyhow::Result<usize> {
+    let (local, domain) = TO.split_once('@').unwrap_or((TO, "example.org"));
+    let messages: Vec<Value> = (first..first + count)
+        .map(|i| json!({"to": [format!("{local}+{i}@{domain}")]}))
+        .collect();
+    let mut args = Map::new();
+    args.insert(
+        "defaults".into(),
+        json!({"subject": "scheduled", "body": body}),
+    );
+    args.insert("messages".into(), Value::Array(messages));
+    args.insert("send_at".into(), json!(send_at));
+    args.insert("wait".into(), json!(false));
+    let params = CallToolRequestParams::new("send_batch").with_arguments(args);
+    let out = peer
+        .call_tool(params)
+        .await?
+        .structured_content
+        .unwrap_or(Value::Null);
+    Ok(out["summary"]["scheduled"].as_u64().unwrap_or(0) as usize)
+}
+
 /// `get_smtp_status`'s `runtime.alive_tasks` and `runtime.workers`.
 pub async fn runtime_tasks(peer: &Peer<RoleClient>) -> anyhow::Result<(u64, u64)> {
     let r = peer

@@ -682,6 +682,18 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn next_due(&self) -> Result<Option<Millis>, StoreError>;
     /// A waiting message with its body, for delivery.
     async fn load(&self, message_id: &str) -> Result<Option<Pending>, StoreError>;
+    /// [`Store::load`] of each of `ids`, in any order; an id with no such
+    /// message (or none with its body) is left out. The stores read them
+    /// in one go: one read transaction, one round trip.
+    async fn load_many(&self, ids: &[String]) -> Result<Vec<Pending>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(p) = self.load(id).await? {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
     async fn get(&self, message_id: &str) -> Result<Option<Record>, StoreError>;
     /// The message an idempotency key names.
     async fn find_key(&self, key: &str) -> Result<Option<String>, StoreError>;

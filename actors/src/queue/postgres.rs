@@ -1773,6 +1773,22 @@ impl Store for PgStore {
         row.map(|r| pending(&r)).transpose().map_err(unavailable)
     }
 
+    async fn load_many(&self, ids: &[String]) -> Result<Vec<Pending>, StoreError> {
+        sqlx::query(
+            "SELECT message_id, state, mail_from, rcpt, body, prefer, due_at, rounds, caller,
+                    meta, relays
+               FROM mailmux_messages WHERE message_id = ANY($1) AND body IS NOT NULL",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?
+        .iter()
+        .map(pending)
+        .collect::<Result<_, _>>()
+        .map_err(unavailable)
+    }
+
     async fn get(&self, message_id: &str) -> Result<Option<Record>, StoreError> {
         let Some(r) = sqlx::query(
             "SELECT seq, message_id, state, mail_from, rcpt, size, prefer, idem_key, queued_at,

@@ -10,7 +10,7 @@
 //! the `claimed` set is the lock, taken before a message is stored or loaded.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -36,6 +36,11 @@ const READY_CAPACITY: usize = 1024;
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Due messages taken per poll at most.
 const POLL_BATCH: usize = 256;
+/// While more is due than a poll took, the rounds it started wake the
+/// runner once this few of them are left, so that a backlog (mail recovered
+/// after a crash, a burst of scheduled or retried mail) is delivered as fast
+/// as the relays take it, not one poll's worth per [`POLL_INTERVAL`].
+const POLL_REFILL: usize = POLL_BATCH / 2;
 /// State changes a slow listener may fall behind by before it misses some.
 const CHANGES_CAPACITY: usize = 1024;
 /// How often finished messages and old keys are purged at most: a quarter
@@ -301,6 +306,11 @@ struct Inner {
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Report>>>>,
     /// Rounds at once, across callers and the runner (`max_in_flight`).
     slots: Arc<Semaphore>,
+    /// Rounds started by polls and not ended yet.
+    polled: AtomicUsize,
+    /// The last poll found as many due messages as it asked for: more may
+    /// be due (see [`POLL_REFILL`]).
+    backlog: AtomicBool,
     accepting: AtomicBool,
     /// False after a write failed, until one succeeds.
     available: AtomicBool,
@@ -433,6 +443,8 @@ impl Inner {
             wake: Notify::new(),
             waiters: Mutex::new(HashMap::new()),
             slots: Arc::new(Semaphore::new(max_rounds.max(1))),
+            polled: AtomicUsize::new(0),
+            backlog: AtomicBool::new(false),
             accepting: AtomicBool::new(true),
             available: AtomicBool::new(true),
             rounds: Tally::default(),
@@ -1435,37 +1447,68 @@ async fn poll(inner: &Arc<Inner>) {
     if free == 0 || inner.stop.is_cancelled() {
         return;
     }
-    let ids = match inner.store.due(now_millis(), free.min(POLL_BATCH)).await {
+    let want = free.min(POLL_BATCH);
+    let ids = match inner.store.due(now_millis(), want).await {
         Ok(ids) => ids,
         Err(e) => {
             tracing::debug!(error = %e, "polling the queue failed");
             return;
         }
     };
-    for id in ids {
-        if !inner.try_claim(&id) {
+    // The page holds the messages in flight too (due until their mark):
+    // a full one may leave due messages behind it.
+    inner.backlog.store(ids.len() == want, Ordering::Release);
+    let claimed: Vec<String> = ids.into_iter().filter(|id| inner.try_claim(id)).collect();
+    if claimed.is_empty() {
+        return;
+    }
+    // Loaded after the claims: a cancel that won the race shows here.
+    let loaded = match inner.store.load_many(&claimed).await {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            tracing::debug!(error = %e, "loading due messages failed");
+            for id in &claimed {
+                inner.unclaim(id);
+            }
+            return;
+        }
+    };
+    let mut loaded: HashMap<String, Pending> = loaded
+        .into_iter()
+        .map(|p| (p.message_id.clone(), p))
+        .collect();
+    // Every claim not handed to a round is let go at the end.
+    let mut unstarted: HashSet<String> = claimed.iter().cloned().collect();
+    // Oldest due first, as `due` gave them.
+    for id in &claimed {
+        let Some(p) = loaded.remove(id) else {
+            continue;
+        };
+        if !matches!(p.state, State::Queued | State::Scheduled) {
             continue;
         }
-        // Loaded after the claim: a cancel that won the race shows here.
-        let p = match inner.store.load(&id).await {
-            Ok(Some(p)) if matches!(p.state, State::Queued | State::Scheduled) => p,
-            _ => {
-                inner.unclaim(&id);
-                continue;
-            }
-        };
         let expires = p.due_at + inner.settings.max_age.as_millis() as i64;
         if now_millis() > expires {
             inner.expire(&p).await;
-            inner.unclaim(&id);
             continue;
         }
         let Ok(slot) = inner.slots.clone().try_acquire_owned() else {
-            inner.unclaim(&id);
-            return;
+            break;
         };
+        unstarted.remove(&p.message_id);
         let deadline = Instant::now() + inner.settings.delivery_timeout;
-        tokio::spawn(round(inner.clone(), p, deadline, slot));
+        inner.polled.fetch_add(1, Ordering::AcqRel);
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            round(inner.clone(), p, deadline, slot).await;
+            let left = inner.polled.fetch_sub(1, Ordering::AcqRel) - 1;
+            if left <= POLL_REFILL && inner.backlog.load(Ordering::Acquire) {
+                inner.wake.notify_one();
+            }
+        });
+    }
+    for id in &unstarted {
+        inner.unclaim(id);
     }
 }
 

@@ -742,6 +742,44 @@ fn mark(c: &Tx<'_>, id: &str, now: Millis) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// The ids of the messages due by ?1, oldest due first, ?2 at most. Read
+/// through `messages_due` by name: left to itself, SQLite's planner takes
+/// `messages_state` for the `state IN (…)` and sorts every waiting message
+/// to return the first few, a read of the whole backlog on each poll.
+const DUE_SQL: &str = "SELECT message_id FROM messages INDEXED BY messages_due
+                        WHERE state IN ('queued', 'scheduled') AND next_attempt_at <= ?1
+                        ORDER BY next_attempt_at LIMIT ?2";
+
+/// The earliest due time of a waiting message, from `messages_due` (see
+/// [`DUE_SQL`]).
+const NEXT_DUE_SQL: &str = "SELECT MIN(next_attempt_at) FROM messages INDEXED BY messages_due
+                             WHERE state IN ('queued', 'scheduled')";
+
+/// A waiting message with its body ([`pending_row`]).
+const LOAD_SQL: &str =
+    "SELECT message_id, state, mail_from, rcpt, body, prefer, due_at, rounds, caller, meta, relays
+                          FROM messages WHERE message_id = ?1 AND body IS NOT NULL";
+
+/// A row of [`LOAD_SQL`].
+fn pending_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Pending> {
+    let body: Vec<u8> = r.get(4)?;
+    Ok(Pending {
+        message_id: r.get(0)?,
+        state: rows::state(&r.get::<_, String>(1)?),
+        from: r.get(2)?,
+        to: lines(r.get(3)?),
+        bytes: Arc::from(body),
+        prefer: r.get(5)?,
+        due_at: r.get(6)?,
+        rounds: r.get(7)?,
+        caller: r.get(8)?,
+        meta: r.get(9)?,
+        only: r
+            .get::<_, Option<String>>(10)?
+            .map(|s| Arc::from(lines(Some(s)))),
+    })
+}
+
 /// The row and state of message `id`; `QueryReturnedNoRows` if there is none.
 fn seq_and_state(c: &Connection, id: &str) -> rusqlite::Result<(i64, State)> {
     c.prepare_cached("SELECT seq, state FROM messages WHERE message_id = ?1")?
@@ -1199,53 +1237,43 @@ impl Store for SqliteStore {
 
     async fn due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
         self.read_delivery(move |c| {
-            c.prepare_cached(
-                "SELECT message_id FROM messages WHERE state IN ('queued', 'scheduled')
-                   AND next_attempt_at <= ?1 ORDER BY next_attempt_at LIMIT ?2",
-            )?
-            .query_map(params![now, limit as i64], |r| r.get(0))?
-            .collect()
+            c.prepare_cached(DUE_SQL)?
+                .query_map(params![now, limit as i64], |r| r.get(0))?
+                .collect()
         })
         .await
     }
 
     async fn next_due(&self) -> Result<Option<Millis>, StoreError> {
-        self.read_delivery(|c| {
-            c.query_row(
-                "SELECT MIN(next_attempt_at) FROM messages WHERE state IN ('queued', 'scheduled')",
-                [],
-                |r| r.get(0),
-            )
-        })
-        .await
+        self.read_delivery(|c| c.query_row(NEXT_DUE_SQL, [], |r| r.get(0)))
+            .await
     }
 
     async fn load(&self, message_id: &str) -> Result<Option<Pending>, StoreError> {
         let id = message_id.to_owned();
         self.read_delivery(move |c| {
-            c.prepare_cached(
-                "SELECT message_id, state, mail_from, rcpt, body, prefer, due_at, rounds, caller, meta, relays
-                   FROM messages WHERE message_id = ?1 AND body IS NOT NULL",
-            )?
-            .query_row([id], |r| {
-                let body: Vec<u8> = r.get(4)?;
-                Ok(Pending {
-                    message_id: r.get(0)?,
-                    state: rows::state(&r.get::<_, String>(1)?),
-                    from: r.get(2)?,
-                    to: lines(r.get(3)?),
-                    bytes: Arc::from(body),
-                    prefer: r.get(5)?,
-                    due_at: r.get(6)?,
-                    rounds: r.get(7)?,
-                    caller: r.get(8)?,
-                    meta: r.get(9)?,
-                    only: r
-                        .get::<_, Option<String>>(10)?
-                        .map(|s| Arc::from(lines(Some(s)))),
-                })
-            })
-            .optional()
+            c.prepare_cached(LOAD_SQL)?
+                .query_row([id], pending_row)
+                .optional()
+        })
+        .await
+    }
+
+    async fn load_many(&self, ids: &[String]) -> Result<Vec<Pending>, StoreError> {
+        let ids = ids.to_vec();
+        self.read_delivery(move |c| {
+            // One read transaction: the pages of the first row are still
+            // cached for the next (a new transaction after another
+            // connection's commit starts from an empty page cache).
+            let tx = c.unchecked_transaction()?;
+            let mut stmt = tx.prepare_cached(LOAD_SQL)?;
+            let mut out = Vec::with_capacity(ids.len());
+            for id in &ids {
+                if let Some(p) = stmt.query_row([id], pending_row).optional()? {
+                    out.push(p);
+                }
+            }
+            Ok(out)
         })
         .await
     }
@@ -1613,6 +1641,30 @@ mod tests {
             store.accept(message("<after@x>")).await,
             Ok(Accepted::Stored(State::Queued))
         ));
+    }
+
+    #[test]
+    fn due_messages_are_read_through_their_index_without_a_sort() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("q.db")).unwrap();
+        let c = store.delivery.lock().unwrap();
+        for sql in [DUE_SQL, NEXT_DUE_SQL] {
+            let explain = format!("EXPLAIN QUERY PLAN {sql}");
+            let mut stmt = c.prepare(&explain).unwrap();
+            let rows = if sql == DUE_SQL {
+                stmt.query(params![1, 10])
+            } else {
+                stmt.query([])
+            };
+            let plan: String = rows
+                .unwrap()
+                .mapped(|r| r.get::<_, String>(3))
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .unwrap()
+                .join("; ");
+            assert!(plan.contains("USING INDEX messages_due"), "{sql}: {plan}");
+            assert!(!plan.contains("TEMP B-TREE"), "{sql}: {plan}");
+        }
     }
 
     #[test]
