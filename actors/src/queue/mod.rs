@@ -683,8 +683,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// A waiting message with its body, for delivery.
     async fn load(&self, message_id: &str) -> Result<Option<Pending>, StoreError>;
     /// [`Store::load`] of each of `ids`, in any order; an id with no such
-    /// message (or none with its body) is left out. The stores read them
-    /// in one go: one read transaction, one round trip.
+    /// message (or none with its body) is left out. SQLite reads them in
+    /// one read transaction, PostgreSQL in one statement; the default (the
+    /// memory store's) loads each in turn.
     async fn load_many(&self, ids: &[String]) -> Result<Vec<Pending>, StoreError> {
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
