@@ -1477,25 +1477,28 @@ async fn poll(inner: &Arc<Inner>) {
         .into_iter()
         .map(|p| (p.message_id.clone(), p))
         .collect();
-    // Every claim not handed to a round is let go at the end.
-    let mut unstarted: HashSet<String> = claimed.iter().cloned().collect();
-    // Oldest due first, as `due` gave them.
-    for id in &claimed {
-        let Some(p) = loaded.remove(id) else {
+    // Oldest due first, as `due` gave them; every claim not handed to a
+    // round is let go.
+    for (k, id) in claimed.iter().enumerate() {
+        let Some(p) = loaded
+            .remove(id)
+            .filter(|p| matches!(p.state, State::Queued | State::Scheduled))
+        else {
+            inner.unclaim(id);
             continue;
         };
-        if !matches!(p.state, State::Queued | State::Scheduled) {
-            continue;
-        }
         let expires = p.due_at + inner.settings.max_age.as_millis() as i64;
         if now_millis() > expires {
             inner.expire(&p).await;
+            inner.unclaim(id);
             continue;
         }
         let Ok(slot) = inner.slots.clone().try_acquire_owned() else {
-            break;
+            for id in &claimed[k..] {
+                inner.unclaim(id);
+            }
+            return;
         };
-        unstarted.remove(&p.message_id);
         let deadline = Instant::now() + inner.settings.delivery_timeout;
         inner.polled.fetch_add(1, Ordering::AcqRel);
         let inner = inner.clone();
@@ -1506,9 +1509,6 @@ async fn poll(inner: &Arc<Inner>) {
                 inner.wake.notify_one();
             }
         });
-    }
-    for id in &unstarted {
-        inner.unclaim(id);
     }
 }
 

@@ -756,8 +756,8 @@ const NEXT_DUE_SQL: &str = "SELECT MIN(next_attempt_at) FROM messages INDEXED BY
                              WHERE state IN ('queued', 'scheduled')";
 
 /// A waiting message with its body ([`pending_row`]).
-const LOAD_SQL: &str =
-    "SELECT message_id, state, mail_from, rcpt, body, prefer, due_at, rounds, caller, meta, relays
+const LOAD_SQL: &str = "SELECT message_id, state, mail_from, rcpt, body, prefer, due_at, rounds,
+                               caller, meta, relays
                           FROM messages WHERE message_id = ?1 AND body IS NOT NULL";
 
 /// A row of [`LOAD_SQL`].
