@@ -14,8 +14,8 @@ use support::postgres::Postgres;
 use mailmux_actors::queue::memory::MemoryStore;
 use mailmux_actors::queue::sqlite::SqliteStore;
 use mailmux_actors::queue::{
-    self, Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Filter, Hold, NewMessage,
-    Purged, Retry, Settle, State, Store, StoreError, now_millis,
+    self, Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Feed, Filter, Hold,
+    NewMessage, Purged, Retry, Settle, State, Store, StoreError, now_millis,
 };
 
 fn by_state(state: State) -> Filter {
@@ -451,6 +451,7 @@ async fn sqlite_on_disk_conforms() {
     first_rounds(&open("first.db")).await;
     listings(&open("listings.db")).await;
     unconfirmed_marks(&open("unconfirmed.db")).await;
+    streamed_batches(&open("streamed.db")).await;
     for name in [
         "q.db",
         "approvals.db",
@@ -460,6 +461,7 @@ async fn sqlite_on_disk_conforms() {
         "first.db",
         "listings.db",
         "unconfirmed.db",
+        "streamed.db",
     ] {
         counts_match_rows(&dir.path().join(name));
     }
@@ -674,6 +676,7 @@ async fn memory_conforms() {
     batch_counts(&MemoryStore::new()).await;
     first_rounds(&MemoryStore::new()).await;
     listings(&MemoryStore::new()).await;
+    streamed_batches(&MemoryStore::new()).await;
 }
 
 /// A waiting call's message stored only at its first round's commit mark
@@ -776,6 +779,73 @@ async fn batch_counts(store: &dyn Store) {
         counts,
         [(State::Scheduled, 1), (State::Queued, 2), (State::Sent, 1)]
     );
+}
+
+/// A batch fed to `accept_stream` a message at a time: stored whole at
+/// `Feed::Commit`, with the answers `accept_many` gives (a scheduled
+/// message, a replay, a conflict); nothing of it, not even its keys, when
+/// the feed ends without the commit; and the store takes writes after.
+async fn streamed_batches(store: &dyn Store) {
+    use tokio::sync::mpsc;
+    store.accept(message("s0", Some(("sk", 1)))).await.unwrap();
+    let (tx, rx) = mpsc::channel(2);
+    let feeding = async move {
+        let mut later = message("s2", None);
+        later.due_at += 60_000;
+        for m in [
+            message("s1", None),
+            later,
+            message("s3", Some(("sk", 1))),
+            message("s4", Some(("sk", 2))),
+        ] {
+            tx.send(Feed::Message(Box::new(m))).await.unwrap();
+        }
+        tx.send(Feed::Commit).await.unwrap();
+    };
+    let (stored, ()) = tokio::join!(store.accept_stream(rx), feeding);
+    assert_eq!(
+        stored.unwrap(),
+        [
+            Accepted::Stored(State::Queued),
+            Accepted::Stored(State::Scheduled),
+            Accepted::Replay("s0".into()),
+            Accepted::Conflict("s0".into()),
+        ]
+    );
+    let loaded = store.load("s1").await.unwrap().expect("s1 stored");
+    assert_eq!(loaded.bytes, message("s1", None).bytes);
+    assert_eq!(
+        store.get("s2").await.unwrap().unwrap().state,
+        State::Scheduled
+    );
+    assert!(store.get("s3").await.unwrap().is_none());
+
+    let (tx, rx) = mpsc::channel(4);
+    let feeding = async move {
+        for id in ["a1", "a2"] {
+            let m = message(id, Some((id, 3)));
+            tx.send(Feed::Message(Box::new(m))).await.unwrap();
+        }
+    };
+    let (abandoned, ()) = tokio::join!(store.accept_stream(rx), feeding);
+    assert!(
+        matches!(abandoned, Err(StoreError::Unavailable(_))),
+        "{abandoned:?}"
+    );
+    for id in ["a1", "a2"] {
+        assert!(store.get(id).await.unwrap().is_none(), "{id} stored");
+        assert!(
+            store.find_key(id).await.unwrap().is_none(),
+            "{id}'s key kept"
+        );
+    }
+    assert_eq!(
+        store.accept(message("a1", Some(("a1", 3)))).await.unwrap(),
+        Accepted::Stored(State::Queued)
+    );
+    let mut counts = store.stats().await.unwrap().counts;
+    counts.sort();
+    assert_eq!(counts, [(State::Scheduled, 1), (State::Queued, 3)]);
 }
 
 /// A settle for a relay that files a Sent copy records the copy as
@@ -1126,6 +1196,7 @@ async fn postgres_conforms() {
     on_a_new_database!(marked_bytes);
     on_a_new_database!(listings);
     on_a_new_database!(unconfirmed_marks);
+    on_a_new_database!(streamed_batches);
 }
 
 /// PostgreSQL reads a listing by caller, one by batch and one by a state

@@ -599,6 +599,21 @@ impl Filter {
     }
 }
 
+/// What [`Store::accept_stream`] is fed.
+#[derive(Debug)]
+pub enum Feed {
+    /// One more message for the transaction.
+    Message(Box<NewMessage>),
+    /// The last one came: commit.
+    Commit,
+}
+
+/// The error of a [`Store::accept_stream`] whose feed ended without
+/// [`Feed::Commit`]: nothing was stored.
+pub(crate) fn abandoned() -> StoreError {
+    StoreError::Unavailable("the batch was abandoned before its commit; nothing was stored".into())
+}
+
 /// [`Store::accept_marked`] as two writes: the accept, then the mark.
 pub(crate) async fn accept_then_mark<S: Store + ?Sized>(
     store: &S,
@@ -631,6 +646,25 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Stores several messages in one transaction: all of them, or (on an
     /// error) none.
     async fn accept_many(&self, ms: Vec<NewMessage>) -> Result<Vec<Accepted>, StoreError>;
+    /// Stores the messages `feed` brings in one transaction, each as it
+    /// comes, so that the caller need not hold them all at once: all of
+    /// them once [`Feed::Commit`] comes, none if the feed ends without it.
+    /// A shared store leases none of them to this daemon: the runner's
+    /// polls deliver them. The default (the memory store's) gathers them
+    /// and calls [`Store::accept_many`].
+    async fn accept_stream(
+        &self,
+        mut feed: tokio::sync::mpsc::Receiver<Feed>,
+    ) -> Result<Vec<Accepted>, StoreError> {
+        let mut ms = Vec::new();
+        loop {
+            match feed.recv().await {
+                Some(Feed::Message(m)) => ms.push(*m),
+                Some(Feed::Commit) => return self.accept_many(ms).await,
+                None => return Err(abandoned()),
+            }
+        }
+    }
     /// Marks a message as committing to a relay (state `sending`): after
     /// this, a crash makes it `unknown`, never resent.
     async fn mark(&self, message_id: &str) -> Result<(), StoreError>;

@@ -30,9 +30,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::rows::{self, entry, lines};
 use super::{
-    Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Filter, Millis, NewMessage,
+    Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Feed, Filter, Millis, NewMessage,
     Pending, Purged, Record, Recovered, Retry, Settle, State, Stats, Store, StoreError, Summary,
-    now_millis,
+    abandoned, now_millis,
 };
 
 /// The schema, one migration per version; `mailmux_schema` records how many
@@ -1480,6 +1480,36 @@ impl Store for PgStore {
         .await?;
         self.note_claims(ms, &out, now);
         Ok(out)
+    }
+
+    async fn accept_stream(
+        &self,
+        mut feed: mpsc::Receiver<Feed>,
+    ) -> Result<Vec<Accepted>, StoreError> {
+        let now = now_millis();
+        // One connection holds the transaction while the caller composes.
+        // Not tried again on a lost connection, as `accept_many` is: the
+        // messages fed are gone. A commit whose answer was lost is
+        // unconfirmed.
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let mut out = Vec::new();
+        loop {
+            match feed.recv().await {
+                Some(Feed::Message(m)) => out.push(
+                    accept_in(&mut tx, &m, now, None, self.lease_ms, false)
+                        .await
+                        .map_err(unavailable)?,
+                ),
+                Some(Feed::Commit) => break,
+                // Dropping the transaction rolls it back.
+                None => return Err(abandoned()),
+            }
+        }
+        match tx.commit().await {
+            Ok(()) => Ok(out),
+            Err(e) if ambiguous(&e) => Err(StoreError::Unconfirmed(e.to_string())),
+            Err(e) => Err(unavailable(e)),
+        }
     }
 
     async fn mark(&self, message_id: &str) -> Result<(), StoreError> {

@@ -31,8 +31,9 @@ use tokio::sync::oneshot;
 
 use super::rows::{self, entry, lines};
 use super::{
-    Accepted, Cancel, CopyDue, Decided, Decision, Filter, Millis, NewMessage, Pending, Purged,
-    Record, Recovered, Retry, Settle, State, Stats, Store, StoreError, Summary, now_millis,
+    Accepted, Cancel, CopyDue, Decided, Decision, Feed, Filter, Millis, NewMessage, Pending,
+    Purged, Record, Recovered, Retry, Settle, State, Stats, Store, StoreError, Summary, abandoned,
+    now_millis,
 };
 
 /// Writes folded into one transaction at most. Bounds the latency a write
@@ -232,6 +233,11 @@ enum Work {
     /// `lazy`: the write may be answered once written, before its fsync
     /// (see [`LAZY_SYNC`]).
     Write { job: Job, lazy: bool },
+    /// A durable write that waits for its input as it runs (a streamed
+    /// batch, [`Store::accept_stream`]): it gets a transaction of its own,
+    /// after the writes before it, so that its failure or abandonment
+    /// undoes nothing else.
+    Alone(Job),
     /// Merge the write-ahead log into the database file and stop; answer
     /// once done.
     Close(oneshot::Sender<()>),
@@ -369,10 +375,26 @@ impl SqliteStore {
         lazy: bool,
         f: impl FnOnce(&Tx<'_>, Millis) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
+        self.send_job(
+            move |job| Work::Write { job, lazy },
+            move |c, now| run_write(c, |c| f(c, now)),
+        )
+        .await
+    }
+
+    /// Hands the writer `f` as a job (`work` wraps it), and answers with its
+    /// result once its transaction has committed. `f` answers as
+    /// [`run_write`] does: its result, and the error that undoes its
+    /// transaction, if any.
+    async fn send_job<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(Job) -> Work,
+        f: impl FnOnce(&Tx<'_>, Millis) -> (Result<T, StoreError>, Option<StoreError>) + Send + 'static,
+    ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel::<Result<T, StoreError>>();
         let job: Job = Box::new(move |batch, now| {
             let (result, undo) = match batch {
-                Ok(t) => run_write(t, |c| f(c, now)),
+                Ok(t) => f(t, now),
                 Err(e) => (Err(e.clone()), None),
             };
             let answer: Answer = Box::new(move |commit| {
@@ -384,7 +406,7 @@ impl SqliteStore {
             (answer, undo)
         });
         self.writes
-            .send(Work::Write { job, lazy })
+            .send(work(job))
             .map_err(|_| unavailable("the store's writer has stopped"))?;
         rx.await
             .map_err(|_| unavailable("the store's writer has stopped"))?
@@ -524,6 +546,7 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Work>, owner: bool) {
     let mut lazy_batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut durable_batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut closing = None;
+    let mut alone = None;
     // A lazy commit's log is not fsynced yet.
     let mut unsynced = false;
     let mut synchronous_full = true;
@@ -556,6 +579,10 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Work>, owner: bool) {
                     closing = Some(done);
                     break;
                 }
+                Work::Alone(job) => {
+                    alone = Some(job);
+                    break;
+                }
             }
             if lazy_batch.len() + durable_batch.len() < MAX_BATCH {
                 next = rx.try_recv().ok();
@@ -579,6 +606,17 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Work>, owner: bool) {
                 }
             }
             let committed = run_batch(&mut conn, &mut durable_batch, ready);
+            unsynced &= !committed;
+        }
+        if let Some(job) = alone.take() {
+            let mut ready = Ok(());
+            if !synchronous_full {
+                match conn.pragma_update(None, "synchronous", "FULL") {
+                    Ok(()) => synchronous_full = true,
+                    Err(e) => ready = Err(unavailable(e)),
+                }
+            }
+            let committed = run_batch(&mut conn, &mut vec![job], ready);
             unsynced &= !committed;
         }
         if let Some(done) = closing.take() {
@@ -1137,6 +1175,35 @@ impl Store for SqliteStore {
 
     async fn accept_many(&self, ms: Vec<NewMessage>) -> Result<Vec<Accepted>, StoreError> {
         self.write(move |c, now| accept_all(c, &ms, now)).await
+    }
+
+    async fn accept_stream(
+        &self,
+        mut feed: tokio::sync::mpsc::Receiver<Feed>,
+    ) -> Result<Vec<Accepted>, StoreError> {
+        self.send_job(Work::Alone, move |c, now| {
+            let fed = run_write(c, |c| {
+                let mut out = Vec::new();
+                // The writer thread waits here for the caller's next
+                // message, holding the store's one write transaction.
+                while let Some(fed) = feed.blocking_recv() {
+                    match fed {
+                        Feed::Message(m) => {
+                            out.extend(accept_all(c, std::slice::from_ref(&m), now)?);
+                        }
+                        Feed::Commit => return Ok(Some(out)),
+                    }
+                }
+                Ok(None)
+            });
+            match fed {
+                (Ok(Some(out)), undo) => (Ok(out), undo),
+                // Abandoned: the transaction is rolled back.
+                (Ok(None), _) => (Err(abandoned()), Some(abandoned())),
+                (Err(e), undo) => (Err(e), undo),
+            }
+        })
+        .await
     }
 
     async fn mark(&self, message_id: &str) -> Result<(), StoreError> {
