@@ -21,9 +21,9 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::{
-    Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Filter, Hold, Millis, NewMessage,
-    Pending, QueueSettings, Record, RejectedRecord, Settle, State, Stats, Store, StoreError,
-    Summary, now_millis, to_millis,
+    Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Feed, Filter, Hold, Millis,
+    NewMessage, Pending, QueueSettings, Record, RejectedRecord, Settle, State, Stats, Store,
+    StoreError, Summary, now_millis, to_millis,
 };
 use crate::dispatcher::Dispatcher;
 use crate::mail::{CommitMark, FailureReason, Mail, Report, Status};
@@ -41,6 +41,9 @@ const POLL_BATCH: usize = 256;
 /// after a crash, a burst of scheduled or retried mail) is delivered as fast
 /// as the relays take it, not one poll's worth per [`POLL_INTERVAL`].
 const POLL_REFILL: usize = POLL_BATCH / 2;
+/// Messages of a [`Stream`] its caller may hand on before the store has
+/// written them: what a batch holds at once beyond the one in hand.
+const STREAM_AHEAD: usize = 4;
 /// State changes a slow listener may fall behind by before it misses some.
 const CHANGES_CAPACITY: usize = 1024;
 /// How often finished messages and old keys are purged at most: a quarter
@@ -809,6 +812,28 @@ impl Queue {
         Ok(out)
     }
 
+    /// Opens a batch that is stored as it is composed: each message
+    /// [`Stream::push`]ed goes into one store transaction at once, and
+    /// [`Stream::commit`] commits it. The caller holds a few messages at a
+    /// time, not the whole batch. Its messages are delivered by the
+    /// runner's polls, which load each one's bytes as a round slot frees
+    /// up, as for mail recovered after a restart.
+    pub fn stream(&self) -> Result<Stream, QueueError> {
+        let inner = &self.inner;
+        if !inner.accepting.load(Ordering::Acquire) {
+            return Err(QueueError::ShuttingDown);
+        }
+        let (feed, rx) = mpsc::channel(STREAM_AHEAD);
+        let store = inner.store.clone();
+        Ok(Stream {
+            inner: inner.clone(),
+            feed: Some(feed),
+            stored: tokio::spawn(async move { store.accept_stream(rx).await }),
+            now: now_millis(),
+            fed: Vec::new(),
+        })
+    }
+
     /// The message as stored, with `sending` while a round holds it.
     pub async fn status(&self, message_id: &str) -> Result<Option<Record>, QueueError> {
         Ok(self.inner.store.get(message_id).await?.map(|mut r| {
@@ -961,6 +986,176 @@ impl Queue {
         }
         inner.store.close().await;
         report
+    }
+}
+
+/// A batch written into the store as it is composed ([`Queue::stream`]).
+/// Dropped before [`Stream::commit`], it stores nothing.
+#[derive(Debug)]
+pub struct Stream {
+    inner: Arc<Inner>,
+    feed: Option<mpsc::Sender<Feed>>,
+    stored: tokio::task::JoinHandle<Result<Vec<Accepted>, StoreError>>,
+    now: Millis,
+    /// Each message fed, without its bytes, and its size.
+    fed: Vec<(NewMessage, u64)>,
+}
+
+impl Stream {
+    /// Hands one more message to the transaction; waits while the store
+    /// is [`STREAM_AHEAD`] messages behind. Once the store has failed, the
+    /// message is dropped and [`Stream::commit`] answers the store's error.
+    pub async fn push(&mut self, s: Submit) {
+        let mut new = s.stored_at(self.now);
+        let size = new.bytes.len() as u64;
+        let bytes = std::mem::replace(&mut new.bytes, Arc::from(&[][..]));
+        let mut fed = new.clone();
+        fed.bytes = bytes;
+        self.fed.push((new, size));
+        let sent = match &self.feed {
+            Some(feed) => feed.send(Feed::Message(Box::new(fed))).await.is_ok(),
+            None => false,
+        };
+        if !sent {
+            self.feed = None;
+        }
+    }
+
+    /// Commits what was pushed, then answers as [`Queue::submit_many`]
+    /// does: with `wait_until`, each due message once its first round has
+    /// ended, or as it is at `wait_until`.
+    pub async fn commit(
+        mut self,
+        wait_until: Option<Instant>,
+    ) -> Result<Vec<Result<Submitted, QueueError>>, QueueError> {
+        let inner = self.inner.clone();
+        let now = self.now;
+        let waits = wait_until.filter(|_| inner.delivers);
+        // Waiting before the commit: a poll may deliver a message as soon
+        // as it is stored.
+        let mut receivers: Vec<Option<oneshot::Receiver<Report>>> = self
+            .fed
+            .iter()
+            .map(|(new, _)| {
+                (waits.is_some() && new.initial_state(now) == State::Queued)
+                    .then(|| inner.waiter(&new.message_id))
+            })
+            .collect();
+        let drop_all = |receivers: &mut Vec<Option<oneshot::Receiver<Report>>>| {
+            for (r, (new, _)) in receivers.iter_mut().zip(&self.fed) {
+                if r.take().is_some() {
+                    inner.drop_waiters(&new.message_id);
+                }
+            }
+        };
+        let committed = match self.feed.take() {
+            Some(feed) => feed.send(Feed::Commit).await.is_ok(),
+            None => false,
+        };
+        let stored = match (&mut self.stored).await {
+            Ok(stored) => stored,
+            Err(e) => Err(StoreError::Unavailable(format!(
+                "the store's batch write failed: {e}"
+            ))),
+        };
+        inner.note_write(&stored);
+        let accepted = match stored {
+            Ok(a) if committed && a.len() == self.fed.len() => a,
+            Ok(_) => {
+                drop_all(&mut receivers);
+                return Err(StoreError::Unavailable(
+                    "the store stopped taking the batch's messages".into(),
+                )
+                .into());
+            }
+            Err(e) => {
+                drop_all(&mut receivers);
+                return Err(e.into());
+            }
+        };
+        let mut out = Vec::with_capacity(accepted.len());
+        for ((new, size), accepted) in self.fed.iter().zip(accepted) {
+            match accepted {
+                Accepted::Stored(state) => {
+                    inner.changed(&new.message_id, state);
+                    let action = if state == State::Held {
+                        Action::Held
+                    } else {
+                        Action::Accepted
+                    };
+                    let mut record = new.record(state, now);
+                    record.size = *size;
+                    inner.notify(action, &record, None);
+                    out.push(Ok(Submitted {
+                        record,
+                        report: None,
+                        replay: false,
+                    }));
+                }
+                Accepted::Replay(first) => {
+                    out.push(inner.record(&first).await.map(|record| Submitted {
+                        record,
+                        report: None,
+                        replay: true,
+                    }))
+                }
+                Accepted::Conflict(first) => {
+                    out.push(Err(QueueError::Conflict { message_id: first }));
+                }
+            }
+        }
+        inner.wake.notify_one();
+        for (k, rx) in receivers.iter_mut().enumerate() {
+            let (Some(rx), Some(deadline)) = (rx.take(), waits) else {
+                continue;
+            };
+            let id = &self.fed[k].0.message_id;
+            if !matches!(&out[k], Ok(s) if !s.replay && s.record.state == State::Queued) {
+                drop(rx);
+                inner.drop_waiters(id);
+                continue;
+            }
+            let report = first_outcome(&inner, id, rx, deadline).await;
+            inner.drop_waiters(id);
+            if let Ok(record) = inner.record(id).await {
+                out[k] = Ok(Submitted {
+                    record,
+                    report,
+                    replay: false,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The report of a stored message's first round, once it has ended, or
+/// None at `deadline` (or when another daemon of a shared store ran it).
+async fn first_outcome(
+    inner: &Inner,
+    id: &str,
+    mut rx: oneshot::Receiver<Report>,
+    deadline: Instant,
+) -> Option<Report> {
+    loop {
+        let pause = match inner.store.node() {
+            Some(_) => (Instant::now() + SHARED_WAIT_POLL).min(deadline),
+            None => deadline,
+        };
+        match tokio::time::timeout_at(pause, &mut rx).await {
+            Ok(Ok(report)) => return Some(report),
+            Ok(Err(_)) => return None,
+            Err(_) if Instant::now() < deadline => {
+                // Another daemon may have run the round.
+                if let Ok(Some(r)) = inner.store.get(id).await
+                    && r.state != State::Sending
+                    && (r.state != State::Queued || !r.attempts.is_empty())
+                {
+                    return None;
+                }
+            }
+            Err(_) => return None,
+        }
     }
 }
 
