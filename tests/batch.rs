@@ -283,6 +283,137 @@ async fn a_batch_over_max_message_bytes_in_total_is_refused() {
     assert_eq!(s.smtp.delivered().len(), 1);
 }
 
+/// A body of about `kib` KiB in short lines.
+fn long_body(kib: usize) -> String {
+    "a line of a long letter, short enough to be sent as it is.\n".repeat(kib * 1024 / 60)
+}
+
+/// A batch of about 6 MB once composed, over the 4 MiB a batch holds: its
+/// messages go into the store's transaction as they are composed, and are
+/// delivered from the store. Each arrives once with its own variables, an
+/// invalid one is reported on its own, and a second call with the same
+/// keys sends nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_a_batch_holds_is_stored_as_it_is_composed() {
+    let s = setup(1000).await;
+    let body = format!("Dear {{name}},\n{}", long_body(100));
+    let messages: Vec<Value> = (0..60)
+        .map(|i| {
+            let to = if i == 45 {
+                "not an address".to_string()
+            } else {
+                format!("r{i}@example.org")
+            };
+            json!({"to": [to], "template_vars": {"name": format!("N{i}")},
+                   "idempotency_key": format!("big-{i}")})
+        })
+        .collect();
+    let batch = json!({
+        "defaults": {"subject": "Hello {name}", "body": body, "from_email": "news@example.org"},
+        "messages": messages,
+    });
+    let (is_error, out) = call(&s, "send_batch", batch.clone()).await;
+    assert!(!is_error, "{}", out["summary"]);
+    assert_eq!(out["summary"], json!({"refused": 1, "sent": 59}));
+    let results = out["results"].as_array().unwrap();
+    assert_eq!(results[45]["error"]["field"], "messages[45].to[0]");
+    let mut want = Vec::new();
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r["index"], i);
+        if i != 45 {
+            assert_eq!(r["status"], "sent", "{i}");
+            want.push((format!("r{i}@example.org"), format!("Hello N{i}")));
+        }
+    }
+    let mut got: Vec<(String, String)> = s
+        .smtp
+        .delivered()
+        .iter()
+        .map(|r| (r.rcpt_to.join(","), subject(&r.data)))
+        .collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "each message once, with its own variables");
+    for r in s.smtp.delivered() {
+        let text = String::from_utf8_lossy(&r.data);
+        let name = subject(&r.data).replace("Hello ", "");
+        assert!(text.contains(&format!("Dear {name},")), "its own body");
+        assert!(r.data.len() > 100 * 1000, "the whole body");
+    }
+    let (_, again) = call(&s, "send_batch", batch).await;
+    for (i, r) in again["results"].as_array().unwrap().iter().enumerate() {
+        if i != 45 {
+            assert_eq!(r["idempotent_replay"], true, "{r}");
+            assert_eq!(r["message_id"], results[i]["message_id"]);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.smtp.delivered().len(), 59, "nothing sent twice");
+}
+
+/// Past the 4 MiB a batch holds, a batch that is refused in the end (an
+/// atomic one with its last message invalid, one over `max_message_bytes`
+/// in total) stores nothing of what it had already written; `wait: false`
+/// answers `queued` and the runner delivers each message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_batch_refused_at_its_end_stores_nothing() {
+    let s = setup(1000).await;
+    let body = long_body(100);
+    let mut messages: Vec<Value> = (0..60)
+        .map(|i| json!({"to": [format!("r{i}@example.org")]}))
+        .collect();
+    messages.push(json!({"to": ["not an address"]}));
+    let (is_error, out) = call(
+        &s,
+        "send_batch",
+        json!({"defaults": {"subject": "s", "body": body}, "messages": messages, "atomic": true}),
+    )
+    .await;
+    assert!(is_error, "{}", out["error"]);
+    assert_eq!(out["error"]["code"], "invalid_batch");
+    assert_eq!(out["error"]["field"], "messages[60].to[0]");
+    // Over the default max_message_bytes (10 MiB) in total.
+    let many: Vec<Value> = (0..110)
+        .map(|i| json!({"to": [format!("m{i}@example.org")]}))
+        .collect();
+    let (is_error, out) = call(
+        &s,
+        "send_batch",
+        json!({"defaults": {"subject": "s", "body": body}, "messages": many}),
+    )
+    .await;
+    assert!(is_error, "{}", out["error"]);
+    assert_eq!(out["error"]["rule"], "max_message_bytes");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, listed) = call(&s, "list_messages", json!({})).await;
+    assert_eq!(listed["messages"], json!([]), "nothing stored");
+    assert_eq!(s.smtp.delivered().len(), 0);
+
+    let fifty: Vec<Value> = (0..50)
+        .map(|i| json!({"to": [format!("q{i}@example.org")]}))
+        .collect();
+    let (is_error, out) = call(
+        &s,
+        "send_batch",
+        json!({"defaults": {"subject": "s", "body": body}, "messages": fifty, "wait": false}),
+    )
+    .await;
+    assert!(!is_error, "{}", out["error"]);
+    assert_eq!(out["summary"], json!({"queued": 50}));
+    assert!(s.smtp.wait_for_delivered(50, Duration::from_secs(30)).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut rcpts: Vec<String> = s
+        .smtp
+        .delivered()
+        .iter()
+        .map(|r| r.rcpt_to.join(","))
+        .collect();
+    rcpts.sort();
+    rcpts.dedup();
+    assert_eq!(rcpts.len(), 50, "each once");
+    assert_eq!(s.smtp.delivered().len(), 50);
+}
+
 /// The decoded content of the attachment named `filename` in a message as
 /// sent (lettre writes it base64-encoded, in lines).
 fn attachment(data: &[u8], filename: &str) -> Option<Vec<u8>> {

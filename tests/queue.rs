@@ -733,6 +733,118 @@ async fn a_backlog_larger_than_a_poll_is_delivered_once_each() {
     d.stop().await;
 }
 
+/// A batch over the 4 MiB a batch holds is written into the store as it is
+/// composed, in one transaction. Killed with SIGKILL before that
+/// transaction opens, while it is open, and after the answer, the restarted
+/// daemon delivers each batch whole, each message once, or none of it; a
+/// batch answered `queued` is delivered whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_batch_killed_mid_way_is_delivered_whole_or_not_at_all() {
+    const N: usize = 90;
+    let (smtp, dir, cfg, d) = setup(Script::ok(), "").await;
+    // About 100 KiB a message in short lines, 9.3 MB in all: under the
+    // default max_message_bytes (10 MiB), past the 4 MiB a batch holds
+    // from about its 41st message on.
+    let body = "a line of a long letter, short enough to be sent as it is.\n".repeat(1706);
+    let batch = |tag: &str| {
+        let messages: Vec<Value> = (0..N)
+            .map(|i| json!({"to": [format!("{tag}+{i}@example.org")]}))
+            .collect();
+        json!({"defaults": {"subject": tag, "body": body}, "messages": messages, "wait": false})
+    };
+    let at_sink = |tag: &str| {
+        let prefix = format!("{tag}+");
+        smtp.received()
+            .iter()
+            .filter(|r| r.rcpt_to.iter().any(|t| t.starts_with(&prefix)))
+            .count()
+    };
+    // How long a whole call takes here, to kill at points inside one.
+    let started = std::time::Instant::now();
+    let c = call(d.peer(), "whole", "send_batch", batch("whole"), LIMIT).await;
+    let took = started.elapsed();
+    assert_eq!(
+        c.value().map(|v| v["summary"]["queued"].clone()),
+        Some(json!(N)),
+        "{c:?}"
+    );
+    assert!(support::wait_until(|| at_sink("whole") == N, LIMIT).await);
+
+    let mut d = d;
+    let mut told = Vec::new();
+    for (k, fraction) in [0.3, 0.6, 0.75, 0.9, 1.5].into_iter().enumerate() {
+        let tag = format!("kill{k}");
+        let peer = d.peer().clone();
+        let args = batch(&tag);
+        let pending =
+            tokio::spawn(async move { call(&peer, "batch", "send_batch", args, LIMIT).await });
+        tokio::time::sleep(took.mul_f64(fraction)).await;
+        d.kill9().await;
+        let c = pending.await.unwrap();
+        let queued = c
+            .value()
+            .is_some_and(|v| v["summary"]["queued"] == json!(N));
+        told.push((tag, fraction, queued));
+        d = Daemon::start(dir.path(), &cfg).await;
+    }
+    // The restarted daemon delivers what it recovered, until every stored
+    // message is final.
+    let until = std::time::Instant::now() + LIMIT;
+    let listed = loop {
+        let listed = harness::list_all(d.peer(), 100).await;
+        let waiting = listed
+            .iter()
+            .any(|m| matches!(m["status"].as_str(), Some("queued" | "sending")));
+        if !waiting || std::time::Instant::now() > until {
+            break listed;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let seen = copies(&smtp.received());
+    for (tag, fraction, queued) in told {
+        let prefix = format!("{tag}+");
+        let stored: Vec<&Value> = listed
+            .iter()
+            .filter(|m| m["recipients"][0].as_str().unwrap().starts_with(&prefix))
+            .collect();
+        let n = at_sink(&tag);
+        let unknown = stored.iter().filter(|m| m["status"] == "unknown").count();
+        eprintln!(
+            "killed at {fraction} of a call: answered queued: {queued}; stored {} of {N}; at the sink {n}; unknown {unknown}",
+            stored.len()
+        );
+        // Whole or nothing.
+        assert!(
+            stored.is_empty() || stored.len() == N,
+            "{tag}: {} of {N} stored, a part of a batch",
+            stored.len()
+        );
+        if queued {
+            assert_eq!(stored.len(), N, "{tag} was answered queued");
+        }
+        if stored.is_empty() {
+            assert_eq!(n, 0, "{tag}: delivered but not stored");
+        }
+        // Each stored message once, or `unknown` (cut after its final
+        // "."): at most once.
+        for m in &stored {
+            let id = m["message_id"].as_str().unwrap();
+            let copies = seen.get(id).copied().unwrap_or(0);
+            match m["status"].as_str() {
+                Some("sent") => assert_eq!(copies, 1, "{id}: {copies} copies"),
+                Some("unknown") => assert!(copies <= 1, "{id}: {copies} copies"),
+                other => panic!("{id} ended {other:?}"),
+            }
+        }
+        let stored_at_sink = stored
+            .iter()
+            .filter(|m| seen.contains_key(m["message_id"].as_str().unwrap()))
+            .count();
+        assert_eq!(n, stored_at_sink, "{tag}: a message nobody asked for");
+    }
+    d.stop().await;
+}
+
 /// `list_messages` pages newest first; `get_smtp_status` shows the queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_messages_pages_newest_first() {

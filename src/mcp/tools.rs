@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use std::time::{Duration, SystemTime};
 
-use mailmux_actors::queue::{Cancel, Filter, Hold, QueueError, Record, State, StoreError, Submit};
+use mailmux_actors::queue::{
+    Cancel, Filter, Hold, QueueError, Record, State, StoreError, Stream, Submit,
+};
 use mailmux_actors::{ControlError, Mail};
 use rmcp::RoleServer;
 use rmcp::handler::server::tool::{ToolCallContext, schema_for_output};
@@ -112,6 +114,14 @@ fn invalid(field: &str, rule: &str, message: String) -> ToolError {
 const MAX_AUDIT_SUBJECT: usize = 998;
 
 /// The `send_email` fields a batch's `defaults` may set.
+/// The composed bytes a `send_batch` holds at most: past this, its
+/// messages are written into the store's transaction as they are composed
+/// ([`mailmux_actors::queue::Queue::stream`]) rather than held and stored
+/// at the end, so that a batch of 1,000 large messages needs no more memory
+/// than a few of them. Below it, the batch is stored with one write that
+/// may share its commit with other callers' writes.
+const BATCH_HELD_BYTES: usize = 4 * 1024 * 1024;
+
 const BATCH_DEFAULT_KEYS: &[&str] = &[
     "to",
     "cc",
@@ -1229,9 +1239,27 @@ impl MailmuxServer {
         };
         let batch_id = format!("batch-{:016x}", rand::random::<u64>());
         let wait = p.wait.unwrap_or(true);
+        let atomic = p.atomic.unwrap_or(false);
+        let limit = config.daemon.compose.max_message_bytes;
         let mut results: Vec<BatchItemOut> = Vec::with_capacity(p.messages.len());
-        let mut ready: Vec<(usize, Ready)> = Vec::new();
+        // The valid messages, held while their total is small; past
+        // BATCH_HELD_BYTES, each goes into the store's transaction as it is
+        // composed (`stream`), so that a batch never holds more than that.
+        let mut ready: Vec<(usize, Submit)> = Vec::new();
+        let mut held = 0usize;
+        let mut stream: Option<Stream> = None;
+        let mut streamed: Vec<usize> = Vec::new();
+        // The valid messages' total; once it is over `limit`, or an atomic
+        // batch has an invalid message, nothing of the batch is stored.
+        let mut total = 0usize;
+        let mut any_invalid = false;
+        let mut deadline = None;
         for (i, item) in p.messages.into_iter().enumerate() {
+            any_invalid |= results.last().is_some_and(|r| r.error.is_some());
+            if atomic && any_invalid || total > limit {
+                ready.clear();
+                stream = None;
+            }
             let item_error = |e: ToolError| BatchItemOut {
                 index: i,
                 error: Some(e),
@@ -1317,12 +1345,39 @@ impl MailmuxServer {
                         index: i,
                         ..BatchItemOut::default()
                     });
-                    ready.push((i, *r));
+                    let Ready {
+                        submit: mut s,
+                        deadline: d,
+                        ..
+                    } = *r;
+                    deadline = Some(d);
+                    s.batch = Some(batch_id.clone());
+                    let size = s.mail.bytes.len();
+                    total += size;
+                    if atomic && any_invalid || total > limit {
+                        continue;
+                    }
+                    if let Some(st) = &mut stream {
+                        st.push(s).await;
+                        streamed.push(i);
+                        continue;
+                    }
+                    ready.push((i, s));
+                    held += size;
+                    if held > BATCH_HELD_BYTES
+                        && let Ok(mut st) = self.queue().stream()
+                    {
+                        for (i, s) in ready.drain(..) {
+                            st.push(s).await;
+                            streamed.push(i);
+                        }
+                        stream = Some(st);
+                    }
                 }
             }
         }
         let refused = results.iter().filter(|r| r.error.is_some()).count();
-        if p.atomic.unwrap_or(false) && refused > 0 {
+        if atomic && refused > 0 {
             let fields: Vec<String> = results
                 .iter()
                 .filter_map(|r| r.error.as_ref()?.field.clone())
@@ -1348,10 +1403,7 @@ impl MailmuxServer {
             };
             return (out, text);
         }
-        // The whole batch is held in memory and stored at once: its total
-        // is bounded as one message is.
-        let total: usize = ready.iter().map(|(_, r)| r.submit.mail.bytes.len()).sum();
-        let limit = config.daemon.compose.max_message_bytes;
+        // A batch's total is bounded as one message is.
         if total > limit {
             return refuse_all(invalid(
                 "messages",
@@ -1361,19 +1413,16 @@ impl MailmuxServer {
                 ),
             ));
         }
-        let mut deadline = None;
-        if !ready.is_empty() {
-            let (indexes, submits): (Vec<usize>, Vec<Submit>) = ready
-                .into_iter()
-                .map(|(i, r)| {
-                    deadline = Some(r.deadline);
-                    let mut s = r.submit;
-                    s.batch = Some(batch_id.clone());
-                    (i, s)
-                })
-                .unzip();
+        if !ready.is_empty() || stream.is_some() {
             let wait_until = if wait { deadline } else { None };
-            match self.queue().submit_many(submits, wait_until).await {
+            let (indexes, answers) = match stream {
+                Some(st) => (streamed, st.commit(wait_until).await),
+                None => {
+                    let (indexes, submits): (Vec<usize>, Vec<Submit>) = ready.into_iter().unzip();
+                    (indexes, self.queue().submit_many(submits, wait_until).await)
+                }
+            };
+            match answers {
                 Ok(answers) => {
                     for (i, answer) in indexes.into_iter().zip(answers) {
                         let slot = &mut results[i];
