@@ -624,11 +624,15 @@ async fn migrations_run_from_the_command_and_a_newer_schema_is_refused() {
     assert_eq!(pg.psql(&db, "SELECT COUNT(*) FROM mailmux_messages"), "0");
     // Again: nothing to do, same answer.
     assert!(migrate(dir.path()).status.success());
-    pg.psql(&db, "INSERT INTO mailmux_schema (version) VALUES (7)");
+    let newer = version + 1;
+    pg.psql(
+        &db,
+        &format!("INSERT INTO mailmux_schema (version) VALUES ({newer})"),
+    );
     let out = migrate(dir.path());
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("schema version 7"), "{err}");
+    assert!(err.contains(&format!("schema version {newer}")), "{err}");
     assert!(err.contains("newer"), "{err}");
     let daemon = Command::new(env!("CARGO_BIN_EXE_mailmux"))
         .env_clear()

@@ -1001,11 +1001,13 @@ async fn a_version_1_store_is_migrated_at_start() {
     // version 8 only the delete one is left), no
     // caller, approval or relay columns (version 3), no batch (version 4),
     // no Sent copy (version 5), no index of pending copies (version 6), and
-    // the attempts in a table of their own (until version 9).
+    // the attempts in a table of their own (until version 9), no indexes
+    // for the stats (version 10).
     {
         let c = rusqlite::Connection::open(&path).unwrap();
         c.execute_batch(
-            "DROP TRIGGER counts_delete;
+            "DROP INDEX messages_queued_at; DROP INDEX messages_retry;
+             DROP TRIGGER counts_delete;
              DROP TABLE counts; DROP INDEX messages_caller;
              ALTER TABLE messages DROP COLUMN caller; ALTER TABLE messages DROP COLUMN meta;
              ALTER TABLE messages DROP COLUMN held_hash; ALTER TABLE messages DROP COLUMN decided_by;
@@ -1061,6 +1063,7 @@ async fn a_version_8_store_has_its_attempts_moved_into_their_rows() {
                  seq INTEGER NOT NULL, at INTEGER NOT NULL, relay TEXT NOT NULL, class TEXT,
                  code INTEGER, text TEXT NOT NULL, duration_ms INTEGER NOT NULL);
              CREATE INDEX attempts_seq ON attempts(seq);
+             DROP INDEX messages_queued_at; DROP INDEX messages_retry;
              INSERT INTO attempts SELECT seq, 20, 'backup', NULL, 250, 'ok', 7
                FROM messages WHERE message_id = 'tried';
              INSERT INTO attempts SELECT seq, 10, 'primary', 'transient', 451,
@@ -1337,6 +1340,7 @@ async fn postgres_counts_survive_daemons_purges_and_migration() {
     server.psql(
         &db,
         "DROP TABLE mailmux_counts; ALTER TABLE mailmux_messages DROP COLUMN attempt_log;
+         DROP INDEX mailmux_messages_queued_at, mailmux_messages_retry;
          DELETE FROM mailmux_schema WHERE version >= 5",
     );
     let c = PgStore::open(&pg(&url, "c")).await.unwrap();
@@ -1506,6 +1510,43 @@ async fn postgres_statements_never_scan_the_messages_table() {
     // of a small table is priced out too, past `jit_above_cost`.
     let compiled = log.lines().filter(|l| l.contains("JIT:")).count();
     assert_eq!(compiled, 0, "statements compiled by JIT: {log}");
+}
+
+/// The queue's stats read the oldest queued message and the next retry
+/// from one entry of an index each, however many messages wait: with
+/// 20,000 queued, PostgreSQL plans both through their partial indexes.
+#[tokio::test]
+async fn postgres_stats_read_one_entry_of_an_index_however_long_the_queue() {
+    let server = Postgres::start();
+    let url = server.database();
+    let db = url.rsplit('/').next().unwrap().to_owned();
+    let store = PgStore::open(&pg(&url, "n1")).await.unwrap();
+    server.psql(
+        &db,
+        "INSERT INTO mailmux_messages (message_id, state, rcpt, size, body, queued_at, due_at,
+                                       next_attempt_at, updated_at, rounds, history)
+         SELECT 'm' || i, 'queued', 'b@example.org', 1024, decode(repeat('ab', 1024), 'hex'),
+                1000 + i, 1000 + i, 61000 + i, 1000 + i, i % 2, ''
+           FROM generate_series(1, 20000) AS i;
+         ANALYZE mailmux_messages;",
+    );
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.oldest_queued_at, Some(1001));
+    assert_eq!(stats.next_retry_at, Some(61001));
+    for (sql, index) in [
+        (
+            "SELECT MIN(queued_at) FROM mailmux_messages WHERE state = 'queued'",
+            "mailmux_messages_queued_at",
+        ),
+        (
+            "SELECT MIN(next_attempt_at) FROM mailmux_messages WHERE state = 'queued' AND rounds > 0",
+            "mailmux_messages_retry",
+        ),
+    ] {
+        let plan = server.psql(&db, &format!("EXPLAIN {sql}"));
+        assert!(plan.contains(index), "{sql}: {plan}");
+        assert!(!plan.contains("Seq Scan"), "{sql}: {plan}");
+    }
 }
 
 /// Each statement of the store is planned once per connection: left to

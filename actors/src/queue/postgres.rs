@@ -148,6 +148,13 @@ INSERT INTO mailmux_counts (node, part, state, n)
 -- a rolling upgrade; a status read shows both.
 ALTER TABLE mailmux_messages ADD COLUMN attempt_log TEXT;
 "#,
+    r#"
+-- The oldest queued message and the next retry, for the queue's stats:
+-- without these, each read walked every waiting message.
+CREATE INDEX mailmux_messages_queued_at ON mailmux_messages (queued_at) WHERE state = 'queued';
+CREATE INDEX mailmux_messages_retry ON mailmux_messages (next_attempt_at)
+    WHERE state = 'queued' AND rounds > 0;
+"#,
 ];
 
 /// The schema version this build writes.

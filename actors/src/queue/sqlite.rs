@@ -170,6 +170,13 @@ UPDATE messages SET attempt_log = (
  WHERE seq IN (SELECT seq FROM attempts);
 DROP TABLE attempts;
 "#,
+    r#"
+-- The oldest queued message and the next retry, for the queue's stats
+-- (get_smtp_status, /metrics, `queue stats`): without these, each read
+-- walked every waiting message, seconds with a backlog of a million.
+CREATE INDEX messages_queued_at ON messages(queued_at) WHERE state = 'queued';
+CREATE INDEX messages_retry ON messages(next_attempt_at) WHERE state = 'queued' AND rounds > 0;
+"#,
 ];
 
 /// The schema version this build writes.
@@ -792,6 +799,17 @@ const DUE_SQL: &str = "SELECT message_id FROM messages INDEXED BY messages_due
 /// [`DUE_SQL`]).
 const NEXT_DUE_SQL: &str = "SELECT MIN(next_attempt_at) FROM messages INDEXED BY messages_due
                              WHERE state IN ('queued', 'scheduled')";
+
+/// When the oldest queued message was accepted: the first entry of
+/// `messages_queued_at`, named as [`DUE_SQL`] names its index (SQLite's
+/// planner takes `messages_state` and reads every queued message).
+const OLDEST_QUEUED_SQL: &str = "SELECT MIN(queued_at) FROM messages INDEXED BY messages_queued_at
+                                  WHERE state = 'queued'";
+
+/// The next retry of a deferred message: the first entry of
+/// `messages_retry` (see [`OLDEST_QUEUED_SQL`]).
+const NEXT_RETRY_SQL: &str = "SELECT MIN(next_attempt_at) FROM messages INDEXED BY messages_retry
+                              WHERE state = 'queued' AND rounds > 0";
 
 /// A waiting message with its body ([`pending_row`]).
 const LOAD_SQL: &str = "SELECT message_id, state, mail_from, rcpt, body, prefer, due_at, rounds,
@@ -1421,16 +1439,8 @@ impl Store for SqliteStore {
                     ))
                 })?
                 .collect::<rusqlite::Result<_>>()?;
-            let oldest_queued_at = c.query_row(
-                "SELECT MIN(queued_at) FROM messages WHERE state = 'queued'",
-                [],
-                |r| r.get(0),
-            )?;
-            let next_retry_at = c.query_row(
-                "SELECT MIN(next_attempt_at) FROM messages WHERE state = 'queued' AND rounds > 0",
-                [],
-                |r| r.get(0),
-            )?;
+            let oldest_queued_at = c.query_row(OLDEST_QUEUED_SQL, [], |r| r.get(0))?;
+            let next_retry_at = c.query_row(NEXT_RETRY_SQL, [], |r| r.get(0))?;
             // Through the partial index of pending copies.
             let copies_pending = c.query_row(
                 "SELECT COUNT(*) FROM messages WHERE sent_copy = 'pending'",
@@ -1731,6 +1741,31 @@ mod tests {
                 .join("; ");
             assert!(plan.contains("USING INDEX messages_due"), "{sql}: {plan}");
             assert!(!plan.contains("TEMP B-TREE"), "{sql}: {plan}");
+        }
+    }
+
+    #[test]
+    fn the_stats_read_one_entry_of_an_index_however_long_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("q.db")).unwrap();
+        let c = store.reader.lock().unwrap();
+        for (sql, index) in [
+            (OLDEST_QUEUED_SQL, "messages_queued_at"),
+            (NEXT_RETRY_SQL, "messages_retry"),
+        ] {
+            let plan: String = c
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap()
+                .query([])
+                .unwrap()
+                .mapped(|r| r.get::<_, String>(3))
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .unwrap()
+                .join("; ");
+            // `USING INDEX`, or `USING COVERING INDEX` where the index
+            // holds the column.
+            assert!(plan.contains(&format!("INDEX {index}")), "{sql}: {plan}");
+            assert!(plan.starts_with("SEARCH"), "{sql}: {plan}");
         }
     }
 
