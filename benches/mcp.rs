@@ -189,7 +189,12 @@ fn parse_args() -> anyhow::Result<Args> {
             "--batch-memory" => batch_memory = list(&arg, args.next())?[0],
             "--backlog" => backlog = list(&arg, args.next())?[0],
             "--log" => log = args.next().context("--log needs a value")?,
-            "--bin" => bin = args.next().context("--bin needs a value")?.into(),
+            // Relative to the caller's folder, not the daemon's (each
+            // daemon runs in a temporary folder of its own).
+            "--bin" => {
+                let value = args.next().context("--bin needs a value")?;
+                bin = std::path::absolute(&value).with_context(|| format!("--bin {value}"))?;
+            }
             "--paths" => {
                 let value = args.next().context("--paths needs a value")?;
                 paths = value

@@ -14,6 +14,8 @@ C=${1:-32}
 DURATION=${2:-10}
 HERE=$(cd "$(dirname "$0")" && pwd)
 BIN=${MAILMUX_BIN:-$HERE/../../target/release/mailmux}
+# The daemon runs in a folder of its own: a relative path is the caller's.
+case $BIN in /*) ;; *) BIN=$PWD/$BIN ;; esac
 WORK=$(mktemp -d)
 PIDS=""
 cleanup() { for p in $PIDS; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
