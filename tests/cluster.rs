@@ -372,6 +372,55 @@ async fn one_key_at_two_daemons_at_once_sends_once() {
     assert_eq!(sa["node"], sb["node"]);
 }
 
+/// A batch past the 4 MiB a batch holds is written into the shared store
+/// as it is composed, unleased, so that every daemon's polls deliver it.
+/// Daemon a takes one round at a time, and its relay hangs at MAIL; b
+/// delivers the rest. The call that waits at a sees each outcome that b
+/// wrote, and every message arrives once, at b's sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_batch_is_delivered_by_another_daemon_and_its_call_sees_each_outcome() {
+    const N: usize = 60;
+    let pg = Postgres::start();
+    let url = pg.database();
+    let hangs = FaultSmtp::start(Script::ok().on(Phase::Mail, Action::Hang)).await;
+    let sink = FaultSmtp::start(Script::ok()).await;
+    let a_cfg = config_toml(&url, "a", hangs.port(), "5s", "max_in_flight = 1");
+    let a = Node::start("a", &a_cfg).await;
+    let b = Node::start("b", &config_toml(&url, "b", sink.port(), "5s", "")).await;
+    let body = "a line of a long letter, short enough to be sent as it is.\n".repeat(1706);
+    let messages: Vec<Value> = (0..N)
+        .map(|i| json!({"to": [format!("r{i}@example.org")]}))
+        .collect();
+    let c = call(
+        a.peer(),
+        "batch",
+        "send_batch",
+        json!({"defaults": {"subject": "shared", "body": body}, "messages": messages}),
+        LIMIT,
+    )
+    .await;
+    let out = c.value().unwrap_or_else(|| panic!("{c:?}")).clone();
+    let sent = out["summary"]["sent"].as_u64().unwrap_or(0) as usize;
+    let queued = out["summary"]["queued"].as_u64().unwrap_or(0) as usize;
+    eprintln!("the batch's answer: {}", out["summary"]);
+    // At most the one round a holds hangs; b delivered every other.
+    assert!(sent + queued == N && queued <= 1, "{}", out["summary"]);
+    let seen = copies(&sink.received());
+    for r in out["results"].as_array().unwrap() {
+        let id = r["message_id"].as_str().unwrap();
+        if r["status"] == "sent" {
+            assert_eq!(seen.get(id), Some(&1), "{id} at b's sink");
+            assert_eq!(a.status(id).await["node"], "b", "{id} delivered by b");
+        }
+    }
+    // The one a held is retried, and b's relay takes it.
+    assert!(drained(&b, Duration::from_secs(30)).await);
+    let seen = copies(&sink.received());
+    assert_eq!(seen.len(), N, "every message at b's sink");
+    assert!(seen.values().all(|&n| n == 1), "{seen:?}");
+    assert!(hangs.received().is_empty());
+}
+
 /// PostgreSQL restarts in the middle of a burst: calls while it is down
 /// are refused with `queue_unavailable` (never `queued`), nothing answered
 /// `queued` is lost, and the daemons recover without a restart.
