@@ -733,6 +733,55 @@ async fn a_backlog_larger_than_a_poll_is_delivered_once_each() {
     d.stop().await;
 }
 
+/// A backlog of large messages (80 of 1 MiB, due at once) is loaded a
+/// part at a time, within the bytes the runner's polls may hold (64 MiB),
+/// and the rounds that end start the next part: every message arrives
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_large_messages_is_delivered_once_each() {
+    const N: usize = 80;
+    let (smtp, _dir, _cfg, d) = setup(Script::ok(), "").await;
+    let body = "a line of a long letter, short enough to be sent as it is.\n".repeat(17_500);
+    let mut ids = Vec::new();
+    // Eight to a batch: a batch's messages stay within max_message_bytes.
+    for first in (0..N).step_by(8) {
+        let messages: Vec<Value> = (first..first + 8)
+            .map(|i| json!({"to": [format!("large+{i}@example.org")]}))
+            .collect();
+        let c = call(
+            d.peer(),
+            "large",
+            "send_batch",
+            json!({
+                "defaults": {"subject": "large", "body": body},
+                "messages": messages,
+                "send_at": "4s",
+                "wait": false,
+            }),
+            LIMIT,
+        )
+        .await;
+        let out = c.value().unwrap_or_else(|| panic!("{c:?}")).clone();
+        assert_eq!(out["summary"]["scheduled"], 8, "{}", out["summary"]);
+        for r in out["results"].as_array().unwrap() {
+            ids.push(r["message_id"].as_str().unwrap().to_string());
+        }
+    }
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    while smtp.received().len() < N && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let received = smtp.received();
+    let seen = copies(&received);
+    for id in &ids {
+        assert_eq!(seen.get(id), Some(&1), "{id} at the sink");
+    }
+    assert_eq!(seen.len(), N, "no message nobody asked for");
+    assert!(received.iter().all(|r| r.data.len() > 1_000_000));
+    d.stop().await;
+}
+
 /// A batch over the 4 MiB a batch holds is written into the store as it is
 /// composed, in one transaction. Killed with SIGKILL before that
 /// transaction opens, while it is open, and after the answer, the restarted

@@ -645,7 +645,7 @@ async fn marked_bytes(store: &dyn Store) {
     // What `load` gives for each, in one read: no row, or no bytes, is
     // left out.
     let ids = ["sent", "deferred", "nobody", "copied", "crashed"].map(String::from);
-    let mut many = store.load_many(&ids).await.unwrap();
+    let mut many = store.load_many(&ids, u64::MAX).await.unwrap();
     many.sort_by(|a, b| a.message_id.cmp(&b.message_id));
     let loaded: Vec<(&str, State)> = many
         .iter()
@@ -656,7 +656,38 @@ async fn marked_bytes(store: &dyn Store) {
         [("copied", State::Sent), ("deferred", State::Queued)]
     );
     assert!(many.iter().all(|p| p.bytes == bytes));
-    assert!(store.load_many(&[]).await.unwrap().is_empty());
+    assert!(store.load_many(&[], u64::MAX).await.unwrap().is_empty());
+    // Within a budget of bytes, in the order asked: the message that
+    // reaches it is the last one loaded.
+    let size = bytes.len() as u64;
+    let ids = ["nobody", "copied", "sent", "deferred"].map(String::from);
+    let first: Vec<String> = store
+        .load_many(&ids, 1)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.message_id)
+        .collect();
+    assert_eq!(first, ["copied"]);
+    let mut both: Vec<String> = store
+        .load_many(&ids, size + 1)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.message_id)
+        .collect();
+    both.sort();
+    assert_eq!(both, ["copied", "deferred"]);
+    let ids = ["deferred", "copied"].map(String::from);
+    let first: Vec<String> = store
+        .load_many(&ids, size)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.message_id)
+        .collect();
+    assert_eq!(first, ["deferred"]);
+    assert!(store.load_many(&ids, 0).await.unwrap().is_empty());
     let rec = store.recover().await.unwrap();
     assert_eq!((rec.unknown, rec.requeued), (1, 0));
     assert_eq!(

@@ -717,13 +717,22 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// A waiting message with its body, for delivery.
     async fn load(&self, message_id: &str) -> Result<Option<Pending>, StoreError>;
     /// [`Store::load`] of each of `ids`, in any order; an id with no such
-    /// message (or none with its body) is left out. SQLite reads them in
-    /// one read transaction, PostgreSQL in one statement; the default (the
-    /// memory store's) loads each in turn.
-    async fn load_many(&self, ids: &[String]) -> Result<Vec<Pending>, StoreError> {
+    /// message (or none with its body) is left out. Taken in the order of
+    /// `ids`, the messages loaded stop at the one whose bytes bring the
+    /// total to `max_bytes`: the first found is loaded whenever
+    /// `max_bytes` is above 0, and the total exceeds `max_bytes` by less
+    /// than one message. SQLite reads
+    /// them in one read transaction, PostgreSQL in one statement; the
+    /// default (the memory store's) loads each in turn.
+    async fn load_many(&self, ids: &[String], max_bytes: u64) -> Result<Vec<Pending>, StoreError> {
         let mut out = Vec::with_capacity(ids.len());
+        let mut total = 0u64;
         for id in ids {
+            if total >= max_bytes {
+                break;
+            }
             if let Some(p) = self.load(id).await? {
+                total += p.bytes.len() as u64;
                 out.push(p);
             }
         }

@@ -1810,13 +1810,23 @@ impl Store for PgStore {
         row.map(|r| pending(&r)).transpose().map_err(unavailable)
     }
 
-    async fn load_many(&self, ids: &[String]) -> Result<Vec<Pending>, StoreError> {
+    async fn load_many(&self, ids: &[String], max_bytes: u64) -> Result<Vec<Pending>, StoreError> {
+        // The sizes are summed in the order of `ids` without reading a
+        // body; only the rows within `max_bytes` are read whole.
         sqlx::query(
             "SELECT message_id, state, mail_from, rcpt, body, prefer, due_at, rounds, caller,
                     meta, relays
-               FROM mailmux_messages WHERE message_id = ANY($1) AND body IS NOT NULL",
+               FROM mailmux_messages
+              WHERE seq IN (
+                    SELECT seq FROM (
+                        SELECT seq, SUM(size) OVER (ORDER BY array_position($1, message_id))
+                                    - size AS before
+                          FROM mailmux_messages
+                         WHERE message_id = ANY($1) AND body IS NOT NULL) w
+                     WHERE before < $2)",
         )
         .bind(ids)
+        .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?

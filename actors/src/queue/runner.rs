@@ -10,7 +10,7 @@
 //! the `claimed` set is the lock, taken before a message is stored or loaded.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -41,6 +41,12 @@ const POLL_BATCH: usize = 256;
 /// after a crash, a burst of scheduled or retried mail) is delivered as fast
 /// as the relays take it, not one poll's worth per [`POLL_INTERVAL`].
 const POLL_REFILL: usize = POLL_BATCH / 2;
+/// The bytes of the messages that polls have loaded and whose rounds have
+/// not ended, at most (give or take one message): a backlog of large
+/// messages (mail recovered after a restart, a retry wave) is loaded a
+/// part at a time, not a page of [`POLL_BATCH`] of them at once. A page of
+/// 1 KiB or 100 KiB messages stays under it.
+const POLL_BYTES: u64 = 64 * 1024 * 1024;
 /// Messages of a [`Stream`] its caller may hand on before the store has
 /// written them: what a batch holds at once beyond the one in hand.
 const STREAM_AHEAD: usize = 4;
@@ -311,6 +317,8 @@ struct Inner {
     slots: Arc<Semaphore>,
     /// Rounds started by polls and not ended yet.
     polled: AtomicUsize,
+    /// The bytes of those rounds' messages ([`POLL_BYTES`]).
+    polled_bytes: AtomicU64,
     /// The last poll found as many due messages as it asked for: more may
     /// be due (see [`POLL_REFILL`]).
     backlog: AtomicBool,
@@ -447,6 +455,7 @@ impl Inner {
             waiters: Mutex::new(HashMap::new()),
             slots: Arc::new(Semaphore::new(max_rounds.max(1))),
             polled: AtomicUsize::new(0),
+            polled_bytes: AtomicU64::new(0),
             backlog: AtomicBool::new(false),
             accepting: AtomicBool::new(true),
             available: AtomicBool::new(true),
@@ -1642,6 +1651,11 @@ async fn poll(inner: &Arc<Inner>) {
     if free == 0 || inner.stop.is_cancelled() {
         return;
     }
+    // The rounds that end wake the runner while there is a backlog.
+    let room = POLL_BYTES.saturating_sub(inner.polled_bytes.load(Ordering::Acquire));
+    if room == 0 {
+        return;
+    }
     let want = free.min(POLL_BATCH);
     let ids = match inner.store.due(now_millis(), want).await {
         Ok(ids) => ids,
@@ -1658,7 +1672,7 @@ async fn poll(inner: &Arc<Inner>) {
         return;
     }
     // Loaded after the claims: a cancel that won the race shows here.
-    let loaded = match inner.store.load_many(&claimed).await {
+    let loaded = match inner.store.load_many(&claimed, room).await {
         Ok(loaded) => loaded,
         Err(e) => {
             tracing::debug!(error = %e, "loading due messages failed");
@@ -1668,6 +1682,11 @@ async fn poll(inner: &Arc<Inner>) {
             return;
         }
     };
+    // A page cut short by `room` leaves due messages behind it too.
+    let bytes: u64 = loaded.iter().map(|p| p.bytes.len() as u64).sum();
+    if bytes >= room {
+        inner.backlog.store(true, Ordering::Release);
+    }
     let mut loaded: HashMap<String, Pending> = loaded
         .into_iter()
         .map(|p| (p.message_id.clone(), p))
@@ -1695,12 +1714,18 @@ async fn poll(inner: &Arc<Inner>) {
             return;
         };
         let deadline = Instant::now() + inner.settings.delivery_timeout;
+        let size = p.bytes.len() as u64;
         inner.polled.fetch_add(1, Ordering::AcqRel);
+        inner.polled_bytes.fetch_add(size, Ordering::AcqRel);
         let inner = inner.clone();
         tokio::spawn(async move {
             round(inner.clone(), p, deadline, slot).await;
             let left = inner.polled.fetch_sub(1, Ordering::AcqRel) - 1;
-            if left <= POLL_REFILL && inner.backlog.load(Ordering::Acquire) {
+            let left_bytes = inner.polled_bytes.fetch_sub(size, Ordering::AcqRel) - size;
+            if left <= POLL_REFILL
+                && left_bytes < POLL_BYTES / 2
+                && inner.backlog.load(Ordering::Acquire)
+            {
                 inner.wake.notify_one();
             }
         });

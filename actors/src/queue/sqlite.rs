@@ -1344,7 +1344,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn load_many(&self, ids: &[String]) -> Result<Vec<Pending>, StoreError> {
+    async fn load_many(&self, ids: &[String], max_bytes: u64) -> Result<Vec<Pending>, StoreError> {
         let ids = ids.to_vec();
         self.read_delivery(move |c| {
             // One read transaction: the pages of the first row are still
@@ -1353,8 +1353,13 @@ impl Store for SqliteStore {
             let tx = c.unchecked_transaction()?;
             let mut stmt = tx.prepare_cached(LOAD_SQL)?;
             let mut out = Vec::with_capacity(ids.len());
+            let mut total = 0u64;
             for id in &ids {
+                if total >= max_bytes {
+                    break;
+                }
                 if let Some(p) = stmt.query_row([id], pending_row).optional()? {
+                    total += p.bytes.len() as u64;
                     out.push(p);
                 }
             }
