@@ -722,6 +722,8 @@ struct Backlog {
     elapsed: Duration,
     /// The daemon's CPU time from the moment the mail was due (µs).
     cpu_us: u64,
+    /// The daemon's peak RSS from the moment the mail was due (kB).
+    peak_kb: Option<u64>,
 }
 
 /// Schedules `n` messages over stdio on the sqlite store, all due at one
@@ -758,6 +760,8 @@ async fn run_backlog(args: &Args, size: usize, n: usize) -> anyhow::Result<Backl
         );
     }
     tokio::time::sleep_until((started + lead).into()).await;
+    // The peak RSS from here on: "5" resets VmHWM to the RSS now.
+    let reset = std::fs::write(format!("/proc/{}/clear_refs", daemon.pid), "5").is_ok();
     let cpu_before = load::proc_cpu(daemon.pid).unwrap_or_default();
     let from = Instant::now();
     let until = from + Duration::from_secs(120);
@@ -766,6 +770,10 @@ async fn run_backlog(args: &Args, size: usize, n: usize) -> anyhow::Result<Backl
     }
     let elapsed = from.elapsed();
     let cpu = load::proc_cpu(daemon.pid).unwrap_or_default() - cpu_before;
+    let peak_kb = load::proc_sample(daemon.pid)
+        .ok()
+        .filter(|_| reset)
+        .map(|s| s.hwm_kb);
     let sink_count = sink.count();
     daemon.stop().await?;
     Ok(Backlog {
@@ -773,6 +781,7 @@ async fn run_backlog(args: &Args, size: usize, n: usize) -> anyhow::Result<Backl
         sink: sink_count,
         elapsed,
         cpu_us: cpu.as_micros() as u64,
+        peak_kb,
     })
 }
 
@@ -1099,19 +1108,20 @@ fn main() -> anyhow::Result<()> {
     }
     if args.backlog > 0 {
         println!(
-            "\n| store | message body | messages scheduled | sent (sink) | s from due to the last at the sink | msgs/s | daemon CPU µs/msg (from due) |\n|---|---|---|---|---|---|---|"
+            "\n| store | message body | messages scheduled | sent (sink) | s from due to the last at the sink | msgs/s | daemon CPU µs/msg (from due) | daemon peak RSS MB (from due) |\n|---|---|---|---|---|---|---|---|"
         );
         for &(size, _) in &args.sizes {
             let b = rt.block_on(run_backlog(&args, size, args.backlog))?;
             eprintln!("backlog: {b:?}");
             println!(
-                "| sqlite | {} | {} | {} | {:.2} | {:.0} | {:.1} |",
+                "| sqlite | {} | {} | {} | {:.2} | {:.0} | {:.1} | {} |",
                 size_name(size),
                 b.n,
                 b.sink,
                 b.elapsed.as_secs_f64(),
                 b.sink as f64 / b.elapsed.as_secs_f64(),
                 b.cpu_us as f64 / b.sink.max(1) as f64,
+                mb(b.peak_kb),
             );
         }
     }
