@@ -782,6 +782,43 @@ async fn a_backlog_of_large_messages_is_delivered_once_each() {
     d.stop().await;
 }
 
+/// A burst of large `wait: false` calls while the relay holds every
+/// session at MAIL: the runner keeps what fits in its 64 MiB, the rest
+/// waits in the store for the polls; once the relay answers, every message
+/// answered `queued` arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_large_calls_beyond_the_runners_bytes_is_delivered_once_each() {
+    const N: usize = 90;
+    let (smtp, _dir, _cfg, d) = setup(Script::ok().on(Phase::Mail, Action::Hang), "").await;
+    let body = "a line of a long letter, short enough to be sent as it is.\n".repeat(17_500);
+    let calls = burst(d.peer(), "large", N, 16, LIMIT, move |i| {
+        json!({"to": format!("large+{i}@example.org"), "subject": "large",
+               "body": body.clone(), "wait": false})
+    })
+    .join()
+    .await;
+    let ids: Vec<String> = calls
+        .iter()
+        .map(|c| {
+            assert_eq!(c.status(), Some("queued"), "{c:?}");
+            c.message_id().unwrap().to_string()
+        })
+        .collect();
+    assert!(smtp.received().is_empty());
+    smtp.set_script(Script::ok());
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    while smtp.received().len() < N && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen = copies(&smtp.received());
+    for id in &ids {
+        assert_eq!(seen.get(id), Some(&1), "{id} at the sink");
+    }
+    assert_eq!(seen.len(), N, "no message nobody asked for");
+    d.stop().await;
+}
+
 /// A batch over the 4 MiB a batch holds is written into the store as it is
 /// composed, in one transaction. Killed with SIGKILL before that
 /// transaction opens, while it is open, and after the answer, the restarted

@@ -41,12 +41,14 @@ const POLL_BATCH: usize = 256;
 /// after a crash, a burst of scheduled or retried mail) is delivered as fast
 /// as the relays take it, not one poll's worth per [`POLL_INTERVAL`].
 const POLL_REFILL: usize = POLL_BATCH / 2;
-/// The bytes of the messages that polls have loaded and whose rounds have
-/// not ended, at most (give or take one message): a backlog of large
-/// messages (mail recovered after a restart, a retry wave) is loaded a
-/// part at a time, not a page of [`POLL_BATCH`] of them at once. A page of
-/// 1 KiB or 100 KiB messages stays under it.
-const POLL_BYTES: u64 = 64 * 1024 * 1024;
+/// The bytes of the messages the runner holds, at most (give or take one
+/// message): those in its channel and those of its rounds. A backlog of
+/// large messages (mail recovered after a restart, a retry wave) is loaded
+/// a part at a time, not a page of [`POLL_BATCH`] of them at once, and a
+/// burst of large `wait: false` calls leaves what does not fit in the
+/// store for the polls, rather than in memory. A page of 1 KiB or 100 KiB
+/// messages stays under it.
+const RUNNER_BYTES: u64 = 64 * 1024 * 1024;
 /// Messages of a [`Stream`] its caller may hand on before the store has
 /// written them: what a batch holds at once beyond the one in hand.
 const STREAM_AHEAD: usize = 4;
@@ -317,8 +319,8 @@ struct Inner {
     slots: Arc<Semaphore>,
     /// Rounds started by polls and not ended yet.
     polled: AtomicUsize,
-    /// The bytes of those rounds' messages ([`POLL_BYTES`]).
-    polled_bytes: AtomicU64,
+    /// The bytes of the messages the runner holds ([`RUNNER_BYTES`]).
+    runner_bytes: AtomicU64,
     /// The last poll found as many due messages as it asked for: more may
     /// be due (see [`POLL_REFILL`]).
     backlog: AtomicBool,
@@ -455,7 +457,7 @@ impl Inner {
             waiters: Mutex::new(HashMap::new()),
             slots: Arc::new(Semaphore::new(max_rounds.max(1))),
             polled: AtomicUsize::new(0),
-            polled_bytes: AtomicU64::new(0),
+            runner_bytes: AtomicU64::new(0),
             backlog: AtomicBool::new(false),
             accepting: AtomicBool::new(true),
             available: AtomicBool::new(true),
@@ -563,15 +565,7 @@ impl Queue {
         }
         if !s.wait {
             let record = new.record(state, now);
-            if let Err(e) = inner.ready.try_send(pending) {
-                // The runner is behind: the message waits in the store for
-                // the next poll.
-                let p = match e {
-                    mpsc::error::TrySendError::Full(p) | mpsc::error::TrySendError::Closed(p) => p,
-                };
-                inner.unclaim(&p.message_id);
-                inner.wake.notify_one();
-            }
+            inner.hand_to_runner(pending);
             return Ok(Submitted {
                 record,
                 report: None,
@@ -777,14 +771,7 @@ impl Queue {
                             }
                         }));
                     } else if state == State::Queued && inner.delivers {
-                        if let Err(e) = inner.ready.try_send(pending) {
-                            let p = match e {
-                                mpsc::error::TrySendError::Full(p)
-                                | mpsc::error::TrySendError::Closed(p) => p,
-                            };
-                            inner.unclaim(&p.message_id);
-                            inner.wake.notify_one();
-                        }
+                        inner.hand_to_runner(pending);
                     } else {
                         inner.unclaim(&id);
                     }
@@ -1169,6 +1156,51 @@ async fn first_outcome(
 }
 
 impl Inner {
+    /// Hands a stored, claimed, due message to the runner's channel, if the
+    /// runner holds room for its bytes ([`RUNNER_BYTES`]) and the channel
+    /// for the message; otherwise it waits in the store for a poll.
+    fn hand_to_runner(&self, p: Pending) {
+        let size = p.bytes.len() as u64;
+        let held = self.runner_bytes.fetch_add(size, Ordering::AcqRel);
+        let p = if held + size > RUNNER_BYTES {
+            Err(p)
+        } else {
+            self.ready.try_send(p).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(p) | mpsc::error::TrySendError::Closed(p) => p,
+            })
+        };
+        if let Err(p) = p {
+            tracing::debug!(message_id = %p.message_id, "the runner is full; the message waits in the store for a poll");
+            self.runner_bytes.fetch_sub(size, Ordering::AcqRel);
+            self.unclaim(&p.message_id);
+            self.backlog.store(true, Ordering::Release);
+            self.wake.notify_one();
+        }
+    }
+
+    /// A runner round of a message of `size` bytes ended; `polled`: a poll
+    /// started it. While more is due than the polls took, the runner is
+    /// woken for the next poll once half of the polled rounds have ended
+    /// and the bytes it holds are under half of [`RUNNER_BYTES`].
+    fn round_ended(&self, size: u64, polled: bool) {
+        let left_bytes = self.runner_bytes.fetch_sub(size, Ordering::AcqRel) - size;
+        let left = if polled {
+            self.polled.fetch_sub(1, Ordering::AcqRel) - 1
+        } else {
+            self.polled.load(Ordering::Acquire)
+        };
+        // A round from the channel wakes the runner only as the bytes
+        // cross under half: the rounds a poll started wake it otherwise.
+        let crossed = left_bytes < RUNNER_BYTES / 2 && left_bytes + size >= RUNNER_BYTES / 2;
+        if (polled || crossed)
+            && left <= POLL_REFILL
+            && left_bytes < RUNNER_BYTES / 2
+            && self.backlog.load(Ordering::Acquire)
+        {
+            self.wake.notify_one();
+        }
+    }
+
     fn claim(&self, id: &str) {
         self.claimed
             .lock()
@@ -1604,9 +1636,18 @@ async fn run(inner: Arc<Inner>, mut ready: mpsc::Receiver<Pending>) {
             biased;
             () = inner.stop.cancelled() => break,
             Some(p) = ready.recv() => {
-                let Some(slot) = acquire(&inner).await else { break };
+                let size = p.bytes.len() as u64;
+                let Some(slot) = acquire(&inner).await else {
+                    inner.runner_bytes.fetch_sub(size, Ordering::AcqRel);
+                    inner.unclaim(&p.message_id);
+                    break;
+                };
                 let deadline = Instant::now() + inner.settings.delivery_timeout;
-                tokio::spawn(round(inner.clone(), p, deadline, slot));
+                let inner = inner.clone();
+                tokio::spawn(async move {
+                    round(inner.clone(), p, deadline, slot).await;
+                    inner.round_ended(size, false);
+                });
             }
             () = inner.wake.notified() => poll(&inner).await,
             () = tokio::time::sleep(POLL_INTERVAL) => poll(&inner).await,
@@ -1614,6 +1655,9 @@ async fn run(inner: Arc<Inner>, mut ready: mpsc::Receiver<Pending>) {
     }
     // Messages still in the channel stay queued in the store.
     while let Ok(p) = ready.try_recv() {
+        inner
+            .runner_bytes
+            .fetch_sub(p.bytes.len() as u64, Ordering::AcqRel);
         inner.unclaim(&p.message_id);
     }
 }
@@ -1652,7 +1696,7 @@ async fn poll(inner: &Arc<Inner>) {
         return;
     }
     // The rounds that end wake the runner while there is a backlog.
-    let room = POLL_BYTES.saturating_sub(inner.polled_bytes.load(Ordering::Acquire));
+    let room = RUNNER_BYTES.saturating_sub(inner.runner_bytes.load(Ordering::Acquire));
     if room == 0 {
         return;
     }
@@ -1716,18 +1760,11 @@ async fn poll(inner: &Arc<Inner>) {
         let deadline = Instant::now() + inner.settings.delivery_timeout;
         let size = p.bytes.len() as u64;
         inner.polled.fetch_add(1, Ordering::AcqRel);
-        inner.polled_bytes.fetch_add(size, Ordering::AcqRel);
+        inner.runner_bytes.fetch_add(size, Ordering::AcqRel);
         let inner = inner.clone();
         tokio::spawn(async move {
             round(inner.clone(), p, deadline, slot).await;
-            let left = inner.polled.fetch_sub(1, Ordering::AcqRel) - 1;
-            let left_bytes = inner.polled_bytes.fetch_sub(size, Ordering::AcqRel) - size;
-            if left <= POLL_REFILL
-                && left_bytes < POLL_BYTES / 2
-                && inner.backlog.load(Ordering::Acquire)
-            {
-                inner.wake.notify_one();
-            }
+            inner.round_ended(size, true);
         });
     }
 }
