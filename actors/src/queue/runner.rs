@@ -1133,23 +1133,30 @@ async fn first_outcome(
     mut rx: oneshot::Receiver<Report>,
     deadline: Instant,
 ) -> Option<Report> {
+    let shared = inner.store.node().is_some();
     loop {
-        let pause = match inner.store.node() {
-            Some(_) => (Instant::now() + SHARED_WAIT_POLL).min(deadline),
-            None => deadline,
+        // On a shared store another daemon may have run the round: read
+        // before waiting, so that a batch's messages that are done cost a
+        // read each, not a pause each.
+        if shared {
+            if let Ok(report) = rx.try_recv() {
+                return Some(report);
+            }
+            if let Ok(Some(r)) = inner.store.get(id).await
+                && r.state != State::Sending
+                && (r.state != State::Queued || !r.attempts.is_empty())
+            {
+                return None;
+            }
+        }
+        let pause = match shared {
+            true => (Instant::now() + SHARED_WAIT_POLL).min(deadline),
+            false => deadline,
         };
         match tokio::time::timeout_at(pause, &mut rx).await {
             Ok(Ok(report)) => return Some(report),
             Ok(Err(_)) => return None,
-            Err(_) if Instant::now() < deadline => {
-                // Another daemon may have run the round.
-                if let Ok(Some(r)) = inner.store.get(id).await
-                    && r.state != State::Sending
-                    && (r.state != State::Queued || !r.attempts.is_empty())
-                {
-                    return None;
-                }
-            }
+            Err(_) if Instant::now() < deadline => {}
             Err(_) => return None,
         }
     }
