@@ -113,7 +113,6 @@ fn invalid(field: &str, rule: &str, message: String) -> ToolError {
 /// The part of a refused message's subject the audit log keeps, in characters.
 const MAX_AUDIT_SUBJECT: usize = 998;
 
-/// The `send_email` fields a batch's `defaults` may set.
 /// The composed bytes a `send_batch` holds at most: past this, its
 /// messages are written into the store's transaction as they are composed
 /// ([`mailmux_actors::queue::Queue::stream`]) rather than held and stored
@@ -122,6 +121,7 @@ const MAX_AUDIT_SUBJECT: usize = 998;
 /// may share its commit with other callers' writes.
 const BATCH_HELD_BYTES: usize = 4 * 1024 * 1024;
 
+/// The `send_email` fields a batch's `defaults` may set.
 const BATCH_DEFAULT_KEYS: &[&str] = &[
     "to",
     "cc",
