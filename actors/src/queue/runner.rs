@@ -6,8 +6,11 @@
 //! round's commit mark or settle, not before); every other round is started by the runner, which
 //! takes new messages from a bounded channel and polls the store for due
 //! ones (retries, scheduled mail, mail recovered after a crash, mail another
-//! process queued). A message is delivered by at most one round at a time:
-//! the `claimed` set is the lock, taken before a message is stored or loaded.
+//! process queued, a batch stored as it was composed through a [`Stream`]).
+//! The runner holds at most [`RUNNER_BYTES`] of messages at once; what does
+//! not fit waits in the store. A message is delivered by at most one round
+//! at a time: the `claimed` set is the lock, taken before a message is
+//! stored or loaded.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
