@@ -1620,6 +1620,42 @@ async fn postgres_plans_each_statement_once_per_connection() {
 
 /// Two daemons on one database: one idempotency key stores one message
 /// across both; due messages are claimed by one daemon each, never both.
+/// Claims a daemon's poll does not start (no round slot, no room for
+/// their bytes) are let go at once: another daemon takes them without
+/// waiting for the lease to run out, and a late write of the first daemon
+/// is fenced.
+#[tokio::test]
+async fn postgres_claims_let_go_are_taken_by_another_daemon_at_once() {
+    let server = Postgres::start();
+    let url = server.database();
+    let a = PgStore::open(&pg(&url, "a")).await.unwrap();
+    let b = PgStore::open(&pg(&url, "b")).await.unwrap();
+    let shared = PgStore::open_shared(&pg(&url, "cli")).await.unwrap();
+    for i in 0..4 {
+        shared
+            .accept(message(&format!("g{i}"), None))
+            .await
+            .unwrap();
+    }
+    let mut claimed = a.due(now_millis(), 10).await.unwrap();
+    claimed.sort();
+    assert_eq!(claimed, ["g0", "g1", "g2", "g3"]);
+    assert!(
+        b.due(now_millis(), 10).await.unwrap().is_empty(),
+        "leased to a"
+    );
+    a.let_go(&claimed[2..]).await.unwrap();
+    let mut taken = b.due(now_millis(), 10).await.unwrap();
+    taken.sort();
+    assert_eq!(taken, ["g2", "g3"]);
+    assert!(
+        matches!(a.mark("g2").await, Err(StoreError::Fenced(_))),
+        "a let it go"
+    );
+    b.mark("g2").await.unwrap();
+    a.mark("g0").await.unwrap();
+}
+
 #[tokio::test]
 async fn postgres_daemons_share_keys_and_split_claims() {
     let server = Postgres::start();

@@ -712,6 +712,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn retry(&self, message_id: &str, force: bool) -> Result<Retry, StoreError>;
     /// Ids of messages due by `now` (oldest due first).
     async fn due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError>;
+    /// Messages [`Store::due`] gave that this daemon does not deliver now
+    /// (no round slot, no room for their bytes): a shared store lets go of
+    /// their leases, so that another daemon may take them at once. The
+    /// default (one daemon per store) has nothing to let go of.
+    async fn let_go(&self, _ids: &[String]) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// The earliest due time of a waiting message.
     async fn next_due(&self) -> Result<Option<Millis>, StoreError>;
     /// A waiting message with its body, for delivery.

@@ -1787,6 +1787,32 @@ impl Store for PgStore {
             .collect())
     }
 
+    async fn let_go(&self, ids: &[String]) -> Result<(), StoreError> {
+        let (ids, epochs): (Vec<String>, Vec<i64>) = {
+            let mut held = self.held();
+            ids.iter()
+                .filter_map(|id| Some((id.clone(), held.remove(id)?)))
+                .unzip()
+        };
+        if ids.is_empty() {
+            return Ok(());
+        }
+        // Fenced as a renewal is: a lease another daemon took is not ours.
+        sqlx::query(
+            "UPDATE mailmux_messages m SET lease_until = NULL
+               FROM unnest($1::text[], $2::bigint[]) AS l(id, epoch)
+              WHERE m.message_id = l.id AND m.lease_epoch = l.epoch AND m.node = $3
+                AND m.state IN ('queued', 'scheduled')",
+        )
+        .bind(&ids)
+        .bind(&epochs)
+        .bind(&self.node)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
     async fn next_due(&self) -> Result<Option<Millis>, StoreError> {
         sqlx::query_scalar(
             "SELECT MIN(next_attempt_at) FROM mailmux_messages

@@ -1733,6 +1733,7 @@ async fn poll(inner: &Arc<Inner>) {
             for id in &claimed {
                 inner.unclaim(id);
             }
+            let_go(inner, &claimed).await;
             return;
         }
     };
@@ -1746,13 +1747,15 @@ async fn poll(inner: &Arc<Inner>) {
         .map(|p| (p.message_id.clone(), p))
         .collect();
     // Oldest due first, as `due` gave them; every claim not handed to a
-    // round is let go.
+    // round is let go, here and in a shared store.
+    let mut left = Vec::new();
     for (k, id) in claimed.iter().enumerate() {
         let Some(p) = loaded
             .remove(id)
             .filter(|p| matches!(p.state, State::Queued | State::Scheduled))
         else {
             inner.unclaim(id);
+            left.push(id.clone());
             continue;
         };
         let expires = p.due_at + inner.settings.max_age.as_millis() as i64;
@@ -1765,7 +1768,8 @@ async fn poll(inner: &Arc<Inner>) {
             for id in &claimed[k..] {
                 inner.unclaim(id);
             }
-            return;
+            left.extend_from_slice(&claimed[k..]);
+            break;
         };
         let deadline = Instant::now() + inner.settings.delivery_timeout;
         let size = p.bytes.len() as u64;
@@ -1776,6 +1780,18 @@ async fn poll(inner: &Arc<Inner>) {
             round(inner.clone(), p, deadline, slot).await;
             inner.round_ended(size, true);
         });
+    }
+    let_go(inner, &left).await;
+}
+
+/// [`Store::let_go`] of claims a poll did not start; a failure only leaves
+/// their leases to run out.
+async fn let_go(inner: &Inner, ids: &[String]) {
+    if ids.is_empty() {
+        return;
+    }
+    if let Err(e) = inner.store.let_go(ids).await {
+        tracing::debug!(error = %e, "letting go of due messages failed");
     }
 }
 
