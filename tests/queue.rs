@@ -717,20 +717,31 @@ async fn a_backlog_larger_than_a_poll_is_delivered_once_each() {
         .iter()
         .map(|r| r["message_id"].as_str().unwrap().to_string())
         .collect();
-    let until = tokio::time::Instant::now() + Duration::from_secs(60);
-    while smtp.received().len() < N && tokio::time::Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let seen = copies(&smtp.received());
-    for id in &ids {
-        assert_eq!(seen.get(id), Some(&1), "{id} at the sink");
-    }
-    assert_eq!(seen.len(), N, "no message nobody asked for");
+    delivered_once_each(&smtp, &ids).await;
     for id in ids.iter().step_by(50) {
         let s = settled(d.peer(), id, LIMIT).await;
         assert_eq!(s["status"], "sent", "{s}");
     }
     d.stop().await;
+}
+
+/// A body of `lines` short lines of 60 bytes, sent as it is (7bit).
+fn long_body(lines: usize) -> String {
+    "a line of a long letter, short enough to be sent as it is.\n".repeat(lines)
+}
+
+/// Waits (up to 60 s) until the sink has as many messages as `ids`, and a
+/// moment more for any late copy; then each of `ids` is there exactly
+/// once, and nothing else.
+async fn delivered_once_each(smtp: &FaultSmtp, ids: &[String]) {
+    let n = ids.len();
+    support::wait_until(|| smtp.received().len() >= n, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen = copies(&smtp.received());
+    for id in ids {
+        assert_eq!(seen.get(id), Some(&1), "{id} at the sink");
+    }
+    assert_eq!(seen.len(), n, "no message nobody asked for");
 }
 
 /// A backlog of large messages (80 of 1 MiB, due at once) is loaded a
@@ -741,7 +752,7 @@ async fn a_backlog_larger_than_a_poll_is_delivered_once_each() {
 async fn a_backlog_of_large_messages_is_delivered_once_each() {
     const N: usize = 80;
     let (smtp, _dir, _cfg, d) = setup(Script::ok(), "").await;
-    let body = "a line of a long letter, short enough to be sent as it is.\n".repeat(17_500);
+    let body = long_body(17_500);
     let mut ids = Vec::new();
     // Eight to a batch: a batch's messages stay within max_message_bytes.
     for first in (0..N).step_by(8) {
@@ -767,18 +778,8 @@ async fn a_backlog_of_large_messages_is_delivered_once_each() {
             ids.push(r["message_id"].as_str().unwrap().to_string());
         }
     }
-    let until = tokio::time::Instant::now() + Duration::from_secs(60);
-    while smtp.received().len() < N && tokio::time::Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let received = smtp.received();
-    let seen = copies(&received);
-    for id in &ids {
-        assert_eq!(seen.get(id), Some(&1), "{id} at the sink");
-    }
-    assert_eq!(seen.len(), N, "no message nobody asked for");
-    assert!(received.iter().all(|r| r.data.len() > 1_000_000));
+    delivered_once_each(&smtp, &ids).await;
+    assert!(smtp.received().iter().all(|r| r.data.len() > 1_000_000));
     d.stop().await;
 }
 
@@ -790,7 +791,7 @@ async fn a_backlog_of_large_messages_is_delivered_once_each() {
 async fn a_burst_of_large_calls_beyond_the_runners_bytes_is_delivered_once_each() {
     const N: usize = 90;
     let (smtp, _dir, _cfg, d) = setup(Script::ok().on(Phase::Mail, Action::Hang), "").await;
-    let body = "a line of a long letter, short enough to be sent as it is.\n".repeat(17_500);
+    let body = long_body(17_500);
     let calls = burst(d.peer(), "large", N, 16, LIMIT, move |i| {
         json!({"to": format!("large+{i}@example.org"), "subject": "large",
                "body": body.clone(), "wait": false})
@@ -806,16 +807,7 @@ async fn a_burst_of_large_calls_beyond_the_runners_bytes_is_delivered_once_each(
         .collect();
     assert!(smtp.received().is_empty());
     smtp.set_script(Script::ok());
-    let until = tokio::time::Instant::now() + Duration::from_secs(60);
-    while smtp.received().len() < N && tokio::time::Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let seen = copies(&smtp.received());
-    for id in &ids {
-        assert_eq!(seen.get(id), Some(&1), "{id} at the sink");
-    }
-    assert_eq!(seen.len(), N, "no message nobody asked for");
+    delivered_once_each(&smtp, &ids).await;
     d.stop().await;
 }
 
@@ -831,7 +823,7 @@ async fn a_large_batch_killed_mid_way_is_delivered_whole_or_not_at_all() {
     // About 100 KiB a message in short lines, 9.3 MB in all: under the
     // default max_message_bytes (10 MiB), past the 4 MiB a batch holds
     // from about its 41st message on.
-    let body = "a line of a long letter, short enough to be sent as it is.\n".repeat(1706);
+    let body = long_body(1706);
     let batch = |tag: &str| {
         let messages: Vec<Value> = (0..N)
             .map(|i| json!({"to": [format!("{tag}+{i}@example.org")]}))

@@ -667,13 +667,7 @@ impl Queue {
         inner.note_write(&stored);
         match stored {
             Ok(Accepted::Stored(state)) => {
-                inner.changed(id, state);
-                let action = if state == State::Held {
-                    Action::Held
-                } else {
-                    Action::Accepted
-                };
-                inner.notify(action, &new.record(state, now), None);
+                inner.stored(&new.record(state, now));
                 Ok(Ok(state))
             }
             Ok(Accepted::Replay(first)) => {
@@ -745,14 +739,8 @@ impl Queue {
             let id = new.message_id.clone();
             match accepted {
                 Accepted::Stored(state) => {
-                    inner.changed(&id, state);
-                    let action = if state == State::Held {
-                        Action::Held
-                    } else {
-                        Action::Accepted
-                    };
                     let base = new.record(state, now);
-                    inner.notify(action, &base, None);
+                    inner.stored(&base);
                     if let (State::Queued, true, Some(deadline)) =
                         (state, inner.delivers, wait_until)
                     {
@@ -1005,12 +993,13 @@ impl Stream {
     /// is [`STREAM_AHEAD`] messages behind. Once the store has failed, the
     /// message is dropped and [`Stream::commit`] answers the store's error.
     pub async fn push(&mut self, s: Submit) {
-        let mut new = s.stored_at(self.now);
-        let size = new.bytes.len() as u64;
-        let bytes = std::mem::replace(&mut new.bytes, Arc::from(&[][..]));
-        let mut fed = new.clone();
-        fed.bytes = bytes;
-        self.fed.push((new, size));
+        let fed = s.stored_at(self.now);
+        let size = fed.bytes.len() as u64;
+        let kept = NewMessage {
+            bytes: Arc::from(&[][..]),
+            ..fed.clone()
+        };
+        self.fed.push((kept, size));
         let sent = match &self.feed {
             Some(feed) => feed.send(Feed::Message(Box::new(fed))).await.is_ok(),
             None => false,
@@ -1076,15 +1065,9 @@ impl Stream {
         for ((new, size), accepted) in self.fed.iter().zip(accepted) {
             match accepted {
                 Accepted::Stored(state) => {
-                    inner.changed(&new.message_id, state);
-                    let action = if state == State::Held {
-                        Action::Held
-                    } else {
-                        Action::Accepted
-                    };
                     let mut record = new.record(state, now);
                     record.size = *size;
-                    inner.notify(action, &record, None);
+                    inner.stored(&record);
                     out.push(Ok(Submitted {
                         record,
                         report: None,
@@ -1209,6 +1192,18 @@ impl Inner {
         {
             self.wake.notify_one();
         }
+    }
+
+    /// A new message was stored as `record` says: its state change, and
+    /// `held` or `accepted` for the observers.
+    fn stored(&self, record: &Record) {
+        self.changed(&record.message_id, record.state);
+        let action = if record.state == State::Held {
+            Action::Held
+        } else {
+            Action::Accepted
+        };
+        self.notify(action, record, None);
     }
 
     fn claim(&self, id: &str) {
