@@ -821,6 +821,9 @@ async fn streamed_batches(store: &dyn Store) {
     store.accept(message("s0", Some(("sk", 1)))).await.unwrap();
     let (tx, rx) = mpsc::channel(2);
     let feeding = async move {
+        // Composed after the store's transaction began, as a batch's
+        // messages are: each is stored as of when it comes.
+        tokio::time::sleep(Duration::from_millis(20)).await;
         let mut later = message("s2", None);
         later.due_at += 60_000;
         for m in [

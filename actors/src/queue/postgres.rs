@@ -1493,7 +1493,6 @@ impl Store for PgStore {
         &self,
         mut feed: mpsc::Receiver<Feed>,
     ) -> Result<Vec<Accepted>, StoreError> {
-        let now = now_millis();
         // One connection holds the transaction while the caller composes.
         // Not tried again on a lost connection, as `accept_many` is: the
         // messages fed are gone. A commit whose answer was lost is
@@ -1502,8 +1501,10 @@ impl Store for PgStore {
         let mut out = Vec::new();
         loop {
             match feed.recv().await {
+                // Stored as of when it came: it may have been composed
+                // after the transaction began.
                 Some(Feed::Message(m)) => out.push(
-                    accept_in(&mut tx, &m, now, None, self.lease_ms, false)
+                    accept_in(&mut tx, &m, now_millis(), None, self.lease_ms, false)
                         .await
                         .map_err(unavailable)?,
                 ),

@@ -1207,6 +1207,9 @@ impl Store for SqliteStore {
                 while let Some(fed) = feed.blocking_recv() {
                     match fed {
                         Feed::Message(m) => {
+                            // Stored as of when it came: it may have been
+                            // composed after the transaction began.
+                            let now = now.max(now_millis());
                             out.extend(accept_all(c, std::slice::from_ref(&m), now)?);
                         }
                         Feed::Commit => return Ok(Some(out)),
