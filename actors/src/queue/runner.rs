@@ -750,8 +750,11 @@ impl Queue {
                             let slots = inner.slots.clone();
                             match tokio::time::timeout_at(deadline, slots.acquire_owned()).await {
                                 Ok(Ok(slot)) => {
+                                    // Boxed once it has a slot: a task
+                                    // waiting for one stays small, though
+                                    // a batch spawns one per message.
                                     let (report, settle) =
-                                        round(inner, pending, deadline, slot).await;
+                                        Box::pin(round(inner, pending, deadline, slot)).await;
                                     (k, record.settled(&settle), Some(report))
                                 }
                                 _ => {
