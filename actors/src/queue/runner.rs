@@ -745,7 +745,6 @@ impl Queue {
                         (state, inner.delivers, wait_until)
                     {
                         let inner = self.inner.clone();
-                        let record = base.clone();
                         rounds.push(tokio::spawn(async move {
                             let slots = inner.slots.clone();
                             match tokio::time::timeout_at(deadline, slots.acquire_owned()).await {
@@ -755,12 +754,12 @@ impl Queue {
                                     // a batch spawns one per message.
                                     let (report, settle) =
                                         Box::pin(round(inner, pending, deadline, slot)).await;
-                                    (k, record.settled(&settle), Some(report))
+                                    (k, Some((report, settle)))
                                 }
                                 _ => {
-                                    inner.unclaim(&record.message_id);
+                                    inner.unclaim(&id);
                                     inner.wake.notify_one();
-                                    (k, record, None)
+                                    (k, None)
                                 }
                             }
                         }));
@@ -790,13 +789,14 @@ impl Queue {
             }
         }
         inner.wake.notify_one();
+        // Each round's outcome goes on the record already answered for its
+        // message: one record a message while the rounds run.
         for handle in rounds {
-            if let Ok((k, record, report)) = handle.await {
-                out[k] = Ok(Submitted {
-                    record,
-                    report,
-                    replay: false,
-                });
+            if let Ok((k, Some((report, settle)))) = handle.await
+                && let Ok(submitted) = &mut out[k]
+            {
+                submitted.record.settle_on(&settle);
+                submitted.report = Some(report);
             }
         }
         Ok(out)
@@ -1472,6 +1472,12 @@ impl Record {
     /// This record after `s` was settled on it (the answer to a caller
     /// that waited for the round, without reading the store back).
     fn settled(mut self, s: &Settle) -> Record {
+        self.settle_on(s);
+        self
+    }
+
+    /// [`Record::settled`], in place.
+    fn settle_on(&mut self, s: &Settle) {
         let now = now_millis();
         self.state = s.state;
         self.updated_at = now;
@@ -1485,7 +1491,6 @@ impl Record {
         self.note = s.note.clone();
         self.attempts.extend(s.attempts.iter().cloned());
         self.history.push((s.state, now));
-        self
     }
 }
 
