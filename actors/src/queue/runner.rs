@@ -754,7 +754,7 @@ impl Queue {
                                     // a batch spawns one per message.
                                     let (report, settle) =
                                         Box::pin(round(inner, pending, deadline, slot)).await;
-                                    (k, Some((report, settle)))
+                                    (k, Some((report, settle, now_millis())))
                                 }
                                 _ => {
                                     inner.unclaim(&id);
@@ -792,10 +792,10 @@ impl Queue {
         // Each round's outcome goes on the record already answered for its
         // message: one record a message while the rounds run.
         for handle in rounds {
-            if let Ok((k, Some((report, settle)))) = handle.await
+            if let Ok((k, Some((report, settle, at)))) = handle.await
                 && let Ok(submitted) = &mut out[k]
             {
-                submitted.record.settle_on(&settle);
+                submitted.record.settle_on(&settle, at);
                 submitted.report = Some(report);
             }
         }
@@ -1472,13 +1472,12 @@ impl Record {
     /// This record after `s` was settled on it (the answer to a caller
     /// that waited for the round, without reading the store back).
     fn settled(mut self, s: &Settle) -> Record {
-        self.settle_on(s);
+        self.settle_on(s, now_millis());
         self
     }
 
-    /// [`Record::settled`], in place.
-    fn settle_on(&mut self, s: &Settle) {
-        let now = now_millis();
+    /// [`Record::settled`], in place, as of `now` (when the round ended).
+    fn settle_on(&mut self, s: &Settle, now: Millis) {
         self.state = s.state;
         self.updated_at = now;
         self.next_attempt_at = s.next_attempt_at;
