@@ -23,7 +23,7 @@ use rmcp::model::{
 use rmcp::service::{Peer, RunningService};
 use rmcp::{ClientHandler, RoleClient, ServiceExt};
 use serde_json::{Value, json};
-use support::fault_smtp::{Action, FaultSmtp, Phase, Received, Script, copies};
+use support::fault_smtp::{Action, FaultSmtp, Phase, Received, Script, Share, copies};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -808,6 +808,45 @@ async fn a_burst_of_large_calls_beyond_the_runners_bytes_is_delivered_once_each(
     assert!(smtp.received().is_empty());
     smtp.set_script(Script::ok());
     delivered_once_each(&smtp, &ids).await;
+    d.stop().await;
+}
+
+/// A waiting batch with more messages than round slots: the message whose
+/// round hangs holds the only slot past the deadline, so the others never
+/// get one. Each is answered `queued` (stored, never a later state it did
+/// not reach), and the runner then delivers every one of them once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_batch_beyond_its_round_slots_is_answered_queued_and_delivered_once_each() {
+    const N: usize = 6;
+    let smtp =
+        FaultSmtp::start(Script::ok().on_share(Phase::Mail, Action::Hang, Share::FirstN(1))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(dir.path(), smtp.port(), "").replace(
+        "send_deadline = \"8s\"",
+        "send_deadline = \"2s\"\nmax_in_flight = 1",
+    );
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let messages: Vec<Value> = (0..N)
+        .map(|i| json!({"to": [format!("slots+{i}@example.org")]}))
+        .collect();
+    let args = json!({"defaults": {"subject": "slots", "body": "one slot\n"},
+                      "messages": messages, "wait": true});
+    let c = call(d.peer(), "batch", "send_batch", args, LIMIT).await;
+    let v = c.value().unwrap_or_else(|| panic!("{c:?}"));
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), N);
+    let ids: Vec<String> = results
+        .iter()
+        .map(|r| {
+            assert_eq!(r["status"], "queued", "{r}");
+            r["message_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(v["summary"]["queued"], json!(N), "{v}");
+    delivered_once_each(&smtp, &ids).await;
+    for id in &ids {
+        assert_eq!(settled(d.peer(), id, LIMIT).await["status"], "sent", "{id}");
+    }
     d.stop().await;
 }
 
