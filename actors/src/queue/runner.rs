@@ -1732,10 +1732,7 @@ async fn poll(inner: &Arc<Inner>) {
         Ok(loaded) => loaded,
         Err(e) => {
             tracing::debug!(error = %e, "loading due messages failed");
-            for id in &claimed {
-                inner.unclaim(id);
-            }
-            let_go(inner, &claimed).await;
+            release(inner, &claimed).await;
             return;
         }
     };
@@ -1749,14 +1746,13 @@ async fn poll(inner: &Arc<Inner>) {
         .map(|p| (p.message_id.clone(), p))
         .collect();
     // Oldest due first, as `due` gave them; every claim not handed to a
-    // round is let go, here and in a shared store.
+    // round (`left`) is released.
     let mut left = Vec::new();
     for (k, id) in claimed.iter().enumerate() {
         let Some(p) = loaded
             .remove(id)
             .filter(|p| matches!(p.state, State::Queued | State::Scheduled))
         else {
-            inner.unclaim(id);
             left.push(id.clone());
             continue;
         };
@@ -1767,9 +1763,6 @@ async fn poll(inner: &Arc<Inner>) {
             continue;
         }
         let Ok(slot) = inner.slots.clone().try_acquire_owned() else {
-            for id in &claimed[k..] {
-                inner.unclaim(id);
-            }
             left.extend_from_slice(&claimed[k..]);
             break;
         };
@@ -1783,12 +1776,16 @@ async fn poll(inner: &Arc<Inner>) {
             inner.round_ended(size, true);
         });
     }
-    let_go(inner, &left).await;
+    release(inner, &left).await;
 }
 
-/// [`Store::let_go`] of claims a poll did not start; a failure only leaves
-/// their leases to run out.
-async fn let_go(inner: &Inner, ids: &[String]) {
+/// Claims a poll did not start: unclaimed here, and let go in a shared
+/// store ([`Store::let_go`]); a failure there only leaves their leases to
+/// run out.
+async fn release(inner: &Inner, ids: &[String]) {
+    for id in ids {
+        inner.unclaim(id);
+    }
     if ids.is_empty() {
         return;
     }

@@ -603,28 +603,15 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Work>, owner: bool) {
             let committed = run_batch(&mut conn, &mut lazy_batch, Ok(()));
             unsynced |= committed && !synchronous_full;
         }
-        if !durable_batch.is_empty() {
-            // A durable batch that cannot switch is refused.
-            let mut ready = Ok(());
-            if !synchronous_full {
-                match conn.pragma_update(None, "synchronous", "FULL") {
-                    Ok(()) => synchronous_full = true,
-                    Err(e) => ready = Err(unavailable(e)),
-                }
-            }
-            let committed = run_batch(&mut conn, &mut durable_batch, ready);
-            unsynced &= !committed;
+        if !durable_batch.is_empty()
+            && run_durable(&mut conn, &mut synchronous_full, &mut durable_batch)
+        {
+            unsynced = false;
         }
-        if let Some(job) = alone.take() {
-            let mut ready = Ok(());
-            if !synchronous_full {
-                match conn.pragma_update(None, "synchronous", "FULL") {
-                    Ok(()) => synchronous_full = true,
-                    Err(e) => ready = Err(unavailable(e)),
-                }
-            }
-            let committed = run_batch(&mut conn, &mut vec![job], ready);
-            unsynced &= !committed;
+        if let Some(job) = alone.take()
+            && run_durable(&mut conn, &mut synchronous_full, &mut vec![job])
+        {
+            unsynced = false;
         }
         if let Some(done) = closing.take() {
             if unsynced {
@@ -642,6 +629,20 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Work>, owner: bool) {
             return;
         }
     }
+}
+
+/// Commits `batch` with `synchronous=FULL`, switching to it first; a
+/// batch that cannot switch is refused. Whether it committed (its fsync
+/// then covers the lazy commits before it).
+fn run_durable(conn: &mut Connection, synchronous_full: &mut bool, batch: &mut Vec<Job>) -> bool {
+    let mut ready = Ok(());
+    if !*synchronous_full {
+        match conn.pragma_update(None, "synchronous", "FULL") {
+            Ok(()) => *synchronous_full = true,
+            Err(e) => ready = Err(unavailable(e)),
+        }
+    }
+    run_batch(conn, batch, ready)
 }
 
 /// Whether a settle may be answered before its fsync: the relay took the
