@@ -850,6 +850,97 @@ async fn a_waiting_batch_beyond_its_round_slots_is_answered_queued_and_delivered
     d.stop().await;
 }
 
+/// A waiting batch (under the 4 MiB a batch holds) killed with SIGKILL while
+/// its rounds run: some messages delivered, some cut after their final "."
+/// (the server never answers every tenth), the rest waiting for one of the
+/// four round slots. The batch was stored whole before any round began, so
+/// the restarted daemon finishes it: each message at the sink once, or
+/// `unknown` and there at most once, and nothing that was not stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_batch_killed_mid_way_is_finished_once_each_after_a_restart() {
+    const N: usize = 120;
+    let smtp =
+        FaultSmtp::start(Script::ok().on_share(Phase::AfterDot, Action::Hang, Share::EveryNth(10)))
+            .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(dir.path(), smtp.port(), "").replace(
+        "send_deadline = \"8s\"",
+        "send_deadline = \"60s\"\nmax_in_flight = 4",
+    );
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let messages: Vec<Value> = (0..N)
+        .map(|i| json!({"to": [format!("waiting+{i}@example.org")]}))
+        .collect();
+    let args = json!({"defaults": {"subject": "waiting", "body": "a waiting batch\n"},
+                      "messages": messages, "wait": true});
+    let peer = d.peer().clone();
+    let pending =
+        tokio::spawn(async move { call(&peer, "batch", "send_batch", args, LIMIT).await });
+    // Kill once a third of the batch reached the server, with rounds still
+    // running (each hung one holds its slot for the relay's 3 s timeout).
+    let reached = support::wait_until(|| smtp.received().len() >= N / 3, LIMIT).await;
+    assert!(reached, "the batch never reached {} messages", N / 3);
+    d.kill9().await;
+    let told = pending.await.unwrap();
+    assert!(told.value().is_none(), "answered before the kill: {told:?}");
+    let before = smtp.received().len();
+    assert!(
+        before < N,
+        "the whole batch reached the server before the kill"
+    );
+
+    smtp.set_script(Script::ok());
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    let listed = loop {
+        let listed = harness::list_all(d.peer(), 100).await;
+        let waiting = listed
+            .iter()
+            .any(|m| matches!(m["status"].as_str(), Some("queued" | "sending")));
+        if !waiting || std::time::Instant::now() > until {
+            break listed;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        listed.len(),
+        N,
+        "the batch was stored whole before its rounds"
+    );
+    let received = smtp.received();
+    let seen = copies(&received);
+    let (mut sent, mut unknown) = (0, 0);
+    for m in &listed {
+        let id = m["message_id"].as_str().unwrap();
+        let n = seen.get(id).copied().unwrap_or(0);
+        match m["status"].as_str() {
+            Some("sent") => {
+                sent += 1;
+                assert_eq!(n, 1, "{id}: sent, {n} copies at the sink");
+            }
+            Some("unknown") => {
+                unknown += 1;
+                assert!(n <= 1, "{id}: unknown, {n} copies at the sink");
+            }
+            other => panic!("{id} ended {other:?}"),
+        }
+    }
+    assert!(unknown > 0, "no message was cut after its final \".\"");
+    for (id, n) in &seen {
+        assert_eq!(*n, 1, "{id} reached the sink {n} times");
+        assert!(
+            listed.iter().any(|m| m["message_id"] == id.as_str()),
+            "{id} at the sink but not stored"
+        );
+    }
+    eprintln!(
+        "waiting batch of {N}: killed with {before} at the server; after the restart \
+         {sent} sent exactly once, {unknown} unknown; {} at the sink, 0 duplicated",
+        received.len()
+    );
+    d.stop().await;
+}
+
 /// A batch over the 4 MiB a batch holds is written into the store as it is
 /// composed, in one transaction. Killed with SIGKILL before that
 /// transaction opens, while it is open, and after the answer, the restarted
