@@ -44,6 +44,9 @@ pub struct HttpSettings {
     pub allowed_origins: Vec<String>,
     /// Request body limit in bytes.
     pub body_limit: usize,
+    /// Time a client has to send a request's header (and the most an idle
+    /// connection stays open), and again its body.
+    pub read_timeout: Duration,
     /// Stateful sessions (true) or stateless request/response (false).
     pub stateful: bool,
 }

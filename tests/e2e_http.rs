@@ -557,3 +557,74 @@ async fn one_caller_cannot_take_every_listen_stream() {
     let _ = stop.send(());
     let _ = task.await;
 }
+
+/// Clients that stall cannot hold the daemon: with `max_concurrent_calls =
+/// 2`, two requests whose bodies never come take both call permits until
+/// `http.read_timeout` (1 s here) answers them 408, and a real call waiting
+/// behind them then goes through. A connection that never finishes its
+/// header is closed after the same time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_clients_are_timed_out_and_give_their_call_permits_back() {
+    let smtp = Aiosmtpd::start();
+    let mut cfg = config(vec![relay("primary", smtp.port, 100)]);
+    cfg.daemon.max_concurrent_calls = 2;
+    cfg.daemon.http.read_timeout = Duration::from_secs(1);
+    let (base, stop, task) = in_process_with(cfg, false).await;
+    let addr = base.trim_start_matches("http://").to_string();
+
+    // Two POSTs that announce a body and never send it.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(
+            format!(
+                "POST /mcp HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+                 Accept: application/json, text/event-stream\r\nContent-Length: 300\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        stalled.push(s);
+    }
+    // A header that never ends.
+    let mut half = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    half.write_all(format!("POST /mcp HTTP/1.1\r\nHost: {addr}\r\n").as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let started = Instant::now();
+    let body = json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{
+        "name":"send_email",
+        "arguments":{"to":"rcpt@example.org","subject":"behind stalled clients","body":"x"}}});
+    let answer = post(&reqwest::Client::new(), &format!("{base}/mcp"))
+        .json(&body)
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .expect("the call is answered once the stalled requests time out");
+    let waited = started.elapsed();
+    assert_eq!(answer.status(), 200);
+    let v: Value = answer.json().await.unwrap();
+    assert_eq!(v["result"]["structuredContent"]["status"], "sent", "{v}");
+    assert!(
+        waited >= Duration::from_millis(500),
+        "the call did not wait for the permits: {waited:?}"
+    );
+
+    for mut s in stalled {
+        let mut reply = String::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut reply))
+            .await
+            .expect("the stalled request is answered")
+            .unwrap();
+        assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    }
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), half.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the half-sent header was never closed");
+    assert_eq!(smtp.wait_messages(1).len(), 1);
+    let _ = stop.send(());
+    let _ = task.await;
+}

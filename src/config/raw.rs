@@ -72,6 +72,7 @@ pub(crate) const HTTP_KEYS: &[&str] = &[
     "allowed_hosts",
     "allowed_origins",
     "body_limit",
+    "read_timeout",
     "stateful",
 ];
 
@@ -266,6 +267,9 @@ pub(crate) struct RawHttp {
     pub allowed_origins: Option<StringList>,
     /// Request body limit in bytes. Default: 16777216 (16 MiB).
     pub body_limit: Option<usize>,
+    /// Time a client has to send a request's header, and again its body.
+    /// Default: 30s.
+    pub read_timeout: Option<Dur>,
     /// Stateful sessions. Default: true.
     pub stateful: Option<bool>,
 }

@@ -34,6 +34,7 @@ pub(super) const REDACTED: &str = "[redacted]";
 /// `Default` impls.
 const SEND_DEADLINE: Duration = Duration::from_secs(90);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+const HTTP_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const HTTP_BIND: &str = "127.0.0.1:8025";
 /// Above the largest message (10 MiB) even after base64 in a JSON body.
 const HTTP_BODY_LIMIT: usize = 16 * 1024 * 1024;
@@ -560,6 +561,13 @@ fn http(
         h.body_limit,
         HTTP_BODY_LIMIT,
     )?;
+    let read_timeout = positive(
+        ctx,
+        &mut out,
+        "http.read_timeout",
+        h.read_timeout.as_ref().map(|d| d.0),
+        HTTP_READ_TIMEOUT,
+    )?;
     let at = ctx.at("http.stateful");
     let stateful = h.stateful.unwrap_or(true);
     leaf(&mut out, "stateful", json!(stateful), &at);
@@ -571,6 +579,7 @@ fn http(
         allowed_hosts,
         allowed_origins,
         body_limit,
+        read_timeout,
         stateful,
     })
 }

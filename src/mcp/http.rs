@@ -11,6 +11,12 @@
 //! `/metrics` takes no caller token: with `metrics.token` set it needs that
 //! one, and without it only loopback peers may read it. A daemon serving
 //! stdio can serve it on a listener of its own (`metrics.bind`).
+//!
+//! A client has `http.read_timeout` to send a request's header (which also
+//! closes a connection left idle that long) and as long again for its
+//! body, which is read whole once the request has its call permit: a client
+//! that stalls is answered 408 and its permit goes back, so clients that
+//! never finish their requests cannot hold the calls of every other.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -198,6 +204,10 @@ async fn check(State(guard): State<Arc<Guard>>, mut req: Request, next: Next) ->
 struct Limits {
     /// `max_concurrent_calls`.
     calls: Arc<Semaphore>,
+    /// `http.read_timeout`: the time a request's body may take to arrive.
+    read_timeout: Duration,
+    /// `http.body_limit`: a body without Content-Length is read up to it.
+    body_limit: usize,
     /// The `subscriptions/listen` streams open at once ([`MAX_LISTENS`]).
     listens: Arc<Semaphore>,
     /// The streams each caller has open ([`MAX_LISTENS_PER_CALLER`]).
@@ -246,6 +256,18 @@ impl Drop for Listening {
     }
 }
 
+/// Whether reading a body failed on `http.body_limit`.
+fn too_large(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(e) = source {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
 /// Whether `req` opens a `subscriptions/listen` stream. rmcp checks the
 /// `Mcp-Method` header against the body whenever the request's protocol
 /// version asks for the standard headers (2026-07-28 and later), and refuses
@@ -271,7 +293,9 @@ fn is_listen(req: &Request) -> bool {
 /// A `subscriptions/listen` stream holds its body open for as long as the
 /// client listens, so it takes a permit of its own bound instead: open
 /// streams never keep calls waiting. A caller past its own number of streams
-/// is refused at once rather than kept waiting.
+/// is refused at once rather than kept waiting. Once a request has its
+/// permit, its body must arrive whole within `http.read_timeout` (408
+/// otherwise), so that a stalled client gives its permit back.
 async fn limit(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> Response {
     if req.method() != Method::POST {
         return next.run(req).await;
@@ -302,6 +326,25 @@ async fn limit(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> R
     let Ok(permit) = permits.clone().acquire_owned().await else {
         return reject(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     };
+    let (parts, body) = req.into_parts();
+    let read = axum::body::to_bytes(body, limits.body_limit);
+    let body = match tokio::time::timeout(limits.read_timeout, read).await {
+        Ok(Ok(bytes)) => axum::body::Body::from(bytes),
+        Ok(Err(e)) if too_large(&e) => {
+            return reject(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+        }
+        Ok(Err(_)) => return reject(StatusCode::BAD_REQUEST, "the request body was cut off"),
+        Err(_) => {
+            tracing::warn!(
+                "HTTP request refused: its body did not arrive within http.read_timeout"
+            );
+            return reject(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body did not arrive within http.read_timeout",
+            );
+        }
+    };
+    let req = Request::from_parts(parts, body);
     let (parts, body) = next.run(req).await.into_parts();
     let body = body.map_frame(move |frame| {
         let _held = (&permit, &listening);
@@ -455,6 +498,8 @@ pub fn app(server: &MailmuxServer, stateful: bool) -> (Router, CancellationToken
     let guard = Arc::new(Guard::new(&http, server));
     let limits = Arc::new(Limits {
         calls: Arc::new(Semaphore::new(server.config().daemon.max_concurrent_calls)),
+        read_timeout: http.read_timeout,
+        body_limit: http.body_limit,
         listens: Arc::new(Semaphore::new(MAX_LISTENS)),
         listening: Arc::default(),
     });
@@ -502,23 +547,18 @@ pub async fn serve(
 
     let closed = CancellationToken::new();
     let closed_signal = closed.clone();
-    let mut serving = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(closed_signal.cancelled_owned())
-        .await
-    });
+    let read_timeout = server.config().daemon.http.read_timeout;
+    let mut serving = tokio::spawn(serve_router(
+        listener,
+        router,
+        read_timeout,
+        closed_signal.cancelled_owned(),
+    ));
     tokio::select! {
         r = &mut serving => {
-            // The server stopped on its own: an accept loop error.
+            // The accept loop ends only at shutdown, or if its task panicked.
             drain(&server).await;
-            return match r {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(RunError::Transport(e)),
-                Err(e) => Err(RunError::Transport(std::io::Error::other(e))),
-            };
+            return r.map_err(|e| RunError::Transport(std::io::Error::other(e)));
         }
         () = shutdown => {}
     }
@@ -527,7 +567,6 @@ pub async fn serve(
     cancel.cancel();
     closed.cancel();
     match tokio::time::timeout(CLOSE_GRACE, &mut serving).await {
-        Ok(Ok(Err(e))) => Err(RunError::Transport(e)),
         Ok(_) => Ok(()),
         Err(_) => {
             tracing::warn!("HTTP connections still open after the close grace; closing them");
@@ -550,17 +589,72 @@ pub async fn serve_metrics(server: &MailmuxServer, bind: SocketAddr) -> Result<(
         .with_state(server.clone())
         .layer(middleware::from_fn_with_state(guard, check));
     tracing::info!(%local, "serving metrics on http://{local}/metrics");
-    tokio::spawn(async move {
-        let served = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "the metrics listener stopped");
-        }
-    });
+    let read_timeout = server.config().daemon.http.read_timeout;
+    tokio::spawn(serve_router(
+        listener,
+        router,
+        read_timeout,
+        std::future::pending(),
+    ));
     Ok(())
+}
+
+/// Serves `router` on `listener` until `shutdown`, then waits for the open
+/// connections to finish their requests. Each request carries its peer's
+/// address (`ConnectInfo`). A connection has `read_timeout` to send a
+/// request's header, idle or not, and is closed past it; Nagle's algorithm
+/// is off, as answers are written whole.
+async fn serve_router(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    read_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt as _;
+
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(read_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                // A connection that failed before it was accepted.
+                Err(e) if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                ) => continue,
+                // Out of file descriptors, say: wait for some to close.
+                Err(e) => {
+                    tracing::error!(error = %e, "accepting an HTTP connection failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let service =
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let mut req = req.map(axum::body::Body::new);
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                router.clone().oneshot(req)
+            });
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %peer, "HTTP connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 #[cfg(test)]

@@ -156,6 +156,7 @@ pub fn config(relays: Vec<RelaySettings>) -> Config {
                 allowed_hosts: vec![],
                 allowed_origins: vec![],
                 body_limit: 4 * 1024 * 1024,
+                read_timeout: Duration::from_secs(30),
                 stateful: true,
             },
             metrics: Default::default(),
