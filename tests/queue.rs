@@ -447,19 +447,8 @@ async fn a_burst_killed_mid_way_loses_nothing_and_doubles_nothing() {
     let (mut sent, mut unknown) = (0, 0);
     for c in &queued {
         let id = c.message_id().unwrap();
-        let n = seen.get(id).copied().unwrap_or(0);
         let s = status_of(d.peer(), id).await;
-        match s["status"].as_str() {
-            Some("sent") => {
-                sent += 1;
-                assert_eq!(n, 1, "{id}: sent, {n} copies at the sink");
-            }
-            Some("unknown") => {
-                unknown += 1;
-                assert!(n <= 1, "{id}: unknown, {n} copies at the sink");
-            }
-            other => panic!("{id}: answered queued, now {other:?}"),
-        }
+        count_final(id, s["status"].as_str(), &seen, &mut sent, &mut unknown);
     }
     // No copy twice, answered or not, and nothing nobody asked for.
     for (id, n) in &seen {
@@ -733,6 +722,71 @@ fn long_body(lines: usize) -> String {
 /// Waits (up to 60 s) until the sink has as many messages as `ids`, and a
 /// moment more for any late copy; then each of `ids` is there exactly
 /// once, and nothing else.
+/// Checks message `id`'s final `status` against its copies at the sink
+/// (`sent`: exactly one; `unknown`, cut after its final ".": at most one)
+/// and counts it; any other state fails the test.
+fn count_final(
+    id: &str,
+    status: Option<&str>,
+    seen: &std::collections::HashMap<String, usize>,
+    sent: &mut usize,
+    unknown: &mut usize,
+) {
+    let n = seen.get(id).copied().unwrap_or(0);
+    match status {
+        Some("sent") => {
+            *sent += 1;
+            assert_eq!(n, 1, "{id}: sent, {n} copies at the sink");
+        }
+        Some("unknown") => {
+            *unknown += 1;
+            assert!(n <= 1, "{id}: unknown, {n} copies at the sink");
+        }
+        other => panic!("{id}: stored, now {other:?}"),
+    }
+}
+
+/// Every stored message, listed once none is `queued` or `sending` any
+/// more (or once `limit` passed).
+async fn listed_when_final(peer: &Peer<RoleClient>, limit: Duration) -> Vec<Value> {
+    let until = std::time::Instant::now() + limit;
+    loop {
+        let listed = harness::list_all(peer, 100).await;
+        let waiting = listed
+            .iter()
+            .any(|m| matches!(m["status"].as_str(), Some("queued" | "sending")));
+        if !waiting || std::time::Instant::now() > until {
+            return listed;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A daemon whose relay follows `script`, with `send_deadline` and
+/// `max_in_flight` as given, and the arguments of a waiting `send_batch` of
+/// `n` messages to `tag+i@example.org`.
+async fn waiting_batch(
+    script: Script,
+    deadline: &str,
+    in_flight: usize,
+    tag: &str,
+    n: usize,
+) -> (FaultSmtp, tempfile::TempDir, String, Daemon, Value) {
+    let smtp = FaultSmtp::start(script).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(dir.path(), smtp.port(), "").replace(
+        "send_deadline = \"8s\"",
+        &format!("send_deadline = \"{deadline}\"\nmax_in_flight = {in_flight}"),
+    );
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let messages: Vec<Value> = (0..n)
+        .map(|i| json!({"to": [format!("{tag}+{i}@example.org")]}))
+        .collect();
+    let args = json!({"defaults": {"subject": tag, "body": format!("a {tag} batch\n")},
+                      "messages": messages, "wait": true});
+    (smtp, dir, cfg, d, args)
+}
+
 async fn delivered_once_each(smtp: &FaultSmtp, ids: &[String]) {
     let n = ids.len();
     support::wait_until(|| smtp.received().len() >= n, Duration::from_secs(60)).await;
@@ -818,19 +872,8 @@ async fn a_burst_of_large_calls_beyond_the_runners_bytes_is_delivered_once_each(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_batch_beyond_its_round_slots_is_answered_queued_and_delivered_once_each() {
     const N: usize = 6;
-    let smtp =
-        FaultSmtp::start(Script::ok().on_share(Phase::Mail, Action::Hang, Share::FirstN(1))).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config_toml(dir.path(), smtp.port(), "").replace(
-        "send_deadline = \"8s\"",
-        "send_deadline = \"2s\"\nmax_in_flight = 1",
-    );
-    let d = Daemon::start(dir.path(), &cfg).await;
-    let messages: Vec<Value> = (0..N)
-        .map(|i| json!({"to": [format!("slots+{i}@example.org")]}))
-        .collect();
-    let args = json!({"defaults": {"subject": "slots", "body": "one slot\n"},
-                      "messages": messages, "wait": true});
+    let script = Script::ok().on_share(Phase::Mail, Action::Hang, Share::FirstN(1));
+    let (smtp, _dir, _cfg, d, args) = waiting_batch(script, "2s", 1, "slots", N).await;
     let c = call(d.peer(), "batch", "send_batch", args, LIMIT).await;
     let v = c.value().unwrap_or_else(|| panic!("{c:?}"));
     let results = v["results"].as_array().unwrap();
@@ -859,20 +902,8 @@ async fn a_waiting_batch_beyond_its_round_slots_is_answered_queued_and_delivered
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_batch_killed_mid_way_is_finished_once_each_after_a_restart() {
     const N: usize = 120;
-    let smtp =
-        FaultSmtp::start(Script::ok().on_share(Phase::AfterDot, Action::Hang, Share::EveryNth(10)))
-            .await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config_toml(dir.path(), smtp.port(), "").replace(
-        "send_deadline = \"8s\"",
-        "send_deadline = \"60s\"\nmax_in_flight = 4",
-    );
-    let d = Daemon::start(dir.path(), &cfg).await;
-    let messages: Vec<Value> = (0..N)
-        .map(|i| json!({"to": [format!("waiting+{i}@example.org")]}))
-        .collect();
-    let args = json!({"defaults": {"subject": "waiting", "body": "a waiting batch\n"},
-                      "messages": messages, "wait": true});
+    let script = Script::ok().on_share(Phase::AfterDot, Action::Hang, Share::EveryNth(10));
+    let (smtp, dir, cfg, d, args) = waiting_batch(script, "60s", 4, "waiting", N).await;
     let peer = d.peer().clone();
     let pending =
         tokio::spawn(async move { call(&peer, "batch", "send_batch", args, LIMIT).await });
@@ -891,17 +922,7 @@ async fn a_waiting_batch_killed_mid_way_is_finished_once_each_after_a_restart() 
 
     smtp.set_script(Script::ok());
     let d = Daemon::start(dir.path(), &cfg).await;
-    let until = std::time::Instant::now() + Duration::from_secs(60);
-    let listed = loop {
-        let listed = harness::list_all(d.peer(), 100).await;
-        let waiting = listed
-            .iter()
-            .any(|m| matches!(m["status"].as_str(), Some("queued" | "sending")));
-        if !waiting || std::time::Instant::now() > until {
-            break listed;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let listed = listed_when_final(d.peer(), Duration::from_secs(60)).await;
     assert_eq!(
         listed.len(),
         N,
@@ -912,18 +933,7 @@ async fn a_waiting_batch_killed_mid_way_is_finished_once_each_after_a_restart() 
     let (mut sent, mut unknown) = (0, 0);
     for m in &listed {
         let id = m["message_id"].as_str().unwrap();
-        let n = seen.get(id).copied().unwrap_or(0);
-        match m["status"].as_str() {
-            Some("sent") => {
-                sent += 1;
-                assert_eq!(n, 1, "{id}: sent, {n} copies at the sink");
-            }
-            Some("unknown") => {
-                unknown += 1;
-                assert!(n <= 1, "{id}: unknown, {n} copies at the sink");
-            }
-            other => panic!("{id} ended {other:?}"),
-        }
+        count_final(id, m["status"].as_str(), &seen, &mut sent, &mut unknown);
     }
     assert!(unknown > 0, "no message was cut after its final \".\"");
     for (id, n) in &seen {
@@ -995,19 +1005,8 @@ async fn a_large_batch_killed_mid_way_is_delivered_whole_or_not_at_all() {
         told.push((tag, fraction, queued));
         d = Daemon::start(dir.path(), &cfg).await;
     }
-    // The restarted daemon delivers what it recovered, until every stored
-    // message is final.
-    let until = std::time::Instant::now() + LIMIT;
-    let listed = loop {
-        let listed = harness::list_all(d.peer(), 100).await;
-        let waiting = listed
-            .iter()
-            .any(|m| matches!(m["status"].as_str(), Some("queued" | "sending")));
-        if !waiting || std::time::Instant::now() > until {
-            break listed;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    // The restarted daemon delivers what it recovered.
+    let listed = listed_when_final(d.peer(), LIMIT).await;
     let seen = copies(&smtp.received());
     for (tag, fraction, queued) in told {
         let prefix = format!("{tag}+");
