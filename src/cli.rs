@@ -210,6 +210,7 @@ pub async fn shutdown_signal() {
 }
 
 async fn serve(mut config: Config, sources: Sources, args: ServeArgs) -> ExitCode {
+    raise_open_files_limit();
     if args.metrics.is_some() {
         config.daemon.metrics.bind = args.metrics;
     }
@@ -241,6 +242,16 @@ async fn serve(mut config: Config, sources: Sources, args: ServeArgs) -> ExitCod
             eprintln!("mailmux: {chain}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Raises this process's soft limit of open files to its hard limit, as
+/// most servers do: the soft limit is often 1,024, which the store's files,
+/// the relays' connections and the HTTP clients' connections would share.
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(open_files = n, "limit of open files"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the limit of open files"),
     }
 }
 

@@ -47,6 +47,8 @@ pub struct HttpSettings {
     /// Time a client has to send a request's header (and the most an idle
     /// connection stays open), and again its body.
     pub read_timeout: Duration,
+    /// HTTP connections open at once; more wait to be accepted.
+    pub max_connections: usize,
     /// Stateful sessions (true) or stateless request/response (false).
     pub stateful: bool,
 }

@@ -628,3 +628,72 @@ async fn stalled_clients_are_timed_out_and_give_their_call_permits_back() {
     let _ = stop.send(());
     let _ = task.await;
 }
+
+/// With `http.max_connections = 2`, two connections that send nothing hold
+/// both: a third client waits in the kernel's backlog, unanswered, until
+/// `http.read_timeout` (1 s) closes them, and is then served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_bound_wait_to_be_accepted() {
+    let smtp = Aiosmtpd::start();
+    let mut cfg = config(vec![relay("primary", smtp.port, 100)]);
+    cfg.daemon.http.max_connections = 2;
+    cfg.daemon.http.read_timeout = Duration::from_secs(1);
+    let (base, stop, task) = in_process_with(cfg, false).await;
+    let addr = base.trim_start_matches("http://").to_string();
+    // wait_health's connection may still be open: let it time out first.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let idle = [
+        tokio::net::TcpStream::connect(&addr).await.unwrap(),
+        tokio::net::TcpStream::connect(&addr).await.unwrap(),
+    ];
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let health = reqwest::Client::new()
+        .get(format!("{base}/health"))
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .expect("answered once an idle connection is closed");
+    let waited = started.elapsed();
+    assert_eq!(health.status(), 200);
+    assert!(
+        waited >= Duration::from_millis(500),
+        "answered while both connections were taken: {waited:?}"
+    );
+    drop(idle);
+    let _ = stop.send(());
+    let _ = task.await;
+}
+
+/// The daemon raises its soft limit of open files to the hard limit at
+/// start (here from 256), so that HTTP clients, relays and the store do not
+/// share a thousand descriptors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_raises_its_open_files_limit() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new("sh")
+        .args(["-c", "ulimit -Sn 256 && exec \"$0\" serve --http \"$1\""])
+        .arg(env!("CARGO_BIN_EXE_mailmux"))
+        .arg(format!("127.0.0.1:{port}"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let _daemon = Daemon(child);
+    wait_health(&format!("http://127.0.0.1:{port}")).await;
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (soft, hard) = (fields[3], fields[4]);
+    assert_ne!(soft, "256", "{line}");
+    assert_eq!(soft, hard, "{line}");
+}

@@ -73,6 +73,7 @@ pub(crate) const HTTP_KEYS: &[&str] = &[
     "allowed_origins",
     "body_limit",
     "read_timeout",
+    "max_connections",
     "stateful",
 ];
 
@@ -270,6 +271,9 @@ pub(crate) struct RawHttp {
     /// Time a client has to send a request's header, and again its body.
     /// Default: 30s.
     pub read_timeout: Option<Dur>,
+    /// Connections open at once; past it, new ones wait to be accepted.
+    /// Default: 1024.
+    pub max_connections: Option<usize>,
     /// Stateful sessions. Default: true.
     pub stateful: Option<bool>,
 }

@@ -35,6 +35,7 @@ pub(super) const REDACTED: &str = "[redacted]";
 const SEND_DEADLINE: Duration = Duration::from_secs(90);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 const HTTP_READ_TIMEOUT: Duration = Duration::from_secs(30);
+const HTTP_MAX_CONNECTIONS: usize = 1024;
 const HTTP_BIND: &str = "127.0.0.1:8025";
 /// Above the largest message (10 MiB) even after base64 in a JSON body.
 const HTTP_BODY_LIMIT: usize = 16 * 1024 * 1024;
@@ -568,6 +569,13 @@ fn http(
         h.read_timeout.as_ref().map(|d| d.0),
         HTTP_READ_TIMEOUT,
     )?;
+    let max_connections = at_least_one(
+        ctx,
+        &mut out,
+        "http.max_connections",
+        h.max_connections,
+        HTTP_MAX_CONNECTIONS,
+    )?;
     let at = ctx.at("http.stateful");
     let stateful = h.stateful.unwrap_or(true);
     leaf(&mut out, "stateful", json!(stateful), &at);
@@ -580,6 +588,7 @@ fn http(
         allowed_origins,
         body_limit,
         read_timeout,
+        max_connections,
         stateful,
     })
 }

@@ -16,7 +16,8 @@
 //! closes a connection left idle that long) and as long again for its
 //! body, which is read whole once the request has its call permit: a client
 //! that stalls is answered 408 and its permit goes back, so clients that
-//! never finish their requests cannot hold the calls of every other.
+//! never finish their requests cannot hold the calls of every other. At
+//! most `http.max_connections` are open at once.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -547,11 +548,10 @@ pub async fn serve(
 
     let closed = CancellationToken::new();
     let closed_signal = closed.clone();
-    let read_timeout = server.config().daemon.http.read_timeout;
     let mut serving = tokio::spawn(serve_router(
         listener,
         router,
-        read_timeout,
+        server.config().daemon.http.clone(),
         closed_signal.cancelled_owned(),
     ));
     tokio::select! {
@@ -589,11 +589,10 @@ pub async fn serve_metrics(server: &MailmuxServer, bind: SocketAddr) -> Result<(
         .with_state(server.clone())
         .layer(middleware::from_fn_with_state(guard, check));
     tracing::info!(%local, "serving metrics on http://{local}/metrics");
-    let read_timeout = server.config().daemon.http.read_timeout;
     tokio::spawn(serve_router(
         listener,
         router,
-        read_timeout,
+        server.config().daemon.http.clone(),
         std::future::pending(),
     ));
     Ok(())
@@ -601,13 +600,16 @@ pub async fn serve_metrics(server: &MailmuxServer, bind: SocketAddr) -> Result<(
 
 /// Serves `router` on `listener` until `shutdown`, then waits for the open
 /// connections to finish their requests. Each request carries its peer's
-/// address (`ConnectInfo`). A connection has `read_timeout` to send a
+/// address (`ConnectInfo`). A connection has `http.read_timeout` to send a
 /// request's header, idle or not, and is closed past it; Nagle's algorithm
-/// is off, as answers are written whole.
+/// is off, as answers are written whole. While `http.max_connections` are
+/// open, new ones wait in the kernel's backlog until one closes, so that
+/// HTTP clients cannot take the file descriptors the store and the relays
+/// need.
 async fn serve_router(
     listener: tokio::net::TcpListener,
     router: Router,
-    read_timeout: Duration,
+    http: HttpSettings,
     shutdown: impl Future<Output = ()>,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
@@ -616,13 +618,19 @@ async fn serve_router(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(read_timeout);
+        .header_read_timeout(http.read_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(http.max_connections));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(c) => c,
+        let accept = async {
+            // The semaphore is never closed.
+            let slot = slots.clone().acquire_owned().await.ok();
+            (slot, listener.accept().await)
+        };
+        let (slot, stream, peer) = tokio::select! {
+            (slot, accepted) = accept => match accepted {
+                Ok((stream, peer)) => (slot, stream, peer),
                 // A connection that failed before it was accepted.
                 Err(e) if matches!(
                     e.kind(),
@@ -651,6 +659,7 @@ async fn serve_router(
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, %peer, "HTTP connection ended with an error");
             }
+            drop(slot);
         });
     }
     drop(listener);

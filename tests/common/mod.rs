@@ -157,6 +157,7 @@ pub fn config(relays: Vec<RelaySettings>) -> Config {
                 allowed_origins: vec![],
                 body_limit: 4 * 1024 * 1024,
                 read_timeout: Duration::from_secs(30),
+                max_connections: 1024,
                 stateful: true,
             },
             metrics: Default::default(),
