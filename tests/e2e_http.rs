@@ -697,3 +697,43 @@ async fn the_daemon_raises_its_open_files_limit() {
     assert_ne!(soft, "256", "{line}");
     assert_eq!(soft, hard, "{line}");
 }
+
+/// One caller may hold 64 MCP sessions at once (stateful mode): the 65th
+/// `initialize` is refused with 429 and names the bound, and a session
+/// closed by its client's DELETE makes room for a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_caller_cannot_open_sessions_without_bound() {
+    let smtp = Aiosmtpd::start();
+    let (base, stop, task) = in_process(&smtp, true).await;
+    let url = format!("{base}/mcp");
+    let http = reqwest::Client::new();
+    let initialize = || {
+        post(&http, &url)
+            .bearer_auth(TOKEN)
+            .body(init_body().to_string())
+            .send()
+    };
+    let mut ids = Vec::new();
+    for i in 0..64 {
+        let r = initialize().await.unwrap();
+        assert_eq!(r.status(), 200, "session {i}");
+        let id = r.headers()["mcp-session-id"].to_str().unwrap().to_string();
+        ids.push(id);
+    }
+    let refused = initialize().await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert!(refused.text().await.unwrap().contains("64 MCP sessions"));
+
+    let closed = http
+        .delete(&url)
+        .bearer_auth(TOKEN)
+        .header("mcp-session-id", &ids[0])
+        .send()
+        .await
+        .unwrap();
+    assert!(closed.status().is_success(), "{}", closed.status());
+    let again = initialize().await.unwrap();
+    assert_eq!(again.status(), 200);
+    let _ = stop.send(());
+    let _ = task.await;
+}

@@ -17,7 +17,8 @@
 //! body, which is read whole once the request has its call permit: a client
 //! that stalls is answered 408 and its permit goes back, so clients that
 //! never finish their requests cannot hold the calls of every other. At
-//! most `http.max_connections` are open at once.
+//! most `http.max_connections` are open at once, and in stateful mode at
+//! most [`MAX_SESSIONS`] sessions, [`MAX_SESSIONS_PER_CALLER`] a caller.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -213,6 +214,64 @@ struct Limits {
     listens: Arc<Semaphore>,
     /// The streams each caller has open ([`MAX_LISTENS_PER_CALLER`]).
     listening: Arc<std::sync::Mutex<HashMap<Arc<str>, usize>>>,
+    /// The MCP sessions open (stateful mode only).
+    sessions: Option<Sessions>,
+}
+
+/// At most this many MCP sessions are open at once (stateful mode); a
+/// request that would open one more is refused (503). rmcp closes a
+/// session after five minutes without a request, or at its client's
+/// DELETE.
+const MAX_SESSIONS: usize = 1024;
+
+/// At most this many of them per caller (429 past it), so that one caller
+/// cannot take the sessions of every other.
+const MAX_SESSIONS_PER_CALLER: usize = 64;
+
+/// The sessions rmcp holds, and the caller that opened each.
+#[derive(Debug)]
+struct Sessions {
+    open: Arc<LocalSessionManager>,
+    owners: std::sync::Mutex<HashMap<Arc<str>, Arc<str>>>,
+}
+
+impl Sessions {
+    /// Whether `caller` may open one more session: `Err` is the refusal.
+    async fn admit(&self, caller: &Arc<str>) -> Result<(), Response> {
+        let live = self.open.sessions.read().await;
+        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        // Sessions closed since (idle, or DELETE) are no one's any more.
+        owners.retain(|id, _| live.contains_key(id));
+        if live.len() >= MAX_SESSIONS {
+            return Err(reject(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "{MAX_SESSIONS} MCP sessions are open, the most the server holds; try again later"
+                ),
+            ));
+        }
+        if owners.values().filter(|c| *c == caller).count() >= MAX_SESSIONS_PER_CALLER {
+            return Err(reject(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!(
+                    "this caller has {MAX_SESSIONS_PER_CALLER} MCP sessions open, the most it may; close one (DELETE) first"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Records the session `response` opened, if it opened one.
+    fn opened(&self, response: &Response, caller: Arc<str>) {
+        if let Some(id) = response
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+        {
+            let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+            owners.insert(Arc::from(id), caller);
+        }
+    }
 }
 
 /// At most this many `subscriptions/listen` streams are open at once; more
@@ -301,13 +360,22 @@ async fn limit(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> R
     if req.method() != Method::POST {
         return next.run(req).await;
     }
+    // `check` has put the caller in every /mcp request.
+    let caller = req
+        .extensions()
+        .get::<Arc<Caller>>()
+        .map_or_else(|| Arc::from(""), |c| c.name.clone());
+    // A request without a session opens one (stateful mode).
+    let opens = limits.sessions.as_ref().filter(|_| {
+        req.uri().path().starts_with("/mcp") && !req.headers().contains_key("mcp-session-id")
+    });
+    if let Some(sessions) = opens
+        && let Err(refused) = sessions.admit(&caller).await
+    {
+        return refused;
+    }
     let listening = if is_listen(&req) {
-        // `check` has put the caller in every /mcp request.
-        let caller = req
-            .extensions()
-            .get::<Arc<Caller>>()
-            .map_or_else(|| Arc::from(""), |c| c.name.clone());
-        let Some(listening) = Listening::open(&limits, caller) else {
+        let Some(listening) = Listening::open(&limits, caller.clone()) else {
             return reject(
                 StatusCode::TOO_MANY_REQUESTS,
                 &format!(
@@ -346,7 +414,11 @@ async fn limit(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> R
         }
     };
     let req = Request::from_parts(parts, body);
-    let (parts, body) = next.run(req).await.into_parts();
+    let response = next.run(req).await;
+    if let Some(sessions) = opens {
+        sessions.opened(&response, caller);
+    }
+    let (parts, body) = response.into_parts();
     let body = body.map_frame(move |frame| {
         let _held = (&permit, &listening);
         frame
@@ -491,11 +563,8 @@ pub fn app(server: &MailmuxServer, stateful: bool) -> (Router, CancellationToken
         .disable_allowed_hosts()
         .disable_allowed_origins();
     let factory = server.clone();
-    let mcp = StreamableHttpService::new(
-        move || Ok(factory.clone()),
-        Arc::new(LocalSessionManager::default()),
-        config,
-    );
+    let open = Arc::new(LocalSessionManager::default());
+    let mcp = StreamableHttpService::new(move || Ok(factory.clone()), open.clone(), config);
     let guard = Arc::new(Guard::new(&http, server));
     let limits = Arc::new(Limits {
         calls: Arc::new(Semaphore::new(server.config().daemon.max_concurrent_calls)),
@@ -503,6 +572,10 @@ pub fn app(server: &MailmuxServer, stateful: bool) -> (Router, CancellationToken
         body_limit: http.body_limit,
         listens: Arc::new(Semaphore::new(MAX_LISTENS)),
         listening: Arc::default(),
+        sessions: stateful.then(|| Sessions {
+            open,
+            owners: std::sync::Mutex::default(),
+        }),
     });
     let router = Router::new()
         .route("/health", get(health))
