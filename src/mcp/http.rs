@@ -194,14 +194,15 @@ async fn check(State(guard): State<Arc<Guard>>, mut req: Request, next: Next) ->
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    // A body without Content-Length (chunked) is capped by rmcp as it streams.
+    // A body without Content-Length (chunked) is capped as `limit` reads it.
     if length.is_some_and(|l| l > guard.body_limit) {
         return reject(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
     }
     next.run(req).await
 }
 
-/// The bounds on the MCP requests handled at once.
+/// The bounds on the MCP requests handled at once, on the time their
+/// bodies take, and on the sessions open.
 #[derive(Debug)]
 struct Limits {
     /// `max_concurrent_calls`.
@@ -316,6 +317,33 @@ impl Drop for Listening {
     }
 }
 
+/// `req` with its body read whole, within `http.read_timeout` (408) and
+/// `http.body_limit` (413).
+async fn read_whole(req: Request, limits: &Limits) -> Result<Request, Response> {
+    let (parts, body) = req.into_parts();
+    let read = axum::body::to_bytes(body, limits.body_limit);
+    match tokio::time::timeout(limits.read_timeout, read).await {
+        Ok(Ok(bytes)) => Ok(Request::from_parts(parts, axum::body::Body::from(bytes))),
+        Ok(Err(e)) if too_large(&e) => Err(reject(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body too large",
+        )),
+        Ok(Err(_)) => Err(reject(
+            StatusCode::BAD_REQUEST,
+            "the request body was cut off",
+        )),
+        Err(_) => {
+            tracing::warn!(
+                "HTTP request refused: its body did not arrive within http.read_timeout"
+            );
+            Err(reject(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body did not arrive within http.read_timeout",
+            ))
+        }
+    }
+}
+
 /// Whether reading a body failed on `http.body_limit`.
 fn too_large(e: &axum::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
@@ -395,25 +423,10 @@ async fn limit(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> R
     let Ok(permit) = permits.clone().acquire_owned().await else {
         return reject(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     };
-    let (parts, body) = req.into_parts();
-    let read = axum::body::to_bytes(body, limits.body_limit);
-    let body = match tokio::time::timeout(limits.read_timeout, read).await {
-        Ok(Ok(bytes)) => axum::body::Body::from(bytes),
-        Ok(Err(e)) if too_large(&e) => {
-            return reject(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
-        }
-        Ok(Err(_)) => return reject(StatusCode::BAD_REQUEST, "the request body was cut off"),
-        Err(_) => {
-            tracing::warn!(
-                "HTTP request refused: its body did not arrive within http.read_timeout"
-            );
-            return reject(
-                StatusCode::REQUEST_TIMEOUT,
-                "the request body did not arrive within http.read_timeout",
-            );
-        }
+    let req = match read_whole(req, &limits).await {
+        Ok(req) => req,
+        Err(refused) => return refused,
     };
-    let req = Request::from_parts(parts, body);
     let response = next.run(req).await;
     if let Some(sessions) = opens {
         sessions.opened(&response, caller);
