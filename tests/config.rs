@@ -669,6 +669,18 @@ fn every_validation_error_names_the_key_and_the_source() {
             "FILE",
         ),
         (
+            "[http]\nread_timeout = \"0s\"\n".into(),
+            vec![],
+            "http.read_timeout",
+            "FILE",
+        ),
+        (
+            String::new(),
+            vec![("MAILMUX_HTTP__MAX_CONNECTIONS", "0")],
+            "http.max_connections",
+            "env var MAILMUX_HTTP__MAX_CONNECTIONS",
+        ),
+        (
             String::new(),
             vec![
                 ("SMTP_HOST_1", "x"),

@@ -155,6 +155,22 @@ async fn guards_token_host_origin_and_body_limit() {
     let n = raw.read(&mut answer).await.unwrap();
     let status_line = String::from_utf8_lossy(&answer[..n]);
     assert!(status_line.starts_with("HTTP/1.1 413"), "{status_line}");
+    // A chunked body, which announces no length, is refused once it passes
+    // the limit.
+    let mut raw = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let size = 65 * 1024;
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n\
+         Transfer-Encoding: chunked\r\n\r\n{size:x}\r\n{}\r\n0\r\n\r\n",
+        " ".repeat(size)
+    );
+    raw.write_all(head.as_bytes()).await.unwrap();
+    let n = raw.read(&mut answer).await.unwrap();
+    let status_line = String::from_utf8_lossy(&answer[..n]);
+    assert!(status_line.starts_with("HTTP/1.1 413"), "{status_line}");
 
     // Allowed: a listed origin, a loopback origin, the right token.
     for origin in ["https://app.example.org", "http://localhost:5173"] {
