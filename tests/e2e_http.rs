@@ -714,11 +714,12 @@ async fn the_daemon_raises_its_open_files_limit() {
     assert_eq!(soft, hard, "{line}");
 }
 
-/// One caller may hold 64 MCP sessions at once (stateful mode): the 65th
-/// `initialize` is refused with 429 and names the bound, and a session
-/// closed by its client's DELETE makes room for a new one.
+/// One caller may hold 64 MCP sessions at once (stateful mode): its 65th
+/// `initialize` closes the session it named least recently, which then
+/// answers 404, while the sessions it used since stay open; a session
+/// closed by its client's DELETE makes room without closing any other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_caller_cannot_open_sessions_without_bound() {
+async fn a_caller_past_its_sessions_loses_its_least_recently_used_one() {
     let smtp = Aiosmtpd::start();
     let (base, stop, task) = in_process(&smtp, true).await;
     let url = format!("{base}/mcp");
@@ -729,6 +730,16 @@ async fn one_caller_cannot_open_sessions_without_bound() {
             .body(init_body().to_string())
             .send()
     };
+    // The notification every client sends after `initialize`: 202 while
+    // the session is open.
+    let initialized = |id: &str| {
+        post(&http, &url)
+            .bearer_auth(TOKEN)
+            .header("mcp-session-id", id)
+            .header("mcp-protocol-version", "2025-06-18")
+            .body(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}).to_string())
+            .send()
+    };
     let mut ids = Vec::new();
     for i in 0..64 {
         let r = initialize().await.unwrap();
@@ -736,20 +747,34 @@ async fn one_caller_cannot_open_sessions_without_bound() {
         let id = r.headers()["mcp-session-id"].to_str().unwrap().to_string();
         ids.push(id);
     }
-    let refused = initialize().await.unwrap();
-    assert_eq!(refused.status(), 429);
-    assert!(refused.text().await.unwrap().contains("64 MCP sessions"));
+    // Session 0 is used after all the others were opened: session 1 is now
+    // the one named least recently.
+    assert_eq!(initialized(&ids[0]).await.unwrap().status(), 202);
 
+    let newer = initialize().await.unwrap();
+    assert_eq!(newer.status(), 200);
+    let newer = newer.headers()["mcp-session-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(initialized(&ids[1]).await.unwrap().status(), 404);
+    for id in [&ids[0], &ids[2], &ids[63], &newer] {
+        assert_eq!(initialized(id).await.unwrap().status(), 202, "{id}");
+    }
+
+    // A DELETE makes room: the next `initialize` closes no other session.
     let closed = http
         .delete(&url)
         .bearer_auth(TOKEN)
-        .header("mcp-session-id", &ids[0])
+        .header("mcp-session-id", &ids[2])
         .send()
         .await
         .unwrap();
     assert!(closed.status().is_success(), "{}", closed.status());
-    let again = initialize().await.unwrap();
-    assert_eq!(again.status(), 200);
+    assert_eq!(initialize().await.unwrap().status(), 200);
+    for id in ids[3..].iter().chain([&ids[0], &newer]) {
+        assert_eq!(initialized(id).await.unwrap().status(), 202, "{id}");
+    }
     let _ = stop.send(());
     let _ = task.await;
 }

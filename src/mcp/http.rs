@@ -18,7 +18,8 @@
 //! that stalls is answered 408 and its permit goes back, so clients that
 //! never finish their requests cannot hold the calls of every other. At
 //! most `http.max_connections` are open at once, and in stateful mode at
-//! most [`MAX_SESSIONS`] sessions, [`MAX_SESSIONS_PER_CALLER`] a caller.
+//! most [`MAX_SESSIONS`] sessions, [`MAX_SESSIONS_PER_CALLER`] a caller
+//! (one more closes the caller's least recently used).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -35,6 +36,7 @@ use axum::routing::{get, post};
 use http_body_util::BodyExt;
 use mailmux_actors::RelayState;
 use mailmux_actors::queue::{Decided, Decision};
+use rmcp::transport::streamable_http_server::SessionManager as _;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use serde_json::json;
@@ -225,39 +227,63 @@ struct Limits {
 /// DELETE.
 const MAX_SESSIONS: usize = 1024;
 
-/// At most this many of them per caller (429 past it), so that one caller
-/// cannot take the sessions of every other.
+/// At most this many of them per caller, so that one caller cannot take the
+/// sessions of every other. A caller that opens one more loses the one it
+/// used least recently: clients that open a session per task and never
+/// DELETE it (or crash before they can) keep working, and only the caller's
+/// own sessions are ever closed for it.
 const MAX_SESSIONS_PER_CALLER: usize = 64;
 
 /// The sessions rmcp holds, and the caller that opened each.
 #[derive(Debug)]
 struct Sessions {
     open: Arc<LocalSessionManager>,
-    owners: std::sync::Mutex<HashMap<Arc<str>, Arc<str>>>,
+    owners: std::sync::Mutex<HashMap<Arc<str>, Owner>>,
+}
+
+/// Who opened a session, and when a request last named it.
+#[derive(Debug)]
+struct Owner {
+    caller: Arc<str>,
+    used: std::time::Instant,
 }
 
 impl Sessions {
-    /// Whether `caller` may open one more session: `Err` is the refusal.
+    /// Makes room for `caller` to open one more session: `Err` is the
+    /// refusal. A caller at its bound has its least recently used session
+    /// closed.
     async fn admit(&self, caller: &Arc<str>) -> Result<(), Response> {
-        let live = self.open.sessions.read().await;
-        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
-        // Sessions closed since (idle, or DELETE) are no one's any more.
-        owners.retain(|id, _| live.contains_key(id));
-        if live.len() >= MAX_SESSIONS {
-            return Err(reject(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!(
-                    "{MAX_SESSIONS} MCP sessions are open, the most the server holds; try again later"
-                ),
-            ));
-        }
-        if owners.values().filter(|c| *c == caller).count() >= MAX_SESSIONS_PER_CALLER {
-            return Err(reject(
-                StatusCode::TOO_MANY_REQUESTS,
-                &format!(
-                    "this caller has {MAX_SESSIONS_PER_CALLER} MCP sessions open, the most it may; close one (DELETE) first"
-                ),
-            ));
+        let oldest = {
+            let live = self.open.sessions.read().await;
+            let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+            // Sessions closed since (idle, or DELETE) are no one's any more.
+            owners.retain(|id, _| live.contains_key(id));
+            if live.len() >= MAX_SESSIONS {
+                return Err(reject(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!(
+                        "{MAX_SESSIONS} MCP sessions are open, the most the server holds; try again later"
+                    ),
+                ));
+            }
+            let mine = owners.iter().filter(|(_, o)| o.caller == *caller);
+            if mine.clone().count() < MAX_SESSIONS_PER_CALLER {
+                return Ok(());
+            }
+            let oldest = mine.min_by_key(|(_, o)| o.used).map(|(id, _)| id.clone());
+            if let Some(id) = &oldest {
+                owners.remove(id);
+            }
+            oldest
+        };
+        if let Some(id) = oldest {
+            tracing::info!(
+                caller = %caller,
+                "closing the caller's least recently used MCP session: it has {MAX_SESSIONS_PER_CALLER} open and opens another"
+            );
+            if let Err(e) = self.open.close_session(&id).await {
+                tracing::warn!(caller = %caller, "closing an MCP session failed: {e}");
+            }
         }
         Ok(())
     }
@@ -269,8 +295,17 @@ impl Sessions {
             .get("mcp-session-id")
             .and_then(|v| v.to_str().ok())
         {
+            let used = std::time::Instant::now();
             let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
-            owners.insert(Arc::from(id), caller);
+            owners.insert(Arc::from(id), Owner { caller, used });
+        }
+    }
+
+    /// Records that a request named the session `id`.
+    fn used(&self, id: &str) {
+        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(owner) = owners.get_mut(id) {
+            owner.used = std::time::Instant::now();
         }
     }
 }
@@ -385,6 +420,12 @@ fn is_listen(req: &Request) -> bool {
 /// permit, its body must arrive whole within `http.read_timeout` (408
 /// otherwise), so that a stalled client gives its permit back.
 async fn limit(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> Response {
+    if let Some(sessions) = &limits.sessions
+        && let Some(id) = req.headers().get("mcp-session-id")
+        && let Ok(id) = id.to_str()
+    {
+        sessions.used(id);
+    }
     if req.method() != Method::POST {
         return next.run(req).await;
     }
