@@ -4,10 +4,11 @@
 //! Counters and the latency histogram are recorded where things happen: the
 //! relays count attempts, failovers and latency (`mailmux_actors::meters`),
 //! the queue's observer counts messages by caller and status, the MCP
-//! front-end counts calls and refusals. Gauges (the queue by state, its
-//! oldest message, each relay's state and connections) are read from the
-//! queue and the dispatcher at each scrape, so they cost nothing between
-//! scrapes.
+//! front-end counts calls and refusals, and the HTTP transport its
+//! refusals, open connections and evicted sessions. Gauges (the queue by
+//! state, its oldest message, each relay's state and connections, the MCP
+//! sessions open) are read from the queue, the dispatcher and rmcp's session
+//! map at each scrape, so they cost nothing between scrapes.
 //!
 //! Labels stay low-cardinality: relay, state, status, class, caller, tool,
 //! outcome and code are all names from the configuration or fixed sets;
@@ -48,6 +49,16 @@ pub const QUEUE_AVAILABLE: &str = "mailmux_queue_available";
 pub const SENT_COPIES: &str = "mailmux_sent_copies_total";
 /// Copies for the Sent folder handed to the copiers, not yet filed or failed.
 pub const SENT_COPIES_WAITING: &str = "mailmux_sent_copies_waiting";
+/// HTTP requests refused by the transport's checks and bounds before any
+/// tool ran, by status (401 token, 403 Host or Origin, 408 a body too slow,
+/// 413 too large, 429 a caller's bound, 503 the daemon's).
+pub const HTTP_REFUSED: &str = "mailmux_http_refused_total";
+/// HTTP connections open now (`http.max_connections` at most).
+pub const HTTP_CONNECTIONS: &str = "mailmux_http_connections";
+/// MCP sessions open now (stateful HTTP), read at each scrape.
+pub const MCP_SESSIONS: &str = "mailmux_mcp_sessions";
+/// Sessions closed because their caller opened one past its bound.
+pub const MCP_SESSIONS_EVICTED: &str = "mailmux_mcp_sessions_evicted_total";
 /// The build: 1, with the version as a label.
 pub const BUILD_INFO: &str = "mailmux_build_info";
 
@@ -145,6 +156,19 @@ fn describe() {
     );
     describe_gauge!(RELAY_IN_FLIGHT, "Messages a relay holds now.");
     describe_gauge!(BUILD_INFO, "1, with the version as a label.");
+    describe_counter!(
+        HTTP_REFUSED,
+        "HTTP requests refused by the transport's checks and bounds before any tool ran, by status."
+    );
+    describe_gauge!(HTTP_CONNECTIONS, "HTTP connections open now.");
+    describe_gauge!(
+        MCP_SESSIONS,
+        "MCP sessions open now (stateful HTTP), read at each scrape."
+    );
+    describe_counter!(
+        MCP_SESSIONS_EVICTED,
+        "MCP sessions closed because their caller opened one past its bound."
+    );
     describe_counter!(
         SENT_COPIES,
         "Copies in the Sent folder over IMAP, by relay and outcome (copied, failed)."

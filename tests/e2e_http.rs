@@ -720,6 +720,9 @@ async fn the_daemon_raises_its_open_files_limit() {
 /// closed by its client's DELETE makes room without closing any other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_past_its_sessions_loses_its_least_recently_used_one() {
+    // The recorder, before anything is counted (the daemon installs it at
+    // start; this server runs in the test's process).
+    mailmux::telemetry::install();
     let smtp = Aiosmtpd::start();
     let (base, stop, task) = in_process(&smtp, true).await;
     let url = format!("{base}/mcp");
@@ -775,6 +778,28 @@ async fn a_caller_past_its_sessions_loses_its_least_recently_used_one() {
     for id in ids[3..].iter().chain([&ids[0], &newer]) {
         assert_eq!(initialized(id).await.unwrap().status(), 202, "{id}");
     }
+
+    // /metrics counts the sessions open and the one closed for the bound
+    // (no other test here closes one for it).
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let sample = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .map(|v| v.trim().parse::<f64>().unwrap())
+    };
+    assert_eq!(sample("mailmux_mcp_sessions"), Some(64.0), "{text}");
+    assert_eq!(
+        sample("mailmux_mcp_sessions_evicted_total"),
+        Some(1.0),
+        "{text}"
+    );
     let _ = stop.send(());
     let _ = task.await;
 }

@@ -292,9 +292,37 @@ async fn counters_equal_what_happened() {
     assert!(err, "{out}");
     assert_eq!(out["error"]["code"], "invalid_input", "{out}");
 
+    // Refused by the transport before any tool: a wrong token, a foreign
+    // Host (three 401s of /metrics came before).
+    let http = reqwest::Client::new();
+    let wrong = http
+        .post(format!("{}/mcp", d.base))
+        .bearer_auth("wrong")
+        .header("Content-Type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let foreign = http
+        .get(format!("{}/health", d.base))
+        .header("Host", "mail.attacker.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(foreign.status(), 403);
+
     let (code, text) = get_metrics(&d.base, Some(METRICS_TOKEN)).await;
     assert_eq!(code, 200);
     let m = parse(&text);
+    let http_refused =
+        |status: &str| value(&m, "mailmux_http_refused_total", &[("status", status)]);
+    assert_eq!(http_refused("401"), 4.0, "{text}");
+    assert_eq!(http_refused("403"), 1.0, "{text}");
+    assert_eq!(http_refused("413") + http_refused("408"), 0.0, "{text}");
+    // The client's session and at least the scrape's connection are open.
+    assert_eq!(value(&m, "mailmux_mcp_sessions", &[]), 1.0, "{text}");
+    assert!(value(&m, "mailmux_http_connections", &[]) >= 1.0, "{text}");
     let msgs = |status: &str| {
         value(
             &m,

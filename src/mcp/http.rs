@@ -140,6 +140,14 @@ fn host_part(authority: &str) -> &str {
     }
 }
 
+/// A request refused by the checks or the bounds, before any tool ran:
+/// counted by status for `/metrics`, then answered as [`reject`] does.
+fn refuse(status: StatusCode, message: &str) -> Response {
+    metrics::counter!(crate::telemetry::HTTP_REFUSED, "status" => status.as_u16().to_string())
+        .increment(1);
+    reject(status, message)
+}
+
 fn reject(status: StatusCode, message: &str) -> Response {
     let mut resp = (status, axum::Json(json!({ "error": message }))).into_response();
     if status == StatusCode::UNAUTHORIZED {
@@ -165,13 +173,13 @@ async fn check(State(guard): State<Arc<Guard>>, mut req: Request, next: Next) ->
         .or_else(|| req.uri().authority().map(|a| a.to_string()));
     if !authority.is_some_and(|a| guard.host_allowed(&a)) {
         tracing::warn!(host = ?req.headers().get(header::HOST), "HTTP request refused: Host not allowed");
-        return reject(StatusCode::FORBIDDEN, "host not allowed");
+        return refuse(StatusCode::FORBIDDEN, "host not allowed");
     }
     if let Some(origin) = req.headers().get(header::ORIGIN) {
         let ok = origin.to_str().is_ok_and(|o| guard.origin_allowed(o));
         if !ok {
             tracing::warn!(origin = ?origin, "HTTP request refused: Origin not allowed");
-            return reject(StatusCode::FORBIDDEN, "origin not allowed");
+            return refuse(StatusCode::FORBIDDEN, "origin not allowed");
         }
     }
     let path = req.uri().path();
@@ -181,14 +189,14 @@ async fn check(State(guard): State<Arc<Guard>>, mut req: Request, next: Next) ->
             Some(name) => {
                 req.extensions_mut().insert(Operator(name));
             }
-            None => return reject(StatusCode::UNAUTHORIZED, "missing or wrong operator token"),
+            None => return refuse(StatusCode::UNAUTHORIZED, "missing or wrong operator token"),
         }
     } else if path != "/health" && path != "/metrics" && !is_console(path) {
         match guard.caller(req.headers()) {
             Some(caller) => {
                 req.extensions_mut().insert(caller);
             }
-            None => return reject(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"),
+            None => return refuse(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"),
         }
     }
     let length = req
@@ -198,7 +206,7 @@ async fn check(State(guard): State<Arc<Guard>>, mut req: Request, next: Next) ->
         .and_then(|v| v.parse::<usize>().ok());
     // A body without Content-Length (chunked) is capped as `limit` reads it.
     if length.is_some_and(|l| l > guard.body_limit) {
-        return reject(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+        return refuse(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
     }
     next.run(req).await
 }
@@ -259,7 +267,7 @@ impl Sessions {
             // Sessions closed since (idle, or DELETE) are no one's any more.
             owners.retain(|id, _| live.contains_key(id));
             if live.len() >= MAX_SESSIONS {
-                return Err(reject(
+                return Err(refuse(
                     StatusCode::SERVICE_UNAVAILABLE,
                     &format!(
                         "{MAX_SESSIONS} MCP sessions are open, the most the server holds; try again later"
@@ -277,6 +285,7 @@ impl Sessions {
             oldest
         };
         if let Some(id) = oldest {
+            metrics::counter!(crate::telemetry::MCP_SESSIONS_EVICTED).increment(1);
             tracing::info!(
                 caller = %caller,
                 "closing the caller's least recently used MCP session: it has {MAX_SESSIONS_PER_CALLER} open and opens another"
@@ -359,11 +368,11 @@ async fn read_whole(req: Request, limits: &Limits) -> Result<Request, Response> 
     let read = axum::body::to_bytes(body, limits.body_limit);
     match tokio::time::timeout(limits.read_timeout, read).await {
         Ok(Ok(bytes)) => Ok(Request::from_parts(parts, axum::body::Body::from(bytes))),
-        Ok(Err(e)) if too_large(&e) => Err(reject(
+        Ok(Err(e)) if too_large(&e) => Err(refuse(
             StatusCode::PAYLOAD_TOO_LARGE,
             "request body too large",
         )),
-        Ok(Err(_)) => Err(reject(
+        Ok(Err(_)) => Err(refuse(
             StatusCode::BAD_REQUEST,
             "the request body was cut off",
         )),
@@ -371,7 +380,7 @@ async fn read_whole(req: Request, limits: &Limits) -> Result<Request, Response> 
             tracing::warn!(
                 "HTTP request refused: its body did not arrive within http.read_timeout"
             );
-            Err(reject(
+            Err(refuse(
                 StatusCode::REQUEST_TIMEOUT,
                 "the request body did not arrive within http.read_timeout",
             ))
@@ -445,7 +454,7 @@ async fn limit(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> R
     }
     let listening = if is_listen(&req) {
         let Some(listening) = Listening::open(&limits, caller.clone()) else {
-            return reject(
+            return refuse(
                 StatusCode::TOO_MANY_REQUESTS,
                 &format!(
                     "this caller has {MAX_LISTENS_PER_CALLER} subscriptions/listen streams open, the most it may; close one first"
@@ -462,7 +471,7 @@ async fn limit(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> R
         &limits.calls
     };
     let Ok(permit) = permits.clone().acquire_owned().await else {
-        return reject(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     };
     let req = match read_whole(req, &limits).await {
         Ok(req) => req,
@@ -509,7 +518,15 @@ async fn health(State(server): State<MailmuxServer>) -> Response {
 }
 
 /// `GET /metrics`: every metric as Prometheus text.
-async fn metrics(State(server): State<MailmuxServer>, req: Request) -> Response {
+/// The sessions rmcp holds (stateful mode), counted at each scrape.
+#[derive(Clone)]
+struct OpenSessions(Arc<LocalSessionManager>);
+
+async fn metrics(
+    State(server): State<MailmuxServer>,
+    sessions: Option<Extension<OpenSessions>>,
+    req: Request,
+) -> Response {
     let peer = req
         .extensions()
         .get::<axum::extract::ConnectInfo<SocketAddr>>()
@@ -520,16 +537,20 @@ async fn metrics(State(server): State<MailmuxServer>, req: Request) -> Response 
             use subtle::ConstantTimeEq;
             let given = bearer(req.headers()).unwrap_or_default();
             if !bool::from(given.as_bytes().ct_eq(token.expose().as_bytes())) {
-                return reject(StatusCode::UNAUTHORIZED, "missing or wrong metrics token");
+                return refuse(StatusCode::UNAUTHORIZED, "missing or wrong metrics token");
             }
         }
         None if !peer.is_some_and(|p| p.ip().is_loopback()) => {
-            return reject(
+            return refuse(
                 StatusCode::FORBIDDEN,
                 "metrics are open to loopback peers only; set metrics.token",
             );
         }
         None => {}
+    }
+    if let Some(Extension(OpenSessions(open))) = sessions {
+        let n = open.sessions.read().await.len();
+        metrics::gauge!(crate::telemetry::MCP_SESSIONS).set(n as f64);
     }
     let text = crate::telemetry::scrape(server.queue()).await;
     (
@@ -627,13 +648,17 @@ pub fn app(server: &MailmuxServer, stateful: bool) -> (Router, CancellationToken
         listens: Arc::new(Semaphore::new(MAX_LISTENS)),
         listening: Arc::default(),
         sessions: stateful.then(|| Sessions {
-            open,
+            open: open.clone(),
             owners: std::sync::Mutex::default(),
         }),
     });
+    let scrape = match stateful {
+        true => get(metrics).layer(Extension(OpenSessions(open))),
+        false => get(metrics),
+    };
     let router = Router::new()
         .route("/health", get(health))
-        .route("/metrics", get(metrics))
+        .route("/metrics", scrape)
         .route("/admin/messages/{id}", get(admin_show))
         .route("/admin/messages/{id}/approve", post(admin_approve))
         .route("/admin/messages/{id}/reject", post(admin_reject))
@@ -679,6 +704,7 @@ pub async fn serve(
         listener,
         router,
         server.config().daemon.http.clone(),
+        metrics::gauge!(crate::telemetry::HTTP_CONNECTIONS),
         closed_signal.cancelled_owned(),
     ));
     tokio::select! {
@@ -720,6 +746,7 @@ pub async fn serve_metrics(server: &MailmuxServer, bind: SocketAddr) -> Result<(
         listener,
         router,
         server.config().daemon.http.clone(),
+        metrics::Gauge::noop(),
         std::future::pending(),
     ));
     Ok(())
@@ -737,6 +764,7 @@ async fn serve_router(
     listener: tokio::net::TcpListener,
     router: Router,
     http: HttpSettings,
+    open: metrics::Gauge,
     shutdown: impl Future<Output = ()>,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
@@ -782,10 +810,13 @@ async fn serve_router(
                 router.clone().oneshot(req)
             });
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        let open = open.clone();
+        open.increment(1.0);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, %peer, "HTTP connection ended with an error");
             }
+            open.decrement(1.0);
             drop(slot);
         });
     }
