@@ -55,6 +55,9 @@ usage: cargo bench --bench mcp -- [options]
                            a few seconds later): how fast the queue delivers mail that
                            waits in its store; 0 to skip it (0)
   --log FILTER             the daemon's RUST_LOG (info, its default)
+  --http-pool              the HTTP client (rmcp's, on reqwest) keeps its connections open
+                           between calls; without it, rmcp's default client opens a new
+                           connection for every request
   --bin PATH               the mailmux binary (the one cargo built for this bench)
 ";
 
@@ -145,6 +148,8 @@ struct Args {
     backlog: usize,
     log: String,
     bin: PathBuf,
+    /// The HTTP client keeps its connections between calls (`--http-pool`).
+    http_pool: bool,
 }
 
 fn list(flag: &str, value: Option<String>) -> anyhow::Result<Vec<usize>> {
@@ -177,6 +182,7 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut backlog = 0;
     let mut log = "info".to_string();
     let mut bin = PathBuf::from(env!("CARGO_BIN_EXE_mailmux"));
+    let mut http_pool = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -189,6 +195,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--batch-memory" => batch_memory = list(&arg, args.next())?[0],
             "--backlog" => backlog = list(&arg, args.next())?[0],
             "--log" => log = args.next().context("--log needs a value")?,
+            "--http-pool" => http_pool = true,
             // Relative to the caller's folder, not the daemon's (each
             // daemon runs in a temporary folder of its own).
             "--bin" => {
@@ -245,6 +252,7 @@ fn parse_args() -> anyhow::Result<Args> {
         backlog,
         log,
         bin,
+        http_pool,
     })
 }
 
@@ -444,6 +452,7 @@ async fn run_mcp(
                     policy: store.policy(),
                     queue_extra,
                     max_message_bytes: None,
+                    http_pool: args.http_pool,
                 },
             )
             .await?,
@@ -597,6 +606,7 @@ async fn run_memory(
             policy: false,
             queue_extra: String::new(),
             max_message_bytes: None,
+            http_pool: args.http_pool,
         },
     )
     .await?;
@@ -711,6 +721,7 @@ fn one_daemon(
         policy: false,
         queue_extra: String::new(),
         max_message_bytes,
+        http_pool: args.http_pool,
     }
 }
 
@@ -1022,7 +1033,9 @@ fn main() -> anyhow::Result<()> {
                 for (k, &path) in args.paths.iter().enumerate() {
                     let m = match path {
                         Path::Source => run_source(c, n, size),
-                        Path::Ceiling => rt.block_on(ceiling::run(c, n, body.clone())),
+                        Path::Ceiling => {
+                            rt.block_on(ceiling::run(c, n, body.clone(), args.http_pool))
+                        }
                         Path::Mcp(t, store) => {
                             rt.block_on(run_mcp(&args, pg.as_ref(), t, store, c, n, body.clone()))
                         }
@@ -1158,8 +1171,6 @@ mod ceiling {
     use rmcp::handler::server::router::tool::ToolRouter;
     use rmcp::handler::server::wrapper::Parameters;
     use rmcp::model::{CallToolResult, ServerCapabilities, ServerConfig};
-    use rmcp::transport::StreamableHttpClientTransport;
-    use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
     use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
     use rmcp::transport::streamable_http_server::{
         StreamableHttpServerConfig, StreamableHttpService,
@@ -1200,7 +1211,12 @@ mod ceiling {
         }
     }
 
-    pub async fn run(c: usize, n: usize, body: Arc<String>) -> anyhow::Result<Measurement> {
+    pub async fn run(
+        c: usize,
+        n: usize,
+        body: Arc<String>,
+        pool: bool,
+    ) -> anyhow::Result<Measurement> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
         let service = StreamableHttpService::new(
@@ -1213,14 +1229,16 @@ mod ceiling {
             StreamableHttpServerConfig::default(),
         );
         let app = axum::Router::new().nest_service("/mcp", service);
+        // Nagle off, as mailmux has it: with it on, a client that reuses its
+        // connection waits for the delayed ACK (40 ms) on every call.
+        use axum::serve::ListenerExt as _;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let server = tokio::spawn(async move { axum::serve(listener, app).await });
-        let cfg =
-            StreamableHttpClientTransportConfig::with_uri(format!("http://127.0.0.1:{port}/mcp"))
-                .max_concurrent_requests(c);
-        let client =
-            ().serve(StreamableHttpClientTransport::from_config(cfg))
-                .await
-                .context("MCP initialize")?;
+        let transport =
+            load::http_client_transport(format!("http://127.0.0.1:{port}/mcp"), c, pool);
+        let client = ().serve(transport).await.context("MCP initialize")?;
         let cpu_before = load::self_cpu();
         let started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();

@@ -21,6 +21,7 @@ async fn workers(transport: Transport) -> anyhow::Result<u64> {
             policy: false,
             queue_extra: String::new(),
             max_message_bytes: None,
+            http_pool: false,
             http_requests: 1,
         },
     )

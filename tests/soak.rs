@@ -275,6 +275,7 @@ async fn soak() -> anyhow::Result<()> {
             policy: false,
             queue_extra: format!("retain = \"{}\"", humantime::format_duration(plan.retain)),
             max_message_bytes: None,
+            http_pool: false,
             http_requests: c * 2,
         },
     )

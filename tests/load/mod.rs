@@ -283,6 +283,25 @@ pub struct DaemonOptions {
     /// `max_message_bytes` (which also bounds a batch's total); `None`:
     /// the default.
     pub max_message_bytes: Option<usize>,
+    /// The HTTP client keeps its connections open between calls, as most
+    /// HTTP clients do; false: rmcp's default client, which opens a new
+    /// connection for every request (it keeps no idle connection).
+    pub http_pool: bool,
+}
+
+/// rmcp's streamable HTTP client for `uri`, with at most `requests` open at
+/// once; `pool`: on a reqwest client that keeps idle connections for reuse
+/// (see [`DaemonOptions::http_pool`]).
+pub fn http_client_transport(
+    uri: String,
+    requests: usize,
+    pool: bool,
+) -> StreamableHttpClientTransport<reqwest_013::Client> {
+    let cfg = StreamableHttpClientTransportConfig::with_uri(uri).max_concurrent_requests(requests);
+    match pool {
+        true => StreamableHttpClientTransport::with_client(reqwest_013::Client::new(), cfg),
+        false => StreamableHttpClientTransport::from_config(cfg),
+    }
 }
 
 /// The `mailmux` binary serving MCP, with a connected rmcp client. The
@@ -398,11 +417,11 @@ impl Daemon {
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                let cfg = StreamableHttpClientTransportConfig::with_uri(format!(
-                    "http://127.0.0.1:{port}/mcp"
-                ))
-                .max_concurrent_requests(o.http_requests);
-                let transport = StreamableHttpClientTransport::from_config(cfg);
+                let transport = http_client_transport(
+                    format!("http://127.0.0.1:{port}/mcp"),
+                    o.http_requests,
+                    o.http_pool,
+                );
                 let client = ().serve(transport).await.context("MCP initialize")?;
                 Ok(Daemon {
                     pid,
