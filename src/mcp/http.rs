@@ -435,6 +435,15 @@ async fn limit(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> R
     {
         sessions.used(id);
     }
+    if req.method() == Method::DELETE && req.uri().path().starts_with("/mcp") {
+        // rmcp ends a session with 202; the Python SDK takes anything but 200
+        // or 204 for a failure and logs a warning at every session's end.
+        let mut response = next.run(req).await;
+        if response.status() == StatusCode::ACCEPTED {
+            *response.status_mut() = StatusCode::NO_CONTENT;
+        }
+        return response;
+    }
     if req.method() != Method::POST {
         return next.run(req).await;
     }
