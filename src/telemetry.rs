@@ -50,8 +50,9 @@ pub const SENT_COPIES: &str = "mailmux_sent_copies_total";
 /// Copies for the Sent folder handed to the copiers, not yet filed or failed.
 pub const SENT_COPIES_WAITING: &str = "mailmux_sent_copies_waiting";
 /// HTTP requests refused by the transport's checks and bounds before any
-/// tool ran, by status (401 token, 403 Host or Origin, 408 a body too slow,
-/// 413 too large, 429 a caller's bound, 503 the daemon's).
+/// tool ran, by status (400 a body cut off, 401 token, 403 Host or Origin,
+/// 408 a body too slow, 413 too large, 429 a caller's bound, 503 the
+/// daemon's).
 pub const HTTP_REFUSED: &str = "mailmux_http_refused_total";
 /// HTTP connections open now (`http.max_connections` at most).
 pub const HTTP_CONNECTIONS: &str = "mailmux_http_connections";
