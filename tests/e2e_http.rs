@@ -489,6 +489,32 @@ async fn listen_streams_do_not_hold_call_slots() {
     let text = dressed.text().await.unwrap();
     assert_eq!(status.as_u16(), 400, "{text}");
     assert!(text.contains("does not match"), "{text}");
+    // A call of that protocol is served without a session even here, and
+    // its result comes as one JSON body, not an SSE stream.
+    let plain = post(&reqwest::Client::new(), &url)
+        .header("MCP-Protocol-Version", "2026-07-28")
+        .header("Mcp-Method", "tools/call")
+        .header("Mcp-Name", "get_smtp_status")
+        .json(&json!({"jsonrpc": "2.0", "id": 8, "method": "tools/call",
+            "params": {"_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                                 "io.modelcontextprotocol/clientCapabilities": {}},
+                       "name": "get_smtp_status", "arguments": {}}}))
+        .send()
+        .await
+        .unwrap();
+    let status = plain.status();
+    let kind = plain.headers()[reqwest::header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let text = plain.text().await.unwrap();
+    assert_eq!(status.as_u16(), 200, "{text}");
+    assert!(kind.starts_with("application/json"), "{kind}: {text}");
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        answer["result"]["structuredContent"]["relays"].is_array(),
+        "{text}"
+    );
     for mut s in streams {
         s.cancel().await.unwrap();
     }

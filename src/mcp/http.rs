@@ -640,7 +640,12 @@ pub fn app(server: &MailmuxServer, stateful: bool) -> (Router, CancellationToken
     let cancel = CancellationToken::new();
     let config = StreamableHttpServerConfig::default()
         .with_legacy_session_mode(stateful)
-        .with_json_response(!stateful)
+        // A request served without a session (stateless mode, and clients of
+        // protocol 2026-07-28 in either mode) is answered with one JSON body
+        // when its first message is the result, and over SSE when the
+        // handler sends anything before it. Sessions of older protocols
+        // always answer over SSE.
+        .with_json_response(true)
         .with_cancellation_token(cancel.child_token())
         .with_max_request_body_bytes(http.body_limit)
         // Host and Origin are checked by `check`, for /health too.
