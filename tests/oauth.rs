@@ -70,7 +70,7 @@ scope = ["https://outlook.office.com/SMTP.Send", "offline_access"]
 /// `test_smtp_connection`'s answer for one relay.
 async fn probe_of(d: &Daemon, relay: &str) -> Value {
     let probe = d
-        .call("test_smtp_connection", json!({ "relay": relay }))
+        .call("test_smtp_connection", json!({ "server_name": relay }))
         .await;
     probe["relays"]
         .as_array()
