@@ -126,6 +126,7 @@ async fn invalid_messages_are_reported_and_the_valid_ones_sent() {
             {"to": ["d@example.org"], "template_vars": {"name": "D"}, "colour": "red"},
             {"to": ["e@example.org"], "template_vars": {"name": "E"}, "wait": false},
             {"to": ["f@example.org"], "template_vars": {"name": "F"}},
+            {"to": 7, "template_vars": {"name": "G"}},
         ],
     });
     let (is_error, out) = call(&s, "send_batch", batch.clone()).await;
@@ -147,7 +148,9 @@ async fn invalid_messages_are_reported_and_the_valid_ones_sent() {
     assert_eq!(r[3]["error"]["field"], "messages[3].colour");
     assert_eq!(r[4]["error"]["field"], "messages[4].wait");
     assert_eq!(r[5]["status"], "sent");
-    assert_eq!(out["summary"], json!({"refused": 4, "sent": 2}));
+    assert_eq!(r[6]["error"]["field"], "messages[6].to");
+    assert_eq!(r[6]["error"]["rule"], "schema");
+    assert_eq!(out["summary"], json!({"refused": 5, "sent": 2}));
     assert_eq!(s.smtp.delivered().len(), 2);
 
     // atomic: the same batch queues nothing and is an error listing each.
@@ -161,9 +164,19 @@ async fn invalid_messages_are_reported_and_the_valid_ones_sent() {
         "messages[1].to[0]",
         "messages[3].colour",
         "messages[4].wait",
+        "messages[6].to",
     ] {
         assert!(message.contains(f), "{f} not in {message}");
     }
+    // A shared field of the wrong type refuses the whole batch, naming it.
+    let (is_error, out) = call(
+        &s,
+        "send_batch",
+        json!({"defaults": {"subject": 5}, "messages": [{"to": ["a@example.org"]}]}),
+    )
+    .await;
+    assert!(is_error, "{out}");
+    assert_eq!(out["error"]["field"], "defaults.subject", "{out}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(s.smtp.delivered().len(), 2, "atomic queued nothing");
     let (_, listed) = call(&s, "list_messages", json!({})).await;

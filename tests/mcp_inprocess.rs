@@ -219,7 +219,7 @@ async fn invalid_input_is_a_tool_error_naming_the_field() {
     let (is_error, out, _) = call(&h, "send_email", json!({"to": 5})).await;
     assert!(is_error);
     assert_eq!(out["error"]["code"], "invalid_input");
-    assert_eq!(out["error"]["field"], "arguments");
+    assert_eq!(out["error"]["field"], "to");
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(smtp.messages().is_empty());

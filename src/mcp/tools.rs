@@ -110,6 +110,11 @@ fn invalid(field: &str, rule: &str, message: String) -> ToolError {
     }
 }
 
+/// Arguments of the wrong shape, as the tool's answer.
+fn shape(e: ShapeError) -> ToolError {
+    invalid(&e.field, e.rule, e.message)
+}
+
 /// The part of a refused message's subject the audit log keeps, in characters.
 const MAX_AUDIT_SUBJECT: usize = 998;
 
@@ -120,24 +125,6 @@ const MAX_AUDIT_SUBJECT: usize = 998;
 /// than a few of them. Below it, the batch is stored with one write that
 /// may share its commit with other callers' writes.
 const BATCH_HELD_BYTES: usize = 4 * 1024 * 1024;
-
-/// The `send_email` fields a batch's `defaults` may set.
-const BATCH_DEFAULT_KEYS: &[&str] = &[
-    "to",
-    "cc",
-    "bcc",
-    "subject",
-    "body",
-    "html",
-    "html_body",
-    "from_email",
-    "reply_to",
-    "in_reply_to",
-    "references",
-    "attachments",
-    "template_vars",
-    "relay",
-];
 
 /// Longest idempotency key, in characters.
 const MAX_KEY_CHARS: usize = 200;
@@ -417,7 +404,7 @@ impl MailmuxServer {
         span.record("caller", &*caller.name);
         let p = match params.0.0 {
             Ok(p) => p,
-            Err(e) => return fail::<SendBatchResult>(invalid("arguments", "schema", e)),
+            Err(e) => return fail::<SendBatchResult>(shape(e)),
         };
         let (out, text) = self.send_batch_params(caller, p).instrument(span).await;
         respond(out, text)
@@ -442,7 +429,7 @@ impl MailmuxServer {
             }
             let name = match params.0.0 {
                 Ok(p) => p.server_name,
-                Err(e) => return fail::<ProbeResult>(ToolError::new("invalid_input", e)),
+                Err(e) => return fail::<ProbeResult>(shape(e)),
             };
             if let Some(n) = &name {
                 tracing::Span::current().record("relay", n.as_str());
@@ -578,7 +565,7 @@ impl MailmuxServer {
             }
             let name = match params.0.0 {
                 Ok(p) => p.server_name,
-                Err(e) => return fail::<SwitchResult>(ToolError::new("invalid_input", e)),
+                Err(e) => return fail::<SwitchResult>(shape(e)),
             };
             let dispatcher = self.dispatcher();
             let (selection, verb) = match name.as_deref() {
@@ -684,7 +671,7 @@ impl MailmuxServer {
         async move {
             let p = match params.0.0 {
                 Ok(p) => p,
-                Err(e) => return fail::<MessageStatusResult>(invalid("arguments", "schema", e)),
+                Err(e) => return fail::<MessageStatusResult>(shape(e)),
             };
             let found = match (&p.message_id, &p.idempotency_key) {
                 (Some(id), None) => {
@@ -738,7 +725,7 @@ impl MailmuxServer {
         async move {
             let p = match params.0.0 {
                 Ok(p) => p,
-                Err(e) => return fail::<ListMessagesResult>(invalid("arguments", "schema", e)),
+                Err(e) => return fail::<ListMessagesResult>(shape(e)),
             };
             let state = match p.status.as_deref() {
                 None => None,
@@ -827,7 +814,7 @@ impl MailmuxServer {
         async move {
             let id = match params.0.0 {
                 Ok(p) => p.message_id,
-                Err(e) => return fail::<CancelMessageResult>(invalid("arguments", "schema", e)),
+                Err(e) => return fail::<CancelMessageResult>(shape(e)),
             };
             tracing::Span::current().record("message_id", id.as_str());
             match self.owned_by(&caller, &id).await {
@@ -888,29 +875,20 @@ impl MailmuxServer {
     async fn send_email_checked(
         &self,
         caller: Arc<Caller>,
-        params: Result<SendEmailParams, String>,
+        params: Result<SendEmailParams, ShapeError>,
         peer: Option<Peer<RoleServer>>,
     ) -> (SendResult, String) {
         match params {
             Ok(p) => self.send_email_params(caller, p, peer).await,
             Err(e) => {
-                // A shape error in one of the typed fields names that field.
-                let field = e
-                    .strip_prefix(FIELD_PREFIX)
-                    .and_then(|rest| rest.split('`').next())
-                    .unwrap_or("arguments");
                 self.audit().refused(&Refusal {
                     caller: &caller.name,
                     code: "invalid_input",
-                    rule: Some("schema"),
-                    field: Some(field),
+                    rule: Some(e.rule),
+                    field: Some(&e.field),
                     ..Refusal::default()
                 });
-                failed(ToolError {
-                    field: Some(field.into()),
-                    rule: Some("schema".into()),
-                    ..ToolError::new("invalid_input", format!("arguments: {e}"))
-                })
+                failed(shape(e))
             }
         }
     }
@@ -1188,21 +1166,25 @@ impl MailmuxServer {
         if let Some(k) = p
             .defaults
             .keys()
-            .find(|k| !BATCH_DEFAULT_KEYS.contains(&k.as_str()))
+            .find(|k| !MESSAGE_FIELDS.contains(&k.as_str()))
         {
             return refuse_all(invalid(
                 &format!("defaults.{k}"),
                 "unknown_field",
                 format!(
                     "defaults.{k} is not a field messages may share; allowed: {}",
-                    BATCH_DEFAULT_KEYS.join(", ")
+                    MESSAGE_FIELDS.join(", ")
                 ),
             ));
+        }
+        let mut defaults = p.defaults;
+        defaults.retain(|_, v| !v.is_null());
+        if let Some(e) = defaults.iter().find_map(|(k, v)| mistyped(k, v)) {
+            return refuse_all(shape(e.within("defaults")));
         }
         // Attachments in `defaults` are decoded once, for every message that
         // has none of its own; they are not copied into each message's
         // arguments either.
-        let mut defaults = p.defaults;
         let shared = match defaults.remove("attachments") {
             None => None,
             Some(v) => {
@@ -1254,7 +1236,7 @@ impl MailmuxServer {
         let mut total = 0usize;
         let mut any_invalid = false;
         let mut deadline = None;
-        for (i, item) in p.messages.into_iter().enumerate() {
+        for (i, mut item) in p.messages.into_iter().enumerate() {
             any_invalid |= results.last().is_some_and(|r| r.error.is_some());
             if atomic && any_invalid || total > limit {
                 ready.clear();
@@ -1266,7 +1248,7 @@ impl MailmuxServer {
                 ..BatchItemOut::default()
             };
             // A message may set what the defaults may, and its own key.
-            let allowed = |k: &str| BATCH_DEFAULT_KEYS.contains(&k) || k == "idempotency_key";
+            let allowed = |k: &str| MESSAGE_FIELDS.contains(&k) || k == "idempotency_key";
             if let Some(k) = item.keys().find(|k| !allowed(k)) {
                 let why = if ["wait", "send_at", "dry_run"].contains(&k.as_str()) {
                     format!(
@@ -1280,6 +1262,11 @@ impl MailmuxServer {
                     "unknown_field",
                     why,
                 )));
+                continue;
+            }
+            item.retain(|_, v| !v.is_null());
+            if let Some(e) = item.iter().find_map(|(k, v)| mistyped(k, v)) {
+                results.push(item_error(shape(e.within(&format!("messages[{i}]")))));
                 continue;
             }
             // Its own `attachments`, even `[]`, replace the defaults'.

@@ -16,41 +16,15 @@ use crate::compose::{ComposeError, Draft, Preview};
 
 /// Tool arguments that always deserialize: a shape error becomes a tool
 /// result with `isError` instead of a JSON-RPC fault, so an agent sees it.
-/// The schema is the wrapped type's.
+/// The schema is the wrapped type's, closed to other properties.
 #[derive(Debug)]
-pub struct Checked<T>(pub Result<T, String>);
+pub struct Checked<T>(pub Result<T, ShapeError>);
 
-impl<'de, T: serde::de::DeserializeOwned> Deserialize<'de> for Checked<T> {
+impl<'de, T: Params> Deserialize<'de> for Checked<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let value = serde_json::Value::deserialize(d)?;
-        let wrong = mistyped_field(&value);
-        Ok(Checked(serde_json::from_value(value).map_err(
-            |e| match wrong {
-                Some(msg) => msg,
-                None => e.to_string(),
-            },
-        )))
+        Ok(Checked(parse(value, T::FIELDS)))
     }
-}
-
-/// How a shape error that [`mistyped_field`] found begins.
-pub const FIELD_PREFIX: &str = "field `";
-
-/// Names a scalar parameter of the wrong JSON type, since serde's own error
-/// (through a flattened struct) does not say which field it was.
-fn mistyped_field(value: &serde_json::Value) -> Option<String> {
-    const BOOLS: [&str; 3] = ["wait", "dry_run", "html"];
-    const STRINGS: [&str; 4] = ["send_at", "idempotency_key", "relay", "subject"];
-    let obj = value.as_object()?;
-    for (k, v) in obj {
-        if BOOLS.contains(&k.as_str()) && !v.is_boolean() && !v.is_null() {
-            return Some(format!("{FIELD_PREFIX}{k}` must be true or false"));
-        }
-        if STRINGS.contains(&k.as_str()) && !v.is_string() && !v.is_null() {
-            return Some(format!("{FIELD_PREFIX}{k}` must be a string"));
-        }
-    }
-    None
 }
 
 impl<T: JsonSchema> JsonSchema for Checked<T> {
@@ -58,7 +32,179 @@ impl<T: JsonSchema> JsonSchema for Checked<T> {
         T::schema_name()
     }
     fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        T::json_schema(generator)
+        let mut schema = T::json_schema(generator);
+        // `send_email` flattens its draft, which serde cannot combine with
+        // `deny_unknown_fields`: say in the schema what `parse` enforces.
+        if let Some(o) = schema.as_object_mut()
+            && o.contains_key("properties")
+        {
+            o.insert("additionalProperties".into(), false.into());
+        }
+        schema
+    }
+}
+
+/// The parameters of one tool, by name: any other is refused, so that a
+/// misspelt `bcc` or `attachments` never sends a message without it.
+pub trait Params: serde::de::DeserializeOwned {
+    const FIELDS: &'static [&'static str];
+}
+
+/// Arguments of the wrong shape: the field (a path such as `to[1]` or
+/// `template_vars.name`), the rule it broke and a sentence for the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShapeError {
+    pub field: String,
+    /// `unknown_field`, `schema` (a wrong JSON type) or `required`.
+    pub rule: &'static str,
+    pub message: String,
+}
+
+impl ShapeError {
+    fn new(field: String, rule: &'static str, message: String) -> Self {
+        ShapeError {
+            field,
+            rule,
+            message,
+        }
+    }
+
+    /// The same error for a field inside `outer` (`messages[3]`, `defaults`).
+    pub fn within(mut self, outer: &str) -> Self {
+        self.message = format!("{outer}.{}", self.message);
+        self.field = format!("{outer}.{}", self.field);
+        self
+    }
+}
+
+/// Reads a tool's arguments. A `null` is taken as an absent field. Each
+/// field must be one of `fields` and of its JSON type ([`mistyped`]) before
+/// serde reads them, because serde's own errors, through the flattened
+/// draft and the untagged recipient lists, do not say which field was wrong.
+pub fn parse<T: serde::de::DeserializeOwned>(
+    mut value: serde_json::Value,
+    fields: &[&str],
+) -> Result<T, ShapeError> {
+    if let serde_json::Value::Object(obj) = &mut value {
+        obj.retain(|_, v| !v.is_null());
+        if let Some(k) = obj.keys().find(|k| !fields.contains(&k.as_str())) {
+            return Err(unknown_field(k, fields));
+        }
+        if let Some(e) = obj.iter().find_map(|(k, v)| mistyped(k, v)) {
+            return Err(e);
+        }
+    }
+    serde_json::from_value(value).map_err(|e| {
+        let message = e.to_string();
+        let missing = message
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split('`').next());
+        match missing {
+            Some(f) => ShapeError::new(f.into(), "required", format!("{f} is required")),
+            None => ShapeError::new("arguments".into(), "schema", message),
+        }
+    })
+}
+
+/// The longest field name an error repeats: names come from the caller.
+const MAX_SHOWN: usize = 64;
+
+/// A caller's field name as an error shows it: cut, and without controls.
+fn shown(name: &str) -> String {
+    name.chars()
+        .take(MAX_SHOWN)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// A field that is not one of `fields`, with the closest one if any is close.
+pub fn unknown_field(name: &str, fields: &[&str]) -> ShapeError {
+    let name = shown(name);
+    let closest = fields
+        .iter()
+        .map(|f| (strsim::levenshtein(&name, f), *f))
+        .min()
+        .filter(|(d, f)| *d <= (f.len() / 3).max(2));
+    let hint = match closest {
+        Some((_, f)) => format!("did you mean `{f}`?"),
+        None => format!("the parameters are {}", fields.join(", ")),
+    };
+    ShapeError::new(
+        name.clone(),
+        "unknown_field",
+        format!("{name} is not a parameter of this tool: {hint}"),
+    )
+}
+
+/// Whether `value` has the JSON type that the field `name` takes, in any
+/// tool's parameters; the error names the innermost wrong part. Fields of
+/// no fixed type here are left to serde.
+pub fn mistyped(name: &str, value: &serde_json::Value) -> Option<ShapeError> {
+    use serde_json::Value;
+    let wrong = |path: String, want: &str| {
+        let message = format!("{path} must be {want}");
+        Some(ShapeError::new(path, "schema", message))
+    };
+    let name = shown(name);
+    match name.as_str() {
+        "wait" | "dry_run" | "html" | "atomic" if !value.is_boolean() => {
+            wrong(name, "true or false")
+        }
+        "subject" | "body" | "html_body" | "from_email" | "reply_to" | "in_reply_to"
+        | "references" | "relay" | "idempotency_key" | "send_at" | "message_id" | "status"
+        | "cursor" | "batch_id" | "server_name"
+            if !value.is_string() =>
+        {
+            wrong(name, "a string")
+        }
+        "limit" if value.as_u64().is_none_or(|n| n > u64::from(u32::MAX)) => {
+            wrong(name, "a whole number")
+        }
+        "to" | "cc" | "bcc" => match value {
+            Value::String(_) => None,
+            Value::Array(items) => items
+                .iter()
+                .position(|v| !v.is_string())
+                .and_then(|i| wrong(format!("{name}[{i}]"), "a string (one address)")),
+            _ => wrong(
+                name,
+                "an address, a comma-separated string of addresses or an array of addresses",
+            ),
+        },
+        "template_vars" => match value {
+            Value::Object(vars) => vars
+                .iter()
+                .find(|(_, v)| !v.is_string())
+                .and_then(|(k, _)| {
+                    wrong(
+                        format!("template_vars.{}", shown(k)),
+                        "a string (write a number as \"42\")",
+                    )
+                }),
+            _ => wrong(name, "an object of variable names to strings"),
+        },
+        "attachments" => match value {
+            Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| match item {
+                Value::Object(a) => ["filename", "content_base64", "path", "content_type"]
+                    .into_iter()
+                    .find(|k| a.get(*k).is_some_and(|v| !v.is_string()))
+                    .and_then(|k| wrong(format!("attachments[{i}].{k}"), "a string")),
+                _ => wrong(
+                    format!("attachments[{i}]"),
+                    "an object with `filename` and `content_base64`, or with `path`",
+                ),
+            }),
+            _ => wrong(name, "an array of attachments"),
+        },
+        "defaults" if !value.is_object() => wrong(name, "an object of send_email fields"),
+        "messages" => match value {
+            Value::Array(items) => items
+                .iter()
+                .position(|v| !v.is_object())
+                .and_then(|i| wrong(format!("messages[{i}]"), "an object of send_email fields")),
+            _ => wrong(name, "an array of messages"),
+        },
+        _ => None,
     }
 }
 
@@ -192,6 +338,70 @@ pub struct ServerNameParams {
     /// `"auto"` to unpin.
     #[serde(default)]
     pub server_name: Option<String>,
+}
+
+/// The `send_email` fields of one message, which a batch's `defaults` may
+/// set and each of its messages override.
+pub const MESSAGE_FIELDS: &[&str] = &[
+    "to",
+    "cc",
+    "bcc",
+    "subject",
+    "body",
+    "html",
+    "html_body",
+    "from_email",
+    "reply_to",
+    "in_reply_to",
+    "references",
+    "attachments",
+    "template_vars",
+    "relay",
+];
+
+impl Params for SendEmailParams {
+    const FIELDS: &'static [&'static str] = &[
+        "to",
+        "cc",
+        "bcc",
+        "subject",
+        "body",
+        "html",
+        "html_body",
+        "from_email",
+        "reply_to",
+        "in_reply_to",
+        "references",
+        "attachments",
+        "template_vars",
+        "relay",
+        "dry_run",
+        "idempotency_key",
+        "wait",
+        "send_at",
+    ];
+}
+
+impl Params for SendBatchParams {
+    const FIELDS: &'static [&'static str] = &[
+        "defaults", "messages", "wait", "send_at", "dry_run", "atomic",
+    ];
+}
+
+impl Params for MessageStatusParams {
+    const FIELDS: &'static [&'static str] = &["message_id", "idempotency_key"];
+}
+
+impl Params for ListMessagesParams {
+    const FIELDS: &'static [&'static str] = &["status", "limit", "cursor", "batch_id"];
+}
+
+impl Params for CancelMessageParams {
+    const FIELDS: &'static [&'static str] = &["message_id"];
+}
+
+impl Params for ServerNameParams {
+    const FIELDS: &'static [&'static str] = &["server_name"];
 }
 
 /// A tool failure an agent can act on: a stable code and a sentence.
@@ -1131,3 +1341,149 @@ tool_output!(
     CancelMessageResult,
     SendBatchResult
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The names a tool's schema lists, which `Params::FIELDS` must equal.
+    fn properties<T: JsonSchema>() -> Vec<String> {
+        let schema = schemars::SchemaGenerator::default().into_root_schema_for::<Checked<T>>();
+        assert_eq!(schema.get("additionalProperties"), Some(&json!(false)));
+        let mut names: Vec<String> = schema
+            .get("properties")
+            .and_then(|p| p.as_object())
+            .map(|p| p.keys().cloned().collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    fn fields<T: Params>() -> Vec<String> {
+        let mut names: Vec<String> = T::FIELDS.iter().map(|f| f.to_string()).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn every_tool_lists_the_fields_its_schema_has() {
+        assert_eq!(fields::<SendEmailParams>(), properties::<SendEmailParams>());
+        assert_eq!(fields::<SendBatchParams>(), properties::<SendBatchParams>());
+        assert_eq!(
+            fields::<MessageStatusParams>(),
+            properties::<MessageStatusParams>()
+        );
+        assert_eq!(
+            fields::<ListMessagesParams>(),
+            properties::<ListMessagesParams>()
+        );
+        assert_eq!(
+            fields::<CancelMessageParams>(),
+            properties::<CancelMessageParams>()
+        );
+        assert_eq!(
+            fields::<ServerNameParams>(),
+            properties::<ServerNameParams>()
+        );
+        for f in MESSAGE_FIELDS {
+            assert!(SendEmailParams::FIELDS.contains(f), "{f}");
+        }
+    }
+
+    fn send(args: serde_json::Value) -> Result<SendEmailParams, ShapeError> {
+        parse(args, SendEmailParams::FIELDS)
+    }
+
+    fn refused(args: serde_json::Value) -> ShapeError {
+        match send(args.clone()) {
+            Ok(p) => panic!("{args} was read as {p:?}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn a_misspelt_field_is_refused_with_the_one_meant() {
+        let e = refused(json!({"to": "a@example.org", "bbc": "b@example.org"}));
+        assert_eq!((e.field.as_str(), e.rule), ("bbc", "unknown_field"));
+        assert!(e.message.contains("did you mean `bcc`?"), "{}", e.message);
+
+        let e = refused(json!({"to": "a@example.org", "attachment": []}));
+        assert!(e.message.contains("`attachments`"), "{}", e.message);
+
+        // Nothing close: every parameter is listed.
+        let e = refused(json!({"to": "a@example.org", "priority": "high"}));
+        assert_eq!(e.field, "priority");
+        assert!(e.message.contains("template_vars"), "{}", e.message);
+
+        // A name the caller chose is cut and shown without its controls.
+        let long = format!("x\r\n{}", "y".repeat(500));
+        let e = refused(json!({ long: 1 }));
+        assert_eq!(e.field.chars().count(), MAX_SHOWN);
+        assert!(!e.message.contains(['\r', '\n']), "{}", e.message);
+    }
+
+    #[test]
+    fn a_wrong_type_names_its_innermost_field() {
+        let cases = [
+            (json!({"to": 5}), "to"),
+            (json!({"to": ["a@example.org", 5]}), "to[1]"),
+            (json!({"bcc": {"a": 1}}), "bcc"),
+            (json!({"to": "a@example.org", "subject": 7}), "subject"),
+            (json!({"to": "a@example.org", "wait": "yes"}), "wait"),
+            (
+                json!({"to": "a@example.org", "template_vars": {"n": 42}}),
+                "template_vars.n",
+            ),
+            (
+                json!({"to": "a@example.org", "template_vars": "n=1"}),
+                "template_vars",
+            ),
+            (
+                json!({"to": "a@example.org", "attachments": "a.txt"}),
+                "attachments",
+            ),
+            (
+                json!({"to": "a@example.org", "attachments": [{"path": "a"}, "b"]}),
+                "attachments[1]",
+            ),
+            (
+                json!({"to": "a@example.org", "attachments": [{"path": ["a"]}]}),
+                "attachments[0].path",
+            ),
+        ];
+        for (args, field) in cases {
+            let e = refused(args.clone());
+            assert_eq!((e.field.as_str(), e.rule), (field, "schema"), "{args}");
+            assert!(e.message.starts_with(field), "{args}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn null_is_an_absent_field() {
+        let p = send(json!({"to": "a@example.org", "cc": null, "subject": null, "wait": null}))
+            .unwrap();
+        assert_eq!(p.draft.cc, crate::compose::Recipients::default());
+        assert_eq!(p.draft.subject, "");
+        assert_eq!(p.wait, None);
+    }
+
+    #[test]
+    fn other_tools_name_their_fields_too() {
+        let e = parse::<ListMessagesParams>(json!({"limit": -1}), ListMessagesParams::FIELDS)
+            .unwrap_err();
+        assert_eq!((e.field.as_str(), e.rule), ("limit", "schema"));
+        let e = parse::<ListMessagesParams>(json!({"stat": "sent"}), ListMessagesParams::FIELDS)
+            .unwrap_err();
+        assert_eq!((e.field.as_str(), e.rule), ("stat", "unknown_field"));
+        assert!(e.message.contains("`status`"), "{}", e.message);
+        let e = parse::<CancelMessageParams>(json!({}), CancelMessageParams::FIELDS).unwrap_err();
+        assert_eq!((e.field.as_str(), e.rule), ("message_id", "required"));
+        let e = parse::<ServerNameParams>(json!({"server": "a"}), ServerNameParams::FIELDS)
+            .unwrap_err();
+        assert_eq!((e.field.as_str(), e.rule), ("server", "unknown_field"));
+        let e = parse::<SendBatchParams>(json!({"messages": [{}, 3]}), SendBatchParams::FIELDS)
+            .unwrap_err();
+        assert_eq!(e.field, "messages[1]");
+    }
+}

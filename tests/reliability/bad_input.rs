@@ -443,11 +443,38 @@ pub fn cases(dir: &Path) -> Vec<BadInput> {
             "html_body",
             "conflicting_fields",
         ),
+        // Shapes serde alone would report without the field.
         case(
-            "arguments of the wrong shape",
+            "recipients of the wrong shape",
             json!({"to": 5, "subject": "x", "body": "y"}),
-            "arguments",
+            "to",
             "schema",
+        ),
+        case(
+            "one recipient of the wrong shape",
+            with(json!({"to": ["ok@example.org", 5]})),
+            "to[1]",
+            "schema",
+        ),
+        case(
+            "a template variable that is a number",
+            with(json!({"subject": "{n}", "template_vars": {"n": 42}})),
+            "template_vars.n",
+            "schema",
+        ),
+        // A misspelt field is refused, never ignored: `bbc` would otherwise
+        // send the message without its blind copy.
+        case(
+            "a misspelt bcc",
+            with(json!({"bbc": "boss@example.org"})),
+            "bbc",
+            "unknown_field",
+        ),
+        case(
+            "a misspelt attachments",
+            with(json!({"attachment": [{"path": "a.txt"}]})),
+            "attachment",
+            "unknown_field",
         ),
     ]
 }
