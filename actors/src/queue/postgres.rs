@@ -1085,9 +1085,14 @@ async fn migrate(pool: &PgPool, s: &PgSettings, apply: bool) -> Result<i64, Stor
             .execute(&mut *tx)
             .await
             .map_err(named)?;
-        tracing::info!(store = %shown, version, "queue store migrated");
     }
     tx.commit().await.map_err(named)?;
+    // Every version in one transaction: said once, when committed.
+    if found == 0 {
+        tracing::info!(store = %shown, version = SCHEMA_VERSION, "queue store created");
+    } else if found < SCHEMA_VERSION {
+        tracing::info!(store = %shown, from = found, version = SCHEMA_VERSION, "queue store migrated");
+    }
     Ok(SCHEMA_VERSION)
 }
 

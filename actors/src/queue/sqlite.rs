@@ -524,7 +524,20 @@ fn migrate(conn: &Connection, shown: &str, apply: bool) -> Result<(), StoreError
             let _ = conn.execute_batch("ROLLBACK");
             StoreError::Unavailable(format!("{shown}: migration to version {version}: {e}"))
         })?;
-        tracing::info!(store = shown, version, "queue store migrated");
+    }
+    if found == 0 {
+        tracing::info!(
+            store = shown,
+            version = SCHEMA_VERSION,
+            "queue store created"
+        );
+    } else {
+        tracing::info!(
+            store = shown,
+            from = found,
+            version = SCHEMA_VERSION,
+            "queue store migrated"
+        );
     }
     Ok(())
 }
