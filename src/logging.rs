@@ -6,9 +6,11 @@
 //! Whatever the filter, two libraries are held below the levels at which
 //! they log what goes over the wire, so that message bodies and secrets
 //! never reach the log: rmcp (every request and response, tool arguments
-//! included, at `debug`) is held at `info`, and async-imap (every IMAP
+//! included, at `debug`) is held at `warn`, and async-imap (every IMAP
 //! command, LOGIN and the APPENDed message included, at `trace`) at
-//! `debug`.
+//! `debug`. rmcp's `info` lines go too: each client's whole `initialize`
+//! request and every notification it sends, and over stateless HTTP three
+//! lines a request, beside the one line mailmux writes for each call.
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::{LevelFilter, Targets};
@@ -58,7 +60,7 @@ pub fn filter() -> EnvFilter {
 fn wire_caps() -> Targets {
     Targets::new()
         .with_default(LevelFilter::TRACE)
-        .with_target("rmcp", LevelFilter::INFO)
+        .with_target("rmcp", LevelFilter::WARN)
         .with_target("async_imap", LevelFilter::DEBUG)
 }
 

@@ -337,6 +337,10 @@ async fn binary_serves_http_with_a_token() {
     assert!(status.success(), "{status:?}\n{logs}");
     assert!(logs.contains("SIGTERM received"), "{logs}");
     assert!(logs.contains("all deliveries finished"), "{logs}");
+    // At the default level, rmcp writes nothing: not each client's
+    // `initialize` request, not its notifications.
+    let rmcp: Vec<&str> = logs.lines().filter(|l| l.contains(" rmcp::")).collect();
+    assert!(rmcp.is_empty(), "{rmcp:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

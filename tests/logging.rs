@@ -135,7 +135,7 @@ fn password_never_appears_in_logs_or_output() {
 
 /// With every level on (the daemon's log at `trace`), a tool call's
 /// arguments and its answer stay out of the log: rmcp logs every request
-/// and response at `debug`, and is held at `info` whatever `RUST_LOG` says.
+/// and response at `debug`, and is held at `warn` whatever `RUST_LOG` says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_bodies_never_reach_the_daemon_log() {
     const BODY: &str = "Quarterly figures: 7f3e-body-marker";
