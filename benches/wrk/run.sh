@@ -7,6 +7,9 @@
 #   cargo build --release
 #   sh benches/wrk/run.sh [C] [DURATION]        # defaults: 32 10
 #
+# The daemon logs at `warn` (RUST_LOG); MAILMUX_LOG=info runs it at the
+# level it has by default, which writes one line a call.
+#
 # Needs wrk, Postfix's smtp-sink and smtp-source. Everything listens on
 # 127.0.0.1 on free ports chosen by the kernel.
 set -eu
@@ -66,7 +69,7 @@ max_connections = $C
 max_queued = 100000
 messages_per_connection = 0
 TOML
-  (cd "$WORK/$store" && RUST_LOG=warn exec "$BIN" --config mailmux.toml serve --http "127.0.0.1:$PORT" --stateless) >"$WORK/$store/daemon.log" 2>&1 &
+  (cd "$WORK/$store" && RUST_LOG=${MAILMUX_LOG:-warn} exec "$BIN" --config mailmux.toml serve --http "127.0.0.1:$PORT" --stateless) >"$WORK/$store/daemon.log" 2>&1 &
   D=$!; PIDS="$PIDS $D"; sleep 1
   before=$(ticks "$D")
   out=$(wrk -t1 -c"$C" -d"${DURATION}s" -s "$HERE/send_email.lua" "http://127.0.0.1:$PORT/mcp")
