@@ -266,20 +266,40 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+/// Reads at most `limit` bytes of a file, or says it is larger: a path may
+/// name a device or a pipe (`/dev/stdin`) that never ends.
+fn read_file(path: &Path, what: &str, limit: (usize, &str)) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    let (max, key) = limit;
+    let cannot = |e: std::io::Error| format!("cannot read {what} {}: {e}", path.display());
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(max as u64 + 1).read_to_end(&mut bytes))
+        .map_err(cannot)?;
+    if bytes.len() > max {
+        return Err(format!(
+            "{what} {} is larger than {max} bytes ({key})",
+            path.display()
+        ));
+    }
+    Ok(bytes)
 }
 
-fn draft_from_args(args: &SendArgs) -> Result<Draft, String> {
+fn draft_from_args(
+    args: &SendArgs,
+    policy: &crate::compose::ComposePolicy,
+) -> Result<Draft, String> {
+    let body_limit = (policy.max_message_bytes, "max_message_bytes");
     let body = match (&args.body, &args.body_file) {
         (Some(b), _) => b.clone(),
-        (None, Some(p)) => String::from_utf8(read_file(p, "body file")?)
+        (None, Some(p)) => String::from_utf8(read_file(p, "body file", body_limit)?)
             .map_err(|_| format!("body file {} is not UTF-8", p.display()))?,
         (None, None) => String::new(),
     };
     let mut attachments = Vec::with_capacity(args.attach.len());
     for path in &args.attach {
-        let bytes = read_file(path, "attachment")?;
+        let limit = (policy.max_attachment_bytes, "max_attachment_bytes");
+        let bytes = read_file(path, "attachment", limit)?;
         let filename = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -351,7 +371,7 @@ async fn start(config: &Config) -> Option<Dispatcher> {
 }
 
 async fn send(config: Config, sources: Sources, args: SendArgs) -> ExitCode {
-    let draft = match draft_from_args(&args) {
+    let draft = match draft_from_args(&args, &config.daemon.compose) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("mailmux: {e}");
@@ -538,7 +558,7 @@ mod tests {
         let Some(Command::Send(args)) = cli.command else {
             panic!("not send")
         };
-        let draft = draft_from_args(&args).unwrap();
+        let draft = draft_from_args(&args, &Default::default()).unwrap();
         assert_eq!(
             draft.to,
             Recipients::List(vec!["a@example.org".into(), "b@example.org".into()])

@@ -88,6 +88,33 @@ fn send_prints_json_and_exits_by_status() {
     assert_eq!(out["attempts"][0]["class"], "relay_fault", "{out}");
 }
 
+/// A body file or attachment is read up to its limit, never whole: a path
+/// that never ends (a device, a pipe) is refused, and nothing is sent.
+#[test]
+fn send_reads_files_only_up_to_their_limits() {
+    let smtp = Aiosmtpd::start();
+    for (flag, env) in [
+        ("--body-file", ("MAILMUX_MAX_MESSAGE_BYTES", "65536")),
+        ("--attach", ("MAILMUX_MAX_ATTACHMENT_BYTES", "65536")),
+    ] {
+        let started = std::time::Instant::now();
+        let (code, stdout, stderr) = mailmux_with(
+            smtp.port,
+            &["send", "--to", "a@example.org", flag, "/dev/zero"],
+            &[env],
+        );
+        assert_eq!(code, 2, "{flag}: {stdout}\n{stderr}");
+        let key = env.0.trim_start_matches("MAILMUX_").to_ascii_lowercase();
+        assert!(
+            stderr.contains("/dev/zero is larger than 65536 bytes") && stderr.contains(&key),
+            "{flag}: {stderr}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(smtp.messages().is_empty());
+}
+
 #[test]
 fn check_exits_zero_only_when_every_relay_answers() {
     let smtp = Aiosmtpd::start();
