@@ -864,6 +864,59 @@ async fn the_audit_log_is_complete_escaped_secret_free_and_reopened_on_sighup() 
     assert_eq!(read_lines(&rotated).len(), lines.len());
 }
 
+/// Sends the daemon SIGHUP and waits for one more log line with `line`.
+async fn hangup(d: &Daemon, line: &str) {
+    let before = d.log().matches(line).count();
+    let pid = d.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.log().matches(line).count() == before {
+        assert!(Instant::now() < deadline, "no {line:?}: {}", d.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SIGHUP reloads the configuration (`systemctl reload`), as the tool
+/// does: a recipient allowed in the file since is allowed at the next call.
+/// A file that no longer parses leaves the running configuration in force,
+/// and the log says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_configuration_and_keeps_it_when_the_file_is_bad() {
+    let (sink, other) = servers().await;
+    let d = start(&sink, &other, "").await;
+    let delta = connect(&d, DELTA).await;
+    let (is_error, out) = call(&delta, "send_email", mail(json!(["x@attacker.net"]))).await;
+    assert!(is_error && out["error"]["code"] == "policy_denied", "{out}");
+
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    let widened = text.replace(
+        r#""boss@partner.net","#,
+        r#""boss@partner.net", "@attacker.net","#,
+    );
+    assert_ne!(widened, text);
+    std::fs::write(&d.config, widened).unwrap();
+    hangup(&d, "reloaded: added []").await;
+    let (is_error, out) = call(&delta, "send_email", mail(json!(["x@attacker.net"]))).await;
+    assert!(!is_error && out["status"] == "sent", "{out}");
+
+    std::fs::write(&d.config, "[[relays]\n").unwrap();
+    hangup(&d, "configuration not reloaded").await;
+    assert!(
+        d.log().contains("the running configuration is unchanged"),
+        "{}",
+        d.log()
+    );
+    let (is_error, out) = call(&delta, "send_email", mail(json!(["y@attacker.net"]))).await;
+    assert!(!is_error && out["status"] == "sent", "{out}");
+    assert_eq!(sink.received().len(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dry_run_caller_sends_nothing() {
     let (sink, other) = servers().await;

@@ -273,7 +273,7 @@ pub async fn run(
     );
     let metrics_bind = config.daemon.metrics.bind;
     let server = MailmuxServer::new(queue, config, sources);
-    reopen_on_hangup(server.audit().clone());
+    on_hangup(server.clone());
     if let Some(bind) = metrics_bind {
         http::serve_metrics(&server, bind).await?;
     }
@@ -283,8 +283,9 @@ pub async fn run(
     }
 }
 
-/// Reopens the audit log on each SIGHUP (log rotation).
-fn reopen_on_hangup(audit: Arc<Audit>) {
+/// On each SIGHUP, reopens the audit log (log rotation) and reloads the
+/// configuration, as `reload_smtp_configuration` does: `systemctl reload`.
+fn on_hangup(server: MailmuxServer) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -292,7 +293,12 @@ fn reopen_on_hangup(audit: Arc<Audit>) {
             Ok(mut hup) => {
                 tokio::spawn(async move {
                     while hup.recv().await.is_some() {
-                        audit.reopen();
+                        server.audit().reopen();
+                        tracing::info!("SIGHUP received: reloading the configuration");
+                        // A reload that applies logs what it changed.
+                        if let Err(e) = server.reload().await {
+                            tracing::error!(code = %e.code, "configuration not reloaded: {}", e.message);
+                        }
                     }
                 });
             }
@@ -300,7 +306,7 @@ fn reopen_on_hangup(audit: Arc<Audit>) {
         }
     }
     #[cfg(not(unix))]
-    let _ = audit;
+    let _ = server;
 }
 
 /// Opens the configured store (a start-up error names its path), starts the

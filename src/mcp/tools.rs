@@ -1605,8 +1605,18 @@ impl MailmuxServer {
     }
 
     async fn reload_inner(&self) -> Result<CallToolResult, ErrorData> {
+        match self.reload().await {
+            Ok((out, text)) => respond(out, text),
+            Err(e) => fail::<ReloadResult>(e),
+        }
+    }
+
+    /// Reads the configuration again and applies it as a diff, for the
+    /// `reload_smtp_configuration` tool and SIGHUP. On an error the running
+    /// configuration stays in force. What changed is logged.
+    pub(crate) async fn reload(&self) -> Result<(ReloadResult, String), ToolError> {
         if self.is_closing() {
-            return fail::<ReloadResult>(ToolError::unavailable());
+            return Err(ToolError::unavailable());
         }
         let _one_at_a_time = self.state.reload.lock().await;
         let sources = self.state.sources.clone();
@@ -1616,13 +1626,13 @@ impl MailmuxServer {
         let new = match loaded {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
-                return fail::<ReloadResult>(ToolError::new(
+                return Err(ToolError::new(
                     "invalid_config",
                     format!("{e}; the running configuration is unchanged"),
                 ));
             }
             Err(e) => {
-                return fail::<ReloadResult>(ToolError::new(
+                return Err(ToolError::new(
                     "invalid_config",
                     format!(
                         "loading the configuration failed ({e}); the running configuration is unchanged"
@@ -1630,10 +1640,11 @@ impl MailmuxServer {
                 ));
             }
         };
-        let diff = match self.dispatcher().reload(new.dispatch.clone()).await {
-            Ok(d) => d,
-            Err(e) => return fail::<ReloadResult>(control_error(e)),
-        };
+        let diff = self
+            .dispatcher()
+            .reload(new.dispatch.clone())
+            .await
+            .map_err(control_error)?;
         let old = self.config();
         let daemon_changed = old.daemon != new.daemon;
         let http_changed = old.daemon.http != new.daemon.http;
@@ -1671,7 +1682,7 @@ impl MailmuxServer {
             text.push_str("; HTTP transport settings take effect at the next restart");
         }
         tracing::info!("{text}");
-        respond(out, text)
+        Ok((out, text))
     }
 }
 
