@@ -172,6 +172,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    config::warn_stray_env(&config);
     match command {
         Command::Serve(args) => serve(config, sources, args).await,
         Command::Send(args) => send(config, sources, *args).await,

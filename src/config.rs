@@ -5,7 +5,7 @@
 //! `MAILMUX_CONFIG`), `MAILMUX_*` env vars, then the seed-compatible `SMTP_*`
 //! env vars. Every error names the key and where its value came from.
 
-mod env;
+pub(crate) mod env;
 mod raw;
 mod safety;
 mod validate;
@@ -102,6 +102,10 @@ pub struct Config {
     /// The effective configuration with secrets redacted, each leaf with the
     /// source it came from, for `mailmux config`.
     pub redacted: serde_json::Value,
+    /// The `MAILMUX_*` variables that name no configuration key. They are not
+    /// refused, since other programs may share the prefix, but each is
+    /// warned of: a misspelt `MAILMUX_QUEUE__STOR` would otherwise go unseen.
+    pub stray_env: Vec<String>,
 }
 
 /// A configuration error that names the key and its source.
@@ -160,6 +164,11 @@ pub fn load_from(
     if !seed.is_empty() {
         names.push("env SMTP_*".into());
     }
+    let stray_env = mailmux
+        .iter()
+        .filter(|v| !names_a_key(&v.path))
+        .map(|v| v.var.clone())
+        .collect();
     for var in mailmux.into_iter().chain(seed) {
         figment = figment.merge(var);
     }
@@ -168,7 +177,42 @@ pub fn load_from(
     let tree = figment
         .find_value("")
         .unwrap_or_else(|_| Value::from(Dict::new()));
-    validate::build(raw, &figment, &tree, &overrides, names, &env)
+    let mut config = validate::build(raw, &figment, &tree, &overrides, names, &env)?;
+    config.stray_env = stray_env;
+    Ok(config)
+}
+
+/// Whether a `MAILMUX_*` variable's path names a configuration key: a
+/// top-level key, or a key of one of the tables. Deeper paths are left to
+/// the tables' own checks.
+fn names_a_key(path: &[String]) -> bool {
+    let tables: [(&str, &[&str]); 7] = [
+        ("supervisor", raw::SUPERVISOR_KEYS),
+        ("http", raw::HTTP_KEYS),
+        ("metrics", raw::METRICS_KEYS),
+        ("queue", raw::QUEUE_KEYS),
+        ("policy", raw::POLICY_KEYS),
+        ("audit", raw::AUDIT_KEYS),
+        ("relay_defaults", raw::TUNING_KEYS),
+    ];
+    match path {
+        [] => true,
+        [key] => raw::TOP_KEYS.contains(&key.as_str()),
+        [table, key, ..] => match tables.iter().find(|(t, _)| t == table) {
+            Some((_, keys)) => keys.contains(&key.as_str()),
+            None => raw::TOP_KEYS.contains(&table.as_str()),
+        },
+    }
+}
+
+/// Logs a warning for each variable of [`Config::stray_env`].
+pub fn warn_stray_env(config: &Config) {
+    for var in &config.stray_env {
+        tracing::warn!(
+            var = %var,
+            "{var} names no configuration key and is ignored (see `mailmux config` for the keys)"
+        );
+    }
 }
 
 /// The file to read and how it was named: `--config`, else `MAILMUX_CONFIG`.

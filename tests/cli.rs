@@ -115,6 +115,21 @@ fn send_reads_files_only_up_to_their_limits() {
     assert!(smtp.messages().is_empty());
 }
 
+/// A misspelt `MAILMUX_*` variable is warned of, by name.
+#[test]
+fn a_variable_that_names_no_key_is_warned_of() {
+    let (code, stdout, stderr) = mailmux_with(
+        free_port(),
+        &["config"],
+        &[("MAILMUX_QUEUE__STOR", "memory")],
+    );
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("MAILMUX_QUEUE__STOR names no configuration key and is ignored"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn check_exits_zero_only_when_every_relay_answers() {
     let smtp = Aiosmtpd::start();

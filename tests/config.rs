@@ -177,6 +177,27 @@ fn mailmux_vars_nest_with_double_underscore() {
         leaf(&c, "/relays/0/max_connections").1,
         "env var MAILMUX_RELAY_DEFAULTS__MAX_CONNECTIONS"
     );
+    assert!(c.stray_env.is_empty(), "{:?}", c.stray_env);
+}
+
+/// A `MAILMUX_*` variable that names no key is not an error (other
+/// programs may share the prefix) but is listed, for a warning.
+#[test]
+fn mailmux_vars_that_name_no_key_are_listed() {
+    let c = ok(
+        None,
+        &[
+            ("MAILMUX_QUEUE__STOR", "memory"),
+            ("MAILMUX_SEND_DEADLIN", "5s"),
+            ("MAILMUX_QUEUE__RETAIN", "1d"),
+            ("MAILMUX_POLICY__RATE", "5/min"),
+            ("MAILMUX_OPERATOR_TOKEN", "t"),
+            ("MAILMUX_CONFIG", ""),
+        ],
+    );
+    assert_eq!(c.stray_env, ["MAILMUX_QUEUE__STOR", "MAILMUX_SEND_DEADLIN"]);
+    assert_eq!(c.queue.retain, Duration::from_secs(86_400));
+    assert_eq!(leaf(&c, "/queue/store").1, "default");
 }
 
 #[test]

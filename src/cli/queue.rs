@@ -19,8 +19,7 @@ use crate::config::Config;
 use crate::mcp::types::MessageStatusResult;
 use crate::policy::Gate;
 
-/// The variable holding the operator's token.
-pub const OPERATOR_TOKEN_VAR: &str = "MAILMUX_OPERATOR_TOKEN";
+pub use crate::config::env::OPERATOR_TOKEN_VAR;
 
 #[derive(Debug, Subcommand)]
 pub enum QueueCommand {

@@ -14,6 +14,8 @@ use super::raw::SEED_RELAY_FIELDS;
 pub(crate) const PREFIX: &str = "MAILMUX_";
 /// The variable naming the configuration file; not a configuration key.
 pub(crate) const CONFIG_VAR: &str = "MAILMUX_CONFIG";
+/// The operator's token for `mailmux queue`; not a configuration key.
+pub const OPERATOR_TOKEN_VAR: &str = "MAILMUX_OPERATOR_TOKEN";
 /// The HTTP token under the name users are told.
 const HTTP_TOKEN_VAR: &str = "MAILMUX_HTTP_TOKEN";
 /// The key under which seed relays are kept until validation merges them.
@@ -70,12 +72,13 @@ fn present(env: &[(String, String)]) -> Vec<(&str, &str)> {
 }
 
 /// `MAILMUX_*` variables: `__` separates nested keys (`MAILMUX_HTTP__BIND`),
-/// and `MAILMUX_HTTP_TOKEN` is `http.token`. `MAILMUX_CONFIG` is not a key.
+/// and `MAILMUX_HTTP_TOKEN` is `http.token`. `MAILMUX_CONFIG` and
+/// `MAILMUX_OPERATOR_TOKEN` are not keys.
 pub(crate) fn mailmux_vars(env: &[(String, String)]) -> Vec<EnvVar> {
     present(env)
         .into_iter()
         .filter_map(|(var, value)| {
-            if var == CONFIG_VAR {
+            if var == CONFIG_VAR || var == OPERATOR_TOKEN_VAR {
                 return None;
             }
             let rest = var.strip_prefix(PREFIX)?;

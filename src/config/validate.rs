@@ -462,6 +462,7 @@ pub(crate) fn build(
         default_relay,
         sources,
         redacted: Json::Object(out),
+        stray_env: Vec::new(),
     })
 }
 

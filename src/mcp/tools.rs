@@ -1645,6 +1645,7 @@ impl MailmuxServer {
             .reload(new.dispatch.clone())
             .await
             .map_err(control_error)?;
+        crate::config::warn_stray_env(&new);
         let old = self.config();
         let daemon_changed = old.daemon != new.daemon;
         let http_changed = old.daemon.http != new.daemon.http;

@@ -168,6 +168,7 @@ pub fn config(relays: Vec<RelaySettings>) -> Config {
         default_relay: false,
         sources: vec!["test".into()],
         redacted: serde_json::json!({}),
+        stray_env: Vec::new(),
     }
 }
 
