@@ -841,19 +841,7 @@ async fn the_audit_log_is_complete_escaped_secret_free_and_reopened_on_sighup() 
     // Rotation: move the file away, SIGHUP, and the next line starts a new one.
     let rotated = d.dir.path().join("audit.jsonl.1");
     std::fs::rename(&path, &rotated).unwrap();
-    let pid = d.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !d.log().contains("audit log reopened") {
-        assert!(Instant::now() < deadline, "no reopen: {}", d.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    hangup(&d, "audit log reopened").await;
     call(&delta, "send_email", mail(json!(["b@example.org"]))).await;
     let fresh = read_lines(&path);
     assert_eq!(

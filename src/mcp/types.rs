@@ -340,46 +340,36 @@ pub struct ServerNameParams {
     pub server_name: Option<String>,
 }
 
+/// The `send_email` fields of one message, then `extra`.
+macro_rules! message_fields {
+    ($($extra:literal),*) => {
+        &[
+            "to",
+            "cc",
+            "bcc",
+            "subject",
+            "body",
+            "html",
+            "html_body",
+            "from_email",
+            "reply_to",
+            "in_reply_to",
+            "references",
+            "attachments",
+            "template_vars",
+            "relay",
+            $($extra),*
+        ]
+    };
+}
+
 /// The `send_email` fields of one message, which a batch's `defaults` may
 /// set and each of its messages override.
-pub const MESSAGE_FIELDS: &[&str] = &[
-    "to",
-    "cc",
-    "bcc",
-    "subject",
-    "body",
-    "html",
-    "html_body",
-    "from_email",
-    "reply_to",
-    "in_reply_to",
-    "references",
-    "attachments",
-    "template_vars",
-    "relay",
-];
+pub const MESSAGE_FIELDS: &[&str] = message_fields!();
 
 impl Params for SendEmailParams {
-    const FIELDS: &'static [&'static str] = &[
-        "to",
-        "cc",
-        "bcc",
-        "subject",
-        "body",
-        "html",
-        "html_body",
-        "from_email",
-        "reply_to",
-        "in_reply_to",
-        "references",
-        "attachments",
-        "template_vars",
-        "relay",
-        "dry_run",
-        "idempotency_key",
-        "wait",
-        "send_at",
-    ];
+    const FIELDS: &'static [&'static str] =
+        message_fields!("dry_run", "idempotency_key", "wait", "send_at");
 }
 
 impl Params for SendBatchParams {
