@@ -19,7 +19,8 @@
 //! never finish their requests cannot hold the calls of every other. At
 //! most `http.max_connections` are open at once, and in stateful mode at
 //! most [`MAX_SESSIONS`] sessions, [`MAX_SESSIONS_PER_CALLER`] a caller
-//! (one more closes the caller's least recently used).
+//! (one more closes the caller's least recently used, even when the server
+//! holds its most).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -247,6 +248,9 @@ const MAX_SESSIONS_PER_CALLER: usize = 64;
 struct Sessions {
     open: Arc<LocalSessionManager>,
     owners: std::sync::Mutex<HashMap<Arc<str>, Owner>>,
+    /// [`MAX_SESSIONS`] and [`MAX_SESSIONS_PER_CALLER`], but in tests.
+    max: usize,
+    per_caller: usize,
 }
 
 /// Who opened a session, and when a request last named it.
@@ -257,25 +261,37 @@ struct Owner {
 }
 
 impl Sessions {
+    fn new(open: Arc<LocalSessionManager>) -> Self {
+        Sessions {
+            open,
+            owners: std::sync::Mutex::default(),
+            max: MAX_SESSIONS,
+            per_caller: MAX_SESSIONS_PER_CALLER,
+        }
+    }
+
     /// Makes room for `caller` to open one more session: `Err` is the
     /// refusal. A caller at its bound has its least recently used session
-    /// closed.
+    /// closed, even when every session the server holds is open: the new
+    /// one takes its place. Past the server's bound, any other caller is
+    /// refused.
     async fn admit(&self, caller: &Arc<str>) -> Result<(), Response> {
         let oldest = {
             let live = self.open.sessions.read().await;
             let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
             // Sessions closed since (idle, or DELETE) are no one's any more.
             owners.retain(|id, _| live.contains_key(id));
-            if live.len() >= MAX_SESSIONS {
-                return Err(refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!(
-                        "{MAX_SESSIONS} MCP sessions are open, the most the server holds; try again later"
-                    ),
-                ));
-            }
             let mine = owners.iter().filter(|(_, o)| o.caller == *caller);
-            if mine.clone().count() < MAX_SESSIONS_PER_CALLER {
+            if mine.clone().count() < self.per_caller {
+                if live.len() >= self.max {
+                    return Err(refuse(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!(
+                            "{} MCP sessions are open, the most the server holds; try again later",
+                            self.max
+                        ),
+                    ));
+                }
                 return Ok(());
             }
             let oldest = mine.min_by_key(|(_, o)| o.used).map(|(id, _)| id.clone());
@@ -288,7 +304,8 @@ impl Sessions {
             metrics::counter!(crate::telemetry::MCP_SESSIONS_EVICTED).increment(1);
             tracing::info!(
                 caller = %caller,
-                "closing the caller's least recently used MCP session: it has {MAX_SESSIONS_PER_CALLER} open and opens another"
+                "closing the caller's least recently used MCP session: it has {} open and opens another",
+                self.per_caller
             );
             if let Err(e) = self.open.close_session(&id).await {
                 tracing::warn!(caller = %caller, "closing an MCP session failed: {e}");
@@ -661,10 +678,7 @@ pub fn app(server: &MailmuxServer, stateful: bool) -> (Router, CancellationToken
         body_limit: http.body_limit,
         listens: Arc::new(Semaphore::new(MAX_LISTENS)),
         listening: Arc::default(),
-        sessions: stateful.then(|| Sessions {
-            open: open.clone(),
-            owners: std::sync::Mutex::default(),
-        }),
+        sessions: stateful.then(|| Sessions::new(open.clone())),
     });
     let scrape = match stateful {
         true => get(metrics).layer(Extension(OpenSessions(open))),
@@ -875,5 +889,55 @@ mod tests {
         assert!(!g.origin_allowed("https://evil.example.com"));
         assert!(!g.origin_allowed("null"));
         assert!(!g.origin_allowed("http://localhost.evil.com"));
+    }
+
+    /// Sessions with room for `max`, `per_caller` a caller, holding one
+    /// session for each caller named, the first named used longest ago.
+    async fn held(max: usize, per_caller: usize, callers: &[&str]) -> (Sessions, Vec<Arc<str>>) {
+        let sessions = Sessions {
+            max,
+            per_caller,
+            ..Sessions::new(Arc::new(LocalSessionManager::default()))
+        };
+        let mut ids = Vec::new();
+        let start = std::time::Instant::now();
+        for (i, caller) in callers.iter().enumerate() {
+            let (id, _transport) = sessions.open.create_session().await.unwrap();
+            let owner = Owner {
+                caller: Arc::from(*caller),
+                used: start + Duration::from_millis(i as u64),
+            };
+            sessions.owners.lock().unwrap().insert(id.clone(), owner);
+            ids.push(id);
+        }
+        (sessions, ids)
+    }
+
+    async fn open_ids(s: &Sessions) -> Vec<Arc<str>> {
+        let mut ids: Vec<Arc<str>> = s.open.sessions.read().await.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    #[tokio::test]
+    async fn a_caller_at_its_bound_takes_the_place_of_its_own_oldest_session_even_when_all_are_open()
+     {
+        // Every session is open, and "a" holds as many as a caller may.
+        let (s, ids) = held(3, 2, &["a", "b", "a"]).await;
+        assert!(s.admit(&Arc::from("a")).await.is_ok());
+        // Its least recently used one was closed; the other caller's stays.
+        let mut left = vec![ids[1].clone(), ids[2].clone()];
+        left.sort();
+        assert_eq!(open_ids(&s).await, left);
+
+        // Another caller below its bound finds no room.
+        let (s, _) = held(3, 2, &["a", "b", "a"]).await;
+        let refused = s.admit(&Arc::from("b")).await.unwrap_err();
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(open_ids(&s).await.len(), 3);
+        // With room, it is let in and nothing is closed.
+        let (s, _) = held(4, 2, &["a", "b", "a"]).await;
+        assert!(s.admit(&Arc::from("b")).await.is_ok());
+        assert_eq!(open_ids(&s).await.len(), 3);
     }
 }
