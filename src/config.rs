@@ -51,6 +51,11 @@ pub struct HttpSettings {
     pub max_connections: usize,
     /// Stateful sessions (true) or stateless request/response (false).
     pub stateful: bool,
+    /// MCP sessions open at once (stateful mode); one more is refused (503).
+    pub max_sessions: usize,
+    /// MCP sessions one caller may hold; one more closes the caller's least
+    /// recently used.
+    pub max_sessions_per_caller: usize,
 }
 
 /// `/metrics`: who may read it, and where besides the HTTP listener.

@@ -886,6 +886,41 @@ fn every_shipped_configuration_file_loads() {
 }
 
 #[test]
+fn session_bounds_are_keys_and_a_caller_cannot_hold_more_than_the_server() {
+    let c = ok(None, &[]);
+    assert_eq!(
+        (
+            c.daemon.http.max_sessions,
+            c.daemon.http.max_sessions_per_caller
+        ),
+        (1024, 64)
+    );
+    let c = ok(
+        None,
+        &[
+            ("MAILMUX_HTTP__MAX_SESSIONS", "200"),
+            ("MAILMUX_HTTP__MAX_SESSIONS_PER_CALLER", "200"),
+        ],
+    );
+    assert_eq!(
+        (
+            c.daemon.http.max_sessions,
+            c.daemon.http.max_sessions_per_caller
+        ),
+        (200, 200)
+    );
+    assert!(c.stray_env.is_empty(), "{:?}", c.stray_env);
+    let e = err(None, &[("MAILMUX_HTTP__MAX_SESSIONS_PER_CALLER", "2000")]);
+    assert_eq!(e.key, "http.max_sessions_per_caller");
+    assert!(
+        e.message.contains("more than http.max_sessions (1024)"),
+        "{e}"
+    );
+    let e = err(None, &[("MAILMUX_HTTP__MAX_SESSIONS", "0")]);
+    assert_eq!(e.key, "http.max_sessions");
+}
+
+#[test]
 fn queue_keys_validate_with_their_names() {
     let c = ok(None, &[]);
     assert_eq!(

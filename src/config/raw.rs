@@ -75,6 +75,8 @@ pub(crate) const HTTP_KEYS: &[&str] = &[
     "read_timeout",
     "max_connections",
     "stateful",
+    "max_sessions",
+    "max_sessions_per_caller",
 ];
 
 pub(crate) const METRICS_KEYS: &[&str] = &["token", "token_file", "bind"];
@@ -276,6 +278,10 @@ pub(crate) struct RawHttp {
     pub max_connections: Option<usize>,
     /// Stateful sessions. Default: true.
     pub stateful: Option<bool>,
+    /// MCP sessions open at once (stateful mode). Default: 1024.
+    pub max_sessions: Option<usize>,
+    /// MCP sessions one caller may hold. Default: 64.
+    pub max_sessions_per_caller: Option<usize>,
 }
 
 /// `[metrics]`: `/metrics`.

@@ -36,6 +36,8 @@ const SEND_DEADLINE: Duration = Duration::from_secs(90);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 const HTTP_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const HTTP_MAX_CONNECTIONS: usize = 1024;
+const HTTP_MAX_SESSIONS: usize = 1024;
+const HTTP_MAX_SESSIONS_PER_CALLER: usize = 64;
 const HTTP_BIND: &str = "127.0.0.1:8025";
 /// Above the largest message (10 MiB) even after base64 in a JSON body.
 const HTTP_BODY_LIMIT: usize = 16 * 1024 * 1024;
@@ -580,6 +582,25 @@ fn http(
     let at = ctx.at("http.stateful");
     let stateful = h.stateful.unwrap_or(true);
     leaf(&mut out, "stateful", json!(stateful), &at);
+    let max_sessions = at_least_one(
+        ctx,
+        &mut out,
+        "http.max_sessions",
+        h.max_sessions,
+        HTTP_MAX_SESSIONS,
+    )?;
+    let max_sessions_per_caller = at_least_one(
+        ctx,
+        &mut out,
+        "http.max_sessions_per_caller",
+        h.max_sessions_per_caller,
+        HTTP_MAX_SESSIONS_PER_CALLER,
+    )?;
+    if max_sessions_per_caller > max_sessions {
+        return Err(ctx.at("http.max_sessions_per_caller").err(format!(
+            "{max_sessions_per_caller} is more than http.max_sessions ({max_sessions})"
+        )));
+    }
 
     top.insert("http".into(), Json::Object(out));
     Ok(HttpSettings {
@@ -591,6 +612,8 @@ fn http(
         read_timeout,
         max_connections,
         stateful,
+        max_sessions,
+        max_sessions_per_caller,
     })
 }
 

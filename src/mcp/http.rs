@@ -18,9 +18,9 @@
 //! that stalls is answered 408 and its permit goes back, so clients that
 //! never finish their requests cannot hold the calls of every other. At
 //! most `http.max_connections` are open at once, and in stateful mode at
-//! most [`MAX_SESSIONS`] sessions, [`MAX_SESSIONS_PER_CALLER`] a caller
-//! (one more closes the caller's least recently used, even when the server
-//! holds its most).
+//! most `http.max_sessions` sessions, `http.max_sessions_per_caller` a
+//! caller (one more closes the caller's least recently used, even when the
+//! server holds its most).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -230,26 +230,20 @@ struct Limits {
     sessions: Option<Sessions>,
 }
 
-/// At most this many MCP sessions are open at once (stateful mode); a
-/// request that would open one more is refused (503). rmcp closes a
-/// session after five minutes without a request, or at its client's
-/// DELETE.
-const MAX_SESSIONS: usize = 1024;
-
-/// At most this many of them per caller, so that one caller cannot take the
-/// sessions of every other. A caller that opens one more loses the one it
-/// used least recently: clients that open a session per task and never
-/// DELETE it (or crash before they can) keep working, and only the caller's
-/// own sessions are ever closed for it.
-const MAX_SESSIONS_PER_CALLER: usize = 64;
-
 /// The sessions rmcp holds, and the caller that opened each.
 #[derive(Debug)]
 struct Sessions {
     open: Arc<LocalSessionManager>,
     owners: std::sync::Mutex<HashMap<Arc<str>, Owner>>,
-    /// [`MAX_SESSIONS`] and [`MAX_SESSIONS_PER_CALLER`], but in tests.
+    /// `http.max_sessions`: past it, a new session is refused (503). rmcp
+    /// closes a session after five minutes without a request, or at its
+    /// client's DELETE.
     max: usize,
+    /// `http.max_sessions_per_caller`, so that one caller cannot take the
+    /// sessions of every other. A caller that opens one more loses the one
+    /// it used least recently: clients that open a session per task and
+    /// never DELETE it (or crash before they can) keep working, and only
+    /// the caller's own sessions are ever closed for it.
     per_caller: usize,
 }
 
@@ -261,12 +255,12 @@ struct Owner {
 }
 
 impl Sessions {
-    fn new(open: Arc<LocalSessionManager>) -> Self {
+    fn new(open: Arc<LocalSessionManager>, http: &HttpSettings) -> Self {
         Sessions {
             open,
             owners: std::sync::Mutex::default(),
-            max: MAX_SESSIONS,
-            per_caller: MAX_SESSIONS_PER_CALLER,
+            max: http.max_sessions,
+            per_caller: http.max_sessions_per_caller,
         }
     }
 
@@ -678,7 +672,7 @@ pub fn app(server: &MailmuxServer, stateful: bool) -> (Router, CancellationToken
         body_limit: http.body_limit,
         listens: Arc::new(Semaphore::new(MAX_LISTENS)),
         listening: Arc::default(),
-        sessions: stateful.then(|| Sessions::new(open.clone())),
+        sessions: stateful.then(|| Sessions::new(open.clone(), &http)),
     });
     let scrape = match stateful {
         true => get(metrics).layer(Extension(OpenSessions(open))),
@@ -894,11 +888,15 @@ mod tests {
     /// Sessions with room for `max`, `per_caller` a caller, holding one
     /// session for each caller named, the first named used longest ago.
     async fn held(max: usize, per_caller: usize, callers: &[&str]) -> (Sessions, Vec<Arc<str>>) {
-        let sessions = Sessions {
-            max,
-            per_caller,
-            ..Sessions::new(Arc::new(LocalSessionManager::default()))
+        let http = HttpSettings {
+            max_sessions: max,
+            max_sessions_per_caller: per_caller,
+            ..crate::config::load_from(&Default::default(), Vec::new())
+                .unwrap()
+                .daemon
+                .http
         };
+        let sessions = Sessions::new(Arc::new(LocalSessionManager::default()), &http);
         let mut ids = Vec::new();
         let start = std::time::Instant::now();
         for (i, caller) in callers.iter().enumerate() {

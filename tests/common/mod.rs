@@ -159,6 +159,8 @@ pub fn config(relays: Vec<RelaySettings>) -> Config {
                 read_timeout: Duration::from_secs(30),
                 max_connections: 1024,
                 stateful: true,
+                max_sessions: 1024,
+                max_sessions_per_caller: 64,
             },
             metrics: Default::default(),
             log_level: None,
