@@ -158,6 +158,9 @@ impl Cli {
 
 /// Runs the command and returns the process exit code.
 pub async fn run(cli: Cli) -> ExitCode {
+    if cli.serves_stdio() || cli.serves_http() {
+        mcp::listen_for_hangups();
+    }
     let sources = Sources {
         file: cli.config.clone(),
     };

@@ -244,6 +244,54 @@ impl Drop for Daemon {
     }
 }
 
+/// A SIGHUP while the daemon starts (`systemctl reload` during a long
+/// recovery of its store) does not kill it: it is kept, and acted on once
+/// the daemon serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_while_the_daemon_starts_is_kept_for_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let log = dir.path().join("daemon.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_mailmux"))
+        .args(["serve", "--http", &format!("127.0.0.1:{port}")])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        // Warned of right after the configuration is read: the mark that
+        // the daemon has begun to start, before its store and actors.
+        .env("MAILMUX_STARTING_MARK", "1")
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut daemon = Daemon(child);
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !read().contains("MAILMUX_STARTING_MARK names no configuration key") {
+        assert!(Instant::now() < deadline, "never started: {}", read());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let pid = daemon.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_health(&format!("http://127.0.0.1:{port}")).await;
+    while !read().contains("SIGHUP received: reloading the configuration") {
+        assert!(Instant::now() < deadline, "the SIGHUP was lost: {}", read());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        daemon.0.try_wait().unwrap().is_none(),
+        "the daemon exited: {}",
+        read()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_serves_http_with_a_token() {
     let smtp = Aiosmtpd::start();

@@ -283,13 +283,30 @@ pub async fn run(
     }
 }
 
+/// SIGHUP's listener, taken as soon as the daemon's runtime runs: listening
+/// replaces the signal's default action (exit) at once, so that a
+/// `systemctl reload` while the daemon starts (a long recovery of its
+/// store) is kept for [`on_hangup`] instead of killing the daemon.
+#[cfg(unix)]
+static HANGUPS: std::sync::Mutex<Option<tokio::signal::unix::Signal>> = std::sync::Mutex::new(None);
+
+/// Starts listening for SIGHUP; [`run`] acts on what arrived since.
+pub fn listen_for_hangups() {
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hup) => *HANGUPS.lock().unwrap_or_else(|e| e.into_inner()) = Some(hup),
+        Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP"),
+    }
+}
+
 /// On each SIGHUP, reopens the audit log (log rotation) and reloads the
 /// configuration, as `reload_smtp_configuration` does: `systemctl reload`.
 fn on_hangup(server: MailmuxServer) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::hangup()) {
+        let early = HANGUPS.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match early.map_or_else(|| signal(SignalKind::hangup()), Ok) {
             Ok(mut hup) => {
                 tokio::spawn(async move {
                     while hup.recv().await.is_some() {
