@@ -278,7 +278,10 @@ fn read_file(path: &Path, what: &str, limit: (usize, &str)) -> Result<Vec<u8>, S
     let cannot = |e: std::io::Error| format!("cannot read {what} {}: {e}", path.display());
     let mut bytes = Vec::new();
     std::fs::File::open(path)
-        .and_then(|f| f.take(max as u64 + 1).read_to_end(&mut bytes))
+        .and_then(|f| {
+            f.take((max as u64).saturating_add(1))
+                .read_to_end(&mut bytes)
+        })
         .map_err(cannot)?;
     if bytes.len() > max {
         return Err(format!(
