@@ -272,14 +272,7 @@ async fn a_sighup_while_the_daemon_starts_is_kept_for_later() {
         assert!(Instant::now() < deadline, "never started: {}", read());
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let pid = daemon.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    common::signal(daemon.0.id(), "HUP");
     wait_health(&format!("http://127.0.0.1:{port}")).await;
     while !read().contains("SIGHUP received: reloading the configuration") {
         assert!(Instant::now() < deadline, "the SIGHUP was lost: {}", read());
@@ -365,14 +358,7 @@ async fn binary_serves_http_with_a_token() {
     assert!(ours.contains("Subject: over http"));
 
     // SIGTERM: drains and exits 0.
-    let pid = daemon.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    common::signal(daemon.0.id(), "TERM");
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(s) = daemon.0.try_wait().unwrap() {

@@ -855,14 +855,7 @@ async fn the_audit_log_is_complete_escaped_secret_free_and_reopened_on_sighup() 
 /// Sends the daemon SIGHUP and waits for one more log line with `line`.
 async fn hangup(d: &Daemon, line: &str) {
     let before = d.log().matches(line).count();
-    let pid = d.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    common::signal(d.child.id(), "HUP");
     let deadline = Instant::now() + Duration::from_secs(10);
     while d.log().matches(line).count() == before {
         assert!(Instant::now() < deadline, "no {line:?}: {}", d.log());

@@ -888,15 +888,12 @@ mod tests {
     /// Sessions with room for `max`, `per_caller` a caller, holding one
     /// session for each caller named, the first named used longest ago.
     async fn held(max: usize, per_caller: usize, callers: &[&str]) -> (Sessions, Vec<Arc<str>>) {
-        let http = HttpSettings {
-            max_sessions: max,
-            max_sessions_per_caller: per_caller,
-            ..crate::config::load_from(&Default::default(), Vec::new())
-                .unwrap()
-                .daemon
-                .http
+        let sessions = Sessions {
+            open: Arc::new(LocalSessionManager::default()),
+            owners: std::sync::Mutex::default(),
+            max,
+            per_caller,
         };
-        let sessions = Sessions::new(Arc::new(LocalSessionManager::default()), &http);
         let mut ids = Vec::new();
         let start = std::time::Instant::now();
         for (i, caller) in callers.iter().enumerate() {
