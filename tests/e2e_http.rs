@@ -213,6 +213,78 @@ async fn guards_token_host_origin_and_body_limit() {
         .unwrap();
 }
 
+/// A JSON body that is not one JSON-RPC message is answered 400 with
+/// JSON-RPC's error and no id: -32700 when it is not JSON, -32600 for a
+/// batch or another shape. A body of another media type is still 415.
+/// Nothing is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_is_not_json_rpc_gets_a_json_rpc_error() {
+    let smtp = Aiosmtpd::start();
+    let (base, stop, task) = in_process(&smtp, true).await;
+    let url = format!("{base}/mcp");
+    let http = reqwest::Client::new();
+    let send = json!({"jsonrpc":"2.0","id":2,"method":"tools/call","params":{
+        "name":"send_email","arguments":{"to":"a@example.org","subject":"s","body":"b"}}});
+    let cases = [
+        (
+            init_body().to_string()[..60].to_owned(),
+            -32700,
+            "parse error: the body is not JSON: EOF while parsing",
+        ),
+        (
+            "hello".to_owned(),
+            -32700,
+            "expected value at line 1 column 1",
+        ),
+        (
+            json!([send]).to_string(),
+            -32600,
+            "a batch (an array) of JSON-RPC messages is not taken",
+        ),
+        (
+            json!({"to": "a@example.org"}).to_string(),
+            -32600,
+            "not a JSON-RPC request",
+        ),
+    ];
+    for (body, code, text) in cases {
+        let r = post(&http, &url)
+            .bearer_auth(TOKEN)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        let answer: Value = r.json().await.unwrap();
+        assert_eq!(answer["jsonrpc"], "2.0", "{answer}");
+        assert_eq!(answer["id"], Value::Null, "{answer}");
+        assert_eq!(answer["error"]["code"], code, "{body}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains(text), "{body}: {message}");
+        assert!(!message.contains("a@example.org"), "{message}");
+    }
+    let r = http
+        .post(&url)
+        .header("Accept", "application/json, text/event-stream")
+        .header("Content-Type", "text/plain")
+        .bearer_auth(TOKEN)
+        .body(init_body().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415, "a wrong media type");
+    // The server still serves.
+    let (is_error, out) = mcp_call(&url, Some(TOKEN), "get_smtp_status", json!({})).await;
+    assert!(!is_error, "{out}");
+    assert!(smtp.messages().is_empty(), "nothing is sent");
+
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(15), task)
+        .await
+        .expect("stops")
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stateless_mode_sends() {
     let smtp = Aiosmtpd::start();

@@ -55,25 +55,19 @@ fn python_sdk_sends_a_300_message_mail_merge_once_each() {
     python_client("batch");
 }
 
-#[test]
-fn stdin_and_stdout_as_files_use_the_blocking_path() {
-    let smtp = Aiosmtpd::start();
+/// Runs `serve` with `lines` as stdin, a file, and answers each request id
+/// with the answer stdout gave it; also gives the log.
+fn serve_lines(port: u16, lines: &[&str]) -> (std::collections::HashMap<u64, Value>, String) {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.jsonl");
     let output = dir.path().join("out.jsonl");
     let errors = dir.path().join("err.log");
-    let lines = [
-        r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"file-test","version":"1"}}}"#,
-        r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
-        r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#,
-        r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"get_smtp_status","arguments":{}}}"#,
-        r#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"send_email","arguments":{"to":"rcpt@example.org","subject":"from a file","body":"hello"}}}"#,
-    ];
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
     let mut cmd = Command::new(BIN);
-    seed_env(&mut cmd, smtp.port);
+    seed_env(&mut cmd, port);
     let status = cmd
         .arg("serve")
+        .current_dir(dir.path())
         .stdin(std::fs::File::open(&input).unwrap())
         .stdout(std::fs::File::create(&output).unwrap())
         .stderr(std::fs::File::create(&errors).unwrap())
@@ -92,8 +86,28 @@ fn stdin_and_stdout_as_files_use_the_blocking_path() {
             by_id.insert(id, v);
         }
     }
+    (by_id, logs)
+}
+
+const INITIALIZE: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"file-test","version":"1"}}}"#;
+const INITIALIZED: &str = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+
+#[test]
+fn stdin_and_stdout_as_files_use_the_blocking_path() {
+    let smtp = Aiosmtpd::start();
+    let lines = [
+        INITIALIZE,
+        INITIALIZED,
+        r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#,
+        r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"get_smtp_status","arguments":{}}}"#,
+        r#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"send_email","arguments":{"to":"rcpt@example.org","subject":"from a file","body":"hello"}}}"#,
+    ];
+    let (by_id, logs) = serve_lines(smtp.port, &lines);
     for id in 1..=4 {
-        assert!(by_id.contains_key(&id), "no answer to {id}:\n{out}\n{logs}");
+        assert!(
+            by_id.contains_key(&id),
+            "no answer to {id}:\n{by_id:?}\n{logs}"
+        );
     }
     assert_eq!(by_id[&2]["result"]["tools"].as_array().unwrap().len(), 10);
     let send = &by_id[&4]["result"];
@@ -103,6 +117,69 @@ fn stdin_and_stdout_as_files_use_the_blocking_path() {
     let messages = smtp.wait_messages(1);
     assert_eq!(messages.len(), 1);
     assert!(messages[0].contains(&format!("<{id}>")));
+}
+
+/// A request that fits no MCP request is answered with what is wrong in it:
+/// invalid params (not "method not found") for `tools/call`, the closest
+/// tool for a misspelt one, and the method's name for an unknown method.
+/// Nothing is sent.
+#[test]
+fn malformed_requests_are_answered_with_what_is_wrong() {
+    let smtp = Aiosmtpd::start();
+    let lines = [
+        INITIALIZE,
+        INITIALIZED,
+        r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"send_email","arguments":"to=a@example.org"}}"#,
+        r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"arguments":{"to":"a@example.org","subject":"s","body":"b"}}}"#,
+        r#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":["send_email"],"arguments":{}}}"#,
+        r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"send_emial","arguments":{"to":"a@example.org","subject":"s","body":"b"}}}"#,
+        r#"{"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":"fly","arguments":{}}}"#,
+        r#"{"jsonrpc":"2.0","id":7,"method":"resources/read","params":{"uri":5}}"#,
+        r#"{"jsonrpc":"2.0","id":8,"method":"mail/send","params":{}}"#,
+        r#"{"jsonrpc":"2.0","id":9,"method":"ping"}"#,
+    ];
+    let (by_id, logs) = serve_lines(smtp.port, &lines);
+    let error = |id: u64| {
+        let e = &by_id
+            .get(&id)
+            .unwrap_or_else(|| panic!("no answer to {id}:\n{by_id:?}\n{logs}"))["error"];
+        (
+            e["code"].as_i64().unwrap_or(0),
+            e["message"].as_str().unwrap_or("").to_owned(),
+        )
+    };
+    let cases: [(u64, i64, &str); 7] = [
+        (
+            2,
+            -32602,
+            "params.arguments must be an object of the tool's parameters, not a string",
+        ),
+        (3, -32602, "params.name is required"),
+        (4, -32602, "params.name must be a string, not an array"),
+        (
+            5,
+            -32602,
+            "mailmux has no tool \"send_emial\": did you mean `send_email`?",
+        ),
+        (
+            6,
+            -32602,
+            "the tools are cancel_message, get_message_status",
+        ),
+        (7, -32602, "the params of resources/read do not fit"),
+        (8, -32601, "mailmux has no method \"mail/send\""),
+    ];
+    for (id, code, text) in cases {
+        let (got_code, message) = error(id);
+        assert_eq!(got_code, code, "request {id}: {message}");
+        assert!(message.contains(text), "request {id}: {message:?}");
+        assert!(
+            !message.contains("a@example.org"),
+            "request {id}: {message:?}"
+        );
+    }
+    assert_eq!(by_id[&9]["result"], serde_json::json!({}), "still serving");
+    assert!(smtp.messages().is_empty(), "nothing is sent");
 }
 
 #[test]

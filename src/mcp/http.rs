@@ -16,7 +16,9 @@
 //! closes a connection left idle that long) and as long again for its
 //! body, which is read whole once the request has its call permit: a client
 //! that stalls is answered 408 and its permit goes back, so clients that
-//! never finish their requests cannot hold the calls of every other. At
+//! never finish their requests cannot hold the calls of every other. A
+//! JSON body that is not one JSON-RPC message is answered 400 with
+//! JSON-RPC's parse error or invalid request, not rmcp's 415. At
 //! most `http.max_connections` are open at once, and in stateful mode at
 //! most `http.max_sessions` sessions, `http.max_sessions_per_caller` a
 //! caller (one more closes the caller's least recently used, even when the
@@ -29,6 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::{Extension, Path, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -373,12 +376,15 @@ impl Drop for Listening {
 }
 
 /// `req` with its body read whole, within `http.read_timeout` (408) and
-/// `http.body_limit` (413).
-async fn read_whole(req: Request, limits: &Limits) -> Result<Request, Response> {
+/// `http.body_limit` (413), and the body.
+async fn read_whole(req: Request, limits: &Limits) -> Result<(Request, Bytes), Response> {
     let (parts, body) = req.into_parts();
     let read = axum::body::to_bytes(body, limits.body_limit);
     match tokio::time::timeout(limits.read_timeout, read).await {
-        Ok(Ok(bytes)) => Ok(Request::from_parts(parts, axum::body::Body::from(bytes))),
+        Ok(Ok(bytes)) => Ok((
+            Request::from_parts(parts, axum::body::Body::from(bytes.clone())),
+            bytes,
+        )),
         Ok(Err(e)) if too_large(&e) => Err(refuse(
             StatusCode::PAYLOAD_TOO_LARGE,
             "request body too large",
@@ -409,6 +415,41 @@ fn too_large(e: &axum::Error) -> bool {
         source = e.source();
     }
     false
+}
+
+/// Whether a request says its body is JSON.
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// The answer to a JSON body that is not one JSON-RPC message. rmcp answers
+/// it with 415, as though the media type were wrong; JSON-RPC's answer is a
+/// parse error (-32700) for a body that is not JSON, and an invalid request
+/// (-32600) for JSON of another shape, both without an id. The status is
+/// 400, as MCP's streamable HTTP asks. serde's syntax errors name a place,
+/// never a value of the body.
+fn not_json_rpc(body: &[u8]) -> Response {
+    let (code, message) = match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+        Err(e) => (-32700, format!("parse error: the body is not JSON: {e}")),
+        Ok(_) if body.trim_ascii_start().starts_with(b"[") => (
+            -32600,
+            "invalid request: a batch (an array) of JSON-RPC messages is not taken; send one message a request".to_owned(),
+        ),
+        Ok(_) => (
+            -32600,
+            "invalid request: the body is not a JSON-RPC request, notification or response".to_owned(),
+        ),
+    };
+    let body = json!({
+        "jsonrpc": "2.0",
+        "id": null,
+        "error": {"code": code, "message": message},
+    });
+    (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
 }
 
 /// Whether `req` opens a `subscriptions/listen` stream. rmcp checks the
@@ -493,11 +534,15 @@ async fn limit(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> R
     let Ok(permit) = permits.clone().acquire_owned().await else {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     };
-    let req = match read_whole(req, &limits).await {
-        Ok(req) => req,
+    let (req, body) = match read_whole(req, &limits).await {
+        Ok(read) => read,
         Err(refused) => return refused,
     };
+    let json = req.uri().path().starts_with("/mcp") && is_json(req.headers());
     let response = next.run(req).await;
+    if response.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE && json {
+        return not_json_rpc(&body);
+    }
     if let Some(sessions) = opens {
         sessions.opened(&response, caller);
     }

@@ -19,10 +19,11 @@ use rmcp::handler::server::tool::{ToolCallContext, schema_for_output};
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams, ContentBlock,
-    GetTaskParams, GetTaskResult, Implementation, ListResourceTemplatesResult, ListResourcesResult,
-    PaginatedRequestParams, ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult,
-    Resource, ResourceContents, ResourceTemplate, ServerCapabilities, ServerConfig,
-    SubscribeRequestParams, SubscriptionFilter, UnsubscribeRequestParams,
+    CustomRequest, CustomResult, GetTaskParams, GetTaskResult, Implementation,
+    ListResourceTemplatesResult, ListResourcesResult, PaginatedRequestParams,
+    ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, Resource,
+    ResourceContents, ResourceTemplate, ServerCapabilities, ServerConfig, SubscribeRequestParams,
+    SubscriptionFilter, UnsubscribeRequestParams,
 };
 use rmcp::service::{Peer, RequestContext, SubscriptionContext};
 use rmcp::{ErrorData, ServerHandler, tool, tool_handler, tool_router};
@@ -1695,11 +1696,13 @@ impl ServerHandler for MailmuxServer {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
-        let tool = if self.tool_router.has_route(&request.name) {
-            request.name.to_string()
-        } else {
-            "unknown".to_owned()
-        };
+        if !self.tool_router.has_route(&request.name) {
+            crate::telemetry::call("unknown".to_owned(), "protocol_error");
+            let tools = self.tool_router.list_all();
+            let names: Vec<&str> = tools.iter().map(|t| t.name.as_ref()).collect();
+            return Err(unknown_tool(&request.name, &names));
+        }
+        let tool = request.name.to_string();
         let tcc = ToolCallContext::new(self, request, context);
         let result = self.tool_router.call(tcc).await;
         let outcome = match &result {
@@ -1709,6 +1712,15 @@ impl ServerHandler for MailmuxServer {
         };
         crate::telemetry::call(tool, outcome);
         result
+    }
+
+    /// A request that fits no MCP request: see [`unmatched_request`].
+    async fn on_custom_request(
+        &self,
+        request: CustomRequest,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<CustomResult, ErrorData> {
+        Err(unmatched_request(&request.method, request.params.as_ref()))
     }
 
     fn get_info(&self) -> ServerConfig {

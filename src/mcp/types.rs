@@ -120,13 +120,8 @@ fn shown(name: &str) -> String {
 /// A field that is not one of `fields`, with the closest one if any is close.
 pub fn unknown_field(name: &str, fields: &[&str]) -> ShapeError {
     let name = shown(name);
-    let closest = fields
-        .iter()
-        .map(|f| (strsim::levenshtein(&name, f), *f))
-        .min()
-        .filter(|(d, f)| *d <= (f.len() / 3).max(2));
-    let hint = match closest {
-        Some((_, f)) => format!("did you mean `{f}`?"),
+    let hint = match closest(&name, fields) {
+        Some(f) => format!("did you mean `{f}`?"),
         None => format!("the parameters are {}", fields.join(", ")),
     };
     ShapeError::new(
@@ -134,6 +129,106 @@ pub fn unknown_field(name: &str, fields: &[&str]) -> ShapeError {
         "unknown_field",
         format!("{name} is not a parameter of this tool: {hint}"),
     )
+}
+
+/// The one of `names` that `name` is a likely misspelling of, if any.
+fn closest<'a>(name: &str, names: &[&'a str]) -> Option<&'a str> {
+    names
+        .iter()
+        .map(|f| (strsim::levenshtein(name, f), *f))
+        .min()
+        .filter(|(d, f)| *d <= (f.len() / 3).max(2))
+        .map(|(_, f)| f)
+}
+
+/// The answer to a call of a tool that does not exist, with the closest
+/// tool's name or the list of them.
+pub fn unknown_tool(name: &str, tools: &[&str]) -> rmcp::ErrorData {
+    let name = shown(name);
+    let hint = match closest(&name, tools) {
+        Some(t) => format!("did you mean `{t}`?"),
+        None => format!("the tools are {}", tools.join(", ")),
+    };
+    rmcp::ErrorData::invalid_params(format!("mailmux has no tool {name:?}: {hint}"), None)
+}
+
+/// The MCP requests that rmcp reads into types of their own. rmcp hands a
+/// request to `on_custom_request` when it fits none of them, so a request
+/// with one of these methods arrives there only when its params did not fit.
+const MCP_METHODS: &[&str] = {
+    use rmcp::model::*;
+    &[
+        PingRequestMethod::VALUE,
+        InitializeResultMethod::VALUE,
+        DiscoverRequestMethod::VALUE,
+        CompleteRequestMethod::VALUE,
+        SetLevelRequestMethod::VALUE,
+        GetPromptRequestMethod::VALUE,
+        ListPromptsRequestMethod::VALUE,
+        ListResourcesRequestMethod::VALUE,
+        ListResourceTemplatesRequestMethod::VALUE,
+        ReadResourceRequestMethod::VALUE,
+        SubscriptionsListenRequestMethod::VALUE,
+        SubscribeRequestMethod::VALUE,
+        UnsubscribeRequestMethod::VALUE,
+        CallToolRequestMethod::VALUE,
+        ListToolsRequestMethod::VALUE,
+        GetTaskMethod::VALUE,
+        UpdateTaskMethod::VALUE,
+        CancelTaskMethod::VALUE,
+        ListSkillsRequestMethod::VALUE,
+        GetSkillRequestMethod::VALUE,
+        ReadResourceDirectoryRequestMethod::VALUE,
+    ]
+};
+
+/// The answer to a request that fits no MCP request: invalid params when
+/// its method is one of MCP's (rmcp's own answer, "method not found", would
+/// tell an agent that `tools/call` does not exist), else method not found,
+/// naming the method. Neither repeats a value of the params.
+pub fn unmatched_request(method: &str, params: Option<&serde_json::Value>) -> rmcp::ErrorData {
+    if !MCP_METHODS.contains(&method) {
+        return rmcp::ErrorData::new(
+            rmcp::model::ErrorCode::METHOD_NOT_FOUND,
+            format!("mailmux has no method {:?}", shown(method)),
+            None,
+        );
+    }
+    let why = match (method, params) {
+        ("tools/call", Some(serde_json::Value::Object(p))) => {
+            match (p.get("name"), p.get("arguments")) {
+                (None, _) => {
+                    "params.name is required: the tool to call (tools/list lists them)".into()
+                }
+                (Some(n), _) if !n.is_string() => {
+                    format!("params.name must be a string, not {}", json_kind(n))
+                }
+                (_, Some(a)) if !a.is_object() && !a.is_null() => format!(
+                    "params.arguments must be an object of the tool's parameters, not {}",
+                    json_kind(a)
+                ),
+                _ => "see the MCP specification".into(),
+            }
+        }
+        ("tools/call", _) => {
+            "params must be an object with the tool's name and its arguments".into()
+        }
+        _ => "see the MCP specification".to_string(),
+    };
+    rmcp::ErrorData::invalid_params(format!("the params of {method} do not fit: {why}"), None)
+}
+
+/// The JSON type of `v`, with its article, for an error.
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
 }
 
 /// Whether `value` has the JSON type that the field `name` takes, in any
