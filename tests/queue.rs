@@ -648,6 +648,17 @@ async fn send_at_waits_for_its_time() {
     let sent_at: jiff::Timestamp = s["attempts"][0]["at"].as_str().unwrap().parse().unwrap();
     assert!(sent_at >= due, "sent at {sent_at}, due {due}");
     assert_eq!(smtp.received().len(), 1);
+    // Dated when it was due to go out, not when it was accepted.
+    let data = String::from_utf8_lossy(&smtp.received()[0].data).into_owned();
+    let date = data
+        .lines()
+        .find_map(|l| l.strip_prefix("Date: "))
+        .unwrap_or_else(|| panic!("no Date header:\n{data}"));
+    let date = jiff::fmt::rfc2822::parse(date).unwrap().timestamp();
+    assert!(
+        date <= due && due.duration_since(date) < jiff::SignedDuration::from_secs(1),
+        "Date: {date}, due {due}"
+    );
 
     // Bad values are refused, naming the field, and nothing is queued.
     for (args, field) in [

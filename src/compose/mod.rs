@@ -16,6 +16,7 @@ pub use attach::Shared as SharedAttachments;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::time::SystemTime;
 
 use lettre::Message;
 use lettre::address::Envelope;
@@ -102,6 +103,11 @@ pub struct Draft {
     /// Values for `{name}` and `{?name}…{/name}` in subject and bodies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template_vars: Option<BTreeMap<String, String>>,
+    /// When the message is to go out (`send_at`), for its `Date` header; now
+    /// when unset or past. Not a parameter: the tools set it.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub send_at: Option<SystemTime>,
 }
 
 /// The rules composition enforces, from configuration.
@@ -389,7 +395,11 @@ pub fn compose_with(
     }
     builder = builder
         .subject(rendered.subject.clone())
-        .date_now()
+        .date(
+            draft
+                .send_at
+                .map_or_else(SystemTime::now, |at| at.max(SystemTime::now())),
+        )
         .message_id(Some(format!("<{message_id}>")));
     if let Some(id) = in_reply_to {
         builder = builder.in_reply_to(id);

@@ -1067,6 +1067,7 @@ fn random_input_never_panics() {
             template_vars: g
                 .chance(4)
                 .then(|| BTreeMap::from([("a".to_owned(), g.string()), (g.string(), g.string())])),
+            send_at: None,
         };
         match compose(&d, &p) {
             Ok(c) => {

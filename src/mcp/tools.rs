@@ -959,6 +959,8 @@ impl MailmuxServer {
         };
         // Hashed only when a key asks for it: the draft may be megabytes.
         let idempotency = idempotency.map(|key| (key, content_hash(&params, shared.as_deref())));
+        // A scheduled message is dated when it goes out, not when it came.
+        params.draft.send_at = send_at;
         if let Some(relay) = &params.relay {
             let names = self.relay_names();
             if !names.contains(relay) {
