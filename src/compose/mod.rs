@@ -90,6 +90,7 @@ pub struct Draft {
     /// Sender address; defaults to the configured sender.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_email: Option<String>,
+    /// Where replies go (the `Reply-To` header), if not to the sender.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<String>,
     /// Message-ID this message replies to.
@@ -98,9 +99,12 @@ pub struct Draft {
     /// Message-IDs of the thread, space-separated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub references: Option<String>,
+    /// Files to attach: each `{filename, content_base64, content_type?}`, or
+    /// `{path, content_type?}` inside the configured attachments directory.
     #[serde(default)]
     pub attachments: Vec<AttachmentInput>,
-    /// Values for `{name}` and `{?name}…{/name}` in subject and bodies.
+    /// Values for `{name}` and `{?name}…{/name}` in subject and bodies, each a
+    /// string (write `42` as `"42"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template_vars: Option<BTreeMap<String, String>>,
     /// When the message is to go out (`send_at`), for its `Date` header; now

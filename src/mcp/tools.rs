@@ -345,7 +345,10 @@ impl MailmuxServer {
                        `to`/`cc`/`bcc` take an array or a comma-separated string. Set `html` for an \
                        HTML body or give `html_body` as an alternative to a text `body`. `dry_run` \
                        renders and validates without sending. The result's `status` is sent, \
-                       partial, unknown (may have been delivered: do not resend blindly) or failed.",
+                       partial, unknown (may have been delivered: do not resend blindly) or \
+                       failed; queued (stored, retried on its own), scheduled (`send_at`) or held \
+                       (waiting for a person's approval) when it is not out yet. Give an \
+                       `idempotency_key` to make a retry of the call safe.",
         output_schema = schema_for_output::<SendResult>()
     )]
     pub async fn send_email(
@@ -654,7 +657,8 @@ impl MailmuxServer {
         name = "get_message_status",
         description = "Look up one message by `message_id` (from send_email) or by the \
                        `idempotency_key` it was sent with: its status (scheduled, queued, \
-                       sending, sent, partial, failed, unknown, expired, cancelled), its times, \
+                       sending, sent, partial, failed, unknown, expired, cancelled, held, \
+                       rejected), its times, \
                        the envelope, every attempt with relay, class, code and text, and its \
                        history. Never the body.",
         output_schema = schema_for_output::<MessageStatusResult>()
@@ -794,12 +798,12 @@ impl MailmuxServer {
         .await
     }
 
-    /// Cancels a scheduled or queued message.
+    /// Cancels a scheduled, queued or held message.
     #[tool(
         name = "cancel_message",
-        description = "Cancel a message that is `scheduled` or `queued` (waiting for its time or \
-                       a retry). A message a relay already holds, or that is finished, cannot be \
-                       cancelled: the error `not_cancellable` names its state.",
+        description = "Cancel a message that is `scheduled`, `queued` or `held` (waiting for its \
+                       time, a retry or an approval). A message a relay already holds, or that is \
+                       finished, cannot be cancelled: the error `not_cancellable` names its state.",
         output_schema = schema_for_output::<CancelMessageResult>()
     )]
     pub async fn cancel_message(

@@ -405,7 +405,8 @@ pub struct MessageStatusParams {
 #[serde(deny_unknown_fields)]
 pub struct ListMessagesParams {
     /// Only messages in this state (`scheduled`, `queued`, `sending`, `sent`,
-    /// `partial`, `failed`, `unknown`, `expired`, `cancelled`).
+    /// `partial`, `failed`, `unknown`, `expired`, `cancelled`, `held`,
+    /// `rejected`).
     #[serde(default)]
     pub status: Option<String>,
     /// Messages per page, 1 to 100. Default: 20.
@@ -423,6 +424,7 @@ pub struct ListMessagesParams {
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CancelMessageParams {
+    /// The `message_id` a send answered with.
     pub message_id: String,
 }
 
