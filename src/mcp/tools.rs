@@ -1740,10 +1740,13 @@ impl ServerHandler for MailmuxServer {
             .with_server_info(Implementation::new("mailmux", env!("CARGO_PKG_VERSION")))
             .with_instructions(
                 "mailmux sends email through SMTP relays with failover. Use send_email (try \
-                 dry_run first if unsure), get_smtp_status to see the relays, and \
-                 test_smtp_connection to probe them. A failed send has isError and a stable \
-                 error code; status \"unknown\" means it may have been delivered. Each message \
-                 is also the resource mailmux://messages/{message_id}.",
+                 dry_run first if unsure), send_batch for many messages or a mail merge in one \
+                 call, get_smtp_status to see the relays, and test_smtp_connection to probe \
+                 them. Give each message an idempotency_key so that repeating a call never \
+                 sends twice. A failed send has isError and a stable error code; status \
+                 \"unknown\" means it may have been delivered; \"queued\" means mailmux keeps \
+                 retrying (get_message_status follows it). Each message is also the resource \
+                 mailmux://messages/{message_id}.",
             )
     }
 
