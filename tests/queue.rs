@@ -628,6 +628,43 @@ async fn deferred_mail_is_retried_expired_or_cancelled() {
     d.stop().await;
 }
 
+/// A message whose next retry would fall after `max_age` is tried once more
+/// just before `max_age` ends (a second before, room for the runner to claim
+/// it), not expired at once: it has the whole of `max_age`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_is_retried_until_its_max_age_ends() {
+    let smtp =
+        FaultSmtp::start(Script::ok().on(Phase::Mail, Action::reply(451, "try later"))).await;
+    let dir = tempfile::tempdir().unwrap();
+    // The first retry (5 to 10 s) falls after max_age (4 s).
+    let cfg = config_toml(dir.path(), smtp.port(), "max_age = \"4s\"").replace(
+        "retry_base = \"300ms\"\nretry_max = \"1s\"",
+        "retry_base = \"10s\"\nretry_max = \"10s\"",
+    );
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let c = send(d.peer(), msg("slow", json!({"wait": false}))).await;
+    assert_eq!(c.status(), Some("queued"), "{c:?}");
+    let id = c.message_id().unwrap().to_string();
+    let s = settled(d.peer(), &id, Duration::from_secs(10)).await;
+    assert_eq!(s["status"], "expired", "{s}");
+    let at = |v: &Value| v.as_str().unwrap().parse::<jiff::Timestamp>().unwrap();
+    let queued = at(&s["queued_at"]);
+    let attempts = s["attempts"].as_array().unwrap();
+    assert_eq!(
+        attempts.len(),
+        2,
+        "the first try, and one before max_age ends: {s}"
+    );
+    let last = at(&attempts[1]["at"]).duration_since(queued);
+    assert!(
+        last >= jiff::SignedDuration::from_millis(2_900)
+            && last < jiff::SignedDuration::from_secs(4),
+        "the last try {last:?} after acceptance: {s}"
+    );
+    assert!(smtp.delivered().is_empty(), "nothing got through");
+    d.stop().await;
+}
+
 /// `send_at` in the future: `scheduled` at once, nothing before the time,
 /// one copy after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -68,6 +68,10 @@ const HELD_INTERVAL: Duration = Duration::from_secs(1);
 const SHARED_WAIT_POLL: Duration = Duration::from_millis(250);
 /// How long shutdown waits for the settle writes of rounds that ended.
 const SETTLE_GRACE: Duration = Duration::from_secs(2);
+/// How long before `max_age` ends a message's last retry is due, when its
+/// next retry would fall after it: room for the runner to claim it (it
+/// polls every 100 ms), since no round starts once `max_age` has passed.
+const LAST_RETRY_MARGIN: Duration = Duration::from_secs(1);
 
 /// A message for the queue.
 #[derive(Debug)]
@@ -1363,7 +1367,16 @@ impl Inner {
                     };
                     let next = now + delay.as_millis() as i64;
                     let expires = p.due_at + self.settings.max_age.as_millis() as i64;
-                    if next > expires {
+                    // A retry that would fall after `max_age` is brought
+                    // forward to its end, so that the message has the whole
+                    // of `max_age`; with no time left for one, it expires.
+                    let last = expires - LAST_RETRY_MARGIN.as_millis() as i64;
+                    let next = if next > last && now < last {
+                        last
+                    } else {
+                        next
+                    };
+                    if next > last {
                         settle.note = Some(format!(
                             "not delivered within max_age ({}); last: {}",
                             humantime::format_duration(self.settings.max_age),
