@@ -6,7 +6,7 @@ mod common;
 use std::process::{Command, Stdio};
 
 use common::{Aiosmtpd, queue_db};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mailmux");
 
@@ -57,7 +57,11 @@ fn python_sdk_sends_a_300_message_mail_merge_once_each() {
 
 /// Runs `serve` with `lines` as stdin, a file, and answers each request id
 /// with the answer stdout gave it; also gives the log.
-fn serve_lines(port: u16, lines: &[&str]) -> (std::collections::HashMap<u64, Value>, String) {
+fn serve_lines(
+    port: u16,
+    env: &[(&str, &str)],
+    lines: &[&str],
+) -> (std::collections::HashMap<u64, Value>, String) {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.jsonl");
     let output = dir.path().join("out.jsonl");
@@ -66,6 +70,7 @@ fn serve_lines(port: u16, lines: &[&str]) -> (std::collections::HashMap<u64, Val
     let mut cmd = Command::new(BIN);
     seed_env(&mut cmd, port);
     let status = cmd
+        .envs(env.iter().copied())
         .arg("serve")
         .current_dir(dir.path())
         .stdin(std::fs::File::open(&input).unwrap())
@@ -102,7 +107,7 @@ fn stdin_and_stdout_as_files_use_the_blocking_path() {
         r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"get_smtp_status","arguments":{}}}"#,
         r#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"send_email","arguments":{"to":"rcpt@example.org","subject":"from a file","body":"hello"}}}"#,
     ];
-    let (by_id, logs) = serve_lines(smtp.port, &lines);
+    let (by_id, logs) = serve_lines(smtp.port, &[], &lines);
     for id in 1..=4 {
         assert!(
             by_id.contains_key(&id),
@@ -138,7 +143,7 @@ fn malformed_requests_are_answered_with_what_is_wrong() {
         r#"{"jsonrpc":"2.0","id":8,"method":"mail/send","params":{}}"#,
         r#"{"jsonrpc":"2.0","id":9,"method":"ping"}"#,
     ];
-    let (by_id, logs) = serve_lines(smtp.port, &lines);
+    let (by_id, logs) = serve_lines(smtp.port, &[], &lines);
     let error = |id: u64| {
         let e = &by_id
             .get(&id)
@@ -277,4 +282,49 @@ fn socket_pair_stdio_uses_the_socket_path() {
         "{send}"
     );
     assert_eq!(smtp.wait_messages(1).len(), 1);
+}
+
+/// A request is one line, at most `http.body_limit` bytes: a longer one is
+/// dropped unread (the log says so), and the requests after it are served.
+#[test]
+fn a_line_longer_than_the_body_limit_is_dropped_and_the_next_served() {
+    let smtp = Aiosmtpd::start();
+    let send = |id: u64, body: &str| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
+            "name": "send_email",
+            "arguments": {"to": "rcpt@example.org", "subject": format!("line {id}"), "body": body}}})
+        .to_string()
+    };
+    let (fits, long) = (send(2, &"a".repeat(3_000)), send(3, &"b".repeat(5_000)));
+    let lines = [INITIALIZE, INITIALIZED, &fits, &long, &send(4, "after")];
+    let (by_id, logs) = serve_lines(smtp.port, &[("MAILMUX_HTTP__BODY_LIMIT", "4096")], &lines);
+    for id in [2, 4] {
+        let answer = &by_id
+            .get(&id)
+            .unwrap_or_else(|| panic!("no answer to {id}: {logs}"));
+        assert_eq!(
+            answer["result"]["structuredContent"]["status"], "sent",
+            "{answer}"
+        );
+    }
+    assert!(
+        !by_id.contains_key(&3),
+        "the long line is not read: {:?}",
+        by_id.get(&3)
+    );
+    assert!(logs.contains("exceeded the maximum line length"), "{logs}");
+    // The default max_message_bytes (10 MiB) cannot arrive in 4 KiB: said at start.
+    assert!(
+        logs.contains("max_message_bytes is above http.body_limit"),
+        "{logs}"
+    );
+    let subjects: Vec<String> = smtp
+        .wait_messages(2)
+        .iter()
+        .filter_map(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_owned))
+        })
+        .collect();
+    assert_eq!(subjects, ["line 2", "line 4"]);
 }

@@ -95,6 +95,18 @@ impl MailmuxServer {
         for name in gate.open_recipients() {
             tracing::warn!(caller = %name, "caller may mail any recipient: allowed_recipients is empty");
         }
+        let (largest, request) = (
+            config.daemon.compose.max_message_bytes,
+            config.daemon.http.body_limit,
+        );
+        if largest > request {
+            tracing::warn!(
+                max_message_bytes = largest,
+                http.body_limit = request,
+                "max_message_bytes is above http.body_limit: a call carrying a message that large \
+                 is refused over HTTP (413) and dropped unread over stdio"
+            );
+        }
         MailmuxServer {
             state: Arc::new(State {
                 queue,

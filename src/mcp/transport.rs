@@ -2,7 +2,8 @@
 //! when the client launched us with pipes or sockets.
 //!
 //! Under stdio, stdout carries only MCP messages: nothing else in the daemon
-//! may write to it (logs go to stderr).
+//! may write to it (logs go to stderr). A request is one line of at most
+//! `http.body_limit` bytes, the bound of an HTTP request's body.
 
 use std::fs::File;
 use std::future::Future;
@@ -14,6 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use rmcp::ServiceExt;
+use rmcp::transport::async_rw::AsyncRwTransport;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
@@ -142,8 +144,13 @@ where
         gate: server.call_gate(),
         wait: None,
     };
+    // A request is one line, bounded as an HTTP request's body is. rmcp
+    // drops a longer line unread, with an error in the log: it cannot
+    // answer, having not read the request's id.
+    let transport = AsyncRwTransport::new_server(reader, writer)
+        .with_max_line_length(server.config().daemon.http.body_limit);
     let running = tokio::select! {
-        r = server.clone().serve((reader, writer)) => r,
+        r = server.clone().serve(transport) => r,
         () = &mut shutdown => {
             tracing::info!("shutdown requested before the client initialized");
             drain(&server).await;
