@@ -401,7 +401,7 @@ async fn send(config: Config, sources: Sources, args: SendArgs) -> ExitCode {
     // The command line sends as the stdio caller, under its policy.
     let caller = server.gate().stdio_caller();
     let (out, text) = server
-        .send_email_params(caller, params, None)
+        .send_email_params(caller, params, None, None)
         .instrument(mcp::tools::tool_span("send"))
         .await;
     queue.shutdown(grace).await;

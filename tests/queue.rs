@@ -17,10 +17,11 @@ use std::time::Duration;
 
 use harness::{Call, burst, call};
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CancelTaskParams, ClientCapabilities, ClientConfig,
-    GetTaskParams, GetTaskResult, Implementation, TaskPayload, TaskStatus,
+    CallToolRequest, CallToolRequestParams, CallToolResponse, CancelTaskParams, ClientCapabilities,
+    ClientConfig, ClientRequest, GetTaskParams, GetTaskResult, Implementation, TaskPayload,
+    TaskStatus,
 };
-use rmcp::service::{Peer, RunningService};
+use rmcp::service::{Peer, PeerRequestOptions, RunningService};
 use rmcp::{ClientHandler, RoleClient, ServiceExt};
 use serde_json::{Value, json};
 use support::fault_smtp::{Action, FaultSmtp, Phase, Received, Script, Share, copies};
@@ -625,6 +626,142 @@ async fn deferred_mail_is_retried_expired_or_cancelled() {
     );
     let s = status_of(d.peer(), &doomed_id).await;
     assert_eq!(s["status"], "cancelled");
+    d.stop().await;
+}
+
+/// Starts a `send_email` call, waits for `until`, then cancels the call as
+/// a client does (`notifications/cancelled`).
+async fn send_then_cancel(
+    peer: &Peer<RoleClient>,
+    args: Value,
+    until: impl std::future::Future<Output = ()>,
+) {
+    let mut params = CallToolRequestParams::new("send_email");
+    if let Value::Object(map) = args {
+        params = params.with_arguments(map);
+    }
+    let request = ClientRequest::CallToolRequest(CallToolRequest::new(params));
+    let handle = peer
+        .send_cancellable_request(request, PeerRequestOptions::no_options())
+        .await
+        .unwrap();
+    until.await;
+    handle
+        .cancel(Some("the client gave up".into()))
+        .await
+        .unwrap();
+}
+
+/// The message sent with idempotency key `key`, once it is finished.
+async fn finished_by_key(peer: &Peer<RoleClient>, key: &str) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        let c = call(
+            peer,
+            "status",
+            "get_message_status",
+            json!({ "idempotency_key": key }),
+            LIMIT,
+        )
+        .await;
+        let s = c.value().cloned().unwrap_or(Value::Null);
+        if s["status"]
+            .as_str()
+            .is_some_and(|st| !["queued", "scheduled", "sending"].contains(&st))
+        {
+            return s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "never finished: {c:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A call that waits and is cancelled by its client (`notifications/cancelled`:
+/// what the TypeScript SDK sends when its 60 s request timeout passes, and
+/// rmcp's client when a call is dropped) cancels its message while no relay
+/// has begun to commit it: in its first round, stored or not yet, and while
+/// it waits for a retry. Once a relay has its final "." the delivery goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_its_client_cancels_cancels_its_message_until_a_relay_commits_it() {
+    let smtp = FaultSmtp::start(Script::ok().on(Phase::Greeting, Action::Hang)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(dir.path(), smtp.port(), "");
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let soon = || tokio::time::sleep(Duration::from_millis(300));
+
+    // In its first round, the relay silent after connecting: stored first
+    // (it has a key), then without a key (stored by its round only).
+    send_then_cancel(
+        d.peer(),
+        msg("silent", json!({"idempotency_key": "k-silent"})),
+        soon(),
+    )
+    .await;
+    let s = finished_by_key(d.peer(), "k-silent").await;
+    assert_eq!(s["status"], "cancelled", "{s}");
+    send_then_cancel(d.peer(), msg("fresh", json!({})), soon()).await;
+    let start = std::time::Instant::now();
+    let fresh = loop {
+        let listed = call(d.peer(), "list", "list_messages", json!({}), LIMIT).await;
+        let newest = listed.value().unwrap()["messages"][0].clone();
+        if newest["message_id"] != s["message_id"] && newest["status"] == "cancelled" {
+            break newest;
+        }
+        assert!(start.elapsed() < LIMIT, "never cancelled: {listed:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    // Waiting for a retry: every attempt answered 451.
+    smtp.set_script(Script::ok().on(Phase::Mail, Action::reply(451, "try later")));
+    let attempted = || async {
+        while smtp.commands(Phase::Mail) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    send_then_cancel(
+        d.peer(),
+        msg("deferred", json!({"idempotency_key": "k-retry"})),
+        attempted(),
+    )
+    .await;
+    let s = finished_by_key(d.peer(), "k-retry").await;
+    assert_eq!(s["status"], "cancelled", "{s}");
+    assert!(
+        !s["attempts"].as_array().unwrap().is_empty(),
+        "it was tried: {s}"
+    );
+
+    // None of the three goes out once the relay takes mail again.
+    smtp.set_script(Script::ok());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(smtp.received().is_empty(), "a cancelled message was sent");
+    for id in [&fresh["message_id"], &s["message_id"]] {
+        assert_eq!(
+            status_of(d.peer(), id.as_str().unwrap()).await["status"],
+            "cancelled"
+        );
+    }
+
+    // The relay has its final "." (and never answers): the delivery goes on,
+    // and ends `unknown`, never `cancelled`.
+    smtp.set_script(Script::ok().on(Phase::AfterDot, Action::Hang));
+    let dotted = || async {
+        while smtp.received().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    send_then_cancel(
+        d.peer(),
+        msg("dotted", json!({"idempotency_key": "k-dot"})),
+        dotted(),
+    )
+    .await;
+    let s = finished_by_key(d.peer(), "k-dot").await;
+    assert_eq!(s["status"], "unknown", "{s}");
     d.stop().await;
 }
 

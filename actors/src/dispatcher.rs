@@ -12,6 +12,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorRef};
 use tokio::sync::{Semaphore, oneshot};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::mail::{CommitMark, FailureReason, Mail, Progress, Report, Status};
 use crate::relay::{RelayMsg, relay_status};
@@ -120,6 +121,19 @@ impl Dispatcher {
     /// [`Dispatcher::send`], recording with `mark` before the final "." of
     /// any attempt (the durable queue's crash marker).
     pub async fn send_marked(&self, mail: Mail, mark: Option<Arc<dyn CommitMark>>) -> Report {
+        self.send_cancellable(mail, mark, None).await
+    }
+
+    /// [`Dispatcher::send_marked`], given up when `cancel` fires before any
+    /// relay began to commit the message (before its final "."): then it is
+    /// not sent and the report says `Cancelled` at once. Once a relay began
+    /// to commit it, the delivery goes on and the report says how it ended.
+    pub async fn send_cancellable(
+        &self,
+        mail: Mail,
+        mark: Option<Arc<dyn CommitMark>>,
+        cancel: Option<CancellationToken>,
+    ) -> Report {
         let inner = &*self.inner;
         if !inner.accepting.load(Ordering::Acquire) {
             return Report::failed(
@@ -140,7 +154,11 @@ impl Dispatcher {
             );
         }
         let deadline = mail.deadline;
-        let _slot = match tokio::time::timeout_at(deadline, inner.slots.acquire()).await {
+        let slot = tokio::select! {
+            slot = tokio::time::timeout_at(deadline, inner.slots.acquire()) => slot,
+            () = cancelled(cancel.as_ref()) => return Report::failed(&mail, FailureReason::Cancelled, CANCELLED.into()),
+        };
+        let _slot = match slot {
             Ok(Ok(permit)) => permit,
             _ => {
                 return Report::failed(
@@ -179,7 +197,22 @@ impl Dispatcher {
                 tokio::time::sleep(ROUTER_RETRY).await;
                 continue;
             }
-            match tokio::time::timeout_at(deadline + REPLY_GRACE, rx).await {
+            let reply = tokio::time::timeout_at(deadline + REPLY_GRACE, rx);
+            tokio::pin!(reply);
+            let mut watching = cancel.is_some();
+            let replied = loop {
+                tokio::select! {
+                    r = &mut reply => break r,
+                    () = cancelled(cancel.as_ref()), if watching => {
+                        // Not sent unless a relay already began to commit it.
+                        if progress.cancel() {
+                            return Report::failed(&mail, FailureReason::Cancelled, CANCELLED.into());
+                        }
+                        watching = false;
+                    }
+                }
+            };
+            match replied {
                 Ok(Ok(report)) => return report,
                 // An actor stopped with the message in its mailbox or its
                 // task: send it again unless it may have been delivered.
@@ -424,6 +457,17 @@ async fn futures_join_all<F: std::future::Future<Output = ()>>(futures: impl Ite
 
 /// The report for a message whose answer never came: unknown if the final
 /// "." may have gone out, failed otherwise.
+/// What a report of a cancelled send says.
+const CANCELLED: &str = "the call was cancelled before any relay took the message; it was not sent";
+
+/// Fires when `cancel` does; never without one.
+async fn cancelled(cancel: Option<&CancellationToken>) {
+    match cancel {
+        Some(c) => c.cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
 fn lost(mail: &Mail, progress: &Progress, why: &str) -> Report {
     if progress.abandon() {
         Report::failed(

@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
 use lettre::Address;
@@ -165,6 +165,9 @@ pub enum FailureReason {
     /// Every relay that may take the message used up its `rate`; one has
     /// room again after `wait_ms`.
     RateLimited { wait_ms: u64 },
+    /// The caller cancelled the call before any relay began to commit the
+    /// message: it was not sent.
+    Cancelled,
 }
 
 impl FailureReason {
@@ -179,6 +182,7 @@ impl FailureReason {
             FailureReason::UnknownRelay => "unknown_relay",
             FailureReason::Unavailable => "unavailable",
             FailureReason::RateLimited { .. } => "relay_rate_limited",
+            FailureReason::Cancelled => "cancelled",
         }
     }
 }
@@ -228,6 +232,9 @@ pub trait CommitMark: Send + Sync + std::fmt::Debug {
 pub struct Progress {
     state: AtomicU8,
     mark: Option<Arc<dyn CommitMark>>,
+    /// The caller cancelled: a commit a relay gives back is abandoned, so
+    /// that no other relay takes the message.
+    cancelled: AtomicBool,
 }
 
 const PENDING: u8 = 0;
@@ -240,6 +247,7 @@ impl Progress {
         Progress {
             state: AtomicU8::new(PENDING),
             mark,
+            cancelled: AtomicBool::new(false),
         }
     }
 
@@ -276,12 +284,25 @@ impl Progress {
         }
     }
 
+    /// Called by a caller that cancels: [`Progress::abandon`], and should a
+    /// relay that is committing it give the message back, it is abandoned
+    /// then. Returns false if a relay is committing it now.
+    pub fn cancel(&self) -> bool {
+        self.cancelled.store(true, Ordering::Release);
+        self.abandon()
+    }
+
     /// Called after a clear 4xx reply to the final ".": the server did not
-    /// take the message, so another relay may.
+    /// take the message, so another relay may, unless the caller cancelled.
     pub fn release(&self) {
-        let _ =
-            self.state
-                .compare_exchange(COMMITTED, PENDING, Ordering::AcqRel, Ordering::Acquire);
+        let to = if self.cancelled.load(Ordering::Acquire) {
+            ABANDONED
+        } else {
+            PENDING
+        };
+        let _ = self
+            .state
+            .compare_exchange(COMMITTED, to, Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// Whether the final "." was (or is being) sent.
@@ -292,5 +313,35 @@ impl Progress {
     /// Whether the caller gave up on the message.
     pub fn is_abandoned(&self) -> bool {
         self.state.load(Ordering::Acquire) == ABANDONED
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Progress;
+
+    #[test]
+    fn a_cancel_stops_a_message_no_relay_committed() {
+        let p = Progress::default();
+        assert!(p.cancel(), "nothing committed: stopped");
+        assert!(!p.commit(), "no relay may send it now");
+    }
+
+    #[test]
+    fn a_cancelled_commit_a_relay_gives_back_is_abandoned() {
+        let p = Progress::default();
+        assert!(p.commit(), "a relay sends the final \".\"");
+        assert!(!p.cancel(), "too late to stop that relay");
+        p.release();
+        assert!(
+            p.is_abandoned(),
+            "it did not take it, and no other relay may"
+        );
+        assert!(!p.commit());
+
+        let q = Progress::default();
+        assert!(q.commit());
+        q.release();
+        assert!(q.commit(), "without a cancel, another relay may take it");
     }
 }

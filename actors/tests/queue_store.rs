@@ -2203,6 +2203,7 @@ async fn postgres_a_mark_whose_answer_was_lost_is_sent_once_when_the_database_is
                     meta: None,
                     hold: None,
                     batch: None,
+                    cancel: None,
                 })
                 .await
         })

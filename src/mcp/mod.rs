@@ -5,6 +5,7 @@
 //! never talks SMTP itself.
 
 pub mod approval;
+pub mod cancel;
 pub mod http;
 pub mod resources;
 pub mod schema;
@@ -52,6 +53,8 @@ struct State {
     calls: Arc<transport::CallGate>,
     /// Clients subscribed to message resources.
     subscriptions: resources::Subscriptions,
+    /// Calls their clients may cancel (`notifications/cancelled`).
+    cancellable: cancel::Calls,
     /// Callers and operators by token, with their policies and rate
     /// buckets; rebuilt with the configuration.
     gate: RwLock<Arc<Gate>>,
@@ -117,12 +120,18 @@ impl MailmuxServer {
                 reload: tokio::sync::Mutex::new(()),
                 calls,
                 subscriptions: resources::Subscriptions::default(),
+                cancellable: cancel::Calls::default(),
                 gate: RwLock::new(gate),
                 audit,
                 console: crate::console::Console::default(),
             }),
             tool_router: Arc::new(standard_schemas(Self::tool_router())),
         }
+    }
+
+    /// The calls running now that their clients may cancel.
+    pub fn cancellable(&self) -> &cancel::Calls {
+        &self.state.cancellable
     }
 
     /// The count of `send_email` calls in progress.

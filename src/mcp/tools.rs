@@ -18,16 +18,17 @@ use rmcp::RoleServer;
 use rmcp::handler::server::tool::{ToolCallContext, schema_for_output};
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams, ContentBlock,
-    CustomRequest, CustomResult, GetTaskParams, GetTaskResult, Implementation,
-    ListResourceTemplatesResult, ListResourcesResult, PaginatedRequestParams,
-    ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, Resource,
-    ResourceContents, ResourceTemplate, ServerCapabilities, ServerConfig, SubscribeRequestParams,
-    SubscriptionFilter, UnsubscribeRequestParams,
+    CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams,
+    CancelledNotificationParam, ContentBlock, CustomRequest, CustomResult, GetTaskParams,
+    GetTaskResult, Implementation, ListResourceTemplatesResult, ListResourcesResult,
+    PaginatedRequestParams, ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult,
+    Resource, ResourceContents, ResourceTemplate, ServerCapabilities, ServerConfig,
+    SubscribeRequestParams, SubscriptionFilter, UnsubscribeRequestParams,
 };
-use rmcp::service::{Peer, RequestContext, SubscriptionContext};
+use rmcp::service::{NotificationContext, Peer, RequestContext, SubscriptionContext};
 use rmcp::{ErrorData, ServerHandler, tool, tool_handler, tool_router};
 use sha2::Digest;
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field::Empty};
 
 use super::types::*;
@@ -369,10 +370,17 @@ impl MailmuxServer {
         if as_task && let Ok(p) = &mut params {
             p.wait = Some(false);
         }
+        // Registered before anything is sent; only the client's
+        // `notifications/cancelled` fires it (see `cancel`).
+        let call = self
+            .cancellable()
+            .register(&caller, &ctx.extensions, ctx.id.clone());
+        let cancel = Some(call.token.clone());
         let (out, text) = self
-            .send_email_checked(caller, params, Some(ctx.peer))
+            .send_email_checked(caller, params, Some(ctx.peer), cancel)
             .instrument(span)
             .await;
+        drop(call);
         if as_task
             && out.error.is_none()
             && let Some(id) = &out.message_id
@@ -882,9 +890,10 @@ impl MailmuxServer {
         caller: Arc<Caller>,
         params: Result<SendEmailParams, ShapeError>,
         peer: Option<Peer<RoleServer>>,
+        cancel: Option<CancellationToken>,
     ) -> (SendResult, String) {
         match params {
-            Ok(p) => self.send_email_params(caller, p, peer).await,
+            Ok(p) => self.send_email_params(caller, p, peer, cancel).await,
             Err(e) => {
                 self.audit().refused(&Refusal {
                     caller: &caller.name,
@@ -1128,6 +1137,7 @@ impl MailmuxServer {
                 meta,
                 hold,
                 batch: None,
+                cancel: None,
             },
             envelope,
             deadline,
@@ -1484,18 +1494,21 @@ impl MailmuxServer {
     /// The whole `send_email` flow, shared by the tool and `mailmux send`:
     /// compose, then send (or only render, for a dry run). Returns the result
     /// and a sentence for the caller.
+    /// A call that waits and is cancelled by `cancel` (its client) cancels
+    /// its message if no relay began to commit it.
     pub async fn send_email_params(
         &self,
         caller: Arc<Caller>,
         params: SendEmailParams,
         peer: Option<Peer<RoleServer>>,
+        cancel: Option<CancellationToken>,
     ) -> (SendResult, String) {
         let _slot = self.call_gate().enter();
         if self.is_closing() {
             return failed(ToolError::unavailable());
         }
         let Ready {
-            submit,
+            mut submit,
             envelope,
             deadline,
             wait,
@@ -1507,10 +1520,17 @@ impl MailmuxServer {
         };
         let span = tracing::Span::current();
         let id = submit.mail.message_id.clone();
+        submit.cancel = cancel;
         let submitted = self.queue().submit(submit).await;
         let sub = match submitted {
             Ok(s) => s,
             Err(QueueError::ShuttingDown) => return failed(ToolError::unavailable()),
+            Err(QueueError::Cancelled) => {
+                return failed(ToolError::new(
+                    "cancelled",
+                    QueueError::Cancelled.to_string(),
+                ));
+            }
             Err(QueueError::Conflict { message_id }) => {
                 return failed(ToolError {
                     field: Some("idempotency_key".into()),
@@ -1718,6 +1738,22 @@ impl ServerHandler for MailmuxServer {
         };
         crate::telemetry::call(tool, outcome);
         result
+    }
+
+    /// A client cancelled one of its calls: a send that waits cancels its
+    /// message if no relay began to commit it.
+    async fn on_cancelled(
+        &self,
+        notification: CancelledNotificationParam,
+        context: NotificationContext<RoleServer>,
+    ) {
+        let caller = match context.extensions.get::<axum::http::request::Parts>() {
+            Some(parts) => parts.extensions.get::<Arc<Caller>>().cloned(),
+            None => Some(self.gate().stdio_caller()),
+        };
+        if let (Some(caller), Some(id)) = (caller, notification.request_id) {
+            self.cancellable().cancel(&caller, &context.extensions, id);
+        }
     }
 
     /// A request that fits no MCP request: see [`unmatched_request`].

@@ -21,6 +21,7 @@ use lettre::Address;
 use rand::Rng;
 use tokio::sync::{Notify, Semaphore, broadcast, mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{
@@ -92,6 +93,10 @@ pub struct Submit {
     pub hold: Option<Hold>,
     /// The `send_batch` call it came in.
     pub batch: Option<String>,
+    /// Fires when the caller cancels a call that waits: a message that no
+    /// relay has begun to commit (before its final ".") is then `cancelled`
+    /// and never sent. One a relay is committing goes on.
+    pub cancel: Option<CancellationToken>,
 }
 
 /// What happened to a message, as the audit log names it.
@@ -297,6 +302,8 @@ pub enum QueueError {
     Conflict { message_id: String },
     #[error("no message {0:?}")]
     NotFound(String),
+    #[error("the call was cancelled before its message was stored; nothing was sent")]
+    Cancelled,
 }
 
 /// The handle the daemon holds on the queue.
@@ -322,6 +329,9 @@ struct Inner {
     changes: broadcast::Sender<Change>,
     /// Callers waiting for the next round of a message.
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Report>>>>,
+    /// The tokens of callers that wait and may cancel (`Submit::cancel`),
+    /// by message: the runner's rounds of the message heed them too.
+    cancels: Mutex<HashMap<String, CancellationToken>>,
     /// Rounds at once, across callers and the runner (`max_in_flight`).
     slots: Arc<Semaphore>,
     /// Rounds started by polls and not ended yet.
@@ -462,6 +472,7 @@ impl Inner {
             ready,
             wake: Notify::new(),
             waiters: Mutex::new(HashMap::new()),
+            cancels: Mutex::new(HashMap::new()),
             slots: Arc::new(Semaphore::new(max_rounds.max(1))),
             polled: AtomicUsize::new(0),
             runner_bytes: AtomicU64::new(0),
@@ -583,12 +594,32 @@ impl Queue {
         // Wait: the first round here, then later rounds (retries within the
         // deadline) through the runner.
         let deadline = s.mail.deadline;
+        let cancel = s.cancel;
+        let _heeded = cancel.as_ref().map(|c| Heeded::new(inner, &id, c));
         let mut next = inner.waiter(&id);
-        let slot =
-            match tokio::time::timeout_at(deadline, inner.slots.clone().acquire_owned()).await {
-                Ok(Ok(permit)) => Some(permit),
-                _ => None,
-            };
+        let slot = tokio::select! {
+            slot = tokio::time::timeout_at(deadline, inner.slots.clone().acquire_owned()) => slot,
+            () = cancelled(cancel.as_ref()) => {
+                inner.drop_waiters(&id);
+                // Still claimed here: no round can take it meanwhile.
+                let cancelled = if fresh {
+                    Err(QueueError::Cancelled)
+                } else {
+                    self.cancel_claimed(&id).await
+                };
+                inner.unclaim(&id);
+                cancelled?;
+                return Ok(Submitted {
+                    record: inner.record(&id).await?,
+                    report: None,
+                    replay: false,
+                });
+            }
+        };
+        let slot = match slot {
+            Ok(Ok(permit)) => Some(permit),
+            _ => None,
+        };
         let mut report = None;
         // After the first round the answer is derived from what the round
         // settled, without reading the store back; later rounds are read.
@@ -596,8 +627,15 @@ impl Queue {
         if let Some(slot) = slot {
             let base = new.record(state, now);
             let fresh = fresh.then(|| new.clone());
-            let (r, settle, lost) =
-                first_round(inner.clone(), pending, fresh, deadline, slot).await;
+            let (r, settle, lost) = first_round(
+                inner.clone(),
+                pending,
+                fresh,
+                deadline,
+                slot,
+                cancel.clone(),
+            )
+            .await;
             if let Some(e) = lost {
                 inner.drop_waiters(&id);
                 return Err(e.into());
@@ -613,11 +651,25 @@ impl Queue {
             inner.unclaim(&id);
             inner.wake.notify_one();
         }
+        let mut cancelling = false;
         loop {
             let current = match record.take() {
                 Some(r) => r,
                 None => inner.record(&id).await?,
             };
+            // Cancelled while it waits for a retry: cancel it, unless a
+            // round took it just now; then again when that round ends.
+            if cancelling
+                && current.state == State::Queued
+                && self.cancel(&id).await? == Cancel::Cancelled
+            {
+                inner.drop_waiters(&id);
+                return Ok(Submitted {
+                    record: inner.record(&id).await?,
+                    report,
+                    replay: false,
+                });
+            }
             // A round in flight (here, or on another daemon of a shared
             // store) ends within the deadline or the deadline answers.
             let in_flight = current.state == State::Sending;
@@ -639,7 +691,14 @@ impl Queue {
                 Some(_) => (Instant::now() + SHARED_WAIT_POLL).min(deadline),
                 None => deadline,
             };
-            match tokio::time::timeout_at(pause, &mut next).await {
+            let waited = tokio::select! {
+                waited = tokio::time::timeout_at(pause, &mut next) => waited,
+                () = cancelled(cancel.as_ref()), if !cancelling => {
+                    cancelling = true;
+                    continue;
+                }
+            };
+            match waited {
                 Ok(Ok(r)) => {
                     report = Some(r);
                     next = inner.waiter(&id);
@@ -942,8 +1001,15 @@ impl Queue {
         if !inner.try_claim(message_id) {
             return Ok(Cancel::Refused(State::Sending));
         }
-        let result = inner.store.cancel(message_id).await;
+        let result = self.cancel_claimed(message_id).await;
         inner.unclaim(message_id);
+        result
+    }
+
+    /// [`Queue::cancel`] of a message this daemon has claimed.
+    async fn cancel_claimed(&self, message_id: &str) -> Result<Cancel, QueueError> {
+        let inner = &self.inner;
+        let result = inner.store.cancel(message_id).await;
         inner.note_write(&result);
         if matches!(result, Ok(Cancel::Cancelled)) {
             inner.changed(message_id, State::Cancelled);
@@ -1350,6 +1416,7 @@ impl Inner {
                     | FailureReason::Smtputf8Unsupported
                     | FailureReason::UnknownRelay,
                 ) => State::Failed,
+                Some(FailureReason::Cancelled) => State::Cancelled,
                 // Every relay failed transiently, was busy or down, or the
                 // daemon is stopping: wait and try again.
                 reason => {
@@ -1521,7 +1588,14 @@ async fn round(
     deadline: Instant,
     slot: tokio::sync::OwnedSemaphorePermit,
 ) -> (Report, Settle) {
-    let (report, settle, _) = first_round(inner, p, None, deadline, slot).await;
+    // A caller that waits for it may still cancel it.
+    let cancel = inner
+        .cancels
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&p.message_id)
+        .cloned();
+    let (report, settle, _) = first_round(inner, p, None, deadline, slot, cancel).await;
     (report, settle)
 }
 
@@ -1529,12 +1603,52 @@ async fn round(
 /// it is stored by the commit mark, or with the round's outcome when the
 /// round never reached the mark. The error is that of the write that
 /// should have stored a fresh message; then nothing of it is stored.
+/// A waiting caller's cancel token, known to every round of its message
+/// until the call returns.
+struct Heeded {
+    inner: Arc<Inner>,
+    id: String,
+}
+
+impl Heeded {
+    fn new(inner: &Arc<Inner>, id: &str, cancel: &CancellationToken) -> Self {
+        inner
+            .cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_owned(), cancel.clone());
+        Heeded {
+            inner: inner.clone(),
+            id: id.to_owned(),
+        }
+    }
+}
+
+impl Drop for Heeded {
+    fn drop(&mut self) {
+        self.inner
+            .cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// Fires when `cancel` does; never without one.
+async fn cancelled(cancel: Option<&CancellationToken>) {
+    match cancel {
+        Some(c) => c.cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn first_round(
     inner: Arc<Inner>,
     p: Pending,
     fresh: Option<NewMessage>,
     deadline: Instant,
     _slot: tokio::sync::OwnedSemaphorePermit,
+    cancel: Option<CancellationToken>,
 ) -> (Report, Settle, Option<StoreError>) {
     let _counted = inner.rounds.enter();
     let started = now_millis();
@@ -1557,7 +1671,7 @@ async fn first_round(
             );
             inner
                 .dispatcher
-                .send_marked(mail, Some(mark))
+                .send_cancellable(mail, Some(mark), cancel.clone())
                 .instrument(span)
                 .await
         }
@@ -1573,6 +1687,14 @@ async fn first_round(
         },
     };
     let mut settle = inner.settle_for(&report, &p, started);
+    // Cancelled by its caller and not taken by a relay: not tried again.
+    if cancel.as_ref().is_some_and(CancellationToken::is_cancelled)
+        && matches!(settle.state, State::Queued | State::Expired)
+    {
+        settle.state = State::Cancelled;
+        settle.reason = Some(FailureReason::Cancelled.code().into());
+        settle.next_attempt_at = None;
+    }
     let state = settle.state;
     let fresh = store_mark.take_fresh();
     // Stored by its mark (`accept_marked`), which may leave the bytes out.
