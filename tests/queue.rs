@@ -652,28 +652,23 @@ async fn send_then_cancel(
         .unwrap();
 }
 
-/// The message sent with idempotency key `key`, once it is finished.
-async fn finished_by_key(peer: &Peer<RoleClient>, key: &str) -> Value {
+/// The newest message, once it is finished; never one of `seen`.
+async fn newest_finished(peer: &Peer<RoleClient>, seen: &[String]) -> Value {
     let start = std::time::Instant::now();
     loop {
-        let c = call(
-            peer,
-            "status",
-            "get_message_status",
-            json!({ "idempotency_key": key }),
-            LIMIT,
-        )
-        .await;
-        let s = c.value().cloned().unwrap_or(Value::Null);
-        if s["status"]
-            .as_str()
-            .is_some_and(|st| !["queued", "scheduled", "sending"].contains(&st))
+        let listed = call(peer, "list", "list_messages", json!({"limit": 1}), LIMIT).await;
+        let newest = listed.value().unwrap()["messages"][0].clone();
+        let id = newest["message_id"].as_str().unwrap_or_default();
+        let st = newest["status"].as_str().unwrap_or_default();
+        if !id.is_empty()
+            && !seen.iter().any(|s| s == id)
+            && !["queued", "scheduled", "sending"].contains(&st)
         {
-            return s;
+            return status_of(peer, id).await;
         }
         assert!(
             start.elapsed() < Duration::from_secs(15),
-            "never finished: {c:?}"
+            "never finished: {listed:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -682,8 +677,10 @@ async fn finished_by_key(peer: &Peer<RoleClient>, key: &str) -> Value {
 /// A call that waits and is cancelled by its client (`notifications/cancelled`:
 /// what the TypeScript SDK sends when its 60 s request timeout passes, and
 /// rmcp's client when a call is dropped) cancels its message while no relay
-/// has begun to commit it: in its first round, stored or not yet, and while
-/// it waits for a retry. Once a relay has its final "." the delivery goes on.
+/// has begun to commit it: in its first round, and while it waits for a
+/// retry. Once a relay has its final "." the delivery goes on. A message
+/// with an idempotency key goes on too: the caller's retry with that key
+/// follows it, and it is sent once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_its_client_cancels_cancels_its_message_until_a_relay_commits_it() {
     let smtp = FaultSmtp::start(Script::ok().on(Phase::Greeting, Action::Hang)).await;
@@ -691,28 +688,17 @@ async fn a_call_its_client_cancels_cancels_its_message_until_a_relay_commits_it(
     let cfg = config_toml(dir.path(), smtp.port(), "");
     let d = Daemon::start(dir.path(), &cfg).await;
     let soon = || tokio::time::sleep(Duration::from_millis(300));
-
-    // In its first round, the relay silent after connecting: stored first
-    // (it has a key), then without a key (stored by its round only).
-    send_then_cancel(
-        d.peer(),
-        msg("silent", json!({"idempotency_key": "k-silent"})),
-        soon(),
-    )
-    .await;
-    let s = finished_by_key(d.peer(), "k-silent").await;
-    assert_eq!(s["status"], "cancelled", "{s}");
-    send_then_cancel(d.peer(), msg("fresh", json!({})), soon()).await;
-    let start = std::time::Instant::now();
-    let fresh = loop {
-        let listed = call(d.peer(), "list", "list_messages", json!({}), LIMIT).await;
-        let newest = listed.value().unwrap()["messages"][0].clone();
-        if newest["message_id"] != s["message_id"] && newest["status"] == "cancelled" {
-            break newest;
-        }
-        assert!(start.elapsed() < LIMIT, "never cancelled: {listed:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut seen = Vec::new();
+    let finished = |s: Value, seen: &mut Vec<String>| {
+        seen.push(s["message_id"].as_str().unwrap().to_owned());
+        s
     };
+
+    // In its first round, the relay silent after connecting.
+    send_then_cancel(d.peer(), msg("silent", json!({})), soon()).await;
+    let s = finished(newest_finished(d.peer(), &seen).await, &mut seen);
+    assert_eq!(s["status"], "cancelled", "{s}");
+    assert_eq!(s["reason"], "cancelled", "{s}");
 
     // Waiting for a retry: every attempt answered 451.
     smtp.set_script(Script::ok().on(Phase::Mail, Action::reply(451, "try later")));
@@ -722,45 +708,58 @@ async fn a_call_its_client_cancels_cancels_its_message_until_a_relay_commits_it(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    send_then_cancel(
-        d.peer(),
-        msg("deferred", json!({"idempotency_key": "k-retry"})),
-        attempted(),
-    )
-    .await;
-    let s = finished_by_key(d.peer(), "k-retry").await;
+    send_then_cancel(d.peer(), msg("deferred", json!({})), attempted()).await;
+    let s = finished(newest_finished(d.peer(), &seen).await, &mut seen);
     assert_eq!(s["status"], "cancelled", "{s}");
     assert!(
         !s["attempts"].as_array().unwrap().is_empty(),
         "it was tried: {s}"
     );
 
-    // None of the three goes out once the relay takes mail again.
+    // With a key, the message goes on: a retry with the key follows it.
+    send_then_cancel(
+        d.peer(),
+        msg("keyed", json!({"idempotency_key": "k-1"})),
+        soon(),
+    )
+    .await;
     smtp.set_script(Script::ok());
+    let retry = send(d.peer(), msg("keyed", json!({"idempotency_key": "k-1"}))).await;
+    assert_eq!(
+        retry.value().unwrap()["idempotent_replay"],
+        true,
+        "{retry:?}"
+    );
+    let keyed = retry.message_id().unwrap().to_string();
+    assert_eq!(settled(d.peer(), &keyed, LIMIT).await["status"], "sent");
+    seen.push(keyed.clone());
+
+    // Only the keyed message went out, once.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(smtp.received().is_empty(), "a cancelled message was sent");
-    for id in [&fresh["message_id"], &s["message_id"]] {
-        assert_eq!(
-            status_of(d.peer(), id.as_str().unwrap()).await["status"],
-            "cancelled"
-        );
+    let ids: Vec<String> = smtp
+        .delivered()
+        .iter()
+        .filter_map(|r| r.message_id.clone())
+        .collect();
+    assert_eq!(
+        ids,
+        [format!("<{keyed}>")],
+        "only the keyed message is sent"
+    );
+    for id in &seen[..2] {
+        assert_eq!(status_of(d.peer(), id).await["status"], "cancelled");
     }
 
     // The relay has its final "." (and never answers): the delivery goes on,
     // and ends `unknown`, never `cancelled`.
     smtp.set_script(Script::ok().on(Phase::AfterDot, Action::Hang));
     let dotted = || async {
-        while smtp.received().is_empty() {
+        while smtp.received().len() < 2 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     };
-    send_then_cancel(
-        d.peer(),
-        msg("dotted", json!({"idempotency_key": "k-dot"})),
-        dotted(),
-    )
-    .await;
-    let s = finished_by_key(d.peer(), "k-dot").await;
+    send_then_cancel(d.peer(), msg("dotted", json!({})), dotted()).await;
+    let s = newest_finished(d.peer(), &seen).await;
     assert_eq!(s["status"], "unknown", "{s}");
     d.stop().await;
 }

@@ -93,9 +93,11 @@ pub struct Submit {
     pub hold: Option<Hold>,
     /// The `send_batch` call it came in.
     pub batch: Option<String>,
-    /// Fires when the caller cancels a call that waits: a message that no
-    /// relay has begun to commit (before its final ".") is then `cancelled`
-    /// and never sent. One a relay is committing goes on.
+    /// Fires when the caller cancels a call that waits: a message without
+    /// an idempotency key that no relay has begun to commit (before its
+    /// final ".") is then `cancelled` and never sent. One a relay is
+    /// committing goes on, and so does one with a key, which a retry of the
+    /// call follows.
     pub cancel: Option<CancellationToken>,
 }
 
@@ -594,7 +596,9 @@ impl Queue {
         // Wait: the first round here, then later rounds (retries within the
         // deadline) through the runner.
         let deadline = s.mail.deadline;
-        let cancel = s.cancel;
+        // A message with a key goes on: the caller's retry with that key
+        // follows it (a replay) rather than sending it again.
+        let cancel = s.cancel.filter(|_| new.idempotency.is_none());
         let _heeded = cancel.as_ref().map(|c| Heeded::new(inner, &id, c));
         let mut next = inner.waiter(&id);
         let slot = tokio::select! {
