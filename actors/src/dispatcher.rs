@@ -461,7 +461,7 @@ async fn futures_join_all<F: std::future::Future<Output = ()>>(futures: impl Ite
 const CANCELLED: &str = "the call was cancelled before any relay took the message; it was not sent";
 
 /// Fires when `cancel` does; never without one.
-async fn cancelled(cancel: Option<&CancellationToken>) {
+pub(crate) async fn cancelled(cancel: Option<&CancellationToken>) {
     match cancel {
         Some(c) => c.cancelled().await,
         None => std::future::pending().await,

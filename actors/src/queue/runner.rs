@@ -29,7 +29,7 @@ use super::{
     NewMessage, Pending, QueueSettings, Record, RejectedRecord, Settle, State, Stats, Store,
     StoreError, Summary, now_millis, to_millis,
 };
-use crate::dispatcher::Dispatcher;
+use crate::dispatcher::{Dispatcher, cancelled};
 use crate::mail::{CommitMark, FailureReason, Mail, Report, Status};
 use crate::tally::Tally;
 
@@ -1635,14 +1635,6 @@ impl Drop for Heeded {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.id);
-    }
-}
-
-/// Fires when `cancel` does; never without one.
-async fn cancelled(cancel: Option<&CancellationToken>) {
-    match cancel {
-        Some(c) => c.cancelled().await,
-        None => std::future::pending().await,
     }
 }
 
