@@ -285,6 +285,83 @@ async fn a_body_that_is_not_json_rpc_gets_a_json_rpc_error() {
         .unwrap();
 }
 
+/// Over HTTP, `notifications/cancelled` cancels a call of its own session
+/// only: another session's notification naming the same request id does
+/// nothing, and the call's own cancels its message (the relay accepts and
+/// never greets, so no relay ever commits it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_cancels_its_own_calls_only() {
+    use rmcp::model::{CallToolRequest, CancelledNotificationParam, ClientRequest};
+    use rmcp::service::PeerRequestOptions;
+
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            open.push(conn);
+        }
+    });
+    let mut cfg = config(vec![relay("silent", port, 100)]);
+    cfg.daemon.http.token = Some(Secret::new(TOKEN));
+    let (base, stop, task) = in_process_with(cfg, true).await;
+    let url = format!("{base}/mcp");
+    let client = || async {
+        let cfg = StreamableHttpClientTransportConfig::with_uri(url.clone()).auth_header(TOKEN);
+        ().serve(StreamableHttpClientTransport::from_config(cfg))
+            .await
+            .expect("client initializes over HTTP")
+    };
+    let (a, b) = (client().await, client().await);
+    let params = CallToolRequestParams::new("send_email").with_arguments(
+        json!({"to": "rcpt@example.org", "subject": "cancel me", "body": "b"})
+            .as_object()
+            .unwrap()
+            .clone(),
+    );
+    let request = ClientRequest::CallToolRequest(CallToolRequest::new(params));
+    let mut handle = a
+        .peer()
+        .send_cancellable_request(request, PeerRequestOptions::no_options())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.peer()
+        .notify_cancelled(CancelledNotificationParam::new(
+            Some(handle.id.clone()),
+            Some("not mine".into()),
+        ))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(handle.rx.try_recv().is_err(), "the call still runs");
+    handle.cancel(Some("gave up".into())).await.unwrap();
+    let start = Instant::now();
+    loop {
+        let listed = a
+            .call_tool(CallToolRequestParams::new("list_messages"))
+            .await
+            .unwrap();
+        let out = listed.structured_content.unwrap();
+        if out["messages"][0]["status"] == "cancelled" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "never cancelled: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = a.cancel().await;
+    let _ = b.cancel().await;
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(15), task)
+        .await
+        .expect("stops")
+        .unwrap();
+    held.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stateless_mode_sends() {
     let smtp = Aiosmtpd::start();
