@@ -589,6 +589,20 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
     assert!(to.contains("not%20the%20one%20shown"), "{to}");
     wait_status(&mcp, &c, "held").await;
 
+    // A state the URL names that does not exist is said, and every state
+    // is listed.
+    let page = page_text(
+        &http,
+        &format!("{base}/console/queue?state=sendingg"),
+        &cookie,
+    )
+    .await;
+    assert!(
+        page.contains("No state is named &quot;sendingg&quot;"),
+        "{page}"
+    );
+    assert!(page.contains(&c), "every state is listed");
+
     // A body appears only on its message's page and on the approvals page.
     for path in ["/console", "/console/queue", "/console/relays"] {
         let page = page_text(&http, &format!("{base}{path}"), &cookie).await;

@@ -337,7 +337,14 @@ async fn queue(
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
     };
-    let state = nonempty(&q.state).and_then(|s| MsgState::parse(&s));
+    let asked = nonempty(&q.state);
+    let state = asked.as_deref().and_then(MsgState::parse);
+    // A state the URL names that does not exist is said, not dropped.
+    let unknown = asked.filter(|_| state.is_none()).map(|s| {
+        let shown: String = s.chars().take(64).collect();
+        format!("No state is named {shown:?}: every state is listed.")
+    });
+    let notice = q.notice.as_deref().or(unknown.as_deref());
     let filter = Filter {
         state,
         caller: nonempty(&q.caller),
@@ -355,7 +362,7 @@ async fn queue(
                 .into_response();
         }
     };
-    pages::queue(&op, q.notice.as_deref(), &filter, &page, next).into_response()
+    pages::queue(&op, notice, &filter, &page, next).into_response()
 }
 
 async fn message(
