@@ -1755,6 +1755,10 @@ async fn the_queue_command_works_with_the_daemon_stopped() {
     let (code, out, err) = q(&["list", "--json"]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(out.lines().count(), 6, "{out}");
+    let (code, out, err) = q(&["list", "--json", "--limit", "2"]);
+    assert_eq!((code, out.lines().count()), (Some(0), 2), "{out}{err}");
+    let (code, _, err) = q(&["list", "--limit", "0"]);
+    assert_eq!(code, Some(2), "a limit of 0 is a usage error: {err}");
     // Approvals need an operator's token, and a held message.
     let (code, _, err) = q(&["approve", &held_a]);
     assert_eq!(code, Some(2), "no operator token: {err}");

@@ -50,7 +50,9 @@ pub struct ListArgs {
     /// Only messages in this state.
     #[arg(long)]
     pub status: Option<String>,
-    #[arg(long, default_value_t = 50)]
+    /// At most this many, newest first (at least 1).
+    #[arg(long, default_value_t = 50,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub limit: usize,
     /// One JSON object a line.
     #[arg(long)]
@@ -231,7 +233,7 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
                 state,
                 ..Filter::default()
             };
-            let (page, _) = match store.list(&filter, a.limit.max(1), None).await {
+            let (page, _) = match store.list(&filter, a.limit, None).await {
                 Ok(p) => p,
                 Err(e) => return fail(e),
             };
