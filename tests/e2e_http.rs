@@ -92,6 +92,15 @@ async fn in_process_with(
     (base, stop, task)
 }
 
+/// Stops a daemon [`in_process`] started, and waits for it.
+async fn stop_in_process(stop: oneshot::Sender<()>, task: tokio::task::JoinHandle<()>) {
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(15), task)
+        .await
+        .expect("stops")
+        .unwrap();
+}
+
 fn init_body() -> Value {
     json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{
         "protocolVersion":"2025-06-18","capabilities":{},
@@ -206,11 +215,7 @@ async fn guards_token_host_origin_and_body_limit() {
     assert!(!is_error);
     assert_eq!(out["relays"][0]["name"], "primary");
 
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(15), task)
-        .await
-        .expect("stops")
-        .unwrap();
+    stop_in_process(stop, task).await;
 }
 
 /// A JSON body that is not one JSON-RPC message is answered 400 with
@@ -278,11 +283,7 @@ async fn a_body_that_is_not_json_rpc_gets_a_json_rpc_error() {
     assert!(!is_error, "{out}");
     assert!(smtp.messages().is_empty(), "nothing is sent");
 
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(15), task)
-        .await
-        .expect("stops")
-        .unwrap();
+    stop_in_process(stop, task).await;
 }
 
 /// Over HTTP, `notifications/cancelled` cancels a call of its own session
@@ -354,11 +355,7 @@ async fn a_session_cancels_its_own_calls_only() {
     }
     let _ = a.cancel().await;
     let _ = b.cancel().await;
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(15), task)
-        .await
-        .expect("stops")
-        .unwrap();
+    stop_in_process(stop, task).await;
     held.abort();
 }
 

@@ -19,8 +19,8 @@ use rmcp::handler::server::tool::{ToolCallContext, schema_for_output};
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams,
-    CancelledNotificationParam, ContentBlock, CustomRequest, CustomResult, GetTaskParams,
-    GetTaskResult, Implementation, ListResourceTemplatesResult, ListResourcesResult,
+    CancelledNotificationParam, ContentBlock, CustomRequest, CustomResult, Extensions,
+    GetTaskParams, GetTaskResult, Implementation, ListResourceTemplatesResult, ListResourcesResult,
     PaginatedRequestParams, ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult,
     Resource, ResourceContents, ResourceTemplate, ServerCapabilities, ServerConfig,
     SubscribeRequestParams, SubscriptionFilter, UnsubscribeRequestParams,
@@ -218,7 +218,12 @@ pub fn tool_span(tool: &'static str) -> tracing::Span {
 /// else (stdio, in process) the stdio caller. An HTTP request without one
 /// never reaches a tool (the guard answers 401).
 pub fn caller_of(server: &MailmuxServer, ctx: &RequestContext<RoleServer>) -> Option<Arc<Caller>> {
-    match ctx.extensions.get::<axum::http::request::Parts>() {
+    caller_in(server, &ctx.extensions)
+}
+
+/// [`caller_of`], from a request's or a notification's extensions.
+fn caller_in(server: &MailmuxServer, extensions: &Extensions) -> Option<Arc<Caller>> {
+    match extensions.get::<axum::http::request::Parts>() {
         Some(parts) => parts.extensions.get::<Arc<Caller>>().cloned(),
         None => Some(server.gate().stdio_caller()),
     }
@@ -1747,10 +1752,7 @@ impl ServerHandler for MailmuxServer {
         notification: CancelledNotificationParam,
         context: NotificationContext<RoleServer>,
     ) {
-        let caller = match context.extensions.get::<axum::http::request::Parts>() {
-            Some(parts) => parts.extensions.get::<Arc<Caller>>().cloned(),
-            None => Some(self.gate().stdio_caller()),
-        };
+        let caller = caller_in(self, &context.extensions);
         if let (Some(caller), Some(id)) = (caller, notification.request_id) {
             self.cancellable().cancel(&caller, &context.extensions, id);
         }
