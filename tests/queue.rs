@@ -636,7 +636,17 @@ async fn send_then_cancel(
     args: Value,
     until: impl std::future::Future<Output = ()>,
 ) {
-    let mut params = CallToolRequestParams::new("send_email");
+    call_then_cancel(peer, "send_email", args, until).await;
+}
+
+/// Calls `tool` with `args`, and cancels the call once `until` is done.
+async fn call_then_cancel(
+    peer: &Peer<RoleClient>,
+    tool: &'static str,
+    args: Value,
+    until: impl std::future::Future<Output = ()>,
+) {
+    let mut params = CallToolRequestParams::new(tool);
     if let Value::Object(map) = args {
         params = params.with_arguments(map);
     }
@@ -761,6 +771,84 @@ async fn a_call_its_client_cancels_cancels_its_message_until_a_relay_commits_it(
     send_then_cancel(d.peer(), msg("dotted", json!({})), dotted()).await;
     let s = newest_finished(d.peer(), &seen).await;
     assert_eq!(s["status"], "unknown", "{s}");
+    d.stop().await;
+}
+
+/// Each stored message's status, by its one recipient, once those of
+/// `tag` are all `cancelled` or `sent` but the keyed one (or 15 s have
+/// passed).
+async fn batch_states(
+    peer: &Peer<RoleClient>,
+    tag: &str,
+) -> std::collections::HashMap<String, String> {
+    let start = std::time::Instant::now();
+    loop {
+        let states: std::collections::HashMap<String, String> = harness::list_all(peer, 100)
+            .await
+            .iter()
+            .filter_map(|m| {
+                let to = m["recipients"][0].as_str()?;
+                let st = m["status"].as_str()?;
+                to.starts_with(&format!("{tag}+"))
+                    .then(|| (to.to_owned(), st.to_owned()))
+            })
+            .collect();
+        let done = states
+            .iter()
+            .all(|(to, st)| to.contains("keyed") || st == "cancelled" || st == "sent");
+        if (done && !states.is_empty()) || start.elapsed() > Duration::from_secs(15) {
+            return states;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A `send_batch` that waits, cancelled by its client, cancels its messages
+/// as a cancelled `send_email` does: those in a round and those waiting for
+/// a round slot, whether the batch was stored in one write or, over 4 MiB,
+/// as it was composed (then delivered by the runner's rounds). A message
+/// with an idempotency key goes on and is sent once; nothing else reaches
+/// the sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_its_client_cancels_cancels_its_messages_but_the_keyed_ones() {
+    cancel_a_batch("small", "a short body\n".into()).await;
+    cancel_a_batch("large", long_body(15_000)).await;
+}
+
+/// Six messages to `tag+i@example.org` with `body`, the last with a key;
+/// two round slots, each held by a relay silent after connecting, while
+/// the others wait for one; the call cancelled then.
+async fn cancel_a_batch(tag: &str, body: String) {
+    const N: usize = 6;
+    let script = Script::ok().on(Phase::Greeting, Action::Hang);
+    let (smtp, _dir, _cfg, d, mut args) = waiting_batch(script, "8s", 2, tag, N).await;
+    let keyed = format!("{tag}+keyed@example.org");
+    args["defaults"]["body"] = json!(body);
+    args["messages"][N - 1] = json!({"to": [keyed], "idempotency_key": tag});
+    let connected = || async {
+        support::wait_until(|| smtp.connections() >= 2, LIMIT).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    call_then_cancel(d.peer(), "send_batch", args, connected()).await;
+    let states = batch_states(d.peer(), tag).await;
+    assert_eq!(states.len(), N, "{states:?}");
+    for (to, st) in &states {
+        if *to != keyed {
+            assert_eq!(st, "cancelled", "{to}: {states:?}");
+        }
+    }
+
+    // The keyed message goes on, and is the only one sent.
+    smtp.set_script(Script::ok());
+    let sent = support::wait_until(|| !smtp.delivered().is_empty(), LIMIT).await;
+    assert!(sent, "{keyed} was never sent");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let to: Vec<String> = smtp
+        .delivered()
+        .iter()
+        .flat_map(|r| r.rcpt_to.clone())
+        .collect();
+    assert_eq!(to, [keyed]);
     d.stop().await;
 }
 

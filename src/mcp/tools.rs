@@ -258,6 +258,19 @@ fn no_caller() -> ToolError {
     )
 }
 
+/// A call its client cancelled before anything of it was stored.
+fn cancelled_call() -> ToolError {
+    ToolError::new("cancelled", QueueError::Cancelled.to_string())
+}
+
+/// A batch its client cancelled before any message of it was stored.
+fn cancelled_batch() -> ToolError {
+    ToolError::new(
+        "cancelled",
+        "the call was cancelled before its messages were stored; nothing was sent",
+    )
+}
+
 /// Whether `caller` may see or act on a message stored by `owner`.
 fn owns(caller: &Caller, owner: Option<&str>) -> bool {
     owner.is_none_or(|o| o == &*caller.name)
@@ -423,7 +436,17 @@ impl MailmuxServer {
             Ok(p) => p,
             Err(e) => return fail::<SendBatchResult>(shape(e)),
         };
-        let (out, text) = self.send_batch_params(caller, p).instrument(span).await;
+        // As for `send_email`: only the client's `notifications/cancelled`
+        // fires it.
+        let call = self
+            .cancellable()
+            .register(&caller, &ctx.extensions, ctx.id.clone());
+        let cancel = Some(call.token.clone());
+        let (out, text) = self
+            .send_batch_params(caller, p, cancel)
+            .instrument(span)
+            .await;
+        drop(call);
         respond(out, text)
     }
 
@@ -1154,11 +1177,15 @@ impl MailmuxServer {
 
     /// The whole `send_batch` flow: each message prepared as `send_email`
     /// would, the valid ones stored in one transaction, then (with `wait`)
-    /// each followed to its outcome.
+    /// each followed to its outcome. A cancel by the call's client
+    /// (`cancel`) stores nothing while the batch is composed, and later
+    /// cancels each message without an idempotency key that no relay is
+    /// committing, as for `send_email`.
     pub async fn send_batch_params(
         &self,
         caller: Arc<Caller>,
         p: SendBatchParams,
+        cancel: Option<CancellationToken>,
     ) -> (SendBatchResult, String) {
         let _slot = self.call_gate().enter();
         let refuse_all = |e: ToolError| {
@@ -1259,6 +1286,10 @@ impl MailmuxServer {
         let mut any_invalid = false;
         let mut deadline = None;
         for (i, mut item) in p.messages.into_iter().enumerate() {
+            // Nothing is stored yet: a stream dropped here stores nothing.
+            if cancel.as_ref().is_some_and(CancellationToken::is_cancelled) {
+                return refuse_all(cancelled_batch());
+            }
             any_invalid |= results.last().is_some_and(|r| r.error.is_some());
             if atomic && any_invalid || total > limit {
                 ready.clear();
@@ -1425,10 +1456,14 @@ impl MailmuxServer {
         if !ready.is_empty() || stream.is_some() {
             let wait_until = if wait { deadline } else { None };
             let (indexes, answers) = match stream {
-                Some(st) => (streamed, st.commit(wait_until).await),
+                Some(st) => (streamed, st.commit(wait_until, cancel).await),
                 None => {
                     let (indexes, submits): (Vec<usize>, Vec<Submit>) = ready.into_iter().unzip();
-                    (indexes, self.queue().submit_many(submits, wait_until).await)
+                    let queue = self.queue();
+                    (
+                        indexes,
+                        queue.submit_many(submits, wait_until, cancel).await,
+                    )
                 }
             };
             match answers {
@@ -1460,6 +1495,7 @@ impl MailmuxServer {
                 Err(e) => {
                     let e = match e {
                         QueueError::ShuttingDown => ToolError::unavailable(),
+                        QueueError::Cancelled => cancelled_batch(),
                         other => queue_unavailable(&other, None),
                     };
                     for i in indexes {
@@ -1530,12 +1566,7 @@ impl MailmuxServer {
         let sub = match submitted {
             Ok(s) => s,
             Err(QueueError::ShuttingDown) => return failed(ToolError::unavailable()),
-            Err(QueueError::Cancelled) => {
-                return failed(ToolError::new(
-                    "cancelled",
-                    QueueError::Cancelled.to_string(),
-                ));
-            }
+            Err(QueueError::Cancelled) => return failed(cancelled_call()),
             Err(QueueError::Conflict { message_id }) => {
                 return failed(ToolError {
                     field: Some("idempotency_key".into()),

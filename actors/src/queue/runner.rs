@@ -97,7 +97,8 @@ pub struct Submit {
     /// an idempotency key that no relay has begun to commit (before its
     /// final ".") is then `cancelled` and never sent. One a relay is
     /// committing goes on, and so does one with a key, which a retry of the
-    /// call follows.
+    /// call follows. Heeded by [`Queue::submit`]; a batch's call gives its
+    /// token to [`Queue::submit_many`] or [`Stream::commit`] instead.
     pub cancel: Option<CancellationToken>,
 }
 
@@ -764,16 +765,23 @@ impl Queue {
     /// got no round slot by then, or that was deferred, answers `queued`
     /// and the runner goes on with it. Without it, the runner delivers them.
     /// Each answer is the message, or the first message of its idempotency
-    /// key (a replay), or a conflict.
+    /// key (a replay), or a conflict. When `cancel` fires while the call
+    /// waits, its messages are cancelled as [`Queue::submit`]'s is
+    /// ([`Queue::cancel_batch`]), and the answers are as stored then.
     pub async fn submit_many(
         &self,
         batch: Vec<Submit>,
         wait_until: Option<Instant>,
+        cancel: Option<CancellationToken>,
     ) -> Result<Vec<Result<Submitted, QueueError>>, QueueError> {
         let inner = &self.inner;
         if !inner.accepting.load(Ordering::Acquire) {
             return Err(QueueError::ShuttingDown);
         }
+        if cancel.as_ref().is_some_and(CancellationToken::is_cancelled) {
+            return Err(QueueError::Cancelled);
+        }
+        let cancel = cancel.filter(|_| wait_until.is_some() && inner.delivers);
         let now = now_millis();
         let mut news = Vec::with_capacity(batch.len());
         let mut pendings = Vec::with_capacity(batch.len());
@@ -800,6 +808,9 @@ impl Queue {
         // Spawned, not in a JoinSet: a caller that goes away must not abort
         // a round half way (its claim and its settle would be lost).
         let mut rounds = Vec::new();
+        // The messages a cancel of the call cancels, and their tokens,
+        // known to their rounds (`round` reads them) until the call ends.
+        let mut heeded = Vec::new();
         for (k, ((new, pending), accepted)) in
             news.into_iter().zip(pendings).zip(accepted).enumerate()
         {
@@ -812,9 +823,21 @@ impl Queue {
                         (state, inner.delivers, wait_until)
                     {
                         let inner = self.inner.clone();
+                        let cancel = cancel.clone().filter(|_| new.idempotency.is_none());
+                        if let Some(c) = &cancel {
+                            heeded.push(Heeded::new(&inner, &id, c));
+                        }
                         rounds.push(tokio::spawn(async move {
                             let slots = inner.slots.clone();
-                            match tokio::time::timeout_at(deadline, slots.acquire_owned()).await {
+                            let slot = tokio::select! {
+                                slot = tokio::time::timeout_at(deadline, slots.acquire_owned()) => slot,
+                                // Let go for `cancel_batch` to cancel.
+                                () = cancelled(cancel.as_ref()) => {
+                                    inner.unclaim(&id);
+                                    return (k, None);
+                                }
+                            };
+                            match slot {
                                 Ok(Ok(slot)) => {
                                     // Boxed once it has a slot: a task
                                     // waiting for one stays small, though
@@ -858,15 +881,64 @@ impl Queue {
         inner.wake.notify_one();
         // Each round's outcome goes on the record already answered for its
         // message: one record a message while the rounds run.
-        for handle in rounds {
-            if let Ok((k, Some((report, settle, at)))) = handle.await
-                && let Ok(submitted) = &mut out[k]
-            {
-                submitted.record.settle_on(&settle, at);
-                submitted.report = Some(report);
+        let ended = {
+            let rounds = async {
+                for handle in rounds {
+                    if let Ok((k, Some((report, settle, at)))) = handle.await
+                        && let Ok(submitted) = &mut out[k]
+                    {
+                        submitted.record.settle_on(&settle, at);
+                        submitted.report = Some(report);
+                    }
+                }
+            };
+            tokio::select! {
+                () = rounds => true,
+                () = cancelled(cancel.as_ref()) => false,
+            }
+        };
+        if !ended && let Some(until) = wait_until {
+            let ids = heeded.iter().map(|h| h.id.clone()).collect();
+            self.cancel_batch(ids, until).await;
+            for s in out.iter_mut().flatten().filter(|s| !s.replay) {
+                if let Ok(record) = inner.record(&s.record.message_id).await {
+                    s.record = record;
+                }
             }
         }
+        drop(heeded);
         Ok(out)
+    }
+
+    /// Cancels the messages `ids` of a call its client cancelled, each as
+    /// [`Queue::submit`] cancels its one: a queued message is cancelled
+    /// here; one a round holds is cancelled by that round (it heeds the
+    /// call's token, which the caller keeps registered until this returns),
+    /// or goes on if a relay is committing it; it is waited for until
+    /// `until`. A message a task holds while it waits for a round slot is
+    /// cancelled once that task lets it go.
+    async fn cancel_batch(&self, ids: Vec<String>, until: Instant) {
+        let mut each = tokio::task::JoinSet::new();
+        for id in ids {
+            let queue = self.clone();
+            each.spawn(async move {
+                let inner = &queue.inner;
+                loop {
+                    let next = inner.waiter(&id);
+                    let held =
+                        matches!(queue.cancel(&id).await, Ok(Cancel::Refused(State::Sending)));
+                    if held && Instant::now() < until {
+                        let pause = (Instant::now() + POLL_INTERVAL).min(until);
+                        let _ = tokio::time::timeout_at(pause, next).await;
+                        continue;
+                    }
+                    drop(next);
+                    inner.drop_waiters(&id);
+                    return;
+                }
+            });
+        }
+        while each.join_next().await.is_some() {}
     }
 
     /// Opens a batch that is stored as it is composed: each message
@@ -1088,14 +1160,32 @@ impl Stream {
 
     /// Commits what was pushed, then answers as [`Queue::submit_many`]
     /// does: with `wait_until`, each due message once its first round has
-    /// ended, or as it is at `wait_until`.
+    /// ended, or as it is at `wait_until`; and with `cancel`, cancels the
+    /// messages as it does once that fires. Nothing is stored when it has
+    /// fired before the commit.
     pub async fn commit(
         mut self,
         wait_until: Option<Instant>,
+        cancel: Option<CancellationToken>,
     ) -> Result<Vec<Result<Submitted, QueueError>>, QueueError> {
         let inner = self.inner.clone();
         let now = self.now;
+        if cancel.as_ref().is_some_and(CancellationToken::is_cancelled) {
+            return Err(QueueError::Cancelled);
+        }
         let waits = wait_until.filter(|_| inner.delivers);
+        // Known to the runner's rounds before any can take a message.
+        let heeded: Vec<Heeded> = match (&cancel, waits) {
+            (Some(c), Some(_)) => self
+                .fed
+                .iter()
+                .filter(|(new, _)| {
+                    new.idempotency.is_none() && new.initial_state(now) == State::Queued
+                })
+                .map(|(new, _)| Heeded::new(&inner, &new.message_id, c))
+                .collect(),
+            _ => Vec::new(),
+        };
         // Waiting before the commit: a poll may deliver a message as soon
         // as it is stored.
         let mut receivers: Vec<Option<oneshot::Receiver<Report>>> = self
@@ -1164,26 +1254,48 @@ impl Stream {
             }
         }
         inner.wake.notify_one();
-        for (k, rx) in receivers.iter_mut().enumerate() {
-            let (Some(rx), Some(deadline)) = (rx.take(), waits) else {
-                continue;
+        let ended = {
+            let outcomes = async {
+                for (k, rx) in receivers.iter_mut().enumerate() {
+                    let (Some(rx), Some(deadline)) = (rx.take(), waits) else {
+                        continue;
+                    };
+                    let id = &self.fed[k].0.message_id;
+                    if !matches!(&out[k], Ok(s) if !s.replay && s.record.state == State::Queued) {
+                        drop(rx);
+                        inner.drop_waiters(id);
+                        continue;
+                    }
+                    let report = first_outcome(&inner, id, rx, deadline).await;
+                    inner.drop_waiters(id);
+                    if let Ok(record) = inner.record(id).await {
+                        out[k] = Ok(Submitted {
+                            record,
+                            report,
+                            replay: false,
+                        });
+                    }
+                }
             };
-            let id = &self.fed[k].0.message_id;
-            if !matches!(&out[k], Ok(s) if !s.replay && s.record.state == State::Queued) {
-                drop(rx);
-                inner.drop_waiters(id);
-                continue;
+            tokio::select! {
+                () = outcomes => true,
+                () = cancelled(cancel.as_ref()) => false,
             }
-            let report = first_outcome(&inner, id, rx, deadline).await;
-            inner.drop_waiters(id);
-            if let Ok(record) = inner.record(id).await {
-                out[k] = Ok(Submitted {
-                    record,
-                    report,
-                    replay: false,
-                });
+        };
+        if !ended && let Some(until) = waits {
+            drop_all(&mut receivers);
+            let queue = Queue {
+                inner: inner.clone(),
+            };
+            let ids = heeded.iter().map(|h| h.id.clone()).collect();
+            queue.cancel_batch(ids, until).await;
+            for s in out.iter_mut().flatten().filter(|s| !s.replay) {
+                if let Ok(record) = inner.record(&s.record.message_id).await {
+                    s.record = record;
+                }
             }
         }
+        drop(heeded);
         Ok(out)
     }
 }
