@@ -49,6 +49,18 @@ async fn call(s: &Setup, tool: &str, args: Value) -> (bool, Value) {
     )
 }
 
+/// The recipients of each message at the sink, sorted.
+fn recipients(s: &Setup) -> Vec<String> {
+    let mut rcpts: Vec<String> = s
+        .smtp
+        .delivered()
+        .iter()
+        .map(|r| r.rcpt_to.join(","))
+        .collect();
+    rcpts.sort();
+    rcpts
+}
+
 fn subject(data: &[u8]) -> String {
     let text = String::from_utf8_lossy(data);
     text.lines()
@@ -415,16 +427,121 @@ async fn a_large_batch_refused_at_its_end_stores_nothing() {
     assert_eq!(out["summary"], json!({"queued": 50}));
     assert!(s.smtp.wait_for_delivered(50, Duration::from_secs(30)).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut rcpts: Vec<String> = s
-        .smtp
-        .delivered()
-        .iter()
-        .map(|r| r.rcpt_to.join(","))
-        .collect();
-    rcpts.sort();
+    let mut rcpts = recipients(&s);
     rcpts.dedup();
     assert_eq!(rcpts.len(), 50, "each once");
     assert_eq!(s.smtp.delivered().len(), 50);
+}
+
+/// An idempotency key that names an earlier message with other content is
+/// found as the batch is stored; with `atomic`, it refuses the whole batch
+/// there, whether the batch was stored in one write or, over the 4 MiB a
+/// batch holds, as it was composed: nothing of it is stored, not even its
+/// new keys. A key given twice in one batch for different messages is
+/// refused before anything is stored; given twice for the same message, the
+/// second is a replay of the first, with its status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_conflict_refuses_an_atomic_batch_whole() {
+    let s = setup(1000).await;
+    let (_, first) = call(
+        &s,
+        "send_batch",
+        json!({"defaults": {"subject": "first", "body": "b"},
+               "messages": [{"to": ["a@example.org"], "idempotency_key": "k-a"}]}),
+    )
+    .await;
+    assert_eq!(first["summary"], json!({"sent": 1}), "{first}");
+    let conflicting =
+        json!({"to": ["a@example.org"], "idempotency_key": "k-a", "subject": "other"});
+
+    let small =
+        json!([{"to": ["b@example.org"], "idempotency_key": "k-b"}, {"to": ["c@example.org"]}]);
+    let mut with_conflict = small.as_array().unwrap().clone();
+    with_conflict.push(conflicting.clone());
+    let body = long_body(100);
+    let mut large: Vec<Value> = (0..50)
+        .map(|i| json!({"to": [format!("l{i}@example.org")], "idempotency_key": format!("l-{i}")}))
+        .collect();
+    large.push(conflicting);
+    for (messages, body) in [(with_conflict, "b".to_string()), (large, body)] {
+        let n = messages.len();
+        let (is_error, out) = call(
+            &s,
+            "send_batch",
+            json!({"defaults": {"subject": "s", "body": body}, "messages": messages, "atomic": true}),
+        )
+        .await;
+        assert!(is_error, "{}", out["summary"]);
+        assert_eq!(out["error"]["code"], "invalid_batch", "{}", out["error"]);
+        let field = format!("messages[{}].idempotency_key", n - 1);
+        assert_eq!(out["error"]["field"], field.as_str());
+        let results = out["results"].as_array().unwrap();
+        assert_eq!(results[n - 1]["error"]["code"], "idempotency_conflict");
+        assert!(
+            results[..n - 1]
+                .iter()
+                .all(|r| r["message_id"].is_null() && r["error"].is_null()),
+            "{}",
+            out["results"]
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, listed) = call(&s, "list_messages", json!({})).await;
+    assert_eq!(
+        listed["messages"].as_array().unwrap().len(),
+        1,
+        "only the first message is stored: {listed}"
+    );
+
+    // Its keys were not kept: the batch without the conflict sends each.
+    let (is_error, out) = call(
+        &s,
+        "send_batch",
+        json!({"defaults": {"subject": "s", "body": "b"}, "messages": small, "atomic": true}),
+    )
+    .await;
+    assert!(!is_error, "{}", out["error"]);
+    assert_eq!(out["summary"], json!({"sent": 2}), "{out}");
+
+    // A key twice in one batch.
+    let (is_error, out) = call(
+        &s,
+        "send_batch",
+        json!({"defaults": {"subject": "s", "body": "b"}, "messages": [
+            {"to": ["d@example.org"], "idempotency_key": "dup"},
+            {"to": ["e@example.org"], "idempotency_key": "dup"},
+            {"to": ["f@example.org"], "idempotency_key": "same"},
+            {"to": ["f@example.org"], "idempotency_key": "same"},
+        ]}),
+    )
+    .await;
+    assert!(!is_error, "{}", out["error"]);
+    let r = out["results"].as_array().unwrap();
+    assert_eq!(r[0]["status"], "sent", "{out}");
+    assert_eq!(r[1]["error"]["code"], "idempotency_conflict", "{out}");
+    assert!(
+        r[1]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("messages[0]"),
+        "{out}"
+    );
+    assert_eq!(r[2]["status"], "sent", "{out}");
+    assert_eq!(r[3]["idempotent_replay"], true, "{out}");
+    assert_eq!(r[3]["message_id"], r[2]["message_id"]);
+    assert_eq!(r[3]["status"], "sent", "the first's status: {out}");
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        recipients(&s),
+        [
+            "a@example.org",
+            "b@example.org",
+            "c@example.org",
+            "d@example.org",
+            "f@example.org"
+        ]
+    );
 }
 
 /// The decoded content of the attachment named `filename` in a message as

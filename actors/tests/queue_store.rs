@@ -782,7 +782,7 @@ async fn batch_counts(store: &dyn Store) {
     later.due_at += 60_000;
     let first = vec![message("b1", Some(("bk", 1))), later, message("b3", None)];
     assert_eq!(
-        store.accept_many(first).await.unwrap(),
+        store.accept_many(first, false).await.unwrap(),
         [
             Accepted::Stored(State::Queued),
             Accepted::Stored(State::Scheduled),
@@ -795,11 +795,38 @@ async fn batch_counts(store: &dyn Store) {
         message("b6", None),
     ];
     assert_eq!(
-        store.accept_many(second).await.unwrap(),
+        store.accept_many(second, false).await.unwrap(),
         [
             Accepted::Replay("b1".into()),
             Accepted::Conflict("b1".into()),
             Accepted::Stored(State::Queued),
+        ]
+    );
+    // Atomic: a conflict stores none of the batch, not even its new keys.
+    let conflicting = vec![
+        message("b7", None),
+        message("b8", Some(("bk", 2))),
+        message("b9", Some(("bk9", 1))),
+    ];
+    assert_eq!(
+        store.accept_many(conflicting, true).await.unwrap(),
+        [
+            Accepted::Withheld,
+            Accepted::Conflict("b1".into()),
+            Accepted::Withheld,
+        ]
+    );
+    for id in ["b7", "b8", "b9"] {
+        assert!(store.get(id).await.unwrap().is_none(), "{id} stored");
+    }
+    assert!(store.find_key("bk9").await.unwrap().is_none());
+    // Atomic without a conflict: stored as any batch, a replay too.
+    let whole = vec![message("b10", Some(("bk", 1))), message("b11", None)];
+    assert_eq!(
+        store.accept_many(whole, true).await.unwrap(),
+        [
+            Accepted::Replay("b1".into()),
+            Accepted::Stored(State::Queued)
         ]
     );
     store.mark("b1").await.unwrap();
@@ -808,7 +835,7 @@ async fn batch_counts(store: &dyn Store) {
     counts.sort();
     assert_eq!(
         counts,
-        [(State::Scheduled, 1), (State::Queued, 2), (State::Sent, 1)]
+        [(State::Scheduled, 1), (State::Queued, 3), (State::Sent, 1)]
     );
 }
 
@@ -836,7 +863,7 @@ async fn streamed_batches(store: &dyn Store) {
         }
         tx.send(Feed::Commit).await.unwrap();
     };
-    let (stored, ()) = tokio::join!(store.accept_stream(rx), feeding);
+    let (stored, ()) = tokio::join!(store.accept_stream(rx, false), feeding);
     assert_eq!(
         stored.unwrap(),
         [
@@ -854,6 +881,32 @@ async fn streamed_batches(store: &dyn Store) {
     );
     assert!(store.get("s3").await.unwrap().is_none());
 
+    // Atomic: a conflict stores none of the batch.
+    let (tx, rx) = mpsc::channel(4);
+    let feeding = async move {
+        for m in [
+            message("t1", None),
+            message("t2", Some(("tk", 1))),
+            message("t3", Some(("sk", 2))),
+        ] {
+            tx.send(Feed::Message(Box::new(m))).await.unwrap();
+        }
+        tx.send(Feed::Commit).await.unwrap();
+    };
+    let (withheld, ()) = tokio::join!(store.accept_stream(rx, true), feeding);
+    assert_eq!(
+        withheld.unwrap(),
+        [
+            Accepted::Withheld,
+            Accepted::Withheld,
+            Accepted::Conflict("s0".into()),
+        ]
+    );
+    for id in ["t1", "t2", "t3"] {
+        assert!(store.get(id).await.unwrap().is_none(), "{id} stored");
+    }
+    assert!(store.find_key("tk").await.unwrap().is_none());
+
     let (tx, rx) = mpsc::channel(4);
     let feeding = async move {
         for id in ["a1", "a2"] {
@@ -861,7 +914,7 @@ async fn streamed_batches(store: &dyn Store) {
             tx.send(Feed::Message(Box::new(m))).await.unwrap();
         }
     };
-    let (abandoned, ()) = tokio::join!(store.accept_stream(rx), feeding);
+    let (abandoned, ()) = tokio::join!(store.accept_stream(rx, false), feeding);
     assert!(
         matches!(abandoned, Err(StoreError::Unavailable(_))),
         "{abandoned:?}"
@@ -1013,6 +1066,7 @@ async fn concurrent_writes_share_commits_and_each_is_answered() {
             Accepted::Stored(_) => stored += 1,
             Accepted::Replay(_) => replays += 1,
             Accepted::Conflict(_) => panic!("same content is no conflict"),
+            Accepted::Withheld => panic!("a message alone is never withheld"),
         }
     }
     assert_eq!((stored, replays), (1, 199));
@@ -1975,10 +2029,13 @@ async fn postgres_accept_whose_answer_was_lost_is_stored_once() {
     proxy.arm(b"COMMIT");
     assert_eq!(
         store
-            .accept_many(vec![
-                message("lost-batch-1", None),
-                message("lost-batch-2", Some(("lost-batch-key", 1))),
-            ])
+            .accept_many(
+                vec![
+                    message("lost-batch-1", None),
+                    message("lost-batch-2", Some(("lost-batch-key", 1))),
+                ],
+                false
+            )
             .await,
         Ok(vec![
             Accepted::Stored(State::Queued),

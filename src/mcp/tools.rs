@@ -6,6 +6,7 @@
 //! A failure the agent can act on is a result with `isError: true` and a
 //! structured `error`; JSON-RPC errors are left to rmcp for protocol faults.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use std::time::{Duration, SystemTime};
@@ -1285,6 +1286,8 @@ impl MailmuxServer {
         let mut total = 0usize;
         let mut any_invalid = false;
         let mut deadline = None;
+        // Each idempotency key's first message in the batch, and its hash.
+        let mut keys: HashMap<String, (usize, [u8; 32])> = HashMap::new();
         for (i, mut item) in p.messages.into_iter().enumerate() {
             // Nothing is stored yet: a stream dropped here stores nothing.
             if cancel.as_ref().is_some_and(CancellationToken::is_cancelled) {
@@ -1381,15 +1384,33 @@ impl MailmuxServer {
                     }),
                 },
                 Prepared::Ready(r) => {
-                    results.push(BatchItemOut {
-                        index: i,
-                        ..BatchItemOut::default()
-                    });
                     let Ready {
                         submit: mut s,
                         deadline: d,
                         ..
                     } = *r;
+                    // A key given twice in the batch for different messages
+                    // is refused here, before anything is stored.
+                    if let Some((key, hash)) = &s.idempotency {
+                        let (first, seen) = *keys.entry(key.clone()).or_insert((i, *hash));
+                        if seen != *hash {
+                            results.push(item_error(ToolError {
+                                field: Some(format!("messages[{i}].idempotency_key")),
+                                rule: Some("same_content".into()),
+                                ..ToolError::new(
+                                    "idempotency_conflict",
+                                    format!(
+                                        "messages[{i}].idempotency_key is also messages[{first}]'s, for a different message; nothing of this one was stored"
+                                    ),
+                                )
+                            }));
+                            continue;
+                        }
+                    }
+                    results.push(BatchItemOut {
+                        index: i,
+                        ..BatchItemOut::default()
+                    });
                     deadline = Some(d);
                     s.batch = Some(batch_id.clone());
                     let size = s.mail.bytes.len();
@@ -1405,7 +1426,7 @@ impl MailmuxServer {
                     ready.push((i, s));
                     held += size;
                     if held > BATCH_HELD_BYTES
-                        && let Ok(mut st) = self.queue().stream()
+                        && let Ok(mut st) = self.queue().stream(atomic)
                     {
                         for (i, s) in ready.drain(..) {
                             st.push(s).await;
@@ -1416,8 +1437,9 @@ impl MailmuxServer {
                 }
             }
         }
-        let refused = results.iter().filter(|r| r.error.is_some()).count();
-        if atomic && refused > 0 {
+        // Every message refused is listed, and none was queued.
+        let atomic_refusal = |results: Vec<BatchItemOut>| {
+            let refused = results.iter().filter(|r| r.error.is_some()).count();
             let fields: Vec<String> = results
                 .iter()
                 .filter_map(|r| r.error.as_ref()?.field.clone())
@@ -1441,7 +1463,11 @@ impl MailmuxServer {
                 error: Some(e),
                 ..SendBatchResult::default()
             };
-            return (out, text);
+            (out, text)
+        };
+        let refused = results.iter().filter(|r| r.error.is_some()).count();
+        if atomic && refused > 0 {
+            return atomic_refusal(results);
         }
         // A batch's total is bounded as one message is.
         if total > limit {
@@ -1462,12 +1488,13 @@ impl MailmuxServer {
                     let queue = self.queue();
                     (
                         indexes,
-                        queue.submit_many(submits, wait_until, cancel).await,
+                        queue.submit_many(submits, wait_until, cancel, atomic).await,
                     )
                 }
             };
             match answers {
                 Ok(answers) => {
+                    let mut conflicted = false;
                     for (i, answer) in indexes.into_iter().zip(answers) {
                         let slot = &mut results[i];
                         match answer {
@@ -1477,6 +1504,7 @@ impl MailmuxServer {
                                 slot.idempotent_replay = sub.replay;
                             }
                             Err(QueueError::Conflict { message_id }) => {
+                                conflicted = true;
                                 slot.error = Some(ToolError {
                                     field: Some(format!("messages[{i}].idempotency_key")),
                                     rule: Some("same_content".into()),
@@ -1488,7 +1516,27 @@ impl MailmuxServer {
                                     )
                                 });
                             }
+                            // Not stored, as in an atomic batch with an
+                            // invalid message: no error of its own.
+                            Err(QueueError::Withheld) => {}
                             Err(e) => slot.error = Some(queue_error(&e)),
+                        }
+                    }
+                    // A key of an atomic batch named another message.
+                    if atomic && conflicted {
+                        return atomic_refusal(results);
+                    }
+                    // A key given twice in the batch: the replay answers
+                    // with its first message's status after that one's
+                    // round, not with the status it was stored in.
+                    let first: HashMap<String, SendStatus> = results
+                        .iter()
+                        .filter(|r| !r.idempotent_replay)
+                        .filter_map(|r| Some((r.message_id.clone()?, r.status?)))
+                        .collect();
+                    for r in results.iter_mut().filter(|r| r.idempotent_replay) {
+                        if let Some(status) = r.message_id.as_ref().and_then(|id| first.get(id)) {
+                            r.status = Some(*status);
                         }
                     }
                 }

@@ -65,6 +65,46 @@ fn pending(r: &Record) -> bool {
 }
 
 impl Mem {
+    /// Stores a new message, or finds its idempotency key.
+    fn accept(&mut self, m: NewMessage) -> Accepted {
+        let now = now_millis();
+        if let Some((key, hash)) = &m.idempotency {
+            if let Some((id, seen, _)) = self.keys.get(key) {
+                return if seen == hash {
+                    Accepted::Replay(id.clone())
+                } else {
+                    Accepted::Conflict(id.clone())
+                };
+            }
+            self.keys
+                .insert(key.clone(), (m.message_id.clone(), *hash, now));
+        }
+        let state = m.initial_state(now);
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        self.seq_of.insert(m.message_id.clone(), seq);
+        match &m.hold {
+            Some(h) => self.held.insert((h.until, seq)),
+            None => self.due.insert((m.due_at, seq)),
+        };
+        *self.counts.entry(state).or_default() += 1;
+        let record = m.record(state, now);
+        self.rows.insert(
+            seq,
+            Row {
+                record,
+                body: Some(m.bytes.clone()),
+                committing: false,
+                rounds: 0,
+                finished_at: None,
+                held_hash: m.hold.as_ref().map(|h| h.hash),
+                only: m.only.clone(),
+                batch: m.batch.clone(),
+            },
+        );
+        Accepted::Stored(state)
+    }
+
     /// Keeps [`Mem::copies_pending`] as a message's copy changes.
     fn count_copy(&mut self, was: bool, now: bool) {
         match (was, now) {
@@ -133,51 +173,31 @@ impl Store for MemoryStore {
     }
 
     async fn accept(&self, m: NewMessage) -> Result<Accepted, StoreError> {
-        let mut mem = self.lock();
-        let now = now_millis();
-        if let Some((key, hash)) = &m.idempotency {
-            if let Some((id, seen, _)) = mem.keys.get(key) {
-                return Ok(if seen == hash {
-                    Accepted::Replay(id.clone())
-                } else {
-                    Accepted::Conflict(id.clone())
-                });
-            }
-            mem.keys
-                .insert(key.clone(), (m.message_id.clone(), *hash, now));
-        }
-        let state = m.initial_state(now);
-        mem.next_seq += 1;
-        let seq = mem.next_seq;
-        mem.seq_of.insert(m.message_id.clone(), seq);
-        match &m.hold {
-            Some(h) => mem.held.insert((h.until, seq)),
-            None => mem.due.insert((m.due_at, seq)),
-        };
-        *mem.counts.entry(state).or_default() += 1;
-        let record = m.record(state, now);
-        mem.rows.insert(
-            seq,
-            Row {
-                record,
-                body: Some(m.bytes.clone()),
-                committing: false,
-                rounds: 0,
-                finished_at: None,
-                held_hash: m.hold.as_ref().map(|h| h.hash),
-                only: m.only.clone(),
-                batch: m.batch.clone(),
-            },
-        );
-        Ok(Accepted::Stored(state))
+        Ok(self.lock().accept(m))
     }
 
-    async fn accept_many(&self, ms: Vec<NewMessage>) -> Result<Vec<Accepted>, StoreError> {
-        let mut out = Vec::with_capacity(ms.len());
-        for m in ms {
-            out.push(self.accept(m).await?);
+    async fn accept_many(
+        &self,
+        ms: Vec<NewMessage>,
+        atomic: bool,
+    ) -> Result<Vec<Accepted>, StoreError> {
+        let mut mem = self.lock();
+        if atomic {
+            let seen = ms
+                .iter()
+                .map(|m| match &m.idempotency {
+                    Some((key, hash)) => match mem.keys.get(key) {
+                        Some((id, seen, _)) if seen != hash => Accepted::Conflict(id.clone()),
+                        _ => Accepted::Withheld,
+                    },
+                    None => Accepted::Withheld,
+                })
+                .collect();
+            if let (out, false) = super::atomic_answers(seen) {
+                return Ok(out);
+            }
         }
-        Ok(out)
+        Ok(ms.into_iter().map(|m| mem.accept(m)).collect())
     }
 
     async fn mark(&self, message_id: &str) -> Result<(), StoreError> {

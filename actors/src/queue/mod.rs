@@ -306,6 +306,26 @@ pub enum Accepted {
     Replay(String),
     /// The key was seen with other content: the first message's id.
     Conflict(String),
+    /// Not stored: another message of its atomic batch conflicts, so none
+    /// of the batch is stored.
+    Withheld,
+}
+
+/// The answers to an atomic batch: unchanged when none conflicts (true:
+/// store them); otherwise each conflict, and every other message
+/// withheld (false: store none).
+pub fn atomic_answers(out: Vec<Accepted>) -> (Vec<Accepted>, bool) {
+    if !out.iter().any(|a| matches!(a, Accepted::Conflict(_))) {
+        return (out, true);
+    }
+    let out = out
+        .into_iter()
+        .map(|a| match a {
+            Accepted::Conflict(id) => Accepted::Conflict(id),
+            _ => Accepted::Withheld,
+        })
+        .collect();
+    (out, false)
 }
 
 /// One attempt at one relay, as stored.
@@ -644,23 +664,30 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Stores a new message, or finds its idempotency key.
     async fn accept(&self, m: NewMessage) -> Result<Accepted, StoreError>;
     /// Stores several messages in one transaction: all of them, or (on an
-    /// error) none.
-    async fn accept_many(&self, ms: Vec<NewMessage>) -> Result<Vec<Accepted>, StoreError>;
+    /// error) none. An `atomic` batch is stored only if none of its keys
+    /// conflicts; otherwise none of it is ([`atomic_answers`]).
+    async fn accept_many(
+        &self,
+        ms: Vec<NewMessage>,
+        atomic: bool,
+    ) -> Result<Vec<Accepted>, StoreError>;
     /// Stores the messages `feed` brings in one transaction, each as it
     /// comes, so that the caller need not hold them all at once: all of
-    /// them once [`Feed::Commit`] comes, none if the feed ends without it.
-    /// A shared store leases none of them to this daemon: the runner's
-    /// polls deliver them. The default (the memory store's) gathers them
-    /// and calls [`Store::accept_many`].
+    /// them once [`Feed::Commit`] comes, none if the feed ends without it
+    /// (or, when `atomic`, if a key conflicts). A shared store leases none
+    /// of them to this daemon: the runner's polls deliver them. The
+    /// default (the memory store's) gathers them and calls
+    /// [`Store::accept_many`].
     async fn accept_stream(
         &self,
         mut feed: tokio::sync::mpsc::Receiver<Feed>,
+        atomic: bool,
     ) -> Result<Vec<Accepted>, StoreError> {
         let mut ms = Vec::new();
         loop {
             match feed.recv().await {
                 Some(Feed::Message(m)) => ms.push(*m),
-                Some(Feed::Commit) => return self.accept_many(ms).await,
+                Some(Feed::Commit) => return self.accept_many(ms, atomic).await,
                 None => return Err(abandoned()),
             }
         }

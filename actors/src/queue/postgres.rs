@@ -1470,14 +1470,18 @@ impl Store for PgStore {
             // not the accepts writer's: a row taken over refuses it, and
             // must not refuse the other messages of a shared INSERT.
             Err(StoreError::Fenced(_)) => {
-                self.accept_many(vec![m]).await?;
+                self.accept_many(vec![m], false).await?;
                 self.settle(&id, s).await
             }
             done => done,
         }
     }
 
-    async fn accept_many(&self, ms: Vec<NewMessage>) -> Result<Vec<Accepted>, StoreError> {
+    async fn accept_many(
+        &self,
+        ms: Vec<NewMessage>,
+        atomic: bool,
+    ) -> Result<Vec<Accepted>, StoreError> {
         let now = now_millis();
         let ms = &ms;
         let out = confirm(|again| async move {
@@ -1485,6 +1489,10 @@ impl Store for PgStore {
             let mut out = Vec::with_capacity(ms.len());
             for m in ms {
                 out.push(accept_in(&mut tx, m, now, self.claimer(), self.lease_ms, again).await?);
+            }
+            if atomic && let (out, false) = super::atomic_answers(out.clone()) {
+                tx.rollback().await?;
+                return Ok(out);
             }
             tx.commit().await?;
             Ok(out)
@@ -1497,6 +1505,7 @@ impl Store for PgStore {
     async fn accept_stream(
         &self,
         mut feed: mpsc::Receiver<Feed>,
+        atomic: bool,
     ) -> Result<Vec<Accepted>, StoreError> {
         // One connection holds the transaction while the caller composes.
         // Not tried again on a lost connection, as `accept_many` is: the
@@ -1517,6 +1526,10 @@ impl Store for PgStore {
                 // Dropping the transaction rolls it back.
                 None => return Err(abandoned()),
             }
+        }
+        if atomic && let (out, false) = super::atomic_answers(out.clone()) {
+            tx.rollback().await.map_err(unavailable)?;
+            return Ok(out);
         }
         match tx.commit().await {
             Ok(()) => Ok(out),

@@ -307,6 +307,8 @@ pub enum QueueError {
     NotFound(String),
     #[error("the call was cancelled before its message was stored; nothing was sent")]
     Cancelled,
+    #[error("not queued: another message of the atomic batch was refused, so none was queued")]
+    Withheld,
 }
 
 /// The handle the daemon holds on the queue.
@@ -751,6 +753,10 @@ impl Queue {
                 inner.unclaim(id);
                 Err(QueueError::Conflict { message_id: first })
             }
+            Ok(Accepted::Withheld) => {
+                inner.unclaim(id);
+                Err(QueueError::Withheld)
+            }
             Err(e) => {
                 inner.unclaim(id);
                 Err(e.into())
@@ -767,12 +773,15 @@ impl Queue {
     /// Each answer is the message, or the first message of its idempotency
     /// key (a replay), or a conflict. When `cancel` fires while the call
     /// waits, its messages are cancelled as [`Queue::submit`]'s is
-    /// ([`Queue::cancel_batch`]), and the answers are as stored then.
+    /// ([`Queue::cancel_batch`]), and the answers are as stored then. An
+    /// `atomic` batch is stored whole or, if a key conflicts, not at all
+    /// (each message not stored answers [`QueueError::Withheld`]).
     pub async fn submit_many(
         &self,
         batch: Vec<Submit>,
         wait_until: Option<Instant>,
         cancel: Option<CancellationToken>,
+        atomic: bool,
     ) -> Result<Vec<Result<Submitted, QueueError>>, QueueError> {
         let inner = &self.inner;
         if !inner.accepting.load(Ordering::Acquire) {
@@ -793,7 +802,7 @@ impl Queue {
             pendings.push(new.pending(State::Queued));
             news.push(new);
         }
-        let stored = inner.store.accept_many(news.clone()).await;
+        let stored = inner.store.accept_many(news.clone(), atomic).await;
         inner.note_write(&stored);
         let accepted = match stored {
             Ok(a) => a,
@@ -876,6 +885,10 @@ impl Queue {
                     inner.unclaim(&id);
                     out.push(Err(QueueError::Conflict { message_id: first }));
                 }
+                Accepted::Withheld => {
+                    inner.unclaim(&id);
+                    out.push(Err(QueueError::Withheld));
+                }
             }
         }
         inner.wake.notify_one();
@@ -898,13 +911,7 @@ impl Queue {
             }
         };
         if !ended && let Some(until) = wait_until {
-            let ids = heeded.iter().map(|h| h.id.clone()).collect();
-            self.cancel_batch(ids, until).await;
-            for s in out.iter_mut().flatten().filter(|s| !s.replay) {
-                if let Ok(record) = inner.record(&s.record.message_id).await {
-                    s.record = record;
-                }
-            }
+            self.cancel_batch(&heeded, &mut out, until).await;
         }
         drop(heeded);
         Ok(out)
@@ -916,10 +923,16 @@ impl Queue {
     /// call's token, which the caller keeps registered until this returns),
     /// or goes on if a relay is committing it; it is waited for until
     /// `until`. A message a task holds while it waits for a round slot is
-    /// cancelled once that task lets it go.
-    async fn cancel_batch(&self, ids: Vec<String>, until: Instant) {
+    /// cancelled once that task lets it go. Then each answer in `out` is
+    /// read as stored.
+    async fn cancel_batch(
+        &self,
+        heeded: &[Heeded],
+        out: &mut [Result<Submitted, QueueError>],
+        until: Instant,
+    ) {
         let mut each = tokio::task::JoinSet::new();
-        for id in ids {
+        for id in heeded.iter().map(|h| h.id.clone()) {
             let queue = self.clone();
             each.spawn(async move {
                 let inner = &queue.inner;
@@ -939,6 +952,11 @@ impl Queue {
             });
         }
         while each.join_next().await.is_some() {}
+        for s in out.iter_mut().flatten().filter(|s| !s.replay) {
+            if let Ok(record) = self.inner.record(&s.record.message_id).await {
+                s.record = record;
+            }
+        }
     }
 
     /// Opens a batch that is stored as it is composed: each message
@@ -946,8 +964,9 @@ impl Queue {
     /// [`Stream::commit`] commits it. The caller holds a few messages at a
     /// time, not the whole batch. Its messages are delivered by the
     /// runner's polls, which load each one's bytes as a round slot frees
-    /// up, as for mail recovered after a restart.
-    pub fn stream(&self) -> Result<Stream, QueueError> {
+    /// up, as for mail recovered after a restart. An `atomic` batch is
+    /// stored whole or, if a key conflicts, not at all.
+    pub fn stream(&self, atomic: bool) -> Result<Stream, QueueError> {
         let inner = &self.inner;
         if !inner.accepting.load(Ordering::Acquire) {
             return Err(QueueError::ShuttingDown);
@@ -957,7 +976,7 @@ impl Queue {
         Ok(Stream {
             inner: inner.clone(),
             feed: Some(feed),
-            stored: tokio::spawn(async move { store.accept_stream(rx).await }),
+            stored: tokio::spawn(async move { store.accept_stream(rx, atomic).await }),
             now: now_millis(),
             fed: Vec::new(),
         })
@@ -1251,6 +1270,7 @@ impl Stream {
                 Accepted::Conflict(first) => {
                     out.push(Err(QueueError::Conflict { message_id: first }));
                 }
+                Accepted::Withheld => out.push(Err(QueueError::Withheld)),
             }
         }
         inner.wake.notify_one();
@@ -1287,13 +1307,7 @@ impl Stream {
             let queue = Queue {
                 inner: inner.clone(),
             };
-            let ids = heeded.iter().map(|h| h.id.clone()).collect();
-            queue.cancel_batch(ids, until).await;
-            for s in out.iter_mut().flatten().filter(|s| !s.replay) {
-                if let Ok(record) = inner.record(&s.record.message_id).await {
-                    s.record = record;
-                }
-            }
+            queue.cancel_batch(&heeded, &mut out, until).await;
         }
         drop(heeded);
         Ok(out)

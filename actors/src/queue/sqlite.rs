@@ -915,6 +915,26 @@ fn accept_all(c: &Tx<'_>, ms: &[NewMessage], now: Millis) -> rusqlite::Result<Ve
     Ok(out)
 }
 
+/// What each of `ms` would get for its key: a conflict, or (stored,
+/// replayed or without a key) `Withheld`, for [`super::atomic_answers`].
+fn conflicts(c: &Connection, ms: &[NewMessage]) -> rusqlite::Result<Vec<Accepted>> {
+    ms.iter()
+        .map(|m| {
+            let Some((key, hash)) = &m.idempotency else {
+                return Ok(Accepted::Withheld);
+            };
+            let seen: Option<(String, Vec<u8>)> = c
+                .prepare_cached("SELECT message_id, hash FROM idempotency WHERE key = ?1")?
+                .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            Ok(match seen {
+                Some((id, seen)) if seen != hash => Accepted::Conflict(id),
+                _ => Accepted::Withheld,
+            })
+        })
+        .collect()
+}
+
 fn accept(c: &Connection, m: &NewMessage, now: Millis) -> rusqlite::Result<Accepted> {
     if let Some((key, hash)) = &m.idempotency {
         let seen: Option<(String, Vec<u8>)> = c
@@ -1205,16 +1225,35 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn accept_many(&self, ms: Vec<NewMessage>) -> Result<Vec<Accepted>, StoreError> {
-        self.write(move |c, now| accept_all(c, &ms, now)).await
+    async fn accept_many(
+        &self,
+        ms: Vec<NewMessage>,
+        atomic: bool,
+    ) -> Result<Vec<Accepted>, StoreError> {
+        self.write(move |c, now| {
+            // Checked before anything is written: the writer's transaction
+            // holds other writes too, and no other writer runs meanwhile.
+            if atomic && let (out, false) = super::atomic_answers(conflicts(c, &ms)?) {
+                return Ok(out);
+            }
+            accept_all(c, &ms, now)
+        })
+        .await
     }
 
     async fn accept_stream(
         &self,
         mut feed: tokio::sync::mpsc::Receiver<Feed>,
+        atomic: bool,
     ) -> Result<Vec<Accepted>, StoreError> {
         self.send_job(Work::Alone, move |c, now| {
             let fed = run_write(c, |c| {
+                // The transaction is this batch's alone: an atomic batch
+                // with a conflict is undone to here, and commits nothing.
+                let moves = c.moves.get();
+                if atomic {
+                    c.execute_batch("SAVEPOINT atomic_batch")?;
+                }
                 let mut out = Vec::new();
                 // The writer thread waits here for the caller's next
                 // message, holding the store's one write transaction.
@@ -1225,6 +1264,15 @@ impl Store for SqliteStore {
                             // composed after the transaction began.
                             let now = now.max(now_millis());
                             out.extend(accept_all(c, std::slice::from_ref(&m), now)?);
+                        }
+                        Feed::Commit if atomic => {
+                            let (out, store) = super::atomic_answers(out);
+                            if !store {
+                                c.execute_batch("ROLLBACK TO atomic_batch")?;
+                                c.moves.set(moves);
+                            }
+                            c.execute_batch("RELEASE atomic_batch")?;
+                            return Ok(Some(out));
                         }
                         Feed::Commit => return Ok(Some(out)),
                     }
