@@ -1223,6 +1223,76 @@ async fn a_waiting_batch_killed_mid_way_is_finished_once_each_after_a_restart() 
     d.stop().await;
 }
 
+/// A waiting batch its client cancels, killed with SIGKILL once its first
+/// message shows `cancelled`, while the call still waits for the rounds a
+/// relay is committing (the server never answers every tenth final "."):
+/// after the restart, each message cancelled never reached the sink, each
+/// other one is delivered once (or is `unknown`, cut after its final ".",
+/// and there at most once), and nothing reached the sink that was not
+/// stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_batch_killed_before_its_call_ends_sends_nothing_cancelled_and_the_rest_once() {
+    const N: usize = 120;
+    let script = Script::ok().on_share(Phase::AfterDot, Action::Hang, Share::EveryNth(10));
+    let (smtp, dir, cfg, d, args) = waiting_batch(script, "60s", 4, "cxl", N).await;
+    let reached = || async {
+        support::wait_until(|| smtp.received().len() >= N / 4, LIMIT).await;
+    };
+    call_then_cancel(d.peer(), "send_batch", args, reached()).await;
+    let cancelling = support::wait_until_async(
+        || async {
+            let listed = call(
+                d.peer(),
+                "list",
+                "list_messages",
+                json!({"status": "cancelled", "limit": 1}),
+                LIMIT,
+            )
+            .await;
+            listed
+                .value()
+                .is_some_and(|v| v["messages"].as_array().is_some_and(|m| !m.is_empty()))
+        },
+        LIMIT,
+    )
+    .await;
+    assert!(cancelling, "no message was cancelled");
+    d.kill9().await;
+    let before = smtp.received().len();
+
+    smtp.set_script(Script::ok());
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let listed = listed_when_final(d.peer(), Duration::from_secs(60)).await;
+    assert_eq!(listed.len(), N, "the batch was stored whole");
+    let received = smtp.received();
+    let seen = copies(&received);
+    let (mut cancelled, mut sent, mut unknown) = (0, 0, 0);
+    for m in &listed {
+        let id = m["message_id"].as_str().unwrap();
+        if m["status"] == "cancelled" {
+            cancelled += 1;
+            assert!(!seen.contains_key(id), "{id}: cancelled, yet at the sink");
+        } else {
+            count_final(id, m["status"].as_str(), &seen, &mut sent, &mut unknown);
+        }
+    }
+    assert!(cancelled > 0);
+    for (id, n) in &seen {
+        assert_eq!(*n, 1, "{id} reached the sink {n} times");
+        assert!(
+            listed.iter().any(|m| m["message_id"] == id.as_str()),
+            "{id} at the sink but not stored"
+        );
+    }
+    eprintln!(
+        "cancelled batch of {N}: killed with {before} at the server; after the restart \
+         {cancelled} cancelled and never sent, {sent} sent exactly once, {unknown} unknown; \
+         {} at the sink, 0 duplicated",
+        received.len()
+    );
+    d.stop().await;
+}
+
 /// A batch over the 4 MiB a batch holds is written into the store as it is
 /// composed, in one transaction. Killed with SIGKILL before that
 /// transaction opens, while it is open, and after the answer, the restarted
