@@ -917,14 +917,14 @@ impl Queue {
         Ok(out)
     }
 
-    /// Cancels the messages `ids` of a call its client cancelled, each as
-    /// [`Queue::submit`] cancels its one: a queued message is cancelled
-    /// here; one a round holds is cancelled by that round (it heeds the
-    /// call's token, which the caller keeps registered until this returns),
-    /// or goes on if a relay is committing it; it is waited for until
-    /// `until`. A message a task holds while it waits for a round slot is
-    /// cancelled once that task lets it go. Then each answer in `out` is
-    /// read as stored.
+    /// Cancels the messages `heeded` names, of a call its client
+    /// cancelled, each as [`Queue::submit`] cancels its one: a queued
+    /// message is cancelled here; one a round holds is cancelled by that
+    /// round (it heeds the call's token, which the caller keeps registered
+    /// until this returns), or goes on if a relay is committing it; it is
+    /// waited for until `until`. A message a task holds while it waits for
+    /// a round slot is cancelled once that task lets it go. Then each
+    /// answer in `out` is read as stored.
     async fn cancel_batch(
         &self,
         heeded: &[Heeded],
