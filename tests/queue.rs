@@ -1917,6 +1917,21 @@ async fn the_queue_command_works_with_the_daemon_stopped() {
     assert_eq!((code, out.lines().count()), (Some(0), 2), "{out}{err}");
     let (code, _, err) = q(&["list", "--limit", "0"]);
     assert_eq!(code, Some(2), "a limit of 0 is a usage error: {err}");
+    let (code, out, err) = q(&["list", "--recipient", "ELSEWHERE.net"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.lines().count() == 2 && out.contains(&held_a) && out.contains(&held_b),
+        "{out}"
+    );
+    let (_, out, _) = q(&["list", "--caller", "local", "--status", "scheduled"]);
+    assert!(
+        out.lines().count() == 2 && out.contains(&later_id) && out.contains(&other_id),
+        "{out}"
+    );
+    let (_, out, _) = q(&["list", "--caller", "somebody"]);
+    assert_eq!(out, "", "another caller has none");
+    let (_, out, _) = q(&["list", "--batch", "batch-0000000000000000"]);
+    assert_eq!(out, "", "no such batch");
     // Approvals need an operator's token, and a held message.
     let (code, _, err) = q(&["approve", &held_a]);
     assert_eq!(code, Some(2), "no operator token: {err}");

@@ -50,6 +50,15 @@ pub struct ListArgs {
     /// Only messages in this state.
     #[arg(long)]
     pub status: Option<String>,
+    /// Only this caller's messages.
+    #[arg(long)]
+    pub caller: Option<String>,
+    /// Only the messages of this `send_batch` call (its `batch_id`).
+    #[arg(long)]
+    pub batch: Option<String>,
+    /// Only messages with a recipient that contains this text (any case).
+    #[arg(long)]
+    pub recipient: Option<String>,
     /// At most this many, newest first (at least 1).
     #[arg(long, default_value_t = 50,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
@@ -231,7 +240,9 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
             };
             let filter = Filter {
                 state,
-                ..Filter::default()
+                caller: a.caller,
+                batch: a.batch,
+                recipient: a.recipient,
             };
             let (page, _) = match store.list(&filter, a.limit, None).await {
                 Ok(p) => p,
