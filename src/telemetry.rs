@@ -45,6 +45,11 @@ pub const RELAY_CONNECTIONS: &str = "mailmux_relay_connections";
 pub const RELAY_IN_FLIGHT: &str = "mailmux_relay_in_flight";
 /// 1 while the queue's store takes writes.
 pub const QUEUE_AVAILABLE: &str = "mailmux_queue_available";
+/// Bytes free on the SQLite store's file system, where `queue.min_free`
+/// applies; under `mailmux_queue_min_free_bytes`, new mail is refused.
+pub const QUEUE_FREE: &str = "mailmux_queue_free_bytes";
+/// `queue.min_free`, where it applies.
+pub const QUEUE_MIN_FREE: &str = "mailmux_queue_min_free_bytes";
 /// Copies in the Sent folder, by relay and outcome (`copied`, `failed`).
 pub const SENT_COPIES: &str = "mailmux_sent_copies_total";
 /// Copies for the Sent folder handed to the copiers, not yet filed or failed.
@@ -144,6 +149,12 @@ fn describe() {
     );
     describe_gauge!(QUEUE_AVAILABLE, "1 while the queue's store takes writes.");
     describe_gauge!(
+        QUEUE_FREE,
+        Unit::Bytes,
+        "Bytes free on the SQLite store's file system; new mail is refused under queue.min_free."
+    );
+    describe_gauge!(QUEUE_MIN_FREE, Unit::Bytes, "queue.min_free.");
+    describe_gauge!(
         IN_FLIGHT,
         "Messages handed to the relays and not yet finished."
     );
@@ -185,6 +196,10 @@ fn describe() {
 pub async fn scrape(queue: &Queue) -> String {
     let handle = install();
     let available = queue.available();
+    if let Some((free, min)) = queue.room() {
+        metrics::gauge!(QUEUE_FREE).set(free as f64);
+        metrics::gauge!(QUEUE_MIN_FREE).set(min as f64);
+    }
     match queue.stats().await {
         Ok(stats) => {
             for st in State::ALL {

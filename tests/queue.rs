@@ -1558,8 +1558,12 @@ struct Tmpfs(PathBuf);
 
 impl Tmpfs {
     fn mount(at: &Path) -> Tmpfs {
+        Tmpfs::mount_sized(at, "2m")
+    }
+
+    fn mount_sized(at: &Path, size: &str) -> Tmpfs {
         std::fs::create_dir(at).unwrap();
-        Tmpfs::run(&["-t", "tmpfs", "-o", "size=2m", "tmpfs"], at);
+        Tmpfs::run(&["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"], at);
         Tmpfs(at.to_path_buf())
     }
 
@@ -1648,10 +1652,11 @@ async fn a_read_only_store_is_a_start_up_error_and_loses_nothing() {
     assert!(smtp.received().is_empty(), "a scheduled message was sent");
 }
 
-/// A full disk: sends are refused with `queue_unavailable` (never `queued`),
-/// `/health`-style status says so, and once there is room again sends work
-/// and nothing was lost or doubled. The store lives on a small tmpfs that
-/// the test mounts (it needs root, as CI has).
+/// A full disk, with no reserve (`queue.min_free = 0`): sends are refused
+/// with `queue_unavailable` (never `queued`), `/health`-style status says
+/// so, and once there is room again sends work and nothing was lost or
+/// doubled. The store lives on a small tmpfs that the test mounts (it needs
+/// root, as CI has).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_sends_clearly_and_recovers() {
     let smtp = FaultSmtp::start(Script::ok()).await;
@@ -1659,7 +1664,7 @@ async fn a_full_disk_refuses_sends_clearly_and_recovers() {
     let small = Tmpfs::mount(&dir.path().join("small"));
     let mnt = small.0.clone();
 
-    let cfg = config_toml(&mnt, smtp.port(), "");
+    let cfg = config_toml(&mnt, smtp.port(), "min_free = 0");
     let d = Daemon::start(&mnt, &cfg).await;
     let ok = send(d.peer(), msg("before", json!({}))).await;
     assert_eq!(ok.status(), Some("sent"), "{ok:?}");
@@ -1714,6 +1719,86 @@ async fn a_full_disk_refuses_sends_clearly_and_recovers() {
     for (s, _) in &refused {
         assert!(!subjects.contains(s), "{s} was refused and sent");
     }
+    d.stop().await;
+}
+
+/// Under `queue.min_free`, new mail is refused with `queue_full` (a call
+/// that waits, one that does not, a batch), while mail accepted before is
+/// still delivered and its outcome stored; status shows the free space, the
+/// log says so once, and once there is room again sends work. The store
+/// lives on a 16 MiB tmpfs the test mounts (it needs root, as CI has), with
+/// a reserve of 8 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_the_free_space_reserve_new_mail_is_refused_and_accepted_mail_delivered() {
+    let smtp = FaultSmtp::start(Script::ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Tmpfs::mount_sized(&dir.path().join("reserve"), "16m");
+    let mnt = fs.0.clone();
+    let cfg = config_toml(&mnt, smtp.port(), "min_free = 8388608");
+    let d = Daemon::start(&mnt, &cfg).await;
+    let ok = send(d.peer(), msg("before", json!({}))).await;
+    assert_eq!(ok.status(), Some("sent"), "{ok:?}");
+    let later = send(d.peer(), msg("accepted", json!({"send_at": "3s"}))).await;
+    assert_eq!(later.status(), Some("scheduled"), "{later:?}");
+    let later = later.message_id().unwrap().to_string();
+
+    // Leave about 5 MiB free.
+    let filler = mnt.join("filler");
+    let free_now = |st: &Value| st["queue"]["free_bytes"].as_u64().unwrap();
+    let st = harness::status(d.peer()).await;
+    assert_eq!(st["queue"]["min_free"], 8_388_608, "{}", st["queue"]);
+    let fill = (free_now(&st) - 5 * 1024 * 1024) / 65_536;
+    let filled = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k", &format!("count={fill}")])
+        .arg(format!("of={}", filler.display()))
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(filled.success());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for args in [json!({}), json!({"wait": false})] {
+        let c = send(d.peer(), msg("refused", args)).await;
+        assert_eq!(c.error_code(), Some("queue_full"), "{c:?}");
+        let text = c.error_message().unwrap_or_default();
+        assert!(text.contains("queue.min_free"), "{text}");
+    }
+    let b = call(
+        d.peer(),
+        "batch",
+        "send_batch",
+        json!({"defaults": {"subject": "refused", "body": "b"},
+               "messages": [{"to": ["a@example.org"]}, {"to": ["b@example.org"]}]}),
+        LIMIT,
+    )
+    .await;
+    let out = b.value().unwrap();
+    for r in out["results"].as_array().unwrap() {
+        assert_eq!(r["error"]["code"], "queue_full", "{r}");
+    }
+    let st = harness::status(d.peer()).await;
+    assert!(free_now(&st) < 8 * 1024 * 1024, "{}", st["queue"]);
+    assert_eq!(
+        st["queue"]["available"], true,
+        "the store still takes writes"
+    );
+    // The message accepted before is delivered, and its outcome stored.
+    let s = settled(d.peer(), &later, LIMIT).await;
+    assert_eq!(s["status"], "sent", "{s}");
+
+    std::fs::remove_file(&filler).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = send(d.peer(), msg("after", json!({}))).await;
+    assert_eq!(after.status(), Some("sent"), "{after:?}");
+    let logs = d.logs();
+    assert_eq!(
+        logs.matches("under queue.min_free: new mail is refused")
+            .count(),
+        1,
+        "{logs}"
+    );
+    assert!(logs.contains("room again"), "{logs}");
+    let subjects: Vec<String> = smtp.received().iter().filter_map(subject_of).collect();
+    assert_eq!(subjects, ["before", "accepted", "after"]);
     d.stop().await;
 }
 

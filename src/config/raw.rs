@@ -90,6 +90,7 @@ pub(crate) const QUEUE_KEYS: &[&str] = &[
     "idempotency_ttl",
     "retain",
     "max_schedule",
+    "min_free",
     "url",
     "pool_size",
     "node_id",
@@ -327,6 +328,9 @@ pub(crate) struct RawQueue {
     pub retain: Option<Dur>,
     /// How far ahead `send_at` may be. Default: 30d.
     pub max_schedule: Option<Dur>,
+    /// Bytes new mail must leave free on the SQLite store's file system; 0
+    /// for none. Default: 100 MiB.
+    pub min_free: Option<u64>,
 }
 
 /// `[policy]`, and the overrides on a `[[callers]]` entry. An overriding

@@ -736,9 +736,19 @@ fn queue(
             humantime::format_duration(retry_base)
         )));
     }
+    let min_free = q.min_free.unwrap_or(d.min_free);
+    if matches!(store, StoreKind::Sqlite { .. }) {
+        leaf(
+            &mut out,
+            "min_free",
+            json!(min_free),
+            &ctx.at("queue.min_free"),
+        );
+    }
     top.insert("queue".into(), Json::Object(out));
     Ok(QueueSettings {
         store,
+        min_free,
         max_age,
         retry_base,
         retry_max,

@@ -80,6 +80,7 @@ fn control_error(e: ControlError) -> ToolError {
 /// Message-ID to look for, instead of "not accepted".
 fn queue_unavailable(e: &QueueError, message_id: Option<&str>) -> ToolError {
     match e {
+        QueueError::Full(_) => ToolError::new("queue_full", format!("{e}; nothing was sent")),
         QueueError::Store(StoreError::Unconfirmed(_)) => ToolError::new(
             "queue_unavailable",
             match message_id {
@@ -1692,6 +1693,8 @@ impl MailmuxServer {
             nodes: queue.nodes(),
             durable: queue.durable(),
             available: queue.available(),
+            free_bytes: queue.room().map(|(free, _)| free),
+            min_free: queue.room().map(|(_, min)| min),
             warning,
             ..Default::default()
         };

@@ -1088,6 +1088,14 @@ pub struct QueueOut {
     pub durable: bool,
     /// False while the store refuses writes: new sends are refused.
     pub available: bool,
+    /// Bytes free on the file system of a `sqlite` store (with
+    /// `queue.min_free` above 0); under `min_free`, new sends are refused
+    /// with `queue_full`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub free_bytes: Option<u64>,
+    /// `queue.min_free`, where it applies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_free: Option<u64>,
     /// Messages per state.
     pub counts: std::collections::BTreeMap<String, u64>,
     /// Age of the oldest message waiting for a relay, in seconds.

@@ -13,6 +13,7 @@
 
 pub mod memory;
 pub mod postgres;
+mod reserve;
 mod rows;
 mod runner;
 pub mod sqlite;
@@ -133,6 +134,9 @@ impl StoreKind {
     }
 }
 
+/// `queue.min_free` unless configured: 100 MiB.
+pub const MIN_FREE: u64 = 100 << 20;
+
 /// Validated `[queue]` settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueSettings {
@@ -152,6 +156,9 @@ pub struct QueueSettings {
     /// The deadline of one delivery round the queue starts by itself
     /// (retries, scheduled and recovered mail).
     pub delivery_timeout: Duration,
+    /// The bytes new mail must leave free on the file system of a
+    /// `sqlite` store; 0: none.
+    pub min_free: u64,
 }
 
 impl Default for QueueSettings {
@@ -167,6 +174,7 @@ impl Default for QueueSettings {
             retain: Duration::from_secs(7 * 24 * 3600),
             max_schedule: Duration::from_secs(30 * 24 * 3600),
             delivery_timeout: Duration::from_secs(90),
+            min_free: MIN_FREE,
         }
     }
 }

@@ -24,10 +24,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::reserve::{Reserve, Short};
 use super::{
     Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Feed, Filter, Hold, Millis,
     NewMessage, Pending, QueueSettings, Record, RejectedRecord, Settle, State, Stats, Store,
-    StoreError, Summary, now_millis, to_millis,
+    StoreError, StoreKind, Summary, now_millis, to_millis,
 };
 use crate::dispatcher::{Dispatcher, cancelled};
 use crate::mail::{CommitMark, FailureReason, Mail, Report, Status};
@@ -309,6 +310,12 @@ pub enum QueueError {
     Cancelled,
     #[error("not queued: another message of the atomic batch was refused, so none was queued")]
     Withheld,
+    #[error(
+        "the queue's file system has {} MiB free, under queue.min_free ({} MiB): new mail is refused until there is room; mail already accepted is still delivered",
+        .0.free >> 20,
+        .0.min >> 20
+    )]
+    Full(Short),
 }
 
 /// The handle the daemon holds on the queue.
@@ -352,6 +359,8 @@ struct Inner {
     rounds: Tally,
     stop: tokio_util::sync::CancellationToken,
     observer: OnceLock<Arc<dyn Observer>>,
+    /// The free space new mail must leave (`queue.min_free`, SQLite only).
+    reserve: Option<Reserve>,
 }
 
 /// The crash marker of one message: the store's `mark`, or for a message
@@ -459,6 +468,14 @@ impl Queue {
 }
 
 impl Inner {
+    /// Room for `bytes` more of new mail under `queue.min_free`.
+    fn take_room(&self, bytes: usize) -> Result<(), QueueError> {
+        match &self.reserve {
+            Some(r) => r.take(bytes as u64).map_err(QueueError::Full),
+            None => Ok(()),
+        }
+    }
+
     fn new(
         store: Arc<dyn Store>,
         dispatcher: Dispatcher,
@@ -467,6 +484,10 @@ impl Inner {
         delivers: bool,
     ) -> (Arc<Inner>, mpsc::Receiver<Pending>) {
         let (ready, ready_rx) = mpsc::channel(READY_CAPACITY);
+        let reserve = match &settings.store {
+            StoreKind::Sqlite { path } => Reserve::new(path, settings.min_free),
+            _ => None,
+        };
         let inner = Arc::new(Inner {
             store,
             dispatcher,
@@ -487,6 +508,7 @@ impl Inner {
             rounds: Tally::default(),
             stop: tokio_util::sync::CancellationToken::new(),
             observer: OnceLock::new(),
+            reserve,
         });
         (inner, ready_rx)
     }
@@ -520,6 +542,12 @@ impl Queue {
         self.inner.available.load(Ordering::Acquire)
     }
 
+    /// The bytes free on the store's file system and `queue.min_free`,
+    /// when a reserve applies (a `sqlite` store with `min_free` above 0).
+    pub fn room(&self) -> Option<(u64, u64)> {
+        self.inner.reserve.as_ref().map(|r| (r.free(), r.min()))
+    }
+
     pub fn dispatcher(&self) -> &Dispatcher {
         &self.inner.dispatcher
     }
@@ -538,6 +566,7 @@ impl Queue {
         if !inner.accepting.load(Ordering::Acquire) {
             return Err(QueueError::ShuttingDown);
         }
+        inner.take_room(s.mail.bytes.len())?;
         let now = now_millis();
         let new = s.stored_at(now);
         let id = new.message_id.clone();
@@ -790,6 +819,7 @@ impl Queue {
         if cancel.as_ref().is_some_and(CancellationToken::is_cancelled) {
             return Err(QueueError::Cancelled);
         }
+        inner.take_room(batch.iter().map(|s| s.mail.bytes.len()).sum())?;
         let cancel = cancel.filter(|_| wait_until.is_some() && inner.delivers);
         let now = now_millis();
         let mut news = Vec::with_capacity(batch.len());
@@ -971,6 +1001,7 @@ impl Queue {
         if !inner.accepting.load(Ordering::Acquire) {
             return Err(QueueError::ShuttingDown);
         }
+        inner.take_room(0)?;
         let (feed, rx) = mpsc::channel(STREAM_AHEAD);
         let store = inner.store.clone();
         Ok(Stream {
@@ -979,6 +1010,7 @@ impl Queue {
             stored: tokio::spawn(async move { store.accept_stream(rx, atomic).await }),
             now: now_millis(),
             fed: Vec::new(),
+            full: None,
         })
     }
 
@@ -1154,15 +1186,23 @@ pub struct Stream {
     now: Millis,
     /// Each message fed, without its bytes, and its size.
     fed: Vec<(NewMessage, u64)>,
+    /// Set when a message found no room (`queue.min_free`): the feed is
+    /// dropped, so nothing is stored, and the commit answers this.
+    full: Option<Short>,
 }
 
 impl Stream {
     /// Hands one more message to the transaction; waits while the store
-    /// is [`STREAM_AHEAD`] messages behind. Once the store has failed, the
-    /// message is dropped and [`Stream::commit`] answers the store's error.
+    /// is [`STREAM_AHEAD`] messages behind. Once the store has failed, or
+    /// a message finds no room (`queue.min_free`), the message is dropped
+    /// and [`Stream::commit`] answers that error, with nothing stored.
     pub async fn push(&mut self, s: Submit) {
         let fed = s.stored_at(self.now);
         let size = fed.bytes.len() as u64;
+        if let Some(Err(short)) = self.inner.reserve.as_ref().map(|r| r.take(size)) {
+            self.full.get_or_insert(short);
+            self.feed = None;
+        }
         let kept = NewMessage {
             bytes: Arc::from(&[][..]),
             ..fed.clone()
@@ -1191,6 +1231,9 @@ impl Stream {
         let now = self.now;
         if cancel.as_ref().is_some_and(CancellationToken::is_cancelled) {
             return Err(QueueError::Cancelled);
+        }
+        if let Some(short) = self.full {
+            return Err(QueueError::Full(short));
         }
         let waits = wait_until.filter(|_| inner.delivers);
         // Known to the runner's rounds before any can take a message.
