@@ -199,6 +199,13 @@ pub fn overview(
                     @if !queue.durable { " " span.tag { "not durable" } }
                     @if !queue.available { " " span.tag { "refusing writes" } }
                 }
+                @if let (Some(free), Some(min)) = (queue.free_bytes, queue.min_free) {
+                    dt { "free space" }
+                    dd {
+                        (format!("{} MiB (new mail refused under {} MiB)", free >> 20, min >> 20))
+                        @if free < min { " " span.tag { "refusing new mail" } }
+                    }
+                }
                 dt { "oldest waiting" }
                 dd {
                     @match queue.oldest_queued_age_secs {
@@ -679,5 +686,34 @@ mod tests {
             page.contains("<dt>Sent copies pending</dt><dd>20</dd>"),
             "{page}"
         );
+    }
+
+    #[test]
+    fn the_overview_shows_the_free_space_and_says_when_new_mail_is_refused() {
+        let op = Operator {
+            name: "ops".into(),
+            csrf: "c".into(),
+        };
+        let history = History::default();
+        let mut queue = QueueOut {
+            store: "sqlite".into(),
+            durable: true,
+            available: true,
+            free_bytes: Some(300 << 20),
+            min_free: Some(100 << 20),
+            ..Default::default()
+        };
+        let page = overview(&op, None, None, &queue, &history).into_string();
+        assert!(
+            page.contains("300 MiB (new mail refused under 100 MiB)"),
+            "{page}"
+        );
+        assert!(!page.contains("refusing new mail"), "{page}");
+        queue.free_bytes = Some(60 << 20);
+        let page = overview(&op, None, None, &queue, &history).into_string();
+        assert!(page.contains("refusing new mail"), "{page}");
+        queue.free_bytes = None;
+        let page = overview(&op, None, None, &queue, &history).into_string();
+        assert!(!page.contains("free space"), "no reserve, no line: {page}");
     }
 }
