@@ -1602,7 +1602,8 @@ async fn a_read_only_store_is_a_start_up_error_and_loses_nothing() {
     let smtp = FaultSmtp::start(Script::ok()).await;
     let dir = tempfile::tempdir().unwrap();
     let fs = Tmpfs::mount(&dir.path().join("ro"));
-    let cfg = config_toml(&fs.0, smtp.port(), "");
+    // A 2 MiB file system: no free space reserve.
+    let cfg = config_toml(&fs.0, smtp.port(), "min_free = 0");
     std::fs::write(fs.0.join("second.toml"), &cfg).unwrap();
     let d = Daemon::start(&fs.0, &cfg).await;
     let later = send(d.peer(), msg("later", json!({"send_at": "1h"}))).await;
