@@ -121,9 +121,17 @@ async fn a_mail_merge_renders_each_message_and_sends_every_one() {
     .await;
     let (_, listed) = call(&s, "list_messages", json!({"batch_id": batch})).await;
     assert_eq!(listed["messages"].as_array().unwrap().len(), 5, "{listed}");
+    // Each message names its batch, so that it can be found from one of
+    // them (a call whose answer was lost); a single send names none.
+    let (_, all) = call(&s, "list_messages", json!({})).await;
+    let all = all["messages"].as_array().unwrap();
+    assert_eq!(all.len(), 6);
+    assert!(all[0]["batch_id"].is_null(), "{}", all[0]);
+    assert!(all[1..].iter().all(|m| m["batch_id"] == batch), "{all:?}");
     let id = results[2]["message_id"].as_str().unwrap();
     let (_, status) = call(&s, "get_message_status", json!({"message_id": id})).await;
     assert_eq!(status["status"], "sent");
+    assert_eq!(status["batch_id"], batch, "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

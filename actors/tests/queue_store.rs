@@ -780,7 +780,9 @@ async fn first_rounds(store: &dyn Store) {
 async fn batch_counts(store: &dyn Store) {
     let mut later = message("b2", None);
     later.due_at += 60_000;
-    let first = vec![message("b1", Some(("bk", 1))), later, message("b3", None)];
+    let mut b1 = message("b1", Some(("bk", 1)));
+    b1.batch = Some("batch-1".into());
+    let first = vec![b1, later, message("b3", None)];
     assert_eq!(
         store.accept_many(first, false).await.unwrap(),
         [
@@ -789,6 +791,17 @@ async fn batch_counts(store: &dyn Store) {
             Accepted::Stored(State::Queued),
         ]
     );
+    // A message names its batch, in its record and in a listing.
+    let batch = Some("batch-1".to_string());
+    assert_eq!(store.get("b1").await.unwrap().unwrap().batch, batch);
+    assert_eq!(store.get("b3").await.unwrap().unwrap().batch, None);
+    let filter = Filter {
+        batch: batch.clone(),
+        ..Filter::default()
+    };
+    let (listed, _) = store.list(&filter, 10, None).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].batch, batch);
     let second = vec![
         message("b4", Some(("bk", 1))),
         message("b5", Some(("bk", 2))),

@@ -254,6 +254,7 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
                         "message_id": m.message_id, "status": m.state.as_str(),
                         "from": m.from, "recipients": m.to, "queued_at": time(m.queued_at),
                         "updated_at": time(m.updated_at), "relay": m.relay, "caller": m.caller,
+                        "batch_id": m.batch,
                         "node": m.node,
                     });
                     println!("{line}");

@@ -948,6 +948,9 @@ pub struct MessageStatusResult {
     /// The daemon that holds or delivered it (a shared `postgres` queue).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The `send_batch` call it came in; `list_messages` takes it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ToolError>,
 }
@@ -1008,6 +1011,7 @@ impl From<&Record> for MessageStatusResult {
             decided_by: r.decided_by.clone(),
             sent_copy: r.sent_copy.as_deref().map(SentCopyOut::of),
             node: r.node.clone(),
+            batch_id: r.batch.clone(),
             error: None,
         }
     }
@@ -1029,6 +1033,9 @@ pub struct MessageSummaryOut {
     /// The daemon that holds or delivered it (a shared `postgres` queue).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The `send_batch` call it came in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<String>,
 }
 
 impl From<&Summary> for MessageSummaryOut {
@@ -1043,6 +1050,7 @@ impl From<&Summary> for MessageSummaryOut {
             relay: s.relay.clone(),
             caller: s.caller.clone(),
             node: s.node.clone(),
+            batch_id: s.batch.clone(),
         }
     }
 }

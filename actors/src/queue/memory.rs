@@ -433,6 +433,7 @@ impl Store for MemoryStore {
                         relay: r.relay.clone(),
                         caller: r.caller.clone(),
                         node: None,
+                        batch: row.batch.clone(),
                     },
                 )
             })

@@ -301,6 +301,7 @@ impl NewMessage {
             decided_by: None,
             sent_copy: None,
             node: None,
+            batch: self.batch.clone(),
         }
     }
 }
@@ -438,6 +439,8 @@ pub struct Record {
     pub sent_copy: Option<String>,
     /// The daemon that holds or last held it (a shared store only).
     pub node: Option<String>,
+    /// The `send_batch` call it came in.
+    pub batch: Option<String>,
 }
 
 /// One line of a listing.
@@ -453,6 +456,8 @@ pub struct Summary {
     pub caller: Option<String>,
     /// The daemon that holds or last held it (a shared store only).
     pub node: Option<String>,
+    /// The `send_batch` call it came in.
+    pub batch: Option<String>,
 }
 
 /// Counts and ages of the queue.

@@ -1885,7 +1885,7 @@ impl Store for PgStore {
         let Some(r) = sqlx::query(
             "SELECT seq, message_id, state, mail_from, rcpt, size, prefer, idem_key, queued_at,
                     due_at, updated_at, next_attempt_at, relay, accepted, rejected, reason, note,
-                    caller, meta, decided_by, sent_copy, history, node, attempt_log,
+                    caller, meta, decided_by, sent_copy, history, node, attempt_log, batch,
                     EXISTS (SELECT 1 FROM mailmux_attempts a WHERE a.seq = m.seq) AS in_table
                FROM mailmux_messages m WHERE message_id = $1",
         )
@@ -2161,6 +2161,7 @@ fn record(r: &PgRow) -> Result<Record, sqlx::Error> {
         decided_by: r.try_get("decided_by")?,
         sent_copy: r.try_get("sent_copy")?,
         node: r.try_get("node")?,
+        batch: r.try_get("batch")?,
     })
 }
 
@@ -2175,6 +2176,7 @@ fn summary(r: &PgRow) -> Result<Summary, sqlx::Error> {
         relay: r.try_get("relay")?,
         caller: r.try_get("caller")?,
         node: r.try_get("node")?,
+        batch: r.try_get("batch")?,
     })
 }
 

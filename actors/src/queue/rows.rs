@@ -67,7 +67,7 @@ pub(crate) fn list_sql(p: char, filter: &Filter) -> String {
     });
     let any = |column: &str, n: u8| format!("({p}{n}{cast} IS NULL OR {column} = {p}{n})");
     format!(
-        "SELECT seq, message_id, state, mail_from, rcpt, queued_at, updated_at, relay, caller{node}
+        "SELECT seq, message_id, state, mail_from, rcpt, queued_at, updated_at, relay, caller, batch{node}
            FROM {table} WHERE {by}seq < {p}1 AND {state} AND {caller} AND {batch}
             AND ({p}6{cast} IS NULL OR {find} > 0)
           ORDER BY seq DESC LIMIT {p}3",

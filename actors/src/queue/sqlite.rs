@@ -1481,6 +1481,7 @@ impl Store for SqliteStore {
                                 relay: r.get(7)?,
                                 caller: r.get(8)?,
                                 node: None,
+                                batch: r.get(9)?,
                             },
                         ))
                     },
@@ -1553,7 +1554,7 @@ fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<Record>> {
     c.prepare_cached(
         "SELECT message_id, state, mail_from, rcpt, size, prefer, idem_key, queued_at, due_at,
                 updated_at, next_attempt_at, relay, accepted, rejected, reason, note,
-                caller, meta, decided_by, sent_copy, attempt_log, history
+                caller, meta, decided_by, sent_copy, attempt_log, history, batch
            FROM messages WHERE message_id = ?1",
     )?
     .query_row([id], |r| {
@@ -1586,6 +1587,7 @@ fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<Record>> {
             attempts: rows::attempts(r.get(20)?),
             history: rows::history(&r.get::<_, String>(21)?),
             node: None,
+            batch: r.get(22)?,
         })
     })
     .optional()
