@@ -1018,6 +1018,21 @@ fn count_final(
     }
 }
 
+/// Each message the sink received (`seen`: its copies by id) arrived once
+/// and is one of the `listed` stored messages.
+fn each_at_the_sink_once_and_stored(
+    seen: &std::collections::HashMap<String, usize>,
+    listed: &[Value],
+) {
+    for (id, n) in seen {
+        assert_eq!(*n, 1, "{id} reached the sink {n} times");
+        assert!(
+            listed.iter().any(|m| m["message_id"] == id.as_str()),
+            "{id} at the sink but not stored"
+        );
+    }
+}
+
 /// Every stored message, listed once none is `queued` or `sending` any
 /// more (or once `limit` passed).
 async fn listed_when_final(peer: &Peer<RoleClient>, limit: Duration) -> Vec<Value> {
@@ -1208,13 +1223,7 @@ async fn a_waiting_batch_killed_mid_way_is_finished_once_each_after_a_restart() 
         count_final(id, m["status"].as_str(), &seen, &mut sent, &mut unknown);
     }
     assert!(unknown > 0, "no message was cut after its final \".\"");
-    for (id, n) in &seen {
-        assert_eq!(*n, 1, "{id} reached the sink {n} times");
-        assert!(
-            listed.iter().any(|m| m["message_id"] == id.as_str()),
-            "{id} at the sink but not stored"
-        );
-    }
+    each_at_the_sink_once_and_stored(&seen, &listed);
     eprintln!(
         "waiting batch of {N}: killed with {before} at the server; after the restart \
          {sent} sent exactly once, {unknown} unknown; {} at the sink, 0 duplicated",
@@ -1277,13 +1286,7 @@ async fn a_cancelled_batch_killed_before_its_call_ends_sends_nothing_cancelled_a
         }
     }
     assert!(cancelled > 0);
-    for (id, n) in &seen {
-        assert_eq!(*n, 1, "{id} reached the sink {n} times");
-        assert!(
-            listed.iter().any(|m| m["message_id"] == id.as_str()),
-            "{id} at the sink but not stored"
-        );
-    }
+    each_at_the_sink_once_and_stored(&seen, &listed);
     eprintln!(
         "cancelled batch of {N}: killed with {before} at the server; after the restart \
          {cancelled} cancelled and never sent, {sent} sent exactly once, {unknown} unknown; \

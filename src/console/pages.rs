@@ -665,19 +665,24 @@ pub fn approvals(op: &Operator, notice: Option<&str>, held: &[(Summary, Pending)
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_overview_shows_the_sent_copies_pending_only_when_there_are_some() {
+    /// An operator, an empty history and a SQLite queue that takes writes.
+    fn overview_of_sqlite() -> (Operator, History, QueueOut) {
         let op = Operator {
             name: "ops".into(),
             csrf: "c".into(),
         };
-        let history = History::default();
-        let mut queue = QueueOut {
+        let queue = QueueOut {
             store: "sqlite".into(),
             durable: true,
             available: true,
             ..Default::default()
         };
+        (op, History::default(), queue)
+    }
+
+    #[test]
+    fn the_overview_shows_the_sent_copies_pending_only_when_there_are_some() {
+        let (op, history, mut queue) = overview_of_sqlite();
         let page = overview(&op, None, None, &queue, &history).into_string();
         assert!(!page.contains("Sent copies pending"), "{page}");
         queue.sent_copies_pending = 20;
@@ -690,19 +695,9 @@ mod tests {
 
     #[test]
     fn the_overview_shows_the_free_space_and_says_when_new_mail_is_refused() {
-        let op = Operator {
-            name: "ops".into(),
-            csrf: "c".into(),
-        };
-        let history = History::default();
-        let mut queue = QueueOut {
-            store: "sqlite".into(),
-            durable: true,
-            available: true,
-            free_bytes: Some(300 << 20),
-            min_free: Some(100 << 20),
-            ..Default::default()
-        };
+        let (op, history, mut queue) = overview_of_sqlite();
+        queue.free_bytes = Some(300 << 20);
+        queue.min_free = Some(100 << 20);
         let page = overview(&op, None, None, &queue, &history).into_string();
         assert!(
             page.contains("300 MiB (new mail refused under 100 MiB)"),
