@@ -322,6 +322,7 @@ struct QueueQuery {
     state: Option<String>,
     caller: Option<String>,
     recipient: Option<String>,
+    batch: Option<String>,
     before: Option<i64>,
     notice: Option<String>,
 }
@@ -349,7 +350,7 @@ async fn queue(
         state,
         caller: nonempty(&q.caller),
         recipient: nonempty(&q.recipient),
-        ..Filter::default()
+        batch: nonempty(&q.batch),
     };
     let listed = server.queue().list(&filter, PAGE, q.before).await;
     let (page, next) = match listed {

@@ -363,6 +363,7 @@ pub fn queue(
         ("state", filter.state.map(|s| s.as_str().to_owned())),
         ("caller", filter.caller.clone()),
         ("recipient", filter.recipient.clone()),
+        ("batch", filter.batch.clone()),
     ] {
         if let Some(v) = v {
             query.push_str(&format!("&{k}={}", super::urlencode(&v)));
@@ -382,6 +383,11 @@ pub fn queue(
             }
             label { "caller" input type="text" name="caller" value=(filter.caller.as_deref().unwrap_or("")); }
             label { "recipient" input type="text" name="recipient" placeholder="part of an address" value=(filter.recipient.as_deref().unwrap_or("")); }
+            @if let Some(batch) = &filter.batch {
+                // Kept while filtering further; "Clear" drops it.
+                input type="hidden" name="batch" value=(batch);
+                span.tag { "batch " (batch) }
+            }
             button type="submit" { "Filter" }
             a.button href="/console/queue" { "Clear" }
         }
@@ -551,6 +557,10 @@ pub fn message(
                 @if let Some(p) = &parsed { dt { "subject" } dd { (p.subject) } }
                 dt { "size" } dd { (r.size) " bytes" }
                 dt { "caller" } dd { (r.caller.as_deref().unwrap_or("")) }
+                @if let Some(batch) = &r.batch {
+                    dt { "batch" }
+                    dd.mono { a href={ "/console/queue?batch=" (super::urlencode(batch)) } { (batch) } }
+                }
                 dt { "relay" } dd { (r.relay.as_deref().unwrap_or("")) }
                 dt { "accepted" } dd.mono { (when(r.queued_at)) }
                 @if let Some(next) = r.next_attempt_at {
@@ -691,6 +701,43 @@ mod tests {
             page.contains("<dt>Sent copies pending</dt><dd>20</dd>"),
             "{page}"
         );
+    }
+
+    #[test]
+    fn a_message_links_to_its_batch_and_the_queue_page_keeps_that_filter() {
+        let (op, _, _) = overview_of_sqlite();
+        let new = mailmux_actors::queue::NewMessage {
+            message_id: "m1@example.org".into(),
+            from: Some("a@example.org".into()),
+            to: vec!["b@example.org".into()],
+            bytes: std::sync::Arc::from(&b"Subject: s\r\n\r\nb"[..]),
+            prefer: None,
+            queued_at: 0,
+            due_at: 0,
+            idempotency: None,
+            caller: Some("local".into()),
+            meta: None,
+            hold: None,
+            only: None,
+            batch: Some("batch-0123456789abcdef".into()),
+        };
+        let page = message(&op, None, &new.record(State::Sent, 0), None).into_string();
+        assert!(
+            page.contains(r#"href="/console/queue?batch=batch-0123456789abcdef""#),
+            "{page}"
+        );
+        let filter = Filter {
+            batch: Some("batch-0123456789abcdef".into()),
+            ..Filter::default()
+        };
+        let page = queue(&op, None, &filter, &[], None).into_string();
+        assert!(
+            page.contains(r#"name="batch" value="batch-0123456789abcdef""#),
+            "{page}"
+        );
+        let single = mailmux_actors::queue::NewMessage { batch: None, ..new };
+        let page = message(&op, None, &single.record(State::Sent, 0), None).into_string();
+        assert!(!page.contains("?batch="), "{page}");
     }
 
     #[test]
