@@ -265,6 +265,15 @@ fn cancelled_call() -> ToolError {
     ToolError::new("cancelled", QueueError::Cancelled.to_string())
 }
 
+/// An idempotency key at `field` that names another message.
+fn key_conflict(field: String, message: String) -> ToolError {
+    ToolError {
+        field: Some(field),
+        rule: Some("same_content".into()),
+        ..ToolError::new("idempotency_conflict", message)
+    }
+}
+
 /// A batch its client cancelled before any message of it was stored.
 fn cancelled_batch() -> ToolError {
     ToolError::new(
@@ -1395,16 +1404,12 @@ impl MailmuxServer {
                     if let Some((key, hash)) = &s.idempotency {
                         let (first, seen) = *keys.entry(key.clone()).or_insert((i, *hash));
                         if seen != *hash {
-                            results.push(item_error(ToolError {
-                                field: Some(format!("messages[{i}].idempotency_key")),
-                                rule: Some("same_content".into()),
-                                ..ToolError::new(
-                                    "idempotency_conflict",
-                                    format!(
-                                        "messages[{i}].idempotency_key is also messages[{first}]'s, for a different message; nothing of this one was stored"
-                                    ),
-                                )
-                            }));
+                            results.push(item_error(key_conflict(
+                                format!("messages[{i}].idempotency_key"),
+                                format!(
+                                    "messages[{i}].idempotency_key is also messages[{first}]'s, for a different message; nothing of this one was stored"
+                                ),
+                            )));
                             continue;
                         }
                     }
@@ -1506,16 +1511,12 @@ impl MailmuxServer {
                             }
                             Err(QueueError::Conflict { message_id }) => {
                                 conflicted = true;
-                                slot.error = Some(ToolError {
-                                    field: Some(format!("messages[{i}].idempotency_key")),
-                                    rule: Some("same_content".into()),
-                                    ..ToolError::new(
-                                        "idempotency_conflict",
-                                        format!(
-                                            "the key was already used for a different message ({message_id})"
-                                        ),
-                                    )
-                                });
+                                slot.error = Some(key_conflict(
+                                    format!("messages[{i}].idempotency_key"),
+                                    format!(
+                                        "the key was already used for a different message ({message_id})"
+                                    ),
+                                ));
                             }
                             // Not stored, as in an atomic batch with an
                             // invalid message: no error of its own.
@@ -1617,16 +1618,12 @@ impl MailmuxServer {
             Err(QueueError::ShuttingDown) => return failed(ToolError::unavailable()),
             Err(QueueError::Cancelled) => return failed(cancelled_call()),
             Err(QueueError::Conflict { message_id }) => {
-                return failed(ToolError {
-                    field: Some("idempotency_key".into()),
-                    rule: Some("same_content".into()),
-                    ..ToolError::new(
-                        "idempotency_conflict",
-                        format!(
-                            "idempotency_key was already used for a different message ({message_id}); nothing was sent"
-                        ),
-                    )
-                });
+                return failed(key_conflict(
+                    "idempotency_key".into(),
+                    format!(
+                        "idempotency_key was already used for a different message ({message_id}); nothing was sent"
+                    ),
+                ));
             }
             Err(e) => return failed(queue_unavailable(&e, Some(&id))),
         };
@@ -1687,14 +1684,15 @@ impl MailmuxServer {
         let warning = (!queue.durable()).then(|| {
             "the queue is in memory (queue.store = \"memory\"): accepted mail that is not yet delivered is lost on a crash or restart".to_string()
         });
+        let room = queue.room();
         let mut out = QueueOut {
             store: queue.store_kind().into(),
             node_id: queue.node().map(str::to_owned),
             nodes: queue.nodes(),
             durable: queue.durable(),
             available: queue.available(),
-            free_bytes: queue.room().map(|(free, _)| free),
-            min_free: queue.room().map(|(_, min)| min),
+            free_bytes: room.map(|(free, _)| free),
+            min_free: room.map(|(_, min)| min),
             warning,
             ..Default::default()
         };

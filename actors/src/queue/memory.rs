@@ -68,14 +68,10 @@ impl Mem {
     /// Stores a new message, or finds its idempotency key.
     fn accept(&mut self, m: NewMessage) -> Accepted {
         let now = now_millis();
+        if let Some(seen) = self.key_seen(&m) {
+            return seen;
+        }
         if let Some((key, hash)) = &m.idempotency {
-            if let Some((id, seen, _)) = self.keys.get(key) {
-                return if seen == hash {
-                    Accepted::Replay(id.clone())
-                } else {
-                    Accepted::Conflict(id.clone())
-                };
-            }
             self.keys
                 .insert(key.clone(), (m.message_id.clone(), *hash, now));
         }
@@ -103,6 +99,17 @@ impl Mem {
             },
         );
         Accepted::Stored(state)
+    }
+
+    /// The message `m`'s idempotency key already names: a replay (same
+    /// content) or a conflict; none for a new key or no key.
+    fn key_seen(&self, m: &NewMessage) -> Option<Accepted> {
+        let (key, hash) = m.idempotency.as_ref()?;
+        let (id, seen, _) = self.keys.get(key)?;
+        Some(match seen == hash {
+            true => Accepted::Replay(id.clone()),
+            false => Accepted::Conflict(id.clone()),
+        })
     }
 
     /// Keeps [`Mem::copies_pending`] as a message's copy changes.
@@ -185,12 +192,9 @@ impl Store for MemoryStore {
         if atomic {
             let seen = ms
                 .iter()
-                .map(|m| match &m.idempotency {
-                    Some((key, hash)) => match mem.keys.get(key) {
-                        Some((id, seen, _)) if seen != hash => Accepted::Conflict(id.clone()),
-                        _ => Accepted::Withheld,
-                    },
-                    None => Accepted::Withheld,
+                .map(|m| match mem.key_seen(m) {
+                    Some(Accepted::Conflict(id)) => Accepted::Conflict(id),
+                    _ => Accepted::Withheld,
                 })
                 .collect();
             if let (out, false) = super::atomic_answers(seen) {

@@ -1490,9 +1490,13 @@ impl Store for PgStore {
             for m in ms {
                 out.push(accept_in(&mut tx, m, now, self.claimer(), self.lease_ms, again).await?);
             }
-            if atomic && let (out, false) = super::atomic_answers(out.clone()) {
-                tx.rollback().await?;
-                return Ok(out);
+            if atomic {
+                let (answers, store) = super::atomic_answers(out);
+                if !store {
+                    tx.rollback().await?;
+                    return Ok(answers);
+                }
+                out = answers;
             }
             tx.commit().await?;
             Ok(out)
@@ -1527,9 +1531,13 @@ impl Store for PgStore {
                 None => return Err(abandoned()),
             }
         }
-        if atomic && let (out, false) = super::atomic_answers(out.clone()) {
-            tx.rollback().await.map_err(unavailable)?;
-            return Ok(out);
+        if atomic {
+            let (answers, store) = super::atomic_answers(out);
+            if !store {
+                tx.rollback().await.map_err(unavailable)?;
+                return Ok(answers);
+            }
+            out = answers;
         }
         match tx.commit().await {
             Ok(()) => Ok(out),

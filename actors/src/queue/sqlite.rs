@@ -920,34 +920,35 @@ fn accept_all(c: &Tx<'_>, ms: &[NewMessage], now: Millis) -> rusqlite::Result<Ve
 fn conflicts(c: &Connection, ms: &[NewMessage]) -> rusqlite::Result<Vec<Accepted>> {
     ms.iter()
         .map(|m| {
-            let Some((key, hash)) = &m.idempotency else {
-                return Ok(Accepted::Withheld);
-            };
-            let seen: Option<(String, Vec<u8>)> = c
-                .prepare_cached("SELECT message_id, hash FROM idempotency WHERE key = ?1")?
-                .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
-            Ok(match seen {
-                Some((id, seen)) if seen != hash => Accepted::Conflict(id),
+            Ok(match key_seen(c, m)? {
+                Some(Accepted::Conflict(id)) => Accepted::Conflict(id),
                 _ => Accepted::Withheld,
             })
         })
         .collect()
 }
 
+/// The message `m`'s idempotency key already names: a replay (same
+/// content) or a conflict; none for a new key or no key.
+fn key_seen(c: &Connection, m: &NewMessage) -> rusqlite::Result<Option<Accepted>> {
+    let Some((key, hash)) = &m.idempotency else {
+        return Ok(None);
+    };
+    let seen: Option<(String, Vec<u8>)> = c
+        .prepare_cached("SELECT message_id, hash FROM idempotency WHERE key = ?1")?
+        .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    Ok(seen.map(|(id, seen)| match seen == hash {
+        true => Accepted::Replay(id),
+        false => Accepted::Conflict(id),
+    }))
+}
+
 fn accept(c: &Connection, m: &NewMessage, now: Millis) -> rusqlite::Result<Accepted> {
+    if let Some(seen) = key_seen(c, m)? {
+        return Ok(seen);
+    }
     if let Some((key, hash)) = &m.idempotency {
-        let seen: Option<(String, Vec<u8>)> = c
-            .prepare_cached("SELECT message_id, hash FROM idempotency WHERE key = ?1")?
-            .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        if let Some((id, seen_hash)) = seen {
-            return Ok(if seen_hash == hash {
-                Accepted::Replay(id)
-            } else {
-                Accepted::Conflict(id)
-            });
-        }
         c.prepare_cached(
             "INSERT INTO idempotency (key, message_id, hash, created_at) VALUES (?1, ?2, ?3, ?4)",
         )?
