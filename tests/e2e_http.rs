@@ -1018,3 +1018,40 @@ async fn a_caller_past_its_sessions_loses_its_least_recently_used_one() {
     let _ = stop.send(());
     let _ = task.await;
 }
+
+/// Under `queue.min_free` the daemon refuses new mail, and `/health` says
+/// so with 503, so that a load balancer sends mail elsewhere. No file
+/// system has a reserve this large free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_503_while_new_mail_is_refused_under_the_free_space_reserve() {
+    let smtp = Aiosmtpd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(vec![relay("primary", smtp.port, 100)]);
+    cfg.queue.store = mailmux_actors::queue::StoreKind::Sqlite {
+        path: dir.path().join("queue.db"),
+    };
+    cfg.queue.min_free = 1 << 60;
+    let (base, stop, task) = in_process_with(cfg, false).await;
+    let r = reqwest::get(format!("{base}/health")).await.unwrap();
+    assert_eq!(r.status(), 503);
+    let health: Value = r.json().await.unwrap();
+    assert_eq!(health["ok"], false, "{health}");
+    assert_eq!(health["queue"]["available"], true, "{health}");
+    assert_eq!(health["queue"]["min_free"], 1u64 << 60, "{health}");
+    assert!(health["queue"]["free_bytes"].as_u64().unwrap() < 1 << 60);
+    assert_eq!(
+        health["relays"],
+        json!([{"name": "primary", "state": "healthy"}])
+    );
+    let (is_error, out) = mcp_call(
+        &format!("{base}/mcp"),
+        None,
+        "send_email",
+        json!({"to": ["a@example.org"], "subject": "refused", "body": "b"}),
+    )
+    .await;
+    assert!(is_error, "{out}");
+    assert_eq!(out["error"]["code"], "queue_full", "{out}");
+    stop_in_process(stop, task).await;
+    assert!(smtp.messages().is_empty());
+}

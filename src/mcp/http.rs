@@ -554,6 +554,8 @@ async fn limit(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> R
     Response::from_parts(parts, axum::body::Body::new(body))
 }
 
+/// `GET /health`: 200 while new mail is best sent here (a relay is healthy,
+/// the store takes writes and has its free space reserve), 503 otherwise.
 async fn health(State(server): State<MailmuxServer>) -> Response {
     let (ok, relays) = match server.dispatcher().status().await {
         Ok(s) => {
@@ -569,7 +571,10 @@ async fn health(State(server): State<MailmuxServer>) -> Response {
         Err(_) => (false, Vec::new()),
     };
     let queue = server.queue_status().await;
-    let ok = ok && queue.available;
+    // Under `queue.min_free` new mail is refused: a load balancer should
+    // send it elsewhere, while this daemon still delivers what it holds.
+    let reserve_short = matches!((queue.free_bytes, queue.min_free), (Some(f), Some(m)) if f < m);
+    let ok = ok && queue.available && !reserve_short;
     let status = if ok {
         StatusCode::OK
     } else {
