@@ -2177,6 +2177,115 @@ async fn the_queue_command_inspects_and_acts_while_the_daemon_runs() {
     d.stop().await;
 }
 
+/// `queue cancel` and `queue retry` with a selection instead of an id, while
+/// the daemon runs: a scheduled mail merge is cancelled whole by its batch
+/// id, and the mail deferred through a relay outage (its next retry an hour
+/// away) goes out at once with `retry --status queued`, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_command_cancels_and_retries_a_selection_at_once() {
+    let smtp = FaultSmtp::start(Script::ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(dir.path(), smtp.port(), "")
+        .replace("retry_base = \"300ms\"", "retry_base = \"1h\"")
+        .replace("retry_max = \"1s\"", "retry_max = \"1h\"");
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let q = |args: &[&str]| common::queue_cmd(dir.path(), args);
+    let batch = |tag: &str, extra: Value| {
+        let messages: Vec<Value> = (0..3)
+            .map(|i| json!({"to": [format!("{tag}+{i}@example.org")]}))
+            .collect();
+        let mut args = json!({"defaults": {"subject": tag, "body": "b\n"}, "messages": messages});
+        if let (Value::Object(a), Value::Object(e)) = (&mut args, extra) {
+            a.extend(e);
+        }
+        args
+    };
+    let sent = send(d.peer(), msg("sent", json!({}))).await;
+    assert_eq!(sent.status(), Some("sent"), "{sent:?}");
+
+    // The relay defers everything: a batch that waits is answered queued.
+    smtp.set_script(Script::ok().on(Phase::Mail, Action::reply(451, "try later")));
+    let deferred = call(
+        d.peer(),
+        "b",
+        "send_batch",
+        batch("deferred", json!({"wait": true})),
+        LIMIT,
+    )
+    .await;
+    let deferred = deferred.value().unwrap();
+    let deferred_ids: Vec<String> = deferred["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["status"], "queued", "{r}");
+            r["message_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let later = call(
+        d.peer(),
+        "b",
+        "send_batch",
+        batch("later", json!({"send_at": "1h"})),
+        LIMIT,
+    )
+    .await;
+    let later = later.value().unwrap();
+    let later_batch = later["batch_id"].as_str().unwrap().to_string();
+
+    let (code, _, err) = q(&["cancel"]);
+    assert_eq!(code, Some(2), "neither an id nor a selection: {err}");
+    let (code, _, err) = q(&["cancel", &deferred_ids[0], "--batch", &later_batch]);
+    assert_eq!(code, Some(2), "an id and a selection: {err}");
+    let (code, _, err) = q(&["retry", "--status", "waiting"]);
+    assert_eq!(code, Some(2), "{err}");
+
+    let (code, out, err) = q(&["cancel", "--batch", &later_batch]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.ends_with("cancelled: 3 of 3 matching messages\n"),
+        "{out}"
+    );
+    for r in later["results"].as_array().unwrap() {
+        let id = r["message_id"].as_str().unwrap();
+        assert!(out.contains(&format!("{id}: cancelled")), "{out}");
+        assert_eq!(status_of(d.peer(), id).await["status"], "cancelled");
+    }
+    let (code, out, _) = q(&["cancel", "--batch", &later_batch]);
+    assert_eq!(code, Some(1), "nothing left to cancel: {out}");
+    assert!(
+        out.contains("0 of 3 matching messages; left as they were: 3 cancelled"),
+        "{out}"
+    );
+
+    // The relay is back, and out of its backoff (at most 200 ms; a round
+    // that finds it backing off defers the message again): the deferred
+    // mail goes now, not in an hour.
+    smtp.set_script(Script::ok());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (code, out, err) = q(&["retry", "--status", "queued"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.ends_with("queued for a fresh attempt: 3 of 3 matching messages\n"),
+        "{out}"
+    );
+    for id in &deferred_ids {
+        let s = settled(d.peer(), id, LIMIT).await;
+        assert_eq!(s["status"], "sent", "{s}");
+    }
+    let (code, out, _) = q(&["retry", "--caller", "local", "--status", "sent"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("0 of 4 matching messages; left as they were: 4 sent"),
+        "{out}"
+    );
+    d.stop().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let subjects: Vec<String> = smtp.received().iter().filter_map(subject_of).collect();
+    assert_eq!(subjects, ["sent", "deferred", "deferred", "deferred"]);
+}
+
 /// A client that declares the tasks extension.
 fn tasks_client() -> ClientConfig {
     ClientConfig::new(

@@ -27,9 +27,12 @@ pub enum QueueCommand {
     List(ListArgs),
     /// One message: envelope, headers, attempts and history.
     Show(ShowArgs),
-    /// Cancel a scheduled, queued or held message.
-    Cancel(IdArgs),
-    /// Queue a queued, failed or expired message for a fresh attempt now.
+    /// Cancel a scheduled, queued or held message, or every one a selection
+    /// names (`--batch`, `--caller`, `--status`, `--recipient`).
+    Cancel(CancelArgs),
+    /// Queue a queued, failed or expired message for a fresh attempt now, or
+    /// every one a selection names (`--status queued`: deliver the deferred
+    /// mail now, after an outage).
     Retry(RetryArgs),
     /// Release a held message for delivery.
     Approve(IdArgs),
@@ -45,8 +48,9 @@ pub enum QueueCommand {
     Migrate,
 }
 
+/// Which messages: every given condition holds.
 #[derive(Debug, Args)]
-pub struct ListArgs {
+pub struct Select {
     /// Only messages in this state.
     #[arg(long)]
     pub status: Option<String>,
@@ -59,6 +63,40 @@ pub struct ListArgs {
     /// Only messages with a recipient that contains this text (any case).
     #[arg(long)]
     pub recipient: Option<String>,
+}
+
+impl Select {
+    fn any(&self) -> bool {
+        self.status.is_some()
+            || self.caller.is_some()
+            || self.batch.is_some()
+            || self.recipient.is_some()
+    }
+
+    /// The store's filter, or the usage error of an unknown `--status`.
+    fn filter(self) -> Result<Filter, ExitCode> {
+        let state = match self.status.as_deref().map(State::parse) {
+            None => None,
+            Some(Some(s)) => Some(s),
+            Some(None) => {
+                let valid: Vec<&str> = State::ALL.iter().map(|s| s.as_str()).collect();
+                eprintln!("mailmux: --status must be one of {}", valid.join(", "));
+                return Err(ExitCode::from(EXIT_USAGE));
+            }
+        };
+        Ok(Filter {
+            state,
+            caller: self.caller,
+            batch: self.batch,
+            recipient: self.recipient,
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub select: Select,
     /// At most this many, newest first (at least 1).
     #[arg(long, default_value_t = 50,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
@@ -77,8 +115,21 @@ pub struct ShowArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct CancelArgs {
+    /// The message_id the send answered with; or a selection instead.
+    #[arg(conflicts_with_all = ["status", "caller", "batch", "recipient"])]
+    pub id: Option<String>,
+    #[command(flatten)]
+    pub select: Select,
+}
+
+#[derive(Debug, Args)]
 pub struct RetryArgs {
-    pub id: String,
+    /// The message_id the send answered with; or a selection instead.
+    #[arg(conflicts_with_all = ["status", "caller", "batch", "recipient"])]
+    pub id: Option<String>,
+    #[command(flatten)]
+    pub select: Select,
     /// Retry an `unknown` message, which the server may already have.
     #[arg(long)]
     pub force: bool,
@@ -138,12 +189,12 @@ pub async fn run(config: Config, cmd: QueueCommand) -> ExitCode {
     };
     match store.decide(&id, decision).await {
         Ok(Decided::Released(state)) => {
-            audit(&config, store.as_ref(), &id, Action::Approved).await;
+            audit(&audit_log(&config), store.as_ref(), &id, Action::Approved).await;
             println!("{id}: approved; now {}", state.as_str());
             ExitCode::SUCCESS
         }
         Ok(Decided::Rejected) => {
-            audit(&config, store.as_ref(), &id, Action::Rejected).await;
+            audit(&audit_log(&config), store.as_ref(), &id, Action::Rejected).await;
             println!("{id}: rejected; it will not be sent");
             ExitCode::SUCCESS
         }
@@ -229,20 +280,9 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
     };
     match cmd {
         QueueCommand::List(a) => {
-            let state = match a.status.as_deref().map(State::parse) {
-                None => None,
-                Some(Some(s)) => Some(s),
-                Some(None) => {
-                    let valid: Vec<&str> = State::ALL.iter().map(|s| s.as_str()).collect();
-                    eprintln!("mailmux: --status must be one of {}", valid.join(", "));
-                    return ExitCode::from(EXIT_USAGE);
-                }
-            };
-            let filter = Filter {
-                state,
-                caller: a.caller,
-                batch: a.batch,
-                recipient: a.recipient,
+            let filter = match a.select.filter() {
+                Ok(f) => f,
+                Err(code) => return code,
             };
             let (page, _) = match store.list(&filter, a.limit, None).await {
                 Ok(p) => p,
@@ -301,35 +341,45 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
             }
             ExitCode::SUCCESS
         }
-        QueueCommand::Cancel(a) => match store.cancel(&a.id).await {
+        QueueCommand::Cancel(CancelArgs { id: None, select }) => {
+            each(config, store, select, Bulk::Cancel).await
+        }
+        QueueCommand::Cancel(CancelArgs { id: Some(id), .. }) => match store.cancel(&id).await {
             Ok(Cancel::Cancelled) => {
-                audit(config, store, &a.id, Action::Cancelled).await;
-                println!("{}: cancelled", a.id);
+                audit(&audit_log(config), store, &id, Action::Cancelled).await;
+                println!("{id}: cancelled");
                 ExitCode::SUCCESS
             }
             Ok(Cancel::Refused(state)) => {
                 eprintln!(
-                    "mailmux: {} is {}; only a scheduled, queued or held message can be cancelled",
-                    a.id,
+                    "mailmux: {id} is {}; only a scheduled, queued or held message can be cancelled",
                     state.as_str()
                 );
                 ExitCode::from(EXIT_REFUSED)
             }
             Ok(Cancel::NotFound) => {
-                eprintln!("mailmux: no message {:?}", a.id);
+                eprintln!("mailmux: no message {id:?}");
                 ExitCode::from(EXIT_REFUSED)
             }
             Err(e) => fail(e),
         },
-        QueueCommand::Retry(a) => match store.retry(&a.id, a.force).await {
+        QueueCommand::Retry(RetryArgs {
+            id: None,
+            select,
+            force,
+        }) => each(config, store, select, Bulk::Retry { force }).await,
+        QueueCommand::Retry(RetryArgs {
+            id: Some(id),
+            force,
+            ..
+        }) => match store.retry(&id, force).await {
             Ok(Retry::Queued) => {
-                println!("{}: queued for a fresh attempt", a.id);
+                println!("{id}: queued for a fresh attempt");
                 ExitCode::SUCCESS
             }
             Ok(Retry::NeedsForce) => {
                 eprintln!(
-                    "mailmux: {} is unknown: the server may already have it; --force sends it again",
-                    a.id
+                    "mailmux: {id} is unknown: the server may already have it; --force sends it again"
                 );
                 ExitCode::from(EXIT_REFUSED)
             }
@@ -346,11 +396,11 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
                         "only a queued, failed or expired message (or, forced, an unknown one) can be retried"
                     }
                 };
-                eprintln!("mailmux: {} is {}; {why}", a.id, state.as_str());
+                eprintln!("mailmux: {id} is {}; {why}", state.as_str());
                 ExitCode::from(EXIT_REFUSED)
             }
             Ok(Retry::NotFound) => {
-                eprintln!("mailmux: no message {:?}", a.id);
+                eprintln!("mailmux: no message {id:?}");
                 ExitCode::from(EXIT_REFUSED)
             }
             Err(e) => fail(e),
@@ -397,17 +447,119 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
     }
 }
 
-/// Appends the decision to the audit log, as the daemon would.
-async fn audit(config: &Config, store: &dyn queue::Store, id: &str, action: Action) {
-    if config.safety.audit.path.is_none() {
-        return;
+/// What [`each`] does to every message of a selection.
+#[derive(Debug, Clone, Copy)]
+enum Bulk {
+    Cancel,
+    Retry { force: bool },
+}
+
+/// Messages read a page at a time to collect a selection.
+const PAGE: usize = 500;
+
+/// `cancel` or `retry` on every message `select` names. Their ids are read
+/// first; then each message is acted on in a transaction of its own, under
+/// the state rules of the one-message form, so that a message the daemon
+/// delivers meanwhile is left as it is. Prints a line per message acted
+/// on and one summing up; exits 0 when at least one was acted on.
+async fn each(config: &Config, store: &dyn queue::Store, select: Select, bulk: Bulk) -> ExitCode {
+    if !select.any() {
+        eprintln!(
+            "mailmux: name a message_id, or select messages with --status, --caller, --batch or --recipient"
+        );
+        return ExitCode::from(EXIT_USAGE);
     }
-    let log = match Audit::open(config.safety.audit.clone()) {
-        Ok(a) => a,
+    let filter = match select.filter() {
+        Ok(f) => f,
+        Err(code) => return code,
+    };
+    let mut ids = Vec::new();
+    let mut cursor = None;
+    loop {
+        match store.list(&filter, PAGE, cursor).await {
+            Ok((page, next)) => {
+                ids.extend(page.into_iter().map(|m| m.message_id));
+                match next {
+                    Some(n) => cursor = Some(n),
+                    None => break,
+                }
+            }
+            Err(e) => {
+                eprintln!("mailmux: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let log = audit_log(config);
+    let (verb, done_as) = match bulk {
+        Bulk::Cancel => ("cancelled", "cancelled"),
+        Bulk::Retry { .. } => ("queued for a fresh attempt", "queued"),
+    };
+    let mut done = 0usize;
+    // Why the others were left: their state, or that they are gone.
+    let mut left = std::collections::BTreeMap::<String, usize>::new();
+    for id in &ids {
+        let outcome = match bulk {
+            Bulk::Cancel => store.cancel(id).await.map(|c| match c {
+                Cancel::Cancelled => None,
+                Cancel::Refused(state) => Some(state.as_str().to_owned()),
+                Cancel::NotFound => Some("purged".to_owned()),
+            }),
+            Bulk::Retry { force } => store.retry(id, force).await.map(|r| match r {
+                Retry::Queued => None,
+                Retry::NeedsForce => Some("unknown (retried only with --force)".to_owned()),
+                Retry::Refused(state @ (State::Unknown | State::Failed | State::Queued)) => {
+                    Some(format!("{} without its bytes", state.as_str()))
+                }
+                Retry::Refused(state) => Some(state.as_str().to_owned()),
+                Retry::NotFound => Some("purged".to_owned()),
+            }),
+        };
+        match outcome {
+            Ok(None) => {
+                done += 1;
+                if let Bulk::Cancel = bulk {
+                    audit(&log, store, id, Action::Cancelled).await;
+                }
+                println!("{id}: {done_as}");
+            }
+            Ok(Some(why)) => *left.entry(why).or_default() += 1,
+            Err(e) => {
+                println!("{verb} {done} of {} messages before an error", ids.len());
+                eprintln!("mailmux: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let mut summary = format!("{verb}: {done} of {} matching messages", ids.len());
+    if !left.is_empty() {
+        let rest: Vec<String> = left.iter().map(|(why, n)| format!("{n} {why}")).collect();
+        summary.push_str(&format!("; left as they were: {}", rest.join(", ")));
+    }
+    println!("{summary}");
+    if done == 0 {
+        ExitCode::from(EXIT_REFUSED)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// The audit log, when one is configured and opens.
+fn audit_log(config: &Config) -> Option<Audit> {
+    config.safety.audit.path.as_ref()?;
+    match Audit::open(config.safety.audit.clone()) {
+        Ok(a) => Some(a),
         Err(e) => {
             eprintln!("mailmux: cannot open the audit log: {e}");
-            return;
+            None
         }
+    }
+}
+
+/// Appends the decision to the audit log, as the daemon would.
+async fn audit(log: &Option<Audit>, store: &dyn queue::Store, id: &str, action: Action) {
+    let Some(log) = log else {
+        return;
     };
     let Ok(Some(r)) = store.get(id).await else {
         return;
