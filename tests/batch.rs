@@ -639,3 +639,72 @@ async fn attachments_in_defaults_reach_every_message() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(s.smtp.delivered().len(), 41, "nothing more was sent");
 }
+
+/// `cancel_message` with a `batch_id` cancels every message of that batch
+/// that can still be cancelled, in one call, and says how many; a batch
+/// already sent is `not_cancellable`, an unknown one `not_found`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_message_with_a_batch_id_cancels_the_whole_batch() {
+    let s = setup(1000).await;
+    let batch = |tag: &str, extra: Value| {
+        let messages: Vec<Value> = (0..4)
+            .map(|i| json!({"to": [format!("{tag}{i}@example.org")]}))
+            .collect();
+        let mut args = json!({"defaults": {"subject": tag, "body": "b"}, "messages": messages});
+        if let (Value::Object(a), Value::Object(e)) = (&mut args, extra) {
+            a.extend(e);
+        }
+        args
+    };
+    let (is_error, later) = call(&s, "send_batch", batch("later", json!({"send_at": "2s"}))).await;
+    assert!(!is_error, "{later}");
+    assert_eq!(later["summary"], json!({"scheduled": 4}), "{later}");
+    let later_batch = later["batch_id"].as_str().unwrap();
+    let (is_error, now) = call(&s, "send_batch", batch("now", json!({}))).await;
+    assert!(!is_error, "{now}");
+    assert_eq!(now["summary"], json!({"sent": 4}), "{now}");
+    let now_batch = now["batch_id"].as_str().unwrap();
+
+    let one = later["results"][0]["message_id"].as_str().unwrap();
+    let (is_error, out) = call(&s, "cancel_message", json!({"message_id": one})).await;
+    assert!(!is_error, "{out}");
+    let (is_error, out) = call(&s, "cancel_message", json!({"batch_id": later_batch})).await;
+    assert!(!is_error, "{out}");
+    assert_eq!(out["cancelled"], true, "{out}");
+    assert_eq!(out["cancelled_count"], 3, "{out}");
+    assert_eq!(out["summary"], json!({"cancelled": 4}), "{out}");
+    assert_eq!(out["batch_id"], later_batch, "{out}");
+    for r in later["results"].as_array().unwrap() {
+        let (_, st) = call(
+            &s,
+            "get_message_status",
+            json!({"message_id": r["message_id"]}),
+        )
+        .await;
+        assert_eq!(st["status"], "cancelled", "{st}");
+    }
+
+    let (is_error, out) = call(&s, "cancel_message", json!({"batch_id": later_batch})).await;
+    assert!(is_error, "nothing left to cancel: {out}");
+    assert_eq!(out["error"]["code"], "not_cancellable", "{out}");
+    assert_eq!(out["cancelled_count"], 0, "{out}");
+    let (is_error, out) = call(&s, "cancel_message", json!({"batch_id": now_batch})).await;
+    assert!(is_error, "{out}");
+    assert_eq!(out["error"]["code"], "not_cancellable", "{out}");
+    assert_eq!(out["summary"], json!({"sent": 4}), "{out}");
+    let (is_error, out) = call(&s, "cancel_message", json!({"batch_id": "batch-none"})).await;
+    assert!(is_error, "{out}");
+    assert_eq!(out["error"]["code"], "not_found", "{out}");
+    let both = json!({"message_id": one, "batch_id": later_batch});
+    let (is_error, out) = call(&s, "cancel_message", both).await;
+    assert!(is_error, "{out}");
+    assert_eq!(out["error"]["code"], "invalid_input", "{out}");
+    let (is_error, out) = call(&s, "cancel_message", json!({})).await;
+    assert!(is_error, "{out}");
+    assert_eq!(out["error"]["code"], "invalid_input", "{out}");
+
+    // Past the batch's send_at: only the batch sent at once is at the sink.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let want: Vec<String> = (0..4).map(|i| format!("now{i}@example.org")).collect();
+    assert_eq!(recipients(&s), want);
+}

@@ -845,12 +845,16 @@ impl MailmuxServer {
         .await
     }
 
-    /// Cancels a scheduled, queued or held message.
+    /// Cancels a scheduled, queued or held message, or every such message
+    /// of a batch.
     #[tool(
         name = "cancel_message",
         description = "Cancel a message that is `scheduled`, `queued` or `held` (waiting for its \
                        time, a retry or an approval). A message a relay already holds, or that is \
-                       finished, cannot be cancelled: the error `not_cancellable` names its state.",
+                       finished, cannot be cancelled: the error `not_cancellable` names its state. \
+                       With `batch_id` instead of `message_id`, cancels every message of that \
+                       `send_batch` call that still can be, and answers how many it cancelled and \
+                       the batch's messages per status.",
         output_schema = schema_for_output::<CancelMessageResult>()
     )]
     pub async fn cancel_message(
@@ -865,7 +869,21 @@ impl MailmuxServer {
         span.record("caller", &*caller.name);
         async move {
             let id = match params.0.0 {
-                Ok(p) => p.message_id,
+                Ok(CancelMessageParams {
+                    message_id: Some(id),
+                    batch_id: None,
+                }) => id,
+                Ok(CancelMessageParams {
+                    message_id: None,
+                    batch_id: Some(batch),
+                }) => return self.cancel_batch(&caller, batch).await,
+                Ok(_) => {
+                    return fail::<CancelMessageResult>(invalid(
+                        "message_id",
+                        "one_of",
+                        "give exactly one of message_id and batch_id".into(),
+                    ));
+                }
                 Err(e) => return fail::<CancelMessageResult>(shape(e)),
             };
             tracing::Span::current().record("message_id", id.as_str());
@@ -887,7 +905,7 @@ impl MailmuxServer {
                             message_id: Some(id.clone()),
                             cancelled: true,
                             status: Some(SendStatus::Cancelled),
-                            error: None,
+                            ..Default::default()
                         },
                         format!("cancelled {id}"),
                     )
@@ -907,6 +925,7 @@ impl MailmuxServer {
                             cancelled: false,
                             status: Some(state.into()),
                             error: Some(e),
+                            ..Default::default()
                         },
                         text,
                     )
@@ -924,6 +943,93 @@ impl MailmuxServer {
 }
 
 impl MailmuxServer {
+    /// `cancel_message` with a `batch_id`: each of the caller's messages of
+    /// that batch is cancelled as one `message_id` would be, so one a relay
+    /// holds now is left to its round. Not found when the caller has no
+    /// message of that batch; `not_cancellable` when none could be.
+    async fn cancel_batch(
+        &self,
+        caller: &Caller,
+        batch: String,
+    ) -> Result<CallToolResult, ErrorData> {
+        let filter = Filter {
+            state: None,
+            caller: Some(caller.name.to_string()),
+            batch: Some(batch.clone()),
+            recipient: None,
+        };
+        let mut ids = Vec::new();
+        let mut cursor = None;
+        loop {
+            match self.queue().list(&filter, 500, cursor).await {
+                Ok((page, next)) => {
+                    ids.extend(page.into_iter().map(|m| m.message_id));
+                    match next {
+                        Some(n) => cursor = Some(n),
+                        None => break,
+                    }
+                }
+                Err(e) => return fail::<CancelMessageResult>(queue_error(&e)),
+            }
+        }
+        if ids.is_empty() {
+            return fail::<CancelMessageResult>(ToolError::new(
+                "not_found",
+                format!("no message of batch {batch:?}"),
+            ));
+        }
+        let mut cancelled = 0;
+        let mut summary = std::collections::BTreeMap::<String, usize>::new();
+        let mut error = None;
+        for id in &ids {
+            let state = match self.queue().cancel(id).await {
+                Ok(Cancel::Cancelled) => {
+                    cancelled += 1;
+                    State::Cancelled
+                }
+                Ok(Cancel::Refused(state)) => state,
+                // Purged since it was listed.
+                Ok(Cancel::NotFound) => continue,
+                Err(e) => {
+                    error = Some(queue_error(&e));
+                    break;
+                }
+            };
+            *summary.entry(state.as_str().to_owned()).or_default() += 1;
+        }
+        tracing::info!(batch = %batch, cancelled, of = ids.len(), "batch cancelled");
+        let rest: Vec<String> = summary.iter().map(|(st, n)| format!("{n} {st}")).collect();
+        let mut text = format!(
+            "cancelled {cancelled} of the {} messages of {batch}; now: {}",
+            ids.len(),
+            rest.join(", ")
+        );
+        if error.is_none() && cancelled == 0 {
+            error = Some(ToolError::new(
+                "not_cancellable",
+                format!(
+                    "no message of {batch} could be cancelled; only scheduled, queued or held messages can ({})",
+                    rest.join(", ")
+                ),
+            ));
+        }
+        if let Some(e) = &error {
+            text = format!("{}; {text}", e.message);
+        }
+        respond(
+            CancelMessageResult {
+                message_id: None,
+                cancelled: cancelled > 0,
+                status: None,
+                batch_id: Some(batch),
+                cancelled_count: Some(cancelled),
+                summary: Some(summary),
+                error,
+            },
+            text,
+        )
+    }
+
     async fn send_email_checked(
         &self,
         caller: Arc<Caller>,

@@ -424,8 +424,13 @@ pub struct ListMessagesParams {
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CancelMessageParams {
-    /// The `message_id` a send answered with.
-    pub message_id: String,
+    /// The `message_id` a send answered with. Give this or `batch_id`.
+    #[serde(default)]
+    pub message_id: Option<String>,
+    /// The `batch_id` a `send_batch` answered with: every message of that
+    /// call that can still be cancelled is. Give this or `message_id`.
+    #[serde(default)]
+    pub batch_id: Option<String>,
 }
 
 /// Arguments naming one relay, or none for all of them.
@@ -484,7 +489,7 @@ impl Params for ListMessagesParams {
 }
 
 impl Params for CancelMessageParams {
-    const FIELDS: &'static [&'static str] = &["message_id"];
+    const FIELDS: &'static [&'static str] = &["message_id", "batch_id"];
 }
 
 impl Params for ServerNameParams {
@@ -1072,10 +1077,20 @@ pub struct ListMessagesResult {
 pub struct CancelMessageResult {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message_id: Option<String>,
+    /// Whether this call cancelled the message (with `batch_id`: at least
+    /// one of the batch's).
     pub cancelled: bool,
     /// The message's state now (`cancelled`, or the state that refused it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<SendStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<String>,
+    /// With `batch_id`: how many messages this call cancelled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cancelled_count: Option<usize>,
+    /// With `batch_id`: the batch's messages per state after this call.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub summary: Option<std::collections::BTreeMap<String, usize>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ToolError>,
 }
@@ -1580,8 +1595,11 @@ mod tests {
             .unwrap_err();
         assert_eq!((e.field.as_str(), e.rule), ("stat", "unknown_field"));
         assert!(e.message.contains("`status`"), "{}", e.message);
-        let e = parse::<CancelMessageParams>(json!({}), CancelMessageParams::FIELDS).unwrap_err();
-        assert_eq!((e.field.as_str(), e.rule), ("message_id", "required"));
+        let e = parse::<SendBatchParams>(json!({}), SendBatchParams::FIELDS).unwrap_err();
+        assert_eq!((e.field.as_str(), e.rule), ("messages", "required"));
+        let e = parse::<CancelMessageParams>(json!({"batch_id": 7}), CancelMessageParams::FIELDS)
+            .unwrap_err();
+        assert_eq!((e.field.as_str(), e.rule), ("batch_id", "schema"));
         let e = parse::<ServerNameParams>(json!({"server": "a"}), ServerNameParams::FIELDS)
             .unwrap_err();
         assert_eq!((e.field.as_str(), e.rule), ("server", "unknown_field"));
