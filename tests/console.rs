@@ -549,6 +549,35 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
     text_with(&b, "[role=status]", "Rejected").await;
     wait_status(&mcp, &bb, "rejected").await;
 
+    // A scheduled mail merge cancelled whole from its batch's queue page.
+    let merge = call(
+        &mcp,
+        "send_batch",
+        json!({"defaults": {"subject": "Merge", "body": "b"}, "send_at": "1h",
+               "messages": [{"to": ["m1@example.org"]}, {"to": ["m2@example.org"]}]}),
+    )
+    .await;
+    assert_eq!(merge["summary"], json!({"scheduled": 2}), "{merge}");
+    let batch = merge["batch_id"].as_str().unwrap();
+    b.goto(&format!("{base}/console/queue?batch={batch}"))
+        .await
+        .unwrap();
+    b.find(Locator::Css("button[data-action=cancel-batch]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    text_with(
+        &b,
+        "[role=status]",
+        "Cancelled 2 of the batch's 2 messages; now: 2 cancelled.",
+    )
+    .await;
+    for r in merge["results"].as_array().unwrap() {
+        wait_status(&mcp, r["message_id"].as_str().unwrap(), "cancelled").await;
+    }
+
     // Over plain HTTP with the browser's session: the CSRF token is needed.
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())

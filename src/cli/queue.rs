@@ -454,9 +454,6 @@ enum Bulk {
     Retry { force: bool },
 }
 
-/// Messages read a page at a time to collect a selection.
-const PAGE: usize = 500;
-
 /// `cancel` or `retry` on every message `select` names. Their ids are read
 /// first; then each message is acted on in a transaction of its own, under
 /// the state rules of the one-message form, so that a message the daemon
@@ -473,23 +470,13 @@ async fn each(config: &Config, store: &dyn queue::Store, select: Select, bulk: B
         Ok(f) => f,
         Err(code) => return code,
     };
-    let mut ids = Vec::new();
-    let mut cursor = None;
-    loop {
-        match store.list(&filter, PAGE, cursor).await {
-            Ok((page, next)) => {
-                ids.extend(page.into_iter().map(|m| m.message_id));
-                match next {
-                    Some(n) => cursor = Some(n),
-                    None => break,
-                }
-            }
-            Err(e) => {
-                eprintln!("mailmux: {e}");
-                return ExitCode::FAILURE;
-            }
+    let ids = match queue::select(store, &filter).await {
+        Ok(ids) => ids,
+        Err(e) => {
+            eprintln!("mailmux: {e}");
+            return ExitCode::FAILURE;
         }
-    }
+    };
     let log = audit_log(config);
     let (verb, done_as) = match bulk {
         Bulk::Cancel => ("cancelled", "cancelled"),

@@ -137,6 +137,7 @@ pub fn routes(server: &MailmuxServer) -> Router {
         .route("/console/queue", get(queue))
         .route("/console/messages/{id}", get(message))
         .route("/console/messages/{id}/cancel", post(cancel))
+        .route("/console/batches/{id}/cancel", post(cancel_batch))
         .route("/console/messages/{id}/retry", post(retry))
         .route("/console/messages/{id}/approve", post(approve))
         .route("/console/messages/{id}/reject", post(reject))
@@ -436,6 +437,38 @@ async fn cancel(
             format!("Not cancelled: the message is {}.", state.as_str())
         }
         Ok(Cancel::NotFound) => "No such message.".to_owned(),
+        Err(e) => e.to_string(),
+    };
+    back(&to, &notice)
+}
+
+/// Cancels every message of a `send_batch` call that still can be, as
+/// `cancel_message` with its `batch_id` does, whoever the caller.
+async fn cancel_batch(
+    State(server): State<MailmuxServer>,
+    axum::Extension(op): axum::Extension<Operator>,
+    Path(batch): Path<String>,
+) -> Response {
+    let to = format!("/console/queue?batch={}", urlencode(&batch));
+    let filter = Filter {
+        batch: Some(batch.clone()),
+        ..Filter::default()
+    };
+    let notice = match server.queue().cancel_each(&filter).await {
+        Ok(done) => {
+            tracing::info!(batch = %batch, operator = %op.name, cancelled = done.cancelled, of = done.matched, "operator cancelled a batch");
+            let now: Vec<String> = done
+                .states
+                .iter()
+                .map(|(st, n)| format!("{n} {}", st.as_str()))
+                .collect();
+            format!(
+                "Cancelled {} of the batch's {} messages; now: {}.",
+                done.cancelled,
+                done.matched,
+                now.join(", ")
+            )
+        }
         Err(e) => e.to_string(),
     };
     back(&to, &notice)

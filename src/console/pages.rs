@@ -391,6 +391,12 @@ pub fn queue(
             button type="submit" { "Filter" }
             a.button href="/console/queue" { "Clear" }
         }
+        @if let Some(batch) = &filter.batch {
+            form.inline method="post" action={ "/console/batches/" (super::urlencode(batch)) "/cancel" } {
+                input type="hidden" name="csrf" value=(op.csrf);
+                button type="submit" data-action="cancel-batch" { "Cancel every message of this batch not yet sent" }
+            }
+        }
         @if page.is_empty() {
             div.card.muted { "No message matches." }
         } @else {
@@ -735,6 +741,12 @@ mod tests {
             page.contains(r#"name="batch" value="batch-0123456789abcdef""#),
             "{page}"
         );
+        assert!(
+            page.contains(r#"action="/console/batches/batch-0123456789abcdef/cancel""#),
+            "{page}"
+        );
+        let page = queue(&op, None, &Filter::default(), &[], None).into_string();
+        assert!(!page.contains("/console/batches/"), "{page}");
         let single = mailmux_actors::queue::NewMessage { batch: None, ..new };
         let page = message(&op, None, &single.record(State::Sent, 0), None).into_string();
         assert!(!page.contains("?batch="), "{page}");

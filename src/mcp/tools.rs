@@ -958,64 +958,40 @@ impl MailmuxServer {
             batch: Some(batch.clone()),
             recipient: None,
         };
-        let mut ids = Vec::new();
-        let mut cursor = None;
-        loop {
-            match self.queue().list(&filter, 500, cursor).await {
-                Ok((page, next)) => {
-                    ids.extend(page.into_iter().map(|m| m.message_id));
-                    match next {
-                        Some(n) => cursor = Some(n),
-                        None => break,
-                    }
-                }
-                Err(e) => return fail::<CancelMessageResult>(queue_error(&e)),
-            }
-        }
-        if ids.is_empty() {
+        let done = match self.queue().cancel_each(&filter).await {
+            Ok(done) => done,
+            Err(e) => return fail::<CancelMessageResult>(queue_error(&e)),
+        };
+        if done.matched == 0 {
             return fail::<CancelMessageResult>(ToolError::new(
                 "not_found",
                 format!("no message of batch {batch:?}"),
             ));
         }
-        let mut cancelled = 0;
-        let mut summary = std::collections::BTreeMap::<String, usize>::new();
-        let mut error = None;
-        for id in &ids {
-            let state = match self.queue().cancel(id).await {
-                Ok(Cancel::Cancelled) => {
-                    cancelled += 1;
-                    State::Cancelled
-                }
-                Ok(Cancel::Refused(state)) => state,
-                // Purged since it was listed.
-                Ok(Cancel::NotFound) => continue,
-                Err(e) => {
-                    error = Some(queue_error(&e));
-                    break;
-                }
-            };
-            *summary.entry(state.as_str().to_owned()).or_default() += 1;
-        }
-        tracing::info!(batch = %batch, cancelled, of = ids.len(), "batch cancelled");
-        let rest: Vec<String> = summary.iter().map(|(st, n)| format!("{n} {st}")).collect();
-        let mut text = format!(
-            "cancelled {cancelled} of the {} messages of {batch}; now: {}",
-            ids.len(),
-            rest.join(", ")
-        );
-        if error.is_none() && cancelled == 0 {
-            error = Some(ToolError::new(
+        let cancelled = done.cancelled;
+        let summary: std::collections::BTreeMap<String, usize> = done
+            .states
+            .iter()
+            .map(|(st, n)| (st.as_str().to_owned(), *n))
+            .collect();
+        tracing::info!(batch = %batch, cancelled, of = done.matched, "batch cancelled");
+        let now: Vec<String> = summary.iter().map(|(st, n)| format!("{n} {st}")).collect();
+        let now = now.join(", ");
+        let error = (cancelled == 0).then(|| {
+            ToolError::new(
                 "not_cancellable",
                 format!(
-                    "no message of {batch} could be cancelled; only scheduled, queued or held messages can ({})",
-                    rest.join(", ")
+                    "no message of {batch} could be cancelled; only scheduled, queued or held messages can (now: {now})"
                 ),
-            ));
-        }
-        if let Some(e) = &error {
-            text = format!("{}; {text}", e.message);
-        }
+            )
+        });
+        let text = match &error {
+            Some(e) => e.message.clone(),
+            None => format!(
+                "cancelled {cancelled} of the {} messages of {batch}; now: {now}",
+                done.matched
+            ),
+        };
         respond(
             CancelMessageResult {
                 message_id: None,

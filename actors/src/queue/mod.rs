@@ -488,6 +488,35 @@ pub struct Purged {
 /// between the chunks.
 pub const PURGE_CHUNK: usize = 1000;
 
+/// The ids of every message `filter` names, newest first, read a page at a
+/// time: what an action on a selection (`cancel_message` with a
+/// `batch_id`, `mailmux queue cancel --batch`) goes through.
+pub async fn select(store: &dyn Store, filter: &Filter) -> Result<Vec<String>, StoreError> {
+    const PAGE: usize = 500;
+    let mut ids = Vec::new();
+    let mut cursor = None;
+    loop {
+        let (page, next) = store.list(filter, PAGE, cursor).await?;
+        ids.extend(page.into_iter().map(|m| m.message_id));
+        match next {
+            Some(n) => cursor = Some(n),
+            None => return Ok(ids),
+        }
+    }
+}
+
+/// What cancelling the messages of a selection did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CancelledMany {
+    /// The messages the selection named.
+    pub matched: usize,
+    /// Those this cancel cancelled.
+    pub cancelled: usize,
+    /// Each message's state after: `cancelled`, or the state that kept it
+    /// (a message purged in between is left out).
+    pub states: std::collections::BTreeMap<State, usize>,
+}
+
 /// Deletes every finished message older than `finished_before` and every
 /// key older than `keys_before`, in writes of at most `chunk` rows each
 /// ([`PURGE_CHUNK`] in the daemon); returns the messages deleted.

@@ -1063,6 +1063,29 @@ impl Queue {
         Ok(self.inner.store.list(filter, limit, cursor).await?)
     }
 
+    /// Cancels each message `filter` names as [`Queue::cancel`] does, each
+    /// in its own write: one a round holds now is left to it. A store error
+    /// stops it there; what was cancelled before stays cancelled.
+    pub async fn cancel_each(&self, filter: &Filter) -> Result<super::CancelledMany, QueueError> {
+        let ids = super::select(self.inner.store.as_ref(), filter).await?;
+        let mut out = super::CancelledMany {
+            matched: ids.len(),
+            ..Default::default()
+        };
+        for id in &ids {
+            let state = match self.cancel(id).await? {
+                Cancel::Cancelled => {
+                    out.cancelled += 1;
+                    State::Cancelled
+                }
+                Cancel::Refused(state) => state,
+                Cancel::NotFound => continue,
+            };
+            *out.states.entry(state).or_default() += 1;
+        }
+        Ok(out)
+    }
+
     /// Approves or rejects a held message. An approved message is queued
     /// (or scheduled) and the runner delivers it.
     pub async fn decide(&self, message_id: &str, d: Decision) -> Result<Decided, QueueError> {
