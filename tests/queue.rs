@@ -2190,16 +2190,7 @@ async fn the_queue_command_cancels_and_retries_a_selection_at_once() {
         .replace("retry_max = \"1s\"", "retry_max = \"1h\"");
     let d = Daemon::start(dir.path(), &cfg).await;
     let q = |args: &[&str]| common::queue_cmd(dir.path(), args);
-    let batch = |tag: &str, extra: Value| {
-        let messages: Vec<Value> = (0..3)
-            .map(|i| json!({"to": [format!("{tag}+{i}@example.org")]}))
-            .collect();
-        let mut args = json!({"defaults": {"subject": tag, "body": "b\n"}, "messages": messages});
-        if let (Value::Object(a), Value::Object(e)) = (&mut args, extra) {
-            a.extend(e);
-        }
-        args
-    };
+    let batch = |tag: &str, extra: Value| common::batch_args(tag, 3, extra);
     let sent = send(d.peer(), msg("sent", json!({}))).await;
     assert_eq!(sent.status(), Some("sent"), "{sent:?}");
 

@@ -400,3 +400,17 @@ pub fn queue_cmd_as(
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// `send_batch`'s arguments for `n` messages to `tag+i@example.org`, with
+/// `tag` as subject, and `extra` (`wait`, `send_at`…) added.
+pub fn batch_args(tag: &str, n: usize, extra: serde_json::Value) -> serde_json::Value {
+    let messages: Vec<serde_json::Value> = (0..n)
+        .map(|i| serde_json::json!({"to": [format!("{tag}+{i}@example.org")]}))
+        .collect();
+    let mut args =
+        serde_json::json!({"defaults": {"subject": tag, "body": "b\n"}, "messages": messages});
+    if let (serde_json::Value::Object(a), serde_json::Value::Object(e)) = (&mut args, extra) {
+        a.extend(e);
+    }
+    args
+}
