@@ -2231,6 +2231,9 @@ async fn the_queue_command_cancels_and_retries_a_selection_at_once() {
     assert_eq!(code, Some(2), "an id and a selection: {err}");
     let (code, _, err) = q(&["retry", "--status", "waiting"]);
     assert_eq!(code, Some(2), "{err}");
+    let (code, _, err) = q(&["cancel", "--batch", ""]);
+    assert_eq!(code, Some(2), "an empty value selects nothing: {err}");
+    assert!(err.contains("--batch must not be empty"), "{err}");
 
     let (code, out, err) = q(&["cancel", "--batch", &later_batch]);
     assert_eq!(code, Some(0), "{out}{err}");

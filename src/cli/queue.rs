@@ -73,8 +73,21 @@ impl Select {
             || self.recipient.is_some()
     }
 
-    /// The store's filter, or the usage error of an unknown `--status`.
+    /// The store's filter, or the usage error of an unknown `--status` or
+    /// an empty value (which would select every message: `--batch "$ID"`
+    /// with `ID` unset must not cancel the whole queue).
     fn filter(self) -> Result<Filter, ExitCode> {
+        for (flag, value) in [
+            ("--status", &self.status),
+            ("--caller", &self.caller),
+            ("--batch", &self.batch),
+            ("--recipient", &self.recipient),
+        ] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                eprintln!("mailmux: {flag} must not be empty");
+                return Err(ExitCode::from(EXIT_USAGE));
+            }
+        }
         let state = match self.status.as_deref().map(State::parse) {
             None => None,
             Some(Some(s)) => Some(s),
