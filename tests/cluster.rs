@@ -776,3 +776,76 @@ async fn a_relay_rate_holds_across_three_daemons() {
         start.elapsed().as_secs_f64()
     );
 }
+
+/// On a shared store a batch is one batch whichever daemon took it: sent
+/// through a, cancelled whole through b's `cancel_message`, and another
+/// one by `mailmux queue cancel --batch` on PostgreSQL. Nothing cancelled
+/// reaches the sink, and a batch already sent is left as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_is_cancelled_whole_through_any_daemon_or_the_queue_command() {
+    let pg = Postgres::start();
+    let url = pg.database();
+    let sink = FaultSmtp::start(Script::ok()).await;
+    let a = Node::start("a", &config_toml(&url, "a", sink.port(), "5s", "")).await;
+    let b = Node::start("b", &config_toml(&url, "b", sink.port(), "5s", "")).await;
+    let send = |tag: &'static str, extra: Value| {
+        let args = common::batch_args(tag, 3, extra);
+        let a = &a;
+        async move {
+            let c = call(a.peer(), tag, "send_batch", args, LIMIT).await;
+            c.value().unwrap_or_else(|| panic!("{c:?}")).clone()
+        }
+    };
+    let now = send("now", json!({})).await;
+    assert_eq!(now["summary"], json!({"sent": 3}), "{now}");
+    let later = send("later", json!({"send_at": "2s"})).await;
+    let other = send("other", json!({"send_at": "2s"})).await;
+
+    let c = call(
+        b.peer(),
+        "cancel",
+        "cancel_message",
+        json!({"batch_id": later["batch_id"]}),
+        LIMIT,
+    )
+    .await;
+    let out = c.value().unwrap_or_else(|| panic!("{c:?}"));
+    assert_eq!(out["cancelled_count"], 3, "{out}");
+    assert_eq!(out["summary"], json!({"cancelled": 3}), "{out}");
+    let batch = other["batch_id"].as_str().unwrap();
+    let (code, text, err) = common::queue_cmd(b.dir.path(), &["cancel", "--batch", batch]);
+    assert_eq!(code, Some(0), "{text}{err}");
+    assert!(
+        text.ends_with("cancelled: 3 of 3 matching messages\n"),
+        "{text}"
+    );
+    let batch = now["batch_id"].as_str().unwrap();
+    let (code, text, _) = common::queue_cmd(b.dir.path(), &["cancel", "--batch", batch]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("left as they were: 3 sent"), "{text}");
+    for r in later["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(other["results"].as_array().unwrap())
+    {
+        let id = r["message_id"].as_str().unwrap();
+        assert_eq!(a.status(id).await["status"], "cancelled", "{id}");
+    }
+    // Past their send_at: only the batch sent at once is at the sink.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut to: Vec<String> = sink
+        .received()
+        .iter()
+        .flat_map(|r| r.rcpt_to.clone())
+        .collect();
+    to.sort();
+    assert_eq!(
+        to,
+        [
+            "now+0@example.org",
+            "now+1@example.org",
+            "now+2@example.org"
+        ]
+    );
+}
