@@ -852,6 +852,50 @@ async fn cancel_a_batch(tag: &str, body: String) {
     d.stop().await;
 }
 
+/// A waiting batch cancelled after one of its messages was deferred (its
+/// round over, its next retry an hour away) and while another is in a
+/// round: both are cancelled, the deferred one without waiting for its
+/// retry, and nothing reaches the sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_batch_cancels_its_deferred_message_too() {
+    let script = Script::ok()
+        .on_rcpt("deferred+0@example.org", Action::reply(451, "4.2.0 later"))
+        .on_rcpt("deferred+1@example.org", Action::Hang);
+    let smtp = FaultSmtp::start(script).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(dir.path(), smtp.port(), "")
+        .replace("retry_base = \"300ms\"", "retry_base = \"1h\"")
+        .replace("retry_max = \"1s\"", "retry_max = \"1h\"")
+        .replace(
+            "send_deadline = \"8s\"",
+            "send_deadline = \"8s\"\nmax_in_flight = 2",
+        );
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let args = common::batch_args("deferred", 2, json!({"wait": true}));
+    let first = async {
+        assert!(support::wait_until(|| smtp.connections() >= 2, LIMIT).await);
+        // The 451 ends the first message's round: it is queued again.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    call_then_cancel(d.peer(), "send_batch", args, first).await;
+    let states = batch_states(d.peer(), "deferred").await;
+    assert_eq!(states.len(), 2, "{states:?}");
+    assert!(states.values().all(|st| st == "cancelled"), "{states:?}");
+    let listed = harness::list_all(d.peer(), 100).await;
+    let deferred = listed
+        .iter()
+        .find(|m| m["recipients"][0] == "deferred+0@example.org")
+        .unwrap();
+    let s = status_of(d.peer(), deferred["message_id"].as_str().unwrap()).await;
+    let tried: Vec<&Value> = s["attempts"].as_array().unwrap().iter().collect();
+    assert!(
+        tried.len() == 1 && tried[0]["code"] == 451,
+        "deferred once before the cancel: {s}"
+    );
+    assert!(smtp.delivered().is_empty());
+    d.stop().await;
+}
+
 /// A message whose next retry would fall after `max_age` is tried once more
 /// just before `max_age` ends (a second before, room for the runner to claim
 /// it), not expired at once: it has the whole of `max_age`.
