@@ -150,6 +150,10 @@ pub enum FailureReason {
     Rejected,
     /// Every candidate relay failed or was unavailable.
     AllRelaysFailed,
+    /// No relay was tried: every one that may take the message is backing
+    /// off or has its circuit open, and the first is tried again after
+    /// `wait_ms`. Said to callers as `all_relays_failed`.
+    RelaysBackingOff { wait_ms: u64 },
     /// No relay could take the message before the deadline.
     Busy,
     /// The deadline passed before the message was delivered.
@@ -174,7 +178,9 @@ impl FailureReason {
     pub fn code(self) -> &'static str {
         match self {
             FailureReason::Rejected => "rejected",
-            FailureReason::AllRelaysFailed => "all_relays_failed",
+            FailureReason::AllRelaysFailed | FailureReason::RelaysBackingOff { .. } => {
+                "all_relays_failed"
+            }
             FailureReason::Busy => "busy",
             FailureReason::DeadlineExceeded => "deadline_exceeded",
             FailureReason::TooLarge => "too_large",

@@ -8,6 +8,7 @@
 
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, MessagingErr, RpcReplyPort};
 use rand::rngs::StdRng;
@@ -243,6 +244,10 @@ impl RouterState {
                     FailureReason::Busy
                 } else if all(FailureClass::Unsupported) {
                     FailureReason::Smtputf8Unsupported
+                } else if let Some(wait) = self.next_available(&flight, now) {
+                    FailureReason::RelaysBackingOff {
+                        wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                    }
                 } else {
                     FailureReason::AllRelaysFailed
                 };
@@ -364,6 +369,27 @@ impl RouterState {
             }),
             Strategy::Random => Some(candidates[self.rng.random_range(0..candidates.len())]),
         }
+    }
+
+    /// When no relay was tried because each that may take the message is
+    /// backing off or has its circuit open: how long until the first of
+    /// them may be tried again.
+    fn next_available(&self, flight: &Flight, now: Instant) -> Option<Duration> {
+        if !flight.attempts.is_empty() {
+            return None;
+        }
+        let only = flight.mail.only.as_deref();
+        self.table
+            .iter()
+            .filter(|e| {
+                e.actor.is_some()
+                    && !flight.tried.iter().any(|t| t == e.name())
+                    && only.is_none_or(|only| only.iter().any(|n| n == e.name()))
+            })
+            .map(|e| e.shared.state().view(now).retry_in())
+            .collect::<Option<Vec<Duration>>>()?
+            .into_iter()
+            .min()
     }
 
     /// "; tried: a (relay_fault: …); b: backing_off (retry in 3s)"

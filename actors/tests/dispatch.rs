@@ -696,7 +696,11 @@ async fn the_circuit_opens_and_all_down_names_every_relay() {
             assert!(
                 matches!(
                     r.failure,
-                    Some(FailureReason::AllRelaysFailed | FailureReason::Busy)
+                    Some(
+                        FailureReason::AllRelaysFailed
+                            | FailureReason::Busy
+                            | FailureReason::RelaysBackingOff { .. }
+                    )
                 ),
                 "{r:?}"
             );
@@ -714,6 +718,13 @@ async fn the_circuit_opens_and_all_down_names_every_relay() {
     let r = d.send(mail()).await;
     assert_eq!(r.status, Status::Failed);
     assert!(r.attempts.is_empty(), "open circuits are not tried: {r:?}");
+    // It says when the first circuit is probed again, for the queue's next
+    // attempt; callers see `all_relays_failed` as before.
+    let Some(reason @ FailureReason::RelaysBackingOff { wait_ms }) = r.failure else {
+        panic!("{r:?}")
+    };
+    assert!(wait_ms <= 60_000, "within the probe interval: {r:?}");
+    assert_eq!(reason.code(), "all_relays_failed");
     let msg = r.message.unwrap();
     assert!(
         msg.contains("primary: circuit_open") && msg.contains("backup: circuit_open"),

@@ -273,10 +273,13 @@ async fn retries(store: &dyn Store) {
     store.recover().await.unwrap();
     let before = now_millis();
     for id in ["f", "e"] {
+        assert_eq!(store.load(id).await.unwrap().unwrap().rounds, 1, "{id}");
         assert_eq!(store.retry(id, false).await.unwrap(), Retry::Queued, "{id}");
         let r = store.get(id).await.unwrap().unwrap();
         assert_eq!(r.state, State::Queued);
         assert!(r.due_at >= before, "max_age counts from the retry");
+        let p = store.load(id).await.unwrap().unwrap();
+        assert_eq!(p.rounds, 0, "{id}: its retries start over");
     }
     assert_eq!(store.retry("u", false).await.unwrap(), Retry::NeedsForce);
     assert_eq!(store.retry("u", true).await.unwrap(), Retry::Queued);

@@ -318,6 +318,7 @@ impl Store for MemoryStore {
         let (_, row) = mem.row(message_id)?;
         row.finished_at = None;
         row.committing = false;
+        row.rounds = 0;
         row.record.due_at = now;
         row.record.reason = None;
         row.record.note = None;

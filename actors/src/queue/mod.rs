@@ -777,7 +777,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// `held` past its deadline → `expired`; returns their ids.
     async fn expire_held(&self, now: Millis) -> Result<Vec<String>, StoreError>;
     /// Queues a `queued`, `failed` or `expired` message (or, forced, an
-    /// `unknown` one) for a fresh attempt now; see [`retryable`].
+    /// `unknown` one) for a fresh attempt now, with a fresh `max_age` and
+    /// its retries started over (`rounds` 0); see [`retryable`].
     async fn retry(&self, message_id: &str, force: bool) -> Result<Retry, StoreError>;
     /// Ids of messages due by `now` (oldest due first).
     async fn due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError>;

@@ -1751,8 +1751,8 @@ impl Store for PgStore {
         }
         sqlx::query(concat!(
             "UPDATE mailmux_messages SET state = 'queued', updated_at = $2, finished_at = NULL,
-                    due_at = $2, next_attempt_at = $2, committing = false, reason = NULL,
-                    note = NULL, ",
+                    due_at = $2, next_attempt_at = $2, committing = false, rounds = 0,
+                    reason = NULL, note = NULL, ",
             history!("3"),
             " WHERE seq = $1"
         ))

@@ -1626,6 +1626,21 @@ impl Inner {
                             let wait = Duration::from_millis(wait_ms.max(1));
                             wait + wait.mul_f64(rand::rng().random_range(0.0..=1.0))
                         }
+                        // The first round of a message (new, or retried by
+                        // an operator) that found every relay backing off
+                        // comes back when one may be tried (a second at
+                        // least, for the relay's probe at the end of its
+                        // backoff), spread as above, if that is sooner
+                        // than its first retry. Only the first: during an
+                        // outage a message follows the relays' backoff
+                        // once, then its own retry schedule, so that a
+                        // long queue is not rewritten each time a relay's
+                        // backoff ends.
+                        Some(FailureReason::RelaysBackingOff { wait_ms }) if p.rounds == 0 => {
+                            let wait = Duration::from_millis(wait_ms).max(RELAY_PROBE_ALLOWANCE);
+                            let spread = wait + wait.mul_f64(rand::rng().random_range(0.0..=1.0));
+                            spread.min(self.retry_delay(1))
+                        }
                         _ => self.retry_delay(p.rounds + 1),
                     };
                     let next = now + delay.as_millis() as i64;
@@ -1768,6 +1783,11 @@ impl Record {
         self.history.push((s.state, now));
     }
 }
+
+/// At least this long before a message that found every relay backing
+/// off comes back: a relay probes when its backoff ends, and a relay whose
+/// circuit is open takes mail only once that probe succeeded.
+const RELAY_PROBE_ALLOWANCE: Duration = Duration::from_secs(1);
 
 /// The monotonic instant of a wall-clock time, for deadlines.
 fn instant_of(t: Millis) -> Instant {

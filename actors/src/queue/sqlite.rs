@@ -1153,7 +1153,7 @@ fn retry(c: &Tx<'_>, id: &str, force: bool, now: Millis) -> rusqlite::Result<Ret
     }
     c.prepare_cached(&format!(
         "UPDATE messages SET state = 'queued', updated_at = ?2, finished_at = NULL, due_at = ?2,
-                next_attempt_at = ?2, committing = 0, reason = NULL, note = NULL, {}
+                next_attempt_at = ?2, committing = 0, rounds = 0, reason = NULL, note = NULL, {}
          WHERE seq = ?1",
         append_history(3)
     ))?
