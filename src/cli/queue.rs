@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Subcommand};
+use futures::stream::{self, StreamExt as _};
 use mailmux_actors::queue::{
     self, Action, Cancel, Decided, Decision, Event, Filter, Millis, Observer, Retry, State,
     StoreError, StoreKind, postgres::PgStore, sqlite::SqliteStore,
@@ -498,23 +499,31 @@ async fn each(config: &Config, store: &dyn queue::Store, select: Select, bulk: B
     let mut done = 0usize;
     // Why the others were left: their state, or that they are gone.
     let mut left = std::collections::BTreeMap::<String, usize>::new();
-    for id in &ids {
-        let outcome = match bulk {
-            Bulk::Cancel => store.cancel(id).await.map(|c| match c {
-                Cancel::Cancelled => None,
-                Cancel::Refused(state) => Some(state.as_str().to_owned()),
-                Cancel::NotFound => Some("purged".to_owned()),
-            }),
-            Bulk::Retry { force } => store.retry(id, force).await.map(|r| match r {
-                Retry::Queued => None,
-                Retry::NeedsForce => Some("unknown (retried only with --force)".to_owned()),
-                Retry::Refused(state @ (State::Unknown | State::Failed | State::Queued)) => {
-                    Some(format!("{} without its bytes", state.as_str()))
-                }
-                Retry::Refused(state) => Some(state.as_str().to_owned()),
-                Retry::NotFound => Some("purged".to_owned()),
-            }),
-        };
+    // A few at a time, in order: the store's writer folds them into shared
+    // commits.
+    let outcomes = stream::iter(&ids)
+        .map(|id| async move {
+            let outcome = match bulk {
+                Bulk::Cancel => store.cancel(id).await.map(|c| match c {
+                    Cancel::Cancelled => None,
+                    Cancel::Refused(state) => Some(state.as_str().to_owned()),
+                    Cancel::NotFound => Some("purged".to_owned()),
+                }),
+                Bulk::Retry { force } => store.retry(id, force).await.map(|r| match r {
+                    Retry::Queued => None,
+                    Retry::NeedsForce => Some("unknown (retried only with --force)".to_owned()),
+                    Retry::Refused(state @ (State::Unknown | State::Failed | State::Queued)) => {
+                        Some(format!("{} without its bytes", state.as_str()))
+                    }
+                    Retry::Refused(state) => Some(state.as_str().to_owned()),
+                    Retry::NotFound => Some("purged".to_owned()),
+                }),
+            };
+            (id, outcome)
+        })
+        .buffered(queue::AT_ONCE);
+    futures::pin_mut!(outcomes);
+    while let Some((id, outcome)) = outcomes.next().await {
         match outcome {
             Ok(None) => {
                 done += 1;

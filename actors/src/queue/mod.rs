@@ -505,6 +505,10 @@ pub async fn select(store: &dyn Store, filter: &Filter) -> Result<Vec<String>, S
     }
 }
 
+/// How many messages of a selection are acted on at once (cancelled,
+/// retried): the store's writer folds their writes into shared commits.
+pub const AT_ONCE: usize = 32;
+
 /// What cancelling the messages of a selection did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CancelledMany {

@@ -1064,16 +1064,25 @@ impl Queue {
     }
 
     /// Cancels each message `filter` names as [`Queue::cancel`] does, each
-    /// in its own write: one a round holds now is left to it. A store error
-    /// stops it there; what was cancelled before stays cancelled.
+    /// in its own write ([`super::AT_ONCE`] at a time, which the store's
+    /// writer folds into shared commits): one a round holds now is left to
+    /// it. A store error stops it there; what was cancelled before stays
+    /// cancelled.
     pub async fn cancel_each(&self, filter: &Filter) -> Result<super::CancelledMany, QueueError> {
+        use futures_util::stream::{self, StreamExt as _};
         let ids = super::select(self.inner.store.as_ref(), filter).await?;
         let mut out = super::CancelledMany {
             matched: ids.len(),
             ..Default::default()
         };
-        for id in &ids {
-            let state = match self.cancel(id).await? {
+        let mut cancels = stream::iter(ids)
+            .map(|id| {
+                let queue = self.clone();
+                async move { queue.cancel(&id).await }
+            })
+            .buffer_unordered(super::AT_ONCE);
+        while let Some(cancel) = cancels.next().await {
+            let state = match cancel? {
                 Cancel::Cancelled => {
                     out.cancelled += 1;
                     State::Cancelled
