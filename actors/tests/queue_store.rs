@@ -2319,3 +2319,72 @@ async fn postgres_a_mark_whose_answer_was_lost_is_sent_once_when_the_database_is
     queue.shutdown(Duration::from_secs(5)).await;
     dispatcher.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A cancel dropped before its write is answered (a selection's cancels
+/// after a store error) lets its claim on the message go: the message can
+/// still be cancelled, and is never seen as one a relay holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_dropped_half_way_lets_its_claim_go() {
+    use mailmux_actors::mail::Mail;
+    use mailmux_actors::queue::{Queue, QueueSettings, StoreKind, Submit};
+    use mailmux_actors::{Dispatcher, Limits, RouterSettings, Settings, SupervisorSettings};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+    let dispatcher = Dispatcher::start(Settings {
+        relays: Vec::new(),
+        router: RouterSettings::default(),
+        supervisor: SupervisorSettings::default(),
+        limits: Limits::default(),
+    })
+    .await
+    .unwrap();
+    let settings = QueueSettings {
+        store: StoreKind::Sqlite { path },
+        ..QueueSettings::default()
+    };
+    let queue = Queue::start(store, dispatcher.clone(), settings, 8)
+        .await
+        .unwrap();
+    let id = "dropped-cancel@mailmux.test";
+    let mail = Mail {
+        message_id: id.into(),
+        from: Some("a@example.org".parse().unwrap()),
+        to: vec!["b@example.org".parse().unwrap()],
+        bytes: Arc::from(format!("Message-ID: <{id}>\r\nSubject: x\r\n\r\nbody\r\n").as_bytes()),
+        deadline: tokio::time::Instant::now() + Duration::from_secs(60),
+        prefer: None,
+        only: None,
+    };
+    let later = std::time::SystemTime::now() + Duration::from_secs(3600);
+    queue
+        .submit(Submit {
+            mail,
+            send_at: Some(later),
+            idempotency: None,
+            wait: false,
+            caller: None,
+            meta: None,
+            hold: None,
+            batch: None,
+            cancel: None,
+        })
+        .await
+        .unwrap();
+    // Polled once, while the store's writer has the write: then dropped.
+    let mut dropped = Box::pin(queue.cancel(id));
+    let first = futures_util::poll!(dropped.as_mut());
+    assert!(
+        first.is_pending(),
+        "the cancel ended at its first poll: {first:?}"
+    );
+    drop(dropped);
+    let again = queue.cancel(id).await.unwrap();
+    assert!(
+        matches!(again, Cancel::Cancelled | Cancel::Refused(State::Cancelled)),
+        "{again:?}"
+    );
+    queue.shutdown(Duration::from_secs(5)).await;
+    dispatcher.shutdown(Duration::from_secs(5)).await;
+}

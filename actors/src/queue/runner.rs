@@ -1154,15 +1154,15 @@ impl Queue {
         }
     }
 
-    /// Cancels a `scheduled` or `queued` message that no relay holds.
+    /// Cancels a `scheduled` or `queued` message that no relay holds. Its
+    /// claim is let go however this ends, even when the caller drops it half
+    /// way (a selection's cancels after a store error): a claim left behind
+    /// would keep the runner from the message until a restart.
     pub async fn cancel(&self, message_id: &str) -> Result<Cancel, QueueError> {
-        let inner = &self.inner;
-        if !inner.try_claim(message_id) {
+        let Some(_claim) = Claim::take(&self.inner, message_id) else {
             return Ok(Cancel::Refused(State::Sending));
-        }
-        let result = self.cancel_claimed(message_id).await;
-        inner.unclaim(message_id);
-        result
+        };
+        self.cancel_claimed(message_id).await
     }
 
     /// [`Queue::cancel`] of a message this daemon has claimed.
@@ -1846,6 +1846,24 @@ impl Heeded {
             inner: inner.clone(),
             id: id.to_owned(),
         }
+    }
+}
+
+/// A message claimed for as long as this lives.
+struct Claim<'a> {
+    inner: &'a Inner,
+    id: &'a str,
+}
+
+impl<'a> Claim<'a> {
+    fn take(inner: &'a Inner, id: &'a str) -> Option<Self> {
+        inner.try_claim(id).then_some(Claim { inner, id })
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.inner.unclaim(self.id);
     }
 }
 
