@@ -26,6 +26,20 @@ fn by_state(state: State) -> Filter {
     }
 }
 
+/// A small message from a@ to b@example.org for a [`Queue`]'s `submit`,
+/// with its deadline `within` from now.
+fn mail_to_b(id: &str, within: Duration) -> mailmux_actors::Mail {
+    mailmux_actors::Mail {
+        message_id: id.into(),
+        from: Some("a@example.org".parse().unwrap()),
+        to: vec!["b@example.org".parse().unwrap()],
+        bytes: Arc::from(format!("Message-ID: <{id}>\r\nSubject: x\r\n\r\nbody\r\n").as_bytes()),
+        deadline: tokio::time::Instant::now() + within,
+        prefer: None,
+        only: None,
+    }
+}
+
 fn message(id: &str, key: Option<(&str, u8)>) -> NewMessage {
     let now = now_millis();
     NewMessage {
@@ -2220,7 +2234,7 @@ async fn close_merges_the_log_and_refuses_later_writes() {
 #[tokio::test]
 async fn postgres_a_mark_whose_answer_was_lost_is_sent_once_when_the_database_is_back() {
     use mailmux_actors::queue::{Queue, QueueSettings, StoreKind, Submit};
-    use mailmux_actors::{Dispatcher, Limits, Mail, RelaySettings, RouterSettings};
+    use mailmux_actors::{Dispatcher, Limits, RelaySettings, RouterSettings};
     use mailmux_actors::{Settings, SupervisorSettings};
 
     let server = Postgres::start();
@@ -2253,15 +2267,7 @@ async fn postgres_a_mark_whose_answer_was_lost_is_sent_once_when_the_database_is
         .unwrap();
 
     let id = "lost-mark@mailmux.test";
-    let mail = Mail {
-        message_id: id.into(),
-        from: Some("a@example.org".parse().unwrap()),
-        to: vec!["b@example.org".parse().unwrap()],
-        bytes: Arc::from(format!("Message-ID: <{id}>\r\nSubject: x\r\n\r\nbody\r\n").as_bytes()),
-        deadline: tokio::time::Instant::now() + Duration::from_secs(120),
-        prefer: None,
-        only: None,
-    };
+    let mail = mail_to_b(id, Duration::from_secs(120));
     proxy.arm_then_refuse(id.as_bytes());
     let call = {
         let queue = queue.clone();
@@ -2325,7 +2331,6 @@ async fn postgres_a_mark_whose_answer_was_lost_is_sent_once_when_the_database_is
 /// still be cancelled, and is never seen as one a relay holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_dropped_half_way_lets_its_claim_go() {
-    use mailmux_actors::mail::Mail;
     use mailmux_actors::queue::{Queue, QueueSettings, StoreKind, Submit};
     use mailmux_actors::{Dispatcher, Limits, RouterSettings, Settings, SupervisorSettings};
 
@@ -2348,15 +2353,7 @@ async fn a_cancel_dropped_half_way_lets_its_claim_go() {
         .await
         .unwrap();
     let id = "dropped-cancel@mailmux.test";
-    let mail = Mail {
-        message_id: id.into(),
-        from: Some("a@example.org".parse().unwrap()),
-        to: vec!["b@example.org".parse().unwrap()],
-        bytes: Arc::from(format!("Message-ID: <{id}>\r\nSubject: x\r\n\r\nbody\r\n").as_bytes()),
-        deadline: tokio::time::Instant::now() + Duration::from_secs(60),
-        prefer: None,
-        only: None,
-    };
+    let mail = mail_to_b(id, Duration::from_secs(60));
     let later = std::time::SystemTime::now() + Duration::from_secs(3600);
     queue
         .submit(Submit {
