@@ -10,7 +10,7 @@ mod raw;
 mod safety;
 mod validate;
 
-pub(crate) use raw::parse_duration;
+pub(crate) use raw::{MAX_DURATION, parse_duration};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

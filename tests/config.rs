@@ -445,6 +445,20 @@ backoff_max = "10m"
     assert_eq!(c.daemon.send_deadline, Duration::from_secs(120));
     let c = ok(None, &[("MAILMUX_SEND_DEADLINE", "15")]);
     assert_eq!(c.daemon.send_deadline, Duration::from_secs(15));
+
+    // Up to 100 years: a longer one would overflow the clocks it is added to.
+    let c = ok(None, &[("MAILMUX_QUEUE__RETAIN", "100y")]);
+    assert_eq!(c.queue.retain, Duration::from_secs(100 * 31_557_600));
+    for (var, value) in [
+        ("MAILMUX_SEND_DEADLINE", "101y"),
+        ("MAILMUX_SEND_DEADLINE", "500000000000years"),
+        ("MAILMUX_QUEUE__MAX_AGE", "18446744073709551615"),
+    ] {
+        let e = err(None, &[(var, value)]).to_string();
+        let key = var.trim_start_matches("MAILMUX_").replace("__", ".");
+        assert!(e.contains(&key.to_lowercase()), "{var}={value}: {e}");
+        assert!(e.contains("100 years"), "{var}={value}: {e}");
+    }
 }
 
 #[test]

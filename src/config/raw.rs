@@ -584,22 +584,45 @@ impl Serialize for Dur {
     }
 }
 
+/// The longest duration a configuration may give: 100 years (of 365.25
+/// days, as humantime counts them). Every duration is added to clocks and
+/// counted in milliseconds, which a far longer one would overflow.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+
+/// `d`, unless it is longer than [`MAX_DURATION`]; `shown` is how it was
+/// written.
+fn bounded(d: Duration, shown: &dyn fmt::Display) -> Result<Duration, String> {
+    if d > MAX_DURATION {
+        return Err(format!(
+            "invalid duration {shown}: longer than the most a duration may be (100 years)"
+        ));
+    }
+    Ok(d)
+}
+
 /// Parses a duration the way configuration files write it.
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
+    let shown = format!("{s:?}");
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
         return s
             .parse::<u64>()
             .map(Duration::from_secs)
-            .map_err(|e| format!("invalid duration {s:?}: {e}"));
+            .map_err(|e| format!("invalid duration {shown}: {e}"))
+            .and_then(|d| bounded(d, &shown));
     }
     if let Ok(secs) = s.parse::<f64>() {
         return Duration::try_from_secs_f64(secs)
-            .map_err(|_| format!("invalid duration {s:?}: negative or too large"));
+            .map_err(|_| format!("invalid duration {shown}: negative or too large"))
+            .and_then(|d| bounded(d, &shown));
     }
-    humantime::parse_duration(s).map_err(|e| {
-        format!("invalid duration {s:?}: {e} (write e.g. `30s`, `5m`, or a number of seconds)")
-    })
+    humantime::parse_duration(s)
+        .map_err(|e| {
+            format!(
+                "invalid duration {shown}: {e} (write e.g. `30s`, `5m`, or a number of seconds)"
+            )
+        })
+        .and_then(|d| bounded(d, &shown))
 }
 
 impl<'de> Deserialize<'de> for Dur {
@@ -611,17 +634,21 @@ impl<'de> Deserialize<'de> for Dur {
                 f.write_str("a duration such as `30s` or `5m`, or a number of seconds")
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Dur, E> {
-                Ok(Dur(Duration::from_secs(v)))
+                bounded(Duration::from_secs(v), &v)
+                    .map(Dur)
+                    .map_err(E::custom)
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Dur, E> {
                 u64::try_from(v)
-                    .map(|v| Dur(Duration::from_secs(v)))
                     .map_err(|_| E::custom(format!("invalid duration {v}: negative")))
+                    .and_then(|v| self.visit_u64(v))
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Dur, E> {
                 Duration::try_from_secs_f64(v)
+                    .map_err(|_| format!("invalid duration {v}: negative or too large"))
+                    .and_then(|d| bounded(d, &v))
                     .map(Dur)
-                    .map_err(|_| E::custom(format!("invalid duration {v}: negative or too large")))
+                    .map_err(E::custom)
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Dur, E> {
                 parse_duration(v).map(Dur).map_err(E::custom)
@@ -679,6 +706,22 @@ mod tests {
         assert!(parse_duration("-1").is_err());
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn a_duration_is_at_most_100_years_in_every_written_form() {
+        assert_eq!(parse_duration("100y"), Ok(MAX_DURATION));
+        for long in ["101y", "500000000000years", "3155760001", "3155760001.5"] {
+            let e = parse_duration(long).unwrap_err();
+            assert!(e.contains("100 years"), "{long}: {e}");
+        }
+        // Numbers, as TOML, YAML and JSON files write them.
+        let number = |v: &str| serde_json::from_str::<Dur>(v);
+        assert_eq!(number("3155760000").unwrap(), Dur(MAX_DURATION));
+        for long in ["3155760001", "3155760001.0", "18446744073709551615"] {
+            let e = number(long).unwrap_err().to_string();
+            assert!(e.contains("100 years"), "{long}: {e}");
+        }
     }
 
     #[test]

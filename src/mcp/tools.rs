@@ -161,21 +161,34 @@ fn check_queue_params(
         None => None,
         Some(text) => {
             let now = SystemTime::now();
-            let at = if let Ok(t) = text.parse::<jiff::Timestamp>() {
-                SystemTime::from(t)
-            } else if let Ok(d) = humantime::parse_duration(text) {
-                now + d
-            } else {
-                return Err(invalid(
-                    "send_at",
-                    "time",
-                    format!(
-                        "send_at {text:?} is neither an RFC 3339 time (2026-12-01T09:00:00Z) nor a delay such as 10m or 2h"
-                    ),
-                ));
+            // None: a delay past what the clock can hold.
+            let at = match text.parse::<jiff::Timestamp>() {
+                Ok(t) => Some(SystemTime::from(t)),
+                Err(e) => match humantime::parse_duration(text) {
+                    Ok(d) => now.checked_add(d),
+                    // A date jiff cannot take (a year past 9999, a month
+                    // 13): its own words say why.
+                    Err(_) if looks_like_a_date(text) => {
+                        return Err(invalid(
+                            "send_at",
+                            "time",
+                            format!("send_at {text:?} is not a valid RFC 3339 time: {e}"),
+                        ));
+                    }
+                    Err(_) => {
+                        return Err(invalid(
+                            "send_at",
+                            "time",
+                            format!(
+                                "send_at {text:?} is neither an RFC 3339 time (2026-12-01T09:00:00Z) nor a delay such as 10m or 2h"
+                            ),
+                        ));
+                    }
+                },
             };
             let limit = config.queue.max_schedule;
-            if at.duration_since(now).unwrap_or(Duration::ZERO) > limit {
+            let ahead = at.map(|at| at.duration_since(now).unwrap_or(Duration::ZERO));
+            if ahead.is_none_or(|ahead| ahead > limit) {
                 return Err(invalid(
                     "send_at",
                     "max_schedule",
@@ -185,10 +198,16 @@ fn check_queue_params(
                     ),
                 ));
             }
-            Some(at)
+            at
         }
     };
     Ok((p.idempotency_key.clone(), send_at))
+}
+
+/// Whether `text` begins as an RFC 3339 date does (`2026-`).
+fn looks_like_a_date(text: &str) -> bool {
+    let b = text.as_bytes();
+    b.len() > 4 && b[..4].iter().all(u8::is_ascii_digit) && b[4] == b'-'
 }
 
 /// The hash that decides "the same content" for an idempotency key: every

@@ -62,6 +62,9 @@ impl RateRule {
         if period.is_zero() {
             return Err(format!("{t:?}: the period must not be zero"));
         }
+        if period > crate::config::MAX_DURATION {
+            return Err(format!("{t:?}: the period must be at most 100 years"));
+        }
         Ok(RateRule {
             unit,
             count,
@@ -150,7 +153,16 @@ mod tests {
         );
         let r = RateRule::parse("10/2s").unwrap();
         assert_eq!(r.period, Duration::from_secs(2));
-        for bad in ["30", "0/min", "x/min", "30/never", "bytes: 1/s", "5/0s"] {
+        for bad in [
+            "30",
+            "0/min",
+            "x/min",
+            "30/never",
+            "bytes: 1/s",
+            "5/0s",
+            "1/101y",
+            "1/500000000000years",
+        ] {
             assert!(RateRule::parse(bad).is_err(), "{bad} should be refused");
         }
     }
