@@ -142,6 +142,9 @@ fn malformed_requests_are_answered_with_what_is_wrong() {
         r#"{"jsonrpc":"2.0","id":7,"method":"resources/read","params":{"uri":5}}"#,
         r#"{"jsonrpc":"2.0","id":8,"method":"mail/send","params":{}}"#,
         r#"{"jsonrpc":"2.0","id":9,"method":"ping"}"#,
+        r#"{"jsonrpc":"2.0","id":10,"method":"tools/call","params":{"name":"reconnect_smtp_servers","arguments":{"server_name":"primary"}}}"#,
+        r#"{"jsonrpc":"2.0","id":11,"method":"tools/call","params":{"name":"get_smtp_status","arguments":{"verbose":true}}}"#,
+        r#"{"jsonrpc":"2.0","id":12,"method":"tools/call","params":{"name":"reconnect_smtp_servers","arguments":{}}}"#,
     ];
     let (by_id, logs) = serve_lines(smtp.port, &[], &lines);
     let error = |id: u64| {
@@ -184,6 +187,23 @@ fn malformed_requests_are_answered_with_what_is_wrong() {
         );
     }
     assert_eq!(by_id[&9]["result"], serde_json::json!({}), "still serving");
+    // A tool that takes no parameters refuses any, as a tool result, rather
+    // than act on every relay when the agent meant one.
+    for (id, field) in [(10, "server_name"), (11, "verbose")] {
+        let result = &by_id[&id]["result"];
+        assert_eq!(result["isError"], true, "request {id}: {result}");
+        let error = &result["structuredContent"]["error"];
+        assert_eq!(error["code"], "invalid_input", "request {id}: {result}");
+        assert_eq!(error["field"], field, "request {id}: {result}");
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("this tool takes no parameters"),
+            "request {id}: {result}"
+        );
+    }
+    assert_ne!(by_id[&12]["result"]["isError"], true, "{:?}", by_id[&12]);
     assert!(smtp.messages().is_empty(), "nothing is sent");
 }
 

@@ -546,11 +546,15 @@ impl MailmuxServer {
     )]
     pub async fn get_smtp_status(
         &self,
+        params: Parameters<Checked<NoParams>>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
         let span = tool_span("get_smtp_status");
         let caller = caller_of(self, &ctx);
         async move {
+            if let Err(e) = params.0.0 {
+                return fail::<StatusResult>(shape(e));
+            }
             if self.is_closing() {
                 return fail::<StatusResult>(ToolError::unavailable());
             }
@@ -682,8 +686,15 @@ impl MailmuxServer {
                        replaced. On an invalid configuration the running one stays in force.",
         output_schema = schema_for_output::<ReloadResult>()
     )]
-    pub async fn reload_smtp_configuration(&self) -> Result<CallToolResult, ErrorData> {
+    pub async fn reload_smtp_configuration(
+        &self,
+        params: Parameters<Checked<NoParams>>,
+    ) -> Result<CallToolResult, ErrorData> {
         let span = tool_span("reload_smtp_configuration");
+        if let Err(e) = params.0.0 {
+            let _entered = span.enter();
+            return fail::<ReloadResult>(shape(e));
+        }
         self.reload_inner().instrument(span).await
     }
 
@@ -694,9 +705,15 @@ impl MailmuxServer {
                        each relay, and report its new state.",
         output_schema = schema_for_output::<ReconnectResult>()
     )]
-    pub async fn reconnect_smtp_servers(&self) -> Result<CallToolResult, ErrorData> {
+    pub async fn reconnect_smtp_servers(
+        &self,
+        params: Parameters<Checked<NoParams>>,
+    ) -> Result<CallToolResult, ErrorData> {
         let span = tool_span("reconnect_smtp_servers");
         async move {
+            if let Err(e) = params.0.0 {
+                return fail::<ReconnectResult>(shape(e));
+            }
             if self.is_closing() {
                 return fail::<ReconnectResult>(ToolError::unavailable());
             }

@@ -122,6 +122,7 @@ pub fn unknown_field(name: &str, fields: &[&str]) -> ShapeError {
     let name = shown(name);
     let hint = match closest(&name, fields) {
         Some(f) => format!("did you mean `{f}`?"),
+        None if fields.is_empty() => "this tool takes no parameters".to_owned(),
         None => format!("the parameters are {}", fields.join(", ")),
     };
     ShapeError::new(
@@ -494,6 +495,26 @@ impl Params for CancelMessageParams {
 
 impl Params for ServerNameParams {
     const FIELDS: &'static [&'static str] = &["server_name"];
+}
+
+/// The arguments of a tool that takes none: any given is refused, so that
+/// an agent that thinks `reconnect_smtp_servers` takes one relay's name
+/// learns that it acts on every relay before it does.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct NoParams {}
+
+impl Params for NoParams {
+    const FIELDS: &'static [&'static str] = &[];
+}
+
+impl JsonSchema for NoParams {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "NoParams".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        // With `properties`, [`Checked`] closes it to any other.
+        schemars::json_schema!({"type": "object", "properties": {}})
+    }
 }
 
 /// A tool failure an agent can act on: a stable code and a sentence.
@@ -1504,6 +1525,15 @@ mod tests {
             fields::<ServerNameParams>(),
             properties::<ServerNameParams>()
         );
+        assert_eq!(fields::<NoParams>(), properties::<NoParams>());
+        let e = parse::<NoParams>(json!({"server_name": "a"}), NoParams::FIELDS).unwrap_err();
+        assert_eq!((e.field.as_str(), e.rule), ("server_name", "unknown_field"));
+        assert!(
+            e.message.ends_with("this tool takes no parameters"),
+            "{}",
+            e.message
+        );
+        parse::<NoParams>(json!({"server_name": null}), NoParams::FIELDS).unwrap();
         for f in MESSAGE_FIELDS {
             assert!(SendEmailParams::FIELDS.contains(f), "{f}");
         }
