@@ -63,6 +63,35 @@ fn send_prints_json_and_exits_by_status() {
     assert_eq!(m.len(), 1);
     assert!(m[0].contains("notes.txt"));
     assert!(m[0].contains(out["message_id"].as_str().unwrap()));
+    assert!(!stderr.contains("restarting"), "{stderr}");
+
+    // A send refused at once stops the actors as they start: none of them is
+    // logged as exited and restarting (on the embedded file relay, it was in
+    // about half the runs).
+    let outbox = tempfile::tempdir().unwrap();
+    for _ in 0..6 {
+        let out = Command::new(env!("CARGO_BIN_EXE_mailmux"))
+            .args([
+                "send",
+                "--to",
+                "a@example.org",
+                "--from",
+                "agent@example.org",
+            ])
+            .args(["--body", "hi", "--send-at", "400d"])
+            .current_dir(outbox.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+        assert!(stdout.contains("max_schedule"), "{stdout}");
+        assert!(!stderr.contains("restarting"), "{stderr}");
+    }
 
     // A waiting send waits for retries that fall within its deadline; with
     // a deadline shorter than the first retry it answers after one round.

@@ -19,7 +19,7 @@ use crate::relay::{RelayMsg, relay_status};
 use crate::router::{Flight, Pin, RouterCell, RouterMsg};
 use crate::settings::Settings;
 use crate::status::{ProbeReport, ReloadDiff, Selection, ShutdownReport, Snapshot};
-use crate::supervisor::{SupMsg, Supervisor, SupervisorArgs, View};
+use crate::supervisor::{SHUTDOWN, SupMsg, Supervisor, SupervisorArgs, View};
 use crate::tally::Tally;
 
 /// How long a control call (status, pin, reload) waits for an actor.
@@ -325,10 +325,10 @@ impl Dispatcher {
             let quits = view.relays.iter().map(|(shared, _, _)| shared.quit_idle());
             let _ = tokio::time::timeout(QUIT_TIMEOUT, futures_join_all(quits)).await;
         }
-        inner.supervisor.stop_children(Some("shutdown".into()));
+        inner.supervisor.stop_children(Some(SHUTDOWN.into()));
         let _ = inner
             .supervisor
-            .stop_and_wait(Some("shutdown".into()), Some(CONTROL_TIMEOUT))
+            .stop_and_wait(Some(SHUTDOWN.into()), Some(CONTROL_TIMEOUT))
             .await;
         ShutdownReport {
             in_flight_at_start: at_start,

@@ -27,6 +27,10 @@ use crate::status::ReloadDiff;
 /// crashing; a restarted router starts from the new table anyway.
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The reason the daemon's shutdown stops the actors with: a child that
+/// stops for it is not restarted (nor logged as if it had failed).
+pub(crate) const SHUTDOWN: &str = "shutdown";
+
 /// A relay as the supervisor keeps it.
 #[derive(Debug)]
 struct RelaySlot {
@@ -189,6 +193,10 @@ impl Actor for Supervisor {
     ) -> Result<(), ActorProcessingErr> {
         let (cell, why) = match &evt {
             SupervisionEvent::ActorFailed(cell, err) => (cell, err.to_string()),
+            // Stopped by the daemon's shutdown: nothing to restart.
+            SupervisionEvent::ActorTerminated(_, _, Some(reason)) if reason == SHUTDOWN => {
+                return Ok(());
+            }
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
                 (cell, reason.clone().unwrap_or_else(|| "stopped".into()))
             }
