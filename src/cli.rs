@@ -2,6 +2,17 @@
 //! `config`, and `queue` (approve and reject held messages). It loads configuration, starts the actors and maps outcomes to
 //! exit codes; the work itself is done by `mcp` and the dispatcher.
 
+/// `println!` for the commands' output, except that a reader that has gone
+/// away (`mailmux queue list | head`) ends the printing, not the command:
+/// `println!` panics then, half way through a `queue cancel --batch` that
+/// prints a line for each message it cancels.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 mod queue;
 
 use std::net::SocketAddr;
@@ -406,7 +417,7 @@ async fn send(config: Config, sources: Sources, args: SendArgs) -> ExitCode {
         .await;
     queue.shutdown(grace).await;
     match serde_json::to_string_pretty(&out) {
-        Ok(json) => println!("{json}"),
+        Ok(json) => say!("{json}"),
         Err(e) => eprintln!("mailmux: {e}"),
     }
     eprintln!("{text}");
@@ -461,18 +472,22 @@ async fn check(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!(
+    say!(
         "{:<20} {:<9} {:<4} {:<13} {:>8} ERROR",
-        "RELAY", "REACHABLE", "TLS", "AUTH", "LATENCY"
+        "RELAY",
+        "REACHABLE",
+        "TLS",
+        "AUTH",
+        "LATENCY"
     );
     let mut all_ok = !reports.is_empty();
     for report in &reports {
         let p = ProbeOut::from(report);
         all_ok &= p.reachable && p.error_class.is_none() && p.auth != Some(false);
-        println!("{}", probe_row(&p));
+        say!("{}", probe_row(&p));
     }
     if let Some(w) = mcp::default_relay_warning(&config) {
-        println!("WARNING: {w}");
+        say!("WARNING: {w}");
     }
     if all_ok {
         ExitCode::SUCCESS
@@ -484,7 +499,7 @@ async fn check(config: Config) -> ExitCode {
 fn print_config(config: &Config) -> ExitCode {
     match serde_json::to_string_pretty(&config.redacted) {
         Ok(json) => {
-            println!("{json}");
+            say!("{json}");
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -1,9 +1,9 @@
-//! The one-shot commands: exit codes and output of `send`, `check` and
-//! `config`, against aiosmtpd and a dead port.
+//! The one-shot commands: exit codes and output of `send`, `check`,
+//! `config` and `queue`, against aiosmtpd, a dead port and the file relay.
 
 mod common;
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use common::{Aiosmtpd, free_port};
 use serde_json::Value;
@@ -237,4 +237,78 @@ fn the_systemd_unit_runs_a_command_line_this_build_accepts() {
         e.key == "http.token_file" || e.key == "metrics.token_file",
         "{e}"
     );
+}
+
+/// A reader that goes away (`mailmux queue cancel … | head -1`) ends the
+/// command's printing, not the command: every selected message is still
+/// cancelled, and nothing panics.
+#[test]
+fn a_closed_output_does_not_stop_the_queue_command_half_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], stdout: Stdio| {
+        Command::new(env!("CARGO_BIN_EXE_mailmux"))
+            .args(args)
+            .current_dir(dir.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    for i in 0..5 {
+        let to = format!("r{i}@example.org");
+        let args = [
+            "send",
+            "--to",
+            &to,
+            "--from",
+            "a@example.org",
+            "--body",
+            "x",
+        ];
+        let out = run(&args, Stdio::piped()).wait_with_output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    // The scheduled ones, so that there is something to cancel.
+    for i in 0..5 {
+        let to = format!("later{i}@example.org");
+        let args = [
+            "send",
+            "--to",
+            &to,
+            "--from",
+            "a@example.org",
+            "--body",
+            "x",
+            "--send-at",
+            "1h",
+        ];
+        let out = run(&args, Stdio::piped()).wait_with_output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    // Its standard output closed before it prints a line.
+    let mut child = run(
+        &["queue", "cancel", "--status", "scheduled"],
+        Stdio::piped(),
+    );
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    let out = run(
+        &["queue", "list", "--status", "cancelled", "--json"],
+        Stdio::piped(),
+    )
+    .wait_with_output()
+    .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(listed.lines().count(), 5, "{listed}");
+    let mut child = run(&["queue", "list", "--json"], Stdio::piped());
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
 }

@@ -204,12 +204,12 @@ pub async fn run(config: Config, cmd: QueueCommand) -> ExitCode {
     match store.decide(&id, decision).await {
         Ok(Decided::Released(state)) => {
             audit(&audit_log(&config), store.as_ref(), &id, Action::Approved).await;
-            println!("{id}: approved; now {}", state.as_str());
+            say!("{id}: approved; now {}", state.as_str());
             ExitCode::SUCCESS
         }
         Ok(Decided::Rejected) => {
             audit(&audit_log(&config), store.as_ref(), &id, Action::Rejected).await;
-            println!("{id}: rejected; it will not be sent");
+            say!("{id}: rejected; it will not be sent");
             ExitCode::SUCCESS
         }
         Ok(Decided::NotHeld(state)) => {
@@ -246,7 +246,7 @@ async fn migrate(config: &Config) -> ExitCode {
     };
     match PgStore::migrate_only(s).await {
         Ok(v) => {
-            println!("{}: schema at version {v}", s.shown_url());
+            say!("{}: schema at version {v}", s.shown_url());
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -311,9 +311,9 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
                         "batch_id": m.batch,
                         "node": m.node,
                     });
-                    println!("{line}");
+                    say!("{line}");
                 } else {
-                    println!(
+                    say!(
                         "{}  {:<9}  {}  {} -> {}  {}{}",
                         time(m.queued_at),
                         m.state.as_str(),
@@ -341,16 +341,16 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
             };
             let out = MessageStatusResult::from(&r);
             match serde_json::to_string_pretty(&out) {
-                Ok(json) => println!("{json}"),
+                Ok(json) => say!("{json}"),
                 Err(e) => eprintln!("mailmux: {e}"),
             }
             if let Ok(Some(p)) = store.load(&a.id).await {
                 let text = String::from_utf8_lossy(&p.bytes);
                 let headers = text.split("\r\n\r\n").next().unwrap_or("");
                 if a.body {
-                    println!("{text}");
+                    say!("{text}");
                 } else {
-                    println!("{headers}\n(body not shown; --body prints it)");
+                    say!("{headers}\n(body not shown; --body prints it)");
                 }
             }
             ExitCode::SUCCESS
@@ -361,7 +361,7 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
         QueueCommand::Cancel(CancelArgs { id: Some(id), .. }) => match store.cancel(&id).await {
             Ok(Cancel::Cancelled) => {
                 audit(&audit_log(config), store, &id, Action::Cancelled).await;
-                println!("{id}: cancelled");
+                say!("{id}: cancelled");
                 ExitCode::SUCCESS
             }
             Ok(Cancel::Refused(state)) => {
@@ -388,7 +388,7 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
             ..
         }) => match store.retry(&id, force).await {
             Ok(Retry::Queued) => {
-                println!("{id}: queued for a fresh attempt");
+                say!("{id}: queued for a fresh attempt");
                 ExitCode::SUCCESS
             }
             Ok(Retry::NeedsForce) => {
@@ -432,7 +432,7 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
             let keys = now - config.queue.idempotency_ttl.as_millis() as i64;
             match queue::purge(store, finished, keys, queue::PURGE_CHUNK).await {
                 Ok(n) => {
-                    println!("purged {n} finished messages");
+                    say!("purged {n} finished messages");
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(e),
@@ -442,15 +442,15 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
             Ok(s) => {
                 for st in State::ALL {
                     let n = s.counts.iter().find(|c| c.0 == st).map_or(0, |c| c.1);
-                    println!("{:<10} {n}", st.as_str());
+                    say!("{:<10} {n}", st.as_str());
                 }
                 if let Some(t) = s.oldest_queued_at {
-                    println!("oldest queued: {}", time(t));
+                    say!("oldest queued: {}", time(t));
                 }
                 if let Some(t) = s.next_retry_at {
-                    println!("next retry:    {}", time(t));
+                    say!("next retry:    {}", time(t));
                 }
-                println!("sent copies pending: {}", s.copies_pending);
+                say!("sent copies pending: {}", s.copies_pending);
                 ExitCode::SUCCESS
             }
             Err(e) => fail(e),
@@ -530,11 +530,11 @@ async fn each(config: &Config, store: &dyn queue::Store, select: Select, bulk: B
                 if let Bulk::Cancel = bulk {
                     audit(&log, store, id, Action::Cancelled).await;
                 }
-                println!("{id}: {done_as}");
+                say!("{id}: {done_as}");
             }
             Ok(Some(why)) => *left.entry(why).or_default() += 1,
             Err(e) => {
-                println!("{verb} {done} of {} messages before an error", ids.len());
+                say!("{verb} {done} of {} messages before an error", ids.len());
                 eprintln!("mailmux: {e}");
                 return ExitCode::FAILURE;
             }
@@ -545,7 +545,7 @@ async fn each(config: &Config, store: &dyn queue::Store, select: Select, bulk: B
         let rest: Vec<String> = left.iter().map(|(why, n)| format!("{n} {why}")).collect();
         summary.push_str(&format!("; left as they were: {}", rest.join(", ")));
     }
-    println!("{summary}");
+    say!("{summary}");
     if done == 0 {
         ExitCode::from(EXIT_REFUSED)
     } else {
