@@ -23,6 +23,7 @@
 use std::cell::Cell;
 use std::fs::File;
 use std::ops::Deref;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, mpsc};
 
@@ -300,11 +301,16 @@ impl SqliteStore {
         let shown = path.display().to_string();
         let named = |e: &dyn std::fmt::Display| StoreError::Unavailable(format!("{shown}: {e}"));
         let lock = if lock {
+            // A new store is readable by its owner only, as the audit log
+            // is: it holds every queued message's bytes. SQLite gives its
+            // log and shared-memory files the database file's mode. An
+            // existing file keeps the mode its operator gave it.
             let file = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
+                .mode(0o600)
                 .open(path)
                 .map_err(|e| match e.kind() {
                     std::io::ErrorKind::ReadOnlyFilesystem
@@ -1662,6 +1668,27 @@ mod tests {
         });
         running.await.unwrap();
         release
+    }
+
+    #[tokio::test]
+    async fn a_new_store_and_its_log_are_readable_by_their_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &str| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db").display().to_string();
+        let store = SqliteStore::open(Path::new(&path)).unwrap();
+        store.accept(message("<a@x>")).await.unwrap();
+        for file in [path.clone(), format!("{path}-wal"), format!("{path}-shm")] {
+            assert_eq!(mode(&file), 0o600, "{file}");
+        }
+        // A store that exists keeps the mode its operator gave it.
+        let kept = dir.path().join("kept.db").display().to_string();
+        std::fs::write(&kept, b"").unwrap();
+        std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let store = SqliteStore::open(Path::new(&kept)).unwrap();
+        store.accept(message("<b@x>")).await.unwrap();
+        assert_eq!(mode(&kept), 0o640);
+        assert_eq!(mode(&format!("{kept}-wal")), 0o640);
     }
 
     #[tokio::test]
