@@ -431,6 +431,97 @@ async fn a_sighup_while_the_daemon_starts_is_kept_for_later() {
     );
 }
 
+/// Beyond loopback, the Host check does not keep anyone out (a client names
+/// `localhost` itself), so the daemon serves there only with a bearer
+/// token: without one it refuses to start, before anything runs, and a
+/// reload that would drop the last token is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_loopback_the_daemon_serves_only_with_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let bind = format!("0.0.0.0:{port}");
+    let config = dir.path().join("mailmux.toml");
+    let daemon = |log: &str| {
+        Command::new(env!("CARGO_BIN_EXE_mailmux"))
+            .args([
+                "--config",
+                config.to_str().unwrap(),
+                "serve",
+                "--http",
+                &bind,
+            ])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join(log)).unwrap())
+            .spawn()
+            .unwrap()
+    };
+
+    std::fs::write(&config, "from_email = \"agent@example.org\"\n").unwrap();
+    let mut refused = Daemon(daemon("refused.log"));
+    let status = tokio::task::spawn_blocking(move || refused.0.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let log = std::fs::read_to_string(dir.path().join("refused.log")).unwrap();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(&format!(
+            "refusing to serve MCP on {bind} without a bearer token"
+        )),
+        "{log}"
+    );
+    assert!(
+        !dir.path().join("mailmux-queue.db").exists(),
+        "nothing started: {log}"
+    );
+
+    std::fs::write(
+        &config,
+        format!("from_email = \"agent@example.org\"\n[http]\ntoken = \"{TOKEN}\"\n"),
+    )
+    .unwrap();
+    let _serving = Daemon(daemon("serving.log"));
+    let base = format!("http://127.0.0.1:{port}");
+    wait_health(&base).await;
+    let url = format!("{base}/mcp");
+    let http = reqwest::Client::new();
+    let r = post(&http, &url)
+        .header("Host", "localhost")
+        .body(init_body().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // A reload that would drop the token is refused; the token still holds.
+    std::fs::write(&config, "from_email = \"agent@example.org\"\n").unwrap();
+    let (is_error, out) = mcp_call(&url, Some(TOKEN), "reload_smtp_configuration", json!({})).await;
+    assert!(is_error, "{out}");
+    assert_eq!(out["error"]["code"], "invalid_config", "{out}");
+    let message = out["error"]["message"].as_str().unwrap();
+    assert!(message.contains("no bearer token"), "{message}");
+    assert!(message.contains(&bind), "{message}");
+    let r = post(&http, &url)
+        .body(init_body().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let (is_error, out) = mcp_call(
+        &url,
+        Some(TOKEN),
+        "send_email",
+        json!({"to": "a@example.org", "subject": "s", "body": "b"}),
+    )
+    .await;
+    assert!(!is_error, "{out}");
+    assert_eq!(out["status"], "sent", "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_serves_http_with_a_token() {
     let smtp = Aiosmtpd::start();

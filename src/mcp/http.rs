@@ -750,16 +750,19 @@ pub async fn serve(
     stateful: bool,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
+    super::refuse_anonymous(bind, &server.config())?;
+    if !bind.ip().is_loopback() {
+        server.expose(bind);
+    }
     let listener = tokio::net::TcpListener::bind(bind)
         .await
         .map_err(|source| RunError::Bind { addr: bind, source })?;
     let local = listener.local_addr().map_err(RunError::Transport)?;
     let (router, cancel) = app(&server, stateful);
-    if !bind.ip().is_loopback() {
-        tracing::warn!(%local, "HTTP transport bound beyond loopback; set http.token and http.allowed_hosts");
+    if !bind.ip().is_loopback() && server.config().daemon.http.allowed_hosts.is_empty() {
+        tracing::warn!(%local, "HTTP transport bound beyond loopback with no http.allowed_hosts: only requests that name a loopback host are let in");
     }
-    let safety = &server.config().safety;
-    if server.config().daemon.http.token.is_none() && safety.callers.is_empty() {
+    if super::anonymous_http(&server.config()) {
         tracing::info!(
             "HTTP transport has no bearer token: every request is the caller \"default\" (set MAILMUX_HTTP_TOKEN or [[callers]] to require one)"
         );

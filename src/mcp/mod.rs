@@ -61,6 +61,9 @@ struct State {
     audit: Arc<Audit>,
     /// The web console's sessions and chart samples.
     console: crate::console::Console,
+    /// The HTTP address served, when it is beyond loopback: a reload may
+    /// not drop every bearer token then.
+    exposed: std::sync::OnceLock<SocketAddr>,
 }
 
 impl std::fmt::Debug for MailmuxServer {
@@ -124,6 +127,7 @@ impl MailmuxServer {
                 gate: RwLock::new(gate),
                 audit,
                 console: crate::console::Console::default(),
+                exposed: std::sync::OnceLock::new(),
             }),
             tool_router: Arc::new(standard_schemas(Self::tool_router())),
         }
@@ -170,6 +174,11 @@ impl MailmuxServer {
 
     pub fn console(&self) -> &crate::console::Console {
         &self.state.console
+    }
+
+    /// Records that HTTP is served on `addr`, beyond loopback.
+    pub(crate) fn expose(&self, addr: SocketAddr) {
+        let _ = self.state.exposed.set(addr);
     }
 
     fn set_config(&self, config: Config) {
@@ -262,6 +271,28 @@ pub enum RunError {
     Transport(#[source] std::io::Error),
     #[error("cannot open the audit log (audit.path)")]
     Audit(#[source] std::io::Error),
+    #[error(
+        "refusing to serve MCP on {addr} without a bearer token: anyone who can reach it could \
+         send mail through the relays. Set http.token (MAILMUX_HTTP_TOKEN) or tokens for \
+         [[callers]], or bind to loopback behind a proxy"
+    )]
+    Anonymous { addr: SocketAddr },
+}
+
+/// Whether `config` lets an HTTP request in without a bearer token: no
+/// `http.token` and no caller with a token. Only loopback is served so.
+pub(crate) fn anonymous_http(config: &Config) -> bool {
+    config.daemon.http.token.is_none() && config.safety.callers.iter().all(|c| c.token.is_none())
+}
+
+/// Refuses to serve HTTP beyond loopback without a bearer token. The Host
+/// check stops DNS rebinding, not a client that names a loopback host
+/// itself: there, only a token keeps strangers from sending mail.
+pub(crate) fn refuse_anonymous(bind: SocketAddr, config: &Config) -> Result<(), RunError> {
+    if !bind.ip().is_loopback() && anonymous_http(config) {
+        return Err(RunError::Anonymous { addr: bind });
+    }
+    Ok(())
 }
 
 /// Runs the daemon until `shutdown` resolves (or, under stdio, stdin ends).
@@ -281,6 +312,10 @@ pub async fn run(
     // A configured audit log that cannot be opened stops the start.
     if config.safety.audit.path.is_some() {
         Audit::open(config.safety.audit.clone()).map_err(RunError::Audit)?;
+    }
+    // Before anything starts delivering.
+    if let Transport::Http { bind, .. } = &transport {
+        refuse_anonymous(*bind, &config)?;
     }
     // Before the actors start, so that their handles record into it.
     crate::telemetry::spawn_upkeep(crate::telemetry::install());

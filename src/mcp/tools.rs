@@ -1870,6 +1870,16 @@ impl MailmuxServer {
                 ));
             }
         };
+        if let Some(addr) = self.state.exposed.get()
+            && super::anonymous_http(&new)
+        {
+            return Err(ToolError::new(
+                "invalid_config",
+                format!(
+                    "the configuration has no bearer token (http.token or a caller's token) while MCP is served beyond loopback on {addr}; the running configuration is unchanged"
+                ),
+            ));
+        }
         let diff = self
             .dispatcher()
             .reload(new.dispatch.clone())
