@@ -1019,6 +1019,23 @@ fn postgres_queue_keys_validate_and_hide_the_password() {
     );
     assert_eq!(e.key, "queue.url");
     assert!(!e.message.contains("hidden-PASS"), "{e}");
+    // A password given as a URL parameter is hidden too.
+    let c = ok(
+        None,
+        &[
+            ("MAILMUX_QUEUE__STORE", "postgres"),
+            (
+                "MAILMUX_QUEUE__URL",
+                "postgres://mm@db/q?password=pg-param-FROTZ&sslmode=disable",
+            ),
+        ],
+    );
+    assert!(!c.redacted.to_string().contains("pg-param-FROTZ"));
+    assert!(!format!("{c:?}").contains("pg-param-FROTZ"));
+    assert_eq!(
+        leaf(&c, "/queue/url").0,
+        "postgres://mm@db/q?password=***&sslmode=disable"
+    );
     for (key, value) in [
         ("MAILMUX_QUEUE__LEASE", "500ms"),
         ("MAILMUX_QUEUE__POOL_SIZE", "0"),

@@ -272,22 +272,39 @@ impl std::fmt::Debug for PgSettings {
     }
 }
 
-/// `url` with any password replaced by `***`.
+/// `url` with any password replaced by `***`: the one before the host, and
+/// any parameter whose name holds `password` (`?password=`, `sslpassword=`).
 pub fn shown_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "***".into();
     };
-    let (auth, host) = match rest.rsplit_once('@') {
-        Some((auth, host)) => (Some(auth), host),
-        None => (None, rest),
+    let (path, query) = match rest.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (rest, None),
     };
-    match auth {
-        Some(auth) => {
-            let user = auth.split_once(':').map_or(auth, |(u, _)| u);
-            format!("{scheme}://{user}:***@{host}")
-        }
+    let (auth, host) = match path.rsplit_once('@') {
+        Some((auth, host)) => (Some(auth), host),
+        None => (None, path),
+    };
+    let mut shown = match auth {
+        Some(auth) => match auth.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => format!("{scheme}://{auth}@{host}"),
+        },
         None => format!("{scheme}://{host}"),
+    };
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if k.to_ascii_lowercase().contains("password") => format!("{k}=***"),
+                _ => p.to_owned(),
+            })
+            .collect();
+        shown.push('?');
+        shown.push_str(&params.join("&"));
     }
+    shown
 }
 
 /// The PostgreSQL store of one daemon.
@@ -2203,5 +2220,14 @@ mod tests {
             "postgres://127.0.0.1/q"
         );
         assert_eq!(shown_url("not a url s3cret"), "***");
+        // A password given as a parameter, as libpq and sqlx take it.
+        assert_eq!(
+            shown_url("postgres://mm@db/q?sslmode=require&password=s3cret&SSLPassword=k3y"),
+            "postgres://mm@db/q?sslmode=require&password=***&SSLPassword=***"
+        );
+        assert_eq!(
+            shown_url("postgres://mm:s3cret@db/q?application_name=a@b"),
+            "postgres://mm:***@db/q?application_name=a@b"
+        );
     }
 }
