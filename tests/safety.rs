@@ -611,6 +611,57 @@ async fn each_caller_has_its_own_rate_and_refusals_take_none() {
     assert_eq!(sink.delivered().len(), 11);
 }
 
+/// An idempotency key is its caller's own: two agents that pick the same
+/// key (`order-42`) each get their message sent once, each repeat replays
+/// the caller's own message, and a key finds only its caller's message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_is_each_callers_own() {
+    let (sink, other) = servers().await;
+    let d = start(&sink, &other, "").await;
+    let alpha = connect(&d, ALPHA).await;
+    let delta = connect(&d, DELTA).await;
+    let gamma = connect(&d, GAMMA).await;
+    let keyed = || {
+        let mut m = mail(json!(["order@example.org"]));
+        m["idempotency_key"] = json!("order-42");
+        m
+    };
+    let mut ids = Vec::new();
+    for c in [&alpha, &delta] {
+        let (is_error, out) = call(c, "send_email", keyed()).await;
+        assert!(!is_error, "{out}");
+        assert_eq!(out["status"], "sent", "{out}");
+        assert_ne!(out["idempotent_replay"], true, "{out}");
+        ids.push(out["message_id"].as_str().unwrap().to_owned());
+    }
+    assert_ne!(ids[0], ids[1]);
+    for (c, id) in [(&alpha, &ids[0]), (&delta, &ids[1])] {
+        let (is_error, out) = call(c, "send_email", keyed()).await;
+        assert!(!is_error, "{out}");
+        assert_eq!(out["idempotent_replay"], true, "{out}");
+        assert_eq!(out["message_id"], id.as_str(), "{out}");
+        let (is_error, out) = call(
+            c,
+            "get_message_status",
+            json!({"idempotency_key": "order-42"}),
+        )
+        .await;
+        assert!(!is_error, "{out}");
+        assert_eq!(out["message_id"], id.as_str(), "{out}");
+    }
+    let (is_error, out) = call(
+        &gamma,
+        "get_message_status",
+        json!({"idempotency_key": "order-42"}),
+    )
+    .await;
+    assert!(is_error, "{out}");
+    assert_eq!(out["error"]["code"], "not_found", "{out}");
+    assert!(sink.wait_for_delivered(2, Duration::from_secs(10)).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.delivered().len(), 2, "each caller's message once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_messages_go_out_only_when_a_person_approves() {
     let (sink, other) = servers().await;

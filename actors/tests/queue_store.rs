@@ -79,6 +79,56 @@ fn settle(state: State, next: Option<i64>) -> Settle {
     }
 }
 
+/// Idempotency keys are each caller's own: another caller's equal key, with
+/// the same content or other, stores a message of its own; each caller's
+/// repeat replays its own; a key is found only by its caller.
+async fn keys_are_each_callers_own(store: &dyn Store) {
+    let by = |id: &str, caller: &str, hash: u8| {
+        let mut m = message(id, Some(("order-42", hash)));
+        m.caller = Some(caller.into());
+        m
+    };
+    for (id, caller) in [("a1", "agent"), ("b1", "other")] {
+        assert_eq!(
+            store.accept(by(id, caller, 1)).await.unwrap(),
+            Accepted::Stored(State::Queued),
+            "{caller}"
+        );
+    }
+    assert_eq!(
+        store.accept(by("c1", "third", 2)).await.unwrap(),
+        Accepted::Stored(State::Queued)
+    );
+    assert_eq!(
+        store.accept(by("a2", "agent", 1)).await.unwrap(),
+        Accepted::Replay("a1".into())
+    );
+    assert_eq!(
+        store.accept(by("b2", "other", 2)).await.unwrap(),
+        Accepted::Conflict("b1".into())
+    );
+    for (caller, id) in [
+        ("agent", Some("a1")),
+        ("other", Some("b1")),
+        ("third", Some("c1")),
+    ] {
+        assert_eq!(
+            store
+                .find_key(Some(caller), "order-42")
+                .await
+                .unwrap()
+                .as_deref(),
+            id,
+            "{caller}"
+        );
+    }
+    assert_eq!(
+        store.find_key(Some("fourth"), "order-42").await.unwrap(),
+        None
+    );
+    assert_eq!(store.find_key(None, "order-42").await.unwrap(), None);
+}
+
 async fn conformance(store: &dyn Store) {
     // Accept, and keys: replay with the same hash, conflict with another.
     assert_eq!(
@@ -94,7 +144,10 @@ async fn conformance(store: &dyn Store) {
         Accepted::Conflict("m1".into())
     );
     assert!(store.get("m2").await.unwrap().is_none());
-    assert_eq!(store.find_key("k").await.unwrap().as_deref(), Some("m1"));
+    assert_eq!(
+        store.find_key(Some("agent"), "k").await.unwrap().as_deref(),
+        Some("m1")
+    );
 
     // A future due time is scheduled, and not due now.
     let mut later = message("m4", None);
@@ -176,7 +229,7 @@ async fn conformance(store: &dyn Store) {
     assert_eq!(n, 2);
     assert!(store.get("m1").await.unwrap().is_none());
     assert!(store.get("l0").await.unwrap().is_some());
-    assert!(store.find_key("k").await.unwrap().is_none());
+    assert!(store.find_key(Some("agent"), "k").await.unwrap().is_none());
 }
 
 /// Purge deletes in chunks, oldest first, and a chunked purge goes on until
@@ -220,7 +273,13 @@ async fn purges_in_chunks(store: &dyn Store) {
     assert_eq!(rest, 4);
     for i in 0..7 {
         assert!(store.get(&format!("p{i}")).await.unwrap().is_none());
-        assert!(store.find_key(&format!("pk{i}")).await.unwrap().is_none());
+        assert!(
+            store
+                .find_key(Some("agent"), &format!("pk{i}"))
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
     assert_eq!(
         store.get("waiting").await.unwrap().map(|r| r.state),
@@ -461,6 +520,7 @@ async fn sqlite_on_disk_conforms() {
     let store = open("q.db");
     assert!(store.durable());
     conformance(&store).await;
+    keys_are_each_callers_own(&open("keys.db")).await;
     approvals(&open("approvals.db")).await;
     retries(&open("retries.db")).await;
     purges_in_chunks(&open("purges.db")).await;
@@ -718,6 +778,7 @@ async fn memory_conforms() {
     let store = MemoryStore::new();
     assert!(!store.durable());
     conformance(&store).await;
+    keys_are_each_callers_own(&MemoryStore::new()).await;
     approvals(&MemoryStore::new()).await;
     retries(&MemoryStore::new()).await;
     purges_in_chunks(&MemoryStore::new()).await;
@@ -849,7 +910,13 @@ async fn batch_counts(store: &dyn Store) {
     for id in ["b7", "b8", "b9"] {
         assert!(store.get(id).await.unwrap().is_none(), "{id} stored");
     }
-    assert!(store.find_key("bk9").await.unwrap().is_none());
+    assert!(
+        store
+            .find_key(Some("agent"), "bk9")
+            .await
+            .unwrap()
+            .is_none()
+    );
     // Atomic without a conflict: stored as any batch, a replay too.
     let whole = vec![message("b10", Some(("bk", 1))), message("b11", None)];
     assert_eq!(
@@ -935,7 +1002,7 @@ async fn streamed_batches(store: &dyn Store) {
     for id in ["t1", "t2", "t3"] {
         assert!(store.get(id).await.unwrap().is_none(), "{id} stored");
     }
-    assert!(store.find_key("tk").await.unwrap().is_none());
+    assert!(store.find_key(Some("agent"), "tk").await.unwrap().is_none());
 
     let (tx, rx) = mpsc::channel(4);
     let feeding = async move {
@@ -952,7 +1019,7 @@ async fn streamed_batches(store: &dyn Store) {
     for id in ["a1", "a2"] {
         assert!(store.get(id).await.unwrap().is_none(), "{id} stored");
         assert!(
-            store.find_key(id).await.unwrap().is_none(),
+            store.find_key(Some("agent"), id).await.unwrap().is_none(),
             "{id}'s key kept"
         );
     }
@@ -1161,6 +1228,52 @@ async fn a_version_1_store_is_migrated_at_start() {
     assert_eq!(counts, [(State::Queued, 1), (State::Cancelled, 2)]);
 }
 
+/// Version 11 keeps idempotency keys per caller: the keys of a version 10
+/// store go to the callers of their messages, and a key whose message is
+/// gone to no caller.
+#[tokio::test]
+async fn a_version_10_store_has_its_keys_scoped_to_their_callers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        store.accept(message("kept", Some(("k", 1)))).await.unwrap();
+    }
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(
+            "UPDATE idempotency SET key = substr(key, instr(key, char(31)) + 1);
+             INSERT INTO idempotency (key, message_id, hash, created_at)
+                 VALUES ('orphan', 'purged', x'00', 0);
+             PRAGMA user_version = 10;",
+        )
+        .unwrap();
+        let keys: String = c
+            .query_row("SELECT group_concat(key, ',') FROM idempotency", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(keys, "k,orphan", "the keys as version 10 kept them");
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(
+        store.find_key(Some("agent"), "k").await.unwrap().as_deref(),
+        Some("kept")
+    );
+    assert_eq!(store.find_key(Some("other"), "k").await.unwrap(), None);
+    assert_eq!(
+        store.find_key(None, "orphan").await.unwrap().as_deref(),
+        Some("purged")
+    );
+    assert_eq!(
+        store
+            .accept(message("again", Some(("k", 1))))
+            .await
+            .unwrap(),
+        Accepted::Replay("kept".into())
+    );
+}
+
 /// Version 9 keeps each message's attempts in its row: a store of version 8
 /// has them moved there, in order, and its attempts table dropped.
 #[tokio::test]
@@ -1301,6 +1414,7 @@ async fn postgres_conforms() {
     assert!(store.durable());
     assert_eq!(store.kind(), "postgres");
     conformance(&store).await;
+    keys_are_each_callers_own(&PgStore::open(&pg(&server.database(), "n1")).await.unwrap()).await;
     assert_counts_exact(&server, &url, &store).await;
     macro_rules! on_a_new_database {
         ($suite:ident) => {
@@ -2128,6 +2242,52 @@ async fn postgres_migrates_once_and_refuses_a_newer_schema() {
         Err(StoreError::Unavailable(e)) => assert!(!e.contains("pw@"), "{e}"),
         other => panic!("{other:?}"),
     }
+}
+
+/// Version 8 keeps idempotency keys per caller: the keys of a version 7
+/// database go to the callers of their messages, and a key whose message is
+/// gone to no caller.
+#[tokio::test]
+async fn postgres_keys_of_version_7_are_scoped_to_their_callers() {
+    let server = Postgres::start();
+    let url = server.database();
+    let db = url.rsplit('/').next().unwrap().to_owned();
+    {
+        let store = PgStore::open(&pg(&url, "a")).await.unwrap();
+        store.accept(message("kept", Some(("k", 1)))).await.unwrap();
+    }
+    server.psql(
+        &db,
+        "UPDATE mailmux_idempotency SET key = substr(key, strpos(key, chr(31)) + 1);
+         INSERT INTO mailmux_idempotency (key, message_id, hash, created_at)
+             VALUES ('orphan', 'purged', '\\x00', 0);
+         DELETE FROM mailmux_schema WHERE version = 8;",
+    );
+    assert_eq!(
+        server.psql(
+            &db,
+            "SELECT string_agg(key, ',' ORDER BY key) FROM mailmux_idempotency"
+        ),
+        "k,orphan",
+        "the keys as version 7 kept them"
+    );
+    let store = PgStore::open(&pg(&url, "a")).await.unwrap();
+    assert_eq!(
+        store.find_key(Some("agent"), "k").await.unwrap().as_deref(),
+        Some("kept")
+    );
+    assert_eq!(store.find_key(Some("other"), "k").await.unwrap(), None);
+    assert_eq!(
+        store.find_key(None, "orphan").await.unwrap().as_deref(),
+        Some("purged")
+    );
+    assert_eq!(
+        store
+            .accept(message("again", Some(("k", 1))))
+            .await
+            .unwrap(),
+        Accepted::Replay("kept".into())
+    );
 }
 
 /// TLS to the database where the URL asks for it: `sslmode=verify-full`

@@ -766,7 +766,7 @@ impl MailmuxServer {
                     tracing::Span::current().record("message_id", id.as_str());
                     self.queue().status(id).await
                 }
-                (None, Some(key)) => self.queue().status_by_key(key).await,
+                (None, Some(key)) => self.queue().status_by_key(Some(&caller.name), key).await,
                 _ => {
                     return fail::<MessageStatusResult>(invalid(
                         "message_id",

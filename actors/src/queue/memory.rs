@@ -71,9 +71,8 @@ impl Mem {
         if let Some(seen) = self.key_seen(&m) {
             return seen;
         }
-        if let Some((key, hash)) = &m.idempotency {
-            self.keys
-                .insert(key.clone(), (m.message_id.clone(), *hash, now));
+        if let Some((key, hash)) = m.scoped_key() {
+            self.keys.insert(key, (m.message_id.clone(), *hash, now));
         }
         let state = m.initial_state(now);
         self.next_seq += 1;
@@ -104,8 +103,8 @@ impl Mem {
     /// The message `m`'s idempotency key already names: a replay (same
     /// content) or a conflict; none for a new key or no key.
     fn key_seen(&self, m: &NewMessage) -> Option<Accepted> {
-        let (key, hash) = m.idempotency.as_ref()?;
-        let (id, seen, _) = self.keys.get(key)?;
+        let (key, hash) = m.scoped_key()?;
+        let (id, seen, _) = self.keys.get(&key)?;
         Some(match seen == hash {
             true => Accepted::Replay(id.clone()),
             false => Accepted::Conflict(id.clone()),
@@ -395,8 +394,13 @@ impl Store for MemoryStore {
             }))
     }
 
-    async fn find_key(&self, key: &str) -> Result<Option<String>, StoreError> {
-        Ok(self.lock().keys.get(key).map(|(id, _, _)| id.clone()))
+    async fn find_key(
+        &self,
+        caller: Option<&str>,
+        key: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let key = super::scoped_key(caller, key);
+        Ok(self.lock().keys.get(&key).map(|(id, _, _)| id.clone()))
     }
 
     async fn list(

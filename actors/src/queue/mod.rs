@@ -246,7 +246,21 @@ pub struct Hold {
     pub hash: [u8; 32],
 }
 
+/// An idempotency key as the store keeps it: the caller's name, then the
+/// caller's key, so that two callers' equal keys never name one message.
+/// A key holds no control character, so the last U+001F parts the two.
+pub fn scoped_key(caller: Option<&str>, key: &str) -> String {
+    format!("{}\u{1f}{key}", caller.unwrap_or_default())
+}
+
 impl NewMessage {
+    /// Its idempotency key as the store keeps it ([`scoped_key`]), and the
+    /// hash of the call's content.
+    pub fn scoped_key(&self) -> Option<(String, &[u8; 32])> {
+        let (key, hash) = self.idempotency.as_ref()?;
+        Some((scoped_key(self.caller.as_deref(), key), hash))
+    }
+
     /// The message as a round delivers it, in `state`, before any round.
     pub fn pending(&self, state: State) -> Pending {
         Pending {
@@ -820,8 +834,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         Ok(out)
     }
     async fn get(&self, message_id: &str) -> Result<Option<Record>, StoreError>;
-    /// The message an idempotency key names.
-    async fn find_key(&self, key: &str) -> Result<Option<String>, StoreError>;
+    /// The message a caller's idempotency key names.
+    async fn find_key(&self, caller: Option<&str>, key: &str)
+    -> Result<Option<String>, StoreError>;
     /// Newest first; `cursor` is the `next` of the page before.
     async fn list(
         &self,

@@ -155,6 +155,14 @@ CREATE INDEX mailmux_messages_queued_at ON mailmux_messages (queued_at) WHERE st
 CREATE INDEX mailmux_messages_retry ON mailmux_messages (next_attempt_at)
     WHERE state = 'queued' AND rounds > 0;
 "#,
+    r#"
+-- Idempotency keys are each caller's own: the key is kept after its
+-- caller's name and U+001F (queue::scoped_key). A key whose message is
+-- gone has no known caller and gets the empty name.
+UPDATE mailmux_idempotency i SET key = COALESCE(m.caller, '') || chr(31) || i.key
+  FROM mailmux_messages m WHERE m.message_id = i.message_id;
+UPDATE mailmux_idempotency SET key = chr(31) || key WHERE strpos(key, chr(31)) = 0;
+"#,
 ];
 
 /// The schema version this build writes.
@@ -1261,12 +1269,12 @@ async fn accept_in(
     again: bool,
 ) -> Result<Accepted, sqlx::Error> {
     let state = m.initial_state(now);
-    if let Some((key, hash)) = &m.idempotency {
+    if let Some((key, hash)) = m.scoped_key() {
         let inserted = sqlx::query(
             "INSERT INTO mailmux_idempotency (key, message_id, hash, created_at)
              VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING",
         )
-        .bind(key)
+        .bind(&key)
         .bind(&m.message_id)
         .bind(&hash[..])
         .bind(now)
@@ -1276,13 +1284,13 @@ async fn accept_in(
         if inserted == 0 {
             let (id, seen): (String, Vec<u8>) =
                 sqlx::query_as("SELECT message_id, hash FROM mailmux_idempotency WHERE key = $1")
-                    .bind(key)
+                    .bind(&key)
                     .fetch_one(&mut *tx)
                     .await?;
-            return Ok(if seen == hash && id == m.message_id {
+            return Ok(if seen == hash[..] && id == m.message_id {
                 // This message's own key: a first try committed (`again`).
                 Accepted::Stored(state)
-            } else if seen == hash {
+            } else if seen == hash[..] {
                 Accepted::Replay(id)
             } else {
                 Accepted::Conflict(id)
@@ -1956,9 +1964,13 @@ impl Store for PgStore {
         Ok(Some(record))
     }
 
-    async fn find_key(&self, key: &str) -> Result<Option<String>, StoreError> {
+    async fn find_key(
+        &self,
+        caller: Option<&str>,
+        key: &str,
+    ) -> Result<Option<String>, StoreError> {
         sqlx::query_scalar("SELECT message_id FROM mailmux_idempotency WHERE key = $1")
-            .bind(key)
+            .bind(super::scoped_key(caller, key))
             .fetch_optional(&self.pool)
             .await
             .map_err(unavailable)

@@ -1046,9 +1046,13 @@ impl Queue {
         Ok(self.inner.store.load(message_id).await?)
     }
 
-    /// The message an idempotency key names.
-    pub async fn status_by_key(&self, key: &str) -> Result<Option<Record>, QueueError> {
-        match self.inner.store.find_key(key).await? {
+    /// The message a caller's idempotency key names.
+    pub async fn status_by_key(
+        &self,
+        caller: Option<&str>,
+        key: &str,
+    ) -> Result<Option<Record>, QueueError> {
+        match self.inner.store.find_key(caller, key).await? {
             Some(id) => self.status(&id).await,
             None => Ok(None),
         }

@@ -178,6 +178,14 @@ DROP TABLE attempts;
 CREATE INDEX messages_queued_at ON messages(queued_at) WHERE state = 'queued';
 CREATE INDEX messages_retry ON messages(next_attempt_at) WHERE state = 'queued' AND rounds > 0;
 "#,
+    r#"
+-- Idempotency keys are each caller's own: the key is kept after its
+-- caller's name and U+001F (queue::scoped_key). A key whose message is
+-- gone has no known caller and gets the empty name.
+UPDATE idempotency SET key = COALESCE(
+        (SELECT m.caller FROM messages m WHERE m.message_id = idempotency.message_id), '')
+    || char(31) || key;
+"#,
 ];
 
 /// The schema version this build writes.
@@ -937,14 +945,14 @@ fn conflicts(c: &Connection, ms: &[NewMessage]) -> rusqlite::Result<Vec<Accepted
 /// The message `m`'s idempotency key already names: a replay (same
 /// content) or a conflict; none for a new key or no key.
 fn key_seen(c: &Connection, m: &NewMessage) -> rusqlite::Result<Option<Accepted>> {
-    let Some((key, hash)) = &m.idempotency else {
+    let Some((key, hash)) = m.scoped_key() else {
         return Ok(None);
     };
     let seen: Option<(String, Vec<u8>)> = c
         .prepare_cached("SELECT message_id, hash FROM idempotency WHERE key = ?1")?
         .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    Ok(seen.map(|(id, seen)| match seen == hash {
+    Ok(seen.map(|(id, seen)| match seen == hash[..] {
         true => Accepted::Replay(id),
         false => Accepted::Conflict(id),
     }))
@@ -954,7 +962,7 @@ fn accept(c: &Connection, m: &NewMessage, now: Millis) -> rusqlite::Result<Accep
     if let Some(seen) = key_seen(c, m)? {
         return Ok(seen);
     }
-    if let Some((key, hash)) = &m.idempotency {
+    if let Some((key, hash)) = m.scoped_key() {
         c.prepare_cached(
             "INSERT INTO idempotency (key, message_id, hash, created_at) VALUES (?1, ?2, ?3, ?4)",
         )?
@@ -1445,8 +1453,12 @@ impl Store for SqliteStore {
         self.read(move |c| get(c, &id)).await
     }
 
-    async fn find_key(&self, key: &str) -> Result<Option<String>, StoreError> {
-        let key = key.to_owned();
+    async fn find_key(
+        &self,
+        caller: Option<&str>,
+        key: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let key = super::scoped_key(caller, key);
         self.read(move |c| {
             c.query_row(
                 "SELECT message_id FROM idempotency WHERE key = ?1",
