@@ -1612,7 +1612,14 @@ async fn a_store_file_its_user_cannot_write_is_a_start_up_error() {
     std::fs::copy(env!("CARGO_BIN_EXE_mailmux"), &bin).unwrap();
     mode(&bin, 0o755);
     mode(dir.path(), 0o777);
-    mode(&dir.path().join("queue.db"), 0o444);
+    // The store's files are made the owner's only; opened here to every
+    // user for reading, as an operator may open them to another.
+    for file in ["queue.db", "queue.db-wal", "queue.db-shm"] {
+        let path = dir.path().join(file);
+        if path.exists() {
+            mode(&path, 0o444);
+        }
+    }
     let as_nobody = || {
         let mut c = std::process::Command::new("setpriv");
         c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
