@@ -1228,6 +1228,28 @@ async fn a_version_1_store_is_migrated_at_start() {
     assert_eq!(counts, [(State::Queued, 1), (State::Cancelled, 2)]);
 }
 
+/// A store migrated from one scope of keys to a scope per caller: the key
+/// `k` of agent's message `kept`, and `orphan`, whose message `purged` is
+/// gone, are found where they belong now.
+async fn keys_once_scoped(store: &dyn Store) {
+    assert_eq!(
+        store.find_key(Some("agent"), "k").await.unwrap().as_deref(),
+        Some("kept")
+    );
+    assert_eq!(store.find_key(Some("other"), "k").await.unwrap(), None);
+    assert_eq!(
+        store.find_key(None, "orphan").await.unwrap().as_deref(),
+        Some("purged")
+    );
+    assert_eq!(
+        store
+            .accept(message("again", Some(("k", 1))))
+            .await
+            .unwrap(),
+        Accepted::Replay("kept".into())
+    );
+}
+
 /// Version 11 keeps idempotency keys per caller: the keys of a version 10
 /// store go to the callers of their messages, and a key whose message is
 /// gone to no caller.
@@ -1256,22 +1278,7 @@ async fn a_version_10_store_has_its_keys_scoped_to_their_callers() {
         assert_eq!(keys, "k,orphan", "the keys as version 10 kept them");
     }
     let store = SqliteStore::open(&path).unwrap();
-    assert_eq!(
-        store.find_key(Some("agent"), "k").await.unwrap().as_deref(),
-        Some("kept")
-    );
-    assert_eq!(store.find_key(Some("other"), "k").await.unwrap(), None);
-    assert_eq!(
-        store.find_key(None, "orphan").await.unwrap().as_deref(),
-        Some("purged")
-    );
-    assert_eq!(
-        store
-            .accept(message("again", Some(("k", 1))))
-            .await
-            .unwrap(),
-        Accepted::Replay("kept".into())
-    );
+    keys_once_scoped(&store).await;
 }
 
 /// Version 9 keeps each message's attempts in its row: a store of version 8
@@ -2272,22 +2279,7 @@ async fn postgres_keys_of_version_7_are_scoped_to_their_callers() {
         "the keys as version 7 kept them"
     );
     let store = PgStore::open(&pg(&url, "a")).await.unwrap();
-    assert_eq!(
-        store.find_key(Some("agent"), "k").await.unwrap().as_deref(),
-        Some("kept")
-    );
-    assert_eq!(store.find_key(Some("other"), "k").await.unwrap(), None);
-    assert_eq!(
-        store.find_key(None, "orphan").await.unwrap().as_deref(),
-        Some("purged")
-    );
-    assert_eq!(
-        store
-            .accept(message("again", Some(("k", 1))))
-            .await
-            .unwrap(),
-        Accepted::Replay("kept".into())
-    );
+    keys_once_scoped(&store).await;
 }
 
 /// TLS to the database where the URL asks for it: `sslmode=verify-full`
