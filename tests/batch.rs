@@ -693,6 +693,14 @@ async fn cancel_message_with_a_batch_id_cancels_the_whole_batch() {
     let (is_error, out) = call(&s, "cancel_message", json!({})).await;
     assert!(is_error, "{out}");
     assert_eq!(out["error"]["code"], "invalid_input", "{out}");
+    // An empty id names nothing, and is refused as such.
+    for field in ["batch_id", "message_id"] {
+        let (is_error, out) = call(&s, "cancel_message", json!({ field: " " })).await;
+        assert!(is_error, "{out}");
+        assert_eq!(out["error"]["code"], "invalid_input", "{out}");
+        assert_eq!(out["error"]["field"], field, "{out}");
+        assert_eq!(out["error"]["rule"], "empty", "{out}");
+    }
 
     // Past the batch's send_at: only the batch sent at once is at the sink.
     tokio::time::sleep(Duration::from_millis(2500)).await;

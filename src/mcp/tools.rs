@@ -905,6 +905,27 @@ impl MailmuxServer {
         span.record("caller", &*caller.name);
         async move {
             let id = match params.0.0 {
+                // An empty id names nothing: say so, rather than "not found".
+                Ok(CancelMessageParams {
+                    message_id: Some(id),
+                    batch_id: None,
+                }) if id.trim().is_empty() => {
+                    return fail::<CancelMessageResult>(invalid(
+                        "message_id",
+                        "empty",
+                        "message_id must not be empty".into(),
+                    ));
+                }
+                Ok(CancelMessageParams {
+                    message_id: None,
+                    batch_id: Some(batch),
+                }) if batch.trim().is_empty() => {
+                    return fail::<CancelMessageResult>(invalid(
+                        "batch_id",
+                        "empty",
+                        "batch_id must not be empty".into(),
+                    ));
+                }
                 Ok(CancelMessageParams {
                     message_id: Some(id),
                     batch_id: None,
