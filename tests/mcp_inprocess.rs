@@ -458,6 +458,67 @@ async fn reload_applies_the_new_configuration_as_a_diff() {
     assert_eq!(status["relays"][0]["kind"], "file");
 }
 
+/// What a reload cannot apply (read once at start: here the queue's retry
+/// schedule) is named in its answer, at every reload until a restart, and
+/// the rest is applied.
+#[tokio::test]
+async fn a_reload_names_what_only_a_restart_applies() {
+    let smtp = Aiosmtpd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mailmux.toml");
+    let cfg = config(vec![relay("primary", smtp.port, 100)]);
+    // The harness's configuration, as a file, but for the keys each case adds.
+    let write = |top: &str, queue: &str| {
+        std::fs::write(
+            &file,
+            format!(
+                "send_deadline = \"15s\"\n{top}\n[queue]\nstore = \"memory\"\n{queue}\n\
+                 [http]\nbind = \"127.0.0.1:0\"\n\
+                 body_limit = 4194304\n[[relays]]\nname = \"primary\"\nhost = \"127.0.0.1\"\n\
+                 port = {}\ntls = \"none\"\n",
+                smtp.port
+            ),
+        )
+        .unwrap()
+    };
+    let h = InProcess::start(
+        cfg,
+        Sources {
+            file: Some(file.clone()),
+        },
+    )
+    .await;
+    write("", "");
+    let (is_error, out, text) = call(&h, "reload_smtp_configuration", json!({})).await;
+    assert!(!is_error, "{out}");
+    assert!(out.get("restart_needed").is_none(), "{out}");
+    assert!(!text.contains("restart"), "{text}");
+
+    write("max_batch = 10", "retry_base = \"7s\"");
+    for _ in 0..2 {
+        let (is_error, out, text) = call(&h, "reload_smtp_configuration", json!({})).await;
+        assert!(!is_error, "{out}");
+        assert_eq!(out["reloaded"], true, "{out}");
+        assert_eq!(out["restart_needed"], json!(["queue.retry_base"]), "{out}");
+        assert!(
+            text.contains("not applied until the next restart: queue.retry_base"),
+            "{text}"
+        );
+    }
+    // The rest is in force: a batch over the new max_batch is refused.
+    let messages: Vec<Value> = (0..11)
+        .map(|i| json!({"to": format!("r{i}@example.org")}))
+        .collect();
+    let (is_error, out, _) = call(
+        &h,
+        "send_batch",
+        json!({"defaults": {"subject": "s", "body": "b"}, "messages": messages, "dry_run": true}),
+    )
+    .await;
+    assert!(is_error, "{out}");
+    assert_eq!(out["error"]["field"], "messages", "{out}");
+}
+
 #[tokio::test]
 async fn calls_after_shutdown_began_are_refused() {
     let smtp = Aiosmtpd::start();

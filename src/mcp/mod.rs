@@ -64,6 +64,9 @@ struct State {
     /// The HTTP address served, when it is beyond loopback: a reload may
     /// not drop every bearer token then.
     exposed: std::sync::OnceLock<SocketAddr>,
+    /// The configuration the daemon started with: what a reload cannot
+    /// change is still in force as it says.
+    initial: Arc<Config>,
 }
 
 impl std::fmt::Debug for MailmuxServer {
@@ -116,6 +119,7 @@ impl MailmuxServer {
         MailmuxServer {
             state: Arc::new(State {
                 queue,
+                initial: Arc::new(config.clone()),
                 config: RwLock::new(Arc::new(config)),
                 sources,
                 started: Instant::now(),

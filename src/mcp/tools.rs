@@ -1909,7 +1909,7 @@ impl MailmuxServer {
         crate::config::warn_stray_env(&new);
         let old = self.config();
         let daemon_changed = old.daemon != new.daemon;
-        let http_changed = old.daemon.http != new.daemon.http;
+        let restart_needed = restart_only(&self.state.initial, &new);
         if let Some(w) = super::default_relay_warning(&new) {
             tracing::warn!("{w}");
         }
@@ -1920,6 +1920,7 @@ impl MailmuxServer {
             changed: diff.changed,
             router_changed: diff.router_changed,
             daemon_changed,
+            restart_needed: restart_needed.clone(),
             config_sources: new.sources.clone(),
             error: None,
         };
@@ -1940,12 +1941,79 @@ impl MailmuxServer {
                 ""
             },
         );
-        if http_changed {
-            text.push_str("; HTTP transport settings take effect at the next restart");
+        if restart_needed.is_empty() {
+            tracing::info!("{text}");
+        } else {
+            text.push_str(&format!(
+                "; not applied until the next restart: {}",
+                restart_needed.join(", ")
+            ));
+            tracing::warn!("{text}");
         }
-        tracing::info!("{text}");
         Ok((out, text))
     }
+}
+
+/// The keys of `new` that differ from what the daemon started with (`old`)
+/// and that a reload cannot apply, because the daemon takes them once, at
+/// start: the queue's store and schedule, the
+/// HTTP listener (its token excepted: the callers are rebuilt), the call
+/// bound, the audit log, the Sent copies and the log level. Named in the
+/// answer, so that "reloaded" is not taken to mean they are in force.
+fn restart_only(old: &config::Config, new: &config::Config) -> Vec<String> {
+    let (q, nq) = (&old.queue, &new.queue);
+    let (h, nh) = (&old.daemon.http, &new.daemon.http);
+    [
+        (q.store != nq.store, "queue.store"),
+        (q.max_age != nq.max_age, "queue.max_age"),
+        (q.retry_base != nq.retry_base, "queue.retry_base"),
+        (q.retry_max != nq.retry_max, "queue.retry_max"),
+        (
+            q.idempotency_ttl != nq.idempotency_ttl,
+            "queue.idempotency_ttl",
+        ),
+        (q.retain != nq.retain, "queue.retain"),
+        // The deadline of the rounds the queue starts itself; calls take
+        // the new one at once.
+        (
+            q.delivery_timeout != nq.delivery_timeout,
+            "send_deadline (of the queue's own rounds)",
+        ),
+        (q.min_free != nq.min_free, "queue.min_free"),
+        (h.bind != nh.bind, "http.bind"),
+        (h.allowed_hosts != nh.allowed_hosts, "http.allowed_hosts"),
+        (
+            h.allowed_origins != nh.allowed_origins,
+            "http.allowed_origins",
+        ),
+        (h.body_limit != nh.body_limit, "http.body_limit"),
+        (h.read_timeout != nh.read_timeout, "http.read_timeout"),
+        (
+            h.max_connections != nh.max_connections,
+            "http.max_connections",
+        ),
+        (h.stateful != nh.stateful, "http.stateful"),
+        (h.max_sessions != nh.max_sessions, "http.max_sessions"),
+        (
+            h.max_sessions_per_caller != nh.max_sessions_per_caller,
+            "http.max_sessions_per_caller",
+        ),
+        (
+            old.daemon.metrics.bind != new.daemon.metrics.bind,
+            "metrics.bind",
+        ),
+        (
+            old.daemon.max_concurrent_calls != new.daemon.max_concurrent_calls,
+            "max_concurrent_calls",
+        ),
+        (old.daemon.log_level != new.daemon.log_level, "log_level"),
+        (old.safety.audit != new.safety.audit, "audit"),
+        (old.sent_copies != new.sent_copies, "relays.sent_copy"),
+    ]
+    .into_iter()
+    .filter(|(changed, _)| *changed)
+    .map(|(_, key)| key.to_owned())
+    .collect()
 }
 
 #[tool_handler(router = self.tool_router)]

@@ -1426,6 +1426,10 @@ pub struct ReloadResult {
     pub router_changed: bool,
     /// Daemon settings (composition rules, deadlines) changed.
     pub daemon_changed: bool,
+    /// Changed keys that take effect only at the next start (the queue's
+    /// store and schedule, the HTTP listener, …); the rest is in force.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub restart_needed: Vec<String>,
     pub config_sources: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ToolError>,
