@@ -293,6 +293,14 @@ fn a_closed_output_does_not_stop_the_queue_command_half_way() {
     .unwrap();
     let listed = String::from_utf8_lossy(&out.stdout);
     assert_eq!(listed.lines().count(), 5, "{listed}");
+    // Any --limit the command takes lists them all.
+    for limit in ["18446744073709551615", "9223372036854775807"] {
+        let args = ["queue", "list", "--json", "--limit", limit];
+        let out = run(&args, Stdio::piped()).wait_with_output().unwrap();
+        assert!(out.status.success(), "{limit}: {out:?}");
+        let listed = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(listed.lines().count(), 5, "{limit}: {listed}");
+    }
     let mut child = run(&["queue", "list", "--json"], Stdio::piped());
     drop(child.stdout.take());
     let out = child.wait_with_output().unwrap();

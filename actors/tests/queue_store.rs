@@ -81,7 +81,8 @@ fn settle(state: State, next: Option<i64>) -> Settle {
 
 /// Idempotency keys are each caller's own: another caller's equal key, with
 /// the same content or other, stores a message of its own; each caller's
-/// repeat replays its own; a key is found only by its caller.
+/// repeat replays its own; a key is found only by its caller. And a listing
+/// of any size.
 async fn keys_are_each_callers_own(store: &dyn Store) {
     let by = |id: &str, caller: &str, hash: u8| {
         let mut m = message(id, Some(("order-42", hash)));
@@ -127,6 +128,12 @@ async fn keys_are_each_callers_own(store: &dyn Store) {
         None
     );
     assert_eq!(store.find_key(None, "order-42").await.unwrap(), None);
+    // A page as large as a caller may ask for (the command line takes any
+    // number) lists every message, with no page after it.
+    for limit in [usize::MAX, i64::MAX as usize] {
+        let (page, next) = store.list(&Filter::default(), limit, None).await.unwrap();
+        assert_eq!((page.len(), next), (3, None), "{limit}");
+    }
 }
 
 async fn conformance(store: &dyn Store) {

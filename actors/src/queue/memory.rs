@@ -427,7 +427,7 @@ impl Store for MemoryStore {
                         .is_none_or(|b| row.batch.as_ref() == Some(b))
                     && filter.recipient_matches(&row.record.to)
             })
-            .take(limit + 1)
+            .take(limit.saturating_add(1))
             .map(|(seq, row)| {
                 let r = &row.record;
                 (

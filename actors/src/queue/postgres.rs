@@ -1987,7 +1987,7 @@ impl Store for PgStore {
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(cursor.unwrap_or(i64::MAX))
             .bind(filter.state.map(State::as_str))
-            .bind(limit as i64 + 1)
+            .bind(rows::page_rows(limit))
             .bind(&filter.caller)
             .bind(&filter.batch)
             .bind(filter.recipient.as_ref().map(|r| r.to_lowercase()))

@@ -42,6 +42,13 @@ pub(crate) fn note_copy_sql(p: char) -> String {
     )
 }
 
+/// The rows a page of `limit` reads: one more, which tells whether another
+/// page follows. Any `limit` a caller gives fits (a command line may ask for
+/// 2^64 - 1).
+pub(crate) fn page_rows(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1)
+}
+
 /// The listing's statement (`p` numbers its parameters): rows before seq
 /// `1`, newest first, at most `3`, filtered by state `2`, caller `4`,
 /// batch `5` and a recipient's substring `6`, each unset when null.

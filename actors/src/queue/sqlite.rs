@@ -1486,7 +1486,14 @@ impl Store for SqliteStore {
             let mut stmt = c.prepare_cached(&sql)?;
             let rows: Vec<(i64, Summary)> = stmt
                 .query_map(
-                    params![before, state, limit as i64 + 1, caller, batch, recipient],
+                    params![
+                        before,
+                        state,
+                        rows::page_rows(limit),
+                        caller,
+                        batch,
+                        recipient
+                    ],
                     |r| {
                         Ok((
                             r.get(0)?,
