@@ -146,7 +146,35 @@ fn malformed_requests_are_answered_with_what_is_wrong() {
         r#"{"jsonrpc":"2.0","id":11,"method":"tools/call","params":{"name":"get_smtp_status","arguments":{"verbose":true}}}"#,
         r#"{"jsonrpc":"2.0","id":12,"method":"tools/call","params":{"name":"reconnect_smtp_servers","arguments":{}}}"#,
     ];
+    // Ids a megabyte long: the answers repeat a short part of them.
+    let long = "x".repeat(1 << 20);
+    let long_lines = [
+        json!({"jsonrpc": "2.0", "id": 13, "method": "tools/call",
+               "params": {"name": "cancel_message", "arguments": {"message_id": long}}})
+        .to_string(),
+        json!({"jsonrpc": "2.0", "id": 14, "method": "resources/read",
+               "params": {"uri": format!("mailmux://messages/{long}")}})
+        .to_string(),
+    ];
+    let lines: Vec<&str> = lines
+        .iter()
+        .copied()
+        .chain(long_lines.iter().map(String::as_str))
+        .collect();
     let (by_id, logs) = serve_lines(smtp.port, &[], &lines);
+    for id in [13, 14] {
+        let answer = by_id[&id].to_string();
+        assert!(answer.len() < 2_000, "request {id}: {} bytes", answer.len());
+        assert!(
+            answer.contains("… (1048576 bytes)"),
+            "request {id}: {answer}"
+        );
+    }
+    assert!(
+        logs.len() < 200_000,
+        "the log repeats the ids: {} bytes",
+        logs.len()
+    );
     let error = |id: u64| {
         let e = &by_id
             .get(&id)

@@ -122,5 +122,7 @@ async fn owned(
         .owned_by(&caller, task_id)
         .await
         .map_err(|e| ErrorData::internal_error(super::tools::queue_error(&e).message, None))?
-        .ok_or_else(|| ErrorData::invalid_params(format!("no task {task_id:?}"), None))
+        .ok_or_else(|| {
+            ErrorData::invalid_params(format!("no task {}", super::types::quoted(task_id)), None)
+        })
 }

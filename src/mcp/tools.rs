@@ -172,7 +172,7 @@ fn check_queue_params(
                         return Err(invalid(
                             "send_at",
                             "time",
-                            format!("send_at {text:?} is not a valid RFC 3339 time: {e}"),
+                            format!("send_at {} is not a valid RFC 3339 time: {e}", quoted(text)),
                         ));
                     }
                     Err(_) => {
@@ -180,7 +180,8 @@ fn check_queue_params(
                             "send_at",
                             "time",
                             format!(
-                                "send_at {text:?} is neither an RFC 3339 time (2026-12-01T09:00:00Z) nor a delay such as 10m or 2h"
+                                "send_at {} is neither an RFC 3339 time (2026-12-01T09:00:00Z) nor a delay such as 10m or 2h",
+                                quoted(text)
                             ),
                         ));
                     }
@@ -502,7 +503,7 @@ impl MailmuxServer {
                 Err(e) => return fail::<ProbeResult>(shape(e)),
             };
             if let Some(n) = &name {
-                tracing::Span::current().record("relay", n.as_str());
+                tracing::Span::current().record("relay", &*logged(n));
             }
             match self.dispatcher().test_connection(name.as_deref()).await {
                 Ok(reports) => {
@@ -646,7 +647,7 @@ impl MailmuxServer {
                 None => (dispatcher.selection().await, "current selection"),
                 Some("auto") => (dispatcher.pin(None).await, "unpinned"),
                 Some(n) => {
-                    tracing::Span::current().record("relay", n);
+                    tracing::Span::current().record("relay", &*logged(n));
                     (dispatcher.pin(Some(n.to_string())).await, "pinned")
                 }
             };
@@ -763,7 +764,7 @@ impl MailmuxServer {
             };
             let found = match (&p.message_id, &p.idempotency_key) {
                 (Some(id), None) => {
-                    tracing::Span::current().record("message_id", id.as_str());
+                    tracing::Span::current().record("message_id", &*logged(id));
                     self.queue().status(id).await
                 }
                 (None, Some(key)) => self.queue().status_by_key(Some(&caller.name), key).await,
@@ -824,7 +825,7 @@ impl MailmuxServer {
                         return fail::<ListMessagesResult>(invalid(
                             "status",
                             "one_of",
-                            format!("status {s:?} is not one of {}", valid.join(", ")),
+                            format!("status {} is not one of {}", quoted(s), valid.join(", ")),
                         ));
                     }
                 },
@@ -943,13 +944,13 @@ impl MailmuxServer {
                 }
                 Err(e) => return fail::<CancelMessageResult>(shape(e)),
             };
-            tracing::Span::current().record("message_id", id.as_str());
+            tracing::Span::current().record("message_id", &*logged(&id));
             match self.owned_by(&caller, &id).await {
                 Ok(Some(_)) => {}
                 Ok(None) => {
                     return fail::<CancelMessageResult>(ToolError::new(
                         "not_found",
-                        format!("no message {id:?}"),
+                        format!("no message {}", quoted(&id)),
                     ));
                 }
                 Err(e) => return fail::<CancelMessageResult>(queue_error(&e)),
@@ -989,7 +990,7 @@ impl MailmuxServer {
                 }
                 Ok(Cancel::NotFound) => fail::<CancelMessageResult>(ToolError::new(
                     "not_found",
-                    format!("no message {id:?}"),
+                    format!("no message {}", quoted(&id)),
                 )),
                 Err(e) => fail::<CancelMessageResult>(queue_error(&e)),
             }
@@ -1022,7 +1023,7 @@ impl MailmuxServer {
         if done.matched == 0 {
             return fail::<CancelMessageResult>(ToolError::new(
                 "not_found",
-                format!("no message of batch {batch:?}"),
+                format!("no message of batch {}", quoted(&batch)),
             ));
         }
         let cancelled = done.cancelled;
@@ -2136,13 +2137,15 @@ impl ServerHandler for MailmuxServer {
         let caller = caller_of(self, &context)
             .ok_or_else(|| ErrorData::invalid_request(no_caller().message, None))?;
         let id = resources::message_id(&request.uri).ok_or_else(|| {
-            ErrorData::resource_not_found(format!("no resource {:?}", request.uri), None)
+            ErrorData::resource_not_found(format!("no resource {}", quoted(&request.uri)), None)
         })?;
         let record = self
             .owned_by(&caller, id)
             .await
             .map_err(|e| ErrorData::internal_error(queue_error(&e).message, None))?
-            .ok_or_else(|| ErrorData::resource_not_found(format!("no message {id:?}"), None))?;
+            .ok_or_else(|| {
+                ErrorData::resource_not_found(format!("no message {}", quoted(id)), None)
+            })?;
         let json = serde_json::to_string(&MessageStatusResult::from(&record))
             .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
         Ok(ReadResourceResult::new(vec![
@@ -2211,7 +2214,7 @@ impl ServerHandler for MailmuxServer {
         let caller = caller_of(self, &context)
             .ok_or_else(|| ErrorData::invalid_request(no_caller().message, None))?;
         let not_found =
-            || ErrorData::resource_not_found(format!("no resource {:?}", request.uri), None);
+            || ErrorData::resource_not_found(format!("no resource {}", quoted(&request.uri)), None);
         let id = resources::message_id(&request.uri).ok_or_else(not_found)?;
         if !self.visible(&caller, id).await {
             return Err(not_found());

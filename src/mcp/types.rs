@@ -117,6 +117,30 @@ fn shown(name: &str) -> String {
         .collect()
 }
 
+/// The longest value of the caller's an answer repeats, in characters.
+const MAX_QUOTED: usize = 200;
+
+/// A value the caller gave (an id, a time, a URI), as an answer and the log
+/// repeat it: quoted, its control characters escaped, and cut past
+/// [`MAX_QUOTED`] characters, so that a megabyte of input is neither sent
+/// back nor logged.
+pub fn quoted(s: &str) -> String {
+    match s.char_indices().nth(MAX_QUOTED) {
+        None => format!("{s:?}"),
+        Some((end, _)) => format!("{:?}… ({} bytes)", &s[..end], s.len()),
+    }
+}
+
+/// A value the caller gave, as a log line's field records it: as it is
+/// when it is no longer than [`MAX_QUOTED`] characters (every id mailmux
+/// makes), else [`quoted`] and cut.
+pub fn logged(s: &str) -> std::borrow::Cow<'_, str> {
+    match s.char_indices().nth(MAX_QUOTED) {
+        None => s.into(),
+        Some(_) => quoted(s).into(),
+    }
+}
+
 /// A field that is not one of `fields`, with the closest one if any is close.
 pub fn unknown_field(name: &str, fields: &[&str]) -> ShapeError {
     let name = shown(name);
@@ -558,7 +582,11 @@ impl ToolError {
 
     pub fn unknown_relay(name: &str, valid: Vec<String>) -> Self {
         ToolError {
-            message: format!("unknown relay {name:?}; valid relays: {}", valid.join(", ")),
+            message: format!(
+                "unknown relay {}; valid relays: {}",
+                quoted(name),
+                valid.join(", ")
+            ),
             valid: Some(valid),
             ..ToolError::new("unknown_relay", "")
         }
@@ -1552,6 +1580,18 @@ mod tests {
             Ok(p) => panic!("{args} was read as {p:?}"),
             Err(e) => e,
         }
+    }
+
+    #[test]
+    fn a_value_repeated_to_its_caller_is_cut_and_escaped() {
+        assert_eq!(quoted("m-1@x"), "\"m-1@x\"");
+        assert_eq!(quoted("a\r\nb"), "\"a\\r\\nb\"");
+        let long = "é".repeat(100_000);
+        let shown = quoted(&long);
+        assert!(shown.chars().count() < MAX_QUOTED + 30, "{shown}");
+        assert!(shown.ends_with("… (200000 bytes)"), "{shown}");
+        assert_eq!(logged("m-1@x"), "m-1@x");
+        assert_eq!(logged(&long), shown);
     }
 
     #[test]
