@@ -166,23 +166,18 @@ fn check_queue_params(
                 Ok(t) => Some(SystemTime::from(t)),
                 Err(e) => match humantime::parse_duration(text) {
                     Ok(d) => now.checked_add(d),
-                    // A date jiff cannot take (a year past 9999, a month
-                    // 13): its own words say why.
-                    Err(_) if looks_like_a_date(text) => {
-                        return Err(invalid(
-                            "send_at",
-                            "time",
-                            format!("send_at {} is not a valid RFC 3339 time: {e}", quoted(text)),
-                        ));
-                    }
                     Err(_) => {
+                        // A date jiff cannot take (a year past 9999, a
+                        // month 13): its own words say why.
+                        let why = if looks_like_a_date(text) {
+                            format!("is not a valid RFC 3339 time: {e}")
+                        } else {
+                            "is neither an RFC 3339 time (2026-12-01T09:00:00Z) nor a delay such as 10m or 2h".into()
+                        };
                         return Err(invalid(
                             "send_at",
                             "time",
-                            format!(
-                                "send_at {} is neither an RFC 3339 time (2026-12-01T09:00:00Z) nor a delay such as 10m or 2h",
-                                quoted(text)
-                            ),
+                            format!("send_at {} {why}", quoted(text)),
                         ));
                     }
                 },
@@ -691,12 +686,14 @@ impl MailmuxServer {
         &self,
         params: Parameters<Checked<NoParams>>,
     ) -> Result<CallToolResult, ErrorData> {
-        let span = tool_span("reload_smtp_configuration");
-        if let Err(e) = params.0.0 {
-            let _entered = span.enter();
-            return fail::<ReloadResult>(shape(e));
+        async move {
+            if let Err(e) = params.0.0 {
+                return fail::<ReloadResult>(shape(e));
+            }
+            self.reload_inner().await
         }
-        self.reload_inner().instrument(span).await
+        .instrument(tool_span("reload_smtp_configuration"))
+        .await
     }
 
     /// Drop every connection, reset health and probe each relay.
@@ -905,28 +902,15 @@ impl MailmuxServer {
         };
         span.record("caller", &*caller.name);
         async move {
+            // An empty id names nothing: say so, rather than "not found".
+            let empty = |field: &str| {
+                fail::<CancelMessageResult>(invalid(
+                    field,
+                    "empty",
+                    format!("{field} must not be empty"),
+                ))
+            };
             let id = match params.0.0 {
-                // An empty id names nothing: say so, rather than "not found".
-                Ok(CancelMessageParams {
-                    message_id: Some(id),
-                    batch_id: None,
-                }) if id.trim().is_empty() => {
-                    return fail::<CancelMessageResult>(invalid(
-                        "message_id",
-                        "empty",
-                        "message_id must not be empty".into(),
-                    ));
-                }
-                Ok(CancelMessageParams {
-                    message_id: None,
-                    batch_id: Some(batch),
-                }) if batch.trim().is_empty() => {
-                    return fail::<CancelMessageResult>(invalid(
-                        "batch_id",
-                        "empty",
-                        "batch_id must not be empty".into(),
-                    ));
-                }
                 Ok(CancelMessageParams {
                     message_id: Some(id),
                     batch_id: None,
@@ -934,7 +918,12 @@ impl MailmuxServer {
                 Ok(CancelMessageParams {
                     message_id: None,
                     batch_id: Some(batch),
-                }) => return self.cancel_batch(&caller, batch).await,
+                }) => {
+                    if batch.trim().is_empty() {
+                        return empty("batch_id");
+                    }
+                    return self.cancel_batch(&caller, batch).await;
+                }
                 Ok(_) => {
                     return fail::<CancelMessageResult>(invalid(
                         "message_id",
@@ -944,6 +933,9 @@ impl MailmuxServer {
                 }
                 Err(e) => return fail::<CancelMessageResult>(shape(e)),
             };
+            if id.trim().is_empty() {
+                return empty("message_id");
+            }
             tracing::Span::current().record("message_id", &*logged(&id));
             match self.owned_by(&caller, &id).await {
                 Ok(Some(_)) => {}
