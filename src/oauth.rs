@@ -25,6 +25,9 @@ const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
 /// A token is refreshed this long before it expires, at most (a fifth of
 /// its lifetime for short-lived ones).
 const REFRESH_AHEAD: Duration = Duration::from_secs(300);
+/// The longest a token is cached, whatever the provider says: a lifetime
+/// past what the clock can count must not overflow it.
+const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// How long one token request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -268,7 +271,10 @@ impl OAuthClient {
                 response
             }
         };
-        let lifetime = response.expires_in().unwrap_or(DEFAULT_LIFETIME);
+        let lifetime = response
+            .expires_in()
+            .unwrap_or(DEFAULT_LIFETIME)
+            .min(MAX_LIFETIME);
         Ok((
             Secret::new(response.access_token().secret().clone()),
             lifetime,

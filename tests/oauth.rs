@@ -206,3 +206,32 @@ timeout = "3s"
     assert_eq!(r["auth"], false, "{r}");
     d.stop().await;
 }
+
+/// A token endpoint that says its token lives longer than the clock can
+/// count (`expires_in` of u64::MAX seconds) gets the token used and cached,
+/// not a panic in the task that asked for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_lives_past_the_clock_is_cached_not_a_panic() {
+    let smtp = xoauth2_smtp().await;
+    let (endpoint, token_port) = serve_endpoint(u64::MAX).await;
+    smtp.accept_tokens(&[&access(1), &access(2)]);
+    let dir = tempfile::tempdir().unwrap();
+    let refresh_file = dir.path().join("refresh-token");
+    std::fs::write(&refresh_file, REFRESH_1).unwrap();
+    let config = head(dir.path()) + &relay_toml("m365", smtp.port(), token_port, 10, &refresh_file);
+    let d = Daemon::start(dir.path(), &config).await;
+    for subject in ["one", "two"] {
+        let out = d.send(subject).await;
+        assert_eq!(out["status"], "sent", "{out}");
+        assert_eq!(out["relay"], "m365", "{out}");
+    }
+    assert_eq!(
+        endpoint.requests.lock().unwrap().len(),
+        1,
+        "one token, cached"
+    );
+    assert_eq!(smtp.tokens_presented(), [access(1), access(1)]);
+    d.stop().await;
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    assert!(!log.contains("panicked"), "{log}");
+}
