@@ -664,6 +664,75 @@ async fn big_messages_keep_memory_bounded_and_small_ones_flowing() {
     }
 }
 
+/// A template that multiplies a variable: 600 KB of `{x}` and a 10 KB value
+/// would render 2 GB. Rendering stops once the output passes
+/// `max_message_bytes`: the call and the batch's message are refused
+/// `too_large` on the field, nothing is sent, and the daemon's memory grows
+/// by no more than a few times the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_that_multiplies_its_variables_is_refused_before_it_grows() {
+    use support::smtp_sink::SmtpSink;
+    const GROWTH_BOUND_KB: u64 = 64 * 1024;
+    let sink = SmtpSink::start().await;
+    let d = harness::ChildDaemon::start(&daemon_toml(&[("sink", sink.port(), 1)], "")).await;
+    let limit = Duration::from_secs(30);
+    let idle_kb = d.proc_kb("VmHWM").unwrap_or(0);
+    let body = "{x}".repeat(200_000);
+    let vars = serde_json::json!({ "x": "x".repeat(10_000) });
+
+    let one = harness::call(
+        d.peer(),
+        "send_email",
+        "send_email",
+        serde_json::json!({
+            "to": "rcpt@example.org",
+            "subject": "multiplied",
+            "body": body,
+            "template_vars": vars,
+        }),
+        limit,
+    )
+    .await;
+    assert!(one.is_error(), "{:?}", one.answer);
+    let e = &one.value().expect("an answer")["error"];
+    assert_eq!(e["code"], "invalid_input", "{e}");
+    assert_eq!(e["rule"], "too_large", "{e}");
+    assert_eq!(e["field"], "body", "{e}");
+
+    let batch = harness::call(
+        d.peer(),
+        "send_batch",
+        "send_batch",
+        serde_json::json!({
+            "defaults": { "subject": "multiplied", "body": body },
+            "messages": [
+                { "to": "a@example.org", "template_vars": vars },
+                { "to": "b@example.org", "template_vars": { "x": "small" },
+                  "body": "fits: {x}" },
+            ],
+        }),
+        limit,
+    )
+    .await;
+    let out = batch.value().expect("an answer");
+    let results = out["results"].as_array().expect("results");
+    assert_eq!(results[0]["error"]["rule"], "too_large", "{out}");
+    assert_eq!(results[0]["error"]["field"], "messages[0].body", "{out}");
+    assert_eq!(results[1]["status"], "sent", "{out}");
+
+    let grown = d
+        .proc_kb("VmHWM")
+        .unwrap_or(u64::MAX)
+        .saturating_sub(idle_kb);
+    eprintln!("high-water mark grew by {grown} kB");
+    assert!(
+        grown < GROWTH_BOUND_KB,
+        "the daemon's high-water mark grew by {grown} kB"
+    );
+    let received = sink.received();
+    assert_eq!(received.len(), 1, "only the message that fits is sent");
+}
+
 /// Scenario 8: SIGTERM to the binary while a burst is in flight (the relay
 /// answers DATA after a second, so deliveries are in progress). Those in
 /// flight finish within the grace, new calls are refused as `unavailable`,

@@ -347,7 +347,7 @@ pub fn compose_with(
         ));
     }
 
-    let rendered = render(draft)?;
+    let rendered = render(draft, policy.max_message_bytes)?;
     if rendered.subject.len() > MAX_SUBJECT {
         return Err(ComposeError::new(
             "subject",
@@ -514,7 +514,9 @@ struct Rendered {
     html_body: Option<String>,
 }
 
-fn render(draft: &Draft) -> Result<Rendered, ComposeError> {
+/// Renders the templates; each output is refused (`too_large`) as soon as it
+/// grows past `limit`, before it is all held.
+fn render(draft: &Draft, limit: usize) -> Result<Rendered, ComposeError> {
     let Some(vars) = &draft.template_vars else {
         return Ok(Rendered {
             subject: draft.subject.clone(),
@@ -524,8 +526,10 @@ fn render(draft: &Draft) -> Result<Rendered, ComposeError> {
     };
     let mut missing = BTreeSet::new();
     let mut run = |field: &str, src: &str, escape| {
-        template::render(src, vars, escape, &mut missing)
-            .map_err(|why| ComposeError::new(field, "template_syntax", why))
+        template::render(src, vars, escape, limit, &mut missing).map_err(|e| match e {
+            template::RenderError::Syntax(why) => ComposeError::new(field, "template_syntax", why),
+            template::RenderError::TooLarge => too_large(field, limit),
+        })
     };
     let body_escape = if draft.html {
         template::Escape::Html

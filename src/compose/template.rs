@@ -126,17 +126,33 @@ pub(crate) fn escape_html(value: &str, out: &mut String) {
     }
 }
 
+/// Why a template was not rendered.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum RenderError {
+    /// A problem with the conditional markers.
+    Syntax(String),
+    /// The output grew past the limit: substitution multiplies a value by
+    /// the times it is used, so a small input could otherwise grow without
+    /// bound.
+    TooLarge,
+}
+
+/// Renders `nodes` into `out`; false once `out` is past `limit` (what is
+/// left is not rendered).
 fn render_nodes(
     nodes: &[Node<'_>],
     vars: &BTreeMap<String, String>,
     escape: Escape,
+    limit: usize,
     missing: &mut BTreeSet<String>,
     out: &mut String,
-) {
+) -> bool {
     for node in nodes {
         match node {
             Node::Text(t) => out.push_str(t),
             Node::Var(name) => match vars.get(*name) {
+                // Escaping at most sextuples a value: checked before it is.
+                Some(value) if out.len().saturating_add(value.len()) > limit => return false,
                 Some(value) if escape == Escape::Html => escape_html(value, out),
                 Some(value) => out.push_str(value),
                 None => {
@@ -145,26 +161,36 @@ fn render_nodes(
             },
             // Variables inside a dropped block are not required.
             Node::Block(name, inner) => {
-                if vars.get(*name).is_some_and(|v| !v.is_empty()) {
-                    render_nodes(inner, vars, escape, missing, out);
+                if vars.get(*name).is_some_and(|v| !v.is_empty())
+                    && !render_nodes(inner, vars, escape, limit, missing, out)
+                {
+                    return false;
                 }
             }
         }
+        if out.len() > limit {
+            return false;
+        }
     }
+    true
 }
 
 /// Renders `src`, adding every variable it uses but `vars` lacks to
-/// `missing` (so one error can list them all). The error is a syntax
-/// problem with the conditional markers.
+/// `missing` (so one error can list them all). It stops with
+/// [`RenderError::TooLarge`] as soon as the output is longer than `limit`
+/// bytes.
 pub(crate) fn render(
     src: &str,
     vars: &BTreeMap<String, String>,
     escape: Escape,
+    limit: usize,
     missing: &mut BTreeSet<String>,
-) -> Result<String, String> {
-    let nodes = parse(src)?;
-    let mut out = String::with_capacity(src.len());
-    render_nodes(&nodes, vars, escape, missing, &mut out);
+) -> Result<String, RenderError> {
+    let nodes = parse(src).map_err(RenderError::Syntax)?;
+    let mut out = String::with_capacity(src.len().min(limit));
+    if !render_nodes(&nodes, vars, escape, limit, missing, &mut out) {
+        return Err(RenderError::TooLarge);
+    }
     Ok(out)
 }
 
@@ -181,7 +207,7 @@ mod tests {
 
     fn raw(src: &str, v: &BTreeMap<String, String>) -> (String, BTreeSet<String>) {
         let mut missing = BTreeSet::new();
-        let out = render(src, v, Escape::Raw, &mut missing).expect("valid template");
+        let out = render(src, v, Escape::Raw, usize::MAX, &mut missing).expect("valid template");
         (out, missing)
     }
 
@@ -253,6 +279,7 @@ mod tests {
             "<p>{v}</p>",
             &vars(&[("v", "<b>&\"'")]),
             Escape::Html,
+            usize::MAX,
             &mut missing,
         )
         .expect("valid");
@@ -263,13 +290,13 @@ mod tests {
     fn syntax_errors() {
         let v = vars(&[]);
         let mut m = BTreeSet::new();
-        assert!(render("{?a}x", &v, Escape::Raw, &mut m).is_err());
-        assert!(render("x{/a}", &v, Escape::Raw, &mut m).is_err());
-        assert!(render("{?a}{?b}{/a}{/b}", &v, Escape::Raw, &mut m).is_err());
+        assert!(render("{?a}x", &v, Escape::Raw, usize::MAX, &mut m).is_err());
+        assert!(render("x{/a}", &v, Escape::Raw, usize::MAX, &mut m).is_err());
+        assert!(render("{?a}{?b}{/a}{/b}", &v, Escape::Raw, usize::MAX, &mut m).is_err());
         let deep = "{?a}".repeat(1000) + &"{/a}".repeat(1000);
-        assert!(render(&deep, &v, Escape::Raw, &mut m).is_err());
+        assert!(render(&deep, &v, Escape::Raw, usize::MAX, &mut m).is_err());
         let ok = "{?a}".repeat(MAX_NESTING) + &"{/a}".repeat(MAX_NESTING);
-        assert!(render(&ok, &v, Escape::Raw, &mut m).is_ok());
+        assert!(render(&ok, &v, Escape::Raw, usize::MAX, &mut m).is_ok());
     }
 
     #[test]
@@ -277,5 +304,34 @@ mod tests {
         let v = vars(&[("n", "Zoë")]);
         assert_eq!(raw("¡{n}! {日本}", &v).1.len(), 0);
         assert_eq!(raw("¡{n}! {日本}", &v).0, "¡Zoë! {日本}");
+    }
+
+    #[test]
+    fn output_past_the_limit_stops_rendering() {
+        // 3 bytes of template and 10 of value become 10 per use: a million
+        // uses would be 10 MB; the limit stops it at the first use past it.
+        let src = "{x}".repeat(1_000_000);
+        let v = vars(&[("x", "0123456789")]);
+        let mut m = BTreeSet::new();
+        assert_eq!(
+            render(&src, &v, Escape::Raw, 1000, &mut m),
+            Err(RenderError::TooLarge)
+        );
+        assert_eq!(
+            render(&src[..300], &v, Escape::Raw, 1000, &mut m).map(|o| o.len()),
+            Ok(1000)
+        );
+        // Inside a kept block too, and escaped values count as escaped.
+        let block = format!("{{?x}}{src}{{/x}}");
+        assert_eq!(
+            render(&block, &v, Escape::Raw, 1000, &mut m),
+            Err(RenderError::TooLarge)
+        );
+        let amps = vars(&[("x", "&&&&&&&&&&")]);
+        assert_eq!(
+            render(&src[..90], &amps, Escape::Html, 1000, &mut m),
+            Err(RenderError::TooLarge),
+            "30 uses of 10 '&' are 300 bytes raw and 1500 escaped"
+        );
     }
 }
