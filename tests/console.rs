@@ -3,8 +3,9 @@
 //! against the real binary. Signing in,
 //! a relay turning `backing_off` after its SMTP server stops, approving a
 //! held message (at the sink exactly once) and rejecting another (never at
-//! the sink); then, over plain HTTP, the CSRF, session, cookie, body and
-//! Host/Origin rules. Screenshots of each page go to
+//! the sink); another site's frame showing nothing of it; then, over plain
+//! HTTP, the CSRF, session, cookie, body, response header and Host/Origin
+//! rules. Screenshots of each page go to
 //! `target/console/<browser>/`.
 //!
 //! Needs Debian's `chromium`, `chromium-driver` and `firefox-esr`, and
@@ -578,6 +579,20 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
         wait_status(&mcp, r["message_id"].as_str().unwrap(), "cancelled").await;
     }
 
+    // Another site cannot frame the console (an approve button under a
+    // decoy): the browser refuses to show it in the frame, signed in or not.
+    let decoy = serve_decoy(&format!("{base}/console/approvals")).await;
+    b.goto(&decoy).await.unwrap();
+    assert_eq!(text_with(&b, "h1", "Win a prize").await, "Win a prize");
+    b.enter_frame(0).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let framed = b.find(Locator::Css("main h1")).await;
+    assert!(
+        framed.is_err(),
+        "the console rendered inside another site's frame"
+    );
+    b.enter_parent_frame().await.unwrap();
+
     // Over plain HTTP with the browser's session: the CSRF token is needed.
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -617,6 +632,35 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
     let to = r.headers()["location"].to_str().unwrap().to_owned();
     assert!(to.contains("not%20the%20one%20shown"), "{to}");
     wait_status(&mcp, &c, "held").await;
+
+    // Every console response, signed in or not, forbids scripts, framing,
+    // caching and referrers.
+    for (path, with_cookie) in [
+        ("/console/login", false),
+        ("/console", false),
+        ("/console/approvals", true),
+        (&*format!("/console/messages/{c}"), true),
+    ] {
+        let mut req = http.get(format!("{base}{path}"));
+        if with_cookie {
+            req = req.header("Cookie", &cookie);
+        }
+        let r = req.send().await.unwrap();
+        let h = r.headers();
+        let csp = h["content-security-policy"].to_str().unwrap();
+        for directive in [
+            "default-src 'none'",
+            "frame-ancestors 'none'",
+            "form-action 'self'",
+        ] {
+            assert!(csp.contains(directive), "{path}: {csp}");
+        }
+        assert!(!csp.contains("script-src"), "{path}: {csp}");
+        assert_eq!(h["x-frame-options"], "DENY", "{path}");
+        assert_eq!(h["cache-control"], "no-store", "{path}");
+        assert_eq!(h["referrer-policy"], "no-referrer", "{path}");
+        assert_eq!(h["x-content-type-options"], "nosniff", "{path}");
+    }
 
     // A state the URL names that does not exist is said, and every state
     // is listed.
@@ -702,6 +746,26 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
     assert_eq!(delivered_to(&sink, "bob@outside.net"), 0);
     assert_eq!(delivered_to(&sink, "carol@outside.net"), 0);
     let _ = b.close().await;
+}
+
+/// Serves, on a port of its own (another origin), a page that frames
+/// `target`; returns its URL.
+async fn serve_decoy(target: &str) -> String {
+    let page = format!(
+        "<!doctype html><html><body><h1>Win a prize</h1>\
+         <iframe src=\"{target}\" width=\"800\" height=\"600\"></iframe></body></html>"
+    );
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::get(move || {
+            let page = page.clone();
+            async move { axum::response::Html(page) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://127.0.0.1:{port}/")
 }
 
 /// A console page's HTML, fetched with the session cookie.

@@ -5,7 +5,8 @@
 //! Operators sign in with their `[[operators]]` token, which becomes a
 //! session (an HttpOnly, SameSite=Strict cookie naming a random id; the
 //! daemon keeps the token's hash, never the token). Every form carries the
-//! session's CSRF token. Actions go through the queue and the dispatcher, so
+//! session's CSRF token, and every response forbids scripts, framing and
+//! caching ([`protect`]). Actions go through the queue and the dispatcher, so
 //! they follow the same state rules and reach the same audit log as the
 //! tools. A message body appears only on that message's own page and on the
 //! approvals page.
@@ -154,7 +155,31 @@ pub fn routes(server: &MailmuxServer) -> Router {
     Router::new()
         .route("/console/login", get(login_page).post(login))
         .merge(signed_in)
+        .layer(middleware::map_response(protect))
         .with_state(server.clone())
+}
+
+/// What every console response tells the browser: no script runs and
+/// nothing loads from elsewhere (the pages have no JavaScript, so markup
+/// that slipped past escaping cannot act); no page is framed by another
+/// (an approve button under a decoy); nothing is cached (message bodies
+/// must not outlive the session on a shared machine); and no URL, which
+/// names messages and batches, is sent on as a referrer.
+const CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; \
+                   form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+async fn protect(mut resp: Response) -> Response {
+    let h = resp.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_SECURITY_POLICY, CSP),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::CACHE_CONTROL, "no-store"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    ] {
+        h.insert(name, header::HeaderValue::from_static(value));
+    }
+    resp
 }
 
 /// Lets a request with a live session through, with its [`Operator`];
