@@ -823,6 +823,50 @@ async fn held_messages_go_out_only_when_a_person_approves() {
     assert_eq!(actions(&id), ["held", "expired"]);
 }
 
+/// The person asked to approve reads where the mail goes, not what the agent
+/// made it look like: a domain with a Cyrillic `а` is shown in its ASCII
+/// form, and characters that reverse or hide text are written out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_approval_prompt_shows_lookalike_domains_and_hidden_characters() {
+    let (sink, other) = servers().await;
+    let d = start(&sink, &other, "").await;
+    let asked = Approver {
+        answer: Answer::Decline,
+        prompts: Arc::new(Mutex::new(Vec::new())),
+    };
+    let gamma = connect_with(&d, GAMMA, asked.clone()).await;
+    let lookalike = "boss@ex\u{430}mple.org";
+    let (_, out) = call(
+        &gamma,
+        "send_email",
+        json!({
+            "to": [lookalike],
+            "subject": "invoice \u{202E}fdp.exe",
+            "body": "the figures\u{200B} you asked for",
+        }),
+    )
+    .await;
+    assert_eq!(out["status"], "rejected", "outside the allowlist: {out}");
+    let prompt = asked.prompts.lock().unwrap()[0].clone();
+    for needle in [
+        "To: boss@xn--exmple-",
+        "an international domain",
+        "Subject: invoice <U+202E>fdp.exe",
+        "the figures<U+200B> you asked for",
+    ] {
+        assert!(
+            prompt.contains(needle),
+            "{needle:?} not in the prompt:\n{prompt}"
+        );
+    }
+    assert!(
+        !prompt.contains(&format!("To: {lookalike}")),
+        "the lookalike shown as written:\n{prompt}"
+    );
+    assert!(!prompt.contains('\u{202E}') && !prompt.contains('\u{200B}'));
+    assert!(sink.delivered().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_log_is_complete_escaped_secret_free_and_reopened_on_sighup() {
     let (sink, other) = servers().await;

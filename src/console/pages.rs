@@ -10,6 +10,7 @@ use maud::{DOCTYPE, Markup, PreEscaped, html};
 use super::Operator;
 use super::chart::History;
 use crate::mcp::types::{QueueOut, rfc3339};
+use crate::policy::shown;
 
 /// The pages' one style sheet, inline: the console serves no other file.
 const STYLE: &str = r#"
@@ -428,7 +429,8 @@ pub fn queue(
 }
 
 /// What the console shows of a stored message: its header block, its text
-/// body, its attachments, and which envelope recipients are Bcc.
+/// body, its attachments, and which envelope recipients are Bcc. The
+/// subject, text and attachment names are as [`shown::text`] writes them.
 struct Parsed {
     headers: String,
     subject: String,
@@ -468,7 +470,7 @@ fn parse(bytes: &[u8]) -> Parsed {
                 })
                 .unwrap_or_default();
             (
-                p.attachment_name().unwrap_or("(unnamed)").to_owned(),
+                shown::text(p.attachment_name().unwrap_or("(unnamed)")),
                 ctype,
                 p.len(),
             )
@@ -476,19 +478,19 @@ fn parse(bytes: &[u8]) -> Parsed {
         .collect();
     Parsed {
         headers,
-        subject: m.subject().unwrap_or("").to_owned(),
-        text: m.body_text(0).map(|t| t.into_owned()).unwrap_or_default(),
+        subject: shown::text(m.subject().unwrap_or("")),
+        text: shown::text(&m.body_text(0).unwrap_or_default()),
         attachments,
         visible,
     }
 }
 
 /// The envelope's recipients, each marked Bcc when no To or Cc header
-/// names it.
+/// names it, and shown as [`shown::address`] writes them.
 fn recipients(to: &[String], visible: &[String]) -> Markup {
     html! {
         @for r in to {
-            span.mono { (r) }
+            span.mono { (shown::address(r)) }
             @if !visible.contains(&r.to_lowercase()) { span.tag { "bcc" } }
             br;
         }
@@ -558,7 +560,7 @@ pub fn message(
         div.card {
             dl {
                 dt { "state" } dd { (state_badge(r.state.as_str())) }
-                dt { "from" } dd.mono { (r.from.as_deref().unwrap_or("")) }
+                dt { "from" } dd.mono { (shown::address(r.from.as_deref().unwrap_or(""))) }
                 dt { "recipients" } dd { (recipients(&r.to, &visible)) }
                 @if let Some(p) = &parsed { dt { "subject" } dd { (p.subject) } }
                 dt { "size" } dd { (r.size) " bytes" }
@@ -663,7 +665,7 @@ pub fn approvals(op: &Operator, notice: Option<&str>, held: &[(Summary, Pending)
                     dt { "message" } dd.mono { a href={ "/console/messages/" (super::urlencode(&s.message_id)) } { (s.message_id) } }
                     dt { "caller" } dd { (s.caller.as_deref().unwrap_or("")) }
                     dt { "accepted" } dd.mono { (when(s.queued_at)) }
-                    dt { "from" } dd.mono { (p.from.as_deref().unwrap_or("")) }
+                    dt { "from" } dd.mono { (shown::address(p.from.as_deref().unwrap_or(""))) }
                     dt { "recipients" } dd { (recipients(&p.to, &parsed.visible)) }
                     dt { "subject" } dd { (parsed.subject) }
                     dt { "attachments" } dd { (attachment_list(&parsed.attachments)) }
@@ -769,5 +771,50 @@ mod tests {
         queue.free_bytes = None;
         let page = overview(&op, None, None, &queue, &history).into_string();
         assert!(!page.contains("free space"), "no reserve, no line: {page}");
+    }
+
+    #[test]
+    fn the_approvals_page_shows_lookalike_domains_and_hidden_characters() {
+        let (op, _, _) = overview_of_sqlite();
+        let lookalike = "boss@ex\u{430}mple.org";
+        let bytes = format!(
+            "From: a@example.org\r\nTo: {lookalike}\r\nSubject: invoice \u{202E}fdp.exe\r\n\
+             MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\
+             Content-Transfer-Encoding: 8bit\r\n\r\nhello\u{200B} there\r\n"
+        );
+        let pending = Pending {
+            message_id: "m1@example.org".into(),
+            state: State::Held,
+            from: Some("a@example.org".into()),
+            to: vec![lookalike.into()],
+            bytes: std::sync::Arc::from(bytes.as_bytes()),
+            prefer: None,
+            due_at: 0,
+            rounds: 0,
+            caller: Some("local".into()),
+            meta: None,
+            only: None,
+        };
+        let summary = Summary {
+            message_id: "m1@example.org".into(),
+            state: State::Held,
+            from: pending.from.clone(),
+            to: pending.to.clone(),
+            queued_at: 0,
+            updated_at: 0,
+            relay: None,
+            caller: pending.caller.clone(),
+            node: None,
+            batch: None,
+        };
+        let page = approvals(&op, None, &[(summary, pending)]).into_string();
+        assert!(page.contains("boss@xn--exmple-"), "{page}");
+        assert!(page.contains("an international domain"), "{page}");
+        assert!(page.contains("invoice &lt;U+202E&gt;fdp.exe"), "{page}");
+        assert!(page.contains("hello&lt;U+200B&gt; there"), "{page}");
+        assert!(
+            !page.contains('\u{202E}') && !page.contains('\u{200B}'),
+            "{page}"
+        );
     }
 }

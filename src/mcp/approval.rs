@@ -14,7 +14,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::compose::Composed;
-use crate::policy::Caller;
+use crate::policy::{Caller, shown};
 
 /// The form: one boolean.
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -31,40 +31,44 @@ const PROMPT_LINES: usize = 12;
 const PROMPT_CHARS: usize = 1200;
 
 /// What the person approves: sender, every recipient on its own line (Bcc
-/// marked), subject, size, attachments, and the first lines of the text.
+/// marked), subject, size, attachments, and the first lines of the text,
+/// each as [`shown`] writes it (a lookalike domain in its ASCII form, hidden
+/// characters written out).
 pub fn prompt(c: &Composed) -> String {
     let mut out = String::from("An agent wants to send this email. Approve it?\n\n");
-    out.push_str(&format!("From: {}\n", c.from));
+    out.push_str(&format!("From: {}\n", shown::address(c.from.as_ref())));
     for (address, (list, _)) in c.recipients.iter().zip(&c.fields) {
         let label = match *list {
             "to" => "To",
             "cc" => "Cc",
             _ => "Bcc (hidden from the others)",
         };
-        out.push_str(&format!("{label}: {address}\n"));
+        out.push_str(&format!("{label}: {}\n", shown::address(address.as_ref())));
     }
-    out.push_str(&format!("Subject: {}\n", c.subject));
+    out.push_str(&format!("Subject: {}\n", shown::text(&c.subject)));
     out.push_str(&format!("Size: {} bytes\n", c.bytes.len()));
     for a in &c.attachments {
         out.push_str(&format!(
             "Attachment: {} ({}, {} bytes)\n",
-            a.filename, a.content_type, a.size
+            shown::text(&a.filename),
+            a.content_type,
+            a.size
         ));
     }
     let text = c.text.as_deref().or(c.html.as_deref()).unwrap_or("");
-    let mut shown = String::new();
+    let mut lines = String::new();
     for line in text.lines().take(PROMPT_LINES) {
-        shown.push_str(line);
-        shown.push('\n');
+        lines.push_str(line);
+        lines.push('\n');
     }
-    if shown.chars().count() > PROMPT_CHARS {
-        shown = shown.chars().take(PROMPT_CHARS).collect();
-        shown.push_str("…\n");
+    if lines.chars().count() > PROMPT_CHARS {
+        lines = lines.chars().take(PROMPT_CHARS).collect();
+        lines.push_str("…\n");
     } else if text.lines().count() > PROMPT_LINES {
-        shown.push_str("…\n");
+        lines.push_str("…\n");
     }
     out.push('\n');
-    out.push_str(&shown);
+    out.push_str(&shown::text(&lines));
     out
 }
 

@@ -9,6 +9,7 @@
 
 pub mod rate;
 pub mod rules;
+pub mod shown;
 
 use std::collections::HashMap;
 use std::sync::Arc;
