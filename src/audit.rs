@@ -52,6 +52,9 @@ pub struct Meta {
     pub bcc: Vec<String>,
     #[serde(default)]
     pub subject: String,
+    /// Where replies go, when the message names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
 }
 
 /// A refusal to record: everything known about the message by then.
@@ -226,6 +229,9 @@ impl Audit {
                 email.insert("to".into(), addresses(&m.to));
                 email.insert("cc".into(), addresses(&m.cc));
                 email.insert("bcc".into(), addresses(&m.bcc));
+                if let Some(r) = &m.reply_to {
+                    email.insert("reply_to".into(), json!({ "address": [r] }));
+                }
                 self.subject(&mut email, &mut own, &m.subject);
             }
             None => {

@@ -451,6 +451,18 @@ async fn every_bypass_attempt_is_refused_before_any_mail_command() {
             json!({"to": ["a@example.org"], "relay": "other", "subject": "s", "body": "b"}),
             "relay",
         ),
+        (
+            &delta,
+            "replies sent outside",
+            json!({"to": ["a@example.org"], "reply_to": "evil@attacker.net", "subject": "s", "body": "b"}),
+            "reply_to",
+        ),
+        (
+            &alpha,
+            "replies sent to a lookalike",
+            json!({"to": ["a@example.org"], "reply_to": "Team <team@ex\u{0430}mple.org>", "subject": "s", "body": "b"}),
+            "reply_to",
+        ),
     ];
     for (client, what, args, field) in &attempts {
         let (is_error, out) = call(client, "send_email", args.clone()).await;
@@ -488,7 +500,16 @@ async fn every_bypass_attempt_is_refused_before_any_mail_command() {
         assert_eq!(out["status"], "sent", "{to}: {out}");
         assert_eq!(out["caller"], "alpha");
     }
-    assert_eq!(sink.verb_count("MAIL"), 3);
+    // Replies to an address the caller may mail.
+    let (is_error, out) = call(
+        &alpha,
+        "send_email",
+        json!({"to": ["a@example.org"], "reply_to": "help@example.org", "subject": "s", "body": "b"}),
+    )
+    .await;
+    assert!(!is_error, "{out}");
+    assert_eq!(out["status"], "sent", "{out}");
+    assert_eq!(sink.verb_count("MAIL"), 4);
 
     // An unknown token, and an operator's token, get 401 on /mcp.
     for token in ["nobody", OPS] {
@@ -507,7 +528,7 @@ async fn every_bypass_attempt_is_refused_before_any_mail_command() {
     let listed = call(&delta, "list_messages", json!({})).await.1;
     assert_eq!(listed["messages"].as_array().unwrap().len(), 0, "{listed}");
     let listed = call(&alpha, "list_messages", json!({})).await.1;
-    assert_eq!(listed["messages"].as_array().unwrap().len(), 3, "{listed}");
+    assert_eq!(listed["messages"].as_array().unwrap().len(), 4, "{listed}");
 
     // A task is its caller's too: another caller can neither read nor
     // cancel it.
@@ -864,6 +885,37 @@ async fn the_approval_prompt_shows_lookalike_domains_and_hidden_characters() {
         "the lookalike shown as written:\n{prompt}"
     );
     assert!(!prompt.contains('\u{202E}') && !prompt.contains('\u{200B}'));
+
+    // Replies that would go outside hold a message to inside recipients,
+    // and the prompt says where they go.
+    let (_, out) = call(
+        &gamma,
+        "send_email",
+        json!({
+            "to": ["colleague@example.org"],
+            "reply_to": "drop@attacker.net",
+            "subject": "quick question",
+            "body": "what were the Q3 figures?",
+        }),
+    )
+    .await;
+    assert_eq!(out["status"], "rejected", "{out}");
+    let id = out["message_id"].as_str().unwrap().to_owned();
+    let prompt = asked.prompts.lock().unwrap()[1].clone();
+    assert!(
+        prompt.contains("Reply-To (replies go here): drop@attacker.net"),
+        "{prompt}"
+    );
+    let held = d
+        .audit()
+        .into_iter()
+        .find(|l| l["email"]["message_id"] == id.as_str() && l["event"]["action"] == "held")
+        .expect("a held line");
+    assert_eq!(
+        held["email"]["reply_to"]["address"],
+        json!(["drop@attacker.net"]),
+        "{held}"
+    );
     assert!(sink.delivered().is_empty());
 }
 

@@ -228,6 +228,8 @@ pub struct Composed {
     pub recipients: Vec<lettre::Address>,
     /// Where each of `recipients` was given: (`to`|`cc`|`bcc`, index).
     pub fields: Vec<(&'static str, usize)>,
+    /// The `Reply-To` address: where the recipients' replies go.
+    pub reply_to: Option<lettre::Address>,
     /// The subject as rendered.
     pub subject: String,
     /// CRLF line endings throughout.
@@ -388,8 +390,8 @@ pub fn compose_with(
         .map_err(|_| ComposeError::new("to", "no_recipients", "no recipient for the envelope"))?;
 
     let mut builder = Message::builder().from(from.clone());
-    if let Some(reply_to) = reply_to {
-        builder = builder.reply_to(reply_to);
+    if let Some(reply_to) = &reply_to {
+        builder = builder.reply_to(reply_to.clone());
     }
     for mailbox in &recipients.to {
         builder = builder.to(mailbox.clone());
@@ -456,6 +458,7 @@ pub fn compose_with(
         from: from.email,
         recipients: recipients.envelope(),
         fields: recipients.fields,
+        reply_to: reply_to.map(|m| m.email),
         subject: rendered.subject,
         bytes,
         text,

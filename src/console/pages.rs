@@ -434,6 +434,8 @@ pub fn queue(
 struct Parsed {
     headers: String,
     subject: String,
+    /// Where replies go, when the message names it.
+    reply_to: Option<String>,
     text: String,
     attachments: Vec<(String, String, usize)>,
     visible: Vec<String>,
@@ -446,6 +448,7 @@ fn parse(bytes: &[u8]) -> Parsed {
         return Parsed {
             headers,
             subject: String::new(),
+            reply_to: None,
             text: String::new(),
             attachments: Vec::new(),
             visible: Vec::new(),
@@ -479,6 +482,11 @@ fn parse(bytes: &[u8]) -> Parsed {
     Parsed {
         headers,
         subject: shown::text(m.subject().unwrap_or("")),
+        reply_to: m
+            .reply_to()
+            .and_then(|r| r.first())
+            .and_then(|a| a.address())
+            .map(shown::address),
         text: shown::text(&m.body_text(0).unwrap_or_default()),
         attachments,
         visible,
@@ -562,6 +570,9 @@ pub fn message(
                 dt { "state" } dd { (state_badge(r.state.as_str())) }
                 dt { "from" } dd.mono { (shown::address(r.from.as_deref().unwrap_or(""))) }
                 dt { "recipients" } dd { (recipients(&r.to, &visible)) }
+                @if let Some(r) = parsed.as_ref().and_then(|p| p.reply_to.as_ref()) {
+                    dt { "replies go to" } dd.mono { (r) }
+                }
                 @if let Some(p) = &parsed { dt { "subject" } dd { (p.subject) } }
                 dt { "size" } dd { (r.size) " bytes" }
                 dt { "caller" } dd { (r.caller.as_deref().unwrap_or("")) }
@@ -667,6 +678,7 @@ pub fn approvals(op: &Operator, notice: Option<&str>, held: &[(Summary, Pending)
                     dt { "accepted" } dd.mono { (when(s.queued_at)) }
                     dt { "from" } dd.mono { (shown::address(p.from.as_deref().unwrap_or(""))) }
                     dt { "recipients" } dd { (recipients(&p.to, &parsed.visible)) }
+                    @if let Some(r) = &parsed.reply_to { dt { "replies go to" } dd.mono { (r) } }
                     dt { "subject" } dd { (parsed.subject) }
                     dt { "attachments" } dd { (attachment_list(&parsed.attachments)) }
                 }
@@ -778,7 +790,7 @@ mod tests {
         let (op, _, _) = overview_of_sqlite();
         let lookalike = "boss@ex\u{430}mple.org";
         let bytes = format!(
-            "From: a@example.org\r\nTo: {lookalike}\r\nSubject: invoice \u{202E}fdp.exe\r\n\
+            "From: a@example.org\r\nTo: {lookalike}\r\nReply-To: out@evil.example\r\nSubject: invoice \u{202E}fdp.exe\r\n\
              MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\
              Content-Transfer-Encoding: 8bit\r\n\r\nhello\u{200B} there\r\n"
         );
@@ -810,6 +822,10 @@ mod tests {
         let page = approvals(&op, None, &[(summary, pending)]).into_string();
         assert!(page.contains("boss@xn--exmple-"), "{page}");
         assert!(page.contains("an international domain"), "{page}");
+        assert!(
+            page.contains("<dt>replies go to</dt><dd class=\"mono\">out@evil.example</dd>"),
+            "{page}"
+        );
         assert!(page.contains("invoice &lt;U+202E&gt;fdp.exe"), "{page}");
         assert!(page.contains("hello&lt;U+200B&gt; there"), "{page}");
         assert!(

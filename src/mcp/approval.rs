@@ -31,7 +31,7 @@ const PROMPT_LINES: usize = 12;
 const PROMPT_CHARS: usize = 1200;
 
 /// What the person approves: sender, every recipient on its own line (Bcc
-/// marked), subject, size, attachments, and the first lines of the text,
+/// marked), the Reply-To address, subject, size, attachments, and the first lines of the text,
 /// each as [`shown`] writes it (a lookalike domain in its ASCII form, hidden
 /// characters written out).
 pub fn prompt(c: &Composed) -> String {
@@ -44,6 +44,12 @@ pub fn prompt(c: &Composed) -> String {
             _ => "Bcc (hidden from the others)",
         };
         out.push_str(&format!("{label}: {}\n", shown::address(address.as_ref())));
+    }
+    if let Some(reply_to) = &c.reply_to {
+        out.push_str(&format!(
+            "Reply-To (replies go here): {}\n",
+            shown::address(reply_to.as_ref())
+        ));
     }
     out.push_str(&format!("Subject: {}\n", shown::text(&c.subject)));
     out.push_str(&format!("Size: {} bytes\n", c.bytes.len()));

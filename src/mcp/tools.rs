@@ -357,10 +357,12 @@ struct Ready {
     hold_hash: Option<[u8; 32]>,
 }
 
-/// The audit description of a message: recipients by field and subject.
+/// The audit description of a message: recipients by field, Reply-To and
+/// subject.
 fn meta_of(c: &Composed) -> Meta {
     let mut m = Meta {
         subject: c.subject.clone(),
+        reply_to: c.reply_to.as_ref().map(ToString::to_string),
         ..Meta::default()
     };
     for (address, (list, _)) in c.recipients.iter().zip(&c.fields) {

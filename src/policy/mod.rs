@@ -281,13 +281,34 @@ impl Caller {
                 .zip(&c.fields)
                 .find(|(a, _)| !rules::allowed(&p.allowed_recipients, a))
         };
-        match (p.approval, outside) {
-            (Approval::Always, _) | (Approval::OutsideAllowlist, Some(_)) => Ok(Verdict::Hold),
-            (Approval::Never, Some((address, (list, i)))) => Err(Denied::new(
+        // Replies go to Reply-To: an address there is one the recipients
+        // will mail, so it must be one the caller may mail, or one of its
+        // own senders. Otherwise an agent allowed only inside could ask a
+        // colleague a question and have the answer go outside.
+        let reply_outside = c.reply_to.as_ref().filter(|a| {
+            !p.allowed_recipients.is_empty()
+                && !rules::allowed(&p.allowed_recipients, a)
+                && **a != c.from
+                && (p.allowed_senders.is_empty() || !rules::allowed(&p.allowed_senders, a))
+        });
+        match (p.approval, outside, reply_outside) {
+            (Approval::Always, _, _)
+            | (Approval::OutsideAllowlist, Some(_), _)
+            | (Approval::OutsideAllowlist, _, Some(_)) => Ok(Verdict::Hold),
+            (Approval::Never, Some((address, (list, i))), _) => Err(Denied::new(
                 format!("{list}[{i}]"),
                 "recipient_not_allowed",
                 format!(
                     "{address} is not among the recipients caller {:?} may mail",
+                    self.name
+                ),
+            )),
+            (Approval::Never, None, Some(address)) => Err(Denied::new(
+                "reply_to",
+                "reply_to_not_allowed",
+                format!(
+                    "{address} is not among the recipients caller {:?} may mail, nor its own \
+                     address: replies would go there",
                     self.name
                 ),
             )),
