@@ -160,7 +160,19 @@ fn check_filename(field: &str, name: &str) -> Result<(), ComposeError> {
             "contains a path separator; give a bare file name".into(),
         ));
     }
+    // `invoice\u{202E}fdp.exe` reads `invoiceexe.pdf` in a mail client.
+    if let Some(c) = name.chars().find(|c| is_bidi_control(*c)) {
+        return Err(invalid(format!(
+            "contains U+{:04X}, a bidirectional control: mail clients would show the name in another order",
+            c as u32
+        )));
+    }
     Ok(())
+}
+
+/// The characters that change the order in which text is shown.
+pub(crate) fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 /// The decoded size of valid base64 text, computed from its length alone so
@@ -575,6 +587,19 @@ mod tests {
         );
         assert_eq!(rule(inline("", None)).rule, "invalid_filename");
         assert_eq!(rule(inline("../a.txt", None)).rule, "invalid_filename");
+        for spoof in ["invoice\u{202E}fdp.exe", "a\u{2067}b.txt", "x\u{200F}.pdf"] {
+            let e = rule(inline(spoof, None));
+            assert_eq!(
+                (e.field.as_str(), e.rule),
+                ("attachments[0].filename", "invalid_filename"),
+                "{spoof:?}"
+            );
+        }
+        load_one(
+            &inline("Gr\u{fc}\u{df}e \u{5e9}\u{5dc}\u{5d5}\u{5dd}.txt", None),
+            &p,
+        )
+        .expect("right-to-left letters without controls are a name");
         let e = rule(inline("a.txt", Some("not a type")));
         assert_eq!(
             (e.field.as_str(), e.rule),
