@@ -919,6 +919,83 @@ async fn the_approval_prompt_shows_lookalike_domains_and_hidden_characters() {
     assert!(sink.delivered().is_empty());
 }
 
+/// A `send_batch` whose messages the policy holds puts them to the client's
+/// user in one form, each message shown as `send_email`'s prompt shows it:
+/// approved, they are sent (and the call, which waits, answers `sent`);
+/// declined, every one is rejected and none is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_batch_is_put_to_the_user_in_one_form() {
+    let (sink, other) = servers().await;
+    let d = start(&sink, &other, "").await;
+    let batch = |tag: &str| {
+        json!({
+            "defaults": {"subject": "{tag} for {n}", "body": "dear {n}"},
+            "messages": [
+                {"to": ["a@outside.net"], "template_vars": {"tag": tag, "n": "ann"}},
+                {"to": ["c@example.org"], "template_vars": {"tag": tag, "n": "cy"}},
+                {"to": ["b@outside.net"], "bcc": ["h@outside.net"],
+                 "template_vars": {"tag": tag, "n": "bo"}},
+            ],
+        })
+    };
+    let yes = Approver {
+        answer: Answer::Approve,
+        prompts: Arc::new(Mutex::new(Vec::new())),
+    };
+    let gamma = connect_with(&d, GAMMA, yes.clone()).await;
+    let (is_error, out) = call(&gamma, "send_batch", batch("offer")).await;
+    assert!(!is_error, "{out}");
+    let statuses: Vec<&str> = out["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(statuses, ["sent", "sent", "sent"], "{out}");
+    assert_eq!(out["summary"], json!({"sent": 3}), "{out}");
+    let prompts = yes.prompts.lock().unwrap().clone();
+    assert_eq!(prompts.len(), 1, "one form for the batch: {prompts:?}");
+    let prompt = &prompts[0];
+    for needle in [
+        "these 2 emails in one batch",
+        "--- Email 1 of 2 ---",
+        "To: a@outside.net",
+        "Subject: offer for ann",
+        "dear ann",
+        "--- Email 2 of 2 ---",
+        "To: b@outside.net",
+        "Bcc (hidden from the others): h@outside.net",
+        "Subject: offer for bo",
+    ] {
+        assert!(prompt.contains(needle), "{needle:?} not in:\n{prompt}");
+    }
+    assert!(
+        !prompt.contains("c@example.org"),
+        "the message inside the allowlist was not held: {prompt}"
+    );
+    assert_eq!(sink.delivered().len(), 3);
+    let s = status(&gamma, out["results"][0]["message_id"].as_str().unwrap()).await;
+    assert!(s["decided_by"].as_str().unwrap().contains("gamma"), "{s}");
+
+    // Declined: both held messages rejected, neither sent.
+    let no = Approver {
+        answer: Answer::Decline,
+        prompts: Arc::new(Mutex::new(Vec::new())),
+    };
+    let declining = connect_with(&d, GAMMA, no.clone()).await;
+    let (_, out) = call(&declining, "send_batch", batch("again")).await;
+    assert_eq!(out["summary"], json!({"rejected": 2, "sent": 1}), "{out}");
+    assert_eq!(no.prompts.lock().unwrap().len(), 1);
+    assert_eq!(sink.delivered().len(), 4);
+
+    // A client that cannot be asked gets `held`, for an operator.
+    let plain = connect(&d, GAMMA).await;
+    let (_, out) = call(&plain, "send_batch", batch("later")).await;
+    assert_eq!(out["summary"], json!({"held": 2, "sent": 1}), "{out}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.delivered().len(), 5);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_log_is_complete_escaped_secret_free_and_reopened_on_sighup() {
     let (sink, other) = servers().await;

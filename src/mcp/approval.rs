@@ -1,9 +1,10 @@
 //! Approval of a held message by the user, through MCP elicitation (form
 //! mode): one boolean field, `approve`, under a prompt that shows what
 //! would be sent. Accepting with `approve: true` releases the message;
-//! decline, cancel or `approve: false` rejects it. A client without
-//! elicitation, or one that does not answer in time, leaves it held for an
-//! operator.
+//! decline, cancel or `approve: false` rejects it. The held messages of one
+//! `send_batch` call are put in one form, each shown in turn, and one answer
+//! decides them all. A client without elicitation, or one that does not
+//! answer in time, leaves them held for an operator.
 
 use std::time::Duration;
 
@@ -91,6 +92,60 @@ pub async fn elicit(
     hash: [u8; 32],
     wait_until: Option<tokio::time::Instant>,
 ) -> Option<Record> {
+    let approve = ask(peer, caller, prompt).await?;
+    decide(queue, caller, message_id, approve, hash, wait_until).await
+}
+
+/// The held messages of one `send_batch` call, each with its prompt (as
+/// [`prompt`] writes it) and content hash, put to the user in one form:
+/// one answer approves or rejects them all. Returns each message as it is
+/// then, in the order given (`None` for one whose decision could not be
+/// recorded), or `None` when nobody was asked or nobody answered. A batch
+/// whose prompts together pass [`BATCH_PROMPT_CHARS`] is not put to the
+/// user, who could not read it all: it waits for an operator.
+pub async fn elicit_batch(
+    queue: &Queue,
+    peer: &Peer<RoleServer>,
+    caller: &Caller,
+    held: &[(String, String, [u8; 32])],
+    wait_until: Option<tokio::time::Instant>,
+) -> Option<Vec<Option<Record>>> {
+    let text = batch_prompt(held.iter().map(|(_, p, _)| p.as_str()), held.len())?;
+    let approve = ask(peer, caller, &text).await?;
+    let decisions = held
+        .iter()
+        .map(|(id, _, hash)| decide(queue, caller, id, approve, *hash, wait_until));
+    Some(futures::future::join_all(decisions).await)
+}
+
+/// The most characters one batch's form shows; past it the batch waits for
+/// an operator.
+pub const BATCH_PROMPT_CHARS: usize = 64 * 1024;
+
+/// One form for `n` messages: each message's own prompt in turn, or `None`
+/// when that is longer than [`BATCH_PROMPT_CHARS`].
+fn batch_prompt<'a>(prompts: impl Iterator<Item = &'a str>, n: usize) -> Option<String> {
+    let mut out =
+        format!("An agent wants to send these {n} emails in one batch. Approve them all?\n");
+    for (i, p) in prompts.enumerate() {
+        let body = p.split_once("\n\n").map_or(p, |(_, rest)| rest);
+        out.push_str(&format!("\n--- Email {} of {n} ---\n", i + 1));
+        out.push_str(body);
+        if out.len() > BATCH_PROMPT_CHARS {
+            tracing::info!(
+                messages = n,
+                "held for approval; the batch is too long to show in one form, so it waits for an operator"
+            );
+            return None;
+        }
+    }
+    Some(out)
+}
+
+/// Puts `prompt` to the client's user: `Some(true)` to approve,
+/// `Some(false)` to reject, `None` when the client cannot be asked or did
+/// not answer.
+async fn ask(peer: &Peer<RoleServer>, caller: &Caller, prompt: &str) -> Option<bool> {
     if !peer
         .supported_elicitation_modes()
         .contains(&rmcp::service::ElicitationMode::Form)
@@ -105,15 +160,28 @@ pub async fn elicit(
     let answer = peer
         .elicit_with_timeout::<ApprovalForm>(prompt.to_owned(), Some(timeout))
         .await;
-    let approve = match answer {
-        Ok(Some(form)) => form.approve,
-        Err(ElicitationError::UserDeclined | ElicitationError::UserCancelled) => false,
-        Ok(None) | Err(ElicitationError::NoContent) => false,
+    match answer {
+        Ok(Some(form)) => Some(form.approve),
+        Err(ElicitationError::UserDeclined | ElicitationError::UserCancelled) => Some(false),
+        Ok(None) | Err(ElicitationError::NoContent) => Some(false),
         Err(e) => {
             tracing::info!(error = %e, "no answer to the approval form; the message stays held");
-            return None;
+            None
         }
-    };
+    }
+}
+
+/// Records the user's answer on `message_id` (for the content `hash`), and
+/// returns the message as it is then: after delivery when `wait_until` is
+/// given and it was approved.
+async fn decide(
+    queue: &Queue,
+    caller: &Caller,
+    message_id: &str,
+    approve: bool,
+    hash: [u8; 32],
+    wait_until: Option<tokio::time::Instant>,
+) -> Option<Record> {
     let by = format!("user of caller {} (MCP elicitation)", caller.name);
     let decided = queue
         .decide(
@@ -127,21 +195,41 @@ pub async fn elicit(
         .await;
     match decided {
         Ok(Decided::Released(_)) => {
-            tracing::info!("the user approved the held message");
+            tracing::info!(message_id = %message_id, "the user approved the held message");
             match wait_until {
                 Some(deadline) => queue.wait_final(message_id, deadline).await.ok(),
                 None => queue.status(message_id).await.ok().flatten(),
             }
         }
         Ok(Decided::Rejected) => {
-            tracing::info!("the user rejected the held message");
+            tracing::info!(message_id = %message_id, "the user rejected the held message");
             queue.status(message_id).await.ok().flatten()
         }
         // An operator decided first, or it expired: report it as it is.
         Ok(_) => queue.status(message_id).await.ok().flatten(),
         Err(e) => {
-            tracing::warn!(error = %e, "could not record the user's decision");
+            tracing::warn!(message_id = %message_id, error = %e, "could not record the user's decision");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_form_shows_each_message_or_is_not_asked_at_all() {
+        let one =
+            "An agent wants to send this email. Approve it?\n\nTo: a@x.org\nSubject: s\n\nhi\n";
+        let form = batch_prompt([one, one].into_iter(), 2).expect("short enough");
+        assert!(form.starts_with("An agent wants to send these 2 emails in one batch."));
+        assert_eq!(form.matches("To: a@x.org").count(), 2, "{form}");
+        assert!(form.contains("--- Email 2 of 2 ---"), "{form}");
+        assert!(!form.contains("Approve it?"), "{form}");
+        // Too long to read in one form: nobody is asked.
+        let long = format!("header\n\n{}", "x".repeat(1000));
+        let n = BATCH_PROMPT_CHARS / 1000 + 1;
+        assert_eq!(batch_prompt(std::iter::repeat_n(long.as_str(), n), n), None);
     }
 }

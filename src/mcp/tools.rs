@@ -471,7 +471,7 @@ impl MailmuxServer {
             .register(&caller, &ctx.extensions, ctx.id.clone());
         let cancel = Some(call.token.clone());
         let (out, text) = self
-            .send_batch_params(caller, p, cancel)
+            .send_batch_params(caller, p, Some(ctx.peer), cancel)
             .instrument(span)
             .await;
         drop(call);
@@ -1330,6 +1330,7 @@ impl MailmuxServer {
         &self,
         caller: Arc<Caller>,
         p: SendBatchParams,
+        peer: Option<Peer<RoleServer>>,
         cancel: Option<CancellationToken>,
     ) -> (SendBatchResult, String) {
         let _slot = self.call_gate().enter();
@@ -1432,6 +1433,9 @@ impl MailmuxServer {
         let mut deadline = None;
         // Each idempotency key's first message in the batch, and its hash.
         let mut keys: HashMap<String, (usize, [u8; 32])> = HashMap::new();
+        // The messages the policy holds: (index, prompt, content hash), put
+        // to the client's user in one form once the batch is stored.
+        let mut to_ask: Vec<(usize, String, [u8; 32])> = Vec::new();
         for (i, mut item) in p.messages.into_iter().enumerate() {
             // Nothing is stored yet: a stream dropped here stores nothing.
             if cancel.as_ref().is_some_and(CancellationToken::is_cancelled) {
@@ -1531,6 +1535,8 @@ impl MailmuxServer {
                     let Ready {
                         submit: mut s,
                         deadline: d,
+                        prompt,
+                        hold_hash,
                         ..
                     } = *r;
                     // A key given twice in the batch for different messages
@@ -1551,6 +1557,9 @@ impl MailmuxServer {
                         index: i,
                         ..BatchItemOut::default()
                     });
+                    if let (Some(prompt), Some(hash)) = (prompt, hold_hash) {
+                        to_ask.push((i, prompt, hash));
+                    }
                     deadline = Some(d);
                     s.batch = Some(batch_id.clone());
                     let size = s.mail.bytes.len();
@@ -1685,6 +1694,35 @@ impl MailmuxServer {
                     for i in indexes {
                         results[i].error = Some(e.clone());
                     }
+                }
+            }
+        }
+        // The held messages just stored (not replays) go to the client's
+        // user in one form; the answer decides them all.
+        let mut indexes = Vec::new();
+        let mut held = Vec::new();
+        for (i, prompt, hash) in to_ask {
+            let r = &results[i];
+            if let (Some(SendStatus::Held), false, Some(id)) =
+                (r.status, r.idempotent_replay, &r.message_id)
+            {
+                indexes.push(i);
+                held.push((id.clone(), prompt, hash));
+            }
+        }
+        if let Some(peer) = peer.filter(|_| !held.is_empty())
+            && let Some(records) = approval::elicit_batch(
+                self.queue(),
+                &peer,
+                &caller,
+                &held,
+                deadline.filter(|_| wait),
+            )
+            .await
+        {
+            for (i, record) in indexes.into_iter().zip(records) {
+                if let Some(record) = record {
+                    results[i].status = Some(record.state.into());
                 }
             }
         }
