@@ -988,12 +988,54 @@ async fn a_held_batch_is_put_to_the_user_in_one_form() {
     assert_eq!(no.prompts.lock().unwrap().len(), 1);
     assert_eq!(sink.delivered().len(), 4);
 
-    // A client that cannot be asked gets `held`, for an operator.
+    // A client that cannot be asked gets `held`, for an operator, who
+    // decides the whole batch with the queue command.
     let plain = connect(&d, GAMMA).await;
     let (_, out) = call(&plain, "send_batch", batch("later")).await;
     assert_eq!(out["summary"], json!({"held": 2, "sent": 1}), "{out}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(sink.delivered().len(), 5);
+    let id = out["batch_id"].as_str().unwrap();
+    let by_batch = format!("--batch={id}");
+    let (ok, text) = d.queue_cmd("approve", &by_batch, Some(GAMMA));
+    assert!(!ok, "a caller's token approves nothing: {text}");
+    let (ok, text) = d.queue_cmd("approve", &by_batch, Some(OPS));
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("approved: 2 of 3 matching messages; left as they were: 1 sent"),
+        "{text}"
+    );
+    for r in out["results"].as_array().unwrap() {
+        wait_status(&plain, r["message_id"].as_str().unwrap(), "sent").await;
+    }
+    assert_eq!(sink.delivered().len(), 7);
+    let (ok, text) = d.queue_cmd("approve", &by_batch, Some(OPS));
+    assert!(!ok, "nothing left to approve: {text}");
+
+    let (_, out) = call(
+        &plain,
+        "send_batch",
+        json!({"defaults": {"subject": "s", "body": "b"}, "messages": [{"to": ["z@outside.net"]}]}),
+    )
+    .await;
+    assert_eq!(out["summary"], json!({"held": 1}), "{out}");
+    let by_batch = format!("--batch={}", out["batch_id"].as_str().unwrap());
+    let (ok, text) = d.queue_cmd("reject", &by_batch, Some(OPS));
+    assert!(ok && text.contains("rejected: 1 of 1"), "{text}");
+    let rejected = out["results"][0]["message_id"].as_str().unwrap();
+    assert_eq!(status(&plain, rejected).await["status"], "rejected");
+    let decided: Vec<Value> = d
+        .audit()
+        .into_iter()
+        .filter(|l| l["email"]["message_id"] == rejected)
+        .collect();
+    assert_eq!(decided.last().unwrap()["event"]["action"], "rejected");
+    assert_eq!(
+        decided.last().unwrap()["mailmux"]["decided_by"],
+        "operator ops"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.delivered().len(), 7);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

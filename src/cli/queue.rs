@@ -35,10 +35,12 @@ pub enum QueueCommand {
     /// every one a selection names (`--status queued`: deliver the deferred
     /// mail now, after an outage).
     Retry(RetryArgs),
-    /// Release a held message for delivery.
-    Approve(IdArgs),
-    /// Refuse a held message; it is never sent.
-    Reject(IdArgs),
+    /// Release a held message for delivery, or every held message of one
+    /// `send_batch` call (`--batch`).
+    Approve(DecideArgs),
+    /// Refuse a held message, or every held message of one `send_batch`
+    /// call (`--batch`); it is never sent.
+    Reject(DecideArgs),
     /// Delete finished messages older than a duration.
     Purge(PurgeArgs),
     /// Messages per state, the oldest queued, the next retry.
@@ -157,9 +159,13 @@ pub struct PurgeArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct IdArgs {
-    /// The message_id the send answered with.
-    pub id: String,
+pub struct DecideArgs {
+    /// The message_id the send answered with; or `--batch` instead.
+    #[arg(conflicts_with = "batch", required_unless_present = "batch")]
+    pub id: Option<String>,
+    /// Every held message of this `send_batch` call (its `batch_id`).
+    #[arg(long)]
+    pub batch: Option<String>,
 }
 
 /// Exit code when the message's state does not allow the action.
@@ -168,9 +174,9 @@ const EXIT_REFUSED: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 
 pub async fn run(config: Config, cmd: QueueCommand) -> ExitCode {
-    let (id, approve) = match cmd {
-        QueueCommand::Approve(a) => (a.id, true),
-        QueueCommand::Reject(a) => (a.id, false),
+    let (args, approve) = match cmd {
+        QueueCommand::Approve(a) => (a, true),
+        QueueCommand::Reject(a) => (a, false),
         QueueCommand::Migrate => return migrate(&config).await,
         other => {
             let store = match open(&config).await {
@@ -196,9 +202,28 @@ pub async fn run(config: Config, cmd: QueueCommand) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
+    let by = format!("operator {operator}");
+    let id = match args {
+        DecideArgs { id: Some(id), .. } => id,
+        DecideArgs { batch, .. } => {
+            let select = Select {
+                status: None,
+                caller: None,
+                batch,
+                recipient: None,
+            };
+            return each(
+                &config,
+                store.as_ref(),
+                select,
+                Bulk::Decide { approve, by },
+            )
+            .await;
+        }
+    };
     let decision = Decision {
         approve,
-        by: format!("operator {operator}"),
+        by,
         hash: None,
     };
     match store.decide(&id, decision).await {
@@ -462,10 +487,17 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
 }
 
 /// What [`each`] does to every message of a selection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Bulk {
     Cancel,
-    Retry { force: bool },
+    Retry {
+        force: bool,
+    },
+    /// An operator's decision on each held message (`by` names them).
+    Decide {
+        approve: bool,
+        by: String,
+    },
 }
 
 /// `cancel` or `retry` on every message `select` names. Their ids are read
@@ -495,7 +527,10 @@ async fn each(config: &Config, store: &dyn queue::Store, select: Select, bulk: B
     let (verb, done_as) = match bulk {
         Bulk::Cancel => ("cancelled", "cancelled"),
         Bulk::Retry { .. } => ("queued for a fresh attempt", "queued"),
+        Bulk::Decide { approve: true, .. } => ("approved", "approved"),
+        Bulk::Decide { approve: false, .. } => ("rejected", "rejected; it will not be sent"),
     };
+    let bulk = &bulk;
     let mut done = 0usize;
     // Why the others were left: their state, or that they are gone.
     let mut left = std::collections::BTreeMap::<String, usize>::new();
@@ -509,7 +544,20 @@ async fn each(config: &Config, store: &dyn queue::Store, select: Select, bulk: B
                     Cancel::Refused(state) => Some(state.as_str().to_owned()),
                     Cancel::NotFound => Some("purged".to_owned()),
                 }),
-                Bulk::Retry { force } => store.retry(id, force).await.map(|r| match r {
+                Bulk::Decide { approve, by } => {
+                    let decision = Decision {
+                        approve: *approve,
+                        by: by.clone(),
+                        hash: None,
+                    };
+                    store.decide(id, decision).await.map(|d| match d {
+                        Decided::Released(_) | Decided::Rejected => None,
+                        Decided::NotHeld(state) => Some(state.as_str().to_owned()),
+                        Decided::HashMismatch => Some("changed".to_owned()),
+                        Decided::NotFound => Some("purged".to_owned()),
+                    })
+                }
+                Bulk::Retry { force } => store.retry(id, *force).await.map(|r| match r {
                     Retry::Queued => None,
                     Retry::NeedsForce => Some("unknown (retried only with --force)".to_owned()),
                     Retry::Refused(state @ (State::Unknown | State::Failed | State::Queued)) => {
@@ -527,8 +575,15 @@ async fn each(config: &Config, store: &dyn queue::Store, select: Select, bulk: B
         match outcome {
             Ok(None) => {
                 done += 1;
-                if let Bulk::Cancel = bulk {
-                    audit(&log, store, id, Action::Cancelled).await;
+                match bulk {
+                    Bulk::Cancel => audit(&log, store, id, Action::Cancelled).await,
+                    Bulk::Decide { approve: true, .. } => {
+                        audit(&log, store, id, Action::Approved).await
+                    }
+                    Bulk::Decide { approve: false, .. } => {
+                        audit(&log, store, id, Action::Rejected).await
+                    }
+                    Bulk::Retry { .. } => {}
                 }
                 say!("{id}: {done_as}");
             }
