@@ -579,6 +579,54 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
         wait_status(&mcp, r["message_id"].as_str().unwrap(), "cancelled").await;
     }
 
+    // A held mail merge approved whole: from its batch's queue page to its
+    // approvals, one button for every message shown.
+    let held_merge = call(
+        &mcp,
+        "send_batch",
+        json!({"defaults": {"subject": "Offer for {n}", "body": "Dear {n}"},
+               "messages": [{"to": ["d1@outside.net"], "template_vars": {"n": "D1"}},
+                            {"to": ["d2@outside.net"], "template_vars": {"n": "D2"}},
+                            {"to": ["d3@example.org"], "template_vars": {"n": "D3"}}]}),
+    )
+    .await;
+    assert_eq!(
+        held_merge["summary"],
+        json!({"held": 2, "sent": 1}),
+        "{held_merge}"
+    );
+    let batch = held_merge["batch_id"].as_str().unwrap();
+    b.goto(&format!("{base}/console/queue?batch={batch}"))
+        .await
+        .unwrap();
+    b.find(Locator::Css("a[href^='/console/approvals?batch=']"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    assert_eq!(
+        b.find_all(Locator::Css("div[data-message]"))
+            .await
+            .unwrap()
+            .len(),
+        2,
+        "the batch's two held messages, and no other"
+    );
+    shoot(&b, kind, "approvals-batch").await;
+    b.find(Locator::Css("button[data-action=approve-batch]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    text_with(&b, "[role=status]", "Approved 2 of the 2 messages shown.").await;
+    for r in held_merge["results"].as_array().unwrap() {
+        wait_status(&mcp, r["message_id"].as_str().unwrap(), "sent").await;
+    }
+    assert_eq!(delivered_to(&sink, "d1@outside.net"), 1);
+    assert_eq!(delivered_to(&sink, "d2@outside.net"), 1);
+
     // Another site cannot frame the console (an approve button under a
     // decoy): the browser refuses to show it in the frame, signed in or not.
     let decoy = serve_decoy(&format!("{base}/console/approvals")).await;
@@ -631,6 +679,28 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
     assert_eq!(r.status().as_u16(), 303);
     let to = r.headers()["location"].to_str().unwrap().to_owned();
     assert!(to.contains("not%20the%20one%20shown"), "{to}");
+    wait_status(&mcp, &c, "held").await;
+    // A batch's form is bound the same way, message by message, and one
+    // that names no content changes nothing.
+    let wrong = format!("{c} {other}");
+    for (form, says) in [
+        (
+            vec![("m", wrong.as_str()), ("csrf", csrf.as_str())],
+            "not%20the%20one%20shown",
+        ),
+        (vec![("csrf", csrf.as_str())], "did%20not%20name"),
+    ] {
+        let r = http
+            .post(format!("{base}/console/batches/some-batch/approve"))
+            .header("Cookie", &cookie)
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 303);
+        let to = r.headers()["location"].to_str().unwrap().to_owned();
+        assert!(to.contains(says), "{to}");
+    }
     wait_status(&mcp, &c, "held").await;
 
     // Every console response, signed in or not, forbids scripts, framing,

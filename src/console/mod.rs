@@ -139,6 +139,8 @@ pub fn routes(server: &MailmuxServer) -> Router {
         .route("/console/messages/{id}", get(message))
         .route("/console/messages/{id}/cancel", post(cancel))
         .route("/console/batches/{id}/cancel", post(cancel_batch))
+        .route("/console/batches/{id}/approve", post(approve_batch))
+        .route("/console/batches/{id}/reject", post(reject_batch))
         .route("/console/messages/{id}/retry", post(retry))
         .route("/console/messages/{id}/approve", post(approve))
         .route("/console/messages/{id}/reject", post(reject))
@@ -419,13 +421,22 @@ async fn message(
     pages::message(&op, n.notice.as_deref(), &record, stored.as_ref()).into_response()
 }
 
+#[derive(Debug, Default, Deserialize)]
+struct ApprovalsQuery {
+    notice: Option<String>,
+    /// Only this `send_batch` call's held messages.
+    batch: Option<String>,
+}
+
 async fn approvals(
     State(server): State<MailmuxServer>,
     axum::Extension(op): axum::Extension<Operator>,
-    Query(n): Query<Notice>,
+    Query(q): Query<ApprovalsQuery>,
 ) -> Response {
+    let batch = q.batch.filter(|b| !b.is_empty());
     let filter = Filter {
         state: Some(MsgState::Held),
+        batch: batch.clone(),
         ..Filter::default()
     };
     let page = match server.queue().list(&filter, PAGE, None).await {
@@ -444,7 +455,84 @@ async fn approvals(
             held.push((s, stored));
         }
     }
-    pages::approvals(&op, n.notice.as_deref(), &held).into_response()
+    pages::approvals(&op, q.notice.as_deref(), batch.as_deref(), &held).into_response()
+}
+
+async fn approve_batch(
+    State(server): State<MailmuxServer>,
+    axum::Extension(op): axum::Extension<Operator>,
+    Path(batch): Path<String>,
+    Form(fields): Form<Vec<(String, String)>>,
+) -> Response {
+    decide_batch(server, op, batch, &fields, true).await
+}
+
+async fn reject_batch(
+    State(server): State<MailmuxServer>,
+    axum::Extension(op): axum::Extension<Operator>,
+    Path(batch): Path<String>,
+    Form(fields): Form<Vec<(String, String)>>,
+) -> Response {
+    decide_batch(server, op, batch, &fields, false).await
+}
+
+/// Approves or rejects each message a batch's form showed (its `m` fields:
+/// `id hash`), each bound to the hash of the content shown, as one
+/// message's buttons are.
+async fn decide_batch(
+    server: MailmuxServer,
+    op: Operator,
+    batch: String,
+    fields: &[(String, String)],
+    approve: bool,
+) -> Response {
+    let to = format!("/console/approvals?batch={}", urlencode(&batch));
+    let shown: Vec<(&str, Option<[u8; 32]>)> = fields
+        .iter()
+        .filter(|(k, _)| k == "m")
+        .filter_map(|(_, v)| v.split_once(' '))
+        .map(|(id, hash)| (id, parse_hash(hash)))
+        .collect();
+    if shown.is_empty() || shown.iter().any(|(_, h)| h.is_none()) {
+        return back(
+            &to,
+            "The form did not name the content it decides on; nothing was changed.",
+        );
+    }
+    let by = format!("operator {}", op.name);
+    let (mut done, mut left) = (0usize, Vec::new());
+    for (id, hash) in &shown {
+        let decision = Decision {
+            approve,
+            by: by.clone(),
+            hash: *hash,
+        };
+        match server.queue().decide(id, decision).await {
+            Ok(Decided::Released(_) | Decided::Rejected) => done += 1,
+            Ok(Decided::NotHeld(state)) => left.push(format!("{id} is {}", state.as_str())),
+            Ok(Decided::HashMismatch) => left.push(format!("{id} is not the one shown")),
+            Ok(Decided::NotFound) => left.push(format!("{id} is gone")),
+            Err(e) => left.push(format!("{id}: {e}")),
+        }
+    }
+    let verb = if approve { "approved" } else { "rejected" };
+    tracing::info!(batch = %batch, operator = %op.name, decided = done, of = shown.len(), "operator {verb} a batch's held messages");
+    let mut notice = format!(
+        "{} {done} of the {} messages shown.",
+        capitalized(verb),
+        shown.len()
+    );
+    if !left.is_empty() {
+        notice.push_str(&format!(" Left as they were: {}.", left.join("; ")));
+    }
+    back(&to, &notice)
+}
+
+fn capitalized(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
 }
 
 async fn cancel(

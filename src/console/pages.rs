@@ -397,6 +397,8 @@ pub fn queue(
                 input type="hidden" name="csrf" value=(op.csrf);
                 button type="submit" data-action="cancel-batch" { "Cancel every message of this batch not yet sent" }
             }
+            " "
+            a.button href={ "/console/approvals?batch=" (super::urlencode(batch)) } { "Its messages waiting for approval" }
         }
         @if page.is_empty() {
             div.card.muted { "No message matches." }
@@ -521,14 +523,24 @@ fn hex(h: &[u8; 32]) -> String {
     h.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The approve and reject buttons of a held message, bound to the hash of
-/// the content shown.
-fn decide_forms(op: &Operator, p: &Pending) -> Markup {
-    let hash = hex(&crate::policy::approval_hash(
+/// The hash of a held message's content, as its buttons carry it.
+fn content_hash(p: &Pending) -> String {
+    hex(&crate::policy::approval_hash(
         p.from.as_deref().unwrap_or(""),
         &p.to,
         &p.bytes,
-    ));
+    ))
+}
+
+/// One message of a batch's form: `id hash`.
+fn decided_one(p: &Pending) -> String {
+    format!("{} {}", p.message_id, content_hash(p))
+}
+
+/// The approve and reject buttons of a held message, bound to the hash of
+/// the content shown.
+fn decide_forms(op: &Operator, p: &Pending) -> Markup {
+    let hash = content_hash(p);
     let id = super::urlencode(&p.message_id);
     html! {
         div.actions {
@@ -663,11 +675,34 @@ pub fn message(
     layout(Some(op), "Message", "queue", notice, body)
 }
 
-pub fn approvals(op: &Operator, notice: Option<&str>, held: &[(Summary, Pending)]) -> Markup {
+/// The held messages, or those of one batch (`batch`): each in full with
+/// its own approve and reject buttons; for a batch, also one form that
+/// decides every message shown, each bound to the hash of its content.
+pub fn approvals(
+    op: &Operator,
+    notice: Option<&str>,
+    batch: Option<&str>,
+    held: &[(Summary, Pending)],
+) -> Markup {
     let body = html! {
-        h1 { "Approvals" }
+        h1 { "Approvals" @if let Some(b) = batch { " " span.tag { "batch " (b) } } }
         @if held.is_empty() {
             div.card.muted { "No message is waiting for approval." }
+        }
+        @if let (Some(b), false) = (batch, held.is_empty()) {
+            @let shown: Vec<String> = held.iter().map(|(_, p)| decided_one(p)).collect();
+            div.actions {
+                @for (verb, class, label) in [
+                    ("approve", "primary", format!("Approve and send all {} shown", held.len())),
+                    ("reject", "danger", format!("Reject all {} shown", held.len())),
+                ] {
+                    form.inline method="post" action={ "/console/batches/" (super::urlencode(b)) "/" (verb) } {
+                        input type="hidden" name="csrf" value=(op.csrf);
+                        @for m in &shown { input type="hidden" name="m" value=(m); }
+                        button class=(class) type="submit" data-action={ (verb) "-batch" } { (label) }
+                    }
+                }
+            }
         }
         @for (s, p) in held {
             @let parsed = parse(&p.bytes);
@@ -819,7 +854,7 @@ mod tests {
             node: None,
             batch: None,
         };
-        let page = approvals(&op, None, &[(summary, pending)]).into_string();
+        let page = approvals(&op, None, None, &[(summary, pending)]).into_string();
         assert!(page.contains("boss@xn--exmple-"), "{page}");
         assert!(page.contains("an international domain"), "{page}");
         assert!(
