@@ -862,6 +862,7 @@ async fn the_approval_prompt_shows_lookalike_domains_and_hidden_characters() {
         "send_email",
         json!({
             "to": [lookalike],
+            "from_email": "IT Security <sender@example.org>",
             "subject": "invoice \u{202E}fdp.exe",
             "body": "the figures\u{200B} you asked for",
         }),
@@ -870,6 +871,7 @@ async fn the_approval_prompt_shows_lookalike_domains_and_hidden_characters() {
     assert_eq!(out["status"], "rejected", "outside the allowlist: {out}");
     let prompt = asked.prompts.lock().unwrap()[0].clone();
     for needle in [
+        "From: \"IT Security\" <sender@example.org>",
         "To: boss@xn--exmple-",
         "an international domain",
         "Subject: invoice <U+202E>fdp.exe",

@@ -224,6 +224,8 @@ pub struct Composed {
     /// Without angle brackets.
     pub message_id: String,
     pub from: lettre::Address,
+    /// The sender's display name, as the recipients will see it.
+    pub from_name: Option<String>,
     /// to, cc and bcc, de-duplicated.
     pub recipients: Vec<lettre::Address>,
     /// Where each of `recipients` was given: (`to`|`cc`|`bcc`, index).
@@ -455,6 +457,7 @@ pub fn compose_with(
         .collect();
     Ok(Composed {
         message_id,
+        from_name: from.name.clone(),
         from: from.email,
         recipients: recipients.envelope(),
         fields: recipients.fields,

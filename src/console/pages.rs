@@ -438,6 +438,8 @@ struct Parsed {
     subject: String,
     /// Where replies go, when the message names it.
     reply_to: Option<String>,
+    /// The sender's display name in the From header, as recipients see it.
+    from_name: Option<String>,
     text: String,
     attachments: Vec<(String, String, usize)>,
     visible: Vec<String>,
@@ -451,6 +453,7 @@ fn parse(bytes: &[u8]) -> Parsed {
             headers,
             subject: String::new(),
             reply_to: None,
+            from_name: None,
             text: String::new(),
             attachments: Vec::new(),
             visible: Vec::new(),
@@ -484,6 +487,12 @@ fn parse(bytes: &[u8]) -> Parsed {
     Parsed {
         headers,
         subject: shown::text(m.subject().unwrap_or("")),
+        from_name: m
+            .from()
+            .and_then(|f| f.first())
+            .and_then(|a| a.name())
+            .filter(|n| !n.trim().is_empty())
+            .map(shown::text),
         reply_to: m
             .reply_to()
             .and_then(|r| r.first())
@@ -492,6 +501,16 @@ fn parse(bytes: &[u8]) -> Parsed {
         text: shown::text(&m.body_text(0).unwrap_or_default()),
         attachments,
         visible,
+    }
+}
+
+/// The sender as recipients see it: the display name of the From header
+/// (when there is one) and the envelope's address.
+fn sender(name: Option<&str>, address: Option<&str>) -> String {
+    let address = shown::address(address.unwrap_or(""));
+    match name {
+        Some(name) => format!("\"{name}\" <{address}>"),
+        None => address,
     }
 }
 
@@ -580,7 +599,7 @@ pub fn message(
         div.card {
             dl {
                 dt { "state" } dd { (state_badge(r.state.as_str())) }
-                dt { "from" } dd.mono { (shown::address(r.from.as_deref().unwrap_or(""))) }
+                dt { "from" } dd.mono { (sender(parsed.as_ref().and_then(|p| p.from_name.as_deref()), r.from.as_deref())) }
                 dt { "recipients" } dd { (recipients(&r.to, &visible)) }
                 @if let Some(r) = parsed.as_ref().and_then(|p| p.reply_to.as_ref()) {
                     dt { "replies go to" } dd.mono { (r) }
@@ -711,7 +730,7 @@ pub fn approvals(
                     dt { "message" } dd.mono { a href={ "/console/messages/" (super::urlencode(&s.message_id)) } { (s.message_id) } }
                     dt { "caller" } dd { (s.caller.as_deref().unwrap_or("")) }
                     dt { "accepted" } dd.mono { (when(s.queued_at)) }
-                    dt { "from" } dd.mono { (shown::address(p.from.as_deref().unwrap_or(""))) }
+                    dt { "from" } dd.mono { (sender(parsed.from_name.as_deref(), p.from.as_deref())) }
                     dt { "recipients" } dd { (recipients(&p.to, &parsed.visible)) }
                     @if let Some(r) = &parsed.reply_to { dt { "replies go to" } dd.mono { (r) } }
                     dt { "subject" } dd { (parsed.subject) }
@@ -825,7 +844,7 @@ mod tests {
         let (op, _, _) = overview_of_sqlite();
         let lookalike = "boss@ex\u{430}mple.org";
         let bytes = format!(
-            "From: a@example.org\r\nTo: {lookalike}\r\nReply-To: out@evil.example\r\nSubject: invoice \u{202E}fdp.exe\r\n\
+            "From: \"IT Security\" <a@example.org>\r\nTo: {lookalike}\r\nReply-To: out@evil.example\r\nSubject: invoice \u{202E}fdp.exe\r\n\
              MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\
              Content-Transfer-Encoding: 8bit\r\n\r\nhello\u{200B} there\r\n"
         );
@@ -857,6 +876,10 @@ mod tests {
         let page = approvals(&op, None, None, &[(summary, pending)]).into_string();
         assert!(page.contains("boss@xn--exmple-"), "{page}");
         assert!(page.contains("an international domain"), "{page}");
+        assert!(
+            page.contains("&quot;IT Security&quot; &lt;a@example.org&gt;"),
+            "{page}"
+        );
         assert!(
             page.contains("<dt>replies go to</dt><dd class=\"mono\">out@evil.example</dd>"),
             "{page}"

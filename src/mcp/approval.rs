@@ -37,7 +37,15 @@ const PROMPT_CHARS: usize = 1200;
 /// characters written out).
 pub fn prompt(c: &Composed) -> String {
     let mut out = String::from("An agent wants to send this email. Approve it?\n\n");
-    out.push_str(&format!("From: {}\n", shown::address(c.from.as_ref())));
+    // The name the recipients will see, beside the address it hides.
+    match c.from_name.as_deref().filter(|n| !n.trim().is_empty()) {
+        Some(name) => out.push_str(&format!(
+            "From: \"{}\" <{}>\n",
+            shown::text(name),
+            shown::address(c.from.as_ref())
+        )),
+        None => out.push_str(&format!("From: {}\n", shown::address(c.from.as_ref()))),
+    }
     for (address, (list, _)) in c.recipients.iter().zip(&c.fields) {
         let label = match *list {
             "to" => "To",
