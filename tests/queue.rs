@@ -1921,6 +1921,96 @@ async fn under_the_free_space_reserve_new_mail_is_refused_and_accepted_mail_deli
     d.stop().await;
 }
 
+/// Builds `tests/queue/fail_fsync.c` into `dir`; returns the library.
+fn fsync_shim(dir: &Path) -> std::path::PathBuf {
+    let shim = dir.join("fail_fsync.so");
+    let built = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&shim)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/queue/fail_fsync.c"
+        ))
+        .arg("-ldl")
+        .status()
+        .expect("cc runs");
+    assert!(built.success(), "building the fsync shim");
+    shim
+}
+
+/// The `file` relay writes a message as a maildir delivery does: the file is
+/// synced before its rename, so a disk that fails the sync (an injected EIO
+/// on the temporary file) gets the message retried, never reported `sent`
+/// with nothing durable behind it. Once the disk is healthy the retry
+/// writes it, once, readable by its owner only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_file_relay_reports_sent_only_what_it_made_durable() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let shim_dir = tempfile::tempdir().unwrap();
+    let shim = fsync_shim(shim_dir.path());
+    let failing = shim_dir.path().join("failing");
+    let suffix = std::path::PathBuf::from(".tmp");
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = dir.path().join("outbox");
+    let cfg = format!(
+        r#"
+send_deadline = "2s"
+shutdown_grace = "2s"
+from_email = "sender@example.org"
+
+[queue]
+path = "{db}"
+retry_base = "300ms"
+retry_max = "500ms"
+
+[[relays]]
+name = "outbox"
+kind = "file"
+dir = "{outbox}"
+backoff_base = "50ms"
+backoff_max = "200ms"
+probe_interval = "200ms"
+"#,
+        db = dir.path().join("queue.db").display(),
+        outbox = outbox.display(),
+    );
+    let env = [
+        ("LD_PRELOAD", shim.as_path()),
+        ("FAIL_FSYNC_WHEN", failing.as_path()),
+        ("FAIL_FSYNC_SUFFIX", suffix.as_path()),
+    ];
+    let d = Daemon::start_with(dir.path(), &cfg, (), &env).await;
+    let eml = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&outbox)
+            .map(|rd| {
+                rd.filter_map(|e| Some(e.ok()?.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "eml"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+
+    std::fs::write(&failing, "").unwrap();
+    let c = send(d.peer(), msg("unsynced", json!({}))).await;
+    assert_eq!(c.status(), Some("queued"), "{c:?}");
+    let id = c.message_id().unwrap().to_owned();
+    let s = status_of(d.peer(), &id).await;
+    let text = s["attempts"][0]["text"].as_str().unwrap_or_default();
+    assert!(text.contains("cannot write durably"), "{s}");
+    assert!(eml().is_empty(), "a file that was not synced was delivered");
+
+    std::fs::remove_file(&failing).unwrap();
+    let s = settled(d.peer(), &id, LIMIT).await;
+    assert_eq!(s["status"], "sent", "{s}");
+    let files = eml();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let mode = std::fs::metadata(&files[0]).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    let text = std::fs::read_to_string(&files[0]).unwrap();
+    assert!(text.contains("Subject: unsynced"), "{text}");
+    d.stop().await;
+}
+
 /// A disk that fails to make a commit durable: SQLite's fsync of its log
 /// fails (an injected EIO, `tests/queue/fail_fsync.c`) after the commit's
 /// frames were written, so those frames may be replayed at the next start.
@@ -1933,18 +2023,7 @@ async fn under_the_free_space_reserve_new_mail_is_refused_and_accepted_mail_deli
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_whose_fsync_fails_is_reported_unconfirmed() {
     let shim_dir = tempfile::tempdir().unwrap();
-    let shim = shim_dir.path().join("fail_fsync.so");
-    let built = std::process::Command::new("cc")
-        .args(["-shared", "-fPIC", "-o"])
-        .arg(&shim)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/queue/fail_fsync.c"
-        ))
-        .arg("-ldl")
-        .status()
-        .expect("cc runs");
-    assert!(built.success(), "building the fsync shim");
+    let shim = fsync_shim(shim_dir.path());
     let failing = shim_dir.path().join("failing");
 
     let smtp = FaultSmtp::start(Script::ok()).await;

@@ -2,7 +2,11 @@
 //!
 //! It is the embedded default when no relay is configured, so that mailmux
 //! does its job on a fresh machine without an SMTP account. Files are written
-//! to a temporary name and renamed, so a reader never sees half a message.
+//! to a temporary name and renamed, so a reader never sees half a message,
+//! as a maildir delivery is: the file is made durable (fsync) before the
+//! rename, and the folder after it, so that a message reported `sent`
+//! survives a power loss. Files are readable by their owner only (0600):
+//! they hold message bodies.
 
 use std::path::Path;
 
@@ -37,9 +41,10 @@ pub(crate) async fn deliver(
     let stem = file_stem(&mail.message_id);
     let tmp = dir.join(format!(".{stem}.tmp"));
     let path = dir.join(format!("{stem}.eml"));
-    tokio::fs::write(&tmp, &mail.bytes[..])
-        .await
-        .map_err(|e| fail("cannot write to", e))?;
+    if let Err(e) = write_durably(&tmp, &mail.bytes).await {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(fail("cannot write durably to", e));
+    }
     // The rename is the delivery: record it first, as before a final ".".
     let busy = |detail: String| Failure {
         lost: false,
@@ -63,6 +68,15 @@ pub(crate) async fn deliver(
     tokio::fs::rename(&tmp, &path)
         .await
         .map_err(|e| fail("cannot rename in", e))?;
+    // Renamed: delivered, unless the folder's entry is lost with the power.
+    // A folder that cannot be synced leaves the message `unknown`, never
+    // sent again.
+    if let Err(e) = sync_dir(dir).await {
+        return Err(Failure {
+            lost: true,
+            ..fail("cannot make the new file durable in", e)
+        });
+    }
     Ok(Delivered {
         accepted: mail.to.iter().map(|a| a.to_string()).collect(),
         rejected: Vec::new(),
@@ -71,6 +85,33 @@ pub(crate) async fn deliver(
             text: format!("written to {}", path.display()),
         },
     })
+}
+
+/// Writes `bytes` to a new file at `path` (mode 0600) and syncs it.
+async fn write_durably(path: &Path, bytes: &std::sync::Arc<[u8]>) -> std::io::Result<()> {
+    let (path, bytes) = (path.to_owned(), bytes.clone());
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        f.write_all(&bytes)?;
+        f.sync_all()
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+}
+
+/// Syncs the folder `dir`, so that a rename in it is durable.
+async fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || std::fs::File::open(&dir)?.sync_all())
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }
 
 /// A file name from a Message-ID: only characters safe in any file system.

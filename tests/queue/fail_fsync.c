@@ -1,7 +1,8 @@
 /* Preloaded into the daemon by tests/queue.rs: while the file named by
- * FAIL_FSYNC_WHEN exists, fsync and fdatasync of a SQLite write-ahead log
- * (a file whose name ends in "-wal") fail with EIO, after the data was
- * written. That is a disk that fails to make a commit durable. */
+ * FAIL_FSYNC_WHEN exists, fsync and fdatasync of a file whose name ends in
+ * FAIL_FSYNC_SUFFIX (by default "-wal": a SQLite write-ahead log) fail with
+ * EIO, after the data was written. That is a disk that fails to make a
+ * write durable. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
@@ -17,9 +18,12 @@ static int failing(int fd) {
     char link[64], path[PATH_MAX];
     snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
     ssize_t n = readlink(link, path, sizeof path - 1);
-    if (n < 4) return 0;
+    const char *suffix = getenv("FAIL_FSYNC_SUFFIX");
+    if (suffix == NULL) suffix = "-wal";
+    size_t len = strlen(suffix);
+    if (n < (ssize_t)len) return 0;
     path[n] = '\0';
-    return strcmp(path + n - 4, "-wal") == 0;
+    return strcmp(path + n - len, suffix) == 0;
 }
 
 int fsync(int fd) {
