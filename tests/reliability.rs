@@ -666,15 +666,20 @@ async fn big_messages_keep_memory_bounded_and_small_ones_flowing() {
 
 /// A template that multiplies a variable: 600 KB of `{x}` and a 10 KB value
 /// would render 2 GB. Rendering stops once the output passes
-/// `max_message_bytes`: the call and the batch's message are refused
-/// `too_large` on the field, nothing is sent, and the daemon's memory grows
-/// by no more than a few times the request.
+/// `max_message_bytes` (1 MiB here): the call and the batch's message are
+/// refused `too_large` on the field, nothing is sent, and the daemon's
+/// memory grows by tens of megabytes at most (by 5 GB before rendering was
+/// bounded).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_template_that_multiplies_its_variables_is_refused_before_it_grows() {
     use support::smtp_sink::SmtpSink;
     const GROWTH_BOUND_KB: u64 = 64 * 1024;
     let sink = SmtpSink::start().await;
-    let d = harness::ChildDaemon::start(&daemon_toml(&[("sink", sink.port(), 1)], "")).await;
+    let d = harness::ChildDaemon::start(&daemon_toml(
+        &[("sink", sink.port(), 1)],
+        "max_message_bytes = 1048576\nmax_attachment_bytes = 524288",
+    ))
+    .await;
     let limit = Duration::from_secs(30);
     let idle_kb = d.proc_kb("VmHWM").unwrap_or(0);
     let body = "{x}".repeat(200_000);
