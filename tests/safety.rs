@@ -1040,6 +1040,91 @@ async fn a_held_batch_is_put_to_the_user_in_one_form() {
     assert_eq!(sink.delivered().len(), 7);
 }
 
+/// The admin endpoint decides a held batch whole: an operator's token only;
+/// 200 with the count and each message's state after, 409 when nothing of
+/// it was held, 404 for a batch with no message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_decides_a_held_batch_over_http() {
+    let (sink, other) = servers().await;
+    let d = start(&sink, &other, "").await;
+    let plain = connect(&d, GAMMA).await;
+    let merge = |n: usize| {
+        let messages: Vec<Value> = (0..n)
+            .map(|i| json!({"to": [format!("r{i}@outside.net")]}))
+            .chain([json!({"to": ["in@example.org"]})])
+            .collect();
+        json!({"defaults": {"subject": "s", "body": "b"}, "messages": messages})
+    };
+    let (_, out) = call(&plain, "send_batch", merge(2)).await;
+    assert_eq!(out["summary"], json!({"held": 2, "sent": 1}), "{out}");
+    let batch = out["batch_id"].as_str().unwrap().to_owned();
+    let http = reqwest::Client::new();
+    let url = |b: &str, verb: &str| format!("{}/admin/batches/{b}/{verb}", d.base);
+
+    let r = http
+        .post(url(&batch, "approve"))
+        .bearer_auth(GAMMA)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401, "a caller's token");
+    let r = http
+        .post(url(&batch, "approve"))
+        .bearer_auth(OPS)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["approved"], 2, "{body}");
+    assert_eq!(body["messages"], 3, "{body}");
+    assert_eq!(body["states"], json!({"queued": 2, "sent": 1}), "{body}");
+    for m in out["results"].as_array().unwrap() {
+        wait_status(&plain, m["message_id"].as_str().unwrap(), "sent").await;
+    }
+    assert_eq!(sink.delivered().len(), 3);
+    let r = http
+        .post(url(&batch, "approve"))
+        .bearer_auth(OPS)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 409, "nothing left held");
+
+    let (_, out) = call(&plain, "send_batch", merge(1)).await;
+    let batch = out["batch_id"].as_str().unwrap();
+    let r = http
+        .post(url(batch, "reject"))
+        .bearer_auth(OPS)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["rejected"], 1, "{body}");
+    let held = out["results"][0]["message_id"].as_str().unwrap();
+    assert_eq!(status(&plain, held).await["status"], "rejected");
+    let r = http
+        .post(url("batch-nope", "reject"))
+        .bearer_auth(OPS)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let decided: Vec<Value> = d
+        .audit()
+        .into_iter()
+        .filter(|l| l["email"]["message_id"] == held)
+        .collect();
+    assert_eq!(decided.last().unwrap()["event"]["action"], "rejected");
+    assert_eq!(
+        decided.last().unwrap()["mailmux"]["decided_by"],
+        "operator ops"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.delivered().len(), 4);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_log_is_complete_escaped_secret_free_and_reopened_on_sighup() {
     let (sink, other) = servers().await;

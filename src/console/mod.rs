@@ -569,7 +569,7 @@ async fn cancel_batch(
     };
     let notice = match server.queue().cancel_each(&filter).await {
         Ok(done) => {
-            tracing::info!(batch = %batch, operator = %op.name, cancelled = done.cancelled, of = done.matched, "operator cancelled a batch");
+            tracing::info!(batch = %batch, operator = %op.name, cancelled = done.acted, of = done.matched, "operator cancelled a batch");
             let now: Vec<String> = done
                 .states
                 .iter()
@@ -577,7 +577,7 @@ async fn cancel_batch(
                 .collect();
             format!(
                 "Cancelled {} of the batch's {} messages; now: {}.",
-                done.cancelled,
+                done.acted,
                 done.matched,
                 now.join(", ")
             )

@@ -39,7 +39,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http_body_util::BodyExt;
 use mailmux_actors::RelayState;
-use mailmux_actors::queue::{Decided, Decision};
+use mailmux_actors::queue::{Decided, Decision, Filter};
 use rmcp::transport::streamable_http_server::SessionManager as _;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
@@ -694,6 +694,58 @@ async fn admin_decide(server: MailmuxServer, op: Operator, id: String, approve: 
     }
 }
 
+async fn admin_approve_batch(
+    State(server): State<MailmuxServer>,
+    Extension(op): Extension<Operator>,
+    Path(batch): Path<String>,
+) -> Response {
+    admin_decide_batch(server, op, batch, true).await
+}
+
+async fn admin_reject_batch(
+    State(server): State<MailmuxServer>,
+    Extension(op): Extension<Operator>,
+    Path(batch): Path<String>,
+) -> Response {
+    admin_decide_batch(server, op, batch, false).await
+}
+
+/// Approves or rejects every held message of one `send_batch` call as an
+/// operator: how many were decided, and each message's state after. 404
+/// when the batch has no message, 409 when none of them was held.
+async fn admin_decide_batch(
+    server: MailmuxServer,
+    op: Operator,
+    batch: String,
+    approve: bool,
+) -> Response {
+    let filter = Filter {
+        batch: Some(batch.clone()),
+        ..Filter::default()
+    };
+    let by = format!("operator {}", op.0);
+    let done = match server.queue().decide_each(&filter, approve, &by).await {
+        Ok(done) => done,
+        Err(e) => return reject(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    };
+    let verb = if approve { "approved" } else { "rejected" };
+    tracing::info!(batch = %crate::mcp::types::logged(&batch), operator = %op.0, decided = done.acted, of = done.matched, "operator {verb} a batch's held messages");
+    if done.matched == 0 {
+        return reject(StatusCode::NOT_FOUND, "no message of that batch");
+    }
+    let states: serde_json::Map<String, serde_json::Value> = done
+        .states
+        .iter()
+        .map(|(st, n)| (st.as_str().to_owned(), json!(n)))
+        .collect();
+    let body =
+        json!({ "batch_id": batch, verb: done.acted, "messages": done.matched, "states": states });
+    if done.acted == 0 {
+        return (StatusCode::CONFLICT, axum::Json(body)).into_response();
+    }
+    axum::Json(body).into_response()
+}
+
 /// The axum application: `/mcp`, `/health` and the request checks. The
 /// returned token closes every MCP session when cancelled.
 pub fn app(server: &MailmuxServer, stateful: bool) -> (Router, CancellationToken) {
@@ -734,6 +786,8 @@ pub fn app(server: &MailmuxServer, stateful: bool) -> (Router, CancellationToken
         .route("/admin/messages/{id}", get(admin_show))
         .route("/admin/messages/{id}/approve", post(admin_approve))
         .route("/admin/messages/{id}/reject", post(admin_reject))
+        .route("/admin/batches/{id}/approve", post(admin_approve_batch))
+        .route("/admin/batches/{id}/reject", post(admin_reject_batch))
         .with_state(server.clone())
         .merge(crate::console::routes(server))
         .nest_service("/mcp", mcp)

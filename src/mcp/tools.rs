@@ -1020,7 +1020,7 @@ impl MailmuxServer {
                 format!("no message of batch {}", quoted(&batch)),
             ));
         }
-        let cancelled = done.cancelled;
+        let cancelled = done.acted;
         let summary: std::collections::BTreeMap<String, usize> = done
             .states
             .iter()

@@ -523,15 +523,17 @@ pub async fn select(store: &dyn Store, filter: &Filter) -> Result<Vec<String>, S
 /// retried): the store's writer folds their writes into shared commits.
 pub const AT_ONCE: usize = 32;
 
-/// What cancelling the messages of a selection did.
+/// What acting on the messages of a selection (cancelling them, deciding
+/// on them) did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CancelledMany {
+pub struct ActedOnMany {
     /// The messages the selection named.
     pub matched: usize,
-    /// Those this cancel cancelled.
-    pub cancelled: usize,
-    /// Each message's state after: `cancelled`, or the state that kept it
-    /// (a message purged in between is left out).
+    /// Those the action changed.
+    pub acted: usize,
+    /// Each message's state after: the one the action gave it, or the state
+    /// that kept it from the action (a message purged in between is left
+    /// out).
     pub states: std::collections::BTreeMap<State, usize>,
 }
 

@@ -1072,29 +1072,65 @@ impl Queue {
     /// writer folds into shared commits): one a round holds now is left to
     /// it. A store error stops it there; what was cancelled before stays
     /// cancelled.
-    pub async fn cancel_each(&self, filter: &Filter) -> Result<super::CancelledMany, QueueError> {
+    pub async fn cancel_each(&self, filter: &Filter) -> Result<super::ActedOnMany, QueueError> {
+        self.each(filter, |queue, id| async move {
+            Ok(match queue.cancel(&id).await? {
+                Cancel::Cancelled => Some((true, State::Cancelled)),
+                Cancel::Refused(state) => Some((false, state)),
+                Cancel::NotFound => None,
+            })
+        })
+        .await
+    }
+
+    /// An operator's decision (`approve`, made `by` them) on every held
+    /// message `filter` names, each under the one-message rules and on its
+    /// content as stored. Counted as [`Queue::cancel_each`] counts.
+    pub async fn decide_each(
+        &self,
+        filter: &Filter,
+        approve: bool,
+        by: &str,
+    ) -> Result<super::ActedOnMany, QueueError> {
+        self.each(filter, |queue, id| async move {
+            let d = Decision {
+                approve,
+                by: by.to_owned(),
+                hash: None,
+            };
+            Ok(match queue.decide(&id, d).await? {
+                Decided::Released(state) => Some((true, state)),
+                Decided::Rejected => Some((true, State::Rejected)),
+                Decided::NotHeld(state) => Some((false, state)),
+                Decided::HashMismatch => Some((false, State::Held)),
+                Decided::NotFound => None,
+            })
+        })
+        .await
+    }
+
+    /// Runs `act` on every message `filter` names, a few at a time: each
+    /// gives whether it acted and the message's state after, or `None` for
+    /// a message gone in between.
+    async fn each<F, Fut>(&self, filter: &Filter, act: F) -> Result<super::ActedOnMany, QueueError>
+    where
+        F: Fn(Queue, String) -> Fut,
+        Fut: std::future::Future<Output = Result<Option<(bool, State)>, QueueError>>,
+    {
         use futures_util::stream::{self, StreamExt as _};
         let ids = super::select(self.inner.store.as_ref(), filter).await?;
-        let mut out = super::CancelledMany {
+        let mut out = super::ActedOnMany {
             matched: ids.len(),
             ..Default::default()
         };
-        let mut cancels = stream::iter(ids)
-            .map(|id| {
-                let queue = self.clone();
-                async move { queue.cancel(&id).await }
-            })
+        let mut acts = stream::iter(ids)
+            .map(|id| act(self.clone(), id))
             .buffer_unordered(super::AT_ONCE);
-        while let Some(cancel) = cancels.next().await {
-            let state = match cancel? {
-                Cancel::Cancelled => {
-                    out.cancelled += 1;
-                    State::Cancelled
-                }
-                Cancel::Refused(state) => state,
-                Cancel::NotFound => continue,
-            };
-            *out.states.entry(state).or_default() += 1;
+        while let Some(done) = acts.next().await {
+            if let Some((acted, state)) = done? {
+                out.acted += usize::from(acted);
+                *out.states.entry(state).or_default() += 1;
+            }
         }
         Ok(out)
     }
