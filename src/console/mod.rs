@@ -46,8 +46,9 @@ const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 const MAX_SESSIONS: usize = 1024;
 /// Messages on one page of the queue.
 const PAGE: usize = 50;
-/// The largest form the console takes.
-const FORM_LIMIT: usize = 16 * 1024;
+/// The largest form the console takes: a batch's form names up to a page
+/// of messages, each with its content hash.
+const FORM_LIMIT: usize = 64 * 1024;
 
 /// One signed-in operator.
 #[derive(Debug, Clone)]
