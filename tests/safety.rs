@@ -887,6 +887,13 @@ async fn the_approval_prompt_shows_lookalike_domains_and_hidden_characters() {
         "the lookalike shown as written:\n{prompt}"
     );
     assert!(!prompt.contains('\u{202E}') && !prompt.contains('\u{200B}'));
+    // So does the queue command, to an operator.
+    let (ok, text) = d.queue_cmd("show", out["message_id"].as_str().unwrap(), None);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("note: \"boss@ex\u{430}mple.org\" is boss@xn--exmple-4nf.org"),
+        "{text}"
+    );
 
     // Replies that would go outside hold a message to inside recipients,
     // and the prompt says where they go.

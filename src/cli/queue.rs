@@ -18,7 +18,7 @@ use mailmux_actors::queue::{
 use crate::audit::Audit;
 use crate::config::Config;
 use crate::mcp::types::MessageStatusResult;
-use crate::policy::Gate;
+use crate::policy::{Gate, shown};
 
 pub use crate::config::env::OPERATOR_TOKEN_VAR;
 
@@ -343,8 +343,11 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
                         time(m.queued_at),
                         m.state.as_str(),
                         m.message_id,
-                        m.from.as_deref().unwrap_or("-"),
-                        m.to.join(","),
+                        m.from.as_deref().map_or("-".into(), shown::address),
+                        m.to.iter()
+                            .map(|a| shown::address(a))
+                            .collect::<Vec<_>>()
+                            .join(","),
                         m.caller.as_deref().unwrap_or("-"),
                         m.node
                             .as_deref()
@@ -368,6 +371,14 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
             match serde_json::to_string_pretty(&out) {
                 Ok(json) => say!("{json}"),
                 Err(e) => eprintln!("mailmux: {e}"),
+            }
+            // An address that does not read as where the mail goes (a
+            // lookalike domain, a hidden character) is said plainly.
+            for a in r.from.iter().chain(&r.to) {
+                let plain = shown::address(a);
+                if plain != *a {
+                    eprintln!("mailmux: note: {a:?} is {plain}");
+                }
             }
             if let Ok(Some(p)) = store.load(&a.id).await {
                 let text = String::from_utf8_lossy(&p.bytes);
