@@ -288,7 +288,7 @@ impl Caller {
         let reply_outside = c.reply_to.as_ref().filter(|a| {
             !p.allowed_recipients.is_empty()
                 && !rules::allowed(&p.allowed_recipients, a)
-                && **a != c.from
+                && !AsRef::<str>::as_ref(*a).eq_ignore_ascii_case(c.from.as_ref())
                 && (p.allowed_senders.is_empty() || !rules::allowed(&p.allowed_senders, a))
         });
         match (p.approval, outside, reply_outside) {
