@@ -598,9 +598,17 @@ async fn calls_past_the_bound_wait_unread() {
 /// A daemon over one relay at `smtp`, served over an in-memory pipe; the
 /// client's end of the pipe.
 async fn serve_in_memory(smtp: &Aiosmtpd) -> tokio::io::DuplexStream {
+    serve_on(server_for(smtp).await)
+}
+
+async fn server_for(smtp: &Aiosmtpd) -> mailmux::mcp::MailmuxServer {
     let cfg = config(vec![relay("primary", smtp.port, 1)]);
     let queue = mailmux::mcp::start_queue(&cfg).await.unwrap();
-    let server = mailmux::mcp::MailmuxServer::new(queue, cfg, Sources::default());
+    mailmux::mcp::MailmuxServer::new(queue, cfg, Sources::default())
+}
+
+/// One client's connection to `server`, as a stdio client has its own.
+fn serve_on(server: mailmux::mcp::MailmuxServer) -> tokio::io::DuplexStream {
     let (client_io, server_io) = tokio::io::duplex(1 << 20);
     let (r, w) = tokio::io::split(server_io);
     tokio::spawn(mailmux::mcp::transport::serve_io(
@@ -697,6 +705,97 @@ async fn messages_are_resources_with_updates_for_subscribers() {
     assert!(missing.is_err());
 }
 
+/// A caller watches at most `MAX_WATCHED` messages at once: past that,
+/// `resources/subscribe` is refused with the reason. A subscription ends
+/// when its message reaches a final state, and a closed connection's
+/// subscriptions give their places up when the caller needs them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(deprecated)] // resources/subscribe, as clients of 2025-06-18 send it
+async fn subscriptions_are_bounded_and_end_with_their_message() {
+    use mailmux::mcp::resources::MAX_WATCHED;
+    use rmcp::ServiceExt;
+    use rmcp::model::SubscribeRequestParams;
+
+    let smtp = Aiosmtpd::start();
+    let server = server_for(&smtp).await;
+    let recorder = Recorder::default();
+    let client = recorder
+        .clone()
+        .serve(serve_on(server.clone()))
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    while ids.len() <= MAX_WATCHED + 1 {
+        let n = (MAX_WATCHED + 2 - ids.len()).min(1000);
+        let messages: Vec<Value> = (0..n)
+            .map(|i| json!({"to": [format!("r{i}@example.org")]}))
+            .collect();
+        let params = CallToolRequestParams::new("send_batch").with_arguments(
+            json!({"defaults": {"subject": "later", "body": "x"}, "messages": messages,
+                   "send_at": "1h", "wait": false})
+            .as_object()
+            .unwrap()
+            .clone(),
+        );
+        let out = client
+            .call_tool(params)
+            .await
+            .unwrap()
+            .structured_content
+            .unwrap();
+        for r in out["results"].as_array().unwrap() {
+            assert_eq!(r["status"], "scheduled", "{r}");
+            ids.push(r["message_id"].as_str().unwrap().to_owned());
+        }
+    }
+    let uri = |id: &str| format!("mailmux://messages/{id}");
+    let subscribe = |id: &str| client.subscribe(SubscribeRequestParams::new(uri(id)));
+    for id in &ids[..MAX_WATCHED] {
+        subscribe(id).await.unwrap();
+    }
+    // Again for one already watched: no new place taken.
+    subscribe(&ids[0]).await.unwrap();
+    let refused = subscribe(&ids[MAX_WATCHED]).await.unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains(&format!("{MAX_WATCHED} messages")),
+        "{refused}"
+    );
+
+    // A cancelled message is final: its update is the last, and its place
+    // is free again.
+    let params = CallToolRequestParams::new("cancel_message")
+        .with_arguments(json!({"message_id": ids[0]}).as_object().unwrap().clone());
+    let cancelled = client.call_tool(params).await.unwrap();
+    assert_ne!(cancelled.is_error, Some(true), "{cancelled:?}");
+    let told = support::wait_until(
+        || recorder.0.lock().unwrap().contains(&uri(&ids[0])),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(told, "no update for the cancelled message");
+    subscribe(&ids[MAX_WATCHED]).await.unwrap();
+    assert!(subscribe(&ids[1]).await.is_ok(), "one already watched");
+
+    // The client goes; once the daemon has seen its connection close, the
+    // next one's subscription takes a place of its.
+    client.cancel().await.unwrap();
+    let next = ().serve(serve_on(server)).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while let Err(e) = next
+        .subscribe(SubscribeRequestParams::new(uri(&ids[MAX_WATCHED + 1])))
+        .await
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the closed connection kept its places: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(smtp.messages().is_empty());
+}
+
 /// `subscriptions/listen` (protocol 2026-07-28): the stream carries a
 /// resource update for each state change of the message it names, and none
 /// for a URI that is not a message.
@@ -763,6 +862,26 @@ async fn a_listen_stream_carries_the_updates_of_its_messages() {
     assert!(seen.iter().all(|u| *u == uri), "{seen:?}");
     assert!(!seen.contains(&other_uri));
     assert_eq!(smtp.wait_messages(2).len(), 2);
+    sub.cancel().await.unwrap();
+
+    // A stream watches as many messages as a caller may, no more: the
+    // acknowledgment names those it took.
+    let max = mailmux::mcp::resources::MAX_WATCHED;
+    let many: Vec<String> = (0..=max)
+        .map(|i| format!("mailmux://messages/m{i}@mailmux.localhost"))
+        .collect();
+    let mut sub = client
+        .listen(
+            SubscriptionFilter::builder()
+                .resource_subscriptions(many.clone())
+                .build(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        sub.acknowledged().resource_subscriptions.as_deref(),
+        Some(&many[..max])
+    );
     sub.cancel().await.unwrap();
 }
 

@@ -592,6 +592,81 @@ async fn every_bypass_attempt_is_refused_before_any_mail_command() {
     }
 }
 
+/// Records the resource updates the daemon notifies.
+#[derive(Clone, Default)]
+struct Watcher(Arc<Mutex<Vec<String>>>);
+
+impl ClientHandler for Watcher {
+    async fn on_resource_updated(
+        &self,
+        params: rmcp::model::ResourceUpdatedNotificationParam,
+        _context: rmcp::service::NotificationContext<RoleClient>,
+    ) {
+        self.0.lock().unwrap().push(params.uri);
+    }
+}
+
+/// A subscription to a message's resource is its session's own: subscribing
+/// again changes nothing (one update per state change, not one per
+/// subscribe), and another caller's `resources/unsubscribe` of the same URI
+/// does not end it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(deprecated)] // resources/subscribe and unsubscribe, as 2025-11-25 clients send them
+async fn a_subscription_is_its_sessions_own_and_counted_once() {
+    use rmcp::model::UnsubscribeRequestParams;
+    let (sink, other) = servers().await;
+    let d = start(&sink, &other, "").await;
+    let watcher = Watcher::default();
+    let alpha = connect_with(&d, ALPHA, watcher.clone()).await;
+    let delta = connect(&d, DELTA).await;
+    let mut uris = Vec::new();
+    for subject in ["again", "unsubscribed by another"] {
+        let mut args = mail(json!(["a@example.org"]));
+        args["subject"] = json!(subject);
+        args["send_at"] = json!("2s");
+        let (is_error, out) = call(&alpha, "send_email", args).await;
+        assert!(!is_error && out["status"] == "scheduled", "{out}");
+        uris.push((
+            out["message_id"].as_str().unwrap().to_owned(),
+            format!("mailmux://messages/{}", out["message_id"].as_str().unwrap()),
+        ));
+    }
+    for _ in 0..40 {
+        alpha
+            .peer()
+            .subscribe(SubscribeRequestParams::new(uris[0].1.clone()))
+            .await
+            .unwrap();
+    }
+    alpha
+        .peer()
+        .subscribe(SubscribeRequestParams::new(uris[1].1.clone()))
+        .await
+        .unwrap();
+    delta
+        .peer()
+        .unsubscribe(UnsubscribeRequestParams::new(uris[1].1.clone()))
+        .await
+        .unwrap();
+    for (id, _) in &uris {
+        wait_status(&alpha, id, "sent").await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let updates = watcher.0.lock().unwrap().clone();
+    let of = |uri: &str| updates.iter().filter(|u| *u == uri).count();
+    // Queued, sending, sent: a few changes, each told once.
+    assert!(
+        (1..=4).contains(&of(&uris[0].1)),
+        "{} updates for one subscribed 40 times",
+        of(&uris[0].1)
+    );
+    assert!(
+        of(&uris[1].1) >= 1,
+        "another caller's unsubscribe ended alpha's subscription"
+    );
+    assert_eq!(sink.delivered().len(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_caller_has_its_own_rate_and_refusals_take_none() {
     let (sink, other) = servers().await;

@@ -75,7 +75,7 @@ impl Drop for Registered<'_> {
 
 /// The session of a request or notification: its `Mcp-Session-Id` header
 /// over HTTP, none over stdio.
-fn session(extensions: &Extensions) -> String {
+pub(crate) fn session(extensions: &Extensions) -> String {
     extensions
         .get::<axum::http::request::Parts>()
         .and_then(|p| p.headers.get("mcp-session-id"))

@@ -2203,7 +2203,8 @@ impl ServerHandler for MailmuxServer {
     }
 
     /// `subscriptions/listen` (2026-07-28): the message resources asked
-    /// for; the listen itself keeps those of the caller's own messages.
+    /// for, the first `MAX_WATCHED` of them (the acknowledgment names
+    /// those); the listen itself keeps those of the caller's own messages.
     fn accepted_subscription_filter(
         &self,
         requested: &SubscriptionFilter,
@@ -2213,6 +2214,7 @@ impl ServerHandler for MailmuxServer {
             .iter()
             .flatten()
             .filter(|uri| resources::message_id(uri).is_some())
+            .take(resources::MAX_WATCHED)
             .cloned()
             .collect();
         Some(
@@ -2225,12 +2227,12 @@ impl ServerHandler for MailmuxServer {
     async fn listen(&self, context: SubscriptionContext) -> Result<(), ErrorData> {
         let caller = caller_of(self, context.request_context())
             .ok_or_else(|| ErrorData::invalid_request(no_caller().message, None))?;
-        let mut ids = Vec::new();
+        let mut ids = std::collections::HashSet::new();
         for uri in context.accepted().resource_subscriptions.iter().flatten() {
             if let Some(id) = resources::message_id(uri)
                 && self.visible(&caller, id).await
             {
-                ids.push(id.to_owned());
+                ids.insert(id.to_owned());
             }
         }
         resources::listen(self.queue(), ids, context).await;
@@ -2251,20 +2253,32 @@ impl ServerHandler for MailmuxServer {
         if !self.visible(&caller, id).await {
             return Err(not_found());
         }
+        let session = super::cancel::session(&context.extensions);
         self.state
             .subscriptions
-            .subscribe(self.queue(), id, context.peer.clone());
-        Ok(())
+            .subscribe(
+                self.queue(),
+                &caller.name,
+                session,
+                id,
+                context.peer.clone(),
+            )
+            .map_err(|e| ErrorData::invalid_request(e.to_string(), None))
     }
 
     #[allow(deprecated)]
     async fn unsubscribe(
         &self,
         request: UnsubscribeRequestParams,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<(), ErrorData> {
+        let caller = caller_of(self, &context)
+            .ok_or_else(|| ErrorData::invalid_request(no_caller().message, None))?;
         if let Some(id) = resources::message_id(&request.uri) {
-            self.state.subscriptions.unsubscribe(id);
+            let session = super::cancel::session(&context.extensions);
+            self.state
+                .subscriptions
+                .unsubscribe(&caller.name, session, id);
         }
         Ok(())
     }
