@@ -77,7 +77,7 @@ path = "{audit}"
 allowed_recipients = ["@example.org", "boss@partner.net", "@*.corp.example"]
 rate = ["10/min"]
 
-# Tight limits.
+# Tight limits; hands off the relays.
 [[callers]]
 name = "alpha"
 token_env = "ALPHA_TOKEN"
@@ -85,6 +85,7 @@ allowed_senders = ["@example.org"]
 max_recipients = 3
 allow_bcc = false
 allowed_relays = ["sink"]
+relay_control = false
 
 # Preview only, to anyone.
 [[callers]]
@@ -590,6 +591,75 @@ async fn every_bypass_attempt_is_refused_before_any_mail_command() {
             "subscribed by {who}: {subscribed:?}"
         );
     }
+}
+
+/// A caller whose policy says `relay_control = false` is not shown the
+/// tools that act on every caller's relays, and each of them refuses it
+/// with `policy_denied` before it does anything: no pin, no reload, no
+/// reconnect, no probe (the SMTP servers see no NOOP). A caller with the
+/// default policy still has them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_without_relay_control_cannot_pin_reload_reconnect_or_probe() {
+    let (sink, other) = servers().await;
+    let d = start(&sink, &other, "").await;
+    let alpha = connect(&d, ALPHA).await;
+    let delta = connect(&d, DELTA).await;
+    const CONTROL: [&str; 4] = [
+        "switch_smtp_server",
+        "reload_smtp_configuration",
+        "reconnect_smtp_servers",
+        "test_smtp_connection",
+    ];
+    let names = |tools: Vec<rmcp::model::Tool>| -> Vec<String> {
+        tools.into_iter().map(|t| t.name.to_string()).collect()
+    };
+    let alphas = names(alpha.peer().list_all_tools().await.unwrap());
+    let deltas = names(delta.peer().list_all_tools().await.unwrap());
+    for tool in CONTROL {
+        assert!(!alphas.iter().any(|n| n == tool), "alpha is shown {tool}");
+        assert!(
+            deltas.iter().any(|n| n == tool),
+            "delta is not shown {tool}"
+        );
+    }
+    assert!(alphas.iter().any(|n| n == "send_email"));
+
+    let noops = || sink.verb_count("NOOP") + other.verb_count("NOOP");
+    let before = noops();
+    for (tool, args) in [
+        ("switch_smtp_server", json!({"server_name": "other"})),
+        ("switch_smtp_server", json!({"server_name": "auto"})),
+        ("reload_smtp_configuration", json!({})),
+        ("reconnect_smtp_servers", json!({})),
+        ("test_smtp_connection", json!({})),
+        ("test_smtp_connection", json!({"server_name": "sink"})),
+    ] {
+        let (is_error, out) = call(&alpha, tool, args).await;
+        assert!(is_error, "{tool}: {out}");
+        assert_eq!(out["error"]["code"], "policy_denied", "{tool}: {out}");
+        assert_eq!(out["error"]["rule"], "relay_control", "{tool}: {out}");
+    }
+    // Showing the selection is a read, which alpha may do; nothing is pinned.
+    let (is_error, shown) = call(&alpha, "switch_smtp_server", json!({})).await;
+    assert!(!is_error, "{shown}");
+    assert!(shown["pinned"].is_null(), "{shown}");
+    assert_eq!(noops(), before, "a refused probe reached a relay");
+    // Alpha still sends.
+    let (is_error, out) = call(&alpha, "send_email", mail(json!(["a@example.org"]))).await;
+    assert!(!is_error && out["status"] == "sent", "{out}");
+
+    // Delta, under the default policy, probes and pins.
+    let (is_error, out) = call(&delta, "test_smtp_connection", json!({})).await;
+    assert!(!is_error, "{out}");
+    assert!(noops() > before, "delta's probe sent no NOOP");
+    let (is_error, out) = call(
+        &delta,
+        "switch_smtp_server",
+        json!({"server_name": "other"}),
+    )
+    .await;
+    assert!(!is_error && out["pinned"] == "other", "{out}");
+    assert!(d.log().contains("relay control refused by policy"));
 }
 
 /// Records the resource updates the daemon notifies.

@@ -56,6 +56,7 @@ pub(crate) const POLICY_KEYS: &[&str] = &[
     "approval",
     "approval_ttl",
     "elicitation_timeout",
+    "relay_control",
 ];
 
 /// Keys of a `[[callers]]` or `[[operators]]` entry besides the policy keys.
@@ -360,6 +361,8 @@ pub(crate) struct RawPolicy {
     pub approval_ttl: Option<Dur>,
     /// How long a call waits for the user's approval form. Default: 5m.
     pub elicitation_timeout: Option<Dur>,
+    /// May pin, reload, reconnect and probe the relays. Default: true.
+    pub relay_control: Option<bool>,
 }
 
 /// A `[[callers]]` or `[[operators]]` entry: a name and one token form.

@@ -269,6 +269,10 @@ fn policy_table(
         p.allow_bcc = v;
         leaf(out, "allow_bcc", json!(v), &at("allow_bcc"));
     }
+    if let Some(v) = raw.relay_control {
+        p.relay_control = v;
+        leaf(out, "relay_control", json!(v), &at("relay_control"));
+    }
     for (field, v, slot) in [
         ("max_recipients", raw.max_recipients, &mut p.max_recipients),
         (

@@ -22,9 +22,9 @@ use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams,
     CancelledNotificationParam, ContentBlock, CustomRequest, CustomResult, Extensions,
     GetTaskParams, GetTaskResult, Implementation, ListResourceTemplatesResult, ListResourcesResult,
-    PaginatedRequestParams, ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult,
-    Resource, ResourceContents, ResourceTemplate, ServerCapabilities, ServerConfig,
-    SubscribeRequestParams, SubscriptionFilter, UnsubscribeRequestParams,
+    ListToolsResult, PaginatedRequestParams, ReadResourceRequestParams, ReadResourceResponse,
+    ReadResourceResult, Resource, ResourceContents, ResourceTemplate, ServerCapabilities,
+    ServerConfig, SubscribeRequestParams, SubscriptionFilter, UnsubscribeRequestParams,
 };
 use rmcp::service::{NotificationContext, Peer, RequestContext, SubscriptionContext};
 use rmcp::{ErrorData, ServerHandler, tool, tool_handler, tool_router};
@@ -275,6 +275,40 @@ fn no_caller() -> ToolError {
     )
 }
 
+/// The tools that act on the relays every caller shares, which a caller
+/// uses only under `relay_control` (switch_smtp_server only to pin or
+/// unpin; showing the selection is a read).
+pub const RELAY_CONTROL_TOOLS: &[&str] = &[
+    "switch_smtp_server",
+    "reload_smtp_configuration",
+    "reconnect_smtp_servers",
+    "test_smtp_connection",
+];
+
+/// The refusal of `tool` to a caller whose policy keeps it off the
+/// relays, if it is one.
+fn relay_control(caller: Option<&Caller>, tool: &str) -> Option<ToolError> {
+    let Some(caller) = caller else {
+        return Some(no_caller());
+    };
+    if caller.policy.relay_control {
+        return None;
+    }
+    tracing::warn!(caller = %caller.name, tool, "relay control refused by policy");
+    Some(ToolError {
+        rule: Some("relay_control".into()),
+        ..ToolError::new(
+            "policy_denied",
+            format!(
+                "caller {:?} may not use {tool}: its policy has relay_control = false \
+                 (pinning, reloading, reconnecting and probing act on every caller's relays); \
+                 nothing was done",
+                &*caller.name
+            ),
+        )
+    })
+}
+
 /// A call its client cancelled before anything of it was stored.
 fn cancelled_call() -> ToolError {
     ToolError::new("cancelled", QueueError::Cancelled.to_string())
@@ -489,8 +523,10 @@ impl MailmuxServer {
     pub async fn test_smtp_connection(
         &self,
         params: Parameters<Checked<ServerNameParams>>,
+        ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
         let span = tool_span("test_smtp_connection");
+        let caller = caller_of(self, &ctx);
         async move {
             if self.is_closing() {
                 return fail::<ProbeResult>(ToolError::unavailable());
@@ -499,6 +535,9 @@ impl MailmuxServer {
                 Ok(p) => p.server_name,
                 Err(e) => return fail::<ProbeResult>(shape(e)),
             };
+            if let Some(e) = relay_control(caller.as_deref(), "test_smtp_connection") {
+                return fail::<ProbeResult>(e);
+            }
             if let Some(n) = &name {
                 tracing::Span::current().record("relay", &*logged(n));
             }
@@ -629,8 +668,10 @@ impl MailmuxServer {
     pub async fn switch_smtp_server(
         &self,
         params: Parameters<Checked<ServerNameParams>>,
+        ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
         let span = tool_span("switch_smtp_server");
+        let caller = caller_of(self, &ctx);
         async move {
             if self.is_closing() {
                 return fail::<SwitchResult>(ToolError::unavailable());
@@ -639,6 +680,14 @@ impl MailmuxServer {
                 Ok(p) => p.server_name,
                 Err(e) => return fail::<SwitchResult>(shape(e)),
             };
+            if name.is_some()
+                && let Some(e) = relay_control(caller.as_deref(), "switch_smtp_server")
+            {
+                return fail::<SwitchResult>(ToolError {
+                    field: Some("server_name".into()),
+                    ..e
+                });
+            }
             let dispatcher = self.dispatcher();
             let (selection, verb) = match name.as_deref() {
                 None => (dispatcher.selection().await, "current selection"),
@@ -687,10 +736,15 @@ impl MailmuxServer {
     pub async fn reload_smtp_configuration(
         &self,
         params: Parameters<Checked<NoParams>>,
+        ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
+        let caller = caller_of(self, &ctx);
         async move {
             if let Err(e) = params.0.0 {
                 return fail::<ReloadResult>(shape(e));
+            }
+            if let Some(e) = relay_control(caller.as_deref(), "reload_smtp_configuration") {
+                return fail::<ReloadResult>(e);
             }
             self.reload_inner().await
         }
@@ -708,11 +762,16 @@ impl MailmuxServer {
     pub async fn reconnect_smtp_servers(
         &self,
         params: Parameters<Checked<NoParams>>,
+        ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
         let span = tool_span("reconnect_smtp_servers");
+        let caller = caller_of(self, &ctx);
         async move {
             if let Err(e) = params.0.0 {
                 return fail::<ReconnectResult>(shape(e));
+            }
+            if let Some(e) = relay_control(caller.as_deref(), "reconnect_smtp_servers") {
+                return fail::<ReconnectResult>(e);
             }
             if self.is_closing() {
                 return fail::<ReconnectResult>(ToolError::unavailable());
@@ -2073,6 +2132,21 @@ impl ServerHandler for MailmuxServer {
         };
         crate::telemetry::call(tool, outcome);
         result
+    }
+
+    /// Every tool, but those that act on the relays to a caller whose
+    /// policy keeps it off them (`relay_control = false`). Such a list is
+    /// the caller's own: rmcp marks it private for clients that cache.
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        let mut tools = self.tool_router.list_all();
+        if caller_of(self, &context).is_some_and(|c| !c.policy.relay_control) {
+            tools.retain(|t| !RELAY_CONTROL_TOOLS.contains(&t.name.as_ref()));
+        }
+        Ok(ListToolsResult::with_all_items(tools))
     }
 
     /// A client cancelled one of its calls: a send that waits cancels its

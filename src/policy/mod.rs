@@ -5,7 +5,8 @@
 //! The checks run in a fixed order: identity (the transport names the
 //! caller), policy ([`Caller::check`]), rate ([`Caller::take_rate`]),
 //! approval (the verdict of the policy check), then the queue. A refused
-//! message takes no rate and nothing is queued.
+//! message takes no rate and nothing is queued. A policy also says whether
+//! its caller may act on the relays every caller shares (`relay_control`).
 
 pub mod rate;
 pub mod rules;
@@ -70,6 +71,10 @@ pub struct Policy {
     pub approval_ttl: Duration,
     /// How long a call waits for the user's answer to an approval form.
     pub elicitation_timeout: Duration,
+    /// May use the tools that act on the relays of every caller
+    /// (`switch_smtp_server` to pin, `reload_smtp_configuration`,
+    /// `reconnect_smtp_servers`, `test_smtp_connection`).
+    pub relay_control: bool,
 }
 
 impl Default for Policy {
@@ -86,6 +91,7 @@ impl Default for Policy {
             approval: Approval::Never,
             approval_ttl: Duration::from_secs(3600),
             elicitation_timeout: Duration::from_secs(300),
+            relay_control: true,
         }
     }
 }
