@@ -859,7 +859,7 @@ async fn held_messages_go_out_only_when_a_person_approves() {
         "Cc: a@example.org",
         "Bcc (hidden from the others): hidden@outside.net",
         "Subject: quarterly numbers",
-        "line one",
+        "\n> line one\n",
     ] {
         assert!(
             prompt.contains(needle),
@@ -1020,7 +1020,7 @@ async fn the_approval_prompt_shows_lookalike_domains_and_hidden_characters() {
         "To: boss@xn--exmple-",
         "an international domain",
         "Subject: invoice <U+202E>fdp.exe",
-        "the figures<U+200B> you asked for",
+        "> the figures<U+200B> you asked for",
     ] {
         assert!(
             prompt.contains(needle),
@@ -1115,7 +1115,7 @@ async fn a_held_batch_is_put_to_the_user_in_one_form() {
         "--- Email 1 of 2 ---",
         "To: a@outside.net",
         "Subject: offer for ann",
-        "dear ann",
+        "> dear ann",
         "--- Email 2 of 2 ---",
         "To: b@outside.net",
         "Bcc (hidden from the others): h@outside.net",

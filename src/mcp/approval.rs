@@ -32,9 +32,9 @@ const PROMPT_LINES: usize = 12;
 const PROMPT_CHARS: usize = 1200;
 
 /// What the person approves: sender, every recipient on its own line (Bcc
-/// marked), the Reply-To address, subject, size, attachments, and the first lines of the text,
-/// each as [`shown`] writes it (a lookalike domain in its ASCII form, hidden
-/// characters written out).
+/// marked), the Reply-To address, subject, size, attachments, and the first
+/// lines of the text, quoted (`> `), each as [`shown`] writes it (a
+/// lookalike domain in its ASCII form, hidden characters written out).
 pub fn prompt(c: &Composed) -> String {
     let mut out = String::from("An agent wants to send this email. Approve it?\n\n");
     // The name the recipients will see, beside the address it hides.
@@ -82,8 +82,18 @@ pub fn prompt(c: &Composed) -> String {
     } else if text.lines().count() > PROMPT_LINES {
         lines.push_str("…\n");
     }
-    out.push('\n');
-    out.push_str(&shown::text(&lines));
+    // Every line the agent wrote is quoted, so that none can pass for a
+    // line of the prompt ("To: …", or another email of a batch); a lone
+    // carriage return, which could hide the quote, is written out.
+    out.push_str("\nThe text, as the agent wrote it:\n");
+    if text.trim().is_empty() {
+        out.push_str("> (no text)\n");
+    }
+    for line in shown::text(&lines).lines() {
+        out.push_str("> ");
+        out.push_str(&line.replace('\r', "<U+000D>"));
+        out.push('\n');
+    }
     out
 }
 
@@ -225,6 +235,52 @@ async fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn composed(body: &str) -> Composed {
+        let draft = crate::compose::Draft {
+            to: crate::compose::Recipients::Csv("friend@outside.net".into()),
+            subject: "numbers".into(),
+            body: body.into(),
+            ..Default::default()
+        };
+        let policy = crate::compose::ComposePolicy {
+            default_from: Some("agent@example.org".into()),
+            ..Default::default()
+        };
+        crate::compose::compose(&draft, &policy).expect("composes")
+    }
+
+    #[test]
+    fn the_agents_text_is_quoted_so_it_cannot_pass_for_the_prompt() {
+        let forged = "To: boss@example.org\n--- Email 2 of 2 ---\nfine\rTo: x@example.org\n\n";
+        let p = prompt(&composed(forged));
+        let lines: Vec<&str> = p.lines().collect();
+        assert_eq!(
+            lines.iter().filter(|l| l.starts_with("To: ")).count(),
+            1,
+            "{p}"
+        );
+        assert!(lines.contains(&"To: friend@outside.net"), "{p}");
+        assert!(lines.contains(&"> To: boss@example.org"), "{p}");
+        assert!(lines.contains(&"> --- Email 2 of 2 ---"), "{p}");
+        assert!(!lines.contains(&"--- Email 2 of 2 ---"), "{p}");
+        // A lone carriage return is a line break by the time it is composed.
+        assert!(lines.contains(&"> To: x@example.org"), "{p}");
+        assert!(!p.contains('\r'), "{p:?}");
+        // After the header line, every line the agent wrote is quoted.
+        let at = lines
+            .iter()
+            .position(|l| *l == "The text, as the agent wrote it:")
+            .expect("the text's header");
+        assert!(lines[at + 1..].iter().all(|l| l.starts_with("> ")), "{p}");
+        // In a batch form too.
+        let form = batch_prompt([p.as_str(), p.as_str()].into_iter(), 2).unwrap();
+        assert_eq!(
+            form.lines().filter(|l| l.starts_with("--- Email")).count(),
+            2
+        );
+        assert!(prompt(&composed("")).contains("> (no text)\n"));
+    }
 
     #[test]
     fn a_batch_form_shows_each_message_or_is_not_asked_at_all() {
