@@ -156,14 +156,29 @@ async fn start_with(config: impl FnOnce(&Path) -> String) -> Daemon {
     let text = config(dir.path());
     let config = dir.path().join("mailmux.toml");
     std::fs::write(&config, text).unwrap();
+    let (child, base) = spawn(dir.path(), &config).await;
+    Daemon {
+        child,
+        dir,
+        base,
+        config,
+    }
+}
+
+/// The daemon over HTTP on a free port, in `dir`, once it answers.
+async fn spawn(dir: &Path, config: &Path) -> (Child, String) {
     let port = common::free_port();
-    let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("daemon.log"))
+        .unwrap();
     let child = envs(&mut Command::new(env!("CARGO_BIN_EXE_mailmux")))
         .arg("--config")
-        .arg(&config)
+        .arg(config)
         .args(["serve", "--http", &format!("127.0.0.1:{port}")])
         .env("RUST_LOG", "info")
-        .current_dir(dir.path())
+        .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -176,15 +191,19 @@ async fn start_with(config: impl FnOnce(&Path) -> String) -> Daemon {
         assert!(Instant::now() < deadline, "the daemon never answered");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Daemon {
-        child,
-        dir,
-        base,
-        config,
-    }
+    (child, base)
 }
 
 impl Daemon {
+    /// SIGKILL, then the daemon again over the same store and configuration.
+    async fn kill9_and_restart(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().unwrap();
+        let (child, base) = spawn(self.dir.path(), &self.config).await;
+        self.child = child;
+        self.base = base;
+    }
+
     fn audit(&self) -> Vec<Value> {
         read_lines(&self.dir.path().join("audit.jsonl"))
     }
@@ -826,6 +845,61 @@ async fn an_idempotency_key_is_each_callers_own() {
     assert!(sink.wait_for_delivered(2, Duration::from_secs(10)).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(sink.delivered().len(), 2, "each caller's message once");
+}
+
+/// Two callers' messages under one key, accepted and killed with SIGKILL
+/// before delivery: after the restart each caller's repeat replays its own
+/// message, the other caller's content under that key is a conflict, and
+/// the sink gets each message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_stays_each_callers_own_across_a_crash() {
+    let (sink, other) = servers().await;
+    let mut d = start(&sink, &other, "").await;
+    let keyed = |subject: &str| {
+        json!({"to": ["order@example.org"], "subject": subject, "body": BODY_MARKER,
+               "idempotency_key": "order-42", "send_at": "3s", "wait": false})
+    };
+    let mut ids = Vec::new();
+    {
+        let alpha = connect(&d, ALPHA).await;
+        let delta = connect(&d, DELTA).await;
+        for (c, subject) in [(&alpha, "for alpha"), (&delta, "for delta")] {
+            let (is_error, out) = call(c, "send_email", keyed(subject)).await;
+            assert!(!is_error && out["status"] == "scheduled", "{out}");
+            ids.push(out["message_id"].as_str().unwrap().to_owned());
+        }
+    }
+    d.kill9_and_restart().await;
+    let alpha = connect(&d, ALPHA).await;
+    let delta = connect(&d, DELTA).await;
+    for (c, subject, id) in [
+        (&alpha, "for alpha", &ids[0]),
+        (&delta, "for delta", &ids[1]),
+    ] {
+        let (is_error, out) = call(c, "send_email", keyed(subject)).await;
+        assert!(!is_error, "{out}");
+        assert_eq!(out["idempotent_replay"], true, "{out}");
+        assert_eq!(out["message_id"], id.as_str(), "{out}");
+    }
+    let (is_error, out) = call(&alpha, "send_email", keyed("for delta")).await;
+    assert!(is_error, "{out}");
+    assert_eq!(out["error"]["code"], "idempotency_conflict", "{out}");
+    for (c, id) in [(&alpha, &ids[0]), (&delta, &ids[1])] {
+        wait_status(c, id, "sent").await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut subjects: Vec<String> = sink
+        .delivered()
+        .iter()
+        .map(|r| {
+            let text = String::from_utf8_lossy(&r.data).to_string();
+            text.lines()
+                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_owned))
+                .unwrap_or_default()
+        })
+        .collect();
+    subjects.sort();
+    assert_eq!(subjects, ["for alpha", "for delta"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
