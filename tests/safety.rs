@@ -31,6 +31,7 @@ const ALPHA: &str = "alpha-token-5b0e";
 const BETA: &str = "beta-token-91c4";
 const GAMMA: &str = "gamma-token-0d7a";
 const DELTA: &str = "delta-token-3f21";
+const ETA: &str = "eta-token-a81f";
 const OPS: &str = "operator-token-77aa";
 /// A body and a password that must never appear in the audit log.
 const BODY_MARKER: &str = "BODY-MARKER-d41d8cd9";
@@ -107,6 +108,13 @@ elicitation_timeout = "2s"
 name = "delta"
 token_env = "DELTA_TOKEN"
 
+# Outside the allowlist: held for an operator, whatever its client answers.
+[[callers]]
+name = "eta"
+token_env = "ETA_TOKEN"
+approval = "outside_allowlist"
+approver = "operator"
+
 [[operators]]
 name = "ops"
 token_env = "OPS_TOKEN"
@@ -143,6 +151,7 @@ fn envs(cmd: &mut Command) -> &mut Command {
         .env("ALPHA_TOKEN", ALPHA)
         .env("GAMMA_TOKEN", GAMMA)
         .env("DELTA_TOKEN", DELTA)
+        .env("ETA_TOKEN", ETA)
         .env("OPS_TOKEN", OPS)
 }
 
@@ -1061,6 +1070,45 @@ async fn held_messages_go_out_only_when_a_person_approves() {
     assert_eq!(sent["mailmux"]["smtp_code"], 250);
     assert_eq!(sent["mailmux"]["relay"], "sink");
     assert_eq!(actions(&id), ["held", "expired"]);
+}
+
+/// A caller whose policy says `approver = "operator"` is never put an
+/// approval form, even by a client that declares elicitation and would
+/// approve anything: its held mail, one message or a batch, waits for an
+/// operator, and goes out only when one approves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_mail_of_a_caller_approved_by_operators_only_is_never_put_to_its_client() {
+    let (sink, other) = servers().await;
+    let d = start(&sink, &other, "").await;
+    let eager = Approver {
+        answer: Answer::Approve,
+        prompts: Arc::new(Mutex::new(Vec::new())),
+    };
+    let eta = connect_with(&d, ETA, eager.clone()).await;
+    let (is_error, out) = call(&eta, "send_email", mail(json!(["friend@outside.net"]))).await;
+    assert!(!is_error && out["status"] == "held", "{out}");
+    let id = out["message_id"].as_str().unwrap().to_owned();
+    let (is_error, out) = call(
+        &eta,
+        "send_batch",
+        json!({"defaults": {"subject": "offer", "body": "hello"},
+               "messages": [{"to": ["a@outside.net"]}, {"to": ["b@outside.net"]}]}),
+    )
+    .await;
+    assert!(!is_error, "{out}");
+    assert_eq!(out["summary"], json!({"held": 2}), "{out}");
+    assert!(
+        eager.prompts.lock().unwrap().is_empty(),
+        "a form was put to the client"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(sink.delivered().is_empty());
+    assert!(d.log().contains("approved by an operator only"));
+
+    let (ok, text) = d.queue_cmd("approve", &id, Some(OPS));
+    assert!(ok, "{text}");
+    wait_status(&eta, &id, "sent").await;
+    assert_eq!(sink.delivered().len(), 1);
 }
 
 /// The person asked to approve reads where the mail goes, not what the agent

@@ -56,6 +56,7 @@ pub(crate) const POLICY_KEYS: &[&str] = &[
     "approval",
     "approval_ttl",
     "elicitation_timeout",
+    "approver",
     "relay_control",
 ];
 
@@ -361,6 +362,8 @@ pub(crate) struct RawPolicy {
     pub approval_ttl: Option<Dur>,
     /// How long a call waits for the user's approval form. Default: 5m.
     pub elicitation_timeout: Option<Dur>,
+    /// `user` | `operator`: who may release a held message. Default: `user`.
+    pub approver: Option<String>,
     /// May pin, reload, reconnect and probe the relays. Default: true.
     pub relay_control: Option<bool>,
 }

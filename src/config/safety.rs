@@ -13,8 +13,8 @@ use crate::audit::AuditSettings;
 use crate::policy::rate::RateRule;
 use crate::policy::rules::AddressRule;
 use crate::policy::{
-    Approval, CallerSettings, DEFAULT_CALLER, Mode, OperatorSettings, Policy, SafetySettings,
-    TokenHash, hash_token,
+    Approval, Approver, CallerSettings, DEFAULT_CALLER, Mode, OperatorSettings, Policy,
+    SafetySettings, TokenHash, hash_token,
 };
 
 const STDIO_CALLER: &str = "local";
@@ -268,6 +268,15 @@ fn policy_table(
     if let Some(v) = raw.allow_bcc {
         p.allow_bcc = v;
         leaf(out, "allow_bcc", json!(v), &at("allow_bcc"));
+    }
+    if let Some(v) = &raw.approver {
+        let a = at("approver");
+        p.approver = match v.as_str() {
+            "user" => Approver::User,
+            "operator" => Approver::Operator,
+            other => return Err(a.err(format!("{other:?}: expected \"user\" or \"operator\""))),
+        };
+        leaf(out, "approver", json!(v), &a);
     }
     if let Some(v) = raw.relay_control {
         p.relay_control = v;

@@ -15,7 +15,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::compose::Composed;
-use crate::policy::{Caller, shown};
+use crate::policy::{Approver, Caller, shown};
 
 /// The form: one boolean.
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -161,9 +161,16 @@ fn batch_prompt<'a>(prompts: impl Iterator<Item = &'a str>, n: usize) -> Option<
 }
 
 /// Puts `prompt` to the client's user: `Some(true)` to approve,
-/// `Some(false)` to reject, `None` when the client cannot be asked or did
-/// not answer.
+/// `Some(false)` to reject, `None` when the client cannot be asked, the
+/// caller's policy leaves its messages to an operator (`approver =
+/// "operator"`), or nobody answered.
 async fn ask(peer: &Peer<RoleServer>, caller: &Caller, prompt: &str) -> Option<bool> {
+    if caller.policy.approver == Approver::Operator {
+        tracing::info!(
+            "held for approval; this caller's messages are approved by an operator only"
+        );
+        return None;
+    }
     if !peer
         .supported_elicitation_modes()
         .contains(&rmcp::service::ElicitationMode::Form)

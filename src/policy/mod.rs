@@ -52,6 +52,26 @@ impl Approval {
     }
 }
 
+/// Who may release a caller's held messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Approver {
+    /// The user of the caller's MCP client, through elicitation, or an
+    /// operator.
+    User,
+    /// An operator only: no form is put to the client, whose answers may
+    /// come from the agent itself.
+    Operator,
+}
+
+impl Approver {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Approver::User => "user",
+            Approver::Operator => "operator",
+        }
+    }
+}
+
 /// One caller's rules (the `[policy]` table with the caller's overrides).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
@@ -71,6 +91,8 @@ pub struct Policy {
     pub approval_ttl: Duration,
     /// How long a call waits for the user's answer to an approval form.
     pub elicitation_timeout: Duration,
+    /// Who may release a held message.
+    pub approver: Approver,
     /// May use the tools that act on the relays of every caller
     /// (`switch_smtp_server` to pin, `reload_smtp_configuration`,
     /// `reconnect_smtp_servers`, `test_smtp_connection`).
@@ -91,6 +113,7 @@ impl Default for Policy {
             approval: Approval::Never,
             approval_ttl: Duration::from_secs(3600),
             elicitation_timeout: Duration::from_secs(300),
+            approver: Approver::User,
             relay_control: true,
         }
     }
