@@ -435,6 +435,24 @@ async fn every_bypass_attempt_is_refused_before_any_mail_command() {
         ),
         (
             &alpha,
+            "percent hack inside an allowed domain",
+            mail(json!(["drop%attacker.net@example.org"])),
+            "to[0]",
+        ),
+        (
+            &delta,
+            "bang path inside an allowed domain",
+            mail(json!(["attacker.net!drop@example.org"])),
+            "to[0]",
+        ),
+        (
+            &delta,
+            "percent hack inside an allowed subdomain",
+            mail(json!(["drop%attacker.net@mail.corp.example"])),
+            "to[0]",
+        ),
+        (
+            &alpha,
             "the subdomain rule's own domain",
             mail(json!(["x@corp.example"])),
             "to[0]",

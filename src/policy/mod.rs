@@ -52,6 +52,17 @@ impl Approval {
     }
 }
 
+/// Why an address that a domain rule seems to cover is not covered: its
+/// local part routes to another domain. Empty for any other address.
+fn routed(address: &lettre::Address) -> &'static str {
+    if rules::routes_on(address.user()) {
+        " (its local part holds % or !, which mail servers such as Postfix \
+         follow to another domain: only an exact entry admits it)"
+    } else {
+        ""
+    }
+}
+
 /// Who may release a caller's held messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Approver {
@@ -249,8 +260,10 @@ impl Caller {
                 "from_email",
                 "sender_not_allowed",
                 format!(
-                    "{} is not among the senders caller {:?} may use",
-                    c.from, self.name
+                    "{} is not among the senders caller {:?} may use{}",
+                    c.from,
+                    self.name,
+                    routed(&c.from)
                 ),
             ));
         }
@@ -328,8 +341,9 @@ impl Caller {
                 format!("{list}[{i}]"),
                 "recipient_not_allowed",
                 format!(
-                    "{address} is not among the recipients caller {:?} may mail",
-                    self.name
+                    "{address} is not among the recipients caller {:?} may mail{}",
+                    self.name,
+                    routed(address)
                 ),
             )),
             (Approval::Never, None, Some(address)) => Err(Denied::new(
@@ -337,8 +351,9 @@ impl Caller {
                 "reply_to_not_allowed",
                 format!(
                     "{address} is not among the recipients caller {:?} may mail, nor its own \
-                     address: replies would go there",
-                    self.name
+                     address: replies would go there{}",
+                    self.name,
+                    routed(address)
                 ),
             )),
             _ => Ok(Verdict::Send),

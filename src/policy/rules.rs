@@ -5,6 +5,13 @@
 //! `bücher.example` and `xn--bcher-kva.example` are one domain and a
 //! look-alike in another script is another. Local parts are compared
 //! exactly (RFC 5321 makes them case-sensitive).
+//!
+//! A local part that holds `%` or `!` never matches a domain rule: mail
+//! servers such as Postfix (`allow_percent_hack`, `swap_bangpath`, both on
+//! by default) deliver `drop%attacker.net@example.org` and
+//! `attacker.net!drop@example.org` to `drop@attacker.net` when example.org
+//! is their own domain, so `@example.org` would admit any address. Only an
+//! exact entry admits such an address.
 
 use lettre::Address;
 
@@ -79,12 +86,21 @@ impl AddressRule {
         match self {
             AddressRule::Any => true,
             AddressRule::Exact { local: l, domain } => l == local && domain == ascii,
-            AddressRule::Domain(domain) => domain == ascii,
-            AddressRule::Subdomains(domain) => ascii
-                .strip_suffix(domain.as_str())
-                .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+            AddressRule::Domain(domain) => domain == ascii && !routes_on(local),
+            AddressRule::Subdomains(domain) => {
+                !routes_on(local)
+                    && ascii
+                        .strip_suffix(domain.as_str())
+                        .is_some_and(|head| head.len() > 1 && head.ends_with('.'))
+            }
         }
     }
+}
+
+/// Whether a local part holds a route to another domain (`user%domain`,
+/// `domain!user`), which some mail servers follow.
+pub fn routes_on(local: &str) -> bool {
+    local.contains(['%', '!'])
 }
 
 /// Whether `address` matches any of `rules`. An address whose domain IDNA
@@ -129,6 +145,27 @@ mod tests {
         assert!(!allowed(&r, &addr("a@example.org")));
         assert!(!allowed(&r, &addr("a@badexample.org")));
         assert!(!allowed(&r, &addr("a@example.org.attacker.net")));
+    }
+
+    #[test]
+    fn a_local_part_that_routes_elsewhere_matches_no_domain_rule() {
+        let r = rules(&["@example.org", "@*.example.org"]);
+        for routed in [
+            "drop%attacker.net@example.org",
+            "attacker.net!drop@example.org",
+            "drop%attacker.net@mail.example.org",
+            "a!b%c@example.org",
+        ] {
+            assert!(!allowed(&r, &addr(routed)), "{routed}");
+        }
+        assert!(allowed(&r, &addr("first.last+tag@example.org")));
+        // Written out exactly, an operator admits it.
+        let exact = rules(&["team%sales@example.org"]);
+        assert!(allowed(&exact, &addr("team%sales@example.org")));
+        assert!(allowed(
+            &rules(&["*"]),
+            &addr("drop%attacker.net@example.org")
+        ));
     }
 
     #[test]
