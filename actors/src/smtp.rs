@@ -222,6 +222,7 @@ pub(crate) async fn dial(
         )
     })?;
     let hello = ClientId::Domain(s.hello_name.clone());
+    let tcp = Unanswered::new(tcp);
 
     let stream: Box<dyn AsyncTokioStream> = if s.tls == TlsMode::Implicit {
         let params = tls_parameters(s)?;
@@ -750,6 +751,90 @@ pub(crate) async fn probe(s: &SmtpSettings, t: &Timeouts) -> Result<Probed, Fail
     let latency = started.elapsed();
     conn.quit(t.command).await;
     Ok(Probed { tls, latency })
+}
+
+/// The most a server may send between two writes of ours. A reply is a
+/// few hundred bytes (lettre refuses one past 100,000), a pipelined round a
+/// few replies, and a TLS handshake's flight some kilobytes.
+const MAX_UNANSWERED: usize = 1 << 20;
+
+/// The relay's socket, which fails a read once the server has sent more
+/// than [`MAX_UNANSWERED`] bytes since mailmux last wrote to it. lettre
+/// reads a reply's line whole before it checks its length, so a server (or
+/// anyone in the path of a plaintext greeting before STARTTLS) that never
+/// ends a line would otherwise be held in memory until the phase's timeout:
+/// 2 GB in 10 s over loopback. Below TLS, so that it counts every byte.
+#[derive(Debug)]
+struct Unanswered {
+    tcp: TcpStream,
+    read: usize,
+}
+
+impl Unanswered {
+    fn new(tcp: TcpStream) -> Self {
+        Unanswered { tcp, read: 0 }
+    }
+}
+
+impl AsyncTokioStream for Unanswered {
+    fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp.peer_addr()
+    }
+}
+
+impl AsyncRead for Unanswered {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.read > MAX_UNANSWERED {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the server sent more than {MAX_UNANSWERED} bytes without a command to answer"
+                ),
+            )));
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        self.read += buf.filled().len() - before;
+        polled
+    }
+}
+
+impl AsyncWrite for Unanswered {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.tcp).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.read = 0;
+        }
+        polled
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.read = 0;
+        }
+        polled
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
 }
 
 /// A TLS stream that lettre set up over our own socket, handed back to lettre

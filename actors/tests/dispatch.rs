@@ -606,6 +606,44 @@ async fn a_hang_at_each_phase_is_bounded_and_the_actors_stay_responsive() {
     }
 }
 
+/// A server that begins a reply and never ends its line is cut off after a
+/// bounded read, long before the phase's timeout, and the message fails
+/// over; after the final ".", the same flood leaves the message `unknown`.
+#[tokio::test]
+async fn an_endless_reply_is_cut_off_before_it_fills_memory() {
+    for phase in [Phase::Greeting, Phase::Ehlo, Phase::Mail, Phase::AfterDot] {
+        let a = FaultSmtp::start(Script::ok().on(phase, Action::Flood)).await;
+        let b = FaultSmtp::start(Script::ok()).await;
+        let mut primary = relay("primary", a.port(), 10);
+        primary.timeouts = Timeouts::uniform(Duration::from_secs(20));
+        let d = Dispatcher::start(settings(
+            vec![primary, relay("backup", b.port(), 1)],
+            Strategy::Priority,
+        ))
+        .await
+        .unwrap();
+        let m = mail();
+        let id = m.message_id.clone();
+        let started = Instant::now();
+        let r = d.send(m).await;
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(10), "{phase:?}: took {took:?}");
+        let first = &r.attempts[0];
+        assert!(
+            first.detail.contains("without a command to answer"),
+            "{phase:?}: {first:?}"
+        );
+        if phase == Phase::AfterDot {
+            assert_eq!(r.status, Status::Unknown, "{phase:?}: {r:?}");
+            assert_eq!(copies(&b, &id), 0);
+        } else {
+            assert_eq!(r.status, Status::Sent, "{phase:?}: {r:?}");
+            assert_eq!(first.class, Some(FailureClass::RelayFault), "{phase:?}");
+            assert_eq!(copies(&b, &id), 1);
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_backed_off_relay_is_probed_and_comes_back() {
     let a = FaultSmtp::start(Script::ok().on(Phase::Greeting, Action::reply(421, "down"))).await;

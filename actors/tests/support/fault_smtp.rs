@@ -1,6 +1,6 @@
 //! A scriptable, fault-injecting SMTP server on 127.0.0.1 for tests: a [`Script`]
 //! says what to answer at each phase (a normal reply, a 4xx/5xx, a hang, a closed
-//! connection), and the server records every transaction and connection it saw.
+//! connection, an endless reply), and the server records every transaction and connection it saw.
 //! It is a test double, not a mail server: it stores nothing on disk and relays nothing.
 
 use std::collections::HashMap;
@@ -66,6 +66,9 @@ pub enum Action {
     Hang,
     /// Drop the connection without a word.
     Close,
+    /// Begin a reply and never end its line: bytes without a line break
+    /// until the client goes away.
+    Flood,
 }
 
 impl Action {

@@ -141,6 +141,12 @@ impl Session {
             }
             Action::Hang => Ok(Some(End::Hang)),
             Action::Close => Ok(Some(End::Closed)),
+            Action::Flood => {
+                let chunk = vec![b'x'; 64 * 1024];
+                conn.write_all(b"250-").await?;
+                while conn.write_all(&chunk).await.is_ok() {}
+                Ok(Some(End::Closed))
+            }
         }
     }
 
@@ -418,7 +424,7 @@ impl Session {
             Action::Ok => AfterDot::Delivered,
             Action::Reply(code, _) => AfterDot::Replied(*code),
             Action::Hang => AfterDot::Hung,
-            Action::Close => AfterDot::Closed,
+            Action::Close | Action::Flood => AfterDot::Closed,
         };
         // Recorded before the reply goes out, so a client that saw the reply sees the record.
         lock(&self.shared.received).push(Received {
