@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_imap::{Client, Session};
+use mailmux_actors::net::Unanswered;
 use mailmux_actors::queue::{
     CopyDue, Delivered, Drain, Event, Millis, Observer, Queue, now_millis,
 };
@@ -331,7 +332,17 @@ impl Observer for SentCopies {
     }
 }
 
-type Stream = Either<TcpStream, TlsStream<TcpStream>>;
+/// The IMAP server's socket: reads bounded between two commands of ours.
+type Socket = Unanswered<TcpStream>;
+type Stream = Either<Socket, TlsStream<Socket>>;
+
+/// The most an IMAP server may send between two commands of ours: the
+/// answers mailmux reads (a greeting, the LIST of the folders, APPEND's
+/// tagged reply) are small. async-imap would otherwise buffer up to 512 MiB
+/// of an answer that never ends, and parse the whole of it again at each
+/// read: with 4 MiB allowed, one such greeting kept a copier busy past 30 s
+/// (debug build); with 1 MiB it is cut off at once.
+const MAX_UNANSWERED: usize = 1 << 20;
 
 /// One worker of a relay's copies.
 struct Copier {
@@ -576,6 +587,7 @@ async fn open(s: &SentCopySettings, fresh: bool) -> Result<(Session<Stream>, Str
         .await
         .map_err(|e| format!("connect to {}:{}: {e}", s.host, s.port))?;
     let _ = tcp.set_nodelay(true);
+    let tcp = Unanswered::new(tcp, MAX_UNANSWERED);
     let stream: Stream = match s.tls {
         ImapTls::Implicit => Either::Right(tls(s, tcp).await?),
         _ => Either::Left(tcp),
@@ -665,7 +677,7 @@ impl async_imap::Authenticator for XOAuth2 {
     }
 }
 
-async fn tls(s: &SentCopySettings, tcp: TcpStream) -> Result<TlsStream<TcpStream>, String> {
+async fn tls(s: &SentCopySettings, tcp: Socket) -> Result<TlsStream<Socket>, String> {
     use tokio_rustls::rustls;
     use tokio_rustls::rustls::pki_types::CertificateDer;
     use tokio_rustls::rustls::pki_types::pem::PemObject;

@@ -425,6 +425,50 @@ async fn with_imap_down_the_send_succeeds_and_the_copy_is_recorded_failed() {
     assert!(!log.contains(PASS), "the password is not in the log");
 }
 
+/// An IMAP server that begins its greeting and never ends the line is cut
+/// off once it has sent 1 MiB, and the copy is recorded failed with that
+/// reason (async-imap alone would buffer up to 512 MiB of it per
+/// connection, parsing all of it again at each read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_imap_server_that_never_ends_its_greeting_is_cut_off() {
+    let flood = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = flood.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        while let Ok((mut c, _)) = flood.accept().await {
+            tokio::spawn(async move {
+                let chunk = vec![b'x'; 64 * 1024];
+                let _ = c.write_all(b"* OK ").await;
+                while c.write_all(&chunk).await.is_ok() {}
+            });
+        }
+    });
+    let sink = smtp().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = StdioDaemon::start(
+        dir.path(),
+        &config(
+            dir.path(),
+            sink.port(),
+            port,
+            "attempts = 2\nretry_base = \"100ms\"",
+        ),
+    )
+    .await;
+    let out = d.send("flooded").await;
+    assert_eq!(out["status"], "sent", "{out}");
+    let copy = copy_status(&d, out["message_id"].as_str().unwrap()).await;
+    assert_eq!(copy["status"], "failed", "{copy}");
+    assert!(
+        copy["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("without a command to answer"),
+        "{copy}"
+    );
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_500_gives_500_copies_within_the_connection_bound() {
     let imap = Dovecot::start();

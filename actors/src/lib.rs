@@ -14,13 +14,15 @@
 //!   the runner that delivers from it;
 //! - `tally`: a count of work in progress that shutdown awaits;
 //! - `health`: backoff, circuit breaker, counters and latency of one relay;
-//! - [`meters`]: the relay metrics recorded through the `metrics` facade.
+//! - [`meters`]: the relay metrics recorded through the `metrics` facade;
+//! - [`net`]: a server's socket whose reads are bounded between two writes.
 
 pub mod dispatcher;
 mod file;
 mod health;
 pub mod mail;
 pub mod meters;
+pub mod net;
 pub mod queue;
 mod relay;
 mod router;

@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 
 use crate::mail::{FailureClass, Mail, Progress, Rejected, Reply};
+use crate::net::Unanswered;
 use crate::settings::{AuthMethod, Credentials, SmtpSettings, Timeouts, TlsMode};
 
 /// Why an attempt failed, with the reply that said so when there was one.
@@ -222,7 +223,8 @@ pub(crate) async fn dial(
         )
     })?;
     let hello = ClientId::Domain(s.hello_name.clone());
-    let tcp = Unanswered::new(tcp);
+    // Below TLS, so that every byte counts.
+    let tcp = Unanswered::new(tcp, MAX_UNANSWERED);
 
     let stream: Box<dyn AsyncTokioStream> = if s.tls == TlsMode::Implicit {
         let params = tls_parameters(s)?;
@@ -753,87 +755,18 @@ pub(crate) async fn probe(s: &SmtpSettings, t: &Timeouts) -> Result<Probed, Fail
     Ok(Probed { tls, latency })
 }
 
-/// The most a server may send between two writes of ours. A reply is a
-/// few hundred bytes (lettre refuses one past 100,000), a pipelined round a
-/// few replies, and a TLS handshake's flight some kilobytes.
+/// The most an SMTP server may send between two writes of ours. A reply is
+/// a few hundred bytes (lettre refuses one past 100,000), a pipelined round
+/// a few replies, and a TLS handshake's flight some kilobytes. lettre reads
+/// a reply's line whole before it checks its length, so without this bound
+/// a server (or anyone in the path of a plaintext greeting before STARTTLS)
+/// that never ends a line would be held in memory until the phase's
+/// timeout: 2 GB in 10 s over loopback.
 const MAX_UNANSWERED: usize = 1 << 20;
 
-/// The relay's socket, which fails a read once the server has sent more
-/// than [`MAX_UNANSWERED`] bytes since mailmux last wrote to it. lettre
-/// reads a reply's line whole before it checks its length, so a server (or
-/// anyone in the path of a plaintext greeting before STARTTLS) that never
-/// ends a line would otherwise be held in memory until the phase's timeout:
-/// 2 GB in 10 s over loopback. Below TLS, so that it counts every byte.
-#[derive(Debug)]
-struct Unanswered {
-    tcp: TcpStream,
-    read: usize,
-}
-
-impl Unanswered {
-    fn new(tcp: TcpStream) -> Self {
-        Unanswered { tcp, read: 0 }
-    }
-}
-
-impl AsyncTokioStream for Unanswered {
+impl AsyncTokioStream for Unanswered<TcpStream> {
     fn peer_addr(&self) -> io::Result<SocketAddr> {
-        self.tcp.peer_addr()
-    }
-}
-
-impl AsyncRead for Unanswered {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.read > MAX_UNANSWERED {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "the server sent more than {MAX_UNANSWERED} bytes without a command to answer"
-                ),
-            )));
-        }
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.tcp).poll_read(cx, buf);
-        self.read += buf.filled().len() - before;
-        polled
-    }
-}
-
-impl AsyncWrite for Unanswered {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.tcp).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.read = 0;
-        }
-        polled
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.read = 0;
-        }
-        polled
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
+        self.get_ref().peer_addr()
     }
 }
 
