@@ -927,7 +927,7 @@ fn table(rows: &[Row], memory: &[Memory], runs: usize) -> String {
         for (path, target) in [
             (Path::Mcp(Transport::Stdio, Store::Sqlite), 0.6),
             (Path::Mcp(Transport::Stdio, Store::Memory), 0.6),
-            (Path::Mcp(Transport::Http, Store::Sqlite), 0.4),
+            (Path::Mcp(Transport::Http, Store::Sqlite), 0.6),
         ] {
             if let Some(r) = find(size, 32, path) {
                 let ratio = r.m.rate() / source.m.rate();
