@@ -777,6 +777,8 @@ async fn subscriptions_are_bounded_and_end_with_their_message() {
     assert!(told, "no update for the cancelled message");
     subscribe(&ids[MAX_WATCHED]).await.unwrap();
     assert!(subscribe(&ids[1]).await.is_ok(), "one already watched");
+    // The bound is full again, but a final message takes no place.
+    assert!(subscribe(&ids[0]).await.is_ok(), "a final message");
 
     // The client goes; once the daemon has seen its connection close, the
     // next one's subscription takes a place of its.

@@ -2324,8 +2324,12 @@ impl ServerHandler for MailmuxServer {
         let not_found =
             || ErrorData::resource_not_found(format!("no resource {}", quoted(&request.uri)), None);
         let id = resources::message_id(&request.uri).ok_or_else(not_found)?;
-        if !self.visible(&caller, id).await {
+        let Ok(Some(record)) = self.owned_by(&caller, id).await else {
             return Err(not_found());
+        };
+        // A final message changes no more: nothing to keep a place for.
+        if record.state.is_final() {
+            return Ok(());
         }
         let session = super::cancel::session(&context.extensions);
         self.state
