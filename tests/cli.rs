@@ -306,3 +306,60 @@ fn a_closed_output_does_not_stop_the_queue_command_half_way() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{out:?}");
 }
+
+/// A secret's file that other users may read is used, with a warning that
+/// names the file, its key and mode, and never the secret; at 0600 there
+/// is no warning.
+#[test]
+fn a_secret_file_others_may_read_is_used_with_a_warning() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("relay.password");
+    std::fs::write(&secret, "SECRET-IN-A-FILE-77c1\n").unwrap();
+    let config = dir.path().join("mailmux.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[[relays]]
+name = "primary"
+host = "127.0.0.1"
+port = 2525
+username = "agent@example.org"
+password_file = "{}"
+"#,
+            secret.display()
+        ),
+    )
+    .unwrap();
+    let run = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_mailmux"))
+            .arg("--config")
+            .arg(&config)
+            .arg("config")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!all.contains("SECRET-IN-A-FILE-77c1"), "{all}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let warned = run();
+    assert!(
+        warned.contains("may be read or written by other users (mode 644)")
+            && warned.contains("relays[0].password_file")
+            && warned.contains("relay.password"),
+        "{warned}"
+    );
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let quiet = run();
+    assert!(!quiet.contains("other users"), "{quiet}");
+}

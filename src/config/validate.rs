@@ -832,14 +832,36 @@ fn default_node_id() -> String {
 }
 
 /// Reads a secret from a file; the error names the file, never the content.
+/// A file that other users may read or write is used, with a warning.
 pub(super) fn read_secret(path: &Path, at: &At, what: &str) -> Result<Secret, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| at.err(format!("cannot read {what} file {}: {e}", path.display())))?;
+    warn_if_exposed(path, at, what);
     let secret = text.trim_end_matches(['\r', '\n']);
     if secret.is_empty() {
         return Err(at.err(format!("{what} file {} is empty", path.display())));
     }
     Ok(Secret::new(secret))
+}
+
+/// Warns when a secret's file may be read or written by users other than
+/// its owner (any group or other bit), as ssh does of a key.
+fn warn_if_exposed(path: &Path, at: &At, what: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            key = %at.key,
+            file = %path.display(),
+            "the {what} file {} of {} may be read or written by other users (mode {mode:03o}); \
+             `chmod 600` it",
+            path.display(),
+            at.key
+        );
+    }
 }
 
 fn check_address(addr: &str, at: &At) -> Result<(), ConfigError> {
