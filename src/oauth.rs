@@ -30,6 +30,10 @@ const REFRESH_AHEAD: Duration = Duration::from_secs(300);
 const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// How long one token request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// The largest answer read from a token endpoint: a token response is a
+/// few kilobytes; past this the request fails rather than fill memory for
+/// the rest of [`REQUEST_TIMEOUT`].
+const MAX_ANSWER: usize = 256 * 1024;
 
 /// A secret given in the configuration, or a file to read it from.
 #[derive(Debug, Clone, PartialEq)]
@@ -246,7 +250,7 @@ impl OAuthClient {
             Grant::ClientCredentials => client
                 .exchange_client_credentials()
                 .add_scopes(scopes)
-                .request_async(&self.http)
+                .request_async(&Bounded(&self.http))
                 .await
                 .map_err(describe)?,
             Grant::RefreshToken(from) => {
@@ -260,7 +264,7 @@ impl OAuthClient {
                 let response = client
                     .exchange_refresh_token(&RefreshToken::new(current.clone()))
                     .add_scopes(scopes)
-                    .request_async(&self.http)
+                    .request_async(&Bounded(&self.http))
                     .await
                     .map_err(describe)?;
                 if let Some(new) = response.refresh_token()
@@ -279,6 +283,43 @@ impl OAuthClient {
             Secret::new(response.access_token().secret().clone()),
             lifetime,
         ))
+    }
+}
+
+/// reqwest as oauth2's HTTP client, reading at most [`MAX_ANSWER`] of the
+/// answer (oauth2's own reqwest client reads it whole, however long).
+struct Bounded<'a>(&'a reqwest::Client);
+
+type HttpError = oauth2::HttpClientError<reqwest::Error>;
+
+impl<'c> oauth2::AsyncHttpClient<'c> for Bounded<'_> {
+    type Error = HttpError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<oauth2::HttpResponse, HttpError>> + Send + 'c>,
+    >;
+
+    fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
+        Box::pin(async move {
+            let request = reqwest::Request::try_from(request).map_err(Box::new)?;
+            let mut response = self.0.execute(request).await.map_err(Box::new)?;
+            let mut answer = oauth2::http::Response::builder()
+                .status(response.status())
+                .version(response.version());
+            for (name, value) in response.headers() {
+                answer = answer.header(name, value);
+            }
+            let mut body = Vec::new();
+            while let Some(chunk) = response.chunk().await.map_err(Box::new)? {
+                if body.len() + chunk.len() > MAX_ANSWER {
+                    return Err(HttpError::Other(format!(
+                        "the answer passed {} KiB; a token response is a few",
+                        MAX_ANSWER / 1024
+                    )));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            answer.body(body).map_err(HttpError::Http)
+        })
     }
 }
 

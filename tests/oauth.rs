@@ -235,3 +235,54 @@ async fn a_token_that_lives_past_the_clock_is_cached_not_a_panic() {
     let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// A token endpoint that answers 200 and then never ends its body is cut
+/// off at 256 KiB, well within the request's 20 s: the relay's attempt is a
+/// `relay_fault` that says so, and the mail fails over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_endpoint_that_never_ends_its_answer_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let flood = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let token_port = flood.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = flood.accept().await {
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                let _ = c.read(&mut request).await;
+                let _ = c
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n{\"access_token\": \"")
+                    .await;
+                let chunk = vec![b'x'; 64 * 1024];
+                while c.write_all(&chunk).await.is_ok() {}
+            });
+        }
+    });
+    let smtp = xoauth2_smtp().await;
+    let backup = FaultSmtp::start(Script::ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let refresh_file = dir.path().join("refresh-token");
+    std::fs::write(&refresh_file, REFRESH_1).unwrap();
+    let config = head(dir.path())
+        + &relay_toml("m365", smtp.port(), token_port, 10, &refresh_file)
+        + &format!(
+            "\n[[relays]]\nname = \"backup\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\npriority = 1\ntimeout = \"3s\"\n",
+            backup.port()
+        );
+    let d = Daemon::start(dir.path(), &config).await;
+    let started = std::time::Instant::now();
+    let out = d.send("flooded").await;
+    assert!(started.elapsed() < Duration::from_secs(5), "{out}");
+    assert_eq!(out["status"], "sent", "{out}");
+    assert_eq!(out["relay"], "backup", "{out}");
+    let first = &out["attempts"][0];
+    assert_eq!(first["class"], "relay_fault", "{out}");
+    assert!(
+        first["text"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("passed 256 KiB"),
+        "{out}"
+    );
+    assert!(smtp.tokens_presented().is_empty());
+    d.stop().await;
+}
