@@ -148,6 +148,7 @@ pub fn load_from(
         Some(file) => {
             let mut layer = FileLayer::read(&file)?;
             check_unknown_keys(&layer)?;
+            layer.warn_if_secrets_exposed();
             overrides = layer.inject(&relay_vars)?;
             names.push(layer.name.clone());
             figment = figment.merge(layer);
@@ -217,6 +218,34 @@ pub fn warn_stray_env(config: &Config) {
             var = %var,
             "{var} names no configuration key and is ignored (see `mailmux config` for the keys)"
         );
+    }
+}
+
+/// Keys whose value is a secret when written in a file.
+const SECRET_KEYS: &[&str] = &["password", "token", "client_secret", "refresh_token"];
+
+/// The paths (`relays[0].password`) of the non-empty secrets under `dict`.
+fn inline_secrets(dict: &Dict, at: &str, out: &mut Vec<String>) {
+    for (key, value) in dict {
+        let path = if at.is_empty() {
+            key.clone()
+        } else {
+            format!("{at}.{key}")
+        };
+        match value {
+            Value::String(_, v) if SECRET_KEYS.contains(&key.as_str()) && !v.is_empty() => {
+                out.push(path)
+            }
+            Value::Dict(_, d) => inline_secrets(d, &path, out),
+            Value::Array(_, items) => {
+                for (i, item) in items.iter().enumerate() {
+                    if let Value::Dict(_, d) = item {
+                        inline_secrets(d, &format!("{path}[{i}]"), out);
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -301,6 +330,36 @@ impl FileLayer {
 
     fn root(&self) -> Option<&Dict> {
         self.data.get(&Profile::Default)
+    }
+
+    /// Warns when the file holds a secret as a value (a password, a token,
+    /// an OAuth2 client secret or refresh token) and other users may read
+    /// or write it, as [`validate::read_secret`] warns of a secret's file.
+    /// Called before the environment is injected, so that only the file's
+    /// own values count.
+    fn warn_if_secrets_exposed(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        let Some(root) = self.root() else {
+            return;
+        };
+        let mode = match std::fs::metadata(&self.path) {
+            Ok(m) => m.permissions().mode() & 0o777,
+            Err(_) => return,
+        };
+        if mode & 0o077 == 0 {
+            return;
+        }
+        let mut keys = Vec::new();
+        inline_secrets(root, "", &mut keys);
+        if !keys.is_empty() {
+            tracing::warn!(
+                file = %self.path.display(),
+                "{} holds {} and other users may read or write it (mode {mode:03o}): \
+                 `chmod 600` it, or move the secrets to files or the environment",
+                self.path.display(),
+                keys.join(", ")
+            );
+        }
     }
 
     /// Applies `MAILMUX_RELAYS__<NAME or INDEX>__<KEY>` to the file's relays

@@ -308,8 +308,9 @@ fn a_closed_output_does_not_stop_the_queue_command_half_way() {
 }
 
 /// A secret's file that other users may read is used, with a warning that
-/// names the file, its key and mode, and never the secret; at 0600 there
-/// is no warning.
+/// names the file, its key and mode, and never the secret; so is a
+/// configuration file that holds a secret as a value. At 0600 there is no
+/// warning.
 #[test]
 fn a_secret_file_others_may_read_is_used_with_a_warning() {
     use std::os::unix::fs::PermissionsExt;
@@ -360,6 +361,22 @@ password_file = "{}"
         "{warned}"
     );
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let quiet = run();
+    assert!(!quiet.contains("other users"), "{quiet}");
+
+    // The same of a configuration file that holds a secret as a value.
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &format!("password_file = \"{}\"", secret.display()),
+        "password = \"SECRET-IN-A-FILE-77c1\"",
+    );
+    std::fs::write(&config, text).unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let warned = run();
+    assert!(
+        warned.contains("holds relays[0].password and other users may read or write it (mode 644)"),
+        "{warned}"
+    );
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
     let quiet = run();
     assert!(!quiet.contains("other users"), "{quiet}");
 }
