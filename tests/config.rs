@@ -1348,3 +1348,88 @@ fn xoauth2_keys_validate_with_their_names() {
     );
     assert_eq!(e.key, "SMTP_OAUTH_CLIENT_ID", "{e}");
 }
+
+#[test]
+fn counts_past_what_the_daemon_can_hold_are_refused_naming_the_key() {
+    // Each of these sized a semaphore or spawned a task per unit: past
+    // tokio's bound a semaphore panicked at start (`max_in_flight`,
+    // `max_concurrent_calls`, `http.max_connections`, a relay's
+    // `max_connections`), and a Sent copy spawned one worker per connection.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let relay =
+        "[[relays]]\nname = \"r\"\nhost = \"127.0.0.1\"\nusername = \"u\"\npassword = \"p\"\n";
+    let big = "9223372036854775807";
+    let cases = [
+        (
+            format!("max_in_flight = {big}\n"),
+            "max_in_flight",
+            "1000000",
+        ),
+        (
+            "max_in_flight = 1000001\n".into(),
+            "max_in_flight",
+            "1000000",
+        ),
+        (
+            format!("max_concurrent_calls = {big}\n"),
+            "max_concurrent_calls",
+            "1000000",
+        ),
+        (
+            "[http]\nmax_connections = 1000001\n".into(),
+            "http.max_connections",
+            "1000000",
+        ),
+        (
+            "[http]\nmax_sessions = 1000001\n".into(),
+            "http.max_sessions",
+            "1000000",
+        ),
+        (
+            format!("[relay_defaults]\nmax_connections = {big}\n"),
+            "relay_defaults.max_connections",
+            "1000000",
+        ),
+        (
+            format!("{relay}max_queued = 1000001\n"),
+            "relays[0].max_queued",
+            "1000000",
+        ),
+        (
+            format!(
+                "{relay}[relays.sent_copy]\nimap_host = \"127.0.0.1\"\nmax_connections = {big}\n"
+            ),
+            "relays[0].sent_copy.max_connections",
+            "100",
+        ),
+        (
+            format!("{relay}[relays.sent_copy]\nimap_host = \"127.0.0.1\"\nattempts = 21\n"),
+            "relays[0].sent_copy.attempts",
+            "20",
+        ),
+        (
+            "[policy]\nrate = [\"4294967296/min\"]\n".into(),
+            "policy.rate",
+            "4294967295",
+        ),
+    ];
+    for (i, (content, key, max)) in cases.into_iter().enumerate() {
+        let file = write(&dir, &format!("case{i}.toml"), &content);
+        let e = err(Some(&file), &[]);
+        assert_eq!(e.key, key, "{content:?}: {e}");
+        assert!(
+            e.to_string().contains(&format!("at most {max}")),
+            "{content:?}: {e}"
+        );
+    }
+    // The bounds themselves load.
+    let file = write(
+        &dir,
+        "bounds.toml",
+        &format!(
+            "max_in_flight = 1000000\nmax_concurrent_calls = 1000000\n[http]\nmax_connections = 1000000\n{relay}max_connections = 1000000\nmax_queued = 1000000\n"
+        ),
+    );
+    let c = ok(Some(&file), &[]);
+    assert_eq!(c.dispatch.relays[0].pool.max_connections, 1_000_000);
+}

@@ -46,6 +46,17 @@ const HTTP_BODY_LIMIT: usize = 16 * 1024 * 1024;
 const MAX_CONCURRENT_CALLS: usize = 64;
 /// Messages one `send_batch` call may carry.
 const MAX_BATCH: usize = 1000;
+/// The most of any one thing the daemon holds at once: calls, messages in
+/// flight or waiting for a connection, connections, sessions. Far above what
+/// one machine's file descriptors and memory carry, and far below what the
+/// semaphores that count them take (tokio's panic past 2^61 permits).
+const MAX_HELD: usize = 1_000_000;
+/// IMAP connections of one relay's Sent copies: servers allow a user about
+/// ten (Dovecot's `mail_max_userip_connections`); each is a task.
+const MAX_SENT_COPY_CONNECTIONS: usize = 100;
+/// Tries of one Sent copy: the waits double, and the 20th waits 2^18 times
+/// `retry_base`.
+const MAX_SENT_COPY_ATTEMPTS: u32 = 20;
 const OUTBOX_DIR: &str = "outbox";
 const QUEUE_PATH: &str = "mailmux-queue.db";
 /// Connections to PostgreSQL, per daemon.
@@ -222,14 +233,14 @@ pub(crate) fn build(
 
     let limits = Limits::default();
     let compose_defaults = ComposePolicy::default();
-    let max_in_flight = at_least_one(
+    let max_in_flight = held(
         &ctx,
         &mut out,
         "max_in_flight",
         raw.max_in_flight,
         limits.max_in_flight,
     )?;
-    let max_concurrent_calls = at_least_one(
+    let max_concurrent_calls = held(
         &ctx,
         &mut out,
         "max_concurrent_calls",
@@ -485,6 +496,25 @@ fn at_least_one<T: Copy + PartialOrd + From<u8> + serde::Serialize + std::fmt::D
     Ok(v)
 }
 
+/// A count of something held at once: from 1 to [`MAX_HELD`].
+fn held(
+    ctx: &Ctx,
+    out: &mut Map<String, Json>,
+    path: &str,
+    raw: Option<usize>,
+    default: usize,
+) -> Result<usize, ConfigError> {
+    let v = at_least_one(ctx, out, path, raw, default)?;
+    at_most(&ctx.at(path), v, MAX_HELD)
+}
+
+fn at_most<T: PartialOrd + std::fmt::Display>(at: &At, v: T, max: T) -> Result<T, ConfigError> {
+    if v > max {
+        return Err(at.err(format!("must be at most {max}, got {v}")));
+    }
+    Ok(v)
+}
+
 /// A duration that must not be zero.
 fn positive(
     ctx: &Ctx,
@@ -572,7 +602,7 @@ fn http(
         h.read_timeout.as_ref().map(|d| d.0),
         HTTP_READ_TIMEOUT,
     )?;
-    let max_connections = at_least_one(
+    let max_connections = held(
         ctx,
         &mut out,
         "http.max_connections",
@@ -582,7 +612,7 @@ fn http(
     let at = ctx.at("http.stateful");
     let stateful = h.stateful.unwrap_or(true);
     leaf(&mut out, "stateful", json!(stateful), &at);
-    let max_sessions = at_least_one(
+    let max_sessions = held(
         ctx,
         &mut out,
         "http.max_sessions",
@@ -1201,12 +1231,13 @@ impl Tuning<'_> {
         out: &mut Map<String, Json>,
         field: &str,
         builtin: u64,
-        min: u64,
+        (min, max): (u64, u64),
     ) -> Result<u64, ConfigError> {
         let (v, at) = self.pick(&[field], num_field, builtin);
         if v < min {
             return Err(at.err(format!("must be at least {min}, got {v}")));
         }
+        let v = at_most(&at, v, max)?;
         leaf(out, field, json!(v), &at);
         Ok(v)
     }
@@ -1300,19 +1331,25 @@ fn relay(
     let pool_d = PoolSettings::default();
     let to_usize = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
     let to_u32 = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+    let held = MAX_HELD as u64;
     let pool = PoolSettings {
         max_connections: to_usize(t.count(
             &mut out,
             "max_connections",
             pool_d.max_connections as u64,
-            1,
+            (1, held),
         )?),
-        max_queued: to_usize(t.count(&mut out, "max_queued", pool_d.max_queued as u64, 0)?),
+        max_queued: to_usize(t.count(
+            &mut out,
+            "max_queued",
+            pool_d.max_queued as u64,
+            (0, held),
+        )?),
         messages_per_connection: to_u32(t.count(
             &mut out,
             "messages_per_connection",
             pool_d.messages_per_connection.into(),
-            0,
+            (0, u32::MAX.into()),
         )?),
         idle_timeout: t
             .duration(&mut out, &["idle_timeout"], pool_d.idle_timeout)?
@@ -1354,7 +1391,7 @@ fn relay(
             &mut out,
             "circuit_failures",
             h_d.circuit_failures.into(),
-            1,
+            (1, u32::MAX.into()),
         )?),
         circuit_window: t
             .duration(&mut out, &["circuit_window"], h_d.circuit_window)?
@@ -1531,6 +1568,11 @@ fn sent_copy(
     if max_connections == 0 {
         return Err(at("max_connections").err("must be at least 1"));
     }
+    at_most(
+        &at("max_connections"),
+        max_connections,
+        MAX_SENT_COPY_CONNECTIONS,
+    )?;
     leaf(
         &mut shown,
         "max_connections",
@@ -1541,6 +1583,7 @@ fn sent_copy(
     if attempts == 0 {
         return Err(at("attempts").err("must be at least 1"));
     }
+    at_most(&at("attempts"), attempts, MAX_SENT_COPY_ATTEMPTS)?;
     leaf(&mut shown, "attempts", json!(attempts), &at("attempts"));
     let retry_base = raw.retry_base.map_or(Duration::from_secs(2), |d| d.0);
     leaf(

@@ -47,10 +47,12 @@ impl RateRule {
         })?;
         let count: u32 = count
             .trim()
-            .parse()
+            .parse::<u64>()
             .ok()
             .filter(|n| *n > 0)
-            .ok_or_else(|| format!("{t:?}: the count must be a whole number above 0"))?;
+            .ok_or_else(|| format!("{t:?}: the count must be a whole number above 0"))?
+            .try_into()
+            .map_err(|_| format!("{t:?}: the count must be at most {}", u32::MAX))?;
         let period = match period.trim() {
             "s" | "sec" | "second" => Duration::from_secs(1),
             "m" | "min" | "minute" => Duration::from_secs(60),
@@ -165,6 +167,9 @@ mod tests {
         ] {
             assert!(RateRule::parse(bad).is_err(), "{bad} should be refused");
         }
+        assert_eq!(RateRule::parse("4294967295/s").unwrap().count, u32::MAX);
+        let e = RateRule::parse("4294967296/s").unwrap_err();
+        assert!(e.contains("at most 4294967295"), "{e}");
     }
 
     #[test]
