@@ -56,6 +56,8 @@ pub struct HttpSettings {
     /// MCP sessions one caller may hold; one more closes the caller's least
     /// recently used.
     pub max_sessions_per_caller: usize,
+    /// TLS on the listeners (`tls_cert` and `tls_key`); none: plain HTTP.
+    pub tls: Option<crate::mcp::tls::Identity>,
 }
 
 /// `/metrics`: who may read it, and where besides the HTTP listener.

@@ -3,6 +3,10 @@
 //! The environment is passed explicitly (`load_from`), so these tests never
 //! touch the process environment and run in parallel safely.
 
+#[path = "../actors/tests/support/tls.rs"]
+#[allow(dead_code)]
+mod tls;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -1432,4 +1436,72 @@ fn counts_past_what_the_daemon_can_hold_are_refused_naming_the_key() {
     );
     let c = ok(Some(&file), &[]);
     assert_eq!(c.dispatch.relays[0].pool.max_connections, 1_000_000);
+}
+
+#[test]
+fn tls_keys_are_a_pair_read_and_checked_at_load() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (a, b) = (tls::TestCa::generate(), tls::TestCa::generate());
+    let cert = write(&dir, "a.pem", &a.cert_pem);
+    let key = write(&dir, "a.key", &a.key_pem);
+    let other_key = write(&dir, "b.key", &b.key_pem);
+    let junk = write(&dir, "junk.pem", "not PEM\n");
+    let http = |cert: &Path, key: &Path| {
+        format!(
+            "[http]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            cert.display(),
+            key.display()
+        )
+    };
+    let cases = [
+        (
+            format!("[http]\ntls_cert = \"{}\"\n", cert.display()),
+            "http.tls_key",
+            "set tls_key too",
+        ),
+        (
+            format!("[http]\ntls_key = \"{}\"\n", key.display()),
+            "http.tls_cert",
+            "set tls_cert too",
+        ),
+        (
+            http(&junk, &key),
+            "http.tls_cert",
+            "holds no PEM certificate",
+        ),
+        (
+            http(&cert, &junk),
+            "http.tls_key",
+            "holds no PEM private key",
+        ),
+        (
+            http(&cert, &other_key),
+            "http.tls_key",
+            "is not the key of the first certificate",
+        ),
+        (
+            http(&dir.path().join("missing.pem"), &key),
+            "http.tls_cert",
+            "cannot read",
+        ),
+    ];
+    for (i, (content, key_name, why)) in cases.into_iter().enumerate() {
+        let file = write(&dir, &format!("tls{i}.toml"), &content);
+        let e = err(Some(&file), &[]);
+        assert_eq!(e.key, key_name, "{content:?}: {e}");
+        let shown = e.to_string();
+        assert!(shown.contains(why), "{content:?}: {shown}");
+        assert!(!shown.contains("PRIVATE KEY"), "{shown}");
+    }
+    let file = write(&dir, "tls-ok.toml", &http(&cert, &key));
+    let c = ok(Some(&file), &[]);
+    let identity = c.daemon.http.tls.as_ref().expect("TLS on");
+    assert_eq!(
+        (identity.cert.as_path(), identity.key.as_path()),
+        (cert.as_path(), key.as_path())
+    );
+    assert_eq!(
+        leaf(&c, "/http/tls_key").0,
+        key.display().to_string().as_str()
+    );
 }

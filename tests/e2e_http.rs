@@ -1146,3 +1146,178 @@ async fn health_is_503_while_new_mail_is_refused_under_the_free_space_reserve() 
     stop_in_process(stop, task).await;
     assert!(smtp.messages().is_empty());
 }
+
+/// With `http.tls_cert` and `http.tls_key` the daemon serves HTTPS only: a
+/// real MCP client sends through it, plain HTTP gets no answer, a client
+/// that never starts its handshake is closed after `http.read_timeout`, the
+/// console's cookie is `Secure`, and a SIGHUP serves a renewed certificate
+/// (a broken one is refused and the served one kept).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_with_a_certificate_serves_https_and_a_reload_renews_it() {
+    use std::os::unix::fs::PermissionsExt;
+    use support::tls::TestCa;
+
+    let smtp = Aiosmtpd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (first, renewed) = (TestCa::generate(), TestCa::generate());
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let install = |ca: &TestCa| {
+        std::fs::write(&cert, &ca.cert_pem).unwrap();
+        std::fs::write(&key, &ca.key_pem).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    };
+    install(&first);
+    let config = dir.path().join("mailmux.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "from_email = \"agent@example.org\"\n\
+             [http]\ntoken = \"{TOKEN}\"\nread_timeout = \"1s\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\
+             [[operators]]\nname = \"ops\"\ntoken_env = \"MM_OPS_TOKEN\"\n\
+             [[relays]]\nname = \"sink\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n",
+            cert.display(),
+            key.display(),
+            smtp.port
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let log = dir.path().join("daemon.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_mailmux"))
+        .args(["--config", config.to_str().unwrap()])
+        .args(["serve", "--http", &format!("127.0.0.1:{port}")])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("MAILMUX_QUEUE__PATH", common::queue_db())
+        .env("MM_OPS_TOKEN", "ops-token-6b0e")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let daemon = Daemon(child);
+    let trusting = |ca: &TestCa| {
+        reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.ca_pem.as_bytes()).unwrap())
+            .build()
+            .unwrap()
+    };
+    let base = format!("https://localhost:{port}");
+    let health = |client: reqwest::Client| {
+        let url = format!("{base}/health");
+        async move { client.get(url).send().await.map(|r| r.status().as_u16()) }
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while health(trusting(&first)).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "no HTTPS answer: {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains(&format!("serving MCP on https://127.0.0.1:{port}/mcp")),
+        "{logged}"
+    );
+
+    // Plain HTTP is not served.
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/health"))
+        .send()
+        .await;
+    assert!(plain.is_err(), "plain HTTP answered: {plain:?}");
+
+    // A real MCP client (rmcp's, on reqwest) sends a message through it.
+    let client = reqwest_013::Client::builder()
+        .tls_certs_only([reqwest_013::Certificate::from_pem(first.ca_pem.as_bytes()).unwrap()])
+        .build()
+        .unwrap();
+    let cfg = StreamableHttpClientTransportConfig::with_uri(format!("{base}/mcp"))
+        .auth_header(TOKEN.to_string());
+    let mcp =
+        ().serve(StreamableHttpClientTransport::with_client(client, cfg))
+            .await
+            .expect("initializes over HTTPS");
+    let args = json!({"to": ["rcpt@example.org"], "subject": "over https", "body": "hello"});
+    let Value::Object(args) = args else {
+        unreachable!()
+    };
+    let result = mcp
+        .call_tool(CallToolRequestParams::new("send_email").with_arguments(args))
+        .await
+        .unwrap();
+    let out = result.structured_content.unwrap();
+    assert_eq!(out["status"], "sent", "{out}");
+    let _ = mcp.cancel().await;
+    assert_eq!(smtp.wait_messages(1).len(), 1);
+
+    // A connection that never starts its handshake is closed past
+    // read_timeout (1 s).
+    let mut idle = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "still open: {read:?}"
+    );
+
+    // The console's session cookie is kept off plain HTTP.
+    let no_redirect = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(first.ca_pem.as_bytes()).unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let signed_in = no_redirect
+        .post(format!("{base}/console/login"))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body("token=ops-token-6b0e")
+        .send()
+        .await
+        .unwrap();
+    let cookie = signed_in.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(cookie.ends_with("; Secure"), "{cookie}");
+
+    // The certificate is renewed in place and the daemon told by SIGHUP:
+    // new connections get the new one.
+    install(&renewed);
+    common::signal(daemon.0.id(), "HUP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while health(trusting(&renewed)).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "renewed certificate never served"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        health(trusting(&first)).await.is_err(),
+        "the old certificate is still served"
+    );
+
+    // A broken file at the next reload is refused, naming its key, and the
+    // served certificate stays.
+    std::fs::write(&cert, "not a certificate\n").unwrap();
+    common::signal(daemon.0.id(), "HUP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let logged = std::fs::read_to_string(&log).unwrap();
+        if logged.contains("configuration not reloaded") {
+            assert!(logged.contains("http.tls_cert"), "{logged}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{logged}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(health(trusting(&renewed)).await.unwrap(), 200);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(!logged.contains("PRIVATE KEY"), "{logged}");
+}

@@ -79,6 +79,8 @@ pub(crate) const HTTP_KEYS: &[&str] = &[
     "stateful",
     "max_sessions",
     "max_sessions_per_caller",
+    "tls_cert",
+    "tls_key",
 ];
 
 pub(crate) const METRICS_KEYS: &[&str] = &["token", "token_file", "bind"];
@@ -285,6 +287,10 @@ pub(crate) struct RawHttp {
     pub max_sessions: Option<usize>,
     /// MCP sessions one caller may hold. Default: 64.
     pub max_sessions_per_caller: Option<usize>,
+    /// PEM certificate chain of the listeners' TLS. Default: none (plain HTTP).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 /// `[metrics]`: `/metrics`.

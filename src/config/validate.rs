@@ -632,6 +632,8 @@ fn http(
         )));
     }
 
+    let tls = tls_identity(ctx, &mut out, h)?;
+
     top.insert("http".into(), Json::Object(out));
     Ok(HttpSettings {
         bind,
@@ -644,7 +646,41 @@ fn http(
         stateful,
         max_sessions,
         max_sessions_per_caller,
+        tls,
     })
+}
+
+/// `http.tls_cert` and `http.tls_key`: both or neither, read and checked
+/// now, so that a bad pair is a start-up (or reload) error naming its key.
+fn tls_identity(
+    ctx: &Ctx,
+    out: &mut Map<String, Json>,
+    h: &super::raw::RawHttp,
+) -> Result<Option<crate::mcp::tls::Identity>, ConfigError> {
+    use crate::mcp::tls::{File, Identity};
+    let (cert, key) = match (&h.tls_cert, &h.tls_key) {
+        (None, None) => return Ok(None),
+        (Some(_), None) => {
+            return Err(ctx
+                .at("http.tls_key")
+                .err("tls_cert is set: set tls_key too"));
+        }
+        (None, Some(_)) => {
+            return Err(ctx
+                .at("http.tls_cert")
+                .err("tls_key is set: set tls_cert too"));
+        }
+        (Some(c), Some(k)) => (c, k),
+    };
+    let (cert_at, key_at) = (ctx.at("http.tls_cert"), ctx.at("http.tls_key"));
+    let identity = Identity::load(cert, key).map_err(|(file, why)| match file {
+        File::Cert => cert_at.err(why),
+        File::Key => key_at.err(why),
+    })?;
+    warn_if_exposed(key, &key_at, "TLS key");
+    leaf(out, "tls_cert", json!(cert.display().to_string()), &cert_at);
+    leaf(out, "tls_key", json!(key.display().to_string()), &key_at);
+    Ok(Some(identity))
 }
 
 /// A secret given as `{table}.token` or `{table}.token_file` (not both),

@@ -290,8 +290,14 @@ async fn login(State(server): State<MailmuxServer>, Form(form): Form<LoginForm>)
     };
     let (id, _) = server.console().sign_in(hash);
     tracing::info!(operator = %name, "operator signed in to the console");
+    // Over TLS the browser keeps the cookie off plain HTTP.
+    let secure = if server.config().daemon.http.tls.is_some() {
+        "; Secure"
+    } else {
+        ""
+    };
     let cookie = format!(
-        "{COOKIE}={id}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={}",
+        "{COOKIE}={id}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
         SESSION_TTL.as_secs()
     );
     let mut resp = Redirect::to("/console").into_response();

@@ -47,6 +47,7 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use super::tls::Handshakes;
 use super::types::MessageStatusResult;
 use super::{MailmuxServer, RunError, drain};
 use crate::config::HttpSettings;
@@ -821,9 +822,14 @@ pub async fn serve(
             "HTTP transport has no bearer token: every request is the caller \"default\" (set MAILMUX_HTTP_TOKEN or [[callers]] to require one)"
         );
     }
-    tracing::info!(%local, stateful, "serving MCP on http://{local}/mcp");
+    let tls = Handshakes::of(&server);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    if tls.is_none() && !bind.ip().is_loopback() {
+        tracing::warn!(%local, "HTTP transport bound beyond loopback without TLS: bearer tokens and messages cross the network in clear unless a TLS proxy is in front (set http.tls_cert and http.tls_key)");
+    }
+    tracing::info!(%local, stateful, "serving MCP on {scheme}://{local}/mcp");
     if !server.config().safety.operators.is_empty() {
-        tracing::info!(%local, "operators' console on http://{local}/console");
+        tracing::info!(%local, "operators' console on {scheme}://{local}/console");
     }
     crate::console::spawn_sampler(server.clone());
 
@@ -833,6 +839,7 @@ pub async fn serve(
         listener,
         router,
         server.config().daemon.http.clone(),
+        tls,
         metrics::gauge!(crate::telemetry::HTTP_CONNECTIONS),
         closed_signal.cancelled_owned(),
     ));
@@ -870,11 +877,14 @@ pub async fn serve_metrics(server: &MailmuxServer, bind: SocketAddr) -> Result<(
         .route("/metrics", get(metrics))
         .with_state(server.clone())
         .layer(middleware::from_fn_with_state(guard, check));
-    tracing::info!(%local, "serving metrics on http://{local}/metrics");
+    let tls = Handshakes::of(server);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(%local, "serving metrics on {scheme}://{local}/metrics");
     tokio::spawn(serve_router(
         listener,
         router,
         server.config().daemon.http.clone(),
+        tls,
         metrics::Gauge::noop(),
         std::future::pending(),
     ));
@@ -883,16 +893,17 @@ pub async fn serve_metrics(server: &MailmuxServer, bind: SocketAddr) -> Result<(
 
 /// Serves `router` on `listener` until `shutdown`, then waits for the open
 /// connections to finish their requests. Each request carries its peer's
-/// address (`ConnectInfo`). A connection has `http.read_timeout` to send a
-/// request's header, idle or not, and is closed past it; Nagle's algorithm
-/// is off, as answers are written whole. While `http.max_connections` are
-/// open, new ones wait in the kernel's backlog until one closes, so that
-/// HTTP clients cannot take the file descriptors the store and the relays
-/// need.
+/// address (`ConnectInfo`). A connection has `http.read_timeout` to finish
+/// its TLS handshake (with `tls`), and as long to send a request's header,
+/// idle or not, and is closed past it; Nagle's algorithm is off, as answers
+/// are written whole. While `http.max_connections` are open, new ones wait
+/// in the kernel's backlog until one closes, so that HTTP clients cannot
+/// take the file descriptors the store and the relays need.
 async fn serve_router(
     listener: tokio::net::TcpListener,
     router: Router,
     http: HttpSettings,
+    tls: Option<Handshakes>,
     open: metrics::Gauge,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -938,11 +949,30 @@ async fn serve_router(
                     .insert(axum::extract::ConnectInfo(peer));
                 router.clone().oneshot(req)
             });
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let acceptor = tls.as_ref().map(Handshakes::acceptor);
+        let handshake_timeout = http.read_timeout;
         let open = open.clone();
         open.increment(1.0);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let served = match acceptor {
+                None => {
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(conn).await.map_err(|e| e.to_string())
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let conn = builder.serve_connection(TokioIo::new(stream), service);
+                            watcher.watch(conn).await.map_err(|e| e.to_string())
+                        }
+                        Ok(Err(e)) => Err(format!("TLS handshake: {e}")),
+                        Err(_) => Err(format!("no TLS handshake within {handshake_timeout:?}")),
+                    }
+                }
+            };
+            if let Err(e) = served {
                 tracing::debug!(error = %e, %peer, "HTTP connection ended with an error");
             }
             open.decrement(1.0);

@@ -10,6 +10,7 @@ pub mod http;
 pub mod resources;
 pub mod schema;
 pub mod tasks;
+pub mod tls;
 pub mod tools;
 pub mod transport;
 pub mod types;

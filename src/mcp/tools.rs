@@ -2085,6 +2085,8 @@ fn restart_only(old: &config::Config, new: &config::Config) -> Vec<String> {
             "http.max_connections",
         ),
         (h.stateful != nh.stateful, "http.stateful"),
+        // New files are served at once; TLS on or off needs a new listener.
+        (h.tls.is_some() != nh.tls.is_some(), "http.tls_cert"),
         (h.max_sessions != nh.max_sessions, "http.max_sessions"),
         (
             h.max_sessions_per_caller != nh.max_sessions_per_caller,

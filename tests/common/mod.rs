@@ -170,6 +170,7 @@ pub fn config(relays: Vec<RelaySettings>) -> Config {
                 stateful: true,
                 max_sessions: 1024,
                 max_sessions_per_caller: 64,
+                tls: None,
             },
             metrics: Default::default(),
             log_level: None,
