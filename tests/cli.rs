@@ -380,3 +380,46 @@ password_file = "{}"
     let quiet = run();
     assert!(!quiet.contains("other users"), "{quiet}");
 }
+
+/// A bearer token shorter than 16 characters is used, with a warning that
+/// names its key and length and never the token; a longer one is not
+/// warned of. The same for a caller's token read from the environment.
+#[test]
+fn a_short_bearer_token_is_used_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mailmux.toml");
+    let run = |text: &str, token_env: &str| {
+        std::fs::write(&config, text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_mailmux"))
+            .arg("--config")
+            .arg(&config)
+            .arg("config")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("AGENT_TOKEN", token_env)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let long = "b7d1c0e4a9f23568";
+    let relay = "\n[[relays]]\nname = \"primary\"\nhost = \"127.0.0.1\"\nport = 2525\n";
+    let warned = run(&format!("[http]\ntoken = \"Pw7short\"\n{relay}"), long);
+    assert!(
+        warned.contains("the token of http.token is 8 characters long and may be guessed"),
+        "{warned}"
+    );
+    assert!(!warned.contains("Pw7short"), "{warned}");
+    let quiet = run(&format!("[http]\ntoken = \"{long}\"\n{relay}"), long);
+    assert!(!quiet.contains("may be guessed"), "{quiet}");
+
+    let callers = format!("[[callers]]\nname = \"agent\"\ntoken_env = \"AGENT_TOKEN\"\n{relay}");
+    let warned = run(&callers, "tiny-7f");
+    assert!(
+        warned.contains("the token of callers.0.token_env is 7 characters long"),
+        "{warned}"
+    );
+    assert!(!warned.contains("tiny-7f"), "{warned}");
+    assert!(!run(&callers, long).contains("may be guessed"));
+}

@@ -8,7 +8,7 @@ use serde_json::{Map, Value as Json, json};
 
 use super::ConfigError;
 use super::raw::{RawConfig, RawIdentity, RawPolicy};
-use super::validate::{At, Ctx, REDACTED, leaf, read_secret, secs};
+use super::validate::{At, Ctx, REDACTED, leaf, read_secret, secs, warn_if_short};
 use crate::audit::AuditSettings;
 use crate::policy::rate::RateRule;
 use crate::policy::rules::AddressRule;
@@ -209,12 +209,17 @@ fn token(
     if let Some(path) = &e.token_file {
         let at = ctx.at(&format!("{key}.token_file"));
         let secret = read_secret(path, &at, "token")?;
+        warn_if_short(secret.expose(), &at);
         return Ok(hash_token(secret.expose()));
     }
     let var = e.token_env.as_deref().unwrap_or_default();
     let at = ctx.at(&format!("{key}.token_env"));
     match env.iter().find(|(k, _)| k == var) {
-        Some((_, v)) if !v.trim().is_empty() => Ok(hash_token(v.trim_end_matches(['\r', '\n']))),
+        Some((_, v)) if !v.trim().is_empty() => {
+            let v = v.trim_end_matches(['\r', '\n']);
+            warn_if_short(v, &at);
+            Ok(hash_token(v))
+        }
         Some(_) => Err(at.err(format!("the variable {var} is empty"))),
         None => Err(at.err(format!("the variable {var} is not set"))),
     }

@@ -710,6 +710,14 @@ fn token_pair(
         (None, Some(path)) => Some(read_secret(path, &file_at, "token")?),
         (None, None) => None,
     };
+    if let Some(s) = &secret {
+        let at = if token_file.is_some() {
+            &file_at
+        } else {
+            &token_at
+        };
+        warn_if_short(s.expose(), at);
+    }
     let shown = secret.as_ref().map(|_| REDACTED);
     let at = if token_file.is_some() {
         &file_at
@@ -908,6 +916,24 @@ pub(super) fn read_secret(path: &Path, at: &At, what: &str) -> Result<Secret, Co
         return Err(at.err(format!("{what} file {} is empty", path.display())));
     }
     Ok(Secret::new(secret))
+}
+
+/// The fewest characters of a bearer token that is not warned of.
+const SHORT_TOKEN: usize = 16;
+
+/// Warns of a bearer token shorter than [`SHORT_TOKEN`]: one that short
+/// may be guessed by whoever can reach the listener. Names the key and the
+/// length, never the token.
+pub(super) fn warn_if_short(token: &str, at: &At) {
+    let n = token.chars().count();
+    if n < SHORT_TOKEN {
+        tracing::warn!(
+            key = %at.key,
+            "the token of {} is {n} characters long and may be guessed; use at least \
+             {SHORT_TOKEN} random characters (`openssl rand -hex 32` gives 64)",
+            at.key
+        );
+    }
 }
 
 /// Warns when a secret's file may be read or written by users other than
