@@ -6,6 +6,12 @@
 #
 #   cargo build --release
 #   sh benches/wrk/run.sh [C] [DURATION]        # defaults: 32 10
+#   WRK_TLS=1 sh benches/wrk/run.sh 32 10       # each store over HTTPS too
+#
+# With WRK_TLS=1 each store also runs with `http.tls_cert`/`http.tls_key`
+# (a throwaway self-signed P-256 certificate made with openssl), and wrk
+# posts over https on connections it keeps: the handshake is paid once per
+# connection, so the rows show what TLS costs a call.
 #
 # The daemon logs at `warn` (RUST_LOG); MAILMUX_LOG=info runs it at the
 # level it has by default, which writes one line a call.
@@ -47,11 +53,22 @@ stop_sink
 SOURCE=$(echo "$N / ($t1 - $t0)" | bc -l)
 printf "| smtp-source | %.0f | 100 %% | | | |\n" "$SOURCE"
 
+SCHEMES=http
+if [ "${WRK_TLS:-0}" = 1 ]; then
+  SCHEMES="http https"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout "$WORK/key.pem" -out "$WORK/cert.pem" -days 1 -subj /CN=localhost \
+    -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" 2>/dev/null
+  chmod 600 "$WORK/key.pem"
+fi
+
 for store in sqlite memory; do
+for scheme in $SCHEMES; do
   start_sink
   PORT=$(free_port)
-  mkdir -p "$WORK/$store"
-  cat >"$WORK/$store/mailmux.toml" <<TOML
+  DIR=$WORK/$store-$scheme
+  mkdir -p "$DIR"
+  cat >"$DIR/mailmux.toml" <<TOML
 from_email = "sender@localhost"
 send_deadline = "300s"
 message_id_domain = "load.localhost"
@@ -69,10 +86,13 @@ max_connections = $C
 max_queued = 100000
 messages_per_connection = 0
 TOML
-  (cd "$WORK/$store" && RUST_LOG=${MAILMUX_LOG:-warn} exec "$BIN" --config mailmux.toml serve --http "127.0.0.1:$PORT" --stateless) >"$WORK/$store/daemon.log" 2>&1 &
+  if [ "$scheme" = https ]; then
+    printf '\n[http]\ntls_cert = "%s"\ntls_key = "%s"\n' "$WORK/cert.pem" "$WORK/key.pem" >>"$DIR/mailmux.toml"
+  fi
+  (cd "$DIR" && RUST_LOG=${MAILMUX_LOG:-warn} exec "$BIN" --config mailmux.toml serve --http "127.0.0.1:$PORT" --stateless) >"$DIR/daemon.log" 2>&1 &
   D=$!; PIDS="$PIDS $D"; sleep 1
   before=$(ticks "$D")
-  out=$(wrk -t1 -c"$C" -d"${DURATION}s" -s "$HERE/send_email.lua" "http://127.0.0.1:$PORT/mcp")
+  out=$(wrk -t1 -c"$C" -d"${DURATION}s" -s "$HERE/send_email.lua" "$scheme://127.0.0.1:$PORT/mcp")
   after=$(ticks "$D")
   kill "$D"; wait "$D" 2>/dev/null || true
   stop_sink
@@ -83,6 +103,8 @@ TOML
   p99=$(echo "$line" | sed -E 's/.*p99 ([0-9.]+) ms.*/\1/')
   cpu=$(echo "($after - $before) / $hz * 1000000 / $sent" | bc -l)
   share=$(echo "100 * $rate / $SOURCE" | bc -l)
-  printf "| MCP HTTP via wrk, %s | %s | %.0f %% | %.1f | %s | %s |\n" "$store" "$rate" "$share" "$cpu" "$p50" "$p99"
+  label=HTTP; [ "$scheme" = https ] && label=HTTPS
+  printf "| MCP %s via wrk, %s | %s | %.0f %% | %.1f | %s | %s |\n" "$label" "$store" "$rate" "$share" "$cpu" "$p50" "$p99"
   echo "$out" | grep -v '^answers:' | grep -i 'not sent\|error' >&2 || true
+done
 done
