@@ -710,20 +710,15 @@ fn token_pair(
         (None, Some(path)) => Some(read_secret(path, &file_at, "token")?),
         (None, None) => None,
     };
-    if let Some(s) = &secret {
-        let at = if token_file.is_some() {
-            &file_at
-        } else {
-            &token_at
-        };
-        warn_if_short(s.expose(), at);
-    }
-    let shown = secret.as_ref().map(|_| REDACTED);
     let at = if token_file.is_some() {
         &file_at
     } else {
         &token_at
     };
+    if let Some(s) = &secret {
+        warn_if_short(s.expose(), at);
+    }
+    let shown = secret.as_ref().map(|_| REDACTED);
     leaf(out, "token", json!(shown), at);
     leaf(
         out,
