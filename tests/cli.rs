@@ -334,16 +334,7 @@ password_file = "{}"
     )
     .unwrap();
     let run = || {
-        let out = Command::new(env!("CARGO_BIN_EXE_mailmux"))
-            .arg("--config")
-            .arg(&config)
-            .arg("config")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
+        let out = show_config(&config, &[]);
         let all = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -390,17 +381,7 @@ fn a_short_bearer_token_is_used_with_a_warning() {
     let config = dir.path().join("mailmux.toml");
     let run = |text: &str, token_env: &str| {
         std::fs::write(&config, text).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_mailmux"))
-            .arg("--config")
-            .arg(&config)
-            .arg("config")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("AGENT_TOKEN", token_env)
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
+        let out = show_config(&config, &[("AGENT_TOKEN", token_env)]);
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
     let long = "b7d1c0e4a9f23568";
@@ -422,4 +403,21 @@ fn a_short_bearer_token_is_used_with_a_warning() {
     );
     assert!(!warned.contains("tiny-7f"), "{warned}");
     assert!(!run(&callers, long).contains("may be guessed"));
+}
+
+/// `mailmux --config CONFIG config` in the configuration's folder, with no
+/// environment but `PATH` and `env`; it must succeed.
+fn show_config(config: &std::path::Path, env: &[(&str, &str)]) -> std::process::Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_mailmux"))
+        .arg("--config")
+        .arg(config)
+        .arg("config")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
+        .current_dir(config.parent().unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    out
 }
