@@ -2,16 +2,17 @@
 //!
 //! SQLite has no group commit, so one writer thread owns the write
 //! connection and folds every write that arrives while it commits into the
-//! next transaction: one fsync (`synchronous=FULL`) per batch. A write that
-//! fails before it changed a row fails alone; one that fails part-way rolls
-//! its whole batch back ([`run_write`]).
-//! The one exception is the outcome of a delivery that a relay took (`sent`,
-//! `partial`, with no Sent copy due): the batch's writes of that kind commit
-//! first, in a transaction of their own with `synchronous=NORMAL`, and are
-//! answered once written, not after the fsync of the commit marks beside
-//! them. The next commit's fsync covers them, or the writer fsyncs the log
-//! after [`LAZY_SYNC`] with no other write. A process crash loses nothing
-//! (the log is written); a power loss before that fsync leaves the message
+//! next transaction: one commit and one fsync of the log per batch. A
+//! write that fails before it changed a row fails alone; one that fails
+//! part-way rolls its whole batch back ([`run_write`]).
+//! The writer commits with `synchronous=NORMAL` (the log is written, not
+//! synced) and fsyncs the log itself before it answers the batch's
+//! writes, except the outcome of a delivery that a relay took (`sent`,
+//! `partial`, with no Sent copy due): such a write is answered once
+//! committed, not after the fsync that the commit marks beside it wait
+//! for. That fsync covers it, or the writer fsyncs the log after
+//! [`LAZY_SYNC`] with no other write. A process crash loses nothing (the
+//! log is written); a power loss before that fsync leaves the message
 //! marked and `sending`, so it is recovered as `unknown` and never resent.
 //! Reads run on the blocking pool, on two read-only connections: one for the
 //! delivery path (due messages, their bytes), one for callers and operators
@@ -295,17 +296,19 @@ impl SqliteStore {
     /// Opens (creating if needed) the store at `path` for a daemon: takes the
     /// advisory lock, applies migrations, starts the writer.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
-        Self::open_with(path, true)
+        Self::open_with(path, true, Box::new(fsync_log))
     }
 
     /// Opens the store without its daemon lock, for short transactions by
     /// another process (the queue command, `send --no-wait`) while the daemon
     /// may be running. Migrations are not applied: the store must exist.
     pub fn open_shared(path: &Path) -> Result<SqliteStore, StoreError> {
-        Self::open_with(path, false)
+        Self::open_with(path, false, Box::new(fsync_log))
     }
 
-    fn open_with(path: &Path, lock: bool) -> Result<SqliteStore, StoreError> {
+    /// `sync_log` makes the write-ahead log durable: [`fsync_log`], but for
+    /// the tests that watch or fail it.
+    fn open_with(path: &Path, lock: bool, sync_log: SyncLog) -> Result<SqliteStore, StoreError> {
         let shown = path.display().to_string();
         let named = |e: &dyn std::fmt::Display| StoreError::Unavailable(format!("{shown}: {e}"));
         let lock = if lock {
@@ -374,7 +377,7 @@ impl SqliteStore {
             Ok(Arc::new(Mutex::new(reader)))
         };
         Ok(SqliteStore {
-            writes: spawn_writer(writer, lock.is_some()),
+            writes: spawn_writer(writer, lock.is_some(), sync_log),
             reader: reader()?,
             delivery: reader()?,
             _lock: lock,
@@ -504,8 +507,9 @@ fn immutable(path: &Path) -> rusqlite::Result<Connection> {
 fn configure(conn: &Connection, writer: bool) -> rusqlite::Result<()> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     if writer {
-        // WAL: readers never block the writer. FULL: each commit is fsynced,
-        // so an accepted message survives power loss.
+        // WAL: readers never block the writer. FULL while the migrations
+        // run; the writer thread then commits with NORMAL and fsyncs the
+        // log itself ([`writer_loop`]).
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
     }
@@ -558,43 +562,52 @@ fn migrate(conn: &Connection, shown: &str, apply: bool) -> Result<(), StoreError
 
 /// Starts the writer thread. `owner`: this is the daemon's store (it holds
 /// the lock), whose close merges the log.
-fn spawn_writer(conn: Connection, owner: bool) -> mpsc::Sender<Work> {
+fn spawn_writer(conn: Connection, owner: bool, sync_log: SyncLog) -> mpsc::Sender<Work> {
     let (tx, rx) = mpsc::channel::<Work>();
     std::thread::Builder::new()
         .name("mailmux-queue-writer".into())
-        .spawn(move || writer_loop(conn, rx, owner))
+        .spawn(move || writer_loop(conn, rx, owner, sync_log))
         .expect("spawning the queue writer thread");
     tx
 }
 
 /// The writer thread: takes every write waiting, runs them in one
-/// transaction (two when some are lazy, below), commits, then answers each.
-/// A close ends it.
+/// transaction, commits, then answers each. A close ends it.
 ///
-/// The lazy writes among them (see [`lazy`]) commit first, in a
-/// transaction of their own with `synchronous=NORMAL`, and are answered
-/// before the others' fsync: a delivered message's outcome does not wait
-/// for the commit marks written beside it. The durable writes then commit
-/// with `synchronous=FULL`, whose fsync covers both.
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Work>, owner: bool) {
-    let mut lazy_batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-    let mut durable_batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+/// Every commit is written with `synchronous=NORMAL`, which writes the
+/// log without an fsync. The lazy writes of a batch (see [`lazy`]) are
+/// answered then; when the batch holds any other write, the writer fsyncs
+/// the log and only then answers those. So a delivered message's outcome
+/// never waits for the fsync of the commit marks beside it, and one
+/// transaction carries both.
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Work>, owner: bool, sync_log: SyncLog) {
+    // Where the mode cannot be switched, every commit fsyncs itself.
+    let synced_by_commit = conn.pragma_update(None, "synchronous", "NORMAL").is_err();
+    let sync = |conn: &Connection| {
+        if synced_by_commit {
+            Ok(())
+        } else {
+            sync_log(conn)
+        }
+    };
+    let mut batch: Vec<(Job, bool)> = Vec::with_capacity(MAX_BATCH);
     let mut closing = None;
     let mut alone = None;
-    // A lazy commit's log is not fsynced yet.
+    // A commit's log is not fsynced yet.
     let mut unsynced = false;
-    let mut synchronous_full = true;
     loop {
         let first = if unsynced {
             match rx.recv_timeout(LAZY_SYNC) {
                 Ok(w) => w,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    sync_log(&conn);
+                    // Tried once: a disk that fails it is logged once, and
+                    // the next durable write's own sync tries again.
+                    quietly(sync(&conn));
                     unsynced = false;
                     continue;
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    sync_log(&conn);
+                    quietly(sync(&conn));
                     return;
                 }
             }
@@ -607,8 +620,7 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Work>, owner: bool) {
         let mut next = Some(first);
         while let Some(work) = next.take() {
             match work {
-                Work::Write { job, lazy: true } => lazy_batch.push(job),
-                Work::Write { job, lazy: false } => durable_batch.push(job),
+                Work::Write { job, lazy } => batch.push((job, lazy)),
                 Work::Close(done) => {
                     closing = Some(done);
                     break;
@@ -618,31 +630,20 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Work>, owner: bool) {
                     break;
                 }
             }
-            if lazy_batch.len() + durable_batch.len() < MAX_BATCH {
+            if batch.len() < MAX_BATCH {
                 next = rx.try_recv().ok();
             }
         }
-        if !lazy_batch.is_empty() {
-            // A lazy batch that cannot switch commits fsynced.
-            if synchronous_full && conn.pragma_update(None, "synchronous", "NORMAL").is_ok() {
-                synchronous_full = false;
-            }
-            let committed = run_batch(&mut conn, &mut lazy_batch, Ok(()));
-            unsynced |= committed && !synchronous_full;
+        if !batch.is_empty() {
+            unsynced = commit_batch(&mut conn, &mut batch, sync, unsynced);
         }
-        if !durable_batch.is_empty()
-            && run_durable(&mut conn, &mut synchronous_full, &mut durable_batch)
-        {
-            unsynced = false;
-        }
-        if let Some(job) = alone.take()
-            && run_durable(&mut conn, &mut synchronous_full, &mut vec![job])
-        {
-            unsynced = false;
+        if let Some(job) = alone.take() {
+            batch.push((job, false));
+            unsynced = commit_batch(&mut conn, &mut batch, sync, unsynced);
         }
         if let Some(done) = closing.take() {
             if unsynced {
-                sync_log(&conn);
+                quietly(sync(&conn));
             }
             // Leaves the database file complete (an empty log), so that a
             // copy of it alone, or a read from a read-only file system,
@@ -658,18 +659,32 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Work>, owner: bool) {
     }
 }
 
-/// Commits `batch` with `synchronous=FULL`, switching to it first; a
-/// batch that cannot switch is refused. Whether it committed (its fsync
-/// then covers the lazy commits before it).
-fn run_durable(conn: &mut Connection, synchronous_full: &mut bool, batch: &mut Vec<Job>) -> bool {
-    let mut ready = Ok(());
-    if !*synchronous_full {
-        match conn.pragma_update(None, "synchronous", "FULL") {
-            Ok(()) => *synchronous_full = true,
-            Err(e) => ready = Err(unavailable(e)),
+/// Commits `batch` and answers it: its lazy writes at once, the others
+/// after `sync` made the log durable. Whether the log is left unsynced
+/// (`unsynced`: it was before).
+fn commit_batch(
+    conn: &mut Connection,
+    batch: &mut Vec<(Job, bool)>,
+    sync: impl FnOnce(&Connection) -> Result<(), StoreError>,
+    unsynced: bool,
+) -> bool {
+    let (commit, answers) = run_batch(conn, batch);
+    let mut durable = Vec::with_capacity(answers.len());
+    for (answer, lazy) in answers {
+        if lazy || commit.is_err() {
+            answer(&commit);
+        } else {
+            durable.push(answer);
         }
     }
-    run_batch(conn, batch, ready)
+    if durable.is_empty() {
+        return unsynced || commit.is_ok();
+    }
+    let synced = sync(conn);
+    for answer in durable {
+        answer(&synced);
+    }
+    synced.is_err()
 }
 
 /// Whether a settle may be answered before its fsync: the relay took the
@@ -680,27 +695,41 @@ fn lazy(s: &Settle) -> bool {
     matches!(s.state, State::Sent | State::Partial) && !s.copy
 }
 
-/// Fsyncs the write-ahead log, for the lazy commits before it.
-fn sync_log(conn: &Connection) {
-    let Some(path) = conn.path() else { return };
-    let synced = std::fs::OpenOptions::new()
+/// How the writer makes the write-ahead log durable.
+type SyncLog = Box<dyn Fn(&Connection) -> Result<(), StoreError> + Send>;
+
+/// Fsyncs the write-ahead log. A commit whose log could not be synced was
+/// written, and a start after a crash replays it: its writes may be
+/// stored, so they are unconfirmed rather than refused.
+fn fsync_log(conn: &Connection) -> Result<(), StoreError> {
+    let Some(path) = conn.path() else {
+        return Ok(());
+    };
+    std::fs::OpenOptions::new()
         .write(true)
         .open(format!("{path}-wal"))
-        .and_then(|f| f.sync_data());
+        .and_then(|f| f.sync_data())
+        .map_err(|e| StoreError::Unconfirmed(format!("the log was written but not synced ({e})")))
+}
+
+/// The outcome of a sync that no write waits on, logged if it failed.
+fn quietly(synced: Result<(), StoreError>) {
     if let Err(e) = synced {
         tracing::warn!(error = %e, "the queue store's log could not be synced");
     }
 }
 
-/// Runs and commits one batch, then answers each write; true if it
-/// committed.
-fn run_batch(conn: &mut Connection, batch: &mut Vec<Job>, ready: Result<(), StoreError>) -> bool {
+/// Runs and commits one batch; the commit's outcome, and each write's
+/// answer with whether it is lazy.
+fn run_batch(
+    conn: &mut Connection,
+    batch: &mut Vec<(Job, bool)>,
+) -> (Result<(), StoreError>, Vec<(Answer, bool)>) {
     let now = now_millis();
-    let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
-    let begun = ready.and_then(|()| {
-        conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(unavailable)
-    });
+    let mut answers: Vec<(Answer, bool)> = Vec::with_capacity(batch.len());
+    let begun = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(unavailable);
     let commit = match begun {
         Ok(tx) => {
             let moves = Cell::new(Moves::default());
@@ -719,14 +748,14 @@ fn run_batch(conn: &mut Connection, batch: &mut Vec<Job>, ready: Result<(), Stor
                     *undone = Some(unavailable("SQLite rolled the transaction back"));
                 }
             };
-            for job in batch.drain(..) {
+            for (job, lazy) in batch.drain(..) {
                 rolled_back(&mut undone);
                 if let Some(e) = &undone {
-                    answers.push(job(Err(e), now).0);
+                    answers.push((job(Err(e), now).0, lazy));
                     continue;
                 }
                 let (answer, failed) = job(Ok(&write), now);
-                answers.push(answer);
+                answers.push((answer, lazy));
                 undone = failed.map(|e| {
                     StoreError::Unavailable(format!(
                         "a write in the same transaction failed part-way, so none was stored ({e})"
@@ -749,8 +778,8 @@ fn run_batch(conn: &mut Connection, batch: &mut Vec<Job>, ready: Result<(), Stor
             }
         }
         Err(err) => {
-            for job in batch.drain(..) {
-                answers.push(job(Err(&err), now).0);
+            for (job, lazy) in batch.drain(..) {
+                answers.push((job(Err(&err), now).0, lazy));
             }
             Err(err)
         }
@@ -758,10 +787,7 @@ fn run_batch(conn: &mut Connection, batch: &mut Vec<Job>, ready: Result<(), Stor
     if let Err(e) = &commit {
         tracing::error!(error = %e, "the queue store could not commit");
     }
-    for answer in answers {
-        answer(&commit);
-    }
-    commit.is_ok()
+    (commit, answers)
 }
 
 /// A commit whose fsync failed had written its frames to the log, and a
@@ -1622,6 +1648,7 @@ fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<Record>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering::SeqCst;
 
     fn outcome(state: State, copy: bool) -> Settle {
         Settle {
@@ -1638,18 +1665,52 @@ mod tests {
         }
     }
 
-    /// SQLite's values of `PRAGMA synchronous`.
-    const FULL: i64 = 2;
-    const NORMAL: i64 = 1;
+    /// The writer's log syncs, counted; each waits while they are held,
+    /// and fails while they are failing.
+    #[derive(Clone, Default)]
+    struct WatchedLog {
+        syncs: Arc<std::sync::atomic::AtomicUsize>,
+        held: Arc<(Mutex<bool>, std::sync::Condvar)>,
+        failing: Arc<std::sync::atomic::AtomicBool>,
+    }
 
-    /// The `synchronous` mode the batch of a write commits under.
-    async fn mode(store: &SqliteStore, lazy: bool) -> i64 {
-        store
-            .write_with(lazy, |c, _| {
-                c.pragma_query_value(None, "synchronous", |r| r.get(0))
-            })
-            .await
-            .unwrap()
+    impl WatchedLog {
+        fn open(&self, path: &Path) -> Arc<SqliteStore> {
+            let w = self.clone();
+            let sync = move |c: &Connection| {
+                let (lock, turned) = &*w.held;
+                let mut held = lock.lock().unwrap();
+                while *held {
+                    held = turned.wait(held).unwrap();
+                }
+                drop(held);
+                if w.failing.load(SeqCst) {
+                    return Err(StoreError::Unconfirmed("the sync failed".into()));
+                }
+                let synced = fsync_log(c);
+                w.syncs.fetch_add(1, SeqCst);
+                synced
+            };
+            Arc::new(SqliteStore::open_with(path, true, Box::new(sync)).unwrap())
+        }
+
+        fn hold(&self, held: bool) {
+            *self.held.0.lock().unwrap() = held;
+            self.held.1.notify_all();
+        }
+
+        fn syncs(&self) -> usize {
+            self.syncs.load(SeqCst)
+        }
+    }
+
+    /// A write that changes nothing; `lazy` as a relay-accepted outcome.
+    fn nothing(
+        store: &Arc<SqliteStore>,
+        lazy: bool,
+    ) -> tokio::task::JoinHandle<Result<(), StoreError>> {
+        let store = store.clone();
+        tokio::spawn(async move { store.write_with(lazy, |_, _| Ok(())).await })
     }
 
     fn message(id: &str) -> NewMessage {
@@ -1672,13 +1733,15 @@ mod tests {
     }
 
     /// Holds the writer thread until the returned sender is dropped.
-    async fn hold_writer(store: &Arc<SqliteStore>) -> std::sync::mpsc::Sender<()> {
+    /// Holds the writer in a write (`lazy`: one answered before the fsync)
+    /// until the sender is used or dropped.
+    async fn hold_writer(store: &Arc<SqliteStore>, lazy: bool) -> std::sync::mpsc::Sender<()> {
         let (release, held) = std::sync::mpsc::channel::<()>();
         let (started, running) = oneshot::channel();
         let store = store.clone();
         tokio::spawn(async move {
             store
-                .write(move |_, _| {
+                .write_with(lazy, move |_, _| {
                     let _ = started.send(());
                     let _ = held.recv();
                     Ok(())
@@ -1714,7 +1777,7 @@ mod tests {
     async fn a_write_that_fails_before_changing_a_row_fails_alone() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open(&dir.path().join("q.db")).unwrap());
-        let release = hold_writer(&store).await;
+        let release = hold_writer(&store, false).await;
         let s = store.clone();
         let stored = tokio::spawn(async move { s.accept(message("<a@x>")).await });
         let s = store.clone();
@@ -1733,7 +1796,7 @@ mod tests {
     async fn a_write_that_fails_part_way_rolls_its_batch_back() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open(&dir.path().join("q.db")).unwrap());
-        let release = hold_writer(&store).await;
+        let release = hold_writer(&store, false).await;
         let s = store.clone();
         let other = tokio::spawn(async move { s.accept(message("<a@x>")).await });
         let s = store.clone();
@@ -2013,31 +2076,65 @@ mod tests {
     #[tokio::test]
     async fn a_lazy_write_beside_durable_ones_is_not_held_for_their_fsync() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SqliteStore::open(&dir.path().join("q.db")).unwrap());
+        let log = WatchedLog::default();
+        let store = log.open(&dir.path().join("q.db"));
         // Both writes wait behind a held one, so they reach the writer as
         // one batch.
-        let release = hold_writer(&store).await;
-        let (a, b) = (store.clone(), store.clone());
-        let durable = tokio::spawn(async move { mode(&a, false).await });
-        let lazy = tokio::spawn(async move { mode(&b, true).await });
+        let release = hold_writer(&store, true).await;
+        let durable = nothing(&store, false);
+        let lazy = nothing(&store, true);
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        log.hold(true);
         release.send(()).unwrap();
-        assert_eq!(lazy.await.unwrap(), NORMAL, "committed without an fsync");
-        assert_eq!(durable.await.unwrap(), FULL, "committed with an fsync");
+        let answered = tokio::time::timeout(std::time::Duration::from_secs(10), lazy).await;
+        answered
+            .expect("answered before the fsync")
+            .unwrap()
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!durable.is_finished(), "a commit mark waits for the fsync");
+        assert_eq!(log.syncs(), 0);
+        log.hold(false);
+        durable.await.unwrap().unwrap();
+        assert!(log.syncs() >= 1);
     }
 
     #[tokio::test]
-    async fn a_durable_write_commits_fsynced_after_lazy_ones() {
+    async fn a_lazy_write_alone_is_synced_by_the_timer() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("q.db")).unwrap();
-        assert_eq!(mode(&store, false).await, FULL);
-        assert_eq!(mode(&store, true).await, NORMAL);
-        assert_eq!(mode(&store, true).await, NORMAL);
-        assert_eq!(mode(&store, false).await, FULL);
-        // The log of the last lazy commit is synced by the timer; the
-        // writes after it still work.
-        assert_eq!(mode(&store, true).await, NORMAL);
-        tokio::time::sleep(LAZY_SYNC * 4).await;
-        assert_eq!(mode(&store, false).await, FULL);
+        let log = WatchedLog::default();
+        let store = log.open(&dir.path().join("q.db"));
+        nothing(&store, false).await.unwrap().unwrap();
+        let before = log.syncs();
+        assert!(before >= 1, "a durable write is answered after the fsync");
+        log.hold(true);
+        nothing(&store, true).await.unwrap().unwrap();
+        log.hold(false);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while log.syncs() == before {
+            assert!(std::time::Instant::now() < deadline, "never synced");
+            tokio::time::sleep(LAZY_SYNC).await;
+        }
+        // The writes after it still work.
+        nothing(&store, true).await.unwrap().unwrap();
+        nothing(&store, false).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_write_whose_log_was_not_synced_is_unconfirmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = WatchedLog::default();
+        let store = log.open(&dir.path().join("q.db"));
+        let release = hold_writer(&store, true).await;
+        let durable = nothing(&store, false);
+        let lazy = nothing(&store, true);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        log.failing.store(true, SeqCst);
+        release.send(()).unwrap();
+        lazy.await.unwrap().unwrap();
+        let e = durable.await.unwrap().unwrap_err();
+        assert!(matches!(e, StoreError::Unconfirmed(_)), "{e:?}");
+        log.failing.store(false, SeqCst);
+        nothing(&store, false).await.unwrap().unwrap();
     }
 }
