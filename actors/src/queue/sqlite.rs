@@ -698,9 +698,12 @@ fn lazy(s: &Settle) -> bool {
 /// How the writer makes the write-ahead log durable.
 type SyncLog = Box<dyn Fn(&Connection) -> Result<(), StoreError> + Send>;
 
-/// Fsyncs the write-ahead log. A commit whose log could not be synced was
-/// written, and a start after a crash replays it: its writes may be
-/// stored, so they are unconfirmed rather than refused.
+/// Fsyncs the write-ahead log. SQLite itself, even with
+/// `synchronous=NORMAL`, syncs the log's header whenever it starts the log
+/// afresh, and the log's folder with the first such sync after it opened
+/// it, before it writes a frame; this covers the frames. A commit whose log
+/// could not be synced was written, and a start after a crash replays it:
+/// its writes may be stored, so they are unconfirmed rather than refused.
 fn fsync_log(conn: &Connection) -> Result<(), StoreError> {
     let Some(path) = conn.path() else {
         return Ok(());
