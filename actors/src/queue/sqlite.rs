@@ -660,15 +660,18 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Work>, owner: bool, sync
 }
 
 /// Commits `batch` and answers it: its lazy writes at once, the others
-/// after `sync` made the log durable. Whether the log is left unsynced
-/// (`unsynced`: it was before).
+/// after `sync` made the log durable. A batch that changed no row wrote
+/// nothing to the log, and needs no fsync unless an earlier commit's log
+/// is still unsynced (`unsynced`). Whether the log is left unsynced.
 fn commit_batch(
     conn: &mut Connection,
     batch: &mut Vec<(Job, bool)>,
     sync: impl FnOnce(&Connection) -> Result<(), StoreError>,
     unsynced: bool,
 ) -> bool {
+    let before = conn.total_changes();
     let (commit, answers) = run_batch(conn, batch);
+    let wrote = commit.is_ok() && conn.total_changes() != before;
     let mut durable = Vec::with_capacity(answers.len());
     for (answer, lazy) in answers {
         if lazy || commit.is_err() {
@@ -678,9 +681,13 @@ fn commit_batch(
         }
     }
     if durable.is_empty() {
-        return unsynced || commit.is_ok();
+        return unsynced || wrote;
     }
-    let synced = sync(conn);
+    let synced = if wrote || unsynced {
+        sync(conn)
+    } else {
+        Ok(())
+    };
     for answer in durable {
         answer(&synced);
     }
@@ -1707,13 +1714,36 @@ mod tests {
         }
     }
 
-    /// A write that changes nothing; `lazy` as a relay-accepted outcome.
-    fn nothing(
+    /// A write that changes a row (`changes`) or none; `lazy` as a
+    /// relay-accepted outcome.
+    fn write(
+        store: &Arc<SqliteStore>,
+        lazy: bool,
+        changes: bool,
+    ) -> tokio::task::JoinHandle<Result<(), StoreError>> {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .write_with(lazy, move |c, _| {
+                    if changes {
+                        c.execute(
+                            "INSERT INTO counts (state, n) VALUES ('test', 1)
+                             ON CONFLICT (state) DO UPDATE SET n = n + 1",
+                            [],
+                        )?;
+                    }
+                    Ok(())
+                })
+                .await
+        })
+    }
+
+    /// A write that changes a row.
+    fn touch(
         store: &Arc<SqliteStore>,
         lazy: bool,
     ) -> tokio::task::JoinHandle<Result<(), StoreError>> {
-        let store = store.clone();
-        tokio::spawn(async move { store.write_with(lazy, |_, _| Ok(())).await })
+        write(store, lazy, true)
     }
 
     fn message(id: &str) -> NewMessage {
@@ -2084,8 +2114,8 @@ mod tests {
         // Both writes wait behind a held one, so they reach the writer as
         // one batch.
         let release = hold_writer(&store, true).await;
-        let durable = nothing(&store, false);
-        let lazy = nothing(&store, true);
+        let durable = touch(&store, false);
+        let lazy = touch(&store, true);
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         log.hold(true);
         release.send(()).unwrap();
@@ -2107,11 +2137,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = WatchedLog::default();
         let store = log.open(&dir.path().join("q.db"));
-        nothing(&store, false).await.unwrap().unwrap();
+        touch(&store, false).await.unwrap().unwrap();
         let before = log.syncs();
         assert!(before >= 1, "a durable write is answered after the fsync");
         log.hold(true);
-        nothing(&store, true).await.unwrap().unwrap();
+        touch(&store, true).await.unwrap().unwrap();
         log.hold(false);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while log.syncs() == before {
@@ -2119,8 +2149,8 @@ mod tests {
             tokio::time::sleep(LAZY_SYNC).await;
         }
         // The writes after it still work.
-        nothing(&store, true).await.unwrap().unwrap();
-        nothing(&store, false).await.unwrap().unwrap();
+        touch(&store, true).await.unwrap().unwrap();
+        touch(&store, false).await.unwrap().unwrap();
     }
 
     #[tokio::test]
@@ -2129,8 +2159,8 @@ mod tests {
         let log = WatchedLog::default();
         let store = log.open(&dir.path().join("q.db"));
         let release = hold_writer(&store, true).await;
-        let durable = nothing(&store, false);
-        let lazy = nothing(&store, true);
+        let durable = touch(&store, false);
+        let lazy = touch(&store, true);
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         log.failing.store(true, SeqCst);
         release.send(()).unwrap();
@@ -2138,6 +2168,27 @@ mod tests {
         let e = durable.await.unwrap().unwrap_err();
         assert!(matches!(e, StoreError::Unconfirmed(_)), "{e:?}");
         log.failing.store(false, SeqCst);
-        nothing(&store, false).await.unwrap().unwrap();
+        touch(&store, false).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_write_that_changed_nothing_waits_for_no_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = WatchedLog::default();
+        let store = log.open(&dir.path().join("q.db"));
+        touch(&store, false).await.unwrap().unwrap();
+        let synced = log.syncs();
+        write(&store, false, false).await.unwrap().unwrap();
+        assert_eq!(log.syncs(), synced, "nothing was written to the log");
+        // After a lazy commit, even a write that changed nothing is
+        // answered after the fsync that makes what it read durable.
+        log.hold(true);
+        touch(&store, true).await.unwrap().unwrap();
+        let unchanged = write(&store, false, false);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!unchanged.is_finished(), "waits for the log's fsync");
+        log.hold(false);
+        unchanged.await.unwrap().unwrap();
+        assert!(log.syncs() > synced);
     }
 }
