@@ -1738,6 +1738,23 @@ mod tests {
         })
     }
 
+    /// A durable and a lazy write that change a row each, waiting behind a
+    /// held write so that they reach the writer as one batch; the sender
+    /// releases the held write.
+    async fn a_durable_and_a_lazy_write(
+        store: &Arc<SqliteStore>,
+    ) -> (
+        std::sync::mpsc::Sender<()>,
+        tokio::task::JoinHandle<Result<(), StoreError>>,
+        tokio::task::JoinHandle<Result<(), StoreError>>,
+    ) {
+        let release = hold_writer(store, true).await;
+        let durable = touch(store, false);
+        let lazy = touch(store, true);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        (release, durable, lazy)
+    }
+
     /// A write that changes a row.
     fn touch(
         store: &Arc<SqliteStore>,
@@ -2111,12 +2128,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = WatchedLog::default();
         let store = log.open(&dir.path().join("q.db"));
-        // Both writes wait behind a held one, so they reach the writer as
-        // one batch.
-        let release = hold_writer(&store, true).await;
-        let durable = touch(&store, false);
-        let lazy = touch(&store, true);
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let (release, durable, lazy) = a_durable_and_a_lazy_write(&store).await;
         log.hold(true);
         release.send(()).unwrap();
         let answered = tokio::time::timeout(std::time::Duration::from_secs(10), lazy).await;
@@ -2158,10 +2170,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = WatchedLog::default();
         let store = log.open(&dir.path().join("q.db"));
-        let release = hold_writer(&store, true).await;
-        let durable = touch(&store, false);
-        let lazy = touch(&store, true);
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let (release, durable, lazy) = a_durable_and_a_lazy_write(&store).await;
         log.failing.store(true, SeqCst);
         release.send(()).unwrap();
         lazy.await.unwrap().unwrap();
