@@ -1685,6 +1685,14 @@ mod tests {
     }
 
     impl WatchedLog {
+        /// A new store in a folder of its own, with its log watched.
+        fn store() -> (tempfile::TempDir, WatchedLog, Arc<SqliteStore>) {
+            let dir = tempfile::tempdir().unwrap();
+            let log = WatchedLog::default();
+            let store = log.open(&dir.path().join("q.db"));
+            (dir, log, store)
+        }
+
         fn open(&self, path: &Path) -> Arc<SqliteStore> {
             let w = self.clone();
             let sync = move |c: &Connection| {
@@ -2125,9 +2133,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lazy_write_beside_durable_ones_is_not_held_for_their_fsync() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = WatchedLog::default();
-        let store = log.open(&dir.path().join("q.db"));
+        let (_dir, log, store) = WatchedLog::store();
         let (release, durable, lazy) = a_durable_and_a_lazy_write(&store).await;
         log.hold(true);
         release.send(()).unwrap();
@@ -2146,9 +2152,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lazy_write_alone_is_synced_by_the_timer() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = WatchedLog::default();
-        let store = log.open(&dir.path().join("q.db"));
+        let (_dir, log, store) = WatchedLog::store();
         touch(&store, false).await.unwrap().unwrap();
         let before = log.syncs();
         assert!(before >= 1, "a durable write is answered after the fsync");
@@ -2167,9 +2171,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_write_whose_log_was_not_synced_is_unconfirmed() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = WatchedLog::default();
-        let store = log.open(&dir.path().join("q.db"));
+        let (_dir, log, store) = WatchedLog::store();
         let (release, durable, lazy) = a_durable_and_a_lazy_write(&store).await;
         log.failing.store(true, SeqCst);
         release.send(()).unwrap();
@@ -2182,9 +2184,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_write_that_changed_nothing_waits_for_no_fsync() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = WatchedLog::default();
-        let store = log.open(&dir.path().join("q.db"));
+        let (_dir, log, store) = WatchedLog::store();
         touch(&store, false).await.unwrap().unwrap();
         let synced = log.syncs();
         write(&store, false, false).await.unwrap().unwrap();
