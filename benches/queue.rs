@@ -4,7 +4,8 @@
 //! call that waits (its message stored at its commit mark, then settled
 //! with one attempt) at C=32, recovery on reopen, a status lookup, the first
 //! page of a listing, a page of the oldest batch as its caller lists it, and
-//! the queue's counts. Run by hand; it prints markdown, and checks only that
+//! the queue's counts, and a backup of the whole store (`mailmux queue
+//! backup`). Run by hand; it prints markdown, and checks only that
 //! each answer is whole.
 //!
 //! ```text
@@ -182,9 +183,18 @@ async fn measure(fill: usize) -> anyhow::Result<String> {
     reopened.recover().await?;
     let recover = t.elapsed();
     let size = std::fs::metadata(&path)?.len();
+    // `mailmux queue backup`: the whole store copied and checked.
+    let t = Instant::now();
+    let copy = reopened
+        .backup(&dir.path().join("copy.db"))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let backup = t.elapsed();
+    let copied: u64 = copy.counts.iter().map(|c| c.1).sum();
+    anyhow::ensure!(copied as usize == fill + 2 * MEASURED, "the copy, whole");
 
     Ok(format!(
-        "| {fill} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
+        "| {fill} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} |",
         MEASURED as f64 / took.as_secs_f64(),
         us(per_msg),
         MEASURED as f64 / marked.as_secs_f64(),
@@ -197,6 +207,8 @@ async fn measure(fill: usize) -> anyhow::Result<String> {
         us(open),
         us(recover),
         size as f64 / 1e6,
+        backup.as_secs_f64() * 1e3,
+        copy.bytes as f64 / 1e6,
     ))
 }
 
@@ -222,7 +234,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let mut out = String::from(
-        "| messages in the store | accept+mark+settle msgs/s (C=32) | µs per message (wall) | marked+settle msgs/s (C=32) | get p50 µs | get p99 µs | list 100 µs | list the oldest batch µs | stats µs | due µs | open µs | recover µs | file MB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| messages in the store | accept+mark+settle msgs/s (C=32) | µs per message (wall) | marked+settle msgs/s (C=32) | get p50 µs | get p99 µs | list 100 µs | list the oldest batch µs | stats µs | due µs | open µs | recover µs | file MB | backup ms | copy MB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for fill in fills {
         out.push_str(&rt.block_on(measure(fill))?);

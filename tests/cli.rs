@@ -307,6 +307,72 @@ fn a_closed_output_does_not_stop_the_queue_command_half_way() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
 }
 
+/// `queue backup` copies a SQLite store only: the memory store has nothing
+/// to copy, and a PostgreSQL store is pointed to `pg_dump` without its
+/// password. Neither writes the file. On the embedded default, a missing
+/// folder for the copy is a clear error and leaves nothing behind.
+#[test]
+fn queue_backup_copies_a_sqlite_store_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let to = dir.path().join("copy.db");
+    let to = to.to_str().unwrap();
+    let args = ["queue", "backup", to];
+    let (code, _, err) = mailmux_with(free_port(), &args, &[("MAILMUX_QUEUE__STORE", "memory")]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("memory store keeps nothing"), "{err}");
+    let postgres = [
+        ("MAILMUX_QUEUE__STORE", "postgres"),
+        (
+            "MAILMUX_QUEUE__URL",
+            "postgres://mm:hunter2-secret@127.0.0.1:1/mail",
+        ),
+    ];
+    let (code, _, err) = mailmux_with(free_port(), &args, &postgres);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("pg_dump"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+    assert!(!std::path::Path::new(to).exists());
+
+    // On the embedded default: the store in the working folder.
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_mailmux"))
+            .args(args)
+            .current_dir(dir.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let send = [
+        "send",
+        "--to",
+        "a@example.org",
+        "--from",
+        "b@example.org",
+        "--body",
+        "x",
+        "--send-at",
+        "1h",
+    ];
+    let (code, out, err) = run(&send);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let nowhere = dir.path().join("no-such-folder").join("copy.db");
+    let (code, _, err) = run(&["queue", "backup", nowhere.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("no-such-folder") && err.contains("No such file"),
+        "{err}"
+    );
+    let (code, out, err) = run(&args);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains(": 1 message (scheduled 1), schema version"),
+        "{out}"
+    );
+}
+
 /// A secret's file that other users may read is used, with a warning that
 /// names the file, its key and mode, and never the secret; so is a
 /// configuration file that holds a secret as a value. At 0600 there is no

@@ -2474,6 +2474,175 @@ async fn the_queue_command_cancels_and_retries_a_selection_at_once() {
     assert_eq!(subjects, ["sent", "deferred", "deferred", "deferred"]);
 }
 
+/// `queue backup` while the daemon runs and a burst is being written: the
+/// copy is made in one read transaction, readable by its owner only, and
+/// never written over an existing file. A daemon started on the copy (the
+/// README's restore) delivers the mail that waited in it. The reconciling
+/// counts each message at the sink: one final in the copy is never sent
+/// again; one still waiting in the copy, which the first daemon delivered
+/// after the copy was made, is sent once more (the README warns of it),
+/// unless the copy had it marked as committing to its relay, and then it
+/// is `unknown` and not resent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_made_while_the_daemon_runs_restores_its_queue() {
+    use std::os::unix::fs::PermissionsExt as _;
+    const CALLS: usize = 300;
+    let script = || {
+        Script::ok().on_rcpt(
+            "later@example.org",
+            Action::reply(451, "4.3.0 try again later"),
+        )
+    };
+    let (smtp, dir, cfg, d) = setup(script(), "").await;
+    let mut deferred = Vec::new();
+    for i in 0..3 {
+        let args = json!({"to": "later@example.org", "wait": false});
+        let c = send(d.peer(), msg(&format!("deferred {i}"), args)).await;
+        assert_eq!(c.status(), Some("queued"), "{c:?}");
+        deferred.push(c.message_id().unwrap().to_string());
+    }
+    let calls = burst(d.peer(), "burst", CALLS, 16, LIMIT, |i| {
+        msg(&format!("burst {i}"), json!({"wait": false}))
+    });
+    let reached = support::wait_until(
+        || calls.done.load(std::sync::atomic::Ordering::SeqCst) >= CALLS / 3,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(reached, "the burst never reached {} answers", CALLS / 3);
+    // The copy goes where a second configuration keeps its store, so that
+    // the queue command can read it as a store of its own.
+    let copy_dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        copy_dir.path().join("mailmux.toml"),
+        config_toml(copy_dir.path(), smtp.port(), ""),
+    )
+    .unwrap();
+    let copy = copy_dir.path().join("queue.db");
+    let backup = |to: PathBuf| {
+        let dir = dir.path().to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            common::queue_cmd(&dir, &["backup", to.to_str().unwrap()])
+        })
+    };
+    let (code, out, err) = backup(copy.clone()).await.unwrap();
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.starts_with("backed up "), "{out}");
+    let mode = std::fs::metadata(&copy).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the copy holds message bytes");
+    let made = std::fs::read(&copy).unwrap();
+    let (code, _, err) = backup(copy.clone()).await.unwrap();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("exists"), "{err}");
+    assert_eq!(
+        std::fs::read(&copy).unwrap(),
+        made,
+        "an existing file is kept"
+    );
+
+    // The first daemon delivers the whole burst, once each.
+    let calls = calls.join().await;
+    let ids: Vec<String> = calls
+        .iter()
+        .map(|c| {
+            assert_eq!(c.status(), Some("queued"), "{c:?}");
+            c.message_id().unwrap().to_string()
+        })
+        .collect();
+    let all_sent = support::wait_until(
+        || {
+            let seen = copies(&smtp.received());
+            ids.iter().all(|id| seen.contains_key(id))
+        },
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(all_sent, "the burst was not delivered");
+    d.stop().await;
+
+    // The restore: the daemon stopped, its store and the store's -wal and
+    // -shm files removed, the copy in their place.
+    let store = dir.path().join("queue.db");
+    for suffix in ["", "-wal", "-shm"] {
+        let mut f = store.clone().into_os_string();
+        f.push(suffix);
+        let _ = std::fs::remove_file(f);
+    }
+    std::fs::copy(&copy, &store).unwrap();
+    let (code, out, err) =
+        common::queue_cmd(copy_dir.path(), &["list", "--json", "--limit", "1000"]);
+    assert_eq!(code, Some(0), "{err}");
+    let in_copy: std::collections::HashMap<String, String> = out
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            let id = v["message_id"].as_str().unwrap().to_string();
+            (id, v["status"].as_str().unwrap().to_string())
+        })
+        .collect();
+    for id in &deferred {
+        assert!(
+            matches!(
+                in_copy.get(id).map(String::as_str),
+                Some("queued" | "sending")
+            ),
+            "{id}: {:?}",
+            in_copy.get(id)
+        );
+    }
+
+    smtp.set_script(Script::ok());
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let drained = support::wait_until_async(
+        || async {
+            let st = harness::status(d.peer()).await;
+            let counts = &st["queue"]["counts"];
+            counts["queued"] == 0 && counts["sending"] == 0
+        },
+        LIMIT,
+    )
+    .await;
+    assert!(drained, "the restored queue never drained");
+    let seen = copies(&smtp.received());
+    for id in &deferred {
+        let s = status_of(d.peer(), id).await;
+        assert_eq!(s["status"], "sent", "{s}");
+        assert_eq!(seen.get(id), Some(&1), "{id}");
+    }
+    let (mut final_in_copy, mut resent, mut unknown, mut after_copy) = (0, 0, 0, 0);
+    for id in &ids {
+        let n = seen.get(id).copied().unwrap_or(0);
+        let expected = match in_copy.get(id).map(String::as_str) {
+            None => {
+                after_copy += 1;
+                1
+            }
+            Some("sent") => {
+                final_in_copy += 1;
+                1
+            }
+            Some(_) => match status_of(d.peer(), id).await["status"].as_str() {
+                Some("unknown") => {
+                    unknown += 1;
+                    1
+                }
+                Some("sent") => {
+                    resent += 1;
+                    2
+                }
+                other => panic!("{id}: waiting in the copy, now {other:?}"),
+            },
+        };
+        assert_eq!(n, expected, "{id}: {n} copies at the sink");
+    }
+    eprintln!(
+        "backup during a burst of {CALLS}: {final_in_copy} sent in the copy and not resent, \
+         {resent} waiting in the copy and sent again after the restore, {unknown} unknown, \
+         {after_copy} accepted after the copy"
+    );
+    d.stop().await;
+}
+
 /// A client that declares the tasks extension.
 fn tasks_client() -> ClientConfig {
     ClientConfig::new(

@@ -45,6 +45,9 @@ pub enum QueueCommand {
     Purge(PurgeArgs),
     /// Messages per state, the oldest queued, the next retry.
     Stats,
+    /// Write a consistent copy of the SQLite store to a new file, while the
+    /// daemon runs or not.
+    Backup(BackupArgs),
     /// Apply the PostgreSQL store's schema migrations and count the finished
     /// messages anew, then exit (for operators who migrate before starting
     /// the daemons, or after upgrading them all).
@@ -159,6 +162,12 @@ pub struct PurgeArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// The copy's path: a file that does not exist yet.
+    pub to: std::path::PathBuf,
+}
+
+#[derive(Debug, Args)]
 pub struct DecideArgs {
     /// The message_id the send answered with; or `--batch` instead.
     #[arg(conflicts_with = "batch", required_unless_present = "batch")]
@@ -178,6 +187,7 @@ pub async fn run(config: Config, cmd: QueueCommand) -> ExitCode {
         QueueCommand::Approve(a) => (a, true),
         QueueCommand::Reject(a) => (a, false),
         QueueCommand::Migrate => return migrate(&config).await,
+        QueueCommand::Backup(a) => return backup(&config, &a.to).await,
         other => {
             let store = match open(&config).await {
                 Ok(s) => s,
@@ -276,6 +286,64 @@ async fn migrate(config: &Config) -> ExitCode {
         }
         Err(e) => {
             eprintln!("mailmux: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `queue backup`: a copy of the SQLite store, made in one read transaction
+/// (see `SqliteStore::backup`), so a running daemon goes on meanwhile.
+async fn backup(config: &Config, to: &std::path::Path) -> ExitCode {
+    let path = match &config.queue.store {
+        StoreKind::Sqlite { path } => path,
+        StoreKind::Postgres(s) => {
+            eprintln!(
+                "mailmux: queue backup is for the sqlite store; back up {} with pg_dump",
+                s.shown_url()
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+        StoreKind::Memory => {
+            eprintln!("mailmux: the memory store keeps nothing to back up");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let store = match SqliteStore::open_shared(path) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("mailmux: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let started = std::time::Instant::now();
+    match store.backup(to).await {
+        Ok(b) => {
+            let total: u64 = b.counts.iter().map(|c| c.1).sum();
+            let states: Vec<String> = State::ALL
+                .iter()
+                .filter_map(|st| {
+                    let n = b.counts.iter().find(|c| c.0 == *st)?.1;
+                    Some(format!("{} {n}", st.as_str()))
+                })
+                .collect();
+            say!(
+                "backed up {} to {}: {total} message{} ({}), schema version {}, {} bytes, in {} ms",
+                path.display(),
+                to.display(),
+                if total == 1 { "" } else { "s" },
+                if states.is_empty() {
+                    "none".to_string()
+                } else {
+                    states.join(", ")
+                },
+                b.schema,
+                b.bytes,
+                started.elapsed().as_millis()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mailmux: backup: {e}");
             ExitCode::FAILURE
         }
     }
@@ -491,9 +559,10 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
             }
             Err(e) => fail(e),
         },
-        QueueCommand::Approve(_) | QueueCommand::Reject(_) | QueueCommand::Migrate => {
-            ExitCode::from(EXIT_USAGE)
-        }
+        QueueCommand::Approve(_)
+        | QueueCommand::Reject(_)
+        | QueueCommand::Migrate
+        | QueueCommand::Backup(_) => ExitCode::from(EXIT_USAGE),
     }
 }
 

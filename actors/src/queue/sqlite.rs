@@ -453,6 +453,111 @@ impl SqliteStore {
     }
 }
 
+/// What [`SqliteStore::backup`] wrote: the copy as checked after it was
+/// made.
+#[derive(Debug, Clone)]
+pub struct Backup {
+    /// Messages per state in the copy (the states that have any).
+    pub counts: Vec<(State, u64)>,
+    /// The copy's schema version.
+    pub schema: i64,
+    /// The copy's size in bytes.
+    pub bytes: u64,
+}
+
+impl SqliteStore {
+    /// Writes a consistent copy of the store to `to`, which must not exist.
+    /// The copy is one read transaction (`VACUUM INTO`), so a running daemon
+    /// goes on writing meanwhile; it holds every message as it was when the
+    /// copy began. The file is created readable by its owner only (it holds
+    /// queued messages' bytes), fsynced with its folder, then opened again
+    /// and checked (`PRAGMA quick_check`). A copy that fails is removed.
+    /// The error names the copy's path and what failed.
+    pub async fn backup(&self, to: &Path) -> Result<Backup, String> {
+        let to = to.to_path_buf();
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|e| e.into_inner());
+            back_up(&conn, &to)
+        })
+        .await
+        .map_err(|e| format!("the backup stopped: {e}"))?
+    }
+}
+
+/// [`SqliteStore::backup`] on `conn`, a connection to the store.
+fn back_up(conn: &Connection, to: &Path) -> Result<Backup, String> {
+    let shown = to.display().to_string();
+    let named = |e: &dyn std::fmt::Display| format!("{shown}: {e}");
+    let Some(target) = to.to_str() else {
+        return Err(named(&"a backup's path must be UTF-8"));
+    };
+    // Created here, empty, so that the copy gets this mode (`VACUUM INTO`
+    // fills an empty file) and an existing file is never overwritten.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => {
+                named(&"the file exists; a backup never overwrites one")
+            }
+            _ => named(&e),
+        })?;
+    let made = fill(conn, target, to).map_err(|e| named(&e));
+    if made.is_err() {
+        let _ = std::fs::remove_file(to);
+    }
+    made
+}
+
+/// Copies the store into `target` (`to`, created empty), syncs the copy and
+/// its folder, and checks it.
+fn fill(conn: &Connection, target: &str, to: &Path) -> Result<Backup, String> {
+    conn.execute("VACUUM INTO ?1", [target])
+        .map_err(|e| e.to_string())?;
+    File::open(to)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| e.to_string())?;
+    let folder = match to.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(folder)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| format!("syncing its folder: {e}"))?;
+    let copy = Connection::open_with_flags(to, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| e.to_string())?;
+    let verdict: String = copy
+        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    if verdict != "ok" {
+        return Err(format!("the copy failed its check: {verdict}"));
+    }
+    let read = || -> rusqlite::Result<(i64, Vec<(State, u64)>)> {
+        let schema = copy.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let counts = copy
+            .prepare("SELECT state, n FROM counts WHERE n > 0")?
+            .query_map([], |r| {
+                Ok((
+                    rows::state(&r.get::<_, String>(0)?),
+                    r.get::<_, i64>(1)? as u64,
+                ))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok((schema, counts))
+    };
+    let (schema, counts) = read().map_err(|e| e.to_string())?;
+    drop(copy);
+    let bytes = std::fs::metadata(to).map_err(|e| e.to_string())?.len();
+    Ok(Backup {
+        counts,
+        schema,
+        bytes,
+    })
+}
+
 /// Runs `f` on `reader`, in the blocking pool.
 async fn read_on<T: Send + 'static>(
     reader: Arc<Mutex<Connection>>,
