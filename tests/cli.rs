@@ -310,7 +310,9 @@ fn a_closed_output_does_not_stop_the_queue_command_half_way() {
 /// `queue backup` copies a SQLite store only: the memory store has nothing
 /// to copy, and a PostgreSQL store is pointed to `pg_dump` without its
 /// password. Neither writes the file. On the embedded default, a missing
-/// folder for the copy is a clear error and leaves nothing behind.
+/// folder for the copy is a clear error and leaves nothing behind. `queue
+/// restore` refuses what is not a store this build can read, and restores
+/// into a folder that has no store.
 #[test]
 fn queue_backup_copies_a_sqlite_store_only() {
     let dir = tempfile::tempdir().unwrap();
@@ -319,7 +321,7 @@ fn queue_backup_copies_a_sqlite_store_only() {
     let args = ["queue", "backup", to];
     let (code, _, err) = mailmux_with(free_port(), &args, &[("MAILMUX_QUEUE__STORE", "memory")]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("memory store keeps nothing"), "{err}");
+    assert!(err.contains("memory store keeps nothing on disk"), "{err}");
     let postgres = [
         ("MAILMUX_QUEUE__STORE", "postgres"),
         (
@@ -370,6 +372,61 @@ fn queue_backup_copies_a_sqlite_store_only() {
     assert!(
         out.contains(": 1 message (scheduled 1), schema version"),
         "{out}"
+    );
+
+    // `queue restore` takes only a mailmux store that this build can read,
+    // and leaves the store alone when it refuses.
+    let store = std::fs::read(dir.path().join("mailmux-queue.db")).unwrap();
+    let junk = dir.path().join("junk.db");
+    std::fs::write(&junk, "not a database at all, just text").unwrap();
+    let empty = dir.path().join("empty.db");
+    rusqlite::Connection::open(&empty)
+        .unwrap()
+        .execute_batch("CREATE TABLE t (x)")
+        .unwrap();
+    let newer = dir.path().join("newer.db");
+    std::fs::copy(to, &newer).unwrap();
+    rusqlite::Connection::open(&newer)
+        .unwrap()
+        .pragma_update(None, "user_version", 999)
+        .unwrap();
+    for (copy, says) in [
+        (&junk, "not a database"),
+        (&empty, "not a mailmux queue store"),
+        (&newer, "newer version"),
+    ] {
+        let (code, _, err) = run(&["queue", "restore", copy.to_str().unwrap()]);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains(says), "{err}");
+    }
+    assert_eq!(
+        std::fs::read(dir.path().join("mailmux-queue.db")).unwrap(),
+        store
+    );
+    // Into a folder with no store yet.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mailmux"))
+        .args(["queue", "restore", to])
+        .current_dir(elsewhere.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(text.contains("1 message (scheduled 1)"), "{text}");
+    assert!(text.contains("there was no store"), "{text}");
+    let out = Command::new(env!("CARGO_BIN_EXE_mailmux"))
+        .args(["queue", "list", "--status", "scheduled"])
+        .current_dir(elsewhere.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        1,
+        "{out:?}"
     );
 }
 

@@ -1126,6 +1126,17 @@ fn count_final(
     }
 }
 
+/// The message ids of calls that must each have been answered `queued`.
+fn queued_ids(calls: &[Call]) -> Vec<String> {
+    calls
+        .iter()
+        .map(|c| {
+            assert_eq!(c.status(), Some("queued"), "{c:?}");
+            c.message_id().unwrap().to_string()
+        })
+        .collect()
+}
+
 /// Each message the sink received (`seen`: its copies by id) arrived once
 /// and is one of the `listed` stored messages.
 fn each_at_the_sink_once_and_stored(
@@ -1247,13 +1258,7 @@ async fn a_burst_of_large_calls_beyond_the_runners_bytes_is_delivered_once_each(
     })
     .join()
     .await;
-    let ids: Vec<String> = calls
-        .iter()
-        .map(|c| {
-            assert_eq!(c.status(), Some("queued"), "{c:?}");
-            c.message_id().unwrap().to_string()
-        })
-        .collect();
+    let ids = queued_ids(&calls);
     assert!(smtp.received().is_empty());
     smtp.set_script(Script::ok());
     delivered_once_each(&smtp, &ids).await;
@@ -2476,8 +2481,10 @@ async fn the_queue_command_cancels_and_retries_a_selection_at_once() {
 
 /// `queue backup` while the daemon runs and a burst is being written: the
 /// copy is made in one read transaction, readable by its owner only, and
-/// never written over an existing file. A daemon started on the copy (the
-/// README's restore) delivers the mail that waited in it. The reconciling
+/// never written over an existing file. `queue restore` is refused while
+/// the daemon runs; once it is stopped, it puts the copy in place and keeps
+/// the store it replaced, and a daemon started on the copy delivers the mail
+/// that waited in it. The reconciling
 /// counts each message at the sink: one final in the copy is never sent
 /// again; one still waiting in the copy, which the first daemon delivered
 /// after the copy was made, is sent once more (the README warns of it),
@@ -2542,13 +2549,7 @@ async fn a_backup_made_while_the_daemon_runs_restores_its_queue() {
 
     // The first daemon delivers the whole burst, once each.
     let calls = calls.join().await;
-    let ids: Vec<String> = calls
-        .iter()
-        .map(|c| {
-            assert_eq!(c.status(), Some("queued"), "{c:?}");
-            c.message_id().unwrap().to_string()
-        })
-        .collect();
+    let ids = queued_ids(&calls);
     let all_sent = support::wait_until(
         || {
             let seen = copies(&smtp.received());
@@ -2558,17 +2559,39 @@ async fn a_backup_made_while_the_daemon_runs_restores_its_queue() {
     )
     .await;
     assert!(all_sent, "the burst was not delivered");
+    let files = || {
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = files();
+    let copy_arg = copy.to_str().unwrap().to_string();
+    let (code, _, err) = common::queue_cmd(dir.path(), &["restore", &copy_arg]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("stop it first"), "{err}");
+    assert_eq!(
+        files(),
+        before,
+        "a refused restore leaves the files as they were"
+    );
     d.stop().await;
 
-    // The restore: the daemon stopped, its store and the store's -wal and
-    // -shm files removed, the copy in their place.
-    let store = dir.path().join("queue.db");
-    for suffix in ["", "-wal", "-shm"] {
-        let mut f = store.clone().into_os_string();
-        f.push(suffix);
-        let _ = std::fs::remove_file(f);
-    }
-    std::fs::copy(&copy, &store).unwrap();
+    // The restore, with the daemon stopped: the store it replaces is kept.
+    let (code, out, err) = common::queue_cmd(dir.path(), &["restore", &copy_arg]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let kept = files()
+        .into_iter()
+        .find(|f| f.starts_with("queue.db.replaced-") && !f.ends_with("-wal"))
+        .expect("the replaced store is kept");
+    assert!(out.contains(&kept), "{out}");
+    assert!(
+        !files().iter().any(|f| f.ends_with(".restoring")),
+        "{:?}",
+        files()
+    );
     let (code, out, err) =
         common::queue_cmd(copy_dir.path(), &["list", "--json", "--limit", "1000"]);
     assert_eq!(code, Some(0), "{err}");

@@ -48,6 +48,9 @@ pub enum QueueCommand {
     /// Write a consistent copy of the SQLite store to a new file, while the
     /// daemon runs or not.
     Backup(BackupArgs),
+    /// Put a copy made by `backup` in place of the SQLite store, with no
+    /// daemon running; the replaced store is kept beside it.
+    Restore(RestoreArgs),
     /// Apply the PostgreSQL store's schema migrations and count the finished
     /// messages anew, then exit (for operators who migrate before starting
     /// the daemons, or after upgrading them all).
@@ -168,6 +171,12 @@ pub struct BackupArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The copy that `queue backup` made.
+    pub from: std::path::PathBuf,
+}
+
+#[derive(Debug, Args)]
 pub struct DecideArgs {
     /// The message_id the send answered with; or `--batch` instead.
     #[arg(conflicts_with = "batch", required_unless_present = "batch")]
@@ -188,6 +197,7 @@ pub async fn run(config: Config, cmd: QueueCommand) -> ExitCode {
         QueueCommand::Reject(a) => (a, false),
         QueueCommand::Migrate => return migrate(&config).await,
         QueueCommand::Backup(a) => return backup(&config, &a.to).await,
+        QueueCommand::Restore(a) => return restore(&config, a.from).await,
         other => {
             let store = match open(&config).await {
                 Ok(s) => s,
@@ -291,22 +301,55 @@ async fn migrate(config: &Config) -> ExitCode {
     }
 }
 
+/// The SQLite store's path, or the usage error of a command that copies
+/// it (`backup`, `restore`) on another store.
+fn sqlite_path<'a>(config: &'a Config, command: &str) -> Result<&'a std::path::Path, ExitCode> {
+    match &config.queue.store {
+        StoreKind::Sqlite { path } => Ok(path),
+        StoreKind::Postgres(s) => {
+            eprintln!(
+                "mailmux: queue {command} is for the sqlite store; use PostgreSQL's own tools \
+                 (pg_dump, pg_restore) for {}",
+                s.shown_url()
+            );
+            Err(ExitCode::from(EXIT_USAGE))
+        }
+        StoreKind::Memory => {
+            eprintln!(
+                "mailmux: queue {command} is for the sqlite store; the memory store keeps nothing on disk"
+            );
+            Err(ExitCode::from(EXIT_USAGE))
+        }
+    }
+}
+
+/// "3 messages (queued 1, sent 2)": a copy's messages per state.
+fn described(b: &queue::sqlite::Backup) -> String {
+    let total: u64 = b.counts.iter().map(|c| c.1).sum();
+    let states: Vec<String> = State::ALL
+        .iter()
+        .filter_map(|st| {
+            let n = b.counts.iter().find(|c| c.0 == *st)?.1;
+            Some(format!("{} {n}", st.as_str()))
+        })
+        .collect();
+    format!(
+        "{total} message{} ({})",
+        if total == 1 { "" } else { "s" },
+        if states.is_empty() {
+            "none".to_string()
+        } else {
+            states.join(", ")
+        }
+    )
+}
+
 /// `queue backup`: a copy of the SQLite store, made in one read transaction
 /// (see `SqliteStore::backup`), so a running daemon goes on meanwhile.
 async fn backup(config: &Config, to: &std::path::Path) -> ExitCode {
-    let path = match &config.queue.store {
-        StoreKind::Sqlite { path } => path,
-        StoreKind::Postgres(s) => {
-            eprintln!(
-                "mailmux: queue backup is for the sqlite store; back up {} with pg_dump",
-                s.shown_url()
-            );
-            return ExitCode::from(EXIT_USAGE);
-        }
-        StoreKind::Memory => {
-            eprintln!("mailmux: the memory store keeps nothing to back up");
-            return ExitCode::from(EXIT_USAGE);
-        }
+    let path = match sqlite_path(config, "backup") {
+        Ok(p) => p,
+        Err(code) => return code,
     };
     let store = match SqliteStore::open_shared(path) {
         Ok(s) => s,
@@ -318,24 +361,11 @@ async fn backup(config: &Config, to: &std::path::Path) -> ExitCode {
     let started = std::time::Instant::now();
     match store.backup(to).await {
         Ok(b) => {
-            let total: u64 = b.counts.iter().map(|c| c.1).sum();
-            let states: Vec<String> = State::ALL
-                .iter()
-                .filter_map(|st| {
-                    let n = b.counts.iter().find(|c| c.0 == *st)?.1;
-                    Some(format!("{} {n}", st.as_str()))
-                })
-                .collect();
             say!(
-                "backed up {} to {}: {total} message{} ({}), schema version {}, {} bytes, in {} ms",
+                "backed up {} to {}: {}, schema version {}, {} bytes, in {} ms",
                 path.display(),
                 to.display(),
-                if total == 1 { "" } else { "s" },
-                if states.is_empty() {
-                    "none".to_string()
-                } else {
-                    states.join(", ")
-                },
+                described(&b),
                 b.schema,
                 b.bytes,
                 started.elapsed().as_millis()
@@ -344,6 +374,42 @@ async fn backup(config: &Config, to: &std::path::Path) -> ExitCode {
         }
         Err(e) => {
             eprintln!("mailmux: backup: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `queue restore`: the copy in place of the store (`sqlite::restore`),
+/// refused while a daemon holds it.
+async fn restore(config: &Config, from: std::path::PathBuf) -> ExitCode {
+    let path = match sqlite_path(config, "restore") {
+        Ok(p) => p.to_path_buf(),
+        Err(code) => return code,
+    };
+    let to = path.clone();
+    let from_shown = from.display().to_string();
+    let done = tokio::task::spawn_blocking(move || queue::sqlite::restore(&from, &to)).await;
+    match done {
+        Ok(Ok(r)) => {
+            say!(
+                "restored {} from {from_shown}: {}, schema version {}",
+                path.display(),
+                described(&r.copy),
+                r.copy.schema
+            );
+            match &r.replaced {
+                Some(old) => say!("the store it replaced is kept as {}", old.display()),
+                None => say!("there was no store at {} before", path.display()),
+            }
+            say!("the next daemon started on it recovers it as after a crash");
+            ExitCode::SUCCESS
+        }
+        Ok(Err(e)) => {
+            eprintln!("mailmux: restore: {e}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("mailmux: restore: {e}");
             ExitCode::FAILURE
         }
     }
@@ -562,7 +628,8 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
         QueueCommand::Approve(_)
         | QueueCommand::Reject(_)
         | QueueCommand::Migrate
-        | QueueCommand::Backup(_) => ExitCode::from(EXIT_USAGE),
+        | QueueCommand::Backup(_)
+        | QueueCommand::Restore(_) => ExitCode::from(EXIT_USAGE),
     }
 }
 

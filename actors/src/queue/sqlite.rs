@@ -485,7 +485,8 @@ impl SqliteStore {
     }
 }
 
-/// [`SqliteStore::backup`] on `conn`, a connection to the store.
+/// Copies the database `conn` reads into `to`, a new file of mode 0600
+/// ([`SqliteStore::backup`]); a copy that fails is removed.
 fn back_up(conn: &Connection, to: &Path) -> Result<Backup, String> {
     let shown = to.display().to_string();
     let named = |e: &dyn std::fmt::Display| format!("{shown}: {e}");
@@ -520,13 +521,7 @@ fn fill(conn: &Connection, target: &str, to: &Path) -> Result<Backup, String> {
     File::open(to)
         .and_then(|f| f.sync_all())
         .map_err(|e| e.to_string())?;
-    let folder = match to.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(folder)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| format!("syncing its folder: {e}"))?;
+    sync_folder(to).map_err(|e| format!("syncing its folder: {e}"))?;
     let copy = Connection::open_with_flags(to, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(|e| e.to_string())?;
     let verdict: String = copy
@@ -537,16 +532,7 @@ fn fill(conn: &Connection, target: &str, to: &Path) -> Result<Backup, String> {
     }
     let read = || -> rusqlite::Result<(i64, Vec<(State, u64)>)> {
         let schema = copy.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        let counts = copy
-            .prepare("SELECT state, n FROM counts WHERE n > 0")?
-            .query_map([], |r| {
-                Ok((
-                    rows::state(&r.get::<_, String>(0)?),
-                    r.get::<_, i64>(1)? as u64,
-                ))
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok((schema, counts))
+        Ok((schema, counts(&copy)?))
     };
     let (schema, counts) = read().map_err(|e| e.to_string())?;
     drop(copy);
@@ -556,6 +542,146 @@ fn fill(conn: &Connection, target: &str, to: &Path) -> Result<Backup, String> {
         schema,
         bytes,
     })
+}
+
+/// What [`restore`] did: the store now in place, as checked, and where the
+/// store it replaced was kept.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    pub copy: Backup,
+    /// The replaced store's file (with its `-wal` beside it, if it had
+    /// one), or `None` when there was no store.
+    pub replaced: Option<std::path::PathBuf>,
+}
+
+/// Puts the store copied at `copy` (a `queue backup`) in place of the store
+/// at `path`, which no daemon may hold.
+///
+/// The copy is checked (a mailmux store, not newer than this build) and
+/// copied again, with `VACUUM INTO`, beside `path`: that also takes in a
+/// write-ahead log left beside the copy. The replaced store is kept under
+/// a new name with its log, and its shared-memory file removed, before the
+/// new file is renamed over it: a log never meets a database it was not
+/// written for, and at every moment `path` holds one whole store, the old or
+/// the new. Both files are locked as a daemon locks its store, so that none
+/// starts on them meanwhile.
+pub fn restore(copy: &Path, path: &Path) -> Result<Restored, String> {
+    let shown = copy.display().to_string();
+    let from = Connection::open_with_flags(copy, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| format!("{shown}: {e}"))?;
+    let read = || -> rusqlite::Result<(i64, bool)> {
+        let version = from.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let tables: i64 = from.query_row(
+            "SELECT COUNT(*) FROM sqlite_schema WHERE type = 'table' AND name IN ('messages', 'counts')",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok((version, tables == 2))
+    };
+    let (version, is_store) = read().map_err(|e| format!("{shown}: {e}"))?;
+    if version > SCHEMA_VERSION {
+        return Err(format!(
+            "{shown}: the copy has schema version {version}; this mailmux knows up to \
+             {SCHEMA_VERSION}. It was written by a newer version"
+        ));
+    }
+    if version < 1 || !is_store {
+        return Err(format!("{shown}: not a mailmux queue store"));
+    }
+    let staged = beside(path, ".restoring");
+    // Left by a restore that stopped half-way: never a store in use.
+    match std::fs::remove_file(&staged) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(format!("{}: {e}", staged.display()));
+        }
+        _ => {}
+    }
+    let checked = back_up(&from, &staged)?;
+    drop(from);
+    let swapped = swap(&staged, path);
+    if swapped.is_err() {
+        let _ = std::fs::remove_file(&staged);
+    }
+    Ok(Restored {
+        copy: checked,
+        replaced: swapped?,
+    })
+}
+
+/// Renames `staged` over `path` as [`restore`] says, keeping the store it
+/// replaces; returns that store's new name.
+fn swap(staged: &Path, path: &Path) -> Result<Option<std::path::PathBuf>, String> {
+    let io = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
+    let lock = |f: File, p: &Path| match f.try_lock() {
+        Ok(()) => Ok(DaemonLock(f)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "{}: a mailmux daemon holds the store; stop it first",
+            p.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(p, e)),
+    };
+    let _new = lock(File::open(staged).map_err(|e| io(staged, e))?, staged)?;
+    let old = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Ok(f) => Some(lock(f, path)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io(path, e)),
+    };
+    let gone = |p: &Path, r: std::io::Result<()>| match r {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(p, e)),
+        _ => Ok(()),
+    };
+    let mut replaced = None;
+    if old.is_some() {
+        let aside = beside(path, &format!(".replaced-{}", now_millis()));
+        std::fs::hard_link(path, &aside).map_err(|e| io(&aside, e))?;
+        let shm = beside(path, "-shm");
+        gone(&shm, std::fs::remove_file(&shm))?;
+        let (wal, aside_wal) = (beside(path, "-wal"), beside(&aside, "-wal"));
+        gone(&wal, std::fs::rename(&wal, &aside_wal))?;
+        if let Err(e) = std::fs::rename(staged, path) {
+            // The old store stays in use: its log goes back beside it.
+            let _ = std::fs::rename(&aside_wal, &wal);
+            return Err(io(path, e));
+        }
+        replaced = Some(aside);
+    } else {
+        std::fs::rename(staged, path).map_err(|e| io(path, e))?;
+    }
+    sync_folder(path).map_err(|e| format!("{}: syncing its folder: {e}", path.display()))?;
+    Ok(replaced)
+}
+
+/// fsyncs the folder that holds `path`, so that a file made or renamed in
+/// it stays.
+fn sync_folder(path: &Path) -> std::io::Result<()> {
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(folder)?.sync_all()
+}
+
+/// `path` with `suffix` appended to its file name.
+fn beside(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    name.into()
+}
+
+/// The messages per state, for the states that have any.
+fn counts(c: &Connection) -> rusqlite::Result<Vec<(State, u64)>> {
+    c.prepare_cached("SELECT state, n FROM counts WHERE n > 0")?
+        .query_map([], |r| {
+            Ok((
+                rows::state(&r.get::<_, String>(0)?),
+                r.get::<_, i64>(1)? as u64,
+            ))
+        })?
+        .collect()
 }
 
 /// Runs `f` on `reader`, in the blocking pool.
@@ -1668,15 +1794,7 @@ impl Store for SqliteStore {
 
     async fn stats(&self) -> Result<Stats, StoreError> {
         self.read(|c| {
-            let counts: Vec<(State, u64)> = c
-                .prepare_cached("SELECT state, n FROM counts WHERE n > 0")?
-                .query_map([], |r| {
-                    Ok((
-                        rows::state(&r.get::<_, String>(0)?),
-                        r.get::<_, i64>(1)? as u64,
-                    ))
-                })?
-                .collect::<rusqlite::Result<_>>()?;
+            let counts = counts(c)?;
             let oldest_queued_at = c.query_row(OLDEST_QUEUED_SQL, [], |r| r.get(0))?;
             let next_retry_at = c.query_row(NEXT_RETRY_SQL, [], |r| r.get(0))?;
             // Through the partial index of pending copies.
@@ -1934,6 +2052,42 @@ mod tests {
         store.accept(message("<b@x>")).await.unwrap();
         assert_eq!(mode(&kept), 0o640);
         assert_eq!(mode(&format!("{kept}-wal")), 0o640);
+    }
+
+    /// `restore` is refused while a daemon holds the store. Over a store
+    /// whose log was never merged (its daemon was killed), it keeps that
+    /// store whole under its new name, log included, and puts the copy in
+    /// its place with no log beside it.
+    #[tokio::test]
+    async fn a_restore_keeps_the_store_it_replaces_whole_with_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, copy) = (dir.path().join("q.db"), dir.path().join("copy.db"));
+        let store = SqliteStore::open(&path).unwrap();
+        store.accept(message("<old@x>")).await.unwrap();
+        let made = store.backup(&copy).await.unwrap();
+        assert_eq!(made.counts, [(State::Queued, 1)]);
+        store.accept(message("<new@x>")).await.unwrap();
+        let refused = restore(&copy, &path).unwrap_err();
+        assert!(refused.contains("stop it first"), "{refused}");
+        assert!(!beside(&path, ".restoring").exists());
+
+        // The files of a daemon killed now: the last accept is in the log only.
+        let crashed = tempfile::tempdir().unwrap();
+        let at = crashed.path().join("q.db");
+        std::fs::copy(&path, &at).unwrap();
+        std::fs::copy(beside(&path, "-wal"), beside(&at, "-wal")).unwrap();
+        drop(store);
+        assert!(unmerged_log(&at));
+        let done = restore(&copy, &at).unwrap();
+        let kept = done.replaced.expect("the replaced store is kept");
+        assert!(beside(&kept, "-wal").exists());
+        assert!(!unmerged_log(&at));
+        let old = SqliteStore::open_shared(&kept).unwrap();
+        let now = SqliteStore::open_shared(&at).unwrap();
+        for (id, in_old, in_now) in [("<old@x>", true, true), ("<new@x>", true, false)] {
+            assert_eq!(old.get(id).await.unwrap().is_some(), in_old, "{id}");
+            assert_eq!(now.get(id).await.unwrap().is_some(), in_now, "{id}");
+        }
     }
 
     #[tokio::test]
