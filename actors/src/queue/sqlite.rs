@@ -563,8 +563,8 @@ pub struct Restored {
 /// a new name with its log, and its shared-memory file removed, before the
 /// new file is renamed over it: a log never meets a database it was not
 /// written for, and at every moment `path` holds one whole store, the old or
-/// the new. Both files are locked as a daemon locks its store, so that none
-/// starts on them meanwhile.
+/// the new, which gets the old one's owner and mode. Both files are locked
+/// as a daemon locks its store, so that none starts on them meanwhile.
 pub fn restore(copy: &Path, path: &Path) -> Result<Restored, String> {
     let shown = copy.display().to_string();
     let from = Connection::open_with_flags(copy, OpenFlags::SQLITE_OPEN_READ_ONLY)
@@ -630,6 +630,25 @@ fn swap(staged: &Path, path: &Path) -> Result<Option<std::path::PathBuf>, String
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(io(path, e)),
     };
+    if let Some(old) = &old {
+        // The service that owns the store keeps opening it: the new file
+        // gets the replaced one's owner and mode.
+        use std::os::unix::fs::MetadataExt as _;
+        let was = old.0.metadata().map_err(|e| io(path, e))?;
+        let now = std::fs::metadata(staged).map_err(|e| io(staged, e))?;
+        if (was.uid(), was.gid()) != (now.uid(), now.gid()) {
+            std::os::unix::fs::chown(staged, Some(was.uid()), Some(was.gid())).map_err(|e| {
+                format!(
+                    "{}: cannot give the restored store the owner of the one it replaces \
+                     (uid {}, gid {}): {e}",
+                    path.display(),
+                    was.uid(),
+                    was.gid()
+                )
+            })?;
+        }
+        std::fs::set_permissions(staged, was.permissions()).map_err(|e| io(staged, e))?;
+    }
     let gone = |p: &Path, r: std::io::Result<()>| match r {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(p, e)),
         _ => Ok(()),
@@ -2078,7 +2097,18 @@ mod tests {
         std::fs::copy(beside(&path, "-wal"), beside(&at, "-wal")).unwrap();
         drop(store);
         assert!(unmerged_log(&at));
+        // The restored file gets the replaced one's mode and owner (as root,
+        // as CI runs, another user's).
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        std::fs::set_permissions(&at, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let _ = std::os::unix::fs::chown(&at, Some(65534), Some(65534));
+        let owner = |p: &Path| {
+            let m = std::fs::metadata(p).unwrap();
+            (m.uid(), m.gid(), m.mode() & 0o777)
+        };
+        let was = owner(&at);
         let done = restore(&copy, &at).unwrap();
+        assert_eq!(owner(&at), was);
         let kept = done.replaced.expect("the replaced store is kept");
         assert!(beside(&kept, "-wal").exists());
         assert!(!unmerged_log(&at));
