@@ -35,7 +35,8 @@ usage: cargo bench --bench mcp -- [options]
   --size BYTES[,BYTES...]  message body size (1024)
   --runs R                 runs of each measurement; the best is reported (2)
   --paths P[,P...]         any of source, stdio, stdio-memory, stdio-policy, stdio-batch,
-                           stdio-batch-memory, stdio-postgres, http, http-memory,
+                           stdio-batch-memory, stdio-postgres, stdio-lines,
+                           stdio-lines-memory, http, http-memory,
                            http-policy, http-batch, http-batch-memory, http-postgres,
                            http-postgres-2, http-postgres-3 (-policy: the memory store
                            and a caller policy every message passes; -batch: the sqlite
@@ -44,7 +45,9 @@ usage: cargo bench --bench mcp -- [options]
                            -postgres: a throwaway PostgreSQL with fsync on, and 1, 2
                            or 3 daemons sharing it, the calls spread over them;
                            ceiling: the HTTP client against a trivial rmcp tool in
-                           this process, the client's own limit)
+                           this process, the client's own limit; -lines: no rmcp
+                           client, the bench writes and reads the JSON-RPC lines
+                           itself, as wrk does over HTTP)
                            (all five; stdio and http run on the default sqlite store)
   --burst N                concurrent calls of the memory measurement, 0 to skip it (1000)
   --batch-memory N         one send_batch of N messages of each --size (wait: true) on the
@@ -119,6 +122,8 @@ impl Path {
         match self {
             Path::Source => "smtp-source",
             Path::Ceiling => "HTTP client ceiling (trivial rmcp tool)",
+            Path::Mcp(Transport::StdioLines, Store::Sqlite) => "MCP stdio-lines, sqlite",
+            Path::Mcp(Transport::StdioLines, _) => "MCP stdio-lines, memory",
             Path::Mcp(Transport::Stdio, Store::Sqlite) => "MCP stdio, sqlite",
             Path::Mcp(Transport::Stdio, Store::Memory) => "MCP stdio, memory",
             Path::Mcp(Transport::Stdio, Store::MemoryPolicy) => "MCP stdio, memory, policy",
@@ -210,6 +215,8 @@ fn parse_args() -> anyhow::Result<Args> {
                         "source" | "smtp-source" => Ok(Path::Source),
                         "ceiling" => Ok(Path::Ceiling),
                         "stdio" => Ok(Path::Mcp(Transport::Stdio, Store::Sqlite)),
+                        "stdio-lines" => Ok(Path::Mcp(Transport::StdioLines, Store::Sqlite)),
+                        "stdio-lines-memory" => Ok(Path::Mcp(Transport::StdioLines, Store::Memory)),
                         "stdio-memory" => Ok(Path::Mcp(Transport::Stdio, Store::Memory)),
                         "stdio-policy" => Ok(Path::Mcp(Transport::Stdio, Store::MemoryPolicy)),
                         "http-policy" => Ok(Path::Mcp(Transport::Http, Store::MemoryPolicy)),
@@ -480,7 +487,11 @@ async fn run_mcp(
     let sink_before = load::proc_cpu(sink.pid());
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..c {
+    if transport == Transport::StdioLines {
+        let lines = daemons[0].take_lines().context("the daemon's pipes")?;
+        tasks.spawn(lines_client(lines, c, n, body.clone()));
+    }
+    for i in (0..c).filter(|_| transport != Transport::StdioLines) {
         let (peer, body) = (daemons[i % daemons.len()].peer(), body.clone());
         let k = share(n, c, i);
         tasks.spawn(async move {
@@ -568,6 +579,89 @@ async fn run_mcp(
     }
     m.sink_count = sink.wait_count(m.ok as u64, Duration::from_secs(5));
     Ok(m)
+}
+
+/// The `-lines` client: `n` `send_email` calls with `c` in flight, written
+/// as JSON-RPC lines to the daemon's stdin and matched by id as their
+/// answers come back, with no rmcp client: only the id and whether the
+/// result says `sent` are read from each answer. Returns what each call
+/// task of [`run_mcp`] returns: the latencies of the sent, the errors and
+/// the first error.
+async fn lines_client(
+    lines: load::Lines,
+    c: usize,
+    n: usize,
+    body: Arc<String>,
+) -> (Vec<Duration>, usize, Option<String>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+
+    /// What is read of an answer.
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        id: Option<u64>,
+        result: Option<serde::de::IgnoredAny>,
+    }
+
+    let load::Lines {
+        mut stdin,
+        mut stdout,
+    } = lines;
+    let base = Instant::now();
+    // When each call was written, in ns after `base`, by id.
+    let sent_at: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let slots = Arc::new(tokio::sync::Semaphore::new(c));
+    let writer = {
+        let (sent_at, slots) = (sent_at.clone(), slots.clone());
+        let body = serde_json::to_string(body.as_str()).expect("a string");
+        tokio::spawn(async move {
+            for id in 0..n {
+                slots.acquire().await.expect("never closed").forget();
+                let line = format!(
+                    "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"method\":\"tools/call\",\"params\":{{\"name\":\"send_email\",\"arguments\":{{\"to\":\"{}\",\"subject\":\"bench {id}\",\"body\":{body}}}}}}}\n",
+                    load::TO
+                );
+                sent_at[id].store(base.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                if stdin.write_all(line.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+            // Kept open until every answer is read: end of input stops the daemon.
+            stdin
+        })
+    };
+    let (mut latencies, mut errors, mut first_error) = (Vec::with_capacity(n), 0, None);
+    let mut line = String::new();
+    let mut answered = 0;
+    while answered < n {
+        line.clear();
+        match stdout.read_line(&mut line).await {
+            Ok(0) | Err(_) => {
+                errors += n - answered;
+                first_error.get_or_insert_with(|| "the daemon closed its stdout".to_string());
+                break;
+            }
+            Ok(_) => {}
+        }
+        let Ok(Answer {
+            id: Some(id),
+            result,
+        }) = serde_json::from_str::<Answer>(&line)
+        else {
+            continue; // a notification
+        };
+        answered += 1;
+        slots.add_permits(1);
+        if result.is_some() && line.contains(r#""status":"sent""#) {
+            let at = sent_at[id as usize].load(Ordering::Relaxed);
+            latencies.push(base.elapsed() - Duration::from_nanos(at));
+        } else {
+            errors += 1;
+            first_error.get_or_insert_with(|| line.chars().take(300).collect());
+        }
+    }
+    drop(writer.await);
+    (latencies, errors, first_error)
 }
 
 /// What memory the daemon takes idle and under `burst` concurrent calls.
@@ -927,6 +1021,7 @@ fn table(rows: &[Row], memory: &[Memory], runs: usize) -> String {
         for (path, target) in [
             (Path::Mcp(Transport::Stdio, Store::Sqlite), 0.6),
             (Path::Mcp(Transport::Stdio, Store::Memory), 0.6),
+            (Path::Mcp(Transport::StdioLines, Store::Sqlite), 0.6),
             (Path::Mcp(Transport::Http, Store::Sqlite), 0.6),
         ] {
             if let Some(r) = find(size, 32, path) {
@@ -1082,7 +1177,7 @@ fn main() -> anyhow::Result<()> {
     if args.burst > 0 {
         for &path in &args.paths {
             // The memory of the default (sqlite) daemon, once per transport.
-            let Path::Mcp(t, Store::Sqlite) = path else {
+            let Path::Mcp(t @ (Transport::Stdio | Transport::Http), Store::Sqlite) = path else {
                 continue;
             };
             for &(size, _) in &args.sizes {

@@ -249,6 +249,11 @@ pub enum Transport {
     Stdio,
     /// `serve --http` on a free port, one stateful streamable HTTP session.
     Http,
+    /// The daemon as a child process, its stdin and stdout left to the
+    /// caller after the MCP handshake ([`Daemon::take_lines`]): a client
+    /// that writes and reads JSON-RPC lines itself costs far less CPU a call
+    /// than rmcp's, as wrk does over HTTP.
+    StdioLines,
 }
 
 impl Transport {
@@ -256,6 +261,7 @@ impl Transport {
         match self {
             Transport::Stdio => "stdio",
             Transport::Http => "http",
+            Transport::StdioLines => "stdio-lines",
         }
     }
 }
@@ -304,13 +310,21 @@ pub fn http_client_transport(
     }
 }
 
+/// A `StdioLines` daemon's stdin and stdout, after its MCP handshake.
+pub struct Lines {
+    pub stdin: tokio::process::ChildStdin,
+    pub stdout: tokio::io::BufReader<tokio::process::ChildStdout>,
+}
+
 /// The `mailmux` binary serving MCP, with a connected rmcp client. The
 /// daemon is stopped (and killed if it lingers) by [`Daemon::stop`] or on
 /// drop.
 pub struct Daemon {
     pub pid: u32,
     client: Option<RunningService<RoleClient, ()>>,
-    http_child: Option<tokio::process::Child>,
+    /// The HTTP daemon, or the `StdioLines` one: stopped by SIGTERM.
+    child: Option<tokio::process::Child>,
+    lines: Option<Lines>,
     dir: tempfile::TempDir,
 }
 
@@ -390,7 +404,46 @@ impl Daemon {
                 Ok(Daemon {
                     pid,
                     client: Some(client),
-                    http_child: None,
+                    child: None,
+                    lines: None,
+                    dir,
+                })
+            }
+            Transport::StdioLines => {
+                use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+                cmd.stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::from(log))
+                    .kill_on_drop(true);
+                let mut child = cmd.spawn().context("spawning mailmux")?;
+                let pid = child.id().context("mailmux has no pid")?;
+                let mut stdin = child.stdin.take().context("its stdin")?;
+                let mut stdout =
+                    tokio::io::BufReader::new(child.stdout.take().context("its stdout")?);
+                stdin
+                    .write_all(
+                        concat!(
+                            r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":"#,
+                            r#"{"protocolVersion":"2025-06-18","capabilities":{},"#,
+                            r#""clientInfo":{"name":"bench-lines","version":"0"}}}"#,
+                            "\n"
+                        )
+                        .as_bytes(),
+                    )
+                    .await?;
+                let mut answer = String::new();
+                stdout.read_line(&mut answer).await?;
+                if !answer.contains(r#""result""#) {
+                    bail!("MCP initialize answered {answer:?}");
+                }
+                stdin
+                    .write_all(b"{\"jsonrpc\":\"2.0\",\"method\":\"notifications/initialized\"}\n")
+                    .await?;
+                Ok(Daemon {
+                    pid,
+                    client: None,
+                    child: Some(child),
+                    lines: Some(Lines { stdin, stdout }),
                     dir,
                 })
             }
@@ -426,11 +479,17 @@ impl Daemon {
                 Ok(Daemon {
                     pid,
                     client: Some(client),
-                    http_child: Some(child),
+                    child: Some(child),
+                    lines: None,
                     dir,
                 })
             }
         }
+    }
+
+    /// The pipes of a `StdioLines` daemon, once.
+    pub fn take_lines(&mut self) -> Option<Lines> {
+        self.lines.take()
     }
 
     pub fn peer(&self) -> Peer<RoleClient> {
@@ -460,7 +519,8 @@ impl Daemon {
         if let Some(client) = self.client.take() {
             let _ = client.cancel().await;
         }
-        if let Some(mut child) = self.http_child.take() {
+        drop(self.lines.take());
+        if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill")
                 .args(["-TERM", &self.pid.to_string()])
                 .status();
