@@ -728,9 +728,7 @@ fn on_read_only_fs(path: &Path) -> bool {
 /// Whether the store's write-ahead log (`<path>-wal`) holds commits not yet
 /// in the database file.
 fn unmerged_log(path: &Path) -> bool {
-    let mut wal = path.as_os_str().to_owned();
-    wal.push("-wal");
-    std::fs::metadata(wal).is_ok_and(|m| m.len() > 0)
+    std::fs::metadata(beside(path, "-wal")).is_ok_and(|m| m.len() > 0)
 }
 
 /// A read-only connection that takes the file as unchanging (SQLite's
