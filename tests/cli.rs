@@ -430,6 +430,126 @@ fn queue_backup_copies_a_sqlite_store_only() {
     );
 }
 
+/// `queue restore` killed with SIGKILL at moments spread over its run
+/// leaves the store's path holding one whole store: the one it replaces,
+/// with the commit that was only in that store's log, or the copy. The
+/// store it replaces has a log that was never merged (the files of a
+/// killed daemon). A restore run to its end afterwards puts the copy in
+/// place.
+#[test]
+fn a_restore_killed_at_any_moment_leaves_one_whole_store() {
+    const FILLER: i64 = 40_000;
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], at: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_mailmux"))
+            .args(args)
+            .current_dir(at)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let done = |child: std::process::Child| {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    let source = dir.path().join("source");
+    std::fs::create_dir(&source).unwrap();
+    let send = [
+        "send",
+        "--to",
+        "a@example.org",
+        "--from",
+        "b@example.org",
+        "--body",
+        "x",
+        "--send-at",
+        "1h",
+    ];
+    done(run(&send, &source));
+    let store = source.join("mailmux-queue.db");
+    // The copy, made larger so that a restore takes a while.
+    let copy = dir.path().join("copy.db");
+    done(run(&["queue", "backup", copy.to_str().unwrap()], &source));
+    rusqlite::Connection::open(&copy)
+        .unwrap()
+        .execute_batch(&format!(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {FILLER})
+             INSERT INTO messages (message_id, state, rcpt, size, body, queued_at, due_at,
+                                   updated_at, finished_at)
+             SELECT 'filler-' || i || '@x', 'sent', 'a@example.org', 1024, zeroblob(1024),
+                    0, 0, 0, 0 FROM n;
+             INSERT INTO counts (state, n) VALUES ('sent', {FILLER})
+                 ON CONFLICT (state) DO UPDATE SET n = n + {FILLER};"
+        ))
+        .unwrap();
+    // The store to replace: its last commit in its log only.
+    let (old, old_wal) = (dir.path().join("old.db"), dir.path().join("old.db-wal"));
+    {
+        let c = rusqlite::Connection::open(&store).unwrap();
+        c.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        c.execute("UPDATE messages SET note = 'in the log'", [])
+            .unwrap();
+        std::fs::copy(&store, &old).unwrap();
+        std::fs::copy(source.join("mailmux-queue.db-wal"), &old_wal).unwrap();
+    }
+    let target = dir.path().join("target");
+    std::fs::create_dir(&target).unwrap();
+    let path = target.join("mailmux-queue.db");
+    // A killed restore's half-made copy is left where it was, for the next
+    // restore to clear.
+    let put_old = || {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(target.join(format!("mailmux-queue.db{suffix}")));
+        }
+        std::fs::copy(&old, &path).unwrap();
+        std::fs::copy(&old_wal, target.join("mailmux-queue.db-wal")).unwrap();
+    };
+    // What the path holds: the replaced store, whole, or the copy.
+    let holds = || -> &'static str {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        let check: String = c.query_row("PRAGMA quick_check", [], |r| r.get(0)).unwrap();
+        assert_eq!(check, "ok");
+        let count = |sql: &str| c.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
+        match (
+            count("SELECT COUNT(*) FROM messages"),
+            count("SELECT COUNT(*) FROM messages WHERE note = 'in the log'"),
+        ) {
+            (1, 1) => "old",
+            (n, 0) if n == FILLER + 1 => "copy",
+            other => panic!("neither store: {other:?}"),
+        }
+    };
+    let restore = ["queue", "restore", copy.to_str().unwrap()];
+    put_old();
+    let started = std::time::Instant::now();
+    done(run(&restore, &target));
+    let whole = started.elapsed();
+    assert_eq!(holds(), "copy");
+    let mut seen = std::collections::BTreeMap::new();
+    // From its start to a little past its usual end.
+    for k in 0..12u32 {
+        put_old();
+        let mut child = run(&restore, &target);
+        std::thread::sleep(whole * k / 9);
+        let _ = child.kill();
+        let _ = child.wait();
+        *seen.entry(holds()).or_insert(0) += 1;
+    }
+    eprintln!("a restore of {whole:?} killed 12 times: {seen:?}");
+    put_old();
+    done(run(&restore, &target));
+    assert_eq!(holds(), "copy");
+    let left: Vec<_> = std::fs::read_dir(&target)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".restoring"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// A secret's file that other users may read is used, with a warning that
 /// names the file, its key and mode, and never the secret; so is a
 /// configuration file that holds a secret as a value. At 0600 there is no

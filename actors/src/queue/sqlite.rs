@@ -549,8 +549,9 @@ fn fill(conn: &Connection, target: &str, to: &Path) -> Result<Backup, String> {
 #[derive(Debug, Clone)]
 pub struct Restored {
     pub copy: Backup,
-    /// The replaced store's file (with its `-wal` beside it, if it had
-    /// one), or `None` when there was no store.
+    /// The replaced store's file (its log merged into it, or beside it if
+    /// the store was too damaged to merge), or `None` when there was no
+    /// store.
     pub replaced: Option<std::path::PathBuf>,
 }
 
@@ -559,12 +560,14 @@ pub struct Restored {
 ///
 /// The copy is checked (a mailmux store, not newer than this build) and
 /// copied again, with `VACUUM INTO`, beside `path`: that also takes in a
-/// write-ahead log left beside the copy. The replaced store is kept under
-/// a new name with its log, and its shared-memory file removed, before the
-/// new file is renamed over it: a log never meets a database it was not
-/// written for, and at every moment `path` holds one whole store, the old or
-/// the new, which gets the old one's owner and mode. Both files are locked
-/// as a daemon locks its store, so that none starts on them meanwhile.
+/// write-ahead log left beside the copy. The replaced store's log is merged
+/// into its file (or, if the store is too damaged for that, moved beside
+/// it), the file is kept under a new name, and its log and shared-memory
+/// files are removed before the new file is renamed over it: a log never
+/// meets a database it was not written for, and at every moment `path`
+/// holds one whole store, the old or the new, which gets the old one's
+/// owner and mode. Both files are locked as a daemon locks its store, so
+/// that none starts on them meanwhile.
 pub fn restore(copy: &Path, path: &Path) -> Result<Restored, String> {
     let shown = copy.display().to_string();
     let from = Connection::open_with_flags(copy, OpenFlags::SQLITE_OPEN_READ_ONLY)
@@ -655,15 +658,25 @@ fn swap(staged: &Path, path: &Path) -> Result<Option<std::path::PathBuf>, String
     };
     let mut replaced = None;
     if old.is_some() {
+        // The old store's log merged into its file first, so that the file
+        // alone is that whole store at every step below. A store too
+        // damaged to merge keeps its log beside its new name instead.
+        let merged = merge_log(path).unwrap_or(false);
         let aside = beside(path, &format!(".replaced-{}", now_millis()));
         std::fs::hard_link(path, &aside).map_err(|e| io(&aside, e))?;
         let shm = beside(path, "-shm");
         gone(&shm, std::fs::remove_file(&shm))?;
         let (wal, aside_wal) = (beside(path, "-wal"), beside(&aside, "-wal"));
-        gone(&wal, std::fs::rename(&wal, &aside_wal))?;
+        if merged {
+            gone(&wal, std::fs::remove_file(&wal))?;
+        } else {
+            gone(&wal, std::fs::rename(&wal, &aside_wal))?;
+        }
         if let Err(e) = std::fs::rename(staged, path) {
             // The old store stays in use: its log goes back beside it.
-            let _ = std::fs::rename(&aside_wal, &wal);
+            if !merged {
+                let _ = std::fs::rename(&aside_wal, &wal);
+            }
             return Err(io(path, e));
         }
         replaced = Some(aside);
@@ -672,6 +685,15 @@ fn swap(staged: &Path, path: &Path) -> Result<Option<std::path::PathBuf>, String
     }
     sync_folder(path).map_err(|e| format!("{}: syncing its folder: {e}", path.display()))?;
     Ok(replaced)
+}
+
+/// Merges the write-ahead log of the store at `path` into its file and
+/// empties it; true once nothing is left in the log.
+fn merge_log(path: &Path) -> rusqlite::Result<bool> {
+    let c = Connection::open(path)?;
+    c.busy_timeout(BUSY_TIMEOUT)?;
+    let busy: i64 = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+    Ok(busy == 0)
 }
 
 /// fsyncs the folder that holds `path`, so that a file made or renamed in
@@ -2073,10 +2095,10 @@ mod tests {
 
     /// `restore` is refused while a daemon holds the store. Over a store
     /// whose log was never merged (its daemon was killed), it keeps that
-    /// store whole under its new name, log included, and puts the copy in
-    /// its place with no log beside it.
+    /// store whole under its new name, its log merged into it, and puts the
+    /// copy in its place with no log beside it.
     #[tokio::test]
-    async fn a_restore_keeps_the_store_it_replaces_whole_with_its_log() {
+    async fn a_restore_keeps_the_store_it_replaces_whole_with_its_log_merged() {
         let dir = tempfile::tempdir().unwrap();
         let (path, copy) = (dir.path().join("q.db"), dir.path().join("copy.db"));
         let store = SqliteStore::open(&path).unwrap();
@@ -2108,7 +2130,8 @@ mod tests {
         let done = restore(&copy, &at).unwrap();
         assert_eq!(owner(&at), was);
         let kept = done.replaced.expect("the replaced store is kept");
-        assert!(beside(&kept, "-wal").exists());
+        // Its log was merged into it first.
+        assert!(!beside(&kept, "-wal").exists());
         assert!(!unmerged_log(&at));
         let old = SqliteStore::open_shared(&kept).unwrap();
         let now = SqliteStore::open_shared(&at).unwrap();
