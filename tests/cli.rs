@@ -307,6 +307,21 @@ fn a_closed_output_does_not_stop_the_queue_command_half_way() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
 }
 
+/// A `mailmux send` that queues one message for an hour later, on the
+/// embedded default (the store in the working folder).
+const SCHEDULED: [&str; 10] = [
+    "send",
+    "--to",
+    "a@example.org",
+    "--from",
+    "b@example.org",
+    "--body",
+    "x",
+    "--send-at",
+    "1h",
+    "--no-wait",
+];
+
 /// `queue backup` copies a SQLite store only: the memory store has nothing
 /// to copy, and a PostgreSQL store is pointed to `pg_dump` without its
 /// password. Neither writes the file. On the embedded default, a missing
@@ -347,18 +362,7 @@ fn queue_backup_copies_a_sqlite_store_only() {
         let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         (out.status.code(), text(&out.stdout), text(&out.stderr))
     };
-    let send = [
-        "send",
-        "--to",
-        "a@example.org",
-        "--from",
-        "b@example.org",
-        "--body",
-        "x",
-        "--send-at",
-        "1h",
-    ];
-    let (code, out, err) = run(&send);
+    let (code, out, err) = run(&SCHEDULED);
     assert_eq!(code, Some(0), "{out}{err}");
     let nowhere = dir.path().join("no-such-folder").join("copy.db");
     let (code, _, err) = run(&["queue", "backup", nowhere.to_str().unwrap()]);
@@ -457,18 +461,7 @@ fn a_restore_killed_at_any_moment_leaves_one_whole_store() {
     };
     let source = dir.path().join("source");
     std::fs::create_dir(&source).unwrap();
-    let send = [
-        "send",
-        "--to",
-        "a@example.org",
-        "--from",
-        "b@example.org",
-        "--body",
-        "x",
-        "--send-at",
-        "1h",
-    ];
-    done(run(&send, &source));
+    done(run(&SCHEDULED, &source));
     let store = source.join("mailmux-queue.db");
     // The copy, made larger so that a restore takes a while.
     let copy = dir.path().join("copy.db");
