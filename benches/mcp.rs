@@ -487,11 +487,14 @@ async fn run_mcp(
     let sink_before = load::proc_cpu(sink.pid());
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
+    // The -lines client is one task for all C calls; rmcp's, one per call.
+    let mut callers = c;
     if transport == Transport::StdioLines {
         let lines = daemons[0].take_lines().context("the daemon's pipes")?;
         tasks.spawn(lines_client(lines, c, n, body.clone()));
+        callers = 0;
     }
-    for i in (0..c).filter(|_| transport != Transport::StdioLines) {
+    for i in 0..callers {
         let (peer, body) = (daemons[i % daemons.len()].peer(), body.clone());
         let k = share(n, c, i);
         tasks.spawn(async move {

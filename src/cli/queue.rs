@@ -388,9 +388,11 @@ async fn restore(config: &Config, from: std::path::PathBuf) -> ExitCode {
     };
     let to = path.clone();
     let from_shown = from.display().to_string();
-    let done = tokio::task::spawn_blocking(move || queue::sqlite::restore(&from, &to)).await;
+    let done = tokio::task::spawn_blocking(move || queue::sqlite::restore(&from, &to))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
     match done {
-        Ok(Ok(r)) => {
+        Ok(r) => {
             say!(
                 "restored {} from {from_shown}: {}, schema version {}",
                 path.display(),
@@ -403,10 +405,6 @@ async fn restore(config: &Config, from: std::path::PathBuf) -> ExitCode {
             }
             say!("the next daemon started on it recovers it as after a crash");
             ExitCode::SUCCESS
-        }
-        Ok(Err(e)) => {
-            eprintln!("mailmux: restore: {e}");
-            ExitCode::FAILURE
         }
         Err(e) => {
             eprintln!("mailmux: restore: {e}");

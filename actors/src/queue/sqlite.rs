@@ -282,6 +282,17 @@ pub struct SqliteStore {
 #[derive(Debug)]
 struct DaemonLock(File);
 
+impl DaemonLock {
+    /// Takes the lock on `file`; `None` while another process holds it.
+    fn take(file: File) -> std::io::Result<Option<DaemonLock>> {
+        match file.try_lock() {
+            Ok(()) => Ok(Some(DaemonLock(file))),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+}
+
 impl Drop for DaemonLock {
     fn drop(&mut self) {
         let _ = self.0.unlock();
@@ -330,12 +341,10 @@ impl SqliteStore {
                     }
                     _ => named(&e),
                 })?;
-            match file.try_lock() {
-                Ok(()) => Some(DaemonLock(file)),
-                Err(std::fs::TryLockError::WouldBlock) => {
-                    return Err(StoreError::Locked { path: shown });
-                }
-                Err(std::fs::TryLockError::Error(e)) => return Err(named(&e)),
+            match DaemonLock::take(file) {
+                Ok(Some(lock)) => Some(lock),
+                Ok(None) => return Err(StoreError::Locked { path: shown }),
+                Err(e) => return Err(named(&e)),
             }
         } else {
             if !path.exists() {
@@ -583,10 +592,12 @@ pub fn restore(copy: &Path, path: &Path) -> Result<Restored, String> {
     };
     let (version, is_store) = read().map_err(|e| format!("{shown}: {e}"))?;
     if version > SCHEMA_VERSION {
-        return Err(format!(
-            "{shown}: the copy has schema version {version}; this mailmux knows up to \
-             {SCHEMA_VERSION}. It was written by a newer version"
-        ));
+        let too_new = StoreError::TooNew {
+            path: shown,
+            found: version,
+            known: SCHEMA_VERSION,
+        };
+        return Err(too_new.to_string());
     }
     if version < 1 || !is_store {
         return Err(format!("{shown}: not a mailmux queue store"));
@@ -615,13 +626,13 @@ pub fn restore(copy: &Path, path: &Path) -> Result<Restored, String> {
 /// replaces; returns that store's new name.
 fn swap(staged: &Path, path: &Path) -> Result<Option<std::path::PathBuf>, String> {
     let io = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
-    let lock = |f: File, p: &Path| match f.try_lock() {
-        Ok(()) => Ok(DaemonLock(f)),
-        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+    let lock = |f: File, p: &Path| match DaemonLock::take(f) {
+        Ok(Some(lock)) => Ok(lock),
+        Ok(None) => Err(format!(
             "{}: a mailmux daemon holds the store; stop it first",
             p.display()
         )),
-        Err(std::fs::TryLockError::Error(e)) => Err(io(p, e)),
+        Err(e) => Err(io(p, e)),
     };
     let _new = lock(File::open(staged).map_err(|e| io(staged, e))?, staged)?;
     let old = match std::fs::OpenOptions::new()
@@ -987,7 +998,7 @@ fn fsync_log(conn: &Connection) -> Result<(), StoreError> {
     };
     std::fs::OpenOptions::new()
         .write(true)
-        .open(format!("{path}-wal"))
+        .open(beside(Path::new(path), "-wal"))
         .and_then(|f| f.sync_data())
         .map_err(|e| StoreError::Unconfirmed(format!("the log was written but not synced ({e})")))
 }
