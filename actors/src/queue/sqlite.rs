@@ -603,47 +603,91 @@ pub fn restore(copy: &Path, path: &Path) -> Result<Restored, String> {
         return Err(format!("{shown}: not a mailmux queue store"));
     }
     let staged = beside(path, ".restoring");
-    // Left by a restore that stopped half-way: never a store in use.
-    match std::fs::remove_file(&staged) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(format!("{}: {e}", staged.display()));
-        }
-        _ => {}
+    let io = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
+    // The staged file's lock keeps two restores of one store apart; it is
+    // held until the file is renamed over `path` or removed.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&staged)
+        .map_err(|e| io(&staged, e))?;
+    let running = || {
+        format!(
+            "{}: another restore of this store is running",
+            path.display()
+        )
+    };
+    let new = match DaemonLock::take(file) {
+        Ok(Some(lock)) => lock,
+        Ok(None) => return Err(running()),
+        Err(e) => return Err(io(&staged, e)),
+    };
+    // The file locked must still be the one named: another restore may have
+    // renamed it over the store, or removed it, before letting go of it.
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let inode = |m: std::fs::Metadata| (m.dev(), m.ino());
+    let named = std::fs::metadata(&staged).map(inode).ok();
+    if named != new.0.metadata().map(inode).ok() {
+        return Err(running());
     }
-    let checked = back_up(&from, &staged)?;
-    drop(from);
-    let swapped = swap(&staged, path);
-    if swapped.is_err() {
+    let staging = || -> Result<(Backup, Option<std::path::PathBuf>), String> {
+        // Whatever a restore that stopped half-way left: `VACUUM INTO`
+        // fills only an empty file.
+        new.0.set_len(0).map_err(|e| io(&staged, e))?;
+        new.0
+            .set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| io(&staged, e))?;
+        let old = lock_old(path)?;
+        let Some(target) = staged.to_str() else {
+            return Err(format!("{}: a store's path must be UTF-8", path.display()));
+        };
+        let checked =
+            fill(&from, target, &staged).map_err(|e| format!("{}: {e}", staged.display()))?;
+        Ok((checked, swap(&staged, old, path)?))
+    };
+    let done = staging();
+    if done.is_err() {
         let _ = std::fs::remove_file(&staged);
     }
-    Ok(Restored {
-        copy: checked,
-        replaced: swapped?,
-    })
+    drop(new);
+    let (copy, replaced) = done?;
+    Ok(Restored { copy, replaced })
 }
 
-/// Renames `staged` over `path` as [`restore`] says, keeping the store it
-/// replaces; returns that store's new name.
-fn swap(staged: &Path, path: &Path) -> Result<Option<std::path::PathBuf>, String> {
-    let io = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
-    let lock = |f: File, p: &Path| match DaemonLock::take(f) {
-        Ok(Some(lock)) => Ok(lock),
-        Ok(None) => Err(format!(
-            "{}: a mailmux daemon holds the store; stop it first",
-            p.display()
-        )),
-        Err(e) => Err(io(p, e)),
-    };
-    let _new = lock(File::open(staged).map_err(|e| io(staged, e))?, staged)?;
-    let old = match std::fs::OpenOptions::new()
+/// Opens and locks the store at `path` that a restore replaces, as a daemon
+/// locks it; `None` when there is none.
+fn lock_old(path: &Path) -> Result<Option<DaemonLock>, String> {
+    let io = |e: std::io::Error| format!("{}: {e}", path.display());
+    let file = match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
     {
-        Ok(f) => Some(lock(f, path)?),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(io(path, e)),
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(e)),
     };
+    match DaemonLock::take(file) {
+        Ok(Some(lock)) => Ok(Some(lock)),
+        Ok(None) => Err(format!(
+            "{}: a mailmux daemon holds the store; stop it first",
+            path.display()
+        )),
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// Renames `staged` over `path` as [`restore`] says, keeping `old`, the
+/// store it replaces, locked meanwhile; returns that store's new name.
+fn swap(
+    staged: &Path,
+    old: Option<DaemonLock>,
+    path: &Path,
+) -> Result<Option<std::path::PathBuf>, String> {
+    let io = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
     if let Some(old) = &old {
         // The service that owns the store keeps opening it: the new file
         // gets the replaced one's owner and mode.
@@ -2150,6 +2194,40 @@ mod tests {
             assert_eq!(old.get(id).await.unwrap().is_some(), in_old, "{id}");
             assert_eq!(now.get(id).await.unwrap().is_some(), in_now, "{id}");
         }
+    }
+
+    #[tokio::test]
+    async fn two_restores_of_one_store_never_run_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, copy) = (dir.path().join("q.db"), dir.path().join("copy.db"));
+        let store = SqliteStore::open(&path).unwrap();
+        store.accept(message("<copied@x>")).await.unwrap();
+        store.backup(&copy).await.unwrap();
+        store.accept(message("<later@x>")).await.unwrap();
+        drop(store);
+        // Another restore is staging its copy.
+        let staged = beside(&path, ".restoring");
+        let other = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&staged)
+            .unwrap();
+        let held = DaemonLock::take(other).unwrap().expect("the lock is free");
+        std::fs::write(&staged, b"half of another copy").unwrap();
+        let refused = restore(&copy, &path).unwrap_err();
+        assert!(refused.contains("another restore"), "{refused}");
+        assert_eq!(std::fs::read(&staged).unwrap(), b"half of another copy");
+        let untouched = SqliteStore::open_shared(&path).unwrap();
+        assert!(untouched.get("<later@x>").await.unwrap().is_some());
+        drop(untouched);
+        // That restore was killed half-way: the next one starts over.
+        drop(held);
+        let done = restore(&copy, &path).unwrap();
+        assert_eq!(done.copy.counts, [(State::Queued, 1)]);
+        assert!(!staged.exists());
+        let now = SqliteStore::open_shared(&path).unwrap();
+        assert!(now.get("<copied@x>").await.unwrap().is_some());
+        assert!(now.get("<later@x>").await.unwrap().is_none());
     }
 
     #[tokio::test]
