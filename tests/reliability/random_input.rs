@@ -1,0 +1,265 @@
+//! Random tool arguments from a seed: a valid `send_email` or `send_batch`
+//! with a few of its fields replaced by values of the wrong type, the wrong
+//! shape or the wrong content (CR/LF, NUL, long, non-ASCII, template
+//! markers, bad dates, paths outside the attachments folder), or removed,
+//! and unknown fields added. The same seed gives the same calls.
+
+// Each test binary that includes this module uses a different subset of it.
+#![allow(dead_code)]
+
+use rand::Rng;
+use rand::rngs::StdRng;
+use serde_json::{Map, Value, json};
+
+/// The fields of a message, as `send_email` and a batch's items take them.
+const MESSAGE_FIELDS: &[&str] = &[
+    "to",
+    "cc",
+    "bcc",
+    "subject",
+    "body",
+    "html",
+    "html_body",
+    "from_email",
+    "reply_to",
+    "in_reply_to",
+    "references",
+    "attachments",
+    "template_vars",
+    "idempotency_key",
+];
+
+/// Pieces strings are made of.
+const PIECES: &[&str] = &[
+    "",
+    "a@example.org",
+    "Ada Lovelace <ada@example.org>",
+    "\"quoted, name\" <q@example.org>",
+    "bob@example.org, carol@example.org",
+    "sender@example.org",
+    "no-at-sign",
+    "@example.org",
+    "x@",
+    "x@[127.0.0.1]",
+    "user@xn--bcher-kva.example",
+    "Zoë <zoë@exämple.org>",
+    "日本語の件名",
+    "\u{202e}reversed",
+    "👍🏽",
+    "\r\n",
+    "\nBcc: victim@evil.example",
+    "\0",
+    "\t",
+    "\u{7f}",
+    "{{name}}",
+    "{{",
+    "}}",
+    "{{ name | upper }}",
+    "{{#each x}}",
+    "{{{raw}}}",
+    "<b>html</b>",
+    ".\r\n.\r\n",
+    "\r\n.\r\n",
+    "=?utf-8?b?AAAA?=",
+    "aGVsbG8gd29ybGQ=",
+    "!!not base64!!",
+    "<id@example.org>",
+    "2026-12-04T10:00:00Z",
+    "2026-13-45T99:99:99Z",
+    "1970-01-01T00:00:00Z",
+    "9999-12-31T23:59:59Z",
+    "tomorrow",
+    "../outside.txt",
+    "/etc/passwd",
+    "ok.txt",
+    "sub/../ok.txt",
+    "escape.txt",
+    "pipe",
+    "sub",
+    "big.bin",
+    "only",
+    "nobody",
+    "k1",
+    "k2",
+];
+
+/// A string of one to four pieces, sometimes one repeated many times or a
+/// non-ASCII piece cut at a random character.
+pub fn string(rng: &mut StdRng) -> String {
+    let mut s = String::new();
+    for _ in 0..rng.random_range(1..=4) {
+        let piece = PIECES[rng.random_range(0..PIECES.len())];
+        match rng.random_range(0..10) {
+            0 => s.push_str(&piece.repeat(rng.random_range(1..3000))),
+            1 => s.extend(
+                piece
+                    .chars()
+                    .take(rng.random_range(0..=piece.chars().count())),
+            ),
+            _ => s.push_str(piece),
+        }
+    }
+    s
+}
+
+/// Any JSON value, at most `depth` deep.
+pub fn value(rng: &mut StdRng, depth: u32) -> Value {
+    let pick = if depth == 0 {
+        rng.random_range(0..4)
+    } else {
+        rng.random_range(0..6)
+    };
+    match pick {
+        0 => Value::Null,
+        1 => json!(rng.random_bool(0.5)),
+        2 => [
+            json!(0),
+            json!(-1),
+            json!(1.5),
+            json!(1e308),
+            json!(u64::MAX),
+            json!(i64::MIN),
+        ][rng.random_range(0..6)]
+        .clone(),
+        3 => json!(string(rng)),
+        4 => Value::Array(
+            (0..rng.random_range(0..4))
+                .map(|_| value(rng, depth - 1))
+                .collect(),
+        ),
+        _ => {
+            let mut m = Map::new();
+            for _ in 0..rng.random_range(0..4) {
+                let key = if rng.random_bool(0.5) {
+                    MESSAGE_FIELDS[rng.random_range(0..MESSAGE_FIELDS.len())].to_string()
+                } else {
+                    string(rng)
+                };
+                m.insert(key, value(rng, depth - 1));
+            }
+            Value::Object(m)
+        }
+    }
+}
+
+/// A value of the type `field` takes, often with bad content; sometimes
+/// any value at all.
+fn field_value(rng: &mut StdRng, field: &str) -> Value {
+    if rng.random_bool(0.25) {
+        return value(rng, 2);
+    }
+    match field {
+        "to" | "cc" | "bcc" => match rng.random_range(0..3) {
+            0 => json!(string(rng)),
+            _ => Value::Array(
+                (0..rng.random_range(0..4))
+                    .map(|_| json!(string(rng)))
+                    .collect(),
+            ),
+        },
+        "html" | "wait" | "dry_run" | "atomic" => json!(rng.random_bool(0.5)),
+        "attachments" => Value::Array(
+            (0..rng.random_range(0..3))
+                .map(|_| match rng.random_range(0..3) {
+                    0 => json!({ "path": string(rng) }),
+                    1 => json!({
+                        "filename": string(rng),
+                        "content_base64": string(rng),
+                        "content_type": string(rng),
+                    }),
+                    _ => json!({ "filename": string(rng), "content_base64": "aGVsbG8=" }),
+                })
+                .collect(),
+        ),
+        "template_vars" => {
+            let mut m = Map::new();
+            for _ in 0..rng.random_range(0..4) {
+                m.insert(string(rng), json!(string(rng)));
+            }
+            Value::Object(m)
+        }
+        _ => json!(string(rng)),
+    }
+}
+
+/// A valid message with up to three fields replaced, removed or added.
+fn message(rng: &mut StdRng, i: usize) -> Map<String, Value> {
+    let mut m = json!({
+        "to": "rcpt@example.org",
+        "subject": format!("random {i} {{{{name}}}}"),
+        "body": format!("random input {i}\n"),
+        "template_vars": { "name": "Ada" },
+    })
+    .as_object()
+    .cloned()
+    .unwrap_or_default();
+    for _ in 0..rng.random_range(0..=3) {
+        let field = if rng.random_bool(0.9) {
+            MESSAGE_FIELDS[rng.random_range(0..MESSAGE_FIELDS.len())].to_string()
+        } else {
+            string(rng)
+        };
+        if rng.random_bool(0.15) {
+            m.remove(&field);
+        } else {
+            let v = field_value(rng, &field);
+            m.insert(field, v);
+        }
+    }
+    m
+}
+
+/// The call-wide parameters, each present at random.
+fn call_fields(rng: &mut StdRng, m: &mut Map<String, Value>, fields: &[&str]) {
+    for field in fields {
+        if rng.random_bool(0.2) {
+            let v = match *field {
+                "relay" if rng.random_bool(0.5) => json!("only"),
+                "wait" | "dry_run" | "atomic" if rng.random_bool(0.7) => {
+                    json!(rng.random_bool(0.5))
+                }
+                _ => field_value(rng, field),
+            };
+            m.insert(field.to_string(), v);
+        }
+    }
+}
+
+/// Random `send_email` arguments.
+pub fn send_email(rng: &mut StdRng, i: usize) -> Value {
+    let mut m = message(rng, i);
+    call_fields(rng, &mut m, &["relay", "dry_run", "wait", "send_at"]);
+    Value::Object(m)
+}
+
+/// Random `send_batch` arguments: `defaults` and up to five messages.
+pub fn send_batch(rng: &mut StdRng, i: usize) -> Value {
+    let mut defaults = message(rng, i);
+    defaults.remove("to");
+    let messages: Vec<Value> = (0..rng.random_range(0..6))
+        .map(|k| {
+            let mut item = message(rng, i * 10 + k);
+            item.remove("subject");
+            item.remove("body");
+            Value::Object(item)
+        })
+        .collect();
+    let mut m = Map::new();
+    m.insert("defaults".into(), Value::Object(defaults));
+    m.insert("messages".into(), Value::Array(messages));
+    call_fields(rng, &mut m, &["wait", "dry_run", "send_at", "atomic"]);
+    if rng.random_bool(0.1) {
+        // The whole of a parameter replaced.
+        let key = ["defaults", "messages"][rng.random_range(0..2)];
+        m.insert(key.into(), value(rng, 2));
+    }
+    Value::Object(m)
+}
+
+/// A seed from `MAILMUX_RANDOM_SEED`, or a new one.
+pub fn seed() -> u64 {
+    match std::env::var("MAILMUX_RANDOM_SEED") {
+        Ok(s) => s.parse().expect("MAILMUX_RANDOM_SEED is a number"),
+        Err(_) => rand::rng().random(),
+    }
+}
