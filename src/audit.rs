@@ -7,12 +7,19 @@
 //! queue's events carry none, and refusals are written from the envelope
 //! and subject only. serde_json escapes every value, so a subject cannot
 //! forge a field or a line. The file is reopened on SIGHUP (log rotation).
+//!
+//! Each line is one `write`, so a crash of the daemon loses none. Lines are
+//! made durable (`fdatasync`) at most [`SYNC_EVERY`] after they are written,
+//! off the callers' path, and before the file is let go (reopen, shutdown):
+//! a power loss loses at most that last second.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use mailmux_actors::queue::{Event, Observer};
 use serde::{Deserialize, Serialize};
@@ -79,7 +86,12 @@ pub struct Audit {
     failures: AtomicU64,
     /// False after a write failed, until one succeeds.
     healthy: AtomicBool,
+    /// Lines were written since the last sync.
+    unsynced: AtomicBool,
 }
+
+/// How long a written line may wait for its `fdatasync`.
+pub const SYNC_EVERY: Duration = Duration::from_secs(1);
 
 fn open(path: &PathBuf) -> std::io::Result<File> {
     let mut o = OpenOptions::new();
@@ -105,6 +117,7 @@ impl Audit {
             file: Mutex::new(file),
             failures: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
+            unsynced: AtomicBool::new(false),
         })
     }
 
@@ -116,6 +129,7 @@ impl Audit {
             file: Mutex::new(None),
             failures: AtomicU64::new(0),
             healthy: AtomicBool::new(false),
+            unsynced: AtomicBool::new(false),
         }
     }
 
@@ -153,7 +167,12 @@ impl Audit {
         let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
         match open(path) {
             Ok(f) => {
-                *file = Some(f);
+                // The lines of the file let go of are made durable first.
+                if let Some(old) = file.replace(f)
+                    && self.unsynced.swap(false, Ordering::AcqRel)
+                {
+                    self.synced(old.sync_data());
+                }
                 self.healthy.store(true, Ordering::Release);
                 tracing::info!(path = %path.display(), "audit log reopened");
             }
@@ -179,6 +198,7 @@ impl Audit {
         // another process (the queue command) appending.
         match f.write_all(&bytes) {
             Ok(()) => {
+                self.unsynced.store(true, Ordering::Release);
                 if !self.healthy.swap(true, Ordering::AcqRel) {
                     tracing::info!("the audit log is written again");
                 }
@@ -188,6 +208,34 @@ impl Audit {
                 if self.healthy.swap(false, Ordering::AcqRel) {
                     tracing::error!(error = %e, "writing the audit log failed");
                 }
+            }
+        }
+    }
+
+    /// Makes the lines written so far durable; true if any were waiting.
+    /// The file's lock is held only to duplicate its descriptor, so lines
+    /// go on being written meanwhile.
+    pub fn sync(&self) -> bool {
+        if !self.unsynced.swap(false, Ordering::AcqRel) {
+            return false;
+        }
+        let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let copy = file.as_ref().map(File::try_clone);
+        drop(file);
+        match copy {
+            Some(Ok(f)) => self.synced(f.sync_data()),
+            Some(Err(e)) => self.synced(Err(e)),
+            None => {}
+        }
+        true
+    }
+
+    /// Counts a failed sync as a failed write: its lines may be lost.
+    fn synced(&self, result: std::io::Result<()>) {
+        if let Err(e) = result {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            if self.healthy.swap(false, Ordering::AcqRel) {
+                tracing::error!(error = %e, "syncing the audit log failed");
             }
         }
     }
@@ -280,6 +328,32 @@ impl Audit {
     }
 }
 
+impl Drop for Audit {
+    fn drop(&mut self) {
+        self.sync();
+    }
+}
+
+/// Syncs the daemon's audit log every [`SYNC_EVERY`] while lines come, on
+/// the blocking pool.
+pub fn spawn_sync(audit: Arc<Audit>) {
+    if !audit.enabled() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(SYNC_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            if !audit.unsynced.load(Ordering::Acquire) {
+                continue;
+            }
+            let a = audit.clone();
+            let _ = tokio::task::spawn_blocking(move || a.sync()).await;
+        }
+    });
+}
+
 impl Observer for Audit {
     fn event(&self, e: &Event<'_>) {
         if !self.enabled() {
@@ -319,4 +393,44 @@ fn hex(bytes: &[u8]) -> String {
         let _ = write!(s, "{b:02x}");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(audit: &Audit) {
+        audit.refused(&Refusal {
+            caller: "agent",
+            code: "invalid_input",
+            ..Refusal::default()
+        });
+    }
+
+    #[test]
+    fn written_lines_wait_for_one_sync_and_a_reopen_syncs_the_file_it_lets_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let audit = Audit::open(AuditSettings {
+            path: Some(path.clone()),
+            ..AuditSettings::default()
+        })
+        .unwrap();
+        assert!(!audit.sync(), "nothing was written");
+        refusal(&audit);
+        refusal(&audit);
+        assert!(audit.sync());
+        assert!(!audit.sync(), "the lines were synced once");
+        refusal(&audit);
+        std::fs::rename(&path, dir.path().join("audit.jsonl.1")).unwrap();
+        audit.reopen();
+        assert!(!audit.sync(), "the reopen synced the rotated file");
+        refusal(&audit);
+        assert!(audit.sync());
+        assert!(audit.healthy());
+        assert_eq!(audit.failures(), 0);
+        let lines = |p: &std::path::Path| std::fs::read_to_string(p).unwrap().lines().count();
+        assert_eq!(lines(&dir.path().join("audit.jsonl.1")), 3);
+        assert_eq!(lines(&path), 1);
+    }
 }

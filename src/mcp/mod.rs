@@ -335,13 +335,18 @@ pub async fn run(
     let metrics_bind = config.daemon.metrics.bind;
     let server = MailmuxServer::new(queue, config, sources);
     on_hangup(server.clone());
+    let audit = server.audit().clone();
+    crate::audit::spawn_sync(audit.clone());
     if let Some(bind) = metrics_bind {
         http::serve_metrics(&server, bind).await?;
     }
-    match transport {
+    let served = match transport {
         Transport::Stdio => transport::serve_stdio(server, shutdown).await,
         Transport::Http { bind, stateful } => http::serve(server, bind, stateful, shutdown).await,
-    }
+    };
+    // The last lines, made durable before the process exits.
+    let _ = tokio::task::spawn_blocking(move || audit.sync()).await;
+    served
 }
 
 /// SIGHUP's listener, taken as soon as the daemon's runtime runs: listening
