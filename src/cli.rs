@@ -59,8 +59,8 @@ pub enum Command {
     /// Print the effective configuration, secrets redacted, with each value's source.
     Config,
     /// Read and act on the queue's store: list, show, cancel, retry, purge,
-    /// stats, migrate, and approve or reject held messages (an operator's
-    /// token in MAILMUX_OPERATOR_TOKEN).
+    /// stats, backup, restore, migrate, and approve or reject held messages
+    /// (an operator's token in MAILMUX_OPERATOR_TOKEN).
     #[command(subcommand)]
     Queue(queue::QueueCommand),
 }
