@@ -606,6 +606,68 @@ async fn a_lease_taken_over_refuses_the_old_holders_late_write() {
     assert_eq!(copies(&sink.received()).get(&id).copied(), Some(1));
 }
 
+/// A daemon paused (SIGSTOP) past its lease after its message's final "."
+/// was written, before the relay answered: the daemon that takes the lease
+/// over makes the message `unknown`, never sends it again, and writes its
+/// `unknown` line in its own audit log (`event.reason` "recovered").
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_taken_over_after_its_dot_is_unknown_and_audited() {
+    let pg = Postgres::start();
+    let url = pg.database();
+    let sink =
+        FaultSmtp::start(Script::ok().on_share(Phase::AfterDot, Action::Hang, Share::FirstN(1)))
+            .await;
+    // Each daemon writes its own audit log.
+    let audit = tempfile::tempdir().unwrap();
+    let log_of = |node: &str| audit.path().join(format!("{node}.jsonl"));
+    let with_log = |node: &str| format!("[audit]\npath = \"{}\"", log_of(node).display());
+    let a = Node::start(
+        "a",
+        &config_toml(&url, "a", sink.port(), "1s", &with_log("a")),
+    )
+    .await;
+    let sent = call(
+        a.peer(),
+        "send",
+        "send_email",
+        msg("cut off", json!({"wait": false})),
+        LIMIT,
+    )
+    .await;
+    let id = sent.message_id().unwrap().to_string();
+    assert!(support::wait_until(|| !sink.received().is_empty(), Duration::from_secs(10)).await);
+    a.signal("-STOP");
+    let b = Node::start(
+        "b",
+        &config_toml(&url, "b", sink.port(), "1s", &with_log("b")),
+    )
+    .await;
+    let lines = |node: &str| -> Vec<Value> {
+        std::fs::read_to_string(log_of(node))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l["email"]["message_id"] == id.as_str())
+            .collect()
+    };
+    let audited = support::wait_until(|| !lines("b").is_empty(), Duration::from_secs(20)).await;
+    assert!(audited, "b wrote no line of {id}: {}", b.logs());
+    let a_lines = lines("a");
+    assert_eq!(a_lines.len(), 1, "{a_lines:?}");
+    assert_eq!(a_lines[0]["event"]["action"], "accepted");
+    let b_lines = lines("b");
+    assert_eq!(b_lines.len(), 1, "{b_lines:?}");
+    let l = &b_lines[0];
+    assert_eq!(l["event"]["action"], "unknown", "{l}");
+    assert_eq!(l["event"]["reason"], "recovered", "{l}");
+    assert_eq!(l["email"]["subject"], "cut off", "{l}");
+    let s = b.status(&id).await;
+    assert_eq!(s["status"], "unknown", "{s}");
+    a.signal("-CONT");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(copies(&sink.received()).get(&id).copied(), Some(1));
+}
+
 /// A waiting call whose relay answers 451 after the final ".": its message
 /// was stored at its commit mark without its bytes, and the deferred outcome
 /// stores them in PostgreSQL, so the retry delivers the same message once.

@@ -25,7 +25,7 @@ use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig
 use rmcp::{ClientHandler, ErrorData, RoleClient, ServiceExt};
 use serde_json::{Value, json};
 use sha2::Digest;
-use support::fault_smtp::{FaultSmtp, Script};
+use support::fault_smtp::{Action as SmtpAction, FaultSmtp, Phase, Script};
 
 const ALPHA: &str = "alpha-token-5b0e";
 const BETA: &str = "beta-token-91c4";
@@ -1495,6 +1495,78 @@ async fn the_audit_log_is_complete_escaped_secret_free_and_reopened_on_sighup() 
         "accepted and sent in the new file: {fresh:?}"
     );
     assert_eq!(read_lines(&rotated).len(), lines.len());
+}
+
+/// A daemon killed with SIGKILL after a message's final "." was written,
+/// before the relay answered: after the restart the message is `unknown`,
+/// and the audit log has its line (`event.reason` "recovered"), with who
+/// sent it and to whom: its outcome, where the log would otherwise end at
+/// `accepted` for a message that may have been delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_a_crash_left_unknown_is_in_the_audit_log() {
+    let sink = FaultSmtp::start(Script::ok().on(Phase::AfterDot, SmtpAction::Hang)).await;
+    let other = FaultSmtp::start(Script::ok()).await;
+    let mut d = start(&sink, &other, "").await;
+    let delta = connect(&d, DELTA).await;
+    let args = json!({"to": ["crash@example.org"], "subject": "cut off", "body": BODY_MARKER});
+    let waiting = tokio::spawn(async move {
+        let mut params = CallToolRequestParams::new("send_email");
+        if let Value::Object(map) = args {
+            params = params.with_arguments(map);
+        }
+        // No answer comes: the daemon is killed while it waits.
+        let _ = delta.peer().call_tool(params).await;
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sink.received().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the message never reached its final \".\""
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let id = sink.received()[0].message_id.clone().expect("a Message-ID");
+    let id = id.trim_start_matches('<').trim_end_matches('>').to_string();
+    let of = |lines: &[Value]| -> Vec<Value> {
+        lines
+            .iter()
+            .filter(|l| l["email"]["message_id"] == id.as_str())
+            .cloned()
+            .collect()
+    };
+    // Stored by its commit mark, and audited as accepted then.
+    let accepted = of(&d.audit());
+    assert_eq!(accepted.len(), 1, "{accepted:?}");
+    assert_eq!(accepted[0]["event"]["action"], "accepted");
+
+    d.kill9_and_restart().await;
+    waiting.abort();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lines = loop {
+        let lines = of(&d.audit());
+        if lines.len() > 1 || Instant::now() > deadline {
+            break lines;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(lines.len(), 2, "accepted, then unknown: {lines:?}");
+    let line = &lines[1];
+    assert_eq!(line["event"]["action"], "unknown", "{line}");
+    assert_eq!(line["event"]["outcome"], "unknown", "{line}");
+    assert_eq!(line["event"]["reason"], "recovered", "{line}");
+    assert_eq!(line["user"]["name"], "delta", "{line}");
+    assert_eq!(line["email"]["subject"], "cut off", "{line}");
+    assert_eq!(line["email"]["to"]["address"], json!(["crash@example.org"]));
+    let delta = connect(&d, DELTA).await;
+    assert_eq!(status(&delta, &id).await["status"], "unknown");
+    // Never sent again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sink.received().len(), 1);
+    assert!(
+        !std::fs::read_to_string(d.dir.path().join("audit.jsonl"))
+            .unwrap()
+            .contains(BODY_MARKER)
+    );
 }
 
 /// Sends the daemon SIGHUP and waits for one more log line with `line`.

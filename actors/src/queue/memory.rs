@@ -504,6 +504,7 @@ impl Store for MemoryStore {
                 let (_, row) = mem.row(&id)?;
                 row.committing = false;
                 out.unknown += 1;
+                out.unknown_ids.push(id);
             } else {
                 mem.enter(&id, State::Queued, Some(now), now)?;
                 out.requeued += 1;

@@ -559,12 +559,14 @@ pub async fn purge(
 }
 
 /// What recovery did at start.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recovered {
     /// Left in `sending` before the commit mark: queued again.
     pub requeued: u64,
     /// Marked as committing: may have been delivered, now `unknown`.
     pub unknown: u64,
+    /// The Message-IDs of those made `unknown`, for the observers.
+    pub unknown_ids: Vec<String>,
 }
 
 /// Why the store could not do what was asked.
@@ -720,6 +722,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// store several daemons share.
     fn nodes(&self) -> Option<u32> {
         None
+    }
+    /// The messages this daemon made `unknown` since the last call by
+    /// taking over the lease of a daemon that stopped (on a store several
+    /// daemons share), for the observers. Recovery at start reports its
+    /// own in [`Recovered`].
+    fn taken_over_unknown(&self) -> Vec<String> {
+        Vec::new()
     }
     /// Whether an accepted message survives a crash.
     fn durable(&self) -> bool;

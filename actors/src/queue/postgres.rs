@@ -338,6 +338,9 @@ pub struct PgStore {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// When `due` last looked for leases that ran out (ms).
     taken_over: std::sync::atomic::AtomicI64,
+    /// The messages those looks made `unknown`, not yet handed to the
+    /// observers ([`Store::taken_over_unknown`]).
+    untold: Mutex<Vec<String>>,
 }
 
 impl Drop for PgStore {
@@ -945,6 +948,7 @@ impl PgStore {
             accepts,
             tasks,
             taken_over: std::sync::atomic::AtomicI64::new(0),
+            untold: Mutex::new(Vec::new()),
         }
     }
 
@@ -1010,9 +1014,16 @@ impl PgStore {
             );
             if unknown {
                 out.unknown += 1;
+                out.unknown_ids.push(id);
             } else {
                 out.requeued += 1;
             }
+        }
+        if !own {
+            self.untold
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(out.unknown_ids.iter().cloned());
         }
         Ok(out)
     }
@@ -1421,6 +1432,10 @@ impl Store for PgStore {
 
     fn nodes(&self) -> Option<u32> {
         Some(self.nodes.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    fn taken_over_unknown(&self) -> Vec<String> {
+        std::mem::take(&mut *self.untold.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     async fn accept(&self, m: NewMessage) -> Result<Accepted, StoreError> {

@@ -359,6 +359,9 @@ struct Inner {
     rounds: Tally,
     stop: tokio_util::sync::CancellationToken,
     observer: OnceLock<Arc<dyn Observer>>,
+    /// Messages recovery made `unknown` that the observer has not heard
+    /// of: it is attached after the queue starts.
+    untold: Mutex<Vec<String>>,
     /// The free space new mail must leave (`queue.min_free`, SQLite only).
     reserve: Option<Reserve>,
 }
@@ -449,6 +452,7 @@ impl Queue {
             );
         }
         let (inner, ready_rx) = Inner::new(store, dispatcher, settings, max_rounds, true);
+        *inner.untold.lock().unwrap_or_else(|e| e.into_inner()) = recovered.unknown_ids;
         tokio::spawn(run(inner.clone(), ready_rx));
         tokio::spawn(purge_loop(inner.clone()));
         Ok(Queue { inner })
@@ -508,6 +512,7 @@ impl Inner {
             rounds: Tally::default(),
             stop: tokio_util::sync::CancellationToken::new(),
             observer: OnceLock::new(),
+            untold: Mutex::new(Vec::new()),
             reserve,
         });
         (inner, ready_rx)
@@ -2049,6 +2054,7 @@ async fn run(inner: Arc<Inner>, mut ready: mpsc::Receiver<Pending>) {
         if held_checked.elapsed() >= HELD_INTERVAL {
             held_checked = Instant::now();
             expire_held(&inner).await;
+            tell_unknown(&inner).await;
             // Daemons on one shared store share each relay's rate.
             if let Some(n) = inner.store.nodes() {
                 inner.dispatcher.set_rate_share(n);
@@ -2083,6 +2089,41 @@ async fn run(inner: Arc<Inner>, mut ready: mpsc::Receiver<Pending>) {
         inner.unclaim(&p.message_id);
     }
 }
+
+/// Tells the observer (the audit log, the metrics) of the messages that
+/// recovery, or a takeover of a stopped daemon's leases, made `unknown`,
+/// once it is attached. A message that cannot be read now is told later.
+async fn tell_unknown(inner: &Arc<Inner>) {
+    if inner.observer.get().is_none() {
+        return;
+    }
+    let mut ids = std::mem::take(&mut *inner.untold.lock().unwrap_or_else(|e| e.into_inner()));
+    ids.extend(inner.store.taken_over_unknown());
+    let mut later = Vec::new();
+    for id in ids {
+        match inner.store.get(&id).await {
+            Ok(Some(r)) => {
+                inner.changed(&id, State::Unknown);
+                let mut e = Event::of(Action::Unknown, &r, None);
+                e.reason = e.reason.or(Some(RECOVERED));
+                if let Some(o) = inner.observer.get() {
+                    o.event(&e);
+                }
+            }
+            Ok(None) => {}
+            Err(_) => later.push(id),
+        }
+    }
+    inner
+        .untold
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .extend(later);
+}
+
+/// The audit reason of a message made `unknown` because the daemon that
+/// handed it to a relay stopped before it learnt the outcome.
+const RECOVERED: &str = "recovered";
 
 /// Expires held messages that nobody approved in time.
 async fn expire_held(inner: &Arc<Inner>) {

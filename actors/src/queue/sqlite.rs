@@ -1554,11 +1554,11 @@ fn expire_held(c: &Tx<'_>, now: Millis) -> rusqlite::Result<Vec<String>> {
 
 fn recover(c: &Tx<'_>, now: Millis) -> rusqlite::Result<Recovered> {
     let mut out = Recovered::default();
-    let rows: Vec<(i64, bool)> = c
-        .prepare("SELECT seq, committing FROM messages WHERE state = 'sending'")?
-        .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0)))?
+    let rows: Vec<(i64, bool, String)> = c
+        .prepare("SELECT seq, committing, message_id FROM messages WHERE state = 'sending'")?
+        .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0, r.get(2)?)))?
         .collect::<rusqlite::Result<_>>()?;
-    for (seq, committing) in rows {
+    for (seq, committing, id) in rows {
         if committing {
             c.execute(
                 "UPDATE messages SET state = 'unknown', committing = 0, updated_at = ?2, finished_at = ?2,
@@ -1570,6 +1570,7 @@ fn recover(c: &Tx<'_>, now: Millis) -> rusqlite::Result<Recovered> {
             event(c, seq, State::Unknown, now)?;
             c.moved(Some(State::Sending), State::Unknown, 1);
             out.unknown += 1;
+            out.unknown_ids.push(id);
         } else {
             c.execute(
                 "UPDATE messages SET state = 'queued', updated_at = ?2, next_attempt_at = ?2 WHERE seq = ?1",
