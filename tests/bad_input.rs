@@ -17,7 +17,7 @@ mod reconcile;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{config, relay};
@@ -71,19 +71,6 @@ async fn every_bad_input_is_refused_with_its_field_and_rule() {
     assert_eq!(smtp.commands(support::fault_smtp::Phase::Mail), 0);
 }
 
-/// Counts the panics of every thread from now on (tokio catches a task's
-/// panic, so the daemon would go on and only this hook would see it).
-fn count_panics() -> Arc<AtomicUsize> {
-    let n = Arc::new(AtomicUsize::new(0));
-    let seen = n.clone();
-    let before = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        seen.fetch_add(1, Ordering::SeqCst);
-        before(info);
-    }));
-    n
-}
-
 /// The messages a call was answered with: (Message-ID, status), for
 /// `send_email` and for each item of a batch.
 fn answered(tool: &str, c: &harness::Call) -> Vec<(String, String)> {
@@ -112,7 +99,7 @@ fn answered(tool: &str, c: &harness::Call) -> Vec<(String, String)> {
 /// sent. The seed is printed; `MAILMUX_RANDOM_SEED` replays a run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_arguments_are_answered_and_send_only_what_was_answered() {
-    let panics = count_panics();
+    let panics = random_input::count_panics();
     let seed = random_input::seed();
     eprintln!("random input: MAILMUX_RANDOM_SEED={seed} replays this run");
     let attachments = bad_input::AttachmentsDir::create();

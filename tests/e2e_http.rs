@@ -3,6 +3,8 @@
 //! body-size checks and `/health`.
 
 mod common;
+#[path = "reliability/random_input.rs"]
+mod random_input;
 #[path = "../actors/tests/support/mod.rs"]
 mod support;
 
@@ -218,6 +220,94 @@ async fn guards_token_host_origin_and_body_limit() {
     stop_in_process(stop, task).await;
 }
 
+/// A refusal that leaves the request's body unread (over the body limit,
+/// a wrong token) says `Connection: close` and closes the connection, so a
+/// client that keeps connections opens a new one rather than send its next
+/// request into a closed one; an answered request keeps its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_with_its_body_unread_closes_the_connection_and_says_so() {
+    let smtp = Aiosmtpd::start();
+    let (base, stop, task) = in_process(&smtp, false).await;
+    let port = base.rsplit(':').next().unwrap().to_string();
+    let ping = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+    let request = |token: &str, body: &str| {
+        format!(
+            "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let large = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"ping","params":{{"x":"{}"}}}}"#,
+        "y".repeat(30_000)
+    );
+    let over = " ".repeat(65 * 1024);
+    for (what, raw, status) in [
+        ("over the limit", request(TOKEN, &over), "413"),
+        (
+            "a wrong token",
+            request("wrong-token-0123456789", &large),
+            "401",
+        ),
+    ] {
+        let mut conn = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+            .await
+            .unwrap();
+        // The server may answer and close before the whole body is written.
+        let _ = conn.write_all(raw.as_bytes()).await;
+        let mut answer = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut answer)).await;
+        let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+        assert!(
+            text.starts_with(&format!("http/1.1 {status}")),
+            "{what}: {text}"
+        );
+        assert!(text.contains("connection: close"), "{what}: {text}");
+        assert!(read.is_ok(), "{what}: the connection stayed open");
+    }
+    // Answered: the connection serves the next request.
+    let mut conn = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        conn.write_all(request(TOKEN, ping).as_bytes())
+            .await
+            .unwrap();
+        let mut answer = vec![0u8; 4096];
+        let n = conn.read(&mut answer).await.unwrap();
+        let text = String::from_utf8_lossy(&answer[..n]).to_ascii_lowercase();
+        assert!(text.starts_with("http/1.1 200"), "{text}");
+        assert!(!text.contains("connection: close"), "{text}");
+    }
+    // A client that keeps one connection: refusals and calls in turn.
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .build()
+        .unwrap();
+    let url = format!("{base}/mcp");
+    for i in 0..20 {
+        let r = post(&http, &url)
+            .bearer_auth("wrong-token-0123456789")
+            .body(large.clone())
+            .send()
+            .await;
+        assert_eq!(
+            r.map(|r| r.status().as_u16()).unwrap_or(0),
+            401,
+            "refusal {i}"
+        );
+        let r = post(&http, &url).bearer_auth(TOKEN).body(ping).send().await;
+        assert_eq!(
+            r.map(|r| r.status().as_u16()).unwrap_or(0),
+            200,
+            "call {i} after a refusal"
+        );
+    }
+    stop_in_process(stop, task).await;
+}
+
 /// A JSON body that is not one JSON-RPC message is answered 400 with
 /// JSON-RPC's error and no id: -32700 when it is not JSON, -32600 for a
 /// batch or another shape. A body of another media type is still 415.
@@ -284,6 +374,86 @@ async fn a_body_that_is_not_json_rpc_gets_a_json_rpc_error() {
     assert!(smtp.messages().is_empty(), "nothing is sent");
 
     stop_in_process(stop, task).await;
+}
+
+/// Random bodies (`tests/reliability/random_input.rs`: bytes, JSON-RPC cut
+/// short, arrays, random methods, ids and tool arguments), 1,500 to the
+/// stateless endpoint and 500 to the stateful one, eight at a time: each
+/// gets an answer within 20 s with a status a client can act on (2xx or
+/// 4xx, never 5xx), a JSON answer is JSON, nothing panics, and the daemon
+/// serves calls afterwards. The seed is printed; `MAILMUX_RANDOM_SEED`
+/// replays a run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_request_bodies_get_a_client_error_at_worst() {
+    use rand::{Rng, SeedableRng};
+    let panics = random_input::count_panics();
+    let seed = random_input::seed();
+    eprintln!("random bodies: MAILMUX_RANDOM_SEED={seed} replays this run");
+    let smtp = Aiosmtpd::start();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut problems = Vec::new();
+    let mut statuses = std::collections::BTreeMap::new();
+    for (stateful, n) in [(false, 1500), (true, 500)] {
+        let (base, stop, task) = in_process(&smtp, stateful).await;
+        let url = format!("{base}/mcp");
+        let http = reqwest::Client::new();
+        let bodies: Vec<Vec<u8>> = (0..n).map(|i| random_input::request(&mut rng, i)).collect();
+        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
+        let mut running = tokio::task::JoinSet::new();
+        for (i, body) in bodies.iter().cloned().enumerate() {
+            let permit = gate.clone().acquire_owned().await.unwrap();
+            let request = post(&http, &url).bearer_auth(TOKEN).body(body);
+            let headers = rng.random_range(0..10);
+            let request = match headers {
+                0 => request.header("Content-Type", "text/plain"),
+                1 => request.header("Accept", "text/html"),
+                _ => request,
+            };
+            running.spawn(async move {
+                let answer = tokio::time::timeout(Duration::from_secs(20), async {
+                    let r = request.send().await?;
+                    let status = r.status().as_u16();
+                    let json = r
+                        .headers()
+                        .get("content-type")
+                        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+                    let text = r.text().await?;
+                    Ok::<_, reqwest::Error>((status, json, text))
+                })
+                .await;
+                drop(permit);
+                (i, headers, answer)
+            });
+        }
+        while let Some(done) = running.join_next().await {
+            let (i, headers, answer) = done.unwrap();
+            let body = String::from_utf8_lossy(&bodies[i]);
+            let shown: String = body.chars().take(300).collect();
+            let shown = format!("stateful {stateful}, headers {headers}: {shown}");
+            match answer {
+                Err(_) => problems.push(format!("no answer in 20 s: {shown}")),
+                Ok(Err(e)) => problems.push(format!("{e:?}: {shown}")),
+                Ok(Ok((status, json, text))) => {
+                    *statuses.entry(status).or_insert(0) += 1;
+                    if !(200..500).contains(&status) {
+                        problems.push(format!("{status} {text}: {shown}"));
+                    } else if json && serde_json::from_str::<Value>(&text).is_err() {
+                        problems.push(format!("{status}, not JSON: {text}: {shown}"));
+                    }
+                }
+            }
+        }
+        let (is_error, out) = mcp_call(&url, Some(TOKEN), "get_smtp_status", json!({})).await;
+        assert!(!is_error, "{out}");
+        stop_in_process(stop, task).await;
+    }
+    eprintln!("random bodies: statuses {statuses:?}");
+    assert_eq!(
+        panics.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a thread panicked (seed {seed})"
+    );
+    assert!(problems.is_empty(), "seed {seed}:\n{}", problems.join("\n"));
 }
 
 /// Over HTTP, `notifications/cancelled` cancels a call of its own session

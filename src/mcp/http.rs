@@ -891,6 +891,54 @@ pub async fn serve_metrics(server: &MailmuxServer, bind: SocketAddr) -> Result<(
     Ok(())
 }
 
+/// A request's body that records whether it was read to its end. A
+/// response to a request whose body was left unread (a refusal: a wrong
+/// token, a body over the limit) says `Connection: close`: hyper closes
+/// such a connection rather than read a large body it was not asked for,
+/// and a client told to keep it would fail its next request on it.
+struct Tracked {
+    inner: hyper::body::Incoming,
+    ended: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Tracked {
+    fn wrap(
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> (Request, Arc<std::sync::atomic::AtomicBool>) {
+        use hyper::body::Body as _;
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(
+            req.body().is_end_stream(),
+        ));
+        let flag = ended.clone();
+        let req = req.map(|inner| axum::body::Body::new(Tracked { inner, ended: flag }));
+        (req, ended)
+    }
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.ended.store(true, std::sync::atomic::Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Serves `router` on `listener` until `shutdown`, then waits for the open
 /// connections to finish their requests. Each request carries its peer's
 /// address (`ConnectInfo`). A connection has `http.read_timeout` to finish
@@ -944,10 +992,20 @@ async fn serve_router(
         let router = router.clone();
         let service =
             hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let mut req = req.map(axum::body::Body::new);
+                let (mut req, ended) = Tracked::wrap(req);
                 req.extensions_mut()
                     .insert(axum::extract::ConnectInfo(peer));
-                router.clone().oneshot(req)
+                let answered = router.clone().oneshot(req);
+                async move {
+                    let mut resp = answered.await?;
+                    if !ended.load(std::sync::atomic::Ordering::Acquire) {
+                        resp.headers_mut().insert(
+                            header::CONNECTION,
+                            header::HeaderValue::from_static("close"),
+                        );
+                    }
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
             });
         let watcher = graceful.watcher();
         let builder = builder.clone();

@@ -7,6 +7,9 @@
 // Each test binary that includes this module uses a different subset of it.
 #![allow(dead_code)]
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use rand::Rng;
 use rand::rngs::StdRng;
 use serde_json::{Map, Value, json};
@@ -254,6 +257,107 @@ pub fn send_batch(rng: &mut StdRng, i: usize) -> Value {
         m.insert(key.into(), value(rng, 2));
     }
     Value::Object(m)
+}
+
+/// The tools a random request names; `reload_smtp_configuration` is left
+/// out, since it would replace the test's relays with the configuration's
+/// sources.
+const TOOLS: &[&str] = &[
+    "send_email",
+    "send_batch",
+    "get_smtp_status",
+    "get_message_status",
+    "list_messages",
+    "cancel_message",
+    "test_smtp_connection",
+    "switch_smtp_server",
+    "reconnect_smtp_servers",
+    "no_such_tool",
+];
+
+const METHODS: &[&str] = &[
+    "tools/call",
+    "tools/call",
+    "tools/call",
+    "tools/list",
+    "initialize",
+    "ping",
+    "resources/list",
+    "resources/read",
+    "resources/templates/list",
+    "notifications/cancelled",
+    "notifications/initialized",
+    "tasks/get",
+    "no/such/method",
+];
+
+/// One JSON-RPC message with a random method, id and params.
+fn rpc(rng: &mut StdRng, i: usize) -> Value {
+    let method = METHODS[rng.random_range(0..METHODS.len())];
+    let id = match rng.random_range(0..6) {
+        0 => json!(string(rng)),
+        1 => Value::Null,
+        2 => value(rng, 1),
+        _ => json!(i),
+    };
+    let params = if method == "tools/call" && rng.random_bool(0.9) {
+        let name = TOOLS[rng.random_range(0..TOOLS.len())];
+        let arguments = match name {
+            "send_email" => send_email(rng, i),
+            "send_batch" => send_batch(rng, i),
+            _ => value(rng, 2),
+        };
+        json!({ "name": name, "arguments": arguments })
+    } else {
+        value(rng, 2)
+    };
+    let mut m = json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
+    if rng.random_bool(0.1) {
+        let key = ["jsonrpc", "id", "method", "params"][rng.random_range(0..4)];
+        match rng.random_bool(0.5) {
+            true => m[key] = value(rng, 1),
+            false => {
+                m.as_object_mut().map(|o| o.remove(key));
+            }
+        }
+    }
+    m
+}
+
+/// A random request body (or stdio line): bytes, a JSON-RPC message cut
+/// short (perhaps inside a character), an array of messages, or one
+/// message with a random method, id and params.
+pub fn request(rng: &mut StdRng, i: usize) -> Vec<u8> {
+    match rng.random_range(0..10) {
+        0 => (0..rng.random_range(0..200))
+            .map(|_| rng.random())
+            .collect(),
+        1 => {
+            let mut bytes = rpc(rng, i).to_string().into_bytes();
+            bytes.truncate(rng.random_range(0..=bytes.len()));
+            bytes
+        }
+        2 => {
+            let n = rng.random_range(0..3);
+            Value::Array((0..n).map(|_| rpc(rng, i)).collect())
+                .to_string()
+                .into_bytes()
+        }
+        _ => rpc(rng, i).to_string().into_bytes(),
+    }
+}
+
+/// Counts the panics of every thread from now on (tokio catches a task's
+/// panic, so the daemon would go on and only this hook would see it).
+pub fn count_panics() -> Arc<AtomicUsize> {
+    let n = Arc::new(AtomicUsize::new(0));
+    let seen = n.clone();
+    let before = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        before(info);
+    }));
+    n
 }
 
 /// A seed from `MAILMUX_RANDOM_SEED`, or a new one.
