@@ -2,6 +2,8 @@
 //! SDK (tests/e2e_client.py), and with stdin and stdout as plain files.
 
 mod common;
+#[path = "reliability/random_input.rs"]
+mod random_input;
 
 use std::process::{Command, Stdio};
 
@@ -377,4 +379,71 @@ fn a_line_longer_than_the_body_limit_is_dropped_and_the_next_served() {
         .collect();
     subjects.sort();
     assert_eq!(subjects, ["line 2", "line 4"]);
+}
+
+/// 2,000 random request lines (`tests/reliability/random_input.rs`: bytes,
+/// JSON-RPC cut short, arrays, random methods, ids and tool arguments)
+/// through pipes after the handshake, then a ping: the daemon answers the
+/// ping, writes only JSON lines to stdout, panics nowhere, and exits 0 when
+/// stdin ends. The seed is printed; `MAILMUX_RANDOM_SEED` replays a run.
+#[test]
+fn random_request_lines_over_stdio_leave_the_daemon_serving() {
+    use std::io::{Read, Write};
+
+    use rand::SeedableRng;
+    let seed = random_input::seed();
+    eprintln!("random lines: MAILMUX_RANDOM_SEED={seed} replays this run");
+    let smtp = Aiosmtpd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut input = Vec::new();
+    for line in [INITIALIZE, INITIALIZED] {
+        input.extend_from_slice(line.as_bytes());
+        input.push(b'\n');
+    }
+    for i in 0..2000 {
+        let mut line = random_input::request(&mut rng, i);
+        line.retain(|&b| b != b'\n');
+        input.extend_from_slice(&line);
+        input.push(b'\n');
+    }
+    input.extend_from_slice(br#"{"jsonrpc":"2.0","id":"last","method":"ping"}"#);
+    input.push(b'\n');
+    let mut cmd = Command::new(BIN);
+    seed_env(&mut cmd, smtp.port);
+    let mut child = cmd
+        .arg("serve")
+        .current_dir(dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("err.log")).unwrap())
+        .spawn()
+        .expect("mailmux runs");
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    writer.join().unwrap();
+    let status = child.wait().unwrap();
+    let logs = std::fs::read_to_string(dir.path().join("err.log")).unwrap();
+    assert!(status.success(), "exit {status:?} (seed {seed})");
+    assert!(!logs.contains("panicked"), "seed {seed}: {logs}");
+    let mut last = None;
+    for line in out.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("seed {seed}: not JSON on stdout: {e}: {line:?}"));
+        if v["id"] == "last" {
+            last = Some(v);
+        }
+    }
+    eprintln!("random lines: {} answers", out.lines().count());
+    let last = last.unwrap_or_else(|| panic!("seed {seed}: the ping was not answered"));
+    assert_eq!(last["result"], json!({}), "{last}");
 }
