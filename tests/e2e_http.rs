@@ -378,7 +378,8 @@ async fn a_body_that_is_not_json_rpc_gets_a_json_rpc_error() {
 
 /// Random bodies (`tests/reliability/random_input.rs`: bytes, JSON-RPC cut
 /// short, arrays, random methods, ids and tool arguments), 1,500 to the
-/// stateless endpoint and 500 to the stateful one, eight at a time: each
+/// stateless endpoint and 1,000 to the stateful one (most of them in one
+/// initialized session), eight at a time: each
 /// gets an answer within 20 s with a status a client can act on (2xx or
 /// 4xx, never 5xx), a JSON answer is JSON, nothing panics, and the daemon
 /// serves calls afterwards. The seed is printed; `MAILMUX_RANDOM_SEED`
@@ -393,16 +394,44 @@ async fn random_request_bodies_get_a_client_error_at_worst() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut problems = Vec::new();
     let mut statuses = std::collections::BTreeMap::new();
-    for (stateful, n) in [(false, 1500), (true, 500)] {
+    for (stateful, n) in [(false, 1500), (true, 1000)] {
         let (base, stop, task) = in_process(&smtp, stateful).await;
         let url = format!("{base}/mcp");
         let http = reqwest::Client::new();
+        // In stateful mode most requests go to one initialized session.
+        let session = match stateful {
+            false => None,
+            true => {
+                let r = post(&http, &url)
+                    .bearer_auth(TOKEN)
+                    .body(init_body().to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                let id = r.headers()["mcp-session-id"].to_str().unwrap().to_owned();
+                r.text().await.unwrap();
+                let r = post(&http, &url)
+                    .bearer_auth(TOKEN)
+                    .header("Mcp-Session-Id", &id)
+                    .body(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 202);
+                Some(id)
+            }
+        };
         let bodies: Vec<Vec<u8>> = (0..n).map(|i| random_input::request(&mut rng, i)).collect();
         let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
         let mut running = tokio::task::JoinSet::new();
         for (i, body) in bodies.iter().cloned().enumerate() {
             let permit = gate.clone().acquire_owned().await.unwrap();
-            let request = post(&http, &url).bearer_auth(TOKEN).body(body);
+            let mut request = post(&http, &url).bearer_auth(TOKEN).body(body);
+            if let Some(id) = &session
+                && rng.random_bool(0.8)
+            {
+                request = request.header("Mcp-Session-Id", id);
+            }
             let headers = rng.random_range(0..10);
             let request = match headers {
                 0 => request.header("Content-Type", "text/plain"),
