@@ -1505,3 +1505,228 @@ fn tls_keys_are_a_pair_read_and_checked_at_load() {
         key.display().to_string().as_str()
     );
 }
+
+/// The default configuration file with random values in place of some of
+/// its own, random secrets (tokens, passwords, a PostgreSQL URL with its
+/// password) and random relays, and random `SMTP_*` and `MAILMUX_*`
+/// variables, 3,000 times from a printed seed (`MAILMUX_RANDOM_SEED`
+/// replays it). Loading never panics; a refusal names a key and says what
+/// is wrong; neither a refusal nor a loaded configuration's `Debug` shows a
+/// secret, whatever its form.
+#[test]
+fn random_configurations_load_or_are_refused_without_a_panic_or_a_secret() {
+    use rand::{Rng, SeedableRng};
+    const SECRET: &str = "SECRET-MARKER-7d1c";
+    let seed = std::env::var("MAILMUX_RANDOM_SEED")
+        .map(|s| s.parse().expect("MAILMUX_RANDOM_SEED is a number"))
+        .unwrap_or_else(|_| rand::rng().random());
+    eprintln!("random configurations: MAILMUX_RANDOM_SEED={seed} replays this run");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let default =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"))
+            .unwrap();
+    let values = [
+        "0",
+        "-1",
+        "1",
+        "2",
+        "65535",
+        "65536",
+        "9223372036854775807",
+        "1.5",
+        "true",
+        "false",
+        "\"0s\"",
+        "\"1ns\"",
+        "\"5m\"",
+        "\"999999999999999999999d\"",
+        "\"18446744073709551615s\"",
+        "\"-5s\"",
+        "\"5x\"",
+        "\"\"",
+        "\"*\"",
+        "\"\\u0000\"",
+        "\"a\\r\\nb\"",
+        "[]",
+        "[\"a\", 1]",
+        "{ a = 1 }",
+        "\"127.0.0.1:0\"",
+        "\"[::1]:8025\"",
+        "\"300.0.0.1:1\"",
+        "\"/dev/null\"",
+        "\"/nonexistent/dir/q.db\"",
+        "\"30/min\"",
+        "[\"0/min\"]",
+        "[\"1000000000000/ns\"]",
+        "[\"recipients: 1/day\", \"30/min\"]",
+        "\"round_robin\"",
+        "\"nope\"",
+        "\"memory\"",
+        "\"postgres\"",
+        "\"@example.org\"",
+        "[\"@*.\", \"\"]",
+        "\"starttls\"",
+        "\"implicit\"",
+        "\"xoauth2\"",
+        "\"ZoË\"",
+    ];
+    // A secret in every form a file can give it.
+    let secrets: Vec<String> = [
+        format!("\"{SECRET}\""),
+        format!("\"{SECRET}\\r\\n\""),
+        format!("\"short{}\"", &SECRET[..4]),
+        format!("[\"{SECRET}\"]"),
+        format!("{{ x = \"{SECRET}\" }}"),
+        format!("\"postgres://u:{SECRET}@127.0.0.1:1/db\""),
+        format!("\"postgres://u:{SECRET}@[bad/db?sslmode=nope\""),
+        format!("\"{SECRET}:{SECRET}@\""),
+    ]
+    .into();
+    let relay_keys = [
+        "name",
+        "host",
+        "port",
+        "tls",
+        "username",
+        "priority",
+        "weight",
+        "from_email",
+        "timeout",
+        "max_connections",
+        "auth",
+        "rate",
+        "kind",
+        "path",
+    ];
+    let env_keys = [
+        "SMTP_HOST",
+        "SMTP_PORT",
+        "SMTP_USERNAME",
+        "SMTP_USE_TLS",
+        "SMTP_FROM_EMAIL",
+        "SMTP_HOST_1",
+        "SMTP_PORT_1",
+        "SMTP_PRIORITY_1",
+        "SMTP_NAME_1",
+        "SMTP_MAX_RETRIES",
+        "MAILMUX_QUEUE__MAX_AGE",
+        "MAILMUX_HTTP__BIND",
+        "MAILMUX_RELAYS__0__PORT",
+        "MAILMUX_POLICY__RATE",
+        "MAILMUX_QUEUE__STORE",
+        "MAILMUX_NO_SUCH_KEY",
+    ];
+    let secret_env_keys = [
+        "SMTP_PASSWORD",
+        "SMTP_PASSWORD_2",
+        "MAILMUX_HTTP__TOKEN",
+        "MAILMUX_QUEUE__URL",
+        "DATABASE_URL",
+        "MAILMUX_RELAYS__0__PASSWORD",
+    ];
+    let env_values = [
+        "",
+        "0",
+        "25",
+        "99999",
+        "127.0.0.1",
+        "true",
+        "yes",
+        "1h",
+        "-1",
+        "[1]",
+        "a\nb",
+    ];
+    let secret_env = [
+        SECRET.to_string(),
+        format!("{SECRET}\n"),
+        format!("postgres://u:{SECRET}@127.0.0.1:1/db"),
+        format!("postgres://u:{SECRET}@[bad"),
+        format!("[{SECRET}]"),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let (mut loaded, mut refused) = (0, 0);
+    let mut problems = Vec::new();
+    for i in 0..3000 {
+        let mut file = String::new();
+        for line in default.lines() {
+            let key = line.split('=').next().unwrap_or("").trim();
+            let is_key = line.contains('=') && !line.trim_start().starts_with('#');
+            if is_key && rng.random_bool(0.08) {
+                let v = values[rng.random_range(0..values.len())];
+                file.push_str(&format!("{key} = {v}\n"));
+            } else {
+                file.push_str(line);
+                file.push('\n');
+            }
+            let table = line.split('#').next().unwrap_or("").trim();
+            let secret_key = match table {
+                "[http]" | "[metrics]" => Some("token"),
+                "[queue]" => Some("url"),
+                _ => None,
+            };
+            if let Some(k) = secret_key
+                && rng.random_bool(0.3)
+            {
+                let v = &secrets[rng.random_range(0..secrets.len())];
+                file.push_str(&format!("{k} = {v}\n"));
+            }
+        }
+        for _ in 0..rng.random_range(0..3) {
+            file.push_str("\n[[relays]]\n");
+            for key in relay_keys {
+                if rng.random_bool(0.4) {
+                    let v = values[rng.random_range(0..values.len())];
+                    file.push_str(&format!("{key} = {v}\n"));
+                }
+            }
+            if rng.random_bool(0.6) {
+                let v = &secrets[rng.random_range(0..secrets.len())];
+                file.push_str(&format!("password = {v}\n"));
+            }
+        }
+        let path = dir.path().join(format!("random-{i}.toml"));
+        std::fs::write(&path, &file).unwrap();
+        let mut pairs: Vec<(&str, &str)> = Vec::new();
+        for _ in 0..rng.random_range(0..4) {
+            match rng.random_bool(0.7) {
+                true => pairs.push((
+                    env_keys[rng.random_range(0..env_keys.len())],
+                    env_values[rng.random_range(0..env_values.len())],
+                )),
+                false => pairs.push((
+                    secret_env_keys[rng.random_range(0..secret_env_keys.len())],
+                    &secret_env[rng.random_range(0..secret_env.len())],
+                )),
+            }
+        }
+        let file_arg = rng.random_bool(0.9).then_some(path.as_path());
+        let result = std::panic::catch_unwind(|| load(file_arg, &pairs));
+        match result {
+            Err(_) => problems.push(format!("{i}: panicked on\n{file}\nwith {pairs:?}")),
+            Ok(Ok(c)) => {
+                loaded += 1;
+                if format!("{c:?}").contains(SECRET) {
+                    problems.push(format!("{i}: the configuration shows a secret"));
+                }
+            }
+            Ok(Err(e)) => {
+                refused += 1;
+                let text = e.to_string();
+                if text.contains(SECRET) {
+                    problems.push(format!("{i}: the error shows a secret: {text}"));
+                }
+                if e.message.is_empty() || e.key.is_empty() {
+                    problems.push(format!("{i}: an error that says nothing: {text}"));
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    eprintln!("random configurations: {loaded} loaded, {refused} refused");
+    assert!(problems.is_empty(), "seed {seed}:\n{}", problems.join("\n"));
+    assert!(
+        loaded > 50 && refused > 50,
+        "{loaded} loaded, {refused} refused"
+    );
+}
