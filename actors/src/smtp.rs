@@ -159,6 +159,37 @@ async fn bounded<T>(
     }
 }
 
+/// `reply` as `phase` must have it. lettre takes any 2xx or 3xx reply as
+/// a success; MAIL, RCPT and the end of the data need a 2xx, DATA a 354.
+/// Any other means the server and mailmux no longer agree on where the
+/// session is: the connection is dropped, and a message the server was
+/// sent (after the final ".") may have been taken, so it is unknown.
+fn in_step(
+    phase: Phase,
+    reply: Result<lettre::transport::smtp::response::Response, Failure>,
+) -> Result<lettre::transport::smtp::response::Response, Failure> {
+    let resp = reply?;
+    let code = u16::from(resp.code());
+    let (fits, due) = match phase {
+        Phase::Data => (code == 354, "354"),
+        _ => (code / 100 == 2, "2xx"),
+    };
+    if fits {
+        return Ok(resp);
+    }
+    let text = resp.message().collect::<Vec<_>>().join(" ");
+    let class = match phase {
+        Phase::AfterDot => FailureClass::Unknown,
+        _ => FailureClass::RelayFault,
+    };
+    Err(Failure {
+        class,
+        detail: format!("{phase} replied {code} {text}, where a {due} reply was due"),
+        reply: Some(Reply { code, text }),
+        lost: true,
+    })
+}
+
 /// An open, greeted, authenticated SMTP connection.
 pub(crate) struct Conn {
     /// Boxed: lettre's connection is over a kilobyte, and a delivery task
@@ -558,6 +589,7 @@ async fn transact_inner(
         )
         .await
     };
+    let sent = in_step(Phase::Mail, sent);
     // The first refusal that fails the whole message.
     let mut refusal = match sent {
         Ok(_) => None,
@@ -573,6 +605,7 @@ async fn transact_inner(
         } else {
             bounded(Phase::Rcpt, t.command, deadline, conn.inner.command(cmd)).await
         };
+        let reply = in_step(Phase::Rcpt, reply);
         match reply {
             Err(f) if f.lost => return Err(lost_after(refusal, f)),
             // Replies to commands sent after a refusal change nothing.
@@ -602,6 +635,7 @@ async fn transact_inner(
     } else {
         bounded(Phase::Data, t.command, deadline, conn.inner.command(Data)).await
     };
+    let data = in_step(Phase::Data, data);
     match (data, refusal) {
         (Ok(_), None) => {}
         // The server said 354 although the message cannot go: it now reads
@@ -649,7 +683,7 @@ async fn transact_inner(
             bounded(Phase::AfterDot, t.data, deadline, content).await
         }
     };
-    match sent {
+    match in_step(Phase::AfterDot, sent) {
         Ok(resp) => {
             conn.sent += 1;
             Ok(Delivered {

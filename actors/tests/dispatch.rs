@@ -526,6 +526,89 @@ async fn connection_lost_after_the_dot_is_unknown_and_never_resent() {
     );
 }
 
+/// A 3xx reply after the final "." is no acceptance (lettre takes it for a
+/// success): the message may have been taken, so it is unknown, never sent
+/// again, and the connection is dropped.
+#[tokio::test]
+async fn an_intermediate_reply_after_the_dot_is_unknown_not_sent() {
+    let (a, b, d) = pair(
+        Script::ok().on_share(
+            Phase::AfterDot,
+            Action::reply(334, "what now"),
+            support::fault_smtp::Share::FirstN(1),
+        ),
+        Script::ok(),
+    )
+    .await;
+    let m = mail();
+    let id = m.message_id.clone();
+    let r = d.send(m).await;
+    assert_eq!(r.status, Status::Unknown, "{r:?}");
+    assert_eq!(r.attempts[0].class, Some(FailureClass::Unknown));
+    assert_eq!(r.attempts[0].reply.as_ref().map(|r| r.code), Some(334));
+    assert_eq!(seen(&a, &id), 1);
+    assert!(b.received().is_empty(), "never resent");
+    // The connection was dropped: the next message goes out on a new one.
+    let m = mail();
+    let next = m.message_id.clone();
+    let r = d.send(m).await;
+    assert_eq!(r.status, Status::Sent, "{r:?}");
+    assert_eq!(copies(&a, &next) + copies(&b, &next), 1);
+    // Had the first server taken it, it would be on a connection of its own.
+    assert_eq!(a.connections(), 1 + copies(&a, &next) as u64);
+}
+
+/// DATA answered with anything but 354 (a 2xx, or another 3xx) leaves the
+/// server out of data mode: no content is written, the connection is
+/// dropped, and the message fails over, once.
+#[tokio::test]
+async fn data_answered_without_354_sends_no_content_and_fails_over() {
+    for code in [250, 334] {
+        let (a, b, d) = pair(
+            Script::ok().on(Phase::Data, Action::reply(code, "not now")),
+            Script::ok(),
+        )
+        .await;
+        let m = mail();
+        let id = m.message_id.clone();
+        let r = d.send(m).await;
+        assert_eq!(r.status, Status::Sent, "{code}: {r:?}");
+        assert_eq!(
+            r.attempts[0].class,
+            Some(FailureClass::RelayFault),
+            "{code}"
+        );
+        assert_eq!(seen(&a, &id), 0, "{code}: content reached the server");
+        assert_eq!(copies(&b, &id), 1, "{code}");
+        // The first server read no message line as a command.
+        assert_eq!(a.verb_count("SUBJECT:"), 0, "{code}");
+    }
+}
+
+/// MAIL or RCPT answered with a 3xx: the session is out of step, so the
+/// message goes to the next relay, once, before any content is written.
+#[tokio::test]
+async fn mail_or_rcpt_answered_with_3xx_fails_over_before_any_content() {
+    for phase in [Phase::Mail, Phase::Rcpt] {
+        let (a, b, d) = pair(
+            Script::ok().on(phase, Action::reply(354, "go ahead")),
+            Script::ok(),
+        )
+        .await;
+        let m = mail();
+        let id = m.message_id.clone();
+        let r = d.send(m).await;
+        assert_eq!(r.status, Status::Sent, "{phase:?}: {r:?}");
+        assert_eq!(
+            r.attempts[0].class,
+            Some(FailureClass::RelayFault),
+            "{phase:?}"
+        );
+        assert_eq!(seen(&a, &id), 0, "{phase:?}");
+        assert_eq!(copies(&b, &id), 1, "{phase:?}");
+    }
+}
+
 #[tokio::test]
 async fn no_reply_after_the_dot_is_unknown_within_the_data_timeout() {
     let a = FaultSmtp::start(Script::ok().on(Phase::AfterDot, Action::Hang)).await;
