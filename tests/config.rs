@@ -3,6 +3,8 @@
 //! The environment is passed explicitly (`load_from`), so these tests never
 //! touch the process environment and run in parallel safely.
 
+#[path = "reliability/random_input.rs"]
+mod random_input;
 #[path = "../actors/tests/support/tls.rs"]
 #[allow(dead_code)]
 mod tls;
@@ -1517,9 +1519,7 @@ fn tls_keys_are_a_pair_read_and_checked_at_load() {
 fn random_configurations_load_or_are_refused_without_a_panic_or_a_secret() {
     use rand::{Rng, SeedableRng};
     const SECRET: &str = "SECRET-MARKER-7d1c";
-    let seed = std::env::var("MAILMUX_RANDOM_SEED")
-        .map(|s| s.parse().expect("MAILMUX_RANDOM_SEED is a number"))
-        .unwrap_or_else(|_| rand::rng().random());
+    let seed = random_input::seed();
     eprintln!("random configurations: MAILMUX_RANDOM_SEED={seed} replays this run");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let default =

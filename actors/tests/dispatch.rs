@@ -558,54 +558,38 @@ async fn an_intermediate_reply_after_the_dot_is_unknown_not_sent() {
     assert_eq!(a.connections(), 1 + copies(&a, &next) as u64);
 }
 
-/// DATA answered with anything but 354 (a 2xx, or another 3xx) leaves the
-/// server out of data mode: no content is written, the connection is
-/// dropped, and the message fails over, once.
+/// A reply that does not fit its command: DATA answered with anything but
+/// 354 (a 2xx, or another 3xx) leaves the server out of data mode, and MAIL
+/// or RCPT answered with a 3xx puts the session out of step. No content is
+/// written, the connection is dropped, and the message fails over, once.
 #[tokio::test]
-async fn data_answered_without_354_sends_no_content_and_fails_over() {
-    for code in [250, 334] {
+async fn a_reply_that_does_not_fit_its_command_fails_over_before_any_content() {
+    let cases = [
+        (Phase::Data, 250, "not now"),
+        (Phase::Data, 334, "not now"),
+        (Phase::Mail, 354, "go ahead"),
+        (Phase::Rcpt, 354, "go ahead"),
+    ];
+    for (phase, code, text) in cases {
         let (a, b, d) = pair(
-            Script::ok().on(Phase::Data, Action::reply(code, "not now")),
+            Script::ok().on(phase, Action::reply(code, text)),
             Script::ok(),
         )
         .await;
         let m = mail();
         let id = m.message_id.clone();
         let r = d.send(m).await;
-        assert_eq!(r.status, Status::Sent, "{code}: {r:?}");
+        let case = format!("{phase:?} {code}");
+        assert_eq!(r.status, Status::Sent, "{case}: {r:?}");
         assert_eq!(
             r.attempts[0].class,
             Some(FailureClass::RelayFault),
-            "{code}"
+            "{case}"
         );
-        assert_eq!(seen(&a, &id), 0, "{code}: content reached the server");
-        assert_eq!(copies(&b, &id), 1, "{code}");
+        assert_eq!(seen(&a, &id), 0, "{case}: content reached the server");
+        assert_eq!(copies(&b, &id), 1, "{case}");
         // The first server read no message line as a command.
-        assert_eq!(a.verb_count("SUBJECT:"), 0, "{code}");
-    }
-}
-
-/// MAIL or RCPT answered with a 3xx: the session is out of step, so the
-/// message goes to the next relay, once, before any content is written.
-#[tokio::test]
-async fn mail_or_rcpt_answered_with_3xx_fails_over_before_any_content() {
-    for phase in [Phase::Mail, Phase::Rcpt] {
-        let (a, b, d) = pair(
-            Script::ok().on(phase, Action::reply(354, "go ahead")),
-            Script::ok(),
-        )
-        .await;
-        let m = mail();
-        let id = m.message_id.clone();
-        let r = d.send(m).await;
-        assert_eq!(r.status, Status::Sent, "{phase:?}: {r:?}");
-        assert_eq!(
-            r.attempts[0].class,
-            Some(FailureClass::RelayFault),
-            "{phase:?}"
-        );
-        assert_eq!(seen(&a, &id), 0, "{phase:?}");
-        assert_eq!(copies(&b, &id), 1, "{phase:?}");
+        assert_eq!(a.verb_count("SUBJECT:"), 0, "{case}");
     }
 }
 

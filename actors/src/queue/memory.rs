@@ -503,8 +503,7 @@ impl Store for MemoryStore {
                 mem.enter(&id, State::Unknown, None, now)?;
                 let (_, row) = mem.row(&id)?;
                 row.committing = false;
-                out.unknown += 1;
-                out.unknown_ids.push(id);
+                out.unknown.push(id);
             } else {
                 mem.enter(&id, State::Queued, Some(now), now)?;
                 out.requeued += 1;

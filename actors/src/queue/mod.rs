@@ -563,10 +563,9 @@ pub async fn purge(
 pub struct Recovered {
     /// Left in `sending` before the commit mark: queued again.
     pub requeued: u64,
-    /// Marked as committing: may have been delivered, now `unknown`.
-    pub unknown: u64,
-    /// The Message-IDs of those made `unknown`, for the observers.
-    pub unknown_ids: Vec<String>,
+    /// Marked as committing: may have been delivered, now `unknown`. Their
+    /// Message-IDs, for the observers.
+    pub unknown: Vec<String>,
 }
 
 /// Why the store could not do what was asked.

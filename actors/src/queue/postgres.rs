@@ -1013,8 +1013,7 @@ impl PgStore {
                 "took over a message whose daemon's lease ran out"
             );
             if unknown {
-                out.unknown += 1;
-                out.unknown_ids.push(id);
+                out.unknown.push(id);
             } else {
                 out.requeued += 1;
             }
@@ -1023,7 +1022,7 @@ impl PgStore {
             self.untold
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .extend(out.unknown_ids.iter().cloned());
+                .extend(out.unknown.iter().cloned());
         }
         Ok(out)
     }

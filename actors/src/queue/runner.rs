@@ -438,10 +438,10 @@ impl Queue {
         max_rounds: usize,
     ) -> Result<Queue, StoreError> {
         let recovered = store.recover().await?;
-        if recovered.requeued + recovered.unknown > 0 {
+        if recovered.requeued > 0 || !recovered.unknown.is_empty() {
             tracing::warn!(
                 requeued = recovered.requeued,
-                unknown = recovered.unknown,
+                unknown = recovered.unknown.len(),
                 "recovered the queue: messages interrupted before their final \".\" are queued again; those interrupted after it are unknown and not resent"
             );
         }
@@ -452,7 +452,7 @@ impl Queue {
             );
         }
         let (inner, ready_rx) = Inner::new(store, dispatcher, settings, max_rounds, true);
-        *inner.untold.lock().unwrap_or_else(|e| e.into_inner()) = recovered.unknown_ids;
+        *inner.untold.lock().unwrap_or_else(|e| e.into_inner()) = recovered.unknown;
         tokio::spawn(run(inner.clone(), ready_rx));
         tokio::spawn(purge_loop(inner.clone()));
         Ok(Queue { inner })

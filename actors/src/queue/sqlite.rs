@@ -327,20 +327,12 @@ impl SqliteStore {
             // is: it holds every queued message's bytes. SQLite gives its
             // log and shared-memory files the database file's mode. An
             // existing file keeps the mode its operator gave it.
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(path)
-                .map_err(|e| match e.kind() {
-                    std::io::ErrorKind::ReadOnlyFilesystem
-                    | std::io::ErrorKind::PermissionDenied => {
-                        named(&format!("the file or its file system is read-only ({e})"))
-                    }
-                    _ => named(&e),
-                })?;
+            let file = open_private(path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied => {
+                    named(&format!("the file or its file system is read-only ({e})"))
+                }
+                _ => named(&e),
+            })?;
             match DaemonLock::take(file) {
                 Ok(Some(lock)) => Some(lock),
                 Ok(None) => return Err(StoreError::Locked { path: shown }),
@@ -606,14 +598,7 @@ pub fn restore(copy: &Path, path: &Path) -> Result<Restored, String> {
     let io = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
     // The staged file's lock keeps two restores of one store apart; it is
     // held until the file is renamed over `path` or removed.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&staged)
-        .map_err(|e| io(&staged, e))?;
+    let file = open_private(&staged).map_err(|e| io(&staged, e))?;
     let running = || {
         format!(
             "{}: another restore of this store is running",
@@ -655,6 +640,18 @@ pub fn restore(copy: &Path, path: &Path) -> Result<Restored, String> {
     drop(new);
     let (copy, replaced) = done?;
     Ok(Restored { copy, replaced })
+}
+
+/// Opens `path` to read and write, creating it readable by its owner only;
+/// an existing file keeps its mode and its contents.
+fn open_private(path: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
 }
 
 /// Opens and locks the store at `path` that a restore replaces, as a daemon
@@ -1569,8 +1566,7 @@ fn recover(c: &Tx<'_>, now: Millis) -> rusqlite::Result<Recovered> {
             )?;
             event(c, seq, State::Unknown, now)?;
             c.moved(Some(State::Sending), State::Unknown, 1);
-            out.unknown += 1;
-            out.unknown_ids.push(id);
+            out.unknown.push(id);
         } else {
             c.execute(
                 "UPDATE messages SET state = 'queued', updated_at = ?2, next_attempt_at = ?2 WHERE seq = ?1",
