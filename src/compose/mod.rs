@@ -7,6 +7,7 @@
 
 mod address;
 mod attach;
+mod header;
 mod qp;
 mod template;
 #[cfg(test)]
@@ -391,18 +392,18 @@ pub fn compose_with(
     let envelope = Envelope::new(Some(from.email.clone()), recipients.envelope())
         .map_err(|_| ComposeError::new("to", "no_recipients", "no recipient for the envelope"))?;
 
-    let mut builder = Message::builder().from(from.clone());
-    if let Some(reply_to) = &reply_to {
-        builder = builder.reply_to(reply_to.clone());
-    }
-    for mailbox in &recipients.to {
-        builder = builder.to(mailbox.clone());
-    }
-    for mailbox in &recipients.cc {
-        builder = builder.cc(mailbox.clone());
+    // The fields a caller writes, encoded by `header` rather than by lettre.
+    let mut builder = Message::builder();
+    for field in header::fields(
+        &rendered.subject,
+        &from,
+        reply_to.as_ref(),
+        &recipients.to,
+        &recipients.cc,
+    ) {
+        builder = builder.raw_header(field);
     }
     builder = builder
-        .subject(rendered.subject.clone())
         .date(
             draft
                 .send_at
@@ -634,7 +635,14 @@ fn attachment_part(a: &attach::Loaded) -> SinglePart {
         // Base64 accepts any bytes; lettre hands the input back only for 7bit/8bit.
         Err(data) => Body::new(data),
     };
-    Attachment::new(a.filename.clone()).body(body, a.content_type.clone())
+    if header::plain_filename(&a.filename) {
+        Attachment::new(a.filename.clone()).body(body, a.content_type.clone())
+    } else {
+        SinglePart::builder()
+            .header(header::Disposition::attachment(&a.filename))
+            .header(a.content_type.clone())
+            .body(body)
+    }
 }
 
 fn body_part(html: bool, rendered: &Rendered) -> BodyPart {

@@ -209,15 +209,10 @@ fn quoted_display_name_with_comma() {
         &policy(),
     );
     assert_eq!(addresses(&c), ["jane@x.org", "rick@x.org"]);
-    // lettre writes a name with a comma as an encoded word.
-    let to = header(&c, "To").expect("to");
+    // An ASCII name with a comma is a quoted string.
     assert_eq!(
-        to,
-        format!(
-            "=?utf-8?b?{}?= <jane@x.org>, =?utf-8?b?{}?= <rick@x.org>",
-            STANDARD.encode("Doe, Jane"),
-            STANDARD.encode("Roe, Rick")
-        )
+        header(&c, "To").as_deref(),
+        Some(r#""Doe, Jane" <jane@x.org>, "Roe, Rick" <rick@x.org>"#)
     );
 }
 
@@ -541,7 +536,7 @@ fn threading_headers() {
     let c = ok(&d, &policy());
     assert_eq!(
         header(&c, "Reply-To").as_deref(),
-        Some("\"Help Desk\" <help@example.org>")
+        Some("Help Desk <help@example.org>")
     );
     assert_eq!(
         header(&c, "In-Reply-To").as_deref(),
