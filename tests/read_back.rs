@@ -1,0 +1,459 @@
+//! What the agent asked for is what the recipient reads. Random valid
+//! messages (non-ASCII subjects and names, quoted names, dot lines, long
+//! lines, every line ending, NUL, attachments of random bytes with awkward
+//! names, template values) go through `send_email` to aiosmtpd, and each is
+//! read back with Python's email package, as a mail client would read it.
+//! Every field must come back as sent, and the parser must note no defect.
+//!
+//! `MAILMUX_RANDOM_SEED` replays a run; the seed is printed.
+
+mod common;
+#[path = "reliability/random_input.rs"]
+mod random_input;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use base64::Engine;
+use common::{Aiosmtpd, InProcess, config, relay};
+use mailmux::config::Sources;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rmcp::model::CallToolRequestParams;
+use serde_json::{Map, Value, json};
+
+/// Pieces of text: ASCII with the characters headers and encodings treat
+/// specially, and non-ASCII of every width.
+const TEXT: &[&str] = &[
+    "hello",
+    "Re:",
+    "a",
+    " ",
+    "  ",
+    "\t",
+    "=",
+    "=3D",
+    "?",
+    "_",
+    "\"",
+    "\\",
+    "(x)",
+    "<b>",
+    "&amp;",
+    ";",
+    ",",
+    ":",
+    "@",
+    ".",
+    "é",
+    "Zoë",
+    "ß",
+    "日本語",
+    "件名",
+    "😀",
+    "👍🏽",
+    "\u{a0}",
+    "\u{200d}",
+    "Ωμέγα",
+    "عربى",
+    "=?utf-8?q?not_a_word?=",
+    "=?",
+    "?=",
+];
+
+/// Display names, written as the caller would: bare or quoted.
+const NAMES: &[(&str, &str)] = &[
+    ("Ada Lovelace", "Ada Lovelace"),
+    ("Zoë Ünal", "Zoë Ünal"),
+    ("日本 太郎", "日本 太郎"),
+    ("\"Lovelace, Ada\"", "Lovelace, Ada"),
+    ("\"O'Brien (work)\"", "O'Brien (work)"),
+    ("\"say \\\"hi\\\"\"", "say \"hi\""),
+    ("😀 Smile", "😀 Smile"),
+    ("\"Ünal; Zoë\"", "Ünal; Zoë"),
+];
+
+/// Attachment file names.
+const FILENAMES: &[&str] = &[
+    "report.pdf",
+    "notes.txt",
+    "naïve résumé.txt",
+    "日本語のファイル.csv",
+    "a b  c.bin",
+    "quote\"d.txt",
+    "semi;colon.txt",
+    "equals=sign.txt",
+    "😀.png",
+    "no-extension",
+];
+
+fn text(rng: &mut StdRng, pieces: std::ops::Range<usize>) -> String {
+    (0..rng.random_range(pieces))
+        .map(|_| TEXT[rng.random_range(0..TEXT.len())])
+        .collect()
+}
+
+/// A body line: text, or one of the lines SMTP and the encoders treat
+/// specially.
+fn line(rng: &mut StdRng) -> String {
+    match rng.random_range(0..12) {
+        0 => ".".into(),
+        1 => "..".into(),
+        2 => format!(".{}", text(rng, 2..3)),
+        3 => "From the start".into(),
+        4 => "x".repeat(rng.random_range(990..2100)),
+        5 => "ü".repeat(rng.random_range(300..1200)),
+        6 => format!("{}   ", text(rng, 2..3)),
+        7 => String::new(),
+        8 => "a\0b".into(),
+        _ => text(rng, 1..12),
+    }
+}
+
+/// A body of random lines with random line endings, and what a reader gets
+/// from it (every line ending as LF).
+fn body(rng: &mut StdRng) -> (String, String) {
+    let mut sent = String::new();
+    let mut read = String::new();
+    for _ in 0..rng.random_range(0..8) {
+        let l = line(rng);
+        sent.push_str(&l);
+        read.push_str(&l);
+        // A CR then an empty line's LF would be one CRLF.
+        let ending = if sent.ends_with('\r') && l.is_empty() {
+            "\r\n"
+        } else {
+            ["\n", "\r\n", "\r"][rng.random_range(0..3)]
+        };
+        sent.push_str(ending);
+        read.push('\n');
+    }
+    if rng.random_bool(0.5) {
+        let l = text(rng, 3..4);
+        sent.push_str(&l);
+        read.push_str(&l);
+    }
+    (sent, read)
+}
+
+/// Random bytes, often text-like.
+fn bytes(rng: &mut StdRng) -> Vec<u8> {
+    let n = rng.random_range(0..3000);
+    if rng.random_bool(0.5) {
+        (0..n).map(|_| rng.random()).collect()
+    } else {
+        (0..n)
+            .map(|_| b"ab \r\n.=\t"[rng.random_range(0..8)])
+            .collect()
+    }
+}
+
+/// One random valid message: the arguments, and what a reader must see.
+fn message(rng: &mut StdRng, i: usize) -> (Value, Value) {
+    let mut args = Map::new();
+    let mut want = Map::new();
+
+    let mailboxes = |rng: &mut StdRng, field: &str, n: usize| {
+        let mut list = Vec::new();
+        let mut read = Vec::new();
+        for k in 0..n {
+            let addr = format!("{field}{i}-{k}@example.org");
+            if rng.random_bool(0.3) {
+                let (written, name) = NAMES[rng.random_range(0..NAMES.len())];
+                list.push(json!(format!("{written} <{addr}>")));
+                read.push(json!([name, addr]));
+            } else if rng.random_bool(0.5) {
+                // Words of any text as a quoted string.
+                let name = (0..rng.random_range(1..6))
+                    .map(|_| {
+                        let word = loop {
+                            let piece = TEXT[rng.random_range(0..TEXT.len())];
+                            if !piece.trim().is_empty() {
+                                break piece;
+                            }
+                        };
+                        // Never two pieces without a space between: a run
+                        // longer than one encoded word is split inside it,
+                        // which RFC 2047 readers join again but Python's
+                        // parser shows with a space.
+                        let space = [" ", "  ", "\t"][rng.random_range(0..3)];
+                        format!("{space}{word}")
+                    })
+                    .collect::<String>();
+                let quoted = name.replace('\\', "\\\\").replace('"', "\\\"");
+                list.push(json!(format!("\"{quoted}\" <{addr}>")));
+                read.push(json!([phrase(&name), addr]));
+            } else {
+                list.push(json!(addr));
+                read.push(json!(["", addr]));
+            }
+        }
+        (Value::Array(list), Value::Array(read))
+    };
+    let n = rng.random_range(1..4);
+    let (to, to_read) = mailboxes(rng, "to", n);
+    args.insert("to".into(), to);
+    want.insert("to".into(), to_read);
+    let n = rng.random_range(0..3);
+    if n > 0 {
+        let (cc, cc_read) = mailboxes(rng, "cc", n);
+        args.insert("cc".into(), cc);
+        want.insert("cc".into(), cc_read);
+    }
+    if rng.random_bool(0.3) {
+        args.insert("bcc".into(), json!(format!("bcc{i}@example.org")));
+    }
+    if rng.random_bool(0.3) {
+        let (reply_to, read) = mailboxes(rng, "reply", 1);
+        args.insert("reply_to".into(), reply_to[0].clone());
+        want.insert("reply_to".into(), read);
+    }
+
+    let mut subject = text(rng, 1..30);
+    let (mut body, mut body_read) = body(rng);
+    let templated = rng.random_bool(0.3);
+    if templated {
+        let value = text(rng, 1..6);
+        subject.push_str(" {name}");
+        body.push_str("\r\n{name}");
+        args.insert("template_vars".into(), json!({ "name": value }));
+        want.insert("subject".into(), json!(subject.replace("{name}", &value)));
+        body_read.push_str(&format!("\n{value}"));
+    } else {
+        want.insert("subject".into(), json!(subject));
+    }
+    args.insert("subject".into(), json!(subject));
+    args.insert("body".into(), json!(body));
+    if !templated && rng.random_bool(0.2) {
+        // The body is the HTML, alone.
+        args.insert("html".into(), json!(true));
+        want.insert("html".into(), json!(body_read));
+        want.insert("text".into(), Value::Null);
+    } else if rng.random_bool(0.3) {
+        want.insert("text".into(), json!(body_read));
+        let (html, html_read) = self::body(rng);
+        args.insert("html_body".into(), json!(format!("<p>{html}</p>")));
+        want.insert("html".into(), json!(format!("<p>{html_read}</p>")));
+    } else {
+        want.insert("text".into(), json!(body_read));
+        want.insert("html".into(), Value::Null);
+    }
+
+    let mut attachments = Vec::new();
+    let mut read = Vec::new();
+    for _ in 0..rng.random_range(0..3) {
+        let filename = if rng.random_bool(0.5) {
+            FILENAMES[rng.random_range(0..FILENAMES.len())].to_string()
+        } else {
+            // Any text but a path separator, and not blank.
+            let name = text(rng, 1..6).replace(['/', '\\'], "_")
+                + [".txt", ".bin", ""][rng.random_range(0..3)];
+            if name.trim().is_empty() {
+                format!("blank{name}")
+            } else {
+                name
+            }
+        };
+        let data = bytes(rng);
+        let encoded = base64::engine::general_purpose::STANDARD.encode(&data);
+        let mut a = json!({ "filename": filename, "content_base64": encoded });
+        let mut r = json!({ "filename": filename, "content_base64": encoded });
+        if rng.random_bool(0.5) {
+            let ct =
+                ["application/octet-stream", "text/plain", "image/png"][rng.random_range(0..3)];
+            a["content_type"] = json!(ct);
+            r["content_type"] = json!(ct);
+        }
+        attachments.push(a);
+        read.push(r);
+    }
+    if !attachments.is_empty() {
+        args.insert("attachments".into(), Value::Array(attachments));
+    }
+    want.insert("attachments".into(), Value::Array(read));
+    (Value::Object(args), Value::Object(want))
+}
+
+/// A display name as a phrase means it (RFC 5322 3.2.5): without the
+/// whitespace at its ends, each run of spaces and tabs inside one space.
+fn phrase(name: &str) -> String {
+    name.split([' ', '\t'])
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+        .trim()
+        .to_string()
+}
+
+/// Where two values first differ, with a little of each around that point.
+fn first_difference(w: &Value, g: &Value) -> String {
+    let (w, g): (Vec<char>, Vec<char>) = (
+        w.to_string().chars().collect(),
+        g.to_string().chars().collect(),
+    );
+    let at = w
+        .iter()
+        .zip(&g)
+        .position(|(a, b)| a != b)
+        .unwrap_or(w.len().min(g.len()));
+    let around = |s: &[char]| -> String {
+        s[at.saturating_sub(30).min(s.len())..(at + 30).min(s.len())]
+            .iter()
+            .collect()
+    };
+    format!("sent …{}…, read …{}…", around(&w), around(&g))
+}
+
+/// Where `got` (what the reader saw) differs from `want`. A body may gain
+/// the one line ending that ends the data.
+fn differences(want: &Value, got: &Value) -> Vec<String> {
+    if let Some(e) = got["error"].as_str() {
+        return vec![format!("the reader failed: {e}")];
+    }
+    let mut out = Vec::new();
+    for (field, w) in want.as_object().unwrap() {
+        let g = &got[field];
+        let same = match field.as_str() {
+            "text" | "html" if w.is_null() => g.is_null(),
+            "text" | "html" => {
+                let w = w.as_str().unwrap_or_default();
+                let g = g.as_str().unwrap_or_default().replace("\r\n", "\n");
+                if g == w || g == format!("{w}\n") {
+                    continue;
+                }
+                out.push(format!(
+                    "{field}: {}",
+                    first_difference(&json!(w), &json!(g))
+                ));
+                continue;
+            }
+            "attachments" => {
+                let (w, g) = (
+                    w.as_array().unwrap(),
+                    g.as_array().cloned().unwrap_or_default(),
+                );
+                if w.len() != g.len() {
+                    out.push(format!("{} attachments sent, {} read", w.len(), g.len()));
+                }
+                for (k, (w, g)) in w.iter().zip(&g).enumerate() {
+                    let name = w["filename"].as_str().unwrap_or_default();
+                    if g["filename"] != name {
+                        out.push(format!(
+                            "attachments[{k}].filename: sent {name:?}, read {}",
+                            g["filename"]
+                        ));
+                    }
+                    if w["content_base64"] != g["content_base64"] {
+                        out.push(format!("attachments[{k}]: other bytes"));
+                    }
+                    if w.get("content_type").is_some() && w["content_type"] != g["content_type"] {
+                        out.push(format!(
+                            "attachments[{k}].content_type: sent {}, read {}",
+                            w["content_type"], g["content_type"]
+                        ));
+                    }
+                }
+                true
+            }
+            "to" | "cc" | "reply_to" => {
+                let names = |v: &Value| -> Value {
+                    v.as_array()
+                        .map(|list| {
+                            list.iter()
+                                .map(|m| json!([phrase(m[0].as_str().unwrap_or_default()), m[1]]))
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                };
+                names(w) == names(g)
+            }
+            _ => w == g,
+        };
+        if !same {
+            out.push(format!("{field}: {}", first_difference(w, g)));
+        }
+    }
+    let headers = got["headers"].as_array().cloned().unwrap_or_default();
+    if headers.contains(&json!("bcc")) {
+        out.push("a Bcc header".into());
+    }
+    if let Some(d) = got["defects"].as_array().filter(|d| !d.is_empty()) {
+        out.push(format!("defects: {d:?}"));
+    }
+    out
+}
+
+#[tokio::test]
+async fn random_valid_messages_read_back_as_they_were_sent() {
+    let seed = random_input::seed();
+    println!("MAILMUX_RANDOM_SEED={seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let smtp = Aiosmtpd::start();
+    let h = InProcess::start(
+        config(vec![relay("primary", smtp.port, 100)]),
+        Sources::default(),
+    )
+    .await;
+
+    const N: usize = 300;
+    let mut wanted = HashMap::new();
+    for i in 0..N {
+        let (args, want) = message(&mut rng, i);
+        let mut params = CallToolRequestParams::new("send_email");
+        params = params.with_arguments(args.as_object().unwrap().clone());
+        let result = tokio::time::timeout(Duration::from_secs(30), h.client.call_tool(params))
+            .await
+            .expect("send_email answers within 30 s")
+            .expect("no protocol error");
+        let out = result.structured_content.expect("structured content");
+        assert_eq!(
+            out["status"], "sent",
+            "message {i} (seed {seed}): {out}\narguments: {args}"
+        );
+        let id = out["message_id"].as_str().unwrap().to_string();
+        wanted.insert(format!("<{id}>"), (i, args, want));
+    }
+    assert_eq!(smtp.wait_messages(N).len(), N);
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/read_mail.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(smtp.maildir())
+        .output()
+        .expect("python3 tests/read_mail.py");
+    assert!(
+        out.status.success(),
+        "read_mail.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut failures = Vec::new();
+    let mut read = 0;
+    for l in String::from_utf8(out.stdout).unwrap().lines() {
+        let got: Value = serde_json::from_str(l).unwrap();
+        let id = got["message_id"].as_str().unwrap();
+        let (i, args, want) = wanted
+            .remove(id)
+            .unwrap_or_else(|| panic!("a message nobody sent: {id}"));
+        read += 1;
+        let diff = differences(&want, &got);
+        if !diff.is_empty() {
+            failures.push(format!(
+                "message {i}: {}\n  body: {}",
+                diff.join("\n  "),
+                args["body"]
+            ));
+        }
+    }
+    assert_eq!(read, N, "every message read back once");
+    assert!(
+        failures.is_empty(),
+        "seed {seed}: {} of {N} messages read back otherwise:\n{}",
+        failures.len(),
+        failures
+            .iter()
+            .take(8)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

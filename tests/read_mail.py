@@ -1,0 +1,83 @@
+"""What a recipient's mail client sees: every message of a maildir folder
+read with Python's email package (policy.default, its modern parser), one
+JSON object a line: the headers decoded, the bodies as text, the
+attachments' names, types and bytes, and every defect the parser noted.
+
+  python3 tests/read_mail.py MAILDIR_NEW_FOLDER
+"""
+
+import base64
+import email
+import email.policy
+import json
+import os
+import sys
+
+
+def addresses(msg, name):
+    header = msg[name]
+    if header is None:
+        return None
+    return [[a.display_name, a.addr_spec] for a in header.addresses]
+
+
+def defects(msg):
+    found = []
+    for part in msg.walk():
+        found += [type(d).__name__ for d in part.defects]
+        for name, value in part.items():
+            found += [f"{name}: {type(d).__name__}" for d in getattr(value, "defects", ())]
+    return found
+
+
+def text(msg, kind):
+    part = msg.get_body(preferencelist=(kind,))
+    if part is None:
+        return None
+    return part.get_content()
+
+
+def read(path):
+    with open(path, "rb") as f:
+        msg = email.message_from_bytes(f.read(), policy=email.policy.default)
+    subject = msg["subject"]
+    return {
+        "message_id": str(msg["message-id"] or ""),
+        "subject": None if subject is None else str(subject),
+        "from": addresses(msg, "from"),
+        "to": addresses(msg, "to"),
+        "cc": addresses(msg, "cc"),
+        "reply_to": addresses(msg, "reply-to"),
+        "headers": [k.lower() for k in msg.keys()],
+        "text": text(msg, "plain"),
+        "html": text(msg, "html"),
+        "attachments": [
+            {
+                # The parsed parameter: get_filename() strips quotes or
+                # angle brackets around the name a second time.
+                "filename": a["content-disposition"].params.get("filename"),
+                "content_type": a.get_content_type(),
+                "content_base64": base64.b64encode(a.get_payload(decode=True) or b"").decode(),
+            }
+            for a in msg.iter_attachments()
+        ],
+        "defects": defects(msg),
+    }
+
+
+def main():
+    folder = sys.argv[1]
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        try:
+            print(json.dumps(read(path)))
+        except Exception as e:
+            # The parser itself failed on the message: report it, with the
+            # Message-ID as the old parser reads it.
+            with open(path, "rb") as f:
+                msg = email.message_from_bytes(f.read())
+            print(json.dumps({"message_id": msg["message-id"], "error": repr(e)}))
+
+
+if __name__ == "__main__":
+    main()
