@@ -157,7 +157,12 @@ fn message(rng: &mut StdRng, i: usize) -> (Value, Value) {
         let mut list = Vec::new();
         let mut read = Vec::new();
         for k in 0..n {
-            let addr = format!("{field}{i}-{k}@example.org");
+            // Sometimes an address that needs SMTPUTF8 (the sink offers it).
+            let addr = match rng.random_range(0..10) {
+                0 => format!("zoë.{field}{i}-{k}@example.org"),
+                1 => format!("{field}{i}-{k}@exämple.org"),
+                _ => format!("{field}{i}-{k}@example.org"),
+            };
             if rng.random_bool(0.3) {
                 let (written, name) = NAMES[rng.random_range(0..NAMES.len())];
                 list.push(json!(format!("{written} <{addr}>")));
@@ -203,6 +208,38 @@ fn message(rng: &mut StdRng, i: usize) -> (Value, Value) {
     if rng.random_bool(0.3) {
         args.insert("bcc".into(), json!(format!("bcc{i}@example.org")));
     }
+    if rng.random_bool(0.2) {
+        // An id with or without its angle brackets.
+        args.insert("in_reply_to".into(), json!(format!("orig{i}@mail.example")));
+        want.insert(
+            "in_reply_to".into(),
+            json!(format!("<orig{i}@mail.example>")),
+        );
+        let ids: Vec<String> = (0..rng.random_range(1..12))
+            .map(|k| {
+                format!(
+                    "<thread{i}-{k}.{}@mail.example>",
+                    "x".repeat(rng.random_range(1..40))
+                )
+            })
+            .collect();
+        args.insert("references".into(), json!(ids.join(" ")));
+        want.insert("references".into(), json!(ids.join(" ")));
+    }
+    // Every recipient is in the envelope, Bcc too.
+    let mut rcpt_to: Vec<String> = ["to", "cc"]
+        .iter()
+        .flat_map(|f| {
+            want.get(*f)
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|m| m[1].as_str().unwrap_or_default().to_string())
+        .chain(args.get("bcc").and_then(Value::as_str).map(str::to_string))
+        .collect();
+    rcpt_to.sort();
+    want.insert("rcpt_to".into(), json!(rcpt_to));
     if rng.random_bool(0.3) {
         let (reply_to, read) = mailboxes(rng, "reply", 1);
         args.insert("reply_to".into(), reply_to[0].clone());
@@ -377,8 +414,20 @@ fn differences(want: &Value, got: &Value) -> Vec<String> {
     if headers.contains(&json!("bcc")) {
         out.push("a Bcc header".into());
     }
-    if let Some(d) = got["defects"].as_array().filter(|d| !d.is_empty()) {
-        out.push(format!("defects: {d:?}"));
+    // Python notes a UTF-8 local part as a defect whatever the message:
+    // RFC 6532 allows it, and the sink offered SMTPUTF8.
+    let defects: Vec<&Value> = got["defects"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| {
+            !d.as_str()
+                .unwrap_or_default()
+                .ends_with("NonASCIILocalPartDefect")
+        })
+        .collect();
+    if !defects.is_empty() {
+        out.push(format!("defects: {defects:?}"));
     }
     out
 }
@@ -388,7 +437,7 @@ async fn random_valid_messages_read_back_as_they_were_sent() {
     let seed = random_input::seed();
     println!("MAILMUX_RANDOM_SEED={seed}");
     let mut rng = StdRng::seed_from_u64(seed);
-    let smtp = Aiosmtpd::start();
+    let smtp = Aiosmtpd::start_with(&["--smtputf8"]);
     let h = InProcess::start(
         config(vec![relay("primary", smtp.port, 100)]),
         Sources::default(),

@@ -39,7 +39,13 @@ def text(msg, kind):
 
 def read(path):
     with open(path, "rb") as f:
-        msg = email.message_from_bytes(f.read(), policy=email.policy.default)
+        raw = f.read()
+    try:
+        # UTF-8 header fields (RFC 6532, sent with SMTPUTF8) are read as
+        # text: the bytes parser would keep them as undecodable bytes.
+        msg = email.message_from_string(raw.decode("utf-8"), policy=email.policy.default)
+    except UnicodeDecodeError:
+        msg = email.message_from_bytes(raw, policy=email.policy.default)
     subject = msg["subject"]
     return {
         "message_id": str(msg["message-id"] or ""),
@@ -48,7 +54,11 @@ def read(path):
         "to": addresses(msg, "to"),
         "cc": addresses(msg, "cc"),
         "reply_to": addresses(msg, "reply-to"),
+        "in_reply_to": None if msg["in-reply-to"] is None else " ".join(str(msg["in-reply-to"]).split()),
+        "references": None if msg["references"] is None else " ".join(str(msg["references"]).split()),
         "headers": [k.lower() for k in msg.keys()],
+        # The envelope, as aiosmtpd's Mailbox handler records it.
+        "rcpt_to": sorted(r.strip() for r in str(msg["x-rcptto"] or "").split(",") if r.strip()),
         "text": text(msg, "plain"),
         "html": text(msg, "html"),
         "attachments": [
