@@ -432,38 +432,23 @@ fn differences(want: &Value, got: &Value) -> Vec<String> {
     out
 }
 
-#[tokio::test]
-async fn random_valid_messages_read_back_as_they_were_sent() {
-    let seed = random_input::seed();
-    println!("MAILMUX_RANDOM_SEED={seed}");
-    let mut rng = StdRng::seed_from_u64(seed);
-    let smtp = Aiosmtpd::start_with(&["--smtputf8"]);
-    let h = InProcess::start(
-        config(vec![relay("primary", smtp.port, 100)]),
-        Sources::default(),
-    )
-    .await;
+/// One tool call's structured answer.
+async fn call(h: &InProcess, tool: &str, args: &Value) -> Value {
+    let params = CallToolRequestParams::new(tool.to_string())
+        .with_arguments(args.as_object().unwrap().clone());
+    let result = tokio::time::timeout(Duration::from_secs(60), h.client.call_tool(params))
+        .await
+        .unwrap_or_else(|_| panic!("{tool} answers within 60 s"))
+        .expect("no protocol error");
+    result.structured_content.expect("structured content")
+}
 
-    const N: usize = 300;
-    let mut wanted = HashMap::new();
-    for i in 0..N {
-        let (args, want) = message(&mut rng, i);
-        let mut params = CallToolRequestParams::new("send_email");
-        params = params.with_arguments(args.as_object().unwrap().clone());
-        let result = tokio::time::timeout(Duration::from_secs(30), h.client.call_tool(params))
-            .await
-            .expect("send_email answers within 30 s")
-            .expect("no protocol error");
-        let out = result.structured_content.expect("structured content");
-        assert_eq!(
-            out["status"], "sent",
-            "message {i} (seed {seed}): {out}\narguments: {args}"
-        );
-        let id = out["message_id"].as_str().unwrap().to_string();
-        wanted.insert(format!("<{id}>"), (i, args, want));
-    }
-    assert_eq!(smtp.wait_messages(N).len(), N);
-
+/// Reads every message at `smtp` with `tests/read_mail.py` and checks each
+/// against what was wanted of it, by Message-ID; `wanted` holds each one's
+/// number and its body as sent (for the failure message) beside it.
+fn read_back(smtp: &Aiosmtpd, seed: u64, mut wanted: HashMap<String, (usize, Value, Value)>) {
+    let n = wanted.len();
+    assert_eq!(smtp.wait_messages(n).len(), n);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/read_mail.py");
     let out = std::process::Command::new("python3")
         .arg(script)
@@ -480,23 +465,22 @@ async fn random_valid_messages_read_back_as_they_were_sent() {
     for l in String::from_utf8(out.stdout).unwrap().lines() {
         let got: Value = serde_json::from_str(l).unwrap();
         let id = got["message_id"].as_str().unwrap();
-        let (i, args, want) = wanted
+        let (i, body, want) = wanted
             .remove(id)
             .unwrap_or_else(|| panic!("a message nobody sent: {id}"));
         read += 1;
         let diff = differences(&want, &got);
         if !diff.is_empty() {
             failures.push(format!(
-                "message {i}: {}\n  body: {}",
-                diff.join("\n  "),
-                args["body"]
+                "message {i}: {}\n  body: {body}",
+                diff.join("\n  ")
             ));
         }
     }
-    assert_eq!(read, N, "every message read back once");
+    assert_eq!(read, n, "every message read back once");
     assert!(
         failures.is_empty(),
-        "seed {seed}: {} of {N} messages read back otherwise:\n{}",
+        "seed {seed}: {} of {n} messages read back otherwise:\n{}",
         failures.len(),
         failures
             .iter()
@@ -505,4 +489,112 @@ async fn random_valid_messages_read_back_as_they_were_sent() {
             .collect::<Vec<_>>()
             .join("\n")
     );
+}
+
+#[tokio::test]
+async fn random_valid_messages_read_back_as_they_were_sent() {
+    let seed = random_input::seed();
+    println!("MAILMUX_RANDOM_SEED={seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let smtp = Aiosmtpd::start_with(&["--smtputf8"]);
+    let h = InProcess::start(
+        config(vec![relay("primary", smtp.port, 100)]),
+        Sources::default(),
+    )
+    .await;
+
+    let mut wanted = HashMap::new();
+    for i in 0..300 {
+        let (args, want) = message(&mut rng, i);
+        let out = call(&h, "send_email", &args).await;
+        assert_eq!(
+            out["status"], "sent",
+            "message {i} (seed {seed}): {out}\narguments: {args}"
+        );
+        let id = out["message_id"].as_str().unwrap();
+        wanted.insert(format!("<{id}>"), (i, args["body"].clone(), want));
+    }
+    read_back(&smtp, seed, wanted);
+}
+
+/// A mail merge: one `send_batch` whose `defaults` hold the templates and a
+/// shared attachment, each message its own recipients and random values
+/// (HTML-escaped in the HTML part), some their own subject.
+#[tokio::test]
+async fn a_random_mail_merge_reads_back_rendered_for_each_message() {
+    let seed = random_input::seed();
+    println!("MAILMUX_RANDOM_SEED={seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let smtp = Aiosmtpd::start();
+    let h = InProcess::start(
+        config(vec![relay("primary", smtp.port, 100)]),
+        Sources::default(),
+    )
+    .await;
+
+    let shared = bytes(&mut rng);
+    let shared_b64 = base64::engine::general_purpose::STANDARD.encode(&shared);
+    let greeting = text(&mut rng, 1..4);
+    let mut messages = Vec::new();
+    let mut wants = Vec::new();
+    for i in 0..60 {
+        let name = text(&mut rng, 1..8);
+        let extra = if rng.random_bool(0.5) {
+            text(&mut rng, 1..4)
+        } else {
+            String::new()
+        };
+        let to = format!("merge{i}@example.org");
+        let mut m = json!({ "to": [to], "template_vars": { "name": name, "extra": extra } });
+        let subject = if rng.random_bool(0.2) {
+            let own = format!("{} {{name}}", text(&mut rng, 1..4));
+            m["subject"] = json!(own);
+            own.replace("{name}", &name)
+        } else if extra.is_empty() {
+            format!("{greeting} {name}")
+        } else {
+            format!("{greeting} {name} ({extra})")
+        };
+        let mut escaped = String::new();
+        for c in name.chars() {
+            match c {
+                '&' => escaped.push_str("&amp;"),
+                '<' => escaped.push_str("&lt;"),
+                '>' => escaped.push_str("&gt;"),
+                '"' => escaped.push_str("&quot;"),
+                '\'' => escaped.push_str("&#39;"),
+                c => escaped.push(c),
+            }
+        }
+        wants.push(json!({
+            "subject": subject,
+            "text": format!("Dear {name},\nthe same for everyone.\n"),
+            "html": format!("<p>Dear {escaped},</p>\n"),
+            "attachments": [{ "filename": "shared.bin", "content_base64": shared_b64 }],
+            "rcpt_to": [to],
+        }));
+        messages.push(m);
+    }
+    let args = json!({
+        "defaults": {
+            "subject": format!("{greeting} {{name}}{{?extra}} ({{extra}}){{/extra}}"),
+            "body": "Dear {name},\nthe same for everyone.\n",
+            "html_body": "<p>Dear {name},</p>\n",
+            "attachments": [{ "filename": "shared.bin", "content_base64": shared_b64 }],
+        },
+        "messages": messages,
+    });
+    let out = call(&h, "send_batch", &args).await;
+    let results = out["results"].as_array().expect("one result a message");
+    assert_eq!(results.len(), wants.len(), "{out}");
+    let mut wanted = HashMap::new();
+    for (i, (r, want)) in results.iter().zip(wants).enumerate() {
+        assert_eq!(r["status"], "sent", "message {i} (seed {seed}): {r}");
+        let id = r["message_id"].as_str().unwrap();
+        wanted.insert(
+            format!("<{id}>"),
+            (i, messages[i]["template_vars"].clone(), want),
+        );
+    }
+    read_back(&smtp, seed, wanted);
 }
