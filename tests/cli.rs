@@ -2,6 +2,8 @@
 //! `config` and `queue`, against aiosmtpd, a dead port and the file relay.
 
 mod common;
+#[path = "reliability/random_input.rs"]
+mod random_input;
 
 use std::process::{Command, Stdio};
 
@@ -656,4 +658,281 @@ fn show_config(config: &std::path::Path, env: &[(&str, &str)]) -> std::process::
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     out
+}
+
+/// Words random command lines are made of: the commands, every option, and
+/// values of the right and the wrong shape. Paths are relative (the test's
+/// folder) or devices, so that nothing is written outside the folder.
+const WORDS: &[&str] = &[
+    "send",
+    "check",
+    "config",
+    "queue",
+    "serve",
+    "help",
+    "list",
+    "show",
+    "cancel",
+    "retry",
+    "approve",
+    "reject",
+    "purge",
+    "stats",
+    "backup",
+    "restore",
+    "migrate",
+    "--to",
+    "--cc",
+    "--bcc",
+    "--from",
+    "--subject",
+    "--body",
+    "--body-file",
+    "--html",
+    "--attach",
+    "--relay",
+    "--dry-run",
+    "--idempotency-key",
+    "--send-at",
+    "--no-wait",
+    "--status",
+    "--caller",
+    "--batch",
+    "--recipient",
+    "--limit",
+    "--json",
+    "--force",
+    "--older-than",
+    "--config",
+    "--log-format",
+    "--help",
+    "-h",
+    "-V",
+    "--",
+    "-",
+    "a@example.org",
+    "Ada <ada@example.org>",
+    "no-at-sign",
+    "",
+    " ",
+    "x",
+    "json",
+    "text",
+    "queued",
+    "sent",
+    "failed",
+    "held",
+    "bogus",
+    "outbox",
+    "10m",
+    "0s",
+    "-5s",
+    "1e9s",
+    "99999999999999999999d",
+    "2026-12-04T10:00:00Z",
+    "9999-12-31T23:59:59Z",
+    "0000-00-00T00:00:00Z",
+    "0",
+    "-1",
+    "18446744073709551616",
+    "/dev/null",
+    "/dev/zero",
+    "missing.toml",
+    "copy.db",
+    "store-copy.db",
+    ".",
+    "mailmux.toml",
+    "notes.txt",
+    "0123456789abcdef0123456789abcdef",
+    "<id@example.org>",
+    "😀",
+    "\u{202e}",
+    "\r\n",
+    "=?utf-8?q?x?=",
+    "{{name}}",
+    "--to=a@example.org",
+    "--limit=5",
+    "--older-than=1h",
+];
+
+/// The commands, whether each takes a positional argument (an id, a path),
+/// and their options with whether each takes a value: most random command
+/// lines get past the argument parser.
+type CommandShape = (
+    &'static [&'static str],
+    bool,
+    &'static [(&'static str, bool)],
+);
+const COMMANDS: &[CommandShape] = &[
+    (
+        &["send"],
+        false,
+        &[
+            ("--to", true),
+            ("--cc", true),
+            ("--bcc", true),
+            ("--from", true),
+            ("--subject", true),
+            ("--body", true),
+            ("--body-file", true),
+            ("--html", false),
+            ("--attach", true),
+            ("--relay", true),
+            ("--dry-run", false),
+            ("--idempotency-key", true),
+            ("--send-at", true),
+            ("--no-wait", false),
+        ],
+    ),
+    (
+        &["queue", "list"],
+        false,
+        &[
+            ("--status", true),
+            ("--caller", true),
+            ("--batch", true),
+            ("--recipient", true),
+            ("--limit", true),
+            ("--json", false),
+        ],
+    ),
+    (&["queue", "show"], true, &[("--body", false)]),
+    (
+        &["queue", "cancel"],
+        true,
+        &[
+            ("--status", true),
+            ("--caller", true),
+            ("--batch", true),
+            ("--recipient", true),
+        ],
+    ),
+    (
+        &["queue", "retry"],
+        true,
+        &[
+            ("--status", true),
+            ("--caller", true),
+            ("--batch", true),
+            ("--recipient", true),
+            ("--force", false),
+        ],
+    ),
+    (&["queue", "approve"], true, &[("--batch", true)]),
+    (&["queue", "reject"], true, &[("--batch", true)]),
+    (&["queue", "purge"], false, &[("--older-than", true)]),
+    (&["queue", "stats"], false, &[]),
+    (&["queue", "backup"], true, &[]),
+    (&["queue", "restore"], true, &[]),
+    (&["check"], false, &[]),
+    (&["config"], false, &[]),
+];
+
+/// One random command line: usually a command with some of its own options
+/// (each once) and values of every shape, sometimes any words; sometimes a
+/// long word.
+fn command_line(rng: &mut rand::rngs::StdRng) -> Vec<String> {
+    use rand::Rng;
+    use rand::seq::SliceRandom;
+    let word = |rng: &mut rand::rngs::StdRng, values_only: bool| loop {
+        let w = match rng.random_range(0..40) {
+            0 => "a".repeat(rng.random_range(1..20_000)),
+            // An argument cannot hold NUL.
+            1 => random_input::string(rng).replace('\0', ""),
+            _ => WORDS[rng.random_range(0..WORDS.len())].to_string(),
+        };
+        if !values_only || !w.starts_with('-') || w.len() < 2 {
+            break w;
+        }
+    };
+    let mut args = Vec::new();
+    if rng.random_bool(0.1) {
+        for _ in 0..rng.random_range(0..=8) {
+            args.push(word(rng, false));
+        }
+        return args;
+    }
+    let (command, positional, options) = COMMANDS[rng.random_range(0..COMMANDS.len())];
+    args.extend(command.iter().map(|w| w.to_string()));
+    if positional && rng.random_bool(0.8) {
+        args.push(word(rng, true));
+    }
+    let mut options = options.to_vec();
+    options.shuffle(rng);
+    if command == ["send"] && rng.random_bool(0.8) {
+        options.retain(|(o, _)| *o != "--to");
+        args.extend(["--to".into(), word(rng, true)]);
+    }
+    for (option, takes_value) in options.into_iter().take(rng.random_range(0..=5)) {
+        args.push(option.into());
+        if takes_value {
+            args.push(word(rng, true));
+        }
+    }
+    if rng.random_bool(0.05) {
+        args.push(word(rng, false));
+    }
+    args
+}
+
+/// Random command lines against the embedded default (the file relay and
+/// a SQLite store in the test's folder): each one ends within its time, by
+/// exit code and not by a signal, and nothing panics.
+#[test]
+fn random_command_lines_end_by_exit_code_without_a_panic() {
+    use rand::SeedableRng;
+    let seed = random_input::seed();
+    println!("MAILMUX_RANDOM_SEED={seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "attached").unwrap();
+    std::fs::write(
+        dir.path().join("mailmux.toml"),
+        "[queue]\nmax_age = \"1h\"\n",
+    )
+    .unwrap();
+    let mut codes = std::collections::BTreeMap::new();
+    for run in 0..250 {
+        let args = command_line(&mut rng);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mailmux"))
+            .args(&args)
+            .current_dir(dir.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("MAILMUX_QUEUE__PATH", dir.path().join("queue.db"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+            s
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("run {run} (seed {seed}) did not end within 30 s: {args:?}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        let stderr = reader.join().unwrap();
+        let shown: Vec<String> = args.iter().map(|a| a.chars().take(60).collect()).collect();
+        assert!(
+            !stderr.contains("panicked"),
+            "run {run} (seed {seed}) panicked: {shown:?}\n{stderr}"
+        );
+        let code = status.code().unwrap_or_else(|| {
+            panic!("run {run} (seed {seed}) ended by a signal: {shown:?}\n{stderr}")
+        });
+        *codes.entry(code).or_insert(0) += 1;
+    }
+    println!("exit codes: {codes:?}");
 }
