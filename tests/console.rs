@@ -5,8 +5,8 @@
 //! held message (at the sink exactly once) and rejecting another (never at
 //! the sink); another site's frame showing nothing of it; then, over plain
 //! HTTP, the CSRF, session, cookie, body, response header and Host/Origin
-//! rules. Screenshots of each page go to
-//! `target/console/<browser>/`.
+//! rules, and random requests to every route. Screenshots of each page go
+//! to `target/console/<browser>/`.
 //!
 //! Needs Debian's `chromium`, `chromium-driver` and `firefox-esr`, and
 //! geckodriver (`cargo install --locked geckodriver`); `.ci/run` installs
@@ -14,6 +14,8 @@
 //! them elsewhere. Without them the tests fail.
 
 mod common;
+#[path = "reliability/random_input.rs"]
+mod random_input;
 #[path = "../actors/tests/support/mod.rs"]
 mod support;
 
@@ -855,4 +857,214 @@ fn between(s: &str, start: &str, end: &str) -> String {
     let at = s.find(start).unwrap_or_else(|| panic!("no {start:?}")) + start.len();
     let len = s[at..].find(end).unwrap();
     s[at..at + len].to_owned()
+}
+
+/// `s` with every byte but the unreserved ones percent-encoded, for a path
+/// segment or a query value.
+fn escaped(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A random string short enough for a URL (the client refuses one past
+/// 64 KiB).
+fn short_string(rng: &mut rand::rngs::StdRng) -> String {
+    random_input::string(rng).chars().take(1500).collect()
+}
+
+/// 1,500 random requests to the console over plain HTTP, signed in and not,
+/// with the right CSRF token and without: every route with real and random
+/// ids, random query strings and form fields. Each is answered below 500,
+/// and the daemon still serves and logged no panic after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_console_requests_are_answered_below_500() {
+    use rand::{Rng, SeedableRng};
+    let seed = random_input::seed();
+    println!("MAILMUX_RANDOM_SEED={seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let sink = FaultSmtp::start(Script::ok()).await;
+    let flaky = FaultSmtp::start(Script::ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mailmux.toml");
+    std::fs::write(&config, config_toml(dir.path(), sink.port(), flaky.port())).unwrap();
+    let port = common::free_port();
+    let log_path = dir.path().join("daemon.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let _daemon = Killed {
+        child: Command::new(env!("CARGO_BIN_EXE_mailmux"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("OPS_TOKEN", OPS)
+            .arg("--config")
+            .arg(&config)
+            .args(["serve", "--http", &format!("127.0.0.1:{port}")])
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("mailmux starts"),
+        group: false,
+    };
+    wait_port(port).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let mcp: Mcp = ()
+        .serve(StreamableHttpClientTransport::from_uri(format!(
+            "{base}/mcp"
+        )))
+        .await
+        .expect("an MCP client over HTTP");
+    // Messages to act on: delivered, held one by one, and a held batch.
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let out = call(
+            &mcp,
+            "send_email",
+            json!({"to": format!("r{i}@example.org"), "subject": "s", "body": "b"}),
+        )
+        .await;
+        ids.push(out["message_id"].as_str().unwrap().to_owned());
+        ids.push(
+            held(
+                &mcp,
+                json!({"to": format!("r{i}@elsewhere.example"), "subject": "s", "body": "b"}),
+            )
+            .await,
+        );
+    }
+    let batch = call(
+        &mcp,
+        "send_batch",
+        json!({
+            "defaults": {"subject": "s", "body": "b"},
+            "messages": [{"to": "a@elsewhere.example"}, {"to": "b@elsewhere.example"}],
+        }),
+    )
+    .await;
+    let batch_id = batch["batch_id"].as_str().unwrap_or("no-batch").to_owned();
+
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let signed_in = http
+        .post(format!("{base}/console/login"))
+        .form(&[("token", OPS)])
+        .send()
+        .await
+        .unwrap();
+    let session = signed_in
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| v.strip_prefix("mailmux_console="))
+        .and_then(|v| v.split(';').next())
+        .expect("the operator token signs in")
+        .to_owned();
+    let cookie = format!("mailmux_console={session}");
+    let page = page_text(
+        &http,
+        &format!("{base}/console/messages/{}", ids[1]),
+        &cookie,
+    )
+    .await;
+    let csrf = between(&page, "name=\"csrf\" value=\"", "\"");
+
+    let mut statuses = std::collections::BTreeMap::new();
+    for n in 0..1500 {
+        let id = match rng.random_range(0..4) {
+            0 => batch_id.clone(),
+            1 => escaped(&short_string(&mut rng)),
+            _ => ids[rng.random_range(0..ids.len())].clone(),
+        };
+        let relay = ["sink", "flaky", "nope", "%00", "..%2F.."][rng.random_range(0..5)];
+        let action = [
+            "cancel",
+            "retry",
+            "approve",
+            "reject",
+            "reconnect",
+            "pin",
+            "x",
+        ][rng.random_range(0..7)];
+        let path = match rng.random_range(0..12) {
+            0 => "/console".to_owned(),
+            1 => "/console/queue".to_owned(),
+            2 => "/console/approvals".to_owned(),
+            3 => "/console/relays".to_owned(),
+            4 => "/console/login".to_owned(),
+            5 => format!("/console/relays/{relay}/{action}"),
+            6 => "/console/relays/unpin".to_owned(),
+            7 => format!("/console/batches/{id}/{action}"),
+            8 => format!("/console/{}", escaped(&short_string(&mut rng))),
+            9 => format!("/console/messages/{id}"),
+            _ => format!("/console/messages/{id}/{action}"),
+        };
+        let keys = [
+            "state", "caller", "batch", "before", "notice", "cursor", "m", "hash", "token", "csrf",
+        ];
+        let mut pairs = Vec::new();
+        for _ in 0..rng.random_range(0..4) {
+            let key = if rng.random_bool(0.8) {
+                keys[rng.random_range(0..keys.len())].to_owned()
+            } else {
+                short_string(&mut rng)
+            };
+            pairs.push((key, short_string(&mut rng)));
+        }
+        let query: String = pairs
+            .iter()
+            .map(|(k, v)| format!("{}={}", escaped(k), escaped(v)))
+            .collect::<Vec<_>>()
+            .join("&");
+        let url = if query.is_empty() || rng.random_bool(0.5) {
+            format!("{base}{path}")
+        } else {
+            format!("{base}{path}?{query}")
+        };
+        let request = if rng.random_bool(0.5) {
+            http.get(&url)
+        } else {
+            let mut form = pairs.clone();
+            if rng.random_bool(0.7) {
+                form.push(("csrf".into(), csrf.clone()));
+            }
+            http.post(&url).form(&form)
+        };
+        let request = match rng.random_range(0..20) {
+            0 => request,
+            1 => request.header("Cookie", "mailmux_console=not-a-session"),
+            _ => request.header("Cookie", &cookie),
+        };
+        let shown: String = url.chars().take(200).collect();
+        let response = request.send().await.unwrap_or_else(|e| {
+            panic!(
+                "request {n} (seed {seed}) {shown} ({} bytes): {e:?}",
+                url.len()
+            )
+        });
+        let status = response.status().as_u16();
+        assert!(
+            status < 500,
+            "request {n} (seed {seed}): {shown} answered {status}"
+        );
+        *statuses.entry(status).or_insert(0) += 1;
+    }
+    println!("statuses: {statuses:?}");
+    let page = http
+        .get(format!("{base}/console/relays"))
+        .header("Cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200, "the console still serves");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!log.contains("panicked"), "{log}");
 }
