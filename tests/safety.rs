@@ -6,6 +6,8 @@
 //! rates that hold messages back without refusing them.
 
 mod common;
+#[path = "reliability/random_input.rs"]
+mod random_input;
 #[path = "../actors/tests/support/mod.rs"]
 mod support;
 
@@ -1780,4 +1782,182 @@ async fn a_batch_is_checked_per_message_and_each_message_takes_rate() {
         .filter(|l| l["event"]["action"] == "refused")
         .count();
     assert_eq!(refused, 3);
+}
+
+/// Whether the allowlist of the test's configuration (`@example.org`,
+/// `boss@partner.net`, `@*.corp.example`) lets mail go to `rcpt`, an
+/// envelope recipient as a relay received it. Lenient where the rules could
+/// be read two ways (letter case, one trailing dot), strict on the domain a
+/// relay routes by, and on a local part that routes elsewhere (`%`, `!`).
+fn allowed_by_the_test_allowlist(rcpt: &str) -> bool {
+    let rcpt = rcpt.trim_start_matches('<').trim_end_matches('>');
+    let Some((local, domain)) = rcpt.rsplit_once('@') else {
+        return false;
+    };
+    let domain = domain.to_ascii_lowercase();
+    let domain = domain.strip_suffix('.').unwrap_or(&domain);
+    let plain_local = !local.contains(['%', '!']);
+    match domain {
+        "example.org" => plain_local,
+        "partner.net" => local.eq_ignore_ascii_case("boss"),
+        d => d.ends_with(".corp.example") && plain_local,
+    }
+}
+
+/// Random recipients against the recipient allowlist: local parts and
+/// domains that route elsewhere or look like allowed ones, quoted, with
+/// display names and comments, in to, cc and bcc. Whatever each call is
+/// answered, every recipient the relay received is one the allowlist allows.
+#[tokio::test]
+async fn random_recipients_reach_only_what_the_allowlist_allows() {
+    use rand::{Rng, SeedableRng};
+    let seed = random_input::seed();
+    println!("MAILMUX_RANDOM_SEED={seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let sink = FaultSmtp::start(Script::ok()).await;
+    let port = sink.port();
+    let d = start_with(|dir| {
+        format!(
+            r#"
+send_deadline = "8s"
+shutdown_grace = "2s"
+
+[queue]
+path = "{db}"
+
+[policy]
+allowed_recipients = ["@example.org", "boss@partner.net", "@*.corp.example"]
+
+[[callers]]
+name = "delta"
+token_env = "DELTA_TOKEN"
+
+[[relays]]
+name = "sink"
+host = "127.0.0.1"
+port = {port}
+tls = "none"
+from_email = "sender@example.org"
+timeout = "3s"
+"#,
+            db = dir.join("queue.db").display(),
+        )
+    })
+    .await;
+    let c = connect(&d, DELTA).await;
+
+    const LOCALS: &[&str] = &[
+        "x",
+        "X",
+        "a.b",
+        "boss",
+        "Boss",
+        "boss2",
+        "\"q\"",
+        "\"a@b\"",
+        "\"evil@attacker.net\"",
+        "drop%attacker.net",
+        "attacker.net!drop",
+        "o'k",
+        "x+tag",
+        "ü",
+        "\"a b\"",
+        "a..b",
+        ".x",
+    ];
+    const DOMAINS: &[&str] = &[
+        "example.org",
+        "EXAMPLE.ORG",
+        "example.org.",
+        "sub.example.org",
+        "corp.example",
+        "mail.corp.example",
+        "a.b.corp.example",
+        "MAIL.CORP.EXAMPLE",
+        "xcorp.example",
+        "corp.example.attacker.net",
+        "partner.net",
+        "PARTNER.NET",
+        "attacker.net",
+        "example.org.attacker.net",
+        "ex\u{430}mple.org",
+        "[127.0.0.1]",
+        "[IPv6:::1]",
+        "xn--exmple-cua.org",
+        "example.org@attacker.net",
+        "example.org>",
+        "example.org,evil@attacker.net",
+        "example.org (comment)",
+        "attacker.net (example.org)",
+        "",
+    ];
+    // Well-formed ones, inside the allowlist and out, so that many calls
+    // are taken.
+    const WELL_FORMED: &[&str] = &[
+        "x@example.org",
+        "X@EXAMPLE.ORG",
+        "boss@partner.net",
+        "a@mail.corp.example",
+        "\"q\"@example.org",
+        "evil@attacker.net",
+        "x@sub.example.org",
+        "x@corp.example",
+        "boss2@partner.net",
+        "x@example.org.attacker.net",
+    ];
+    let address = |rng: &mut rand::rngs::StdRng| {
+        let addr = if rng.random_bool(0.6) {
+            WELL_FORMED[rng.random_range(0..WELL_FORMED.len())].to_owned()
+        } else {
+            format!(
+                "{}@{}",
+                LOCALS[rng.random_range(0..LOCALS.len())],
+                DOMAINS[rng.random_range(0..DOMAINS.len())]
+            )
+        };
+        match rng.random_range(0..10) {
+            0 => format!("\"ok@example.org\" <{addr}>"),
+            1 => format!("<{addr}>"),
+            2 => format!("Name <{addr}> (x@example.org)"),
+            3 => format!(
+                "{addr}, {}",
+                ["x@example.org", "evil@attacker.net"][rng.random_range(0..2)]
+            ),
+            _ => addr,
+        }
+    };
+    let mut answered = std::collections::BTreeMap::new();
+    for i in 0..600 {
+        let mut args = json!({ "subject": format!("random {i}"), "body": BODY_MARKER });
+        for field in ["to", "cc", "bcc"] {
+            if field == "to" || rng.random_bool(0.3) {
+                let list: Vec<String> = (0..rng.random_range(1..3))
+                    .map(|_| address(&mut rng))
+                    .collect();
+                args[field] = json!(list);
+            }
+        }
+        let (is_error, out) = call(&c, "send_email", args).await;
+        let key = if is_error {
+            format!("error {}", out["error"]["code"].as_str().unwrap_or("?"))
+        } else {
+            out["status"].as_str().unwrap_or("?").to_owned()
+        };
+        *answered.entry(key).or_insert(0) += 1;
+    }
+    println!("answers: {answered:?}");
+    let delivered = sink.delivered();
+    let outside: Vec<&String> = delivered
+        .iter()
+        .flat_map(|r| &r.rcpt_to)
+        .filter(|r| !allowed_by_the_test_allowlist(r))
+        .collect();
+    assert!(
+        outside.is_empty(),
+        "seed {seed}: mail went outside the allowlist: {outside:?}"
+    );
+    assert!(
+        delivered.len() >= 10,
+        "seed {seed}: too few messages went out to prove anything: {answered:?}"
+    );
 }
