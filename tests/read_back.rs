@@ -296,10 +296,21 @@ fn message(rng: &mut StdRng, i: usize) -> (Value, Value) {
         let mut a = json!({ "filename": filename, "content_base64": encoded });
         let mut r = json!({ "filename": filename, "content_base64": encoded });
         if rng.random_bool(0.5) {
-            let ct =
-                ["application/octet-stream", "text/plain", "image/png"][rng.random_range(0..3)];
+            // As given, and as a reader names it (lowercase, no parameters).
+            let (ct, read_as) = [
+                ("application/octet-stream", "application/octet-stream"),
+                ("text/plain", "text/plain"),
+                ("image/png", "image/png"),
+                ("text/plain; charset=utf-8", "text/plain"),
+                ("Application/PDF", "application/pdf"),
+                ("image/svg+xml", "image/svg+xml"),
+                (
+                    "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+                    "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+                ),
+            ][rng.random_range(0..7)];
             a["content_type"] = json!(ct);
-            r["content_type"] = json!(ct);
+            r["content_type"] = json!(read_as);
         }
         attachments.push(a);
         read.push(r);
