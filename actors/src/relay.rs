@@ -734,9 +734,9 @@ async fn deliver_smtp(shared: &Arc<RelayShared>, flight: &Flight) -> Result<Deli
             .and_then(|s| s.parse::<Address>().ok()),
     };
 
-    // A pooled connection may have been closed by the server while idle; such
-    // a failure before anything was committed is retried once on a fresh
-    // connection.
+    // A pooled connection may have been closed by the server while idle,
+    // with a 421 or without a word; such a failure before anything was
+    // committed is retried once on a fresh connection.
     let mut pooled = shared.checkout().await;
     loop {
         let reused = pooled.is_some();
@@ -768,7 +768,7 @@ async fn deliver_smtp(shared: &Arc<RelayShared>, flight: &Flight) -> Result<Deli
         match result {
             Err(f)
                 if reused
-                    && f.class == FailureClass::RelayFault
+                    && (f.class == FailureClass::RelayFault || f.closing())
                     && !flight.progress.is_committed() =>
             {
                 if let Some(old) = exhausted {

@@ -57,8 +57,14 @@ impl Failure {
         self
     }
 
+    /// Whether the server said it is closing the connection (421, RFC 5321
+    /// 3.8): whatever the command, the session is over.
+    pub(crate) fn closing(&self) -> bool {
+        self.reply.as_ref().is_some_and(|r| r.code == 421)
+    }
+
     /// Classifies a lettre error from `phase`. A negative reply keeps its code
-    /// and text; anything else is a broken connection.
+    /// and text; anything else is a broken connection, and so is a 421.
     fn from_lettre(err: &lettre::transport::smtp::Error, phase: Phase) -> Self {
         let reply = err.status().map(|code| Reply {
             code: u16::from(code),
@@ -79,7 +85,7 @@ impl Failure {
         };
         Failure {
             class,
-            lost: reply.is_none(),
+            lost: reply.as_ref().is_none_or(|r| r.code == 421),
             reply,
             detail,
         }

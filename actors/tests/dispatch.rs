@@ -1144,6 +1144,48 @@ async fn a_session_whose_wait_timed_out_is_dropped_not_reused() {
     assert!(a.connections() >= 2, "the hung session was not reused");
 }
 
+/// A server that ends an idle session says 421 and closes it (Postfix's
+/// `smtpd_timeout`, a server restarting). The next message on that pooled
+/// connection reads the 421: it goes out on a fresh connection at once, not
+/// deferred, and the relay stays healthy. With and without PIPELINING.
+#[tokio::test]
+async fn a_421_on_a_pooled_connection_is_retried_on_a_fresh_one() {
+    for pipelining in [true, false] {
+        let a = FaultSmtp::start_with(
+            Script::ok().on_share(
+                Phase::Mail,
+                Action::reply(421, "4.4.2 idle too long, closing"),
+                support::fault_smtp::Share::EveryNth(2),
+            ),
+            Options {
+                pipelining,
+                ..Options::default()
+            },
+        )
+        .await;
+        let mut only = relay("a", a.port(), 1);
+        only.pool.max_connections = 1;
+        let d = Dispatcher::start(settings(vec![only], Strategy::Priority))
+            .await
+            .unwrap();
+        let first = d.send(mail()).await;
+        assert_eq!(first.status, Status::Sent, "{first:?}");
+        // The pooled session: its MAIL is the server's second, answered 421.
+        let m = mail();
+        let id = m.message_id.clone();
+        let second = d.send(m).await;
+        assert_eq!(
+            second.status,
+            Status::Sent,
+            "pipelining {pipelining}: {second:?}"
+        );
+        assert_eq!(copies(&a, &id), 1);
+        assert_eq!(a.connections(), 2, "pipelining {pipelining}");
+        let status = d.status().await.unwrap();
+        assert_eq!(status.relays[0].state, RelayState::Healthy, "{status:?}");
+    }
+}
+
 #[tokio::test]
 async fn pipelined_transactions_reach_postfix_smtp_sink_whole() {
     // smtp-sink (Postfix) offers PIPELINING: 200 concurrent messages, three
