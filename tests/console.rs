@@ -342,15 +342,15 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail_in_firefox() {
     operators_sign_in_watch_relays_and_decide_held_mail(Kind::Firefox).await;
 }
 
-async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
-    let sink = FaultSmtp::start(Script::ok()).await;
-    let flaky = FaultSmtp::start(Script::ok()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("mailmux.toml");
-    std::fs::write(&config, config_toml(dir.path(), sink.port(), flaky.port())).unwrap();
+/// The real binary serving HTTP in `dir` with [`config_toml`] (its log in
+/// `dir/daemon.log`), once it listens: the process, its base URL and an MCP
+/// client.
+async fn serve(dir: &Path, sink: &FaultSmtp, flaky: &FaultSmtp) -> (Killed, String, Mcp) {
+    let config = dir.join("mailmux.toml");
+    std::fs::write(&config, config_toml(dir, sink.port(), flaky.port())).unwrap();
     let port = common::free_port();
-    let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-    let _daemon = Killed {
+    let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+    let daemon = Killed {
         child: Command::new(env!("CARGO_BIN_EXE_mailmux"))
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -358,7 +358,7 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
             .arg("--config")
             .arg(&config)
             .args(["serve", "--http", &format!("127.0.0.1:{port}")])
-            .current_dir(dir.path())
+            .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -374,6 +374,14 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
         )))
         .await
         .expect("an MCP client over HTTP");
+    (daemon, base, mcp)
+}
+
+async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
+    let sink = FaultSmtp::start(Script::ok()).await;
+    let flaky = FaultSmtp::start(Script::ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_daemon, base, mcp) = serve(dir.path(), &sink, &flaky).await;
 
     let (_driver, b) = browser(kind, &dir.path().join(kind.name())).await;
 
@@ -891,35 +899,7 @@ async fn random_console_requests_are_answered_below_500() {
     let sink = FaultSmtp::start(Script::ok()).await;
     let flaky = FaultSmtp::start(Script::ok()).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("mailmux.toml");
-    std::fs::write(&config, config_toml(dir.path(), sink.port(), flaky.port())).unwrap();
-    let port = common::free_port();
-    let log_path = dir.path().join("daemon.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let _daemon = Killed {
-        child: Command::new(env!("CARGO_BIN_EXE_mailmux"))
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("OPS_TOKEN", OPS)
-            .arg("--config")
-            .arg(&config)
-            .args(["serve", "--http", &format!("127.0.0.1:{port}")])
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("mailmux starts"),
-        group: false,
-    };
-    wait_port(port).await;
-    let base = format!("http://127.0.0.1:{port}");
-    let mcp: Mcp = ()
-        .serve(StreamableHttpClientTransport::from_uri(format!(
-            "{base}/mcp"
-        )))
-        .await
-        .expect("an MCP client over HTTP");
+    let (_daemon, base, mcp) = serve(dir.path(), &sink, &flaky).await;
     // Messages to act on: delivered, held one by one, and a held batch.
     let mut ids = Vec::new();
     for i in 0..3 {
@@ -1065,6 +1045,6 @@ async fn random_console_requests_are_answered_below_500() {
         .await
         .unwrap();
     assert_eq!(page.status(), 200, "the console still serves");
-    let log = std::fs::read_to_string(&log_path).unwrap();
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
     assert!(!log.contains("panicked"), "{log}");
 }
