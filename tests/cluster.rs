@@ -376,7 +376,10 @@ async fn one_key_at_two_daemons_at_once_sends_once() {
 /// as it is composed, unleased, so that every daemon's polls deliver it.
 /// Daemon a takes one round at a time, and its relay hangs at MAIL; b
 /// delivers the rest. The call that waits at a sees each outcome that b
-/// wrote, and every message arrives once, at b's sink.
+/// wrote, and every message arrives once, at b's sink. a's relay backs off
+/// for a minute after its timeout: with the short backoff of the other
+/// tests it would be ready again before the held message's retry, and a
+/// could win the claim of each retry and hang on it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_large_batch_is_delivered_by_another_daemon_and_its_call_sees_each_outcome() {
     const N: usize = 60;
@@ -384,7 +387,10 @@ async fn a_large_batch_is_delivered_by_another_daemon_and_its_call_sees_each_out
     let url = pg.database();
     let hangs = FaultSmtp::start(Script::ok().on(Phase::Mail, Action::Hang)).await;
     let sink = FaultSmtp::start(Script::ok()).await;
-    let a_cfg = config_toml(&url, "a", hangs.port(), "5s", "max_in_flight = 1");
+    let a_cfg = config_toml(&url, "a", hangs.port(), "5s", "max_in_flight = 1")
+        .replace("backoff_base = \"50ms\"", "backoff_base = \"60s\"")
+        .replace("backoff_max = \"200ms\"", "backoff_max = \"60s\"");
+    assert!(a_cfg.contains("backoff_max = \"60s\""));
     let a = Node::start("a", &a_cfg).await;
     let b = Node::start("b", &config_toml(&url, "b", sink.port(), "5s", "")).await;
     let body = "a line of a long letter, short enough to be sent as it is.\n".repeat(1706);
@@ -421,7 +427,22 @@ async fn a_large_batch_is_delivered_by_another_daemon_and_its_call_sees_each_out
         }
     }
     // The one a held is retried, and b's relay takes it.
-    assert!(drained(&b, Duration::from_secs(30)).await);
+    if !drained(&b, Duration::from_secs(30)).await {
+        let held: Vec<&Value> = out["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["status"] != "sent")
+            .collect();
+        let mut now = Vec::new();
+        for r in &held {
+            now.push(b.status(r["message_id"].as_str().unwrap()).await);
+        }
+        panic!(
+            "not drained in 30 s: {} at b; the held ones now: {now:?}",
+            b.queue_counts().await
+        );
+    }
     let seen = copies(&sink.received());
     assert_eq!(seen.len(), N, "every message at b's sink");
     assert!(seen.values().all(|&n| n == 1), "{seen:?}");
