@@ -1152,3 +1152,43 @@ fn large_or_file_drafts_are_heavy_and_small_ones_are_not() {
     }];
     assert!(!d.is_heavy(), "a small inline attachment");
 }
+
+/// mail_parser, the reader of the console and of the Sent copy's Bcc check,
+/// reads the subject, the names and a file name as they were given.
+#[test]
+fn mail_parser_reads_subjects_names_and_file_names_as_given() {
+    use mail_parser::{MessageParser, MimeHeaders};
+    let subjects = [
+        "Hello there",
+        " leading and trailing ",
+        "two  spaces and\ta tab",
+        "Re: =?utf-8?q?not_a_word?=",
+        "日本語  👍🏽 Zoë",
+        &"長い件名".repeat(40),
+    ];
+    let names = [
+        "Ada Lovelace",
+        "Lovelace, Ada",
+        "say \"hi\"",
+        "日本 太郎",
+        "=?utf-8?q?x?=",
+        "Ωμέγα Ωμέγα Ωμέγα Ωμέγα 日本語 日本語",
+    ];
+    for (subject, name) in subjects.iter().zip(names) {
+        let quoted = name.replace('\\', "\\\\").replace('"', "\\\"");
+        let mut d = draft(&format!("\"{quoted}\" <a@x.org>"));
+        d.subject = (*subject).to_owned();
+        d.attachments = vec![AttachmentInput::Inline {
+            filename: format!("{name}.txt"),
+            content_base64: STANDARD.encode("x"),
+            content_type: None,
+        }];
+        let c = ok(&d, &policy());
+        let m = MessageParser::default().parse(&c.bytes[..]).unwrap();
+        assert_eq!(m.subject(), Some(*subject), "{}", text(&c));
+        let to = m.to().unwrap().first().unwrap();
+        assert_eq!(to.name(), Some(name), "{}", text(&c));
+        let file = m.attachments().next().unwrap().attachment_name();
+        assert_eq!(file, Some(format!("{name}.txt").as_str()), "{}", text(&c));
+    }
+}
