@@ -83,12 +83,14 @@ impl Failure {
             Some(r) => format!("{} replied {} {}", phase, r.code, r.text),
             None => format!("{phase}: {err}"),
         };
-        Failure {
+        let mut failure = Failure {
             class,
-            lost: reply.as_ref().is_none_or(|r| r.code == 421),
+            lost: false,
             reply,
             detail,
-        }
+        };
+        failure.lost = failure.reply.is_none() || failure.closing();
+        failure
     }
 
     fn timeout(phase: Phase, after: Duration) -> Self {
