@@ -66,6 +66,8 @@ pub enum Action {
     Hang,
     /// Drop the connection without a word.
     Close,
+    /// Wait this long, then answer as `Ok` does: a slow server.
+    Pause(Duration),
     /// Begin a reply and never end its line: bytes without a line break
     /// until the client goes away.
     Flood,

@@ -78,7 +78,7 @@ type Step = std::io::Result<Option<End>>;
 
 impl Session {
     async fn run(&mut self, conn: &mut Conn) -> std::io::Result<End> {
-        let greeting = self.shared.decide(Phase::Greeting, None);
+        let greeting = self.decide(Phase::Greeting, None).await;
         let rejected = match greeting {
             Action::Ok => {
                 let host = &self.shared.options.hostname;
@@ -134,7 +134,7 @@ impl Session {
     /// Carries out a non-Ok action; `Some` when the session must stop.
     async fn fault(&mut self, conn: &mut Conn, action: Action) -> Step {
         match action {
-            Action::Ok => Ok(None),
+            Action::Ok | Action::Pause(_) => Ok(None),
             Action::Reply(code, text) => {
                 send(conn, &format!("{code} {text}")).await?;
                 Ok((code == 421).then_some(End::Closed))
@@ -150,13 +150,25 @@ impl Session {
         }
     }
 
+    /// What the script says to do at `phase`; a pause is waited out here
+    /// and then answered as `Ok`.
+    async fn decide(&self, phase: Phase, rcpt: Option<&str>) -> Action {
+        match self.shared.decide(phase, rcpt) {
+            Action::Pause(d) => {
+                tokio::time::sleep(d).await;
+                Action::Ok
+            }
+            action => action,
+        }
+    }
+
     fn reset(&mut self) {
         self.mail_from = None;
         self.rcpt_to.clear();
     }
 
     async fn ehlo(&mut self, conn: &mut Conn, extended: bool) -> Step {
-        let action = self.shared.decide(Phase::Ehlo, None);
+        let action = self.decide(Phase::Ehlo, None).await;
         if action != Action::Ok {
             return self.fault(conn, action).await;
         }
@@ -240,7 +252,7 @@ impl Session {
                 .await
                 .map(|_| None);
         };
-        let action = self.shared.decide(Phase::Auth, None);
+        let action = self.decide(Phase::Auth, None).await;
         if action != Action::Ok {
             return self.fault(conn, action).await;
         }
@@ -293,7 +305,7 @@ impl Session {
 
     /// `AUTH XOAUTH2 <base64 of "user=U^Aauth=Bearer T^A^A">`.
     async fn xoauth2(&mut self, conn: &mut Conn, arg: &str) -> Step {
-        let action = self.shared.decide(Phase::Auth, None);
+        let action = self.decide(Phase::Auth, None).await;
         if action != Action::Ok {
             return self.fault(conn, action).await;
         }
@@ -372,7 +384,7 @@ impl Session {
                 .await
                 .map(|_| None);
         }
-        let action = self.shared.decide(Phase::Mail, None);
+        let action = self.decide(Phase::Mail, None).await;
         if action != Action::Ok {
             return self.fault(conn, action).await;
         }
@@ -394,7 +406,7 @@ impl Session {
                 .await
                 .map(|_| None);
         }
-        let action = self.shared.decide(Phase::Rcpt, Some(&to));
+        let action = self.decide(Phase::Rcpt, Some(&to)).await;
         if action != Action::Ok {
             return self.fault(conn, action).await;
         }
@@ -411,7 +423,7 @@ impl Session {
                 .await
                 .map(|_| None);
         }
-        let action = self.shared.decide(Phase::Data, None);
+        let action = self.decide(Phase::Data, None).await;
         if action != Action::Ok {
             return self.fault(conn, action).await;
         }
@@ -419,9 +431,9 @@ impl Session {
         let Some(data) = read_data(conn).await? else {
             return Ok(Some(End::Closed));
         };
-        let action = self.shared.decide(Phase::AfterDot, None);
+        let action = self.decide(Phase::AfterDot, None).await;
         let outcome = match &action {
-            Action::Ok => AfterDot::Delivered,
+            Action::Ok | Action::Pause(_) => AfterDot::Delivered,
             Action::Reply(code, _) => AfterDot::Replied(*code),
             Action::Hang => AfterDot::Hung,
             Action::Close | Action::Flood => AfterDot::Closed,
