@@ -2479,6 +2479,93 @@ async fn the_queue_command_cancels_and_retries_a_selection_at_once() {
     assert_eq!(subjects, ["sent", "deferred", "deferred", "deferred"]);
 }
 
+/// `queue cancel` from the shell while the daemon's delivery round holds
+/// the message: it was claimed and loaded, and the relay is slow to answer
+/// its RCPT, so it is still `queued` in the store. The cancel is answered
+/// `cancelled`, and then the message is never sent, by that round or a
+/// later one, and stays `cancelled`; a call that waits for it is answered
+/// `cancelled`. A cancel while the round holds a
+/// message it already marked as committing is refused (`sending`), and
+/// that message is delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_cancelled_from_the_shell_during_its_round_is_never_sent() {
+    let slow = || {
+        Script::ok().on_share(
+            Phase::Rcpt,
+            Action::Pause(Duration::from_millis(1500)),
+            Share::FirstN(1),
+        )
+    };
+    // A round the store refuses is not retried for an hour: only the store
+    // can answer the waiting call below.
+    let smtp = FaultSmtp::start(slow()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(dir.path(), smtp.port(), "")
+        .replace("retry_base = \"300ms\"", "retry_base = \"1h\"")
+        .replace("retry_max = \"1s\"", "retry_max = \"1h\"");
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let q = |args: &[&str]| common::queue_cmd(dir.path(), args);
+
+    let queued = send(
+        d.peer(),
+        msg("cancelled in its round", json!({"wait": false})),
+    )
+    .await;
+    assert_eq!(queued.status(), Some("queued"), "{queued:?}");
+    let id = queued.message_id().unwrap().to_string();
+    let held = support::wait_until(|| smtp.commands(Phase::Rcpt) >= 1, LIMIT).await;
+    assert!(held, "the round never reached RCPT");
+    let (code, out, err) = q(&["cancel", &id]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(out, format!("{id}: cancelled\n"));
+
+    // The relay answers the round after the cancel; then it would take
+    // anything, on this connection or a new one.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let s = status_of(d.peer(), &id).await;
+    assert_eq!(s["status"], "cancelled", "{s}");
+    assert!(smtp.received().is_empty(), "{:?}", smtp.received());
+
+    // A waiting call's message, stored before its round for its key: the
+    // call is answered as the store has it, `cancelled`.
+    smtp.set_script(slow());
+    let rcpts = smtp.commands(Phase::Rcpt);
+    let peer = d.peer().clone();
+    let waiting = tokio::spawn(async move {
+        send(&peer, msg("waits", json!({"idempotency_key": "waits-1"}))).await
+    });
+    let held = support::wait_until(|| smtp.commands(Phase::Rcpt) > rcpts, LIMIT).await;
+    assert!(held, "the waiting call's round never reached RCPT");
+    let (code, out, err) = q(&["cancel", "--status", "queued"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.ends_with("cancelled: 1 of 1 matching messages\n"),
+        "{out}"
+    );
+    let answer = waiting.await.unwrap();
+    assert_eq!(answer.status(), Some("cancelled"), "{answer:?}");
+    assert!(smtp.received().is_empty(), "{:?}", smtp.received());
+
+    // Marked before the cancel: refused, and delivered once.
+    smtp.set_script(Script::ok().on_share(
+        Phase::AfterDot,
+        Action::Pause(Duration::from_millis(1500)),
+        Share::FirstN(1),
+    ));
+    let committed = send(d.peer(), msg("committed", json!({"wait": false}))).await;
+    let id = committed.message_id().unwrap().to_string();
+    let at_dot = support::wait_until(|| smtp.commands(Phase::AfterDot) >= 1, LIMIT).await;
+    assert!(at_dot, "the round never sent its final dot");
+    let (code, _, err) = q(&["cancel", &id]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("is sending"), "{err}");
+    let s = settled(d.peer(), &id, LIMIT).await;
+    assert_eq!(s["status"], "sent", "{s}");
+    d.stop().await;
+    let subjects: Vec<String> = smtp.received().iter().filter_map(subject_of).collect();
+    assert_eq!(subjects, ["committed"]);
+}
+
 /// `queue backup` while the daemon runs and a burst is being written: the
 /// copy is made in one read transaction, readable by its owner only, and
 /// never written over an existing file. `queue restore` is refused while

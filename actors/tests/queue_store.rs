@@ -239,6 +239,45 @@ async fn conformance(store: &dyn Store) {
     assert!(store.find_key(Some("agent"), "k").await.unwrap().is_none());
 }
 
+/// A message cancelled while a round holds it (claimed and loaded, not yet
+/// marked: `mailmux queue cancel` from the shell, which acts on the store
+/// while the daemon runs) is never marked, so the round sends no final
+/// "." and its outcome is refused too: it stays `cancelled`. A marked
+/// message cannot be cancelled.
+async fn cancelled_in_a_round(store: &dyn Store) {
+    for id in ["c1", "c2"] {
+        store.accept(message(id, None)).await.unwrap();
+    }
+    assert_eq!(store.due(now_millis(), 10).await.unwrap(), ["c1", "c2"]);
+    assert!(store.load("c1").await.unwrap().is_some());
+    assert_eq!(store.cancel("c1").await.unwrap(), Cancel::Cancelled);
+    assert!(matches!(store.mark("c1").await, Err(StoreError::Fenced(_))));
+    let deferred = settle(State::Queued, Some(now_millis() + 1000));
+    assert!(matches!(
+        store.settle("c1", deferred).await,
+        Err(StoreError::Fenced(_))
+    ));
+    assert!(matches!(
+        store.settle("c1", settle(State::Sent, None)).await,
+        Err(StoreError::Fenced(_))
+    ));
+    let r = store.get("c1").await.unwrap().unwrap();
+    assert_eq!(r.state, State::Cancelled);
+    assert_eq!(states_of(&r), [State::Queued, State::Cancelled]);
+    assert_eq!(store.due(now_millis() + 60_000, 10).await.unwrap(), ["c2"]);
+
+    store.mark("c2").await.unwrap();
+    assert_eq!(
+        store.cancel("c2").await.unwrap(),
+        Cancel::Refused(State::Sending)
+    );
+    store.settle("c2", settle(State::Sent, None)).await.unwrap();
+    let mut counts = store.stats().await.unwrap().counts;
+    counts.retain(|c| c.1 > 0);
+    counts.sort();
+    assert_eq!(counts, [(State::Sent, 1), (State::Cancelled, 1)]);
+}
+
 /// Purge deletes in chunks, oldest first, and a chunked purge goes on until
 /// every finished message and old key is gone; waiting messages stay.
 async fn purges_in_chunks(store: &dyn Store) {
@@ -536,6 +575,7 @@ async fn sqlite_on_disk_conforms() {
     listings(&open("listings.db")).await;
     unconfirmed_marks(&open("unconfirmed.db")).await;
     streamed_batches(&open("streamed.db")).await;
+    cancelled_in_a_round(&open("cancelled.db")).await;
     for name in [
         "q.db",
         "approvals.db",
@@ -546,6 +586,7 @@ async fn sqlite_on_disk_conforms() {
         "listings.db",
         "unconfirmed.db",
         "streamed.db",
+        "cancelled.db",
     ] {
         counts_match_rows(&dir.path().join(name));
     }
@@ -793,6 +834,7 @@ async fn memory_conforms() {
     first_rounds(&MemoryStore::new()).await;
     listings(&MemoryStore::new()).await;
     streamed_batches(&MemoryStore::new()).await;
+    cancelled_in_a_round(&MemoryStore::new()).await;
 }
 
 /// A waiting call's message stored only at its first round's commit mark
@@ -1446,6 +1488,7 @@ async fn postgres_conforms() {
     on_a_new_database!(listings);
     on_a_new_database!(unconfirmed_marks);
     on_a_new_database!(streamed_batches);
+    on_a_new_database!(cancelled_in_a_round);
 }
 
 /// PostgreSQL reads a listing by caller, one by batch and one by a state

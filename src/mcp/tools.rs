@@ -309,6 +309,16 @@ fn relay_control(caller: Option<&Caller>, tool: &str) -> Option<ToolError> {
     })
 }
 
+/// The stored state a round's report stands for.
+fn reported(status: mailmux_actors::Status) -> State {
+    match status {
+        mailmux_actors::Status::Sent => State::Sent,
+        mailmux_actors::Status::Partial => State::Partial,
+        mailmux_actors::Status::Unknown => State::Unknown,
+        mailmux_actors::Status::Failed => State::Failed,
+    }
+}
+
 /// A call its client cancelled before anything of it was stored.
 fn cancelled_call() -> ToolError {
     ToolError::new("cancelled", QueueError::Cancelled.to_string())
@@ -1878,16 +1888,13 @@ impl MailmuxServer {
             sub.record = record;
         }
         let record = &sub.record;
-        // The report of the round this call saw, when it is the final word;
-        // otherwise the message as stored.
+        // The report of the round this call saw, when it is the final word
+        // (the store holds the outcome it reports); otherwise the message as
+        // stored: cancelled or expired meanwhile, or not final yet.
         let mut out = match &sub.report {
-            Some(report) if record.state.is_final() && !sub.replay => {
+            Some(report) if reported(report.status) == record.state && !sub.replay => {
                 let mut out = SendResult::from_report(report, envelope);
-                out.status = record.state.into();
                 out.queued_at = Some(rfc3339(record.queued_at));
-                if record.state == State::Expired {
-                    out = SendResult::from_record(record);
-                }
                 out
             }
             _ => SendResult::from_record(record),

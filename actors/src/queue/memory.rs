@@ -132,6 +132,15 @@ impl Mem {
         Ok((seq, row))
     }
 
+    /// A mark or settle of a message cancelled while its round held it is
+    /// refused, as the SQLite store refuses it.
+    fn refuse_cancelled(&mut self, id: &str) -> Result<(), StoreError> {
+        match self.row(id)?.1.record.state {
+            State::Cancelled => Err(super::cancelled_in_round(id)),
+            _ => Ok(()),
+        }
+    }
+
     /// Moves a row to `state` at `now`, keeping the due index in step.
     fn enter(
         &mut self,
@@ -205,6 +214,7 @@ impl Store for MemoryStore {
 
     async fn mark(&self, message_id: &str) -> Result<(), StoreError> {
         let mut mem = self.lock();
+        mem.refuse_cancelled(message_id)?;
         mem.enter(message_id, State::Sending, None, now_millis())?;
         mem.row(message_id)?.1.committing = true;
         Ok(())
@@ -212,6 +222,7 @@ impl Store for MemoryStore {
 
     async fn settle(&self, message_id: &str, s: Settle) -> Result<(), StoreError> {
         let mut mem = self.lock();
+        mem.refuse_cancelled(message_id)?;
         mem.enter(message_id, s.state, s.next_attempt_at, now_millis())?;
         let (_, row) = mem.row(message_id)?;
         row.committing = false;

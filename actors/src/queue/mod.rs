@@ -582,8 +582,10 @@ pub enum StoreError {
         "the queue store did not confirm the write, which may have been stored all the same: {0}"
     )]
     Unconfirmed(String),
-    /// Another daemon's lease holds the message now: this daemon's lease
-    /// ran out and its write was refused (a shared store only).
+    /// The message is no longer this daemon's to change, and the write was
+    /// refused: another daemon's lease holds it now (this daemon's lease
+    /// ran out, on a shared store), or it was cancelled while a delivery
+    /// round held it ([`cancelled_in_round`]).
     #[error("{0}")]
     Fenced(String),
     /// Another daemon holds the store.
@@ -598,6 +600,17 @@ pub enum StoreError {
         found: i64,
         known: i64,
     },
+}
+
+/// The refusal of a mark or a settle of a message cancelled while a
+/// delivery round held it: `mailmux queue cancel` acts on the store while
+/// the daemon runs, and a message claimed and loaded is still `queued`
+/// there until its mark. Nothing is written; a refused mark sends no final
+/// ".", so the message stays `cancelled` and is never sent.
+pub(crate) fn cancelled_in_round(message_id: &str) -> StoreError {
+    StoreError::Fenced(format!(
+        "message {message_id} was cancelled while a delivery round held it; it stays cancelled and is not sent"
+    ))
 }
 
 /// The result of `cancel`.

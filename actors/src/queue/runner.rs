@@ -682,7 +682,8 @@ impl Queue {
                 return Err(e.into());
             }
             report = Some(r);
-            record = Some(base.settled(&settle));
+            // A round whose outcome the store refused is read back below.
+            record = settle.map(|s| base.settled(&s));
         } else {
             // No round slot before the deadline: the runner takes it later.
             if fresh && let Err(e) = self.accept(&new, now).await {
@@ -935,7 +936,17 @@ impl Queue {
                     if let Ok((k, Some((report, settle, at)))) = handle.await
                         && let Ok(submitted) = &mut out[k]
                     {
-                        submitted.record.settle_on(&settle, at);
+                        match settle {
+                            Some(settle) => submitted.record.settle_on(&settle, at),
+                            // Refused by the store: read as it stands.
+                            None => {
+                                if let Ok(record) =
+                                    self.inner.record(&submitted.record.message_id).await
+                                {
+                                    submitted.record = record;
+                                }
+                            }
+                        }
                         submitted.report = Some(report);
                     }
                 }
@@ -1857,7 +1868,7 @@ async fn round(
     p: Pending,
     deadline: Instant,
     slot: tokio::sync::OwnedSemaphorePermit,
-) -> (Report, Settle) {
+) -> (Report, Option<Settle>) {
     // A caller that waits for it may still cancel it.
     let cancel = inner
         .cancels
@@ -1929,7 +1940,7 @@ async fn first_round(
     deadline: Instant,
     _slot: tokio::sync::OwnedSemaphorePermit,
     cancel: Option<CancellationToken>,
-) -> (Report, Settle, Option<StoreError>) {
+) -> (Report, Option<Settle>, Option<StoreError>) {
     let _counted = inner.rounds.enter();
     let started = now_millis();
     let id = p.message_id.clone();
@@ -2020,6 +2031,10 @@ async fn first_round(
             }
             e => e.clone(),
         });
+    } else if let Err(StoreError::Fenced(e)) = &result {
+        // Cancelled meanwhile, or another daemon's lease holds it now: its
+        // state is theirs to write.
+        tracing::warn!(message_id = %id, state = state.as_str(), error = %e, "a delivery's outcome was not recorded");
     } else if let Err(e) = &result {
         // The outcome is not stored. A message marked as committing stays
         // `sending` and becomes `unknown` at recovery; one not marked stays
@@ -2028,7 +2043,10 @@ async fn first_round(
     }
     inner.unclaim(&id);
     inner.wake_waiters(&id, &report);
-    (report, settle, lost)
+    // Refused: the message changed hands (cancelled meanwhile, or another
+    // daemon's lease), so the store, not this round, has its state.
+    let recorded = !matches!(result, Err(StoreError::Fenced(_)));
+    (report, recorded.then_some(settle), lost)
 }
 
 fn mail_of(p: &Pending, deadline: Instant) -> Result<Mail, String> {

@@ -35,7 +35,7 @@ use super::rows::{self, entry, lines};
 use super::{
     Accepted, Cancel, CopyDue, Decided, Decision, Feed, Filter, Millis, NewMessage, Pending,
     Purged, Record, Recovered, Retry, Settle, State, Stats, Store, StoreError, Summary, abandoned,
-    now_millis,
+    cancelled_in_round, now_millis,
 };
 
 /// Writes folded into one transaction at most. Bounds the latency a write
@@ -1161,8 +1161,13 @@ fn run_write<T>(
     }
 }
 
-fn mark(c: &Tx<'_>, id: &str, now: Millis) -> rusqlite::Result<()> {
+/// Marks message `id` as committing; false, writing nothing, when it was
+/// cancelled meanwhile ([`cancelled_in_round`]).
+fn mark(c: &Tx<'_>, id: &str, now: Millis) -> rusqlite::Result<bool> {
     let (seq, state) = seq_and_state(c, id)?;
+    if state == State::Cancelled {
+        return Ok(false);
+    }
     c.prepare_cached(&format!(
         "UPDATE messages SET state = 'sending', committing = 1, updated_at = ?2, {}
          WHERE seq = ?1",
@@ -1170,7 +1175,7 @@ fn mark(c: &Tx<'_>, id: &str, now: Millis) -> rusqlite::Result<()> {
     ))?
     .execute(params![seq, now, entry(State::Sending, now)])?;
     c.moved(Some(state), State::Sending, 1);
-    Ok(())
+    Ok(true)
 }
 
 /// The ids of the messages due by ?1, oldest due first, ?2 at most. Read
@@ -1411,13 +1416,18 @@ fn accept_committing(c: &Tx<'_>, m: &NewMessage, now: Millis) -> rusqlite::Resul
     Ok(())
 }
 
-fn settle(c: &Tx<'_>, id: &str, s: &Settle, now: Millis) -> rusqlite::Result<()> {
+/// Records the outcome of a round of message `id`; false, writing
+/// nothing, when it was cancelled meanwhile ([`cancelled_in_round`]).
+fn settle(c: &Tx<'_>, id: &str, s: &Settle, now: Millis) -> rusqlite::Result<bool> {
     let finished = s.state.is_final().then_some(now);
     let keep_body = s.state.keeps_body() || s.copy;
     let rejected = rows::rejected_text(&s.rejected);
     // Found first, then changed by its rowid: an `UPDATE … RETURNING` costs
     // a temporary table per statement.
     let (seq, state) = seq_and_state(c, id)?;
+    if state == State::Cancelled {
+        return Ok(false);
+    }
     c.prepare_cached(&format!(
         "UPDATE messages SET state = ?2, updated_at = ?3, finished_at = ?4, committing = 0,
             rounds = rounds + 1, relay = COALESCE(?5, relay), accepted = ?6, rejected = ?7,
@@ -1446,7 +1456,7 @@ fn settle(c: &Tx<'_>, id: &str, s: &Settle, now: Millis) -> rusqlite::Result<()>
         rows::attempts_text(&s.attempts),
     ])?;
     c.moved(Some(state), s.state, 1);
-    Ok(())
+    Ok(true)
 }
 
 fn cancel(c: &Tx<'_>, id: &str, now: Millis) -> rusqlite::Result<Cancel> {
@@ -1664,13 +1674,21 @@ impl Store for SqliteStore {
 
     async fn mark(&self, message_id: &str) -> Result<(), StoreError> {
         let id = message_id.to_owned();
-        self.write(move |c, now| mark(c, &id, now)).await
+        match self.write(move |c, now| mark(c, &id, now)).await? {
+            true => Ok(()),
+            false => Err(cancelled_in_round(message_id)),
+        }
     }
 
     async fn settle(&self, message_id: &str, s: Settle) -> Result<(), StoreError> {
         let id = message_id.to_owned();
-        self.write_with(lazy(&s), move |c, now| settle(c, &id, &s, now))
-            .await
+        match self
+            .write_with(lazy(&s), move |c, now| settle(c, &id, &s, now))
+            .await?
+        {
+            true => Ok(()),
+            false => Err(cancelled_in_round(message_id)),
+        }
     }
 
     async fn accept_marked(&self, m: NewMessage) -> Result<(), StoreError> {
@@ -1681,7 +1699,7 @@ impl Store for SqliteStore {
     async fn accept_settled(&self, m: NewMessage, s: Settle) -> Result<(), StoreError> {
         self.write(move |c, now| {
             accept_all(c, std::slice::from_ref(&m), now)?;
-            settle(c, &m.message_id, &s, now)
+            settle(c, &m.message_id, &s, now).map(drop)
         })
         .await
     }
@@ -1702,7 +1720,7 @@ impl Store for SqliteStore {
             ) {
                 accept_all(c, std::slice::from_ref(&m), now)?;
             }
-            settle(c, &m.message_id, &s, now)
+            settle(c, &m.message_id, &s, now).map(drop)
         })
         .await
     }
