@@ -198,13 +198,9 @@ impl Store for MemoryStore {
     ) -> Result<Vec<Accepted>, StoreError> {
         let mut mem = self.lock();
         if atomic {
-            let seen = ms
-                .iter()
-                .map(|m| match mem.key_seen(m) {
-                    Some(Accepted::Conflict(id)) => Accepted::Conflict(id),
-                    _ => Accepted::Withheld,
-                })
-                .collect();
+            let seen =
+                super::batch_conflicts(&ms, |m| Ok::<_, std::convert::Infallible>(mem.key_seen(m)));
+            let Ok(seen) = seen;
             if let (out, false) = super::atomic_answers(seen) {
                 return Ok(out);
             }
@@ -241,8 +237,26 @@ impl Store for MemoryStore {
         } else if !s.state.keeps_body() {
             row.body = None;
         }
+        // A message stored by `accept_marked` gets its bytes from the
+        // outcome that keeps them.
+        if (s.copy || s.state.keeps_body()) && row.body.is_none() {
+            row.body = s.body;
+        }
         let now_pending = pending(&row.record);
         mem.count_copy(was_pending, now_pending);
+        Ok(())
+    }
+
+    /// Stored marked and without its bytes, as the SQLite store stores it:
+    /// a marked message is never sent again from the store.
+    async fn accept_marked(&self, m: NewMessage) -> Result<(), StoreError> {
+        let mut mem = self.lock();
+        let id = m.message_id.clone();
+        mem.accept(m);
+        mem.enter(&id, State::Sending, None, now_millis())?;
+        let (_, row) = mem.row(&id)?;
+        row.committing = true;
+        row.body = None;
         Ok(())
     }
 
@@ -514,6 +528,8 @@ impl Store for MemoryStore {
                 mem.enter(&id, State::Unknown, None, now)?;
                 let (_, row) = mem.row(&id)?;
                 row.committing = false;
+                row.record.reason = None;
+                row.record.note = Some(super::RECOVERED_UNKNOWN.into());
                 out.unknown.push(id);
             } else {
                 mem.enter(&id, State::Queued, Some(now), now)?;

@@ -351,6 +351,38 @@ pub fn atomic_answers(out: Vec<Accepted>) -> (Vec<Accepted>, bool) {
     (out, false)
 }
 
+/// What each message of an atomic batch would get for its key, before any
+/// of it is stored: a conflict with a message stored before (`seen`, which
+/// answers for one message) or with an earlier message of the batch, or
+/// else `Withheld`, for [`atomic_answers`].
+pub(crate) fn batch_conflicts<E>(
+    ms: &[NewMessage],
+    mut seen: impl FnMut(&NewMessage) -> Result<Option<Accepted>, E>,
+) -> Result<Vec<Accepted>, E> {
+    let mut earlier: std::collections::HashMap<String, (&str, &[u8; 32])> =
+        std::collections::HashMap::new();
+    let mut out = Vec::with_capacity(ms.len());
+    for m in ms {
+        let answer = match seen(m)? {
+            Some(Accepted::Conflict(id)) => Accepted::Conflict(id),
+            Some(_) => Accepted::Withheld,
+            None => match m.scoped_key() {
+                Some((key, hash)) => match earlier.get(&key) {
+                    Some((id, first)) if *first != hash => Accepted::Conflict((*id).to_owned()),
+                    Some(_) => Accepted::Withheld,
+                    None => {
+                        earlier.insert(key, (&m.message_id, hash));
+                        Accepted::Withheld
+                    }
+                },
+                None => Accepted::Withheld,
+            },
+        };
+        out.push(answer);
+    }
+    Ok(out)
+}
+
 /// One attempt at one relay, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttemptRecord {
@@ -557,6 +589,9 @@ pub async fn purge(
         tokio::task::yield_now().await;
     }
 }
+
+/// The note of a message recovery made `unknown`.
+pub const RECOVERED_UNKNOWN: &str = "mailmux stopped after the message was handed to a relay; it may have been delivered and was not sent again";
 
 /// What recovery did at start.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

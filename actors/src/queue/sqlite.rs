@@ -1292,17 +1292,9 @@ fn accept_all(c: &Tx<'_>, ms: &[NewMessage], now: Millis) -> rusqlite::Result<Ve
     Ok(out)
 }
 
-/// What each of `ms` would get for its key: a conflict, or (stored,
-/// replayed or without a key) `Withheld`, for [`super::atomic_answers`].
+/// What each of `ms` would get for its key ([`super::batch_conflicts`]).
 fn conflicts(c: &Connection, ms: &[NewMessage]) -> rusqlite::Result<Vec<Accepted>> {
-    ms.iter()
-        .map(|m| {
-            Ok(match key_seen(c, m)? {
-                Some(Accepted::Conflict(id)) => Accepted::Conflict(id),
-                _ => Accepted::Withheld,
-            })
-        })
-        .collect()
+    super::batch_conflicts(ms, |m| key_seen(c, m))
 }
 
 /// The message `m`'s idempotency key already names: a replay (same
