@@ -1,7 +1,8 @@
 //! The three queue stores against each other: random sequences of the
 //! operations the daemon, its tools and the queue command make (accepts with
-//! and without keys, batches, holds, claims, marks, outcomes, cancels,
-//! decisions, retries, expiry, Sent copies, recovery and purges), applied to
+//! and without keys, batches at once and as they are composed, holds,
+//! claims, loads, marks, outcomes, cancels, decisions, retries, expiry, Sent
+//! copies, recovery and purges), applied to
 //! the `memory` store, SQLite on disk and PostgreSQL (a throwaway server)
 //! alike. After every operation the answers, every message's record, the
 //! listings, the counts and the due messages must be the same on all three.
@@ -20,7 +21,7 @@ use mailmux_actors::queue::memory::MemoryStore;
 use mailmux_actors::queue::postgres::{PgSettings, PgStore};
 use mailmux_actors::queue::sqlite::SqliteStore;
 use mailmux_actors::queue::{
-    self, AttemptRecord, Decision, Filter, Hold, Millis, NewMessage, Record, RejectedRecord,
+    self, AttemptRecord, Decision, Feed, Filter, Hold, Millis, NewMessage, Record, RejectedRecord,
     Settle, State, Store, StoreError, Summary, now_millis,
 };
 use rand::rngs::StdRng;
@@ -332,7 +333,7 @@ impl Run {
 /// store's answer.
 async fn step(run: &mut Run, stores: &[Arc<dyn Store>]) -> (String, Vec<String>) {
     let c = run.clock;
-    let pick = run.rng.random_range(0..100);
+    let pick = run.rng.random_range(0..110);
     let mut answers = Vec::new();
     let name;
     match pick {
@@ -485,6 +486,55 @@ async fn step(run: &mut Run, stores: &[Arc<dyn Store>]) -> (String, Vec<String>)
             name = format!("note_copy {id} {outcome}");
             for s in stores {
                 answers.push(answer(s.note_copy(&id, outcome).await));
+            }
+        }
+        100..=104 => {
+            // A batch stored as it is composed, committed or abandoned.
+            let atomic = run.rng.random_bool(0.5);
+            let commit = run.rng.random_bool(0.8);
+            let n = run.rng.random_range(1..4);
+            let ms: Vec<NewMessage> = (0..n).map(|_| run.message(true, true)).collect();
+            name = format!(
+                "accept_stream atomic={atomic} commit={commit} {:?}",
+                ms.iter()
+                    .map(|m| (
+                        m.message_id.clone(),
+                        m.idempotency.as_ref().map(|(k, h)| (k.clone(), h[0]))
+                    ))
+                    .collect::<Vec<_>>()
+            );
+            for s in stores {
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                let ms = ms.clone();
+                let feed = tokio::spawn(async move {
+                    for m in ms {
+                        let _ = tx.send(Feed::Message(Box::new(m))).await;
+                    }
+                    if commit {
+                        let _ = tx.send(Feed::Commit).await;
+                    }
+                });
+                answers.push(answer(s.accept_stream(rx, atomic).await));
+                feed.await.unwrap();
+            }
+        }
+        105..=109 => {
+            let n = run.rng.random_range(1..5);
+            // As the runner asks: each id once.
+            let mut ids: Vec<String> = (0..n).map(|_| run.any_id()).collect();
+            let mut once = BTreeSet::new();
+            ids.retain(|id| once.insert(id.clone()));
+            let max = [0, 1, 30, u64::MAX][run.rng.random_range(0..4)];
+            name = format!("load_many {ids:?} max_bytes={max}");
+            for s in stores {
+                answers.push(answer(s.load_many(&ids, max).await.map(|ps| {
+                    let mut got: Vec<(String, usize)> = ps
+                        .iter()
+                        .map(|p| (p.message_id.clone(), p.bytes.len()))
+                        .collect();
+                    got.sort();
+                    got
+                })));
             }
         }
         92..=93 => {
