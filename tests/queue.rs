@@ -66,6 +66,12 @@ probe_interval = "200ms"
     )
 }
 
+/// `cfg` with a deferred message's next retry an hour away.
+fn hourly_retries(cfg: String) -> String {
+    cfg.replace("retry_base = \"300ms\"", "retry_base = \"1h\"")
+        .replace("retry_max = \"1s\"", "retry_max = \"1h\"")
+}
+
 impl Daemon {
     async fn start(dir: &Path, config: &str) -> Daemon {
         Daemon::start_as(dir, config, ()).await
@@ -2384,9 +2390,7 @@ async fn the_queue_command_inspects_and_acts_while_the_daemon_runs() {
 async fn the_queue_command_cancels_and_retries_a_selection_at_once() {
     let smtp = FaultSmtp::start(Script::ok()).await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config_toml(dir.path(), smtp.port(), "")
-        .replace("retry_base = \"300ms\"", "retry_base = \"1h\"")
-        .replace("retry_max = \"1s\"", "retry_max = \"1h\"");
+    let cfg = hourly_retries(config_toml(dir.path(), smtp.port(), ""));
     let d = Daemon::start(dir.path(), &cfg).await;
     let q = |args: &[&str]| common::queue_cmd(dir.path(), args);
     let batch = |tag: &str, extra: Value| common::batch_args(tag, 3, extra);
@@ -2500,9 +2504,7 @@ async fn a_message_cancelled_from_the_shell_during_its_round_is_never_sent() {
     // can answer the waiting call below.
     let smtp = FaultSmtp::start(slow()).await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config_toml(dir.path(), smtp.port(), "")
-        .replace("retry_base = \"300ms\"", "retry_base = \"1h\"")
-        .replace("retry_max = \"1s\"", "retry_max = \"1h\"");
+    let cfg = hourly_retries(config_toml(dir.path(), smtp.port(), ""));
     let d = Daemon::start(dir.path(), &cfg).await;
     let q = |args: &[&str]| common::queue_cmd(dir.path(), args);
 

@@ -355,15 +355,7 @@ async fn step(run: &mut Run, stores: &[Arc<dyn Store>]) -> (String, Vec<String>)
             let atomic = run.rng.random_bool(0.5);
             let n = run.rng.random_range(1..4);
             let ms: Vec<NewMessage> = (0..n).map(|_| run.message(true, true)).collect();
-            name = format!(
-                "accept_many atomic={atomic} {:?}",
-                ms.iter()
-                    .map(|m| (
-                        m.message_id.clone(),
-                        m.idempotency.as_ref().map(|(k, h)| (k.clone(), h[0]))
-                    ))
-                    .collect::<Vec<_>>()
-            );
+            name = format!("accept_many atomic={atomic} {:?}", keys_of(&ms));
             for s in stores {
                 answers.push(answer(s.accept_many(ms.clone(), atomic).await));
             }
@@ -496,12 +488,7 @@ async fn step(run: &mut Run, stores: &[Arc<dyn Store>]) -> (String, Vec<String>)
             let ms: Vec<NewMessage> = (0..n).map(|_| run.message(true, true)).collect();
             name = format!(
                 "accept_stream atomic={atomic} commit={commit} {:?}",
-                ms.iter()
-                    .map(|m| (
-                        m.message_id.clone(),
-                        m.idempotency.as_ref().map(|(k, h)| (k.clone(), h[0]))
-                    ))
-                    .collect::<Vec<_>>()
+                keys_of(&ms)
             );
             for s in stores {
                 let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -566,6 +553,17 @@ async fn step(run: &mut Run, stores: &[Arc<dyn Store>]) -> (String, Vec<String>)
         }
     }
     (name, answers)
+}
+
+/// Each message's id and key (with its content hash's first byte), for the
+/// step's name.
+fn keys_of(ms: &[NewMessage]) -> Vec<(String, Option<(String, u8)>)> {
+    ms.iter()
+        .map(|m| {
+            let key = m.idempotency.as_ref().map(|(k, h)| (k.clone(), h[0]));
+            (m.message_id.clone(), key)
+        })
+        .collect()
 }
 
 fn choose(rng: &mut StdRng, from: &[String]) -> Option<String> {
