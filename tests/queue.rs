@@ -6,6 +6,8 @@
 //! reconciles what each call was told against what the fault-injecting SMTP
 //! server received.
 
+#[path = "reliability/chaos.rs"]
+mod chaos;
 mod common;
 #[path = "reliability/harness.rs"]
 mod harness;
@@ -479,174 +481,43 @@ async fn a_burst_killed_mid_way_loses_nothing_and_doubles_nothing() {
     d.stop().await;
 }
 
-/// What one caller of the chaos test asked for and was finally told.
-struct Asked {
-    /// The subjects of the call's messages.
-    subjects: Vec<String>,
-    keyed: bool,
-    /// How many times a keyed call was made again after its daemon died.
-    again: usize,
-    /// The last answer; a transport error only for a call with no key.
-    last: Call,
-}
-
-/// A relay that fails at random for a moment: 4xx, a closed connection or
-/// a slow reply at any phase, after the final "." too, for a share of the
-/// transactions. Nothing permanent, so every message stored can be sent.
-fn flaky_script(rng: &mut impl rand::Rng) -> Script {
-    let phases = [
-        Phase::Greeting,
-        Phase::Mail,
-        Phase::Rcpt,
-        Phase::Data,
-        Phase::AfterDot,
-    ];
-    let mut script = Script::ok();
-    for _ in 0..rng.random_range(0..=2) {
-        let phase = phases[rng.random_range(0..phases.len())];
-        let action = match rng.random_range(0..6) {
-            0 => Action::Close,
-            1 => Action::Pause(Duration::from_millis(rng.random_range(50..400))),
-            2 => Action::reply(421, "4.3.0 closing"),
-            _ => Action::reply(451, "4.3.0 try again later"),
-        };
-        let share = if rng.random_bool(0.5) {
-            Share::EveryNth(rng.random_range(2..5))
-        } else {
-            Share::FirstN(rng.random_range(1..4))
-        };
-        script = script.on_share(phase, action, share);
-    }
-    script
-}
-
 /// Several SIGKILLs of the real binary while eight callers send, some with
 /// idempotency keys, some waiting, some in small batches, and the relay
 /// fails at random (after the final "." too). A caller whose call broke
 /// with its daemon makes the call again on the next daemon when it has
 /// keys, as an agent would; a call with no key is left unanswered. After
-/// the last restart the relay turns good and the queue drains. Then, at the
-/// sink and in the store: every stored message is `sent`, with exactly one
-/// copy the relay took, or `unknown`, with at most one copy it may have
-/// taken; no message is there that nobody asked for; no subject arrived
-/// twice; every answer named a stored message. The seed is printed;
-/// `MAILMUX_RANDOM_SEED` replays the callers' choices and the relay's
-/// faults (the moments of the kills follow the run).
+/// the last restart the relay turns good and the queue drains; then every
+/// stored message is reconciled at the sink ([`chaos::reconcile`]). The
+/// seed is printed; `MAILMUX_RANDOM_SEED` replays the callers' choices and
+/// the relay's faults (the moments of the kills follow the run).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_kills_under_a_flaky_relay_lose_nothing_and_double_nothing() {
     use rand::{Rng, SeedableRng};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use support::fault_smtp::AfterDot;
 
     const KILLS: usize = 5;
-    const CALLERS: usize = 8;
-    let seed = match std::env::var("MAILMUX_RANDOM_SEED") {
-        Ok(s) => s.parse().expect("MAILMUX_RANDOM_SEED is a number"),
-        Err(_) => rand::rng().random(),
-    };
+    let seed = chaos::seed();
     eprintln!("repeated kills: MAILMUX_RANDOM_SEED={seed} replays this run");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-
     let smtp = Arc::new(FaultSmtp::start(Script::ok()).await);
     let dir = tempfile::tempdir().unwrap();
     let cfg = config_toml(dir.path(), smtp.port(), "")
         .replace("send_deadline = \"8s\"", "send_deadline = \"2s\"");
-    // The daemon of the moment (None between a kill and the next start),
-    // with its generation: a call that broke waits for a newer one.
-    let (now_serving, serving) = tokio::sync::watch::channel((0usize, None::<Peer<RoleClient>>));
+    let daemons = chaos::Daemons::new(1);
     let stop = Arc::new(AtomicBool::new(false));
+    let mut callers = chaos::callers(8, seed, &daemons, LIMIT, stop.clone());
+    let faults = chaos::flaky_relay(smtp.clone(), seed, stop.clone());
 
-    let mut callers = tokio::task::JoinSet::new();
-    for caller in 0..CALLERS {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(caller as u64 + 1));
-        let mut serving = serving.clone();
-        let stop = stop.clone();
-        callers.spawn(async move {
-            let mut asked = Vec::new();
-            let mut i = 0;
-            while !stop.load(Ordering::SeqCst) {
-                i += 1;
-                let keyed = rng.random_bool(0.5);
-                let wait = rng.random_bool(0.5);
-                let tag = format!("chaos {caller}.{i}");
-                let key = |j: usize| json!(format!("key-{caller}-{i}-{j}"));
-                let (tool, args, subjects) = if rng.random_bool(0.15) {
-                    let subjects: Vec<String> = (0..3).map(|j| format!("{tag}.{j}")).collect();
-                    let messages: Vec<Value> = subjects
-                        .iter()
-                        .enumerate()
-                        .map(|(j, s)| {
-                            let mut m = json!({"to": ["rcpt@example.org"], "subject": s});
-                            if keyed {
-                                m["idempotency_key"] = key(j);
-                            }
-                            m
-                        })
-                        .collect();
-                    let args = json!({"defaults": {"body": "a chaos batch\n"},
-                                      "messages": messages, "wait": wait});
-                    ("send_batch", args, subjects)
-                } else {
-                    let mut args = msg(&tag, json!({"wait": wait}));
-                    if keyed {
-                        args["idempotency_key"] = key(0);
-                    }
-                    ("send_email", args, vec![tag.clone()])
-                };
-                let mut again = 0;
-                loop {
-                    let (generation, peer) = {
-                        let now = serving
-                            .wait_for(|(_, p)| p.is_some())
-                            .await
-                            .expect("the test keeps the sender");
-                        (now.0, now.1.clone().unwrap())
-                    };
-                    let c = call(&peer, tag.clone(), tool, args.clone(), LIMIT).await;
-                    let broke = c.value().is_none();
-                    if !broke || !keyed {
-                        asked.push(Asked {
-                            subjects: subjects.clone(),
-                            keyed,
-                            again,
-                            last: c,
-                        });
-                        break;
-                    }
-                    again += 1;
-                    let _ = serving
-                        .wait_for(|(g, p)| *g > generation && p.is_some())
-                        .await;
-                }
-            }
-            asked
-        });
-    }
-
-    // The relay's faults change every 250 ms until the last restart.
-    let faults = {
-        let smtp = smtp.clone();
-        let stop = stop.clone();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_sub(1));
-        tokio::spawn(async move {
-            while !stop.load(Ordering::SeqCst) {
-                smtp.set_script(flaky_script(&mut rng));
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            smtp.set_script(Script::ok());
-        })
-    };
-
-    for generation in 1..=KILLS {
+    for _ in 0..KILLS {
         let d = Daemon::start(dir.path(), &cfg).await;
-        now_serving.send_replace((generation, Some(d.peer().clone())));
+        daemons.started(0, d.peer());
         tokio::time::sleep(Duration::from_millis(rng.random_range(600..2500))).await;
-        now_serving.send_replace((generation, None));
+        daemons.stopping(0);
         d.kill9().await;
     }
     let d = Daemon::start(dir.path(), &cfg).await;
-    now_serving.send_replace((KILLS + 1, Some(d.peer().clone())));
+    daemons.started(0, d.peer());
     // The keyed calls that broke at the last kill are made again now.
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::SeqCst);
@@ -655,100 +526,9 @@ async fn repeated_kills_under_a_flaky_relay_lose_nothing_and_double_nothing() {
     while let Some(a) = callers.join_next().await {
         asked.extend(a.expect("a caller panicked"));
     }
-    let listed = listed_when_final(d.peer(), Duration::from_secs(60)).await;
-
-    // What the relay may have taken: every transaction but those it
-    // answered 4xx or 5xx after the final "." (a clear "not taken").
-    let received = smtp.received();
-    let mut taken: std::collections::HashMap<String, Vec<&Received>> = Default::default();
-    for r in &received {
-        let subject = subject_of(r).unwrap_or_default();
-        assert!(
-            subject.starts_with("chaos "),
-            "unasked-for message {subject:?}"
-        );
-        if !matches!(r.outcome, AfterDot::Replied(_)) {
-            let id = copies([r]).into_keys().next().unwrap();
-            taken.entry(id).or_default().push(r);
-        }
-    }
-    let (mut sent, mut unknown) = (0, 0);
-    for m in &listed {
-        let id = m["message_id"].as_str().unwrap();
-        let copies = taken.get(id).map_or(&[][..], Vec::as_slice);
-        match m["status"].as_str() {
-            Some("sent") => {
-                sent += 1;
-                assert_eq!(copies.len(), 1, "{id}: sent, {} copies taken", copies.len());
-                assert!(copies[0].is_delivered(), "{id}: sent, not answered 250");
-            }
-            Some("unknown") => {
-                unknown += 1;
-                assert!(copies.len() <= 1, "{id}: unknown, {} copies", copies.len());
-            }
-            other => panic!("{id}: stored, now {other:?}: {m}"),
-        }
-    }
-    for id in taken.keys() {
-        assert!(
-            listed.iter().any(|m| m["message_id"] == id.as_str()),
-            "{id} at the sink but not stored"
-        );
-    }
-    let mut subjects = std::collections::HashSet::new();
-    for r in taken.values().flatten() {
-        let s = subject_of(r).unwrap();
-        assert!(subjects.insert(s.clone()), "{s:?} taken twice");
-    }
-
-    // Every answer named stored messages, in a state a call may be told.
-    let stored: std::collections::HashSet<&str> = listed
-        .iter()
-        .map(|m| m["message_id"].as_str().unwrap())
-        .collect();
-    let (mut answered, mut broken, mut again) = (0, 0, 0);
-    for a in &asked {
-        again += a.again;
-        let Some(v) = a.last.value() else {
-            assert!(
-                !a.keyed,
-                "{}: a keyed call is made until answered",
-                a.last.label
-            );
-            broken += 1;
-            continue;
-        };
-        answered += 1;
-        let results = match v.get("results") {
-            Some(r) => r.as_array().unwrap().clone(),
-            None => vec![v.clone()],
-        };
-        assert_eq!(results.len(), a.subjects.len(), "{}: {v}", a.last.label);
-        for r in &results {
-            let status = r["status"].as_str();
-            assert!(
-                matches!(status, Some("sent" | "queued" | "unknown")),
-                "{}: told {r}",
-                a.last.label
-            );
-            let id = r["message_id"].as_str().unwrap();
-            assert!(
-                stored.contains(id),
-                "{}: {id} told, not stored",
-                a.last.label
-            );
-        }
-    }
-    eprintln!(
-        "repeated kills: {KILLS} kills, {} calls ({answered} answered, {broken} without a key \
-         broke unanswered, {again} keyed calls made again after a kill); {} messages stored: \
-         {sent} sent once, {unknown} unknown; {} transactions at the sink, {} taken, none twice",
-        asked.len(),
-        listed.len(),
-        received.len(),
-        taken.values().map(Vec::len).sum::<usize>(),
-    );
-    assert!(unknown < listed.len() / 2, "most messages were sent");
+    let listed = chaos::listed_when_final(d.peer(), Duration::from_secs(60)).await;
+    let tally = chaos::reconcile(&asked, &listed, &smtp.received());
+    eprintln!("repeated kills: {KILLS} kills, {tally}");
     d.stop().await;
 }
 

@@ -1,0 +1,382 @@
+//! Daemons killed while callers keep sending, for the crash tests of one
+//! daemon (`tests/queue.rs`) and of several on PostgreSQL
+//! (`tests/cluster.rs`): a relay that fails at random, callers that make a
+//! broken keyed call again on the next daemon as an agent would, and the
+//! reconciliation of every stored message against what the relay took.
+
+// Each test binary that includes this module uses a different subset of it.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use rmcp::RoleClient;
+use rmcp::service::Peer;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::harness::{Call, call};
+use crate::support::fault_smtp::{
+    Action, AfterDot, FaultSmtp, Phase, Received, Script, Share, copies,
+};
+
+/// The seed of a run: `MAILMUX_RANDOM_SEED`, or a random one.
+pub fn seed() -> u64 {
+    match std::env::var("MAILMUX_RANDOM_SEED") {
+        Ok(s) => s.parse().expect("MAILMUX_RANDOM_SEED is a number"),
+        Err(_) => rand::rng().random(),
+    }
+}
+
+/// One daemon's place: its peer while it runs (`None` between its kill and
+/// its next start), and how many times it was started.
+#[derive(Clone, Default)]
+pub struct Slot {
+    pub generation: usize,
+    pub peer: Option<Peer<RoleClient>>,
+}
+
+/// The daemons of a test, one slot each, as the callers see them.
+pub struct Daemons(watch::Sender<Vec<Slot>>);
+
+impl Daemons {
+    pub fn new(n: usize) -> Self {
+        Daemons(watch::Sender::new(vec![Slot::default(); n]))
+    }
+
+    /// Daemon `i` now serves on `peer`.
+    pub fn started(&self, i: usize, peer: &Peer<RoleClient>) {
+        self.0.send_modify(|v| {
+            v[i].generation += 1;
+            v[i].peer = Some(peer.clone());
+        });
+    }
+
+    /// Daemon `i` is about to be killed: no new call goes to it.
+    pub fn stopping(&self, i: usize) {
+        self.0.send_modify(|v| v[i].peer = None);
+    }
+}
+
+/// What one call asked for and was finally told.
+pub struct Asked {
+    /// The subjects of the call's messages.
+    pub subjects: Vec<String>,
+    pub keyed: bool,
+    /// How many times a keyed call was made again after its daemon died.
+    pub again: usize,
+    /// The last answer; a transport error only for a call with no key.
+    pub last: Call,
+}
+
+/// `n` callers, each making one call after another to a running daemon
+/// until `stop`: `send_email` or (one in seven) a `send_batch` of three,
+/// waiting or not, with idempotency keys or not, at random from `seed`. A
+/// keyed call that broke is made again, unchanged, on a daemon started
+/// since (or another one); a call with no key is left unanswered.
+pub fn callers(
+    n: usize,
+    seed: u64,
+    daemons: &Daemons,
+    limit: Duration,
+    stop: Arc<AtomicBool>,
+) -> JoinSet<Vec<Asked>> {
+    let mut set = JoinSet::new();
+    for caller in 0..n {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(caller as u64 + 1));
+        let mut serving = daemons.0.subscribe();
+        let stop = stop.clone();
+        set.spawn(async move {
+            let mut asked = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) {
+                i += 1;
+                let keyed = rng.random_bool(0.5);
+                let (tool, args, subjects) = arguments(&mut rng, caller, i, keyed);
+                let label = subjects[0].clone();
+                let mut again = 0;
+                // The daemons (and their generations) a broken call was
+                // made on; the next try goes to another.
+                let mut tried: Vec<(usize, usize)> = Vec::new();
+                loop {
+                    let (daemon, generation, peer) = {
+                        let slots = serving
+                            .wait_for(|v| {
+                                v.iter().enumerate().any(|(d, s)| {
+                                    s.peer.is_some() && !tried.contains(&(d, s.generation))
+                                })
+                            })
+                            .await
+                            .expect("the test keeps the sender");
+                        let open: Vec<(usize, &Slot)> = slots
+                            .iter()
+                            .enumerate()
+                            .filter(|(d, s)| {
+                                s.peer.is_some() && !tried.contains(&(*d, s.generation))
+                            })
+                            .collect();
+                        let (d, s) = open[rng.random_range(0..open.len())];
+                        (d, s.generation, s.peer.clone().unwrap())
+                    };
+                    let c = call(&peer, label.clone(), tool, args.clone(), limit).await;
+                    if c.value().is_some() || !keyed {
+                        asked.push(Asked {
+                            subjects: subjects.clone(),
+                            keyed,
+                            again,
+                            last: c,
+                        });
+                        break;
+                    }
+                    again += 1;
+                    tried.push((daemon, generation));
+                }
+            }
+            asked
+        });
+    }
+    set
+}
+
+/// Caller `caller`'s call `i`: the tool, its arguments and its subjects.
+fn arguments(
+    rng: &mut impl Rng,
+    caller: usize,
+    i: usize,
+    keyed: bool,
+) -> (&'static str, Value, Vec<String>) {
+    let wait = rng.random_bool(0.5);
+    let tag = format!("chaos {caller}.{i}");
+    let key = |j: usize| json!(format!("key-{caller}-{i}-{j}"));
+    if rng.random_bool(0.15) {
+        let subjects: Vec<String> = (0..3).map(|j| format!("{tag}.{j}")).collect();
+        let messages: Vec<Value> = subjects
+            .iter()
+            .enumerate()
+            .map(|(j, s)| {
+                let mut m = json!({"to": ["rcpt@example.org"], "subject": s});
+                if keyed {
+                    m["idempotency_key"] = key(j);
+                }
+                m
+            })
+            .collect();
+        let args = json!({"defaults": {"body": "a chaos batch\n"},
+                          "messages": messages, "wait": wait});
+        ("send_batch", args, subjects)
+    } else {
+        let mut args = json!({"to": "rcpt@example.org", "subject": tag,
+                              "body": format!("body of {tag}\n"), "wait": wait});
+        if keyed {
+            args["idempotency_key"] = key(0);
+        }
+        ("send_email", args, vec![tag])
+    }
+}
+
+/// A relay script that fails for a moment: 4xx, a closed connection or a
+/// slow reply at any phase, after the final "." too, for a share of the
+/// transactions. Nothing permanent, so every stored message can be sent.
+pub fn flaky_script(rng: &mut impl Rng) -> Script {
+    let phases = [
+        Phase::Greeting,
+        Phase::Mail,
+        Phase::Rcpt,
+        Phase::Data,
+        Phase::AfterDot,
+    ];
+    let mut script = Script::ok();
+    for _ in 0..rng.random_range(0..=2) {
+        let phase = phases[rng.random_range(0..phases.len())];
+        let action = match rng.random_range(0..6) {
+            0 => Action::Close,
+            1 => Action::Pause(Duration::from_millis(rng.random_range(50..400))),
+            2 => Action::reply(421, "4.3.0 closing"),
+            _ => Action::reply(451, "4.3.0 try again later"),
+        };
+        let share = if rng.random_bool(0.5) {
+            Share::EveryNth(rng.random_range(2..5))
+        } else {
+            Share::FirstN(rng.random_range(1..4))
+        };
+        script = script.on_share(phase, action, share);
+    }
+    script
+}
+
+/// A new random script for `smtp` every 250 ms until `stop`, then a good one.
+pub fn flaky_relay(smtp: Arc<FaultSmtp>, seed: u64, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_sub(1));
+    tokio::spawn(async move {
+        while !stop.load(Ordering::SeqCst) {
+            smtp.set_script(flaky_script(&mut rng));
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        smtp.set_script(Script::ok());
+    })
+}
+
+/// Every stored message, listed once none is `queued`, `scheduled` or
+/// `sending` any more (or once `limit` passed).
+pub async fn listed_when_final(peer: &Peer<RoleClient>, limit: Duration) -> Vec<Value> {
+    let until = std::time::Instant::now() + limit;
+    loop {
+        let listed = crate::harness::list_all(peer, 100).await;
+        let waiting = listed.iter().any(|m| {
+            matches!(
+                m["status"].as_str(),
+                Some("queued" | "scheduled" | "sending")
+            )
+        });
+        if !waiting || std::time::Instant::now() > until {
+            return listed;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn subject_of(r: &Received) -> String {
+    let text = String::from_utf8_lossy(&r.data);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// What [`reconcile`] counted.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub calls: usize,
+    pub answered: usize,
+    /// Calls with no key that broke with their daemon.
+    pub broken: usize,
+    /// Keyed calls made again after their daemon died.
+    pub again: usize,
+    pub stored: usize,
+    pub sent: usize,
+    pub unknown: usize,
+    pub transactions: usize,
+    pub taken: usize,
+}
+
+/// Reconciles the final `listed` messages and the callers' `asked` against
+/// what the relay `received`. The relay may have taken every transaction it
+/// did not answer 4xx or 5xx after the final ".": every stored message is
+/// `sent`, with exactly one such copy (answered 250), or `unknown`, with at
+/// most one; each copy is of a stored message a caller asked for; no
+/// subject was taken twice; every answer names stored messages, told
+/// `sent`, `queued`, `unknown` or `sending`; every keyed call was answered.
+pub fn reconcile(asked: &[Asked], listed: &[Value], received: &[Received]) -> Tally {
+    let mut t = Tally {
+        calls: asked.len(),
+        stored: listed.len(),
+        transactions: received.len(),
+        ..Tally::default()
+    };
+    let mut taken: HashMap<String, Vec<&Received>> = HashMap::new();
+    for r in received {
+        let subject = subject_of(r);
+        assert!(
+            subject.starts_with("chaos "),
+            "unasked-for message {subject:?}"
+        );
+        if !matches!(r.outcome, AfterDot::Replied(_)) {
+            let id = copies([r]).into_keys().next().unwrap();
+            taken.entry(id).or_default().push(r);
+            t.taken += 1;
+        }
+    }
+    for m in listed {
+        let id = m["message_id"].as_str().unwrap();
+        let copies = taken.get(id).map_or(&[][..], Vec::as_slice);
+        match m["status"].as_str() {
+            Some("sent") => {
+                t.sent += 1;
+                assert_eq!(copies.len(), 1, "{id}: sent, {} copies taken", copies.len());
+                assert!(copies[0].is_delivered(), "{id}: sent, not answered 250");
+            }
+            Some("unknown") => {
+                t.unknown += 1;
+                assert!(copies.len() <= 1, "{id}: unknown, {} copies", copies.len());
+            }
+            other => panic!("{id}: stored, now {other:?}: {m}"),
+        }
+    }
+    let stored: HashSet<&str> = listed
+        .iter()
+        .map(|m| m["message_id"].as_str().unwrap())
+        .collect();
+    for id in taken.keys() {
+        assert!(
+            stored.contains(id.as_str()),
+            "{id} at the sink but not stored"
+        );
+    }
+    let mut subjects = HashSet::new();
+    for r in taken.values().flatten() {
+        let s = subject_of(r);
+        assert!(subjects.insert(s.clone()), "{s:?} taken twice");
+    }
+    for a in asked {
+        t.again += a.again;
+        let Some(v) = a.last.value() else {
+            assert!(
+                !a.keyed,
+                "{}: a keyed call is made until answered",
+                a.last.label
+            );
+            t.broken += 1;
+            continue;
+        };
+        t.answered += 1;
+        let results = match v.get("results") {
+            Some(r) => r.as_array().unwrap().clone(),
+            None => vec![v.clone()],
+        };
+        assert_eq!(results.len(), a.subjects.len(), "{}: {v}", a.last.label);
+        for r in &results {
+            // `sending`: a replay, or a waiting call whose deadline passed
+            // while a round not its own (a retry, another daemon's, or a
+            // dead daemon's whose lease still runs) held the message.
+            assert!(
+                matches!(
+                    r["status"].as_str(),
+                    Some("sent" | "queued" | "unknown" | "sending")
+                ),
+                "{}: told {r}",
+                a.last.label
+            );
+            let id = r["message_id"].as_str().unwrap();
+            assert!(
+                stored.contains(id),
+                "{}: {id} told, not stored",
+                a.last.label
+            );
+        }
+    }
+    assert!(t.unknown < t.stored / 2, "most messages were sent: {t:?}");
+    t
+}
+
+impl std::fmt::Display for Tally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} calls ({} answered, {} without a key broke unanswered, {} keyed calls made \
+             again after a kill); {} messages stored: {} sent once, {} unknown; {} transactions \
+             at the sink, {} taken, none twice",
+            self.calls,
+            self.answered,
+            self.broken,
+            self.again,
+            self.stored,
+            self.sent,
+            self.unknown,
+            self.transactions,
+            self.taken
+        )
+    }
+}
