@@ -384,7 +384,7 @@ async fn daemons_killed_in_turn_under_a_flaky_relay_lose_nothing_and_double_noth
         nodes.push(Some(n));
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let mut callers = chaos::callers(8, seed, &daemons, LIMIT, stop.clone());
+    let callers = chaos::callers(8, seed, &daemons, LIMIT, stop.clone());
     let faults = chaos::flaky_relay(smtp.clone(), seed, stop.clone());
 
     for _ in 0..KILLS {
@@ -401,13 +401,10 @@ async fn daemons_killed_in_turn_under_a_flaky_relay_lose_nothing_and_double_noth
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::SeqCst);
     faults.await.unwrap();
-    let mut asked = Vec::new();
-    while let Some(a) = callers.join_next().await {
-        asked.extend(a.expect("a caller panicked"));
-    }
+    let calls = chaos::Calls::join(callers).await;
     let n0 = nodes[0].as_ref().unwrap();
     let listed = chaos::listed_when_final(n0.peer(), Duration::from_secs(60)).await;
-    let tally = chaos::reconcile(&asked, &listed, &smtp.received());
+    let tally = chaos::reconcile(&calls, &listed, &smtp.received());
     let by_each = NAMES.map(|name| listed.iter().filter(|m| m["node"] == name).count());
     eprintln!(
         "cluster kills: {KILLS} kills over 2 daemons, {tally}; delivered or held by n0 {}, by n1 {}",

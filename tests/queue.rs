@@ -506,7 +506,7 @@ async fn repeated_kills_under_a_flaky_relay_lose_nothing_and_double_nothing() {
         .replace("send_deadline = \"8s\"", "send_deadline = \"2s\"");
     let daemons = chaos::Daemons::new(1);
     let stop = Arc::new(AtomicBool::new(false));
-    let mut callers = chaos::callers(8, seed, &daemons, LIMIT, stop.clone());
+    let callers = chaos::callers(8, seed, &daemons, LIMIT, stop.clone());
     let faults = chaos::flaky_relay(smtp.clone(), seed, stop.clone());
 
     for _ in 0..KILLS {
@@ -522,13 +522,50 @@ async fn repeated_kills_under_a_flaky_relay_lose_nothing_and_double_nothing() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::SeqCst);
     faults.await.unwrap();
-    let mut asked = Vec::new();
-    while let Some(a) = callers.join_next().await {
-        asked.extend(a.expect("a caller panicked"));
-    }
+    let calls = chaos::Calls::join(callers).await;
     let listed = chaos::listed_when_final(d.peer(), Duration::from_secs(60)).await;
-    let tally = chaos::reconcile(&asked, &listed, &smtp.received());
+    let tally = chaos::reconcile(&calls, &listed, &smtp.received());
     eprintln!("repeated kills: {KILLS} kills, {tally}");
+    d.stop().await;
+}
+
+/// `cancel_message` of a message whose round is under way (the relay is
+/// slow at RCPT) is refused, `sending`, and changes nothing: the runner's
+/// polls, every 100 ms meanwhile, do not start a second round of it, and
+/// the relay gets it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_refused_during_a_round_does_not_start_another() {
+    let smtp = FaultSmtp::start(Script::ok().on_share(
+        Phase::Rcpt,
+        Action::Pause(Duration::from_millis(1500)),
+        Share::FirstN(1),
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &config_toml(dir.path(), smtp.port(), "")).await;
+    let queued = send(d.peer(), msg("refused cancel", json!({"wait": false}))).await;
+    assert_eq!(queued.status(), Some("queued"), "{queued:?}");
+    let id = queued.message_id().unwrap().to_string();
+    let held = support::wait_until(|| smtp.commands(Phase::Rcpt) >= 1, LIMIT).await;
+    assert!(held, "the round never reached RCPT");
+    let cancel = call(
+        d.peer(),
+        "cancel",
+        "cancel_message",
+        json!({ "message_id": id }),
+        LIMIT,
+    )
+    .await;
+    assert_eq!(cancel.error_code(), Some("not_cancellable"), "{cancel:?}");
+    assert_eq!(cancel.value().unwrap()["status"], "sending", "{cancel:?}");
+
+    let s = settled(d.peer(), &id, LIMIT).await;
+    assert_eq!(s["status"], "sent", "{s}");
+    // Time for a second round, had one started, to reach the relay.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(smtp.commands(Phase::Rcpt), 1, "one round, one RCPT");
+    assert_eq!(copies(&smtp.received()).get(&id), Some(&1));
+    assert_eq!(history_of(&s), ["queued", "sending", "sent"], "{s}");
     d.stop().await;
 }
 

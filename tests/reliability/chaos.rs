@@ -1,8 +1,9 @@
 //! Daemons killed while callers keep sending, for the crash tests of one
 //! daemon (`tests/queue.rs`) and of several on PostgreSQL
 //! (`tests/cluster.rs`): a relay that fails at random, callers that make a
-//! broken keyed call again on the next daemon as an agent would, and the
-//! reconciliation of every stored message against what the relay took.
+//! broken keyed call again on the next daemon as an agent would and cancel
+//! some of what they sent, and the reconciliation of every stored message
+//! against what the relay took.
 
 // Each test binary that includes this module uses a different subset of it.
 #![allow(dead_code)]
@@ -73,27 +74,80 @@ pub struct Asked {
     pub last: Call,
 }
 
+/// A `cancel_message` a caller made of one of its messages.
+pub struct Cancelling {
+    pub message_id: String,
+    pub answer: Call,
+}
+
+/// What the callers did.
+#[derive(Default)]
+pub struct Calls {
+    pub asked: Vec<Asked>,
+    pub cancels: Vec<Cancelling>,
+}
+
+impl Calls {
+    /// Every caller's calls, once each has stopped.
+    pub async fn join(mut set: JoinSet<Calls>) -> Calls {
+        let mut all = Calls::default();
+        while let Some(c) = set.join_next().await {
+            let c = c.expect("a caller panicked");
+            all.asked.extend(c.asked);
+            all.cancels.extend(c.cancels);
+        }
+        all
+    }
+}
+
 /// `n` callers, each making one call after another to a running daemon
 /// until `stop`: `send_email` or (one in seven) a `send_batch` of three,
-/// waiting or not, with idempotency keys or not, at random from `seed`. A
-/// keyed call that broke is made again, unchanged, on a daemon started
-/// since (or another one); a call with no key is left unanswered.
+/// waiting or not, with idempotency keys or not, at random from `seed`; and
+/// now and then (one in ten) a `cancel_message` of a message it was told
+/// `queued`. A keyed call that broke is made again, unchanged, on a daemon
+/// started since (or another one); a call with no key is left unanswered.
 pub fn callers(
     n: usize,
     seed: u64,
     daemons: &Daemons,
     limit: Duration,
     stop: Arc<AtomicBool>,
-) -> JoinSet<Vec<Asked>> {
+) -> JoinSet<Calls> {
     let mut set = JoinSet::new();
     for caller in 0..n {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(caller as u64 + 1));
         let mut serving = daemons.0.subscribe();
         let stop = stop.clone();
         set.spawn(async move {
-            let mut asked = Vec::new();
+            let mut calls = Calls::default();
+            // The messages this caller was told are `queued`.
+            let mut queued: Vec<String> = Vec::new();
             let mut i = 0;
             while !stop.load(Ordering::SeqCst) {
+                // The newest, which is the likeliest to be still waiting
+                // (or in its round), or any.
+                if !queued.is_empty() && rng.random_bool(0.1) {
+                    let id = if rng.random_bool(0.5) {
+                        queued.pop().unwrap()
+                    } else {
+                        queued.swap_remove(rng.random_range(0..queued.len()))
+                    };
+                    let peer = {
+                        let slots = serving
+                            .wait_for(|v| v.iter().any(|s| s.peer.is_some()))
+                            .await
+                            .expect("the test keeps the sender");
+                        let open: Vec<&Slot> = slots.iter().filter(|s| s.peer.is_some()).collect();
+                        open[rng.random_range(0..open.len())].peer.clone().unwrap()
+                    };
+                    let args = json!({ "message_id": id });
+                    let answer = call(&peer, "cancel", "cancel_message", args, limit).await;
+                    calls.cancels.push(Cancelling {
+                        message_id: id,
+                        answer,
+                    });
+                    continue;
+                }
                 i += 1;
                 let keyed = rng.random_bool(0.5);
                 let (tool, args, subjects) = arguments(&mut rng, caller, i, keyed);
@@ -124,7 +178,18 @@ pub fn callers(
                     };
                     let c = call(&peer, label.clone(), tool, args.clone(), limit).await;
                     if c.value().is_some() || !keyed {
-                        asked.push(Asked {
+                        let v = c.value().cloned().unwrap_or_default();
+                        let results = match v.get("results") {
+                            Some(r) => r.as_array().cloned().unwrap_or_default(),
+                            None => vec![v],
+                        };
+                        queued.extend(
+                            results
+                                .iter()
+                                .filter(|r| r["status"] == "queued")
+                                .filter_map(|r| r["message_id"].as_str().map(str::to_owned)),
+                        );
+                        calls.asked.push(Asked {
                             subjects: subjects.clone(),
                             keyed,
                             again,
@@ -136,7 +201,7 @@ pub fn callers(
                     tried.push((daemon, generation));
                 }
             }
-            asked
+            calls
         });
     }
     set
@@ -258,6 +323,10 @@ pub struct Tally {
     pub stored: usize,
     pub sent: usize,
     pub unknown: usize,
+    pub cancelled: usize,
+    /// `cancel_message` calls, and those answered `cancelled`.
+    pub cancels: usize,
+    pub told_cancelled: usize,
     pub transactions: usize,
     pub taken: usize,
 }
@@ -265,11 +334,13 @@ pub struct Tally {
 /// Reconciles the final `listed` messages and the callers' `asked` against
 /// what the relay `received`. The relay may have taken every transaction it
 /// did not answer 4xx or 5xx after the final ".": every stored message is
-/// `sent`, with exactly one such copy (answered 250), or `unknown`, with at
-/// most one; each copy is of a stored message a caller asked for; no
+/// `sent`, with exactly one such copy (answered 250), `unknown`, with at
+/// most one, or `cancelled`, with none; a cancel answered `cancelled` left
+/// its message so; each copy is of a stored message a caller asked for; no
 /// subject was taken twice; every answer names stored messages, told
 /// `sent`, `queued`, `unknown` or `sending`; every keyed call was answered.
-pub fn reconcile(asked: &[Asked], listed: &[Value], received: &[Received]) -> Tally {
+pub fn reconcile(calls: &Calls, listed: &[Value], received: &[Received]) -> Tally {
+    let asked = &calls.asked;
     let mut t = Tally {
         calls: asked.len(),
         stored: listed.len(),
@@ -295,12 +366,21 @@ pub fn reconcile(asked: &[Asked], listed: &[Value], received: &[Received]) -> Ta
         match m["status"].as_str() {
             Some("sent") => {
                 t.sent += 1;
-                assert_eq!(copies.len(), 1, "{id}: sent, {} copies taken", copies.len());
+                let outcomes: Vec<_> = copies.iter().map(|r| &r.outcome).collect();
+                assert_eq!(copies.len(), 1, "{id}: sent, copies taken: {outcomes:?}");
                 assert!(copies[0].is_delivered(), "{id}: sent, not answered 250");
             }
             Some("unknown") => {
                 t.unknown += 1;
                 assert!(copies.len() <= 1, "{id}: unknown, {} copies", copies.len());
+            }
+            Some("cancelled") => {
+                t.cancelled += 1;
+                assert!(
+                    copies.is_empty(),
+                    "{id}: cancelled, {} copies",
+                    copies.len()
+                );
             }
             other => panic!("{id}: stored, now {other:?}: {m}"),
         }
@@ -357,6 +437,27 @@ pub fn reconcile(asked: &[Asked], listed: &[Value], received: &[Received]) -> Ta
             );
         }
     }
+    // A cancel answered `cancelled` holds: the message stays cancelled
+    // and was never taken.
+    for c in &calls.cancels {
+        t.cancels += 1;
+        let Some(v) = c.answer.value() else {
+            continue;
+        };
+        if v["cancelled"] == true {
+            t.told_cancelled += 1;
+            let m = listed
+                .iter()
+                .find(|m| m["message_id"] == c.message_id.as_str());
+            let status = m.map(|m| m["status"].clone());
+            assert_eq!(
+                status,
+                Some(json!("cancelled")),
+                "{}: told cancelled, now {status:?}",
+                c.message_id
+            );
+        }
+    }
     assert!(t.unknown < t.stored / 2, "most messages were sent: {t:?}");
     t
 }
@@ -366,15 +467,19 @@ impl std::fmt::Display for Tally {
         write!(
             f,
             "{} calls ({} answered, {} without a key broke unanswered, {} keyed calls made \
-             again after a kill); {} messages stored: {} sent once, {} unknown; {} transactions \
-             at the sink, {} taken, none twice",
+             again after a kill), {} cancels ({} answered cancelled); {} messages stored: {} \
+             sent once, {} unknown, {} cancelled; {} transactions at the sink, {} taken, none \
+             twice",
             self.calls,
             self.answered,
             self.broken,
             self.again,
+            self.cancels,
+            self.told_cancelled,
             self.stored,
             self.sent,
             self.unknown,
+            self.cancelled,
             self.transactions,
             self.taken
         )

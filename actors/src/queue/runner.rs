@@ -1913,7 +1913,7 @@ struct Claim<'a> {
 
 impl<'a> Claim<'a> {
     fn take(inner: &'a Inner, id: &'a str) -> Option<Self> {
-        inner.try_claim(id).then_some(Claim { inner, id })
+        inner.try_claim(id).then(|| Claim { inner, id })
     }
 }
 
