@@ -278,6 +278,25 @@ async fn cancelled_in_a_round(store: &dyn Store) {
     assert_eq!(counts, [(State::Sent, 1), (State::Cancelled, 1)]);
 }
 
+/// The same from another process on the store (`mailmux queue cancel`,
+/// run with the daemon's configuration and so, on PostgreSQL, its node
+/// id) between a round's claim and its commit mark: the round's mark and
+/// settle are refused, and the message stays cancelled.
+async fn cancelled_in_a_round_by_the_shell(store: &dyn Store, shell: &dyn Store) {
+    store.accept(message("s1", None)).await.unwrap();
+    assert_eq!(store.due(now_millis(), 10).await.unwrap(), ["s1"]);
+    assert!(store.load("s1").await.unwrap().is_some());
+    assert_eq!(shell.cancel("s1").await.unwrap(), Cancel::Cancelled);
+    assert!(matches!(store.mark("s1").await, Err(StoreError::Fenced(_))));
+    assert!(matches!(
+        store.settle("s1", settle(State::Sent, None)).await,
+        Err(StoreError::Fenced(_))
+    ));
+    let r = store.get("s1").await.unwrap().unwrap();
+    assert_eq!(r.state, State::Cancelled);
+    assert_eq!(states_of(&r), [State::Queued, State::Cancelled]);
+}
+
 /// Purge deletes in chunks, oldest first, and a chunked purge goes on until
 /// every finished message and old key is gone; waiting messages stay.
 async fn purges_in_chunks(store: &dyn Store) {
@@ -576,6 +595,11 @@ async fn sqlite_on_disk_conforms() {
     unconfirmed_marks(&open("unconfirmed.db")).await;
     streamed_batches(&open("streamed.db")).await;
     cancelled_in_a_round(&open("cancelled.db")).await;
+    cancelled_in_a_round_by_the_shell(
+        &open("shell.db"),
+        &SqliteStore::open_shared(&dir.path().join("shell.db")).unwrap(),
+    )
+    .await;
     for name in [
         "q.db",
         "approvals.db",
@@ -1489,6 +1513,11 @@ async fn postgres_conforms() {
     on_a_new_database!(unconfirmed_marks);
     on_a_new_database!(streamed_batches);
     on_a_new_database!(cancelled_in_a_round);
+    let url = server.database();
+    let store = PgStore::open(&pg(&url, "n1")).await.unwrap();
+    let shell = PgStore::open_shared(&pg(&url, "n1")).await.unwrap();
+    cancelled_in_a_round_by_the_shell(&store, &shell).await;
+    assert_counts_exact(&server, &url, &store).await;
 }
 
 /// PostgreSQL reads a listing by caller, one by batch and one by a state

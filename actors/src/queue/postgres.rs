@@ -1658,7 +1658,10 @@ impl Store for PgStore {
     async fn cancel(&self, message_id: &str) -> Result<Cancel, StoreError> {
         let now = now_millis();
         // Refused while another daemon's live lease holds it: that daemon
-        // may be about to hand it to a relay.
+        // may be about to hand it to a relay. A lease of this node id may
+        // be a running daemon's when this is the queue command run with its
+        // configuration: the epoch grows, so that daemon's round can no
+        // longer mark or settle it.
         let row: Option<(String, bool)> = sqlx::query_as(concat!(
             "WITH cur AS (
                 SELECT seq, state, (lease_until IS NULL OR lease_until < ",
@@ -1667,7 +1670,8 @@ impl Store for PgStore {
                   FROM mailmux_messages WHERE message_id = $1 FOR UPDATE),
              u AS (
                 UPDATE mailmux_messages m SET state = 'cancelled', updated_at = $2,
-                    finished_at = $2, next_attempt_at = NULL, body = NULL, lease_until = NULL, ",
+                    finished_at = $2, next_attempt_at = NULL, body = NULL, lease_until = NULL,
+                    lease_epoch = m.lease_epoch + 1, ",
             history!("4"),
             " FROM cur WHERE m.seq = cur.seq AND cur.free
                     AND cur.state IN ('queued', 'scheduled', 'held')
