@@ -384,7 +384,17 @@ async fn daemons_killed_in_turn_under_a_flaky_relay_lose_nothing_and_double_noth
         nodes.push(Some(n));
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let callers = chaos::callers(8, seed, &daemons, LIMIT, stop.clone());
+    // The operator's shell: `mailmux queue` on the daemons' configuration.
+    let shell = tempfile::tempdir().unwrap();
+    std::fs::write(shell.path().join("mailmux.toml"), cfg("n0")).unwrap();
+    let callers = chaos::callers(
+        8,
+        seed,
+        &daemons,
+        LIMIT,
+        Some(shell.path().to_path_buf()),
+        stop.clone(),
+    );
     let faults = chaos::flaky_relay(smtp.clone(), seed, stop.clone());
 
     for _ in 0..KILLS {

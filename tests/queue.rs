@@ -506,7 +506,14 @@ async fn repeated_kills_under_a_flaky_relay_lose_nothing_and_double_nothing() {
         .replace("send_deadline = \"8s\"", "send_deadline = \"2s\"");
     let daemons = chaos::Daemons::new(1);
     let stop = Arc::new(AtomicBool::new(false));
-    let callers = chaos::callers(8, seed, &daemons, LIMIT, stop.clone());
+    let callers = chaos::callers(
+        8,
+        seed,
+        &daemons,
+        LIMIT,
+        Some(dir.path().to_path_buf()),
+        stop.clone(),
+    );
     let faults = chaos::flaky_relay(smtp.clone(), seed, stop.clone());
 
     for _ in 0..KILLS {

@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -74,10 +75,14 @@ pub struct Asked {
     pub last: Call,
 }
 
-/// A `cancel_message` a caller made of one of its messages.
+/// A cancel a caller made of one of its messages (`cancel_message` or
+/// `mailmux queue cancel`) or of one of its batches.
 pub struct Cancelling {
-    pub message_id: String,
-    pub answer: Call,
+    /// `None`: the batch's.
+    pub message_id: Option<String>,
+    /// Whether it was answered `cancelled` (with a batch: at least one);
+    /// `None`: the call broke.
+    pub cancelled: Option<bool>,
 }
 
 /// What the callers did.
@@ -85,6 +90,8 @@ pub struct Cancelling {
 pub struct Calls {
     pub asked: Vec<Asked>,
     pub cancels: Vec<Cancelling>,
+    /// `mailmux queue retry` of a message told `queued`.
+    pub retries: usize,
 }
 
 impl Calls {
@@ -95,6 +102,7 @@ impl Calls {
             let c = c.expect("a caller panicked");
             all.asked.extend(c.asked);
             all.cancels.extend(c.cancels);
+            all.retries += c.retries;
         }
         all
     }
@@ -102,15 +110,19 @@ impl Calls {
 
 /// `n` callers, each making one call after another to a running daemon
 /// until `stop`: `send_email` or (one in seven) a `send_batch` of three,
-/// waiting or not, with idempotency keys or not, at random from `seed`; and
-/// now and then (one in ten) a `cancel_message` of a message it was told
-/// `queued`. A keyed call that broke is made again, unchanged, on a daemon
-/// started since (or another one); a call with no key is left unanswered.
+/// waiting or not, with idempotency keys or not, some for a moment later
+/// (`send_at`), at random from `seed`; and now and then a `cancel_message`
+/// of a message it was told `queued` or of one of its batches, and, with
+/// `shell` (a folder holding the daemons' `mailmux.toml`), `mailmux queue
+/// cancel` or `retry` of such a message. A keyed call that broke is made
+/// again, unchanged, on a daemon started since (or another one); a call
+/// with no key is left unanswered.
 pub fn callers(
     n: usize,
     seed: u64,
     daemons: &Daemons,
     limit: Duration,
+    shell: Option<PathBuf>,
     stop: Arc<AtomicBool>,
 ) -> JoinSet<Calls> {
     let mut set = JoinSet::new();
@@ -118,33 +130,63 @@ pub fn callers(
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(caller as u64 + 1));
         let mut serving = daemons.0.subscribe();
         let stop = stop.clone();
+        let shell = shell.clone();
         set.spawn(async move {
             let mut calls = Calls::default();
-            // The messages this caller was told are `queued`.
+            // The messages and batches this caller was told are `queued`.
             let mut queued: Vec<String> = Vec::new();
+            let mut batches: Vec<String> = Vec::new();
             let mut i = 0;
             while !stop.load(Ordering::SeqCst) {
-                // The newest, which is the likeliest to be still waiting
-                // (or in its round), or any.
-                if !queued.is_empty() && rng.random_bool(0.1) {
+                let dice = rng.random_range(0..100);
+                if dice < 13 && !queued.is_empty() {
+                    // The newest, the likeliest to be still waiting (or in
+                    // its round), or any.
                     let id = if rng.random_bool(0.5) {
                         queued.pop().unwrap()
                     } else {
                         queued.swap_remove(rng.random_range(0..queued.len()))
                     };
-                    let peer = {
-                        let slots = serving
-                            .wait_for(|v| v.iter().any(|s| s.peer.is_some()))
+                    match (&shell, dice) {
+                        (Some(dir), 10..) => {
+                            let retry = rng.random_bool(0.5);
+                            let verb = if retry { "retry" } else { "cancel" };
+                            let (dir, arg) = (dir.clone(), id.clone());
+                            let (code, out, err) = tokio::task::spawn_blocking(move || {
+                                crate::common::queue_cmd(&dir, &[verb, &arg])
+                            })
                             .await
-                            .expect("the test keeps the sender");
-                        let open: Vec<&Slot> = slots.iter().filter(|s| s.peer.is_some()).collect();
-                        open[rng.random_range(0..open.len())].peer.clone().unwrap()
-                    };
-                    let args = json!({ "message_id": id });
-                    let answer = call(&peer, "cancel", "cancel_message", args, limit).await;
+                            .unwrap();
+                            assert!(code.is_some(), "queue {verb}: {out}{err}");
+                            if retry {
+                                calls.retries += 1;
+                            } else {
+                                calls.cancels.push(Cancelling {
+                                    cancelled: Some(out == format!("{id}: cancelled\n")),
+                                    message_id: Some(id),
+                                });
+                            }
+                        }
+                        _ => {
+                            let peer = any_peer(&mut serving, &mut rng).await;
+                            let args = json!({ "message_id": id });
+                            let c = call(&peer, "cancel", "cancel_message", args, limit).await;
+                            calls.cancels.push(Cancelling {
+                                message_id: Some(id),
+                                cancelled: c.value().map(|v| v["cancelled"] == true),
+                            });
+                        }
+                    }
+                    continue;
+                }
+                if dice < 15 && !batches.is_empty() {
+                    let batch = batches.swap_remove(rng.random_range(0..batches.len()));
+                    let peer = any_peer(&mut serving, &mut rng).await;
+                    let args = json!({ "batch_id": batch });
+                    let c = call(&peer, "cancel", "cancel_message", args, limit).await;
                     calls.cancels.push(Cancelling {
-                        message_id: id,
-                        answer,
+                        message_id: None,
+                        cancelled: c.value().map(|v| v["cancelled"] == true),
                     });
                     continue;
                 }
@@ -179,6 +221,9 @@ pub fn callers(
                     let c = call(&peer, label.clone(), tool, args.clone(), limit).await;
                     if c.value().is_some() || !keyed {
                         let v = c.value().cloned().unwrap_or_default();
+                        if let Some(b) = v["batch_id"].as_str() {
+                            batches.push(b.to_owned());
+                        }
                         let results = match v.get("results") {
                             Some(r) => r.as_array().cloned().unwrap_or_default(),
                             None => vec![v],
@@ -186,7 +231,9 @@ pub fn callers(
                         queued.extend(
                             results
                                 .iter()
-                                .filter(|r| r["status"] == "queued")
+                                .filter(|r| {
+                                    matches!(r["status"].as_str(), Some("queued" | "scheduled"))
+                                })
                                 .filter_map(|r| r["message_id"].as_str().map(str::to_owned)),
                         );
                         calls.asked.push(Asked {
@@ -207,6 +254,19 @@ pub fn callers(
     set
 }
 
+/// A running daemon's peer, any.
+async fn any_peer(
+    serving: &mut watch::Receiver<Vec<Slot>>,
+    rng: &mut impl Rng,
+) -> Peer<RoleClient> {
+    let slots = serving
+        .wait_for(|v| v.iter().any(|s| s.peer.is_some()))
+        .await
+        .expect("the test keeps the sender");
+    let open: Vec<&Slot> = slots.iter().filter(|s| s.peer.is_some()).collect();
+    open[rng.random_range(0..open.len())].peer.clone().unwrap()
+}
+
 /// Caller `caller`'s call `i`: the tool, its arguments and its subjects.
 fn arguments(
     rng: &mut impl Rng,
@@ -215,6 +275,9 @@ fn arguments(
     keyed: bool,
 ) -> (&'static str, Value, Vec<String>) {
     let wait = rng.random_bool(0.5);
+    let later = rng
+        .random_bool(0.1)
+        .then(|| format!("{}ms", rng.random_range(200..1500)));
     let tag = format!("chaos {caller}.{i}");
     let key = |j: usize| json!(format!("key-{caller}-{i}-{j}"));
     if rng.random_bool(0.15) {
@@ -230,14 +293,20 @@ fn arguments(
                 m
             })
             .collect();
-        let args = json!({"defaults": {"body": "a chaos batch\n"},
-                          "messages": messages, "wait": wait});
+        let mut args = json!({"defaults": {"body": "a chaos batch\n"},
+                              "messages": messages, "wait": wait});
+        if let Some(t) = later {
+            args["send_at"] = json!(t);
+        }
         ("send_batch", args, subjects)
     } else {
         let mut args = json!({"to": "rcpt@example.org", "subject": tag,
                               "body": format!("body of {tag}\n"), "wait": wait});
         if keyed {
             args["idempotency_key"] = key(0);
+        }
+        if let Some(t) = later {
+            args["send_at"] = json!(t);
         }
         ("send_email", args, vec![tag])
     }
@@ -324,9 +393,11 @@ pub struct Tally {
     pub sent: usize,
     pub unknown: usize,
     pub cancelled: usize,
-    /// `cancel_message` calls, and those answered `cancelled`.
+    /// Cancels of a message or a batch, and those answered `cancelled`.
     pub cancels: usize,
     pub told_cancelled: usize,
+    /// `mailmux queue retry` runs.
+    pub retries: usize,
     pub transactions: usize,
     pub taken: usize,
 }
@@ -424,7 +495,7 @@ pub fn reconcile(calls: &Calls, listed: &[Value], received: &[Received]) -> Tall
             assert!(
                 matches!(
                     r["status"].as_str(),
-                    Some("sent" | "queued" | "unknown" | "sending")
+                    Some("sent" | "queued" | "scheduled" | "unknown" | "sending")
                 ),
                 "{}: told {r}",
                 a.last.label
@@ -439,24 +510,23 @@ pub fn reconcile(calls: &Calls, listed: &[Value], received: &[Received]) -> Tall
     }
     // A cancel answered `cancelled` holds: the message stays cancelled
     // and was never taken.
+    t.retries = calls.retries;
     for c in &calls.cancels {
         t.cancels += 1;
-        let Some(v) = c.answer.value() else {
+        if c.cancelled != Some(true) {
+            continue;
+        }
+        t.told_cancelled += 1;
+        let Some(id) = &c.message_id else {
             continue;
         };
-        if v["cancelled"] == true {
-            t.told_cancelled += 1;
-            let m = listed
-                .iter()
-                .find(|m| m["message_id"] == c.message_id.as_str());
-            let status = m.map(|m| m["status"].clone());
-            assert_eq!(
-                status,
-                Some(json!("cancelled")),
-                "{}: told cancelled, now {status:?}",
-                c.message_id
-            );
-        }
+        let m = listed.iter().find(|m| m["message_id"] == id.as_str());
+        let status = m.map(|m| m["status"].clone());
+        assert_eq!(
+            status,
+            Some(json!("cancelled")),
+            "{id}: told cancelled, now {status:?}"
+        );
     }
     assert!(t.unknown < t.stored / 2, "most messages were sent: {t:?}");
     t
@@ -467,7 +537,8 @@ impl std::fmt::Display for Tally {
         write!(
             f,
             "{} calls ({} answered, {} without a key broke unanswered, {} keyed calls made \
-             again after a kill), {} cancels ({} answered cancelled); {} messages stored: {} \
+             again after a kill), {} cancels ({} answered cancelled), {} shell retries; {} \
+             messages stored: {} \
              sent once, {} unknown, {} cancelled; {} transactions at the sink, {} taken, none \
              twice",
             self.calls,
@@ -476,6 +547,7 @@ impl std::fmt::Display for Tally {
             self.again,
             self.cancels,
             self.told_cancelled,
+            self.retries,
             self.stored,
             self.sent,
             self.unknown,
