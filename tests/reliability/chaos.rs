@@ -92,6 +92,8 @@ pub struct Calls {
     pub cancels: Vec<Cancelling>,
     /// `mailmux queue retry` of a message told `queued`.
     pub retries: usize,
+    /// Calls their caller gave up on before the answer.
+    pub impatient: usize,
 }
 
 impl Calls {
@@ -103,6 +105,7 @@ impl Calls {
             all.asked.extend(c.asked);
             all.cancels.extend(c.cancels);
             all.retries += c.retries;
+            all.impatient += c.impatient;
         }
         all
     }
@@ -116,7 +119,8 @@ impl Calls {
 /// `shell` (a folder holding the daemons' `mailmux.toml`), `mailmux queue
 /// cancel` or `retry` of such a message. A keyed call that broke is made
 /// again, unchanged, on a daemon started since (or another one); a call
-/// with no key is left unanswered.
+/// with no key is left unanswered, and three in ten of those that wait are
+/// given up after a moment (its client cancels it).
 pub fn callers(
     n: usize,
     seed: u64,
@@ -218,7 +222,17 @@ pub fn callers(
                         let (d, s) = open[rng.random_range(0..open.len())];
                         (d, s.generation, s.peer.clone().unwrap())
                     };
+                    // Now and then a caller with no key gives up on a call
+                    // that waits: rmcp's client then cancels it
+                    // (`notifications/cancelled`), and so its message.
+                    let impatient = !keyed && args["wait"] == true && rng.random_bool(0.3);
+                    let limit = if impatient {
+                        Duration::from_millis(rng.random_range(2..200))
+                    } else {
+                        limit
+                    };
                     let c = call(&peer, label.clone(), tool, args.clone(), limit).await;
+                    calls.impatient += usize::from(impatient && c.value().is_none());
                     if c.value().is_some() || !keyed {
                         let v = c.value().cloned().unwrap_or_default();
                         if let Some(b) = v["batch_id"].as_str() {
@@ -398,6 +412,8 @@ pub struct Tally {
     pub told_cancelled: usize,
     /// `mailmux queue retry` runs.
     pub retries: usize,
+    /// Calls their caller gave up on (and so cancelled).
+    pub impatient: usize,
     pub transactions: usize,
     pub taken: usize,
 }
@@ -511,6 +527,7 @@ pub fn reconcile(calls: &Calls, listed: &[Value], received: &[Received]) -> Tall
     // A cancel answered `cancelled` holds: the message stays cancelled
     // and was never taken.
     t.retries = calls.retries;
+    t.impatient = calls.impatient;
     for c in &calls.cancels {
         t.cancels += 1;
         if c.cancelled != Some(true) {
@@ -536,14 +553,15 @@ impl std::fmt::Display for Tally {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} calls ({} answered, {} without a key broke unanswered, {} keyed calls made \
-             again after a kill), {} cancels ({} answered cancelled), {} shell retries; {} \
+            "{} calls ({} answered, {} without a key broke unanswered, {} of them given up by \
+             their caller, {} keyed calls made again after a kill), {} cancels ({} answered cancelled), {} shell retries; {} \
              messages stored: {} \
              sent once, {} unknown, {} cancelled; {} transactions at the sink, {} taken, none \
              twice",
             self.calls,
             self.answered,
             self.broken,
+            self.impatient,
             self.again,
             self.cancels,
             self.told_cancelled,
