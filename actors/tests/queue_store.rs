@@ -2616,3 +2616,190 @@ async fn a_cancel_dropped_half_way_lets_its_claim_go() {
     queue.shutdown(Duration::from_secs(5)).await;
     dispatcher.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A store whose commit marks (`mark`, `accept_marked`) take `delay`
+/// before they are written: a slow database.
+#[derive(Debug)]
+struct SlowMarks {
+    inner: Arc<dyn Store>,
+    delay: Duration,
+}
+
+#[async_trait::async_trait]
+impl Store for SlowMarks {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn durable(&self) -> bool {
+        self.inner.durable()
+    }
+    async fn accept(&self, m: NewMessage) -> Result<Accepted, StoreError> {
+        self.inner.accept(m).await
+    }
+    async fn accept_many(
+        &self,
+        ms: Vec<NewMessage>,
+        atomic: bool,
+    ) -> Result<Vec<Accepted>, StoreError> {
+        self.inner.accept_many(ms, atomic).await
+    }
+    async fn mark(&self, message_id: &str) -> Result<(), StoreError> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.mark(message_id).await
+    }
+    async fn accept_marked(&self, m: NewMessage) -> Result<(), StoreError> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.accept_marked(m).await
+    }
+    async fn settle(&self, message_id: &str, s: Settle) -> Result<(), StoreError> {
+        self.inner.settle(message_id, s).await
+    }
+    async fn accept_settled(&self, m: NewMessage, s: Settle) -> Result<(), StoreError> {
+        self.inner.accept_settled(m, s).await
+    }
+    async fn cancel(&self, message_id: &str) -> Result<Cancel, StoreError> {
+        self.inner.cancel(message_id).await
+    }
+    async fn decide(&self, message_id: &str, d: Decision) -> Result<Decided, StoreError> {
+        self.inner.decide(message_id, d).await
+    }
+    async fn expire_held(&self, now: queue::Millis) -> Result<Vec<String>, StoreError> {
+        self.inner.expire_held(now).await
+    }
+    async fn retry(&self, message_id: &str, force: bool) -> Result<Retry, StoreError> {
+        self.inner.retry(message_id, force).await
+    }
+    async fn due(&self, now: queue::Millis, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.inner.due(now, limit).await
+    }
+    async fn next_due(&self) -> Result<Option<queue::Millis>, StoreError> {
+        self.inner.next_due().await
+    }
+    async fn load(&self, message_id: &str) -> Result<Option<queue::Pending>, StoreError> {
+        self.inner.load(message_id).await
+    }
+    async fn get(&self, message_id: &str) -> Result<Option<queue::Record>, StoreError> {
+        self.inner.get(message_id).await
+    }
+    async fn find_key(
+        &self,
+        caller: Option<&str>,
+        key: &str,
+    ) -> Result<Option<String>, StoreError> {
+        self.inner.find_key(caller, key).await
+    }
+    async fn list(
+        &self,
+        filter: &Filter,
+        limit: usize,
+        cursor: Option<i64>,
+    ) -> Result<(Vec<queue::Summary>, Option<i64>), StoreError> {
+        self.inner.list(filter, limit, cursor).await
+    }
+    async fn stats(&self) -> Result<queue::Stats, StoreError> {
+        self.inner.stats().await
+    }
+    async fn note_copy(&self, message_id: &str, outcome: &str) -> Result<(), StoreError> {
+        self.inner.note_copy(message_id, outcome).await
+    }
+    async fn recover(&self) -> Result<queue::Recovered, StoreError> {
+        self.inner.recover().await
+    }
+    async fn purge(
+        &self,
+        finished_before: queue::Millis,
+        keys_before: queue::Millis,
+        limit: usize,
+    ) -> Result<Purged, StoreError> {
+        self.inner.purge(finished_before, keys_before, limit).await
+    }
+}
+
+/// A waiting call its client cancels while the round's commit mark is
+/// being written (a slow store), on each store: the round ends at once,
+/// and its outcome is written after the mark, so the message ends
+/// `cancelled`, never `sending` with nothing left to finish it (on
+/// PostgreSQL, its lease renewed for as long as the daemon runs), and no
+/// "." was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_cancelled_while_its_mark_is_written_ends_cancelled() {
+    use mailmux_actors::queue::{Queue, QueueSettings, StoreKind, Submit};
+    use mailmux_actors::{Dispatcher, Limits, RelaySettings, RouterSettings};
+    use mailmux_actors::{Settings, SupervisorSettings};
+    use tokio_util::sync::CancellationToken;
+
+    let sink = support::smtp_sink::SmtpSink::start().await;
+    let dispatcher = Dispatcher::start(Settings {
+        relays: vec![RelaySettings::smtp("sink", "127.0.0.1", sink.port())],
+        router: RouterSettings::default(),
+        supervisor: SupervisorSettings::default(),
+        limits: Limits::default(),
+    })
+    .await
+    .unwrap();
+    let server = Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    for (kind, store) in [
+        ("memory", Arc::new(MemoryStore::new()) as Arc<dyn Store>),
+        (
+            "sqlite",
+            Arc::new(SqliteStore::open(&dir.path().join("q.db")).unwrap()),
+        ),
+        (
+            "postgres",
+            Arc::new(PgStore::open(&pg(&server.database(), "n")).await.unwrap()),
+        ),
+    ] {
+        let slow: Arc<dyn Store> = Arc::new(SlowMarks {
+            inner: store.clone(),
+            delay: Duration::from_millis(600),
+        });
+        let settings = QueueSettings {
+            store: StoreKind::Memory,
+            ..QueueSettings::default()
+        };
+        let queue = Queue::start(slow, dispatcher.clone(), settings, 8)
+            .await
+            .unwrap();
+        let id = format!("cancelled-at-mark-{kind}@mailmux.test");
+        let cancel = CancellationToken::new();
+        let call = {
+            let (queue, cancel) = (queue.clone(), cancel.clone());
+            let mail = mail_to_b(&id, Duration::from_secs(30));
+            tokio::spawn(async move {
+                queue
+                    .submit(Submit {
+                        mail,
+                        send_at: None,
+                        idempotency: None,
+                        wait: true,
+                        caller: None,
+                        meta: None,
+                        hold: None,
+                        batch: None,
+                        cancel: Some(cancel),
+                    })
+                    .await
+            })
+        };
+        // The round is at its mark by now (the relay answered the envelope
+        // on loopback); the mark's write takes 600 ms.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        cancel.cancel();
+        let answer = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("the call ends")
+            .unwrap();
+        // Past the mark's write, and any round that could follow it.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let r = store.get(&id).await.unwrap();
+        assert_eq!(
+            r.as_ref().map(|r| r.state),
+            Some(State::Cancelled),
+            "{kind}: answered {answer:?}, stored {r:?}"
+        );
+        queue.shutdown(Duration::from_secs(5)).await;
+    }
+    assert_eq!(sink.count(), 0, "no message reached the sink");
+    dispatcher.shutdown(Duration::from_secs(5)).await;
+}

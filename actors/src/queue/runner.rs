@@ -377,6 +377,11 @@ struct StoreMark {
     /// An `accept_marked` of `fresh` ended unconfirmed: it may have stored
     /// the message as committing, though its "." was not sent.
     unconfirmed: AtomicBool,
+    /// Held while the mark is written, and while the round's end writes
+    /// the outcome: a round its caller cancelled ends while its relay may
+    /// still be writing the mark, and the outcome must follow that write
+    /// (PostgreSQL writes marks and outcomes on separate connections).
+    writing: tokio::sync::Mutex<()>,
 }
 
 impl StoreMark {
@@ -390,6 +395,7 @@ impl CommitMark for StoreMark {
         &self,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(async move {
+            let _writing = self.writing.lock().await;
             let inner = &self.inner;
             // Not written again after an unconfirmed try: the row that try
             // may have left would refuse it, and with it every message
@@ -1950,6 +1956,7 @@ async fn first_round(
         message_id: id.clone(),
         fresh: Mutex::new(fresh),
         unconfirmed: AtomicBool::new(false),
+        writing: tokio::sync::Mutex::new(()),
     });
     let report = match mail_of(&p, deadline) {
         Ok(mail) => {
@@ -1987,6 +1994,9 @@ async fn first_round(
         settle.next_attempt_at = None;
     }
     let state = settle.state;
+    // After a mark being written now; a mark written later finds the
+    // outcome (and no fresh message) and is refused.
+    let writing = store_mark.writing.lock().await;
     let fresh = store_mark.take_fresh();
     // Stored by its mark (`accept_marked`), which may leave the bytes out.
     if was_fresh && fresh.is_none() && (state.keeps_body() || settle.copy) {
@@ -2009,6 +2019,7 @@ async fn first_round(
         }
         None => inner.store.settle(&id, settle.clone()).await,
     };
+    drop(writing);
     inner.note_write(&result);
     if result.is_ok() {
         if let Some(new) = &fresh {
