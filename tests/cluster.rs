@@ -373,7 +373,7 @@ async fn daemons_killed_in_turn_under_a_flaky_relay_lose_nothing_and_double_noth
     let url = pg.database();
     let smtp = Arc::new(FaultSmtp::start(Script::ok()).await);
     let cfg = |name: &str| {
-        config_toml(&url, name, smtp.port(), "1s", "")
+        config_toml(&url, name, smtp.port(), "1s", &chaos::approvals_toml())
             .replace("send_deadline = \"10s\"", "send_deadline = \"2s\"")
     };
     let daemons = chaos::Daemons::new(NAMES.len());
@@ -392,7 +392,10 @@ async fn daemons_killed_in_turn_under_a_flaky_relay_lose_nothing_and_double_noth
         seed,
         &daemons,
         LIMIT,
-        Some(shell.path().to_path_buf()),
+        Some(chaos::Shell {
+            dir: shell.path().to_path_buf(),
+            operator: Some(chaos::OPERATOR.into()),
+        }),
         stop.clone(),
     );
     let faults = chaos::flaky_relay(smtp.clone(), seed, stop.clone());

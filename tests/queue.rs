@@ -502,7 +502,7 @@ async fn repeated_kills_under_a_flaky_relay_lose_nothing_and_double_nothing() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let smtp = Arc::new(FaultSmtp::start(Script::ok()).await);
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config_toml(dir.path(), smtp.port(), "")
+    let cfg = config_toml(dir.path(), smtp.port(), &chaos::approvals_toml())
         .replace("send_deadline = \"8s\"", "send_deadline = \"2s\"");
     let daemons = chaos::Daemons::new(1);
     let stop = Arc::new(AtomicBool::new(false));
@@ -511,7 +511,10 @@ async fn repeated_kills_under_a_flaky_relay_lose_nothing_and_double_nothing() {
         seed,
         &daemons,
         LIMIT,
-        Some(dir.path().to_path_buf()),
+        Some(chaos::Shell {
+            dir: dir.path().to_path_buf(),
+            operator: Some(chaos::OPERATOR.into()),
+        }),
         stop.clone(),
     );
     let faults = chaos::flaky_relay(smtp.clone(), seed, stop.clone());

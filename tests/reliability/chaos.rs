@@ -85,6 +85,55 @@ pub struct Cancelling {
     pub cancelled: Option<bool>,
 }
 
+/// The operator's shell: `mailmux queue` run in `dir`, on the
+/// `mailmux.toml` there (the daemons' configuration), with `operator`'s
+/// token when the configuration holds mail outside `@example.org` for an
+/// operator's approval.
+#[derive(Clone)]
+pub struct Shell {
+    pub dir: PathBuf,
+    pub operator: Option<String>,
+}
+
+/// The operator's token of the tests that hold mail for approval.
+pub const OPERATOR: &str = "chaos-operator-token-41f3";
+
+/// The configuration's tables that hold mail outside `@example.org` for
+/// an operator (`OPERATOR`'s) approval.
+pub fn approvals_toml() -> String {
+    let hash: String = <sha2::Sha256 as sha2::Digest>::digest(OPERATOR.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!(
+        "\n[policy]\nallowed_recipients = [\"@example.org\"]\napproval = \"outside_allowlist\"\n\
+         approver = \"operator\"\n\n[[operators]]\nname = \"ops\"\ntoken_sha256 = \"{hash}\"\n"
+    )
+}
+
+impl Shell {
+    async fn run(&self, args: &[&str]) -> String {
+        let shell = self.clone();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let (code, out, err) = tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            crate::common::queue_cmd_as(&shell.dir, &args, shell.operator.as_deref())
+        })
+        .await
+        .unwrap();
+        assert!(code.is_some(), "mailmux queue: {out}{err}");
+        out
+    }
+}
+
+/// An operator's decision on a held message, and whether the shell said it
+/// was made (`approved; now …` or `rejected`).
+pub struct Decided {
+    pub message_id: String,
+    pub approve: bool,
+    pub made: bool,
+}
+
 /// What the callers did.
 #[derive(Default)]
 pub struct Calls {
@@ -94,6 +143,7 @@ pub struct Calls {
     pub retries: usize,
     /// Calls their caller gave up on before the answer.
     pub impatient: usize,
+    pub decisions: Vec<Decided>,
 }
 
 impl Calls {
@@ -106,6 +156,7 @@ impl Calls {
             all.cancels.extend(c.cancels);
             all.retries += c.retries;
             all.impatient += c.impatient;
+            all.decisions.extend(c.decisions);
         }
         all
     }
@@ -126,7 +177,7 @@ pub fn callers(
     seed: u64,
     daemons: &Daemons,
     limit: Duration,
-    shell: Option<PathBuf>,
+    shell: Option<Shell>,
     stop: Arc<AtomicBool>,
 ) -> JoinSet<Calls> {
     let mut set = JoinSet::new();
@@ -140,6 +191,8 @@ pub fn callers(
             // The messages and batches this caller was told are `queued`.
             let mut queued: Vec<String> = Vec::new();
             let mut batches: Vec<String> = Vec::new();
+            // The messages held for an operator.
+            let mut held: Vec<String> = Vec::new();
             let mut i = 0;
             while !stop.load(Ordering::SeqCst) {
                 let dice = rng.random_range(0..100);
@@ -152,16 +205,10 @@ pub fn callers(
                         queued.swap_remove(rng.random_range(0..queued.len()))
                     };
                     match (&shell, dice) {
-                        (Some(dir), 10..) => {
+                        (Some(shell), 10..) => {
                             let retry = rng.random_bool(0.5);
                             let verb = if retry { "retry" } else { "cancel" };
-                            let (dir, arg) = (dir.clone(), id.clone());
-                            let (code, out, err) = tokio::task::spawn_blocking(move || {
-                                crate::common::queue_cmd(&dir, &[verb, &arg])
-                            })
-                            .await
-                            .unwrap();
-                            assert!(code.is_some(), "queue {verb}: {out}{err}");
+                            let out = shell.run(&[verb, &id]).await;
                             if retry {
                                 calls.retries += 1;
                             } else {
@@ -183,6 +230,23 @@ pub fn callers(
                     }
                     continue;
                 }
+                if let Some(shell) = shell.as_ref().filter(|_| dice < 20 && !held.is_empty()) {
+                    let id = held.swap_remove(rng.random_range(0..held.len()));
+                    let approve = rng.random_bool(0.5);
+                    let verb = if approve { "approve" } else { "reject" };
+                    let out = shell.run(&[verb, &id]).await;
+                    let made = if approve {
+                        out.starts_with(&format!("{id}: approved; now "))
+                    } else {
+                        out == format!("{id}: rejected; it will not be sent\n")
+                    };
+                    calls.decisions.push(Decided {
+                        message_id: id,
+                        approve,
+                        made,
+                    });
+                    continue;
+                }
                 if dice < 15 && !batches.is_empty() {
                     let batch = batches.swap_remove(rng.random_range(0..batches.len()));
                     let peer = any_peer(&mut serving, &mut rng).await;
@@ -196,7 +260,8 @@ pub fn callers(
                 }
                 i += 1;
                 let keyed = rng.random_bool(0.5);
-                let (tool, args, subjects) = arguments(&mut rng, caller, i, keyed);
+                let outside = shell.as_ref().is_some_and(|s| s.operator.is_some());
+                let (tool, args, subjects) = arguments(&mut rng, caller, i, keyed, outside);
                 let label = subjects[0].clone();
                 let mut again = 0;
                 // The daemons (and their generations) a broken call was
@@ -250,6 +315,12 @@ pub fn callers(
                                 })
                                 .filter_map(|r| r["message_id"].as_str().map(str::to_owned)),
                         );
+                        held.extend(
+                            results
+                                .iter()
+                                .filter(|r| r["status"] == "held")
+                                .filter_map(|r| r["message_id"].as_str().map(str::to_owned)),
+                        );
                         calls.asked.push(Asked {
                             subjects: subjects.clone(),
                             keyed,
@@ -282,12 +353,22 @@ async fn any_peer(
 }
 
 /// Caller `caller`'s call `i`: the tool, its arguments and its subjects.
+/// With `outside`, one message in ten goes to a recipient outside
+/// `@example.org`.
 fn arguments(
     rng: &mut impl Rng,
     caller: usize,
     i: usize,
     keyed: bool,
+    outside: bool,
 ) -> (&'static str, Value, Vec<String>) {
+    let to = |rng: &mut dyn rand::RngCore| {
+        if outside && rng.random_bool(0.1) {
+            "rcpt@elsewhere.net"
+        } else {
+            "rcpt@example.org"
+        }
+    };
     let wait = rng.random_bool(0.5);
     let later = rng
         .random_bool(0.1)
@@ -300,7 +381,7 @@ fn arguments(
             .iter()
             .enumerate()
             .map(|(j, s)| {
-                let mut m = json!({"to": ["rcpt@example.org"], "subject": s});
+                let mut m = json!({"to": [to(rng)], "subject": s});
                 if keyed {
                     m["idempotency_key"] = key(j);
                 }
@@ -314,7 +395,7 @@ fn arguments(
         }
         ("send_batch", args, subjects)
     } else {
-        let mut args = json!({"to": "rcpt@example.org", "subject": tag,
+        let mut args = json!({"to": to(rng), "subject": tag,
                               "body": format!("body of {tag}\n"), "wait": wait});
         if keyed {
             args["idempotency_key"] = key(0);
@@ -406,7 +487,11 @@ pub struct Tally {
     pub stored: usize,
     pub sent: usize,
     pub unknown: usize,
-    pub cancelled: usize,
+    /// Stored messages never sent: `cancelled`, `rejected` or `held`.
+    pub nothing_sent: std::collections::BTreeMap<String, usize>,
+    /// Operators' decisions, and the approvals made.
+    pub decided: usize,
+    pub approved: usize,
     /// Cancels of a message or a batch, and those answered `cancelled`.
     pub cancels: usize,
     pub told_cancelled: usize,
@@ -461,13 +546,9 @@ pub fn reconcile(calls: &Calls, listed: &[Value], received: &[Received]) -> Tall
                 t.unknown += 1;
                 assert!(copies.len() <= 1, "{id}: unknown, {} copies", copies.len());
             }
-            Some("cancelled") => {
-                t.cancelled += 1;
-                assert!(
-                    copies.is_empty(),
-                    "{id}: cancelled, {} copies",
-                    copies.len()
-                );
+            Some(state @ ("cancelled" | "rejected" | "held")) => {
+                *t.nothing_sent.entry(state.to_owned()).or_default() += 1;
+                assert!(copies.is_empty(), "{id}: {state}, {} copies", copies.len());
             }
             other => panic!("{id}: stored, now {other:?}: {m}"),
         }
@@ -511,7 +592,7 @@ pub fn reconcile(calls: &Calls, listed: &[Value], received: &[Received]) -> Tall
             assert!(
                 matches!(
                     r["status"].as_str(),
-                    Some("sent" | "queued" | "scheduled" | "unknown" | "sending")
+                    Some("sent" | "queued" | "scheduled" | "unknown" | "sending" | "held")
                 ),
                 "{}: told {r}",
                 a.last.label
@@ -545,6 +626,27 @@ pub fn reconcile(calls: &Calls, listed: &[Value], received: &[Received]) -> Tall
             "{id}: told cancelled, now {status:?}"
         );
     }
+    // An operator's decision the shell said was made holds.
+    for d in &calls.decisions {
+        t.decided += 1;
+        if !d.made {
+            continue;
+        }
+        let m = listed
+            .iter()
+            .find(|m| m["message_id"] == d.message_id.as_str());
+        let status = m.and_then(|m| m["status"].as_str());
+        if d.approve {
+            t.approved += 1;
+            assert!(
+                matches!(status, Some("sent" | "unknown")),
+                "{}: approved, now {status:?}",
+                d.message_id
+            );
+        } else {
+            assert_eq!(status, Some("rejected"), "{}: rejected", d.message_id);
+        }
+    }
     assert!(t.unknown < t.stored / 2, "most messages were sent: {t:?}");
     t
 }
@@ -554,10 +656,10 @@ impl std::fmt::Display for Tally {
         write!(
             f,
             "{} calls ({} answered, {} without a key broke unanswered, {} of them given up by \
-             their caller, {} keyed calls made again after a kill), {} cancels ({} answered cancelled), {} shell retries; {} \
-             messages stored: {} \
-             sent once, {} unknown, {} cancelled; {} transactions at the sink, {} taken, none \
-             twice",
+             their caller, {} keyed calls made again after a kill), {} cancels ({} answered \
+             cancelled), {} shell retries, {} decisions ({} approvals); {} messages stored: {} \
+             sent once, {} unknown, never sent {:?}; {} transactions at the sink, {} taken, \
+             none twice",
             self.calls,
             self.answered,
             self.broken,
@@ -566,10 +668,12 @@ impl std::fmt::Display for Tally {
             self.cancels,
             self.told_cancelled,
             self.retries,
+            self.decided,
+            self.approved,
             self.stored,
             self.sent,
             self.unknown,
-            self.cancelled,
+            self.nothing_sent,
             self.transactions,
             self.taken
         )
