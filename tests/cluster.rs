@@ -373,8 +373,14 @@ async fn daemons_killed_in_turn_under_a_flaky_relay_lose_nothing_and_double_noth
     let url = pg.database();
     let smtp = Arc::new(FaultSmtp::start(Script::ok()).await);
     let cfg = |name: &str| {
-        config_toml(&url, name, smtp.port(), "1s", &chaos::approvals_toml())
-            .replace("send_deadline = \"10s\"", "send_deadline = \"2s\"")
+        chaos::with_max_age(config_toml(
+            &url,
+            name,
+            smtp.port(),
+            "1s",
+            &chaos::approvals_toml(),
+        ))
+        .replace("send_deadline = \"10s\"", "send_deadline = \"2s\"")
     };
     let daemons = chaos::Daemons::new(NAMES.len());
     let mut nodes = Vec::new();

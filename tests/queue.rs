@@ -502,8 +502,12 @@ async fn repeated_kills_under_a_flaky_relay_lose_nothing_and_double_nothing() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let smtp = Arc::new(FaultSmtp::start(Script::ok()).await);
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config_toml(dir.path(), smtp.port(), &chaos::approvals_toml())
-        .replace("send_deadline = \"8s\"", "send_deadline = \"2s\"");
+    let cfg = chaos::with_max_age(config_toml(
+        dir.path(),
+        smtp.port(),
+        &chaos::approvals_toml(),
+    ))
+    .replace("send_deadline = \"8s\"", "send_deadline = \"2s\"");
     let daemons = chaos::Daemons::new(1);
     let stop = Arc::new(AtomicBool::new(false));
     let callers = chaos::callers(

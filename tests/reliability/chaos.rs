@@ -100,6 +100,14 @@ pub const OPERATOR: &str = "chaos-operator-token-41f3";
 
 /// The configuration's tables that hold mail outside `@example.org` for
 /// an operator (`OPERATOR`'s) approval.
+///
+/// A message may wait 3 s for delivery (`queue.max_age`), so that some
+/// expire while the relay fails: `with_max_age` sets it in a configuration.
+pub fn with_max_age(config: String) -> String {
+    assert!(config.contains("retry_max = \"1s\""), "{config}");
+    config.replace("retry_max = \"1s\"", "retry_max = \"1s\"\nmax_age = \"3s\"")
+}
+
 pub fn approvals_toml() -> String {
     let hash: String = <sha2::Sha256 as sha2::Digest>::digest(OPERATOR.as_bytes())
         .iter()
@@ -389,7 +397,8 @@ fn arguments(
             })
             .collect();
         let mut args = json!({"defaults": {"body": "a chaos batch\n"},
-                              "messages": messages, "wait": wait});
+                              "messages": messages, "wait": wait,
+                              "atomic": rng.random_bool(0.3)});
         if let Some(t) = later {
             args["send_at"] = json!(t);
         }
@@ -487,7 +496,8 @@ pub struct Tally {
     pub stored: usize,
     pub sent: usize,
     pub unknown: usize,
-    /// Stored messages never sent: `cancelled`, `rejected` or `held`.
+    /// Stored messages never sent: `cancelled`, `rejected`, `held` or
+    /// `expired`.
     pub nothing_sent: std::collections::BTreeMap<String, usize>,
     /// Operators' decisions, and the approvals made.
     pub decided: usize,
@@ -507,8 +517,8 @@ pub struct Tally {
 /// what the relay `received`. The relay may have taken every transaction it
 /// did not answer 4xx or 5xx after the final ".": every stored message is
 /// `sent`, with exactly one such copy (answered 250), `unknown`, with at
-/// most one, or `cancelled`, with none; a cancel answered `cancelled` left
-/// its message so; each copy is of a stored message a caller asked for; no
+/// most one, or `cancelled`, `rejected`, `held` or `expired`, with none; a
+/// cancel answered `cancelled` left its message so, and so did a decision; each copy is of a stored message a caller asked for; no
 /// subject was taken twice; every answer names stored messages, told
 /// `sent`, `queued`, `unknown` or `sending`; every keyed call was answered.
 pub fn reconcile(calls: &Calls, listed: &[Value], received: &[Received]) -> Tally {
@@ -546,7 +556,7 @@ pub fn reconcile(calls: &Calls, listed: &[Value], received: &[Received]) -> Tall
                 t.unknown += 1;
                 assert!(copies.len() <= 1, "{id}: unknown, {} copies", copies.len());
             }
-            Some(state @ ("cancelled" | "rejected" | "held")) => {
+            Some(state @ ("cancelled" | "rejected" | "held" | "expired")) => {
                 *t.nothing_sent.entry(state.to_owned()).or_default() += 1;
                 assert!(copies.is_empty(), "{id}: {state}, {} copies", copies.len());
             }
@@ -592,7 +602,15 @@ pub fn reconcile(calls: &Calls, listed: &[Value], received: &[Received]) -> Tall
             assert!(
                 matches!(
                     r["status"].as_str(),
-                    Some("sent" | "queued" | "scheduled" | "unknown" | "sending" | "held")
+                    Some(
+                        "sent"
+                            | "queued"
+                            | "scheduled"
+                            | "unknown"
+                            | "sending"
+                            | "held"
+                            | "expired"
+                    )
                 ),
                 "{}: told {r}",
                 a.last.label
@@ -639,7 +657,7 @@ pub fn reconcile(calls: &Calls, listed: &[Value], received: &[Received]) -> Tall
         if d.approve {
             t.approved += 1;
             assert!(
-                matches!(status, Some("sent" | "unknown")),
+                matches!(status, Some("sent" | "unknown" | "expired")),
                 "{}: approved, now {status:?}",
                 d.message_id
             );
