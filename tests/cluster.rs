@@ -161,6 +161,25 @@ impl Node {
         assert!(ok, "kill {sig} {}", self.pid);
     }
 
+    /// SIGTERM, and wait for the drained daemon to exit cleanly.
+    async fn term(&mut self) {
+        self.signal("-TERM");
+        let until = Instant::now() + Duration::from_secs(15);
+        let exit = loop {
+            if let Some(exit) = self.child.try_wait().unwrap() {
+                break exit;
+            }
+            assert!(Instant::now() < until, "{} never exited", self.name);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(
+            exit.success(),
+            "{} exit {exit:?}\n{}",
+            self.name,
+            self.logs()
+        );
+    }
+
     fn kill9(&mut self) {
         self.signal("-KILL");
         let _ = self.child.wait();
@@ -406,11 +425,22 @@ async fn daemons_killed_in_turn_under_a_flaky_relay_lose_nothing_and_double_noth
     );
     let faults = chaos::flaky_relay(smtp.clone(), seed, stop.clone());
 
+    let mut terms = 0;
     for _ in 0..KILLS {
         tokio::time::sleep(Duration::from_millis(rng.random_range(600..2500))).await;
         let i = rng.random_range(0..NAMES.len());
-        daemons.stopping(i);
-        nodes[i].take().unwrap().kill9();
+        // One stop in three is a SIGTERM, with the callers still calling
+        // while the daemon drains (and refuses them).
+        let mut n = nodes[i].take().unwrap();
+        if rng.random_bool(0.33) {
+            terms += 1;
+            n.term().await;
+            daemons.stopping(i);
+        } else {
+            daemons.stopping(i);
+            n.kill9();
+        }
+        drop(n);
         // The other daemon alone, for up to about two leases.
         tokio::time::sleep(Duration::from_millis(rng.random_range(100..2500))).await;
         let n = Node::start(NAMES[i], &cfg(NAMES[i])).await;
@@ -426,8 +456,11 @@ async fn daemons_killed_in_turn_under_a_flaky_relay_lose_nothing_and_double_noth
     let tally = chaos::reconcile(&calls, &listed, &smtp.received());
     let by_each = NAMES.map(|name| listed.iter().filter(|m| m["node"] == name).count());
     eprintln!(
-        "cluster kills: {KILLS} kills over 2 daemons, {tally}; delivered or held by n0 {}, by n1 {}",
-        by_each[0], by_each[1]
+        "cluster kills: {KILLS} stops over 2 daemons ({} SIGKILL, {terms} SIGTERM), {tally}; \
+         delivered or held by n0 {}, by n1 {}",
+        KILLS - terms,
+        by_each[0],
+        by_each[1]
     );
 }
 

@@ -141,6 +141,17 @@ impl<C: ClientHandler> Daemon<C> {
         drop(self.client.take());
     }
 
+    /// SIGTERM, and wait for the drained daemon to exit cleanly.
+    async fn term(mut self) {
+        common::signal(self.pid, "TERM");
+        let exit = tokio::time::timeout(Duration::from_secs(15), self.child.wait())
+            .await
+            .expect("the daemon exits within its grace")
+            .expect("wait");
+        assert!(exit.success(), "exit {exit:?}\n{}", self.logs());
+        drop(self.client.take());
+    }
+
     /// Closes stdin: a graceful stop.
     async fn stop(mut self) {
         if let Some(c) = self.client.take() {
@@ -523,12 +534,21 @@ async fn repeated_kills_under_a_flaky_relay_lose_nothing_and_double_nothing() {
     );
     let faults = chaos::flaky_relay(smtp.clone(), seed, stop.clone());
 
+    let mut terms = 0;
     for _ in 0..KILLS {
         let d = Daemon::start(dir.path(), &cfg).await;
         daemons.started(0, d.peer());
         tokio::time::sleep(Duration::from_millis(rng.random_range(600..2500))).await;
-        daemons.stopping(0);
-        d.kill9().await;
+        // One stop in three is a SIGTERM, with the callers still calling
+        // while it drains (and refuses them).
+        if rng.random_bool(0.33) {
+            terms += 1;
+            d.term().await;
+            daemons.stopping(0);
+        } else {
+            daemons.stopping(0);
+            d.kill9().await;
+        }
     }
     let d = Daemon::start(dir.path(), &cfg).await;
     daemons.started(0, d.peer());
@@ -539,7 +559,10 @@ async fn repeated_kills_under_a_flaky_relay_lose_nothing_and_double_nothing() {
     let calls = chaos::Calls::join(callers).await;
     let listed = chaos::listed_when_final(d.peer(), Duration::from_secs(60)).await;
     let tally = chaos::reconcile(&calls, &listed, &smtp.received());
-    eprintln!("repeated kills: {KILLS} kills, {tally}");
+    eprintln!(
+        "repeated kills: {KILLS} stops ({} SIGKILL, {terms} SIGTERM), {tally}",
+        KILLS - terms
+    );
     d.stop().await;
 }
 

@@ -306,7 +306,9 @@ pub fn callers(
                     };
                     let c = call(&peer, label.clone(), tool, args.clone(), limit).await;
                     calls.impatient += usize::from(impatient && c.value().is_none());
-                    if c.value().is_some() || !keyed {
+                    // Refused by a daemon that is stopping: nothing stored.
+                    let broke = c.value().is_none() || c.error_code() == Some("unavailable");
+                    if !broke || !keyed {
                         let v = c.value().cloned().unwrap_or_default();
                         if let Some(b) = v["batch_id"].as_str() {
                             batches.push(b.to_owned());
@@ -491,6 +493,8 @@ pub struct Tally {
     pub answered: usize,
     /// Calls with no key that broke with their daemon.
     pub broken: usize,
+    /// Calls with no key refused by a daemon that was stopping.
+    pub refused: usize,
     /// Keyed calls made again after their daemon died.
     pub again: usize,
     pub stored: usize,
@@ -589,6 +593,15 @@ pub fn reconcile(calls: &Calls, listed: &[Value], received: &[Received]) -> Tall
             t.broken += 1;
             continue;
         };
+        if a.last.error_code() == Some("unavailable") {
+            assert!(
+                !a.keyed,
+                "{}: a keyed call is made until stored",
+                a.last.label
+            );
+            t.refused += 1;
+            continue;
+        }
         t.answered += 1;
         let results = match v.get("results") {
             Some(r) => r.as_array().unwrap().clone(),
@@ -657,7 +670,8 @@ pub fn reconcile(calls: &Calls, listed: &[Value], received: &[Received]) -> Tall
         if d.approve {
             t.approved += 1;
             assert!(
-                matches!(status, Some("sent" | "unknown" | "expired")),
+                // Or cancelled since, with its batch.
+                matches!(status, Some("sent" | "unknown" | "expired" | "cancelled")),
                 "{}: approved, now {status:?}",
                 d.message_id
             );
@@ -673,13 +687,14 @@ impl std::fmt::Display for Tally {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} calls ({} answered, {} without a key broke unanswered, {} of them given up by \
-             their caller, {} keyed calls made again after a kill), {} cancels ({} answered \
+            "{} calls ({} answered, {} refused while a daemon stopped, {} without a key broke \
+             unanswered, {} of them given up by their caller, {} keyed calls made again after a kill), {} cancels ({} answered \
              cancelled), {} shell retries, {} decisions ({} approvals); {} messages stored: {} \
              sent once, {} unknown, never sent {:?}; {} transactions at the sink, {} taken, \
              none twice",
             self.calls,
             self.answered,
+            self.refused,
             self.broken,
             self.impatient,
             self.again,
