@@ -450,7 +450,7 @@ async fn mark_loop(
                     history = m.history || CASE WHEN m.history = '' THEN '' ELSE ';' END || $3
                FROM unnest($4::text[], $5::bigint[]) AS l(id, epoch)
               WHERE m.message_id = l.id AND m.lease_epoch = l.epoch AND m.node = $6
-                AND m.state IN ('queued', 'scheduled')
+                AND m.state IN ('queued', 'scheduled', 'sending')
               RETURNING m.message_id"
         ))
         .bind(now)

@@ -378,10 +378,12 @@ struct StoreMark {
     /// the message as committing, though its "." was not sent.
     unconfirmed: AtomicBool,
     /// Held while the mark is written, and while the round's end writes
-    /// the outcome: a round its caller cancelled ends while its relay may
-    /// still be writing the mark, and the outcome must follow that write
-    /// (PostgreSQL writes marks and outcomes on separate connections).
-    writing: tokio::sync::Mutex<()>,
+    /// the outcome: a round its caller cancelled (or whose deadline
+    /// passed) ends while its relay may still be writing the mark, and the
+    /// outcome must follow that write (PostgreSQL writes marks and outcomes
+    /// on separate connections). Its value: the round has ended, and a mark
+    /// that comes after is refused, so that nothing is sent.
+    writing: tokio::sync::Mutex<bool>,
 }
 
 impl StoreMark {
@@ -395,7 +397,10 @@ impl CommitMark for StoreMark {
         &self,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(async move {
-            let _writing = self.writing.lock().await;
+            let ended = self.writing.lock().await;
+            if *ended {
+                return Err("the delivery round had ended".into());
+            }
             let inner = &self.inner;
             // Not written again after an unconfirmed try: the row that try
             // may have left would refuse it, and with it every message
@@ -1956,7 +1961,7 @@ async fn first_round(
         message_id: id.clone(),
         fresh: Mutex::new(fresh),
         unconfirmed: AtomicBool::new(false),
-        writing: tokio::sync::Mutex::new(()),
+        writing: tokio::sync::Mutex::new(false),
     });
     let report = match mail_of(&p, deadline) {
         Ok(mail) => {
@@ -1996,7 +2001,8 @@ async fn first_round(
     let state = settle.state;
     // After a mark being written now; a mark written later finds the
     // outcome (and no fresh message) and is refused.
-    let writing = store_mark.writing.lock().await;
+    let mut writing = store_mark.writing.lock().await;
+    *writing = true;
     let fresh = store_mark.take_fresh();
     // Stored by its mark (`accept_marked`), which may leave the bytes out.
     if was_fresh && fresh.is_none() && (state.keeps_body() || settle.copy) {
