@@ -505,7 +505,6 @@ async fn a_burst_killed_mid_way_loses_nothing_and_doubles_nothing() {
 async fn repeated_kills_under_a_flaky_relay_lose_nothing_and_double_nothing() {
     use rand::{Rng, SeedableRng};
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
 
     const KILLS: usize = 5;
     let seed = chaos::seed();
@@ -520,19 +519,11 @@ async fn repeated_kills_under_a_flaky_relay_lose_nothing_and_double_nothing() {
     ))
     .replace("send_deadline = \"8s\"", "send_deadline = \"2s\"");
     let daemons = chaos::Daemons::new(1);
-    let stop = Arc::new(AtomicBool::new(false));
-    let callers = chaos::callers(
-        8,
-        seed,
-        &daemons,
-        LIMIT,
-        Some(chaos::Shell {
-            dir: dir.path().to_path_buf(),
-            operator: Some(chaos::OPERATOR.into()),
-        }),
-        stop.clone(),
-    );
-    let faults = chaos::flaky_relay(smtp.clone(), seed, stop.clone());
+    let shell = chaos::Shell {
+        dir: dir.path().to_path_buf(),
+        operator: Some(chaos::OPERATOR.into()),
+    };
+    let run = chaos::Run::start(seed, &daemons, LIMIT, shell, smtp.clone());
 
     let mut terms = 0;
     for _ in 0..KILLS {
@@ -552,13 +543,7 @@ async fn repeated_kills_under_a_flaky_relay_lose_nothing_and_double_nothing() {
     }
     let d = Daemon::start(dir.path(), &cfg).await;
     daemons.started(0, d.peer());
-    // The keyed calls that broke at the last kill are made again now.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::SeqCst);
-    faults.await.unwrap();
-    let calls = chaos::Calls::join(callers).await;
-    let listed = chaos::listed_when_final(d.peer(), Duration::from_secs(60)).await;
-    let tally = chaos::reconcile(&calls, &listed, &smtp.received());
+    let tally = run.finish(d.peer()).await;
     eprintln!(
         "repeated kills: {KILLS} stops ({} SIGKILL, {terms} SIGTERM), {tally}",
         KILLS - terms

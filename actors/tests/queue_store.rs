@@ -40,6 +40,39 @@ fn mail_to_b(id: &str, within: Duration) -> mailmux_actors::Mail {
     }
 }
 
+/// A dispatcher over `relays`, with default settings otherwise.
+async fn dispatcher_to(relays: Vec<mailmux_actors::RelaySettings>) -> mailmux_actors::Dispatcher {
+    use mailmux_actors::{Limits, RouterSettings, Settings, SupervisorSettings};
+    mailmux_actors::Dispatcher::start(Settings {
+        relays,
+        router: RouterSettings::default(),
+        supervisor: SupervisorSettings::default(),
+        limits: Limits::default(),
+    })
+    .await
+    .unwrap()
+}
+
+/// `mail` for the queue, with no key and no caller.
+fn submission(
+    mail: mailmux_actors::Mail,
+    wait: bool,
+    send_at: Option<std::time::SystemTime>,
+    cancel: Option<tokio_util::sync::CancellationToken>,
+) -> mailmux_actors::queue::Submit {
+    mailmux_actors::queue::Submit {
+        mail,
+        send_at,
+        idempotency: None,
+        wait,
+        caller: None,
+        meta: None,
+        hold: None,
+        batch: None,
+        cancel,
+    }
+}
+
 fn message(id: &str, key: Option<(&str, u8)>) -> NewMessage {
     let now = now_millis();
     NewMessage {
@@ -2464,21 +2497,14 @@ async fn close_merges_the_log_and_refuses_later_writes() {
 /// round delivers it, once; the call, which waits, is told `sent`.
 #[tokio::test]
 async fn postgres_a_mark_whose_answer_was_lost_is_sent_once_when_the_database_is_back() {
-    use mailmux_actors::queue::{Queue, QueueSettings, StoreKind, Submit};
-    use mailmux_actors::{Dispatcher, Limits, RelaySettings, RouterSettings};
-    use mailmux_actors::{Settings, SupervisorSettings};
+    use mailmux_actors::RelaySettings;
+    use mailmux_actors::queue::{Queue, QueueSettings, StoreKind};
 
     let server = Postgres::start();
     let (proxy, _db, through, store) = behind_a_cut_proxy(&server).await;
     let sink = support::smtp_sink::SmtpSink::start().await;
-    let dispatcher = Dispatcher::start(Settings {
-        relays: vec![RelaySettings::smtp("sink", "127.0.0.1", sink.port())],
-        router: RouterSettings::default(),
-        supervisor: SupervisorSettings::default(),
-        limits: Limits::default(),
-    })
-    .await
-    .unwrap();
+    let dispatcher =
+        dispatcher_to(vec![RelaySettings::smtp("sink", "127.0.0.1", sink.port())]).await;
     let store: Arc<dyn Store> = Arc::new(store);
     let settings = QueueSettings {
         store: StoreKind::Postgres(pg(&through, "n")),
@@ -2502,21 +2528,7 @@ async fn postgres_a_mark_whose_answer_was_lost_is_sent_once_when_the_database_is
     proxy.arm_then_refuse(id.as_bytes());
     let call = {
         let queue = queue.clone();
-        tokio::spawn(async move {
-            queue
-                .submit(Submit {
-                    mail,
-                    send_at: None,
-                    idempotency: None,
-                    wait: true,
-                    caller: None,
-                    meta: None,
-                    hold: None,
-                    batch: None,
-                    cancel: None,
-                })
-                .await
-        })
+        tokio::spawn(async move { queue.submit(submission(mail, true, None, None)).await })
     };
     assert!(
         support::wait_until(|| proxy.cut() == 1, Duration::from_secs(10)).await,
@@ -2562,20 +2574,12 @@ async fn postgres_a_mark_whose_answer_was_lost_is_sent_once_when_the_database_is
 /// still be cancelled, and is never seen as one a relay holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_dropped_half_way_lets_its_claim_go() {
-    use mailmux_actors::queue::{Queue, QueueSettings, StoreKind, Submit};
-    use mailmux_actors::{Dispatcher, Limits, RouterSettings, Settings, SupervisorSettings};
+    use mailmux_actors::queue::{Queue, QueueSettings, StoreKind};
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q.db");
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
-    let dispatcher = Dispatcher::start(Settings {
-        relays: Vec::new(),
-        router: RouterSettings::default(),
-        supervisor: SupervisorSettings::default(),
-        limits: Limits::default(),
-    })
-    .await
-    .unwrap();
+    let dispatcher = dispatcher_to(Vec::new()).await;
     let settings = QueueSettings {
         store: StoreKind::Sqlite { path },
         ..QueueSettings::default()
@@ -2587,17 +2591,7 @@ async fn a_cancel_dropped_half_way_lets_its_claim_go() {
     let mail = mail_to_b(id, Duration::from_secs(60));
     let later = std::time::SystemTime::now() + Duration::from_secs(3600);
     queue
-        .submit(Submit {
-            mail,
-            send_at: Some(later),
-            idempotency: None,
-            wait: false,
-            caller: None,
-            meta: None,
-            hold: None,
-            batch: None,
-            cancel: None,
-        })
+        .submit(submission(mail, false, Some(later), None))
         .await
         .unwrap();
     // Polled once, while the store's writer has the write: then dropped.
@@ -2723,20 +2717,13 @@ impl Store for SlowMarks {
 /// "." was sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_cancelled_while_its_mark_is_written_ends_cancelled() {
-    use mailmux_actors::queue::{Queue, QueueSettings, StoreKind, Submit};
-    use mailmux_actors::{Dispatcher, Limits, RelaySettings, RouterSettings};
-    use mailmux_actors::{Settings, SupervisorSettings};
+    use mailmux_actors::RelaySettings;
+    use mailmux_actors::queue::{Queue, QueueSettings, StoreKind};
     use tokio_util::sync::CancellationToken;
 
     let sink = support::smtp_sink::SmtpSink::start().await;
-    let dispatcher = Dispatcher::start(Settings {
-        relays: vec![RelaySettings::smtp("sink", "127.0.0.1", sink.port())],
-        router: RouterSettings::default(),
-        supervisor: SupervisorSettings::default(),
-        limits: Limits::default(),
-    })
-    .await
-    .unwrap();
+    let dispatcher =
+        dispatcher_to(vec![RelaySettings::smtp("sink", "127.0.0.1", sink.port())]).await;
     let server = Postgres::start();
     let dir = tempfile::tempdir().unwrap();
     for (kind, store) in [
@@ -2768,17 +2755,7 @@ async fn a_call_cancelled_while_its_mark_is_written_ends_cancelled() {
             let mail = mail_to_b(&id, Duration::from_secs(30));
             tokio::spawn(async move {
                 queue
-                    .submit(Submit {
-                        mail,
-                        send_at: None,
-                        idempotency: None,
-                        wait: true,
-                        caller: None,
-                        meta: None,
-                        hold: None,
-                        batch: None,
-                        cancel: Some(cancel),
-                    })
+                    .submit(submission(mail, true, None, Some(cancel)))
                     .await
             })
         };

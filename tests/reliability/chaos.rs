@@ -276,25 +276,7 @@ pub fn callers(
                 // made on; the next try goes to another.
                 let mut tried: Vec<(usize, usize)> = Vec::new();
                 loop {
-                    let (daemon, generation, peer) = {
-                        let slots = serving
-                            .wait_for(|v| {
-                                v.iter().enumerate().any(|(d, s)| {
-                                    s.peer.is_some() && !tried.contains(&(d, s.generation))
-                                })
-                            })
-                            .await
-                            .expect("the test keeps the sender");
-                        let open: Vec<(usize, &Slot)> = slots
-                            .iter()
-                            .enumerate()
-                            .filter(|(d, s)| {
-                                s.peer.is_some() && !tried.contains(&(*d, s.generation))
-                            })
-                            .collect();
-                        let (d, s) = open[rng.random_range(0..open.len())];
-                        (d, s.generation, s.peer.clone().unwrap())
-                    };
+                    let (tried_on, peer) = pick_peer(&mut serving, &mut rng, &tried).await;
                     // Now and then a caller with no key gives up on a call
                     // that waits: rmcp's client then cancels it
                     // (`notifications/cancelled`), and so its message.
@@ -313,24 +295,14 @@ pub fn callers(
                         if let Some(b) = v["batch_id"].as_str() {
                             batches.push(b.to_owned());
                         }
-                        let results = match v.get("results") {
-                            Some(r) => r.as_array().cloned().unwrap_or_default(),
-                            None => vec![v],
-                        };
-                        queued.extend(
-                            results
-                                .iter()
-                                .filter(|r| {
-                                    matches!(r["status"].as_str(), Some("queued" | "scheduled"))
-                                })
-                                .filter_map(|r| r["message_id"].as_str().map(str::to_owned)),
-                        );
-                        held.extend(
-                            results
-                                .iter()
-                                .filter(|r| r["status"] == "held")
-                                .filter_map(|r| r["message_id"].as_str().map(str::to_owned)),
-                        );
+                        for r in results(&v) {
+                            let id = r["message_id"].as_str().map(str::to_owned);
+                            match r["status"].as_str() {
+                                Some("queued" | "scheduled") => queued.extend(id),
+                                Some("held") => held.extend(id),
+                                _ => {}
+                            }
+                        }
                         calls.asked.push(Asked {
                             subjects: subjects.clone(),
                             keyed,
@@ -340,7 +312,7 @@ pub fn callers(
                         break;
                     }
                     again += 1;
-                    tried.push((daemon, generation));
+                    tried.push(tried_on);
                 }
             }
             calls
@@ -354,12 +326,38 @@ async fn any_peer(
     serving: &mut watch::Receiver<Vec<Slot>>,
     rng: &mut impl Rng,
 ) -> Peer<RoleClient> {
+    pick_peer(serving, rng, &[]).await.1
+}
+
+/// A running daemon's peer, at random, waiting for one: any but those
+/// `tried` (a daemon and its generation); and which it is.
+async fn pick_peer(
+    serving: &mut watch::Receiver<Vec<Slot>>,
+    rng: &mut impl Rng,
+    tried: &[(usize, usize)],
+) -> ((usize, usize), Peer<RoleClient>) {
+    let open = |v: &[Slot]| -> Vec<(usize, usize)> {
+        v.iter()
+            .enumerate()
+            .filter(|(d, s)| s.peer.is_some() && !tried.contains(&(*d, s.generation)))
+            .map(|(d, s)| (d, s.generation))
+            .collect()
+    };
     let slots = serving
-        .wait_for(|v| v.iter().any(|s| s.peer.is_some()))
+        .wait_for(|v| !open(v).is_empty())
         .await
         .expect("the test keeps the sender");
-    let open: Vec<&Slot> = slots.iter().filter(|s| s.peer.is_some()).collect();
-    open[rng.random_range(0..open.len())].peer.clone().unwrap()
+    let choices = open(&slots);
+    let (d, generation) = choices[rng.random_range(0..choices.len())];
+    ((d, generation), slots[d].peer.clone().unwrap())
+}
+
+/// The per-message results of a `send_email` or `send_batch` answer.
+fn results(v: &Value) -> Vec<Value> {
+    match v.get("results") {
+        Some(r) => r.as_array().cloned().unwrap_or_default(),
+        None => vec![v.clone()],
+    }
 }
 
 /// Caller `caller`'s call `i`: the tool, its arguments and its subjects.
@@ -415,6 +413,46 @@ fn arguments(
             args["send_at"] = json!(t);
         }
         ("send_email", args, vec![tag])
+    }
+}
+
+/// Eight callers ([`callers`]) and the failing relay ([`flaky_relay`]),
+/// running until [`Run::finish`].
+pub struct Run {
+    stop: Arc<AtomicBool>,
+    callers: JoinSet<Calls>,
+    faults: JoinHandle<()>,
+    smtp: Arc<FaultSmtp>,
+}
+
+impl Run {
+    pub fn start(
+        seed: u64,
+        daemons: &Daemons,
+        limit: Duration,
+        shell: Shell,
+        smtp: Arc<FaultSmtp>,
+    ) -> Run {
+        let stop = Arc::new(AtomicBool::new(false));
+        Run {
+            callers: callers(8, seed, daemons, limit, Some(shell), stop.clone()),
+            faults: flaky_relay(smtp.clone(), seed, stop.clone()),
+            stop,
+            smtp,
+        }
+    }
+
+    /// Once the daemons run again for good: gives the keyed calls that
+    /// broke at the last stop time to be made again, stops the callers and
+    /// turns the relay good, waits until the queue (as `peer` lists it) has
+    /// nothing left to send, and reconciles ([`reconcile`]).
+    pub async fn finish(self, peer: &Peer<RoleClient>) -> Tally {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        self.stop.store(true, Ordering::SeqCst);
+        self.faults.await.unwrap();
+        let calls = Calls::join(self.callers).await;
+        let listed = listed_when_final(peer, Duration::from_secs(60)).await;
+        reconcile(&calls, &listed, &self.smtp.received())
     }
 }
 
@@ -515,6 +553,9 @@ pub struct Tally {
     pub impatient: usize,
     pub transactions: usize,
     pub taken: usize,
+    /// Stored messages by the daemon that holds or delivered them, where
+    /// the store names one (a shared PostgreSQL queue).
+    pub by_node: std::collections::BTreeMap<String, usize>,
 }
 
 /// Reconciles the final `listed` messages and the callers' `asked` against
@@ -548,6 +589,9 @@ pub fn reconcile(calls: &Calls, listed: &[Value], received: &[Received]) -> Tall
     }
     for m in listed {
         let id = m["message_id"].as_str().unwrap();
+        if let Some(node) = m["node"].as_str() {
+            *t.by_node.entry(node.to_owned()).or_default() += 1;
+        }
         let copies = taken.get(id).map_or(&[][..], Vec::as_slice);
         match m["status"].as_str() {
             Some("sent") => {
@@ -603,10 +647,7 @@ pub fn reconcile(calls: &Calls, listed: &[Value], received: &[Received]) -> Tall
             continue;
         }
         t.answered += 1;
-        let results = match v.get("results") {
-            Some(r) => r.as_array().unwrap().clone(),
-            None => vec![v.clone()],
-        };
+        let results = results(v);
         assert_eq!(results.len(), a.subjects.len(), "{}: {v}", a.last.label);
         for r in &results {
             // `sending`: a replay, or a waiting call whose deadline passed
@@ -709,6 +750,10 @@ impl std::fmt::Display for Tally {
             self.nothing_sent,
             self.transactions,
             self.taken
-        )
+        )?;
+        if !self.by_node.is_empty() {
+            write!(f, "; held or delivered by each daemon {:?}", self.by_node)?;
+        }
+        Ok(())
     }
 }
