@@ -173,6 +173,10 @@ pub struct Options {
     pub starttls: StartTls,
     /// The name in the greeting and the EHLO reply.
     pub hostname: String,
+    /// Accept at most this many recipients a transaction, and answer each
+    /// RCPT after them `452 4.5.3 Error: too many recipients`, as Postfix's
+    /// `smtpd_recipient_limit` does.
+    pub max_recipients: Option<usize>,
 }
 
 impl Default for Options {
@@ -185,6 +189,7 @@ impl Default for Options {
             pipelining: true,
             starttls: StartTls::Off,
             hostname: "fault-smtp.test".to_string(),
+            max_recipients: None,
         }
     }
 }

@@ -406,6 +406,16 @@ impl Session {
                 .await
                 .map(|_| None);
         }
+        if self
+            .shared
+            .options
+            .max_recipients
+            .is_some_and(|max| self.rcpt_to.len() >= max)
+        {
+            return send(conn, "452 4.5.3 Error: too many recipients")
+                .await
+                .map(|_| None);
+        }
         let action = self.decide(Phase::Rcpt, Some(&to)).await;
         if action != Action::Ok {
             return self.fault(conn, action).await;
