@@ -84,6 +84,7 @@ pub(crate) async fn deliver(
             code: 250,
             text: format!("written to {}", path.display()),
         },
+        note: None,
     })
 }
 

@@ -636,11 +636,15 @@ fn success(flight: &mut Flight, relay: &str, d: Delivered) -> Report {
         },
         relay: Some(relay.to_owned()),
         message: partial.then(|| {
-            format!(
+            let refused = format!(
                 "{} of {} recipients were refused; the others got the message",
                 d.rejected.len(),
                 d.rejected.len() + d.accepted.len()
-            )
+            );
+            match &d.note {
+                Some(note) => format!("{refused} ({note})"),
+                None => refused,
+            }
         }),
         accepted: d.accepted,
         rejected: d.rejected,

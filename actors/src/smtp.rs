@@ -509,6 +509,10 @@ pub(crate) struct Delivered {
     pub accepted: Vec<String>,
     pub rejected: Vec<Rejected>,
     pub reply: Reply,
+    /// Why some recipients were not sent to, when that was not the server's
+    /// refusal of each one: a transaction after the first, for the
+    /// recipients over the server's cap, that failed.
+    pub note: Option<String>,
 }
 
 /// Sends one message over an open connection, phase by phase.
@@ -517,9 +521,15 @@ pub(crate) struct Delivered {
 /// - Some RCPT 5xx: those recipients are reported, the rest get the message.
 /// - Every RCPT 5xx, MAIL 5xx, DATA 5xx, 5xx after the dot: permanent.
 /// - No reply after the final ".": unknown, and the connection is dropped.
+/// - RCPT 452 after the server accepted other recipients in the same
+///   transaction: the server's cap on recipients a transaction (RFC 5321
+///   4.5.3.1.10). The accepted ones get the message, and the others go in
+///   further transactions on the same connection, as many as it takes.
 ///
-/// Before the final "." the message is committed in `progress`; if the caller
-/// has given up by then, nothing is sent.
+/// Before the first final "." the message is committed in `progress`; if
+/// the caller has given up by then, nothing is sent. The transactions after
+/// it belong to a committed message: when one fails, its recipients are
+/// reported refused and the message is never sent elsewhere.
 pub(crate) async fn transact(
     conn: &mut Conn,
     from: Option<&Address>,
@@ -530,21 +540,25 @@ pub(crate) async fn transact(
     let result = transact_inner(conn, from, mail, t, progress).await;
     conn.last_used = Instant::now();
     if let Err(f) = &result {
-        if f.lost || f.class == FailureClass::Unknown {
-            conn.broken = true;
-        } else if !conn.broken {
-            // A refusal mid-transaction: reset the session so the connection
-            // can be reused.
-            let reset = tokio::time::timeout(t.command, conn.inner.command(Rset)).await;
-            if !matches!(reset, Ok(Ok(_))) {
-                conn.broken = true;
-            }
-        }
+        settle_session(conn, f, t).await;
     }
     if conn.inner.has_broken() {
         conn.broken = true;
     }
     result
+}
+
+/// After a refusal, makes the connection reusable with RSET, or marks it
+/// broken when the session's state is unknown.
+async fn settle_session(conn: &mut Conn, f: &Failure, t: &Timeouts) {
+    if f.lost || f.class == FailureClass::Unknown {
+        conn.broken = true;
+    } else if !conn.broken {
+        let reset = tokio::time::timeout(t.command, conn.inner.command(Rset)).await;
+        if !matches!(reset, Ok(Ok(_))) {
+            conn.broken = true;
+        }
+    }
 }
 
 async fn transact_inner(
@@ -570,90 +584,9 @@ async fn transact_inner(
             lettre::transport::smtp::extension::MailBodyParameter::EightBitMime,
         ));
     }
-
-    // With PIPELINING every reply still comes back in order and is
-    // classified by its own phase. A refusal does not stop the reading: the
-    // replies to the commands already sent are read too, so that the session
-    // stays in step and can be reset and reused.
     let mail_cmd = MailCmd::new(from.cloned(), params);
-    let rcpts: Vec<Rcpt> = mail
-        .to
-        .iter()
-        .map(|a| Rcpt::new(a.clone(), vec![]))
-        .collect();
-    let pipelined = conn.pipelining;
-    let sent = if pipelined {
-        let batch = Batch {
-            mail: &mail_cmd,
-            rcpts: &rcpts,
-        };
-        bounded(Phase::Mail, t.command, deadline, conn.inner.command(batch)).await
-    } else {
-        bounded(
-            Phase::Mail,
-            t.command,
-            deadline,
-            conn.inner.command(&mail_cmd),
-        )
-        .await
-    };
-    let sent = in_step(Phase::Mail, sent);
-    // The first refusal that fails the whole message.
-    let mut refusal = match sent {
-        Ok(_) => None,
-        Err(f) if f.lost || !pipelined => return Err(f),
-        Err(f) => Some(f),
-    };
-
-    let mut accepted = Vec::with_capacity(mail.to.len());
-    let mut rejected = Vec::new();
-    for (rcpt, cmd) in mail.to.iter().zip(rcpts) {
-        let reply = if pipelined {
-            bounded(Phase::Rcpt, t.command, deadline, conn.inner.read_response()).await
-        } else {
-            bounded(Phase::Rcpt, t.command, deadline, conn.inner.command(cmd)).await
-        };
-        let reply = in_step(Phase::Rcpt, reply);
-        match reply {
-            Err(f) if f.lost => return Err(lost_after(refusal, f)),
-            // Replies to commands sent after a refusal change nothing.
-            _ if refusal.is_some() => {}
-            Ok(_) => accepted.push(rcpt.to_string()),
-            Err(f) if f.class == FailureClass::Permanent => rejected.push(Rejected {
-                address: rcpt.to_string(),
-                reply: f.reply.clone().unwrap_or(Reply {
-                    code: 550,
-                    text: f.detail.clone(),
-                }),
-            }),
-            Err(f) if pipelined => refusal = Some(f),
-            Err(f) => return Err(f),
-        }
-    }
-    if refusal.is_none() && accepted.is_empty() {
-        let f = every_recipient_refused(&rejected);
-        if !pipelined {
-            return Err(f);
-        }
-        refusal = Some(f);
-    }
-
-    let data = if pipelined {
-        bounded(Phase::Data, t.command, deadline, conn.inner.read_response()).await
-    } else {
-        bounded(Phase::Data, t.command, deadline, conn.inner.command(Data)).await
-    };
-    let data = in_step(Phase::Data, data);
-    match (data, refusal) {
-        (Ok(_), None) => {}
-        // The server said 354 although the message cannot go: it now reads
-        // message data, and only dropping the connection ends that without
-        // a delivery.
-        (Ok(_), Some(f)) => return Err(f.lost()),
-        (Err(d), Some(f)) if d.lost => return Err(f.lost()),
-        (Err(_), Some(f)) => return Err(f),
-        (Err(d), None) => return Err(d),
-    }
+    let everyone: Vec<&Address> = mail.to.iter().collect();
+    let first = envelope(conn, &mail_cmd, &everyone, t, deadline).await?;
 
     // The server now reads message data: if the message does not go, only
     // dropping the connection ends that without a delivery.
@@ -674,6 +607,214 @@ async fn transact_inner(
             .lost());
         }
     }
+    let reply = match content(conn, mail, t, deadline).await {
+        Ok(reply) => reply,
+        Err(f) => {
+            if f.class == FailureClass::Transient {
+                // A 4xx after the dot is a clear "not taken": another relay
+                // may take it without risk of a duplicate.
+                progress.release();
+            }
+            return Err(f);
+        }
+    };
+    let mut delivered = Delivered {
+        accepted: first.accepted,
+        rejected: first.rejected,
+        reply,
+        note: None,
+    };
+    let mut left = first.over_cap;
+    let cap = delivered.accepted.len();
+    // Each further transaction takes at least one recipient, or ends the
+    // loop: it ends.
+    while !left.is_empty() {
+        let to: Vec<&Address> = left.iter().map(|(a, _)| a).collect();
+        let stopped = match envelope(conn, &mail_cmd, &to, t, deadline).await {
+            Ok(next) => match content(conn, mail, t, deadline).await {
+                Ok(reply) => {
+                    delivered.accepted.extend(next.accepted);
+                    delivered.rejected.extend(next.rejected);
+                    delivered.reply = reply;
+                    left = next.over_cap;
+                    continue;
+                }
+                Err(f) if f.class == FailureClass::Unknown => {
+                    return Err(Failure {
+                        detail: format!(
+                            "{} of {} recipients had the message; in the transaction \
+                             for {} more (the server took at most {cap} a transaction): {}",
+                            delivered.accepted.len(),
+                            mail.to.len(),
+                            to.len(),
+                            f.detail
+                        ),
+                        ..f
+                    });
+                }
+                Err(f) => {
+                    // This transaction's recipients were refused with the
+                    // reply to its "."; those over the cap again never went.
+                    let reply = f.reply.clone();
+                    delivered.rejected.extend(next.rejected);
+                    for (address, own) in next
+                        .accepted
+                        .into_iter()
+                        .zip(std::iter::repeat(None))
+                        .chain(
+                            next.over_cap
+                                .into_iter()
+                                .map(|(a, r)| (a.to_string(), Some(r))),
+                        )
+                    {
+                        delivered.rejected.push(Rejected {
+                            address,
+                            reply: own.or_else(|| reply.clone()).unwrap_or_else(|| Reply {
+                                code: 554,
+                                text: f.detail.clone(),
+                            }),
+                        });
+                    }
+                    f
+                }
+            },
+            Err(f) => {
+                for (address, own) in std::mem::take(&mut left) {
+                    delivered.rejected.push(Rejected {
+                        address: address.to_string(),
+                        reply: f.reply.clone().unwrap_or(own),
+                    });
+                }
+                f
+            }
+        };
+        delivered.note = Some(format!(
+            "the server took at most {cap} recipients a transaction, and the \
+             transaction for the rest failed: {}",
+            stopped.detail
+        ));
+        settle_session(conn, &stopped, t).await;
+        break;
+    }
+    Ok(delivered)
+}
+
+/// What one transaction's envelope got.
+struct Envelope {
+    accepted: Vec<String>,
+    rejected: Vec<Rejected>,
+    /// Recipients refused with 452 after the server accepted others in the
+    /// same transaction, with that reply: they go in the next one.
+    over_cap: Vec<(Address, Reply)>,
+}
+
+/// MAIL, RCPT for each of `to` and DATA, pipelined when the server offers
+/// it; `Ok` once the server said 354 and reads message data.
+///
+/// With PIPELINING every reply still comes back in order and is classified
+/// by its own phase. A refusal does not stop the reading: the replies to
+/// the commands already sent are read too, so that the session stays in
+/// step and can be reset and reused.
+async fn envelope(
+    conn: &mut Conn,
+    mail_cmd: &MailCmd,
+    to: &[&Address],
+    t: &Timeouts,
+    deadline: Instant,
+) -> Result<Envelope, Failure> {
+    let rcpts: Vec<Rcpt> = to.iter().map(|a| Rcpt::new((*a).clone(), vec![])).collect();
+    let pipelined = conn.pipelining;
+    let sent = if pipelined {
+        let batch = Batch {
+            mail: mail_cmd,
+            rcpts: &rcpts,
+        };
+        bounded(Phase::Mail, t.command, deadline, conn.inner.command(batch)).await
+    } else {
+        bounded(
+            Phase::Mail,
+            t.command,
+            deadline,
+            conn.inner.command(mail_cmd),
+        )
+        .await
+    };
+    let sent = in_step(Phase::Mail, sent);
+    // The first refusal that fails the whole transaction.
+    let mut refusal = match sent {
+        Ok(_) => None,
+        Err(f) if f.lost || !pipelined => return Err(f),
+        Err(f) => Some(f),
+    };
+
+    let mut accepted = Vec::with_capacity(to.len());
+    let mut rejected = Vec::new();
+    let mut over_cap = Vec::new();
+    for (rcpt, cmd) in to.iter().zip(rcpts) {
+        let reply = if pipelined {
+            bounded(Phase::Rcpt, t.command, deadline, conn.inner.read_response()).await
+        } else {
+            bounded(Phase::Rcpt, t.command, deadline, conn.inner.command(cmd)).await
+        };
+        let reply = in_step(Phase::Rcpt, reply);
+        match reply {
+            Err(f) if f.lost => return Err(lost_after(refusal, f)),
+            // Replies to commands sent after a refusal change nothing.
+            _ if refusal.is_some() => {}
+            Ok(_) => accepted.push(rcpt.to_string()),
+            Err(f) if f.class == FailureClass::Permanent => rejected.push(Rejected {
+                address: rcpt.to_string(),
+                reply: f.reply.clone().unwrap_or(Reply {
+                    code: 550,
+                    text: f.detail.clone(),
+                }),
+            }),
+            Err(Failure {
+                reply: Some(reply), ..
+            }) if reply.code == 452 && !accepted.is_empty() => {
+                over_cap.push(((*rcpt).clone(), reply));
+            }
+            Err(f) if pipelined => refusal = Some(f),
+            Err(f) => return Err(f),
+        }
+    }
+    if refusal.is_none() && accepted.is_empty() {
+        let f = every_recipient_refused(&rejected);
+        if !pipelined {
+            return Err(f);
+        }
+        refusal = Some(f);
+    }
+
+    let data = if pipelined {
+        bounded(Phase::Data, t.command, deadline, conn.inner.read_response()).await
+    } else {
+        bounded(Phase::Data, t.command, deadline, conn.inner.command(Data)).await
+    };
+    let data = in_step(Phase::Data, data);
+    match (data, refusal) {
+        (Ok(_), None) => Ok(Envelope {
+            accepted,
+            rejected,
+            over_cap,
+        }),
+        // The server said 354 although the message cannot go: it now reads
+        // message data, and only dropping the connection ends that without
+        // a delivery.
+        (Ok(_), Some(f)) => Err(f.lost()),
+        (Err(d), Some(f)) if d.lost => Err(f.lost()),
+        (Err(_), Some(f)) => Err(f),
+        (Err(d), None) => Err(d),
+    }
+}
+
+/// The message data and its final ".", and the server's reply to it.
+async fn content(
+    conn: &mut Conn,
+    mail: &Mail,
+    t: &Timeouts,
+    deadline: Instant,
+) -> Result<Reply, Failure> {
     let sent = match std::str::from_utf8(&mail.bytes) {
         Ok(text) => {
             let content = Content(text);
@@ -691,27 +832,12 @@ async fn transact_inner(
             bounded(Phase::AfterDot, t.data, deadline, content).await
         }
     };
-    match in_step(Phase::AfterDot, sent) {
-        Ok(resp) => {
-            conn.sent += 1;
-            Ok(Delivered {
-                accepted,
-                rejected,
-                reply: Reply {
-                    code: u16::from(resp.code()),
-                    text: resp.message().collect::<Vec<_>>().join(" "),
-                },
-            })
-        }
-        Err(f) => {
-            if f.class == FailureClass::Transient {
-                // A 4xx after the dot is a clear "not taken": another relay
-                // may take it without risk of a duplicate.
-                progress.release();
-            }
-            Err(f)
-        }
-    }
+    let resp = in_step(Phase::AfterDot, sent)?;
+    conn.sent += 1;
+    Ok(Reply {
+        code: u16::from(resp.code()),
+        text: resp.message().collect::<Vec<_>>().join(" "),
+    })
 }
 
 /// A message as DATA content: dot-stuffed, then the final ".", for one write

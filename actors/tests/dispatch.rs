@@ -468,6 +468,248 @@ async fn rcpt_550_is_per_recipient_and_partial_acceptance_delivers_to_the_rest()
     );
 }
 
+/// A crash marker that counts its records.
+#[derive(Debug, Default)]
+struct CountedMark(std::sync::atomic::AtomicUsize);
+
+impl mailmux_actors::CommitMark for CountedMark {
+    fn record(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A primary whose server takes at most `cap` recipients a transaction,
+/// PIPELINING offered or not, and a backup that should see nothing.
+async fn capped(
+    cap: usize,
+    pipelining: bool,
+    script: Script,
+) -> (FaultSmtp, FaultSmtp, Dispatcher) {
+    let options = Options {
+        pipelining,
+        max_recipients: Some(cap),
+        ..Options::default()
+    };
+    let a = FaultSmtp::start_with(script, options).await;
+    let b = FaultSmtp::start(Script::ok()).await;
+    let d = Dispatcher::start(settings(
+        vec![relay("primary", a.port(), 10), relay("backup", b.port(), 1)],
+        Strategy::Priority,
+    ))
+    .await
+    .unwrap();
+    (a, b, d)
+}
+
+fn people(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("p{i}@test.example")).collect()
+}
+
+#[tokio::test]
+async fn recipients_over_the_servers_cap_go_in_more_transactions_on_one_connection() {
+    for pipelining in [true, false] {
+        let (a, b, d) = capped(3, pipelining, Script::ok()).await;
+        let to = people(7);
+        let m = mail_to(&to.iter().map(String::as_str).collect::<Vec<_>>());
+        let id = m.message_id.clone();
+        let bytes = m.bytes.clone();
+        let mark = Arc::new(CountedMark::default());
+        let r = d.send_marked(m, Some(mark.clone())).await;
+        assert_eq!(r.status, Status::Sent, "pipelined {pipelining}: {r:?}");
+        assert_eq!(r.accepted, to);
+        assert!(r.rejected.is_empty());
+        assert_eq!(r.attempts.len(), 1);
+        let got = a.delivered();
+        let groups: Vec<_> = got.iter().map(|t| t.rcpt_to.clone()).collect();
+        assert_eq!(
+            groups,
+            vec![to[0..3].to_vec(), to[3..6].to_vec(), to[6..7].to_vec()]
+        );
+        for t in &got {
+            assert_eq!(t.message_id.as_deref(), Some(format!("<{id}>").as_str()));
+            assert_eq!(t.data.as_slice(), &bytes[..]);
+        }
+        assert_eq!(a.connections(), 1, "one session for all three");
+        assert_eq!(
+            mark.0.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "the commit is recorded once, before the first \".\""
+        );
+        assert_eq!(b.connections(), 0, "no failover");
+        assert_eq!(a.pipelined(), if pipelining { 3 } else { 0 });
+
+        // The connection is still good for the next message.
+        let next = d.send(mail()).await;
+        assert_eq!(next.status, Status::Sent, "{next:?}");
+        assert_eq!(a.connections(), 1);
+    }
+}
+
+#[tokio::test]
+async fn a_550_beside_the_cap_is_reported_and_the_rest_get_the_message() {
+    let (a, b, d) = capped(
+        2,
+        true,
+        Script::ok().on_rcpt("nobody@test.example", Action::reply(550, "no such user")),
+    )
+    .await;
+    let m = mail_to(&[
+        "ada@test.example",
+        "nobody@test.example",
+        "bob@test.example",
+        "cy@test.example",
+    ]);
+    let r = d.send(m).await;
+    assert_eq!(r.status, Status::Partial, "{r:?}");
+    assert_eq!(
+        r.accepted,
+        vec!["ada@test.example", "bob@test.example", "cy@test.example"]
+    );
+    assert_eq!(r.rejected.len(), 1);
+    assert_eq!(r.rejected[0].address, "nobody@test.example");
+    assert_eq!(r.rejected[0].reply.code, 550);
+    let groups: Vec<_> = a.delivered().into_iter().map(|t| t.rcpt_to).collect();
+    assert_eq!(
+        groups,
+        vec![
+            vec!["ada@test.example".to_string(), "bob@test.example".into()],
+            vec!["cy@test.example".to_string()],
+        ]
+    );
+    assert_eq!(b.connections(), 0);
+}
+
+#[tokio::test]
+async fn a_later_transaction_refused_after_its_dot_reports_its_recipients_and_never_fails_over() {
+    // The second transaction's "." gets 451: a clear "not taken" for its
+    // recipients, but the first two already have the message, so it must
+    // not go to the backup.
+    let (a, b, d) = capped(
+        2,
+        true,
+        Script::ok().on_share(
+            Phase::AfterDot,
+            Action::reply(451, "queue full"),
+            support::fault_smtp::Share::EveryNth(2),
+        ),
+    )
+    .await;
+    let to = people(5);
+    let m = mail_to(&to.iter().map(String::as_str).collect::<Vec<_>>());
+    let id = m.message_id.clone();
+    let r = d.send(m).await;
+    assert_eq!(r.status, Status::Partial, "{r:?}");
+    assert_eq!(r.accepted, to[0..2].to_vec());
+    let refused: Vec<_> = r
+        .rejected
+        .iter()
+        .map(|x| (x.address.as_str(), x.reply.code))
+        .collect();
+    assert_eq!(
+        refused,
+        vec![
+            (to[2].as_str(), 451),
+            (to[3].as_str(), 451),
+            (to[4].as_str(), 452)
+        ]
+    );
+    let message = r.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("at most 2 recipients a transaction"),
+        "{message}"
+    );
+    assert_eq!(copies(&a, &id), 1);
+    assert_eq!(seen(&a, &id), 2);
+    assert_eq!(b.connections(), 0, "never sent elsewhere");
+}
+
+#[tokio::test]
+async fn a_later_transaction_lost_after_its_dot_makes_the_message_unknown() {
+    let (a, b, d) = capped(
+        2,
+        true,
+        Script::ok().on_share(
+            Phase::AfterDot,
+            Action::Close,
+            support::fault_smtp::Share::EveryNth(2),
+        ),
+    )
+    .await;
+    let to = people(4);
+    let m = mail_to(&to.iter().map(String::as_str).collect::<Vec<_>>());
+    let id = m.message_id.clone();
+    let r = d.send(m).await;
+    assert_eq!(r.status, Status::Unknown, "{r:?}");
+    assert_eq!(r.attempts.len(), 1);
+    assert_eq!(r.attempts[0].class, Some(FailureClass::Unknown));
+    let message = r.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("2 of 4 recipients had the message"),
+        "{message}"
+    );
+    assert_eq!(copies(&a, &id), 1);
+    assert_eq!(seen(&a, &id), 2);
+    assert_eq!(b.connections(), 0, "never sent elsewhere");
+}
+
+#[tokio::test]
+async fn a_later_transaction_refused_at_mail_reports_the_rest_with_that_reply() {
+    // The second MAIL gets 421 and the connection closes: the first three
+    // recipients have the message, the last two are reported with the 421.
+    let (a, b, d) = capped(
+        3,
+        true,
+        Script::ok().on_share(
+            Phase::Mail,
+            Action::reply(421, "closing"),
+            support::fault_smtp::Share::EveryNth(2),
+        ),
+    )
+    .await;
+    let to = people(5);
+    let m = mail_to(&to.iter().map(String::as_str).collect::<Vec<_>>());
+    let id = m.message_id.clone();
+    let r = d.send(m).await;
+    assert_eq!(r.status, Status::Partial, "{r:?}");
+    assert_eq!(r.accepted, to[0..3].to_vec());
+    let refused: Vec<_> = r
+        .rejected
+        .iter()
+        .map(|x| (x.address.as_str(), x.reply.code))
+        .collect();
+    assert_eq!(refused, vec![(to[3].as_str(), 421), (to[4].as_str(), 421)]);
+    assert_eq!(copies(&a, &id), 1);
+    assert_eq!(b.connections(), 0, "never sent elsewhere");
+}
+
+#[tokio::test]
+async fn a_452_to_the_first_recipient_is_no_cap_and_fails_the_message_over() {
+    // No recipient was accepted before the 452: the server is out of room,
+    // not counting recipients, so the whole message goes to the backup.
+    let (a, b, d) = pair(
+        Script::ok().on(
+            Phase::Rcpt,
+            Action::reply(452, "insufficient system storage"),
+        ),
+        Script::ok(),
+    )
+    .await;
+    let m = mail_to(&["ada@test.example", "bob@test.example"]);
+    let id = m.message_id.clone();
+    let r = d.send(m).await;
+    assert_eq!(r.status, Status::Sent, "{r:?}");
+    assert_eq!(r.relay.as_deref(), Some("backup"));
+    assert_eq!(seen(&a, &id), 0);
+    assert_eq!(copies(&b, &id), 1);
+    assert_eq!(
+        b.delivered()[0].rcpt_to,
+        vec!["ada@test.example", "bob@test.example"]
+    );
+}
+
 #[tokio::test]
 async fn every_recipient_refused_is_permanent_without_failover() {
     let (a, b, d) = pair(
