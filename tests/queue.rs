@@ -27,7 +27,7 @@ use rmcp::model::{
 use rmcp::service::{Peer, PeerRequestOptions, RunningService};
 use rmcp::{ClientHandler, RoleClient, ServiceExt};
 use serde_json::{Value, json};
-use support::fault_smtp::{Action, FaultSmtp, Phase, Received, Script, Share, copies};
+use support::fault_smtp::{Action, FaultSmtp, Options, Phase, Received, Script, Share, copies};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -318,6 +318,108 @@ async fn kill_after_the_final_dot_is_unknown_and_never_resent() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(smtp.received().len(), 1, "never sent again");
     assert!(d.logs().contains("recovered the queue"), "{}", d.logs());
+    d.stop().await;
+}
+
+/// A relay whose server takes at most `cap` recipients a transaction.
+async fn setup_capped(
+    cap: usize,
+    script: Script,
+) -> (FaultSmtp, tempfile::TempDir, String, Daemon) {
+    let options = Options {
+        max_recipients: Some(cap),
+        ..Options::default()
+    };
+    let smtp = FaultSmtp::start_with(script, options).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(dir.path(), smtp.port(), "");
+    let d = Daemon::start(dir.path(), &cfg).await;
+    (smtp, dir, cfg, d)
+}
+
+/// Five recipients (To, Cc and Bcc) through a server that takes two a
+/// transaction: three transactions of the same message, each recipient in
+/// one of them, and the Bcc in no header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recipients_over_the_relays_cap_get_the_message_in_more_transactions() {
+    let (smtp, _dir, _cfg, d) = setup_capped(2, Script::ok()).await;
+    let c = send(
+        d.peer(),
+        msg(
+            "capped",
+            json!({
+                "to": ["a@example.org", "b@example.org", "c@example.org"],
+                "cc": ["d@example.org"],
+                "bcc": ["hidden@example.org"],
+            }),
+        ),
+    )
+    .await;
+    assert_eq!(c.status(), Some("sent"), "{c:?}");
+    let id = c.message_id().unwrap().to_string();
+    let got = smtp.delivered();
+    let mut everyone: Vec<String> = got.iter().flat_map(|t| t.rcpt_to.clone()).collect();
+    everyone.sort();
+    assert_eq!(
+        everyone,
+        [
+            "a@example.org",
+            "b@example.org",
+            "c@example.org",
+            "d@example.org",
+            "hidden@example.org"
+        ]
+    );
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(got.iter().all(|t| t.rcpt_to.len() <= 2));
+    assert!(got.iter().all(|t| t.data == got[0].data), "one message");
+    assert_eq!(copies(&got).get(&id), Some(&3));
+    assert!(!String::from_utf8_lossy(&got[0].data).contains("hidden@"));
+    let s = status_of(d.peer(), &id).await;
+    assert_eq!(s["status"], "sent", "{s}");
+    d.stop().await;
+}
+
+/// Killed between two transactions of one message (the server took the
+/// first two recipients, then never answers the second MAIL): the message
+/// may have reached everyone it was committed to, so after the restart it
+/// is `unknown`, and no transaction is made again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_between_two_transactions_of_one_message_is_unknown_and_never_resent() {
+    let (smtp, dir, cfg, d) = setup_capped(
+        2,
+        Script::ok().on_share(Phase::Mail, Action::Hang, Share::EveryNth(2)),
+    )
+    .await;
+    let c = send(
+        d.peer(),
+        msg(
+            "split",
+            json!({
+                "to": ["a@example.org", "b@example.org", "c@example.org"],
+                "wait": false,
+            }),
+        ),
+    )
+    .await;
+    assert_eq!(c.status(), Some("queued"), "{c:?}");
+    let id = c.message_id().unwrap().to_string();
+    assert!(
+        support::wait_until(|| smtp.commands(Phase::Mail) >= 2, LIMIT).await,
+        "the second transaction never began"
+    );
+    assert_eq!(smtp.delivered().len(), 1);
+    d.kill9().await;
+
+    smtp.set_script(Script::ok());
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let s = status_of(d.peer(), &id).await;
+    assert_eq!(s["status"], "unknown", "{s}");
+    assert_eq!(history_of(&s), ["queued", "sending", "unknown"], "{s}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let got = smtp.received();
+    assert_eq!(got.len(), 1, "never sent again: {got:?}");
+    assert_eq!(got[0].rcpt_to, ["a@example.org", "b@example.org"]);
     d.stop().await;
 }
 
