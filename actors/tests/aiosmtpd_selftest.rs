@@ -61,6 +61,7 @@ async fn starttls_and_auth_are_required_and_work() {
     let options = AiosmtpdOptions {
         starttls: true,
         auth: Some(("agent".into(), "s3cret".into())),
+        ..AiosmtpdOptions::default()
     };
     let server = Aiosmtpd::start_with(options).await;
     let ca_pem = server.ca_pem().expect("CA").as_bytes().to_vec();

@@ -549,6 +549,49 @@ async fn recipients_over_the_servers_cap_go_in_more_transactions_on_one_connecti
 }
 
 #[tokio::test]
+async fn aiosmtpd_capped_at_100_recipients_gets_250_in_three_transactions() {
+    use support::aiosmtpd::{Aiosmtpd, AiosmtpdOptions};
+    let server = Aiosmtpd::start_with(AiosmtpdOptions {
+        max_recipients: Some(100),
+        ..AiosmtpdOptions::default()
+    })
+    .await;
+    let d = Dispatcher::start(settings(
+        vec![relay("aiosmtpd", server.port(), 1)],
+        Strategy::Priority,
+    ))
+    .await
+    .unwrap();
+    let to = people(250);
+    let mut m = mail_to(&to[..1].iter().map(String::as_str).collect::<Vec<_>>());
+    // The recipients in the envelope only, as Bcc: one To line of 250
+    // addresses would pass the 998-octet line limit.
+    m.to = to.iter().map(|a| a.parse().unwrap()).collect();
+    let bytes = m.bytes.clone();
+    let r = d.send(m).await;
+    assert_eq!(r.status, Status::Sent, "{:?}", r.message);
+    assert_eq!(r.accepted, to);
+    let got = server
+        .wait_for(3, Duration::from_secs(10))
+        .await
+        .expect("three transactions");
+    let groups: Vec<_> = got.iter().map(|m| m.rcpt_to.clone()).collect();
+    assert_eq!(
+        groups,
+        vec![
+            to[0..100].to_vec(),
+            to[100..200].to_vec(),
+            to[200..250].to_vec()
+        ]
+    );
+    for stored in &got {
+        assert_eq!(stored.data.as_slice(), &bytes[..]);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(server.count(), 3, "nothing more");
+}
+
+#[tokio::test]
 async fn a_550_beside_the_cap_is_reported_and_the_rest_get_the_message() {
     let (a, b, d) = capped(
         2,

@@ -68,6 +68,7 @@ async fn aiosmtpd_tls_auth() -> Aiosmtpd {
     Aiosmtpd::start_with(AiosmtpdOptions {
         starttls: true,
         auth: Some(("agent".into(), "s3cret-pw".into())),
+        ..AiosmtpdOptions::default()
     })
     .await
 }

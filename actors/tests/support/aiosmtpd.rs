@@ -26,6 +26,9 @@ pub struct AiosmtpdOptions {
     /// Require AUTH (PLAIN or LOGIN) with these credentials. With `starttls`, AUTH is
     /// offered only after the upgrade.
     pub auth: Option<(String, String)>,
+    /// Accept at most this many recipients a transaction, and answer each RCPT
+    /// after them 452.
+    pub max_recipients: Option<usize>,
 }
 
 /// A running aiosmtpd. Dropping it kills the process.
@@ -147,6 +150,9 @@ async fn spawn(
         cmd.arg("--auth")
             .arg(user)
             .env("AIOSMTPD_PASSWORD", password);
+    }
+    if let Some(max) = options.max_recipients {
+        cmd.arg("--max-recipients").arg(max.to_string());
     }
     let mut child = cmd.spawn().expect("spawn python3 aiosmtpd_server.py");
     let stdout = child.stdout.take().expect("child stdout");

@@ -5,8 +5,9 @@ and then NNNNNN.env (the envelope: a "from <addr>" line and one "to <addr>" line
 recipient); the .env is written last, so a reader that sees it sees the whole
 message. Prints "READY <port>" once listening. Loopback only; stores nothing else.
 
-Usage: aiosmtpd_server.py PORT OUT_DIR [--tls CERT KEY] [--auth USER]
-(the password for --auth comes from the AIOSMTPD_PASSWORD environment variable).
+Usage: aiosmtpd_server.py PORT OUT_DIR [--tls CERT KEY] [--auth USER] [--max-recipients N]
+(the password for --auth comes from the AIOSMTPD_PASSWORD environment variable;
+with --max-recipients, each RCPT past N in one transaction is answered 452).
 """
 
 import argparse
@@ -21,9 +22,16 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 
 class SaveToFolder:
-    def __init__(self, out_dir):
+    def __init__(self, out_dir, max_recipients=None):
         self.out_dir = out_dir
         self.count = 0
+        self.max_recipients = max_recipients
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if self.max_recipients is not None and len(envelope.rcpt_tos) >= self.max_recipients:
+            return "452 4.5.3 Error: too many recipients"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
         self.count += 1
@@ -66,6 +74,7 @@ def main():
     parser.add_argument("out_dir")
     parser.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
     parser.add_argument("--auth", metavar="USER")
+    parser.add_argument("--max-recipients", type=int, metavar="N")
     args = parser.parse_args()
 
     kwargs = {"enable_SMTPUTF8": True}
@@ -83,7 +92,7 @@ def main():
         )
 
     controller = Controller(
-        SaveToFolder(args.out_dir), hostname="127.0.0.1", port=args.port, **kwargs
+        SaveToFolder(args.out_dir, args.max_recipients), hostname="127.0.0.1", port=args.port, **kwargs
     )
     try:
         controller.start()
