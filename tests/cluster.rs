@@ -380,7 +380,6 @@ async fn three_daemons_share_a_burst_and_finish_a_killed_daemons_mail() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn daemons_killed_in_turn_under_a_flaky_relay_lose_nothing_and_double_nothing() {
     use rand::{Rng, SeedableRng};
-    use std::sync::Arc;
 
     const KILLS: usize = 5;
     const NAMES: [&str; 2] = ["n0", "n1"];
@@ -389,7 +388,7 @@ async fn daemons_killed_in_turn_under_a_flaky_relay_lose_nothing_and_double_noth
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let pg = Postgres::start();
     let url = pg.database();
-    let smtp = Arc::new(FaultSmtp::start(Script::ok()).await);
+    let smtp = chaos::relay().await;
     let cfg = |name: &str| {
         chaos::with_max_age(config_toml(
             &url,

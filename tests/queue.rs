@@ -606,13 +606,12 @@ async fn a_burst_killed_mid_way_loses_nothing_and_doubles_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_kills_under_a_flaky_relay_lose_nothing_and_double_nothing() {
     use rand::{Rng, SeedableRng};
-    use std::sync::Arc;
 
     const KILLS: usize = 5;
     let seed = chaos::seed();
     eprintln!("repeated kills: MAILMUX_RANDOM_SEED={seed} replays this run");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let smtp = Arc::new(FaultSmtp::start(Script::ok()).await);
+    let smtp = chaos::relay().await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = chaos::with_max_age(config_toml(
         dir.path(),

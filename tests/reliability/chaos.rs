@@ -3,7 +3,8 @@
 //! (`tests/cluster.rs`): a relay that fails at random, callers that make a
 //! broken keyed call again on the next daemon as an agent would and cancel
 //! some of what they sent, and the reconciliation of every stored message
-//! against what the relay took.
+//! against what the relay took. The relay takes at most two recipients a
+//! transaction, so a message to three goes in two.
 
 // Each test binary that includes this module uses a different subset of it.
 #![allow(dead_code)]
@@ -23,8 +24,30 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::harness::{Call, call};
 use crate::support::fault_smtp::{
-    Action, AfterDot, FaultSmtp, Phase, Received, Script, Share, copies,
+    Action, AfterDot, FaultSmtp, Options, Phase, Received, Script, Share, copies,
 };
+
+/// The relay the callers' mail goes to: the fault-injecting server, which
+/// takes at most [`CAP`] recipients a transaction (452 to the rest).
+pub async fn relay() -> Arc<FaultSmtp> {
+    let options = Options {
+        max_recipients: Some(CAP),
+        ..Options::default()
+    };
+    Arc::new(FaultSmtp::start_with(Script::ok(), options).await)
+}
+
+/// The relay's cap on recipients a transaction.
+pub const CAP: usize = 2;
+
+/// The end of the subject of a message to three recipients, which the
+/// relay takes in two transactions.
+const THREE: &str = " to three";
+
+/// The recipients a message of this subject was sent to.
+fn recipients_of(subject: &str) -> usize {
+    if subject.ends_with(THREE) { 3 } else { 1 }
+}
 
 /// The seed of a run: `MAILMUX_RANDOM_SEED`, or a random one.
 pub fn seed() -> u64 {
@@ -404,7 +427,17 @@ fn arguments(
         }
         ("send_batch", args, subjects)
     } else {
-        let mut args = json!({"to": to(rng), "subject": tag,
+        // One in four to three recipients: two transactions at the relay.
+        let (to, tag) = if rng.random_bool(0.25) {
+            let first = to(rng);
+            (
+                json!([first, "second@example.org", "third@example.org"]),
+                format!("{tag}{THREE}"),
+            )
+        } else {
+            (json!(to(rng)), tag)
+        };
+        let mut args = json!({"to": to, "subject": tag,
                               "body": format!("body of {tag}\n"), "wait": wait});
         if keyed {
             args["idempotency_key"] = key(0);
@@ -537,6 +570,11 @@ pub struct Tally {
     pub again: usize,
     pub stored: usize,
     pub sent: usize,
+    /// Of those sent, the messages to three recipients, in two
+    /// transactions.
+    pub split: usize,
+    /// Messages to three recipients whose second transaction failed.
+    pub partial: usize,
     pub unknown: usize,
     /// Stored messages never sent: `cancelled`, `rejected`, `held` or
     /// `expired`.
@@ -560,12 +598,16 @@ pub struct Tally {
 
 /// Reconciles the final `listed` messages and the callers' `asked` against
 /// what the relay `received`. The relay may have taken every transaction it
-/// did not answer 4xx or 5xx after the final ".": every stored message is
-/// `sent`, with exactly one such copy (answered 250), `unknown`, with at
-/// most one, or `cancelled`, `rejected`, `held` or `expired`, with none; a
-/// cancel answered `cancelled` left its message so, and so did a decision; each copy is of a stored message a caller asked for; no
-/// subject was taken twice; every answer names stored messages, told
-/// `sent`, `queued`, `unknown` or `sending`; every keyed call was answered.
+/// did not answer 4xx or 5xx after the final ".", and no recipient may have
+/// taken two copies of a message: every stored message is `sent`, each of
+/// its recipients with one copy answered 250, `partial` (a message to three
+/// whose second transaction failed), with some of them so, `unknown`, with
+/// at most one copy each, or `cancelled`, `rejected`, `held` or `expired`,
+/// with none; a cancel answered `cancelled` left its message so, and so
+/// did a decision; each copy is of a stored message a caller asked for; no
+/// subject was taken twice by one recipient; every answer names stored
+/// messages, told `sent`, `partial`, `queued`, `unknown` or `sending`;
+/// every keyed call was answered.
 pub fn reconcile(calls: &Calls, listed: &[Value], received: &[Received]) -> Tally {
     let asked = &calls.asked;
     let mut t = Tally {
@@ -593,16 +635,45 @@ pub fn reconcile(calls: &Calls, listed: &[Value], received: &[Received]) -> Tall
             *t.by_node.entry(node.to_owned()).or_default() += 1;
         }
         let copies = taken.get(id).map_or(&[][..], Vec::as_slice);
+        // Each recipient's copies, over the message's transactions: no
+        // recipient may have two.
+        let mut each: HashMap<&str, usize> = HashMap::new();
+        for r in copies {
+            for to in &r.rcpt_to {
+                *each.entry(to.as_str()).or_default() += 1;
+            }
+        }
+        assert!(
+            each.values().all(|n| *n == 1),
+            "{id}: a recipient took two copies: {each:?}"
+        );
+        let outcomes: Vec<_> = copies.iter().map(|r| &r.outcome).collect();
+        let asked_for = copies.first().map_or(0, |r| recipients_of(&subject_of(r)));
         match m["status"].as_str() {
             Some("sent") => {
                 t.sent += 1;
-                let outcomes: Vec<_> = copies.iter().map(|r| &r.outcome).collect();
-                assert_eq!(copies.len(), 1, "{id}: sent, copies taken: {outcomes:?}");
-                assert!(copies[0].is_delivered(), "{id}: sent, not answered 250");
+                t.split += usize::from(copies.len() > 1);
+                assert!(
+                    copies.iter().all(|r| r.is_delivered()),
+                    "{id}: sent, copies taken: {outcomes:?}"
+                );
+                assert_eq!(each.len(), asked_for, "{id}: sent, to {each:?}");
+            }
+            Some("partial") => {
+                // A further transaction for the recipients over the
+                // relay's cap failed before its "." was taken.
+                t.partial += 1;
+                assert!(
+                    copies.iter().all(|r| r.is_delivered()),
+                    "{id}: partial, copies taken: {outcomes:?}"
+                );
+                assert!(
+                    !each.is_empty() && each.len() < asked_for,
+                    "{id}: partial, to {each:?}"
+                );
             }
             Some("unknown") => {
                 t.unknown += 1;
-                assert!(copies.len() <= 1, "{id}: unknown, {} copies", copies.len());
             }
             Some(state @ ("cancelled" | "rejected" | "held" | "expired")) => {
                 *t.nothing_sent.entry(state.to_owned()).or_default() += 1;
@@ -624,7 +695,12 @@ pub fn reconcile(calls: &Calls, listed: &[Value], received: &[Received]) -> Tall
     let mut subjects = HashSet::new();
     for r in taken.values().flatten() {
         let s = subject_of(r);
-        assert!(subjects.insert(s.clone()), "{s:?} taken twice");
+        for to in &r.rcpt_to {
+            assert!(
+                subjects.insert((s.clone(), to.clone())),
+                "{s:?} taken twice by {to}"
+            );
+        }
     }
     for a in asked {
         t.again += a.again;
@@ -658,6 +734,7 @@ pub fn reconcile(calls: &Calls, listed: &[Value], received: &[Received]) -> Tall
                     r["status"].as_str(),
                     Some(
                         "sent"
+                            | "partial"
                             | "queued"
                             | "scheduled"
                             | "unknown"
@@ -712,7 +789,10 @@ pub fn reconcile(calls: &Calls, listed: &[Value], received: &[Received]) -> Tall
             t.approved += 1;
             assert!(
                 // Or cancelled since, with its batch.
-                matches!(status, Some("sent" | "unknown" | "expired" | "cancelled")),
+                matches!(
+                    status,
+                    Some("sent" | "partial" | "unknown" | "expired" | "cancelled")
+                ),
                 "{}: approved, now {status:?}",
                 d.message_id
             );
@@ -731,8 +811,9 @@ impl std::fmt::Display for Tally {
             "{} calls ({} answered, {} refused while a daemon stopped, {} without a key broke \
              unanswered, {} of them given up by their caller, {} keyed calls made again after a kill), {} cancels ({} answered \
              cancelled), {} shell retries, {} decisions ({} approvals); {} messages stored: {} \
-             sent once, {} unknown, never sent {:?}; {} transactions at the sink, {} taken, \
-             none twice",
+             sent once ({} of them to three recipients, in two transactions), {} partial, \
+             {} unknown, never sent {:?}; {} transactions at the sink, {} taken, \
+             none twice to one recipient",
             self.calls,
             self.answered,
             self.refused,
@@ -746,6 +827,8 @@ impl std::fmt::Display for Tally {
             self.approved,
             self.stored,
             self.sent,
+            self.split,
+            self.partial,
             self.unknown,
             self.nothing_sent,
             self.transactions,
