@@ -626,8 +626,9 @@ async fn transact_inner(
     };
     let mut left = first.over_cap;
     let cap = delivered.accepted.len();
-    // Each further transaction takes at least one recipient, or ends the
-    // loop: it ends.
+    // A further transaction either delivers to at least one recipient (a
+    // 452 counts as the cap only after an accepted one) or ends the loop,
+    // so the loop ends.
     while !left.is_empty() {
         let to: Vec<&Address> = left.iter().map(|(a, _)| a).collect();
         let stopped = match envelope(conn, &mail_cmd, &to, t, deadline).await {
@@ -639,8 +640,35 @@ async fn transact_inner(
                     left = next.over_cap;
                     continue;
                 }
-                Err(f) if f.class == FailureClass::Unknown => {
+                Err(
+                    ref f @ Failure {
+                        reply: Some(ref reply),
+                        class: FailureClass::Transient | FailureClass::Permanent,
+                        ..
+                    },
+                ) => {
+                    // This transaction's recipients were refused with the
+                    // reply to its "."; those over the cap again never went.
+                    delivered.rejected.extend(next.rejected);
+                    delivered
+                        .rejected
+                        .extend(next.accepted.into_iter().map(|address| Rejected {
+                            address,
+                            reply: reply.clone(),
+                        }));
+                    delivered
+                        .rejected
+                        .extend(next.over_cap.into_iter().map(|(a, reply)| Rejected {
+                            address: a.to_string(),
+                            reply,
+                        }));
+                    f.clone()
+                }
+                // No refusal of its ".": its recipients may have it.
+                Err(f) => {
                     return Err(Failure {
+                        class: FailureClass::Unknown,
+                        lost: true,
                         detail: format!(
                             "{} of {} recipients had the message; in the transaction \
                              for {} more (the server took at most {cap} a transaction): {}",
@@ -651,31 +679,6 @@ async fn transact_inner(
                         ),
                         ..f
                     });
-                }
-                Err(f) => {
-                    // This transaction's recipients were refused with the
-                    // reply to its "."; those over the cap again never went.
-                    let reply = f.reply.clone();
-                    delivered.rejected.extend(next.rejected);
-                    for (address, own) in next
-                        .accepted
-                        .into_iter()
-                        .zip(std::iter::repeat(None))
-                        .chain(
-                            next.over_cap
-                                .into_iter()
-                                .map(|(a, r)| (a.to_string(), Some(r))),
-                        )
-                    {
-                        delivered.rejected.push(Rejected {
-                            address,
-                            reply: own.or_else(|| reply.clone()).unwrap_or_else(|| Reply {
-                                code: 554,
-                                text: f.detail.clone(),
-                            }),
-                        });
-                    }
-                    f
                 }
             },
             Err(f) => {
