@@ -470,6 +470,73 @@ async fn one_key_at_two_daemons_at_once_sends_once() {
     assert_eq!(sa["node"], sb["node"]);
 }
 
+/// A daemon whose only relay is down (nothing listens on its port) claims
+/// no mail while that relay backs off: the messages it accepts without
+/// waiting are stored unleased and delivered by the other daemon at once,
+/// most of them never deferred. Only a message claimed before the relay's
+/// first failure, or in the instant its backoff ends, goes back to the
+/// queue for a retry, which the other daemon makes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_daemon_whose_relays_are_down_leaves_the_shared_queue_to_the_others() {
+    const CALLS: usize = 40;
+    let pg = Postgres::start();
+    let url = pg.database();
+    let sink = FaultSmtp::start(Script::ok()).await;
+    let down = common::free_port();
+    let sick = config_toml(&url, "sick", down, "5s", "")
+        .replace("name = \"sink\"", "name = \"down\"")
+        .replace("backoff_base = \"50ms\"", "backoff_base = \"2s\"")
+        .replace("backoff_max = \"200ms\"", "backoff_max = \"10s\"");
+    let sick = Node::start("sick", &sick).await;
+    let well = Node::start("well", &config_toml(&url, "well", sink.port(), "5s", "")).await;
+
+    let mut ids = Vec::new();
+    for i in 0..CALLS {
+        let c = call(
+            sick.peer(),
+            format!("down {i}"),
+            "send_email",
+            msg(&format!("down {i}"), json!({"wait": false})),
+            LIMIT,
+        )
+        .await;
+        assert_eq!(c.status(), Some("queued"), "{c:?}");
+        ids.push(c.message_id().unwrap().to_string());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        drained(&well, Duration::from_secs(60)).await,
+        "the queue never drained"
+    );
+    let mut tried_down = 0;
+    let mut deferred = 0;
+    for id in &ids {
+        let s = well.status(id).await;
+        assert_eq!(s["status"], "sent", "{s}");
+        assert_eq!(s["node"], "well", "{s}");
+        let attempts = s["attempts"].as_array().cloned().unwrap_or_default();
+        tried_down += usize::from(attempts.iter().any(|a| a["relay"] == "down"));
+        let history: Vec<&str> = s["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["status"].as_str().unwrap())
+            .collect();
+        deferred += usize::from(history != ["queued", "sending", "sent"]);
+    }
+    let seen = copies(&sink.received());
+    assert_eq!(seen.len(), CALLS);
+    assert!(seen.values().all(|n| *n == 1), "{seen:?}");
+    eprintln!(
+        "a daemon with its relay down: {CALLS} messages accepted there, all delivered once by \
+         the other, {tried_down} of them tried at the dead relay first, {deferred} deferred"
+    );
+    assert!(
+        deferred <= CALLS / 5,
+        "{deferred} of {CALLS} were claimed, and deferred, by the daemon whose relay is down"
+    );
+}
+
 /// A batch past the 4 MiB a batch holds is written into the shared store
 /// as it is composed, unleased, so that every daemon's polls deliver it.
 /// Daemon a takes one round at a time, and its relay hangs at MAIL; b

@@ -1117,9 +1117,11 @@ async fn a_cancelled_batch_cancels_its_deferred_message_too() {
 }
 
 /// Mail that finds its relay backing off comes back when the backoff ends,
-/// not at its own next retry (half an hour to an hour here): a new message,
-/// whose first round tried no relay, and a deferred one an operator retried
-/// while the relay still backed off, its retries started over.
+/// not at its own next retry (half an hour to an hour here): a new message
+/// whose call waits, whose first round tried no relay; a deferred one an
+/// operator retried while the relay still backed off, its retries started
+/// over; and a new one whose call does not wait. The runner claims nothing
+/// while every relay backs off, so the last two have no round until then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mail_that_finds_its_relay_backing_off_comes_back_when_the_backoff_ends() {
     let smtp =
@@ -1141,6 +1143,9 @@ async fn mail_that_finds_its_relay_backing_off_comes_back_when_the_backoff_ends(
     smtp.set_script(Script::ok());
     let (code, out, err) = common::queue_cmd(dir.path(), &["retry", &first]);
     assert_eq!(code, Some(0), "{out}{err}");
+    let third = send(d.peer(), msg("third", json!({"wait": false}))).await;
+    assert_eq!(third.status(), Some("queued"), "{third:?}");
+    let third = third.message_id().unwrap().to_string();
     let second = send(d.peer(), msg("second", json!({}))).await;
     // The call waits (send_deadline, 8 s) for the round after the backoff.
     assert_eq!(second.status(), Some("sent"), "{second:?}");
@@ -1162,9 +1167,11 @@ async fn mail_that_finds_its_relay_backing_off_comes_back_when_the_backoff_ends(
             .filter(|h| h["status"] == "queued")
             .count()
     };
-    // Accepted, deferred by the 451, retried, then a round that found the
-    // relay backing off.
-    assert_eq!(queued(&first), 4, "{first}");
+    // Accepted, deferred by the 451, retried; then no round until the
+    // relay's backoff ended.
+    assert_eq!(queued(&first), 3, "{first}");
+    let third = settled(d.peer(), &third, LIMIT).await;
+    assert_eq!(history_of(&third), ["queued", "sending", "sent"], "{third}");
     let second = status_of(d.peer(), &second).await;
     assert_eq!(
         queued(&second),
@@ -1172,7 +1179,7 @@ async fn mail_that_finds_its_relay_backing_off_comes_back_when_the_backoff_ends(
         "accepted, then no relay tried: {second}"
     );
     let subjects: Vec<String> = smtp.received().iter().filter_map(subject_of).collect();
-    assert_eq!(subjects.len(), 2, "{subjects:?}");
+    assert_eq!(subjects.len(), 3, "{subjects:?}");
     d.stop().await;
 }
 

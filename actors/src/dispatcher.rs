@@ -70,6 +70,8 @@ struct Inner {
     in_flight: Tally,
     /// How many daemons share each relay's `rate`.
     share: crate::relay::RateShare,
+    /// The relays, as the supervisor last installed them.
+    fleet: crate::relay::Fleet,
 }
 
 impl Dispatcher {
@@ -81,11 +83,13 @@ impl Dispatcher {
         let slots = Arc::new(Semaphore::new(settings.limits.max_in_flight));
         let max_message_bytes = AtomicUsize::new(settings.limits.max_message_bytes);
         let share: crate::relay::RateShare = Arc::new(std::sync::atomic::AtomicU32::new(1));
+        let fleet = crate::relay::Fleet::default();
         let args = SupervisorArgs {
             settings,
             router: router.clone(),
             pin: pin.clone(),
             share: share.clone(),
+            fleet: fleet.clone(),
         };
         let (supervisor, _) = Actor::spawn(None, Supervisor, args)
             .await
@@ -100,6 +104,7 @@ impl Dispatcher {
                 accepting: AtomicBool::new(true),
                 in_flight: Tally::default(),
                 share,
+                fleet,
             }),
         })
     }
@@ -110,6 +115,21 @@ impl Dispatcher {
         self.inner
             .share
             .store(daemons.max(1), std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether the router may send a message to some relay now: one is
+    /// healthy, or its backoff has run out. False while every relay backs
+    /// off, has its circuit open or is disabled; the queue then claims no
+    /// due message, so that a daemon whose relays are down leaves the mail
+    /// of a shared queue to the daemons whose relays are up.
+    pub fn any_relay_available(&self) -> bool {
+        let now = Instant::now();
+        self.inner
+            .fleet
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|r| r.available(now))
     }
 
     /// Delivers one message, failing over as the settings allow. Never hangs

@@ -94,6 +94,10 @@ pub(crate) struct RelayShared {
 /// number of live daemons on a shared queue.
 pub type RateShare = Arc<std::sync::atomic::AtomicU32>;
 
+/// The relays the router sends to, as the supervisor last installed them:
+/// the dispatcher reads their health without a round trip to an actor.
+pub(crate) type Fleet = Arc<Mutex<Vec<Arc<RelayShared>>>>;
+
 /// The limiters of a relay's `rate` for one of `share` daemons: a burst of
 /// `count / share` (at least one), refilled one message every
 /// `period * share / count`, so that the daemons together keep to

@@ -93,6 +93,7 @@ pub(crate) struct SupervisorArgs {
     pub router: RouterCell,
     pub pin: Pin,
     pub share: crate::relay::RateShare,
+    pub fleet: crate::relay::Fleet,
 }
 
 #[derive(Debug)]
@@ -110,6 +111,10 @@ pub(crate) struct SupState {
     /// exit is expected and not restarted.
     draining: HashMap<ActorId, String>,
     share: crate::relay::RateShare,
+    /// The current relays, for the dispatcher's [`Dispatcher::any_relay_available`].
+    ///
+    /// [`Dispatcher::any_relay_available`]: crate::Dispatcher::any_relay_available
+    fleet: crate::relay::Fleet,
 }
 
 impl Actor for Supervisor {
@@ -131,6 +136,7 @@ impl Actor for Supervisor {
             draining: HashMap::new(),
             settings: args.settings.clone(),
             share: args.share.clone(),
+            fleet: args.fleet.clone(),
         };
         for settings in args.settings.relays {
             let slot = state
@@ -138,6 +144,7 @@ impl Actor for Supervisor {
                 .await?;
             state.relays.push(slot);
         }
+        state.publish_fleet();
         state.start_router(&myself).await?;
         Ok(state)
     }
@@ -250,6 +257,12 @@ impl SupState {
         self.router_cell.set(router.clone());
         self.router = Some(router);
         Ok(())
+    }
+
+    /// Shows the current relays to the dispatcher.
+    fn publish_fleet(&self) {
+        let relays = self.relays.iter().map(|r| r.shared.clone()).collect();
+        *self.fleet.lock().unwrap_or_else(|e| e.into_inner()) = relays;
     }
 
     fn table(&self) -> Vec<RelayEntry> {
@@ -366,6 +379,7 @@ impl SupState {
         }
         diff.removed.sort();
         self.relays = next;
+        self.publish_fleet();
         diff.router_changed = self.settings.router != new.router;
         self.settings = new;
 

@@ -633,7 +633,15 @@ impl Queue {
         }
         if !s.wait {
             let record = new.record(state, now);
-            inner.hand_to_runner(pending);
+            if inner.dispatcher.any_relay_available() {
+                inner.hand_to_runner(pending);
+            } else {
+                // Every relay backs off: the message waits in the store, for
+                // a poll here once a relay may be tried, or for another
+                // daemon of a shared store (whose claim its lease would
+                // otherwise hold off).
+                release(inner, std::slice::from_ref(&id)).await;
+            }
             return Ok(Submitted {
                 record,
                 report: None,
@@ -2191,6 +2199,12 @@ async fn acquire(inner: &Arc<Inner>) -> Option<tokio::sync::OwnedSemaphorePermit
 async fn poll(inner: &Arc<Inner>) {
     let free = inner.slots.available_permits();
     if free == 0 || inner.stop.is_cancelled() {
+        return;
+    }
+    // Every relay backs off (or is closed): a round would only defer what
+    // it claimed. The due mail waits where it is, for the poll after a
+    // relay's backoff ends, or for another daemon on a shared queue.
+    if !inner.dispatcher.any_relay_available() {
         return;
     }
     // The rounds that end wake the runner while there is a backlog.
