@@ -553,11 +553,20 @@ pub(crate) async fn transact(
 async fn settle_session(conn: &mut Conn, f: &Failure, t: &Timeouts) {
     if f.lost || f.class == FailureClass::Unknown {
         conn.broken = true;
-    } else if !conn.broken {
-        let reset = tokio::time::timeout(t.command, conn.inner.command(Rset)).await;
-        if !matches!(reset, Ok(Ok(_))) {
-            conn.broken = true;
-        }
+    } else {
+        reset(conn, t).await;
+    }
+}
+
+/// Ends the open transaction with RSET; a connection whose RSET fails is
+/// broken.
+async fn reset(conn: &mut Conn, t: &Timeouts) {
+    if conn.broken {
+        return;
+    }
+    let reset = tokio::time::timeout(t.command, conn.inner.command(Rset)).await;
+    if !matches!(reset, Ok(Ok(_))) {
+        conn.broken = true;
     }
 }
 
@@ -586,7 +595,7 @@ async fn transact_inner(
     }
     let mail_cmd = MailCmd::new(from.cloned(), params);
     let everyone: Vec<&Address> = mail.to.iter().collect();
-    let first = envelope(conn, &mail_cmd, &everyone, t, deadline).await?;
+    let first = envelope(conn, &mail_cmd, &everyone, false, t, deadline).await?;
 
     // The server now reads message data: if the message does not go, only
     // dropping the connection ends that without a delivery.
@@ -631,7 +640,14 @@ async fn transact_inner(
     // so the loop ends.
     while !left.is_empty() {
         let to: Vec<&Address> = left.iter().map(|(a, _)| a).collect();
-        let stopped = match envelope(conn, &mail_cmd, &to, t, deadline).await {
+        let stopped = match envelope(conn, &mail_cmd, &to, true, t, deadline).await {
+            // Every recipient of this transaction refused, each with its
+            // own reply: nothing more to send.
+            Ok(next) if next.accepted.is_empty() => {
+                delivered.rejected.extend(next.rejected);
+                reset(conn, t).await;
+                break;
+            }
             Ok(next) => match content(conn, mail, t, deadline).await {
                 Ok(reply) => {
                     delivered.accepted.extend(next.accepted);
@@ -714,6 +730,12 @@ struct Envelope {
 /// MAIL, RCPT for each of `to` and DATA, pipelined when the server offers
 /// it; `Ok` once the server said 354 and reads message data.
 ///
+/// In a `later` transaction (one for the recipients over the server's cap,
+/// of a message already committed to this relay) a 4xx to a RCPT refuses
+/// that recipient alone, as a 5xx does: the message cannot go elsewhere, so
+/// the others still get it. If every one is refused, it is `Ok` with no
+/// recipient accepted and no data phase open.
+///
 /// With PIPELINING every reply still comes back in order and is classified
 /// by its own phase. A refusal does not stop the reading: the replies to
 /// the commands already sent are read too, so that the session stays in
@@ -722,6 +744,7 @@ async fn envelope(
     conn: &mut Conn,
     mail_cmd: &MailCmd,
     to: &[&Address],
+    later: bool,
     t: &Timeouts,
     deadline: Instant,
 ) -> Result<Envelope, Failure> {
@@ -765,21 +788,40 @@ async fn envelope(
             // Replies to commands sent after a refusal change nothing.
             _ if refusal.is_some() => {}
             Ok(_) => accepted.push(rcpt.to_string()),
-            Err(f) if f.class == FailureClass::Permanent => rejected.push(Rejected {
-                address: rcpt.to_string(),
-                reply: f.reply.clone().unwrap_or(Reply {
-                    code: 550,
-                    text: f.detail.clone(),
-                }),
-            }),
             Err(Failure {
                 reply: Some(reply), ..
-            }) if reply.code == 452 && !accepted.is_empty() => {
+            }) if is_cap(&reply) && !accepted.is_empty() => {
                 over_cap.push(((*rcpt).clone(), reply));
+            }
+            Err(f) if f.class == FailureClass::Permanent || (later && f.reply.is_some()) => {
+                rejected.push(Rejected {
+                    address: rcpt.to_string(),
+                    reply: f.reply.clone().unwrap_or(Reply {
+                        code: 550,
+                        text: f.detail.clone(),
+                    }),
+                })
             }
             Err(f) if pipelined => refusal = Some(f),
             Err(f) => return Err(f),
         }
+    }
+    if later && refusal.is_none() && accepted.is_empty() {
+        // Each recipient refused for itself: no data to send. A pipelined
+        // DATA is answered too (a refusal, as no recipient was taken); a
+        // server that says 354 anyway now reads data, and only dropping
+        // the connection ends that.
+        if pipelined {
+            let data = bounded(Phase::Data, t.command, deadline, conn.inner.read_response()).await;
+            if !matches!(in_step(Phase::Data, data), Err(d) if !d.lost) {
+                conn.broken = true;
+            }
+        }
+        return Ok(Envelope {
+            accepted,
+            rejected,
+            over_cap,
+        });
     }
     if refusal.is_none() && accepted.is_empty() {
         let f = every_recipient_refused(&rejected);
@@ -879,6 +921,22 @@ impl fmt::Display for Content<'_> {
             f.write_str("\r\n.\r\n")
         }
     }
+}
+
+/// Whether a RCPT's refusal is the server's cap on recipients a
+/// transaction: 452 (RFC 5321, 4.5.3.1.10) with the enhanced code 4.5.3
+/// (RFC 3463) or none. A 452 with another code says something of the
+/// recipient or of the server (4.2.2 mailbox full, 4.3.1 out of storage).
+fn is_cap(reply: &Reply) -> bool {
+    if reply.code != 452 {
+        return false;
+    }
+    let first = reply.text.split_whitespace().next().unwrap_or("");
+    let enhanced = first.split('.').count() == 3
+        && first
+            .split('.')
+            .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()));
+    !enhanced || first == "4.5.3"
 }
 
 /// The failure of a message none of whose recipients was accepted.
@@ -1002,6 +1060,27 @@ mod tests {
         assert_eq!(stuffed("a.\r\nb.c\r\n"), "a.\r\nb.c\r\n.\r\n");
         assert_eq!(stuffed("a\r\n\r\n"), "a\r\n\r\n.\r\n");
         assert_eq!(stuffed(""), "\r\n.\r\n");
+    }
+
+    #[test]
+    fn a_452_is_the_recipient_cap_unless_its_enhanced_code_says_otherwise() {
+        let reply = |code, text: &str| crate::mail::Reply {
+            code,
+            text: text.into(),
+        };
+        assert!(super::is_cap(&reply(
+            452,
+            "4.5.3 Error: too many recipients"
+        )));
+        assert!(super::is_cap(&reply(452, "Too many recipients")));
+        assert!(super::is_cap(&reply(452, "")));
+        assert!(!super::is_cap(&reply(452, "4.2.2 Mailbox full")));
+        assert!(!super::is_cap(&reply(
+            452,
+            "4.3.1 Insufficient system storage"
+        )));
+        assert!(!super::is_cap(&reply(451, "4.5.3 too many recipients")));
+        assert!(!super::is_cap(&reply(552, "5.5.3 too many recipients")));
     }
 
     #[test]

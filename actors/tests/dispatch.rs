@@ -729,6 +729,70 @@ async fn a_later_transaction_refused_at_mail_reports_the_rest_with_that_reply() 
 }
 
 #[tokio::test]
+async fn in_a_later_transaction_a_4xx_refuses_that_recipient_alone() {
+    // p3's mailbox is full (452 4.2.2: no cap). In the first transaction
+    // p3 is over the cap; in the second it is refused for itself, and p2
+    // and p4 still get the message there.
+    let to = people(5);
+    let (a, b, d) = capped(
+        2,
+        true,
+        Script::ok().on_rcpt(&to[3], Action::reply(452, "4.2.2 Mailbox full")),
+    )
+    .await;
+    let m = mail_to(&to.iter().map(String::as_str).collect::<Vec<_>>());
+    let r = d.send(m).await;
+    assert_eq!(r.status, Status::Partial, "{r:?}");
+    assert_eq!(
+        r.accepted,
+        vec![to[0].clone(), to[1].clone(), to[2].clone(), to[4].clone()]
+    );
+    assert_eq!(r.rejected.len(), 1);
+    assert_eq!(r.rejected[0].address, to[3]);
+    assert_eq!(r.rejected[0].reply.code, 452);
+    assert!(r.rejected[0].reply.text.contains("4.2.2"), "{r:?}");
+    let groups: Vec<_> = a.delivered().into_iter().map(|t| t.rcpt_to).collect();
+    assert_eq!(
+        groups,
+        vec![
+            vec![to[0].clone(), to[1].clone()],
+            vec![to[2].clone(), to[4].clone()]
+        ]
+    );
+    assert_eq!(b.connections(), 0);
+}
+
+#[tokio::test]
+async fn a_later_transaction_whose_every_recipient_is_refused_sends_no_data() {
+    for pipelining in [true, false] {
+        let to = people(3);
+        let (a, b, d) = capped(
+            2,
+            pipelining,
+            Script::ok().on_rcpt(&to[2], Action::reply(450, "4.2.1 greylisted")),
+        )
+        .await;
+        let m = mail_to(&to.iter().map(String::as_str).collect::<Vec<_>>());
+        let id = m.message_id.clone();
+        let r = d.send(m).await;
+        assert_eq!(r.status, Status::Partial, "pipelined {pipelining}: {r:?}");
+        assert_eq!(r.accepted, to[0..2].to_vec());
+        let refused: Vec<_> = r
+            .rejected
+            .iter()
+            .map(|x| (x.address.as_str(), x.reply.code))
+            .collect();
+        assert_eq!(refused, vec![(to[2].as_str(), 450)]);
+        assert_eq!(seen(&a, &id), 1, "no data in the second transaction");
+        assert_eq!(b.connections(), 0);
+        // The session is in step: the next message goes on it.
+        let next = d.send(mail()).await;
+        assert_eq!(next.status, Status::Sent, "{next:?}");
+        assert_eq!(a.connections(), 1, "pipelined {pipelining}");
+    }
+}
+
+#[tokio::test]
 async fn a_452_to_the_first_recipient_is_no_cap_and_fails_the_message_over() {
     // No recipient was accepted before the 452: the server is out of room,
     // not counting recipients, so the whole message goes to the backup.
