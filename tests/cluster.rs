@@ -470,12 +470,12 @@ async fn one_key_at_two_daemons_at_once_sends_once() {
     assert_eq!(sa["node"], sb["node"]);
 }
 
-/// A daemon whose only relay is down (nothing listens on its port) claims
-/// no mail while that relay backs off: the messages it accepts without
-/// waiting are stored unleased and delivered by the other daemon at once,
-/// most of them never deferred. Only a message claimed before the relay's
-/// first failure, or in the instant its backoff ends, goes back to the
-/// queue for a retry, which the other daemon makes.
+/// A daemon whose only relay is down (nothing listens on its port) polls
+/// once a second, not ten times, while that relay backs off: the messages
+/// it accepts without waiting are stored unleased and delivered by the
+/// other daemon at once, most of them never deferred. Only a message
+/// claimed before the relay's first failure, or by one of those polls,
+/// goes back to the queue for a retry, which the other daemon makes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_daemon_whose_relays_are_down_leaves_the_shared_queue_to_the_others() {
     const CALLS: usize = 40;

@@ -119,9 +119,10 @@ impl Dispatcher {
 
     /// Whether the router may send a message to some relay now: one is
     /// healthy, or its backoff has run out. False while every relay backs
-    /// off, has its circuit open or is disabled; the queue then claims no
-    /// due message, so that a daemon whose relays are down leaves the mail
-    /// of a shared queue to the daemons whose relays are up.
+    /// off, has its circuit open or is disabled; the queue then polls for
+    /// due mail once a second, not ten times, so that a daemon whose relays
+    /// are down leaves the mail of a shared queue to the daemons whose
+    /// relays are up.
     pub fn any_relay_available(&self) -> bool {
         let now = Instant::now();
         self.inner

@@ -39,6 +39,10 @@ use crate::tally::Tally;
 const READY_CAPACITY: usize = 1024;
 /// How often the runner looks for due messages when nothing woke it.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How often it does while every relay backs off: a round then only defers
+/// what it claims (or expires it, past `max_age`), and on a shared queue
+/// the daemons whose relays are up should take the mail first.
+const OUTAGE_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Due messages taken per poll at most.
 const POLL_BATCH: usize = 256;
 /// While more is due than a poll took, the rounds it started wake the
@@ -353,6 +357,9 @@ struct Inner {
     /// The last poll found as many due messages as it asked for: more may
     /// be due (see [`POLL_REFILL`]).
     backlog: AtomicBool,
+    /// When a poll last ran while every relay backed off (milliseconds of
+    /// wall time).
+    outage_polled: AtomicU64,
     accepting: AtomicBool,
     /// False after a write failed, until one succeeds.
     available: AtomicBool,
@@ -518,6 +525,7 @@ impl Inner {
             polled: AtomicUsize::new(0),
             runner_bytes: AtomicU64::new(0),
             backlog: AtomicBool::new(false),
+            outage_polled: AtomicU64::new(0),
             accepting: AtomicBool::new(true),
             available: AtomicBool::new(true),
             rounds: Tally::default(),
@@ -637,9 +645,9 @@ impl Queue {
                 inner.hand_to_runner(pending);
             } else {
                 // Every relay backs off: the message waits in the store, for
-                // a poll here once a relay may be tried, or for another
-                // daemon of a shared store (whose claim its lease would
-                // otherwise hold off).
+                // a poll here (once a second until a relay may be tried), or
+                // for another daemon of a shared store (whose claim its
+                // lease would otherwise hold off).
                 release(inner, std::slice::from_ref(&id)).await;
             }
             return Ok(Submitted {
@@ -2203,9 +2211,16 @@ async fn poll(inner: &Arc<Inner>) {
     }
     // Every relay backs off (or is closed): a round would only defer what
     // it claimed. The due mail waits where it is, for the poll after a
-    // relay's backoff ends, or for another daemon on a shared queue.
+    // relay's backoff ends, or for another daemon on a shared queue; a
+    // poll a second still expires what is past `max_age`, and defers the
+    // rest as before.
     if !inner.dispatcher.any_relay_available() {
-        return;
+        let now = u64::try_from(now_millis()).unwrap_or(0);
+        let last = inner.outage_polled.load(Ordering::Acquire);
+        if now.saturating_sub(last) < OUTAGE_POLL_INTERVAL.as_millis() as u64 {
+            return;
+        }
+        inner.outage_polled.store(now, Ordering::Release);
     }
     // The rounds that end wake the runner while there is a backlog.
     let room = RUNNER_BYTES.saturating_sub(inner.runner_bytes.load(Ordering::Acquire));
