@@ -79,22 +79,18 @@ impl Health {
     }
 
     /// A message was delivered (or refused for reasons of its own): the relay
-    /// itself works, and its streak of failures ends.
+    /// itself works.
     pub(crate) fn on_success(&mut self, latency: Duration) {
         self.record_latency(latency);
-        self.on_probe_success();
-        self.consecutive_failures = 0;
+        self.recover();
     }
 
-    /// A probe succeeded: the relay takes traffic again. A probe (connect,
-    /// EHLO, NOOP) is no delivery, so the streak of failures goes on: a
-    /// relay that passes probes but fails every message (one that hangs at
-    /// MAIL, say) backs off longer each time, up to `backoff_max`, rather
-    /// than starting again from `backoff_base` after each probe.
-    pub(crate) fn on_probe_success(&mut self) {
+    /// A probe succeeded.
+    pub(crate) fn recover(&mut self) {
         if self.state != State::Disabled {
             self.state = State::Healthy;
         }
+        self.consecutive_failures = 0;
     }
 
     /// An attempt failed. Only failures that say something about the relay
@@ -240,38 +236,8 @@ mod tests {
         assert!(matches!(h.state, State::CircuitOpen { .. }));
         assert!(!h.state.available(now + Duration::from_secs(3600)));
         assert_eq!(h.consecutive_failures, 3);
-        h.on_probe_success();
+        h.recover();
         assert_eq!(h.state, State::Healthy);
-    }
-
-    #[test]
-    fn a_probe_success_keeps_the_streak_and_a_delivery_ends_it() {
-        let mut h = Health::new(settings());
-        let mut rng = StdRng::seed_from_u64(5);
-        let now = Instant::now();
-        for _ in 0..3 {
-            h.on_failure(now, FailureClass::RelayFault, "MAIL: no reply", &mut rng);
-        }
-        h.on_probe_success();
-        assert_eq!(h.state, State::Healthy);
-        assert!(h.state.available(now));
-        // The fourth failure in a row backs off 4 to 8 s (8 s in full),
-        // not the 0.5 to 1 s of a first one.
-        h.on_failure(now, FailureClass::RelayFault, "MAIL: no reply", &mut rng);
-        assert_eq!(h.consecutive_failures, 4);
-        let State::CircuitOpen { until } = h.state else {
-            panic!("{:?}", h.state);
-        };
-        assert!(until - now >= Duration::from_secs(4), "{:?}", until - now);
-        // A delivery ends the streak: the next failure backs off as a first.
-        h.on_probe_success();
-        h.on_success(Duration::from_millis(5));
-        assert_eq!(h.consecutive_failures, 0);
-        h.on_failure(now, FailureClass::RelayFault, "refused", &mut rng);
-        let (State::BackingOff { until } | State::CircuitOpen { until }) = h.state else {
-            panic!("{:?}", h.state);
-        };
-        assert!(until - now <= Duration::from_secs(1), "{:?}", until - now);
     }
 
     #[test]

@@ -362,7 +362,7 @@ impl Actor for RelayActor {
             RelayMsg::Probed(result) => {
                 state.probing = false;
                 match result {
-                    Ok(_) => state.health.on_probe_success(),
+                    Ok(_) => state.health.recover(),
                     // No permit was free: the relay is busy, which says
                     // nothing about its health.
                     Err(f) if f.class == FailureClass::Busy => {}
