@@ -633,14 +633,31 @@ async fn transact_inner(
         reply,
         note: None,
     };
-    let mut left = first.over_cap;
+    further_transactions(conn, &mail_cmd, mail, t, &mut delivered, first.over_cap).await?;
+    Ok(delivered)
+}
+
+/// The transactions after the first for the recipients the server refused
+/// over its cap (`left`, each with its 452), on the same session, added to
+/// `delivered`. The message is committed to this relay: a transaction that
+/// fails reports its recipients refused (and `delivered.note` says why), and
+/// one lost after its "." makes the whole message unknown.
+async fn further_transactions(
+    conn: &mut Conn,
+    mail_cmd: &MailCmd,
+    mail: &Mail,
+    t: &Timeouts,
+    delivered: &mut Delivered,
+    mut left: Vec<(Address, Reply)>,
+) -> Result<(), Failure> {
+    let deadline = mail.deadline;
     let cap = delivered.accepted.len();
     // A further transaction either delivers to at least one recipient (a
     // 452 counts as the cap only after an accepted one) or ends the loop,
     // so the loop ends.
     while !left.is_empty() {
         let to: Vec<&Address> = left.iter().map(|(a, _)| a).collect();
-        let stopped = match envelope(conn, &mail_cmd, &to, true, t, deadline).await {
+        let stopped = match envelope(conn, mail_cmd, &to, true, t, deadline).await {
             // Every recipient of this transaction refused, each with its
             // own reply: nothing more to send.
             Ok(next) if next.accepted.is_empty() => {
@@ -715,7 +732,7 @@ async fn transact_inner(
         settle_session(conn, &stopped, t).await;
         break;
     }
-    Ok(delivered)
+    Ok(())
 }
 
 /// What one transaction's envelope got.

@@ -508,12 +508,31 @@ fn people(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("p{i}@test.example")).collect()
 }
 
+/// A message to each of `to`.
+fn mail_to_all(to: &[String]) -> Mail {
+    mail_to(&to.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// The refused recipients of a report, with their reply codes.
+fn refused(r: &mailmux_actors::Report) -> Vec<(&str, u16)> {
+    r.rejected
+        .iter()
+        .map(|x| (x.address.as_str(), x.reply.code))
+        .collect()
+}
+
+/// `action` at every second `phase`: the second transaction of a message
+/// split over the cap, when one message is sent at a time.
+fn second_transaction(phase: Phase, action: Action) -> Script {
+    Script::ok().on_share(phase, action, support::fault_smtp::Share::EveryNth(2))
+}
+
 #[tokio::test]
 async fn recipients_over_the_servers_cap_go_in_more_transactions_on_one_connection() {
     for pipelining in [true, false] {
         let (a, b, d) = capped(3, pipelining, Script::ok()).await;
         let to = people(7);
-        let m = mail_to(&to.iter().map(String::as_str).collect::<Vec<_>>());
+        let m = mail_to_all(&to);
         let id = m.message_id.clone();
         let bytes = m.bytes.clone();
         let mark = Arc::new(CountedMark::default());
@@ -633,24 +652,16 @@ async fn a_later_transaction_refused_after_its_dot_reports_its_recipients_and_ne
     let (a, b, d) = capped(
         2,
         true,
-        Script::ok().on_share(
-            Phase::AfterDot,
-            Action::reply(451, "queue full"),
-            support::fault_smtp::Share::EveryNth(2),
-        ),
+        second_transaction(Phase::AfterDot, Action::reply(451, "queue full")),
     )
     .await;
     let to = people(5);
-    let m = mail_to(&to.iter().map(String::as_str).collect::<Vec<_>>());
+    let m = mail_to_all(&to);
     let id = m.message_id.clone();
     let r = d.send(m).await;
     assert_eq!(r.status, Status::Partial, "{r:?}");
     assert_eq!(r.accepted, to[0..2].to_vec());
-    let refused: Vec<_> = r
-        .rejected
-        .iter()
-        .map(|x| (x.address.as_str(), x.reply.code))
-        .collect();
+    let refused = refused(&r);
     assert_eq!(
         refused,
         vec![
@@ -671,18 +682,9 @@ async fn a_later_transaction_refused_after_its_dot_reports_its_recipients_and_ne
 
 #[tokio::test]
 async fn a_later_transaction_lost_after_its_dot_makes_the_message_unknown() {
-    let (a, b, d) = capped(
-        2,
-        true,
-        Script::ok().on_share(
-            Phase::AfterDot,
-            Action::Close,
-            support::fault_smtp::Share::EveryNth(2),
-        ),
-    )
-    .await;
+    let (a, b, d) = capped(2, true, second_transaction(Phase::AfterDot, Action::Close)).await;
     let to = people(4);
-    let m = mail_to(&to.iter().map(String::as_str).collect::<Vec<_>>());
+    let m = mail_to_all(&to);
     let id = m.message_id.clone();
     let r = d.send(m).await;
     assert_eq!(r.status, Status::Unknown, "{r:?}");
@@ -705,24 +707,16 @@ async fn a_later_transaction_refused_at_mail_reports_the_rest_with_that_reply() 
     let (a, b, d) = capped(
         3,
         true,
-        Script::ok().on_share(
-            Phase::Mail,
-            Action::reply(421, "closing"),
-            support::fault_smtp::Share::EveryNth(2),
-        ),
+        second_transaction(Phase::Mail, Action::reply(421, "closing")),
     )
     .await;
     let to = people(5);
-    let m = mail_to(&to.iter().map(String::as_str).collect::<Vec<_>>());
+    let m = mail_to_all(&to);
     let id = m.message_id.clone();
     let r = d.send(m).await;
     assert_eq!(r.status, Status::Partial, "{r:?}");
     assert_eq!(r.accepted, to[0..3].to_vec());
-    let refused: Vec<_> = r
-        .rejected
-        .iter()
-        .map(|x| (x.address.as_str(), x.reply.code))
-        .collect();
+    let refused = refused(&r);
     assert_eq!(refused, vec![(to[3].as_str(), 421), (to[4].as_str(), 421)]);
     assert_eq!(copies(&a, &id), 1);
     assert_eq!(b.connections(), 0, "never sent elsewhere");
@@ -740,7 +734,7 @@ async fn in_a_later_transaction_a_4xx_refuses_that_recipient_alone() {
         Script::ok().on_rcpt(&to[3], Action::reply(452, "4.2.2 Mailbox full")),
     )
     .await;
-    let m = mail_to(&to.iter().map(String::as_str).collect::<Vec<_>>());
+    let m = mail_to_all(&to);
     let r = d.send(m).await;
     assert_eq!(r.status, Status::Partial, "{r:?}");
     assert_eq!(
@@ -772,16 +766,12 @@ async fn a_later_transaction_whose_every_recipient_is_refused_sends_no_data() {
             Script::ok().on_rcpt(&to[2], Action::reply(450, "4.2.1 greylisted")),
         )
         .await;
-        let m = mail_to(&to.iter().map(String::as_str).collect::<Vec<_>>());
+        let m = mail_to_all(&to);
         let id = m.message_id.clone();
         let r = d.send(m).await;
         assert_eq!(r.status, Status::Partial, "pipelined {pipelining}: {r:?}");
         assert_eq!(r.accepted, to[0..2].to_vec());
-        let refused: Vec<_> = r
-            .rejected
-            .iter()
-            .map(|x| (x.address.as_str(), x.reply.code))
-            .collect();
+        let refused = refused(&r);
         assert_eq!(refused, vec![(to[2].as_str(), 450)]);
         assert_eq!(seen(&a, &id), 1, "no data in the second transaction");
         assert_eq!(b.connections(), 0);
