@@ -177,6 +177,9 @@ pub struct Options {
     /// RCPT after them `452 4.5.3 Error: too many recipients`, as Postfix's
     /// `smtpd_recipient_limit` does.
     pub max_recipients: Option<usize>,
+    /// The reply to a RCPT past `max_recipients`, in place of that 452: a
+    /// provider that refuses recipients over its cap for good (`550 5.5.3`).
+    pub over_cap_reply: Option<String>,
 }
 
 impl Default for Options {
@@ -190,6 +193,7 @@ impl Default for Options {
             starttls: StartTls::Off,
             hostname: "fault-smtp.test".to_string(),
             max_recipients: None,
+            over_cap_reply: None,
         }
     }
 }

@@ -412,9 +412,13 @@ impl Session {
             .max_recipients
             .is_some_and(|max| self.rcpt_to.len() >= max)
         {
-            return send(conn, "452 4.5.3 Error: too many recipients")
-                .await
-                .map(|_| None);
+            let reply = self.shared.options.over_cap_reply.as_deref();
+            return send(
+                conn,
+                reply.unwrap_or("452 4.5.3 Error: too many recipients"),
+            )
+            .await
+            .map(|_| None);
         }
         let action = self.decide(Phase::Rcpt, Some(&to)).await;
         if action != Action::Ok {
