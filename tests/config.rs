@@ -629,6 +629,18 @@ fn every_validation_error_names_the_key_and_the_source() {
             "FILE",
         ),
         (
+            "[[relays]]\nhost = \"x\"\nrecipients_per_transaction = 0\n".into(),
+            vec![],
+            "relays[0].recipients_per_transaction",
+            "FILE",
+        ),
+        (
+            "[relay_defaults]\nrecipients_per_transaction = 50\n".into(),
+            vec![],
+            "relay_defaults.recipients_per_transaction",
+            "FILE",
+        ),
+        (
             "[[relays]]\nhost = \"x\"\nprobe_interval = \"0s\"\n".into(),
             vec![],
             "relays[0].probe_interval",

@@ -380,6 +380,45 @@ async fn recipients_over_the_relays_cap_get_the_message_in_more_transactions() {
     d.stop().await;
 }
 
+/// A provider that refuses recipients over its cap for good (550, not
+/// 452): the relay's `recipients_per_transaction` keeps each transaction
+/// under it, and every recipient gets the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relays_recipients_per_transaction_keeps_a_message_under_a_providers_cap() {
+    let options = Options {
+        max_recipients: Some(2),
+        over_cap_reply: Some("550 5.5.3 Too many recipients".into()),
+        ..Options::default()
+    };
+    let smtp = FaultSmtp::start_with(Script::ok(), options).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(dir.path(), smtp.port(), "") + "recipients_per_transaction = 2\n";
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let to = [
+        "a@example.org",
+        "b@example.org",
+        "c@example.org",
+        "d@example.org",
+        "e@example.org",
+    ];
+    let c = send(d.peer(), msg("split by the relay", json!({ "to": to }))).await;
+    assert_eq!(c.status(), Some("sent"), "{c:?}");
+    let id = c.message_id().unwrap().to_string();
+    let got = smtp.delivered();
+    let groups: Vec<Vec<String>> = got.iter().map(|t| t.rcpt_to.clone()).collect();
+    assert_eq!(
+        groups,
+        [&to[0..2], &to[2..4], &to[4..5]]
+            .map(|g| g.iter().map(|a| a.to_string()).collect::<Vec<_>>())
+    );
+    assert_eq!(copies(&got).get(&id), Some(&3));
+    assert_eq!(smtp.connections(), 1);
+    let s = status_of(d.peer(), &id).await;
+    assert_eq!(s["status"], "sent", "{s}");
+    assert_eq!(s["accepted"].as_array().map(Vec::len), Some(5), "{s}");
+    d.stop().await;
+}
+
 /// Killed between two transactions of one message (the server took the
 /// first two recipients, then never answers the second MAIL): the message
 /// may have reached everyone it was committed to, so after the restart it

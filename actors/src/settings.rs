@@ -196,6 +196,12 @@ pub struct SmtpSettings {
     /// Send MAIL, RCPT and DATA in one write when the server offers
     /// PIPELINING (RFC 2920).
     pub pipelining: bool,
+    /// RCPTs in one transaction at most; the other recipients of a message
+    /// go in further transactions on the same connection. For a provider
+    /// that refuses recipients over its cap with a 5xx, where a 452 would
+    /// have said to send them in another transaction. `None`: as many as
+    /// the server takes.
+    pub recipients_per_transaction: Option<std::num::NonZeroUsize>,
 }
 
 /// Transport security for an SMTP relay.
@@ -488,6 +494,7 @@ impl RelaySettings {
                 ca_pem: None,
                 accept_invalid_certs: false,
                 pipelining: true,
+                recipients_per_transaction: None,
             }),
         )
     }

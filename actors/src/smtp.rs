@@ -10,6 +10,7 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -213,6 +214,9 @@ pub(crate) struct Conn {
     /// The server offers PIPELINING and the relay allows it: MAIL, RCPT and
     /// DATA go out in one write.
     pipelining: bool,
+    /// The relay's `recipients_per_transaction`: RCPTs in one transaction at
+    /// most. `None`: as many as the server takes.
+    per_transaction: Option<NonZeroUsize>,
 }
 
 impl fmt::Debug for Conn {
@@ -221,6 +225,7 @@ impl fmt::Debug for Conn {
             .field("sent", &self.sent)
             .field("broken", &self.broken)
             .field("pipelining", &self.pipelining)
+            .field("per_transaction", &self.per_transaction)
             .finish_non_exhaustive()
     }
 }
@@ -335,6 +340,7 @@ pub(crate) async fn dial(
         implicit_tls: s.tls == TlsMode::Implicit,
         broken: false,
         pipelining,
+        per_transaction: s.recipients_per_transaction,
     })
 }
 
@@ -525,6 +531,10 @@ pub(crate) struct Delivered {
 ///   transaction: the server's cap on recipients a transaction (RFC 5321
 ///   4.5.3.1.10). The accepted ones get the message, and the others go in
 ///   further transactions on the same connection, as many as it takes.
+/// - With the relay's `recipients_per_transaction`, each transaction names
+///   at most that many, and the rest go in further transactions the same
+///   way. A transaction whose every recipient is refused with 5xx before any
+///   was accepted commits nothing: the next one is the first.
 ///
 /// Before the first final "." the message is committed in `progress`; if
 /// the caller has given up by then, nothing is sent. The transactions after
@@ -594,8 +604,36 @@ async fn transact_inner(
         ));
     }
     let mail_cmd = MailCmd::new(from.cloned(), params);
-    let everyone: Vec<&Address> = mail.to.iter().collect();
-    let first = envelope(conn, &mail_cmd, &everyone, false, t, deadline).await?;
+    let limit = conn.per_transaction.map_or(usize::MAX, NonZeroUsize::get);
+    // Until a transaction has a recipient accepted, nothing is committed: a
+    // transaction whose every recipient was refused passes to the next.
+    let mut untried: &[Address] = &mail.to;
+    let mut refused = Vec::new();
+    let first = loop {
+        let (now, after) = untried.split_at(limit.min(untried.len()));
+        untried = after;
+        let to: Vec<&Address> = now.iter().collect();
+        let env = envelope(conn, &mail_cmd, &to, false, t, deadline).await?;
+        refused.extend(env.rejected);
+        if !env.accepted.is_empty() {
+            break Envelope {
+                rejected: std::mem::take(&mut refused),
+                ..env
+            };
+        }
+        if untried.is_empty() {
+            return Err(every_recipient_refused(&refused));
+        }
+        reset(conn, t).await;
+        if conn.broken {
+            return Err(Failure::new(
+                FailureClass::RelayFault,
+                "the session could not be reset after a transaction whose every \
+                 recipient was refused, and other recipients were not tried yet",
+            )
+            .lost());
+        }
+    };
 
     // The server now reads message data: if the message does not go, only
     // dropping the connection ends that without a delivery.
@@ -627,50 +665,102 @@ async fn transact_inner(
             return Err(f);
         }
     };
+    let split = if first.over_cap.is_empty() {
+        Split::Limit(limit)
+    } else {
+        Split::ServerCap(first.accepted.len())
+    };
+    let left = first
+        .over_cap
+        .into_iter()
+        .map(|(a, reply)| (a, Some(reply)))
+        .chain(untried.iter().map(|a| (a.clone(), None)))
+        .collect();
     let mut delivered = Delivered {
         accepted: first.accepted,
         rejected: first.rejected,
         reply,
         note: None,
     };
-    further_transactions(conn, &mail_cmd, mail, t, &mut delivered, first.over_cap).await?;
+    further_transactions(conn, &mail_cmd, mail, t, &mut delivered, left, split).await?;
     Ok(delivered)
 }
 
-/// The transactions after the first for the recipients the server refused
-/// over its cap (`left`, each with its 452), on the same session, added to
-/// `delivered`. The message is committed to this relay: a transaction that
-/// fails reports its recipients refused (and `delivered.note` says why), and
-/// one lost after its "." makes the whole message unknown.
+/// Why a message's recipients went in more than one transaction.
+#[derive(Debug, Clone, Copy)]
+enum Split {
+    /// The server answered 452 past this many.
+    ServerCap(usize),
+    /// The relay's `recipients_per_transaction`.
+    Limit(usize),
+}
+
+impl fmt::Display for Split {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Split::ServerCap(n) => {
+                write!(f, "the server took at most {n} recipients a transaction")
+            }
+            Split::Limit(n) => write!(
+                f,
+                "the relay sends at most {n} recipients a transaction (recipients_per_transaction)"
+            ),
+        }
+    }
+}
+
+/// The transactions after the first, on the same session, for the
+/// recipients it did not name (`left`, each with its 452 when the server
+/// refused it over its cap), added to `delivered`. Each names at most the
+/// connection's `per_transaction`. The message is committed to this relay:
+/// a transaction that fails reports its recipients and every one after them
+/// refused (and `delivered.note` says why), and one lost after its "."
+/// makes the whole message unknown.
 async fn further_transactions(
     conn: &mut Conn,
     mail_cmd: &MailCmd,
     mail: &Mail,
     t: &Timeouts,
     delivered: &mut Delivered,
-    mut left: Vec<(Address, Reply)>,
+    mut left: Vec<(Address, Option<Reply>)>,
+    split: Split,
 ) -> Result<(), Failure> {
     let deadline = mail.deadline;
-    let cap = delivered.accepted.len();
-    // A further transaction either delivers to at least one recipient (a
-    // 452 counts as the cap only after an accepted one) or ends the loop,
-    // so the loop ends.
+    let limit = conn.per_transaction.map_or(usize::MAX, NonZeroUsize::get);
+    // Each transaction takes at least one recipient off `left`: it is
+    // accepted, refused, or over the server's cap, which a 452 is only after
+    // an accepted one. So the loop ends.
     while !left.is_empty() {
+        let after = left.split_off(limit.min(left.len()));
         let to: Vec<&Address> = left.iter().map(|(a, _)| a).collect();
         let stopped = match envelope(conn, mail_cmd, &to, true, t, deadline).await {
             // Every recipient of this transaction refused, each with its
-            // own reply: nothing more to send.
+            // own reply: nothing to send them.
             Ok(next) if next.accepted.is_empty() => {
                 delivered.rejected.extend(next.rejected);
+                left = after;
                 reset(conn, t).await;
-                break;
+                if conn.broken && !left.is_empty() {
+                    Failure::new(
+                        FailureClass::RelayFault,
+                        "the session could not be reset after a transaction whose every \
+                         recipient was refused",
+                    )
+                } else {
+                    continue;
+                }
             }
             Ok(next) => match content(conn, mail, t, deadline).await {
                 Ok(reply) => {
                     delivered.accepted.extend(next.accepted);
                     delivered.rejected.extend(next.rejected);
                     delivered.reply = reply;
-                    left = next.over_cap;
+                    left = next
+                        .over_cap
+                        .into_iter()
+                        .map(|(a, r)| (a, Some(r)))
+                        .collect();
+                    left.extend(after);
                     continue;
                 }
                 Err(
@@ -695,6 +785,7 @@ async fn further_transactions(
                             address: a.to_string(),
                             reply,
                         }));
+                    left = after;
                     f.clone()
                 }
                 // No refusal of its ".": its recipients may have it.
@@ -704,7 +795,7 @@ async fn further_transactions(
                         lost: true,
                         detail: format!(
                             "{} of {} recipients had the message; in the transaction \
-                             for {} more (the server took at most {cap} a transaction): {}",
+                             for {} more ({split}): {}",
                             delivered.accepted.len(),
                             mail.to.len(),
                             to.len(),
@@ -715,22 +806,28 @@ async fn further_transactions(
                 }
             },
             Err(f) => {
-                for (address, own) in std::mem::take(&mut left) {
-                    delivered.rejected.push(Rejected {
-                        address: address.to_string(),
-                        reply: f.reply.clone().unwrap_or(own),
-                    });
-                }
+                left.extend(after);
                 f
             }
         };
+        // The recipients not sent to yet never get the message: refused with
+        // the reply that ended the transaction, or their own 452, or (a
+        // connection lost, say) as RFC 5321 3.8 says to take a lost
+        // connection: a 451.
+        for (address, own) in std::mem::take(&mut left) {
+            delivered.rejected.push(Rejected {
+                address: address.to_string(),
+                reply: stopped.reply.clone().or(own).unwrap_or_else(|| Reply {
+                    code: 451,
+                    text: stopped.detail.clone(),
+                }),
+            });
+        }
         delivered.note = Some(format!(
-            "the server took at most {cap} recipients a transaction, and the \
-             transaction for the rest failed: {}",
+            "{split}, and the transaction for the rest failed: {}",
             stopped.detail
         ));
         settle_session(conn, &stopped, t).await;
-        break;
     }
     Ok(())
 }
@@ -745,13 +842,14 @@ struct Envelope {
 }
 
 /// MAIL, RCPT for each of `to` and DATA, pipelined when the server offers
-/// it; `Ok` once the server said 354 and reads message data.
+/// it; `Ok` once the server said 354 and reads message data, or with no
+/// recipient accepted and no data phase open when each one was refused for
+/// itself (the transaction is still open: RSET ends it).
 ///
-/// In a `later` transaction (one for the recipients over the server's cap,
-/// of a message already committed to this relay) a 4xx to a RCPT refuses
-/// that recipient alone, as a 5xx does: the message cannot go elsewhere, so
-/// the others still get it. If every one is refused, it is `Ok` with no
-/// recipient accepted and no data phase open.
+/// In a `later` transaction (one after the first, of a message already
+/// committed to this relay) a 4xx to a RCPT refuses that recipient alone,
+/// as a 5xx does: the message cannot go elsewhere, so the others still get
+/// it.
 ///
 /// With PIPELINING every reply still comes back in order and is classified
 /// by its own phase. A refusal does not stop the reading: the replies to
@@ -823,7 +921,7 @@ async fn envelope(
             Err(f) => return Err(f),
         }
     }
-    if later && refusal.is_none() && accepted.is_empty() {
+    if refusal.is_none() && accepted.is_empty() {
         // Each recipient refused for itself: no data to send. A pipelined
         // DATA is answered too (a refusal, as no recipient was taken); a
         // server that says 354 anyway now reads data, and only dropping
@@ -839,13 +937,6 @@ async fn envelope(
             rejected,
             over_cap,
         });
-    }
-    if refusal.is_none() && accepted.is_empty() {
-        let f = every_recipient_refused(&rejected);
-        if !pipelined {
-            return Err(f);
-        }
-        refusal = Some(f);
     }
 
     let data = if pipelined {

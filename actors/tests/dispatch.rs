@@ -782,6 +782,207 @@ async fn a_later_transaction_whose_every_recipient_is_refused_sends_no_data() {
     }
 }
 
+/// A primary relay that names at most `per_transaction` recipients a
+/// transaction, to a server configured by `options`, and a backup that
+/// should see nothing.
+async fn limited(
+    per_transaction: usize,
+    options: Options,
+    script: Script,
+) -> (FaultSmtp, FaultSmtp, Dispatcher) {
+    let a = FaultSmtp::start_with(script, options).await;
+    let b = FaultSmtp::start(Script::ok()).await;
+    let mut primary = relay("primary", a.port(), 10);
+    if let RelayKind::Smtp(s) = &mut primary.kind {
+        s.recipients_per_transaction = std::num::NonZeroUsize::new(per_transaction);
+    }
+    let d = Dispatcher::start(settings(
+        vec![primary, relay("backup", b.port(), 1)],
+        Strategy::Priority,
+    ))
+    .await
+    .unwrap();
+    (a, b, d)
+}
+
+/// A server that refuses recipients past `cap` for good, as some providers
+/// do, where a 452 would have asked for another transaction.
+fn refuses_over(cap: usize, pipelining: bool) -> Options {
+    Options {
+        pipelining,
+        max_recipients: Some(cap),
+        over_cap_reply: Some("550 5.5.3 Too many recipients".into()),
+        ..Options::default()
+    }
+}
+
+#[tokio::test]
+async fn a_server_that_refuses_recipients_over_its_cap_for_good_loses_them_unless_the_relay_splits()
+{
+    // Without recipients_per_transaction, the 550s past the cap are final.
+    let a = FaultSmtp::start_with(Script::ok(), refuses_over(2, true)).await;
+    let d = Dispatcher::start(settings(
+        vec![relay("primary", a.port(), 1)],
+        Strategy::Priority,
+    ))
+    .await
+    .unwrap();
+    let to = people(5);
+    let r = d.send(mail_to_all(&to)).await;
+    assert_eq!(r.status, Status::Partial, "{r:?}");
+    assert_eq!(r.accepted, to[0..2].to_vec());
+    assert_eq!(
+        refused(&r),
+        vec![
+            (to[2].as_str(), 550),
+            (to[3].as_str(), 550),
+            (to[4].as_str(), 550)
+        ]
+    );
+
+    // With it, each transaction stays under the cap and everyone gets it.
+    for pipelining in [true, false] {
+        let (a, b, d) = limited(2, refuses_over(2, pipelining), Script::ok()).await;
+        let m = mail_to_all(&to);
+        let id = m.message_id.clone();
+        let bytes = m.bytes.clone();
+        let mark = Arc::new(CountedMark::default());
+        let r = d.send_marked(m, Some(mark.clone())).await;
+        assert_eq!(r.status, Status::Sent, "pipelined {pipelining}: {r:?}");
+        assert_eq!(r.accepted, to);
+        assert!(r.rejected.is_empty(), "{r:?}");
+        let got = a.delivered();
+        let groups: Vec<_> = got.iter().map(|t| t.rcpt_to.clone()).collect();
+        assert_eq!(
+            groups,
+            vec![to[0..2].to_vec(), to[2..4].to_vec(), to[4..5].to_vec()]
+        );
+        for t in &got {
+            assert_eq!(t.message_id.as_deref(), Some(format!("<{id}>").as_str()));
+            assert_eq!(t.data.as_slice(), &bytes[..]);
+        }
+        assert_eq!(a.connections(), 1, "one session for all three");
+        assert_eq!(mark.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(b.connections(), 0, "no failover");
+        // A message within the limit is one transaction, as before.
+        let next = d.send(mail_to_all(&to[0..2])).await;
+        assert_eq!(next.status, Status::Sent, "{next:?}");
+        assert_eq!(a.delivered().len(), 4);
+        assert_eq!(a.connections(), 1);
+    }
+}
+
+#[tokio::test]
+async fn the_relays_limit_and_the_servers_452_cap_work_together() {
+    // The relay names 3 a transaction, the server takes 2: each
+    // transaction's third goes first in the next one.
+    let options = Options {
+        max_recipients: Some(2),
+        ..Options::default()
+    };
+    let (a, b, d) = limited(3, options, Script::ok()).await;
+    let to = people(7);
+    let r = d.send(mail_to_all(&to)).await;
+    assert_eq!(r.status, Status::Sent, "{r:?}");
+    assert_eq!(r.accepted, to);
+    let groups: Vec<_> = a.delivered().into_iter().map(|t| t.rcpt_to).collect();
+    assert_eq!(
+        groups,
+        vec![
+            to[0..2].to_vec(),
+            to[2..4].to_vec(),
+            to[4..6].to_vec(),
+            to[6..7].to_vec()
+        ]
+    );
+    assert_eq!(b.connections(), 0);
+}
+
+#[tokio::test]
+async fn a_first_transaction_whose_every_recipient_is_refused_commits_nothing_and_the_next_is_the_first()
+ {
+    for pipelining in [true, false] {
+        let to = people(5);
+        let script = Script::ok()
+            .on_rcpt(&to[0], Action::reply(550, "5.1.1 no such user"))
+            .on_rcpt(&to[1], Action::reply(550, "5.1.1 no such user"));
+        let options = Options {
+            pipelining,
+            ..Options::default()
+        };
+        let (a, b, d) = limited(2, options, script).await;
+        let m = mail_to_all(&to);
+        let id = m.message_id.clone();
+        let mark = Arc::new(CountedMark::default());
+        let r = d.send_marked(m, Some(mark.clone())).await;
+        assert_eq!(r.status, Status::Partial, "pipelined {pipelining}: {r:?}");
+        assert_eq!(r.accepted, to[2..5].to_vec());
+        assert_eq!(
+            refused(&r),
+            vec![(to[0].as_str(), 550), (to[1].as_str(), 550)]
+        );
+        let groups: Vec<_> = a.delivered().into_iter().map(|t| t.rcpt_to).collect();
+        assert_eq!(groups, vec![to[2..4].to_vec(), to[4..5].to_vec()]);
+        assert_eq!(seen(&a, &id), 2, "no data in the refused transaction");
+        assert_eq!(mark.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(b.connections(), 0, "a 5xx is no reason to fail over");
+
+        // Every recipient refused, over two transactions: failed, nothing
+        // committed, and the session still in step.
+        let script = Script::ok().on(Phase::Rcpt, Action::reply(550, "5.1.1 no such user"));
+        let options = Options {
+            pipelining,
+            ..Options::default()
+        };
+        let (a, b, d) = limited(2, options, script).await;
+        let mark = Arc::new(CountedMark::default());
+        let r = d
+            .send_marked(mail_to_all(&to[0..3]), Some(mark.clone()))
+            .await;
+        assert_eq!(r.status, Status::Failed, "pipelined {pipelining}: {r:?}");
+        assert_eq!(r.failure, Some(FailureReason::Rejected));
+        assert_eq!(mark.0.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert!(a.received().is_empty(), "no data");
+        assert_eq!(b.connections(), 0);
+        assert_eq!(a.commands(Phase::Rcpt), 3, "each recipient tried once");
+        assert_eq!(a.commands(Phase::Mail), 2);
+        assert_eq!(
+            a.verb_count("RSET"),
+            2,
+            "the session reset after each transaction"
+        );
+        assert_eq!(a.connections(), 1);
+    }
+}
+
+#[tokio::test]
+async fn a_transaction_after_the_first_lost_at_mail_refuses_every_recipient_left_with_a_451() {
+    let (a, b, d) = limited(
+        2,
+        Options::default(),
+        second_transaction(Phase::Mail, Action::Close),
+    )
+    .await;
+    let to = people(5);
+    let m = mail_to_all(&to);
+    let id = m.message_id.clone();
+    let r = d.send(m).await;
+    assert_eq!(r.status, Status::Partial, "{r:?}");
+    assert_eq!(r.accepted, to[0..2].to_vec());
+    assert_eq!(
+        refused(&r),
+        vec![
+            (to[2].as_str(), 451),
+            (to[3].as_str(), 451),
+            (to[4].as_str(), 451)
+        ]
+    );
+    let message = r.message.clone().unwrap_or_default();
+    assert!(message.contains("recipients_per_transaction"), "{message}");
+    assert_eq!(copies(&a, &id), 1);
+    assert_eq!(b.connections(), 0, "never sent elsewhere");
+}
+
 #[tokio::test]
 async fn a_452_to_the_first_recipient_is_no_cap_and_fails_the_message_over() {
     // No recipient was accepted before the 452: the server is out of room,

@@ -133,6 +133,7 @@ pub(crate) const RELAY_KEYS: &[&str] = &[
     "ca_file",
     "accept_invalid_certs",
     "pipelining",
+    "recipients_per_transaction",
     "priority",
     "weight",
     "from_email",
@@ -429,6 +430,9 @@ pub(crate) struct RawRelay {
     /// Pipeline MAIL, RCPT and DATA when the server offers PIPELINING.
     /// Default: true.
     pub pipelining: Option<bool>,
+    /// RCPTs in one transaction at most. Default: as many as the server
+    /// takes.
+    pub recipients_per_transaction: Option<u32>,
     /// Higher is preferred. Default: 0.
     pub priority: Option<i32>,
     /// Share of traffic under `weighted`. Default: 1.

@@ -1196,6 +1196,10 @@ fn check_tuning_only(ctx: &Ctx, d: &RawRelay) -> Result<(), ConfigError> {
         ("ca_file", d.ca_file.is_some()),
         ("accept_invalid_certs", d.accept_invalid_certs.is_some()),
         ("pipelining", d.pipelining.is_some()),
+        (
+            "recipients_per_transaction",
+            d.recipients_per_transaction.is_some(),
+        ),
         ("priority", d.priority.is_some()),
         ("weight", d.weight.is_some()),
         ("from_email", d.from_email.is_some()),
@@ -1861,6 +1865,23 @@ fn smtp(
     let pipelining = r.pipelining.unwrap_or(true);
     leaf(out, "pipelining", json!(pipelining), &at);
 
+    let at = at_of("recipients_per_transaction");
+    let recipients_per_transaction = match r.recipients_per_transaction {
+        None => None,
+        Some(n) => Some(
+            usize::try_from(n)
+                .ok()
+                .and_then(std::num::NonZeroUsize::new)
+                .ok_or_else(|| at.err("must be at least 1"))?,
+        ),
+    };
+    leaf(
+        out,
+        "recipients_per_transaction",
+        json!(r.recipients_per_transaction),
+        &at,
+    );
+
     Ok(SmtpSettings {
         host,
         port,
@@ -1870,5 +1891,6 @@ fn smtp(
         ca_pem,
         accept_invalid_certs,
         pipelining,
+        recipients_per_transaction,
     })
 }
