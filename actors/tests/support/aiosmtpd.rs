@@ -29,6 +29,9 @@ pub struct AiosmtpdOptions {
     /// Accept at most this many recipients a transaction, and answer each RCPT
     /// after them 452.
     pub max_recipients: Option<usize>,
+    /// Announce `SIZE n` and refuse larger messages (aiosmtpd's
+    /// `data_size_limit`; 32 MiB when unset).
+    pub size_limit: Option<u64>,
 }
 
 /// A running aiosmtpd. Dropping it kills the process.
@@ -153,6 +156,9 @@ async fn spawn(
     }
     if let Some(max) = options.max_recipients {
         cmd.arg("--max-recipients").arg(max.to_string());
+    }
+    if let Some(limit) = options.size_limit {
+        cmd.arg("--size-limit").arg(limit.to_string());
     }
     let mut child = cmd.spawn().expect("spawn python3 aiosmtpd_server.py");
     let stdout = child.stdout.take().expect("child stdout");

@@ -6,8 +6,11 @@ recipient); the .env is written last, so a reader that sees it sees the whole
 message. Prints "READY <port>" once listening. Loopback only; stores nothing else.
 
 Usage: aiosmtpd_server.py PORT OUT_DIR [--tls CERT KEY] [--auth USER] [--max-recipients N]
+                          [--size-limit BYTES]
 (the password for --auth comes from the AIOSMTPD_PASSWORD environment variable;
-with --max-recipients, each RCPT past N in one transaction is answered 452).
+with --max-recipients, each RCPT past N in one transaction is answered 452; with
+--size-limit, aiosmtpd announces SIZE BYTES and refuses larger messages, as it
+does at its default of 32 MiB).
 """
 
 import argparse
@@ -75,9 +78,12 @@ def main():
     parser.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
     parser.add_argument("--auth", metavar="USER")
     parser.add_argument("--max-recipients", type=int, metavar="N")
+    parser.add_argument("--size-limit", type=int, metavar="BYTES")
     args = parser.parse_args()
 
     kwargs = {"enable_SMTPUTF8": True}
+    if args.size_limit is not None:
+        kwargs.update(data_size_limit=args.size_limit)
     if args.tls:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(args.tls[0], args.tls[1])

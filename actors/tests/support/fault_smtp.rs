@@ -180,6 +180,10 @@ pub struct Options {
     /// The reply to a RCPT past `max_recipients`, in place of that 452: a
     /// provider that refuses recipients over its cap for good (`550 5.5.3`).
     pub over_cap_reply: Option<String>,
+    /// Announce `SIZE n` (RFC 1870; 0: no fixed limit), and refuse a MAIL
+    /// whose `SIZE=` is larger than `n`, or data larger than `n` after the
+    /// final ".", with 552.
+    pub size: Option<u64>,
 }
 
 impl Default for Options {
@@ -194,6 +198,7 @@ impl Default for Options {
             hostname: "fault-smtp.test".to_string(),
             max_recipients: None,
             over_cap_reply: None,
+            size: None,
         }
     }
 }
@@ -263,6 +268,7 @@ impl FaultSmtp {
             script: Mutex::new(Arc::new(Installed::new(script))),
             received: Mutex::new(Vec::new()),
             verbs: Mutex::new(HashMap::new()),
+            mail_args: Mutex::new(Vec::new()),
             phases: Default::default(),
             connections: AtomicU64::new(0),
             open: AtomicUsize::new(0),
@@ -362,6 +368,11 @@ impl FaultSmtp {
             .unwrap_or(0)
     }
 
+    /// The argument of every MAIL command since the start (`FROM:<a> SIZE=…`).
+    pub fn mail_args(&self) -> Vec<String> {
+        lock(&self.shared.mail_args).clone()
+    }
+
     /// How many MAIL commands arrived with the next command already behind
     /// them in the same read: transactions the client pipelined.
     pub fn pipelined(&self) -> u64 {
@@ -412,6 +423,8 @@ struct Shared {
     script: Mutex<Arc<Installed>>,
     received: Mutex<Vec<Received>>,
     verbs: Mutex<HashMap<String, u64>>,
+    /// The argument of every MAIL command, in order.
+    mail_args: Mutex<Vec<String>>,
     phases: [AtomicU64; 7],
     connections: AtomicU64,
     open: AtomicUsize,

@@ -190,6 +190,9 @@ impl Session {
         if opts.pipelining {
             lines.push("PIPELINING".into());
         }
+        if let Some(n) = opts.size {
+            lines.push(format!("SIZE {n}"));
+        }
         if opts.starttls != StartTls::Off && !self.tls_active {
             lines.push("STARTTLS".into());
         }
@@ -359,6 +362,7 @@ impl Session {
     }
 
     async fn mail(&mut self, conn: &mut Conn, arg: &str) -> Step {
+        lock(&self.shared.mail_args).push(arg.to_string());
         let Some(from) = address(arg, "FROM:") else {
             return send(conn, "501 5.5.4 Syntax: MAIL FROM:<address>")
                 .await
@@ -381,6 +385,19 @@ impl Session {
             && (!from.is_ascii() || arg.to_ascii_uppercase().contains("SMTPUTF8"))
         {
             return send(conn, "553 5.6.7 SMTPUTF8 not supported")
+                .await
+                .map(|_| None);
+        }
+        let announced = self.shared.options.size.filter(|&n| n > 0);
+        let declared = arg.split_whitespace().find_map(|p| {
+            let (k, v) = p.split_once('=')?;
+            k.eq_ignore_ascii_case("SIZE")
+                .then(|| v.parse::<u64>().ok())?
+        });
+        if let (Some(max), Some(size)) = (announced, declared)
+            && size > max
+        {
+            return send(conn, "552 5.3.4 Message size exceeds fixed limit")
                 .await
                 .map(|_| None);
         }
