@@ -419,6 +419,39 @@ async fn a_relays_recipients_per_transaction_keeps_a_message_under_a_providers_c
     d.stop().await;
 }
 
+/// A relay whose server announces SIZE: a message over it fails
+/// `too_large` with no MAIL sent, stored `failed`; one under it goes with
+/// its size declared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_relays_announced_size_fails_too_large_without_a_transaction() {
+    let options = Options {
+        size: Some(3_000),
+        ..Options::default()
+    };
+    let smtp = FaultSmtp::start_with(Script::ok(), options).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &config_toml(dir.path(), smtp.port(), "")).await;
+    let big = "x".repeat(70).repeat(60);
+    let c = send(d.peer(), msg("too big", json!({ "body": big }))).await;
+    assert_eq!(c.status(), Some("failed"), "{c:?}");
+    assert_eq!(c.error_code(), Some("too_large"), "{c:?}");
+    assert!(
+        c.error_message().is_some_and(|m| m.contains("(SIZE)")),
+        "{c:?}"
+    );
+    assert_eq!(smtp.commands(Phase::Mail), 0);
+    let id = c.message_id().unwrap().to_string();
+    let s = status_of(d.peer(), &id).await;
+    assert_eq!(s["status"], "failed", "{s}");
+
+    let c = send(d.peer(), msg("small enough", json!({}))).await;
+    assert_eq!(c.status(), Some("sent"), "{c:?}");
+    let args = smtp.mail_args();
+    assert_eq!(args.len(), 1);
+    assert!(args[0].contains(" SIZE="), "{args:?}");
+    d.stop().await;
+}
+
 /// Killed between two transactions of one message (the server took the
 /// first two recipients, then never answers the second MAIL): the message
 /// may have reached everyone it was committed to, so after the restart it

@@ -63,7 +63,8 @@ pub enum FailureClass {
     /// the relay's fault and not counted against its health.
     Busy,
     /// The relay cannot carry this message: a non-ASCII address needs
-    /// SMTPUTF8 and the relay does not offer it. Another relay may.
+    /// SMTPUTF8 and the relay does not offer it, or the message is larger
+    /// than the SIZE its server announced (RFC 1870). Another relay may.
     Unsupported,
 }
 
@@ -158,7 +159,8 @@ pub enum FailureReason {
     Busy,
     /// The deadline passed before the message was delivered.
     DeadlineExceeded,
-    /// The message is larger than the configured limit.
+    /// The message is larger than the configured limit, or than the SIZE
+    /// of every relay that tried it.
     TooLarge,
     /// The message needs SMTPUTF8 and no relay offers it.
     Smtputf8Unsupported,

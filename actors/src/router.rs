@@ -243,7 +243,15 @@ impl RouterState {
                 let reason = if all(FailureClass::Busy) {
                     FailureReason::Busy
                 } else if all(FailureClass::Unsupported) {
-                    FailureReason::Smtputf8Unsupported
+                    if flight
+                        .attempts
+                        .iter()
+                        .all(|a| a.detail.starts_with(crate::smtp::OVER_SIZE))
+                    {
+                        FailureReason::TooLarge
+                    } else {
+                        FailureReason::Smtputf8Unsupported
+                    }
                 } else if let Some(wait) = self.next_available(&flight, now) {
                     FailureReason::RelaysBackingOff {
                         wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),

@@ -217,6 +217,9 @@ pub(crate) struct Conn {
     /// The relay's `recipients_per_transaction`: RCPTs in one transaction at
     /// most. `None`: as many as the server takes.
     per_transaction: Option<NonZeroUsize>,
+    /// The server announced SIZE (RFC 1870), with its limit in bytes; 0 is
+    /// no fixed limit.
+    size: Option<u64>,
 }
 
 impl fmt::Debug for Conn {
@@ -226,6 +229,7 @@ impl fmt::Debug for Conn {
             .field("broken", &self.broken)
             .field("pipelining", &self.pipelining)
             .field("per_transaction", &self.per_transaction)
+            .field("size", &self.size)
             .finish_non_exhaustive()
     }
 }
@@ -308,7 +312,7 @@ pub(crate) async fn dial(
         _ => {}
     }
 
-    let pipelining = s.pipelining && offers_pipelining(&mut inner, &hello, t, deadline).await?;
+    let ehlo = keywords(&mut inner, &hello, t, deadline).await?;
 
     if let Some(creds) = &s.auth {
         let mechanisms: &[Mechanism] = match creds.method {
@@ -339,10 +343,15 @@ pub(crate) async fn dial(
         sent: 0,
         implicit_tls: s.tls == TlsMode::Implicit,
         broken: false,
-        pipelining,
+        pipelining: s.pipelining && ehlo.pipelining,
         per_transaction: s.recipients_per_transaction,
+        size: ehlo.size,
     })
 }
+
+/// How a refusal for the server's announced SIZE begins: the router tells it
+/// apart from a missing SMTPUTF8, the other `Unsupported`.
+pub(crate) const OVER_SIZE: &str = "too large for this relay";
 
 /// How a failure to get an OAuth2 access token begins (status output tells
 /// it apart from a refusal by the server).
@@ -436,15 +445,22 @@ async fn xoauth2(
     Err(last.unwrap_or_else(|| Failure::new(FailureClass::RelayFault, "AUTH: refused")))
 }
 
-/// Whether the server offers PIPELINING (RFC 2920). lettre keeps only the
-/// EHLO keywords it uses, and PIPELINING is not one of them, so this asks
-/// once more and reads the keywords itself: one round trip per connection.
-async fn offers_pipelining(
+/// The EHLO keywords lettre does not keep.
+struct Keywords {
+    /// PIPELINING (RFC 2920).
+    pipelining: bool,
+    /// SIZE (RFC 1870) and its limit, 0 when it names none.
+    size: Option<u64>,
+}
+
+/// The EHLO keywords that lettre does not keep (it keeps only those it
+/// uses), read by asking once more: one round trip per connection.
+async fn keywords(
     inner: &mut AsyncSmtpConnection,
     hello: &ClientId,
     t: &Timeouts,
     deadline: Instant,
-) -> Result<bool, Failure> {
+) -> Result<Keywords, Failure> {
     let reply = bounded(
         Phase::Greeting,
         t.greeting,
@@ -452,11 +468,22 @@ async fn offers_pipelining(
         inner.command(Ehlo::new(hello.clone())),
     )
     .await?;
-    Ok(reply.message().skip(1).any(|line| {
-        line.split_whitespace()
-            .next()
-            .is_some_and(|keyword| keyword.eq_ignore_ascii_case("PIPELINING"))
-    }))
+    let mut found = Keywords {
+        pipelining: false,
+        size: None,
+    };
+    for line in reply.message().skip(1) {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some(k) if k.eq_ignore_ascii_case("PIPELINING") => found.pipelining = true,
+            // A limit that is not a number is taken as none.
+            Some(k) if k.eq_ignore_ascii_case("SIZE") => {
+                found.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0));
+            }
+            _ => {}
+        }
+    }
+    Ok(found)
 }
 
 /// MAIL, every RCPT and DATA, written at once to a server that offers
@@ -597,6 +624,18 @@ async fn transact_inner(
             ));
         }
         params.push(MailParameter::SmtpUtfEight);
+    }
+    let size = mail.bytes.len();
+    if let Some(max) = conn.size {
+        if max > 0 && size as u64 > max {
+            return Err(Failure::new(
+                FailureClass::Unsupported,
+                format!(
+                    "{OVER_SIZE}: the message is {size} bytes and the server takes at most {max} (SIZE)"
+                ),
+            ));
+        }
+        params.push(MailParameter::Size(size));
     }
     if !mail.bytes.is_ascii() && conn.supports(Extension::EightBitMime) {
         params.push(MailParameter::Body(

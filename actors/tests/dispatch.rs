@@ -983,6 +983,135 @@ async fn a_transaction_after_the_first_lost_at_mail_refuses_every_recipient_left
     assert_eq!(b.connections(), 0, "never sent elsewhere");
 }
 
+/// `m` with its body grown to `size` bytes in all.
+fn sized(mut m: Mail, size: usize) -> Mail {
+    let mut bytes = m.bytes.to_vec();
+    let line = b"0123456789012345678901234567890123456789012345678901234567890123456789\r\n";
+    while bytes.len() + line.len() <= size {
+        bytes.extend_from_slice(line);
+    }
+    while bytes.len() < size - 2 {
+        bytes.push(b'x');
+    }
+    bytes.extend_from_slice(b"\r\n");
+    m.bytes = Arc::from(bytes);
+    m
+}
+
+fn announcing_size(size: u64) -> Options {
+    Options {
+        size: Some(size),
+        ..Options::default()
+    }
+}
+
+#[tokio::test]
+async fn a_message_over_the_servers_size_goes_to_a_relay_that_takes_it() {
+    let a = FaultSmtp::start_with(Script::ok(), announcing_size(1_000)).await;
+    let b = FaultSmtp::start_with(Script::ok(), announcing_size(0)).await;
+    let d = Dispatcher::start(settings(
+        vec![relay("primary", a.port(), 10), relay("backup", b.port(), 1)],
+        Strategy::Priority,
+    ))
+    .await
+    .unwrap();
+    let m = sized(mail(), 5_000);
+    let id = m.message_id.clone();
+    let r = d.send(m).await;
+    assert_eq!(r.status, Status::Sent, "{r:?}");
+    assert_eq!(r.relay.as_deref(), Some("backup"));
+    assert_eq!(r.attempts[0].class, Some(FailureClass::Unsupported));
+    assert!(
+        r.attempts[0].detail.contains("5000 bytes") && r.attempts[0].detail.contains("1000"),
+        "{r:?}"
+    );
+    assert_eq!(
+        a.commands(Phase::Mail),
+        0,
+        "not even a MAIL to the small one"
+    );
+    assert_eq!(copies(&b, &id), 1);
+    // SIZE without a limit: the size is declared all the same.
+    assert!(
+        b.mail_args().iter().all(|m| m.ends_with(" SIZE=5000")),
+        "{:?}",
+        b.mail_args()
+    );
+
+    // The small relay was not held to blame: a small message goes there.
+    let small = mail();
+    let len = small.bytes.len();
+    let r = d.send(small).await;
+    assert_eq!(r.relay.as_deref(), Some("primary"), "{r:?}");
+    assert_eq!(
+        a.mail_args(),
+        vec![format!("FROM:<sender@test.example> SIZE={len}")]
+    );
+}
+
+#[tokio::test]
+async fn a_message_over_every_relays_size_fails_too_large_and_nothing_is_sent() {
+    let a = FaultSmtp::start_with(Script::ok(), announcing_size(1_000)).await;
+    let b = FaultSmtp::start_with(Script::ok(), announcing_size(2_000)).await;
+    let d = Dispatcher::start(settings(
+        vec![relay("primary", a.port(), 10), relay("backup", b.port(), 1)],
+        Strategy::Priority,
+    ))
+    .await
+    .unwrap();
+    let r = d.send(sized(mail(), 3_000)).await;
+    assert_eq!(r.status, Status::Failed, "{r:?}");
+    assert_eq!(r.failure, Some(FailureReason::TooLarge));
+    assert_eq!(r.attempts.len(), 2);
+    assert_eq!(a.commands(Phase::Mail) + b.commands(Phase::Mail), 0);
+    // A server with no SIZE gets no SIZE parameter.
+    let c = FaultSmtp::start(Script::ok()).await;
+    let d = Dispatcher::start(settings(
+        vec![relay("plain", c.port(), 1)],
+        Strategy::Priority,
+    ))
+    .await
+    .unwrap();
+    let r = d.send(sized(mail(), 3_000)).await;
+    assert_eq!(r.status, Status::Sent, "{r:?}");
+    assert_eq!(
+        c.mail_args(),
+        vec!["FROM:<sender@test.example>".to_string()]
+    );
+}
+
+#[tokio::test]
+async fn aiosmtpd_with_a_size_limit_gets_the_messages_under_it_and_none_over_it() {
+    use support::aiosmtpd::{Aiosmtpd, AiosmtpdOptions};
+    let server = Aiosmtpd::start_with(AiosmtpdOptions {
+        size_limit: Some(4_000),
+        ..AiosmtpdOptions::default()
+    })
+    .await;
+    let d = Dispatcher::start(settings(
+        vec![relay("aiosmtpd", server.port(), 1)],
+        Strategy::Priority,
+    ))
+    .await
+    .unwrap();
+    let under = sized(mail(), 3_000);
+    let bytes = under.bytes.clone();
+    let r = d.send(under).await;
+    assert_eq!(r.status, Status::Sent, "{r:?}");
+    let got = server
+        .wait_for(1, Duration::from_secs(10))
+        .await
+        .expect("the message under the limit");
+    assert_eq!(got[0].data.as_slice(), &bytes[..]);
+
+    let r = d.send(sized(mail(), 6_000)).await;
+    assert_eq!(r.status, Status::Failed, "{r:?}");
+    assert_eq!(r.failure, Some(FailureReason::TooLarge));
+    assert!(r.attempts[0].detail.contains("4000"), "{r:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(server.count(), 1, "nothing over the limit");
+}
+
 #[tokio::test]
 async fn a_452_to_the_first_recipient_is_no_cap_and_fails_the_message_over() {
     // No recipient was accepted before the 452: the server is out of room,
