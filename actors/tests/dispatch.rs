@@ -42,6 +42,13 @@ fn settings(relays: Vec<RelaySettings>, strategy: Strategy) -> Settings {
     }
 }
 
+/// A dispatcher over `relays`, by priority.
+async fn by_priority(relays: Vec<RelaySettings>) -> Dispatcher {
+    Dispatcher::start(settings(relays, Strategy::Priority))
+        .await
+        .unwrap()
+}
+
 static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 fn mail_to(to: &[&str]) -> Mail {
@@ -527,36 +534,46 @@ fn second_transaction(phase: Phase, action: Action) -> Script {
     Script::ok().on_share(phase, action, support::fault_smtp::Share::EveryNth(2))
 }
 
+/// Sends one message to `to` through `d` and checks that it is `sent`,
+/// at `a` in one transaction for each of `groups` (ranges of `to`), all on
+/// one connection with the same bytes, and committed once, before the first
+/// ".".
+async fn sent_in_transactions(
+    a: &FaultSmtp,
+    d: &Dispatcher,
+    to: &[String],
+    groups: &[std::ops::Range<usize>],
+) {
+    let m = mail_to_all(to);
+    let id = format!("<{}>", m.message_id);
+    let bytes = m.bytes.clone();
+    let mark = Arc::new(CountedMark::default());
+    let r = d.send_marked(m, Some(mark.clone())).await;
+    assert_eq!(r.status, Status::Sent, "{r:?}");
+    assert_eq!(r.accepted, to);
+    assert!(r.rejected.is_empty(), "{r:?}");
+    assert_eq!(r.attempts.len(), 1);
+    let got = a.delivered();
+    let sent: Vec<_> = got.iter().map(|t| t.rcpt_to.clone()).collect();
+    let want: Vec<_> = groups.iter().map(|g| to[g.clone()].to_vec()).collect();
+    assert_eq!(sent, want);
+    for t in &got {
+        assert_eq!(t.message_id.as_deref(), Some(id.as_str()));
+        assert_eq!(t.data.as_slice(), &bytes[..]);
+    }
+    assert_eq!(a.connections(), 1, "one session for every transaction");
+    assert_eq!(
+        mark.0.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the commit is recorded once, before the first \".\""
+    );
+}
+
 #[tokio::test]
 async fn recipients_over_the_servers_cap_go_in_more_transactions_on_one_connection() {
     for pipelining in [true, false] {
         let (a, b, d) = capped(3, pipelining, Script::ok()).await;
-        let to = people(7);
-        let m = mail_to_all(&to);
-        let id = m.message_id.clone();
-        let bytes = m.bytes.clone();
-        let mark = Arc::new(CountedMark::default());
-        let r = d.send_marked(m, Some(mark.clone())).await;
-        assert_eq!(r.status, Status::Sent, "pipelined {pipelining}: {r:?}");
-        assert_eq!(r.accepted, to);
-        assert!(r.rejected.is_empty());
-        assert_eq!(r.attempts.len(), 1);
-        let got = a.delivered();
-        let groups: Vec<_> = got.iter().map(|t| t.rcpt_to.clone()).collect();
-        assert_eq!(
-            groups,
-            vec![to[0..3].to_vec(), to[3..6].to_vec(), to[6..7].to_vec()]
-        );
-        for t in &got {
-            assert_eq!(t.message_id.as_deref(), Some(format!("<{id}>").as_str()));
-            assert_eq!(t.data.as_slice(), &bytes[..]);
-        }
-        assert_eq!(a.connections(), 1, "one session for all three");
-        assert_eq!(
-            mark.0.load(std::sync::atomic::Ordering::SeqCst),
-            1,
-            "the commit is recorded once, before the first \".\""
-        );
+        sent_in_transactions(&a, &d, &people(7), &[0..3, 3..6, 6..7]).await;
         assert_eq!(b.connections(), 0, "no failover");
         assert_eq!(a.pipelined(), if pipelining { 3 } else { 0 });
 
@@ -575,12 +592,7 @@ async fn aiosmtpd_capped_at_100_recipients_gets_250_in_three_transactions() {
         ..AiosmtpdOptions::default()
     })
     .await;
-    let d = Dispatcher::start(settings(
-        vec![relay("aiosmtpd", server.port(), 1)],
-        Strategy::Priority,
-    ))
-    .await
-    .unwrap();
+    let d = by_priority(vec![relay("aiosmtpd", server.port(), 1)]).await;
     let to = people(250);
     let mut m = mail_to(&to[..1].iter().map(String::as_str).collect::<Vec<_>>());
     // The recipients in the envelope only, as Bcc: one To line of 250
@@ -796,12 +808,7 @@ async fn limited(
     if let RelayKind::Smtp(s) = &mut primary.kind {
         s.recipients_per_transaction = std::num::NonZeroUsize::new(per_transaction);
     }
-    let d = Dispatcher::start(settings(
-        vec![primary, relay("backup", b.port(), 1)],
-        Strategy::Priority,
-    ))
-    .await
-    .unwrap();
+    let d = by_priority(vec![primary, relay("backup", b.port(), 1)]).await;
     (a, b, d)
 }
 
@@ -821,12 +828,7 @@ async fn a_server_that_refuses_recipients_over_its_cap_for_good_loses_them_unles
 {
     // Without recipients_per_transaction, the 550s past the cap are final.
     let a = FaultSmtp::start_with(Script::ok(), refuses_over(2, true)).await;
-    let d = Dispatcher::start(settings(
-        vec![relay("primary", a.port(), 1)],
-        Strategy::Priority,
-    ))
-    .await
-    .unwrap();
+    let d = by_priority(vec![relay("primary", a.port(), 1)]).await;
     let to = people(5);
     let r = d.send(mail_to_all(&to)).await;
     assert_eq!(r.status, Status::Partial, "{r:?}");
@@ -843,26 +845,7 @@ async fn a_server_that_refuses_recipients_over_its_cap_for_good_loses_them_unles
     // With it, each transaction stays under the cap and everyone gets it.
     for pipelining in [true, false] {
         let (a, b, d) = limited(2, refuses_over(2, pipelining), Script::ok()).await;
-        let m = mail_to_all(&to);
-        let id = m.message_id.clone();
-        let bytes = m.bytes.clone();
-        let mark = Arc::new(CountedMark::default());
-        let r = d.send_marked(m, Some(mark.clone())).await;
-        assert_eq!(r.status, Status::Sent, "pipelined {pipelining}: {r:?}");
-        assert_eq!(r.accepted, to);
-        assert!(r.rejected.is_empty(), "{r:?}");
-        let got = a.delivered();
-        let groups: Vec<_> = got.iter().map(|t| t.rcpt_to.clone()).collect();
-        assert_eq!(
-            groups,
-            vec![to[0..2].to_vec(), to[2..4].to_vec(), to[4..5].to_vec()]
-        );
-        for t in &got {
-            assert_eq!(t.message_id.as_deref(), Some(format!("<{id}>").as_str()));
-            assert_eq!(t.data.as_slice(), &bytes[..]);
-        }
-        assert_eq!(a.connections(), 1, "one session for all three");
-        assert_eq!(mark.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        sent_in_transactions(&a, &d, &to, &[0..2, 2..4, 4..5]).await;
         assert_eq!(b.connections(), 0, "no failover");
         // A message within the limit is one transaction, as before.
         let next = d.send(mail_to_all(&to[0..2])).await;
@@ -998,23 +981,25 @@ fn sized(mut m: Mail, size: usize) -> Mail {
     m
 }
 
-fn announcing_size(size: u64) -> Options {
-    Options {
+/// A primary and a backup relay whose servers announce these SIZEs.
+async fn sized_pair(primary: u64, backup: u64) -> (FaultSmtp, FaultSmtp, Dispatcher) {
+    let announcing = |size| Options {
         size: Some(size),
         ..Options::default()
-    }
+    };
+    let a = FaultSmtp::start_with(Script::ok(), announcing(primary)).await;
+    let b = FaultSmtp::start_with(Script::ok(), announcing(backup)).await;
+    let d = by_priority(vec![
+        relay("primary", a.port(), 10),
+        relay("backup", b.port(), 1),
+    ])
+    .await;
+    (a, b, d)
 }
 
 #[tokio::test]
 async fn a_message_over_the_servers_size_goes_to_a_relay_that_takes_it() {
-    let a = FaultSmtp::start_with(Script::ok(), announcing_size(1_000)).await;
-    let b = FaultSmtp::start_with(Script::ok(), announcing_size(0)).await;
-    let d = Dispatcher::start(settings(
-        vec![relay("primary", a.port(), 10), relay("backup", b.port(), 1)],
-        Strategy::Priority,
-    ))
-    .await
-    .unwrap();
+    let (a, b, d) = sized_pair(1_000, 0).await;
     let m = sized(mail(), 5_000);
     let id = m.message_id.clone();
     let r = d.send(m).await;
@@ -1051,14 +1036,7 @@ async fn a_message_over_the_servers_size_goes_to_a_relay_that_takes_it() {
 
 #[tokio::test]
 async fn a_message_over_every_relays_size_fails_too_large_and_nothing_is_sent() {
-    let a = FaultSmtp::start_with(Script::ok(), announcing_size(1_000)).await;
-    let b = FaultSmtp::start_with(Script::ok(), announcing_size(2_000)).await;
-    let d = Dispatcher::start(settings(
-        vec![relay("primary", a.port(), 10), relay("backup", b.port(), 1)],
-        Strategy::Priority,
-    ))
-    .await
-    .unwrap();
+    let (a, b, d) = sized_pair(1_000, 2_000).await;
     let r = d.send(sized(mail(), 3_000)).await;
     assert_eq!(r.status, Status::Failed, "{r:?}");
     assert_eq!(r.failure, Some(FailureReason::TooLarge));
@@ -1066,12 +1044,7 @@ async fn a_message_over_every_relays_size_fails_too_large_and_nothing_is_sent() 
     assert_eq!(a.commands(Phase::Mail) + b.commands(Phase::Mail), 0);
     // A server with no SIZE gets no SIZE parameter.
     let c = FaultSmtp::start(Script::ok()).await;
-    let d = Dispatcher::start(settings(
-        vec![relay("plain", c.port(), 1)],
-        Strategy::Priority,
-    ))
-    .await
-    .unwrap();
+    let d = by_priority(vec![relay("plain", c.port(), 1)]).await;
     let r = d.send(sized(mail(), 3_000)).await;
     assert_eq!(r.status, Status::Sent, "{r:?}");
     assert_eq!(
@@ -1088,12 +1061,7 @@ async fn aiosmtpd_with_a_size_limit_gets_the_messages_under_it_and_none_over_it(
         ..AiosmtpdOptions::default()
     })
     .await;
-    let d = Dispatcher::start(settings(
-        vec![relay("aiosmtpd", server.port(), 1)],
-        Strategy::Priority,
-    ))
-    .await
-    .unwrap();
+    let d = by_priority(vec![relay("aiosmtpd", server.port(), 1)]).await;
     let under = sized(mail(), 3_000);
     let bytes = under.bytes.clone();
     let r = d.send(under).await;
