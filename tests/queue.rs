@@ -452,6 +452,37 @@ async fn a_message_over_the_relays_announced_size_fails_too_large_without_a_tran
     d.stop().await;
 }
 
+/// The connection lost after the second transaction's "." of a message
+/// split over the cap: `unknown`, with the recipients of the first
+/// transaction listed as having it for certain, and nothing sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_split_message_lists_the_recipients_that_had_it_for_certain() {
+    let (smtp, _dir, _cfg, d) = setup_capped(
+        2,
+        Script::ok().on_share(Phase::AfterDot, Action::Close, Share::EveryNth(2)),
+    )
+    .await;
+    let to = ["a@example.org", "b@example.org", "c@example.org"];
+    let c = send(d.peer(), msg("lost later", json!({ "to": to }))).await;
+    assert_eq!(c.status(), Some("unknown"), "{c:?}");
+    let id = c.message_id().unwrap().to_string();
+    assert_eq!(
+        c.value().unwrap()["accepted"],
+        json!(["a@example.org", "b@example.org"]),
+        "{c:?}"
+    );
+    let s = status_of(d.peer(), &id).await;
+    assert_eq!(s["status"], "unknown", "{s}");
+    assert_eq!(
+        s["accepted"],
+        json!(["a@example.org", "b@example.org"]),
+        "{s}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(smtp.received().len(), 2, "never sent again");
+    d.stop().await;
+}
+
 /// Killed between two transactions of one message (the server took the
 /// first two recipients, then never answers the second MAIL): the message
 /// may have reached everyone it was committed to, so after the restart it

@@ -22,6 +22,7 @@ pub(crate) async fn deliver(
     progress: &Progress,
 ) -> Result<Delivered, Failure> {
     let fail = |what: &str, e: std::io::Error| Failure {
+        certain: None,
         lost: false,
         class: FailureClass::RelayFault,
         reply: None,
@@ -29,6 +30,7 @@ pub(crate) async fn deliver(
     };
     if Instant::now() >= mail.deadline {
         return Err(Failure {
+            certain: None,
             lost: false,
             class: FailureClass::Busy,
             reply: None,
@@ -47,6 +49,7 @@ pub(crate) async fn deliver(
     }
     // The rename is the delivery: record it first, as before a final ".".
     let busy = |detail: String| Failure {
+        certain: None,
         lost: false,
         class: FailureClass::Busy,
         reply: None,
@@ -73,6 +76,7 @@ pub(crate) async fn deliver(
     // sent again.
     if let Err(e) = sync_dir(dir).await {
         return Err(Failure {
+            certain: None,
             lost: true,
             ..fail("cannot make the new file durable in", e)
         });

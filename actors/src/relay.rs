@@ -508,6 +508,7 @@ fn spawn_probe(
         .await;
         let result = match (&shared.settings.kind, permit) {
             (_, Err(_) | Ok(Err(_))) => Err(Failure {
+                certain: None,
                 lost: false,
                 class: FailureClass::Busy,
                 reply: None,
@@ -563,6 +564,7 @@ fn spawn_probe(
 
 async fn probe_dir(dir: &std::path::Path) -> Result<(), Failure> {
     let fail = |e: std::io::Error| Failure {
+        certain: None,
         lost: false,
         class: FailureClass::RelayFault,
         reply: None,
@@ -678,12 +680,18 @@ fn final_failure(flight: &mut Flight, relay: &str, f: &Failure) -> Report {
             format!("{relay}: {}", f.detail),
         ),
     };
+    // An unknown message sent in several transactions: the recipients of
+    // those before the lost one had it, or were refused, for certain.
+    let (accepted, rejected) = match &f.certain {
+        Some(d) => (d.accepted.clone(), d.rejected.clone()),
+        None => (Vec::new(), Vec::new()),
+    };
     Report {
         message_id: flight.mail.message_id.clone(),
         status,
         relay: Some(relay.to_owned()),
-        accepted: Vec::new(),
-        rejected: Vec::new(),
+        accepted,
+        rejected,
         attempts: std::mem::take(&mut flight.attempts),
         failure,
         message: Some(message),
@@ -698,6 +706,7 @@ async fn deliver_smtp(shared: &Arc<RelayShared>, flight: &Flight) -> Result<Deli
     };
     let mail = &flight.mail;
     let busy = |detail: String| Failure {
+        certain: None,
         lost: false,
         class: FailureClass::Busy,
         reply: None,

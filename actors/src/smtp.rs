@@ -41,11 +41,15 @@ pub(crate) struct Failure {
     /// broke, or the server is reading message data): the connection must be
     /// dropped, not reset and reused.
     pub lost: bool,
+    /// An `Unknown` failure in a transaction after the first of a message:
+    /// what the transactions before it delivered for certain.
+    pub certain: Option<Box<Delivered>>,
 }
 
 impl Failure {
     pub(crate) fn new(class: FailureClass, detail: impl Into<String>) -> Self {
         Failure {
+            certain: None,
             class,
             reply: None,
             detail: detail.into(),
@@ -85,6 +89,7 @@ impl Failure {
             None => format!("{phase}: {err}"),
         };
         let mut failure = Failure {
+            certain: None,
             class,
             lost: false,
             reply,
@@ -192,6 +197,7 @@ fn in_step(
         _ => FailureClass::RelayFault,
     };
     Err(Failure {
+        certain: None,
         class,
         detail: format!("{phase} replied {code} {text}, where a {due} reply was due"),
         reply: Some(Reply { code, text }),
@@ -830,6 +836,7 @@ async fn further_transactions(
                 // No refusal of its ".": its recipients may have it.
                 Err(f) => {
                     return Err(Failure {
+                        certain: Some(Box::new(delivered.clone())),
                         class: FailureClass::Unknown,
                         lost: true,
                         detail: format!(
@@ -1090,6 +1097,7 @@ fn is_cap(reply: &Reply) -> bool {
 fn every_recipient_refused(rejected: &[Rejected]) -> Failure {
     let first = rejected.first().map(|r| r.reply.clone());
     Failure {
+        certain: None,
         lost: false,
         class: FailureClass::Permanent,
         detail: format!(

@@ -707,6 +707,8 @@ async fn a_later_transaction_lost_after_its_dot_makes_the_message_unknown() {
         message.contains("2 of 4 recipients had the message"),
         "{message}"
     );
+    assert_eq!(r.accepted, to[0..2].to_vec(), "those had it for certain");
+    assert!(r.rejected.is_empty(), "{r:?}");
     assert_eq!(copies(&a, &id), 1);
     assert_eq!(seen(&a, &id), 2);
     assert_eq!(b.connections(), 0, "never sent elsewhere");
