@@ -448,11 +448,14 @@ pub fn probe_row(p: &ProbeOut) -> String {
         _ => String::new(),
     };
     format!(
-        "{:<20} {:<9} {:<4} {:<13} {:>8} {}",
+        "{:<20} {:<9} {:<4} {:<13} {:<10} {:>10} {:>8} {}",
         p.relay,
         if p.reachable { "yes" } else { "NO" },
         if p.tls { "yes" } else { "no" },
         auth,
+        if p.pipelining { "yes" } else { "no" },
+        p.size_limit
+            .map_or_else(|| "-".to_string(), |n| n.to_string()),
         format!("{}ms", p.latency_ms),
         error
     )
@@ -473,11 +476,13 @@ async fn check(config: Config) -> ExitCode {
         }
     };
     say!(
-        "{:<20} {:<9} {:<4} {:<13} {:>8} ERROR",
+        "{:<20} {:<9} {:<4} {:<13} {:<10} {:>10} {:>8} ERROR",
         "RELAY",
         "REACHABLE",
         "TLS",
         "AUTH",
+        "PIPELINING",
+        "SIZE",
         "LATENCY"
     );
     let mut all_ok = !reports.is_empty();

@@ -371,6 +371,10 @@ async fn test_connection_probes_all_or_one() {
     let primary = relays.iter().find(|r| r["relay"] == "primary").unwrap();
     assert_eq!(primary["reachable"], true);
     assert!(primary.get("error_class").is_none());
+    // `python3 -m aiosmtpd` without `-s` announces neither SIZE nor
+    // PIPELINING.
+    assert!(primary.get("size_limit").is_none(), "{primary}");
+    assert_eq!(primary["pipelining"], false, "{primary}");
     let backup = relays.iter().find(|r| r["relay"] == "backup").unwrap();
     assert_eq!(backup["reachable"], false);
     assert_eq!(backup["error_class"], "relay_fault");

@@ -452,6 +452,8 @@ impl Dispatcher {
                 auth: None,
                 token: None,
                 latency: started.elapsed(),
+                pipelining: false,
+                size_limit: None,
                 error: Some((
                     crate::mail::FailureClass::RelayFault,
                     "the relay's actor is restarting or disabled".into(),

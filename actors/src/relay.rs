@@ -524,6 +524,8 @@ fn spawn_probe(
                 probe_dir(dir).await.map(|()| smtp::Probed {
                     tls: false,
                     latency: started.elapsed(),
+                    pipelining: false,
+                    size_limit: None,
                 })
             }
         };
@@ -539,6 +541,8 @@ fn spawn_probe(
                     auth: has_auth.then_some(true),
                     token: oauth.then_some(true),
                     latency: p.latency,
+                    pipelining: p.pipelining,
+                    size_limit: p.size_limit,
                     error: None,
                 },
                 Err(f) => ProbeReport {
@@ -553,6 +557,8 @@ fn spawn_probe(
                         (true, false) => f.detail.starts_with("AUTH").then_some(true),
                     },
                     latency: started.elapsed(),
+                    pipelining: false,
+                    size_limit: None,
                     error: Some((f.class, f.detail.clone())),
                 },
             };

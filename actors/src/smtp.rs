@@ -1125,6 +1125,10 @@ fn lost_after(refusal: Option<Failure>, lost: Failure) -> Failure {
 pub(crate) struct Probed {
     pub tls: bool,
     pub latency: Duration,
+    /// MAIL, RCPT and DATA go out in one write (offered and allowed).
+    pub pipelining: bool,
+    /// The SIZE the server announced, when it named a limit.
+    pub size_limit: Option<u64>,
 }
 
 /// Connect, TLS, EHLO, AUTH (if configured), NOOP, QUIT.
@@ -1133,10 +1137,14 @@ pub(crate) async fn probe(s: &SmtpSettings, t: &Timeouts) -> Result<Probed, Fail
     let deadline = started + t.connect + t.greeting + t.command * 3;
     let mut conn = dial(s, t, deadline).await?;
     bounded(Phase::Noop, t.command, deadline, conn.inner.command(Noop)).await?;
-    let tls = conn.is_encrypted();
-    let latency = started.elapsed();
+    let probed = Probed {
+        tls: conn.is_encrypted(),
+        latency: started.elapsed(),
+        pipelining: conn.pipelining,
+        size_limit: conn.size.filter(|&n| n > 0),
+    };
     conn.quit(t.command).await;
-    Ok(Probed { tls, latency })
+    Ok(probed)
 }
 
 /// The most an SMTP server may send between two writes of ours. A reply is

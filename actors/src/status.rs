@@ -138,6 +138,11 @@ pub struct ProbeReport {
     /// when the probe failed before it asked for one).
     pub token: Option<bool>,
     pub latency: Duration,
+    /// The server offers PIPELINING and the relay allows it.
+    pub pipelining: bool,
+    /// The largest message the server takes, when it announced one (SIZE,
+    /// RFC 1870); a larger one is never offered to it.
+    pub size_limit: Option<u64>,
     /// When the probe failed: its class and what went wrong.
     pub error: Option<(FailureClass, String)>,
 }

@@ -1064,6 +1064,8 @@ async fn aiosmtpd_with_a_size_limit_gets_the_messages_under_it_and_none_over_it(
     })
     .await;
     let d = by_priority(vec![relay("aiosmtpd", server.port(), 1)]).await;
+    let probed = d.test_connection(None).await.unwrap();
+    assert_eq!(probed[0].size_limit, Some(4_000), "{probed:?}");
     let under = sized(mail(), 3_000);
     let bytes = under.bytes.clone();
     let r = d.send(under).await;
@@ -1745,9 +1747,28 @@ async fn probes_report_reachability_and_auth() {
     assert!(!all[1].reachable);
     assert_eq!(all[1].error.as_ref().unwrap().0, FailureClass::RelayFault);
     assert!(ok.verb_count("NOOP") >= 1);
+    assert!(all[0].pipelining, "{all:?}");
+    assert_eq!(all[0].size_limit, None, "no SIZE announced");
     let one = d.test_connection(Some("ok")).await.unwrap();
     assert_eq!(one.len(), 1);
     assert!(d.test_connection(Some("nope")).await.is_err());
+
+    // What the server announces, as the deliveries will use it.
+    let (a, b, d) = sized_pair(35_882_577, 0).await;
+    let all = d.test_connection(None).await.unwrap();
+    assert_eq!(all[0].size_limit, Some(35_882_577), "{all:?}");
+    assert_eq!(all[1].size_limit, None, "SIZE 0 names no limit: {all:?}");
+    let unpipelined = FaultSmtp::start_with(
+        Script::ok(),
+        Options {
+            pipelining: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    let d2 = by_priority(vec![relay("plain", unpipelined.port(), 1)]).await;
+    assert!(!d2.test_connection(None).await.unwrap()[0].pipelining);
+    drop((a, b, d, d2));
 }
 
 #[tokio::test]

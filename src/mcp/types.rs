@@ -1382,6 +1382,13 @@ pub struct ProbeOut {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<bool>,
     pub latency_ms: u64,
+    /// MAIL, RCPT and DATA go in one write: the server offers PIPELINING and
+    /// the relay allows it.
+    pub pipelining: bool,
+    /// The largest message the server takes, in bytes, when it announced
+    /// one (SIZE): a larger message goes to another relay.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size_limit: Option<u64>,
     /// The failure class, when the probe failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error_class: Option<String>,
@@ -1398,6 +1405,8 @@ impl From<&ProbeReport> for ProbeOut {
             auth: p.auth,
             token: p.token,
             latency_ms: millis(p.latency),
+            pipelining: p.pipelining,
+            size_limit: p.size_limit,
             error_class: p.error.as_ref().map(|(c, _)| c.as_str().to_string()),
             error_text: p.error.as_ref().map(|(_, t)| t.clone()),
         }
