@@ -388,14 +388,17 @@ async fn daemons_killed_in_turn_under_a_flaky_relay_lose_nothing_and_double_noth
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let pg = Postgres::start();
     let url = pg.database();
-    let smtp = chaos::relay().await;
+    // A provider that refuses recipients over its cap for good: the
+    // relay's recipients_per_transaction splits messages to three.
+    let smtp = chaos::relay_refusing_over_cap().await;
     let cfg = |name: &str| {
-        chaos::with_max_age(config_toml(
+        chaos::with_max_age(config_with_relay(
             &url,
             name,
             smtp.port(),
             "1s",
             &chaos::approvals_toml(),
+            chaos::PER_TRANSACTION,
         ))
         .replace("send_deadline = \"10s\"", "send_deadline = \"2s\"")
     };
@@ -441,6 +444,12 @@ async fn daemons_killed_in_turn_under_a_flaky_relay_lose_nothing_and_double_noth
     eprintln!(
         "cluster kills: {KILLS} stops over 2 daemons ({} SIGKILL, {terms} SIGTERM), {tally}",
         KILLS - terms
+    );
+    assert!(tally.split > 0, "some messages went in two transactions");
+    assert_eq!(
+        smtp.over_cap_replies(),
+        0,
+        "no transaction named more recipients than the relay takes"
     );
 }
 

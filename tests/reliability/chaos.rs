@@ -4,7 +4,8 @@
 //! broken keyed call again on the next daemon as an agent would and cancel
 //! some of what they sent, and the reconciliation of every stored message
 //! against what the relay took. The relay takes at most two recipients a
-//! transaction, so a message to three goes in two.
+//! transaction, so a message to three goes in two: after a 452 to the
+//! third, or, with the relay's `recipients_per_transaction`, from the start.
 
 // Each test binary that includes this module uses a different subset of it.
 #![allow(dead_code)]
@@ -37,8 +38,24 @@ pub async fn relay() -> Arc<FaultSmtp> {
     Arc::new(FaultSmtp::start_with(Script::ok(), options).await)
 }
 
+/// A relay like [`relay`] that refuses the recipients over [`CAP`] for good
+/// (550), as some providers do: its daemons name at most `CAP` a
+/// transaction ([`PER_TRANSACTION`]), and a test checks that it never had
+/// to refuse one ([`FaultSmtp::over_cap_replies`]).
+pub async fn relay_refusing_over_cap() -> Arc<FaultSmtp> {
+    let options = Options {
+        max_recipients: Some(CAP),
+        over_cap_reply: Some("550 5.5.3 Too many recipients".into()),
+        ..Options::default()
+    };
+    Arc::new(FaultSmtp::start_with(Script::ok(), options).await)
+}
+
 /// The relay's cap on recipients a transaction.
 pub const CAP: usize = 2;
+
+/// The relay key that keeps each transaction within [`CAP`].
+pub const PER_TRANSACTION: &str = "recipients_per_transaction = 2";
 
 /// The end of the subject of a message to three recipients, which the
 /// relay takes in two transactions.

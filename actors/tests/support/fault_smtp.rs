@@ -269,6 +269,7 @@ impl FaultSmtp {
             received: Mutex::new(Vec::new()),
             verbs: Mutex::new(HashMap::new()),
             mail_args: Mutex::new(Vec::new()),
+            over_cap: AtomicU64::new(0),
             phases: Default::default(),
             connections: AtomicU64::new(0),
             open: AtomicUsize::new(0),
@@ -373,6 +374,11 @@ impl FaultSmtp {
         lock(&self.shared.mail_args).clone()
     }
 
+    /// How many RCPTs were answered as over `max_recipients` since the start.
+    pub fn over_cap_replies(&self) -> u64 {
+        self.shared.over_cap.load(Ordering::SeqCst)
+    }
+
     /// How many MAIL commands arrived with the next command already behind
     /// them in the same read: transactions the client pipelined.
     pub fn pipelined(&self) -> u64 {
@@ -425,6 +431,8 @@ struct Shared {
     verbs: Mutex<HashMap<String, u64>>,
     /// The argument of every MAIL command, in order.
     mail_args: Mutex<Vec<String>>,
+    /// RCPTs answered as over `max_recipients`.
+    over_cap: AtomicU64,
     phases: [AtomicU64; 7],
     connections: AtomicU64,
     open: AtomicUsize,

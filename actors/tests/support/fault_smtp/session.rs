@@ -429,6 +429,7 @@ impl Session {
             .max_recipients
             .is_some_and(|max| self.rcpt_to.len() >= max)
         {
+            self.shared.over_cap.fetch_add(1, Ordering::SeqCst);
             let reply = self.shared.options.over_cap_reply.as_deref();
             return send(
                 conn,
