@@ -454,32 +454,65 @@ async fn a_message_over_the_relays_announced_size_fails_too_large_without_a_tran
 
 /// The connection lost after the second transaction's "." of a message
 /// split over the cap: `unknown`, with the recipients of the first
-/// transaction listed as having it for certain, and nothing sent again.
+/// transaction listed as having it (or refused) for certain, and nothing
+/// sent again. An operator's `queue retry --force` then sends it only to
+/// the recipient it may not have reached, and the outcome is the
+/// message's over both rounds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_split_message_lists_the_recipients_that_had_it_for_certain() {
-    let (smtp, _dir, _cfg, d) = setup_capped(
+    let (smtp, dir, _cfg, d) = setup_capped(
         2,
-        Script::ok().on_share(Phase::AfterDot, Action::Close, Share::EveryNth(2)),
+        Script::ok()
+            .on_rcpt("x@example.org", Action::reply(550, "5.1.1 no such user"))
+            .on_share(Phase::AfterDot, Action::Close, Share::EveryNth(2)),
     )
     .await;
-    let to = ["a@example.org", "b@example.org", "c@example.org"];
+    let to = [
+        "a@example.org",
+        "x@example.org",
+        "b@example.org",
+        "c@example.org",
+    ];
     let c = send(d.peer(), msg("lost later", json!({ "to": to }))).await;
     assert_eq!(c.status(), Some("unknown"), "{c:?}");
     let id = c.message_id().unwrap().to_string();
-    assert_eq!(
-        c.value().unwrap()["accepted"],
-        json!(["a@example.org", "b@example.org"]),
-        "{c:?}"
-    );
+    let certain = json!(["a@example.org", "b@example.org"]);
+    assert_eq!(c.value().unwrap()["accepted"], certain, "{c:?}");
     let s = status_of(d.peer(), &id).await;
     assert_eq!(s["status"], "unknown", "{s}");
-    assert_eq!(
-        s["accepted"],
-        json!(["a@example.org", "b@example.org"]),
-        "{s}"
-    );
+    assert_eq!(s["accepted"], certain, "{s}");
+    assert_eq!(s["rejected"][0]["address"], "x@example.org", "{s}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(smtp.received().len(), 2, "never sent again");
+
+    let (code, out, err) = common::queue_cmd(dir.path(), &["retry", &id, "--force"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        support::wait_until(|| smtp.received().len() == 3, LIMIT).await,
+        "the retry never went"
+    );
+    let got = smtp.received();
+    assert_eq!(got[2].rcpt_to, ["c@example.org"], "only the uncertain one");
+    assert!(got[2].is_delivered());
+    let s = loop {
+        let s = status_of(d.peer(), &id).await;
+        if s["status"] != "queued" && s["status"] != "sending" {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(s["status"], "partial", "{s}");
+    assert_eq!(
+        s["accepted"],
+        json!(["a@example.org", "b@example.org", "c@example.org"]),
+        "{s}"
+    );
+    assert_eq!(s["rejected"].as_array().map(Vec::len), Some(1), "{s}");
+    assert_eq!(
+        s["envelope"]["recipients"].as_array().map(Vec::len),
+        Some(4),
+        "{s}"
+    );
     d.stop().await;
 }
 

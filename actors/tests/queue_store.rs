@@ -15,7 +15,7 @@ use mailmux_actors::queue::memory::MemoryStore;
 use mailmux_actors::queue::sqlite::SqliteStore;
 use mailmux_actors::queue::{
     self, Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Feed, Filter, Hold,
-    NewMessage, Purged, Retry, Settle, State, Store, StoreError, now_millis,
+    NewMessage, Purged, RejectedRecord, Retry, Settle, State, Store, StoreError, now_millis,
 };
 
 fn by_state(state: State) -> Filter {
@@ -462,6 +462,49 @@ async fn retries(store: &dyn Store) {
     let mut due = store.due(now_millis(), 10).await.unwrap();
     due.sort();
     assert_eq!(due, ["e", "f", "u"]);
+
+    // An unknown message sent in several transactions: the recipients of
+    // those before the lost one took it or were refused for certain, so a
+    // forced retry goes only to the others, and carries the earlier lists
+    // for the outcome to keep.
+    let split = NewMessage {
+        to: ["p@example.org", "q@example.org", "r@example.org"]
+            .map(String::from)
+            .to_vec(),
+        ..message("split", None)
+    };
+    store.accept(split).await.unwrap();
+    store.mark("split").await.unwrap();
+    let refused = RejectedRecord {
+        address: "q@example.org".into(),
+        code: 550,
+        text: "5.1.1 no such user".into(),
+    };
+    let lost = Settle {
+        accepted: vec!["p@example.org".into()],
+        rejected: vec![refused.clone()],
+        ..settle(State::Unknown, None)
+    };
+    store.settle("split", lost).await.unwrap();
+    assert_eq!(store.retry("split", true).await.unwrap(), Retry::Queued);
+    let loaded = [
+        store.load("split").await.unwrap().unwrap(),
+        store
+            .load_many(&["split".into()], u64::MAX)
+            .await
+            .unwrap()
+            .remove(0),
+    ];
+    for p in loaded {
+        assert_eq!(p.to, ["r@example.org"]);
+        assert_eq!(p.accepted, ["p@example.org"]);
+        assert_eq!(p.rejected, std::slice::from_ref(&refused));
+    }
+    // The envelope stays whole.
+    let r = store.get("split").await.unwrap().unwrap();
+    assert_eq!(r.to.len(), 3);
+    // Any other message goes to all of its recipients.
+    assert_eq!(store.load("f").await.unwrap().unwrap().to.len(), 2);
 }
 
 /// Held messages: never due, released only by an approval for the same

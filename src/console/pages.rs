@@ -860,6 +860,8 @@ mod tests {
             caller: Some("local".into()),
             meta: None,
             only: None,
+            accepted: vec![],
+            rejected: vec![],
         };
         let summary = Summary {
             message_id: "m1@example.org".into(),

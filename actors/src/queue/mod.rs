@@ -275,6 +275,8 @@ impl NewMessage {
             caller: self.caller.clone(),
             meta: self.meta.clone(),
             only: self.only.clone(),
+            accepted: Vec::new(),
+            rejected: Vec::new(),
         }
     }
 
@@ -452,6 +454,35 @@ pub struct Pending {
     pub caller: Option<String>,
     pub meta: Option<String>,
     pub only: Option<Arc<[String]>>,
+    /// The recipients an earlier round settled for certain: those that took
+    /// the message, and those refused for good. `to` leaves them out, and
+    /// this round's outcome keeps them. Empty but for an `unknown` message
+    /// sent in several transactions that an operator sent again (`queue
+    /// retry --force`): it goes only to the recipients it may not have
+    /// reached.
+    pub accepted: Vec<String>,
+    pub rejected: Vec<RejectedRecord>,
+}
+
+impl Pending {
+    /// The recipients of `rcpt` that neither took the message for certain
+    /// (`accepted`) nor were refused for good (`rejected`) in an earlier
+    /// round; all of them when that leaves none.
+    pub(crate) fn outstanding(
+        rcpt: Vec<String>,
+        accepted: &[String],
+        rejected: &[RejectedRecord],
+    ) -> Vec<String> {
+        if accepted.is_empty() && rejected.is_empty() {
+            return rcpt;
+        }
+        let settled = |a: &str| {
+            accepted.iter().any(|x| x.eq_ignore_ascii_case(a))
+                || rejected.iter().any(|x| x.address.eq_ignore_ascii_case(a))
+        };
+        let left: Vec<String> = rcpt.iter().filter(|a| !settled(a)).cloned().collect();
+        if left.is_empty() { rcpt } else { left }
+    }
 }
 
 /// Everything stored about one message, except its body.

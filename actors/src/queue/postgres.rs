@@ -1897,7 +1897,7 @@ impl Store for PgStore {
     async fn load(&self, message_id: &str) -> Result<Option<Pending>, StoreError> {
         let row = sqlx::query(
             "SELECT message_id, state, mail_from, rcpt, body, prefer, due_at, rounds, caller,
-                    meta, relays
+                    meta, relays, accepted, rejected
                FROM mailmux_messages WHERE message_id = $1 AND body IS NOT NULL",
         )
         .bind(message_id)
@@ -1912,7 +1912,7 @@ impl Store for PgStore {
         // body; only the rows within `max_bytes` are read whole.
         sqlx::query(
             "SELECT message_id, state, mail_from, rcpt, body, prefer, due_at, rounds, caller,
-                    meta, relays
+                    meta, relays, accepted, rejected
                FROM mailmux_messages
               WHERE seq IN (
                     SELECT seq FROM (
@@ -2168,11 +2168,15 @@ impl Store for PgStore {
 
 fn pending(r: &PgRow) -> Result<Pending, sqlx::Error> {
     let body: Vec<u8> = r.try_get("body")?;
+    let accepted = lines(r.try_get("accepted")?);
+    let rejected = rows::rejected(r.try_get("rejected")?);
     Ok(Pending {
         message_id: r.try_get("message_id")?,
         state: rows::state(r.try_get("state")?),
         from: r.try_get("mail_from")?,
-        to: lines(r.try_get("rcpt")?),
+        to: Pending::outstanding(lines(r.try_get("rcpt")?), &accepted, &rejected),
+        accepted,
+        rejected,
         bytes: Arc::from(body),
         prefer: r.try_get("prefer")?,
         due_at: r.try_get("due_at")?,

@@ -1761,6 +1761,9 @@ impl Inner {
                 }
             },
         };
+        if !p.accepted.is_empty() || !p.rejected.is_empty() {
+            with_earlier_rounds(&mut settle, p, report);
+        }
         settle.copy = matches!(settle.state, State::Sent | State::Partial)
             && match (&settle.relay, self.observer.get()) {
                 (Some(relay), Some(o)) => o.copies(relay),
@@ -1786,8 +1789,8 @@ impl Inner {
             state: State::Expired,
             relay: None,
             attempts: Vec::new(),
-            accepted: Vec::new(),
-            rejected: Vec::new(),
+            accepted: p.accepted.clone(),
+            rejected: p.rejected.clone(),
             reason: Some("expired".into()),
             note: Some(format!(
                 "not delivered within max_age ({})",
@@ -1882,6 +1885,53 @@ impl Record {
 const RELAY_PROBE_ALLOWANCE: Duration = Duration::from_secs(1);
 
 /// The monotonic instant of a wall-clock time, for deadlines.
+/// The outcome of a round of a message that an earlier round settled some
+/// recipients of for certain (`p.accepted`, `p.rejected`): the message's,
+/// over all its rounds. This round's recipients refused as a whole (a 5xx
+/// to MAIL, to each RCPT or after the ".") are listed with that reply; the
+/// message is `sent` when every recipient took it, `partial` when some did,
+/// and `failed` when none did.
+fn with_earlier_rounds(settle: &mut Settle, p: &Pending, report: &Report) {
+    let refused_whole =
+        settle.state == State::Failed && settle.reason.as_deref() == Some("rejected");
+    if refused_whole && settle.rejected.is_empty() {
+        let reply = report.attempts.last().and_then(|a| a.reply.as_ref());
+        settle.rejected =
+            p.to.iter()
+                .map(|address| RejectedRecord {
+                    address: address.clone(),
+                    code: reply.map_or(550, |r| r.code),
+                    text: reply.map_or_else(
+                        || settle.note.clone().unwrap_or_default(),
+                        |r| r.text.clone(),
+                    ),
+                })
+                .collect();
+    }
+    let accepted = std::mem::take(&mut settle.accepted);
+    let rejected = std::mem::take(&mut settle.rejected);
+    settle.accepted = p.accepted.iter().cloned().chain(accepted).collect();
+    settle.rejected = p.rejected.iter().cloned().chain(rejected).collect();
+    if !(refused_whole || matches!(settle.state, State::Sent | State::Partial)) {
+        return;
+    }
+    let (took, refused) = (settle.accepted.len(), settle.rejected.len());
+    let was = settle.note.take();
+    (settle.state, settle.reason, settle.note) = match (took, refused) {
+        (_, 0) => (State::Sent, None, None),
+        (0, _) => (State::Failed, Some("rejected".into()), was),
+        _ => (
+            State::Partial,
+            None,
+            Some(format!(
+                "{refused} of {} recipients were refused; the others got the message{}",
+                took + refused,
+                was.map(|n| format!(" ({n})")).unwrap_or_default()
+            )),
+        ),
+    };
+}
+
 fn instant_of(t: Millis) -> Instant {
     let now = now_millis();
     let ahead = Duration::from_millis(u64::try_from(t - now).unwrap_or(0));
@@ -2328,5 +2378,147 @@ async fn purge_loop(inner: Arc<Inner>) {
             () = inner.stop.cancelled() => return,
             () = tokio::time::sleep(purge_every(inner.settings.retain)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mail::{Attempt, Reply};
+
+    /// An `unknown` message that took `p@` and refused `q@` for certain,
+    /// retried for `r@` alone.
+    fn retried(earlier_accepted: &[&str]) -> Pending {
+        Pending {
+            message_id: "m".into(),
+            state: State::Queued,
+            from: None,
+            to: vec!["r@example.org".into()],
+            bytes: Arc::from(&b"x"[..]),
+            prefer: None,
+            due_at: 0,
+            rounds: 0,
+            caller: None,
+            meta: None,
+            only: None,
+            accepted: earlier_accepted.iter().map(|a| a.to_string()).collect(),
+            rejected: vec![RejectedRecord {
+                address: "q@example.org".into(),
+                code: 550,
+                text: "no such user".into(),
+            }],
+        }
+    }
+
+    fn outcome(state: State, reason: Option<&str>, accepted: &[&str]) -> Settle {
+        Settle {
+            state,
+            relay: Some("r".into()),
+            attempts: vec![],
+            accepted: accepted.iter().map(|a| a.to_string()).collect(),
+            rejected: vec![],
+            reason: reason.map(Into::into),
+            note: Some("this round".into()),
+            next_attempt_at: None,
+            copy: false,
+            body: None,
+        }
+    }
+
+    fn report(reply: Option<(u16, &str)>) -> Report {
+        Report {
+            message_id: "m".into(),
+            status: Status::Failed,
+            relay: Some("r".into()),
+            accepted: vec![],
+            rejected: vec![],
+            attempts: vec![Attempt {
+                relay: "r".into(),
+                class: None,
+                reply: reply.map(|(code, text)| Reply {
+                    code,
+                    text: text.into(),
+                }),
+                detail: String::new(),
+                duration: Duration::ZERO,
+            }],
+            failure: None,
+            message: None,
+        }
+    }
+
+    fn addresses(s: &Settle) -> (Vec<&str>, Vec<(&str, u16)>) {
+        (
+            s.accepted.iter().map(String::as_str).collect(),
+            s.rejected
+                .iter()
+                .map(|r| (r.address.as_str(), r.code))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_retried_round_settles_the_message_over_all_its_rounds() {
+        // Taken by the retry: partial, as q@ was refused before.
+        let mut s = outcome(State::Sent, None, &["r@example.org"]);
+        with_earlier_rounds(&mut s, &retried(&["p@example.org"]), &report(None));
+        assert_eq!(s.state, State::Partial);
+        assert_eq!(
+            addresses(&s),
+            (
+                vec!["p@example.org", "r@example.org"],
+                vec![("q@example.org", 550)]
+            )
+        );
+        assert!(
+            s.note
+                .unwrap()
+                .starts_with("1 of 3 recipients were refused")
+        );
+
+        // Refused as a whole by the retry: partial still, p@ had it.
+        let mut s = outcome(State::Failed, Some("rejected"), &[]);
+        let refusal = report(Some((554, "5.7.1 rejected")));
+        with_earlier_rounds(&mut s, &retried(&["p@example.org"]), &refusal);
+        assert_eq!(s.state, State::Partial);
+        assert_eq!(s.reason, None);
+        assert_eq!(
+            addresses(&s).1,
+            vec![("q@example.org", 550), ("r@example.org", 554)]
+        );
+
+        // Nobody took it in any round: failed, every refusal listed.
+        let mut s = outcome(State::Failed, Some("rejected"), &[]);
+        with_earlier_rounds(&mut s, &retried(&[]), &refusal);
+        assert_eq!(s.state, State::Failed);
+        assert_eq!(s.reason.as_deref(), Some("rejected"));
+        assert_eq!(addresses(&s).1.len(), 2);
+
+        // Deferred: still queued, and the earlier lists kept for later.
+        let mut s = outcome(State::Queued, Some("all_relays_failed"), &[]);
+        with_earlier_rounds(&mut s, &retried(&["p@example.org"]), &report(None));
+        assert_eq!(s.state, State::Queued);
+        assert_eq!(
+            addresses(&s),
+            (vec!["p@example.org"], vec![("q@example.org", 550)])
+        );
+    }
+
+    #[test]
+    fn only_the_recipients_not_settled_for_certain_are_outstanding() {
+        let rcpt = || {
+            ["P@example.org", "q@example.org", "r@example.org"]
+                .map(String::from)
+                .to_vec()
+        };
+        let p = retried(&["p@example.org"]);
+        assert_eq!(
+            Pending::outstanding(rcpt(), &p.accepted, &p.rejected),
+            ["r@example.org"]
+        );
+        assert_eq!(Pending::outstanding(rcpt(), &[], &[]), rcpt());
+        // Every one settled: all of them, rather than a round with none.
+        let all: Vec<String> = vec!["p@example.org".into(), "r@example.org".into()];
+        assert_eq!(Pending::outstanding(rcpt(), &all, &p.rejected), rcpt());
     }
 }

@@ -1204,17 +1204,21 @@ const NEXT_RETRY_SQL: &str = "SELECT MIN(next_attempt_at) FROM messages INDEXED 
 
 /// A waiting message with its body ([`pending_row`]).
 const LOAD_SQL: &str = "SELECT message_id, state, mail_from, rcpt, body, prefer, due_at, rounds,
-                               caller, meta, relays
+                               caller, meta, relays, accepted, rejected
                           FROM messages WHERE message_id = ?1 AND body IS NOT NULL";
 
 /// A row of [`LOAD_SQL`].
 fn pending_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Pending> {
     let body: Vec<u8> = r.get(4)?;
+    let accepted = lines(r.get(11)?);
+    let rejected = rows::rejected(r.get(12)?);
     Ok(Pending {
         message_id: r.get(0)?,
         state: rows::state(&r.get::<_, String>(1)?),
         from: r.get(2)?,
-        to: lines(r.get(3)?),
+        to: Pending::outstanding(lines(r.get(3)?), &accepted, &rejected),
+        accepted,
+        rejected,
         bytes: Arc::from(body),
         prefer: r.get(5)?,
         due_at: r.get(6)?,
