@@ -21,21 +21,17 @@ pub(crate) async fn deliver(
     mail: &Mail,
     progress: &Progress,
 ) -> Result<Delivered, Failure> {
-    let fail = |what: &str, e: std::io::Error| Failure {
-        certain: None,
-        lost: false,
-        class: FailureClass::RelayFault,
-        reply: None,
-        detail: format!("{what} {}: {e}", dir.display()),
+    let fail = |what: &str, e: std::io::Error| {
+        Failure::new(
+            FailureClass::RelayFault,
+            format!("{what} {}: {e}", dir.display()),
+        )
     };
     if Instant::now() >= mail.deadline {
-        return Err(Failure {
-            certain: None,
-            lost: false,
-            class: FailureClass::Busy,
-            reply: None,
-            detail: "the caller's deadline passed".into(),
-        });
+        return Err(Failure::new(
+            FailureClass::Busy,
+            "the caller's deadline passed",
+        ));
     }
     tokio::fs::create_dir_all(dir)
         .await
@@ -48,13 +44,7 @@ pub(crate) async fn deliver(
         return Err(fail("cannot write durably to", e));
     }
     // The rename is the delivery: record it first, as before a final ".".
-    let busy = |detail: String| Failure {
-        certain: None,
-        lost: false,
-        class: FailureClass::Busy,
-        reply: None,
-        detail,
-    };
+    let busy = |detail: String| Failure::new(FailureClass::Busy, detail);
     match progress.commit_marked().await {
         Ok(true) => {}
         Ok(false) => {
@@ -75,11 +65,7 @@ pub(crate) async fn deliver(
     // A folder that cannot be synced leaves the message `unknown`, never
     // sent again.
     if let Err(e) = sync_dir(dir).await {
-        return Err(Failure {
-            certain: None,
-            lost: true,
-            ..fail("cannot make the new file durable in", e)
-        });
+        return Err(fail("cannot make the new file durable in", e).lost());
     }
     Ok(Delivered {
         accepted: mail.to.iter().map(|a| a.to_string()).collect(),

@@ -226,6 +226,16 @@ impl Report {
     }
 }
 
+/// The `message` of a `partial` outcome: how many of `total` recipients
+/// were refused, and `why` in brackets when there is more to say.
+pub(crate) fn partly_refused(refused: usize, total: usize, why: Option<&str>) -> String {
+    let said = format!("{refused} of {total} recipients were refused; the others got the message");
+    match why {
+        Some(why) => format!("{said} ({why})"),
+        None => said,
+    }
+}
+
 /// Records, durably, that a message is committing to a relay: the queue's
 /// crash marker. Called just before the final "." is written; when it fails,
 /// the message is not sent.

@@ -507,16 +507,13 @@ fn spawn_probe(
         )
         .await;
         let result = match (&shared.settings.kind, permit) {
-            (_, Err(_) | Ok(Err(_))) => Err(Failure {
-                certain: None,
-                lost: false,
-                class: FailureClass::Busy,
-                reply: None,
-                detail: format!(
+            (_, Err(_) | Ok(Err(_))) => Err(Failure::new(
+                FailureClass::Busy,
+                format!(
                     "all {} connections are busy delivering",
                     shared.settings.pool.max_connections
                 ),
-            }),
+            )),
             (RelayKind::Smtp(s), Ok(Ok(_permit))) => {
                 smtp::probe(s, &shared.settings.timeouts).await
             }
@@ -569,12 +566,11 @@ fn spawn_probe(
 }
 
 async fn probe_dir(dir: &std::path::Path) -> Result<(), Failure> {
-    let fail = |e: std::io::Error| Failure {
-        certain: None,
-        lost: false,
-        class: FailureClass::RelayFault,
-        reply: None,
-        detail: format!("folder {}: {e}", dir.display()),
+    let fail = |e: std::io::Error| {
+        Failure::new(
+            FailureClass::RelayFault,
+            format!("folder {}: {e}", dir.display()),
+        )
     };
     tokio::fs::create_dir_all(dir).await.map_err(fail)?;
     let probe = dir.join(".mailmux-probe");
@@ -648,15 +644,11 @@ fn success(flight: &mut Flight, relay: &str, d: Delivered) -> Report {
         },
         relay: Some(relay.to_owned()),
         message: partial.then(|| {
-            let refused = format!(
-                "{} of {} recipients were refused; the others got the message",
+            crate::mail::partly_refused(
                 d.rejected.len(),
-                d.rejected.len() + d.accepted.len()
-            );
-            match &d.note {
-                Some(note) => format!("{refused} ({note})"),
-                None => refused,
-            }
+                d.rejected.len() + d.accepted.len(),
+                d.note.as_deref(),
+            )
         }),
         accepted: d.accepted,
         rejected: d.rejected,
@@ -711,13 +703,7 @@ async fn deliver_smtp(shared: &Arc<RelayShared>, flight: &Flight) -> Result<Deli
         unreachable!("deliver_smtp is only called for smtp relays");
     };
     let mail = &flight.mail;
-    let busy = |detail: String| Failure {
-        certain: None,
-        lost: false,
-        class: FailureClass::Busy,
-        reply: None,
-        detail,
-    };
+    let busy = |detail: String| Failure::new(FailureClass::Busy, detail);
 
     if shared.queued.fetch_add(1, Ordering::AcqRel) >= shared.settings.pool.max_queued {
         shared.queued.fetch_sub(1, Ordering::AcqRel);

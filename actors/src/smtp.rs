@@ -57,7 +57,8 @@ impl Failure {
         }
     }
 
-    fn lost(mut self) -> Self {
+    /// The same failure, with the session in an unknown state.
+    pub(crate) fn lost(mut self) -> Self {
         self.lost = true;
         self
     }

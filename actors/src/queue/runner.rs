@@ -1923,10 +1923,10 @@ fn with_earlier_rounds(settle: &mut Settle, p: &Pending, report: &Report) {
         _ => (
             State::Partial,
             None,
-            Some(format!(
-                "{refused} of {} recipients were refused; the others got the message{}",
+            Some(crate::mail::partly_refused(
+                refused,
                 took + refused,
-                was.map(|n| format!(" ({n})")).unwrap_or_default()
+                was.as_deref(),
             )),
         ),
     };
