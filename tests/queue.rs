@@ -330,9 +330,19 @@ async fn setup_capped(
         max_recipients: Some(cap),
         ..Options::default()
     };
+    setup_server(script, options, "").await
+}
+
+/// A daemon whose one relay is a fault server started with `options`,
+/// with `relay` added to the relay's table of the configuration.
+async fn setup_server(
+    script: Script,
+    options: Options,
+    relay: &str,
+) -> (FaultSmtp, tempfile::TempDir, String, Daemon) {
     let smtp = FaultSmtp::start_with(script, options).await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config_toml(dir.path(), smtp.port(), "");
+    let cfg = config_toml(dir.path(), smtp.port(), "") + relay;
     let d = Daemon::start(dir.path(), &cfg).await;
     (smtp, dir, cfg, d)
 }
@@ -390,10 +400,8 @@ async fn a_relays_recipients_per_transaction_keeps_a_message_under_a_providers_c
         over_cap_reply: Some("550 5.5.3 Too many recipients".into()),
         ..Options::default()
     };
-    let smtp = FaultSmtp::start_with(Script::ok(), options).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config_toml(dir.path(), smtp.port(), "") + "recipients_per_transaction = 2\n";
-    let d = Daemon::start(dir.path(), &cfg).await;
+    let (smtp, _dir, _cfg, d) =
+        setup_server(Script::ok(), options, "recipients_per_transaction = 2\n").await;
     let to = [
         "a@example.org",
         "b@example.org",
@@ -428,9 +436,7 @@ async fn a_message_over_the_relays_announced_size_fails_too_large_without_a_tran
         size: Some(3_000),
         ..Options::default()
     };
-    let smtp = FaultSmtp::start_with(Script::ok(), options).await;
-    let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(dir.path(), &config_toml(dir.path(), smtp.port(), "")).await;
+    let (smtp, _dir, _cfg, d) = setup_server(Script::ok(), options, "").await;
     let big = "x".repeat(70).repeat(60);
     let c = send(d.peer(), msg("too big", json!({ "body": big }))).await;
     assert_eq!(c.status(), Some("failed"), "{c:?}");

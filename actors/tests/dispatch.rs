@@ -520,6 +520,13 @@ fn mail_to_all(to: &[String]) -> Mail {
     mail_to(&to.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
+/// Sends one message to each of `to`; its report and Message-ID.
+async fn send_to_all(d: &Dispatcher, to: &[String]) -> (mailmux_actors::Report, String) {
+    let m = mail_to_all(to);
+    let id = m.message_id.clone();
+    (d.send(m).await, id)
+}
+
 /// The refused recipients of a report, with their reply codes.
 fn refused(r: &mailmux_actors::Report) -> Vec<(&str, u16)> {
     r.rejected
@@ -668,9 +675,7 @@ async fn a_later_transaction_refused_after_its_dot_reports_its_recipients_and_ne
     )
     .await;
     let to = people(5);
-    let m = mail_to_all(&to);
-    let id = m.message_id.clone();
-    let r = d.send(m).await;
+    let (r, id) = send_to_all(&d, &to).await;
     assert_eq!(r.status, Status::Partial, "{r:?}");
     assert_eq!(r.accepted, to[0..2].to_vec());
     let refused = refused(&r);
@@ -696,9 +701,7 @@ async fn a_later_transaction_refused_after_its_dot_reports_its_recipients_and_ne
 async fn a_later_transaction_lost_after_its_dot_makes_the_message_unknown() {
     let (a, b, d) = capped(2, true, second_transaction(Phase::AfterDot, Action::Close)).await;
     let to = people(4);
-    let m = mail_to_all(&to);
-    let id = m.message_id.clone();
-    let r = d.send(m).await;
+    let (r, id) = send_to_all(&d, &to).await;
     assert_eq!(r.status, Status::Unknown, "{r:?}");
     assert_eq!(r.attempts.len(), 1);
     assert_eq!(r.attempts[0].class, Some(FailureClass::Unknown));
@@ -725,9 +728,7 @@ async fn a_later_transaction_refused_at_mail_reports_the_rest_with_that_reply() 
     )
     .await;
     let to = people(5);
-    let m = mail_to_all(&to);
-    let id = m.message_id.clone();
-    let r = d.send(m).await;
+    let (r, id) = send_to_all(&d, &to).await;
     assert_eq!(r.status, Status::Partial, "{r:?}");
     assert_eq!(r.accepted, to[0..3].to_vec());
     let refused = refused(&r);
@@ -780,9 +781,7 @@ async fn a_later_transaction_whose_every_recipient_is_refused_sends_no_data() {
             Script::ok().on_rcpt(&to[2], Action::reply(450, "4.2.1 greylisted")),
         )
         .await;
-        let m = mail_to_all(&to);
-        let id = m.message_id.clone();
-        let r = d.send(m).await;
+        let (r, id) = send_to_all(&d, &to).await;
         assert_eq!(r.status, Status::Partial, "pipelined {pipelining}: {r:?}");
         assert_eq!(r.accepted, to[0..2].to_vec());
         let refused = refused(&r);
@@ -949,9 +948,7 @@ async fn a_transaction_after_the_first_lost_at_mail_refuses_every_recipient_left
     )
     .await;
     let to = people(5);
-    let m = mail_to_all(&to);
-    let id = m.message_id.clone();
-    let r = d.send(m).await;
+    let (r, id) = send_to_all(&d, &to).await;
     assert_eq!(r.status, Status::Partial, "{r:?}");
     assert_eq!(r.accepted, to[0..2].to_vec());
     assert_eq!(
