@@ -107,7 +107,7 @@ impl Share {
 #[derive(Debug, Clone, Default)]
 pub struct Script {
     phases: HashMap<Phase, (Action, Share)>,
-    rcpts: HashMap<String, Action>,
+    rcpts: HashMap<String, (Action, Share)>,
 }
 
 impl Script {
@@ -129,8 +129,15 @@ impl Script {
 
     /// `action` for RCPT TO this address (case-insensitive); it takes precedence over
     /// the `Rcpt` phase rule.
-    pub fn on_rcpt(mut self, address: &str, action: Action) -> Self {
-        self.rcpts.insert(address.to_ascii_lowercase(), action);
+    pub fn on_rcpt(self, address: &str, action: Action) -> Self {
+        self.on_rcpt_share(address, action, Share::All)
+    }
+
+    /// `action` at the occurrences of RCPT TO this address that `share`
+    /// selects (a mailbox full for a while, say); `Ok` at the others.
+    pub fn on_rcpt_share(mut self, address: &str, action: Action, share: Share) -> Self {
+        self.rcpts
+            .insert(address.to_ascii_lowercase(), (action, share));
         self
     }
 }
@@ -412,13 +419,21 @@ impl Drop for FaultSmtp {
 struct Installed {
     script: Script,
     seen: [AtomicU64; 7],
+    /// Occurrences of RCPT TO each address the script names.
+    rcpt_seen: HashMap<String, AtomicU64>,
 }
 
 impl Installed {
     fn new(script: Script) -> Self {
+        let rcpt_seen = script
+            .rcpts
+            .keys()
+            .map(|a| (a.clone(), AtomicU64::new(0)))
+            .collect();
         Installed {
             script,
             seen: Default::default(),
+            rcpt_seen,
         }
     }
 }
@@ -458,9 +473,15 @@ impl Shared {
         self.phases[phase.index()].fetch_add(1, Ordering::SeqCst);
         let installed = lock(&self.script).clone();
         let occurrence = installed.seen[phase.index()].fetch_add(1, Ordering::SeqCst) + 1;
-        if let Some(action) = rcpt.and_then(|r| installed.script.rcpts.get(&r.to_ascii_lowercase()))
+        if let Some(rcpt) = rcpt.map(str::to_ascii_lowercase)
+            && let Some((action, share)) = installed.script.rcpts.get(&rcpt)
         {
-            return action.clone();
+            let nth = installed.rcpt_seen[&rcpt].fetch_add(1, Ordering::SeqCst) + 1;
+            return if share.applies(nth) {
+                action.clone()
+            } else {
+                Action::Ok
+            };
         }
         match installed.script.phases.get(&phase) {
             Some((action, share)) if share.applies(occurrence) => action.clone(),
