@@ -522,6 +522,258 @@ async fn an_unknown_split_message_lists_the_recipients_that_had_it_for_certain()
     d.stop().await;
 }
 
+/// Three recipients, one answered `452 4.2.2 Mailbox full` at its first
+/// `deferrals` RCPTs.
+fn one_mailbox_full(deferrals: u64) -> Script {
+    Script::ok().on_rcpt_share(
+        "full@example.org",
+        Action::reply(452, "4.2.2 Mailbox full"),
+        Share::FirstN(deferrals),
+    )
+}
+
+const THREE: [&str; 3] = ["a@example.org", "full@example.org", "b@example.org"];
+
+/// Each of `to` at the sink exactly once, in transactions that all carry
+/// message `id`.
+fn each_delivered_once(smtp: &FaultSmtp, id: &str, to: &[&str]) {
+    let got = smtp.delivered();
+    let mut everyone: Vec<String> = got.iter().flat_map(|t| t.rcpt_to.clone()).collect();
+    everyone.sort();
+    let mut want: Vec<String> = to.iter().map(|a| a.to_string()).collect();
+    want.sort();
+    assert_eq!(everyone, want, "each recipient once");
+    for t in &got {
+        let text = String::from_utf8_lossy(&t.data);
+        assert!(text.contains(&format!("Message-ID: <{id}>")), "{text}");
+    }
+}
+
+/// A 4xx to one RCPT defers that recipient alone: the others get the
+/// message at once, and the deferred one at a retry, in a transaction of
+/// its own with the same Message-ID. A call that waits sees the whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_a_server_defers_gets_the_message_at_a_retry_and_the_others_at_once() {
+    let (smtp, _dir, _cfg, d) = setup(one_mailbox_full(2), "").await;
+    let c = send(d.peer(), msg("deferred once", json!({ "to": THREE }))).await;
+    assert_eq!(c.status(), Some("sent"), "{c:?}");
+    let id = c.message_id().unwrap().to_string();
+    let v = c.value().unwrap();
+    assert_eq!(
+        v["accepted"],
+        json!(["a@example.org", "b@example.org", "full@example.org"]),
+        "{v}"
+    );
+    assert!(v.get("deferred").is_none(), "{v}");
+    let groups: Vec<Vec<String>> = smtp.delivered().into_iter().map(|t| t.rcpt_to).collect();
+    assert_eq!(
+        groups,
+        [
+            vec!["a@example.org".to_string(), "b@example.org".into()],
+            vec!["full@example.org".to_string()]
+        ]
+    );
+    each_delivered_once(&smtp, &id, &THREE);
+    let s = status_of(d.peer(), &id).await;
+    assert_eq!(s["status"], "sent", "{s}");
+    assert_eq!(
+        s["attempts"].as_array().map(Vec::len),
+        Some(3),
+        "the first round, a second deferred again, and the one that took it: {s}"
+    );
+    assert_eq!(
+        history_of(&s).iter().filter(|h| **h == "queued").count(),
+        3,
+        "accepted, then deferred twice: {s}"
+    );
+    d.stop().await;
+}
+
+/// A message whose deferred recipient waits for its retry: the call is
+/// answered `queued` with who has it and who waits. After a SIGKILL and a
+/// restart, the retry goes to the deferred recipient alone, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_recipient_survives_a_sigkill_and_gets_the_message_once_after_it() {
+    let (smtp, dir, cfg, d) = setup(one_mailbox_full(1), "").await;
+    d.stop().await;
+    let audit = dir.path().join("audit.jsonl");
+    let cfg = format!(
+        "{}\n[audit]\npath = \"{}\"\n",
+        hourly_retries(cfg),
+        audit.display()
+    );
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let c = send(d.peer(), msg("deferred", json!({ "to": THREE }))).await;
+    assert_eq!(c.status(), Some("queued"), "{c:?}");
+    let id = c.message_id().unwrap().to_string();
+    let v = c.value().unwrap();
+    assert_eq!(
+        v["accepted"],
+        json!(["a@example.org", "b@example.org"]),
+        "{v}"
+    );
+    assert_eq!(v["deferred"], json!(["full@example.org"]), "{v}");
+    assert!(v["next_attempt_at"].is_string(), "{v}");
+    let message = v["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("1 of 3 recipients were deferred") && message.contains("452"),
+        "{message}"
+    );
+    d.kill9().await;
+
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let s = status_of(d.peer(), &id).await;
+    assert_eq!(s["status"], "queued", "{s}");
+    assert_eq!(s["deferred"], json!(["full@example.org"]), "{s}");
+    assert_eq!(
+        smtp.delivered().len(),
+        1,
+        "nothing sent again at the restart"
+    );
+    let (code, out, err) = common::queue_cmd(dir.path(), &["retry", &id]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let s = settled(d.peer(), &id, LIMIT).await;
+    assert_eq!(s["status"], "sent", "{s}");
+    assert_eq!(
+        s["accepted"],
+        json!(["a@example.org", "b@example.org", "full@example.org"]),
+        "{s}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = smtp.delivered();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(
+        got[1].rcpt_to,
+        ["full@example.org"],
+        "the deferred one alone"
+    );
+    each_delivered_once(&smtp, &id, &THREE);
+    d.stop().await;
+    // The audit log has the round that deferred, then the outcome.
+    let lines: Vec<Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|l: &Value| l["email"]["message_id"] == id.as_str())
+        .collect();
+    let actions: Vec<&str> = lines
+        .iter()
+        .map(|l| l["event"]["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["accepted", "deferred", "sent"], "{lines:?}");
+    assert_eq!(lines[1]["mailmux"]["relay"], "sink", "{lines:?}");
+}
+
+/// Cancelling a message whose deferred recipient waits for its retry stops
+/// that retry; the answer and the status say who had it already.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_message_whose_recipient_waits_for_a_retry_stops_the_retry() {
+    let (smtp, dir, cfg, d) = setup(one_mailbox_full(1), "").await;
+    d.stop().await;
+    let d = Daemon::start(dir.path(), &hourly_retries(cfg)).await;
+    let c = send(d.peer(), msg("deferred, cancelled", json!({ "to": THREE }))).await;
+    assert_eq!(c.status(), Some("queued"), "{c:?}");
+    let id = c.message_id().unwrap().to_string();
+    let cancel = call(
+        d.peer(),
+        "cancel",
+        "cancel_message",
+        json!({ "message_id": id }),
+        LIMIT,
+    )
+    .await;
+    let v = cancel.value().unwrap();
+    assert_eq!(v["cancelled"], true, "{v}");
+    assert_eq!(
+        v["accepted"],
+        json!(["a@example.org", "b@example.org"]),
+        "{v}"
+    );
+    let s = status_of(d.peer(), &id).await;
+    assert_eq!(s["status"], "cancelled", "{s}");
+    assert_eq!(
+        s["accepted"],
+        json!(["a@example.org", "b@example.org"]),
+        "{s}"
+    );
+    assert!(s.get("deferred").is_none(), "{s}");
+    let (code, out, err) = common::queue_cmd(dir.path(), &["retry", &id]);
+    assert_ne!(
+        code,
+        Some(0),
+        "a cancelled message is not retried: {out}{err}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(smtp.delivered().len(), 1, "the deferred one never got it");
+    each_delivered_once(&smtp, &id, &["a@example.org", "b@example.org"]);
+    d.stop().await;
+}
+
+/// A recipient still deferred when `max_age` ends is refused with its 4xx,
+/// and the message, which the others have, is `partial`: whether the last
+/// round finds it so, or the first poll after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_deferred_until_max_age_ends_is_refused_and_the_message_is_partial() {
+    let (smtp, dir, cfg, d) = setup(one_mailbox_full(u64::MAX), "max_age = \"3s\"").await;
+    d.stop().await;
+    let cfg = hourly_retries(cfg);
+    let d = Daemon::start(dir.path(), &cfg).await;
+    // Retried once, when max_age is about to end, and deferred again.
+    let c = send(d.peer(), msg("always full", json!({ "to": THREE }))).await;
+    assert_eq!(c.status(), Some("partial"), "{c:?}");
+    let v = c.value().unwrap();
+    assert_eq!(
+        v["accepted"],
+        json!(["a@example.org", "b@example.org"]),
+        "{v}"
+    );
+    assert_eq!(v["rejected"][0]["address"], "full@example.org", "{v}");
+    assert_eq!(v["rejected"][0]["code"], 452, "{v}");
+    let text = v["rejected"][0]["text"].as_str().unwrap_or_default();
+    assert!(text.contains("max_age"), "{v}");
+    assert_eq!(v["attempts"].as_array().map(Vec::len), Some(2), "{v}");
+    let first = c.message_id().unwrap().to_string();
+    each_delivered_once(&smtp, &first, &["a@example.org", "b@example.org"]);
+
+    // The daemon is down when max_age ends.
+    let c = send(
+        d.peer(),
+        msg("full, daemon down", json!({ "to": THREE, "wait": false })),
+    )
+    .await;
+    assert_eq!(c.status(), Some("queued"), "{c:?}");
+    let id = c.message_id().unwrap().to_string();
+    let start = std::time::Instant::now();
+    while status_of(d.peer(), &id).await["deferred"] != json!(["full@example.org"]) {
+        assert!(start.elapsed() < LIMIT, "never deferred");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    d.kill9().await;
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let s = settled(d.peer(), &id, LIMIT).await;
+    assert_eq!(s["status"], "partial", "{s}");
+    assert_eq!(
+        s["accepted"],
+        json!(["a@example.org", "b@example.org"]),
+        "{s}"
+    );
+    assert_eq!(s["rejected"][0]["address"], "full@example.org", "{s}");
+    assert!(
+        s["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("max_age"),
+        "{s}"
+    );
+    assert_eq!(
+        smtp.delivered().len(),
+        2,
+        "one transaction for each message"
+    );
+    d.stop().await;
+}
+
 /// Killed between two transactions of one message (the server took the
 /// first two recipients, then never answers the second MAIL): the message
 /// may have reached everyone it was committed to, so after the restart it

@@ -70,6 +70,7 @@ pub(crate) async fn deliver(
     Ok(Delivered {
         accepted: mail.to.iter().map(|a| a.to_string()).collect(),
         rejected: Vec::new(),
+        deferred: Vec::new(),
         reply: Reply {
             code: 250,
             text: format!("written to {}", path.display()),

@@ -112,7 +112,9 @@ pub struct Attempt {
     pub duration: Duration,
 }
 
-/// A recipient the server refused while others were accepted.
+/// A recipient the server refused while others were accepted, or (in a
+/// report's `deferred`) answered with a 4xx: then it may take the message
+/// later.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejected {
     pub address: String,
@@ -124,7 +126,8 @@ pub struct Rejected {
 pub enum Status {
     /// Every recipient accepted.
     Sent,
-    /// Some recipients accepted, others refused with 5xx.
+    /// Some recipients accepted; others refused with 5xx, or deferred
+    /// (see [`Report::deferred`]).
     Partial,
     /// The connection was lost after the final "."; the message may have been
     /// delivered and was not sent again.
@@ -204,6 +207,10 @@ pub struct Report {
     pub relay: Option<String>,
     pub accepted: Vec<String>,
     pub rejected: Vec<Rejected>,
+    /// Recipients that did not get the message while others did, and may
+    /// later: a 4xx to their RCPT or to their transaction, or a session
+    /// lost before their transaction's final ".". A queue tries them again.
+    pub deferred: Vec<Rejected>,
     pub attempts: Vec<Attempt>,
     /// Set when `status` is `Failed`.
     pub failure: Option<FailureReason>,
@@ -219,6 +226,7 @@ impl Report {
             relay: None,
             accepted: vec![],
             rejected: vec![],
+            deferred: vec![],
             attempts: vec![],
             failure: Some(reason),
             message: Some(message),
@@ -234,6 +242,36 @@ pub(crate) fn partly_refused(refused: usize, total: usize, why: Option<&str>) ->
         Some(why) => format!("{said} ({why})"),
         None => said,
     }
+}
+
+/// The `message` of an outcome with `deferred` recipients among `total`,
+/// of which `took` have the message and `refused` were refused for good,
+/// and `why` in brackets when there is more to say.
+pub(crate) fn partly_deferred(
+    deferred: &[Rejected],
+    took: usize,
+    refused: usize,
+    total: usize,
+    why: Option<&str>,
+) -> String {
+    let mut said = format!(
+        "{} of {total} recipients were deferred and wait for a retry",
+        deferred.len()
+    );
+    if let Some(first) = deferred.first() {
+        said.push_str(&format!(
+            " ({}: {} {})",
+            first.address, first.reply.code, first.reply.text
+        ));
+    }
+    said.push_str(&format!("; {took} have the message"));
+    if refused > 0 {
+        said.push_str(&format!(", {refused} were refused"));
+    }
+    if let Some(why) = why {
+        said.push_str(&format!(" ({why})"));
+    }
+    said
 }
 
 /// Records, durably, that a message is committing to a relay: the queue's

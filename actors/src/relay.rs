@@ -634,24 +634,37 @@ async fn deliver(
 }
 
 fn success(flight: &mut Flight, relay: &str, d: Delivered) -> Report {
-    let partial = !d.rejected.is_empty();
+    let (took, refused) = (d.accepted.len(), d.rejected.len());
+    let total = took + refused + d.deferred.len();
+    let message = if !d.deferred.is_empty() {
+        Some(crate::mail::partly_deferred(
+            &d.deferred,
+            took,
+            refused,
+            total,
+            d.note.as_deref(),
+        ))
+    } else if refused > 0 {
+        Some(crate::mail::partly_refused(
+            refused,
+            total,
+            d.note.as_deref(),
+        ))
+    } else {
+        None
+    };
     Report {
         message_id: flight.mail.message_id.clone(),
-        status: if partial {
+        status: if message.is_some() {
             Status::Partial
         } else {
             Status::Sent
         },
         relay: Some(relay.to_owned()),
-        message: partial.then(|| {
-            crate::mail::partly_refused(
-                d.rejected.len(),
-                d.rejected.len() + d.accepted.len(),
-                d.note.as_deref(),
-            )
-        }),
+        message,
         accepted: d.accepted,
         rejected: d.rejected,
+        deferred: d.deferred,
         attempts: std::mem::take(&mut flight.attempts),
         failure: None,
     }
@@ -690,6 +703,7 @@ fn final_failure(flight: &mut Flight, relay: &str, f: &Failure) -> Report {
         relay: Some(relay.to_owned()),
         accepted,
         rejected,
+        deferred: Vec::new(),
         attempts: std::mem::take(&mut flight.attempts),
         failure,
         message: Some(message),

@@ -450,6 +450,7 @@ fn failed(flight: &Flight, reason: FailureReason, message: String) -> Report {
         relay: flight.attempts.last().map(|a| a.relay.clone()),
         accepted: Vec::new(),
         rejected: Vec::new(),
+        deferred: Vec::new(),
         attempts: flight.attempts.clone(),
         failure: Some(reason),
         message: Some(message),

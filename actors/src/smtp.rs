@@ -548,6 +548,10 @@ fn tls_parameters(s: &SmtpSettings) -> Result<TlsParameters, Failure> {
 pub(crate) struct Delivered {
     pub accepted: Vec<String>,
     pub rejected: Vec<Rejected>,
+    /// Recipients that did not get the message, and may later: a 4xx to
+    /// their RCPT or to their transaction, or a session lost before their
+    /// transaction's final ".".
+    pub deferred: Vec<Rejected>,
     pub reply: Reply,
     /// Why some recipients were not sent to, when that was not the server's
     /// refusal of each one: a transaction after the first, for the
@@ -557,8 +561,11 @@ pub(crate) struct Delivered {
 
 /// Sends one message over an open connection, phase by phase.
 ///
-/// - MAIL 4xx, any RCPT 4xx, DATA 4xx: transient, the session is reset.
+/// - MAIL 4xx, DATA 4xx, or a 4xx to every RCPT: transient, the session
+///   is reset, and another relay may take the message.
 /// - Some RCPT 5xx: those recipients are reported, the rest get the message.
+/// - Some RCPT 4xx while others are accepted: those recipients are
+///   deferred (a queue tries them again later), the rest get the message.
 /// - Every RCPT 5xx, MAIL 5xx, DATA 5xx, 5xx after the dot: permanent.
 /// - No reply after the final ".": unknown, and the connection is dropped.
 /// - RCPT 452 after the server accepted other recipients in the same
@@ -655,20 +662,23 @@ async fn transact_inner(
     // transaction whose every recipient was refused passes to the next.
     let mut untried: &[Address] = &mail.to;
     let mut refused = Vec::new();
+    let mut deferred = Vec::new();
     let first = loop {
         let (now, after) = untried.split_at(limit.min(untried.len()));
         untried = after;
         let to: Vec<&Address> = now.iter().collect();
-        let env = envelope(conn, &mail_cmd, &to, false, t, deadline).await?;
+        let env = envelope(conn, &mail_cmd, &to, t, deadline).await?;
         refused.extend(env.rejected);
+        deferred.extend(env.deferred);
         if !env.accepted.is_empty() {
             break Envelope {
                 rejected: std::mem::take(&mut refused),
+                deferred: std::mem::take(&mut deferred),
                 ..env
             };
         }
         if untried.is_empty() {
-            return Err(every_recipient_refused(&refused));
+            return Err(no_recipient_accepted(&refused, &deferred));
         }
         reset(conn, t).await;
         if conn.broken {
@@ -725,6 +735,7 @@ async fn transact_inner(
     let mut delivered = Delivered {
         accepted: first.accepted,
         rejected: first.rejected,
+        deferred: first.deferred,
         reply,
         note: None,
     };
@@ -760,8 +771,8 @@ impl fmt::Display for Split {
 /// refused it over its cap), added to `delivered`. Each names at most the
 /// connection's `per_transaction`. The message is committed to this relay:
 /// a transaction that fails reports its recipients and every one after them
-/// refused (and `delivered.note` says why), and one lost after its "."
-/// makes the whole message unknown.
+/// deferred, or refused when its reply was a 5xx (and `delivered.note` says
+/// why), and one lost after its "." makes the whole message unknown.
 async fn further_transactions(
     conn: &mut Conn,
     mail_cmd: &MailCmd,
@@ -779,11 +790,12 @@ async fn further_transactions(
     while !left.is_empty() {
         let after = left.split_off(limit.min(left.len()));
         let to: Vec<&Address> = left.iter().map(|(a, _)| a).collect();
-        let stopped = match envelope(conn, mail_cmd, &to, true, t, deadline).await {
-            // Every recipient of this transaction refused, each with its
-            // own reply: nothing to send them.
+        let stopped = match envelope(conn, mail_cmd, &to, t, deadline).await {
+            // Every recipient of this transaction refused or deferred, each
+            // with its own reply: nothing to send them.
             Ok(next) if next.accepted.is_empty() => {
                 delivered.rejected.extend(next.rejected);
+                delivered.deferred.extend(next.deferred);
                 left = after;
                 reset(conn, t).await;
                 if conn.broken && !left.is_empty() {
@@ -800,6 +812,7 @@ async fn further_transactions(
                 Ok(reply) => {
                     delivered.accepted.extend(next.accepted);
                     delivered.rejected.extend(next.rejected);
+                    delivered.deferred.extend(next.deferred);
                     delivered.reply = reply;
                     left = next
                         .over_cap
@@ -816,17 +829,22 @@ async fn further_transactions(
                         ..
                     },
                 ) => {
-                    // This transaction's recipients were refused with the
-                    // reply to its "."; those over the cap again never went.
+                    // This transaction's recipients were refused (5xx) or
+                    // deferred (4xx) with the reply to its "."; those over
+                    // the cap again never went.
                     delivered.rejected.extend(next.rejected);
+                    delivered.deferred.extend(next.deferred);
+                    let took = next.accepted.into_iter().map(|address| Rejected {
+                        address,
+                        reply: reply.clone(),
+                    });
+                    if f.class == FailureClass::Permanent {
+                        delivered.rejected.extend(took);
+                    } else {
+                        delivered.deferred.extend(took);
+                    }
                     delivered
-                        .rejected
-                        .extend(next.accepted.into_iter().map(|address| Rejected {
-                            address,
-                            reply: reply.clone(),
-                        }));
-                    delivered
-                        .rejected
+                        .deferred
                         .extend(next.over_cap.into_iter().map(|(a, reply)| Rejected {
                             address: a.to_string(),
                             reply,
@@ -857,18 +875,24 @@ async fn further_transactions(
                 f
             }
         };
-        // The recipients not sent to yet never get the message: refused with
-        // the reply that ended the transaction, or their own 452, or (a
-        // connection lost, say) as RFC 5321 3.8 says to take a lost
-        // connection: a 451.
+        // The recipients not sent to yet did not get the message: refused
+        // with the 5xx that ended the transaction, or else deferred with
+        // its 4xx, or their own 452, or (a connection lost, say) as RFC 5321
+        // 3.8 says to take a lost connection: a 451.
+        let permanent = stopped.class == FailureClass::Permanent && stopped.reply.is_some();
         for (address, own) in std::mem::take(&mut left) {
-            delivered.rejected.push(Rejected {
+            let not = Rejected {
                 address: address.to_string(),
                 reply: stopped.reply.clone().or(own).unwrap_or_else(|| Reply {
                     code: 451,
                     text: stopped.detail.clone(),
                 }),
-            });
+            };
+            if permanent {
+                delivered.rejected.push(not);
+            } else {
+                delivered.deferred.push(not);
+            }
         }
         delivered.note = Some(format!(
             "{split}, and the transaction for the rest failed: {}",
@@ -883,6 +907,8 @@ async fn further_transactions(
 struct Envelope {
     accepted: Vec<String>,
     rejected: Vec<Rejected>,
+    /// Recipients answered with a 4xx (other than the cap), with that reply.
+    deferred: Vec<Rejected>,
     /// Recipients refused with 452 after the server accepted others in the
     /// same transaction, with that reply: they go in the next one.
     over_cap: Vec<(Address, Reply)>,
@@ -890,13 +916,13 @@ struct Envelope {
 
 /// MAIL, RCPT for each of `to` and DATA, pipelined when the server offers
 /// it; `Ok` once the server said 354 and reads message data, or with no
-/// recipient accepted and no data phase open when each one was refused for
-/// itself (the transaction is still open: RSET ends it).
+/// recipient accepted and no data phase open when each one was refused or
+/// deferred for itself (the transaction is still open: RSET ends it).
 ///
-/// In a `later` transaction (one after the first, of a message already
-/// committed to this relay) a 4xx to a RCPT refuses that recipient alone,
-/// as a 5xx does: the message cannot go elsewhere, so the others still get
-/// it.
+/// A 5xx to a RCPT refuses that recipient alone, and a 4xx defers it
+/// alone: the others still get the message. Whether a message none of
+/// whose recipients was accepted goes to another relay is the caller's to
+/// decide.
 ///
 /// With PIPELINING every reply still comes back in order and is classified
 /// by its own phase. A refusal does not stop the reading: the replies to
@@ -906,7 +932,6 @@ async fn envelope(
     conn: &mut Conn,
     mail_cmd: &MailCmd,
     to: &[&Address],
-    later: bool,
     t: &Timeouts,
     deadline: Instant,
 ) -> Result<Envelope, Failure> {
@@ -937,6 +962,7 @@ async fn envelope(
 
     let mut accepted = Vec::with_capacity(to.len());
     let mut rejected = Vec::new();
+    let mut deferred = Vec::new();
     let mut over_cap = Vec::new();
     for (rcpt, cmd) in to.iter().zip(rcpts) {
         let reply = if pipelined {
@@ -955,14 +981,20 @@ async fn envelope(
             }) if is_cap(&reply) && !accepted.is_empty() => {
                 over_cap.push(((*rcpt).clone(), reply));
             }
-            Err(f) if f.class == FailureClass::Permanent || (later && f.reply.is_some()) => {
-                rejected.push(Rejected {
+            Err(Failure {
+                reply: Some(reply),
+                class,
+                ..
+            }) => {
+                let one = Rejected {
                     address: rcpt.to_string(),
-                    reply: f.reply.clone().unwrap_or(Reply {
-                        code: 550,
-                        text: f.detail.clone(),
-                    }),
-                })
+                    reply,
+                };
+                if class == FailureClass::Permanent {
+                    rejected.push(one);
+                } else {
+                    deferred.push(one);
+                }
             }
             Err(f) if pipelined => refusal = Some(f),
             Err(f) => return Err(f),
@@ -982,6 +1014,7 @@ async fn envelope(
         return Ok(Envelope {
             accepted,
             rejected,
+            deferred,
             over_cap,
         });
     }
@@ -996,6 +1029,7 @@ async fn envelope(
         (Ok(_), None) => Ok(Envelope {
             accepted,
             rejected,
+            deferred,
             over_cap,
         }),
         // The server said 354 although the message cannot go: it now reads
@@ -1094,7 +1128,29 @@ fn is_cap(reply: &Reply) -> bool {
     !enhanced || first == "4.5.3"
 }
 
-/// The failure of a message none of whose recipients was accepted.
+/// The failure of a message none of whose recipients was accepted: with
+/// any deferred (4xx), transient, so that another relay may take it whole;
+/// with each refused (5xx), permanent.
+fn no_recipient_accepted(rejected: &[Rejected], deferred: &[Rejected]) -> Failure {
+    let Some(first) = deferred.first() else {
+        return every_recipient_refused(rejected);
+    };
+    Failure {
+        certain: None,
+        lost: false,
+        class: FailureClass::Transient,
+        detail: format!(
+            "no recipient was accepted; {} of {} were deferred: {} {}",
+            deferred.len(),
+            deferred.len() + rejected.len(),
+            first.reply.code,
+            first.reply.text
+        ),
+        reply: Some(first.reply.clone()),
+    }
+}
+
+/// The failure of a message each of whose recipients was refused.
 fn every_recipient_refused(rejected: &[Rejected]) -> Failure {
     let first = rejected.first().map(|r| r.reply.clone());
     Failure {

@@ -352,17 +352,22 @@ async fn pipelining_is_used_only_when_offered_and_allowed() {
 }
 
 #[tokio::test]
-async fn a_4xx_at_one_rcpt_sends_no_data_and_fails_over_exactly_once() {
-    // Pipelined, the server has one good recipient when DATA arrives and
-    // answers 354: mailmux must then drop the session, not send the message
-    // to half of its recipients.
+async fn a_4xx_at_one_rcpt_defers_that_recipient_alone_and_a_4xx_at_every_rcpt_fails_over() {
+    // The others get the message at the primary, in one transaction; the
+    // deferred recipient is reported for a later try, and nothing goes to
+    // the backup.
     for offered in [true, false] {
         let options = Options {
             pipelining: offered,
             ..Options::default()
         };
         let a = FaultSmtp::start_with(
-            Script::ok().on_rcpt("later@test.example", Action::reply(451, "try later")),
+            Script::ok()
+                .on_rcpt("later@test.example", Action::reply(451, "4.2.1 try later"))
+                .on_rcpt(
+                    "full@test.example",
+                    Action::reply(452, "4.2.2 Mailbox full"),
+                ),
             options,
         )
         .await;
@@ -373,13 +378,40 @@ async fn a_4xx_at_one_rcpt_sends_no_data_and_fails_over_exactly_once() {
         ))
         .await
         .unwrap();
-        let m = mail_to(&["ada@test.example", "later@test.example"]);
+        let m = mail_to(&["ada@test.example", "later@test.example", "bob@test.example"]);
+        let id = m.message_id.clone();
+        let r = d.send(m).await;
+        assert_eq!(r.status, Status::Partial, "pipelined {offered}: {r:?}");
+        assert_eq!(r.relay.as_deref(), Some("primary"));
+        assert_eq!(r.accepted, vec!["ada@test.example", "bob@test.example"]);
+        assert!(r.rejected.is_empty(), "{r:?}");
+        assert_eq!(deferred(&r), vec![("later@test.example", 451)]);
+        let message = r.message.clone().unwrap_or_default();
+        assert!(
+            message.starts_with("1 of 3 recipients were deferred"),
+            "{message}"
+        );
+        assert_eq!(copies(&a, &id), 1);
+        assert_eq!(
+            a.delivered()[0].rcpt_to,
+            vec!["ada@test.example", "bob@test.example"]
+        );
+        assert_eq!(b.connections(), 0, "pipelined {offered}: no failover");
+        assert_eq!(a.pipelined(), u64::from(offered));
+
+        // Every recipient deferred: nobody has it, so another relay may take
+        // it whole.
+        let m = mail_to(&["later@test.example", "full@test.example"]);
         let id = m.message_id.clone();
         let r = d.send(m).await;
         assert_eq!(r.status, Status::Sent, "pipelined {offered}: {r:?}");
         assert_eq!(r.relay.as_deref(), Some("backup"));
         assert_eq!(r.attempts[0].class, Some(FailureClass::Transient));
         assert_eq!(r.attempts[0].reply.as_ref().map(|r| r.code), Some(451));
+        assert!(
+            r.attempts[0].detail.contains("2 of 2 were deferred"),
+            "{r:?}"
+        );
         assert_eq!(
             seen(&a, &id),
             0,
@@ -388,9 +420,8 @@ async fn a_4xx_at_one_rcpt_sends_no_data_and_fails_over_exactly_once() {
         assert_eq!(copies(&b, &id), 1);
         assert_eq!(
             b.delivered()[0].rcpt_to,
-            vec!["ada@test.example", "later@test.example"]
+            vec!["later@test.example", "full@test.example"]
         );
-        assert_eq!(a.pipelined(), u64::from(offered));
     }
 }
 
@@ -535,6 +566,14 @@ fn refused(r: &mailmux_actors::Report) -> Vec<(&str, u16)> {
         .collect()
 }
 
+/// The deferred recipients of `r`, with their reply codes.
+fn deferred(r: &mailmux_actors::Report) -> Vec<(&str, u16)> {
+    r.deferred
+        .iter()
+        .map(|x| (x.address.as_str(), x.reply.code))
+        .collect()
+}
+
 /// `action` at every second `phase`: the second transaction of a message
 /// split over the cap, when one message is sent at a time.
 fn second_transaction(phase: Phase, action: Action) -> Script {
@@ -664,10 +703,10 @@ async fn a_550_beside_the_cap_is_reported_and_the_rest_get_the_message() {
 }
 
 #[tokio::test]
-async fn a_later_transaction_refused_after_its_dot_reports_its_recipients_and_never_fails_over() {
+async fn a_later_transaction_refused_after_its_dot_defers_its_recipients_and_never_fails_over() {
     // The second transaction's "." gets 451: a clear "not taken" for its
-    // recipients, but the first two already have the message, so it must
-    // not go to the backup.
+    // recipients, deferred for a later try, but the first two already have
+    // the message, so it must not go to the backup.
     let (a, b, d) = capped(
         2,
         true,
@@ -678,9 +717,9 @@ async fn a_later_transaction_refused_after_its_dot_reports_its_recipients_and_ne
     let (r, id) = send_to_all(&d, &to).await;
     assert_eq!(r.status, Status::Partial, "{r:?}");
     assert_eq!(r.accepted, to[0..2].to_vec());
-    let refused = refused(&r);
+    assert!(r.rejected.is_empty(), "{r:?}");
     assert_eq!(
-        refused,
+        deferred(&r),
         vec![
             (to[2].as_str(), 451),
             (to[3].as_str(), 451),
@@ -718,9 +757,9 @@ async fn a_later_transaction_lost_after_its_dot_makes_the_message_unknown() {
 }
 
 #[tokio::test]
-async fn a_later_transaction_refused_at_mail_reports_the_rest_with_that_reply() {
+async fn a_later_transaction_refused_at_mail_defers_the_rest_with_that_reply() {
     // The second MAIL gets 421 and the connection closes: the first three
-    // recipients have the message, the last two are reported with the 421.
+    // recipients have the message, the last two are deferred with the 421.
     let (a, b, d) = capped(
         3,
         true,
@@ -731,16 +770,19 @@ async fn a_later_transaction_refused_at_mail_reports_the_rest_with_that_reply() 
     let (r, id) = send_to_all(&d, &to).await;
     assert_eq!(r.status, Status::Partial, "{r:?}");
     assert_eq!(r.accepted, to[0..3].to_vec());
-    let refused = refused(&r);
-    assert_eq!(refused, vec![(to[3].as_str(), 421), (to[4].as_str(), 421)]);
+    assert!(r.rejected.is_empty(), "{r:?}");
+    assert_eq!(
+        deferred(&r),
+        vec![(to[3].as_str(), 421), (to[4].as_str(), 421)]
+    );
     assert_eq!(copies(&a, &id), 1);
     assert_eq!(b.connections(), 0, "never sent elsewhere");
 }
 
 #[tokio::test]
-async fn in_a_later_transaction_a_4xx_refuses_that_recipient_alone() {
+async fn in_a_later_transaction_a_4xx_defers_that_recipient_alone() {
     // p3's mailbox is full (452 4.2.2: no cap). In the first transaction
-    // p3 is over the cap; in the second it is refused for itself, and p2
+    // p3 is over the cap; in the second it is deferred for itself, and p2
     // and p4 still get the message there.
     let to = people(5);
     let (a, b, d) = capped(
@@ -756,10 +798,9 @@ async fn in_a_later_transaction_a_4xx_refuses_that_recipient_alone() {
         r.accepted,
         vec![to[0].clone(), to[1].clone(), to[2].clone(), to[4].clone()]
     );
-    assert_eq!(r.rejected.len(), 1);
-    assert_eq!(r.rejected[0].address, to[3]);
-    assert_eq!(r.rejected[0].reply.code, 452);
-    assert!(r.rejected[0].reply.text.contains("4.2.2"), "{r:?}");
+    assert!(r.rejected.is_empty(), "{r:?}");
+    assert_eq!(deferred(&r), vec![(to[3].as_str(), 452)]);
+    assert!(r.deferred[0].reply.text.contains("4.2.2"), "{r:?}");
     let groups: Vec<_> = a.delivered().into_iter().map(|t| t.rcpt_to).collect();
     assert_eq!(
         groups,
@@ -772,7 +813,7 @@ async fn in_a_later_transaction_a_4xx_refuses_that_recipient_alone() {
 }
 
 #[tokio::test]
-async fn a_later_transaction_whose_every_recipient_is_refused_sends_no_data() {
+async fn a_later_transaction_whose_every_recipient_is_deferred_sends_no_data() {
     for pipelining in [true, false] {
         let to = people(3);
         let (a, b, d) = capped(
@@ -784,8 +825,8 @@ async fn a_later_transaction_whose_every_recipient_is_refused_sends_no_data() {
         let (r, id) = send_to_all(&d, &to).await;
         assert_eq!(r.status, Status::Partial, "pipelined {pipelining}: {r:?}");
         assert_eq!(r.accepted, to[0..2].to_vec());
-        let refused = refused(&r);
-        assert_eq!(refused, vec![(to[2].as_str(), 450)]);
+        assert!(r.rejected.is_empty(), "{r:?}");
+        assert_eq!(deferred(&r), vec![(to[2].as_str(), 450)]);
         assert_eq!(seen(&a, &id), 1, "no data in the second transaction");
         assert_eq!(b.connections(), 0);
         // The session is in step: the next message goes on it.
@@ -940,7 +981,7 @@ async fn a_first_transaction_whose_every_recipient_is_refused_commits_nothing_an
 }
 
 #[tokio::test]
-async fn a_transaction_after_the_first_lost_at_mail_refuses_every_recipient_left_with_a_451() {
+async fn a_transaction_after_the_first_lost_at_mail_defers_every_recipient_left_with_a_451() {
     let (a, b, d) = limited(
         2,
         Options::default(),
@@ -951,8 +992,9 @@ async fn a_transaction_after_the_first_lost_at_mail_refuses_every_recipient_left
     let (r, id) = send_to_all(&d, &to).await;
     assert_eq!(r.status, Status::Partial, "{r:?}");
     assert_eq!(r.accepted, to[0..2].to_vec());
+    assert!(r.rejected.is_empty(), "{r:?}");
     assert_eq!(
-        refused(&r),
+        deferred(&r),
         vec![
             (to[2].as_str(), 451),
             (to[3].as_str(), 451),

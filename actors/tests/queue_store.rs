@@ -496,15 +496,61 @@ async fn retries(store: &dyn Store) {
             .remove(0),
     ];
     for p in loaded {
-        assert_eq!(p.to, ["r@example.org"]);
+        assert_eq!(p.outstanding(), ["r@example.org"]);
+        assert_eq!(p.to.len(), 3, "the envelope stays whole");
         assert_eq!(p.accepted, ["p@example.org"]);
         assert_eq!(p.rejected, std::slice::from_ref(&refused));
     }
-    // The envelope stays whole.
     let r = store.get("split").await.unwrap().unwrap();
     assert_eq!(r.to.len(), 3);
     // Any other message goes to all of its recipients.
-    assert_eq!(store.load("f").await.unwrap().unwrap().to.len(), 2);
+    assert_eq!(
+        store.load("f").await.unwrap().unwrap().outstanding().len(),
+        2
+    );
+
+    // A round that delivered to some recipients and deferred the others:
+    // queued, its lists kept, due again for the others alone.
+    let deferral = NewMessage {
+        to: ["p@example.org", "q@example.org", "r@example.org"]
+            .map(String::from)
+            .to_vec(),
+        ..message("deferral", None)
+    };
+    store.accept(deferral).await.unwrap();
+    store.mark("deferral").await.unwrap();
+    let took_some = Settle {
+        accepted: vec!["p@example.org".into()],
+        rejected: vec![refused.clone()],
+        ..settle(State::Queued, Some(now_millis() - 1))
+    };
+    store.settle("deferral", took_some).await.unwrap();
+    let r = store.get("deferral").await.unwrap().unwrap();
+    assert_eq!(r.state, State::Queued);
+    assert_eq!(r.deferred(), ["r@example.org"]);
+    assert!(
+        store
+            .due(now_millis(), 100)
+            .await
+            .unwrap()
+            .contains(&"deferral".to_string())
+    );
+    let p = store.load("deferral").await.unwrap().unwrap();
+    assert_eq!(p.outstanding(), ["r@example.org"]);
+    assert_eq!(p.accepted, ["p@example.org"]);
+    assert_eq!(p.rounds, 1);
+    // The next round's mark and outcome: every round's recipients kept.
+    store.mark("deferral").await.unwrap();
+    let rest = Settle {
+        accepted: vec!["p@example.org".into(), "r@example.org".into()],
+        rejected: vec![refused.clone()],
+        ..settle(State::Partial, None)
+    };
+    store.settle("deferral", rest).await.unwrap();
+    let r = store.get("deferral").await.unwrap().unwrap();
+    assert_eq!(r.state, State::Partial);
+    assert!(r.deferred().is_empty());
+    assert_eq!(r.accepted, ["p@example.org", "r@example.org"]);
 }
 
 /// Held messages: never due, released only by an approval for the same

@@ -590,6 +590,7 @@ pub fn message(
         .unwrap_or_default();
     let id = super::urlencode(&r.message_id);
     let cancellable = matches!(r.state, State::Scheduled | State::Queued);
+    let deferred = r.deferred();
     let retryable = matches!(
         r.state,
         State::Queued | State::Expired | State::Failed | State::Unknown
@@ -601,6 +602,9 @@ pub fn message(
                 dt { "state" } dd { (state_badge(r.state.as_str())) }
                 dt { "from" } dd.mono { (sender(parsed.as_ref().and_then(|p| p.from_name.as_deref()), r.from.as_deref())) }
                 dt { "recipients" } dd { (recipients(&r.to, &visible)) }
+                @if !deferred.is_empty() {
+                    dt { "deferred" } dd.mono { (deferred.join(", ")) }
+                }
                 @if let Some(r) = parsed.as_ref().and_then(|p| p.reply_to.as_ref()) {
                     dt { "replies go to" } dd.mono { (r) }
                 }

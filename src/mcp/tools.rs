@@ -359,6 +359,11 @@ pub(super) fn describe(out: &SendResult, message_id: &str, replay: bool) -> Stri
             out.accepted.join(", ")
         ),
         SendStatus::Queued => match &out.next_attempt_at {
+            Some(t) if !out.deferred.is_empty() => format!(
+                "queued {message_id}: sent to {}; deferred for {}, next attempt at {t}",
+                out.accepted.join(", "),
+                out.deferred.join(", ")
+            ),
             Some(t) if !out.attempts.is_empty() => {
                 format!("queued {message_id}: no relay took it yet; next attempt at {t}")
             }
@@ -1021,14 +1026,29 @@ impl MailmuxServer {
             match self.queue().cancel(&id).await {
                 Ok(Cancel::Cancelled) => {
                     tracing::info!("message cancelled");
+                    // Some recipients may have it from a round that
+                    // deferred the others.
+                    let accepted = match self.queue().status(&id).await {
+                        Ok(Some(r)) => r.accepted,
+                        _ => Vec::new(),
+                    };
+                    let text = if accepted.is_empty() {
+                        format!("cancelled {id}")
+                    } else {
+                        format!(
+                            "cancelled {id}: the recipients that waited for a retry will not get it; {} had it already",
+                            accepted.join(", ")
+                        )
+                    };
                     respond(
                         CancelMessageResult {
                             message_id: Some(id.clone()),
                             cancelled: true,
                             status: Some(SendStatus::Cancelled),
+                            accepted,
                             ..Default::default()
                         },
-                        format!("cancelled {id}"),
+                        text,
                     )
                 }
                 Ok(Cancel::Refused(state)) => {
@@ -1118,6 +1138,7 @@ impl MailmuxServer {
                 message_id: None,
                 cancelled: cancelled > 0,
                 status: None,
+                accepted: Vec::new(),
                 batch_id: Some(batch),
                 cancelled_count: Some(cancelled),
                 summary: Some(summary),
@@ -1889,10 +1910,17 @@ impl MailmuxServer {
         }
         let record = &sub.record;
         // The report of the round this call saw, when it is the final word
-        // (the store holds the outcome it reports); otherwise the message as
-        // stored: cancelled or expired meanwhile, or not final yet.
+        // (the store holds the outcome it reports, and no earlier round
+        // settled some recipients); otherwise the message as stored:
+        // cancelled or expired meanwhile, not final yet, or final over
+        // several rounds.
         let mut out = match &sub.report {
-            Some(report) if reported(report.status) == record.state && !sub.replay => {
+            Some(report)
+                if reported(report.status) == record.state
+                    && report.accepted == record.accepted
+                    && report.rejected.len() == record.rejected.len()
+                    && !sub.replay =>
+            {
                 let mut out = SendResult::from_report(report, envelope);
                 out.queued_at = Some(rfc3339(record.queued_at));
                 out

@@ -654,7 +654,8 @@ pub enum SendStatus {
     DryRun,
     /// Stored; waits for its `send_at`.
     Scheduled,
-    /// Stored; waits for a relay (new, or deferred to `next_attempt_at`).
+    /// Stored; waits for a relay (new, or deferred to `next_attempt_at`;
+    /// when some recipients already have it, `deferred` lists the others).
     Queued,
     /// A relay holds it now.
     Sending,
@@ -750,6 +751,11 @@ pub struct SendResult {
     pub relay: Option<String>,
     pub accepted: Vec<String>,
     pub rejected: Vec<RejectedRecipient>,
+    /// Recipients that have not got the message while others have: a
+    /// server answered them with a 4xx, and they wait for the retry at
+    /// `next_attempt_at`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deferred: Vec<String>,
     pub attempts: Vec<AttemptOut>,
     /// What the agent should know when the status is not `sent`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -889,6 +895,7 @@ impl SendResult {
             relay: r.relay.clone(),
             accepted: r.accepted.clone(),
             rejected: r.rejected.iter().map(Into::into).collect(),
+            deferred: r.deferred(),
             attempts: r.attempts.iter().map(Into::into).collect(),
             message: r.note.clone(),
             envelope: Some(Envelope::of(r)),
@@ -980,6 +987,11 @@ pub struct MessageStatusResult {
     pub next_attempt_at: Option<String>,
     pub accepted: Vec<String>,
     pub rejected: Vec<RejectedRecipient>,
+    /// Recipients that have not got the message while others have: a
+    /// server answered them with a 4xx, and they wait for the retry at
+    /// `next_attempt_at`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deferred: Vec<String>,
     /// Every attempt at every relay, oldest first.
     pub attempts: Vec<AttemptOut>,
     /// Every state it was in, oldest first.
@@ -1050,6 +1062,7 @@ impl From<&Record> for MessageStatusResult {
             next_attempt_at: r.next_attempt_at.map(rfc3339),
             accepted: r.accepted.clone(),
             rejected: r.rejected.iter().map(Into::into).collect(),
+            deferred: r.deferred(),
             attempts: r.attempts.iter().map(Into::into).collect(),
             history: r
                 .history
@@ -1132,6 +1145,11 @@ pub struct CancelMessageResult {
     /// The message's state now (`cancelled`, or the state that refused it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<SendStatus>,
+    /// The recipients that had the message before the cancel: a round
+    /// delivered to them and deferred the others, whose retries the cancel
+    /// stopped.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub accepted: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_id: Option<String>,
     /// With `batch_id`: how many messages this call cancelled.

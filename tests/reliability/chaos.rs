@@ -596,6 +596,9 @@ pub struct Tally {
     /// Stored messages never sent: `cancelled`, `rejected`, `held` or
     /// `expired`.
     pub nothing_sent: std::collections::BTreeMap<String, usize>,
+    /// Messages cancelled while recipients that a round deferred waited
+    /// for a retry: some of their recipients had the message, once.
+    pub cancelled_after_some: usize,
     /// Operators' decisions, and the approvals made.
     pub decided: usize,
     pub approved: usize,
@@ -620,7 +623,8 @@ pub struct Tally {
 /// its recipients with one copy answered 250, `partial` (a message to three
 /// whose second transaction failed), with some of them so, `unknown`, with
 /// at most one copy each, or `cancelled`, `rejected`, `held` or `expired`,
-/// with none; a cancel answered `cancelled` left its message so, and so
+/// with none (but a message cancelled while recipients a round deferred
+/// waited, which some of its recipients took); a cancel answered `cancelled` left its message so, and so
 /// did a decision; each copy is of a stored message a caller asked for; no
 /// subject was taken twice by one recipient; every answer names stored
 /// messages, told `sent`, `partial`, `queued`, `unknown` or `sending`;
@@ -691,6 +695,15 @@ pub fn reconcile(calls: &Calls, listed: &[Value], received: &[Received]) -> Tall
             }
             Some("unknown") => {
                 t.unknown += 1;
+            }
+            // A round took it for some recipients and deferred the
+            // others; the cancel stopped their retries.
+            Some("cancelled") if !copies.is_empty() => {
+                t.cancelled_after_some += 1;
+                assert!(
+                    copies.iter().all(|r| r.is_delivered()) && each.len() < asked_for,
+                    "{id}: cancelled, copies to {each:?}: {outcomes:?}"
+                );
             }
             Some(state @ ("cancelled" | "rejected" | "held" | "expired")) => {
                 *t.nothing_sent.entry(state.to_owned()).or_default() += 1;
@@ -829,8 +842,8 @@ impl std::fmt::Display for Tally {
              unanswered, {} of them given up by their caller, {} keyed calls made again after a kill), {} cancels ({} answered \
              cancelled), {} shell retries, {} decisions ({} approvals); {} messages stored: {} \
              sent once ({} of them to three recipients, in two transactions), {} partial, \
-             {} unknown, never sent {:?}; {} transactions at the sink, {} taken, \
-             none twice to one recipient",
+             {} unknown, never sent {:?}, {} cancelled after some recipients had them; \
+             {} transactions at the sink, {} taken, none twice to one recipient",
             self.calls,
             self.answered,
             self.refused,
@@ -848,6 +861,7 @@ impl std::fmt::Display for Tally {
             self.partial,
             self.unknown,
             self.nothing_sent,
+            self.cancelled_after_some,
             self.transactions,
             self.taken
         )?;

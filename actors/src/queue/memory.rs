@@ -377,7 +377,7 @@ impl Store for MemoryStore {
             message_id: r.message_id.clone(),
             state: r.state,
             from: r.from.clone(),
-            to: Pending::outstanding(r.to.clone(), &r.accepted, &r.rejected),
+            to: r.to.clone(),
             accepted: r.accepted.clone(),
             rejected: r.rejected.clone(),
             bytes: body.clone(),

@@ -455,33 +455,52 @@ pub struct Pending {
     pub meta: Option<String>,
     pub only: Option<Arc<[String]>>,
     /// The recipients an earlier round settled for certain: those that took
-    /// the message, and those refused for good. `to` leaves them out, and
-    /// this round's outcome keeps them. Empty but for an `unknown` message
-    /// sent in several transactions that an operator sent again (`queue
-    /// retry --force`): it goes only to the recipients it may not have
-    /// reached.
+    /// the message, and those refused for good. The next round goes to the
+    /// others ([`Pending::outstanding`]), and its outcome keeps these. Empty
+    /// but for a message an earlier round delivered to some recipients while
+    /// it deferred others, and for an `unknown` message sent in several
+    /// transactions that an operator sent again (`queue retry --force`).
     pub accepted: Vec<String>,
     pub rejected: Vec<RejectedRecord>,
 }
 
 impl Pending {
-    /// The recipients of `rcpt` that neither took the message for certain
+    /// The recipients of `to` that neither took the message for certain
     /// (`accepted`) nor were refused for good (`rejected`) in an earlier
     /// round; all of them when that leaves none.
-    pub(crate) fn outstanding(
-        rcpt: Vec<String>,
-        accepted: &[String],
-        rejected: &[RejectedRecord],
-    ) -> Vec<String> {
-        if accepted.is_empty() && rejected.is_empty() {
-            return rcpt;
+    pub fn outstanding(&self) -> Vec<&str> {
+        let all = self.to.iter().map(String::as_str);
+        if self.accepted.is_empty() && self.rejected.is_empty() {
+            return all.collect();
         }
         let settled = |a: &str| {
-            accepted.iter().any(|x| x.eq_ignore_ascii_case(a))
-                || rejected.iter().any(|x| x.address.eq_ignore_ascii_case(a))
+            self.accepted.iter().any(|x| x.eq_ignore_ascii_case(a))
+                || self
+                    .rejected
+                    .iter()
+                    .any(|x| x.address.eq_ignore_ascii_case(a))
         };
-        let left: Vec<String> = rcpt.iter().filter(|a| !settled(a)).cloned().collect();
-        if left.is_empty() { rcpt } else { left }
+        let left: Vec<&str> = all.clone().filter(|a| !settled(a)).collect();
+        if left.is_empty() { all.collect() } else { left }
+    }
+}
+
+impl Record {
+    /// The recipients that wait for a retry while others already have the
+    /// message: those an earlier round deferred. Empty unless the message
+    /// is `queued` or `sending` with some recipients `accepted`.
+    pub fn deferred(&self) -> Vec<String> {
+        if !matches!(self.state, State::Queued | State::Sending) || self.accepted.is_empty() {
+            return Vec::new();
+        }
+        let settled = |a: &str| {
+            self.accepted.iter().any(|x| x.eq_ignore_ascii_case(a))
+                || self
+                    .rejected
+                    .iter()
+                    .any(|x| x.address.eq_ignore_ascii_case(a))
+        };
+        self.to.iter().filter(|a| !settled(a)).cloned().collect()
     }
 }
 

@@ -2174,7 +2174,7 @@ fn pending(r: &PgRow) -> Result<Pending, sqlx::Error> {
         message_id: r.try_get("message_id")?,
         state: rows::state(r.try_get("state")?),
         from: r.try_get("mail_from")?,
-        to: Pending::outstanding(lines(r.try_get("rcpt")?), &accepted, &rejected),
+        to: lines(r.try_get("rcpt")?),
         accepted,
         rejected,
         bytes: Arc::from(body),

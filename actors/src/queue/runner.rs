@@ -31,7 +31,7 @@ use super::{
     StoreError, StoreKind, Summary, now_millis, to_millis,
 };
 use crate::dispatcher::{Dispatcher, cancelled};
-use crate::mail::{CommitMark, FailureReason, Mail, Report, Status};
+use crate::mail::{CommitMark, FailureReason, Mail, Reply, Report, Status};
 use crate::tally::Tally;
 
 /// New messages waiting for the runner. Past this, a message stays in the
@@ -118,6 +118,9 @@ pub enum Action {
     Rejected,
     Sent,
     Partial,
+    /// A round delivered to some recipients and deferred the others, which
+    /// wait for a retry.
+    Deferred,
     Failed,
     Unknown,
     Expired,
@@ -133,6 +136,7 @@ impl Action {
             Action::Rejected => "rejected",
             Action::Sent => "sent",
             Action::Partial => "partial",
+            Action::Deferred => "deferred",
             Action::Failed => "failed",
             Action::Unknown => "unknown",
             Action::Expired => "expired",
@@ -1693,7 +1697,38 @@ impl Inner {
             copy: false,
             body: None,
         };
+        // The deferred recipients of this round got their 4xx for good.
+        let mut deferral_ended = false;
         settle.state = match report.status {
+            // A relay took it for some recipients and deferred others: the
+            // others wait for a retry, and get their 4xx for good when
+            // `max_age` leaves no time for one.
+            Status::Sent | Status::Partial if !report.deferred.is_empty() => {
+                match self.next_attempt(None, p) {
+                    Some(next) => {
+                        settle.next_attempt_at = Some(next);
+                        State::Queued
+                    }
+                    None => {
+                        let max_age = humantime::format_duration(self.settings.max_age);
+                        settle
+                            .rejected
+                            .extend(report.deferred.iter().map(|r| RejectedRecord {
+                                address: r.address.clone(),
+                                code: r.reply.code,
+                                text: format!(
+                                    "{} (deferred, and not delivered within max_age, {max_age})",
+                                    r.reply.text
+                                ),
+                            }));
+                        settle.note = Some(format!(
+                            "the deferred recipients were not delivered within max_age ({max_age})"
+                        ));
+                        deferral_ended = true;
+                        State::Partial
+                    }
+                }
+            }
             Status::Sent => State::Sent,
             Status::Partial => State::Partial,
             Status::Unknown => State::Unknown,
@@ -1707,46 +1742,12 @@ impl Inner {
                 Some(FailureReason::Cancelled) => State::Cancelled,
                 // Every relay failed transiently, was busy or down, or the
                 // daemon is stopping: wait and try again.
-                reason => {
-                    let now = now_millis();
-                    let delay = match reason {
-                        Some(FailureReason::Unavailable) => Duration::ZERO,
-                        // A relay has room again then; waiting messages
-                        // spread over that much again, so that they do not
-                        // all come back at once.
-                        Some(FailureReason::RateLimited { wait_ms }) => {
-                            let wait = Duration::from_millis(wait_ms.max(1));
-                            wait + wait.mul_f64(rand::rng().random_range(0.0..=1.0))
-                        }
-                        // The first round of a message (new, or retried by
-                        // an operator) that found every relay backing off
-                        // comes back when one may be tried (a second at
-                        // least, for the relay's probe at the end of its
-                        // backoff), spread as above, if that is sooner
-                        // than its first retry. Only the first: during an
-                        // outage a message follows the relays' backoff
-                        // once, then its own retry schedule, so that a
-                        // long queue is not rewritten each time a relay's
-                        // backoff ends.
-                        Some(FailureReason::RelaysBackingOff { wait_ms }) if p.rounds == 0 => {
-                            let wait = Duration::from_millis(wait_ms).max(RELAY_PROBE_ALLOWANCE);
-                            let spread = wait + wait.mul_f64(rand::rng().random_range(0.0..=1.0));
-                            spread.min(self.retry_delay(1))
-                        }
-                        _ => self.retry_delay(p.rounds + 1),
-                    };
-                    let next = now + delay.as_millis() as i64;
-                    let expires = p.due_at + self.settings.max_age.as_millis() as i64;
-                    // A retry that would fall after `max_age` is brought
-                    // forward to its end, so that the message has the whole
-                    // of `max_age`; with no time left for one, it expires.
-                    let last = expires - LAST_RETRY_MARGIN.as_millis() as i64;
-                    let next = if next > last && now < last {
-                        last
-                    } else {
-                        next
-                    };
-                    if next > last {
+                reason => match self.next_attempt(reason, p) {
+                    Some(next) => {
+                        settle.next_attempt_at = Some(next);
+                        State::Queued
+                    }
+                    None => {
                         settle.note = Some(format!(
                             "not delivered within max_age ({}); last: {}",
                             humantime::format_duration(self.settings.max_age),
@@ -1754,15 +1755,32 @@ impl Inner {
                         ));
                         settle.reason = Some("expired".into());
                         State::Expired
-                    } else {
-                        settle.next_attempt_at = Some(next);
-                        State::Queued
                     }
-                }
+                },
             },
         };
         if !p.accepted.is_empty() || !p.rejected.is_empty() {
             with_earlier_rounds(&mut settle, p, report);
+            if settle.state == State::Expired && !p.accepted.is_empty() {
+                let last = report.attempts.last().and_then(|a| a.reply.as_ref());
+                deferral_expired(&mut settle, p, last, self.settings.max_age);
+            }
+        } else if deferral_ended {
+            settle.note = Some(crate::mail::partly_refused(
+                settle.rejected.len(),
+                p.to.len(),
+                settle.note.as_deref(),
+            ));
+        }
+        if settle.state == State::Queued && !report.deferred.is_empty() {
+            let (took, refused) = (settle.accepted.len(), settle.rejected.len());
+            settle.note = Some(crate::mail::partly_deferred(
+                &report.deferred,
+                took,
+                refused,
+                p.to.len(),
+                None,
+            ));
         }
         settle.copy = matches!(settle.state, State::Sent | State::Partial)
             && match (&settle.relay, self.observer.get()) {
@@ -1770,6 +1788,51 @@ impl Inner {
                 _ => false,
             };
         settle
+    }
+
+    /// When a message whose round ended for `reason` (`None`: some of its
+    /// recipients were deferred) is tried next; `None` when `max_age`
+    /// leaves no time for that.
+    fn next_attempt(&self, reason: Option<FailureReason>, p: &Pending) -> Option<Millis> {
+        let now = now_millis();
+        let delay = match reason {
+            Some(FailureReason::Unavailable) => Duration::ZERO,
+            // A relay has room again then; waiting messages
+            // spread over that much again, so that they do not
+            // all come back at once.
+            Some(FailureReason::RateLimited { wait_ms }) => {
+                let wait = Duration::from_millis(wait_ms.max(1));
+                wait + wait.mul_f64(rand::rng().random_range(0.0..=1.0))
+            }
+            // The first round of a message (new, or retried by
+            // an operator) that found every relay backing off
+            // comes back when one may be tried (a second at
+            // least, for the relay's probe at the end of its
+            // backoff), spread as above, if that is sooner
+            // than its first retry. Only the first: during an
+            // outage a message follows the relays' backoff
+            // once, then its own retry schedule, so that a
+            // long queue is not rewritten each time a relay's
+            // backoff ends.
+            Some(FailureReason::RelaysBackingOff { wait_ms }) if p.rounds == 0 => {
+                let wait = Duration::from_millis(wait_ms).max(RELAY_PROBE_ALLOWANCE);
+                let spread = wait + wait.mul_f64(rand::rng().random_range(0.0..=1.0));
+                spread.min(self.retry_delay(1))
+            }
+            _ => self.retry_delay(p.rounds + 1),
+        };
+        let next = now + delay.as_millis() as i64;
+        let expires = p.due_at + self.settings.max_age.as_millis() as i64;
+        // A retry that would fall after `max_age` is brought forward to its
+        // end, so that the message has the whole of `max_age`; with no time
+        // left for one, none.
+        let last = expires - LAST_RETRY_MARGIN.as_millis() as i64;
+        let next = if next > last && now < last {
+            last
+        } else {
+            next
+        };
+        (next <= last).then_some(next)
     }
 
     /// `retry_base · 2^(n-1)`, capped at `retry_max`, half fixed and half
@@ -1783,23 +1846,26 @@ impl Inner {
         half + half.mul_f64(jitter)
     }
 
-    /// Settles a message that waited past `max_age` without a round.
+    /// Settles a message that waited past `max_age` without a round. One
+    /// that an earlier round delivered to some recipients while it deferred
+    /// others is `partial`, the others refused.
     async fn expire(&self, p: &Pending) {
-        let settle = Settle {
+        let max_age = humantime::format_duration(self.settings.max_age);
+        let mut settle = Settle {
             state: State::Expired,
             relay: None,
             attempts: Vec::new(),
             accepted: p.accepted.clone(),
             rejected: p.rejected.clone(),
             reason: Some("expired".into()),
-            note: Some(format!(
-                "not delivered within max_age ({})",
-                humantime::format_duration(self.settings.max_age)
-            )),
+            note: Some(format!("not delivered within max_age ({max_age})")),
             next_attempt_at: None,
             copy: false,
             body: None,
         };
+        if !p.accepted.is_empty() {
+            deferral_expired(&mut settle, p, None, self.settings.max_age);
+        }
         let result = self.store.settle(&p.message_id, settle.clone()).await;
         self.note_write(&result);
         if result.is_ok() {
@@ -1816,10 +1882,26 @@ impl Inner {
         o.event(&Event::of(action, r, decided_by));
     }
 
-    /// Tells the observer of a round's final outcome.
+    /// Tells the observer of a round's final outcome, or of a round that
+    /// delivered to some recipients and deferred the others.
     fn notify_settled(&self, p: &Pending, s: &Settle) {
-        let (Some(o), Some(action)) = (self.observer.get(), Action::of_outcome(s.state)) else {
+        let Some(o) = self.observer.get() else {
             return;
+        };
+        let action = match Action::of_outcome(s.state) {
+            Some(action) => action,
+            None if s.state == State::Queued && s.accepted.len() > p.accepted.len() => {
+                Action::Deferred
+            }
+            None => return,
+        };
+        // A deferral names the recipients of its round; an outcome, all.
+        let round: Vec<String>;
+        let to = if action == Action::Deferred {
+            round = p.outstanding().into_iter().map(String::from).collect();
+            &round
+        } else {
+            &p.to
         };
         if let (State::Sent | State::Partial, Some(relay)) = (s.state, &s.relay) {
             o.delivered(&Delivered {
@@ -1835,7 +1917,7 @@ impl Inner {
             caller: p.caller.as_deref(),
             meta: p.meta.as_deref(),
             from: p.from.as_deref(),
-            to: &p.to,
+            to,
             size: p.bytes.len() as u64,
             relay: s.relay.as_deref(),
             code: s.attempts.iter().rev().find_map(|a| a.code),
@@ -1896,17 +1978,18 @@ fn with_earlier_rounds(settle: &mut Settle, p: &Pending, report: &Report) {
         settle.state == State::Failed && settle.reason.as_deref() == Some("rejected");
     if refused_whole && settle.rejected.is_empty() {
         let reply = report.attempts.last().and_then(|a| a.reply.as_ref());
-        settle.rejected =
-            p.to.iter()
-                .map(|address| RejectedRecord {
-                    address: address.clone(),
-                    code: reply.map_or(550, |r| r.code),
-                    text: reply.map_or_else(
-                        || settle.note.clone().unwrap_or_default(),
-                        |r| r.text.clone(),
-                    ),
-                })
-                .collect();
+        settle.rejected = p
+            .outstanding()
+            .into_iter()
+            .map(|address| RejectedRecord {
+                address: address.to_owned(),
+                code: reply.map_or(550, |r| r.code),
+                text: reply.map_or_else(
+                    || settle.note.clone().unwrap_or_default(),
+                    |r| r.text.clone(),
+                ),
+            })
+            .collect();
     }
     let accepted = std::mem::take(&mut settle.accepted);
     let rejected = std::mem::take(&mut settle.rejected);
@@ -1930,6 +2013,41 @@ fn with_earlier_rounds(settle: &mut Settle, p: &Pending, report: &Report) {
             )),
         ),
     };
+}
+
+/// A message some recipients have (`settle.accepted`) whose others
+/// (`p.outstanding()`) were deferred until `max_age` ended: `partial`,
+/// those refused with the last 4xx (`reply`) when there was one.
+fn deferral_expired(settle: &mut Settle, p: &Pending, reply: Option<&Reply>, max_age: Duration) {
+    let max_age = humantime::format_duration(max_age);
+    let why = format!("deferred, and not delivered within max_age ({max_age})");
+    let reply = reply.filter(|r| (400..500).contains(&r.code));
+    let listed = |a: &str| {
+        settle
+            .rejected
+            .iter()
+            .any(|r| r.address.eq_ignore_ascii_case(a))
+    };
+    let left: Vec<&str> = p.outstanding().into_iter().filter(|a| !listed(a)).collect();
+    settle
+        .rejected
+        .extend(left.into_iter().map(|address| RejectedRecord {
+            address: address.to_owned(),
+            code: reply.map_or(451, |r| r.code),
+            text: match reply {
+                Some(r) => format!("{} ({why})", r.text),
+                None => why.clone(),
+            },
+        }));
+    settle.state = State::Partial;
+    settle.reason = None;
+    settle.note = Some(crate::mail::partly_refused(
+        settle.rejected.len(),
+        p.to.len(),
+        Some(&format!(
+            "the deferred recipients were not delivered within max_age ({max_age})"
+        )),
+    ));
 }
 
 fn instant_of(t: Millis) -> Instant {
@@ -2050,6 +2168,7 @@ async fn first_round(
             relay: None,
             accepted: vec![],
             rejected: vec![],
+            deferred: vec![],
             attempts: vec![],
             failure: Some(FailureReason::Rejected),
             message: Some(e),
@@ -2140,7 +2259,11 @@ fn mail_of(p: &Pending, deadline: Instant) -> Result<Mail, String> {
     Ok(Mail {
         message_id: p.message_id.clone(),
         from: p.from.as_deref().map(parse).transpose()?,
-        to: p.to.iter().map(|s| parse(s)).collect::<Result<_, _>>()?,
+        to: p
+            .outstanding()
+            .into_iter()
+            .map(parse)
+            .collect::<Result<_, _>>()?,
         bytes: p.bytes.clone(),
         deadline,
         prefer: p.prefer.clone(),
@@ -2384,7 +2507,7 @@ async fn purge_loop(inner: Arc<Inner>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mail::{Attempt, Reply};
+    use crate::mail::Attempt;
 
     /// An `unknown` message that took `p@` and refused `q@` for certain,
     /// retried for `r@` alone.
@@ -2393,7 +2516,9 @@ mod tests {
             message_id: "m".into(),
             state: State::Queued,
             from: None,
-            to: vec!["r@example.org".into()],
+            to: ["p@example.org", "q@example.org", "r@example.org"]
+                .map(String::from)
+                .to_vec(),
             bytes: Arc::from(&b"x"[..]),
             prefer: None,
             due_at: 0,
@@ -2432,6 +2557,7 @@ mod tests {
             relay: Some("r".into()),
             accepted: vec![],
             rejected: vec![],
+            deferred: vec![],
             attempts: vec![Attempt {
                 relay: "r".into(),
                 class: None,
@@ -2492,7 +2618,14 @@ mod tests {
         with_earlier_rounds(&mut s, &retried(&[]), &refusal);
         assert_eq!(s.state, State::Failed);
         assert_eq!(s.reason.as_deref(), Some("rejected"));
-        assert_eq!(addresses(&s).1.len(), 2);
+        assert_eq!(
+            addresses(&s).1,
+            vec![
+                ("q@example.org", 550),
+                ("p@example.org", 554),
+                ("r@example.org", 554)
+            ]
+        );
 
         // Deferred: still queued, and the earlier lists kept for later.
         let mut s = outcome(State::Queued, Some("all_relays_failed"), &[]);
@@ -2506,19 +2639,14 @@ mod tests {
 
     #[test]
     fn only_the_recipients_not_settled_for_certain_are_outstanding() {
-        let rcpt = || {
-            ["P@example.org", "q@example.org", "r@example.org"]
-                .map(String::from)
-                .to_vec()
-        };
-        let p = retried(&["p@example.org"]);
-        assert_eq!(
-            Pending::outstanding(rcpt(), &p.accepted, &p.rejected),
-            ["r@example.org"]
-        );
-        assert_eq!(Pending::outstanding(rcpt(), &[], &[]), rcpt());
+        let mut p = retried(&["P@example.org"]);
+        assert_eq!(p.outstanding(), ["r@example.org"]);
+        let all = ["p@example.org", "q@example.org", "r@example.org"];
         // Every one settled: all of them, rather than a round with none.
-        let all: Vec<String> = vec!["p@example.org".into(), "r@example.org".into()];
-        assert_eq!(Pending::outstanding(rcpt(), &all, &p.rejected), rcpt());
+        p.accepted.push("r@example.org".into());
+        assert_eq!(p.outstanding(), all);
+        p.accepted.clear();
+        p.rejected.clear();
+        assert_eq!(p.outstanding(), all);
     }
 }

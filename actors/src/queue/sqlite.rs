@@ -1216,7 +1216,7 @@ fn pending_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Pending> {
         message_id: r.get(0)?,
         state: rows::state(&r.get::<_, String>(1)?),
         from: r.get(2)?,
-        to: Pending::outstanding(lines(r.get(3)?), &accepted, &rejected),
+        to: lines(r.get(3)?),
         accepted,
         rejected,
         bytes: Arc::from(body),
