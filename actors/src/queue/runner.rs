@@ -1797,22 +1797,19 @@ impl Inner {
         let now = now_millis();
         let delay = match reason {
             Some(FailureReason::Unavailable) => Duration::ZERO,
-            // A relay has room again then; waiting messages
-            // spread over that much again, so that they do not
-            // all come back at once.
+            // A relay has room again then; waiting messages spread over that
+            // much again, so that they do not all come back at once.
             Some(FailureReason::RateLimited { wait_ms }) => {
                 let wait = Duration::from_millis(wait_ms.max(1));
                 wait + wait.mul_f64(rand::rng().random_range(0.0..=1.0))
             }
-            // The first round of a message (new, or retried by
-            // an operator) that found every relay backing off
-            // comes back when one may be tried (a second at
-            // least, for the relay's probe at the end of its
-            // backoff), spread as above, if that is sooner
-            // than its first retry. Only the first: during an
-            // outage a message follows the relays' backoff
-            // once, then its own retry schedule, so that a
-            // long queue is not rewritten each time a relay's
+            // The first round of a message (new, or retried by an operator)
+            // that found every relay backing off comes back when one may be
+            // tried (a second at least, for the relay's probe at the end of
+            // its backoff), spread as above, if that is sooner than its
+            // first retry. Only the first: during an outage a message
+            // follows the relays' backoff once, then its own retry schedule,
+            // so that a long queue is not rewritten each time a relay's
             // backoff ends.
             Some(FailureReason::RelaysBackingOff { wait_ms }) if p.rounds == 0 => {
                 let wait = Duration::from_millis(wait_ms).max(RELAY_PROBE_ALLOWANCE);
