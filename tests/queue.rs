@@ -206,6 +206,18 @@ async fn status_of(peer: &Peer<RoleClient>, id: &str) -> Value {
     c.value().cloned().unwrap_or(Value::Null)
 }
 
+/// Calls `cancel_message` on the message `id`.
+async fn cancel(peer: &Peer<RoleClient>, id: &str) -> Call {
+    call(
+        peer,
+        "cancel",
+        "cancel_message",
+        json!({ "message_id": id }),
+        LIMIT,
+    )
+    .await
+}
+
 /// Waits until the message is in a final state; returns its status.
 async fn settled(peer: &Peer<RoleClient>, id: &str, limit: Duration) -> Value {
     let start = std::time::Instant::now();
@@ -674,14 +686,7 @@ async fn cancelling_a_message_whose_recipient_waits_for_a_retry_stops_the_retry(
     let c = send(d.peer(), msg("deferred, cancelled", json!({ "to": THREE }))).await;
     assert_eq!(c.status(), Some("queued"), "{c:?}");
     let id = c.message_id().unwrap().to_string();
-    let cancel = call(
-        d.peer(),
-        "cancel",
-        "cancel_message",
-        json!({ "message_id": id }),
-        LIMIT,
-    )
-    .await;
+    let cancel = cancel(d.peer(), &id).await;
     let v = cancel.value().unwrap();
     assert_eq!(v["cancelled"], true, "{v}");
     assert_eq!(
@@ -1065,14 +1070,7 @@ async fn a_cancel_refused_during_a_round_does_not_start_another() {
     let id = queued.message_id().unwrap().to_string();
     let held = support::wait_until(|| smtp.commands(Phase::Rcpt) >= 1, LIMIT).await;
     assert!(held, "the round never reached RCPT");
-    let cancel = call(
-        d.peer(),
-        "cancel",
-        "cancel_message",
-        json!({ "message_id": id }),
-        LIMIT,
-    )
-    .await;
+    let cancel = cancel(d.peer(), &id).await;
     assert_eq!(cancel.error_code(), Some("not_cancellable"), "{cancel:?}");
     assert_eq!(cancel.value().unwrap()["status"], "sending", "{cancel:?}");
 
@@ -1182,14 +1180,7 @@ async fn deferred_mail_is_retried_expired_or_cancelled() {
     let doomed_id = doomed.message_id().unwrap().to_string();
     let mut cancelled = None;
     for _ in 0..50 {
-        let c = call(
-            d.peer(),
-            "cancel",
-            "cancel_message",
-            json!({"message_id": doomed_id}),
-            LIMIT,
-        )
-        .await;
+        let c = cancel(d.peer(), &doomed_id).await;
         if c.value().unwrap()["cancelled"] == true {
             cancelled = Some(c);
             break;
@@ -1199,14 +1190,7 @@ async fn deferred_mail_is_retried_expired_or_cancelled() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(cancelled.is_some(), "never cancellable");
-    let again = call(
-        d.peer(),
-        "cancel",
-        "cancel_message",
-        json!({"message_id": doomed_id}),
-        LIMIT,
-    )
-    .await;
+    let again = cancel(d.peer(), &doomed_id).await;
     assert_eq!(again.error_code(), Some("not_cancellable"));
     assert!(
         again.value().unwrap()["error"]["message"]
@@ -2418,14 +2402,7 @@ async fn a_read_only_store_is_a_start_up_error_and_loses_nothing() {
     let d = Daemon::start(&fs.0, &cfg).await;
     let st = status_of(d.peer(), &id).await;
     assert_eq!(st["status"], "scheduled", "{st}");
-    let c = call(
-        d.peer(),
-        "cancel",
-        "cancel_message",
-        json!({"message_id": id}),
-        LIMIT,
-    )
-    .await;
+    let c = cancel(d.peer(), &id).await;
     assert_eq!(c.status(), Some("cancelled"), "{c:?}");
     d.stop().await;
     assert!(smtp.received().is_empty(), "a scheduled message was sent");

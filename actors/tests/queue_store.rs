@@ -467,24 +467,26 @@ async fn retries(store: &dyn Store) {
     // those before the lost one took it or were refused for certain, so a
     // forced retry goes only to the others, and carries the earlier lists
     // for the outcome to keep.
-    let split = NewMessage {
+    // Both cases are a message to p, q and r that p took and q refused.
+    let three = |id| NewMessage {
         to: ["p@example.org", "q@example.org", "r@example.org"]
             .map(String::from)
             .to_vec(),
-        ..message("split", None)
+        ..message(id, None)
     };
-    store.accept(split).await.unwrap();
-    store.mark("split").await.unwrap();
     let refused = RejectedRecord {
         address: "q@example.org".into(),
         code: 550,
         text: "5.1.1 no such user".into(),
     };
-    let lost = Settle {
+    let p_took_q_refused = |state, next_attempt_at| Settle {
         accepted: vec!["p@example.org".into()],
         rejected: vec![refused.clone()],
-        ..settle(State::Unknown, None)
+        ..settle(state, next_attempt_at)
     };
+    store.accept(three("split")).await.unwrap();
+    store.mark("split").await.unwrap();
+    let lost = p_took_q_refused(State::Unknown, None);
     store.settle("split", lost).await.unwrap();
     assert_eq!(store.retry("split", true).await.unwrap(), Retry::Queued);
     let loaded = [
@@ -511,19 +513,9 @@ async fn retries(store: &dyn Store) {
 
     // A round that delivered to some recipients and deferred the others:
     // queued, its lists kept, due again for the others alone.
-    let deferral = NewMessage {
-        to: ["p@example.org", "q@example.org", "r@example.org"]
-            .map(String::from)
-            .to_vec(),
-        ..message("deferral", None)
-    };
-    store.accept(deferral).await.unwrap();
+    store.accept(three("deferral")).await.unwrap();
     store.mark("deferral").await.unwrap();
-    let took_some = Settle {
-        accepted: vec!["p@example.org".into()],
-        rejected: vec![refused.clone()],
-        ..settle(State::Queued, Some(now_millis() - 1))
-    };
+    let took_some = p_took_q_refused(State::Queued, Some(now_millis() - 1));
     store.settle("deferral", took_some).await.unwrap();
     let r = store.get("deferral").await.unwrap().unwrap();
     assert_eq!(r.state, State::Queued);

@@ -469,20 +469,30 @@ impl Pending {
     /// (`accepted`) nor were refused for good (`rejected`) in an earlier
     /// round; all of them when that leaves none.
     pub fn outstanding(&self) -> Vec<&str> {
-        let all = self.to.iter().map(String::as_str);
-        if self.accepted.is_empty() && self.rejected.is_empty() {
-            return all.collect();
+        let left = unsettled(&self.to, &self.accepted, &self.rejected);
+        if left.is_empty() {
+            self.to.iter().map(String::as_str).collect()
+        } else {
+            left
         }
-        let settled = |a: &str| {
-            self.accepted.iter().any(|x| x.eq_ignore_ascii_case(a))
-                || self
-                    .rejected
-                    .iter()
-                    .any(|x| x.address.eq_ignore_ascii_case(a))
-        };
-        let left: Vec<&str> = all.clone().filter(|a| !settled(a)).collect();
-        if left.is_empty() { all.collect() } else { left }
     }
+}
+
+/// The recipients of `to` that are in neither `accepted` nor `rejected`
+/// (compared without regard to case), in `to`'s order.
+fn unsettled<'a>(
+    to: &'a [String],
+    accepted: &[String],
+    rejected: &[RejectedRecord],
+) -> Vec<&'a str> {
+    let settled = |a: &str| {
+        accepted.iter().any(|x| x.eq_ignore_ascii_case(a))
+            || rejected.iter().any(|x| x.address.eq_ignore_ascii_case(a))
+    };
+    to.iter()
+        .map(String::as_str)
+        .filter(|a| !settled(a))
+        .collect()
 }
 
 impl Record {
@@ -493,14 +503,10 @@ impl Record {
         if !matches!(self.state, State::Queued | State::Sending) || self.accepted.is_empty() {
             return Vec::new();
         }
-        let settled = |a: &str| {
-            self.accepted.iter().any(|x| x.eq_ignore_ascii_case(a))
-                || self
-                    .rejected
-                    .iter()
-                    .any(|x| x.address.eq_ignore_ascii_case(a))
-        };
-        self.to.iter().filter(|a| !settled(a)).cloned().collect()
+        unsettled(&self.to, &self.accepted, &self.rejected)
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
     }
 }
 
