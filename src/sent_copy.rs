@@ -1,7 +1,9 @@
 //! The copy of each sent message in the account's Sent folder, for relays
 //! with `[relays.sent_copy]`: SMTP submission files no copy, so after a
-//! relay took a message (`sent` or `partial`) mailmux APPENDs exactly the
-//! bytes it sent over IMAP, with the `\Seen` flag and the message's date.
+//! relay took a message (`sent` or `partial`, or for some recipients while
+//! others were deferred: the first round that delivered, once) mailmux
+//! APPENDs exactly the bytes it sent over IMAP, with the `\Seen` flag and
+//! the message's date.
 //!
 //! The copy runs off the delivery path: the queue's observer hands each
 //! delivered message to its relay's copier (a bounded channel), and at most

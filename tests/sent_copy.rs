@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use common::StdioDaemon;
 use futures::TryStreamExt;
 use serde_json::{Value, json};
-use support::fault_smtp::{FaultSmtp, Options, Script};
+use support::fault_smtp::{Action, FaultSmtp, Options, Script, Share};
 use support::postgres::Postgres;
 use support::tls::TestCa;
 
@@ -883,4 +883,158 @@ async fn copies_across_a_crash(first: Option<&str>, second: Option<&str>, pause:
     let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
     assert!(!log.contains(PASS), "the password is not in the log");
     assert!(!crashed_log.contains("News."), "no message body in the log");
+}
+
+/// A relay that defers `deferred` (452, mailbox full) at its first
+/// `times` RCPTs and takes every other recipient.
+async fn smtp_deferring(deferred: &[(&str, u64)]) -> FaultSmtp {
+    let script = deferred.iter().fold(Script::ok(), |s, (address, times)| {
+        s.on_rcpt_share(
+            address,
+            Action::reply(452, "4.2.2 Mailbox full"),
+            Share::FirstN(*times),
+        )
+    });
+    FaultSmtp::start_with(
+        script,
+        Options {
+            auth: Some((USER.into(), PASS.into())),
+            ..Options::default()
+        },
+    )
+    .await
+}
+
+/// [`config`] whose deferred messages wait an hour for their retry.
+fn config_hourly_retries(dir: &Path, smtp: u16, imap: u16) -> String {
+    let file = format!("path = \"{}\"", dir.join("queue.db").display());
+    config(dir, smtp, imap, "folder = \"Sent Messages\"").replacen(
+        &file,
+        &format!("{file}\nretry_base = \"1h\"\nretry_max = \"1h\""),
+        1,
+    )
+}
+
+/// Sends to `to` (the second recipient deferred): answered `queued`; its id.
+async fn send_deferred(d: &StdioDaemon, to: [&str; 2]) -> String {
+    let out = d
+        .call(
+            "send_email",
+            json!({ "to": to, "subject": "Minutes", "body": "The minutes.\n" }),
+        )
+        .await;
+    assert_eq!(out["status"], "queued", "{out}");
+    assert_eq!(out["deferred"], json!([to[1]]), "{out}");
+    out["message_id"].as_str().unwrap().to_string()
+}
+
+/// How many messages of the Sent folder carry Message-ID `id`.
+async fn filed(imap: &Dovecot, id: &str) -> usize {
+    let header = format!("Message-ID: <{id}>");
+    imap.messages("Sent Messages")
+        .await
+        .iter()
+        .filter(|(_, bytes)| String::from_utf8_lossy(bytes).contains(&header))
+        .count()
+}
+
+/// A message some of whose recipients are deferred is filed in the Sent
+/// folder as soon as the first of them has it, not when the deferred ones
+/// get it, and once: the round that delivers to the deferred recipient
+/// later files nothing, and a message cancelled while its deferred
+/// recipient waits has its copy all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_with_a_deferred_recipient_is_filed_at_its_first_delivery_and_once() {
+    let imap = Dovecot::start();
+    let sink = smtp_deferring(&[("full@example.net", 1), ("away@example.net", 1000)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = StdioDaemon::start(
+        dir.path(),
+        &config_hourly_retries(dir.path(), sink.port(), imap.port),
+    )
+    .await;
+
+    let retried = send_deferred(&d, ["alice@example.net", "full@example.net"]).await;
+    assert_eq!(
+        copy_status(&d, &retried).await,
+        json!({ "status": "copied" })
+    );
+    let s = d
+        .call("get_message_status", json!({ "message_id": retried }))
+        .await;
+    assert_eq!(s["status"], "queued", "filed while the retry waits: {s}");
+    assert_eq!(filed(&imap, &retried).await, 1);
+    let (code, out, err) = common::queue_cmd(dir.path(), &["retry", &retried]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = d
+            .call("get_message_status", json!({ "message_id": retried }))
+            .await;
+        if s["status"] == "sent" {
+            assert_eq!(s["sent_copy"], json!({ "status": "copied" }), "{s}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never sent: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rounds: Vec<Vec<String>> = sink.delivered().into_iter().map(|t| t.rcpt_to).collect();
+    assert_eq!(
+        rounds,
+        [
+            vec!["alice@example.net".to_string()],
+            vec!["full@example.net".to_string()]
+        ]
+    );
+
+    let cancelled = send_deferred(&d, ["bob@example.net", "away@example.net"]).await;
+    let c = d
+        .call("cancel_message", json!({ "message_id": cancelled }))
+        .await;
+    assert_eq!(c["cancelled"], true, "{c}");
+    assert_eq!(
+        copy_status(&d, &cancelled).await,
+        json!({ "status": "copied" })
+    );
+    // The last round's copy, had it filed one, would be there by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(filed(&imap, &retried).await, 1, "filed once");
+    assert_eq!(filed(&imap, &cancelled).await, 1);
+    assert_eq!(imap.count("Sent Messages").await, 2);
+    d.stop().await;
+}
+
+/// The copy of a message whose deferred recipient still waits, left
+/// pending by a SIGKILL (the IMAP server never greeted), is made at the next
+/// start, once, while the message keeps waiting for its retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_messages_copy_left_pending_at_a_crash_is_made_at_the_next_start() {
+    let imap = Dovecot::start();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let sink = smtp_deferring(&[("away@example.net", 1000)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let stuck = config_hourly_retries(dir.path(), sink.port(), silent.local_addr().unwrap().port());
+    let d = StdioDaemon::start(dir.path(), &stuck).await;
+    let id = send_deferred(&d, ["alice@example.net", "away@example.net"]).await;
+    let s = d
+        .call("get_message_status", json!({ "message_id": id }))
+        .await;
+    assert_eq!(s["sent_copy"], json!({ "status": "pending" }), "{s}");
+    d.kill().await;
+    drop(silent);
+
+    let working = config_hourly_retries(dir.path(), sink.port(), imap.port);
+    let again = StdioDaemon::start(dir.path(), &working).await;
+    assert_eq!(
+        copy_status(&again, &id).await,
+        json!({ "status": "copied" })
+    );
+    let s = again
+        .call("get_message_status", json!({ "message_id": id }))
+        .await;
+    assert_eq!(s["status"], "queued", "{s}");
+    assert_eq!(s["deferred"], json!(["away@example.net"]), "{s}");
+    assert_eq!(filed(&imap, &id).await, 1);
+    assert_eq!(sink.delivered().len(), 1, "nothing sent again");
+    again.stop().await;
 }

@@ -264,9 +264,11 @@ pub(crate) fn partly_deferred(
             first.address, first.reply.code, first.reply.text
         ));
     }
-    said.push_str(&format!("; {took} have the message"));
+    let have = if took == 1 { "has" } else { "have" };
+    said.push_str(&format!("; {took} {have} the message"));
     if refused > 0 {
-        said.push_str(&format!(", {refused} were refused"));
+        let were = if refused == 1 { "was" } else { "were" };
+        said.push_str(&format!(", {refused} {were} refused"));
     }
     if let Some(why) = why {
         said.push_str(&format!(" ({why})"));

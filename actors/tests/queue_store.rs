@@ -1248,6 +1248,61 @@ async fn copies(store: &dyn Store) {
     assert_eq!(c2.sent_copy.as_deref(), Some("copied"));
     assert!(store.load("c2").await.unwrap().is_none(), "bytes dropped");
     assert_eq!(store.stats().await.unwrap().copies_pending, 1);
+
+    // A round that delivered to some recipients and deferred the others
+    // records the copy too, on a message still queued; whatever the message
+    // becomes while its copy is pending, its bytes stay for the copy.
+    let took_some = |next_attempt_at| Settle {
+        copy: true,
+        body: None,
+        accepted: vec!["b@example.org".into()],
+        ..settle(State::Queued, Some(next_attempt_at))
+    };
+    for id in ["c4", "c5", "c6"] {
+        store.accept(message(id, None)).await.unwrap();
+        store.mark(id).await.unwrap();
+    }
+    store
+        .settle("c4", took_some(now_millis() + 3_600_000))
+        .await
+        .unwrap();
+    store
+        .settle("c5", took_some(now_millis() - 1))
+        .await
+        .unwrap();
+    store
+        .settle("c6", took_some(now_millis() + 3_600_000))
+        .await
+        .unwrap();
+    assert_eq!(store.stats().await.unwrap().copies_pending, 4);
+    let c4 = store.load("c4").await.unwrap().unwrap();
+    assert!(c4.copied, "a later round files no second copy");
+    assert_eq!(c4.outstanding(), ["c@example.org"]);
+    // c5: its copy is made, then its last round: the bytes go then.
+    store.note_copy("c5", "copied").await.unwrap();
+    assert!(
+        store.load("c5").await.unwrap().is_some(),
+        "kept for the retry"
+    );
+    assert_eq!(store.due(now_millis(), 100).await.unwrap(), ["c5"]);
+    store.mark("c5").await.unwrap();
+    let rest = Settle {
+        accepted: vec!["b@example.org".into(), "c@example.org".into()],
+        ..settle(State::Sent, None)
+    };
+    store.settle("c5", rest).await.unwrap();
+    assert!(store.load("c5").await.unwrap().is_none(), "bytes dropped");
+    // c6: cancelled while its copy is pending: the bytes stay for the copy,
+    // and go with its outcome.
+    assert_eq!(store.cancel("c6").await.unwrap(), Cancel::Cancelled);
+    assert!(
+        store.load("c6").await.unwrap().is_some(),
+        "kept for the copy"
+    );
+    store.note_copy("c6", "copied").await.unwrap();
+    assert!(store.load("c6").await.unwrap().is_none(), "bytes dropped");
+    // c4 stays queued with its copy pending.
+    assert_eq!(store.stats().await.unwrap().copies_pending, 2);
 }
 
 #[tokio::test]
@@ -1260,13 +1315,8 @@ async fn a_pending_copy_survives_a_reopen_with_its_bytes() {
     drop(store);
     let again = SqliteStore::open(&path).unwrap();
     let due = again.pending_copies(settled, true).await.unwrap();
-    assert_eq!(
-        due,
-        [CopyDue {
-            message_id: "c1".into(),
-            relay: "r".into()
-        }]
-    );
+    // c4's message is still queued for its deferred recipient.
+    assert_eq!(due, copies_due(&["c1", "c4"]));
     // Settled at or after `before` (in this run): not a leftover.
     assert!(again.pending_copies(0, true).await.unwrap().is_empty());
     // One daemon owns the file: there is no other daemon's copy to take.
@@ -1280,6 +1330,7 @@ async fn a_pending_copy_survives_a_reopen_with_its_bytes() {
     let c1 = again.load("c1").await.unwrap().unwrap();
     assert_eq!(c1.to, message("c1", None).to);
     again.note_copy("c1", "copied").await.unwrap();
+    again.note_copy("c4", "copied").await.unwrap();
     assert!(
         again
             .pending_copies(settled, true)
@@ -1288,6 +1339,24 @@ async fn a_pending_copy_survives_a_reopen_with_its_bytes() {
             .is_empty()
     );
     assert!(again.load("c1").await.unwrap().is_none());
+    assert!(again.load("c4").await.unwrap().is_some(), "c4 is queued");
+}
+
+/// The copies [`copies`] leaves pending, as a store lists them.
+fn copies_due(ids: &[&str]) -> Vec<CopyDue> {
+    ids.iter()
+        .map(|id| CopyDue {
+            message_id: (*id).into(),
+            relay: "r".into(),
+        })
+        .collect()
+}
+
+/// [`Store::pending_copies`], in the order of the ids.
+async fn pending_copies_sorted(store: &dyn Store, before: i64, mine: bool) -> Vec<CopyDue> {
+    let mut due = store.pending_copies(before, mine).await.unwrap();
+    due.sort_by(|a, b| a.message_id.cmp(&b.message_id));
+    due
 }
 
 #[tokio::test]
@@ -1299,7 +1368,8 @@ async fn the_memory_store_records_pending_copies_too() {
         .await
         .unwrap();
     assert!(store.get("c1").await.unwrap().is_none());
-    assert_eq!(store.stats().await.unwrap().copies_pending, 0);
+    // c4 is still queued: not purged, its copy still pending.
+    assert_eq!(store.stats().await.unwrap().copies_pending, 1);
 }
 
 #[tokio::test]
@@ -1878,16 +1948,14 @@ async fn postgres_pending_copies_of_a_stopped_daemon_are_taken_over_once() {
         b.pending_copies(later, false).await.unwrap().is_empty(),
         "a is alive: its copy is its own"
     );
-    let c1 = [CopyDue {
-        message_id: "c1".into(),
-        relay: "r".into(),
-    }];
+    // c4's message is still queued for its deferred recipient.
+    let due = copies_due(&["c1", "c4"]);
     let restarted = PgStore::open(&pg(&url, "a")).await.unwrap();
-    assert_eq!(restarted.pending_copies(later, true).await.unwrap(), c1);
+    assert_eq!(pending_copies_sorted(&restarted, later, true).await, due);
     // a stops for good: not seen for a lease.
     let db = url.rsplit('/').next().unwrap();
     server.psql(db, "UPDATE mailmux_nodes SET seen_at = 0 WHERE node = 'a'");
-    assert_eq!(b.pending_copies(later, false).await.unwrap(), c1);
+    assert_eq!(pending_copies_sorted(&b, later, false).await, due);
     assert!(
         b.pending_copies(later, false).await.unwrap().is_empty(),
         "taken over once"

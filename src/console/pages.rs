@@ -866,6 +866,7 @@ mod tests {
             only: None,
             accepted: vec![],
             rejected: vec![],
+            copied: false,
         };
         let summary = Summary {
             message_id: "m1@example.org".into(),

@@ -234,7 +234,7 @@ impl Store for MemoryStore {
         let was_pending = pending(&row.record);
         if s.copy {
             row.record.sent_copy = Some("pending".to_owned());
-        } else if !s.state.keeps_body() {
+        } else if !s.state.keeps_body() && !was_pending {
             row.body = None;
         }
         // A message stored by `accept_marked` gets its bytes from the
@@ -270,7 +270,11 @@ impl Store for MemoryStore {
             return Ok(Cancel::Refused(state));
         }
         mem.enter(message_id, State::Cancelled, None, now_millis())?;
-        mem.row(message_id)?.1.body = None;
+        let (_, row) = mem.row(message_id)?;
+        // Kept for a Sent copy still to be made.
+        if !pending(&row.record) {
+            row.body = None;
+        }
         Ok(Cancel::Cancelled)
     }
 
@@ -380,6 +384,7 @@ impl Store for MemoryStore {
             to: r.to.clone(),
             accepted: r.accepted.clone(),
             rejected: r.rejected.clone(),
+            copied: r.sent_copy.is_some(),
             bytes: body.clone(),
             prefer: r.prefer.clone(),
             due_at: r.due_at,

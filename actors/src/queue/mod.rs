@@ -277,6 +277,7 @@ impl NewMessage {
             only: self.only.clone(),
             accepted: Vec::new(),
             rejected: Vec::new(),
+            copied: false,
         }
     }
 
@@ -462,6 +463,10 @@ pub struct Pending {
     /// transactions that an operator sent again (`queue retry --force`).
     pub accepted: Vec<String>,
     pub rejected: Vec<RejectedRecord>,
+    /// An earlier round's relay took the message for some recipients and
+    /// its Sent copy was recorded (pending, made or failed): no later round
+    /// files another.
+    pub copied: bool,
 }
 
 impl Pending {
@@ -964,7 +969,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// for it; a message purged meanwhile is left alone.
     async fn note_copy(&self, message_id: &str, outcome: &str) -> Result<(), StoreError>;
     /// Sent copies still `pending`, for this daemon to make: with `mine`,
-    /// its own of messages settled before `before` (the copies a crash
+    /// its own of messages last changed before `before` (the copies a crash
     /// interrupted, at the next start); on a shared store, also those of
     /// daemons not seen within one lease, taken over. A store that records
     /// no pending copy has none.

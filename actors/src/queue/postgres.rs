@@ -772,7 +772,8 @@ async fn settle_loop(pool: PgPool, node: String, mut rx: mpsc::UnboundedReceiver
                     relay = COALESCE(l.relay, m.relay), accepted = l.accepted,
                     rejected = l.rejected, reason = l.reason, note = l.note,
                     next_attempt_at = l.next_at,
-                    body = CASE WHEN l.keep THEN COALESCE(m.body, l.body) ELSE NULL END,
+                    body = CASE WHEN l.keep OR m.sent_copy = 'pending'
+                                THEN COALESCE(m.body, l.body) ELSE NULL END,
                     lease_until = NULL,
                     sent_copy = CASE WHEN l.copy THEN 'pending' ELSE m.sent_copy END,
                     copy_node = CASE WHEN l.copy THEN $14 ELSE m.copy_node END,
@@ -1671,7 +1672,8 @@ impl Store for PgStore {
                   FROM mailmux_messages WHERE message_id = $1 FOR UPDATE),
              u AS (
                 UPDATE mailmux_messages m SET state = 'cancelled', updated_at = $2,
-                    finished_at = $2, next_attempt_at = NULL, body = NULL, lease_until = NULL,
+                    finished_at = $2, next_attempt_at = NULL, lease_until = NULL,
+                    body = CASE WHEN m.sent_copy = 'pending' THEN m.body END,
                     lease_epoch = m.lease_epoch + 1, ",
             history!("4"),
             " FROM cur WHERE m.seq = cur.seq AND cur.free
@@ -1897,7 +1899,7 @@ impl Store for PgStore {
     async fn load(&self, message_id: &str) -> Result<Option<Pending>, StoreError> {
         let row = sqlx::query(
             "SELECT message_id, state, mail_from, rcpt, body, prefer, due_at, rounds, caller,
-                    meta, relays, accepted, rejected
+                    meta, relays, accepted, rejected, sent_copy IS NOT NULL AS copied
                FROM mailmux_messages WHERE message_id = $1 AND body IS NOT NULL",
         )
         .bind(message_id)
@@ -1912,7 +1914,7 @@ impl Store for PgStore {
         // body; only the rows within `max_bytes` are read whole.
         sqlx::query(
             "SELECT message_id, state, mail_from, rcpt, body, prefer, due_at, rounds, caller,
-                    meta, relays, accepted, rejected
+                    meta, relays, accepted, rejected, sent_copy IS NOT NULL AS copied
                FROM mailmux_messages
               WHERE seq IN (
                     SELECT seq FROM (
@@ -2091,7 +2093,7 @@ impl Store for PgStore {
             db_now!(),
             " END
               WHERE m.sent_copy = 'pending'
-                AND CASE WHEN m.copy_node = $1 THEN $4 AND m.finished_at < $2
+                AND CASE WHEN m.copy_node = $1 THEN $4 AND COALESCE(m.finished_at, m.updated_at) < $2
                     ELSE COALESCE(m.copy_claimed_at, 0) < ",
             db_now!(),
             " - $3
@@ -2177,6 +2179,7 @@ fn pending(r: &PgRow) -> Result<Pending, sqlx::Error> {
         to: lines(r.try_get("rcpt")?),
         accepted,
         rejected,
+        copied: r.try_get("copied")?,
         bytes: Arc::from(body),
         prefer: r.try_get("prefer")?,
         due_at: r.try_get("due_at")?,

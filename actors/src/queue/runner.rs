@@ -194,7 +194,8 @@ impl<'a> Event<'a> {
     }
 }
 
-/// A message a relay took (`sent` or `partial`), with the exact bytes it
+/// A message a relay took for the first time (`sent`, `partial`, or
+/// `queued` while some recipients were deferred), with the exact bytes it
 /// was given: what a copy in the Sent folder files. The bytes are the body:
 /// never log them.
 #[derive(Debug)]
@@ -211,7 +212,8 @@ pub struct Delivered<'a> {
 pub trait Observer: Send + Sync + std::fmt::Debug {
     fn event(&self, e: &Event<'_>);
 
-    /// A relay took a message, once its outcome is stored.
+    /// A relay took a message whose copy it files ([`Observer::copies`]):
+    /// once the outcome, with the copy pending, is stored.
     fn delivered(&self, _d: &Delivered<'_>) {}
 
     /// Whether it files a copy of what `relay` takes (then the settle
@@ -1782,7 +1784,14 @@ impl Inner {
                 None,
             ));
         }
-        settle.copy = matches!(settle.state, State::Sent | State::Partial)
+        // The Sent copy is filed by the first round whose relay took the
+        // message for some recipient: a deferral round too, so that the copy
+        // does not wait for the deferred ones (and is made when they are
+        // then cancelled or expire).
+        let took_some = matches!(settle.state, State::Sent | State::Partial)
+            || (settle.state == State::Queued && settle.accepted.len() > p.accepted.len());
+        settle.copy = took_some
+            && !p.copied
             && match (&settle.relay, self.observer.get()) {
                 (Some(relay), Some(o)) => o.copies(relay),
                 _ => false,
@@ -1900,7 +1909,7 @@ impl Inner {
         } else {
             &p.to
         };
-        if let (State::Sent | State::Partial, Some(relay)) = (s.state, &s.relay) {
+        if let (true, Some(relay)) = (s.copy, &s.relay) {
             o.delivered(&Delivered {
                 message_id: &p.message_id,
                 relay,
@@ -2523,6 +2532,7 @@ mod tests {
             caller: None,
             meta: None,
             only: None,
+            copied: false,
             accepted: earlier_accepted.iter().map(|a| a.to_string()).collect(),
             rejected: vec![RejectedRecord {
                 address: "q@example.org".into(),

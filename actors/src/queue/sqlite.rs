@@ -1204,7 +1204,7 @@ const NEXT_RETRY_SQL: &str = "SELECT MIN(next_attempt_at) FROM messages INDEXED 
 
 /// A waiting message with its body ([`pending_row`]).
 const LOAD_SQL: &str = "SELECT message_id, state, mail_from, rcpt, body, prefer, due_at, rounds,
-                               caller, meta, relays, accepted, rejected
+                               caller, meta, relays, accepted, rejected, sent_copy IS NOT NULL
                           FROM messages WHERE message_id = ?1 AND body IS NOT NULL";
 
 /// A row of [`LOAD_SQL`].
@@ -1219,6 +1219,7 @@ fn pending_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Pending> {
         to: lines(r.get(3)?),
         accepted,
         rejected,
+        copied: r.get(13)?,
         bytes: Arc::from(body),
         prefer: r.get(5)?,
         due_at: r.get(6)?,
@@ -1428,7 +1429,7 @@ fn settle(c: &Tx<'_>, id: &str, s: &Settle, now: Millis) -> rusqlite::Result<boo
         "UPDATE messages SET state = ?2, updated_at = ?3, finished_at = ?4, committing = 0,
             rounds = rounds + 1, relay = COALESCE(?5, relay), accepted = ?6, rejected = ?7,
             reason = ?8, note = ?9, next_attempt_at = ?10,
-            body = CASE WHEN ?11 THEN COALESCE(body, ?14) ELSE NULL END,
+            body = CASE WHEN ?11 OR sent_copy = 'pending' THEN COALESCE(body, ?14) ELSE NULL END,
             sent_copy = CASE WHEN ?13 THEN 'pending' ELSE sent_copy END,
             attempt_log = COALESCE(attempt_log || char(10) || ?15, ?15, attempt_log), {}
          WHERE seq = ?1",
@@ -1464,7 +1465,9 @@ fn cancel(c: &Tx<'_>, id: &str, now: Millis) -> rusqlite::Result<Cancel> {
     }
     c.execute(
         "UPDATE messages SET state = 'cancelled', updated_at = ?2, finished_at = ?2,
-                next_attempt_at = NULL, body = NULL WHERE seq = ?1",
+                next_attempt_at = NULL,
+                body = CASE WHEN sent_copy = 'pending' THEN body ELSE NULL END
+          WHERE seq = ?1",
         params![seq, now],
     )?;
     event(c, seq, State::Cancelled, now)?;
@@ -1745,7 +1748,8 @@ impl Store for SqliteStore {
         self.read_delivery(move |c| {
             c.prepare_cached(
                 "SELECT message_id, COALESCE(relay, '') FROM messages
-                  WHERE sent_copy = 'pending' AND finished_at < ?1 ORDER BY seq",
+                  WHERE sent_copy = 'pending' AND COALESCE(finished_at, updated_at) < ?1
+                  ORDER BY seq",
             )?
             .query_map([before], |r| {
                 Ok(CopyDue {
