@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use mailmux_actors::queue::{Event, Observer};
+use mailmux_actors::queue::{Action, Event, Observer};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -378,11 +378,40 @@ impl Observer for Audit {
         if let Some(by) = e.decided_by {
             own.insert("decided_by".into(), json!(by));
         }
+        recipients_by_outcome(e, &mut own);
         if let Some(reason) = e.reason {
             line["event"]["reason"] = json!(reason);
         }
         line["mailmux"] = Value::Object(own);
         self.write(&line);
+    }
+}
+
+/// Which recipients had the message (`accepted`), were refused for good
+/// (`refused`, each with its SMTP code) and wait for a retry (`deferred`),
+/// on a line whose recipients did not all end alike: a `partial`, a
+/// `deferred` round, a `failed` message's refusals, and a message
+/// `cancelled`, `expired` or `unknown` after some recipients had it.
+fn recipients_by_outcome(e: &Event<'_>, own: &mut serde_json::Map<String, Value>) {
+    let mixed = !e.rejected.is_empty()
+        || !e.deferred.is_empty()
+        || (!e.accepted.is_empty() && e.action != Action::Sent);
+    if !mixed {
+        return;
+    }
+    if !e.accepted.is_empty() {
+        own.insert("accepted".into(), json!(e.accepted));
+    }
+    if !e.rejected.is_empty() {
+        let refused: Vec<Value> = e
+            .rejected
+            .iter()
+            .map(|r| json!({ "address": r.address, "smtp_code": r.code }))
+            .collect();
+        own.insert("refused".into(), Value::Array(refused));
+    }
+    if !e.deferred.is_empty() {
+        own.insert("deferred".into(), json!(e.deferred));
     }
 }
 

@@ -546,6 +546,22 @@ fn one_mailbox_full(deferrals: u64) -> Script {
 
 const THREE: [&str; 3] = ["a@example.org", "full@example.org", "b@example.org"];
 
+/// `cfg` with the audit log written to `audit.jsonl` in `dir`.
+fn with_audit(cfg: String, dir: &Path) -> String {
+    let audit = dir.join("audit.jsonl");
+    format!("{cfg}\n[audit]\npath = \"{}\"\n", audit.display())
+}
+
+/// The audit log's lines (of `with_audit`) about message `id`.
+fn audit_lines(dir: &Path, id: &str) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("audit.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|l: &Value| l["email"]["message_id"] == id)
+        .collect()
+}
+
 /// Each of `to` at the sink exactly once, in transactions that all carry
 /// message `id`.
 fn each_delivered_once(smtp: &FaultSmtp, id: &str, to: &[&str]) {
@@ -608,12 +624,7 @@ async fn a_recipient_a_server_defers_gets_the_message_at_a_retry_and_the_others_
 async fn a_deferred_recipient_survives_a_sigkill_and_gets_the_message_once_after_it() {
     let (smtp, dir, cfg, d) = setup(one_mailbox_full(1), "").await;
     d.stop().await;
-    let audit = dir.path().join("audit.jsonl");
-    let cfg = format!(
-        "{}\n[audit]\npath = \"{}\"\n",
-        hourly_retries(cfg),
-        audit.display()
-    );
+    let cfg = with_audit(hourly_retries(cfg), dir.path());
     let d = Daemon::start(dir.path(), &cfg).await;
     let c = send(d.peer(), msg("deferred", json!({ "to": THREE }))).await;
     assert_eq!(c.status(), Some("queued"), "{c:?}");
@@ -661,19 +672,30 @@ async fn a_deferred_recipient_survives_a_sigkill_and_gets_the_message_once_after
     );
     each_delivered_once(&smtp, &id, &THREE);
     d.stop().await;
-    // The audit log has the round that deferred, then the outcome.
-    let lines: Vec<Value> = std::fs::read_to_string(&audit)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .filter(|l: &Value| l["email"]["message_id"] == id.as_str())
-        .collect();
+    // The audit log has the round that deferred, with who has the message
+    // and who waits, then the outcome, which every recipient shares.
+    let lines = audit_lines(dir.path(), &id);
     let actions: Vec<&str> = lines
         .iter()
         .map(|l| l["event"]["action"].as_str().unwrap())
         .collect();
     assert_eq!(actions, ["accepted", "deferred", "sent"], "{lines:?}");
-    assert_eq!(lines[1]["mailmux"]["relay"], "sink", "{lines:?}");
+    let deferral = &lines[1]["mailmux"];
+    assert_eq!(deferral["relay"], "sink", "{lines:?}");
+    assert_eq!(
+        deferral["accepted"],
+        json!(["a@example.org", "b@example.org"]),
+        "{lines:?}"
+    );
+    assert_eq!(
+        deferral["deferred"],
+        json!(["full@example.org"]),
+        "{lines:?}"
+    );
+    assert!(deferral.get("refused").is_none(), "{lines:?}");
+    for key in ["accepted", "refused", "deferred"] {
+        assert!(lines[2]["mailmux"].get(key).is_none(), "{lines:?}");
+    }
 }
 
 /// Cancelling a message whose deferred recipient waits for its retry stops
@@ -682,7 +704,7 @@ async fn a_deferred_recipient_survives_a_sigkill_and_gets_the_message_once_after
 async fn cancelling_a_message_whose_recipient_waits_for_a_retry_stops_the_retry() {
     let (smtp, dir, cfg, d) = setup(one_mailbox_full(1), "").await;
     d.stop().await;
-    let d = Daemon::start(dir.path(), &hourly_retries(cfg)).await;
+    let d = Daemon::start(dir.path(), &with_audit(hourly_retries(cfg), dir.path())).await;
     let c = send(d.peer(), msg("deferred, cancelled", json!({ "to": THREE }))).await;
     assert_eq!(c.status(), Some("queued"), "{c:?}");
     let id = c.message_id().unwrap().to_string();
@@ -712,6 +734,14 @@ async fn cancelling_a_message_whose_recipient_waits_for_a_retry_stops_the_retry(
     assert_eq!(smtp.delivered().len(), 1, "the deferred one never got it");
     each_delivered_once(&smtp, &id, &["a@example.org", "b@example.org"]);
     d.stop().await;
+    let lines = audit_lines(dir.path(), &id);
+    let cancelled = lines.last().unwrap();
+    assert_eq!(cancelled["event"]["action"], "cancelled", "{lines:?}");
+    assert_eq!(
+        cancelled["mailmux"]["accepted"],
+        json!(["a@example.org", "b@example.org"]),
+        "who had it: {lines:?}"
+    );
 }
 
 /// A recipient still deferred when `max_age` ends is refused with its 4xx,
@@ -721,7 +751,7 @@ async fn cancelling_a_message_whose_recipient_waits_for_a_retry_stops_the_retry(
 async fn a_recipient_deferred_until_max_age_ends_is_refused_and_the_message_is_partial() {
     let (smtp, dir, cfg, d) = setup(one_mailbox_full(u64::MAX), "max_age = \"3s\"").await;
     d.stop().await;
-    let cfg = hourly_retries(cfg);
+    let cfg = with_audit(hourly_retries(cfg), dir.path());
     let d = Daemon::start(dir.path(), &cfg).await;
     // Retried once, when max_age is about to end, and deferred again.
     let c = send(d.peer(), msg("always full", json!({ "to": THREE }))).await;
@@ -777,6 +807,27 @@ async fn a_recipient_deferred_until_max_age_ends_is_refused_and_the_message_is_p
         "one transaction for each message"
     );
     d.stop().await;
+    // Each partial line says who had it and who was refused: with the
+    // server's 452 from the last round, and with 451 when the expiry came
+    // after a restart, which has no reply of its own.
+    for (id, code) in [(&first, 452), (&id, 451)] {
+        let lines = audit_lines(dir.path(), id);
+        let partial = lines.last().unwrap();
+        assert_eq!(partial["event"]["action"], "partial", "{lines:?}");
+        assert_eq!(
+            partial["mailmux"]["accepted"],
+            json!(["a@example.org", "b@example.org"]),
+            "{lines:?}"
+        );
+        assert_eq!(
+            partial["mailmux"]["refused"][0]["address"], "full@example.org",
+            "{lines:?}"
+        );
+        assert_eq!(
+            partial["mailmux"]["refused"][0]["smtp_code"], code,
+            "{lines:?}"
+        );
+    }
 }
 
 /// Killed between two transactions of one message (the server took the

@@ -1089,6 +1089,12 @@ async fn held_messages_go_out_only_when_a_person_approves() {
         .unwrap();
     assert_eq!(sent["mailmux"]["smtp_code"], 250);
     assert_eq!(sent["mailmux"]["relay"], "sink");
+    for key in ["accepted", "refused", "deferred"] {
+        assert!(
+            sent["mailmux"].get(key).is_none(),
+            "every recipient had it: {sent}"
+        );
+    }
     assert_eq!(actions(&id), ["held", "expired"]);
 }
 

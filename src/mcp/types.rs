@@ -895,7 +895,7 @@ impl SendResult {
             relay: r.relay.clone(),
             accepted: r.accepted.clone(),
             rejected: r.rejected.iter().map(Into::into).collect(),
-            deferred: r.deferred(),
+            deferred: r.deferred().into_iter().map(String::from).collect(),
             attempts: r.attempts.iter().map(Into::into).collect(),
             message: r.note.clone(),
             envelope: Some(Envelope::of(r)),
@@ -1062,7 +1062,7 @@ impl From<&Record> for MessageStatusResult {
             next_attempt_at: r.next_attempt_at.map(rfc3339),
             accepted: r.accepted.clone(),
             rejected: r.rejected.iter().map(Into::into).collect(),
-            deferred: r.deferred(),
+            deferred: r.deferred().into_iter().map(String::from).collect(),
             attempts: r.attempts.iter().map(Into::into).collect(),
             history: r
                 .history

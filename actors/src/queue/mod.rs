@@ -485,7 +485,7 @@ impl Pending {
 
 /// The recipients of `to` that are in neither `accepted` nor `rejected`
 /// (compared without regard to case), in `to`'s order.
-fn unsettled<'a>(
+pub(crate) fn unsettled<'a>(
     to: &'a [String],
     accepted: &[String],
     rejected: &[RejectedRecord],
@@ -504,14 +504,11 @@ impl Record {
     /// The recipients that wait for a retry while others already have the
     /// message: those an earlier round deferred. Empty unless the message
     /// is `queued` or `sending` with some recipients `accepted`.
-    pub fn deferred(&self) -> Vec<String> {
+    pub fn deferred(&self) -> Vec<&str> {
         if !matches!(self.state, State::Queued | State::Sending) || self.accepted.is_empty() {
             return Vec::new();
         }
         unsettled(&self.to, &self.accepted, &self.rejected)
-            .into_iter()
-            .map(str::to_owned)
-            .collect()
     }
 }
 

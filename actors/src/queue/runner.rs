@@ -173,6 +173,12 @@ pub struct Event<'a> {
     pub reason: Option<&'a str>,
     /// Who approved or rejected it.
     pub decided_by: Option<&'a str>,
+    /// The recipients that have the message for certain.
+    pub accepted: &'a [String],
+    /// The recipients refused for good, each with its reply.
+    pub rejected: &'a [RejectedRecord],
+    /// The recipients that wait for a retry while others have the message.
+    pub deferred: Vec<&'a str>,
 }
 
 impl<'a> Event<'a> {
@@ -190,6 +196,9 @@ impl<'a> Event<'a> {
             code: r.attempts.iter().rev().find_map(|a| a.code),
             reason: r.reason.as_deref(),
             decided_by: decided_by.or(r.decided_by.as_deref()),
+            accepted: &r.accepted,
+            rejected: &r.rejected,
+            deferred: r.deferred(),
         }
     }
 }
@@ -1929,6 +1938,13 @@ impl Inner {
             code: s.attempts.iter().rev().find_map(|a| a.code),
             reason: s.reason.as_deref(),
             decided_by: None,
+            accepted: &s.accepted,
+            rejected: &s.rejected,
+            deferred: if s.state == State::Queued {
+                super::unsettled(&p.to, &s.accepted, &s.rejected)
+            } else {
+                Vec::new()
+            },
         });
     }
 
