@@ -342,6 +342,7 @@ async fn status_shows_every_relay_and_no_secret() {
         "weight",
         "state",
         "consecutive_failures",
+        "relapses",
         "in_flight",
         "connections",
         "counters",

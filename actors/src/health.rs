@@ -57,6 +57,14 @@ pub(crate) struct Health {
     settings: HealthSettings,
     pub(crate) state: State,
     pub(crate) consecutive_failures: u32,
+    /// A probe passed while the relay was down, and no delivery has ended
+    /// since: the next one tells whether the probe can be trusted.
+    on_probation: bool,
+    /// Times in a row the relay passed a probe and then failed the next
+    /// delivery, as one that answers NOOP but hangs at MAIL does. Each
+    /// doubles the backoff, which a passed probe would otherwise bring back
+    /// to `backoff_base` every time; a delivery resets it.
+    pub(crate) relapses: u32,
     failures_in_window: VecDeque<Instant>,
     pub(crate) counters: Counters,
     latencies: VecDeque<Duration>,
@@ -70,6 +78,8 @@ impl Health {
             settings,
             state: State::Healthy,
             consecutive_failures: 0,
+            on_probation: false,
+            relapses: 0,
             failures_in_window: VecDeque::new(),
             counters: Counters::default(),
             latencies: VecDeque::with_capacity(LATENCY_WINDOW),
@@ -82,11 +92,21 @@ impl Health {
     /// itself works.
     pub(crate) fn on_success(&mut self, latency: Duration) {
         self.record_latency(latency);
-        self.recover();
+        self.on_probation = false;
+        self.relapses = 0;
+        self.healthy();
     }
 
-    /// A probe succeeded.
+    /// A probe succeeded: the relay takes traffic again, and when it was
+    /// down, its next delivery is on probation.
     pub(crate) fn recover(&mut self) {
+        if self.state != State::Healthy || self.consecutive_failures > 0 {
+            self.on_probation = true;
+        }
+        self.healthy();
+    }
+
+    fn healthy(&mut self) {
         if self.state != State::Disabled {
             self.state = State::Healthy;
         }
@@ -107,6 +127,10 @@ impl Health {
             class,
             FailureClass::RelayFault | FailureClass::Transient | FailureClass::Unknown
         ) {
+            if self.on_probation {
+                self.on_probation = false;
+                self.relapses = self.relapses.saturating_add(1);
+            }
             self.record_failure(now, detail, rng);
         }
     }
@@ -116,8 +140,9 @@ impl Health {
         self.record_failure(now, detail, rng);
     }
 
-    /// Backs off for longer with each consecutive failure, and opens the
-    /// circuit when `circuit_failures` fall within `circuit_window`.
+    /// Backs off for longer with each consecutive failure (and each
+    /// relapse), and opens the circuit when `circuit_failures` fall within
+    /// `circuit_window`.
     fn record_failure(&mut self, now: Instant, detail: &str, rng: &mut impl Rng) {
         self.last_error = Some(detail.to_owned());
         if self.state == State::Disabled {
@@ -132,7 +157,7 @@ impl Health {
                 break;
             }
         }
-        let delay = self.backoff(self.consecutive_failures, rng);
+        let delay = self.backoff(self.consecutive_failures.saturating_add(self.relapses), rng);
         let open = self.failures_in_window.len() as u32 >= self.settings.circuit_failures;
         self.state = if open || matches!(self.state, State::CircuitOpen { .. }) {
             State::CircuitOpen { until: now + delay }
@@ -156,6 +181,8 @@ impl Health {
     pub(crate) fn reset(&mut self) {
         self.state = State::Healthy;
         self.consecutive_failures = 0;
+        self.on_probation = false;
+        self.relapses = 0;
         self.failures_in_window.clear();
     }
 
@@ -259,6 +286,66 @@ mod tests {
             &mut rng,
         );
         assert!(matches!(h.state, State::BackingOff { .. }));
+    }
+
+    /// The backoff of a failure at `now`, in seconds (`backoff_base` is 1 s).
+    fn backed_off(h: &mut Health, now: Instant, rng: &mut StdRng) -> f64 {
+        h.on_failure(now, FailureClass::RelayFault, "timed out at MAIL", rng);
+        match h.state {
+            State::BackingOff { until } | State::CircuitOpen { until } => {
+                (until - now).as_secs_f64()
+            }
+            other => panic!("not backing off: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_relay_that_passes_probes_but_fails_deliveries_backs_off_longer_each_time() {
+        let mut h = Health::new(HealthSettings {
+            backoff_max: Duration::from_secs(64),
+            circuit_failures: 1000,
+            ..settings()
+        });
+        let mut rng = StdRng::seed_from_u64(5);
+        let now = Instant::now();
+        // Fails, passes its probe, fails the next delivery: the backoff
+        // doubles with each round, though the probe said it was healthy.
+        for full in [1.0, 2.0, 4.0, 8.0, 16.0] {
+            let d = backed_off(&mut h, now, &mut rng);
+            assert!(d >= full / 2.0 && d <= full, "{d}s, expected up to {full}s");
+            h.recover();
+            assert_eq!(h.state, State::Healthy);
+        }
+        assert_eq!(h.relapses, 4);
+        // One delivery that works: back to the first backoff.
+        h.on_success(Duration::from_millis(5));
+        assert_eq!(h.relapses, 0);
+        let d = backed_off(&mut h, now, &mut rng);
+        assert!(d <= 1.0, "{d}s");
+    }
+
+    #[test]
+    fn one_failure_after_a_long_outage_is_one_relapse_not_the_outage() {
+        let mut h = Health::new(HealthSettings {
+            backoff_max: Duration::from_secs(64),
+            circuit_failures: 1000,
+            ..settings()
+        });
+        let mut rng = StdRng::seed_from_u64(9);
+        let now = Instant::now();
+        backed_off(&mut h, now, &mut rng);
+        for _ in 0..10 {
+            h.on_probe_failure(now, "connection refused", &mut rng);
+        }
+        h.recover();
+        let d = backed_off(&mut h, now, &mut rng);
+        assert!(d <= 2.0, "{d}s");
+        // A probe of a relay that was never down puts nothing on probation.
+        let mut fresh = Health::new(settings());
+        fresh.recover();
+        let d = backed_off(&mut fresh, now, &mut rng);
+        assert!(d <= 1.0, "{d}s");
+        assert_eq!(fresh.relapses, 0);
     }
 
     #[test]

@@ -484,6 +484,7 @@ pub(crate) fn relay_status(
         weight: s.weight,
         state: shared.state().view(Instant::now()),
         consecutive_failures: health.map_or(0, |h| h.consecutive_failures),
+        relapses: health.map_or(0, |h| h.relapses),
         in_flight: shared.in_flight.load(Ordering::Acquire),
         connections: shared.open.load(Ordering::Acquire),
         counters: health.map(|h| h.counters.clone()).unwrap_or_default(),

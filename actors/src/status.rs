@@ -93,6 +93,8 @@ pub struct RelayStatus {
     pub weight: u32,
     pub state: RelayState,
     pub consecutive_failures: u32,
+    /// Times in a row the relay passed a probe and then failed a delivery.
+    pub relapses: u32,
     pub in_flight: usize,
     /// Open connections, idle or busy.
     pub connections: usize,

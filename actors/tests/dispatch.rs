@@ -1299,6 +1299,56 @@ async fn no_reply_after_the_dot_is_unknown_within_the_data_timeout() {
     assert!(b.received().is_empty());
 }
 
+/// A relay that answers its probes (connect, EHLO, NOOP) but hangs at
+/// MAIL: each probe it passes brings it back, and each message then waits
+/// for its timeout before the backup takes it. Each such relapse doubles
+/// its backoff, so it takes fewer messages hostage each time, where every
+/// passed probe used to bring it back to `backoff_base`. One message it
+/// delivers ends that.
+#[tokio::test]
+async fn a_relay_that_passes_probes_but_hangs_at_mail_backs_off_longer_each_time() {
+    let a = FaultSmtp::start(Script::ok().on(Phase::Mail, Action::Hang)).await;
+    let b = FaultSmtp::start(Script::ok()).await;
+    let mut primary = relay("primary", a.port(), 10);
+    primary.timeouts = Timeouts::uniform(Duration::from_millis(300));
+    primary.health.backoff_base = Duration::from_millis(300);
+    primary.health.backoff_max = Duration::from_secs(30);
+    primary.health.circuit_failures = 1000;
+    let d = Dispatcher::start(settings(
+        vec![primary, relay("backup", b.port(), 1)],
+        Strategy::Priority,
+    ))
+    .await
+    .unwrap();
+    let mut backoffs = Vec::new();
+    for round in 0..3 {
+        let r = d.send(mail()).await;
+        assert_eq!(r.relay.as_deref(), Some("backup"), "{round}: {r:?}");
+        assert_eq!(r.attempts[0].relay, "primary", "{round}: {r:?}");
+        let st = d.status().await.unwrap();
+        backoffs.push(st.relays[0].state.retry_in().expect("backing off"));
+        // Its probe passes once the backoff runs out.
+        let start = Instant::now();
+        while !matches!(
+            d.status().await.unwrap().relays[0].state,
+            RelayState::Healthy
+        ) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{round}: never probed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Up to 300 ms, then 300 to 600, then 600 to 1,200 (equal jitter).
+    assert!(backoffs[0] <= Duration::from_millis(300), "{backoffs:?}");
+    assert!(backoffs[2] > Duration::from_millis(450), "{backoffs:?}");
+    assert!(backoffs[2] > backoffs[0], "{backoffs:?}");
+    assert_eq!(d.status().await.unwrap().relays[0].relapses, 2);
+    assert_eq!(a.delivered().len(), 0);
+    assert_eq!(b.delivered().len(), 3);
+}
+
 #[tokio::test]
 async fn a_hang_at_each_phase_is_bounded_and_the_actors_stay_responsive() {
     for phase in [

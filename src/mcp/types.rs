@@ -1245,6 +1245,10 @@ pub struct RelayOut {
     /// `healthy`, `backing_off`, `circuit_open` or `disabled`.
     pub state: String,
     pub consecutive_failures: u32,
+    /// Times in a row the relay passed its probe and then failed the next
+    /// delivery (one that answers NOOP but hangs at MAIL, say); each doubles
+    /// its backoff. A delivery resets it.
+    pub relapses: u32,
     /// Seconds until the relay is tried again, when it is not healthy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_retry_secs: Option<f64>,
@@ -1272,6 +1276,7 @@ impl From<&RelayStatus> for RelayOut {
             weight: r.weight,
             state: r.state.as_str().to_string(),
             consecutive_failures: r.consecutive_failures,
+            relapses: r.relapses,
             next_retry_secs: r.state.retry_in().map(secs),
             in_flight: r.in_flight,
             connections: r.connections,
