@@ -70,7 +70,13 @@ pub(crate) fn list_sql(p: char, filter: &Filter) -> String {
     };
     let by = listed_by(filter).map_or(String::new(), |by| {
         let (column, n) = by.column();
-        format!("{column} = {p}{n} AND ")
+        // The term that tells SQLite its partial index by state serves it.
+        let not_sent = if by == ListedBy::State && p == '?' {
+            "state <> 'sent' AND "
+        } else {
+            ""
+        };
+        format!("{not_sent}{column} = {p}{n} AND ")
     });
     let any = |column: &str, n: u8| format!("({p}{n}{cast} IS NULL OR {column} = {p}{n})");
     format!(
