@@ -70,8 +70,9 @@ pub(crate) fn list_sql(p: char, filter: &Filter) -> String {
     };
     let by = listed_by(filter).map_or(String::new(), |by| {
         let (column, n) = by.column();
-        // The term that tells SQLite its partial index by state serves it.
-        let not_sent = if by == ListedBy::State && p == '?' {
+        // The term that tells the planner its partial index by state
+        // serves it.
+        let not_sent = if by == ListedBy::State {
             "state <> 'sent' AND "
         } else {
             ""
