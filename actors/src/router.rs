@@ -242,6 +242,15 @@ impl RouterState {
                 };
                 let reason = if all(FailureClass::Busy) {
                     FailureReason::Busy
+                } else if all(FailureClass::Unsupported)
+                    && let Some(wait) = self.untried_down(&flight, now)
+                {
+                    // Too large for the relays tried, or needing SMTPUTF8
+                    // they lack: a relay that may take it is down, not
+                    // refusing, so the message waits for it.
+                    FailureReason::RelaysBackingOff {
+                        wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                    }
                 } else if all(FailureClass::Unsupported) {
                     if flight
                         .attempts
@@ -397,6 +406,23 @@ impl RouterState {
             .map(|e| e.shared.state().view(now).retry_in())
             .collect::<Option<Vec<Duration>>>()?
             .into_iter()
+            .min()
+    }
+
+    /// How long until the first relay that may take the message, has not
+    /// tried it and is down now (backing off, or its circuit open) may be
+    /// tried; `None` when there is no such relay.
+    fn untried_down(&self, flight: &Flight, now: Instant) -> Option<Duration> {
+        let only = flight.mail.only.as_deref();
+        self.table
+            .iter()
+            .filter(|e| {
+                e.actor.is_some()
+                    && !flight.tried.iter().any(|t| t == e.name())
+                    && only.is_none_or(|only| only.iter().any(|n| n == e.name()))
+                    && !e.shared.available(now)
+            })
+            .filter_map(|e| e.shared.state().view(now).retry_in())
             .min()
     }
 

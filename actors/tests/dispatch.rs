@@ -1094,6 +1094,52 @@ async fn a_message_over_every_relays_size_fails_too_large_and_nothing_is_sent() 
     );
 }
 
+/// A message too large for the relay that is up, while the one that would
+/// take it is backing off, is not refused for good: it fails as the relays
+/// backing off, which the queue retries, and goes to the large relay once
+/// it is back.
+#[tokio::test]
+async fn a_message_too_large_for_the_relay_up_waits_for_a_larger_one_that_is_down() {
+    let small = FaultSmtp::start_with(
+        Script::ok(),
+        Options {
+            size: Some(1_000),
+            ..Options::default()
+        },
+    )
+    .await;
+    let large = FaultSmtp::start(Script::ok().on_share(
+        Phase::Greeting,
+        Action::reply(421, "4.3.2 down for a moment"),
+        support::fault_smtp::Share::FirstN(1),
+    ))
+    .await;
+    let mut first = relay("large", large.port(), 10);
+    first.health.backoff_base = Duration::from_millis(400);
+    first.health.backoff_max = Duration::from_millis(400);
+    let d = by_priority(vec![first, relay("small", small.port(), 1)]).await;
+    // The large relay fails and backs off; the small one takes this one.
+    let r = d.send(mail()).await;
+    assert_eq!(r.relay.as_deref(), Some("small"), "{r:?}");
+    let big = sized(mail(), 3_000);
+    let id = big.message_id.clone();
+    let r = d.send(big.clone()).await;
+    assert_eq!(r.status, Status::Failed, "{r:?}");
+    assert!(
+        matches!(r.failure, Some(FailureReason::RelaysBackingOff { wait_ms }) if wait_ms <= 400),
+        "{r:?}"
+    );
+    assert_eq!(r.attempts.len(), 1, "{r:?}");
+    assert_eq!(r.attempts[0].class, Some(FailureClass::Unsupported));
+    // Once its backoff ends, the large relay takes it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = d.send(big).await;
+    assert_eq!(r.status, Status::Sent, "{r:?}");
+    assert_eq!(r.relay.as_deref(), Some("large"), "{r:?}");
+    assert_eq!(copies(&large, &id), 1);
+    assert_eq!(small.commands(Phase::Mail), 1, "only the small message");
+}
+
 #[tokio::test]
 async fn aiosmtpd_with_a_size_limit_gets_the_messages_under_it_and_none_over_it() {
     use support::aiosmtpd::{Aiosmtpd, AiosmtpdOptions};
