@@ -288,6 +288,16 @@ mod tests {
         assert!(matches!(h.state, State::BackingOff { .. }));
     }
 
+    /// A relay whose circuit never opens, with room to double its backoff
+    /// six times.
+    fn without_circuit() -> Health {
+        Health::new(HealthSettings {
+            backoff_max: Duration::from_secs(64),
+            circuit_failures: 1000,
+            ..settings()
+        })
+    }
+
     /// The backoff of a failure at `now`, in seconds (`backoff_base` is 1 s).
     fn backed_off(h: &mut Health, now: Instant, rng: &mut StdRng) -> f64 {
         h.on_failure(now, FailureClass::RelayFault, "timed out at MAIL", rng);
@@ -301,11 +311,7 @@ mod tests {
 
     #[test]
     fn a_relay_that_passes_probes_but_fails_deliveries_backs_off_longer_each_time() {
-        let mut h = Health::new(HealthSettings {
-            backoff_max: Duration::from_secs(64),
-            circuit_failures: 1000,
-            ..settings()
-        });
+        let mut h = without_circuit();
         let mut rng = StdRng::seed_from_u64(5);
         let now = Instant::now();
         // Fails, passes its probe, fails the next delivery: the backoff
@@ -326,11 +332,7 @@ mod tests {
 
     #[test]
     fn one_failure_after_a_long_outage_is_one_relapse_not_the_outage() {
-        let mut h = Health::new(HealthSettings {
-            backoff_max: Duration::from_secs(64),
-            circuit_failures: 1000,
-            ..settings()
-        });
+        let mut h = without_circuit();
         let mut rng = StdRng::seed_from_u64(9);
         let now = Instant::now();
         backed_off(&mut h, now, &mut rng);

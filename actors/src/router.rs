@@ -388,6 +388,16 @@ impl RouterState {
         }
     }
 
+    /// The relays that may take the message and have not tried it.
+    fn untried<'a>(&'a self, flight: &'a Flight) -> impl Iterator<Item = &'a RelayEntry> + 'a {
+        let only = flight.mail.only.as_deref();
+        self.table.iter().filter(move |e| {
+            e.actor.is_some()
+                && !flight.tried.iter().any(|t| t == e.name())
+                && only.is_none_or(|only| only.iter().any(|n| n == e.name()))
+        })
+    }
+
     /// When no relay was tried because each that may take the message is
     /// backing off or has its circuit open: how long until the first of
     /// them may be tried again.
@@ -395,14 +405,7 @@ impl RouterState {
         if !flight.attempts.is_empty() {
             return None;
         }
-        let only = flight.mail.only.as_deref();
-        self.table
-            .iter()
-            .filter(|e| {
-                e.actor.is_some()
-                    && !flight.tried.iter().any(|t| t == e.name())
-                    && only.is_none_or(|only| only.iter().any(|n| n == e.name()))
-            })
+        self.untried(flight)
             .map(|e| e.shared.state().view(now).retry_in())
             .collect::<Option<Vec<Duration>>>()?
             .into_iter()
@@ -413,15 +416,8 @@ impl RouterState {
     /// tried it and is down now (backing off, or its circuit open) may be
     /// tried; `None` when there is no such relay.
     fn untried_down(&self, flight: &Flight, now: Instant) -> Option<Duration> {
-        let only = flight.mail.only.as_deref();
-        self.table
-            .iter()
-            .filter(|e| {
-                e.actor.is_some()
-                    && !flight.tried.iter().any(|t| t == e.name())
-                    && only.is_none_or(|only| only.iter().any(|n| n == e.name()))
-                    && !e.shared.available(now)
-            })
+        self.untried(flight)
+            .filter(|e| !e.shared.available(now))
             .filter_map(|e| e.shared.state().view(now).retry_in())
             .min()
     }
