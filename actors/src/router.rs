@@ -208,7 +208,15 @@ impl RouterState {
                 return flight.answer(report);
             }
             let max = self.settings.max_attempts.max(1) as usize;
-            let pick = if flight.tried.len() >= max {
+            // A relay that could not take the message at all (too large
+            // for its SIZE, no SMTPUTF8) was sent nothing: it does not use
+            // up the message's attempts.
+            let passed_over = flight
+                .attempts
+                .iter()
+                .filter(|a| a.class == Some(FailureClass::Unsupported))
+                .count();
+            let pick = if flight.tried.len().saturating_sub(passed_over) >= max {
                 None
             } else {
                 self.choose(

@@ -1094,6 +1094,55 @@ async fn a_message_over_every_relays_size_fails_too_large_and_nothing_is_sent() 
     );
 }
 
+/// A relay too small for a message does not use up its `max_attempts`: with
+/// one attempt allowed, the message still goes to the next relay, which
+/// takes it.
+#[tokio::test]
+async fn a_relay_too_small_for_a_message_does_not_use_up_its_attempts() {
+    let one_attempt = |relays| async move {
+        Dispatcher::start(Settings {
+            router: RouterSettings {
+                strategy: Strategy::Priority,
+                max_attempts: 1,
+            },
+            ..settings(relays, Strategy::Priority)
+        })
+        .await
+        .unwrap()
+    };
+    let small = FaultSmtp::start_with(
+        Script::ok(),
+        Options {
+            size: Some(1_000),
+            ..Options::default()
+        },
+    )
+    .await;
+    let large = FaultSmtp::start(Script::ok()).await;
+    let d = one_attempt(vec![
+        relay("small", small.port(), 10),
+        relay("large", large.port(), 1),
+    ])
+    .await;
+    let big = sized(mail(), 5_000);
+    let id = big.message_id.clone();
+    let r = d.send(big).await;
+    assert_eq!(r.status, Status::Sent, "{r:?}");
+    assert_eq!(r.relay.as_deref(), Some("large"), "{r:?}");
+    assert_eq!(r.attempts[0].class, Some(FailureClass::Unsupported));
+    assert_eq!(copies(&large, &id), 1);
+    // A relay tried for real still counts: one attempt, no failover.
+    let flaky = FaultSmtp::start(Script::ok().on(Phase::Mail, Action::reply(451, "later"))).await;
+    let d = one_attempt(vec![
+        relay("flaky", flaky.port(), 10),
+        relay("large", large.port(), 1),
+    ])
+    .await;
+    let r = d.send(mail()).await;
+    assert_eq!(r.status, Status::Failed, "{r:?}");
+    assert_eq!(r.attempts.len(), 1, "{r:?}");
+}
+
 /// A message too large for the relay that is up, while the one that would
 /// take it is backing off, is not refused for good: it fails as the relays
 /// backing off, which the queue retries, and goes to the large relay once
