@@ -234,7 +234,7 @@ impl RouterState {
                     let report = failed(
                         &flight,
                         FailureReason::RateLimited {
-                            wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                            wait_ms: millis(wait),
                         },
                         format!(
                             "every relay that may take the message is at its rate limit; next turn in {:.1} s{}",
@@ -257,7 +257,7 @@ impl RouterState {
                     // they lack: a relay that may take it is down, not
                     // refusing, so the message waits for it.
                     FailureReason::RelaysBackingOff {
-                        wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                        wait_ms: millis(wait),
                     }
                 } else if all(FailureClass::Unsupported) {
                     if flight
@@ -271,7 +271,7 @@ impl RouterState {
                     }
                 } else if let Some(wait) = self.next_available(&flight, now) {
                     FailureReason::RelaysBackingOff {
-                        wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                        wait_ms: millis(wait),
                     }
                 } else {
                     FailureReason::AllRelaysFailed
@@ -485,4 +485,9 @@ fn failed(flight: &Flight, reason: FailureReason, message: String) -> Report {
         failure: Some(reason),
         message: Some(message),
     }
+}
+
+/// A wait in whole milliseconds, as a failure reason carries it.
+fn millis(wait: Duration) -> u64 {
+    u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)
 }

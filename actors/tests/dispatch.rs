@@ -1022,14 +1022,22 @@ fn sized(mut m: Mail, size: usize) -> Mail {
     m
 }
 
+/// A server that takes everything and announces this SIZE.
+async fn announcing_size(size: u64) -> FaultSmtp {
+    FaultSmtp::start_with(
+        Script::ok(),
+        Options {
+            size: Some(size),
+            ..Options::default()
+        },
+    )
+    .await
+}
+
 /// A primary and a backup relay whose servers announce these SIZEs.
 async fn sized_pair(primary: u64, backup: u64) -> (FaultSmtp, FaultSmtp, Dispatcher) {
-    let announcing = |size| Options {
-        size: Some(size),
-        ..Options::default()
-    };
-    let a = FaultSmtp::start_with(Script::ok(), announcing(primary)).await;
-    let b = FaultSmtp::start_with(Script::ok(), announcing(backup)).await;
+    let a = announcing_size(primary).await;
+    let b = announcing_size(backup).await;
     let d = by_priority(vec![
         relay("primary", a.port(), 10),
         relay("backup", b.port(), 1),
@@ -1100,24 +1108,11 @@ async fn a_message_over_every_relays_size_fails_too_large_and_nothing_is_sent() 
 #[tokio::test]
 async fn a_relay_too_small_for_a_message_does_not_use_up_its_attempts() {
     let one_attempt = |relays| async move {
-        Dispatcher::start(Settings {
-            router: RouterSettings {
-                strategy: Strategy::Priority,
-                max_attempts: 1,
-            },
-            ..settings(relays, Strategy::Priority)
-        })
-        .await
-        .unwrap()
+        let mut s = settings(relays, Strategy::Priority);
+        s.router.max_attempts = 1;
+        Dispatcher::start(s).await.unwrap()
     };
-    let small = FaultSmtp::start_with(
-        Script::ok(),
-        Options {
-            size: Some(1_000),
-            ..Options::default()
-        },
-    )
-    .await;
+    let small = announcing_size(1_000).await;
     let large = FaultSmtp::start(Script::ok()).await;
     let d = one_attempt(vec![
         relay("small", small.port(), 10),
@@ -1149,14 +1144,7 @@ async fn a_relay_too_small_for_a_message_does_not_use_up_its_attempts() {
 /// it is back.
 #[tokio::test]
 async fn a_message_too_large_for_the_relay_up_waits_for_a_larger_one_that_is_down() {
-    let small = FaultSmtp::start_with(
-        Script::ok(),
-        Options {
-            size: Some(1_000),
-            ..Options::default()
-        },
-    )
-    .await;
+    let small = announcing_size(1_000).await;
     let large = FaultSmtp::start(Script::ok().on_share(
         Phase::Greeting,
         Action::reply(421, "4.3.2 down for a moment"),

@@ -1797,8 +1797,8 @@ impl Inner {
         // message for some recipient: a deferral round too, so that the copy
         // does not wait for the deferred ones (and is made when they are
         // then cancelled or expire).
-        let took_some = matches!(settle.state, State::Sent | State::Partial)
-            || (settle.state == State::Queued && settle.accepted.len() > p.accepted.len());
+        let took_some =
+            matches!(settle.state, State::Sent | State::Partial) || deferral_round(&settle, p);
         settle.copy = took_some
             && !p.copied
             && match (&settle.relay, self.observer.get()) {
@@ -1905,9 +1905,7 @@ impl Inner {
         };
         let action = match Action::of_outcome(s.state) {
             Some(action) => action,
-            None if s.state == State::Queued && s.accepted.len() > p.accepted.len() => {
-                Action::Deferred
-            }
+            None if deferral_round(s, p) => Action::Deferred,
             None => return,
         };
         // A deferral names the recipients of its round; an outcome, all.
@@ -2271,6 +2269,12 @@ async fn first_round(
     // daemon's lease), so the store, not this round, has its state.
     let recorded = !matches!(result, Err(StoreError::Fenced(_)));
     (report, recorded.then_some(settle), lost)
+}
+
+/// Whether the round that settles `s` on `p` delivered to some recipients
+/// while it deferred others, which wait for a retry.
+fn deferral_round(s: &Settle, p: &Pending) -> bool {
+    s.state == State::Queued && s.accepted.len() > p.accepted.len()
 }
 
 fn mail_of(p: &Pending, deadline: Instant) -> Result<Mail, String> {
