@@ -896,45 +896,9 @@ fn spawn_writer(conn: Connection, owner: bool, sync_log: SyncLog) -> mpsc::Sende
     let (tx, rx) = mpsc::channel::<Work>();
     std::thread::Builder::new()
         .name("mailmux-queue-writer".into())
-        .spawn(move || {
-            as_batch_thread();
-            writer_loop(conn, rx, owner, sync_log)
-        })
+        .spawn(move || writer_loop(conn, rx, owner, sync_log))
         .expect("spawning the queue writer thread");
     tx
-}
-
-/// Puts the calling thread under Linux's `SCHED_BATCH` policy, at the same
-/// nice value (0) as the rest of the daemon. The writer wakes a few
-/// thousand times a second under load (each fsync's end, each write after
-/// an idle moment), and under the default policy each wake-up may preempt
-/// the tokio worker that serves the calls, which then waits for a core
-/// while the writer commits. A batch thread never preempts on waking: it
-/// takes an idle core, or its fair turn, so it gets as much CPU as before,
-/// and on an idle machine it runs at once as before (BENCHMARKS.md, "The
-/// queue's writer as a batch thread"). A thread started with another nice
-/// value, or a system that refuses, keeps the default policy.
-fn as_batch_thread() {
-    #[cfg(target_os = "linux")]
-    {
-        use thread_priority::{
-            NormalThreadSchedulePolicy, ThreadPriority, ThreadPriorityOsValue,
-            ThreadSchedulePolicy, set_thread_priority_and_policy, thread_native_id,
-        };
-        // The crate sets the nice value with the policy: only 0, this
-        // thread's own, is ever set.
-        match rustix::process::getpriority_process(None) {
-            Ok(0) => {}
-            _ => return,
-        }
-        if let Err(e) = set_thread_priority_and_policy(
-            thread_native_id(),
-            ThreadPriority::Os(ThreadPriorityOsValue::default()),
-            ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch),
-        ) {
-            tracing::debug!(error = ?e, "the queue's writer thread keeps the default scheduling policy");
-        }
-    }
 }
 
 /// The writer thread: takes every write waiting, runs them in one
@@ -2190,40 +2154,6 @@ mod tests {
         });
         running.await.unwrap();
         release
-    }
-
-    /// The scheduling policy and nice value of the calling thread, from
-    /// `/proc/thread-self/stat` (fields 41 and 19).
-    #[cfg(target_os = "linux")]
-    fn thread_policy_and_nice() -> (i64, i64) {
-        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-        // The fields after the command's closing parenthesis start at 3.
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        let fields: Vec<&str> = after.split(' ').collect();
-        (
-            fields[41 - 3].parse().unwrap(),
-            fields[19 - 3].parse().unwrap(),
-        )
-    }
-
-    #[cfg(target_os = "linux")]
-    #[tokio::test]
-    async fn the_writer_thread_runs_as_a_batch_thread_at_nice_zero() {
-        const SCHED_OTHER: i64 = 0;
-        const SCHED_BATCH: i64 = 3;
-        let (_dir, _log, store) = WatchedLog::store();
-        // The write runs on the writer thread.
-        let (policy, nice) = store
-            .write(|_, _| Ok(thread_policy_and_nice()))
-            .await
-            .unwrap();
-        let (_, ours) = thread_policy_and_nice();
-        assert_eq!(
-            nice, ours,
-            "the writer keeps the nice value it started with"
-        );
-        let expected = if ours == 0 { SCHED_BATCH } else { SCHED_OTHER };
-        assert_eq!(policy, expected);
     }
 
     #[tokio::test]
