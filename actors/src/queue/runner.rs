@@ -1916,7 +1916,9 @@ impl Inner {
         } else {
             &p.to
         };
-        if let (true, Some(relay)) = (s.copy, &s.relay) {
+        if s.copy
+            && let Some(relay) = &s.relay
+        {
             o.delivered(&Delivered {
                 message_id: &p.message_id,
                 relay,
