@@ -58,6 +58,9 @@ pub struct HttpSettings {
     pub max_sessions_per_caller: usize,
     /// TLS on the listeners (`tls_cert` and `tls_key`); none: plain HTTP.
     pub tls: Option<crate::mcp::tls::Identity>,
+    /// Failed authentications one peer address may make (`"10/min"`);
+    /// past them it is refused (429) until one refills. `None`: no limit.
+    pub auth_failures: Option<crate::policy::rate::RateRule>,
 }
 
 /// `/metrics`: who may read it, and where besides the HTTP listener.

@@ -1742,3 +1742,19 @@ fn random_configurations_load_or_are_refused_without_a_panic_or_a_secret() {
         "{loaded} loaded, {refused} refused"
     );
 }
+
+#[test]
+fn auth_failures_is_a_rate_or_off() {
+    let c = ok(None, &[]);
+    let rule = c.daemon.http.auth_failures.expect("on by default");
+    assert_eq!((rule.count, rule.period), (10, Duration::from_secs(60)));
+    let c = ok(None, &[("MAILMUX_HTTP__AUTH_FAILURES", "5/10s")]);
+    let rule = c.daemon.http.auth_failures.unwrap();
+    assert_eq!((rule.count, rule.period), (5, Duration::from_secs(10)));
+    let c = ok(None, &[("MAILMUX_HTTP__AUTH_FAILURES", "off")]);
+    assert!(c.daemon.http.auth_failures.is_none());
+    for bad in ["banana", "0/min", "recipients: 5/min", "5/never"] {
+        let e = err(None, &[("MAILMUX_HTTP__AUTH_FAILURES", bad)]);
+        assert_eq!(e.key, "http.auth_failures", "{bad}: {e}");
+    }
+}

@@ -227,7 +227,13 @@ async fn guards_token_host_origin_and_body_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_with_its_body_unread_closes_the_connection_and_says_so() {
     let smtp = Aiosmtpd::start();
-    let (base, stop, task) = in_process(&smtp, false).await;
+    let mut cfg = config(vec![relay("primary", smtp.port, 100)]);
+    cfg.daemon.http.token = Some(Secret::new(TOKEN));
+    cfg.daemon.http.body_limit = 64 * 1024;
+    // Twenty-one wrong tokens from one address: past the default count of
+    // failed authentications, which would answer 429 instead.
+    cfg.daemon.http.auth_failures = None;
+    let (base, stop, task) = in_process_with(cfg, false).await;
     let port = base.rsplit(':').next().unwrap().to_string();
     let ping = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
     let request = |token: &str, body: &str| {
@@ -1519,4 +1525,140 @@ async fn a_daemon_with_a_certificate_serves_https_and_a_reload_renews_it() {
     assert_eq!(health(trusting(&renewed)).await.unwrap(), 200);
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(!logged.contains("PRIVATE KEY"), "{logged}");
+}
+
+/// An address that fails authentication past `http.auth_failures` is
+/// refused (429, `Retry-After`) on every path but `/health`, even with the
+/// right token, and logged once; a failure refills and the right token
+/// works again. Wrong console sign-ins count the same as wrong bearer
+/// tokens, and no token reaches the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_refuses_an_address_that_fails_authentication_too_often() {
+    const OPS: &str = "ops-token-5be0c2";
+    let smtp = Aiosmtpd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("mailmux.toml");
+    std::fs::write(
+        &config,
+        "[[operators]]\nname = \"ops\"\ntoken_env = \"OPS_TOKEN\"\n",
+    )
+    .unwrap();
+    let log = dir.path().join("daemon.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_mailmux"))
+        .args(["serve", "--http", &format!("127.0.0.1:{port}")])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("MAILMUX_CONFIG", &config)
+        .env("MAILMUX_QUEUE__PATH", dir.path().join("queue.db"))
+        .env("SMTP_HOST", "127.0.0.1")
+        .env("SMTP_PORT", smtp.port.to_string())
+        .env("SMTP_USE_TLS", "false")
+        .env("SMTP_FROM_EMAIL", "sender@example.org")
+        .env("MAILMUX_HTTP_TOKEN", TOKEN)
+        .env("OPS_TOKEN", OPS)
+        // Three failures, one refilled every second.
+        .env("MAILMUX_HTTP__AUTH_FAILURES", "3/3s")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _daemon = Daemon(child);
+    let base = format!("http://127.0.0.1:{port}");
+    wait_health(&base).await;
+    let url = format!("{base}/mcp");
+    let http = reqwest::Client::new();
+    let body = init_body().to_string();
+    let initialize = |token: &'static str| {
+        post(&http, &url)
+            .bearer_auth(token)
+            .body(body.clone())
+            .send()
+    };
+
+    // Two wrong bearer tokens and one wrong console sign-in use up the
+    // three failures; the fourth failure is answered, and refuses.
+    assert_eq!(initialize("wrong-1").await.unwrap().status(), 401);
+    assert_eq!(initialize("wrong-2").await.unwrap().status(), 401);
+    let r = http
+        .post(format!("{base}/console/login"))
+        .form(&[("token", "wrong-3")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(initialize("wrong-4").await.unwrap().status(), 401);
+
+    // Refused now, the right tokens too, whatever the path.
+    let r = initialize(TOKEN).await.unwrap();
+    assert_eq!(r.status(), 429);
+    let wait: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=3).contains(&wait), "Retry-After {wait}");
+    let refusal: Value = r.json().await.unwrap();
+    assert!(
+        refusal["error"]
+            .as_str()
+            .unwrap()
+            .contains("too many failed authentications"),
+        "{refusal}"
+    );
+    for _ in 0..5 {
+        assert_eq!(initialize("wrong-5").await.unwrap().status(), 429);
+    }
+    let r = http
+        .post(format!("{base}/console/login"))
+        .form(&[("token", OPS)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429, "console sign-in with the right token");
+    let r = http.get(format!("{base}/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    let r = http.get(format!("{base}/health")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "/health needs no token and stays open");
+
+    // A failure refills within Retry-After: the right token works again,
+    // and a call goes through to the sink.
+    tokio::time::sleep(Duration::from_millis(wait * 1000 + 100)).await;
+    assert_eq!(initialize(TOKEN).await.unwrap().status(), 200);
+    let (is_error, out) = mcp_call(
+        &url,
+        Some(TOKEN),
+        "send_email",
+        json!({"to": "a@example.org", "subject": "after the refusal", "body": "b"}),
+    )
+    .await;
+    assert!(!is_error, "{out}");
+    assert_eq!(out["status"], "sent", "{out}");
+    let mail = smtp.wait_messages(1);
+    assert!(mail[0].contains("after the refusal"), "{}", mail[0]);
+    let r = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        r.lines()
+            .any(|l| l.starts_with("mailmux_http_refused_total{status=\"429\"} ")),
+        "the refusals are counted:\n{r}"
+    );
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let logged = text
+        .lines()
+        .filter(|l| l.contains("authentication failed too often"))
+        .count();
+    assert_eq!(logged, 1, "one line for the spell:\n{text}");
+    assert!(text.contains("127.0.0.1"), "{text}");
+    for secret in [TOKEN, OPS, "wrong-1", "wrong-3", "wrong-5"] {
+        assert!(!text.contains(secret), "{secret} reached the log:\n{text}");
+    }
 }

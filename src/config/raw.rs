@@ -81,6 +81,7 @@ pub(crate) const HTTP_KEYS: &[&str] = &[
     "max_sessions_per_caller",
     "tls_cert",
     "tls_key",
+    "auth_failures",
 ];
 
 pub(crate) const METRICS_KEYS: &[&str] = &["token", "token_file", "bind"];
@@ -292,6 +293,9 @@ pub(crate) struct RawHttp {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// Failed authentications one peer address may make, as a rate
+    /// (`"10/min"`), or `"off"`. Default: 10/min.
+    pub auth_failures: Option<String>,
 }
 
 /// `[metrics]`: `/metrics`.

@@ -38,6 +38,7 @@ const HTTP_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const HTTP_MAX_CONNECTIONS: usize = 1024;
 const HTTP_MAX_SESSIONS: usize = 1024;
 const HTTP_MAX_SESSIONS_PER_CALLER: usize = 64;
+const HTTP_AUTH_FAILURES: &str = "10/min";
 const HTTP_BIND: &str = "127.0.0.1:8025";
 /// Above the largest message (10 MiB) even after base64 in a JSON body.
 const HTTP_BODY_LIMIT: usize = 16 * 1024 * 1024;
@@ -634,6 +635,26 @@ fn http(
 
     let tls = tls_identity(ctx, &mut out, h)?;
 
+    let at = ctx.at("http.auth_failures");
+    let text = h.auth_failures.as_deref().unwrap_or(HTTP_AUTH_FAILURES);
+    let auth_failures = match text.trim() {
+        "off" => None,
+        text => {
+            let rule = crate::policy::rate::RateRule::parse(text).map_err(|m| {
+                at.err(format!(
+                    "{m}; or \"off\" for no limit on failed authentications"
+                ))
+            })?;
+            if rule.unit != crate::policy::rate::Unit::Messages {
+                return Err(at.err(format!(
+                    "{text:?}: this rate counts failed authentications; write e.g. \"10/min\""
+                )));
+            }
+            Some(rule)
+        }
+    };
+    leaf(&mut out, "auth_failures", json!(text.trim()), &at);
+
     top.insert("http".into(), Json::Object(out));
     Ok(HttpSettings {
         bind,
@@ -647,6 +668,7 @@ fn http(
         max_sessions,
         max_sessions_per_caller,
         tls,
+        auth_failures,
     })
 }
 

@@ -67,6 +67,8 @@ pub struct Guard {
     body_limit: usize,
     /// The callers and operators by token (the server's, as reloaded).
     server: Option<MailmuxServer>,
+    /// Failed authentications per peer address (the server's).
+    lockout: Option<Arc<super::lockout::Lockout>>,
 }
 
 impl Guard {
@@ -84,6 +86,7 @@ impl Guard {
                 .collect(),
             body_limit: http.body_limit,
             server: Some(server.clone()),
+            lockout: server.lockout().cloned(),
         }
     }
 
@@ -169,7 +172,44 @@ fn is_console(path: &str) -> bool {
     path == "/console" || path.starts_with("/console/")
 }
 
-async fn check(State(guard): State<Arc<Guard>>, mut req: Request, next: Next) -> Response {
+/// The request checks ([`checked`]), with the count of failed
+/// authentications: an address that failed too often is refused (429)
+/// before any check, on every path but `/health`, and a 401 from the
+/// checks or a handler (a wrong metrics token, a console sign-in) counts
+/// against its address.
+async fn check(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
+    let counted = guard.lockout.clone().zip(
+        req.extensions()
+            .get::<axum::extract::ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip()),
+    );
+    let Some((lockout, peer)) = counted.filter(|_| req.uri().path() != "/health") else {
+        return checked(guard, req, next).await;
+    };
+    if let Some(wait) = lockout.refused(peer) {
+        return refused_for(wait);
+    }
+    let resp = checked(guard, req, next).await;
+    if resp.status() == StatusCode::UNAUTHORIZED {
+        lockout.failed(peer);
+    }
+    resp
+}
+
+/// 429 to an address that failed authentication too often, with the whole
+/// seconds until one failure refills.
+fn refused_for(wait: Duration) -> Response {
+    let mut resp = refuse(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too many failed authentications from this address; try again later",
+    );
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from(secs.max(1)));
+    resp
+}
+
+async fn checked(guard: Arc<Guard>, mut req: Request, next: Next) -> Response {
     let authority = req
         .headers()
         .get(header::HOST)
@@ -1051,6 +1091,7 @@ mod tests {
             allowed_origins: origins.iter().map(|s| s.to_string()).collect(),
             body_limit: 10,
             server: None,
+            lockout: None,
         }
     }
 

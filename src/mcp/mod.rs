@@ -7,6 +7,7 @@
 pub mod approval;
 pub mod cancel;
 pub mod http;
+pub mod lockout;
 pub mod resources;
 pub mod schema;
 pub mod tasks;
@@ -60,6 +61,9 @@ struct State {
     /// buckets; rebuilt with the configuration.
     gate: RwLock<Arc<Gate>>,
     audit: Arc<Audit>,
+    /// Failed authentications per peer address, shared by every HTTP
+    /// listener (`http.auth_failures`, as the daemon started).
+    lockout: Option<Arc<lockout::Lockout>>,
     /// The web console's sessions and chart samples.
     console: crate::console::Console,
     /// The HTTP address served, when it is beyond loopback: a reload may
@@ -117,6 +121,12 @@ impl MailmuxServer {
                  is refused over HTTP (413) and dropped unread over stdio"
             );
         }
+        let lockout = config
+            .daemon
+            .http
+            .auth_failures
+            .as_ref()
+            .map(|rule| Arc::new(lockout::Lockout::new(rule)));
         MailmuxServer {
             state: Arc::new(State {
                 queue,
@@ -131,6 +141,7 @@ impl MailmuxServer {
                 cancellable: cancel::Calls::default(),
                 gate: RwLock::new(gate),
                 audit,
+                lockout,
                 console: crate::console::Console::default(),
                 exposed: std::sync::OnceLock::new(),
             }),
@@ -171,6 +182,12 @@ impl MailmuxServer {
             Ok(g) => Arc::clone(&g),
             Err(poisoned) => Arc::clone(&poisoned.into_inner()),
         }
+    }
+
+    /// The count of failed authentications per peer address, unless
+    /// `http.auth_failures` is off.
+    pub fn lockout(&self) -> Option<&Arc<lockout::Lockout>> {
+        self.state.lockout.as_ref()
     }
 
     pub fn audit(&self) -> &Arc<Audit> {

@@ -2123,6 +2123,7 @@ fn restart_only(old: &config::Config, new: &config::Config) -> Vec<String> {
         // New files are served at once; TLS on or off needs a new listener.
         (h.tls.is_some() != nh.tls.is_some(), "http.tls_cert"),
         (h.max_sessions != nh.max_sessions, "http.max_sessions"),
+        (h.auth_failures != nh.auth_failures, "http.auth_failures"),
         (
             h.max_sessions_per_caller != nh.max_sessions_per_caller,
             "http.max_sessions_per_caller",

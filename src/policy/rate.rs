@@ -75,7 +75,7 @@ impl RateRule {
         })
     }
 
-    fn quota(&self) -> Quota {
+    pub(crate) fn quota(&self) -> Quota {
         let burst = NonZeroU32::new(self.count).unwrap_or(NonZeroU32::MIN);
         let each = (self.period / self.count).max(Duration::from_nanos(1));
         Quota::with_period(each)

@@ -171,6 +171,9 @@ pub fn config(relays: Vec<RelaySettings>) -> Config {
                 max_sessions: 1024,
                 max_sessions_per_caller: 64,
                 tls: None,
+                auth_failures: Some(
+                    mailmux::policy::rate::RateRule::parse("10/min").expect("the default"),
+                ),
             },
             metrics: Default::default(),
             log_level: None,

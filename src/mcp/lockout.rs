@@ -1,0 +1,152 @@
+//! Failed authentication per peer address (`http.auth_failures`): a wrong
+//! or missing token on `/mcp`, the admin routes and `/metrics`, or a wrong
+//! token at the console's sign-in. Each address may fail as often as the
+//! rate allows (a governor keyed limiter, refilled evenly); past it every
+//! request from that address but `/health` is answered 429 until one
+//! failure refills, even one carrying a right token, so that a guess made
+//! while refused learns nothing. IPv6 addresses count by their /64, which
+//! one host usually holds whole.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use governor::DefaultKeyedRateLimiter;
+use governor::clock::Clock;
+
+use crate::policy::rate::RateRule;
+
+/// Past this many addresses known to the limiter, the ones that have
+/// refilled are forgotten.
+const FORGET_PAST: usize = 4096;
+
+#[derive(Debug)]
+pub struct Lockout {
+    limiter: DefaultKeyedRateLimiter<IpAddr>,
+    /// The refill of one failure (the rule's period over its count).
+    refill: Duration,
+    /// Until when each address is refused. An entry outlives its refusal
+    /// by one refill, so that an address that keeps guessing is logged
+    /// once, when it is first refused, and not at every refusal after.
+    refused: Mutex<HashMap<IpAddr, Instant>>,
+    rule: String,
+}
+
+impl Lockout {
+    pub fn new(rule: &RateRule) -> Lockout {
+        Lockout {
+            limiter: DefaultKeyedRateLimiter::keyed(rule.quota()),
+            refill: rule.period / rule.count.max(1),
+            refused: Mutex::new(HashMap::new()),
+            rule: rule.text.clone(),
+        }
+    }
+
+    /// How long `peer` is still refused, if it is.
+    pub fn refused(&self, peer: IpAddr) -> Option<Duration> {
+        let key = key(peer);
+        let now = Instant::now();
+        let refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        refused
+            .get(&key)
+            .and_then(|until| until.checked_duration_since(now))
+            .filter(|wait| !wait.is_zero())
+    }
+
+    /// Counts one failed authentication from `peer`; the time it is now
+    /// refused for when it has no failure left.
+    pub fn failed(&self, peer: IpAddr) -> Option<Duration> {
+        let key = key(peer);
+        if self.limiter.len() > FORGET_PAST {
+            self.limiter.retain_recent();
+        }
+        let not_until = self.limiter.check_key(&key).err()?;
+        let wait = not_until
+            .wait_time_from(self.limiter.clock().now())
+            .max(Duration::from_millis(1));
+        let now = Instant::now();
+        let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        let refill = self.refill;
+        refused.retain(|_, until| *until + refill > now);
+        if refused.insert(key, now + wait).is_none() {
+            tracing::warn!(
+                peer = %key,
+                auth_failures = %self.rule,
+                refused_for = %humantime::format_duration(Duration::from_secs(wait.as_secs().max(1))),
+                "authentication failed too often from this address: its requests are refused (429) until a failure refills"
+            );
+        }
+        Some(wait)
+    }
+}
+
+/// The address failures count against: IPv4 (also as IPv4-mapped IPv6)
+/// whole, IPv6 by its /64.
+fn key(peer: IpAddr) -> IpAddr {
+    match peer {
+        IpAddr::V4(_) => peer,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lockout(rate: &str) -> Lockout {
+        Lockout::new(&RateRule::parse(rate).unwrap())
+    }
+
+    #[test]
+    fn an_address_is_refused_past_its_failures_and_others_are_not() {
+        let l = lockout("3/min");
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        for _ in 0..3 {
+            assert_eq!(l.failed(a), None);
+            assert_eq!(l.refused(a), None);
+        }
+        let wait = l.failed(a).expect("the fourth failure refuses");
+        assert!(wait <= Duration::from_secs(20), "{wait:?}");
+        assert!(l.refused(a).is_some());
+        assert_eq!(l.refused(b), None);
+        assert_eq!(l.failed(b), None);
+    }
+
+    #[test]
+    fn a_refusal_ends_when_a_failure_refills() {
+        let l = lockout("2/200ms");
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        l.failed(a);
+        l.failed(a);
+        assert!(l.failed(a).is_some());
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(l.refused(a), None);
+        assert_eq!(l.failed(a), None, "one failure refilled");
+        assert!(l.failed(a).is_some());
+    }
+
+    #[test]
+    fn ipv6_counts_by_its_64_and_mapped_ipv4_as_ipv4() {
+        let l = lockout("1/min");
+        let one: IpAddr = "2001:db8:1:2::10".parse().unwrap();
+        let same: IpAddr = "2001:db8:1:2:ffff::1".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::10".parse().unwrap();
+        assert_eq!(l.failed(one), None);
+        assert!(l.failed(same).is_some());
+        assert!(l.refused(one).is_some());
+        assert_eq!(l.refused(other), None);
+        let v4: IpAddr = "198.51.100.7".parse().unwrap();
+        let mapped: IpAddr = "::ffff:198.51.100.7".parse().unwrap();
+        assert_eq!(l.failed(v4), None);
+        assert!(l.failed(mapped).is_some());
+        assert!(l.refused(v4).is_some());
+    }
+}
