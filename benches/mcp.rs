@@ -61,6 +61,10 @@ usage: cargo bench --bench mcp -- [options]
   --http-pool              the HTTP client (rmcp's, on reqwest) keeps its connections open
                            between calls; without it, rmcp's default client opens a new
                            connection for every request
+  --http-modern            the HTTP client speaks protocol 2026-07-28 (server/discover, no
+                           session, each call answered with one JSON body) rather than
+                           2025-11-25's initialize and a session answered over SSE
+                           (the daemon paths; the ceiling keeps the session)
   --bin PATH               the mailmux binary (the one cargo built for this bench)
 ";
 
@@ -155,6 +159,8 @@ struct Args {
     bin: PathBuf,
     /// The HTTP client keeps its connections between calls (`--http-pool`).
     http_pool: bool,
+    /// The HTTP client speaks protocol 2026-07-28 (`--http-modern`).
+    http_modern: bool,
 }
 
 fn list(flag: &str, value: Option<String>) -> anyhow::Result<Vec<usize>> {
@@ -188,6 +194,7 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut log = "info".to_string();
     let mut bin = PathBuf::from(env!("CARGO_BIN_EXE_mailmux"));
     let mut http_pool = false;
+    let mut http_modern = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -201,6 +208,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--backlog" => backlog = list(&arg, args.next())?[0],
             "--log" => log = args.next().context("--log needs a value")?,
             "--http-pool" => http_pool = true,
+            "--http-modern" => http_modern = true,
             // Relative to the caller's folder, not the daemon's (each
             // daemon runs in a temporary folder of its own).
             "--bin" => {
@@ -260,6 +268,7 @@ fn parse_args() -> anyhow::Result<Args> {
         log,
         bin,
         http_pool,
+        http_modern,
     })
 }
 
@@ -460,6 +469,7 @@ async fn run_mcp(
                     queue_extra,
                     max_message_bytes: None,
                     http_pool: args.http_pool,
+                    http_modern: args.http_modern,
                 },
             )
             .await?,
@@ -704,6 +714,7 @@ async fn run_memory(
             queue_extra: String::new(),
             max_message_bytes: None,
             http_pool: args.http_pool,
+            http_modern: args.http_modern,
         },
     )
     .await?;
@@ -819,6 +830,7 @@ fn one_daemon(
         queue_extra: String::new(),
         max_message_bytes,
         http_pool: args.http_pool,
+        http_modern: args.http_modern,
     }
 }
 

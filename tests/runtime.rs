@@ -22,6 +22,7 @@ async fn workers(transport: Transport) -> anyhow::Result<u64> {
             queue_extra: String::new(),
             max_message_bytes: None,
             http_pool: false,
+            http_modern: false,
             http_requests: 1,
         },
     )

@@ -276,6 +276,7 @@ async fn soak() -> anyhow::Result<()> {
             queue_extra: format!("retain = \"{}\"", humantime::format_duration(plan.retain)),
             max_message_bytes: None,
             http_pool: false,
+            http_modern: false,
             http_requests: c * 2,
         },
     )

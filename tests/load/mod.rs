@@ -293,6 +293,11 @@ pub struct DaemonOptions {
     /// HTTP clients do; false: rmcp's default client, which opens a new
     /// connection for every request (it keeps no idle connection).
     pub http_pool: bool,
+    /// The HTTP client speaks protocol 2026-07-28 (`server/discover`, no
+    /// session: rmcp answers each call with one JSON body); false: the
+    /// `initialize` handshake of 2025-11-25 and a session, answered over
+    /// SSE.
+    pub http_modern: bool,
 }
 
 /// rmcp's streamable HTTP client for `uri`, with at most `requests` open at
@@ -475,7 +480,17 @@ impl Daemon {
                     o.http_requests,
                     o.http_pool,
                 );
-                let client = ().serve(transport).await.context("MCP initialize")?;
+                let client = if o.http_modern {
+                    use rmcp::service::{ClientLifecycleMode, ClientServiceExt};
+                    let modern = ClientLifecycleMode::Discover {
+                        preferred_versions: vec![rmcp::model::ProtocolVersion::V_2026_07_28],
+                    };
+                    ().serve_with_lifecycle(transport, modern)
+                        .await
+                        .context("MCP server/discover")?
+                } else {
+                    ().serve(transport).await.context("MCP initialize")?
+                };
                 Ok(Daemon {
                     pid,
                     client: Some(client),
