@@ -59,6 +59,9 @@ pub const SENT_COPIES_WAITING: &str = "mailmux_sent_copies_waiting";
 /// 408 a body too slow, 413 too large, 429 a caller's bound, 503 the
 /// daemon's).
 pub const HTTP_REFUSED: &str = "mailmux_http_refused_total";
+/// Peer addresses refused now for failing authentication past
+/// `http.auth_failures`, read at each scrape.
+pub const HTTP_REFUSED_ADDRESSES: &str = "mailmux_http_refused_addresses";
 /// HTTP connections open now (`http.max_connections` at most).
 pub const HTTP_CONNECTIONS: &str = "mailmux_http_connections";
 /// MCP sessions open now (stateful HTTP), read at each scrape.
@@ -171,6 +174,10 @@ fn describe() {
     describe_counter!(
         HTTP_REFUSED,
         "HTTP requests refused by the transport's checks and bounds before any tool ran, by status."
+    );
+    describe_gauge!(
+        HTTP_REFUSED_ADDRESSES,
+        "Peer addresses refused now (429) for failing authentication past http.auth_failures, read at each scrape."
     );
     describe_gauge!(HTTP_CONNECTIONS, "HTTP connections open now.");
     describe_gauge!(

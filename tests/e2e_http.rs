@@ -1557,8 +1557,8 @@ async fn binary_refuses_an_address_that_fails_authentication_too_often() {
         .env("SMTP_FROM_EMAIL", "sender@example.org")
         .env("MAILMUX_HTTP_TOKEN", TOKEN)
         .env("OPS_TOKEN", OPS)
-        // Three failures, one refilled every second.
-        .env("MAILMUX_HTTP__AUTH_FAILURES", "3/3s")
+        // Three failures, one refilled every five seconds.
+        .env("MAILMUX_HTTP__AUTH_FAILURES", "3/15s")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -1598,7 +1598,7 @@ async fn binary_refuses_an_address_that_fails_authentication_too_often() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!((1..=3).contains(&wait), "Retry-After {wait}");
+    assert!((1..=5).contains(&wait), "Retry-After {wait}");
     let refusal: Value = r.json().await.unwrap();
     assert!(
         refusal["error"]
@@ -1621,6 +1621,33 @@ async fn binary_refuses_an_address_that_fails_authentication_too_often() {
     assert_eq!(r.status(), 429);
     let r = http.get(format!("{base}/health")).send().await.unwrap();
     assert_eq!(r.status(), 200, "/health needs no token and stays open");
+    // Another address is not refused: it calls with the right token, and
+    // reads the refused addresses in the metrics.
+    let other = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    let r = post(&other, &url)
+        .bearer_auth(TOKEN)
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "another address");
+    let scraped = other
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        scraped
+            .lines()
+            .any(|l| l == "mailmux_http_refused_addresses 1"),
+        "one address refused:\n{scraped}"
+    );
 
     // A failure refills within Retry-After: the right token works again,
     // and a call goes through to the sink.
@@ -1649,6 +1676,10 @@ async fn binary_refuses_an_address_that_fails_authentication_too_often() {
         r.lines()
             .any(|l| l.starts_with("mailmux_http_refused_total{status=\"429\"} ")),
         "the refusals are counted:\n{r}"
+    );
+    assert!(
+        r.lines().any(|l| l == "mailmux_http_refused_addresses 0"),
+        "none refused now:\n{r}"
     );
 
     let text = std::fs::read_to_string(&log).unwrap();

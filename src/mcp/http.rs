@@ -659,6 +659,9 @@ async fn metrics(
         }
         None => {}
     }
+    if let Some(lockout) = server.lockout() {
+        metrics::gauge!(crate::telemetry::HTTP_REFUSED_ADDRESSES).set(lockout.refused_now() as f64);
+    }
     if let Some(Extension(OpenSessions(open))) = sessions {
         let n = open.sessions.read().await.len();
         metrics::gauge!(crate::telemetry::MCP_SESSIONS).set(n as f64);

@@ -54,6 +54,13 @@ impl Lockout {
             .filter(|wait| !wait.is_zero())
     }
 
+    /// How many addresses are refused now.
+    pub fn refused_now(&self) -> usize {
+        let now = Instant::now();
+        let refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        refused.values().filter(|until| **until > now).count()
+    }
+
     /// Counts one failed authentication from `peer`; the time it is now
     /// refused for when it has no failure left.
     pub fn failed(&self, peer: IpAddr) -> Option<Duration> {
@@ -118,6 +125,7 @@ mod tests {
         assert!(l.refused(a).is_some());
         assert_eq!(l.refused(b), None);
         assert_eq!(l.failed(b), None);
+        assert_eq!(l.refused_now(), 1);
     }
 
     #[test]
@@ -127,8 +135,10 @@ mod tests {
         l.failed(a);
         l.failed(a);
         assert!(l.failed(a).is_some());
+        assert_eq!(l.refused_now(), 1);
         std::thread::sleep(Duration::from_millis(150));
         assert_eq!(l.refused(a), None);
+        assert_eq!(l.refused_now(), 0);
         assert_eq!(l.failed(a), None, "one failure refilled");
         assert!(l.failed(a).is_some());
     }
