@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use governor::DefaultKeyedRateLimiter;
@@ -18,7 +19,9 @@ use governor::clock::Clock;
 use crate::policy::rate::RateRule;
 
 /// Past this many addresses known to the limiter, the ones that have
-/// refilled are forgotten.
+/// refilled are forgotten; then again past twice as many as were left, so
+/// that many addresses failing at once cost a scan now and then, not one
+/// a failure.
 const FORGET_PAST: usize = 4096;
 
 #[derive(Debug)]
@@ -30,6 +33,8 @@ pub struct Lockout {
     /// by one refill, so that an address that keeps guessing is logged
     /// once, when it is first refused, and not at every refusal after.
     refused: Mutex<HashMap<IpAddr, Instant>>,
+    /// The limiter's size past which it next forgets.
+    forget_past: AtomicUsize,
     rule: String,
 }
 
@@ -39,6 +44,7 @@ impl Lockout {
             limiter: DefaultKeyedRateLimiter::keyed(rule.quota()),
             refill: rule.period / rule.count.max(1),
             refused: Mutex::new(HashMap::new()),
+            forget_past: AtomicUsize::new(FORGET_PAST),
             rule: rule.text.clone(),
         }
     }
@@ -65,8 +71,11 @@ impl Lockout {
     /// refused for when it has no failure left.
     pub fn failed(&self, peer: IpAddr) -> Option<Duration> {
         let key = key(peer);
-        if self.limiter.len() > FORGET_PAST {
+        if self.limiter.len() > self.forget_past.load(Ordering::Relaxed) {
             self.limiter.retain_recent();
+            let left = self.limiter.len();
+            self.forget_past
+                .store(FORGET_PAST.max(left * 2), Ordering::Relaxed);
         }
         let not_until = self.limiter.check_key(&key).err()?;
         let wait = not_until
@@ -141,6 +150,25 @@ mod tests {
         assert_eq!(l.refused_now(), 0);
         assert_eq!(l.failed(a), None, "one failure refilled");
         assert!(l.failed(a).is_some());
+    }
+
+    #[test]
+    fn addresses_that_refilled_are_forgotten() {
+        let l = lockout("1/20ms");
+        let address = |i: u32| IpAddr::from((0x0a00_0000 + i).to_be_bytes());
+        // None has refilled when the limiter first passes FORGET_PAST: it
+        // keeps them all, and waits for twice as many.
+        for i in 0..5000 {
+            assert_eq!(l.failed(address(i)), None);
+        }
+        assert_eq!(l.limiter.len(), 5000);
+        assert_eq!(l.forget_past.load(Ordering::Relaxed), 2 * (FORGET_PAST + 1));
+        // Past that, the 5,000 that refilled meanwhile are forgotten.
+        std::thread::sleep(Duration::from_millis(50));
+        for i in 5000..9000 {
+            l.failed(address(i));
+        }
+        assert!(l.limiter.len() < 5000, "{} kept", l.limiter.len());
     }
 
     #[test]
