@@ -1634,14 +1634,9 @@ async fn binary_refuses_an_address_that_fails_authentication_too_often() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "another address");
-    let scraped = other
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics_url = format!("{base}/metrics");
+    let scrape = |client: &reqwest::Client| client.get(&metrics_url).send();
+    let scraped = scrape(&other).await.unwrap().text().await.unwrap();
     assert!(
         scraped
             .lines()
@@ -1664,14 +1659,7 @@ async fn binary_refuses_an_address_that_fails_authentication_too_often() {
     assert_eq!(out["status"], "sent", "{out}");
     let mail = smtp.wait_messages(1);
     assert!(mail[0].contains("after the refusal"), "{}", mail[0]);
-    let r = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let r = scrape(&http).await.unwrap().text().await.unwrap();
     assert!(
         r.lines()
             .any(|l| l.starts_with("mailmux_http_refused_total{status=\"429\"} ")),
