@@ -178,18 +178,18 @@ fn is_console(path: &str) -> bool {
 /// checks or a handler (a wrong metrics token, a console sign-in) counts
 /// against its address.
 async fn check(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
-    let counted = guard.lockout.clone().zip(
+    let counted = guard.lockout.as_deref().zip(
         req.extensions()
             .get::<axum::extract::ConnectInfo<SocketAddr>>()
             .map(|c| c.0.ip()),
     );
     let Some((lockout, peer)) = counted.filter(|_| req.uri().path() != "/health") else {
-        return checked(guard, req, next).await;
+        return checked(&guard, req, next).await;
     };
     if let Some(wait) = lockout.refused(peer) {
         return refused_for(wait);
     }
-    let resp = checked(guard, req, next).await;
+    let resp = checked(&guard, req, next).await;
     if resp.status() == StatusCode::UNAUTHORIZED {
         lockout.failed(peer);
     }
@@ -209,7 +209,7 @@ fn refused_for(wait: Duration) -> Response {
     resp
 }
 
-async fn checked(guard: Arc<Guard>, mut req: Request, next: Next) -> Response {
+async fn checked(guard: &Guard, mut req: Request, next: Next) -> Response {
     let authority = req
         .headers()
         .get(header::HOST)

@@ -18,10 +18,10 @@ use governor::clock::Clock;
 
 use crate::policy::rate::RateRule;
 
-/// Past this many addresses known to the limiter, the ones that have
-/// refilled are forgotten; then again past twice as many as were left, so
-/// that many addresses failing at once cost a scan now and then, not one
-/// a failure.
+/// Past this many addresses known to the limiter (or refused), the ones
+/// that have refilled are forgotten; then again past twice as many as were
+/// left, so that many addresses failing at once cost a scan now and then,
+/// not one a failure.
 const FORGET_PAST: usize = 4096;
 
 #[derive(Debug)]
@@ -29,21 +29,32 @@ pub struct Lockout {
     limiter: DefaultKeyedRateLimiter<IpAddr>,
     /// The refill of one failure (the rule's period over its count).
     refill: Duration,
-    /// Until when each address is refused. An entry outlives its refusal
-    /// by one refill, so that an address that keeps guessing is logged
-    /// once, when it is first refused, and not at every refusal after.
-    refused: Mutex<HashMap<IpAddr, Instant>>,
+    refused: Mutex<Refused>,
     /// The limiter's size past which it next forgets.
     forget_past: AtomicUsize,
     rule: String,
 }
 
+/// Until when each address is refused. An address refused again within one
+/// refill of its last refusal is the same spell of guessing: logged once,
+/// when it began.
+#[derive(Debug)]
+struct Refused {
+    until: HashMap<IpAddr, Instant>,
+    /// The size past which the refusals that ended are forgotten.
+    forget_past: usize,
+}
+
 impl Lockout {
     pub fn new(rule: &RateRule) -> Lockout {
+        let quota = rule.quota();
         Lockout {
-            limiter: DefaultKeyedRateLimiter::keyed(rule.quota()),
-            refill: rule.period / rule.count.max(1),
-            refused: Mutex::new(HashMap::new()),
+            limiter: DefaultKeyedRateLimiter::keyed(quota),
+            refill: quota.replenish_interval(),
+            refused: Mutex::new(Refused {
+                until: HashMap::new(),
+                forget_past: FORGET_PAST,
+            }),
             forget_past: AtomicUsize::new(FORGET_PAST),
             rule: rule.text.clone(),
         }
@@ -55,6 +66,7 @@ impl Lockout {
         let now = Instant::now();
         let refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
         refused
+            .until
             .get(&key)
             .and_then(|until| until.checked_duration_since(now))
             .filter(|wait| !wait.is_zero())
@@ -64,7 +76,7 @@ impl Lockout {
     pub fn refused_now(&self) -> usize {
         let now = Instant::now();
         let refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
-        refused.values().filter(|until| **until > now).count()
+        refused.until.values().filter(|until| **until > now).count()
     }
 
     /// Counts one failed authentication from `peer`; the time it is now
@@ -84,8 +96,12 @@ impl Lockout {
         let now = Instant::now();
         let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
         let refill = self.refill;
-        refused.retain(|_, until| *until + refill > now);
-        if refused.insert(key, now + wait).is_none() {
+        let previous = refused.until.insert(key, now + wait);
+        if refused.until.len() > refused.forget_past {
+            refused.until.retain(|_, until| *until + refill > now);
+            refused.forget_past = FORGET_PAST.max(refused.until.len() * 2);
+        }
+        if previous.is_none_or(|until| until + refill <= now) {
             tracing::warn!(
                 peer = %key,
                 auth_failures = %self.rule,
