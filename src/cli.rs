@@ -400,7 +400,7 @@ async fn send(config: Config, sources: Sources, args: SendArgs) -> ExitCode {
     let Some(queue) = start_queue(&config, args.no_wait && !args.dry_run).await else {
         return ExitCode::FAILURE;
     };
-    let server = MailmuxServer::new(queue.clone(), config, sources);
+    let server = MailmuxServer::new(queue.clone(), config, sources).await;
     let params = SendEmailParams {
         draft,
         relay: args.relay,

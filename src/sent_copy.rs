@@ -137,9 +137,14 @@ pub struct SentCopies {
 impl SentCopies {
     /// Starts the workers of every relay in `settings` (relay name →
     /// settings), and hands them the copies a crash left pending. Nothing
-    /// runs for a relay without a Sent copy. Call it before the queue's
-    /// observer is set: the copies settled from then on are this run's.
-    pub fn start(queue: Queue, settings: &[(String, SentCopySettings)]) -> Arc<SentCopies> {
+    /// runs for a relay without a Sent copy, and nothing is looked for on a
+    /// hand-off queue (the daemon that owns the store makes its copies).
+    ///
+    /// Call it before the queue runs ([`Queue::run`], with this as an
+    /// observer): the first look for pending copies is made before it
+    /// returns, so that no round of this run has touched a row it finds,
+    /// and every copy settled from then on is handed over as it is settled.
+    pub async fn start(queue: Queue, settings: &[(String, SentCopySettings)]) -> Arc<SentCopies> {
         let started = now_millis();
         metrics::gauge!(crate::telemetry::SENT_COPIES_WAITING).set(0.0);
         let mut by_relay = HashMap::new();
@@ -171,40 +176,49 @@ impl SentCopies {
             stop,
             workers: std::sync::Mutex::new(workers),
         });
-        tokio::spawn(copies.clone().resume(started));
+        if copies.queue.delivers() {
+            let mine = copies.look(started, true).await;
+            tokio::spawn(copies.clone().resume(mine));
+        }
         copies
     }
 
-    /// Hands the copies a crash left pending (of messages settled before
-    /// `before`) to their copiers; on a shared store, then every
-    /// [`TAKE_OVER_EVERY`], the copies of daemons that stopped. Ends when
-    /// the daemon stops; the copies not handed over stay pending.
-    async fn resume(self: Arc<Self>, before: Millis) {
-        let mut mine = true;
+    /// Hands over the copies the first look found; on a shared store, then
+    /// every [`TAKE_OVER_EVERY`], the copies of daemons that stopped. Ends
+    /// when the daemon stops; the copies not handed over stay pending.
+    async fn resume(self: Arc<Self>, mine: Vec<CopyDue>) {
+        let mut due = mine;
         loop {
-            if !self.hand_over(before, mine).await || self.queue.node().is_none() {
+            if !self.hand_over(due).await || self.queue.node().is_none() {
                 return;
             }
-            mine = false;
             tokio::select! {
                 () = self.stop.cancelled() => return,
                 () = tokio::time::sleep(TAKE_OVER_EVERY) => {}
             }
+            due = self.look(now_millis(), false).await;
         }
     }
 
-    /// One look for pending copies ([`Queue::pending_copies`]); false once
-    /// the daemon is stopping. A copy this look took but could not hand
-    /// over stays pending, for this daemon's next start (or, on a shared
-    /// store, for another daemon once this one stopped).
-    async fn hand_over(&self, before: Millis, mine: bool) -> bool {
-        let due = match self.queue.pending_copies(before, mine).await {
+    /// One look for pending copies ([`Queue::pending_copies`]): with
+    /// `mine`, those an earlier run of this daemon settled before `before`;
+    /// else those of daemons that stopped. Nothing when the store cannot be
+    /// read (the copies wait for the next look, or the next start).
+    async fn look(&self, before: Millis, mine: bool) -> Vec<CopyDue> {
+        match self.queue.pending_copies(before, mine).await {
             Ok(due) => due,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the Sent copies left pending");
-                return true;
+                Vec::new()
             }
-        };
+        }
+    }
+
+    /// Hands `due` to the copiers; false once the daemon is stopping. A
+    /// copy that could not be handed over stays pending, for this daemon's
+    /// next start (or, on a shared store, for another daemon once this one
+    /// stopped).
+    async fn hand_over(&self, due: Vec<CopyDue>) -> bool {
         if !due.is_empty() {
             tracing::info!(
                 copies = due.len(),

@@ -78,7 +78,7 @@ async fn in_process_with(
     stateful: bool,
 ) -> (String, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let queue = mailmux::mcp::start_queue(&cfg).await.unwrap();
-    let server = MailmuxServer::new(queue, cfg, Sources::default());
+    let server = MailmuxServer::new(queue, cfg, Sources::default()).await;
     let port = free_port();
     let addr = ([127, 0, 0, 1], port).into();
     let (stop, stopped) = oneshot::channel::<()>();

@@ -609,7 +609,7 @@ async fn serve_in_memory(smtp: &Aiosmtpd) -> tokio::io::DuplexStream {
 async fn server_for(smtp: &Aiosmtpd) -> mailmux::mcp::MailmuxServer {
     let cfg = config(vec![relay("primary", smtp.port, 1)]);
     let queue = mailmux::mcp::start_queue(&cfg).await.unwrap();
-    mailmux::mcp::MailmuxServer::new(queue, cfg, Sources::default())
+    mailmux::mcp::MailmuxServer::new(queue, cfg, Sources::default()).await
 }
 
 /// One client's connection to `server`, as a stdio client has its own.

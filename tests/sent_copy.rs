@@ -8,7 +8,9 @@
 //! than the bound; implicit TLS and STARTTLS; and a login with the relay's
 //! OAuth2 tokens (XOAUTH2, which Dovecot checks at the test's token
 //! endpoint); copies waiting at shutdown, and at a SIGKILL (made at the
-//! next start, or by another daemon on PostgreSQL, each filed once).
+//! next start, or by another daemon on PostgreSQL, each filed once); and
+//! `mailmux send`, which files its own message's copy and, handing a
+//! message to a running daemon, none of the daemon's.
 
 mod common;
 #[path = "../actors/tests/support/mod.rs"]
@@ -726,6 +728,117 @@ async fn a_copy_not_made_by_the_end_of_the_grace_is_made_at_the_next_start() {
     assert_eq!(sink.delivered().len(), 2, "no message was sent again");
     let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
     assert!(!log.contains(PASS), "the password is not in the log");
+}
+
+/// `mailmux send --no-wait` while a daemon owns the store (and its Sent
+/// copies wait on an IMAP server that never greets): the command hands its
+/// message to the daemon and makes none of the daemon's pending copies,
+/// even configured with a working IMAP server. They are the daemon's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_no_wait_leaves_the_running_daemons_pending_copies_alone() {
+    let imap = Dovecot::start();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let sink = smtp().await;
+    let dir = tempfile::tempdir().unwrap();
+    let folder = "folder = \"Sent Messages\"";
+    let cfg = config(dir.path(), sink.port(), port, folder);
+    let d = StdioDaemon::start(dir.path(), &cfg).await;
+    let ids = sent_two(&d).await;
+    for id in &ids {
+        let s = d
+            .call("get_message_status", json!({ "message_id": id }))
+            .await;
+        assert_eq!(s["sent_copy"]["status"], "pending", "{s}");
+    }
+
+    let working = dir.path().join("command.toml");
+    std::fs::write(&working, config(dir.path(), sink.port(), imap.port, folder)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
+        .arg("--config")
+        .arg(&working)
+        .args(["send", "--to", "rcpt@example.org", "--subject", "handed"])
+        .args(["--body", "from the command line", "--no-wait"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["status"], "queued", "{v}");
+    let handed = v["message_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = d
+            .call("get_message_status", json!({ "message_id": handed }))
+            .await;
+        if s["status"] == "sent" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not deliver it: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(sink.delivered().len(), 3);
+    assert_eq!(
+        imap.count("Sent Messages").await,
+        0,
+        "the command filed copies that were the daemon's to make"
+    );
+    for id in &ids {
+        let s = d
+            .call("get_message_status", json!({ "message_id": id }))
+            .await;
+        assert_eq!(s["sent_copy"]["status"], "pending", "{s}");
+    }
+    d.stop().await;
+    drop(silent);
+}
+
+/// `mailmux send` with no daemon running delivers through the store itself,
+/// and files the copy of what it sent before it exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_send_command_files_the_copy_of_its_message() {
+    let imap = Dovecot::start();
+    let sink = smtp().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        sink.port(),
+        imap.port,
+        "folder = \"Sent Messages\"",
+    );
+    std::fs::write(dir.path().join("mailmux.toml"), cfg).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
+        .arg("--config")
+        .arg(dir.path().join("mailmux.toml"))
+        .args(["send", "--to", "rcpt@example.org", "--subject", "by hand"])
+        .args(["--body", "from the command line"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["status"], "sent", "{v}");
+    assert_eq!(sink.delivered().len(), 1);
+    assert_eq!(imap.count("Sent Messages").await, 1, "{stderr}");
+    let stats = queue_stats(dir.path());
+    assert!(stats.contains("sent copies pending: 0"), "{stats}");
 }
 
 /// The same stop on the `memory` store, which keeps nothing across it:

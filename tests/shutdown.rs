@@ -25,7 +25,7 @@ async fn shutdown_refuses_new_calls_and_bounds_in_flight_deliveries() {
     cfg.daemon.shutdown_grace = Duration::from_secs(1);
     cfg.daemon.send_deadline = Duration::from_secs(30);
     let queue = mailmux::mcp::start_queue(&cfg).await.unwrap();
-    let server = MailmuxServer::new(queue, cfg, Sources::default());
+    let server = MailmuxServer::new(queue, cfg, Sources::default()).await;
 
     let (client_io, server_io) = tokio::io::duplex(1 << 20);
     let (r, w) = tokio::io::split(server_io);

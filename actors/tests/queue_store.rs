@@ -2929,3 +2929,92 @@ async fn a_call_cancelled_while_its_mark_is_written_ends_cancelled() {
     assert_eq!(sink.count(), 0, "no message reached the sink");
     dispatcher.shutdown(Duration::from_secs(5)).await;
 }
+
+/// Hears every round: the ids of the messages sent, and of those whose
+/// copy it was handed.
+#[derive(Debug, Default)]
+struct Heard {
+    sent: std::sync::Mutex<Vec<String>>,
+    delivered: std::sync::Mutex<Vec<String>>,
+}
+
+impl queue::Observer for Heard {
+    fn event(&self, e: &queue::Event<'_>) {
+        if e.action == queue::Action::Sent {
+            self.sent.lock().unwrap().push(e.message_id.to_owned());
+        }
+    }
+    fn delivered(&self, d: &queue::Delivered<'_>) {
+        self.delivered.lock().unwrap().push(d.message_id.to_owned());
+    }
+    fn copies(&self, relay: &str) -> bool {
+        relay == "sink"
+    }
+}
+
+/// An opened queue recovers its store and delivers nothing until it runs,
+/// so that the observer attached by `run` hears of every round, the first
+/// ones of a start with mail waiting too, and the Sent copy of each is
+/// handed over as it is settled (not left for the next start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opened_queue_delivers_nothing_until_it_runs_and_its_observer_hears_every_round() {
+    use mailmux_actors::RelaySettings;
+    use mailmux_actors::queue::{Queue, QueueSettings, StoreKind};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+    let ids: Vec<String> = (0..5)
+        .map(|i| format!("waiting-{i}@mailmux.test"))
+        .collect();
+    for id in &ids {
+        store.accept(message(id, None)).await.unwrap();
+    }
+    let sink = support::smtp_sink::SmtpSink::start().await;
+    let dispatcher =
+        dispatcher_to(vec![RelaySettings::smtp("sink", "127.0.0.1", sink.port())]).await;
+    let settings = QueueSettings {
+        store: StoreKind::Sqlite { path },
+        ..QueueSettings::default()
+    };
+    let queue = Queue::open(store.clone(), dispatcher.clone(), settings, 8)
+        .await
+        .unwrap();
+    // Several of the runner's poll intervals.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sink.count(), 0, "delivered before the queue ran");
+    for id in &ids {
+        let r = queue.status(id).await.unwrap().unwrap();
+        assert_eq!(r.state, State::Queued, "{id}: {r:?}");
+    }
+
+    let heard = Arc::new(Heard::default());
+    queue.run(Some(heard.clone()));
+    // A second run starts no second runner, and changes no observer.
+    queue.run(None);
+    assert!(
+        sink.wait_for_count(5, Duration::from_secs(20)).await,
+        "the waiting messages were not delivered: {} at the sink",
+        sink.count()
+    );
+    let all_heard = support::wait_until(
+        || heard.sent.lock().unwrap().len() == ids.len(),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(all_heard, "heard of {:?}", heard.sent.lock().unwrap());
+    let mut sent = heard.sent.lock().unwrap().clone();
+    let mut delivered = heard.delivered.lock().unwrap().clone();
+    sent.sort();
+    delivered.sort();
+    assert_eq!(sent, ids, "every round's outcome heard, once");
+    assert_eq!(delivered, ids, "every copy handed over, once");
+    for id in &ids {
+        let r = queue.status(id).await.unwrap().unwrap();
+        assert_eq!(r.state, State::Sent, "{id}: {r:?}");
+        assert_eq!(r.sent_copy.as_deref(), Some("pending"), "{id}: {r:?}");
+    }
+    assert_eq!(sink.count(), 5, "each message once");
+    queue.shutdown(Duration::from_secs(5)).await;
+    dispatcher.shutdown(Duration::from_secs(5)).await;
+}

@@ -84,9 +84,11 @@ impl std::fmt::Debug for MailmuxServer {
 }
 
 impl MailmuxServer {
-    /// A handler over a running queue (and its dispatcher). `sources` are
-    /// read again by `reload_smtp_configuration`.
-    pub fn new(queue: Queue, config: Config, sources: Sources) -> Self {
+    /// A handler over an opened queue (and its dispatcher), which it runs
+    /// once its observers are attached ([`Queue::run`]), so that they are
+    /// told of every round. `sources` are read again by
+    /// `reload_smtp_configuration`.
+    pub async fn new(queue: Queue, config: Config, sources: Sources) -> Self {
         let calls = transport::CallGate::new(config.daemon.max_concurrent_calls);
         let http_token = config.daemon.http.token.as_ref().map(|t| t.expose());
         let gate = Arc::new(Gate::new(&config.safety, http_token, None));
@@ -101,11 +103,9 @@ impl MailmuxServer {
         }
         // Started even with no relay filing copies: a copy a crash left
         // pending for a relay that no longer files one is recorded failed.
-        observers.push(crate::sent_copy::SentCopies::start(
-            queue.clone(),
-            &config.sent_copies,
-        ));
-        queue.observe(Arc::new(observers));
+        observers
+            .push(crate::sent_copy::SentCopies::start(queue.clone(), &config.sent_copies).await);
+        queue.run(Some(Arc::new(observers)));
         for name in gate.open_recipients() {
             tracing::warn!(caller = %name, "caller may mail any recipient: allowed_recipients is empty");
         }
@@ -350,7 +350,7 @@ pub async fn run(
         "mailmux started"
     );
     let metrics_bind = config.daemon.metrics.bind;
-    let server = MailmuxServer::new(queue, config, sources);
+    let server = MailmuxServer::new(queue, config, sources).await;
     on_hangup(server.clone());
     let audit = server.audit().clone();
     crate::audit::spawn_sync(audit.clone());
@@ -410,7 +410,7 @@ fn on_hangup(server: MailmuxServer) {
 }
 
 /// Opens the configured store (a start-up error names its path), starts the
-/// actors, then the queue over both.
+/// actors, then opens the queue over both; [`MailmuxServer::new`] runs it.
 pub async fn start_queue(config: &Config) -> Result<Queue, RunError> {
     let store = queue::open(&config.queue.store)
         .await
@@ -418,7 +418,7 @@ pub async fn start_queue(config: &Config) -> Result<Queue, RunError> {
     let dispatcher = Dispatcher::start(config.dispatch.clone())
         .await
         .map_err(RunError::Start)?;
-    Queue::start(
+    Queue::open(
         store,
         dispatcher,
         config.queue.clone(),

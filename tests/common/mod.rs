@@ -202,7 +202,7 @@ impl InProcess {
             .await
             .expect("the queue and the dispatcher start");
         let dispatcher = queue.dispatcher().clone();
-        let server = MailmuxServer::new(queue, cfg, sources);
+        let server = MailmuxServer::new(queue, cfg, sources).await;
         // Large enough that 10 MB arguments do not stall on the pipe.
         let (client_io, server_io) = tokio::io::duplex(1 << 20);
         let (r, w) = tokio::io::split(server_io);

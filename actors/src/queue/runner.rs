@@ -381,8 +381,10 @@ struct Inner {
     rounds: Tally,
     stop: tokio_util::sync::CancellationToken,
     observer: OnceLock<Arc<dyn Observer>>,
+    /// The runner's end of `ready`, until [`Queue::run`] starts the runner.
+    idle: Mutex<Option<mpsc::Receiver<Pending>>>,
     /// Messages recovery made `unknown` that the observer has not heard
-    /// of: it is attached after the queue starts.
+    /// of yet.
     untold: Mutex<Vec<String>>,
     /// The free space new mail must leave (`queue.min_free`, SQLite only).
     reserve: Option<Reserve>,
@@ -463,8 +465,21 @@ impl CommitMark for StoreMark {
 
 impl Queue {
     /// Recovers the store (the crash rule), then starts the runner and the
-    /// purge loop.
+    /// purge loop with no observer: [`Queue::open`] then [`Queue::run`].
     pub async fn start(
+        store: Arc<dyn Store>,
+        dispatcher: Dispatcher,
+        settings: QueueSettings,
+        max_rounds: usize,
+    ) -> Result<Queue, StoreError> {
+        let queue = Queue::open(store, dispatcher, settings, max_rounds).await?;
+        queue.run(None);
+        Ok(queue)
+    }
+
+    /// Recovers the store (the crash rule). Nothing is delivered until
+    /// [`Queue::run`], so that the observers are told of every round.
+    pub async fn open(
         store: Arc<dyn Store>,
         dispatcher: Dispatcher,
         settings: QueueSettings,
@@ -484,11 +499,32 @@ impl Queue {
                 "the queue is in memory: accepted mail that is not yet delivered is lost on a crash or restart"
             );
         }
-        let (inner, ready_rx) = Inner::new(store, dispatcher, settings, max_rounds, true);
+        let inner = Inner::new(store, dispatcher, settings, max_rounds, true);
         *inner.untold.lock().unwrap_or_else(|e| e.into_inner()) = recovered.unknown;
-        tokio::spawn(run(inner.clone(), ready_rx));
-        tokio::spawn(purge_loop(inner.clone()));
         Ok(Queue { inner })
+    }
+
+    /// Attaches the observer of audited changes (the audit log, the
+    /// metrics, the Sent copy), then starts the runner and the purge loop.
+    /// Later calls, and calls on a hand-off queue, start nothing.
+    pub fn run(&self, observer: Option<Arc<dyn Observer>>) {
+        let inner = &self.inner;
+        let Some(ready) = inner.idle.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
+        if let Some(o) = observer {
+            let _ = inner.observer.set(o);
+        }
+        if inner.delivers {
+            tokio::spawn(run(inner.clone(), ready));
+            tokio::spawn(purge_loop(inner.clone()));
+        }
+    }
+
+    /// False for a hand-off queue, which stores messages for the daemon
+    /// that owns the store and delivers nothing itself.
+    pub fn delivers(&self) -> bool {
+        self.inner.delivers
     }
 
     /// A queue over a store that a running daemon owns (opened without its
@@ -499,7 +535,7 @@ impl Queue {
         dispatcher: Dispatcher,
         settings: QueueSettings,
     ) -> Queue {
-        let (inner, _) = Inner::new(store, dispatcher, settings, 1, false);
+        let inner = Inner::new(store, dispatcher, settings, 1, false);
         Queue { inner }
     }
 }
@@ -519,13 +555,13 @@ impl Inner {
         settings: QueueSettings,
         max_rounds: usize,
         delivers: bool,
-    ) -> (Arc<Inner>, mpsc::Receiver<Pending>) {
+    ) -> Arc<Inner> {
         let (ready, ready_rx) = mpsc::channel(READY_CAPACITY);
         let reserve = match &settings.store {
             StoreKind::Sqlite { path } => Reserve::new(path, settings.min_free),
             _ => None,
         };
-        let inner = Arc::new(Inner {
+        Arc::new(Inner {
             store,
             dispatcher,
             settings,
@@ -546,10 +582,10 @@ impl Inner {
             rounds: Tally::default(),
             stop: tokio_util::sync::CancellationToken::new(),
             observer: OnceLock::new(),
+            idle: Mutex::new(Some(ready_rx)),
             untold: Mutex::new(Vec::new()),
             reserve,
-        });
-        (inner, ready_rx)
+        })
     }
 }
 
@@ -589,12 +625,6 @@ impl Queue {
 
     pub fn dispatcher(&self) -> &Dispatcher {
         &self.inner.dispatcher
-    }
-
-    /// Sets the one observer of audited changes (the audit log and the
-    /// metrics). Later calls are ignored.
-    pub fn observe(&self, observer: Arc<dyn Observer>) {
-        let _ = self.inner.observer.set(observer);
     }
 
     /// Stores a message durably, then delivers it: at once in this call
