@@ -8,7 +8,8 @@
 //! than the bound; implicit TLS and STARTTLS; and a login with the relay's
 //! OAuth2 tokens (XOAUTH2, which Dovecot checks at the test's token
 //! endpoint); copies waiting at shutdown, and at a SIGKILL (made at the
-//! next start, or by another daemon on PostgreSQL, each filed once); and
+//! next start, or by another daemon on PostgreSQL, each filed once, in the
+//! account of the relay that first took the message); and
 //! `mailmux send`, which files its own message's copy and, handing a
 //! message to a running daemon, none of the daemon's.
 
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant};
 use common::StdioDaemon;
 use futures::TryStreamExt;
 use serde_json::{Value, json};
-use support::fault_smtp::{Action, FaultSmtp, Options, Script, Share};
+use support::fault_smtp::{Action, FaultSmtp, Options, Phase, Script, Share};
 use support::postgres::Postgres;
 use support::tls::TestCa;
 
@@ -1149,5 +1150,146 @@ async fn a_deferred_messages_copy_left_pending_at_a_crash_is_made_at_the_next_st
     assert_eq!(s["deferred"], json!(["away@example.net"]), "{s}");
     assert_eq!(filed(&imap, &id).await, 1);
     assert_eq!(sink.delivered().len(), 1, "nothing sent again");
+    again.stop().await;
+}
+
+/// Two relays, each filing copies in an account of its own (`first` in
+/// `first_imap`, `second` in `second_imap`). A call waits a second, and a
+/// retry comes three seconds after a deferral.
+fn config_two_accounts(dir: &Path, first: (u16, u16), second: (u16, u16)) -> String {
+    let relay = |name: &str, priority: u32, (smtp, imap): (u16, u16)| {
+        format!(
+            r#"
+[[relays]]
+name = "{name}"
+host = "127.0.0.1"
+port = {smtp}
+tls = "none"
+username = "{USER}"
+password = "{PASS}"
+from_email = "{USER}"
+priority = {priority}
+timeout = "3s"
+
+[relays.sent_copy]
+imap_host = "127.0.0.1"
+port = {imap}
+tls = "none"
+folder = "Sent Messages"
+"#
+        )
+    };
+    format!(
+        r#"
+send_deadline = "1s"
+shutdown_grace = "1s"
+
+[queue]
+path = "{db}"
+retry_base = "3s"
+retry_max = "3s"
+{first}{second}"#,
+        db = dir.join("queue.db").display(),
+        first = relay("first", 10, first),
+        second = relay("second", 1, second),
+    )
+}
+
+/// A message whose first relay took one recipient (its copy pending: that
+/// account's IMAP server never greets) and whose deferred recipient a
+/// second relay, with an account of its own, took on the retry. Killed and
+/// started again, the daemon files the copy once, in the first relay's
+/// account, where the message was first sent from: never in the second's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_recovered_after_a_crash_goes_to_the_account_of_the_relay_that_first_took_it() {
+    copy_of_two_relays_across_a_crash(None, None, Duration::ZERO).await;
+}
+
+/// The same on PostgreSQL, where another daemon takes the copy over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_taken_over_on_postgres_goes_to_the_account_of_the_relay_that_first_took_it() {
+    let server = Postgres::start();
+    let url = server.database();
+    let queue = |node: &str| {
+        format!("store = \"postgres\"\nurl = \"{url}\"\nnode_id = \"{node}\"\nlease = \"2s\"")
+    };
+    copy_of_two_relays_across_a_crash(Some(&queue("a")), Some(&queue("b")), Duration::from_secs(3))
+        .await;
+}
+
+/// See the two tests above; `first` and `second` replace the store's path
+/// in the `[queue]` table of the daemon killed and of the one started after
+/// it, `pause` after the kill.
+async fn copy_of_two_relays_across_a_crash(
+    first_queue: Option<&str>,
+    second_queue: Option<&str>,
+    pause: Duration,
+) {
+    let first_imap = Dovecot::start();
+    let second_imap = Dovecot::start();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let first = smtp_deferring(&[("away@example.net", 1)]).await;
+    let second = smtp().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = format!("path = \"{}\"", dir.path().join("queue.db").display());
+    let on = |cfg: String, queue: Option<&str>| match queue {
+        Some(q) => cfg.replacen(&file, q, 1),
+        None => cfg,
+    };
+    let stuck = on(
+        config_two_accounts(
+            dir.path(),
+            (first.port(), silent.local_addr().unwrap().port()),
+            (second.port(), second_imap.port),
+        ),
+        first_queue,
+    );
+    let d = StdioDaemon::start(dir.path(), &stuck).await;
+    let id = send_deferred(&d, ["alice@example.net", "away@example.net"]).await;
+    // The first relay now refuses every transaction: the retry goes to the
+    // second.
+    first.set_script(Script::ok().on(Phase::Mail, Action::reply(421, "4.3.2 closing")));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let s = loop {
+        let s = d
+            .call("get_message_status", json!({ "message_id": id }))
+            .await;
+        if s["status"] == "sent" {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the retry did not deliver: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(s["relay"], "second", "{s}");
+    assert_eq!(s["sent_copy"], json!({ "status": "pending" }), "{s}");
+    d.kill().await;
+    drop(silent);
+    tokio::time::sleep(pause).await;
+
+    let working = on(
+        config_two_accounts(
+            dir.path(),
+            (first.port(), first_imap.port),
+            (second.port(), second_imap.port),
+        ),
+        second_queue,
+    );
+    let again = StdioDaemon::start(dir.path(), &working).await;
+    assert_eq!(
+        copy_status(&again, &id).await,
+        json!({ "status": "copied" })
+    );
+    assert_eq!(
+        filed(&first_imap, &id).await,
+        1,
+        "filed in the first account"
+    );
+    assert_eq!(
+        second_imap.count("Sent Messages").await,
+        0,
+        "filed in the account of a relay that did not first take it"
+    );
+    assert_eq!(first.delivered().len(), 1);
+    assert_eq!(second.delivered().len(), 1);
     again.stop().await;
 }

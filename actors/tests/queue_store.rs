@@ -1457,6 +1457,7 @@ async fn a_version_1_store_is_migrated_at_start() {
              DROP INDEX messages_batch; ALTER TABLE messages DROP COLUMN batch;
              DROP INDEX messages_copy_pending; ALTER TABLE messages DROP COLUMN sent_copy;
              ALTER TABLE messages DROP COLUMN attempt_log;
+             ALTER TABLE messages DROP COLUMN copy_relay;
              CREATE TABLE attempts (
                  seq INTEGER NOT NULL, at INTEGER NOT NULL, relay TEXT NOT NULL, class TEXT,
                  code INTEGER, text TEXT NOT NULL, duration_ms INTEGER NOT NULL);
@@ -1524,6 +1525,7 @@ async fn a_version_10_store_has_its_keys_scoped_to_their_callers() {
             "UPDATE idempotency SET key = substr(key, instr(key, char(31)) + 1);
              INSERT INTO idempotency (key, message_id, hash, created_at)
                  VALUES ('orphan', 'purged', x'00', 0);
+             ALTER TABLE messages DROP COLUMN copy_relay;
              PRAGMA user_version = 10;",
         )
         .unwrap();
@@ -1554,6 +1556,7 @@ async fn a_version_8_store_has_its_attempts_moved_into_their_rows() {
         let c = rusqlite::Connection::open(&path).unwrap();
         c.execute_batch(
             "ALTER TABLE messages DROP COLUMN attempt_log;
+             ALTER TABLE messages DROP COLUMN copy_relay;
              CREATE TABLE attempts (
                  seq INTEGER NOT NULL, at INTEGER NOT NULL, relay TEXT NOT NULL, class TEXT,
                  code INTEGER, text TEXT NOT NULL, duration_ms INTEGER NOT NULL);
@@ -1842,6 +1845,7 @@ async fn postgres_counts_survive_daemons_purges_and_migration() {
     server.psql(
         &db,
         "DROP TABLE mailmux_counts; ALTER TABLE mailmux_messages DROP COLUMN attempt_log;
+         ALTER TABLE mailmux_messages DROP COLUMN copy_relay;
          DROP INDEX mailmux_messages_queued_at, mailmux_messages_retry;
          DELETE FROM mailmux_schema WHERE version >= 5",
     );
@@ -2529,6 +2533,7 @@ async fn postgres_keys_of_version_7_are_scoped_to_their_callers() {
         "UPDATE mailmux_idempotency SET key = substr(key, strpos(key, chr(31)) + 1);
          INSERT INTO mailmux_idempotency (key, message_id, hash, created_at)
              VALUES ('orphan', 'purged', '\\x00', 0);
+         ALTER TABLE mailmux_messages DROP COLUMN copy_relay;
          DELETE FROM mailmux_schema WHERE version >= 8;",
     );
     assert_eq!(

@@ -171,6 +171,15 @@ UPDATE mailmux_idempotency SET key = chr(31) || key WHERE strpos(key, chr(31)) =
 DROP INDEX mailmux_messages_state;
 CREATE INDEX mailmux_messages_state ON mailmux_messages (state, seq) WHERE state <> 'sent';
 "#,
+    r#"
+-- The relay whose account files a pending Sent copy: the one that first
+-- took the message. A later round (a deferred recipient, through another
+-- relay) rewrites `relay`, and a copy taken over after a crash must still
+-- go to the first relay's Sent folder, not to another account's. Daemons
+-- built for schema 9, still running during an upgrade, leave it empty:
+-- their copies go by `relay`, as before.
+ALTER TABLE mailmux_messages ADD COLUMN copy_relay TEXT;
+"#,
 ];
 
 /// The schema version this build writes.
@@ -784,6 +793,7 @@ async fn settle_loop(pool: PgPool, node: String, mut rx: mpsc::UnboundedReceiver
                                 THEN COALESCE(m.body, l.body) ELSE NULL END,
                     lease_until = NULL,
                     sent_copy = CASE WHEN l.copy THEN 'pending' ELSE m.sent_copy END,
+                    copy_relay = CASE WHEN l.copy THEN l.relay ELSE m.copy_relay END,
                     copy_node = CASE WHEN l.copy THEN $14 ELSE m.copy_node END,
                     history = m.history || CASE WHEN m.history = '' THEN '' ELSE ';' END || l.entry,
                     attempt_log = COALESCE(m.attempt_log || E'\\n' || l.attempts, l.attempts,
@@ -2109,7 +2119,7 @@ impl Store for PgStore {
                                       WHERE n.node = m.copy_node AND n.seen_at >= ",
             db_now!(),
             " - $3) END
-              RETURNING m.message_id, COALESCE(m.relay, '')"
+              RETURNING m.message_id, COALESCE(m.copy_relay, m.relay, '')"
         ))
         .bind(&self.node)
         .bind(before)

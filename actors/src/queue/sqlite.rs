@@ -195,6 +195,13 @@ UPDATE idempotency SET key = COALESCE(
 DROP INDEX messages_state;
 CREATE INDEX messages_state ON messages(state, seq) WHERE state <> 'sent';
 "#,
+    r#"
+-- The relay whose account files a pending Sent copy: the one that first
+-- took the message. A later round (a deferred recipient, through another
+-- relay) rewrites `relay`, and a copy recovered after a crash must still go
+-- to the first relay's Sent folder, not to another account's.
+ALTER TABLE messages ADD COLUMN copy_relay TEXT;
+"#,
 ];
 
 /// The schema version this build writes.
@@ -1444,6 +1451,7 @@ fn settle(c: &Tx<'_>, id: &str, s: &Settle, now: Millis) -> rusqlite::Result<boo
             reason = ?8, note = ?9, next_attempt_at = ?10,
             body = CASE WHEN ?11 OR sent_copy = 'pending' THEN COALESCE(body, ?14) ELSE NULL END,
             sent_copy = CASE WHEN ?13 THEN 'pending' ELSE sent_copy END,
+            copy_relay = CASE WHEN ?13 THEN ?5 ELSE copy_relay END,
             attempt_log = COALESCE(attempt_log || char(10) || ?15, ?15, attempt_log), {}
          WHERE seq = ?1",
         append_history(12)
@@ -1761,7 +1769,7 @@ impl Store for SqliteStore {
         }
         self.read_delivery(move |c| {
             c.prepare_cached(
-                "SELECT message_id, COALESCE(relay, '') FROM messages
+                "SELECT message_id, COALESCE(copy_relay, relay, '') FROM messages
                   WHERE sent_copy = 'pending' AND COALESCE(finished_at, updated_at) < ?1
                   ORDER BY seq",
             )?
