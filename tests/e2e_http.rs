@@ -1666,6 +1666,11 @@ async fn binary_refuses_an_address_that_fails_authentication_too_often() {
         "the refusals are counted:\n{r}"
     );
     assert!(
+        r.lines()
+            .any(|l| l == "mailmux_http_refused_total{status=\"401\"} 4"),
+        "the four failures, the console's sign-in too:\n{r}"
+    );
+    assert!(
         r.lines().any(|l| l == "mailmux_http_refused_addresses 0"),
         "none refused now:\n{r}"
     );

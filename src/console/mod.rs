@@ -282,6 +282,7 @@ async fn login(State(server): State<MailmuxServer>, Form(form): Form<LoginForm>)
     let hash = hash_token(token.trim());
     let Some(name) = server.gate().operator_by_hash(&hash) else {
         tracing::warn!("console sign-in refused: not an operator token");
+        metrics::counter!(crate::telemetry::HTTP_REFUSED, "status" => "401").increment(1);
         return (
             StatusCode::UNAUTHORIZED,
             pages::login(Some("That is not an operator token.")),
