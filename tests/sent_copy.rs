@@ -731,6 +731,44 @@ async fn a_copy_not_made_by_the_end_of_the_grace_is_made_at_the_next_start() {
     assert!(!log.contains(PASS), "the password is not in the log");
 }
 
+/// `mailmux send` to rcpt@example.org with `config`, run from `dir`, with
+/// `extra` arguments: its JSON answer and its stderr, once it exited 0.
+fn send_command(dir: &Path, config: &Path, subject: &str, extra: &[&str]) -> (Value, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
+        .arg("--config")
+        .arg(config)
+        .args(["send", "--to", "rcpt@example.org", "--subject", subject])
+        .args(["--body", "from the command line"])
+        .args(extra)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    (serde_json::from_str(&stdout).unwrap(), stderr)
+}
+
+/// The status of message `id` once it is `sent` (within 30 s).
+async fn until_sent(d: &StdioDaemon, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = d
+            .call("get_message_status", json!({ "message_id": id }))
+            .await;
+        if s["status"] == "sent" {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "not delivered: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// `mailmux send --no-wait` while a daemon owns the store (and its Sent
 /// copies wait on an IMAP server that never greets): the command hands its
 /// message to the daemon and makes none of the daemon's pending copies,
@@ -755,39 +793,10 @@ async fn send_no_wait_leaves_the_running_daemons_pending_copies_alone() {
 
     let working = dir.path().join("command.toml");
     std::fs::write(&working, config(dir.path(), sink.port(), imap.port, folder)).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
-        .arg("--config")
-        .arg(&working)
-        .args(["send", "--to", "rcpt@example.org", "--subject", "handed"])
-        .args(["--body", "from the command line", "--no-wait"])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .current_dir(dir.path())
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
-    let v: Value = serde_json::from_str(&stdout).unwrap();
+    let (v, _) = send_command(dir.path(), &working, "handed", &["--no-wait"]);
     assert_eq!(v["status"], "queued", "{v}");
     let handed = v["message_id"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = d
-            .call("get_message_status", json!({ "message_id": handed }))
-            .await;
-        if s["status"] == "sent" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the daemon did not deliver it: {s}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_sent(&d, &handed).await;
     assert_eq!(sink.delivered().len(), 3);
     assert_eq!(
         imap.count("Sent Messages").await,
@@ -818,23 +827,7 @@ async fn the_send_command_files_the_copy_of_its_message() {
         "folder = \"Sent Messages\"",
     );
     std::fs::write(dir.path().join("mailmux.toml"), cfg).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
-        .arg("--config")
-        .arg(dir.path().join("mailmux.toml"))
-        .args(["send", "--to", "rcpt@example.org", "--subject", "by hand"])
-        .args(["--body", "from the command line"])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .current_dir(dir.path())
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
-    let v: Value = serde_json::from_str(&stdout).unwrap();
+    let (v, stderr) = send_command(dir.path(), &dir.path().join("mailmux.toml"), "by hand", &[]);
     assert_eq!(v["status"], "sent", "{v}");
     assert_eq!(sink.delivered().len(), 1);
     assert_eq!(imap.count("Sent Messages").await, 1, "{stderr}");
@@ -1249,17 +1242,7 @@ async fn copy_of_two_relays_across_a_crash(
     // The first relay now refuses every transaction: the retry goes to the
     // second.
     first.set_script(Script::ok().on(Phase::Mail, Action::reply(421, "4.3.2 closing")));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let s = loop {
-        let s = d
-            .call("get_message_status", json!({ "message_id": id }))
-            .await;
-        if s["status"] == "sent" {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the retry did not deliver: {s}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let s = until_sent(&d, &id).await;
     assert_eq!(s["relay"], "second", "{s}");
     assert_eq!(s["sent_copy"], json!({ "status": "pending" }), "{s}");
     d.kill().await;
