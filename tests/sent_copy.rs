@@ -884,6 +884,21 @@ async fn sent_two(d: &StdioDaemon) -> Vec<String> {
     ids
 }
 
+/// The `[queue]` table's body for node `node` on the PostgreSQL at `url`,
+/// with a lease of two seconds.
+fn postgres_queue(url: &str, node: &str) -> String {
+    format!("store = \"postgres\"\nurl = \"{url}\"\nnode_id = \"{node}\"\nlease = \"2s\"")
+}
+
+/// `cfg` with its SQLite file in `dir` replaced by `queue`, when given.
+fn on_store(dir: &Path, cfg: String, queue: Option<&str>) -> String {
+    let file = format!("path = \"{}\"", dir.join("queue.db").display());
+    match queue {
+        Some(q) => cfg.replacen(&file, q, 1),
+        None => cfg,
+    }
+}
+
 /// SIGKILL while every copy waits (the IMAP server never greets): the store
 /// keeps each copy pending with its bytes, and the next start, against a
 /// working server, files each exactly once, including the one the first
@@ -900,9 +915,7 @@ async fn copies_waiting_at_a_crash_are_made_once_at_the_next_start() {
 async fn copies_of_a_daemon_killed_on_postgres_are_made_by_another() {
     let server = Postgres::start();
     let url = server.database();
-    let queue = |node: &str| {
-        format!("store = \"postgres\"\nurl = \"{url}\"\nnode_id = \"{node}\"\nlease = \"2s\"")
-    };
+    let queue = |node: &str| postgres_queue(&url, node);
     copies_across_a_crash(Some(&queue("a")), Some(&queue("b")), Duration::from_secs(3)).await;
 }
 
@@ -917,11 +930,7 @@ async fn copies_across_a_crash(first: Option<&str>, second: Option<&str>, pause:
     let sink = smtp().await;
     let dir = tempfile::tempdir().unwrap();
     let folder = "folder = \"Sent Messages\"";
-    let file = format!("path = \"{}\"", dir.path().join("queue.db").display());
-    let on = |cfg: String, queue: Option<&str>| match queue {
-        Some(q) => cfg.replacen(&file, q, 1),
-        None => cfg,
-    };
+    let on = |cfg: String, queue: Option<&str>| on_store(dir.path(), cfg, queue);
     let metrics = common::free_port();
     let stuck = on(
         config(
@@ -1203,9 +1212,7 @@ async fn a_copy_recovered_after_a_crash_goes_to_the_account_of_the_relay_that_fi
 async fn a_copy_taken_over_on_postgres_goes_to_the_account_of_the_relay_that_first_took_it() {
     let server = Postgres::start();
     let url = server.database();
-    let queue = |node: &str| {
-        format!("store = \"postgres\"\nurl = \"{url}\"\nnode_id = \"{node}\"\nlease = \"2s\"")
-    };
+    let queue = |node: &str| postgres_queue(&url, node);
     copy_of_two_relays_across_a_crash(Some(&queue("a")), Some(&queue("b")), Duration::from_secs(3))
         .await;
 }
@@ -1224,11 +1231,7 @@ async fn copy_of_two_relays_across_a_crash(
     let first = smtp_deferring(&[("away@example.net", 1)]).await;
     let second = smtp().await;
     let dir = tempfile::tempdir().unwrap();
-    let file = format!("path = \"{}\"", dir.path().join("queue.db").display());
-    let on = |cfg: String, queue: Option<&str>| match queue {
-        Some(q) => cfg.replacen(&file, q, 1),
-        None => cfg,
-    };
+    let on = |cfg: String, queue: Option<&str>| on_store(dir.path(), cfg, queue);
     let stuck = on(
         config_two_accounts(
             dir.path(),
