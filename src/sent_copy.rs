@@ -186,8 +186,7 @@ impl SentCopies {
     /// Hands over the copies the first look found; on a shared store, then
     /// every [`TAKE_OVER_EVERY`], the copies of daemons that stopped. Ends
     /// when the daemon stops; the copies not handed over stay pending.
-    async fn resume(self: Arc<Self>, mine: Vec<CopyDue>) {
-        let mut due = mine;
+    async fn resume(self: Arc<Self>, mut due: Vec<CopyDue>) {
         loop {
             if !self.hand_over(due).await || self.queue.node().is_none() {
                 return;
