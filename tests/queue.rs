@@ -2888,6 +2888,10 @@ async fn the_queue_command_works_with_the_daemon_stopped() {
     assert_eq!((code, out.lines().count()), (Some(0), 2), "{out}{err}");
     let (code, _, err) = q(&["list", "--limit", "0"]);
     assert_eq!(code, Some(2), "a limit of 0 is a usage error: {err}");
+    assert!(
+        err.contains("expected a whole number of at least 1"),
+        "{err}"
+    );
     let (code, out, err) = q(&["list", "--recipient", "ELSEWHERE.net"]);
     assert_eq!(code, Some(0), "{err}");
     assert!(

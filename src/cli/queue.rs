@@ -120,8 +120,7 @@ pub struct ListArgs {
     #[command(flatten)]
     pub select: Select,
     /// At most this many, newest first (at least 1).
-    #[arg(long, default_value_t = 50,
-          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, default_value_t = 50, value_parser = at_least_one)]
     pub limit: usize,
     /// One JSON object a line.
     #[arg(long)]
@@ -303,6 +302,14 @@ async fn migrate(config: &Config) -> ExitCode {
 
 /// The SQLite store's path, or the usage error of a command that copies
 /// it (`backup`, `restore`) on another store.
+/// `--limit`: a whole number of at least 1.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("expected a whole number of at least 1".into()),
+    }
+}
+
 fn sqlite_path<'a>(config: &'a Config, command: &str) -> Result<&'a std::path::Path, ExitCode> {
     match &config.queue.store {
         StoreKind::Sqlite { path } => Ok(path),
