@@ -147,6 +147,9 @@ async fn invalid_messages_are_reported_and_the_valid_ones_sent() {
             {"to": ["e@example.org"], "template_vars": {"name": "E"}, "wait": false},
             {"to": ["f@example.org"], "template_vars": {"name": "F"}},
             {"to": 7, "template_vars": {"name": "G"}},
+            {"to": ["h@example.org"], "template_vars": {"name": "H I"},
+             "list_unsubscribe": "https://example.org/u?n={name}"},
+            {"to": ["i@example.org"], "template_vars": {"name": "I"}, "list_unsubscribe": [5]},
         ],
     });
     let (is_error, out) = call(&s, "send_batch", batch.clone()).await;
@@ -170,7 +173,12 @@ async fn invalid_messages_are_reported_and_the_valid_ones_sent() {
     assert_eq!(r[5]["status"], "sent");
     assert_eq!(r[6]["error"]["field"], "messages[6].to");
     assert_eq!(r[6]["error"]["rule"], "schema");
-    assert_eq!(out["summary"], json!({"refused": 5, "sent": 2}));
+    // A link checked as rendered: the space a variable brought is refused.
+    assert_eq!(r[7]["error"]["field"], "messages[7].list_unsubscribe[0]");
+    assert_eq!(r[7]["error"]["rule"], "invalid_uri", "{}", r[7]);
+    assert_eq!(r[8]["error"]["field"], "messages[8].list_unsubscribe[0]");
+    assert_eq!(r[8]["error"]["rule"], "schema");
+    assert_eq!(out["summary"], json!({"refused": 7, "sent": 2}));
     assert_eq!(s.smtp.delivered().len(), 2);
 
     // atomic: the same batch queues nothing and is an error listing each.
@@ -185,6 +193,8 @@ async fn invalid_messages_are_reported_and_the_valid_ones_sent() {
         "messages[3].colour",
         "messages[4].wait",
         "messages[6].to",
+        "messages[7].list_unsubscribe[0]",
+        "messages[8].list_unsubscribe[0]",
     ] {
         assert!(message.contains(f), "{f} not in {message}");
     }

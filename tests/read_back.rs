@@ -556,7 +556,14 @@ async fn a_random_mail_merge_reads_back_rendered_for_each_message() {
             String::new()
         };
         let to = format!("merge{i}@example.org");
-        let mut m = json!({ "to": [to], "template_vars": { "name": name, "extra": extra } });
+        // A recipient's own unsubscribe token, as a mail merge carries it.
+        let rid: String = (0..rng.random_range(8..40))
+            .map(|_| char::from(b"ABCabc019-_."[rng.random_range(0..12)]))
+            .collect();
+        let mut m = json!({
+            "to": [to],
+            "template_vars": { "name": name, "extra": extra, "rid": rid },
+        });
         let subject = if rng.random_bool(0.2) {
             let own = format!("{} {{name}}", text(&mut rng, 1..4));
             m["subject"] = json!(own);
@@ -583,6 +590,10 @@ async fn a_random_mail_merge_reads_back_rendered_for_each_message() {
             "html": format!("<p>Dear {escaped},</p>\n"),
             "attachments": [{ "filename": "shared.bin", "content_base64": shared_b64 }],
             "rcpt_to": [to],
+            "list_unsubscribe": format!(
+                "<https://example.org/unsubscribe?r={rid}>, <mailto:leave@example.org?subject=leave%20{rid}>"
+            ),
+            "list_unsubscribe_post": "List-Unsubscribe=One-Click",
         }));
         messages.push(m);
     }
@@ -592,6 +603,11 @@ async fn a_random_mail_merge_reads_back_rendered_for_each_message() {
             "body": "Dear {name},\nthe same for everyone.\n",
             "html_body": "<p>Dear {name},</p>\n",
             "attachments": [{ "filename": "shared.bin", "content_base64": shared_b64 }],
+            "list_unsubscribe": [
+                "https://example.org/unsubscribe?r={rid}",
+                "mailto:leave@example.org?subject=leave%20{rid}",
+            ],
+            "list_unsubscribe_post": true,
         },
         "messages": messages,
     });

@@ -57,6 +57,9 @@ def read(path):
         "in_reply_to": None if msg["in-reply-to"] is None else " ".join(str(msg["in-reply-to"]).split()),
         "references": None if msg["references"] is None else " ".join(str(msg["references"]).split()),
         "headers": [k.lower() for k in msg.keys()],
+        # Unfolded, as a provider reads it to find the links.
+        "list_unsubscribe": None if msg["list-unsubscribe"] is None else " ".join(str(msg["list-unsubscribe"]).split()),
+        "list_unsubscribe_post": None if msg["list-unsubscribe-post"] is None else str(msg["list-unsubscribe-post"]),
         # The envelope, as aiosmtpd's Mailbox handler records it.
         "rcpt_to": sorted(r.strip() for r in str(msg["x-rcptto"] or "").split(",") if r.strip()),
         "text": text(msg, "plain"),

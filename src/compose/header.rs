@@ -188,7 +188,7 @@ pub(super) fn unstructured(name: &str, value: &str) -> String {
 /// `value`, folded before whitespace where a line would pass [`LINE`]. Only
 /// the last whitespace of a run is folded before, so that no line is
 /// whitespace alone.
-fn fold(start: usize, value: &str) -> String {
+pub(super) fn fold(start: usize, value: &str) -> String {
     let bytes = value.as_bytes();
     let mut out = String::with_capacity(value.len() + 8);
     let mut column = start;

@@ -12,6 +12,7 @@ mod qp;
 mod template;
 #[cfg(test)]
 mod tests;
+mod unsubscribe;
 
 pub use attach::Shared as SharedAttachments;
 
@@ -39,6 +40,23 @@ pub enum Recipients {
 impl Default for Recipients {
     fn default() -> Self {
         Recipients::List(Vec::new())
+    }
+}
+
+/// Links for the `List-Unsubscribe` field: one link, or an array of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Links {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Links {
+    fn as_slice(&self) -> &[String] {
+        match self {
+            Links::One(l) => std::slice::from_ref(l),
+            Links::Many(l) => l,
+        }
     }
 }
 
@@ -104,6 +122,16 @@ pub struct Draft {
     /// `{path, content_type?}` inside the configured attachments directory.
     #[serde(default)]
     pub attachments: Vec<AttachmentInput>,
+    /// Where a recipient unsubscribes, for the `List-Unsubscribe` header
+    /// (RFC 2369): an `https:` or `mailto:` link, or an array of up to 4.
+    /// `template_vars` apply, so each message of a batch can carry its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub list_unsubscribe: Option<Links>,
+    /// One-click unsubscribe (RFC 8058): adds `List-Unsubscribe-Post`, which
+    /// tells mailbox providers that the https: link takes a POST. Needs an
+    /// https: link in `list_unsubscribe`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub list_unsubscribe_post: bool,
     /// Values for `{name}` and `{?name}…{/name}` in subject and bodies, each a
     /// string (write `42` as `"42"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -284,8 +312,16 @@ const MAX_SUBJECT: usize = 900;
 ///   address (UTF-8 local part or domain) is accepted here and written as
 ///   UTF-8 (RFC 6532); whether it can be delivered depends on the relay
 ///   supporting SMTPUTF8, which the delivery layer checks.
-/// - `template_vars`, when present, is applied to the subject, `body` and
-///   `html_body` (see [the template rules](#templates)).
+/// - `template_vars`, when present, is applied to the subject, `body`,
+///   `html_body` and each `list_unsubscribe` link (see [the template
+///   rules](#templates)).
+/// - `list_unsubscribe`: at most 4 links (`too_many_links`), each an
+///   `https:` link with a host or a `mailto:` link with one address
+///   (`unsupported_uri_scheme`, `invalid_uri`) of the characters RFC 3986
+///   allows unencoded (`invalid_uri`: no space, `<>"\{}|^` or a backtick,
+///   nothing outside ASCII; a `{name}` left unrendered), at most 900 bytes
+///   (`too_long`); `list_unsubscribe_post` needs an `https:` one
+///   (`one_click_needs_https`).
 /// - Bodies get CRLF line endings (bare LF and bare CR become CRLF) so that
 ///   the SMTP layer's dot-stuffing sees every line; lettre picks 7bit,
 ///   quoted-printable or base64 so that lines stay short. A body containing
@@ -361,6 +397,8 @@ pub fn compose_with(
         ));
     }
 
+    let unsubscribe = unsubscribe::fields(&rendered.list_unsubscribe, draft.list_unsubscribe_post)?;
+
     let mut estimate = rendered.subject.len()
         + rendered.body.len()
         + rendered.html_body.as_ref().map_or(0, String::len);
@@ -415,6 +453,9 @@ pub fn compose_with(
     }
     if let Some(ids) = references {
         builder = builder.references(ids);
+    }
+    for field in unsubscribe {
+        builder = builder.raw_header(field);
     }
     // An explicit envelope: Bcc is never given to the header builder at all.
     builder = builder.envelope(envelope);
@@ -519,16 +560,22 @@ struct Rendered {
     subject: String,
     body: String,
     html_body: Option<String>,
+    list_unsubscribe: Vec<String>,
 }
 
 /// Renders the templates; each output is refused (`too_large`) as soon as it
 /// grows past `limit`, before it is all held.
 fn render(draft: &Draft, limit: usize) -> Result<Rendered, ComposeError> {
+    let links = draft
+        .list_unsubscribe
+        .as_ref()
+        .map_or(&[][..], Links::as_slice);
     let Some(vars) = &draft.template_vars else {
         return Ok(Rendered {
             subject: draft.subject.clone(),
             body: crlf(&draft.body),
             html_body: draft.html_body.as_deref().map(crlf),
+            list_unsubscribe: links.to_vec(),
         });
     };
     let mut missing = BTreeSet::new();
@@ -550,6 +597,11 @@ fn render(draft: &Draft, limit: usize) -> Result<Rendered, ComposeError> {
         .as_deref()
         .map(|h| run("html_body", h, template::Escape::Html))
         .transpose()?;
+    let list_unsubscribe = links
+        .iter()
+        .enumerate()
+        .map(|(i, l)| run(&format!("list_unsubscribe[{i}]"), l, template::Escape::Raw))
+        .collect::<Result<Vec<_>, _>>()?;
     if !missing.is_empty() {
         let names: Vec<_> = missing.into_iter().collect();
         return Err(ComposeError::new(
@@ -566,6 +618,7 @@ fn render(draft: &Draft, limit: usize) -> Result<Rendered, ComposeError> {
         subject,
         body: crlf(&body),
         html_body: html_body.as_deref().map(crlf),
+        list_unsubscribe,
     })
 }
 

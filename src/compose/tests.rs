@@ -615,6 +615,59 @@ fn drafts_deserialize_from_tool_json() {
 }
 
 #[test]
+fn list_unsubscribe_links_are_rendered_per_message_and_checked_after_it() {
+    let mut d = draft("ada@example.org");
+    d.list_unsubscribe = Some(Links::Many(vec![
+        "https://example.org/u?r={rid}".into(),
+        "mailto:leave@example.org?subject=leave%20{rid}".into(),
+    ]));
+    d.list_unsubscribe_post = true;
+    d.template_vars = Some(BTreeMap::from([("rid".to_owned(), "a1b2".to_owned())]));
+    let c = ok(&d, &policy());
+    assert_eq!(
+        header(&c, "List-Unsubscribe").as_deref(),
+        Some("<https://example.org/u?r=a1b2>, <mailto:leave@example.org?subject=leave%20a1b2>")
+    );
+    assert_eq!(
+        header(&c, "List-Unsubscribe-Post").as_deref(),
+        Some("List-Unsubscribe=One-Click")
+    );
+
+    // A substituted value cannot close the link and open another, nor add a line.
+    for (value, rule) in [
+        ("x>, <https://evil.example.net/", "invalid_uri"),
+        ("x\r\nBcc: evil@example.net", "header_injection"),
+    ] {
+        d.template_vars = Some(BTreeMap::from([("rid".to_owned(), value.to_owned())]));
+        let e = err(&d, &policy());
+        assert_eq!(
+            (e.field.as_str(), e.rule),
+            ("list_unsubscribe[0]", rule),
+            "{value:?}"
+        );
+    }
+    d.template_vars = None;
+    let e = err(&d, &policy());
+    assert_eq!(
+        e.rule, "invalid_uri",
+        "a {{rid}} left unrendered is no link"
+    );
+
+    // No links: no field, and a draft without them serializes as before.
+    let plain = ok(&draft("ada@example.org"), &policy());
+    assert!(header(&plain, "List-Unsubscribe").is_none());
+    let json = serde_json::to_value(draft("ada@example.org")).expect("json");
+    assert!(json.get("list_unsubscribe").is_none() && json.get("list_unsubscribe_post").is_none());
+    let one: Draft =
+        serde_json::from_str(r#"{"to": "a@x.org", "list_unsubscribe": "mailto:u@x.org"}"#)
+            .expect("one link");
+    assert_eq!(
+        one.list_unsubscribe,
+        Some(Links::One("mailto:u@x.org".into()))
+    );
+}
+
+#[test]
 fn bad_input_table() {
     type Edit = fn(&mut Draft, &mut ComposePolicy);
     let table: Vec<(&str, Edit, &str)> = vec![
@@ -1062,6 +1115,12 @@ fn random_input_never_panics() {
             template_vars: g
                 .chance(4)
                 .then(|| BTreeMap::from([("a".to_owned(), g.string()), (g.string(), g.string())])),
+            list_unsubscribe: g.chance(4).then(|| match g.below(3) {
+                0 => Links::One(g.string()),
+                1 => Links::Many((0..g.below(6)).map(|_| g.string()).collect()),
+                _ => Links::One(g.or_valid("https://example.org/u?r={a}")),
+            }),
+            list_unsubscribe_post: g.chance(4),
             send_at: None,
         };
         match compose(&d, &p) {

@@ -267,7 +267,7 @@ pub fn mistyped(name: &str, value: &serde_json::Value) -> Option<ShapeError> {
     };
     let name = shown(name);
     match name.as_str() {
-        "wait" | "dry_run" | "html" | "atomic" if !value.is_boolean() => {
+        "wait" | "dry_run" | "html" | "atomic" | "list_unsubscribe_post" if !value.is_boolean() => {
             wrong(name, "true or false")
         }
         "subject" | "body" | "html_body" | "from_email" | "reply_to" | "in_reply_to"
@@ -290,6 +290,14 @@ pub fn mistyped(name: &str, value: &serde_json::Value) -> Option<ShapeError> {
                 name,
                 "an address, a comma-separated string of addresses or an array of addresses",
             ),
+        },
+        "list_unsubscribe" => match value {
+            Value::String(_) => None,
+            Value::Array(items) => items
+                .iter()
+                .position(|v| !v.is_string())
+                .and_then(|i| wrong(format!("{name}[{i}]"), "a string (one link)")),
+            _ => wrong(name, "a link or an array of links"),
         },
         "template_vars" => match value {
             Value::Object(vars) => vars
@@ -483,6 +491,8 @@ macro_rules! message_fields {
             "in_reply_to",
             "references",
             "attachments",
+            "list_unsubscribe",
+            "list_unsubscribe_post",
             "template_vars",
             "relay",
             $($extra),*

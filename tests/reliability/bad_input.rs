@@ -351,6 +351,40 @@ pub fn cases(dir: &Path) -> Vec<BadInput> {
             "references[1]",
             "invalid_message_id",
         ),
+        case(
+            "CRLF in a list_unsubscribe link",
+            with(json!({"list_unsubscribe": format!("https://example.org/u{INJECT}")})),
+            "list_unsubscribe[0]",
+            "header_injection",
+        ),
+        case(
+            "a second link smuggled into one",
+            with(
+                json!({"list_unsubscribe": ["mailto:u@example.org", "https://example.org/u>, <https://evil.example.net/"]}),
+            ),
+            "list_unsubscribe[1]",
+            "invalid_uri",
+        ),
+        case(
+            "an http: unsubscribe link",
+            with(json!({"list_unsubscribe": "http://example.org/u"})),
+            "list_unsubscribe[0]",
+            "unsupported_uri_scheme",
+        ),
+        case(
+            "one-click unsubscribe without an https: link",
+            with(
+                json!({"list_unsubscribe": "mailto:u@example.org", "list_unsubscribe_post": true}),
+            ),
+            "list_unsubscribe_post",
+            "one_click_needs_https",
+        ),
+        case(
+            "list_unsubscribe of the wrong type",
+            with(json!({"list_unsubscribe": {"url": "https://example.org/u"}})),
+            "list_unsubscribe",
+            "schema",
+        ),
         // Path escapes and files that are not regular files.
         case(
             "parent directory escape",
