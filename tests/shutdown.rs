@@ -83,3 +83,68 @@ async fn shutdown_refuses_new_calls_and_bounds_in_flight_deliveries() {
     let _ = tokio::time::timeout(Duration::from_secs(5), in_flight).await;
     assert!(smtp.delivered().is_empty());
 }
+
+/// The end of the input is a shutdown too: a client that writes its calls
+/// and closes its side (`mailmux < calls.jsonl`) still gets every answer,
+/// however long past the end its delivery takes. rmcp alone writes answers
+/// for only 5 s after its input ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_end_of_the_input_waits_for_the_answers_of_calls_in_flight() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+    // The relay takes 6 s to answer the final ".".
+    let smtp =
+        FaultSmtp::start(Script::ok().on(Phase::AfterDot, Action::Pause(Duration::from_secs(6))))
+            .await;
+    let mut slow = relay("slow", smtp.port(), 1);
+    slow.timeouts = mailmux_actors::Timeouts::uniform(Duration::from_secs(20));
+    let cfg = config(vec![slow]);
+    let queue = mailmux::mcp::start_queue(&cfg).await.unwrap();
+    let server = MailmuxServer::new(queue, cfg, Sources::default()).await;
+    let (client_io, server_io) = tokio::io::duplex(1 << 20);
+    let (r, w) = tokio::io::split(server_io);
+    let serving = tokio::spawn(mailmux::mcp::transport::serve_io(
+        server,
+        r,
+        w,
+        std::future::pending(),
+    ));
+
+    let (client_r, mut client_w) = tokio::io::split(client_io);
+    let lines = [
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "batch-file", "version": "1"}}}),
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+            "name": "send_email",
+            "arguments": {"to": "a@example.org", "subject": "slow", "body": "x"}}}),
+    ];
+    for l in lines {
+        client_w
+            .write_all(format!("{l}\n").as_bytes())
+            .await
+            .unwrap();
+    }
+    client_w.shutdown().await.unwrap();
+
+    let mut out = tokio::io::BufReader::new(client_r).lines();
+    let mut answer = None;
+    while let Some(line) = tokio::time::timeout(Duration::from_secs(30), out.next_line())
+        .await
+        .expect("the transport closes")
+        .unwrap()
+    {
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["id"] == 2 {
+            answer = Some(v);
+        }
+    }
+    let answer = answer.expect("the call made before the end of the input is answered");
+    assert_eq!(
+        answer["result"]["structuredContent"]["status"], "sent",
+        "{answer}"
+    );
+    assert_eq!(smtp.delivered().len(), 1);
+    serving.await.unwrap().unwrap();
+}

@@ -3,22 +3,29 @@
 //!
 //! Under stdio, stdout carries only MCP messages: nothing else in the daemon
 //! may write to it (logs go to stderr). A request is one line of at most
-//! `http.body_limit` bytes, the bound of an HTTP request's body.
+//! `http.body_limit` bytes, the bound of an HTTP request's body. The end of
+//! stdin reaches rmcp only once every request read before it is answered
+//! (`Answering`), within `shutdown_grace`.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::future::Future;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use rmcp::ServiceExt;
+use rmcp::model::{ClientNotification, JsonRpcMessage, RequestId};
+use rmcp::service::{RoleServer, RxJsonRpcMessage, TxJsonRpcMessage};
+use rmcp::transport::Transport;
 use rmcp::transport::async_rw::AsyncRwTransport;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
+use tokio_util::sync::CancellationToken;
 
 use super::{MailmuxServer, RunError, drain};
 
@@ -149,12 +156,23 @@ where
     // answer, having not read the request's id.
     let transport = AsyncRwTransport::new_server(reader, writer)
         .with_max_line_length(server.config().daemon.http.body_limit);
-    let running = tokio::select! {
-        r = server.clone().serve(transport) => r,
-        () = &mut shutdown => {
-            tracing::info!("shutdown requested before the client initialized");
-            drain(&server).await;
-            return Ok(());
+    let open = Arc::new(Open::default());
+    let transport = Answering {
+        inner: transport,
+        open: open.clone(),
+    };
+    let serving = server.clone().serve(transport);
+    tokio::pin!(serving);
+    let running = loop {
+        tokio::select! {
+            r = &mut serving => break r,
+            // The input ended before the session began: no call to answer.
+            () = open.ended.cancelled(), if !open.release.is_cancelled() => open.release.cancel(),
+            () = &mut shutdown => {
+                tracing::info!("shutdown requested before the client initialized");
+                drain(&server).await;
+                return Ok(());
+            }
         }
     };
     let running = match running {
@@ -170,8 +188,23 @@ where
     let waiting = running.waiting();
     tokio::pin!(waiting);
     tokio::select! {
+        () = open.ended.cancelled() => {
+            // Each request read before the end is answered first: rmcp,
+            // seeing the end, would write answers for only 5 s more.
+            let grace = server.config().daemon.shutdown_grace;
+            tracing::info!(requests = open.len(), grace = ?grace, "stdin closed; answering the requests read before it");
+            tokio::select! {
+                r = tokio::time::timeout(grace, open.answered()) => if r.is_err() {
+                    tracing::warn!(requests = open.len(), "shutdown grace ran out with requests unanswered");
+                },
+                () = &mut shutdown => tracing::info!("shutdown signal received"),
+            }
+            open.release.cancel();
+            let _ = waiting.await;
+            drain(&server).await;
+        }
         r = &mut waiting => {
-            tracing::info!(reason = ?r.as_ref().map(|q| format!("{q:?}")), "stdin closed");
+            tracing::info!(reason = ?r.as_ref().map(|q| format!("{q:?}")), "the MCP session ended");
             drain(&server).await;
         }
         () = &mut shutdown => {
@@ -184,6 +217,108 @@ where
         }
     }
     Ok(())
+}
+
+/// The requests a transport has read and not answered yet, and the end of
+/// its input: the transport that meets the end cancels `ended`, and reports
+/// it to rmcp only once `release` is cancelled.
+#[derive(Debug, Default)]
+struct Open {
+    ids: Mutex<HashSet<RequestId>>,
+    changed: Notify,
+    ended: CancellationToken,
+    release: CancellationToken,
+}
+
+impl Open {
+    fn insert(&self, id: RequestId) {
+        self.ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id);
+    }
+
+    fn remove(&self, id: &RequestId) {
+        self.ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        self.changed.notify_waiters();
+    }
+
+    fn len(&self) -> usize {
+        self.ids.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Once every request read is answered (or cancelled by its client,
+    /// when rmcp sends no answer).
+    async fn answered(&self) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.len() == 0 {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+/// A server transport that counts the requests it reads until their
+/// answers are written ([`Open`]), and holds back the end of its input
+/// until they all are.
+struct Answering<T> {
+    inner: T,
+    open: Arc<Open>,
+}
+
+impl<T: Transport<RoleServer>> Transport<RoleServer> for Answering<T> {
+    type Error = T::Error;
+
+    fn send(
+        &mut self,
+        item: TxJsonRpcMessage<RoleServer>,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send + 'static {
+        let id = match &item {
+            JsonRpcMessage::Response(r) => Some(r.id.clone()),
+            JsonRpcMessage::Error(e) => e.id.clone(),
+            _ => None,
+        };
+        let open = self.open.clone();
+        let sending = self.inner.send(item);
+        async move {
+            let sent = sending.await;
+            if let Some(id) = id {
+                open.remove(&id);
+            }
+            sent
+        }
+    }
+
+    async fn receive(&mut self) -> Option<RxJsonRpcMessage<RoleServer>> {
+        let Some(m) = self.inner.receive().await else {
+            self.open.ended.cancel();
+            self.open.release.cancelled().await;
+            return None;
+        };
+        match &m {
+            JsonRpcMessage::Request(r) => self.open.insert(r.id.clone()),
+            JsonRpcMessage::Notification(n) => {
+                if let ClientNotification::CancelledNotification(c) = &n.notification
+                    && let Some(id) = &c.params.request_id
+                {
+                    self.open.remove(id);
+                }
+            }
+            _ => {}
+        }
+        Some(m)
+    }
+
+    fn close(&mut self) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        self.inner.close()
+    }
 }
 
 /// Counts the `send_email` calls in progress (`max_concurrent_calls`), so that
