@@ -12,6 +12,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -281,14 +283,15 @@ pub(crate) async fn dial(
     // Below TLS, so that every byte counts.
     let tcp = Unanswered::new(tcp, MAX_UNANSWERED);
 
+    let heard = Arc::new(Heard::default());
     let stream: Box<dyn AsyncTokioStream> = if s.tls == TlsMode::Implicit {
         let params = tls_parameters(s)?;
         #[allow(deprecated)]
         let mut net = AsyncNetworkStream::use_existing_tokio1(Box::new(tcp));
         bounded(Phase::Tls, t.connect, deadline, net.upgrade_tls(params)).await?;
-        Box::new(TlsStream(net.compat()))
+        Box::new(Listening::new(TlsStream(net.compat()), heard.clone()))
     } else {
-        Box::new(tcp)
+        Box::new(Listening::new(tcp, heard.clone()))
     };
 
     let mut inner = bounded(
@@ -298,8 +301,10 @@ pub(crate) async fn dial(
         AsyncSmtpConnection::connect_with_transport(stream, &hello),
     )
     .await?;
+    // The greeting and the answer to lettre's EHLO, in clear text.
+    let opening = heard.stop();
 
-    match s.tls {
+    let upgraded = match s.tls {
         TlsMode::Starttls | TlsMode::Opportunistic if inner.can_starttls() => {
             let params = tls_parameters(s)?;
             bounded(
@@ -309,6 +314,7 @@ pub(crate) async fn dial(
                 inner.starttls(params, &hello),
             )
             .await?;
+            true
         }
         TlsMode::Starttls => {
             return Err(Failure::new(
@@ -316,10 +322,19 @@ pub(crate) async fn dial(
                 "TLS: the server does not offer STARTTLS and tls = \"starttls\" requires it",
             ));
         }
-        _ => {}
-    }
+        _ => false,
+    };
 
-    let ehlo = keywords(&mut inner, &hello, t, deadline).await?;
+    // After STARTTLS lettre asked EHLO again inside TLS, below which the
+    // bytes are not heard: ask once more there.
+    let ehlo = match opening
+        .as_deref()
+        .and_then(ehlo_keywords)
+        .filter(|_| !upgraded)
+    {
+        Some(found) => found,
+        None => keywords(&mut inner, &hello, t, deadline).await?,
+    };
 
     if let Some(creds) = &s.auth {
         let mechanisms: &[Mechanism] = match creds.method {
@@ -460,8 +475,45 @@ struct Keywords {
     size: Option<u64>,
 }
 
+/// The EHLO keywords of `opening`, the bytes a server sent while lettre
+/// opened the connection: its greeting, then its answer to lettre's EHLO.
+/// `None` unless those are two whole replies and the second is a 250.
+fn ehlo_keywords(opening: &[u8]) -> Option<Keywords> {
+    let text = std::str::from_utf8(opening).ok()?;
+    let mut replies: Vec<Vec<&str>> = vec![Vec::new()];
+    for line in text.split_terminator("\r\n") {
+        let code = line
+            .get(..3)
+            .filter(|c| c.bytes().all(|b| b.is_ascii_digit()))?;
+        let last = match line.as_bytes().get(3) {
+            None | Some(b' ') => true,
+            Some(b'-') => false,
+            Some(_) => return None,
+        };
+        let reply = replies.last_mut()?;
+        if reply.first().is_some_and(|first| !first.starts_with(code)) {
+            return None;
+        }
+        reply.push(line);
+        if last {
+            replies.push(Vec::new());
+        }
+    }
+    // Every reply ended; the last entry is the empty one after them.
+    let [_greeting, ehlo, rest] = replies.as_slice() else {
+        return None;
+    };
+    if !rest.is_empty() || !ehlo.first()?.starts_with("250") {
+        return None;
+    }
+    Some(Keywords::of(
+        ehlo.iter().skip(1).map(|l| l.get(4..).unwrap_or("")),
+    ))
+}
+
 /// The EHLO keywords that lettre does not keep (it keeps only those it
-/// uses), read by asking once more: one round trip per connection.
+/// uses), read by asking once more: one round trip per connection. Only
+/// where the answer to lettre's own EHLO was not heard ([`ehlo_keywords`]).
 async fn keywords(
     inner: &mut AsyncSmtpConnection,
     hello: &ClientId,
@@ -475,22 +527,113 @@ async fn keywords(
         inner.command(Ehlo::new(hello.clone())),
     )
     .await?;
-    let mut found = Keywords {
-        pipelining: false,
-        size: None,
-    };
-    for line in reply.message().skip(1) {
-        let mut words = line.split_whitespace();
-        match words.next() {
-            Some(k) if k.eq_ignore_ascii_case("PIPELINING") => found.pipelining = true,
-            // A limit that is not a number is taken as none.
-            Some(k) if k.eq_ignore_ascii_case("SIZE") => {
-                found.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0));
+    Ok(Keywords::of(reply.message().skip(1)))
+}
+
+impl Keywords {
+    /// From the lines of an EHLO reply after its first (the server's name).
+    fn of<'a>(lines: impl Iterator<Item = &'a str>) -> Keywords {
+        let mut found = Keywords {
+            pipelining: false,
+            size: None,
+        };
+        for line in lines {
+            let mut words = line.split_whitespace();
+            match words.next() {
+                Some(k) if k.eq_ignore_ascii_case("PIPELINING") => found.pipelining = true,
+                // A limit that is not a number is taken as none.
+                Some(k) if k.eq_ignore_ascii_case("SIZE") => {
+                    found.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0));
+                }
+                _ => {}
             }
-            _ => {}
         }
+        found
     }
-    Ok(found)
+}
+
+/// What a connection's server sent while lettre opened it, kept until
+/// [`Heard::stop`].
+#[derive(Debug, Default)]
+struct Heard {
+    stopped: AtomicBool,
+    bytes: Mutex<Vec<u8>>,
+}
+
+impl Heard {
+    /// Stops keeping what is read; what was kept, unless it passed
+    /// [`MAX_HEARD`] (then the keywords are asked for again).
+    fn stop(&self) -> Option<Vec<u8>> {
+        self.stopped.store(true, Ordering::Release);
+        let bytes = std::mem::take(&mut *self.bytes.lock().unwrap_or_else(|e| e.into_inner()));
+        (bytes.len() <= MAX_HEARD).then_some(bytes)
+    }
+}
+
+/// The most of a greeting and an EHLO answer kept.
+const MAX_HEARD: usize = 64 * 1024;
+
+/// A stream that hands what it reads to a [`Heard`] until that stops.
+#[derive(Debug)]
+struct Listening<S> {
+    inner: S,
+    heard: Arc<Heard>,
+}
+
+impl<S> Listening<S> {
+    fn new(inner: S, heard: Arc<Heard>) -> Self {
+        Listening { inner, heard }
+    }
+}
+
+impl<S: AsyncTokioStream> AsyncTokioStream for Listening<S> {
+    fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.peer_addr()
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Listening<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if !self.heard.stopped.load(Ordering::Acquire) {
+            let mut kept = self.heard.bytes.lock().unwrap_or_else(|e| e.into_inner());
+            if kept.len() <= MAX_HEARD {
+                kept.extend_from_slice(&buf.filled()[before..]);
+            }
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Listening<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// MAIL, every RCPT and DATA, written at once to a server that offers
@@ -1265,7 +1408,37 @@ impl AsyncWrite for TlsStream {
 
 #[cfg(test)]
 mod tests {
-    use super::Content;
+    use super::{Content, ehlo_keywords};
+
+    #[test]
+    fn the_ehlo_keywords_come_from_the_second_whole_reply_heard_or_not_at_all() {
+        let k = ehlo_keywords(
+            b"220-mx.example ESMTP\r\n220 no UCE\r\n250-mx.example\r\n250-pipelining\r\n250-SIZE 35882577\r\n250 8BITMIME\r\n",
+        )
+        .expect("two whole replies");
+        assert!(k.pipelining);
+        assert_eq!(k.size, Some(35_882_577));
+        let k = ehlo_keywords(b"220 mx\r\n250-mx\r\n250 SIZE\r\n").expect("whole");
+        assert!(!k.pipelining);
+        assert_eq!(k.size, Some(0), "SIZE without a limit");
+        for opening in [
+            &b""[..],
+            b"220 mx\r\n",
+            b"220 mx\r\n250-mx\r\n250-PIPELINING\r\n",
+            b"220 mx\r\n250-mx\n250 PIPELINING\n",
+            b"220 mx\r\n501 syntax\r\n",
+            b"220 mx\r\n250-mx\r\n251 PIPELINING\r\n",
+            b"220 mx\r\n250 mx\r\n250 more\r\n",
+            b"220 mx\r\n250 mx\r\n\xff\r\n",
+            b"220 mx\r\n25",
+        ] {
+            assert!(
+                ehlo_keywords(opening).is_none(),
+                "{}",
+                String::from_utf8_lossy(opening)
+            );
+        }
+    }
 
     fn stuffed(text: &str) -> String {
         Content(text).to_string()

@@ -213,3 +213,59 @@ async fn opportunistic_tls_upgrades_when_offered_and_goes_plain_when_not() {
     assert_eq!(tls.verb_count("STARTTLS"), 1);
     assert_eq!(plain.verb_count("STARTTLS"), 0);
 }
+
+/// PIPELINING and SIZE, which lettre does not keep, are read from the
+/// answer to lettre's own EHLO where it was heard in clear text (plain and
+/// implicit TLS: one EHLO a connection), and asked again after STARTTLS,
+/// where lettre asks inside TLS. Either way both are honoured: a message
+/// that fits is pipelined, one over SIZE gets no MAIL.
+#[tokio::test]
+async fn the_ehlo_keywords_are_read_from_lettres_ehlo_unless_tls_began_after_it() {
+    for (starttls, mode, ehlos) in [
+        (StartTls::Off, TlsMode::None, 1),
+        (StartTls::Implicit, TlsMode::Implicit, 1),
+        (StartTls::On, TlsMode::Starttls, 3),
+    ] {
+        let server = FaultSmtp::start_with(
+            Script::ok(),
+            Options {
+                starttls,
+                size: Some(2_000),
+                ..Options::default()
+            },
+        )
+        .await;
+        let d = Dispatcher::start(settings(vec![relay(
+            "r",
+            server.port(),
+            mode,
+            server.ca_pem(),
+            None,
+        )]))
+        .await
+        .unwrap();
+        let r = d.send(mail(40)).await;
+        assert_eq!(r.status, Status::Sent, "{mode:?}: {r:?}");
+        assert_eq!(server.pipelined(), 1, "{mode:?}: PIPELINING was read");
+        let mut large = mail(41);
+        large.bytes = Arc::from(vec![b'x'; 5_000]);
+        let r = d.send(large).await;
+        assert_eq!(r.status, Status::Failed, "{mode:?}: {r:?}");
+        assert_eq!(
+            r.attempts[0].class,
+            Some(FailureClass::Unsupported),
+            "{r:?}"
+        );
+        assert_eq!(
+            server.commands(support::fault_smtp::Phase::Mail),
+            1,
+            "{mode:?}"
+        );
+        assert_eq!(server.connections(), 1, "{mode:?}");
+        assert_eq!(
+            server.verb_count("EHLO"),
+            ehlos,
+            "{mode:?}: EHLOs a connection"
+        );
+    }
+}
