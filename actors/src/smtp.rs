@@ -27,7 +27,7 @@ use lettre::transport::smtp::extension::{ClientId, Extension, MailParameter};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
+use tokio_util::compat::FuturesAsyncReadCompatExt;
 
 use crate::mail::{FailureClass, Mail, Progress, Rejected, Reply};
 use crate::net::Unanswered;
@@ -283,15 +283,23 @@ pub(crate) async fn dial(
     // Below TLS, so that every byte counts.
     let tcp = Unanswered::new(tcp, MAX_UNANSWERED);
 
+    let peer = tcp.get_ref().peer_addr().map_err(|e| {
+        Failure::new(
+            FailureClass::RelayFault,
+            format!("connect: peer address: {e}"),
+        )
+    })?;
     let heard = Arc::new(Heard::default());
     let stream: Box<dyn AsyncTokioStream> = if s.tls == TlsMode::Implicit {
         let params = tls_parameters(s)?;
         #[allow(deprecated)]
         let mut net = AsyncNetworkStream::use_existing_tokio1(Box::new(tcp));
         bounded(Phase::Tls, t.connect, deadline, net.upgrade_tls(params)).await?;
-        Box::new(Listening::new(TlsStream(net.compat()), heard.clone()))
+        // Implicit TLS: the greeting comes after the handshake, and lettre
+        // reads it through the TLS stream it set up over our socket.
+        Box::new(Listening::new(net.compat(), peer, heard.clone()))
     } else {
-        Box::new(Listening::new(tcp, heard.clone()))
+        Box::new(Listening::new(tcp, peer, heard.clone()))
     };
 
     let mut inner = bounded(
@@ -573,22 +581,31 @@ impl Heard {
 /// The most of a greeting and an EHLO answer kept.
 const MAX_HEARD: usize = 64 * 1024;
 
-/// A stream that hands what it reads to a [`Heard`] until that stops.
-#[derive(Debug)]
+/// The stream lettre gets: our socket, or the TLS stream lettre set up
+/// over it, handing what it reads to a [`Heard`] until that stops.
 struct Listening<S> {
     inner: S,
+    peer: SocketAddr,
     heard: Arc<Heard>,
 }
 
 impl<S> Listening<S> {
-    fn new(inner: S, heard: Arc<Heard>) -> Self {
-        Listening { inner, heard }
+    fn new(inner: S, peer: SocketAddr, heard: Arc<Heard>) -> Self {
+        Listening { inner, peer, heard }
     }
 }
 
-impl<S: AsyncTokioStream> AsyncTokioStream for Listening<S> {
+impl<S> fmt::Debug for Listening<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Listening")
+            .field("peer", &self.peer)
+            .finish()
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Send + Sync + Unpin> AsyncTokioStream for Listening<S> {
     fn peer_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.peer_addr()
+        Ok(self.peer)
     }
 }
 
@@ -1359,50 +1376,6 @@ const MAX_UNANSWERED: usize = 1 << 20;
 impl AsyncTokioStream for Unanswered<TcpStream> {
     fn peer_addr(&self) -> io::Result<SocketAddr> {
         self.get_ref().peer_addr()
-    }
-}
-
-/// A TLS stream that lettre set up over our own socket, handed back to lettre
-/// as a plain transport (implicit TLS: the greeting comes after the
-/// handshake).
-#[allow(deprecated)]
-struct TlsStream(Compat<AsyncNetworkStream>);
-
-impl fmt::Debug for TlsStream {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("TlsStream")
-    }
-}
-
-impl AsyncTokioStream for TlsStream {
-    fn peer_addr(&self) -> io::Result<SocketAddr> {
-        self.0.get_ref().peer_addr()
-    }
-}
-
-impl AsyncRead for TlsStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
 
