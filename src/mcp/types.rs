@@ -280,25 +280,24 @@ pub fn mistyped(name: &str, value: &serde_json::Value) -> Option<ShapeError> {
         "limit" if value.as_u64().is_none_or(|n| n > u64::from(u32::MAX)) => {
             wrong(name, "a whole number")
         }
-        "to" | "cc" | "bcc" => match value {
-            Value::String(_) => None,
-            Value::Array(items) => items
-                .iter()
-                .position(|v| !v.is_string())
-                .and_then(|i| wrong(format!("{name}[{i}]"), "a string (one address)")),
-            _ => wrong(
-                name,
-                "an address, a comma-separated string of addresses or an array of addresses",
-            ),
-        },
-        "list_unsubscribe" => match value {
-            Value::String(_) => None,
-            Value::Array(items) => items
-                .iter()
-                .position(|v| !v.is_string())
-                .and_then(|i| wrong(format!("{name}[{i}]"), "a string (one link)")),
-            _ => wrong(name, "a link or an array of links"),
-        },
+        // A string, or an array of strings.
+        "to" | "cc" | "bcc" | "list_unsubscribe" => {
+            let (one, either) = match name.as_str() {
+                "list_unsubscribe" => ("a string (one link)", "a link or an array of links"),
+                _ => (
+                    "a string (one address)",
+                    "an address, a comma-separated string of addresses or an array of addresses",
+                ),
+            };
+            match value {
+                Value::String(_) => None,
+                Value::Array(items) => items
+                    .iter()
+                    .position(|v| !v.is_string())
+                    .and_then(|i| wrong(format!("{name}[{i}]"), one)),
+                _ => wrong(name, either),
+            }
+        }
         "template_vars" => match value {
             Value::Object(vars) => vars
                 .iter()
