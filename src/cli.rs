@@ -106,6 +106,10 @@ pub struct SendArgs {
     /// Attach a file (repeatable); sent inline, so no attachments_dir is needed.
     #[arg(long, value_name = "PATH")]
     pub attach: Vec<PathBuf>,
+    /// Add a header field of your own, `NAME: VALUE` (repeatable): an `X-`
+    /// field, or one that `send_email`'s `headers` takes.
+    #[arg(long, value_name = "NAME: VALUE", value_parser = header_arg)]
+    pub header: Vec<(String, String)>,
     /// Try this relay first.
     #[arg(long)]
     pub relay: Option<String>,
@@ -303,6 +307,17 @@ fn read_file(path: &Path, what: &str, limit: (usize, &str)) -> Result<Vec<u8>, S
     Ok(bytes)
 }
 
+/// `--header NAME: VALUE`, split at the first `:`; the value's leading
+/// whitespace is the separator's.
+fn header_arg(arg: &str) -> Result<(String, String), String> {
+    match arg.split_once(':') {
+        Some((name, value)) if !name.is_empty() => {
+            Ok((name.to_owned(), value.trim_start().to_owned()))
+        }
+        _ => Err("expected NAME: VALUE, such as \"X-Ticket: 1234\"".into()),
+    }
+}
+
 fn draft_from_args(
     args: &SendArgs,
     policy: &crate::compose::ComposePolicy,
@@ -328,6 +343,12 @@ fn draft_from_args(
             content_type: None,
         });
     }
+    let mut headers = std::collections::BTreeMap::new();
+    for (name, value) in &args.header {
+        if headers.insert(name.clone(), value.clone()).is_some() {
+            return Err(format!("--header {name} is given twice"));
+        }
+    }
     Ok(Draft {
         to: Recipients::List(args.to.clone()),
         cc: Recipients::List(args.cc.clone()),
@@ -337,6 +358,7 @@ fn draft_from_args(
         html: args.html,
         from_email: args.from.clone(),
         attachments,
+        headers,
         ..Draft::default()
     })
 }
@@ -557,6 +579,36 @@ mod tests {
         assert!(!stdio(&["mailmux", "serve", "--http"]));
         assert!(!stdio(&["mailmux", "check"]));
         assert!(!stdio(&["mailmux", "send", "--to", "a@example.org"]));
+    }
+
+    #[test]
+    fn header_flags_are_split_at_the_first_colon() {
+        let args = |extra: &[&str]| {
+            let mut all = vec!["mailmux", "send", "--to", "a@example.org"];
+            all.extend_from_slice(extra);
+            Cli::try_parse_from(all).map(|cli| match cli.command {
+                Some(Command::Send(args)) => args,
+                _ => panic!("not send"),
+            })
+        };
+        let a = args(&[
+            "--header",
+            "X-Ticket: T:1",
+            "--header",
+            "Auto-Submitted:auto-generated",
+        ])
+        .unwrap();
+        let draft = draft_from_args(&a, &Default::default()).unwrap();
+        assert_eq!(draft.headers["X-Ticket"], "T:1");
+        assert_eq!(draft.headers["Auto-Submitted"], "auto-generated");
+        // No name, no colon: a usage error from the parser.
+        for bad in [": v", "X-Ticket"] {
+            let e = args(&["--header", bad]).map(|_| ()).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{bad}");
+        }
+        let twice = args(&["--header", "X-A: 1", "--header", "X-A: 2"]).unwrap();
+        let e = draft_from_args(&twice, &Default::default()).unwrap_err();
+        assert!(e.contains("given twice"), "{e}");
     }
 
     #[test]

@@ -150,6 +150,9 @@ async fn invalid_messages_are_reported_and_the_valid_ones_sent() {
             {"to": ["h@example.org"], "template_vars": {"name": "H I"},
              "list_unsubscribe": "https://example.org/u?n={name}"},
             {"to": ["i@example.org"], "template_vars": {"name": "I"}, "list_unsubscribe": [5]},
+            {"to": ["j@example.org"], "template_vars": {"name": "J"},
+             "headers": {"X-Ticket": "J-1", "Bcc": "k@example.org"}},
+            {"to": ["l@example.org"], "template_vars": {"name": "L"}, "headers": {"X-Ticket": 5}},
         ],
     });
     let (is_error, out) = call(&s, "send_batch", batch.clone()).await;
@@ -178,7 +181,12 @@ async fn invalid_messages_are_reported_and_the_valid_ones_sent() {
     assert_eq!(r[7]["error"]["rule"], "invalid_uri", "{}", r[7]);
     assert_eq!(r[8]["error"]["field"], "messages[8].list_unsubscribe[0]");
     assert_eq!(r[8]["error"]["rule"], "schema");
-    assert_eq!(out["summary"], json!({"refused": 7, "sent": 2}));
+    // A field that would add a recipient unseen, and one of the wrong type.
+    assert_eq!(r[9]["error"]["field"], "messages[9].headers.Bcc");
+    assert_eq!(r[9]["error"]["rule"], "header_not_allowed", "{}", r[9]);
+    assert_eq!(r[10]["error"]["field"], "messages[10].headers.X-Ticket");
+    assert_eq!(r[10]["error"]["rule"], "schema");
+    assert_eq!(out["summary"], json!({"refused": 9, "sent": 2}));
     assert_eq!(s.smtp.delivered().len(), 2);
 
     // atomic: the same batch queues nothing and is an error listing each.
@@ -195,6 +203,8 @@ async fn invalid_messages_are_reported_and_the_valid_ones_sent() {
         "messages[6].to",
         "messages[7].list_unsubscribe[0]",
         "messages[8].list_unsubscribe[0]",
+        "messages[9].headers.Bcc",
+        "messages[10].headers.X-Ticket",
     ] {
         assert!(message.contains(f), "{f} not in {message}");
     }

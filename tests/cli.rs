@@ -56,6 +56,10 @@ fn send_prints_json_and_exits_by_status() {
             "hi",
             "--attach",
             attachment.to_str().unwrap(),
+            "--header",
+            "X-Ticket: T-7",
+            "--header",
+            "Auto-Submitted: auto-generated",
         ],
     );
     assert_eq!(code, 0, "{stdout}\n{stderr}");
@@ -64,6 +68,9 @@ fn send_prints_json_and_exits_by_status() {
     let m = smtp.wait_messages(1);
     assert_eq!(m.len(), 1);
     assert!(m[0].contains("notes.txt"));
+    let line = |l: &str| m[0].lines().any(|x| x.trim_end() == l);
+    assert!(line("X-Ticket: T-7"), "{}", m[0]);
+    assert!(line("Auto-Submitted: auto-generated"), "{}", m[0]);
     assert!(m[0].contains(out["message_id"].as_str().unwrap()));
     assert!(!stderr.contains("restarting"), "{stderr}");
 

@@ -564,6 +564,26 @@ async fn a_random_mail_merge_reads_back_rendered_for_each_message() {
             "to": [to],
             "template_vars": { "name": name, "extra": extra, "rid": rid },
         });
+        // The defaults' fields, or (a message's own `headers` replace them)
+        // a field of its own; `{?extra}` leaves X-Extra out where empty.
+        let own = if rng.random_bool(0.2) {
+            m["headers"] = json!({ "X-Own": "{name}" });
+            vec![("X-Own", name.as_str())]
+        } else {
+            vec![
+                ("X-Campaign", "spring-2027"),
+                ("X-Recipient-Ref", rid.as_str()),
+                ("X-Recipient-Name", name.as_str()),
+                ("X-Extra", extra.as_str()),
+                ("Auto-Submitted", "auto-generated"),
+            ]
+        };
+        // A value of whitespace alone leaves its field out.
+        let own_fields: serde_json::Map<String, Value> = own
+            .into_iter()
+            .filter(|(_, v)| !v.trim().is_empty())
+            .map(|(k, v)| (k.to_owned(), json!(v)))
+            .collect();
         let subject = if rng.random_bool(0.2) {
             let own = format!("{} {{name}}", text(&mut rng, 1..4));
             m["subject"] = json!(own);
@@ -594,6 +614,7 @@ async fn a_random_mail_merge_reads_back_rendered_for_each_message() {
                 "<https://example.org/unsubscribe?r={rid}>, <mailto:leave@example.org?subject=leave%20{rid}>"
             ),
             "list_unsubscribe_post": "List-Unsubscribe=One-Click",
+            "own_fields": own_fields,
         }));
         messages.push(m);
     }
@@ -608,6 +629,13 @@ async fn a_random_mail_merge_reads_back_rendered_for_each_message() {
                 "mailto:leave@example.org?subject=leave%20{rid}",
             ],
             "list_unsubscribe_post": true,
+            "headers": {
+                "X-Campaign": "spring-2027",
+                "X-Recipient-Ref": "{rid}",
+                "X-Recipient-Name": "{name}",
+                "X-Extra": "{?extra}{extra}{/extra}",
+                "Auto-Submitted": "auto-generated",
+            },
         },
         "messages": messages,
     });

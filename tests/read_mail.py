@@ -30,6 +30,10 @@ def defects(msg):
     return found
 
 
+# The fields aiosmtpd's Mailbox handler adds to each message it stores.
+SINK_FIELDS = {"x-peer", "x-mailfrom", "x-rcptto"}
+
+
 def text(msg, kind):
     part = msg.get_body(preferencelist=(kind,))
     if part is None:
@@ -60,6 +64,12 @@ def read(path):
         # Unfolded, as a provider reads it to find the links.
         "list_unsubscribe": None if msg["list-unsubscribe"] is None else " ".join(str(msg["list-unsubscribe"]).split()),
         "list_unsubscribe_post": None if msg["list-unsubscribe-post"] is None else str(msg["list-unsubscribe-post"]),
+        # The sender's own fields (send_email's `headers`), decoded.
+        "own_fields": {
+            k: str(v)
+            for k, v in msg.items()
+            if (k.lower().startswith("x-") and k.lower() not in SINK_FIELDS) or k.lower() == "auto-submitted"
+        },
         # The envelope, as aiosmtpd's Mailbox handler records it.
         "rcpt_to": sorted(r.strip() for r in str(msg["x-rcptto"] or "").split(",") if r.strip()),
         "text": text(msg, "plain"),

@@ -7,6 +7,7 @@
 
 mod address;
 mod attach;
+mod custom;
 mod header;
 mod qp;
 mod template;
@@ -132,6 +133,13 @@ pub struct Draft {
     /// https: link in `list_unsubscribe`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub list_unsubscribe_post: bool,
+    /// Header fields of the caller's own, by name: any `X-` field, and
+    /// `Auto-Submitted`, `Precedence`, `List-ID`, `Feedback-ID`, `Keywords`,
+    /// `Comments`, `Organization` and `Importance`. At most 20; each value
+    /// one line of at most 900 bytes, `template_vars` applied; a field whose
+    /// value renders empty is left out.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
     /// Values for `{name}` and `{?name}…{/name}` in subject and bodies, each a
     /// string (write `42` as `"42"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -313,7 +321,7 @@ const MAX_SUBJECT: usize = 900;
 ///   UTF-8 (RFC 6532); whether it can be delivered depends on the relay
 ///   supporting SMTPUTF8, which the delivery layer checks.
 /// - `template_vars`, when present, is applied to the subject, `body`,
-///   `html_body` and each `list_unsubscribe` link (see [the template
+///   `html_body`, each `list_unsubscribe` link and each `headers` value (see [the template
 ///   rules](#templates)).
 /// - `list_unsubscribe`: at most 4 links (`too_many_links`), each an
 ///   `https:` link with a host or a `mailto:` link with one address
@@ -322,6 +330,16 @@ const MAX_SUBJECT: usize = 900;
 ///   nothing outside ASCII; a `{name}` left unrendered), at most 900 bytes
 ///   (`too_long`); `list_unsubscribe_post` needs an `https:` one
 ///   (`one_click_needs_https`).
+/// - `headers`: at most 20 fields (`too_many_headers`), each named `X-…` or
+///   one of `Auto-Submitted`, `Precedence`, `List-ID`, `Feedback-ID`,
+///   `Keywords`, `Comments`, `Organization`, `Importance`
+///   (`header_not_allowed`; `invalid_header_name` for a name that is not 1
+///   to 76 printable ASCII characters without `:`), no two differing only
+///   in case (`duplicate_header`); each value, rendered, one line
+///   (`header_injection`, `control_character`) of at most 900 bytes
+///   (`too_long`), printable ASCII for the standard fields
+///   (`invalid_header_value`). Non-ASCII in an `X-` field is RFC
+///   2047-encoded. A field whose value renders empty is left out.
 /// - Bodies get CRLF line endings (bare LF and bare CR become CRLF) so that
 ///   the SMTP layer's dot-stuffing sees every line; lettre picks 7bit,
 ///   quoted-printable or base64 so that lines stay short. A body containing
@@ -398,8 +416,10 @@ pub fn compose_with(
     }
 
     let unsubscribe = unsubscribe::fields(&rendered.list_unsubscribe, draft.list_unsubscribe_post)?;
+    let custom = custom::fields(&rendered.headers)?;
 
     let mut estimate = rendered.subject.len()
+        + rendered.headers.values().map(String::len).sum::<usize>()
         + rendered.body.len()
         + rendered.html_body.as_ref().map_or(0, String::len);
     if estimate > policy.max_message_bytes {
@@ -454,7 +474,7 @@ pub fn compose_with(
     if let Some(ids) = references {
         builder = builder.references(ids);
     }
-    for field in unsubscribe {
+    for field in unsubscribe.into_iter().chain(custom) {
         builder = builder.raw_header(field);
     }
     // An explicit envelope: Bcc is never given to the header builder at all.
@@ -561,6 +581,7 @@ struct Rendered {
     body: String,
     html_body: Option<String>,
     list_unsubscribe: Vec<String>,
+    headers: BTreeMap<String, String>,
 }
 
 /// Renders the templates; each output is refused (`too_large`) as soon as it
@@ -576,6 +597,7 @@ fn render(draft: &Draft, limit: usize) -> Result<Rendered, ComposeError> {
             body: crlf(&draft.body),
             html_body: draft.html_body.as_deref().map(crlf),
             list_unsubscribe: links.to_vec(),
+            headers: draft.headers.clone(),
         });
     };
     let mut missing = BTreeSet::new();
@@ -602,6 +624,14 @@ fn render(draft: &Draft, limit: usize) -> Result<Rendered, ComposeError> {
         .enumerate()
         .map(|(i, l)| run(&format!("list_unsubscribe[{i}]"), l, template::Escape::Raw))
         .collect::<Result<Vec<_>, _>>()?;
+    let headers = draft
+        .headers
+        .iter()
+        .map(|(name, v)| {
+            let field = format!("headers.{name}");
+            Ok((name.clone(), run(&field, v, template::Escape::Raw)?))
+        })
+        .collect::<Result<BTreeMap<_, _>, ComposeError>>()?;
     if !missing.is_empty() {
         let names: Vec<_> = missing.into_iter().collect();
         return Err(ComposeError::new(
@@ -619,6 +649,7 @@ fn render(draft: &Draft, limit: usize) -> Result<Rendered, ComposeError> {
         body: crlf(&body),
         html_body: html_body.as_deref().map(crlf),
         list_unsubscribe,
+        headers,
     })
 }
 

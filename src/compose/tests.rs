@@ -668,6 +668,48 @@ fn list_unsubscribe_links_are_rendered_per_message_and_checked_after_it() {
 }
 
 #[test]
+fn custom_headers_are_rendered_per_message_and_checked_after_it() {
+    let mut d = draft("ada@example.org");
+    d.headers = BTreeMap::from([
+        ("X-Ticket".to_owned(), "T-{ticket}".to_owned()),
+        ("Auto-Submitted".to_owned(), "auto-generated".to_owned()),
+        ("X-Note".to_owned(), "{?note}{note}{/note}".to_owned()),
+    ]);
+    d.template_vars = Some(BTreeMap::from([("ticket".to_owned(), "42".to_owned())]));
+    let c = ok(&d, &policy());
+    assert_eq!(header(&c, "X-Ticket").as_deref(), Some("T-42"));
+    assert_eq!(
+        header(&c, "Auto-Submitted").as_deref(),
+        Some("auto-generated")
+    );
+    // A value that renders empty leaves its field out.
+    assert!(header(&c, "X-Note").is_none());
+
+    // A substituted value cannot add a line.
+    d.template_vars = Some(BTreeMap::from([(
+        "ticket".to_owned(),
+        "1\r\nBcc: evil@example.net".to_owned(),
+    )]));
+    let e = err(&d, &policy());
+    assert_eq!(
+        (e.field.as_str(), e.rule),
+        ("headers.X-Ticket", "header_injection")
+    );
+    // Nor can a field stand in for one that mailmux writes.
+    d.template_vars = None;
+    d.headers = BTreeMap::from([("Message-ID".to_owned(), "<x@example.org>".to_owned())]);
+    let e = err(&d, &policy());
+    assert_eq!(
+        (e.field.as_str(), e.rule),
+        ("headers.Message-ID", "header_not_allowed")
+    );
+
+    // None: a draft serializes as before.
+    let json = serde_json::to_value(draft("ada@example.org")).expect("json");
+    assert!(json.get("headers").is_none());
+}
+
+#[test]
 fn bad_input_table() {
     type Edit = fn(&mut Draft, &mut ComposePolicy);
     let table: Vec<(&str, Edit, &str)> = vec![
@@ -1121,6 +1163,17 @@ fn random_input_never_panics() {
                 _ => Links::One(g.or_valid("https://example.org/u?r={a}")),
             }),
             list_unsubscribe_post: g.chance(4),
+            headers: if g.chance(4) {
+                (0..g.below(4))
+                    .map(|i| match g.below(3) {
+                        0 => (g.string(), g.string()),
+                        1 => (format!("X-F{i}"), g.string()),
+                        _ => ("X-Ref".to_owned(), g.or_valid("ref {a}")),
+                    })
+                    .collect()
+            } else {
+                BTreeMap::new()
+            },
             send_at: None,
         };
         match compose(&d, &p) {

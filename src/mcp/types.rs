@@ -298,18 +298,23 @@ pub fn mistyped(name: &str, value: &serde_json::Value) -> Option<ShapeError> {
                 _ => wrong(name, either),
             }
         }
-        "template_vars" => match value {
-            Value::Object(vars) => vars
-                .iter()
-                .find(|(_, v)| !v.is_string())
-                .and_then(|(k, _)| {
-                    wrong(
-                        format!("template_vars.{}", shown(k)),
-                        "a string (write a number as \"42\")",
-                    )
-                }),
-            _ => wrong(name, "an object of variable names to strings"),
-        },
+        // An object of names to strings.
+        "template_vars" | "headers" => {
+            let (one, all) = match name.as_str() {
+                "headers" => ("a string", "an object of field names to values"),
+                _ => (
+                    "a string (write a number as \"42\")",
+                    "an object of variable names to strings",
+                ),
+            };
+            match value {
+                Value::Object(vars) => vars
+                    .iter()
+                    .find(|(_, v)| !v.is_string())
+                    .and_then(|(k, _)| wrong(format!("{name}.{}", shown(k)), one)),
+                _ => wrong(name, all),
+            }
+        }
         "attachments" => match value {
             Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| match item {
                 Value::Object(a) => ["filename", "content_base64", "path", "content_type"]
@@ -492,6 +497,7 @@ macro_rules! message_fields {
             "attachments",
             "list_unsubscribe",
             "list_unsubscribe_post",
+            "headers",
             "template_vars",
             "relay",
             $($extra),*

@@ -385,6 +385,36 @@ pub fn cases(dir: &Path) -> Vec<BadInput> {
             "list_unsubscribe",
             "schema",
         ),
+        case(
+            "CRLF in a header field of the caller's",
+            with(json!({"headers": {"X-Ticket": format!("1{INJECT}")}})),
+            "headers.X-Ticket",
+            "header_injection",
+        ),
+        case(
+            "a Bcc smuggled in as a header field",
+            with(json!({"headers": {"Bcc": "hidden@example.net"}})),
+            "headers.Bcc",
+            "header_not_allowed",
+        ),
+        case(
+            "a forged Received field",
+            with(json!({"headers": {"Received": "from trusted.example.org"}})),
+            "headers.Received",
+            "header_not_allowed",
+        ),
+        case(
+            "a header field name with a colon",
+            with(json!({"headers": {"X-A: 1\r\nBcc": "hidden@example.net"}})),
+            "headers",
+            "invalid_header_name",
+        ),
+        case(
+            "headers of the wrong type",
+            with(json!({"headers": ["X-Ticket: 1"]})),
+            "headers",
+            "schema",
+        ),
         // Path escapes and files that are not regular files.
         case(
             "parent directory escape",
