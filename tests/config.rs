@@ -1141,12 +1141,14 @@ tls = "none"
 [policy]
 allowed_recipients = ["@example.org"]
 rate = ["30/min"]
+headers = {{ Auto-Submitted = "auto-generated" }}
 
 [[callers]]
 name = "a"
 token_sha256 = "{hex}"
 allowed_recipients = ["*"]
 approval = "always"
+headers = {{ X-Agent = "a" }}
 
 [[callers]]
 name = "b"
@@ -1170,6 +1172,17 @@ token_env = "OPS_TOKEN"
     );
     assert_eq!(s.callers[0].policy.rate.len(), 1, "inherited from [policy]");
     assert_eq!(s.callers[1].policy.allowed_recipients.len(), 1);
+    // A caller's fields replace the default's, as a list does.
+    let fields = |i: usize| {
+        s.callers[i]
+            .policy
+            .headers
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(fields(0), ["X-Agent"]);
+    assert_eq!(fields(1), ["Auto-Submitted"]);
     assert_eq!(s.stdio.name, "local");
     let shown = c.redacted.to_string();
     assert!(!shown.contains("bee-secret") && !shown.contains("ops-secret"));
@@ -1225,6 +1238,26 @@ token_env = "OPS_TOKEN"
             "allowed_senders = [\"@a.org\"]\n[policy]\nallowed_senders = [\"@b.org\"]\n",
             "allowed_senders",
             "both",
+        ),
+        (
+            "[policy]\nheaders = { Bcc = \"x@example.org\" }\n",
+            "policy.headers",
+            "headers.Bcc: Bcc is written from the `bcc` parameter",
+        ),
+        (
+            "[[callers]]\nname = \"x\"\ntoken_env = \"B_TOKEN\"\nheaders = { X-Agent = \"{name}\" }\n",
+            "callers.0.headers",
+            "not a template",
+        ),
+        (
+            "[policy]\nheaders = { X-Agent = \"a\\r\\nBcc: x@example.org\" }\n",
+            "policy.headers",
+            "single line",
+        ),
+        (
+            "[policy]\nheaders = { X-Agent = 7 }\n",
+            "policy.headers.X-Agent",
+            "expected a string",
         ),
     ];
     for (i, (extra, key, message)) in cases.iter().enumerate() {

@@ -34,6 +34,7 @@ const BETA: &str = "beta-token-91c4";
 const GAMMA: &str = "gamma-token-0d7a";
 const DELTA: &str = "delta-token-3f21";
 const ETA: &str = "eta-token-a81f";
+const ZETA: &str = "zeta-token-5c3e";
 const OPS: &str = "operator-token-77aa";
 /// A body and a password that must never appear in the audit log.
 const BODY_MARKER: &str = "BODY-MARKER-d41d8cd9";
@@ -117,6 +118,12 @@ token_env = "ETA_TOKEN"
 approval = "outside_allowlist"
 approver = "operator"
 
+# Every message marked as an agent's, which its calls cannot unsay.
+[[callers]]
+name = "zeta"
+token_env = "ZETA_TOKEN"
+headers = {{ Auto-Submitted = "auto-generated", X-Agent = "zeta" }}
+
 [[operators]]
 name = "ops"
 token_env = "OPS_TOKEN"
@@ -154,6 +161,7 @@ fn envs(cmd: &mut Command) -> &mut Command {
         .env("GAMMA_TOKEN", GAMMA)
         .env("DELTA_TOKEN", DELTA)
         .env("ETA_TOKEN", ETA)
+        .env("ZETA_TOKEN", ZETA)
         .env("OPS_TOKEN", OPS)
 }
 
@@ -1650,6 +1658,93 @@ async fn a_dry_run_caller_sends_nothing() {
             .as_array()
             .unwrap()
             .is_empty()
+    );
+}
+
+/// The lines of a delivered message's head, unfolded.
+fn head_lines(data: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(data);
+    let head = text.split("\r\n\r\n").next().unwrap_or_default();
+    head.replace("\r\n ", " ")
+        .split("\r\n")
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_callers_policy_writes_its_header_fields_on_every_message() {
+    let (sink, other) = servers().await;
+    let d = start(&sink, &other, "").await;
+    let zeta = connect(&d, ZETA).await;
+    let mut m = mail(json!(["a@example.org"]));
+    m["headers"] = json!({"X-Ticket": "T-9"});
+    let (is_error, out) = call(&zeta, "send_email", m).await;
+    assert!(!is_error, "{out}");
+    assert_eq!(out["status"], "sent");
+    let got = sink.delivered();
+    assert_eq!(got.len(), 1);
+    let head = head_lines(&got[0].data);
+    for line in [
+        "Auto-Submitted: auto-generated",
+        "X-Agent: zeta",
+        "X-Ticket: T-9",
+    ] {
+        assert!(head.iter().any(|l| l == line), "{line} not in {head:?}");
+    }
+
+    // A call cannot set a field of the policy's, in any case, and then
+    // nothing is sent; the preview shows the policy's fields.
+    for name in ["X-Agent", "auto-submitted"] {
+        let mut m = mail(json!(["a@example.org"]));
+        m["headers"] = json!({ name: "someone-else" });
+        let (is_error, out) = call(&zeta, "send_email", m).await;
+        assert!(is_error, "{out}");
+        assert_eq!(out["error"]["code"], "policy_denied", "{out}");
+        assert_eq!(out["error"]["rule"], "header_set_by_policy");
+        assert_eq!(out["error"]["field"], format!("headers.{name}"));
+    }
+    let mut m = mail(json!(["a@example.org"]));
+    m["dry_run"] = json!(true);
+    let (_, out) = call(&zeta, "send_email", m).await;
+    let shown = out["preview"]["headers"].to_string();
+    assert!(
+        shown.contains("X-Agent") && shown.contains("auto-generated"),
+        "{out}"
+    );
+
+    // In a batch, per message.
+    let batch = json!({
+        "defaults": {"subject": "s", "body": "b"},
+        "messages": [
+            {"to": ["b@example.org"]},
+            {"to": ["c@example.org"], "headers": {"X-Agent": "not-zeta"}},
+        ],
+    });
+    let (_, out) = call(&zeta, "send_batch", batch).await;
+    let r = &out["results"];
+    assert_eq!(r[0]["status"], "sent", "{out}");
+    assert_eq!(
+        r[1]["error"]["field"], "messages[1].headers.X-Agent",
+        "{out}"
+    );
+    assert_eq!(r[1]["error"]["rule"], "header_set_by_policy");
+    let got = sink.delivered();
+    assert_eq!(got.len(), 2, "the refused ones sent nothing");
+    assert!(
+        head_lines(&got[1].data)
+            .iter()
+            .any(|l| l == "X-Agent: zeta")
+    );
+
+    // Another caller's messages carry none of them.
+    let delta = connect(&d, DELTA).await;
+    let (_, out) = call(&delta, "send_email", mail(json!(["d@example.org"]))).await;
+    assert_eq!(out["status"], "sent", "{out}");
+    let got = sink.delivered();
+    assert!(
+        !head_lines(&got[2].data)
+            .iter()
+            .any(|l| l.starts_with("X-Agent"))
     );
 }
 

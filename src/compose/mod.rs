@@ -554,6 +554,12 @@ fn local_part() -> String {
     format!("{:032x}", (time << 80) | random)
 }
 
+/// Checks header fields as `send_email`'s `headers` are checked, for
+/// fields that configuration writes on every message of a caller.
+pub fn check_headers(fields: &BTreeMap<String, String>) -> Result<(), ComposeError> {
+    custom::fields(fields).map(|_| ())
+}
+
 /// The configured Message-ID domain, checked so that configuration can never
 /// put arbitrary text into a header.
 fn message_id_domain(domain: &str) -> Result<&str, ComposeError> {

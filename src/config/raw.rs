@@ -58,6 +58,7 @@ pub(crate) const POLICY_KEYS: &[&str] = &[
     "elicitation_timeout",
     "approver",
     "relay_control",
+    "headers",
 ];
 
 /// Keys of a `[[callers]]` or `[[operators]]` entry besides the policy keys.
@@ -377,6 +378,9 @@ pub(crate) struct RawPolicy {
     pub approver: Option<String>,
     /// May pin, reload, reconnect and probe the relays. Default: true.
     pub relay_control: Option<bool>,
+    /// Header fields written on every message of the caller, which its
+    /// calls may not set. Default: none.
+    pub headers: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// A `[[callers]]` or `[[operators]]` entry: a name and one token form.

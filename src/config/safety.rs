@@ -287,6 +287,23 @@ fn policy_table(
         p.relay_control = v;
         leaf(out, "relay_control", json!(v), &at("relay_control"));
     }
+    if let Some(fields) = &raw.headers {
+        let a = at("headers");
+        // Written as given: a brace would make a template of it.
+        if let Some(name) = fields
+            .iter()
+            .find(|(_, v)| v.contains(['{', '}']))
+            .map(|f| f.0)
+        {
+            return Err(a.err(format!(
+                "{name}: a value is written as it is, not a template; it may not hold {{ or }}"
+            )));
+        }
+        crate::compose::check_headers(fields)
+            .map_err(|e| a.err(format!("{}: {}", e.field, e.message)))?;
+        p.headers = fields.clone();
+        leaf(out, "headers", json!(fields), &a);
+    }
     for (field, v, slot) in [
         ("max_recipients", raw.max_recipients, &mut p.max_recipients),
         (

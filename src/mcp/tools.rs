@@ -267,6 +267,15 @@ impl MailmuxServer {
     }
 }
 
+/// A refusal by the caller's policy, as the tool error `policy_denied`.
+fn denied(d: crate::policy::Denied) -> ToolError {
+    ToolError {
+        field: Some(d.field),
+        rule: Some(d.rule.into()),
+        ..ToolError::new("policy_denied", format!("{}; nothing was sent", d.message))
+    }
+}
+
 /// A call from a request without a caller: refused, and said so.
 fn no_caller() -> ToolError {
     ToolError::new(
@@ -1247,6 +1256,15 @@ impl MailmuxServer {
                 )));
             }
         }
+        // The policy's own fields go on every message; the content hash above
+        // is the call's, so a replay matches whatever the policy adds.
+        if let Err(d) = caller.stamp(&mut params.draft.headers) {
+            return Prepared::Done(Box::new(self.refuse(
+                caller,
+                Err(&params.draft.subject),
+                denied(d),
+            )));
+        }
         let subject = params.draft.subject.clone();
         // A large draft is composed on the blocking pool, so that calls
         // behind it are not held up (over stdio the daemon has one worker).
@@ -1287,12 +1305,7 @@ impl MailmuxServer {
         let verdict = match caller.check(&composed, params.relay.as_deref(), dry_run) {
             Ok(v) => v,
             Err(d) => {
-                let e = ToolError {
-                    field: Some(d.field),
-                    rule: Some(d.rule.into()),
-                    ..ToolError::new("policy_denied", format!("{}; nothing was sent", d.message))
-                };
-                return Prepared::Done(Box::new(self.refuse(caller, Ok(&composed), e)));
+                return Prepared::Done(Box::new(self.refuse(caller, Ok(&composed), denied(d))));
             }
         };
         let envelope = Envelope {

@@ -12,7 +12,7 @@ pub mod rate;
 pub mod rules;
 pub mod shown;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -108,6 +108,9 @@ pub struct Policy {
     /// (`switch_smtp_server` to pin, `reload_smtp_configuration`,
     /// `reconnect_smtp_servers`, `test_smtp_connection`).
     pub relay_control: bool,
+    /// Header fields written on every message, which a call may not set
+    /// (checked at load as `send_email`'s `headers` are).
+    pub headers: BTreeMap<String, String>,
 }
 
 impl Default for Policy {
@@ -126,6 +129,7 @@ impl Default for Policy {
             elicitation_timeout: Duration::from_secs(300),
             approver: Approver::User,
             relay_control: true,
+            headers: BTreeMap::new(),
         }
     }
 }
@@ -235,6 +239,26 @@ pub enum Verdict {
 }
 
 impl Caller {
+    /// Adds the policy's header fields to a call's `headers`; refused when
+    /// the call sets one of them itself, in any case.
+    pub fn stamp(&self, headers: &mut BTreeMap<String, String>) -> Result<(), Denied> {
+        for (name, value) in &self.policy.headers {
+            if let Some(own) = headers.keys().find(|k| k.eq_ignore_ascii_case(name)) {
+                return Err(Denied::new(
+                    format!("headers.{own}"),
+                    "header_set_by_policy",
+                    format!(
+                        "{name} is written on every message of caller {:?} by its policy; \
+                         leave it out",
+                        self.name
+                    ),
+                ));
+            }
+            headers.insert(name.clone(), value.clone());
+        }
+        Ok(())
+    }
+
     /// The policy checks, in order: mode, sender, relay, recipient count,
     /// size, Bcc, then recipients against the allowlist (which refuses, or
     /// holds under `approval`). Recipients count the same in to, cc and bcc.
