@@ -1152,6 +1152,26 @@ async fn idempotency_keys_send_once_across_calls_and_restarts() {
     assert_eq!(again.status(), Some("sent"), "{again:?}");
     assert_eq!(again.message_id(), Some(id.as_str()));
     assert_eq!(again.value().unwrap()["idempotent_replay"], true);
+    // The same content with `to` as an array, not a string, and a link as
+    // an array of one: a replay too, not a conflict.
+    let listed = send(
+        d.peer(),
+        msg(
+            "idem",
+            json!({"idempotency_key": "k-1", "to": ["rcpt@example.org"]}),
+        ),
+    )
+    .await;
+    assert_eq!(listed.message_id(), Some(id.as_str()), "{listed:?}");
+    assert_eq!(listed.value().unwrap()["idempotent_replay"], true);
+    for links in [
+        json!("mailto:u@example.org"),
+        json!(["mailto:u@example.org"]),
+    ] {
+        let extra = json!({"idempotency_key": "k-links", "list_unsubscribe": links});
+        let call = send(d.peer(), msg("links", extra)).await;
+        assert_eq!(call.status(), Some("sent"), "{call:?}");
+    }
 
     // 32 at once with a new key: one message.
     let calls = burst(d.peer(), "same", 32, 32, LIMIT, |_| {
@@ -1193,7 +1213,8 @@ async fn idempotency_keys_send_once_across_calls_and_restarts() {
     assert_eq!(subjects.iter().filter(|s| *s == "idem").count(), 1);
     assert_eq!(subjects.iter().filter(|s| *s == "thirty-two").count(), 1);
     assert_eq!(subjects.iter().filter(|s| *s == "other").count(), 0);
-    assert_eq!(received.len(), 2);
+    assert_eq!(subjects.iter().filter(|s| *s == "links").count(), 1);
+    assert_eq!(received.len(), 3);
     d.stop().await;
 }
 

@@ -151,6 +151,40 @@ pub struct Draft {
     pub send_at: Option<SystemTime>,
 }
 
+impl Draft {
+    /// The draft with its shorthand forms written out, for the content hash
+    /// of an idempotency key: a comma-separated string of addresses as the
+    /// array of its entries, one link as an array of one, an empty array of
+    /// links as none. So a retry that writes `"to": "a@x.org"` as
+    /// `["a@x.org"]` is the same content. `None` when the draft has no
+    /// shorthand, so that the hash of a draft in the long forms is the one
+    /// earlier builds stored.
+    pub fn written_out(&self) -> Option<Draft> {
+        let csv = |r: &Recipients| matches!(r, Recipients::Csv(_));
+        let short_links = match &self.list_unsubscribe {
+            Some(Links::One(_)) => true,
+            Some(Links::Many(v)) => v.is_empty(),
+            None => false,
+        };
+        if !(csv(&self.to) || csv(&self.cc) || csv(&self.bcc) || short_links) {
+            return None;
+        }
+        let mut d = self.clone();
+        for r in [&mut d.to, &mut d.cc, &mut d.bcc] {
+            if let Recipients::Csv(s) = r {
+                let entries = address::split_list(s).into_iter().map(str::to_owned);
+                *r = Recipients::List(entries.collect());
+            }
+        }
+        d.list_unsubscribe = match d.list_unsubscribe.take() {
+            Some(Links::One(link)) => Some(Links::Many(vec![link])),
+            Some(Links::Many(v)) if v.is_empty() => None,
+            links => links,
+        };
+        Some(d)
+    }
+}
+
 /// The rules composition enforces, from configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ComposePolicy {

@@ -710,6 +710,27 @@ fn custom_headers_are_rendered_per_message_and_checked_after_it() {
 }
 
 #[test]
+fn shorthand_forms_are_written_out_for_the_content_hash() {
+    let long: Draft = serde_json::from_value(serde_json::json!({
+        "to": ["a@x.org", "\"Doe, Jane\" <j@x.org>"], "cc": [], "bcc": ["b@x.org"],
+        "list_unsubscribe": ["mailto:u@x.org"],
+    }))
+    .unwrap();
+    assert!(long.written_out().is_none(), "nothing to write out");
+    let short: Draft = serde_json::from_value(serde_json::json!({
+        "to": "a@x.org, \"Doe, Jane\" <j@x.org>", "cc": "", "bcc": " b@x.org ",
+        "list_unsubscribe": "mailto:u@x.org",
+    }))
+    .unwrap();
+    assert_eq!(short.written_out(), Some(long.clone()));
+    let none: Draft = serde_json::from_value(serde_json::json!({
+        "to": ["a@x.org"], "list_unsubscribe": [],
+    }))
+    .unwrap();
+    assert_eq!(none.written_out().unwrap().list_unsubscribe, None);
+}
+
+#[test]
 fn bad_input_table() {
     type Edit = fn(&mut Draft, &mut ComposePolicy);
     let table: Vec<(&str, Edit, &str)> = vec![

@@ -207,9 +207,12 @@ fn looks_like_a_date(text: &str) -> bool {
 }
 
 /// The hash that decides "the same content" for an idempotency key: every
-/// parameter except `wait` (and the key itself).
+/// parameter except `wait` (and the key itself), with the shorthand forms
+/// written out ([`crate::compose::Draft::written_out`]).
 fn content_hash(p: &SendEmailParams, shared: Option<&SharedAttachments>) -> [u8; 32] {
-    let content = (&p.draft, &p.relay, &p.dry_run, &p.send_at);
+    let written_out = p.draft.written_out();
+    let draft = written_out.as_ref().unwrap_or(&p.draft);
+    let content = (draft, &p.relay, &p.dry_run, &p.send_at);
     let bytes = serde_json::to_vec(&content).unwrap_or_default();
     let mut hash = sha2::Sha256::new();
     hash.update(&bytes);
