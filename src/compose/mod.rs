@@ -311,6 +311,10 @@ pub struct Composed {
     pub(crate) text: Option<String>,
     pub(crate) html: Option<String>,
     pub(crate) attachments: Vec<AttachmentSummary>,
+    /// The fields the caller wrote by name (`List-Unsubscribe`, its
+    /// one-click field, and `headers`), with their values as rendered, for
+    /// the approval prompt.
+    pub own_fields: Vec<(String, String)>,
 }
 
 impl Composed {
@@ -538,6 +542,25 @@ pub fn compose_with(
         return Err(too_large("message", policy.max_message_bytes));
     }
 
+    let mut own_fields = Vec::new();
+    if !rendered.list_unsubscribe.is_empty() {
+        let links: Vec<String> = rendered
+            .list_unsubscribe
+            .iter()
+            .map(|l| format!("<{l}>"))
+            .collect();
+        own_fields.push(("List-Unsubscribe".to_owned(), links.join(", ")));
+        if draft.list_unsubscribe_post {
+            let one_click = "List-Unsubscribe=One-Click".to_owned();
+            own_fields.push(("List-Unsubscribe-Post".to_owned(), one_click));
+        }
+    }
+    own_fields.extend(
+        rendered
+            .headers
+            .into_iter()
+            .filter(|(_, v)| !v.trim().is_empty()),
+    );
     let (text, html) = if draft.html {
         (None, Some(rendered.body))
     } else {
@@ -563,6 +586,7 @@ pub fn compose_with(
         text,
         html,
         attachments,
+        own_fields,
     })
 }
 

@@ -32,8 +32,9 @@ const PROMPT_LINES: usize = 12;
 const PROMPT_CHARS: usize = 1200;
 
 /// What the person approves: sender, every recipient on its own line (Bcc
-/// marked), the Reply-To address, subject, size, attachments, and the first
-/// lines of the text, quoted (`> `), each as [`shown`] writes it (a
+/// marked), the Reply-To address, subject, size, attachments, the header
+/// fields the agent wrote by name (unsubscribe links and `headers`, which
+/// carry its text to the recipients too), and the first lines of the text, quoted (`> `), each as [`shown`] writes it (a
 /// lookalike domain in its ASCII form, hidden characters written out).
 pub fn prompt(c: &Composed) -> String {
     let mut out = String::from("An agent wants to send this email. Approve it?\n\n");
@@ -69,6 +70,9 @@ pub fn prompt(c: &Composed) -> String {
             a.content_type,
             a.size
         ));
+    }
+    for (name, value) in &c.own_fields {
+        out.push_str(&format!("Header field {name}: {}\n", shown::text(value)));
     }
     let text = c.text.as_deref().or(c.html.as_deref()).unwrap_or("");
     let mut lines = String::new();
@@ -287,6 +291,43 @@ mod tests {
             2
         );
         assert!(prompt(&composed("")).contains("> (no text)\n"));
+    }
+
+    #[test]
+    fn the_fields_the_agent_wrote_by_name_are_shown() {
+        let draft = crate::compose::Draft {
+            to: crate::compose::Recipients::Csv("friend@outside.net".into()),
+            body: "hi".into(),
+            list_unsubscribe: Some(crate::compose::Links::One(
+                "https://example.org/u?r=1".into(),
+            )),
+            list_unsubscribe_post: true,
+            headers: [
+                ("X-Data".to_owned(), "the customer list".to_owned()),
+                ("X-Forged".to_owned(), "To: boss@example.org".to_owned()),
+                ("X-Empty".to_owned(), " ".to_owned()),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        let policy = crate::compose::ComposePolicy {
+            default_from: Some("agent@example.org".into()),
+            ..Default::default()
+        };
+        let p = prompt(&crate::compose::compose(&draft, &policy).expect("composes"));
+        let lines: Vec<&str> = p.lines().collect();
+        for line in [
+            "Header field List-Unsubscribe: <https://example.org/u?r=1>",
+            "Header field List-Unsubscribe-Post: List-Unsubscribe=One-Click",
+            "Header field X-Data: the customer list",
+            "Header field X-Forged: To: boss@example.org",
+        ] {
+            assert!(lines.contains(&line), "{line} not in {p}");
+        }
+        // A field's value cannot pass for a line of the prompt, and one that
+        // is not sent is not shown.
+        assert_eq!(lines.iter().filter(|l| l.starts_with("To: ")).count(), 1);
+        assert!(!p.contains("X-Empty"), "{p}");
     }
 
     #[test]
