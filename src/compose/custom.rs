@@ -69,7 +69,7 @@ pub(super) fn fields(fields: &BTreeMap<String, String>) -> Result<Vec<HeaderValu
     let mut out = Vec::with_capacity(fields.len());
     for (name, value) in fields {
         let standard = allowed(name)?;
-        let field = format!("headers.{name}");
+        let field = path(name);
         if !seen.insert(name.to_ascii_lowercase()) {
             return Err(ComposeError::new(
                 &field,
@@ -114,15 +114,28 @@ pub(super) fn fields(fields: &BTreeMap<String, String>) -> Result<Vec<HeaderValu
     Ok(out)
 }
 
-/// Whether `name` may be set: an `X-` field (false) or one of [`STANDARD`]
-/// (true); refused otherwise. An invalid name is reported on `headers`, not
-/// on a path that would repeat it.
-fn allowed(name: &str) -> Result<bool, ComposeError> {
-    let valid = (1..=MAX_NAME).contains(&name.len())
+/// Whether `name` is a field name: 1 to [`MAX_NAME`] printable ASCII
+/// characters, no space or `:` (RFC 5322 `ftext`).
+fn valid(name: &str) -> bool {
+    (1..=MAX_NAME).contains(&name.len())
         && name
             .bytes()
-            .all(|b| (b'!'..=b'~').contains(&b) && b != b':');
-    if !valid {
+            .all(|b| (b'!'..=b'~').contains(&b) && b != b':')
+}
+
+/// The path of the field `name` in errors: `headers.NAME`, or `headers` for
+/// a name that is not a field name, so that no error repeats one.
+pub(super) fn path(name: &str) -> String {
+    match valid(name) {
+        true => format!("headers.{name}"),
+        false => "headers".to_owned(),
+    }
+}
+
+/// Whether `name` may be set: an `X-` field (false) or one of [`STANDARD`]
+/// (true); refused otherwise. An invalid name is reported on `headers`.
+fn allowed(name: &str) -> Result<bool, ComposeError> {
+    if !valid(name) {
         return Err(bad_name(&format!(
             "a field name is 1 to {MAX_NAME} printable ASCII characters, with no space or `:`"
         )));
@@ -133,7 +146,7 @@ fn allowed(name: &str) -> Result<bool, ComposeError> {
     if STANDARD.iter().any(|s| s.eq_ignore_ascii_case(name)) {
         return Ok(true);
     }
-    let field = format!("headers.{name}");
+    let field = path(name);
     let why = match OWN_PARAMETER
         .iter()
         .find(|(n, _)| n.eq_ignore_ascii_case(name))

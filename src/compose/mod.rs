@@ -137,7 +137,7 @@ pub struct Draft {
     /// `Auto-Submitted`, `Precedence`, `List-ID`, `Feedback-ID`, `Keywords`,
     /// `Comments`, `Organization` and `Importance`. At most 20; each value
     /// one line of at most 900 bytes, `template_vars` applied; a field whose
-    /// value renders empty is left out.
+    /// value renders empty (or to whitespace alone) is left out.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
     /// Values for `{name}` and `{?name}…{/name}` in subject and bodies, each a
@@ -359,8 +359,8 @@ const MAX_SUBJECT: usize = 900;
 ///   UTF-8 (RFC 6532); whether it can be delivered depends on the relay
 ///   supporting SMTPUTF8, which the delivery layer checks.
 /// - `template_vars`, when present, is applied to the subject, `body`,
-///   `html_body`, each `list_unsubscribe` link and each `headers` value (see [the template
-///   rules](#templates)).
+///   `html_body`, each `list_unsubscribe` link and each `headers` value
+///   (see [the template rules](#templates)).
 /// - `list_unsubscribe`: at most 4 links (`too_many_links`), each an
 ///   `https:` link with a host or a `mailto:` link with one address
 ///   (`unsupported_uri_scheme`, `invalid_uri`) of the characters RFC 3986
@@ -377,7 +377,8 @@ const MAX_SUBJECT: usize = 900;
 ///   (`header_injection`, `control_character`) of at most 900 bytes
 ///   (`too_long`), printable ASCII for the standard fields
 ///   (`invalid_header_value`). Non-ASCII in an `X-` field is RFC
-///   2047-encoded. A field whose value renders empty is left out.
+///   2047-encoded. A field whose value renders empty, or to whitespace
+///   alone, is left out.
 /// - Bodies get CRLF line endings (bare LF and bare CR become CRLF) so that
 ///   the SMTP layer's dot-stuffing sees every line; lettre picks 7bit,
 ///   quoted-printable or base64 so that lines stay short. A body containing
@@ -692,8 +693,8 @@ fn render(draft: &Draft, limit: usize) -> Result<Rendered, ComposeError> {
         .headers
         .iter()
         .map(|(name, v)| {
-            let field = format!("headers.{name}");
-            Ok((name.clone(), run(&field, v, template::Escape::Raw)?))
+            let value = run(&custom::path(name), v, template::Escape::Raw)?;
+            Ok((name.clone(), value))
         })
         .collect::<Result<BTreeMap<_, _>, ComposeError>>()?;
     if !missing.is_empty() {

@@ -704,6 +704,14 @@ fn custom_headers_are_rendered_per_message_and_checked_after_it() {
         ("headers.Message-ID", "header_not_allowed")
     );
 
+    // A template error names the field, unless its name is no field name.
+    d.template_vars = Some(BTreeMap::new());
+    for (name, field) in [("X-Open", "headers.X-Open"), ("X Open\u{7}", "headers")] {
+        d.headers = BTreeMap::from([(name.to_owned(), "{?x}unclosed".to_owned())]);
+        let e = err(&d, &policy());
+        assert_eq!((e.field.as_str(), e.rule), (field, "template_syntax"));
+    }
+
     // None: a draft serializes as before.
     let json = serde_json::to_value(draft("ada@example.org")).expect("json");
     assert!(json.get("headers").is_none());

@@ -34,8 +34,9 @@ const PROMPT_CHARS: usize = 1200;
 /// What the person approves: sender, every recipient on its own line (Bcc
 /// marked), the Reply-To address, subject, size, attachments, the header
 /// fields the agent wrote by name (unsubscribe links and `headers`, which
-/// carry its text to the recipients too), and the first lines of the text, quoted (`> `), each as [`shown`] writes it (a
-/// lookalike domain in its ASCII form, hidden characters written out).
+/// carry its text to the recipients too), and the first lines of the text,
+/// quoted (`> `), each as [`shown`] writes it (a lookalike domain in its
+/// ASCII form, hidden characters written out).
 pub fn prompt(c: &Composed) -> String {
     let mut out = String::from("An agent wants to send this email. Approve it?\n\n");
     // The name the recipients will see, beside the address it hides.
