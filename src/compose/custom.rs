@@ -132,6 +132,11 @@ pub(super) fn path(name: &str) -> String {
     }
 }
 
+/// Whether a caller may set a field of this name.
+pub(super) fn settable(name: &str) -> bool {
+    allowed(name).is_ok()
+}
+
 /// Whether `name` may be set: an `X-` field (false) or one of [`STANDARD`]
 /// (true); refused otherwise. An invalid name is reported on `headers`.
 fn allowed(name: &str) -> Result<bool, ComposeError> {

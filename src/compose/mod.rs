@@ -613,6 +613,15 @@ fn local_part() -> String {
     format!("{:032x}", (time << 80) | random)
 }
 
+/// Whether a field of this name is one a caller writes by name: an `X-`
+/// field, one of the standard ones `headers` takes, or the unsubscribe
+/// fields. The console shows these apart, decoded.
+pub fn caller_field(name: &str) -> bool {
+    custom::settable(name)
+        || name.eq_ignore_ascii_case("List-Unsubscribe")
+        || name.eq_ignore_ascii_case("List-Unsubscribe-Post")
+}
+
 /// Checks header fields as `send_email`'s `headers` are checked, for
 /// fields that configuration writes on every message of a caller.
 pub fn check_headers(fields: &BTreeMap<String, String>) -> Result<(), ComposeError> {

@@ -443,12 +443,21 @@ struct Parsed {
     text: String,
     attachments: Vec<(String, String, usize)>,
     visible: Vec<String>,
+    /// The fields the sender wrote by name (`headers`, the unsubscribe
+    /// links), decoded: they carry its text to the recipients as the body
+    /// does.
+    own_fields: Vec<(String, String)>,
 }
 
 fn parse(bytes: &[u8]) -> Parsed {
     let header_end = memchr::memmem::find(bytes, b"\r\n\r\n").unwrap_or(bytes.len());
     let headers = String::from_utf8_lossy(&bytes[..header_end]).into_owned();
-    let Some(m) = MessageParser::default().parse(bytes) else {
+    // The fields the console reads, and every other as text, its encoded
+    // words read (the default parser keeps those raw).
+    let parser = MessageParser::new()
+        .with_minimal_headers()
+        .default_header_text();
+    let Some(m) = parser.parse(bytes) else {
         return Parsed {
             headers,
             subject: String::new(),
@@ -457,6 +466,7 @@ fn parse(bytes: &[u8]) -> Parsed {
             text: String::new(),
             attachments: Vec::new(),
             visible: Vec::new(),
+            own_fields: Vec::new(),
         };
     };
     let mut visible = Vec::new();
@@ -501,7 +511,35 @@ fn parse(bytes: &[u8]) -> Parsed {
         text: shown::text(&m.body_text(0).unwrap_or_default()),
         attachments,
         visible,
+        own_fields: own_fields(&m, bytes),
     }
+}
+
+/// The fields of `m` that its sender wrote by name, each decoded (encoded
+/// words read) and unfolded, as [`shown::text`] writes it.
+fn own_fields(m: &mail_parser::Message<'_>, bytes: &[u8]) -> Vec<(String, String)> {
+    use mail_parser::HeaderValue;
+    m.headers()
+        .iter()
+        .filter(|h| crate::compose::caller_field(h.name()))
+        .map(|h| {
+            let value = match h.value() {
+                HeaderValue::Text(t) => t.to_string(),
+                HeaderValue::TextList(list) => list.join(", "),
+                _ => {
+                    let (start, end) = (h.offset_start() as usize, h.offset_end() as usize);
+                    let raw = bytes.get(start..end).unwrap_or_default();
+                    String::from_utf8_lossy(raw).replace("\r\n", "")
+                }
+            };
+            (h.name().to_owned(), shown::text(value.trim()))
+        })
+        .collect()
+}
+
+/// The sender's own header fields, one a line.
+fn field_list(fields: &[(String, String)]) -> Markup {
+    html! { @for (name, value) in fields { div.mono { (name) ": " (value) } } }
 }
 
 /// The sender as recipients see it: the display name of the From header
@@ -609,6 +647,9 @@ pub fn message(
                     dt { "replies go to" } dd.mono { (r) }
                 }
                 @if let Some(p) = &parsed { dt { "subject" } dd { (p.subject) } }
+                @if let Some(p) = parsed.as_ref().filter(|p| !p.own_fields.is_empty()) {
+                    dt { "header fields" } dd { (field_list(&p.own_fields)) }
+                }
                 dt { "size" } dd { (r.size) " bytes" }
                 dt { "caller" } dd { (r.caller.as_deref().unwrap_or("")) }
                 @if let Some(batch) = &r.batch {
@@ -738,6 +779,9 @@ pub fn approvals(
                     dt { "recipients" } dd { (recipients(&p.to, &parsed.visible)) }
                     @if let Some(r) = &parsed.reply_to { dt { "replies go to" } dd.mono { (r) } }
                     dt { "subject" } dd { (parsed.subject) }
+                    @if !parsed.own_fields.is_empty() {
+                        dt { "header fields" } dd { (field_list(&parsed.own_fields)) }
+                    }
                     dt { "attachments" } dd { (attachment_list(&parsed.attachments)) }
                 }
                 h2 { "Text body" }
@@ -849,6 +893,8 @@ mod tests {
         let lookalike = "boss@ex\u{430}mple.org";
         let bytes = format!(
             "From: \"IT Security\" <a@example.org>\r\nTo: {lookalike}\r\nReply-To: out@evil.example\r\nSubject: invoice \u{202E}fdp.exe\r\n\
+             X-Data: =?utf-8?b?dGhlIGN1c3RvbWVyIGxpc3Q=?=\r\nList-Unsubscribe: <https://example.org/u?r=1>,\r\n <mailto:u@example.org>\r\n\
+             Auto-Submitted: auto-generated\r\n\
              MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\
              Content-Transfer-Encoding: 8bit\r\n\r\nhello\u{200B} there\r\n"
         );
@@ -893,6 +939,17 @@ mod tests {
         );
         assert!(page.contains("invoice &lt;U+202E&gt;fdp.exe"), "{page}");
         assert!(page.contains("hello&lt;U+200B&gt; there"), "{page}");
+        // The fields the agent wrote by name, decoded and unfolded.
+        for field in [
+            "X-Data: the customer list",
+            "List-Unsubscribe: &lt;https://example.org/u?r=1&gt;, &lt;mailto:u@example.org&gt;",
+            "Auto-Submitted: auto-generated",
+        ] {
+            assert!(
+                page.contains(&format!("<div class=\"mono\">{field}</div>")),
+                "{field}: {page}"
+            );
+        }
         assert!(
             !page.contains('\u{202E}') && !page.contains('\u{200B}'),
             "{page}"
