@@ -55,8 +55,8 @@ const OWN_PARAMETER: &[(&str, &str)] = &[
 ];
 
 /// The fields for `fields` (names as given, values rendered), in the order
-/// of their names; a field whose value is empty is left out, so that a mail
-/// merge can leave one out for some recipients.
+/// of their names; a field whose value is empty, or whitespace alone, is
+/// left out, so that a mail merge can leave one out for some recipients.
 pub(super) fn fields(fields: &BTreeMap<String, String>) -> Result<Vec<HeaderValue>, ComposeError> {
     if fields.len() > MAX_FIELDS {
         return Err(ComposeError::new(
