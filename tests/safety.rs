@@ -1703,6 +1703,19 @@ async fn a_callers_policy_writes_its_header_fields_on_every_message() {
         assert_eq!(out["error"]["rule"], "header_set_by_policy");
         assert_eq!(out["error"]["field"], format!("headers.{name}"));
     }
+    // 19 fields of its own and the policy's 2 are more than a message holds.
+    let mut m = mail(json!(["a@example.org"]));
+    m["headers"] = (0..19).map(|i| (format!("X-F{i}"), json!("v"))).collect();
+    let (is_error, out) = call(&zeta, "send_email", m).await;
+    assert!(is_error, "{out}");
+    assert_eq!(out["error"]["rule"], "too_many_headers", "{out}");
+    assert_eq!(out["error"]["field"], "headers");
+    assert!(
+        out["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("writes 2")
+    );
     let mut m = mail(json!(["a@example.org"]));
     m["dry_run"] = json!(true);
     let (_, out) = call(&zeta, "send_email", m).await;

@@ -19,7 +19,7 @@ use super::address::check_header_value;
 use super::header;
 
 /// Fields in one message at most.
-const MAX_FIELDS: usize = 20;
+pub(crate) const MAX_FIELDS: usize = 20;
 /// The longest name: with `: ` and one character of value it still fits a
 /// 78-character line.
 const MAX_NAME: usize = 76;

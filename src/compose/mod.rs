@@ -613,6 +613,9 @@ fn local_part() -> String {
     format!("{:032x}", (time << 80) | random)
 }
 
+/// The most fields `headers` may hold, a caller's policy's included.
+pub const MAX_HEADER_FIELDS: usize = custom::MAX_FIELDS;
+
 /// Whether a field of this name is one a caller writes by name: an `X-`
 /// field, one of the standard ones `headers` takes, or the unsubscribe
 /// fields. The console shows these apart, decoded.

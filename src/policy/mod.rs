@@ -242,6 +242,19 @@ impl Caller {
     /// Adds the policy's header fields to a call's `headers`; refused when
     /// the call sets one of them itself, in any case.
     pub fn stamp(&self, headers: &mut BTreeMap<String, String>) -> Result<(), Denied> {
+        let (own, policy) = (headers.len(), self.policy.headers.len());
+        let max = crate::compose::MAX_HEADER_FIELDS;
+        if policy > 0 && own + policy > max {
+            return Err(Denied::new(
+                "headers",
+                "too_many_headers",
+                format!(
+                    "has {own} fields and the policy of caller {:?} writes {policy}; \
+                     a message holds at most {max}",
+                    self.name
+                ),
+            ));
+        }
         for (name, value) in &self.policy.headers {
             if let Some(own) = headers.keys().find(|k| k.eq_ignore_ascii_case(name)) {
                 return Err(Denied::new(
