@@ -62,6 +62,10 @@ pub struct Meta {
     /// Where replies go, when the message names it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<String>,
+    /// The names of the header fields the caller wrote by name (`headers`,
+    /// the unsubscribe links, its policy's), never their values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<String>,
 }
 
 /// A refusal to record: everything known about the message by then.
@@ -281,6 +285,9 @@ impl Audit {
                     email.insert("reply_to".into(), json!({ "address": [r] }));
                 }
                 self.subject(&mut email, &mut own, &m.subject);
+                if !m.headers.is_empty() {
+                    own.insert("headers".into(), json!(m.headers));
+                }
             }
             None => {
                 // A message stored without the daemon's description: its

@@ -1691,6 +1691,22 @@ async fn a_callers_policy_writes_its_header_fields_on_every_message() {
     ] {
         assert!(head.iter().any(|l| l == line), "{line} not in {head:?}");
     }
+    // The audit log names the fields, and holds none of their values.
+    let id = out["message_id"].as_str().unwrap().to_owned();
+    let audit = d.dir.path().join("audit.jsonl");
+    assert!(!std::fs::read_to_string(&audit).unwrap().contains("T-9"));
+    let lines = read_lines(&audit);
+    for action in ["accepted", "sent"] {
+        let line = lines
+            .iter()
+            .find(|l| l["email"]["message_id"] == id.as_str() && l["event"]["action"] == action)
+            .unwrap_or_else(|| panic!("no {action} line: {lines:?}"));
+        assert_eq!(
+            line["mailmux"]["headers"],
+            json!(["Auto-Submitted", "X-Agent", "X-Ticket"]),
+            "{line}"
+        );
+    }
 
     // A call cannot set a field of the policy's, in any case, and then
     // nothing is sent; the preview shows the policy's fields.

@@ -418,12 +418,13 @@ struct Ready {
     hold_hash: Option<[u8; 32]>,
 }
 
-/// The audit description of a message: recipients by field, Reply-To and
-/// subject.
+/// The audit description of a message: recipients by field, Reply-To,
+/// subject, and the names of the fields its caller wrote by name.
 fn meta_of(c: &Composed) -> Meta {
     let mut m = Meta {
         subject: c.subject.clone(),
         reply_to: c.reply_to.as_ref().map(ToString::to_string),
+        headers: c.own_fields.iter().map(|(name, _)| name.clone()).collect(),
         ..Meta::default()
     };
     for (address, (list, _)) in c.recipients.iter().zip(&c.fields) {
