@@ -96,7 +96,7 @@ pub(super) fn fields(fields: &BTreeMap<String, String>) -> Result<Vec<HeaderValu
                 format!("{name} takes printable ASCII only"),
             ));
         }
-        if value.trim().is_empty() {
+        if left_out(value) {
             continue;
         }
         let written = match standard {
@@ -112,6 +112,12 @@ pub(super) fn fields(fields: &BTreeMap<String, String>) -> Result<Vec<HeaderValu
         ));
     }
     Ok(out)
+}
+
+/// Whether a field with this value is left out: an empty one, or
+/// whitespace alone.
+pub(super) fn left_out(value: &str) -> bool {
+    value.trim().is_empty()
 }
 
 /// Whether `name` is a field name: 1 to [`MAX_NAME`] printable ASCII

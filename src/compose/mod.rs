@@ -543,24 +543,16 @@ pub fn compose_with(
         return Err(too_large("message", policy.max_message_bytes));
     }
 
-    let mut own_fields = Vec::new();
-    if !rendered.list_unsubscribe.is_empty() {
-        let links: Vec<String> = rendered
-            .list_unsubscribe
-            .iter()
-            .map(|l| format!("<{l}>"))
+    let mut own_fields: Vec<(String, String)> =
+        unsubscribe::shown(&rendered.list_unsubscribe, draft.list_unsubscribe_post)
+            .into_iter()
+            .map(|(name, value)| (name.to_owned(), value))
             .collect();
-        own_fields.push(("List-Unsubscribe".to_owned(), links.join(", ")));
-        if draft.list_unsubscribe_post {
-            let one_click = "List-Unsubscribe=One-Click".to_owned();
-            own_fields.push(("List-Unsubscribe-Post".to_owned(), one_click));
-        }
-    }
     own_fields.extend(
         rendered
             .headers
             .into_iter()
-            .filter(|(_, v)| !v.trim().is_empty()),
+            .filter(|(_, v)| !custom::left_out(v)),
     );
     let (text, html) = if draft.html {
         (None, Some(rendered.body))
@@ -621,8 +613,8 @@ pub const MAX_HEADER_FIELDS: usize = custom::MAX_FIELDS;
 /// fields. The console shows these apart, decoded.
 pub fn caller_field(name: &str) -> bool {
     custom::settable(name)
-        || name.eq_ignore_ascii_case("List-Unsubscribe")
-        || name.eq_ignore_ascii_case("List-Unsubscribe-Post")
+        || name.eq_ignore_ascii_case(unsubscribe::FIELD)
+        || name.eq_ignore_ascii_case(unsubscribe::POST_FIELD)
 }
 
 /// Checks header fields as `send_email`'s `headers` are checked, for

@@ -18,7 +18,9 @@ const MAX_LINKS: usize = 4;
 /// line, since a link cannot be folded.
 const MAX_LINK: usize = 900;
 /// The field's name; its line is folded counting from after `: `.
-const FIELD: &str = "List-Unsubscribe";
+pub(super) const FIELD: &str = "List-Unsubscribe";
+/// The one-click field's name (RFC 8058).
+pub(super) const POST_FIELD: &str = "List-Unsubscribe-Post";
 
 /// The fields for `links` (rendered) and `one_click`; none for no links.
 pub(super) fn fields(links: &[String], one_click: bool) -> Result<Vec<HeaderValue>, ComposeError> {
@@ -41,29 +43,34 @@ pub(super) fn fields(links: &[String], one_click: bool) -> Result<Vec<HeaderValu
              which the mailbox provider POSTs to",
         ));
     }
-    if links.is_empty() {
-        return Ok(Vec::new());
-    }
-    let raw = links
-        .iter()
-        .map(|l| format!("<{l}>"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let folded = super::header::fold(FIELD.len() + 2, &raw);
-    let mut out = vec![HeaderValue::dangerous_new_pre_encoded(
-        HeaderName::new_from_ascii_str(FIELD),
-        raw,
-        folded,
-    )];
-    if one_click {
-        let value = "List-Unsubscribe=One-Click";
-        out.push(HeaderValue::dangerous_new_pre_encoded(
-            HeaderName::new_from_ascii_str("List-Unsubscribe-Post"),
-            value.to_owned(),
-            value.to_owned(),
-        ));
-    }
+    // Folded between links; the one-click value has no space to fold at.
+    let out = shown(links, one_click)
+        .into_iter()
+        .map(|(name, raw)| {
+            let folded = super::header::fold(name.len() + 2, &raw);
+            HeaderValue::dangerous_new_pre_encoded(
+                HeaderName::new_from_ascii_str(name),
+                raw,
+                folded,
+            )
+        })
+        .collect();
     Ok(out)
+}
+
+/// The fields' names and unfolded values for `links` (checked by
+/// [`fields`]) and `one_click`: what is written, and what the approval
+/// prompt shows.
+pub(super) fn shown(links: &[String], one_click: bool) -> Vec<(&'static str, String)> {
+    if links.is_empty() {
+        return Vec::new();
+    }
+    let listed: Vec<String> = links.iter().map(|l| format!("<{l}>")).collect();
+    let mut out = vec![(FIELD, listed.join(", "))];
+    if one_click {
+        out.push((POST_FIELD, "List-Unsubscribe=One-Click".to_owned()));
+    }
+    out
 }
 
 #[derive(Debug, PartialEq, Eq)]
