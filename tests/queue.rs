@@ -409,7 +409,7 @@ async fn recipients_over_the_relays_cap_get_the_message_in_more_transactions() {
 async fn a_relays_recipients_per_transaction_keeps_a_message_under_a_providers_cap() {
     let options = Options {
         max_recipients: Some(2),
-        over_cap_reply: Some("550 5.5.3 Too many recipients".into()),
+        over_cap_reply: Some("550 Too many recipients".into()),
         ..Options::default()
     };
     let (smtp, _dir, _cfg, d) =

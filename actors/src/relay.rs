@@ -194,14 +194,15 @@ impl RelayShared {
     }
 
     /// Returns a connection after use: back to the pool, or dropped when it
-    /// is broken. One that has carried its share of messages is handed back
+    /// is broken. One that has carried its share of messages, or as many
+    /// transactions as its server announced (LIMITS MAILMAX), is handed back
     /// to the caller to retire.
     fn checkin(&self, conn: Conn) -> Option<Conn> {
         let limit = self.settings.pool.messages_per_connection;
         if conn.broken {
             self.open.fetch_sub(1, Ordering::AcqRel);
             None
-        } else if limit > 0 && conn.sent >= limit {
+        } else if (limit > 0 && conn.sent >= limit) || conn.spent() {
             Some(conn)
         } else {
             self.idle

@@ -10,7 +10,7 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -229,6 +229,10 @@ pub(crate) struct Conn {
     /// The server announced SIZE (RFC 1870), with its limit in bytes; 0 is
     /// no fixed limit.
     size: Option<u64>,
+    /// The limits the server announced with LIMITS (RFC 9422).
+    limits: Limits,
+    /// MAIL commands sent on this session, for the announced MAILMAX.
+    transactions: u32,
 }
 
 impl fmt::Debug for Conn {
@@ -239,6 +243,8 @@ impl fmt::Debug for Conn {
             .field("pipelining", &self.pipelining)
             .field("per_transaction", &self.per_transaction)
             .field("size", &self.size)
+            .field("limits", &self.limits)
+            .field("transactions", &self.transactions)
             .finish_non_exhaustive()
     }
 }
@@ -250,6 +256,54 @@ impl Conn {
 
     pub(crate) fn is_encrypted(&self) -> bool {
         self.implicit_tls || self.inner.is_encrypted()
+    }
+
+    /// Whether the session has had as many transactions as the server's
+    /// MAILMAX allows: it takes no more, and is not reused.
+    pub(crate) fn spent(&self) -> bool {
+        self.limits
+            .mail
+            .is_some_and(|max| self.transactions >= max.get())
+    }
+
+    /// How many of `to`, from the front, the next transaction names: at
+    /// most the relay's `recipients_per_transaction` and the server's
+    /// RCPTMAX, of at most its RCPTDOMAINMAX domains. At least one of a
+    /// list that is not empty.
+    fn take<'a>(&self, to: impl IntoIterator<Item = &'a Address>) -> usize {
+        let most = [self.per_transaction, self.limits.rcpt]
+            .into_iter()
+            .flatten()
+            .map(NonZeroUsize::get)
+            .min()
+            .unwrap_or(usize::MAX);
+        let mut domains: Vec<&str> = Vec::new();
+        let mut n = 0;
+        for address in to.into_iter().take(most) {
+            if let Some(max) = self.limits.rcpt_domains {
+                let domain = address.domain();
+                if !domains.iter().any(|d| d.eq_ignore_ascii_case(domain)) {
+                    if domains.len() == max.get() {
+                        break;
+                    }
+                    domains.push(domain);
+                }
+            }
+            n += 1;
+        }
+        n
+    }
+
+    /// Why a message's recipients went in more than one transaction when
+    /// no server refused one over its cap: the tightest of the limits
+    /// [`Conn::take`] keeps to.
+    fn split(&self) -> Split {
+        match (self.per_transaction, self.limits.rcpt) {
+            (Some(own), Some(announced)) if announced < own => Split::Announced(self.limits),
+            (Some(own), _) if self.limits.rcpt_domains.is_none() => Split::Limit(own.get()),
+            (None, None) if self.limits.rcpt_domains.is_none() => Split::Limit(usize::MAX),
+            _ => Split::Announced(self.limits),
+        }
     }
 
     /// Ends the session politely, within `limit`.
@@ -376,6 +430,8 @@ pub(crate) async fn dial(
         pipelining: s.pipelining && ehlo.pipelining,
         per_transaction: s.recipients_per_transaction,
         size: ehlo.size,
+        limits: ehlo.limits,
+        transactions: 0,
     })
 }
 
@@ -481,6 +537,42 @@ struct Keywords {
     pipelining: bool,
     /// SIZE (RFC 1870) and its limit, 0 when it names none.
     size: Option<u64>,
+    /// LIMITS (RFC 9422).
+    limits: Limits,
+}
+
+/// The limits of LIMITS (RFC 9422) that mailmux keeps to. Each is `None`
+/// when the server did not announce it, or gave a value that is not a
+/// positive number, which is taken as no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Limits {
+    /// MAILMAX: transactions a session.
+    mail: Option<NonZeroU32>,
+    /// RCPTMAX: recipients a transaction.
+    rcpt: Option<NonZeroUsize>,
+    /// RCPTDOMAINMAX: recipient domains a transaction.
+    rcpt_domains: Option<NonZeroUsize>,
+}
+
+impl Limits {
+    /// From the parameters of a LIMITS keyword: `NAME=VALUE` pairs, the
+    /// names in any case. Names mailmux does not know are ignored.
+    fn of<'a>(params: impl Iterator<Item = &'a str>) -> Limits {
+        let mut found = Limits::default();
+        for param in params {
+            let Some((name, value)) = param.split_once('=') else {
+                continue;
+            };
+            if name.eq_ignore_ascii_case("MAILMAX") {
+                found.mail = value.parse().ok();
+            } else if name.eq_ignore_ascii_case("RCPTMAX") {
+                found.rcpt = value.parse().ok();
+            } else if name.eq_ignore_ascii_case("RCPTDOMAINMAX") {
+                found.rcpt_domains = value.parse().ok();
+            }
+        }
+        found
+    }
 }
 
 /// The EHLO keywords of `opening`, the bytes a server sent while lettre
@@ -544,6 +636,7 @@ impl Keywords {
         let mut found = Keywords {
             pipelining: false,
             size: None,
+            limits: Limits::default(),
         };
         for line in lines {
             let mut words = line.split_whitespace();
@@ -553,6 +646,7 @@ impl Keywords {
                 Some(k) if k.eq_ignore_ascii_case("SIZE") => {
                     found.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0));
                 }
+                Some(k) if k.eq_ignore_ascii_case("LIMITS") => found.limits = Limits::of(words),
                 _ => {}
             }
         }
@@ -817,14 +911,20 @@ async fn transact_inner(
         ));
     }
     let mail_cmd = MailCmd::new(from.cloned(), params);
-    let limit = conn.per_transaction.map_or(usize::MAX, NonZeroUsize::get);
     // Until a transaction has a recipient accepted, nothing is committed: a
     // transaction whose every recipient was refused passes to the next.
     let mut untried: &[Address] = &mail.to;
     let mut refused = Vec::new();
     let mut deferred = Vec::new();
     let first = loop {
-        let (now, after) = untried.split_at(limit.min(untried.len()));
+        if conn.spent() {
+            return Err(Failure::new(
+                FailureClass::Transient,
+                "the session had as many transactions as the server announced (LIMITS \
+                 MAILMAX) before any recipient was accepted",
+            ));
+        }
+        let (now, after) = untried.split_at(conn.take(untried));
         untried = after;
         let to: Vec<&Address> = now.iter().collect();
         let env = envelope(conn, &mail_cmd, &to, t, deadline).await?;
@@ -882,7 +982,7 @@ async fn transact_inner(
         }
     };
     let split = if first.over_cap.is_empty() {
-        Split::Limit(limit)
+        conn.split()
     } else {
         Split::ServerCap(first.accepted.len())
     };
@@ -906,10 +1006,12 @@ async fn transact_inner(
 /// Why a message's recipients went in more than one transaction.
 #[derive(Debug, Clone, Copy)]
 enum Split {
-    /// The server answered 452 past this many.
+    /// The server refused the recipients past this many over its cap.
     ServerCap(usize),
     /// The relay's `recipients_per_transaction`.
     Limit(usize),
+    /// The limits the server announced with LIMITS (RFC 9422).
+    Announced(Limits),
 }
 
 impl fmt::Display for Split {
@@ -922,6 +1024,16 @@ impl fmt::Display for Split {
                 f,
                 "the relay sends at most {n} recipients a transaction (recipients_per_transaction)"
             ),
+            Split::Announced(limits) => {
+                f.write_str("the server announced LIMITS")?;
+                if let Some(n) = limits.rcpt {
+                    write!(f, " RCPTMAX={n}")?;
+                }
+                if let Some(n) = limits.rcpt_domains {
+                    write!(f, " RCPTDOMAINMAX={n}")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -943,14 +1055,21 @@ async fn further_transactions(
     split: Split,
 ) -> Result<(), Failure> {
     let deadline = mail.deadline;
-    let limit = conn.per_transaction.map_or(usize::MAX, NonZeroUsize::get);
     // Each transaction takes at least one recipient off `left`: it is
-    // accepted, refused, or over the server's cap, which a 452 is only after
-    // an accepted one. So the loop ends.
+    // accepted, refused, or over the server's cap, which a refusal is only
+    // after an accepted one. So the loop ends.
     while !left.is_empty() {
-        let after = left.split_off(limit.min(left.len()));
+        let after = left.split_off(conn.take(left.iter().map(|(a, _)| a)));
         let to: Vec<&Address> = left.iter().map(|(a, _)| a).collect();
-        let stopped = match envelope(conn, mail_cmd, &to, t, deadline).await {
+        let next = if conn.spent() {
+            Err(Failure::new(
+                FailureClass::Transient,
+                "the session had as many transactions as the server announced (LIMITS MAILMAX)",
+            ))
+        } else {
+            envelope(conn, mail_cmd, &to, t, deadline).await
+        };
+        let stopped = match next {
             // Every recipient of this transaction refused or deferred, each
             // with its own reply: nothing to send them.
             Ok(next) if next.accepted.is_empty() => {
@@ -1097,6 +1216,7 @@ async fn envelope(
 ) -> Result<Envelope, Failure> {
     let rcpts: Vec<Rcpt> = to.iter().map(|a| Rcpt::new((*a).clone(), vec![])).collect();
     let pipelined = conn.pipelining;
+    conn.transactions = conn.transactions.saturating_add(1);
     let sent = if pipelined {
         let batch = Batch {
             mail: mail_cmd,
@@ -1273,19 +1393,29 @@ impl fmt::Display for Content<'_> {
 }
 
 /// Whether a RCPT's refusal is the server's cap on recipients a
-/// transaction: 452 (RFC 5321, 4.5.3.1.10) with the enhanced code 4.5.3
-/// (RFC 3463) or none. A 452 with another code says something of the
-/// recipient or of the server (4.2.2 mailbox full, 4.3.1 out of storage).
+/// transaction, which asks for the rest in another transaction:
+/// - 452 with the enhanced code 4.5.3 (RFC 3463) or none (RFC 5321,
+///   4.5.3.1.10);
+/// - 552 with 5.5.3 or none: RFC 821 gave 552 for it, and RFC 5321 asks
+///   clients to take that 552 as the transient 452;
+/// - any other 4xx or 5xx with the enhanced code X.5.3, "too many
+///   recipients", which RFC 3463 says should split the message.
+///
+/// A 452 or 552 with another enhanced code says something of the recipient
+/// or of the server (4.2.2 mailbox full, 4.3.1 out of storage, 5.2.2 over
+/// quota).
 fn is_cap(reply: &Reply) -> bool {
-    if reply.code != 452 {
-        return false;
-    }
     let first = reply.text.split_whitespace().next().unwrap_or("");
-    let enhanced = first.split('.').count() == 3
-        && first
-            .split('.')
+    let parts: Vec<&str> = first.split('.').collect();
+    let enhanced = parts.len() == 3
+        && parts
+            .iter()
             .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()));
-    !enhanced || first == "4.5.3"
+    if !enhanced {
+        return matches!(reply.code, 452 | 552);
+    }
+    let class = reply.code / 100;
+    (class == 4 || class == 5) && parts[0] == class.to_string() && parts[1..] == ["5", "3"]
 }
 
 /// The failure of a message none of whose recipients was accepted: with
@@ -1429,7 +1559,7 @@ mod tests {
     }
 
     #[test]
-    fn a_452_is_the_recipient_cap_unless_its_enhanced_code_says_otherwise() {
+    fn a_452_552_or_x_5_3_is_the_recipient_cap_unless_its_enhanced_code_says_otherwise() {
         let reply = |code, text: &str| crate::mail::Reply {
             code,
             text: text.into(),
@@ -1445,8 +1575,39 @@ mod tests {
             452,
             "4.3.1 Insufficient system storage"
         )));
-        assert!(!super::is_cap(&reply(451, "4.5.3 too many recipients")));
-        assert!(!super::is_cap(&reply(552, "5.5.3 too many recipients")));
+        // RFC 821's 552, which RFC 5321 asks clients to take as the 452.
+        assert!(super::is_cap(&reply(552, "Too many recipients")));
+        assert!(super::is_cap(&reply(552, "5.5.3 Too many recipients")));
+        assert!(!super::is_cap(&reply(552, "5.2.2 Mailbox full")));
+        // X.5.3 is "too many recipients" whatever the basic code.
+        assert!(super::is_cap(&reply(451, "4.5.3 too many recipients")));
+        assert!(super::is_cap(&reply(550, "5.5.3 Too many recipients")));
+        assert!(super::is_cap(&reply(554, "5.5.3 Too many recipients")));
+        // No enhanced code: only 452 and 552 say it.
+        assert!(!super::is_cap(&reply(550, "Too many recipients")));
+        assert!(!super::is_cap(&reply(451, "Too many recipients")));
+        // An enhanced code of the other class is no enhanced code of this
+        // reply's.
+        assert!(!super::is_cap(&reply(550, "4.5.3 too many recipients")));
+        assert!(!super::is_cap(&reply(550, "5.5.30 too many")));
+    }
+
+    #[test]
+    fn limits_are_read_from_the_ehlo_reply() {
+        let k = ehlo_keywords(
+            b"220 mx\r\n250-mx\r\n250-PIPELINING\r\n250-LIMITS MAILMAX=3 rcptmax=50 RCPTDOMAINMAX=1 BDATMAX=9\r\n250 8BITMIME\r\n",
+        )
+        .expect("whole");
+        assert_eq!(k.limits.mail.map(|n| n.get()), Some(3));
+        assert_eq!(k.limits.rcpt.map(|n| n.get()), Some(50));
+        assert_eq!(k.limits.rcpt_domains.map(|n| n.get()), Some(1));
+        // Values that are not positive numbers are no limit.
+        let k =
+            ehlo_keywords(b"220 mx\r\n250-mx\r\n250 LIMITS MAILMAX=0 RCPTMAX=x RCPTDOMAINMAX\r\n")
+                .expect("whole");
+        assert_eq!(k.limits, super::Limits::default());
+        let k = ehlo_keywords(b"220 mx\r\n250-mx\r\n250 PIPELINING\r\n").expect("whole");
+        assert_eq!(k.limits, super::Limits::default());
     }
 
     #[test]

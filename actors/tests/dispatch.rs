@@ -855,14 +855,165 @@ async fn limited(
 }
 
 /// A server that refuses recipients past `cap` for good, as some providers
-/// do, where a 452 would have asked for another transaction.
+/// do, with a reply that names no cap (no 452, 552 or X.5.3), where a 452
+/// would have asked for another transaction.
 fn refuses_over(cap: usize, pipelining: bool) -> Options {
     Options {
         pipelining,
         max_recipients: Some(cap),
-        over_cap_reply: Some("550 5.5.3 Too many recipients".into()),
+        over_cap_reply: Some("550 Too many recipients".into()),
         ..Options::default()
     }
+}
+
+/// A primary relay to a server started with `options`, and a backup.
+async fn primary_with(options: Options) -> (FaultSmtp, FaultSmtp, Dispatcher) {
+    let a = FaultSmtp::start_with(Script::ok(), options).await;
+    let b = FaultSmtp::start(Script::ok()).await;
+    let d = by_priority(vec![
+        relay("primary", a.port(), 10),
+        relay("backup", b.port(), 1),
+    ])
+    .await;
+    (a, b, d)
+}
+
+#[tokio::test]
+async fn a_552_or_an_x_5_3_refusal_over_the_cap_asks_for_another_transaction() {
+    // RFC 5321 (4.5.3.1.10) asks clients to take RFC 821's 552 as the 452,
+    // and RFC 3463 says X.5.3 "too many recipients" splits the message.
+    let to = people(5);
+    for over in [
+        "552 Too many recipients",
+        "552 5.5.3 Too many recipients",
+        "550 5.5.3 Too many recipients",
+        "451 4.5.3 Too many recipients",
+    ] {
+        let (a, b, d) = primary_with(Options {
+            max_recipients: Some(2),
+            over_cap_reply: Some(over.into()),
+            ..Options::default()
+        })
+        .await;
+        sent_in_transactions(&a, &d, &to, &[0..2, 2..4, 4..5]).await;
+        assert_eq!(a.over_cap_replies(), 3 + 1, "{over}");
+        assert_eq!(b.connections(), 0, "{over}: no failover");
+    }
+    // A refusal that says something of the recipient is no cap: final.
+    for (over, code) in [
+        ("552 5.2.2 Mailbox full", 552),
+        ("550 Too many recipients", 550),
+    ] {
+        let (a, b, d) = primary_with(Options {
+            max_recipients: Some(2),
+            over_cap_reply: Some(over.into()),
+            ..Options::default()
+        })
+        .await;
+        let r = d.send(mail_to_all(&to)).await;
+        assert_eq!(r.status, Status::Partial, "{over}: {r:?}");
+        assert_eq!(r.accepted, to[0..2].to_vec());
+        assert_eq!(
+            refused(&r),
+            vec![
+                (to[2].as_str(), code),
+                (to[3].as_str(), code),
+                (to[4].as_str(), code)
+            ]
+        );
+        assert_eq!(a.delivered().len(), 1, "{over}");
+        assert_eq!(b.connections(), 0);
+    }
+}
+
+#[tokio::test]
+async fn a_server_that_announces_its_limits_gets_transactions_within_them() {
+    // RCPTMAX (RFC 9422) from a provider whose reply over its cap would
+    // refuse for good: each transaction names at most that many.
+    let to = people(5);
+    for pipelining in [true, false] {
+        let (a, b, d) = primary_with(Options {
+            announce_limits: true,
+            ..refuses_over(2, pipelining)
+        })
+        .await;
+        sent_in_transactions(&a, &d, &to, &[0..2, 2..4, 4..5]).await;
+        assert_eq!(a.over_cap_replies(), 0, "pipelined {pipelining}");
+        assert_eq!(b.connections(), 0);
+    }
+    // The relay's recipients_per_transaction, tighter, still holds.
+    let (a, _b, d) = limited(
+        1,
+        Options {
+            announce_limits: true,
+            ..refuses_over(2, true)
+        },
+        Script::ok(),
+    )
+    .await;
+    sent_in_transactions(&a, &d, &to[0..3], &[0..1, 1..2, 2..3]).await;
+    // RCPTDOMAINMAX: recipients of one domain a transaction, the domain's
+    // case aside, taken in the order given.
+    let to: Vec<String> = [
+        "a@one.example",
+        "b@ONE.example",
+        "c@two.example",
+        "d@three.example",
+        "e@three.example",
+    ]
+    .map(String::from)
+    .to_vec();
+    let (a, b, d) = primary_with(Options {
+        max_domains: Some(1),
+        over_cap_reply: Some("550 Too many recipient domains".into()),
+        announce_limits: true,
+        ..Options::default()
+    })
+    .await;
+    sent_in_transactions(&a, &d, &to, &[0..2, 2..3, 3..5]).await;
+    assert_eq!(a.over_cap_replies(), 0);
+    assert_eq!(b.connections(), 0);
+}
+
+#[tokio::test]
+async fn a_session_has_no_more_transactions_than_the_server_announced() {
+    // MAILMAX=2 (RFC 9422): a session that had two is closed, and the third
+    // message goes on a new one.
+    let (a, b, d) = primary_with(Options {
+        max_transactions: Some(2),
+        announce_limits: true,
+        ..Options::default()
+    })
+    .await;
+    for _ in 0..3 {
+        let r = d.send(mail()).await;
+        assert_eq!(r.status, Status::Sent, "{r:?}");
+    }
+    assert_eq!(a.connections(), 2);
+    assert_eq!(a.over_cap_replies(), 0, "no MAIL over the limit");
+    assert_eq!(b.connections(), 0);
+
+    // A message split over more transactions than the session has left:
+    // the recipients past them are deferred, never sent a MAIL the server
+    // would refuse, and the spent session is not reused.
+    let to = people(3);
+    let (a, b, d) = primary_with(Options {
+        max_transactions: Some(2),
+        announce_limits: true,
+        ..refuses_over(1, true)
+    })
+    .await;
+    let r = d.send(mail_to_all(&to)).await;
+    assert_eq!(r.status, Status::Partial, "{r:?}");
+    assert_eq!(r.accepted, to[0..2].to_vec());
+    assert!(r.rejected.is_empty(), "{r:?}");
+    assert_eq!(deferred(&r), vec![(to[2].as_str(), 451)]);
+    assert!(r.deferred[0].reply.text.contains("MAILMAX"), "{r:?}");
+    assert_eq!(a.over_cap_replies(), 0);
+    let next = d.send(mail()).await;
+    assert_eq!(next.status, Status::Sent, "{next:?}");
+    assert_eq!(a.connections(), 2);
+    assert_eq!(b.connections(), 0);
 }
 
 #[tokio::test]

@@ -45,7 +45,7 @@ pub async fn relay() -> Arc<FaultSmtp> {
 pub async fn relay_refusing_over_cap() -> Arc<FaultSmtp> {
     let options = Options {
         max_recipients: Some(CAP),
-        over_cap_reply: Some("550 5.5.3 Too many recipients".into()),
+        over_cap_reply: Some("550 Too many recipients".into()),
         ..Options::default()
     };
     Arc::new(FaultSmtp::start_with(Script::ok(), options).await)

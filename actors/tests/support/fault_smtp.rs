@@ -184,9 +184,19 @@ pub struct Options {
     /// RCPT after them `452 4.5.3 Error: too many recipients`, as Postfix's
     /// `smtpd_recipient_limit` does.
     pub max_recipients: Option<usize>,
-    /// The reply to a RCPT past `max_recipients`, in place of that 452: a
-    /// provider that refuses recipients over its cap for good (`550 5.5.3`).
+    /// The reply to a RCPT past `max_recipients` or `max_domains`, in place
+    /// of that 452: a provider that refuses recipients over its cap for good
+    /// (`550 Too many recipients`).
     pub over_cap_reply: Option<String>,
+    /// Accept recipients of at most this many domains a transaction, and
+    /// answer each RCPT of a further domain as over the cap.
+    pub max_domains: Option<usize>,
+    /// Take at most this many transactions (MAIL commands) a session, and
+    /// answer each MAIL after them `451 4.5.3 Too many transactions`.
+    pub max_transactions: Option<usize>,
+    /// Announce the three limits above in EHLO as `LIMITS RCPTMAX=…
+    /// RCPTDOMAINMAX=… MAILMAX=…` (RFC 9422), those that are set.
+    pub announce_limits: bool,
     /// Announce `SIZE n` (RFC 1870; 0: no fixed limit), and refuse a MAIL
     /// whose `SIZE=` is larger than `n`, or data larger than `n` after the
     /// final ".", with 552.
@@ -205,6 +215,9 @@ impl Default for Options {
             hostname: "fault-smtp.test".to_string(),
             max_recipients: None,
             over_cap_reply: None,
+            max_domains: None,
+            max_transactions: None,
+            announce_limits: false,
             size: None,
         }
     }
@@ -381,7 +394,8 @@ impl FaultSmtp {
         lock(&self.shared.mail_args).clone()
     }
 
-    /// How many RCPTs were answered as over `max_recipients` since the start.
+    /// How many RCPTs were answered as over `max_recipients` or
+    /// `max_domains`, and MAILs as over `max_transactions`, since the start.
     pub fn over_cap_replies(&self) -> u64 {
         self.shared.over_cap.load(Ordering::SeqCst)
     }

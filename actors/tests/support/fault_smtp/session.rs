@@ -34,6 +34,8 @@ struct Session {
     tls_active: bool,
     mail_from: Option<String>,
     rcpt_to: Vec<String>,
+    /// MAIL commands taken on this session.
+    transactions: usize,
 }
 
 pub(super) async fn serve(stream: TcpStream, open: OpenGuard) {
@@ -58,6 +60,7 @@ pub(super) async fn serve(stream: TcpStream, open: OpenGuard) {
         tls_active: implicit_active,
         mail_from: None,
         rcpt_to: Vec::new(),
+        transactions: 0,
     };
     let end = match s.run(&mut conn).await {
         Ok(end) => end,
@@ -192,6 +195,19 @@ impl Session {
         }
         if let Some(n) = opts.size {
             lines.push(format!("SIZE {n}"));
+        }
+        if opts.announce_limits {
+            let limits: Vec<String> = [
+                ("RCPTMAX", opts.max_recipients),
+                ("RCPTDOMAINMAX", opts.max_domains),
+                ("MAILMAX", opts.max_transactions),
+            ]
+            .into_iter()
+            .filter_map(|(name, n)| Some(format!("{name}={}", n?)))
+            .collect();
+            if !limits.is_empty() {
+                lines.push(format!("LIMITS {}", limits.join(" ")));
+            }
         }
         if opts.starttls != StartTls::Off && !self.tls_active {
             lines.push("STARTTLS".into());
@@ -401,10 +417,22 @@ impl Session {
                 .await
                 .map(|_| None);
         }
+        if self
+            .shared
+            .options
+            .max_transactions
+            .is_some_and(|max| self.transactions >= max)
+        {
+            self.shared.over_cap.fetch_add(1, Ordering::SeqCst);
+            return send(conn, "451 4.5.3 Too many transactions")
+                .await
+                .map(|_| None);
+        }
         let action = self.decide(Phase::Mail, None).await;
         if action != Action::Ok {
             return self.fault(conn, action).await;
         }
+        self.transactions += 1;
         self.mail_from = Some(from);
         send(conn, "250 2.1.0 Ok").await.map(|_| None)
     }
@@ -423,11 +451,17 @@ impl Session {
                 .await
                 .map(|_| None);
         }
-        if self
-            .shared
-            .options
+        let domain = |a: &str| a.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase());
+        let domains: std::collections::HashSet<_> =
+            self.rcpt_to.iter().filter_map(|a| domain(a)).collect();
+        let new_domain = domain(&to).is_some_and(|d| !domains.contains(&d));
+        let opts = &self.shared.options;
+        if opts
             .max_recipients
             .is_some_and(|max| self.rcpt_to.len() >= max)
+            || opts
+                .max_domains
+                .is_some_and(|max| new_domain && domains.len() >= max)
         {
             self.shared.over_cap.fetch_add(1, Ordering::SeqCst);
             let reply = self.shared.options.over_cap_reply.as_deref();
