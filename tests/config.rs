@@ -1791,3 +1791,140 @@ fn auth_failures_is_a_rate_or_off() {
         assert_eq!(e.key, "http.auth_failures", "{bad}: {e}");
     }
 }
+
+/// Keys made by `tests/dkim_verify.py keys` in `dir`.
+fn dkim_keys(dir: &tempfile::TempDir) {
+    let status = std::process::Command::new("python3")
+        .arg("tests/dkim_verify.py")
+        .arg("keys")
+        .arg(dir.path())
+        .status()
+        .expect("python3 runs");
+    assert!(status.success(), "keys made");
+}
+
+#[test]
+fn dkim_keys_are_read_at_load_and_each_mistake_names_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    dkim_keys(&dir);
+    let key = |name: &str| dir.path().join(name).display().to_string();
+    let entry = |domain: &str, selector: &str, file: &str| {
+        format!(
+            "[[dkim]]\ndomain = \"{domain}\"\nselector = \"{selector}\"\nprivate_key = \"{}\"\n",
+            key(file)
+        )
+    };
+    let file = write(
+        &dir,
+        "ok.toml",
+        &format!(
+            "{}{}{}headers = [\"From\", \"Subject\"]\n",
+            entry("Example.org", "rsa", "rsa.pem"),
+            entry("example.org", "ed", "ed.pem"),
+            entry("other.example", "k8", "rsa8.pem"),
+        ),
+    );
+    let c = ok(Some(&file), &[]);
+    let signers = &c.daemon.compose.dkim.0;
+    let shown: Vec<_> = signers
+        .iter()
+        .map(|s| (s.domain.as_str(), s.selector.as_str(), s.algorithm))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            ("example.org", "rsa", "rsa-sha256"),
+            ("example.org", "ed", "ed25519-sha256"),
+            ("other.example", "k8", "rsa-sha256")
+        ]
+    );
+    let (headers, _) = leaf(&c, "/dkim/2/headers");
+    assert_eq!(headers, &serde_json::json!(["From", "Subject"]));
+    let text = c.redacted.to_string();
+    let pem = std::fs::read_to_string(dir.path().join("ed.pem")).unwrap();
+    let body = pem.lines().nth(1).unwrap();
+    assert!(!text.contains(body), "the key is never shown");
+
+    write(
+        &dir,
+        "garbage.pem",
+        "-----BEGIN PRIVATE KEY-----\nc2VjcmV0LWJ5dGVz\n-----END PRIVATE KEY-----\n",
+    );
+    let cases = [
+        (
+            "[[dkim]]\nselector = \"s\"\n".to_string(),
+            "dkim[0].domain",
+            "required",
+        ),
+        (
+            entry("not a domain", "s", "rsa.pem"),
+            "dkim[0].domain",
+            "not a domain name",
+        ),
+        (
+            entry("localhost", "s", "rsa.pem"),
+            "dkim[0].domain",
+            "not a domain name",
+        ),
+        (
+            entry("example.org", "s_1", "rsa.pem"),
+            "dkim[0].selector",
+            "not a selector",
+        ),
+        (
+            "[[dkim]]\ndomain = \"example.org\"\nselector = \"s\"\n".to_string(),
+            "dkim[0].private_key",
+            "required",
+        ),
+        (
+            entry("example.org", "s", "missing.pem"),
+            "dkim[0].private_key",
+            "cannot read",
+        ),
+        (
+            entry("example.org", "s", "garbage.pem"),
+            "dkim[0].private_key",
+            "neither an RSA nor an Ed25519",
+        ),
+        (
+            format!(
+                "{}headers = [\"Subject\"]\n",
+                entry("example.org", "s", "rsa.pem")
+            ),
+            "dkim[0].headers",
+            "must include From",
+        ),
+        (
+            format!(
+                "{}headers = [\"From\", \"Sub ject\"]\n",
+                entry("example.org", "s", "rsa.pem")
+            ),
+            "dkim[0].headers",
+            "not a header field name",
+        ),
+        (
+            format!(
+                "{}{}",
+                entry("example.org", "s", "rsa.pem"),
+                entry("EXAMPLE.org", "s", "ed.pem")
+            ),
+            "dkim[1].selector",
+            "configured twice",
+        ),
+        (
+            format!(
+                "{}algorithm = \"rsa\"\n",
+                entry("example.org", "s", "rsa.pem")
+            ),
+            "dkim[0].algorithm",
+            "",
+        ),
+    ];
+    for (toml, key, says) in cases {
+        let file = write(&dir, "bad.toml", &toml);
+        let e = err(Some(&file), &[]);
+        assert_eq!(e.key, key, "{toml}: {e}");
+        assert!(e.message.contains(says), "{toml}: {e}");
+        assert!(!e.message.contains("c2VjcmV0"), "{e}");
+    }
+}

@@ -8,6 +8,7 @@
 mod address;
 mod attach;
 mod custom;
+pub mod dkim;
 mod header;
 mod qp;
 mod template;
@@ -202,6 +203,8 @@ pub struct ComposePolicy {
     pub attachments_dir: Option<PathBuf>,
     /// Domain for generated Message-IDs.
     pub message_id_domain: String,
+    /// The `[[dkim]]` keys that sign each message from their domains.
+    pub dkim: dkim::Signers,
 }
 
 impl Default for ComposePolicy {
@@ -214,6 +217,7 @@ impl Default for ComposePolicy {
             max_attachment_bytes: 7 * 1024 * 1024,
             attachments_dir: None,
             message_id_domain: "mailmux.localhost".into(),
+            dkim: dkim::Signers::default(),
         }
     }
 }
@@ -538,7 +542,10 @@ pub fn compose_with(
     let message = built.map_err(|e| {
         ComposeError::new("message", "build_failed", format!("cannot be built: {e}"))
     })?;
-    let bytes = message.formatted();
+    let bytes = policy
+        .dkim
+        .sign(from.email.domain(), message.formatted())
+        .map_err(|why| ComposeError::new("message", "signing_failed", why))?;
     if bytes.len() > policy.max_message_bytes {
         return Err(too_large("message", policy.max_message_bytes));
     }

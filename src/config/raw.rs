@@ -41,6 +41,7 @@ pub(crate) const TOP_KEYS: &[&str] = &[
     "operators",
     "audit",
     "metrics",
+    "dkim",
 ];
 
 /// Keys of `[policy]`, which every `[[callers]]` entry may override.
@@ -65,6 +66,9 @@ pub(crate) const POLICY_KEYS: &[&str] = &[
 pub(crate) const IDENTITY_KEYS: &[&str] = &["name", "token_sha256", "token_file", "token_env"];
 
 pub(crate) const AUDIT_KEYS: &[&str] = &["path", "subjects", "required"];
+
+/// Keys of a `[[dkim]]` entry.
+pub(crate) const DKIM_KEYS: &[&str] = &["domain", "selector", "private_key", "headers"];
 
 pub(crate) const SUPERVISOR_KEYS: &[&str] = &["max_restarts", "restart_window", "restart_pause"];
 
@@ -246,6 +250,9 @@ pub(crate) struct RawConfig {
     pub operators: Vec<RawIdentity>,
     #[serde(default)]
     pub audit: RawAudit,
+    /// `[[dkim]]`: the keys that sign outgoing mail. Default: none.
+    #[serde(default)]
+    pub dkim: Vec<RawDkim>,
     /// Relays from the seed's `SMTP_*` env vars, by suffix; never written in
     /// a file (the unknown-key check refuses it there).
     #[serde(default)]
@@ -297,6 +304,20 @@ pub(crate) struct RawHttp {
     /// Failed authentications one peer address may make, as a rate
     /// (`"10/min"`), or `"off"`. Default: 10/min.
     pub auth_failures: Option<String>,
+}
+
+/// One `[[dkim]]` key.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawDkim {
+    /// The signing domain (`d=`); it signs mail whose sender's domain is
+    /// this one or below it. Required.
+    pub domain: Option<String>,
+    /// The selector (`s=`). Required.
+    pub selector: Option<String>,
+    /// The PEM file of the private key (RSA or Ed25519). Required.
+    pub private_key: Option<PathBuf>,
+    /// The header fields to sign. Default: `compose::dkim::DEFAULT_HEADERS`.
+    pub headers: Option<StringList>,
 }
 
 /// `[metrics]`: `/metrics`.

@@ -298,6 +298,7 @@ pub(crate) fn build(
         )));
     }
     leaf(&mut out, "message_id_domain", json!(message_id_domain), &at);
+    let dkim = dkim(&ctx, &raw, &mut out)?;
 
     let at = ctx.at("outbox_dir");
     let outbox_dir = raw
@@ -464,6 +465,7 @@ pub(crate) fn build(
                 max_attachment_bytes,
                 attachments_dir: raw.attachments_dir,
                 message_id_domain,
+                dkim,
             },
             max_concurrent_calls,
             max_batch,
@@ -670,6 +672,99 @@ fn http(
         tls,
         auth_failures,
     })
+}
+
+/// `[[dkim]]`: each key read and checked now, so that a bad one is a
+/// start-up (or reload) error naming its key. Shown without the key.
+fn dkim(
+    ctx: &Ctx,
+    raw: &RawConfig,
+    out: &mut Map<String, Json>,
+) -> Result<crate::compose::dkim::Signers, ConfigError> {
+    use crate::compose::dkim::{DEFAULT_HEADERS, Signers};
+    let mut signers = Vec::new();
+    let mut shown = Vec::new();
+    for (i, d) in raw.dkim.iter().enumerate() {
+        let at = |key: &str| {
+            let mut at = ctx.at(&format!("dkim.{i}.{key}"));
+            at.key = format!("dkim[{i}].{key}");
+            at
+        };
+        let required = |value: &Option<String>, key: &str| match value.as_deref() {
+            Some(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
+            _ => Err(at(key).err("is required")),
+        };
+        let domain = required(&d.domain, "domain")?;
+        if !is_dns_name(&domain) || !domain.contains('.') {
+            return Err(at("domain").err(format!(
+                "{domain:?} is not a domain name (letters, digits and `-`, in labels \
+                 separated by dots)"
+            )));
+        }
+        let selector = required(&d.selector, "selector")?;
+        if !is_dns_name(&selector) {
+            return Err(at("selector").err(format!(
+                "{selector:?} is not a selector (letters, digits and `-`, in labels \
+                 separated by dots)"
+            )));
+        }
+        let headers: Vec<String> = match &d.headers {
+            Some(list) => list.0.iter().map(|h| h.trim().to_string()).collect(),
+            None => DEFAULT_HEADERS.iter().map(|h| h.to_string()).collect(),
+        };
+        if let Some(bad) = headers
+            .iter()
+            .find(|h| h.is_empty() || !h.bytes().all(|b| b.is_ascii_graphic() && b != b':'))
+        {
+            return Err(at("headers").err(format!("{bad:?} is not a header field name")));
+        }
+        if !headers.iter().any(|h| h.eq_ignore_ascii_case("From")) {
+            return Err(at("headers").err("must include From, which DKIM always signs"));
+        }
+        let Some(path) = &d.private_key else {
+            return Err(at("private_key").err("is required: the PEM file of the key"));
+        };
+        let key_at = at("private_key");
+        let signer = Signers::read(&domain, &selector, path, headers.clone())
+            .map_err(|why| key_at.err(why))?;
+        warn_if_exposed(path, &key_at, "DKIM key");
+        if signers
+            .iter()
+            .any(|s: &std::sync::Arc<crate::compose::dkim::Signer>| {
+                s.domain == signer.domain && s.selector == signer.selector
+            })
+        {
+            return Err(at("selector").err(format!(
+                "selector {selector:?} of {domain:?} is configured twice"
+            )));
+        }
+        shown.push(json!({
+            "domain": { "value": signer.domain, "source": at("domain").source },
+            "selector": { "value": selector, "source": at("selector").source },
+            "algorithm": signer.algorithm,
+            "private_key": { "value": path.display().to_string(), "source": key_at.source },
+            "headers": { "value": headers, "source": at("headers").source },
+        }));
+        signers.push(std::sync::Arc::new(signer));
+    }
+    out.insert("dkim".into(), Json::Array(shown));
+    Ok(Signers(signers))
+}
+
+/// Whether `name` is a DNS name of letters, digits and `-` (no label
+/// starting or ending with `-`), in labels of 1 to 63 separated by dots,
+/// 253 characters at most.
+fn is_dns_name(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 /// `http.tls_cert` and `http.tls_key`: both or neither, read and checked

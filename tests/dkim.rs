@@ -1,0 +1,264 @@
+//! DKIM: the real binary, configured with `[[dkim]]` keys, signs what it
+//! sends from their domains, and an independent verifier (Python's dkimpy,
+//! `tests/dkim_verify.py`) accepts each signature of the bytes the SMTP
+//! server received, and refuses it once one byte of the body is changed.
+
+mod common;
+#[path = "../actors/tests/support/mod.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+
+use common::StdioDaemon;
+use serde_json::{Value, json};
+use support::fault_smtp::{FaultSmtp, Script};
+
+/// Every signature of each message file, as `tests/dkim_verify.py verify`
+/// reports them, by file name.
+fn verified(dir: &std::path::Path, files: &[String]) -> BTreeMap<String, Vec<Value>> {
+    let selectors = json!({
+        "rsa._domainkey.example.org.": "rsa.pem",
+        "ed._domainkey.example.org.": "ed.pem",
+        "k8._domainkey.other.example.": "rsa8.pem",
+    });
+    std::fs::write(dir.join("selectors.json"), selectors.to_string()).unwrap();
+    let out = std::process::Command::new("python3")
+        .arg("tests/dkim_verify.py")
+        .arg("verify")
+        .arg(dir.join("records.json"))
+        .arg(dir.join("selectors.json"))
+        .args(files.iter().map(|f| dir.join(f)))
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let v: Value = serde_json::from_str(line).unwrap();
+            let sigs = v["signatures"].as_array().unwrap().clone();
+            (v["file"].as_str().unwrap().to_string(), sigs)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_from_a_configured_domain_is_signed_and_an_independent_verifier_accepts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("python3")
+        .arg("tests/dkim_verify.py")
+        .arg("keys")
+        .arg(dir.path())
+        .status()
+        .expect("python3 runs");
+    assert!(status.success());
+    let smtp = FaultSmtp::start(Script::ok()).await;
+    let key = |name: &str| dir.path().join(name).display().to_string();
+    let config = format!(
+        r#"
+[queue]
+path = "{db}"
+
+[[relays]]
+name = "sink"
+host = "127.0.0.1"
+port = {port}
+tls = "none"
+timeout = "5s"
+
+[[dkim]]
+domain = "example.org"
+selector = "rsa"
+private_key = "{rsa}"
+
+[[dkim]]
+domain = "example.org"
+selector = "ed"
+private_key = "{ed}"
+
+[[dkim]]
+domain = "other.example"
+selector = "k8"
+private_key = "{rsa8}"
+headers = ["From", "Subject", "Date"]
+"#,
+        db = dir.path().join("queue.db").display(),
+        port = smtp.port(),
+        rsa = key("rsa.pem"),
+        ed = key("ed.pem"),
+        rsa8 = key("rsa8.pem"),
+    );
+    let d = StdioDaemon::start(dir.path(), &config).await;
+
+    // A message with everything that changes bytes on the way: dot lines,
+    // long and non-ASCII lines, trailing spaces, HTML, an attachment, the
+    // unsubscribe fields and fields of the caller's own.
+    let body = format!(
+        ".\r\n..leading dots\r\ntrailing spaces   \r\n{}\r\nZoë 日本語\r\n\r\n\r\n",
+        "x".repeat(1200)
+    );
+    let sends = [
+        (
+            "full",
+            json!({
+                "from_email": "Alerts <alerts@example.org>",
+                "to": ["a@dest.example"], "cc": ["c@dest.example"], "bcc": ["b@dest.example"],
+                "subject": "Ünïcode subject, folded: {n}".replace("{n}", &"word ".repeat(30)),
+                "body": body, "html_body": "<p>hi</p>",
+                "attachments": [{ "filename": "a.txt", "content_base64": "aGVsbG8=" }],
+                "list_unsubscribe": "https://example.org/u/1", "list_unsubscribe_post": true,
+                "headers": { "Auto-Submitted": "auto-generated", "X-Ticket": "T-1" },
+            }),
+        ),
+        (
+            "subdomain",
+            json!({ "from_email": "a@mail.EXAMPLE.org", "to": ["a@dest.example"], "subject": "s", "body": "b" }),
+        ),
+        (
+            "other",
+            json!({ "from_email": "x@other.example", "to": ["a@dest.example"], "subject": "s", "body": "b" }),
+        ),
+        (
+            "unsigned",
+            json!({ "from_email": "x@unsigned.example", "to": ["a@dest.example"], "subject": "s", "body": "b" }),
+        ),
+        (
+            "lookalike",
+            json!({ "from_email": "x@badexample.org", "to": ["a@dest.example"], "subject": "s", "body": "b" }),
+        ),
+    ];
+    let mut ids = BTreeMap::new();
+    for (name, args) in sends {
+        let r = d.call("send_email", args).await;
+        assert_eq!(r["status"], "sent", "{name}: {r}");
+        ids.insert(
+            r["message_id"].as_str().unwrap().to_string(),
+            name.to_string(),
+        );
+    }
+    let batch = d
+        .call(
+            "send_batch",
+            json!({
+                "defaults": { "from_email": "news@example.org", "subject": "Hi {name}", "body": "Dear {name}," },
+                "messages": [
+                    { "to": ["p@dest.example"], "template_vars": { "name": "Pia" } },
+                    { "to": ["q@dest.example"], "template_vars": { "name": "Quinn" } },
+                ],
+            }),
+        )
+        .await;
+    for (i, r) in batch["results"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(r["status"], "sent", "{batch}");
+        ids.insert(
+            r["message_id"].as_str().unwrap().to_string(),
+            format!("batch{i}"),
+        );
+    }
+    d.stop().await;
+
+    let mut files = Vec::new();
+    for t in smtp.delivered() {
+        let id = t.message_id.clone().unwrap();
+        let name = &ids[id.trim_matches(['<', '>'])];
+        std::fs::write(dir.path().join(name), &t.data).unwrap();
+        files.push(name.clone());
+    }
+    assert_eq!(files.len(), 7, "{files:?}");
+    let got = verified(dir.path(), &files);
+
+    let summary = |name: &str| -> Vec<(String, String, String, bool, bool)> {
+        got[name]
+            .iter()
+            .map(|s| {
+                (
+                    s["d"].as_str().unwrap().to_string(),
+                    s["s"].as_str().unwrap().to_string(),
+                    s["a"].as_str().unwrap().to_string(),
+                    s["verified"].as_bool().unwrap(),
+                    s["verified_with_a_changed_body"].as_bool().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let both = vec![
+        (
+            "example.org".into(),
+            "rsa".into(),
+            "rsa-sha256".into(),
+            true,
+            false,
+        ),
+        (
+            "example.org".into(),
+            "ed".into(),
+            "ed25519-sha256".into(),
+            true,
+            false,
+        ),
+    ];
+    for name in ["full", "subdomain", "batch0", "batch1"] {
+        assert_eq!(summary(name), both, "{name}");
+    }
+    assert_eq!(
+        summary("other"),
+        vec![(
+            "other.example".into(),
+            "k8".into(),
+            "rsa-sha256".into(),
+            true,
+            false
+        )]
+    );
+    assert_eq!(got["unsigned"], Vec::<Value>::new());
+    assert_eq!(got["lookalike"], Vec::<Value>::new());
+
+    // The default fields signed, From twice, the unsubscribe fields among
+    // them; the configured ones where a key names its own.
+    let signed: Vec<String> = got["full"][0]["h"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap().to_ascii_lowercase())
+        .collect();
+    for field in [
+        "from",
+        "subject",
+        "date",
+        "to",
+        "cc",
+        "message-id",
+        "list-unsubscribe",
+        "list-unsubscribe-post",
+        "auto-submitted",
+        "mime-version",
+        "content-type",
+    ] {
+        assert!(signed.contains(&field.to_string()), "{field} in {signed:?}");
+    }
+    assert_eq!(
+        signed.iter().filter(|h| *h == "from").count(),
+        2,
+        "{signed:?}"
+    );
+    assert!(
+        !signed.iter().any(|h| h == "bcc" || h == "x-ticket"),
+        "{signed:?}"
+    );
+    assert_eq!(got["full"][0]["c"], "relaxed/relaxed");
+    let mut other: Vec<String> = got["other"][0]["h"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap().to_ascii_lowercase())
+        .collect();
+    other.sort();
+    assert_eq!(other, ["date", "from", "subject"]);
+    // Bcc is still in the envelope only.
+    let full = std::fs::read_to_string(dir.path().join("full")).unwrap();
+    assert!(!full.contains("b@dest.example"));
+}
