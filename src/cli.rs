@@ -467,7 +467,10 @@ pub fn probe_row(p: &ProbeOut) -> String {
     let error = match (&p.error_class, &p.error_text) {
         (Some(c), Some(t)) => format!("{c}: {t}"),
         (Some(c), None) => c.clone(),
-        _ => String::new(),
+        _ => p
+            .limits
+            .as_ref()
+            .map_or_else(String::new, |l| format!("LIMITS {}", l.announced())),
     };
     format!(
         "{:<20} {:<9} {:<4} {:<13} {:<10} {:>10} {:>8} {}",
@@ -498,7 +501,7 @@ async fn check(config: Config) -> ExitCode {
         }
     };
     say!(
-        "{:<20} {:<9} {:<4} {:<13} {:<10} {:>10} {:>8} ERROR",
+        "{:<20} {:<9} {:<4} {:<13} {:<10} {:>10} {:>8} ERROR OR LIMITS",
         "RELAY",
         "REACHABLE",
         "TLS",

@@ -4,6 +4,8 @@
 mod common;
 #[path = "reliability/random_input.rs"]
 mod random_input;
+#[path = "../actors/tests/support/mod.rs"]
+mod support;
 
 use std::process::{Command, Stdio};
 
@@ -179,6 +181,35 @@ fn check_exits_zero_only_when_every_relay_answers() {
     let (code, stdout, _) = mailmux(free_port(), &["check"]);
     assert_eq!(code, 1, "{stdout}");
     assert!(stdout.contains("NO"), "{stdout}");
+}
+
+#[test]
+fn check_shows_the_limits_a_server_announced() {
+    use support::fault_smtp::{FaultSmtp, Options, Script};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let smtp = rt.block_on(FaultSmtp::start_with(
+        Script::ok(),
+        Options {
+            max_recipients: Some(50),
+            max_transactions: Some(1000),
+            announce_limits: true,
+            ..Options::default()
+        },
+    ));
+    let (code, stdout, stderr) = mailmux(smtp.port(), &["check"]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(
+        stdout.lines().next().unwrap().ends_with("ERROR OR LIMITS"),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .nth(1)
+            .unwrap()
+            .ends_with("LIMITS RCPTMAX=50 MAILMAX=1000"),
+        "{stdout}"
+    );
 }
 
 #[test]

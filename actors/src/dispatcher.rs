@@ -454,6 +454,7 @@ impl Dispatcher {
                 latency: started.elapsed(),
                 pipelining: false,
                 size_limit: None,
+                limits: Default::default(),
                 error: Some((
                     crate::mail::FailureClass::RelayFault,
                     "the relay's actor is restarting or disabled".into(),

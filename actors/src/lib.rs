@@ -44,6 +44,6 @@ pub use settings::{
     SupervisorSettings, Timeouts, TlsMode, TokenSource,
 };
 pub use status::{
-    Counters, Latency, ProbeReport, RelayState, RelayStatus, ReloadDiff, Selection, ShutdownReport,
-    Snapshot,
+    Counters, Latency, ProbeReport, RelayState, RelayStatus, ReloadDiff, Selection, ServerLimits,
+    ShutdownReport, Snapshot,
 };

@@ -525,6 +525,7 @@ fn spawn_probe(
                     latency: started.elapsed(),
                     pipelining: false,
                     size_limit: None,
+                    limits: Default::default(),
                 })
             }
         };
@@ -542,6 +543,7 @@ fn spawn_probe(
                     latency: p.latency,
                     pipelining: p.pipelining,
                     size_limit: p.size_limit,
+                    limits: p.limits,
                     error: None,
                 },
                 Err(f) => ProbeReport {
@@ -558,6 +560,7 @@ fn spawn_probe(
                     latency: started.elapsed(),
                     pipelining: false,
                     size_limit: None,
+                    limits: Default::default(),
                     error: Some((f.class, f.detail.clone())),
                 },
             };

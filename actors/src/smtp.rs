@@ -10,7 +10,7 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::num::{NonZeroU32, NonZeroUsize};
+use std::num::NonZeroUsize;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,6 +32,7 @@ use tokio_util::compat::FuturesAsyncReadCompatExt;
 use crate::mail::{FailureClass, Mail, Progress, Rejected, Reply};
 use crate::net::Unanswered;
 use crate::settings::{AuthMethod, Credentials, SmtpSettings, Timeouts, TlsMode};
+use crate::status::ServerLimits;
 
 /// Why an attempt failed, with the reply that said so when there was one.
 #[derive(Debug, Clone, PartialEq)]
@@ -230,7 +231,7 @@ pub(crate) struct Conn {
     /// no fixed limit.
     size: Option<u64>,
     /// The limits the server announced with LIMITS (RFC 9422).
-    limits: Limits,
+    limits: ServerLimits,
     /// MAIL commands sent on this session, for the announced MAILMAX.
     transactions: u32,
 }
@@ -538,27 +539,14 @@ struct Keywords {
     /// SIZE (RFC 1870) and its limit, 0 when it names none.
     size: Option<u64>,
     /// LIMITS (RFC 9422).
-    limits: Limits,
+    limits: ServerLimits,
 }
 
-/// The limits of LIMITS (RFC 9422) that mailmux keeps to. Each is `None`
-/// when the server did not announce it, or gave a value that is not a
-/// positive number, which is taken as no limit.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Limits {
-    /// MAILMAX: transactions a session.
-    mail: Option<NonZeroU32>,
-    /// RCPTMAX: recipients a transaction.
-    rcpt: Option<NonZeroUsize>,
-    /// RCPTDOMAINMAX: recipient domains a transaction.
-    rcpt_domains: Option<NonZeroUsize>,
-}
-
-impl Limits {
+impl ServerLimits {
     /// From the parameters of a LIMITS keyword: `NAME=VALUE` pairs, the
     /// names in any case. Names mailmux does not know are ignored.
-    fn of<'a>(params: impl Iterator<Item = &'a str>) -> Limits {
-        let mut found = Limits::default();
+    fn of<'a>(params: impl Iterator<Item = &'a str>) -> ServerLimits {
+        let mut found = ServerLimits::default();
         for param in params {
             let Some((name, value)) = param.split_once('=') else {
                 continue;
@@ -636,7 +624,7 @@ impl Keywords {
         let mut found = Keywords {
             pipelining: false,
             size: None,
-            limits: Limits::default(),
+            limits: ServerLimits::default(),
         };
         for line in lines {
             let mut words = line.split_whitespace();
@@ -646,7 +634,9 @@ impl Keywords {
                 Some(k) if k.eq_ignore_ascii_case("SIZE") => {
                     found.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0));
                 }
-                Some(k) if k.eq_ignore_ascii_case("LIMITS") => found.limits = Limits::of(words),
+                Some(k) if k.eq_ignore_ascii_case("LIMITS") => {
+                    found.limits = ServerLimits::of(words)
+                }
                 _ => {}
             }
         }
@@ -1011,7 +1001,7 @@ enum Split {
     /// The relay's `recipients_per_transaction`.
     Limit(usize),
     /// The limits the server announced with LIMITS (RFC 9422).
-    Announced(Limits),
+    Announced(ServerLimits),
 }
 
 impl fmt::Display for Split {
@@ -1476,6 +1466,8 @@ pub(crate) struct Probed {
     pub pipelining: bool,
     /// The SIZE the server announced, when it named a limit.
     pub size_limit: Option<u64>,
+    /// The limits it announced with LIMITS.
+    pub limits: ServerLimits,
 }
 
 /// Connect, TLS, EHLO, AUTH (if configured), NOOP, QUIT.
@@ -1489,6 +1481,7 @@ pub(crate) async fn probe(s: &SmtpSettings, t: &Timeouts) -> Result<Probed, Fail
         latency: started.elapsed(),
         pipelining: conn.pipelining,
         size_limit: conn.size.filter(|&n| n > 0),
+        limits: conn.limits,
     };
     conn.quit(t.command).await;
     Ok(probed)
@@ -1605,9 +1598,9 @@ mod tests {
         let k =
             ehlo_keywords(b"220 mx\r\n250-mx\r\n250 LIMITS MAILMAX=0 RCPTMAX=x RCPTDOMAINMAX\r\n")
                 .expect("whole");
-        assert_eq!(k.limits, super::Limits::default());
+        assert_eq!(k.limits, super::ServerLimits::default());
         let k = ehlo_keywords(b"220 mx\r\n250-mx\r\n250 PIPELINING\r\n").expect("whole");
-        assert_eq!(k.limits, super::Limits::default());
+        assert_eq!(k.limits, super::ServerLimits::default());
     }
 
     #[test]

@@ -127,6 +127,19 @@ pub struct Selection {
     pub strategy: Strategy,
 }
 
+/// The limits of LIMITS (RFC 9422) that mailmux keeps to. Each is `None`
+/// when the server did not announce it, or gave a value that is not a
+/// positive number, which is taken as no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// MAILMAX: transactions a session.
+    pub mail: Option<std::num::NonZeroU32>,
+    /// RCPTMAX: recipients a transaction.
+    pub rcpt: Option<std::num::NonZeroUsize>,
+    /// RCPTDOMAINMAX: recipient domains a transaction.
+    pub rcpt_domains: Option<std::num::NonZeroUsize>,
+}
+
 /// The result of probing one relay: connect, TLS, EHLO, AUTH, NOOP.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProbeReport {
@@ -145,6 +158,9 @@ pub struct ProbeReport {
     /// The largest message the server takes, when it announced one (SIZE,
     /// RFC 1870); a larger one is never offered to it.
     pub size_limit: Option<u64>,
+    /// The limits it announced with LIMITS (RFC 9422), which mailmux keeps
+    /// to.
+    pub limits: ServerLimits,
     /// When the probe failed: its class and what went wrong.
     pub error: Option<(FailureClass, String)>,
 }

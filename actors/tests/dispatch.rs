@@ -973,6 +973,12 @@ async fn a_server_that_announces_its_limits_gets_transactions_within_them() {
     sent_in_transactions(&a, &d, &to, &[0..2, 2..3, 3..5]).await;
     assert_eq!(a.over_cap_replies(), 0);
     assert_eq!(b.connections(), 0);
+    // A probe reports what the server announced, and nothing for a server
+    // that announced nothing.
+    let probed = d.test_connection(None).await.unwrap();
+    assert_eq!(probed[0].limits.rcpt_domains.map(|n| n.get()), Some(1));
+    assert_eq!(probed[0].limits.rcpt, None, "{probed:?}");
+    assert_eq!(probed[1].limits, mailmux_actors::ServerLimits::default());
 }
 
 #[tokio::test]
@@ -992,6 +998,12 @@ async fn a_session_has_no_more_transactions_than_the_server_announced() {
     assert_eq!(a.connections(), 2);
     assert_eq!(a.over_cap_replies(), 0, "no MAIL over the limit");
     assert_eq!(b.connections(), 0);
+    let probed = d.test_connection(Some("primary")).await.unwrap();
+    assert_eq!(
+        probed[0].limits.mail.map(|n| n.get()),
+        Some(2),
+        "{probed:?}"
+    );
 
     // A message split over more transactions than the session has left:
     // the recipients past them are deferred, never sent a MAIL the server

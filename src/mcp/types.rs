@@ -1427,6 +1427,10 @@ pub struct ProbeOut {
     /// one (SIZE): a larger message goes to another relay.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub size_limit: Option<u64>,
+    /// The limits the server announced with LIMITS (RFC 9422), which
+    /// mailmux keeps to; absent when it announced none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsOut>,
     /// The failure class, when the probe failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error_class: Option<String>,
@@ -1445,9 +1449,50 @@ impl From<&ProbeReport> for ProbeOut {
             latency_ms: millis(p.latency),
             pipelining: p.pipelining,
             size_limit: p.size_limit,
+            limits: LimitsOut::of(&p.limits),
             error_class: p.error.as_ref().map(|(c, _)| c.as_str().to_string()),
             error_text: p.error.as_ref().map(|(_, t)| t.clone()),
         }
+    }
+}
+
+/// The limits a server announced with LIMITS (RFC 9422), by their names.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub struct LimitsOut {
+    /// Transactions a session; the connection is closed after them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mailmax: Option<u64>,
+    /// Recipients a transaction; more go in further transactions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rcptmax: Option<u64>,
+    /// Recipient domains a transaction.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rcptdomainmax: Option<u64>,
+}
+
+impl LimitsOut {
+    fn of(l: &mailmux_actors::ServerLimits) -> Option<LimitsOut> {
+        let out = LimitsOut {
+            mailmax: l.mail.map(|n| u64::from(n.get())),
+            rcptmax: l.rcpt.map(|n| n.get() as u64),
+            rcptdomainmax: l.rcpt_domains.map(|n| n.get() as u64),
+        };
+        (out.mailmax.is_some() || out.rcptmax.is_some() || out.rcptdomainmax.is_some())
+            .then_some(out)
+    }
+
+    /// `RCPTMAX=50 MAILMAX=1000`, as the server announced them.
+    pub fn announced(&self) -> String {
+        [
+            ("RCPTMAX", self.rcptmax),
+            ("RCPTDOMAINMAX", self.rcptdomainmax),
+            ("MAILMAX", self.mailmax),
+        ]
+        .into_iter()
+        .filter_map(|(name, n)| Some(format!("{name}={}", n?)))
+        .collect::<Vec<_>>()
+        .join(" ")
     }
 }
 
@@ -1564,6 +1609,24 @@ tool_output!(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn announced_limits_are_shown_by_their_names_and_absent_when_none() {
+        use std::num::{NonZeroU32, NonZeroUsize};
+        let none = mailmux_actors::ServerLimits::default();
+        assert_eq!(LimitsOut::of(&none), None);
+        let some = mailmux_actors::ServerLimits {
+            mail: NonZeroU32::new(1000),
+            rcpt: NonZeroUsize::new(50),
+            rcpt_domains: None,
+        };
+        let out = LimitsOut::of(&some).unwrap();
+        assert_eq!(
+            serde_json::to_value(&out).unwrap(),
+            json!({"MAILMAX": 1000, "RCPTMAX": 50})
+        );
+        assert_eq!(out.announced(), "RCPTMAX=50 MAILMAX=1000");
+    }
 
     /// The names a tool's schema lists, which `Params::FIELDS` must equal.
     fn properties<T: JsonSchema>() -> Vec<String> {
