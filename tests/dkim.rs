@@ -262,3 +262,151 @@ headers = ["From", "Subject", "Date"]
     let full = std::fs::read_to_string(dir.path().join("full")).unwrap();
     assert!(!full.contains("b@dest.example"));
 }
+
+/// Messages signed and stored, then the daemon killed with SIGKILL before
+/// any was delivered: after the restart each goes out once, with its own
+/// header fields and the signature it was stored with, which still verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_mail_survives_a_sigkill_and_goes_out_once_still_verifying() {
+    use support::fault_smtp::{Action, Phase, copies};
+    let dir = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("python3")
+        .arg("tests/dkim_verify.py")
+        .arg("keys")
+        .arg(dir.path())
+        .status()
+        .expect("python3 runs");
+    assert!(status.success());
+    // The relay holds every attempt at MAIL: nothing is delivered.
+    let smtp = FaultSmtp::start(Script::ok().on(Phase::Mail, Action::Hang)).await;
+    let config = format!(
+        r#"
+shutdown_grace = "1s"
+
+[queue]
+path = "{db}"
+retry_base = "300ms"
+retry_max = "1s"
+
+[[relays]]
+name = "sink"
+host = "127.0.0.1"
+port = {port}
+tls = "none"
+timeout = "3s"
+backoff_base = "50ms"
+backoff_max = "200ms"
+probe_interval = "200ms"
+
+[[dkim]]
+domain = "example.org"
+selector = "rsa"
+private_key = "{rsa}"
+"#,
+        db = dir.path().join("queue.db").display(),
+        port = smtp.port(),
+        rsa = dir.path().join("rsa.pem").display(),
+    );
+    let d = StdioDaemon::start(dir.path(), &config).await;
+    let mut tickets = BTreeMap::new();
+    for i in 0..5 {
+        let r = d
+            .call(
+                "send_email",
+                json!({
+                    "from_email": "ops@example.org", "to": ["a@dest.example"],
+                    "subject": format!("ticket {i}"), "body": "stored, then sent",
+                    "headers": { "X-Ticket": format!("T-{i}"), "Auto-Submitted": "auto-generated" },
+                    "wait": false,
+                }),
+            )
+            .await;
+        assert_eq!(r["status"], "queued", "{r}");
+        tickets.insert(
+            r["message_id"].as_str().unwrap().to_string(),
+            format!("T-{i}"),
+        );
+    }
+    assert!(
+        support::wait_until(
+            || smtp.commands(Phase::Mail) >= 1,
+            std::time::Duration::from_secs(20)
+        )
+        .await,
+        "no attempt reached MAIL"
+    );
+    let killed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    d.kill().await;
+    assert!(smtp.delivered().is_empty());
+
+    smtp.set_script(Script::ok());
+    let d = StdioDaemon::start(dir.path(), &config).await;
+    assert!(
+        support::wait_until(
+            || smtp.delivered().len() >= tickets.len(),
+            std::time::Duration::from_secs(30)
+        )
+        .await,
+        "{} of {} delivered",
+        smtp.delivered().len(),
+        tickets.len()
+    );
+    for id in tickets.keys() {
+        let s = d
+            .call("get_message_status", json!({ "message_id": id }))
+            .await;
+        assert_eq!(s["status"], "sent", "{s}");
+    }
+    d.stop().await;
+
+    let got = smtp.delivered();
+    let seen = copies(&got);
+    assert_eq!(seen.len(), tickets.len(), "{seen:?}");
+    let mut files = Vec::new();
+    for t in &got {
+        let id = t.message_id.clone().unwrap();
+        let id = id.trim_matches(['<', '>']);
+        assert_eq!(seen.get(id), Some(&1), "{id} once");
+        let text = String::from_utf8_lossy(&t.data);
+        assert!(
+            text.contains(&format!("\r\nX-Ticket: {}\r\n", tickets[id])),
+            "{text}"
+        );
+        std::fs::write(dir.path().join(id), &t.data).unwrap();
+        files.push(id.to_string());
+    }
+    let verified = verified(dir.path(), &files);
+    for (id, sigs) in &verified {
+        assert_eq!(sigs.len(), 1, "{id}: {sigs:?}");
+        assert_eq!(sigs[0]["verified"], true, "{id}: {sigs:?}");
+        assert_eq!(sigs[0]["verified_with_a_changed_body"], false);
+        let h: Vec<String> = sigs[0]["h"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h.as_str().unwrap().to_ascii_lowercase())
+            .collect();
+        assert!(h.contains(&"auto-submitted".to_string()), "{h:?}");
+    }
+    // Signed when it was stored, before the kill, not again at the retry.
+    for t in &got {
+        let text = String::from_utf8_lossy(&t.data);
+        let sig = text
+            .split("\r\n")
+            .skip_while(|l| !l.starts_with("DKIM-Signature:"))
+            .take_while(|l| l.starts_with("DKIM-Signature:") || l.starts_with([' ', '\t']))
+            .collect::<String>();
+        let t_tag: u64 = sig
+            .split(';')
+            .find_map(|tag| tag.trim().strip_prefix("t="))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no t= in {sig}"));
+        assert!(
+            t_tag <= killed_at,
+            "t={t_tag} after the kill at {killed_at}"
+        );
+    }
+}
