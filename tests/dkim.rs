@@ -410,3 +410,116 @@ private_key = "{rsa}"
         );
     }
 }
+
+/// Key rotation: a new selector and key in the file, and a reload. The
+/// next message is signed with the new key only, and verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_signs_with_the_rotated_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("python3")
+        .arg("tests/dkim_verify.py")
+        .arg("keys")
+        .arg(dir.path())
+        .status()
+        .expect("python3 runs");
+    assert!(status.success());
+    let smtp = FaultSmtp::start(Script::ok()).await;
+    let config = |selector: &str, domain: &str, key: &str| {
+        format!(
+            r#"
+[queue]
+path = "{db}"
+
+[[relays]]
+name = "sink"
+host = "127.0.0.1"
+port = {port}
+tls = "none"
+
+[[dkim]]
+domain = "{domain}"
+selector = "{selector}"
+private_key = "{key}"
+"#,
+            db = dir.path().join("queue.db").display(),
+            port = smtp.port(),
+            key = dir.path().join(key).display(),
+        )
+    };
+    let d = StdioDaemon::start(dir.path(), &config("rsa", "example.org", "rsa.pem")).await;
+    let send = |subject: &'static str| json!({ "from_email": "a@example.org", "to": ["b@dest.example"], "subject": subject, "body": "b" });
+    let r = d.call("send_email", send("before")).await;
+    assert_eq!(r["status"], "sent", "{r}");
+    // The new key: the record of selector k8 at example.org.
+    let selectors = config("k8", "example.org", "rsa8.pem");
+    std::fs::write(dir.path().join("mailmux.toml"), &selectors).unwrap();
+    let r = d.call("reload_smtp_configuration", json!({})).await;
+    assert_eq!(r["reloaded"], true, "{r}");
+    assert_eq!(r["daemon_changed"], true, "{r}");
+    let r = d.call("send_email", send("after")).await;
+    assert_eq!(r["status"], "sent", "{r}");
+    // A key that cannot be read refuses the reload, naming it; the running
+    // key goes on signing.
+    std::fs::write(
+        dir.path().join("mailmux.toml"),
+        config("k9", "example.org", "missing.pem"),
+    )
+    .unwrap();
+    let r = d.call("reload_smtp_configuration", json!({})).await;
+    assert_eq!(r["reloaded"], false, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("dkim[0].private_key")),
+        "{r}"
+    );
+    let r = d.call("send_email", send("still")).await;
+    assert_eq!(r["status"], "sent", "{r}");
+    d.stop().await;
+
+    let got = smtp.delivered();
+    assert_eq!(got.len(), 3);
+    assert!(String::from_utf8_lossy(&got[2].data).contains("s=k8;"));
+    std::fs::write(dir.path().join("before"), &got[0].data).unwrap();
+    std::fs::write(dir.path().join("after"), &got[1].data).unwrap();
+    // Both records published, as during a rotation.
+    let selectors = json!({
+        "rsa._domainkey.example.org.": "rsa.pem",
+        "k8._domainkey.example.org.": "rsa8.pem",
+    });
+    std::fs::write(dir.path().join("rotation.json"), selectors.to_string()).unwrap();
+    let out = std::process::Command::new("python3")
+        .arg("tests/dkim_verify.py")
+        .arg("verify")
+        .arg(dir.path().join("records.json"))
+        .arg(dir.path().join("rotation.json"))
+        .arg(dir.path().join("before"))
+        .arg(dir.path().join("after"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let signed = |i: usize| -> Vec<(String, bool)> {
+        lines[i]["signatures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["s"].as_str().unwrap().to_string(),
+                    s["verified"].as_bool().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(signed(0), vec![("rsa".to_string(), true)]);
+    assert_eq!(signed(1), vec![("k8".to_string(), true)]);
+}
