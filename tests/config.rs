@@ -3,6 +3,7 @@
 //! The environment is passed explicitly (`load_from`), so these tests never
 //! touch the process environment and run in parallel safely.
 
+mod common;
 #[path = "reliability/random_input.rs"]
 mod random_input;
 #[path = "../actors/tests/support/tls.rs"]
@@ -1792,21 +1793,10 @@ fn auth_failures_is_a_rate_or_off() {
     }
 }
 
-/// Keys made by `tests/dkim_verify.py keys` in `dir`.
-fn dkim_keys(dir: &tempfile::TempDir) {
-    let status = std::process::Command::new("python3")
-        .arg("tests/dkim_verify.py")
-        .arg("keys")
-        .arg(dir.path())
-        .status()
-        .expect("python3 runs");
-    assert!(status.success(), "keys made");
-}
-
 #[test]
 fn dkim_keys_are_read_at_load_and_each_mistake_names_its_key() {
     let dir = tempfile::tempdir().unwrap();
-    dkim_keys(&dir);
+    common::dkim_keys(dir.path());
     let key = |name: &str| dir.path().join(name).display().to_string();
     let entry = |domain: &str, selector: &str, file: &str| {
         format!(

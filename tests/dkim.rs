@@ -13,85 +13,64 @@ use common::StdioDaemon;
 use serde_json::{Value, json};
 use support::fault_smtp::{FaultSmtp, Script};
 
-/// Every signature of each message file, as `tests/dkim_verify.py verify`
-/// reports them, by file name.
+/// Every signature of each message file in `dir`, by file name, with the
+/// three selectors of the tests' keys published.
 fn verified(dir: &std::path::Path, files: &[String]) -> BTreeMap<String, Vec<Value>> {
     let selectors = json!({
         "rsa._domainkey.example.org.": "rsa.pem",
         "ed._domainkey.example.org.": "ed.pem",
         "k8._domainkey.other.example.": "rsa8.pem",
     });
-    std::fs::write(dir.join("selectors.json"), selectors.to_string()).unwrap();
-    let out = std::process::Command::new("python3")
-        .arg("tests/dkim_verify.py")
-        .arg("verify")
-        .arg(dir.join("records.json"))
-        .arg(dir.join("selectors.json"))
-        .args(files.iter().map(|f| dir.join(f)))
-        .output()
-        .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let v: Value = serde_json::from_str(line).unwrap();
-            let sigs = v["signatures"].as_array().unwrap().clone();
-            (v["file"].as_str().unwrap().to_string(), sigs)
-        })
-        .collect()
+    common::dkim_verified(dir, &selectors, files)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mail_from_a_configured_domain_is_signed_and_an_independent_verifier_accepts_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let status = std::process::Command::new("python3")
-        .arg("tests/dkim_verify.py")
-        .arg("keys")
-        .arg(dir.path())
-        .status()
-        .expect("python3 runs");
-    assert!(status.success());
-    let smtp = FaultSmtp::start(Script::ok()).await;
-    let key = |name: &str| dir.path().join(name).display().to_string();
-    let config = format!(
+/// The daemon's configuration in `dir`: a store there, the relay at `port`,
+/// and `dkim`, its `[[dkim]]` entries.
+fn config(dir: &std::path::Path, port: u16, dkim: &str) -> String {
+    format!(
         r#"
+shutdown_grace = "1s"
+
 [queue]
 path = "{db}"
+retry_base = "300ms"
+retry_max = "1s"
 
 [[relays]]
 name = "sink"
 host = "127.0.0.1"
 port = {port}
 tls = "none"
-timeout = "5s"
+timeout = "3s"
+backoff_base = "50ms"
+backoff_max = "200ms"
+probe_interval = "200ms"
+{dkim}"#,
+        db = dir.join("queue.db").display(),
+    )
+}
 
-[[dkim]]
-domain = "example.org"
-selector = "rsa"
-private_key = "{rsa}"
+/// One `[[dkim]]` entry for the key file `key` in `dir`.
+fn entry(dir: &std::path::Path, domain: &str, selector: &str, key: &str) -> String {
+    format!(
+        "\n[[dkim]]\ndomain = \"{domain}\"\nselector = \"{selector}\"\nprivate_key = \"{}\"\n",
+        dir.join(key).display()
+    )
+}
 
-[[dkim]]
-domain = "example.org"
-selector = "ed"
-private_key = "{ed}"
-
-[[dkim]]
-domain = "other.example"
-selector = "k8"
-private_key = "{rsa8}"
-headers = ["From", "Subject", "Date"]
-"#,
-        db = dir.path().join("queue.db").display(),
-        port = smtp.port(),
-        rsa = key("rsa.pem"),
-        ed = key("ed.pem"),
-        rsa8 = key("rsa8.pem"),
-    );
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_from_a_configured_domain_is_signed_and_an_independent_verifier_accepts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    common::dkim_keys(dir.path());
+    let smtp = FaultSmtp::start(Script::ok()).await;
+    let dkim = [
+        entry(dir.path(), "example.org", "rsa", "rsa.pem"),
+        entry(dir.path(), "example.org", "ed", "ed.pem"),
+        entry(dir.path(), "other.example", "k8", "rsa8.pem"),
+        "headers = [\"From\", \"Subject\", \"Date\"]\n".into(),
+    ]
+    .concat();
+    let config = config(dir.path(), smtp.port(), &dkim);
     let d = StdioDaemon::start(dir.path(), &config).await;
 
     // A message with everything that changes bytes on the way: dot lines,
@@ -270,42 +249,13 @@ headers = ["From", "Subject", "Date"]
 async fn signed_mail_survives_a_sigkill_and_goes_out_once_still_verifying() {
     use support::fault_smtp::{Action, Phase, copies};
     let dir = tempfile::tempdir().unwrap();
-    let status = std::process::Command::new("python3")
-        .arg("tests/dkim_verify.py")
-        .arg("keys")
-        .arg(dir.path())
-        .status()
-        .expect("python3 runs");
-    assert!(status.success());
+    common::dkim_keys(dir.path());
     // The relay holds every attempt at MAIL: nothing is delivered.
     let smtp = FaultSmtp::start(Script::ok().on(Phase::Mail, Action::Hang)).await;
-    let config = format!(
-        r#"
-shutdown_grace = "1s"
-
-[queue]
-path = "{db}"
-retry_base = "300ms"
-retry_max = "1s"
-
-[[relays]]
-name = "sink"
-host = "127.0.0.1"
-port = {port}
-tls = "none"
-timeout = "3s"
-backoff_base = "50ms"
-backoff_max = "200ms"
-probe_interval = "200ms"
-
-[[dkim]]
-domain = "example.org"
-selector = "rsa"
-private_key = "{rsa}"
-"#,
-        db = dir.path().join("queue.db").display(),
-        port = smtp.port(),
-        rsa = dir.path().join("rsa.pem").display(),
+    let config = config(
+        dir.path(),
+        smtp.port(),
+        &entry(dir.path(), "example.org", "rsa", "rsa.pem"),
     );
     let d = StdioDaemon::start(dir.path(), &config).await;
     let mut tickets = BTreeMap::new();
@@ -416,42 +366,21 @@ private_key = "{rsa}"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_signs_with_the_rotated_key() {
     let dir = tempfile::tempdir().unwrap();
-    let status = std::process::Command::new("python3")
-        .arg("tests/dkim_verify.py")
-        .arg("keys")
-        .arg(dir.path())
-        .status()
-        .expect("python3 runs");
-    assert!(status.success());
+    common::dkim_keys(dir.path());
     let smtp = FaultSmtp::start(Script::ok()).await;
-    let config = |selector: &str, domain: &str, key: &str| {
-        format!(
-            r#"
-[queue]
-path = "{db}"
-
-[[relays]]
-name = "sink"
-host = "127.0.0.1"
-port = {port}
-tls = "none"
-
-[[dkim]]
-domain = "{domain}"
-selector = "{selector}"
-private_key = "{key}"
-"#,
-            db = dir.path().join("queue.db").display(),
-            port = smtp.port(),
-            key = dir.path().join(key).display(),
+    let config = |selector: &str, key: &str| {
+        config(
+            dir.path(),
+            smtp.port(),
+            &entry(dir.path(), "example.org", selector, key),
         )
     };
-    let d = StdioDaemon::start(dir.path(), &config("rsa", "example.org", "rsa.pem")).await;
+    let d = StdioDaemon::start(dir.path(), &config("rsa", "rsa.pem")).await;
     let send = |subject: &'static str| json!({ "from_email": "a@example.org", "to": ["b@dest.example"], "subject": subject, "body": "b" });
     let r = d.call("send_email", send("before")).await;
     assert_eq!(r["status"], "sent", "{r}");
     // The new key: the record of selector k8 at example.org.
-    let selectors = config("k8", "example.org", "rsa8.pem");
+    let selectors = config("k8", "rsa8.pem");
     std::fs::write(dir.path().join("mailmux.toml"), &selectors).unwrap();
     let r = d.call("reload_smtp_configuration", json!({})).await;
     assert_eq!(r["reloaded"], true, "{r}");
@@ -460,11 +389,7 @@ private_key = "{key}"
     assert_eq!(r["status"], "sent", "{r}");
     // A key that cannot be read refuses the reload, naming it; the running
     // key goes on signing.
-    std::fs::write(
-        dir.path().join("mailmux.toml"),
-        config("k9", "example.org", "missing.pem"),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("mailmux.toml"), config("k9", "missing.pem")).unwrap();
     let r = d.call("reload_smtp_configuration", json!({})).await;
     assert_eq!(r["reloaded"], false, "{r}");
     assert!(
@@ -487,30 +412,9 @@ private_key = "{key}"
         "rsa._domainkey.example.org.": "rsa.pem",
         "k8._domainkey.example.org.": "rsa8.pem",
     });
-    std::fs::write(dir.path().join("rotation.json"), selectors.to_string()).unwrap();
-    let out = std::process::Command::new("python3")
-        .arg("tests/dkim_verify.py")
-        .arg("verify")
-        .arg(dir.path().join("records.json"))
-        .arg(dir.path().join("rotation.json"))
-        .arg(dir.path().join("before"))
-        .arg(dir.path().join("after"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let signed = |i: usize| -> Vec<(String, bool)> {
-        lines[i]["signatures"]
-            .as_array()
-            .unwrap()
+    let got = common::dkim_verified(dir.path(), &selectors, &["before".into(), "after".into()]);
+    let signed = |name: &str| -> Vec<(String, bool)> {
+        got[name]
             .iter()
             .map(|s| {
                 (
@@ -520,6 +424,6 @@ private_key = "{key}"
             })
             .collect()
     };
-    assert_eq!(signed(0), vec![("rsa".to_string(), true)]);
-    assert_eq!(signed(1), vec![("k8".to_string(), true)]);
+    assert_eq!(signed("before"), vec![("rsa".to_string(), true)]);
+    assert_eq!(signed("after"), vec![("k8".to_string(), true)]);
 }

@@ -24,35 +24,28 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 
+def write_rsa(out, name, private_format):
+    """A 2048-bit RSA key in out/name; its DNS record."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    with open(os.path.join(out, name), "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                private_format,
+                serialization.NoEncryption(),
+            )
+        )
+    spki = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "v=DKIM1; k=rsa; p=" + base64.b64encode(spki).decode()
+
+
 def keys(out):
-    records = {}
-    r = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    spki = r.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    record = "v=DKIM1; k=rsa; p=" + base64.b64encode(spki).decode()
-    with open(os.path.join(out, "rsa.pem"), "wb") as f:
-        f.write(
-            r.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.TraditionalOpenSSL,
-                serialization.NoEncryption(),
-            )
-        )
-    records["rsa.pem"] = record
-    r8 = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    spki = r8.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    with open(os.path.join(out, "rsa8.pem"), "wb") as f:
-        f.write(
-            r8.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    records["rsa8.pem"] = "v=DKIM1; k=rsa; p=" + base64.b64encode(spki).decode()
+    records = {
+        "rsa.pem": write_rsa(out, "rsa.pem", serialization.PrivateFormat.TraditionalOpenSSL),
+        "rsa8.pem": write_rsa(out, "rsa8.pem", serialization.PrivateFormat.PKCS8),
+    }
     e = ed25519.Ed25519PrivateKey.generate()
     raw = e.public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw

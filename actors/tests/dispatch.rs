@@ -866,16 +866,21 @@ fn refuses_over(cap: usize, pipelining: bool) -> Options {
     }
 }
 
-/// A primary relay to a server started with `options`, and a backup.
-async fn primary_with(options: Options) -> (FaultSmtp, FaultSmtp, Dispatcher) {
-    let a = FaultSmtp::start_with(Script::ok(), options).await;
-    let b = FaultSmtp::start(Script::ok()).await;
+/// A primary and a backup relay to servers started with these options.
+async fn pair_with(primary: Options, backup: Options) -> (FaultSmtp, FaultSmtp, Dispatcher) {
+    let a = FaultSmtp::start_with(Script::ok(), primary).await;
+    let b = FaultSmtp::start_with(Script::ok(), backup).await;
     let d = by_priority(vec![
         relay("primary", a.port(), 10),
         relay("backup", b.port(), 1),
     ])
     .await;
     (a, b, d)
+}
+
+/// A primary relay to a server started with `options`, and a backup.
+async fn primary_with(options: Options) -> (FaultSmtp, FaultSmtp, Dispatcher) {
+    pair_with(options, Options::default()).await
 }
 
 #[tokio::test]
@@ -1199,14 +1204,11 @@ async fn announcing_size(size: u64) -> FaultSmtp {
 
 /// A primary and a backup relay whose servers announce these SIZEs.
 async fn sized_pair(primary: u64, backup: u64) -> (FaultSmtp, FaultSmtp, Dispatcher) {
-    let a = announcing_size(primary).await;
-    let b = announcing_size(backup).await;
-    let d = by_priority(vec![
-        relay("primary", a.port(), 10),
-        relay("backup", b.port(), 1),
-    ])
-    .await;
-    (a, b, d)
+    let size = |n| Options {
+        size: Some(n),
+        ..Options::default()
+    };
+    pair_with(size(primary), size(backup)).await
 }
 
 #[tokio::test]

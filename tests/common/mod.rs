@@ -418,3 +418,51 @@ pub fn batch_args(tag: &str, n: usize, extra: serde_json::Value) -> serde_json::
     }
     args
 }
+
+/// DKIM keys made by `tests/dkim_verify.py keys` in `dir`: `rsa.pem`
+/// (PKCS#1), `rsa8.pem` (RSA, PKCS#8), `ed.pem` (Ed25519, PKCS#8), and
+/// `records.json`, each one's DNS record.
+pub fn dkim_keys(dir: &Path) {
+    let status = Command::new("python3")
+        .arg("tests/dkim_verify.py")
+        .arg("keys")
+        .arg(dir)
+        .status()
+        .expect("python3 runs");
+    assert!(status.success(), "DKIM keys made");
+}
+
+/// Every DKIM signature of each message file in `dir` as dkimpy reports it
+/// (`tests/dkim_verify.py verify`), by file name; `selectors` maps each
+/// record's name (`rsa._domainkey.example.org.`) to the key file of
+/// [`dkim_keys`] whose record it is.
+pub fn dkim_verified(
+    dir: &Path,
+    selectors: &serde_json::Value,
+    files: &[String],
+) -> std::collections::BTreeMap<String, Vec<serde_json::Value>> {
+    let path = dir.join("selectors.json");
+    std::fs::write(&path, selectors.to_string()).unwrap();
+    let out = Command::new("python3")
+        .arg("tests/dkim_verify.py")
+        .arg("verify")
+        .arg(dir.join("records.json"))
+        .arg(&path)
+        .args(files.iter().map(|f| dir.join(f)))
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let sigs = v["signatures"].as_array().unwrap().clone();
+            (v["file"].as_str().unwrap().to_string(), sigs)
+        })
+        .collect()
+}
