@@ -1896,7 +1896,7 @@ fn dkim_keys_are_read_at_load_and_each_mistake_names_its_key() {
             format!(
                 "{}{}",
                 entry("example.org", "s", "rsa.pem"),
-                entry("EXAMPLE.org", "s", "ed.pem")
+                entry("EXAMPLE.org", "S", "ed.pem")
             ),
             "dkim[1].selector",
             "configured twice",

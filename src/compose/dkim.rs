@@ -159,8 +159,8 @@ impl Signers {
     }
 
     /// `bytes` with a `DKIM-Signature` field in front for each key that
-    /// covers `sender_domain` (none: unchanged). A key listed first signs
-    /// last, so its field comes first.
+    /// covers `sender_domain` (none: unchanged), in the order of the keys.
+    /// Each signs the message as composed; none covers another's field.
     pub fn sign(&self, sender_domain: &str, bytes: Vec<u8>) -> Result<Vec<u8>, String> {
         let mut fields = Vec::new();
         for s in self.0.iter().filter(|s| s.covers(sender_domain)) {

@@ -731,7 +731,7 @@ fn dkim(
         if signers
             .iter()
             .any(|s: &std::sync::Arc<crate::compose::dkim::Signer>| {
-                s.domain == signer.domain && s.selector == signer.selector
+                s.domain == signer.domain && s.selector.eq_ignore_ascii_case(&signer.selector)
             })
         {
             return Err(at("selector").err(format!(
