@@ -658,6 +658,18 @@ impl MailmuxServer {
                     required: self.audit().settings().required,
                 }),
                 open_recipients: self.gate().open_recipients(),
+                dkim: config
+                    .daemon
+                    .compose
+                    .dkim
+                    .0
+                    .iter()
+                    .map(|k| DkimOut {
+                        domain: k.domain.clone(),
+                        selector: k.selector.clone(),
+                        algorithm: k.algorithm.to_string(),
+                    })
+                    .collect(),
                 runtime: RuntimeOut::current(),
                 error: None,
             };

@@ -1352,11 +1352,24 @@ pub struct StatusResult {
     /// Callers whose policy lets them mail anyone (`allowed_recipients` empty).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub open_recipients: Vec<String>,
+    /// The DKIM keys that sign mail from their domains (`[[dkim]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dkim: Vec<DkimOut>,
     /// The daemon's async runtime, for spotting leaked tasks.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runtime: Option<RuntimeOut>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ToolError>,
+}
+
+/// One DKIM key, without the key.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct DkimOut {
+    /// The signing domain: mail from it and below it is signed.
+    pub domain: String,
+    pub selector: String,
+    /// `rsa-sha256` or `ed25519-sha256`.
+    pub algorithm: String,
 }
 
 /// The audit log's health.
