@@ -66,6 +66,8 @@ usage: cargo bench --bench mcp -- [options]
                            2025-11-25's initialize and a session answered over SSE
                            (the daemon paths; the ceiling keeps the session)
   --bin PATH               the mailmux binary (the one cargo built for this bench)
+  --dkim KEY.pem           every daemon signs every message with this DKIM key (RSA or
+                           Ed25519, PEM), as example.org with the selector `bench`
 ";
 
 /// The queue store a daemon runs on.
@@ -161,6 +163,8 @@ struct Args {
     http_pool: bool,
     /// The HTTP client speaks protocol 2026-07-28 (`--http-modern`).
     http_modern: bool,
+    /// A DKIM key that signs every message (`--dkim`).
+    dkim_key: Option<PathBuf>,
 }
 
 fn list(flag: &str, value: Option<String>) -> anyhow::Result<Vec<usize>> {
@@ -195,6 +199,7 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut bin = PathBuf::from(env!("CARGO_BIN_EXE_mailmux"));
     let mut http_pool = false;
     let mut http_modern = false;
+    let mut dkim_key = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -209,6 +214,11 @@ fn parse_args() -> anyhow::Result<Args> {
             "--log" => log = args.next().context("--log needs a value")?,
             "--http-pool" => http_pool = true,
             "--http-modern" => http_modern = true,
+            "--dkim" => {
+                let value = args.next().context("--dkim needs a value")?;
+                dkim_key =
+                    Some(std::path::absolute(&value).with_context(|| format!("--dkim {value}"))?);
+            }
             // Relative to the caller's folder, not the daemon's (each
             // daemon runs in a temporary folder of its own).
             "--bin" => {
@@ -269,6 +279,7 @@ fn parse_args() -> anyhow::Result<Args> {
         bin,
         http_pool,
         http_modern,
+        dkim_key,
     })
 }
 
@@ -470,6 +481,7 @@ async fn run_mcp(
                     max_message_bytes: None,
                     http_pool: args.http_pool,
                     http_modern: args.http_modern,
+                    dkim_key: args.dkim_key.clone(),
                 },
             )
             .await?,
@@ -715,6 +727,7 @@ async fn run_memory(
             max_message_bytes: None,
             http_pool: args.http_pool,
             http_modern: args.http_modern,
+            dkim_key: args.dkim_key.clone(),
         },
     )
     .await?;
@@ -831,6 +844,7 @@ fn one_daemon(
         max_message_bytes,
         http_pool: args.http_pool,
         http_modern: args.http_modern,
+        dkim_key: args.dkim_key.clone(),
     }
 }
 

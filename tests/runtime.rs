@@ -24,6 +24,7 @@ async fn workers(transport: Transport) -> anyhow::Result<u64> {
             http_pool: false,
             http_modern: false,
             http_requests: 1,
+            dkim_key: None,
         },
     )
     .await?;

@@ -278,6 +278,7 @@ async fn soak() -> anyhow::Result<()> {
             http_pool: false,
             http_modern: false,
             http_requests: c * 2,
+            dkim_key: None,
         },
     )
     .await?;

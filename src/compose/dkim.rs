@@ -1,8 +1,8 @@
 //! DKIM signing (RFC 6376, with Ed25519 keys RFC 8463): the `[[dkim]]` keys
 //! of the configuration, and the `DKIM-Signature` fields each composed
 //! message gets from those whose domain is its sender's. The signing itself
-//! is mail-auth's; this module owns which keys sign which message, and which
-//! fields they cover.
+//! is mail-auth's (on aws-lc-rs, which rustls already brings); this module
+//! owns which keys sign which message, and which fields they cover.
 
 use std::fmt;
 use std::path::Path;
@@ -152,8 +152,8 @@ impl Signers {
     }
 
     /// Whether signing is slow enough to be kept off the async workers: an
-    /// RSA key takes about 0.4 ms of CPU a message (2048 bits), Ed25519
-    /// about 20 µs.
+    /// RSA key takes about 0.23 ms of CPU a message (2048 bits), Ed25519
+    /// about 14 µs.
     pub fn is_slow(&self) -> bool {
         self.0.iter().any(|s| s.algorithm == "rsa-sha256")
     }

@@ -298,6 +298,9 @@ pub struct DaemonOptions {
     /// `initialize` handshake of 2025-11-25 and a session, answered over
     /// SSE.
     pub http_modern: bool,
+    /// A DKIM private key (PEM) that signs every message, as `example.org`
+    /// (the sender's domain) with the selector `bench`; `None`: unsigned.
+    pub dkim_key: Option<PathBuf>,
 }
 
 /// rmcp's streamable HTTP client for `uri`, with at most `requests` open at
@@ -371,6 +374,16 @@ messages_per_connection = {per_conn}
             .map(|n| format!("max_message_bytes = {n}"))
             .unwrap_or_default(),
     ) + if o.policy { POLICY } else { "" }
+        + &o
+            .dkim_key
+            .as_ref()
+            .map(|k| {
+                format!(
+                    "\n[[dkim]]\ndomain = \"example.org\"\nselector = \"bench\"\nprivate_key = \"{}\"\n",
+                    k.display()
+                )
+            })
+            .unwrap_or_default()
 }
 
 /// The policy of `DaemonOptions::policy`.
