@@ -41,6 +41,9 @@ pub const DEFAULT_HEADERS: &[&str] = &[
     "Auto-Submitted",
 ];
 
+/// The rule of the composition error of a key that could not sign.
+pub const SIGNING_FAILED: &str = "signing_failed";
+
 /// One configured key: the domain and selector it signs as.
 pub struct Signer {
     /// The signing domain (`d=`), lowercase: it signs mail whose sender's

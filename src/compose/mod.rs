@@ -545,7 +545,7 @@ pub fn compose_with(
     let bytes = policy
         .dkim
         .sign(from.email.domain(), message.formatted())
-        .map_err(|why| ComposeError::new("message", "signing_failed", why))?;
+        .map_err(|why| ComposeError::new("message", dkim::SIGNING_FAILED, why))?;
     if bytes.len() > policy.max_message_bytes {
         return Err(too_large("message", policy.max_message_bytes));
     }

@@ -1308,6 +1308,11 @@ impl MailmuxServer {
             };
         let composed = match composed {
             Ok(c) => c,
+            // A DKIM key that could not sign is the daemon's fault, not the
+            // caller's (keys are checked at load, so this is not expected).
+            Err(e) if e.rule == crate::compose::dkim::SIGNING_FAILED => {
+                return Prepared::Done(Box::new(failed(ToolError::new("internal", e.message))));
+            }
             Err(e) => {
                 return Prepared::Done(Box::new(self.refuse(
                     caller,
