@@ -564,6 +564,103 @@ async fn a_session_cancels_its_own_calls_only() {
     held.abort();
 }
 
+/// A session's second request with the id of one still being answered is
+/// refused with a JSON-RPC error, and the first still gets its answer (rmcp
+/// routes a session's answers by id, so one of the two went unanswered).
+/// Another session may use the id, and so may this one once the first was
+/// answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_in_use_in_its_session_is_refused_and_the_first_answered() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            open.push(conn);
+        }
+    });
+    let mut cfg = config(vec![relay("silent", port, 100)]);
+    cfg.daemon.http.token = Some(Secret::new(TOKEN));
+    cfg.daemon.send_deadline = Duration::from_secs(2);
+    let (base, stop, task) = in_process_with(cfg, true).await;
+    let url = format!("{base}/mcp");
+    let http = reqwest::Client::new();
+    let session = || async {
+        let r = post(&http, &url)
+            .bearer_auth(TOKEN)
+            .body(init_body().to_string())
+            .send()
+            .await
+            .unwrap();
+        let id = r.headers()["mcp-session-id"].to_str().unwrap().to_owned();
+        r.text().await.unwrap();
+        let r = post(&http, &url)
+            .bearer_auth(TOKEN)
+            .header("Mcp-Session-Id", &id)
+            .body(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        id
+    };
+    let (one, two) = (session().await, session().await);
+    let call = |session: &str, id: u64, tool: &str, args: Value| {
+        post(&http, &url)
+            .bearer_auth(TOKEN)
+            .header("Mcp-Session-Id", session)
+            .body(
+                json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                       "params": {"name": tool, "arguments": args}})
+                .to_string(),
+            )
+            .send()
+    };
+    // A send to a relay that never greets waits until send_deadline (2 s).
+    let first = call(
+        &one,
+        7,
+        "send_email",
+        json!({"to": "rcpt@example.org", "subject": "slow", "body": "b"}),
+    );
+    let first = tokio::spawn(async move { first.await.unwrap().text().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let again = call(&one, 7, "get_smtp_status", json!({})).await.unwrap();
+    assert_eq!(again.status(), 400);
+    let body: Value = again.json().await.unwrap();
+    assert_eq!(body["id"], 7, "{body}");
+    assert_eq!(body["error"]["code"], -32600, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("still being answered"),
+        "{body}"
+    );
+    // Another session's id 7, and another id of this session, are served.
+    for (session, id) in [(&two, 7), (&one, 8)] {
+        let r = call(session, id, "get_smtp_status", json!({}))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let text = r.text().await.unwrap();
+        assert!(text.contains(&format!("\"id\":{id},\"result\"")), "{text}");
+    }
+    // The first gets its own answer.
+    let answer = tokio::time::timeout(Duration::from_secs(20), first)
+        .await
+        .expect("the first request is answered")
+        .unwrap();
+    assert!(answer.contains("\"id\":7,\"result\""), "{answer}");
+    // Its id is free again once it was answered.
+    let r = call(&one, 7, "get_smtp_status", json!({})).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("\"id\":7,\"result\""));
+    stop_in_process(stop, task).await;
+    held.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stateless_mode_sends() {
     let smtp = Aiosmtpd::start();

@@ -24,7 +24,7 @@
 //! caller (one more closes the caller's least recently used, even when the
 //! server holds its most).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -272,6 +272,77 @@ struct Limits {
     listening: Arc<std::sync::Mutex<HashMap<Arc<str>, usize>>>,
     /// The MCP sessions open (stateful mode only).
     sessions: Option<Sessions>,
+    /// The request ids of each session that are being answered now.
+    in_flight: Arc<std::sync::Mutex<HashSet<(String, String)>>>,
+}
+
+/// A request id of a session being answered, until its response ends.
+#[derive(Debug)]
+struct InFlight {
+    set: Arc<std::sync::Mutex<HashSet<(String, String)>>>,
+    key: (String, String),
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+    }
+}
+
+/// The id of a JSON-RPC request (a message with a method and an id), as
+/// written; `None` for a notification, a response or a body of another
+/// shape.
+fn request_id(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        id: Option<serde_json::Value>,
+        method: Option<serde::de::IgnoredAny>,
+    }
+    // serde would read an array's items as the struct's fields.
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return None;
+    }
+    let head: Head = serde_json::from_slice(body).ok()?;
+    head.method?;
+    head.id.filter(|id| !id.is_null()).map(|id| id.to_string())
+}
+
+/// Marks `body`'s request id in flight in `session`. A second request
+/// with the id of one still being answered in the same session is refused
+/// (400, JSON-RPC -32600): rmcp routes a session's answers by request id,
+/// and one of the two would never be answered. MCP asks that a client never
+/// reuse an id within a session; one that does after its first request
+/// was answered is served.
+/// The `Err` is the JSON-RPC error to answer with.
+fn mark_in_flight(
+    limits: &Limits,
+    session: &str,
+    body: &[u8],
+) -> Result<Option<InFlight>, serde_json::Value> {
+    let Some(id) = request_id(body) else {
+        return Ok(None);
+    };
+    let key = (session.to_owned(), id);
+    let mut set = limits.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+    if set.contains(&key) {
+        let id: serde_json::Value = serde_json::from_str(&key.1).unwrap_or_default();
+        return Err(json!({
+            "jsonrpc": "2.0",
+            "id": id,
+            "error": {
+                "code": -32600,
+                "message": "invalid request: another request of this session with this id is still being answered; use a new id for each request (MCP)",
+            },
+        }));
+    }
+    set.insert(key.clone());
+    Ok(Some(InFlight {
+        set: limits.in_flight.clone(),
+        key,
+    }))
 }
 
 /// The sessions rmcp holds, and the caller that opened each.
@@ -579,6 +650,18 @@ async fn limit(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> R
         Ok(read) => read,
         Err(refused) => return refused,
     };
+    let in_flight = match req
+        .headers()
+        .get("mcp-session-id")
+        .and_then(|id| id.to_str().ok())
+        .filter(|_| limits.sessions.is_some())
+    {
+        Some(session) => match mark_in_flight(&limits, session, &body) {
+            Ok(marked) => marked,
+            Err(error) => return (StatusCode::BAD_REQUEST, axum::Json(error)).into_response(),
+        },
+        None => None,
+    };
     let json = req.uri().path().starts_with("/mcp") && is_json(req.headers());
     let response = next.run(req).await;
     if response.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE && json {
@@ -589,7 +672,7 @@ async fn limit(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> R
     }
     let (parts, body) = response.into_parts();
     let body = body.map_frame(move |frame| {
-        let _held = (&permit, &listening);
+        let _held = (&permit, &listening, &in_flight);
         frame
     });
     Response::from_parts(parts, axum::body::Body::new(body))
@@ -819,6 +902,7 @@ pub fn app(server: &MailmuxServer, stateful: bool) -> (Router, CancellationToken
         listens: Arc::new(Semaphore::new(MAX_LISTENS)),
         listening: Arc::default(),
         sessions: stateful.then(|| Sessions::new(open.clone(), &http)),
+        in_flight: Arc::default(),
     });
     let scrape = match stateful {
         true => get(metrics).layer(Extension(OpenSessions(open))),
@@ -1126,6 +1210,29 @@ mod tests {
 
     /// Sessions with room for `max`, `per_caller` a caller, holding one
     /// session for each caller named, the first named used longest ago.
+    #[test]
+    fn only_a_request_has_an_id_that_is_kept_in_flight() {
+        use super::request_id;
+        let id = |body: &str| request_id(body.as_bytes());
+        assert_eq!(
+            id(r#"{"jsonrpc":"2.0","id":7,"method":"tools/list"}"#).as_deref(),
+            Some("7")
+        );
+        assert_eq!(
+            id(r#"{"jsonrpc":"2.0","id":"7","method":"x"}"#).as_deref(),
+            Some("\"7\"")
+        );
+        // A notification, a response to the server, a null id, not JSON.
+        assert_eq!(
+            id(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#),
+            None
+        );
+        assert_eq!(id(r#"{"jsonrpc":"2.0","id":7,"result":{}}"#), None);
+        assert_eq!(id(r#"{"jsonrpc":"2.0","id":null,"method":"x"}"#), None);
+        assert_eq!(id("[1,2]"), None);
+        assert_eq!(id("{"), None);
+    }
+
     async fn held(max: usize, per_caller: usize, callers: &[&str]) -> (Sessions, Vec<Arc<str>>) {
         let sessions = Sessions {
             open: Arc::new(LocalSessionManager::default()),
