@@ -109,6 +109,45 @@ fn init_body() -> Value {
         "clientInfo":{"name":"raw","version":"1"}}})
 }
 
+/// A configuration whose one relay accepts connections and never greets
+/// (so no relay ever commits a message), with the bearer token; the task
+/// that holds those connections.
+async fn silent_relay() -> (mailmux::config::Config, tokio::task::JoinHandle<()>) {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            open.push(conn);
+        }
+    });
+    let mut cfg = config(vec![relay("silent", port, 100)]);
+    cfg.daemon.http.token = Some(Secret::new(TOKEN));
+    (cfg, held)
+}
+
+/// A session opened with raw requests (`initialize`, then
+/// `notifications/initialized`); its id.
+async fn open_session(http: &reqwest::Client, url: &str) -> String {
+    let r = post(http, url)
+        .bearer_auth(TOKEN)
+        .body(init_body().to_string())
+        .send()
+        .await
+        .unwrap();
+    let id = r.headers()["mcp-session-id"].to_str().unwrap().to_owned();
+    r.text().await.unwrap();
+    let r = post(http, url)
+        .bearer_auth(TOKEN)
+        .header("Mcp-Session-Id", &id)
+        .body(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    id
+}
+
 fn post(client: &reqwest::Client, url: &str) -> reqwest::RequestBuilder {
     client
         .post(url)
@@ -407,25 +446,7 @@ async fn random_request_bodies_get_a_client_error_at_worst() {
         // In stateful mode most requests go to one initialized session.
         let session = match stateful {
             false => None,
-            true => {
-                let r = post(&http, &url)
-                    .bearer_auth(TOKEN)
-                    .body(init_body().to_string())
-                    .send()
-                    .await
-                    .unwrap();
-                let id = r.headers()["mcp-session-id"].to_str().unwrap().to_owned();
-                r.text().await.unwrap();
-                let r = post(&http, &url)
-                    .bearer_auth(TOKEN)
-                    .header("Mcp-Session-Id", &id)
-                    .body(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 202);
-                Some(id)
-            }
+            true => Some(open_session(&http, &url).await),
         };
         let bodies: Vec<Vec<u8>> = (0..n).map(|i| random_input::request(&mut rng, i)).collect();
         let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
@@ -500,16 +521,7 @@ async fn a_session_cancels_its_own_calls_only() {
     use rmcp::model::{CallToolRequest, CancelledNotificationParam, ClientRequest};
     use rmcp::service::PeerRequestOptions;
 
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = silent.local_addr().unwrap().port();
-    let held = tokio::spawn(async move {
-        let mut open = Vec::new();
-        while let Ok((conn, _)) = silent.accept().await {
-            open.push(conn);
-        }
-    });
-    let mut cfg = config(vec![relay("silent", port, 100)]);
-    cfg.daemon.http.token = Some(Secret::new(TOKEN));
+    let (cfg, held) = silent_relay().await;
     let (base, stop, task) = in_process_with(cfg, true).await;
     let url = format!("{base}/mcp");
     let client = || async {
@@ -571,40 +583,15 @@ async fn a_session_cancels_its_own_calls_only() {
 /// answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_id_in_use_in_its_session_is_refused_and_the_first_answered() {
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = silent.local_addr().unwrap().port();
-    let held = tokio::spawn(async move {
-        let mut open = Vec::new();
-        while let Ok((conn, _)) = silent.accept().await {
-            open.push(conn);
-        }
-    });
-    let mut cfg = config(vec![relay("silent", port, 100)]);
-    cfg.daemon.http.token = Some(Secret::new(TOKEN));
+    let (mut cfg, held) = silent_relay().await;
     cfg.daemon.send_deadline = Duration::from_secs(2);
     let (base, stop, task) = in_process_with(cfg, true).await;
     let url = format!("{base}/mcp");
     let http = reqwest::Client::new();
-    let session = || async {
-        let r = post(&http, &url)
-            .bearer_auth(TOKEN)
-            .body(init_body().to_string())
-            .send()
-            .await
-            .unwrap();
-        let id = r.headers()["mcp-session-id"].to_str().unwrap().to_owned();
-        r.text().await.unwrap();
-        let r = post(&http, &url)
-            .bearer_auth(TOKEN)
-            .header("Mcp-Session-Id", &id)
-            .body(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202);
-        id
-    };
-    let (one, two) = (session().await, session().await);
+    let (one, two) = (
+        open_session(&http, &url).await,
+        open_session(&http, &url).await,
+    );
     let call = |session: &str, id: u64, tool: &str, args: Value| {
         post(&http, &url)
             .bearer_auth(TOKEN)
