@@ -298,11 +298,16 @@ impl Conn {
     /// Why a message's recipients went in more than one transaction when
     /// no server refused one over its cap: the tightest of the limits
     /// [`Conn::take`] keeps to.
+    /// With no limit at all, `take` names every recipient, so there is no
+    /// split to explain.
     fn split(&self) -> Split {
-        match (self.per_transaction, self.limits.rcpt) {
-            (Some(own), Some(announced)) if announced < own => Split::Announced(self.limits),
-            (Some(own), _) if self.limits.rcpt_domains.is_none() => Split::Limit(own.get()),
-            (None, None) if self.limits.rcpt_domains.is_none() => Split::Limit(usize::MAX),
+        match self.per_transaction {
+            Some(own)
+                if self.limits.rcpt_domains.is_none()
+                    && self.limits.rcpt.is_none_or(|announced| announced >= own) =>
+            {
+                Split::Limit(own.get())
+            }
             _ => Split::Announced(self.limits),
         }
     }

@@ -98,6 +98,19 @@ impl Signer {
         })
     }
 
+    /// Reads `path` as a key for [`Signer::new`].
+    pub fn read(
+        domain: &str,
+        selector: &str,
+        path: &Path,
+        headers: Vec<String>,
+    ) -> Result<Signer, String> {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("cannot read the key file {}: {e}", path.display()))?;
+        Signer::new(domain, selector, &pem, headers)
+            .map_err(|why| format!("the key file {} {why}", path.display()))
+    }
+
     /// Whether this key signs mail from `sender_domain`: its own domain or
     /// one below it, as DMARC's relaxed alignment reads them.
     fn covers(&self, sender_domain: &str) -> bool {
@@ -137,23 +150,6 @@ impl PartialEq for Signer {
 pub struct Signers(pub Vec<Arc<Signer>>);
 
 impl Signers {
-    /// Reads `path` as a key for [`Signer::new`].
-    pub fn read(
-        domain: &str,
-        selector: &str,
-        path: &Path,
-        headers: Vec<String>,
-    ) -> Result<Signer, String> {
-        let pem = std::fs::read(path)
-            .map_err(|e| format!("cannot read the key file {}: {e}", path.display()))?;
-        Signer::new(domain, selector, &pem, headers)
-            .map_err(|why| format!("the key file {} {why}", path.display()))
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// Whether signing is slow enough to be kept off the async workers: an
     /// RSA key takes about 0.23 ms of CPU a message (2048 bits), Ed25519
     /// about 14 µs.

@@ -681,7 +681,7 @@ fn dkim(
     raw: &RawConfig,
     out: &mut Map<String, Json>,
 ) -> Result<crate::compose::dkim::Signers, ConfigError> {
-    use crate::compose::dkim::{DEFAULT_HEADERS, Signers};
+    use crate::compose::dkim::{DEFAULT_HEADERS, Signer, Signers};
     let mut signers = Vec::new();
     let mut shown = Vec::new();
     for (i, d) in raw.dkim.iter().enumerate() {
@@ -725,15 +725,12 @@ fn dkim(
             return Err(at("private_key").err("is required: the PEM file of the key"));
         };
         let key_at = at("private_key");
-        let signer = Signers::read(&domain, &selector, path, headers.clone())
+        let signer = Signer::read(&domain, &selector, path, headers.clone())
             .map_err(|why| key_at.err(why))?;
         warn_if_exposed(path, &key_at, "DKIM key");
-        if signers
-            .iter()
-            .any(|s: &std::sync::Arc<crate::compose::dkim::Signer>| {
-                s.domain == signer.domain && s.selector.eq_ignore_ascii_case(&signer.selector)
-            })
-        {
+        if signers.iter().any(|s: &std::sync::Arc<Signer>| {
+            s.domain == signer.domain && s.selector.eq_ignore_ascii_case(&signer.selector)
+        }) {
             return Err(at("selector").err(format!(
                 "selector {selector:?} of {domain:?} is configured twice"
             )));

@@ -295,7 +295,7 @@ impl Drop for InFlight {
 /// The id of a JSON-RPC request (a message with a method and an id), as
 /// written; `None` for a notification, a response or a body of another
 /// shape.
-fn request_id(body: &[u8]) -> Option<String> {
+fn request_id(body: &[u8]) -> Option<serde_json::Value> {
     #[derive(serde::Deserialize)]
     struct Head {
         id: Option<serde_json::Value>,
@@ -307,7 +307,7 @@ fn request_id(body: &[u8]) -> Option<String> {
     }
     let head: Head = serde_json::from_slice(body).ok()?;
     head.method?;
-    head.id.filter(|id| !id.is_null()).map(|id| id.to_string())
+    head.id.filter(|id| !id.is_null())
 }
 
 /// Marks `body`'s request id in flight in `session`. A second request
@@ -316,6 +316,7 @@ fn request_id(body: &[u8]) -> Option<String> {
 /// and one of the two would never be answered. MCP asks that a client never
 /// reuse an id within a session; one that does after its first request
 /// was answered is served.
+///
 /// The `Err` is the JSON-RPC error to answer with.
 fn mark_in_flight(
     limits: &Limits,
@@ -325,10 +326,9 @@ fn mark_in_flight(
     let Some(id) = request_id(body) else {
         return Ok(None);
     };
-    let key = (session.to_owned(), id);
+    let key = (session.to_owned(), id.to_string());
     let mut set = limits.in_flight.lock().unwrap_or_else(|e| e.into_inner());
     if set.contains(&key) {
-        let id: serde_json::Value = serde_json::from_str(&key.1).unwrap_or_default();
         return Err(json!({
             "jsonrpc": "2.0",
             "id": id,
@@ -1213,7 +1213,7 @@ mod tests {
     #[test]
     fn only_a_request_has_an_id_that_is_kept_in_flight() {
         use super::request_id;
-        let id = |body: &str| request_id(body.as_bytes());
+        let id = |body: &str| request_id(body.as_bytes()).map(|v| v.to_string());
         assert_eq!(
             id(r#"{"jsonrpc":"2.0","id":7,"method":"tools/list"}"#).as_deref(),
             Some("7")
