@@ -58,6 +58,9 @@ pub enum Command {
     Check,
     /// Print the effective configuration, secrets redacted, with each value's source.
     Config,
+    /// Print the DNS TXT record of each `[[dkim]]` key's public key, one
+    /// zone file line a key, to publish before mail is signed with it.
+    Dkim,
     /// Read and act on the queue's store: list, show, cancel, retry, purge,
     /// stats, backup, restore, migrate, and approve or reject held messages
     /// (an operator's token in MAILMUX_OPERATOR_TOKEN).
@@ -196,6 +199,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Send(args) => send(config, sources, *args).await,
         Command::Check => check(config).await,
         Command::Config => print_config(&config),
+        Command::Dkim => print_dkim_records(&config),
         Command::Queue(cmd) => queue::run(config, cmd).await,
     }
 }
@@ -537,6 +541,18 @@ fn print_config(config: &Config) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn print_dkim_records(config: &Config) -> ExitCode {
+    let keys = &config.daemon.compose.dkim.0;
+    if keys.is_empty() {
+        eprintln!("mailmux: no [[dkim]] keys are configured");
+        return ExitCode::FAILURE;
+    }
+    for key in keys {
+        say!("{}", key.zone_line());
+    }
+    ExitCode::SUCCESS
 }
 
 #[cfg(test)]

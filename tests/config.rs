@@ -1808,10 +1808,11 @@ fn dkim_keys_are_read_at_load_and_each_mistake_names_its_key() {
         &dir,
         "ok.toml",
         &format!(
-            "{}{}{}headers = [\"From\", \"Subject\"]\n",
+            "{}{}{}headers = [\"From\", \"Subject\"]\n{}",
             entry("Example.org", "rsa", "rsa.pem"),
             entry("example.org", "ed", "ed.pem"),
             entry("other.example", "k8", "rsa8.pem"),
+            entry("Bücher.example", "idn", "ed.pem"),
         ),
     );
     let c = ok(Some(&file), &[]);
@@ -1825,7 +1826,8 @@ fn dkim_keys_are_read_at_load_and_each_mistake_names_its_key() {
         [
             ("example.org", "rsa", "rsa-sha256"),
             ("example.org", "ed", "ed25519-sha256"),
-            ("other.example", "k8", "rsa-sha256")
+            ("other.example", "k8", "rsa-sha256"),
+            ("xn--bcher-kva.example", "idn", "ed25519-sha256")
         ]
     );
     let (headers, _) = leaf(&c, "/dkim/2/headers");
@@ -1848,6 +1850,11 @@ fn dkim_keys_are_read_at_load_and_each_mistake_names_its_key() {
         ),
         (
             entry("not a domain", "s", "rsa.pem"),
+            "dkim[0].domain",
+            "not a domain name",
+        ),
+        (
+            entry("ex_ämple.org", "s", "rsa.pem"),
             "dkim[0].domain",
             "not a domain name",
         ),

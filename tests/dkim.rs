@@ -20,6 +20,7 @@ fn verified(dir: &std::path::Path, files: &[String]) -> BTreeMap<String, Vec<Val
         "rsa._domainkey.example.org.": "rsa.pem",
         "ed._domainkey.example.org.": "ed.pem",
         "k8._domainkey.other.example.": "rsa8.pem",
+        "idn._domainkey.xn--bcher-kva.example.": "ed.pem",
     });
     common::dkim_verified(dir, &selectors, files)
 }
@@ -68,6 +69,8 @@ async fn mail_from_a_configured_domain_is_signed_and_an_independent_verifier_acc
         entry(dir.path(), "example.org", "ed", "ed.pem"),
         entry(dir.path(), "other.example", "k8", "rsa8.pem"),
         "headers = [\"From\", \"Subject\", \"Date\"]\n".into(),
+        // Configured as written, it signs as its A-labels.
+        entry(dir.path(), "bücher.example", "idn", "ed.pem"),
     ]
     .concat();
     let config = config(dir.path(), smtp.port(), &dkim);
@@ -100,6 +103,14 @@ async fn mail_from_a_configured_domain_is_signed_and_an_independent_verifier_acc
         (
             "other",
             json!({ "from_email": "x@other.example", "to": ["a@dest.example"], "subject": "s", "body": "b" }),
+        ),
+        (
+            "idn",
+            json!({ "from_email": "x@bücher.example", "to": ["a@dest.example"], "subject": "s", "body": "b" }),
+        ),
+        (
+            "idn-ascii",
+            json!({ "from_email": "x@xn--bcher-kva.example", "to": ["a@dest.example"], "subject": "s", "body": "b" }),
         ),
         (
             "unsigned",
@@ -147,7 +158,7 @@ async fn mail_from_a_configured_domain_is_signed_and_an_independent_verifier_acc
         std::fs::write(dir.path().join(name), &t.data).unwrap();
         files.push(name.clone());
     }
-    assert_eq!(files.len(), 7, "{files:?}");
+    assert_eq!(files.len(), 9, "{files:?}");
     let got = verified(dir.path(), &files);
 
     let summary = |name: &str| -> Vec<(String, String, String, bool, bool)> {
@@ -193,6 +204,20 @@ async fn mail_from_a_configured_domain_is_signed_and_an_independent_verifier_acc
             false
         )]
     );
+    // An internationalised sender's domain, in either form, is the key's.
+    for name in ["idn", "idn-ascii"] {
+        assert_eq!(
+            summary(name),
+            vec![(
+                "xn--bcher-kva.example".into(),
+                "idn".into(),
+                "ed25519-sha256".into(),
+                true,
+                false
+            )],
+            "{name}"
+        );
+    }
     assert_eq!(got["unsigned"], Vec::<Value>::new());
     assert_eq!(got["lookalike"], Vec::<Value>::new());
 
@@ -426,4 +451,73 @@ async fn a_reload_signs_with_the_rotated_key() {
     };
     assert_eq!(signed("before"), vec![("rsa".to_string(), true)]);
     assert_eq!(signed("after"), vec![("k8".to_string(), true)]);
+}
+
+/// `mailmux dkim` prints each key's DNS record as a zone file line, and the
+/// record is the one the key's maker published: the public key as
+/// Python's cryptography encodes it (SubjectPublicKeyInfo for RSA, the raw
+/// key for Ed25519), in strings DNS takes (at most 255 characters).
+#[test]
+fn the_dkim_command_prints_the_record_of_each_key() {
+    let dir = tempfile::tempdir().unwrap();
+    common::dkim_keys(dir.path());
+    let keys = [
+        ("example.org", "rsa", "rsa.pem"),
+        ("other.example", "k8", "rsa8.pem"),
+        ("Bücher.example", "ed", "ed.pem"),
+    ];
+    let dkim: String = keys
+        .iter()
+        .map(|(domain, selector, key)| entry(dir.path(), domain, selector, key))
+        .collect();
+    let path = dir.path().join("mailmux.toml");
+    std::fs::write(&path, config(dir.path(), 9, &dkim)).unwrap();
+    let dkim_command = |path: &std::path::Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
+            .arg("--config")
+            .arg(path)
+            .arg("dkim")
+            .env_remove("MAILMUX_CONFIG")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    let (code, stdout, stderr) = dkim_command(&path);
+    assert_eq!(code, Some(0), "{stderr}");
+
+    let records: BTreeMap<String, String> =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("records.json")).unwrap())
+            .unwrap();
+    let names = [
+        "rsa._domainkey.example.org.",
+        "k8._domainkey.other.example.",
+        "ed._domainkey.xn--bcher-kva.example.",
+    ];
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), keys.len(), "{stdout}");
+    for ((line, name), (_, _, key)) in lines.iter().zip(names).zip(keys) {
+        let strings = line
+            .strip_prefix(&format!("{name} IN TXT "))
+            .unwrap_or_else(|| panic!("{line}"));
+        let parts: Vec<&str> = strings
+            .strip_prefix('"')
+            .and_then(|s| s.strip_suffix('"'))
+            .unwrap_or_else(|| panic!("{line}"))
+            .split("\" \"")
+            .collect();
+        assert!(parts.iter().all(|p| p.len() <= 255), "{line}");
+        assert_eq!(parts.concat(), records[key], "{key}");
+    }
+    assert!(!stdout.contains("PRIVATE"), "{stdout}");
+
+    // No key configured: an error, and nothing on stdout.
+    std::fs::write(&path, config(dir.path(), 9, "")).unwrap();
+    let (code, stdout, stderr) = dkim_command(&path);
+    assert_eq!(code, Some(1));
+    assert_eq!(stdout, "");
+    assert!(stderr.contains("no [[dkim]] keys"), "{stderr}");
 }

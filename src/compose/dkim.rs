@@ -54,6 +54,10 @@ pub struct Signer {
     pub selector: String,
     /// The algorithm, for status and the shown configuration.
     pub algorithm: &'static str,
+    /// The key's DNS TXT record, `v=DKIM1; k=…; p=…`: the public key as
+    /// verifiers read it (RSA: SubjectPublicKeyInfo; Ed25519: the raw 32
+    /// bytes, RFC 8463).
+    pub record: String,
     signer: DkimSigner<DkimKey, Done>,
     /// SHA-256 of the key file, to tell a changed key at reload. Never shown.
     fingerprint: [u8; 32],
@@ -81,6 +85,7 @@ impl Signer {
             PrivateKeyDer::Pkcs1(_) => (rsa(der.clone_key())?.into(), "rsa-sha256"),
             _ => return Err("is an EC key: DKIM signs with RSA or Ed25519 keys".into()),
         };
+        let record = record(&der)?;
         let domain = domain.to_ascii_lowercase();
         let signer = DkimSigner::from_key(key)
             .domain(domain.clone())
@@ -92,6 +97,7 @@ impl Signer {
             domain,
             selector: selector.to_string(),
             algorithm,
+            record,
             signer,
             fingerprint: sha2::Sha256::digest(pem).into(),
             headers,
@@ -112,12 +118,67 @@ impl Signer {
     }
 
     /// Whether this key signs mail from `sender_domain`: its own domain or
-    /// one below it, as DMARC's relaxed alignment reads them.
+    /// one below it, as DMARC's relaxed alignment reads them. A sender's
+    /// internationalised domain is compared in its ASCII form (A-labels),
+    /// the form the key's domain is kept in.
     fn covers(&self, sender_domain: &str) -> bool {
-        let d = sender_domain.to_ascii_lowercase();
+        let Some(d) = crate::policy::rules::ascii_domain(sender_domain) else {
+            return false;
+        };
         d == self.domain
             || d.strip_suffix(&self.domain)
                 .is_some_and(|rest| rest.ends_with('.'))
+    }
+
+    /// The key's DNS record as a zone file line: the owner name, `IN TXT`,
+    /// and the record in quoted strings of at most 255 characters each, as
+    /// DNS requires of one string (RFC 1035, 3.3.14).
+    pub fn zone_line(&self) -> String {
+        let strings: Vec<String> = self
+            .record
+            .as_bytes()
+            .chunks(255)
+            .map(|c| format!("\"{}\"", String::from_utf8_lossy(c)))
+            .collect();
+        format!(
+            "{}._domainkey.{}. IN TXT {}",
+            self.selector,
+            self.domain,
+            strings.join(" ")
+        )
+    }
+}
+
+/// The DNS TXT record of the key in `der`, read by aws-lc-rs (which
+/// mail-auth signs with): its public key in the form verifiers look up.
+fn record(der: &PrivateKeyDer<'_>) -> Result<String, String> {
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair, RsaKeyPair};
+    use base64::Engine;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let unusable = |_| "is neither an RSA nor an Ed25519 private key mailmux can use".to_string();
+    let rsa = |pair: RsaKeyPair| {
+        let spki = pair
+            .public_key()
+            .as_der()
+            .map_err(|_| "is an RSA key whose public key could not be encoded".to_string())?;
+        Ok(format!("v=DKIM1; k=rsa; p={}", b64(spki.as_ref())))
+    };
+    match der {
+        PrivateKeyDer::Pkcs8(p) => {
+            let bytes = p.secret_pkcs8_der();
+            match Ed25519KeyPair::from_pkcs8_maybe_unchecked(bytes) {
+                Ok(ed) => Ok(format!(
+                    "v=DKIM1; k=ed25519; p={}",
+                    b64(ed.public_key().as_ref())
+                )),
+                Err(_) => rsa(RsaKeyPair::from_pkcs8(bytes).map_err(unusable)?),
+            }
+        }
+        PrivateKeyDer::Pkcs1(p) => {
+            rsa(RsaKeyPair::from_der(p.secret_pkcs1_der()).map_err(unusable)?)
+        }
+        _ => Err("is an EC key: DKIM signs with RSA or Ed25519 keys".into()),
     }
 }
 
@@ -150,11 +211,25 @@ impl PartialEq for Signer {
 pub struct Signers(pub Vec<Arc<Signer>>);
 
 impl Signers {
-    /// Whether signing is slow enough to be kept off the async workers: an
-    /// RSA key takes about 0.23 ms of CPU a message (2048 bits), Ed25519
-    /// about 14 µs.
-    pub fn is_slow(&self) -> bool {
-        self.0.iter().any(|s| s.algorithm == "rsa-sha256")
+    /// Whether signing mail from `sender` (an address as a call or the
+    /// configuration writes it, `None` when the sender is not known yet) is
+    /// slow enough to be kept off the async workers: an RSA key takes about
+    /// 0.22 ms of CPU a message (2048 bits), Ed25519 about 15 µs. When the
+    /// sender's domain cannot be told, any RSA key counts.
+    pub fn is_slow_for(&self, sender: Option<&str>) -> bool {
+        let mut rsa = self
+            .0
+            .iter()
+            .filter(|s| s.algorithm == "rsa-sha256")
+            .peekable();
+        if rsa.peek().is_none() {
+            return false;
+        }
+        let domain = sender.and_then(|s| {
+            let (_, domain) = s.rsplit_once('@')?;
+            Some(domain.trim_end_matches(|c: char| c == '>' || c.is_whitespace()))
+        });
+        rsa.any(|s| domain.is_none_or(|d| s.covers(d)))
     }
 
     /// `bytes` with a `DKIM-Signature` field in front for each key that
@@ -188,27 +263,57 @@ impl Signers {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_key_covers_its_domain_and_those_below_it_only() {
-        let s = Signer {
-            domain: "example.org".into(),
+    /// A key of `domain` labelled `algorithm` (the key itself is Ed25519).
+    fn signer(domain: &str, algorithm: &'static str) -> Signer {
+        Signer {
+            domain: domain.into(),
             selector: "s".into(),
-            algorithm: "ed25519-sha256",
+            algorithm,
+            record: String::new(),
             signer: DkimSigner::from_key(DkimKey::from(
                 Ed25519Key::from_pkcs8_der(&Ed25519Key::generate_pkcs8().unwrap()).unwrap(),
             ))
-            .domain("example.org")
+            .domain(domain)
             .selector("s")
             .headers(["From"]),
             fingerprint: [0; 32],
             headers: vec!["From".into()],
-        };
+        }
+    }
+
+    #[test]
+    fn a_key_covers_its_domain_and_those_below_it_only() {
+        let s = signer("example.org", "ed25519-sha256");
         assert!(s.covers("example.org"));
         assert!(s.covers("EXAMPLE.org"));
         assert!(s.covers("mail.example.org"));
         assert!(!s.covers("badexample.org"));
         assert!(!s.covers("example.org.evil"));
         assert!(!s.covers("org"));
+
+        let idn = signer("xn--bcher-kva.example", "ed25519-sha256");
+        assert!(idn.covers("bücher.example"));
+        assert!(idn.covers("Mail.BÜCHER.example"));
+        assert!(idn.covers("xn--bcher-kva.example"));
+        assert!(!idn.covers("bucher.example"));
+    }
+
+    #[test]
+    fn only_an_rsa_key_that_signs_the_sender_sends_composing_to_the_pool() {
+        let keys = Signers(vec![
+            Arc::new(signer("fast.example", "ed25519-sha256")),
+            Arc::new(signer("slow.example", "rsa-sha256")),
+        ]);
+        assert!(keys.is_slow_for(Some("a@slow.example")));
+        assert!(keys.is_slow_for(Some("Alerts <a@news.SLOW.example>")));
+        assert!(!keys.is_slow_for(Some("a@fast.example")));
+        assert!(!keys.is_slow_for(Some("a@elsewhere.example")));
+        // The sender not known yet: any RSA key counts.
+        assert!(keys.is_slow_for(None));
+        assert!(keys.is_slow_for(Some("no address")));
+        assert!(
+            !Signers(vec![Arc::new(signer("fast.example", "ed25519-sha256"))]).is_slow_for(None)
+        );
     }
 
     #[test]

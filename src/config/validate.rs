@@ -694,13 +694,17 @@ fn dkim(
             Some(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
             _ => Err(at(key).err("is required")),
         };
-        let domain = required(&d.domain, "domain")?;
-        if !is_dns_name(&domain) || !domain.contains('.') {
+        // An internationalised domain signs as its A-labels, the form `d=`
+        // and the DNS take.
+        let written = required(&d.domain, "domain")?;
+        let Some(domain) = crate::policy::rules::ascii_domain(&written)
+            .filter(|d| is_dns_name(d) && d.contains('.'))
+        else {
             return Err(at("domain").err(format!(
-                "{domain:?} is not a domain name (letters, digits and `-`, in labels \
+                "{written:?} is not a domain name (letters, digits and `-`, in labels \
                  separated by dots)"
             )));
-        }
+        };
         let selector = required(&d.selector, "selector")?;
         if !is_dns_name(&selector) {
             return Err(at("selector").err(format!(

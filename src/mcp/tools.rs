@@ -1286,26 +1286,31 @@ impl MailmuxServer {
         // blocking pool, so that calls behind it are not held up (over stdio
         // the daemon has one worker).
         let shared_bytes = shared.as_ref().map_or(0, |s| s.decoded_bytes);
-        let composed =
-            if params.draft.is_heavy_with(shared_bytes) || config.daemon.compose.dkim.is_slow() {
-                let draft = std::mem::take(&mut params.draft);
-                let config = Arc::clone(&config);
-                let shared = shared.clone();
-                let job = tokio::task::spawn_blocking(move || {
-                    compose_with(&draft, &config.daemon.compose, shared.as_deref())
-                });
-                match job.await {
-                    Ok(result) => result,
-                    Err(e) => {
-                        return Prepared::Done(Box::new(failed(ToolError::new(
-                            "internal",
-                            format!("composing the message failed: {e}"),
-                        ))));
-                    }
+        let compose = &config.daemon.compose;
+        let sender = params.draft.from_email.as_deref();
+        let composed = if params.draft.is_heavy_with(shared_bytes)
+            || compose
+                .dkim
+                .is_slow_for(sender.or(compose.default_from.as_deref()))
+        {
+            let draft = std::mem::take(&mut params.draft);
+            let config = Arc::clone(&config);
+            let shared = shared.clone();
+            let job = tokio::task::spawn_blocking(move || {
+                compose_with(&draft, &config.daemon.compose, shared.as_deref())
+            });
+            match job.await {
+                Ok(result) => result,
+                Err(e) => {
+                    return Prepared::Done(Box::new(failed(ToolError::new(
+                        "internal",
+                        format!("composing the message failed: {e}"),
+                    ))));
                 }
-            } else {
-                compose_with(&params.draft, &config.daemon.compose, shared.as_deref())
-            };
+            }
+        } else {
+            compose_with(&params.draft, &config.daemon.compose, shared.as_deref())
+        };
         let composed = match composed {
             Ok(c) => c,
             // A DKIM key that could not sign is the daemon's fault, not the
