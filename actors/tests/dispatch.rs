@@ -958,7 +958,7 @@ async fn a_server_that_announces_its_limits_gets_transactions_within_them() {
     .await;
     sent_in_transactions(&a, &d, &to[0..3], &[0..1, 1..2, 2..3]).await;
     // RCPTDOMAINMAX: recipients of one domain a transaction, the domain's
-    // case aside, taken in the order given.
+    // case aside.
     let to: Vec<String> = [
         "a@one.example",
         "b@ONE.example",
@@ -978,6 +978,32 @@ async fn a_server_that_announces_its_limits_gets_transactions_within_them() {
     sent_in_transactions(&a, &d, &to, &[0..2, 2..3, 3..5]).await;
     assert_eq!(a.over_cap_replies(), 0);
     assert_eq!(b.connections(), 0);
+    // Recipients of one domain go in one transaction wherever they stand in
+    // the list, and the answer lists them in the order given.
+    let mixed: Vec<String> = [
+        "a@one.example",
+        "b@two.example",
+        "c@ONE.example",
+        "d@two.example",
+        "e@three.example",
+    ]
+    .map(String::from)
+    .to_vec();
+    let (a2, _b2, d2) = primary_with(Options {
+        max_domains: Some(1),
+        over_cap_reply: Some("550 Too many recipient domains".into()),
+        announce_limits: true,
+        ..Options::default()
+    })
+    .await;
+    let r = d2.send(mail_to_all(&mixed)).await;
+    assert_eq!(r.status, Status::Sent, "{r:?}");
+    assert_eq!(r.accepted, mixed);
+    let sent: Vec<_> = a2.delivered().iter().map(|t| t.rcpt_to.clone()).collect();
+    let pick = |i: &[usize]| i.iter().map(|&i| mixed[i].clone()).collect::<Vec<_>>();
+    assert_eq!(sent, [pick(&[0, 2]), pick(&[1, 3]), pick(&[4])]);
+    assert_eq!(a2.connections(), 1);
+    assert_eq!(a2.over_cap_replies(), 0);
     // A probe reports what the server announced, and nothing for a server
     // that announced nothing.
     let probed = d.test_connection(None).await.unwrap();
