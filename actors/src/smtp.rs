@@ -1170,7 +1170,7 @@ async fn further_transactions(
                         .deferred
                         .extend(next.over_cap.into_iter().map(|(a, reply)| Rejected {
                             address: a.to_string(),
-                            reply,
+                            reply: deferred_reply(Some(reply), &f.detail),
                         }));
                     left = after;
                     f.clone()
@@ -1206,10 +1206,10 @@ async fn further_transactions(
         for (address, own) in std::mem::take(&mut left) {
             let not = Rejected {
                 address: address.to_string(),
-                reply: stopped.reply.clone().or(own).unwrap_or_else(|| Reply {
-                    code: 451,
-                    text: stopped.detail.clone(),
-                }),
+                reply: match &stopped.reply {
+                    Some(reply) => reply.clone(),
+                    None => deferred_reply(own, &stopped.detail),
+                },
             };
             if permanent {
                 delivered.rejected.push(not);
@@ -1224,6 +1224,21 @@ async fn further_transactions(
         settle_session(conn, &stopped, t).await;
     }
     Ok(())
+}
+
+/// The reply a recipient is deferred with when its transaction never came:
+/// its own reply over the server's cap when that was a 4xx (a 452), else a
+/// 451 saying `why`, as RFC 5321 (3.8) says to take a lost connection. A
+/// cap's 552 or 550 5.5.3 refused no recipient for good, so a deferred one
+/// does not carry it.
+fn deferred_reply(own: Option<Reply>, why: &str) -> Reply {
+    match own {
+        Some(own) if own.code < 500 => own,
+        _ => Reply {
+            code: 451,
+            text: why.to_string(),
+        },
+    }
 }
 
 /// What one transaction's envelope got.

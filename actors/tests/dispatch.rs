@@ -737,6 +737,45 @@ async fn a_later_transaction_refused_after_its_dot_defers_its_recipients_and_nev
 }
 
 #[tokio::test]
+async fn a_recipient_over_a_552_cap_that_never_got_its_transaction_is_deferred_with_a_4xx() {
+    // A 552 over the cap refuses no recipient for good: one that was over
+    // it, and whose own transaction never came, is deferred with a 4xx like
+    // the rest, never with the 552.
+    let to = people(5);
+    for (script, why) in [
+        (
+            second_transaction(Phase::AfterDot, Action::reply(451, "queue full")),
+            "the second transaction's \".\" answered 451",
+        ),
+        (
+            second_transaction(Phase::Mail, Action::Close),
+            "the session lost at the second MAIL",
+        ),
+    ] {
+        let a = FaultSmtp::start_with(
+            script,
+            Options {
+                max_recipients: Some(2),
+                over_cap_reply: Some("552 5.5.3 Too many recipients".into()),
+                ..Options::default()
+            },
+        )
+        .await;
+        let d = by_priority(vec![relay("primary", a.port(), 10)]).await;
+        let r = d.send(mail_to_all(&to)).await;
+        assert_eq!(r.status, Status::Partial, "{why}: {r:?}");
+        assert_eq!(r.accepted, to[0..2].to_vec(), "{why}");
+        assert!(r.rejected.is_empty(), "{why}: {r:?}");
+        let deferred = deferred(&r);
+        assert_eq!(deferred.len(), 3, "{why}: {r:?}");
+        assert!(
+            deferred.iter().all(|(_, code)| (400..500).contains(code)),
+            "{why}: {deferred:?}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_later_transaction_lost_after_its_dot_makes_the_message_unknown() {
     let (a, b, d) = capped(2, true, second_transaction(Phase::AfterDot, Action::Close)).await;
     let to = people(4);
