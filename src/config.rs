@@ -104,6 +104,9 @@ pub struct Config {
     pub safety: crate::policy::SafetySettings,
     /// The relays that file a copy in the Sent folder, by relay name.
     pub sent_copies: Vec<(String, crate::sent_copy::SentCopySettings)>,
+    /// The relays that carry only some senders (their `senders`), in the
+    /// order configured; a relay not listed carries any sender.
+    pub relay_senders: Vec<RelaySenders>,
     /// True when no relay was configured and the embedded `file` relay is used.
     pub default_relay: bool,
     /// The sources that contributed, in order (e.g. "defaults", "file /etc/mailmux.toml",
@@ -116,6 +119,49 @@ pub struct Config {
     /// refused, since other programs may share the prefix, but each is
     /// warned of: a misspelt `MAILMUX_QUEUE__STOR` would otherwise go unseen.
     pub stray_env: Vec<String>,
+}
+
+/// A relay's `senders`: the only senders it carries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelaySenders {
+    pub relay: String,
+    /// The entries as written, for a reload's comparison.
+    pub written: Vec<String>,
+    pub rules: Vec<crate::policy::rules::AddressRule>,
+}
+
+impl Config {
+    /// The relays, in the order configured, that may carry mail from
+    /// `sender`: each one whose `senders` takes it, and each one with no
+    /// `senders`. `None` when no relay has `senders` (every relay may).
+    pub fn relays_for_sender(&self, sender: &lettre::Address) -> Option<Vec<String>> {
+        if self.relay_senders.is_empty() {
+            return None;
+        }
+        let takes = |name: &str| {
+            self.relay_senders
+                .iter()
+                .find(|s| s.relay == name)
+                .is_none_or(|s| crate::policy::rules::allowed(&s.rules, sender))
+        };
+        Some(
+            self.dispatch
+                .relays
+                .iter()
+                .filter(|r| takes(&r.name))
+                .map(|r| r.name.clone())
+                .collect(),
+        )
+    }
+
+    /// The `senders` of the relay `name`, as written; empty when it carries
+    /// any sender.
+    pub fn senders_of(&self, name: &str) -> &[String] {
+        self.relay_senders
+            .iter()
+            .find(|s| s.relay == name)
+            .map_or(&[], |s| s.written.as_slice())
+    }
 }
 
 /// A configuration error that names the key and its source.

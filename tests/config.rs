@@ -532,6 +532,41 @@ fn secrets_are_redacted_in_the_effective_config_and_in_debug() {
 }
 
 #[test]
+fn a_relays_senders_decide_which_relays_carry_a_sender() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        "senders.toml",
+        "[[relays]]\nname = \"a\"\nhost = \"x\"\nfrom_email = \"n@a.example\"\n\
+         senders = [\"@a.example\", \"@*.a.example\", \"ops@Bücher.example\"]\n\
+         [[relays]]\nname = \"b\"\nhost = \"y\"\nsenders = [\"@b.example\"]\n\
+         [[relays]]\nname = \"any\"\nhost = \"z\"\n",
+    );
+    let c = ok(Some(&file), &[]);
+    let (shown, source) = leaf(&c, "/relays/0/senders");
+    assert_eq!(
+        shown,
+        &serde_json::json!(["@a.example", "@*.a.example", "ops@Bücher.example"])
+    );
+    assert!(source.contains("senders.toml"), "{source}");
+    assert_eq!(leaf(&c, "/relays/2/senders").0, &serde_json::json!([]));
+    let carrying = |from: &str| c.relays_for_sender(&from.parse().unwrap());
+    assert_eq!(carrying("x@a.example").unwrap(), ["a", "any"]);
+    assert_eq!(carrying("x@mail.A.example").unwrap(), ["a", "any"]);
+    assert_eq!(carrying("ops@xn--bcher-kva.example").unwrap(), ["a", "any"]);
+    assert_eq!(carrying("x@b.example").unwrap(), ["b", "any"]);
+    assert_eq!(carrying("x@c.example").unwrap(), ["any"]);
+    // A domain rule never takes a local part that routes elsewhere.
+    assert_eq!(carrying("x%evil.example@a.example").unwrap(), ["any"]);
+    assert_eq!(c.senders_of("b"), ["@b.example"]);
+    assert!(c.senders_of("any").is_empty());
+
+    // No relay with `senders`: every relay carries every sender.
+    let c = ok(None, &[("SMTP_HOST", "a.example.org")]);
+    assert_eq!(c.relays_for_sender(&"x@c.example".parse().unwrap()), None);
+}
+
+#[test]
 fn no_relay_means_the_embedded_file_relay() {
     let c = ok(None, &[("MAILMUX_OUTBOX_DIR", "/tmp/mailmux-test-outbox")]);
     assert!(c.default_relay);
@@ -573,6 +608,25 @@ fn every_validation_error_names_the_key_and_the_source() {
             "[[relays]]\nname = \"a\"\nhost = \"\"\n".into(),
             vec![],
             "relays[0].host",
+            "FILE",
+        ),
+        (
+            "[[relays]]\nhost = \"x\"\nsenders = [\"not an address\"]\n".into(),
+            vec![],
+            "relays[0].senders",
+            "FILE",
+        ),
+        (
+            "[[relays]]\nhost = \"x\"\nfrom_email = \"a@x.example\"\nsenders = [\"@y.example\"]\n"
+                .into(),
+            vec![],
+            "relays[0].from_email",
+            "FILE",
+        ),
+        (
+            "[relay_defaults]\nsenders = [\"@x.example\"]\n[[relays]]\nhost = \"x\"\n".into(),
+            vec![],
+            "relay_defaults.senders",
             "FILE",
         ),
         (

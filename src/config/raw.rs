@@ -145,6 +145,7 @@ pub(crate) const RELAY_KEYS: &[&str] = &[
     "from_email",
     "dir",
     "rate",
+    "senders",
     "auth",
     "oauth",
     "sent_copy",
@@ -473,6 +474,10 @@ pub(crate) struct RawRelay {
     /// Submission limits such as `30/min`; past them messages wait or fail
     /// over. Default: none.
     pub rate: Option<StringList>,
+    /// The only senders this relay carries (`local@domain`, `@domain`,
+    /// `@*.domain`); mail from others goes through other relays. Default:
+    /// any sender.
+    pub senders: Option<StringList>,
     /// `auto` | `plain` | `login` | `xoauth2`. Default: `auto` (PLAIN or
     /// LOGIN when a password is set).
     pub auth: Option<String>,

@@ -399,8 +399,9 @@ pub(crate) fn build(
             strategy,
         )?);
     }
-    for (k, (r, _, at, _)) in relays.iter().enumerate() {
-        if let Some((first, _, first_at, _)) = relays[..k].iter().find(|(f, ..)| f.name == r.name) {
+    for (k, (r, _, at, ..)) in relays.iter().enumerate() {
+        if let Some((first, _, first_at, ..)) = relays[..k].iter().find(|(f, ..)| f.name == r.name)
+        {
             return Err(at.err(format!(
                 "relay name {:?} is used twice (first at `{}`); names must be unique",
                 first.name, first_at.key
@@ -432,7 +433,11 @@ pub(crate) fn build(
 
     let sent_copies: Vec<(String, crate::sent_copy::SentCopySettings)> = relays
         .iter()
-        .filter_map(|(r, _, _, copy)| Some((r.name.clone(), copy.clone()?)))
+        .filter_map(|(r, _, _, copy, _)| Some((r.name.clone(), copy.clone()?)))
+        .collect();
+    let relay_senders: Vec<crate::config::RelaySenders> = relays
+        .iter()
+        .filter_map(|(.., senders)| senders.clone())
         .collect();
     let (relays, relay_json): (Vec<RelaySettings>, Vec<Json>) =
         relays.into_iter().map(|(r, j, ..)| (r, j)).unzip();
@@ -475,6 +480,7 @@ pub(crate) fn build(
         },
         safety,
         sent_copies,
+        relay_senders,
         default_relay,
         sources,
         redacted: Json::Object(out),
@@ -1322,6 +1328,7 @@ fn check_tuning_only(ctx: &Ctx, d: &RawRelay) -> Result<(), ConfigError> {
         ("weight", d.weight.is_some()),
         ("from_email", d.from_email.is_some()),
         ("dir", d.dir.is_some()),
+        ("senders", d.senders.is_some()),
     ];
     match set.iter().find(|(_, is)| *is) {
         Some((field, _)) => Err(ctx.at(&format!("relay_defaults.{field}")).err(
@@ -1429,6 +1436,7 @@ type Built = (
     Json,
     At,
     Option<crate::sent_copy::SentCopySettings>,
+    Option<crate::config::RelaySenders>,
 );
 
 fn relay(
@@ -1478,6 +1486,13 @@ fn relay(
         check_address(addr, &at)?;
     }
     leaf(&mut out, "from_email", json!(r.from_email), &at);
+    let senders = relay_senders(r, &name, &at_of)?;
+    leaf(
+        &mut out,
+        "senders",
+        json!(r.senders.clone().unwrap_or_default().0),
+        &at_of("senders"),
+    );
 
     let kind = if kind == "file" {
         for (field, set) in [
@@ -1618,7 +1633,41 @@ fn relay(
         health,
         rate,
     };
-    Ok((settings, Json::Object(out), name_at, copy))
+    Ok((settings, Json::Object(out), name_at, copy, senders))
+}
+
+/// A relay's `senders`, parsed as `allowed_senders` entries are (`*`
+/// allowed, which takes any sender). Its own `from_email` must be among
+/// them.
+fn relay_senders(
+    r: &RawRelay,
+    name: &str,
+    at_of: &dyn Fn(&str) -> At,
+) -> Result<Option<crate::config::RelaySenders>, ConfigError> {
+    use crate::policy::rules::{AddressRule, allowed};
+    let Some(list) = r.senders.as_ref().filter(|l| !l.0.is_empty()) else {
+        return Ok(None);
+    };
+    let at = at_of("senders");
+    let written: Vec<String> = list.0.iter().map(|e| e.trim().to_string()).collect();
+    let rules = written
+        .iter()
+        .map(|e| AddressRule::parse(e, true).map_err(|m| at.err(m)))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(from) = &r.from_email
+        && let Ok(address) = lettre::Address::from_str(from)
+        && !allowed(&rules, &address)
+    {
+        return Err(at_of("from_email").err(format!(
+            "{from:?} is not among the relay's senders ({})",
+            written.join(", ")
+        )));
+    }
+    Ok(Some(crate::config::RelaySenders {
+        relay: name.to_string(),
+        written,
+        rules,
+    }))
 }
 
 /// A PEM file of trusted root certificates (`ca_file`).

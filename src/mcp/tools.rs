@@ -114,6 +114,55 @@ fn invalid(field: &str, rule: &str, message: String) -> ToolError {
     }
 }
 
+/// The relays a message from `from` may go through: those of the caller's
+/// `allowed_relays` whose `senders` take it (`None`: any relay). An error
+/// when none may, or when the relay the call asked for (`asked`) does not
+/// carry that sender.
+#[allow(clippy::result_large_err)] // the error is the tool's answer, built once
+fn relays_for(
+    config: &config::Config,
+    caller: &Caller,
+    from: &lettre::Address,
+    asked: Option<&str>,
+) -> Result<Option<Arc<[String]>>, ToolError> {
+    let allowed = caller.relays();
+    let Some(carrying) = config.relays_for_sender(from) else {
+        return Ok(allowed);
+    };
+    // The errors name no relay's senders: they may be addresses, and the
+    // caller is told of no address it did not give.
+    if let Some(name) = asked
+        && !carrying.iter().any(|n| n == name)
+    {
+        return Err(invalid(
+            "relay",
+            "relay_not_for_sender",
+            format!(
+                "relay {name:?} does not carry mail from {from} (its `senders`); nothing was sent"
+            ),
+        ));
+    }
+    let only: Vec<String> = carrying
+        .into_iter()
+        .filter(|n| allowed.as_ref().is_none_or(|a| a.contains(n)))
+        .collect();
+    if only.is_empty() {
+        return Err(invalid(
+            "from_email",
+            "no_relay_for_sender",
+            format!(
+                "no relay {}carries mail from {from} (each relay's `senders`); nothing was sent",
+                if allowed.is_some() {
+                    "this caller may use "
+                } else {
+                    ""
+                }
+            ),
+        ));
+    }
+    Ok(Some(Arc::from(only)))
+}
+
 /// Arguments of the wrong shape, as the tool's answer.
 fn shape(e: ShapeError) -> ToolError {
     invalid(&e.field, e.rule, e.message)
@@ -1328,6 +1377,10 @@ impl MailmuxServer {
         };
         let span = tracing::Span::current();
         span.record("message_id", composed.message_id.as_str());
+        let only = match relays_for(&config, caller, &composed.from, params.relay.as_deref()) {
+            Ok(only) => only,
+            Err(e) => return Prepared::Done(Box::new(self.refuse(caller, Ok(&composed), e))),
+        };
         let dry_run = params.dry_run.unwrap_or(false);
         // Policy, then rate, then approval; a refusal takes no rate.
         let verdict = match caller.check(&composed, params.relay.as_deref(), dry_run) {
@@ -1349,7 +1402,13 @@ impl MailmuxServer {
                     .selection()
                     .await
                     .ok()
-                    .and_then(|s| s.next),
+                    .and_then(|s| s.next)
+                    // The router's next pick for any message; this one
+                    // goes only where its sender and caller may.
+                    .and_then(|next| match &only {
+                        Some(only) if !only.contains(&next) => only.first().cloned(),
+                        _ => Some(next),
+                    }),
             };
             let text = format!(
                 "dry run: {} ({} bytes) from {} to {} would go to {}; nothing was sent",
@@ -1428,7 +1487,7 @@ impl MailmuxServer {
             bytes: Arc::from(composed.bytes),
             deadline: tokio::time::Instant::now() + config.daemon.send_deadline,
             prefer: params.relay,
-            only: caller.relays(),
+            only,
         };
         let deadline = mail.deadline;
         Prepared::Ready(Box::new(Ready {
@@ -2069,13 +2128,23 @@ impl MailmuxServer {
                 ),
             ));
         }
-        let diff = self
+        let mut diff = self
             .dispatcher()
             .reload(new.dispatch.clone())
             .await
             .map_err(control_error)?;
         crate::config::warn_stray_env(&new);
         let old = self.config();
+        // A relay whose `senders` changed is changed too, though its actor
+        // is not: the senders are read as each message is accepted.
+        for r in &new.dispatch.relays {
+            if old.senders_of(&r.name) != new.senders_of(&r.name)
+                && !diff.added.contains(&r.name)
+                && !diff.changed.contains(&r.name)
+            {
+                diff.changed.push(r.name.clone());
+            }
+        }
         let daemon_changed = old.daemon != new.daemon;
         let restart_needed = restart_only(&self.state.initial, &new);
         if let Some(w) = super::default_relay_warning(&new) {

@@ -1,0 +1,194 @@
+//! A relay's `senders`: the real binary over stdio, three SMTP servers, and
+//! mail from each sender arriving only at the server of a relay that
+//! carries it, on first choice and on failover; a sender no relay carries
+//! (or a relay asked for that does not carry it) refused with nothing sent.
+
+mod common;
+#[path = "../actors/tests/support/mod.rs"]
+mod support;
+
+use common::StdioDaemon;
+use serde_json::{Value, json};
+use support::fault_smtp::{FaultSmtp, Script};
+
+/// One relay entry: `name` at `port`, of `priority`, carrying `senders`
+/// (none: any sender).
+fn relay(name: &str, port: u16, priority: i32, senders: &[&str]) -> String {
+    let senders = if senders.is_empty() {
+        String::new()
+    } else {
+        format!("senders = {}\n", json!(senders))
+    };
+    format!(
+        "\n[[relays]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"none\"\n\
+         priority = {priority}\ntimeout = \"2s\"\nbackoff_base = \"50ms\"\nbackoff_max = \"200ms\"\n{senders}"
+    )
+}
+
+fn config(dir: &std::path::Path, relays: &[String]) -> String {
+    format!(
+        "shutdown_grace = \"1s\"\nfrom_email = \"default@c.example\"\n\n[queue]\npath = \"{}\"\n{}",
+        dir.join("queue.db").display(),
+        relays.concat()
+    )
+}
+
+fn mail(from: &str, subject: &str) -> Value {
+    json!({ "from_email": from, "to": ["rcpt@dest.example"], "subject": subject, "body": "b" })
+}
+
+/// The subjects each server received, in order.
+fn subjects(sink: &FaultSmtp) -> Vec<String> {
+    sink.delivered()
+        .iter()
+        .map(|t| {
+            let text = String::from_utf8_lossy(&t.data);
+            text.lines()
+                .find_map(|l| l.strip_prefix("Subject: "))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_goes_only_through_relays_that_carry_its_sender() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, f) = (
+        FaultSmtp::start(Script::ok()).await,
+        FaultSmtp::start(Script::ok()).await,
+        FaultSmtp::start(Script::ok()).await,
+    );
+    let relays = |a_senders: &[&str], fallback: bool| {
+        let mut r = vec![
+            relay("brand-a", a.port(), 10, a_senders),
+            relay("brand-b", b.port(), 5, &["@b.example", "@*.b.example"]),
+        ];
+        if fallback {
+            r.push(relay("fallback", f.port(), 1, &[]));
+        }
+        config(dir.path(), &r)
+    };
+    let d = StdioDaemon::start(dir.path(), &relays(&["@a.example"], true)).await;
+
+    // Each sender through the relays that carry it, whatever the priority.
+    for (from, subject) in [
+        ("x@a.example", "a1"),
+        ("x@news.b.example", "b1"),
+        ("x@B.example", "b2"),
+        ("x@c.example", "f1"),
+    ] {
+        let r = d.call("send_email", mail(from, subject)).await;
+        assert_eq!(r["status"], "sent", "{from}: {r}");
+    }
+    // The configured default sender, which only the fallback carries.
+    let r = d
+        .call(
+            "send_email",
+            json!({ "to": ["rcpt@dest.example"], "subject": "f2", "body": "b" }),
+        )
+        .await;
+    assert_eq!(r["relay"], "fallback", "{r}");
+
+    // A relay asked for that does not carry the sender: refused, named.
+    let mut asked = mail("x@a.example", "never");
+    asked["relay"] = json!("brand-b");
+    let r = d.call("send_email", asked).await;
+    assert_eq!(r["error"]["code"], "invalid_input", "{r}");
+    assert_eq!(r["error"]["field"], "relay", "{r}");
+    assert_eq!(r["error"]["rule"], "relay_not_for_sender", "{r}");
+
+    // A batch: each message through its own sender's relays.
+    let batch = d
+        .call(
+            "send_batch",
+            json!({
+                "defaults": { "to": ["rcpt@dest.example"], "body": "b" },
+                "messages": [
+                    { "from_email": "y@a.example", "subject": "a2" },
+                    { "from_email": "y@b.example", "subject": "b3" },
+                    { "from_email": "y@c.example", "subject": "f3" },
+                ],
+            }),
+        )
+        .await;
+    assert_eq!(batch["summary"], json!({ "sent": 3 }), "{batch}");
+
+    // A dry run names a relay that carries the sender.
+    let mut dry = mail("z@b.example", "dry");
+    dry["dry_run"] = json!(true);
+    let r = d.call("send_email", dry).await;
+    assert_eq!(r["status"], "dry_run", "{r}");
+    assert_eq!(r["relay"], "brand-b", "{r}");
+
+    // A reload: no fallback, and brand-a carries one address at c.example.
+    std::fs::write(
+        dir.path().join("mailmux.toml"),
+        relays(&["@a.example", "ops@c.example"], false),
+    )
+    .unwrap();
+    let r = d.call("reload_smtp_configuration", json!({})).await;
+    assert_eq!(r["reloaded"], true, "{r}");
+    assert_eq!(r["removed"], json!(["fallback"]), "{r}");
+    assert_eq!(r["changed"], json!(["brand-a"]), "{r}");
+    let r = d.call("send_email", mail("x@c.example", "never")).await;
+    assert_eq!(r["error"]["code"], "invalid_input", "{r}");
+    assert_eq!(r["error"]["field"], "from_email", "{r}");
+    assert_eq!(r["error"]["rule"], "no_relay_for_sender", "{r}");
+    let message = r["error"]["message"].as_str().unwrap();
+    assert!(message.contains("x@c.example"), "{message}");
+    assert!(
+        !message.contains("ops@c.example"),
+        "no configured address: {message}"
+    );
+    let r = d.call("send_email", mail("ops@c.example", "a3")).await;
+    assert_eq!(r["relay"], "brand-a", "{r}");
+    d.stop().await;
+
+    assert_eq!(subjects(&a), ["a1", "a2", "a3"]);
+    assert_eq!(subjects(&b), ["b1", "b2", "b3"]);
+    assert_eq!(subjects(&f), ["f1", "f2", "f3"]);
+    // Nothing refused was stored either.
+    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
+        .arg("--config")
+        .arg(dir.path().join("mailmux.toml"))
+        .args(["queue", "list", "--json"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success(), "{text}");
+    assert!(!text.contains("never"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_is_down_fails_over_only_to_relays_that_carry_the_sender() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = (
+        FaultSmtp::start(Script::ok()).await,
+        FaultSmtp::start(Script::ok()).await,
+    );
+    let down = common::free_port();
+    let d = StdioDaemon::start(
+        dir.path(),
+        &config(
+            dir.path(),
+            &[
+                relay("brand-a", down, 10, &["@a.example"]),
+                relay("brand-b", b.port(), 5, &["@b.example"]),
+                relay("fallback", f.port(), 1, &[]),
+            ],
+        ),
+    )
+    .await;
+    for i in 0..3 {
+        let r = d
+            .call("send_email", mail("x@a.example", &format!("a{i}")))
+            .await;
+        assert_eq!(r["status"], "sent", "{r}");
+        assert_eq!(r["relay"], "fallback", "{r}");
+    }
+    d.stop().await;
+    assert_eq!(subjects(&f), ["a0", "a1", "a2"]);
+    assert_eq!(b.delivered().len(), 0, "brand-b never carries a.example");
+}
