@@ -624,6 +624,13 @@ fn every_validation_error_names_the_key_and_the_source() {
             "FILE",
         ),
         (
+            "from_email = \"a@x.example\"\n[[relays]]\nhost = \"x\"\nsenders = [\"@y.example\"]\n"
+                .into(),
+            vec![],
+            "from_email",
+            "FILE",
+        ),
+        (
             "[relay_defaults]\nsenders = [\"@x.example\"]\n[[relays]]\nhost = \"x\"\n".into(),
             vec![],
             "relay_defaults.senders",

@@ -122,12 +122,18 @@ async fn mail_goes_only_through_relays_that_carry_its_sender() {
     assert_eq!(r["status"], "dry_run", "{r}");
     assert_eq!(r["relay"], "brand-b", "{r}");
 
-    // A reload: no fallback, and brand-a carries one address at c.example.
-    std::fs::write(
-        dir.path().join("mailmux.toml"),
-        relays(&["@a.example", "ops@c.example"], false),
-    )
-    .unwrap();
+    // A reload that would leave the default sender to no relay is refused,
+    // and the running configuration stays.
+    let write = |a_senders: &[&str]| {
+        std::fs::write(dir.path().join("mailmux.toml"), relays(a_senders, false)).unwrap()
+    };
+    write(&["@a.example", "ops@c.example"]);
+    let r = d.call("reload_smtp_configuration", json!({})).await;
+    assert_eq!(r["reloaded"], false, "{r}");
+    let message = r["error"]["message"].as_str().unwrap();
+    assert!(message.contains("`from_email`"), "{message}");
+    // No fallback, and brand-a carries the default sender at c.example.
+    write(&["@a.example", "default@c.example"]);
     let r = d.call("reload_smtp_configuration", json!({})).await;
     assert_eq!(r["reloaded"], true, "{r}");
     assert_eq!(r["removed"], json!(["fallback"]), "{r}");
@@ -139,10 +145,10 @@ async fn mail_goes_only_through_relays_that_carry_its_sender() {
     let message = r["error"]["message"].as_str().unwrap();
     assert!(message.contains("x@c.example"), "{message}");
     assert!(
-        !message.contains("ops@c.example"),
+        !message.contains("default@c.example"),
         "no configured address: {message}"
     );
-    let r = d.call("send_email", mail("ops@c.example", "a3")).await;
+    let r = d.call("send_email", mail("default@c.example", "a3")).await;
     assert_eq!(r["relay"], "brand-a", "{r}");
     d.stop().await;
 

@@ -75,17 +75,20 @@ impl Signer {
     ) -> Result<Signer, String> {
         let der = PrivateKeyDer::from_pem_slice(pem)
             .map_err(|e| format!("is not a PEM private key (PKCS#8, or PKCS#1 for RSA): {e}"))?;
-        let (key, algorithm): (DkimKey, _) = match &der {
+        let (key, algorithm, record): (DkimKey, _, _) = match &der {
             PrivateKeyDer::Pkcs8(p) => {
                 match Ed25519Key::from_pkcs8_maybe_unchecked_der(p.secret_pkcs8_der()) {
-                    Ok(ed) => (ed.into(), "ed25519-sha256"),
-                    Err(_) => (rsa(der.clone_key())?.into(), "rsa-sha256"),
+                    Ok(ed) => {
+                        // RFC 8463: the record holds the raw 32-byte key.
+                        let record = record("ed25519", &ed.public_key());
+                        (ed.into(), "ed25519-sha256", record)
+                    }
+                    Err(_) => rsa(der.clone_key())?,
                 }
             }
-            PrivateKeyDer::Pkcs1(_) => (rsa(der.clone_key())?.into(), "rsa-sha256"),
+            PrivateKeyDer::Pkcs1(_) => rsa(der.clone_key())?,
             _ => return Err("is an EC key: DKIM signs with RSA or Ed25519 keys".into()),
         };
-        let record = record(&der)?;
         let domain = domain.to_ascii_lowercase();
         let signer = DkimSigner::from_key(key)
             .domain(domain.clone())
@@ -149,42 +152,25 @@ impl Signer {
     }
 }
 
-/// The DNS TXT record of the key in `der`, read by aws-lc-rs (which
-/// mail-auth signs with): its public key in the form verifiers look up.
-fn record(der: &PrivateKeyDer<'_>) -> Result<String, String> {
+/// An RSA key, and its DNS record: the public key as SubjectPublicKeyInfo,
+/// which `openssl rsa -pubout` writes and verifiers expect (mail-auth gives
+/// the bare RSAPublicKey; aws-lc-rs, which it signs with, wraps it).
+fn rsa(der: PrivateKeyDer<'_>) -> Result<(DkimKey, &'static str, String), String> {
     use aws_lc_rs::encoding::AsDer;
-    use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair, RsaKeyPair};
-    use base64::Engine;
-    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
-    let unusable = |_| "is neither an RSA nor an Ed25519 private key mailmux can use".to_string();
-    let rsa = |pair: RsaKeyPair| {
-        let spki = pair
-            .public_key()
-            .as_der()
-            .map_err(|_| "is an RSA key whose public key could not be encoded".to_string())?;
-        Ok(format!("v=DKIM1; k=rsa; p={}", b64(spki.as_ref())))
-    };
-    match der {
-        PrivateKeyDer::Pkcs8(p) => {
-            let bytes = p.secret_pkcs8_der();
-            match Ed25519KeyPair::from_pkcs8_maybe_unchecked(bytes) {
-                Ok(ed) => Ok(format!(
-                    "v=DKIM1; k=ed25519; p={}",
-                    b64(ed.public_key().as_ref())
-                )),
-                Err(_) => rsa(RsaKeyPair::from_pkcs8(bytes).map_err(unusable)?),
-            }
-        }
-        PrivateKeyDer::Pkcs1(p) => {
-            rsa(RsaKeyPair::from_der(p.secret_pkcs1_der()).map_err(unusable)?)
-        }
-        _ => Err("is an EC key: DKIM signs with RSA or Ed25519 keys".into()),
-    }
+    let key = RsaKey::<Sha256>::from_key_der(der)
+        .map_err(|_| "is neither an RSA nor an Ed25519 private key mailmux can use".to_string())?;
+    let spki = aws_lc_rs::rsa::PublicKey::from_der(&key.public_key())
+        .ok()
+        .and_then(|public| public.as_der().ok())
+        .ok_or("is an RSA key whose public key could not be encoded")?;
+    Ok((key.into(), "rsa-sha256", record("rsa", spki.as_ref())))
 }
 
-fn rsa(der: PrivateKeyDer<'_>) -> Result<RsaKey<Sha256>, String> {
-    RsaKey::<Sha256>::from_key_der(der)
-        .map_err(|_| "is neither an RSA nor an Ed25519 private key mailmux can use".to_string())
+/// A DNS TXT record of a DKIM key (RFC 6376, 3.6.1).
+fn record(k: &str, public_key: &[u8]) -> String {
+    use base64::Engine;
+    let p = base64::engine::general_purpose::STANDARD.encode(public_key);
+    format!("v=DKIM1; k={k}; p={p}")
 }
 
 impl fmt::Debug for Signer {
