@@ -540,6 +540,7 @@ fn a_relays_senders_decide_which_relays_carry_a_sender() {
         "[[relays]]\nname = \"a\"\nhost = \"x\"\nfrom_email = \"n@a.example\"\n\
          senders = [\"@a.example\", \"@*.a.example\", \"ops@Bücher.example\"]\n\
          [[relays]]\nname = \"b\"\nhost = \"y\"\nsenders = [\"@b.example\"]\n\
+         return_path = \"bounces@b.example\"\n\
          [[relays]]\nname = \"any\"\nhost = \"z\"\n",
     );
     let c = ok(Some(&file), &[]);
@@ -559,6 +560,12 @@ fn a_relays_senders_decide_which_relays_carry_a_sender() {
     // A domain rule never takes a local part that routes elsewhere.
     assert_eq!(carrying("x%evil.example@a.example").unwrap(), ["any"]);
     assert_eq!(c.senders_of("b"), ["@b.example"]);
+    assert_eq!(c.dispatch.relays[0].return_path, None);
+    assert_eq!(
+        c.dispatch.relays[1].return_path,
+        Some("bounces@b.example".parse().unwrap())
+    );
+    assert_eq!(leaf(&c, "/relays/1/return_path").0, "bounces@b.example");
     assert!(c.senders_of("any").is_empty());
 
     // No relay with `senders`: every relay carries every sender.
@@ -628,6 +635,24 @@ fn every_validation_error_names_the_key_and_the_source() {
                 .into(),
             vec![],
             "from_email",
+            "FILE",
+        ),
+        (
+            "[[relays]]\nhost = \"x\"\nreturn_path = \"not an address\"\n".into(),
+            vec![],
+            "relays[0].return_path",
+            "FILE",
+        ),
+        (
+            "[[relays]]\nhost = \"x\"\nreturn_path = \"bounces@bücher.example\"\n".into(),
+            vec![],
+            "relays[0].return_path",
+            "FILE",
+        ),
+        (
+            "[[relays]]\nkind = \"file\"\nreturn_path = \"bounces@x.example\"\n".into(),
+            vec![],
+            "relays[0].return_path",
             "FILE",
         ),
         (

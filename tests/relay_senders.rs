@@ -63,7 +63,9 @@ async fn mail_goes_only_through_relays_that_carry_its_sender() {
     let relays = |a_senders: &[&str], fallback: bool| {
         let mut r = vec![
             relay("brand-a", a.port(), 10, a_senders),
-            relay("brand-b", b.port(), 5, &["@b.example", "@*.b.example"]),
+            // Bounces of brand-b's mail go to one address of its own.
+            relay("brand-b", b.port(), 5, &["@b.example", "@*.b.example"])
+                + "return_path = \"bounces@b.example\"\n",
         ];
         if fallback {
             r.push(relay("fallback", f.port(), 1, &[]));
@@ -155,6 +157,21 @@ async fn mail_goes_only_through_relays_that_carry_its_sender() {
     assert_eq!(subjects(&a), ["a1", "a2", "a3"]);
     assert_eq!(subjects(&b), ["b1", "b2", "b3"]);
     assert_eq!(subjects(&f), ["f1", "f2", "f3"]);
+    // The envelope sender: brand-b's return path, else the message's sender;
+    // the From field is the sender's either way.
+    let envelope = |sink: &FaultSmtp| -> Vec<String> {
+        sink.delivered()
+            .iter()
+            .map(|t| t.mail_from.clone())
+            .collect()
+    };
+    assert_eq!(envelope(&b), ["bounces@b.example"; 3]);
+    assert_eq!(
+        envelope(&a),
+        ["x@a.example", "y@a.example", "default@c.example"]
+    );
+    let first_b = String::from_utf8_lossy(&b.delivered()[0].data).into_owned();
+    assert!(first_b.contains("From: x@news.b.example"), "{first_b}");
     // Nothing refused was stored either.
     let listed = std::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
         .arg("--config")

@@ -753,9 +753,11 @@ async fn deliver_smtp(shared: &Arc<RelayShared>, flight: &Flight) -> Result<Deli
         ));
     }
 
-    let from = match &mail.from {
-        Some(a) => Some(a.clone()),
-        None => shared
+    // The relay's return path, else the message's sender, else the relay's.
+    let from = match (&shared.settings.return_path, &mail.from) {
+        (Some(path), _) => Some(path.clone()),
+        (None, Some(a)) => Some(a.clone()),
+        (None, None) => shared
             .settings
             .from_email
             .as_deref()

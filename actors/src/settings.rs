@@ -147,6 +147,9 @@ pub struct RelaySettings {
     pub weight: u32,
     /// Sender used when a message names none.
     pub from_email: Option<String>,
+    /// The envelope sender (MAIL FROM) of every message through this relay,
+    /// where bounces go; `None`: each message's own sender.
+    pub return_path: Option<lettre::Address>,
     /// Connection pool, queue and per-connection bounds.
     pub pool: PoolSettings,
     /// Timeouts for every network wait.
@@ -474,6 +477,7 @@ impl RelaySettings {
             priority: 0,
             weight: 1,
             from_email: None,
+            return_path: None,
             pool: PoolSettings::default(),
             timeouts: Timeouts::default(),
             health: HealthSettings::default(),

@@ -146,6 +146,7 @@ pub(crate) const RELAY_KEYS: &[&str] = &[
     "dir",
     "rate",
     "senders",
+    "return_path",
     "auth",
     "oauth",
     "sent_copy",
@@ -478,6 +479,9 @@ pub(crate) struct RawRelay {
     /// `@*.domain`); mail from others goes through other relays. Default:
     /// any sender.
     pub senders: Option<StringList>,
+    /// The envelope sender (MAIL FROM) of every message through this relay,
+    /// where bounces go. Default: each message's sender.
+    pub return_path: Option<String>,
     /// `auto` | `plain` | `login` | `xoauth2`. Default: `auto` (PLAIN or
     /// LOGIN when a password is set).
     pub auth: Option<String>,

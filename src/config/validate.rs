@@ -1342,6 +1342,7 @@ fn check_tuning_only(ctx: &Ctx, d: &RawRelay) -> Result<(), ConfigError> {
         ("from_email", d.from_email.is_some()),
         ("dir", d.dir.is_some()),
         ("senders", d.senders.is_some()),
+        ("return_path", d.return_path.is_some()),
     ];
     match set.iter().find(|(_, is)| *is) {
         Some((field, _)) => Err(ctx.at(&format!("relay_defaults.{field}")).err(
@@ -1500,6 +1501,24 @@ fn relay(
     }
     leaf(&mut out, "from_email", json!(r.from_email), &at);
     let senders = relay_senders(r, &name, &at_of)?;
+    let at = at_of("return_path");
+    let return_path = match &r.return_path {
+        None => None,
+        Some(text) => {
+            let address = lettre::Address::from_str(text.trim())
+                .map_err(|e| at.err(format!("{text:?} is not an email address: {e}")))?;
+            if !text.is_ascii() {
+                return Err(at.err(format!(
+                    "{text:?} is not ASCII: an envelope sender must be, so that every server takes it"
+                )));
+            }
+            if kind == "file" {
+                return Err(at.err("a file relay has no envelope sender"));
+            }
+            Some(address)
+        }
+    };
+    leaf(&mut out, "return_path", json!(r.return_path), &at);
     leaf(
         &mut out,
         "senders",
@@ -1641,6 +1660,7 @@ fn relay(
         priority,
         weight,
         from_email: r.from_email.clone(),
+        return_path,
         pool,
         timeouts,
         health,
