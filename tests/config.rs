@@ -566,6 +566,36 @@ fn a_relays_senders_decide_which_relays_carry_a_sender() {
         Some("bounces@b.example".parse().unwrap())
     );
     assert_eq!(leaf(&c, "/relays/1/return_path").0, "bounces@b.example");
+
+    // Delivery status notifications, in the protocol's words.
+    let file = write(
+        &dir,
+        "dsn.toml",
+        "[[relays]]\nname = \"a\"\nhost = \"x\"\ndsn_notify = [\"failure\", \"Delay\"]\n\
+         dsn_ret = \"hdrs\"\n[[relays]]\nname = \"b\"\nhost = \"y\"\ndsn_notify = \"never\"\n\
+         [[relays]]\nname = \"c\"\nhost = \"z\"\n",
+    );
+    let c = ok(Some(&file), &[]);
+    let dsn = |i: usize| match &c.dispatch.relays[i].kind {
+        RelayKind::Smtp(s) => s.dsn.clone().map(|d| *d),
+        RelayKind::File { .. } => panic!("an smtp relay"),
+    };
+    assert_eq!(
+        dsn(0),
+        Some(mailmux_actors::Dsn {
+            notify: Some("FAILURE,DELAY".into()),
+            ret: Some("HDRS".into())
+        })
+    );
+    assert_eq!(
+        dsn(1),
+        Some(mailmux_actors::Dsn {
+            notify: Some("NEVER".into()),
+            ret: None
+        })
+    );
+    assert_eq!(dsn(2), None);
+    assert_eq!(leaf(&c, "/relays/0/dsn_ret").0, "hdrs");
     assert!(c.senders_of("any").is_empty());
 
     // No relay with `senders`: every relay carries every sender.
@@ -653,6 +683,36 @@ fn every_validation_error_names_the_key_and_the_source() {
             "[[relays]]\nkind = \"file\"\nreturn_path = \"bounces@x.example\"\n".into(),
             vec![],
             "relays[0].return_path",
+            "FILE",
+        ),
+        (
+            "[[relays]]\nhost = \"x\"\ndsn_notify = [\"never\", \"failure\"]\n".into(),
+            vec![],
+            "relays[0].dsn_notify",
+            "FILE",
+        ),
+        (
+            "[[relays]]\nhost = \"x\"\ndsn_notify = [\"sometimes\"]\n".into(),
+            vec![],
+            "relays[0].dsn_notify",
+            "FILE",
+        ),
+        (
+            "[[relays]]\nhost = \"x\"\ndsn_ret = \"partial\"\n".into(),
+            vec![],
+            "relays[0].dsn_ret",
+            "FILE",
+        ),
+        (
+            "[[relays]]\nkind = \"file\"\ndsn_notify = [\"failure\"]\n".into(),
+            vec![],
+            "relays[0].dsn_notify",
+            "FILE",
+        ),
+        (
+            "[relay_defaults]\ndsn_ret = \"hdrs\"\n[[relays]]\nhost = \"x\"\n".into(),
+            vec![],
+            "relay_defaults.dsn_ret",
             "FILE",
         ),
         (

@@ -39,7 +39,7 @@ pub use mail::{
     Attempt, CommitMark, FailureClass, FailureReason, Mail, Rejected, Reply, Report, Status,
 };
 pub use settings::{
-    AuthMethod, Credentials, FetchToken, HealthSettings, Limits, PoolSettings, RelayKind,
+    AuthMethod, Credentials, Dsn, FetchToken, HealthSettings, Limits, PoolSettings, RelayKind,
     RelayRate, RelaySettings, RouterSettings, Secret, Settings, SmtpSettings, Strategy,
     SupervisorSettings, Timeouts, TlsMode, TokenSource,
 };

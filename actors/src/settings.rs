@@ -205,6 +205,22 @@ pub struct SmtpSettings {
     /// have said to send them in another transaction. `None`: as many as
     /// the server takes.
     pub recipients_per_transaction: Option<std::num::NonZeroUsize>,
+    /// Delivery status notifications asked of a server that announces DSN
+    /// (RFC 3461). `None`: none asked, the server's defaults.
+    pub dsn: Option<Box<Dsn>>,
+}
+
+/// What a relay asks of a server's delivery status notifications (RFC
+/// 3461): with either set, each message also names its Message-ID as its
+/// `ENVID`, and each recipient itself as its `ORCPT`, so that a report can
+/// be matched to what was sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dsn {
+    /// `NOTIFY` of each recipient: `NEVER`, or some of `SUCCESS`,
+    /// `FAILURE` and `DELAY`, comma-separated.
+    pub notify: Option<String>,
+    /// `RET`: `HDRS` (a report returns the headers only) or `FULL`.
+    pub ret: Option<String>,
 }
 
 /// Transport security for an SMTP relay.
@@ -499,6 +515,7 @@ impl RelaySettings {
                 accept_invalid_certs: false,
                 pipelining: true,
                 recipients_per_transaction: None,
+                dsn: None,
             }),
         )
     }

@@ -23,7 +23,7 @@ use lettre::transport::smtp::authentication::{Credentials as LettreCredentials, 
 use lettre::transport::smtp::client::{AsyncNetworkStream, AsyncTokioStream};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
 use lettre::transport::smtp::commands::{Data, Ehlo, Mail as MailCmd, Noop, Rcpt, Rset};
-use lettre::transport::smtp::extension::{ClientId, Extension, MailParameter};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailParameter, RcptParameter};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -232,6 +232,9 @@ pub(crate) struct Conn {
     size: Option<u64>,
     /// The limits the server announced with LIMITS (RFC 9422).
     limits: ServerLimits,
+    /// What the relay asks of delivery status notifications, when the
+    /// server announced DSN (RFC 3461); `None` otherwise.
+    dsn: Option<Box<crate::settings::Dsn>>,
     /// MAIL commands sent on this session, for the announced MAILMAX.
     transactions: u32,
 }
@@ -437,6 +440,7 @@ pub(crate) async fn dial(
         per_transaction: s.recipients_per_transaction,
         size: ehlo.size,
         limits: ehlo.limits,
+        dsn: s.dsn.clone().filter(|_| ehlo.dsn),
         transactions: 0,
     })
 }
@@ -545,6 +549,8 @@ struct Keywords {
     size: Option<u64>,
     /// LIMITS (RFC 9422).
     limits: ServerLimits,
+    /// DSN (RFC 3461).
+    dsn: bool,
 }
 
 impl ServerLimits {
@@ -630,6 +636,7 @@ impl Keywords {
             pipelining: false,
             size: None,
             limits: ServerLimits::default(),
+            dsn: false,
         };
         for line in lines {
             let mut words = line.split_whitespace();
@@ -642,6 +649,7 @@ impl Keywords {
                 Some(k) if k.eq_ignore_ascii_case("LIMITS") => {
                     found.limits = ServerLimits::of(words)
                 }
+                Some(k) if k.eq_ignore_ascii_case("DSN") => found.dsn = true,
                 _ => {}
             }
         }
@@ -921,6 +929,22 @@ async fn transact_inner(
             lettre::transport::smtp::extension::MailBodyParameter::EightBitMime,
         ));
     }
+    if let Some(dsn) = &conn.dsn {
+        if let Some(ret) = &dsn.ret {
+            params.push(MailParameter::Other {
+                keyword: "RET".into(),
+                value: Some(ret.clone()),
+            });
+        }
+        // RFC 3461 caps ENVID at 100 characters; a longer Message-ID (one
+        // from a caller's own domain, say) names none.
+        if mail.message_id.len() <= 100 {
+            params.push(MailParameter::Other {
+                keyword: "ENVID".into(),
+                value: Some(mail.message_id.clone()),
+            });
+        }
+    }
     let mail_cmd = MailCmd::new(from.cloned(), params);
     // Until a transaction has a recipient accepted, nothing is committed: a
     // transaction whose every recipient was refused passes to the next.
@@ -1045,6 +1069,30 @@ fn grouped_by_domain(to: &[Address]) -> Option<Vec<Address>> {
     }
     keyed.sort_by_key(|(i, _)| *i);
     Some(keyed.into_iter().map(|(_, a)| a.clone()).collect())
+}
+
+/// The DSN parameters of one recipient (RFC 3461): `NOTIFY` as the relay
+/// asks, and `ORCPT`, the recipient as given (an ASCII one: a UTF-8
+/// address would need RFC 6533's form).
+fn rcpt_params(dsn: Option<&crate::settings::Dsn>, to: &Address) -> Vec<RcptParameter> {
+    let Some(dsn) = dsn else {
+        return Vec::new();
+    };
+    let mut params = Vec::with_capacity(2);
+    if let Some(notify) = &dsn.notify {
+        params.push(RcptParameter::Other {
+            keyword: "NOTIFY".into(),
+            value: Some(notify.clone()),
+        });
+    }
+    let address: &str = to.as_ref();
+    if address.is_ascii() {
+        params.push(RcptParameter::Other {
+            keyword: "ORCPT".into(),
+            value: Some(format!("rfc822;{address}")),
+        });
+    }
+    params
 }
 
 /// Why a message's recipients went in more than one transaction.
@@ -1273,7 +1321,10 @@ async fn envelope(
     t: &Timeouts,
     deadline: Instant,
 ) -> Result<Envelope, Failure> {
-    let rcpts: Vec<Rcpt> = to.iter().map(|a| Rcpt::new((*a).clone(), vec![])).collect();
+    let rcpts: Vec<Rcpt> = to
+        .iter()
+        .map(|a| Rcpt::new((*a).clone(), rcpt_params(conn.dsn.as_deref(), a)))
+        .collect();
     let pipelined = conn.pipelining;
     conn.transactions = conn.transactions.saturating_add(1);
     let sent = if pipelined {

@@ -2312,3 +2312,54 @@ async fn lines_that_start_with_a_dot_arrive_intact() {
     assert_eq!(got.len(), 1, "one message, not cut at the lone dot");
     assert_eq!(String::from_utf8_lossy(&got[0].data), format!("{text}\r\n"));
 }
+
+#[tokio::test]
+async fn a_relay_asks_for_delivery_status_notifications_only_of_a_server_that_offers_them() {
+    let to = vec![
+        "a+tag@test.example".to_string(),
+        "b@test.example".to_string(),
+    ];
+    for (announced, pipelining) in [(true, true), (true, false), (false, true)] {
+        let a = FaultSmtp::start_with(
+            Script::ok(),
+            Options {
+                dsn: announced,
+                pipelining,
+                ..Options::default()
+            },
+        )
+        .await;
+        let mut primary = relay("primary", a.port(), 10);
+        if let RelayKind::Smtp(s) = &mut primary.kind {
+            s.dsn = Some(Box::new(mailmux_actors::Dsn {
+                notify: Some("FAILURE,DELAY".into()),
+                ret: Some("HDRS".into()),
+            }));
+        }
+        let d = by_priority(vec![primary]).await;
+        let m = mail_to_all(&to);
+        let id = m.message_id.clone();
+        let r = d.send(m).await;
+        assert_eq!(r.status, Status::Sent, "{r:?}");
+        let (mail, rcpt) = (a.mail_args(), a.rcpt_args());
+        if announced {
+            assert!(
+                mail[0].ends_with(&format!(" RET=HDRS ENVID={id}")),
+                "{mail:?}"
+            );
+            // ORCPT is xtext: the `+` of the address as +2B.
+            assert_eq!(
+                rcpt,
+                [
+                    "TO:<a+tag@test.example> NOTIFY=FAILURE,DELAY ORCPT=rfc822;a+2Btag@test.example",
+                    "TO:<b@test.example> NOTIFY=FAILURE,DELAY ORCPT=rfc822;b@test.example",
+                ],
+                "pipelined {pipelining}"
+            );
+        } else {
+            // A server that does not offer DSN is asked nothing of it.
+            assert!(!mail[0].contains("ENVID"), "{mail:?}");
+            assert_eq!(rcpt, ["TO:<a+tag@test.example>", "TO:<b@test.example>"]);
+        }
+    }
+}

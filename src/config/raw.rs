@@ -147,6 +147,8 @@ pub(crate) const RELAY_KEYS: &[&str] = &[
     "rate",
     "senders",
     "return_path",
+    "dsn_notify",
+    "dsn_ret",
     "auth",
     "oauth",
     "sent_copy",
@@ -482,6 +484,13 @@ pub(crate) struct RawRelay {
     /// The envelope sender (MAIL FROM) of every message through this relay,
     /// where bounces go. Default: each message's sender.
     pub return_path: Option<String>,
+    /// Delivery status notifications asked of a server that announces DSN:
+    /// `never`, or some of `success`, `failure` and `delay`. Default: none
+    /// asked (the server's own).
+    pub dsn_notify: Option<StringList>,
+    /// `hdrs` or `full`: what a delivery status notification returns of
+    /// the message. Default: the server's choice.
+    pub dsn_ret: Option<String>,
     /// `auto` | `plain` | `login` | `xoauth2`. Default: `auto` (PLAIN or
     /// LOGIN when a password is set).
     pub auth: Option<String>,

@@ -1343,6 +1343,8 @@ fn check_tuning_only(ctx: &Ctx, d: &RawRelay) -> Result<(), ConfigError> {
         ("dir", d.dir.is_some()),
         ("senders", d.senders.is_some()),
         ("return_path", d.return_path.is_some()),
+        ("dsn_notify", d.dsn_notify.is_some()),
+        ("dsn_ret", d.dsn_ret.is_some()),
     ];
     match set.iter().find(|(_, is)| *is) {
         Some((field, _)) => Err(ctx.at(&format!("relay_defaults.{field}")).err(
@@ -1535,6 +1537,8 @@ fn relay(
                 "password",
                 r.password.is_some() || r.password_file.is_some(),
             ),
+            ("dsn_notify", r.dsn_notify.is_some()),
+            ("dsn_ret", r.dsn_ret.is_some()),
         ] {
             if set {
                 return Err(at_of(field).err("not used by a file relay (kind = \"file\")"));
@@ -2082,6 +2086,8 @@ fn smtp(
         &at,
     );
 
+    let dsn = dsn(r, &at_of, out)?;
+
     Ok(SmtpSettings {
         host,
         port,
@@ -2092,5 +2098,57 @@ fn smtp(
         accept_invalid_certs,
         pipelining,
         recipients_per_transaction,
+        dsn,
     })
+}
+
+/// `dsn_notify` and `dsn_ret`: what a relay asks of delivery status
+/// notifications (RFC 3461), in the words the protocol takes.
+fn dsn(
+    r: &RawRelay,
+    at_of: &dyn Fn(&str) -> At,
+    out: &mut Map<String, Json>,
+) -> Result<Option<Box<mailmux_actors::Dsn>>, ConfigError> {
+    let at = at_of("dsn_notify");
+    let notify = match &r.dsn_notify {
+        None => None,
+        Some(list) => {
+            let words: Vec<String> = list
+                .0
+                .iter()
+                .map(|w| w.trim().to_ascii_uppercase())
+                .collect();
+            if let Some(bad) = words
+                .iter()
+                .find(|w| !["NEVER", "SUCCESS", "FAILURE", "DELAY"].contains(&w.as_str()))
+            {
+                return Err(at.err(format!(
+                    "{bad:?} is not a notification: never, or some of success, failure and delay"
+                )));
+            }
+            if words.is_empty() || (words.len() > 1 && words.iter().any(|w| w == "NEVER")) {
+                return Err(at.err("is never alone, or some of success, failure and delay"));
+            }
+            Some(words.join(","))
+        }
+    };
+    leaf(
+        out,
+        "dsn_notify",
+        json!(r.dsn_notify.as_ref().map(|l| &l.0)),
+        &at,
+    );
+    let at = at_of("dsn_ret");
+    let ret = match r.dsn_ret.as_deref().map(str::trim) {
+        None => None,
+        Some(v) if v.eq_ignore_ascii_case("hdrs") => Some("HDRS".to_string()),
+        Some(v) if v.eq_ignore_ascii_case("full") => Some("FULL".to_string()),
+        Some(v) => {
+            return Err(at.err(format!(
+                "{v:?} is not hdrs (a report returns the headers) or full"
+            )));
+        }
+    };
+    leaf(out, "dsn_ret", json!(r.dsn_ret), &at);
+    Ok((notify.is_some() || ret.is_some()).then(|| Box::new(mailmux_actors::Dsn { notify, ret })))
 }

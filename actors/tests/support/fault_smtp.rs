@@ -197,6 +197,9 @@ pub struct Options {
     /// Announce the three limits above in EHLO as `LIMITS RCPTMAX=…
     /// RCPTDOMAINMAX=… MAILMAX=…` (RFC 9422), those that are set.
     pub announce_limits: bool,
+    /// Announce DSN (RFC 3461); the MAIL and RCPT arguments are recorded
+    /// either way ([`FaultSmtp::mail_args`], [`FaultSmtp::rcpt_args`]).
+    pub dsn: bool,
     /// Announce `SIZE n` (RFC 1870; 0: no fixed limit), and refuse a MAIL
     /// whose `SIZE=` is larger than `n`, or data larger than `n` after the
     /// final ".", with 552.
@@ -218,6 +221,7 @@ impl Default for Options {
             max_domains: None,
             max_transactions: None,
             announce_limits: false,
+            dsn: false,
             size: None,
         }
     }
@@ -289,6 +293,7 @@ impl FaultSmtp {
             received: Mutex::new(Vec::new()),
             verbs: Mutex::new(HashMap::new()),
             mail_args: Mutex::new(Vec::new()),
+            rcpt_args: Mutex::new(Vec::new()),
             over_cap: AtomicU64::new(0),
             phases: Default::default(),
             connections: AtomicU64::new(0),
@@ -394,6 +399,11 @@ impl FaultSmtp {
         lock(&self.shared.mail_args).clone()
     }
 
+    /// The argument of every RCPT command received, in order.
+    pub fn rcpt_args(&self) -> Vec<String> {
+        lock(&self.shared.rcpt_args).clone()
+    }
+
     /// How many RCPTs were answered as over `max_recipients` or
     /// `max_domains`, and MAILs as over `max_transactions`, since the start.
     pub fn over_cap_replies(&self) -> u64 {
@@ -460,6 +470,7 @@ struct Shared {
     verbs: Mutex<HashMap<String, u64>>,
     /// The argument of every MAIL command, in order.
     mail_args: Mutex<Vec<String>>,
+    rcpt_args: Mutex<Vec<String>>,
     /// RCPTs answered as over `max_recipients`.
     over_cap: AtomicU64,
     phases: [AtomicU64; 7],

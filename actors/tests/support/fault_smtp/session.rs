@@ -196,6 +196,9 @@ impl Session {
         if let Some(n) = opts.size {
             lines.push(format!("SIZE {n}"));
         }
+        if opts.dsn {
+            lines.push("DSN".into());
+        }
         if opts.announce_limits {
             let limits: Vec<String> = [
                 ("RCPTMAX", opts.max_recipients),
@@ -438,6 +441,7 @@ impl Session {
     }
 
     async fn rcpt(&mut self, conn: &mut Conn, arg: &str) -> Step {
+        lock(&self.shared.rcpt_args).push(arg.to_string());
         let Some(to) = address(arg, "TO:") else {
             return send(conn, "501 5.5.4 Syntax: RCPT TO:<address>")
                 .await
