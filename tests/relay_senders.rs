@@ -152,10 +152,27 @@ async fn mail_goes_only_through_relays_that_carry_its_sender() {
     );
     let r = d.call("send_email", mail("default@c.example", "a3")).await;
     assert_eq!(r["relay"], "brand-a", "{r}");
+    // In a batch, the message no relay carries is refused on its own.
+    let batch = d
+        .call(
+            "send_batch",
+            json!({
+                "defaults": { "to": ["rcpt@dest.example"], "body": "b" },
+                "messages": [
+                    { "from_email": "y@b.example", "subject": "b4" },
+                    { "from_email": "y@c.example", "subject": "never" },
+                ],
+            }),
+        )
+        .await;
+    assert_eq!(batch["results"][0]["status"], "sent", "{batch}");
+    let refused = &batch["results"][1]["error"];
+    assert_eq!(refused["field"], "messages[1].from_email", "{batch}");
+    assert_eq!(refused["rule"], "no_relay_for_sender", "{batch}");
     d.stop().await;
 
     assert_eq!(subjects(&a), ["a1", "a2", "a3"]);
-    assert_eq!(subjects(&b), ["b1", "b2", "b3"]);
+    assert_eq!(subjects(&b), ["b1", "b2", "b3", "b4"]);
     assert_eq!(subjects(&f), ["f1", "f2", "f3"]);
     // The envelope sender: brand-b's return path, else the message's sender;
     // the From field is the sender's either way.
@@ -165,7 +182,7 @@ async fn mail_goes_only_through_relays_that_carry_its_sender() {
             .map(|t| t.mail_from.clone())
             .collect()
     };
-    assert_eq!(envelope(&b), ["bounces@b.example"; 3]);
+    assert_eq!(envelope(&b), ["bounces@b.example"; 4]);
     assert_eq!(
         envelope(&a),
         ["x@a.example", "y@a.example", "default@c.example"]
