@@ -455,6 +455,7 @@ impl Dispatcher {
                 pipelining: false,
                 size_limit: None,
                 limits: Default::default(),
+                dsn: false,
                 error: Some((
                     crate::mail::FailureClass::RelayFault,
                     "the relay's actor is restarting or disabled".into(),

@@ -526,6 +526,7 @@ fn spawn_probe(
                     pipelining: false,
                     size_limit: None,
                     limits: Default::default(),
+                    dsn: false,
                 })
             }
         };
@@ -544,6 +545,7 @@ fn spawn_probe(
                     pipelining: p.pipelining,
                     size_limit: p.size_limit,
                     limits: p.limits,
+                    dsn: p.dsn,
                     error: None,
                 },
                 Err(f) => ProbeReport {
@@ -561,6 +563,7 @@ fn spawn_probe(
                     pipelining: false,
                     size_limit: None,
                     limits: Default::default(),
+                    dsn: false,
                     error: Some((f.class, f.detail.clone())),
                 },
             };

@@ -235,6 +235,8 @@ pub(crate) struct Conn {
     /// What the relay asks of delivery status notifications, when the
     /// server announced DSN (RFC 3461); `None` otherwise.
     dsn: Option<Box<crate::settings::Dsn>>,
+    /// The server announced DSN.
+    offers_dsn: bool,
     /// MAIL commands sent on this session, for the announced MAILMAX.
     transactions: u32,
 }
@@ -441,6 +443,7 @@ pub(crate) async fn dial(
         size: ehlo.size,
         limits: ehlo.limits,
         dsn: s.dsn.clone().filter(|_| ehlo.dsn),
+        offers_dsn: ehlo.dsn,
         transactions: 0,
     })
 }
@@ -1588,6 +1591,8 @@ pub(crate) struct Probed {
     pub size_limit: Option<u64>,
     /// The limits it announced with LIMITS.
     pub limits: ServerLimits,
+    /// It announced DSN (RFC 3461).
+    pub dsn: bool,
 }
 
 /// Connect, TLS, EHLO, AUTH (if configured), NOOP, QUIT.
@@ -1602,6 +1607,7 @@ pub(crate) async fn probe(s: &SmtpSettings, t: &Timeouts) -> Result<Probed, Fail
         pipelining: conn.pipelining,
         size_limit: conn.size.filter(|&n| n > 0),
         limits: conn.limits,
+        dsn: conn.offers_dsn,
     };
     conn.quit(t.command).await;
     Ok(probed)

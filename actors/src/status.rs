@@ -161,6 +161,9 @@ pub struct ProbeReport {
     /// The limits it announced with LIMITS (RFC 9422), which mailmux keeps
     /// to.
     pub limits: ServerLimits,
+    /// It announced DSN (RFC 3461): a relay's `dsn_notify` and `dsn_ret`
+    /// are asked of it.
+    pub dsn: bool,
     /// When the probe failed: its class and what went wrong.
     pub error: Option<(FailureClass, String)>,
 }

@@ -2361,5 +2361,8 @@ async fn a_relay_asks_for_delivery_status_notifications_only_of_a_server_that_of
             assert!(!mail[0].contains("ENVID"), "{mail:?}");
             assert_eq!(rcpt, ["TO:<a+tag@test.example>", "TO:<b@test.example>"]);
         }
+        // A probe says whether the server offers DSN.
+        let probed = d.test_connection(None).await.unwrap();
+        assert_eq!(probed[0].dsn, announced, "{probed:?}");
     }
 }

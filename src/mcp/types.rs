@@ -1444,6 +1444,9 @@ pub struct ProbeOut {
     /// mailmux keeps to; absent when it announced none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limits: Option<LimitsOut>,
+    /// The server announced DSN (RFC 3461): the relay's `dsn_notify` and
+    /// `dsn_ret`, when set, are asked of it.
+    pub dsn: bool,
     /// The failure class, when the probe failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error_class: Option<String>,
@@ -1463,6 +1466,7 @@ impl From<&ProbeReport> for ProbeOut {
             pipelining: p.pipelining,
             size_limit: p.size_limit,
             limits: LimitsOut::of(&p.limits),
+            dsn: p.dsn,
             error_class: p.error.as_ref().map(|(c, _)| c.as_str().to_string()),
             error_text: p.error.as_ref().map(|(_, t)| t.clone()),
         }
