@@ -124,6 +124,16 @@ async fn mail_goes_only_through_relays_that_carry_its_sender() {
     assert_eq!(r["status"], "dry_run", "{r}");
     assert_eq!(r["relay"], "brand-b", "{r}");
 
+    // A pinned relay goes first only for the mail it carries.
+    let r = d
+        .call("switch_smtp_server", json!({ "server_name": "brand-b" }))
+        .await;
+    assert_eq!(r["pinned"], "brand-b", "{r}");
+    let r = d.call("send_email", mail("x@a.example", "ap")).await;
+    assert_eq!(r["relay"], "brand-a", "{r}");
+    d.call("switch_smtp_server", json!({ "server_name": "auto" }))
+        .await;
+
     // A reload that would leave the default sender to no relay is refused,
     // and the running configuration stays.
     let write = |a_senders: &[&str]| {
@@ -171,7 +181,7 @@ async fn mail_goes_only_through_relays_that_carry_its_sender() {
     assert_eq!(refused["rule"], "no_relay_for_sender", "{batch}");
     d.stop().await;
 
-    assert_eq!(subjects(&a), ["a1", "a2", "a3"]);
+    assert_eq!(subjects(&a), ["a1", "a2", "ap", "a3"]);
     assert_eq!(subjects(&b), ["b1", "b2", "b3", "b4"]);
     assert_eq!(subjects(&f), ["f1", "f2", "f3"]);
     // The envelope sender: brand-b's return path, else the message's sender;
@@ -185,7 +195,12 @@ async fn mail_goes_only_through_relays_that_carry_its_sender() {
     assert_eq!(envelope(&b), ["bounces@b.example"; 4]);
     assert_eq!(
         envelope(&a),
-        ["x@a.example", "y@a.example", "default@c.example"]
+        [
+            "x@a.example",
+            "y@a.example",
+            "x@a.example",
+            "default@c.example"
+        ]
     );
     let first_b = String::from_utf8_lossy(&b.delivered()[0].data).into_owned();
     assert!(first_b.contains("From: x@news.b.example"), "{first_b}");
