@@ -1296,6 +1296,7 @@ token_sha256 = "{hex}"
 allowed_recipients = ["*"]
 approval = "always"
 headers = {{ X-Agent = "a" }}
+from_email = "a@example.org"
 
 [[callers]]
 name = "b"
@@ -1318,6 +1319,14 @@ token_env = "OPS_TOKEN"
         mailmux::policy::Approval::Always
     );
     assert_eq!(s.callers[0].policy.rate.len(), 1, "inherited from [policy]");
+    assert_eq!(
+        s.callers[0].policy.from_email.as_deref(),
+        Some("a@example.org")
+    );
+    assert_eq!(
+        s.callers[1].policy.from_email, None,
+        "the top-level one applies"
+    );
     assert_eq!(s.callers[1].policy.allowed_recipients.len(), 1);
     // A caller's fields replace the default's, as a list does.
     let fields = |i: usize| {
@@ -1405,6 +1414,24 @@ token_env = "OPS_TOKEN"
             "[policy]\nheaders = { X-Agent = 7 }\n",
             "policy.headers.X-Agent",
             "expected a string",
+        ),
+        (
+            "[[callers]]\nname = \"x\"\ntoken_env = \"B_TOKEN\"\nfrom_email = \"not an address\"\n",
+            "callers.0.from_email",
+            "not an email address",
+        ),
+        (
+            "[[callers]]\nname = \"x\"\ntoken_env = \"B_TOKEN\"\nallowed_senders = [\"@a.org\"]\n\
+             from_email = \"x@b.org\"\n",
+            "callers.0.from_email",
+            "allowed_senders",
+        ),
+        (
+            "[[callers]]\nname = \"x\"\ntoken_env = \"B_TOKEN\"\nallowed_relays = [\"only-a\"]\n\
+             from_email = \"x@b.org\"\n[[relays]]\nname = \"only-a\"\nhost = \"h\"\n\
+             senders = [\"@a.org\"]\n",
+            "callers.0.from_email",
+            "none of this policy's relays",
         ),
     ];
     for (i, (extra, key, message)) in cases.iter().enumerate() {

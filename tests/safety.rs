@@ -118,11 +118,13 @@ token_env = "ETA_TOKEN"
 approval = "outside_allowlist"
 approver = "operator"
 
-# Every message marked as an agent's, which its calls cannot unsay.
+# Every message marked as an agent's, which its calls cannot unsay, and
+# from its own address unless a call names another.
 [[callers]]
 name = "zeta"
 token_env = "ZETA_TOKEN"
 headers = {{ Auto-Submitted = "auto-generated", X-Agent = "zeta" }}
+from_email = "zeta@example.org"
 
 [[operators]]
 name = "ops"
@@ -1683,8 +1685,11 @@ async fn a_callers_policy_writes_its_header_fields_on_every_message() {
     assert_eq!(out["status"], "sent");
     let got = sink.delivered();
     assert_eq!(got.len(), 1);
+    // The caller's own sender, the call having named none.
+    assert_eq!(got[0].mail_from, "zeta@example.org");
     let head = head_lines(&got[0].data);
     for line in [
+        "From: zeta@example.org",
         "Auto-Submitted: auto-generated",
         "X-Agent: zeta",
         "X-Ticket: T-9",
@@ -1765,7 +1770,8 @@ async fn a_callers_policy_writes_its_header_fields_on_every_message() {
             .any(|l| l == "X-Agent: zeta")
     );
 
-    // Another caller's messages carry none of them.
+    // Another caller's messages carry none of them, and the configured
+    // sender.
     let delta = connect(&d, DELTA).await;
     let (_, out) = call(&delta, "send_email", mail(json!(["d@example.org"]))).await;
     assert_eq!(out["status"], "sent", "{out}");
@@ -1775,6 +1781,7 @@ async fn a_callers_policy_writes_its_header_fields_on_every_message() {
             .iter()
             .any(|l| l.starts_with("X-Agent"))
     );
+    assert_eq!(got[2].mail_from, "sender@example.org");
 }
 
 /// Two relays' configuration: `fast` with `rate`, `spare` (lower priority)

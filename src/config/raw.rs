@@ -60,6 +60,7 @@ pub(crate) const POLICY_KEYS: &[&str] = &[
     "approver",
     "relay_control",
     "headers",
+    "from_email",
 ];
 
 /// Keys of a `[[callers]]` or `[[operators]]` entry besides the policy keys.
@@ -379,6 +380,9 @@ pub(crate) struct RawPolicy {
     /// Exact addresses or `@domain`. Default: the top-level
     /// `allowed_senders`, else empty (any sender).
     pub allowed_senders: Option<StringList>,
+    /// The sender of a message that names none. Default: the top-level
+    /// `from_email`.
+    pub from_email: Option<String>,
     /// Exact addresses, `@domain`, `@*.domain` or `*`. Default: empty (anyone).
     pub allowed_recipients: Option<StringList>,
     /// Default: true.

@@ -2,6 +2,7 @@
 //! `[[operators]]`, `stdio_caller` and `[audit]`. Tokens are hashed here and
 //! never kept or printed.
 
+use std::str::FromStr;
 use std::time::Duration;
 
 use serde_json::{Map, Value as Json, json};
@@ -28,6 +29,7 @@ pub(crate) fn build(
     env: &[(String, String)],
     http_token: Option<&str>,
     relays: &[String],
+    senders: &[crate::config::RelaySenders],
     out: &mut Map<String, Json>,
 ) -> Result<SafetySettings, ConfigError> {
     // The default policy; the old top-level `allowed_senders` still works.
@@ -45,7 +47,7 @@ pub(crate) fn build(
         "policy",
         &defaults,
         &Policy::default(),
-        relays,
+        (relays, senders),
         &mut shown,
     )?;
     out.insert("policy".into(), Json::Object(shown));
@@ -75,7 +77,7 @@ pub(crate) fn build(
             )));
         }
         let mut shown = Map::new();
-        let own = policy_table(ctx, &key, &c.policy, &policy, relays, &mut shown)?;
+        let own = policy_table(ctx, &key, &c.policy, &policy, (relays, senders), &mut shown)?;
         shown.insert("name".into(), json!(name));
         shown.insert("token".into(), json!(REDACTED));
         shown_callers.push(Json::Object(shown));
@@ -250,11 +252,18 @@ fn policy_table(
     key: &str,
     raw: &RawPolicy,
     base: &Policy,
-    relays: &[String],
+    (relays, senders): (&[String], &[crate::config::RelaySenders]),
     out: &mut Map<String, Json>,
 ) -> Result<Policy, ConfigError> {
     let at = |f: &str| ctx.at(&format!("{key}.{f}"));
     let mut p = base.clone();
+    if let Some(from) = &raw.from_email {
+        let a = at("from_email");
+        lettre::Address::from_str(from.trim())
+            .map_err(|e| a.err(format!("{from:?} is not an email address: {e}")))?;
+        p.from_email = Some(from.trim().to_string());
+        leaf(out, "from_email", json!(from), &a);
+    }
     if let Some(list) = &raw.allowed_senders {
         // The default policy's list may come from the old top-level key.
         let a = if key == "policy" && ctx.source("policy.allowed_senders").is_none() {
@@ -379,6 +388,35 @@ fn policy_table(
             }
             *slot = d.0;
             leaf(out, field, secs(d.0), &a);
+        }
+    }
+    // A default sender this table sets that the caller could not send as,
+    // or that none of its relays carries, would refuse every call that
+    // names no sender. (One inherited from [policy] is checked there.)
+    if let Some(from) = raw.from_email.as_deref().map(str::trim)
+        && let Ok(address) = lettre::Address::from_str(from)
+    {
+        let a = at("from_email");
+        if !p.allowed_senders.is_empty()
+            && !crate::policy::rules::allowed(&p.allowed_senders, &address)
+        {
+            return Err(a.err(format!(
+                "{from:?} is not among this policy's allowed_senders"
+            )));
+        }
+        let carried = relays
+            .iter()
+            .filter(|r| p.allowed_relays.as_ref().is_none_or(|a| a.contains(r)))
+            .any(|r| {
+                senders
+                    .iter()
+                    .find(|s| s.relay == *r)
+                    .is_none_or(|s| crate::policy::rules::allowed(&s.rules, &address))
+            });
+        if !carried {
+            return Err(a.err(format!(
+                "{from:?} is a sender none of this policy's relays carries (each relay's `senders`)"
+            )));
         }
     }
     Ok(p)

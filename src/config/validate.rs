@@ -435,22 +435,23 @@ pub(crate) fn build(
     }
 
     let relay_names: Vec<String> = relays.iter().map(|(r, ..)| r.name.clone()).collect();
+    let relay_senders: Vec<crate::config::RelaySenders> = relays
+        .iter()
+        .filter_map(|(.., senders)| senders.clone())
+        .collect();
     let safety = super::safety::build(
         &ctx,
         &raw,
         env,
         http.token.as_ref().map(Secret::expose),
         &relay_names,
+        &relay_senders,
         &mut out,
     )?;
 
     let sent_copies: Vec<(String, crate::sent_copy::SentCopySettings)> = relays
         .iter()
         .filter_map(|(r, _, _, copy, _)| Some((r.name.clone(), copy.clone()?)))
-        .collect();
-    let relay_senders: Vec<crate::config::RelaySenders> = relays
-        .iter()
-        .filter_map(|(.., senders)| senders.clone())
         .collect();
     let (relays, relay_json): (Vec<RelaySettings>, Vec<Json>) =
         relays.into_iter().map(|(r, j, ..)| (r, j)).unzip();

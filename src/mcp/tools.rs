@@ -1311,6 +1311,11 @@ impl MailmuxServer {
         let idempotency = idempotency.map(|key| (key, content_hash(&params, shared.as_deref())));
         // A scheduled message is dated when it goes out, not when it came.
         params.draft.send_at = send_at;
+        // The caller's own default sender, for a call that names none (after
+        // the content hash: a retry is the same call whatever it became).
+        if params.draft.from_email.is_none() {
+            params.draft.from_email = caller.policy.from_email.clone();
+        }
         if let Some(relay) = &params.relay {
             let names = self.relay_names();
             if !names.contains(relay) {

@@ -88,6 +88,9 @@ impl Approver {
 pub struct Policy {
     /// Empty: any sender.
     pub allowed_senders: Vec<AddressRule>,
+    /// The sender of a message that names none; `None`: the top-level
+    /// `from_email`.
+    pub from_email: Option<String>,
     /// Empty: any recipient.
     pub allowed_recipients: Vec<AddressRule>,
     pub allow_bcc: bool,
@@ -117,6 +120,7 @@ impl Default for Policy {
     fn default() -> Self {
         Policy {
             allowed_senders: Vec::new(),
+            from_email: None,
             allowed_recipients: Vec::new(),
             allow_bcc: true,
             max_recipients: None,
