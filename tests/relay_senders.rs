@@ -37,6 +37,26 @@ fn mail(from: &str, subject: &str) -> Value {
     json!({ "from_email": from, "to": ["rcpt@dest.example"], "subject": subject, "body": "b" })
 }
 
+/// One `send_batch` of a message from each sender, with its subject.
+async fn send_batch(d: &StdioDaemon, messages: &[(&str, &str)]) -> Value {
+    let messages: Vec<Value> = messages
+        .iter()
+        .map(|(from, subject)| json!({ "from_email": from, "subject": subject }))
+        .collect();
+    d.call(
+        "send_batch",
+        json!({ "defaults": { "to": ["rcpt@dest.example"], "body": "b" }, "messages": messages }),
+    )
+    .await
+}
+
+/// Asserts that `error` is the refusal of `field` by `rule`.
+fn assert_refused(error: &Value, field: &str, rule: &str) {
+    assert_eq!(error["code"], "invalid_input", "{error}");
+    assert_eq!(error["field"], field, "{error}");
+    assert_eq!(error["rule"], rule, "{error}");
+}
+
 /// The subjects each server received, in order.
 fn subjects(sink: &FaultSmtp) -> Vec<String> {
     sink.delivered()
@@ -97,24 +117,18 @@ async fn mail_goes_only_through_relays_that_carry_its_sender() {
     let mut asked = mail("x@a.example", "never");
     asked["relay"] = json!("brand-b");
     let r = d.call("send_email", asked).await;
-    assert_eq!(r["error"]["code"], "invalid_input", "{r}");
-    assert_eq!(r["error"]["field"], "relay", "{r}");
-    assert_eq!(r["error"]["rule"], "relay_not_for_sender", "{r}");
+    assert_refused(&r["error"], "relay", "relay_not_for_sender");
 
     // A batch: each message through its own sender's relays.
-    let batch = d
-        .call(
-            "send_batch",
-            json!({
-                "defaults": { "to": ["rcpt@dest.example"], "body": "b" },
-                "messages": [
-                    { "from_email": "y@a.example", "subject": "a2" },
-                    { "from_email": "y@b.example", "subject": "b3" },
-                    { "from_email": "y@c.example", "subject": "f3" },
-                ],
-            }),
-        )
-        .await;
+    let batch = send_batch(
+        &d,
+        &[
+            ("y@a.example", "a2"),
+            ("y@b.example", "b3"),
+            ("y@c.example", "f3"),
+        ],
+    )
+    .await;
     assert_eq!(batch["summary"], json!({ "sent": 3 }), "{batch}");
 
     // A dry run names a relay that carries the sender.
@@ -151,9 +165,7 @@ async fn mail_goes_only_through_relays_that_carry_its_sender() {
     assert_eq!(r["removed"], json!(["fallback"]), "{r}");
     assert_eq!(r["changed"], json!(["brand-a"]), "{r}");
     let r = d.call("send_email", mail("x@c.example", "never")).await;
-    assert_eq!(r["error"]["code"], "invalid_input", "{r}");
-    assert_eq!(r["error"]["field"], "from_email", "{r}");
-    assert_eq!(r["error"]["rule"], "no_relay_for_sender", "{r}");
+    assert_refused(&r["error"], "from_email", "no_relay_for_sender");
     let message = r["error"]["message"].as_str().unwrap();
     assert!(message.contains("x@c.example"), "{message}");
     assert!(
@@ -163,22 +175,13 @@ async fn mail_goes_only_through_relays_that_carry_its_sender() {
     let r = d.call("send_email", mail("default@c.example", "a3")).await;
     assert_eq!(r["relay"], "brand-a", "{r}");
     // In a batch, the message no relay carries is refused on its own.
-    let batch = d
-        .call(
-            "send_batch",
-            json!({
-                "defaults": { "to": ["rcpt@dest.example"], "body": "b" },
-                "messages": [
-                    { "from_email": "y@b.example", "subject": "b4" },
-                    { "from_email": "y@c.example", "subject": "never" },
-                ],
-            }),
-        )
-        .await;
+    let batch = send_batch(&d, &[("y@b.example", "b4"), ("y@c.example", "never")]).await;
     assert_eq!(batch["results"][0]["status"], "sent", "{batch}");
-    let refused = &batch["results"][1]["error"];
-    assert_eq!(refused["field"], "messages[1].from_email", "{batch}");
-    assert_eq!(refused["rule"], "no_relay_for_sender", "{batch}");
+    assert_refused(
+        &batch["results"][1]["error"],
+        "messages[1].from_email",
+        "no_relay_for_sender",
+    );
     d.stop().await;
 
     assert_eq!(subjects(&a), ["a1", "a2", "ap", "a3"]);
