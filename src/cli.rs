@@ -471,10 +471,17 @@ pub fn probe_row(p: &ProbeOut) -> String {
     let error = match (&p.error_class, &p.error_text) {
         (Some(c), Some(t)) => format!("{c}: {t}"),
         (Some(c), None) => c.clone(),
-        _ => p
-            .limits
-            .as_ref()
-            .map_or_else(String::new, |l| format!("LIMITS {}", l.announced())),
+        // What the server announced beyond the columns: DSN, then LIMITS.
+        _ => [
+            p.dsn.then(|| "DSN".to_string()),
+            p.limits
+                .as_ref()
+                .map(|l| format!("LIMITS {}", l.announced())),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" "),
     };
     format!(
         "{:<20} {:<9} {:<4} {:<13} {:<10} {:>10} {:>8} {}",
@@ -505,7 +512,7 @@ async fn check(config: Config) -> ExitCode {
         }
     };
     say!(
-        "{:<20} {:<9} {:<4} {:<13} {:<10} {:>10} {:>8} ERROR OR LIMITS",
+        "{:<20} {:<9} {:<4} {:<13} {:<10} {:>10} {:>8} ERROR OR EXTENSIONS",
         "RELAY",
         "REACHABLE",
         "TLS",

@@ -184,7 +184,7 @@ fn check_exits_zero_only_when_every_relay_answers() {
 }
 
 #[test]
-fn check_shows_the_limits_a_server_announced() {
+fn check_shows_dsn_and_the_limits_a_server_announced() {
     use support::fault_smtp::{FaultSmtp, Options, Script};
     let rt = tokio::runtime::Runtime::new().unwrap();
     let smtp = rt.block_on(FaultSmtp::start_with(
@@ -193,13 +193,18 @@ fn check_shows_the_limits_a_server_announced() {
             max_recipients: Some(50),
             max_transactions: Some(1000),
             announce_limits: true,
+            dsn: true,
             ..Options::default()
         },
     ));
     let (code, stdout, stderr) = mailmux(smtp.port(), &["check"]);
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert!(
-        stdout.lines().next().unwrap().ends_with("ERROR OR LIMITS"),
+        stdout
+            .lines()
+            .next()
+            .unwrap()
+            .ends_with("ERROR OR EXTENSIONS"),
         "{stdout}"
     );
     assert!(
@@ -207,7 +212,7 @@ fn check_shows_the_limits_a_server_announced() {
             .lines()
             .nth(1)
             .unwrap()
-            .ends_with("LIMITS RCPTMAX=50 MAILMAX=1000"),
+            .ends_with(" DSN LIMITS RCPTMAX=50 MAILMAX=1000"),
         "{stdout}"
     );
 }
