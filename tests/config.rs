@@ -1433,6 +1433,12 @@ token_env = "OPS_TOKEN"
             "callers.0.from_email",
             "none of this policy's relays",
         ),
+        (
+            "[policy]\nfrom_email = \"x@a.org\"\n[[callers]]\nname = \"x\"\ntoken_env = \"B_TOKEN\"\n\
+             allowed_senders = [\"@b.org\"]\n",
+            "callers.0.allowed_senders",
+            "set this caller's own from_email",
+        ),
     ];
     for (i, (extra, key, message)) in cases.iter().enumerate() {
         let file = write(&dir, &format!("bad{i}.toml"), &format!("{extra}{base}"));

@@ -390,18 +390,26 @@ fn policy_table(
             leaf(out, field, secs(d.0), &a);
         }
     }
-    // A default sender this table sets that the caller could not send as,
-    // or that none of its relays carries, would refuse every call that
-    // names no sender. (One inherited from [policy] is checked there.)
-    if let Some(from) = raw.from_email.as_deref().map(str::trim)
+    // A default sender the caller could not send as, or that none of its
+    // relays carries, would refuse every call that names no sender. The
+    // error names the key of this table that makes it so: its own
+    // `from_email`, or the list that leaves out an inherited one.
+    if let Some(from) = p.from_email.as_deref()
         && let Ok(address) = lettre::Address::from_str(from)
     {
-        let a = at("from_email");
+        let own = raw.from_email.is_some();
         if !p.allowed_senders.is_empty()
             && !crate::policy::rules::allowed(&p.allowed_senders, &address)
+            && (own || raw.allowed_senders.is_some())
         {
-            return Err(a.err(format!(
-                "{from:?} is not among this policy's allowed_senders"
+            let key = if own { "from_email" } else { "allowed_senders" };
+            return Err(at(key).err(format!(
+                "the default sender {from:?} is not among this policy's allowed_senders{}",
+                if own {
+                    ""
+                } else {
+                    "; set this caller's own from_email"
+                }
             )));
         }
         let carried = relays
@@ -413,9 +421,16 @@ fn policy_table(
                     .find(|s| s.relay == *r)
                     .is_none_or(|s| crate::policy::rules::allowed(&s.rules, &address))
             });
-        if !carried {
-            return Err(a.err(format!(
-                "{from:?} is a sender none of this policy's relays carries (each relay's `senders`)"
+        if !carried && (own || raw.allowed_relays.is_some()) {
+            let key = if own { "from_email" } else { "allowed_relays" };
+            return Err(at(key).err(format!(
+                "the default sender {from:?} is one none of this policy's relays carries \
+                 (each relay's `senders`){}",
+                if own {
+                    ""
+                } else {
+                    "; set this caller's own from_email"
+                }
             )));
         }
     }
