@@ -2365,4 +2365,30 @@ async fn a_relay_asks_for_delivery_status_notifications_only_of_a_server_that_of
         let probed = d.test_connection(None).await.unwrap();
         assert_eq!(probed[0].dsn, announced, "{probed:?}");
     }
+
+    // Postfix's smtp-sink announces DSN and takes the parameters as sent.
+    let sink = support::smtp_sink::SmtpSink::start().await;
+    let mut r = relay("sink", sink.port(), 1);
+    if let RelayKind::Smtp(s) = &mut r.kind {
+        s.dsn = Some(Box::new(mailmux_actors::Dsn {
+            notify: Some("NEVER".into()),
+            ret: Some("FULL".into()),
+        }));
+    }
+    let d = by_priority(vec![r]).await;
+    assert!(d.test_connection(None).await.unwrap()[0].dsn);
+    let m = mail_to_all(&to);
+    let id = m.message_id.clone();
+    let r = d.send(m).await;
+    assert_eq!(r.status, Status::Sent, "{r:?}");
+    assert_eq!(r.accepted, to);
+    assert!(
+        support::wait_until(
+            || sink.message_ids().iter().any(|m| m.contains(&id)),
+            std::time::Duration::from_secs(10)
+        )
+        .await,
+        "{:?}",
+        sink.message_ids()
+    );
 }
