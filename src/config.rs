@@ -130,6 +130,16 @@ pub struct RelaySenders {
     pub rules: Vec<crate::policy::rules::AddressRule>,
 }
 
+impl RelaySenders {
+    /// Whether the relay `relay` carries mail from `sender`, given every
+    /// relay's `senders` (`all`): it has none, or they take the sender.
+    pub fn carry(all: &[RelaySenders], relay: &str, sender: &lettre::Address) -> bool {
+        all.iter()
+            .find(|s| s.relay == relay)
+            .is_none_or(|s| crate::policy::rules::allowed(&s.rules, sender))
+    }
+}
+
 impl Config {
     /// The relays, in the order configured, that may carry mail from
     /// `sender`: each one whose `senders` takes it, and each one with no
@@ -138,17 +148,11 @@ impl Config {
         if self.relay_senders.is_empty() {
             return None;
         }
-        let takes = |name: &str| {
-            self.relay_senders
-                .iter()
-                .find(|s| s.relay == name)
-                .is_none_or(|s| crate::policy::rules::allowed(&s.rules, sender))
-        };
         Some(
             self.dispatch
                 .relays
                 .iter()
-                .filter(|r| takes(&r.name))
+                .filter(|r| RelaySenders::carry(&self.relay_senders, &r.name, sender))
                 .map(|r| r.name.clone())
                 .collect(),
         )

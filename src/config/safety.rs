@@ -415,12 +415,7 @@ fn policy_table(
         let carried = relays
             .iter()
             .filter(|r| p.allowed_relays.as_ref().is_none_or(|a| a.contains(r)))
-            .any(|r| {
-                senders
-                    .iter()
-                    .find(|s| s.relay == *r)
-                    .is_none_or(|s| crate::policy::rules::allowed(&s.rules, &address))
-            });
+            .any(|r| crate::config::RelaySenders::carry(senders, r, &address));
         if !carried && (own || raw.allowed_relays.is_some()) {
             let key = if own { "from_email" } else { "allowed_relays" };
             return Err(at(key).err(format!(

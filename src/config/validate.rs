@@ -420,25 +420,23 @@ pub(crate) fn build(
         }
         best.and_then(|r| r.from_email.clone())
     });
-    if let Some(from) = &raw.from_email
-        && let Ok(address) = lettre::Address::from_str(from)
-        && !relays.iter().any(|(_, _, _, _, senders)| {
-            senders
-                .as_ref()
-                .is_none_or(|s| crate::policy::rules::allowed(&s.rules, &address))
-        })
-    {
-        return Err(ctx.at("from_email").err(format!(
-            "{from:?} is a sender no relay carries (each relay's `senders`), so mail \
-             that names no sender could not be sent"
-        )));
-    }
 
     let relay_names: Vec<String> = relays.iter().map(|(r, ..)| r.name.clone()).collect();
     let relay_senders: Vec<crate::config::RelaySenders> = relays
         .iter()
         .filter_map(|(.., senders)| senders.clone())
         .collect();
+    if let Some(from) = &raw.from_email
+        && let Ok(address) = lettre::Address::from_str(from)
+        && !relay_names
+            .iter()
+            .any(|r| crate::config::RelaySenders::carry(&relay_senders, r, &address))
+    {
+        return Err(ctx.at("from_email").err(format!(
+            "{from:?} is a sender no relay carries (each relay's `senders`), so mail \
+             that names no sender could not be sent"
+        )));
+    }
     let safety = super::safety::build(
         &ctx,
         &raw,
