@@ -15,7 +15,8 @@ use mailmux_actors::queue::memory::MemoryStore;
 use mailmux_actors::queue::sqlite::SqliteStore;
 use mailmux_actors::queue::{
     self, Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Feed, Filter, Hold,
-    NewMessage, Purged, RejectedRecord, Retry, Settle, State, Store, StoreError, now_millis,
+    NewMessage, Purged, RejectedRecord, Retry, Settle, State, Store, StoreError, Suppression,
+    now_millis,
 };
 
 fn by_state(state: State) -> Filter {
@@ -270,6 +271,60 @@ async fn conformance(store: &dyn Store) {
     assert!(store.get("m1").await.unwrap().is_none());
     assert!(store.get("l0").await.unwrap().is_some());
     assert!(store.find_key(Some("agent"), "k").await.unwrap().is_none());
+}
+
+fn suppression(address: &str, reason: &str) -> Suppression {
+    Suppression {
+        address: address.into(),
+        reason: reason.into(),
+        detail: Some("550 5.1.1 no such user".into()),
+        message_id: Some("m1".into()),
+        at: 1_700_000_000_000,
+    }
+}
+
+/// The suppression list: an address is added once (a second entry for it
+/// keeps the first), removed once, and every change moves the version,
+/// as seen from `other` (a second process or daemon on the same store, or
+/// the store itself).
+async fn suppressions(store: &dyn Store, other: &dyn Store) {
+    let (v0, list) = other.suppressions().await.unwrap();
+    assert!(list.is_empty());
+    let added = store
+        .suppress(vec![
+            suppression("b@example.org", "bounced"),
+            suppression("a@example.org", "manual"),
+            suppression("b@example.org", "unsubscribed"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(added, 2);
+    let v1 = other.suppression_version().await.unwrap();
+    assert_ne!(v1, v0);
+    let (v, list) = other.suppressions().await.unwrap();
+    assert_eq!(v, v1);
+    assert_eq!(
+        list,
+        [
+            suppression("a@example.org", "manual"),
+            suppression("b@example.org", "bounced"),
+        ]
+    );
+    // Nothing new: the version stays.
+    assert_eq!(
+        store
+            .suppress(vec![suppression("a@example.org", "bounced")])
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(other.suppression_version().await.unwrap(), v1);
+    assert!(other.unsuppress("a@example.org").await.unwrap());
+    assert!(!other.unsuppress("a@example.org").await.unwrap());
+    let v2 = store.suppression_version().await.unwrap();
+    assert_ne!(v2, v1);
+    let (_, list) = store.suppressions().await.unwrap();
+    assert_eq!(list, [suppression("b@example.org", "bounced")]);
 }
 
 /// A message cancelled while a round holds it (claimed and loaded, not yet
@@ -709,6 +764,11 @@ async fn sqlite_on_disk_conforms() {
     unconfirmed_marks(&open("unconfirmed.db")).await;
     streamed_batches(&open("streamed.db")).await;
     cancelled_in_a_round(&open("cancelled.db")).await;
+    suppressions(
+        &open("suppressed.db"),
+        &SqliteStore::open_shared(&dir.path().join("suppressed.db")).unwrap(),
+    )
+    .await;
     cancelled_in_a_round_by_the_shell(
         &open("shell.db"),
         &SqliteStore::open_shared(&dir.path().join("shell.db")).unwrap(),
@@ -973,6 +1033,8 @@ async fn memory_conforms() {
     listings(&MemoryStore::new()).await;
     streamed_batches(&MemoryStore::new()).await;
     cancelled_in_a_round(&MemoryStore::new()).await;
+    let store = MemoryStore::new();
+    suppressions(&store, &store).await;
 }
 
 /// A waiting call's message stored only at its first round's commit mark
@@ -1458,6 +1520,7 @@ async fn a_version_1_store_is_migrated_at_start() {
              DROP INDEX messages_copy_pending; ALTER TABLE messages DROP COLUMN sent_copy;
              ALTER TABLE messages DROP COLUMN attempt_log;
              ALTER TABLE messages DROP COLUMN copy_relay;
+             DROP TABLE suppressions; DROP TABLE suppression_version;
              CREATE TABLE attempts (
                  seq INTEGER NOT NULL, at INTEGER NOT NULL, relay TEXT NOT NULL, class TEXT,
                  code INTEGER, text TEXT NOT NULL, duration_ms INTEGER NOT NULL);
@@ -1526,6 +1589,7 @@ async fn a_version_10_store_has_its_keys_scoped_to_their_callers() {
              INSERT INTO idempotency (key, message_id, hash, created_at)
                  VALUES ('orphan', 'purged', x'00', 0);
              ALTER TABLE messages DROP COLUMN copy_relay;
+             DROP TABLE suppressions; DROP TABLE suppression_version;
              PRAGMA user_version = 10;",
         )
         .unwrap();
@@ -1557,6 +1621,7 @@ async fn a_version_8_store_has_its_attempts_moved_into_their_rows() {
         c.execute_batch(
             "ALTER TABLE messages DROP COLUMN attempt_log;
              ALTER TABLE messages DROP COLUMN copy_relay;
+             DROP TABLE suppressions; DROP TABLE suppression_version;
              CREATE TABLE attempts (
                  seq INTEGER NOT NULL, at INTEGER NOT NULL, relay TEXT NOT NULL, class TEXT,
                  code INTEGER, text TEXT NOT NULL, duration_ms INTEGER NOT NULL);
@@ -1705,6 +1770,12 @@ async fn postgres_conforms() {
     let shell = PgStore::open_shared(&pg(&url, "n1")).await.unwrap();
     cancelled_in_a_round_by_the_shell(&store, &shell).await;
     assert_counts_exact(&server, &url, &store).await;
+    let url = server.database();
+    let (n1, n2) = (
+        PgStore::open(&pg(&url, "n1")).await.unwrap(),
+        PgStore::open(&pg(&url, "n2")).await.unwrap(),
+    );
+    suppressions(&n1, &n2).await;
 }
 
 /// PostgreSQL reads a listing by caller, one by batch and one by a state
@@ -1846,6 +1917,7 @@ async fn postgres_counts_survive_daemons_purges_and_migration() {
         &db,
         "DROP TABLE mailmux_counts; ALTER TABLE mailmux_messages DROP COLUMN attempt_log;
          ALTER TABLE mailmux_messages DROP COLUMN copy_relay;
+         DROP TABLE mailmux_suppressions; DROP TABLE mailmux_suppression_version;
          DROP INDEX mailmux_messages_queued_at, mailmux_messages_retry;
          DELETE FROM mailmux_schema WHERE version >= 5",
     );
@@ -2534,6 +2606,7 @@ async fn postgres_keys_of_version_7_are_scoped_to_their_callers() {
          INSERT INTO mailmux_idempotency (key, message_id, hash, created_at)
              VALUES ('orphan', 'purged', '\\x00', 0);
          ALTER TABLE mailmux_messages DROP COLUMN copy_relay;
+         DROP TABLE mailmux_suppressions; DROP TABLE mailmux_suppression_version;
          DELETE FROM mailmux_schema WHERE version >= 8;",
     );
     assert_eq!(
@@ -2777,6 +2850,18 @@ struct SlowMarks {
 impl Store for SlowMarks {
     fn kind(&self) -> &'static str {
         self.inner.kind()
+    }
+    async fn suppress(&self, entries: Vec<Suppression>) -> Result<usize, StoreError> {
+        self.inner.suppress(entries).await
+    }
+    async fn unsuppress(&self, address: &str) -> Result<bool, StoreError> {
+        self.inner.unsuppress(address).await
+    }
+    async fn suppressions(&self) -> Result<(i64, Vec<Suppression>), StoreError> {
+        self.inner.suppressions().await
+    }
+    async fn suppression_version(&self) -> Result<i64, StoreError> {
+        self.inner.suppression_version().await
     }
     fn durable(&self) -> bool {
         self.inner.durable()

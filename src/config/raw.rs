@@ -106,6 +106,7 @@ pub(crate) const QUEUE_KEYS: &[&str] = &[
     "pool_size",
     "node_id",
     "lease",
+    "suppress_bounces",
 ];
 
 /// Keys that `relay_defaults` accepts and every relay may override.
@@ -371,6 +372,10 @@ pub(crate) struct RawQueue {
     /// Bytes new mail must leave free on the SQLite store's file system; 0
     /// for none. Default: 100 MiB.
     pub min_free: Option<u64>,
+    /// Whether a recipient that a relay refuses as unknown (an enhanced
+    /// status of 5.1.1, 5.1.2 or 5.1.10) goes on the suppression list.
+    /// Default: true.
+    pub suppress_bounces: Option<bool>,
 }
 
 /// `[policy]`, and the overrides on a `[[callers]]` entry. An overriding

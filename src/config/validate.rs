@@ -950,10 +950,18 @@ fn queue(
             &ctx.at("queue.min_free"),
         );
     }
+    let suppress_bounces = q.suppress_bounces.unwrap_or(d.suppress_bounces);
+    leaf(
+        &mut out,
+        "suppress_bounces",
+        json!(suppress_bounces),
+        &ctx.at("queue.suppress_bounces"),
+    );
     top.insert("queue".into(), Json::Object(out));
     Ok(QueueSettings {
         store,
         min_free,
+        suppress_bounces,
         max_age,
         retry_base,
         retry_max,

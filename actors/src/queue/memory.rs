@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{
     Accepted, Cancel, Decided, Decision, Filter, Millis, NewMessage, Pending, Purged, Record,
-    Recovered, Retry, Settle, State, Stats, Store, StoreError, Summary, now_millis,
+    Recovered, Retry, Settle, State, Stats, Store, StoreError, Summary, Suppression, now_millis,
 };
 
 #[derive(Debug, Default)]
@@ -31,6 +31,9 @@ struct Mem {
     counts: BTreeMap<State, u64>,
     /// Messages whose Sent copy is pending.
     copies_pending: u64,
+    /// The suppression list by address, and its version.
+    suppressed: BTreeMap<String, Suppression>,
+    suppressed_version: i64,
 }
 
 #[derive(Debug)]
@@ -487,6 +490,42 @@ impl Store for MemoryStore {
             None
         };
         Ok((page.into_iter().map(|(_, s)| s).collect(), next))
+    }
+
+    async fn suppress(&self, entries: Vec<Suppression>) -> Result<usize, StoreError> {
+        let mut mem = self.lock();
+        let mut added = 0;
+        for e in entries {
+            if !mem.suppressed.contains_key(&e.address) {
+                mem.suppressed.insert(e.address.clone(), e);
+                added += 1;
+            }
+        }
+        if added > 0 {
+            mem.suppressed_version += 1;
+        }
+        Ok(added)
+    }
+
+    async fn unsuppress(&self, address: &str) -> Result<bool, StoreError> {
+        let mut mem = self.lock();
+        let gone = mem.suppressed.remove(address).is_some();
+        if gone {
+            mem.suppressed_version += 1;
+        }
+        Ok(gone)
+    }
+
+    async fn suppressions(&self) -> Result<(i64, Vec<Suppression>), StoreError> {
+        let mem = self.lock();
+        Ok((
+            mem.suppressed_version,
+            mem.suppressed.values().cloned().collect(),
+        ))
+    }
+
+    async fn suppression_version(&self) -> Result<i64, StoreError> {
+        Ok(self.lock().suppressed_version)
     }
 
     async fn stats(&self) -> Result<Stats, StoreError> {

@@ -159,6 +159,9 @@ pub struct QueueSettings {
     /// The bytes new mail must leave free on the file system of a
     /// `sqlite` store; 0: none.
     pub min_free: u64,
+    /// Whether a recipient refused as unknown goes on the suppression list
+    /// (the daemon's concern: the queue only keeps the list).
+    pub suppress_bounces: bool,
 }
 
 impl Default for QueueSettings {
@@ -175,6 +178,7 @@ impl Default for QueueSettings {
             max_schedule: Duration::from_secs(30 * 24 * 3600),
             delivery_timeout: Duration::from_secs(90),
             min_free: MIN_FREE,
+            suppress_bounces: true,
         }
     }
 }
@@ -404,6 +408,22 @@ pub struct RejectedRecord {
     pub address: String,
     pub code: u16,
     pub text: String,
+}
+
+/// An address the daemon no longer accepts mail for: an entry of the
+/// suppression list. Never holds a body or a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Suppression {
+    /// The address as the daemon compares it (its own normal form, which
+    /// the store keeps as given).
+    pub address: String,
+    /// Why: `bounced`, `unsubscribed`, `complained` or `manual`.
+    pub reason: String,
+    /// What led to it: the relay's refusal, an operator's note.
+    pub detail: Option<String>,
+    /// The message whose refusal listed it.
+    pub message_id: Option<String>,
+    pub at: Millis,
 }
 
 /// The outcome of one delivery round, to record.
@@ -988,6 +1008,18 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         keys_before: Millis,
         limit: usize,
     ) -> Result<Purged, StoreError>;
+    /// Adds each entry whose address is not listed yet to the suppression
+    /// list (a listed address keeps its entry); returns how many it added.
+    async fn suppress(&self, entries: Vec<Suppression>) -> Result<usize, StoreError>;
+    /// Takes an address off the suppression list; whether it was on it.
+    async fn unsuppress(&self, address: &str) -> Result<bool, StoreError>;
+    /// The suppression list by address, after its version as
+    /// [`Store::suppression_version`] read it first.
+    async fn suppressions(&self) -> Result<(i64, Vec<Suppression>), StoreError>;
+    /// A number that changes with every change of the suppression list, by
+    /// any process or daemon on the store: what a daemon polls to know when
+    /// to read the list again.
+    async fn suppression_version(&self) -> Result<i64, StoreError>;
     /// Finishes the writes already sent and stops taking new ones, leaving
     /// the store whole on disk: the daemon's last act on it at shutdown.
     async fn close(&self) {}

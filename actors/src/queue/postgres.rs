@@ -32,7 +32,7 @@ use super::rows::{self, entry, lines};
 use super::{
     Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Feed, Filter, Millis, NewMessage,
     Pending, Purged, Record, Recovered, Retry, Settle, State, Stats, Store, StoreError, Summary,
-    abandoned, now_millis,
+    Suppression, abandoned, now_millis,
 };
 
 /// The schema, one migration per version; `mailmux_schema` records how many
@@ -179,6 +179,20 @@ CREATE INDEX mailmux_messages_state ON mailmux_messages (state, seq) WHERE state
 -- built for schema 9, still running during an upgrade, leave it empty:
 -- their copies go by `relay`, as before.
 ALTER TABLE mailmux_messages ADD COLUMN copy_relay TEXT;
+"#,
+    r#"
+-- The suppression list: addresses no daemon accepts mail for, and a
+-- version that every change of it moves, which each daemon polls to read
+-- the list again after another daemon or the queue command changed it.
+CREATE TABLE mailmux_suppressions (
+    address TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    detail TEXT,
+    message_id TEXT,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE mailmux_suppression_version (v BIGINT NOT NULL);
+INSERT INTO mailmux_suppression_version (v) VALUES (0);
 "#,
 ];
 
@@ -2138,6 +2152,83 @@ impl Store for PgStore {
     /// (after a restart with a fixed `node_id`) and for leases that ran out.
     async fn recover(&self) -> Result<Recovered, StoreError> {
         self.take_over(true).await
+    }
+
+    async fn suppress(&self, entries: Vec<Suppression>) -> Result<usize, StoreError> {
+        let (mut addresses, mut reasons, mut details, mut ids, mut ats) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for e in entries {
+            addresses.push(e.address);
+            reasons.push(e.reason);
+            details.push(e.detail);
+            ids.push(e.message_id);
+            ats.push(e.at);
+        }
+        // One statement: the insert, and the version moved when it added a row.
+        let added: i64 = sqlx::query_scalar(
+            "WITH added AS (
+                INSERT INTO mailmux_suppressions (address, reason, detail, message_id, created_at)
+                SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
+                ON CONFLICT (address) DO NOTHING RETURNING 1),
+             moved AS (
+                UPDATE mailmux_suppression_version SET v = v + 1
+                 WHERE EXISTS (SELECT 1 FROM added) RETURNING 1)
+             SELECT COUNT(*) FROM added",
+        )
+        .bind(addresses)
+        .bind(reasons)
+        .bind(details)
+        .bind(ids)
+        .bind(ats)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(added as usize)
+    }
+
+    async fn unsuppress(&self, address: &str) -> Result<bool, StoreError> {
+        let gone: bool = sqlx::query_scalar(
+            "WITH gone AS (
+                DELETE FROM mailmux_suppressions WHERE address = $1 RETURNING 1),
+             moved AS (
+                UPDATE mailmux_suppression_version SET v = v + 1
+                 WHERE EXISTS (SELECT 1 FROM gone) RETURNING 1)
+             SELECT EXISTS (SELECT 1 FROM gone)",
+        )
+        .bind(address)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(gone)
+    }
+
+    async fn suppressions(&self) -> Result<(i64, Vec<Suppression>), StoreError> {
+        let version = self.suppression_version().await?;
+        let rows: Vec<(String, String, Option<String>, Option<String>, i64)> = sqlx::query_as(
+            "SELECT address, reason, detail, message_id, created_at FROM mailmux_suppressions
+              ORDER BY address",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let list = rows
+            .into_iter()
+            .map(|(address, reason, detail, message_id, at)| Suppression {
+                address,
+                reason,
+                detail,
+                message_id,
+                at,
+            })
+            .collect();
+        Ok((version, list))
+    }
+
+    async fn suppression_version(&self) -> Result<i64, StoreError> {
+        sqlx::query_scalar("SELECT v FROM mailmux_suppression_version")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)
     }
 
     async fn purge(

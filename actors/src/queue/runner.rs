@@ -1318,6 +1318,22 @@ impl Queue {
         Ok(self.inner.store.stats().await?)
     }
 
+    /// Adds entries to the store's suppression list ([`Store::suppress`]).
+    pub async fn suppress(&self, entries: Vec<super::Suppression>) -> Result<usize, QueueError> {
+        Ok(self.inner.store.suppress(entries).await?)
+    }
+
+    /// The store's suppression list and its version ([`Store::suppressions`]).
+    pub async fn suppressions(&self) -> Result<(i64, Vec<super::Suppression>), QueueError> {
+        Ok(self.inner.store.suppressions().await?)
+    }
+
+    /// The version of the store's suppression list
+    /// ([`Store::suppression_version`]).
+    pub async fn suppression_version(&self) -> Result<i64, QueueError> {
+        Ok(self.inner.store.suppression_version().await?)
+    }
+
     /// Refuses new messages, stops the runner, lets rounds in flight finish
     /// within `grace`, then stops the dispatcher. The observers then get
     /// `grace` again to finish what they hold (the Sent copies). Queued

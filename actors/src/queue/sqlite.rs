@@ -34,8 +34,8 @@ use tokio::sync::oneshot;
 use super::rows::{self, entry, lines};
 use super::{
     Accepted, Cancel, CopyDue, Decided, Decision, Feed, Filter, Millis, NewMessage, Pending,
-    Purged, Record, Recovered, Retry, Settle, State, Stats, Store, StoreError, Summary, abandoned,
-    cancelled_in_round, now_millis,
+    Purged, Record, Recovered, Retry, Settle, State, Stats, Store, StoreError, Summary,
+    Suppression, abandoned, cancelled_in_round, now_millis,
 };
 
 /// Writes folded into one transaction at most. Bounds the latency a write
@@ -201,6 +201,20 @@ CREATE INDEX messages_state ON messages(state, seq) WHERE state <> 'sent';
 -- relay) rewrites `relay`, and a copy recovered after a crash must still go
 -- to the first relay's Sent folder, not to another account's.
 ALTER TABLE messages ADD COLUMN copy_relay TEXT;
+"#,
+    r#"
+-- The suppression list: addresses the daemon accepts no mail for, and
+-- a version that every change of it moves, which a daemon polls to read
+-- the list again after another process changed it.
+CREATE TABLE suppressions (
+    address TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    detail TEXT,
+    message_id TEXT,
+    created_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE suppression_version (v INTEGER NOT NULL);
+INSERT INTO suppression_version (v) VALUES (0);
 "#,
 ];
 
@@ -1942,6 +1956,65 @@ impl Store for SqliteStore {
             })
         })
         .await
+    }
+
+    async fn suppress(&self, entries: Vec<Suppression>) -> Result<usize, StoreError> {
+        self.write(move |c, _| {
+            let mut added = 0;
+            let mut insert = c.prepare_cached(
+                "INSERT INTO suppressions (address, reason, detail, message_id, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (address) DO NOTHING",
+            )?;
+            for e in &entries {
+                added +=
+                    insert.execute(params![e.address, e.reason, e.detail, e.message_id, e.at])?;
+            }
+            if added > 0 {
+                c.execute("UPDATE suppression_version SET v = v + 1", [])?;
+            }
+            Ok(added)
+        })
+        .await
+    }
+
+    async fn unsuppress(&self, address: &str) -> Result<bool, StoreError> {
+        let address = address.to_owned();
+        self.write(move |c, _| {
+            let gone = c.execute("DELETE FROM suppressions WHERE address = ?1", [&address])? > 0;
+            if gone {
+                c.execute("UPDATE suppression_version SET v = v + 1", [])?;
+            }
+            Ok(gone)
+        })
+        .await
+    }
+
+    async fn suppressions(&self) -> Result<(i64, Vec<Suppression>), StoreError> {
+        self.read(|c| {
+            let version = c.query_row("SELECT v FROM suppression_version", [], |r| r.get(0))?;
+            let list = c
+                .prepare_cached(
+                    "SELECT address, reason, detail, message_id, created_at FROM suppressions
+                      ORDER BY address",
+                )?
+                .query_map([], |r| {
+                    Ok(Suppression {
+                        address: r.get(0)?,
+                        reason: r.get(1)?,
+                        detail: r.get(2)?,
+                        message_id: r.get(3)?,
+                        at: r.get(4)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok((version, list))
+        })
+        .await
+    }
+
+    async fn suppression_version(&self) -> Result<i64, StoreError> {
+        self.read(|c| c.query_row("SELECT v FROM suppression_version", [], |r| r.get(0)))
+            .await
     }
 
     async fn close(&self) {
