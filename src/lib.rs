@@ -6,6 +6,7 @@
 //! - [`policy`]: callers, operators and the per-caller policy and rates;
 //! - [`audit`]: the audit log;
 //! - [`sent_copy`]: the copy of each sent message in the Sent folder (IMAP);
+//! - [`suppress`]: the suppression list, the addresses no mail is accepted for;
 //! - [`telemetry`]: the Prometheus metrics;
 //! - [`console`]: the operators' web console on the HTTP listener;
 //! - [`oauth`]: OAuth2 access tokens for XOAUTH2 relays;
@@ -24,4 +25,5 @@ pub mod mcp;
 pub mod oauth;
 pub mod policy;
 pub mod sent_copy;
+pub mod suppress;
 pub mod telemetry;

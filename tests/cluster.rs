@@ -1106,3 +1106,63 @@ async fn a_batch_is_cancelled_whole_through_any_daemon_or_the_queue_command() {
         ]
     );
 }
+
+/// The suppression list is one for the cluster: a recipient that the relay
+/// refuses as unknown through one daemon is refused by the other within
+/// its poll of the list, and an operator's removal through the queue
+/// command is heeded by both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_recipient_suppressed_through_one_daemon_is_refused_by_the_other() {
+    let pg = Postgres::start();
+    let url = pg.database();
+    let sink = FaultSmtp::start(
+        Script::ok().on_rcpt("gone@example.org", Action::reply(550, "5.1.1 no such user")),
+    )
+    .await;
+    let a = Node::start("a", &config_toml(&url, "a", sink.port(), "5s", "")).await;
+    let b = Node::start("b", &config_toml(&url, "b", sink.port(), "5s", "")).await;
+    let to_gone = |subject: &str, dry: bool| {
+        msg(
+            subject,
+            json!({ "to": ["rcpt@example.org", "gone@example.org"], "dry_run": dry }),
+        )
+    };
+    let c = call(
+        a.peer(),
+        "a",
+        "send_email",
+        to_gone("bounced", false),
+        LIMIT,
+    )
+    .await;
+    assert_eq!(c.status(), Some("partial"), "{c:?}");
+    // Each daemon until its answer about gone@ is `refused` (or not).
+    let until = |node: &Node, refused: bool| {
+        let peer = node.peer().clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let c = call(&peer, "dry", "send_email", to_gone("dry", true), LIMIT).await;
+                if (c.error_code() == Some("recipient_suppressed")) == refused {
+                    return c;
+                }
+                assert!(Instant::now() < deadline, "still {c:?} after 10 s");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    until(&b, true).await;
+    until(&a, true).await;
+    let (code, out, err) =
+        common::queue_cmd(a.dir.path(), &["suppress", "remove", "gone@example.org"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    until(&b, false).await;
+    until(&a, false).await;
+    let c = call(b.peer(), "b", "send_email", to_gone("again", false), LIMIT).await;
+    assert_eq!(c.status(), Some("partial"), "{c:?}");
+    assert_eq!(
+        sink.delivered().len(),
+        2,
+        "the two real sends, to rcpt@ alone"
+    );
+}

@@ -51,10 +51,41 @@ pub enum QueueCommand {
     /// Put a copy made by `backup` in place of the SQLite store, with no
     /// daemon running; the replaced store is kept beside it.
     Restore(RestoreArgs),
+    /// The suppression list: the addresses no mail is accepted for (every
+    /// daemon on the store heeds a change within a second).
+    #[command(subcommand)]
+    Suppress(SuppressCommand),
     /// Apply the PostgreSQL store's schema migrations and count the finished
     /// messages anew, then exit (for operators who migrate before starting
     /// the daemons, or after upgrading them all).
     Migrate,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SuppressCommand {
+    /// Every listed address, by address.
+    List {
+        /// One JSON object a line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add addresses: mail to them is refused from now on.
+    Add {
+        #[arg(required = true)]
+        addresses: Vec<String>,
+        /// Why: unsubscribed, complained or manual (bounced is the
+        /// daemon's own).
+        #[arg(long, default_value = "manual")]
+        reason: String,
+        /// A note kept with each entry (no secrets: `list` shows it).
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Take addresses off the list.
+    Remove {
+        #[arg(required = true)]
+        addresses: Vec<String>,
+    },
 }
 
 /// Which messages: every given condition holds.
@@ -420,6 +451,121 @@ async fn restore(config: &Config, from: std::path::PathBuf) -> ExitCode {
     }
 }
 
+/// `queue suppress`: the suppression list in the store.
+async fn suppress(store: &dyn queue::Store, cmd: SuppressCommand) -> ExitCode {
+    use crate::suppress::{REASONS, key};
+    let fail = |e: StoreError| {
+        eprintln!("mailmux: {e}");
+        ExitCode::FAILURE
+    };
+    // Every address is checked before any is written.
+    let keys = |addresses: &[String]| -> Result<Vec<String>, ExitCode> {
+        addresses
+            .iter()
+            .map(|a| {
+                key(a).ok_or_else(|| {
+                    eprintln!("mailmux: {a:?} is not an email address; nothing was changed");
+                    ExitCode::from(EXIT_USAGE)
+                })
+            })
+            .collect()
+    };
+    match cmd {
+        SuppressCommand::List { json } => {
+            let (_, list) = match store.suppressions().await {
+                Ok(l) => l,
+                Err(e) => return fail(e),
+            };
+            for s in &list {
+                if json {
+                    let line = serde_json::json!({
+                        "address": s.address, "reason": s.reason, "detail": s.detail,
+                        "message_id": s.message_id, "since": time(s.at),
+                    });
+                    say!("{line}");
+                } else {
+                    say!(
+                        "{}  {:<12}  {}  {}",
+                        time(s.at),
+                        s.reason,
+                        shown::address(&s.address),
+                        s.detail.as_deref().unwrap_or("")
+                    );
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        SuppressCommand::Add {
+            addresses,
+            reason,
+            note,
+        } => {
+            if !REASONS[1..].contains(&reason.as_str()) {
+                eprintln!(
+                    "mailmux: --reason must be one of {}; nothing was changed",
+                    REASONS[1..].join(", ")
+                );
+                return ExitCode::from(EXIT_USAGE);
+            }
+            if note
+                .as_deref()
+                .is_some_and(|n| n.chars().any(char::is_control))
+            {
+                eprintln!("mailmux: --note must be one line of text; nothing was changed");
+                return ExitCode::from(EXIT_USAGE);
+            }
+            let keys = match keys(&addresses) {
+                Ok(k) => k,
+                Err(code) => return code,
+            };
+            let at = queue::now_millis();
+            let entries = keys
+                .iter()
+                .map(|k| queue::Suppression {
+                    address: k.clone(),
+                    reason: reason.clone(),
+                    detail: note.clone(),
+                    message_id: None,
+                    at,
+                })
+                .collect();
+            match store.suppress(entries).await {
+                Ok(added) => {
+                    say!(
+                        "added {added} of {}; {} already listed",
+                        keys.len(),
+                        keys.len() - added
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        SuppressCommand::Remove { addresses } => {
+            let keys = match keys(&addresses) {
+                Ok(k) => k,
+                Err(code) => return code,
+            };
+            let mut missing = 0;
+            for k in &keys {
+                match store.unsuppress(k).await {
+                    Ok(true) => say!("{}: removed", shown::address(k)),
+                    Ok(false) => {
+                        missing += 1;
+                        eprintln!("mailmux: {} is not listed", shown::address(k));
+                    }
+                    Err(e) => return fail(e),
+                }
+            }
+            if missing > 0 {
+                ExitCode::from(EXIT_REFUSED)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+    }
+}
+
 /// The configured store, shared: the daemons that own it may be running.
 async fn open(config: &Config) -> Result<Arc<dyn queue::Store>, ExitCode> {
     let failed = |e: StoreError| {
@@ -497,6 +643,7 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
             }
             ExitCode::SUCCESS
         }
+        QueueCommand::Suppress(cmd) => suppress(store, cmd).await,
         QueueCommand::Show(a) => {
             let r = match store.get(&a.id).await {
                 Ok(Some(r)) => r,

@@ -72,6 +72,8 @@ struct State {
     /// The configuration the daemon started with: what a reload cannot
     /// change is still in force as it says.
     initial: Arc<Config>,
+    /// The addresses no mail is accepted for.
+    suppressions: Arc<crate::suppress::Suppressions>,
 }
 
 impl std::fmt::Debug for MailmuxServer {
@@ -105,6 +107,10 @@ impl MailmuxServer {
         // pending for a relay that no longer files one is recorded failed.
         observers
             .push(crate::sent_copy::SentCopies::start(queue.clone(), &config.sent_copies).await);
+        let suppressions =
+            crate::suppress::Suppressions::start(queue.clone(), config.queue.suppress_bounces)
+                .await;
+        observers.push(suppressions.clone());
         queue.run(Some(Arc::new(observers)));
         for name in gate.open_recipients() {
             tracing::warn!(caller = %name, "caller may mail any recipient: allowed_recipients is empty");
@@ -144,6 +150,7 @@ impl MailmuxServer {
                 lockout,
                 console: crate::console::Console::default(),
                 exposed: std::sync::OnceLock::new(),
+                suppressions,
             }),
             tool_router: Arc::new(standard_schemas(Self::tool_router())),
         }
@@ -196,6 +203,11 @@ impl MailmuxServer {
 
     pub fn console(&self) -> &crate::console::Console {
         &self.state.console
+    }
+
+    /// The suppression list as this daemon holds it.
+    pub fn suppressions(&self) -> &crate::suppress::Suppressions {
+        &self.state.suppressions
     }
 
     /// Records that HTTP is served on `addr`, beyond loopback.

@@ -328,6 +328,25 @@ fn denied(d: crate::policy::Denied) -> ToolError {
     }
 }
 
+/// A recipient on the suppression list, as the tool error
+/// `recipient_suppressed`.
+fn suppressed(field: &str, address: &str, listed: &crate::suppress::Listed) -> ToolError {
+    let since = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(listed.at.max(0) as u64),
+    );
+    ToolError {
+        field: Some(field.into()),
+        rule: Some(listed.reason.clone()),
+        ..ToolError::new(
+            "recipient_suppressed",
+            format!(
+                "{field} {address} is on the suppression list ({}, since {since}): mail to it is refused until an operator takes it off; nothing was sent",
+                listed.reason
+            ),
+        )
+    }
+}
+
 /// A call from a request without a caller: refused, and said so.
 fn no_caller() -> ToolError {
     ToolError::new(
@@ -1398,6 +1417,15 @@ impl MailmuxServer {
             from: composed.from.to_string(),
             recipients: composed.recipients.iter().map(|a| a.to_string()).collect(),
         };
+        if let Some((i, address, listed)) = self
+            .suppressions()
+            .check(envelope.recipients.iter().map(String::as_str))
+            && !self.is_stored_key(caller, idempotency.as_ref()).await
+        {
+            let (list, at) = composed.fields.get(i).copied().unwrap_or(("to", i));
+            let e = suppressed(&format!("{list}[{at}]"), &address, &listed);
+            return Prepared::Done(Box::new(self.refuse(caller, Ok(&composed), e)));
+        }
 
         if dry_run {
             let relay = match &params.relay {
@@ -1513,6 +1541,19 @@ impl MailmuxServer {
             prompt,
             hold_hash,
         }))
+    }
+
+    /// Whether the call's idempotency key names a stored message: its
+    /// repeat is answered with that message's status (by the queue), not
+    /// refused for what changed since, which would say that nothing was
+    /// sent when the first call sent it. A store that cannot be read
+    /// answers false: the refusal stands.
+    async fn is_stored_key(&self, caller: &Caller, key: Option<&(String, [u8; 32])>) -> bool {
+        let Some((key, _)) = key else { return false };
+        matches!(
+            self.queue().status_by_key(Some(&caller.name), key).await,
+            Ok(Some(_))
+        )
     }
 
     /// The whole `send_batch` flow: each message prepared as `send_email`
@@ -2064,6 +2105,7 @@ impl MailmuxServer {
             available: queue.available(),
             free_bytes: room.map(|(free, _)| free),
             min_free: room.map(|(_, min)| min),
+            suppressed: self.suppressions().len() as u64,
             warning,
             ..Default::default()
         };

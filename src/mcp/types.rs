@@ -1212,6 +1212,8 @@ pub struct QueueOut {
     /// Sent copies waiting for their outcome (or, left by a stop or a
     /// crash, for this daemon or another to make them).
     pub sent_copies_pending: u64,
+    /// Addresses on the suppression list, as this daemon holds it.
+    pub suppressed: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
 }

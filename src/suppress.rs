@@ -1,0 +1,292 @@
+//! The suppression list: the addresses the daemon accepts no mail for.
+//!
+//! The list lives in the queue's store, so that every daemon on a shared
+//! store, and the queue command, see one list. The send path checks each
+//! recipient against a copy held in memory ([`Suppressions::check`]), which
+//! a background task reads again whenever the store's version of the list
+//! moves (polled every [`REFRESH`]): an entry the queue command or another
+//! daemon adds is in force here within about that long. A recipient that a
+//! relay refuses as unknown (an enhanced status of 5.1.1, 5.1.2 or 5.1.10)
+//! is added by the daemon that saw the refusal, unless
+//! `queue.suppress_bounces` is off ([`Suppressions`] is a queue observer).
+//!
+//! Addresses are compared in one form ([`key`]): the local part in lower
+//! case and the domain as lower-case A-labels, whatever case or script the
+//! caller wrote.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
+
+use mailmux_actors::queue::{Event, Millis, Observer, Queue, Suppression, now_millis};
+
+/// How often the store's version of the list is polled.
+pub const REFRESH: Duration = Duration::from_secs(1);
+
+/// The reasons an entry may give. `bounced` is the daemon's own; the others
+/// are an operator's.
+pub const REASONS: &[&str] = &["bounced", "unsubscribed", "complained", "manual"];
+
+/// The longest `detail` kept: a reply's text, an operator's note.
+const MAX_DETAIL: usize = 300;
+
+/// An address as the list compares it: the local part in lower case, the
+/// domain as lower-case A-labels. `None` for text that is not an address.
+pub fn key(address: &str) -> Option<String> {
+    let address = address.trim();
+    let (local, domain) = address.rsplit_once('@')?;
+    if local.is_empty() || domain.is_empty() || local.chars().any(char::is_whitespace) {
+        return None;
+    }
+    let domain = crate::policy::rules::ascii_domain(domain)?;
+    if domain.is_empty() {
+        return None;
+    }
+    Some(format!("{}@{domain}", local.to_lowercase()))
+}
+
+/// Whether a permanent refusal of one recipient says that the address does
+/// not exist: its enhanced status code (RFC 3463) is 5.1.1 (no such
+/// mailbox), 5.1.2 (no such domain) or 5.1.10 (a domain that accepts no
+/// mail, RFC 7505). A refusal for any other reason (policy, content, the
+/// sender) lists nothing.
+pub fn is_hard_bounce(code: u16, text: &str) -> bool {
+    if !(500..600).contains(&code) {
+        return false;
+    }
+    let status = text.split_whitespace().next().unwrap_or("");
+    matches!(status, "5.1.1" | "5.1.2" | "5.1.10")
+}
+
+/// One listed address as the send path needs it.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub reason: String,
+    pub at: Millis,
+}
+
+/// The daemon's copy of the list, kept in step with the store.
+#[derive(Debug)]
+pub struct Suppressions {
+    queue: Queue,
+    /// By [`key`].
+    listed: RwLock<HashMap<String, Listed>>,
+    /// The store's version the copy was read at; `None` before a first read.
+    version: std::sync::Mutex<Option<i64>>,
+    /// Entries this daemon listed whose write to the store has not
+    /// succeeded yet: a read of the store's list keeps them.
+    unwritten: Arc<std::sync::Mutex<HashMap<String, Listed>>>,
+    /// `queue.suppress_bounces`.
+    bounces: bool,
+}
+
+impl Suppressions {
+    /// Reads the list from the store (a failure is logged, and the list is
+    /// read again at the next poll) and starts the poll, which ends when
+    /// the returned value is dropped.
+    pub async fn start(queue: Queue, bounces: bool) -> Arc<Suppressions> {
+        let s = Arc::new(Suppressions {
+            queue,
+            listed: RwLock::new(HashMap::new()),
+            version: std::sync::Mutex::new(None),
+            unwritten: Arc::default(),
+            bounces,
+        });
+        if let Err(e) = s.refresh().await {
+            tracing::warn!(error = %e, "cannot read the suppression list; trying again");
+        }
+        tokio::spawn(poll(Arc::downgrade(&s)));
+        s
+    }
+
+    /// The first of `recipients` that is listed, with its position and
+    /// entry.
+    pub fn check<'a>(
+        &self,
+        recipients: impl IntoIterator<Item = &'a str>,
+    ) -> Option<(usize, String, Listed)> {
+        let listed = self.listed.read().unwrap_or_else(|e| e.into_inner());
+        if listed.is_empty() {
+            return None;
+        }
+        recipients.into_iter().enumerate().find_map(|(i, r)| {
+            let k = key(r)?;
+            listed.get(&k).map(|l| (i, r.to_owned(), l.clone()))
+        })
+    }
+
+    /// How many addresses are listed.
+    pub fn len(&self) -> usize {
+        self.listed.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reads the list again if the store's version moved.
+    async fn refresh(&self) -> Result<(), mailmux_actors::queue::QueueError> {
+        let now = self.queue.suppression_version().await?;
+        if *self.version.lock().unwrap_or_else(|e| e.into_inner()) == Some(now) {
+            return Ok(());
+        }
+        let (version, list) = self.queue.suppressions().await?;
+        let mut listed: HashMap<String, Listed> = list
+            .into_iter()
+            .map(|s| {
+                (
+                    s.address,
+                    Listed {
+                        reason: s.reason,
+                        at: s.at,
+                    },
+                )
+            })
+            .collect();
+        for (k, l) in self
+            .unwritten
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            listed.entry(k.clone()).or_insert_with(|| l.clone());
+        }
+        *self.listed.write().unwrap_or_else(|e| e.into_inner()) = listed;
+        *self.version.lock().unwrap_or_else(|e| e.into_inner()) = Some(version);
+        Ok(())
+    }
+}
+
+async fn poll(s: Weak<Suppressions>) {
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(REFRESH).await;
+        let Some(s) = s.upgrade() else { return };
+        match s.refresh().await {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!("the suppression list is read again");
+            }
+            Ok(()) => {}
+            // Logged once per outage: the store's own state changes are
+            // logged by the queue.
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "cannot read the suppression list; the copy in memory stays in force");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+impl Observer for Suppressions {
+    fn event(&self, e: &Event<'_>) {
+        if !self.bounces || e.rejected.is_empty() {
+            return;
+        }
+        let at = now_millis();
+        let mut new = Vec::new();
+        {
+            let mut listed = self.listed.write().unwrap_or_else(|e| e.into_inner());
+            for r in e.rejected {
+                if !is_hard_bounce(r.code, &r.text) {
+                    continue;
+                }
+                let Some(k) = key(&r.address) else { continue };
+                if listed.contains_key(&k) {
+                    continue;
+                }
+                let reason = "bounced".to_owned();
+                listed.insert(
+                    k.clone(),
+                    Listed {
+                        reason: reason.clone(),
+                        at,
+                    },
+                );
+                let mut detail = format!("{} {}", r.code, r.text);
+                if detail.len() > MAX_DETAIL {
+                    let mut end = MAX_DETAIL;
+                    while !detail.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    detail.truncate(end);
+                }
+                new.push(Suppression {
+                    address: k,
+                    reason,
+                    detail: Some(detail),
+                    message_id: Some(e.message_id.to_owned()),
+                    at,
+                });
+            }
+        }
+        if new.is_empty() {
+            return;
+        }
+        tracing::info!(
+            message_id = %e.message_id,
+            recipients = new.len(),
+            "recipients refused as unknown; added to the suppression list"
+        );
+        let keys: Vec<String> = new.iter().map(|s| s.address.clone()).collect();
+        self.unwritten
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(new.iter().map(|s| {
+                let l = Listed {
+                    reason: s.reason.clone(),
+                    at: s.at,
+                };
+                (s.address.clone(), l)
+            }));
+        let (queue, unwritten) = (self.queue.clone(), self.unwritten.clone());
+        tokio::spawn(async move {
+            match queue.suppress(new).await {
+                Ok(_) => {
+                    let mut u = unwritten.lock().unwrap_or_else(|e| e.into_inner());
+                    for k in &keys {
+                        u.remove(k);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot store suppression list entries; they hold in this daemon until it stops")
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_ignore_case_and_script() {
+        assert_eq!(key("Bob@Example.ORG").as_deref(), Some("bob@example.org"));
+        assert_eq!(
+            key("bob@bücher.example").as_deref(),
+            Some("bob@xn--bcher-kva.example")
+        );
+        assert_eq!(
+            key(" bob@example.org. ").as_deref(),
+            Some("bob@example.org")
+        );
+        assert_eq!(key("Zoë@example.org").as_deref(), Some("zoë@example.org"));
+        for bad in ["", "bob", "@example.org", "bob@", "b ob@example.org"] {
+            assert_eq!(key(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn only_unknown_addresses_are_hard_bounces() {
+        assert!(is_hard_bounce(550, "5.1.1 no such user"));
+        assert!(is_hard_bounce(550, "5.1.2 bad destination system"));
+        assert!(is_hard_bounce(556, "5.1.10 null MX"));
+        assert!(!is_hard_bounce(550, "5.7.1 relaying denied"));
+        assert!(!is_hard_bounce(550, "no such user"), "no enhanced status");
+        assert!(!is_hard_bounce(550, "5.1.11 x"));
+        assert!(!is_hard_bounce(450, "4.1.1 try later"));
+        assert!(!is_hard_bounce(452, "5.1.1 a 4xx is never one"));
+    }
+}

@@ -1,0 +1,312 @@
+//! The suppression list: the real binary over stdio and a fault-injecting
+//! SMTP server. A recipient the server refuses as unknown (5.1.1) is listed
+//! and refused at the next call, with nothing stored or sent; a refusal for
+//! another reason lists nothing; the list survives a SIGKILL; an operator
+//! adds and removes addresses with `mailmux queue suppress` while the daemon
+//! runs, and the daemon heeds each change.
+
+mod common;
+#[path = "../actors/tests/support/mod.rs"]
+mod support;
+
+use std::time::Duration;
+
+use common::StdioDaemon;
+use serde_json::{Value, json};
+use support::fault_smtp::{Action, FaultSmtp, Script};
+
+fn config(dir: &std::path::Path, port: u16, extra: &str) -> String {
+    format!(
+        "shutdown_grace = \"1s\"\nfrom_email = \"agent@example.org\"\n\n[queue]\npath = \"{}\"\n{extra}\n\
+         [[relays]]\nname = \"main\"\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"none\"\ntimeout = \"2s\"\n",
+        dir.join("queue.db").display(),
+    )
+}
+
+fn script() -> Script {
+    Script::ok()
+        .on_rcpt(
+            "gone@dest.example",
+            Action::reply(550, "5.1.1 no such user"),
+        )
+        .on_rcpt(
+            "policy@dest.example",
+            Action::reply(550, "5.7.1 not allowed"),
+        )
+}
+
+fn mail(subject: &str, fields: Value) -> Value {
+    let mut m = json!({ "subject": subject, "body": "b" });
+    if let (Value::Object(m), Value::Object(f)) = (&mut m, fields) {
+        m.extend(f);
+    }
+    m
+}
+
+/// The first call: one recipient the server takes, one it refuses as
+/// unknown, one for a policy of its own.
+fn first_call() -> Value {
+    mail(
+        "first",
+        json!({
+            "to": ["ok@dest.example", "gone@dest.example", "policy@dest.example"],
+            "idempotency_key": "first-call",
+        }),
+    )
+}
+
+/// The stored messages (`queue list --json`), oldest first.
+fn stored(dir: &std::path::Path) -> Vec<Value> {
+    let (code, out, err) = common::queue_cmd(dir, &["list", "--json", "--limit", "1000"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let mut list: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    list.reverse();
+    list
+}
+
+/// `queue suppress list --json`.
+fn listed(dir: &std::path::Path) -> Vec<Value> {
+    let (code, out, err) = common::queue_cmd(dir, &["suppress", "list", "--json"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Asserts that `error` refuses `field` as suppressed for `reason`.
+fn assert_suppressed(error: &Value, field: &str, reason: &str) {
+    assert_eq!(error["code"], "recipient_suppressed", "{error}");
+    assert_eq!(error["field"], field, "{error}");
+    assert_eq!(error["rule"], reason, "{error}");
+}
+
+/// A dry run to `to` until its answer is refused (`refused`) or not,
+/// within 10 s: a dry run stores and sends nothing.
+async fn until_dry_run(d: &StdioDaemon, to: &str, refused: bool) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = d
+            .call(
+                "send_email",
+                mail("dry", json!({ "to": [to], "dry_run": true })),
+            )
+            .await;
+        if (r["error"]["code"] == "recipient_suppressed") == refused {
+            return r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{to}: still {r} after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How many stored messages have `address` among their recipients.
+fn stored_to(list: &[Value], address: &str) -> usize {
+    list.iter()
+        .filter(|m| {
+            m["recipients"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r == address)
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_refused_as_unknown_is_suppressed_until_an_operator_removes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = FaultSmtp::start(script()).await;
+    let cfg = config(dir.path(), smtp.port(), "");
+    let d = StdioDaemon::start(dir.path(), &cfg).await;
+
+    // The first message reaches the server, which refuses one recipient as
+    // unknown and another for a policy of its own.
+    let r = d.call("send_email", first_call()).await;
+    assert_eq!(r["status"], "partial", "{r}");
+    let first = r["message_id"].as_str().unwrap().to_string();
+    // Listed in the store, with the reply and the message that showed it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let list = loop {
+        let list = listed(dir.path());
+        if !list.is_empty() || std::time::Instant::now() > deadline {
+            break list;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(list.len(), 1, "only the unknown one: {list:?}");
+    assert_eq!(list[0]["address"], "gone@dest.example");
+    assert_eq!(list[0]["reason"], "bounced");
+    assert_eq!(list[0]["detail"], "550 5.1.1 no such user");
+    assert_eq!(list[0]["message_id"], first.as_str());
+
+    // The first call repeated with its key: its status, not a refusal.
+    let r = d.call("send_email", first_call()).await;
+    assert_eq!(r["message_id"], first.as_str(), "{r}");
+    assert_eq!(r["status"], "partial", "{r}");
+    assert_eq!(r["idempotent_replay"], true, "{r}");
+
+    // Refused in any case and in any list, naming the field; nothing stored.
+    let r = d
+        .call(
+            "send_email",
+            mail(
+                "again",
+                json!({ "to": ["ok@dest.example", "Gone@DEST.example"] }),
+            ),
+        )
+        .await;
+    assert_suppressed(&r["error"], "to[1]", "bounced");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was sent"),
+        "{r}"
+    );
+    let r = d
+        .call(
+            "send_email",
+            mail(
+                "bcc",
+                json!({ "to": ["ok@dest.example"], "bcc": ["gone@dest.example"] }),
+            ),
+        )
+        .await;
+    assert_suppressed(&r["error"], "bcc[0]", "bounced");
+    until_dry_run(&d, "gone@dest.example", true).await;
+    // A batch: the message to it refused alone.
+    let b = d
+        .call(
+            "send_batch",
+            json!({
+                "defaults": { "subject": "batch", "body": "b" },
+                "messages": [{ "to": ["ok@dest.example"] }, { "to": ["gone@dest.example"] }],
+            }),
+        )
+        .await;
+    assert_eq!(b["results"][0]["status"], "sent", "{b}");
+    assert_suppressed(&b["results"][1]["error"], "messages[1].to[0]", "bounced");
+    // The policy refusal listed nothing: it reaches the server again.
+    let r = d
+        .call(
+            "send_email",
+            mail("policy", json!({ "to": ["policy@dest.example"] })),
+        )
+        .await;
+    assert_eq!(r["status"], "failed", "{r}");
+
+    // Kept across a crash: refused at once after the restart.
+    d.kill().await;
+    let d = StdioDaemon::start(dir.path(), &cfg).await;
+    let r = d
+        .call(
+            "send_email",
+            mail("after", json!({ "to": ["gone@dest.example"] })),
+        )
+        .await;
+    assert_suppressed(&r["error"], "to[0]", "bounced");
+
+    // An operator lists an address while the daemon runs; bad input
+    // changes nothing.
+    let (code, out, err) = common::queue_cmd(
+        dir.path(),
+        &[
+            "suppress",
+            "add",
+            "Unsub@Dest.example",
+            "--reason",
+            "unsubscribed",
+            "--note",
+            "asked by phone",
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("added 1 of 1"), "{out}");
+    for bad in [
+        &["suppress", "add", "not-an-address"][..],
+        &["suppress", "add", "x@dest.example", "--reason", "bounced"],
+        &["suppress", "add", "x@dest.example", "--note", "two\nlines"],
+    ] {
+        let (code, out, err) = common::queue_cmd(dir.path(), bad);
+        assert_eq!(code, Some(2), "{bad:?}: {out}{err}");
+        assert!(err.contains("nothing was changed"), "{err}");
+    }
+    let r = until_dry_run(&d, "unsub@dest.example", true).await;
+    assert_suppressed(&r["error"], "to[0]", "unsubscribed");
+    let list = listed(dir.path());
+    let addresses: Vec<&str> = list
+        .iter()
+        .map(|l| l["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(addresses, ["gone@dest.example", "unsub@dest.example"]);
+    assert_eq!(list[1]["detail"], "asked by phone");
+    let st = d.call("get_smtp_status", json!({})).await;
+    assert_eq!(st["queue"]["suppressed"], 2, "{st}");
+
+    // Taken off: mail to it is accepted again, and reaches the server.
+    let (code, out, err) =
+        common::queue_cmd(dir.path(), &["suppress", "remove", "gone@dest.example"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, _, err) =
+        common::queue_cmd(dir.path(), &["suppress", "remove", "never@dest.example"]);
+    assert_eq!(code, Some(1), "{err}");
+    until_dry_run(&d, "gone@dest.example", false).await;
+    let r = d
+        .call(
+            "send_email",
+            mail(
+                "removed",
+                json!({ "to": ["ok@dest.example", "gone@dest.example"] }),
+            ),
+        )
+        .await;
+    assert_eq!(r["status"], "partial", "{r}");
+
+    // Reconciled with the store and the server: gone@ was in exactly the
+    // two messages the daemon accepted for it, and the server took each
+    // message that was accepted (first, the batch's one, removed).
+    let list = stored(dir.path());
+    assert_eq!(stored_to(&list, "gone@dest.example"), 2, "{list:?}");
+    assert_eq!(stored_to(&list, "unsub@dest.example"), 0, "{list:?}");
+    let subjects: Vec<String> = smtp
+        .delivered()
+        .iter()
+        .map(|t| {
+            String::from_utf8_lossy(&t.data)
+                .lines()
+                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_owned))
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(subjects, ["first", "batch", "removed"], "{subjects:?}");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_suppress_bounces_off_nothing_is_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = FaultSmtp::start(script()).await;
+    let cfg = config(dir.path(), smtp.port(), "suppress_bounces = false\n");
+    let d = StdioDaemon::start(dir.path(), &cfg).await;
+    for subject in ["one", "two"] {
+        let r = d
+            .call(
+                "send_email",
+                mail(
+                    subject,
+                    json!({ "to": ["ok@dest.example", "gone@dest.example"] }),
+                ),
+            )
+            .await;
+        assert_eq!(r["status"], "partial", "{subject}: {r}");
+    }
+    assert!(listed(dir.path()).is_empty());
+    assert_eq!(smtp.delivered().len(), 2);
+    d.stop().await;
+}
