@@ -45,6 +45,52 @@ pub fn key(address: &str) -> Option<String> {
     Some(format!("{}@{domain}", local.to_lowercase()))
 }
 
+/// An operator's entry for `address` (the queue command, `/admin/`), or
+/// what is wrong with it: an address that is not one, a reason that is not
+/// an operator's (`bounced` is the daemon's own), a note over one line.
+pub fn operator_entry(
+    address: &str,
+    reason: &str,
+    note: Option<&str>,
+    at: Millis,
+) -> Result<Suppression, String> {
+    let Some(address) = key(address) else {
+        return Err(format!("{address:?} is not an email address"));
+    };
+    if !REASONS[1..].contains(&reason) {
+        return Err(format!(
+            "the reason must be one of {}, not {reason:?}",
+            REASONS[1..].join(", ")
+        ));
+    }
+    if let Some(n) = note
+        && (n.chars().any(char::is_control) || n.len() > MAX_DETAIL)
+    {
+        return Err(format!(
+            "the note must be one line of at most {MAX_DETAIL} bytes"
+        ));
+    }
+    Ok(Suppression {
+        address,
+        reason: reason.to_owned(),
+        detail: note.map(str::to_owned),
+        message_id: None,
+        at,
+    })
+}
+
+/// An entry as `mailmux queue suppress list --json` and `/admin/suppressions`
+/// show it.
+pub fn to_json(s: &Suppression) -> serde_json::Value {
+    serde_json::json!({
+        "address": s.address,
+        "reason": s.reason,
+        "detail": s.detail,
+        "message_id": s.message_id,
+        "since": crate::mcp::types::rfc3339(s.at),
+    })
+}
+
 /// Whether a permanent refusal of one recipient says that the address does
 /// not exist: its enhanced status code (RFC 3463) is 5.1.1 (no such
 /// mailbox), 5.1.2 (no such domain) or 5.1.10 (a domain that accepts no
@@ -124,8 +170,9 @@ impl Suppressions {
         self.len() == 0
     }
 
-    /// Reads the list again if the store's version moved.
-    async fn refresh(&self) -> Result<(), mailmux_actors::queue::QueueError> {
+    /// Reads the list again if the store's version moved: after a change
+    /// this daemon made, so that it is in force here at once.
+    pub async fn refresh(&self) -> Result<(), mailmux_actors::queue::QueueError> {
         let now = self.queue.suppression_version().await?;
         if *self.version.lock().unwrap_or_else(|e| e.into_inner()) == Some(now) {
             return Ok(());

@@ -3,7 +3,8 @@
 //! bypass attempt refused before any MAIL reaches the SMTP server; per-caller
 //! rates; approval by MCP elicitation, by the `queue` command and by the
 //! admin endpoint; expiry; the audit log; a dry-run-only caller; relay
-//! rates that hold messages back without refusing them.
+//! rates that hold messages back without refusing them; the suppression
+//! list through the admin endpoint.
 
 mod common;
 #[path = "reliability/random_input.rs"]
@@ -2097,4 +2098,105 @@ timeout = "3s"
         delivered.len() >= 10,
         "seed {seed}: too few messages went out to prove anything: {answered:?}"
     );
+}
+
+/// The suppression list through `/admin/suppressions` on the `memory`
+/// store, which the queue command cannot reach: a bounce listed by the
+/// daemon, an operator's entry and removal in force at once, bad input
+/// refused with nothing changed, a caller's token refused, and the
+/// refusals of listed recipients in the audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_keep_the_suppression_list_over_http() {
+    let sink = FaultSmtp::start(Script::ok().on_rcpt(
+        "gone@example.org",
+        SmtpAction::reply(550, "5.1.1 no such user"),
+    ))
+    .await;
+    let other = FaultSmtp::start(Script::ok()).await;
+    let d = start_with(|dir| {
+        config_toml(dir, sink.port(), other.port(), "")
+            .replace("[queue]\n", "[queue]\nstore = \"memory\"\n")
+    })
+    .await;
+    let delta = connect(&d, DELTA).await;
+    let to_gone = json!(["a@example.org", "gone@example.org"]);
+    let (_, out) = call(&delta, "send_email", mail(to_gone.clone())).await;
+    assert_eq!(out["status"], "partial", "{out}");
+
+    let http = reqwest::Client::new();
+    let url = |path: &str| format!("{}/admin/suppressions{path}", d.base);
+    let list = || async {
+        let r = http.get(url("")).bearer_auth(OPS).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        r.json::<Value>().await.unwrap()["suppressions"].clone()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while list().await.as_array().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the bounce was never listed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let l = list().await;
+    assert_eq!(l[0]["address"], "gone@example.org", "{l}");
+    assert_eq!(l[0]["reason"], "bounced", "{l}");
+    let r = http.get(url("")).bearer_auth(DELTA).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401, "a caller's token");
+
+    // An operator's entry: in force at once, kept as first written.
+    let put = |path: &str, body: Option<Value>| {
+        let mut req = http.put(url(path)).bearer_auth(OPS);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        req.send()
+    };
+    let note = json!({ "reason": "unsubscribed", "note": "web form" });
+    let r = put("/Unsub@Example.org", Some(note.clone())).await.unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let r = put("/unsub@example.org", None).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["added"], false);
+    for (path, body) in [
+        ("/not-an-address", None),
+        ("/x@example.org", Some(json!({ "reason": "bounced" }))),
+        ("/x@example.org", Some(json!({ "colour": "red" }))),
+        ("/x@example.org", Some(json!({ "note": "two\nlines" }))),
+    ] {
+        let r = put(path, body.clone()).await.unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{path} {body:?}");
+        let text = r.text().await.unwrap();
+        assert!(text.contains("nothing was changed"), "{text}");
+    }
+    assert_eq!(list().await.as_array().unwrap().len(), 2);
+    let (_, out) = call(&delta, "send_email", mail(json!(["unsub@example.org"]))).await;
+    assert_eq!(out["error"]["code"], "recipient_suppressed", "{out}");
+    assert_eq!(out["error"]["rule"], "unsubscribed", "{out}");
+
+    // Removed: in force at once; a second removal finds nothing.
+    let r = http
+        .delete(url("/gone@example.org"))
+        .bearer_auth(OPS)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let r = http
+        .delete(url("/gone@example.org"))
+        .bearer_auth(OPS)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let (_, out) = call(&delta, "send_email", mail(to_gone)).await;
+    assert_eq!(out["status"], "partial", "{out}");
+    assert_eq!(sink.delivered().len(), 2);
+
+    // The refusal is audited with its code, and no body.
+    let refused: Vec<Value> = d
+        .audit()
+        .into_iter()
+        .filter(|l| l["mailmux"]["code"] == "recipient_suppressed")
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0]["event"]["action"], "refused");
+    assert!(!refused[0].to_string().contains(BODY_MARKER));
 }

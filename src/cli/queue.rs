@@ -453,7 +453,7 @@ async fn restore(config: &Config, from: std::path::PathBuf) -> ExitCode {
 
 /// `queue suppress`: the suppression list in the store.
 async fn suppress(store: &dyn queue::Store, cmd: SuppressCommand) -> ExitCode {
-    use crate::suppress::{REASONS, key};
+    use crate::suppress::{key, operator_entry};
     let fail = |e: StoreError| {
         eprintln!("mailmux: {e}");
         ExitCode::FAILURE
@@ -478,11 +478,7 @@ async fn suppress(store: &dyn queue::Store, cmd: SuppressCommand) -> ExitCode {
             };
             for s in &list {
                 if json {
-                    let line = serde_json::json!({
-                        "address": s.address, "reason": s.reason, "detail": s.detail,
-                        "message_id": s.message_id, "since": time(s.at),
-                    });
-                    say!("{line}");
+                    say!("{}", crate::suppress::to_json(s));
                 } else {
                     say!(
                         "{}  {:<12}  {}  {}",
@@ -500,42 +496,22 @@ async fn suppress(store: &dyn queue::Store, cmd: SuppressCommand) -> ExitCode {
             reason,
             note,
         } => {
-            if !REASONS[1..].contains(&reason.as_str()) {
-                eprintln!(
-                    "mailmux: --reason must be one of {}; nothing was changed",
-                    REASONS[1..].join(", ")
-                );
-                return ExitCode::from(EXIT_USAGE);
-            }
-            if note
-                .as_deref()
-                .is_some_and(|n| n.chars().any(char::is_control))
-            {
-                eprintln!("mailmux: --note must be one line of text; nothing was changed");
-                return ExitCode::from(EXIT_USAGE);
-            }
-            let keys = match keys(&addresses) {
-                Ok(k) => k,
-                Err(code) => return code,
-            };
             let at = queue::now_millis();
-            let entries = keys
+            let entries: Result<Vec<_>, String> = addresses
                 .iter()
-                .map(|k| queue::Suppression {
-                    address: k.clone(),
-                    reason: reason.clone(),
-                    detail: note.clone(),
-                    message_id: None,
-                    at,
-                })
+                .map(|a| operator_entry(a, &reason, note.as_deref(), at))
                 .collect();
+            let entries = match entries {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("mailmux: {e}; nothing was changed");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            let n = entries.len();
             match store.suppress(entries).await {
                 Ok(added) => {
-                    say!(
-                        "added {added} of {}; {} already listed",
-                        keys.len(),
-                        keys.len() - added
-                    );
+                    say!("added {added} of {n}; {} already listed", n - added);
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(e),

@@ -36,7 +36,7 @@ use axum::extract::{Extension, Path, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use http_body_util::BodyExt;
 use mailmux_actors::RelayState;
 use mailmux_actors::queue::{Decided, Decision, Filter};
@@ -821,6 +821,101 @@ async fn admin_decide(server: MailmuxServer, op: Operator, id: String, approve: 
     }
 }
 
+/// `GET /admin/suppressions`: the suppression list, by address.
+async fn admin_suppressions(State(server): State<MailmuxServer>) -> Response {
+    match server.queue().suppressions().await {
+        Ok((_, list)) => {
+            let list: Vec<serde_json::Value> = list.iter().map(crate::suppress::to_json).collect();
+            axum::Json(json!({ "suppressions": list })).into_response()
+        }
+        Err(e) => reject(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+/// The body `PUT /admin/suppressions/{address}` may have.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SuppressBody {
+    reason: Option<String>,
+    note: Option<String>,
+}
+
+/// `PUT /admin/suppressions/{address}`: lists the address (201), or finds
+/// it listed (200, its entry kept), in force on this daemon at once.
+async fn admin_suppress(
+    State(server): State<MailmuxServer>,
+    Extension(op): Extension<Operator>,
+    Path(address): Path<String>,
+    body: Bytes,
+) -> Response {
+    let b: SuppressBody = if body.is_empty() {
+        SuppressBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => {
+                return reject(
+                    StatusCode::BAD_REQUEST,
+                    &format!("the body must be {{\"reason\", \"note\"}}: {e}; nothing was changed"),
+                );
+            }
+        }
+    };
+    let reason = b.reason.as_deref().unwrap_or("manual");
+    let now = mailmux_actors::queue::now_millis();
+    let entry = match crate::suppress::operator_entry(&address, reason, b.note.as_deref(), now) {
+        Ok(e) => e,
+        Err(e) => {
+            return reject(
+                StatusCode::BAD_REQUEST,
+                &format!("{e}; nothing was changed"),
+            );
+        }
+    };
+    let key = entry.address.clone();
+    match server.queue().suppress(vec![entry]).await {
+        Ok(added) => {
+            let _ = server.suppressions().refresh().await;
+            tracing::info!(operator = %op.0, added, "operator listed an address on the suppression list");
+            let status = if added > 0 {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            (
+                status,
+                axum::Json(json!({ "address": key, "added": added > 0 })),
+            )
+                .into_response()
+        }
+        Err(e) => reject(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+/// `DELETE /admin/suppressions/{address}`: takes the address off the list
+/// (404 when it was not on it), in force on this daemon at once.
+async fn admin_unsuppress(
+    State(server): State<MailmuxServer>,
+    Extension(op): Extension<Operator>,
+    Path(address): Path<String>,
+) -> Response {
+    let Some(key) = crate::suppress::key(&address) else {
+        return reject(
+            StatusCode::BAD_REQUEST,
+            &format!("{address:?} is not an email address; nothing was changed"),
+        );
+    };
+    match server.queue().unsuppress(&key).await {
+        Ok(true) => {
+            let _ = server.suppressions().refresh().await;
+            tracing::info!(operator = %op.0, "operator took an address off the suppression list");
+            axum::Json(json!({ "address": key, "removed": true })).into_response()
+        }
+        Ok(false) => reject(StatusCode::NOT_FOUND, "the address is not listed"),
+        Err(e) => reject(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
 async fn admin_approve_batch(
     State(server): State<MailmuxServer>,
     Extension(op): Extension<Operator>,
@@ -916,6 +1011,11 @@ pub fn app(server: &MailmuxServer, stateful: bool) -> (Router, CancellationToken
         .route("/admin/messages/{id}/reject", post(admin_reject))
         .route("/admin/batches/{id}/approve", post(admin_approve_batch))
         .route("/admin/batches/{id}/reject", post(admin_reject_batch))
+        .route("/admin/suppressions", get(admin_suppressions))
+        .route(
+            "/admin/suppressions/{address}",
+            put(admin_suppress).delete(admin_unsuppress),
+        )
         .with_state(server.clone())
         .merge(crate::console::routes(server))
         .nest_service("/mcp", mcp)

@@ -1323,6 +1323,12 @@ impl Queue {
         Ok(self.inner.store.suppress(entries).await?)
     }
 
+    /// Takes an address off the store's suppression list
+    /// ([`Store::unsuppress`]).
+    pub async fn unsuppress(&self, address: &str) -> Result<bool, QueueError> {
+        Ok(self.inner.store.unsuppress(address).await?)
+    }
+
     /// The store's suppression list and its version ([`Store::suppressions`]).
     pub async fn suppressions(&self) -> Result<(i64, Vec<super::Suppression>), QueueError> {
         Ok(self.inner.store.suppressions().await?)
