@@ -247,8 +247,9 @@ pub fn load_from(
 /// top-level key, or a key of one of the tables. Deeper paths are left to
 /// the tables' own checks.
 fn names_a_key(path: &[String]) -> bool {
-    let tables: [(&str, &[&str]); 7] = [
+    let tables: [(&str, &[&str]); 8] = [
         ("supervisor", raw::SUPERVISOR_KEYS),
+        ("unsubscribe", raw::UNSUBSCRIBE_KEYS),
         ("http", raw::HTTP_KEYS),
         ("metrics", raw::METRICS_KEYS),
         ("queue", raw::QUEUE_KEYS),
@@ -515,6 +516,9 @@ fn check_unknown_keys(layer: &FileLayer) -> Result<(), ConfigError> {
     }
     if let Some(Value::Dict(_, d)) = root.get("audit") {
         check(d, "audit.", &[raw::AUDIT_KEYS])?;
+    }
+    if let Some(Value::Dict(_, d)) = root.get("unsubscribe") {
+        check(d, "unsubscribe.", &[raw::UNSUBSCRIBE_KEYS])?;
     }
     for (table, known) in [
         ("callers", &[raw::IDENTITY_KEYS, raw::POLICY_KEYS][..]),

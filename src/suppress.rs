@@ -79,6 +79,76 @@ pub fn operator_entry(
     })
 }
 
+/// The path of the one-click unsubscribe links under `unsubscribe.url`.
+pub const UNSUBSCRIBE_PATH: &str = "/unsubscribe/";
+
+/// The fewest bytes of `unsubscribe.secret`.
+pub const MIN_SECRET: usize = 32;
+
+/// One-click unsubscribe links (RFC 8058) that the daemon serves itself:
+/// `{url}/unsubscribe/{token}`, where the token is the recipient's address
+/// and an HMAC-SHA-256 of it under `unsubscribe.secret` (its first 16
+/// bytes), both base64url. Whoever holds a link may unsubscribe that one
+/// address, and nobody can make a link for another without the secret.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OneClick {
+    /// `unsubscribe.url`, without a trailing `/`.
+    pub url: String,
+    /// `unsubscribe.secret`: the HMAC key.
+    pub secret: mailmux_actors::Secret,
+}
+
+/// The bytes of a token's MAC.
+const MAC_BYTES: usize = 16;
+
+impl OneClick {
+    fn mac(&self, address: &str) -> aws_lc_rs::hmac::Tag {
+        use aws_lc_rs::hmac;
+        let key = hmac::Key::new(hmac::HMAC_SHA256, self.secret.expose().as_bytes());
+        let mut ctx = hmac::Context::with_key(&key);
+        ctx.update(b"mailmux-unsubscribe\0");
+        ctx.update(address.as_bytes());
+        ctx.sign()
+    }
+
+    /// The token of `address` (in its [`key`] form).
+    pub fn token(&self, address: &str) -> String {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mac = self.mac(address);
+        format!(
+            "{}.{}",
+            b64.encode(address),
+            b64.encode(&mac.as_ref()[..MAC_BYTES])
+        )
+    }
+
+    /// The link that unsubscribes `address`; `None` for text that is not an
+    /// address.
+    pub fn link(&self, address: &str) -> Option<String> {
+        let address = key(address)?;
+        Some(format!(
+            "{}{UNSUBSCRIBE_PATH}{}",
+            self.url,
+            self.token(&address)
+        ))
+    }
+
+    /// The address a token unsubscribes; `None` for a token this secret did
+    /// not make (compared in constant time).
+    pub fn verify(&self, token: &str) -> Option<String> {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let (address, mac) = token.split_once('.')?;
+        let address = String::from_utf8(b64.decode(address).ok()?).ok()?;
+        let mac = b64.decode(mac).ok()?;
+        let want = self.mac(&address);
+        aws_lc_rs::constant_time::verify_slices_are_equal(&want.as_ref()[..MAC_BYTES], &mac)
+            .ok()?;
+        Some(address)
+    }
+}
+
 /// An entry as `mailmux queue suppress list --json` and `/admin/suppressions`
 /// show it.
 pub fn to_json(s: &Suppression) -> serde_json::Value {
@@ -322,6 +392,37 @@ mod tests {
         assert_eq!(key("Zoë@example.org").as_deref(), Some("zoë@example.org"));
         for bad in ["", "bob", "@example.org", "bob@", "b ob@example.org"] {
             assert_eq!(key(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_one_click_token_names_its_address_and_no_other() {
+        let oc = OneClick {
+            url: "https://mail.example.org".into(),
+            secret: mailmux_actors::Secret::new("k".repeat(MIN_SECRET)),
+        };
+        let link = oc.link("Bob@Example.org").unwrap();
+        let token = link
+            .strip_prefix("https://mail.example.org/unsubscribe/")
+            .unwrap();
+        assert_eq!(oc.verify(token).as_deref(), Some("bob@example.org"));
+        // Another address under the same MAC, a changed MAC, another
+        // secret, garbage: none verifies.
+        let (_, mac) = token.split_once('.').unwrap();
+        let other = oc.token("eve@example.org");
+        let (addr, _) = other.split_once('.').unwrap();
+        assert_eq!(oc.verify(&format!("{addr}.{mac}")), None);
+        let mut bad = token.to_string();
+        let last = bad.pop().unwrap();
+        bad.push(if last == 'A' { 'B' } else { 'A' });
+        assert_eq!(oc.verify(&bad), None);
+        let other_secret = OneClick {
+            secret: mailmux_actors::Secret::new("j".repeat(MIN_SECRET)),
+            ..oc.clone()
+        };
+        assert_eq!(other_secret.verify(token), None);
+        for junk in ["", ".", "x", "a.b", "%%.%%"] {
+            assert_eq!(oc.verify(junk), None, "{junk:?}");
         }
     }
 

@@ -710,6 +710,42 @@ fn every_validation_error_names_the_key_and_the_source() {
             "FILE",
         ),
         (
+            "[unsubscribe]\nurl = \"https://mail.example.org\"\n".into(),
+            vec![],
+            "unsubscribe.secret",
+            "default",
+        ),
+        (
+            format!("[unsubscribe]\nsecret = \"{}\"\n", "k".repeat(32)),
+            vec![],
+            "unsubscribe.url",
+            "default",
+        ),
+        (
+            "[unsubscribe]\nurl = \"https://mail.example.org\"\nsecret = \"short\"\n".into(),
+            vec![],
+            "unsubscribe.secret",
+            "FILE",
+        ),
+        (
+            format!(
+                "[unsubscribe]\nurl = \"http://mail.example.org\"\nsecret = \"{}\"\n",
+                "k".repeat(32)
+            ),
+            vec![],
+            "unsubscribe.url",
+            "FILE",
+        ),
+        (
+            format!(
+                "[unsubscribe]\nurl = \"https://mail.example.org/a b\"\nsecret = \"{}\"\n",
+                "k".repeat(32)
+            ),
+            vec![],
+            "unsubscribe.url",
+            "FILE",
+        ),
+        (
             "[relay_defaults]\ndsn_ret = \"hdrs\"\n[[relays]]\nhost = \"x\"\n".into(),
             vec![],
             "relay_defaults.dsn_ret",
@@ -2103,4 +2139,31 @@ fn dkim_keys_are_read_at_load_and_each_mistake_names_its_key() {
         assert!(e.message.contains(says), "{toml}: {e}");
         assert!(!e.message.contains("c2VjcmV0"), "{e}");
     }
+}
+
+/// `[unsubscribe]` from the environment: the URL without its trailing
+/// slash, the secret never shown.
+#[test]
+fn the_unsubscribe_links_load_from_the_environment_and_hide_the_secret() {
+    let secret = "s3cret-unsubscribe-key-0123456789abcdef";
+    let c = ok(
+        None,
+        &[
+            ("MAILMUX_UNSUBSCRIBE__URL", "https://mail.example.org/mm/"),
+            ("MAILMUX_UNSUBSCRIBE__SECRET", secret),
+        ],
+    );
+    let one_click = c.daemon.compose.one_click.as_ref().unwrap();
+    assert_eq!(one_click.url, "https://mail.example.org/mm");
+    assert!(
+        one_click
+            .link("a@example.org")
+            .unwrap()
+            .starts_with("https://mail.example.org/mm/unsubscribe/")
+    );
+    assert_eq!(
+        leaf(&c, "/unsubscribe/url").0,
+        "https://mail.example.org/mm"
+    );
+    assert!(!c.redacted.to_string().contains(secret));
 }

@@ -2200,3 +2200,140 @@ async fn operators_keep_the_suppression_list_over_http() {
     assert_eq!(refused[0]["event"]["action"], "refused");
     assert!(!refused[0].to_string().contains(BODY_MARKER));
 }
+
+/// The text body of a message as sent, decoded.
+fn body_text(data: &[u8]) -> String {
+    mail_parser::MessageParser::default()
+        .parse(data)
+        .and_then(|m| m.body_text(0).map(|b| b.into_owned()))
+        .unwrap_or_default()
+}
+
+/// One-click unsubscribe links that the daemon serves: each message of one
+/// recipient gets its own link in `List-Unsubscribe` (with
+/// `List-Unsubscribe-Post`) and in its body; a GET of the link shows a form
+/// and changes nothing; the one-click POST, with no token and by the public
+/// host name, lists the recipient, whose next message is refused; a link
+/// with a changed token lists nobody; a message of two recipients cannot
+/// have one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_click_unsubscribe_lists_its_recipient() {
+    let sink = FaultSmtp::start(Script::ok()).await;
+    let other = FaultSmtp::start(Script::ok()).await;
+    let secret = "0123456789abcdef0123456789abcdef-unsubscribe";
+    let extra =
+        format!("[unsubscribe]\nurl = \"https://mail.example.test/\"\nsecret = \"{secret}\"\n");
+    let d = start(&sink, &other, &extra).await;
+    let delta = connect(&d, DELTA).await;
+    let letter = |to: Value| {
+        json!({
+            "to": to, "subject": "news", "unsubscribe": true,
+            "body": "Hello.\nTo stop these: {unsubscribe_url}\n",
+        })
+    };
+    let (_, out) = call(&delta, "send_email", letter(json!(["reader@example.org"]))).await;
+    assert_eq!(out["status"], "sent", "{out}");
+    let text = String::from_utf8_lossy(&sink.delivered()[0].data).into_owned();
+    assert!(
+        text.contains("List-Unsubscribe-Post: List-Unsubscribe=One-Click"),
+        "{text}"
+    );
+    let start = text
+        .find("<https://mail.example.test/unsubscribe/")
+        .unwrap()
+        + 1;
+    let link = &text[start..start + text[start..].find('>').unwrap()];
+    let body = body_text(&sink.delivered()[0].data);
+    assert!(body.contains(&format!("To stop these: {link}")), "{body}");
+    let token = link.rsplit('/').next().unwrap().to_string();
+
+    let http = reqwest::Client::new();
+    let url = format!("{}/unsubscribe/{token}", d.base);
+    let listed = || async {
+        let r = http
+            .get(format!("{}/admin/suppressions", d.base))
+            .bearer_auth(OPS)
+            .send()
+            .await
+            .unwrap();
+        r.json::<Value>().await.unwrap()["suppressions"].clone()
+    };
+    // A GET shows the form and changes nothing.
+    let r = http
+        .get(&url)
+        .header("Host", "mail.example.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let page = r.text().await.unwrap();
+    assert!(
+        page.contains("reader@example.org") && page.contains("<form method=\"post\""),
+        "{page}"
+    );
+    assert_eq!(listed().await, json!([]));
+    // A changed token lists nobody.
+    let mut forged = token.clone();
+    let last = forged.pop().unwrap();
+    forged.push(if last == 'A' { 'B' } else { 'A' });
+    let r = http
+        .post(format!("{}/unsubscribe/{forged}", d.base))
+        .body("List-Unsubscribe=One-Click")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    assert_eq!(listed().await, json!([]));
+    // The one-click POST, as a mailbox provider makes it.
+    let r = http
+        .post(&url)
+        .header("Host", "mail.example.test")
+        .header("Origin", "https://mail.example.test")
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body("List-Unsubscribe=One-Click")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let l = listed().await;
+    assert_eq!(l[0]["address"], "reader@example.org", "{l}");
+    assert_eq!(l[0]["reason"], "unsubscribed", "{l}");
+    assert_eq!(l[0]["detail"], "one-click (List-Unsubscribe-Post)", "{l}");
+    let (_, out) = call(&delta, "send_email", letter(json!(["Reader@example.org"]))).await;
+    assert_eq!(out["error"]["code"], "recipient_suppressed", "{out}");
+    assert_eq!(out["error"]["rule"], "unsubscribed", "{out}");
+
+    // One link per recipient: two recipients in one message are refused;
+    // a batch gives each message its own.
+    let (_, out) = call(
+        &delta,
+        "send_email",
+        letter(json!(["a@example.org", "b@example.org"])),
+    )
+    .await;
+    assert_eq!(out["error"]["code"], "invalid_input", "{out}");
+    assert_eq!(out["error"]["field"], "unsubscribe", "{out}");
+    assert_eq!(out["error"]["rule"], "one_recipient", "{out}");
+    let (_, out) = call(
+        &delta,
+        "send_batch",
+        json!({
+            "defaults": { "subject": "news", "body": "Stop: {unsubscribe_url}\n", "unsubscribe": true },
+            "messages": [{ "to": ["a@example.org"] }, { "to": ["b@example.org"] }],
+        }),
+    )
+    .await;
+    assert_eq!(out["summary"], json!({ "sent": 2 }), "{out}");
+    let got = sink.delivered();
+    let links: Vec<String> = got[1..]
+        .iter()
+        .map(|t| {
+            let text = body_text(&t.data);
+            let s = text.find("Stop: ").unwrap() + 6;
+            text[s..].lines().next().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(links.len(), 2);
+    assert_ne!(links[0], links[1]);
+    assert_eq!(sink.delivered().len(), 3, "the refused ones never went");
+}

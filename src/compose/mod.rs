@@ -134,6 +134,13 @@ pub struct Draft {
     /// https: link in `list_unsubscribe`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub list_unsubscribe_post: bool,
+    /// A one-click unsubscribe link that the daemon serves itself (needs
+    /// its `[unsubscribe]` configuration, and one recipient): first in
+    /// `List-Unsubscribe`, with `List-Unsubscribe-Post`, and `{unsubscribe_url}`
+    /// in the subject, bodies and header values. A recipient who follows
+    /// it goes on the suppression list.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unsubscribe: bool,
     /// Header fields of the caller's own, by name: any `X-` field, and
     /// `Auto-Submitted`, `Precedence`, `List-ID`, `Feedback-ID`, `Keywords`,
     /// `Comments`, `Organization` and `Importance`. At most 20; each value
@@ -205,6 +212,8 @@ pub struct ComposePolicy {
     pub message_id_domain: String,
     /// The `[[dkim]]` keys that sign each message from their domains.
     pub dkim: dkim::Signers,
+    /// `[unsubscribe]`: the one-click links the daemon serves.
+    pub one_click: Option<crate::suppress::OneClick>,
 }
 
 impl Default for ComposePolicy {
@@ -218,6 +227,7 @@ impl Default for ComposePolicy {
             attachments_dir: None,
             message_id_domain: "mailmux.localhost".into(),
             dkim: dkim::Signers::default(),
+            one_click: None,
         }
     }
 }
@@ -449,7 +459,26 @@ pub fn compose_with(
         ));
     }
 
-    let rendered = render(draft, policy.max_message_bytes)?;
+    // The one-click link, as the variable `unsubscribe_url` beside the
+    // caller's own (which it overrides).
+    let one_click = one_click_link(draft, policy, &recipients)?;
+    let vars = match &one_click {
+        None => None,
+        Some(link) => {
+            let mut vars = draft.template_vars.clone().unwrap_or_default();
+            vars.insert(ONE_CLICK_VAR.into(), link.clone());
+            Some(vars)
+        }
+    };
+    let mut rendered = render(
+        draft,
+        vars.as_ref().or(draft.template_vars.as_ref()),
+        policy.max_message_bytes,
+    )?;
+    let one_click_post = one_click.is_some();
+    if let Some(link) = one_click {
+        rendered.list_unsubscribe.insert(0, link);
+    }
     if rendered.subject.len() > MAX_SUBJECT {
         return Err(ComposeError::new(
             "subject",
@@ -458,7 +487,10 @@ pub fn compose_with(
         ));
     }
 
-    let unsubscribe = unsubscribe::fields(&rendered.list_unsubscribe, draft.list_unsubscribe_post)?;
+    let unsubscribe = unsubscribe::fields(
+        &rendered.list_unsubscribe,
+        draft.list_unsubscribe_post || one_click_post,
+    )?;
     let custom = custom::fields(&rendered.headers)?;
 
     let mut estimate = rendered.subject.len()
@@ -550,11 +582,13 @@ pub fn compose_with(
         return Err(too_large("message", policy.max_message_bytes));
     }
 
-    let mut own_fields: Vec<(String, String)> =
-        unsubscribe::shown(&rendered.list_unsubscribe, draft.list_unsubscribe_post)
-            .into_iter()
-            .map(|(name, value)| (name.to_owned(), value))
-            .collect();
+    let mut own_fields: Vec<(String, String)> = unsubscribe::shown(
+        &rendered.list_unsubscribe,
+        draft.list_unsubscribe_post || one_click_post,
+    )
+    .into_iter()
+    .map(|(name, value)| (name.to_owned(), value))
+    .collect();
     own_fields.extend(
         rendered
             .headers
@@ -660,14 +694,62 @@ struct Rendered {
     headers: BTreeMap<String, String>,
 }
 
-/// Renders the templates; each output is refused (`too_large`) as soon as it
-/// grows past `limit`, before it is all held.
-fn render(draft: &Draft, limit: usize) -> Result<Rendered, ComposeError> {
+/// Checks a `List-Unsubscribe` link as a message's would be.
+pub fn check_unsubscribe_link(field: &str, link: &str) -> Result<(), ComposeError> {
+    unsubscribe::check(field, link).map(drop)
+}
+
+/// The variable that holds a message's one-click unsubscribe link.
+pub const ONE_CLICK_VAR: &str = "unsubscribe_url";
+
+/// The one-click unsubscribe link of a draft that asks for one (`None`
+/// otherwise): refused without `[unsubscribe]` configured, or for a
+/// message of more than one recipient, whose link could unsubscribe only
+/// one of them.
+fn one_click_link(
+    draft: &Draft,
+    policy: &ComposePolicy,
+    recipients: &address::RecipientSet,
+) -> Result<Option<String>, ComposeError> {
+    if !draft.unsubscribe {
+        return Ok(None);
+    }
+    let recipients = recipients.envelope();
+    let Some(one_click) = &policy.one_click else {
+        return Err(ComposeError::new(
+            "unsubscribe",
+            "not_configured",
+            "this daemon serves no unsubscribe links ([unsubscribe] is not configured); \
+             give your own in list_unsubscribe",
+        ));
+    };
+    if recipients.len() != 1 {
+        return Err(ComposeError::new(
+            "unsubscribe",
+            "one_recipient",
+            format!(
+                "an unsubscribe link is for one recipient, and this message has {}; \
+                 send each recipient a message of its own (send_batch)",
+                recipients.len()
+            ),
+        ));
+    }
+    Ok(one_click.link(recipients[0].as_ref()))
+}
+
+/// Renders the templates with `vars` (none: the fields as written); each
+/// output is refused (`too_large`) as soon as it grows past `limit`, before
+/// it is all held.
+fn render(
+    draft: &Draft,
+    vars: Option<&BTreeMap<String, String>>,
+    limit: usize,
+) -> Result<Rendered, ComposeError> {
     let links = draft
         .list_unsubscribe
         .as_ref()
         .map_or(&[][..], Links::as_slice);
-    let Some(vars) = &draft.template_vars else {
+    let Some(vars) = vars else {
         return Ok(Rendered {
             subject: draft.subject.clone(),
             body: crlf(&draft.body),

@@ -1164,6 +1164,10 @@ fn random_input_never_panics() {
             max_message_bytes: 200_000,
             max_attachment_bytes: 50_000,
             attachments_dir: g.chance(2).then(|| dir.path().to_path_buf()),
+            one_click: (!g.chance(4)).then(|| crate::suppress::OneClick {
+                url: "https://mail.example.org".into(),
+                secret: mailmux_actors::Secret::new("k".repeat(32)),
+            }),
             ..ComposePolicy::default()
         };
         let d = Draft {
@@ -1192,6 +1196,7 @@ fn random_input_never_panics() {
                 _ => Links::One(g.or_valid("https://example.org/u?r={a}")),
             }),
             list_unsubscribe_post: g.chance(4),
+            unsubscribe: g.chance(8),
             headers: if g.chance(4) {
                 (0..g.below(4))
                     .map(|i| match g.below(3) {
@@ -1332,4 +1337,49 @@ fn mail_parser_reads_subjects_names_and_file_names_as_given() {
         let file = m.attachments().next().unwrap().attachment_name();
         assert_eq!(file, Some(format!("{name}.txt").as_str()), "{}", text(&c));
     }
+}
+
+#[test]
+fn a_one_click_link_goes_first_and_into_the_templates_of_one_recipient() {
+    let mut d = draft("Ada@Example.org");
+    d.unsubscribe = true;
+    d.body = "Stop: {unsubscribe_url}\n{?rid}rid {rid}{/rid}\n".into();
+    d.list_unsubscribe = Some(Links::One("mailto:leave@example.org".into()));
+    // Without [unsubscribe]: refused, naming the field.
+    let e = compose(&d, &policy()).unwrap_err();
+    assert_eq!(
+        (e.field.as_str(), e.rule),
+        ("unsubscribe", "not_configured")
+    );
+    let mut p = policy();
+    let one_click = crate::suppress::OneClick {
+        url: "https://mail.example.org".into(),
+        secret: mailmux_actors::Secret::new("k".repeat(32)),
+    };
+    p.one_click = Some(one_click.clone());
+    let link = one_click.link("ada@example.org").unwrap();
+    let c = ok(&d, &p);
+    assert_eq!(
+        header(&c, "List-Unsubscribe").as_deref(),
+        Some(format!("<{link}>, <mailto:leave@example.org>").as_str())
+    );
+    assert_eq!(
+        header(&c, "List-Unsubscribe-Post").as_deref(),
+        Some("List-Unsubscribe=One-Click")
+    );
+    // The caller's own variables still apply, and cannot replace the link.
+    d.template_vars = Some(BTreeMap::from([
+        ("rid".to_owned(), "a1".to_owned()),
+        (
+            "unsubscribe_url".to_owned(),
+            "https://evil.example.net/".to_owned(),
+        ),
+    ]));
+    let text = String::from_utf8_lossy(&ok(&d, &p).bytes).into_owned();
+    assert!(!text.contains("evil.example.net"), "{text}");
+    assert!(text.contains("rid a1"), "{text}");
+    // Two recipients: one link cannot serve both.
+    d.cc = Recipients::List(vec!["bob@example.org".into()]);
+    let e = compose(&d, &p).unwrap_err();
+    assert_eq!((e.field.as_str(), e.rule), ("unsubscribe", "one_recipient"));
 }

@@ -74,13 +74,13 @@ pub(super) fn shown(links: &[String], one_click: bool) -> Vec<(&'static str, Str
 }
 
 #[derive(Debug, PartialEq, Eq)]
-enum Scheme {
+pub(super) enum Scheme {
     Https,
     Mailto,
 }
 
 /// One link, named `field` in errors.
-fn check(field: &str, link: &str) -> Result<Scheme, ComposeError> {
+pub(super) fn check(field: &str, link: &str) -> Result<Scheme, ComposeError> {
     check_header_value(field, link)?;
     let invalid = |why: &str| Err(ComposeError::new(field, "invalid_uri", why.to_owned()));
     if link.len() > MAX_LINK {

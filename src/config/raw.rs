@@ -42,6 +42,7 @@ pub(crate) const TOP_KEYS: &[&str] = &[
     "audit",
     "metrics",
     "dkim",
+    "unsubscribe",
 ];
 
 /// Keys of `[policy]`, which every `[[callers]]` entry may override.
@@ -67,6 +68,9 @@ pub(crate) const POLICY_KEYS: &[&str] = &[
 pub(crate) const IDENTITY_KEYS: &[&str] = &["name", "token_sha256", "token_file", "token_env"];
 
 pub(crate) const AUDIT_KEYS: &[&str] = &["path", "subjects", "required"];
+
+/// Keys of `[unsubscribe]`.
+pub(crate) const UNSUBSCRIBE_KEYS: &[&str] = &["url", "secret", "secret_file"];
 
 /// Keys of a `[[dkim]]` entry.
 pub(crate) const DKIM_KEYS: &[&str] = &["domain", "selector", "private_key", "headers"];
@@ -259,6 +263,10 @@ pub(crate) struct RawConfig {
     /// `[[dkim]]`: the keys that sign outgoing mail. Default: none.
     #[serde(default)]
     pub dkim: Vec<RawDkim>,
+    /// `[unsubscribe]`: the one-click unsubscribe links the daemon serves.
+    /// Default: none.
+    #[serde(default)]
+    pub unsubscribe: RawUnsubscribe,
     /// Relays from the seed's `SMTP_*` env vars, by suffix; never written in
     /// a file (the unknown-key check refuses it there).
     #[serde(default)]
@@ -337,6 +345,17 @@ pub(crate) struct RawMetrics {
     /// A listener of its own for `/metrics`, for a daemon serving stdio.
     /// Default: none.
     pub bind: Option<String>,
+}
+
+/// `[unsubscribe]`: the one-click unsubscribe links the daemon serves.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawUnsubscribe {
+    /// The daemon's HTTP listener as recipients reach it: `https://host`,
+    /// with a path prefix where a proxy adds one.
+    pub url: Option<String>,
+    /// The key of the links' HMAC (`MAILMUX_UNSUBSCRIBE__SECRET`).
+    pub secret: Option<String>,
+    pub secret_file: Option<PathBuf>,
 }
 
 /// `[queue]`: the durable queue.

@@ -299,6 +299,7 @@ pub(crate) fn build(
     }
     leaf(&mut out, "message_id_domain", json!(message_id_domain), &at);
     let dkim = dkim(&ctx, &raw, &mut out)?;
+    let one_click = unsubscribe(&ctx, &raw, &mut out)?;
 
     let at = ctx.at("outbox_dir");
     let outbox_dir = raw
@@ -483,6 +484,7 @@ pub(crate) fn build(
                 attachments_dir: raw.attachments_dir,
                 message_id_domain,
                 dkim,
+                one_click,
             },
             max_concurrent_calls,
             max_batch,
@@ -690,6 +692,69 @@ fn http(
         tls,
         auth_failures,
     })
+}
+
+/// `[unsubscribe]`: the one-click links' URL and secret, both or neither.
+fn unsubscribe(
+    ctx: &Ctx,
+    raw: &RawConfig,
+    top: &mut Map<String, Json>,
+) -> Result<Option<crate::suppress::OneClick>, ConfigError> {
+    use crate::suppress::{MIN_SECRET, OneClick, UNSUBSCRIBE_PATH};
+    let u = &raw.unsubscribe;
+    let url_at = ctx.at("unsubscribe.url");
+    let secret_at = ctx.at("unsubscribe.secret");
+    let file_at = ctx.at("unsubscribe.secret_file");
+    let secret = match (&u.secret, &u.secret_file) {
+        (Some(_), Some(_)) => {
+            return Err(file_at.err(format!(
+                "unsubscribe.secret (from {}) and unsubscribe.secret_file are both set; use one",
+                secret_at.source
+            )));
+        }
+        (Some(s), None) => Some((Secret::new(s.trim()), &secret_at)),
+        (None, Some(path)) => Some((read_secret(path, &file_at, "secret")?, &file_at)),
+        (None, None) => None,
+    };
+    let (url, (secret, at)) = match (u.url.as_deref().map(str::trim), secret) {
+        (None, None) => return Ok(None),
+        (Some(url), Some(secret)) => (url, secret),
+        (None, Some(_)) => return Err(url_at.err("must be set with unsubscribe.secret")),
+        (Some(_), None) => {
+            return Err(secret_at.err("must be set (or secret_file) with unsubscribe.url"));
+        }
+    };
+    if secret.expose().len() < MIN_SECRET {
+        return Err(at.err(format!(
+            "must be at least {MIN_SECRET} bytes (`openssl rand -hex 32` gives 64)"
+        )));
+    }
+    let url = url.trim_end_matches('/').to_owned();
+    let host = url.strip_prefix("https://").unwrap_or("");
+    if host.is_empty() || host.starts_with('/') || url.contains(['?', '#']) {
+        return Err(url_at.err(format!(
+            "{url:?} is not an https: URL such as https://mail.example.org \
+             (mailbox providers POST only to https: links)"
+        )));
+    }
+    let one_click = OneClick {
+        url,
+        secret: secret.clone(),
+    };
+    // The longest link (an address of 254 bytes) must be one a message
+    // may carry.
+    let longest = one_click.link(&format!("{}@example.org", "x".repeat(64)));
+    if let Some(link) = &longest
+        && let Err(e) = crate::compose::check_unsubscribe_link("unsubscribe.url", link)
+    {
+        return Err(url_at.err(format!("does not make a valid link: {}", e.message)));
+    }
+    let mut out = Map::new();
+    leaf(&mut out, "url", json!(one_click.url), &url_at);
+    leaf(&mut out, "path", json!(UNSUBSCRIBE_PATH), &url_at);
+    leaf(&mut out, "secret", json!(REDACTED), at);
+    top.insert("unsubscribe".into(), Json::Object(out));
+    Ok(Some(one_click))
 }
 
 /// `[[dkim]]`: each key read and checked now, so that a bad one is a

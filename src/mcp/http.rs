@@ -210,6 +210,17 @@ fn refused_for(wait: Duration) -> Response {
 }
 
 async fn checked(guard: &Guard, mut req: Request, next: Next) -> Response {
+    // The one-click unsubscribe links: mailbox providers and recipients'
+    // browsers reach them by the public name, from pages of their own, with
+    // no token. The signed token in the path is all the authority they
+    // carry, and all they can do is list its one address.
+    if req
+        .uri()
+        .path()
+        .starts_with(crate::suppress::UNSUBSCRIBE_PATH)
+    {
+        return next.run(req).await;
+    }
     let authority = req
         .headers()
         .get(header::HOST)
@@ -916,6 +927,112 @@ async fn admin_unsuppress(
     }
 }
 
+/// The page of an unsubscribe link: what it does, or that it is not valid.
+fn unsubscribe_page(status: StatusCode, title: &str, body: maud::Markup) -> Response {
+    let page = maud::html! {
+        (maud::DOCTYPE)
+        html lang="en" {
+            head { meta charset="utf-8"; title { (title) } }
+            body { h1 { (title) } (body) }
+        }
+    };
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; form-action 'self'",
+            ),
+        ],
+        page.into_string(),
+    )
+        .into_response()
+}
+
+/// The address an unsubscribe token names: `None` for a token the
+/// configured secret did not make, or with no `[unsubscribe]` configured.
+fn unsubscribe_address(server: &MailmuxServer, token: &str) -> Option<String> {
+    let config = server.config();
+    config.daemon.compose.one_click.as_ref()?.verify(token)
+}
+
+/// The page of a link that unsubscribes nobody.
+fn invalid_unsubscribe_link() -> Response {
+    unsubscribe_page(
+        StatusCode::NOT_FOUND,
+        "Not a valid unsubscribe link",
+        maud::html! { p { "This link does not unsubscribe anyone. Nothing was changed." } },
+    )
+}
+
+/// `GET /unsubscribe/{token}`: a page with one button that unsubscribes.
+/// A GET changes nothing (RFC 8058): link scanners fetch every link.
+async fn unsubscribe_form(
+    State(server): State<MailmuxServer>,
+    Path(token): Path<String>,
+) -> Response {
+    let Some(address) = unsubscribe_address(&server, &token) else {
+        return invalid_unsubscribe_link();
+    };
+    unsubscribe_page(
+        StatusCode::OK,
+        "Unsubscribe",
+        maud::html! {
+            p { "Stop the mail sent to " strong { (address) } " through this server?" }
+            form method="post" { button type="submit" { "Unsubscribe" } }
+        },
+    )
+}
+
+/// `POST /unsubscribe/{token}`: lists the token's address on the
+/// suppression list (reason `unsubscribed`), in force on this daemon at
+/// once; the one-click POST of a mailbox provider (RFC 8058), or the
+/// button of the form.
+async fn unsubscribe(
+    State(server): State<MailmuxServer>,
+    Path(token): Path<String>,
+    body: Bytes,
+) -> Response {
+    let Some(address) = unsubscribe_address(&server, &token) else {
+        return invalid_unsubscribe_link();
+    };
+    let detail = if body.as_ref() == b"List-Unsubscribe=One-Click" {
+        "one-click (List-Unsubscribe-Post)"
+    } else {
+        "unsubscribe link"
+    };
+    let entry = mailmux_actors::queue::Suppression {
+        address: address.clone(),
+        reason: "unsubscribed".into(),
+        detail: Some(detail.into()),
+        message_id: None,
+        at: mailmux_actors::queue::now_millis(),
+    };
+    match server.queue().suppress(vec![entry]).await {
+        Ok(added) => {
+            let _ = server.suppressions().refresh().await;
+            if added > 0 {
+                tracing::info!(how = detail, "a recipient unsubscribed");
+            }
+            unsubscribe_page(
+                StatusCode::OK,
+                "Unsubscribed",
+                maud::html! { p { strong { (address) } " gets no more mail through this server." } },
+            )
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot store an unsubscribe");
+            unsubscribe_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Try again later",
+                maud::html! { p { "The unsubscribe could not be recorded now. Nothing was changed." } },
+            )
+        }
+    }
+}
+
 async fn admin_approve_batch(
     State(server): State<MailmuxServer>,
     Extension(op): Extension<Operator>,
@@ -1011,6 +1128,10 @@ pub fn app(server: &MailmuxServer, stateful: bool) -> (Router, CancellationToken
         .route("/admin/messages/{id}/reject", post(admin_reject))
         .route("/admin/batches/{id}/approve", post(admin_approve_batch))
         .route("/admin/batches/{id}/reject", post(admin_reject_batch))
+        .route(
+            "/unsubscribe/{token}",
+            get(unsubscribe_form).post(unsubscribe),
+        )
         .route("/admin/suppressions", get(admin_suppressions))
         .route(
             "/admin/suppressions/{address}",

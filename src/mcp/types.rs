@@ -267,7 +267,9 @@ pub fn mistyped(name: &str, value: &serde_json::Value) -> Option<ShapeError> {
     };
     let name = shown(name);
     match name.as_str() {
-        "wait" | "dry_run" | "html" | "atomic" | "list_unsubscribe_post" if !value.is_boolean() => {
+        "wait" | "dry_run" | "html" | "atomic" | "list_unsubscribe_post" | "unsubscribe"
+            if !value.is_boolean() =>
+        {
             wrong(name, "true or false")
         }
         "subject" | "body" | "html_body" | "from_email" | "reply_to" | "in_reply_to"
@@ -497,6 +499,7 @@ macro_rules! message_fields {
             "attachments",
             "list_unsubscribe",
             "list_unsubscribe_post",
+            "unsubscribe",
             "headers",
             "template_vars",
             "relay",
