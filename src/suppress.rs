@@ -10,6 +10,16 @@
 //! is added by the daemon that saw the refusal, unless
 //! `queue.suppress_bounces` is off ([`Suppressions`] is a queue observer).
 //!
+//! The queue's runner asks the same copy before each round of a stored
+//! message that no recipient has yet (`Screen`): one accepted before a
+//! recipient was listed (scheduled, or waiting for a retry) is cancelled
+//! with the reason `recipient_suppressed`, not sent.
+//!
+//! Operators add and remove entries with `mailmux queue suppress` and
+//! `/admin/suppressions`, both checked by [`operator_entry`]; a recipient
+//! adds itself by the one-click unsubscribe link of a message sent with
+//! `unsubscribe` ([`OneClick`], served by `mcp/http.rs`).
+//!
 //! Addresses are compared in one form ([`key`]): the local part in lower
 //! case and the domain as lower-case A-labels, whatever case or script the
 //! caller wrote.
@@ -293,6 +303,16 @@ async fn poll(s: Weak<Suppressions>) {
             }
             Err(_) => {}
         }
+    }
+}
+
+/// The runner's check of a stored message before its round: a message
+/// accepted before one of its recipients was listed is cancelled, not
+/// sent.
+impl mailmux_actors::queue::Screen for Suppressions {
+    fn refused(&self, to: &[String]) -> Option<String> {
+        self.check(to.iter().map(String::as_str))
+            .map(|(_, address, _)| address)
     }
 }
 

@@ -310,3 +310,64 @@ async fn with_suppress_bounces_off_nothing_is_listed() {
     assert_eq!(smtp.delivered().len(), 2);
     d.stop().await;
 }
+
+/// A message accepted before its recipient was listed (here scheduled,
+/// with the recipient listed by the queue command meanwhile) is cancelled
+/// when its time comes, with the reason `recipient_suppressed`, and never
+/// reaches the server; one scheduled beside it to another recipient goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_accepted_before_its_recipient_was_listed_is_cancelled_not_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = FaultSmtp::start(script()).await;
+    let d = StdioDaemon::start(dir.path(), &config(dir.path(), smtp.port(), "")).await;
+    let mut ids = Vec::new();
+    for (subject, to) in [
+        ("listed", "later@dest.example"),
+        ("kept", "ok@dest.example"),
+    ] {
+        let r = d
+            .call(
+                "send_email",
+                mail(subject, json!({ "to": [to], "send_at": "3s" })),
+            )
+            .await;
+        assert_eq!(r["status"], "scheduled", "{r}");
+        ids.push(r["message_id"].as_str().unwrap().to_string());
+    }
+    let (code, out, err) =
+        common::queue_cmd(dir.path(), &["suppress", "add", "later@dest.example"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let status = |id: String| {
+        let d = &d;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            loop {
+                let s = d
+                    .call("get_message_status", json!({ "message_id": id }))
+                    .await;
+                if !["scheduled", "queued", "sending"].contains(&s["status"].as_str().unwrap()) {
+                    return s;
+                }
+                assert!(std::time::Instant::now() < deadline, "still {s}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let s = status(ids[0].clone()).await;
+    assert_eq!(s["status"], "cancelled", "{s}");
+    assert_eq!(s["reason"], "recipient_suppressed", "{s}");
+    let s = status(ids[1].clone()).await;
+    assert_eq!(s["status"], "sent", "{s}");
+    let subjects: Vec<String> = smtp
+        .delivered()
+        .iter()
+        .map(|t| {
+            String::from_utf8_lossy(&t.data)
+                .lines()
+                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_owned))
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(subjects, ["kept"]);
+    d.stop().await;
+}

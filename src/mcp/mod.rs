@@ -111,6 +111,7 @@ impl MailmuxServer {
             crate::suppress::Suppressions::start(queue.clone(), config.queue.suppress_bounces)
                 .await;
         observers.push(suppressions.clone());
+        queue.screen(suppressions.clone());
         queue.run(Some(Arc::new(observers)));
         for name in gate.open_recipients() {
             tracing::warn!(caller = %name, "caller may mail any recipient: allowed_recipients is empty");

@@ -23,7 +23,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use runner::{
-    Action, Change, Delivered, Drain, Event, Observer, Queue, QueueError, Stream, Submit, Submitted,
+    Action, Change, Delivered, Drain, Event, Observer, Queue, QueueError, SUPPRESSED, Screen,
+    Stream, Submit, Submitted,
 };
 
 /// Where a message is in its life. Every change is stored with its time.

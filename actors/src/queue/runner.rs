@@ -241,6 +241,19 @@ pub trait Observer: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// Decides whether a stored message may still go when the runner's round
+/// comes (the daemon's suppression list), so that a message accepted
+/// before a recipient was listed (scheduled, or waiting for a retry) is
+/// not sent to it. Called before each round the runner starts for a
+/// message that no recipient has yet: it must be quick.
+pub trait Screen: Send + Sync + std::fmt::Debug {
+    /// The first of `to` that may no longer get mail, if any.
+    fn refused(&self, to: &[String]) -> Option<String>;
+}
+
+/// The reason a message [`Screen`] refused is cancelled with.
+pub const SUPPRESSED: &str = "recipient_suppressed";
+
 /// What [`Observer::drain`] returns.
 pub type Drain<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 
@@ -381,6 +394,8 @@ struct Inner {
     rounds: Tally,
     stop: tokio_util::sync::CancellationToken,
     observer: OnceLock<Arc<dyn Observer>>,
+    /// Whether a stored message may still go when its round comes.
+    screen: OnceLock<Arc<dyn Screen>>,
     /// The runner's end of `ready`, until [`Queue::run`] starts the runner.
     idle: Mutex<Option<mpsc::Receiver<Pending>>>,
     /// Messages recovery made `unknown` that the observer has not heard
@@ -521,6 +536,13 @@ impl Queue {
         }
     }
 
+    /// Attaches the screen of stored messages ([`Screen`]); before
+    /// [`Queue::run`], so that no round starts without it. Later calls
+    /// change nothing.
+    pub fn screen(&self, screen: Arc<dyn Screen>) {
+        let _ = self.inner.screen.set(screen);
+    }
+
     /// False for a hand-off queue, which stores messages for the daemon
     /// that owns the store and delivers nothing itself.
     pub fn delivers(&self) -> bool {
@@ -582,6 +604,7 @@ impl Inner {
             rounds: Tally::default(),
             stop: tokio_util::sync::CancellationToken::new(),
             observer: OnceLock::new(),
+            screen: OnceLock::new(),
             idle: Mutex::new(Some(ready_rx)),
             untold: Mutex::new(Vec::new()),
             reserve,
@@ -2221,8 +2244,26 @@ async fn first_round(
         unconfirmed: AtomicBool::new(false),
         writing: tokio::sync::Mutex::new(false),
     });
-    let report = match mail_of(&p, deadline) {
-        Ok(mail) => {
+    // A stored message that no recipient has yet, with a recipient listed
+    // since it was accepted: cancelled before any relay sees it.
+    let screened = (!was_fresh && p.accepted.is_empty())
+        .then(|| inner.screen.get().and_then(|s| s.refused(&p.to)))
+        .flatten();
+    let report = match (&screened, mail_of(&p, deadline)) {
+        (Some(address), _) => Report {
+            message_id: id.clone(),
+            status: Status::Failed,
+            relay: None,
+            accepted: vec![],
+            rejected: vec![],
+            deferred: vec![],
+            attempts: vec![],
+            failure: Some(FailureReason::Cancelled),
+            message: Some(format!(
+                "{address} is on the suppression list since the message was accepted; it was not sent"
+            )),
+        },
+        (None, Ok(mail)) => {
             let mark: Arc<dyn CommitMark> = store_mark.clone();
             // The delivery's log lines name the message and its caller.
             let span = tracing::info_span!(
@@ -2236,7 +2277,7 @@ async fn first_round(
                 .instrument(span)
                 .await
         }
-        Err(e) => Report {
+        (None, Err(e)) => Report {
             message_id: id.clone(),
             status: Status::Failed,
             relay: None,
@@ -2249,6 +2290,11 @@ async fn first_round(
         },
     };
     let mut settle = inner.settle_for(&report, &p, started);
+    if screened.is_some() {
+        settle.state = State::Cancelled;
+        settle.reason = Some(SUPPRESSED.into());
+        settle.next_attempt_at = None;
+    }
     // Cancelled by its caller and not taken by a relay: not tried again.
     if cancel.as_ref().is_some_and(CancellationToken::is_cancelled)
         && matches!(settle.state, State::Queued | State::Expired)
@@ -2296,6 +2342,12 @@ async fn first_round(
         }
         inner.changed(&id, state);
         inner.notify_settled(&p, &settle);
+        if screened.is_some()
+            && inner.observer.get().is_some()
+            && let Ok(Some(r)) = inner.store.get(&id).await
+        {
+            inner.notify(Action::Cancelled, &r, None);
+        }
     }
     let mut lost = None;
     if let (Some(_), Err(e)) = (&fresh, &result) {
