@@ -10,10 +10,10 @@
 //! is added by the daemon that saw the refusal, unless
 //! `queue.suppress_bounces` is off ([`Suppressions`] is a queue observer).
 //!
-//! The queue's runner asks the same copy before each round of a stored
-//! message that no recipient has yet (`Screen`): one accepted before a
-//! recipient was listed (scheduled, or waiting for a retry) is cancelled
-//! with the reason `recipient_suppressed`, not sent.
+//! The queue asks the same copy before each round of a message that no
+//! recipient has yet (`Screen`): one accepted before a recipient was
+//! listed (scheduled, or waiting for a retry) is cancelled with the reason
+//! `recipient_suppressed`, not sent.
 //!
 //! Operators add and remove entries with `mailmux queue suppress` and
 //! `/admin/suppressions`, both checked by [`operator_entry`]; a recipient
@@ -306,7 +306,7 @@ async fn poll(s: Weak<Suppressions>) {
     }
 }
 
-/// The runner's check of a stored message before its round: a message
+/// The queue's check of a message before its round: a message
 /// accepted before one of its recipients was listed is cancelled, not
 /// sent.
 impl mailmux_actors::queue::Screen for Suppressions {

@@ -241,11 +241,11 @@ pub trait Observer: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// Decides whether a stored message may still go when the runner's round
-/// comes (the daemon's suppression list), so that a message accepted
-/// before a recipient was listed (scheduled, or waiting for a retry) is
-/// not sent to it. Called before each round the runner starts for a
-/// message that no recipient has yet: it must be quick.
+/// Decides whether a message may still go when its round comes (the
+/// daemon's suppression list), so that a message accepted before a
+/// recipient was listed (scheduled, or waiting for a retry) is not sent to
+/// it. Called before each round of a message that no recipient has yet:
+/// it must be quick.
 pub trait Screen: Send + Sync + std::fmt::Debug {
     /// The first of `to` that may no longer get mail, if any.
     fn refused(&self, to: &[String]) -> Option<String>;
@@ -2244,9 +2244,13 @@ async fn first_round(
         unconfirmed: AtomicBool::new(false),
         writing: tokio::sync::Mutex::new(false),
     });
-    // A stored message that no recipient has yet, with a recipient listed
-    // since it was accepted: cancelled before any relay sees it.
-    let screened = (!was_fresh && p.accepted.is_empty())
+    // A message that no recipient has yet, with a recipient listed since
+    // it was accepted: cancelled before any relay sees it. A fresh one was
+    // screened by its caller a moment ago, but not a repeat of a call whose
+    // idempotency key was purged meanwhile.
+    let screened = p
+        .accepted
+        .is_empty()
         .then(|| inner.screen.get().and_then(|s| s.refused(&p.to)))
         .flatten();
     let report = match (&screened, mail_of(&p, deadline)) {
