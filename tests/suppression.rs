@@ -105,6 +105,19 @@ async fn until_dry_run(d: &StdioDaemon, to: &str, refused: bool) -> Value {
     }
 }
 
+/// The subjects the server took, in order.
+fn subjects(smtp: &FaultSmtp) -> Vec<String> {
+    smtp.delivered()
+        .iter()
+        .map(|t| {
+            String::from_utf8_lossy(&t.data)
+                .lines()
+                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_owned))
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
 /// How many stored messages have `address` among their recipients.
 fn stored_to(list: &[Value], address: &str) -> usize {
     list.iter()
@@ -274,16 +287,7 @@ async fn a_recipient_refused_as_unknown_is_suppressed_until_an_operator_removes_
     let list = stored(dir.path());
     assert_eq!(stored_to(&list, "gone@dest.example"), 2, "{list:?}");
     assert_eq!(stored_to(&list, "unsub@dest.example"), 0, "{list:?}");
-    let subjects: Vec<String> = smtp
-        .delivered()
-        .iter()
-        .map(|t| {
-            String::from_utf8_lossy(&t.data)
-                .lines()
-                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_owned))
-                .unwrap_or_default()
-        })
-        .collect();
+    let subjects = subjects(&smtp);
     assert_eq!(subjects, ["first", "batch", "removed"], "{subjects:?}");
     d.stop().await;
 }
@@ -358,16 +362,7 @@ async fn a_message_accepted_before_its_recipient_was_listed_is_cancelled_not_sen
     assert_eq!(s["reason"], "recipient_suppressed", "{s}");
     let s = status(ids[1].clone()).await;
     assert_eq!(s["status"], "sent", "{s}");
-    let subjects: Vec<String> = smtp
-        .delivered()
-        .iter()
-        .map(|t| {
-            String::from_utf8_lossy(&t.data)
-                .lines()
-                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_owned))
-                .unwrap_or_default()
-        })
-        .collect();
+    let subjects = subjects(&smtp);
     assert_eq!(subjects, ["kept"]);
     d.stop().await;
 }

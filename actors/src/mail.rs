@@ -220,8 +220,14 @@ pub struct Report {
 
 impl Report {
     pub(crate) fn failed(mail: &Mail, reason: FailureReason, message: String) -> Self {
+        Report::failed_for(mail.message_id.clone(), reason, message)
+    }
+
+    /// The report of message `message_id`, which failed for `reason`
+    /// before any relay saw it.
+    pub(crate) fn failed_for(message_id: String, reason: FailureReason, message: String) -> Self {
         Report {
-            message_id: mail.message_id.clone(),
+            message_id,
             status: Status::Failed,
             relay: None,
             accepted: vec![],

@@ -2254,19 +2254,13 @@ async fn first_round(
         .then(|| inner.screen.get().and_then(|s| s.refused(&p.to)))
         .flatten();
     let report = match (&screened, mail_of(&p, deadline)) {
-        (Some(address), _) => Report {
-            message_id: id.clone(),
-            status: Status::Failed,
-            relay: None,
-            accepted: vec![],
-            rejected: vec![],
-            deferred: vec![],
-            attempts: vec![],
-            failure: Some(FailureReason::Cancelled),
-            message: Some(format!(
+        (Some(address), _) => Report::failed_for(
+            id.clone(),
+            FailureReason::Cancelled,
+            format!(
                 "{address} is on the suppression list since the message was accepted; it was not sent"
-            )),
-        },
+            ),
+        ),
         (None, Ok(mail)) => {
             let mark: Arc<dyn CommitMark> = store_mark.clone();
             // The delivery's log lines name the message and its caller.
@@ -2281,17 +2275,7 @@ async fn first_round(
                 .instrument(span)
                 .await
         }
-        (None, Err(e)) => Report {
-            message_id: id.clone(),
-            status: Status::Failed,
-            relay: None,
-            accepted: vec![],
-            rejected: vec![],
-            deferred: vec![],
-            attempts: vec![],
-            failure: Some(FailureReason::Rejected),
-            message: Some(e),
-        },
+        (None, Err(e)) => Report::failed_for(id.clone(), FailureReason::Rejected, e),
     };
     let mut settle = inner.settle_for(&report, &p, started);
     if screened.is_some() {
