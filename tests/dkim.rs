@@ -329,10 +329,19 @@ async fn signed_mail_survives_a_sigkill_and_goes_out_once_still_verifying() {
         smtp.delivered().len(),
         tickets.len()
     );
+    // The server has each message; its outcome is stored a moment after
+    // the server's reply.
     for id in tickets.keys() {
-        let s = d
-            .call("get_message_status", json!({ "message_id": id }))
-            .await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let s = loop {
+            let s = d
+                .call("get_message_status", json!({ "message_id": id }))
+                .await;
+            if s["status"] != "sending" || std::time::Instant::now() > deadline {
+                break s;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
         assert_eq!(s["status"], "sent", "{s}");
     }
     d.stop().await;
