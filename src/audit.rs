@@ -82,6 +82,19 @@ pub struct Refusal<'a> {
     pub field: Option<&'a str>,
 }
 
+/// A change of the suppression list, for [`Audit::suppression`].
+#[derive(Debug, Clone, Copy)]
+pub struct SuppressionChange<'a> {
+    /// `suppressed` or `unsuppressed`.
+    pub action: &'a str,
+    pub by: &'a str,
+    pub address: &'a str,
+    /// The entry's reason (`bounced`, `unsubscribed`, …), for `suppressed`.
+    pub reason: Option<&'a str>,
+    /// The message whose refusal listed it.
+    pub message_id: Option<&'a str>,
+}
+
 #[derive(Debug)]
 pub struct Audit {
     settings: AuditSettings,
@@ -307,6 +320,30 @@ impl Audit {
             "email": Value::Object(email),
         });
         (line, own)
+    }
+
+    /// Records a change of the suppression list: `suppressed` (with the
+    /// entry's reason) or `unsuppressed`, of `address`, by `by` (`operator
+    /// NAME`, `daemon` for a bounce, `recipient` for an unsubscribe link).
+    pub fn suppression(&self, change: &SuppressionChange<'_>) {
+        if !self.enabled() {
+            return;
+        }
+        let mut email = serde_json::Map::new();
+        email.insert("to".into(), json!({ "address": [change.address] }));
+        if let Some(id) = change.message_id {
+            email.insert("message_id".into(), json!(id));
+        }
+        let mut event = json!({ "action": change.action, "outcome": "success" });
+        if let Some(reason) = change.reason {
+            event["reason"] = json!(reason);
+        }
+        self.write(&json!({
+            "@timestamp": jiff::Timestamp::now().to_string(),
+            "event": event,
+            "user": { "name": change.by },
+            "email": Value::Object(email),
+        }));
     }
 
     /// Records a refusal.

@@ -204,15 +204,22 @@ pub struct Suppressions {
     unwritten: Arc<std::sync::Mutex<HashMap<String, Listed>>>,
     /// `queue.suppress_bounces`.
     bounces: bool,
+    /// Where the bounces it lists are recorded.
+    audit: Arc<crate::audit::Audit>,
 }
 
 impl Suppressions {
     /// Reads the list from the store (a failure is logged, and the list is
     /// read again at the next poll) and starts the poll, which ends when
     /// the returned value is dropped.
-    pub async fn start(queue: Queue, bounces: bool) -> Arc<Suppressions> {
+    pub async fn start(
+        queue: Queue,
+        bounces: bool,
+        audit: Arc<crate::audit::Audit>,
+    ) -> Arc<Suppressions> {
         let s = Arc::new(Suppressions {
             queue,
+            audit,
             listed: RwLock::new(HashMap::new()),
             version: std::sync::Mutex::new(None),
             unwritten: Arc::default(),
@@ -366,6 +373,15 @@ impl Observer for Suppressions {
             recipients = new.len(),
             "recipients refused as unknown; added to the suppression list"
         );
+        for s in &new {
+            self.audit.suppression(&crate::audit::SuppressionChange {
+                action: "suppressed",
+                by: "daemon",
+                address: &s.address,
+                reason: Some(&s.reason),
+                message_id: s.message_id.as_deref(),
+            });
+        }
         let keys: Vec<String> = new.iter().map(|s| s.address.clone()).collect();
         self.unwritten
             .lock()

@@ -2185,15 +2185,48 @@ async fn operators_keep_the_suppression_list_over_http() {
     assert_eq!(out["status"], "partial", "{out}");
     assert_eq!(sink.delivered().len(), 2);
 
-    // The refusal is audited with its code, and no body.
-    let refused: Vec<Value> = d
-        .audit()
-        .into_iter()
+    // The refusal is audited with its code, and no body; each change of
+    // the list with who made it.
+    let audit = d.audit();
+    let refused: Vec<&Value> = audit
+        .iter()
         .filter(|l| l["mailmux"]["code"] == "recipient_suppressed")
         .collect();
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert_eq!(refused[0]["event"]["action"], "refused");
     assert!(!refused[0].to_string().contains(BODY_MARKER));
+    let changes: Vec<(String, String, String, String)> = audit
+        .iter()
+        .filter(|l| {
+            l["event"]["action"]
+                .as_str()
+                .unwrap()
+                .contains("suppressed")
+        })
+        .map(|l| {
+            let s = |v: &Value| v.as_str().unwrap_or("").to_owned();
+            (
+                s(&l["event"]["action"]),
+                s(&l["user"]["name"]),
+                s(&l["email"]["to"]["address"][0]),
+                s(&l["event"]["reason"]),
+            )
+        })
+        .collect();
+    let want = [
+        ("suppressed", "daemon", "gone@example.org", "bounced"),
+        (
+            "suppressed",
+            "operator ops",
+            "unsub@example.org",
+            "unsubscribed",
+        ),
+        ("unsuppressed", "operator ops", "gone@example.org", ""),
+        // Listed again by the bounce of the last message.
+        ("suppressed", "daemon", "gone@example.org", "bounced"),
+    ]
+    .map(|(a, b, c, d)| (a.to_owned(), b.to_owned(), c.to_owned(), d.to_owned()));
+    assert_eq!(changes, want);
 }
 
 /// The text body of a message as sent, decoded.
@@ -2294,6 +2327,17 @@ async fn a_one_click_unsubscribe_lists_its_recipient() {
     assert_eq!(l[0]["address"], "reader@example.org", "{l}");
     assert_eq!(l[0]["reason"], "unsubscribed", "{l}");
     assert_eq!(l[0]["detail"], "one-click (List-Unsubscribe-Post)", "{l}");
+    let audited: Vec<Value> = d
+        .audit()
+        .into_iter()
+        .filter(|l| l["event"]["action"] == "suppressed")
+        .collect();
+    assert_eq!(audited.len(), 1, "{audited:?}");
+    assert_eq!(audited[0]["user"]["name"], "recipient");
+    assert_eq!(
+        audited[0]["email"]["to"]["address"][0],
+        "reader@example.org"
+    );
     let (_, out) = call(&delta, "send_email", letter(json!(["Reader@example.org"]))).await;
     assert_eq!(out["error"]["code"], "recipient_suppressed", "{out}");
     assert_eq!(out["error"]["rule"], "unsubscribed", "{out}");

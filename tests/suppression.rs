@@ -135,7 +135,12 @@ fn stored_to(list: &[Value], address: &str) -> usize {
 async fn a_recipient_refused_as_unknown_is_suppressed_until_an_operator_removes_it() {
     let dir = tempfile::tempdir().unwrap();
     let smtp = FaultSmtp::start(script()).await;
-    let cfg = config(dir.path(), smtp.port(), "");
+    let audit = dir.path().join("audit.jsonl");
+    let cfg = config(
+        dir.path(),
+        smtp.port(),
+        &format!("\n[audit]\npath = \"{}\"\n", audit.display()),
+    );
     let d = StdioDaemon::start(dir.path(), &cfg).await;
 
     // The first message reaches the server, which refuses one recipient as
@@ -280,6 +285,40 @@ async fn a_recipient_refused_as_unknown_is_suppressed_until_an_operator_removes_
         )
         .await;
     assert_eq!(r["status"], "partial", "{r}");
+
+    // The queue command's changes are in the audit log beside the daemon's.
+    let lines: Vec<Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let changes: Vec<String> = lines
+        .iter()
+        .filter(|l| {
+            l["event"]["action"]
+                .as_str()
+                .unwrap()
+                .contains("suppressed")
+        })
+        .map(|l| {
+            format!(
+                "{} {} by {}",
+                l["event"]["action"].as_str().unwrap(),
+                l["email"]["to"]["address"][0].as_str().unwrap(),
+                l["user"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            "suppressed gone@dest.example by daemon",
+            "suppressed unsub@dest.example by queue command",
+            "unsuppressed gone@dest.example by queue command",
+            "suppressed gone@dest.example by daemon",
+        ],
+        "{lines:?}"
+    );
 
     // Reconciled with the store and the server: gone@ was in exactly the
     // two messages the daemon accepted for it, and the server took each

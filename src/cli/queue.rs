@@ -452,8 +452,22 @@ async fn restore(config: &Config, from: std::path::PathBuf) -> ExitCode {
 }
 
 /// `queue suppress`: the suppression list in the store.
-async fn suppress(store: &dyn queue::Store, cmd: SuppressCommand) -> ExitCode {
+async fn suppress(config: &Config, store: &dyn queue::Store, cmd: SuppressCommand) -> ExitCode {
+    use crate::audit::SuppressionChange;
     use crate::suppress::{key, operator_entry};
+    // Changes by the queue command are the operator's at this shell.
+    let log = audit_log(config);
+    let audited = |action: &str, address: &str, reason: Option<&str>| {
+        if let Some(log) = &log {
+            log.suppression(&SuppressionChange {
+                action,
+                by: "queue command",
+                address,
+                reason,
+                message_id: None,
+            });
+        }
+    };
     let fail = |e: StoreError| {
         eprintln!("mailmux: {e}");
         ExitCode::FAILURE
@@ -508,14 +522,22 @@ async fn suppress(store: &dyn queue::Store, cmd: SuppressCommand) -> ExitCode {
                     return ExitCode::from(EXIT_USAGE);
                 }
             };
+            // One write each, so that each addition is audited.
             let n = entries.len();
-            match store.suppress(entries).await {
-                Ok(added) => {
-                    say!("added {added} of {n}; {} already listed", n - added);
-                    ExitCode::SUCCESS
+            let mut added = 0;
+            for e in entries {
+                let address = e.address.clone();
+                match store.suppress(vec![e]).await {
+                    Ok(0) => {}
+                    Ok(_) => {
+                        added += 1;
+                        audited("suppressed", &address, Some(&reason));
+                    }
+                    Err(e) => return fail(e),
                 }
-                Err(e) => fail(e),
             }
+            say!("added {added} of {n}; {} already listed", n - added);
+            ExitCode::SUCCESS
         }
         SuppressCommand::Remove { addresses } => {
             let keys = match keys(&addresses) {
@@ -525,7 +547,10 @@ async fn suppress(store: &dyn queue::Store, cmd: SuppressCommand) -> ExitCode {
             let mut missing = 0;
             for k in &keys {
                 match store.unsuppress(k).await {
-                    Ok(true) => say!("{}: removed", shown::address(k)),
+                    Ok(true) => {
+                        audited("unsuppressed", k, None);
+                        say!("{}: removed", shown::address(k));
+                    }
                     Ok(false) => {
                         missing += 1;
                         eprintln!("mailmux: {} is not listed", shown::address(k));
@@ -619,7 +644,7 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
             }
             ExitCode::SUCCESS
         }
-        QueueCommand::Suppress(cmd) => suppress(store, cmd).await,
+        QueueCommand::Suppress(cmd) => suppress(config, store, cmd).await,
         QueueCommand::Show(a) => {
             let r = match store.get(&a.id).await {
                 Ok(Some(r)) => r,

@@ -50,6 +50,7 @@ use tokio_util::sync::CancellationToken;
 use super::tls::Handshakes;
 use super::types::MessageStatusResult;
 use super::{MailmuxServer, RunError, drain};
+use crate::audit::SuppressionChange;
 use crate::config::HttpSettings;
 use crate::policy::Caller;
 
@@ -888,6 +889,15 @@ async fn admin_suppress(
         Ok(added) => {
             let _ = server.suppressions().refresh().await;
             tracing::info!(operator = %op.0, added, "operator listed an address on the suppression list");
+            if added > 0 {
+                server.audit().suppression(&SuppressionChange {
+                    action: "suppressed",
+                    by: &format!("operator {}", op.0),
+                    address: &key,
+                    reason: Some(reason),
+                    message_id: None,
+                });
+            }
             let status = if added > 0 {
                 StatusCode::CREATED
             } else {
@@ -920,6 +930,13 @@ async fn admin_unsuppress(
         Ok(true) => {
             let _ = server.suppressions().refresh().await;
             tracing::info!(operator = %op.0, "operator took an address off the suppression list");
+            server.audit().suppression(&SuppressionChange {
+                action: "unsuppressed",
+                by: &format!("operator {}", op.0),
+                address: &key,
+                reason: None,
+                message_id: None,
+            });
             axum::Json(json!({ "address": key, "removed": true })).into_response()
         }
         Ok(false) => reject(StatusCode::NOT_FOUND, "the address is not listed"),
@@ -1015,6 +1032,13 @@ async fn unsubscribe(
             let _ = server.suppressions().refresh().await;
             if added > 0 {
                 tracing::info!(how = detail, "a recipient unsubscribed");
+                server.audit().suppression(&SuppressionChange {
+                    action: "suppressed",
+                    by: "recipient",
+                    address: &address,
+                    reason: Some("unsubscribed"),
+                    message_id: None,
+                });
             }
             unsubscribe_page(
                 StatusCode::OK,

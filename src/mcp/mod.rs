@@ -107,9 +107,12 @@ impl MailmuxServer {
         // pending for a relay that no longer files one is recorded failed.
         observers
             .push(crate::sent_copy::SentCopies::start(queue.clone(), &config.sent_copies).await);
-        let suppressions =
-            crate::suppress::Suppressions::start(queue.clone(), config.queue.suppress_bounces)
-                .await;
+        let suppressions = crate::suppress::Suppressions::start(
+            queue.clone(),
+            config.queue.suppress_bounces,
+            audit.clone(),
+        )
+        .await;
         observers.push(suppressions.clone());
         queue.screen(suppressions.clone());
         queue.run(Some(Arc::new(observers)));
