@@ -405,3 +405,83 @@ async fn a_message_accepted_before_its_recipient_was_listed_is_cancelled_not_sen
     assert_eq!(subjects, ["kept"]);
     d.stop().await;
 }
+
+/// An operator imports another service's list from a file: every line is
+/// checked before any is written (a bad line names its number and changes
+/// nothing), comments and blank lines are skipped, an address already
+/// listed keeps its entry, and each one added is in force and audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_imports_a_list_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = FaultSmtp::start(script()).await;
+    let audit = dir.path().join("audit.jsonl");
+    let cfg = config(
+        dir.path(),
+        smtp.port(),
+        &format!("\n[audit]\npath = \"{}\"\n", audit.display()),
+    );
+    let d = StdioDaemon::start(dir.path(), &cfg).await;
+    let (code, out, err) = common::queue_cmd(dir.path(), &["suppress", "add", "b@dest.example"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+
+    let bad = dir.path().join("bad.txt");
+    std::fs::write(&bad, "a@dest.example\n# a comment\nnot an address\n").unwrap();
+    let (code, out, err) = common::queue_cmd(
+        dir.path(),
+        &["suppress", "add", "--file", bad.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(
+        err.contains("line 3") && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert_eq!(listed(dir.path()).len(), 1);
+
+    let good = dir.path().join("export.txt");
+    std::fs::write(
+        &good,
+        "# exported suppressions\nA@Dest.example\n\n  b@dest.example  \nc@dest.example\n",
+    )
+    .unwrap();
+    let (code, out, err) = common::queue_cmd(
+        dir.path(),
+        &[
+            "suppress",
+            "add",
+            "--reason",
+            "unsubscribed",
+            "--file",
+            good.to_str().unwrap(),
+            "d@dest.example",
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("added 3 of 4; 1 already listed"), "{out}");
+    let list = listed(dir.path());
+    let entries: Vec<(&str, &str)> = list
+        .iter()
+        .map(|l| {
+            (
+                l["address"].as_str().unwrap(),
+                l["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        entries,
+        [
+            ("a@dest.example", "unsubscribed"),
+            ("b@dest.example", "manual"),
+            ("c@dest.example", "unsubscribed"),
+            ("d@dest.example", "unsubscribed"),
+        ]
+    );
+    until_dry_run(&d, "c@dest.example", true).await;
+    let audited = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"suppressed\""))
+        .count();
+    assert_eq!(audited, 4, "b@ once, then a@, c@ and d@");
+    d.stop().await;
+}

@@ -71,8 +71,13 @@ pub enum SuppressCommand {
     },
     /// Add addresses: mail to them is refused from now on.
     Add {
-        #[arg(required = true)]
+        #[arg(required_unless_present = "file")]
         addresses: Vec<String>,
+        /// Add the addresses of a file too, one a line (an export of
+        /// another service's list); blank lines and lines that begin with
+        /// `#` are skipped. Every line is checked before any is written.
+        #[arg(long, value_name = "PATH")]
+        file: Option<std::path::PathBuf>,
         /// Why: unsubscribed, complained or manual (bounced is the
         /// daemon's own).
         #[arg(long, default_value = "manual")]
@@ -507,37 +512,67 @@ async fn suppress(config: &Config, store: &dyn queue::Store, cmd: SuppressComman
         }
         SuppressCommand::Add {
             addresses,
+            file,
             reason,
             note,
         } => {
             let at = queue::now_millis();
-            let entries: Result<Vec<_>, String> = addresses
-                .iter()
-                .map(|a| operator_entry(a, &reason, note.as_deref(), at))
-                .collect();
-            let entries = match entries {
-                Ok(e) => e,
-                Err(e) => {
-                    eprintln!("mailmux: {e}; nothing was changed");
-                    return ExitCode::from(EXIT_USAGE);
-                }
-            };
-            // One write each, so that each addition is audited.
-            let n = entries.len();
-            let mut added = 0;
-            for e in entries {
-                let address = e.address.clone();
-                match store.suppress(vec![e]).await {
-                    Ok(0) => {}
-                    Ok(_) => {
-                        added += 1;
-                        audited("suppressed", &address, Some(&reason));
+            let entry = |a: &str| operator_entry(a, &reason, note.as_deref(), at);
+            let mut entries = Vec::new();
+            for a in &addresses {
+                match entry(a) {
+                    Ok(e) => entries.push(e),
+                    Err(e) => {
+                        eprintln!("mailmux: {e}; nothing was changed");
+                        return ExitCode::from(EXIT_USAGE);
                     }
-                    Err(e) => return fail(e),
                 }
             }
-            say!("added {added} of {n}; {} already listed", n - added);
-            ExitCode::SUCCESS
+            if let Some(path) = &file {
+                let text = match std::fs::read_to_string(path) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!(
+                            "mailmux: cannot read {}: {e}; nothing was changed",
+                            path.display()
+                        );
+                        return ExitCode::from(EXIT_USAGE);
+                    }
+                };
+                for (i, line) in text.lines().enumerate() {
+                    let line = line.trim();
+                    if line.is_empty() || line.starts_with('#') {
+                        continue;
+                    }
+                    match entry(line) {
+                        Ok(e) => entries.push(e),
+                        Err(e) => {
+                            eprintln!(
+                                "mailmux: {}, line {}: {e}; nothing was changed",
+                                path.display(),
+                                i + 1
+                            );
+                            return ExitCode::from(EXIT_USAGE);
+                        }
+                    }
+                }
+            }
+            // One write for all of them; each one it added is audited.
+            let n = entries.len();
+            match store.suppress(entries).await {
+                Ok(added) => {
+                    for address in &added {
+                        audited("suppressed", address, Some(&reason));
+                    }
+                    say!(
+                        "added {} of {n}; {} already listed",
+                        added.len(),
+                        n - added.len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
         }
         SuppressCommand::Remove { addresses } => {
             let keys = match keys(&addresses) {

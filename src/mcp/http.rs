@@ -887,9 +887,10 @@ async fn admin_suppress(
     let key = entry.address.clone();
     match server.queue().suppress(vec![entry]).await {
         Ok(added) => {
+            let added = !added.is_empty();
             let _ = server.suppressions().refresh().await;
             tracing::info!(operator = %op.0, added, "operator listed an address on the suppression list");
-            if added > 0 {
+            if added {
                 server.audit().suppression(&SuppressionChange {
                     action: "suppressed",
                     by: &format!("operator {}", op.0),
@@ -898,14 +899,14 @@ async fn admin_suppress(
                     message_id: None,
                 });
             }
-            let status = if added > 0 {
+            let status = if added {
                 StatusCode::CREATED
             } else {
                 StatusCode::OK
             };
             (
                 status,
-                axum::Json(json!({ "address": key, "added": added > 0 })),
+                axum::Json(json!({ "address": key, "added": added })),
             )
                 .into_response()
         }
@@ -1030,7 +1031,7 @@ async fn unsubscribe(
     match server.queue().suppress(vec![entry]).await {
         Ok(added) => {
             let _ = server.suppressions().refresh().await;
-            if added > 0 {
+            if !added.is_empty() {
                 tracing::info!(how = detail, "a recipient unsubscribed");
                 server.audit().suppression(&SuppressionChange {
                     action: "suppressed",

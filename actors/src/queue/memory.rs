@@ -492,16 +492,16 @@ impl Store for MemoryStore {
         Ok((page.into_iter().map(|(_, s)| s).collect(), next))
     }
 
-    async fn suppress(&self, entries: Vec<Suppression>) -> Result<usize, StoreError> {
+    async fn suppress(&self, entries: Vec<Suppression>) -> Result<Vec<String>, StoreError> {
         let mut mem = self.lock();
-        let mut added = 0;
+        let mut added = Vec::new();
         for e in entries {
             if !mem.suppressed.contains_key(&e.address) {
+                added.push(e.address.clone());
                 mem.suppressed.insert(e.address.clone(), e);
-                added += 1;
             }
         }
-        if added > 0 {
+        if !added.is_empty() {
             mem.suppressed_version += 1;
         }
         Ok(added)

@@ -1010,8 +1010,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         limit: usize,
     ) -> Result<Purged, StoreError>;
     /// Adds each entry whose address is not listed yet to the suppression
-    /// list (a listed address keeps its entry); returns how many it added.
-    async fn suppress(&self, entries: Vec<Suppression>) -> Result<usize, StoreError>;
+    /// list (a listed address keeps its entry); returns the addresses it
+    /// added.
+    async fn suppress(&self, entries: Vec<Suppression>) -> Result<Vec<String>, StoreError>;
     /// Takes an address off the suppression list; whether it was on it.
     async fn unsuppress(&self, address: &str) -> Result<bool, StoreError>;
     /// The suppression list by address, after its version as

@@ -2154,7 +2154,7 @@ impl Store for PgStore {
         self.take_over(true).await
     }
 
-    async fn suppress(&self, entries: Vec<Suppression>) -> Result<usize, StoreError> {
+    async fn suppress(&self, entries: Vec<Suppression>) -> Result<Vec<String>, StoreError> {
         let (mut addresses, mut reasons, mut details, mut ids, mut ats) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for e in entries {
@@ -2165,25 +2165,25 @@ impl Store for PgStore {
             ats.push(e.at);
         }
         // One statement: the insert, and the version moved when it added a row.
-        let added: i64 = sqlx::query_scalar(
+        let added: Vec<String> = sqlx::query_scalar(
             "WITH added AS (
                 INSERT INTO mailmux_suppressions (address, reason, detail, message_id, created_at)
                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
-                ON CONFLICT (address) DO NOTHING RETURNING 1),
+                ON CONFLICT (address) DO NOTHING RETURNING address),
              moved AS (
                 UPDATE mailmux_suppression_version SET v = v + 1
                  WHERE EXISTS (SELECT 1 FROM added) RETURNING 1)
-             SELECT COUNT(*) FROM added",
+             SELECT address FROM added",
         )
         .bind(addresses)
         .bind(reasons)
         .bind(details)
         .bind(ids)
         .bind(ats)
-        .fetch_one(&self.pool)
+        .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        Ok(added as usize)
+        Ok(added)
     }
 
     async fn unsuppress(&self, address: &str) -> Result<bool, StoreError> {

@@ -1342,7 +1342,10 @@ impl Queue {
     }
 
     /// Adds entries to the store's suppression list ([`Store::suppress`]).
-    pub async fn suppress(&self, entries: Vec<super::Suppression>) -> Result<usize, QueueError> {
+    pub async fn suppress(
+        &self,
+        entries: Vec<super::Suppression>,
+    ) -> Result<Vec<String>, QueueError> {
         Ok(self.inner.store.suppress(entries).await?)
     }
 

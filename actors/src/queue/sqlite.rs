@@ -1958,18 +1958,19 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn suppress(&self, entries: Vec<Suppression>) -> Result<usize, StoreError> {
+    async fn suppress(&self, entries: Vec<Suppression>) -> Result<Vec<String>, StoreError> {
         self.write(move |c, _| {
-            let mut added = 0;
+            let mut added = Vec::new();
             let mut insert = c.prepare_cached(
                 "INSERT INTO suppressions (address, reason, detail, message_id, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (address) DO NOTHING",
             )?;
-            for e in &entries {
-                added +=
-                    insert.execute(params![e.address, e.reason, e.detail, e.message_id, e.at])?;
+            for e in entries {
+                if insert.execute(params![e.address, e.reason, e.detail, e.message_id, e.at])? > 0 {
+                    added.push(e.address);
+                }
             }
-            if added > 0 {
+            if !added.is_empty() {
                 c.execute("UPDATE suppression_version SET v = v + 1", [])?;
             }
             Ok(added)
