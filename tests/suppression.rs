@@ -55,6 +55,20 @@ fn first_call() -> Value {
     )
 }
 
+/// A folder, the fault-injecting server of [`script`], the audit log's
+/// path and a configuration that writes it.
+async fn audited() -> (tempfile::TempDir, FaultSmtp, std::path::PathBuf, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = FaultSmtp::start(script()).await;
+    let audit = dir.path().join("audit.jsonl");
+    let cfg = config(
+        dir.path(),
+        smtp.port(),
+        &format!("\n[audit]\npath = \"{}\"\n", audit.display()),
+    );
+    (dir, smtp, audit, cfg)
+}
+
 /// The stored messages (`queue list --json`), oldest first.
 fn stored(dir: &std::path::Path) -> Vec<Value> {
     let (code, out, err) = common::queue_cmd(dir, &["list", "--json", "--limit", "1000"]);
@@ -133,14 +147,7 @@ fn stored_to(list: &[Value], address: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recipient_refused_as_unknown_is_suppressed_until_an_operator_removes_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let smtp = FaultSmtp::start(script()).await;
-    let audit = dir.path().join("audit.jsonl");
-    let cfg = config(
-        dir.path(),
-        smtp.port(),
-        &format!("\n[audit]\npath = \"{}\"\n", audit.display()),
-    );
+    let (dir, smtp, audit, cfg) = audited().await;
     let d = StdioDaemon::start(dir.path(), &cfg).await;
 
     // The first message reaches the server, which refuses one recipient as
@@ -412,14 +419,7 @@ async fn a_message_accepted_before_its_recipient_was_listed_is_cancelled_not_sen
 /// listed keeps its entry, and each one added is in force and audited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_imports_a_list_from_a_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let smtp = FaultSmtp::start(script()).await;
-    let audit = dir.path().join("audit.jsonl");
-    let cfg = config(
-        dir.path(),
-        smtp.port(),
-        &format!("\n[audit]\npath = \"{}\"\n", audit.display()),
-    );
+    let (dir, _smtp, audit, cfg) = audited().await;
     let d = StdioDaemon::start(dir.path(), &cfg).await;
     let (code, out, err) = common::queue_cmd(dir.path(), &["suppress", "add", "b@dest.example"]);
     assert_eq!(code, Some(0), "{out}{err}");
