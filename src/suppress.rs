@@ -257,9 +257,59 @@ impl Suppressions {
         self.len() == 0
     }
 
+    /// Lists `entry` in the store (an address listed already keeps its
+    /// entry), in force on this daemon at once, and audits it as `by`'s
+    /// (`operator NAME`, `recipient`) when it was added; whether it was.
+    pub async fn add(
+        &self,
+        entry: Suppression,
+        by: &str,
+    ) -> Result<bool, mailmux_actors::queue::QueueError> {
+        let (address, reason) = (entry.address.clone(), entry.reason.clone());
+        let added = !self.queue.suppress(vec![entry]).await?.is_empty();
+        let _ = self.refresh().await;
+        if added {
+            self.audited("suppressed", by, &address, Some(&reason), None);
+        }
+        Ok(added)
+    }
+
+    /// Takes `address` (in its [`key`] form) off the store's list, in
+    /// force on this daemon at once, and audits it as `by`'s; whether it
+    /// was listed.
+    pub async fn remove(
+        &self,
+        address: &str,
+        by: &str,
+    ) -> Result<bool, mailmux_actors::queue::QueueError> {
+        let gone = self.queue.unsuppress(address).await?;
+        if gone {
+            let _ = self.refresh().await;
+            self.audited("unsuppressed", by, address, None, None);
+        }
+        Ok(gone)
+    }
+
+    fn audited(
+        &self,
+        action: &str,
+        by: &str,
+        address: &str,
+        reason: Option<&str>,
+        message_id: Option<&str>,
+    ) {
+        self.audit.suppression(&crate::audit::SuppressionChange {
+            action,
+            by,
+            address,
+            reason,
+            message_id,
+        });
+    }
+
     /// Reads the list again if the store's version moved: after a change
     /// this daemon made, so that it is in force here at once.
-    pub async fn refresh(&self) -> Result<(), mailmux_actors::queue::QueueError> {
+    async fn refresh(&self) -> Result<(), mailmux_actors::queue::QueueError> {
         let now = self.queue.suppression_version().await?;
         if *self.version.lock().unwrap_or_else(|e| e.into_inner()) == Some(now) {
             return Ok(());
@@ -374,13 +424,13 @@ impl Observer for Suppressions {
             "recipients refused as unknown; added to the suppression list"
         );
         for s in &new {
-            self.audit.suppression(&crate::audit::SuppressionChange {
-                action: "suppressed",
-                by: "daemon",
-                address: &s.address,
-                reason: Some(&s.reason),
-                message_id: s.message_id.as_deref(),
-            });
+            self.audited(
+                "suppressed",
+                "daemon",
+                &s.address,
+                Some(&s.reason),
+                s.message_id.as_deref(),
+            );
         }
         let keys: Vec<String> = new.iter().map(|s| s.address.clone()).collect();
         self.unwritten

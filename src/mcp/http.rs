@@ -50,7 +50,6 @@ use tokio_util::sync::CancellationToken;
 use super::tls::Handshakes;
 use super::types::MessageStatusResult;
 use super::{MailmuxServer, RunError, drain};
-use crate::audit::SuppressionChange;
 use crate::config::HttpSettings;
 use crate::policy::Caller;
 
@@ -885,20 +884,10 @@ async fn admin_suppress(
         }
     };
     let key = entry.address.clone();
-    match server.queue().suppress(vec![entry]).await {
+    let by = format!("operator {}", op.0);
+    match server.suppressions().add(entry, &by).await {
         Ok(added) => {
-            let added = !added.is_empty();
-            let _ = server.suppressions().refresh().await;
             tracing::info!(operator = %op.0, added, "operator listed an address on the suppression list");
-            if added {
-                server.audit().suppression(&SuppressionChange {
-                    action: "suppressed",
-                    by: &format!("operator {}", op.0),
-                    address: &key,
-                    reason: Some(reason),
-                    message_id: None,
-                });
-            }
             let status = if added {
                 StatusCode::CREATED
             } else {
@@ -927,17 +916,13 @@ async fn admin_unsuppress(
             &format!("{address:?} is not an email address; nothing was changed"),
         );
     };
-    match server.queue().unsuppress(&key).await {
+    match server
+        .suppressions()
+        .remove(&key, &format!("operator {}", op.0))
+        .await
+    {
         Ok(true) => {
-            let _ = server.suppressions().refresh().await;
             tracing::info!(operator = %op.0, "operator took an address off the suppression list");
-            server.audit().suppression(&SuppressionChange {
-                action: "unsuppressed",
-                by: &format!("operator {}", op.0),
-                address: &key,
-                reason: None,
-                message_id: None,
-            });
             axum::Json(json!({ "address": key, "removed": true })).into_response()
         }
         Ok(false) => reject(StatusCode::NOT_FOUND, "the address is not listed"),
@@ -1028,18 +1013,10 @@ async fn unsubscribe(
         message_id: None,
         at: mailmux_actors::queue::now_millis(),
     };
-    match server.queue().suppress(vec![entry]).await {
+    match server.suppressions().add(entry, "recipient").await {
         Ok(added) => {
-            let _ = server.suppressions().refresh().await;
-            if !added.is_empty() {
+            if added {
                 tracing::info!(how = detail, "a recipient unsubscribed");
-                server.audit().suppression(&SuppressionChange {
-                    action: "suppressed",
-                    by: "recipient",
-                    address: &address,
-                    reason: Some("unsubscribed"),
-                    message_id: None,
-                });
             }
             unsubscribe_page(
                 StatusCode::OK,
