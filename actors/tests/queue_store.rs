@@ -327,6 +327,25 @@ async fn suppressions(store: &dyn Store, other: &dyn Store) {
     assert_ne!(v2, v1);
     let (_, list) = store.suppressions().await.unwrap();
     assert_eq!(list, [suppression("b@example.org", "bounced")]);
+    report_cursors(store, other).await;
+}
+
+/// A mailbox's report cursor moves forward only, under one UIDVALIDITY,
+/// whoever writes it; a new UIDVALIDITY replaces it.
+async fn report_cursors(store: &dyn Store, other: &dyn Store) {
+    let mailbox = "relay\u{1f}INBOX";
+    assert_eq!(other.report_cursor(mailbox).await.unwrap(), None);
+    store.advance_report_cursor(mailbox, 7, 40).await.unwrap();
+    assert_eq!(other.report_cursor(mailbox).await.unwrap(), Some((7, 40)));
+    // A reader behind the first cannot take it back.
+    other.advance_report_cursor(mailbox, 7, 12).await.unwrap();
+    assert_eq!(store.report_cursor(mailbox).await.unwrap(), Some((7, 40)));
+    other.advance_report_cursor(mailbox, 7, 41).await.unwrap();
+    assert_eq!(store.report_cursor(mailbox).await.unwrap(), Some((7, 41)));
+    // The mailbox was made again: its UIDs start over.
+    store.advance_report_cursor(mailbox, 9, 3).await.unwrap();
+    assert_eq!(other.report_cursor(mailbox).await.unwrap(), Some((9, 3)));
+    assert_eq!(other.report_cursor("another").await.unwrap(), None);
 }
 
 /// A message cancelled while a round holds it (claimed and loaded, not yet
@@ -1522,7 +1541,7 @@ async fn a_version_1_store_is_migrated_at_start() {
              DROP INDEX messages_copy_pending; ALTER TABLE messages DROP COLUMN sent_copy;
              ALTER TABLE messages DROP COLUMN attempt_log;
              ALTER TABLE messages DROP COLUMN copy_relay;
-             DROP TABLE suppressions; DROP TABLE suppression_version;
+             DROP TABLE suppressions; DROP TABLE suppression_version; DROP TABLE report_cursors;
              CREATE TABLE attempts (
                  seq INTEGER NOT NULL, at INTEGER NOT NULL, relay TEXT NOT NULL, class TEXT,
                  code INTEGER, text TEXT NOT NULL, duration_ms INTEGER NOT NULL);
@@ -1591,7 +1610,7 @@ async fn a_version_10_store_has_its_keys_scoped_to_their_callers() {
              INSERT INTO idempotency (key, message_id, hash, created_at)
                  VALUES ('orphan', 'purged', x'00', 0);
              ALTER TABLE messages DROP COLUMN copy_relay;
-             DROP TABLE suppressions; DROP TABLE suppression_version;
+             DROP TABLE suppressions; DROP TABLE suppression_version; DROP TABLE report_cursors;
              PRAGMA user_version = 10;",
         )
         .unwrap();
@@ -1623,7 +1642,7 @@ async fn a_version_8_store_has_its_attempts_moved_into_their_rows() {
         c.execute_batch(
             "ALTER TABLE messages DROP COLUMN attempt_log;
              ALTER TABLE messages DROP COLUMN copy_relay;
-             DROP TABLE suppressions; DROP TABLE suppression_version;
+             DROP TABLE suppressions; DROP TABLE suppression_version; DROP TABLE report_cursors;
              CREATE TABLE attempts (
                  seq INTEGER NOT NULL, at INTEGER NOT NULL, relay TEXT NOT NULL, class TEXT,
                  code INTEGER, text TEXT NOT NULL, duration_ms INTEGER NOT NULL);
@@ -1920,6 +1939,7 @@ async fn postgres_counts_survive_daemons_purges_and_migration() {
         "DROP TABLE mailmux_counts; ALTER TABLE mailmux_messages DROP COLUMN attempt_log;
          ALTER TABLE mailmux_messages DROP COLUMN copy_relay;
          DROP TABLE mailmux_suppressions; DROP TABLE mailmux_suppression_version;
+         DROP TABLE mailmux_report_cursors;
          DROP INDEX mailmux_messages_queued_at, mailmux_messages_retry;
          DELETE FROM mailmux_schema WHERE version >= 5",
     );
@@ -2609,6 +2629,7 @@ async fn postgres_keys_of_version_7_are_scoped_to_their_callers() {
              VALUES ('orphan', 'purged', '\\x00', 0);
          ALTER TABLE mailmux_messages DROP COLUMN copy_relay;
          DROP TABLE mailmux_suppressions; DROP TABLE mailmux_suppression_version;
+         DROP TABLE mailmux_report_cursors;
          DELETE FROM mailmux_schema WHERE version >= 8;",
     );
     assert_eq!(
@@ -2864,6 +2885,19 @@ impl Store for SlowMarks {
     }
     async fn suppression_version(&self) -> Result<i64, StoreError> {
         self.inner.suppression_version().await
+    }
+    async fn report_cursor(&self, mailbox: &str) -> Result<Option<(u32, u32)>, StoreError> {
+        self.inner.report_cursor(mailbox).await
+    }
+    async fn advance_report_cursor(
+        &self,
+        mailbox: &str,
+        validity: u32,
+        uid: u32,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .advance_report_cursor(mailbox, validity, uid)
+            .await
     }
     fn durable(&self) -> bool {
         self.inner.durable()

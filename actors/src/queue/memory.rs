@@ -34,6 +34,8 @@ struct Mem {
     /// The suppression list by address, and its version.
     suppressed: BTreeMap<String, Suppression>,
     suppressed_version: i64,
+    /// How far each mailbox of reports was read.
+    report_cursors: HashMap<String, (u32, u32)>,
 }
 
 #[derive(Debug)]
@@ -526,6 +528,27 @@ impl Store for MemoryStore {
 
     async fn suppression_version(&self) -> Result<i64, StoreError> {
         Ok(self.lock().suppressed_version)
+    }
+
+    async fn report_cursor(&self, mailbox: &str) -> Result<Option<(u32, u32)>, StoreError> {
+        Ok(self.lock().report_cursors.get(mailbox).copied())
+    }
+
+    async fn advance_report_cursor(
+        &self,
+        mailbox: &str,
+        validity: u32,
+        uid: u32,
+    ) -> Result<(), StoreError> {
+        let mut mem = self.lock();
+        let cursor = mem
+            .report_cursors
+            .entry(mailbox.to_owned())
+            .or_insert((validity, uid));
+        if cursor.0 != validity || cursor.1 < uid {
+            *cursor = (validity, uid);
+        }
+        Ok(())
     }
 
     async fn stats(&self) -> Result<Stats, StoreError> {

@@ -1022,6 +1022,20 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// any process or daemon on the store: what a daemon polls to know when
     /// to read the list again.
     async fn suppression_version(&self) -> Result<i64, StoreError>;
+    /// How far the reports of one mailbox have been read: its UIDVALIDITY
+    /// and the highest UID read, by the mailbox's name (`relay` and the
+    /// folder). `None` before a first read.
+    async fn report_cursor(&self, mailbox: &str) -> Result<Option<(u32, u32)>, StoreError>;
+    /// Records that the reports of `mailbox` up to `uid` were read. A
+    /// cursor only moves forward under one UIDVALIDITY (a second daemon
+    /// reading the same mailbox behind the first cannot take it back); a
+    /// new UIDVALIDITY replaces it.
+    async fn advance_report_cursor(
+        &self,
+        mailbox: &str,
+        validity: u32,
+        uid: u32,
+    ) -> Result<(), StoreError>;
     /// Finishes the writes already sent and stops taking new ones, leaving
     /// the store whole on disk: the daemon's last act on it at shutdown.
     async fn close(&self) {}

@@ -194,6 +194,14 @@ CREATE TABLE mailmux_suppressions (
 CREATE TABLE mailmux_suppression_version (v BIGINT NOT NULL);
 INSERT INTO mailmux_suppression_version (v) VALUES (0);
 "#,
+    r#"
+-- How far each mailbox of bounce and complaint reports has been read.
+CREATE TABLE mailmux_report_cursors (
+    mailbox TEXT PRIMARY KEY,
+    validity BIGINT NOT NULL,
+    uid BIGINT NOT NULL
+);
+"#,
 ];
 
 /// The schema version this build writes.
@@ -2229,6 +2237,36 @@ impl Store for PgStore {
             .fetch_one(&self.pool)
             .await
             .map_err(unavailable)
+    }
+
+    async fn report_cursor(&self, mailbox: &str) -> Result<Option<(u32, u32)>, StoreError> {
+        let row: Option<(i64, i64)> =
+            sqlx::query_as("SELECT validity, uid FROM mailmux_report_cursors WHERE mailbox = $1")
+                .bind(mailbox)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(unavailable)?;
+        Ok(row.map(|(v, u)| (v as u32, u as u32)))
+    }
+
+    async fn advance_report_cursor(
+        &self,
+        mailbox: &str,
+        validity: u32,
+        uid: u32,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO mailmux_report_cursors AS c (mailbox, validity, uid) VALUES ($1, $2, $3)
+             ON CONFLICT (mailbox) DO UPDATE SET validity = excluded.validity, uid = excluded.uid
+              WHERE c.validity <> excluded.validity OR c.uid < excluded.uid",
+        )
+        .bind(mailbox)
+        .bind(i64::from(validity))
+        .bind(i64::from(uid))
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
     }
 
     async fn purge(

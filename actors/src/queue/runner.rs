@@ -1366,6 +1366,25 @@ impl Queue {
         Ok(self.inner.store.suppression_version().await?)
     }
 
+    /// How far a mailbox of reports was read ([`Store::report_cursor`]).
+    pub async fn report_cursor(&self, mailbox: &str) -> Result<Option<(u32, u32)>, QueueError> {
+        Ok(self.inner.store.report_cursor(mailbox).await?)
+    }
+
+    /// Moves a mailbox's cursor forward ([`Store::advance_report_cursor`]).
+    pub async fn advance_report_cursor(
+        &self,
+        mailbox: &str,
+        validity: u32,
+        uid: u32,
+    ) -> Result<(), QueueError> {
+        Ok(self
+            .inner
+            .store
+            .advance_report_cursor(mailbox, validity, uid)
+            .await?)
+    }
+
     /// Refuses new messages, stops the runner, lets rounds in flight finish
     /// within `grace`, then stops the dispatcher. The observers then get
     /// `grace` again to finish what they hold (the Sent copies). Queued

@@ -216,6 +216,14 @@ CREATE TABLE suppressions (
 CREATE TABLE suppression_version (v INTEGER NOT NULL);
 INSERT INTO suppression_version (v) VALUES (0);
 "#,
+    r#"
+-- How far each mailbox of bounce and complaint reports has been read.
+CREATE TABLE report_cursors (
+    mailbox TEXT PRIMARY KEY,
+    validity INTEGER NOT NULL,
+    uid INTEGER NOT NULL
+) WITHOUT ROWID;
+"#,
 ];
 
 /// The schema version this build writes.
@@ -2016,6 +2024,38 @@ impl Store for SqliteStore {
     async fn suppression_version(&self) -> Result<i64, StoreError> {
         self.read(|c| c.query_row("SELECT v FROM suppression_version", [], |r| r.get(0)))
             .await
+    }
+
+    async fn report_cursor(&self, mailbox: &str) -> Result<Option<(u32, u32)>, StoreError> {
+        let mailbox = mailbox.to_owned();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT validity, uid FROM report_cursors WHERE mailbox = ?1",
+                [&mailbox],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn advance_report_cursor(
+        &self,
+        mailbox: &str,
+        validity: u32,
+        uid: u32,
+    ) -> Result<(), StoreError> {
+        let mailbox = mailbox.to_owned();
+        self.write(move |c, _| {
+            c.execute(
+                "INSERT INTO report_cursors (mailbox, validity, uid) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (mailbox) DO UPDATE SET validity = excluded.validity, uid = excluded.uid
+                  WHERE validity <> excluded.validity OR uid < excluded.uid",
+                params![mailbox, validity, uid],
+            )?;
+            Ok(())
+        })
+        .await
     }
 
     async fn close(&self) {
