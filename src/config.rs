@@ -104,6 +104,9 @@ pub struct Config {
     pub safety: crate::policy::SafetySettings,
     /// The relays that file a copy in the Sent folder, by relay name.
     pub sent_copies: Vec<(String, crate::sent_copy::SentCopySettings)>,
+    /// The relays whose bounce and complaint reports are read, by relay
+    /// name.
+    pub bounce_readers: Vec<(String, crate::bounces::BounceSettings)>,
     /// The relays that carry only some senders (their `senders`), in the
     /// order configured; a relay not listed carries any sender.
     pub relay_senders: Vec<RelaySenders>,
@@ -553,6 +556,9 @@ fn check_unknown_keys(layer: &FileLayer) -> Result<(), ConfigError> {
                         &format!("relays[{i}].sent_copy."),
                         &[raw::SENT_COPY_KEYS],
                     )?;
+                }
+                if let Some(Value::Dict(_, o)) = d.get("bounces") {
+                    check(o, &format!("relays[{i}].bounces."), &[raw::BOUNCES_KEYS])?;
                 }
             }
         }

@@ -5,7 +5,9 @@
 //! - [`compose`]: validation and rendering of messages;
 //! - [`policy`]: callers, operators and the per-caller policy and rates;
 //! - [`audit`]: the audit log;
+//! - [`imap`]: an IMAP account and its login;
 //! - [`sent_copy`]: the copy of each sent message in the Sent folder (IMAP);
+//! - [`bounces`]: bounce and complaint reports read from a relay's mailbox;
 //! - [`suppress`]: the suppression list, the addresses no mail is accepted for;
 //! - [`telemetry`]: the Prometheus metrics;
 //! - [`console`]: the operators' web console on the HTTP listener;
@@ -16,10 +18,12 @@
 //! - `mailmux_actors` (the `actors/` crate): supervisor, router, relays.
 
 pub mod audit;
+pub mod bounces;
 pub mod cli;
 pub mod compose;
 pub mod config;
 pub mod console;
+pub mod imap;
 pub mod logging;
 pub mod mcp;
 pub mod oauth;

@@ -25,19 +25,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use async_imap::{Client, Session};
-use mailmux_actors::net::Unanswered;
+use crate::imap::{ImapAccount, ImapSession};
 use mailmux_actors::queue::{
     CopyDue, Delivered, Drain, Event, Millis, Observer, Queue, now_millis,
 };
-use mailmux_actors::{Secret, TokenSource};
-use tokio::net::TcpStream;
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
-use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 /// Copies waiting per relay; past it a copy is recorded as failed at once.
@@ -48,27 +42,6 @@ const TAKE_OVER_EVERY: Duration = Duration::from_secs(30);
 /// One IMAP command (or the connection and login) may take this long.
 const IMAP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Transport security of the IMAP connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ImapTls {
-    /// TLS from the first byte (port 993).
-    Implicit,
-    /// STARTTLS, required (port 143).
-    Starttls,
-    /// Plain text: loopback only.
-    None,
-}
-
-impl ImapTls {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ImapTls::Implicit => "implicit",
-            ImapTls::Starttls => "starttls",
-            ImapTls::None => "none",
-        }
-    }
-}
-
 /// Which folder gets the copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Folder {
@@ -78,23 +51,11 @@ pub enum Folder {
     SpecialUse,
 }
 
-/// How the copier logs in.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ImapAuth {
-    Password(Secret),
-    /// SASL XOAUTH2 with the relay's access tokens.
-    Xoauth2(TokenSource),
-}
-
 /// A relay's validated `[relays.sent_copy]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SentCopySettings {
-    pub host: String,
-    pub port: u16,
-    pub tls: ImapTls,
+    pub account: ImapAccount,
     pub folder: Folder,
-    pub username: String,
-    pub auth: ImapAuth,
     /// Add a Bcc header naming the envelope's Bcc recipients. Default: no.
     pub include_bcc: bool,
     /// IMAP connections at once.
@@ -103,8 +64,6 @@ pub struct SentCopySettings {
     pub attempts: u32,
     /// The wait before the second try; it doubles for each later one.
     pub retry_base: Duration,
-    /// Extra trusted root certificates (PEM), beside the platform's.
-    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// One copy to file.
@@ -347,18 +306,6 @@ impl Observer for SentCopies {
     }
 }
 
-/// The IMAP server's socket: reads bounded between two commands of ours.
-type Socket = Unanswered<TcpStream>;
-type Stream = Either<Socket, TlsStream<Socket>>;
-
-/// The most an IMAP server may send between two commands of ours: the
-/// answers mailmux reads (a greeting, the LIST of the folders, APPEND's
-/// tagged reply) are small. async-imap would otherwise buffer up to 512 MiB
-/// of an answer that never ends, and parse the whole of it again at each
-/// read: with 4 MiB allowed, one such greeting kept a copier busy past 30 s
-/// (debug build); with 1 MiB it is cut off at once.
-const MAX_UNANSWERED: usize = 1 << 20;
-
 /// One worker of a relay's copies.
 struct Copier {
     relay: String,
@@ -374,7 +321,7 @@ impl Copier {
     /// kept open between them. Once stopped, leaves the copy it was making
     /// and every one still waiting to [`Copier::unmade`].
     async fn run(self) {
-        let mut session: Option<(Session<Stream>, String)> = None;
+        let mut session: Option<(ImapSession, String)> = None;
         loop {
             let job = tokio::select! {
                 biased;
@@ -436,7 +383,7 @@ impl Copier {
 async fn copy(
     relay: &str,
     s: &SentCopySettings,
-    session: &mut Option<(Session<Stream>, String)>,
+    session: &mut Option<(ImapSession, String)>,
     job: &Job,
 ) -> Result<(), String> {
     let content = copy_bytes(job, s.include_bcc);
@@ -496,7 +443,7 @@ async fn copy(
 /// Whether `folder` holds a message with this Message-ID: a copy the
 /// daemon may have filed just before a crash, without recording it.
 async fn filed_already(
-    session: &mut Session<Stream>,
+    session: &mut ImapSession,
     folder: &str,
     message_id: &str,
 ) -> Result<bool, String> {
@@ -597,59 +544,8 @@ fn internal_date(bytes: &[u8]) -> Option<String> {
 
 /// Connects, secures, logs in, and finds the folder. `fresh` asks for a
 /// new OAuth2 token (the last login may have failed on an old one).
-async fn open(s: &SentCopySettings, fresh: bool) -> Result<(Session<Stream>, String), String> {
-    let tcp = TcpStream::connect((s.host.as_str(), s.port))
-        .await
-        .map_err(|e| format!("connect to {}:{}: {e}", s.host, s.port))?;
-    let _ = tcp.set_nodelay(true);
-    let tcp = Unanswered::new(tcp, MAX_UNANSWERED);
-    let stream: Stream = match s.tls {
-        ImapTls::Implicit => Either::Right(tls(s, tcp).await?),
-        _ => Either::Left(tcp),
-    };
-    let mut client = Client::new(stream);
-    client
-        .read_response()
-        .await
-        .map_err(|e| format!("greeting: {e}"))?
-        .ok_or("the server closed the connection before its greeting")?;
-    if s.tls == ImapTls::Starttls {
-        client
-            .run_command_and_check_ok("STARTTLS", None)
-            .await
-            .map_err(|e| format!("STARTTLS: {e}"))?;
-        let Either::Left(tcp) = client.into_inner() else {
-            return Err("STARTTLS on a TLS connection".into());
-        };
-        client = Client::new(Either::Right(tls(s, tcp).await?));
-    }
-    let mut session = match &s.auth {
-        ImapAuth::Password(p) => client
-            .login(&s.username, p.expose())
-            .await
-            .map_err(|(e, _)| format!("LOGIN: {e}"))?,
-        ImapAuth::Xoauth2(source) => {
-            let token = source.token(fresh).await.map_err(|e| {
-                format!(
-                    "cannot get an OAuth2 access token from {}: {e}",
-                    source.label()
-                )
-            })?;
-            client
-                .authenticate(
-                    "XOAUTH2",
-                    XOAuth2 {
-                        sasl: format!(
-                            "user={}\x01auth=Bearer {}\x01\x01",
-                            s.username,
-                            token.expose()
-                        ),
-                    },
-                )
-                .await
-                .map_err(|(e, _)| format!("AUTHENTICATE XOAUTH2: {e}"))?
-        }
-    };
+async fn open(s: &SentCopySettings, fresh: bool) -> Result<(ImapSession, String), String> {
+    let mut session = crate::imap::login(&s.account, fresh).await?;
     let folder = match &s.folder {
         Folder::Named(f) => f.clone(),
         Folder::SpecialUse => special_use_sent(&mut session).await?,
@@ -658,7 +554,7 @@ async fn open(s: &SentCopySettings, fresh: bool) -> Result<(Session<Stream>, Str
 }
 
 /// The folder marked `\Sent`, else `Sent`.
-async fn special_use_sent(session: &mut Session<Stream>) -> Result<String, String> {
+async fn special_use_sent(session: &mut ImapSession) -> Result<String, String> {
     use futures::TryStreamExt as _;
     let names: Vec<async_imap::types::Name> = session
         .list(Some(""), Some("*"))
@@ -675,51 +571,6 @@ async fn special_use_sent(session: &mut Session<Stream>) -> Result<String, Strin
                 .any(|a| matches!(a, async_imap::imap_proto::NameAttribute::Sent))
         })
         .map_or_else(|| "Sent".to_owned(), |n| n.name().to_owned()))
-}
-
-/// The SASL XOAUTH2 answer. It holds a bearer token: never logged.
-struct XOAuth2 {
-    sasl: String,
-}
-
-impl async_imap::Authenticator for XOAuth2 {
-    type Response = String;
-
-    fn process(&mut self, _challenge: &[u8]) -> String {
-        // A challenge after the first answer is the server's error: an
-        // empty answer ends the exchange.
-        std::mem::take(&mut self.sasl)
-    }
-}
-
-async fn tls(s: &SentCopySettings, tcp: Socket) -> Result<TlsStream<Socket>, String> {
-    use tokio_rustls::rustls;
-    use tokio_rustls::rustls::pki_types::CertificateDer;
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    let host = s.host.as_str();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let verifier = match &s.ca_pem {
-        Some(pem) => {
-            let roots = CertificateDer::pem_slice_iter(pem)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("TLS: ca_file: {e}"))?;
-            rustls_platform_verifier::Verifier::new_with_extra_roots(roots, provider.clone())
-        }
-        None => rustls_platform_verifier::Verifier::new(provider.clone()),
-    }
-    .map_err(|e| format!("TLS: {e}"))?;
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
-        .map_err(|e| format!("TLS: {host:?}: {e}"))?;
-    TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("TLS with {host}: {e}"))
 }
 
 #[cfg(test)]

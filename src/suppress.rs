@@ -9,6 +9,9 @@
 //! relay refuses as unknown (an enhanced status of 5.1.1, 5.1.2 or 5.1.10)
 //! is added by the daemon that saw the refusal, unless
 //! `queue.suppress_bounces` is off ([`Suppressions`] is a queue observer).
+//! Bounces and complaints that come back by mail are read by
+//! `bounces.rs`, which lists what they report through
+//! [`Suppressions::add_all`].
 //!
 //! The queue asks the same copy before each round of a message that no
 //! recipient has yet (`Screen`): one accepted before a recipient was
@@ -39,6 +42,18 @@ pub const REASONS: &[&str] = &["bounced", "unsubscribed", "complained", "manual"
 
 /// The longest `detail` kept: a reply's text, an operator's note.
 const MAX_DETAIL: usize = 300;
+
+/// `detail` cut to [`MAX_DETAIL`] bytes, at a character's boundary.
+pub(crate) fn clipped(mut detail: String) -> String {
+    if detail.len() > MAX_DETAIL {
+        let mut end = MAX_DETAIL;
+        while !detail.is_char_boundary(end) {
+            end -= 1;
+        }
+        detail.truncate(end);
+    }
+    detail
+}
 
 /// An address as the list compares it: the local part in lower case, the
 /// domain as lower-case A-labels. `None` for text that is not an address.
@@ -265,11 +280,31 @@ impl Suppressions {
         entry: Suppression,
         by: &str,
     ) -> Result<bool, mailmux_actors::queue::QueueError> {
-        let (address, reason) = (entry.address.clone(), entry.reason.clone());
-        let added = !self.queue.suppress(vec![entry]).await?.is_empty();
+        Ok(!self.add_all(vec![entry], by).await?.is_empty())
+    }
+
+    /// [`Suppressions::add`] for several entries in one write; the
+    /// addresses it added.
+    pub async fn add_all(
+        &self,
+        entries: Vec<Suppression>,
+        by: &str,
+    ) -> Result<Vec<String>, mailmux_actors::queue::QueueError> {
+        let reasons: HashMap<String, (String, Option<String>)> = entries
+            .iter()
+            .map(|e| (e.address.clone(), (e.reason.clone(), e.message_id.clone())))
+            .collect();
+        let added = self.queue.suppress(entries).await?;
         let _ = self.refresh().await;
-        if added {
-            self.audited("suppressed", by, &address, Some(&reason), None);
+        for address in &added {
+            let (reason, message_id) = reasons.get(address).cloned().unwrap_or_default();
+            self.audited(
+                "suppressed",
+                by,
+                address,
+                Some(&reason),
+                message_id.as_deref(),
+            );
         }
         Ok(added)
     }
@@ -398,14 +433,7 @@ impl Observer for Suppressions {
                         at,
                     },
                 );
-                let mut detail = format!("{} {}", r.code, r.text);
-                if detail.len() > MAX_DETAIL {
-                    let mut end = MAX_DETAIL;
-                    while !detail.is_char_boundary(end) {
-                        end -= 1;
-                    }
-                    detail.truncate(end);
-                }
+                let detail = clipped(format!("{} {}", r.code, r.text));
                 new.push(Suppression {
                     address: k,
                     reason,

@@ -54,6 +54,9 @@ pub const QUEUE_MIN_FREE: &str = "mailmux_queue_min_free_bytes";
 pub const SENT_COPIES: &str = "mailmux_sent_copies_total";
 /// Copies for the Sent folder handed to the copiers, not yet filed or failed.
 pub const SENT_COPIES_WAITING: &str = "mailmux_sent_copies_waiting";
+/// Addresses put on the suppression list by a bounce or complaint report
+/// read from a relay's mailbox, by reason (`bounced`, `complained`).
+pub const REPORTED: &str = "mailmux_suppressed_by_report_total";
 /// HTTP requests refused by the transport's checks and bounds before any
 /// tool ran, by status (400 a body cut off, 401 token, 403 Host or Origin,
 /// 408 a body too slow, 413 too large, 429 a caller's bound, 503 the
@@ -195,6 +198,10 @@ fn describe() {
     describe_gauge!(
         SENT_COPIES_WAITING,
         "Copies for the Sent folder handed to the copiers and not yet filed or failed."
+    );
+    describe_counter!(
+        REPORTED,
+        "Addresses put on the suppression list by a bounce or complaint report read over IMAP, by reason (bounced, complained)."
     );
 }
 

@@ -2167,3 +2167,54 @@ fn the_unsubscribe_links_load_from_the_environment_and_hide_the_secret() {
     );
     assert!(!c.redacted.to_string().contains(secret));
 }
+
+#[test]
+fn a_relays_bounce_mailbox_is_checked_and_shown_without_its_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = "[[relays]]\nname = \"acct\"\nhost = \"smtp.example.org\"\nusername = \"me@example.org\"\npassword = \"smtp-secret-9\"\n";
+    let file = write(
+        &dir,
+        "ok.toml",
+        &format!("{relay}[relays.bounces]\nimap_host = \"imap.example.org\"\n"),
+    );
+    let c = ok(Some(&file), &[]);
+    assert_eq!(c.bounce_readers.len(), 1);
+    let (name, b) = &c.bounce_readers[0];
+    assert_eq!(name, "acct");
+    assert_eq!(b.folder, "INBOX");
+    assert_eq!(b.every, std::time::Duration::from_secs(60));
+    assert_eq!(b.account.port, 993);
+    assert_eq!(b.account.username, "me@example.org");
+    assert_eq!(leaf(&c, "/relays/0/bounces/password").0, "[redacted]");
+    assert_eq!(leaf(&c, "/relays/0/bounces/every").0, "1m");
+    assert!(!c.redacted.to_string().contains("smtp-secret-9"));
+
+    let cases = [
+        (
+            "[[relays]]\nname = \"f\"\nkind = \"file\"\n[relays.bounces]\nimap_host = \"imap.example.org\"\n".to_owned(),
+            "relays[0].bounces",
+        ),
+        (format!("{relay}[relays.bounces]\nport = 993\n"), "relays[0].bounces.imap_host"),
+        (
+            format!("{relay}[relays.bounces]\nimap_host = \"i.example.org\"\nevery = \"10ms\"\n"),
+            "relays[0].bounces.every",
+        ),
+        (
+            format!("{relay}[relays.bounces]\nimap_host = \"i.example.org\"\nfolder = \" \"\n"),
+            "relays[0].bounces.folder",
+        ),
+        (
+            format!("{relay}[relays.bounces]\nimap_host = \"i.example.org\"\nfoldr = \"x\"\n"),
+            "relays[0].bounces.foldr",
+        ),
+        (
+            format!("{relay}[relays.bounces]\nimap_host = \"i.example.org\"\ntls = \"maybe\"\n"),
+            "relays[0].bounces.tls",
+        ),
+    ];
+    for (i, (content, key)) in cases.into_iter().enumerate() {
+        let file = write(&dir, &format!("case{i}.toml"), &content);
+        let e = err(Some(&file), &[]);
+        assert_eq!(e.key, key, "{content:?}: {e}");
+    }
+}

@@ -158,6 +158,7 @@ pub(crate) const RELAY_KEYS: &[&str] = &[
     "auth",
     "oauth",
     "sent_copy",
+    "bounces",
 ];
 
 /// Keys of a relay's `sent_copy` table.
@@ -174,6 +175,19 @@ pub(crate) const SENT_COPY_KEYS: &[&str] = &[
     "attempts",
     "retry_base",
     "ca_file",
+];
+
+/// Keys of a relay's `bounces` table.
+pub(crate) const BOUNCES_KEYS: &[&str] = &[
+    "imap_host",
+    "port",
+    "tls",
+    "folder",
+    "username",
+    "password",
+    "password_file",
+    "ca_file",
+    "every",
 ];
 
 /// Keys of a relay's `oauth` table.
@@ -526,6 +540,7 @@ pub(crate) struct RawRelay {
     pub oauth: Option<RawOAuth>,
     /// A copy of each sent message in the Sent folder, over IMAP.
     pub sent_copy: Option<RawSentCopy>,
+    pub bounces: Option<RawBounces>,
     /// Open connections at most. Default: 8.
     pub max_connections: Option<usize>,
     /// Messages waiting for a connection at most. Default: 1024.
@@ -614,6 +629,69 @@ pub(crate) struct RawSentCopy {
     pub retry_base: Option<Dur>,
     /// Extra trusted root certificates, PEM. Default: none.
     pub ca_file: Option<PathBuf>,
+}
+
+/// The IMAP account of a `sent_copy` or `bounces` table.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RawImap {
+    /// The IMAP server. Required.
+    pub imap_host: Option<String>,
+    /// Default: 993 for `implicit`, 143 otherwise.
+    pub port: Option<i64>,
+    /// `implicit` | `starttls` | `none`. Default: `implicit`.
+    pub tls: Option<String>,
+    /// Default: the relay's.
+    pub username: Option<String>,
+    /// Default: the relay's password, or its OAuth2 tokens.
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// Extra trusted root certificates, PEM. Default: none.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// A relay's `bounces` table: the mailbox its bounce and complaint reports
+/// come back to.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub(crate) struct RawBounces {
+    pub imap_host: Option<String>,
+    pub port: Option<i64>,
+    pub tls: Option<String>,
+    /// Default: `INBOX`.
+    pub folder: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    /// How often the folder is read. Default: 1m.
+    pub every: Option<Dur>,
+}
+
+impl RawBounces {
+    pub(crate) fn imap(&self) -> RawImap {
+        RawImap {
+            imap_host: self.imap_host.clone(),
+            port: self.port,
+            tls: self.tls.clone(),
+            username: self.username.clone(),
+            password: self.password.clone(),
+            password_file: self.password_file.clone(),
+            ca_file: self.ca_file.clone(),
+        }
+    }
+}
+
+impl RawSentCopy {
+    pub(crate) fn imap(&self) -> RawImap {
+        RawImap {
+            imap_host: self.imap_host.clone(),
+            port: self.port,
+            tls: self.tls.clone(),
+            username: self.username.clone(),
+            password: self.password.clone(),
+            password_file: self.password_file.clone(),
+            ca_file: self.ca_file.clone(),
+        }
+    }
 }
 
 /// A relay's `oauth` table.

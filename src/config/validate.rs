@@ -21,7 +21,9 @@ use mailmux_actors::{
 use serde_json::{Map, Value as Json, json};
 
 use super::env::{SEED_KEY, SINGLE, seed_var_name, source_name};
-use super::raw::{Dur, RawConfig, RawOAuth, RawRelay, RawSeedRelay, RawSentCopy, StringList};
+use super::raw::{
+    Dur, RawBounces, RawConfig, RawImap, RawOAuth, RawRelay, RawSeedRelay, RawSentCopy, StringList,
+};
 use super::{Config, ConfigError, DaemonSettings, HttpSettings, MetricsSettings};
 use crate::compose::ComposePolicy;
 
@@ -425,7 +427,7 @@ pub(crate) fn build(
     let relay_names: Vec<String> = relays.iter().map(|(r, ..)| r.name.clone()).collect();
     let relay_senders: Vec<crate::config::RelaySenders> = relays
         .iter()
-        .filter_map(|(.., senders)| senders.clone())
+        .filter_map(|(.., senders, _)| senders.clone())
         .collect();
     if let Some(from) = &raw.from_email
         && let Ok(address) = lettre::Address::from_str(from)
@@ -450,7 +452,11 @@ pub(crate) fn build(
 
     let sent_copies: Vec<(String, crate::sent_copy::SentCopySettings)> = relays
         .iter()
-        .filter_map(|(r, _, _, copy, _)| Some((r.name.clone(), copy.clone()?)))
+        .filter_map(|(r, _, _, copy, ..)| Some((r.name.clone(), copy.clone()?)))
+        .collect();
+    let bounce_readers: Vec<(String, crate::bounces::BounceSettings)> = relays
+        .iter()
+        .filter_map(|(r, .., bounces)| Some((r.name.clone(), bounces.clone()?)))
         .collect();
     let (relays, relay_json): (Vec<RelaySettings>, Vec<Json>) =
         relays.into_iter().map(|(r, j, ..)| (r, j)).unzip();
@@ -494,6 +500,7 @@ pub(crate) fn build(
         },
         safety,
         sent_copies,
+        bounce_readers,
         relay_senders,
         default_relay,
         sources,
@@ -1525,6 +1532,7 @@ type Built = (
     At,
     Option<crate::sent_copy::SentCopySettings>,
     Option<crate::config::RelaySenders>,
+    Option<crate::bounces::BounceSettings>,
 );
 
 fn relay(
@@ -1730,6 +1738,13 @@ fn relay(
             return Err(at_of("sent_copy").err("a file relay files no Sent copy"));
         }
     };
+    let bounces = match (&kind, &r.bounces) {
+        (_, None) => None,
+        (RelayKind::Smtp(smtp), Some(raw)) => Some(bounces(raw, smtp, &at_of, &mut out)?),
+        (RelayKind::File { .. }, Some(_)) => {
+            return Err(at_of("bounces").err("a file relay gets no bounces"));
+        }
+    };
     let settings = RelaySettings {
         name,
         kind,
@@ -1742,7 +1757,7 @@ fn relay(
         health,
         rate,
     };
-    Ok((settings, Json::Object(out), name_at, copy, senders))
+    Ok((settings, Json::Object(out), name_at, copy, senders, bounces))
 }
 
 /// A relay's `senders`, parsed as `allowed_senders` entries are (`*`
@@ -1795,22 +1810,21 @@ fn read_ca_file(path: &Path, at: &At) -> Result<Vec<u8>, ConfigError> {
     Ok(pem)
 }
 
-/// A relay's `sent_copy` table, validated; the credentials default to the
-/// relay's (its OAuth2 tokens included).
-fn sent_copy(
-    raw: &RawSentCopy,
+/// The IMAP account of a relay's `sent_copy` or `bounces` table (`table`),
+/// validated; the login defaults to the relay's (its OAuth2 tokens
+/// included).
+fn imap_account(
+    raw: &RawImap,
     smtp: &SmtpSettings,
-    at_of: &dyn Fn(&str) -> At,
-    out: &mut Map<String, Json>,
-) -> Result<crate::sent_copy::SentCopySettings, ConfigError> {
-    use crate::sent_copy::{Folder, ImapAuth, ImapTls, SentCopySettings};
-    let mut shown = Map::new();
-    let at = |k: &str| at_of(&format!("sent_copy.{k}"));
+    at: &dyn Fn(&str) -> At,
+    shown: &mut Map<String, Json>,
+) -> Result<crate::imap::ImapAccount, ConfigError> {
+    use crate::imap::{ImapAccount, ImapAuth, ImapTls};
     let host = match raw.imap_host.as_deref().map(str::trim) {
         Some(h) if !h.is_empty() && !h.chars().any(char::is_whitespace) => h.to_owned(),
         _ => return Err(at("imap_host").err("the IMAP server's host is required")),
     };
-    leaf(&mut shown, "imap_host", json!(host), &at("imap_host"));
+    leaf(shown, "imap_host", json!(host), &at("imap_host"));
     let tls = match raw.tls.as_deref().map(str::trim).unwrap_or("implicit") {
         "implicit" => ImapTls::Implicit,
         "starttls" => ImapTls::Starttls,
@@ -1821,7 +1835,7 @@ fn sent_copy(
             )));
         }
     };
-    leaf(&mut shown, "tls", json!(tls.as_str()), &at("tls"));
+    leaf(shown, "tls", json!(tls.as_str()), &at("tls"));
     let port = match raw.port {
         Some(p) => u16::try_from(p)
             .ok()
@@ -1830,22 +1844,7 @@ fn sent_copy(
         None if tls == ImapTls::Implicit => 993,
         None => 143,
     };
-    leaf(&mut shown, "port", json!(port), &at("port"));
-    let folder = match raw.folder.as_deref().map(str::trim) {
-        None => Folder::Named("Sent".into()),
-        Some("") => return Err(at("folder").err("must not be empty")),
-        Some(f) if f.eq_ignore_ascii_case("\\Sent") => Folder::SpecialUse,
-        Some(f) => Folder::Named(f.to_owned()),
-    };
-    leaf(
-        &mut shown,
-        "folder",
-        json!(match &folder {
-            Folder::Named(f) => f.clone(),
-            Folder::SpecialUse => "\\Sent".into(),
-        }),
-        &at("folder"),
-    );
+    leaf(shown, "port", json!(port), &at("port"));
     let relay_auth = smtp.auth.as_ref();
     let username = match raw
         .username
@@ -1859,7 +1858,7 @@ fn sent_copy(
             );
         }
     };
-    leaf(&mut shown, "username", json!(username), &at("username"));
+    leaf(shown, "username", json!(username), &at("username"));
     let auth = match (&raw.password, &raw.password_file) {
         (Some(_), Some(_)) => {
             return Err(at("password_file").err(format!(
@@ -1886,13 +1885,59 @@ fn sent_copy(
         },
     };
     leaf(
-        &mut shown,
+        shown,
         "password",
         json!(match &auth {
             ImapAuth::Password(_) => REDACTED,
             ImapAuth::Xoauth2(_) => "(the relay's OAuth2 tokens)",
         }),
         &at("password"),
+    );
+    let ca_pem = match &raw.ca_file {
+        Some(path) => Some(read_ca_file(path, &at("ca_file"))?),
+        None => None,
+    };
+    leaf(
+        shown,
+        "ca_file",
+        json!(raw.ca_file.as_deref().map(|p| p.display().to_string())),
+        &at("ca_file"),
+    );
+    Ok(ImapAccount {
+        host,
+        port,
+        tls,
+        username,
+        auth,
+        ca_pem,
+    })
+}
+
+/// A relay's `sent_copy` table, validated.
+fn sent_copy(
+    raw: &RawSentCopy,
+    smtp: &SmtpSettings,
+    at_of: &dyn Fn(&str) -> At,
+    out: &mut Map<String, Json>,
+) -> Result<crate::sent_copy::SentCopySettings, ConfigError> {
+    use crate::sent_copy::{Folder, SentCopySettings};
+    let mut shown = Map::new();
+    let at = |k: &str| at_of(&format!("sent_copy.{k}"));
+    let account = imap_account(&raw.imap(), smtp, &at, &mut shown)?;
+    let folder = match raw.folder.as_deref().map(str::trim) {
+        None => Folder::Named("Sent".into()),
+        Some("") => return Err(at("folder").err("must not be empty")),
+        Some(f) if f.eq_ignore_ascii_case("\\Sent") => Folder::SpecialUse,
+        Some(f) => Folder::Named(f.to_owned()),
+    };
+    leaf(
+        &mut shown,
+        "folder",
+        json!(match &folder {
+            Folder::Named(f) => f.clone(),
+            Folder::SpecialUse => "\\Sent".into(),
+        }),
+        &at("folder"),
     );
     let include_bcc = raw.include_bcc.unwrap_or(false);
     leaf(
@@ -1929,29 +1974,44 @@ fn sent_copy(
         secs(retry_base),
         &at("retry_base"),
     );
-    let ca_pem = match &raw.ca_file {
-        Some(path) => Some(read_ca_file(path, &at("ca_file"))?),
-        None => None,
-    };
-    leaf(
-        &mut shown,
-        "ca_file",
-        json!(raw.ca_file.as_deref().map(|p| p.display().to_string())),
-        &at("ca_file"),
-    );
     out.insert("sent_copy".into(), Json::Object(shown));
     Ok(SentCopySettings {
-        host,
-        port,
-        tls,
+        account,
         folder,
-        username,
-        auth,
         include_bcc,
         max_connections,
         attempts,
         retry_base,
-        ca_pem,
+    })
+}
+
+/// A relay's `bounces` table, validated: the mailbox its bounce and
+/// complaint reports come back to.
+fn bounces(
+    raw: &RawBounces,
+    smtp: &SmtpSettings,
+    at_of: &dyn Fn(&str) -> At,
+    out: &mut Map<String, Json>,
+) -> Result<crate::bounces::BounceSettings, ConfigError> {
+    let mut shown = Map::new();
+    let at = |k: &str| at_of(&format!("bounces.{k}"));
+    let account = imap_account(&raw.imap(), smtp, &at, &mut shown)?;
+    let folder = match raw.folder.as_deref().map(str::trim) {
+        None => "INBOX".to_owned(),
+        Some("") => return Err(at("folder").err("must not be empty")),
+        Some(f) => f.to_owned(),
+    };
+    leaf(&mut shown, "folder", json!(folder), &at("folder"));
+    let every = raw.every.map_or(Duration::from_secs(60), |d| d.0);
+    if every < Duration::from_millis(100) {
+        return Err(at("every").err("must be at least 100ms"));
+    }
+    leaf(&mut shown, "every", secs(every), &at("every"));
+    out.insert("bounces".into(), Json::Object(shown));
+    Ok(crate::bounces::BounceSettings {
+        account,
+        folder,
+        every,
     })
 }
 

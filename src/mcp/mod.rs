@@ -367,6 +367,12 @@ pub async fn run(
     );
     let metrics_bind = config.daemon.metrics.bind;
     let server = MailmuxServer::new(queue, config, sources).await;
+    // Read while the daemon serves; they stop when this is dropped.
+    let _reports = crate::bounces::start(
+        server.queue().clone(),
+        &server.state.suppressions,
+        &server.config().bounce_readers,
+    );
     on_hangup(server.clone());
     let audit = server.audit().clone();
     crate::audit::spawn_sync(audit.clone());

@@ -180,6 +180,7 @@ pub fn config(relays: Vec<RelaySettings>) -> Config {
         },
         safety: Default::default(),
         sent_copies: Vec::new(),
+        bounce_readers: Vec::new(),
         relay_senders: Vec::new(),
         default_relay: false,
         sources: vec!["test".into()],

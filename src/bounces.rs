@@ -1,0 +1,702 @@
+//! Bounce and complaint reports that come back by mail, for relays with
+//! `[relays.bounces]`: a relay that took a message may still fail to
+//! deliver it, and then mails a delivery status notification (RFC 3464) to
+//! the envelope sender; a mailbox provider's feedback loop mails a
+//! complaint (ARF, RFC 5965) when a recipient marks a message as spam.
+//! Both land in the sending account's mailbox, which this module reads over
+//! IMAP every `every`, and the recipients they name go on the suppression
+//! list: `bounced` for a recipient whose address does not exist (an
+//! enhanced status of 5.1.1, 5.1.2 or 5.1.10, as for a refusal in the SMTP
+//! session), `complained` for an `abuse` complaint.
+//!
+//! A report counts only for a message this daemon's store holds and a
+//! recipient that message was sent to: anyone can mail the account a
+//! forged report, and this keeps one from listing an address the daemon
+//! never mailed. A complaint that names no recipient (feedback loops often
+//! redact it) counts for a message with one recipient only.
+//!
+//! The mailbox is only read (`EXAMINE`, `BODY.PEEK`): no flag changes, and
+//! nothing is moved or deleted, so it may be the account's own inbox. How
+//! far it was read (its UIDVALIDITY and the last UID) is kept in the store,
+//! so that a restart reads only what is new and an address an operator took
+//! off the list is not put back by a report read before.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use mail_parser::{MessageParser, MimeHeaders, PartType};
+use mailmux_actors::queue::{Queue, Suppression, now_millis};
+use tokio_util::sync::CancellationToken;
+
+use crate::imap::{ImapAccount, ImapSession};
+use crate::suppress::{Suppressions, clipped, key};
+
+/// A relay's validated `[relays.bounces]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BounceSettings {
+    pub account: ImapAccount,
+    /// The folder read. Default: `INBOX`.
+    pub folder: String,
+    /// How often it is read. Default: 1m.
+    pub every: Duration,
+}
+
+/// One IMAP command (or the connection and login) may take this long.
+const IMAP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Messages whose headers are fetched in one command.
+const CHUNK: usize = 100;
+/// The most messages one read looks at; the rest wait for the next.
+const PER_READ: usize = 1_000;
+/// The bytes of a report read: its human part, its status part and the
+/// returned message's headers come first; a returned message's body, which
+/// may be large, is not needed.
+const REPORT_BYTES: usize = 256 * 1024;
+
+/// What one report says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// The Message-ID of the message it is about (without `<>`).
+    pub message_id: Option<String>,
+    /// `bounced` or `complained`.
+    pub reason: &'static str,
+    /// The recipients it lists, each with what the report says of it.
+    pub recipients: Vec<(String, String)>,
+    /// A complaint that names no recipient: it is about the message's only
+    /// one.
+    pub sole: bool,
+}
+
+/// Reads a report: a `multipart/report` whose `report-type` is
+/// `delivery-status` (the failed recipients with a status of 5.1.1, 5.1.2
+/// or 5.1.10) or `feedback-report` (an `abuse` complaint). `None` for any
+/// other message, and for a report that lists nobody.
+pub fn parse(bytes: &[u8]) -> Option<Report> {
+    let message = MessageParser::default().parse(bytes)?;
+    let ct = message.content_type()?;
+    if !ct.ctype().eq_ignore_ascii_case("multipart")
+        || !ct
+            .subtype()
+            .is_some_and(|s| s.eq_ignore_ascii_case("report"))
+    {
+        return None;
+    }
+    let report_type = ct.attribute("report-type")?.to_ascii_lowercase();
+    let mut fields = None;
+    let mut original = None;
+    for part in &message.parts {
+        let Some(pct) = part.content_type() else {
+            continue;
+        };
+        let kind = format!(
+            "{}/{}",
+            pct.ctype().to_ascii_lowercase(),
+            pct.subtype().unwrap_or("").to_ascii_lowercase()
+        );
+        match kind.as_str() {
+            "message/delivery-status"
+            | "message/global-delivery-status"
+            | "message/feedback-report" => {
+                fields = Some(String::from_utf8_lossy(part.contents()).into_owned());
+            }
+            "message/rfc822" | "message/global" => {
+                if let PartType::Message(m) = &part.body {
+                    original = Some((
+                        m.message_id().map(str::to_owned),
+                        addresses(m.to()).into_iter().collect::<Vec<_>>(),
+                    ));
+                }
+            }
+            "text/rfc822-headers" | "message/global-headers" => {
+                if let Some(h) = MessageParser::default().parse_headers(part.contents()) {
+                    original = Some((h.message_id().map(str::to_owned), addresses(h.to())));
+                }
+            }
+            _ => {}
+        }
+    }
+    let groups = field_groups(&fields?);
+    let message_id = original.as_ref().and_then(|(id, _)| id.clone());
+    match report_type.as_str() {
+        "delivery-status" => {
+            let recipients: Vec<(String, String)> = groups
+                .iter()
+                .skip(1)
+                .filter_map(|g| {
+                    let action = field(g, "action")?;
+                    let status = field(g, "status")?;
+                    let status = status.split_whitespace().next()?;
+                    if !action.eq_ignore_ascii_case("failed")
+                        || !matches!(status, "5.1.1" | "5.1.2" | "5.1.10")
+                    {
+                        return None;
+                    }
+                    // The address as it was sent (ORCPT), else where the
+                    // mail ended.
+                    let address = field(g, "original-recipient")
+                        .and_then(typed_address)
+                        .or_else(|| field(g, "final-recipient").and_then(typed_address))?;
+                    let detail = field(g, "diagnostic-code")
+                        .map(|d| {
+                            d.split_once(';')
+                                .map_or(d, |(_, text)| text)
+                                .trim()
+                                .to_owned()
+                        })
+                        .unwrap_or_else(|| format!("status {status}"));
+                    Some((address, detail))
+                })
+                .collect();
+            (!recipients.is_empty()).then_some(Report {
+                message_id,
+                reason: "bounced",
+                recipients,
+                sole: false,
+            })
+        }
+        "feedback-report" => {
+            let g = groups.first()?;
+            let kind = field(g, "feedback-type")?;
+            if !kind.eq_ignore_ascii_case("abuse") {
+                return None;
+            }
+            let detail = format!("complaint ({kind})");
+            let recipients: Vec<(String, String)> = g
+                .iter()
+                .filter(|(name, _)| name == "original-rcpt-to")
+                .filter_map(|(_, v)| plain_address(v))
+                .map(|a| (a, detail.clone()))
+                .collect();
+            let sole = recipients.is_empty();
+            Some(Report {
+                message_id,
+                reason: "complained",
+                recipients,
+                sole,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The addresses of an address header.
+fn addresses(a: Option<&mail_parser::Address<'_>>) -> Vec<String> {
+    a.map(|a| {
+        a.iter()
+            .filter_map(|x| x.address().map(str::to_owned))
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// The groups of `Name: value` fields of a status or feedback part, split
+/// at blank lines, names in lower case, folded lines joined.
+fn field_groups(text: &str) -> Vec<Vec<(String, String)>> {
+    let mut groups = Vec::new();
+    let mut group: Vec<(String, String)> = Vec::new();
+    for line in text.lines() {
+        if line.trim().is_empty() {
+            if !group.is_empty() {
+                groups.push(std::mem::take(&mut group));
+            }
+        } else if line.starts_with([' ', '\t']) {
+            if let Some((_, v)) = group.last_mut() {
+                v.push(' ');
+                v.push_str(line.trim());
+            }
+        } else if let Some((name, value)) = line.split_once(':') {
+            group.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
+        }
+    }
+    if !group.is_empty() {
+        groups.push(group);
+    }
+    groups
+}
+
+fn field<'a>(group: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    group
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The address of a typed field (`rfc822; bob@example.org`, or `utf-8;`).
+fn typed_address(value: &str) -> Option<String> {
+    let (kind, address) = value.split_once(';')?;
+    let kind = kind.trim();
+    if !kind.eq_ignore_ascii_case("rfc822") && !kind.eq_ignore_ascii_case("utf-8") {
+        return None;
+    }
+    plain_address(address)
+}
+
+fn plain_address(value: &str) -> Option<String> {
+    let a = value.trim().trim_start_matches('<').trim_end_matches('>');
+    (a.contains('@') && !a.chars().any(char::is_whitespace)).then(|| a.to_owned())
+}
+
+/// The entries a report adds, checked against the message it is about:
+/// only that message's recipients.
+fn entries(report: &Report, message_id: &str, to: &[String]) -> Vec<Suppression> {
+    let recipients: Vec<String> = to.iter().filter_map(|r| key(r)).collect();
+    let at = now_millis();
+    let entry = |address: String, detail: &str| Suppression {
+        address,
+        reason: report.reason.to_owned(),
+        detail: Some(clipped(detail.to_owned())),
+        message_id: Some(message_id.to_owned()),
+        at,
+    };
+    if report.sole {
+        return match recipients.as_slice() {
+            [only] => vec![entry(only.clone(), "complaint (abuse)")],
+            _ => Vec::new(),
+        };
+    }
+    report
+        .recipients
+        .iter()
+        .filter_map(|(address, detail)| {
+            let k = key(address)?;
+            recipients.contains(&k).then(|| entry(k, detail))
+        })
+        .collect()
+}
+
+/// The readers of every relay with `[relays.bounces]`; they stop when this
+/// is dropped.
+#[derive(Debug)]
+pub struct BounceReaders {
+    stop: CancellationToken,
+}
+
+impl Drop for BounceReaders {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Starts one reader per relay in `readers` (relay name → settings).
+pub fn start(
+    queue: Queue,
+    list: &Arc<Suppressions>,
+    readers: &[(String, BounceSettings)],
+) -> BounceReaders {
+    let stop = CancellationToken::new();
+    for (relay, settings) in readers {
+        let reader = Reader {
+            relay: relay.clone(),
+            cursor: format!(
+                "{relay}\u{1f}{}@{}\u{1f}{}",
+                settings.account.username, settings.account.host, settings.folder
+            ),
+            settings: settings.clone(),
+            queue: queue.clone(),
+            list: Arc::downgrade(list),
+        };
+        tokio::spawn(reader.run(stop.clone()));
+    }
+    BounceReaders { stop }
+}
+
+struct Reader {
+    relay: String,
+    /// The mailbox's name in the store's cursors.
+    cursor: String,
+    settings: BounceSettings,
+    queue: Queue,
+    list: Weak<Suppressions>,
+}
+
+/// What one read found.
+#[derive(Debug, Default)]
+struct Read {
+    /// Messages looked at.
+    seen: usize,
+    /// Reports among them.
+    reports: usize,
+    /// Addresses added to the list.
+    listed: usize,
+}
+
+impl Reader {
+    async fn run(self, stop: CancellationToken) {
+        let mut session: Option<ImapSession> = None;
+        let mut failing: Option<String> = None;
+        loop {
+            let read = tokio::select! {
+                () = stop.cancelled() => break,
+                read = self.read(&mut session) => read,
+            };
+            match read {
+                Ok(r) => {
+                    if failing.take().is_some() {
+                        tracing::info!(relay = %self.relay, "the bounce mailbox is read again");
+                    }
+                    if r.reports > 0 {
+                        tracing::info!(relay = %self.relay, messages = r.seen, reports = r.reports, listed = r.listed, "bounce and complaint reports read");
+                    }
+                }
+                Err(e) => {
+                    session = None;
+                    // Logged once per outage, not at every read.
+                    if failing.as_deref() != Some(e.as_str()) {
+                        tracing::warn!(relay = %self.relay, error = %e, "cannot read the bounce mailbox; trying again");
+                    }
+                    failing = Some(e);
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(self.settings.every) => {}
+            }
+        }
+        if let Some(mut s) = session {
+            let _ = tokio::time::timeout(Duration::from_secs(1), s.logout()).await;
+        }
+    }
+
+    /// Reads what arrived since the last read, lists the recipients its
+    /// reports name, and moves the cursor past it.
+    async fn read(&self, session: &mut Option<ImapSession>) -> Result<Read, String> {
+        let timed =
+            |what: &'static str| move |_| format!("{what}: no answer within {IMAP_TIMEOUT:?}");
+        if session.is_none() {
+            let s = tokio::time::timeout(
+                IMAP_TIMEOUT,
+                crate::imap::login(&self.settings.account, false),
+            )
+            .await
+            .map_err(timed("login"))??;
+            *session = Some(s);
+        }
+        let Some(s) = session.as_mut() else {
+            return Ok(Read::default());
+        };
+        let folder = self.settings.folder.as_str();
+        let mailbox = tokio::time::timeout(IMAP_TIMEOUT, s.examine(folder))
+            .await
+            .map_err(timed("EXAMINE"))?
+            .map_err(|e| format!("EXAMINE {folder:?}: {e}"))?;
+        let validity = mailbox.uid_validity.unwrap_or(0);
+        let cursor = self
+            .queue
+            .report_cursor(&self.cursor)
+            .await
+            .map_err(|e| format!("the store: {e}"))?;
+        let after = match cursor {
+            Some((v, uid)) if v == validity => uid,
+            _ => 0,
+        };
+        if mailbox.uid_next.is_some_and(|next| next <= after + 1) {
+            return Ok(Read::default());
+        }
+        let found =
+            tokio::time::timeout(IMAP_TIMEOUT, s.uid_search(format!("UID {}:*", after + 1)))
+                .await
+                .map_err(timed("SEARCH"))?
+                .map_err(|e| format!("SEARCH: {e}"))?;
+        let mut uids: Vec<u32> = found.into_iter().filter(|u| *u > after).collect();
+        uids.sort_unstable();
+        uids.truncate(PER_READ);
+        let mut read = Read::default();
+        for chunk in uids.chunks(CHUNK) {
+            let set = uid_set(chunk);
+            let heads: Vec<async_imap::types::Fetch> = tokio::time::timeout(IMAP_TIMEOUT, async {
+                s.uid_fetch(&set, "(UID BODY.PEEK[HEADER.FIELDS (CONTENT-TYPE)])")
+                    .await?
+                    .try_collect()
+                    .await
+            })
+            .await
+            .map_err(timed("FETCH"))?
+            .map_err(|e| format!("FETCH: {e}"))?;
+            let reports: Vec<u32> = heads
+                .iter()
+                .filter(|f| f.header().is_some_and(is_report))
+                .filter_map(|f| f.uid)
+                .collect();
+            for uid in reports {
+                let fetched: Vec<async_imap::types::Fetch> =
+                    tokio::time::timeout(IMAP_TIMEOUT, async {
+                        s.uid_fetch(
+                            uid.to_string(),
+                            format!("(UID BODY.PEEK[]<0.{REPORT_BYTES}>)"),
+                        )
+                        .await?
+                        .try_collect()
+                        .await
+                    })
+                    .await
+                    .map_err(timed("FETCH"))?
+                    .map_err(|e| format!("FETCH: {e}"))?;
+                let Some(report) = fetched.iter().find_map(|f| f.body()).and_then(parse) else {
+                    continue;
+                };
+                read.reports += 1;
+                read.listed += self.list(&report).await?;
+            }
+            read.seen += chunk.len();
+            if let Some(last) = chunk.last() {
+                self.queue
+                    .advance_report_cursor(&self.cursor, validity, *last)
+                    .await
+                    .map_err(|e| format!("the store: {e}"))?;
+            }
+        }
+        Ok(read)
+    }
+
+    /// Lists what `report` names, if it is about a message of this store;
+    /// how many addresses it added.
+    async fn list(&self, report: &Report) -> Result<usize, String> {
+        let Some(id) = report.message_id.as_deref() else {
+            return Ok(0);
+        };
+        let Some(record) = self
+            .queue
+            .status(id)
+            .await
+            .map_err(|e| format!("the store: {e}"))?
+        else {
+            return Ok(0);
+        };
+        let new = entries(report, &record.message_id, &record.to);
+        if new.is_empty() {
+            return Ok(0);
+        }
+        let Some(list) = self.list.upgrade() else {
+            return Ok(0);
+        };
+        let added = list
+            .add_all(new, "report")
+            .await
+            .map_err(|e| format!("the store: {e}"))?;
+        metrics::counter!(crate::telemetry::REPORTED, "reason" => report.reason)
+            .increment(added.len() as u64);
+        Ok(added.len())
+    }
+}
+
+/// Whether a message's header says it is a `multipart/report`.
+fn is_report(header: &[u8]) -> bool {
+    MessageParser::default()
+        .parse_headers(header)
+        .and_then(|m| {
+            m.content_type().map(|ct| {
+                ct.ctype().eq_ignore_ascii_case("multipart")
+                    && ct
+                        .subtype()
+                        .is_some_and(|s| s.eq_ignore_ascii_case("report"))
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// UIDs in IMAP's set syntax, runs joined (`3:7,9`).
+fn uid_set(uids: &[u32]) -> String {
+    let mut out = String::new();
+    let mut i = 0;
+    while i < uids.len() {
+        let start = uids[i];
+        let mut end = start;
+        while i + 1 < uids.len() && uids[i + 1] == end + 1 {
+            i += 1;
+            end = uids[i];
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        if start == end {
+            out.push_str(&start.to_string());
+        } else {
+            out.push_str(&format!("{start}:{end}"));
+        }
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bounce as Postfix writes it, with the returned message's headers.
+    const POSTFIX: &str = "From: MAILER-DAEMON@mx.example.net (Mail Delivery System)\r\n\
+Subject: Undelivered Mail Returned to Sender\r\n\
+To: agent@example.org\r\n\
+MIME-Version: 1.0\r\n\
+Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"B1\"\r\n\
+\r\n\
+--B1\r\n\
+Content-Type: text/plain\r\n\
+\r\n\
+I'm sorry to have to inform you that your message could not be delivered.\r\n\
+--B1\r\n\
+Content-Type: message/delivery-status\r\n\
+\r\n\
+Reporting-MTA: dns; mx.example.net\r\n\
+Arrival-Date: Sun,  6 Dec 2026 07:00:00 +0000 (UTC)\r\n\
+\r\n\
+Final-Recipient: rfc822; gone@example.net\r\n\
+Original-Recipient: rfc822;Gone@Example.net\r\n\
+Action: failed\r\n\
+Status: 5.1.1\r\n\
+Diagnostic-Code: smtp; 550 5.1.1 <gone@example.net>: Recipient address\r\n\trejected: User unknown\r\n\
+\r\n\
+Final-Recipient: rfc822; full@example.net\r\n\
+Action: failed\r\n\
+Status: 5.2.2\r\n\
+Diagnostic-Code: smtp; 552 5.2.2 mailbox full\r\n\
+\r\n\
+Final-Recipient: rfc822; slow@example.net\r\n\
+Action: delayed\r\n\
+Status: 4.4.1\r\n\
+\r\n\
+Final-Recipient: rfc822; nodomain@nowhere.example\r\n\
+Action: failed\r\n\
+Status: 5.1.2\r\n\
+\r\n\
+--B1\r\n\
+Content-Type: text/rfc822-headers\r\n\
+\r\n\
+From: agent@example.org\r\n\
+To: gone@example.net, full@example.net\r\n\
+Message-ID: <0193abc@mailmux.example.org>\r\n\
+Subject: hello\r\n\
+\r\n\
+--B1--\r\n";
+
+    #[test]
+    fn a_delivery_status_lists_the_unknown_addresses_only() {
+        let r = parse(POSTFIX.as_bytes()).unwrap();
+        assert_eq!(r.message_id.as_deref(), Some("0193abc@mailmux.example.org"));
+        assert_eq!(r.reason, "bounced");
+        assert!(!r.sole);
+        assert_eq!(
+            r.recipients,
+            [
+                (
+                    "Gone@Example.net".to_owned(),
+                    "550 5.1.1 <gone@example.net>: Recipient address rejected: User unknown"
+                        .to_owned()
+                ),
+                (
+                    "nodomain@nowhere.example".to_owned(),
+                    "status 5.1.2".to_owned()
+                ),
+            ]
+        );
+        // Against the message: only its recipients count, in the list's form.
+        let e = entries(
+            &r,
+            "0193abc@mailmux.example.org",
+            &["gone@example.net".into(), "full@example.net".into()],
+        );
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].address, "gone@example.net");
+        assert_eq!(e[0].reason, "bounced");
+        assert_eq!(
+            e[0].message_id.as_deref(),
+            Some("0193abc@mailmux.example.org")
+        );
+    }
+
+    #[test]
+    fn a_returned_message_in_full_gives_its_id() {
+        let full = POSTFIX.replace(
+            "Content-Type: text/rfc822-headers\r\n\r\n",
+            "Content-Type: message/rfc822\r\n\r\n",
+        );
+        let full = full.replace(
+            "Subject: hello\r\n\r\n--B1--",
+            "Subject: hello\r\n\r\nbody\r\n--B1--",
+        );
+        let r = parse(full.as_bytes()).unwrap();
+        assert_eq!(r.message_id.as_deref(), Some("0193abc@mailmux.example.org"));
+    }
+
+    const ARF: &str = "From: fbl@isp.example\r\n\
+To: abuse@example.org\r\n\
+Subject: complaint\r\n\
+MIME-Version: 1.0\r\n\
+Content-Type: multipart/report; report-type=feedback-report; boundary=\"F\"\r\n\
+\r\n\
+--F\r\n\
+Content-Type: text/plain\r\n\
+\r\n\
+This is an email abuse report.\r\n\
+--F\r\n\
+Content-Type: message/feedback-report\r\n\
+\r\n\
+Feedback-Type: abuse\r\n\
+User-Agent: SomeFBL/1.0\r\n\
+Version: 1\r\n\
+RCPT-LINE\
+\r\n\
+--F\r\n\
+Content-Type: message/rfc822\r\n\
+\r\n\
+From: agent@example.org\r\n\
+To: reader@example.net\r\n\
+Message-ID: <0193def@mailmux.example.org>\r\n\
+\r\n\
+hi\r\n\
+--F--\r\n";
+
+    #[test]
+    fn a_complaint_names_its_recipient_or_the_messages_only_one() {
+        let named = ARF.replace("RCPT-LINE", "Original-Rcpt-To: <Reader@example.net>\r\n");
+        let r = parse(named.as_bytes()).unwrap();
+        assert_eq!(r.reason, "complained");
+        assert_eq!(r.message_id.as_deref(), Some("0193def@mailmux.example.org"));
+        assert_eq!(r.recipients.len(), 1);
+        assert!(!r.sole);
+        let e = entries(
+            &r,
+            "m",
+            &["reader@example.net".into(), "x@example.net".into()],
+        );
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].address, "reader@example.net");
+
+        let redacted = ARF.replace("RCPT-LINE", "");
+        let r = parse(redacted.as_bytes()).unwrap();
+        assert!(r.sole);
+        assert_eq!(entries(&r, "m", &["reader@example.net".into()]).len(), 1);
+        // Of two recipients, which one complained is unknown: nobody.
+        assert!(entries(&r, "m", &["a@example.net".into(), "b@example.net".into()]).is_empty());
+
+        let not_spam = ARF
+            .replace("Feedback-Type: abuse", "Feedback-Type: not-spam")
+            .replace("RCPT-LINE", "");
+        assert_eq!(parse(not_spam.as_bytes()), None);
+    }
+
+    #[test]
+    fn other_mail_is_no_report() {
+        assert_eq!(
+            parse(b"From: a@example.org\r\nSubject: hi\r\n\r\nhello\r\n"),
+            None
+        );
+        let other = POSTFIX.replace(
+            "report-type=delivery-status",
+            "report-type=disposition-notification",
+        );
+        assert_eq!(parse(other.as_bytes()), None);
+        assert!(is_report(
+            b"Content-Type: multipart/report; report-type=delivery-status; boundary=x\r\n\r\n"
+        ));
+        assert!(!is_report(
+            b"Content-Type: multipart/mixed; boundary=x\r\n\r\n"
+        ));
+    }
+
+    #[test]
+    fn uid_sets_join_runs() {
+        assert_eq!(uid_set(&[1, 2, 3, 5, 7, 8]), "1:3,5,7:8");
+        assert_eq!(uid_set(&[4]), "4");
+        assert_eq!(uid_set(&[]), "");
+    }
+}

@@ -1,0 +1,314 @@
+//! Bounce and complaint reports that come back by mail (`[relays.bounces]`):
+//! the real binary over stdio, a fault-injecting SMTP server that takes
+//! every message, and a throwaway Dovecot whose inbox gets the reports, as
+//! a relay's account would. A delivery status notification for an unknown
+//! recipient lists it (`bounced`), an `abuse` complaint lists the message's
+//! only recipient (`complained`); a report about another failure, a delay,
+//! a recipient the message did not have, a message the store does not
+//! hold, or a complaint about a message of two recipients lists nobody.
+//! The mailbox is only read, and a report read before a restart is not
+//! read again: an address an operator took off the list stays off.
+
+mod common;
+#[path = "common/dovecot.rs"]
+mod dovecot;
+#[path = "../actors/tests/support/mod.rs"]
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::StdioDaemon;
+use dovecot::{Dovecot, PASS, USER};
+use serde_json::{Value, json};
+use support::fault_smtp::{FaultSmtp, Script};
+
+fn config(dir: &Path, smtp: u16, imap: u16) -> String {
+    format!(
+        r#"
+shutdown_grace = "1s"
+from_email = "{USER}"
+
+[queue]
+path = "{db}"
+
+[audit]
+path = "{audit}"
+
+[[relays]]
+name = "account"
+host = "127.0.0.1"
+port = {smtp}
+tls = "none"
+timeout = "3s"
+
+[relays.bounces]
+imap_host = "127.0.0.1"
+port = {imap}
+tls = "none"
+username = "{USER}"
+password = "{PASS}"
+every = "200ms"
+"#,
+        db = dir.join("queue.db").display(),
+        audit = dir.join("audit.jsonl").display(),
+    )
+}
+
+/// A message sent and delivered; its id.
+async fn sent(d: &StdioDaemon, to: &[&str]) -> String {
+    let r = d
+        .call(
+            "send_email",
+            json!({ "to": to, "subject": "news", "body": "hello" }),
+        )
+        .await;
+    assert_eq!(r["status"], "sent", "{r}");
+    r["message_id"].as_str().unwrap().to_owned()
+}
+
+/// A delivery status notification about `message_id`, one group a
+/// recipient: (address, action, status).
+fn dsn(message_id: &str, recipients: &[(&str, &str, &str)]) -> Vec<u8> {
+    let mut groups = String::new();
+    for (address, action, status) in recipients {
+        groups.push_str(&format!(
+            "Final-Recipient: rfc822; {address}\r\nAction: {action}\r\nStatus: {status}\r\n\
+             Diagnostic-Code: smtp; 550 {status} <{address}>: Recipient address rejected\r\n\r\n"
+        ));
+    }
+    format!(
+        "From: MAILER-DAEMON@mx.dest.example\r\nTo: {USER}\r\nSubject: Undelivered Mail Returned to Sender\r\n\
+         MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\r\n\
+         --B\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n\
+         --B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.dest.example\r\n\r\n{groups}\
+         --B\r\nContent-Type: message/rfc822\r\n\r\nFrom: {USER}\r\nMessage-ID: <{message_id}>\r\nSubject: news\r\n\r\nhello\r\n\
+         --B--\r\n"
+    )
+    .into_bytes()
+}
+
+/// An `abuse` complaint (ARF) about `message_id` that names no recipient,
+/// as feedback loops that redact it send.
+fn complaint(message_id: &str) -> Vec<u8> {
+    format!(
+        "From: fbl@isp.example\r\nTo: {USER}\r\nSubject: FW: news\r\nMIME-Version: 1.0\r\n\
+         Content-Type: multipart/report; report-type=feedback-report; boundary=\"F\"\r\n\r\n\
+         --F\r\nContent-Type: text/plain\r\n\r\nThis is an abuse report.\r\n\
+         --F\r\nContent-Type: message/feedback-report\r\n\r\nFeedback-Type: abuse\r\nUser-Agent: fbl/1\r\nVersion: 1\r\n\r\n\
+         --F\r\nContent-Type: text/rfc822-headers\r\n\r\nFrom: {USER}\r\nTo: redacted@isp.example\r\nMessage-ID: <{message_id}>\r\n\r\n\
+         --F--\r\n"
+    )
+    .into_bytes()
+}
+
+/// `queue suppress list --json`, by address.
+fn listed(dir: &Path) -> Vec<Value> {
+    let (code, out, err) = common::queue_cmd(dir, &["suppress", "list", "--json"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The list once it holds `n` entries, within 15 s.
+async fn until_listed(dir: &Path, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let list = listed(dir);
+        if list.len() >= n {
+            return list;
+        }
+        assert!(Instant::now() < deadline, "still {list:?} after 15 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn entry<'a>(list: &'a [Value], address: &str) -> &'a Value {
+    list.iter()
+        .find(|e| e["address"] == address)
+        .unwrap_or_else(|| panic!("{address} not in {list:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_list_unknown_and_complaining_recipients_of_the_daemons_own_messages() {
+    let imap = Dovecot::start();
+    let smtp = FaultSmtp::start(Script::ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = StdioDaemon::start(dir.path(), &config(dir.path(), smtp.port(), imap.port)).await;
+
+    let two = sent(&d, &["gone@dest.example", "stays@dest.example"]).await;
+    let full = sent(&d, &["full@dest.example"]).await;
+    let one = sent(&d, &["reader@dest.example"]).await;
+    let pair = sent(&d, &["x@dest.example", "y@dest.example"]).await;
+
+    let reports: Vec<Vec<u8>> = vec![
+        // The unknown recipient is listed; a delay, and a recipient the
+        // message never had, are not.
+        dsn(
+            &two,
+            &[
+                ("gone@dest.example", "failed", "5.1.1"),
+                ("stays@dest.example", "delayed", "4.4.1"),
+                ("outsider@dest.example", "failed", "5.1.1"),
+            ],
+        ),
+        // A full mailbox is no reason to stop mailing it.
+        dsn(&full, &[("full@dest.example", "failed", "5.2.2")]),
+        // A forged report about a message this daemon never sent.
+        dsn(
+            "0000@forged.example",
+            &[("victim@dest.example", "failed", "5.1.1")],
+        ),
+        complaint(&one),
+        // Which of two recipients complained is unknown: neither is listed.
+        complaint(&pair),
+        format!("From: friend@dest.example\r\nTo: {USER}\r\nSubject: hi\r\n\r\nlunch?\r\n")
+            .into_bytes(),
+    ];
+    for r in &reports {
+        imap.append("INBOX", r).await;
+    }
+
+    let list = until_listed(dir.path(), 2).await;
+    // Several more reads: nothing else is listed.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let list2 = listed(dir.path());
+    assert_eq!(list2, list);
+    assert_eq!(list.len(), 2, "{list:?}");
+    let gone = entry(&list, "gone@dest.example");
+    assert_eq!(gone["reason"], "bounced");
+    assert_eq!(gone["message_id"], two.as_str());
+    assert!(gone["detail"].as_str().unwrap().contains("5.1.1"), "{gone}");
+    let reader = entry(&list, "reader@dest.example");
+    assert_eq!(reader["reason"], "complained");
+    assert_eq!(reader["message_id"], one.as_str());
+
+    // In force: the next message to it is refused, nothing sent.
+    let before = smtp.delivered().len();
+    let r = d
+        .call(
+            "send_email",
+            json!({ "to": ["Gone@dest.example"], "subject": "again", "body": "b" }),
+        )
+        .await;
+    assert_eq!(r["error"]["code"], "recipient_suppressed", "{r}");
+    assert_eq!(r["error"]["rule"], "bounced", "{r}");
+    assert_eq!(smtp.delivered().len(), before);
+
+    // The mailbox was only read: every message is there, none marked seen.
+    let inbox = imap.messages("INBOX").await;
+    assert_eq!(inbox.len(), reports.len());
+    for (flags, _) in &inbox {
+        assert!(!flags.iter().any(|f| f.contains("Seen")), "{flags:?}");
+    }
+
+    // Each listing is audited, by the report.
+    d.stop().await;
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    let lines: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["event"]["action"] == "suppressed")
+        .collect();
+    assert_eq!(lines.len(), 2, "{audit}");
+    for l in &lines {
+        assert_eq!(l["user"]["name"], "report", "{l}");
+    }
+    assert!(!audit.contains("hello"), "a body in the audit log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_read_before_a_restart_is_not_read_again() {
+    let imap = Dovecot::start();
+    let smtp = FaultSmtp::start(Script::ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), smtp.port(), imap.port);
+    let d = StdioDaemon::start(dir.path(), &cfg).await;
+    let first = sent(&d, &["gone@dest.example"]).await;
+    imap.append(
+        "INBOX",
+        &dsn(&first, &[("gone@dest.example", "failed", "5.1.1")]),
+    )
+    .await;
+    until_listed(dir.path(), 1).await;
+    d.stop().await;
+
+    // The operator knows better: the address works again.
+    let (code, out, err) =
+        common::queue_cmd(dir.path(), &["suppress", "remove", "gone@dest.example"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(listed(dir.path()).is_empty());
+
+    // After a restart only the new report is read.
+    let d = StdioDaemon::start(dir.path(), &cfg).await;
+    let second = sent(&d, &["late@dest.example"]).await;
+    imap.append(
+        "INBOX",
+        &dsn(&second, &[("late@dest.example", "failed", "5.1.2")]),
+    )
+    .await;
+    let list = until_listed(dir.path(), 1).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let list2 = listed(dir.path());
+    assert_eq!(list2, list);
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["address"], "late@dest.example");
+    d.stop().await;
+}
+
+/// A loopback proxy on `port` to `to`, from now on.
+async fn proxy(port: u16, to: u16) {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_mailbox_down_mail_goes_out_and_the_reader_comes_back_by_itself() {
+    let imap = Dovecot::start();
+    let smtp = FaultSmtp::start(Script::ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on the mailbox's port yet.
+    let port = common::free_port();
+    let d = StdioDaemon::start(dir.path(), &config(dir.path(), smtp.port(), port)).await;
+    let id = sent(&d, &["gone@dest.example"]).await;
+    imap.append(
+        "INBOX",
+        &dsn(&id, &[("gone@dest.example", "failed", "5.1.1")]),
+    )
+    .await;
+    // Many reads fail meanwhile; the log says so once, without the password.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(listed(dir.path()).is_empty());
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    let warned = log
+        .lines()
+        .filter(|l| l.contains("cannot read the bounce mailbox"))
+        .count();
+    assert_eq!(warned, 1, "{log}");
+    assert!(!log.contains(PASS), "the IMAP password in the log");
+
+    proxy(port, imap.port).await;
+    let list = until_listed(dir.path(), 1).await;
+    assert_eq!(list[0]["address"], "gone@dest.example");
+    d.stop().await;
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("the bounce mailbox is read again"))
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains(PASS), "the IMAP password in the log");
+}
