@@ -7,7 +7,9 @@
 //! a recipient the message did not have, a message the store does not
 //! hold, or a complaint about a message of two recipients lists nobody.
 //! The mailbox is only read, and a report read before a restart is not
-//! read again: an address an operator took off the list stays off.
+//! read again: an address an operator took off the list stays off. With
+//! the mailbox down, mail goes out and the reader comes back by itself;
+//! two daemons on PostgreSQL list a reported recipient once.
 
 mod common;
 #[path = "common/dovecot.rs"]
@@ -311,4 +313,47 @@ async fn with_the_mailbox_down_mail_goes_out_and_the_reader_comes_back_by_itself
         "{log}"
     );
     assert!(!log.contains(PASS), "the IMAP password in the log");
+}
+
+/// Two daemons on one PostgreSQL database read the same mailbox, through
+/// one cursor in the database: the report lists its recipient once, in one
+/// audit line, whichever daemon sent the message and whichever read it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_on_postgres_list_a_reported_recipient_once() {
+    let imap = Dovecot::start();
+    let pg = support::postgres::Postgres::start();
+    let url = pg.database();
+    let smtp = FaultSmtp::start(Script::ok()).await;
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let on_pg = |dir: &Path, node: &str| {
+        config(dir, smtp.port(), imap.port).replacen(
+            &format!("path = \"{}\"", dir.join("queue.db").display()),
+            &format!("store = \"postgres\"\nurl = \"{url}\"\nnode_id = \"{node}\""),
+            1,
+        )
+    };
+    let da = StdioDaemon::start(a.path(), &on_pg(a.path(), "a")).await;
+    let db = StdioDaemon::start(b.path(), &on_pg(b.path(), "b")).await;
+    let id = sent(&db, &["gone@dest.example"]).await;
+    imap.append(
+        "INBOX",
+        &dsn(&id, &[("gone@dest.example", "failed", "5.1.1")]),
+    )
+    .await;
+    let list = until_listed(a.path(), 1).await;
+    assert_eq!(list[0]["address"], "gone@dest.example");
+    // Both daemons read the mailbox several times by now (every 200 ms).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(listed(b.path()).len(), 1);
+    da.stop().await;
+    db.stop().await;
+    let mut lines = 0;
+    for dir in [a.path(), b.path()] {
+        let audit = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap_or_default();
+        lines += audit
+            .lines()
+            .filter(|l| l.contains("\"suppressed\"") && l.contains("gone@dest.example"))
+            .count();
+    }
+    assert_eq!(lines, 1, "one audit line for one listing");
 }
