@@ -7,7 +7,9 @@
 //! IMAP every `every`, and the recipients they name go on the suppression
 //! list: `bounced` for a recipient whose address does not exist (an
 //! enhanced status of 5.1.1, 5.1.2 or 5.1.10, as for a refusal in the SMTP
-//! session), `complained` for an `abuse` complaint.
+//! session), `complained` for an `abuse` complaint. The message's status
+//! keeps what each report said (`Store::note_reports`), so the agent that
+//! sent it learns that a recipient never got it.
 //!
 //! A report counts only for a message this daemon's store holds and a
 //! recipient that message was sent to: anyone can mail the account a
@@ -26,7 +28,7 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use mail_parser::{MessageParser, MimeHeaders, PartType};
-use mailmux_actors::queue::{Queue, Suppression, now_millis};
+use mailmux_actors::queue::{Queue, ReportRecord, Suppression, now_millis};
 use tokio_util::sync::CancellationToken;
 
 use crate::imap::{ImapAccount, ImapSession};
@@ -466,6 +468,21 @@ impl Reader {
         if new.is_empty() {
             return Ok(0);
         }
+        // On the message first, so that its status says what happened to
+        // it even when the address was listed already.
+        let noted = new
+            .iter()
+            .map(|e| ReportRecord {
+                at: e.at,
+                reason: e.reason.clone(),
+                address: e.address.clone(),
+                detail: e.detail.clone().unwrap_or_default(),
+            })
+            .collect();
+        self.queue
+            .note_reports(&record.message_id, noted)
+            .await
+            .map_err(|e| format!("the store: {e}"))?;
         let Some(list) = self.list.upgrade() else {
             return Ok(0);
         };

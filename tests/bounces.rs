@@ -186,6 +186,28 @@ async fn reports_list_unknown_and_complaining_recipients_of_the_daemons_own_mess
     assert_eq!(reader["reason"], "complained");
     assert_eq!(reader["message_id"], one.as_str());
 
+    // Each message's status says what its reports said of its recipients.
+    let status = |id: String| {
+        let d = &d;
+        async move {
+            d.call("get_message_status", json!({ "message_id": id }))
+                .await
+        }
+    };
+    let s = status(two.clone()).await;
+    assert_eq!(s["status"], "sent", "{s}");
+    let noted = s["reports"].as_array().unwrap();
+    assert_eq!(noted.len(), 1, "{s}");
+    assert_eq!(noted[0]["address"], "gone@dest.example");
+    assert_eq!(noted[0]["reason"], "bounced");
+    assert!(noted[0]["detail"].as_str().unwrap().contains("5.1.1"));
+    let s = status(one.clone()).await;
+    assert_eq!(s["reports"][0]["reason"], "complained", "{s}");
+    for id in [&full, &pair] {
+        let s = status(id.clone()).await;
+        assert!(s.get("reports").is_none(), "{s}");
+    }
+
     // In force: the next message to it is refused, nothing sent.
     let before = smtp.delivered().len();
     let r = d

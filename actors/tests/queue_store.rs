@@ -15,8 +15,8 @@ use mailmux_actors::queue::memory::MemoryStore;
 use mailmux_actors::queue::sqlite::SqliteStore;
 use mailmux_actors::queue::{
     self, Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Feed, Filter, Hold,
-    NewMessage, Purged, RejectedRecord, Retry, Settle, State, Store, StoreError, Suppression,
-    now_millis,
+    NewMessage, Purged, RejectedRecord, ReportRecord, Retry, Settle, State, Store, StoreError,
+    Suppression, now_millis,
 };
 
 fn by_state(state: State) -> Filter {
@@ -228,6 +228,42 @@ async fn conformance(store: &dyn Store) {
         [State::Queued, State::Queued, State::Sending, State::Unknown]
     );
     assert!(store.due(now_millis(), 10).await.unwrap().is_empty());
+
+    // Reports: each recipient and reason once, oldest first; none for a
+    // message the store does not hold.
+    let report = |reason: &str, address: &str, at| ReportRecord {
+        at,
+        reason: reason.into(),
+        address: address.into(),
+        detail: "550 5.1.1 no\tsuch user".into(),
+    };
+    assert!(store.get("m1").await.unwrap().unwrap().reports.is_empty());
+    store
+        .note_reports("m1", vec![report("bounced", "b@example.org", 1)])
+        .await
+        .unwrap();
+    store
+        .note_reports(
+            "m1",
+            vec![
+                report("bounced", "b@example.org", 2),
+                report("complained", "c@example.org", 3),
+            ],
+        )
+        .await
+        .unwrap();
+    store
+        .note_reports("gone", vec![report("bounced", "b@example.org", 4)])
+        .await
+        .unwrap();
+    let mut tab_free = report("bounced", "b@example.org", 1);
+    tab_free.detail = "550 5.1.1 no such user".into();
+    let mut second = report("complained", "c@example.org", 3);
+    second.detail = tab_free.detail.clone();
+    assert_eq!(
+        store.get("m1").await.unwrap().unwrap().reports,
+        [tab_free, second]
+    );
     // Its body stays (until retain) for an operator's forced retry.
     assert_eq!(store.retry("m1", false).await.unwrap(), Retry::NeedsForce);
     assert!(store.load("m1").await.unwrap().is_some(), "body kept");
@@ -1542,6 +1578,7 @@ async fn a_version_1_store_is_migrated_at_start() {
              ALTER TABLE messages DROP COLUMN attempt_log;
              ALTER TABLE messages DROP COLUMN copy_relay;
              DROP TABLE suppressions; DROP TABLE suppression_version; DROP TABLE report_cursors;
+             ALTER TABLE messages DROP COLUMN reports;
              CREATE TABLE attempts (
                  seq INTEGER NOT NULL, at INTEGER NOT NULL, relay TEXT NOT NULL, class TEXT,
                  code INTEGER, text TEXT NOT NULL, duration_ms INTEGER NOT NULL);
@@ -1611,6 +1648,7 @@ async fn a_version_10_store_has_its_keys_scoped_to_their_callers() {
                  VALUES ('orphan', 'purged', x'00', 0);
              ALTER TABLE messages DROP COLUMN copy_relay;
              DROP TABLE suppressions; DROP TABLE suppression_version; DROP TABLE report_cursors;
+             ALTER TABLE messages DROP COLUMN reports;
              PRAGMA user_version = 10;",
         )
         .unwrap();
@@ -1643,6 +1681,7 @@ async fn a_version_8_store_has_its_attempts_moved_into_their_rows() {
             "ALTER TABLE messages DROP COLUMN attempt_log;
              ALTER TABLE messages DROP COLUMN copy_relay;
              DROP TABLE suppressions; DROP TABLE suppression_version; DROP TABLE report_cursors;
+             ALTER TABLE messages DROP COLUMN reports;
              CREATE TABLE attempts (
                  seq INTEGER NOT NULL, at INTEGER NOT NULL, relay TEXT NOT NULL, class TEXT,
                  code INTEGER, text TEXT NOT NULL, duration_ms INTEGER NOT NULL);
@@ -1939,7 +1978,7 @@ async fn postgres_counts_survive_daemons_purges_and_migration() {
         "DROP TABLE mailmux_counts; ALTER TABLE mailmux_messages DROP COLUMN attempt_log;
          ALTER TABLE mailmux_messages DROP COLUMN copy_relay;
          DROP TABLE mailmux_suppressions; DROP TABLE mailmux_suppression_version;
-         DROP TABLE mailmux_report_cursors;
+         DROP TABLE mailmux_report_cursors; ALTER TABLE mailmux_messages DROP COLUMN reports;
          DROP INDEX mailmux_messages_queued_at, mailmux_messages_retry;
          DELETE FROM mailmux_schema WHERE version >= 5",
     );
@@ -2629,7 +2668,7 @@ async fn postgres_keys_of_version_7_are_scoped_to_their_callers() {
              VALUES ('orphan', 'purged', '\\x00', 0);
          ALTER TABLE mailmux_messages DROP COLUMN copy_relay;
          DROP TABLE mailmux_suppressions; DROP TABLE mailmux_suppression_version;
-         DROP TABLE mailmux_report_cursors;
+         DROP TABLE mailmux_report_cursors; ALTER TABLE mailmux_messages DROP COLUMN reports;
          DELETE FROM mailmux_schema WHERE version >= 8;",
     );
     assert_eq!(
@@ -2888,6 +2927,13 @@ impl Store for SlowMarks {
     }
     async fn report_cursor(&self, mailbox: &str) -> Result<Option<(u32, u32)>, StoreError> {
         self.inner.report_cursor(mailbox).await
+    }
+    async fn note_reports(
+        &self,
+        message_id: &str,
+        reports: Vec<ReportRecord>,
+    ) -> Result<(), StoreError> {
+        self.inner.note_reports(message_id, reports).await
     }
     async fn advance_report_cursor(
         &self,

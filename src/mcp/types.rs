@@ -1035,8 +1035,26 @@ pub struct MessageStatusResult {
     /// The `send_batch` call it came in; `list_messages` takes it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_id: Option<String>,
+    /// What bounce and complaint reports that came back by mail, after a
+    /// relay took the message, said of its recipients (`[relays.bounces]`),
+    /// oldest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reports: Vec<ReportOut>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ToolError>,
+}
+
+/// What one bounce or complaint report said of a recipient.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct ReportOut {
+    pub address: String,
+    /// `bounced` (the address does not exist) or `complained` (the
+    /// recipient marked the message as spam).
+    pub reason: String,
+    /// The report's diagnostic.
+    pub detail: String,
+    /// When the report was read.
+    pub at: String,
 }
 
 /// The outcome of a message's copy in the Sent folder.
@@ -1097,6 +1115,16 @@ impl From<&Record> for MessageStatusResult {
             sent_copy: r.sent_copy.as_deref().map(SentCopyOut::of),
             node: r.node.clone(),
             batch_id: r.batch.clone(),
+            reports: r
+                .reports
+                .iter()
+                .map(|x| ReportOut {
+                    address: x.address.clone(),
+                    reason: x.reason.clone(),
+                    detail: x.detail.clone(),
+                    at: rfc3339(x.at),
+                })
+                .collect(),
             error: None,
         }
     }

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{
     Accepted, Cancel, Decided, Decision, Filter, Millis, NewMessage, Pending, Purged, Record,
-    Recovered, Retry, Settle, State, Stats, Store, StoreError, Summary, Suppression, now_millis,
+    Recovered, ReportRecord, Retry, Settle, State, Stats, Store, StoreError, Summary, Suppression,
+    now_millis,
 };
 
 #[derive(Debug, Default)]
@@ -398,6 +399,31 @@ impl Store for MemoryStore {
             meta: r.meta.clone(),
             only: row.only.clone(),
         }))
+    }
+
+    async fn note_reports(
+        &self,
+        message_id: &str,
+        reports: Vec<ReportRecord>,
+    ) -> Result<(), StoreError> {
+        let mut mem = self.lock();
+        if let Some(seq) = mem.seq_of.get(message_id).copied()
+            && let Some(row) = mem.rows.get_mut(&seq)
+        {
+            for mut r in reports {
+                // As the SQL stores keep it: one line.
+                r.detail = super::rows::field(&r.detail);
+                if !row
+                    .record
+                    .reports
+                    .iter()
+                    .any(|o| o.address == r.address && o.reason == r.reason)
+                {
+                    row.record.reports.push(r);
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn note_copy(&self, message_id: &str, outcome: &str) -> Result<(), StoreError> {

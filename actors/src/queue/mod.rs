@@ -241,6 +241,19 @@ pub struct NewMessage {
     pub batch: Option<String>,
 }
 
+/// What a bounce or complaint report that came back by mail said of one
+/// recipient of a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportRecord {
+    /// When it was read.
+    pub at: Millis,
+    /// `bounced` or `complained`.
+    pub reason: String,
+    pub address: String,
+    /// The report's diagnostic.
+    pub detail: String,
+}
+
 /// A message held for a person's approval.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hold {
@@ -324,6 +337,7 @@ impl NewMessage {
             sent_copy: None,
             node: None,
             batch: self.batch.clone(),
+            reports: Vec::new(),
         }
     }
 }
@@ -566,6 +580,9 @@ pub struct Record {
     pub node: Option<String>,
     /// The `send_batch` call it came in.
     pub batch: Option<String>,
+    /// What bounce and complaint reports that came back by mail said of
+    /// its recipients after a relay took it, oldest first.
+    pub reports: Vec<ReportRecord>,
 }
 
 /// One line of a listing.
@@ -986,6 +1003,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// `failed: <reason>`), dropping the bytes a finished message kept only
     /// for it; a message purged meanwhile is left alone.
     async fn note_copy(&self, message_id: &str, outcome: &str) -> Result<(), StoreError>;
+    /// Adds to the message's reports each one whose recipient and reason
+    /// it does not hold yet; a message purged meanwhile is left alone.
+    async fn note_reports(
+        &self,
+        message_id: &str,
+        reports: Vec<ReportRecord>,
+    ) -> Result<(), StoreError>;
     /// Sent copies still `pending`, for this daemon to make: with `mine`,
     /// its own of messages last changed before `before` (the copies a crash
     /// interrupted, at the next start); on a shared store, also those of

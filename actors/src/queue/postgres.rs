@@ -31,8 +31,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::rows::{self, entry, lines};
 use super::{
     Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Feed, Filter, Millis, NewMessage,
-    Pending, Purged, Record, Recovered, Retry, Settle, State, Stats, Store, StoreError, Summary,
-    Suppression, abandoned, now_millis,
+    Pending, Purged, Record, Recovered, ReportRecord, Retry, Settle, State, Stats, Store,
+    StoreError, Summary, Suppression, abandoned, now_millis,
 };
 
 /// The schema, one migration per version; `mailmux_schema` records how many
@@ -195,12 +195,15 @@ CREATE TABLE mailmux_suppression_version (v BIGINT NOT NULL);
 INSERT INTO mailmux_suppression_version (v) VALUES (0);
 "#,
     r#"
--- How far each mailbox of bounce and complaint reports has been read.
+-- How far each mailbox of bounce and complaint reports has been read, and
+-- what the reports said of a message's recipients (one a line: time,
+-- reason, address, detail).
 CREATE TABLE mailmux_report_cursors (
     mailbox TEXT PRIMARY KEY,
     validity BIGINT NOT NULL,
     uid BIGINT NOT NULL
 );
+ALTER TABLE mailmux_messages ADD COLUMN reports TEXT;
 "#,
 ];
 
@@ -1980,7 +1983,7 @@ impl Store for PgStore {
             "SELECT seq, message_id, state, mail_from, rcpt, size, prefer, idem_key, queued_at,
                     due_at, updated_at, next_attempt_at, relay, accepted, rejected, reason, note,
                     caller, meta, decided_by, sent_copy, history, node, attempt_log, batch,
-                    EXISTS (SELECT 1 FROM mailmux_attempts a WHERE a.seq = m.seq) AS in_table
+                    reports, EXISTS (SELECT 1 FROM mailmux_attempts a WHERE a.seq = m.seq) AS in_table
                FROM mailmux_messages m WHERE message_id = $1",
         )
         .bind(message_id)
@@ -2114,6 +2117,33 @@ impl Store for PgStore {
             .execute(&self.pool)
             .await
             .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn note_reports(
+        &self,
+        message_id: &str,
+        reports: Vec<ReportRecord>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let old: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT reports FROM mailmux_messages WHERE message_id = $1 FOR UPDATE",
+        )
+        .bind(message_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        if let Some(old) = old
+            && let Some(merged) = rows::merged_reports(old, &reports)
+        {
+            sqlx::query("UPDATE mailmux_messages SET reports = $2 WHERE message_id = $1")
+                .bind(message_id)
+                .bind(merged)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)?;
         Ok(())
     }
 
@@ -2372,6 +2402,7 @@ fn record(r: &PgRow) -> Result<Record, sqlx::Error> {
         sent_copy: r.try_get("sent_copy")?,
         node: r.try_get("node")?,
         batch: r.try_get("batch")?,
+        reports: rows::reports(r.try_get("reports")?),
     })
 }
 

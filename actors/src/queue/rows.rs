@@ -3,7 +3,9 @@
 //! listing's statement, the update of a Sent copy's outcome, and the verdict
 //! on a person's decision.
 
-use super::{AttemptRecord, Decided, Decision, Filter, Millis, RejectedRecord, State};
+use super::{
+    AttemptRecord, Decided, Decision, Filter, Millis, RejectedRecord, ReportRecord, State,
+};
 
 /// One history entry: `state@millis` (entries are joined with `;`).
 pub(crate) fn entry(state: State, at: Millis) -> String {
@@ -146,7 +148,7 @@ pub(crate) fn state(s: &str) -> State {
 }
 
 /// A field of a tab-separated line: tabs and line breaks become spaces.
-fn field(s: &str) -> String {
+pub(crate) fn field(s: &str) -> String {
     s.replace(['\t', '\r', '\n'], " ")
 }
 
@@ -210,6 +212,52 @@ pub(crate) fn attempts(s: Option<String>) -> Vec<AttemptRecord> {
             })
         })
         .collect()
+}
+
+/// A message's reports, one a line: time, reason, address and detail,
+/// tab-separated.
+pub(crate) fn reports(s: Option<String>) -> Vec<ReportRecord> {
+    lines(s)
+        .into_iter()
+        .filter_map(|l| {
+            let mut parts = l.splitn(4, '\t');
+            Some(ReportRecord {
+                at: parts.next()?.parse().ok()?,
+                reason: parts.next()?.to_owned(),
+                address: parts.next()?.to_owned(),
+                detail: parts.next().unwrap_or("").to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// The stored reports `old` with each of `new` whose address and reason
+/// it lacks; `None` when nothing is new.
+pub(crate) fn merged_reports(old: Option<String>, new: &[ReportRecord]) -> Option<String> {
+    let mut all = reports(old.clone());
+    let before = all.len();
+    for r in new {
+        if !all
+            .iter()
+            .any(|o| o.address == r.address && o.reason == r.reason)
+        {
+            all.push(r.clone());
+        }
+    }
+    (all.len() > before).then(|| {
+        all.iter()
+            .map(|r| {
+                format!(
+                    "{}\t{}\t{}\t{}",
+                    r.at,
+                    field(&r.reason),
+                    field(&r.address),
+                    field(&r.detail)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
 }
 
 pub(crate) fn rejected(s: Option<String>) -> Vec<RejectedRecord> {

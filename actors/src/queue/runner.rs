@@ -1366,6 +1366,16 @@ impl Queue {
         Ok(self.inner.store.suppression_version().await?)
     }
 
+    /// Adds what reports said of a message's recipients
+    /// ([`Store::note_reports`]).
+    pub async fn note_reports(
+        &self,
+        message_id: &str,
+        reports: Vec<super::ReportRecord>,
+    ) -> Result<(), QueueError> {
+        Ok(self.inner.store.note_reports(message_id, reports).await?)
+    }
+
     /// How far a mailbox of reports was read ([`Store::report_cursor`]).
     pub async fn report_cursor(&self, mailbox: &str) -> Result<Option<(u32, u32)>, QueueError> {
         Ok(self.inner.store.report_cursor(mailbox).await?)

@@ -34,8 +34,8 @@ use tokio::sync::oneshot;
 use super::rows::{self, entry, lines};
 use super::{
     Accepted, Cancel, CopyDue, Decided, Decision, Feed, Filter, Millis, NewMessage, Pending,
-    Purged, Record, Recovered, Retry, Settle, State, Stats, Store, StoreError, Summary,
-    Suppression, abandoned, cancelled_in_round, now_millis,
+    Purged, Record, Recovered, ReportRecord, Retry, Settle, State, Stats, Store, StoreError,
+    Summary, Suppression, abandoned, cancelled_in_round, now_millis,
 };
 
 /// Writes folded into one transaction at most. Bounds the latency a write
@@ -217,12 +217,15 @@ CREATE TABLE suppression_version (v INTEGER NOT NULL);
 INSERT INTO suppression_version (v) VALUES (0);
 "#,
     r#"
--- How far each mailbox of bounce and complaint reports has been read.
+-- How far each mailbox of bounce and complaint reports has been read, and
+-- what the reports said of a message's recipients (one a line: time,
+-- reason, address, detail).
 CREATE TABLE report_cursors (
     mailbox TEXT PRIMARY KEY,
     validity INTEGER NOT NULL,
     uid INTEGER NOT NULL
 ) WITHOUT ROWID;
+ALTER TABLE messages ADD COLUMN reports TEXT;
 "#,
 ];
 
@@ -1784,6 +1787,28 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn note_reports(
+        &self,
+        message_id: &str,
+        reports: Vec<ReportRecord>,
+    ) -> Result<(), StoreError> {
+        let id = message_id.to_owned();
+        self.write(move |c, _| {
+            let old: Option<Option<String>> = c
+                .prepare_cached("SELECT reports FROM messages WHERE message_id = ?1")?
+                .query_row([&id], |r| r.get(0))
+                .optional()?;
+            if let Some(old) = old
+                && let Some(merged) = rows::merged_reports(old, &reports)
+            {
+                c.prepare_cached("UPDATE messages SET reports = ?2 WHERE message_id = ?1")?
+                    .execute(params![id, merged])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn pending_copies(&self, before: Millis, mine: bool) -> Result<Vec<CopyDue>, StoreError> {
         // One daemon owns the file: every pending copy is its own.
         if !mine {
@@ -2084,7 +2109,7 @@ fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<Record>> {
     c.prepare_cached(
         "SELECT message_id, state, mail_from, rcpt, size, prefer, idem_key, queued_at, due_at,
                 updated_at, next_attempt_at, relay, accepted, rejected, reason, note,
-                caller, meta, decided_by, sent_copy, attempt_log, history, batch
+                caller, meta, decided_by, sent_copy, attempt_log, history, batch, reports
            FROM messages WHERE message_id = ?1",
     )?
     .query_row([id], |r| {
@@ -2118,6 +2143,7 @@ fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<Record>> {
             history: rows::history(&r.get::<_, String>(21)?),
             node: None,
             batch: r.get(22)?,
+            reports: rows::reports(r.get(23)?),
         })
     })
     .optional()
