@@ -721,6 +721,22 @@ pub fn message(
                 }
             }
         }
+        @if !r.reports.is_empty() {
+            h2 { "Reports that came back" }
+            table {
+                thead { tr { th { "read" } th { "recipient" } th { "report" } th { "detail" } } }
+                tbody {
+                    @for x in &r.reports {
+                        tr {
+                            td.mono { (when(x.at)) }
+                            td.mono { (x.address) }
+                            td { (x.reason) }
+                            td.mono { (x.detail) }
+                        }
+                    }
+                }
+            }
+        }
         @match &parsed {
             Some(p) => {
                 h2 { "Attachments" }
@@ -952,6 +968,52 @@ mod tests {
         }
         assert!(
             !page.contains('\u{202E}') && !page.contains('\u{200B}'),
+            "{page}"
+        );
+    }
+
+    #[test]
+    fn a_messages_page_shows_what_its_reports_said() {
+        let (op, _, _) = overview_of_sqlite();
+        let mut record = Record {
+            message_id: "m2@example.org".into(),
+            state: State::Sent,
+            from: Some("a@example.org".into()),
+            to: vec!["gone@example.net".into()],
+            size: 10,
+            prefer: None,
+            idempotency_key: None,
+            queued_at: 0,
+            due_at: 0,
+            updated_at: 0,
+            next_attempt_at: None,
+            relay: Some("main".into()),
+            accepted: vec!["gone@example.net".into()],
+            rejected: vec![],
+            reason: None,
+            note: None,
+            attempts: vec![],
+            history: vec![(State::Sent, 0)],
+            caller: None,
+            meta: None,
+            decided_by: None,
+            sent_copy: None,
+            node: None,
+            batch: None,
+            reports: vec![],
+        };
+        let page = message(&op, None, &record, None).into_string();
+        assert!(!page.contains("Reports that came back"), "{page}");
+        record.reports.push(mailmux_actors::queue::ReportRecord {
+            at: 0,
+            reason: "bounced".into(),
+            address: "gone@example.net".into(),
+            detail: "550 5.1.1 <gone@example.net>: unknown".into(),
+        });
+        let page = message(&op, None, &record, None).into_string();
+        assert!(page.contains("Reports that came back"), "{page}");
+        assert!(
+            page.contains("550 5.1.1 &lt;gone@example.net&gt;: unknown"),
             "{page}"
         );
     }
