@@ -485,3 +485,74 @@ async fn an_operator_imports_a_list_from_a_file() {
     assert_eq!(audited, 4, "b@ once, then a@, c@ and d@");
     d.stop().await;
 }
+
+/// A message whose every recipient the server refuses: each is listed for
+/// its own reply, the unknown one only, and the message's status names
+/// each refusal; so is a message of one recipient.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_every_recipient_is_refused_lists_the_unknown_ones() {
+    let (dir, _smtp, _audit, cfg) = audited().await;
+    let d = StdioDaemon::start(dir.path(), &cfg).await;
+    let r = d
+        .call(
+            "send_email",
+            mail(
+                "both",
+                json!({ "to": ["policy@dest.example", "gone@dest.example"] }),
+            ),
+        )
+        .await;
+    assert_eq!(r["status"], "failed", "{r}");
+    let both = r["message_id"].as_str().unwrap().to_string();
+    until_dry_run(&d, "gone@dest.example", true).await;
+    let list = listed(dir.path());
+    assert_eq!(list.len(), 1, "the 5.7.1 one is not listed: {list:?}");
+    assert_eq!(list[0]["message_id"], both.as_str());
+    let s = d
+        .call("get_message_status", json!({ "message_id": both }))
+        .await;
+    let rejected: Vec<(String, String)> = s["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["address"].as_str().unwrap().to_owned(),
+                r["text"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rejected,
+        [
+            (
+                "policy@dest.example".to_owned(),
+                "5.7.1 not allowed".to_owned()
+            ),
+            (
+                "gone@dest.example".to_owned(),
+                "5.1.1 no such user".to_owned()
+            ),
+        ],
+        "{s}"
+    );
+
+    // One recipient, refused as unknown: listed too.
+    let (code, out, err) =
+        common::queue_cmd(dir.path(), &["suppress", "remove", "gone@dest.example"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    until_dry_run(&d, "gone@dest.example", false).await;
+    let r = d
+        .call(
+            "send_email",
+            mail("only", json!({ "to": ["gone@dest.example"] })),
+        )
+        .await;
+    assert_eq!(r["status"], "failed", "{r}");
+    let only = r["message_id"].as_str().unwrap().to_string();
+    until_dry_run(&d, "gone@dest.example", true).await;
+    let list = listed(dir.path());
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["message_id"], only.as_str());
+    d.stop().await;
+}

@@ -700,7 +700,8 @@ fn final_failure(flight: &mut Flight, relay: &str, f: &Failure) -> Report {
         ),
     };
     // An unknown message sent in several transactions: the recipients of
-    // those before the lost one had it, or were refused, for certain.
+    // those before the lost one had it, or were refused, for certain. A
+    // message each of whose recipients was refused: each refusal.
     let (accepted, rejected) = match &f.certain {
         Some(d) => (d.accepted.clone(), d.rejected.clone()),
         None => (Vec::new(), Vec::new()),

@@ -44,8 +44,10 @@ pub(crate) struct Failure {
     /// broke, or the server is reading message data): the connection must be
     /// dropped, not reset and reused.
     pub lost: bool,
-    /// An `Unknown` failure in a transaction after the first of a message:
-    /// what the transactions before it delivered for certain.
+    /// What the session settled for certain, recipient by recipient: for
+    /// an `Unknown` failure in a transaction after the first of a message,
+    /// what the transactions before it delivered; for a message each of
+    /// whose recipients was refused, each refusal.
     pub certain: Option<Box<Delivered>>,
 }
 
@@ -1553,11 +1555,21 @@ fn no_recipient_accepted(rejected: &[Rejected], deferred: &[Rejected]) -> Failur
     }
 }
 
-/// The failure of a message each of whose recipients was refused.
+/// The failure of a message each of whose recipients was refused, with
+/// each one's refusal (a recipient unknown to the server and one refused
+/// for a policy of its own differ).
 fn every_recipient_refused(rejected: &[Rejected]) -> Failure {
     let first = rejected.first().map(|r| r.reply.clone());
     Failure {
-        certain: None,
+        certain: first.clone().map(|reply| {
+            Box::new(Delivered {
+                accepted: Vec::new(),
+                rejected: rejected.to_vec(),
+                deferred: Vec::new(),
+                reply,
+                note: None,
+            })
+        }),
         lost: false,
         class: FailureClass::Permanent,
         detail: format!(
