@@ -121,6 +121,9 @@ pub struct OneClick {
     pub url: String,
     /// `unsubscribe.secret`: the HMAC key.
     pub secret: mailmux_actors::Secret,
+    /// `unsubscribe.previous_secret`: the key before a rotation, whose
+    /// links still verify; no new link is made with it.
+    pub previous: Option<mailmux_actors::Secret>,
 }
 
 /// The bytes of a token's MAC.
@@ -128,8 +131,12 @@ const MAC_BYTES: usize = 16;
 
 impl OneClick {
     fn mac(&self, address: &str) -> aws_lc_rs::hmac::Tag {
+        Self::mac_under(&self.secret, address)
+    }
+
+    fn mac_under(secret: &mailmux_actors::Secret, address: &str) -> aws_lc_rs::hmac::Tag {
         use aws_lc_rs::hmac;
-        let key = hmac::Key::new(hmac::HMAC_SHA256, self.secret.expose().as_bytes());
+        let key = hmac::Key::new(hmac::HMAC_SHA256, secret.expose().as_bytes());
         let mut ctx = hmac::Context::with_key(&key);
         ctx.update(b"mailmux-unsubscribe\0");
         ctx.update(address.as_bytes());
@@ -159,18 +166,20 @@ impl OneClick {
         ))
     }
 
-    /// The address a token unsubscribes; `None` for a token this secret did
-    /// not make (compared in constant time).
+    /// The address a token unsubscribes; `None` for a token neither the
+    /// secret nor the previous one made (compared in constant time).
     pub fn verify(&self, token: &str) -> Option<String> {
         use base64::Engine;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let (address, mac) = token.split_once('.')?;
         let address = String::from_utf8(b64.decode(address).ok()?).ok()?;
         let mac = b64.decode(mac).ok()?;
-        let want = self.mac(&address);
-        aws_lc_rs::constant_time::verify_slices_are_equal(&want.as_ref()[..MAC_BYTES], &mac)
-            .ok()?;
-        Some(address)
+        let made_by = |secret: &mailmux_actors::Secret| {
+            let want = Self::mac_under(secret, &address);
+            aws_lc_rs::constant_time::verify_slices_are_equal(&want.as_ref()[..MAC_BYTES], &mac)
+                .is_ok()
+        };
+        (made_by(&self.secret) || self.previous.as_ref().is_some_and(made_by)).then_some(address)
     }
 }
 
@@ -514,6 +523,7 @@ mod tests {
         let oc = OneClick {
             url: "https://mail.example.org".into(),
             secret: mailmux_actors::Secret::new("k".repeat(MIN_SECRET)),
+            previous: None,
         };
         let link = oc.link("Bob@Example.org").unwrap();
         let token = link
@@ -538,6 +548,25 @@ mod tests {
         for junk in ["", ".", "x", "a.b", "%%.%%"] {
             assert_eq!(oc.verify(junk), None, "{junk:?}");
         }
+        // Rotated: the old secret's links still verify, new links are the
+        // new secret's, and a third secret's do not.
+        let rotated = OneClick {
+            previous: Some(oc.secret.clone()),
+            ..other_secret.clone()
+        };
+        assert_eq!(rotated.verify(token).as_deref(), Some("bob@example.org"));
+        let new = rotated.token("bob@example.org");
+        assert_ne!(new, token);
+        assert_eq!(
+            other_secret.verify(&new).as_deref(),
+            Some("bob@example.org")
+        );
+        assert_eq!(oc.verify(&new), None);
+        let third = OneClick {
+            secret: mailmux_actors::Secret::new("i".repeat(MIN_SECRET)),
+            ..oc.clone()
+        };
+        assert_eq!(rotated.verify(&third.token("bob@example.org")), None);
     }
 
     #[test]

@@ -729,6 +729,21 @@ fn every_validation_error_names_the_key_and_the_source() {
         ),
         (
             format!(
+                "[unsubscribe]\nurl = \"https://mail.example.org\"\nsecret = \"{}\"\nprevious_secret = \"short\"\n",
+                "k".repeat(32)
+            ),
+            vec![],
+            "unsubscribe.previous_secret",
+            "FILE",
+        ),
+        (
+            format!("[unsubscribe]\nprevious_secret = \"{}\"\n", "k".repeat(32)),
+            vec![],
+            "unsubscribe.previous_secret",
+            "FILE",
+        ),
+        (
+            format!(
                 "[unsubscribe]\nurl = \"http://mail.example.org\"\nsecret = \"{}\"\n",
                 "k".repeat(32)
             ),

@@ -2376,3 +2376,90 @@ async fn a_one_click_unsubscribe_lists_its_recipient() {
     assert_ne!(links[0], links[1]);
     assert_eq!(sink.delivered().len(), 3, "the refused ones never went");
 }
+
+/// A rotation of the unsubscribe secret, by SIGHUP: with the old key as
+/// `previous_secret`, a link sent before still lists its recipient and new
+/// links are the new key's; once the old key is dropped, its links list
+/// nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_made_before_a_rotation_of_the_unsubscribe_secret_still_work() {
+    let sink = FaultSmtp::start(Script::ok()).await;
+    let other = FaultSmtp::start(Script::ok()).await;
+    let (old, new) = ("o".repeat(40), "n".repeat(40));
+    let section = |extra: &str| {
+        format!("[unsubscribe]\nurl = \"https://mail.example.test/\"\nsecret = \"{new}\"\n{extra}")
+    };
+    let first =
+        format!("[unsubscribe]\nurl = \"https://mail.example.test/\"\nsecret = \"{old}\"\n");
+    let d = start(&sink, &other, &first).await;
+    let delta = connect(&d, DELTA).await;
+    let http = reqwest::Client::new();
+    let link_to = |to: &'static str| {
+        let delta = &delta;
+        let sink = &sink;
+        async move {
+            let (_, out) = call(
+                delta,
+                "send_email",
+                json!({ "to": [to], "subject": "news", "body": "Stop: {unsubscribe_url}\n", "unsubscribe": true }),
+            )
+            .await;
+            assert_eq!(out["status"], "sent", "{out}");
+            let body = body_text(&sink.delivered().last().unwrap().data);
+            let s = body.find("Stop: ").unwrap() + 6;
+            let link = body[s..].lines().next().unwrap().to_string();
+            link.rsplit('/').next().unwrap().to_string()
+        }
+    };
+    let post = |token: String| {
+        let http = &http;
+        let base = d.base.clone();
+        async move {
+            http.post(format!("{base}/unsubscribe/{token}"))
+                .body("List-Unsubscribe=One-Click")
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let before = link_to("early@example.org").await;
+    let dropped = link_to("dropped@example.org").await;
+
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    let rotated = text.replace(&first, &section(&format!("previous_secret = \"{old}\"\n")));
+    assert_ne!(rotated, text);
+    std::fs::write(&d.config, &rotated).unwrap();
+    hangup(&d, "reloaded: added []").await;
+    assert_eq!(post(before).await, 200, "a link sent before the rotation");
+    let after = link_to("late@example.org").await;
+    assert_ne!(after, dropped);
+    assert_eq!(post(after).await, 200, "a link made after it");
+
+    // The old key dropped: its links list nobody.
+    std::fs::write(
+        &d.config,
+        rotated.replace(&format!("previous_secret = \"{old}\"\n"), ""),
+    )
+    .unwrap();
+    hangup(&d, "reloaded: added []").await;
+    assert_eq!(post(dropped).await, 404);
+    let r = http
+        .get(format!("{}/admin/suppressions", d.base))
+        .bearer_auth(OPS)
+        .send()
+        .await
+        .unwrap();
+    let listed: Vec<String> = r.json::<Value>().await.unwrap()["suppressions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["address"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(listed, ["early@example.org", "late@example.org"]);
+    assert!(
+        !d.log().contains(&old) && !d.log().contains(&new),
+        "a secret in the log"
+    );
+}

@@ -1167,6 +1167,7 @@ fn random_input_never_panics() {
             one_click: (!g.chance(4)).then(|| crate::suppress::OneClick {
                 url: "https://mail.example.org".into(),
                 secret: mailmux_actors::Secret::new("k".repeat(32)),
+                previous: None,
             }),
             ..ComposePolicy::default()
         };
@@ -1355,6 +1356,7 @@ fn a_one_click_link_goes_first_and_into_the_templates_of_one_recipient() {
     let one_click = crate::suppress::OneClick {
         url: "https://mail.example.org".into(),
         secret: mailmux_actors::Secret::new("k".repeat(32)),
+        previous: None,
     };
     p.one_click = Some(one_click.clone());
     let link = one_click.link("ada@example.org").unwrap();

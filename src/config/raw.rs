@@ -70,7 +70,13 @@ pub(crate) const IDENTITY_KEYS: &[&str] = &["name", "token_sha256", "token_file"
 pub(crate) const AUDIT_KEYS: &[&str] = &["path", "subjects", "required"];
 
 /// Keys of `[unsubscribe]`.
-pub(crate) const UNSUBSCRIBE_KEYS: &[&str] = &["url", "secret", "secret_file"];
+pub(crate) const UNSUBSCRIBE_KEYS: &[&str] = &[
+    "url",
+    "secret",
+    "secret_file",
+    "previous_secret",
+    "previous_secret_file",
+];
 
 /// Keys of a `[[dkim]]` entry.
 pub(crate) const DKIM_KEYS: &[&str] = &["domain", "selector", "private_key", "headers"];
@@ -370,6 +376,9 @@ pub(crate) struct RawUnsubscribe {
     /// The key of the links' HMAC (`MAILMUX_UNSUBSCRIBE__SECRET`).
     pub secret: Option<String>,
     pub secret_file: Option<PathBuf>,
+    /// The key before a rotation: links made with it still work.
+    pub previous_secret: Option<String>,
+    pub previous_secret_file: Option<PathBuf>,
 }
 
 /// `[queue]`: the durable queue.

@@ -723,6 +723,11 @@ fn unsubscribe(
         (None, Some(path)) => Some((read_secret(path, &file_at, "secret")?, &file_at)),
         (None, None) => None,
     };
+    if secret.is_none() && (u.previous_secret.is_some() || u.previous_secret_file.is_some()) {
+        return Err(ctx
+            .at("unsubscribe.previous_secret")
+            .err("is for a rotation: set unsubscribe.secret (the new key) too"));
+    }
     let (url, (secret, at)) = match (u.url.as_deref().map(str::trim), secret) {
         (None, None) => return Ok(None),
         (Some(url), Some(secret)) => (url, secret),
@@ -744,9 +749,30 @@ fn unsubscribe(
              (mailbox providers POST only to https: links)"
         )));
     }
+    let previous_at = ctx.at("unsubscribe.previous_secret");
+    let previous_file_at = ctx.at("unsubscribe.previous_secret_file");
+    let previous = match (&u.previous_secret, &u.previous_secret_file) {
+        (Some(_), Some(_)) => {
+            return Err(previous_file_at.err(
+                "unsubscribe.previous_secret and unsubscribe.previous_secret_file are both set; use one",
+            ));
+        }
+        (Some(s), None) => Some((Secret::new(s.trim()), &previous_at)),
+        (None, Some(path)) => Some((
+            read_secret(path, &previous_file_at, "previous_secret")?,
+            &previous_file_at,
+        )),
+        (None, None) => None,
+    };
+    if let Some((p, at)) = &previous
+        && p.expose().len() < MIN_SECRET
+    {
+        return Err(at.err(format!("must be at least {MIN_SECRET} bytes")));
+    }
     let one_click = OneClick {
         url,
         secret: secret.clone(),
+        previous: previous.as_ref().map(|(p, _)| p.clone()),
     };
     // The longest link (an address of 254 bytes) must be one a message
     // may carry.
@@ -760,6 +786,9 @@ fn unsubscribe(
     leaf(&mut out, "url", json!(one_click.url), &url_at);
     leaf(&mut out, "path", json!(UNSUBSCRIBE_PATH), &url_at);
     leaf(&mut out, "secret", json!(REDACTED), at);
+    if let Some((_, at)) = &previous {
+        leaf(&mut out, "previous_secret", json!(REDACTED), at);
+    }
     top.insert("unsubscribe".into(), Json::Object(out));
     Ok(Some(one_click))
 }
