@@ -54,6 +54,8 @@ pub const QUEUE_MIN_FREE: &str = "mailmux_queue_min_free_bytes";
 pub const SENT_COPIES: &str = "mailmux_sent_copies_total";
 /// Copies for the Sent folder handed to the copiers, not yet filed or failed.
 pub const SENT_COPIES_WAITING: &str = "mailmux_sent_copies_waiting";
+/// Addresses on the suppression list, as this daemon holds it.
+pub const SUPPRESSED: &str = "mailmux_suppressed_addresses";
 /// Addresses put on the suppression list by a bounce or complaint report
 /// read from a relay's mailbox, by reason (`bounced`, `complained`).
 pub const REPORTED: &str = "mailmux_suppressed_by_report_total";
@@ -198,6 +200,10 @@ fn describe() {
     describe_gauge!(
         SENT_COPIES_WAITING,
         "Copies for the Sent folder handed to the copiers and not yet filed or failed."
+    );
+    describe_gauge!(
+        SUPPRESSED,
+        "Addresses on the suppression list, as this daemon holds it, read at each scrape."
     );
     describe_counter!(
         REPORTED,

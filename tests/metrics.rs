@@ -396,6 +396,12 @@ async fn counters_equal_what_happened() {
     assert_eq!(queue("queued"), 0.0);
     assert_eq!(value(&m, "mailmux_queue_oldest_age_seconds", &[]), 0.0);
     assert_eq!(value(&m, "mailmux_queue_available", &[]), 1.0);
+    // The 5.1.1 refusal listed its recipient.
+    assert_eq!(
+        value(&m, "mailmux_suppressed_addresses", &[]),
+        1.0,
+        "{text}"
+    );
     let min_free = value(&m, "mailmux_queue_min_free_bytes", &[]);
     assert_eq!(min_free, 104_857_600.0, "queue.min_free's default");
     assert!(value(&m, "mailmux_queue_free_bytes", &[]) > min_free);

@@ -760,6 +760,7 @@ async fn metrics(
         let n = open.sessions.read().await.len();
         metrics::gauge!(crate::telemetry::MCP_SESSIONS).set(n as f64);
     }
+    metrics::gauge!(crate::telemetry::SUPPRESSED).set(server.suppressions().len() as f64);
     let text = crate::telemetry::scrape(server.queue()).await;
     (
         [(
