@@ -2867,7 +2867,7 @@ async fn send_no_wait_hands_a_message_to_the_running_daemon() {
 async fn the_queue_command_works_with_the_daemon_stopped() {
     let script = Script::ok().on_rcpt(
         "bounce@example.org",
-        Action::reply(550, "5.1.1 no such user"),
+        Action::reply(550, "5.2.1 mailbox disabled"),
     );
     // Mail outside @example.org is held for an operator's approval.
     let ops_hash: String = <sha2::Sha256 as sha2::Digest>::digest(OPS_TOKEN.as_bytes())
@@ -2946,7 +2946,7 @@ async fn the_queue_command_works_with_the_daemon_stopped() {
     assert!(out.contains(&later_id) && !out.contains(&sent_id), "{out}");
     let (code, out, _) = q(&["show", &failed_id]);
     assert_eq!(code, Some(0));
-    assert!(out.contains("5.1.1 no such user"), "{out}");
+    assert!(out.contains("5.2.1 mailbox disabled"), "{out}");
     let (code, out, _) = q(&["show", &failed_id, "--body"]);
     assert_eq!(code, Some(0));
     assert!(out.contains("body of bounced"), "{out}");
@@ -3001,7 +3001,7 @@ async fn the_queue_command_works_with_the_daemon_stopped() {
 async fn the_queue_command_inspects_and_acts_while_the_daemon_runs() {
     let script = Script::ok().on_rcpt(
         "bounce@example.org",
-        Action::reply(550, "5.1.1 no such user"),
+        Action::reply(550, "5.2.1 mailbox disabled"),
     );
     let (smtp, dir, _cfg, d) = setup(script, "").await;
     let q = |args: &[&str]| common::queue_cmd(dir.path(), args);
@@ -3043,7 +3043,7 @@ async fn the_queue_command_inspects_and_acts_while_the_daemon_runs() {
     let (code, out, _) = q(&["show", &failed_id]);
     assert_eq!(code, Some(0));
     assert!(
-        out.contains("5.1.1 no such user") && out.contains("Subject: bounced"),
+        out.contains("5.2.1 mailbox disabled") && out.contains("Subject: bounced"),
         "{out}"
     );
     assert!(

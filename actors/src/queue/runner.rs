@@ -2122,8 +2122,20 @@ fn with_earlier_rounds(settle: &mut Settle, p: &Pending, report: &Report) {
     }
     let accepted = std::mem::take(&mut settle.accepted);
     let rejected = std::mem::take(&mut settle.rejected);
+    // A recipient this round settled again (the retry of a failed message
+    // resends to the refused ones) has this round's outcome, not both.
+    let again = |a: &str| {
+        accepted.iter().any(|x| x.eq_ignore_ascii_case(a))
+            || rejected.iter().any(|x| x.address.eq_ignore_ascii_case(a))
+    };
+    let earlier: Vec<RejectedRecord> = p
+        .rejected
+        .iter()
+        .filter(|r| !again(&r.address))
+        .cloned()
+        .collect();
     settle.accepted = p.accepted.iter().cloned().chain(accepted).collect();
-    settle.rejected = p.rejected.iter().cloned().chain(rejected).collect();
+    settle.rejected = earlier.into_iter().chain(rejected).collect();
     if !(refused_whole || matches!(settle.state, State::Sent | State::Partial)) {
         return;
     }
