@@ -2463,3 +2463,64 @@ async fn links_made_before_a_rotation_of_the_unsubscribe_secret_still_work() {
         "a secret in the log"
     );
 }
+
+/// A repeat of a stored call, by its idempotency key, is answered with the
+/// first call's status even when the policy (changed by a reload) or the
+/// caller's rate would refuse the call now: a refusal would say that
+/// nothing was sent when the first call sent it. Nothing is sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_repeat_gets_its_first_calls_status_whatever_the_policy_and_rate_say_now() {
+    let (sink, other) = servers().await;
+    let d = start(&sink, &other, "").await;
+    let delta = connect(&d, DELTA).await;
+    let keyed = |to: &str, key: &str| {
+        let mut m = mail(json!([to]));
+        m["idempotency_key"] = json!(key);
+        m
+    };
+    let (_, first) = call(&delta, "send_email", keyed("boss@partner.net", "k-policy")).await;
+    assert_eq!(first["status"], "sent", "{first}");
+
+    // The partner is no longer allowed.
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    let narrowed = text.replace(r#""boss@partner.net", "#, "");
+    assert_ne!(narrowed, text);
+    std::fs::write(&d.config, narrowed).unwrap();
+    hangup(&d, "reloaded: added []").await;
+    let (_, out) = call(&delta, "send_email", mail(json!(["boss@partner.net"]))).await;
+    assert_eq!(out["error"]["code"], "policy_denied", "{out}");
+    let (is_error, out) = call(&delta, "send_email", keyed("boss@partner.net", "k-policy")).await;
+    assert!(!is_error, "{out}");
+    assert_eq!(out["status"], "sent", "{out}");
+    assert_eq!(out["idempotent_replay"], true, "{out}");
+    assert_eq!(out["message_id"], first["message_id"], "{out}");
+
+    // The rate (10 recipients a minute) spent: the repeat still gets its
+    // status; a new call is limited.
+    let (_, second) = call(&delta, "send_email", keyed("a@example.org", "k-rate")).await;
+    assert_eq!(second["status"], "sent", "{second}");
+    let mut limited = None;
+    for i in 0..10 {
+        let (_, out) = call(
+            &delta,
+            "send_email",
+            mail(json!([format!("r{i}@example.org")])),
+        )
+        .await;
+        if out["error"]["code"] == "rate_limited" {
+            limited = Some(out);
+            break;
+        }
+    }
+    assert!(limited.is_some(), "the rate was never reached");
+    let (is_error, out) = call(&delta, "send_email", keyed("a@example.org", "k-rate")).await;
+    assert!(!is_error, "{out}");
+    assert_eq!(out["idempotent_replay"], true, "{out}");
+    assert_eq!(out["message_id"], second["message_id"], "{out}");
+    let to_boss = sink
+        .received()
+        .iter()
+        .filter(|m| m.rcpt_to.iter().any(|r| r == "boss@partner.net"))
+        .count();
+    assert_eq!(to_boss, 1, "sent once");
+}

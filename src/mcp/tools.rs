@@ -1406,9 +1406,16 @@ impl MailmuxServer {
             Err(e) => return Prepared::Done(Box::new(self.refuse(caller, Ok(&composed), e))),
         };
         let dry_run = params.dry_run.unwrap_or(false);
-        // Policy, then rate, then approval; a refusal takes no rate.
+        // Policy, then rate, then approval; a refusal takes no rate. A
+        // repeat of a stored call (its idempotency key) is answered by the
+        // queue with the first call's status, whatever the policy, the rate
+        // or the suppression list say now: a refusal would say that nothing
+        // was sent when the first call sent it.
         let verdict = match caller.check(&composed, params.relay.as_deref(), dry_run) {
             Ok(v) => v,
+            Err(_) if !dry_run && self.is_stored_key(caller, idempotency.as_ref()).await => {
+                Verdict::Send
+            }
             Err(d) => {
                 return Prepared::Done(Box::new(self.refuse(caller, Ok(&composed), denied(d))));
             }
@@ -1471,7 +1478,9 @@ impl MailmuxServer {
                 "the audit log cannot be written and audit.required is set; nothing was sent",
             ))));
         }
-        if let Err(limited) = caller.take_rate(composed.recipients.len()) {
+        if let Err(limited) = caller.take_rate(composed.recipients.len())
+            && !self.is_stored_key(caller, idempotency.as_ref()).await
+        {
             let e = match limited.retry_after {
                 Some(after) => ToolError {
                     rule: Some(limited.rule.clone()),
