@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use mail_parser::{MessageParser, MimeHeaders, PartType};
-use mailmux_actors::queue::{Queue, ReportRecord, Suppression, now_millis};
+use mailmux_actors::queue::{Millis, Queue, ReportRecord, Suppression, now_millis};
 use tokio_util::sync::CancellationToken;
 
 use crate::imap::{ImapAccount, ImapSession};
@@ -266,6 +266,52 @@ fn entries(report: &Report, message_id: &str, to: &[String]) -> Vec<Suppression>
         .collect()
 }
 
+/// What one relay's reader has done, for `get_smtp_status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReaderStatus {
+    pub relay: String,
+    pub folder: String,
+    /// When the mailbox was last read whole (up to what had arrived).
+    pub last_read_at: Option<Millis>,
+    /// Why the last read failed, until one succeeds.
+    pub error: Option<String>,
+    /// Reports read since the daemon started.
+    pub reports: u64,
+    /// Addresses those reports put on the suppression list.
+    pub listed: u64,
+}
+
+/// Every reader's status, by relay, in the order configured.
+#[derive(Debug, Clone, Default)]
+pub struct Status(Arc<std::sync::Mutex<Vec<ReaderStatus>>>);
+
+impl Status {
+    /// One "not read yet" entry per relay in `readers`.
+    pub fn new(readers: &[(String, BounceSettings)]) -> Status {
+        Status(Arc::new(std::sync::Mutex::new(
+            readers
+                .iter()
+                .map(|(relay, s)| ReaderStatus {
+                    relay: relay.clone(),
+                    folder: s.folder.clone(),
+                    ..ReaderStatus::default()
+                })
+                .collect(),
+        )))
+    }
+
+    pub fn snapshot(&self) -> Vec<ReaderStatus> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn update(&self, relay: &str, f: impl FnOnce(&mut ReaderStatus)) {
+        let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = all.iter_mut().find(|r| r.relay == relay) {
+            f(r);
+        }
+    }
+}
+
 /// The readers of every relay with `[relays.bounces]`; they stop when this
 /// is dropped.
 #[derive(Debug)]
@@ -279,11 +325,13 @@ impl Drop for BounceReaders {
     }
 }
 
-/// Starts one reader per relay in `readers` (relay name → settings).
+/// Starts one reader per relay in `readers` (relay name → settings),
+/// each recording what it did in `status`.
 pub fn start(
     queue: Queue,
     list: &Arc<Suppressions>,
     readers: &[(String, BounceSettings)],
+    status: &Status,
 ) -> BounceReaders {
     let stop = CancellationToken::new();
     for (relay, settings) in readers {
@@ -296,6 +344,7 @@ pub fn start(
             settings: settings.clone(),
             queue: queue.clone(),
             list: Arc::downgrade(list),
+            status: status.clone(),
         };
         tokio::spawn(reader.run(stop.clone()));
     }
@@ -309,6 +358,7 @@ struct Reader {
     settings: BounceSettings,
     queue: Queue,
     list: Weak<Suppressions>,
+    status: Status,
 }
 
 /// What one read found.
@@ -333,6 +383,12 @@ impl Reader {
             };
             match read {
                 Ok(r) => {
+                    self.status.update(&self.relay, |s| {
+                        s.last_read_at = Some(now_millis());
+                        s.error = None;
+                        s.reports += r.reports as u64;
+                        s.listed += r.listed as u64;
+                    });
                     if failing.take().is_some() {
                         tracing::info!(relay = %self.relay, "the bounce mailbox is read again");
                     }
@@ -342,6 +398,8 @@ impl Reader {
                 }
                 Err(e) => {
                     session = None;
+                    self.status
+                        .update(&self.relay, |s| s.error = Some(e.clone()));
                     // Logged once per outage, not at every read.
                     if failing.as_deref() != Some(e.as_str()) {
                         tracing::warn!(relay = %self.relay, error = %e, "cannot read the bounce mailbox; trying again");

@@ -321,10 +321,24 @@ async fn with_the_mailbox_down_mail_goes_out_and_the_reader_comes_back_by_itself
         .count();
     assert_eq!(warned, 1, "{log}");
     assert!(!log.contains(PASS), "the IMAP password in the log");
+    // get_smtp_status says why, without the password.
+    let s = d.call("get_smtp_status", json!({})).await;
+    let reader = &s["bounces"][0];
+    assert_eq!(reader["relay"], "account", "{s}");
+    assert_eq!(reader["folder"], "INBOX", "{s}");
+    assert!(reader["error"].as_str().unwrap().contains("connect"), "{s}");
+    assert!(reader.get("last_read_at").is_none(), "{s}");
+    assert!(!s.to_string().contains(PASS));
 
     proxy(port, imap.port).await;
     let list = until_listed(dir.path(), 1).await;
     assert_eq!(list[0]["address"], "gone@dest.example");
+    let s = d.call("get_smtp_status", json!({})).await;
+    let reader = &s["bounces"][0];
+    assert!(reader.get("error").is_none(), "{s}");
+    assert!(reader["last_read_at"].is_string(), "{s}");
+    assert_eq!(reader["reports"], 1, "{s}");
+    assert_eq!(reader["listed"], 1, "{s}");
     d.stop().await;
     let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
     assert_eq!(

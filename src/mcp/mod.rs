@@ -74,6 +74,8 @@ struct State {
     initial: Arc<Config>,
     /// The addresses no mail is accepted for.
     suppressions: Arc<crate::suppress::Suppressions>,
+    /// What the readers of bounce and complaint reports did.
+    bounces: crate::bounces::Status,
 }
 
 impl std::fmt::Debug for MailmuxServer {
@@ -137,6 +139,7 @@ impl MailmuxServer {
             .auth_failures
             .as_ref()
             .map(|rule| Arc::new(lockout::Lockout::new(rule)));
+        let bounces = crate::bounces::Status::new(&config.bounce_readers);
         MailmuxServer {
             state: Arc::new(State {
                 queue,
@@ -154,6 +157,7 @@ impl MailmuxServer {
                 lockout,
                 console: crate::console::Console::default(),
                 exposed: std::sync::OnceLock::new(),
+                bounces,
                 suppressions,
             }),
             tool_router: Arc::new(standard_schemas(Self::tool_router())),
@@ -372,6 +376,7 @@ pub async fn run(
         server.queue().clone(),
         &server.state.suppressions,
         &server.config().bounce_readers,
+        &server.state.bounces,
     );
     on_hangup(server.clone());
     let audit = server.audit().clone();

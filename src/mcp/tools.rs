@@ -738,6 +738,20 @@ impl MailmuxServer {
                         algorithm: k.algorithm.to_string(),
                     })
                     .collect(),
+                bounces: self
+                    .state
+                    .bounces
+                    .snapshot()
+                    .into_iter()
+                    .map(|b| BounceReaderOut {
+                        relay: b.relay,
+                        folder: b.folder,
+                        last_read_at: b.last_read_at.map(rfc3339),
+                        error: b.error,
+                        reports: b.reports,
+                        listed: b.listed,
+                    })
+                    .collect(),
                 runtime: RuntimeOut::current(),
                 error: None,
             };

@@ -1044,6 +1044,23 @@ pub struct MessageStatusResult {
     pub error: Option<ToolError>,
 }
 
+/// One relay's reader of bounce and complaint reports.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct BounceReaderOut {
+    pub relay: String,
+    pub folder: String,
+    /// When the mailbox was last read; absent before a first read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_read_at: Option<String>,
+    /// Why the last read failed, until one succeeds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Reports read since the daemon started.
+    pub reports: u64,
+    /// Addresses they put on the suppression list.
+    pub listed: u64,
+}
+
 /// What one bounce or complaint report said of a recipient.
 #[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 pub struct ReportOut {
@@ -1388,6 +1405,10 @@ pub struct StatusResult {
     /// The DKIM keys that sign mail from their domains (`[[dkim]]`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dkim: Vec<DkimOut>,
+    /// The mailboxes read for bounce and complaint reports
+    /// (`[relays.bounces]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bounces: Vec<BounceReaderOut>,
     /// The daemon's async runtime, for spotting leaked tasks.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runtime: Option<RuntimeOut>,
