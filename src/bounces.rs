@@ -48,8 +48,10 @@ pub struct BounceSettings {
 const IMAP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Messages whose headers are fetched in one command.
 const CHUNK: usize = 100;
-/// The most messages one read looks at; the rest wait for the next.
-const PER_READ: usize = 1_000;
+/// The UIDs one SEARCH covers.
+const WINDOW: u32 = 5_000;
+/// The windows one read goes through at most; the rest wait for the next.
+const WINDOWS_PER_READ: usize = 20;
 /// The bytes of a report read: its human part, its status part and the
 /// returned message's headers come first; a returned message's body, which
 /// may be large, is not needed.
@@ -445,67 +447,75 @@ impl Reader {
             .report_cursor(&self.cursor)
             .await
             .map_err(|e| format!("the store: {e}"))?;
-        let after = match cursor {
+        let mut after = match cursor {
             Some((v, uid)) if v == validity => uid,
             _ => 0,
         };
-        if mailbox.uid_next.is_some_and(|next| next <= after + 1) {
-            return Ok(Read::default());
-        }
-        let found =
-            tokio::time::timeout(IMAP_TIMEOUT, s.uid_search(format!("UID {}:*", after + 1)))
-                .await
-                .map_err(timed("SEARCH"))?
-                .map_err(|e| format!("SEARCH: {e}"))?;
-        let mut uids: Vec<u32> = found.into_iter().filter(|u| *u > after).collect();
-        uids.sort_unstable();
-        uids.truncate(PER_READ);
         let mut read = Read::default();
-        for chunk in uids.chunks(CHUNK) {
-            let set = uid_set(chunk);
-            let heads: Vec<async_imap::types::Fetch> = tokio::time::timeout(IMAP_TIMEOUT, async {
-                s.uid_fetch(&set, "(UID BODY.PEEK[HEADER.FIELDS (CONTENT-TYPE)])")
-                    .await?
-                    .try_collect()
-                    .await
-            })
-            .await
-            .map_err(timed("FETCH"))?
-            .map_err(|e| format!("FETCH: {e}"))?;
-            let reports: Vec<u32> = heads
-                .iter()
-                .filter(|f| f.header().is_some_and(is_report))
-                .filter_map(|f| f.uid)
-                .collect();
-            for uid in reports {
-                let fetched: Vec<async_imap::types::Fetch> =
-                    tokio::time::timeout(IMAP_TIMEOUT, async {
-                        s.uid_fetch(
-                            uid.to_string(),
-                            format!("(UID BODY.PEEK[]<0.{REPORT_BYTES}>)"),
-                        )
-                        .await?
-                        .try_collect()
-                        .await
-                    })
-                    .await
-                    .map_err(timed("FETCH"))?
-                    .map_err(|e| format!("FETCH: {e}"))?;
-                let Some(report) = fetched.iter().find_map(|f| f.body()).and_then(parse) else {
-                    continue;
-                };
-                read.reports += 1;
-                read.listed += self.list(&report).await?;
+        // A window of UIDs at a time, so that no answer grows with the
+        // mailbox (the server may send at most 1 MiB between two commands),
+        // until the read has caught up.
+        for _ in 0..WINDOWS_PER_READ {
+            // UIDs are below 2^32: at the last one there is nothing after it.
+            let Some(first) = after.checked_add(1) else {
+                break;
+            };
+            if mailbox.uid_next.is_some_and(|next| next <= first) {
+                break;
             }
-            read.seen += chunk.len();
-            if let Some(last) = chunk.last() {
-                self.queue
-                    .advance_report_cursor(&self.cursor, validity, *last)
+            let last = first.saturating_add(WINDOW - 1);
+            let found =
+                tokio::time::timeout(IMAP_TIMEOUT, s.uid_search(format!("UID {first}:{last}")))
                     .await
-                    .map_err(|e| format!("the store: {e}"))?;
+                    .map_err(timed("SEARCH"))?
+                    .map_err(|e| format!("SEARCH: {e}"))?;
+            let mut uids: Vec<u32> = found
+                .into_iter()
+                .filter(|u| (first..=last).contains(u))
+                .collect();
+            uids.sort_unstable();
+            if uids.is_empty() {
+                // Nothing left in this stretch (its messages were deleted):
+                // past it, if the mailbox goes on.
+                if mailbox.uid_next.is_some_and(|next| next > last) {
+                    self.advance(validity, last).await?;
+                    after = last;
+                    continue;
+                }
+                break;
+            }
+            for chunk in uids.chunks(CHUNK) {
+                let set = uid_set(chunk);
+                let heads = fetch(s, &set, "(UID BODY.PEEK[HEADER.FIELDS (CONTENT-TYPE)])").await?;
+                let reports: Vec<u32> = heads
+                    .iter()
+                    .filter(|f| f.header().is_some_and(is_report))
+                    .filter_map(|f| f.uid)
+                    .collect();
+                for uid in reports {
+                    let query = format!("(UID BODY.PEEK[]<0.{REPORT_BYTES}>)");
+                    let fetched = fetch(s, &uid.to_string(), &query).await?;
+                    let Some(report) = fetched.iter().find_map(|f| f.body()).and_then(parse) else {
+                        continue;
+                    };
+                    read.reports += 1;
+                    read.listed += self.list(&report).await?;
+                }
+                read.seen += chunk.len();
+                if let Some(last) = chunk.last() {
+                    self.advance(validity, *last).await?;
+                    after = *last;
+                }
             }
         }
         Ok(read)
+    }
+
+    async fn advance(&self, validity: u32, uid: u32) -> Result<(), String> {
+        self.queue
+            .advance_report_cursor(&self.cursor, validity, uid)
+            .await
+            .map_err(|e| format!("the store: {e}"))
     }
 
     /// Lists what `report` names, if it is about a message of this store;
@@ -552,6 +562,20 @@ impl Reader {
             .increment(added.len() as u64);
         Ok(added.len())
     }
+}
+
+/// `UID FETCH set query`, whole, within [`IMAP_TIMEOUT`].
+async fn fetch(
+    s: &mut ImapSession,
+    set: &str,
+    query: &str,
+) -> Result<Vec<async_imap::types::Fetch>, String> {
+    tokio::time::timeout(IMAP_TIMEOUT, async {
+        s.uid_fetch(set, query).await?.try_collect().await
+    })
+    .await
+    .map_err(|_| format!("FETCH: no answer within {IMAP_TIMEOUT:?}"))?
+    .map_err(|e| format!("FETCH: {e}"))
 }
 
 /// Whether a message's header says it is a `multipart/report`.

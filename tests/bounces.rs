@@ -9,7 +9,8 @@
 //! The mailbox is only read, and a report read before a restart is not
 //! read again: an address an operator took off the list stays off. With
 //! the mailbox down, mail goes out and the reader comes back by itself;
-//! two daemons on PostgreSQL list a reported recipient once.
+//! two daemons on PostgreSQL list a reported recipient once; a report
+//! after thousands of deleted messages is found.
 
 mod common;
 #[path = "common/dovecot.rs"]
@@ -392,4 +393,45 @@ async fn two_daemons_on_postgres_list_a_reported_recipient_once() {
             .count();
     }
     assert_eq!(lines, 1, "one audit line for one listing");
+}
+
+/// A mailbox of thousands of messages, the first five thousand deleted: the
+/// reader goes through it a window of UIDs at a time, past the empty
+/// stretch, and finds the report after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_after_thousands_of_deleted_messages_is_found() {
+    let imap = Dovecot::start();
+    {
+        let mut s = imap.login().await;
+        for i in 0..5_050 {
+            s.append("INBOX", None, None, format!("Subject: {i}\r\n\r\nx\r\n"))
+                .await
+                .unwrap();
+        }
+        s.select("INBOX").await.unwrap();
+        let _: Vec<_> = futures::TryStreamExt::try_collect(
+            s.uid_store("1:5000", "+FLAGS (\\Deleted)").await.unwrap(),
+        )
+        .await
+        .unwrap();
+        let _: Vec<_> = futures::TryStreamExt::try_collect(s.expunge().await.unwrap())
+            .await
+            .unwrap();
+        let _ = s.logout().await;
+    }
+    assert_eq!(imap.count("INBOX").await, 50);
+    let smtp = FaultSmtp::start(Script::ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = StdioDaemon::start(dir.path(), &config(dir.path(), smtp.port(), imap.port)).await;
+    let id = sent(&d, &["gone@dest.example"]).await;
+    imap.append(
+        "INBOX",
+        &dsn(&id, &[("gone@dest.example", "failed", "5.1.1")]),
+    )
+    .await;
+    let list = until_listed(dir.path(), 1).await;
+    assert_eq!(list[0]["address"], "gone@dest.example");
+    let s = d.call("get_smtp_status", json!({})).await;
+    assert_eq!(s["bounces"][0]["reports"], 1, "{s}");
+    d.stop().await;
 }
