@@ -381,7 +381,9 @@ impl Reader {
         loop {
             let read = tokio::select! {
                 () = stop.cancelled() => break,
-                read = self.read(&mut session) => read,
+                // After a failed read, a fresh OAuth2 token (the cached
+                // one may be what the server refused).
+                read = self.read(&mut session, failing.is_some()) => read,
             };
             match read {
                 Ok(r) => {
@@ -421,13 +423,13 @@ impl Reader {
 
     /// Reads what arrived since the last read, lists the recipients its
     /// reports name, and moves the cursor past it.
-    async fn read(&self, session: &mut Option<ImapSession>) -> Result<Read, String> {
+    async fn read(&self, session: &mut Option<ImapSession>, fresh: bool) -> Result<Read, String> {
         let timed =
             |what: &'static str| move |_| format!("{what}: no answer within {IMAP_TIMEOUT:?}");
         if session.is_none() {
             let s = tokio::time::timeout(
                 IMAP_TIMEOUT,
-                crate::imap::login(&self.settings.account, false),
+                crate::imap::login(&self.settings.account, fresh),
             )
             .await
             .map_err(timed("login"))??;
