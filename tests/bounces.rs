@@ -10,7 +10,8 @@
 //! read again: an address an operator took off the list stays off. With
 //! the mailbox down, mail goes out and the reader comes back by itself;
 //! two daemons on PostgreSQL list a reported recipient once; a report
-//! after thousands of deleted messages is found.
+//! after thousands of deleted messages is found; an OAuth2 relay's mailbox
+//! is read with its tokens.
 
 mod common;
 #[path = "common/dovecot.rs"]
@@ -433,5 +434,68 @@ async fn a_report_after_thousands_of_deleted_messages_is_found() {
     assert_eq!(list[0]["address"], "gone@dest.example");
     let s = d.call("get_smtp_status", json!({})).await;
     assert_eq!(s["bounces"][0]["reports"], 1, "{s}");
+    d.stop().await;
+}
+
+/// An `xoauth2` relay's mailbox is read with the relay's own OAuth2 tokens
+/// (`AUTHENTICATE XOAUTH2`, which Dovecot checks at the test's token
+/// endpoint): one token serves SMTP and IMAP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mailbox_of_an_oauth2_relay_is_read_with_its_tokens() {
+    let (endpoint, token_port) = common::serve_token_endpoint_for(USER, 3600).await;
+    let imap = Dovecot::start_with(None, Some(token_port));
+    let smtp = FaultSmtp::start_with(
+        Script::ok(),
+        support::fault_smtp::Options {
+            xoauth2_user: Some(USER.into()),
+            ..support::fault_smtp::Options::default()
+        },
+    )
+    .await;
+    smtp.accept_tokens(&[&common::access(1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+shutdown_grace = "1s"
+
+[queue]
+path = "{db}"
+
+[[relays]]
+name = "m365"
+host = "127.0.0.1"
+port = {port}
+tls = "none"
+username = "{USER}"
+from_email = "{USER}"
+auth = "xoauth2"
+timeout = "3s"
+
+[relays.oauth]
+token_url = "http://127.0.0.1:{token_port}/token"
+client_id = "mailmux-test-client"
+client_secret = "client-secret-for-imap-test"
+refresh_token = "refresh-token-for-imap-test"
+
+[relays.bounces]
+imap_host = "127.0.0.1"
+port = {imap}
+tls = "none"
+every = "200ms"
+"#,
+        db = dir.path().join("queue.db").display(),
+        port = smtp.port(),
+        imap = imap.port,
+    );
+    let d = StdioDaemon::start(dir.path(), &config).await;
+    let id = sent(&d, &["gone@dest.example"]).await;
+    imap.append(
+        "INBOX",
+        &dsn(&id, &[("gone@dest.example", "failed", "5.1.1")]),
+    )
+    .await;
+    let list = until_listed(dir.path(), 1).await;
+    assert_eq!(list[0]["address"], "gone@dest.example");
+    assert_eq!(endpoint.requests.lock().unwrap().len(), 1);
     d.stop().await;
 }
