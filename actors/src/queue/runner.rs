@@ -2749,6 +2749,30 @@ mod tests {
     }
 
     #[test]
+    fn a_recipient_settled_again_has_the_latest_rounds_outcome() {
+        // The retry of a failed message resends to the refused q@, which
+        // takes it now: sent, not both taken and refused.
+        let mut s = outcome(
+            State::Sent,
+            None,
+            &["p@example.org", "q@example.org", "r@example.org"],
+        );
+        with_earlier_rounds(&mut s, &retried(&[]), &report(None));
+        assert_eq!(s.state, State::Sent);
+        assert!(s.rejected.is_empty(), "{:?}", s.rejected);
+        // Refused again, with another reply: that one.
+        let mut s = outcome(State::Partial, None, &["p@example.org", "r@example.org"]);
+        s.rejected = vec![RejectedRecord {
+            address: "Q@example.org".into(),
+            code: 552,
+            text: "5.2.2 mailbox full".into(),
+        }];
+        with_earlier_rounds(&mut s, &retried(&[]), &report(None));
+        assert_eq!(s.state, State::Partial);
+        assert_eq!(addresses(&s).1, vec![("Q@example.org", 552)]);
+    }
+
+    #[test]
     fn a_retried_round_settles_the_message_over_all_its_rounds() {
         // Taken by the retry: partial, as q@ was refused before.
         let mut s = outcome(State::Sent, None, &["r@example.org"]);
