@@ -16,7 +16,8 @@
 //! The queue asks the same copy before each round of a message that no
 //! recipient has yet (`Screen`): one accepted before a recipient was
 //! listed (scheduled, or waiting for a retry) is cancelled with the reason
-//! `recipient_suppressed`, not sent.
+//! `recipient_suppressed`, not sent; a recipient listed while it waits for
+//! a retry of a message others have counts as refused, not sent to.
 //!
 //! Operators add and remove entries with `mailmux queue suppress` and
 //! `/admin/suppressions`, both checked by [`operator_entry`]; a recipient

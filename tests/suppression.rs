@@ -3,7 +3,8 @@
 //! and refused at the next call, with nothing stored or sent; a refusal for
 //! another reason lists nothing; the list survives a SIGKILL; an operator
 //! adds and removes addresses with `mailmux queue suppress` while the daemon
-//! runs, and the daemon heeds each change.
+//! runs, and the daemon heeds each change; a recipient listed while it
+//! waits for a retry is not sent to.
 
 mod common;
 #[path = "../actors/tests/support/mod.rs"]
@@ -554,5 +555,75 @@ async fn a_message_whose_every_recipient_is_refused_lists_the_unknown_ones() {
     let list = listed(dir.path());
     assert_eq!(list.len(), 1, "{list:?}");
     assert_eq!(list[0]["message_id"], only.as_str());
+    d.stop().await;
+}
+
+/// A message some recipients have, whose other recipient waits for a
+/// retry: listed meanwhile, that one is not sent to when the retry comes,
+/// and the message ends `partial`, the listed recipient refused for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_listed_while_it_waits_for_a_retry_is_not_sent_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = FaultSmtp::start(
+        Script::ok().on_rcpt("later@dest.example", Action::reply(451, "4.2.1 try later")),
+    )
+    .await;
+    let cfg = config(
+        dir.path(),
+        smtp.port(),
+        "retry_base = \"1s\"\nretry_max = \"1s\"\n",
+    );
+    let d = StdioDaemon::start(dir.path(), &cfg).await;
+    let r = d
+        .call(
+            "send_email",
+            mail(
+                "half",
+                json!({ "to": ["ok@dest.example", "later@dest.example"], "wait": false }),
+            ),
+        )
+        .await;
+    let id = r["message_id"].as_str().unwrap().to_string();
+    // The first round: ok@ has it, later@ waits.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = d
+            .call("get_message_status", json!({ "message_id": id }))
+            .await;
+        if s["deferred"] == json!(["later@dest.example"]) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, out, err) =
+        common::queue_cmd(dir.path(), &["suppress", "add", "later@dest.example"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let s = loop {
+        let s = d
+            .call("get_message_status", json!({ "message_id": id }))
+            .await;
+        if s["status"] != "queued" && s["status"] != "sending" {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(s["status"], "partial", "{s}");
+    assert_eq!(s["accepted"], json!(["ok@dest.example"]), "{s}");
+    assert_eq!(s["rejected"][0]["address"], "later@dest.example", "{s}");
+    assert!(
+        s["rejected"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("suppression list"),
+        "{s}"
+    );
+    // No later round: the server took the message once, for ok@ only.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let got = smtp.received();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].rcpt_to, ["ok@dest.example"]);
     d.stop().await;
 }

@@ -244,8 +244,9 @@ pub trait Observer: Send + Sync + std::fmt::Debug {
 /// Decides whether a message may still go when its round comes (the
 /// daemon's suppression list), so that a message accepted before a
 /// recipient was listed (scheduled, or waiting for a retry) is not sent to
-/// it. Called before each round of a message that no recipient has yet:
-/// it must be quick.
+/// it. Called before each round of a message that no recipient has yet,
+/// and for each recipient still waiting for a message others have: it must
+/// be quick.
 pub trait Screen: Send + Sync + std::fmt::Debug {
     /// The first of `to` that may no longer get mail, if any.
     fn refused(&self, to: &[String]) -> Option<String>;
@@ -2297,6 +2298,32 @@ async fn first_round(
         .is_empty()
         .then(|| inner.screen.get().and_then(|s| s.refused(&p.to)))
         .flatten();
+    // A message some recipients have, whose others wait for a retry: those
+    // listed since are not sent to, and count as refused; when none is
+    // left, no relay sees the message again.
+    let mut p = p;
+    let mut none_left = false;
+    if !p.accepted.is_empty()
+        && let Some(screen) = inner.screen.get()
+    {
+        let listed: Vec<String> = super::unsettled(&p.to, &p.accepted, &p.rejected)
+            .into_iter()
+            .filter(|a| screen.refused(&[(*a).to_owned()]).is_some())
+            .map(str::to_owned)
+            .collect();
+        if !listed.is_empty() {
+            p.rejected.extend(listed.into_iter().map(|address| RejectedRecord {
+                address,
+                code: 550,
+                text: format!(
+                    "not sent: on the suppression list since the message was accepted ({SUPPRESSED})"
+                ),
+            }));
+            none_left = super::unsettled(&p.to, &p.accepted, &p.rejected).is_empty();
+        }
+    }
+    let screened =
+        screened.or_else(|| none_left.then(|| "every recipient still waiting for it".to_owned()));
     let report = match (&screened, mail_of(&p, deadline)) {
         (Some(address), _) => Report::failed_for(
             id.clone(),
@@ -2322,7 +2349,17 @@ async fn first_round(
         (None, Err(e)) => Report::failed_for(id.clone(), FailureReason::Rejected, e),
     };
     let mut settle = inner.settle_for(&report, &p, started);
-    if screened.is_some() {
+    if none_left {
+        // Some recipients have it, and the rest are listed.
+        settle.state = State::Partial;
+        settle.reason = None;
+        settle.next_attempt_at = None;
+        settle.note = Some(crate::mail::partly_refused(
+            settle.rejected.len(),
+            p.to.len(),
+            Some("the recipients still waiting for it are on the suppression list"),
+        ));
+    } else if screened.is_some() {
         settle.state = State::Cancelled;
         settle.reason = Some(SUPPRESSED.into());
         settle.next_attempt_at = None;
@@ -2375,6 +2412,7 @@ async fn first_round(
         inner.changed(&id, state);
         inner.notify_settled(&p, &settle);
         if screened.is_some()
+            && !none_left
             && inner.observer.get().is_some()
             && let Ok(Some(r)) = inner.store.get(&id).await
         {
