@@ -87,7 +87,8 @@ pub fn parse(bytes: &[u8]) -> Option<Report> {
     }
     let report_type = ct.attribute("report-type")?.to_ascii_lowercase();
     let mut fields = None;
-    let mut original = None;
+    // The Message-ID of the returned message, or of its headers.
+    let mut message_id = None;
     for part in &message.parts {
         let Some(pct) = part.content_type() else {
             continue;
@@ -105,22 +106,18 @@ pub fn parse(bytes: &[u8]) -> Option<Report> {
             }
             "message/rfc822" | "message/global" => {
                 if let PartType::Message(m) = &part.body {
-                    original = Some((
-                        m.message_id().map(str::to_owned),
-                        addresses(m.to()).into_iter().collect::<Vec<_>>(),
-                    ));
+                    message_id = m.message_id().map(str::to_owned);
                 }
             }
             "text/rfc822-headers" | "message/global-headers" => {
                 if let Some(h) = MessageParser::default().parse_headers(part.contents()) {
-                    original = Some((h.message_id().map(str::to_owned), addresses(h.to())));
+                    message_id = h.message_id().map(str::to_owned);
                 }
             }
             _ => {}
         }
     }
     let groups = field_groups(&fields?);
-    let message_id = original.as_ref().and_then(|(id, _)| id.clone());
     match report_type.as_str() {
         "delivery-status" => {
             let recipients: Vec<(String, String)> = groups
@@ -181,16 +178,6 @@ pub fn parse(bytes: &[u8]) -> Option<Report> {
         }
         _ => None,
     }
-}
-
-/// The addresses of an address header.
-fn addresses(a: Option<&mail_parser::Address<'_>>) -> Vec<String> {
-    a.map(|a| {
-        a.iter()
-            .filter_map(|x| x.address().map(str::to_owned))
-            .collect()
-    })
-    .unwrap_or_default()
 }
 
 /// The groups of `Name: value` fields of a status or feedback part, split
