@@ -11,7 +11,7 @@
 //! the mailbox down, mail goes out and the reader comes back by itself;
 //! two daemons on PostgreSQL list a reported recipient once; a report
 //! after thousands of deleted messages is found; an OAuth2 relay's mailbox
-//! is read with its tokens.
+//! is read with its tokens; reports read across a SIGKILL count once.
 
 mod common;
 #[path = "common/dovecot.rs"]
@@ -498,4 +498,72 @@ every = "200ms"
     assert_eq!(list[0]["address"], "gone@dest.example");
     assert_eq!(endpoint.requests.lock().unwrap().len(), 1);
     d.stop().await;
+}
+
+/// SIGKILL while the reports come in and are read, then a restart: every
+/// reported recipient is listed, and each message's status holds its report
+/// once; a report read again after the crash doubles nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_read_across_a_sigkill_are_counted_once() {
+    const N: usize = 40;
+    let imap = Dovecot::start();
+    let smtp = FaultSmtp::start(Script::ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), smtp.port(), imap.port);
+    let d = StdioDaemon::start(dir.path(), &cfg).await;
+    let messages: Vec<Value> = (0..N)
+        .map(|i| json!({ "to": [format!("r{i}@dest.example")] }))
+        .collect();
+    let out = d
+        .call(
+            "send_batch",
+            json!({ "defaults": { "subject": "news", "body": "hello" }, "messages": messages }),
+        )
+        .await;
+    assert_eq!(out["summary"], json!({ "sent": N }), "{out}");
+    let ids: Vec<String> = out["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["message_id"].as_str().unwrap().to_owned())
+        .collect();
+    let report = |i: usize| {
+        dsn(
+            &ids[i],
+            &[(&format!("r{i}@dest.example"), "failed", "5.1.1")],
+        )
+    };
+    for i in 0..N / 2 {
+        imap.append("INBOX", &report(i)).await;
+    }
+    // Killed while it reads the first half (every 200 ms).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    d.kill().await;
+    let d = StdioDaemon::start(dir.path(), &cfg).await;
+    for i in N / 2..N {
+        imap.append("INBOX", &report(i)).await;
+    }
+    let list = until_listed(dir.path(), N).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(listed(dir.path()).len(), N, "{list:?}");
+    for (i, id) in ids.iter().enumerate() {
+        let s = d
+            .call("get_message_status", json!({ "message_id": id }))
+            .await;
+        let reports = s["reports"].as_array().unwrap();
+        assert_eq!(reports.len(), 1, "{s}");
+        assert_eq!(reports[0]["address"], format!("r{i}@dest.example"));
+    }
+    d.stop().await;
+    // At most one audit line an address (a line being written at the
+    // SIGKILL may be lost, never doubled).
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    for i in 0..N {
+        let address = format!("\"r{i}@dest.example\"");
+        let lines = audit
+            .lines()
+            .filter(|l| l.contains("\"suppressed\"") && l.contains(&address))
+            .count();
+        assert!(lines <= 1, "{address}: {lines} lines");
+    }
 }
