@@ -484,6 +484,51 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
     click("tr[data-relay=sink] form[action$='/reconnect'] button".into()).await;
     text_with(&b, "[role=status]", "Reconnected sink: it is healthy").await;
 
+    // The suppression list: an address added in the console is refused at
+    // the next call; removed, it is accepted again.
+    b.goto(&format!("{base}/console/suppressions"))
+        .await
+        .unwrap();
+    text_with(&b, "main", "No address is listed").await;
+    b.find(Locator::Css("#address"))
+        .await
+        .unwrap()
+        .send_keys("Blocked@Example.org")
+        .await
+        .unwrap();
+    b.find(Locator::Css("#note"))
+        .await
+        .unwrap()
+        .send_keys("asked by phone")
+        .await
+        .unwrap();
+    click("form[action='/console/suppressions/add'] button".into()).await;
+    text_with(&b, "[role=status]", "Listed blocked@example.org").await;
+    let row = text_of(&b, "tr[data-address='blocked@example.org']").await;
+    assert!(
+        row.contains("manual") && row.contains("asked by phone"),
+        "{row}"
+    );
+    shoot(&b, kind, "suppressions").await;
+    let out = call(
+        &mcp,
+        "send_email",
+        json!({ "to": ["blocked@example.org"], "subject": "hi", "body": "plain" }),
+    )
+    .await;
+    assert_eq!(out["error"]["code"], "recipient_suppressed", "{out}");
+    assert_eq!(out["error"]["rule"], "manual", "{out}");
+    click("tr[data-address='blocked@example.org'] form button".into()).await;
+    text_with(&b, "[role=status]", "Removed blocked@example.org").await;
+    text_with(&b, "main", "No address is listed").await;
+    let out = call(
+        &mcp,
+        "send_email",
+        json!({ "to": ["blocked@example.org"], "subject": "hi", "body": "plain", "dry_run": true }),
+    )
+    .await;
+    assert_eq!(out["status"], "dry_run", "{out}");
+
     // Three held messages (outside the allowlist); A has a Bcc.
     let a = held(
         &mcp,
@@ -995,7 +1040,13 @@ async fn random_console_requests_are_answered_below_500() {
             3 => "/console/relays".to_owned(),
             4 => "/console/login".to_owned(),
             5 => format!("/console/relays/{relay}/{action}"),
-            6 => "/console/relays/unpin".to_owned(),
+            6 if rng.random_bool(0.5) => "/console/relays/unpin".to_owned(),
+            6 => [
+                "/console/suppressions",
+                "/console/suppressions/add",
+                "/console/suppressions/remove",
+            ][rng.random_range(0..3)]
+            .to_owned(),
             7 => format!("/console/batches/{id}/{action}"),
             8 => format!("/console/{}", escaped(&short_string(&mut rng))),
             9 => format!("/console/messages/{id}"),
@@ -1003,6 +1054,7 @@ async fn random_console_requests_are_answered_below_500() {
         };
         let keys = [
             "state", "caller", "batch", "before", "notice", "cursor", "m", "hash", "token", "csrf",
+            "address", "reason", "note",
         ];
         let mut pairs = Vec::new();
         for _ in 0..rng.random_range(0..4) {

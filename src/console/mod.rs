@@ -1,6 +1,6 @@
 //! The operators' web console at `/console`: the relays and the queue at a
-//! glance, each message, the approvals of held messages, and the relay
-//! controls.
+//! glance, each message, the approvals of held messages, the relay
+//! controls, and the suppression list.
 //!
 //! Operators sign in with their `[[operators]]` token, which becomes a
 //! session (an HttpOnly, SameSite=Strict cookie naming a random id; the
@@ -150,6 +150,9 @@ pub fn routes(server: &MailmuxServer) -> Router {
         .route("/console/relays/{name}/reconnect", post(reconnect))
         .route("/console/relays/{name}/pin", post(pin))
         .route("/console/relays/unpin", post(unpin))
+        .route("/console/suppressions", get(suppressions))
+        .route("/console/suppressions/add", post(suppress))
+        .route("/console/suppressions/remove", post(unsuppress))
         .route("/console/logout", post(logout))
         .route_layer(middleware::from_fn_with_state(
             server.clone(),
@@ -704,6 +707,80 @@ async fn relays(
 ) -> Response {
     let snapshot = server.dispatcher().status().await.ok();
     pages::relays(&op, n.notice.as_deref(), snapshot.as_ref()).into_response()
+}
+
+/// The suppression list, as the store holds it.
+async fn suppressions(
+    State(server): State<MailmuxServer>,
+    axum::Extension(op): axum::Extension<Operator>,
+    Query(n): Query<Notice>,
+) -> Response {
+    let list = server
+        .queue()
+        .suppressions()
+        .await
+        .map(|(_, l)| l)
+        .map_err(|e| e.to_string());
+    pages::suppressions(&op, n.notice.as_deref(), list.as_ref()).into_response()
+}
+
+/// The console's form of an entry of the suppression list.
+#[derive(Debug, Default, Deserialize)]
+struct EntryForm {
+    address: Option<String>,
+    reason: Option<String>,
+    note: Option<String>,
+}
+
+/// Lists an address, as `PUT /admin/suppressions/{address}` does: in the
+/// store, in force on this daemon at once, audited as the operator's.
+async fn suppress(
+    State(server): State<MailmuxServer>,
+    axum::Extension(op): axum::Extension<Operator>,
+    Form(form): Form<EntryForm>,
+) -> Response {
+    let address = form.address.unwrap_or_default();
+    let reason = form.reason.unwrap_or_else(|| "manual".into());
+    let note = form.note.filter(|n| !n.trim().is_empty());
+    let now = mailmux_actors::queue::now_millis();
+    let notice = match crate::suppress::operator_entry(&address, &reason, note.as_deref(), now) {
+        Err(e) => format!("Not listed: {e}."),
+        Ok(entry) => {
+            let shown = entry.address.clone();
+            match server
+                .suppressions()
+                .add(entry, &format!("operator {}", op.name))
+                .await
+            {
+                Ok(true) => format!("Listed {shown}: no mail is accepted for it."),
+                Ok(false) => format!("{shown} was listed already; its entry is kept."),
+                Err(e) => format!("Not listed: {e}."),
+            }
+        }
+    };
+    back("/console/suppressions", &notice)
+}
+
+/// Takes an address off the list, as `DELETE /admin/suppressions/{address}`.
+async fn unsuppress(
+    State(server): State<MailmuxServer>,
+    axum::Extension(op): axum::Extension<Operator>,
+    Form(form): Form<EntryForm>,
+) -> Response {
+    let address = form.address.unwrap_or_default();
+    let notice = match crate::suppress::key(&address) {
+        None => format!("{address:?} is not an email address."),
+        Some(k) => match server
+            .suppressions()
+            .remove(&k, &format!("operator {}", op.name))
+            .await
+        {
+            Ok(true) => format!("Removed {k}: mail to it is accepted again."),
+            Ok(false) => format!("{k} was not listed."),
+            Err(e) => format!("Not removed: {e}."),
+        },
+    };
+    back("/console/suppressions", &notice)
 }
 
 async fn reconnect(

@@ -78,6 +78,7 @@ fn layout(
         ("queue", "/console/queue", "Queue"),
         ("approvals", "/console/approvals", "Approvals"),
         ("relays", "/console/relays", "Relays"),
+        ("suppressions", "/console/suppressions", "Suppressed"),
     ];
     html! {
         (DOCTYPE)
@@ -350,6 +351,71 @@ pub fn relays(op: &Operator, notice: Option<&str>, snapshot: Option<&Snapshot>) 
         }
     };
     layout(Some(op), "Relays", "relays", notice, body)
+}
+
+/// The suppression list, with a form to add an address and a button to
+/// remove each.
+pub fn suppressions(
+    op: &Operator,
+    notice: Option<&str>,
+    list: Result<&Vec<mailmux_actors::queue::Suppression>, &String>,
+) -> Markup {
+    let body = html! {
+        h1 { "Suppression list" }
+        div.card {
+            p.muted {
+                "No mail is accepted for these addresses, whichever caller asks. "
+                "The daemon lists an address a relay refused as unknown, a bounce or complaint report, "
+                "or a recipient's unsubscribe link."
+            }
+            form.filters method="post" action="/console/suppressions/add" {
+                input type="hidden" name="csrf" value=(op.csrf);
+                label { "address" input #address type="email" name="address" required; }
+                label {
+                    "reason"
+                    select name="reason" {
+                        @for r in &crate::suppress::REASONS[1..] {
+                            option value=(r) selected[*r == "manual"] { (r) }
+                        }
+                    }
+                }
+                label { "note" input #note type="text" name="note" maxlength="300"; }
+                button type="submit" { "Add" }
+            }
+        }
+        @match list {
+            Err(e) => div.error { "The store does not answer: " (e) }
+            Ok(list) if list.is_empty() => div.card.muted { "No address is listed." }
+            Ok(list) => {
+                table {
+                    thead { tr { th { "address" } th { "reason" } th { "since" } th { "detail" } th { "message" } th {} } }
+                    tbody {
+                        @for e in list {
+                            tr data-address=(e.address) {
+                                td.mono { (e.address) }
+                                td { (e.reason) }
+                                td.mono { (when(e.at)) }
+                                td { (e.detail.as_deref().unwrap_or("")) }
+                                td.mono {
+                                    @if let Some(id) = &e.message_id {
+                                        a href={ "/console/messages/" (super::urlencode(id)) } { (id) }
+                                    }
+                                }
+                                td {
+                                    form.inline method="post" action="/console/suppressions/remove" {
+                                        input type="hidden" name="csrf" value=(op.csrf);
+                                        input type="hidden" name="address" value=(e.address);
+                                        button type="submit" { "Remove" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    layout(Some(op), "Suppression list", "suppressions", notice, body)
 }
 
 pub fn queue(
