@@ -481,6 +481,7 @@ impl Reader {
                     .filter(|f| f.header().is_some_and(is_report))
                     .filter_map(|f| f.uid)
                     .collect();
+                let mut new = Vec::new();
                 for uid in reports {
                     let query = format!("(UID BODY.PEEK[]<0.{REPORT_BYTES}>)");
                     let fetched = fetch(s, &uid.to_string(), &query).await?;
@@ -488,8 +489,11 @@ impl Reader {
                         continue;
                     };
                     read.reports += 1;
-                    read.listed += self.list(&report).await?;
+                    new.extend(self.noted(&report).await?);
                 }
+                // The chunk's entries in one write (and one read of the
+                // list after it), not one a report.
+                read.listed += self.list(new).await?;
                 read.seen += chunk.len();
                 if let Some(last) = chunk.last() {
                     self.advance(validity, *last).await?;
@@ -507,11 +511,11 @@ impl Reader {
             .map_err(|e| format!("the store: {e}"))
     }
 
-    /// Lists what `report` names, if it is about a message of this store;
-    /// how many addresses it added.
-    async fn list(&self, report: &Report) -> Result<usize, String> {
+    /// What `report` says of the recipients of a message of this store,
+    /// kept on that message; the entries it would add to the list.
+    async fn noted(&self, report: &Report) -> Result<Vec<Suppression>, String> {
         let Some(id) = report.message_id.as_deref() else {
-            return Ok(0);
+            return Ok(Vec::new());
         };
         let Some(record) = self
             .queue
@@ -519,14 +523,14 @@ impl Reader {
             .await
             .map_err(|e| format!("the store: {e}"))?
         else {
-            return Ok(0);
+            return Ok(Vec::new());
         };
         let new = entries(report, &record.message_id, &record.to);
         if new.is_empty() {
-            return Ok(0);
+            return Ok(new);
         }
-        // On the message first, so that its status says what happened to
-        // it even when the address was listed already.
+        // On the message whether or not the address is listed already, so
+        // that its status says what happened to it.
         let noted = new
             .iter()
             .map(|e| ReportRecord {
@@ -540,15 +544,34 @@ impl Reader {
             .note_reports(&record.message_id, noted)
             .await
             .map_err(|e| format!("the store: {e}"))?;
+        Ok(new)
+    }
+
+    /// Lists `new` (audited as the report's); how many addresses it added.
+    async fn list(&self, mut new: Vec<Suppression>) -> Result<usize, String> {
+        // Two reports of one chunk about one address: its first entry.
+        let mut seen = std::collections::HashSet::new();
+        new.retain(|e| seen.insert(e.address.clone()));
+        if new.is_empty() {
+            return Ok(0);
+        }
         let Some(list) = self.list.upgrade() else {
             return Ok(0);
         };
+        let reasons: Vec<(String, String)> = new
+            .iter()
+            .map(|e| (e.address.clone(), e.reason.clone()))
+            .collect();
         let added = list
             .add_all(new, "report")
             .await
             .map_err(|e| format!("the store: {e}"))?;
-        metrics::counter!(crate::telemetry::REPORTED, "reason" => report.reason)
-            .increment(added.len() as u64);
+        for address in &added {
+            if let Some((_, reason)) = reasons.iter().find(|(a, _)| a == address) {
+                metrics::counter!(crate::telemetry::REPORTED, "reason" => reason.clone())
+                    .increment(1);
+            }
+        }
         Ok(added.len())
     }
 }

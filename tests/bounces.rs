@@ -71,6 +71,15 @@ async fn sent(d: &StdioDaemon, to: &[&str]) -> String {
     r["message_id"].as_str().unwrap().to_owned()
 }
 
+/// A message to `to`, sent, then its bounce (`status`) in the inbox; its
+/// id.
+async fn bounced(d: &StdioDaemon, imap: &Dovecot, to: &str, status: &str) -> String {
+    let id = sent(d, &[to]).await;
+    imap.append("INBOX", &dsn(&id, &[(to, "failed", status)]))
+        .await;
+    id
+}
+
 /// A delivery status notification about `message_id`, one group a
 /// recipient: (address, action, status).
 fn dsn(message_id: &str, recipients: &[(&str, &str, &str)]) -> Vec<u8> {
@@ -251,12 +260,7 @@ async fn a_report_read_before_a_restart_is_not_read_again() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), smtp.port(), imap.port);
     let d = StdioDaemon::start(dir.path(), &cfg).await;
-    let first = sent(&d, &["gone@dest.example"]).await;
-    imap.append(
-        "INBOX",
-        &dsn(&first, &[("gone@dest.example", "failed", "5.1.1")]),
-    )
-    .await;
+    bounced(&d, &imap, "gone@dest.example", "5.1.1").await;
     until_listed(dir.path(), 1).await;
     d.stop().await;
 
@@ -268,12 +272,7 @@ async fn a_report_read_before_a_restart_is_not_read_again() {
 
     // After a restart only the new report is read.
     let d = StdioDaemon::start(dir.path(), &cfg).await;
-    let second = sent(&d, &["late@dest.example"]).await;
-    imap.append(
-        "INBOX",
-        &dsn(&second, &[("late@dest.example", "failed", "5.1.2")]),
-    )
-    .await;
+    bounced(&d, &imap, "late@dest.example", "5.1.2").await;
     let list = until_listed(dir.path(), 1).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     let list2 = listed(dir.path());
@@ -307,12 +306,7 @@ async fn with_the_mailbox_down_mail_goes_out_and_the_reader_comes_back_by_itself
     // Nothing listens on the mailbox's port yet.
     let port = common::free_port();
     let d = StdioDaemon::start(dir.path(), &config(dir.path(), smtp.port(), port)).await;
-    let id = sent(&d, &["gone@dest.example"]).await;
-    imap.append(
-        "INBOX",
-        &dsn(&id, &[("gone@dest.example", "failed", "5.1.1")]),
-    )
-    .await;
+    bounced(&d, &imap, "gone@dest.example", "5.1.1").await;
     // Many reads fail meanwhile; the log says so once, without the password.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(listed(dir.path()).is_empty());
@@ -372,12 +366,7 @@ async fn two_daemons_on_postgres_list_a_reported_recipient_once() {
     };
     let da = StdioDaemon::start(a.path(), &on_pg(a.path(), "a")).await;
     let db = StdioDaemon::start(b.path(), &on_pg(b.path(), "b")).await;
-    let id = sent(&db, &["gone@dest.example"]).await;
-    imap.append(
-        "INBOX",
-        &dsn(&id, &[("gone@dest.example", "failed", "5.1.1")]),
-    )
-    .await;
+    bounced(&db, &imap, "gone@dest.example", "5.1.1").await;
     let list = until_listed(a.path(), 1).await;
     assert_eq!(list[0]["address"], "gone@dest.example");
     // Both daemons read the mailbox several times by now (every 200 ms).
@@ -424,12 +413,7 @@ async fn a_report_after_thousands_of_deleted_messages_is_found() {
     let smtp = FaultSmtp::start(Script::ok()).await;
     let dir = tempfile::tempdir().unwrap();
     let d = StdioDaemon::start(dir.path(), &config(dir.path(), smtp.port(), imap.port)).await;
-    let id = sent(&d, &["gone@dest.example"]).await;
-    imap.append(
-        "INBOX",
-        &dsn(&id, &[("gone@dest.example", "failed", "5.1.1")]),
-    )
-    .await;
+    bounced(&d, &imap, "gone@dest.example", "5.1.1").await;
     let list = until_listed(dir.path(), 1).await;
     assert_eq!(list[0]["address"], "gone@dest.example");
     let s = d.call("get_smtp_status", json!({})).await;
@@ -488,12 +472,7 @@ every = "200ms"
         imap = imap.port,
     );
     let d = StdioDaemon::start(dir.path(), &config).await;
-    let id = sent(&d, &["gone@dest.example"]).await;
-    imap.append(
-        "INBOX",
-        &dsn(&id, &[("gone@dest.example", "failed", "5.1.1")]),
-    )
-    .await;
+    bounced(&d, &imap, "gone@dest.example", "5.1.1").await;
     let list = until_listed(dir.path(), 1).await;
     assert_eq!(list[0]["address"], "gone@dest.example");
     assert_eq!(endpoint.requests.lock().unwrap().len(), 1);
