@@ -9,6 +9,8 @@
 //! relay refuses as unknown (an enhanced status of 5.1.1, 5.1.2 or 5.1.10)
 //! is added by the daemon that saw the refusal, unless
 //! `queue.suppress_bounces` is off ([`Suppressions`] is a queue observer).
+//! When the store cannot take that write, the entry holds in this daemon's
+//! copy and the poll writes it once the store takes writes again.
 //! Bounces and complaints that come back by mail are read by
 //! `bounces.rs`, which lists what they report through
 //! [`Suppressions::add_all`].
@@ -225,8 +227,9 @@ pub struct Suppressions {
     /// The store's version the copy was read at; `None` before a first read.
     version: std::sync::Mutex<Option<i64>>,
     /// Entries this daemon listed whose write to the store has not
-    /// succeeded yet: a read of the store's list keeps them.
-    unwritten: Arc<std::sync::Mutex<HashMap<String, Listed>>>,
+    /// succeeded yet: a read of the store's list keeps them, and the poll
+    /// writes them once the store takes writes again.
+    unwritten: Arc<std::sync::Mutex<HashMap<String, Suppression>>>,
     /// `queue.suppress_bounces`.
     bounces: bool,
     /// Where the bounces it lists are recorded.
@@ -372,17 +375,49 @@ impl Suppressions {
                 )
             })
             .collect();
-        for (k, l) in self
+        for (k, s) in self
             .unwritten
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
         {
-            listed.entry(k.clone()).or_insert_with(|| l.clone());
+            listed.entry(k.clone()).or_insert_with(|| Listed {
+                reason: s.reason.clone(),
+                at: s.at,
+            });
         }
         *self.listed.write().unwrap_or_else(|e| e.into_inner()) = listed;
         *self.version.lock().unwrap_or_else(|e| e.into_inner()) = Some(version);
         Ok(())
+    }
+
+    /// Writes the entries a failed write left in memory only; how many it
+    /// wrote (none when there were none, or the store still fails).
+    async fn write_unwritten(&self) -> Result<usize, mailmux_actors::queue::QueueError> {
+        let held: Vec<Suppression> = self
+            .unwritten
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        if held.is_empty() {
+            return Ok(0);
+        }
+        self.queue.suppress(held.clone()).await?;
+        forget(&self.unwritten, held.iter().map(|s| &s.address));
+        Ok(held.len())
+    }
+}
+
+/// Takes `keys` out of the entries held in memory only, once stored.
+fn forget<'a>(
+    unwritten: &std::sync::Mutex<HashMap<String, Suppression>>,
+    keys: impl IntoIterator<Item = &'a String>,
+) {
+    let mut u = unwritten.lock().unwrap_or_else(|e| e.into_inner());
+    for k in keys {
+        u.remove(k);
     }
 }
 
@@ -391,6 +426,13 @@ async fn poll(s: Weak<Suppressions>) {
     loop {
         tokio::time::sleep(REFRESH).await;
         let Some(s) = s.upgrade() else { return };
+        match s.write_unwritten().await {
+            Ok(0) | Err(_) => {}
+            Ok(n) => tracing::info!(
+                entries = n,
+                "suppression list entries held in memory while the store failed are stored"
+            ),
+        }
         match s.refresh().await {
             Ok(()) if failing => {
                 failing = false;
@@ -474,24 +516,13 @@ impl Observer for Suppressions {
         self.unwritten
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .extend(new.iter().map(|s| {
-                let l = Listed {
-                    reason: s.reason.clone(),
-                    at: s.at,
-                };
-                (s.address.clone(), l)
-            }));
+            .extend(new.iter().map(|s| (s.address.clone(), s.clone())));
         let (queue, unwritten) = (self.queue.clone(), self.unwritten.clone());
         tokio::spawn(async move {
             match queue.suppress(new).await {
-                Ok(_) => {
-                    let mut u = unwritten.lock().unwrap_or_else(|e| e.into_inner());
-                    for k in &keys {
-                        u.remove(k);
-                    }
-                }
+                Ok(_) => forget(&unwritten, &keys),
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot store suppression list entries; they hold in this daemon until it stops")
+                    tracing::warn!(error = %e, "cannot store suppression list entries; they hold in this daemon, which stores them once the store takes writes again")
                 }
             }
         });

@@ -4,7 +4,8 @@
 //! another reason lists nothing; the list survives a SIGKILL; an operator
 //! adds and removes addresses with `mailmux queue suppress` while the daemon
 //! runs, and the daemon heeds each change; a recipient listed while it
-//! waits for a retry is not sent to.
+//! waits for a retry is not sent to; an entry the store cannot write yet is
+//! written once it can.
 
 mod common;
 #[path = "../actors/tests/support/mod.rs"]
@@ -625,5 +626,56 @@ async fn a_recipient_listed_while_it_waits_for_a_retry_is_not_sent_to() {
     let got = smtp.received();
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].rcpt_to, ["ok@dest.example"]);
+    d.stop().await;
+}
+
+/// A listing the store cannot write (a trigger refuses it here, where a
+/// failing disk or a database gone for a moment would): the daemon refuses
+/// the recipient at once from its own copy of the list, and stores the
+/// entry once the store takes it, so that the queue command and the next
+/// start see it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounce_the_store_cannot_write_yet_is_stored_once_it_can() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = FaultSmtp::start(script()).await;
+    let cfg = config(dir.path(), smtp.port(), "");
+    let d = StdioDaemon::start(dir.path(), &cfg).await;
+    let db = rusqlite::Connection::open(dir.path().join("queue.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse_listing BEFORE INSERT ON suppressions
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+    )
+    .unwrap();
+    let r = d
+        .call(
+            "send_email",
+            mail("unknown", json!({ "to": ["gone@dest.example"] })),
+        )
+        .await;
+    assert_eq!(r["status"], "failed", "{r}");
+    until_dry_run(&d, "gone@dest.example", true).await;
+    // The poll tries the write every second, and the store refuses it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(listed(dir.path()).is_empty());
+    db.execute_batch("DROP TRIGGER refuse_listing").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let list = loop {
+        let list = listed(dir.path());
+        if !list.is_empty() {
+            break list;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not stored within 10 s of the store taking writes"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["address"], "gone@dest.example");
+    assert_eq!(list[0]["reason"], "bounced");
+    d.stop().await;
+    let d = StdioDaemon::start(dir.path(), &cfg).await;
+    until_dry_run(&d, "gone@dest.example", true).await;
     d.stop().await;
 }
