@@ -1,7 +1,8 @@
 //! A relay's `senders`: the real binary over stdio, three SMTP servers, and
 //! mail from each sender arriving only at the server of a relay that
 //! carries it, on first choice and on failover; a sender no relay carries
-//! (or a relay asked for that does not carry it) refused with nothing sent.
+//! (or a relay asked for that does not carry it) refused with nothing sent;
+//! stored mail whose relays a reload removed waiting for them.
 
 mod common;
 #[path = "../actors/tests/support/mod.rs"]
@@ -341,4 +342,80 @@ async fn after_a_sigkill_stored_mail_keeps_to_the_relays_of_its_sender() {
         "20 accepted; at brand-b {at_b}, at the fallback {}; none twice",
         f.delivered().len()
     );
+}
+
+/// A reload that removes every relay a stored message may take: the message
+/// waits, queued, and its status says why; a reload that brings the relay
+/// back delivers it, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_whose_relays_a_reload_removed_waits_for_them_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, c) = (
+        FaultSmtp::start(Script::ok()).await,
+        FaultSmtp::start(Script::ok()).await,
+    );
+    let write = |with_a: bool| {
+        let mut relays = vec![relay("brand-c", c.port(), 1, &["@c.example"])];
+        if with_a {
+            relays.push(relay("brand-a", a.port(), 5, &["@a.example"]));
+        }
+        let cfg = config(dir.path(), &relays).replacen(
+            "[queue]\n",
+            "[queue]\nretry_base = \"500ms\"\nretry_max = \"1s\"\n",
+            1,
+        );
+        std::fs::write(dir.path().join("mailmux.toml"), &cfg).unwrap();
+        cfg
+    };
+    let d = StdioDaemon::start(dir.path(), &write(true)).await;
+    let mut args = mail("x@a.example", "later");
+    args["send_at"] = json!("2s");
+    let r = d.call("send_email", args).await;
+    assert_eq!(r["status"], "scheduled", "{r}");
+    let id = r["message_id"].as_str().unwrap().to_string();
+    write(false);
+    let r = d.call("reload_smtp_configuration", json!({})).await;
+    assert_eq!(r["removed"], json!(["brand-a"]), "{r}");
+
+    let status = || d.call("get_message_status", json!({ "message_id": id }));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let s = loop {
+        let s = status().await;
+        if s.to_string().contains("is configured now") {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {s}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(s["status"], "queued", "{s}");
+    assert!(s["next_attempt_at"].is_string(), "{s}");
+    assert!(
+        s.to_string()
+            .contains("none of the relays that may take it (brand-a) is configured now"),
+        "{s}"
+    );
+    assert!(
+        c.delivered().is_empty(),
+        "not through another sender's relay"
+    );
+
+    write(true);
+    let r = d.call("reload_smtp_configuration", json!({})).await;
+    assert_eq!(r["added"], json!(["brand-a"]), "{r}");
+    assert!(
+        support::wait_until(
+            || !a.delivered().is_empty(),
+            std::time::Duration::from_secs(15)
+        )
+        .await,
+        "not delivered once brand-a came back"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while status().await["status"] != "sent" {
+        assert!(std::time::Instant::now() < deadline, "{}", status().await);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    d.stop().await;
+    assert_eq!(subjects(&a), ["later"]);
+    assert!(c.delivered().is_empty());
 }

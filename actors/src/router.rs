@@ -468,6 +468,17 @@ impl RouterState {
         }
         if self.table.is_empty() {
             out.push_str("; no relay is configured");
+        } else if let Some(only) = flight.mail.only.as_deref()
+            && !only
+                .iter()
+                .any(|n| self.table.iter().any(|e| e.name() == n))
+        {
+            // Fixed when it was accepted; a reload took them all away.
+            let _ = write!(
+                out,
+                "; none of the relays that may take it ({}) is configured now",
+                only.join(", ")
+            );
         }
         out
     }
