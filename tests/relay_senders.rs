@@ -2,7 +2,9 @@
 //! mail from each sender arriving only at the server of a relay that
 //! carries it, on first choice and on failover; a sender no relay carries
 //! (or a relay asked for that does not carry it) refused with nothing sent;
-//! stored mail whose relays a reload removed waiting for them.
+//! stored mail whose relays a reload removed waiting for them; mail
+//! recovered after a SIGKILL keeping its return path, DSN parameters and
+//! caller's sender.
 
 mod common;
 #[path = "../actors/tests/support/mod.rs"]
@@ -418,4 +420,94 @@ async fn mail_whose_relays_a_reload_removed_waits_for_them_and_says_why() {
     d.stop().await;
     assert_eq!(subjects(&a), ["later"]);
     assert!(c.delivered().is_empty());
+}
+
+/// A message caught in flight by a SIGKILL, before any "." was sent, goes
+/// out once after the restart with everything its relay and its caller
+/// set: the caller's own sender, the relay's return path as the envelope
+/// sender, and the DSN parameters (RET, ENVID, NOTIFY, ORCPT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_sigkill_recovered_mail_keeps_its_return_path_dsn_and_callers_sender() {
+    use support::fault_smtp::{Action, Options, Phase};
+    let dir = tempfile::tempdir().unwrap();
+    let a = FaultSmtp::start_with(
+        Script::ok().on(Phase::Rcpt, Action::Hang),
+        Options {
+            dsn: true,
+            ..Options::default()
+        },
+    )
+    .await;
+    let cfg = config(
+        dir.path(),
+        &[relay("brand-a", a.port(), 1, &[]).replacen(
+            "timeout = \"2s\"\n",
+            "timeout = \"30s\"\nreturn_path = \"bounces@a.example\"\n\
+             dsn_notify = [\"failure\", \"delay\"]\ndsn_ret = \"hdrs\"\n",
+            1,
+        )],
+    )
+    .replacen(
+        "\n[queue]",
+        &format!(
+            "\n[[callers]]\nname = \"local\"\ntoken_sha256 = \"{}\"\nfrom_email = \"agent-7@a.example\"\n\n[queue]",
+            "0".repeat(64)
+        ),
+        1,
+    );
+    let d = StdioDaemon::start(dir.path(), &cfg).await;
+    let r = d
+        .call(
+            "send_email",
+            json!({ "to": ["rcpt@dest.example"], "subject": "kept", "body": "b", "wait": false }),
+        )
+        .await;
+    assert_eq!(r["status"], "queued", "{r}");
+    let id = r["message_id"].as_str().unwrap().to_string();
+    assert!(
+        support::wait_until(
+            || a.commands(Phase::Rcpt) >= 1,
+            std::time::Duration::from_secs(20)
+        )
+        .await,
+        "no attempt reached RCPT"
+    );
+    d.kill().await;
+
+    a.set_script(Script::ok());
+    let d = StdioDaemon::start(dir.path(), &cfg).await;
+    assert!(
+        support::wait_until(
+            || !a.delivered().is_empty(),
+            std::time::Duration::from_secs(30)
+        )
+        .await,
+        "not delivered after the restart"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let s = d
+        .call("get_message_status", json!({ "message_id": id }))
+        .await;
+    d.stop().await;
+    assert_eq!(s["status"], "sent", "{s}");
+    assert_eq!(s["envelope"]["from"], "agent-7@a.example", "{s}");
+
+    let got = a.delivered();
+    assert_eq!(got.len(), 1, "once: {got:?}");
+    assert_eq!(got[0].mail_from, "bounces@a.example");
+    assert_eq!(got[0].message_id.as_deref(), Some(&*format!("<{id}>")));
+    let text = String::from_utf8_lossy(&got[0].data).into_owned();
+    assert!(text.contains("From: agent-7@a.example"), "{text}");
+    // Every MAIL and RCPT, before the kill and after it, asked alike.
+    let (mail, rcpt) = (a.mail_args(), a.rcpt_args());
+    assert_eq!(mail.len(), 2, "{mail:?}");
+    assert_eq!(rcpt.len(), 2, "{rcpt:?}");
+    for m in &mail {
+        assert!(m.contains("RET=HDRS"), "{m}");
+        assert!(m.contains(&format!("ENVID={id}")), "{m}");
+    }
+    for r in &rcpt {
+        assert!(r.contains("NOTIFY=FAILURE,DELAY"), "{r}");
+        assert!(r.contains("ORCPT=rfc822;rcpt@dest.example"), "{r}");
+    }
 }
