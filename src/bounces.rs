@@ -212,14 +212,36 @@ fn field<'a>(group: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-/// The address of a typed field (`rfc822; bob@example.org`, or `utf-8;`).
+/// The address of a typed field (`rfc822; bob@example.org`, or `utf-8;`
+/// with the address as it is or in RFC 6533's `\x{HEX}` escapes, the form
+/// the daemon's own `ORCPT` takes).
 fn typed_address(value: &str) -> Option<String> {
     let (kind, address) = value.split_once(';')?;
     let kind = kind.trim();
-    if !kind.eq_ignore_ascii_case("rfc822") && !kind.eq_ignore_ascii_case("utf-8") {
+    if kind.eq_ignore_ascii_case("utf-8") {
+        return plain_address(&unescaped(address)?);
+    }
+    if !kind.eq_ignore_ascii_case("rfc822") {
         return None;
     }
     plain_address(address)
+}
+
+/// `text` with each `\x{HEX}` (RFC 6533's `EmbeddedUnicodeChar`) made the
+/// character it names; `None` when one names no character.
+fn unescaped(text: &str) -> Option<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("\\x{") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 3..];
+        let end = after.find('}')?;
+        let code = u32::from_str_radix(&after[..end], 16).ok()?;
+        out.push(char::from_u32(code)?);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Some(out)
 }
 
 fn plain_address(value: &str) -> Option<String> {
@@ -711,6 +733,31 @@ Subject: hello\r\n\
         assert_eq!(
             e[0].message_id.as_deref(),
             Some("0193abc@mailmux.example.org")
+        );
+    }
+
+    #[test]
+    fn a_utf8_recipient_is_read_from_its_escaped_orcpt() {
+        // The ORCPT the daemon sends for a UTF-8 recipient, quoted back in
+        // RFC 6533's escaped form, and a Final-Recipient as it is.
+        let report = POSTFIX
+            .replace(
+                "Original-Recipient: rfc822;Gone@Example.net",
+                "Original-Recipient: utf-8;\\x{7528}\\x{6237}@\\x{4F8B}\\x{5B50}.example",
+            )
+            .replace(
+                "Final-Recipient: rfc822; nodomain@nowhere.example",
+                "Final-Recipient: utf-8; jos\u{e9}@nowhere.example",
+            );
+        let r = parse(report.as_bytes()).unwrap();
+        let listed: Vec<&str> = r.recipients.iter().map(|(a, _)| a.as_str()).collect();
+        assert_eq!(listed, ["用户@例子.example", "josé@nowhere.example"]);
+        // An escape that names no character reads as no address.
+        assert_eq!(typed_address("utf-8;a\\x{D800}@b.example"), None);
+        assert_eq!(typed_address("utf-8;a\\x{zz}@b.example"), None);
+        assert_eq!(
+            typed_address("utf-8; a\\x{2B}b@c.example").as_deref(),
+            Some("a+b@c.example")
         );
     }
 

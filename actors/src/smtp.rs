@@ -1077,8 +1077,8 @@ fn grouped_by_domain(to: &[Address]) -> Option<Vec<Address>> {
 }
 
 /// The DSN parameters of one recipient (RFC 3461): `NOTIFY` as the relay
-/// asks, and `ORCPT`, the recipient as given (an ASCII one: a UTF-8
-/// address would need RFC 6533's form).
+/// asks, and `ORCPT`, the recipient as given: `rfc822;` for an ASCII
+/// address, `utf-8;` and [`utf8_addr_xtext`] for a UTF-8 one (RFC 6533).
 fn rcpt_params(dsn: Option<&crate::settings::Dsn>, to: &Address) -> Vec<RcptParameter> {
     let Some(dsn) = dsn else {
         return Vec::new();
@@ -1091,13 +1091,33 @@ fn rcpt_params(dsn: Option<&crate::settings::Dsn>, to: &Address) -> Vec<RcptPara
         });
     }
     let address: &str = to.as_ref();
-    if address.is_ascii() {
-        params.push(RcptParameter::Other {
-            keyword: "ORCPT".into(),
-            value: Some(format!("rfc822;{address}")),
-        });
-    }
+    let orcpt = if address.is_ascii() {
+        format!("rfc822;{address}")
+    } else {
+        format!("utf-8;{}", utf8_addr_xtext(address))
+    };
+    params.push(RcptParameter::Other {
+        keyword: "ORCPT".into(),
+        value: Some(orcpt),
+    });
     params
+}
+
+/// `address` in RFC 6533's `utf-8-addr-xtext`: printable ASCII but `+`,
+/// `=` and `\` as itself, and every other character as `\x{HEX}` of its
+/// code point, upper case, as Postfix writes it. The result is ASCII and
+/// holds no `+` or `=`, so the xtext encoding of `ORCPT` leaves it as it is.
+fn utf8_addr_xtext(address: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(address.len() * 2);
+    for c in address.chars() {
+        if c.is_ascii_graphic() && !matches!(c, '+' | '=' | '\\') {
+            out.push(c);
+        } else {
+            let _ = write!(out, "\\x{{{:02X}}}", u32::from(c));
+        }
+    }
+    out
 }
 
 /// Why a message's recipients went in more than one transaction.
@@ -1642,7 +1662,16 @@ impl AsyncTokioStream for Unanswered<TcpStream> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Content, ehlo_keywords};
+    use super::{Content, ehlo_keywords, utf8_addr_xtext};
+
+    #[test]
+    fn a_utf8_orcpt_is_ascii_with_its_characters_escaped() {
+        assert_eq!(
+            utf8_addr_xtext("用户+x=y\\@例子.example"),
+            "\\x{7528}\\x{6237}\\x{2B}x\\x{3D}y\\x{5C}@\\x{4F8B}\\x{5B50}.example"
+        );
+        assert_eq!(utf8_addr_xtext("josé@b.example"), "jos\\x{E9}@b.example");
+    }
 
     #[test]
     fn the_ehlo_keywords_come_from_the_second_whole_reply_heard_or_not_at_all() {

@@ -2392,3 +2392,37 @@ async fn a_relay_asks_for_delivery_status_notifications_only_of_a_server_that_of
         sink.message_ids()
     );
 }
+
+/// A UTF-8 recipient's `ORCPT` is of type `utf-8`, its characters escaped
+/// as RFC 6533 has them, so that the command stays ASCII and a report can
+/// name the recipient as it was given.
+#[tokio::test]
+async fn a_utf8_recipient_gets_an_escaped_utf8_orcpt() {
+    let a = FaultSmtp::start_with(
+        Script::ok(),
+        Options {
+            dsn: true,
+            ..Options::default()
+        },
+    )
+    .await;
+    let mut primary = relay("primary", a.port(), 10);
+    if let RelayKind::Smtp(s) = &mut primary.kind {
+        s.dsn = Some(Box::new(mailmux_actors::Dsn {
+            notify: Some("FAILURE".into()),
+            ret: None,
+        }));
+    }
+    let d = by_priority(vec![primary]).await;
+    let r = d
+        .send(mail_to(&["用户+1@例子.example", "b@test.example"]))
+        .await;
+    assert_eq!(r.status, Status::Sent, "{r:?}");
+    assert_eq!(
+        a.rcpt_args(),
+        [
+            "TO:<用户+1@例子.example> NOTIFY=FAILURE ORCPT=utf-8;\\x{7528}\\x{6237}\\x{2B}1@\\x{4F8B}\\x{5B50}.example",
+            "TO:<b@test.example> NOTIFY=FAILURE ORCPT=rfc822;b@test.example",
+        ]
+    );
+}
