@@ -436,7 +436,10 @@ async fn the_mailbox_of_an_oauth2_relay_is_read_with_its_tokens() {
         },
     )
     .await;
-    smtp.accept_tokens(&[&common::access(1)]);
+    // One token serves SMTP and IMAP: the server takes the fresh one too.
+    smtp.accept_tokens(&[&common::access(1), &common::access(2)]);
+    // The mailbox through a proxy that can end its sessions.
+    let imap_proxy = support::cut_proxy::CutProxy::start(([127, 0, 0, 1], imap.port).into()).await;
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
         r#"
@@ -469,13 +472,30 @@ every = "200ms"
 "#,
         db = dir.path().join("queue.db").display(),
         port = smtp.port(),
-        imap = imap.port,
+        imap = imap_proxy.port(),
     );
     let d = StdioDaemon::start(dir.path(), &config).await;
     bounced(&d, &imap, "gone@dest.example", "5.1.1").await;
     let list = until_listed(dir.path(), 1).await;
     assert_eq!(list[0]["address"], "gone@dest.example");
     assert_eq!(endpoint.requests.lock().unwrap().len(), 1);
+
+    // The provider revokes the token long before it expires, and the
+    // session ends: the next login with the cached token is refused, and
+    // the reader logs in again with a fresh one.
+    endpoint.revoke_all();
+    imap_proxy.close_all();
+    bounced(&d, &imap, "late@dest.example", "5.1.1").await;
+    let list = until_listed(dir.path(), 2).await;
+    assert!(
+        list.iter().any(|e| e["address"] == "late@dest.example"),
+        "{list:?}"
+    );
+    assert_eq!(
+        endpoint.requests.lock().unwrap().len(),
+        2,
+        "one fresh token"
+    );
     d.stop().await;
 }
 

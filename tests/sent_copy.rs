@@ -362,7 +362,9 @@ async fn the_copy_logs_in_with_the_relays_oauth2_tokens() {
         },
     )
     .await;
-    sink.accept_tokens(&[&common::access(1)]);
+    sink.accept_tokens(&[&common::access(1), &common::access(2)]);
+    // The mailbox through a proxy that can end its sessions.
+    let imap_proxy = support::cut_proxy::CutProxy::start(([127, 0, 0, 1], imap.port).into()).await;
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
         r#"
@@ -396,7 +398,7 @@ folder = "\\Sent"
 "#,
         db = dir.path().join("queue.db").display(),
         smtp = sink.port(),
-        imap = imap.port,
+        imap = imap_proxy.port(),
     );
     let d = StdioDaemon::start(dir.path(), &config).await;
     let out = d.send("over oauth").await;
@@ -407,6 +409,22 @@ folder = "\\Sent"
     // One token served both SMTP and IMAP.
     assert_eq!(endpoint.requests.lock().unwrap().len(), 1);
     assert_eq!(sink.tokens_presented(), [common::access(1)]);
+
+    // The provider revokes the token long before it expires, and the
+    // session ends: the copy is filed through a new session with a fresh
+    // token.
+    endpoint.revoke_all();
+    imap_proxy.close_all();
+    let out = d.send("after the revocation").await;
+    assert_eq!(out["status"], "sent", "{out}");
+    let id = out["message_id"].as_str().unwrap();
+    assert_eq!(copy_status(&d, id).await, json!({ "status": "copied" }));
+    assert_eq!(imap.count("Sent Messages").await, 2);
+    assert_eq!(
+        endpoint.requests.lock().unwrap().len(),
+        2,
+        "one fresh token"
+    );
     d.stop().await;
 }
 

@@ -312,6 +312,18 @@ pub struct TokenEndpoint {
     pub requests: std::sync::Mutex<Vec<std::collections::HashMap<String, String>>>,
     expires_in: u64,
     user: String,
+    /// Tokens issued up to this one (see [`access`]) are no longer active.
+    revoked: std::sync::atomic::AtomicUsize,
+}
+
+impl TokenEndpoint {
+    /// Revokes every token issued so far: introspection calls them inactive,
+    /// as a provider does after a password change or an admin's revocation.
+    pub fn revoke_all(&self) {
+        let issued = self.requests.lock().unwrap().len();
+        self.revoked
+            .store(issued, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// The `n`th access token a [`TokenEndpoint`] issues (from 1).
@@ -352,7 +364,8 @@ pub async fn serve_token_endpoint_for(
     ) -> axum::Json<serde_json::Value> {
         let issued = e.requests.lock().unwrap().len();
         let given = form.get("token").cloned().unwrap_or_default();
-        let active = (1..=issued).any(|n| access(n) == given);
+        let revoked = e.revoked.load(std::sync::atomic::Ordering::SeqCst);
+        let active = (revoked + 1..=issued).any(|n| access(n) == given);
         axum::Json(if active {
             serde_json::json!({ "active": "true", "username": e.user })
         } else {
