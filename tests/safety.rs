@@ -2524,3 +2524,38 @@ async fn a_keyed_repeat_gets_its_first_calls_status_whatever_the_policy_and_rate
         .count();
     assert_eq!(to_boss, 1, "sent once");
 }
+
+/// Repeats of a stored call take nothing from the caller's rate: they send
+/// nothing. After twenty repeats the caller (10 recipients a minute) still
+/// sends nine new one-recipient messages, and the tenth new one is limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_repeats_take_no_rate() {
+    let (sink, other) = servers().await;
+    let d = start(&sink, &other, "").await;
+    let delta = connect(&d, DELTA).await;
+    let mut keyed = mail(json!(["a@example.org"]));
+    keyed["idempotency_key"] = json!("k-repeated");
+    let (_, first) = call(&delta, "send_email", keyed.clone()).await;
+    assert_eq!(first["status"], "sent", "{first}");
+    for _ in 0..20 {
+        let (is_error, out) = call(&delta, "send_email", keyed.clone()).await;
+        assert!(!is_error, "{out}");
+        assert_eq!(out["idempotent_replay"], true, "{out}");
+    }
+    for i in 0..9 {
+        let (_, out) = call(
+            &delta,
+            "send_email",
+            mail(json!([format!("r{i}@example.org")])),
+        )
+        .await;
+        assert_eq!(out["status"], "sent", "new message {i}: {out}");
+    }
+    let (_, out) = call(&delta, "send_email", mail(json!(["r9@example.org"]))).await;
+    assert_eq!(out["error"]["code"], "rate_limited", "{out}");
+    assert_eq!(
+        sink.received().len(),
+        10,
+        "the first call and nine new ones"
+    );
+}

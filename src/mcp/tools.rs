@@ -1423,8 +1423,8 @@ impl MailmuxServer {
         // Policy, then rate, then approval; a refusal takes no rate. A
         // repeat of a stored call (its idempotency key) is answered by the
         // queue with the first call's status, whatever the policy, the rate
-        // or the suppression list say now: a refusal would say that nothing
-        // was sent when the first call sent it.
+        // or the suppression list say now (a refusal would say that nothing
+        // was sent when the first call sent it), and takes no rate.
         let verdict = match caller.check(&composed, params.relay.as_deref(), dry_run) {
             Ok(v) => v,
             Err(_) if !dry_run && self.is_stored_key(caller, idempotency.as_ref()).await => {
@@ -1492,7 +1492,12 @@ impl MailmuxServer {
                 "the audit log cannot be written and audit.required is set; nothing was sent",
             ))));
         }
-        if let Err(limited) = caller.take_rate(composed.recipients.len())
+        // A repeat of a stored call sends nothing, so it takes no rate
+        // (looked up only for a caller with a rate; one stored meanwhile
+        // is found below, when the rate refuses).
+        let repeat = caller.has_rate() && self.is_stored_key(caller, idempotency.as_ref()).await;
+        if !repeat
+            && let Err(limited) = caller.take_rate(composed.recipients.len())
             && !self.is_stored_key(caller, idempotency.as_ref()).await
         {
             let e = match limited.retry_after {

@@ -401,6 +401,11 @@ impl Caller {
         }
     }
 
+    /// Whether the caller has any rate limit.
+    pub fn has_rate(&self) -> bool {
+        !self.limits.is_empty()
+    }
+
     /// Takes the message from the caller's rate limits.
     pub fn take_rate(&self, recipients: usize) -> Result<(), Limited> {
         if self.limits.is_empty() {
