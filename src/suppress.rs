@@ -34,7 +34,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
-use mailmux_actors::queue::{Event, Millis, Observer, Queue, Suppression, now_millis};
+use mailmux_actors::queue::{
+    Event, Millis, Observer, Queue, Suppression, SuppressionChange, now_millis,
+};
 
 /// How often the store's version of the list is polled.
 pub const REFRESH: Duration = Duration::from_secs(1);
@@ -356,10 +358,19 @@ impl Suppressions {
     }
 
     /// Reads the list again if the store's version moved: after a change
-    /// this daemon made, so that it is in force here at once.
+    /// this daemon made, so that it is in force here at once. Only what
+    /// changed since the copy's version, where the store still holds those
+    /// changes; else the whole list.
     async fn refresh(&self) -> Result<(), mailmux_actors::queue::QueueError> {
         let now = self.queue.suppression_version().await?;
-        if *self.version.lock().unwrap_or_else(|e| e.into_inner()) == Some(now) {
+        let mine = *self.version.lock().unwrap_or_else(|e| e.into_inner());
+        if mine == Some(now) {
+            return Ok(());
+        }
+        if let Some(since) = mine.filter(|&since| since < now)
+            && let Some((version, changes)) = self.queue.suppression_changes(since).await?
+        {
+            self.apply(since, version, changes);
             return Ok(());
         }
         let (version, list) = self.queue.suppressions().await?;
@@ -389,6 +400,37 @@ impl Suppressions {
         *self.listed.write().unwrap_or_else(|e| e.into_inner()) = listed;
         *self.version.lock().unwrap_or_else(|e| e.into_inner()) = Some(version);
         Ok(())
+    }
+
+    /// Applies the changes that bring the copy from version `since` to
+    /// `version` (unless another refresh moved it meanwhile). An address
+    /// whose write is still due stays listed.
+    fn apply(&self, since: i64, version: i64, changes: Vec<SuppressionChange>) {
+        let mut listed = self.listed.write().unwrap_or_else(|e| e.into_inner());
+        let mut at = self.version.lock().unwrap_or_else(|e| e.into_inner());
+        if *at != Some(since) {
+            return;
+        }
+        let unwritten = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+        for change in changes {
+            match change {
+                SuppressionChange::Added(s) => {
+                    listed.insert(
+                        s.address,
+                        Listed {
+                            reason: s.reason,
+                            at: s.at,
+                        },
+                    );
+                }
+                SuppressionChange::Removed(address) => {
+                    if !unwritten.contains_key(&address) {
+                        listed.remove(&address);
+                    }
+                }
+            }
+        }
+        *at = Some(version);
     }
 
     /// Writes the entries a failed write left in memory only; how many it

@@ -679,3 +679,62 @@ async fn a_bounce_the_store_cannot_write_yet_is_stored_once_it_can() {
     until_dry_run(&d, "gone@dest.example", true).await;
     d.stop().await;
 }
+
+/// A list larger than the store records address by address is read whole
+/// once; the changes after it are read one by one. Each is in force on the
+/// running daemon, and its copy holds as many addresses as the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_import_then_single_changes_each_reach_the_running_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = FaultSmtp::start(script()).await;
+    let d = StdioDaemon::start(dir.path(), &config(dir.path(), smtp.port(), "")).await;
+    let held = |n: u64| {
+        let d = &d;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let s = d.call("get_smtp_status", json!({})).await;
+                if s["queue"]["suppressed"] == n {
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "not {n} listed: {}",
+                    s["queue"]
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let file = dir.path().join("list.txt");
+    let lines: Vec<String> = (0..1500).map(|i| format!("old{i}@dest.example")).collect();
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let (code, out, err) = common::queue_cmd(
+        dir.path(),
+        &["suppress", "add", "--file", file.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    held(1500).await;
+    until_dry_run(&d, "old1499@dest.example", true).await;
+
+    let (code, out, err) =
+        common::queue_cmd(dir.path(), &["suppress", "remove", "old7@dest.example"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    until_dry_run(&d, "old7@dest.example", false).await;
+    held(1499).await;
+    for i in 0..3 {
+        let (code, out, err) = common::queue_cmd(
+            dir.path(),
+            &["suppress", "add", &format!("new{i}@dest.example")],
+        );
+        assert_eq!(code, Some(0), "{out}{err}");
+    }
+    let (code, out, err) =
+        common::queue_cmd(dir.path(), &["suppress", "remove", "new1@dest.example"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    held(1501).await;
+    until_dry_run(&d, "new2@dest.example", true).await;
+    until_dry_run(&d, "new1@dest.example", false).await;
+    until_dry_run(&d, "old8@dest.example", true).await;
+    d.stop().await;
+}

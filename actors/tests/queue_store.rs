@@ -16,7 +16,7 @@ use mailmux_actors::queue::sqlite::SqliteStore;
 use mailmux_actors::queue::{
     self, Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Feed, Filter, Hold,
     NewMessage, Purged, RejectedRecord, ReportRecord, Retry, Settle, State, Store, StoreError,
-    Suppression, now_millis,
+    Suppression, SuppressionChange, now_millis,
 };
 
 fn by_state(state: State) -> Filter {
@@ -363,7 +363,86 @@ async fn suppressions(store: &dyn Store, other: &dyn Store) {
     assert_ne!(v2, v1);
     let (_, list) = store.suppressions().await.unwrap();
     assert_eq!(list, [suppression("b@example.org", "bounced")]);
+    suppression_changes(store, other).await;
     report_cursors(store, other).await;
+}
+
+/// What changed since a version, as `other` reads it: each address added
+/// with its entry as it is now, each removal, in order; nothing when the
+/// version is the current one; `None` when the changes are not all kept
+/// (a write too large to record address by address, or a version too old).
+async fn suppression_changes(store: &dyn Store, other: &dyn Store) {
+    let v0 = other.suppression_version().await.unwrap();
+    assert_eq!(
+        other.suppression_changes(v0).await.unwrap(),
+        Some((v0, Vec::new()))
+    );
+    store
+        .suppress(vec![suppression("c@example.org", "manual")])
+        .await
+        .unwrap();
+    store
+        .suppress(vec![
+            suppression("d@example.org", "bounced"),
+            suppression("e@example.org", "complained"),
+        ])
+        .await
+        .unwrap();
+    assert!(store.unsuppress("c@example.org").await.unwrap());
+    assert!(store.unsuppress("d@example.org").await.unwrap());
+    store
+        .suppress(vec![suppression("d@example.org", "unsubscribed")])
+        .await
+        .unwrap();
+    let v1 = other.suppression_version().await.unwrap();
+    let (v, changes) = other.suppression_changes(v0).await.unwrap().unwrap();
+    assert_eq!(v, v1);
+    // c's entry is gone, so its addition reads as nothing; d's reads as its
+    // entry now, then its removal, then that entry again.
+    assert_eq!(
+        changes,
+        [
+            SuppressionChange::Added(suppression("d@example.org", "unsubscribed")),
+            SuppressionChange::Added(suppression("e@example.org", "complained")),
+            SuppressionChange::Removed("c@example.org".into()),
+            SuppressionChange::Removed("d@example.org".into()),
+            SuppressionChange::Added(suppression("d@example.org", "unsubscribed")),
+        ]
+    );
+    // From a version in between: only what came after it.
+    let (_, changes) = other.suppression_changes(v1 - 1).await.unwrap().unwrap();
+    assert_eq!(
+        changes,
+        [SuppressionChange::Added(suppression(
+            "d@example.org",
+            "unsubscribed"
+        ))]
+    );
+    // An import larger than the store records address by address: read the
+    // whole list.
+    let many: Vec<Suppression> = (0..=queue::SUPPRESSION_CHANGE_ROWS)
+        .map(|i| suppression(&format!("many{i}@example.org"), "manual"))
+        .collect();
+    store.suppress(many).await.unwrap();
+    assert_eq!(other.suppression_changes(v1).await.unwrap(), None);
+    let v2 = other.suppression_version().await.unwrap();
+    // After it, changes are read again; older ones are kept only so long.
+    assert!(store.unsuppress("many0@example.org").await.unwrap());
+    assert_eq!(
+        other.suppression_changes(v2).await.unwrap().unwrap().1,
+        [SuppressionChange::Removed("many0@example.org".into())]
+    );
+    for i in 0..queue::SUPPRESSION_VERSIONS_KEPT {
+        assert!(
+            store
+                .unsuppress(&format!("many{}@example.org", i + 1))
+                .await
+                .unwrap()
+        );
+    }
+    assert_eq!(other.suppression_changes(v2).await.unwrap(), None);
+    let v3 = other.suppression_version().await.unwrap();
+    assert!(other.suppression_changes(v3 - 5).await.unwrap().is_some());
 }
 
 /// A mailbox's report cursor moves forward only, under one UIDVALIDITY,
@@ -1578,6 +1657,7 @@ async fn a_version_1_store_is_migrated_at_start() {
              ALTER TABLE messages DROP COLUMN attempt_log;
              ALTER TABLE messages DROP COLUMN copy_relay;
              DROP TABLE suppressions; DROP TABLE suppression_version; DROP TABLE report_cursors;
+             DROP TABLE suppression_changes;
              ALTER TABLE messages DROP COLUMN reports;
              CREATE TABLE attempts (
                  seq INTEGER NOT NULL, at INTEGER NOT NULL, relay TEXT NOT NULL, class TEXT,
@@ -1648,6 +1728,7 @@ async fn a_version_10_store_has_its_keys_scoped_to_their_callers() {
                  VALUES ('orphan', 'purged', x'00', 0);
              ALTER TABLE messages DROP COLUMN copy_relay;
              DROP TABLE suppressions; DROP TABLE suppression_version; DROP TABLE report_cursors;
+             DROP TABLE suppression_changes;
              ALTER TABLE messages DROP COLUMN reports;
              PRAGMA user_version = 10;",
         )
@@ -1681,6 +1762,7 @@ async fn a_version_8_store_has_its_attempts_moved_into_their_rows() {
             "ALTER TABLE messages DROP COLUMN attempt_log;
              ALTER TABLE messages DROP COLUMN copy_relay;
              DROP TABLE suppressions; DROP TABLE suppression_version; DROP TABLE report_cursors;
+             DROP TABLE suppression_changes;
              ALTER TABLE messages DROP COLUMN reports;
              CREATE TABLE attempts (
                  seq INTEGER NOT NULL, at INTEGER NOT NULL, relay TEXT NOT NULL, class TEXT,
@@ -1978,6 +2060,7 @@ async fn postgres_counts_survive_daemons_purges_and_migration() {
         "DROP TABLE mailmux_counts; ALTER TABLE mailmux_messages DROP COLUMN attempt_log;
          ALTER TABLE mailmux_messages DROP COLUMN copy_relay;
          DROP TABLE mailmux_suppressions; DROP TABLE mailmux_suppression_version;
+         DROP TABLE mailmux_suppression_changes;
          DROP TABLE mailmux_report_cursors; ALTER TABLE mailmux_messages DROP COLUMN reports;
          DROP INDEX mailmux_messages_queued_at, mailmux_messages_retry;
          DELETE FROM mailmux_schema WHERE version >= 5",
@@ -2668,6 +2751,7 @@ async fn postgres_keys_of_version_7_are_scoped_to_their_callers() {
              VALUES ('orphan', 'purged', '\\x00', 0);
          ALTER TABLE mailmux_messages DROP COLUMN copy_relay;
          DROP TABLE mailmux_suppressions; DROP TABLE mailmux_suppression_version;
+         DROP TABLE mailmux_suppression_changes;
          DROP TABLE mailmux_report_cursors; ALTER TABLE mailmux_messages DROP COLUMN reports;
          DELETE FROM mailmux_schema WHERE version >= 8;",
     );
@@ -2924,6 +3008,12 @@ impl Store for SlowMarks {
     }
     async fn suppression_version(&self) -> Result<i64, StoreError> {
         self.inner.suppression_version().await
+    }
+    async fn suppression_changes(
+        &self,
+        since: i64,
+    ) -> Result<Option<(i64, Vec<SuppressionChange>)>, StoreError> {
+        self.inner.suppression_changes(since).await
     }
     async fn report_cursor(&self, mailbox: &str) -> Result<Option<(u32, u32)>, StoreError> {
         self.inner.report_cursor(mailbox).await

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::{
     Accepted, Cancel, Decided, Decision, Filter, Millis, NewMessage, Pending, Purged, Record,
     Recovered, ReportRecord, Retry, Settle, State, Stats, Store, StoreError, Summary, Suppression,
-    now_millis,
+    SuppressionChange, now_millis,
 };
 
 #[derive(Debug, Default)]
@@ -35,6 +35,9 @@ struct Mem {
     /// The suppression list by address, and its version.
     suppressed: BTreeMap<String, Suppression>,
     suppressed_version: i64,
+    /// The list's changes of the last versions: (version, the address, or
+    /// none for a change of the whole list, and whether it was added).
+    suppression_log: std::collections::VecDeque<(i64, Option<String>, bool)>,
     /// How far each mailbox of reports was read.
     report_cursors: HashMap<String, (u32, u32)>,
 }
@@ -49,6 +52,24 @@ struct Row {
     held_hash: Option<[u8; 32]>,
     only: Option<Arc<[String]>>,
     batch: Option<String>,
+}
+
+impl Mem {
+    /// Moves the list's version and records its changes, keeping the last
+    /// [`super::SUPPRESSION_VERSIONS_KEPT`] versions.
+    fn log_suppression(&mut self, addresses: Vec<Option<String>>, added: bool) {
+        self.suppressed_version += 1;
+        let v = self.suppressed_version;
+        self.suppression_log
+            .extend(addresses.into_iter().map(|a| (v, a, added)));
+        while self
+            .suppression_log
+            .front()
+            .is_some_and(|(old, _, _)| *old <= v - super::SUPPRESSION_VERSIONS_KEPT)
+        {
+            self.suppression_log.pop_front();
+        }
+    }
 }
 
 impl MemoryStore {
@@ -530,7 +551,12 @@ impl Store for MemoryStore {
             }
         }
         if !added.is_empty() {
-            mem.suppressed_version += 1;
+            let logged: Vec<Option<String>> = if added.len() > super::SUPPRESSION_CHANGE_ROWS {
+                vec![None]
+            } else {
+                added.iter().cloned().map(Some).collect()
+            };
+            mem.log_suppression(logged, true);
         }
         Ok(added)
     }
@@ -539,9 +565,42 @@ impl Store for MemoryStore {
         let mut mem = self.lock();
         let gone = mem.suppressed.remove(address).is_some();
         if gone {
-            mem.suppressed_version += 1;
+            mem.log_suppression(vec![Some(address.to_owned())], false);
         }
         Ok(gone)
+    }
+
+    async fn suppression_changes(
+        &self,
+        since: i64,
+    ) -> Result<Option<(i64, Vec<SuppressionChange>)>, StoreError> {
+        let mem = self.lock();
+        let now = mem.suppressed_version;
+        let rows: Vec<&(i64, Option<String>, bool)> = mem
+            .suppression_log
+            .iter()
+            .filter(|(v, _, _)| *v > since)
+            .collect();
+        let versions: Vec<(i64, bool)> = rows.iter().map(|(v, a, _)| (*v, a.is_some())).collect();
+        if !super::changes_complete(since, now, &versions) {
+            return Ok(None);
+        }
+        let changes = rows
+            .into_iter()
+            .filter_map(|(_, address, added)| {
+                let address = address.as_ref()?;
+                if *added {
+                    // As the store holds it now; gone if removed since.
+                    mem.suppressed
+                        .get(address)
+                        .cloned()
+                        .map(SuppressionChange::Added)
+                } else {
+                    Some(SuppressionChange::Removed(address.clone()))
+                }
+            })
+            .collect();
+        Ok(Some((now, changes)))
     }
 
     async fn suppressions(&self) -> Result<(i64, Vec<Suppression>), StoreError> {

@@ -441,6 +441,43 @@ pub struct Suppression {
     pub at: Millis,
 }
 
+/// One change of the suppression list, as [`Store::suppression_changes`]
+/// reads them back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SuppressionChange {
+    /// The address was listed; its entry as the store holds it now.
+    Added(Suppression),
+    /// The address was taken off the list.
+    Removed(String),
+}
+
+/// The versions of the suppression list whose changes a store keeps for
+/// [`Store::suppression_changes`]: a daemon further behind reads the whole
+/// list.
+pub const SUPPRESSION_VERSIONS_KEPT: i64 = 1_000;
+
+/// The most addresses one write of the list records one by one; a larger
+/// one (an import) is recorded as a change of the whole list, which every
+/// daemon then reads whole.
+pub const SUPPRESSION_CHANGE_ROWS: usize = 1_000;
+
+/// Whether `changes` (version, address, whether added; oldest first, the
+/// rows a store keeps after `since` up to `now`) hold every change after
+/// `since`: each version once at least, from `since + 1` to `now`, and
+/// none that stands for the whole list (no address).
+pub(crate) fn changes_complete(since: i64, now: i64, versions: &[(i64, bool)]) -> bool {
+    let mut expected = since + 1;
+    for &(v, has_address) in versions {
+        if !has_address || v > expected {
+            return false;
+        }
+        if v == expected {
+            expected += 1;
+        }
+    }
+    expected == now + 1
+}
+
 /// The outcome of one delivery round, to record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settle {
@@ -1046,6 +1083,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// any process or daemon on the store: what a daemon polls to know when
     /// to read the list again.
     async fn suppression_version(&self) -> Result<i64, StoreError>;
+    /// The changes of the suppression list after version `since`, oldest
+    /// first, and the version they bring it to; `None` when the store no
+    /// longer holds every one of them (more than
+    /// [`SUPPRESSION_VERSIONS_KEPT`] versions ago, before the store kept
+    /// changes, or a write of more than [`SUPPRESSION_CHANGE_ROWS`]
+    /// addresses), and the whole list must be read instead.
+    async fn suppression_changes(
+        &self,
+        since: i64,
+    ) -> Result<Option<(i64, Vec<SuppressionChange>)>, StoreError>;
     /// How far the reports of one mailbox have been read: its UIDVALIDITY
     /// and the highest UID read, by the mailbox's name (`relay` and the
     /// folder). `None` before a first read.

@@ -32,7 +32,7 @@ use super::rows::{self, entry, lines};
 use super::{
     Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Feed, Filter, Millis, NewMessage,
     Pending, Purged, Record, Recovered, ReportRecord, Retry, Settle, State, Stats, Store,
-    StoreError, Summary, Suppression, abandoned, now_millis,
+    StoreError, Summary, Suppression, SuppressionChange, abandoned, now_millis,
 };
 
 /// The schema, one migration per version; `mailmux_schema` records how many
@@ -204,6 +204,18 @@ CREATE TABLE mailmux_report_cursors (
     uid BIGINT NOT NULL
 );
 ALTER TABLE mailmux_messages ADD COLUMN reports TEXT;
+"#,
+    r#"
+-- The suppression list's changes of its last versions (an address added
+-- or removed; no address: a change of the whole list), so that a daemon
+-- reads what changed since its copy rather than the whole list.
+CREATE TABLE mailmux_suppression_changes (
+    id BIGSERIAL PRIMARY KEY,
+    version BIGINT NOT NULL,
+    address TEXT,
+    added BOOLEAN NOT NULL
+);
+CREATE INDEX mailmux_suppression_changes_version ON mailmux_suppression_changes (version);
 "#,
 ];
 
@@ -2202,7 +2214,10 @@ impl Store for PgStore {
             ids.push(e.message_id);
             ats.push(e.at);
         }
-        // One statement: the insert, and the version moved when it added a row.
+        // One statement: the insert, the version moved when it added a
+        // row, and the change recorded under that version (one row for a
+        // write too large to record address by address).
+        let whole = addresses.len() > super::SUPPRESSION_CHANGE_ROWS;
         let added: Vec<String> = sqlx::query_scalar(
             "WITH added AS (
                 INSERT INTO mailmux_suppressions (address, reason, detail, message_id, created_at)
@@ -2210,7 +2225,15 @@ impl Store for PgStore {
                 ON CONFLICT (address) DO NOTHING RETURNING address),
              moved AS (
                 UPDATE mailmux_suppression_version SET v = v + 1
-                 WHERE EXISTS (SELECT 1 FROM added) RETURNING 1)
+                 WHERE EXISTS (SELECT 1 FROM added) RETURNING v),
+             logged AS (
+                INSERT INTO mailmux_suppression_changes (version, address, added)
+                SELECT moved.v, added.address, TRUE FROM moved, added WHERE NOT $6
+                UNION ALL
+                SELECT moved.v, NULL, TRUE FROM moved WHERE $6),
+             trimmed AS (
+                DELETE FROM mailmux_suppression_changes
+                 WHERE version <= (SELECT v FROM moved) - $7)
              SELECT address FROM added",
         )
         .bind(addresses)
@@ -2218,6 +2241,8 @@ impl Store for PgStore {
         .bind(details)
         .bind(ids)
         .bind(ats)
+        .bind(whole)
+        .bind(super::SUPPRESSION_VERSIONS_KEPT)
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
@@ -2230,14 +2255,77 @@ impl Store for PgStore {
                 DELETE FROM mailmux_suppressions WHERE address = $1 RETURNING 1),
              moved AS (
                 UPDATE mailmux_suppression_version SET v = v + 1
-                 WHERE EXISTS (SELECT 1 FROM gone) RETURNING 1)
+                 WHERE EXISTS (SELECT 1 FROM gone) RETURNING v),
+             logged AS (
+                INSERT INTO mailmux_suppression_changes (version, address, added)
+                SELECT moved.v, $1, FALSE FROM moved),
+             trimmed AS (
+                DELETE FROM mailmux_suppression_changes
+                 WHERE version <= (SELECT v FROM moved) - $2)
              SELECT EXISTS (SELECT 1 FROM gone)",
         )
         .bind(address)
+        .bind(super::SUPPRESSION_VERSIONS_KEPT)
         .fetch_one(&self.pool)
         .await
         .map_err(unavailable)?;
         Ok(gone)
+    }
+
+    async fn suppression_changes(
+        &self,
+        since: i64,
+    ) -> Result<Option<(i64, Vec<SuppressionChange>)>, StoreError> {
+        // The version first: every version up to it is committed (a write
+        // holds the version's row until it commits), so the changes read
+        // after it hold each of them unless trimmed.
+        let now = self.suppression_version().await?;
+        type Row = (
+            i64,
+            Option<String>,
+            bool,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<i64>,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT ch.version, ch.address, ch.added,
+                    s.address, s.reason, s.detail, s.message_id, s.created_at
+               FROM mailmux_suppression_changes ch
+               LEFT JOIN mailmux_suppressions s ON ch.added AND s.address = ch.address
+              WHERE ch.version > $1 AND ch.version <= $2
+              ORDER BY ch.version, ch.id",
+        )
+        .bind(since)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let versions: Vec<(i64, bool)> = rows.iter().map(|r| (r.0, r.1.is_some())).collect();
+        if !super::changes_complete(since, now, &versions) {
+            return Ok(None);
+        }
+        let changes = rows
+            .into_iter()
+            .filter_map(
+                |(_, address, added, listed, reason, detail, message_id, at)| {
+                    if !added {
+                        return address.map(SuppressionChange::Removed);
+                    }
+                    // As the store holds it now; gone if removed since.
+                    Some(SuppressionChange::Added(Suppression {
+                        address: listed?,
+                        reason: reason?,
+                        detail,
+                        message_id,
+                        at: at?,
+                    }))
+                },
+            )
+            .collect();
+        Ok(Some((now, changes)))
     }
 
     async fn suppressions(&self) -> Result<(i64, Vec<Suppression>), StoreError> {

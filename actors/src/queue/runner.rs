@@ -1367,6 +1367,15 @@ impl Queue {
         Ok(self.inner.store.suppression_version().await?)
     }
 
+    /// The changes of the store's suppression list after version `since`
+    /// ([`Store::suppression_changes`]).
+    pub async fn suppression_changes(
+        &self,
+        since: i64,
+    ) -> Result<Option<(i64, Vec<super::SuppressionChange>)>, QueueError> {
+        Ok(self.inner.store.suppression_changes(since).await?)
+    }
+
     /// Adds what reports said of a message's recipients
     /// ([`Store::note_reports`]).
     pub async fn note_reports(

@@ -35,7 +35,7 @@ use super::rows::{self, entry, lines};
 use super::{
     Accepted, Cancel, CopyDue, Decided, Decision, Feed, Filter, Millis, NewMessage, Pending,
     Purged, Record, Recovered, ReportRecord, Retry, Settle, State, Stats, Store, StoreError,
-    Summary, Suppression, abandoned, cancelled_in_round, now_millis,
+    Summary, Suppression, SuppressionChange, abandoned, cancelled_in_round, now_millis,
 };
 
 /// Writes folded into one transaction at most. Bounds the latency a write
@@ -226,6 +226,17 @@ CREATE TABLE report_cursors (
     uid INTEGER NOT NULL
 ) WITHOUT ROWID;
 ALTER TABLE messages ADD COLUMN reports TEXT;
+"#,
+    r#"
+-- The suppression list's changes of its last versions (an address added
+-- or removed; no address: a change of the whole list), so that a daemon
+-- reads what changed since its copy rather than the whole list.
+CREATE TABLE suppression_changes (
+    version INTEGER NOT NULL,
+    address TEXT,
+    added INTEGER NOT NULL
+);
+CREATE INDEX suppression_changes_version ON suppression_changes(version);
 "#,
 ];
 
@@ -1062,6 +1073,30 @@ fn commit_batch(
 /// copy still due, must be durable before it is answered.
 fn lazy(s: &Settle) -> bool {
     matches!(s.state, State::Sent | State::Partial) && !s.copy
+}
+
+/// Moves the suppression list's version and records the change of
+/// `addresses` (`None`: the whole list), keeping the changes of the last
+/// [`super::SUPPRESSION_VERSIONS_KEPT`] versions.
+fn log_suppression(
+    c: &Connection,
+    addresses: &[Option<&str>],
+    added: bool,
+) -> rusqlite::Result<()> {
+    let v: i64 = c.query_row(
+        "UPDATE suppression_version SET v = v + 1 RETURNING v",
+        [],
+        |r| r.get(0),
+    )?;
+    let mut insert = c.prepare_cached(
+        "INSERT INTO suppression_changes (version, address, added) VALUES (?1, ?2, ?3)",
+    )?;
+    for a in addresses {
+        insert.execute(params![v, a, added])?;
+    }
+    c.prepare_cached("DELETE FROM suppression_changes WHERE version <= ?1")?
+        .execute([v - super::SUPPRESSION_VERSIONS_KEPT])?;
+    Ok(())
 }
 
 /// How the writer makes the write-ahead log durable.
@@ -2004,7 +2039,12 @@ impl Store for SqliteStore {
                 }
             }
             if !added.is_empty() {
-                c.execute("UPDATE suppression_version SET v = v + 1", [])?;
+                let logged: Vec<Option<&str>> = if added.len() > super::SUPPRESSION_CHANGE_ROWS {
+                    vec![None]
+                } else {
+                    added.iter().map(|a| Some(a.as_str())).collect()
+                };
+                log_suppression(c, &logged, true)?;
             }
             Ok(added)
         })
@@ -2016,9 +2056,58 @@ impl Store for SqliteStore {
         self.write(move |c, _| {
             let gone = c.execute("DELETE FROM suppressions WHERE address = ?1", [&address])? > 0;
             if gone {
-                c.execute("UPDATE suppression_version SET v = v + 1", [])?;
+                log_suppression(c, &[Some(address.as_str())], false)?;
             }
             Ok(gone)
+        })
+        .await
+    }
+
+    async fn suppression_changes(
+        &self,
+        since: i64,
+    ) -> Result<Option<(i64, Vec<SuppressionChange>)>, StoreError> {
+        self.read(move |c| {
+            // The version first: every version up to it is committed, so
+            // the changes read after it hold each of them unless trimmed.
+            let now: i64 = c.query_row("SELECT v FROM suppression_version", [], |r| r.get(0))?;
+            let rows: Vec<(i64, Option<String>, bool, Option<Suppression>)> = c
+                .prepare_cached(
+                    "SELECT ch.version, ch.address, ch.added,
+                            s.address, s.reason, s.detail, s.message_id, s.created_at
+                       FROM suppression_changes ch
+                       LEFT JOIN suppressions s ON ch.added AND s.address = ch.address
+                      WHERE ch.version > ?1 AND ch.version <= ?2
+                      ORDER BY ch.version, ch.rowid",
+                )?
+                .query_map(params![since, now], |r| {
+                    let entry = match r.get::<_, Option<String>>(3)? {
+                        Some(address) => Some(Suppression {
+                            address,
+                            reason: r.get(4)?,
+                            detail: r.get(5)?,
+                            message_id: r.get(6)?,
+                            at: r.get(7)?,
+                        }),
+                        None => None,
+                    };
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, entry))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let versions: Vec<(i64, bool)> =
+                rows.iter().map(|(v, a, _, _)| (*v, a.is_some())).collect();
+            if !super::changes_complete(since, now, &versions) {
+                return Ok(None);
+            }
+            let changes = rows
+                .into_iter()
+                .filter_map(|(_, address, added, entry)| match added {
+                    // As the store holds it now; gone if removed since.
+                    true => entry.map(SuppressionChange::Added),
+                    false => address.map(SuppressionChange::Removed),
+                })
+                .collect();
+            Ok(Some((now, changes)))
         })
         .await
     }
