@@ -529,6 +529,54 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
     .await;
     assert_eq!(out["status"], "dry_run", "{out}");
 
+    // A long list, imported by the queue command: a hundred addresses a
+    // page, and a search by part of an address.
+    let file = dir.path().join("bulk.txt");
+    let lines: Vec<String> = (0..250)
+        .map(|i| format!("bulk{i:03}@list.example"))
+        .collect();
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let import = Command::new(env!("CARGO_BIN_EXE_mailmux"))
+        .env("OPS_TOKEN", OPS)
+        .arg("--config")
+        .arg(dir.path().join("mailmux.toml"))
+        .args(["queue", "suppress", "add", "--file"])
+        .arg(&file)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(import.status.success(), "{import:?}");
+    b.goto(&format!("{base}/console/suppressions"))
+        .await
+        .unwrap();
+    text_with(
+        &b,
+        "#count",
+        "250 listed; bulk000@list.example to bulk099@list.example shown",
+    )
+    .await;
+    let rows = b.find_all(Locator::Css("tr[data-address]")).await.unwrap();
+    assert_eq!(rows.len(), 100);
+    click("#next".into()).await;
+    text_with(&b, "#count", "bulk100@list.example to bulk199@list.example").await;
+    click("#next".into()).await;
+    text_with(&b, "#count", "bulk200@list.example to bulk249@list.example").await;
+    assert!(
+        b.find(Locator::Css("#next")).await.is_err(),
+        "no page after the last"
+    );
+    b.find(Locator::Css("#q"))
+        .await
+        .unwrap()
+        .send_keys("BULK17")
+        .await
+        .unwrap();
+    click("form[action='/console/suppressions'] button".into()).await;
+    text_with(&b, "#count", "250 listed, 10 holding “bulk17”").await;
+    let rows = b.find_all(Locator::Css("tr[data-address]")).await.unwrap();
+    assert_eq!(rows.len(), 10);
+    shoot(&b, kind, "suppressions-search").await;
+
     // Three held messages (outside the allowlist); A has a Bcc.
     let a = held(
         &mcp,

@@ -709,19 +709,34 @@ async fn relays(
     pages::relays(&op, n.notice.as_deref(), snapshot.as_ref()).into_response()
 }
 
-/// The suppression list, as the store holds it.
+/// The query of the suppression list's page: a part of an address to
+/// look for, and the address the page starts after.
+#[derive(Debug, Default, Deserialize)]
+struct ListedQuery {
+    notice: Option<String>,
+    q: Option<String>,
+    after: Option<String>,
+}
+
+/// The suppression list as the store holds it, [`pages::LISTED_PAGE`]
+/// addresses a page, by address, those holding `q` only.
 async fn suppressions(
     State(server): State<MailmuxServer>,
     axum::Extension(op): axum::Extension<Operator>,
-    Query(n): Query<Notice>,
+    Query(query): Query<ListedQuery>,
 ) -> Response {
-    let list = server
+    let q = query
+        .q
+        .as_deref()
+        .map(|q| q.trim().to_lowercase())
+        .filter(|q| !q.is_empty());
+    let listing = server
         .queue()
         .suppressions()
         .await
-        .map(|(_, l)| l)
+        .map(|(_, list)| pages::Listing::of(list, q, query.after))
         .map_err(|e| e.to_string());
-    pages::suppressions(&op, n.notice.as_deref(), list.as_ref()).into_response()
+    pages::suppressions(&op, query.notice.as_deref(), listing.as_ref()).into_response()
 }
 
 /// The console's form of an entry of the suppression list.

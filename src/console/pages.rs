@@ -355,10 +355,62 @@ pub fn relays(op: &Operator, notice: Option<&str>, snapshot: Option<&Snapshot>) 
 
 /// The suppression list, with a form to add an address and a button to
 /// remove each.
+/// Addresses on one page of the suppression list.
+pub const LISTED_PAGE: usize = 100;
+
+/// One page of the suppression list.
+#[derive(Debug)]
+pub struct Listing {
+    /// Addresses listed in all.
+    pub total: usize,
+    /// Of them, those holding `q`.
+    pub matching: usize,
+    /// The page: the matching entries after `after`, by address.
+    pub page: Vec<mailmux_actors::queue::Suppression>,
+    /// A part of an address to look for, in lower case.
+    pub q: Option<String>,
+    /// The address the page starts after.
+    pub after: Option<String>,
+    /// The address the next page starts after, when there is one.
+    pub next: Option<String>,
+}
+
+impl Listing {
+    /// The page of `list` (by address, as the store reads it) after
+    /// `after`, of the entries holding `q`.
+    pub fn of(
+        list: Vec<mailmux_actors::queue::Suppression>,
+        q: Option<String>,
+        after: Option<String>,
+    ) -> Listing {
+        let total = list.len();
+        let matching: Vec<_> = list
+            .into_iter()
+            .filter(|e| q.as_deref().is_none_or(|q| e.address.contains(q)))
+            .collect();
+        let count = matching.len();
+        let mut rest = matching
+            .into_iter()
+            .filter(|e| after.as_deref().is_none_or(|a| e.address.as_str() > a));
+        let page: Vec<_> = rest.by_ref().take(LISTED_PAGE).collect();
+        let next = rest
+            .next()
+            .and_then(|_| page.last().map(|e| e.address.clone()));
+        Listing {
+            total,
+            matching: count,
+            page,
+            q,
+            after,
+            next,
+        }
+    }
+}
+
 pub fn suppressions(
     op: &Operator,
     notice: Option<&str>,
-    list: Result<&Vec<mailmux_actors::queue::Suppression>, &String>,
+    listing: Result<&Listing, &String>,
 ) -> Markup {
     let body = html! {
         h1 { "Suppression list" }
@@ -383,14 +435,31 @@ pub fn suppressions(
                 button type="submit" { "Add" }
             }
         }
-        @match list {
+        @match listing {
             Err(e) => div.error { "The store does not answer: " (e) }
-            Ok(list) if list.is_empty() => div.card.muted { "No address is listed." }
-            Ok(list) => {
+            Ok(l) if l.total == 0 => div.card.muted { "No address is listed." }
+            Ok(l) => {
+                form.filters method="get" action="/console/suppressions" {
+                    label { "find an address" input #q type="search" name="q" placeholder="part of an address" value=(l.q.as_deref().unwrap_or("")); }
+                    button type="submit" { "Find" }
+                    a.button href="/console/suppressions" { "All" }
+                }
+                p.muted #count {
+                    (l.total) " listed"
+                    @if l.q.is_some() { ", " (l.matching) " holding “" (l.q.as_deref().unwrap_or("")) "”" }
+                    @if !l.page.is_empty() {
+                        "; " (l.page.first().map_or("", |e| e.address.as_str()))
+                        " to " (l.page.last().map_or("", |e| e.address.as_str())) " shown"
+                    }
+                    "."
+                }
+                @if l.page.is_empty() {
+                    div.card.muted { "No listed address matches." }
+                }
                 table {
                     thead { tr { th { "address" } th { "reason" } th { "since" } th { "detail" } th { "message" } th {} } }
                     tbody {
-                        @for e in list {
+                        @for e in &l.page {
                             tr data-address=(e.address) {
                                 td.mono { (e.address) }
                                 td { (e.reason) }
@@ -409,6 +478,23 @@ pub fn suppressions(
                                     }
                                 }
                             }
+                        }
+                    }
+                }
+                @if l.after.is_some() || l.next.is_some() {
+                    p {
+                        @if l.after.is_some() {
+                            a.button #first href={
+                                "/console/suppressions"
+                                @if let Some(q) = &l.q { "?q=" (super::urlencode(q)) }
+                            } { "← First" }
+                            " "
+                        }
+                        @if let Some(next) = &l.next {
+                            a.button #next href={
+                                "/console/suppressions?after=" (super::urlencode(next))
+                                @if let Some(q) = &l.q { "&q=" (super::urlencode(q)) }
+                            } { "Next " (LISTED_PAGE) " →" }
                         }
                     }
                 }
