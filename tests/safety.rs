@@ -2167,6 +2167,33 @@ async fn operators_keep_the_suppression_list_over_http() {
         assert!(text.contains("nothing was changed"), "{text}");
     }
     assert_eq!(list().await.as_array().unwrap().len(), 2);
+    // A page at a time, by address, and a search.
+    let page = |query: &str| {
+        let req = http.get(url(query)).bearer_auth(OPS);
+        async move {
+            let r = req.send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or_default(),
+            )
+        }
+    };
+    let (status, p) = page("?limit=1").await;
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(p["total"], 2, "{p}");
+    assert_eq!(p["suppressions"].as_array().unwrap().len(), 1, "{p}");
+    assert_eq!(p["suppressions"][0]["address"], "gone@example.org", "{p}");
+    assert_eq!(p["next_after"], "gone@example.org", "{p}");
+    let (_, p) = page("?limit=1&after=gone%40example.org").await;
+    assert_eq!(p["suppressions"][0]["address"], "unsub@example.org", "{p}");
+    assert!(p["next_after"].is_null(), "{p}");
+    let (_, p) = page("?q=UNSUB").await;
+    assert_eq!(p["suppressions"].as_array().unwrap().len(), 1, "{p}");
+    assert_eq!(p["suppressions"][0]["address"], "unsub@example.org", "{p}");
+    for bad in ["?limit=0", "?limit=10001", "?limit=ten", "?colour=red"] {
+        let (status, _) = page(bad).await;
+        assert_eq!(status, 400, "{bad}");
+    }
     let (_, out) = call(&delta, "send_email", mail(json!(["unsub@example.org"]))).await;
     assert_eq!(out["error"]["code"], "recipient_suppressed", "{out}");
     assert_eq!(out["error"]["rule"], "unsubscribed", "{out}");

@@ -833,15 +833,66 @@ async fn admin_decide(server: MailmuxServer, op: Operator, id: String, approve: 
     }
 }
 
-/// `GET /admin/suppressions`: the suppression list, by address.
-async fn admin_suppressions(State(server): State<MailmuxServer>) -> Response {
-    match server.queue().suppressions().await {
-        Ok((_, list)) => {
-            let list: Vec<serde_json::Value> = list.iter().map(crate::suppress::to_json).collect();
-            axum::Json(json!({ "suppressions": list })).into_response()
+/// The query `GET /admin/suppressions` may have: a page of the list.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListedQuery {
+    /// At most this many entries (1 to [`MAX_LISTED`]).
+    limit: Option<usize>,
+    /// Only the entries after this address.
+    after: Option<String>,
+    /// Only the addresses that hold this, whatever its case.
+    q: Option<String>,
+}
+
+/// The most entries one page of `GET /admin/suppressions` holds.
+const MAX_LISTED: usize = 10_000;
+
+/// `GET /admin/suppressions`: the suppression list, by address; with
+/// `limit` (and `after`, `q`) one page of it, and `next_after` to ask for
+/// the next.
+async fn admin_suppressions(
+    State(server): State<MailmuxServer>,
+    query: Result<axum::extract::Query<ListedQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let query = match query {
+        Ok(axum::extract::Query(q)) => q,
+        Err(e) => {
+            return reject(
+                StatusCode::BAD_REQUEST,
+                &format!("{} (limit, after and q are known)", e.body_text()),
+            );
         }
-        Err(e) => reject(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    };
+    if query.limit.is_some_and(|l| l == 0 || l > MAX_LISTED) {
+        return reject(
+            StatusCode::BAD_REQUEST,
+            &format!("limit must be 1 to {MAX_LISTED}"),
+        );
     }
+    let list = match server.queue().suppressions().await {
+        Ok((_, list)) => list,
+        Err(e) => return reject(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    };
+    let total = list.len();
+    let q = query.q.map(|q| q.to_lowercase());
+    let mut rest = list.iter().filter(|e| {
+        q.as_deref().is_none_or(|q| e.address.contains(q))
+            && query
+                .after
+                .as_deref()
+                .is_none_or(|a| e.address.as_str() > a)
+    });
+    let page: Vec<_> = rest
+        .by_ref()
+        .take(query.limit.unwrap_or(usize::MAX))
+        .collect();
+    let next_after = rest
+        .next()
+        .and_then(|_| page.last().map(|e| e.address.clone()));
+    let entries: Vec<serde_json::Value> = page.into_iter().map(crate::suppress::to_json).collect();
+    axum::Json(json!({ "suppressions": entries, "total": total, "next_after": next_after }))
+        .into_response()
 }
 
 /// The body `PUT /admin/suppressions/{address}` may have.
