@@ -358,21 +358,14 @@ pub fn relays(op: &Operator, notice: Option<&str>, snapshot: Option<&Snapshot>) 
 /// Addresses on one page of the suppression list.
 pub const LISTED_PAGE: usize = 100;
 
-/// One page of the suppression list.
+/// One page of the suppression list, and the search and start that made it.
 #[derive(Debug)]
 pub struct Listing {
-    /// Addresses listed in all.
-    pub total: usize,
-    /// Of them, those holding `q`.
-    pub matching: usize,
-    /// The page: the matching entries after `after`, by address.
-    pub page: Vec<mailmux_actors::queue::Suppression>,
+    pub page: crate::suppress::Page,
     /// A part of an address to look for, in lower case.
     pub q: Option<String>,
     /// The address the page starts after.
     pub after: Option<String>,
-    /// The address the next page starts after, when there is one.
-    pub next: Option<String>,
 }
 
 impl Listing {
@@ -383,27 +376,8 @@ impl Listing {
         q: Option<String>,
         after: Option<String>,
     ) -> Listing {
-        let total = list.len();
-        let matching: Vec<_> = list
-            .into_iter()
-            .filter(|e| q.as_deref().is_none_or(|q| e.address.contains(q)))
-            .collect();
-        let count = matching.len();
-        let mut rest = matching
-            .into_iter()
-            .filter(|e| after.as_deref().is_none_or(|a| e.address.as_str() > a));
-        let page: Vec<_> = rest.by_ref().take(LISTED_PAGE).collect();
-        let next = rest
-            .next()
-            .and_then(|_| page.last().map(|e| e.address.clone()));
-        Listing {
-            total,
-            matching: count,
-            page,
-            q,
-            after,
-            next,
-        }
+        let page = crate::suppress::page(list, q.as_deref(), after.as_deref(), LISTED_PAGE);
+        Listing { page, q, after }
     }
 }
 
@@ -437,7 +411,7 @@ pub fn suppressions(
         }
         @match listing {
             Err(e) => div.error { "The store does not answer: " (e) }
-            Ok(l) if l.total == 0 => div.card.muted { "No address is listed." }
+            Ok(l) if l.page.total == 0 => div.card.muted { "No address is listed." }
             Ok(l) => {
                 form.filters method="get" action="/console/suppressions" {
                     label { "find an address" input #q type="search" name="q" placeholder="part of an address" value=(l.q.as_deref().unwrap_or("")); }
@@ -445,21 +419,21 @@ pub fn suppressions(
                     a.button href="/console/suppressions" { "All" }
                 }
                 p.muted #count {
-                    (l.total) " listed"
-                    @if l.q.is_some() { ", " (l.matching) " holding “" (l.q.as_deref().unwrap_or("")) "”" }
-                    @if !l.page.is_empty() {
-                        "; " (l.page.first().map_or("", |e| e.address.as_str()))
-                        " to " (l.page.last().map_or("", |e| e.address.as_str())) " shown"
+                    (l.page.total) " listed"
+                    @if l.q.is_some() { ", " (l.page.matching) " holding “" (l.q.as_deref().unwrap_or("")) "”" }
+                    @if !l.page.entries.is_empty() {
+                        "; " (l.page.entries.first().map_or("", |e| e.address.as_str()))
+                        " to " (l.page.entries.last().map_or("", |e| e.address.as_str())) " shown"
                     }
                     "."
                 }
-                @if l.page.is_empty() {
+                @if l.page.entries.is_empty() {
                     div.card.muted { "No listed address matches." }
                 }
                 table {
                     thead { tr { th { "address" } th { "reason" } th { "since" } th { "detail" } th { "message" } th {} } }
                     tbody {
-                        @for e in &l.page {
+                        @for e in &l.page.entries {
                             tr data-address=(e.address) {
                                 td.mono { (e.address) }
                                 td { (e.reason) }
@@ -481,7 +455,7 @@ pub fn suppressions(
                         }
                     }
                 }
-                @if l.after.is_some() || l.next.is_some() {
+                @if l.after.is_some() || l.page.next_after.is_some() {
                     p {
                         @if l.after.is_some() {
                             a.button #first href={
@@ -490,7 +464,7 @@ pub fn suppressions(
                             } { "← First" }
                             " "
                         }
-                        @if let Some(next) = &l.next {
+                        @if let Some(next) = &l.page.next_after {
                             a.button #next href={
                                 "/console/suppressions?after=" (super::urlencode(next))
                                 @if let Some(q) = &l.q { "&q=" (super::urlencode(q)) }

@@ -874,25 +874,19 @@ async fn admin_suppressions(
         Ok((_, list)) => list,
         Err(e) => return reject(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
-    let total = list.len();
     let q = query.q.map(|q| q.to_lowercase());
-    let mut rest = list.iter().filter(|e| {
-        q.as_deref().is_none_or(|q| e.address.contains(q))
-            && query
-                .after
-                .as_deref()
-                .is_none_or(|a| e.address.as_str() > a)
-    });
-    let page: Vec<_> = rest
-        .by_ref()
-        .take(query.limit.unwrap_or(usize::MAX))
-        .collect();
-    let next_after = rest
-        .next()
-        .and_then(|_| page.last().map(|e| e.address.clone()));
-    let entries: Vec<serde_json::Value> = page.into_iter().map(crate::suppress::to_json).collect();
-    axum::Json(json!({ "suppressions": entries, "total": total, "next_after": next_after }))
-        .into_response()
+    let page = crate::suppress::page(
+        list,
+        q.as_deref(),
+        query.after.as_deref(),
+        query.limit.unwrap_or(usize::MAX),
+    );
+    let entries: Vec<serde_json::Value> =
+        page.entries.iter().map(crate::suppress::to_json).collect();
+    axum::Json(
+        json!({ "suppressions": entries, "total": page.total, "next_after": page.next_after }),
+    )
+    .into_response()
 }
 
 /// The body `PUT /admin/suppressions/{address}` may have.
