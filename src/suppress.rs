@@ -188,8 +188,6 @@ impl OneClick {
     }
 }
 
-/// An entry as `mailmux queue suppress list --json` and `/admin/suppressions`
-/// show it.
 /// One page of the suppression list, for the console and `/admin/`.
 #[derive(Debug)]
 pub struct Page {
@@ -228,6 +226,8 @@ pub fn page(list: Vec<Suppression>, q: Option<&str>, after: Option<&str>, limit:
     }
 }
 
+/// An entry as `mailmux queue suppress list --json` and `/admin/suppressions`
+/// show it.
 pub fn to_json(s: &Suppression) -> serde_json::Value {
     serde_json::json!({
         "address": s.address,

@@ -461,10 +461,11 @@ pub const SUPPRESSION_VERSIONS_KEPT: i64 = 1_000;
 /// daemon then reads whole.
 pub const SUPPRESSION_CHANGE_ROWS: usize = 1_000;
 
-/// Whether `changes` (version, address, whether added; oldest first, the
-/// rows a store keeps after `since` up to `now`) hold every change after
-/// `since`: each version once at least, from `since + 1` to `now`, and
-/// none that stands for the whole list (no address).
+/// Whether the rows a store keeps of the list's changes after `since` up
+/// to `now` (`versions`: each row's version and whether it names an
+/// address, oldest first) hold every change after `since`: each version
+/// at least once, from `since + 1` to `now`, and no row that stands for
+/// the whole list (no address).
 pub(crate) fn changes_complete(since: i64, now: i64, versions: &[(i64, bool)]) -> bool {
     let mut expected = since + 1;
     for &(v, has_address) in versions {
