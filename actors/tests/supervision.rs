@@ -319,7 +319,13 @@ async fn an_invalid_reload_changes_nothing() {
 
 #[tokio::test]
 async fn shutdown_lets_in_flight_finish_and_refuses_new_mail() {
-    let a = FaultSmtp::start(Script::ok()).await;
+    use support::fault_smtp::{Action, Phase};
+    // Each reply to the final "." comes 50 ms late, so that mail is still
+    // in flight when the shutdown begins, however fast the machine.
+    let a = FaultSmtp::start(
+        Script::ok().on(Phase::AfterDot, Action::Pause(Duration::from_millis(50))),
+    )
+    .await;
     let d = Dispatcher::start(settings(vec![relay("a", a.port(), 1)]))
         .await
         .unwrap();
