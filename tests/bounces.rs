@@ -448,22 +448,7 @@ shutdown_grace = "1s"
 [queue]
 path = "{db}"
 
-[[relays]]
-name = "m365"
-host = "127.0.0.1"
-port = {port}
-tls = "none"
-username = "{USER}"
-from_email = "{USER}"
-auth = "xoauth2"
-timeout = "3s"
-
-[relays.oauth]
-token_url = "http://127.0.0.1:{token_port}/token"
-client_id = "mailmux-test-client"
-client_secret = "client-secret-for-imap-test"
-refresh_token = "refresh-token-for-imap-test"
-
+{relay}
 [relays.bounces]
 imap_host = "127.0.0.1"
 port = {imap}
@@ -471,7 +456,7 @@ tls = "none"
 every = "200ms"
 "#,
         db = dir.path().join("queue.db").display(),
-        port = smtp.port(),
+        relay = common::oauth2_relay_toml(smtp.port(), token_port, USER),
         imap = imap_proxy.port(),
     );
     let d = StdioDaemon::start(dir.path(), &config).await;

@@ -374,22 +374,7 @@ shutdown_grace = "1s"
 [queue]
 path = "{db}"
 
-[[relays]]
-name = "m365"
-host = "127.0.0.1"
-port = {smtp}
-tls = "none"
-username = "{USER}"
-from_email = "{USER}"
-auth = "xoauth2"
-timeout = "3s"
-
-[relays.oauth]
-token_url = "http://127.0.0.1:{token_port}/token"
-client_id = "mailmux-test-client"
-client_secret = "client-secret-for-imap-test"
-refresh_token = "refresh-token-for-imap-test"
-
+{relay}
 [relays.sent_copy]
 imap_host = "127.0.0.1"
 port = {imap}
@@ -397,7 +382,7 @@ tls = "none"
 folder = "\\Sent"
 "#,
         db = dir.path().join("queue.db").display(),
-        smtp = sink.port(),
+        relay = common::oauth2_relay_toml(sink.port(), token_port, USER),
         imap = imap_proxy.port(),
     );
     let d = StdioDaemon::start(dir.path(), &config).await;

@@ -326,6 +326,30 @@ impl TokenEndpoint {
     }
 }
 
+/// The `[[relays]]` entry `m365` of an `xoauth2` account `user` on the
+/// SMTP server at `smtp`, its tokens from the [`TokenEndpoint`] at
+/// `token_port` (a TOML fragment; the relay's IMAP table may follow it).
+pub fn oauth2_relay_toml(smtp: u16, token_port: u16, user: &str) -> String {
+    format!(
+        r#"[[relays]]
+name = "m365"
+host = "127.0.0.1"
+port = {smtp}
+tls = "none"
+username = "{user}"
+from_email = "{user}"
+auth = "xoauth2"
+timeout = "3s"
+
+[relays.oauth]
+token_url = "http://127.0.0.1:{token_port}/token"
+client_id = "mailmux-test-client"
+client_secret = "client-secret-for-imap-test"
+refresh_token = "refresh-token-for-imap-test"
+"#
+    )
+}
+
 /// The `n`th access token a [`TokenEndpoint`] issues (from 1).
 pub fn access(n: usize) -> String {
     format!("ACCESS-TOKEN-{n}-e9")
