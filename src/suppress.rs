@@ -188,44 +188,6 @@ impl OneClick {
     }
 }
 
-/// One page of the suppression list, for the console and `/admin/`.
-#[derive(Debug)]
-pub struct Page {
-    /// Addresses listed in all.
-    pub total: usize,
-    /// Of them, those a search kept.
-    pub matching: usize,
-    /// The page: at most `limit` of them after `after`, by address.
-    pub entries: Vec<Suppression>,
-    /// The address the next page starts after, when there is one.
-    pub next_after: Option<String>,
-}
-
-/// The page of `list` (by address, as the store reads it) of at most
-/// `limit` entries after `after`, of those whose address holds `q` (in
-/// lower case, as addresses are kept).
-pub fn page(list: Vec<Suppression>, q: Option<&str>, after: Option<&str>, limit: usize) -> Page {
-    let total = list.len();
-    let matching: Vec<Suppression> = list
-        .into_iter()
-        .filter(|e| q.is_none_or(|q| e.address.contains(q)))
-        .collect();
-    let count = matching.len();
-    let mut rest = matching
-        .into_iter()
-        .filter(|e| after.is_none_or(|a| e.address.as_str() > a));
-    let entries: Vec<Suppression> = rest.by_ref().take(limit).collect();
-    let next_after = rest
-        .next()
-        .and_then(|_| entries.last().map(|e| e.address.clone()));
-    Page {
-        total,
-        matching: count,
-        entries,
-        next_after,
-    }
-}
-
 /// An entry as `mailmux queue suppress list --json` and `/admin/suppressions`
 /// show it.
 pub fn to_json(s: &Suppression) -> serde_json::Value {

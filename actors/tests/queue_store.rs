@@ -16,7 +16,7 @@ use mailmux_actors::queue::sqlite::SqliteStore;
 use mailmux_actors::queue::{
     self, Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Feed, Filter, Hold,
     NewMessage, Purged, RejectedRecord, ReportRecord, Retry, Settle, State, Store, StoreError,
-    Suppression, SuppressionChange, now_millis,
+    Suppression, SuppressionChange, SuppressionPage, SuppressionQuery, now_millis,
 };
 
 fn by_state(state: State) -> Filter {
@@ -364,7 +364,100 @@ async fn suppressions(store: &dyn Store, other: &dyn Store) {
     let (_, list) = store.suppressions().await.unwrap();
     assert_eq!(list, [suppression("b@example.org", "bounced")]);
     suppression_changes(store, other).await;
+    suppression_pages(store, other).await;
     report_cursors(store, other).await;
+}
+
+/// The list a page at a time, as `other` reads it: pages walked by their
+/// `next_after` give the whole list once, in its order; a part of an
+/// address keeps only the addresses holding it, and is counted; a page
+/// that ends the list (even one exactly `limit` long) names no next page.
+async fn suppression_pages(store: &dyn Store, other: &dyn Store) {
+    let query =
+        |contains: Option<&str>, after: Option<&str>, limit: Option<usize>| SuppressionQuery {
+            contains: contains.map(str::to_owned),
+            after: after.map(str::to_owned),
+            limit,
+        };
+    let addresses = |page: &SuppressionPage| -> Vec<String> {
+        page.entries.iter().map(|e| e.address.clone()).collect()
+    };
+    store
+        .suppress(
+            (0..25)
+                .map(|i| suppression(&format!("page-{i:02}@pages.test"), "manual"))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let (_, whole) = other.suppressions().await.unwrap();
+    let total = whole.len() as u64;
+    assert!(total > 25);
+    let mut walked = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = other
+            .suppression_page(&query(None, after.as_deref(), Some(97)))
+            .await
+            .unwrap();
+        assert_eq!((page.total, page.matching), (total, total));
+        assert!(!page.entries.is_empty() && page.entries.len() <= 97);
+        walked.extend(page.entries.iter().cloned());
+        match page.next_after {
+            Some(next) => {
+                assert_eq!(Some(&next), page.entries.last().map(|e| &e.address));
+                after = Some(next);
+            }
+            None => break,
+        }
+    }
+    assert_eq!(walked, whole);
+
+    let page = other
+        .suppression_page(&query(Some("page-1"), None, Some(5)))
+        .await
+        .unwrap();
+    let names: Vec<String> = (10..15).map(|i| format!("page-{i}@pages.test")).collect();
+    assert_eq!(addresses(&page), names);
+    assert_eq!((page.total, page.matching), (total, 10));
+    assert_eq!(page.next_after.as_deref(), Some("page-14@pages.test"));
+    assert_eq!(page.entries[0], suppression("page-10@pages.test", "manual"));
+    let page = other
+        .suppression_page(&query(Some("page-1"), Some("page-14@pages.test"), Some(5)))
+        .await
+        .unwrap();
+    let names: Vec<String> = (15..20).map(|i| format!("page-{i}@pages.test")).collect();
+    assert_eq!(addresses(&page), names);
+    assert_eq!(page.matching, 10);
+    assert_eq!(page.next_after, None);
+    // No limit: every match; a part nobody holds: nothing, counted as such.
+    let page = other
+        .suppression_page(&query(Some("@pages.test"), None, None))
+        .await
+        .unwrap();
+    assert_eq!(page.entries.len(), 25);
+    assert_eq!((page.matching, page.next_after), (25, None));
+    let page = other
+        .suppression_page(&query(Some("nobody-holds-this"), None, Some(10)))
+        .await
+        .unwrap();
+    assert_eq!(
+        page,
+        SuppressionPage {
+            total,
+            matching: 0,
+            entries: Vec::new(),
+            next_after: None,
+        }
+    );
+    // A start past the last address: an empty page.
+    let last = whole.last().map(|e| e.address.clone());
+    let page = other
+        .suppression_page(&query(None, last.as_deref(), Some(10)))
+        .await
+        .unwrap();
+    assert!(page.entries.is_empty());
+    assert_eq!(page.next_after, None);
 }
 
 /// What changed since a version, as `other` reads it: each address added
@@ -3008,6 +3101,12 @@ impl Store for SlowMarks {
     }
     async fn suppression_version(&self) -> Result<i64, StoreError> {
         self.inner.suppression_version().await
+    }
+    async fn suppression_page(
+        &self,
+        query: &SuppressionQuery,
+    ) -> Result<SuppressionPage, StoreError> {
+        self.inner.suppression_page(query).await
     }
     async fn suppression_changes(
         &self,

@@ -225,6 +225,8 @@ pub struct DecideArgs {
 const EXIT_REFUSED: u8 = 1;
 /// Exit code of a usage, configuration or permission error.
 const EXIT_USAGE: u8 = 2;
+/// Entries `suppress list` reads from the store at once.
+const LISTED_AT_ONCE: usize = 10_000;
 
 pub async fn run(config: Config, cmd: QueueCommand) -> ExitCode {
     let (args, approve) = match cmd {
@@ -491,24 +493,35 @@ async fn suppress(config: &Config, store: &dyn queue::Store, cmd: SuppressComman
     };
     match cmd {
         SuppressCommand::List { json } => {
-            let (_, list) = match store.suppressions().await {
-                Ok(l) => l,
-                Err(e) => return fail(e),
+            // A page at a time, so that a list of millions is never all in
+            // memory.
+            let mut query = queue::SuppressionQuery {
+                limit: Some(LISTED_AT_ONCE),
+                ..Default::default()
             };
-            for s in &list {
-                if json {
-                    say!("{}", crate::suppress::to_json(s));
-                } else {
-                    say!(
-                        "{}  {:<12}  {}  {}",
-                        time(s.at),
-                        s.reason,
-                        shown::address(&s.address),
-                        s.detail.as_deref().unwrap_or("")
-                    );
+            loop {
+                let page = match store.suppression_page(&query).await {
+                    Ok(p) => p,
+                    Err(e) => return fail(e),
+                };
+                for s in &page.entries {
+                    if json {
+                        say!("{}", crate::suppress::to_json(s));
+                    } else {
+                        say!(
+                            "{}  {:<12}  {}  {}",
+                            time(s.at),
+                            s.reason,
+                            shown::address(&s.address),
+                            s.detail.as_deref().unwrap_or("")
+                        );
+                    }
+                }
+                match page.next_after {
+                    Some(next) => query.after = Some(next),
+                    None => return ExitCode::SUCCESS,
                 }
             }
-            ExitCode::SUCCESS
         }
         SuppressCommand::Add {
             addresses,

@@ -28,7 +28,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
-use mailmux_actors::queue::{Cancel, Decided, Decision, Filter, Retry, State as MsgState};
+use mailmux_actors::queue::{
+    Cancel, Decided, Decision, Filter, Retry, State as MsgState, SuppressionQuery,
+};
 use rand::RngCore;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
@@ -730,11 +732,20 @@ async fn suppressions(
         .as_deref()
         .map(|q| q.trim().to_lowercase())
         .filter(|q| !q.is_empty());
+    let page = SuppressionQuery {
+        contains: q.clone(),
+        after: query.after.clone(),
+        limit: Some(pages::LISTED_PAGE),
+    };
     let listing = server
         .queue()
-        .suppressions()
+        .suppression_page(&page)
         .await
-        .map(|(_, list)| pages::Listing::of(list, q, query.after))
+        .map(|page| pages::Listing {
+            page,
+            q,
+            after: query.after,
+        })
         .map_err(|e| e.to_string());
     pages::suppressions(&op, query.notice.as_deref(), listing.as_ref()).into_response()
 }

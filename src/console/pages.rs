@@ -361,24 +361,11 @@ pub const LISTED_PAGE: usize = 100;
 /// One page of the suppression list, and the search and start that made it.
 #[derive(Debug)]
 pub struct Listing {
-    pub page: crate::suppress::Page,
+    pub page: mailmux_actors::queue::SuppressionPage,
     /// A part of an address to look for, in lower case.
     pub q: Option<String>,
     /// The address the page starts after.
     pub after: Option<String>,
-}
-
-impl Listing {
-    /// The page of `list` (by address, as the store reads it) after
-    /// `after`, of the entries holding `q`.
-    pub fn of(
-        list: Vec<mailmux_actors::queue::Suppression>,
-        q: Option<String>,
-        after: Option<String>,
-    ) -> Listing {
-        let page = crate::suppress::page(list, q.as_deref(), after.as_deref(), LISTED_PAGE);
-        Listing { page, q, after }
-    }
 }
 
 pub fn suppressions(

@@ -870,17 +870,15 @@ async fn admin_suppressions(
             &format!("limit must be 1 to {MAX_LISTED}"),
         );
     }
-    let list = match server.queue().suppressions().await {
-        Ok((_, list)) => list,
+    let query = mailmux_actors::queue::SuppressionQuery {
+        contains: query.q.map(|q| q.to_lowercase()),
+        after: query.after,
+        limit: query.limit,
+    };
+    let page = match server.queue().suppression_page(&query).await {
+        Ok(page) => page,
         Err(e) => return reject(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
-    let q = query.q.map(|q| q.to_lowercase());
-    let page = crate::suppress::page(
-        list,
-        q.as_deref(),
-        query.after.as_deref(),
-        query.limit.unwrap_or(usize::MAX),
-    );
     let entries: Vec<serde_json::Value> =
         page.entries.iter().map(crate::suppress::to_json).collect();
     axum::Json(

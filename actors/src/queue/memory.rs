@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::{
     Accepted, Cancel, Decided, Decision, Filter, Millis, NewMessage, Pending, Purged, Record,
     Recovered, ReportRecord, Retry, Settle, State, Stats, Store, StoreError, Summary, Suppression,
-    SuppressionChange, now_millis,
+    SuppressionChange, SuppressionPage, SuppressionQuery, now_millis,
 };
 
 #[derive(Debug, Default)]
@@ -613,6 +613,31 @@ impl Store for MemoryStore {
 
     async fn suppression_version(&self) -> Result<i64, StoreError> {
         Ok(self.lock().suppressed_version)
+    }
+
+    async fn suppression_page(
+        &self,
+        query: &SuppressionQuery,
+    ) -> Result<SuppressionPage, StoreError> {
+        let mem = self.lock();
+        let holds = |a: &str| query.contains.as_deref().is_none_or(|c| a.contains(c));
+        let start = match &query.after {
+            Some(a) => std::ops::Bound::Excluded(a.clone()),
+            None => std::ops::Bound::Unbounded,
+        };
+        let rows = mem
+            .suppressed
+            .range((start, std::ops::Bound::Unbounded))
+            .filter(|(a, _)| holds(a))
+            .take(query.limit.map_or(usize::MAX, |l| l + 1))
+            .map(|(_, e)| e.clone())
+            .collect();
+        let total = mem.suppressed.len() as u64;
+        let matching = match query.contains {
+            Some(_) => mem.suppressed.keys().filter(|a| holds(a)).count() as u64,
+            None => total,
+        };
+        Ok(SuppressionPage::of(query, total, matching, rows))
     }
 
     async fn report_cursor(&self, mailbox: &str) -> Result<Option<(u32, u32)>, StoreError> {

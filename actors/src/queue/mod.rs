@@ -479,6 +479,59 @@ pub(crate) fn changes_complete(since: i64, now: i64, versions: &[(i64, bool)]) -
     expected == now + 1
 }
 
+/// What one page of the suppression list asks for
+/// ([`Store::suppression_page`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SuppressionQuery {
+    /// Only the addresses that hold this (compared as given: addresses are
+    /// kept in lower case).
+    pub contains: Option<String>,
+    /// Only the addresses after this one, by address.
+    pub after: Option<String>,
+    /// At most this many entries; `None`: all of them.
+    pub limit: Option<usize>,
+}
+
+/// One page of the suppression list, by address.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SuppressionPage {
+    /// Addresses listed in all.
+    pub total: u64,
+    /// Of them, those that hold the query's `contains` (all of them
+    /// without one), whether before or after its `after`.
+    pub matching: u64,
+    /// The page: at most `limit` entries after `after`, by address.
+    pub entries: Vec<Suppression>,
+    /// The address the next page starts after, when there is one.
+    pub next_after: Option<String>,
+}
+
+impl SuppressionPage {
+    /// The page of `query` from `rows`, the matching entries after its
+    /// `after` by address, of which a store read at most one more than
+    /// its `limit` to know whether a next page follows.
+    pub(crate) fn of(
+        query: &SuppressionQuery,
+        total: u64,
+        matching: u64,
+        mut rows: Vec<Suppression>,
+    ) -> SuppressionPage {
+        let more = query.limit.is_some_and(|l| rows.len() > l);
+        if let Some(l) = query.limit {
+            rows.truncate(l);
+        }
+        let next_after = more
+            .then(|| rows.last().map(|e| e.address.clone()))
+            .flatten();
+        SuppressionPage {
+            total,
+            matching,
+            entries: rows,
+            next_after,
+        }
+    }
+}
+
 /// The outcome of one delivery round, to record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settle {
@@ -1084,6 +1137,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// any process or daemon on the store: what a daemon polls to know when
     /// to read the list again.
     async fn suppression_version(&self) -> Result<i64, StoreError>;
+    /// One page of the suppression list, by address, read through the
+    /// store's index of addresses: what the console and `/admin/` show
+    /// without reading the whole list.
+    async fn suppression_page(
+        &self,
+        query: &SuppressionQuery,
+    ) -> Result<SuppressionPage, StoreError>;
     /// The changes of the suppression list after version `since`, oldest
     /// first, and the version they bring it to; `None` when the store no
     /// longer holds every one of them (more than

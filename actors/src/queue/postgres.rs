@@ -32,7 +32,8 @@ use super::rows::{self, entry, lines};
 use super::{
     Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Feed, Filter, Millis, NewMessage,
     Pending, Purged, Record, Recovered, ReportRecord, Retry, Settle, State, Stats, Store,
-    StoreError, Summary, Suppression, SuppressionChange, abandoned, now_millis,
+    StoreError, Summary, Suppression, SuppressionChange, SuppressionPage, SuppressionQuery,
+    abandoned, now_millis,
 };
 
 /// The schema, one migration per version; `mailmux_schema` records how many
@@ -2355,6 +2356,52 @@ impl Store for PgStore {
             .fetch_one(&self.pool)
             .await
             .map_err(unavailable)
+    }
+
+    async fn suppression_page(
+        &self,
+        query: &SuppressionQuery,
+    ) -> Result<SuppressionPage, StoreError> {
+        // `strpos` finds the part as given; addresses are compared in the
+        // database's collation, the order of the primary key's index, so
+        // `after` and `ORDER BY` agree. One row past the limit says whether
+        // a next page follows (`LIMIT NULL`: all).
+        let limit = query.limit.map(|l| l.saturating_add(1) as i64);
+        let rows: Vec<(String, String, Option<String>, Option<String>, i64)> = sqlx::query_as(
+            "SELECT address, reason, detail, message_id, created_at FROM mailmux_suppressions
+              WHERE ($1::text IS NULL OR address > $1) AND ($2::text IS NULL OR strpos(address, $2) > 0)
+              ORDER BY address LIMIT $3",
+        )
+        .bind(&query.after)
+        .bind(&query.contains)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let (total, matching): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE $1::text IS NULL OR strpos(address, $1) > 0)
+               FROM mailmux_suppressions",
+        )
+        .bind(&query.contains)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let rows = rows
+            .into_iter()
+            .map(|(address, reason, detail, message_id, at)| Suppression {
+                address,
+                reason,
+                detail,
+                message_id,
+                at,
+            })
+            .collect();
+        Ok(SuppressionPage::of(
+            query,
+            total as u64,
+            matching as u64,
+            rows,
+        ))
     }
 
     async fn report_cursor(&self, mailbox: &str) -> Result<Option<(u32, u32)>, StoreError> {

@@ -1361,6 +1361,15 @@ impl Queue {
         Ok(self.inner.store.suppressions().await?)
     }
 
+    /// One page of the store's suppression list
+    /// ([`Store::suppression_page`]).
+    pub async fn suppression_page(
+        &self,
+        query: &super::SuppressionQuery,
+    ) -> Result<super::SuppressionPage, QueueError> {
+        Ok(self.inner.store.suppression_page(query).await?)
+    }
+
     /// The version of the store's suppression list
     /// ([`Store::suppression_version`]).
     pub async fn suppression_version(&self) -> Result<i64, QueueError> {

@@ -35,7 +35,8 @@ use super::rows::{self, entry, lines};
 use super::{
     Accepted, Cancel, CopyDue, Decided, Decision, Feed, Filter, Millis, NewMessage, Pending,
     Purged, Record, Recovered, ReportRecord, Retry, Settle, State, Stats, Store, StoreError,
-    Summary, Suppression, SuppressionChange, abandoned, cancelled_in_round, now_millis,
+    Summary, Suppression, SuppressionChange, SuppressionPage, SuppressionQuery, abandoned,
+    cancelled_in_round, now_millis,
 };
 
 /// Writes folded into one transaction at most. Bounds the latency a write
@@ -2138,6 +2139,51 @@ impl Store for SqliteStore {
     async fn suppression_version(&self) -> Result<i64, StoreError> {
         self.read(|c| c.query_row("SELECT v FROM suppression_version", [], |r| r.get(0)))
             .await
+    }
+
+    async fn suppression_page(
+        &self,
+        query: &SuppressionQuery,
+    ) -> Result<SuppressionPage, StoreError> {
+        let query = query.clone();
+        self.read(move |c| {
+            // `instr` and the BINARY order of the primary key compare bytes,
+            // as the memory store's `contains` and order do; one row past
+            // the limit says whether a next page follows (`LIMIT -1`: all).
+            let limit = query.limit.map_or(-1, |l| l.saturating_add(1) as i64);
+            let rows = c
+                .prepare_cached(
+                    "SELECT address, reason, detail, message_id, created_at FROM suppressions
+                      WHERE (?1 IS NULL OR address > ?1) AND (?2 IS NULL OR instr(address, ?2) > 0)
+                      ORDER BY address LIMIT ?3",
+                )?
+                .query_map(params![query.after, query.contains, limit], |r| {
+                    Ok(Suppression {
+                        address: r.get(0)?,
+                        reason: r.get(1)?,
+                        detail: r.get(2)?,
+                        message_id: r.get(3)?,
+                        at: r.get(4)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let total: i64 = c.query_row("SELECT count(*) FROM suppressions", [], |r| r.get(0))?;
+            let matching: i64 = match &query.contains {
+                None => total,
+                Some(part) => c.query_row(
+                    "SELECT count(*) FROM suppressions WHERE instr(address, ?1) > 0",
+                    [part],
+                    |r| r.get(0),
+                )?,
+            };
+            Ok(SuppressionPage::of(
+                &query,
+                total as u64,
+                matching as u64,
+                rows,
+            ))
+        })
+        .await
     }
 
     async fn report_cursor(&self, mailbox: &str) -> Result<Option<(u32, u32)>, StoreError> {
