@@ -2365,14 +2365,15 @@ impl Store for PgStore {
         // `strpos` finds the part as given; addresses are compared in the
         // database's collation, the order of the primary key's index, so
         // `after` and `ORDER BY` agree. One row past the limit says whether
-        // a next page follows (`LIMIT NULL`: all).
+        // a next page follows (`LIMIT NULL`: all). A bare `address > $1`
+        // (the empty string for the first page) is a range of the index.
         let limit = query.limit.map(|l| l.saturating_add(1) as i64);
         let rows: Vec<(String, String, Option<String>, Option<String>, i64)> = sqlx::query_as(
             "SELECT address, reason, detail, message_id, created_at FROM mailmux_suppressions
-              WHERE ($1::text IS NULL OR address > $1) AND ($2::text IS NULL OR strpos(address, $2) > 0)
+              WHERE address > $1 AND ($2::text IS NULL OR strpos(address, $2) > 0)
               ORDER BY address LIMIT $3",
         )
-        .bind(&query.after)
+        .bind(query.after.as_deref().unwrap_or(""))
         .bind(&query.contains)
         .bind(limit)
         .fetch_all(&self.pool)

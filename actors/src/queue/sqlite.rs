@@ -1672,6 +1672,14 @@ fn recover(c: &Tx<'_>, now: Millis) -> rusqlite::Result<Recovered> {
     Ok(out)
 }
 
+/// One page of the suppression list ([`Store::suppression_page`]): the
+/// entries after `?1` by address, holding `?2` when it is not NULL, at
+/// most `?3` (-1: all).
+const SUPPRESSION_PAGE_SQL: &str =
+    "SELECT address, reason, detail, message_id, created_at FROM suppressions
+      WHERE address > ?1 AND (?2 IS NULL OR instr(address, ?2) > 0)
+      ORDER BY address LIMIT ?3";
+
 #[async_trait::async_trait]
 impl Store for SqliteStore {
     fn kind(&self) -> &'static str {
@@ -2151,13 +2159,12 @@ impl Store for SqliteStore {
             // as the memory store's `contains` and order do; one row past
             // the limit says whether a next page follows (`LIMIT -1`: all).
             let limit = query.limit.map_or(-1, |l| l.saturating_add(1) as i64);
+            // A bare `address > ?1` is a range of the primary key (an
+            // `?1 IS NULL OR …` would read the list from its start).
+            let after = query.after.as_deref().unwrap_or("");
             let rows = c
-                .prepare_cached(
-                    "SELECT address, reason, detail, message_id, created_at FROM suppressions
-                      WHERE (?1 IS NULL OR address > ?1) AND (?2 IS NULL OR instr(address, ?2) > 0)
-                      ORDER BY address LIMIT ?3",
-                )?
-                .query_map(params![query.after, query.contains, limit], |r| {
+                .prepare_cached(SUPPRESSION_PAGE_SQL)?
+                .query_map(params![after, query.contains, limit], |r| {
                     Ok(Suppression {
                         address: r.get(0)?,
                         reason: r.get(1)?,
@@ -2692,6 +2699,29 @@ mod tests {
                 .join("; ");
             assert!(plan.contains("USING INDEX messages_due"), "{sql}: {plan}");
             assert!(!plan.contains("TEMP B-TREE"), "{sql}: {plan}");
+        }
+    }
+
+    #[test]
+    fn a_page_of_the_suppression_list_is_a_range_of_its_key_without_a_sort() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("q.db")).unwrap();
+        let c = store.reader.lock().unwrap();
+        for contains in [None, Some("part")] {
+            let plan: String = c
+                .prepare(&format!("EXPLAIN QUERY PLAN {SUPPRESSION_PAGE_SQL}"))
+                .unwrap()
+                .query(params!["", contains, 101])
+                .unwrap()
+                .mapped(|r| r.get::<_, String>(3))
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .unwrap()
+                .join("; ");
+            assert!(
+                plan.starts_with("SEARCH suppressions USING PRIMARY KEY (address>?)"),
+                "{plan}"
+            );
+            assert!(!plan.contains("TEMP B-TREE"), "{plan}");
         }
     }
 
