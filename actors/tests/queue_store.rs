@@ -363,6 +363,12 @@ async fn suppressions(store: &dyn Store, other: &dyn Store) {
     assert_ne!(v2, v1);
     let (_, list) = store.suppressions().await.unwrap();
     assert_eq!(list, [suppression("b@example.org", "bounced")]);
+    // One address's entry, as listed.
+    assert_eq!(
+        other.suppression("b@example.org").await.unwrap(),
+        Some(suppression("b@example.org", "bounced"))
+    );
+    assert_eq!(other.suppression("a@example.org").await.unwrap(), None);
     suppression_changes(store, other).await;
     suppression_pages(store, other).await;
     report_cursors(store, other).await;
@@ -3101,6 +3107,9 @@ impl Store for SlowMarks {
     }
     async fn suppression_version(&self) -> Result<i64, StoreError> {
         self.inner.suppression_version().await
+    }
+    async fn suppression(&self, address: &str) -> Result<Option<Suppression>, StoreError> {
+        self.inner.suppression(address).await
     }
     async fn suppression_page(
         &self,

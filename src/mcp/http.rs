@@ -1033,6 +1033,15 @@ async fn unsubscribe_form(
     )
 }
 
+/// The page that says `address` is unsubscribed.
+fn unsubscribed_page(address: &str) -> Response {
+    unsubscribe_page(
+        StatusCode::OK,
+        "Unsubscribed",
+        maud::html! { p { strong { (address) } " gets no more mail through this server." } },
+    )
+}
+
 /// `POST /unsubscribe/{token}`: lists the token's address on the
 /// suppression list (reason `unsubscribed`), in force on this daemon at
 /// once; the one-click POST of a mailbox provider (RFC 8058), or the
@@ -1045,6 +1054,12 @@ async fn unsubscribe(
     let Some(address) = unsubscribe_address(&server, &token) else {
         return invalid_unsubscribe_link();
     };
+    // A link is public, in every message to its recipient, and may be
+    // posted any number of times: a repeat reads the store and writes
+    // nothing (a failed read goes on to the write, which says).
+    if let Ok(Some(_)) = server.queue().suppression(&address).await {
+        return unsubscribed_page(&address);
+    }
     let detail = if body.as_ref() == b"List-Unsubscribe=One-Click" {
         "one-click (List-Unsubscribe-Post)"
     } else {
@@ -1062,11 +1077,7 @@ async fn unsubscribe(
             if added {
                 tracing::info!(how = detail, "a recipient unsubscribed");
             }
-            unsubscribe_page(
-                StatusCode::OK,
-                "Unsubscribed",
-                maud::html! { p { strong { (address) } " gets no more mail through this server." } },
-            )
+            unsubscribed_page(&address)
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot store an unsubscribe");

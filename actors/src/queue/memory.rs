@@ -615,6 +615,10 @@ impl Store for MemoryStore {
         Ok(self.lock().suppressed_version)
     }
 
+    async fn suppression(&self, address: &str) -> Result<Option<Suppression>, StoreError> {
+        Ok(self.lock().suppressed.get(address).cloned())
+    }
+
     async fn suppression_page(
         &self,
         query: &SuppressionQuery,

@@ -1137,6 +1137,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// any process or daemon on the store: what a daemon polls to know when
     /// to read the list again.
     async fn suppression_version(&self) -> Result<i64, StoreError>;
+    /// The entry of one address (as listed), when it is listed.
+    async fn suppression(&self, address: &str) -> Result<Option<Suppression>, StoreError>;
     /// One page of the suppression list, by address, read through the
     /// store's index of addresses: what the console and `/admin/` show
     /// without reading the whole list.

@@ -2358,6 +2358,26 @@ impl Store for PgStore {
             .map_err(unavailable)
     }
 
+    async fn suppression(&self, address: &str) -> Result<Option<Suppression>, StoreError> {
+        let row: Option<(String, String, Option<String>, Option<String>, i64)> = sqlx::query_as(
+            "SELECT address, reason, detail, message_id, created_at FROM mailmux_suppressions
+              WHERE address = $1",
+        )
+        .bind(address)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(
+            row.map(|(address, reason, detail, message_id, at)| Suppression {
+                address,
+                reason,
+                detail,
+                message_id,
+                at,
+            }),
+        )
+    }
+
     async fn suppression_page(
         &self,
         query: &SuppressionQuery,

@@ -1361,6 +1361,14 @@ impl Queue {
         Ok(self.inner.store.suppressions().await?)
     }
 
+    /// The store's entry of one listed address ([`Store::suppression`]).
+    pub async fn suppression(
+        &self,
+        address: &str,
+    ) -> Result<Option<super::Suppression>, QueueError> {
+        Ok(self.inner.store.suppression(address).await?)
+    }
+
     /// One page of the store's suppression list
     /// ([`Store::suppression_page`]).
     pub async fn suppression_page(

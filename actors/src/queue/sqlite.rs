@@ -2149,6 +2149,27 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn suppression(&self, address: &str) -> Result<Option<Suppression>, StoreError> {
+        let address = address.to_owned();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT address, reason, detail, message_id, created_at FROM suppressions
+                  WHERE address = ?1",
+            )?
+            .query_row([&address], |r| {
+                Ok(Suppression {
+                    address: r.get(0)?,
+                    reason: r.get(1)?,
+                    detail: r.get(2)?,
+                    message_id: r.get(3)?,
+                    at: r.get(4)?,
+                })
+            })
+            .optional()
+        })
+        .await
+    }
+
     async fn suppression_page(
         &self,
         query: &SuppressionQuery,
