@@ -35,11 +35,15 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use mailmux_actors::queue::{
-    Event, Millis, Observer, Queue, Suppression, SuppressionChange, now_millis,
+    Drain, Event, Millis, Observer, Queue, Suppression, SuppressionChange, now_millis,
 };
 
 /// How often the store's version of the list is polled.
 pub const REFRESH: Duration = Duration::from_secs(1);
+
+/// How long a stopping daemon keeps trying to store the entries the store
+/// refused (within `shutdown_grace`).
+const DRAIN_TRIES: Duration = Duration::from_secs(5);
 
 /// The reasons an entry may give. `bounced` is the daemon's own; the others
 /// are an operator's.
@@ -503,6 +507,45 @@ impl mailmux_actors::queue::Screen for Suppressions {
 }
 
 impl Observer for Suppressions {
+    /// Writes the entries the store refused so far, trying again every
+    /// [`REFRESH`] until `until` and for at most [`DRAIN_TRIES`] (once at
+    /// least); those it never took are lost with the daemon, and the log
+    /// says how many (the audit log's `suppressed` lines by `daemon` name
+    /// them).
+    fn drain(&self, until: tokio::time::Instant) -> Drain<'_> {
+        Box::pin(async move {
+            let until = until.min(tokio::time::Instant::now() + DRAIN_TRIES);
+            loop {
+                match self.write_unwritten().await {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        tracing::info!(
+                            entries = n,
+                            "shutdown: suppression list entries held in memory are stored"
+                        );
+                        return;
+                    }
+                    Err(e) if tokio::time::Instant::now() + REFRESH >= until => {
+                        let lost = self
+                            .unwritten
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .len();
+                        tracing::error!(
+                            entries = lost,
+                            error = %e,
+                            "shutdown: suppression list entries the store refused are lost; \
+                             the audit log's `suppressed` lines by `daemon` name them, to list \
+                             again with `mailmux queue suppress add`"
+                        );
+                        return;
+                    }
+                    Err(_) => tokio::time::sleep(REFRESH).await,
+                }
+            }
+        })
+    }
+
     fn event(&self, e: &Event<'_>) {
         if !self.bounces || e.rejected.is_empty() {
             return;

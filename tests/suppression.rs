@@ -680,6 +680,50 @@ async fn a_bounce_the_store_cannot_write_yet_is_stored_once_it_can() {
     d.stop().await;
 }
 
+/// An entry the store still refuses when the daemon stops: the stop tries
+/// the write again, then says in the log that one entry is lost and where
+/// it is named; the next start does not have it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounce_the_store_refuses_until_the_stop_is_logged_as_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = FaultSmtp::start(script()).await;
+    let cfg = config(dir.path(), smtp.port(), "");
+    let d = StdioDaemon::start(dir.path(), &cfg).await;
+    let db = rusqlite::Connection::open(dir.path().join("queue.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse_listing BEFORE INSERT ON suppressions
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+    )
+    .unwrap();
+    let r = d
+        .call(
+            "send_email",
+            mail("unknown", json!({ "to": ["gone@dest.example"] })),
+        )
+        .await;
+    assert_eq!(r["status"], "failed", "{r}");
+    until_dry_run(&d, "gone@dest.example", true).await;
+    d.stop().await;
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    let lost: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("suppression list entries the store refused are lost"))
+        .collect();
+    assert_eq!(lost.len(), 1, "{log}");
+    assert!(
+        lost[0].contains("ERROR") && lost[0].contains("entries=1"),
+        "{}",
+        lost[0]
+    );
+    assert!(!lost[0].contains("gone@dest.example"), "{}", lost[0]);
+    db.execute_batch("DROP TRIGGER refuse_listing").unwrap();
+    assert!(listed(dir.path()).is_empty());
+    let d = StdioDaemon::start(dir.path(), &cfg).await;
+    until_dry_run(&d, "gone@dest.example", false).await;
+    d.stop().await;
+}
+
 /// A list larger than the store records address by address is read whole
 /// once; the changes after it are read one by one. Each is in force on the
 /// running daemon, and its copy holds as many addresses as the store.
