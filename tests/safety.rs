@@ -236,6 +236,11 @@ impl Daemon {
 
     /// `mailmux queue <verb> <id>` with the operator token (or `token`).
     fn queue_cmd(&self, verb: &str, id: &str, token: Option<&str>) -> (bool, String) {
+        self.queue_args(&[verb, id], token)
+    }
+
+    /// `mailmux queue <args>` with the operator token (or `token`).
+    fn queue_args(&self, args: &[&str], token: Option<&str>) -> (bool, String) {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mailmux"));
         envs(&mut cmd);
         if let Some(t) = token {
@@ -244,7 +249,8 @@ impl Daemon {
         let out = cmd
             .arg("--config")
             .arg(&self.config)
-            .args(["queue", verb, id])
+            .arg("queue")
+            .args(args)
             .current_dir(self.dir.path())
             .output()
             .unwrap();
@@ -2262,6 +2268,52 @@ fn body_text(data: &[u8]) -> String {
         .parse(data)
         .and_then(|m| m.body_text(0).map(|b| b.into_owned()))
         .unwrap_or_default()
+}
+
+/// `GET /admin/suppressions` without `limit` answers the whole list however
+/// long: 25,000 addresses (the store read 10,000 at a time, the body written
+/// as it is read) come back once each, in order, with their total; a page
+/// of 10,000 asked for by `limit` is still one page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_suppression_list_is_answered_however_long() {
+    let sink = FaultSmtp::start(Script::ok()).await;
+    let other = FaultSmtp::start(Script::ok()).await;
+    let d = start(&sink, &other, "").await;
+    let addresses: Vec<String> = (0..25_000)
+        .map(|i| format!("listed-{i:05}@example.org"))
+        .collect();
+    let file = d.dir.path().join("list.txt");
+    std::fs::write(&file, addresses.join("\n")).unwrap();
+    let (ok, out) = d.queue_args(&["suppress", "add", "--file", file.to_str().unwrap()], None);
+    assert!(ok, "{out}");
+    let http = reqwest::Client::new();
+    let get = |query: &'static str| {
+        let http = http.clone();
+        let url = format!("{}/admin/suppressions{query}", d.base);
+        async move {
+            let r = http.get(url).bearer_auth(OPS).send().await.unwrap();
+            assert_eq!(r.status().as_u16(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let whole = get("").await;
+    let listed: Vec<&str> = whole["suppressions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, addresses);
+    assert_eq!(whole["total"], 25_000);
+    assert_eq!(whole["next_after"], Value::Null);
+    assert_eq!(whole["suppressions"][0]["reason"], "manual");
+    // With a search, the whole of what holds it.
+    let found = get("?q=LISTED-1").await;
+    assert_eq!(found["suppressions"].as_array().unwrap().len(), 10_000);
+    assert_eq!(found["total"], 25_000);
+    let page = get("?limit=10000").await;
+    assert_eq!(page["suppressions"].as_array().unwrap().len(), 10_000);
+    assert_eq!(page["next_after"], "listed-09999@example.org");
 }
 
 /// One-click unsubscribe links that the daemon serves: each message of one

@@ -9,7 +9,9 @@
 # addresses with the queue command (one import); then asks 20 times for
 # each of three pages of 100 (the first, one from the middle, and a search
 # by part of an address) and prints, for each, the median time curl waited
-# and the daemon's CPU time per request (from /proc), with its resident size.
+# and the daemon's CPU time per request (from /proc), with its resident and
+# peak resident size; then asks once for the whole list (no limit) and
+# prints its time, size, CPU and the daemon's peak resident size after it.
 set -eu
 BIN=$1
 N=$2
@@ -57,4 +59,9 @@ for what in "first ?limit=100" "middle ?limit=100&after=$MIDDLE" "search ?limit=
   median=$(sort -n times.txt | sed -n 10p)
   echo "$N listed, $1 page of 100: median ${median} s a request, $(( (t1 - t0) * 1000 / hz / 20 )) ms of daemon CPU a request"
 done
-echo "resident $(awk '/VmRSS/ { print $2 }' "/proc/$PID/status") kB"
+echo "resident $(awk '/VmRSS/ { print $2 }' "/proc/$PID/status") kB, peak $(awk '/VmHWM/ { print $2 }' "/proc/$PID/status") kB"
+t0=$(ticks)
+curl -s -o whole.json -w '%{time_total}' -H "Authorization: Bearer $TOKEN" \
+  "127.0.0.1:$PORT/admin/suppressions" > time.txt
+t1=$(ticks)
+echo "$N listed, the whole list: $(cat time.txt) s, $(wc -c < whole.json) bytes, $(( (t1 - t0) * 1000 / hz )) ms of daemon CPU; peak resident since start $(awk '/VmHWM/ { print $2 }' "/proc/$PID/status") kB"

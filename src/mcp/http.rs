@@ -870,21 +870,86 @@ async fn admin_suppressions(
             &format!("limit must be 1 to {MAX_LISTED}"),
         );
     }
+    // No limit: the whole list, written as it is read.
+    let whole = query.limit.is_none();
     let query = mailmux_actors::queue::SuppressionQuery {
         contains: query.q.map(|q| q.to_lowercase()),
         after: query.after,
-        limit: query.limit,
+        limit: query.limit.or(Some(STREAMED_LISTED)),
     };
     let page = match server.queue().suppression_page(&query).await {
         Ok(page) => page,
         Err(e) => return reject(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
+    if whole && page.next_after.is_some() {
+        return whole_list(server, query, page);
+    }
     let entries: Vec<serde_json::Value> =
         page.entries.iter().map(crate::suppress::to_json).collect();
     axum::Json(
         json!({ "suppressions": entries, "total": page.total, "next_after": page.next_after }),
     )
     .into_response()
+}
+
+/// Entries the whole list is read and written out by, a page at a time.
+const STREAMED_LISTED: usize = 10_000;
+
+/// The whole list as one JSON body, written while it is read from the store
+/// [`STREAMED_LISTED`] entries at a time, starting with `first` (read by
+/// `query`), so that a list of millions never sits in memory. Its `total`
+/// is the first page's count. A store that fails after the first page ends
+/// the body short (not valid JSON), and the log says so.
+fn whole_list(
+    server: MailmuxServer,
+    mut query: mailmux_actors::queue::SuppressionQuery,
+    first: mailmux_actors::queue::SuppressionPage,
+) -> Response {
+    // The entries of a page, each after a comma but the list's first.
+    fn entries(page: &mailmux_actors::queue::SuppressionPage, first: bool, out: &mut Vec<u8>) {
+        for (i, e) in page.entries.iter().enumerate() {
+            if !(first && i == 0) {
+                out.push(b',');
+            }
+            // A `Value` made by `to_json` always serialises.
+            let _ = serde_json::to_writer(&mut *out, &crate::suppress::to_json(e));
+        }
+    }
+    let end = format!("],\"total\":{},\"next_after\":null}}", first.total);
+    let mut head = b"{\"suppressions\":[".to_vec();
+    entries(&first, true, &mut head);
+    query.after = first.next_after;
+    let rest = futures::stream::unfold(Some(query), move |query| {
+        let (server, end) = (server.clone(), end.clone());
+        async move {
+            let mut query = query?;
+            match server.queue().suppression_page(&query).await {
+                Ok(page) => {
+                    let mut chunk = Vec::with_capacity(page.entries.len() * 160);
+                    entries(&page, false, &mut chunk);
+                    query.after = page.next_after;
+                    if query.after.is_none() {
+                        chunk.extend_from_slice(end.as_bytes());
+                    }
+                    let next = query.after.is_some().then_some(query);
+                    Some((Ok(Bytes::from(chunk)), next))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the suppression list; its listing ends short");
+                    Some((Err(std::io::Error::other(e.to_string())), None))
+                }
+            }
+        }
+    });
+    let body = futures::StreamExt::chain(
+        futures::stream::once(async move { Ok(Bytes::from(head)) }),
+        rest,
+    );
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
 }
 
 /// The body `PUT /admin/suppressions/{address}` may have.
