@@ -384,6 +384,7 @@ async fn suppression_pages(store: &dyn Store, other: &dyn Store) {
             contains: contains.map(str::to_owned),
             after: after.map(str::to_owned),
             limit,
+            counts: true,
         };
     let addresses = |page: &SuppressionPage| -> Vec<String> {
         page.entries.iter().map(|e| e.address.clone()).collect()
@@ -455,6 +456,23 @@ async fn suppression_pages(store: &dyn Store, other: &dyn Store) {
             entries: Vec::new(),
             next_after: None,
         }
+    );
+    // No counts asked: none read, the same page.
+    let uncounted = other
+        .suppression_page(&SuppressionQuery {
+            counts: false,
+            ..query(Some("page-1"), None, Some(5))
+        })
+        .await
+        .unwrap();
+    let counted = other
+        .suppression_page(&query(Some("page-1"), None, Some(5)))
+        .await
+        .unwrap();
+    assert_eq!((uncounted.total, uncounted.matching), (0, 0));
+    assert_eq!(
+        (uncounted.entries, uncounted.next_after),
+        (counted.entries, counted.next_after)
     );
     // A start past the last address: an empty page.
     let last = whole.last().map(|e| e.address.clone());

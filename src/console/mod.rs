@@ -736,6 +736,7 @@ async fn suppressions(
         contains: q.clone(),
         after: query.after.clone(),
         limit: Some(pages::LISTED_PAGE),
+        counts: true,
     };
     let listing = server
         .queue()

@@ -876,6 +876,7 @@ async fn admin_suppressions(
         contains: query.q.map(|q| q.to_lowercase()),
         after: query.after,
         limit: query.limit.or(Some(STREAMED_LISTED)),
+        counts: true,
     };
     let page = match server.queue().suppression_page(&query).await {
         Ok(page) => page,
@@ -898,7 +899,7 @@ const STREAMED_LISTED: usize = 10_000;
 /// The whole list as one JSON body, written while it is read from the store
 /// [`STREAMED_LISTED`] entries at a time, starting with `first` (read by
 /// `query`), so that a list of millions never sits in memory. Its `total`
-/// is the first page's count. A store that fails after the first page ends
+/// is the first page's count; the pages after it count nothing. A store that fails after the first page ends
 /// the body short (not valid JSON), and the log says so.
 fn whole_list(
     server: MailmuxServer,
@@ -919,6 +920,7 @@ fn whole_list(
     let mut head = b"{\"suppressions\":[".to_vec();
     entries(&first, true, &mut head);
     query.after = first.next_after;
+    query.counts = false;
     let rest = futures::stream::unfold(Some(query), move |query| {
         let (server, end) = (server.clone(), end.clone());
         async move {

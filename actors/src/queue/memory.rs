@@ -636,10 +636,13 @@ impl Store for MemoryStore {
             .take(query.limit.map_or(usize::MAX, |l| l + 1))
             .map(|(_, e)| e.clone())
             .collect();
-        let total = mem.suppressed.len() as u64;
-        let matching = match query.contains {
-            Some(_) => mem.suppressed.keys().filter(|a| holds(a)).count() as u64,
-            None => total,
+        let (total, matching) = match (query.counts, &query.contains) {
+            (false, _) => (0, 0),
+            (true, None) => (mem.suppressed.len() as u64, mem.suppressed.len() as u64),
+            (true, Some(_)) => (
+                mem.suppressed.len() as u64,
+                mem.suppressed.keys().filter(|a| holds(a)).count() as u64,
+            ),
         };
         Ok(SuppressionPage::of(query, total, matching, rows))
     }

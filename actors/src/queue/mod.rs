@@ -490,15 +490,21 @@ pub struct SuppressionQuery {
     pub after: Option<String>,
     /// At most this many entries; `None`: all of them.
     pub limit: Option<usize>,
+    /// Whether to count the list and the addresses holding `contains`
+    /// (each a read of the whole list): without, the page's `total` and
+    /// `matching` are 0. A listing that goes on from a counted page needs
+    /// no counts again.
+    pub counts: bool,
 }
 
 /// One page of the suppression list, by address.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SuppressionPage {
-    /// Addresses listed in all.
+    /// Addresses listed in all (0 when the query asked for no counts).
     pub total: u64,
     /// Of them, those that hold the query's `contains` (all of them
-    /// without one), whether before or after its `after`.
+    /// without one), whether before or after its `after` (0 when the
+    /// query asked for no counts).
     pub matching: u64,
     /// The page: at most `limit` entries after `after`, by address.
     pub entries: Vec<Suppression>,

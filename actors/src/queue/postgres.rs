@@ -2399,14 +2399,18 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        let (total, matching): (i64, i64) = sqlx::query_as(
-            "SELECT count(*), count(*) FILTER (WHERE $1::text IS NULL OR strpos(address, $1) > 0)
-               FROM mailmux_suppressions",
-        )
-        .bind(&query.contains)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        let (total, matching): (i64, i64) = if query.counts {
+            sqlx::query_as(
+                "SELECT count(*), count(*) FILTER (WHERE $1::text IS NULL OR strpos(address, $1) > 0)
+                   FROM mailmux_suppressions",
+            )
+            .bind(&query.contains)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?
+        } else {
+            (0, 0)
+        };
         let rows = rows
             .into_iter()
             .map(|(address, reason, detail, message_id, at)| Suppression {

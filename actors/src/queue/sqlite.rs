@@ -2195,14 +2195,21 @@ impl Store for SqliteStore {
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            let total: i64 = c.query_row("SELECT count(*) FROM suppressions", [], |r| r.get(0))?;
-            let matching: i64 = match &query.contains {
-                None => total,
-                Some(part) => c.query_row(
-                    "SELECT count(*) FROM suppressions WHERE instr(address, ?1) > 0",
-                    [part],
-                    |r| r.get(0),
-                )?,
+            let (total, matching): (i64, i64) = match (query.counts, &query.contains) {
+                (false, _) => (0, 0),
+                (true, contains) => {
+                    let total =
+                        c.query_row("SELECT count(*) FROM suppressions", [], |r| r.get(0))?;
+                    let matching = match contains {
+                        None => total,
+                        Some(part) => c.query_row(
+                            "SELECT count(*) FROM suppressions WHERE instr(address, ?1) > 0",
+                            [part],
+                            |r| r.get(0),
+                        )?,
+                    };
+                    (total, matching)
+                }
             };
             Ok(SuppressionPage::of(
                 &query,
