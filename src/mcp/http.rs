@@ -899,8 +899,9 @@ const STREAMED_LISTED: usize = 10_000;
 /// The whole list as one JSON body, written while it is read from the store
 /// [`STREAMED_LISTED`] entries at a time, starting with `first` (read by
 /// `query`), so that a list of millions never sits in memory. Its `total`
-/// is the first page's count; the pages after it count nothing. A store that fails after the first page ends
-/// the body short (not valid JSON), and the log says so.
+/// is the first page's count; the pages after it count nothing. A store
+/// that fails after the first page ends the body short (not valid JSON),
+/// and the log says so.
 fn whole_list(
     server: MailmuxServer,
     mut query: mailmux_actors::queue::SuppressionQuery,
