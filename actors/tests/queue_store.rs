@@ -2386,6 +2386,53 @@ async fn postgres_stats_read_one_entry_of_an_index_however_long_the_queue() {
     }
 }
 
+/// A page of the suppression list is a range of its primary key, with no
+/// sort, however long the list (20,000 listed): the store's statement,
+/// planned as the store plans it.
+#[tokio::test]
+async fn postgres_reads_a_page_of_the_suppression_list_through_its_key() {
+    let server = Postgres::start();
+    let url = server.database();
+    let db = url.rsplit('/').next().unwrap().to_owned();
+    let store = PgStore::open(&pg(&url, "n1")).await.unwrap();
+    server.psql(
+        &db,
+        "INSERT INTO mailmux_suppressions (address, reason, created_at)
+         SELECT 'someone.' || lpad(i::text, 6, '0') || '@example.org', 'manual', 1000
+           FROM generate_series(1, 20000) AS i;
+         ANALYZE mailmux_suppressions;",
+    );
+    let page = store
+        .suppression_page(&SuppressionQuery {
+            after: Some("someone.010000@example.org".into()),
+            limit: Some(100),
+            counts: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.entries[0].address, "someone.010001@example.org");
+    assert_eq!(page.total, 20_000);
+    // As the store's connections plan it: once, generic, with no
+    // sequential scans.
+    let plan = server.psql(
+        &db,
+        &format!(
+            "SET enable_seqscan = off;
+             SET plan_cache_mode = force_generic_plan;
+             PREPARE page (text, text, bigint) AS {};
+             EXPLAIN EXECUTE page('someone.010000@example.org', NULL, 101);",
+            mailmux_actors::queue::postgres::SUPPRESSION_PAGE_SQL
+        ),
+    );
+    assert!(
+        plan.contains("Index Scan using mailmux_suppressions_pkey")
+            && plan.contains("Index Cond: (address > $1)"),
+        "{plan}"
+    );
+    assert!(!plan.contains("Sort"), "{plan}");
+}
+
 /// Each statement of the store is planned once per connection: left to
 /// choose (`plan_cache_mode = auto`), PostgreSQL plans a batched statement
 /// anew at every run whenever its arrays are small, which cost more than

@@ -1473,6 +1473,14 @@ impl PgStore {
     }
 }
 
+/// One page of the suppression list ([`Store::suppression_page`]): the
+/// entries after `$1` by address, holding `$2` when it is not NULL, at
+/// most `$3` (NULL: all). Public for the test of its plan.
+pub const SUPPRESSION_PAGE_SQL: &str =
+    "SELECT address, reason, detail, message_id, created_at FROM mailmux_suppressions
+      WHERE address > $1 AND ($2::text IS NULL OR strpos(address, $2) > 0)
+      ORDER BY address LIMIT $3";
+
 #[async_trait::async_trait]
 impl Store for PgStore {
     fn kind(&self) -> &'static str {
@@ -2388,17 +2396,14 @@ impl Store for PgStore {
         // a next page follows (`LIMIT NULL`: all). A bare `address > $1`
         // (the empty string for the first page) is a range of the index.
         let limit = query.limit.map(|l| l.saturating_add(1) as i64);
-        let rows: Vec<(String, String, Option<String>, Option<String>, i64)> = sqlx::query_as(
-            "SELECT address, reason, detail, message_id, created_at FROM mailmux_suppressions
-              WHERE address > $1 AND ($2::text IS NULL OR strpos(address, $2) > 0)
-              ORDER BY address LIMIT $3",
-        )
-        .bind(query.after.as_deref().unwrap_or(""))
-        .bind(&query.contains)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        let rows: Vec<(String, String, Option<String>, Option<String>, i64)> =
+            sqlx::query_as(SUPPRESSION_PAGE_SQL)
+                .bind(query.after.as_deref().unwrap_or(""))
+                .bind(&query.contains)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?;
         let (total, matching): (i64, i64) = if query.counts {
             sqlx::query_as(
                 "SELECT count(*), count(*) FILTER (WHERE $1::text IS NULL OR strpos(address, $1) > 0)
