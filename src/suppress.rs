@@ -35,11 +35,15 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use mailmux_actors::queue::{
-    Drain, Event, Millis, Observer, Queue, Suppression, SuppressionChange, now_millis,
+    Drain, Event, Millis, Observer, Queue, Suppression, SuppressionChange, SuppressionQuery,
+    now_millis,
 };
 
 /// How often the store's version of the list is polled.
 pub const REFRESH: Duration = Duration::from_secs(1);
+
+/// Entries a whole read of the list takes from the store at once.
+const READ_AT_ONCE: usize = 10_000;
 
 /// How long a stopping daemon keeps trying to store the entries the store
 /// refused (within `shutdown_grace`).
@@ -377,10 +381,17 @@ impl Suppressions {
             self.apply(since, version, changes);
             return Ok(());
         }
-        let (version, list) = self.queue.suppressions().await?;
-        let mut listed: HashMap<String, Listed> = list
-            .into_iter()
-            .map(|s| {
+        // The whole list, a page at a time into the new copy: a list of
+        // millions is never held twice over (as entries, then as the copy).
+        let version = now;
+        let mut listed: HashMap<String, Listed> = HashMap::new();
+        let mut page = SuppressionQuery {
+            limit: Some(READ_AT_ONCE),
+            ..Default::default()
+        };
+        loop {
+            let read = self.queue.suppression_page(&page).await?;
+            listed.extend(read.entries.into_iter().map(|s| {
                 (
                     s.address,
                     Listed {
@@ -388,8 +399,12 @@ impl Suppressions {
                         at: s.at,
                     },
                 )
-            })
-            .collect();
+            }));
+            match read.next_after {
+                Some(after) => page.after = Some(after),
+                None => break,
+            }
+        }
         for (k, s) in self
             .unwritten
             .lock()

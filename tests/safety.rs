@@ -2270,10 +2270,12 @@ fn body_text(data: &[u8]) -> String {
         .unwrap_or_default()
 }
 
-/// `GET /admin/suppressions` without `limit` answers the whole list however
-/// long: 25,000 addresses (the store read 10,000 at a time, the body written
-/// as it is read) come back once each, in order, with their total; a page
-/// of 10,000 asked for by `limit` is still one page.
+/// A list of 25,000 imported while the daemon runs: the daemon reads it
+/// whole into its copy (10,000 at a time) and refuses its last address;
+/// `GET /admin/suppressions` without `limit` answers the whole list (the
+/// store read 10,000 at a time, the body written as it is read), each
+/// address once, in order, with the total; a page of 10,000 asked for by
+/// `limit` is still one page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_whole_suppression_list_is_answered_however_long() {
     let sink = FaultSmtp::start(Script::ok()).await;
@@ -2286,6 +2288,23 @@ async fn the_whole_suppression_list_is_answered_however_long() {
     std::fs::write(&file, addresses.join("\n")).unwrap();
     let (ok, out) = d.queue_args(&["suppress", "add", "--file", file.to_str().unwrap()], None);
     assert!(ok, "{out}");
+    let delta = connect(&d, DELTA).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, status) = call(&delta, "get_smtp_status", json!({})).await;
+        if status["queue"]["suppressed"] == 25_000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", status["queue"]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, out) = call(
+        &delta,
+        "send_email",
+        json!({ "to": ["listed-24999@example.org"], "subject": "s", "body": "b", "dry_run": true }),
+    )
+    .await;
+    assert_eq!(out["error"]["code"], "recipient_suppressed", "{out}");
     let http = reqwest::Client::new();
     let get = |query: &'static str| {
         let http = http.clone();

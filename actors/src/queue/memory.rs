@@ -603,14 +603,6 @@ impl Store for MemoryStore {
         Ok(Some((now, changes)))
     }
 
-    async fn suppressions(&self) -> Result<(i64, Vec<Suppression>), StoreError> {
-        let mem = self.lock();
-        Ok((
-            mem.suppressed_version,
-            mem.suppressed.values().cloned().collect(),
-        ))
-    }
-
     async fn suppression_version(&self) -> Result<i64, StoreError> {
         Ok(self.lock().suppressed_version)
     }

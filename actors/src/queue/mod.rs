@@ -1136,9 +1136,6 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn suppress(&self, entries: Vec<Suppression>) -> Result<Vec<String>, StoreError>;
     /// Takes an address off the suppression list; whether it was on it.
     async fn unsuppress(&self, address: &str) -> Result<bool, StoreError>;
-    /// The suppression list by address, after its version as
-    /// [`Store::suppression_version`] read it first.
-    async fn suppressions(&self) -> Result<(i64, Vec<Suppression>), StoreError>;
     /// A number that changes with every change of the suppression list, by
     /// any process or daemon on the store: what a daemon polls to know when
     /// to read the list again.

@@ -2337,28 +2337,6 @@ impl Store for PgStore {
         Ok(Some((now, changes)))
     }
 
-    async fn suppressions(&self) -> Result<(i64, Vec<Suppression>), StoreError> {
-        let version = self.suppression_version().await?;
-        let rows: Vec<(String, String, Option<String>, Option<String>, i64)> = sqlx::query_as(
-            "SELECT address, reason, detail, message_id, created_at FROM mailmux_suppressions
-              ORDER BY address",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        let list = rows
-            .into_iter()
-            .map(|(address, reason, detail, message_id, at)| Suppression {
-                address,
-                reason,
-                detail,
-                message_id,
-                at,
-            })
-            .collect();
-        Ok((version, list))
-    }
-
     async fn suppression_version(&self) -> Result<i64, StoreError> {
         sqlx::query_scalar("SELECT v FROM mailmux_suppression_version")
             .fetch_one(&self.pool)

@@ -1356,11 +1356,6 @@ impl Queue {
         Ok(self.inner.store.unsuppress(address).await?)
     }
 
-    /// The store's suppression list and its version ([`Store::suppressions`]).
-    pub async fn suppressions(&self) -> Result<(i64, Vec<super::Suppression>), QueueError> {
-        Ok(self.inner.store.suppressions().await?)
-    }
-
     /// The store's entry of one listed address ([`Store::suppression`]).
     pub async fn suppression(
         &self,

@@ -2121,29 +2121,6 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn suppressions(&self) -> Result<(i64, Vec<Suppression>), StoreError> {
-        self.read(|c| {
-            let version = c.query_row("SELECT v FROM suppression_version", [], |r| r.get(0))?;
-            let list = c
-                .prepare_cached(
-                    "SELECT address, reason, detail, message_id, created_at FROM suppressions
-                      ORDER BY address",
-                )?
-                .query_map([], |r| {
-                    Ok(Suppression {
-                        address: r.get(0)?,
-                        reason: r.get(1)?,
-                        detail: r.get(2)?,
-                        message_id: r.get(3)?,
-                        at: r.get(4)?,
-                    })
-                })?
-                .collect::<rusqlite::Result<_>>()?;
-            Ok((version, list))
-        })
-        .await
-    }
-
     async fn suppression_version(&self) -> Result<i64, StoreError> {
         self.read(|c| c.query_row("SELECT v FROM suppression_version", [], |r| r.get(0)))
             .await
