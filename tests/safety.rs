@@ -2438,13 +2438,7 @@ async fn a_one_click_unsubscribe_lists_its_recipient() {
     );
     // The link posted again writes nothing: with the store refusing every
     // new entry, the recipient still reads that it is unsubscribed.
-    let db = rusqlite::Connection::open(d.dir.path().join("queue.db")).unwrap();
-    db.busy_timeout(Duration::from_secs(5)).unwrap();
-    db.execute_batch(
-        "CREATE TRIGGER refuse_listing BEFORE INSERT ON suppressions
-         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
-    )
-    .unwrap();
+    let db = common::refuse_suppressions(&d.dir.path().join("queue.db"));
     for _ in 0..3 {
         let r = http
             .post(&url)
@@ -2456,7 +2450,7 @@ async fn a_one_click_unsubscribe_lists_its_recipient() {
         assert_eq!(r.status().as_u16(), 200);
         assert!(r.text().await.unwrap().contains("Unsubscribed"));
     }
-    db.execute_batch("DROP TRIGGER refuse_listing").unwrap();
+    common::accept_suppressions(&db);
     let (_, out) = call(&delta, "send_email", letter(json!(["Reader@example.org"]))).await;
     assert_eq!(out["error"]["code"], "recipient_suppressed", "{out}");
     assert_eq!(out["error"]["rule"], "unsubscribed", "{out}");

@@ -640,13 +640,7 @@ async fn a_bounce_the_store_cannot_write_yet_is_stored_once_it_can() {
     let smtp = FaultSmtp::start(script()).await;
     let cfg = config(dir.path(), smtp.port(), "");
     let d = StdioDaemon::start(dir.path(), &cfg).await;
-    let db = rusqlite::Connection::open(dir.path().join("queue.db")).unwrap();
-    db.busy_timeout(Duration::from_secs(5)).unwrap();
-    db.execute_batch(
-        "CREATE TRIGGER refuse_listing BEFORE INSERT ON suppressions
-         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
-    )
-    .unwrap();
+    let db = common::refuse_suppressions(&dir.path().join("queue.db"));
     let r = d
         .call(
             "send_email",
@@ -658,7 +652,7 @@ async fn a_bounce_the_store_cannot_write_yet_is_stored_once_it_can() {
     // The poll tries the write every second, and the store refuses it.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(listed(dir.path()).is_empty());
-    db.execute_batch("DROP TRIGGER refuse_listing").unwrap();
+    common::accept_suppressions(&db);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let list = loop {
         let list = listed(dir.path());
@@ -689,13 +683,7 @@ async fn a_bounce_the_store_refuses_until_the_stop_is_logged_as_lost() {
     let smtp = FaultSmtp::start(script()).await;
     let cfg = config(dir.path(), smtp.port(), "");
     let d = StdioDaemon::start(dir.path(), &cfg).await;
-    let db = rusqlite::Connection::open(dir.path().join("queue.db")).unwrap();
-    db.busy_timeout(Duration::from_secs(5)).unwrap();
-    db.execute_batch(
-        "CREATE TRIGGER refuse_listing BEFORE INSERT ON suppressions
-         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
-    )
-    .unwrap();
+    let db = common::refuse_suppressions(&dir.path().join("queue.db"));
     let r = d
         .call(
             "send_email",
@@ -717,7 +705,7 @@ async fn a_bounce_the_store_refuses_until_the_stop_is_logged_as_lost() {
         lost[0]
     );
     assert!(!lost[0].contains("gone@dest.example"), "{}", lost[0]);
-    db.execute_batch("DROP TRIGGER refuse_listing").unwrap();
+    common::accept_suppressions(&db);
     assert!(listed(dir.path()).is_empty());
     let d = StdioDaemon::start(dir.path(), &cfg).await;
     until_dry_run(&d, "gone@dest.example", false).await;

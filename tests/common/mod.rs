@@ -505,3 +505,22 @@ pub fn dkim_verified(
         })
         .collect()
 }
+
+/// A connection to the SQLite store `db` on which the store refuses every
+/// new entry of the suppression list (a trigger, as a failing disk would),
+/// until [`accept_suppressions`] drops it.
+pub fn refuse_suppressions(db: &Path) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    c.execute_batch(
+        "CREATE TRIGGER refuse_listing BEFORE INSERT ON suppressions
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+    )
+    .unwrap();
+    c
+}
+
+/// Lets the store of [`refuse_suppressions`] take new entries again.
+pub fn accept_suppressions(c: &rusqlite::Connection) {
+    c.execute_batch("DROP TRIGGER refuse_listing").unwrap();
+}

@@ -1473,6 +1473,20 @@ impl PgStore {
     }
 }
 
+/// An entry of the suppression list as read: address, reason, detail,
+/// message_id, created_at.
+type SuppressionRow = (String, String, Option<String>, Option<String>, i64);
+
+fn suppression_of((address, reason, detail, message_id, at): SuppressionRow) -> Suppression {
+    Suppression {
+        address,
+        reason,
+        detail,
+        message_id,
+        at,
+    }
+}
+
 /// One page of the suppression list ([`Store::suppression_page`]): the
 /// entries after `$1` by address, holding `$2` when it is not NULL, at
 /// most `$3` (NULL: all). Public for the test of its plan.
@@ -2345,7 +2359,7 @@ impl Store for PgStore {
     }
 
     async fn suppression(&self, address: &str) -> Result<Option<Suppression>, StoreError> {
-        let row: Option<(String, String, Option<String>, Option<String>, i64)> = sqlx::query_as(
+        let row: Option<SuppressionRow> = sqlx::query_as(
             "SELECT address, reason, detail, message_id, created_at FROM mailmux_suppressions
               WHERE address = $1",
         )
@@ -2353,15 +2367,7 @@ impl Store for PgStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(unavailable)?;
-        Ok(
-            row.map(|(address, reason, detail, message_id, at)| Suppression {
-                address,
-                reason,
-                detail,
-                message_id,
-                at,
-            }),
-        )
+        Ok(row.map(suppression_of))
     }
 
     async fn suppression_page(
@@ -2374,14 +2380,13 @@ impl Store for PgStore {
         // a next page follows (`LIMIT NULL`: all). A bare `address > $1`
         // (the empty string for the first page) is a range of the index.
         let limit = query.limit.map(|l| l.saturating_add(1) as i64);
-        let rows: Vec<(String, String, Option<String>, Option<String>, i64)> =
-            sqlx::query_as(SUPPRESSION_PAGE_SQL)
-                .bind(query.after.as_deref().unwrap_or(""))
-                .bind(&query.contains)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(unavailable)?;
+        let rows: Vec<SuppressionRow> = sqlx::query_as(SUPPRESSION_PAGE_SQL)
+            .bind(query.after.as_deref().unwrap_or(""))
+            .bind(&query.contains)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
         let (total, matching): (i64, i64) = if query.counts {
             sqlx::query_as(
                 "SELECT count(*), count(*) FILTER (WHERE $1::text IS NULL OR strpos(address, $1) > 0)
@@ -2394,16 +2399,7 @@ impl Store for PgStore {
         } else {
             (0, 0)
         };
-        let rows = rows
-            .into_iter()
-            .map(|(address, reason, detail, message_id, at)| Suppression {
-                address,
-                reason,
-                detail,
-                message_id,
-                at,
-            })
-            .collect();
+        let rows = rows.into_iter().map(suppression_of).collect();
         Ok(SuppressionPage::of(
             query,
             total as u64,

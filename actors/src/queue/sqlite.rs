@@ -1672,6 +1672,18 @@ fn recover(c: &Tx<'_>, now: Millis) -> rusqlite::Result<Recovered> {
     Ok(out)
 }
 
+/// The entry of the suppression list in a row's columns from `first` on:
+/// address, reason, detail, message_id, created_at.
+fn suppression_at(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Suppression> {
+    Ok(Suppression {
+        address: r.get(first)?,
+        reason: r.get(first + 1)?,
+        detail: r.get(first + 2)?,
+        message_id: r.get(first + 3)?,
+        at: r.get(first + 4)?,
+    })
+}
+
 /// One page of the suppression list ([`Store::suppression_page`]): the
 /// entries after `?1` by address, holding `?2` when it is not NULL, at
 /// most `?3` (-1: all).
@@ -2091,13 +2103,7 @@ impl Store for SqliteStore {
                 )?
                 .query_map(params![since, now], |r| {
                     let entry = match r.get::<_, Option<String>>(3)? {
-                        Some(address) => Some(Suppression {
-                            address,
-                            reason: r.get(4)?,
-                            detail: r.get(5)?,
-                            message_id: r.get(6)?,
-                            at: r.get(7)?,
-                        }),
+                        Some(_) => Some(suppression_at(r, 3)?),
                         None => None,
                     };
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?, entry))
@@ -2133,15 +2139,7 @@ impl Store for SqliteStore {
                 "SELECT address, reason, detail, message_id, created_at FROM suppressions
                   WHERE address = ?1",
             )?
-            .query_row([&address], |r| {
-                Ok(Suppression {
-                    address: r.get(0)?,
-                    reason: r.get(1)?,
-                    detail: r.get(2)?,
-                    message_id: r.get(3)?,
-                    at: r.get(4)?,
-                })
-            })
+            .query_row([&address], |r| suppression_at(r, 0))
             .optional()
         })
         .await
@@ -2163,13 +2161,7 @@ impl Store for SqliteStore {
             let rows = c
                 .prepare_cached(SUPPRESSION_PAGE_SQL)?
                 .query_map(params![after, query.contains, limit], |r| {
-                    Ok(Suppression {
-                        address: r.get(0)?,
-                        reason: r.get(1)?,
-                        detail: r.get(2)?,
-                        message_id: r.get(3)?,
-                        at: r.get(4)?,
-                    })
+                    suppression_at(r, 0)
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let (total, matching): (i64, i64) = match (query.counts, &query.contains) {
