@@ -221,11 +221,25 @@ pub fn is_hard_bounce(code: u16, text: &str) -> bool {
     matches!(status, "5.1.1" | "5.1.2" | "5.1.10")
 }
 
-/// One listed address as the send path needs it.
+/// One listed address as the send path needs it. Its reason is shared by
+/// every entry that gives it: a million entries hold four strings.
 #[derive(Debug, Clone)]
 pub struct Listed {
-    pub reason: String,
+    pub reason: Arc<str>,
     pub at: Millis,
+}
+
+impl Listed {
+    fn new(reason: &str, at: Millis) -> Listed {
+        static SHARED: std::sync::LazyLock<Vec<Arc<str>>> =
+            std::sync::LazyLock::new(|| REASONS.iter().map(|r| Arc::from(*r)).collect());
+        let reason = SHARED
+            .iter()
+            .find(|r| &***r == reason)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(reason));
+        Listed { reason, at }
+    }
 }
 
 /// The daemon's copy of the list, kept in step with the store.
@@ -391,15 +405,11 @@ impl Suppressions {
         };
         loop {
             let read = self.queue.suppression_page(&page).await?;
-            listed.extend(read.entries.into_iter().map(|s| {
-                (
-                    s.address,
-                    Listed {
-                        reason: s.reason,
-                        at: s.at,
-                    },
-                )
-            }));
+            listed.extend(
+                read.entries
+                    .into_iter()
+                    .map(|s| (s.address, Listed::new(&s.reason, s.at))),
+            );
             match read.next_after {
                 Some(after) => page.after = Some(after),
                 None => break,
@@ -411,10 +421,9 @@ impl Suppressions {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
         {
-            listed.entry(k.clone()).or_insert_with(|| Listed {
-                reason: s.reason.clone(),
-                at: s.at,
-            });
+            listed
+                .entry(k.clone())
+                .or_insert_with(|| Listed::new(&s.reason, s.at));
         }
         *self.listed.write().unwrap_or_else(|e| e.into_inner()) = listed;
         *self.version.lock().unwrap_or_else(|e| e.into_inner()) = Some(version);
@@ -434,13 +443,7 @@ impl Suppressions {
         for change in changes {
             match change {
                 SuppressionChange::Added(s) => {
-                    listed.insert(
-                        s.address,
-                        Listed {
-                            reason: s.reason,
-                            at: s.at,
-                        },
-                    );
+                    listed.insert(s.address, Listed::new(&s.reason, s.at));
                 }
                 SuppressionChange::Removed(address) => {
                     if !unwritten.contains_key(&address) {
@@ -578,13 +581,7 @@ impl Observer for Suppressions {
                     continue;
                 }
                 let reason = "bounced".to_owned();
-                listed.insert(
-                    k.clone(),
-                    Listed {
-                        reason: reason.clone(),
-                        at,
-                    },
-                );
+                listed.insert(k.clone(), Listed::new(&reason, at));
                 let detail = clipped(format!("{} {}", r.code, r.text));
                 new.push(Suppression {
                     address: k,
@@ -632,6 +629,15 @@ impl Observer for Suppressions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listed_entries_share_their_reason() {
+        let (a, b) = (Listed::new("bounced", 1), Listed::new("bounced", 2));
+        assert!(Arc::ptr_eq(&a.reason, &b.reason));
+        assert_eq!(&*a.reason, "bounced");
+        // A reason an older release or another tool wrote is kept as given.
+        assert_eq!(&*Listed::new("legacy", 3).reason, "legacy");
+    }
 
     #[test]
     fn keys_ignore_case_and_script() {

@@ -336,7 +336,7 @@ fn suppressed(field: &str, address: &str, listed: &crate::suppress::Listed) -> T
     );
     ToolError {
         field: Some(field.into()),
-        rule: Some(listed.reason.clone()),
+        rule: Some(listed.reason.to_string()),
         ..ToolError::new(
             "recipient_suppressed",
             format!(
