@@ -629,6 +629,28 @@ async fn a_recipient_listed_while_it_waits_for_a_retry_is_not_sent_to() {
     d.stop().await;
 }
 
+/// A daemon on `dir` whose store refuses every new entry of the list, after
+/// the relay on `port` refused `gone@dest.example` as unknown: the daemon
+/// refuses that address from its own copy. Its configuration, the daemon,
+/// and the connection that holds the store's refusal.
+async fn bounced_while_the_store_refuses(
+    dir: &std::path::Path,
+    port: u16,
+) -> (String, StdioDaemon, rusqlite::Connection) {
+    let cfg = config(dir, port, "");
+    let d = StdioDaemon::start(dir, &cfg).await;
+    let db = common::refuse_suppressions(&dir.join("queue.db"));
+    let r = d
+        .call(
+            "send_email",
+            mail("unknown", json!({ "to": ["gone@dest.example"] })),
+        )
+        .await;
+    assert_eq!(r["status"], "failed", "{r}");
+    until_dry_run(&d, "gone@dest.example", true).await;
+    (cfg, d, db)
+}
+
 /// A listing the store cannot write (a trigger refuses it here, where a
 /// failing disk or a database gone for a moment would): the daemon refuses
 /// the recipient at once from its own copy of the list, and stores the
@@ -638,17 +660,7 @@ async fn a_recipient_listed_while_it_waits_for_a_retry_is_not_sent_to() {
 async fn a_bounce_the_store_cannot_write_yet_is_stored_once_it_can() {
     let dir = tempfile::tempdir().unwrap();
     let smtp = FaultSmtp::start(script()).await;
-    let cfg = config(dir.path(), smtp.port(), "");
-    let d = StdioDaemon::start(dir.path(), &cfg).await;
-    let db = common::refuse_suppressions(&dir.path().join("queue.db"));
-    let r = d
-        .call(
-            "send_email",
-            mail("unknown", json!({ "to": ["gone@dest.example"] })),
-        )
-        .await;
-    assert_eq!(r["status"], "failed", "{r}");
-    until_dry_run(&d, "gone@dest.example", true).await;
+    let (cfg, d, db) = bounced_while_the_store_refuses(dir.path(), smtp.port()).await;
     // The poll tries the write every second, and the store refuses it.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(listed(dir.path()).is_empty());
@@ -681,17 +693,7 @@ async fn a_bounce_the_store_cannot_write_yet_is_stored_once_it_can() {
 async fn a_bounce_the_store_refuses_until_the_stop_is_logged_as_lost() {
     let dir = tempfile::tempdir().unwrap();
     let smtp = FaultSmtp::start(script()).await;
-    let cfg = config(dir.path(), smtp.port(), "");
-    let d = StdioDaemon::start(dir.path(), &cfg).await;
-    let db = common::refuse_suppressions(&dir.path().join("queue.db"));
-    let r = d
-        .call(
-            "send_email",
-            mail("unknown", json!({ "to": ["gone@dest.example"] })),
-        )
-        .await;
-    assert_eq!(r["status"], "failed", "{r}");
-    until_dry_run(&d, "gone@dest.example", true).await;
+    let (cfg, d, db) = bounced_while_the_store_refuses(dir.path(), smtp.port()).await;
     d.stop().await;
     let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
     let lost: Vec<&str> = log

@@ -6,7 +6,7 @@
 #
 # Starts BIN (a mailmux binary) over HTTP on a fresh SQLite store in a
 # temporary folder, with the `file` relay and one operator; lists N
-# addresses with the queue command (one import); then asks 20 times for
+# addresses with the queue command (one import; both in daemon.sh); then asks 20 times for
 # each of three pages of 100 (the first, one from the middle, and a search
 # by part of an address) and prints, for each, the median time curl waited
 # and the daemon's CPU time per request (from /proc), with its resident and
@@ -15,36 +15,7 @@
 set -eu
 BIN=$1
 N=$2
-DIR=$(mktemp -d)
-trap 'kill "$PID" 2>/dev/null || true; rm -rf "$DIR"' EXIT
-cd "$DIR"
-TOKEN=bench-operator-token
-SHA=$(printf %s "$TOKEN" | sha256sum | cut -d' ' -f1)
-cat > mailmux.toml <<EOT
-from_email = "agent@example.org"
-[queue]
-path = "$DIR/queue.db"
-[[relays]]
-name = "outbox"
-kind = "file"
-dir = "$DIR/outbox"
-[[operators]]
-name = "bench"
-token_sha256 = "$SHA"
-EOT
-i=0
-while [ "$i" -lt "$N" ]; do
-  printf 'someone.%07d@example-domain.org\n' "$i"
-  i=$((i + 1))
-done > list.txt
-PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$BIN" --config mailmux.toml serve --http "127.0.0.1:$PORT" --stateless > daemon.log 2>&1 &
-PID=$!
-until curl -sf "127.0.0.1:$PORT/health" > /dev/null; do sleep 0.2; done
-"$BIN" --config mailmux.toml queue suppress add --file list.txt > /dev/null
-sleep 3
-ticks() { awk '{ print $14 + $15 }' "/proc/$PID/stat"; }
-hz=$(getconf CLK_TCK)
+. "$(cd "$(dirname "$0")" && pwd)/daemon.sh"
 code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $TOKEN" "127.0.0.1:$PORT/admin/suppressions?limit=1")
 [ "$code" = 200 ] || { echo "GET /admin/suppressions answered $code" >&2; exit 1; }
 MIDDLE=$(printf 'someone.%07d@example-domain.org' $((N / 2)))

@@ -526,9 +526,7 @@ impl SuppressionPage {
         if let Some(l) = query.limit {
             rows.truncate(l);
         }
-        let next_after = more
-            .then(|| rows.last().map(|e| e.address.clone()))
-            .flatten();
+        let next_after = rows.last().filter(|_| more).map(|e| e.address.clone());
         SuppressionPage {
             total,
             matching,
