@@ -383,6 +383,49 @@ async fn suppressions(store: &dyn Store, other: &dyn Store) {
     suppression_changes(store, other).await;
     suppression_pages(store, other).await;
     report_cursors(store, other).await;
+    pauses(store, other).await;
+}
+
+/// Delivery paused on the store is seen by `other`; a second pause keeps
+/// the first one's time and name; a resume ends it once.
+async fn pauses(store: &dyn Store, other: &dyn Store) {
+    let pause = |by: &str, since: i64| queue::Paused {
+        since,
+        by: by.to_owned(),
+        reason: Some("incident 42".to_owned()),
+    };
+    assert_eq!(other.paused().await.unwrap(), None);
+    assert!(!store.set_paused(None).await.unwrap());
+    assert!(
+        store
+            .set_paused(Some(pause("operator ops", 1_000)))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        other.paused().await.unwrap(),
+        Some(pause("operator ops", 1_000))
+    );
+    assert!(
+        !other
+            .set_paused(Some(pause("queue command", 2_000)))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.paused().await.unwrap(),
+        Some(pause("operator ops", 1_000))
+    );
+    assert!(other.set_paused(None).await.unwrap());
+    assert!(!store.set_paused(None).await.unwrap());
+    assert_eq!(store.paused().await.unwrap(), None);
+    let quiet = queue::Paused {
+        reason: None,
+        ..pause("queue command", 3_000)
+    };
+    assert!(store.set_paused(Some(quiet.clone())).await.unwrap());
+    assert_eq!(other.paused().await.unwrap(), Some(quiet));
+    assert!(store.set_paused(None).await.unwrap());
 }
 
 /// The list a page at a time, as `other` reads it: pages walked by their
@@ -1785,7 +1828,7 @@ async fn a_version_1_store_is_migrated_at_start() {
              ALTER TABLE messages DROP COLUMN attempt_log;
              ALTER TABLE messages DROP COLUMN copy_relay;
              DROP TABLE suppressions; DROP TABLE suppression_version; DROP TABLE report_cursors;
-             DROP TABLE suppression_changes;
+             DROP TABLE suppression_changes; DROP TABLE delivery_pause;
              ALTER TABLE messages DROP COLUMN reports;
              CREATE TABLE attempts (
                  seq INTEGER NOT NULL, at INTEGER NOT NULL, relay TEXT NOT NULL, class TEXT,
@@ -1856,7 +1899,7 @@ async fn a_version_10_store_has_its_keys_scoped_to_their_callers() {
                  VALUES ('orphan', 'purged', x'00', 0);
              ALTER TABLE messages DROP COLUMN copy_relay;
              DROP TABLE suppressions; DROP TABLE suppression_version; DROP TABLE report_cursors;
-             DROP TABLE suppression_changes;
+             DROP TABLE suppression_changes; DROP TABLE delivery_pause;
              ALTER TABLE messages DROP COLUMN reports;
              PRAGMA user_version = 10;",
         )
@@ -1890,7 +1933,7 @@ async fn a_version_8_store_has_its_attempts_moved_into_their_rows() {
             "ALTER TABLE messages DROP COLUMN attempt_log;
              ALTER TABLE messages DROP COLUMN copy_relay;
              DROP TABLE suppressions; DROP TABLE suppression_version; DROP TABLE report_cursors;
-             DROP TABLE suppression_changes;
+             DROP TABLE suppression_changes; DROP TABLE delivery_pause;
              ALTER TABLE messages DROP COLUMN reports;
              CREATE TABLE attempts (
                  seq INTEGER NOT NULL, at INTEGER NOT NULL, relay TEXT NOT NULL, class TEXT,
@@ -2188,7 +2231,7 @@ async fn postgres_counts_survive_daemons_purges_and_migration() {
         "DROP TABLE mailmux_counts; ALTER TABLE mailmux_messages DROP COLUMN attempt_log;
          ALTER TABLE mailmux_messages DROP COLUMN copy_relay;
          DROP TABLE mailmux_suppressions; DROP TABLE mailmux_suppression_version;
-         DROP TABLE mailmux_suppression_changes;
+         DROP TABLE mailmux_suppression_changes; DROP TABLE mailmux_delivery_pause;
          DROP TABLE mailmux_report_cursors; ALTER TABLE mailmux_messages DROP COLUMN reports;
          DROP INDEX mailmux_messages_queued_at, mailmux_messages_retry;
          DELETE FROM mailmux_schema WHERE version >= 5",
@@ -2926,7 +2969,7 @@ async fn postgres_keys_of_version_7_are_scoped_to_their_callers() {
              VALUES ('orphan', 'purged', '\\x00', 0);
          ALTER TABLE mailmux_messages DROP COLUMN copy_relay;
          DROP TABLE mailmux_suppressions; DROP TABLE mailmux_suppression_version;
-         DROP TABLE mailmux_suppression_changes;
+         DROP TABLE mailmux_suppression_changes; DROP TABLE mailmux_delivery_pause;
          DROP TABLE mailmux_report_cursors; ALTER TABLE mailmux_messages DROP COLUMN reports;
          DELETE FROM mailmux_schema WHERE version >= 8;",
     );
@@ -3180,6 +3223,12 @@ impl Store for SlowMarks {
     }
     async fn suppression_version(&self) -> Result<i64, StoreError> {
         self.inner.suppression_version().await
+    }
+    async fn paused(&self) -> Result<Option<queue::Paused>, StoreError> {
+        self.inner.paused().await
+    }
+    async fn set_paused(&self, pause: Option<queue::Paused>) -> Result<bool, StoreError> {
+        self.inner.set_paused(pause).await
     }
     async fn suppression(&self, address: &str) -> Result<Option<Suppression>, StoreError> {
         self.inner.suppression(address).await

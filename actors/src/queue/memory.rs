@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{
-    Accepted, Cancel, Decided, Decision, Filter, Millis, NewMessage, Pending, Purged, Record,
-    Recovered, ReportRecord, Retry, Settle, State, Stats, Store, StoreError, Summary, Suppression,
-    SuppressionChange, SuppressionPage, SuppressionQuery, now_millis,
+    Accepted, Cancel, Decided, Decision, Filter, Millis, NewMessage, Paused, Pending, Purged,
+    Record, Recovered, ReportRecord, Retry, Settle, State, Stats, Store, StoreError, Summary,
+    Suppression, SuppressionChange, SuppressionPage, SuppressionQuery, now_millis,
 };
 
 #[derive(Debug, Default)]
@@ -35,6 +35,7 @@ struct Mem {
     /// The suppression list by address, and its version.
     suppressed: BTreeMap<String, Suppression>,
     suppressed_version: i64,
+    paused: Option<Paused>,
     /// The list's changes of the last versions: (version, the address, or
     /// none for a change of the whole list, and whether it was added).
     suppression_log: std::collections::VecDeque<(i64, Option<String>, bool)>,
@@ -605,6 +606,22 @@ impl Store for MemoryStore {
 
     async fn suppression_version(&self) -> Result<i64, StoreError> {
         Ok(self.lock().suppressed_version)
+    }
+
+    async fn paused(&self) -> Result<Option<Paused>, StoreError> {
+        Ok(self.lock().paused.clone())
+    }
+
+    async fn set_paused(&self, pause: Option<Paused>) -> Result<bool, StoreError> {
+        let mut mem = self.lock();
+        Ok(match pause {
+            Some(p) if mem.paused.is_none() => {
+                mem.paused = Some(p);
+                true
+            }
+            Some(_) => false,
+            None => mem.paused.take().is_some(),
+        })
     }
 
     async fn suppression(&self, address: &str) -> Result<Option<Suppression>, StoreError> {

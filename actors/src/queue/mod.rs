@@ -441,6 +441,19 @@ pub struct Suppression {
     pub at: Millis,
 }
 
+/// Delivery paused by an operator: while it holds, no daemon on the store
+/// starts a round (hands a message to a relay); mail is still accepted and
+/// waits in the queue. Never holds a body or a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paused {
+    /// When it was paused.
+    pub since: Millis,
+    /// Who paused it: `operator NAME`, `queue command`.
+    pub by: String,
+    /// The operator's note, if any.
+    pub reason: Option<String>,
+}
+
 /// One change of the suppression list, as [`Store::suppression_changes`]
 /// reads them back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1171,6 +1184,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         validity: u32,
         uid: u32,
     ) -> Result<(), StoreError>;
+    /// Whether delivery is paused, and since when and by whom: what every
+    /// daemon on the store reads before it starts rounds.
+    async fn paused(&self) -> Result<Option<Paused>, StoreError>;
+    /// Pauses delivery (`Some`) or resumes it (`None`); whether that changed
+    /// anything. A pause while paused keeps the first one's time and name.
+    async fn set_paused(&self, pause: Option<Paused>) -> Result<bool, StoreError>;
     /// Finishes the writes already sent and stops taking new ones, leaving
     /// the store whole on disk: the daemon's last act on it at shutdown.
     async fn close(&self) {}

@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::rows::{self, entry, lines};
 use super::{
     Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Feed, Filter, Millis, NewMessage,
-    Pending, Purged, Record, Recovered, ReportRecord, Retry, Settle, State, Stats, Store,
+    Paused, Pending, Purged, Record, Recovered, ReportRecord, Retry, Settle, State, Stats, Store,
     StoreError, Summary, Suppression, SuppressionChange, SuppressionPage, SuppressionQuery,
     abandoned, now_millis,
 };
@@ -217,6 +217,16 @@ CREATE TABLE mailmux_suppression_changes (
     added BOOLEAN NOT NULL
 );
 CREATE INDEX mailmux_suppression_changes_version ON mailmux_suppression_changes (version);
+"#,
+    r#"
+-- Delivery paused by an operator, for every daemon: at most one row while
+-- paused.
+CREATE TABLE mailmux_delivery_pause (
+    one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one),
+    since BIGINT NOT NULL,
+    by_whom TEXT NOT NULL,
+    reason TEXT
+);
 "#,
 ];
 
@@ -2356,6 +2366,32 @@ impl Store for PgStore {
             .fetch_one(&self.pool)
             .await
             .map_err(unavailable)
+    }
+
+    async fn paused(&self) -> Result<Option<Paused>, StoreError> {
+        let row: Option<(Millis, String, Option<String>)> =
+            sqlx::query_as("SELECT since, by_whom, reason FROM mailmux_delivery_pause")
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(unavailable)?;
+        Ok(row.map(|(since, by, reason)| Paused { since, by, reason }))
+    }
+
+    async fn set_paused(&self, pause: Option<Paused>) -> Result<bool, StoreError> {
+        let done = match pause {
+            Some(p) => sqlx::query(
+                "INSERT INTO mailmux_delivery_pause (since, by_whom, reason)
+                 VALUES ($1, $2, $3) ON CONFLICT (one) DO NOTHING",
+            )
+            .bind(p.since)
+            .bind(p.by)
+            .bind(p.reason),
+            None => sqlx::query("DELETE FROM mailmux_delivery_pause"),
+        }
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn suppression(&self, address: &str) -> Result<Option<Suppression>, StoreError> {

@@ -27,8 +27,8 @@ use tracing::Instrument;
 use super::reserve::{Reserve, Short};
 use super::{
     Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Feed, Filter, Hold, Millis,
-    NewMessage, Pending, QueueSettings, Record, RejectedRecord, Settle, State, Stats, Store,
-    StoreError, StoreKind, Summary, now_millis, to_millis,
+    NewMessage, Paused, Pending, QueueSettings, Record, RejectedRecord, Settle, State, Stats,
+    Store, StoreError, StoreKind, Summary, now_millis, to_millis,
 };
 use crate::dispatcher::{Dispatcher, cancelled};
 use crate::mail::{CommitMark, FailureReason, Mail, Reply, Report, Status};
@@ -404,6 +404,11 @@ struct Inner {
     untold: Mutex<Vec<String>>,
     /// The free space new mail must leave (`queue.min_free`, SQLite only).
     reserve: Option<Reserve>,
+    /// Delivery paused by an operator ([`Store::paused`]), as last read
+    /// from the store or set through this queue; `paused` says whether
+    /// without the lock.
+    pause: Mutex<Option<Paused>>,
+    paused: AtomicBool,
 }
 
 /// The crash marker of one message: the store's `mark`, or for a message
@@ -515,8 +520,10 @@ impl Queue {
                 "the queue is in memory: accepted mail that is not yet delivered is lost on a crash or restart"
             );
         }
+        let paused = store.paused().await?;
         let inner = Inner::new(store, dispatcher, settings, max_rounds, true);
         *inner.untold.lock().unwrap_or_else(|e| e.into_inner()) = recovered.unknown;
+        inner.note_pause(paused);
         Ok(Queue { inner })
     }
 
@@ -609,6 +616,8 @@ impl Inner {
             idle: Mutex::new(Some(ready_rx)),
             untold: Mutex::new(Vec::new()),
             reserve,
+            pause: Mutex::new(None),
+            paused: AtomicBool::new(false),
         })
     }
 }
@@ -671,10 +680,12 @@ impl Queue {
         // A caller that waits and has no key is told nothing before the
         // outcome: its message is stored by the first round's commit mark
         // (or with the round's outcome), one write where there were two.
+        let paused = inner.is_paused();
         let fresh = s.wait
             && due_now
             && new.idempotency.is_none()
             && inner.delivers
+            && !paused
             && inner.available.load(Ordering::Acquire);
         let state = if fresh {
             State::Queued
@@ -702,6 +713,16 @@ impl Queue {
         }
         if !inner.delivers {
             inner.unclaim(&id);
+            return Ok(Submitted {
+                record: new.record(state, now),
+                report: None,
+                replay: false,
+            });
+        }
+        // Delivery paused: stored and queued; a call that waits is answered
+        // so now, since no round starts before a resume.
+        if paused {
+            release(inner, std::slice::from_ref(&id)).await;
             return Ok(Submitted {
                 record: new.record(state, now),
                 report: None,
@@ -923,6 +944,9 @@ impl Queue {
         }
         inner.take_room(batch.iter().map(|s| s.mail.bytes.len()).sum())?;
         let cancel = cancel.filter(|_| wait_until.is_some() && inner.delivers);
+        // Delivery paused: the batch is stored and queued, and answered so
+        // at once; no round starts before a resume.
+        let wait_until = wait_until.filter(|_| !inner.is_paused());
         let now = now_millis();
         let mut news = Vec::with_capacity(batch.len());
         let mut pendings = Vec::with_capacity(batch.len());
@@ -1379,6 +1403,44 @@ impl Queue {
         Ok(self.inner.store.suppression_version().await?)
     }
 
+    /// Pauses delivery for every daemon on the store, `by` whom: rounds
+    /// running now end as they would, and no new one starts (here at once,
+    /// on the other daemons and for the queue command's store within
+    /// their next read, every 100 ms). The pause in force, and whether
+    /// this call paused it (a pause while paused keeps the first).
+    pub async fn pause(
+        &self,
+        by: &str,
+        reason: Option<String>,
+    ) -> Result<(Paused, bool), QueueError> {
+        let pause = Paused {
+            since: now_millis(),
+            by: by.to_owned(),
+            reason,
+        };
+        let store = &self.inner.store;
+        let changed = store.set_paused(Some(pause.clone())).await?;
+        let current = store.paused().await?.unwrap_or(pause);
+        self.inner.note_pause(Some(current.clone()));
+        Ok((current, changed))
+    }
+
+    /// Resumes delivery; whether it was paused.
+    pub async fn resume(&self) -> Result<bool, QueueError> {
+        let changed = self.inner.store.set_paused(None).await?;
+        self.inner.note_pause(None);
+        Ok(changed)
+    }
+
+    /// The pause in force, as this daemon last read it (every 100 ms).
+    pub fn paused(&self) -> Option<Paused> {
+        self.inner
+            .pause
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// The changes of the store's suppression list after version `since`
     /// ([`Store::suppression_changes`]).
     pub async fn suppression_changes(
@@ -1654,6 +1716,29 @@ async fn first_outcome(
 }
 
 impl Inner {
+    fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    /// Takes the pause as read from the store or set here, and logs a
+    /// change once. A resume wakes the runner for the mail that waited.
+    fn note_pause(&self, pause: Option<Paused>) {
+        let was = self.paused.swap(pause.is_some(), Ordering::AcqRel);
+        match (&pause, was) {
+            (Some(p), false) => tracing::warn!(
+                by = %p.by,
+                reason = p.reason.as_deref().unwrap_or(""),
+                "delivery is paused: mail is accepted and queued, and no message is handed to a relay until delivery is resumed"
+            ),
+            (None, true) => {
+                tracing::warn!("delivery is resumed");
+                self.wake.notify_one();
+            }
+            _ => {}
+        }
+        *self.pause.lock().unwrap_or_else(|e| e.into_inner()) = pause;
+    }
+
     /// Hands a stored, claimed, due message to the runner's channel, if the
     /// runner holds room for its bytes ([`RUNNER_BYTES`]) and the channel
     /// for the message; otherwise it waits in the store for a poll.
@@ -2497,7 +2582,16 @@ fn mail_of(p: &Pending, deadline: Instant) -> Result<Mail, String> {
 /// The runner: new messages from the channel, due ones from the store.
 async fn run(inner: Arc<Inner>, mut ready: mpsc::Receiver<Pending>) {
     let mut held_checked = Instant::now();
+    let mut pause_read = Instant::now();
     loop {
+        // Another daemon or the queue command may pause or resume.
+        if pause_read.elapsed() >= POLL_INTERVAL {
+            pause_read = Instant::now();
+            match inner.store.paused().await {
+                Ok(p) => inner.note_pause(p),
+                Err(e) => tracing::debug!(error = %e, "reading whether delivery is paused failed"),
+            }
+        }
         if held_checked.elapsed() >= HELD_INTERVAL {
             held_checked = Instant::now();
             expire_held(&inner).await;
@@ -2512,6 +2606,12 @@ async fn run(inner: Arc<Inner>, mut ready: mpsc::Receiver<Pending>) {
             () = inner.stop.cancelled() => break,
             Some(p) = ready.recv() => {
                 let size = p.bytes.len() as u64;
+                if inner.is_paused() {
+                    // It waits in the store for a poll after the resume.
+                    inner.runner_bytes.fetch_sub(size, Ordering::AcqRel);
+                    release(&inner, std::slice::from_ref(&p.message_id)).await;
+                    continue;
+                }
                 let Some(slot) = acquire(&inner).await else {
                     inner.runner_bytes.fetch_sub(size, Ordering::AcqRel);
                     inner.unclaim(&p.message_id);
@@ -2602,7 +2702,7 @@ async fn acquire(inner: &Arc<Inner>) -> Option<tokio::sync::OwnedSemaphorePermit
 /// Starts a round for every due message no round holds, as slots allow.
 async fn poll(inner: &Arc<Inner>) {
     let free = inner.slots.available_permits();
-    if free == 0 || inner.stop.is_cancelled() {
+    if free == 0 || inner.stop.is_cancelled() || inner.is_paused() {
         return;
     }
     // Every relay backs off (or is closed): a round would only defer what

@@ -33,10 +33,10 @@ use tokio::sync::oneshot;
 
 use super::rows::{self, entry, lines};
 use super::{
-    Accepted, Cancel, CopyDue, Decided, Decision, Feed, Filter, Millis, NewMessage, Pending,
-    Purged, Record, Recovered, ReportRecord, Retry, Settle, State, Stats, Store, StoreError,
-    Summary, Suppression, SuppressionChange, SuppressionPage, SuppressionQuery, abandoned,
-    cancelled_in_round, now_millis,
+    Accepted, Cancel, CopyDue, Decided, Decision, Feed, Filter, Millis, NewMessage, Paused,
+    Pending, Purged, Record, Recovered, ReportRecord, Retry, Settle, State, Stats, Store,
+    StoreError, Summary, Suppression, SuppressionChange, SuppressionPage, SuppressionQuery,
+    abandoned, cancelled_in_round, now_millis,
 };
 
 /// Writes folded into one transaction at most. Bounds the latency a write
@@ -238,6 +238,14 @@ CREATE TABLE suppression_changes (
     added INTEGER NOT NULL
 );
 CREATE INDEX suppression_changes_version ON suppression_changes(version);
+"#,
+    r#"
+-- Delivery paused by an operator: at most one row while paused.
+CREATE TABLE delivery_pause (
+    since INTEGER NOT NULL,
+    by TEXT NOT NULL,
+    reason TEXT
+);
 "#,
 ];
 
@@ -2130,6 +2138,35 @@ impl Store for SqliteStore {
     async fn suppression_version(&self) -> Result<i64, StoreError> {
         self.read(|c| c.query_row("SELECT v FROM suppression_version", [], |r| r.get(0)))
             .await
+    }
+
+    async fn paused(&self) -> Result<Option<Paused>, StoreError> {
+        self.read(|c| {
+            c.prepare_cached("SELECT since, by, reason FROM delivery_pause LIMIT 1")?
+                .query_row([], |r| {
+                    Ok(Paused {
+                        since: r.get(0)?,
+                        by: r.get(1)?,
+                        reason: r.get(2)?,
+                    })
+                })
+                .optional()
+        })
+        .await
+    }
+
+    async fn set_paused(&self, pause: Option<Paused>) -> Result<bool, StoreError> {
+        self.write(move |c, _| {
+            Ok(match &pause {
+                Some(p) => c.execute(
+                    "INSERT INTO delivery_pause (since, by, reason)
+                     SELECT ?1, ?2, ?3 WHERE NOT EXISTS (SELECT 1 FROM delivery_pause)",
+                    params![p.since, p.by, p.reason],
+                )?,
+                None => c.execute("DELETE FROM delivery_pause", [])?,
+            } > 0)
+        })
+        .await
     }
 
     async fn suppression(&self, address: &str) -> Result<Option<Suppression>, StoreError> {
