@@ -346,6 +346,23 @@ impl Audit {
         }));
     }
 
+    /// Records that delivery was paused (`paused`, with the operator's
+    /// note as `event.reason`) or resumed (`resumed`) by `by`.
+    pub fn delivery(&self, action: &str, by: &str, reason: Option<&str>) {
+        if !self.enabled() {
+            return;
+        }
+        let mut event = json!({ "action": action, "outcome": "success" });
+        if let Some(reason) = reason {
+            event["reason"] = json!(reason);
+        }
+        self.write(&json!({
+            "@timestamp": jiff::Timestamp::now().to_string(),
+            "event": event,
+            "user": { "name": by },
+        }));
+    }
+
     /// Records a refusal.
     pub fn refused(&self, r: &Refusal<'_>) {
         if !self.enabled() {

@@ -45,6 +45,8 @@ pub const RELAY_CONNECTIONS: &str = "mailmux_relay_connections";
 pub const RELAY_IN_FLIGHT: &str = "mailmux_relay_in_flight";
 /// 1 while the queue's store takes writes.
 pub const QUEUE_AVAILABLE: &str = "mailmux_queue_available";
+/// 1 while delivery is paused by an operator.
+pub const DELIVERY_PAUSED: &str = "mailmux_delivery_paused";
 /// Bytes free on the SQLite store's file system, where `queue.min_free`
 /// applies; under `mailmux_queue_min_free_bytes`, new mail is refused.
 pub const QUEUE_FREE: &str = "mailmux_queue_free_bytes";
@@ -157,6 +159,10 @@ fn describe() {
     );
     describe_gauge!(QUEUE_AVAILABLE, "1 while the queue's store takes writes.");
     describe_gauge!(
+        DELIVERY_PAUSED,
+        "1 while delivery is paused by an operator: mail is queued, none is handed to a relay."
+    );
+    describe_gauge!(
         QUEUE_FREE,
         Unit::Bytes,
         "Bytes free on the SQLite store's file system; new mail is refused under queue.min_free."
@@ -220,6 +226,7 @@ pub async fn scrape(queue: &Queue) -> String {
         metrics::gauge!(QUEUE_FREE).set(free as f64);
         metrics::gauge!(QUEUE_MIN_FREE).set(min as f64);
     }
+    metrics::gauge!(DELIVERY_PAUSED).set(if queue.paused().is_some() { 1.0 } else { 0.0 });
     match queue.stats().await {
         Ok(stats) => {
             for st in State::ALL {

@@ -529,6 +529,40 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
     .await;
     assert_eq!(out["status"], "dry_run", "{out}");
 
+    // Delivery paused from the overview: a call that waits is answered
+    // `queued` and nothing goes out; resumed, the message is sent once.
+    b.goto(&format!("{base}/console")).await.unwrap();
+    text_with(&b, "#delivery", "running").await;
+    b.find(Locator::Css(
+        "form[action='/console/delivery/pause'] input[name=reason]",
+    ))
+    .await
+    .unwrap()
+    .send_keys("relay review")
+    .await
+    .unwrap();
+    click("form[action='/console/delivery/pause'] button".into()).await;
+    text_with(&b, "[role=status]", "Paused:").await;
+    let shown = text_with(&b, "#delivery", "paused").await;
+    assert!(
+        shown.contains("operator ops") && shown.contains("relay review"),
+        "{shown}"
+    );
+    shoot(&b, kind, "paused").await;
+    let out = call(
+        &mcp,
+        "send_email",
+        json!({ "to": ["paused@example.org"], "subject": "hi", "body": "plain" }),
+    )
+    .await;
+    assert_eq!(out["status"], "queued", "{out}");
+    let paused_id = out["message_id"].as_str().unwrap().to_owned();
+    click("form[action='/console/delivery/resume'] button".into()).await;
+    text_with(&b, "[role=status]", "Resumed").await;
+    text_with(&b, "#delivery", "running").await;
+    wait_status(&mcp, &paused_id, "sent").await;
+    assert_eq!(delivered_to(&sink, "paused@example.org"), 1);
+
     // A long list, imported by the queue command: a hundred addresses a
     // page, and a search by part of an address.
     let file = dir.path().join("bulk.txt");

@@ -2106,6 +2106,91 @@ timeout = "3s"
     );
 }
 
+/// Delivery paused and resumed over `/admin/pause` by an operator: a
+/// caller's token is refused; a bad body is refused and pauses nothing;
+/// while paused a call that waits is answered `queued` and nothing reaches
+/// the server; the status, the metrics and the audit log say so; a resume
+/// delivers the queued message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_pause_and_resume_delivery_over_http() {
+    let sink = FaultSmtp::start(Script::ok()).await;
+    let other = FaultSmtp::start(Script::ok()).await;
+    let d = start_with(|dir| config_toml(dir, sink.port(), other.port(), "")).await;
+    let delta = connect(&d, DELTA).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/admin/pause", d.base);
+    let r = http.post(&url).bearer_auth(DELTA).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401, "a caller's token");
+    for body in [
+        json!({ "colour": "red" }),
+        json!({ "reason": "two\nlines" }),
+    ] {
+        let r = http
+            .post(&url)
+            .bearer_auth(OPS)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{body}");
+        assert!(r.text().await.unwrap().contains("nothing was changed"));
+    }
+    let r = http.get(&url).bearer_auth(OPS).send().await.unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({ "paused": false }));
+    let r = http.delete(&url).bearer_auth(OPS).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 404, "resumed while running");
+
+    let r = http
+        .post(&url)
+        .bearer_auth(OPS)
+        .json(&json!({ "reason": "rollout" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let p = r.json::<Value>().await.unwrap();
+    assert_eq!(
+        (&p["paused"], &p["by"], &p["reason"]),
+        (&json!(true), &json!("operator ops"), &json!("rollout"))
+    );
+    let r = http.post(&url).bearer_auth(OPS).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200, "paused already: the first kept");
+    assert_eq!(r.json::<Value>().await.unwrap()["reason"], "rollout");
+
+    let (_, out) = call(&delta, "send_email", mail(json!(["a@example.org"]))).await;
+    assert_eq!(out["status"], "queued", "{out}");
+    let id = out["message_id"].as_str().unwrap().to_owned();
+    let (_, st) = call(&delta, "get_smtp_status", json!({})).await;
+    assert_eq!(st["queue"]["paused"]["by"], "operator ops", "{st}");
+    let metrics = http
+        .get(format!("{}/metrics", d.base))
+        .bearer_auth(OPS)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("mailmux_delivery_paused 1"), "{metrics}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(sink.delivered().is_empty() && other.delivered().is_empty());
+
+    let r = http.delete(&url).bearer_auth(OPS).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({ "paused": false }));
+    wait_status(&delta, &id, "sent").await;
+    assert_eq!(sink.delivered().len() + other.delivered().len(), 1);
+    let changes: Vec<Value> = d
+        .audit()
+        .into_iter()
+        .filter(|l| matches!(l["event"]["action"].as_str(), Some("paused" | "resumed")))
+        .collect();
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    assert_eq!(changes[0]["event"]["reason"], "rollout");
+    assert_eq!(changes[0]["user"]["name"], "operator ops");
+    assert_eq!(changes[1]["event"]["action"], "resumed");
+}
+
 /// The suppression list through `/admin/suppressions` on the `memory`
 /// store, which the queue command cannot reach: a bounce listed by the
 /// daemon, an operator's entry and removal in force at once, bad input

@@ -43,8 +43,15 @@ pub enum QueueCommand {
     Reject(DecideArgs),
     /// Delete finished messages older than a duration.
     Purge(PurgeArgs),
-    /// Messages per state, the oldest queued, the next retry.
+    /// Messages per state, the oldest queued, the next retry, and whether
+    /// delivery is paused.
     Stats,
+    /// Pause delivery for every daemon on the store (until `resume`, across
+    /// restarts): mail is still accepted and queued, and no message is
+    /// handed to a relay; deliveries under way end as they would.
+    Pause(PauseArgs),
+    /// Resume delivery after `pause`: the queued mail goes out.
+    Resume,
     /// Write a consistent copy of the SQLite store to a new file, while the
     /// daemon runs or not.
     Backup(BackupArgs),
@@ -190,6 +197,14 @@ pub struct RetryArgs {
     /// Retry an `unknown` message, which the server may already have.
     #[arg(long)]
     pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PauseArgs {
+    /// A note kept with the pause (why; shown by `stats`, the status and
+    /// the console, and written to the audit log).
+    #[arg(long)]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -645,6 +660,22 @@ fn time(ms: Millis) -> String {
         .unwrap_or_else(|_| ms.to_string())
 }
 
+/// A pause as one line: `running`, or since when, by whom and why.
+fn pause_text(pause: Option<&queue::Paused>) -> String {
+    match pause {
+        None => "running".into(),
+        Some(p) => format!(
+            "paused since {} by {}{}",
+            time(p.since),
+            p.by,
+            p.reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        ),
+    }
+}
+
 /// The commands that need no operator token.
 async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -> ExitCode {
     let fail = |e: StoreError| {
@@ -822,6 +853,58 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
                     say!("next retry:    {}", time(t));
                 }
                 say!("sent copies pending: {}", s.copies_pending);
+                match store.paused().await {
+                    Ok(p) => say!("delivery: {}", pause_text(p.as_ref())),
+                    Err(e) => return fail(e),
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        QueueCommand::Pause(a) => {
+            let reason = match crate::mcp::http::pause_reason(a.reason) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("mailmux: --{e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            let pause = queue::Paused {
+                since: queue::now_millis(),
+                by: "queue command".into(),
+                reason,
+            };
+            match store.set_paused(Some(pause.clone())).await {
+                Ok(true) => {
+                    if let Some(log) = audit_log(config) {
+                        log.delivery("paused", &pause.by, pause.reason.as_deref());
+                    }
+                    say!("delivery: {}", pause_text(Some(&pause)));
+                    say!(
+                        "running daemons start no new delivery within 100 ms; mail is still accepted and queued"
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(false) => match store.paused().await {
+                    Ok(p) => {
+                        say!("delivery was paused already: {}", pause_text(p.as_ref()));
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(e),
+                },
+                Err(e) => fail(e),
+            }
+        }
+        QueueCommand::Resume => match store.set_paused(None).await {
+            Ok(true) => {
+                if let Some(log) = audit_log(config) {
+                    log.delivery("resumed", "queue command", None);
+                }
+                say!("delivery: resumed; running daemons deliver the queued mail within 100 ms");
+                ExitCode::SUCCESS
+            }
+            Ok(false) => {
+                say!("delivery was not paused");
                 ExitCode::SUCCESS
             }
             Err(e) => fail(e),

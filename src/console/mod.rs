@@ -152,6 +152,8 @@ pub fn routes(server: &MailmuxServer) -> Router {
         .route("/console/relays/{name}/reconnect", post(reconnect))
         .route("/console/relays/{name}/pin", post(pin))
         .route("/console/relays/unpin", post(unpin))
+        .route("/console/delivery/pause", post(pause))
+        .route("/console/delivery/resume", post(resume))
         .route("/console/suppressions", get(suppressions))
         .route("/console/suppressions/add", post(suppress))
         .route("/console/suppressions/remove", post(unsuppress))
@@ -857,6 +859,50 @@ async fn unpin(
         Err(e) => e.to_string(),
     };
     back("/console/relays", &notice)
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct PauseForm {
+    reason: Option<String>,
+}
+
+/// Pauses delivery, as `POST /admin/pause` does.
+async fn pause(
+    State(server): State<MailmuxServer>,
+    axum::Extension(op): axum::Extension<Operator>,
+    Form(form): Form<PauseForm>,
+) -> Response {
+    let notice = match crate::mcp::http::pause_reason(form.reason) {
+        Err(e) => format!("Not paused: {e}."),
+        Ok(reason) => match server
+            .pause_delivery(&format!("operator {}", op.name), reason)
+            .await
+        {
+            Ok((_, true)) => {
+                "Paused: mail is accepted and queued, and none goes to a relay until you resume."
+                    .to_owned()
+            }
+            Ok((p, false)) => format!("Delivery was paused already, by {}.", p.by),
+            Err(e) => format!("Not paused: {e}."),
+        },
+    };
+    back("/console", &notice)
+}
+
+/// Resumes delivery, as `DELETE /admin/pause` does.
+async fn resume(
+    State(server): State<MailmuxServer>,
+    axum::Extension(op): axum::Extension<Operator>,
+) -> Response {
+    let notice = match server
+        .resume_delivery(&format!("operator {}", op.name))
+        .await
+    {
+        Ok(true) => "Resumed: the queued mail goes out.".to_owned(),
+        Ok(false) => "Delivery was not paused.".to_owned(),
+        Err(e) => format!("Not resumed: {e}."),
+    };
+    back("/console", &notice)
 }
 
 /// Samples the dispatcher for the overview's charts while the runtime lives.

@@ -208,6 +208,30 @@ pub fn overview(
                         @if free < min { " " span.tag { "refusing new mail" } }
                     }
                 }
+                dt { "delivery" }
+                dd #delivery {
+                    @match &queue.paused {
+                        Some(p) => {
+                            span.tag { "paused" }
+                            " since " (p.since) " by " (p.by)
+                            @if let Some(r) = &p.reason { ": " (r) }
+                            " "
+                            form.inline method="post" action="/console/delivery/resume" {
+                                input type="hidden" name="csrf" value=(op.csrf);
+                                button type="submit" { "Resume delivery" }
+                            }
+                        }
+                        None => {
+                            "running "
+                            form.inline method="post" action="/console/delivery/pause" {
+                                input type="hidden" name="csrf" value=(op.csrf);
+                                input type="text" name="reason" maxlength="500" placeholder="reason";
+                                " "
+                                button type="submit" { "Pause delivery" }
+                            }
+                        }
+                    }
+                }
                 dt { "oldest waiting" }
                 dd {
                     @match queue.oldest_queued_age_secs {

@@ -1042,6 +1042,102 @@ async fn admin_unsuppress(
     }
 }
 
+/// The body `POST /admin/pause` may have.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PauseBody {
+    reason: Option<String>,
+}
+
+/// The longest note a pause may carry.
+const PAUSE_REASON_MAX: usize = 500;
+
+/// A pause's note as given (blank is none), or why it is refused: one line
+/// of at most [`PAUSE_REASON_MAX`] characters.
+pub(crate) fn pause_reason(reason: Option<String>) -> Result<Option<String>, String> {
+    let reason = reason.filter(|r| !r.trim().is_empty());
+    match &reason {
+        Some(r) if r.chars().count() > PAUSE_REASON_MAX || r.chars().any(char::is_control) => Err(
+            format!("reason must be at most {PAUSE_REASON_MAX} characters, on one line"),
+        ),
+        _ => Ok(reason),
+    }
+}
+
+/// The pause in force as JSON: `{"paused": false}`, or since when, by
+/// whom and why.
+pub(crate) fn pause_json(pause: Option<&mailmux_actors::queue::Paused>) -> serde_json::Value {
+    match pause {
+        None => json!({ "paused": false }),
+        Some(p) => json!({
+            "paused": true,
+            "since": crate::mcp::types::rfc3339(p.since),
+            "by": p.by,
+            "reason": p.reason,
+        }),
+    }
+}
+
+/// `GET /admin/pause`: whether delivery is paused, as this daemon read it.
+async fn admin_paused(State(server): State<MailmuxServer>) -> Response {
+    axum::Json(pause_json(server.queue().paused().as_ref())).into_response()
+}
+
+/// `POST /admin/pause`: pauses delivery for every daemon on the store
+/// (201; 200 when it was paused already, the first pause kept).
+async fn admin_pause(
+    State(server): State<MailmuxServer>,
+    Extension(op): Extension<Operator>,
+    body: Bytes,
+) -> Response {
+    let b: PauseBody = if body.is_empty() {
+        PauseBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => {
+                return reject(
+                    StatusCode::BAD_REQUEST,
+                    &format!("the body must be {{\"reason\"}}: {e}; nothing was changed"),
+                );
+            }
+        }
+    };
+    let reason = match pause_reason(b.reason) {
+        Ok(r) => r,
+        Err(e) => {
+            return reject(
+                StatusCode::BAD_REQUEST,
+                &format!("{e}; nothing was changed"),
+            );
+        }
+    };
+    let by = format!("operator {}", op.0);
+    match server.pause_delivery(&by, reason).await {
+        Ok((pause, changed)) => {
+            let status = if changed {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            (status, axum::Json(pause_json(Some(&pause)))).into_response()
+        }
+        Err(e) => reject(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+/// `DELETE /admin/pause`: resumes delivery (404 when it was not paused).
+async fn admin_resume(
+    State(server): State<MailmuxServer>,
+    Extension(op): Extension<Operator>,
+) -> Response {
+    match server.resume_delivery(&format!("operator {}", op.0)).await {
+        Ok(true) => axum::Json(pause_json(None)).into_response(),
+        Ok(false) => reject(StatusCode::NOT_FOUND, "delivery is not paused"),
+        Err(e) => reject(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
 /// The page of an unsubscribe link: what it does, or that it is not valid.
 fn unsubscribe_page(status: StatusCode, title: &str, body: maud::Markup) -> Response {
     let page = maud::html! {
@@ -1256,6 +1352,10 @@ pub fn app(server: &MailmuxServer, stateful: bool) -> (Router, CancellationToken
         .route(
             "/unsubscribe/{token}",
             get(unsubscribe_form).post(unsubscribe),
+        )
+        .route(
+            "/admin/pause",
+            get(admin_paused).post(admin_pause).delete(admin_resume),
         )
         .route("/admin/suppressions", get(admin_suppressions))
         .route(

@@ -218,6 +218,33 @@ impl MailmuxServer {
         &self.state.suppressions
     }
 
+    /// Pauses delivery for every daemon on the store as `by` (an
+    /// operator), and audits it when this call paused it: the pause in
+    /// force and whether this call paused it.
+    pub async fn pause_delivery(
+        &self,
+        by: &str,
+        reason: Option<String>,
+    ) -> Result<(mailmux_actors::queue::Paused, bool), mailmux_actors::queue::QueueError> {
+        let (pause, changed) = self.queue().pause(by, reason).await?;
+        if changed {
+            self.audit().delivery("paused", by, pause.reason.as_deref());
+        }
+        Ok((pause, changed))
+    }
+
+    /// Resumes delivery as `by`, and audits it; whether it was paused.
+    pub async fn resume_delivery(
+        &self,
+        by: &str,
+    ) -> Result<bool, mailmux_actors::queue::QueueError> {
+        let changed = self.queue().resume().await?;
+        if changed {
+            self.audit().delivery("resumed", by, None);
+        }
+        Ok(changed)
+    }
+
     /// Records that HTTP is served on `addr`, beyond loopback.
     pub(crate) fn expose(&self, addr: SocketAddr) {
         let _ = self.state.exposed.set(addr);

@@ -2103,6 +2103,16 @@ impl MailmuxServer {
         };
         out.idempotent_replay = sub.replay;
         out.caller = Some(caller.name.to_string());
+        if out.status == SendStatus::Queued
+            && out.message.is_none()
+            && let Some(p) = self.queue().paused()
+        {
+            out.message = Some(format!(
+                "delivery is paused (by {} since {}): the message is stored and queued, and is sent once delivery resumes",
+                p.by,
+                rfc3339(p.since)
+            ));
+        }
         if let Some(relay) = &out.relay {
             span.record("relay", relay.as_str());
         }
@@ -2134,6 +2144,11 @@ impl MailmuxServer {
             free_bytes: room.map(|(free, _)| free),
             min_free: room.map(|(_, min)| min),
             suppressed: self.suppressions().len() as u64,
+            paused: queue.paused().map(|p| PausedOut {
+                since: rfc3339(p.since),
+                by: p.by,
+                reason: p.reason,
+            }),
             warning,
             ..Default::default()
         };

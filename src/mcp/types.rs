@@ -1262,8 +1262,24 @@ pub struct QueueOut {
     pub sent_copies_pending: u64,
     /// Addresses on the suppression list, as this daemon holds it.
     pub suppressed: u64,
+    /// Delivery paused by an operator: mail is accepted and queued, and no
+    /// message is handed to a relay until it is resumed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paused: Option<PausedOut>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+}
+
+/// A pause of delivery, as `get_smtp_status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
+pub struct PausedOut {
+    /// When it was paused (RFC 3339, UTC).
+    pub since: String,
+    /// Who paused it: `operator NAME`, `queue command`.
+    pub by: String,
+    /// The operator's note.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Delivery counters of one relay.
