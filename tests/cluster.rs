@@ -1166,3 +1166,71 @@ async fn a_recipient_suppressed_through_one_daemon_is_refused_by_the_other() {
         "the two real sends, to rcpt@ alone"
     );
 }
+
+/// A pause of delivery is one for the cluster: paused by the queue command
+/// through one daemon's configuration, neither daemon hands a message to
+/// the relay (mail sent through either is queued, scheduled mail waits);
+/// resumed through the other's, every message is delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pause_holds_every_daemon_until_it_is_resumed() {
+    let pg = Postgres::start();
+    let url = pg.database();
+    let sink = FaultSmtp::start(Script::ok()).await;
+    let a = Node::start("a", &config_toml(&url, "a", sink.port(), "5s", "")).await;
+    let b = Node::start("b", &config_toml(&url, "b", sink.port(), "5s", "")).await;
+    let (code, out, err) = common::queue_cmd(a.dir.path(), &["pause", "--reason", "maintenance"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    for node in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while harness::status(node.peer()).await["queue"]["paused"]["reason"] != "maintenance" {
+            assert!(
+                Instant::now() < deadline,
+                "{} never saw the pause",
+                node.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let mut ids = Vec::new();
+    for (node, extra) in [
+        (&a, json!({})),
+        (&a, json!({ "wait": false })),
+        (&b, json!({})),
+        (&b, json!({ "wait": false })),
+        (&b, json!({ "send_at": "1s" })),
+    ] {
+        let c = call(node.peer(), "p", "send_email", msg("paused", extra), LIMIT).await;
+        let v = c.value().unwrap_or_else(|| panic!("{c:?}"));
+        assert!(
+            matches!(v["status"].as_str(), Some("queued" | "scheduled")),
+            "{v}"
+        );
+        ids.push(v["message_id"].as_str().unwrap().to_owned());
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(sink.received().is_empty(), "mail went out while paused");
+
+    let (code, out, err) = common::queue_cmd(b.dir.path(), &["resume"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        sink.wait_for_delivered(ids.len(), LIMIT).await,
+        "{} of {} delivered",
+        sink.delivered().len(),
+        ids.len()
+    );
+    assert!(drained(&a, LIMIT).await);
+    let mut at_sink: Vec<String> = sink
+        .delivered()
+        .iter()
+        .map(|r| {
+            r.message_id
+                .clone()
+                .unwrap_or_default()
+                .trim_matches(['<', '>'])
+                .to_owned()
+        })
+        .collect();
+    at_sink.sort();
+    ids.sort();
+    assert_eq!(at_sink, ids, "each once");
+}

@@ -1127,7 +1127,9 @@ async fn random_console_requests_are_answered_below_500() {
                 "/console/suppressions",
                 "/console/suppressions/add",
                 "/console/suppressions/remove",
-            ][rng.random_range(0..3)]
+                "/console/delivery/pause",
+                "/console/delivery/resume",
+            ][rng.random_range(0..5)]
             .to_owned(),
             7 => format!("/console/batches/{id}/{action}"),
             8 => format!("/console/{}", escaped(&short_string(&mut rng))),
