@@ -92,6 +92,8 @@ async fn a_paused_queue_takes_mail_and_sends_none_until_resumed_even_across_a_cr
             common::batch_args("merge", 3, json!({ "wait": true })),
         )
         .await;
+    let note = batch["message"].as_str().unwrap_or_default();
+    assert!(note.contains("delivery is paused"), "{batch}");
     for r in batch["results"].as_array().unwrap() {
         assert_eq!(r["status"], "queued", "{batch}");
         ids.push(r["message_id"].as_str().unwrap().to_owned());

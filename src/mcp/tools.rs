@@ -2008,14 +2008,30 @@ impl MailmuxServer {
                 .join(", ")
         );
         tracing::info!(batch = %batch_id, messages = results.len(), refused, "batch finished");
+        let message = summary
+            .contains_key(SendStatus::Queued.as_str())
+            .then(|| self.paused_note())
+            .flatten();
         let out = SendBatchResult {
             batch_id: Some(batch_id),
             results,
             summary,
+            message,
             caller: Some(caller.name.to_string()),
             error: None,
         };
         (out, text)
+    }
+
+    /// While delivery is paused: what an answer of `queued` tells the agent.
+    fn paused_note(&self) -> Option<String> {
+        self.queue().paused().map(|p| {
+            format!(
+                "delivery is paused (by {} since {}): queued mail is stored, and is sent once delivery resumes",
+                p.by,
+                rfc3339(p.since)
+            )
+        })
     }
 
     /// The whole `send_email` flow, shared by the tool and `mailmux send`:
@@ -2103,15 +2119,8 @@ impl MailmuxServer {
         };
         out.idempotent_replay = sub.replay;
         out.caller = Some(caller.name.to_string());
-        if out.status == SendStatus::Queued
-            && out.message.is_none()
-            && let Some(p) = self.queue().paused()
-        {
-            out.message = Some(format!(
-                "delivery is paused (by {} since {}): the message is stored and queued, and is sent once delivery resumes",
-                p.by,
-                rfc3339(p.since)
-            ));
+        if out.status == SendStatus::Queued && out.message.is_none() {
+            out.message = self.paused_note();
         }
         if let Some(relay) = &out.relay {
             span.record("relay", relay.as_str());

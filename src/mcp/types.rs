@@ -421,6 +421,10 @@ pub struct SendBatchResult {
     pub results: Vec<BatchItemOut>,
     /// Messages per status, and `refused` for those that were not queued.
     pub summary: std::collections::BTreeMap<String, usize>,
+    /// What the agent should know of the batch as a whole: that delivery
+    /// is paused, when messages were queued meanwhile.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub caller: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
