@@ -405,10 +405,35 @@ struct Inner {
     /// The free space new mail must leave (`queue.min_free`, SQLite only).
     reserve: Option<Reserve>,
     /// Delivery paused by an operator ([`Store::paused`]), as last read
-    /// from the store or set through this queue; `paused` says whether
-    /// without the lock.
-    pause: Mutex<Option<Paused>>,
+    /// from the store or set through this queue, and how many times it was
+    /// set here (a read that began before a setting is stale); `paused`
+    /// says whether without the lock.
+    pause: Mutex<PauseState>,
     paused: AtomicBool,
+}
+
+/// The pause of delivery as a daemon holds it.
+#[derive(Debug, Default)]
+struct PauseState {
+    current: Option<Paused>,
+    /// How many times it was set through this queue.
+    settings: u64,
+}
+
+impl PauseState {
+    /// Takes `pause` as set through this queue (`read_after: None`), or as
+    /// read from the store by a read that began after `read_after`
+    /// settings; a read that began before a later setting is stale and
+    /// changes nothing. Whether the pause is in force now.
+    fn take(&mut self, pause: Option<Paused>, read_after: Option<u64>) -> bool {
+        match read_after {
+            Some(n) if n != self.settings => return self.current.is_some(),
+            Some(_) => {}
+            None => self.settings += 1,
+        }
+        self.current = pause;
+        self.current.is_some()
+    }
 }
 
 /// The crash marker of one message: the store's `mark`, or for a message
@@ -523,7 +548,7 @@ impl Queue {
         let paused = store.paused().await?;
         let inner = Inner::new(store, dispatcher, settings, max_rounds, true);
         *inner.untold.lock().unwrap_or_else(|e| e.into_inner()) = recovered.unknown;
-        inner.note_pause(paused);
+        inner.note_pause(paused, None);
         Ok(Queue { inner })
     }
 
@@ -616,7 +641,7 @@ impl Inner {
             idle: Mutex::new(Some(ready_rx)),
             untold: Mutex::new(Vec::new()),
             reserve,
-            pause: Mutex::new(None),
+            pause: Mutex::new(PauseState::default()),
             paused: AtomicBool::new(false),
         })
     }
@@ -1420,15 +1445,18 @@ impl Queue {
         };
         let store = &self.inner.store;
         let changed = store.set_paused(Some(pause.clone())).await?;
-        let current = store.paused().await?.unwrap_or(pause);
-        self.inner.note_pause(Some(current.clone()));
+        let current = match changed {
+            true => pause,
+            false => store.paused().await?.unwrap_or(pause),
+        };
+        self.inner.note_pause(Some(current.clone()), None);
         Ok((current, changed))
     }
 
     /// Resumes delivery; whether it was paused.
     pub async fn resume(&self) -> Result<bool, QueueError> {
         let changed = self.inner.store.set_paused(None).await?;
-        self.inner.note_pause(None);
+        self.inner.note_pause(None, None);
         Ok(changed)
     }
 
@@ -1438,6 +1466,7 @@ impl Queue {
             .pause
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .current
             .clone()
     }
 
@@ -1720,11 +1749,24 @@ impl Inner {
         self.paused.load(Ordering::Acquire)
     }
 
-    /// Takes the pause as read from the store or set here, and logs a
-    /// change once. A resume wakes the runner for the mail that waited.
-    fn note_pause(&self, pause: Option<Paused>) {
-        let was = self.paused.swap(pause.is_some(), Ordering::AcqRel);
-        match (&pause, was) {
+    /// How many times the pause was set here: what a read of the store
+    /// that begins now hands to [`Inner::note_pause`].
+    fn pause_settings(&self) -> u64 {
+        self.pause
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .settings
+    }
+
+    /// Takes the pause as set here (`read_after: None`), or as read from
+    /// the store by a read that began after `read_after` settings here (a
+    /// staler read changes nothing), and logs a change once. A resume wakes
+    /// the runner for the mail that waited.
+    fn note_pause(&self, pause: Option<Paused>, read_after: Option<u64>) {
+        let mut held = self.pause.lock().unwrap_or_else(|e| e.into_inner());
+        let now = held.take(pause, read_after);
+        let was = self.paused.swap(now, Ordering::AcqRel);
+        match (&held.current, was) {
             (Some(p), false) => tracing::warn!(
                 by = %p.by,
                 reason = p.reason.as_deref().unwrap_or(""),
@@ -1736,7 +1778,6 @@ impl Inner {
             }
             _ => {}
         }
-        *self.pause.lock().unwrap_or_else(|e| e.into_inner()) = pause;
     }
 
     /// Hands a stored, claimed, due message to the runner's channel, if the
@@ -2587,8 +2628,9 @@ async fn run(inner: Arc<Inner>, mut ready: mpsc::Receiver<Pending>) {
         // Another daemon or the queue command may pause or resume.
         if pause_read.elapsed() >= POLL_INTERVAL {
             pause_read = Instant::now();
+            let settings = inner.pause_settings();
             match inner.store.paused().await {
-                Ok(p) => inner.note_pause(p),
+                Ok(p) => inner.note_pause(p, Some(settings)),
                 Err(e) => tracing::debug!(error = %e, "reading whether delivery is paused failed"),
             }
         }
@@ -2831,6 +2873,37 @@ async fn purge_loop(inner: Arc<Inner>) {
 mod tests {
     use super::*;
     use crate::mail::Attempt;
+
+    /// A read of the store that began before a pause or a resume through
+    /// this queue does not undo it; one that began after it is taken.
+    #[test]
+    fn a_stale_read_of_the_pause_changes_nothing() {
+        let paused = |by: &str| {
+            Some(Paused {
+                since: 1,
+                by: by.into(),
+                reason: None,
+            })
+        };
+        let mut p = PauseState::default();
+        let read = p.settings;
+        assert!(p.take(paused("operator ops"), None), "paused here");
+        assert!(p.take(None, Some(read)), "a read from before the pause");
+        assert_eq!(p.current, paused("operator ops"));
+        let read = p.settings;
+        assert!(!p.take(None, Some(read)), "a later read: resumed elsewhere");
+        assert!(
+            p.take(paused("queue command"), Some(read)),
+            "paused elsewhere"
+        );
+        let read = p.settings;
+        assert!(!p.take(None, None), "resumed here");
+        assert!(
+            !p.take(paused("queue command"), Some(read)),
+            "a read from before the resume"
+        );
+        assert_eq!(p.current, None);
+    }
 
     /// An `unknown` message that took `p@` and refused `q@` for certain,
     /// retried for `r@` alone.
