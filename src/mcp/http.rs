@@ -1066,7 +1066,7 @@ pub(crate) fn pause_reason(reason: Option<String>) -> Result<Option<String>, Str
 
 /// The pause in force as JSON: `{"paused": false}`, or since when, by
 /// whom and why.
-pub(crate) fn pause_json(pause: Option<&mailmux_actors::queue::Paused>) -> serde_json::Value {
+fn pause_json(pause: Option<&mailmux_actors::queue::Paused>) -> serde_json::Value {
     match pause {
         None => json!({ "paused": false }),
         Some(p) => json!({
