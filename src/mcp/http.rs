@@ -963,6 +963,19 @@ struct SuppressBody {
     note: Option<String>,
 }
 
+/// An admin request's optional JSON body (none is the default), or why it
+/// is refused, naming its `shape`.
+fn optional_body<T: Default + serde::de::DeserializeOwned>(
+    body: &Bytes,
+    shape: &str,
+) -> Result<T, String> {
+    if body.is_empty() {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| format!("the body must be {shape}: {e}; nothing was changed"))
+}
+
 /// `PUT /admin/suppressions/{address}`: lists the address (201), or finds
 /// it listed (200, its entry kept), in force on this daemon at once.
 async fn admin_suppress(
@@ -971,18 +984,9 @@ async fn admin_suppress(
     Path(address): Path<String>,
     body: Bytes,
 ) -> Response {
-    let b: SuppressBody = if body.is_empty() {
-        SuppressBody::default()
-    } else {
-        match serde_json::from_slice(&body) {
-            Ok(b) => b,
-            Err(e) => {
-                return reject(
-                    StatusCode::BAD_REQUEST,
-                    &format!("the body must be {{\"reason\", \"note\"}}: {e}; nothing was changed"),
-                );
-            }
-        }
+    let b: SuppressBody = match optional_body(&body, "{\"reason\", \"note\"}") {
+        Ok(b) => b,
+        Err(e) => return reject(StatusCode::BAD_REQUEST, &e),
     };
     let reason = b.reason.as_deref().unwrap_or("manual");
     let now = mailmux_actors::queue::now_millis();
@@ -1090,18 +1094,9 @@ async fn admin_pause(
     Extension(op): Extension<Operator>,
     body: Bytes,
 ) -> Response {
-    let b: PauseBody = if body.is_empty() {
-        PauseBody::default()
-    } else {
-        match serde_json::from_slice(&body) {
-            Ok(b) => b,
-            Err(e) => {
-                return reject(
-                    StatusCode::BAD_REQUEST,
-                    &format!("the body must be {{\"reason\"}}: {e}; nothing was changed"),
-                );
-            }
-        }
+    let b: PauseBody = match optional_body(&body, "{\"reason\"}") {
+        Ok(b) => b,
+        Err(e) => return reject(StatusCode::BAD_REQUEST, &e),
     };
     let reason = match pause_reason(b.reason) {
         Ok(r) => r,
