@@ -869,13 +869,8 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
                     return ExitCode::from(EXIT_USAGE);
                 }
             };
-            let pause = queue::Paused {
-                since: queue::now_millis(),
-                by: "queue command".into(),
-                reason,
-            };
-            match store.set_paused(Some(pause.clone())).await {
-                Ok(true) => {
+            match queue::pause(store, "queue command", reason).await {
+                Ok((pause, true)) => {
                     if let Some(log) = audit_log(config) {
                         log.delivery("paused", &pause.by, pause.reason.as_deref());
                     }
@@ -885,13 +880,10 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
                     );
                     ExitCode::SUCCESS
                 }
-                Ok(false) => match store.paused().await {
-                    Ok(p) => {
-                        say!("delivery was paused already: {}", pause_text(p.as_ref()));
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => fail(e),
-                },
+                Ok((pause, false)) => {
+                    say!("delivery was paused already: {}", pause_text(Some(&pause)));
+                    ExitCode::SUCCESS
+                }
                 Err(e) => fail(e),
             }
         }

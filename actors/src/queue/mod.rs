@@ -773,6 +773,24 @@ pub struct ActedOnMany {
     pub states: std::collections::BTreeMap<State, usize>,
 }
 
+/// Pauses delivery on `store` as `by`: the pause in force, and whether
+/// this call paused it (a pause while paused keeps the first).
+pub async fn pause(
+    store: &dyn Store,
+    by: &str,
+    reason: Option<String>,
+) -> Result<(Paused, bool), StoreError> {
+    let pause = Paused {
+        since: now_millis(),
+        by: by.to_owned(),
+        reason,
+    };
+    if store.set_paused(Some(pause.clone())).await? {
+        return Ok((pause, true));
+    }
+    Ok((store.paused().await?.unwrap_or(pause), false))
+}
+
 /// Deletes every finished message older than `finished_before` and every
 /// key older than `keys_before`, in writes of at most `chunk` rows each
 /// ([`PURGE_CHUNK`] in the daemon); returns the messages deleted.

@@ -1438,17 +1438,7 @@ impl Queue {
         by: &str,
         reason: Option<String>,
     ) -> Result<(Paused, bool), QueueError> {
-        let pause = Paused {
-            since: now_millis(),
-            by: by.to_owned(),
-            reason,
-        };
-        let store = &self.inner.store;
-        let changed = store.set_paused(Some(pause.clone())).await?;
-        let current = match changed {
-            true => pause,
-            false => store.paused().await?.unwrap_or(pause),
-        };
+        let (current, changed) = super::pause(self.inner.store.as_ref(), by, reason).await?;
         self.inner.note_pause(Some(current.clone()), None);
         Ok((current, changed))
     }
