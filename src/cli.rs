@@ -13,7 +13,7 @@ macro_rules! say {
     }};
 }
 
-mod queue;
+pub(crate) mod queue;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -15,6 +15,7 @@
 //! - [`mcp`]: the MCP tools and the stdio and HTTP transports (only it knows rmcp);
 //! - [`cli`]: the command line (`serve`, `send`, `check`, `config`);
 //! - [`logging`]: tracing to stderr;
+//! - [`service`]: what systemd hears (readiness, reloads, the watchdog);
 //! - `mailmux_actors` (the `actors/` crate): supervisor, router, relays.
 
 pub mod audit;
@@ -29,5 +30,6 @@ pub mod mcp;
 pub mod oauth;
 pub mod policy;
 pub mod sent_copy;
+pub mod service;
 pub mod suppress;
 pub mod telemetry;

@@ -362,6 +362,16 @@ impl Dispatcher {
         self.inner.in_flight.get()
     }
 
+    /// Blocks the router actor for `d`, for fault tests only: it answers
+    /// nothing meanwhile.
+    #[cfg(feature = "fault-hooks")]
+    pub fn stall_router(&self, d: Duration) -> Result<(), ControlError> {
+        let router = self.inner.router.get().ok_or(ControlError::Stopped)?;
+        router
+            .cast(RouterMsg::Stall(d))
+            .map_err(|_| ControlError::Stopped)
+    }
+
     /// Crashes an actor, for fault tests only.
     #[cfg(feature = "fault-hooks")]
     pub async fn inject_panic(&self, target: PanicTarget) -> Result<(), ControlError> {

@@ -95,6 +95,9 @@ pub(crate) enum RouterMsg {
     Selection(RpcReplyPort<Selection>),
     #[cfg(feature = "fault-hooks")]
     Panic,
+    /// Blocks the router for a while, as a wedged actor would be.
+    #[cfg(feature = "fault-hooks")]
+    Stall(std::time::Duration),
 }
 
 #[derive(Debug)]
@@ -171,6 +174,8 @@ impl Actor for RouterActor {
             }
             #[cfg(feature = "fault-hooks")]
             RouterMsg::Panic => panic!("fault hook: the router panics"),
+            #[cfg(feature = "fault-hooks")]
+            RouterMsg::Stall(d) => tokio::time::sleep(d).await,
         }
         Ok(())
     }

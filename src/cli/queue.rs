@@ -661,7 +661,7 @@ fn time(ms: Millis) -> String {
 }
 
 /// A pause as one line: `running`, or since when, by whom and why.
-fn pause_text(pause: Option<&queue::Paused>) -> String {
+pub(crate) fn pause_text(pause: Option<&queue::Paused>) -> String {
     match pause {
         None => "running".into(),
         Some(p) => format!(

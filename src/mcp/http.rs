@@ -1411,6 +1411,7 @@ pub async fn serve(
         metrics::gauge!(crate::telemetry::HTTP_CONNECTIONS),
         closed_signal.cancelled_owned(),
     ));
+    crate::service::ready(format!("serving MCP on {scheme}://{local}/mcp"));
     tokio::select! {
         r = &mut serving => {
             // The accept loop ends only at shutdown, or if its task panicked.

@@ -388,6 +388,8 @@ pub async fn run(
     }
     // Before the actors start, so that their handles record into it.
     crate::telemetry::spawn_upkeep(crate::telemetry::install());
+    // The service manager's watchdog is pinged while the store recovers.
+    let watch = crate::service::Watch::start();
     let queue = start_queue(&config).await?;
     tracing::info!(
         relays = config.dispatch.relays.len(),
@@ -406,6 +408,7 @@ pub async fn run(
         &server.state.bounces,
     );
     on_hangup(server.clone());
+    watch.serve(&server);
     let audit = server.audit().clone();
     crate::audit::spawn_sync(audit.clone());
     if let Some(bind) = metrics_bind {
@@ -447,12 +450,14 @@ fn on_hangup(server: MailmuxServer) {
             Ok(mut hup) => {
                 tokio::spawn(async move {
                     while hup.recv().await.is_some() {
+                        crate::service::reloading();
                         server.audit().reopen();
                         tracing::info!("SIGHUP received: reloading the configuration");
                         // A reload that applies logs what it changed.
                         if let Err(e) = server.reload().await {
                             tracing::error!(code = %e.code, "configuration not reloaded: {}", e.message);
                         }
+                        crate::service::reloaded();
                     }
                 });
             }
@@ -509,6 +514,7 @@ pub async fn start_handoff(config: &Config) -> Result<Queue, RunError> {
 
 /// Refuses new calls and drains the queue; logs what it found.
 pub async fn drain(server: &MailmuxServer) {
+    crate::service::stopping();
     server.begin_shutdown();
     let grace = server.config().daemon.shutdown_grace;
     tracing::info!(grace = ?grace, "shutting down: no new calls, waiting for deliveries in flight");

@@ -130,6 +130,7 @@ pub async fn serve_stdio(
 ) -> Result<(), RunError> {
     let (reader, writer, mode) = stdio_streams();
     tracing::info!(mode = ?mode, "serving MCP on stdio");
+    crate::service::ready("serving MCP on stdio".into());
     serve_io(server, reader, writer, shutdown).await
 }
 
