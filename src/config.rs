@@ -483,6 +483,21 @@ impl Provider for FileLayer {
     }
 }
 
+/// Each `content_checks` entry of a policy table, with its key's prefix.
+fn content_check_entries<'a>(policy: &'a Dict, prefix: &str) -> Vec<(String, &'a Dict)> {
+    match policy.get("content_checks") {
+        Some(Value::Array(_, entries)) => entries
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| match e {
+                Value::Dict(_, d) => Some((format!("{prefix}content_checks[{i}]."), d)),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// A misspelt key in a file would otherwise be ignored without a word. Env
 /// vars are not checked: other programs share the `MAILMUX_` prefix.
 fn check_unknown_keys(layer: &FileLayer) -> Result<(), ConfigError> {
@@ -516,6 +531,9 @@ fn check_unknown_keys(layer: &FileLayer) -> Result<(), ConfigError> {
     }
     if let Some(Value::Dict(_, d)) = root.get("policy") {
         check(d, "policy.", &[raw::POLICY_KEYS])?;
+        for (prefix, entry) in content_check_entries(d, "policy.") {
+            check(entry, &prefix, &[raw::CONTENT_CHECK_KEYS])?;
+        }
     }
     if let Some(Value::Dict(_, d)) = root.get("audit") {
         check(d, "audit.", &[raw::AUDIT_KEYS])?;
@@ -532,6 +550,11 @@ fn check_unknown_keys(layer: &FileLayer) -> Result<(), ConfigError> {
             for (i, e) in entries.iter().enumerate() {
                 if let Value::Dict(_, d) = e {
                     check(d, &format!("{table}[{i}]."), known)?;
+                    if table == "callers" {
+                        for (prefix, entry) in content_check_entries(d, &format!("{table}[{i}].")) {
+                            check(entry, &prefix, &[raw::CONTENT_CHECK_KEYS])?;
+                        }
+                    }
                 }
             }
         }

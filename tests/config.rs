@@ -1490,6 +1490,33 @@ token_env = "OPS_TOKEN"
             "callers.0.allowed_senders",
             "set this caller's own from_email",
         ),
+        (
+            "[[policy.content_checks]]\nname = \"k\"\npattern = \"(unclosed\"\naction = \"reject\"\n",
+            "policy.content_checks.0.pattern",
+            "not a regular expression",
+        ),
+        (
+            "[[policy.content_checks]]\nname = \"k\"\npattern = \"x\"\naction = \"drop\"\n",
+            "policy.content_checks.0.action",
+            "expected \"reject\" or \"hold\"",
+        ),
+        (
+            "[[policy.content_checks]]\npattern = \"x\"\naction = \"hold\"\n",
+            "policy.content_checks.0.name",
+            "is required",
+        ),
+        (
+            "[[policy.content_checks]]\nname = \"k\"\npattern = \"x\"\nacton = \"hold\"\n",
+            "policy.content_checks[0].acton",
+            "unknown key",
+        ),
+        (
+            "[[callers]]\nname = \"x\"\ntoken_env = \"B_TOKEN\"\n\
+             [[callers.content_checks]]\nname = \"a\"\npattern = \"a\"\naction = \"hold\"\n\
+             [[callers.content_checks]]\nname = \"b\"\npattern = \"[\"\naction = \"hold\"\n",
+            "callers.0.content_checks.1.pattern",
+            "not a regular expression",
+        ),
     ];
     for (i, (extra, key, message)) in cases.iter().enumerate() {
         let file = write(&dir, &format!("bad{i}.toml"), &format!("{extra}{base}"));
@@ -2232,4 +2259,57 @@ fn a_relays_bounce_mailbox_is_checked_and_shown_without_its_password() {
         let e = err(Some(&file), &[]);
         assert_eq!(e.key, key, "{content:?}: {e}");
     }
+}
+
+/// `content_checks`: a caller's list replaces the default's; the effective
+/// configuration shows each check.
+#[test]
+fn content_checks_load_per_caller_and_show_in_the_effective_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "checks.toml",
+        r#"
+[[policy.content_checks]]
+name = "private key"
+pattern = '-----BEGIN [A-Z ]*PRIVATE KEY-----'
+action = "reject"
+
+[[callers]]
+name = "desk"
+token_env = "B_TOKEN"
+
+[[callers.content_checks]]
+name = "invoice"
+pattern = '(?i)\binvoice\b'
+action = "hold"
+
+[[callers]]
+name = "plain"
+token_env = "C_TOKEN"
+"#,
+    );
+    let c = ok(
+        Some(&file),
+        &[("B_TOKEN", "bee-secret"), ("C_TOKEN", "cee-secret")],
+    );
+    let names = |p: &mailmux::policy::Policy| -> Vec<(String, &'static str)> {
+        p.content_checks
+            .checks()
+            .iter()
+            .map(|c| (c.name.clone(), c.action.as_str()))
+            .collect()
+    };
+    let callers = &c.safety.callers;
+    assert_eq!(names(&c.safety.policy), [("private key".into(), "reject")]);
+    assert_eq!(names(&callers[0].policy), [("invoice".into(), "hold")]);
+    assert_eq!(
+        names(&callers[1].policy),
+        [("private key".into(), "reject")]
+    );
+    let (shown, _) = leaf(&c, "/policy/content_checks");
+    assert_eq!(
+        shown[0],
+        serde_json::json!({"name": "private key", "pattern": "-----BEGIN [A-Z ]*PRIVATE KEY-----", "action": "reject"})
+    );
 }

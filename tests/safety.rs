@@ -36,6 +36,7 @@ const GAMMA: &str = "gamma-token-0d7a";
 const DELTA: &str = "delta-token-3f21";
 const ETA: &str = "eta-token-a81f";
 const ZETA: &str = "zeta-token-5c3e";
+const THETA: &str = "theta-token-e2b9";
 const OPS: &str = "operator-token-77aa";
 /// A body and a password that must never appear in the audit log.
 const BODY_MARKER: &str = "BODY-MARKER-d41d8cd9";
@@ -127,6 +128,24 @@ token_env = "ZETA_TOKEN"
 headers = {{ Auto-Submitted = "auto-generated", X-Agent = "zeta" }}
 from_email = "zeta@example.org"
 
+# Mails anyone; what a message says can refuse it, or hold it for an
+# operator.
+[[callers]]
+name = "theta"
+token_env = "THETA_TOKEN"
+allowed_recipients = ["*"]
+approver = "operator"
+
+[[callers.content_checks]]
+name = "private key"
+pattern = '-----BEGIN [A-Z ]*PRIVATE KEY-----'
+action = "reject"
+
+[[callers.content_checks]]
+name = "invoice"
+pattern = '(?i)\binvoice\b'
+action = "hold"
+
 [[operators]]
 name = "ops"
 token_env = "OPS_TOKEN"
@@ -165,6 +184,7 @@ fn envs(cmd: &mut Command) -> &mut Command {
         .env("DELTA_TOKEN", DELTA)
         .env("ETA_TOKEN", ETA)
         .env("ZETA_TOKEN", ZETA)
+        .env("THETA_TOKEN", THETA)
         .env("OPS_TOKEN", OPS)
 }
 
@@ -2755,5 +2775,117 @@ async fn keyed_repeats_take_no_rate() {
         sink.received().len(),
         10,
         "the first call and nine new ones"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_checks_refuse_or_hold_a_message_by_what_it_says() {
+    use base64::Engine as _;
+    const KEY: &str = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ\n-----END OPENSSH PRIVATE KEY-----\n";
+    let (sink, other) = servers().await;
+    let d = start(&sink, &other, "").await;
+    let theta = connect(&d, THETA).await;
+    let to = json!(["someone@anywhere.net"]);
+
+    // theta may mail anyone: a plain message goes out.
+    let (e, out) = call(
+        &theta,
+        "send_email",
+        json!({"to": to, "subject": "hi", "body": "plain"}),
+    )
+    .await;
+    assert!(!e, "{out}");
+    assert_eq!(out["status"], "sent", "{out}");
+
+    // A key in the body, in an attachment (decoded), or in a dry run: refused,
+    // naming the check and the part, never the text.
+    let attachment = base64::engine::general_purpose::STANDARD.encode(KEY);
+    for (args, field) in [
+        (
+            json!({"to": to, "subject": "keys", "body": format!("here it is:\n{KEY}")}),
+            "body",
+        ),
+        (
+            json!({"to": to, "subject": "keys", "body": "see attached",
+                   "attachments": [{"filename": "id_ed25519", "content_base64": attachment}]}),
+            "attachments[0]",
+        ),
+        (
+            json!({"to": to, "subject": "keys", "body": KEY, "dry_run": true}),
+            "body",
+        ),
+    ] {
+        let (e, out) = call(&theta, "send_email", args).await;
+        assert!(e, "{out}");
+        assert_eq!(out["error"]["code"], "policy_denied", "{out}");
+        assert_eq!(out["error"]["rule"], "content_rejected", "{out}");
+        assert_eq!(out["error"]["field"], field, "{out}");
+        let message = out["error"]["message"].as_str().unwrap();
+        assert!(message.contains("\"private key\""), "{out}");
+        assert!(!out.to_string().contains("OPENSSH"), "{out}");
+    }
+    assert_eq!(sink.delivered().len(), 1);
+
+    // An invoice is held for an operator, even though theta may mail
+    // anyone; approved, it goes out.
+    let (e, out) = call(
+        &theta,
+        "send_email",
+        json!({"to": to, "subject": "Invoice 42", "body": "attached", "wait": false}),
+    )
+    .await;
+    assert!(!e, "{out}");
+    assert_eq!(out["status"], "held", "{out}");
+    let held = out["message_id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.delivered().len(), 1, "a held message went out");
+    let (ok, text) = d.queue_cmd("approve", &held, Some(OPS));
+    assert!(ok, "{text}");
+    wait_status(&theta, &held, "sent").await;
+
+    // A batch is checked message by message, after its templates are
+    // rendered: the one whose variables carry a key is refused alone.
+    let (e, out) = call(
+        &theta,
+        "send_batch",
+        json!({"defaults": {"subject": "Update for {name}", "body": "Hello {name}: {note}"},
+               "messages": [
+                   {"to": ["ada@anywhere.net"], "template_vars": {"name": "Ada", "note": "fine"}},
+                   {"to": ["bob@anywhere.net"], "template_vars": {"name": "Bob", "note": KEY}},
+                   {"to": ["cy@anywhere.net"], "template_vars": {"name": "Cy", "note": "ok"}}]}),
+    )
+    .await;
+    assert!(!e, "{out}");
+    let r = out["results"].as_array().unwrap();
+    assert_eq!(
+        (&r[0]["status"], &r[2]["status"]),
+        (&json!("sent"), &json!("sent")),
+        "{out}"
+    );
+    assert_eq!(r[1]["error"]["rule"], "content_rejected", "{out}");
+    assert_eq!(r[1]["error"]["field"], "messages[1].body", "{out}");
+    assert!(!out.to_string().contains("OPENSSH"), "{out}");
+
+    let delivered = sink.delivered();
+    assert_eq!(delivered.len(), 4);
+    assert!(
+        delivered
+            .iter()
+            .all(|m| !String::from_utf8_lossy(&m.data).contains("OPENSSH"))
+    );
+    // The refusals are audited by their rule; neither the audit log nor the
+    // daemon's log repeats what matched.
+    let audit = d.audit();
+    let refused = audit
+        .iter()
+        .filter(|l| l["mailmux"]["rule"] == "content_rejected")
+        .count();
+    assert!(refused >= 3, "{audit:#?}");
+    assert!(!audit.iter().any(|l| l.to_string().contains("OPENSSH")));
+    let log = d.log();
+    assert!(!log.contains("OPENSSH"));
+    assert!(
+        log.contains("a content check holds the message"),
+        "the hold is not logged"
     );
 }

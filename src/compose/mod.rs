@@ -329,6 +329,9 @@ pub struct Composed {
     /// one-click field, and `headers`), with their values as rendered, for
     /// the approval prompt.
     pub own_fields: Vec<(String, String)>,
+    /// What [`compose_scanned`]'s scan found in each attachment's decoded
+    /// bytes, in the order of `attachments`; empty when nothing scanned.
+    pub(crate) scanned: Vec<Vec<usize>>,
 }
 
 impl Composed {
@@ -430,6 +433,30 @@ pub fn compose_with(
     policy: &ComposePolicy,
     shared: Option<&SharedAttachments>,
 ) -> Result<Composed, ComposeError> {
+    compose_inner(draft, policy, shared, None)
+}
+
+/// What a scan of an attachment's decoded bytes found (the caller's
+/// content checks: `crate::policy::content`).
+pub type Scan<'a> = &'a (dyn Fn(&[u8]) -> Vec<usize> + Sync);
+
+/// [`compose_with`], with `scan` run over each attachment's decoded bytes
+/// while they are at hand; its answers are kept in the [`Composed`].
+pub fn compose_scanned(
+    draft: &Draft,
+    policy: &ComposePolicy,
+    shared: Option<&SharedAttachments>,
+    scan: Scan<'_>,
+) -> Result<Composed, ComposeError> {
+    compose_inner(draft, policy, shared, Some(scan))
+}
+
+fn compose_inner(
+    draft: &Draft,
+    policy: &ComposePolicy,
+    shared: Option<&SharedAttachments>,
+    scan: Option<Scan<'_>>,
+) -> Result<Composed, ComposeError> {
     address::check_header_value("subject", &draft.subject)?;
     let from = address::resolve_sender(draft.from_email.as_deref(), policy)?;
     let recipients =
@@ -520,6 +547,10 @@ pub fn compose_with(
         attach::grow_estimate(i, &mut estimate, a.data.len(), policy)?;
     }
     let attachments: Vec<&attach::Loaded> = own.iter().chain(shared).collect();
+    let scanned = match scan {
+        Some(scan) => attachments.iter().map(|a| scan(&a.data)).collect(),
+        None => Vec::new(),
+    };
 
     let message_id = format!("{}@{id_domain}", local_part());
     let envelope = Envelope::new(Some(from.email.clone()), recipients.envelope())
@@ -621,6 +652,7 @@ pub fn compose_with(
         html,
         attachments,
         own_fields,
+        scanned,
     })
 }
 

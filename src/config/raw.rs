@@ -62,7 +62,11 @@ pub(crate) const POLICY_KEYS: &[&str] = &[
     "relay_control",
     "headers",
     "from_email",
+    "content_checks",
 ];
+
+/// Keys of one `content_checks` entry of a policy.
+pub(crate) const CONTENT_CHECK_KEYS: &[&str] = &["name", "pattern", "action"];
 
 /// Keys of a `[[callers]]` or `[[operators]]` entry besides the policy keys.
 pub(crate) const IDENTITY_KEYS: &[&str] = &["name", "token_sha256", "token_file", "token_env"];
@@ -457,6 +461,19 @@ pub(crate) struct RawPolicy {
     /// Header fields written on every message of the caller, which its
     /// calls may not set. Default: none.
     pub headers: Option<std::collections::BTreeMap<String, String>>,
+    /// Patterns that refuse or hold a message by what it says. Default:
+    /// none.
+    pub content_checks: Option<Vec<RawContentCheck>>,
+}
+
+/// One entry of `content_checks`.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub(crate) struct RawContentCheck {
+    pub name: Option<String>,
+    /// A regular expression (the `regex` crate's syntax).
+    pub pattern: Option<String>,
+    /// `reject` | `hold`.
+    pub action: Option<String>,
 }
 
 /// A `[[callers]]` or `[[operators]]` entry: a name and one token form.

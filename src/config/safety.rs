@@ -8,9 +8,10 @@ use std::time::Duration;
 use serde_json::{Map, Value as Json, json};
 
 use super::ConfigError;
-use super::raw::{RawConfig, RawIdentity, RawPolicy};
+use super::raw::{RawConfig, RawContentCheck, RawIdentity, RawPolicy};
 use super::validate::{At, Ctx, REDACTED, leaf, read_secret, secs, warn_if_short};
 use crate::audit::AuditSettings;
+use crate::policy::content::{self, ContentChecks};
 use crate::policy::rate::RateRule;
 use crate::policy::rules::AddressRule;
 use crate::policy::{
@@ -245,6 +246,51 @@ fn rules(at: &At, list: &[String], recipients: bool) -> Result<Vec<AddressRule>,
         .collect()
 }
 
+/// A policy's `content_checks`, compiled; an error names the entry's key.
+fn content_checks(
+    list_at: &At,
+    list: &[RawContentCheck],
+    at: impl Fn(usize, &str) -> At,
+) -> Result<ContentChecks, ConfigError> {
+    if list.len() > content::MAX_CHECKS {
+        return Err(list_at.err(format!(
+            "has {} checks; a policy holds at most {}",
+            list.len(),
+            content::MAX_CHECKS
+        )));
+    }
+    let mut checks = Vec::with_capacity(list.len());
+    for (i, raw) in list.iter().enumerate() {
+        let name = raw
+            .name
+            .clone()
+            .filter(|n| !n.trim().is_empty() && !n.chars().any(char::is_control))
+            .ok_or_else(|| at(i, "name").err("is required: a name without control characters"))?;
+        let pattern = raw
+            .pattern
+            .clone()
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| at(i, "pattern").err("is required: a regular expression"))?;
+        let action = match raw.action.as_deref() {
+            Some("reject") => content::Action::Reject,
+            Some("hold") => content::Action::Hold,
+            Some(other) => {
+                return Err(
+                    at(i, "action").err(format!("{other:?}: expected \"reject\" or \"hold\""))
+                );
+            }
+            None => return Err(at(i, "action").err("is required: \"reject\" or \"hold\"")),
+        };
+        checks.push(content::Check {
+            name,
+            pattern,
+            action,
+        });
+    }
+    ContentChecks::new(checks)
+        .map_err(|(i, why)| at(i, "pattern").err(format!("is not a regular expression: {why}")))
+}
+
 /// One policy table: `raw` over `base` (an overriding list replaces the
 /// base list).
 fn policy_table(
@@ -295,6 +341,17 @@ fn policy_table(
     if let Some(v) = raw.relay_control {
         p.relay_control = v;
         leaf(out, "relay_control", json!(v), &at("relay_control"));
+    }
+    if let Some(list) = &raw.content_checks {
+        let a = at("content_checks");
+        p.content_checks = content_checks(&a, list, |i, f| at(&format!("content_checks.{i}.{f}")))?;
+        let shown: Vec<Json> = p
+            .content_checks
+            .checks()
+            .iter()
+            .map(|c| json!({"name": c.name, "pattern": c.pattern, "action": c.action.as_str()}))
+            .collect();
+        leaf(out, "content_checks", json!(shown), &a);
     }
     if let Some(fields) = &raw.headers {
         let a = at("headers");

@@ -35,7 +35,10 @@ use tracing::{Instrument, field::Empty};
 use super::types::*;
 use super::{MailmuxServer, approval, resources};
 use crate::audit::{Meta, Refusal};
-use crate::compose::{AttachmentInput, Composed, SharedAttachments, compose_with};
+use crate::compose::{
+    AttachmentInput, ComposePolicy, Composed, Draft, SharedAttachments, compose_scanned,
+    compose_with,
+};
 use crate::config;
 use crate::policy::{Caller, Verdict};
 
@@ -58,6 +61,21 @@ fn fail<T: ToolOutput>(e: ToolError) -> Result<CallToolResult, ErrorData> {
     let text = e.message.clone();
     tracing::info!(code = %e.code, "tool call failed: {text}");
     respond(T::from_error(e), text)
+}
+
+/// Composes `draft` for `caller`: with its content checks, each
+/// attachment's decoded bytes are scanned while they are at hand.
+fn compose_for(
+    caller: &Caller,
+    draft: &Draft,
+    policy: &ComposePolicy,
+    shared: Option<&SharedAttachments>,
+) -> Result<Composed, crate::compose::ComposeError> {
+    let checks = &caller.policy.content_checks;
+    if checks.is_empty() {
+        return compose_with(draft, policy, shared);
+    }
+    compose_scanned(draft, policy, shared, &|data| checks.scan(data))
 }
 
 fn failed(e: ToolError) -> (SendResult, String) {
@@ -1383,8 +1401,9 @@ impl MailmuxServer {
             let draft = std::mem::take(&mut params.draft);
             let config = Arc::clone(&config);
             let shared = shared.clone();
+            let caller = Arc::clone(caller);
             let job = tokio::task::spawn_blocking(move || {
-                compose_with(&draft, &config.daemon.compose, shared.as_deref())
+                compose_for(&caller, &draft, &config.daemon.compose, shared.as_deref())
             });
             match job.await {
                 Ok(result) => result,
@@ -1396,7 +1415,12 @@ impl MailmuxServer {
                 }
             }
         } else {
-            compose_with(&params.draft, &config.daemon.compose, shared.as_deref())
+            compose_for(
+                caller,
+                &params.draft,
+                &config.daemon.compose,
+                shared.as_deref(),
+            )
         };
         let composed = match composed {
             Ok(c) => c,

@@ -8,6 +8,7 @@
 //! message takes no rate and nothing is queued. A policy also says whether
 //! its caller may act on the relays every caller shares (`relay_control`).
 
+pub mod content;
 pub mod rate;
 pub mod rules;
 pub mod shown;
@@ -21,6 +22,7 @@ use subtle::ConstantTimeEq;
 
 use crate::audit::AuditSettings;
 use crate::compose::Composed;
+use content::ContentChecks;
 use rate::{Limited, Limiter, RateRule};
 use rules::AddressRule;
 
@@ -114,6 +116,8 @@ pub struct Policy {
     /// Header fields written on every message, which a call may not set
     /// (checked at load as `send_email`'s `headers` are).
     pub headers: BTreeMap<String, String>,
+    /// Patterns that refuse or hold a message by what it says.
+    pub content_checks: ContentChecks,
 }
 
 impl Default for Policy {
@@ -134,6 +138,7 @@ impl Default for Policy {
             approver: Approver::User,
             relay_control: true,
             headers: BTreeMap::new(),
+            content_checks: ContentChecks::default(),
         }
     }
 }
@@ -277,8 +282,10 @@ impl Caller {
     }
 
     /// The policy checks, in order: mode, sender, relay, recipient count,
-    /// size, Bcc, then recipients against the allowlist (which refuses, or
-    /// holds under `approval`). Recipients count the same in to, cc and bcc.
+    /// size, Bcc, content checks (a `reject` refuses; a `hold` holds unless
+    /// the allowlist refuses), then recipients against the allowlist (which
+    /// refuses, or holds under `approval`). Recipients count the same in
+    /// to, cc and bcc.
     pub fn check(
         &self,
         c: &Composed,
@@ -356,6 +363,20 @@ impl Caller {
                 format!("caller {:?} may not send Bcc", self.name),
             ));
         }
+        let held_for = match p.content_checks.verdict(c) {
+            Some(hit) if hit.check.action == content::Action::Reject => {
+                return Err(Denied::new(
+                    hit.field.clone(),
+                    "content_rejected",
+                    format!(
+                        "{} matches content check {:?} of caller {:?}; nothing was sent",
+                        hit.field, hit.check.name, self.name
+                    ),
+                ));
+            }
+            Some(hit) => Some(hit),
+            None => None,
+        };
         let outside = if p.allowed_recipients.is_empty() {
             None
         } else {
@@ -374,7 +395,7 @@ impl Caller {
                 && !AsRef::<str>::as_ref(*a).eq_ignore_ascii_case(c.from.as_ref())
                 && (p.allowed_senders.is_empty() || !rules::allowed(&p.allowed_senders, a))
         });
-        match (p.approval, outside, reply_outside) {
+        let verdict = match (p.approval, outside, reply_outside) {
             (Approval::Always, _, _)
             | (Approval::OutsideAllowlist, Some(_), _)
             | (Approval::OutsideAllowlist, _, Some(_)) => Ok(Verdict::Hold),
@@ -398,7 +419,17 @@ impl Caller {
                 ),
             )),
             _ => Ok(Verdict::Send),
+        }?;
+        if let Some(hit) = held_for {
+            tracing::info!(
+                caller = %self.name,
+                check = %hit.check.name,
+                field = %hit.field,
+                "a content check holds the message for a person's approval"
+            );
+            return Ok(Verdict::Hold);
         }
+        Ok(verdict)
     }
 
     /// Whether the caller has any rate limit.
