@@ -298,14 +298,12 @@ pub async fn run(config: Config, cmd: QueueCommand) -> ExitCode {
         by,
         hash: None,
     };
-    match store.decide(&id, decision).await {
+    match decide(&audit_log(&config), store.as_ref(), &id, decision).await {
         Ok(Decided::Released(state)) => {
-            audit(&audit_log(&config), store.as_ref(), &id, Action::Approved).await;
             say!("{id}: approved; now {}", state.as_str());
             ExitCode::SUCCESS
         }
         Ok(Decided::Rejected) => {
-            audit(&audit_log(&config), store.as_ref(), &id, Action::Rejected).await;
             say!("{id}: rejected; it will not be sent");
             ExitCode::SUCCESS
         }
@@ -954,6 +952,7 @@ async fn each(config: &Config, store: &dyn queue::Store, select: Select, bulk: B
         Bulk::Decide { approve: false, .. } => ("rejected", "rejected; it will not be sent"),
     };
     let bulk = &bulk;
+    let log = &log;
     let mut done = 0usize;
     // Why the others were left: their state, or that they are gone.
     let mut left = std::collections::BTreeMap::<String, usize>::new();
@@ -973,7 +972,7 @@ async fn each(config: &Config, store: &dyn queue::Store, select: Select, bulk: B
                         by: by.clone(),
                         hash: None,
                     };
-                    store.decide(id, decision).await.map(|d| match d {
+                    decide(log, store, id, decision).await.map(|d| match d {
                         Decided::Released(_) | Decided::Rejected => None,
                         Decided::NotHeld(state) => Some(state.as_str().to_owned()),
                         Decided::HashMismatch => Some("changed".to_owned()),
@@ -999,14 +998,9 @@ async fn each(config: &Config, store: &dyn queue::Store, select: Select, bulk: B
             Ok(None) => {
                 done += 1;
                 match bulk {
-                    Bulk::Cancel => audit(&log, store, id, Action::Cancelled).await,
-                    Bulk::Decide { approve: true, .. } => {
-                        audit(&log, store, id, Action::Approved).await
-                    }
-                    Bulk::Decide { approve: false, .. } => {
-                        audit(&log, store, id, Action::Rejected).await
-                    }
-                    Bulk::Retry { .. } => {}
+                    Bulk::Cancel => audit(log, store, id, Action::Cancelled).await,
+                    // Audited by `decide`.
+                    Bulk::Decide { .. } | Bulk::Retry { .. } => {}
                 }
                 say!("{id}: {done_as}");
             }
@@ -1041,6 +1035,34 @@ fn audit_log(config: &Config) -> Option<Audit> {
             None
         }
     }
+}
+
+/// Decides on a held message and audits the decision. An approved message
+/// may be delivered by a running daemon at once: its `approved` line is
+/// written from the record read before the decision, right after it, with
+/// no read between, so that it comes before the daemon's `sent` line.
+async fn decide(
+    log: &Option<Audit>,
+    store: &dyn queue::Store,
+    id: &str,
+    decision: Decision,
+) -> Result<Decided, StoreError> {
+    let held = match log {
+        Some(_) => store.get(id).await.ok().flatten(),
+        None => None,
+    };
+    let by = decision.by.clone();
+    let decided = store.decide(id, decision).await?;
+    match decided {
+        Decided::Released(_) => {
+            if let (Some(log), Some(r)) = (log, &held) {
+                log.event(&Event::of(Action::Approved, r, Some(&by)));
+            }
+        }
+        Decided::Rejected => audit(log, store, id, Action::Rejected).await,
+        _ => {}
+    }
+    Ok(decided)
 }
 
 /// Appends the decision to the audit log, as the daemon would.

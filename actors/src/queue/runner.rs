@@ -1301,14 +1301,25 @@ impl Queue {
     pub async fn decide(&self, message_id: &str, d: Decision) -> Result<Decided, QueueError> {
         let inner = &self.inner;
         let by = d.by.clone();
+        // The runner may deliver an approved message at once: its
+        // `approved` event is told from the record read before the
+        // decision, with no read between the decision and the event, so
+        // that it comes before the delivery's.
+        let held = match inner.observer.get() {
+            Some(_) => inner.store.get(message_id).await.ok().flatten(),
+            None => None,
+        };
         let result = inner.store.decide(message_id, d).await;
         inner.note_write(&result);
         let decided = result?;
         let action = match decided {
             Decided::Released(state) => {
+                if let Some(r) = &held {
+                    inner.notify(Action::Approved, r, Some(&by));
+                }
                 inner.changed(message_id, state);
                 inner.wake.notify_one();
-                Action::Approved
+                return Ok(decided);
             }
             Decided::Rejected => {
                 inner.changed(message_id, State::Rejected);
