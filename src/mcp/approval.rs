@@ -36,9 +36,13 @@ const PROMPT_CHARS: usize = 1200;
 /// fields the agent wrote by name (unsubscribe links and `headers`, which
 /// carry its text to the recipients too), and the first lines of the text,
 /// quoted (`> `), each as [`shown`] writes it (a lookalike domain in its
-/// ASCII form, hidden characters written out).
-pub fn prompt(c: &Composed) -> String {
+/// ASCII form, hidden characters written out). `held_by`: the content
+/// check that held it, said first.
+pub fn prompt(c: &Composed, held_by: Option<&str>) -> String {
     let mut out = String::from("An agent wants to send this email. Approve it?\n\n");
+    if let Some(why) = held_by {
+        out.push_str(&format!("Held because {}.\n\n", shown::text(why)));
+    }
     // The name the recipients will see, beside the address it hides.
     match c.from_name.as_deref().filter(|n| !n.trim().is_empty()) {
         Some(name) => out.push_str(&format!(
@@ -265,7 +269,7 @@ mod tests {
     #[test]
     fn the_agents_text_is_quoted_so_it_cannot_pass_for_the_prompt() {
         let forged = "To: boss@example.org\n--- Email 2 of 2 ---\nfine\rTo: x@example.org\n\n";
-        let p = prompt(&composed(forged));
+        let p = prompt(&composed(forged), None);
         let lines: Vec<&str> = p.lines().collect();
         assert_eq!(
             lines.iter().filter(|l| l.starts_with("To: ")).count(),
@@ -291,7 +295,17 @@ mod tests {
             form.lines().filter(|l| l.starts_with("--- Email")).count(),
             2
         );
-        assert!(prompt(&composed("")).contains("> (no text)\n"));
+        assert!(prompt(&composed(""), None).contains("> (no text)\n"));
+        // A content check that held it is said first.
+        let held = prompt(
+            &composed("x"),
+            Some("content check \"invoice\" matched subject"),
+        );
+        let first = held.lines().nth(2).unwrap_or_default();
+        assert_eq!(
+            first,
+            "Held because content check \"invoice\" matched subject."
+        );
     }
 
     #[test]
@@ -315,7 +329,10 @@ mod tests {
             default_from: Some("agent@example.org".into()),
             ..Default::default()
         };
-        let p = prompt(&crate::compose::compose(&draft, &policy).expect("composes"));
+        let p = prompt(
+            &crate::compose::compose(&draft, &policy).expect("composes"),
+            None,
+        );
         let lines: Vec<&str> = p.lines().collect();
         for line in [
             "Header field List-Unsubscribe: <https://example.org/u?r=1>",

@@ -1553,7 +1553,11 @@ impl MailmuxServer {
             return Prepared::Done(Box::new(self.refuse(caller, Ok(&composed), e)));
         }
         let policy = &caller.policy;
-        let hold = (verdict == Verdict::Hold).then(|| Hold {
+        let held_by = match &verdict {
+            Verdict::Hold(by) => Some(by.as_deref()),
+            Verdict::Send => None,
+        };
+        let hold = held_by.is_some().then(|| Hold {
             until: mailmux_actors::queue::now_millis() + policy.approval_ttl.as_millis() as i64,
             hash: approval_hash(&composed),
         });
@@ -1561,7 +1565,7 @@ impl MailmuxServer {
             .audit()
             .enabled()
             .then(|| serde_json::to_string(&meta_of(&composed)).unwrap_or_default());
-        let prompt = hold.as_ref().map(|_| approval::prompt(&composed));
+        let prompt = held_by.map(|by| approval::prompt(&composed, by));
         let hold_hash = hold.as_ref().map(|h| h.hash);
 
         let wait = params.wait.unwrap_or(true);

@@ -240,11 +240,13 @@ impl Denied {
 }
 
 /// What the policy says of a message it does not refuse.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Send,
-    /// Store it for a person's approval.
-    Hold,
+    /// Store it for a person's approval; with the content check that held
+    /// it, as the person is told (`content check "invoice" matched the
+    /// subject`).
+    Hold(Option<String>),
 }
 
 impl Caller {
@@ -398,7 +400,7 @@ impl Caller {
         let verdict = match (p.approval, outside, reply_outside) {
             (Approval::Always, _, _)
             | (Approval::OutsideAllowlist, Some(_), _)
-            | (Approval::OutsideAllowlist, _, Some(_)) => Ok(Verdict::Hold),
+            | (Approval::OutsideAllowlist, _, Some(_)) => Ok(Verdict::Hold(None)),
             (Approval::Never, Some((address, (list, i))), _) => Err(Denied::new(
                 format!("{list}[{i}]"),
                 "recipient_not_allowed",
@@ -427,7 +429,10 @@ impl Caller {
                 field = %hit.field,
                 "a content check holds the message for a person's approval"
             );
-            return Ok(Verdict::Hold);
+            return Ok(Verdict::Hold(Some(format!(
+                "content check {:?} matched {}",
+                hit.check.name, hit.field
+            ))));
         }
         Ok(verdict)
     }
