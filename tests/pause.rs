@@ -98,6 +98,26 @@ async fn a_paused_queue_takes_mail_and_sends_none_until_resumed_even_across_a_cr
         assert_eq!(r["status"], "queued", "{batch}");
         ids.push(r["message_id"].as_str().unwrap().to_owned());
     }
+    // `mailmux send --no-wait` hands a message to the running daemon
+    // through the store; its answer says that delivery is paused too.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .arg("--config")
+        .arg(dir.path().join("mailmux.toml"))
+        .args(["send", "--to", "ada@example.org", "--subject", "handed"])
+        .args(["--body", "b", "--no-wait"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("handed to it"), "{err}");
+    let handed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(handed["status"], "queued", "{handed}");
+    let note = handed["message"].as_str().unwrap_or_default();
+    assert!(note.contains("delivery is paused"), "{handed}");
+    ids.push(handed["message_id"].as_str().unwrap().to_owned());
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(smtp.delivered().len(), 1, "mail went out while paused");
 
@@ -113,7 +133,7 @@ async fn a_paused_queue_takes_mail_and_sends_none_until_resumed_even_across_a_cr
         out.contains("delivery: paused since") && out.contains("by queue command: incident 42"),
         "{out}"
     );
-    assert!(out.contains("queued     7"), "{out}");
+    assert!(out.contains("queued     8"), "{out}");
     // A second pause keeps the first.
     let (code, out, _) = common::queue_cmd(dir.path(), &["pause"]);
     assert_eq!(code, Some(0));

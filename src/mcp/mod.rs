@@ -509,7 +509,9 @@ pub async fn start_handoff(config: &Config) -> Result<Queue, RunError> {
     let dispatcher = Dispatcher::start(config.dispatch.clone())
         .await
         .map_err(RunError::Start)?;
-    Ok(Queue::handoff(store, dispatcher, config.queue.clone()))
+    Queue::handoff(store, dispatcher, config.queue.clone())
+        .await
+        .map_err(RunError::Queue)
 }
 
 /// Refuses new calls and drains the queue; logs what it found.

@@ -585,13 +585,17 @@ impl Queue {
     /// A queue over a store that a running daemon owns (opened without its
     /// lock): `submit` stores the message and the daemon's runner, which
     /// polls the store, delivers it. No recovery, runner or purge here.
-    pub fn handoff(
+    /// The pause in force is read once, so that an answer can say that
+    /// the daemon will not deliver yet.
+    pub async fn handoff(
         store: Arc<dyn Store>,
         dispatcher: Dispatcher,
         settings: QueueSettings,
-    ) -> Queue {
+    ) -> Result<Queue, StoreError> {
+        let paused = store.paused().await?;
         let inner = Inner::new(store, dispatcher, settings, 1, false);
-        Queue { inner }
+        inner.note_pause(paused, None);
+        Ok(Queue { inner })
     }
 }
 
