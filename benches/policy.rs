@@ -1,13 +1,16 @@
 //! The cost of a caller's policy and rate checks per message, in process:
 //! composing a 1 KiB message with and without `Caller::check` and
 //! `Caller::take_rate` (an allowlist of four rules, two rates), so that the
-//! difference is the checks alone. Run by hand:
+//! difference is the checks alone; then the same with five content checks
+//! (`content_checks`), on the 1 KiB message and on one with a 100 KiB
+//! attachment, which every check reads. Run by hand:
 //! `cargo bench --bench policy`.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use mailmux::compose::{ComposePolicy, Draft, Recipients, compose};
+use mailmux::compose::{AttachmentInput, ComposePolicy, Draft, Recipients, compose};
+use mailmux::policy::content::{Action, Check, ContentChecks};
 use mailmux::policy::rate::RateRule;
 use mailmux::policy::rules::AddressRule;
 use mailmux::policy::{CallerSettings, Gate, Policy, SafetySettings};
@@ -90,4 +93,83 @@ fn main() {
         "policy and rate checks:  {:.2} µs/msg (best of 3 runs of {N})",
         per(best[1]) - per(best[0])
     );
+    content_checks(&compose_policy, &draft);
+}
+
+/// Compose and check with no content checks, then with five typical ones
+/// (which none of the messages matches, so each reads every part).
+fn content_checks(compose_policy: &ComposePolicy, draft: &Draft) {
+    use base64::Engine as _;
+    let checks = [
+        ("private key", "-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+        ("aws key", r"\bAKIA[0-9A-Z]{16}\b"),
+        ("stripe key", r"\bsk_live_[0-9a-zA-Z]{16,}"),
+        ("card", r"\b(?:\d[ -]?){13,16}\b"),
+        ("invoice", r"(?i)\binvoice\b"),
+    ];
+    let with = Policy {
+        content_checks: ContentChecks::new(
+            checks
+                .iter()
+                .map(|(name, pattern)| Check {
+                    name: (*name).into(),
+                    pattern: (*pattern).into(),
+                    action: Action::Reject,
+                })
+                .collect(),
+        )
+        .expect("the patterns compile"),
+        ..Policy::default()
+    };
+    let gate = |policy: Policy| {
+        let settings = SafetySettings {
+            stdio: CallerSettings {
+                name: "bench".into(),
+                token: None,
+                policy,
+            },
+            ..SafetySettings::default()
+        };
+        Gate::new(&settings, None, None)
+    };
+    let (plain, checked) = (gate(Policy::default()), gate(with));
+    let mut attached = draft.clone();
+    let data: Vec<u8> = (0..100 * 1024).map(|i| b'a' + (i % 26) as u8).collect();
+    attached.attachments = vec![AttachmentInput::Inline {
+        filename: "report.txt".into(),
+        content_base64: base64::engine::general_purpose::STANDARD.encode(&data),
+        content_type: None,
+    }];
+    for (what, draft, n) in [("1 KiB", draft, N), ("100 KiB attached", &attached, N / 50)] {
+        let mut best = [Duration::MAX; 2];
+        for _ in 0..3 {
+            for (k, gate) in [&plain, &checked].into_iter().enumerate() {
+                let caller = gate.stdio_caller();
+                let checks = &caller.policy.content_checks;
+                let started = Instant::now();
+                for _ in 0..n {
+                    let c = if checks.is_empty() {
+                        compose(black_box(draft), compose_policy)
+                    } else {
+                        mailmux::compose::compose_scanned(
+                            black_box(draft),
+                            compose_policy,
+                            None,
+                            &|d| checks.scan(d),
+                        )
+                    }
+                    .expect("composes");
+                    black_box(caller.check(&c, None, false).expect("allowed"));
+                }
+                best[k] = best[k].min(started.elapsed());
+            }
+        }
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+        println!(
+            "{what}: compose + check {:.2} µs/msg; with 5 content checks {:.2} (+{:.2}; best of 3 runs of {n})",
+            per(best[0]),
+            per(best[1]),
+            per(best[1]) - per(best[0])
+        );
+    }
 }
