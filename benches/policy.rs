@@ -37,15 +37,7 @@ fn main() {
         ],
         ..Policy::default()
     };
-    let settings = SafetySettings {
-        stdio: CallerSettings {
-            name: "bench".into(),
-            token: None,
-            policy,
-        },
-        ..SafetySettings::default()
-    };
-    let gate = Gate::new(&settings, None, None);
+    let gate = gate(policy);
     let compose_policy = ComposePolicy {
         default_from: Some("sender@example.org".into()),
         ..ComposePolicy::default()
@@ -121,17 +113,6 @@ fn content_checks(compose_policy: &ComposePolicy, draft: &Draft) {
         .expect("the patterns compile"),
         ..Policy::default()
     };
-    let gate = |policy: Policy| {
-        let settings = SafetySettings {
-            stdio: CallerSettings {
-                name: "bench".into(),
-                token: None,
-                policy,
-            },
-            ..SafetySettings::default()
-        };
-        Gate::new(&settings, None, None)
-    };
     let (plain, checked) = (gate(Policy::default()), gate(with));
     let mut attached = draft.clone();
     let data: Vec<u8> = (0..100 * 1024).map(|i| b'a' + (i % 26) as u8).collect();
@@ -172,4 +153,17 @@ fn content_checks(compose_policy: &ComposePolicy, draft: &Draft) {
             per(best[1]) - per(best[0])
         );
     }
+}
+
+/// The gate of a daemon whose stdio caller has `policy`.
+fn gate(policy: Policy) -> Gate {
+    let settings = SafetySettings {
+        stdio: CallerSettings {
+            name: "bench".into(),
+            token: None,
+            policy,
+        },
+        ..SafetySettings::default()
+    };
+    Gate::new(&settings, None, None)
 }
