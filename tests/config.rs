@@ -1496,6 +1496,11 @@ token_env = "OPS_TOKEN"
             "not a regular expression",
         ),
         (
+            "[[policy.content_checks]]\nname = \"k\"\npattern = \"(?i)x*\"\naction = \"reject\"\n",
+            "policy.content_checks.0.pattern",
+            "would match every message",
+        ),
+        (
             "[[policy.content_checks]]\nname = \"k\"\npattern = \"x\"\naction = \"drop\"\n",
             "policy.content_checks.0.action",
             "expected \"reject\" or \"hold\"",

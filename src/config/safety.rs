@@ -287,8 +287,7 @@ fn content_checks(
             action,
         });
     }
-    ContentChecks::new(checks)
-        .map_err(|(i, why)| at(i, "pattern").err(format!("is not a regular expression: {why}")))
+    ContentChecks::new(checks).map_err(|(i, why)| at(i, "pattern").err(why))
 }
 
 /// One policy table: `raw` over `base` (an overriding list replaces the

@@ -83,27 +83,37 @@ pub struct Hit<'a> {
 
 impl ContentChecks {
     /// Compiles `checks`; an error names the first pattern that does not
-    /// compile, by its index.
+    /// compile, or that matches the empty text (and so every message), by
+    /// its index.
     pub fn new(checks: Vec<Check>) -> Result<ContentChecks, (usize, String)> {
         if checks.len() > MAX_CHECKS {
             return Err((MAX_CHECKS, format!("at most {MAX_CHECKS} checks")));
         }
         // Each alone first, so that an error names its pattern.
         for (i, c) in checks.iter().enumerate() {
-            regex::RegexBuilder::new(&c.pattern)
+            let re = regex::RegexBuilder::new(&c.pattern)
                 .size_limit(SIZE_LIMIT)
                 .build()
-                .map_err(|e| (i, e.to_string()))?;
+                .map_err(|e| (i, format!("is not a regular expression: {e}")))?;
+            if re.is_match("") {
+                return Err((
+                    i,
+                    "matches the empty text, so it would match every message".into(),
+                ));
+            }
         }
+        // Together they may pass the size limit that each kept alone.
+        let last = checks.len().saturating_sub(1);
+        let together = |e: regex::Error| (last, format!("with the checks before it: {e}"));
         let patterns = checks.iter().map(|c| c.pattern.as_str());
         let text = regex::RegexSetBuilder::new(patterns.clone())
             .size_limit(SIZE_LIMIT)
             .build()
-            .map_err(|e| (0, e.to_string()))?;
+            .map_err(together)?;
         let bytes = regex::bytes::RegexSetBuilder::new(patterns)
             .size_limit(SIZE_LIMIT)
             .build()
-            .map_err(|e| (0, e.to_string()))?;
+            .map_err(together)?;
         Ok(ContentChecks {
             checks,
             text,
