@@ -244,7 +244,7 @@ impl Denied {
 pub enum Verdict {
     Send,
     /// Store it for a person's approval; with the content check that held
-    /// it, as the person is told (`content check "invoice" matched the
+    /// it, as the person is told (`content check "invoice" matched
     /// subject`).
     Hold(Option<String>),
 }
