@@ -232,7 +232,7 @@ fn config_prints_the_effective_configuration() {
 
 /// The shipped systemd unit starts the daemon with arguments this build
 /// accepts, names every variable it sets by a key the configuration knows,
-/// and keeps its sandboxing options.
+/// and keeps its sandboxing and notification options.
 #[test]
 fn the_systemd_unit_runs_a_command_line_this_build_accepts() {
     use clap::Parser;
@@ -251,6 +251,11 @@ fn the_systemd_unit_runs_a_command_line_this_build_accepts() {
         "ProtectSystem=strict",
         "StateDirectory=mailmux",
         "NoNewPrivileges=yes",
+        // The daemon tells systemd when it serves, and pings its watchdog
+        // (tests/service.rs).
+        "Type=notify",
+        "NotifyAccess=main",
+        "WatchdogSec=30s",
     ] {
         assert!(unit.lines().any(|l| l == option), "missing {option}");
     }
