@@ -66,6 +66,10 @@ pub struct Meta {
     /// the unsubscribe links, its policy's), never their values.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<String>,
+    /// The content check that held it for approval, and the part it
+    /// matched (`content check "invoice" matched subject`): never the text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_by: Option<String>,
 }
 
 /// A refusal to record: everything known about the message by then.
@@ -300,6 +304,9 @@ impl Audit {
                 self.subject(&mut email, &mut own, &m.subject);
                 if !m.headers.is_empty() {
                     own.insert("headers".into(), json!(m.headers));
+                }
+                if let Some(by) = &m.held_by {
+                    own.insert("held_by".into(), json!(by));
                 }
             }
             None => {

@@ -2837,8 +2837,48 @@ async fn content_checks_refuse_or_hold_a_message_by_what_it_says() {
     assert!(!e, "{out}");
     assert_eq!(out["status"], "held", "{out}");
     let held = out["message_id"].as_str().unwrap().to_string();
+    assert!(!out.to_string().contains("content check"), "{out}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(sink.delivered().len(), 1, "a held message went out");
+    // The operator's console says which check held it; the audit line too.
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let signed_in = http
+        .post(format!("{}/console/login", d.base))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(format!("token={OPS}"))
+        .send()
+        .await
+        .unwrap();
+    let cookie = signed_in.headers()["set-cookie"].to_str().unwrap();
+    let session = cookie.split(';').next().unwrap().to_owned();
+    let why = "<dt>held because</dt><dd>content check &quot;invoice&quot; matched subject</dd>";
+    for page in [
+        "/console/approvals".to_owned(),
+        format!("/console/messages/{held}"),
+    ] {
+        let html = http
+            .get(format!("{}{page}", d.base))
+            .header("Cookie", &session)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(html.contains(why), "{page}: {html}");
+    }
+    let line = d
+        .audit()
+        .into_iter()
+        .find(|l| l["email"]["message_id"] == held.as_str() && l["event"]["action"] == "held")
+        .expect("a held line");
+    assert_eq!(
+        line["mailmux"]["held_by"], "content check \"invoice\" matched subject",
+        "{line}"
+    );
     let (ok, text) = d.queue_cmd("approve", &held, Some(OPS));
     assert!(ok, "{text}");
     wait_status(&theta, &held, "sent").await;

@@ -789,6 +789,9 @@ pub fn message(
                 }
                 dt { "size" } dd { (r.size) " bytes" }
                 dt { "caller" } dd { (r.caller.as_deref().unwrap_or("")) }
+                @if let Some(why) = held_by(r.meta.as_deref()) {
+                    dt { "held because" } dd { (why) }
+                }
                 @if let Some(batch) = &r.batch {
                     dt { "batch" }
                     dd.mono { a href={ "/console/queue?batch=" (super::urlencode(batch)) } { (batch) } }
@@ -895,6 +898,13 @@ pub fn message(
 /// The held messages, or those of one batch (`batch`): each in full with
 /// its own approve and reject buttons; for a batch, also one form that
 /// decides every message shown, each bound to the hash of its content.
+/// The content check that held a message, from its stored description.
+fn held_by(meta: Option<&str>) -> Option<String> {
+    serde_json::from_str::<crate::audit::Meta>(meta?)
+        .ok()?
+        .held_by
+}
+
 pub fn approvals(
     op: &Operator,
     notice: Option<&str>,
@@ -927,6 +937,9 @@ pub fn approvals(
                 dl {
                     dt { "message" } dd.mono { a href={ "/console/messages/" (super::urlencode(&s.message_id)) } { (s.message_id) } }
                     dt { "caller" } dd { (s.caller.as_deref().unwrap_or("")) }
+                    @if let Some(why) = held_by(p.meta.as_deref()) {
+                        dt { "held because" } dd { (why) }
+                    }
                     dt { "accepted" } dd.mono { (when(s.queued_at)) }
                     dt { "from" } dd.mono { (sender(parsed.from_name.as_deref(), p.from.as_deref())) }
                     dt { "recipients" } dd { (recipients(&p.to, &parsed.visible)) }

@@ -1561,10 +1561,14 @@ impl MailmuxServer {
             until: mailmux_actors::queue::now_millis() + policy.approval_ttl.as_millis() as i64,
             hash: approval_hash(&composed),
         });
-        let meta = self
-            .audit()
-            .enabled()
-            .then(|| serde_json::to_string(&meta_of(&composed)).unwrap_or_default());
+        // Kept for the audit log, and for the console when a content check
+        // held the message (it says which).
+        let content_hold = held_by.flatten();
+        let meta = (self.audit().enabled() || content_hold.is_some()).then(|| {
+            let mut m = meta_of(&composed);
+            m.held_by = content_hold.map(str::to_owned);
+            serde_json::to_string(&m).unwrap_or_default()
+        });
         let prompt = held_by.map(|by| approval::prompt(&composed, by));
         let hold_hash = hold.as_ref().map(|h| h.hash);
 
