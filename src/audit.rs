@@ -72,6 +72,13 @@ pub struct Meta {
     pub held_by: Option<String>,
 }
 
+impl Meta {
+    /// The content check that held a message, from its stored `meta`.
+    pub fn held_by(meta: Option<&str>) -> Option<String> {
+        serde_json::from_str::<Meta>(meta?).ok()?.held_by
+    }
+}
+
 /// A refusal to record: everything known about the message by then.
 #[derive(Debug, Default)]
 pub struct Refusal<'a> {

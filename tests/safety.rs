@@ -2879,6 +2879,12 @@ async fn content_checks_refuse_or_hold_a_message_by_what_it_says() {
         line["mailmux"]["held_by"], "content check \"invoice\" matched subject",
         "{line}"
     );
+    let (ok, text) = d.queue_cmd("show", &held, None);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("held because content check \"invoice\" matched subject"),
+        "{text}"
+    );
     let (ok, text) = d.queue_cmd("approve", &held, Some(OPS));
     assert!(ok, "{text}");
     wait_status(&theta, &held, "sent").await;

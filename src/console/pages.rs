@@ -789,7 +789,7 @@ pub fn message(
                 }
                 dt { "size" } dd { (r.size) " bytes" }
                 dt { "caller" } dd { (r.caller.as_deref().unwrap_or("")) }
-                @if let Some(why) = held_by(r.meta.as_deref()) {
+                @if let Some(why) = crate::audit::Meta::held_by(r.meta.as_deref()) {
                     dt { "held because" } dd { (why) }
                 }
                 @if let Some(batch) = &r.batch {
@@ -898,13 +898,6 @@ pub fn message(
 /// The held messages, or those of one batch (`batch`): each in full with
 /// its own approve and reject buttons; for a batch, also one form that
 /// decides every message shown, each bound to the hash of its content.
-/// The content check that held a message, from its stored description.
-fn held_by(meta: Option<&str>) -> Option<String> {
-    serde_json::from_str::<crate::audit::Meta>(meta?)
-        .ok()?
-        .held_by
-}
-
 pub fn approvals(
     op: &Operator,
     notice: Option<&str>,
@@ -937,7 +930,7 @@ pub fn approvals(
                 dl {
                     dt { "message" } dd.mono { a href={ "/console/messages/" (super::urlencode(&s.message_id)) } { (s.message_id) } }
                     dt { "caller" } dd { (s.caller.as_deref().unwrap_or("")) }
-                    @if let Some(why) = held_by(p.meta.as_deref()) {
+                    @if let Some(why) = crate::audit::Meta::held_by(p.meta.as_deref()) {
                         dt { "held because" } dd { (why) }
                     }
                     dt { "accepted" } dd.mono { (when(s.queued_at)) }
