@@ -2935,3 +2935,51 @@ async fn content_checks_refuse_or_hold_a_message_by_what_it_says() {
         "the hold is not logged"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_checks_change_with_a_reload_and_a_bad_pattern_keeps_the_old_ones() {
+    let (sink, other) = servers().await;
+    let d = start(&sink, &other, "").await;
+    let theta = connect(&d, THETA).await;
+    let invoice = |n: u32| {
+        json!({"to": ["client@anywhere.net"], "subject": format!("Invoice {n}"),
+               "body": "attached", "wait": false})
+    };
+    let (_, out) = call(&theta, "send_email", invoice(7)).await;
+    assert_eq!(out["status"], "held", "{out}");
+
+    // The check's action changed to reject: a reload applies it.
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    assert_eq!(text.matches(r#"action = "hold""#).count(), 1);
+    std::fs::write(
+        &d.config,
+        text.replace(r#"action = "hold""#, r#"action = "reject""#),
+    )
+    .unwrap();
+    hangup(&d, "reloaded:").await;
+    let (is_error, out) = call(&theta, "send_email", invoice(8)).await;
+    assert!(is_error, "{out}");
+    assert_eq!(out["error"]["rule"], "content_rejected", "{out}");
+    assert_eq!(out["error"]["field"], "subject", "{out}");
+
+    // A pattern that does not compile: the reload is refused, naming its
+    // key, and the checks in force stay.
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(
+        &d.config,
+        text.replace(r"'(?i)\binvoice\b'", "'(?i)(unclosed'"),
+    )
+    .unwrap();
+    hangup(&d, "configuration not reloaded").await;
+    assert!(
+        d.log().contains("callers.6.content_checks.1.pattern"),
+        "{}",
+        d.log()
+    );
+    let (is_error, out) = call(&theta, "send_email", invoice(9)).await;
+    assert!(
+        is_error && out["error"]["rule"] == "content_rejected",
+        "{out}"
+    );
+    assert_eq!(sink.delivered().len(), 0);
+}
