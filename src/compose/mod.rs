@@ -25,7 +25,7 @@ use std::time::SystemTime;
 use lettre::Message;
 use lettre::address::Envelope;
 use lettre::message::header::{ContentTransferEncoding, ContentType};
-use lettre::message::{Attachment, Body, MultiPart, SinglePart};
+use lettre::message::{Attachment, Body, Mailbox, MultiPart, SinglePart};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -332,6 +332,10 @@ pub struct Composed {
     /// What [`compose_scanned`]'s scan found in each attachment's decoded
     /// bytes, in the order of `attachments`; empty when nothing scanned.
     pub(crate) scanned: Vec<Vec<usize>>,
+    /// For [`compose_scanned`] only: the other text the recipients see that
+    /// the caller wrote, by field: display names (`from_email`, `to[0]`,
+    /// `cc[1]`, `reply_to`) and the `in_reply_to` and `references` ids.
+    pub(crate) phrases: Vec<(String, String)>,
 }
 
 impl Composed {
@@ -551,6 +555,10 @@ fn compose_inner(
         Some(scan) => attachments.iter().map(|a| scan(&a.data)).collect(),
         None => Vec::new(),
     };
+    let phrases = match scan {
+        Some(_) => phrases(draft, &from, &recipients, reply_to.as_ref()),
+        None => Vec::new(),
+    };
 
     let message_id = format!("{}@{id_domain}", local_part());
     let envelope = Envelope::new(Some(from.email.clone()), recipients.envelope())
@@ -653,7 +661,40 @@ fn compose_inner(
         attachments,
         own_fields,
         scanned,
+        phrases,
     })
+}
+
+/// The display names and ids a caller wrote that the recipients see, by
+/// field (Bcc's names are not sent).
+fn phrases(
+    draft: &Draft,
+    from: &Mailbox,
+    recipients: &address::RecipientSet,
+    reply_to: Option<&Mailbox>,
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if let Some(name) = &from.name {
+        out.push(("from_email".to_owned(), name.clone()));
+    }
+    let shown = recipients.to.iter().chain(&recipients.cc);
+    for (m, (list, i)) in shown.zip(&recipients.fields) {
+        if let Some(name) = &m.name {
+            out.push((format!("{list}[{i}]"), name.clone()));
+        }
+    }
+    if let Some(name) = reply_to.and_then(|m| m.name.as_ref()) {
+        out.push(("reply_to".to_owned(), name.clone()));
+    }
+    for (field, ids) in [
+        ("in_reply_to", &draft.in_reply_to),
+        ("references", &draft.references),
+    ] {
+        if let Some(ids) = ids {
+            out.push((field.to_owned(), ids.clone()));
+        }
+    }
+    out
 }
 
 fn too_large(field: &str, max: usize) -> ComposeError {

@@ -8,8 +8,9 @@
 //! in time linear in the text, so no pattern and no message can make a
 //! check slow. The parts looked at, in this order: the subject, the body,
 //! the HTML body, the values of the header fields the caller wrote by name
-//! (`headers`, the unsubscribe links, the policy's own), each attachment's
-//! file name and its decoded content. The first check in the list that
+//! (`headers`, the unsubscribe links, the policy's own), the display names
+//! the recipients see (From, To, Cc, Reply-To) and the `in_reply_to` and
+//! `references` ids, each attachment's file name and its decoded content. The first check in the list that
 //! matches any part decides; its action is `reject` or `hold`. What matched
 //! is never repeated: an error, a log line or an audit line names the check
 //! and the part, not the text.
@@ -165,6 +166,9 @@ impl ContentChecks {
         for (name, value) in &c.own_fields {
             text(format!("headers.{name}"), value);
         }
+        for (field, value) in &c.phrases {
+            text(field.clone(), value);
+        }
         for (i, a) in c.attachments.iter().enumerate() {
             text(format!("attachments[{i}].filename"), &a.filename);
         }
@@ -272,6 +276,46 @@ mod tests {
         assert_eq!(
             verdict(&c, &d),
             Some(("token".into(), "attachments[0].filename".into()))
+        );
+        // Display names the recipients see, and the thread's ids.
+        let named = |f: &dyn Fn(&mut Draft)| {
+            let mut d = draft("s", "plain");
+            f(&mut d);
+            verdict(&c, &d).map(|(_, field)| field)
+        };
+        assert_eq!(
+            named(&|d| d.from_email = Some("\"sk_live_abcdefgh\" <agent@example.org>".into())),
+            Some("from_email".into())
+        );
+        assert_eq!(
+            named(&|d| {
+                d.to = Recipients::List(vec![
+                    "a@example.org".into(),
+                    "sk_live_abcdefgh <b@example.org>".into(),
+                ])
+            }),
+            Some("to[1]".into())
+        );
+        assert_eq!(
+            named(&|d| {
+                d.cc = Recipients::List(vec!["\"sk_live_abcdefgh\" <c@example.org>".into()])
+            }),
+            Some("cc[0]".into())
+        );
+        assert_eq!(
+            named(&|d| d.reply_to = Some("\"sk_live_abcdefgh\" <r@example.org>".into())),
+            Some("reply_to".into())
+        );
+        assert_eq!(
+            named(&|d| d.references = Some("<sk_live_abcdefgh@example.org>".into())),
+            Some("references".into())
+        );
+        // Bcc's names are never sent.
+        assert_eq!(
+            named(&|d| {
+                d.bcc = Recipients::List(vec!["\"sk_live_abcdefgh\" <h@example.org>".into()])
+            }),
+            None
         );
     }
 
