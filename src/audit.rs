@@ -91,6 +91,8 @@ pub struct Refusal<'a> {
     pub code: &'a str,
     pub rule: Option<&'a str>,
     pub field: Option<&'a str>,
+    /// The content check that refused it.
+    pub check: Option<&'a str>,
 }
 
 /// A change of the suppression list, for [`Audit::suppression`].
@@ -396,6 +398,9 @@ impl Audit {
         }
         if let Some(field) = r.field {
             own.insert("field".into(), json!(field));
+        }
+        if let Some(check) = r.check {
+            own.insert("check".into(), json!(check));
         }
         line["event"]["reason"] = json!(r.rule.unwrap_or(r.code));
         line["mailmux"] = Value::Object(own);

@@ -2820,8 +2820,14 @@ async fn content_checks_refuse_or_hold_a_message_by_what_it_says() {
         assert_eq!(out["error"]["code"], "policy_denied", "{out}");
         assert_eq!(out["error"]["rule"], "content_rejected", "{out}");
         assert_eq!(out["error"]["field"], field, "{out}");
-        let message = out["error"]["message"].as_str().unwrap();
-        assert!(message.contains("\"private key\""), "{out}");
+        assert_eq!(out["error"]["check"], "private key", "{out}");
+        assert_eq!(
+            out["error"]["message"],
+            format!(
+                "{field} matches content check \"private key\" of caller \"theta\"; nothing was sent"
+            ),
+            "{out}"
+        );
         assert!(!out.to_string().contains("OPENSSH"), "{out}");
     }
     assert_eq!(sink.delivered().len(), 1);
@@ -2922,11 +2928,17 @@ async fn content_checks_refuse_or_hold_a_message_by_what_it_says() {
     // The refusals are audited by their rule; neither the audit log nor the
     // daemon's log repeats what matched.
     let audit = d.audit();
-    let refused = audit
+    let refused: Vec<&Value> = audit
         .iter()
         .filter(|l| l["mailmux"]["rule"] == "content_rejected")
-        .count();
-    assert!(refused >= 3, "{audit:#?}");
+        .collect();
+    assert!(refused.len() >= 3, "{audit:#?}");
+    assert!(
+        refused
+            .iter()
+            .all(|l| l["mailmux"]["check"] == "private key"),
+        "{refused:#?}"
+    );
     assert!(!audit.iter().any(|l| l.to_string().contains("OPENSSH")));
     let log = d.log();
     assert!(!log.contains("OPENSSH"));

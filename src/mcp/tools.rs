@@ -342,6 +342,7 @@ fn denied(d: crate::policy::Denied) -> ToolError {
     ToolError {
         field: Some(d.field),
         rule: Some(d.rule.into()),
+        check: d.check,
         ..ToolError::new("policy_denied", format!("{}; nothing was sent", d.message))
     }
 }
@@ -1323,6 +1324,7 @@ impl MailmuxServer {
                 code: &e.code,
                 rule: e.rule.as_deref(),
                 field: e.field.as_deref(),
+                check: e.check.as_deref(),
             });
         }
         crate::telemetry::refused(&caller.name, &e.code);

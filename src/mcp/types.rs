@@ -591,6 +591,9 @@ pub struct ToolError {
     /// Seconds until the message would pass the rate limit (`rate_limited`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_after_s: Option<f64>,
+    /// The name of the content check that refused it (`content_rejected`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
 }
 
 impl ToolError {

@@ -227,6 +227,8 @@ pub struct Denied {
     pub field: String,
     pub rule: &'static str,
     pub message: String,
+    /// The content check that refused it (`content_rejected`).
+    pub check: Option<String>,
 }
 
 impl Denied {
@@ -235,6 +237,7 @@ impl Denied {
             field: field.into(),
             rule,
             message: message.into(),
+            check: None,
         }
     }
 }
@@ -367,14 +370,17 @@ impl Caller {
         }
         let held_for = match p.content_checks.verdict(c) {
             Some(hit) if hit.check.action == content::Action::Reject => {
-                return Err(Denied::new(
-                    hit.field.clone(),
-                    "content_rejected",
-                    format!(
-                        "{} matches content check {:?} of caller {:?}; nothing was sent",
-                        hit.field, hit.check.name, self.name
-                    ),
-                ));
+                return Err(Denied {
+                    check: Some(hit.check.name.clone()),
+                    ..Denied::new(
+                        hit.field.clone(),
+                        "content_rejected",
+                        format!(
+                            "{} matches content check {:?} of caller {:?}",
+                            hit.field, hit.check.name, self.name
+                        ),
+                    )
+                });
             }
             Some(hit) => Some(hit),
             None => None,
