@@ -29,6 +29,8 @@ pub const MESSAGES: &str = "mailmux_messages_total";
 /// Calls refused before anything was stored, by caller and error code
 /// (`invalid_input`, `policy_denied`, `rate_limited`, …).
 pub const REFUSED: &str = "mailmux_refused_total";
+/// Messages a content check refused or held, by caller, check and action.
+pub const CONTENT_CHECKS: &str = "mailmux_content_checks_total";
 /// MCP tool calls, by tool and outcome (`ok`, `error`, `protocol_error`).
 pub const CALLS: &str = "mailmux_mcp_calls_total";
 /// Messages in the queue, by state.
@@ -261,6 +263,17 @@ pub async fn scrape(queue: &Queue) -> String {
 }
 
 /// A refused call, by caller and error code.
+/// A content check that decided on a message: `reject` or `hold`.
+pub fn content_check(caller: &str, check: &str, action: &'static str) {
+    metrics::counter!(
+        CONTENT_CHECKS,
+        "caller" => caller.to_owned(),
+        "check" => check.to_owned(),
+        "action" => action
+    )
+    .increment(1);
+}
+
 pub fn refused(caller: &str, code: &str) {
     metrics::counter!(REFUSED, "caller" => caller.to_owned(), "code" => code.to_owned())
         .increment(1);

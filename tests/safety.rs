@@ -2885,6 +2885,22 @@ async fn content_checks_refuse_or_hold_a_message_by_what_it_says() {
         line["mailmux"]["held_by"], "content check \"invoice\" matched subject",
         "{line}"
     );
+    // Each check that decided is counted, by caller, check and action.
+    let metrics = http
+        .get(format!("{}/metrics", d.base))
+        .bearer_auth(OPS)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"mailmux_content_checks_total{caller="theta",check="private key",action="reject"} 3"#,
+        r#"mailmux_content_checks_total{caller="theta",check="invoice",action="hold"} 1"#,
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}: {metrics}");
+    }
     let (ok, text) = d.queue_cmd("show", &held, None);
     assert!(ok, "{text}");
     assert!(

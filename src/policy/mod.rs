@@ -368,7 +368,11 @@ impl Caller {
                 format!("caller {:?} may not send Bcc", self.name),
             ));
         }
-        let held_for = match p.content_checks.verdict(c) {
+        let hit = p.content_checks.verdict(c);
+        if let Some(hit) = &hit {
+            crate::telemetry::content_check(&self.name, &hit.check.name, hit.check.action.as_str());
+        }
+        let held_for = match hit {
             Some(hit) if hit.check.action == content::Action::Reject => {
                 return Err(Denied {
                     check: Some(hit.check.name.clone()),
