@@ -50,6 +50,9 @@ pub struct Shared {
     /// Their size decoded: what decides whether a message that gets them is
     /// composed off the async workers.
     pub decoded_bytes: usize,
+    /// What the first scan of them found (a batch's caller's content
+    /// checks), kept for every other message of the batch.
+    scanned: std::sync::OnceLock<Vec<Vec<usize>>>,
 }
 
 impl Shared {
@@ -72,11 +75,19 @@ impl Shared {
             decoded_bytes: loaded.iter().map(|l| l.data.len()).sum(),
             loaded,
             digest,
+            scanned: std::sync::OnceLock::new(),
         })
     }
 
     pub(crate) fn loaded(&self) -> &[Loaded] {
         &self.loaded
+    }
+
+    /// What `scan` finds in each of them, scanned once: the messages of one
+    /// batch have one caller, and so one scan.
+    pub(crate) fn scanned_with(&self, scan: super::Scan<'_>) -> &[Vec<usize>] {
+        self.scanned
+            .get_or_init(|| self.loaded.iter().map(|a| scan(&a.data)).collect())
     }
 }
 

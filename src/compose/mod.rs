@@ -543,17 +543,18 @@ fn compose_inner(
         .enumerate()
         .map(|(i, input)| attach::load(i, input, policy, &mut estimate))
         .collect::<Result<Vec<_>, _>>()?;
-    let shared = match shared {
-        Some(s) if draft.attachments.is_empty() => s.loaded(),
-        _ => &[],
-    };
+    let shared_set = shared.filter(|_| draft.attachments.is_empty());
+    let shared = shared_set.map_or(&[][..], |s| s.loaded());
     for (i, a) in shared.iter().enumerate() {
         attach::grow_estimate(i, &mut estimate, a.data.len(), policy)?;
     }
     let attachments: Vec<&attach::Loaded> = own.iter().chain(shared).collect();
-    let scanned = match scan {
-        Some(scan) => attachments.iter().map(|a| scan(&a.data)).collect(),
-        None => Vec::new(),
+    // A batch's shared attachments are scanned once for all its messages
+    // (a message that has them has none of its own).
+    let scanned = match (scan, shared_set) {
+        (None, _) => Vec::new(),
+        (Some(scan), Some(s)) => s.scanned_with(scan).to_vec(),
+        (Some(scan), None) => own.iter().map(|a| scan(&a.data)).collect(),
     };
     let phrases = match scan {
         Some(_) => phrases(draft, &from, &recipients, reply_to.as_ref()),

@@ -320,6 +320,37 @@ mod tests {
     }
 
     #[test]
+    fn a_batchs_shared_attachments_are_scanned_once_for_all_its_messages() {
+        use crate::compose::{AttachmentInput, SharedAttachments};
+        use base64::Engine as _;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let c = checks(&[("token", r"sk_live_[0-9a-zA-Z]{8}", Action::Reject)]);
+        let policy = ComposePolicy::default();
+        let shared = SharedAttachments::load(
+            &[AttachmentInput::Inline {
+                filename: "terms.txt".into(),
+                content_base64: base64::engine::general_purpose::STANDARD
+                    .encode(b"key: sk_live_12345678"),
+                content_type: None,
+            }],
+            &policy,
+        )
+        .unwrap();
+        let scans = AtomicUsize::new(0);
+        let scan = |d: &[u8]| {
+            scans.fetch_add(1, Ordering::Relaxed);
+            c.scan(d)
+        };
+        for n in 0..3 {
+            let d = draft(&format!("message {n}"), "plain");
+            let composed = compose_scanned(&d, &policy, Some(&shared), &scan).unwrap();
+            let hit = c.verdict(&composed).map(|h| h.field);
+            assert_eq!(hit.as_deref(), Some("attachments[0]"), "message {n}");
+        }
+        assert_eq!(scans.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
     fn a_bad_pattern_is_named_by_its_index() {
         let list = vec![
             Check {
