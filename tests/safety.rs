@@ -254,6 +254,19 @@ impl Daemon {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
 
+    /// `/metrics`, read with the operator's token.
+    async fn metrics(&self) -> String {
+        reqwest::Client::new()
+            .get(format!("{}/metrics", self.base))
+            .bearer_auth(OPS)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// `mailmux queue <verb> <id>` with the operator token (or `token`).
     fn queue_cmd(&self, verb: &str, id: &str, token: Option<&str>) -> (bool, String) {
         self.queue_args(&[verb, id], token)
@@ -2182,15 +2195,7 @@ async fn operators_pause_and_resume_delivery_over_http() {
     let id = out["message_id"].as_str().unwrap().to_owned();
     let (_, st) = call(&delta, "get_smtp_status", json!({})).await;
     assert_eq!(st["queue"]["paused"]["by"], "operator ops", "{st}");
-    let metrics = http
-        .get(format!("{}/metrics", d.base))
-        .bearer_auth(OPS)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = d.metrics().await;
     assert!(metrics.contains("mailmux_delivery_paused 1"), "{metrics}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(sink.delivered().is_empty() && other.delivered().is_empty());
@@ -2886,15 +2891,7 @@ async fn content_checks_refuse_or_hold_a_message_by_what_it_says() {
         "{line}"
     );
     // Each check that decided is counted, by caller, check and action.
-    let metrics = http
-        .get(format!("{}/metrics", d.base))
-        .bearer_auth(OPS)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = d.metrics().await;
     for line in [
         r#"mailmux_content_checks_total{caller="theta",check="private key",action="reject"} 3"#,
         r#"mailmux_content_checks_total{caller="theta",check="invoice",action="hold"} 1"#,
