@@ -10,12 +10,14 @@
 //!   reload of each SIGHUP, applied or not;
 //! - `STOPPING=1` when the drain begins;
 //! - with `WATCHDOG_USEC`, `WATCHDOG=1` every half of it while the daemon
-//!   works inside: the runtime runs the watch's task, and the relays' router
-//!   actor answers within a quarter of it. A wedged runtime or actor system
-//!   stops the pings, and systemd restarts the daemon (`WatchdogSec=`);
-//!   relays that are down, a slow store or a paused delivery do not;
-//! - the status line also says when delivery is paused, and when the
-//!   router does not answer.
+//!   works inside: the runtime runs the watch's task, the relays' router
+//!   actor answers within a quarter of it, and the queue's store can still
+//!   write (the SQLite writer thread runs). A wedged runtime or actor
+//!   system, or a writer that ended, stops the pings, and systemd restarts
+//!   the daemon (`WatchdogSec=`); relays that are down, a slow or
+//!   unreachable store or a paused delivery do not;
+//! - the status line also says when delivery is paused, and what stopped
+//!   the pings.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -131,43 +133,48 @@ impl Watch {
     }
 }
 
-/// Whether the daemon works inside: its relays' router actor answers
-/// within `within`. The runtime that runs this is the other half.
-pub async fn answers(server: &MailmuxServer, within: Duration) -> bool {
+/// What keeps the daemon from working inside, if anything: a store that
+/// can write nothing more, or a relays' router actor that does not answer
+/// within `within`. The runtime that runs this is the rest of the check.
+pub async fn trouble(server: &MailmuxServer, within: Duration) -> Option<&'static str> {
+    if !server.queue().store_alive() {
+        return Some("the queue store's writer has stopped");
+    }
     let router = server.queue().dispatcher().selection();
-    matches!(tokio::time::timeout(within, router).await, Ok(Ok(_)))
+    match tokio::time::timeout(within, router).await {
+        Ok(Ok(_)) => None,
+        _ => Some("the relays' router does not answer"),
+    }
 }
 
 async fn run(ping: Option<Duration>, server: watch::Receiver<Option<MailmuxServer>>) {
     let tick = ping.unwrap_or(STATUS_TICK).max(Duration::from_millis(10));
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut shown = status_line(None, true);
-    let mut was_answering = true;
+    let mut shown = status_line(None, None);
+    let mut was = None;
     // Ends when the daemon drops its Watch.
     while server.has_changed().is_ok() {
         ticker.tick().await;
         let current = server.borrow().clone();
-        let answering = match &current {
-            Some(s) => answers(s, tick / 2).await,
-            None => true,
+        let now = match &current {
+            Some(s) => trouble(s, tick / 2).await,
+            None => None,
         };
-        if answering && ping.is_some() {
+        if now.is_none() && ping.is_some() {
             send(&[NotifyState::Watchdog]);
         }
-        if answering != was_answering {
-            match answering {
-                false => tracing::error!(
-                    "the relays' router does not answer: the service manager's watchdog is not pinged"
-                ),
-                true => tracing::warn!("the relays' router answers again"),
+        if now != was {
+            match now {
+                Some(why) => tracing::error!("{why}: the service manager's watchdog is not pinged"),
+                None => tracing::warn!("the daemon works again: the watchdog is pinged"),
             }
-            was_answering = answering;
+            was = now;
         }
         if STOPPING.load(Ordering::Relaxed) {
             continue;
         }
-        let status = status_line(current.as_ref(), answering);
+        let status = status_line(current.as_ref(), now);
         if status != shown {
             send(&[NotifyState::Status(&status)]);
             shown = status;
@@ -177,15 +184,16 @@ async fn run(ping: Option<Duration>, server: watch::Receiver<Option<MailmuxServe
 
 /// The `STATUS=` line: where the daemon serves, and what an operator
 /// looking at `systemctl status` should know.
-fn status_line(server: Option<&MailmuxServer>, answering: bool) -> String {
+fn status_line(server: Option<&MailmuxServer>, trouble: Option<&str>) -> String {
     let serving = SERVING.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let mut line = serving.unwrap_or_else(|| "starting: opening the queue store".into());
     if let Some(p) = server.and_then(|s| s.queue().paused()) {
         line.push_str("; delivery ");
         line.push_str(&crate::cli::queue::pause_text(Some(&p)));
     }
-    if !answering {
-        line.push_str("; the relays' router does not answer");
+    if let Some(why) = trouble {
+        line.push_str("; ");
+        line.push_str(why);
     }
     line
 }

@@ -189,18 +189,24 @@ fn over_stdio_ready_then_stopping_at_the_end_of_input_and_no_pings_for_another_p
 }
 
 /// The watchdog's check: the router actor answers, then does not while it
-/// is wedged, then does again.
+/// is wedged, then does again; a SQLite store whose writer ended fails it
+/// for good.
 #[cfg(feature = "fault-hooks")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_watchdog_check_fails_while_the_router_is_wedged() {
+async fn the_watchdog_check_fails_while_the_router_is_wedged_or_the_writer_is_gone() {
     use mailmux::config::Sources;
     use mailmux::mcp::MailmuxServer;
+    use mailmux::service::trouble;
 
-    let cfg = common::config(vec![common::relay("main", common::free_port(), 1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::config(vec![common::relay("main", common::free_port(), 1)]);
+    cfg.queue.store = mailmux_actors::queue::StoreKind::Sqlite {
+        path: dir.path().join("queue.db"),
+    };
     let queue = mailmux::mcp::start_queue(&cfg).await.unwrap();
     let server = MailmuxServer::new(queue, cfg, Sources::default()).await;
     let within = Duration::from_millis(300);
-    assert!(mailmux::service::answers(&server, within).await);
+    assert_eq!(trouble(&server, within).await, None);
 
     server
         .queue()
@@ -208,13 +214,28 @@ async fn the_watchdog_check_fails_while_the_router_is_wedged() {
         .stall_router(Duration::from_secs(2))
         .unwrap();
     let started = Instant::now();
-    assert!(!mailmux::service::answers(&server, within).await);
+    assert_eq!(
+        trouble(&server, within).await,
+        Some("the relays' router does not answer")
+    );
     assert!(started.elapsed() >= within, "{:?}", started.elapsed());
 
     // Once the stall ends, the router answers the next check.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !mailmux::service::answers(&server, within).await {
+    while trouble(&server, within).await.is_some() {
         assert!(Instant::now() < deadline, "the router never answered again");
     }
     assert!(started.elapsed() >= Duration::from_millis(1500));
+
+    // The writer thread panics: the store can write nothing more.
+    server.queue().stop_store_writer();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while trouble(&server, within).await.is_none() {
+        assert!(Instant::now() < deadline, "the writer's end was never seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        trouble(&server, within).await,
+        Some("the queue store's writer has stopped")
+    );
 }

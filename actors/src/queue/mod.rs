@@ -1001,6 +1001,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     }
     /// Whether an accepted message survives a crash.
     fn durable(&self) -> bool;
+    /// False once the store can write nothing more in this process (the
+    /// SQLite store's writer thread has ended): only a restart helps.
+    fn alive(&self) -> bool {
+        true
+    }
+    /// Ends the store's writer as a crash of it would, for fault tests.
+    #[cfg(feature = "fault-hooks")]
+    fn stop_writer(&self) {}
     /// Stores a new message, or finds its idempotency key.
     async fn accept(&self, m: NewMessage) -> Result<Accepted, StoreError>;
     /// Stores several messages in one transaction: all of them, or (on an

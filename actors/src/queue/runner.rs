@@ -660,6 +660,17 @@ impl Queue {
         self.inner.store.kind()
     }
 
+    /// False once the store can write nothing more ([`Store::alive`]).
+    pub fn store_alive(&self) -> bool {
+        self.inner.store.alive()
+    }
+
+    /// Ends the store's writer, for fault tests.
+    #[cfg(feature = "fault-hooks")]
+    pub fn stop_store_writer(&self) {
+        self.inner.store.stop_writer()
+    }
+
     pub fn durable(&self) -> bool {
         self.inner.store.durable()
     }

@@ -26,6 +26,7 @@ use std::fs::File;
 use std::ops::Deref;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -318,12 +319,17 @@ enum Work {
     /// Merge the write-ahead log into the database file and stop; answer
     /// once done.
     Close(oneshot::Sender<()>),
+    /// Panic, as a bug in the writer would: for fault tests.
+    #[cfg(feature = "fault-hooks")]
+    Crash,
 }
 
 /// The SQLite store.
 #[derive(Debug)]
 pub struct SqliteStore {
     writes: mpsc::Sender<Work>,
+    /// Cleared when the writer thread ends, however it ends.
+    writing: Arc<AtomicBool>,
     /// Reads for callers and operators: status, listings, counts.
     reader: Arc<Mutex<Connection>>,
     /// Reads of the delivery path (the due messages, their bytes, pending
@@ -437,8 +443,10 @@ impl SqliteStore {
             configure(&reader, false).map_err(|e| named(&e))?;
             Ok(Arc::new(Mutex::new(reader)))
         };
+        let (writes, writing) = spawn_writer(writer, lock.is_some(), sync_log);
         Ok(SqliteStore {
-            writes: spawn_writer(writer, lock.is_some(), sync_log),
+            writing,
+            writes,
             reader: reader()?,
             delivery: reader()?,
             _lock: lock,
@@ -944,13 +952,30 @@ fn migrate(conn: &Connection, shown: &str, apply: bool) -> Result<(), StoreError
 
 /// Starts the writer thread. `owner`: this is the daemon's store (it holds
 /// the lock), whose close merges the log.
-fn spawn_writer(conn: Connection, owner: bool, sync_log: SyncLog) -> mpsc::Sender<Work> {
+/// The flag it gives is cleared when the thread ends, a panic included.
+fn spawn_writer(
+    conn: Connection,
+    owner: bool,
+    sync_log: SyncLog,
+) -> (mpsc::Sender<Work>, Arc<AtomicBool>) {
+    /// Clears the flag when dropped: at the thread's end, or its unwinding.
+    struct Running(Arc<AtomicBool>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Release);
+        }
+    }
     let (tx, rx) = mpsc::channel::<Work>();
+    let writing = Arc::new(AtomicBool::new(true));
+    let running = Running(writing.clone());
     std::thread::Builder::new()
         .name("mailmux-queue-writer".into())
-        .spawn(move || writer_loop(conn, rx, owner, sync_log))
+        .spawn(move || {
+            let _running = running;
+            writer_loop(conn, rx, owner, sync_log)
+        })
         .expect("spawning the queue writer thread");
-    tx
+    (tx, writing)
 }
 
 /// The writer thread: takes every write waiting, runs them in one
@@ -1011,6 +1036,8 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Work>, owner: bool, sync
                     alone = Some(job);
                     break;
                 }
+                #[cfg(feature = "fault-hooks")]
+                Work::Crash => panic!("fault hook: the queue's writer panics"),
             }
             if batch.len() < MAX_BATCH {
                 next = rx.try_recv().ok();
@@ -1708,6 +1735,15 @@ impl Store for SqliteStore {
 
     fn durable(&self) -> bool {
         true
+    }
+
+    fn alive(&self) -> bool {
+        self.writing.load(Ordering::Acquire)
+    }
+
+    #[cfg(feature = "fault-hooks")]
+    fn stop_writer(&self) {
+        let _ = self.writes.send(Work::Crash);
     }
 
     async fn accept(&self, m: NewMessage) -> Result<Accepted, StoreError> {
