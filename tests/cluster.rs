@@ -1167,19 +1167,33 @@ async fn a_recipient_suppressed_through_one_daemon_is_refused_by_the_other() {
     );
 }
 
-/// A pause of delivery is one for the cluster: paused by the queue command
-/// through one daemon's configuration, neither daemon hands a message to
-/// the relay (mail sent through either is queued, scheduled mail waits);
-/// resumed through the other's, every message is delivered once.
+/// A pause of delivery is one for the cluster: paused over HTTP on one
+/// daemon, neither daemon hands a message to the relay (mail sent through
+/// either is queued, scheduled mail waits); resumed by the queue command
+/// through the other's configuration, every message is delivered once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pause_holds_every_daemon_until_it_is_resumed() {
+    use sha2::Digest as _;
+    const OPS: &str = "cluster-ops-token-41c2";
+    let ops: String = sha2::Sha256::digest(OPS.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let operators = format!("[[operators]]\nname = \"ops\"\ntoken_sha256 = \"{ops}\"\n");
     let pg = Postgres::start();
     let url = pg.database();
     let sink = FaultSmtp::start(Script::ok()).await;
-    let a = Node::start("a", &config_toml(&url, "a", sink.port(), "5s", "")).await;
-    let b = Node::start("b", &config_toml(&url, "b", sink.port(), "5s", "")).await;
-    let (code, out, err) = common::queue_cmd(a.dir.path(), &["pause", "--reason", "maintenance"]);
-    assert_eq!(code, Some(0), "{out}{err}");
+    let a = Node::start("a", &config_toml(&url, "a", sink.port(), "5s", &operators)).await;
+    let b = Node::start("b", &config_toml(&url, "b", sink.port(), "5s", &operators)).await;
+    // Paused over HTTP on daemon a; daemon b reads it from the store.
+    let paused = reqwest::Client::new()
+        .post(format!("{}/admin/pause", a.base))
+        .bearer_auth(OPS)
+        .json(&json!({ "reason": "maintenance" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(paused.status(), 201);
     for node in [&a, &b] {
         let deadline = Instant::now() + Duration::from_secs(10);
         while harness::status(node.peer()).await["queue"]["paused"]["reason"] != "maintenance" {
