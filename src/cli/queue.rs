@@ -1050,9 +1050,10 @@ async fn decide(
     id: &str,
     decision: Decision,
 ) -> Result<Decided, StoreError> {
+    // A rejection sends nothing: its line is written from the record after.
     let held = match log {
-        Some(_) => store.get(id).await.ok().flatten(),
-        None => None,
+        Some(_) if decision.approve => store.get(id).await.ok().flatten(),
+        _ => None,
     };
     let by = decision.by.clone();
     let decided = store.decide(id, decision).await?;

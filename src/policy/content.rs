@@ -150,27 +150,28 @@ impl ContentChecks {
             (text, html) => (text.as_deref(), html.as_deref()),
         };
         let mut parts: Vec<(String, Vec<usize>)> = Vec::new();
-        let mut text = |field: String, s: &str| {
+        // A part's name is written only when something matched in it.
+        let mut text = |field: &dyn Fn() -> String, s: &str| {
             let m: Vec<usize> = self.text.matches(s).into_iter().collect();
             if !m.is_empty() {
-                parts.push((field, m));
+                parts.push((field(), m));
             }
         };
-        text("subject".into(), &c.subject);
+        text(&|| "subject".into(), &c.subject);
         if let Some(b) = body {
-            text("body".into(), b);
+            text(&|| "body".into(), b);
         }
         if let Some(h) = html_body {
-            text("html_body".into(), h);
+            text(&|| "html_body".into(), h);
         }
         for (name, value) in &c.own_fields {
-            text(format!("headers.{name}"), value);
+            text(&|| format!("headers.{name}"), value);
         }
         for (field, value) in &c.phrases {
-            text(field.clone(), value);
+            text(&|| field.clone(), value);
         }
         for (i, a) in c.attachments.iter().enumerate() {
-            text(format!("attachments[{i}].filename"), &a.filename);
+            text(&|| format!("attachments[{i}].filename"), &a.filename);
         }
         for (i, m) in c.scanned.iter().enumerate() {
             if !m.is_empty() {

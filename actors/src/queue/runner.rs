@@ -1321,8 +1321,8 @@ impl Queue {
         // decision, with no read between the decision and the event, so
         // that it comes before the delivery's.
         let held = match inner.observer.get() {
-            Some(_) => inner.store.get(message_id).await.ok().flatten(),
-            None => None,
+            Some(_) if d.approve => inner.store.get(message_id).await.ok().flatten(),
+            _ => None,
         };
         let result = inner.store.decide(message_id, d).await;
         inner.note_write(&result);
