@@ -70,6 +70,9 @@ pub struct Meta {
     /// matched (`content check "invoice" matched subject`): never the text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_by: Option<String>,
+    /// The operator's template it was written from (`[[templates]]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
 }
 
 impl Meta {
@@ -316,6 +319,9 @@ impl Audit {
                 }
                 if let Some(by) = &m.held_by {
                     own.insert("held_by".into(), json!(by));
+                }
+                if let Some(t) = &m.template {
+                    own.insert("template".into(), json!(t));
                 }
             }
             None => {

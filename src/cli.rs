@@ -106,6 +106,14 @@ pub struct SendArgs {
     /// The body is HTML.
     #[arg(long)]
     pub html: bool,
+    /// Send a template the configuration names (`[[templates]]`): it writes
+    /// the subject and the bodies.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["subject", "body", "body_file", "html"])]
+    pub template: Option<String>,
+    /// A template variable, `NAME=VALUE` (repeatable); with `--template`,
+    /// or for `{NAME}` in `--subject` and the body.
+    #[arg(long = "var", value_name = "NAME=VALUE", value_parser = var_arg)]
+    pub vars: Vec<(String, String)>,
     /// Attach a file (repeatable); sent inline, so no attachments_dir is needed.
     #[arg(long, value_name = "PATH")]
     pub attach: Vec<PathBuf>,
@@ -322,6 +330,13 @@ fn header_arg(arg: &str) -> Result<(String, String), String> {
     }
 }
 
+fn var_arg(arg: &str) -> Result<(String, String), String> {
+    match arg.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err("expected NAME=VALUE, such as \"order=1042\"".into()),
+    }
+}
+
 fn draft_from_args(
     args: &SendArgs,
     policy: &crate::compose::ComposePolicy,
@@ -353,7 +368,15 @@ fn draft_from_args(
             return Err(format!("--header {name} is given twice"));
         }
     }
+    let mut vars = std::collections::BTreeMap::new();
+    for (name, value) in &args.vars {
+        if vars.insert(name.clone(), value.clone()).is_some() {
+            return Err(format!("--var {name} is given twice"));
+        }
+    }
     Ok(Draft {
+        template: args.template.clone(),
+        template_vars: (!vars.is_empty()).then_some(vars),
         to: Recipients::List(args.to.clone()),
         cc: Recipients::List(args.cc.clone()),
         bcc: Recipients::List(args.bcc.clone()),

@@ -545,6 +545,7 @@ fn check_unknown_keys(layer: &FileLayer) -> Result<(), ConfigError> {
         ("callers", &[raw::IDENTITY_KEYS, raw::POLICY_KEYS][..]),
         ("operators", &[raw::IDENTITY_KEYS][..]),
         ("dkim", &[raw::DKIM_KEYS][..]),
+        ("templates", &[raw::TEMPLATE_KEYS][..]),
     ] {
         if let Some(Value::Array(_, entries)) = root.get(table) {
             for (i, e) in entries.iter().enumerate() {

@@ -2318,3 +2318,140 @@ token_env = "C_TOKEN"
         serde_json::json!({"name": "private key", "pattern": "-----BEGIN [A-Z ]*PRIVATE KEY-----", "action": "reject"})
     );
 }
+
+/// `[[templates]]`: texts inline or from a file, checked at load; the
+/// variables they use; a policy may name only configured ones; each mistake
+/// names its key.
+#[test]
+fn templates_load_with_their_files_and_each_mistake_names_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = write(
+        &dir,
+        "shipped.txt",
+        "Hello {name},\n{?note}Note: {note}{/note}\n",
+    );
+    let good = format!(
+        r#"
+[[templates]]
+name = "order_shipped"
+description = "An order left the warehouse"
+subject = "Order {{order}} has shipped"
+body_file = "{body}"
+html_body = "<p>Hello {{name}}</p>"
+
+[[templates]]
+name = "welcome"
+subject = "Welcome"
+body = "Hello."
+
+[policy]
+allowed_templates = ["welcome"]
+
+[[callers]]
+name = "shop"
+token_env = "B_TOKEN"
+require_template = true
+allowed_templates = ["order_shipped"]
+"#,
+        body = body.display()
+    );
+    let file = write(&dir, "good.toml", &good);
+    let c = ok(Some(&file), &[("B_TOKEN", "bee-secret")]);
+    let t = &c.daemon.compose.templates;
+    assert_eq!(t.names().collect::<Vec<_>>(), ["order_shipped", "welcome"]);
+    let shipped = t.get("order_shipped").unwrap();
+    assert_eq!(shipped.vars, ["name", "note", "order"]);
+    assert_eq!(shipped.body, "Hello {name},\n{?note}Note: {note}{/note}\n");
+    assert_eq!(
+        shipped.description.as_deref(),
+        Some("An order left the warehouse")
+    );
+    assert!(t.get("welcome").unwrap().vars.is_empty());
+    assert_eq!(c.safety.policy.allowed_templates, ["welcome"]);
+    assert!(!c.safety.policy.require_template);
+    let shop = &c.safety.callers[0].policy;
+    assert_eq!(shop.allowed_templates, ["order_shipped"]);
+    assert!(shop.require_template);
+    let shown = &c.redacted["templates"][0];
+    assert_eq!(shown["body"]["file"], body.display().to_string(), "{shown}");
+    assert_eq!(shown["vars"], serde_json::json!(["name", "note", "order"]));
+
+    let missing = dir.path().join("missing.txt");
+    let cases = [
+        (
+            "[[templates]]\nsubject = \"s\"\nbody = \"b\"\n".to_owned(),
+            "templates[0].name",
+            "is required",
+        ),
+        (
+            "[[templates]]\nname = \"a b\"\nsubject = \"s\"\nbody = \"b\"\n".to_owned(),
+            "templates[0].name",
+            "ASCII letters",
+        ),
+        (
+            "[[templates]]\nname = \"a\"\nsubject = \"s\"\nbody = \"b\"\n\
+             [[templates]]\nname = \"a\"\nsubject = \"s\"\nbody = \"b\"\n"
+                .to_owned(),
+            "templates[1].name",
+            "configured twice",
+        ),
+        (
+            "[[templates]]\nname = \"a\"\nbody = \"b\"\n".to_owned(),
+            "templates[0].subject",
+            "is required",
+        ),
+        (
+            "[[templates]]\nname = \"a\"\nsubject = \"s\"\n".to_owned(),
+            "templates[0].body",
+            "is required",
+        ),
+        (
+            format!(
+                "[[templates]]\nname = \"a\"\nsubject = \"s\"\nbody = \"b\"\nbody_file = \"{}\"\n",
+                body.display()
+            ),
+            "templates[0].body",
+            "not both",
+        ),
+        (
+            format!(
+                "[[templates]]\nname = \"a\"\nsubject = \"s\"\nbody_file = \"{}\"\n",
+                missing.display()
+            ),
+            "templates[0].body_file",
+            "cannot read",
+        ),
+        (
+            "[[templates]]\nname = \"a\"\nsubject = \"s\"\nbody = \"{?x}open\"\n".to_owned(),
+            "templates[0].body",
+            "never closed",
+        ),
+        (
+            "[[templates]]\nname = \"a\"\nsubject = \"{/y}\"\nbody = \"b\"\n".to_owned(),
+            "templates[0].subject",
+            "no matching",
+        ),
+        (
+            "[[templates]]\nname = \"a\"\nsubject = \"s\"\nbody = \"b\"\nhtml = true\n".to_owned(),
+            "templates[0].html",
+            "unknown key",
+        ),
+        (
+            "[policy]\nallowed_templates = [\"nope\"]\n".to_owned(),
+            "policy.allowed_templates",
+            "not a configured template",
+        ),
+        (
+            "[[callers]]\nname = \"x\"\ntoken_env = \"B_TOKEN\"\nrequire_template = true\n"
+                .to_owned(),
+            "callers.0.require_template",
+            "no [[templates]]",
+        ),
+    ];
+    for (i, (text, key, message)) in cases.iter().enumerate() {
+        let file = write(&dir, &format!("bad{i}.toml"), text);
+        let e = err(Some(&file), &[("B_TOKEN", "bee-secret")]);
+        assert_eq!(e.key, *key, "{text}: {e}");
+        assert!(e.message.contains(message), "{text}: {e}");
+    }
+}

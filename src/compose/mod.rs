@@ -10,8 +10,9 @@ mod attach;
 mod custom;
 pub mod dkim;
 mod header;
+pub mod named;
 mod qp;
-mod template;
+pub(crate) mod template;
 #[cfg(test)]
 mod tests;
 mod unsubscribe;
@@ -96,6 +97,11 @@ pub struct Draft {
     /// Blind-copy recipients: in the envelope, never in the headers.
     #[serde(default)]
     pub bcc: Recipients,
+    /// A template the operator configured (`get_smtp_status` lists them):
+    /// it writes the subject and the bodies, filled with `template_vars`;
+    /// leave `subject`, `body` and `html_body` out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
     /// The subject line. Non-ASCII is encoded.
     #[serde(default)]
     pub subject: String,
@@ -214,6 +220,8 @@ pub struct ComposePolicy {
     pub dkim: dkim::Signers,
     /// `[unsubscribe]`: the one-click links the daemon serves.
     pub one_click: Option<crate::suppress::OneClick>,
+    /// `[[templates]]`: what a draft's `template` names.
+    pub templates: named::Templates,
 }
 
 impl Default for ComposePolicy {
@@ -228,6 +236,7 @@ impl Default for ComposePolicy {
             message_id_domain: "mailmux.localhost".into(),
             dkim: dkim::Signers::default(),
             one_click: None,
+            templates: named::Templates::default(),
         }
     }
 }
@@ -319,6 +328,8 @@ pub struct Composed {
     pub reply_to: Option<lettre::Address>,
     /// The subject as rendered.
     pub subject: String,
+    /// The configured template it was written from, if any.
+    pub template: Option<String>,
     /// CRLF line endings throughout.
     pub bytes: Vec<u8>,
     /// The parts as rendered, for [`Composed::preview`].
@@ -461,7 +472,8 @@ fn compose_inner(
     shared: Option<&SharedAttachments>,
     scan: Option<Scan<'_>>,
 ) -> Result<Composed, ComposeError> {
-    address::check_header_value("subject", &draft.subject)?;
+    let texts = named::texts(draft, &policy.templates)?;
+    address::check_header_value("subject", texts.subject)?;
     let from = address::resolve_sender(draft.from_email.as_deref(), policy)?;
     let recipients =
         address::parse_recipients(&draft.to, &draft.cc, &draft.bcc, policy.max_recipients)?;
@@ -481,7 +493,7 @@ fn compose_inner(
         .map(address::references)
         .transpose()?;
     let id_domain = message_id_domain(&policy.message_id_domain)?;
-    if draft.html && draft.html_body.is_some() {
+    if texts.html && texts.html_body.is_some() {
         return Err(ComposeError::new(
             "html_body",
             "conflicting_fields",
@@ -493,19 +505,19 @@ fn compose_inner(
     // The one-click link, as the variable `unsubscribe_url` beside the
     // caller's own (which it overrides).
     let one_click = one_click_link(draft, policy, &recipients)?;
-    let vars = match &one_click {
-        None => None,
-        Some(link) => {
+    // A template's texts are always rendered, with no variables if none
+    // were given.
+    let vars = match (&one_click, &draft.template_vars, texts.template) {
+        (Some(link), _, _) => {
             let mut vars = draft.template_vars.clone().unwrap_or_default();
             vars.insert(ONE_CLICK_VAR.into(), link.clone());
-            Some(vars)
+            Some(std::borrow::Cow::Owned(vars))
         }
+        (None, Some(vars), _) => Some(std::borrow::Cow::Borrowed(vars)),
+        (None, None, Some(_)) => Some(std::borrow::Cow::Owned(BTreeMap::new())),
+        (None, None, None) => None,
     };
-    let mut rendered = render(
-        draft,
-        vars.as_ref().or(draft.template_vars.as_ref()),
-        policy.max_message_bytes,
-    )?;
+    let mut rendered = render(draft, &texts, vars.as_deref(), policy.max_message_bytes)?;
     let one_click_post = one_click.is_some();
     if let Some(link) = one_click {
         rendered.list_unsubscribe.insert(0, link);
@@ -595,7 +607,7 @@ fn compose_inner(
     // An explicit envelope: Bcc is never given to the header builder at all.
     builder = builder.envelope(envelope);
 
-    let body = body_part(draft.html, &rendered);
+    let body = body_part(texts.html, &rendered);
     let built = if attachments.is_empty() {
         match body {
             BodyPart::Single(part) => builder.singlepart(part),
@@ -635,7 +647,8 @@ fn compose_inner(
             .into_iter()
             .filter(|(_, v)| !custom::left_out(v)),
     );
-    let (text, html) = if draft.html {
+    let template = texts.template.map(str::to_owned);
+    let (text, html) = if texts.html {
         (None, Some(rendered.body))
     } else {
         (Some(rendered.body), rendered.html_body)
@@ -656,6 +669,7 @@ fn compose_inner(
         fields: recipients.fields,
         reply_to: reply_to.map(|m| m.email),
         subject: rendered.subject,
+        template,
         bytes,
         text,
         html,
@@ -816,6 +830,7 @@ fn one_click_link(
 /// it is all held.
 fn render(
     draft: &Draft,
+    texts: &named::Texts<'_>,
     vars: Option<&BTreeMap<String, String>>,
     limit: usize,
 ) -> Result<Rendered, ComposeError> {
@@ -825,9 +840,9 @@ fn render(
         .map_or(&[][..], Links::as_slice);
     let Some(vars) = vars else {
         return Ok(Rendered {
-            subject: draft.subject.clone(),
-            body: crlf(&draft.body),
-            html_body: draft.html_body.as_deref().map(crlf),
+            subject: texts.subject.to_owned(),
+            body: crlf(texts.body),
+            html_body: texts.html_body.map(crlf),
             list_unsubscribe: links.to_vec(),
             headers: draft.headers.clone(),
         });
@@ -839,16 +854,15 @@ fn render(
             template::RenderError::TooLarge => too_large(field, limit),
         })
     };
-    let body_escape = if draft.html {
+    let body_escape = if texts.html {
         template::Escape::Html
     } else {
         template::Escape::Raw
     };
-    let subject = run("subject", &draft.subject, template::Escape::Raw)?;
-    let body = run("body", &draft.body, body_escape)?;
-    let html_body = draft
+    let subject = run("subject", texts.subject, template::Escape::Raw)?;
+    let body = run("body", texts.body, body_escape)?;
+    let html_body = texts
         .html_body
-        .as_deref()
         .map(|h| run("html_body", h, template::Escape::Html))
         .transpose()?;
     let list_unsubscribe = links

@@ -194,6 +194,30 @@ pub(crate) fn render(
     Ok(out)
 }
 
+/// The variables `src` uses, or why it does not parse: for a template the
+/// operator configures, checked when the configuration loads. A name used
+/// only as a `{?name}` block is listed too (it may be given).
+pub(crate) fn names(src: &str) -> Result<BTreeSet<String>, String> {
+    fn walk(nodes: &[Node<'_>], out: &mut BTreeSet<String>) {
+        for node in nodes {
+            match node {
+                Node::Text(_) => {}
+                Node::Var(name) => {
+                    out.insert((*name).to_owned());
+                }
+                Node::Block(name, inner) => {
+                    out.insert((*name).to_owned());
+                    walk(inner, out);
+                }
+            }
+        }
+    }
+    let nodes = parse(src)?;
+    let mut out = BTreeSet::new();
+    walk(&nodes, &mut out);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,6 +233,17 @@ mod tests {
         let mut missing = BTreeSet::new();
         let out = render(src, v, Escape::Raw, usize::MAX, &mut missing).expect("valid template");
         (out, missing)
+    }
+
+    #[test]
+    fn names_lists_every_variable_and_refuses_bad_syntax() {
+        let all = names("Hi {name}{?note}: {note} {?x}{y}{/x}{/note} {} { z } {-}").unwrap();
+        assert_eq!(
+            all.into_iter().collect::<Vec<_>>(),
+            ["name", "note", "x", "y"]
+        );
+        assert!(names("{?a}open").unwrap_err().contains("never closed"));
+        assert!(names("").unwrap().is_empty());
     }
 
     #[test]

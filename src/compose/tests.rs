@@ -1169,9 +1169,18 @@ fn random_input_never_panics() {
                 secret: mailmux_actors::Secret::new("k".repeat(32)),
                 previous: None,
             }),
+            templates: named::Templates(vec![std::sync::Arc::new(named::Template {
+                name: "t".into(),
+                description: None,
+                subject: g.or_valid("Order {a}"),
+                body: g.string(),
+                html_body: g.chance(2).then(|| g.string()),
+                vars: Vec::new(),
+            })]),
             ..ComposePolicy::default()
         };
         let d = Draft {
+            template: g.chance(6).then(|| g.or_valid("t")),
             to: g.recipients(r#"ada@example.org, "Doe, Jane" <j@x.org>"#),
             cc: g.recipients(""),
             bcc: g.recipients("Zoë <z@x.org>"),
@@ -1384,4 +1393,83 @@ fn a_one_click_link_goes_first_and_into_the_templates_of_one_recipient() {
     d.cc = Recipients::List(vec!["bob@example.org".into()]);
     let e = compose(&d, &p).unwrap_err();
     assert_eq!((e.field.as_str(), e.rule), ("unsubscribe", "one_recipient"));
+}
+
+fn with_templates() -> ComposePolicy {
+    let t = named::Template {
+        name: "shipped".into(),
+        description: None,
+        subject: "Order {order} has shipped".into(),
+        body: "Hello {name},\n{?note}Note: {note}\n{/note}".into(),
+        html_body: Some("<p>Hello {name}</p>".into()),
+        vars: vec!["name".into(), "note".into(), "order".into()],
+    };
+    ComposePolicy {
+        templates: named::Templates(vec![std::sync::Arc::new(t)]),
+        ..policy()
+    }
+}
+
+fn from_template(name: &str, vars: &[(&str, &str)]) -> Draft {
+    Draft {
+        to: Recipients::Csv("ada@example.org".into()),
+        template: Some(name.into()),
+        template_vars: Some(
+            vars.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        ),
+        ..Draft::default()
+    }
+}
+
+#[test]
+fn a_template_writes_the_subject_and_bodies_with_the_calls_variables() {
+    let p = with_templates();
+    let c = ok(
+        &from_template("shipped", &[("name", "<Ada>"), ("order", "1042")]),
+        &p,
+    );
+    assert_eq!(c.subject, "Order 1042 has shipped");
+    assert_eq!(c.template.as_deref(), Some("shipped"));
+    assert_eq!(c.text.as_deref(), Some("Hello <Ada>,\r\n"));
+    // Values are escaped in the HTML alternative, never markup.
+    assert_eq!(c.html.as_deref(), Some("<p>Hello &lt;Ada&gt;</p>"));
+    assert!(text(&c).contains("Subject: Order 1042 has shipped\r\n"));
+
+    // Without template_vars the texts are still rendered: a variable they
+    // need is missing, never sent as braces.
+    let mut d = from_template("shipped", &[]);
+    d.template_vars = None;
+    let e = err(&d, &p);
+    assert_eq!(
+        (e.field.as_str(), e.rule),
+        ("template_vars", "missing_template_vars")
+    );
+    assert!(e.message.contains("name, order"), "{}", e.message);
+
+    // A subject or a body of the call's own beside a template is refused.
+    for (field, set) in [
+        (
+            "subject",
+            (|d: &mut Draft| d.subject = "mine".into()) as fn(&mut Draft),
+        ),
+        ("body", |d| d.body = "mine".into()),
+        ("html_body", |d| d.html_body = Some("<p>mine</p>".into())),
+        ("html", |d| d.html = true),
+    ] {
+        let mut d = from_template("shipped", &[("name", "A"), ("order", "1")]);
+        set(&mut d);
+        let e = err(&d, &p);
+        assert_eq!((e.field.as_str(), e.rule), (field, "conflicting_fields"));
+    }
+
+    let e = err(&from_template("nope", &[]), &p);
+    assert_eq!((e.field.as_str(), e.rule), ("template", "unknown_template"));
+    assert!(e.message.contains("\"nope\""), "{}", e.message);
+    let e = err(&from_template("shipped", &[]), &policy());
+    assert!(e.message.contains("none is configured"), "{}", e.message);
+
+    // A draft without a template is as before.
+    assert_eq!(ok(&draft("ada@example.org"), &p).template, None);
 }

@@ -43,6 +43,7 @@ pub(crate) const TOP_KEYS: &[&str] = &[
     "metrics",
     "dkim",
     "unsubscribe",
+    "templates",
 ];
 
 /// Keys of `[policy]`, which every `[[callers]]` entry may override.
@@ -63,6 +64,8 @@ pub(crate) const POLICY_KEYS: &[&str] = &[
     "headers",
     "from_email",
     "content_checks",
+    "allowed_templates",
+    "require_template",
 ];
 
 /// Keys of one `content_checks` entry of a policy.
@@ -80,6 +83,17 @@ pub(crate) const UNSUBSCRIBE_KEYS: &[&str] = &[
     "secret_file",
     "previous_secret",
     "previous_secret_file",
+];
+
+/// Keys of a `[[templates]]` entry.
+pub(crate) const TEMPLATE_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "subject",
+    "body",
+    "body_file",
+    "html_body",
+    "html_body_file",
 ];
 
 /// Keys of a `[[dkim]]` entry.
@@ -291,6 +305,9 @@ pub(crate) struct RawConfig {
     /// Default: none.
     #[serde(default)]
     pub unsubscribe: RawUnsubscribe,
+    /// `[[templates]]`: subjects and bodies a call names. Default: none.
+    #[serde(default)]
+    pub templates: Vec<RawTemplate>,
     /// Relays from the seed's `SMTP_*` env vars, by suffix; never written in
     /// a file (the unknown-key check refuses it there).
     #[serde(default)]
@@ -342,6 +359,23 @@ pub(crate) struct RawHttp {
     /// Failed authentications one peer address may make, as a rate
     /// (`"10/min"`), or `"off"`. Default: 10/min.
     pub auth_failures: Option<String>,
+}
+
+/// One `[[templates]]` entry.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawTemplate {
+    /// What a call names. Required.
+    pub name: Option<String>,
+    /// What it is for, shown to the agent. Default: none.
+    pub description: Option<String>,
+    /// Required.
+    pub subject: Option<String>,
+    /// The text body, or `body_file`. One of them is required.
+    pub body: Option<String>,
+    pub body_file: Option<PathBuf>,
+    /// An HTML alternative, or `html_body_file`. Default: none.
+    pub html_body: Option<String>,
+    pub html_body_file: Option<PathBuf>,
 }
 
 /// One `[[dkim]]` key.
@@ -464,6 +498,10 @@ pub(crate) struct RawPolicy {
     /// Patterns that refuse or hold a message by what it says. Default:
     /// none.
     pub content_checks: Option<Vec<RawContentCheck>>,
+    /// The `[[templates]]` the caller may name. Default: empty (any).
+    pub allowed_templates: Option<StringList>,
+    /// Every message must name a template. Default: false.
+    pub require_template: Option<bool>,
 }
 
 /// One entry of `content_checks`.

@@ -42,13 +42,19 @@ pub(crate) fn build(
             .at("allowed_senders")
             .err("is set both at the top level and in [policy]; keep it in [policy] only"));
     }
+    // Checked already (`validate::templates`).
+    let templates: Vec<String> = raw
+        .templates
+        .iter()
+        .filter_map(|t| t.name.clone())
+        .collect();
     let mut shown = Map::new();
     let policy = policy_table(
         ctx,
         "policy",
         &defaults,
         &Policy::default(),
-        (relays, senders),
+        (relays, senders, &templates),
         &mut shown,
     )?;
     out.insert("policy".into(), Json::Object(shown));
@@ -78,7 +84,14 @@ pub(crate) fn build(
             )));
         }
         let mut shown = Map::new();
-        let own = policy_table(ctx, &key, &c.policy, &policy, (relays, senders), &mut shown)?;
+        let own = policy_table(
+            ctx,
+            &key,
+            &c.policy,
+            &policy,
+            (relays, senders, &templates),
+            &mut shown,
+        )?;
         shown.insert("name".into(), json!(name));
         shown.insert("token".into(), json!(REDACTED));
         shown_callers.push(Json::Object(shown));
@@ -297,7 +310,7 @@ fn policy_table(
     key: &str,
     raw: &RawPolicy,
     base: &Policy,
-    (relays, senders): (&[String], &[crate::config::RelaySenders]),
+    (relays, senders, templates): (&[String], &[crate::config::RelaySenders], &[String]),
     out: &mut Map<String, Json>,
 ) -> Result<Policy, ConfigError> {
     let at = |f: &str| ctx.at(&format!("{key}.{f}"));
@@ -351,6 +364,31 @@ fn policy_table(
             .map(|c| json!({"name": c.name, "pattern": c.pattern, "action": c.action.as_str()}))
             .collect();
         leaf(out, "content_checks", json!(shown), &a);
+    }
+    if let Some(list) = &raw.allowed_templates {
+        let a = at("allowed_templates");
+        if let Some(bad) = list.0.iter().find(|t| !templates.contains(t)) {
+            return Err(a.err(format!(
+                "{bad:?} is not a configured template; templates: {}",
+                if templates.is_empty() {
+                    "none".to_owned()
+                } else {
+                    templates.join(", ")
+                }
+            )));
+        }
+        p.allowed_templates = list.0.clone();
+        leaf(out, "allowed_templates", json!(list.0), &a);
+    }
+    if let Some(v) = raw.require_template {
+        let a = at("require_template");
+        if v && templates.is_empty() {
+            return Err(
+                a.err("is true, but no [[templates]] are configured: every call would be refused")
+            );
+        }
+        p.require_template = v;
+        leaf(out, "require_template", json!(v), &a);
     }
     if let Some(fields) = &raw.headers {
         let a = at("headers");

@@ -302,6 +302,7 @@ pub(crate) fn build(
     leaf(&mut out, "message_id_domain", json!(message_id_domain), &at);
     let dkim = dkim(&ctx, &raw, &mut out)?;
     let one_click = unsubscribe(&ctx, &raw, &mut out)?;
+    let templates = templates(&ctx, &raw, max_message_bytes, &mut out)?;
 
     let at = ctx.at("outbox_dir");
     let outbox_dir = raw
@@ -491,6 +492,7 @@ pub(crate) fn build(
                 message_id_domain,
                 dkim,
                 one_click,
+                templates,
             },
             max_concurrent_calls,
             max_batch,
@@ -869,6 +871,133 @@ fn dkim(
     }
     out.insert("dkim".into(), Json::Array(shown));
     Ok(Signers(signers))
+}
+
+/// `[[templates]]`: each entry's texts read (from a file where it names
+/// one) and parsed now, so that a bad one is a start-up (or reload) error
+/// naming its key.
+fn templates(
+    ctx: &Ctx,
+    raw: &RawConfig,
+    max_message_bytes: usize,
+    out: &mut Map<String, Json>,
+) -> Result<crate::compose::named::Templates, ConfigError> {
+    use crate::compose::named::{MAX_TEMPLATES, Template, Templates};
+    if raw.templates.len() > MAX_TEMPLATES {
+        return Err(ctx.at("templates").err(format!(
+            "has {} entries; at most {MAX_TEMPLATES}",
+            raw.templates.len()
+        )));
+    }
+    let mut all: Vec<std::sync::Arc<Template>> = Vec::new();
+    let mut shown = Vec::new();
+    for (i, t) in raw.templates.iter().enumerate() {
+        let at = |key: &str| {
+            let mut at = ctx.at(&format!("templates.{i}.{key}"));
+            at.key = format!("templates[{i}].{key}");
+            at
+        };
+        let name = t.name.clone().unwrap_or_default();
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        {
+            return Err(
+                at("name").err("is required: 1 to 64 ASCII letters, digits, `_`, `.` or `-`")
+            );
+        }
+        if let Some(first) = all.iter().position(|x| x.name == name) {
+            return Err(at("name").err(format!(
+                "template {name:?} is configured twice (first at templates[{first}])"
+            )));
+        }
+        let description = t.description.clone();
+        if description
+            .as_deref()
+            .is_some_and(|d| d.len() > 500 || d.chars().any(char::is_control))
+        {
+            return Err(at("description").err("must be one line of at most 500 bytes"));
+        }
+        // Inline or from a file, not both; a file is read now (and again at
+        // each reload).
+        let text = |inline: &Option<String>,
+                    file: &Option<PathBuf>,
+                    key: &str|
+         -> Result<Option<(String, At)>, ConfigError> {
+            match (inline, file) {
+                (Some(_), Some(_)) => Err(at(key).err(format!(
+                    "is set with {key}_file; give the text or the file, not both"
+                ))),
+                (Some(text), None) => Ok(Some((text.clone(), at(key)))),
+                (None, Some(path)) => {
+                    let a = at(&format!("{key}_file"));
+                    let bytes = std::fs::read(path)
+                        .map_err(|e| a.err(format!("cannot read {}: {e}", path.display())))?;
+                    if bytes.len() > max_message_bytes {
+                        return Err(a.err(format!(
+                            "{} is {} bytes, more than max_message_bytes ({max_message_bytes})",
+                            path.display(),
+                            bytes.len()
+                        )));
+                    }
+                    let text = String::from_utf8(bytes)
+                        .map_err(|_| a.err(format!("{} is not UTF-8 text", path.display())))?;
+                    Ok(Some((text, a)))
+                }
+                (None, None) => Ok(None),
+            }
+        };
+        let subject = t
+            .subject
+            .clone()
+            .filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| at("subject").err("is required"))?;
+        if subject.chars().any(char::is_control) {
+            return Err(at("subject").err("must be one line without control characters"));
+        }
+        let Some((body, body_at)) = text(&t.body, &t.body_file, "body")? else {
+            return Err(at("body").err("is required (or body_file)"));
+        };
+        let html = text(&t.html_body, &t.html_body_file, "html_body")?;
+        let mut vars = std::collections::BTreeSet::new();
+        let parts = [
+            Some((&subject, at("subject"))),
+            Some((&body, body_at)),
+            html.as_ref().map(|(h, a)| (h, a.clone())),
+        ];
+        for (text, a) in parts.into_iter().flatten() {
+            let names = crate::compose::template::names(text).map_err(|why| a.err(why))?;
+            vars.extend(names);
+        }
+        let vars: Vec<String> = vars.into_iter().collect();
+        shown.push(json!({
+            "name": { "value": name, "source": at("name").source },
+            "description": description,
+            "subject": subject,
+            "body": match &t.body_file {
+                Some(p) => json!({ "file": p.display().to_string() }),
+                None => json!(body),
+            },
+            "html_body": match (&t.html_body_file, &html) {
+                (Some(p), _) => json!({ "file": p.display().to_string() }),
+                (None, Some((h, _))) => json!(h),
+                (None, None) => Json::Null,
+            },
+            "vars": vars,
+        }));
+        all.push(std::sync::Arc::new(Template {
+            name,
+            description,
+            subject,
+            body,
+            html_body: html.map(|(h, _)| h),
+            vars,
+        }));
+    }
+    out.insert("templates".into(), Json::Array(shown));
+    Ok(Templates(all))
 }
 
 /// Whether `name` is a DNS name of letters, digits and `-` (no label

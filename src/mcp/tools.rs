@@ -512,6 +512,7 @@ fn meta_of(c: &Composed) -> Meta {
         subject: c.subject.clone(),
         reply_to: c.reply_to.as_ref().map(ToString::to_string),
         headers: c.own_fields.iter().map(|(name, _)| name.clone()).collect(),
+        template: c.template.clone(),
         ..Meta::default()
     };
     for (address, (list, _)) in c.recipients.iter().zip(&c.fields) {
@@ -728,7 +729,7 @@ impl MailmuxServer {
                 warning: warning.clone(),
                 relays: snapshot.relays.iter().map(Into::into).collect(),
                 queue: Some(self.queue_status().await),
-                caller: caller.map(|c| CallerOut {
+                caller: caller.as_ref().map(|c| CallerOut {
                     name: c.name.to_string(),
                     mode: match c.policy.mode {
                         crate::policy::Mode::Send => "send".into(),
@@ -737,7 +738,26 @@ impl MailmuxServer {
                     approval: c.policy.approval.as_str().into(),
                     allowed_recipients: c.policy.allowed_recipients.len(),
                     rate: c.policy.rate.iter().map(|r| r.text.clone()).collect(),
+                    require_template: c.policy.require_template,
                 }),
+                templates: config
+                    .daemon
+                    .compose
+                    .templates
+                    .0
+                    .iter()
+                    .filter(|t| {
+                        caller.as_ref().is_none_or(|c| {
+                            let only = &c.policy.allowed_templates;
+                            only.is_empty() || only.contains(&t.name)
+                        })
+                    })
+                    .map(|t| TemplateOut {
+                        name: t.name.clone(),
+                        description: t.description.clone(),
+                        vars: t.vars.clone(),
+                    })
+                    .collect(),
                 audit: self.audit().settings().path.as_ref().map(|p| AuditOut {
                     path: p.display().to_string(),
                     healthy: self.audit().healthy(),

@@ -274,7 +274,7 @@ pub fn mistyped(name: &str, value: &serde_json::Value) -> Option<ShapeError> {
         }
         "subject" | "body" | "html_body" | "from_email" | "reply_to" | "in_reply_to"
         | "references" | "relay" | "idempotency_key" | "send_at" | "message_id" | "status"
-        | "cursor" | "batch_id" | "server_name"
+        | "cursor" | "batch_id" | "server_name" | "template"
             if !value.is_string() =>
         {
             wrong(name, "a string")
@@ -506,6 +506,7 @@ macro_rules! message_fields {
             "unsubscribe",
             "headers",
             "template_vars",
+            "template",
             "relay",
             $($extra),*
         ]
@@ -1428,6 +1429,9 @@ pub struct StatusResult {
     /// The DKIM keys that sign mail from their domains (`[[dkim]]`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dkim: Vec<DkimOut>,
+    /// The operator's templates this caller may name in `template`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub templates: Vec<TemplateOut>,
     /// The mailboxes read for bounce and complaint reports
     /// (`[relays.bounces]`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -1447,6 +1451,20 @@ pub struct DkimOut {
     pub selector: String,
     /// `rsa-sha256` or `ed25519-sha256`.
     pub algorithm: String,
+}
+
+/// One of the operator's templates (`[[templates]]`), as a caller names
+/// it.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct TemplateOut {
+    /// What `template` takes.
+    pub name: String,
+    /// What it is for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The variables its texts use, for `template_vars`. A variable used
+    /// only in a `{?name}…{/name}` block may be left out.
+    pub vars: Vec<String>,
 }
 
 /// The audit log's health.
@@ -1473,6 +1491,9 @@ pub struct CallerOut {
     pub allowed_recipients: usize,
     /// The caller's rate limits, as written.
     pub rate: Vec<String>,
+    /// Every message must name one of `templates`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub require_template: bool,
 }
 
 /// The tokio runtime's own counters.

@@ -118,6 +118,11 @@ pub struct Policy {
     pub headers: BTreeMap<String, String>,
     /// Patterns that refuse or hold a message by what it says.
     pub content_checks: ContentChecks,
+    /// The `[[templates]]` a message may name; empty: any.
+    pub allowed_templates: Vec<String>,
+    /// Every message must name a template: its subject and bodies are the
+    /// operator's.
+    pub require_template: bool,
 }
 
 impl Default for Policy {
@@ -139,6 +144,8 @@ impl Default for Policy {
             relay_control: true,
             headers: BTreeMap::new(),
             content_checks: ContentChecks::default(),
+            allowed_templates: Vec::new(),
+            require_template: false,
         }
     }
 }
@@ -307,6 +314,34 @@ impl Caller {
                     self.name
                 ),
             ));
+        }
+        match c.template.as_deref() {
+            None if p.require_template => {
+                return Err(Denied::new(
+                    "template",
+                    "template_required",
+                    format!(
+                        "caller {:?} may send only the operator's templates: name one in \
+                         template (get_smtp_status lists them), with its template_vars",
+                        self.name
+                    ),
+                ));
+            }
+            Some(t)
+                if !p.allowed_templates.is_empty()
+                    && !p.allowed_templates.iter().any(|a| a == t) =>
+            {
+                return Err(Denied::new(
+                    "template",
+                    "template_not_allowed",
+                    format!(
+                        "caller {:?} may not send template {t:?}; allowed: {}",
+                        self.name,
+                        p.allowed_templates.join(", ")
+                    ),
+                ));
+            }
+            _ => {}
         }
         if !p.allowed_senders.is_empty() && !rules::allowed(&p.allowed_senders, &c.from) {
             return Err(Denied::new(

@@ -1,0 +1,111 @@
+//! The operator's named templates (`[[templates]]`): a subject and bodies
+//! written in the configuration, which a call names (`template`) and fills
+//! with its `template_vars`, so that the wording is the operator's and only
+//! the variables are the agent's. This module holds them and puts a
+//! template's texts in place of a draft's; `template.rs` renders them.
+
+use std::sync::Arc;
+
+use super::{ComposeError, Draft};
+
+/// The most templates a configuration holds.
+pub const MAX_TEMPLATES: usize = 1000;
+
+/// One `[[templates]]` entry, checked at load: its texts parse, and `vars`
+/// are the variables they use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    pub name: String,
+    /// What it is for, for the agent (`get_smtp_status` shows it).
+    pub description: Option<String>,
+    pub subject: String,
+    /// The text body.
+    pub body: String,
+    /// An HTML alternative; values are HTML-escaped in it.
+    pub html_body: Option<String>,
+    /// Every variable the texts use, sorted.
+    pub vars: Vec<String>,
+}
+
+/// The configured templates, in the order written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Templates(pub Vec<Arc<Template>>);
+
+impl Templates {
+    pub fn get(&self, name: &str) -> Option<&Arc<Template>> {
+        self.0.iter().find(|t| t.name == name)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|t| t.name.as_str())
+    }
+}
+
+/// What a draft's subject and bodies are once its template, if it names
+/// one, is put in their place.
+pub(crate) struct Texts<'a> {
+    pub subject: &'a str,
+    pub body: &'a str,
+    /// `body` is HTML.
+    pub html: bool,
+    pub html_body: Option<&'a str>,
+    /// The template's name: its texts are rendered even without
+    /// `template_vars` (a variable it needs is then missing).
+    pub template: Option<&'a str>,
+}
+
+/// The texts of `draft`: its own, or those of the template it names. A
+/// draft that names a template may not write a subject or a body of its
+/// own (`conflicting_fields`); one that names no configured template is
+/// refused (`unknown_template`).
+pub(crate) fn texts<'a>(draft: &'a Draft, all: &'a Templates) -> Result<Texts<'a>, ComposeError> {
+    let Some(name) = draft.template.as_deref() else {
+        return Ok(Texts {
+            subject: &draft.subject,
+            body: &draft.body,
+            html: draft.html,
+            html_body: draft.html_body.as_deref(),
+            template: None,
+        });
+    };
+    let Some(t) = all.get(name) else {
+        let known = if all.is_empty() {
+            "none is configured".to_owned()
+        } else {
+            format!("get_smtp_status lists the {} configured", all.0.len())
+        };
+        return Err(ComposeError::new(
+            "template",
+            "unknown_template",
+            format!("no template is named {name:?}; {known}"),
+        ));
+    };
+    for (field, set) in [
+        ("subject", !draft.subject.is_empty()),
+        ("body", !draft.body.is_empty()),
+        ("html_body", draft.html_body.is_some()),
+        ("html", draft.html),
+    ] {
+        if set {
+            return Err(ComposeError::new(
+                field,
+                "conflicting_fields",
+                format!(
+                    "template {name:?} writes the subject and the bodies; leave {field} out \
+                     and give the template's variables in template_vars"
+                ),
+            ));
+        }
+    }
+    Ok(Texts {
+        subject: &t.subject,
+        body: &t.body,
+        html: false,
+        html_body: t.html_body.as_deref(),
+        template: Some(&t.name),
+    })
+}
