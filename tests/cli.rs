@@ -128,6 +128,57 @@ fn send_prints_json_and_exits_by_status() {
     assert_eq!(out["attempts"][0]["class"], "relay_fault", "{out}");
 }
 
+/// `send --template NAME --var K=V` sends the operator's template with the
+/// values given; a subject beside it is a usage error, a missing value a
+/// refusal, and neither sends anything.
+#[test]
+fn send_fills_a_configured_template_from_its_vars() {
+    let smtp = Aiosmtpd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mailmux.toml");
+    std::fs::write(
+        &config,
+        "[[templates]]\nname = \"reminder\"\nsubject = \"See you at {time}\"\n\
+         body = \"Hello {name}, your appointment is at {time}.\"\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let send = |extra: &[&str]| {
+        let mut args = vec!["--config", config, "send", "--to", "a@example.org"];
+        args.extend_from_slice(extra);
+        mailmux(smtp.port, &args)
+    };
+    let (code, stdout, stderr) = send(&[
+        "--template",
+        "reminder",
+        "--var",
+        "name=Ada",
+        "--var",
+        "time=10:30",
+    ]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let m = smtp.wait_messages(1);
+    assert!(m[0].contains("Subject: See you at 10:30"), "{}", m[0]);
+    assert!(
+        m[0].contains("Hello Ada, your appointment is at 10:30."),
+        "{}",
+        m[0]
+    );
+
+    let (code, _, stderr) = send(&["--template", "reminder", "--subject", "mine"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--subject"), "{stderr}");
+    let (code, stdout, _) = send(&["--template", "reminder", "--var", "name=Ada"]);
+    assert_eq!(code, 1, "{stdout}");
+    let out: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(out["error"]["rule"], "missing_template_vars", "{out}");
+    let (code, _, stderr) = send(&["--template", "reminder", "--var", "novalue"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("NAME=VALUE"), "{stderr}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(smtp.messages().len(), 1);
+}
+
 /// A body file or attachment is read up to its limit, never whole: a path
 /// that never ends (a device, a pipe) is refused, and nothing is sent.
 #[test]

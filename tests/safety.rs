@@ -37,6 +37,7 @@ const DELTA: &str = "delta-token-3f21";
 const ETA: &str = "eta-token-a81f";
 const ZETA: &str = "zeta-token-5c3e";
 const THETA: &str = "theta-token-e2b9";
+const IOTA: &str = "iota-token-41f6";
 const OPS: &str = "operator-token-77aa";
 /// A body and a password that must never appear in the audit log.
 const BODY_MARKER: &str = "BODY-MARKER-d41d8cd9";
@@ -67,6 +68,12 @@ fn sha256_hex(s: &str) -> String {
 /// The configuration: a default policy with a recipient allowlist and a
 /// rate, four callers and an operator. `extra` goes at the top.
 fn config_toml(dir: &Path, sink: u16, other: u16, extra: &str) -> String {
+    let shipped = dir.join("shipped.txt");
+    std::fs::write(
+        &shipped,
+        "Hello {name},\n\nyour order {order} has shipped.{?note}\nNote: {note}{/note}\n",
+    )
+    .unwrap();
     format!(
         r#"
 send_deadline = "8s"
@@ -146,6 +153,31 @@ name = "invoice"
 pattern = '(?i)\binvoice\b'
 action = "hold"
 
+# Sends only the operator's wording: one of its templates.
+[[callers]]
+name = "iota"
+token_env = "IOTA_TOKEN"
+allowed_recipients = ["*"]
+require_template = true
+allowed_templates = ["order_shipped"]
+
+[[callers.content_checks]]
+name = "private key"
+pattern = '-----BEGIN [A-Z ]*PRIVATE KEY-----'
+action = "reject"
+
+[[templates]]
+name = "order_shipped"
+description = "Tell a customer that an order has shipped"
+subject = "Order {{order}} has shipped"
+body_file = "{shipped}"
+html_body = "<p>Hello {{name}}, order <b>{{order}}</b> has shipped.</p>"
+
+[[templates]]
+name = "internal_note"
+subject = "Note"
+body = "{{text}}"
+
 [[operators]]
 name = "ops"
 token_env = "OPS_TOKEN"
@@ -173,6 +205,7 @@ timeout = "3s"
         audit = dir.join("audit.jsonl").display(),
         beta = sha256_hex(BETA),
         password = PASSWORD_MARKER,
+        shipped = shipped.display(),
     )
 }
 
@@ -185,6 +218,7 @@ fn envs(cmd: &mut Command) -> &mut Command {
         .env("ETA_TOKEN", ETA)
         .env("ZETA_TOKEN", ZETA)
         .env("THETA_TOKEN", THETA)
+        .env("IOTA_TOKEN", IOTA)
         .env("OPS_TOKEN", OPS)
 }
 
@@ -3007,4 +3041,196 @@ async fn content_checks_change_with_a_reload_and_a_bad_pattern_keeps_the_old_one
         "{out}"
     );
     assert_eq!(sink.delivered().len(), 0);
+}
+
+/// The operator's templates: a caller held to them sends only their
+/// wording, filled with its variables (escaped in HTML), alone and in a
+/// batch; what it may name is listed to it; content checks read the
+/// rendered text; the audit line names the template; a reload re-reads the
+/// file, and a template that does not parse keeps the ones in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_held_to_templates_sends_only_the_operators_wording() {
+    const KEY: &str = "-----BEGIN OPENSSH PRIVATE KEY-----";
+    let (sink, other) = servers().await;
+    let d = start(&sink, &other, "").await;
+    let iota = connect(&d, IOTA).await;
+    let delta = connect(&d, DELTA).await;
+    let to = json!(["customer@anywhere.net"]);
+
+    // What each caller may name, with the variables to give.
+    let status = call(&iota, "get_smtp_status", json!({})).await.1;
+    assert_eq!(status["caller"]["require_template"], true, "{status}");
+    assert_eq!(
+        status["templates"],
+        json!([{"name": "order_shipped",
+                "description": "Tell a customer that an order has shipped",
+                "vars": ["name", "note", "order"]}]),
+        "{status}"
+    );
+    let status = call(&delta, "get_smtp_status", json!({})).await.1;
+    assert!(
+        status["caller"].get("require_template").is_none(),
+        "{status}"
+    );
+    let names: Vec<&Value> = status["templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| &t["name"])
+        .collect();
+    assert_eq!(names, [&json!("order_shipped"), &json!("internal_note")]);
+
+    // Refused, each naming its field and rule, before anything is sent.
+    for (args, code, field, rule) in [
+        (
+            json!({"to": to, "subject": "hi", "body": "my own words"}),
+            "policy_denied",
+            "template",
+            "template_required",
+        ),
+        (
+            json!({"to": to, "template": "internal_note", "template_vars": {"text": "x"}}),
+            "policy_denied",
+            "template",
+            "template_not_allowed",
+        ),
+        (
+            json!({"to": to, "template": "order_shipped", "subject": "mine",
+                   "template_vars": {"name": "Ada", "order": "1"}}),
+            "invalid_input",
+            "subject",
+            "conflicting_fields",
+        ),
+        (
+            json!({"to": to, "template": "order_shipped", "template_vars": {"name": "Ada"}}),
+            "invalid_input",
+            "template_vars",
+            "missing_template_vars",
+        ),
+        (
+            json!({"to": to, "template": "order_shipped",
+                   "template_vars": {"name": "Ada", "order": "1", "note": KEY}}),
+            "policy_denied",
+            "body",
+            "content_rejected",
+        ),
+    ] {
+        let (e, out) = call(&iota, "send_email", args).await;
+        assert!(e, "{out}");
+        assert_eq!(
+            (
+                &out["error"]["code"],
+                &out["error"]["field"],
+                &out["error"]["rule"]
+            ),
+            (&json!(code), &json!(field), &json!(rule)),
+            "{out}"
+        );
+    }
+    let (e, out) = call(&delta, "send_email", json!({"to": to, "template": "nope"})).await;
+    assert!(e, "{out}");
+    assert_eq!(out["error"]["rule"], "unknown_template", "{out}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(sink.verb_count("MAIL") + other.verb_count("MAIL"), 0);
+
+    // The template's words with the call's values; HTML-escaped in HTML.
+    let (e, out) = call(
+        &iota,
+        "send_email",
+        json!({"to": to, "template": "order_shipped",
+               "template_vars": {"name": "<Ada>", "order": "1042", "note": "gift wrap"}}),
+    )
+    .await;
+    assert!(!e, "{out}");
+    assert_eq!(out["status"], "sent", "{out}");
+    let first = out["message_id"].as_str().unwrap().to_owned();
+    let m = sink.delivered().pop().unwrap();
+    let text = String::from_utf8_lossy(&m.data).into_owned();
+    assert!(
+        text.contains("Subject: Order 1042 has shipped\r\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Hello <Ada>,\r\n\r\nyour order 1042 has shipped.\r\nNote: gift wrap"),
+        "{text}"
+    );
+    assert!(
+        text.contains("<p>Hello &lt;Ada&gt;, order <b>1042</b>"),
+        "{text}"
+    );
+
+    // A batch: the template in the defaults, each message's own values.
+    let (e, out) = call(
+        &iota,
+        "send_batch",
+        json!({"defaults": {"template": "order_shipped"},
+               "messages": [
+                   {"to": ["a@anywhere.net"], "template_vars": {"name": "Ann", "order": "1"}},
+                   {"to": ["b@anywhere.net"], "template_vars": {"name": "Bo", "order": "2"}},
+                   {"to": ["c@anywhere.net"], "subject": "mine",
+                    "template_vars": {"name": "Cy", "order": "3"}}]}),
+    )
+    .await;
+    assert!(!e, "{out}");
+    let r = out["results"].as_array().unwrap();
+    assert_eq!(
+        (&r[0]["status"], &r[1]["status"]),
+        (&json!("sent"), &json!("sent")),
+        "{out}"
+    );
+    assert_eq!(r[2]["error"]["field"], "messages[2].subject", "{out}");
+    let delivered = sink.delivered();
+    assert_eq!(delivered.len(), 3);
+    for (who, order) in [("Ann", "1"), ("Bo", "2")] {
+        assert!(
+            delivered.iter().any(|m| {
+                let t = String::from_utf8_lossy(&m.data);
+                t.contains(&format!("Subject: Order {order} has shipped\r\n"))
+                    && t.contains(&format!("Hello {who},"))
+            }),
+            "{who}"
+        );
+    }
+
+    // The audit line names the template it was written from.
+    let line = d
+        .audit()
+        .into_iter()
+        .find(|l| l["email"]["message_id"] == first.as_str() && l["event"]["action"] == "sent")
+        .expect("a sent line");
+    assert_eq!(line["mailmux"]["template"], "order_shipped", "{line}");
+
+    // The file changed: a reload reads it again.
+    std::fs::write(
+        d.dir.path().join("shipped.txt"),
+        "Dear {name}, order {order} is on its way.\n",
+    )
+    .unwrap();
+    hangup(&d, "reloaded:").await;
+    let (e, out) = call(
+        &iota,
+        "send_email",
+        json!({"to": to, "template": "order_shipped",
+               "template_vars": {"name": "Ada", "order": "7"}}),
+    )
+    .await;
+    assert!(!e && out["status"] == "sent", "{out}");
+    let text = String::from_utf8_lossy(&sink.delivered().pop().unwrap().data).into_owned();
+    assert!(text.contains("Dear Ada, order 7 is on its way."), "{text}");
+
+    // A template that does not parse: the reload is refused, naming its
+    // key, and the templates in force stay.
+    std::fs::write(d.dir.path().join("shipped.txt"), "Dear {?name}, unclosed\n").unwrap();
+    hangup(&d, "configuration not reloaded").await;
+    assert!(d.log().contains("templates[0].body_file"), "{}", d.log());
+    let (e, out) = call(
+        &iota,
+        "send_email",
+        json!({"to": to, "template": "order_shipped",
+               "template_vars": {"name": "Ada", "order": "8"}}),
+    )
+    .await;
+    assert!(!e && out["status"] == "sent", "{out}");
+    let text = String::from_utf8_lossy(&sink.delivered().pop().unwrap().data).into_owned();
+    assert!(text.contains("Dear Ada, order 8 is on its way."), "{text}");
 }
