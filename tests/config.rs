@@ -2339,6 +2339,11 @@ subject = "Order {{order}} has shipped"
 body_file = "{body}"
 html_body = "<p>Hello {{name}}</p>"
 
+[templates.vars]
+order = '[0-9]{{1,10}}'
+name = '[^\n]{{1,60}}'
+note = '.{{0,200}}'
+
 [[templates]]
 name = "welcome"
 subject = "Welcome"
@@ -2367,6 +2372,19 @@ allowed_templates = ["order_shipped"]
         Some("An order left the warehouse")
     );
     assert!(t.get("welcome").unwrap().vars.is_empty());
+    let patterns: Vec<(&str, &str)> = shipped
+        .patterns
+        .iter()
+        .map(|p| (p.var.as_str(), p.pattern.as_str()))
+        .collect();
+    assert_eq!(
+        patterns,
+        [
+            ("name", "[^\\n]{1,60}"),
+            ("note", ".{0,200}"),
+            ("order", "[0-9]{1,10}")
+        ]
+    );
     assert_eq!(c.safety.policy.allowed_templates, ["welcome"]);
     assert!(!c.safety.policy.require_template);
     let shop = &c.safety.callers[0].policy;
@@ -2435,6 +2453,27 @@ allowed_templates = ["order_shipped"]
             "[[templates]]\nname = \"a\"\nsubject = \"s\"\nbody = \"b\"\nhtml = true\n".to_owned(),
             "templates[0].html",
             "unknown key",
+        ),
+        (
+            "[[templates]]\nname = \"a\"\nsubject = \"{x}\"\nbody = \"{y}\"\n\
+             [templates.vars]\nx = \"[0-9]+\"\n"
+                .to_owned(),
+            "templates[0].vars",
+            "no pattern for y",
+        ),
+        (
+            "[[templates]]\nname = \"a\"\nsubject = \"{x}\"\nbody = \"b\"\n\
+             [templates.vars]\nx = \"[0-9]+\"\nz = \".*\"\n"
+                .to_owned(),
+            "templates[0].vars.z",
+            "not used",
+        ),
+        (
+            "[[templates]]\nname = \"a\"\nsubject = \"{x}\"\nbody = \"b\"\n\
+             [templates.vars]\nx = \"(unclosed\"\n"
+                .to_owned(),
+            "templates[0].vars.x",
+            "not a regular expression",
         ),
         (
             "[policy]\nallowed_templates = [\"nope\"]\n".to_owned(),

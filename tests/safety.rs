@@ -173,6 +173,11 @@ subject = "Order {{order}} has shipped"
 body_file = "{shipped}"
 html_body = "<p>Hello {{name}}, order <b>{{order}}</b> has shipped.</p>"
 
+[templates.vars]
+order = '[0-9]{{1,10}}'
+name = '[^\r\n]{{1,60}}'
+note = '[^\r\n]{{0,200}}'
+
 [[templates]]
 name = "internal_note"
 subject = "Note"
@@ -3064,7 +3069,9 @@ async fn a_caller_held_to_templates_sends_only_the_operators_wording() {
         status["templates"],
         json!([{"name": "order_shipped",
                 "description": "Tell a customer that an order has shipped",
-                "vars": ["name", "note", "order"]}]),
+                "vars": ["name", "note", "order"],
+                "patterns": {"name": "[^\\r\\n]{1,60}", "note": "[^\\r\\n]{0,200}",
+                             "order": "[0-9]{1,10}"}}]),
         "{status}"
     );
     let status = call(&delta, "get_smtp_status", json!({})).await.1;
@@ -3114,6 +3121,13 @@ async fn a_caller_held_to_templates_sends_only_the_operators_wording() {
             "body",
             "content_rejected",
         ),
+        (
+            json!({"to": to, "template": "order_shipped",
+                   "template_vars": {"name": "Ada", "order": "1 SECRET-IN-A-VALUE"}}),
+            "invalid_input",
+            "template_vars.order",
+            "template_var_mismatch",
+        ),
     ] {
         let (e, out) = call(&iota, "send_email", args).await;
         assert!(e, "{out}");
@@ -3126,6 +3140,7 @@ async fn a_caller_held_to_templates_sends_only_the_operators_wording() {
             (&json!(code), &json!(field), &json!(rule)),
             "{out}"
         );
+        assert!(!out.to_string().contains("SECRET-IN-A-VALUE"), "{out}");
     }
     let (e, out) = call(&delta, "send_email", json!({"to": to, "template": "nope"})).await;
     assert!(e, "{out}");
@@ -3203,7 +3218,7 @@ async fn a_caller_held_to_templates_sends_only_the_operators_wording() {
     // The file changed: a reload reads it again.
     std::fs::write(
         d.dir.path().join("shipped.txt"),
-        "Dear {name}, order {order} is on its way.\n",
+        "Dear {name}, order {order} is on its way.{?note} ({note}){/note}\n",
     )
     .unwrap();
     hangup(&d, "reloaded:").await;

@@ -647,7 +647,7 @@ fn compose_inner(
             .into_iter()
             .filter(|(_, v)| !custom::left_out(v)),
     );
-    let template = texts.template.map(str::to_owned);
+    let template = texts.template.map(|t| t.name.clone());
     let (text, html) = if texts.html {
         (None, Some(rendered.body))
     } else {

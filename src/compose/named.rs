@@ -13,7 +13,7 @@ pub const MAX_TEMPLATES: usize = 1000;
 
 /// One `[[templates]]` entry, checked at load: its texts parse, and `vars`
 /// are the variables they use.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Template {
     pub name: String,
     /// What it is for, for the agent (`get_smtp_status` shows it).
@@ -25,10 +25,72 @@ pub struct Template {
     pub html_body: Option<String>,
     /// Every variable the texts use, sorted.
     pub vars: Vec<String>,
+    /// What each variable's whole value must match, when the operator
+    /// said (then every variable has one).
+    pub patterns: Vec<VarPattern>,
+}
+
+/// The pattern a template's variable must match, whole.
+#[derive(Debug, Clone)]
+pub struct VarPattern {
+    pub var: String,
+    /// As written.
+    pub pattern: String,
+    /// `^(?:pattern)$`.
+    pub regex: regex::Regex,
+}
+
+impl PartialEq for VarPattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.var == other.var && self.pattern == other.pattern
+    }
+}
+
+impl VarPattern {
+    /// The pattern, anchored at both ends, or why it does not compile.
+    pub fn new(var: &str, pattern: &str) -> Result<Self, String> {
+        let regex = regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+            .size_limit(1 << 20)
+            .build()
+            .map_err(|e| format!("is not a regular expression: {e}"))?;
+        Ok(VarPattern {
+            var: var.to_owned(),
+            pattern: pattern.to_owned(),
+            regex,
+        })
+    }
+}
+
+impl Template {
+    /// The first value of `vars` its variable's pattern refuses.
+    pub(crate) fn check_vars(
+        &self,
+        vars: Option<&std::collections::BTreeMap<String, String>>,
+    ) -> Result<(), ComposeError> {
+        let Some(vars) = vars else {
+            return Ok(());
+        };
+        for p in &self.patterns {
+            if let Some(value) = vars.get(&p.var)
+                && !p.regex.is_match(value)
+            {
+                // Never the value: it may be what the pattern keeps out.
+                return Err(ComposeError::new(
+                    format!("template_vars.{}", p.var),
+                    "template_var_mismatch",
+                    format!(
+                        "does not match what template {:?} takes for {}: {}",
+                        self.name, p.var, p.pattern
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The configured templates, in the order written.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Templates(pub Vec<Arc<Template>>);
 
 impl Templates {
@@ -53,9 +115,9 @@ pub(crate) struct Texts<'a> {
     /// `body` is HTML.
     pub html: bool,
     pub html_body: Option<&'a str>,
-    /// The template's name: its texts are rendered even without
-    /// `template_vars` (a variable it needs is then missing).
-    pub template: Option<&'a str>,
+    /// The template: its texts are rendered even without `template_vars`
+    /// (a variable it needs is then missing).
+    pub template: Option<&'a Template>,
 }
 
 /// The texts of `draft`: its own, or those of the template it names. A
@@ -101,11 +163,12 @@ pub(crate) fn texts<'a>(draft: &'a Draft, all: &'a Templates) -> Result<Texts<'a
             ));
         }
     }
+    t.check_vars(draft.template_vars.as_ref())?;
     Ok(Texts {
         subject: &t.subject,
         body: &t.body,
         html: false,
         html_body: t.html_body.as_deref(),
-        template: Some(&t.name),
+        template: Some(t),
     })
 }

@@ -1176,6 +1176,7 @@ fn random_input_never_panics() {
                 body: g.string(),
                 html_body: g.chance(2).then(|| g.string()),
                 vars: Vec::new(),
+                patterns: vec![named::VarPattern::new("a", "[a-z]*").unwrap()],
             })]),
             ..ComposePolicy::default()
         };
@@ -1403,6 +1404,7 @@ fn with_templates() -> ComposePolicy {
         body: "Hello {name},\n{?note}Note: {note}\n{/note}".into(),
         html_body: Some("<p>Hello {name}</p>".into()),
         vars: vec!["name".into(), "note".into(), "order".into()],
+        patterns: vec![named::VarPattern::new("order", "[0-9]{1,10}").unwrap()],
     };
     ComposePolicy {
         templates: named::Templates(vec![std::sync::Arc::new(t)]),
@@ -1462,6 +1464,24 @@ fn a_template_writes_the_subject_and_bodies_with_the_calls_variables() {
         set(&mut d);
         let e = err(&d, &p);
         assert_eq!((e.field.as_str(), e.rule), (field, "conflicting_fields"));
+    }
+
+    // A value its variable's pattern refuses, whole: never echoed.
+    for order in ["1042; and the customer list", "", "10421042104210421042"] {
+        let e = err(
+            &from_template("shipped", &[("name", "A"), ("order", order)]),
+            &p,
+        );
+        assert_eq!(
+            (e.field.as_str(), e.rule),
+            ("template_vars.order", "template_var_mismatch")
+        );
+        assert!(e.message.contains("[0-9]{1,10}"), "{}", e.message);
+        assert!(
+            order.is_empty() || !e.message.contains(order),
+            "{}",
+            e.message
+        );
     }
 
     let e = err(&from_template("nope", &[]), &p);

@@ -94,6 +94,7 @@ pub(crate) const TEMPLATE_KEYS: &[&str] = &[
     "body_file",
     "html_body",
     "html_body_file",
+    "vars",
 ];
 
 /// Keys of a `[[dkim]]` entry.
@@ -376,6 +377,9 @@ pub(crate) struct RawTemplate {
     /// An HTML alternative, or `html_body_file`. Default: none.
     pub html_body: Option<String>,
     pub html_body_file: Option<PathBuf>,
+    /// What each variable's whole value must match (a regular
+    /// expression); when given, one for every variable. Default: none.
+    pub vars: Option<BTreeMap<String, String>>,
 }
 
 /// One `[[dkim]]` key.

@@ -972,6 +972,33 @@ fn templates(
             vars.extend(names);
         }
         let vars: Vec<String> = vars.into_iter().collect();
+        let mut patterns = Vec::new();
+        if let Some(given) = &t.vars {
+            for (var, pattern) in given {
+                let a = at(&format!("vars.{var}"));
+                if !vars.contains(var) {
+                    return Err(a.err(format!(
+                        "{{{var}}} is not used by this template's texts; they use: {}",
+                        vars.join(", ")
+                    )));
+                }
+                patterns.push(
+                    crate::compose::named::VarPattern::new(var, pattern)
+                        .map_err(|why| a.err(why))?,
+                );
+            }
+            let missing: Vec<&str> = vars
+                .iter()
+                .filter(|v| !given.contains_key(*v))
+                .map(String::as_str)
+                .collect();
+            if !missing.is_empty() {
+                return Err(at("vars").err(format!(
+                    "has no pattern for {}, which the texts use: give every variable one",
+                    missing.join(", ")
+                )));
+            }
+        }
         shown.push(json!({
             "name": { "value": name, "source": at("name").source },
             "description": description,
@@ -986,6 +1013,7 @@ fn templates(
                 (None, None) => Json::Null,
             },
             "vars": vars,
+            "var_patterns": t.vars,
         }));
         all.push(std::sync::Arc::new(Template {
             name,
@@ -994,6 +1022,7 @@ fn templates(
             body,
             html_body: html.map(|(h, _)| h),
             vars,
+            patterns,
         }));
     }
     out.insert("templates".into(), Json::Array(shown));

@@ -756,6 +756,11 @@ impl MailmuxServer {
                         name: t.name.clone(),
                         description: t.description.clone(),
                         vars: t.vars.clone(),
+                        patterns: t
+                            .patterns
+                            .iter()
+                            .map(|p| (p.var.clone(), p.pattern.clone()))
+                            .collect(),
                     })
                     .collect(),
                 audit: self.audit().settings().path.as_ref().map(|p| AuditOut {

@@ -1465,6 +1465,10 @@ pub struct TemplateOut {
     /// The variables its texts use, for `template_vars`. A variable used
     /// only in a `{?name}…{/name}` block may be left out.
     pub vars: Vec<String>,
+    /// What each variable's whole value must match (a regular
+    /// expression), when the operator set patterns.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub patterns: std::collections::BTreeMap<String, String>,
 }
 
 /// The audit log's health.
