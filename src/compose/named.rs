@@ -138,7 +138,7 @@ pub(crate) fn texts<'a>(draft: &'a Draft, all: &'a Templates) -> Result<Texts<'a
         let known = if all.is_empty() {
             "none is configured".to_owned()
         } else {
-            format!("get_smtp_status lists the {} configured", all.0.len())
+            "get_smtp_status lists those this caller may name".to_owned()
         };
         return Err(ComposeError::new(
             "template",

@@ -545,7 +545,9 @@ impl MailmuxServer {
                        partial, unknown (may have been delivered: do not resend blindly) or \
                        failed; queued (stored, retried on its own), scheduled (`send_at`) or held \
                        (waiting for a person's approval) when it is not out yet. Give an \
-                       `idempotency_key` to make a retry of the call safe.",
+                       `idempotency_key` to make a retry of the call safe. Name a `template` \
+                       (get_smtp_status lists those you may) to send its subject and bodies \
+                       filled with your `template_vars`.",
         output_schema = schema_for_output::<SendResult>()
     )]
     pub async fn send_email(
@@ -694,7 +696,9 @@ impl MailmuxServer {
     #[tool(
         name = "get_smtp_status",
         description = "Show every relay's state, health, connections, counters and latency, the \
-                       selection strategy, the pinned relay, uptime and version. Holds no secret.",
+                       selection strategy, the pinned relay, uptime and version, and the \
+                       templates you may name in send_email's `template`, with their variables. \
+                       Holds no secret.",
         output_schema = schema_for_output::<StatusResult>()
     )]
     pub async fn get_smtp_status(
