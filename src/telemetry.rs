@@ -120,6 +120,55 @@ pub fn install() -> &'static PrometheusHandle {
     })
 }
 
+/// The final statuses a message's counter is shown at 0 from the start.
+const FINAL: [&str; 5] = ["sent", "partial", "failed", "unknown", "expired"];
+
+/// Shows at 0, from the start, each counter an alert reads with
+/// `increase()` (`config/alerts.yml`) for every name the configuration
+/// knows: a counter that first appears at 1 has no earlier sample, so
+/// Prometheus would see no increase in its first event. The messages of
+/// each caller by final status, its policy refusals and content checks,
+/// the HTTP transport's 401s, and each Sent copy's outcomes. Called at start
+/// and after each reload (a new caller or check); names that went away
+/// keep their series until the process ends.
+pub fn zeroes(config: &crate::config::Config) {
+    let safety = &config.safety;
+    let mut callers: Vec<&crate::policy::CallerSettings> = safety.callers.iter().collect();
+    callers.push(&safety.stdio);
+    let default = crate::policy::CallerSettings {
+        name: crate::policy::DEFAULT_CALLER.into(),
+        token: None,
+        policy: safety.policy.clone(),
+    };
+    if config.daemon.http.token.is_some() || safety.callers.is_empty() {
+        callers.push(&default);
+    }
+    for c in callers {
+        for status in FINAL {
+            metrics::counter!(MESSAGES, "caller" => c.name.clone(), "status" => status)
+                .increment(0);
+        }
+        metrics::counter!(REFUSED, "caller" => c.name.clone(), "code" => "policy_denied")
+            .increment(0);
+        for check in c.policy.content_checks.checks() {
+            metrics::counter!(
+                CONTENT_CHECKS,
+                "caller" => c.name.clone(),
+                "check" => check.name.clone(),
+                "action" => check.action.as_str()
+            )
+            .increment(0);
+        }
+    }
+    metrics::counter!(HTTP_REFUSED, "status" => "401").increment(0);
+    for (relay, _) in &config.sent_copies {
+        for outcome in ["copied", "failed"] {
+            metrics::counter!(SENT_COPIES, "relay" => relay.clone(), "outcome" => outcome)
+                .increment(0);
+        }
+    }
+}
+
 /// Runs the recorder's upkeep (it drains histogram buffers) for as long as
 /// the runtime lives.
 pub fn spawn_upkeep(handle: &'static PrometheusHandle) {

@@ -388,6 +388,7 @@ pub async fn run(
     }
     // Before the actors start, so that their handles record into it.
     crate::telemetry::spawn_upkeep(crate::telemetry::install());
+    crate::telemetry::zeroes(&config);
     // The service manager's watchdog is pinged while the store recovers.
     let watch = crate::service::Watch::start();
     let queue = start_queue(&config).await?;

@@ -2323,6 +2323,7 @@ impl MailmuxServer {
             config_sources: new.sources.clone(),
             error: None,
         };
+        crate::telemetry::zeroes(&new);
         self.set_config(new);
         let mut text = format!(
             "reloaded: added [{}], removed [{}], changed [{}]{}{}",
