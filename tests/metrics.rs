@@ -2,7 +2,8 @@
 //! mail, a 550, a 451 that fails over, a held message, refusals) the
 //! Prometheus text parses and its counters equal what happened; the token
 //! rules; the listener of its own beside stdio; and every metric the shipped
-//! Grafana dashboard uses exists.
+//! Grafana dashboard uses exists; the shipped alerting rules pass promtool and
+//! read only metrics a daemon exports.
 
 mod common;
 #[path = "../actors/tests/support/mod.rs"]
@@ -82,9 +83,15 @@ timeout = "3s"
 }
 
 async fn start(primary: u16, backup: u16) -> Daemon {
+    start_with(|dir| config_toml(dir, primary, backup)).await
+}
+
+/// The daemon over HTTP on the configuration `config` writes for its folder.
+async fn start_with(config: impl FnOnce(&Path) -> String) -> Daemon {
     let dir = tempfile::tempdir().unwrap();
+    let text = config(dir.path());
     let config = dir.path().join("mailmux.toml");
-    std::fs::write(&config, config_toml(dir.path(), primary, backup)).unwrap();
+    std::fs::write(&config, text).unwrap();
     let port = common::free_port();
     let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_mailmux"))
@@ -450,6 +457,149 @@ async fn counters_equal_what_happened() {
         missing.is_empty(),
         "the dashboard uses metrics that do not exist: {missing:?}"
     );
+}
+
+/// The shipped alerting rules (`config/alerts.yml`): promtool finds them
+/// well formed and passes their tests (`tests/alerts/mailmux_test.yml`,
+/// where each alert fires on what should raise it and not on its near
+/// misses), every alert is shown firing there, and every metric they read
+/// is one a daemon exports from its start, counters at 0 included (a
+/// counter that first appeared at 1 would give `increase()` nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_alerts_pass_their_tests_on_metrics_a_daemon_exports() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let promtool = |args: &[&str]| {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(root)
+            .output()
+            .expect("promtool runs (Debian's prometheus package; .ci/run installs it)");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "promtool {args:?}: {text}");
+        text
+    };
+    let checked = promtool(&["check", "rules", "config/alerts.yml"]);
+    let rules = std::fs::read_to_string(root.join("config/alerts.yml")).unwrap();
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert!(alerts.len() >= 10, "{alerts:?}");
+    assert!(
+        checked.contains(&format!("SUCCESS: {} rules found", alerts.len())),
+        "{checked}"
+    );
+    promtool(&["test", "rules", "tests/alerts/mailmux_test.yml"]);
+    let tests = std::fs::read_to_string(root.join("tests/alerts/mailmux_test.yml")).unwrap();
+    for alert in &alerts {
+        let fires = format!("alertname: {alert}\n        exp_alerts:\n          - exp_labels");
+        assert!(tests.contains(&fires), "no test shows {alert} firing");
+    }
+
+    // A daemon with a content check and a Sent copy, nothing sent yet.
+    let d = start_with(|dir| {
+        format!(
+            r#"
+[http]
+token = "{CALLER_TOKEN}"
+
+[metrics]
+token = "{METRICS_TOKEN}"
+
+[queue]
+path = "{db}"
+
+[[policy.content_checks]]
+name = "private key"
+pattern = '-----BEGIN [A-Z ]*PRIVATE KEY-----'
+action = "reject"
+
+[[relays]]
+name = "primary"
+host = "127.0.0.1"
+port = {port}
+tls = "none"
+username = "agent"
+password = "not-used"
+from_email = "sender@example.org"
+
+[relays.sent_copy]
+imap_host = "127.0.0.1"
+port = {port}
+tls = "none"
+"#,
+            db = dir.join("queue.db").display(),
+            port = common::free_port(),
+        )
+    })
+    .await;
+    let (code, text) = get_metrics(&d.base, Some(METRICS_TOKEN)).await;
+    assert_eq!(code, 200);
+    let m = parse(&text);
+    let exported: BTreeSet<&str> = m.iter().map(|s| s.metric.as_str()).collect();
+    let mut read = BTreeSet::new();
+    let code: String = rules
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut rest = code.as_str();
+    while let Some(at) = rest.find("mailmux_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        read.insert(name);
+    }
+    assert!(read.len() >= 10, "{read:?}");
+    let missing: Vec<_> = read
+        .iter()
+        .filter(|n| !exported.contains(n.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the alerts read {missing:?}, which a daemon does not export: {text}"
+    );
+    // The counters the alerts count with increase() are there at 0.
+    for (name, labels) in [
+        (
+            "mailmux_messages_total",
+            &[("caller", "default"), ("status", "unknown")][..],
+        ),
+        (
+            "mailmux_messages_total",
+            &[("caller", "local"), ("status", "failed")],
+        ),
+        (
+            "mailmux_refused_total",
+            &[("caller", "default"), ("code", "policy_denied")],
+        ),
+        (
+            "mailmux_content_checks_total",
+            &[
+                ("caller", "default"),
+                ("check", "private key"),
+                ("action", "reject"),
+            ],
+        ),
+        ("mailmux_http_refused_total", &[("status", "401")]),
+        (
+            "mailmux_sent_copies_total",
+            &[("relay", "primary"), ("outcome", "failed")],
+        ),
+    ] {
+        let there = m.iter().any(|s| {
+            s.metric == name
+                && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+                && matches!(s.value, Prom::Counter(v) if v == 0.0)
+        });
+        assert!(there, "{name} {labels:?} at 0: {text}");
+    }
 }
 
 /// The metric names in every `expr` of `config/grafana-dashboard.json`.
