@@ -102,6 +102,8 @@ pub struct Config {
     pub daemon: DaemonSettings,
     /// Callers, operators, policy and the audit log.
     pub safety: crate::policy::SafetySettings,
+    /// `[notify]`: the webhook told of message events.
+    pub notify: Option<crate::notify::NotifySettings>,
     /// The relays that file a copy in the Sent folder, by relay name.
     pub sent_copies: Vec<(String, crate::sent_copy::SentCopySettings)>,
     /// The relays whose bounce and complaint reports are read, by relay
@@ -540,6 +542,9 @@ fn check_unknown_keys(layer: &FileLayer) -> Result<(), ConfigError> {
     }
     if let Some(Value::Dict(_, d)) = root.get("unsubscribe") {
         check(d, "unsubscribe.", &[raw::UNSUBSCRIBE_KEYS])?;
+    }
+    if let Some(Value::Dict(_, d)) = root.get("notify") {
+        check(d, "notify.", &[raw::NOTIFY_KEYS])?;
     }
     for (table, known) in [
         ("callers", &[raw::IDENTITY_KEYS, raw::POLICY_KEYS][..]),

@@ -27,6 +27,7 @@ pub mod console;
 pub mod imap;
 pub mod logging;
 pub mod mcp;
+pub mod notify;
 pub mod oauth;
 pub mod policy;
 pub mod sent_copy;

@@ -79,6 +79,9 @@ pub const MCP_SESSIONS: &str = "mailmux_mcp_sessions";
 pub const MCP_SESSIONS_EVICTED: &str = "mailmux_mcp_sessions_evicted_total";
 /// The build: 1, with the version as a label.
 pub const BUILD_INFO: &str = "mailmux_build_info";
+/// Posts of message events to the `[notify]` webhook, by outcome (`sent`,
+/// `failed` after its tries, `dropped` for a full backlog).
+pub const NOTIFICATIONS: &str = "mailmux_notifications_total";
 
 /// Upper bounds of the delivery latency buckets, in seconds: a loopback
 /// relay answers in milliseconds, a remote provider in a second or more.
@@ -261,6 +264,10 @@ fn describe() {
     describe_gauge!(
         SUPPRESSED,
         "Addresses on the suppression list, as this daemon holds it, read at each scrape."
+    );
+    describe_counter!(
+        NOTIFICATIONS,
+        "Message events posted to the [notify] webhook, by outcome (sent, failed, dropped)."
     );
     describe_counter!(
         REPORTED,

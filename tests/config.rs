@@ -2494,3 +2494,66 @@ allowed_templates = ["order_shipped"]
         assert!(e.message.contains(message), "{text}: {e}");
     }
 }
+
+/// `[notify]`: on only with a URL, https or loopback http; the events are
+/// checked; the URL is shown without its path (a webhook's key) and the
+/// token redacted; each mistake names its key.
+#[test]
+fn notify_keys_validate_and_hide_the_webhooks_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ok(None, &[]);
+    assert!(c.notify.is_none());
+    let file = write(
+        &dir,
+        "notify.toml",
+        "[notify]\nurl = \"https://hooks.example.org/services/T0/B0/KEY-IN-PATH\"\n\
+         token = \"TOKEN-a8f3e1c2d4b5\"\nevents = [\"held\", \"unknown\"]\n",
+    );
+    let c = ok(Some(&file), &[]);
+    let n = c.notify.as_ref().expect("notify");
+    assert_eq!(n.url.path(), "/services/T0/B0/KEY-IN-PATH");
+    assert_eq!(n.events, ["held", "unknown"]);
+    assert_eq!(n.token.as_ref().unwrap().expose(), "TOKEN-a8f3e1c2d4b5");
+    let shown = c.redacted["notify"].to_string();
+    assert!(
+        !shown.contains("KEY-IN-PATH") && !shown.contains("TOKEN-a8f3"),
+        "{shown}"
+    );
+    // The default event, and loopback http; from the environment too.
+    let c = ok(None, &[("MAILMUX_NOTIFY__URL", "http://127.0.0.1:9/hook")]);
+    assert_eq!(c.notify.as_ref().unwrap().events, ["held"]);
+
+    for (text, key, message) in [
+        (
+            "[notify]\nurl = \"http://hooks.example.org/x\"\n",
+            "notify.url",
+            "https",
+        ),
+        ("[notify]\nurl = \"not a url\"\n", "notify.url", "not a URL"),
+        (
+            "[notify]\nurl = \"https://h.example.org/\"\nevents = [\"sent\"]\n",
+            "notify.events",
+            "not an event",
+        ),
+        (
+            "[notify]\nevents = [\"held\"]\n",
+            "notify.url",
+            "is required",
+        ),
+        (
+            "[notify]\nurl = \"https://h.example.org/\"\nconsole_url = \"ftp://x\"\n",
+            "notify.console_url",
+            "not an http",
+        ),
+        (
+            "[notify]\nurl = \"https://h.example.org/\"\nevent = [\"held\"]\n",
+            "notify.event",
+            "unknown key",
+        ),
+    ] {
+        let file = write(&dir, "bad.toml", text);
+        let e = err(Some(&file), &[]);
+        assert_eq!(e.key, key, "{text}: {e}");
+        assert!(e.message.contains(message), "{text}: {e}");
+    }
+}

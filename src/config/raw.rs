@@ -44,6 +44,7 @@ pub(crate) const TOP_KEYS: &[&str] = &[
     "dkim",
     "unsubscribe",
     "templates",
+    "notify",
 ];
 
 /// Keys of `[policy]`, which every `[[callers]]` entry may override.
@@ -120,6 +121,9 @@ pub(crate) const HTTP_KEYS: &[&str] = &[
 ];
 
 pub(crate) const METRICS_KEYS: &[&str] = &["token", "token_file", "bind"];
+
+/// Keys of `[notify]`.
+pub(crate) const NOTIFY_KEYS: &[&str] = &["url", "token", "token_file", "events", "console_url"];
 
 pub(crate) const QUEUE_KEYS: &[&str] = &[
     "store",
@@ -309,6 +313,9 @@ pub(crate) struct RawConfig {
     /// `[[templates]]`: subjects and bodies a call names. Default: none.
     #[serde(default)]
     pub templates: Vec<RawTemplate>,
+    /// `[notify]`: the webhook told of message events. Default: none.
+    #[serde(default)]
+    pub notify: RawNotify,
     /// Relays from the seed's `SMTP_*` env vars, by suffix; never written in
     /// a file (the unknown-key check refuses it there).
     #[serde(default)]
@@ -407,6 +414,22 @@ pub(crate) struct RawMetrics {
     /// A listener of its own for `/metrics`, for a daemon serving stdio.
     /// Default: none.
     pub bind: Option<String>,
+}
+
+/// `[notify]`: the webhook told of message events.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawNotify {
+    /// Where events are POSTed (`MAILMUX_NOTIFY__URL`): `https:`, or
+    /// `http:` to a loopback address. Default: none (no posts).
+    pub url: Option<String>,
+    /// Bearer token of the posts (`MAILMUX_NOTIFY__TOKEN`). Default: none.
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    /// The message events posted. Default: `["held"]`.
+    pub events: Option<StringList>,
+    /// Where operators reach the console, for a link in each post.
+    /// Default: none.
+    pub console_url: Option<String>,
 }
 
 /// `[unsubscribe]`: the one-click unsubscribe links the daemon serves.

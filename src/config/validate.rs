@@ -303,6 +303,7 @@ pub(crate) fn build(
     let dkim = dkim(&ctx, &raw, &mut out)?;
     let one_click = unsubscribe(&ctx, &raw, &mut out)?;
     let templates = templates(&ctx, &raw, max_message_bytes, &mut out)?;
+    let notify = notify(&ctx, &raw, &mut out)?;
 
     let at = ctx.at("outbox_dir");
     let outbox_dir = raw
@@ -501,6 +502,7 @@ pub(crate) fn build(
             log_level: raw.log_level,
         },
         safety,
+        notify,
         sent_copies,
         bounce_readers,
         relay_senders,
@@ -1125,6 +1127,94 @@ fn token_pair(
 }
 
 /// `[metrics]`: who may read `/metrics`, and the listener of its own.
+/// `[notify]`: on only with a `url`.
+fn notify(
+    ctx: &Ctx,
+    raw: &RawConfig,
+    top: &mut Map<String, Json>,
+) -> Result<Option<crate::notify::NotifySettings>, ConfigError> {
+    let n = &raw.notify;
+    let mut out = Map::new();
+    let token = token_pair(ctx, &mut out, "notify", &n.token, &n.token_file)?;
+    let at = ctx.at("notify.url");
+    let url = match n.url.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(text) => {
+            let url = reqwest::Url::parse(text)
+                .map_err(|e| at.err(format!("{text:?} is not a URL: {e}")))?;
+            let host = url.host_str().unwrap_or("");
+            let loopback = host.eq_ignore_ascii_case("localhost")
+                || host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            match url.scheme() {
+                "https" => {}
+                "http" if loopback => {}
+                _ => {
+                    return Err(at.err(
+                        "must be an https: URL (http: only to a loopback address): events \
+                         and the token would otherwise cross the network in clear",
+                    ));
+                }
+            }
+            Some(url)
+        }
+    };
+    // Shown without its path and query, which may hold a key (Slack's do).
+    leaf(
+        &mut out,
+        "url",
+        json!(
+            url.as_ref()
+                .map(|u| format!("{}://{}/{REDACTED}", u.scheme(), u.authority()))
+        ),
+        &at,
+    );
+    let at = ctx.at("notify.events");
+    let events: Vec<String> = match &n.events {
+        Some(list) => list.0.iter().map(|e| e.trim().to_owned()).collect(),
+        None => vec!["held".to_owned()],
+    };
+    if let Some(bad) = events
+        .iter()
+        .find(|e| !crate::notify::EVENTS.contains(&e.as_str()))
+    {
+        return Err(at.err(format!(
+            "{bad:?} is not an event; events: {}",
+            crate::notify::EVENTS.join(", ")
+        )));
+    }
+    leaf(&mut out, "events", json!(events), &at);
+    let at = ctx.at("notify.console_url");
+    let console_url = n
+        .console_url
+        .as_deref()
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| match reqwest::Url::parse(c) {
+            Ok(u) if matches!(u.scheme(), "https" | "http") => {
+                Ok(c.trim_end_matches('/').to_owned())
+            }
+            _ => Err(at.err(format!("{c:?} is not an http: or https: URL"))),
+        })
+        .transpose()?;
+    leaf(&mut out, "console_url", json!(console_url), &at);
+    top.insert("notify".into(), Json::Object(out));
+    if url.is_none() && (token.is_some() || n.events.is_some() || console_url.is_some()) {
+        return Err(ctx
+            .at("notify.url")
+            .err("is required: [notify] has other keys but no url to post to"));
+    }
+    Ok(url.map(|url| crate::notify::NotifySettings {
+        url,
+        token,
+        events,
+        console_url,
+    }))
+}
+
 fn metrics(
     ctx: &Ctx,
     raw: &RawConfig,

@@ -105,6 +105,9 @@ impl MailmuxServer {
         if audit.enabled() {
             observers.push(audit.clone());
         }
+        if let Some(notify) = &config.notify {
+            observers.push(crate::notify::Notifier::start(notify.clone()));
+        }
         // Started even with no relay filing copies: a copy a crash left
         // pending for a relay that no longer files one is recorded failed.
         observers

@@ -178,6 +178,7 @@ pub fn config(relays: Vec<RelaySettings>) -> Config {
             metrics: Default::default(),
             log_level: None,
         },
+        notify: None,
         safety: Default::default(),
         sent_copies: Vec::new(),
         bounce_readers: Vec::new(),

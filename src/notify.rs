@@ -1,0 +1,223 @@
+//! What operators are told at once (`[notify]`): a JSON POST to a webhook
+//! for each message event they chose, `held` by default, so that a message
+//! waiting for a person's approval does not wait for someone to look at the
+//! console. One of the queue's observers: the event is put on a bounded
+//! channel, and one task posts, retrying a failed post twice. Best effort:
+//! a post that fails three times, or finds the channel full, is counted and
+//! logged, never retried later; the message itself is unaffected. Nothing
+//! of a message but its id, caller, recipient count and, for a held one,
+//! the check that held it goes out: no address, subject or body.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use mailmux_actors::Secret;
+use mailmux_actors::queue::{Action, Drain, Event, Observer};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::telemetry::NOTIFICATIONS;
+
+/// Events waiting to be posted; past it, new ones are dropped.
+const BACKLOG: usize = 1024;
+/// One post's time, connect to answer.
+const TIMEOUT: Duration = Duration::from_secs(10);
+/// Posts of one event, the first included.
+const ATTEMPTS: u32 = 3;
+/// The wait before the second post; doubled before the third.
+const RETRY_BASE: Duration = Duration::from_secs(1);
+
+/// The events that may be chosen.
+pub const EVENTS: [&str; 6] = [
+    "held", "approved", "rejected", "failed", "unknown", "expired",
+];
+
+/// `[notify]`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NotifySettings {
+    /// `https:`, or `http:` to a loopback address.
+    pub url: reqwest::Url,
+    /// Sent as `Authorization: Bearer …` when set.
+    pub token: Option<Secret>,
+    /// Which message events are posted (names of [`EVENTS`]).
+    pub events: Vec<String>,
+    /// Where the console is reached (`https://mail.example.org`), for a
+    /// link to the message in each post.
+    pub console_url: Option<String>,
+}
+
+/// The queue's observer that posts the chosen events.
+#[derive(Debug)]
+pub struct Notifier {
+    settings: NotifySettings,
+    tx: mpsc::Sender<serde_json::Value>,
+    /// Set while posts are dropped for a full channel, so that the log
+    /// says it once a streak.
+    dropping: AtomicBool,
+    /// Events given to the task and not yet posted or given up on.
+    pending: Arc<AtomicUsize>,
+}
+
+impl Notifier {
+    /// Starts the posting task.
+    pub fn start(settings: NotifySettings) -> Arc<Notifier> {
+        let (tx, rx) = mpsc::channel(BACKLOG);
+        let pending = Arc::new(AtomicUsize::new(0));
+        let client = reqwest::Client::builder()
+            .timeout(TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_default();
+        tokio::spawn(post_all(client, settings.clone(), rx, pending.clone()));
+        Arc::new(Notifier {
+            settings,
+            tx,
+            dropping: AtomicBool::new(false),
+            pending,
+        })
+    }
+
+    fn payload(&self, e: &Event<'_>) -> serde_json::Value {
+        let action = e.action.as_str();
+        let caller = e.caller.unwrap_or("-");
+        let held_by = match e.action {
+            Action::Held => crate::audit::Meta::held_by(e.meta),
+            _ => None,
+        };
+        let link = self.settings.console_url.as_ref().map(|base| {
+            format!(
+                "{}/console/messages/{}",
+                base.trim_end_matches('/'),
+                e.message_id
+            )
+        });
+        let what = match e.action {
+            Action::Held => "is held for a person's approval",
+            Action::Approved => "was approved",
+            Action::Rejected => "was rejected",
+            Action::Failed => "failed",
+            Action::Unknown => "may or may not have been delivered (unknown; never resent)",
+            Action::Expired => "expired undelivered",
+            _ => action,
+        };
+        let mut text = format!(
+            "mailmux: message {} from caller {caller} to {} recipient{} {what}",
+            e.message_id,
+            e.to.len(),
+            if e.to.len() == 1 { "" } else { "s" },
+        );
+        if let Some(by) = &held_by {
+            text.push_str(&format!(" ({by})"));
+        }
+        if let Some(link) = &link {
+            text.push_str(&format!(": {link}"));
+        }
+        let at = jiff::Timestamp::now().to_string();
+        let mut body = json!({
+            "event": action,
+            "message_id": e.message_id,
+            "caller": caller,
+            "recipients": e.to.len(),
+            "at": at,
+            "text": text,
+        });
+        if let Some(by) = held_by {
+            body["held_by"] = json!(by);
+        }
+        if let Some(by) = e.decided_by {
+            body["decided_by"] = json!(by);
+        }
+        if let Some(link) = link {
+            body["link"] = json!(link);
+        }
+        body
+    }
+}
+
+impl Observer for Notifier {
+    fn event(&self, e: &Event<'_>) {
+        if !self.settings.events.iter().any(|x| x == e.action.as_str()) {
+            return;
+        }
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        match self.tx.try_send(self.payload(e)) {
+            Ok(()) => {
+                self.dropping.store(false, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.pending.fetch_sub(1, Ordering::AcqRel);
+                metrics::counter!(NOTIFICATIONS, "outcome" => "dropped").increment(1);
+                if !self.dropping.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        backlog = BACKLOG,
+                        "notify: the webhook is behind; events are dropped until it catches up"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Lets the posts already given finish, until `until`.
+    fn drain(&self, until: Instant) -> Drain<'_> {
+        Box::pin(async move {
+            while self.pending.load(Ordering::Acquire) > 0 && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let left = self.pending.load(Ordering::Acquire);
+            if left > 0 {
+                tracing::warn!(left, "notify: events not posted before the stop");
+            }
+        })
+    }
+}
+
+/// Posts each payload in turn, each up to [`ATTEMPTS`] times.
+async fn post_all(
+    client: reqwest::Client,
+    settings: NotifySettings,
+    mut rx: mpsc::Receiver<serde_json::Value>,
+    pending: Arc<AtomicUsize>,
+) {
+    let mut failing = false;
+    while let Some(body) = rx.recv().await {
+        let mut wait = RETRY_BASE;
+        let mut last = String::new();
+        let mut sent = false;
+        for attempt in 1..=ATTEMPTS {
+            let mut req = client.post(settings.url.clone()).json(&body);
+            if let Some(t) = &settings.token {
+                req = req.bearer_auth(t.expose());
+            }
+            match req.send().await {
+                Ok(r) if r.status().is_success() => {
+                    sent = true;
+                    break;
+                }
+                Ok(r) => last = format!("HTTP {}", r.status().as_u16()),
+                // Without the URL, which may carry a key in its path.
+                Err(e) => last = e.without_url().to_string(),
+            }
+            if attempt < ATTEMPTS {
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+        }
+        let outcome = if sent { "sent" } else { "failed" };
+        metrics::counter!(NOTIFICATIONS, "outcome" => outcome).increment(1);
+        if !sent && !failing {
+            tracing::warn!(
+                event = %body["event"].as_str().unwrap_or(""),
+                message_id = %body["message_id"].as_str().unwrap_or(""),
+                error = %last,
+                "notify: the webhook did not take the event after {ATTEMPTS} tries; it is not posted again"
+            );
+        } else if sent && failing {
+            tracing::info!("notify: the webhook takes events again");
+        }
+        failing = !sent;
+        pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
