@@ -3249,3 +3249,161 @@ async fn a_caller_held_to_templates_sends_only_the_operators_wording() {
     let text = String::from_utf8_lossy(&sink.delivered().pop().unwrap().data).into_owned();
     assert!(text.contains("Dear Ada, order 8 is on its way."), "{text}");
 }
+
+/// One webhook POST as the test's server received it.
+#[derive(Debug, Clone)]
+struct Hook {
+    authorization: String,
+    body: Value,
+    answered: u16,
+}
+
+/// A webhook on a free port that records each POST to `/hook/KEY-IN-PATH`
+/// and answers 500 to the first, 200 to the others.
+async fn webhook() -> (u16, Arc<Mutex<Vec<Hook>>>) {
+    use axum::extract::State;
+    use axum::http::{HeaderMap, StatusCode};
+    let hooks: Arc<Mutex<Vec<Hook>>> = Arc::default();
+    async fn take(
+        State(hooks): State<Arc<Mutex<Vec<Hook>>>>,
+        headers: HeaderMap,
+        axum::Json(body): axum::Json<Value>,
+    ) -> StatusCode {
+        let mut hooks = hooks.lock().unwrap();
+        let answered = if hooks.is_empty() { 500 } else { 200 };
+        hooks.push(Hook {
+            authorization: headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned(),
+            body,
+            answered,
+        });
+        StatusCode::from_u16(answered).unwrap()
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = axum::Router::new()
+        .route("/hook/KEY-IN-PATH", axum::routing::post(take))
+        .with_state(hooks.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (port, hooks)
+}
+
+/// The POSTs answered 200, once there are `n` of them.
+async fn hooks_taken(hooks: &Arc<Mutex<Vec<Hook>>>, n: usize) -> Vec<Hook> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let taken: Vec<Hook> = hooks
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|h| h.answered == 200)
+            .cloned()
+            .collect();
+        if taken.len() >= n {
+            return taken;
+        }
+        assert!(Instant::now() < deadline, "{taken:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `[notify]`: operators are told at once, by a webhook, of a message held
+/// for them and of the decision on it; the post is retried after a 500,
+/// carries the bearer token, the check that held it and a link to the
+/// console, and no address, subject or body; events not chosen are not
+/// posted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_are_told_by_webhook_of_held_mail_and_its_decision() {
+    const HOOK_TOKEN: &str = "hook-token-7c1d9e02";
+    let (sink, other) = servers().await;
+    let (port, hooks) = webhook().await;
+    let extra = format!(
+        "[notify]\nurl = \"http://127.0.0.1:{port}/hook/KEY-IN-PATH\"\ntoken = \"{HOOK_TOKEN}\"\n\
+         events = [\"held\", \"rejected\"]\nconsole_url = \"https://mail.example.org/\"\n"
+    );
+    let d = start(&sink, &other, &extra).await;
+    let theta = connect(&d, THETA).await;
+    let delta = connect(&d, DELTA).await;
+
+    // Sent mail is not an event chosen: nothing is posted for it.
+    let (e, out) = call(&delta, "send_email", mail(json!(["ada@example.org"]))).await;
+    assert!(!e && out["status"] == "sent", "{out}");
+    // Held by a content check: posted, once the 500 was retried.
+    let (e, out) = call(
+        &theta,
+        "send_email",
+        json!({"to": ["client@anywhere.net"], "subject": "Invoice 42",
+               "body": "attached", "wait": false}),
+    )
+    .await;
+    assert!(!e && out["status"] == "held", "{out}");
+    let held = out["message_id"].as_str().unwrap().to_owned();
+    let taken = hooks_taken(&hooks, 1).await;
+    let all = hooks.lock().unwrap().clone();
+    assert_eq!(all.len(), 2, "one refused post, one retry: {all:#?}");
+    assert_eq!(all[0].body, all[1].body);
+    let h = &taken[0];
+    assert_eq!(h.authorization, format!("Bearer {HOOK_TOKEN}"));
+    let b = &h.body;
+    assert_eq!(b["event"], "held", "{b}");
+    assert_eq!(b["message_id"], held.as_str(), "{b}");
+    assert_eq!(b["caller"], "theta", "{b}");
+    assert_eq!(b["recipients"], 1, "{b}");
+    assert_eq!(
+        b["held_by"], "content check \"invoice\" matched subject",
+        "{b}"
+    );
+    let link = format!("https://mail.example.org/console/messages/{held}");
+    assert_eq!(b["link"], link.as_str(), "{b}");
+    assert_eq!(
+        b["text"],
+        format!(
+            "mailmux: message {held} from caller theta to 1 recipient is held for a person's \
+             approval (content check \"invoice\" matched subject): {link}"
+        ),
+        "{b}"
+    );
+    let text = b.to_string();
+    assert!(
+        !text.contains("Invoice") && !text.contains("anywhere.net") && !text.contains("attached"),
+        "{text}"
+    );
+
+    // The operator rejects it over HTTP: the decision is posted too.
+    let r = reqwest::Client::new()
+        .post(format!("{}/admin/messages/{held}/reject", d.base))
+        .bearer_auth(OPS)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let taken = hooks_taken(&hooks, 2).await;
+    assert_eq!(taken[1].body["event"], "rejected", "{:?}", taken[1].body);
+    assert_eq!(
+        taken[1].body["decided_by"], "operator ops",
+        "{:?}",
+        taken[1].body
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        hooks.lock().unwrap().len(),
+        3,
+        "only the chosen events are posted"
+    );
+    let metrics = d.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == r#"mailmux_notifications_total{outcome="sent"} 2"#),
+        "{metrics}"
+    );
+    // Neither the token nor the URL's path reaches the log.
+    let log = d.log();
+    assert!(
+        !log.contains(HOOK_TOKEN) && !log.contains("KEY-IN-PATH"),
+        "{log}"
+    );
+}
