@@ -2476,6 +2476,14 @@ allowed_templates = ["order_shipped"]
             "not a regular expression",
         ),
         (
+            // `{unsubscribe_url}` needs no pattern; `{y}` does.
+            "[[templates]]\nname = \"a\"\nsubject = \"{x}\"\nbody = \"{unsubscribe_url} {y}\"\n\
+             [templates.vars]\nx = \"[0-9]+\"\n"
+                .to_owned(),
+            "templates[0].vars",
+            "has no pattern for y,",
+        ),
+        (
             "[policy]\nallowed_templates = [\"nope\"]\n".to_owned(),
             "policy.allowed_templates",
             "not a configured template",

@@ -70,6 +70,20 @@ impl Template {
         let Some(vars) = vars else {
             return Ok(());
         };
+        // With patterns, every value the agent gives has one; the one
+        // variable without is the daemon's own link, which the agent does
+        // not write.
+        if !self.patterns.is_empty() && vars.contains_key(super::ONE_CLICK_VAR) {
+            return Err(ComposeError::new(
+                format!("template_vars.{}", super::ONE_CLICK_VAR),
+                "template_var_mismatch",
+                format!(
+                    "is the daemon's own unsubscribe link in template {:?}: give \
+                     unsubscribe: true instead of a value",
+                    self.name
+                ),
+            ));
+        }
         for p in &self.patterns {
             if let Some(value) = vars.get(&p.var)
                 && !p.regex.is_match(value)

@@ -1484,6 +1484,23 @@ fn a_template_writes_the_subject_and_bodies_with_the_calls_variables() {
         );
     }
 
+    // With patterns, the daemon's unsubscribe link is not the agent's to give.
+    let e = err(
+        &from_template(
+            "shipped",
+            &[
+                ("name", "A"),
+                ("order", "1"),
+                ("unsubscribe_url", "https://evil.example"),
+            ],
+        ),
+        &p,
+    );
+    assert_eq!(
+        (e.field.as_str(), e.rule),
+        ("template_vars.unsubscribe_url", "template_var_mismatch")
+    );
+
     let e = err(&from_template("nope", &[]), &p);
     assert_eq!((e.field.as_str(), e.rule), ("template", "unknown_template"));
     assert!(e.message.contains("\"nope\""), "{}", e.message);

@@ -989,9 +989,11 @@ fn templates(
                         .map_err(|why| a.err(why))?,
                 );
             }
+            // `{unsubscribe_url}` is the daemon's own link (`unsubscribe:
+            // true`), not the agent's text.
             let missing: Vec<&str> = vars
                 .iter()
-                .filter(|v| !given.contains_key(*v))
+                .filter(|v| !given.contains_key(*v) && *v != crate::compose::ONE_CLICK_VAR)
                 .map(String::as_str)
                 .collect();
             if !missing.is_empty() {
