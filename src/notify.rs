@@ -1,8 +1,9 @@
 //! What operators are told at once (`[notify]`): a JSON POST to a webhook
 //! for each message event they chose, `held` by default, so that a message
 //! waiting for a person's approval does not wait for someone to look at the
-//! console. One of the queue's observers: the event is put on a bounded
-//! channel, and one task posts, retrying a failed post twice. Best effort:
+//! console. One of the queue's observers, always attached, posting only
+//! while `[notify]` is configured (a reload sets it): the event is put on a
+//! bounded channel, and one task posts, retrying a failed post twice. Best effort:
 //! a post that fails three times, or finds the channel full, is counted and
 //! logged, never retried later; the message itself is unaffected. Nothing
 //! of a message but its id, caller, recipient count and, for a held one,
@@ -49,11 +50,14 @@ pub struct NotifySettings {
     pub console_url: Option<String>,
 }
 
+/// One event to post, with where and how, as configured when it happened.
+type Post = (serde_json::Value, reqwest::Url, Option<Secret>);
+
 /// The queue's observer that posts the chosen events.
 #[derive(Debug)]
 pub struct Notifier {
-    settings: NotifySettings,
-    tx: mpsc::Sender<serde_json::Value>,
+    settings: std::sync::RwLock<Option<NotifySettings>>,
+    tx: mpsc::Sender<Post>,
     /// Set while posts are dropped for a full channel, so that the log
     /// says it once a streak.
     dropping: AtomicBool,
@@ -62,8 +66,8 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    /// Starts the posting task.
-    pub fn start(settings: NotifySettings) -> Arc<Notifier> {
+    /// Starts the posting task; it posts once `settings` are `Some`.
+    pub fn start(settings: Option<NotifySettings>) -> Arc<Notifier> {
         let (tx, rx) = mpsc::channel(BACKLOG);
         let pending = Arc::new(AtomicUsize::new(0));
         let client = reqwest::Client::builder()
@@ -71,23 +75,29 @@ impl Notifier {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_default();
-        tokio::spawn(post_all(client, settings.clone(), rx, pending.clone()));
+        tokio::spawn(post_all(client, rx, pending.clone()));
         Arc::new(Notifier {
-            settings,
+            settings: std::sync::RwLock::new(settings),
             tx,
             dropping: AtomicBool::new(false),
             pending,
         })
     }
 
-    fn payload(&self, e: &Event<'_>) -> serde_json::Value {
+    /// What a reload configured: events from now on are posted as it says
+    /// (none when `None`); those already given go as they were.
+    pub fn set(&self, settings: Option<NotifySettings>) {
+        *self.settings.write().unwrap_or_else(|e| e.into_inner()) = settings;
+    }
+
+    fn payload(&self, settings: &NotifySettings, e: &Event<'_>) -> serde_json::Value {
         let action = e.action.as_str();
         let caller = e.caller.unwrap_or("-");
         let held_by = match e.action {
             Action::Held => crate::audit::Meta::held_by(e.meta),
             _ => None,
         };
-        let link = self.settings.console_url.as_ref().map(|base| {
+        let link = settings.console_url.as_ref().map(|base| {
             format!(
                 "{}/console/messages/{}",
                 base.trim_end_matches('/'),
@@ -139,11 +149,18 @@ impl Notifier {
 
 impl Observer for Notifier {
     fn event(&self, e: &Event<'_>) {
-        if !self.settings.events.iter().any(|x| x == e.action.as_str()) {
-            return;
-        }
+        let post = {
+            let settings = self.settings.read().unwrap_or_else(|e| e.into_inner());
+            let Some(s) = settings.as_ref() else {
+                return;
+            };
+            if !s.events.iter().any(|x| x == e.action.as_str()) {
+                return;
+            }
+            (self.payload(s, e), s.url.clone(), s.token.clone())
+        };
         self.pending.fetch_add(1, Ordering::AcqRel);
-        match self.tx.try_send(self.payload(e)) {
+        match self.tx.try_send(post) {
             Ok(()) => {
                 self.dropping.store(false, Ordering::Relaxed);
             }
@@ -177,18 +194,17 @@ impl Observer for Notifier {
 /// Posts each payload in turn, each up to [`ATTEMPTS`] times.
 async fn post_all(
     client: reqwest::Client,
-    settings: NotifySettings,
-    mut rx: mpsc::Receiver<serde_json::Value>,
+    mut rx: mpsc::Receiver<Post>,
     pending: Arc<AtomicUsize>,
 ) {
     let mut failing = false;
-    while let Some(body) = rx.recv().await {
+    while let Some((body, url, token)) = rx.recv().await {
         let mut wait = RETRY_BASE;
         let mut last = String::new();
         let mut sent = false;
         for attempt in 1..=ATTEMPTS {
-            let mut req = client.post(settings.url.clone()).json(&body);
-            if let Some(t) = &settings.token {
+            let mut req = client.post(url.clone()).json(&body);
+            if let Some(t) = &token {
                 req = req.bearer_auth(t.expose());
             }
             match req.send().await {

@@ -3400,10 +3400,38 @@ async fn operators_are_told_by_webhook_of_held_mail_and_its_decision() {
             .any(|l| l == r#"mailmux_notifications_total{outcome="sent"} 2"#),
         "{metrics}"
     );
-    // Neither the token nor the URL's path reaches the log.
+
+    // A reload takes a new token at once; one without [notify] stops the
+    // posts.
+    const NEW_TOKEN: &str = "hook-token-rotated-55e0";
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(&d.config, text.replace(HOOK_TOKEN, NEW_TOKEN)).unwrap();
+    hangup(&d, "reloaded:").await;
+    let invoice = json!({"to": ["client@anywhere.net"], "subject": "Invoice 43",
+                         "body": "attached", "wait": false});
+    let (_, out) = call(&theta, "send_email", invoice.clone()).await;
+    assert_eq!(out["status"], "held", "{out}");
+    let taken = hooks_taken(&hooks, 3).await;
+    assert_eq!(taken[2].authorization, format!("Bearer {NEW_TOKEN}"));
+    assert_eq!(taken[2].body["message_id"], out["message_id"]);
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    let start = text.find("[notify]").unwrap();
+    let end = start + text[start..].find("[queue]").unwrap();
+    std::fs::write(&d.config, format!("{}{}", &text[..start], &text[end..])).unwrap();
+    hangup(&d, "reloaded:").await;
+    let (_, out) = call(&theta, "send_email", invoice).await;
+    assert_eq!(out["status"], "held", "{out}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        hooks.lock().unwrap().len(),
+        4,
+        "posted after [notify] went away"
+    );
+
+    // Neither token nor the URL's path reaches the log.
     let log = d.log();
     assert!(
-        !log.contains(HOOK_TOKEN) && !log.contains("KEY-IN-PATH"),
+        !log.contains(HOOK_TOKEN) && !log.contains(NEW_TOKEN) && !log.contains("KEY-IN-PATH"),
         "{log}"
     );
 }

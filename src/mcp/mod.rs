@@ -74,6 +74,8 @@ struct State {
     initial: Arc<Config>,
     /// The addresses no mail is accepted for.
     suppressions: Arc<crate::suppress::Suppressions>,
+    /// `[notify]`'s poster, which a reload reconfigures.
+    notifier: Arc<crate::notify::Notifier>,
     /// What the readers of bounce and complaint reports did.
     bounces: crate::bounces::Status,
 }
@@ -105,9 +107,8 @@ impl MailmuxServer {
         if audit.enabled() {
             observers.push(audit.clone());
         }
-        if let Some(notify) = &config.notify {
-            observers.push(crate::notify::Notifier::start(notify.clone()));
-        }
+        let notifier = crate::notify::Notifier::start(config.notify.clone());
+        observers.push(notifier.clone());
         // Started even with no relay filing copies: a copy a crash left
         // pending for a relay that no longer files one is recorded failed.
         observers
@@ -162,6 +163,7 @@ impl MailmuxServer {
                 exposed: std::sync::OnceLock::new(),
                 bounces,
                 suppressions,
+                notifier,
             }),
             tool_router: Arc::new(standard_schemas(Self::tool_router())),
         }

@@ -2324,6 +2324,7 @@ impl MailmuxServer {
             error: None,
         };
         crate::telemetry::zeroes(&new);
+        self.state.notifier.set(new.notify.clone());
         self.set_config(new);
         let mut text = format!(
             "reloaded: added [{}], removed [{}], changed [{}]{}{}",
@@ -2411,7 +2412,6 @@ fn restart_only(old: &config::Config, new: &config::Config) -> Vec<String> {
         ),
         (old.daemon.log_level != new.daemon.log_level, "log_level"),
         (old.safety.audit != new.safety.audit, "audit"),
-        (old.notify != new.notify, "notify"),
         (old.sent_copies != new.sent_copies, "relays.sent_copy"),
         (old.bounce_readers != new.bounce_readers, "relays.bounces"),
     ]
