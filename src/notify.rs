@@ -70,12 +70,7 @@ impl Notifier {
     pub fn start(settings: Option<NotifySettings>) -> Arc<Notifier> {
         let (tx, rx) = mpsc::channel(BACKLOG);
         let pending = Arc::new(AtomicUsize::new(0));
-        let client = reqwest::Client::builder()
-            .timeout(TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap_or_default();
-        tokio::spawn(post_all(client, rx, pending.clone()));
+        tokio::spawn(post_all(rx, pending.clone()));
         Arc::new(Notifier {
             settings: std::sync::RwLock::new(settings),
             tx,
@@ -191,14 +186,19 @@ impl Observer for Notifier {
     }
 }
 
-/// Posts each payload in turn, each up to [`ATTEMPTS`] times.
-async fn post_all(
-    client: reqwest::Client,
-    mut rx: mpsc::Receiver<Post>,
-    pending: Arc<AtomicUsize>,
-) {
+/// Posts each payload in turn, each up to [`ATTEMPTS`] times. The HTTP
+/// client (its TLS roots) is made at the first post, not by every start.
+async fn post_all(mut rx: mpsc::Receiver<Post>, pending: Arc<AtomicUsize>) {
     let mut failing = false;
+    let mut client = None;
     while let Some((body, url, token)) = rx.recv().await {
+        let client: &reqwest::Client = client.get_or_insert_with(|| {
+            reqwest::Client::builder()
+                .timeout(TIMEOUT)
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap_or_default()
+        });
         let mut wait = RETRY_BASE;
         let mut last = String::new();
         let mut sent = false;
