@@ -80,6 +80,12 @@ impl Meta {
     pub fn held_by(meta: Option<&str>) -> Option<String> {
         serde_json::from_str::<Meta>(meta?).ok()?.held_by
     }
+
+    /// The operator's template a message was written from, from its
+    /// stored `meta`.
+    pub fn template(meta: Option<&str>) -> Option<String> {
+        serde_json::from_str::<Meta>(meta?).ok()?.template
+    }
 }
 
 /// A refusal to record: everything known about the message by then.

@@ -3214,6 +3214,37 @@ async fn a_caller_held_to_templates_sends_only_the_operators_wording() {
         .find(|l| l["email"]["message_id"] == first.as_str() && l["event"]["action"] == "sent")
         .expect("a sent line");
     assert_eq!(line["mailmux"]["template"], "order_shipped", "{line}");
+    // So do `queue show` and the console's page of the message.
+    let (ok, text) = d.queue_cmd("show", &first, None);
+    assert!(
+        ok && text.contains("written from template order_shipped"),
+        "{text}"
+    );
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let signed_in = http
+        .post(format!("{}/console/login", d.base))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(format!("token={OPS}"))
+        .send()
+        .await
+        .unwrap();
+    let cookie = signed_in.headers()["set-cookie"].to_str().unwrap();
+    let page = http
+        .get(format!("{}/console/messages/{first}", d.base))
+        .header("Cookie", cookie.split(';').next().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("<dt>template</dt><dd>order_shipped</dd>"),
+        "{page}"
+    );
 
     // The file changed: a reload reads it again.
     std::fs::write(

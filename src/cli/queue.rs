@@ -747,6 +747,9 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
             if let Some(why) = crate::audit::Meta::held_by(r.meta.as_deref()) {
                 say!("held because {why}");
             }
+            if let Some(t) = crate::audit::Meta::template(r.meta.as_deref()) {
+                say!("written from template {t}");
+            }
             if let Ok(Some(p)) = store.load(&a.id).await {
                 let text = String::from_utf8_lossy(&p.bytes);
                 let headers = text.split("\r\n\r\n").next().unwrap_or("");

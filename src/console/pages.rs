@@ -792,6 +792,9 @@ pub fn message(
                 @if let Some(why) = crate::audit::Meta::held_by(r.meta.as_deref()) {
                     dt { "held because" } dd { (why) }
                 }
+                @if let Some(t) = crate::audit::Meta::template(r.meta.as_deref()) {
+                    dt { "template" } dd { (t) }
+                }
                 @if let Some(batch) = &r.batch {
                     dt { "batch" }
                     dd.mono { a href={ "/console/queue?batch=" (super::urlencode(batch)) } { (batch) } }
@@ -932,6 +935,9 @@ pub fn approvals(
                     dt { "caller" } dd { (s.caller.as_deref().unwrap_or("")) }
                     @if let Some(why) = crate::audit::Meta::held_by(p.meta.as_deref()) {
                         dt { "held because" } dd { (why) }
+                    }
+                    @if let Some(t) = crate::audit::Meta::template(p.meta.as_deref()) {
+                        dt { "template" } dd { (t) }
                     }
                     dt { "accepted" } dd.mono { (when(s.queued_at)) }
                     dt { "from" } dd.mono { (sender(parsed.from_name.as_deref(), p.from.as_deref())) }

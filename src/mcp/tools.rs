@@ -1592,10 +1592,13 @@ impl MailmuxServer {
             until: mailmux_actors::queue::now_millis() + policy.approval_ttl.as_millis() as i64,
             hash: approval_hash(&composed),
         });
-        // Kept for the audit log, and for the console when a content check
-        // held the message (it says which).
+        // Kept for the audit log, and for the console and the queue
+        // command when a content check held the message (they say which)
+        // or it was written from a template (they name it).
         let content_hold = held_by.flatten();
-        let meta = (self.audit().enabled() || content_hold.is_some()).then(|| {
+        let described =
+            self.audit().enabled() || content_hold.is_some() || composed.template.is_some();
+        let meta = described.then(|| {
             let mut m = meta_of(&composed);
             m.held_by = content_hold.map(str::to_owned);
             serde_json::to_string(&m).unwrap_or_default()
