@@ -3445,6 +3445,18 @@ async fn operators_are_told_by_webhook_of_held_mail_and_its_decision() {
     let taken = hooks_taken(&hooks, 3).await;
     assert_eq!(taken[2].authorization, format!("Bearer {NEW_TOKEN}"));
     assert_eq!(taken[2].body["message_id"], out["message_id"]);
+    // A decision made with the queue command is posted as well.
+    let id = out["message_id"].as_str().unwrap();
+    let (ok, text) = d.queue_cmd("reject", id, Some(OPS));
+    assert!(ok, "{text}");
+    let taken = hooks_taken(&hooks, 4).await;
+    assert_eq!(taken[3].body["event"], "rejected", "{:?}", taken[3].body);
+    assert_eq!(taken[3].body["message_id"], id, "{:?}", taken[3].body);
+    assert_eq!(
+        taken[3].body["decided_by"], "operator ops",
+        "{:?}",
+        taken[3].body
+    );
     let text = std::fs::read_to_string(&d.config).unwrap();
     let start = text.find("[notify]").unwrap();
     let end = start + text[start..].find("[queue]").unwrap();
@@ -3455,7 +3467,7 @@ async fn operators_are_told_by_webhook_of_held_mail_and_its_decision() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         hooks.lock().unwrap().len(),
-        4,
+        5,
         "posted after [notify] went away"
     );
 

@@ -298,7 +298,10 @@ pub async fn run(config: Config, cmd: QueueCommand) -> ExitCode {
         by,
         hash: None,
     };
-    match decide(&audit_log(&config), store.as_ref(), &id, decision).await {
+    let told = Told::open(&config);
+    let decided = decide(&told, store.as_ref(), &id, decision).await;
+    told.finish().await;
+    match decided {
         Ok(Decided::Released(state)) => {
             say!("{id}: approved; now {}", state.as_str());
             ExitCode::SUCCESS
@@ -766,7 +769,9 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
         }
         QueueCommand::Cancel(CancelArgs { id: Some(id), .. }) => match store.cancel(&id).await {
             Ok(Cancel::Cancelled) => {
-                audit(&audit_log(config), store, &id, Action::Cancelled).await;
+                let told = Told::open(config);
+                audit(&told, store, &id, Action::Cancelled, None).await;
+                told.finish().await;
                 say!("{id}: cancelled");
                 ExitCode::SUCCESS
             }
@@ -950,7 +955,7 @@ async fn each(config: &Config, store: &dyn queue::Store, select: Select, bulk: B
             return ExitCode::FAILURE;
         }
     };
-    let log = audit_log(config);
+    let log = Told::open(config);
     let (verb, done_as) = match bulk {
         Bulk::Cancel => ("cancelled", "cancelled"),
         Bulk::Retry { .. } => ("queued for a fresh attempt", "queued"),
@@ -1004,7 +1009,7 @@ async fn each(config: &Config, store: &dyn queue::Store, select: Select, bulk: B
             Ok(None) => {
                 done += 1;
                 match bulk {
-                    Bulk::Cancel => audit(log, store, id, Action::Cancelled).await,
+                    Bulk::Cancel => audit(log, store, id, Action::Cancelled, None).await,
                     // Audited by `decide`.
                     Bulk::Decide { .. } | Bulk::Retry { .. } => {}
                 }
@@ -1018,6 +1023,7 @@ async fn each(config: &Config, store: &dyn queue::Store, select: Select, bulk: B
             }
         }
     }
+    log.finish().await;
     let mut summary = format!("{verb}: {done} of {} matching messages", ids.len());
     if !left.is_empty() {
         let rest: Vec<String> = left.iter().map(|(why, n)| format!("{n} {why}")).collect();
@@ -1028,6 +1034,46 @@ async fn each(config: &Config, store: &dyn queue::Store, select: Select, bulk: B
         ExitCode::from(EXIT_REFUSED)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// Who is told of a message the command acted on, as the daemon tells
+/// them: the audit log and the `[notify]` webhook, each when configured.
+struct Told {
+    audit: Option<Audit>,
+    notify: Option<std::sync::Arc<crate::notify::Notifier>>,
+}
+
+impl Told {
+    fn open(config: &Config) -> Told {
+        Told {
+            audit: audit_log(config),
+            notify: config
+                .notify
+                .clone()
+                .map(|n| crate::notify::Notifier::start(Some(n))),
+        }
+    }
+
+    fn any(&self) -> bool {
+        self.audit.is_some() || self.notify.is_some()
+    }
+
+    fn event(&self, e: &Event<'_>) {
+        if let Some(a) = &self.audit {
+            a.event(e);
+        }
+        if let Some(n) = &self.notify {
+            n.event(e);
+        }
+    }
+
+    /// Lets the webhook's posts finish, for at most 15 s (three tries).
+    async fn finish(&self) {
+        if let Some(n) = &self.notify {
+            let until = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+            n.drain(until).await;
+        }
     }
 }
 
@@ -1048,37 +1094,38 @@ fn audit_log(config: &Config) -> Option<Audit> {
 /// written from the record read before the decision, right after it, with
 /// no read between, so that it comes before the daemon's `sent` line.
 async fn decide(
-    log: &Option<Audit>,
+    log: &Told,
     store: &dyn queue::Store,
     id: &str,
     decision: Decision,
 ) -> Result<Decided, StoreError> {
     // A rejection sends nothing: its line is written from the record after.
-    let held = match log {
-        Some(_) if decision.approve => store.get(id).await.ok().flatten(),
-        _ => None,
+    let held = match log.any() && decision.approve {
+        true => store.get(id).await.ok().flatten(),
+        false => None,
     };
     let by = decision.by.clone();
     let decided = store.decide(id, decision).await?;
     match decided {
         Decided::Released(_) => {
-            if let (Some(log), Some(r)) = (log, &held) {
+            if let Some(r) = &held {
                 log.event(&Event::of(Action::Approved, r, Some(&by)));
             }
         }
-        Decided::Rejected => audit(log, store, id, Action::Rejected).await,
+        Decided::Rejected => audit(log, store, id, Action::Rejected, Some(&by)).await,
         _ => {}
     }
     Ok(decided)
 }
 
-/// Appends the decision to the audit log, as the daemon would.
-async fn audit(log: &Option<Audit>, store: &dyn queue::Store, id: &str, action: Action) {
-    let Some(log) = log else {
+/// Tells the audit log and the webhook of `action` on `id` (by `by`), as
+/// the daemon would.
+async fn audit(log: &Told, store: &dyn queue::Store, id: &str, action: Action, by: Option<&str>) {
+    if !log.any() {
         return;
-    };
+    }
     let Ok(Some(r)) = store.get(id).await else {
         return;
     };
-    log.event(&Event::of(action, &r, None));
+    log.event(&Event::of(action, &r, by));
 }
