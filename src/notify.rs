@@ -1,5 +1,6 @@
 //! What operators are told at once (`[notify]`): a JSON POST to a webhook
-//! for each message event they chose, `held` by default, so that a message
+//! for each message event they chose, `held` by default, and for a pause
+//! or resume of delivery when chosen, so that a message
 //! waiting for a person's approval does not wait for someone to look at the
 //! console. One of the queue's observers, always attached, posting only
 //! while `[notify]` is configured (a reload sets it): the event is put on a
@@ -31,9 +32,9 @@ const ATTEMPTS: u32 = 3;
 /// The wait before the second post; doubled before the third.
 const RETRY_BASE: Duration = Duration::from_secs(1);
 
-/// The events that may be chosen.
-pub const EVENTS: [&str; 6] = [
-    "held", "approved", "rejected", "failed", "unknown", "expired",
+/// The events that may be chosen: a message's, then delivery's pause.
+pub const EVENTS: [&str; 8] = [
+    "held", "approved", "rejected", "failed", "unknown", "expired", "paused", "resumed",
 ];
 
 /// `[notify]`, validated.
@@ -43,7 +44,7 @@ pub struct NotifySettings {
     pub url: reqwest::Url,
     /// Sent as `Authorization: Bearer …` when set.
     pub token: Option<Secret>,
-    /// Which message events are posted (names of [`EVENTS`]).
+    /// Which events are posted (names of [`EVENTS`]).
     pub events: Vec<String>,
     /// Where the console is reached (`https://mail.example.org`), for a
     /// link to the message in each post.
@@ -83,6 +84,61 @@ impl Notifier {
     /// (none when `None`); those already given go as they were.
     pub fn set(&self, settings: Option<NotifySettings>) {
         *self.settings.write().unwrap_or_else(|e| e.into_inner()) = settings;
+    }
+
+    /// Delivery was paused (`paused`, with the operator's reason) or
+    /// resumed (`resumed`) by `by`.
+    pub fn delivery(&self, action: &'static str, by: &str, reason: Option<&str>) {
+        let post = {
+            let settings = self.settings.read().unwrap_or_else(|e| e.into_inner());
+            let Some(s) = settings.as_ref() else {
+                return;
+            };
+            if !s.events.iter().any(|x| x == action) {
+                return;
+            }
+            let mut text = match action {
+                "paused" => {
+                    format!("mailmux: delivery paused by {by}: mail is queued, none goes out")
+                }
+                _ => format!("mailmux: delivery resumed by {by}"),
+            };
+            if let Some(r) = reason {
+                text.push_str(&format!(" (reason: {r})"));
+            }
+            let mut body = json!({
+                "event": action,
+                "by": by,
+                "at": jiff::Timestamp::now().to_string(),
+                "text": text,
+            });
+            if let Some(r) = reason {
+                body["reason"] = json!(r);
+            }
+            (body, s.url.clone(), s.token.clone())
+        };
+        self.give(post);
+    }
+
+    /// Hands `post` to the posting task, or drops and counts it when the
+    /// backlog is full.
+    fn give(&self, post: Post) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        match self.tx.try_send(post) {
+            Ok(()) => {
+                self.dropping.store(false, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.pending.fetch_sub(1, Ordering::AcqRel);
+                metrics::counter!(NOTIFICATIONS, "outcome" => "dropped").increment(1);
+                if !self.dropping.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        backlog = BACKLOG,
+                        "notify: the webhook is behind; events are dropped until it catches up"
+                    );
+                }
+            }
+        }
     }
 
     fn payload(&self, settings: &NotifySettings, e: &Event<'_>) -> serde_json::Value {
@@ -154,22 +210,7 @@ impl Observer for Notifier {
             }
             (self.payload(s, e), s.url.clone(), s.token.clone())
         };
-        self.pending.fetch_add(1, Ordering::AcqRel);
-        match self.tx.try_send(post) {
-            Ok(()) => {
-                self.dropping.store(false, Ordering::Relaxed);
-            }
-            Err(_) => {
-                self.pending.fetch_sub(1, Ordering::AcqRel);
-                metrics::counter!(NOTIFICATIONS, "outcome" => "dropped").increment(1);
-                if !self.dropping.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        backlog = BACKLOG,
-                        "notify: the webhook is behind; events are dropped until it catches up"
-                    );
-                }
-            }
-        }
+        self.give(post);
     }
 
     /// Lets the posts already given finish, until `until`.

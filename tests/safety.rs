@@ -3353,7 +3353,7 @@ async fn operators_are_told_by_webhook_of_held_mail_and_its_decision() {
     let (port, hooks) = webhook().await;
     let extra = format!(
         "[notify]\nurl = \"http://127.0.0.1:{port}/hook/KEY-IN-PATH\"\ntoken = \"{HOOK_TOKEN}\"\n\
-         events = [\"held\", \"rejected\"]\nconsole_url = \"https://mail.example.org/\"\n"
+         events = [\"held\", \"rejected\", \"paused\"]\nconsole_url = \"https://mail.example.org/\"\n"
     );
     let d = start(&sink, &other, &extra).await;
     let theta = connect(&d, THETA).await;
@@ -3457,6 +3457,35 @@ async fn operators_are_told_by_webhook_of_held_mail_and_its_decision() {
         "{:?}",
         taken[3].body
     );
+    // A pause of delivery is posted with its reason; the resume is not an
+    // event chosen here.
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{}/admin/pause", d.base))
+        .bearer_auth(OPS)
+        .json(&json!({"reason": "incident 42"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let taken = hooks_taken(&hooks, 5).await;
+    let b = &taken[4].body;
+    assert_eq!(
+        (&b["event"], &b["by"], &b["reason"]),
+        (
+            &json!("paused"),
+            &json!("operator ops"),
+            &json!("incident 42")
+        ),
+        "{b}"
+    );
+    let r = http
+        .delete(format!("{}/admin/pause", d.base))
+        .bearer_auth(OPS)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
     let text = std::fs::read_to_string(&d.config).unwrap();
     let start = text.find("[notify]").unwrap();
     let end = start + text[start..].find("[queue]").unwrap();
@@ -3467,8 +3496,8 @@ async fn operators_are_told_by_webhook_of_held_mail_and_its_decision() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         hooks.lock().unwrap().len(),
-        5,
-        "posted after [notify] went away"
+        6,
+        "posted a resume not chosen, or after [notify] went away"
     );
 
     // Neither token nor the URL's path reaches the log.

@@ -880,9 +880,14 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
             };
             match queue::pause(store, "queue command", reason).await {
                 Ok((pause, true)) => {
-                    if let Some(log) = audit_log(config) {
+                    let told = Told::open(config);
+                    if let Some(log) = &told.audit {
                         log.delivery("paused", &pause.by, pause.reason.as_deref());
                     }
+                    if let Some(n) = &told.notify {
+                        n.delivery("paused", &pause.by, pause.reason.as_deref());
+                    }
+                    told.finish().await;
                     say!("delivery: {}", pause_text(Some(&pause)));
                     say!(
                         "running daemons start no new delivery within 100 ms; mail is still accepted and queued"
@@ -898,9 +903,14 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
         }
         QueueCommand::Resume => match store.set_paused(None).await {
             Ok(true) => {
-                if let Some(log) = audit_log(config) {
+                let told = Told::open(config);
+                if let Some(log) = &told.audit {
                     log.delivery("resumed", "queue command", None);
                 }
+                if let Some(n) = &told.notify {
+                    n.delivery("resumed", "queue command", None);
+                }
+                told.finish().await;
                 say!("delivery: resumed; running daemons deliver the queued mail within 100 ms");
                 ExitCode::SUCCESS
             }

@@ -425,7 +425,7 @@ pub(crate) struct RawNotify {
     /// Bearer token of the posts (`MAILMUX_NOTIFY__TOKEN`). Default: none.
     pub token: Option<String>,
     pub token_file: Option<PathBuf>,
-    /// The message events posted. Default: `["held"]`.
+    /// The events posted (a message's, a pause's). Default: `["held"]`.
     pub events: Option<StringList>,
     /// Where operators reach the console, for a link in each post.
     /// Default: none.

@@ -234,6 +234,9 @@ impl MailmuxServer {
         let (pause, changed) = self.queue().pause(by, reason).await?;
         if changed {
             self.audit().delivery("paused", by, pause.reason.as_deref());
+            self.state
+                .notifier
+                .delivery("paused", by, pause.reason.as_deref());
         }
         Ok((pause, changed))
     }
@@ -246,6 +249,7 @@ impl MailmuxServer {
         let changed = self.queue().resume().await?;
         if changed {
             self.audit().delivery("resumed", by, None);
+            self.state.notifier.delivery("resumed", by, None);
         }
         Ok(changed)
     }
