@@ -293,6 +293,31 @@ impl Daemon {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
 
+    /// A console page as the operator `ops` sees it, signed in afresh.
+    async fn console_page(&self, path: &str) -> String {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let signed_in = http
+            .post(format!("{}/console/login", self.base))
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(format!("token={OPS}"))
+            .send()
+            .await
+            .unwrap();
+        let cookie = signed_in.headers()["set-cookie"].to_str().unwrap();
+        let session = cookie.split(';').next().unwrap().to_owned();
+        http.get(format!("{}{path}", self.base))
+            .header("Cookie", session)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// `/metrics`, read with the operator's token.
     async fn metrics(&self) -> String {
         reqwest::Client::new()
@@ -2891,33 +2916,12 @@ async fn content_checks_refuse_or_hold_a_message_by_what_it_says() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(sink.delivered().len(), 1, "a held message went out");
     // The operator's console says which check held it; the audit line too.
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let signed_in = http
-        .post(format!("{}/console/login", d.base))
-        .header("Content-Type", "application/x-www-form-urlencoded")
-        .body(format!("token={OPS}"))
-        .send()
-        .await
-        .unwrap();
-    let cookie = signed_in.headers()["set-cookie"].to_str().unwrap();
-    let session = cookie.split(';').next().unwrap().to_owned();
     let why = "<dt>held because</dt><dd>content check &quot;invoice&quot; matched subject</dd>";
     for page in [
         "/console/approvals".to_owned(),
         format!("/console/messages/{held}"),
     ] {
-        let html = http
-            .get(format!("{}{page}", d.base))
-            .header("Cookie", &session)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let html = d.console_page(&page).await;
         assert!(html.contains(why), "{page}: {html}");
     }
     let line = d
@@ -3220,27 +3224,7 @@ async fn a_caller_held_to_templates_sends_only_the_operators_wording() {
         ok && text.contains("written from template order_shipped"),
         "{text}"
     );
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let signed_in = http
-        .post(format!("{}/console/login", d.base))
-        .header("Content-Type", "application/x-www-form-urlencoded")
-        .body(format!("token={OPS}"))
-        .send()
-        .await
-        .unwrap();
-    let cookie = signed_in.headers()["set-cookie"].to_str().unwrap();
-    let page = http
-        .get(format!("{}/console/messages/{first}", d.base))
-        .header("Cookie", cookie.split(';').next().unwrap())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = d.console_page(&format!("/console/messages/{first}")).await;
     assert!(
         page.contains("<dt>template</dt><dd>order_shipped</dd>"),
         "{page}"
