@@ -278,3 +278,64 @@ async fn post_all(mut rx: mpsc::Receiver<Post>, pending: Arc<AtomicUsize>) {
         pending.fetch_sub(1, Ordering::AcqRel);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(id: &str) -> Event<'_> {
+        Event {
+            action: Action::Held,
+            message_id: id,
+            caller: Some("desk"),
+            meta: None,
+            from: None,
+            to: &[],
+            size: 0,
+            relay: None,
+            code: None,
+            reason: None,
+            decided_by: None,
+            accepted: &[],
+            rejected: &[],
+            deferred: Vec::new(),
+        }
+    }
+
+    /// A webhook that takes connections and never answers: the posting
+    /// task waits on its first post, and past [`BACKLOG`] waiting events
+    /// new ones are dropped, not queued without bound. Events not chosen,
+    /// and every event once a reload took `[notify]` away, are not queued.
+    #[tokio::test]
+    async fn a_webhook_that_never_answers_bounds_the_backlog() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let held_open = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                open.push(socket);
+            }
+        });
+        let n = Notifier::start(Some(NotifySettings {
+            url: reqwest::Url::parse(&url).unwrap(),
+            token: None,
+            events: vec!["held".into()],
+            console_url: None,
+        }));
+        let mut sent = held("x");
+        sent.action = Action::Sent;
+        n.event(&sent);
+        assert_eq!(n.pending.load(Ordering::Acquire), 0, "sent is not chosen");
+        for _ in 0..BACKLOG + 50 {
+            n.event(&held("m"));
+        }
+        // One may be out of the channel, in the task's first post.
+        let pending = n.pending.load(Ordering::Acquire);
+        assert!((BACKLOG..=BACKLOG + 1).contains(&pending), "{pending}");
+        assert!(n.dropping.load(Ordering::Relaxed));
+        n.set(None);
+        n.event(&held("after"));
+        assert_eq!(n.pending.load(Ordering::Acquire), pending);
+        held_open.abort();
+    }
+}
