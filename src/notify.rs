@@ -141,7 +141,7 @@ impl Notifier {
         }
     }
 
-    fn payload(&self, settings: &NotifySettings, e: &Event<'_>) -> serde_json::Value {
+    fn payload(settings: &NotifySettings, e: &Event<'_>) -> serde_json::Value {
         let action = e.action.as_str();
         let caller = e.caller.unwrap_or("-");
         let held_by = match e.action {
@@ -208,7 +208,7 @@ impl Observer for Notifier {
             if !s.events.iter().any(|x| x == e.action.as_str()) {
                 return;
             }
-            (self.payload(s, e), s.url.clone(), s.token.clone())
+            (Self::payload(s, e), s.url.clone(), s.token.clone())
         };
         self.give(post);
     }

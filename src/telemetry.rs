@@ -136,27 +136,27 @@ const FINAL: [&str; 5] = ["sent", "partial", "failed", "unknown", "expired"];
 /// keep their series until the process ends.
 pub fn zeroes(config: &crate::config::Config) {
     let safety = &config.safety;
-    let mut callers: Vec<&crate::policy::CallerSettings> = safety.callers.iter().collect();
-    callers.push(&safety.stdio);
-    let default = crate::policy::CallerSettings {
-        name: crate::policy::DEFAULT_CALLER.into(),
-        token: None,
-        policy: safety.policy.clone(),
-    };
+    // Each caller's name and policy; `default` has the default policy.
+    let mut callers: Vec<(&str, &crate::policy::Policy)> = safety
+        .callers
+        .iter()
+        .chain([&safety.stdio])
+        .map(|c| (c.name.as_str(), &c.policy))
+        .collect();
     if config.daemon.http.token.is_some() || safety.callers.is_empty() {
-        callers.push(&default);
+        callers.push((crate::policy::DEFAULT_CALLER, &safety.policy));
     }
-    for c in callers {
+    for (name, policy) in callers {
         for status in FINAL {
-            metrics::counter!(MESSAGES, "caller" => c.name.clone(), "status" => status)
+            metrics::counter!(MESSAGES, "caller" => name.to_owned(), "status" => status)
                 .increment(0);
         }
-        metrics::counter!(REFUSED, "caller" => c.name.clone(), "code" => "policy_denied")
+        metrics::counter!(REFUSED, "caller" => name.to_owned(), "code" => "policy_denied")
             .increment(0);
-        for check in c.policy.content_checks.checks() {
+        for check in policy.content_checks.checks() {
             metrics::counter!(
                 CONTENT_CHECKS,
-                "caller" => c.name.clone(),
+                "caller" => name.to_owned(),
                 "check" => check.name.clone(),
                 "action" => check.action.as_str()
             )

@@ -372,6 +372,14 @@ fn read_lines(path: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// The audit line of `action` on message `id` among `lines`.
+fn audit_line<'a>(lines: &'a [Value], id: &str, action: &str) -> &'a Value {
+    lines
+        .iter()
+        .find(|l| l["email"]["message_id"] == id && l["event"]["action"] == action)
+        .unwrap_or_else(|| panic!("no {action} line for {id}: {lines:#?}"))
+}
+
 /// How a test client answers an approval form.
 #[derive(Debug, Clone, Copy)]
 enum Answer {
@@ -1197,10 +1205,7 @@ async fn held_messages_go_out_only_when_a_person_approves() {
         approval["email"]["to"]["address"],
         json!(["friend@outside.net"])
     );
-    let sent = audit
-        .iter()
-        .find(|l| l["email"]["message_id"] == held_id.as_str() && l["event"]["action"] == "sent")
-        .unwrap();
+    let sent = audit_line(&audit, &held_id, "sent");
     assert_eq!(sent["mailmux"]["smtp_code"], 250);
     assert_eq!(sent["mailmux"]["relay"], "sink");
     for key in ["accepted", "refused", "deferred"] {
@@ -1322,11 +1327,8 @@ async fn the_approval_prompt_shows_lookalike_domains_and_hidden_characters() {
         prompt.contains("Reply-To (replies go here): drop@attacker.net"),
         "{prompt}"
     );
-    let held = d
-        .audit()
-        .into_iter()
-        .find(|l| l["email"]["message_id"] == id.as_str() && l["event"]["action"] == "held")
-        .expect("a held line");
+    let lines = d.audit();
+    let held = audit_line(&lines, &id, "held");
     assert_eq!(
         held["email"]["reply_to"]["address"],
         json!(["drop@attacker.net"]),
@@ -1806,10 +1808,7 @@ async fn a_callers_policy_writes_its_header_fields_on_every_message() {
     assert!(!std::fs::read_to_string(&audit).unwrap().contains("T-9"));
     let lines = read_lines(&audit);
     for action in ["accepted", "sent"] {
-        let line = lines
-            .iter()
-            .find(|l| l["email"]["message_id"] == id.as_str() && l["event"]["action"] == action)
-            .unwrap_or_else(|| panic!("no {action} line: {lines:?}"));
+        let line = audit_line(&lines, &id, action);
         assert_eq!(
             line["mailmux"]["headers"],
             json!(["Auto-Submitted", "X-Agent", "X-Ticket"]),
@@ -2924,11 +2923,8 @@ async fn content_checks_refuse_or_hold_a_message_by_what_it_says() {
         let html = d.console_page(&page).await;
         assert!(html.contains(why), "{page}: {html}");
     }
-    let line = d
-        .audit()
-        .into_iter()
-        .find(|l| l["email"]["message_id"] == held.as_str() && l["event"]["action"] == "held")
-        .expect("a held line");
+    let lines = d.audit();
+    let line = audit_line(&lines, &held, "held");
     assert_eq!(
         line["mailmux"]["held_by"], "content check \"invoice\" matched subject",
         "{line}"
@@ -3212,11 +3208,8 @@ async fn a_caller_held_to_templates_sends_only_the_operators_wording() {
     }
 
     // The audit line names the template it was written from.
-    let line = d
-        .audit()
-        .into_iter()
-        .find(|l| l["email"]["message_id"] == first.as_str() && l["event"]["action"] == "sent")
-        .expect("a sent line");
+    let lines = d.audit();
+    let line = audit_line(&lines, &first, "sent");
     assert_eq!(line["mailmux"]["template"], "order_shipped", "{line}");
     // So do `queue show` and the console's page of the message.
     let (ok, text) = d.queue_cmd("show", &first, None);
