@@ -30,7 +30,7 @@
 //! case and the domain as lower-case A-labels, whatever case or script the
 //! caller wrote.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
@@ -51,7 +51,11 @@ const DRAIN_TRIES: Duration = Duration::from_secs(5);
 
 /// The reasons an entry may give. `bounced` is the daemon's own; the others
 /// are an operator's.
-pub const REASONS: &[&str] = &["bounced", "unsubscribed", "complained", "manual"];
+pub const REASONS: &[&str] = &["bounced", UNSUBSCRIBED, "complained", "manual"];
+
+/// The reason of a recipient who unsubscribed: it stops every caller's
+/// mail but transactional callers'.
+pub const UNSUBSCRIBED: &str = "unsubscribed";
 
 /// The longest `detail` kept: a reply's text, an operator's note.
 const MAX_DETAIL: usize = 300;
@@ -258,6 +262,9 @@ pub struct Suppressions {
     bounces: bool,
     /// Where the bounces it lists are recorded.
     audit: Arc<crate::audit::Audit>,
+    /// The callers whose policy is `transactional`, as the configuration
+    /// in force says ([`Suppressions::set_transactional`]).
+    transactional: RwLock<HashSet<String>>,
 }
 
 impl Suppressions {
@@ -276,6 +283,7 @@ impl Suppressions {
             version: std::sync::Mutex::new(None),
             unwritten: Arc::default(),
             bounces,
+            transactional: RwLock::default(),
         });
         if let Err(e) = s.refresh().await {
             tracing::warn!(error = %e, "cannot read the suppression list; trying again");
@@ -285,10 +293,12 @@ impl Suppressions {
     }
 
     /// The first of `recipients` that is listed, with its position and
-    /// entry.
+    /// entry. For `transactional` mail an [`UNSUBSCRIBED`] entry does not
+    /// count: a recipient who left a newsletter still gets a receipt.
     pub fn check<'a>(
         &self,
         recipients: impl IntoIterator<Item = &'a str>,
+        transactional: bool,
     ) -> Option<(usize, String, Listed)> {
         let listed = self.listed.read().unwrap_or_else(|e| e.into_inner());
         if listed.is_empty() {
@@ -296,7 +306,29 @@ impl Suppressions {
         }
         recipients.into_iter().enumerate().find_map(|(i, r)| {
             let k = key(r)?;
-            listed.get(&k).map(|l| (i, r.to_owned(), l.clone()))
+            listed
+                .get(&k)
+                .filter(|l| !(transactional && &*l.reason == UNSUBSCRIBED))
+                .map(|l| (i, r.to_owned(), l.clone()))
+        })
+    }
+
+    /// Sets the callers whose mail is transactional (at start and at each
+    /// reload): the queue's check before a round asks by the message's
+    /// caller.
+    pub fn set_transactional(&self, callers: HashSet<String>) {
+        *self
+            .transactional
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = callers;
+    }
+
+    fn is_transactional(&self, caller: Option<&str>) -> bool {
+        caller.is_some_and(|c| {
+            self.transactional
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(c)
         })
     }
 
@@ -516,10 +548,11 @@ async fn poll(s: Weak<Suppressions>) {
 
 /// The queue's check of a message before its round: a message
 /// accepted before one of its recipients was listed is cancelled, not
-/// sent.
+/// sent. Whether its mail is transactional is its caller's policy as it
+/// is when the round comes.
 impl mailmux_actors::queue::Screen for Suppressions {
-    fn refused(&self, to: &[String]) -> Option<String> {
-        self.check(to.iter().map(String::as_str))
+    fn refused(&self, caller: Option<&str>, to: &[String]) -> Option<String> {
+        self.check(to.iter().map(String::as_str), self.is_transactional(caller))
             .map(|(_, address, _)| address)
     }
 }

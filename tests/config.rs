@@ -2565,3 +2565,45 @@ fn notify_keys_validate_and_hide_the_webhooks_key() {
         assert!(e.message.contains(message), "{text}: {e}");
     }
 }
+
+/// `transactional` is a policy key like the others: off by default, set in
+/// `[policy]` (here from the environment) or per caller, shown by `mailmux
+/// config` with where it came from, and refused, naming its entry, when it
+/// is not a boolean.
+#[test]
+fn transactional_is_a_policy_key_set_per_caller_or_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "[[callers]]\nname = \"receipts\"\ntoken_env = \"R_TOKEN\"\ntransactional = true\n\n\
+                [[callers]]\nname = \"news\"\ntoken_env = \"N_TOKEN\"\n";
+    let file = write(&dir, "good.toml", text);
+    let tokens = [("R_TOKEN", "r-secret"), ("N_TOKEN", "n-secret")];
+    let c = ok(Some(&file), &tokens);
+    assert!(!c.safety.policy.transactional);
+    assert!(c.safety.callers[0].policy.transactional);
+    assert!(!c.safety.callers[1].policy.transactional);
+    assert!(!c.safety.stdio.policy.transactional);
+
+    let mut pairs = tokens.to_vec();
+    pairs.push(("MAILMUX_POLICY__TRANSACTIONAL", "true"));
+    let c = ok(Some(&file), &pairs);
+    assert!(c.safety.policy.transactional);
+    assert!(
+        c.safety.callers[1].policy.transactional,
+        "inherits [policy]"
+    );
+    assert!(c.safety.stdio.policy.transactional);
+    let (value, source) = leaf(&c, "/policy/transactional");
+    assert_eq!(value, &Json::Bool(true));
+    assert_eq!(source, "env var MAILMUX_POLICY__TRANSACTIONAL");
+
+    let bad = write(
+        &dir,
+        "bad.toml",
+        "[[callers]]\nname = \"receipts\"\ntoken_env = \"R_TOKEN\"\ntransactional = \"yes\"\n",
+    );
+    let e = err(Some(&bad), &tokens).to_string();
+    assert!(
+        e.contains("`callers[0]`") && e.contains("expected a boolean"),
+        "{e}"
+    );
+}

@@ -389,30 +389,157 @@ async fn a_message_accepted_before_its_recipient_was_listed_is_cancelled_not_sen
     let (code, out, err) =
         common::queue_cmd(dir.path(), &["suppress", "add", "later@dest.example"]);
     assert_eq!(code, Some(0), "{out}{err}");
-    let status = |id: String| {
-        let d = &d;
-        async move {
-            let deadline = std::time::Instant::now() + Duration::from_secs(15);
-            loop {
-                let s = d
-                    .call("get_message_status", json!({ "message_id": id }))
-                    .await;
-                if !["scheduled", "queued", "sending"].contains(&s["status"].as_str().unwrap()) {
-                    return s;
-                }
-                assert!(std::time::Instant::now() < deadline, "still {s}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
-    let s = status(ids[0].clone()).await;
+    let s = until_final(&d, &ids[0]).await;
     assert_eq!(s["status"], "cancelled", "{s}");
     assert_eq!(s["reason"], "recipient_suppressed", "{s}");
-    let s = status(ids[1].clone()).await;
+    let s = until_final(&d, &ids[1]).await;
     assert_eq!(s["status"], "sent", "{s}");
     let subjects = subjects(&smtp);
     assert_eq!(subjects, ["kept"]);
     d.stop().await;
+}
+
+/// A caller whose policy is `transactional` sends receipts and password
+/// resets: a recipient who unsubscribed still gets them, also when listed
+/// while its message waited, but a complaint (or any other reason) stops
+/// them as it stops every caller's mail; its messages may carry no
+/// unsubscribe link. A reload that makes the caller's mail ordinary again
+/// holds its waiting messages to every entry at their round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactional_mail_reaches_a_recipient_who_unsubscribed_and_nothing_else_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = FaultSmtp::start(script()).await;
+    let unsubscribe = format!(
+        "[unsubscribe]\nurl = \"https://mail.example.org\"\nsecret = \"{}\"\n",
+        "k".repeat(32)
+    );
+    let transactional = config(
+        dir.path(),
+        smtp.port(),
+        &format!("\n[policy]\ntransactional = true\n\n{unsubscribe}"),
+    );
+    let d = StdioDaemon::start(dir.path(), &transactional).await;
+    let status = d.call("get_smtp_status", json!({})).await;
+    assert_eq!(status["caller"]["transactional"], true, "{status}");
+    for (address, reason) in [
+        ("left@dest.example", "unsubscribed"),
+        ("angry@dest.example", "complained"),
+    ] {
+        let (code, out, err) = common::queue_cmd(
+            dir.path(),
+            &["suppress", "add", address, "--reason", reason],
+        );
+        assert_eq!(code, Some(0), "{out}{err}");
+    }
+    // The complaint, listed second, is in force: so is the unsubscribe.
+    let r = until_dry_run(&d, "angry@dest.example", true).await;
+    assert_suppressed(&r["error"], "to[0]", "complained");
+    let r = d
+        .call(
+            "send_email",
+            mail("receipt", json!({ "to": ["left@dest.example"] })),
+        )
+        .await;
+    assert_eq!(r["status"], "sent", "{r}");
+    let r = d
+        .call(
+            "send_email",
+            mail("to the complainer", json!({ "to": ["angry@dest.example"] })),
+        )
+        .await;
+    assert_suppressed(&r["error"], "to[0]", "complained");
+    for (field, extra) in [
+        (
+            "list_unsubscribe",
+            json!({ "list_unsubscribe": "mailto:leave@example.org" }),
+        ),
+        ("unsubscribe", json!({ "unsubscribe": true })),
+    ] {
+        let mut fields = json!({ "to": ["ok@dest.example"] });
+        fields
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let r = d.call("send_email", mail("newsletter", fields)).await;
+        assert_eq!(r["error"]["code"], "policy_denied", "{field}: {r}");
+        assert_eq!(r["error"]["rule"], "unsubscribe_in_transactional", "{r}");
+        assert_eq!(r["error"]["field"], field, "{r}");
+    }
+    // Listed while it waits: a transactional message still goes.
+    let r = d
+        .call(
+            "send_email",
+            mail(
+                "reset",
+                json!({ "to": ["later@dest.example"], "send_at": "3s", "wait": false }),
+            ),
+        )
+        .await;
+    assert_eq!(r["status"], "scheduled", "{r}");
+    let reset = r["message_id"].as_str().unwrap().to_owned();
+    let (code, out, err) = common::queue_cmd(
+        dir.path(),
+        &[
+            "suppress",
+            "add",
+            "later@dest.example",
+            "--reason",
+            "unsubscribed",
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    let r = d
+        .call(
+            "send_email",
+            mail(
+                "second reset",
+                json!({ "to": ["later@dest.example"], "send_at": "8s", "wait": false }),
+            ),
+        )
+        .await;
+    assert_eq!(r["status"], "scheduled", "{r}");
+    let second = r["message_id"].as_str().unwrap().to_owned();
+    let s = until_final(&d, &reset).await;
+    assert_eq!(s["status"], "sent", "{s}");
+    // The caller's mail is ordinary again: the second, whose round comes
+    // after the reload, is cancelled, and the unsubscribe refuses a call.
+    std::fs::write(
+        dir.path().join("mailmux.toml"),
+        config(dir.path(), smtp.port(), &format!("\n{unsubscribe}")),
+    )
+    .unwrap();
+    let r = d.call("reload_smtp_configuration", json!({})).await;
+    assert_eq!(r["reloaded"], true, "{r}");
+    let s = until_final(&d, &second).await;
+    assert_eq!(s["status"], "cancelled", "{s}");
+    assert_eq!(s["reason"], "recipient_suppressed", "{s}");
+    let r = d
+        .call(
+            "send_email",
+            mail("another receipt", json!({ "to": ["left@dest.example"] })),
+        )
+        .await;
+    assert_suppressed(&r["error"], "to[0]", "unsubscribed");
+    let status = d.call("get_smtp_status", json!({})).await;
+    assert!(status["caller"].get("transactional").is_none(), "{status}");
+    assert_eq!(subjects(&smtp), ["receipt", "reset"]);
+    assert_eq!(stored(dir.path()).len(), 3, "no refused call was stored");
+    d.stop().await;
+}
+
+/// The status of message `id` once it is no longer waiting, within 15 s.
+async fn until_final(d: &StdioDaemon, id: &str) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = d
+            .call("get_message_status", json!({ "message_id": id }))
+            .await;
+        if !["scheduled", "queued", "sending"].contains(&s["status"].as_str().unwrap()) {
+            return s;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// An operator imports another service's list from a file: every line is

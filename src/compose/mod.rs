@@ -330,6 +330,9 @@ pub struct Composed {
     pub subject: String,
     /// The configured template it was written from, if any.
     pub template: Option<String>,
+    /// The parameter that gave it an unsubscribe link (`unsubscribe` for
+    /// the daemon's own, else `list_unsubscribe`), if any.
+    pub unsubscribe_link: Option<&'static str>,
     /// CRLF line endings throughout.
     pub bytes: Vec<u8>,
     /// The parts as rendered, for [`Composed::preview`].
@@ -519,6 +522,11 @@ fn compose_inner(
     };
     let mut rendered = render(draft, &texts, vars.as_deref(), policy.max_message_bytes)?;
     let one_click_post = one_click.is_some();
+    let unsubscribe_link = if one_click_post {
+        Some("unsubscribe")
+    } else {
+        (!rendered.list_unsubscribe.is_empty()).then_some("list_unsubscribe")
+    };
     if let Some(link) = one_click {
         rendered.list_unsubscribe.insert(0, link);
     }
@@ -670,6 +678,7 @@ fn compose_inner(
         reply_to: reply_to.map(|m| m.email),
         subject: rendered.subject,
         template,
+        unsubscribe_link,
         bytes,
         text,
         html,

@@ -67,6 +67,7 @@ pub(crate) const POLICY_KEYS: &[&str] = &[
     "content_checks",
     "allowed_templates",
     "require_template",
+    "transactional",
 ];
 
 /// Keys of one `content_checks` entry of a policy.
@@ -529,6 +530,9 @@ pub(crate) struct RawPolicy {
     pub allowed_templates: Option<StringList>,
     /// Every message must name a template. Default: false.
     pub require_template: Option<bool>,
+    /// Sends transactional mail, which an `unsubscribed` entry of the
+    /// suppression list does not stop. Default: false.
+    pub transactional: Option<bool>,
 }
 
 /// One entry of `content_checks`.

@@ -390,6 +390,10 @@ fn policy_table(
         p.require_template = v;
         leaf(out, "require_template", json!(v), &a);
     }
+    if let Some(v) = raw.transactional {
+        p.transactional = v;
+        leaf(out, "transactional", json!(v), &at("transactional"));
+    }
     if let Some(fields) = &raw.headers {
         let a = at("headers");
         // Written as given: a brace would make a template of it.

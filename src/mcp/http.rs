@@ -1226,7 +1226,7 @@ async fn unsubscribe(
     };
     let entry = mailmux_actors::queue::Suppression {
         address: address.clone(),
-        reason: "unsubscribed".into(),
+        reason: crate::suppress::UNSUBSCRIBED.into(),
         detail: Some(detail.into()),
         message_id: None,
         at: mailmux_actors::queue::now_millis(),

@@ -120,6 +120,7 @@ impl MailmuxServer {
         )
         .await;
         observers.push(suppressions.clone());
+        suppressions.set_transactional(gate.transactional());
         queue.screen(suppressions.clone());
         queue.run(Some(Arc::new(observers)));
         for name in gate.open_recipients() {
@@ -262,6 +263,9 @@ impl MailmuxServer {
     fn set_config(&self, config: Config) {
         let http_token = config.daemon.http.token.as_ref().map(|t| t.expose());
         let gate = Arc::new(Gate::new(&config.safety, http_token, Some(&self.gate())));
+        self.state
+            .suppressions
+            .set_transactional(gate.transactional());
         match self.state.gate.write() {
             Ok(mut g) => *g = gate,
             Err(poisoned) => *poisoned.into_inner() = gate,

@@ -697,8 +697,8 @@ impl MailmuxServer {
         name = "get_smtp_status",
         description = "Show every relay's state, health, connections, counters and latency, the \
                        selection strategy, the pinned relay, uptime and version, and the \
-                       templates you may name in send_email's `template`, with their variables. \
-                       Holds no secret.",
+                       templates you may name in send_email's `template`, with their variables, \
+                       and your policy in brief. Holds no secret.",
         output_schema = schema_for_output::<StatusResult>()
     )]
     pub async fn get_smtp_status(
@@ -743,6 +743,7 @@ impl MailmuxServer {
                     allowed_recipients: c.policy.allowed_recipients.len(),
                     rate: c.policy.rate.iter().map(|r| r.text.clone()).collect(),
                     require_template: c.policy.require_template,
+                    transactional: c.policy.transactional,
                 }),
                 templates: config
                     .daemon
@@ -1493,10 +1494,10 @@ impl MailmuxServer {
             from: composed.from.to_string(),
             recipients: composed.recipients.iter().map(|a| a.to_string()).collect(),
         };
-        if let Some((i, address, listed)) = self
-            .suppressions()
-            .check(envelope.recipients.iter().map(String::as_str))
-            && !self.is_stored_key(caller, idempotency.as_ref()).await
+        if let Some((i, address, listed)) = self.suppressions().check(
+            envelope.recipients.iter().map(String::as_str),
+            caller.policy.transactional,
+        ) && !self.is_stored_key(caller, idempotency.as_ref()).await
         {
             let (list, at) = composed.fields.get(i).copied().unwrap_or(("to", i));
             let e = suppressed(&format!("{list}[{at}]"), &address, &listed);

@@ -1498,6 +1498,10 @@ pub struct CallerOut {
     /// Every message must name one of `templates`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub require_template: bool,
+    /// Sends transactional mail: recipients who unsubscribed still get it,
+    /// and it may carry no unsubscribe link.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub transactional: bool,
 }
 
 /// The tokio runtime's own counters.

@@ -123,6 +123,10 @@ pub struct Policy {
     /// Every message must name a template: its subject and bodies are the
     /// operator's.
     pub require_template: bool,
+    /// Sends transactional mail (receipts, password resets): a recipient
+    /// who unsubscribed still gets it, and it may carry no unsubscribe
+    /// link.
+    pub transactional: bool,
 }
 
 impl Default for Policy {
@@ -146,6 +150,7 @@ impl Default for Policy {
             content_checks: ContentChecks::default(),
             allowed_templates: Vec::new(),
             require_template: false,
+            transactional: false,
         }
     }
 }
@@ -293,7 +298,8 @@ impl Caller {
         Ok(())
     }
 
-    /// The policy checks, in order: mode, sender, relay, recipient count,
+    /// The policy checks, in order: mode, templates, an unsubscribe link
+    /// in transactional mail, sender, relay, recipient count,
     /// size, Bcc, content checks (a `reject` refuses; a `hold` holds unless
     /// the allowlist refuses), then recipients against the allowlist (which
     /// refuses, or holds under `approval`). Recipients count the same in
@@ -342,6 +348,21 @@ impl Caller {
                 ));
             }
             _ => {}
+        }
+        if p.transactional
+            && let Some(field) = c.unsubscribe_link
+        {
+            return Err(Denied::new(
+                field,
+                "unsubscribe_in_transactional",
+                format!(
+                    "caller {:?} sends transactional mail (transactional = true), which reaches \
+                     recipients who unsubscribed; a message with an unsubscribe link is mail \
+                     one can leave: leave out {field}, or send it as a caller that is not \
+                     transactional",
+                    self.name
+                ),
+            ));
         }
         if !p.allowed_senders.is_empty() && !rules::allowed(&p.allowed_senders, &c.from) {
             return Err(Denied::new(
@@ -621,14 +642,27 @@ impl Gate {
         found
     }
 
-    /// Whether some HTTP caller (or stdio's) may mail anyone.
-    pub fn open_recipients(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .by_token
+    /// Every caller: HTTP's, then stdio's.
+    fn callers(&self) -> impl Iterator<Item = &Arc<Caller>> {
+        self.by_token
             .iter()
             .map(|(_, c)| c)
             .chain(self.open.iter())
             .chain(std::iter::once(&self.stdio))
+    }
+
+    /// The names of the callers that send transactional mail.
+    pub fn transactional(&self) -> std::collections::HashSet<String> {
+        self.callers()
+            .filter(|c| c.policy.transactional)
+            .map(|c| c.name.to_string())
+            .collect()
+    }
+
+    /// Whether some HTTP caller (or stdio's) may mail anyone.
+    pub fn open_recipients(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .callers()
             .filter(|c| {
                 c.policy.allowed_recipients.is_empty() && c.policy.approval != Approval::Always
             })

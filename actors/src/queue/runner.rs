@@ -248,8 +248,8 @@ pub trait Observer: Send + Sync + std::fmt::Debug {
 /// and for each recipient still waiting for a message others have: it must
 /// be quick.
 pub trait Screen: Send + Sync + std::fmt::Debug {
-    /// The first of `to` that may no longer get mail, if any.
-    fn refused(&self, to: &[String]) -> Option<String>;
+    /// The first of `to` that may no longer get mail from `caller`, if any.
+    fn refused(&self, caller: Option<&str>, to: &[String]) -> Option<String>;
 }
 
 /// The reason a message [`Screen`] refused is cancelled with.
@@ -2459,7 +2459,12 @@ async fn first_round(
     let screened = p
         .accepted
         .is_empty()
-        .then(|| inner.screen.get().and_then(|s| s.refused(&p.to)))
+        .then(|| {
+            inner
+                .screen
+                .get()
+                .and_then(|s| s.refused(p.caller.as_deref(), &p.to))
+        })
         .flatten();
     // A message some recipients have, whose others wait for a retry: those
     // listed since are not sent to, and count as refused; when none is
@@ -2471,7 +2476,11 @@ async fn first_round(
     {
         let listed: Vec<String> = super::unsettled(&p.to, &p.accepted, &p.rejected)
             .into_iter()
-            .filter(|a| screen.refused(&[(*a).to_owned()]).is_some())
+            .filter(|a| {
+                screen
+                    .refused(p.caller.as_deref(), &[(*a).to_owned()])
+                    .is_some()
+            })
             .map(str::to_owned)
             .collect();
         if !listed.is_empty() {
