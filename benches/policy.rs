@@ -120,6 +120,7 @@ fn content_checks(compose_policy: &ComposePolicy, draft: &Draft) {
         filename: "report.txt".into(),
         content_base64: base64::engine::general_purpose::STANDARD.encode(&data),
         content_type: None,
+        content_id: None,
     }];
     for (what, draft, n) in [("1 KiB", draft, N), ("100 KiB attached", &attached, N / 50)] {
         let mut best = [Duration::MAX; 2];

@@ -117,6 +117,10 @@ pub struct SendArgs {
     /// Attach a file (repeatable); sent inline, so no attachments_dir is needed.
     #[arg(long, value_name = "PATH")]
     pub attach: Vec<PathBuf>,
+    /// A file the HTML body shows, `ID=PATH` (repeatable): the body names
+    /// it as `cid:ID` (`<img src="cid:logo">`).
+    #[arg(long, value_name = "ID=PATH", value_parser = inline_arg)]
+    pub inline: Vec<(String, PathBuf)>,
     /// Add a header field of your own, `NAME: VALUE` (repeatable): an `X-`
     /// field, or one that `send_email`'s `headers` takes.
     #[arg(long, value_name = "NAME: VALUE", value_parser = header_arg)]
@@ -337,6 +341,15 @@ fn var_arg(arg: &str) -> Result<(String, String), String> {
     }
 }
 
+fn inline_arg(arg: &str) -> Result<(String, PathBuf), String> {
+    match arg.split_once('=') {
+        Some((id, path)) if !id.is_empty() && !path.is_empty() => {
+            Ok((id.to_owned(), PathBuf::from(path)))
+        }
+        _ => Err("expected ID=PATH, such as \"logo=logo.png\"".into()),
+    }
+}
+
 fn draft_from_args(
     args: &SendArgs,
     policy: &crate::compose::ComposePolicy,
@@ -348,8 +361,10 @@ fn draft_from_args(
             .map_err(|_| format!("body file {} is not UTF-8", p.display()))?,
         (None, None) => String::new(),
     };
-    let mut attachments = Vec::with_capacity(args.attach.len());
-    for path in &args.attach {
+    let mut attachments = Vec::with_capacity(args.attach.len() + args.inline.len());
+    let files = args.attach.iter().map(|p| (None, p));
+    let shown = args.inline.iter().map(|(id, p)| (Some(id), p));
+    for (content_id, path) in files.chain(shown) {
         let limit = (policy.max_attachment_bytes, "max_attachment_bytes");
         let bytes = read_file(path, "attachment", limit)?;
         let filename = path
@@ -360,6 +375,7 @@ fn draft_from_args(
             filename,
             content_base64: base64::engine::general_purpose::STANDARD.encode(bytes),
             content_type: None,
+            content_id: content_id.cloned(),
         });
     }
     let mut headers = std::collections::BTreeMap::new();
@@ -680,6 +696,8 @@ mod tests {
             "text",
             "--attach",
             path.to_str().unwrap(),
+            "--inline",
+            &format!("logo@example.org={}", path.display()),
         ])
         .unwrap();
         assert_eq!(cli.config, Some(PathBuf::from("x.toml")));
@@ -691,17 +709,30 @@ mod tests {
             draft.to,
             Recipients::List(vec!["a@example.org".into(), "b@example.org".into()])
         );
-        assert_eq!(draft.attachments.len(), 1);
-        match &draft.attachments[0] {
-            AttachmentInput::Inline {
-                filename,
-                content_base64,
-                ..
-            } => {
-                assert_eq!(filename, "a.txt");
-                assert_eq!(content_base64, "aGVsbG8=");
+        assert_eq!(draft.attachments.len(), 2);
+        for (a, id) in draft
+            .attachments
+            .iter()
+            .zip([None, Some("logo@example.org")])
+        {
+            match a {
+                AttachmentInput::Inline {
+                    filename,
+                    content_base64,
+                    content_id,
+                    ..
+                } => {
+                    assert_eq!(filename, "a.txt");
+                    assert_eq!(content_base64, "aGVsbG8=");
+                    assert_eq!(content_id.as_deref(), id);
+                }
+                other => panic!("{other:?}"),
             }
-            other => panic!("{other:?}"),
+        }
+        for bad in ["logo", "=a.png", "logo="] {
+            let e = Cli::try_parse_from(["mailmux", "send", "--to", "a@x.org", "--inline", bad])
+                .expect_err("refused");
+            assert!(e.to_string().contains("ID=PATH"), "{bad}: {e}");
         }
     }
 }

@@ -315,10 +315,45 @@ fn message(rng: &mut StdRng, i: usize) -> (Value, Value) {
         attachments.push(a);
         read.push(r);
     }
+    // Images the HTML shows (`content_id`), after the files or between
+    // them, each named by an <img> at the end of the HTML.
+    let mut inline = Vec::new();
+    if want["html"].is_string() && rng.random_bool(0.4) {
+        let html_arg = if args.contains_key("html_body") {
+            "html_body"
+        } else {
+            "body"
+        };
+        // In order among themselves: the reader lists them so.
+        let mut after = 0;
+        for k in 0..rng.random_range(1..3) {
+            let id = format!("pic{i}.{k}-{}@mail.example", rng.random_range(0..1000));
+            let data = bytes(rng);
+            let encoded = base64::engine::general_purpose::STANDARD.encode(&data);
+            let img = format!("<img src=\"cid:{id}\">");
+            for (map, key) in [(&mut args, html_arg), (&mut want, "html")] {
+                let html = map[key].as_str().unwrap().to_owned() + &img;
+                map.insert(key.into(), json!(html));
+            }
+            let at = rng.random_range(after..=attachments.len());
+            after = at + 1;
+            attachments.insert(
+                at,
+                json!({ "filename": format!("pic{k}.png"), "content_base64": encoded, "content_id": id }),
+            );
+            inline.push(json!({
+                "content_id": id,
+                "filename": format!("pic{k}.png"),
+                "content_type": "image/png",
+                "content_base64": encoded,
+            }));
+        }
+    }
     if !attachments.is_empty() {
         args.insert("attachments".into(), Value::Array(attachments));
     }
     want.insert("attachments".into(), Value::Array(read));
+    want.insert("inline".into(), Value::Array(inline));
     (Value::Object(args), Value::Object(want))
 }
 
@@ -459,22 +494,9 @@ async fn call(h: &InProcess, tool: &str, args: &Value) -> Value {
 /// number and its body as sent (for the failure message) beside it.
 fn read_back(smtp: &Aiosmtpd, seed: u64, mut wanted: HashMap<String, (usize, Value, Value)>) {
     let n = wanted.len();
-    assert_eq!(smtp.wait_messages(n).len(), n);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/read_mail.py");
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .arg(smtp.maildir())
-        .output()
-        .expect("python3 tests/read_mail.py");
-    assert!(
-        out.status.success(),
-        "read_mail.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let mut failures = Vec::new();
     let mut read = 0;
-    for l in String::from_utf8(out.stdout).unwrap().lines() {
-        let got: Value = serde_json::from_str(l).unwrap();
+    for got in read_mail(smtp, n) {
         let id = got["message_id"].as_str().unwrap();
         let (i, body, want) = wanted
             .remove(id)
@@ -652,4 +674,121 @@ async fn a_random_mail_merge_reads_back_rendered_for_each_message() {
         );
     }
     read_back(&smtp, seed, wanted);
+}
+
+/// Images the HTML shows, as a mail client reads them: in a
+/// multipart/related with the HTML (inside the alternative when there is
+/// a text body too), inline with their Content-ID, never listed as
+/// attachments; files stay beside the body. A batch's `defaults` carry one
+/// image for every message of a mail merge.
+#[tokio::test]
+async fn images_the_html_shows_read_back_where_it_shows_them() {
+    let smtp = Aiosmtpd::start();
+    let h = InProcess::start(
+        config(vec![relay("primary", smtp.port, 100)]),
+        Sources::default(),
+    )
+    .await;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let logo = b64(b"\x89PNG\r\n\x1a\nthe logo");
+    let chart = b64(b"GIF89a the chart");
+    let one = call(
+        &h,
+        "send_email",
+        &json!({
+            "to": "ada@example.org",
+            "subject": "report",
+            "body": "The logo and the chart.",
+            "html_body": "<p><img src=\"cid:logo\"> <img src=\"cid:chart.1@example.org\"></p>",
+            "attachments": [
+                {"filename": "logo.png", "content_base64": logo, "content_id": "logo"},
+                {"filename": "report.pdf", "content_base64": b64(b"%PDF-1.4")},
+                {"filename": "chart.gif", "content_base64": chart, "content_id": "chart.1@example.org"},
+            ],
+        }),
+    )
+    .await;
+    assert_eq!(one["status"], "sent", "{one}");
+    let merge = call(
+        &h,
+        "send_batch",
+        &json!({
+            "defaults": {
+                "subject": "news",
+                "body": "<p>Hello {name} <img src=\"cid:logo\"></p>",
+                "html": true,
+                "attachments": [{"filename": "logo.png", "content_base64": logo, "content_id": "logo"}],
+            },
+            "messages": [
+                {"to": "a@example.org", "template_vars": {"name": "Ada"}},
+                {"to": "b@example.org", "template_vars": {"name": "Bob"}},
+            ],
+        }),
+    )
+    .await;
+    assert_eq!(merge["summary"]["sent"], 2, "{merge}");
+
+    let read = read_mail(&smtp, 3);
+    let by_subject = |s: &str| {
+        read.iter()
+            .filter(|m| m["subject"] == s)
+            .collect::<Vec<_>>()
+    };
+    let report = by_subject("report")[0];
+    assert_eq!(
+        report["tree"],
+        "multipart/mixed(multipart/alternative(text/plain,multipart/related(text/html,image/png,\
+         image/gif)),application/pdf)"
+    );
+    assert_eq!(
+        report["attachments"].as_array().unwrap().len(),
+        1,
+        "{report}"
+    );
+    assert_eq!(report["attachments"][0]["filename"], "report.pdf");
+    let ids: Vec<&Value> = report["inline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| &p["content_id"])
+        .collect();
+    assert_eq!(ids, [&json!("logo"), &json!("chart.1@example.org")]);
+    assert_eq!(report["inline"][0]["content_base64"], logo);
+    assert_eq!(report["inline"][1]["content_base64"], chart);
+    assert_eq!(report["inline"][1]["content_type"], "image/gif");
+    assert_eq!(report["text"], "The logo and the chart.");
+    for (m, name) in by_subject("news").into_iter().zip(["Ada", "Bob"]) {
+        assert_eq!(m["tree"], "multipart/related(text/html,image/png)", "{m}");
+        assert!(m["attachments"].as_array().unwrap().is_empty(), "{m}");
+        assert_eq!(m["inline"][0]["content_id"], "logo");
+        assert_eq!(m["inline"][0]["content_base64"], logo);
+        let html = m["html"].as_str().unwrap();
+        assert!(html.contains(&format!("Hello {name} <img")), "{m}");
+    }
+    assert!(
+        read.iter()
+            .all(|m| m["defects"].as_array().unwrap().is_empty()),
+        "{read:?}"
+    );
+}
+
+/// `tests/read_mail.py`'s reading of the `n` messages `smtp` waits for.
+fn read_mail(smtp: &Aiosmtpd, n: usize) -> Vec<Value> {
+    assert_eq!(smtp.wait_messages(n).len(), n);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/read_mail.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(smtp.maildir())
+        .output()
+        .expect("python3 tests/read_mail.py");
+    assert!(
+        out.status.success(),
+        "read_mail.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }

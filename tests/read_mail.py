@@ -1,7 +1,8 @@
 """What a recipient's mail client sees: every message of a maildir folder
 read with Python's email package (policy.default, its modern parser), one
 JSON object a line: the headers decoded, the bodies as text, the
-attachments' names, types and bytes, and every defect the parser noted.
+attachments' names, types and bytes, the parts the HTML shows by their
+Content-ID, the MIME tree, and every defect the parser noted.
 
   python3 tests/read_mail.py MAILDIR_NEW_FOLDER
 """
@@ -39,6 +40,18 @@ def text(msg, kind):
     if part is None:
         return None
     return part.get_content()
+
+
+def shown(part):
+    """A part the HTML body shows (cid:): inline, with a Content-ID."""
+    return part["content-id"] is not None and part.get_content_disposition() == "inline"
+
+
+def tree(part):
+    """The MIME tree as type(child,child)."""
+    if part.is_multipart():
+        return f"{part.get_content_type()}({','.join(tree(p) for p in part.iter_parts())})"
+    return part.get_content_type()
 
 
 def read(path):
@@ -83,7 +96,19 @@ def read(path):
                 "content_base64": base64.b64encode(a.get_payload(decode=True) or b"").decode(),
             }
             for a in msg.iter_attachments()
+            if not shown(a)
         ],
+        "inline": [
+            {
+                "content_id": str(p["content-id"]).strip().strip("<>"),
+                "filename": p.get_filename(),
+                "content_type": p.get_content_type(),
+                "content_base64": base64.b64encode(p.get_payload(decode=True) or b"").decode(),
+            }
+            for p in msg.walk()
+            if shown(p)
+        ],
+        "tree": tree(msg),
         "defects": defects(msg),
     }
 

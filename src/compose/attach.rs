@@ -37,6 +37,71 @@ pub(crate) struct Loaded {
     pub content_type: ContentType,
     pub content_type_name: String,
     pub data: Vec<u8>,
+    /// Shown in the HTML body as `cid:ID` rather than attached.
+    pub content_id: Option<String>,
+}
+
+/// Longest `content_id`.
+const MAX_CONTENT_ID: usize = 100;
+
+/// A `content_id` as the HTML body names it (`cid:ID`) and the part's
+/// `Content-ID: <ID>` carries it: 1 to [`MAX_CONTENT_ID`] of letters,
+/// digits, `.`, `_`, `-` and `@`, so that it needs no quoting in either.
+fn check_content_id(field: &str, id: &str) -> Result<(), ComposeError> {
+    let invalid = |why: String| ComposeError::new(field, "invalid_content_id", why);
+    if id.is_empty() || id.len() > MAX_CONTENT_ID {
+        return Err(invalid(format!("must be 1 to {MAX_CONTENT_ID} characters")));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@')))
+    {
+        return Err(invalid(format!(
+            "may hold letters, digits, '.', '_', '-' and '@' only, not {c:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks the attachments that a message's HTML shows (`content_id`):
+/// there is HTML (`html`, the body as rendered) to show them, each id is
+/// the only one of its kind, and the HTML names each as `cid:ID` (a part
+/// it never names would be shown by no client, or as a stray
+/// attachment).
+pub(crate) fn check_inline(
+    attachments: &[&Loaded],
+    html: Option<&str>,
+) -> Result<(), ComposeError> {
+    for (i, a) in attachments.iter().enumerate() {
+        let Some(id) = &a.content_id else { continue };
+        let field = format!("attachments[{i}].content_id");
+        let Some(html) = html else {
+            return Err(ComposeError::new(
+                field,
+                "inline_without_html",
+                "an attachment with content_id is shown by an HTML body (html_body, or body \
+                 with html: true), and this message has none",
+            ));
+        };
+        if attachments[..i]
+            .iter()
+            .any(|b| b.content_id.as_deref() == Some(id))
+        {
+            return Err(ComposeError::new(
+                field,
+                "duplicate_content_id",
+                format!("{id:?} is the content_id of an earlier attachment"),
+            ));
+        }
+        if !html.contains(&format!("cid:{id}")) {
+            return Err(ComposeError::new(
+                field,
+                "content_id_unreferenced",
+                format!("the HTML body never names cid:{id}: write <img src=\"cid:{id}\">"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Attachments decoded (or read) once for many messages: the `defaults` of a
@@ -220,9 +285,13 @@ pub(crate) fn load(
             filename,
             content_base64,
             content_type: given,
+            content_id,
         } => {
             let name_field = format!("attachments[{index}].filename");
             check_filename(&name_field, filename)?;
+            if let Some(id) = content_id {
+                check_content_id(&format!("attachments[{index}].content_id"), id)?;
+            }
             let data_field = format!("attachments[{index}].content_base64");
             let decoded = base64_decoded_len(content_base64);
             if decoded > policy.max_attachment_bytes {
@@ -253,12 +322,17 @@ pub(crate) fn load(
                 content_type,
                 content_type_name,
                 data,
+                content_id: content_id.clone(),
             })
         }
         AttachmentInput::Path {
             path,
             content_type: given,
+            content_id,
         } => {
+            if let Some(id) = content_id {
+                check_content_id(&format!("attachments[{index}].content_id"), id)?;
+            }
             let field = format!("attachments[{index}].path");
             let (filename, data) = read_path(&field, path, policy, index, estimate)?;
             let (content_type, content_type_name) = content_type(
@@ -271,6 +345,7 @@ pub(crate) fn load(
                 content_type,
                 content_type_name,
                 data,
+                content_id: content_id.clone(),
             })
         }
     }
@@ -442,6 +517,7 @@ mod tests {
         AttachmentInput::Path {
             path: path.into(),
             content_type: None,
+            content_id: None,
         }
     }
 
@@ -466,6 +542,7 @@ mod tests {
                 filename: "a.txt".into(),
                 content_base64: b64.into(),
                 content_type: None,
+                content_id: None,
             };
             let loaded = load_one(&input, &p).expect("valid");
             assert_eq!(loaded.data, b"hi");
@@ -481,6 +558,7 @@ mod tests {
             filename: "a.bin".into(),
             content_base64: "!".repeat(1000),
             content_type: None,
+            content_id: None,
         };
         let err = load_one(&input, &p).unwrap_err();
         assert_eq!(err.rule, "attachment_too_large");
@@ -494,12 +572,14 @@ mod tests {
             filename: "a.bin".into(),
             content_base64: BASE64.encode([7u8; 100]),
             content_type: None,
+            content_id: None,
         };
         assert_eq!(load_one(&input, &p).expect("at the limit").data.len(), 100);
         let input = AttachmentInput::Inline {
             filename: "a.bin".into(),
             content_base64: BASE64.encode([7u8; 101]),
             content_type: None,
+            content_id: None,
         };
         assert_eq!(
             load_one(&input, &p).unwrap_err().rule,
@@ -589,6 +669,7 @@ mod tests {
             filename: filename.into(),
             content_base64: "aGk=".into(),
             content_type: ct.map(Into::into),
+            content_id: None,
         };
         let rule = |input: AttachmentInput| load_one(&input, &p).unwrap_err();
         let e = rule(inline("a\r\nBcc: x@y", None));

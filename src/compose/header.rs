@@ -94,14 +94,16 @@ fn attribute_char(b: u8) -> bool {
 /// within [`LINE`].
 const SEGMENT: usize = 54;
 
-/// `Content-Disposition: attachment` with the file name in RFC 2231's
-/// percent-encoded UTF-8, split into continuations (`filename*0*`,
-/// `filename*1*`, …) that never cut a `%XX`.
+/// `Content-Disposition: attachment` (or `inline`) with the file name in
+/// RFC 2231's percent-encoded UTF-8, split into continuations
+/// (`filename*0*`, `filename*1*`, …) that never cut a `%XX`.
 #[derive(Debug, Clone)]
 pub(super) struct Disposition(HeaderValue);
 
 impl Disposition {
-    pub(super) fn attachment(filename: &str) -> Self {
+    /// `inline` for a part the HTML body shows, else `attachment`.
+    pub(super) fn new(inline: bool, filename: &str) -> Self {
+        let kind = if inline { "inline" } else { "attachment" };
         let mut segments = vec![String::new()];
         let mut utf8 = [0; 4];
         // A character is never split between two continuations: readers
@@ -125,7 +127,7 @@ impl Disposition {
                 last.push_str(&unit);
             }
         }
-        let mut encoded = String::from("attachment;");
+        let mut encoded = format!("{kind};");
         if segments.len() == 1 {
             encoded.push_str("\r\n filename*=utf-8''");
             encoded.push_str(&segments[0]);
@@ -140,7 +142,7 @@ impl Disposition {
         }
         Disposition(HeaderValue::dangerous_new_pre_encoded(
             Self::name(),
-            format!("attachment; filename=\"{filename}\""),
+            format!("{kind}; filename=\"{filename}\""),
             encoded,
         ))
     }
@@ -391,7 +393,7 @@ mod tests {
         assert!(!plain_filename("=?utf-8?q?x?=.txt"));
         let field = |name: &str| {
             let part = lettre::message::SinglePart::builder()
-                .header(Disposition::attachment(name))
+                .header(Disposition::new(false, name))
                 .body(String::new());
             let text = String::from_utf8(part.formatted()).unwrap();
             let (head, _) = text.split_once("\r\n\r\n").unwrap();

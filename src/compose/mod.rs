@@ -76,13 +76,30 @@ pub enum AttachmentInput {
         /// MIME type; guessed from the file name when absent.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         content_type: Option<String>,
+        /// Shown inside the HTML body, which refers to it as `cid:ID`
+        /// (`<img src="cid:logo">`), rather than attached.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        content_id: Option<String>,
     },
     Path {
         /// A path relative to the configured attachments directory.
         path: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         content_type: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        content_id: Option<String>,
     },
+}
+
+impl AttachmentInput {
+    /// The keys an attachment object may have.
+    pub const FIELDS: &[&str] = &[
+        "filename",
+        "content_base64",
+        "path",
+        "content_type",
+        "content_id",
+    ];
 }
 
 /// What the caller asks to send: the content of a `send_email` call.
@@ -127,7 +144,8 @@ pub struct Draft {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub references: Option<String>,
     /// Files to attach: each `{filename, content_base64, content_type?}`, or
-    /// `{path, content_type?}` inside the configured attachments directory.
+    /// `{path, content_type?}` inside the configured attachments directory;
+    /// with `content_id`, an image the HTML body shows (`cid:ID`).
     #[serde(default)]
     pub attachments: Vec<AttachmentInput>,
     /// Where a recipient unsubscribes, for the `List-Unsubscribe` header
@@ -271,6 +289,9 @@ pub struct AttachmentSummary {
     pub content_type: String,
     /// Decoded size in bytes.
     pub size: usize,
+    /// Shown in the HTML body (`cid:ID`) rather than attached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_id: Option<String>,
 }
 
 /// Input above this many bytes makes composing a draft slow enough (decoding,
@@ -569,6 +590,14 @@ fn compose_inner(
         attach::grow_estimate(i, &mut estimate, a.data.len(), policy)?;
     }
     let attachments: Vec<&attach::Loaded> = own.iter().chain(shared).collect();
+    let html_text = if texts.html {
+        Some(rendered.body.as_str())
+    } else {
+        rendered.html_body.as_deref()
+    };
+    attach::check_inline(&attachments, html_text)?;
+    let (inline, attached): (Vec<&attach::Loaded>, Vec<&attach::Loaded>) =
+        attachments.iter().partition(|a| a.content_id.is_some());
     // A batch's shared attachments are scanned once for all its messages
     // (a message that has them has none of its own).
     let scanned = match (scan, shared_set) {
@@ -615,18 +644,18 @@ fn compose_inner(
     // An explicit envelope: Bcc is never given to the header builder at all.
     builder = builder.envelope(envelope);
 
-    let body = body_part(texts.html, &rendered);
-    let built = if attachments.is_empty() {
+    let body = body_part(texts.html, &rendered, &inline);
+    let built = if attached.is_empty() {
         match body {
             BodyPart::Single(part) => builder.singlepart(part),
-            BodyPart::Alternative(part) => builder.multipart(part),
+            BodyPart::Multi(part) => builder.multipart(part),
         }
     } else {
         let mut mixed = match body {
             BodyPart::Single(part) => MultiPart::mixed().singlepart(part),
-            BodyPart::Alternative(part) => MultiPart::mixed().multipart(part),
+            BodyPart::Multi(part) => MultiPart::mixed().multipart(part),
         };
-        for a in &attachments {
+        for a in &attached {
             mixed = mixed.singlepart(attachment_part(a));
         }
         builder.multipart(mixed)
@@ -667,6 +696,7 @@ fn compose_inner(
             filename: a.filename.clone(),
             content_type: a.content_type_name.clone(),
             size: a.data.len(),
+            content_id: a.content_id.clone(),
         })
         .collect();
     Ok(Composed {
@@ -935,7 +965,9 @@ fn crlf(text: &str) -> String {
 #[derive(Debug)]
 enum BodyPart {
     Single(SinglePart),
-    Alternative(MultiPart),
+    /// multipart/alternative, or multipart/related for HTML with the
+    /// parts it shows.
+    Multi(MultiPart),
 }
 
 fn text_part(content_type: ContentType, text: String) -> SinglePart {
@@ -967,33 +999,59 @@ fn text_part(content_type: ContentType, text: String) -> SinglePart {
 
 /// Attachments are always base64: lettre would send ASCII-only content as
 /// 7bit without converting its line endings, and a bare LF is exactly what
-/// the SMTP layer fails to dot-stuff.
+/// the SMTP layer fails to dot-stuff. One with a `content_id` is `inline`,
+/// with its `Content-ID`, for the HTML that shows it.
 fn attachment_part(a: &attach::Loaded) -> SinglePart {
     let body = match Body::new_with_encoding(a.data.clone(), ContentTransferEncoding::Base64) {
         Ok(body) => body,
         // Base64 accepts any bytes; lettre hands the input back only for 7bit/8bit.
         Err(data) => Body::new(data),
     };
-    if header::plain_filename(&a.filename) {
-        Attachment::new(a.filename.clone()).body(body, a.content_type.clone())
-    } else {
-        SinglePart::builder()
-            .header(header::Disposition::attachment(&a.filename))
-            .header(a.content_type.clone())
-            .body(body)
+    let plain = header::plain_filename(&a.filename);
+    match &a.content_id {
+        None if plain => Attachment::new(a.filename.clone()).body(body, a.content_type.clone()),
+        Some(id) if plain => Attachment::new_inline_with_name(id.clone(), a.filename.clone())
+            .body(body, a.content_type.clone()),
+        id => {
+            let mut part = SinglePart::builder();
+            if let Some(id) = id {
+                part = part.header(lettre::message::header::ContentId::from(format!("<{id}>")));
+            }
+            part.header(header::Disposition::new(id.is_some(), &a.filename))
+                .header(a.content_type.clone())
+                .body(body)
+        }
     }
 }
 
-fn body_part(html: bool, rendered: &Rendered) -> BodyPart {
+/// The body: text, HTML, or both as alternatives; HTML that shows
+/// attachments (`inline`) goes in a multipart/related with them (RFC 2387),
+/// the HTML first.
+fn body_part(html: bool, rendered: &Rendered, inline: &[&attach::Loaded]) -> BodyPart {
     let body = rendered.body.clone();
+    let html_part = |text: String| {
+        let part = text_part(ContentType::TEXT_HTML, text);
+        if inline.is_empty() {
+            return BodyPart::Single(part);
+        }
+        let related = inline
+            .iter()
+            .fold(MultiPart::related().singlepart(part), |m, a| {
+                m.singlepart(attachment_part(a))
+            });
+        BodyPart::Multi(related)
+    };
     match (&rendered.html_body, html) {
-        (_, true) => BodyPart::Single(text_part(ContentType::TEXT_HTML, body)),
+        (_, true) => html_part(body),
         (None, false) => BodyPart::Single(text_part(ContentType::TEXT_PLAIN, body)),
-        (Some(html_body), false) => BodyPart::Alternative(
-            MultiPart::alternative()
-                .singlepart(text_part(ContentType::TEXT_PLAIN, body))
-                .singlepart(text_part(ContentType::TEXT_HTML, html_body.clone())),
-        ),
+        (Some(html_body), false) => {
+            let alternative =
+                MultiPart::alternative().singlepart(text_part(ContentType::TEXT_PLAIN, body));
+            BodyPart::Multi(match html_part(html_body.clone()) {
+                BodyPart::Single(part) => alternative.singlepart(part),
+                BodyPart::Multi(related) => alternative.multipart(related),
+            })
+        }
     }
 }
 

@@ -279,6 +279,7 @@ fn shared_attachments_go_to_drafts_without_their_own() {
         filename: "shared.csv".into(),
         content_base64: STANDARD.encode(&content),
         content_type: None,
+        content_id: None,
     }];
     let shared = SharedAttachments::load(&inputs, &policy()).expect("loads");
     let d = draft("a@x.org");
@@ -293,6 +294,7 @@ fn shared_attachments_go_to_drafts_without_their_own() {
         filename: "own.txt".into(),
         content_base64: STANDARD.encode(b"own"),
         content_type: None,
+        content_id: None,
     }];
     let c = compose_with(&own, &policy(), Some(&shared)).expect("composes");
     assert_eq!(c.attachments.len(), 1);
@@ -305,6 +307,7 @@ fn shared_attachments_go_to_drafts_without_their_own() {
         filename: "big.bin".into(),
         content_base64: STANDARD.encode([7u8; 130]),
         content_type: None,
+        content_id: None,
     }];
     let shared = SharedAttachments::load(&big, &small).expect("fits alone");
     let e = compose_with(&d, &small, Some(&shared)).expect_err("too large with the body");
@@ -314,6 +317,7 @@ fn shared_attachments_go_to_drafts_without_their_own() {
         filename: "x.bin".into(),
         content_base64: "not base64!".into(),
         content_type: None,
+        content_id: None,
     }];
     let e = SharedAttachments::load(&bad, &policy()).expect_err("bad base64");
     assert_eq!(e.field, "attachments[0].content_base64");
@@ -328,6 +332,7 @@ fn attachment_makes_multipart_mixed() {
         filename: "report.csv".into(),
         content_base64: STANDARD.encode(&content),
         content_type: None,
+        content_id: None,
     }];
     let c = ok(&d, &policy());
     let raw = text(&c);
@@ -351,6 +356,7 @@ fn attachment_makes_multipart_mixed() {
             filename: "report.csv".into(),
             content_type: "text/csv".into(),
             size: content.len(),
+            content_id: None,
         }]
     );
     assert!(!has_bare_line_break(&c.bytes));
@@ -580,6 +586,7 @@ fn size_limits() {
         filename: "a.bin".into(),
         content_base64: STANDARD.encode([1u8; 900]),
         content_type: None,
+        content_id: None,
     }];
     let e = err(&d, &p);
     assert_eq!((e.field.as_str(), e.rule), ("attachments[0]", "too_large"));
@@ -595,6 +602,7 @@ fn attachment_by_path() {
     d.attachments = vec![AttachmentInput::Path {
         path: "notes.txt".into(),
         content_type: Some("text/markdown".into()),
+        content_id: None,
     }];
     let c = ok(&d, &p);
     assert_eq!(c.preview().attachments[0].filename, "notes.txt");
@@ -926,6 +934,7 @@ fn bad_input_table() {
                     filename: "a\r\n.txt".into(),
                     content_base64: "aGk=".into(),
                     content_type: None,
+                    content_id: None,
                 }]
             },
             "header_injection",
@@ -937,6 +946,7 @@ fn bad_input_table() {
                     filename: " ".into(),
                     content_base64: "aGk=".into(),
                     content_type: None,
+                    content_id: None,
                 }]
             },
             "invalid_filename",
@@ -948,6 +958,7 @@ fn bad_input_table() {
                     filename: "a.txt".into(),
                     content_base64: "not base64!".into(),
                     content_type: None,
+                    content_id: None,
                 }]
             },
             "invalid_base64",
@@ -961,11 +972,13 @@ fn bad_input_table() {
                         filename: "a.txt".into(),
                         content_base64: "aGk=".into(),
                         content_type: None,
+                        content_id: None,
                     },
                     AttachmentInput::Inline {
                         filename: "b.txt".into(),
                         content_base64: "A".repeat(100),
                         content_type: None,
+                        content_id: None,
                     },
                 ]
             },
@@ -978,6 +991,7 @@ fn bad_input_table() {
                     filename: "a.txt".into(),
                     content_base64: "aGk=".into(),
                     content_type: Some("text/plain\nX-Evil: 1".into()),
+                    content_id: None,
                 }]
             },
             "header_injection",
@@ -989,6 +1003,7 @@ fn bad_input_table() {
                     filename: "a.txt".into(),
                     content_base64: "aGk=".into(),
                     content_type: Some("plain".into()),
+                    content_id: None,
                 }]
             },
             "invalid_content_type",
@@ -999,6 +1014,7 @@ fn bad_input_table() {
                 d.attachments = vec![AttachmentInput::Path {
                     path: "a.txt".into(),
                     content_type: None,
+                    content_id: None,
                 }]
             },
             "attachments_by_path_disabled",
@@ -1011,6 +1027,7 @@ fn bad_input_table() {
                     filename: "a.bin".into(),
                     content_base64: "A".repeat(600),
                     content_type: None,
+                    content_id: None,
                 }]
             },
             "too_large",
@@ -1136,6 +1153,7 @@ impl Gen {
             return AttachmentInput::Path {
                 path: self.or_valid("a"),
                 content_type: self.chance(4).then(|| self.string()),
+                content_id: None,
             };
         }
         let content_base64 = if self.chance(2) {
@@ -1148,6 +1166,7 @@ impl Gen {
             filename: self.or_valid("f.txt"),
             content_base64,
             content_type: self.chance(4).then(|| self.string()),
+            content_id: None,
         }
     }
 }
@@ -1299,6 +1318,7 @@ fn large_or_file_drafts_are_heavy_and_small_ones_are_not() {
     d.attachments = vec![AttachmentInput::Path {
         path: "notes.txt".into(),
         content_type: None,
+        content_id: None,
     }];
     assert!(d.is_heavy(), "a file to read");
     let mut d = draft("a@x.org");
@@ -1306,6 +1326,7 @@ fn large_or_file_drafts_are_heavy_and_small_ones_are_not() {
         filename: "a.bin".into(),
         content_base64: "QUJD".repeat(100),
         content_type: None,
+        content_id: None,
     }];
     assert!(!d.is_heavy(), "a small inline attachment");
 }
@@ -1339,6 +1360,7 @@ fn mail_parser_reads_subjects_names_and_file_names_as_given() {
             filename: format!("{name}.txt"),
             content_base64: STANDARD.encode("x"),
             content_type: None,
+            content_id: None,
         }];
         let c = ok(&d, &policy());
         let m = MessageParser::default().parse(&c.bytes[..]).unwrap();
@@ -1509,4 +1531,163 @@ fn a_template_writes_the_subject_and_bodies_with_the_calls_variables() {
 
     // A draft without a template is as before.
     assert_eq!(ok(&draft("ada@example.org"), &p).template, None);
+}
+
+/// The MIME tree of a message as `type(child,child)`, read by mail_parser.
+fn tree(bytes: &[u8]) -> String {
+    use mail_parser::{MessageParser, MimeHeaders, PartType};
+    fn walk(m: &mail_parser::Message<'_>, id: u32) -> String {
+        let part = &m.parts[id as usize];
+        let ct = part.content_type().map_or("text/plain".to_owned(), |c| {
+            format!("{}/{}", c.c_type, c.c_subtype.as_deref().unwrap_or(""))
+        });
+        match &part.body {
+            PartType::Multipart(children) => {
+                let inner: Vec<String> = children.iter().map(|c| walk(m, *c)).collect();
+                format!("{ct}({})", inner.join(","))
+            }
+            _ => ct,
+        }
+    }
+    let m = MessageParser::default().parse(bytes).expect("parses");
+    walk(&m, 0)
+}
+
+fn image(filename: &str, content_id: Option<&str>, data: &[u8]) -> AttachmentInput {
+    AttachmentInput::Inline {
+        filename: filename.into(),
+        content_base64: STANDARD.encode(data),
+        content_type: None,
+        content_id: content_id.map(str::to_owned),
+    }
+}
+
+/// An attachment with a `content_id` is shown by the HTML, not attached:
+/// the HTML and the parts it shows go in a multipart/related (the HTML
+/// first), each part `inline` with its `Content-ID`; other attachments stay
+/// beside the body in the multipart/mixed.
+#[test]
+fn attachments_with_a_content_id_are_shown_by_the_html() {
+    use mail_parser::{MessageParser, MimeHeaders};
+    let logo = b"\x89PNG\r\n\x1a\nlogo bytes".to_vec();
+    let mut d = draft("a@x.org");
+    d.body = "Our logo, and the report.\n".into();
+    d.html_body = Some("<p><img src=\"cid:logo@example.org\"> and the report</p>".into());
+    d.attachments = vec![
+        image("report.pdf", None, b"%PDF-1.4 report"),
+        image("logo.png", Some("logo@example.org"), &logo),
+    ];
+    let c = ok(&d, &policy());
+    assert_eq!(
+        tree(&c.bytes),
+        "multipart/mixed(multipart/alternative(text/plain,multipart/related(text/html,image/png)),\
+         application/pdf)",
+        "{}",
+        text(&c)
+    );
+    let raw = text(&c);
+    assert!(raw.contains("Content-ID: <logo@example.org>"), "{raw}");
+    assert!(
+        raw.contains("Content-Disposition: inline; filename=\"logo.png\""),
+        "{raw}"
+    );
+    let m = MessageParser::default().parse(&c.bytes[..]).unwrap();
+    let shown = m
+        .parts
+        .iter()
+        .find(|p| p.content_id() == Some("logo@example.org"))
+        .expect("the image part");
+    assert_eq!(shown.contents(), &logo[..]);
+    assert_eq!(
+        c.attachments[1].content_id.as_deref(),
+        Some("logo@example.org")
+    );
+    assert_eq!(c.attachments[0].content_id, None);
+
+    // An HTML body alone, with the image only: a multipart/related at the
+    // top; a file name that needs encoding keeps it.
+    let mut d = draft("a@x.org");
+    d.html = true;
+    d.body = "<img src=\"cid:a\"><img src=\"cid:b\">".into();
+    d.attachments = vec![
+        image("a.png", Some("a"), b"a"),
+        image("bé ü.png", Some("b"), b"b"),
+    ];
+    let c = ok(&d, &policy());
+    assert_eq!(
+        tree(&c.bytes),
+        "multipart/related(text/html,image/png,image/png)"
+    );
+    assert!(
+        text(&c)
+            .contains("Content-Disposition: inline;\r\n filename*0*=utf-8''b%C3%A9%20%C3%BC.png"),
+        "{}",
+        text(&c)
+    );
+}
+
+/// Each mistake in a `content_id` is refused, naming the attachment.
+#[test]
+fn a_content_id_must_be_well_formed_unique_and_shown() {
+    let html = |attachments: Vec<AttachmentInput>| {
+        let mut d = draft("a@x.org");
+        d.html_body = Some("<img src=\"cid:logo\"> <img src=\"cid:x\">".into());
+        d.attachments = attachments;
+        d
+    };
+    let cases = [
+        (
+            html(vec![image("a.png", Some(""), b"a")]),
+            "attachments[0].content_id",
+            "invalid_content_id",
+        ),
+        (
+            html(vec![image("a.png", Some("a b"), b"a")]),
+            "attachments[0].content_id",
+            "invalid_content_id",
+        ),
+        (
+            html(vec![image("a.png", Some("<logo>"), b"a")]),
+            "attachments[0].content_id",
+            "invalid_content_id",
+        ),
+        (
+            html(vec![image("a.png", Some(&"l".repeat(101)), b"a")]),
+            "attachments[0].content_id",
+            "invalid_content_id",
+        ),
+        (
+            html(vec![
+                image("a.png", Some("logo"), b"a"),
+                image("b.png", Some("logo"), b"b"),
+            ]),
+            "attachments[1].content_id",
+            "duplicate_content_id",
+        ),
+        (
+            html(vec![
+                image("a.png", Some("logo"), b"a"),
+                image("b.png", Some("other"), b"b"),
+            ]),
+            "attachments[1].content_id",
+            "content_id_unreferenced",
+        ),
+        (
+            Draft {
+                attachments: vec![image("a.png", Some("logo"), b"a")],
+                ..draft("a@x.org")
+            },
+            "attachments[0].content_id",
+            "inline_without_html",
+        ),
+    ];
+    for (d, field, rule) in cases {
+        let e = err(&d, &policy());
+        assert_eq!((e.field.as_str(), e.rule), (field, rule), "{e}");
+    }
+    // The longest id, and each character allowed.
+    let id = format!("a.b_c-d@e{}", "f".repeat(91));
+    let mut d = html(vec![image("a.png", Some(&id), b"a")]);
+    d.html_body = Some(format!("<img src=\"cid:{id}\">"));
+    ok(&d, &policy());
 }

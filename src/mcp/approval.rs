@@ -69,8 +69,12 @@ pub fn prompt(c: &Composed, held_by: Option<&str>) -> String {
     out.push_str(&format!("Subject: {}\n", shown::text(&c.subject)));
     out.push_str(&format!("Size: {} bytes\n", c.bytes.len()));
     for a in &c.attachments {
+        let label = match a.content_id {
+            Some(_) => "Shown in the HTML",
+            None => "Attachment",
+        };
         out.push_str(&format!(
-            "Attachment: {} ({}, {} bytes)\n",
+            "{label}: {} ({}, {} bytes)\n",
             shown::text(&a.filename),
             a.content_type,
             a.size

@@ -12,7 +12,7 @@ use mailmux_actors::{
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::compose::{ComposeError, Draft, Preview};
+use crate::compose::{AttachmentInput, ComposeError, Draft, Preview};
 
 /// Tool arguments that always deserialize: a shape error becomes a tool
 /// result with `isError` instead of a JSON-RPC fault, so an agent sees it.
@@ -153,6 +153,22 @@ pub fn unknown_field(name: &str, fields: &[&str]) -> ShapeError {
         name.clone(),
         "unknown_field",
         format!("{name} is not a parameter of this tool: {hint}"),
+    )
+}
+
+/// A key of attachment `i` that attachments do not have.
+fn unknown_attachment_key(i: usize, key: &str) -> ShapeError {
+    let key = shown(key);
+    let keys = AttachmentInput::FIELDS;
+    let hint = match closest(&key, keys) {
+        Some(k) => format!("did you mean `{k}`?"),
+        None => format!("an attachment's keys are {}", keys.join(", ")),
+    };
+    let field = format!("attachments[{i}].{key}");
+    ShapeError::new(
+        field.clone(),
+        "unknown_field",
+        format!("{field} is not a key of an attachment: {hint}"),
     )
 }
 
@@ -319,10 +335,16 @@ pub fn mistyped(name: &str, value: &serde_json::Value) -> Option<ShapeError> {
         }
         "attachments" => match value {
             Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| match item {
-                Value::Object(a) => ["filename", "content_base64", "path", "content_type"]
-                    .into_iter()
-                    .find(|k| a.get(*k).is_some_and(|v| !v.is_string()))
-                    .and_then(|k| wrong(format!("attachments[{i}].{k}"), "a string")),
+                Value::Object(a) => match a
+                    .keys()
+                    .find(|k| !AttachmentInput::FIELDS.contains(&k.as_str()))
+                {
+                    Some(k) => Some(unknown_attachment_key(i, k)),
+                    None => AttachmentInput::FIELDS
+                        .iter()
+                        .find(|k| a.get(**k).is_some_and(|v| !v.is_string()))
+                        .and_then(|k| wrong(format!("attachments[{i}].{k}"), "a string")),
+                },
                 _ => wrong(
                     format!("attachments[{i}]"),
                     "an object with `filename` and `content_base64`, or with `path`",
@@ -1882,6 +1904,42 @@ mod tests {
             assert_eq!((e.field.as_str(), e.rule), (field, "schema"), "{args}");
             assert!(e.message.starts_with(field), "{args}: {}", e.message);
         }
+    }
+
+    /// A misspelt key of an attachment would send it without what it
+    /// says (an inline image attached, a type guessed): refused, naming it.
+    #[test]
+    fn an_unknown_key_of_an_attachment_is_refused_with_the_closest() {
+        let e = refused(json!({
+            "to": "a@example.org",
+            "attachments": [
+                {"path": "a.png", "content_id": "logo"},
+                {"filename": "b.png", "content_base64": "YQ==", "contentid": "x"},
+            ],
+        }));
+        assert_eq!(
+            (e.field.as_str(), e.rule),
+            ("attachments[1].contentid", "unknown_field")
+        );
+        assert!(
+            e.message.contains("did you mean `content_id`?"),
+            "{}",
+            e.message
+        );
+        let e = refused(json!({
+            "to": "a@example.org",
+            "attachments": [{"path": "a.png", "zzzzzzzzzzzz": 1}],
+        }));
+        assert_eq!(e.field, "attachments[0].zzzzzzzzzzzz");
+        assert!(e.message.contains("content_id"), "{}", e.message);
+        let e = refused(json!({
+            "to": "a@example.org",
+            "attachments": [{"path": "a.png", "content_id": 7}],
+        }));
+        assert_eq!(
+            (e.field.as_str(), e.rule),
+            ("attachments[0].content_id", "schema")
+        );
     }
 
     #[test]

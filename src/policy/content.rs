@@ -263,6 +263,7 @@ mod tests {
             filename: name.into(),
             content_base64: base64::engine::general_purpose::STANDARD.encode(data),
             content_type: None,
+            content_id: None,
         };
         let mut d = draft("s", "plain");
         d.attachments = vec![
@@ -333,6 +334,7 @@ mod tests {
                 content_base64: base64::engine::general_purpose::STANDARD
                     .encode(b"key: sk_live_12345678"),
                 content_type: None,
+                content_id: None,
             }],
             &policy,
         )
