@@ -163,12 +163,18 @@ fn field_value(rng: &mut StdRng, field: &str) -> Value {
         "html" | "wait" | "dry_run" | "atomic" => json!(rng.random_bool(0.5)),
         "attachments" => Value::Array(
             (0..rng.random_range(0..3))
-                .map(|_| match rng.random_range(0..3) {
+                .map(|_| match rng.random_range(0..4) {
                     0 => json!({ "path": string(rng) }),
                     1 => json!({
                         "filename": string(rng),
                         "content_base64": string(rng),
                         "content_type": string(rng),
+                    }),
+                    // An image the HTML may or may not name.
+                    2 => json!({
+                        "filename": string(rng),
+                        "content_base64": "aGVsbG8=",
+                        "content_id": string(rng),
                     }),
                     _ => json!({ "filename": string(rng), "content_base64": "aGVsbG8=" }),
                 })
