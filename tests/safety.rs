@@ -3000,6 +3000,86 @@ async fn content_checks_refuse_or_hold_a_message_by_what_it_says() {
     );
 }
 
+/// An agent that zips what a check would find does not get it past the
+/// check: the files inside a zip or gzip are looked at. An archive that
+/// cannot be read whole (here a bomb that would unpack past 8 MiB) is held
+/// for an operator, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_checks_look_inside_archives_and_hold_what_they_cannot_read() {
+    use base64::Engine as _;
+    use std::io::Write as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let (sink, other) = servers().await;
+    let d = start(&sink, &other, "").await;
+    let theta = connect(&d, THETA).await;
+    let to = json!(["someone@anywhere.net"]);
+    let zipped = |name: &str, data: &[u8]| {
+        let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let deflated = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        w.start_file(name, deflated).unwrap();
+        w.write_all(data).unwrap();
+        w.finish().unwrap().into_inner()
+    };
+    let gzipped = |data: &[u8]| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    };
+    let key = b"-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA\n-----END RSA PRIVATE KEY-----\n";
+    for (file, data) in [
+        ("keys.zip", zipped("id_rsa", key)),
+        ("keys.tar.gz", gzipped(key)),
+    ] {
+        let (e, out) = call(
+            &theta,
+            "send_email",
+            json!({"to": to, "subject": "backup", "body": "attached",
+                   "attachments": [{"filename": file, "content_base64": b64(&data)}]}),
+        )
+        .await;
+        assert!(e, "{file}: {out}");
+        assert_eq!(out["error"]["rule"], "content_rejected", "{out}");
+        assert_eq!(out["error"]["field"], "attachments[0]", "{out}");
+        assert_eq!(out["error"]["check"], "private key", "{out}");
+    }
+    // A harmless zip goes out.
+    let (e, out) = call(
+        &theta,
+        "send_email",
+        json!({"to": to, "subject": "notes", "body": "attached",
+               "attachments": [{"filename": "notes.zip",
+                                "content_base64": b64(&zipped("notes.txt", b"see you at ten"))}]}),
+    )
+    .await;
+    assert!(!e, "{out}");
+    assert_eq!(out["status"], "sent", "{out}");
+    // A bomb: a few KiB that would unpack to 9 MiB.
+    let bomb = gzipped(&vec![b'a'; 9 << 20]);
+    assert!(bomb.len() < 64 << 10);
+    let (e, out) = call(
+        &theta,
+        "send_email",
+        json!({"to": to, "subject": "data", "body": "attached", "wait": false,
+               "attachments": [{"filename": "data.gz", "content_base64": b64(&bomb)}]}),
+    )
+    .await;
+    assert!(!e, "{out}");
+    assert_eq!(out["status"], "held", "{out}");
+    let held = out["message_id"].as_str().unwrap().to_string();
+    let lines = d.audit();
+    let line = audit_line(&lines, &held, "held");
+    assert_eq!(
+        line["mailmux"]["held_by"], "content check \"unreadable archive\" matched attachments[0]",
+        "{line}"
+    );
+    let metrics = d.metrics().await;
+    let counted = r#"mailmux_content_checks_total{caller="theta",check="unreadable archive",action="hold"} 1"#;
+    assert!(metrics.lines().any(|l| l == counted), "{metrics}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.delivered().len(), 1, "only the harmless zip went out");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn content_checks_change_with_a_reload_and_a_bad_pattern_keeps_the_old_ones() {
     let (sink, other) = servers().await;

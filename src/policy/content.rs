@@ -10,10 +10,14 @@
 //! the HTML body, the values of the header fields the caller wrote by name
 //! (`headers`, the unsubscribe links, the policy's own), the display names
 //! the recipients see (From, To, Cc, Reply-To) and the `in_reply_to` and
-//! `references` ids, each attachment's file name and its decoded content. The first check in the list that
-//! matches any part decides; its action is `reject` or `hold`. What matched
-//! is never repeated: an error, a log line or an audit line names the check
-//! and the part, not the text.
+//! `references` ids, each attachment's file name and its decoded content,
+//! and inside an attachment that is an archive (`archive.rs`) the name and
+//! content of every file it holds. The first check in the list that
+//! matches any part decides; its action is `reject` or `hold`. An archive
+//! that cannot be read whole (encrypted, too large once unpacked) is held
+//! for a person, as the check [`UNREADABLE_ARCHIVE`] that comes after every
+//! configured one. What matched is never repeated: an error, a log line or
+//! an audit line names the check and the part, not the text.
 
 use regex::RegexSet;
 use regex::bytes::RegexSet as BytesSet;
@@ -25,6 +29,21 @@ pub const MAX_CHECKS: usize = 100;
 /// Most bytes of one compiled pattern set (the `regex` crate's limit on its
 /// automata): a pattern that would need more is refused at load.
 const SIZE_LIMIT: usize = 16 << 20;
+
+/// The name of the check an archive the checks cannot read "matches".
+pub const UNREADABLE_ARCHIVE: &str = "unreadable archive";
+
+/// [`ContentChecks::scan`]'s mark of an archive it could not read: after
+/// every configured check, so that one of them that matches decides.
+const UNREADABLE: usize = usize::MAX;
+
+/// The check an archive that cannot be read "matches": it holds the
+/// message for a person.
+static UNREADABLE_CHECK: std::sync::LazyLock<Check> = std::sync::LazyLock::new(|| Check {
+    name: UNREADABLE_ARCHIVE.into(),
+    pattern: String::new(),
+    action: Action::Hold,
+});
 
 /// What a check that matches does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,10 +149,23 @@ impl ContentChecks {
         &self.checks
     }
 
-    /// The checks that match an attachment's decoded bytes, by index: what
+    /// The checks that match an attachment's decoded bytes, or the name or
+    /// bytes of a file inside it when it is an archive, by index (and
+    /// [`UNREADABLE`] for an archive that cannot be read whole): what
     /// `compose` keeps for [`ContentChecks::verdict`].
     pub fn scan(&self, data: &[u8]) -> Vec<usize> {
-        self.bytes.matches(data).into_iter().collect()
+        let mut found: std::collections::BTreeSet<usize> =
+            self.bytes.matches(data).into_iter().collect();
+        let inside = super::archive::unpack(data, &mut |name, bytes| {
+            if let Some(name) = name {
+                found.extend(&self.text.matches(name));
+            }
+            found.extend(&self.bytes.matches(bytes));
+        });
+        if inside.is_err() {
+            found.insert(UNREADABLE);
+        }
+        found.into_iter().collect()
     }
 
     /// The check that decides on `c` (the first in the list that matches
@@ -180,10 +212,11 @@ impl ContentChecks {
         }
         let first = parts.iter().flat_map(|(_, m)| m).min()?;
         let field = parts.iter().find(|(_, m)| m.contains(first))?.0.clone();
-        Some(Hit {
-            check: &self.checks[*first],
-            field,
-        })
+        let check = match *first {
+            UNREADABLE => &*UNREADABLE_CHECK,
+            i => &self.checks[i],
+        };
+        Some(Hit { check, field })
     }
 }
 
@@ -219,6 +252,57 @@ mod tests {
         let composed = compose_scanned(d, &ComposePolicy::default(), None, &|b| c.scan(b)).unwrap();
         c.verdict(&composed)
             .map(|h| (h.check.name.clone(), h.field))
+    }
+
+    /// A file inside a zip or a gzip is looked at as the attachment itself
+    /// is (its name as a file name, its bytes as content); an archive that
+    /// cannot be read whole holds the message, unless a configured check
+    /// that matches decides first.
+    #[test]
+    fn what_an_archive_holds_is_checked_and_one_that_cannot_be_read_is_held() {
+        use super::super::archive::tests::{encrypted, gzip_of, zip_of};
+        use base64::Engine as _;
+        let c = checks(&[
+            ("key", "BEGIN [A-Z ]*PRIVATE KEY", Action::Reject),
+            ("list", "customers\\.csv", Action::Hold),
+        ]);
+        let with = |data: Vec<u8>, body: &str| {
+            let mut d = draft("files", body);
+            d.attachments = vec![crate::compose::AttachmentInput::Inline {
+                filename: "files.bin".into(),
+                content_base64: base64::engine::general_purpose::STANDARD.encode(data),
+                content_type: None,
+                content_id: None,
+            }];
+            d
+        };
+        let key: &[u8] = b"-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n";
+        let deflated = zip::CompressionMethod::Deflated;
+        let at = |name: &str| Some((name.to_owned(), "attachments[0]".to_owned()));
+        for (data, want) in [
+            (zip_of(&[("id", key)], deflated), at("key")),
+            (gzip_of(&zip_of(&[("id", key)], deflated)), at("key")),
+            (zip_of(&[("customers.csv", b"a,b")], deflated), at("list")),
+            (zip_of(&[("notes.txt", b"nothing")], deflated), None),
+            (
+                encrypted(zip_of(&[("id", b"x")], zip::CompressionMethod::Stored)),
+                at(UNREADABLE_ARCHIVE),
+            ),
+        ] {
+            assert_eq!(verdict(&c, &with(data, "see attached")), want);
+        }
+        let locked = encrypted(zip_of(&[("id", b"x")], zip::CompressionMethod::Stored));
+        assert_eq!(
+            verdict(&c, &with(locked.clone(), "customers.csv")),
+            Some(("list".into(), "body".into())),
+            "a configured check comes first"
+        );
+        let c = checks(&[("key", "BEGIN [A-Z ]*PRIVATE KEY", Action::Reject)]);
+        let d = with(locked, "see attached");
+        let composed =
+            compose_scanned(&d, &ComposePolicy::default(), None, &|b| c.scan(b)).unwrap();
+        let hit = c.verdict(&composed).unwrap();
+        assert_eq!(hit.check.action, Action::Hold);
     }
 
     #[test]

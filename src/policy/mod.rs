@@ -8,6 +8,7 @@
 //! message takes no rate and nothing is queued. A policy also says whether
 //! its caller may act on the relays every caller shares (`relay_control`).
 
+pub mod archive;
 pub mod content;
 pub mod rate;
 pub mod rules;
