@@ -144,6 +144,13 @@ impl Shared {
         })
     }
 
+    /// Whether one of them is a zip or a gzip ([`super::Draft::has_archive`]).
+    pub fn has_archive(&self) -> bool {
+        self.loaded
+            .iter()
+            .any(|a| crate::policy::archive::is_archive(&a.data))
+    }
+
     pub(crate) fn loaded(&self) -> &[Loaded] {
         &self.loaded
     }

@@ -307,6 +307,22 @@ impl Draft {
         self.is_heavy_with(0)
     }
 
+    /// Whether an attachment of its own is a zip or a gzip, by the first
+    /// bytes its base64 encodes: content checks unpack such a one, which
+    /// may take milliseconds (an attachment by path is heavy anyway).
+    pub fn has_archive(&self) -> bool {
+        self.attachments.iter().any(|a| match a {
+            AttachmentInput::Inline { content_base64, .. } => {
+                let start = content_base64.trim_start();
+                // PK\x03\x04, PK\x05\x06, and 1f 8b 08.
+                ["UEsDB", "UEsFB", "H4sI"]
+                    .iter()
+                    .any(|m| start.starts_with(m))
+            }
+            AttachmentInput::Path { .. } => false,
+        })
+    }
+
     /// [`Draft::is_heavy`], with `shared` bytes of attachments it gets from
     /// elsewhere (a batch's defaults).
     pub fn is_heavy_with(&self, shared: usize) -> bool {

@@ -1419,13 +1419,17 @@ impl MailmuxServer {
             )));
         }
         let subject = params.draft.subject.clone();
-        // A large draft, or one an RSA key signs, is composed on the
-        // blocking pool, so that calls behind it are not held up (over stdio
-        // the daemon has one worker).
+        // A large draft, one whose archives the caller's content checks
+        // unpack, or one an RSA key signs, is composed on the blocking
+        // pool, so that calls behind it are not held up (over stdio the
+        // daemon has one worker).
         let shared_bytes = shared.as_ref().map_or(0, |s| s.decoded_bytes);
         let compose = &config.daemon.compose;
         let sender = params.draft.from_email.as_deref();
-        let composed = if params.draft.is_heavy_with(shared_bytes)
+        let unpacks = !caller.policy.content_checks.is_empty()
+            && (params.draft.has_archive() || shared.as_ref().is_some_and(|s| s.has_archive()));
+        let composed = if unpacks
+            || params.draft.is_heavy_with(shared_bytes)
             || compose
                 .dkim
                 .is_slow_for(sender.or(compose.default_from.as_deref()))

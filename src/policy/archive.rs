@@ -43,6 +43,11 @@ pub fn unpack(data: &[u8], each: &mut dyn FnMut(Option<&str>, &[u8])) -> Result<
     walk(data, 1, &mut budget, each)
 }
 
+/// Whether `data` is a zip or a gzip, which [`unpack`] opens.
+pub fn is_archive(data: &[u8]) -> bool {
+    is_zip(data) || is_gzip(data)
+}
+
 fn is_zip(data: &[u8]) -> bool {
     // A local file header, or the end record of an empty archive.
     data.starts_with(b"PK\x03\x04") || data.starts_with(b"PK\x05\x06")
@@ -58,7 +63,7 @@ fn walk(
     budget: &mut Budget,
     each: &mut dyn FnMut(Option<&str>, &[u8]),
 ) -> Result<(), Unreadable> {
-    if !is_zip(data) && !is_gzip(data) {
+    if !is_archive(data) {
         return Ok(());
     }
     if depth > MAX_DEPTH {
@@ -149,6 +154,39 @@ pub(crate) mod tests {
             files.push((name.map(str::to_owned), bytes.to_vec()));
         });
         (files, r)
+    }
+
+    /// A draft knows an archive by the first bytes its base64 encodes, as
+    /// `is_archive` knows it by its bytes: such a draft is composed off the
+    /// async workers for a caller with content checks.
+    #[test]
+    fn an_archive_is_known_by_its_first_bytes_and_by_its_base64() {
+        use base64::Engine as _;
+        let draft = |data: &[u8]| crate::compose::Draft {
+            attachments: vec![crate::compose::AttachmentInput::Inline {
+                filename: "a".into(),
+                content_base64: format!(
+                    " {}",
+                    base64::engine::general_purpose::STANDARD.encode(data)
+                ),
+                content_type: None,
+                content_id: None,
+            }],
+            ..Default::default()
+        };
+        let stored = zip::CompressionMethod::Stored;
+        for data in [
+            zip_of(&[("a", b"x")], stored),
+            zip_of(&[], stored),
+            gzip_of(b"x"),
+        ] {
+            assert!(is_archive(&data));
+            assert!(draft(&data).has_archive(), "{:?}", &data[..4]);
+        }
+        for data in [&b"PK"[..], b"%PDF-1.4", b"plain text", b"\x1f"] {
+            assert!(!is_archive(data));
+            assert!(!draft(data).has_archive());
+        }
     }
 
     #[test]
