@@ -16,7 +16,7 @@
 //! [`Suppressions::add_all`].
 //!
 //! The queue asks the same copy before each round of a message that no
-//! recipient has yet (`Screen`): one accepted before a recipient was
+//! recipient has yet (through `policy/rounds.rs`): one accepted before a recipient was
 //! listed (scheduled, or waiting for a retry) is cancelled with the reason
 //! `recipient_suppressed`, not sent; a recipient listed while it waits for
 //! a retry of a message others have counts as refused, not sent to.
@@ -30,7 +30,7 @@
 //! case and the domain as lower-case A-labels, whatever case or script the
 //! caller wrote.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
@@ -262,9 +262,6 @@ pub struct Suppressions {
     bounces: bool,
     /// Where the bounces it lists are recorded.
     audit: Arc<crate::audit::Audit>,
-    /// The callers whose policy is `transactional`, as the configuration
-    /// in force says ([`Suppressions::set_transactional`]).
-    transactional: RwLock<HashSet<String>>,
 }
 
 impl Suppressions {
@@ -283,7 +280,6 @@ impl Suppressions {
             version: std::sync::Mutex::new(None),
             unwritten: Arc::default(),
             bounces,
-            transactional: RwLock::default(),
         });
         if let Err(e) = s.refresh().await {
             tracing::warn!(error = %e, "cannot read the suppression list; trying again");
@@ -310,25 +306,6 @@ impl Suppressions {
                 .get(&k)
                 .filter(|l| !(transactional && &*l.reason == UNSUBSCRIBED))
                 .map(|l| (i, r.to_owned(), l.clone()))
-        })
-    }
-
-    /// Sets the callers whose mail is transactional (at start and at each
-    /// reload): the queue's check before a round asks by the message's
-    /// caller.
-    pub fn set_transactional(&self, callers: HashSet<String>) {
-        *self
-            .transactional
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = callers;
-    }
-
-    fn is_transactional(&self, caller: Option<&str>) -> bool {
-        caller.is_some_and(|c| {
-            self.transactional
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains(c)
         })
     }
 
@@ -543,17 +520,6 @@ async fn poll(s: Weak<Suppressions>) {
             }
             Err(_) => {}
         }
-    }
-}
-
-/// The queue's check of a message before its round: a message
-/// accepted before one of its recipients was listed is cancelled, not
-/// sent. Whether its mail is transactional is its caller's policy as it
-/// is when the round comes.
-impl mailmux_actors::queue::Screen for Suppressions {
-    fn refused(&self, caller: Option<&str>, to: &[String]) -> Option<String> {
-        self.check(to.iter().map(String::as_str), self.is_transactional(caller))
-            .map(|(_, address, _)| address)
     }
 }
 

@@ -747,6 +747,54 @@ async fn cancelling_a_message_whose_recipient_waits_for_a_retry_stops_the_retry(
 /// A recipient still deferred when `max_age` ends is refused with its 4xx,
 /// and the message, which the others have, is `partial`: whether the last
 /// round finds it so, or the first poll after a restart.
+/// A caller's own `max_age` (its policy's) ends its mail's wait sooner
+/// than the queue's: a one-time code that could not go out within its two
+/// seconds is expired, not sent an hour late. A reload that takes it away
+/// gives the caller's next message the queue's `max_age`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_max_age_expires_its_mail_sooner_than_the_queues() {
+    let script = Script::ok().on_rcpt("otp@example.org", Action::reply(451, "4.3.0 try later"));
+    let own = "max_age = \"1h\"\n\n[policy]\nmax_age = \"2s\"";
+    let (smtp, dir, cfg, d) = setup(script, own).await;
+    let status = call(d.peer(), "status", "get_smtp_status", json!({}), LIMIT).await;
+    let status = status.value().cloned().unwrap_or(Value::Null);
+    assert_eq!(status["caller"]["max_age"], "2s", "{status}");
+    let code = |subject: &str| msg(subject, json!({ "to": "otp@example.org", "wait": false }));
+    let c = send(d.peer(), code("code 123456")).await;
+    assert_eq!(c.status(), Some("queued"), "{c:?}");
+    let id = c.message_id().unwrap().to_string();
+    let s = settled(d.peer(), &id, LIMIT).await;
+    assert_eq!(s["status"], "expired", "{s}");
+    assert_eq!(s["reason"], "expired", "{s}");
+    let note = s["message"].as_str().unwrap_or_default();
+    assert!(note.contains("not delivered within max_age (2s)"), "{s}");
+    assert!(
+        s["attempts"].as_array().is_some_and(|a| a.len() >= 2),
+        "retried within its max_age: {s}"
+    );
+
+    let plain = cfg.replace("\n\n[policy]\nmax_age = \"2s\"", "");
+    assert_ne!(plain, cfg);
+    std::fs::write(dir.path().join("mailmux.toml"), &plain).unwrap();
+    let r = call(
+        d.peer(),
+        "reload",
+        "reload_smtp_configuration",
+        json!({}),
+        LIMIT,
+    )
+    .await;
+    assert_eq!(r.value().unwrap()["reloaded"], true, "{r:?}");
+    let c = send(d.peer(), code("code 654321")).await;
+    let id = c.message_id().unwrap().to_string();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = status_of(d.peer(), &id).await;
+    assert_eq!(s["status"], "queued", "the queue's hour: {s}");
+    assert!(s["next_attempt_at"].is_string(), "{s}");
+    assert!(smtp.delivered().is_empty());
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recipient_deferred_until_max_age_ends_is_refused_and_the_message_is_partial() {
     let (smtp, dir, cfg, d) = setup(one_mailbox_full(u64::MAX), "max_age = \"3s\"").await;

@@ -68,6 +68,7 @@ pub(crate) const POLICY_KEYS: &[&str] = &[
     "allowed_templates",
     "require_template",
     "transactional",
+    "max_age",
 ];
 
 /// Keys of one `content_checks` entry of a policy.
@@ -533,6 +534,9 @@ pub(crate) struct RawPolicy {
     /// Sends transactional mail, which an `unsubscribed` entry of the
     /// suppression list does not stop. Default: false.
     pub transactional: Option<bool>,
+    /// How long the caller's mail may wait for delivery. Default:
+    /// `queue.max_age`.
+    pub max_age: Option<Dur>,
 }
 
 /// One entry of `content_checks`.

@@ -471,6 +471,14 @@ fn policy_table(
         };
         leaf(out, "approval", json!(v), &a);
     }
+    if let Some(d) = raw.max_age {
+        let a = at("max_age");
+        if d.0 < Duration::from_secs(1) {
+            return Err(a.err("must be at least 1s"));
+        }
+        p.max_age = Some(d.0);
+        leaf(out, "max_age", secs(d.0), &a);
+    }
     for (field, v, slot) in [
         ("approval_ttl", raw.approval_ttl, &mut p.approval_ttl),
         (

@@ -74,6 +74,8 @@ struct State {
     initial: Arc<Config>,
     /// The addresses no mail is accepted for.
     suppressions: Arc<crate::suppress::Suppressions>,
+    /// What the queue asks of a message's caller before each round.
+    rounds: Arc<crate::policy::rounds::Rounds>,
     /// `[notify]`'s poster, which a reload reconfigures.
     notifier: Arc<crate::notify::Notifier>,
     /// What the readers of bounce and complaint reports did.
@@ -120,8 +122,8 @@ impl MailmuxServer {
         )
         .await;
         observers.push(suppressions.clone());
-        suppressions.set_transactional(gate.transactional());
-        queue.screen(suppressions.clone());
+        let rounds = crate::policy::rounds::Rounds::new(suppressions.clone(), &gate);
+        queue.screen(rounds.clone());
         queue.run(Some(Arc::new(observers)));
         for name in gate.open_recipients() {
             tracing::warn!(caller = %name, "caller may mail any recipient: allowed_recipients is empty");
@@ -164,6 +166,7 @@ impl MailmuxServer {
                 exposed: std::sync::OnceLock::new(),
                 bounces,
                 suppressions,
+                rounds,
                 notifier,
             }),
             tool_router: Arc::new(standard_schemas(Self::tool_router())),
@@ -263,9 +266,7 @@ impl MailmuxServer {
     fn set_config(&self, config: Config) {
         let http_token = config.daemon.http.token.as_ref().map(|t| t.expose());
         let gate = Arc::new(Gate::new(&config.safety, http_token, Some(&self.gate())));
-        self.state
-            .suppressions
-            .set_transactional(gate.transactional());
+        self.state.rounds.set(&gate);
         match self.state.gate.write() {
             Ok(mut g) => *g = gate,
             Err(poisoned) => *poisoned.into_inner() = gate,

@@ -744,6 +744,10 @@ impl MailmuxServer {
                     rate: c.policy.rate.iter().map(|r| r.text.clone()).collect(),
                     require_template: c.policy.require_template,
                     transactional: c.policy.transactional,
+                    max_age: c
+                        .policy
+                        .max_age
+                        .map(|d| humantime::format_duration(d).to_string()),
                 }),
                 templates: config
                     .daemon

@@ -1524,6 +1524,10 @@ pub struct CallerOut {
     /// and it may carry no unsubscribe link.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub transactional: bool,
+    /// How long your mail may wait for delivery before it expires, where
+    /// your policy says otherwise than the queue's `max_age`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<String>,
 }
 
 /// The tokio runtime's own counters.

@@ -11,6 +11,7 @@
 pub mod archive;
 pub mod content;
 pub mod rate;
+pub mod rounds;
 pub mod rules;
 pub mod shown;
 
@@ -128,6 +129,9 @@ pub struct Policy {
     /// who unsubscribed still gets it, and it may carry no unsubscribe
     /// link.
     pub transactional: bool,
+    /// How long the caller's mail may wait for delivery, from when it is
+    /// due; `None`: `queue.max_age`.
+    pub max_age: Option<Duration>,
 }
 
 impl Default for Policy {
@@ -152,6 +156,7 @@ impl Default for Policy {
             allowed_templates: Vec::new(),
             require_template: false,
             transactional: false,
+            max_age: None,
         }
     }
 }
@@ -652,12 +657,9 @@ impl Gate {
             .chain(std::iter::once(&self.stdio))
     }
 
-    /// The names of the callers that send transactional mail.
-    pub fn transactional(&self) -> std::collections::HashSet<String> {
-        self.callers()
-            .filter(|c| c.policy.transactional)
-            .map(|c| c.name.to_string())
-            .collect()
+    /// Every caller's name and policy.
+    pub fn policies(&self) -> impl Iterator<Item = (&str, &Policy)> {
+        self.callers().map(|c| (&*c.name, &c.policy))
     }
 
     /// Whether some HTTP caller (or stdio's) may mail anyone.

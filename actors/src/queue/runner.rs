@@ -250,6 +250,12 @@ pub trait Observer: Send + Sync + std::fmt::Debug {
 pub trait Screen: Send + Sync + std::fmt::Debug {
     /// The first of `to` that may no longer get mail from `caller`, if any.
     fn refused(&self, caller: Option<&str>, to: &[String]) -> Option<String>;
+
+    /// How long a message of `caller` may wait for delivery, where its
+    /// caller's policy says otherwise than `max_age` ([`Settings`]).
+    fn max_age(&self, _caller: Option<&str>) -> Option<Duration> {
+        None
+    }
 }
 
 /// The reason a message [`Screen`] refused is cancelled with.
@@ -1992,7 +1998,7 @@ impl Inner {
                         State::Queued
                     }
                     None => {
-                        let max_age = humantime::format_duration(self.settings.max_age);
+                        let max_age = humantime::format_duration(self.max_age_of(p));
                         settle
                             .rejected
                             .extend(report.deferred.iter().map(|r| RejectedRecord {
@@ -2032,7 +2038,7 @@ impl Inner {
                     None => {
                         settle.note = Some(format!(
                             "not delivered within max_age ({}); last: {}",
-                            humantime::format_duration(self.settings.max_age),
+                            humantime::format_duration(self.max_age_of(p)),
                             report.message.as_deref().unwrap_or("no relay took it")
                         ));
                         settle.reason = Some("expired".into());
@@ -2045,7 +2051,7 @@ impl Inner {
             with_earlier_rounds(&mut settle, p, report);
             if settle.state == State::Expired && !p.accepted.is_empty() {
                 let last = report.attempts.last().and_then(|a| a.reply.as_ref());
-                deferral_expired(&mut settle, p, last, self.settings.max_age);
+                deferral_expired(&mut settle, p, last, self.max_age_of(p));
             }
         } else if deferral_ended {
             settle.note = Some(crate::mail::partly_refused(
@@ -2079,6 +2085,15 @@ impl Inner {
         settle
     }
 
+    /// How long `p` may wait for delivery: its caller's own `max_age`
+    /// ([`Screen::max_age`]), else the queue's.
+    fn max_age_of(&self, p: &Pending) -> Duration {
+        self.screen
+            .get()
+            .and_then(|s| s.max_age(p.caller.as_deref()))
+            .unwrap_or(self.settings.max_age)
+    }
+
     /// When a message whose round ended for `reason` (`None`: some of its
     /// recipients were deferred) is tried next; `None` when `max_age`
     /// leaves no time for that.
@@ -2108,7 +2123,7 @@ impl Inner {
             _ => self.retry_delay(p.rounds + 1),
         };
         let next = now + delay.as_millis() as i64;
-        let expires = p.due_at + self.settings.max_age.as_millis() as i64;
+        let expires = p.due_at + self.max_age_of(p).as_millis() as i64;
         // A retry that would fall after `max_age` is brought forward to its
         // end, so that the message has the whole of `max_age`; with no time
         // left for one, none.
@@ -2136,7 +2151,7 @@ impl Inner {
     /// that an earlier round delivered to some recipients while it deferred
     /// others is `partial`, the others refused.
     async fn expire(&self, p: &Pending) {
-        let max_age = humantime::format_duration(self.settings.max_age);
+        let max_age = humantime::format_duration(self.max_age_of(p));
         let mut settle = Settle {
             state: State::Expired,
             relay: None,
@@ -2150,7 +2165,7 @@ impl Inner {
             body: None,
         };
         if !p.accepted.is_empty() {
-            deferral_expired(&mut settle, p, None, self.settings.max_age);
+            deferral_expired(&mut settle, p, None, self.max_age_of(p));
         }
         let result = self.store.settle(&p.message_id, settle.clone()).await;
         self.note_write(&result);
@@ -2834,7 +2849,7 @@ async fn poll(inner: &Arc<Inner>) {
             left.push(id.clone());
             continue;
         };
-        let expires = p.due_at + inner.settings.max_age.as_millis() as i64;
+        let expires = p.due_at + inner.max_age_of(&p).as_millis() as i64;
         if now_millis() > expires {
             inner.expire(&p).await;
             inner.unclaim(id);
