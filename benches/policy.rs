@@ -58,7 +58,8 @@ fn main() {
                 if checked {
                     let caller = gate.stdio_caller();
                     black_box(caller.check(&c, None, false).expect("allowed"));
-                    caller.take_rate(c.recipients.len()).expect("within rate");
+                    let to: Vec<&str> = c.recipients.iter().map(AsRef::as_ref).collect();
+                    caller.take_rate(&to).expect("within rate");
                 }
                 black_box(c);
             }
@@ -73,7 +74,8 @@ fn main() {
         for _ in 0..N {
             let caller = gate.stdio_caller();
             black_box(caller.check(black_box(&c), None, false).expect("allowed"));
-            caller.take_rate(c.recipients.len()).expect("within rate");
+            let to: Vec<&str> = c.recipients.iter().map(AsRef::as_ref).collect();
+            caller.take_rate(&to).expect("within rate");
         }
         alone = alone.min(started.elapsed());
     }

@@ -947,6 +947,56 @@ async fn each_caller_has_its_own_rate_and_refusals_take_none() {
     assert_eq!(sink.delivered().len(), 11);
 }
 
+/// `per_recipient` limits the messages one person gets from a caller (an
+/// agent in a loop, or two agents answering each other), whatever the case
+/// of the address and wherever it is in the message; the refusal names the
+/// recipient, and another caller has its own count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_recipient_rate_bounds_what_one_person_gets_from_a_caller() {
+    let (sink, other) = servers().await;
+    let d = start_with(|dir| {
+        let text = config_toml(dir, sink.port(), other.port(), "");
+        let limited = text.replace(
+            "rate = [\"10/min\"]",
+            "rate = [\"10/min\", \"per_recipient: 2/hour\"]",
+        );
+        assert_ne!(limited, text);
+        limited
+    })
+    .await;
+    let alpha = connect(&d, ALPHA).await;
+    let delta = connect(&d, DELTA).await;
+    for to in [
+        json!(["pat@example.org"]),
+        json!(["Pat@Example.org", "lee@example.org"]),
+    ] {
+        let (e, out) = call(&alpha, "send_email", mail(to)).await;
+        assert!(!e, "{out}");
+        assert_eq!(out["status"], "sent", "{out}");
+    }
+    let (e, out) = call(
+        &alpha,
+        "send_email",
+        mail(json!(["kim@example.org", "PAT@example.org"])),
+    )
+    .await;
+    assert!(e, "{out}");
+    assert_eq!(out["error"]["code"], "rate_limited", "{out}");
+    assert_eq!(out["error"]["rule"], "per_recipient: 2/hour", "{out}");
+    assert_eq!(out["error"]["field"], "to[1]", "{out}");
+    let after = out["error"]["retry_after_s"].as_f64().unwrap_or_default();
+    assert!(after > 60.0 && after <= 1800.0, "{out}");
+    let text = out["error"]["message"].as_str().unwrap_or_default();
+    assert!(text.contains("for to[1] PAT@example.org"), "{out}");
+    // Lee has one more; delta has its own count for Pat.
+    let (e, out) = call(&alpha, "send_email", mail(json!(["lee@example.org"]))).await;
+    assert!(!e, "{out}");
+    let (e, out) = call(&delta, "send_email", mail(json!(["pat@example.org"]))).await;
+    assert!(!e, "{out}");
+    assert!(sink.wait_for_delivered(4, Duration::from_secs(10)).await);
+    assert_eq!(sink.delivered().len(), 4);
+}
+
 /// An idempotency key is its caller's own: two agents that pick the same
 /// key (`order-42`) each get their message sent once, each repeat replays
 /// the caller's own message, and a key finds only its caller's message.

@@ -1561,19 +1561,37 @@ impl MailmuxServer {
         // is found below, when the rate refuses).
         let repeat = caller.has_rate() && self.is_stored_key(caller, idempotency.as_ref()).await;
         if !repeat
-            && let Err(limited) = caller.take_rate(composed.recipients.len())
+            && caller.has_rate()
+            && let Err(limited) = caller.take_rate(
+                &envelope
+                    .recipients
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>(),
+            )
             && !self.is_stored_key(caller, idempotency.as_ref()).await
         {
+            // A `per_recipient` limit names the recipient that had its count.
+            let recipient = limited.recipient.map(|i| {
+                let (list, at) = composed.fields.get(i).copied().unwrap_or(("to", i));
+                let address = envelope.recipients.get(i).map_or("", String::as_str);
+                (format!("{list}[{at}]"), address)
+            });
             let e = match limited.retry_after {
                 Some(after) => ToolError {
                     rule: Some(limited.rule.clone()),
+                    field: recipient.as_ref().map(|(field, _)| field.clone()),
                     retry_after_s: Some((after.as_secs_f64() * 1000.0).ceil() / 1000.0),
                     ..ToolError::new(
                         "rate_limited",
                         format!(
-                            "caller {:?} is over its rate limit {}; try again in {:.1} s. Nothing was sent",
+                            "caller {:?} is over its rate limit {}{}; try again in {:.1} s. Nothing was sent",
                             caller.name,
                             limited.rule,
+                            recipient
+                                .as_ref()
+                                .map(|(field, a)| format!(" for {field} {a}"))
+                                .unwrap_or_default(),
                             after.as_secs_f64()
                         ),
                     )

@@ -514,8 +514,9 @@ impl Caller {
         !self.limits.is_empty()
     }
 
-    /// Takes the message from the caller's rate limits.
-    pub fn take_rate(&self, recipients: usize) -> Result<(), Limited> {
+    /// Takes the message to `recipients` (its envelope) from the caller's
+    /// rate limits.
+    pub fn take_rate(&self, recipients: &[&str]) -> Result<(), Limited> {
         if self.limits.is_empty() {
             return Ok(());
         }

@@ -1,9 +1,11 @@
-//! Rate limits: `rate = ["30/min", "recipients: 1000/day"]`, each a
-//! governor keyed limiter (one per distinct limit, keyed by caller name), so
-//! that every caller has its own buckets.
+//! Rate limits: `rate = ["30/min", "recipients: 1000/day",
+//! "per_recipient: 5/hour"]`, each a governor keyed limiter (one per
+//! distinct limit, keyed by caller name, and for `per_recipient` by caller
+//! and recipient), so that every caller has its own buckets.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use governor::clock::Clock;
@@ -14,6 +16,10 @@ use governor::{DefaultKeyedRateLimiter, Quota};
 pub enum Unit {
     Messages,
     Recipients,
+    /// Messages to each recipient: a bucket for every address the caller
+    /// mails, so that no one person gets more than the count from it (an
+    /// agent in a loop, or two agents answering each other).
+    PerRecipient,
 }
 
 /// One limit: `count` per `period`, refilled evenly (GCRA), with a burst of
@@ -29,15 +35,17 @@ pub struct RateRule {
 
 impl RateRule {
     /// `N/period` where period is `s`, `sec`, `min`, `h`, `hour`, `day`, or
-    /// any duration (`10s`, `2m`); `recipients:` in front counts recipients.
+    /// any duration (`10s`, `2m`); `recipients:` in front counts recipients,
+    /// `per_recipient:` the messages to each recipient.
     pub fn parse(text: &str) -> Result<RateRule, String> {
         let t = text.trim();
         let (unit, rest) = match t.split_once(':') {
             Some((u, rest)) if u.trim() == "recipients" => (Unit::Recipients, rest.trim()),
             Some((u, rest)) if u.trim() == "messages" => (Unit::Messages, rest.trim()),
+            Some((u, rest)) if u.trim() == "per_recipient" => (Unit::PerRecipient, rest.trim()),
             Some(_) => {
                 return Err(format!(
-                    "{t:?}: the unit before `:` must be `messages` or `recipients`"
+                    "{t:?}: the unit before `:` must be `messages`, `recipients` or `per_recipient`"
                 ));
             }
             None => (Unit::Messages, t),
@@ -84,11 +92,69 @@ impl RateRule {
     }
 }
 
-/// A limiter of one rule, shared by every caller that has that rule.
-pub type Limiter = Arc<DefaultKeyedRateLimiter<Arc<str>>>;
+/// Past this many keys in a limiter, the buckets that have refilled are
+/// forgotten; then again past twice as many as were left, so that a caller
+/// mailing many people costs a scan now and then, not one a message.
+const FORGET_PAST: usize = 65_536;
+
+/// The buckets of one rule, shared by every caller that has that rule.
+#[derive(Debug)]
+pub struct Buckets {
+    keyed: DefaultKeyedRateLimiter<Arc<str>>,
+    /// The count of keys past which the full buckets are forgotten next.
+    forget_past: AtomicUsize,
+}
+
+pub type Limiter = Arc<Buckets>;
 
 pub fn limiter(rule: &RateRule) -> Limiter {
-    Arc::new(DefaultKeyedRateLimiter::keyed(rule.quota()))
+    Arc::new(Buckets {
+        keyed: DefaultKeyedRateLimiter::keyed(rule.quota()),
+        forget_past: AtomicUsize::new(FORGET_PAST),
+    })
+}
+
+impl Buckets {
+    /// Takes `n` from `key`'s bucket.
+    fn take(&self, rule: &RateRule, key: &Arc<str>, n: NonZeroU32) -> Result<(), Limited> {
+        match self.keyed.check_key_n(key, n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(Limited {
+                rule: rule.text.clone(),
+                // The limiter's own clock: making a clock runs CPUID,
+                // which costs microseconds in a virtual machine.
+                retry_after: Some(not_until.wait_time_from(self.keyed.clock().now())),
+                recipient: None,
+            }),
+            Err(_) => Err(Limited {
+                rule: rule.text.clone(),
+                retry_after: None,
+                recipient: None,
+            }),
+        }
+    }
+
+    /// Forgets the buckets that have refilled, once the keys are past the
+    /// mark (which then moves to twice what is left).
+    fn forget(&self) {
+        if self.keyed.len() <= self.forget_past.load(Ordering::Relaxed) {
+            return;
+        }
+        self.keyed.retain_recent();
+        self.keyed.shrink_to_fit();
+        let left = self.keyed.len();
+        self.forget_past
+            .store((left * 2).max(FORGET_PAST), Ordering::Relaxed);
+    }
+
+    /// How many keys it holds.
+    pub fn len(&self) -> usize {
+        self.keyed.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keyed.is_empty()
+    }
 }
 
 /// Why a message was over a limit.
@@ -98,41 +164,43 @@ pub struct Limited {
     /// When it would pass; `None` when it never can (more recipients than
     /// the limit allows at all).
     pub retry_after: Option<Duration>,
+    /// For a `per_recipient` limit, the recipient (its index in the
+    /// envelope) that has had its count.
+    pub recipient: Option<usize>,
 }
 
-/// Takes one message with `recipients` from every limit, in order. The
+/// Takes one message to `recipients` from every limit, in order. The
 /// first limit that refuses stops the check; cells taken from the limits
-/// before it are not given back (governor has no refund).
+/// before it (and, in a `per_recipient` limit, for the recipients before
+/// the one refused) are not given back (governor has no refund).
 pub fn take(
     limits: &[(RateRule, Limiter)],
     key: &Arc<str>,
-    recipients: usize,
+    recipients: &[&str],
 ) -> Result<(), Limited> {
     for (rule, limiter) in limits {
         let n = match rule.unit {
             Unit::Messages => 1,
-            Unit::Recipients => u32::try_from(recipients).unwrap_or(u32::MAX),
+            Unit::Recipients => u32::try_from(recipients.len()).unwrap_or(u32::MAX),
+            Unit::PerRecipient => {
+                for (i, r) in recipients.iter().enumerate() {
+                    let address = crate::suppress::key(r).unwrap_or_else(|| r.to_lowercase());
+                    let each: Arc<str> = Arc::from(format!("{key}\n{address}"));
+                    limiter
+                        .take(rule, &each, NonZeroU32::MIN)
+                        .map_err(|l| Limited {
+                            recipient: Some(i),
+                            ..l
+                        })?;
+                }
+                limiter.forget();
+                continue;
+            }
         };
         let Some(n) = NonZeroU32::new(n) else {
             continue;
         };
-        match limiter.check_key_n(key, n) {
-            Ok(Ok(())) => {}
-            Ok(Err(not_until)) => {
-                return Err(Limited {
-                    rule: rule.text.clone(),
-                    // The limiter's own clock: making a clock runs CPUID,
-                    // which costs microseconds in a virtual machine.
-                    retry_after: Some(not_until.wait_time_from(limiter.clock().now())),
-                });
-            }
-            Err(_) => {
-                return Err(Limited {
-                    rule: rule.text.clone(),
-                    retry_after: None,
-                });
-            }
-        }
+        limiter.take(rule, key, n)?;
     }
     Ok(())
 }
@@ -179,15 +247,57 @@ mod tests {
         let a: Arc<str> = Arc::from("a");
         let b: Arc<str> = Arc::from("b");
         for _ in 0..3 {
-            take(&limits, &a, 1).unwrap();
+            take(&limits, &a, &["x@example.org"]).unwrap();
         }
-        let refused = take(&limits, &a, 1).unwrap_err();
+        let refused = take(&limits, &a, &["x@example.org"]).unwrap_err();
         assert!(
             refused
                 .retry_after
                 .is_some_and(|d| d > Duration::from_secs(60))
         );
-        take(&limits, &b, 1).unwrap();
+        take(&limits, &b, &["x@example.org"]).unwrap();
+    }
+
+    /// Each recipient has its own bucket, whatever the case of its
+    /// address, and so does each caller for the same recipient; the refusal
+    /// names the recipient that had its count.
+    #[test]
+    fn per_recipient_counts_each_recipients_messages() {
+        let rule = RateRule::parse("per_recipient: 2/hour").unwrap();
+        assert_eq!(rule.unit, Unit::PerRecipient);
+        let limits = vec![(rule.clone(), limiter(&rule))];
+        let k: Arc<str> = Arc::from("k");
+        take(&limits, &k, &["ada@example.org", "bob@example.org"]).unwrap();
+        take(&limits, &k, &["Ada@Example.ORG"]).unwrap();
+        let refused = take(&limits, &k, &["cy@example.org", "ada@example.org"]).unwrap_err();
+        assert_eq!(refused.recipient, Some(1));
+        assert_eq!(refused.rule, "per_recipient: 2/hour");
+        assert!(refused.retry_after.is_some());
+        // Cy's cell was taken before Ada's refused (no refund); Bob has one
+        // left, and another caller has its own.
+        take(&limits, &k, &["bob@example.org"]).unwrap();
+        take(&limits, &Arc::from("other"), &["ada@example.org"]).unwrap();
+        let e = RateRule::parse("per: 1/s").unwrap_err();
+        assert!(e.contains("per_recipient"), "{e}");
+    }
+
+    /// Past the mark, the buckets that have refilled are forgotten and the
+    /// mark moves to twice what is left.
+    #[test]
+    fn full_buckets_are_forgotten_past_the_mark() {
+        let rule = RateRule::parse("per_recipient: 1000/1ms").unwrap();
+        let l = limiter(&rule);
+        l.forget_past.store(10, Ordering::Relaxed);
+        let limits = vec![(rule, l.clone())];
+        let k: Arc<str> = Arc::from("k");
+        let many: Vec<String> = (0..11).map(|i| format!("r{i}@example.org")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        take(&limits, &k, &many[..10]).unwrap();
+        assert_eq!(l.len(), 10);
+        std::thread::sleep(Duration::from_millis(5));
+        take(&limits, &k, &many[10..]).unwrap();
+        assert!(l.len() <= 1, "{}", l.len());
+        assert_eq!(l.forget_past.load(Ordering::Relaxed), FORGET_PAST);
     }
 
     #[test]
@@ -195,9 +305,11 @@ mod tests {
         let rule = RateRule::parse("recipients: 5/hour").unwrap();
         let limits = vec![(rule.clone(), limiter(&rule))];
         let k: Arc<str> = Arc::from("k");
-        take(&limits, &k, 3).unwrap();
-        assert!(take(&limits, &k, 3).is_err());
-        take(&limits, &k, 2).unwrap();
-        assert_eq!(take(&limits, &k, 6).unwrap_err().retry_after, None);
+        let (three, two) = (["a", "b", "c"], ["a", "b"]);
+        take(&limits, &k, &three).unwrap();
+        assert!(take(&limits, &k, &three).is_err());
+        take(&limits, &k, &two).unwrap();
+        let six = ["a", "b", "c", "d", "e", "f"];
+        assert_eq!(take(&limits, &k, &six).unwrap_err().retry_after, None);
     }
 }
