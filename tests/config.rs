@@ -2607,3 +2607,67 @@ fn transactional_is_a_policy_key_set_per_caller_or_by_default() {
         "{e}"
     );
 }
+
+/// A template's `images` are read at load, each named by its HTML as
+/// `cid:ID`, and shown by `mailmux config` by path; each mistake stops the
+/// load naming its key.
+#[test]
+fn a_templates_images_load_from_their_files_and_each_mistake_names_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let logo = dir.path().join("logo.png");
+    std::fs::write(&logo, b"\x89PNG logo").unwrap();
+    let entry = |html: &str, images: &str| {
+        format!(
+            "[[templates]]\nname = \"receipt\"\nsubject = \"s\"\nbody = \"b\"\n{html}\n\
+             [templates.images]\n{images}\n"
+        )
+    };
+    let good = entry(
+        "html_body = '<img src=\"cid:logo\">'",
+        &format!("logo = \"{}\"", logo.display()),
+    );
+    let file = write(&dir, "good.toml", &good);
+    let c = ok(Some(&file), &[]);
+    let t = c.daemon.compose.templates.get("receipt").unwrap();
+    assert_eq!(t.image_ids().collect::<Vec<_>>(), ["logo"]);
+    let shown = &c.redacted["templates"][0]["images"];
+    assert_eq!(shown["logo"], logo.display().to_string(), "{shown}");
+
+    let cases = [
+        (
+            entry("", &format!("logo = \"{}\"", logo.display())),
+            "templates[0].images",
+            "needs html_body",
+        ),
+        (
+            entry(
+                "html_body = '<img src=\"cid:logo\">'",
+                "logo = \"/nonexistent/logo.png\"",
+            ),
+            "templates[0].images.logo",
+            "cannot read",
+        ),
+        (
+            entry(
+                "html_body = '<p>no image</p>'",
+                &format!("logo = \"{}\"", logo.display()),
+            ),
+            "templates[0].images.logo",
+            "never names cid:logo",
+        ),
+        (
+            entry(
+                "html_body = '<img src=\"cid:a b\">'",
+                &format!("\"a b\" = \"{}\"", logo.display()),
+            ),
+            "templates[0].images.a b",
+            "letters, digits",
+        ),
+    ];
+    for (i, (text, key, message)) in cases.iter().enumerate() {
+        let file = write(&dir, &format!("bad{i}.toml"), text);
+        let e = err(Some(&file), &[]).to_string();
+        assert!(e.contains(&format!("`{key}`")), "{i}: {e}");
+        assert!(e.contains(message), "{i}: {e}");
+    }
+}

@@ -31,14 +31,44 @@ const BASE64: GeneralPurpose = GeneralPurpose::new(
 );
 
 /// An attachment ready for the message.
-#[derive(Debug)]
-pub(crate) struct Loaded {
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
     pub filename: String,
     pub content_type: ContentType,
     pub content_type_name: String,
     pub data: Vec<u8>,
     /// Shown in the HTML body as `cid:ID` rather than attached.
     pub content_id: Option<String>,
+}
+
+/// An image of a template (`[[templates]]`' `images`), read from `path`
+/// at load: at most `max` bytes, its type from its file name.
+pub(crate) fn image(id: &str, path: &Path, max: usize) -> Result<Loaded, String> {
+    check_content_id("content_id", id).map_err(|e| e.message)?;
+    let shown = path.display();
+    let meta = fs::metadata(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{shown} is not a regular file"));
+    }
+    if meta.len() > max as u64 {
+        return Err(format!(
+            "{shown} is {} bytes, more than max_attachment_bytes ({max})",
+            meta.len()
+        ));
+    }
+    let data = fs::read(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    let filename = path
+        .file_name()
+        .map_or_else(|| id.to_owned(), |n| n.to_string_lossy().into_owned());
+    let name = guess_content_type(&filename);
+    let content_type = ContentType::parse(name).map_err(|_| format!("{name}: not a type"))?;
+    Ok(Loaded {
+        filename,
+        content_type,
+        content_type_name: name.to_owned(),
+        data,
+        content_id: Some(id.to_owned()),
+    })
 }
 
 /// Longest `content_id`.
@@ -67,10 +97,12 @@ fn check_content_id(field: &str, id: &str) -> Result<(), ComposeError> {
 /// there is HTML (`html`, the body as rendered) to show them, each id is
 /// the only one of its kind, and the HTML names each as `cid:ID` (a part
 /// it never names would be shown by no client, or as a stray
-/// attachment).
+/// attachment). The attachments past the first `given` are a template's
+/// images: an id of the call's that one of them has is the call's mistake.
 pub(crate) fn check_inline(
     attachments: &[&Loaded],
     html: Option<&str>,
+    given: usize,
 ) -> Result<(), ComposeError> {
     for (i, a) in attachments.iter().enumerate() {
         let Some(id) = &a.content_id else { continue };
@@ -83,15 +115,23 @@ pub(crate) fn check_inline(
                  with html: true), and this message has none",
             ));
         };
-        if attachments[..i]
+        if let Some(j) = attachments[..i]
             .iter()
-            .any(|b| b.content_id.as_deref() == Some(id))
+            .position(|b| b.content_id.as_deref() == Some(id))
         {
-            return Err(ComposeError::new(
-                field,
-                "duplicate_content_id",
-                format!("{id:?} is the content_id of an earlier attachment"),
-            ));
+            return Err(if i >= given {
+                ComposeError::new(
+                    format!("attachments[{j}].content_id"),
+                    "duplicate_content_id",
+                    format!("{id:?} is the id of an image of the template; give another"),
+                )
+            } else {
+                ComposeError::new(
+                    field,
+                    "duplicate_content_id",
+                    format!("{id:?} is the content_id of an earlier attachment"),
+                )
+            });
         }
         if !html.contains(&format!("cid:{id}")) {
             return Err(ComposeError::new(

@@ -6,7 +6,7 @@
 //! This module never sends anything and never touches the network.
 
 mod address;
-mod attach;
+pub(crate) mod attach;
 mod custom;
 pub mod dkim;
 mod header;
@@ -605,13 +605,23 @@ fn compose_inner(
     for (i, a) in shared.iter().enumerate() {
         attach::grow_estimate(i, &mut estimate, a.data.len(), policy)?;
     }
-    let attachments: Vec<&attach::Loaded> = own.iter().chain(shared).collect();
+    // A template's images come last, after the call's own attachments.
+    let images = texts.template.map_or(&[][..], |t| t.images.as_slice());
+    for (i, a) in images.iter().enumerate() {
+        attach::grow_estimate(
+            own.len() + shared.len() + i,
+            &mut estimate,
+            a.data.len(),
+            policy,
+        )?;
+    }
+    let attachments: Vec<&attach::Loaded> = own.iter().chain(shared).chain(images).collect();
     let html_text = if texts.html {
         Some(rendered.body.as_str())
     } else {
         rendered.html_body.as_deref()
     };
-    attach::check_inline(&attachments, html_text)?;
+    attach::check_inline(&attachments, html_text, own.len() + shared.len())?;
     let (inline, attached): (Vec<&attach::Loaded>, Vec<&attach::Loaded>) =
         attachments.iter().partition(|a| a.content_id.is_some());
     // A batch's shared attachments are scanned once for all its messages

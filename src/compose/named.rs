@@ -28,6 +28,9 @@ pub struct Template {
     /// What each variable's whole value must match, when the operator
     /// said (then every variable has one).
     pub patterns: Vec<VarPattern>,
+    /// The images its HTML shows (`cid:ID`), read at load: every message
+    /// written from it carries them.
+    pub(crate) images: Vec<super::attach::Loaded>,
 }
 
 /// The pattern a template's variable must match, whole.
@@ -62,6 +65,11 @@ impl VarPattern {
 }
 
 impl Template {
+    /// The ids of the images its HTML shows.
+    pub fn image_ids(&self) -> impl Iterator<Item = &str> {
+        self.images.iter().filter_map(|i| i.content_id.as_deref())
+    }
+
     /// The first value of `vars` its variable's pattern refuses.
     pub(crate) fn check_vars(
         &self,

@@ -1196,6 +1196,7 @@ fn random_input_never_panics() {
                 html_body: g.chance(2).then(|| g.string()),
                 vars: Vec::new(),
                 patterns: vec![named::VarPattern::new("a", "[a-z]*").unwrap()],
+                images: Vec::new(),
             })]),
             ..ComposePolicy::default()
         };
@@ -1427,6 +1428,7 @@ fn with_templates() -> ComposePolicy {
         html_body: Some("<p>Hello {name}</p>".into()),
         vars: vec!["name".into(), "note".into(), "order".into()],
         patterns: vec![named::VarPattern::new("order", "[0-9]{1,10}").unwrap()],
+        images: Vec::new(),
     };
     ComposePolicy {
         templates: named::Templates(vec![std::sync::Arc::new(t)]),
@@ -1690,4 +1692,50 @@ fn a_content_id_must_be_well_formed_unique_and_shown() {
     let mut d = html(vec![image("a.png", Some(&id), b"a")]);
     d.html_body = Some(format!("<img src=\"cid:{id}\">"));
     ok(&d, &policy());
+}
+
+/// A template's images go with every message written from it, shown by
+/// its HTML, after the call's own attachments; a call's attachment may not
+/// take one of their ids.
+#[test]
+fn a_templates_images_go_with_each_message_written_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("logo.png");
+    std::fs::write(&path, b"\x89PNG logo").unwrap();
+    let logo = attach::image("logo", &path, 1 << 20).unwrap();
+    let t = named::Template {
+        name: "receipt".into(),
+        description: None,
+        subject: "Your receipt".into(),
+        body: "Thanks, {name}.".into(),
+        html_body: Some("<img src=\"cid:logo\"><p>Thanks, {name}.</p>".into()),
+        vars: vec!["name".into()],
+        patterns: Vec::new(),
+        images: vec![logo],
+    };
+    let p = ComposePolicy {
+        templates: named::Templates(vec![std::sync::Arc::new(t)]),
+        ..policy()
+    };
+    let mut d = draft("ada@example.org");
+    d.subject = String::new();
+    d.body = String::new();
+    d.template = Some("receipt".into());
+    d.template_vars = Some(BTreeMap::from([("name".into(), "Ada".into())]));
+    d.attachments = vec![image("order.pdf", None, b"%PDF")];
+    let c = ok(&d, &p);
+    assert_eq!(
+        tree(&c.bytes),
+        "multipart/mixed(multipart/alternative(text/plain,multipart/related(text/html,image/png)),application/pdf)"
+    );
+    assert!(text(&c).contains("Content-ID: <logo>"), "{}", text(&c));
+    let names: Vec<&str> = c.attachments.iter().map(|a| a.filename.as_str()).collect();
+    assert_eq!(names, ["order.pdf", "logo.png"]);
+    d.attachments = vec![image("mine.png", Some("logo"), b"x")];
+    let e = err(&d, &p);
+    assert_eq!(
+        (e.field.as_str(), e.rule),
+        ("attachments[0].content_id", "duplicate_content_id")
+    );
+    assert!(e.message.contains("an image of the template"), "{e}");
 }

@@ -98,6 +98,7 @@ pub(crate) const TEMPLATE_KEYS: &[&str] = &[
     "html_body",
     "html_body_file",
     "vars",
+    "images",
 ];
 
 /// Keys of a `[[dkim]]` entry.
@@ -389,6 +390,9 @@ pub(crate) struct RawTemplate {
     /// What each variable's whole value must match (a regular
     /// expression); when given, one for every variable. Default: none.
     pub vars: Option<BTreeMap<String, String>>,
+    /// Images the HTML body shows, by the id it names them with
+    /// (`cid:logo`): `{ logo = "/etc/mailmux/logo.png" }`. Default: none.
+    pub images: Option<BTreeMap<String, PathBuf>>,
 }
 
 /// One `[[dkim]]` key.

@@ -302,7 +302,12 @@ pub(crate) fn build(
     leaf(&mut out, "message_id_domain", json!(message_id_domain), &at);
     let dkim = dkim(&ctx, &raw, &mut out)?;
     let one_click = unsubscribe(&ctx, &raw, &mut out)?;
-    let templates = templates(&ctx, &raw, max_message_bytes, &mut out)?;
+    let templates = templates(
+        &ctx,
+        &raw,
+        (max_message_bytes, max_attachment_bytes),
+        &mut out,
+    )?;
     let notify = notify(&ctx, &raw, &mut out)?;
 
     let at = ctx.at("outbox_dir");
@@ -881,7 +886,7 @@ fn dkim(
 fn templates(
     ctx: &Ctx,
     raw: &RawConfig,
-    max_message_bytes: usize,
+    (max_message_bytes, max_attachment_bytes): (usize, usize),
     out: &mut Map<String, Json>,
 ) -> Result<crate::compose::named::Templates, ConfigError> {
     use crate::compose::named::{MAX_TEMPLATES, Template, Templates};
@@ -1003,6 +1008,32 @@ fn templates(
                 )));
             }
         }
+        // Read now (and at each reload), each named by the HTML.
+        let mut images = Vec::new();
+        if let Some(given) = &t.images {
+            let Some((h, _)) = &html else {
+                return Err(at("images")
+                    .err("needs html_body (or html_body_file): the HTML shows the images"));
+            };
+            let mut total = 0usize;
+            for (id, path) in given {
+                let a = at(&format!("images.{id}"));
+                let image = crate::compose::attach::image(id, path, max_attachment_bytes)
+                    .map_err(|why| a.err(why))?;
+                if !h.contains(&format!("cid:{id}")) {
+                    return Err(a.err(format!(
+                        "the html_body never names cid:{id}: write <img src=\"cid:{id}\">"
+                    )));
+                }
+                total = total.saturating_add(image.data.len());
+                if total > max_message_bytes {
+                    return Err(a.err(format!(
+                        "the images come to more than max_message_bytes ({max_message_bytes})"
+                    )));
+                }
+                images.push(image);
+            }
+        }
         shown.push(json!({
             "name": { "value": name, "source": at("name").source },
             "description": description,
@@ -1018,6 +1049,11 @@ fn templates(
             },
             "vars": vars,
             "var_patterns": t.vars,
+            "images": t.images.as_ref().map(|m| {
+                m.iter()
+                    .map(|(id, p)| (id.clone(), json!(p.display().to_string())))
+                    .collect::<Map<String, Json>>()
+            }),
         }));
         all.push(std::sync::Arc::new(Template {
             name,
@@ -1027,6 +1063,7 @@ fn templates(
             html_body: html.map(|(h, _)| h),
             vars,
             patterns,
+            images,
         }));
     }
     out.insert("templates".into(), Json::Array(shown));

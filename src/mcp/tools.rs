@@ -770,6 +770,7 @@ impl MailmuxServer {
                             .iter()
                             .map(|p| (p.var.clone(), p.pattern.clone()))
                             .collect(),
+                        images: t.image_ids().map(str::to_owned).collect(),
                     })
                     .collect(),
                 audit: self.audit().settings().path.as_ref().map(|p| AuditOut {

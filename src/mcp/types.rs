@@ -1491,6 +1491,11 @@ pub struct TemplateOut {
     /// expression), when the operator set patterns.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub patterns: std::collections::BTreeMap<String, String>,
+    /// The ids of the images its HTML shows (`cid:ID`), which every
+    /// message written from it carries: an attachment of the call's may
+    /// not take one of them as its `content_id`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<String>,
 }
 
 /// The audit log's health.
