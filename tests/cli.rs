@@ -9,6 +9,7 @@ mod support;
 
 use std::process::{Command, Stdio};
 
+use base64::Engine as _;
 use common::{Aiosmtpd, free_port};
 use serde_json::Value;
 
@@ -177,6 +178,81 @@ fn send_fills_a_configured_template_from_its_vars() {
     assert!(stderr.contains("NAME=VALUE"), "{stderr}");
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(smtp.messages().len(), 1);
+}
+
+/// `send --inline ID=PATH` sends a file the HTML body shows (`cid:ID`),
+/// and a template's own `images` go with what it writes: a mail client
+/// (Python's parser) finds each in a multipart/related beside the HTML,
+/// not among the attachments. An image the HTML never names is refused,
+/// and nothing is sent.
+#[test]
+fn send_carries_the_images_the_html_shows() {
+    let smtp = Aiosmtpd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let logo = dir.path().join("logo.png");
+    std::fs::write(&logo, b"\x89PNG the logo").unwrap();
+    let config = dir.path().join("mailmux.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[templates]]\nname = \"receipt\"\nsubject = \"Receipt\"\nbody = \"Thanks.\"\n\
+             html_body = '<img src=\"cid:logo\"><p>Thanks.</p>'\n\
+             [templates.images]\nlogo = \"{}\"\n",
+            logo.display()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let inline = format!("chart={}", logo.display());
+    let send = |extra: &[&str]| {
+        let mut args = vec!["--config", config, "send", "--to", "a@example.org"];
+        args.extend_from_slice(extra);
+        mailmux(smtp.port, &args)
+    };
+    let (code, stdout, stderr) = send(&[
+        "--subject",
+        "chart",
+        "--html",
+        "--body",
+        "<img src=\"cid:chart\">",
+        "--inline",
+        &inline,
+    ]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let (code, stdout, stderr) = send(&["--template", "receipt"]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let (code, stdout, _) = send(&[
+        "--subject",
+        "x",
+        "--html",
+        "--body",
+        "<p>none</p>",
+        "--inline",
+        &inline,
+    ]);
+    assert_eq!(code, 1, "{stdout}");
+    let out: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(out["error"]["rule"], "content_id_unreferenced", "{out}");
+
+    let mut read = smtp.read_back(2);
+    read.sort_by_key(|m| m["subject"].as_str().unwrap_or_default().to_owned());
+    let shown = base64::engine::general_purpose::STANDARD.encode(b"\x89PNG the logo");
+    for (m, (subject, id, tree)) in read.iter().zip([
+        (
+            "Receipt",
+            "logo",
+            "multipart/alternative(text/plain,multipart/related(text/html,image/png))",
+        ),
+        ("chart", "chart", "multipart/related(text/html,image/png)"),
+    ]) {
+        assert_eq!(m["subject"], subject, "{m}");
+        assert_eq!(m["tree"], tree, "{m}");
+        assert_eq!(m["inline"][0]["content_id"], id, "{m}");
+        assert_eq!(m["inline"][0]["content_base64"], shown, "{m}");
+        assert!(m["attachments"].as_array().unwrap().is_empty(), "{m}");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(smtp.messages().len(), 2);
 }
 
 /// A body file or attachment is read up to its limit, never whole: a path

@@ -496,7 +496,7 @@ fn read_back(smtp: &Aiosmtpd, seed: u64, mut wanted: HashMap<String, (usize, Val
     let n = wanted.len();
     let mut failures = Vec::new();
     let mut read = 0;
-    for got in read_mail(smtp, n) {
+    for got in smtp.read_back(n) {
         let id = got["message_id"].as_str().unwrap();
         let (i, body, want) = wanted
             .remove(id)
@@ -728,7 +728,7 @@ async fn images_the_html_shows_read_back_where_it_shows_them() {
     .await;
     assert_eq!(merge["summary"]["sent"], 2, "{merge}");
 
-    let read = read_mail(&smtp, 3);
+    let read = smtp.read_back(3);
     let by_subject = |s: &str| {
         read.iter()
             .filter(|m| m["subject"] == s)
@@ -770,25 +770,4 @@ async fn images_the_html_shows_read_back_where_it_shows_them() {
             .all(|m| m["defects"].as_array().unwrap().is_empty()),
         "{read:?}"
     );
-}
-
-/// `tests/read_mail.py`'s reading of the `n` messages `smtp` waits for.
-fn read_mail(smtp: &Aiosmtpd, n: usize) -> Vec<Value> {
-    assert_eq!(smtp.wait_messages(n).len(), n);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/read_mail.py");
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .arg(smtp.maildir())
-        .output()
-        .expect("python3 tests/read_mail.py");
-    assert!(
-        out.status.success(),
-        "read_mail.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }

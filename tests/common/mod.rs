@@ -109,6 +109,29 @@ impl Aiosmtpd {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+
+    /// The `n` messages waited for, as a mail client reads them:
+    /// `tests/read_mail.py` (Python's email package), one JSON object each.
+    #[allow(dead_code)]
+    pub fn read_back(&self, n: usize) -> Vec<serde_json::Value> {
+        assert_eq!(self.wait_messages(n).len(), n);
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/read_mail.py");
+        let out = std::process::Command::new("python3")
+            .arg(script)
+            .arg(self.maildir())
+            .output()
+            .expect("python3 tests/read_mail.py");
+        assert!(
+            out.status.success(),
+            "read_mail.py: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
 }
 
 pub fn read_maildir(dir: &Path) -> Vec<String> {
