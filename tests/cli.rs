@@ -129,6 +129,13 @@ fn send_prints_json_and_exits_by_status() {
     assert_eq!(out["attempts"][0]["class"], "relay_fault", "{out}");
 }
 
+/// `mailmux --config CONFIG send --to a@example.org EXTRA…`.
+fn send_to_one(port: u16, config: &str, extra: &[&str]) -> (i32, String, String) {
+    let mut args = vec!["--config", config, "send", "--to", "a@example.org"];
+    args.extend_from_slice(extra);
+    mailmux(port, &args)
+}
+
 /// `send --template NAME --var K=V` sends the operator's template with the
 /// values given; a subject beside it is a usage error, a missing value a
 /// refusal, and neither sends anything.
@@ -144,11 +151,7 @@ fn send_fills_a_configured_template_from_its_vars() {
     )
     .unwrap();
     let config = config.to_str().unwrap();
-    let send = |extra: &[&str]| {
-        let mut args = vec!["--config", config, "send", "--to", "a@example.org"];
-        args.extend_from_slice(extra);
-        mailmux(smtp.port, &args)
-    };
+    let send = |extra: &[&str]| send_to_one(smtp.port, config, extra);
     let (code, stdout, stderr) = send(&[
         "--template",
         "reminder",
@@ -204,11 +207,7 @@ fn send_carries_the_images_the_html_shows() {
     .unwrap();
     let config = config.to_str().unwrap();
     let inline = format!("chart={}", logo.display());
-    let send = |extra: &[&str]| {
-        let mut args = vec!["--config", config, "send", "--to", "a@example.org"];
-        args.extend_from_slice(extra);
-        mailmux(smtp.port, &args)
-    };
+    let send = |extra: &[&str]| send_to_one(smtp.port, config, extra);
     let (code, stdout, stderr) = send(&[
         "--subject",
         "chart",

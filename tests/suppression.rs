@@ -466,17 +466,7 @@ async fn transactional_mail_reaches_a_recipient_who_unsubscribed_and_nothing_els
         assert_eq!(r["error"]["field"], field, "{r}");
     }
     // Listed while it waits: a transactional message still goes.
-    let r = d
-        .call(
-            "send_email",
-            mail(
-                "reset",
-                json!({ "to": ["later@dest.example"], "send_at": "3s", "wait": false }),
-            ),
-        )
-        .await;
-    assert_eq!(r["status"], "scheduled", "{r}");
-    let reset = r["message_id"].as_str().unwrap().to_owned();
+    let reset = schedule(&d, "reset", "later@dest.example", "3s").await;
     let (code, out, err) = common::queue_cmd(
         dir.path(),
         &[
@@ -488,17 +478,7 @@ async fn transactional_mail_reaches_a_recipient_who_unsubscribed_and_nothing_els
         ],
     );
     assert_eq!(code, Some(0), "{out}{err}");
-    let r = d
-        .call(
-            "send_email",
-            mail(
-                "second reset",
-                json!({ "to": ["later@dest.example"], "send_at": "8s", "wait": false }),
-            ),
-        )
-        .await;
-    assert_eq!(r["status"], "scheduled", "{r}");
-    let second = r["message_id"].as_str().unwrap().to_owned();
+    let second = schedule(&d, "second reset", "later@dest.example", "8s").await;
     let s = until_final(&d, &reset).await;
     assert_eq!(s["status"], "sent", "{s}");
     // The caller's mail is ordinary again: the second, whose round comes
@@ -525,6 +505,21 @@ async fn transactional_mail_reaches_a_recipient_who_unsubscribed_and_nothing_els
     assert_eq!(subjects(&smtp), ["receipt", "reset"]);
     assert_eq!(stored(dir.path()).len(), 3, "no refused call was stored");
     d.stop().await;
+}
+
+/// The id of a message to `to` scheduled `after` from now.
+async fn schedule(d: &StdioDaemon, subject: &str, to: &str, after: &str) -> String {
+    let r = d
+        .call(
+            "send_email",
+            mail(
+                subject,
+                json!({ "to": [to], "send_at": after, "wait": false }),
+            ),
+        )
+        .await;
+    assert_eq!(r["status"], "scheduled", "{r}");
+    r["message_id"].as_str().unwrap().to_owned()
 }
 
 /// The status of message `id` once it is no longer waiting, within 15 s.
