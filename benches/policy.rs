@@ -3,8 +3,9 @@
 //! `Caller::take_rate` (an allowlist of four rules, two rates), so that the
 //! difference is the checks alone; then the same with five content checks
 //! (`content_checks`), on the 1 KiB message and on one with a 100 KiB
-//! attachment, which every check reads. Run by hand:
-//! `cargo bench --bench policy`.
+//! attachment, which every check reads, and with that attachment zipped
+//! and a gzip that unpacks to 8 MiB (the most one attachment is unpacked
+//! to), which the checks unpack. Run by hand: `cargo bench --bench policy`.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -124,7 +125,38 @@ fn content_checks(compose_policy: &ComposePolicy, draft: &Draft) {
         content_type: None,
         content_id: None,
     }];
-    for (what, draft, n) in [("1 KiB", draft, N), ("100 KiB attached", &attached, N / 50)] {
+    let archived = |filename: &str, bytes: Vec<u8>| {
+        let mut d = draft.clone();
+        d.attachments = vec![AttachmentInput::Inline {
+            filename: filename.into(),
+            content_base64: base64::engine::general_purpose::STANDARD.encode(bytes),
+            content_type: None,
+            content_id: None,
+        }];
+        d
+    };
+    let zipped = archived("report.zip", {
+        use std::io::Write as _;
+        let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let deflated = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        w.start_file("report.txt", deflated).expect("a zip entry");
+        w.write_all(&data).expect("written");
+        w.finish().expect("a zip").into_inner()
+    });
+    let bomb = archived("data.gz", {
+        use std::io::Write as _;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        e.write_all(&vec![b'a'; mailmux::policy::archive::MAX_UNPACKED])
+            .expect("written");
+        e.finish().expect("a gzip")
+    });
+    for (what, draft, n) in [
+        ("1 KiB", draft, N),
+        ("100 KiB attached", &attached, N / 50),
+        ("100 KiB zipped", &zipped, N / 50),
+        ("8 MiB gzipped", &bomb, 20),
+    ] {
         let mut best = [Duration::MAX; 2];
         for _ in 0..3 {
             for (k, gate) in [&plain, &checked].into_iter().enumerate() {
