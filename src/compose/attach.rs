@@ -82,15 +82,28 @@ fn check_content_id(field: &str, id: &str) -> Result<(), ComposeError> {
     if id.is_empty() || id.len() > MAX_CONTENT_ID {
         return Err(invalid(format!("must be 1 to {MAX_CONTENT_ID} characters")));
     }
-    if let Some(c) = id
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@')))
-    {
+    if let Some(c) = id.chars().find(|c| !is_id_char(*c)) {
         return Err(invalid(format!(
             "may hold letters, digits, '.', '_', '-' and '@' only, not {c:?}"
         )));
     }
     Ok(())
+}
+
+fn is_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@')
+}
+
+/// Whether `html` names `id` as `cid:ID`, whole: `cid:logo2` does not name
+/// `logo`.
+pub(crate) fn names_cid(html: &str, id: &str) -> bool {
+    let link = format!("cid:{id}");
+    html.match_indices(&link).any(|(at, _)| {
+        html[at + link.len()..]
+            .chars()
+            .next()
+            .is_none_or(|c| !is_id_char(c))
+    })
 }
 
 /// Checks the attachments that a message's HTML shows (`content_id`):
@@ -133,7 +146,7 @@ pub(crate) fn check_inline(
                 )
             });
         }
-        if !html.contains(&format!("cid:{id}")) {
+        if !names_cid(html, id) {
             return Err(ComposeError::new(
                 field,
                 "content_id_unreferenced",

@@ -1687,6 +1687,13 @@ fn a_content_id_must_be_well_formed_unique_and_shown() {
         let e = err(&d, &policy());
         assert_eq!((e.field.as_str(), e.rule), (field, rule), "{e}");
     }
+    // `cid:logo2` names logo2, not logo.
+    let mut d = html(vec![image("a.png", Some("logo"), b"a")]);
+    d.html_body = Some("<img src=\"cid:logo2\"> <img src='cid:logo.x'>".into());
+    let e = err(&d, &policy());
+    assert_eq!(e.rule, "content_id_unreferenced", "{e}");
+    d.html_body = Some("<img src=\"cid:logo2\"> <img src=cid:logo>".into());
+    ok(&d, &policy());
     // The longest id, and each character allowed.
     let id = format!("a.b_c-d@e{}", "f".repeat(91));
     let mut d = html(vec![image("a.png", Some(&id), b"a")]);

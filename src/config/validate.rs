@@ -1020,7 +1020,7 @@ fn templates(
                 let a = at(&format!("images.{id}"));
                 let image = crate::compose::attach::image(id, path, max_attachment_bytes)
                     .map_err(|why| a.err(why))?;
-                if !h.contains(&format!("cid:{id}")) {
+                if !crate::compose::attach::names_cid(h, id) {
                     return Err(a.err(format!(
                         "the html_body never names cid:{id}: write <img src=\"cid:{id}\">"
                     )));
