@@ -795,6 +795,65 @@ async fn a_callers_max_age_expires_its_mail_sooner_than_the_queues() {
     d.stop().await;
 }
 
+/// What a caller's policy says of its waiting mail holds across a SIGKILL:
+/// after the restart, a code whose caller's `max_age` is 3 s still expires
+/// then (not after the queue's hour), and a transactional caller's
+/// scheduled receipt to a recipient who unsubscribed meanwhile is sent at
+/// its round, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_max_age_and_transactional_rule_hold_across_a_sigkill() {
+    let script = Script::ok().on_rcpt("otp@example.org", Action::reply(451, "4.3.0 try later"));
+    let own = "max_age = \"1h\"\n\n[policy]\nmax_age = \"3s\"\ntransactional = true";
+    let (smtp, dir, cfg, d) = setup(script, own).await;
+    let code = send(
+        d.peer(),
+        msg(
+            "code 123456",
+            json!({ "to": "otp@example.org", "wait": false }),
+        ),
+    )
+    .await;
+    assert_eq!(code.status(), Some("queued"), "{code:?}");
+    let code = code.message_id().unwrap().to_string();
+    let receipt = send(
+        d.peer(),
+        msg(
+            "receipt",
+            json!({ "to": "left@example.org", "send_at": "4s", "wait": false }),
+        ),
+    )
+    .await;
+    assert_eq!(receipt.status(), Some("scheduled"), "{receipt:?}");
+    let receipt = receipt.message_id().unwrap().to_string();
+    let (status, out, err) = common::queue_cmd(
+        dir.path(),
+        &[
+            "suppress",
+            "add",
+            "left@example.org",
+            "--reason",
+            "unsubscribed",
+        ],
+    );
+    assert_eq!(status, Some(0), "{out}{err}");
+    d.kill9().await;
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let s = settled(d.peer(), &code, LIMIT).await;
+    assert_eq!(s["status"], "expired", "{s}");
+    let note = s["message"].as_str().unwrap_or_default();
+    assert!(note.contains("not delivered within max_age (3s)"), "{s}");
+    let s = settled(d.peer(), &receipt, LIMIT).await;
+    assert_eq!(s["status"], "sent", "{s}");
+    let to_left = smtp
+        .delivered()
+        .iter()
+        .filter(|r| subject_of(r).as_deref() == Some("receipt"))
+        .count();
+    assert_eq!(to_left, 1);
+    assert_eq!(smtp.delivered().len(), 1, "the code never went out");
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recipient_deferred_until_max_age_ends_is_refused_and_the_message_is_partial() {
     let (smtp, dir, cfg, d) = setup(one_mailbox_full(u64::MAX), "max_age = \"3s\"").await;
