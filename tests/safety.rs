@@ -997,6 +997,69 @@ async fn a_per_recipient_rate_bounds_what_one_person_gets_from_a_caller() {
     assert_eq!(sink.delivered().len(), 4);
 }
 
+/// An unsubscribe link the secret did not make is a wrong token: guessing
+/// links counts against the address as wrong bearer tokens do
+/// (`http.auth_failures`, 10 a minute here: the eleventh failure is
+/// answered, and refuses), and past that the address is refused
+/// everywhere but `/health`, while another address is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_unsubscribe_links_counts_as_failed_authentication() {
+    let (sink, other) = servers().await;
+    let extra = format!(
+        "[unsubscribe]\nurl = \"https://mail.example.test/\"\nsecret = \"{}\"\n",
+        "s".repeat(40)
+    );
+    let d = start(&sink, &other, &extra).await;
+    let http = reqwest::Client::new();
+    for i in 0..11 {
+        let r = http
+            .post(format!(
+                "{}/unsubscribe/cmVhZGVyQGV4YW1wbGUub3Jn.guess{i}",
+                d.base
+            ))
+            .body("List-Unsubscribe=One-Click")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 404, "guess {i}");
+    }
+    let r = http
+        .get(format!(
+            "{}/unsubscribe/cmVhZGVyQGV4YW1wbGUub3Jn.guess11",
+            d.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    let r = http
+        .get(format!("{}/admin/suppressions", d.base))
+        .bearer_auth(OPS)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        429,
+        "the right token from that address"
+    );
+    let r = http.get(format!("{}/health", d.base)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let elsewhere = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    let r = elsewhere
+        .get(format!("{}/admin/suppressions", d.base))
+        .bearer_auth(OPS)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200, "another address");
+    let listed: Value = r.json().await.unwrap();
+    assert_eq!(listed["suppressions"], json!([]), "no guess listed anyone");
+}
+
 /// An idempotency key is its caller's own: two agents that pick the same
 /// key (`order-42`) each get their message sent once, each repeat replays
 /// the caller's own message, and a key finds only its caller's message.

@@ -176,7 +176,8 @@ fn is_console(path: &str) -> bool {
 /// authentications: an address that failed too often is refused (429)
 /// before any check, on every path but `/health`, and a 401 from the
 /// checks or a handler (a wrong metrics token, a console sign-in) counts
-/// against its address.
+/// against its address, as does an unsubscribe link the secret did not
+/// make (its token is its authority: a 404 there is a wrong token).
 async fn check(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
     let counted = guard.lockout.as_deref().zip(
         req.extensions()
@@ -189,8 +190,10 @@ async fn check(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Res
     if let Some(wait) = lockout.refused(peer) {
         return refused_for(wait);
     }
+    let link = req.uri().path().starts_with("/unsubscribe/");
     let resp = checked(&guard, req, next).await;
-    if resp.status() == StatusCode::UNAUTHORIZED {
+    if resp.status() == StatusCode::UNAUTHORIZED || (link && resp.status() == StatusCode::NOT_FOUND)
+    {
         lockout.failed(peer);
     }
     resp

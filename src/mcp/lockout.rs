@@ -1,6 +1,7 @@
 //! Failed authentication per peer address (`http.auth_failures`): a wrong
-//! or missing token on `/mcp`, the admin routes and `/metrics`, or a wrong
-//! token at the console's sign-in. Each address may fail as often as the
+//! or missing token on `/mcp`, the admin routes and `/metrics`, a wrong
+//! token at the console's sign-in, or an unsubscribe link the secret did
+//! not make. Each address may fail as often as the
 //! rate allows (a governor keyed limiter, refilled evenly); past it every
 //! request from that address but `/health` is answered 429 until one
 //! failure refills, even one carrying a right token, so that a guess made
