@@ -145,20 +145,31 @@ impl Provider {
     }
 }
 
+/// Whether `url` may carry a secret: `https`, or `http` to a loopback host.
+pub fn may_carry_secrets(url: &reqwest::Url) -> bool {
+    let host = url.host_str().unwrap_or("");
+    let loopback = || {
+        host.eq_ignore_ascii_case("localhost")
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|a| a.is_loopback())
+    };
+    match url.scheme() {
+        "https" => true,
+        "http" => loopback(),
+        _ => false,
+    }
+}
+
 /// Whether `url` may carry secrets: `https`, or `http` to a loopback host.
 pub fn token_url_ok(url: &str) -> Result<(), String> {
     let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
     match parsed.scheme() {
         "https" => Ok(()),
         "http" => {
-            let host = parsed.host_str().unwrap_or("");
-            let loopback = host.eq_ignore_ascii_case("localhost")
-                || host
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|a| a.is_loopback());
-            if loopback {
+            if may_carry_secrets(&parsed) {
                 Ok(())
             } else {
                 Err(format!(

@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::page_text;
 use fantoccini::{Client as Browser, ClientBuilder, Locator};
 use rmcp::model::CallToolRequestParams;
 use rmcp::service::RunningService;
@@ -984,18 +985,6 @@ async fn serve_decoy(target: &str) -> String {
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move { axum::serve(listener, app).await });
     format!("http://127.0.0.1:{port}/")
-}
-
-/// A console page's HTML, fetched with the session cookie.
-async fn page_text(http: &reqwest::Client, url: &str, cookie: &str) -> String {
-    http.get(url)
-        .header("Cookie", cookie)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 /// The text between `start` and the next `end`.

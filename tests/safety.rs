@@ -307,15 +307,8 @@ impl Daemon {
             .await
             .unwrap();
         let cookie = signed_in.headers()["set-cookie"].to_str().unwrap();
-        let session = cookie.split(';').next().unwrap().to_owned();
-        http.get(format!("{}{path}", self.base))
-            .header("Cookie", session)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        let session = cookie.split(';').next().unwrap();
+        common::page_text(&http, &format!("{}{path}", self.base), session).await
     }
 
     /// `/metrics`, read with the operator's token.

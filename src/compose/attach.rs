@@ -216,6 +216,21 @@ impl Shared {
     }
 }
 
+/// Whether base64 `text` starts with the bytes of a zip or a gzip
+/// ([`crate::policy::archive::is_archive`]), from its first characters
+/// alone.
+pub(crate) fn starts_as_archive(text: &str) -> bool {
+    // Eight characters are six bytes, past either signature.
+    let head: String = text
+        .chars()
+        .filter(|c| !c.is_ascii_whitespace())
+        .take(8)
+        .collect();
+    BASE64
+        .decode(head)
+        .is_ok_and(|b| crate::policy::archive::is_archive(&b))
+}
+
 /// Encoded size of `decoded` bytes in the message: base64 (4/3) plus a CRLF
 /// every 76 characters, rounded up to 1.37.
 pub(crate) fn encoded_estimate(decoded: usize) -> usize {

@@ -313,11 +313,7 @@ impl Draft {
     pub fn has_archive(&self) -> bool {
         self.attachments.iter().any(|a| match a {
             AttachmentInput::Inline { content_base64, .. } => {
-                let start = content_base64.trim_start();
-                // PK\x03\x04, PK\x05\x06, and 1f 8b 08.
-                ["UEsDB", "UEsFB", "H4sI"]
-                    .iter()
-                    .any(|m| start.starts_with(m))
+                attach::starts_as_archive(content_base64)
             }
             AttachmentInput::Path { .. } => false,
         })

@@ -1165,7 +1165,6 @@ fn token_pair(
     Ok(secret)
 }
 
-/// `[metrics]`: who may read `/metrics`, and the listener of its own.
 /// `[notify]`: on only with a `url`.
 fn notify(
     ctx: &Ctx,
@@ -1181,22 +1180,11 @@ fn notify(
         Some(text) => {
             let url = reqwest::Url::parse(text)
                 .map_err(|e| at.err(format!("{text:?} is not a URL: {e}")))?;
-            let host = url.host_str().unwrap_or("");
-            let loopback = host.eq_ignore_ascii_case("localhost")
-                || host
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback());
-            match url.scheme() {
-                "https" => {}
-                "http" if loopback => {}
-                _ => {
-                    return Err(at.err(
-                        "must be an https: URL (http: only to a loopback address): events \
-                         and the token would otherwise cross the network in clear",
-                    ));
-                }
+            if !crate::oauth::may_carry_secrets(&url) {
+                return Err(at.err(
+                    "must be an https: URL (http: only to a loopback address): events \
+                     and the token would otherwise cross the network in clear",
+                ));
             }
             Some(url)
         }
@@ -1254,6 +1242,7 @@ fn notify(
     }))
 }
 
+/// `[metrics]`: who may read `/metrics`, and the listener of its own.
 fn metrics(
     ctx: &Ctx,
     raw: &RawConfig,

@@ -134,6 +134,19 @@ impl Aiosmtpd {
     }
 }
 
+/// A console page's HTML, fetched with the session cookie.
+#[allow(dead_code)]
+pub async fn page_text(http: &reqwest::Client, url: &str, cookie: &str) -> String {
+    http.get(url)
+        .header("Cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 pub fn read_maildir(dir: &Path) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return vec![];
