@@ -601,6 +601,7 @@ async fn run_queue(
                 meta: None,
                 hold: None,
                 batch: None,
+                tag: None,
                 cancel: None,
             };
             match q.submit(submit).await {

@@ -45,6 +45,7 @@ fn message(id: String) -> NewMessage {
         hold: None,
         only: None,
         batch: None,
+        tag: None,
     }
 }
 

@@ -70,6 +70,7 @@ fn submission(
         meta: None,
         hold: None,
         batch: None,
+        tag: None,
         cancel,
     }
 }
@@ -90,6 +91,7 @@ fn message(id: &str, key: Option<(&str, u8)>) -> NewMessage {
         hold: None,
         only: None,
         batch: None,
+        tag: None,
     }
 }
 
@@ -307,6 +309,30 @@ async fn conformance(store: &dyn Store) {
     assert!(store.get("m1").await.unwrap().is_none());
     assert!(store.get("l0").await.unwrap().is_some());
     assert!(store.find_key(Some("agent"), "k").await.unwrap().is_none());
+
+    // By the caller's tag, kept with the message.
+    for (id, tag) in [("t1", "spring"), ("t2", "autumn"), ("t3", "spring")] {
+        let m = NewMessage {
+            tag: Some(tag.into()),
+            ..message(id, None)
+        };
+        store.accept(m).await.unwrap();
+    }
+    let spring = Filter {
+        tag: Some("spring".into()),
+        ..Filter::default()
+    };
+    let (page, _) = store.list(&spring, 10, None).await.unwrap();
+    let tagged: Vec<(&str, Option<&str>)> = page
+        .iter()
+        .map(|s| (s.message_id.as_str(), s.tag.as_deref()))
+        .collect();
+    assert_eq!(tagged, [("t3", Some("spring")), ("t1", Some("spring"))]);
+    assert_eq!(
+        store.get("t2").await.unwrap().unwrap().tag.as_deref(),
+        Some("autumn")
+    );
+    assert_eq!(store.get("l0").await.unwrap().unwrap().tag, None);
 }
 
 fn suppression(address: &str, reason: &str) -> Suppression {
@@ -1829,6 +1855,7 @@ async fn a_version_1_store_is_migrated_at_start() {
              ALTER TABLE messages DROP COLUMN copy_relay;
              DROP TABLE suppressions; DROP TABLE suppression_version; DROP TABLE report_cursors;
              DROP TABLE suppression_changes; DROP TABLE delivery_pause;
+             DROP INDEX messages_tag; ALTER TABLE messages DROP COLUMN tag;
              ALTER TABLE messages DROP COLUMN reports;
              CREATE TABLE attempts (
                  seq INTEGER NOT NULL, at INTEGER NOT NULL, relay TEXT NOT NULL, class TEXT,
@@ -1900,6 +1927,7 @@ async fn a_version_10_store_has_its_keys_scoped_to_their_callers() {
              ALTER TABLE messages DROP COLUMN copy_relay;
              DROP TABLE suppressions; DROP TABLE suppression_version; DROP TABLE report_cursors;
              DROP TABLE suppression_changes; DROP TABLE delivery_pause;
+             DROP INDEX messages_tag; ALTER TABLE messages DROP COLUMN tag;
              ALTER TABLE messages DROP COLUMN reports;
              PRAGMA user_version = 10;",
         )
@@ -1934,6 +1962,7 @@ async fn a_version_8_store_has_its_attempts_moved_into_their_rows() {
              ALTER TABLE messages DROP COLUMN copy_relay;
              DROP TABLE suppressions; DROP TABLE suppression_version; DROP TABLE report_cursors;
              DROP TABLE suppression_changes; DROP TABLE delivery_pause;
+             DROP INDEX messages_tag; ALTER TABLE messages DROP COLUMN tag;
              ALTER TABLE messages DROP COLUMN reports;
              CREATE TABLE attempts (
                  seq INTEGER NOT NULL, at INTEGER NOT NULL, relay TEXT NOT NULL, class TEXT,
@@ -2139,6 +2168,15 @@ async fn postgres_listings_read_through_indexes() {
                 ..Filter::default()
             },
         ),
+        (
+            "mailmux_messages_tag",
+            Filter {
+                caller: Some("agent".into()),
+                state: Some(State::Failed),
+                tag: Some("t".into()),
+                ..Filter::default()
+            },
+        ),
     ] {
         let before = scans(index);
         // A backend reports its statistics at most once a second, and
@@ -2232,6 +2270,7 @@ async fn postgres_counts_survive_daemons_purges_and_migration() {
          ALTER TABLE mailmux_messages DROP COLUMN copy_relay;
          DROP TABLE mailmux_suppressions; DROP TABLE mailmux_suppression_version;
          DROP TABLE mailmux_suppression_changes; DROP TABLE mailmux_delivery_pause;
+         DROP INDEX mailmux_messages_tag; ALTER TABLE mailmux_messages DROP COLUMN tag;
          DROP TABLE mailmux_report_cursors; ALTER TABLE mailmux_messages DROP COLUMN reports;
          DROP INDEX mailmux_messages_queued_at, mailmux_messages_retry;
          DELETE FROM mailmux_schema WHERE version >= 5",
@@ -2970,6 +3009,7 @@ async fn postgres_keys_of_version_7_are_scoped_to_their_callers() {
          ALTER TABLE mailmux_messages DROP COLUMN copy_relay;
          DROP TABLE mailmux_suppressions; DROP TABLE mailmux_suppression_version;
          DROP TABLE mailmux_suppression_changes; DROP TABLE mailmux_delivery_pause;
+         DROP INDEX mailmux_messages_tag; ALTER TABLE mailmux_messages DROP COLUMN tag;
          DROP TABLE mailmux_report_cursors; ALTER TABLE mailmux_messages DROP COLUMN reports;
          DELETE FROM mailmux_schema WHERE version >= 8;",
     );

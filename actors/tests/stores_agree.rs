@@ -121,7 +121,7 @@ fn record(c: &Clock, r: &Record) -> String {
     format!(
         "{} {} from={:?} to={:?} size={} prefer={:?} key={:?} queued={} due={} next={} relay={:?} \
          accepted={:?} rejected={:?} reason={:?} note={:?} attempts={attempts:?} \
-         history={history:?} caller={:?} meta={:?} decided_by={:?} copy={:?} batch={:?}",
+         history={history:?} caller={:?} meta={:?} decided_by={:?} copy={:?} batch={:?} tag={:?}",
         r.message_id,
         r.state.as_str(),
         r.from,
@@ -142,12 +142,13 @@ fn record(c: &Clock, r: &Record) -> String {
         r.decided_by,
         r.sent_copy,
         r.batch,
+        r.tag,
     )
 }
 
 fn summary(c: &Clock, s: &Summary) -> String {
     format!(
-        "{} {} {:?} {:?} queued={} relay={:?} caller={:?} batch={:?}",
+        "{} {} {:?} {:?} queued={} relay={:?} caller={:?} batch={:?} tag={:?}",
         s.message_id,
         s.state.as_str(),
         s.from,
@@ -155,7 +156,8 @@ fn summary(c: &Clock, s: &Summary) -> String {
         c.show(s.queued_at),
         s.relay,
         s.caller,
-        s.batch
+        s.batch,
+        s.tag
     )
 }
 
@@ -227,6 +229,7 @@ impl Run {
             hash: [rng.random_range(1..3u8); 32],
         });
         let batch = [None, Some("b1"), Some("b2")][rng.random_range(0..3)].map(str::to_owned);
+        let tag = [None, Some("t1"), Some("t2")][rng.random_range(0..3)].map(str::to_owned);
         let n = self.known.next;
         let bytes: Arc<[u8]> =
             Arc::from(format!("Subject: {n}\r\n\r\n{}\r\n", "x".repeat(n % 7)).into_bytes());
@@ -248,6 +251,7 @@ impl Run {
                 .random_bool(0.2)
                 .then(|| Arc::from(vec!["r1".to_string()])),
             batch,
+            tag,
         }
     }
 
@@ -322,6 +326,9 @@ impl Run {
             batch: rng
                 .random_bool(0.3)
                 .then(|| ["b1", "b2"][rng.random_range(0..2)].into()),
+            tag: rng
+                .random_bool(0.3)
+                .then(|| ["t1", "t2"][rng.random_range(0..2)].into()),
             recipient: rng
                 .random_bool(0.3)
                 .then(|| ["EXAMPLE.org", "bob", "elsewhere"][rng.random_range(0..3)].into()),

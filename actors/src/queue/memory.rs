@@ -510,6 +510,10 @@ impl Store for MemoryStore {
                         .batch
                         .as_ref()
                         .is_none_or(|b| row.batch.as_ref() == Some(b))
+                    && filter
+                        .tag
+                        .as_ref()
+                        .is_none_or(|t| row.record.tag.as_ref() == Some(t))
                     && filter.recipient_matches(&row.record.to)
             })
             .take(limit.saturating_add(1))
@@ -528,6 +532,7 @@ impl Store for MemoryStore {
                         caller: r.caller.clone(),
                         node: None,
                         batch: row.batch.clone(),
+                        tag: r.tag.clone(),
                     },
                 )
             })

@@ -239,6 +239,8 @@ pub struct NewMessage {
     pub only: Option<Arc<[String]>>,
     /// The `send_batch` call it came in.
     pub batch: Option<String>,
+    /// The caller's label for it (`tag`), which a listing filters by.
+    pub tag: Option<String>,
 }
 
 /// What a bounce or complaint report that came back by mail said of one
@@ -337,6 +339,7 @@ impl NewMessage {
             sent_copy: None,
             node: None,
             batch: self.batch.clone(),
+            tag: self.tag.clone(),
             reports: Vec::new(),
         }
     }
@@ -688,6 +691,8 @@ pub struct Record {
     pub node: Option<String>,
     /// The `send_batch` call it came in.
     pub batch: Option<String>,
+    /// The caller's label for it.
+    pub tag: Option<String>,
     /// What bounce and complaint reports that came back by mail said of
     /// its recipients after a relay took it, oldest first.
     pub reports: Vec<ReportRecord>,
@@ -708,6 +713,8 @@ pub struct Summary {
     pub node: Option<String>,
     /// The `send_batch` call it came in.
     pub batch: Option<String>,
+    /// The caller's label for it.
+    pub tag: Option<String>,
 }
 
 /// Counts and ages of the queue.
@@ -938,6 +945,8 @@ pub struct Filter {
     pub caller: Option<String>,
     /// Only the messages of this `send_batch` call.
     pub batch: Option<String>,
+    /// Only the messages with this tag.
+    pub tag: Option<String>,
     /// Only messages with a recipient that contains this text (any case).
     pub recipient: Option<String>,
 }

@@ -228,6 +228,11 @@ CREATE TABLE mailmux_delivery_pause (
     reason TEXT
 );
 "#,
+    r#"
+-- The caller's label of a message (`tag`), which a listing filters by.
+ALTER TABLE mailmux_messages ADD COLUMN tag TEXT;
+CREATE INDEX mailmux_messages_tag ON mailmux_messages (tag, seq) WHERE tag IS NOT NULL;
+"#,
 ];
 
 /// The schema version this build writes.
@@ -691,6 +696,7 @@ impl Accepts {
                     .collect::<Vec<_>>(),
             )
             .bind(self.ops.iter().map(|op| op.marked).collect::<Vec<_>>())
+            .bind(ms.clone().map(|m| m.tag.as_deref()).collect::<Vec<_>>())
             .execute(pool)
             .await
             .map(|_| ())
@@ -702,19 +708,20 @@ macro_rules! insert_accepts {
         concat!(
             "INSERT INTO mailmux_messages (message_id, state, mail_from, rcpt, size, body,
                  prefer, queued_at, due_at, next_attempt_at, updated_at, history, caller, meta,
-                 held_hash, relays, batch, node, lease_epoch, lease_until, committing)
+                 held_hash, relays, batch, node, lease_epoch, lease_until, committing, tag)
              SELECT l.id, l.state, l.mail_from, l.rcpt, l.size, l.body, l.prefer, l.queued_at,
                  l.due_at, l.next_at, $1, l.entry, l.caller, l.meta, l.held_hash, l.relays,
                  l.batch, l.node, CASE WHEN l.node IS NULL THEN 0 ELSE 1 END,
                  CASE WHEN l.node IS NULL THEN NULL ELSE ",
             db_now!(),
-            " + $2 END, l.committing
+            " + $2 END, l.committing, l.tag
                FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[],
                            $8::bytea[], $9::text[], $10::bigint[], $11::bigint[], $12::bigint[],
                            $13::text[], $14::text[], $15::text[], $16::bytea[], $17::text[],
-                           $18::text[], $19::text[], $20::bool[])
+                           $18::text[], $19::text[], $20::bool[], $21::text[])
                  AS l(id, state, mail_from, rcpt, size, body, prefer, queued_at, due_at,
-                      next_at, entry, caller, meta, held_hash, relays, batch, node, committing)"
+                      next_at, entry, caller, meta, held_hash, relays, batch, node, committing,
+                      tag)"
         )
     };
 }
@@ -1382,12 +1389,12 @@ async fn accept_in(
             concat!(
                 "INSERT INTO mailmux_messages (message_id, state, mail_from, rcpt, size, body,
                      prefer, idem_key, queued_at, due_at, next_attempt_at, updated_at, history,
-                     caller, meta, held_hash, relays, batch, node, lease_epoch, lease_until)
+                     caller, meta, held_hash, relays, batch, node, lease_epoch, lease_until, tag)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $9, $12, $13, $14, $15,
                      $16, $17, $18, CASE WHEN $18::text IS NULL THEN 0 ELSE 1 END,
                      CASE WHEN $18::text IS NULL THEN NULL ELSE ",
                 db_now!(),
-                " + $19 END)"
+                " + $19 END, $20)"
             )
         };
     }
@@ -1416,6 +1423,7 @@ async fn accept_in(
         .bind(&m.batch)
         .bind(node)
         .bind(lease_ms)
+        .bind(&m.tag)
         .execute(&mut *tx)
         .await?;
     Ok(Accepted::Stored(state))
@@ -2028,7 +2036,7 @@ impl Store for PgStore {
             "SELECT seq, message_id, state, mail_from, rcpt, size, prefer, idem_key, queued_at,
                     due_at, updated_at, next_attempt_at, relay, accepted, rejected, reason, note,
                     caller, meta, decided_by, sent_copy, history, node, attempt_log, batch,
-                    reports, EXISTS (SELECT 1 FROM mailmux_attempts a WHERE a.seq = m.seq) AS in_table
+                    tag, reports, EXISTS (SELECT 1 FROM mailmux_attempts a WHERE a.seq = m.seq) AS in_table
                FROM mailmux_messages m WHERE message_id = $1",
         )
         .bind(message_id)
@@ -2100,6 +2108,7 @@ impl Store for PgStore {
             .bind(&filter.caller)
             .bind(&filter.batch)
             .bind(filter.recipient.as_ref().map(|r| r.to_lowercase()))
+            .bind(&filter.tag)
             .fetch_all(&self.pool)
             .await
             .map_err(unavailable)?;
@@ -2577,6 +2586,7 @@ fn record(r: &PgRow) -> Result<Record, sqlx::Error> {
         sent_copy: r.try_get("sent_copy")?,
         node: r.try_get("node")?,
         batch: r.try_get("batch")?,
+        tag: r.try_get("tag")?,
         reports: rows::reports(r.try_get("reports")?),
     })
 }
@@ -2593,6 +2603,7 @@ fn summary(r: &PgRow) -> Result<Summary, sqlx::Error> {
         caller: r.try_get("caller")?,
         node: r.try_get("node")?,
         batch: r.try_get("batch")?,
+        tag: r.try_get("tag")?,
     })
 }
 

@@ -53,7 +53,8 @@ pub(crate) fn page_rows(limit: usize) -> i64 {
 
 /// The listing's statement (`p` numbers its parameters): rows before seq
 /// `1`, newest first, at most `3`, filtered by state `2`, caller `4`,
-/// batch `5` and a recipient's substring `6`, each unset when null.
+/// batch `5`, a recipient's substring `6` and tag `7`, each unset when
+/// null.
 ///
 /// Neither SQLite nor PostgreSQL's generic plan uses an index for
 /// `4 IS NULL OR caller = 4`, so one filter, chosen by [`listed_by`], is
@@ -83,13 +84,15 @@ pub(crate) fn list_sql(p: char, filter: &Filter) -> String {
     });
     let any = |column: &str, n: u8| format!("({p}{n}{cast} IS NULL OR {column} = {p}{n})");
     format!(
-        "SELECT seq, message_id, state, mail_from, rcpt, queued_at, updated_at, relay, caller, batch{node}
-           FROM {table} WHERE {by}seq < {p}1 AND {state} AND {caller} AND {batch}
+        "SELECT seq, message_id, state, mail_from, rcpt, queued_at, updated_at, relay, caller, batch,
+                tag{node}
+           FROM {table} WHERE {by}seq < {p}1 AND {state} AND {caller} AND {batch} AND {tag}
             AND ({p}6{cast} IS NULL OR {find} > 0)
           ORDER BY seq DESC LIMIT {p}3",
         state = any("state", 2),
         caller = any("caller", 4),
         batch = any("batch", 5),
+        tag = any("tag", 7),
     )
 }
 
@@ -97,6 +100,7 @@ pub(crate) fn list_sql(p: char, filter: &Filter) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ListedBy {
     Batch,
+    Tag,
     State,
     Caller,
 }
@@ -109,12 +113,15 @@ impl ListedBy {
             ListedBy::State => ("state", 2),
             ListedBy::Caller => ("caller", 4),
             ListedBy::Batch => ("batch", 5),
+            ListedBy::Tag => ("tag", 7),
         }
     }
 }
 
 /// The column whose index a listing reads through, or none for the rows
 /// themselves, newest first. A batch holds at most `max_batch` messages.
+/// A tag names what its caller chose to group (a campaign, a ticket):
+/// its index reads those rows only.
 /// A state other than `sent` is, in a mail queue, a few of its rows. A
 /// caller may own any share of them: through its index a listing reads
 /// only that caller's rows, but each costs a few times more than a row of
@@ -124,6 +131,8 @@ impl ListedBy {
 pub(crate) fn listed_by(filter: &Filter) -> Option<ListedBy> {
     if filter.batch.is_some() {
         Some(ListedBy::Batch)
+    } else if filter.tag.is_some() {
+        Some(ListedBy::Tag)
     } else if filter.state.is_some_and(|s| s != State::Sent) {
         Some(ListedBy::State)
     } else if filter.caller.is_some() {

@@ -98,6 +98,8 @@ pub struct Submit {
     pub hold: Option<Hold>,
     /// The `send_batch` call it came in.
     pub batch: Option<String>,
+    /// The caller's label for it, which a listing filters by.
+    pub tag: Option<String>,
     /// Fires when the caller cancels a call that waits: a message without
     /// an idempotency key that no relay has begun to commit (before its
     /// final ".") is then `cancelled` and never sent. One a relay is
@@ -310,6 +312,7 @@ impl Submit {
             hold: self.hold.clone(),
             only: m.only.clone(),
             batch: self.batch.clone(),
+            tag: self.tag.clone(),
         }
     }
 }

@@ -248,6 +248,11 @@ CREATE TABLE delivery_pause (
     reason TEXT
 );
 "#,
+    r#"
+-- The caller's label of a message (`tag`), which a listing filters by.
+ALTER TABLE messages ADD COLUMN tag TEXT;
+CREATE INDEX messages_tag ON messages(tag, seq) WHERE tag IS NOT NULL;
+"#,
 ];
 
 /// The schema version this build writes.
@@ -1464,9 +1469,9 @@ fn insert(
     c.prepare_cached(
         "INSERT INTO messages (message_id, state, mail_from, rcpt, size, body, prefer, idem_key,
                                queued_at, due_at, next_attempt_at, updated_at, history,
-                               caller, meta, held_hash, relays, batch, committing)
+                               caller, meta, held_hash, relays, batch, committing, tag)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?12, ?18, ?11, ?13, ?14, ?15, ?16, ?17,
-                 ?19)",
+                 ?19, ?20)",
     )?
     .execute(params![
         m.message_id,
@@ -1488,6 +1493,7 @@ fn insert(
         m.batch,
         updated_at,
         committing,
+        m.tag,
     ])?;
     Ok(())
 }
@@ -2025,6 +2031,7 @@ impl Store for SqliteStore {
         let caller = filter.caller.clone();
         let batch = filter.batch.clone();
         let recipient = filter.recipient.as_ref().map(|r| r.to_lowercase());
+        let tag = filter.tag.clone();
         let sql = rows::list_sql('?', filter);
         self.read(move |c| {
             let before = cursor.unwrap_or(i64::MAX);
@@ -2037,7 +2044,8 @@ impl Store for SqliteStore {
                         rows::page_rows(limit),
                         caller,
                         batch,
-                        recipient
+                        recipient,
+                        tag
                     ],
                     |r| {
                         Ok((
@@ -2053,6 +2061,7 @@ impl Store for SqliteStore {
                                 caller: r.get(8)?,
                                 node: None,
                                 batch: r.get(9)?,
+                                tag: r.get(10)?,
                             },
                         ))
                     },
@@ -2321,7 +2330,7 @@ fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<Record>> {
     c.prepare_cached(
         "SELECT message_id, state, mail_from, rcpt, size, prefer, idem_key, queued_at, due_at,
                 updated_at, next_attempt_at, relay, accepted, rejected, reason, note,
-                caller, meta, decided_by, sent_copy, attempt_log, history, batch, reports
+                caller, meta, decided_by, sent_copy, attempt_log, history, batch, reports, tag
            FROM messages WHERE message_id = ?1",
     )?
     .query_row([id], |r| {
@@ -2355,6 +2364,7 @@ fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<Record>> {
             history: rows::history(&r.get::<_, String>(21)?),
             node: None,
             batch: r.get(22)?,
+            tag: r.get(24)?,
             reports: rows::reports(r.get(23)?),
         })
     })
@@ -2493,6 +2503,7 @@ mod tests {
             hold: None,
             only: None,
             batch: None,
+            tag: None,
         }
     }
 
@@ -2828,11 +2839,17 @@ mod tests {
         let c = store.reader.lock().unwrap();
         for state in [None, Some(State::Sent), Some(State::Failed)] {
             for caller in [None, Some("a".to_string())] {
-                for batch in [None, Some("b".to_string())] {
+                for (batch, tag) in [
+                    (None, None),
+                    (Some("b".to_string()), None),
+                    (None, Some("t".to_string())),
+                    (Some("b".to_string()), Some("t".to_string())),
+                ] {
                     let filter = Filter {
                         state,
                         caller: caller.clone(),
                         batch: batch.clone(),
+                        tag: tag.clone(),
                         recipient: Some("r".into()),
                     };
                     let plan: String = c
@@ -2848,7 +2865,8 @@ mod tests {
                                 10,
                                 caller,
                                 batch,
-                                filter.recipient
+                                filter.recipient,
+                                tag
                             ],
                             |r| r.get::<_, String>(3),
                         )
@@ -2871,6 +2889,15 @@ mod tests {
                 state,
                 caller: caller.map(Into::into),
                 batch: batch.map(Into::into),
+                ..Filter::default()
+            })
+        };
+        let tagged = |state, batch: Option<&str>| {
+            rows::listed_by(&Filter {
+                state,
+                caller: Some("a".into()),
+                batch: batch.map(Into::into),
+                tag: Some("t".into()),
                 recipient: None,
             })
         };
@@ -2888,6 +2915,9 @@ mod tests {
             Some(ListedBy::Caller)
         );
         assert_eq!(by(Some(State::Sent), None, None), None);
+        use rows::ListedBy::{Batch, Tag};
+        assert_eq!(tagged(Some(State::Failed), None), Some(Tag));
+        assert_eq!(tagged(None, Some("b")), Some(Batch));
         assert_eq!(by(None, None, None), None);
     }
 
