@@ -73,6 +73,14 @@ pub struct Meta {
     /// The operator's template it was written from (`[[templates]]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
+    /// The caller's label (`tag`), which audit lines carry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// The caller's own names and values (`metadata`): shown with the
+    /// message's status and posted by the webhook, never written to the
+    /// audit log (a caller may put a person's data there).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 impl Meta {
@@ -85,6 +93,13 @@ impl Meta {
     /// stored `meta`.
     pub fn template(meta: Option<&str>) -> Option<String> {
         serde_json::from_str::<Meta>(meta?).ok()?.template
+    }
+
+    /// A message's stored `meta`, read; the default when it has none (or
+    /// one this build cannot read).
+    pub fn of(meta: Option<&str>) -> Meta {
+        meta.and_then(|m| serde_json::from_str(m).ok())
+            .unwrap_or_default()
     }
 }
 
@@ -328,6 +343,9 @@ impl Audit {
                 }
                 if let Some(t) = &m.template {
                     own.insert("template".into(), json!(t));
+                }
+                if let Some(t) = &m.tag {
+                    own.insert("tag".into(), json!(t));
                 }
             }
             None => {

@@ -125,6 +125,14 @@ pub struct SendArgs {
     /// field, or one that `send_email`'s `headers` takes.
     #[arg(long, value_name = "NAME: VALUE", value_parser = header_arg)]
     pub header: Vec<(String, String)>,
+    /// A label of your own for the message (a campaign, a ticket), which
+    /// `mailmux queue list --tag` filters by. Not sent.
+    #[arg(long)]
+    pub tag: Option<String>,
+    /// A name and value of your own kept with the message, `NAME=VALUE`
+    /// (repeatable), shown with its status. Not sent.
+    #[arg(long = "metadata", value_name = "NAME=VALUE", value_parser = var_arg)]
+    pub metadata: Vec<(String, String)>,
     /// Try this relay first.
     #[arg(long)]
     pub relay: Option<String>,
@@ -390,6 +398,12 @@ fn draft_from_args(
             return Err(format!("--var {name} is given twice"));
         }
     }
+    let mut metadata = std::collections::BTreeMap::new();
+    for (name, value) in &args.metadata {
+        if metadata.insert(name.clone(), value.clone()).is_some() {
+            return Err(format!("--metadata {name} is given twice"));
+        }
+    }
     Ok(Draft {
         template: args.template.clone(),
         template_vars: (!vars.is_empty()).then_some(vars),
@@ -402,6 +416,8 @@ fn draft_from_args(
         from_email: args.from.clone(),
         attachments,
         headers,
+        tag: args.tag.clone(),
+        metadata,
         ..Draft::default()
     })
 }

@@ -7,8 +7,9 @@
 //! bounded channel, and one task posts, retrying a failed post twice. Best effort:
 //! a post that fails three times, or finds the channel full, is counted and
 //! logged, never retried later; the message itself is unaffected. Nothing
-//! of a message but its id, caller, recipient count and, for a held one,
-//! the check that held it goes out: no address, subject or body.
+//! of a message but its id, caller, recipient count, the caller's own
+//! `tag` and `metadata` (as JSON fields, not in the text line) and, for a
+//! held one, the check that held it goes out: no address, subject or body.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -144,8 +145,9 @@ impl Notifier {
     fn payload(settings: &NotifySettings, e: &Event<'_>) -> serde_json::Value {
         let action = e.action.as_str();
         let caller = e.caller.unwrap_or("-");
+        let meta = crate::audit::Meta::of(e.meta);
         let held_by = match e.action {
-            Action::Held => crate::audit::Meta::held_by(e.meta),
+            Action::Held => meta.held_by,
             _ => None,
         };
         let link = settings.console_url.as_ref().map(|base| {
@@ -187,6 +189,12 @@ impl Notifier {
         });
         if let Some(by) = held_by {
             body["held_by"] = json!(by);
+        }
+        if let Some(tag) = meta.tag {
+            body["tag"] = json!(tag);
+        }
+        if !meta.metadata.is_empty() {
+            body["metadata"] = json!(meta.metadata);
         }
         if let Some(by) = e.decided_by {
             body["decided_by"] = json!(by);

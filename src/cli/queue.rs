@@ -112,6 +112,9 @@ pub struct Select {
     /// Only the messages of this `send_batch` call (its `batch_id`).
     #[arg(long)]
     pub batch: Option<String>,
+    /// Only the messages sent with this `tag`.
+    #[arg(long)]
+    pub tag: Option<String>,
     /// Only messages with a recipient that contains this text (any case).
     #[arg(long)]
     pub recipient: Option<String>,
@@ -122,6 +125,7 @@ impl Select {
         self.status.is_some()
             || self.caller.is_some()
             || self.batch.is_some()
+            || self.tag.is_some()
             || self.recipient.is_some()
     }
 
@@ -133,6 +137,7 @@ impl Select {
             ("--status", &self.status),
             ("--caller", &self.caller),
             ("--batch", &self.batch),
+            ("--tag", &self.tag),
             ("--recipient", &self.recipient),
         ] {
             if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
@@ -153,6 +158,7 @@ impl Select {
             state,
             caller: self.caller,
             batch: self.batch,
+            tag: self.tag,
             recipient: self.recipient,
         })
     }
@@ -282,6 +288,7 @@ pub async fn run(config: Config, cmd: QueueCommand) -> ExitCode {
                 status: None,
                 caller: None,
                 batch,
+                tag: None,
                 recipient: None,
             };
             return each(
@@ -699,13 +706,13 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
                         "message_id": m.message_id, "status": m.state.as_str(),
                         "from": m.from, "recipients": m.to, "queued_at": time(m.queued_at),
                         "updated_at": time(m.updated_at), "relay": m.relay, "caller": m.caller,
-                        "batch_id": m.batch,
+                        "batch_id": m.batch, "tag": m.tag,
                         "node": m.node,
                     });
                     say!("{line}");
                 } else {
                     say!(
-                        "{}  {:<9}  {}  {} -> {}  {}{}",
+                        "{}  {:<9}  {}  {} -> {}  {}{}{}",
                         time(m.queued_at),
                         m.state.as_str(),
                         m.message_id,
@@ -715,6 +722,10 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
                             .collect::<Vec<_>>()
                             .join(","),
                         m.caller.as_deref().unwrap_or("-"),
+                        m.tag
+                            .as_deref()
+                            .map(|t| format!("  tag {}", shown::text(t)))
+                            .unwrap_or_default(),
                         m.node
                             .as_deref()
                             .map(|n| format!("  @{n}"))

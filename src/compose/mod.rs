@@ -10,6 +10,7 @@ pub(crate) mod attach;
 mod custom;
 pub mod dkim;
 mod header;
+pub mod labels;
 pub mod named;
 mod qp;
 pub(crate) mod template;
@@ -176,6 +177,18 @@ pub struct Draft {
     /// string (write `42` as `"42"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template_vars: Option<BTreeMap<String, String>>,
+    /// A label of your own for what the message belongs to (a campaign, a
+    /// ticket): `list_messages` filters by it. 1 to 100 characters, one
+    /// line. Not sent to the recipients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// Names and values of your own (a customer id, an order number), kept
+    /// with the message and shown with its status and in the notification
+    /// webhook's posts: up to 20 names of letters, digits, `_`, `-` and `.`,
+    /// each value one line of up to 500 characters. Not sent to the
+    /// recipients; never put a secret here.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
     /// When the message is to go out (`send_at`), for its `Date` header; now
     /// when unset or past. Not a parameter: the tools set it.
     #[serde(skip)]
@@ -366,6 +379,9 @@ pub struct Composed {
     /// The parameter that gave it an unsubscribe link (`unsubscribe` for
     /// the daemon's own, else `list_unsubscribe`), if any.
     pub unsubscribe_link: Option<&'static str>,
+    /// The caller's labels of it ([`labels`]): stored with it, not sent.
+    pub tag: Option<String>,
+    pub metadata: BTreeMap<String, String>,
     /// CRLF line endings throughout.
     pub bytes: Vec<u8>,
     /// The parts as rendered, for [`Composed::preview`].
@@ -508,6 +524,7 @@ fn compose_inner(
     shared: Option<&SharedAttachments>,
     scan: Option<Scan<'_>>,
 ) -> Result<Composed, ComposeError> {
+    labels::check(draft.tag.as_deref(), &draft.metadata)?;
     let texts = named::texts(draft, &policy.templates)?;
     address::check_header_value("subject", texts.subject)?;
     let from = address::resolve_sender(draft.from_email.as_deref(), policy)?;
@@ -731,6 +748,8 @@ fn compose_inner(
         subject: rendered.subject,
         template,
         unsubscribe_link,
+        tag: draft.tag.clone(),
+        metadata: draft.metadata.clone(),
         bytes,
         text,
         html,

@@ -1239,6 +1239,12 @@ fn random_input_never_panics() {
             } else {
                 BTreeMap::new()
             },
+            tag: g.chance(12).then(|| g.or_valid("spring sale")),
+            metadata: if g.chance(12) {
+                BTreeMap::from([(g.or_valid("customer_id"), g.or_valid("c-42"))])
+            } else {
+                BTreeMap::new()
+            },
             send_at: None,
         };
         match compose(&d, &p) {

@@ -366,6 +366,7 @@ struct QueueQuery {
     caller: Option<String>,
     recipient: Option<String>,
     batch: Option<String>,
+    tag: Option<String>,
     before: Option<i64>,
     notice: Option<String>,
 }
@@ -394,6 +395,7 @@ async fn queue(
         caller: nonempty(&q.caller),
         recipient: nonempty(&q.recipient),
         batch: nonempty(&q.batch),
+        tag: nonempty(&q.tag),
     };
     let listed = server.queue().list(&filter, PAGE, q.before).await;
     let (page, next) = match listed {

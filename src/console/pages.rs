@@ -502,6 +502,7 @@ pub fn queue(
         ("caller", filter.caller.clone()),
         ("recipient", filter.recipient.clone()),
         ("batch", filter.batch.clone()),
+        ("tag", filter.tag.clone()),
     ] {
         if let Some(v) = v {
             query.push_str(&format!("&{k}={}", super::urlencode(&v)));
@@ -521,6 +522,7 @@ pub fn queue(
             }
             label { "caller" input type="text" name="caller" value=(filter.caller.as_deref().unwrap_or("")); }
             label { "recipient" input type="text" name="recipient" placeholder="part of an address" value=(filter.recipient.as_deref().unwrap_or("")); }
+            label { "tag" input type="text" name="tag" value=(filter.tag.as_deref().unwrap_or("")); }
             @if let Some(batch) = &filter.batch {
                 // Kept while filtering further; "Clear" drops it.
                 input type="hidden" name="batch" value=(batch);
@@ -541,7 +543,7 @@ pub fn queue(
             div.card.muted { "No message matches." }
         } @else {
             table {
-                thead { tr { th { "accepted" } th { "message" } th { "state" } th { "from" } th { "to" } th { "caller" } th { "relay" } } }
+                thead { tr { th { "accepted" } th { "message" } th { "state" } th { "from" } th { "to" } th { "caller" } th { "tag" } th { "relay" } } }
                 tbody {
                     @for m in page {
                         tr {
@@ -554,6 +556,7 @@ pub fn queue(
                                 @if m.to.len() > 1 { span.muted { (format!(" +{}", m.to.len() - 1)) } }
                             }
                             td { (m.caller.as_deref().unwrap_or("")) }
+                            td { (m.tag.as_deref().unwrap_or("")) }
                             td { (m.relay.as_deref().unwrap_or("")) }
                         }
                     }
@@ -799,6 +802,14 @@ pub fn message(
                     dt { "batch" }
                     dd.mono { a href={ "/console/queue?batch=" (super::urlencode(batch)) } { (batch) } }
                 }
+                @if let Some(tag) = &r.tag {
+                    dt { "tag" }
+                    dd { a href={ "/console/queue?tag=" (super::urlencode(tag)) } { (tag) } }
+                }
+                @let metadata = crate::audit::Meta::of(r.meta.as_deref()).metadata;
+                @if !metadata.is_empty() {
+                    dt { "metadata" } dd { (field_list(&metadata.into_iter().collect::<Vec<_>>())) }
+                }
                 dt { "relay" } dd { (r.relay.as_deref().unwrap_or("")) }
                 dt { "accepted" } dd.mono { (when(r.queued_at)) }
                 @if let Some(next) = r.next_attempt_at {
@@ -990,10 +1001,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_message_links_to_its_batch_and_the_queue_page_keeps_that_filter() {
-        let (op, _, _) = overview_of_sqlite();
-        let new = mailmux_actors::queue::NewMessage {
+    /// A message of caller `local` as it is stored, in no batch.
+    fn stored() -> mailmux_actors::queue::NewMessage {
+        mailmux_actors::queue::NewMessage {
             message_id: "m1@example.org".into(),
             from: Some("a@example.org".into()),
             to: vec!["b@example.org".into()],
@@ -1006,11 +1016,25 @@ mod tests {
             meta: None,
             hold: None,
             only: None,
+            batch: None,
+            tag: None,
+        }
+    }
+
+    #[test]
+    fn a_message_links_to_its_batch_and_the_queue_page_keeps_that_filter() {
+        let (op, _, _) = overview_of_sqlite();
+        let new = mailmux_actors::queue::NewMessage {
             batch: Some("batch-0123456789abcdef".into()),
+            ..stored()
         };
         let page = message(&op, None, &new.record(State::Sent, 0), None).into_string();
         assert!(
             page.contains(r#"href="/console/queue?batch=batch-0123456789abcdef""#),
+            "{page}"
+        );
+        assert!(
+            !page.contains("?tag=") && !page.contains("metadata"),
             "{page}"
         );
         let filter = Filter {
@@ -1031,6 +1055,38 @@ mod tests {
         let single = mailmux_actors::queue::NewMessage { batch: None, ..new };
         let page = message(&op, None, &single.record(State::Sent, 0), None).into_string();
         assert!(!page.contains("?batch="), "{page}");
+    }
+
+    #[test]
+    fn a_message_shows_its_tag_and_metadata_and_the_queue_page_filters_by_tag() {
+        let (op, _, _) = overview_of_sqlite();
+        let meta = crate::audit::Meta {
+            tag: Some("spring <sale>".into()),
+            metadata: [("customer".to_owned(), "c-42".to_owned())].into(),
+            ..Default::default()
+        };
+        let new = mailmux_actors::queue::NewMessage {
+            meta: Some(serde_json::to_string(&meta).unwrap()),
+            tag: meta.tag.clone(),
+            ..stored()
+        };
+        let page = message(&op, None, &new.record(State::Sent, 0), None).into_string();
+        assert!(
+            page.contains(
+                r#"href="/console/queue?tag=spring%20%3Csale%3E">spring &lt;sale&gt;</a>"#
+            ),
+            "{page}"
+        );
+        assert!(page.contains("customer: c-42"), "{page}");
+        let filter = Filter {
+            tag: Some("spring <sale>".into()),
+            ..Filter::default()
+        };
+        let page = queue(&op, None, &filter, &[], None).into_string();
+        assert!(
+            page.contains(r#"name="tag" value="spring &lt;sale&gt;""#),
+            "{page}"
+        );
     }
 
     #[test]
@@ -1090,6 +1146,7 @@ mod tests {
             caller: pending.caller.clone(),
             node: None,
             batch: None,
+            tag: None,
         };
         let page = approvals(&op, None, None, &[(summary, pending)]).into_string();
         assert!(page.contains("boss@xn--exmple-"), "{page}");
@@ -1149,6 +1206,7 @@ mod tests {
             sent_copy: None,
             node: None,
             batch: None,
+            tag: None,
             reports: vec![],
         };
         let page = message(&op, None, &record, None).into_string();

@@ -513,6 +513,8 @@ fn meta_of(c: &Composed) -> Meta {
         reply_to: c.reply_to.as_ref().map(ToString::to_string),
         headers: c.own_fields.iter().map(|(name, _)| name.clone()).collect(),
         template: c.template.clone(),
+        tag: c.tag.clone(),
+        metadata: c.metadata.clone(),
         ..Meta::default()
     };
     for (address, (list, _)) in c.recipients.iter().zip(&c.fields) {
@@ -1031,8 +1033,9 @@ impl MailmuxServer {
     #[tool(
         name = "list_messages",
         description = "List the most recent messages, newest first, optionally only those in \
-                       one `status`. At most `limit` (1-100, default 20) a page; pass \
-                       `next_cursor` back as `cursor` for the next page.",
+                       one `status`, of one `send_batch` (`batch_id`) or sent with one `tag`. \
+                       At most `limit` (1-100, default 20) a page; pass `next_cursor` back \
+                       as `cursor` for the next page.",
         output_schema = schema_for_output::<ListMessagesResult>()
     )]
     pub async fn list_messages(
@@ -1089,6 +1092,7 @@ impl MailmuxServer {
                 state,
                 caller: Some(caller.name.to_string()),
                 batch: p.batch_id.clone(),
+                tag: p.tag.clone(),
                 recipient: None,
             };
             match self.queue().list(&filter, limit as usize, cursor).await {
@@ -1258,6 +1262,7 @@ impl MailmuxServer {
             state: None,
             caller: Some(caller.name.to_string()),
             batch: Some(batch.clone()),
+            tag: None,
             recipient: None,
         };
         let done = match self.queue().cancel_each(&filter).await {
@@ -1620,12 +1625,16 @@ impl MailmuxServer {
             until: mailmux_actors::queue::now_millis() + policy.approval_ttl.as_millis() as i64,
             hash: approval_hash(&composed),
         });
-        // Kept for the audit log, and for the console and the queue
-        // command when a content check held the message (they say which)
-        // or it was written from a template (they name it).
+        // Kept for the audit log, and for the console, the queue command
+        // and the message's status when a content check held the message
+        // (they say which), it was written from a template (they name it)
+        // or its caller labelled it (they show the tag and metadata).
         let content_hold = held_by.flatten();
-        let described =
-            self.audit().enabled() || content_hold.is_some() || composed.template.is_some();
+        let described = self.audit().enabled()
+            || content_hold.is_some()
+            || composed.template.is_some()
+            || composed.tag.is_some()
+            || !composed.metadata.is_empty();
         let meta = described.then(|| {
             let mut m = meta_of(&composed);
             m.held_by = content_hold.map(str::to_owned);
@@ -1655,6 +1664,7 @@ impl MailmuxServer {
                 meta,
                 hold,
                 batch: None,
+                tag: composed.tag.clone(),
                 cancel: None,
             },
             envelope,

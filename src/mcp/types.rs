@@ -290,7 +290,7 @@ pub fn mistyped(name: &str, value: &serde_json::Value) -> Option<ShapeError> {
         }
         "subject" | "body" | "html_body" | "from_email" | "reply_to" | "in_reply_to"
         | "references" | "relay" | "idempotency_key" | "send_at" | "message_id" | "status"
-        | "cursor" | "batch_id" | "server_name" | "template"
+        | "cursor" | "batch_id" | "server_name" | "template" | "tag"
             if !value.is_string() =>
         {
             wrong(name, "a string")
@@ -317,9 +317,10 @@ pub fn mistyped(name: &str, value: &serde_json::Value) -> Option<ShapeError> {
             }
         }
         // An object of names to strings.
-        "template_vars" | "headers" => {
+        "template_vars" | "headers" | "metadata" => {
             let (one, all) = match name.as_str() {
                 "headers" => ("a string", "an object of field names to values"),
+                "metadata" => ("a string", "an object of names to strings"),
                 _ => (
                     "a string (write a number as \"42\")",
                     "an object of variable names to strings",
@@ -483,6 +484,9 @@ pub struct ListMessagesParams {
     /// Only the messages of this `send_batch` call.
     #[serde(default)]
     pub batch_id: Option<String>,
+    /// Only the messages sent with this `tag`.
+    #[serde(default)]
+    pub tag: Option<String>,
 }
 
 /// Arguments of `cancel_message`.
@@ -530,6 +534,8 @@ macro_rules! message_fields {
             "template_vars",
             "template",
             "relay",
+            "tag",
+            "metadata",
             $($extra),*
         ]
     };
@@ -555,7 +561,7 @@ impl Params for MessageStatusParams {
 }
 
 impl Params for ListMessagesParams {
-    const FIELDS: &'static [&'static str] = &["status", "limit", "cursor", "batch_id"];
+    const FIELDS: &'static [&'static str] = &["status", "limit", "cursor", "batch_id", "tag"];
 }
 
 impl Params for CancelMessageParams {
@@ -1065,6 +1071,12 @@ pub struct MessageStatusResult {
     /// The `send_batch` call it came in; `list_messages` takes it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_id: Option<String>,
+    /// The `tag` it was sent with; `list_messages` takes it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// The `metadata` it was sent with.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metadata: std::collections::BTreeMap<String, String>,
     /// What bounce and complaint reports that came back by mail, after a
     /// relay took the message, said of its recipients (`[relays.bounces]`),
     /// oldest first.
@@ -1162,6 +1174,8 @@ impl From<&Record> for MessageStatusResult {
             sent_copy: r.sent_copy.as_deref().map(SentCopyOut::of),
             node: r.node.clone(),
             batch_id: r.batch.clone(),
+            tag: r.tag.clone(),
+            metadata: crate::audit::Meta::of(r.meta.as_deref()).metadata,
             reports: r
                 .reports
                 .iter()
@@ -1196,6 +1210,9 @@ pub struct MessageSummaryOut {
     /// The `send_batch` call it came in.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_id: Option<String>,
+    /// The `tag` it was sent with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
 }
 
 impl From<&Summary> for MessageSummaryOut {
@@ -1211,6 +1228,7 @@ impl From<&Summary> for MessageSummaryOut {
             caller: s.caller.clone(),
             node: s.node.clone(),
             batch_id: s.batch.clone(),
+            tag: s.tag.clone(),
         }
     }
 }
