@@ -39,6 +39,20 @@ fn mailmux_with(port: u16, args: &[&str], env: &[(&str, &str)]) -> (i32, String,
     )
 }
 
+/// The binary on the embedded default in `dir` (the store in that working
+/// folder), with no other environment.
+fn mailmux_in(dir: &std::path::Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mailmux"))
+        .args(args)
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
 #[test]
 fn send_prints_json_and_exits_by_status() {
     let smtp = Aiosmtpd::start();
@@ -483,6 +497,80 @@ fn a_closed_output_does_not_stop_the_queue_command_half_way() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
 }
 
+/// `send --tag --metadata` labels a message (kept, not sent), and the
+/// queue command lists, shows and cancels messages by tag.
+#[test]
+fn the_queue_command_lists_shows_and_cancels_by_tag() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| mailmux_in(dir.path(), args);
+    let mut ids = Vec::new();
+    for (to, labels) in [
+        (
+            "a@example.org",
+            &["--tag", "spring", "--metadata", "customer=c-1"][..],
+        ),
+        ("b@example.org", &["--tag", "spring"][..]),
+        ("c@example.org", &["--tag", "autumn"][..]),
+    ] {
+        let mut args = vec!["send", "--to", to, "--from", "s@example.org", "--body", "x"];
+        args.extend_from_slice(&["--send-at", "1h", "--no-wait"]);
+        args.extend_from_slice(labels);
+        let (code, stdout, stderr) = run(&args);
+        assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+        let out: Value = serde_json::from_str(&stdout).unwrap();
+        ids.push(out["message_id"].as_str().unwrap().to_owned());
+    }
+    let (code, stdout, _) = run(&["send", "--to", "d@example.org", "--tag", "", "--body", "x"]);
+    assert_eq!(code, Some(1), "{stdout}");
+    let out: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(out["error"]["rule"], "invalid_tag", "{out}");
+    let (code, _, stderr) = run(&["send", "--to", "d@example.org", "--metadata", "novalue"]);
+    assert_eq!(code, Some(2), "{stderr}");
+
+    let (code, stdout, stderr) = run(&["queue", "list", "--tag", "spring", "--json"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let listed: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let got: Vec<(&str, &str)> = listed
+        .iter()
+        .map(|m| {
+            (
+                m["message_id"].as_str().unwrap(),
+                m["tag"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [(ids[1].as_str(), "spring"), (ids[0].as_str(), "spring")]
+    );
+    let (_, text, _) = run(&["queue", "list", "--tag", "autumn"]);
+    assert!(
+        text.contains(&ids[2]) && text.contains("tag autumn"),
+        "{text}"
+    );
+    let (code, shown, _) = run(&["queue", "show", &ids[0]]);
+    assert_eq!(code, Some(0), "{shown}");
+    assert!(shown.contains("\"tag\": \"spring\""), "{shown}");
+    assert!(shown.contains("\"customer\": \"c-1\""), "{shown}");
+    // Kept with the message, not in it.
+    let headers = shown.split("\nFrom: ").nth(1).unwrap();
+    assert!(
+        !headers.contains("c-1") && !headers.contains("spring"),
+        "{shown}"
+    );
+
+    let (code, _, stderr) = run(&["queue", "cancel", "--tag", ""]);
+    assert_eq!(code, Some(2), "{stderr}");
+    let (code, out, stderr) = run(&["queue", "cancel", "--tag", "spring"]);
+    assert_eq!(code, Some(0), "{out}\n{stderr}");
+    let (_, left, _) = run(&["queue", "list", "--status", "scheduled", "--json"]);
+    assert_eq!(left.lines().count(), 1, "{left}");
+    assert!(left.contains(&ids[2]), "{left}");
+}
+
 /// A `mailmux send` that queues one message for an hour later, on the
 /// embedded default (the store in the working folder).
 const SCHEDULED: [&str; 10] = [
@@ -527,17 +615,7 @@ fn queue_backup_copies_a_sqlite_store_only() {
     assert!(!std::path::Path::new(to).exists());
 
     // On the embedded default: the store in the working folder.
-    let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_mailmux"))
-            .args(args)
-            .current_dir(dir.path())
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .output()
-            .unwrap();
-        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        (out.status.code(), text(&out.stdout), text(&out.stderr))
-    };
+    let run = |args: &[&str]| mailmux_in(dir.path(), args);
     let (code, out, err) = run(&SCHEDULED);
     assert_eq!(code, Some(0), "{out}{err}");
     let nowhere = dir.path().join("no-such-folder").join("copy.db");
@@ -872,6 +950,8 @@ const WORDS: &[&str] = &[
     "--status",
     "--caller",
     "--batch",
+    "--tag",
+    "--metadata",
     "--recipient",
     "--limit",
     "--json",
@@ -956,6 +1036,8 @@ const COMMANDS: &[CommandShape] = &[
             ("--idempotency-key", true),
             ("--send-at", true),
             ("--no-wait", false),
+            ("--tag", true),
+            ("--metadata", true),
         ],
     ),
     (
@@ -965,6 +1047,7 @@ const COMMANDS: &[CommandShape] = &[
             ("--status", true),
             ("--caller", true),
             ("--batch", true),
+            ("--tag", true),
             ("--recipient", true),
             ("--limit", true),
             ("--json", false),
@@ -978,6 +1061,7 @@ const COMMANDS: &[CommandShape] = &[
             ("--status", true),
             ("--caller", true),
             ("--batch", true),
+            ("--tag", true),
             ("--recipient", true),
         ],
     ),
@@ -988,6 +1072,7 @@ const COMMANDS: &[CommandShape] = &[
             ("--status", true),
             ("--caller", true),
             ("--batch", true),
+            ("--tag", true),
             ("--recipient", true),
             ("--force", false),
         ],

@@ -982,7 +982,13 @@ async fn kill_between_two_transactions_of_one_message_is_unknown_and_never_resen
 
 /// The ids of every stored message, newest first (one page).
 async fn stored_ids(peer: &Peer<RoleClient>) -> Vec<String> {
-    let c = call(peer, "list", "list_messages", json!({"limit": 100}), LIMIT).await;
+    listed(peer, json!({"limit": 100})).await
+}
+
+/// The ids `list_messages` lists with `args`, newest first (one page).
+async fn listed(peer: &Peer<RoleClient>, args: Value) -> Vec<String> {
+    let c = call(peer, "list", "list_messages", args, LIMIT).await;
+    assert!(!c.is_error(), "{c:?}");
     c.value().unwrap()["messages"]
         .as_array()
         .unwrap()
@@ -1322,6 +1328,199 @@ async fn idempotency_keys_send_once_across_calls_and_restarts() {
     assert_eq!(subjects.iter().filter(|s| *s == "other").count(), 0);
     assert_eq!(subjects.iter().filter(|s| *s == "links").count(), 1);
     assert_eq!(received.len(), 3);
+    d.stop().await;
+}
+
+/// A caller's `tag` and `metadata`: kept with the message across a
+/// SIGKILL, listed by tag (a batch's `defaults` tag every message of it,
+/// and a message's own `metadata` replaces the defaults'), shown in its
+/// status, in the audit log (the tag only), and never sent. Bad labels
+/// are refused naming the field, and nothing is stored; a repeat of a
+/// key with another tag is a conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_and_metadata_are_kept_listed_by_tag_and_never_sent() {
+    let smtp = FaultSmtp::start(Script::ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = with_audit(config_toml(dir.path(), smtp.port(), ""), dir.path());
+    let d = Daemon::start(dir.path(), &cfg).await;
+
+    let spring =
+        json!({"tag": "spring sale", "metadata": {"customer_id": "c-4242", "order": "o-17"}});
+    let first = send(d.peer(), msg("first", spring.clone())).await;
+    assert_eq!(first.status(), Some("sent"), "{first:?}");
+    let first = first.message_id().unwrap().to_string();
+    let second = send(
+        d.peer(),
+        msg("second", json!({"tag": "spring sale", "wait": false})),
+    )
+    .await;
+    assert_eq!(second.status(), Some("queued"), "{second:?}");
+    let second = second.message_id().unwrap().to_string();
+    let autumn = send(d.peer(), msg("third", json!({"tag": "autumn"}))).await;
+    let autumn = autumn.message_id().unwrap().to_string();
+    let plain = send(d.peer(), msg("plain", json!({}))).await;
+    assert_eq!(plain.status(), Some("sent"), "{plain:?}");
+    let batch = call(
+        d.peer(),
+        "batch",
+        "send_batch",
+        json!({
+            "defaults": {"subject": "news", "body": "hello\n", "tag": "newsletter",
+                         "metadata": {"list": "weekly"}},
+            "messages": [
+                {"to": "n1@example.org"},
+                {"to": "n2@example.org", "metadata": {"list": "daily", "customer_id": "c-9"}},
+            ],
+        }),
+        LIMIT,
+    )
+    .await;
+    assert_eq!(batch.value().unwrap()["summary"]["sent"], 2, "{batch:?}");
+    let news: Vec<String> = batch.value().unwrap()["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["message_id"].as_str().unwrap().to_string())
+        .collect();
+
+    // Refused, naming the field; nothing stored.
+    let before = stored_ids(d.peer()).await;
+    for (extra, rule, field) in [
+        (json!({"tag": "two\nlines"}), "invalid_tag", "tag"),
+        (json!({"tag": ""}), "invalid_tag", "tag"),
+        (json!({"tag": "x".repeat(101)}), "invalid_tag", "tag"),
+        (json!({"tag": 7}), "schema", "tag"),
+        (
+            json!({"metadata": {"bad name": "v"}}),
+            "invalid_metadata",
+            "metadata.bad name",
+        ),
+        (
+            json!({"metadata": {"k": "a\r\nBcc: x@example.org"}}),
+            "invalid_metadata",
+            "metadata.k",
+        ),
+        (json!({"metadata": {"k": 42}}), "schema", "metadata.k"),
+        (json!({"metadata": "c-1"}), "schema", "metadata"),
+        (
+            json!({"metadata": (0..21).map(|i| (format!("k{i}"), json!("v"))).collect::<serde_json::Map<_, _>>()}),
+            "invalid_metadata",
+            "metadata",
+        ),
+    ] {
+        let c = send(d.peer(), msg("bad", extra.clone())).await;
+        assert!(c.is_error(), "{extra}: {c:?}");
+        let e = &c.value().unwrap()["error"];
+        assert_eq!(
+            (e["rule"].as_str(), e["field"].as_str()),
+            (Some(rule), Some(field)),
+            "{extra}: {e}"
+        );
+    }
+    assert_eq!(stored_ids(d.peer()).await, before);
+    // A key repeated with another tag is other content.
+    let keyed = send(
+        d.peer(),
+        msg("keyed", json!({"idempotency_key": "k-tag", "tag": "a"})),
+    )
+    .await;
+    assert_eq!(keyed.status(), Some("sent"), "{keyed:?}");
+    let retagged = send(
+        d.peer(),
+        msg("keyed", json!({"idempotency_key": "k-tag", "tag": "b"})),
+    )
+    .await;
+    assert_eq!(
+        retagged.error_code(),
+        Some("idempotency_conflict"),
+        "{retagged:?}"
+    );
+    settled(d.peer(), &second, LIMIT).await;
+    // Nor in the daemon's log, refusals included.
+    let log = d.logs();
+    assert!(
+        log.contains("metadata.k: the value holds a control"),
+        "{log}"
+    );
+    assert!(!log.contains("c-4242") && !log.contains("Bcc: x@"), "{log}");
+    d.kill9().await;
+
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let want = vec![second.clone(), first.clone()];
+    assert_eq!(listed(d.peer(), json!({"tag": "spring sale"})).await, want);
+    assert_eq!(
+        listed(d.peer(), json!({"tag": "autumn"})).await,
+        vec![autumn.clone()]
+    );
+    assert_eq!(
+        listed(d.peer(), json!({"tag": "spring"})).await,
+        Vec::<String>::new()
+    );
+    let mut newsletter = listed(d.peer(), json!({"tag": "newsletter", "status": "sent"})).await;
+    newsletter.sort();
+    let mut sorted = news.clone();
+    sorted.sort();
+    assert_eq!(newsletter, sorted);
+    let c = call(
+        d.peer(),
+        "list",
+        "list_messages",
+        json!({"tag": "autumn"}),
+        LIMIT,
+    )
+    .await;
+    assert_eq!(c.value().unwrap()["messages"][0]["tag"], "autumn", "{c:?}");
+
+    let s = status_of(d.peer(), &first).await;
+    assert_eq!(s["tag"], "spring sale", "{s}");
+    assert_eq!(
+        s["metadata"],
+        json!({"customer_id": "c-4242", "order": "o-17"}),
+        "{s}"
+    );
+    let s = status_of(d.peer(), &news[0]).await;
+    assert_eq!(
+        (&s["tag"], &s["metadata"]),
+        (&json!("newsletter"), &json!({"list": "weekly"})),
+        "{s}"
+    );
+    let s = status_of(d.peer(), &news[1]).await;
+    assert_eq!(
+        s["metadata"],
+        json!({"list": "daily", "customer_id": "c-9"}),
+        "{s}"
+    );
+    let s = status_of(d.peer(), plain.message_id().unwrap()).await;
+    assert!(s.get("tag").is_none() && s.get("metadata").is_none(), "{s}");
+
+    // Never sent: not in any message at the sink.
+    let received = smtp.received();
+    assert_eq!(
+        received.len(),
+        7,
+        "first, second, autumn, plain, two of the batch, keyed"
+    );
+    for r in &received {
+        let text = String::from_utf8_lossy(&r.data);
+        for label in [
+            "spring sale",
+            "c-4242",
+            "o-17",
+            "newsletter",
+            "weekly",
+            "autumn",
+        ] {
+            assert!(!text.contains(label), "{label} sent: {text}");
+        }
+    }
+    // The audit log carries the tag, never the metadata.
+    let lines = audit_lines(dir.path(), &first);
+    assert!(!lines.is_empty());
+    for l in &lines {
+        assert_eq!(l["mailmux"]["tag"], "spring sale", "{l}");
+    }
+    let log = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    assert!(!log.contains("c-4242") && !log.contains("weekly"), "{log}");
     d.stop().await;
 }
 

@@ -3506,9 +3506,9 @@ async fn hooks_taken(hooks: &Arc<Mutex<Vec<Hook>>>, n: usize) -> Vec<Hook> {
 
 /// `[notify]`: operators are told at once, by a webhook, of a message held
 /// for them and of the decision on it; the post is retried after a 500,
-/// carries the bearer token, the check that held it and a link to the
-/// console, and no address, subject or body; events not chosen are not
-/// posted.
+/// carries the bearer token, the check that held it, the caller's tag and
+/// metadata and a link to the console, and no address, subject or body;
+/// events not chosen are not posted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_are_told_by_webhook_of_held_mail_and_its_decision() {
     const HOOK_TOKEN: &str = "hook-token-7c1d9e02";
@@ -3530,7 +3530,8 @@ async fn operators_are_told_by_webhook_of_held_mail_and_its_decision() {
         &theta,
         "send_email",
         json!({"to": ["client@anywhere.net"], "subject": "Invoice 42",
-               "body": "attached", "wait": false}),
+               "body": "attached", "wait": false, "tag": "billing",
+               "metadata": {"account": "acct-77"}}),
     )
     .await;
     assert!(!e && out["status"] == "held", "{out}");
@@ -3550,6 +3551,9 @@ async fn operators_are_told_by_webhook_of_held_mail_and_its_decision() {
         b["held_by"], "content check \"invoice\" matched subject",
         "{b}"
     );
+    // The caller's labels, as fields for the operator's tools to route by.
+    assert_eq!(b["tag"], "billing", "{b}");
+    assert_eq!(b["metadata"], json!({"account": "acct-77"}), "{b}");
     let link = format!("https://mail.example.org/console/messages/{held}");
     assert_eq!(b["link"], link.as_str(), "{b}");
     assert_eq!(
