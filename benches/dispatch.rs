@@ -602,6 +602,7 @@ async fn run_queue(
                 hold: None,
                 batch: None,
                 tag: None,
+                max_age: None,
                 cancel: None,
             };
             match q.submit(submit).await {

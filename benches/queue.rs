@@ -46,6 +46,7 @@ fn message(id: String) -> NewMessage {
         only: None,
         batch: None,
         tag: None,
+        max_age: None,
     }
 }
 

@@ -71,6 +71,7 @@ fn submission(
         hold: None,
         batch: None,
         tag: None,
+        max_age: None,
         cancel,
     }
 }
@@ -92,6 +93,7 @@ fn message(id: &str, key: Option<(&str, u8)>) -> NewMessage {
         only: None,
         batch: None,
         tag: None,
+        max_age: None,
     }
 }
 
@@ -314,6 +316,7 @@ async fn conformance(store: &dyn Store) {
     for (id, tag) in [("t1", "spring"), ("t2", "autumn"), ("t3", "spring")] {
         let m = NewMessage {
             tag: Some(tag.into()),
+            max_age: (id == "t1").then_some(5_000),
             ..message(id, None)
         };
         store.accept(m).await.unwrap();
@@ -333,6 +336,13 @@ async fn conformance(store: &dyn Store) {
         Some("autumn")
     );
     assert_eq!(store.get("l0").await.unwrap().unwrap().tag, None);
+    // And its own max_age, which a round reads.
+    assert_eq!(store.get("t1").await.unwrap().unwrap().max_age, Some(5_000));
+    assert_eq!(
+        store.load("t1").await.unwrap().unwrap().max_age,
+        Some(5_000)
+    );
+    assert_eq!(store.load("t2").await.unwrap().unwrap().max_age, None);
 }
 
 fn suppression(address: &str, reason: &str) -> Suppression {
@@ -1856,6 +1866,7 @@ async fn a_version_1_store_is_migrated_at_start() {
              DROP TABLE suppressions; DROP TABLE suppression_version; DROP TABLE report_cursors;
              DROP TABLE suppression_changes; DROP TABLE delivery_pause;
              DROP INDEX messages_tag; ALTER TABLE messages DROP COLUMN tag;
+             ALTER TABLE messages DROP COLUMN max_age;
              ALTER TABLE messages DROP COLUMN reports;
              CREATE TABLE attempts (
                  seq INTEGER NOT NULL, at INTEGER NOT NULL, relay TEXT NOT NULL, class TEXT,
@@ -1928,6 +1939,7 @@ async fn a_version_10_store_has_its_keys_scoped_to_their_callers() {
              DROP TABLE suppressions; DROP TABLE suppression_version; DROP TABLE report_cursors;
              DROP TABLE suppression_changes; DROP TABLE delivery_pause;
              DROP INDEX messages_tag; ALTER TABLE messages DROP COLUMN tag;
+             ALTER TABLE messages DROP COLUMN max_age;
              ALTER TABLE messages DROP COLUMN reports;
              PRAGMA user_version = 10;",
         )
@@ -1963,6 +1975,7 @@ async fn a_version_8_store_has_its_attempts_moved_into_their_rows() {
              DROP TABLE suppressions; DROP TABLE suppression_version; DROP TABLE report_cursors;
              DROP TABLE suppression_changes; DROP TABLE delivery_pause;
              DROP INDEX messages_tag; ALTER TABLE messages DROP COLUMN tag;
+             ALTER TABLE messages DROP COLUMN max_age;
              ALTER TABLE messages DROP COLUMN reports;
              CREATE TABLE attempts (
                  seq INTEGER NOT NULL, at INTEGER NOT NULL, relay TEXT NOT NULL, class TEXT,
@@ -2271,6 +2284,7 @@ async fn postgres_counts_survive_daemons_purges_and_migration() {
          DROP TABLE mailmux_suppressions; DROP TABLE mailmux_suppression_version;
          DROP TABLE mailmux_suppression_changes; DROP TABLE mailmux_delivery_pause;
          DROP INDEX mailmux_messages_tag; ALTER TABLE mailmux_messages DROP COLUMN tag;
+         ALTER TABLE mailmux_messages DROP COLUMN max_age;
          DROP TABLE mailmux_report_cursors; ALTER TABLE mailmux_messages DROP COLUMN reports;
          DROP INDEX mailmux_messages_queued_at, mailmux_messages_retry;
          DELETE FROM mailmux_schema WHERE version >= 5",
@@ -3010,6 +3024,7 @@ async fn postgres_keys_of_version_7_are_scoped_to_their_callers() {
          DROP TABLE mailmux_suppressions; DROP TABLE mailmux_suppression_version;
          DROP TABLE mailmux_suppression_changes; DROP TABLE mailmux_delivery_pause;
          DROP INDEX mailmux_messages_tag; ALTER TABLE mailmux_messages DROP COLUMN tag;
+         ALTER TABLE mailmux_messages DROP COLUMN max_age;
          DROP TABLE mailmux_report_cursors; ALTER TABLE mailmux_messages DROP COLUMN reports;
          DELETE FROM mailmux_schema WHERE version >= 8;",
     );

@@ -121,7 +121,8 @@ fn record(c: &Clock, r: &Record) -> String {
     format!(
         "{} {} from={:?} to={:?} size={} prefer={:?} key={:?} queued={} due={} next={} relay={:?} \
          accepted={:?} rejected={:?} reason={:?} note={:?} attempts={attempts:?} \
-         history={history:?} caller={:?} meta={:?} decided_by={:?} copy={:?} batch={:?} tag={:?}",
+         history={history:?} caller={:?} meta={:?} decided_by={:?} copy={:?} batch={:?} tag={:?} \
+         max_age={:?}",
         r.message_id,
         r.state.as_str(),
         r.from,
@@ -143,6 +144,7 @@ fn record(c: &Clock, r: &Record) -> String {
         r.sent_copy,
         r.batch,
         r.tag,
+        r.max_age,
     )
 }
 
@@ -252,6 +254,9 @@ impl Run {
                 .then(|| Arc::from(vec!["r1".to_string()])),
             batch,
             tag,
+            max_age: rng
+                .random_bool(0.2)
+                .then(|| rng.random_range(1000..100_000)),
         }
     }
 
@@ -590,12 +595,13 @@ async fn view(run: &mut Run, store: &dyn Store) -> Vec<String> {
         let loaded = store.load(id).await.map(|p| {
             p.map(|p| {
                 format!(
-                    "{} {} rounds={} bytes={} only={:?}",
+                    "{} {} rounds={} bytes={} only={:?} max_age={:?}",
                     p.message_id,
                     p.state.as_str(),
                     p.rounds,
                     p.bytes.len(),
-                    p.only
+                    p.only,
+                    p.max_age
                 )
             })
         });

@@ -420,6 +420,7 @@ impl Store for MemoryStore {
             caller: r.caller.clone(),
             meta: r.meta.clone(),
             only: row.only.clone(),
+            max_age: r.max_age,
         }))
     }
 

@@ -241,6 +241,9 @@ pub struct NewMessage {
     pub batch: Option<String>,
     /// The caller's label for it (`tag`), which a listing filters by.
     pub tag: Option<String>,
+    /// How long it may wait for delivery once due, when the call asked for
+    /// less than its caller's `max_age`, in milliseconds.
+    pub max_age: Option<Millis>,
 }
 
 /// What a bounce or complaint report that came back by mail said of one
@@ -295,6 +298,7 @@ impl NewMessage {
             caller: self.caller.clone(),
             meta: self.meta.clone(),
             only: self.only.clone(),
+            max_age: self.max_age,
             accepted: Vec::new(),
             rejected: Vec::new(),
             copied: false,
@@ -340,6 +344,7 @@ impl NewMessage {
             node: None,
             batch: self.batch.clone(),
             tag: self.tag.clone(),
+            max_age: self.max_age,
             reports: Vec::new(),
         }
     }
@@ -601,6 +606,8 @@ pub struct Pending {
     pub caller: Option<String>,
     pub meta: Option<String>,
     pub only: Option<Arc<[String]>>,
+    /// Its own `max_age` in milliseconds, when the call gave one.
+    pub max_age: Option<Millis>,
     /// The recipients an earlier round settled for certain: those that took
     /// the message, and those refused for good. The next round goes to the
     /// others ([`Pending::outstanding`]), and its outcome keeps these. Empty
@@ -693,6 +700,8 @@ pub struct Record {
     pub batch: Option<String>,
     /// The caller's label for it.
     pub tag: Option<String>,
+    /// Its own `max_age` in milliseconds, when the call gave one.
+    pub max_age: Option<Millis>,
     /// What bounce and complaint reports that came back by mail said of
     /// its recipients after a relay took it, oldest first.
     pub reports: Vec<ReportRecord>,

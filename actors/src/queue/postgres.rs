@@ -233,6 +233,11 @@ CREATE TABLE mailmux_delivery_pause (
 ALTER TABLE mailmux_messages ADD COLUMN tag TEXT;
 CREATE INDEX mailmux_messages_tag ON mailmux_messages (tag, seq) WHERE tag IS NOT NULL;
 "#,
+    r#"
+-- How long a message may wait for delivery once due, in milliseconds, when
+-- its call asked for less than its caller's max_age.
+ALTER TABLE mailmux_messages ADD COLUMN max_age BIGINT;
+"#,
 ];
 
 /// The schema version this build writes.
@@ -697,6 +702,7 @@ impl Accepts {
             )
             .bind(self.ops.iter().map(|op| op.marked).collect::<Vec<_>>())
             .bind(ms.clone().map(|m| m.tag.as_deref()).collect::<Vec<_>>())
+            .bind(ms.clone().map(|m| m.max_age).collect::<Vec<_>>())
             .execute(pool)
             .await
             .map(|_| ())
@@ -708,20 +714,21 @@ macro_rules! insert_accepts {
         concat!(
             "INSERT INTO mailmux_messages (message_id, state, mail_from, rcpt, size, body,
                  prefer, queued_at, due_at, next_attempt_at, updated_at, history, caller, meta,
-                 held_hash, relays, batch, node, lease_epoch, lease_until, committing, tag)
+                 held_hash, relays, batch, node, lease_epoch, lease_until, committing, tag,
+                 max_age)
              SELECT l.id, l.state, l.mail_from, l.rcpt, l.size, l.body, l.prefer, l.queued_at,
                  l.due_at, l.next_at, $1, l.entry, l.caller, l.meta, l.held_hash, l.relays,
                  l.batch, l.node, CASE WHEN l.node IS NULL THEN 0 ELSE 1 END,
                  CASE WHEN l.node IS NULL THEN NULL ELSE ",
             db_now!(),
-            " + $2 END, l.committing, l.tag
+            " + $2 END, l.committing, l.tag, l.max_age
                FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[],
                            $8::bytea[], $9::text[], $10::bigint[], $11::bigint[], $12::bigint[],
                            $13::text[], $14::text[], $15::text[], $16::bytea[], $17::text[],
-                           $18::text[], $19::text[], $20::bool[], $21::text[])
+                           $18::text[], $19::text[], $20::bool[], $21::text[], $22::bigint[])
                  AS l(id, state, mail_from, rcpt, size, body, prefer, queued_at, due_at,
                       next_at, entry, caller, meta, held_hash, relays, batch, node, committing,
-                      tag)"
+                      tag, max_age)"
         )
     };
 }
@@ -1389,12 +1396,13 @@ async fn accept_in(
             concat!(
                 "INSERT INTO mailmux_messages (message_id, state, mail_from, rcpt, size, body,
                      prefer, idem_key, queued_at, due_at, next_attempt_at, updated_at, history,
-                     caller, meta, held_hash, relays, batch, node, lease_epoch, lease_until, tag)
+                     caller, meta, held_hash, relays, batch, node, lease_epoch, lease_until, tag,
+                     max_age)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $9, $12, $13, $14, $15,
                      $16, $17, $18, CASE WHEN $18::text IS NULL THEN 0 ELSE 1 END,
                      CASE WHEN $18::text IS NULL THEN NULL ELSE ",
                 db_now!(),
-                " + $19 END, $20)"
+                " + $19 END, $20, $21)"
             )
         };
     }
@@ -1424,6 +1432,7 @@ async fn accept_in(
         .bind(node)
         .bind(lease_ms)
         .bind(&m.tag)
+        .bind(m.max_age)
         .execute(&mut *tx)
         .await?;
     Ok(Accepted::Stored(state))
@@ -1995,7 +2004,7 @@ impl Store for PgStore {
     async fn load(&self, message_id: &str) -> Result<Option<Pending>, StoreError> {
         let row = sqlx::query(
             "SELECT message_id, state, mail_from, rcpt, body, prefer, due_at, rounds, caller,
-                    meta, relays, accepted, rejected, sent_copy IS NOT NULL AS copied
+                    meta, relays, accepted, rejected, sent_copy IS NOT NULL AS copied, max_age
                FROM mailmux_messages WHERE message_id = $1 AND body IS NOT NULL",
         )
         .bind(message_id)
@@ -2010,7 +2019,7 @@ impl Store for PgStore {
         // body; only the rows within `max_bytes` are read whole.
         sqlx::query(
             "SELECT message_id, state, mail_from, rcpt, body, prefer, due_at, rounds, caller,
-                    meta, relays, accepted, rejected, sent_copy IS NOT NULL AS copied
+                    meta, relays, accepted, rejected, sent_copy IS NOT NULL AS copied, max_age
                FROM mailmux_messages
               WHERE seq IN (
                     SELECT seq FROM (
@@ -2036,7 +2045,7 @@ impl Store for PgStore {
             "SELECT seq, message_id, state, mail_from, rcpt, size, prefer, idem_key, queued_at,
                     due_at, updated_at, next_attempt_at, relay, accepted, rejected, reason, note,
                     caller, meta, decided_by, sent_copy, history, node, attempt_log, batch,
-                    tag, reports, EXISTS (SELECT 1 FROM mailmux_attempts a WHERE a.seq = m.seq) AS in_table
+                    tag, max_age, reports, EXISTS (SELECT 1 FROM mailmux_attempts a WHERE a.seq = m.seq) AS in_table
                FROM mailmux_messages m WHERE message_id = $1",
         )
         .bind(message_id)
@@ -2550,6 +2559,7 @@ fn pending(r: &PgRow) -> Result<Pending, sqlx::Error> {
         only: r
             .try_get::<Option<String>, _>("relays")?
             .map(|s| Arc::from(lines(Some(s)))),
+        max_age: r.try_get("max_age")?,
     })
 }
 
@@ -2587,6 +2597,7 @@ fn record(r: &PgRow) -> Result<Record, sqlx::Error> {
         node: r.try_get("node")?,
         batch: r.try_get("batch")?,
         tag: r.try_get("tag")?,
+        max_age: r.try_get("max_age")?,
         reports: rows::reports(r.try_get("reports")?),
     })
 }

@@ -100,6 +100,9 @@ pub struct Submit {
     pub batch: Option<String>,
     /// The caller's label for it, which a listing filters by.
     pub tag: Option<String>,
+    /// How long it may wait for delivery once due, when shorter than its
+    /// caller's `max_age` (a one-time code worth nothing after minutes).
+    pub max_age: Option<Duration>,
     /// Fires when the caller cancels a call that waits: a message without
     /// an idempotency key that no relay has begun to commit (before its
     /// final ".") is then `cancelled` and never sent. One a relay is
@@ -313,6 +316,9 @@ impl Submit {
             only: m.only.clone(),
             batch: self.batch.clone(),
             tag: self.tag.clone(),
+            max_age: self
+                .max_age
+                .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
         }
     }
 }
@@ -2089,12 +2095,17 @@ impl Inner {
     }
 
     /// How long `p` may wait for delivery: its caller's own `max_age`
-    /// ([`Screen::max_age`]), else the queue's.
+    /// ([`Screen::max_age`]), else the queue's; its own when shorter.
     fn max_age_of(&self, p: &Pending) -> Duration {
-        self.screen
+        let max_age = self
+            .screen
             .get()
             .and_then(|s| s.max_age(p.caller.as_deref()))
-            .unwrap_or(self.settings.max_age)
+            .unwrap_or(self.settings.max_age);
+        match p.max_age {
+            Some(own) => max_age.min(Duration::from_millis(u64::try_from(own).unwrap_or(0))),
+            None => max_age,
+        }
     }
 
     /// When a message whose round ended for `reason` (`None`: some of its
@@ -2965,6 +2976,7 @@ mod tests {
             caller: None,
             meta: None,
             only: None,
+            max_age: None,
             copied: false,
             accepted: earlier_accepted.iter().map(|a| a.to_string()).collect(),
             rejected: vec![RejectedRecord {

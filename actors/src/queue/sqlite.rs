@@ -253,6 +253,11 @@ CREATE TABLE delivery_pause (
 ALTER TABLE messages ADD COLUMN tag TEXT;
 CREATE INDEX messages_tag ON messages(tag, seq) WHERE tag IS NOT NULL;
 "#,
+    r#"
+-- How long a message may wait for delivery once due, in milliseconds, when
+-- its call asked for less than its caller's max_age.
+ALTER TABLE messages ADD COLUMN max_age INTEGER;
+"#,
 ];
 
 /// The schema version this build writes.
@@ -1325,7 +1330,8 @@ const SENDING_SQL: &str = "SELECT seq, committing, message_id FROM messages
 
 /// A waiting message with its body ([`pending_row`]).
 const LOAD_SQL: &str = "SELECT message_id, state, mail_from, rcpt, body, prefer, due_at, rounds,
-                               caller, meta, relays, accepted, rejected, sent_copy IS NOT NULL
+                               caller, meta, relays, accepted, rejected, sent_copy IS NOT NULL,
+                               max_age
                           FROM messages WHERE message_id = ?1 AND body IS NOT NULL";
 
 /// A row of [`LOAD_SQL`].
@@ -1350,6 +1356,7 @@ fn pending_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Pending> {
         only: r
             .get::<_, Option<String>>(10)?
             .map(|s| Arc::from(lines(Some(s)))),
+        max_age: r.get(14)?,
     })
 }
 
@@ -1469,9 +1476,9 @@ fn insert(
     c.prepare_cached(
         "INSERT INTO messages (message_id, state, mail_from, rcpt, size, body, prefer, idem_key,
                                queued_at, due_at, next_attempt_at, updated_at, history,
-                               caller, meta, held_hash, relays, batch, committing, tag)
+                               caller, meta, held_hash, relays, batch, committing, tag, max_age)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?12, ?18, ?11, ?13, ?14, ?15, ?16, ?17,
-                 ?19, ?20)",
+                 ?19, ?20, ?21)",
     )?
     .execute(params![
         m.message_id,
@@ -1494,6 +1501,7 @@ fn insert(
         updated_at,
         committing,
         m.tag,
+        m.max_age,
     ])?;
     Ok(())
 }
@@ -2330,7 +2338,8 @@ fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<Record>> {
     c.prepare_cached(
         "SELECT message_id, state, mail_from, rcpt, size, prefer, idem_key, queued_at, due_at,
                 updated_at, next_attempt_at, relay, accepted, rejected, reason, note,
-                caller, meta, decided_by, sent_copy, attempt_log, history, batch, reports, tag
+                caller, meta, decided_by, sent_copy, attempt_log, history, batch, reports, tag,
+                max_age
            FROM messages WHERE message_id = ?1",
     )?
     .query_row([id], |r| {
@@ -2365,6 +2374,7 @@ fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<Record>> {
             node: None,
             batch: r.get(22)?,
             tag: r.get(24)?,
+            max_age: r.get(25)?,
             reports: rows::reports(r.get(23)?),
         })
     })
@@ -2504,6 +2514,7 @@ mod tests {
             only: None,
             batch: None,
             tag: None,
+            max_age: None,
         }
     }
 
