@@ -146,6 +146,10 @@ pub struct SendArgs {
     /// Send later: an RFC 3339 time or a delay such as 10m.
     #[arg(long, value_name = "WHEN")]
     pub send_at: Option<String>,
+    /// Give up on the message (`expired`) if it is not delivered within
+    /// this long of being due, such as 5m; at most the caller's max_age.
+    #[arg(long, value_name = "DURATION")]
+    pub max_age: Option<String>,
     /// Answer once the message is durably queued, without waiting for the
     /// delivery (it is delivered now, or by the next daemon to start).
     #[arg(long)]
@@ -489,6 +493,7 @@ async fn send(config: Config, sources: Sources, args: SendArgs) -> ExitCode {
         idempotency_key: args.idempotency_key,
         wait: Some(!args.no_wait),
         send_at: args.send_at,
+        max_age: args.max_age,
     };
     // The command line sends as the stdio caller, under its policy.
     let caller = server.gate().stdio_caller();

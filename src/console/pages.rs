@@ -806,6 +806,10 @@ pub fn message(
                     dt { "tag" }
                     dd { a href={ "/console/queue?tag=" (super::urlencode(tag)) } { (tag) } }
                 }
+                @if let Some(ms) = r.max_age {
+                    dt { "own max_age" }
+                    dd { (humantime::format_duration(std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0)))) }
+                }
                 @let metadata = crate::audit::Meta::of(r.meta.as_deref()).metadata;
                 @if !metadata.is_empty() {
                     dt { "metadata" } dd { (field_list(&metadata.into_iter().collect::<Vec<_>>())) }
@@ -1018,6 +1022,7 @@ mod tests {
             only: None,
             batch: None,
             tag: None,
+            max_age: None,
         }
     }
 
@@ -1068,6 +1073,7 @@ mod tests {
         let new = mailmux_actors::queue::NewMessage {
             meta: Some(serde_json::to_string(&meta).unwrap()),
             tag: meta.tag.clone(),
+            max_age: Some(300_000),
             ..stored()
         };
         let page = message(&op, None, &new.record(State::Sent, 0), None).into_string();
@@ -1078,6 +1084,7 @@ mod tests {
             "{page}"
         );
         assert!(page.contains("customer: c-42"), "{page}");
+        assert!(page.contains("<dd>5m</dd>"), "{page}");
         let filter = Filter {
             tag: Some("spring <sale>".into()),
             ..Filter::default()
@@ -1131,6 +1138,7 @@ mod tests {
             caller: Some("local".into()),
             meta: None,
             only: None,
+            max_age: None,
             accepted: vec![],
             rejected: vec![],
             copied: false,
@@ -1207,6 +1215,7 @@ mod tests {
             node: None,
             batch: None,
             tag: None,
+            max_age: None,
             reports: vec![],
         };
         let page = message(&op, None, &record, None).into_string();

@@ -205,7 +205,8 @@ const MAX_KEY_CHARS: usize = 200;
 fn check_queue_params(
     p: &SendEmailParams,
     config: &config::Config,
-) -> Result<(Option<String>, Option<SystemTime>), ToolError> {
+    max_age: Duration,
+) -> Result<QueueParams, ToolError> {
     if let Some(key) = &p.idempotency_key {
         let n = key.chars().count();
         if n == 0 || n > MAX_KEY_CHARS {
@@ -264,7 +265,46 @@ fn check_queue_params(
             at
         }
     };
-    Ok((p.idempotency_key.clone(), send_at))
+    let own_max_age = match p.max_age.as_deref().map(str::trim) {
+        None => None,
+        Some(text) => match humantime::parse_duration(text) {
+            Ok(d) if d >= Duration::from_secs(1) && d <= max_age => Some(d),
+            Ok(_) => {
+                return Err(invalid(
+                    "max_age",
+                    "range",
+                    format!(
+                        "max_age must be 1s to the caller's max_age ({}); a message may be \
+                         given less time than its caller, never more",
+                        humantime::format_duration(max_age)
+                    ),
+                ));
+            }
+            Err(_) => {
+                return Err(invalid(
+                    "max_age",
+                    "duration",
+                    format!(
+                        "max_age {} is not a duration such as 10m or 2h",
+                        quoted(text)
+                    ),
+                ));
+            }
+        },
+    };
+    Ok(QueueParams {
+        idempotency_key: p.idempotency_key.clone(),
+        send_at,
+        max_age: own_max_age,
+    })
+}
+
+/// The queue's parameters of a send, checked.
+struct QueueParams {
+    idempotency_key: Option<String>,
+    send_at: Option<SystemTime>,
+    /// The message's own `max_age`, when the call gave one.
+    max_age: Option<Duration>,
 }
 
 /// Whether `text` begins as an RFC 3339 date does (`2026-`).
@@ -283,6 +323,11 @@ fn content_hash(p: &SendEmailParams, shared: Option<&SharedAttachments>) -> [u8;
     let bytes = serde_json::to_vec(&content).unwrap_or_default();
     let mut hash = sha2::Sha256::new();
     hash.update(&bytes);
+    // Only when given, so that a call without it hashes as it always did.
+    if let Some(max_age) = &p.max_age {
+        hash.update(b"\0max_age\0");
+        hash.update(max_age.as_bytes());
+    }
     // Attachments from a batch's defaults are part of the content too.
     if let Some(s) = shared.filter(|_| p.draft.attachments.is_empty()) {
         hash.update(s.digest);
@@ -1390,7 +1435,12 @@ impl MailmuxServer {
         shared: Option<Arc<SharedAttachments>>,
     ) -> Prepared {
         let config = self.config();
-        let (idempotency, send_at) = match check_queue_params(&params, &config) {
+        let caller_max_age = caller.policy.max_age.unwrap_or(config.queue.max_age);
+        let QueueParams {
+            idempotency_key: idempotency,
+            send_at,
+            max_age,
+        } = match check_queue_params(&params, &config, caller_max_age) {
             Ok(v) => v,
             Err(e) => {
                 return Prepared::Done(Box::new(self.refuse(
@@ -1665,6 +1715,7 @@ impl MailmuxServer {
                 hold,
                 batch: None,
                 tag: composed.tag.clone(),
+                max_age,
                 cancel: None,
             },
             envelope,

@@ -290,7 +290,7 @@ pub fn mistyped(name: &str, value: &serde_json::Value) -> Option<ShapeError> {
         }
         "subject" | "body" | "html_body" | "from_email" | "reply_to" | "in_reply_to"
         | "references" | "relay" | "idempotency_key" | "send_at" | "message_id" | "status"
-        | "cursor" | "batch_id" | "server_name" | "template" | "tag"
+        | "cursor" | "batch_id" | "server_name" | "template" | "tag" | "max_age"
             if !value.is_string() =>
         {
             wrong(name, "a string")
@@ -391,6 +391,11 @@ pub struct SendEmailParams {
     /// (`10m`, `2h`). The call answers `scheduled` at once.
     #[serde(default)]
     pub send_at: Option<String>,
+    /// Give up on the message if it is not delivered within this long of
+    /// being due (`5m` for a one-time code): it then `expired`, never sent
+    /// late. 1s up to the caller's own `max_age` (`get_smtp_status`).
+    #[serde(default)]
+    pub max_age: Option<String>,
 }
 
 /// Arguments of `send_batch`.
@@ -536,6 +541,7 @@ macro_rules! message_fields {
             "relay",
             "tag",
             "metadata",
+            "max_age",
             $($extra),*
         ]
     };
@@ -1077,6 +1083,10 @@ pub struct MessageStatusResult {
     /// The `metadata` it was sent with.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub metadata: std::collections::BTreeMap<String, String>,
+    /// The `max_age` it was sent with (`5m`), when it gave itself less time
+    /// than its caller's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<String>,
     /// What bounce and complaint reports that came back by mail, after a
     /// relay took the message, said of its recipients (`[relays.bounces]`),
     /// oldest first.
@@ -1176,6 +1186,10 @@ impl From<&Record> for MessageStatusResult {
             batch_id: r.batch.clone(),
             tag: r.tag.clone(),
             metadata: crate::audit::Meta::of(r.meta.as_deref()).metadata,
+            max_age: r.max_age.map(|ms| {
+                humantime::format_duration(Duration::from_millis(u64::try_from(ms).unwrap_or(0)))
+                    .to_string()
+            }),
             reports: r
                 .reports
                 .iter()
