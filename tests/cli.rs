@@ -497,8 +497,9 @@ fn a_closed_output_does_not_stop_the_queue_command_half_way() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
 }
 
-/// `send --tag --metadata` labels a message (kept, not sent), and the
-/// queue command lists, shows and cancels messages by tag.
+/// `send --tag --metadata` labels a message (kept, not sent) and
+/// `--max-age` gives it its own, and the queue command lists, shows and
+/// cancels messages by tag.
 #[test]
 fn the_queue_command_lists_shows_and_cancels_by_tag() {
     let dir = tempfile::tempdir().unwrap();
@@ -507,7 +508,14 @@ fn the_queue_command_lists_shows_and_cancels_by_tag() {
     for (to, labels) in [
         (
             "a@example.org",
-            &["--tag", "spring", "--metadata", "customer=c-1"][..],
+            &[
+                "--tag",
+                "spring",
+                "--metadata",
+                "customer=c-1",
+                "--max-age",
+                "5m",
+            ][..],
         ),
         ("b@example.org", &["--tag", "spring"][..]),
         ("c@example.org", &["--tag", "autumn"][..]),
@@ -555,6 +563,7 @@ fn the_queue_command_lists_shows_and_cancels_by_tag() {
     assert_eq!(code, Some(0), "{shown}");
     assert!(shown.contains("\"tag\": \"spring\""), "{shown}");
     assert!(shown.contains("\"customer\": \"c-1\""), "{shown}");
+    assert!(shown.contains("\"max_age\": \"5m\""), "{shown}");
     // Kept with the message, not in it.
     let headers = shown.split("\nFrom: ").nth(1).unwrap();
     assert!(
@@ -952,6 +961,7 @@ const WORDS: &[&str] = &[
     "--batch",
     "--tag",
     "--metadata",
+    "--max-age",
     "--recipient",
     "--limit",
     "--json",
@@ -1038,6 +1048,7 @@ const COMMANDS: &[CommandShape] = &[
             ("--no-wait", false),
             ("--tag", true),
             ("--metadata", true),
+            ("--max-age", true),
         ],
     ),
     (

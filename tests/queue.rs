@@ -744,9 +744,6 @@ async fn cancelling_a_message_whose_recipient_waits_for_a_retry_stops_the_retry(
     );
 }
 
-/// A recipient still deferred when `max_age` ends is refused with its 4xx,
-/// and the message, which the others have, is `partial`: whether the last
-/// round finds it so, or the first poll after a restart.
 /// A caller's own `max_age` (its policy's) ends its mail's wait sooner
 /// than the queue's: a one-time code that could not go out within its two
 /// seconds is expired, not sent an hour late. A reload that takes it away
@@ -854,6 +851,109 @@ async fn a_callers_max_age_and_transactional_rule_hold_across_a_sigkill() {
     d.stop().await;
 }
 
+/// A message's own `max_age` (the call's) ends its wait sooner than its
+/// caller's, and holds across a SIGKILL: a code that could not go out
+/// within its three seconds is expired after the restart, while one sent
+/// without it waits on. More than the caller's `max_age`, or less than a
+/// second, is refused and nothing is stored; in a batch, the defaults'
+/// applies to every message; a key repeated with another `max_age` is a
+/// conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_messages_own_max_age_expires_it_and_holds_across_a_sigkill() {
+    let script = Script::ok().on_rcpt("otp@example.org", Action::reply(451, "4.3.0 try later"));
+    let (smtp, dir, cfg, d) = setup(script, "max_age = \"1h\"").await;
+    let code = |subject: &str, extra: Value| {
+        let mut m = msg(subject, json!({ "to": "otp@example.org", "wait": false }));
+        if let (Value::Object(m), Value::Object(e)) = (&mut m, extra) {
+            m.extend(e);
+        }
+        m
+    };
+    let short = send(
+        d.peer(),
+        code(
+            "code 1",
+            json!({"max_age": "3s", "idempotency_key": "otp-1"}),
+        ),
+    )
+    .await;
+    assert_eq!(short.status(), Some("queued"), "{short:?}");
+    let short = short.message_id().unwrap().to_string();
+    let long = send(d.peer(), code("code 2", json!({}))).await;
+    let long = long.message_id().unwrap().to_string();
+    let batch = call(
+        d.peer(),
+        "batch",
+        "send_batch",
+        json!({"defaults": {"subject": "code 3", "body": "x", "max_age": "3s"},
+               "messages": [{"to": "otp@example.org"}], "wait": false}),
+        LIMIT,
+    )
+    .await;
+    let batched = batch.value().unwrap()["results"][0]["message_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(status_of(d.peer(), &short).await["max_age"], "3s");
+    assert!(status_of(d.peer(), &long).await.get("max_age").is_none());
+
+    let before = stored_ids(d.peer()).await;
+    for (max_age, rule) in [
+        (json!("2h"), "range"),
+        (json!("500ms"), "range"),
+        (json!("soon"), "duration"),
+        (json!(5), "schema"),
+    ] {
+        let c = send(d.peer(), code("bad", json!({ "max_age": max_age }))).await;
+        assert!(c.is_error(), "{max_age}: {c:?}");
+        let e = &c.value().unwrap()["error"];
+        assert_eq!(
+            (e["rule"].as_str(), e["field"].as_str()),
+            (Some(rule), Some("max_age")),
+            "{e}"
+        );
+    }
+    assert_eq!(stored_ids(d.peer()).await, before);
+    let other = send(
+        d.peer(),
+        code(
+            "code 1",
+            json!({"max_age": "4s", "idempotency_key": "otp-1"}),
+        ),
+    )
+    .await;
+    assert_eq!(
+        other.error_code(),
+        Some("idempotency_conflict"),
+        "{other:?}"
+    );
+    let same = send(
+        d.peer(),
+        code(
+            "code 1",
+            json!({"max_age": "3s", "idempotency_key": "otp-1"}),
+        ),
+    )
+    .await;
+    assert_eq!(same.message_id(), Some(short.as_str()), "{same:?}");
+
+    d.kill9().await;
+    let d = Daemon::start(dir.path(), &cfg).await;
+    for id in [&short, &batched] {
+        let s = settled(d.peer(), id, LIMIT).await;
+        assert_eq!(s["status"], "expired", "{s}");
+        let note = s["message"].as_str().unwrap_or_default();
+        assert!(note.contains("not delivered within max_age (3s)"), "{s}");
+    }
+    let s = status_of(d.peer(), &long).await;
+    assert_eq!(s["status"], "queued", "the caller's hour: {s}");
+    assert!(smtp.delivered().is_empty());
+    d.stop().await;
+}
+
+/// A recipient still deferred when `max_age` ends is refused with its 4xx,
+/// and the message, which the others have, is `partial`: whether the last
+/// round finds it so, or the first poll after a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recipient_deferred_until_max_age_ends_is_refused_and_the_message_is_partial() {
     let (smtp, dir, cfg, d) = setup(one_mailbox_full(u64::MAX), "max_age = \"3s\"").await;
