@@ -594,7 +594,9 @@ impl MailmuxServer {
                        (waiting for a person's approval) when it is not out yet. Give an \
                        `idempotency_key` to make a retry of the call safe. Name a `template` \
                        (get_smtp_status lists those you may) to send its subject and bodies \
-                       filled with your `template_vars`.",
+                       filled with your `template_vars`. A `tag` (list_messages filters by it) \
+                       and `metadata` are kept with the message, never sent; `max_age` gives up \
+                       on mail that would arrive too late (a one-time code).",
         output_schema = schema_for_output::<SendResult>()
     )]
     pub async fn send_email(
