@@ -30,6 +30,9 @@ const MESSAGE_FIELDS: &[&str] = &[
     "attachments",
     "template_vars",
     "idempotency_key",
+    "tag",
+    "metadata",
+    "max_age",
 ];
 
 /// Pieces strings are made of.
@@ -180,12 +183,16 @@ fn field_value(rng: &mut StdRng, field: &str) -> Value {
                 })
                 .collect(),
         ),
-        "template_vars" => {
+        "template_vars" | "metadata" => {
             let mut m = Map::new();
             for _ in 0..rng.random_range(0..4) {
                 m.insert(string(rng), json!(string(rng)));
             }
             Value::Object(m)
+        }
+        // Mostly durations, some under a second or over the queue's.
+        "max_age" if rng.random_bool(0.7) => {
+            json!(["10m", "1h", "2s", "500ms", "30d", "0s"][rng.random_range(0..6)])
         }
         _ => json!(string(rng)),
     }
