@@ -1176,7 +1176,8 @@ impl MailmuxServer {
                        finished, cannot be cancelled: the error `not_cancellable` names its state. \
                        With `batch_id` instead of `message_id`, cancels every message of that \
                        `send_batch` call that still can be, and answers how many it cancelled and \
-                       the batch's messages per status.",
+                       the batch's messages per status; with `tag`, every message you sent with \
+                       that tag that is still waiting.",
         output_schema = schema_for_output::<CancelMessageResult>()
     )]
     pub async fn cancel_message(
@@ -1202,21 +1203,33 @@ impl MailmuxServer {
                 Ok(CancelMessageParams {
                     message_id: Some(id),
                     batch_id: None,
+                    tag: None,
                 }) => id,
                 Ok(CancelMessageParams {
                     message_id: None,
                     batch_id: Some(batch),
+                    tag: None,
                 }) => {
                     if batch.trim().is_empty() {
                         return empty("batch_id");
                     }
                     return self.cancel_batch(&caller, batch).await;
                 }
+                Ok(CancelMessageParams {
+                    message_id: None,
+                    batch_id: None,
+                    tag: Some(tag),
+                }) => {
+                    if tag.trim().is_empty() {
+                        return empty("tag");
+                    }
+                    return self.cancel_tag(&caller, tag).await;
+                }
                 Ok(_) => {
                     return fail::<CancelMessageResult>(invalid(
                         "message_id",
                         "one_of",
-                        "give exactly one of message_id and batch_id".into(),
+                        "give exactly one of message_id, batch_id and tag".into(),
                     ));
                 }
                 Err(e) => return fail::<CancelMessageResult>(shape(e)),
@@ -1353,9 +1366,75 @@ impl MailmuxServer {
                 status: None,
                 accepted: Vec::new(),
                 batch_id: Some(batch),
+                tag: None,
                 cancelled_count: Some(cancelled),
                 summary: Some(summary),
                 error,
+            },
+            text,
+        )
+    }
+
+    /// `cancel_message` with a `tag`: each of the caller's messages sent
+    /// with it that waits (scheduled, queued or held) is cancelled as one
+    /// `message_id` would be; the finished ones, however many, are not
+    /// visited (the tag's index, then each waiting state). Not found when
+    /// none waits.
+    async fn cancel_tag(&self, caller: &Caller, tag: String) -> Result<CallToolResult, ErrorData> {
+        let mut cancelled = 0;
+        let mut matched = 0;
+        let mut summary = std::collections::BTreeMap::<String, usize>::new();
+        for state in [State::Scheduled, State::Queued, State::Held] {
+            let filter = Filter {
+                state: Some(state),
+                caller: Some(caller.name.to_string()),
+                tag: Some(tag.clone()),
+                ..Filter::default()
+            };
+            let done = match self.queue().cancel_each(&filter).await {
+                Ok(done) => done,
+                Err(e) => return fail::<CancelMessageResult>(queue_error(&e)),
+            };
+            cancelled += done.acted;
+            matched += done.matched;
+            for (st, n) in &done.states {
+                *summary.entry(st.as_str().to_owned()).or_default() += n;
+            }
+        }
+        if matched == 0 {
+            return fail::<CancelMessageResult>(ToolError::new(
+                "not_found",
+                format!(
+                    "no scheduled, queued or held message with tag {}",
+                    quoted(&tag)
+                ),
+            ));
+        }
+        tracing::info!(cancelled, of = matched, "tag cancelled");
+        let now: Vec<String> = summary.iter().map(|(st, n)| format!("{n} {st}")).collect();
+        let now = now.join(", ");
+        let error = (cancelled == 0).then(|| {
+            ToolError::new(
+                "not_cancellable",
+                format!(
+                    "no message with that tag could be cancelled: a relay took them meanwhile (now: {now})"
+                ),
+            )
+        });
+        let text = match &error {
+            Some(e) => e.message.clone(),
+            None => format!(
+                "cancelled {cancelled} of the {matched} waiting messages with that tag; now: {now}"
+            ),
+        };
+        respond(
+            CancelMessageResult {
+                cancelled: cancelled > 0,
+                tag: Some(tag),
+                cancelled_count: Some(cancelled),
+                summary: Some(summary),
+                error,
+                ..Default::default()
             },
             text,
         )

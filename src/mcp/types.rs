@@ -505,6 +505,10 @@ pub struct CancelMessageParams {
     /// call that can still be cancelled is. Give this or `message_id`.
     #[serde(default)]
     pub batch_id: Option<String>,
+    /// A `tag` the caller's messages were sent with: every one of them
+    /// still waiting (scheduled, queued or held) is cancelled.
+    #[serde(default)]
+    pub tag: Option<String>,
 }
 
 /// Arguments naming one relay, or none for all of them.
@@ -571,7 +575,7 @@ impl Params for ListMessagesParams {
 }
 
 impl Params for CancelMessageParams {
-    const FIELDS: &'static [&'static str] = &["message_id", "batch_id"];
+    const FIELDS: &'static [&'static str] = &["message_id", "batch_id", "tag"];
 }
 
 impl Params for ServerNameParams {
@@ -1277,10 +1281,13 @@ pub struct CancelMessageResult {
     pub accepted: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_id: Option<String>,
-    /// With `batch_id`: how many messages this call cancelled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// With `batch_id` or `tag`: how many messages this call cancelled.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cancelled_count: Option<usize>,
-    /// With `batch_id`: the batch's messages per state after this call.
+    /// With `batch_id`: the batch's messages per state after this call;
+    /// with `tag`: those of its messages that were waiting.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub summary: Option<std::collections::BTreeMap<String, usize>>,
     #[serde(skip_serializing_if = "Option::is_none")]
