@@ -1434,7 +1434,8 @@ async fn idempotency_keys_send_once_across_calls_and_restarts() {
 /// A caller's `tag` and `metadata`: kept with the message across a
 /// SIGKILL, listed by tag (a batch's `defaults` tag every message of it,
 /// and a message's own `metadata` replaces the defaults'), shown in its
-/// status, in the audit log (the tag only), and never sent. Bad labels
+/// status, in the audit log (the tag only), and never sent; what still
+/// waits of a tag is cancelled by it. Bad labels
 /// are refused naming the field, and nothing is stored; a repeat of a
 /// key with another tag is a conflict.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1592,6 +1593,31 @@ async fn tags_and_metadata_are_kept_listed_by_tag_and_never_sent() {
     );
     let s = status_of(d.peer(), plain.message_id().unwrap()).await;
     assert!(s.get("tag").is_none() && s.get("metadata").is_none(), "{s}");
+
+    // What still waits of a tag is cancelled by the tag; what went out is
+    // left as it is, and another tag's mail waits on.
+    let mut later = Vec::new();
+    for tag in ["later", "later", "later too"] {
+        let c = send(d.peer(), msg("later", json!({"tag": tag, "send_at": "1h"}))).await;
+        assert_eq!(c.status(), Some("scheduled"), "{c:?}");
+        later.push(c.message_id().unwrap().to_string());
+    }
+    let cancel_tag = |args: Value| call(d.peer(), "cancel", "cancel_message", args, LIMIT);
+    let c = cancel_tag(json!({"tag": "later"})).await;
+    let out = c.value().unwrap();
+    assert_eq!(out["cancelled"], true, "{out}");
+    assert_eq!(out["cancelled_count"], 2, "{out}");
+    assert_eq!(out["summary"], json!({"cancelled": 2}), "{out}");
+    for (id, want) in later.iter().zip(["cancelled", "cancelled", "scheduled"]) {
+        assert_eq!(status_of(d.peer(), id).await["status"], want);
+    }
+    let c = cancel_tag(json!({"tag": "spring sale"})).await;
+    assert_eq!(c.error_code(), Some("not_found"), "{c:?}");
+    assert_eq!(status_of(d.peer(), &first).await["status"], "sent");
+    let c = cancel_tag(json!({"tag": "later", "batch_id": "batch-x"})).await;
+    assert_eq!(c.value().unwrap()["error"]["rule"], "one_of", "{c:?}");
+    let c = cancel_tag(json!({"tag": " "})).await;
+    assert_eq!(c.value().unwrap()["error"]["rule"], "empty", "{c:?}");
 
     // Never sent: not in any message at the sink.
     let received = smtp.received();
