@@ -205,7 +205,6 @@ const MAX_KEY_CHARS: usize = 200;
 fn check_queue_params(
     p: &SendEmailParams,
     config: &config::Config,
-    max_age: Duration,
 ) -> Result<QueueParams, ToolError> {
     if let Some(key) = &p.idempotency_key {
         let n = key.chars().count();
@@ -268,16 +267,12 @@ fn check_queue_params(
     let own_max_age = match p.max_age.as_deref().map(str::trim) {
         None => None,
         Some(text) => match humantime::parse_duration(text) {
-            Ok(d) if d >= Duration::from_secs(1) && d <= max_age => Some(d),
+            Ok(d) if d >= Duration::from_secs(1) => Some(d),
             Ok(_) => {
                 return Err(invalid(
                     "max_age",
                     "range",
-                    format!(
-                        "max_age must be 1s to the caller's max_age ({}); a message may be \
-                         given less time than its caller, never more",
-                        humantime::format_duration(max_age)
-                    ),
+                    "max_age must be at least 1s".into(),
                 ));
             }
             Err(_) => {
@@ -303,8 +298,23 @@ fn check_queue_params(
 struct QueueParams {
     idempotency_key: Option<String>,
     send_at: Option<SystemTime>,
-    /// The message's own `max_age`, when the call gave one.
+    /// The message's own `max_age`, when the call gave one: at least a
+    /// second; [`MailmuxServer::prepare_with`] checks it against the
+    /// caller's.
     max_age: Option<Duration>,
+}
+
+/// The refusal of a message's own `max_age` longer than its caller's.
+fn longer_than_the_callers(max_age: Duration) -> ToolError {
+    invalid(
+        "max_age",
+        "range",
+        format!(
+            "max_age must be at most the caller's max_age ({}): a message may be given less \
+             time than its caller, never more",
+            humantime::format_duration(max_age)
+        ),
+    )
 }
 
 /// Whether `text` begins as an RFC 3339 date does (`2026-`).
@@ -1404,10 +1414,7 @@ impl MailmuxServer {
         if matched == 0 {
             return fail::<CancelMessageResult>(ToolError::new(
                 "not_found",
-                format!(
-                    "no scheduled, queued or held message with tag {}",
-                    quoted(&tag)
-                ),
+                "no scheduled, queued or held message has that tag".to_owned(),
             ));
         }
         tracing::info!(cancelled, of = matched, "tag cancelled");
@@ -1516,12 +1523,11 @@ impl MailmuxServer {
         shared: Option<Arc<SharedAttachments>>,
     ) -> Prepared {
         let config = self.config();
-        let caller_max_age = caller.policy.max_age.unwrap_or(config.queue.max_age);
         let QueueParams {
             idempotency_key: idempotency,
             send_at,
             max_age,
-        } = match check_queue_params(&params, &config, caller_max_age) {
+        } = match check_queue_params(&params, &config) {
             Ok(v) => v,
             Err(e) => {
                 return Prepared::Done(Box::new(self.refuse(
@@ -1533,6 +1539,18 @@ impl MailmuxServer {
         };
         // Hashed only when a key asks for it: the draft may be megabytes.
         let idempotency = idempotency.map(|key| (key, content_hash(&params, shared.as_deref())));
+        // Longer than the caller's: refused, unless it repeats a stored
+        // call (whose caller's max_age a reload may have shortened since).
+        let caller_max_age = caller.policy.max_age.unwrap_or(config.queue.max_age);
+        if max_age.is_some_and(|own| own > caller_max_age)
+            && !self.is_stored_key(caller, idempotency.as_ref()).await
+        {
+            return Prepared::Done(Box::new(self.refuse(
+                caller,
+                Err(&params.draft.subject),
+                longer_than_the_callers(caller_max_age),
+            )));
+        }
         // A scheduled message is dated when it goes out, not when it came.
         params.draft.send_at = send_at;
         // The caller's own default sender, for a call that names none (after
