@@ -857,7 +857,8 @@ async fn a_callers_max_age_and_transactional_rule_hold_across_a_sigkill() {
 /// without it waits on. More than the caller's `max_age`, or less than a
 /// second, is refused and nothing is stored; in a batch, the defaults'
 /// applies to every message; a key repeated with another `max_age` is a
-/// conflict.
+/// conflict, and with the same one a replay even after a reload made the
+/// caller's shorter than it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_messages_own_max_age_expires_it_and_holds_across_a_sigkill() {
     let script = Script::ok().on_rcpt("otp@example.org", Action::reply(451, "4.3.0 try later"));
@@ -947,6 +948,41 @@ async fn a_messages_own_max_age_expires_it_and_holds_across_a_sigkill() {
     }
     let s = status_of(d.peer(), &long).await;
     assert_eq!(s["status"], "queued", "the caller's hour: {s}");
+
+    // A reload that shortens the caller's max_age below a stored
+    // message's own: a repeat of its call replays, a new call is refused.
+    let keyed = code(
+        "code 4",
+        json!({"max_age": "30m", "idempotency_key": "otp-4"}),
+    );
+    let first = send(d.peer(), keyed.clone()).await;
+    assert_eq!(first.status(), Some("queued"), "{first:?}");
+    let shorter = cfg.replace("max_age = \"1h\"", "max_age = \"10m\"");
+    assert_ne!(shorter, cfg);
+    std::fs::write(dir.path().join("mailmux.toml"), &shorter).unwrap();
+    let r = call(
+        d.peer(),
+        "reload",
+        "reload_smtp_configuration",
+        json!({}),
+        LIMIT,
+    )
+    .await;
+    assert_eq!(r.value().unwrap()["reloaded"], true, "{r:?}");
+    let again = send(d.peer(), keyed).await;
+    assert_eq!(again.message_id(), first.message_id(), "{again:?}");
+    assert_eq!(
+        again.value().unwrap()["idempotent_replay"],
+        true,
+        "{again:?}"
+    );
+    let new = send(d.peer(), code("code 5", json!({"max_age": "30m"}))).await;
+    let e = &new.value().unwrap()["error"];
+    assert_eq!(
+        (e["rule"].as_str(), e["field"].as_str()),
+        (Some("range"), Some("max_age")),
+        "{e}"
+    );
     assert!(smtp.delivered().is_empty());
     d.stop().await;
 }
