@@ -218,6 +218,19 @@ async fn cancel(peer: &Peer<RoleClient>, id: &str) -> Call {
     .await
 }
 
+/// Reloads the configuration (the file in the daemon's folder).
+async fn reload(peer: &Peer<RoleClient>) {
+    let r = call(
+        peer,
+        "reload",
+        "reload_smtp_configuration",
+        json!({}),
+        LIMIT,
+    )
+    .await;
+    assert_eq!(r.value().unwrap()["reloaded"], true, "{r:?}");
+}
+
 /// Waits until the message is in a final state; returns its status.
 async fn settled(peer: &Peer<RoleClient>, id: &str, limit: Duration) -> Value {
     let start = std::time::Instant::now();
@@ -773,15 +786,7 @@ async fn a_callers_max_age_expires_its_mail_sooner_than_the_queues() {
     let plain = cfg.replace("\n\n[policy]\nmax_age = \"2s\"", "");
     assert_ne!(plain, cfg);
     std::fs::write(dir.path().join("mailmux.toml"), &plain).unwrap();
-    let r = call(
-        d.peer(),
-        "reload",
-        "reload_smtp_configuration",
-        json!({}),
-        LIMIT,
-    )
-    .await;
-    assert_eq!(r.value().unwrap()["reloaded"], true, "{r:?}");
+    reload(d.peer()).await;
     let c = send(d.peer(), code("code 654321")).await;
     let id = c.message_id().unwrap().to_string();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -960,15 +965,7 @@ async fn a_messages_own_max_age_expires_it_and_holds_across_a_sigkill() {
     let shorter = cfg.replace("max_age = \"1h\"", "max_age = \"10m\"");
     assert_ne!(shorter, cfg);
     std::fs::write(dir.path().join("mailmux.toml"), &shorter).unwrap();
-    let r = call(
-        d.peer(),
-        "reload",
-        "reload_smtp_configuration",
-        json!({}),
-        LIMIT,
-    )
-    .await;
-    assert_eq!(r.value().unwrap()["reloaded"], true, "{r:?}");
+    reload(d.peer()).await;
     let again = send(d.peer(), keyed).await;
     assert_eq!(again.message_id(), first.message_id(), "{again:?}");
     assert_eq!(

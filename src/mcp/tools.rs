@@ -1318,6 +1318,37 @@ impl MailmuxServer {
     }
 }
 
+/// The answer to a cancel of many messages (`what` they are: `of batch-…`,
+/// `waiting with that tag`): `out` with how many of the `matched` this
+/// call `cancelled` and their states now; `not_cancellable` when none.
+fn cancelled_many(
+    mut out: CancelMessageResult,
+    cancelled: usize,
+    matched: usize,
+    summary: std::collections::BTreeMap<String, usize>,
+    what: &str,
+) -> Result<CallToolResult, ErrorData> {
+    let now: Vec<String> = summary.iter().map(|(st, n)| format!("{n} {st}")).collect();
+    let now = now.join(", ");
+    let error = (cancelled == 0).then(|| {
+        ToolError::new(
+            "not_cancellable",
+            format!(
+                "no message {what} could be cancelled; only scheduled, queued or held messages can (now: {now})"
+            ),
+        )
+    });
+    let text = match &error {
+        Some(e) => e.message.clone(),
+        None => format!("cancelled {cancelled} of the {matched} messages {what}; now: {now}"),
+    };
+    out.cancelled = cancelled > 0;
+    out.cancelled_count = Some(cancelled);
+    out.summary = Some(summary);
+    out.error = error;
+    respond(out, text)
+}
+
 impl MailmuxServer {
     /// `cancel_message` with a `batch_id`: each of the caller's messages of
     /// that batch is cancelled as one `message_id` would be, so one a relay
@@ -1345,44 +1376,18 @@ impl MailmuxServer {
                 format!("no message of batch {}", quoted(&batch)),
             ));
         }
-        let cancelled = done.acted;
-        let summary: std::collections::BTreeMap<String, usize> = done
+        let summary = done
             .states
             .iter()
             .map(|(st, n)| (st.as_str().to_owned(), *n))
             .collect();
-        tracing::info!(batch = %batch, cancelled, of = done.matched, "batch cancelled");
-        let now: Vec<String> = summary.iter().map(|(st, n)| format!("{n} {st}")).collect();
-        let now = now.join(", ");
-        let error = (cancelled == 0).then(|| {
-            ToolError::new(
-                "not_cancellable",
-                format!(
-                    "no message of {batch} could be cancelled; only scheduled, queued or held messages can (now: {now})"
-                ),
-            )
-        });
-        let text = match &error {
-            Some(e) => e.message.clone(),
-            None => format!(
-                "cancelled {cancelled} of the {} messages of {batch}; now: {now}",
-                done.matched
-            ),
+        tracing::info!(batch = %batch, cancelled = done.acted, of = done.matched, "batch cancelled");
+        let what = format!("of {batch}");
+        let out = CancelMessageResult {
+            batch_id: Some(batch),
+            ..Default::default()
         };
-        respond(
-            CancelMessageResult {
-                message_id: None,
-                cancelled: cancelled > 0,
-                status: None,
-                accepted: Vec::new(),
-                batch_id: Some(batch),
-                tag: None,
-                cancelled_count: Some(cancelled),
-                summary: Some(summary),
-                error,
-            },
-            text,
-        )
+        cancelled_many(out, done.acted, done.matched, summary, &what)
     }
 
     /// `cancel_message` with a `tag`: each of the caller's messages sent
@@ -1418,33 +1423,11 @@ impl MailmuxServer {
             ));
         }
         tracing::info!(cancelled, of = matched, "tag cancelled");
-        let now: Vec<String> = summary.iter().map(|(st, n)| format!("{n} {st}")).collect();
-        let now = now.join(", ");
-        let error = (cancelled == 0).then(|| {
-            ToolError::new(
-                "not_cancellable",
-                format!(
-                    "no message with that tag could be cancelled: a relay took them meanwhile (now: {now})"
-                ),
-            )
-        });
-        let text = match &error {
-            Some(e) => e.message.clone(),
-            None => format!(
-                "cancelled {cancelled} of the {matched} waiting messages with that tag; now: {now}"
-            ),
+        let out = CancelMessageResult {
+            tag: Some(tag),
+            ..Default::default()
         };
-        respond(
-            CancelMessageResult {
-                cancelled: cancelled > 0,
-                tag: Some(tag),
-                cancelled_count: Some(cancelled),
-                summary: Some(summary),
-                error,
-                ..Default::default()
-            },
-            text,
-        )
+        cancelled_many(out, cancelled, matched, summary, "waiting with that tag")
     }
 
     async fn send_email_checked(
