@@ -1216,6 +1216,7 @@ mod tests {
             batch: None,
             tag: None,
             max_age: None,
+            expires_at: None,
             reports: vec![],
         };
         let page = message(&op, None, &record, None).into_string();

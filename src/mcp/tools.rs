@@ -1524,7 +1524,7 @@ impl MailmuxServer {
         let idempotency = idempotency.map(|key| (key, content_hash(&params, shared.as_deref())));
         // Longer than the caller's: refused, unless it repeats a stored
         // call (whose caller's max_age a reload may have shortened since).
-        let caller_max_age = caller.policy.max_age.unwrap_or(config.queue.max_age);
+        let caller_max_age = self.queue().max_age(Some(&caller.name));
         if max_age.is_some_and(|own| own > caller_max_age)
             && !self.is_stored_key(caller, idempotency.as_ref()).await
         {

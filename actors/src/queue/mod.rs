@@ -345,6 +345,7 @@ impl NewMessage {
             batch: self.batch.clone(),
             tag: self.tag.clone(),
             max_age: self.max_age,
+            expires_at: None,
             reports: Vec::new(),
         }
     }
@@ -702,6 +703,10 @@ pub struct Record {
     pub tag: Option<String>,
     /// Its own `max_age` in milliseconds, when the call gave one.
     pub max_age: Option<Millis>,
+    /// When a waiting (`scheduled` or `queued`) message expires unless a
+    /// relay takes it first, by the `max_age` in force now: set by
+    /// [`Queue::status`](super::Queue::status), never stored.
+    pub expires_at: Option<Millis>,
     /// What bounce and complaint reports that came back by mail said of
     /// its recipients after a relay took it, oldest first.
     pub reports: Vec<ReportRecord>,

@@ -2598,6 +2598,7 @@ fn record(r: &PgRow) -> Result<Record, sqlx::Error> {
         batch: r.try_get("batch")?,
         tag: r.try_get("tag")?,
         max_age: r.try_get("max_age")?,
+        expires_at: None,
         reports: rows::reports(r.try_get("reports")?),
     })
 }

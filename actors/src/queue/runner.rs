@@ -671,6 +671,13 @@ impl Queue {
         &self.inner.settings
     }
 
+    /// How long a message of `caller` may wait for delivery, as its rounds
+    /// are given it now: the caller's own `max_age`, else the queue's (as
+    /// it started: a reload does not change it).
+    pub fn max_age(&self, caller: Option<&str>) -> Duration {
+        self.inner.max_age_for(caller, None)
+    }
+
     pub fn store_kind(&self) -> &'static str {
         self.inner.store.kind()
     }
@@ -1210,6 +1217,10 @@ impl Queue {
         Ok(self.inner.store.get(message_id).await?.map(|mut r| {
             if r.state == State::Queued && self.inner.is_claimed(&r.message_id) {
                 r.state = State::Sending;
+            }
+            if matches!(r.state, State::Queued | State::Scheduled) {
+                let max_age = self.inner.max_age_for(r.caller.as_deref(), r.max_age);
+                r.expires_at = Some(r.due_at + max_age.as_millis() as i64);
             }
             r
         }))
@@ -2094,15 +2105,21 @@ impl Inner {
         settle
     }
 
-    /// How long `p` may wait for delivery: its caller's own `max_age`
-    /// ([`Screen::max_age`]), else the queue's; its own when shorter.
+    /// How long `p` may wait for delivery ([`Inner::max_age_for`]).
     fn max_age_of(&self, p: &Pending) -> Duration {
+        self.max_age_for(p.caller.as_deref(), p.max_age)
+    }
+
+    /// How long a message of `caller` may wait for delivery: the caller's
+    /// own `max_age` ([`Screen::max_age`]), else the queue's; the
+    /// message's `own` when shorter.
+    fn max_age_for(&self, caller: Option<&str>, own: Option<Millis>) -> Duration {
         let max_age = self
             .screen
             .get()
-            .and_then(|s| s.max_age(p.caller.as_deref()))
+            .and_then(|s| s.max_age(caller))
             .unwrap_or(self.settings.max_age);
-        match p.max_age {
+        match own {
             Some(own) => max_age.min(Duration::from_millis(u64::try_from(own).unwrap_or(0))),
             None => max_age,
         }

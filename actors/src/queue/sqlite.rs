@@ -2375,6 +2375,7 @@ fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<Record>> {
             batch: r.get(22)?,
             tag: r.get(24)?,
             max_age: r.get(25)?,
+            expires_at: None,
             reports: rows::reports(r.get(23)?),
         })
     })
