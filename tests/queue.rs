@@ -218,6 +218,12 @@ async fn cancel(peer: &Peer<RoleClient>, id: &str) -> Call {
     .await
 }
 
+/// Seconds from a status's `due_at` to its `expires_at`, if it has one.
+fn expires_in(s: &Value) -> Option<i64> {
+    let at = |k: &str| s[k].as_str()?.parse::<jiff::Timestamp>().ok();
+    Some(at("expires_at")?.as_second() - at("due_at")?.as_second())
+}
+
 /// Reloads the configuration (the file in the daemon's folder).
 async fn reload(peer: &Peer<RoleClient>) {
     let r = call(
@@ -902,6 +908,9 @@ async fn a_messages_own_max_age_expires_it_and_holds_across_a_sigkill() {
         .to_owned();
     assert_eq!(status_of(d.peer(), &short).await["max_age"], "3s");
     assert!(status_of(d.peer(), &long).await.get("max_age").is_none());
+    // When each expires: its due time and the max_age in force for it.
+    assert_eq!(expires_in(&status_of(d.peer(), &short).await), Some(3));
+    assert_eq!(expires_in(&status_of(d.peer(), &long).await), Some(3600));
 
     let before = stored_ids(d.peer()).await;
     for (max_age, rule) in [
@@ -953,8 +962,14 @@ async fn a_messages_own_max_age_expires_it_and_holds_across_a_sigkill() {
     }
     let s = status_of(d.peer(), &long).await;
     assert_eq!(s["status"], "queued", "the caller's hour: {s}");
+    let s = status_of(d.peer(), &short).await;
+    assert_eq!(
+        expires_in(&s),
+        None,
+        "an expired message expires no more: {s}"
+    );
 
-    // A reload that shortens the caller's max_age below a stored
+    // A reload that gives the caller a max_age shorter than a stored
     // message's own: a repeat of its call replays, a new call is refused.
     let keyed = code(
         "code 4",
@@ -962,10 +977,11 @@ async fn a_messages_own_max_age_expires_it_and_holds_across_a_sigkill() {
     );
     let first = send(d.peer(), keyed.clone()).await;
     assert_eq!(first.status(), Some("queued"), "{first:?}");
-    let shorter = cfg.replace("max_age = \"1h\"", "max_age = \"10m\"");
-    assert_ne!(shorter, cfg);
+    let shorter = format!("{cfg}\n[policy]\nmax_age = \"10m\"\n");
     std::fs::write(dir.path().join("mailmux.toml"), &shorter).unwrap();
     reload(d.peer()).await;
+    // The shorter max_age in force now.
+    assert_eq!(expires_in(&status_of(d.peer(), &long).await), Some(600));
     let again = send(d.peer(), keyed).await;
     assert_eq!(again.message_id(), first.message_id(), "{again:?}");
     assert_eq!(

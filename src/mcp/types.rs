@@ -1091,6 +1091,10 @@ pub struct MessageStatusResult {
     /// than its caller's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_age: Option<String>,
+    /// For a `scheduled` or `queued` message: when it expires unless a
+    /// relay takes it first (its due time and the `max_age` in force).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
     /// What bounce and complaint reports that came back by mail, after a
     /// relay took the message, said of its recipients (`[relays.bounces]`),
     /// oldest first.
@@ -1190,6 +1194,7 @@ impl From<&Record> for MessageStatusResult {
             batch_id: r.batch.clone(),
             tag: r.tag.clone(),
             metadata: crate::audit::Meta::of(r.meta.as_deref()).metadata,
+            expires_at: r.expires_at.map(rfc3339),
             max_age: r.max_age.map(|ms| {
                 humantime::format_duration(Duration::from_millis(u64::try_from(ms).unwrap_or(0)))
                     .to_string()
