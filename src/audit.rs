@@ -84,17 +84,6 @@ pub struct Meta {
 }
 
 impl Meta {
-    /// The content check that held a message, from its stored `meta`.
-    pub fn held_by(meta: Option<&str>) -> Option<String> {
-        serde_json::from_str::<Meta>(meta?).ok()?.held_by
-    }
-
-    /// The operator's template a message was written from, from its
-    /// stored `meta`.
-    pub fn template(meta: Option<&str>) -> Option<String> {
-        serde_json::from_str::<Meta>(meta?).ok()?.template
-    }
-
     /// A message's stored `meta`, read; the default when it has none (or
     /// one this build cannot read).
     pub fn of(meta: Option<&str>) -> Meta {

@@ -758,10 +758,11 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
                     eprintln!("mailmux: note: {a:?} is {plain}");
                 }
             }
-            if let Some(why) = crate::audit::Meta::held_by(r.meta.as_deref()) {
+            let meta = crate::audit::Meta::of(r.meta.as_deref());
+            if let Some(why) = meta.held_by {
                 say!("held because {why}");
             }
-            if let Some(t) = crate::audit::Meta::template(r.meta.as_deref()) {
+            if let Some(t) = meta.template {
                 say!("written from template {t}");
             }
             if let Ok(Some(p)) = store.load(&a.id).await {

@@ -792,10 +792,11 @@ pub fn message(
                 }
                 dt { "size" } dd { (r.size) " bytes" }
                 dt { "caller" } dd { (r.caller.as_deref().unwrap_or("")) }
-                @if let Some(why) = crate::audit::Meta::held_by(r.meta.as_deref()) {
+                @let meta = crate::audit::Meta::of(r.meta.as_deref());
+                @if let Some(why) = &meta.held_by {
                     dt { "held because" } dd { (why) }
                 }
-                @if let Some(t) = crate::audit::Meta::template(r.meta.as_deref()) {
+                @if let Some(t) = &meta.template {
                     dt { "template" } dd { (t) }
                 }
                 @if let Some(batch) = &r.batch {
@@ -808,11 +809,10 @@ pub fn message(
                 }
                 @if let Some(ms) = r.max_age {
                     dt { "own max_age" }
-                    dd { (humantime::format_duration(std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0)))) }
+                    dd { (humantime::format_duration(mailmux_actors::queue::duration(ms))) }
                 }
-                @let metadata = crate::audit::Meta::of(r.meta.as_deref()).metadata;
-                @if !metadata.is_empty() {
-                    dt { "metadata" } dd { (field_list(&metadata.into_iter().collect::<Vec<_>>())) }
+                @if !meta.metadata.is_empty() {
+                    dt { "metadata" } dd { (field_list(&meta.metadata.into_iter().collect::<Vec<_>>())) }
                 }
                 dt { "relay" } dd { (r.relay.as_deref().unwrap_or("")) }
                 dt { "accepted" } dd.mono { (when(r.queued_at)) }
@@ -948,10 +948,11 @@ pub fn approvals(
                 dl {
                     dt { "message" } dd.mono { a href={ "/console/messages/" (super::urlencode(&s.message_id)) } { (s.message_id) } }
                     dt { "caller" } dd { (s.caller.as_deref().unwrap_or("")) }
-                    @if let Some(why) = crate::audit::Meta::held_by(p.meta.as_deref()) {
+                    @let meta = crate::audit::Meta::of(p.meta.as_deref());
+                    @if let Some(why) = &meta.held_by {
                         dt { "held because" } dd { (why) }
                     }
-                    @if let Some(t) = crate::audit::Meta::template(p.meta.as_deref()) {
+                    @if let Some(t) = &meta.template {
                         dt { "template" } dd { (t) }
                     }
                     dt { "accepted" } dd.mono { (when(s.queued_at)) }

@@ -1196,8 +1196,7 @@ impl From<&Record> for MessageStatusResult {
             metadata: crate::audit::Meta::of(r.meta.as_deref()).metadata,
             expires_at: r.expires_at.map(rfc3339),
             max_age: r.max_age.map(|ms| {
-                humantime::format_duration(Duration::from_millis(u64::try_from(ms).unwrap_or(0)))
-                    .to_string()
+                humantime::format_duration(mailmux_actors::queue::duration(ms)).to_string()
             }),
             reports: r
                 .reports

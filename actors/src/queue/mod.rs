@@ -212,6 +212,11 @@ pub fn now_millis() -> Millis {
     to_millis(SystemTime::now())
 }
 
+/// A stored span of milliseconds (a message's own `max_age`); none below 0.
+pub fn duration(ms: Millis) -> Duration {
+    Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
 /// A message to store.
 #[derive(Debug, Clone)]
 pub struct NewMessage {

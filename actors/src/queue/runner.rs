@@ -2120,7 +2120,7 @@ impl Inner {
             .and_then(|s| s.max_age(caller))
             .unwrap_or(self.settings.max_age);
         match own {
-            Some(own) => max_age.min(Duration::from_millis(u64::try_from(own).unwrap_or(0))),
+            Some(own) => max_age.min(super::duration(own)),
             None => max_age,
         }
     }
