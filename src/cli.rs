@@ -236,7 +236,11 @@ async fn load(sources: &Sources) -> Result<Config, String> {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
+/// Resolves on SIGINT or SIGTERM, which begins the drain. A second one,
+/// while the daemon drains, stops the process at once (exit 130 for SIGINT,
+/// 143 for SIGTERM, as a shell reports a death by either): deliveries in
+/// flight are abandoned as a crash would leave them, and the queue's store
+/// recovers them at the next start.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match (
@@ -248,6 +252,18 @@ pub async fn shutdown_signal() {
                 _ = int.recv() => tracing::info!("SIGINT received"),
                 _ = term.recv() => tracing::info!("SIGTERM received"),
             }
+            tokio::spawn(async move {
+                let (name, code) = tokio::select! {
+                    _ = int.recv() => ("SIGINT", 130),
+                    _ = term.recv() => ("SIGTERM", 143),
+                };
+                tracing::warn!(
+                    signal = name,
+                    "a second signal: stopping now, without waiting for deliveries in \
+                     flight; the queue recovers them at the next start"
+                );
+                std::process::exit(code);
+            });
         }
         _ => {
             tracing::warn!("cannot listen for SIGTERM; only Ctrl-C stops the daemon");

@@ -325,6 +325,56 @@ async fn kill_during_data_resends_once() {
     d.stop().await;
 }
 
+/// SIGTERM while a delivery is in flight waits for it, within
+/// `shutdown_grace`; a second SIGTERM stops the daemon at once, as a crash
+/// would. The final "." was never written, so the restart sends the message
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_stops_at_once_and_the_restart_sends_once() {
+    let smtp = FaultSmtp::start(Script::ok().on(Phase::Data, Action::Hang)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(dir.path(), smtp.port(), "")
+        .replace("shutdown_grace = \"2s\"", "shutdown_grace = \"60s\"")
+        .replace("timeout = \"3s\"", "timeout = \"60s\"");
+    let mut d = Daemon::start(dir.path(), &cfg).await;
+    let c = send(d.peer(), msg("stopped twice", json!({"wait": false}))).await;
+    assert_eq!(c.status(), Some("queued"), "{c:?}");
+    let id = c.message_id().unwrap().to_string();
+    assert!(
+        support::wait_until(|| smtp.commands(Phase::Data) >= 1, LIMIT).await,
+        "DATA was never sent"
+    );
+
+    common::signal(d.pid, "TERM");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "the first SIGTERM waits for the delivery in flight\n{}",
+        d.logs()
+    );
+    common::signal(d.pid, "TERM");
+    let exit = tokio::time::timeout(Duration::from_secs(10), d.child.wait())
+        .await
+        .expect("the second SIGTERM stops the daemon at once")
+        .unwrap();
+    assert_eq!(exit.code(), Some(143), "{}", d.logs());
+    assert!(
+        d.logs().contains("a second signal: stopping now"),
+        "{}",
+        d.logs()
+    );
+    drop(d.client.take());
+    assert!(smtp.received().is_empty());
+
+    smtp.set_script(Script::ok());
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let s = settled(d.peer(), &id, LIMIT).await;
+    assert_eq!(s["status"], "sent", "{s}");
+    assert_eq!(copies(&smtp.received()).get(&id), Some(&1));
+    assert_eq!(smtp.received().len(), 1);
+    d.stop().await;
+}
+
 /// Kill after the final "." (the server hangs before its reply): the message
 /// may have been delivered, so after the restart it is `unknown` and never
 /// sent again.
