@@ -94,15 +94,36 @@ fn is_id_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@')
 }
 
-/// Whether `html` names `id` as `cid:ID`, whole: `cid:logo2` does not name
-/// `logo`.
+/// Whether `html` names `id` as `cid:ID` (the scheme in any case), whole:
+/// `cid:logo2` does not name `logo`.
 pub(crate) fn names_cid(html: &str, id: &str) -> bool {
-    let link = format!("cid:{id}");
-    html.match_indices(&link).any(|(at, _)| {
-        html[at + link.len()..]
-            .chars()
-            .next()
-            .is_none_or(|c| !is_id_char(c))
+    html.match_indices(id).any(|(at, _)| {
+        at >= 4
+            && html.as_bytes()[at - 4..at].eq_ignore_ascii_case(b"cid:")
+            && html[at + id.len()..]
+                .chars()
+                .next()
+                .is_none_or(|c| !is_id_char(c))
+    })
+}
+
+/// The ids the HTML shows as `cid:ID` links: a `cid:` (in any case) that
+/// opens an attribute's value or a CSS `url(`, so that prose which mentions
+/// "cid:" is not taken for a link. A link whose id goes on with `%` (a
+/// percent-encoded id, RFC 2392) is left out: no `content_id` holds one.
+fn cid_links(html: &str) -> impl Iterator<Item = &str> {
+    let bytes = html.as_bytes();
+    (0..bytes.len().saturating_sub(3)).filter_map(move |at| {
+        if !bytes[at..at + 4].eq_ignore_ascii_case(b"cid:") {
+            return None;
+        }
+        let before = bytes[..at].iter().rev().find(|b| !b.is_ascii_whitespace());
+        if !matches!(before, Some(b'"' | b'\'' | b'=' | b'(')) {
+            return None;
+        }
+        let rest = &html[at + 4..];
+        let end = rest.find(|c: char| !is_id_char(c)).unwrap_or(rest.len());
+        (end > 0 && !rest[end..].starts_with('%')).then(|| &rest[..end])
     })
 }
 
@@ -112,9 +133,13 @@ pub(crate) fn names_cid(html: &str, id: &str) -> bool {
 /// it never names would be shown by no client, or as a stray
 /// attachment). The attachments past the first `given` are a template's
 /// images: an id of the call's that one of them has is the call's mistake.
+/// And each `cid:` link of the HTML has its part: a link to none is an
+/// image no client can show (refused in `html_field`, the field the HTML
+/// came from).
 pub(crate) fn check_inline(
     attachments: &[&Loaded],
     html: Option<&str>,
+    html_field: &str,
     given: usize,
 ) -> Result<(), ComposeError> {
     for (i, a) in attachments.iter().enumerate() {
@@ -153,6 +178,22 @@ pub(crate) fn check_inline(
                 format!("the HTML body never names cid:{id}: write <img src=\"cid:{id}\">"),
             ));
         }
+    }
+    if let Some(html) = html
+        && let Some(id) = cid_links(html).find(|id| {
+            !attachments
+                .iter()
+                .any(|a| a.content_id.as_deref() == Some(*id))
+        })
+    {
+        return Err(ComposeError::new(
+            html_field,
+            "unknown_content_id",
+            format!(
+                "the HTML shows cid:{id}, and no attachment has content_id {id:?}: give the \
+                 image as an attachment with \"content_id\": {id:?}, or remove the link"
+            ),
+        ));
     }
     Ok(())
 }

@@ -634,7 +634,19 @@ fn compose_inner(
     } else {
         rendered.html_body.as_deref()
     };
-    attach::check_inline(&attachments, html_text, own.len() + shared.len())?;
+    let html_field = if texts.template.is_some() {
+        "template"
+    } else if texts.html {
+        "body"
+    } else {
+        "html_body"
+    };
+    attach::check_inline(
+        &attachments,
+        html_text,
+        html_field,
+        own.len() + shared.len(),
+    )?;
     let (inline, attached): (Vec<&attach::Loaded>, Vec<&attach::Loaded>) =
         attachments.iter().partition(|a| a.content_id.is_some());
     // A batch's shared attachments are scanned once for all its messages

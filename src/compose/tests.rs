@@ -1698,13 +1698,68 @@ fn a_content_id_must_be_well_formed_unique_and_shown() {
     d.html_body = Some("<img src=\"cid:logo2\"> <img src='cid:logo.x'>".into());
     let e = err(&d, &policy());
     assert_eq!(e.rule, "content_id_unreferenced", "{e}");
-    d.html_body = Some("<img src=\"cid:logo2\"> <img src=cid:logo>".into());
+    d.html_body = Some("<img src=\"cid:logo\"> and cid:logo2 in prose".into());
     ok(&d, &policy());
     // The longest id, and each character allowed.
     let id = format!("a.b_c-d@e{}", "f".repeat(91));
     let mut d = html(vec![image("a.png", Some(&id), b"a")]);
     d.html_body = Some(format!("<img src=\"cid:{id}\">"));
     ok(&d, &policy());
+}
+
+/// A `cid:` link of the HTML (an attribute's value, a CSS `url(`) with no
+/// attachment of that `content_id` shows a broken image: refused, naming
+/// the field the HTML came from. Prose that mentions "cid:" is no link.
+#[test]
+fn a_cid_link_without_its_attachment_is_refused() {
+    let with = |html: &str, ids: &[&str]| {
+        let mut d = draft("a@x.org");
+        d.html_body = Some(html.into());
+        d.attachments = ids
+            .iter()
+            .map(|id| image(&format!("{id}.png"), Some(id), b"png"))
+            .collect();
+        d
+    };
+    for html in [
+        "<img src=\"cid:logo\"><img src=\"cid:banner\">",
+        "<img src='cid:logo'><img src = CID:banner>",
+        "<img src=\"cid:logo\"><td style=\"background: url( 'cid:banner' )\">",
+        "<img src=\"cid:logo\"><table background=\"cid:banner\">",
+    ] {
+        let e = err(&with(html, &["logo"]), &policy());
+        assert_eq!(
+            (e.field.as_str(), e.rule),
+            ("html_body", "unknown_content_id"),
+            "{html}: {e}"
+        );
+        assert!(e.message.contains("cid:banner"), "{e}");
+        ok(&with(html, &["logo", "banner"]), &policy());
+    }
+    // Without any attachment, and with the HTML as the body.
+    let mut d = with("<p>Hi</p><img src=\"cid:logo@example.org\">", &[]);
+    let e = err(&d, &policy());
+    assert_eq!(
+        (e.field.as_str(), e.rule),
+        ("html_body", "unknown_content_id"),
+        "{e}"
+    );
+    d.html_body = None;
+    d.html = true;
+    d.body = "<img src=\"cid:logo@example.org\">".into();
+    let e = err(&d, &policy());
+    assert_eq!(
+        (e.field.as_str(), e.rule),
+        ("body", "unknown_content_id"),
+        "{e}"
+    );
+    // Prose, an empty link and a percent-encoded id are no link to check.
+    ok(
+        &with("<p>the cid: scheme, as in cid:logo, names a part</p>", &[]),
+        &policy(),
+    );
+    ok(&with("<img src=\"cid:\">", &[]), &policy());
+    ok(&with("<img src=\"cid:a%40b\">", &[]), &policy());
 }
 
 /// A template's images go with every message written from it, shown by
@@ -1751,4 +1806,22 @@ fn a_templates_images_go_with_each_message_written_from_it() {
         ("attachments[0].content_id", "duplicate_content_id")
     );
     assert!(e.message.contains("an image of the template"), "{e}");
+
+    // A link of the template's HTML may be to an image the call gives;
+    // without it, the template is what shows a broken image.
+    let mut t = (*p.templates.0[0]).clone();
+    t.html_body = Some("<img src=\"cid:logo\"><img src=\"cid:photo\">{name}".into());
+    let p = ComposePolicy {
+        templates: named::Templates(vec![std::sync::Arc::new(t)]),
+        ..policy()
+    };
+    d.attachments = vec![image("order.pdf", None, b"%PDF")];
+    let e = err(&d, &p);
+    assert_eq!(
+        (e.field.as_str(), e.rule),
+        ("template", "unknown_content_id"),
+        "{e}"
+    );
+    d.attachments = vec![image("ada.jpg", Some("photo"), b"jpg")];
+    ok(&d, &p);
 }

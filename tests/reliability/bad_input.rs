@@ -507,6 +507,12 @@ pub fn cases(dir: &Path) -> Vec<BadInput> {
             "html_body",
             "conflicting_fields",
         ),
+        case(
+            "a cid link with no attachment of its id",
+            with(json!({"html_body": "<p><img src=\"cid:logo\"></p>"})),
+            "html_body",
+            "unknown_content_id",
+        ),
         // Shapes serde alone would report without the field.
         case(
             "recipients of the wrong shape",
