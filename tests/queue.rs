@@ -224,6 +224,31 @@ fn expires_in(s: &Value) -> Option<i64> {
     Some(at("expires_at")?.as_second() - at("due_at")?.as_second())
 }
 
+/// The status `mailmux queue show ID` prints, with the daemon's
+/// configuration in `dir`.
+fn shown(dir: &Path, id: &str) -> Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
+        .arg("--config")
+        .arg(dir.join("mailmux.toml"))
+        .args(["queue", "show", id])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::Deserializer::from_str(&text)
+        .into_iter::<Value>()
+        .next()
+        .expect("a status first")
+        .unwrap()
+}
+
 /// Reloads the configuration (the file in the daemon's folder).
 async fn reload(peer: &Peer<RoleClient>) {
     let r = call(
@@ -961,6 +986,9 @@ async fn a_messages_own_max_age_expires_it_and_holds_across_a_sigkill() {
     // When each expires: its due time and the max_age in force for it.
     assert_eq!(expires_in(&status_of(d.peer(), &short).await), Some(3));
     assert_eq!(expires_in(&status_of(d.peer(), &long).await), Some(3600));
+    // `mailmux queue show` says the same, by the configuration it runs with.
+    assert_eq!(expires_in(&shown(dir.path(), &short)), Some(3));
+    assert_eq!(expires_in(&shown(dir.path(), &long)), Some(3600));
 
     let before = stored_ids(d.peer()).await;
     for (max_age, rule) in [

@@ -737,7 +737,7 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
         }
         QueueCommand::Suppress(cmd) => suppress(config, store, cmd).await,
         QueueCommand::Show(a) => {
-            let r = match store.get(&a.id).await {
+            let mut r = match store.get(&a.id).await {
                 Ok(Some(r)) => r,
                 Ok(None) => {
                     eprintln!("mailmux: no message {:?}", a.id);
@@ -745,6 +745,15 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
                 }
                 Err(e) => return fail(e),
             };
+            // By the configuration this command runs with, as a daemon on
+            // it answers get_message_status.
+            let gate = Gate::new(&config.safety, None, None);
+            let caller = r.caller.as_deref().and_then(|c| {
+                gate.policies()
+                    .find(|(name, _)| *name == c)
+                    .and_then(|(_, p)| p.max_age)
+            });
+            r.expires_at = r.expiry(caller.unwrap_or(config.queue.max_age));
             let out = MessageStatusResult::from(&r);
             match serde_json::to_string_pretty(&out) {
                 Ok(json) => say!("{json}"),

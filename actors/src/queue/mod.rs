@@ -669,6 +669,19 @@ impl Record {
         }
         unsettled(&self.to, &self.accepted, &self.rejected)
     }
+
+    /// When a waiting (`scheduled` or `queued`) message expires unless a
+    /// relay takes it first: its due time and `max_age` (its caller's, or
+    /// the queue's), shortened by its own. `None` for any other state.
+    pub fn expiry(&self, max_age: Duration) -> Option<Millis> {
+        if !matches!(self.state, State::Queued | State::Scheduled) {
+            return None;
+        }
+        let max_age = self
+            .max_age
+            .map_or(max_age, |own| max_age.min(duration(own)));
+        Some(self.due_at.saturating_add(max_age.as_millis() as i64))
+    }
 }
 
 /// Everything stored about one message, except its body.

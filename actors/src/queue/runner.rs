@@ -1218,10 +1218,7 @@ impl Queue {
             if r.state == State::Queued && self.inner.is_claimed(&r.message_id) {
                 r.state = State::Sending;
             }
-            if matches!(r.state, State::Queued | State::Scheduled) {
-                let max_age = self.inner.max_age_for(r.caller.as_deref(), r.max_age);
-                r.expires_at = Some(r.due_at + max_age.as_millis() as i64);
-            }
+            r.expires_at = r.expiry(self.inner.max_age_for(r.caller.as_deref(), None));
             r
         }))
     }
