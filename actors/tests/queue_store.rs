@@ -1195,6 +1195,29 @@ async fn listings(store: &dyn Store) {
     );
     assert!(ids(None, Some("z"), None).await.is_empty());
     assert!(ids(Some("c"), None, None).await.is_empty());
+
+    // The count per state of what a filter names.
+    let counts = |caller: Option<&str>, batch: Option<&str>| {
+        let filter = Filter {
+            caller: caller.map(Into::into),
+            batch: batch.map(Into::into),
+            ..Filter::default()
+        };
+        async move {
+            let counts = store.count(&filter).await.unwrap();
+            let named: std::collections::BTreeMap<&str, u64> =
+                counts.iter().map(|(s, n)| (s.as_str(), *n)).collect();
+            assert_eq!(named.len(), counts.len(), "one count a state: {counts:?}");
+            named
+        }
+    };
+    let x = counts(None, Some("x")).await;
+    assert_eq!(x, [("queued", 6)].into());
+    let y = counts(None, Some("y")).await;
+    assert_eq!(y, [("queued", 2), ("sending", 1)].into());
+    assert_eq!(counts(Some("b"), Some("y")).await, [("sending", 1)].into());
+    assert_eq!(counts(Some("a"), Some("y")).await, [("queued", 2)].into());
+    assert!(counts(None, Some("z")).await.is_empty());
 }
 
 /// The counts per state that the SQLite store keeps are those of its rows.
@@ -3385,6 +3408,9 @@ impl Store for SlowMarks {
         cursor: Option<i64>,
     ) -> Result<(Vec<queue::Summary>, Option<i64>), StoreError> {
         self.inner.list(filter, limit, cursor).await
+    }
+    async fn count(&self, filter: &Filter) -> Result<Vec<(State, u64)>, StoreError> {
+        self.inner.count(filter).await
     }
     async fn stats(&self) -> Result<queue::Stats, StoreError> {
         self.inner.stats().await

@@ -654,6 +654,11 @@ async fn view(run: &mut Run, store: &dyn Store) -> Vec<String> {
             }
         }
         out.push(format!("list {f:?} by {page}: {lines:#?}"));
+        let counted = store.count(&f).await.map(|mut counts| {
+            counts.sort_by_key(|(state, _)| state.as_str());
+            format!("{counts:?}")
+        });
+        out.push(format!("count {f:?}: {}", answer(counted)));
     }
     out
 }

@@ -55,6 +55,27 @@ struct Row {
     batch: Option<String>,
 }
 
+impl Row {
+    /// Whether `filter` names this message.
+    fn named_by(&self, filter: &Filter) -> bool {
+        let r = &self.record;
+        filter.state.is_none_or(|s| r.state == s)
+            && filter
+                .caller
+                .as_ref()
+                .is_none_or(|c| r.caller.as_ref() == Some(c))
+            && filter
+                .batch
+                .as_ref()
+                .is_none_or(|b| self.batch.as_ref() == Some(b))
+            && filter
+                .tag
+                .as_ref()
+                .is_none_or(|t| r.tag.as_ref() == Some(t))
+            && filter.recipient_matches(&r.to)
+    }
+}
+
 impl Mem {
     /// Moves the list's version and records its changes, keeping the last
     /// [`super::SUPPRESSION_VERSIONS_KEPT`] versions.
@@ -496,27 +517,11 @@ impl Store for MemoryStore {
         cursor: Option<i64>,
     ) -> Result<(Vec<Summary>, Option<i64>), StoreError> {
         let mem = self.lock();
-        let state = filter.state;
         let mut page: Vec<(i64, Summary)> = mem
             .rows
             .range(..cursor.unwrap_or(i64::MAX))
             .rev()
-            .filter(|(_, row)| state.is_none_or(|s| row.record.state == s))
-            .filter(|(_, row)| {
-                filter
-                    .caller
-                    .as_ref()
-                    .is_none_or(|c| row.record.caller.as_ref() == Some(c))
-                    && filter
-                        .batch
-                        .as_ref()
-                        .is_none_or(|b| row.batch.as_ref() == Some(b))
-                    && filter
-                        .tag
-                        .as_ref()
-                        .is_none_or(|t| row.record.tag.as_ref() == Some(t))
-                    && filter.recipient_matches(&row.record.to)
-            })
+            .filter(|(_, row)| row.named_by(filter))
             .take(limit.saturating_add(1))
             .map(|(seq, row)| {
                 let r = &row.record;
@@ -546,6 +551,16 @@ impl Store for MemoryStore {
             None
         };
         Ok((page.into_iter().map(|(_, s)| s).collect(), next))
+    }
+
+    async fn count(&self, filter: &Filter) -> Result<Vec<(State, u64)>, StoreError> {
+        let mem = self.lock();
+        let mut counts = std::collections::BTreeMap::<&str, (State, u64)>::new();
+        for row in mem.rows.values().filter(|row| row.named_by(filter)) {
+            let state = row.record.state;
+            counts.entry(state.as_str()).or_insert((state, 0)).1 += 1;
+        }
+        Ok(counts.into_values().collect())
     }
 
     async fn suppress(&self, entries: Vec<Suppression>) -> Result<Vec<String>, StoreError> {

@@ -1173,6 +1173,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         limit: usize,
         cursor: Option<i64>,
     ) -> Result<(Vec<Summary>, Option<i64>), StoreError>;
+    /// How many of the messages `filter` names are in each state, states
+    /// with none left out. For a batch or a tag: it reads through that
+    /// index, every message of it once.
+    async fn count(&self, filter: &Filter) -> Result<Vec<(State, u64)>, StoreError>;
     async fn stats(&self) -> Result<Stats, StoreError>;
     /// Records the outcome of the message's Sent copy (`copied`, or
     /// `failed: <reason>`), dropping the bytes a finished message kept only

@@ -2131,6 +2131,26 @@ impl Store for PgStore {
         Ok((page, if more { last } else { None }))
     }
 
+    async fn count(&self, filter: &Filter) -> Result<Vec<(State, u64)>, StoreError> {
+        // Built from constants only: the filters are bound.
+        let sql = rows::count_sql('$', filter);
+        let rows: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(i64::MAX)
+            .bind(filter.state.map(State::as_str))
+            .bind(State::ALL.len() as i64)
+            .bind(&filter.caller)
+            .bind(&filter.batch)
+            .bind(filter.recipient.as_ref().map(|r| r.to_lowercase()))
+            .bind(&filter.tag)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(rows
+            .into_iter()
+            .map(|(state, n)| (rows::state(&state), n as u64))
+            .collect())
+    }
+
     async fn stats(&self) -> Result<Stats, StoreError> {
         // The finished messages from the kept counts; those still on their
         // way (few, next to a retention's worth of finished ones) through

@@ -61,6 +61,26 @@ pub(crate) fn page_rows(limit: usize) -> i64 {
 /// also named on its own: the listing reads through that column's index
 /// from the newest match back, and checks the other filters on each row.
 pub(crate) fn list_sql(p: char, filter: &Filter) -> String {
+    let (table, node, matching) = matching(p, filter);
+    format!(
+        "SELECT seq, message_id, state, mail_from, rcpt, queued_at, updated_at, relay, caller, batch,
+                tag{node}
+           FROM {table} WHERE {matching}
+          ORDER BY seq DESC LIMIT {p}3"
+    )
+}
+
+/// The count per state of the rows [`list_sql`] names, with the same
+/// parameters (`3` bounds the rows of the answer: one a state at most).
+/// Meant for a batch or a tag, whose index it reads through whole.
+pub(crate) fn count_sql(p: char, filter: &Filter) -> String {
+    let (table, _, matching) = matching(p, filter);
+    format!("SELECT state, COUNT(*) FROM {table} WHERE {matching} GROUP BY state LIMIT {p}3")
+}
+
+/// The table, its `node` column (PostgreSQL's), and the conditions of
+/// [`list_sql`]'s parameters.
+fn matching(p: char, filter: &Filter) -> (&'static str, &'static str, String) {
     let (table, node, cast, find) = if p == '$' {
         (
             "mailmux_messages",
@@ -83,17 +103,15 @@ pub(crate) fn list_sql(p: char, filter: &Filter) -> String {
         format!("{not_sent}{column} = {p}{n} AND ")
     });
     let any = |column: &str, n: u8| format!("({p}{n}{cast} IS NULL OR {column} = {p}{n})");
-    format!(
-        "SELECT seq, message_id, state, mail_from, rcpt, queued_at, updated_at, relay, caller, batch,
-                tag{node}
-           FROM {table} WHERE {by}seq < {p}1 AND {state} AND {caller} AND {batch} AND {tag}
-            AND ({p}6{cast} IS NULL OR {find} > 0)
-          ORDER BY seq DESC LIMIT {p}3",
+    let matching = format!(
+        "{by}seq < {p}1 AND {state} AND {caller} AND {batch} AND {tag}
+            AND ({p}6{cast} IS NULL OR {find} > 0)",
         state = any("state", 2),
         caller = any("caller", 4),
         batch = any("batch", 5),
         tag = any("tag", 7),
-    )
+    );
+    (table, node, matching)
 }
 
 /// The column whose index a listing reads through ([`listed_by`]).

@@ -1266,6 +1266,14 @@ impl Queue {
         Ok(self.inner.store.list(filter, limit, cursor).await?)
     }
 
+    /// How many of the messages `filter` names are in each state, as
+    /// stored ([`Store::count`]), in the order of [`State::ALL`].
+    pub async fn count(&self, filter: &Filter) -> Result<Vec<(State, u64)>, QueueError> {
+        let mut counts = self.inner.store.count(filter).await?;
+        counts.sort_by_key(|(state, _)| State::ALL.iter().position(|s| s == state));
+        Ok(counts)
+    }
+
     /// Cancels each message `filter` names as [`Queue::cancel`] does, each
     /// in its own write ([`super::AT_ONCE`] at a time, which the store's
     /// writer folds into shared commits): one a round holds now is left to

@@ -2087,6 +2087,37 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn count(&self, filter: &Filter) -> Result<Vec<(State, u64)>, StoreError> {
+        let state = filter.state.map(State::as_str);
+        let caller = filter.caller.clone();
+        let batch = filter.batch.clone();
+        let recipient = filter.recipient.as_ref().map(|r| r.to_lowercase());
+        let tag = filter.tag.clone();
+        let sql = rows::count_sql('?', filter);
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&sql)?;
+            stmt.query_map(
+                params![
+                    i64::MAX,
+                    state,
+                    State::ALL.len() as i64,
+                    caller,
+                    batch,
+                    recipient,
+                    tag
+                ],
+                |r| {
+                    Ok((
+                        rows::state(&r.get::<_, String>(0)?),
+                        r.get::<_, i64>(1)? as u64,
+                    ))
+                },
+            )?
+            .collect()
+        })
+        .await
+    }
+
     async fn stats(&self) -> Result<Stats, StoreError> {
         self.read(|c| {
             let counts = counts(c)?;
@@ -2893,6 +2924,37 @@ mod tests {
                         ),
                         None => assert!(!plan.contains("INDEX"), "{filter:?}: {plan}"),
                     }
+                    // The count of a batch or a tag, through the same index.
+                    if batch.is_none() && tag.is_none() {
+                        continue;
+                    }
+                    let plan: String = c
+                        .prepare(&format!(
+                            "EXPLAIN QUERY PLAN {}",
+                            rows::count_sql('?', &filter)
+                        ))
+                        .unwrap()
+                        .query_map(
+                            params![
+                                i64::MAX,
+                                state.map(State::as_str),
+                                State::ALL.len() as i64,
+                                caller,
+                                batch,
+                                filter.recipient,
+                                tag
+                            ],
+                            |r| r.get::<_, String>(3),
+                        )
+                        .unwrap()
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                        .unwrap()
+                        .join("; ");
+                    let by = if batch.is_some() { "batch" } else { "tag" };
+                    assert!(
+                        plan.contains(&format!("USING INDEX messages_{by} ")),
+                        "{filter:?}: {plan}"
+                    );
                 }
             }
         }
