@@ -121,10 +121,74 @@ async fn a_mail_merge_renders_each_message_and_sends_every_one() {
     .await;
     let (_, listed) = call(&s, "list_messages", json!({"batch_id": batch})).await;
     assert_eq!(listed["messages"].as_array().unwrap().len(), 5, "{listed}");
+    // With the batch's progress on its first page, whatever status the
+    // page asks for; later pages leave it out.
+    assert_eq!(listed["summary"], json!({"sent": 5}), "{listed}");
+    let (_, first) = call(&s, "list_messages", json!({"batch_id": batch, "limit": 2})).await;
+    assert_eq!(first["summary"], json!({"sent": 5}), "{first}");
+    let cursor = first["next_cursor"].as_str().unwrap();
+    let (_, second) = call(
+        &s,
+        "list_messages",
+        json!({"batch_id": batch, "limit": 2, "cursor": cursor}),
+    )
+    .await;
+    assert_eq!(second["messages"].as_array().unwrap().len(), 2, "{second}");
+    assert!(second.get("summary").is_none(), "{second}");
+    let (_, failed) = call(
+        &s,
+        "list_messages",
+        json!({"batch_id": batch, "status": "failed"}),
+    )
+    .await;
+    assert!(
+        failed["messages"].as_array().unwrap().is_empty(),
+        "{failed}"
+    );
+    assert_eq!(failed["summary"], json!({"sent": 5}), "{failed}");
+    let (_, none) = call(&s, "list_messages", json!({"batch_id": "batch-none"})).await;
+    assert_eq!(none["summary"], json!({}), "{none}");
+    let (_, plain) = call(&s, "list_messages", json!({})).await;
+    assert!(plain.get("summary").is_none(), "{plain}");
+    // A batch and a tag whose messages are in several states.
+    let (_, later) = call(
+        &s,
+        "send_batch",
+        json!({
+            "defaults": {"subject": "later", "body": "b", "tag": "spring"},
+            "messages": [{"to": "a@example.org"}, {"to": "b@example.org"}, {"to": "c@example.org"}],
+            "send_at": "1h",
+        }),
+    )
+    .await;
+    let later_id = later["batch_id"].as_str().unwrap();
+    let one = later["results"][0]["message_id"].as_str().unwrap();
+    let (_, c) = call(&s, "cancel_message", json!({"message_id": one})).await;
+    assert_eq!(c["cancelled"], true, "{c}");
+    call(
+        &s,
+        "send_email",
+        json!({"to": "d@example.org", "subject": "s", "body": "b", "tag": "spring"}),
+    )
+    .await;
+    let (_, listed) = call(&s, "list_messages", json!({"batch_id": later_id})).await;
+    assert_eq!(
+        listed["summary"],
+        json!({"scheduled": 2, "cancelled": 1}),
+        "{listed}"
+    );
+    let (_, tagged) = call(&s, "list_messages", json!({"tag": "spring", "limit": 1})).await;
+    assert_eq!(
+        tagged["summary"],
+        json!({"scheduled": 2, "cancelled": 1, "sent": 1}),
+        "{tagged}"
+    );
     // Each message names its batch, so that it can be found from one of
     // them (a call whose answer was lost); a single send names none.
-    let (_, all) = call(&s, "list_messages", json!({})).await;
+    let (_, all) = call(&s, "list_messages", json!({"limit": 100})).await;
     let all = all["messages"].as_array().unwrap();
+    // Newest first: the tag's send, the later batch, then the single send.
+    let all = &all[4..];
     assert_eq!(all.len(), 6);
     assert!(all[0]["batch_id"].is_null(), "{}", all[0]);
     assert!(all[1..].iter().all(|m| m["batch_id"] == batch), "{all:?}");

@@ -578,6 +578,25 @@ fn the_queue_command_lists_shows_and_cancels_by_tag() {
     let (_, left, _) = run(&["queue", "list", "--status", "scheduled", "--json"]);
     assert_eq!(left.lines().count(), 1, "{left}");
     assert!(left.contains(&ids[2]), "{left}");
+
+    // A tag's messages per state.
+    let count = |text: &str, state: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(state)?.trim().parse().ok())
+    };
+    let (code, stats, stderr) = run(&["queue", "stats", "--tag", "spring"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(count(&stats, "cancelled "), Some(2), "{stats}");
+    assert_eq!(count(&stats, "scheduled "), Some(0), "{stats}");
+    assert_eq!(count(&stats, "total "), Some(2), "{stats}");
+    let (code, stats, _) = run(&["queue", "stats", "--tag", "autumn"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(count(&stats, "scheduled "), Some(1), "{stats}");
+    let (code, _, stderr) = run(&["queue", "stats", "--tag", "winter"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("no message matches"), "{stderr}");
+    let (code, _, stderr) = run(&["queue", "stats", "--batch", ""]);
+    assert_eq!(code, Some(2), "{stderr}");
 }
 
 /// A `mailmux send` that queues one message for an hour later, on the

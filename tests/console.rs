@@ -727,6 +727,11 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
     for r in merge["results"].as_array().unwrap() {
         wait_status(&mcp, r["message_id"].as_str().unwrap(), "cancelled").await;
     }
+    // The batch's page counts its messages per state.
+    b.goto(&format!("{base}/console/queue?batch={batch}"))
+        .await
+        .unwrap();
+    text_with(&b, "p.summary", "This batch: 2 messages · 2 cancelled").await;
 
     // A held mail merge approved whole: from its batch's queue page to its
     // approvals, one button for every message shown.

@@ -44,8 +44,9 @@ pub enum QueueCommand {
     /// Delete finished messages older than a duration.
     Purge(PurgeArgs),
     /// Messages per state, the oldest queued, the next retry, and whether
-    /// delivery is paused.
-    Stats,
+    /// delivery is paused; with `--batch` or `--tag`, the messages per state
+    /// of that batch or tag.
+    Stats(StatsArgs),
     /// Pause delivery for every daemon on the store (until `resume`, across
     /// restarts): mail is still accepted and queued, and no message is
     /// handed to a relay; deliveries under way end as they would.
@@ -98,6 +99,17 @@ pub enum SuppressCommand {
         #[arg(required = true)]
         addresses: Vec<String>,
     },
+}
+
+/// `queue stats`: the whole queue, or one batch's or tag's messages.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// Only the messages of this `send_batch` call (its `batch_id`).
+    #[arg(long)]
+    pub batch: Option<String>,
+    /// Only the messages sent with this `tag`.
+    #[arg(long, conflicts_with = "batch")]
+    pub tag: Option<String>,
 }
 
 /// Which messages: every given condition holds.
@@ -870,7 +882,34 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
                 Err(e) => fail(e),
             }
         }
-        QueueCommand::Stats => match store.stats().await {
+        QueueCommand::Stats(StatsArgs { batch, tag }) if batch.is_some() || tag.is_some() => {
+            if [&batch, &tag].iter().any(|v| v.as_deref() == Some("")) {
+                eprintln!("mailmux: --batch and --tag take a value that is not empty");
+                return ExitCode::from(EXIT_USAGE);
+            }
+            let filter = Filter {
+                batch,
+                tag,
+                ..Filter::default()
+            };
+            match store.count(&filter).await {
+                Ok(counts) => {
+                    for st in State::ALL {
+                        let n = counts.iter().find(|c| c.0 == st).map_or(0, |c| c.1);
+                        say!("{:<10} {n}", st.as_str());
+                    }
+                    let total: u64 = counts.iter().map(|c| c.1).sum();
+                    say!("{:<10} {total}", "total");
+                    if total == 0 {
+                        eprintln!("mailmux: no message matches");
+                        return ExitCode::from(EXIT_REFUSED);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        QueueCommand::Stats(_) => match store.stats().await {
             Ok(s) => {
                 for st in State::ALL {
                     let n = s.counts.iter().find(|c| c.0 == st).map_or(0, |c| c.1);

@@ -408,7 +408,18 @@ async fn queue(
                 .into_response();
         }
     };
-    pages::queue(&op, notice, &filter, &page, next).into_response()
+    // A batch's or a tag's messages per state, on its first page.
+    let counts = if (filter.batch.is_some() || filter.tag.is_some()) && q.before.is_none() {
+        let whole = Filter {
+            batch: filter.batch.clone(),
+            tag: filter.tag.clone(),
+            ..Filter::default()
+        };
+        server.queue().count(&whole).await.ok()
+    } else {
+        None
+    };
+    pages::queue(&op, notice, &filter, counts.as_deref(), &page, next).into_response()
 }
 
 async fn message(

@@ -489,10 +489,13 @@ pub fn suppressions(
     layout(Some(op), "Suppression list", "suppressions", notice, body)
 }
 
+/// The queue page. `counts`: the messages per state of the batch or tag
+/// the filter names, shown above the list, each a link to that state's.
 pub fn queue(
     op: &Operator,
     notice: Option<&str>,
     filter: &Filter,
+    counts: Option<&[(State, u64)]>,
     page: &[Summary],
     next: Option<i64>,
 ) -> Markup {
@@ -508,6 +511,11 @@ pub fn queue(
             query.push_str(&format!("&{k}={}", super::urlencode(&v)));
         }
     }
+    // The batch or tag alone, for the links of its counts.
+    let group: String = [("batch", &filter.batch), ("tag", &filter.tag)]
+        .iter()
+        .filter_map(|(k, v)| Some(format!("&{k}={}", super::urlencode(v.as_deref()?))))
+        .collect();
     let body = html! {
         h1 { "Queue" }
         form.filters method="get" action="/console/queue" {
@@ -538,6 +546,17 @@ pub fn queue(
             }
             " "
             a.button href={ "/console/approvals?batch=" (super::urlencode(batch)) } { "Its messages waiting for approval" }
+        }
+        @if let Some(counts) = counts {
+            @let of = if filter.batch.is_some() { "This batch" } else { "This tag" };
+            @let total: u64 = counts.iter().map(|c| c.1).sum();
+            p.summary {
+                (of) ": " (total) " messages"
+                @for (st, n) in counts {
+                    " · "
+                    a href={ "/console/queue?state=" (st.as_str()) (group) } { (n) " " (st.as_str()) }
+                }
+            }
         }
         @if page.is_empty() {
             div.card.muted { "No message matches." }
@@ -1047,7 +1066,7 @@ mod tests {
             batch: Some("batch-0123456789abcdef".into()),
             ..Filter::default()
         };
-        let page = queue(&op, None, &filter, &[], None).into_string();
+        let page = queue(&op, None, &filter, None, &[], None).into_string();
         assert!(
             page.contains(r#"name="batch" value="batch-0123456789abcdef""#),
             "{page}"
@@ -1056,7 +1075,7 @@ mod tests {
             page.contains(r#"action="/console/batches/batch-0123456789abcdef/cancel""#),
             "{page}"
         );
-        let page = queue(&op, None, &Filter::default(), &[], None).into_string();
+        let page = queue(&op, None, &Filter::default(), None, &[], None).into_string();
         assert!(!page.contains("/console/batches/"), "{page}");
         let single = mailmux_actors::queue::NewMessage { batch: None, ..new };
         let page = message(&op, None, &single.record(State::Sent, 0), None).into_string();
@@ -1090,9 +1109,23 @@ mod tests {
             tag: Some("spring <sale>".into()),
             ..Filter::default()
         };
-        let page = queue(&op, None, &filter, &[], None).into_string();
+        let page = queue(&op, None, &filter, None, &[], None).into_string();
         assert!(
             page.contains(r#"name="tag" value="spring &lt;sale&gt;""#),
+            "{page}"
+        );
+        // The tag's messages per state, each a link to that state's.
+        let counts = [(State::Queued, 30), (State::Sent, 950)];
+        let filter = Filter {
+            state: Some(State::Failed),
+            ..filter
+        };
+        let page = queue(&op, None, &filter, Some(&counts), &[], None).into_string();
+        assert!(page.contains("This tag: 980 messages"), "{page}");
+        assert!(
+            page.contains(
+                r#"<a href="/console/queue?state=sent&amp;tag=spring%20%3Csale%3E">950 sent</a>"#
+            ),
             "{page}"
         );
     }

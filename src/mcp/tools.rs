@@ -1092,7 +1092,8 @@ impl MailmuxServer {
         description = "List the most recent messages, newest first, optionally only those in \
                        one `status`, of one `send_batch` (`batch_id`) or sent with one `tag`. \
                        At most `limit` (1-100, default 20) a page; pass `next_cursor` back \
-                       as `cursor` for the next page.",
+                       as `cursor` for the next page. With `batch_id` or `tag`, the first page \
+                       has `summary`: how many of those messages are in each status.",
         output_schema = schema_for_output::<ListMessagesResult>()
     )]
     pub async fn list_messages(
@@ -1152,26 +1153,53 @@ impl MailmuxServer {
                 tag: p.tag.clone(),
                 recipient: None,
             };
-            match self.queue().list(&filter, limit as usize, cursor).await {
-                Ok((page, next)) => {
-                    let out = ListMessagesResult {
-                        messages: page.iter().map(Into::into).collect(),
-                        next_cursor: next.map(|n| n.to_string()),
-                        error: None,
-                    };
-                    let text = format!(
-                        "{} messages{}",
-                        out.messages.len(),
-                        if out.next_cursor.is_some() {
-                            "; more with next_cursor"
-                        } else {
-                            ""
-                        }
-                    );
-                    respond(out, text)
+            let (page, next) = match self.queue().list(&filter, limit as usize, cursor).await {
+                Ok(listed) => listed,
+                Err(e) => return fail::<ListMessagesResult>(queue_error(&e)),
+            };
+            // A batch's or a tag's progress, once, on the first page.
+            let grouped = filter.batch.is_some() || filter.tag.is_some();
+            let summary = if grouped && cursor.is_none() {
+                let whole = Filter {
+                    state: None,
+                    ..filter
+                };
+                match self.queue().count(&whole).await {
+                    Ok(counts) => Some(
+                        counts
+                            .into_iter()
+                            .map(|(st, n)| (st.as_str().to_owned(), n))
+                            .collect::<std::collections::BTreeMap<_, _>>(),
+                    ),
+                    Err(e) => return fail::<ListMessagesResult>(queue_error(&e)),
                 }
-                Err(e) => fail::<ListMessagesResult>(queue_error(&e)),
+            } else {
+                None
+            };
+            let out = ListMessagesResult {
+                messages: page.iter().map(Into::into).collect(),
+                next_cursor: next.map(|n| n.to_string()),
+                summary,
+                error: None,
+            };
+            let mut text = format!("{} messages", out.messages.len());
+            if out.next_cursor.is_some() {
+                text.push_str("; more with next_cursor");
             }
+            if let Some(summary) = &out.summary {
+                let each: Vec<String> = summary.iter().map(|(st, n)| format!("{n} {st}")).collect();
+                let of = if p.batch_id.is_some() {
+                    "the batch"
+                } else {
+                    "the tag"
+                };
+                if each.is_empty() {
+                    text.push_str(&format!("; {of} has none"));
+                } else {
+                    text.push_str(&format!("; {of}: {}", each.join(", ")));
+                }
+            }
+            respond(out, text)
         }
         .instrument(span)
         .await

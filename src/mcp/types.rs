@@ -1263,6 +1263,11 @@ pub struct ListMessagesResult {
     /// Pass as `cursor` for the next page; absent on the last page.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_cursor: Option<String>,
+    /// With `batch_id` or `tag`, on the first page: how many of the
+    /// batch's (or the tag's) messages are in each status now, whatever
+    /// `status` the page asks for (`{"sent": 950, "queued": 30}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub summary: Option<std::collections::BTreeMap<String, u64>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ToolError>,
 }
