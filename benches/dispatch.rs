@@ -648,6 +648,7 @@ where
                     deadline: tokio::time::Instant::now() + DEADLINE,
                     prefer: None,
                     only: None,
+                    priority: Default::default(),
                 };
                 let t = Instant::now();
                 match send(mail).await {

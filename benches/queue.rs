@@ -47,6 +47,7 @@ fn message(id: String) -> NewMessage {
         batch: None,
         tag: None,
         max_age: None,
+        priority: Default::default(),
     }
 }
 

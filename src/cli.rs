@@ -133,6 +133,10 @@ pub struct SendArgs {
     /// (repeatable), shown with its status. Not sent.
     #[arg(long = "metadata", value_name = "NAME=VALUE", value_parser = var_arg)]
     pub metadata: Vec<(String, String)>,
+    /// `high` for mail a person waits for: it takes a relay's next turn and
+    /// next free connection before normal mail.
+    #[arg(long, value_name = "high|normal", value_parser = priority_arg)]
+    pub priority: Option<crate::compose::PriorityParam>,
     /// Try this relay first.
     #[arg(long)]
     pub relay: Option<String>,
@@ -438,8 +442,17 @@ fn draft_from_args(
         headers,
         tag: args.tag.clone(),
         metadata,
+        priority: args.priority,
         ..Draft::default()
     })
+}
+
+fn priority_arg(s: &str) -> Result<crate::compose::PriorityParam, String> {
+    match s {
+        "high" => Ok(crate::compose::PriorityParam::High),
+        "normal" => Ok(crate::compose::PriorityParam::Normal),
+        _ => Err("high or normal".into()),
+    }
 }
 
 /// The dispatcher and the queue for `send`. When a daemon holds the store,

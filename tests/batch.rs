@@ -217,6 +217,8 @@ async fn invalid_messages_are_reported_and_the_valid_ones_sent() {
             {"to": ["j@example.org"], "template_vars": {"name": "J"},
              "headers": {"X-Ticket": "J-1", "Bcc": "k@example.org"}},
             {"to": ["l@example.org"], "template_vars": {"name": "L"}, "headers": {"X-Ticket": 5}},
+            {"to": ["m@example.org"], "template_vars": {"name": "M"}, "priority": "urgent"},
+            {"to": ["n@example.org"], "template_vars": {"name": "N"}, "priority": "high"},
         ],
     });
     let (is_error, out) = call(&s, "send_batch", batch.clone()).await;
@@ -250,8 +252,14 @@ async fn invalid_messages_are_reported_and_the_valid_ones_sent() {
     assert_eq!(r[9]["error"]["rule"], "header_not_allowed", "{}", r[9]);
     assert_eq!(r[10]["error"]["field"], "messages[10].headers.X-Ticket");
     assert_eq!(r[10]["error"]["rule"], "schema");
-    assert_eq!(out["summary"], json!({"refused": 9, "sent": 2}));
-    assert_eq!(s.smtp.delivered().len(), 2);
+    assert_eq!(r[11]["error"]["field"], "messages[11].priority");
+    assert_eq!(r[11]["error"]["rule"], "schema");
+    assert_eq!(r[12]["status"], "sent", "{}", r[12]);
+    let id = r[12]["message_id"].as_str().unwrap();
+    let (_, status) = call(&s, "get_message_status", json!({"message_id": id})).await;
+    assert_eq!(status["priority"], "high", "{status}");
+    assert_eq!(out["summary"], json!({"refused": 10, "sent": 3}));
+    assert_eq!(s.smtp.delivered().len(), 3);
 
     // atomic: the same batch queues nothing and is an error listing each.
     let mut atomic = batch;
@@ -269,6 +277,7 @@ async fn invalid_messages_are_reported_and_the_valid_ones_sent() {
         "messages[8].list_unsubscribe[0]",
         "messages[9].headers.Bcc",
         "messages[10].headers.X-Ticket",
+        "messages[11].priority",
     ] {
         assert!(message.contains(f), "{f} not in {message}");
     }
@@ -282,9 +291,9 @@ async fn invalid_messages_are_reported_and_the_valid_ones_sent() {
     assert!(is_error, "{out}");
     assert_eq!(out["error"]["field"], "defaults.subject", "{out}");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(s.smtp.delivered().len(), 2, "atomic queued nothing");
+    assert_eq!(s.smtp.delivered().len(), 3, "atomic queued nothing");
     let (_, listed) = call(&s, "list_messages", json!({})).await;
-    assert_eq!(listed["messages"].as_array().unwrap().len(), 2);
+    assert_eq!(listed["messages"].as_array().unwrap().len(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

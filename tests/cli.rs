@@ -515,6 +515,8 @@ fn the_queue_command_lists_shows_and_cancels_by_tag() {
                 "customer=c-1",
                 "--max-age",
                 "5m",
+                "--priority",
+                "high",
             ][..],
         ),
         ("b@example.org", &["--tag", "spring"][..]),
@@ -564,6 +566,9 @@ fn the_queue_command_lists_shows_and_cancels_by_tag() {
     assert!(shown.contains("\"tag\": \"spring\""), "{shown}");
     assert!(shown.contains("\"customer\": \"c-1\""), "{shown}");
     assert!(shown.contains("\"max_age\": \"5m\""), "{shown}");
+    assert!(shown.contains("\"priority\": \"high\""), "{shown}");
+    let (code, _, stderr) = run(&["send", "--to", "d@example.org", "--priority", "urgent"]);
+    assert_eq!(code, Some(2), "{stderr}");
     // Kept with the message, not in it.
     let headers = shown.split("\nFrom: ").nth(1).unwrap();
     assert!(

@@ -2089,6 +2089,106 @@ async fn over_its_rate_a_relay_is_passed_over_for_another() {
     assert_eq!(spare.delivered().len(), 4);
 }
 
+/// Where among the sink's deliveries the message with `subject` came, once
+/// it came.
+async fn arrival(sink: &FaultSmtp, subject: &str) -> usize {
+    let line = format!("Subject: {subject}\r\n");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = sink.delivered();
+        if let Some(k) = got
+            .iter()
+            .position(|r| String::from_utf8_lossy(&r.data).contains(&line))
+        {
+            return k;
+        }
+        assert!(Instant::now() < deadline, "{subject:?} never came");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A backlog of `n` normal messages for one relay, sent as one batch that
+/// does not wait.
+async fn backlog(c: &Client, n: usize) {
+    let messages: Vec<Value> = (0..n)
+        .map(|i| json!({"to": [format!("r{i}@example.org")]}))
+        .collect();
+    let (is_error, out) = call(
+        c,
+        "send_batch",
+        json!({"defaults": {"subject": "news", "body": "b"}, "messages": messages, "wait": false}),
+    )
+    .await;
+    assert!(!is_error, "{out}");
+}
+
+/// Mail of high priority sent while a mail merge waits for a relay's rate
+/// takes the relay's next turn: the deferred messages, which come back at
+/// random times within their wait, do not take it first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn high_priority_mail_takes_a_relays_next_turn_of_its_rate() {
+    let sink = FaultSmtp::start(Script::ok()).await;
+    // 4 at once, then one every 250 ms.
+    let d = start_with(|dir| rate_config(dir, sink.port(), "4/1s", None)).await;
+    let c = connect(&d, "no-token-configured").await;
+    backlog(&c, 40).await;
+    assert!(sink.wait_for_delivered(8, Duration::from_secs(20)).await);
+    let before = sink.delivered().len();
+    let mut urgent = mail(json!(["urgent@example.org"]));
+    urgent["subject"] = json!("urgent");
+    urgent["priority"] = json!("high");
+    urgent["wait"] = json!(false);
+    let (is_error, out) = call(&c, "send_email", urgent).await;
+    assert!(!is_error, "{out}");
+    let at = arrival(&sink, "urgent").await;
+    assert!(
+        at <= before + 2,
+        "delivered {} after it was sent, of 32 waiting",
+        at - before
+    );
+    let s = status(&c, out["message_id"].as_str().unwrap()).await;
+    assert_eq!(s["priority"], "high", "{s}");
+    // The rest of the mail merge, each message once.
+    assert!(sink.wait_for_delivered(41, Duration::from_secs(30)).await);
+    let mut to: Vec<String> = sink
+        .delivered()
+        .iter()
+        .map(|r| r.rcpt_to.join(","))
+        .collect();
+    to.sort();
+    to.dedup();
+    assert_eq!(to.len(), 41);
+}
+
+/// Mail of high priority waits for a relay's connection behind at most one
+/// normal message, not behind a mail merge's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn high_priority_mail_takes_a_relays_next_free_connection() {
+    let sink = FaultSmtp::start(
+        Script::ok().on(Phase::Data, SmtpAction::Pause(Duration::from_millis(150))),
+    )
+    .await;
+    let d =
+        start_with(|dir| rate_config(dir, sink.port(), "1000/1s", None) + "max_connections = 1\n")
+            .await;
+    let c = connect(&d, "no-token-configured").await;
+    backlog(&c, 20).await;
+    assert!(sink.wait_for_delivered(2, Duration::from_secs(20)).await);
+    let before = sink.delivered().len();
+    let mut urgent = mail(json!(["urgent@example.org"]));
+    urgent["subject"] = json!("urgent");
+    urgent["priority"] = json!("high");
+    let (is_error, out) = call(&c, "send_email", urgent).await;
+    assert!(!is_error && out["status"] == "sent", "{out}");
+    let at = arrival(&sink, "urgent").await;
+    assert!(
+        at <= before + 2,
+        "delivered {} after it was sent",
+        at - before
+    );
+    assert!(sink.wait_for_delivered(21, Duration::from_secs(30)).await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_is_checked_per_message_and_each_message_takes_rate() {
     let (sink, other) = servers().await;

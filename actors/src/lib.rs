@@ -36,7 +36,8 @@ mod tally;
 pub use dispatcher::PanicTarget;
 pub use dispatcher::{ControlError, Dispatcher};
 pub use mail::{
-    Attempt, CommitMark, FailureClass, FailureReason, Mail, Rejected, Reply, Report, Status,
+    Attempt, CommitMark, FailureClass, FailureReason, Mail, Priority, Rejected, Reply, Report,
+    Status,
 };
 pub use settings::{
     AuthMethod, Credentials, Dsn, FetchToken, HealthSettings, Limits, PoolSettings, RelayKind,

@@ -33,6 +33,32 @@ pub struct Mail {
     pub prefer: Option<String>,
     /// Only these relays may take it (the caller's `allowed_relays`).
     pub only: Option<Arc<[String]>>,
+    /// `High`: the next turn of a relay's `rate` and the next connection
+    /// that comes free are its before any normal message's.
+    pub priority: Priority,
+}
+
+/// How soon a message must go, next to the others waiting for the same
+/// relays: a one-time code or a password reset (`High`) should not wait
+/// behind a mail merge (`Normal`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Priority {
+    #[default]
+    Normal,
+    High,
+}
+
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Normal => "normal",
+            Priority::High => "high",
+        }
+    }
+
+    pub fn is_high(self) -> bool {
+        self == Priority::High
+    }
 }
 
 impl Mail {

@@ -68,6 +68,10 @@ pub(crate) struct RelayShared {
     pub(crate) settings: RelaySettings,
     /// Connection permits: at most `max_connections` open at once.
     permits: Arc<Semaphore>,
+    /// One permit: the normal message that may wait for a connection. The
+    /// others wait for it, so that a message of high priority, which waits
+    /// for a connection directly, has at most one normal message ahead.
+    normal_turn: Semaphore,
     /// Messages waiting for a permit.
     queued: AtomicUsize,
     /// Messages handed to this relay and not yet finished.
@@ -122,6 +126,7 @@ impl RelayShared {
     pub(crate) fn new(settings: RelaySettings, share: RateShare) -> Arc<Self> {
         Arc::new(Self {
             permits: Arc::new(Semaphore::new(settings.pool.max_connections)),
+            normal_turn: Semaphore::new(1),
             queued: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             open: AtomicUsize::new(0),
@@ -735,8 +740,14 @@ async fn deliver_smtp(shared: &Arc<RelayShared>, flight: &Flight) -> Result<Deli
             shared.settings.pool.max_queued
         )));
     }
-    let permit =
-        tokio::time::timeout_at(mail.deadline, shared.permits.clone().acquire_owned()).await;
+    let permit = tokio::time::timeout_at(mail.deadline, async {
+        if mail.priority.is_high() {
+            return shared.permits.clone().acquire_owned().await;
+        }
+        let _turn = shared.normal_turn.acquire().await;
+        shared.permits.clone().acquire_owned().await
+    })
+    .await;
     shared.queued.fetch_sub(1, Ordering::AcqRel);
     let permit = match permit {
         Ok(Ok(p)) => p,

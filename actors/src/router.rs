@@ -6,6 +6,7 @@
 //! It never waits on a relay: it casts `Deliver` and moves on. It reads each
 //! relay's availability and in-flight count from the relay's shared part.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -124,7 +125,16 @@ pub(crate) struct RouterState {
     /// While routing one message: the shortest wait of a relay that was
     /// passed over because its `rate` was used up.
     rate_wait: Option<std::time::Duration>,
+    /// By relay: until when its next turn of its `rate` is kept for a
+    /// message of high priority that found the rate used up, and comes back
+    /// for that turn ([`RouterState::take_turn`]).
+    kept: HashMap<String, Instant>,
 }
+
+/// How long after a relay's next turn of its `rate` is due the turn stays
+/// kept for the message of high priority that asked for it: its round comes
+/// back then, within a poll of the queue (100 ms).
+const KEPT_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Actor for RouterActor {
     type Msg = RouterMsg;
@@ -143,6 +153,7 @@ impl Actor for RouterActor {
             next_turn: 0,
             rng: StdRng::from_os_rng(),
             rate_wait: None,
+            kept: HashMap::new(),
         })
     }
 
@@ -164,7 +175,7 @@ impl Actor for RouterActor {
                 let now = Instant::now();
                 let pinned = state.pinned();
                 let next = state
-                    .choose(None, None, &[], now, false)
+                    .choose(None, None, &[], now, false, false)
                     .map(|i| state.table[i].name().to_owned());
                 let _ = reply.send(Selection {
                     pinned,
@@ -230,6 +241,7 @@ impl RouterState {
                     &flight.tried,
                     now,
                     true,
+                    flight.mail.priority.is_high(),
                 )
             };
             let Some(i) = pick else {
@@ -304,7 +316,8 @@ impl RouterState {
     }
 
     /// Picks a relay that is available and has not tried this message.
-    /// `advance` moves the round-robin turn (false for a look-ahead).
+    /// `advance` moves the round-robin turn (false for a look-ahead); `high`:
+    /// the message is of high priority.
     fn choose(
         &mut self,
         prefer: Option<&str>,
@@ -312,6 +325,7 @@ impl RouterState {
         tried: &[String],
         now: Instant,
         advance: bool,
+        high: bool,
     ) -> Option<usize> {
         let mut candidates: Vec<usize> = (0..self.table.len())
             .filter(|&i| {
@@ -329,12 +343,41 @@ impl RouterState {
             if !advance {
                 return Some(i);
             }
-            match self.table[i].shared.take_rate() {
+            match self.take_turn(i, high, now) {
                 Ok(()) => return Some(i),
                 Err(wait) => {
                     self.rate_wait = Some(self.rate_wait.map_or(wait, |w| w.min(wait)));
                     candidates.retain(|&c| c != i);
                 }
+            }
+        }
+    }
+
+    /// Takes a turn of relay `i`'s `rate`, or says how long until one. A
+    /// message of high priority that finds the rate used up has the next
+    /// turn kept for it (until [`KEPT_FOR`] past it): no other message takes
+    /// it meanwhile, so that it does not wait behind the mail deferred for
+    /// the same rate, which comes back at random times within its wait.
+    fn take_turn(&mut self, i: usize, high: bool, now: Instant) -> Result<(), std::time::Duration> {
+        let name = self.table[i].name();
+        if !high && let Some(&until) = self.kept.get(name) {
+            if until > now {
+                return Err(until - now);
+            }
+            self.kept.remove(name);
+        }
+        match self.table[i].shared.take_rate() {
+            Ok(()) => {
+                if high {
+                    self.kept.remove(name);
+                }
+                Ok(())
+            }
+            Err(wait) => {
+                if high {
+                    self.kept.insert(name.to_owned(), now + wait + KEPT_FOR);
+                }
+                Err(wait)
             }
         }
     }

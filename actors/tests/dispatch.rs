@@ -66,6 +66,7 @@ fn mail_to(to: &[&str]) -> Mail {
         deadline: Instant::now() + Duration::from_secs(20),
         prefer: None,
         only: None,
+        priority: Default::default(),
     }
 }
 

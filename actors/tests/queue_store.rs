@@ -15,8 +15,8 @@ use mailmux_actors::queue::memory::MemoryStore;
 use mailmux_actors::queue::sqlite::SqliteStore;
 use mailmux_actors::queue::{
     self, Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Feed, Filter, Hold,
-    NewMessage, Purged, RejectedRecord, ReportRecord, Retry, Settle, State, Store, StoreError,
-    Suppression, SuppressionChange, SuppressionPage, SuppressionQuery, now_millis,
+    NewMessage, Priority, Purged, RejectedRecord, ReportRecord, Retry, Settle, State, Store,
+    StoreError, Suppression, SuppressionChange, SuppressionPage, SuppressionQuery, now_millis,
 };
 
 fn by_state(state: State) -> Filter {
@@ -38,6 +38,7 @@ fn mail_to_b(id: &str, within: Duration) -> mailmux_actors::Mail {
         deadline: tokio::time::Instant::now() + within,
         prefer: None,
         only: None,
+        priority: Default::default(),
     }
 }
 
@@ -94,6 +95,7 @@ fn message(id: &str, key: Option<(&str, u8)>) -> NewMessage {
         batch: None,
         tag: None,
         max_age: None,
+        priority: Default::default(),
     }
 }
 
@@ -1104,6 +1106,7 @@ async fn sqlite_on_disk_conforms() {
     batch_counts(&open("batches.db")).await;
     first_rounds(&open("first.db")).await;
     listings(&open("listings.db")).await;
+    priorities(&open("priorities.db")).await;
     unconfirmed_marks(&open("unconfirmed.db")).await;
     streamed_batches(&open("streamed.db")).await;
     cancelled_in_a_round(&open("cancelled.db")).await;
@@ -1131,6 +1134,58 @@ async fn sqlite_on_disk_conforms() {
     ] {
         counts_match_rows(&dir.path().join(name));
     }
+}
+
+/// A message's priority is kept, and the due messages of high priority
+/// are taken before the others, however long those have waited.
+async fn priorities(store: &dyn Store) {
+    let now = now_millis();
+    for (id, due, high) in [
+        ("n1", now - 3_000, false),
+        ("n2", now - 2_000, false),
+        ("h1", now - 1_000, true),
+        ("h2", now + 60_000, true),
+        ("n3", now - 500, false),
+    ] {
+        let m = NewMessage {
+            due_at: due,
+            priority: if high {
+                Priority::High
+            } else {
+                Priority::Normal
+            },
+            ..message(id, None)
+        };
+        store.accept(m).await.unwrap();
+    }
+    assert_eq!(store.due(now, 10).await.unwrap(), ["h1", "n1", "n2", "n3"]);
+    assert_eq!(store.due(now, 2).await.unwrap(), ["h1", "n1"]);
+    assert_eq!(store.due(now, 1).await.unwrap(), ["h1"]);
+    assert_eq!(
+        store.get("h1").await.unwrap().unwrap().priority,
+        Priority::High
+    );
+    assert_eq!(
+        store.get("n1").await.unwrap().unwrap().priority,
+        Priority::Normal
+    );
+    assert_eq!(
+        store.load("h2").await.unwrap().unwrap().priority,
+        Priority::High
+    );
+    // Deferred, it is still taken first once due again; once due, the
+    // scheduled one is too.
+    store
+        .settle("h1", settle(State::Queued, Some(now - 100)))
+        .await
+        .unwrap();
+    assert_eq!(store.due(now, 2).await.unwrap(), ["h1", "n1"]);
+    assert_eq!(
+        store.due(now + 61_000, 3).await.unwrap(),
+        ["h1", "h2", "n1"]
+    );
+    store.cancel("h1").await.unwrap();
+    assert_eq!(store.due(now, 10).await.unwrap(), ["n1", "n2", "n3"]);
 }
 
 /// Listings by caller, by batch and by both, newest first, a page at a
@@ -1397,6 +1452,7 @@ async fn memory_conforms() {
     batch_counts(&MemoryStore::new()).await;
     first_rounds(&MemoryStore::new()).await;
     listings(&MemoryStore::new()).await;
+    priorities(&MemoryStore::new()).await;
     streamed_batches(&MemoryStore::new()).await;
     cancelled_in_a_round(&MemoryStore::new()).await;
     let store = MemoryStore::new();
@@ -1890,6 +1946,7 @@ async fn a_version_1_store_is_migrated_at_start() {
              DROP TABLE suppression_changes; DROP TABLE delivery_pause;
              DROP INDEX messages_tag; ALTER TABLE messages DROP COLUMN tag;
              ALTER TABLE messages DROP COLUMN max_age;
+             DROP INDEX messages_due_high; ALTER TABLE messages DROP COLUMN priority;
              ALTER TABLE messages DROP COLUMN reports;
              CREATE TABLE attempts (
                  seq INTEGER NOT NULL, at INTEGER NOT NULL, relay TEXT NOT NULL, class TEXT,
@@ -1963,6 +2020,7 @@ async fn a_version_10_store_has_its_keys_scoped_to_their_callers() {
              DROP TABLE suppression_changes; DROP TABLE delivery_pause;
              DROP INDEX messages_tag; ALTER TABLE messages DROP COLUMN tag;
              ALTER TABLE messages DROP COLUMN max_age;
+             DROP INDEX messages_due_high; ALTER TABLE messages DROP COLUMN priority;
              ALTER TABLE messages DROP COLUMN reports;
              PRAGMA user_version = 10;",
         )
@@ -1999,6 +2057,7 @@ async fn a_version_8_store_has_its_attempts_moved_into_their_rows() {
              DROP TABLE suppression_changes; DROP TABLE delivery_pause;
              DROP INDEX messages_tag; ALTER TABLE messages DROP COLUMN tag;
              ALTER TABLE messages DROP COLUMN max_age;
+             DROP INDEX messages_due_high; ALTER TABLE messages DROP COLUMN priority;
              ALTER TABLE messages DROP COLUMN reports;
              CREATE TABLE attempts (
                  seq INTEGER NOT NULL, at INTEGER NOT NULL, relay TEXT NOT NULL, class TEXT,
@@ -2140,6 +2199,7 @@ async fn postgres_conforms() {
     on_a_new_database!(copies);
     on_a_new_database!(marked_bytes);
     on_a_new_database!(listings);
+    on_a_new_database!(priorities);
     on_a_new_database!(unconfirmed_marks);
     on_a_new_database!(streamed_batches);
     on_a_new_database!(cancelled_in_a_round);
@@ -2308,6 +2368,7 @@ async fn postgres_counts_survive_daemons_purges_and_migration() {
          DROP TABLE mailmux_suppression_changes; DROP TABLE mailmux_delivery_pause;
          DROP INDEX mailmux_messages_tag; ALTER TABLE mailmux_messages DROP COLUMN tag;
          ALTER TABLE mailmux_messages DROP COLUMN max_age;
+         ALTER TABLE mailmux_messages DROP COLUMN priority;
          DROP TABLE mailmux_report_cursors; ALTER TABLE mailmux_messages DROP COLUMN reports;
          DROP INDEX mailmux_messages_queued_at, mailmux_messages_retry;
          DELETE FROM mailmux_schema WHERE version >= 5",
@@ -3048,6 +3109,7 @@ async fn postgres_keys_of_version_7_are_scoped_to_their_callers() {
          DROP TABLE mailmux_suppression_changes; DROP TABLE mailmux_delivery_pause;
          DROP INDEX mailmux_messages_tag; ALTER TABLE mailmux_messages DROP COLUMN tag;
          ALTER TABLE mailmux_messages DROP COLUMN max_age;
+         ALTER TABLE mailmux_messages DROP COLUMN priority;
          DROP TABLE mailmux_report_cursors; ALTER TABLE mailmux_messages DROP COLUMN reports;
          DELETE FROM mailmux_schema WHERE version >= 8;",
     );

@@ -21,8 +21,8 @@ use mailmux_actors::queue::memory::MemoryStore;
 use mailmux_actors::queue::postgres::{PgSettings, PgStore};
 use mailmux_actors::queue::sqlite::SqliteStore;
 use mailmux_actors::queue::{
-    self, AttemptRecord, Decision, Feed, Filter, Hold, Millis, NewMessage, Record, RejectedRecord,
-    Settle, State, Store, StoreError, Summary, now_millis,
+    self, AttemptRecord, Decision, Feed, Filter, Hold, Millis, NewMessage, Priority, Record,
+    RejectedRecord, Settle, State, Store, StoreError, Summary, now_millis,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -122,7 +122,7 @@ fn record(c: &Clock, r: &Record) -> String {
         "{} {} from={:?} to={:?} size={} prefer={:?} key={:?} queued={} due={} next={} relay={:?} \
          accepted={:?} rejected={:?} reason={:?} note={:?} attempts={attempts:?} \
          history={history:?} caller={:?} meta={:?} decided_by={:?} copy={:?} batch={:?} tag={:?} \
-         max_age={:?}",
+         max_age={:?} priority={}",
         r.message_id,
         r.state.as_str(),
         r.from,
@@ -145,6 +145,7 @@ fn record(c: &Clock, r: &Record) -> String {
         r.batch,
         r.tag,
         r.max_age,
+        r.priority.as_str(),
     )
 }
 
@@ -179,6 +180,8 @@ struct Known {
     marked: BTreeSet<String>,
     /// Stored by `accept_marked`, without their bytes.
     bodiless: BTreeSet<String>,
+    /// Of high priority.
+    high: BTreeSet<String>,
     next: usize,
 }
 
@@ -232,6 +235,10 @@ impl Run {
         });
         let batch = [None, Some("b1"), Some("b2")][rng.random_range(0..3)].map(str::to_owned);
         let tag = [None, Some("t1"), Some("t2")][rng.random_range(0..3)].map(str::to_owned);
+        let high = rng.random_bool(0.2);
+        if high {
+            self.known.high.insert(message_id.clone());
+        }
         let n = self.known.next;
         let bytes: Arc<[u8]> =
             Arc::from(format!("Subject: {n}\r\n\r\n{}\r\n", "x".repeat(n % 7)).into_bytes());
@@ -257,6 +264,11 @@ impl Run {
             max_age: rng
                 .random_bool(0.2)
                 .then(|| rng.random_range(1000..100_000)),
+            priority: if high {
+                Priority::High
+            } else {
+                Priority::Normal
+            },
         }
     }
 
@@ -399,11 +411,17 @@ async fn step(run: &mut Run, stores: &[Arc<dyn Store>]) -> (String, Vec<String>)
             let now = c.probe(&mut run.rng);
             name = format!("due {}", c.show(now));
             for s in stores {
-                let got = s.due(now, 1000).await.map(|mut ids| {
-                    ids.sort();
-                    ids
+                // Each store's order within a priority is its own; the high
+                // ones come first.
+                let high = &run.known.high;
+                let got = s.due(now, 1000).await.map(|ids| {
+                    let first = ids.iter().take_while(|id| high.contains(*id)).count();
+                    let mut ids = ids;
+                    ids[..first].sort();
+                    ids[first..].sort();
+                    (first, ids)
                 });
-                if let Ok(ids) = &got {
+                if let Ok((_, ids)) = &got {
                     run.known.claimed.extend(ids.iter().cloned());
                 }
                 answers.push(answer(got));

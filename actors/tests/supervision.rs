@@ -60,6 +60,7 @@ fn mail() -> Mail {
         deadline: Instant::now() + Duration::from_secs(30),
         prefer: None,
         only: None,
+        priority: Default::default(),
     }
 }
 

@@ -61,6 +61,7 @@ fn mail(n: u32) -> Mail {
         deadline: Instant::now() + Duration::from_secs(20),
         prefer: None,
         only: None,
+        priority: Default::default(),
     }
 }
 

@@ -189,6 +189,11 @@ pub struct Draft {
     /// recipients; never put a secret here.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
+    /// `high` for mail a person waits for (a one-time code, a password
+    /// reset): it takes a relay's next turn of its rate and next free
+    /// connection before `normal` mail (a mail merge). Default `normal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<PriorityParam>,
     /// When the message is to go out (`send_at`), for its `Date` header; now
     /// when unset or past. Not a parameter: the tools set it.
     #[serde(skip)]
@@ -196,14 +201,31 @@ pub struct Draft {
     pub send_at: Option<SystemTime>,
 }
 
+/// A message's `priority`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PriorityParam {
+    High,
+    Normal,
+}
+
+impl From<PriorityParam> for mailmux_actors::Priority {
+    fn from(p: PriorityParam) -> Self {
+        match p {
+            PriorityParam::High => mailmux_actors::Priority::High,
+            PriorityParam::Normal => mailmux_actors::Priority::Normal,
+        }
+    }
+}
+
 impl Draft {
     /// The draft with its shorthand forms written out, for the content hash
     /// of an idempotency key: a comma-separated string of addresses as the
     /// array of its entries, one link as an array of one, an empty array of
-    /// links as none. So a retry that writes `"to": "a@x.org"` as
-    /// `["a@x.org"]` is the same content. `None` when the draft has no
-    /// shorthand, so that the hash of a draft in the long forms is the one
-    /// earlier builds stored.
+    /// links as none, `"priority": "normal"` as no priority. So a retry
+    /// that writes `"to": "a@x.org"` as `["a@x.org"]` is the same content.
+    /// `None` when the draft has no shorthand, so that the hash of a draft
+    /// in the long forms is the one earlier builds stored.
     pub fn written_out(&self) -> Option<Draft> {
         let csv = |r: &Recipients| matches!(r, Recipients::Csv(_));
         let short_links = match &self.list_unsubscribe {
@@ -211,10 +233,14 @@ impl Draft {
             Some(Links::Many(v)) => v.is_empty(),
             None => false,
         };
-        if !(csv(&self.to) || csv(&self.cc) || csv(&self.bcc) || short_links) {
+        let normal = self.priority == Some(PriorityParam::Normal);
+        if !(csv(&self.to) || csv(&self.cc) || csv(&self.bcc) || short_links || normal) {
             return None;
         }
         let mut d = self.clone();
+        if normal {
+            d.priority = None;
+        }
         for r in [&mut d.to, &mut d.cc, &mut d.bcc] {
             if let Recipients::Csv(s) = r {
                 let entries = address::split_list(s).into_iter().map(str::to_owned);
@@ -382,6 +408,7 @@ pub struct Composed {
     /// The caller's labels of it ([`labels`]): stored with it, not sent.
     pub tag: Option<String>,
     pub metadata: BTreeMap<String, String>,
+    pub priority: mailmux_actors::Priority,
     /// CRLF line endings throughout.
     pub bytes: Vec<u8>,
     /// The parts as rendered, for [`Composed::preview`].
@@ -762,6 +789,7 @@ fn compose_inner(
         unsubscribe_link,
         tag: draft.tag.clone(),
         metadata: draft.metadata.clone(),
+        priority: draft.priority.map(Into::into).unwrap_or_default(),
         bytes,
         text,
         html,

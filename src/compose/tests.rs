@@ -744,6 +744,22 @@ fn shorthand_forms_are_written_out_for_the_content_hash() {
     }))
     .unwrap();
     assert_eq!(none.written_out().unwrap().list_unsubscribe, None);
+    // `"priority": "normal"` is the default written out; `high` is content.
+    let normal: Draft = serde_json::from_value(serde_json::json!({
+        "to": ["a@x.org", "\"Doe, Jane\" <j@x.org>"], "cc": [], "bcc": ["b@x.org"],
+        "list_unsubscribe": ["mailto:u@x.org"], "priority": "normal",
+    }))
+    .unwrap();
+    assert_eq!(normal.written_out(), Some(long.clone()));
+    let high = Draft {
+        priority: Some(PriorityParam::High),
+        ..long.clone()
+    };
+    assert!(high.written_out().is_none());
+    assert_ne!(
+        serde_json::to_value(&high).unwrap(),
+        serde_json::to_value(&long).unwrap()
+    );
 }
 
 #[test]
@@ -1240,6 +1256,7 @@ fn random_input_never_panics() {
                 BTreeMap::new()
             },
             tag: g.chance(12).then(|| g.or_valid("spring sale")),
+            priority: g.chance(6).then_some(PriorityParam::High),
             metadata: if g.chance(12) {
                 BTreeMap::from([(g.or_valid("customer_id"), g.or_valid("c-42"))])
             } else {

@@ -826,6 +826,9 @@ pub fn message(
                     dt { "tag" }
                     dd { a href={ "/console/queue?tag=" (super::urlencode(tag)) } { (tag) } }
                 }
+                @if r.priority.is_high() {
+                    dt { "priority" } dd { "high" }
+                }
                 @if let Some(ms) = r.max_age {
                     dt { "own max_age" }
                     dd { (humantime::format_duration(mailmux_actors::queue::duration(ms))) }
@@ -1043,6 +1046,7 @@ mod tests {
             batch: None,
             tag: None,
             max_age: None,
+            priority: Default::default(),
         }
     }
 
@@ -1094,6 +1098,7 @@ mod tests {
             meta: Some(serde_json::to_string(&meta).unwrap()),
             tag: meta.tag.clone(),
             max_age: Some(300_000),
+            priority: mailmux_actors::Priority::High,
             ..stored()
         };
         let page = message(&op, None, &new.record(State::Sent, 0), None).into_string();
@@ -1105,6 +1110,7 @@ mod tests {
         );
         assert!(page.contains("customer: c-42"), "{page}");
         assert!(page.contains("<dd>5m</dd>"), "{page}");
+        assert!(page.contains("<dt>priority</dt><dd>high</dd>"), "{page}");
         let filter = Filter {
             tag: Some("spring <sale>".into()),
             ..Filter::default()
@@ -1173,6 +1179,7 @@ mod tests {
             meta: None,
             only: None,
             max_age: None,
+            priority: Default::default(),
             accepted: vec![],
             rejected: vec![],
             copied: false,
@@ -1250,6 +1257,7 @@ mod tests {
             batch: None,
             tag: None,
             max_age: None,
+            priority: Default::default(),
             expires_at: None,
             reports: vec![],
         };

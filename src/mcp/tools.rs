@@ -606,7 +606,8 @@ impl MailmuxServer {
                        (get_smtp_status lists those you may) to send its subject and bodies \
                        filled with your `template_vars`. A `tag` (list_messages filters by it) \
                        and `metadata` are kept with the message, never sent; `max_age` gives up \
-                       on mail that would arrive too late (a one-time code).",
+                       on mail that would arrive too late (a one-time code), and `priority: \
+                       \"high\"` sends it before waiting normal mail (a mail merge).",
         output_schema = schema_for_output::<SendResult>()
     )]
     pub async fn send_email(
@@ -1812,6 +1813,7 @@ impl MailmuxServer {
             deadline: tokio::time::Instant::now() + config.daemon.send_deadline,
             prefer: params.relay,
             only,
+            priority: composed.priority,
         };
         let deadline = mail.deadline;
         Prepared::Ready(Box::new(Ready {

@@ -295,6 +295,9 @@ pub fn mistyped(name: &str, value: &serde_json::Value) -> Option<ShapeError> {
         {
             wrong(name, "a string")
         }
+        "priority" if !matches!(value.as_str(), Some("high" | "normal")) => {
+            wrong(name, "\"high\" or \"normal\"")
+        }
         "limit" if value.as_u64().is_none_or(|n| n > u64::from(u32::MAX)) => {
             wrong(name, "a whole number")
         }
@@ -546,6 +549,7 @@ macro_rules! message_fields {
             "tag",
             "metadata",
             "max_age",
+            "priority",
             $($extra),*
         ]
     };
@@ -1091,6 +1095,9 @@ pub struct MessageStatusResult {
     /// than its caller's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_age: Option<String>,
+    /// `high` when it was sent with that `priority`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<String>,
     /// For a `scheduled` or `queued` message: when it expires unless a
     /// relay takes it first (its due time and the `max_age` in force).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1195,6 +1202,7 @@ impl From<&Record> for MessageStatusResult {
             tag: r.tag.clone(),
             metadata: crate::audit::Meta::of(r.meta.as_deref()).metadata,
             expires_at: r.expires_at.map(rfc3339),
+            priority: r.priority.is_high().then(|| r.priority.as_str().to_owned()),
             max_age: r.max_age.map(|ms| {
                 humantime::format_duration(mailmux_actors::queue::duration(ms)).to_string()
             }),

@@ -508,6 +508,12 @@ pub fn cases(dir: &Path) -> Vec<BadInput> {
             "conflicting_fields",
         ),
         case(
+            "a priority that is not high or normal",
+            with(json!({"priority": "urgent"})),
+            "priority",
+            "schema",
+        ),
+        case(
             "a cid link with no attachment of its id",
             with(json!({"html_body": "<p><img src=\"cid:logo\"></p>"})),
             "html_body",

@@ -33,6 +33,7 @@ const MESSAGE_FIELDS: &[&str] = &[
     "tag",
     "metadata",
     "max_age",
+    "priority",
 ];
 
 /// Pieces strings are made of.
@@ -194,6 +195,7 @@ fn field_value(rng: &mut StdRng, field: &str) -> Value {
         "max_age" if rng.random_bool(0.7) => {
             json!(["10m", "1h", "2s", "500ms", "30d", "0s"][rng.random_range(0..6)])
         }
+        "priority" if rng.random_bool(0.7) => json!(["high", "normal"][rng.random_range(0..2)]),
         _ => json!(string(rng)),
     }
 }

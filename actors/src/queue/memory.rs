@@ -24,6 +24,8 @@ struct Mem {
     rows: BTreeMap<i64, Row>,
     /// Waiting messages by due time: what the runner polls.
     due: BTreeSet<(Millis, i64)>,
+    /// The entries of `due` of high priority.
+    due_high: BTreeSet<(Millis, i64)>,
     /// Held messages by approval deadline.
     held: BTreeSet<(Millis, i64)>,
     /// Idempotency key → (message id, content hash, created).
@@ -129,7 +131,12 @@ impl Mem {
         self.seq_of.insert(m.message_id.clone(), seq);
         match &m.hold {
             Some(h) => self.held.insert((h.until, seq)),
-            None => self.due.insert((m.due_at, seq)),
+            None => {
+                if m.priority.is_high() {
+                    self.due_high.insert((m.due_at, seq));
+                }
+                self.due.insert((m.due_at, seq))
+            }
         };
         *self.counts.entry(state).or_default() += 1;
         let record = m.record(state, now);
@@ -200,6 +207,7 @@ impl Mem {
     ) -> Result<i64, StoreError> {
         let (seq, row) = self.row(id)?;
         let old = (row.record.state, row.record.next_attempt_at);
+        let high = row.record.priority.is_high();
         row.record.state = state;
         row.record.updated_at = now;
         row.record.next_attempt_at = next;
@@ -211,9 +219,13 @@ impl Mem {
             && waiting(s)
         {
             self.due.remove(&(t, seq));
+            self.due_high.remove(&(t, seq));
         }
         if let (true, Some(t)) = (waiting(state), next) {
             self.due.insert((t, seq));
+            if high {
+                self.due_high.insert((t, seq));
+            }
         }
         if let (State::Held, Some(t)) = old {
             self.held.remove(&(t, seq));
@@ -404,10 +416,14 @@ impl Store for MemoryStore {
 
     async fn due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
         let mem = self.lock();
-        Ok(mem
+        let high = mem.due_high.iter().take_while(|(t, _)| *t <= now);
+        let rest = mem
             .due
             .iter()
             .take_while(|(t, _)| *t <= now)
+            .filter(|e| !mem.due_high.contains(e));
+        Ok(high
+            .chain(rest)
             .take(limit)
             .filter_map(|(_, seq)| mem.rows.get(seq).map(|r| r.record.message_id.clone()))
             .collect())
@@ -442,6 +458,7 @@ impl Store for MemoryStore {
             meta: r.meta.clone(),
             only: row.only.clone(),
             max_age: r.max_age,
+            priority: r.priority,
         }))
     }
 

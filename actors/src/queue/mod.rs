@@ -22,6 +22,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use crate::mail::Priority;
+
 pub use runner::{
     Action, Change, Delivered, Drain, Event, Observer, Queue, QueueError, SUPPRESSED, Screen,
     Stream, Submit, Submitted,
@@ -249,6 +251,8 @@ pub struct NewMessage {
     /// How long it may wait for delivery once due, when the call asked for
     /// less than its caller's `max_age`, in milliseconds.
     pub max_age: Option<Millis>,
+    /// Taken before normal mail when due together ([`Store::due`]).
+    pub priority: Priority,
 }
 
 /// What a bounce or complaint report that came back by mail said of one
@@ -304,6 +308,7 @@ impl NewMessage {
             meta: self.meta.clone(),
             only: self.only.clone(),
             max_age: self.max_age,
+            priority: self.priority,
             accepted: Vec::new(),
             rejected: Vec::new(),
             copied: false,
@@ -350,6 +355,7 @@ impl NewMessage {
             batch: self.batch.clone(),
             tag: self.tag.clone(),
             max_age: self.max_age,
+            priority: self.priority,
             expires_at: None,
             reports: Vec::new(),
         }
@@ -614,6 +620,7 @@ pub struct Pending {
     pub only: Option<Arc<[String]>>,
     /// Its own `max_age` in milliseconds, when the call gave one.
     pub max_age: Option<Millis>,
+    pub priority: Priority,
     /// The recipients an earlier round settled for certain: those that took
     /// the message, and those refused for good. The next round goes to the
     /// others ([`Pending::outstanding`]), and its outcome keeps these. Empty
@@ -721,6 +728,7 @@ pub struct Record {
     pub tag: Option<String>,
     /// Its own `max_age` in milliseconds, when the call gave one.
     pub max_age: Option<Millis>,
+    pub priority: Priority,
     /// When a waiting (`scheduled` or `queued`) message expires unless a
     /// relay takes it first, by the `max_age` in force now: set by
     /// [`Queue::status`](super::Queue::status), never stored.
@@ -1127,7 +1135,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// `unknown` one) for a fresh attempt now, with a fresh `max_age` and
     /// its retries started over (`rounds` 0); see [`retryable`].
     async fn retry(&self, message_id: &str, force: bool) -> Result<Retry, StoreError>;
-    /// Ids of messages due by `now` (oldest due first).
+    /// Ids of messages due by `now`: the `High` ones first, then the rest,
+    /// each oldest due first.
     async fn due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError>;
     /// Messages [`Store::due`] gave that this daemon does not deliver now
     /// (no round slot, no room for their bytes): a shared store lets go of

@@ -238,6 +238,13 @@ CREATE INDEX mailmux_messages_tag ON mailmux_messages (tag, seq) WHERE tag IS NO
 -- its call asked for less than its caller's max_age.
 ALTER TABLE mailmux_messages ADD COLUMN max_age BIGINT;
 "#,
+    r#"
+-- A message's priority (1: high; null: normal), and the due messages of high
+-- priority, which a claim takes before the rest.
+ALTER TABLE mailmux_messages ADD COLUMN priority BIGINT;
+CREATE INDEX mailmux_messages_due_high ON mailmux_messages (next_attempt_at)
+    WHERE state IN ('queued', 'scheduled') AND priority = 1;
+"#,
 ];
 
 /// The schema version this build writes.
@@ -703,6 +710,11 @@ impl Accepts {
             .bind(self.ops.iter().map(|op| op.marked).collect::<Vec<_>>())
             .bind(ms.clone().map(|m| m.tag.as_deref()).collect::<Vec<_>>())
             .bind(ms.clone().map(|m| m.max_age).collect::<Vec<_>>())
+            .bind(
+                ms.clone()
+                    .map(|m| rows::priority_column(m.priority))
+                    .collect::<Vec<_>>(),
+            )
             .execute(pool)
             .await
             .map(|_| ())
@@ -715,20 +727,21 @@ macro_rules! insert_accepts {
             "INSERT INTO mailmux_messages (message_id, state, mail_from, rcpt, size, body,
                  prefer, queued_at, due_at, next_attempt_at, updated_at, history, caller, meta,
                  held_hash, relays, batch, node, lease_epoch, lease_until, committing, tag,
-                 max_age)
+                 max_age, priority)
              SELECT l.id, l.state, l.mail_from, l.rcpt, l.size, l.body, l.prefer, l.queued_at,
                  l.due_at, l.next_at, $1, l.entry, l.caller, l.meta, l.held_hash, l.relays,
                  l.batch, l.node, CASE WHEN l.node IS NULL THEN 0 ELSE 1 END,
                  CASE WHEN l.node IS NULL THEN NULL ELSE ",
             db_now!(),
-            " + $2 END, l.committing, l.tag, l.max_age
+            " + $2 END, l.committing, l.tag, l.max_age, l.priority
                FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[],
                            $8::bytea[], $9::text[], $10::bigint[], $11::bigint[], $12::bigint[],
                            $13::text[], $14::text[], $15::text[], $16::bytea[], $17::text[],
-                           $18::text[], $19::text[], $20::bool[], $21::text[], $22::bigint[])
+                           $18::text[], $19::text[], $20::bool[], $21::text[], $22::bigint[],
+                           $23::bigint[])
                  AS l(id, state, mail_from, rcpt, size, body, prefer, queued_at, due_at,
                       next_at, entry, caller, meta, held_hash, relays, batch, node, committing,
-                      tag, max_age)"
+                      tag, max_age, priority)"
         )
     };
 }
@@ -1397,12 +1410,12 @@ async fn accept_in(
                 "INSERT INTO mailmux_messages (message_id, state, mail_from, rcpt, size, body,
                      prefer, idem_key, queued_at, due_at, next_attempt_at, updated_at, history,
                      caller, meta, held_hash, relays, batch, node, lease_epoch, lease_until, tag,
-                     max_age)
+                     max_age, priority)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $9, $12, $13, $14, $15,
                      $16, $17, $18, CASE WHEN $18::text IS NULL THEN 0 ELSE 1 END,
                      CASE WHEN $18::text IS NULL THEN NULL ELSE ",
                 db_now!(),
-                " + $19 END, $20, $21)"
+                " + $19 END, $20, $21, $22)"
             )
         };
     }
@@ -1433,6 +1446,7 @@ async fn accept_in(
         .bind(lease_ms)
         .bind(&m.tag)
         .bind(m.max_age)
+        .bind(rows::priority_column(m.priority))
         .execute(&mut *tx)
         .await?;
     Ok(Accepted::Stored(state))
@@ -1930,14 +1944,31 @@ impl Store for PgStore {
                 .store(now, std::sync::atomic::Ordering::Release);
             self.take_over(false).await?;
         }
-        let rows: Vec<(String, i64)> = sqlx::query_as(concat!(
-            "WITH c AS (
-                SELECT seq FROM mailmux_messages
+        // The due messages of high priority first (their own index, empty
+        // but while some wait), then the rest, in one statement.
+        let mut rows: Vec<(String, i64, Option<i64>)> = sqlx::query_as(concat!(
+            "WITH h AS (
+                SELECT seq, next_attempt_at FROM mailmux_messages
+                 WHERE state IN ('queued', 'scheduled') AND priority = 1
+                   AND next_attempt_at <= $1
+                   AND (lease_until IS NULL OR lease_until < ",
+            db_now!(),
+            " OR node = $3)
+                 ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED),
+             n AS (
+                SELECT seq, next_attempt_at FROM mailmux_messages
                  WHERE state IN ('queued', 'scheduled') AND next_attempt_at <= $1
                    AND (lease_until IS NULL OR lease_until < ",
             db_now!(),
             " OR node = $3)
-                 ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+                 ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED),
+             c AS (
+                SELECT seq FROM (
+                    SELECT seq, 0 AS k, next_attempt_at FROM h
+                    UNION ALL
+                    SELECT seq, 1 AS k, next_attempt_at FROM n
+                     WHERE seq NOT IN (SELECT seq FROM h)) u
+                 ORDER BY k, next_attempt_at LIMIT $2)
              UPDATE mailmux_messages m SET
                 lease_epoch = CASE WHEN m.node = $3 AND m.lease_until >= ",
             db_now!(),
@@ -1946,7 +1977,7 @@ impl Store for PgStore {
             db_now!(),
             " + $4
                FROM c WHERE m.seq = c.seq
-             RETURNING m.message_id, m.lease_epoch"
+             RETURNING m.message_id, m.lease_epoch, m.priority"
         ))
         .bind(now)
         .bind(limit as i64)
@@ -1955,10 +1986,12 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
+        // RETURNING keeps no order: the high ones go first.
+        rows.sort_by_key(|(_, _, priority)| !rows::priority(*priority).is_high());
         let mut held = self.held();
         Ok(rows
             .into_iter()
-            .map(|(id, epoch)| {
+            .map(|(id, epoch, _)| {
                 held.insert(id.clone(), epoch);
                 id
             })
@@ -2004,7 +2037,8 @@ impl Store for PgStore {
     async fn load(&self, message_id: &str) -> Result<Option<Pending>, StoreError> {
         let row = sqlx::query(
             "SELECT message_id, state, mail_from, rcpt, body, prefer, due_at, rounds, caller,
-                    meta, relays, accepted, rejected, sent_copy IS NOT NULL AS copied, max_age
+                    meta, relays, accepted, rejected, sent_copy IS NOT NULL AS copied, max_age,
+                    priority
                FROM mailmux_messages WHERE message_id = $1 AND body IS NOT NULL",
         )
         .bind(message_id)
@@ -2019,7 +2053,8 @@ impl Store for PgStore {
         // body; only the rows within `max_bytes` are read whole.
         sqlx::query(
             "SELECT message_id, state, mail_from, rcpt, body, prefer, due_at, rounds, caller,
-                    meta, relays, accepted, rejected, sent_copy IS NOT NULL AS copied, max_age
+                    meta, relays, accepted, rejected, sent_copy IS NOT NULL AS copied, max_age,
+                    priority
                FROM mailmux_messages
               WHERE seq IN (
                     SELECT seq FROM (
@@ -2045,7 +2080,7 @@ impl Store for PgStore {
             "SELECT seq, message_id, state, mail_from, rcpt, size, prefer, idem_key, queued_at,
                     due_at, updated_at, next_attempt_at, relay, accepted, rejected, reason, note,
                     caller, meta, decided_by, sent_copy, history, node, attempt_log, batch,
-                    tag, max_age, reports, EXISTS (SELECT 1 FROM mailmux_attempts a WHERE a.seq = m.seq) AS in_table
+                    tag, max_age, priority, reports, EXISTS (SELECT 1 FROM mailmux_attempts a WHERE a.seq = m.seq) AS in_table
                FROM mailmux_messages m WHERE message_id = $1",
         )
         .bind(message_id)
@@ -2580,6 +2615,7 @@ fn pending(r: &PgRow) -> Result<Pending, sqlx::Error> {
             .try_get::<Option<String>, _>("relays")?
             .map(|s| Arc::from(lines(Some(s)))),
         max_age: r.try_get("max_age")?,
+        priority: rows::priority(r.try_get("priority")?),
     })
 }
 
@@ -2618,6 +2654,7 @@ fn record(r: &PgRow) -> Result<Record, sqlx::Error> {
         batch: r.try_get("batch")?,
         tag: r.try_get("tag")?,
         max_age: r.try_get("max_age")?,
+        priority: rows::priority(r.try_get("priority")?),
         expires_at: None,
         reports: rows::reports(r.try_get("reports")?),
     })

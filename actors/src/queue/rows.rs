@@ -4,7 +4,7 @@
 //! on a person's decision.
 
 use super::{
-    AttemptRecord, Decided, Decision, Filter, Millis, RejectedRecord, ReportRecord, State,
+    AttemptRecord, Decided, Decision, Filter, Millis, Priority, RejectedRecord, ReportRecord, State,
 };
 
 /// One history entry: `state@millis` (entries are joined with `;`).
@@ -157,6 +157,21 @@ pub(crate) fn listed_by(filter: &Filter) -> Option<ListedBy> {
         Some(ListedBy::Caller)
     } else {
         None
+    }
+}
+
+/// A message's priority as its column holds it: 1 for `High`, null for
+/// `Normal` (so that the index of due `High` mail holds only those).
+pub(crate) fn priority_column(p: Priority) -> Option<i64> {
+    p.is_high().then_some(1)
+}
+
+/// A stored priority ([`priority_column`]).
+pub(crate) fn priority(column: Option<i64>) -> Priority {
+    if column == Some(1) {
+        Priority::High
+    } else {
+        Priority::Normal
     }
 }
 

@@ -319,6 +319,7 @@ impl Submit {
             max_age: self
                 .max_age
                 .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            priority: m.priority,
         }
     }
 }
@@ -2138,10 +2139,15 @@ impl Inner {
         let delay = match reason {
             Some(FailureReason::Unavailable) => Duration::ZERO,
             // A relay has room again then; waiting messages spread over that
-            // much again, so that they do not all come back at once.
+            // much again, so that they do not all come back at once. One of
+            // high priority comes back for the turn the router keeps for it.
             Some(FailureReason::RateLimited { wait_ms }) => {
                 let wait = Duration::from_millis(wait_ms.max(1));
-                wait + wait.mul_f64(rand::rng().random_range(0.0..=1.0))
+                if p.priority.is_high() {
+                    wait
+                } else {
+                    wait + wait.mul_f64(rand::rng().random_range(0.0..=1.0))
+                }
             }
             // The first round of a message (new, or retried by an operator)
             // that found every relay backing off comes back when one may be
@@ -2693,6 +2699,7 @@ fn mail_of(p: &Pending, deadline: Instant) -> Result<Mail, String> {
         deadline,
         prefer: p.prefer.clone(),
         only: p.only.clone(),
+        priority: p.priority,
     })
 }
 
@@ -2999,6 +3006,7 @@ mod tests {
             meta: None,
             only: None,
             max_age: None,
+            priority: Default::default(),
             copied: false,
             accepted: earlier_accepted.iter().map(|a| a.to_string()).collect(),
             rejected: vec![RejectedRecord {

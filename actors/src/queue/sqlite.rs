@@ -258,6 +258,13 @@ CREATE INDEX messages_tag ON messages(tag, seq) WHERE tag IS NOT NULL;
 -- its call asked for less than its caller's max_age.
 ALTER TABLE messages ADD COLUMN max_age INTEGER;
 "#,
+    r#"
+-- A message's priority (1: high; null: normal), and the due messages of high
+-- priority, which a poll takes before the rest.
+ALTER TABLE messages ADD COLUMN priority INTEGER;
+CREATE INDEX messages_due_high ON messages(next_attempt_at)
+    WHERE state IN ('queued', 'scheduled') AND priority = 1;
+"#,
 ];
 
 /// The schema version this build writes.
@@ -1307,6 +1314,13 @@ const DUE_SQL: &str = "SELECT message_id FROM messages INDEXED BY messages_due
                         WHERE state IN ('queued', 'scheduled') AND next_attempt_at <= ?1
                         ORDER BY next_attempt_at LIMIT ?2";
 
+/// The due messages of high priority, from their own index (empty but
+/// while some wait), which [`Store::due`] takes before [`DUE_SQL`]'s.
+const DUE_HIGH_SQL: &str = "SELECT message_id FROM messages INDEXED BY messages_due_high
+                             WHERE state IN ('queued', 'scheduled') AND priority = 1
+                               AND next_attempt_at <= ?1
+                             ORDER BY next_attempt_at LIMIT ?2";
+
 /// The earliest due time of a waiting message, from `messages_due` (see
 /// [`DUE_SQL`]).
 const NEXT_DUE_SQL: &str = "SELECT MIN(next_attempt_at) FROM messages INDEXED BY messages_due
@@ -1331,7 +1345,7 @@ const SENDING_SQL: &str = "SELECT seq, committing, message_id FROM messages
 /// A waiting message with its body ([`pending_row`]).
 const LOAD_SQL: &str = "SELECT message_id, state, mail_from, rcpt, body, prefer, due_at, rounds,
                                caller, meta, relays, accepted, rejected, sent_copy IS NOT NULL,
-                               max_age
+                               max_age, priority
                           FROM messages WHERE message_id = ?1 AND body IS NOT NULL";
 
 /// A row of [`LOAD_SQL`].
@@ -1357,6 +1371,7 @@ fn pending_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Pending> {
             .get::<_, Option<String>>(10)?
             .map(|s| Arc::from(lines(Some(s)))),
         max_age: r.get(14)?,
+        priority: rows::priority(r.get(15)?),
     })
 }
 
@@ -1476,9 +1491,10 @@ fn insert(
     c.prepare_cached(
         "INSERT INTO messages (message_id, state, mail_from, rcpt, size, body, prefer, idem_key,
                                queued_at, due_at, next_attempt_at, updated_at, history,
-                               caller, meta, held_hash, relays, batch, committing, tag, max_age)
+                               caller, meta, held_hash, relays, batch, committing, tag, max_age,
+                               priority)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?12, ?18, ?11, ?13, ?14, ?15, ?16, ?17,
-                 ?19, ?20, ?21)",
+                 ?19, ?20, ?21, ?22)",
     )?
     .execute(params![
         m.message_id,
@@ -1502,6 +1518,7 @@ fn insert(
         committing,
         m.tag,
         m.max_age,
+        rows::priority_column(m.priority),
     ])?;
     Ok(())
 }
@@ -1961,9 +1978,25 @@ impl Store for SqliteStore {
 
     async fn due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
         self.read_delivery(move |c| {
-            c.prepare_cached(DUE_SQL)?
+            let mut ids: Vec<String> = c
+                .prepare_cached(DUE_HIGH_SQL)?
                 .query_map(params![now, limit as i64], |r| r.get(0))?
-                .collect()
+                .collect::<rusqlite::Result<_>>()?;
+            let high = ids.len();
+            let rest = (limit - high) as i64;
+            if rest > 0 {
+                let mut stmt = c.prepare_cached(DUE_SQL)?;
+                for id in
+                    stmt.query_map(params![now, rest + high as i64], |r| r.get::<_, String>(0))?
+                {
+                    let id = id?;
+                    // The high ones are in both.
+                    if ids.len() < limit && !ids[..high].contains(&id) {
+                        ids.push(id);
+                    }
+                }
+            }
+            Ok(ids)
         })
         .await
     }
@@ -2370,7 +2403,7 @@ fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<Record>> {
         "SELECT message_id, state, mail_from, rcpt, size, prefer, idem_key, queued_at, due_at,
                 updated_at, next_attempt_at, relay, accepted, rejected, reason, note,
                 caller, meta, decided_by, sent_copy, attempt_log, history, batch, reports, tag,
-                max_age
+                max_age, priority
            FROM messages WHERE message_id = ?1",
     )?
     .query_row([id], |r| {
@@ -2406,6 +2439,7 @@ fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<Record>> {
             batch: r.get(22)?,
             tag: r.get(24)?,
             max_age: r.get(25)?,
+            priority: rows::priority(r.get(26)?),
             expires_at: None,
             reports: rows::reports(r.get(23)?),
         })
@@ -2547,6 +2581,7 @@ mod tests {
             batch: None,
             tag: None,
             max_age: None,
+            priority: Default::default(),
         }
     }
 
