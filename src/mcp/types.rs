@@ -1924,8 +1924,8 @@ mod tests {
         assert!(e.message.contains("`attachments`"), "{}", e.message);
 
         // Nothing close: every parameter is listed.
-        let e = refused(json!({"to": "a@example.org", "priority": "high"}));
-        assert_eq!(e.field, "priority");
+        let e = refused(json!({"to": "a@example.org", "urgency": "high"}));
+        assert_eq!(e.field, "urgency");
         assert!(e.message.contains("template_vars"), "{}", e.message);
 
         // A name the caller chose is cut and shown without its controls.
