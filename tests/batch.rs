@@ -258,6 +258,16 @@ async fn invalid_messages_are_reported_and_the_valid_ones_sent() {
     let id = r[12]["message_id"].as_str().unwrap();
     let (_, status) = call(&s, "get_message_status", json!({"message_id": id})).await;
     assert_eq!(status["priority"], "high", "{status}");
+    let (_, listed) = call(&s, "list_messages", json!({})).await;
+    let high: Vec<&Value> = listed["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m.get("priority").is_some())
+        .collect();
+    assert_eq!(high.len(), 1, "{listed}");
+    assert_eq!(high[0]["message_id"], id);
+    assert_eq!(high[0]["priority"], "high");
     assert_eq!(out["summary"], json!({"refused": 10, "sent": 3}));
     assert_eq!(s.smtp.delivered().len(), 3);
 

@@ -556,6 +556,11 @@ fn the_queue_command_lists_shows_and_cancels_by_tag() {
         got,
         [(ids[1].as_str(), "spring"), (ids[0].as_str(), "spring")]
     );
+    assert_eq!(listed[1]["priority"], "high", "{stdout}");
+    assert_eq!(listed[0]["priority"], "normal", "{stdout}");
+    let (_, text, _) = run(&["queue", "list", "--tag", "spring"]);
+    let line = text.lines().find(|l| l.contains(&ids[0])).unwrap();
+    assert!(line.contains("  high"), "{text}");
     let (_, text, _) = run(&["queue", "list", "--tag", "autumn"]);
     assert!(
         text.contains(&ids[2]) && text.contains("tag autumn"),

@@ -1186,6 +1186,22 @@ async fn priorities(store: &dyn Store) {
     );
     store.cancel("h1").await.unwrap();
     assert_eq!(store.due(now, 10).await.unwrap(), ["n1", "n2", "n3"]);
+    // A listing says which are high.
+    let (page, _) = store.list(&Filter::default(), 10, None).await.unwrap();
+    let listed: Vec<(&str, Priority)> = page
+        .iter()
+        .map(|s| (s.message_id.as_str(), s.priority))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("n3", Priority::Normal),
+            ("h2", Priority::High),
+            ("h1", Priority::High),
+            ("n2", Priority::Normal),
+            ("n1", Priority::Normal)
+        ]
+    );
 }
 
 /// Listings by caller, by batch and by both, newest first, a page at a

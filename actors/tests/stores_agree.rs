@@ -151,7 +151,7 @@ fn record(c: &Clock, r: &Record) -> String {
 
 fn summary(c: &Clock, s: &Summary) -> String {
     format!(
-        "{} {} {:?} {:?} queued={} relay={:?} caller={:?} batch={:?} tag={:?}",
+        "{} {} {:?} {:?} queued={} relay={:?} caller={:?} batch={:?} tag={:?} priority={}",
         s.message_id,
         s.state.as_str(),
         s.from,
@@ -160,7 +160,8 @@ fn summary(c: &Clock, s: &Summary) -> String {
         s.relay,
         s.caller,
         s.batch,
-        s.tag
+        s.tag,
+        s.priority.as_str()
     )
 }
 

@@ -719,12 +719,12 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
                         "from": m.from, "recipients": m.to, "queued_at": time(m.queued_at),
                         "updated_at": time(m.updated_at), "relay": m.relay, "caller": m.caller,
                         "batch_id": m.batch, "tag": m.tag,
-                        "node": m.node,
+                        "priority": m.priority.as_str(), "node": m.node,
                     });
                     say!("{line}");
                 } else {
                     say!(
-                        "{}  {:<9}  {}  {} -> {}  {}{}{}",
+                        "{}  {:<9}  {}  {} -> {}  {}{}{}{}",
                         time(m.queued_at),
                         m.state.as_str(),
                         m.message_id,
@@ -738,6 +738,7 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
                             .as_deref()
                             .map(|t| format!("  tag {}", shown::text(t)))
                             .unwrap_or_default(),
+                        if m.priority.is_high() { "  high" } else { "" },
                         m.node
                             .as_deref()
                             .map(|n| format!("  @{n}"))

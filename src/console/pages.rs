@@ -568,7 +568,10 @@ pub fn queue(
                         tr {
                             td.mono { (when(m.queued_at)) }
                             td.mono { a href={ "/console/messages/" (super::urlencode(&m.message_id)) } { (m.message_id) } }
-                            td { (state_badge(m.state.as_str())) }
+                            td {
+                                (state_badge(m.state.as_str()))
+                                @if m.priority.is_high() { " " span.tag { "high" } }
+                            }
                             td { (m.from.as_deref().unwrap_or("")) }
                             td {
                                 (m.to.first().map(String::as_str).unwrap_or(""))
@@ -1126,7 +1129,22 @@ mod tests {
             state: Some(State::Failed),
             ..filter
         };
-        let page = queue(&op, None, &filter, Some(&counts), &[], None).into_string();
+        let high = Summary {
+            message_id: "m1@example.org".into(),
+            state: State::Queued,
+            priority: mailmux_actors::Priority::High,
+            from: None,
+            to: vec!["b@example.org".into()],
+            queued_at: 0,
+            updated_at: 0,
+            relay: None,
+            caller: None,
+            node: None,
+            batch: None,
+            tag: filter.tag.clone(),
+        };
+        let page = queue(&op, None, &filter, Some(&counts), &[high], None).into_string();
+        assert!(page.contains(r#"<span class="tag">high</span>"#), "{page}");
         assert!(page.contains("This tag: 980 messages"), "{page}");
         assert!(
             page.contains(
@@ -1196,6 +1214,7 @@ mod tests {
             node: None,
             batch: None,
             tag: None,
+            priority: Default::default(),
         };
         let page = approvals(&op, None, None, &[(summary, pending)]).into_string();
         assert!(page.contains("boss@xn--exmple-"), "{page}");

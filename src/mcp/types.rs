@@ -1243,6 +1243,9 @@ pub struct MessageSummaryOut {
     /// The `tag` it was sent with.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tag: Option<String>,
+    /// `high` when it was sent with that `priority`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<String>,
 }
 
 impl From<&Summary> for MessageSummaryOut {
@@ -1259,6 +1262,7 @@ impl From<&Summary> for MessageSummaryOut {
             node: s.node.clone(),
             batch_id: s.batch.clone(),
             tag: s.tag.clone(),
+            priority: s.priority.is_high().then(|| s.priority.as_str().to_owned()),
         }
     }
 }

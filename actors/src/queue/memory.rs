@@ -556,6 +556,7 @@ impl Store for MemoryStore {
                         node: None,
                         batch: row.batch.clone(),
                         tag: r.tag.clone(),
+                        priority: r.priority,
                     },
                 )
             })

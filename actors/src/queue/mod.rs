@@ -743,6 +743,7 @@ pub struct Record {
 pub struct Summary {
     pub message_id: String,
     pub state: State,
+    pub priority: Priority,
     pub from: Option<String>,
     pub to: Vec<String>,
     pub queued_at: Millis,

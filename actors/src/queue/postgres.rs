@@ -2673,6 +2673,7 @@ fn summary(r: &PgRow) -> Result<Summary, sqlx::Error> {
         node: r.try_get("node")?,
         batch: r.try_get("batch")?,
         tag: r.try_get("tag")?,
+        priority: rows::priority(r.try_get("priority")?),
     })
 }
 

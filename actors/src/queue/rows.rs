@@ -64,7 +64,7 @@ pub(crate) fn list_sql(p: char, filter: &Filter) -> String {
     let (table, node, matching) = matching(p, filter);
     format!(
         "SELECT seq, message_id, state, mail_from, rcpt, queued_at, updated_at, relay, caller, batch,
-                tag{node}
+                tag, priority{node}
            FROM {table} WHERE {matching}
           ORDER BY seq DESC LIMIT {p}3"
     )

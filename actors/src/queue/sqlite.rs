@@ -2103,6 +2103,7 @@ impl Store for SqliteStore {
                                 node: None,
                                 batch: r.get(9)?,
                                 tag: r.get(10)?,
+                                priority: rows::priority(r.get(11)?),
                             },
                         ))
                     },
