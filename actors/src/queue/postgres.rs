@@ -2143,16 +2143,9 @@ impl Store for PgStore {
         limit: usize,
         cursor: Option<i64>,
     ) -> Result<(Vec<Summary>, Option<i64>), StoreError> {
-        // Built from constants only: the filters are bound.
         let sql = rows::list_sql('$', filter);
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(cursor.unwrap_or(i64::MAX))
-            .bind(filter.state.map(State::as_str))
-            .bind(rows::page_rows(limit))
-            .bind(&filter.caller)
-            .bind(&filter.batch)
-            .bind(filter.recipient.as_ref().map(|r| r.to_lowercase()))
-            .bind(&filter.tag)
+        let before = cursor.unwrap_or(i64::MAX);
+        let rows = filtered(sql, filter, before, rows::page_rows(limit))
             .fetch_all(&self.pool)
             .await
             .map_err(unavailable)?;
@@ -2167,23 +2160,18 @@ impl Store for PgStore {
     }
 
     async fn count(&self, filter: &Filter) -> Result<Vec<(State, u64)>, StoreError> {
-        // Built from constants only: the filters are bound.
         let sql = rows::count_sql('$', filter);
-        let rows: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(i64::MAX)
-            .bind(filter.state.map(State::as_str))
-            .bind(State::ALL.len() as i64)
-            .bind(&filter.caller)
-            .bind(&filter.batch)
-            .bind(filter.recipient.as_ref().map(|r| r.to_lowercase()))
-            .bind(&filter.tag)
+        let rows = filtered(sql, filter, i64::MAX, State::ALL.len() as i64)
             .fetch_all(&self.pool)
             .await
             .map_err(unavailable)?;
-        Ok(rows
-            .into_iter()
-            .map(|(state, n)| (rows::state(&state), n as u64))
-            .collect())
+        rows.iter()
+            .map(|r| {
+                let state: String = r.try_get(0)?;
+                Ok((rows::state(&state), r.try_get::<i64, _>(1)? as u64))
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(unavailable)
     }
 
     async fn stats(&self) -> Result<Stats, StoreError> {
@@ -2658,6 +2646,24 @@ fn record(r: &PgRow) -> Result<Record, sqlx::Error> {
         expires_at: None,
         reports: rows::reports(r.try_get("reports")?),
     })
+}
+
+/// `sql`, [`rows::list_sql`] or [`rows::count_sql`] (built from constants
+/// only), with `filter` bound: rows before seq `before`, at most `rows`.
+fn filtered<'q>(
+    sql: String,
+    filter: &'q Filter,
+    before: i64,
+    rows: i64,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(before)
+        .bind(filter.state.map(State::as_str))
+        .bind(rows)
+        .bind(&filter.caller)
+        .bind(&filter.batch)
+        .bind(filter.recipient.as_ref().map(|r| r.to_lowercase()))
+        .bind(&filter.tag)
 }
 
 fn summary(r: &PgRow) -> Result<Summary, sqlx::Error> {

@@ -2068,46 +2068,30 @@ impl Store for SqliteStore {
         limit: usize,
         cursor: Option<i64>,
     ) -> Result<(Vec<Summary>, Option<i64>), StoreError> {
-        let state = filter.state.map(State::as_str);
-        let caller = filter.caller.clone();
-        let batch = filter.batch.clone();
-        let recipient = filter.recipient.as_ref().map(|r| r.to_lowercase());
-        let tag = filter.tag.clone();
         let sql = rows::list_sql('?', filter);
+        let bound = filter_params(filter, cursor.unwrap_or(i64::MAX), rows::page_rows(limit));
         self.read(move |c| {
-            let before = cursor.unwrap_or(i64::MAX);
             let mut stmt = c.prepare_cached(&sql)?;
             let rows: Vec<(i64, Summary)> = stmt
-                .query_map(
-                    params![
-                        before,
-                        state,
-                        rows::page_rows(limit),
-                        caller,
-                        batch,
-                        recipient,
-                        tag
-                    ],
-                    |r| {
-                        Ok((
-                            r.get(0)?,
-                            Summary {
-                                message_id: r.get(1)?,
-                                state: rows::state(&r.get::<_, String>(2)?),
-                                from: r.get(3)?,
-                                to: lines(r.get(4)?),
-                                queued_at: r.get(5)?,
-                                updated_at: r.get(6)?,
-                                relay: r.get(7)?,
-                                caller: r.get(8)?,
-                                node: None,
-                                batch: r.get(9)?,
-                                tag: r.get(10)?,
-                                priority: rows::priority(r.get(11)?),
-                            },
-                        ))
-                    },
-                )?
+                .query_map(rusqlite::params_from_iter(bound), |r| {
+                    Ok((
+                        r.get(0)?,
+                        Summary {
+                            message_id: r.get(1)?,
+                            state: rows::state(&r.get::<_, String>(2)?),
+                            from: r.get(3)?,
+                            to: lines(r.get(4)?),
+                            queued_at: r.get(5)?,
+                            updated_at: r.get(6)?,
+                            relay: r.get(7)?,
+                            caller: r.get(8)?,
+                            node: None,
+                            batch: r.get(9)?,
+                            tag: r.get(10)?,
+                            priority: rows::priority(r.get(11)?),
+                        },
+                    ))
+                })?
                 .collect::<rusqlite::Result<_>>()?;
             let more = rows.len() > limit;
             let page: Vec<(i64, Summary)> = rows.into_iter().take(limit).collect();
@@ -2122,31 +2106,16 @@ impl Store for SqliteStore {
     }
 
     async fn count(&self, filter: &Filter) -> Result<Vec<(State, u64)>, StoreError> {
-        let state = filter.state.map(State::as_str);
-        let caller = filter.caller.clone();
-        let batch = filter.batch.clone();
-        let recipient = filter.recipient.as_ref().map(|r| r.to_lowercase());
-        let tag = filter.tag.clone();
         let sql = rows::count_sql('?', filter);
+        let bound = filter_params(filter, i64::MAX, State::ALL.len() as i64);
         self.read(move |c| {
             let mut stmt = c.prepare_cached(&sql)?;
-            stmt.query_map(
-                params![
-                    i64::MAX,
-                    state,
-                    State::ALL.len() as i64,
-                    caller,
-                    batch,
-                    recipient,
-                    tag
-                ],
-                |r| {
-                    Ok((
-                        rows::state(&r.get::<_, String>(0)?),
-                        r.get::<_, i64>(1)? as u64,
-                    ))
-                },
-            )?
+            stmt.query_map(rusqlite::params_from_iter(bound), |r| {
+                Ok((
+                    rows::state(&r.get::<_, String>(0)?),
+                    r.get::<_, i64>(1)? as u64,
+                ))
+            })?
             .collect()
         })
         .await
@@ -2397,6 +2366,22 @@ impl Store for SqliteStore {
         self.write(move |c, _| purge(c, finished_before, keys_before, limit))
             .await
     }
+}
+
+/// The parameters of [`rows::list_sql`] and [`rows::count_sql`]: `filter`,
+/// rows before seq `before`, at most `rows`.
+fn filter_params(filter: &Filter, before: i64, rows: i64) -> Vec<rusqlite::types::Value> {
+    use rusqlite::types::Value;
+    let text = |s: Option<String>| s.map_or(Value::Null, Value::Text);
+    vec![
+        Value::Integer(before),
+        text(filter.state.map(|s| s.as_str().to_owned())),
+        Value::Integer(rows),
+        text(filter.caller.clone()),
+        text(filter.batch.clone()),
+        text(filter.recipient.as_ref().map(|r| r.to_lowercase())),
+        text(filter.tag.clone()),
+    ]
 }
 
 fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<Record>> {
@@ -2931,65 +2916,35 @@ mod tests {
                         tag: tag.clone(),
                         recipient: Some("r".into()),
                     };
-                    let plan: String = c
-                        .prepare(&format!(
-                            "EXPLAIN QUERY PLAN {}",
-                            rows::list_sql('?', &filter)
-                        ))
-                        .unwrap()
-                        .query_map(
-                            params![
-                                1,
-                                state.map(State::as_str),
-                                10,
-                                caller,
-                                batch,
-                                filter.recipient,
-                                tag
-                            ],
-                            |r| r.get::<_, String>(3),
-                        )
-                        .unwrap()
-                        .collect::<rusqlite::Result<Vec<_>>>()
-                        .unwrap()
-                        .join("; ");
+                    let plan = |sql: String, rows: i64| -> String {
+                        c.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                            .unwrap()
+                            .query_map(
+                                rusqlite::params_from_iter(filter_params(&filter, 1, rows)),
+                                |r| r.get::<_, String>(3),
+                            )
+                            .unwrap()
+                            .collect::<rusqlite::Result<Vec<_>>>()
+                            .unwrap()
+                            .join("; ")
+                    };
+                    let listed = plan(rows::list_sql('?', &filter), 10);
                     match rows::listed_by(&filter) {
                         Some(by) => assert!(
-                            plan.contains(&format!("USING INDEX messages_{} ", by.column().0)),
-                            "{filter:?}: {plan}"
+                            listed.contains(&format!("USING INDEX messages_{} ", by.column().0)),
+                            "{filter:?}: {listed}"
                         ),
-                        None => assert!(!plan.contains("INDEX"), "{filter:?}: {plan}"),
+                        None => assert!(!listed.contains("INDEX"), "{filter:?}: {listed}"),
                     }
                     // The count of a batch or a tag, through the same index.
                     if batch.is_none() && tag.is_none() {
                         continue;
                     }
-                    let plan: String = c
-                        .prepare(&format!(
-                            "EXPLAIN QUERY PLAN {}",
-                            rows::count_sql('?', &filter)
-                        ))
-                        .unwrap()
-                        .query_map(
-                            params![
-                                i64::MAX,
-                                state.map(State::as_str),
-                                State::ALL.len() as i64,
-                                caller,
-                                batch,
-                                filter.recipient,
-                                tag
-                            ],
-                            |r| r.get::<_, String>(3),
-                        )
-                        .unwrap()
-                        .collect::<rusqlite::Result<Vec<_>>>()
-                        .unwrap()
-                        .join("; ");
+                    let counted = plan(rows::count_sql('?', &filter), State::ALL.len() as i64);
                     let by = if batch.is_some() { "batch" } else { "tag" };
                     assert!(
-                        plan.contains(&format!("USING INDEX messages_{by} ")),
-                        "{filter:?}: {plan}"
+                        counted.contains(&format!("USING INDEX messages_{by} ")),
+                        "{filter:?}: {counted}"
                     );
                 }
             }
