@@ -325,6 +325,18 @@ async fn kill_after_queued_before_delivery_sends_each_message_once() {
     d.stop().await;
 }
 
+/// With the server answering again, a restarted daemon sends message `id`,
+/// which a stop left before its final ".", once.
+async fn sent_once_after_a_restart(smtp: &FaultSmtp, dir: &Path, cfg: &str, id: &str) {
+    smtp.set_script(Script::ok());
+    let d = Daemon::start(dir, cfg).await;
+    let s = settled(d.peer(), id, LIMIT).await;
+    assert_eq!(s["status"], "sent", "{s}");
+    assert_eq!(copies(&smtp.received()).get(id), Some(&1));
+    assert_eq!(smtp.received().len(), 1);
+    d.stop().await;
+}
+
 /// Kill while DATA is being sent (the server never answers DATA): the final
 /// "." was never written, so the restart sends the message once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -341,13 +353,7 @@ async fn kill_during_data_resends_once() {
     assert_eq!(s["status"], "sending", "a relay holds it: {s}");
     d.kill9().await;
 
-    smtp.set_script(Script::ok());
-    let d = Daemon::start(dir.path(), &cfg).await;
-    let s = settled(d.peer(), &id, LIMIT).await;
-    assert_eq!(s["status"], "sent", "{s}");
-    assert_eq!(copies(&smtp.received()).get(&id), Some(&1));
-    assert_eq!(smtp.received().len(), 1);
-    d.stop().await;
+    sent_once_after_a_restart(&smtp, dir.path(), &cfg, &id).await;
 }
 
 /// SIGTERM while a delivery is in flight waits for it, within
@@ -391,13 +397,7 @@ async fn a_second_sigterm_stops_at_once_and_the_restart_sends_once() {
     drop(d.client.take());
     assert!(smtp.received().is_empty());
 
-    smtp.set_script(Script::ok());
-    let d = Daemon::start(dir.path(), &cfg).await;
-    let s = settled(d.peer(), &id, LIMIT).await;
-    assert_eq!(s["status"], "sent", "{s}");
-    assert_eq!(copies(&smtp.received()).get(&id), Some(&1));
-    assert_eq!(smtp.received().len(), 1);
-    d.stop().await;
+    sent_once_after_a_restart(&smtp, dir.path(), &cfg, &id).await;
 }
 
 /// Kill after the final "." (the server hangs before its reply): the message
