@@ -760,13 +760,9 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
             };
             // By the configuration this command runs with, as a daemon on
             // it answers get_message_status.
-            let gate = Gate::new(&config.safety, None, None);
-            let caller = r.caller.as_deref().and_then(|c| {
-                gate.policies()
-                    .find(|(name, _)| *name == c)
-                    .and_then(|(_, p)| p.max_age)
-            });
-            r.expires_at = r.expiry(caller.unwrap_or(config.queue.max_age));
+            let caller = r.caller.as_deref().and_then(|c| config.safety.policy_of(c));
+            let max_age = caller.and_then(|p| p.max_age);
+            r.expires_at = r.expiry(max_age.unwrap_or(config.queue.max_age));
             let out = MessageStatusResult::from(&r);
             match serde_json::to_string_pretty(&out) {
                 Ok(json) => say!("{json}"),

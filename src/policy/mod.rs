@@ -231,6 +231,21 @@ impl Default for SafetySettings {
 /// name of `http.token`'s caller.
 pub const DEFAULT_CALLER: &str = "default";
 
+impl SafetySettings {
+    /// The policy of the caller named `name`, as a [`Gate`] built from these
+    /// settings gives it: a `[[callers]]` entry, the stdio caller, or
+    /// `default` (HTTP's caller without a `[[callers]]` token of its own),
+    /// which has `[policy]`.
+    pub fn policy_of(&self, name: &str) -> Option<&Policy> {
+        self.callers
+            .iter()
+            .chain(std::iter::once(&self.stdio))
+            .find(|c| c.name == name)
+            .map(|c| &c.policy)
+            .or_else(|| (name == DEFAULT_CALLER).then_some(&self.policy))
+    }
+}
+
 /// A caller at run time: its policy and its rate buckets.
 #[derive(Debug)]
 pub struct Caller {
@@ -674,5 +689,37 @@ impl Gate {
             .collect();
         names.dedup();
         names
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{CallerSettings, DEFAULT_CALLER, Policy, SafetySettings};
+
+    /// `SafetySettings::policy_of` names the policies a gate gives: a
+    /// configured caller's, stdio's, and `[policy]` for `default`.
+    #[test]
+    fn each_callers_policy_is_found_by_name() {
+        let with = |max_age| Policy {
+            max_age: Some(Duration::from_secs(max_age)),
+            ..Policy::default()
+        };
+        let s = SafetySettings {
+            callers: vec![CallerSettings {
+                name: "alpha".into(),
+                token: None,
+                policy: with(60),
+            }],
+            policy: with(120),
+            ..SafetySettings::default()
+        };
+        let max_age = |name| s.policy_of(name).and_then(|p| p.max_age);
+        assert_eq!(max_age("alpha"), Some(Duration::from_secs(60)));
+        assert_eq!(max_age(DEFAULT_CALLER), Some(Duration::from_secs(120)));
+        assert_eq!(max_age("local"), None);
+        assert!(s.policy_of("local").is_some());
+        assert!(s.policy_of("nobody").is_none());
     }
 }
