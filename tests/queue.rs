@@ -400,6 +400,51 @@ async fn a_second_sigterm_stops_at_once_and_the_restart_sends_once() {
     sent_once_after_a_restart(&smtp, dir.path(), &cfg, &id).await;
 }
 
+/// A message of high priority that waits for the relay's one connection
+/// when the daemon is killed keeps its priority in the store: after the
+/// restart it is sent once, still high, before the normal message that held
+/// the connection (killed during its DATA), which is sent once too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_high_priority_message_survives_a_sigkill_and_is_sent_once_and_first() {
+    let smtp = FaultSmtp::start(Script::ok().on(Phase::Data, Action::Hang)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(dir.path(), smtp.port(), "") + "max_connections = 1\n";
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let normal = send(d.peer(), msg("normal", json!({"wait": false}))).await;
+    assert_eq!(normal.status(), Some("queued"), "{normal:?}");
+    assert!(
+        support::wait_until(|| smtp.commands(Phase::Data) >= 1, LIMIT).await,
+        "DATA was never sent"
+    );
+    let high = send(
+        d.peer(),
+        msg("urgent", json!({"wait": false, "priority": "high"})),
+    )
+    .await;
+    assert_eq!(high.status(), Some("queued"), "{high:?}");
+    let high = high.message_id().unwrap().to_string();
+    d.kill9().await;
+    assert_eq!(smtp.commands(Phase::Data), 1, "one connection");
+
+    smtp.set_script(Script::ok());
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let s = settled(d.peer(), &high, LIMIT).await;
+    assert_eq!(s["status"], "sent", "{s}");
+    assert_eq!(s["priority"], "high", "{s}");
+    let normal = normal.message_id().unwrap().to_string();
+    assert_eq!(settled(d.peer(), &normal, LIMIT).await["status"], "sent");
+    let got = smtp.received();
+    assert_eq!(got.len(), 2, "each once");
+    assert_eq!(copies(&got).get(&high), Some(&1));
+    assert_eq!(copies(&got).get(&normal), Some(&1));
+    assert_eq!(
+        subject_of(&got[0]).as_deref(),
+        Some("urgent"),
+        "the high one first"
+    );
+    d.stop().await;
+}
+
 /// Kill after the final "." (the server hangs before its reply): the message
 /// may have been delivered, so after the restart it is `unknown` and never
 /// sent again.
