@@ -3,8 +3,9 @@
 //! many in the store: accept + mark + settle at C=32, the two writes of a
 //! call that waits (its message stored at its commit mark, then settled
 //! with one attempt) at C=32, recovery on reopen, a status lookup, the first
-//! page of a listing, a page of the oldest batch as its caller lists it, and
-//! the queue's counts, and a backup of the whole store (`mailmux queue
+//! page of a listing, a page of the oldest batch as its caller lists it, a
+//! page of a search by a recipient that matches none, and the queue's
+//! counts, and a backup of the whole store (`mailmux queue
 //! backup`). Run by hand; it prints markdown, and checks only that
 //! each answer is whole.
 //!
@@ -171,6 +172,17 @@ async fn measure(fill: usize) -> anyhow::Result<String> {
     let (batch, _) = store.list(&oldest, BATCH, None).await?;
     let list_batch = t.elapsed();
     anyhow::ensure!(batch.len() == BATCH.min(fill), "the oldest batch, whole");
+    // A search by recipient that matches none: one page reads at most
+    // queue::SEARCH_ROWS rows.
+    let nobody = Filter {
+        caller: Some("bench".into()),
+        recipient: Some("nobody@".into()),
+        ..Filter::default()
+    };
+    let t = Instant::now();
+    let (found, _) = store.list(&nobody, 100, None).await?;
+    let search = t.elapsed();
+    anyhow::ensure!(found.is_empty(), "no message to nobody");
     let t = Instant::now();
     store.stats().await?;
     let stats = t.elapsed();
@@ -197,7 +209,7 @@ async fn measure(fill: usize) -> anyhow::Result<String> {
     anyhow::ensure!(copied as usize == fill + 2 * MEASURED, "the copy, whole");
 
     Ok(format!(
-        "| {fill} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} |",
+        "| {fill} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} |",
         MEASURED as f64 / took.as_secs_f64(),
         us(per_msg),
         MEASURED as f64 / marked.as_secs_f64(),
@@ -205,6 +217,7 @@ async fn measure(fill: usize) -> anyhow::Result<String> {
         us(lookups[lookups.len() * 99 / 100]),
         us(list),
         us(list_batch),
+        us(search),
         us(stats),
         us(due),
         us(open),
@@ -237,7 +250,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let mut out = String::from(
-        "| messages in the store | accept+mark+settle msgs/s (C=32) | µs per message (wall) | marked+settle msgs/s (C=32) | get p50 µs | get p99 µs | list 100 µs | list the oldest batch µs | stats µs | due µs | open µs | recover µs | file MB | backup ms | copy MB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| messages in the store | accept+mark+settle msgs/s (C=32) | µs per message (wall) | marked+settle msgs/s (C=32) | get p50 µs | get p99 µs | list 100 µs | list the oldest batch µs | search a recipient, a page µs | stats µs | due µs | open µs | recover µs | file MB | backup ms | copy MB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for fill in fills {
         out.push_str(&rt.block_on(measure(fill))?);

@@ -1107,6 +1107,7 @@ async fn sqlite_on_disk_conforms() {
     first_rounds(&open("first.db")).await;
     listings(&open("listings.db")).await;
     priorities(&open("priorities.db")).await;
+    searches(&open("searches.db")).await;
     unconfirmed_marks(&open("unconfirmed.db")).await;
     streamed_batches(&open("streamed.db")).await;
     cancelled_in_a_round(&open("cancelled.db")).await;
@@ -1291,6 +1292,72 @@ async fn listings(store: &dyn Store) {
     assert!(counts(None, Some("z")).await.is_empty());
 }
 
+/// A search by recipient reads at most `SEARCH_ROWS` of the rows its
+/// other filters name a page: a page may hold fewer than its limit, even
+/// none, with a cursor after the rows it read; following the cursors finds
+/// every match once, newest first.
+async fn searches(store: &dyn Store) {
+    use queue::SEARCH_ROWS;
+    let to = |id: String, rcpt: &str| NewMessage {
+        to: vec![rcpt.into()],
+        ..message(&id, None)
+    };
+    // Oldest first: 10 to Ada, SEARCH_ROWS + 20 to Bob, 3 to Ada.
+    let bobs = SEARCH_ROWS as usize + 20;
+    let mut all: Vec<NewMessage> = (0..10)
+        .map(|i| to(format!("old-ada-{i}"), "ada@example.org"))
+        .collect();
+    all.extend((0..bobs).map(|i| to(format!("bob-{i}"), "bob@example.org")));
+    all.extend((0..3).map(|i| to(format!("new-ada-{i}"), "Ada@Example.org")));
+    for chunk in all.chunks(1000) {
+        store.accept_many(chunk.to_vec(), false).await.unwrap();
+    }
+    let pages = |needle: &'static str, caller: Option<&'static str>, limit: usize| async move {
+        let filter = Filter {
+            recipient: Some(needle.into()),
+            caller: caller.map(Into::into),
+            ..Filter::default()
+        };
+        let mut pages = Vec::new();
+        let mut cursor = None;
+        loop {
+            let (page, next) = store.list(&filter, limit, cursor).await.unwrap();
+            pages.push(page.into_iter().map(|m| m.message_id).collect::<Vec<_>>());
+            match next {
+                Some(n) => cursor = Some(n),
+                None => return pages,
+            }
+        }
+    };
+    let newest_ada = ["new-ada-2", "new-ada-1", "new-ada-0"];
+    let old_ada = |from: usize, to: usize| (from..to).rev().map(|i| format!("old-ada-{i}"));
+    // The first page reads the newest SEARCH_ROWS rows: the 3 newest Ada
+    // messages, fewer than its limit, and a cursor after the rows it read.
+    let ada = pages("ADA@", None, 5).await;
+    assert_eq!(ada.len(), 3, "{ada:?}");
+    assert_eq!(ada[0], newest_ada);
+    assert_eq!(ada[1], old_ada(5, 10).collect::<Vec<_>>());
+    assert_eq!(ada[2], old_ada(0, 5).collect::<Vec<_>>());
+    // The same with the caller's filter, which a listing reads through.
+    assert_eq!(pages("ada@", Some("agent"), 5).await, ada);
+    // More matches than a page holds, within the rows read: full pages.
+    let bob = pages("bob@", Some("agent"), 100).await;
+    assert!(bob[..bob.len() - 1].iter().all(|p| p.len() == 100));
+    let found: Vec<&String> = bob.iter().flatten().collect();
+    assert_eq!(found.len(), bobs);
+    assert_eq!(found.first().unwrap().as_str(), format!("bob-{}", bobs - 1));
+    assert_eq!(found.last().unwrap().as_str(), "bob-0");
+    // No match: an empty page with a cursor, then the rest, empty.
+    assert_eq!(
+        pages("nobody@", None, 20).await,
+        [Vec::<String>::new(), Vec::new()]
+    );
+    assert_eq!(
+        pages("nobody@", Some("other"), 20).await,
+        [Vec::<String>::new()]
+    );
+}
+
 /// The counts per state that the SQLite store keeps are those of its rows.
 fn counts_match_rows(path: &std::path::Path) {
     let c = rusqlite::Connection::open(path).unwrap();
@@ -1469,6 +1536,7 @@ async fn memory_conforms() {
     first_rounds(&MemoryStore::new()).await;
     listings(&MemoryStore::new()).await;
     priorities(&MemoryStore::new()).await;
+    searches(&MemoryStore::new()).await;
     streamed_batches(&MemoryStore::new()).await;
     cancelled_in_a_round(&MemoryStore::new()).await;
     let store = MemoryStore::new();
@@ -2216,6 +2284,7 @@ async fn postgres_conforms() {
     on_a_new_database!(marked_bytes);
     on_a_new_database!(listings);
     on_a_new_database!(priorities);
+    on_a_new_database!(searches);
     on_a_new_database!(unconfirmed_marks);
     on_a_new_database!(streamed_batches);
     on_a_new_database!(cancelled_in_a_round);

@@ -534,11 +534,26 @@ impl Store for MemoryStore {
         cursor: Option<i64>,
     ) -> Result<(Vec<Summary>, Option<i64>), StoreError> {
         let mem = self.lock();
+        // A search by recipient reads at most SEARCH_ROWS of the rows the
+        // other filters name, as the SQL stores do.
+        let others = filter.besides_recipient();
+        let searching = filter.recipient.is_some();
+        let (mut low, mut read) = (None, 0i64);
         let mut page: Vec<(i64, Summary)> = mem
             .rows
             .range(..cursor.unwrap_or(i64::MAX))
             .rev()
-            .filter(|(_, row)| row.named_by(filter))
+            .filter(|(_, row)| row.named_by(&others))
+            .take(if searching {
+                super::SEARCH_ROWS as usize
+            } else {
+                usize::MAX
+            })
+            .inspect(|(seq, _)| {
+                low = Some(**seq);
+                read += 1;
+            })
+            .filter(|(_, row)| filter.recipient_matches(&row.record.to))
             .take(limit.saturating_add(1))
             .map(|(seq, row)| {
                 let r = &row.record;
@@ -563,11 +578,8 @@ impl Store for MemoryStore {
             .collect();
         let more = page.len() > limit;
         page.truncate(limit);
-        let next = if more {
-            page.last().map(|(s, _)| *s)
-        } else {
-            None
-        };
+        let searched = searching.then_some((low, read));
+        let next = super::rows::next_cursor(more, page.last().map(|(s, _)| *s), searched);
         Ok((page.into_iter().map(|(_, s)| s).collect(), next))
     }
 

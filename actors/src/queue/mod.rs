@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use crate::mail::Priority;
+pub use rows::SEARCH_ROWS;
 
 pub use runner::{
     Action, Change, Delivered, Drain, Event, Observer, Queue, QueueError, SUPPRESSED, Screen,
@@ -989,6 +990,9 @@ pub struct Filter {
     /// Only the messages with this tag.
     pub tag: Option<String>,
     /// Only messages with a recipient that contains this text (any case).
+    /// No index serves it: a page of a listing reads at most
+    /// [`SEARCH_ROWS`] of the messages the other filters name, and may
+    /// hold fewer than its limit, even none, with a cursor to go on.
     pub recipient: Option<String>,
 }
 
@@ -999,6 +1003,14 @@ impl Filter {
             let needle = needle.to_lowercase();
             to.iter().any(|t| t.to_lowercase().contains(&needle))
         })
+    }
+
+    /// The same filter without its recipient.
+    pub fn besides_recipient(&self) -> Filter {
+        Filter {
+            recipient: None,
+            ..self.clone()
+        }
     }
 }
 

@@ -2156,7 +2156,20 @@ impl Store for PgStore {
             last = Some(r.try_get::<i64, _>("seq").map_err(unavailable)?);
             page.push(summary(r).map_err(unavailable)?);
         }
-        Ok((page, if more { last } else { None }))
+        let searched = if filter.recipient.is_some() && !more {
+            let sql = rows::searched_sql('$', filter);
+            let r = filtered(sql, filter, before, rows::page_rows(limit))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(unavailable)?;
+            Some((
+                r.try_get::<Option<i64>, _>(0).map_err(unavailable)?,
+                r.try_get::<i64, _>(1).map_err(unavailable)?,
+            ))
+        } else {
+            None
+        };
+        Ok((page, rows::next_cursor(more, last, searched)))
     }
 
     async fn count(&self, filter: &Filter) -> Result<Vec<(State, u64)>, StoreError> {

@@ -2069,11 +2069,15 @@ impl Store for SqliteStore {
         cursor: Option<i64>,
     ) -> Result<(Vec<Summary>, Option<i64>), StoreError> {
         let sql = rows::list_sql('?', filter);
+        let searched = filter
+            .recipient
+            .is_some()
+            .then(|| rows::searched_sql('?', filter));
         let bound = filter_params(filter, cursor.unwrap_or(i64::MAX), rows::page_rows(limit));
         self.read(move |c| {
             let mut stmt = c.prepare_cached(&sql)?;
             let rows: Vec<(i64, Summary)> = stmt
-                .query_map(rusqlite::params_from_iter(bound), |r| {
+                .query_map(rusqlite::params_from_iter(bound.iter()), |r| {
                     Ok((
                         r.get(0)?,
                         Summary {
@@ -2095,11 +2099,16 @@ impl Store for SqliteStore {
                 .collect::<rusqlite::Result<_>>()?;
             let more = rows.len() > limit;
             let page: Vec<(i64, Summary)> = rows.into_iter().take(limit).collect();
-            let next = if more {
-                page.last().map(|(s, _)| *s)
-            } else {
-                None
+            let searched = match searched {
+                Some(sql) if !more => Some(
+                    c.prepare_cached(&sql)?
+                        .query_row(rusqlite::params_from_iter(bound), |r| {
+                            Ok((r.get(0)?, r.get(1)?))
+                        })?,
+                ),
+                _ => None,
             };
+            let next = rows::next_cursor(more, page.last().map(|(s, _)| *s), searched);
             Ok((page.into_iter().map(|(_, s)| s).collect(), next))
         })
         .await
