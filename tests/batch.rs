@@ -148,6 +148,42 @@ async fn a_mail_merge_renders_each_message_and_sends_every_one() {
     assert_eq!(failed["summary"], json!({"sent": 5}), "{failed}");
     let (_, none) = call(&s, "list_messages", json!({"batch_id": "batch-none"})).await;
     assert_eq!(none["summary"], json!({}), "{none}");
+    // By a recipient's address or part of one, in any case.
+    let (_, grace) = call(&s, "list_messages", json!({"recipient": "GRACE@"})).await;
+    let found = grace["messages"].as_array().unwrap();
+    assert_eq!(found.len(), 1, "{grace}");
+    assert_eq!(
+        found[0]["recipients"],
+        json!(["grace@example.org"]),
+        "{grace}"
+    );
+    assert!(grace.get("next_cursor").is_none(), "{grace}");
+    let (_, domain) = call(
+        &s,
+        "list_messages",
+        json!({"recipient": " @Example.org ", "batch_id": batch, "limit": 3}),
+    )
+    .await;
+    assert_eq!(domain["messages"].as_array().unwrap().len(), 3, "{domain}");
+    assert_eq!(domain["summary"], json!({"sent": 5}), "{domain}");
+    let (_, nobody) = call(&s, "list_messages", json!({"recipient": "nobody@"})).await;
+    assert!(
+        nobody["messages"].as_array().unwrap().is_empty(),
+        "{nobody}"
+    );
+    for (bad, rule) in [(json!("  "), "empty"), (json!("a".repeat(255)), "length")] {
+        let (is_error, out) = call(&s, "list_messages", json!({"recipient": bad})).await;
+        assert!(is_error, "{out}");
+        assert_eq!(
+            (
+                &out["error"]["code"],
+                &out["error"]["field"],
+                &out["error"]["rule"]
+            ),
+            (&json!("invalid_input"), &json!("recipient"), &json!(rule)),
+            "{out}"
+        );
+    }
     let (_, plain) = call(&s, "list_messages", json!({})).await;
     assert!(plain.get("summary").is_none(), "{plain}");
     // A batch and a tag whose messages are in several states.

@@ -497,6 +497,83 @@ fn a_closed_output_does_not_stop_the_queue_command_half_way() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
 }
 
+/// `queue list --recipient` finds every match up to `--limit`, however
+/// many rows a page of the store's search reads (`queue::SEARCH_ROWS`).
+#[test]
+fn the_queue_command_lists_by_recipient_past_a_page_of_the_search() {
+    use mailmux_actors::queue::{NewMessage, SEARCH_ROWS, Store, now_millis, sqlite::SqliteStore};
+    let dir = tempfile::tempdir().unwrap();
+    let message = |id: String, to: &str| NewMessage {
+        message_id: id,
+        from: Some("a@example.org".into()),
+        to: vec![to.into()],
+        bytes: std::sync::Arc::from(&b"Subject: x\r\n\r\nbody\r\n"[..]),
+        prefer: None,
+        queued_at: now_millis(),
+        due_at: now_millis() + 3_600_000,
+        idempotency: None,
+        caller: Some("local".into()),
+        meta: None,
+        hold: None,
+        only: None,
+        batch: None,
+        tag: None,
+        max_age: None,
+        priority: Default::default(),
+    };
+    // Oldest first: 10 to Ada, a page of the search's rows to Bob, 3 to Ada.
+    let mut all: Vec<NewMessage> = (0..10)
+        .map(|i| message(format!("<old-ada-{i}@x>"), "ada@example.org"))
+        .collect();
+    all.extend((0..SEARCH_ROWS + 20).map(|i| message(format!("<bob-{i}@x>"), "bob@example.org")));
+    all.extend((0..3).map(|i| message(format!("<new-ada-{i}@x>"), "ada@example.org")));
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let store = SqliteStore::open(&dir.path().join("mailmux-queue.db")).unwrap();
+        for chunk in all.chunks(1000) {
+            store.accept_many(chunk.to_vec(), false).await.unwrap();
+        }
+    });
+    let (code, out, err) = mailmux_in(
+        dir.path(),
+        &[
+            "queue",
+            "list",
+            "--recipient",
+            "ADA@",
+            "--limit",
+            "5",
+            "--json",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let ids: Vec<String> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["message_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "<new-ada-2@x>",
+            "<new-ada-1@x>",
+            "<new-ada-0@x>",
+            "<old-ada-9@x>",
+            "<old-ada-8@x>"
+        ],
+        "{out}"
+    );
+    let (code, out, err) = mailmux_in(
+        dir.path(),
+        &["queue", "list", "--recipient", "ada@", "--limit", "100"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.lines().count(), 13, "{out}");
+}
+
 /// `send --tag --metadata` labels a message (kept, not sent) and
 /// `--max-age` gives it its own, and the queue command lists, shows and
 /// cancels messages by tag.

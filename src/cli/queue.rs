@@ -708,10 +708,22 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
                 Ok(f) => f,
                 Err(code) => return code,
             };
-            let (page, _) = match store.list(&filter, a.limit, None).await {
-                Ok(p) => p,
-                Err(e) => return fail(e),
-            };
+            // A search by recipient reads a bounded number of rows a page
+            // (queue::SEARCH_ROWS): go on until the limit is met or the
+            // rows run out.
+            let mut page = Vec::new();
+            let mut cursor = None;
+            loop {
+                let (got, next) = match store.list(&filter, a.limit - page.len(), cursor).await {
+                    Ok(p) => p,
+                    Err(e) => return fail(e),
+                };
+                page.extend(got);
+                match next {
+                    Some(n) if page.len() < a.limit => cursor = Some(n),
+                    _ => break,
+                }
+            }
             for m in &page {
                 if a.json {
                     let line = serde_json::json!({

@@ -558,7 +558,9 @@ pub fn queue(
                 }
             }
         }
-        @if page.is_empty() {
+        @if page.is_empty() && next.is_some() {
+            div.card.muted { "No message matches among the " (mailmux_actors::queue::SEARCH_ROWS) " read: a search by recipient reads that many a page. Older ones follow." }
+        } @else if page.is_empty() {
             div.card.muted { "No message matches." }
         } @else {
             table {
@@ -1087,6 +1089,27 @@ mod tests {
         let single = mailmux_actors::queue::NewMessage { batch: None, ..new };
         let page = message(&op, None, &single.record(State::Sent, 0), None).into_string();
         assert!(!page.contains("?batch="), "{page}");
+    }
+
+    #[test]
+    fn a_search_by_recipient_that_read_its_rows_without_a_match_says_older_ones_follow() {
+        let (op, _, _) = overview_of_sqlite();
+        let filter = Filter {
+            recipient: Some("ada@".into()),
+            ..Filter::default()
+        };
+        let page = queue(&op, None, &filter, None, &[], Some(42)).into_string();
+        assert!(
+            page.contains("No message matches among the 10000 read"),
+            "{page}"
+        );
+        assert!(
+            page.contains(r#"href="/console/queue?before=42&amp;recipient=ada%40""#),
+            "{page}"
+        );
+        let page = queue(&op, None, &filter, None, &[], None).into_string();
+        assert!(page.contains("No message matches."), "{page}");
+        assert!(!page.contains("before="), "{page}");
     }
 
     #[test]

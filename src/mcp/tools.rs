@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use mailmux_actors::queue::{
-    Cancel, Filter, Hold, QueueError, Record, State, StoreError, Stream, Submit,
+    Cancel, Filter, Hold, QueueError, Record, SEARCH_ROWS, State, StoreError, Stream, Submit,
 };
 use mailmux_actors::{ControlError, Mail};
 use rmcp::RoleServer;
@@ -123,6 +123,10 @@ pub(super) fn queue_error(e: &QueueError) -> ToolError {
         format!("the queue store is unavailable: {e}"),
     )
 }
+
+/// The longest text `list_messages` searches recipients for: an address's
+/// length (RFC 5321's path, less its angle brackets).
+const MAX_RECIPIENT_SEARCH: usize = 254;
 
 fn invalid(field: &str, rule: &str, message: String) -> ToolError {
     ToolError {
@@ -1091,7 +1095,8 @@ impl MailmuxServer {
     #[tool(
         name = "list_messages",
         description = "List the most recent messages, newest first, optionally only those in \
-                       one `status`, of one `send_batch` (`batch_id`) or sent with one `tag`. \
+                       one `status`, of one `send_batch` (`batch_id`), sent with one `tag`, or to \
+                       a `recipient` (an address or part of one, any case). \
                        At most `limit` (1-100, default 20) a page; pass `next_cursor` back \
                        as `cursor` for the next page. With `batch_id` or `tag`, the first page \
                        has `summary`: how many of those messages are in each status.",
@@ -1147,12 +1152,33 @@ impl MailmuxServer {
                     }
                 },
             };
+            let recipient = match p.recipient.as_deref().map(str::trim) {
+                None => None,
+                Some("") => {
+                    return fail::<ListMessagesResult>(invalid(
+                        "recipient",
+                        "empty",
+                        "recipient must name an address or part of one".into(),
+                    ));
+                }
+                Some(r) if r.chars().count() > MAX_RECIPIENT_SEARCH => {
+                    return fail::<ListMessagesResult>(invalid(
+                        "recipient",
+                        "length",
+                        format!(
+                            "recipient is at most {MAX_RECIPIENT_SEARCH} characters (an address's \
+                             length)"
+                        ),
+                    ));
+                }
+                Some(r) => Some(r.to_owned()),
+            };
             let filter = Filter {
                 state,
                 caller: Some(caller.name.to_string()),
                 batch: p.batch_id.clone(),
                 tag: p.tag.clone(),
-                recipient: None,
+                recipient,
             };
             let (page, next) = match self.queue().list(&filter, limit as usize, cursor).await {
                 Ok(listed) => listed,
@@ -1163,7 +1189,7 @@ impl MailmuxServer {
             let summary = if grouped && cursor.is_none() {
                 let whole = Filter {
                     state: None,
-                    ..filter
+                    ..filter.clone()
                 };
                 match self.queue().count(&whole).await {
                     Ok(counts) => Some(
@@ -1186,6 +1212,11 @@ impl MailmuxServer {
             let mut text = format!("{} messages", out.messages.len());
             if out.next_cursor.is_some() {
                 text.push_str("; more with next_cursor");
+                if filter.recipient.is_some() && out.messages.len() < limit as usize {
+                    text.push_str(&format!(
+                        " (a search by recipient reads {SEARCH_ROWS} messages a page)"
+                    ));
+                }
             }
             if let Some(summary) = &out.summary {
                 let each: Vec<String> = summary.iter().map(|(st, n)| format!("{n} {st}")).collect();

@@ -495,6 +495,12 @@ pub struct ListMessagesParams {
     /// Only the messages sent with this `tag`.
     #[serde(default)]
     pub tag: Option<String>,
+    /// Only messages with a recipient whose address contains this text, in
+    /// any case: a whole address (`ada@example.org`) or part of one
+    /// (`@example.org`). A page reads at most 10,000 messages, so it may
+    /// hold fewer than `limit`, even none, and still have `next_cursor`.
+    #[serde(default)]
+    pub recipient: Option<String>,
 }
 
 /// Arguments of `cancel_message`.
@@ -575,7 +581,8 @@ impl Params for MessageStatusParams {
 }
 
 impl Params for ListMessagesParams {
-    const FIELDS: &'static [&'static str] = &["status", "limit", "cursor", "batch_id", "tag"];
+    const FIELDS: &'static [&'static str] =
+        &["status", "limit", "cursor", "batch_id", "tag", "recipient"];
 }
 
 impl Params for CancelMessageParams {
