@@ -199,8 +199,15 @@ async fn a_mail_merge_renders_each_message_and_sends_every_one() {
     .await;
     let later_id = later["batch_id"].as_str().unwrap();
     let one = later["results"][0]["message_id"].as_str().unwrap();
-    let (_, c) = call(&s, "cancel_message", json!({"message_id": one})).await;
+    // An id as a Message-ID header writes it, in angle brackets.
+    let (_, c) = call(
+        &s,
+        "cancel_message",
+        json!({"message_id": format!(" <{one}>")}),
+    )
+    .await;
     assert_eq!(c["cancelled"], true, "{c}");
+    assert_eq!(c["message_id"], one, "{c}");
     call(
         &s,
         "send_email",
@@ -232,6 +239,9 @@ async fn a_mail_merge_renders_each_message_and_sends_every_one() {
     let (_, status) = call(&s, "get_message_status", json!({"message_id": id})).await;
     assert_eq!(status["status"], "sent");
     assert_eq!(status["batch_id"], batch, "{status}");
+    let bracketed = json!({"message_id": format!("<{id}>")});
+    let (_, again) = call(&s, "get_message_status", bracketed).await;
+    assert_eq!(again, status);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -658,6 +658,18 @@ fn the_queue_command_lists_shows_and_cancels_by_tag() {
         "{shown}"
     );
 
+    // An id as a Message-ID header writes it, in angle brackets.
+    let bracketed = format!(" <{}> ", ids[0]);
+    let (code, again, _) = run(&["queue", "show", &bracketed]);
+    assert_eq!((code, &again), (Some(0), &shown));
+    let (code, _, stderr) = run(&["queue", "show", "<>"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    // An id and a selection at once is a usage error, not the id alone.
+    for action in ["cancel", "retry"] {
+        let (code, _, stderr) = run(&["queue", action, &ids[2], "--tag", "autumn"]);
+        assert_eq!(code, Some(2), "{action}: {stderr}");
+    }
+
     let (code, _, stderr) = run(&["queue", "cancel", "--tag", ""]);
     assert_eq!(code, Some(2), "{stderr}");
     let (code, out, stderr) = run(&["queue", "cancel", "--tag", "spring"]);

@@ -190,6 +190,9 @@ pub struct ListArgs {
 
 #[derive(Debug, Args)]
 pub struct ShowArgs {
+    /// The message_id the send answered with (`<…>` as a header writes it
+    /// is taken too).
+    #[arg(value_parser = message_id)]
     pub id: String,
     /// Print the stored message (headers and body) too.
     #[arg(long)]
@@ -199,7 +202,10 @@ pub struct ShowArgs {
 #[derive(Debug, Args)]
 pub struct CancelArgs {
     /// The message_id the send answered with; or a selection instead.
-    #[arg(conflicts_with_all = ["status", "caller", "batch", "recipient"])]
+    #[arg(
+        conflicts_with_all = ["status", "caller", "batch", "tag", "recipient"],
+        value_parser = message_id
+    )]
     pub id: Option<String>,
     #[command(flatten)]
     pub select: Select,
@@ -208,7 +214,10 @@ pub struct CancelArgs {
 #[derive(Debug, Args)]
 pub struct RetryArgs {
     /// The message_id the send answered with; or a selection instead.
-    #[arg(conflicts_with_all = ["status", "caller", "batch", "recipient"])]
+    #[arg(
+        conflicts_with_all = ["status", "caller", "batch", "tag", "recipient"],
+        value_parser = message_id
+    )]
     pub id: Option<String>,
     #[command(flatten)]
     pub select: Select,
@@ -247,7 +256,11 @@ pub struct RestoreArgs {
 #[derive(Debug, Args)]
 pub struct DecideArgs {
     /// The message_id the send answered with; or `--batch` instead.
-    #[arg(conflicts_with = "batch", required_unless_present = "batch")]
+    #[arg(
+        conflicts_with = "batch",
+        required_unless_present = "batch",
+        value_parser = message_id
+    )]
     pub id: Option<String>,
     /// Every held message of this `send_batch` call (its `batch_id`).
     #[arg(long)]
@@ -376,6 +389,15 @@ async fn migrate(config: &Config) -> ExitCode {
 /// The SQLite store's path, or the usage error of a command that copies
 /// it (`backup`, `restore`) on another store.
 /// `--limit`: a whole number of at least 1.
+/// A message id as given ([`queue::bare_id`]); an empty one is a usage
+/// error.
+fn message_id(s: &str) -> Result<String, String> {
+    match queue::bare_id(s) {
+        "" => Err("a message id must not be empty".into()),
+        id => Ok(id.to_owned()),
+    }
+}
+
 fn at_least_one(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if n >= 1 => Ok(n),

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use mailmux_actors::queue::{
-    Cancel, Filter, Hold, QueueError, Record, SEARCH_ROWS, State, StoreError, Stream, Submit,
+    self, Cancel, Filter, Hold, QueueError, Record, SEARCH_ROWS, State, StoreError, Stream, Submit,
 };
 use mailmux_actors::{ControlError, Mail};
 use rmcp::RoleServer;
@@ -1062,6 +1062,7 @@ impl MailmuxServer {
             };
             let found = match (&p.message_id, &p.idempotency_key) {
                 (Some(id), None) => {
+                    let id = queue::bare_id(id);
                     tracing::Span::current().record("message_id", &*logged(id));
                     self.queue().status(id).await
                 }
@@ -1304,7 +1305,8 @@ impl MailmuxServer {
                 }
                 Err(e) => return fail::<CancelMessageResult>(shape(e)),
             };
-            if id.trim().is_empty() {
+            let id = queue::bare_id(&id).to_owned();
+            if id.is_empty() {
                 return empty("message_id");
             }
             tracing::Span::current().record("message_id", &*logged(&id));

@@ -466,7 +466,8 @@ pub struct SendBatchResult {
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MessageStatusParams {
-    /// The `message_id` a send answered with.
+    /// The `message_id` a send answered with (or as a Message-ID header
+    /// writes it, `<…>`).
     #[serde(default)]
     pub message_id: Option<String>,
     /// The `idempotency_key` the message was sent with.
@@ -507,7 +508,8 @@ pub struct ListMessagesParams {
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CancelMessageParams {
-    /// The `message_id` a send answered with. Give this or `batch_id`.
+    /// The `message_id` a send answered with (or as a Message-ID header
+    /// writes it, `<…>`). Give this or `batch_id`.
     #[serde(default)]
     pub message_id: Option<String>,
     /// The `batch_id` a `send_batch` answered with: every message of that

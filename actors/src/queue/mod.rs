@@ -211,6 +211,17 @@ pub fn from_millis(ms: Millis) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
 
+/// A message id as a caller or an operator gives it, bare: without the
+/// spaces at either end and the angle brackets around it that a
+/// Message-ID header (or an In-Reply-To) writes (`<id@host>`). The queue
+/// stores ids bare.
+pub fn bare_id(id: &str) -> &str {
+    let id = id.trim();
+    id.strip_prefix('<')
+        .and_then(|i| i.strip_suffix('>'))
+        .map_or(id, str::trim)
+}
+
 pub fn now_millis() -> Millis {
     to_millis(SystemTime::now())
 }
@@ -1286,4 +1297,28 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Finishes the writes already sent and stops taking new ones, leaving
     /// the store whole on disk: the daemon's last act on it at shutdown.
     async fn close(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bare_id;
+
+    #[test]
+    fn an_id_is_taken_bare_or_as_a_header_writes_it() {
+        for given in [
+            "01a2@mailmux.localhost",
+            " 01a2@mailmux.localhost\n",
+            "<01a2@mailmux.localhost>",
+            " < 01a2@mailmux.localhost > ",
+        ] {
+            assert_eq!(bare_id(given), "01a2@mailmux.localhost", "{given:?}");
+        }
+        // Only a pair of brackets around the whole id is taken off.
+        assert_eq!(
+            bare_id("<01a2@mailmux.localhost"),
+            "<01a2@mailmux.localhost"
+        );
+        assert_eq!(bare_id("<>"), "");
+        assert_eq!(bare_id("  "), "");
+    }
 }
