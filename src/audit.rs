@@ -478,6 +478,10 @@ impl Observer for Audit {
             own.insert("decided_by".into(), json!(by));
         }
         recipients_by_outcome(e, &mut own);
+        // A bounce or complaint report names the one recipient it is about.
+        if e.action.is_report() {
+            own.insert("reported".into(), json!(e.to));
+        }
         if let Some(reason) = e.reason {
             line["event"]["reason"] = json!(reason);
         }

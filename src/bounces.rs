@@ -563,7 +563,7 @@ impl Reader {
             })
             .collect();
         self.queue
-            .note_reports(&record.message_id, noted)
+            .note_reports(&record, noted)
             .await
             .map_err(|e| format!("the store: {e}"))?;
         Ok(new)

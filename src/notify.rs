@@ -34,8 +34,17 @@ const ATTEMPTS: u32 = 3;
 const RETRY_BASE: Duration = Duration::from_secs(1);
 
 /// The events that may be chosen: a message's, then delivery's pause.
-pub const EVENTS: [&str; 8] = [
-    "held", "approved", "rejected", "failed", "unknown", "expired", "paused", "resumed",
+pub const EVENTS: [&str; 10] = [
+    "held",
+    "approved",
+    "rejected",
+    "failed",
+    "unknown",
+    "expired",
+    "paused",
+    "resumed",
+    "bounced",
+    "complained",
 ];
 
 /// `[notify]`, validated.
@@ -164,6 +173,8 @@ impl Notifier {
             Action::Failed => "failed",
             Action::Unknown => "may or may not have been delivered (unknown; never resent)",
             Action::Expired => "expired undelivered",
+            Action::Bounced => "bounced (a report came back by mail)",
+            Action::Complained => "drew a complaint (a report came back by mail)",
             _ => action,
         };
         let mut text = format!(

@@ -351,6 +351,10 @@ pub struct MessageMeter {
 
 impl Observer for MessageMeter {
     fn event(&self, e: &Event<'_>) {
+        // A report tells of a message already counted by its outcome.
+        if e.action.is_report() {
+            return;
+        }
         let caller = e.caller.unwrap_or("-");
         let status = e.action.as_str();
         if let Ok(handles) = self.handles.read()

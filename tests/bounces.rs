@@ -148,7 +148,13 @@ async fn reports_list_unknown_and_complaining_recipients_of_the_daemons_own_mess
     let imap = Dovecot::start();
     let smtp = FaultSmtp::start(Script::ok()).await;
     let dir = tempfile::tempdir().unwrap();
-    let d = StdioDaemon::start(dir.path(), &config(dir.path(), smtp.port(), imap.port)).await;
+    let (hook, hooks) = common::webhook().await;
+    let cfg = format!(
+        "{}\n[notify]\nurl = \"http://127.0.0.1:{hook}/hook/KEY-IN-PATH\"\n\
+         events = [\"bounced\", \"complained\"]\n",
+        config(dir.path(), smtp.port(), imap.port)
+    );
+    let d = StdioDaemon::start(dir.path(), &cfg).await;
 
     let two = sent(&d, &["gone@dest.example", "stays@dest.example"]).await;
     let full = sent(&d, &["full@dest.example"]).await;
@@ -238,18 +244,83 @@ async fn reports_list_unknown_and_complaining_recipients_of_the_daemons_own_mess
         assert!(!flags.iter().any(|f| f.contains("Seen")), "{flags:?}");
     }
 
-    // Each listing is audited, by the report.
+    // The webhook is told of each report noted on a message, once, with
+    // no address (the first post is answered 500 and tried again).
+    common::hooks_taken(&hooks, 2).await;
+    // Long enough for a third post, were there one.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let posts: Vec<Value> = common::hooks_taken(&hooks, 2)
+        .await
+        .into_iter()
+        .map(|h| h.body)
+        .collect();
+    let mut told: Vec<(&str, &str)> = posts
+        .iter()
+        .map(|p| {
+            (
+                p["event"].as_str().unwrap(),
+                p["message_id"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    told.sort();
+    let mut want = vec![("bounced", two.as_str()), ("complained", one.as_str())];
+    want.sort();
+    assert_eq!(told, want, "{posts:?}");
+    for p in &posts {
+        assert_eq!(p["recipients"], 1, "{p}");
+        assert!(
+            !p.to_string().contains("dest.example"),
+            "an address posted: {p}"
+        );
+    }
+
+    // Each listing is audited, by the report, and so is each report noted
+    // on a message: its one recipient and the report's detail.
     d.stop().await;
     let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
-    let lines: Vec<Value> = audit
+    let all: Vec<Value> = audit
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|l| l["event"]["action"] == "suppressed")
         .collect();
+    let of = |action: &str| -> Vec<&Value> {
+        all.iter()
+            .filter(|l| l["event"]["action"] == action)
+            .collect()
+    };
+    let lines = of("suppressed");
     assert_eq!(lines.len(), 2, "{audit}");
     for l in &lines {
         assert_eq!(l["user"]["name"], "report", "{l}");
     }
+    let bounced = of("bounced");
+    assert_eq!(bounced.len(), 1, "{audit}");
+    assert_eq!(
+        bounced[0]["email"]["message_id"],
+        two.as_str(),
+        "{}",
+        bounced[0]
+    );
+    assert_eq!(
+        bounced[0]["mailmux"]["reported"],
+        json!(["gone@dest.example"]),
+        "{}",
+        bounced[0]
+    );
+    assert!(
+        bounced[0]["event"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("5.1.1"),
+        "{}",
+        bounced[0]
+    );
+    let complained = of("complained");
+    assert_eq!(complained.len(), 1, "{audit}");
+    assert_eq!(
+        complained[0]["mailmux"]["reported"],
+        json!(["reader@dest.example"])
+    );
     assert!(!audit.contains("hello"), "a body in the audit log");
 }
 
@@ -374,15 +445,23 @@ async fn two_daemons_on_postgres_list_a_reported_recipient_once() {
     assert_eq!(listed(b.path()).len(), 1);
     da.stop().await;
     db.stop().await;
-    let mut lines = 0;
+    let (mut lines, mut reported) = (0, 0);
     for dir in [a.path(), b.path()] {
         let audit = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap_or_default();
         lines += audit
             .lines()
             .filter(|l| l.contains("\"suppressed\"") && l.contains("gone@dest.example"))
             .count();
+        reported += audit
+            .lines()
+            .filter(|l| l.contains("\"action\":\"bounced\""))
+            .count();
     }
     assert_eq!(lines, 1, "one audit line for one listing");
+    assert_eq!(
+        reported, 1,
+        "one audit line for one report noted on its message"
+    );
 }
 
 /// A mailbox of thousands of messages, the first five thousand deleted: the
@@ -549,5 +628,10 @@ async fn reports_read_across_a_sigkill_are_counted_once() {
             .filter(|l| l.contains("\"suppressed\"") && l.contains(&address))
             .count();
         assert!(lines <= 1, "{address}: {lines} lines");
+        let reported = audit
+            .lines()
+            .filter(|l| l.contains("\"action\":\"bounced\"") && l.contains(&address))
+            .count();
+        assert!(reported <= 1, "{address}: {reported} report lines");
     }
 }

@@ -17,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{hooks_taken, webhook};
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CancelTaskParams, ClientCapabilities, ClientConfig,
     ElicitRequestParams, ElicitResult, ElicitationAction, GetTaskParams, Implementation,
@@ -3542,66 +3543,6 @@ async fn a_caller_held_to_templates_sends_only_the_operators_wording() {
     assert!(!e && out["status"] == "sent", "{out}");
     let text = String::from_utf8_lossy(&sink.delivered().pop().unwrap().data).into_owned();
     assert!(text.contains("Dear Ada, order 8 is on its way."), "{text}");
-}
-
-/// One webhook POST as the test's server received it.
-#[derive(Debug, Clone)]
-struct Hook {
-    authorization: String,
-    body: Value,
-    answered: u16,
-}
-
-/// A webhook on a free port that records each POST to `/hook/KEY-IN-PATH`
-/// and answers 500 to the first, 200 to the others.
-async fn webhook() -> (u16, Arc<Mutex<Vec<Hook>>>) {
-    use axum::extract::State;
-    use axum::http::{HeaderMap, StatusCode};
-    let hooks: Arc<Mutex<Vec<Hook>>> = Arc::default();
-    async fn take(
-        State(hooks): State<Arc<Mutex<Vec<Hook>>>>,
-        headers: HeaderMap,
-        axum::Json(body): axum::Json<Value>,
-    ) -> StatusCode {
-        let mut hooks = hooks.lock().unwrap();
-        let answered = if hooks.is_empty() { 500 } else { 200 };
-        hooks.push(Hook {
-            authorization: headers
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_owned(),
-            body,
-            answered,
-        });
-        StatusCode::from_u16(answered).unwrap()
-    }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let app = axum::Router::new()
-        .route("/hook/KEY-IN-PATH", axum::routing::post(take))
-        .with_state(hooks.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (port, hooks)
-}
-
-/// The POSTs answered 200, once there are `n` of them.
-async fn hooks_taken(hooks: &Arc<Mutex<Vec<Hook>>>, n: usize) -> Vec<Hook> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let taken: Vec<Hook> = hooks
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|h| h.answered == 200)
-            .cloned()
-            .collect();
-        if taken.len() >= n {
-            return taken;
-        }
-        assert!(Instant::now() < deadline, "{taken:#?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// `[notify]`: operators are told at once, by a webhook, of a message held

@@ -3477,7 +3477,7 @@ impl Store for SlowMarks {
         &self,
         message_id: &str,
         reports: Vec<ReportRecord>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<ReportRecord>, StoreError> {
         self.inner.note_reports(message_id, reports).await
     }
     async fn advance_report_cursor(

@@ -561,3 +561,66 @@ pub fn refuse_suppressions(db: &Path) -> rusqlite::Connection {
 pub fn accept_suppressions(c: &rusqlite::Connection) {
     c.execute_batch("DROP TRIGGER refuse_listing").unwrap();
 }
+
+/// The POSTs a [`webhook`] received, in order.
+pub type Hooks = std::sync::Arc<std::sync::Mutex<Vec<Hook>>>;
+
+/// One webhook POST as the test's server received it.
+#[derive(Debug, Clone)]
+pub struct Hook {
+    pub authorization: String,
+    pub body: serde_json::Value,
+    pub answered: u16,
+}
+
+/// A webhook on a free port that records each POST to `/hook/KEY-IN-PATH`
+/// and answers 500 to the first, 200 to the others.
+pub async fn webhook() -> (u16, Hooks) {
+    use axum::extract::State;
+    use axum::http::{HeaderMap, StatusCode};
+    let hooks = Hooks::default();
+    async fn take(
+        State(hooks): State<Hooks>,
+        headers: HeaderMap,
+        axum::Json(body): axum::Json<serde_json::Value>,
+    ) -> StatusCode {
+        let mut hooks = hooks.lock().unwrap();
+        let answered = if hooks.is_empty() { 500 } else { 200 };
+        hooks.push(Hook {
+            authorization: headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned(),
+            body,
+            answered,
+        });
+        StatusCode::from_u16(answered).unwrap()
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = axum::Router::new()
+        .route("/hook/KEY-IN-PATH", axum::routing::post(take))
+        .with_state(hooks.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (port, hooks)
+}
+
+/// The POSTs answered 200, once there are `n` of them.
+pub async fn hooks_taken(hooks: &Hooks, n: usize) -> Vec<Hook> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let taken: Vec<Hook> = hooks
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|h| h.answered == 200)
+            .cloned()
+            .collect();
+        if taken.len() >= n {
+            return taken;
+        }
+        assert!(Instant::now() < deadline, "{taken:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -466,8 +466,9 @@ impl Store for MemoryStore {
         &self,
         message_id: &str,
         reports: Vec<ReportRecord>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<ReportRecord>, StoreError> {
         let mut mem = self.lock();
+        let mut added = Vec::new();
         if let Some(seq) = mem.seq_of.get(message_id).copied()
             && let Some(row) = mem.rows.get_mut(&seq)
         {
@@ -480,11 +481,12 @@ impl Store for MemoryStore {
                     .iter()
                     .any(|o| o.address == r.address && o.reason == r.reason)
                 {
-                    row.record.reports.push(r);
+                    row.record.reports.push(r.clone());
+                    added.push(r);
                 }
             }
         }
-        Ok(())
+        Ok(added)
     }
 
     async fn note_copy(&self, message_id: &str, outcome: &str) -> Result<(), StoreError> {

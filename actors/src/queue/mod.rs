@@ -1216,12 +1216,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// for it; a message purged meanwhile is left alone.
     async fn note_copy(&self, message_id: &str, outcome: &str) -> Result<(), StoreError>;
     /// Adds to the message's reports each one whose recipient and reason
-    /// it does not hold yet; a message purged meanwhile is left alone.
+    /// it does not hold yet, and answers those (none for a message purged
+    /// meanwhile). Daemons that share a store note each report once.
     async fn note_reports(
         &self,
         message_id: &str,
         reports: Vec<ReportRecord>,
-    ) -> Result<(), StoreError>;
+    ) -> Result<Vec<ReportRecord>, StoreError>;
     /// Sent copies still `pending`, for this daemon to make: with `mine`,
     /// its own of messages last changed before `before` (the copies a crash
     /// interrupted, at the next start); on a shared store, also those of

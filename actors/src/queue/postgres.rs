@@ -2243,8 +2243,10 @@ impl Store for PgStore {
         &self,
         message_id: &str,
         reports: Vec<ReportRecord>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<ReportRecord>, StoreError> {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        // Locked, so that of two daemons that read one report the second
+        // finds it noted.
         let old: Option<Option<String>> = sqlx::query_scalar(
             "SELECT reports FROM mailmux_messages WHERE message_id = $1 FOR UPDATE",
         )
@@ -2252,18 +2254,18 @@ impl Store for PgStore {
         .fetch_optional(&mut *tx)
         .await
         .map_err(unavailable)?;
-        if let Some(old) = old
-            && let Some(merged) = rows::merged_reports(old, &reports)
-        {
+        let mut added = Vec::new();
+        if let Some((merged, new)) = old.and_then(|old| rows::merged_reports(old, &reports)) {
             sqlx::query("UPDATE mailmux_messages SET reports = $2 WHERE message_id = $1")
                 .bind(message_id)
                 .bind(merged)
                 .execute(&mut *tx)
                 .await
                 .map_err(unavailable)?;
+            added = new;
         }
         tx.commit().await.map_err(unavailable)?;
-        Ok(())
+        Ok(added)
     }
 
     /// With `mine`, this daemon's pending copies settled before `before` (a

@@ -334,8 +334,11 @@ pub(crate) fn reports(s: Option<String>) -> Vec<ReportRecord> {
 }
 
 /// The stored reports `old` with each of `new` whose address and reason
-/// it lacks; `None` when nothing is new.
-pub(crate) fn merged_reports(old: Option<String>, new: &[ReportRecord]) -> Option<String> {
+/// it lacks, and those it added; `None` when nothing is new.
+pub(crate) fn merged_reports(
+    old: Option<String>,
+    new: &[ReportRecord],
+) -> Option<(String, Vec<ReportRecord>)> {
     let mut all = reports(old.clone());
     let before = all.len();
     for r in new {
@@ -346,8 +349,10 @@ pub(crate) fn merged_reports(old: Option<String>, new: &[ReportRecord]) -> Optio
             all.push(r.clone());
         }
     }
-    (all.len() > before).then(|| {
-        all.iter()
+    let added = all[before..].to_vec();
+    (!added.is_empty()).then(|| {
+        let text = all
+            .iter()
             .map(|r| {
                 format!(
                     "{}\t{}\t{}\t{}",
@@ -358,7 +363,8 @@ pub(crate) fn merged_reports(old: Option<String>, new: &[ReportRecord]) -> Optio
                 )
             })
             .collect::<Vec<_>>()
-            .join("\n")
+            .join("\n");
+        (text, added)
     })
 }
 

@@ -130,6 +130,11 @@ pub enum Action {
     Unknown,
     Expired,
     Cancelled,
+    /// A bounce report that came back by mail after a relay took the
+    /// message named one of its recipients ([`Queue::note_reports`]).
+    Bounced,
+    /// A complaint (spam) report named one of its recipients.
+    Complained,
 }
 
 impl Action {
@@ -146,7 +151,15 @@ impl Action {
             Action::Unknown => "unknown",
             Action::Expired => "expired",
             Action::Cancelled => "cancelled",
+            Action::Bounced => "bounced",
+            Action::Complained => "complained",
         }
+    }
+
+    /// Whether it tells of a report on a message, not of a change of its
+    /// state.
+    pub fn is_report(self) -> bool {
+        matches!(self, Action::Bounced | Action::Complained)
     }
 
     /// The action of a round that ended in `state`; none for a retry.
@@ -1529,12 +1542,49 @@ impl Queue {
 
     /// Adds what reports said of a message's recipients
     /// ([`Store::note_reports`]).
+    /// Adds `reports` to the message `record` names, and tells the
+    /// observer of each that was new to it (`bounced` or `complained`,
+    /// naming its one recipient, the report's detail as the reason):
+    /// once, also when daemons that share a store read the same report.
     pub async fn note_reports(
         &self,
-        message_id: &str,
+        record: &Record,
         reports: Vec<super::ReportRecord>,
     ) -> Result<(), QueueError> {
-        Ok(self.inner.store.note_reports(message_id, reports).await?)
+        let added = self
+            .inner
+            .store
+            .note_reports(&record.message_id, reports)
+            .await?;
+        if added.is_empty() {
+            return Ok(());
+        }
+        if let Some(o) = self.inner.observer.get() {
+            for r in &added {
+                let action = match r.reason.as_str() {
+                    "complained" => Action::Complained,
+                    _ => Action::Bounced,
+                };
+                let to = [r.address.clone()];
+                o.event(&Event {
+                    action,
+                    message_id: &record.message_id,
+                    caller: record.caller.as_deref(),
+                    meta: record.meta.as_deref(),
+                    from: record.from.as_deref(),
+                    to: &to,
+                    size: record.size,
+                    relay: record.relay.as_deref(),
+                    code: None,
+                    reason: (!r.detail.is_empty()).then_some(r.detail.as_str()),
+                    decided_by: None,
+                    accepted: &[],
+                    rejected: &[],
+                    deferred: Vec::new(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// How far a mailbox of reports was read ([`Store::report_cursor`]).

@@ -1922,20 +1922,20 @@ impl Store for SqliteStore {
         &self,
         message_id: &str,
         reports: Vec<ReportRecord>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<ReportRecord>, StoreError> {
         let id = message_id.to_owned();
         self.write(move |c, _| {
             let old: Option<Option<String>> = c
                 .prepare_cached("SELECT reports FROM messages WHERE message_id = ?1")?
                 .query_row([&id], |r| r.get(0))
                 .optional()?;
-            if let Some(old) = old
-                && let Some(merged) = rows::merged_reports(old, &reports)
-            {
-                c.prepare_cached("UPDATE messages SET reports = ?2 WHERE message_id = ?1")?
-                    .execute(params![id, merged])?;
-            }
-            Ok(())
+            let Some((merged, added)) = old.and_then(|old| rows::merged_reports(old, &reports))
+            else {
+                return Ok(Vec::new());
+            };
+            c.prepare_cached("UPDATE messages SET reports = ?2 WHERE message_id = ?1")?
+                .execute(params![id, merged])?;
+            Ok(added)
         })
         .await
     }
