@@ -77,11 +77,7 @@ pub(crate) fn list_sql(p: char, filter: &Filter) -> String {
           ORDER BY seq DESC LIMIT {p}3"
         );
     }
-    let find = if p == '$' {
-        "strpos(lower(rcpt), $6)"
-    } else {
-        "instr(lower(rcpt), ?6)"
-    };
+    let find = finds(p);
     format!(
         "SELECT {columns}
            FROM (SELECT {columns} FROM {table} WHERE {matching}
@@ -131,17 +127,23 @@ pub(crate) fn next_cursor(
 /// recipient, if given, is checked on each row.
 pub(crate) fn count_sql(p: char, filter: &Filter) -> String {
     let (table, _, matching) = matching(p, filter);
-    let find = if p == '$' {
-        "strpos(lower(rcpt), $6)"
-    } else {
-        "instr(lower(rcpt), ?6)"
-    };
+    let find = finds(p);
     format!(
         "SELECT state, COUNT(*) FROM {table} WHERE {matching}
             AND ({p}6{cast} IS NULL OR {find} > 0)
           GROUP BY state LIMIT {p}3",
         cast = if p == '$' { "::text" } else { "" }
     )
+}
+
+/// The position of parameter `6`, lowered, in a row's recipients (0 when
+/// absent).
+fn finds(p: char) -> &'static str {
+    if p == '$' {
+        "strpos(lower(rcpt), $6)"
+    } else {
+        "instr(lower(rcpt), ?6)"
+    }
 }
 
 /// The table, its `node` column (PostgreSQL's), and the conditions of
