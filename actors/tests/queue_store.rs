@@ -2353,7 +2353,18 @@ async fn postgres_listings_read_through_indexes() {
             "mailmux_messages_tag",
             Filter {
                 caller: Some("agent".into()),
-                state: Some(State::Failed),
+                state: Some(State::Sent),
+                tag: Some("t".into()),
+                ..Filter::default()
+            },
+        ),
+        // What still waits of a campaign: through the state's index,
+        // whatever number of its messages were sent.
+        (
+            "mailmux_messages_state",
+            Filter {
+                caller: Some("agent".into()),
+                state: Some(State::Queued),
                 tag: Some("t".into()),
                 ..Filter::default()
             },

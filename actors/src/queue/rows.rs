@@ -200,10 +200,13 @@ impl ListedBy {
 
 /// The column whose index a listing reads through, or none for the rows
 /// themselves, newest first. A batch holds at most `max_batch` messages.
-/// A tag names what its caller chose to group (a campaign, a ticket):
-/// its index reads those rows only.
-/// A state other than `sent` is, in a mail queue, a few of its rows. A
-/// caller may own any share of them: through its index a listing reads
+/// A state other than `sent` is, in a mail queue, a few of its rows: the
+/// mail still waiting, and what failed, within `retain`.
+/// A tag names what its caller chose to group (a campaign, a ticket): its
+/// index reads those rows only, but a campaign's grows with every message
+/// sent, so a tag with such a state (what still waits of a campaign, which
+/// `cancel_message` with a `tag` asks for) reads through the state's.
+/// A caller may own any share of them: through its index a listing reads
 /// only that caller's rows, but each costs a few times more than a row of
 /// the table read in order, so a caller owning most messages and a filter
 /// that few of them match (a recipient) cost more this way than before it.
@@ -211,10 +214,10 @@ impl ListedBy {
 pub(crate) fn listed_by(filter: &Filter) -> Option<ListedBy> {
     if filter.batch.is_some() {
         Some(ListedBy::Batch)
-    } else if filter.tag.is_some() {
-        Some(ListedBy::Tag)
     } else if filter.state.is_some_and(|s| s != State::Sent) {
         Some(ListedBy::State)
+    } else if filter.tag.is_some() {
+        Some(ListedBy::Tag)
     } else if filter.caller.is_some() {
         Some(ListedBy::Caller)
     } else {
