@@ -3396,6 +3396,64 @@ async fn postgres_a_mark_whose_answer_was_lost_is_sent_once_when_the_database_is
     dispatcher.shutdown(Duration::from_secs(5)).await;
 }
 
+/// A selection's cancels write nothing for the messages it lists in a
+/// final state (a campaign's tag may name a million sent ones): only the
+/// one still waiting is asked to be cancelled, and the summary counts the
+/// others by their state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_selection_writes_nothing_for_its_finished_messages() {
+    use mailmux_actors::queue::{Queue, QueueSettings, StoreKind};
+
+    let inner: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    for i in 0..5 {
+        let mut m = NewMessage {
+            tag: Some("spring".into()),
+            ..message(&format!("t{i}"), None)
+        };
+        if i == 4 {
+            // Scheduled an hour ahead: nothing delivers it meanwhile.
+            m.due_at += 3_600_000;
+        }
+        inner.accept(m).await.unwrap();
+    }
+    for i in 0..4 {
+        let id = format!("t{i}");
+        inner.mark(&id).await.unwrap();
+        inner.settle(&id, settle(State::Sent, None)).await.unwrap();
+    }
+    let counted = Arc::new(SlowMarks {
+        inner,
+        delay: Duration::ZERO,
+        cancels: Default::default(),
+    });
+    let dispatcher = dispatcher_to(Vec::new()).await;
+    let settings = QueueSettings {
+        store: StoreKind::Memory,
+        ..QueueSettings::default()
+    };
+    let queue = Queue::start(counted.clone(), dispatcher.clone(), settings, 8)
+        .await
+        .unwrap();
+    let filter = Filter {
+        tag: Some("spring".into()),
+        ..Filter::default()
+    };
+    let done = queue.cancel_each(&filter).await.unwrap();
+    assert_eq!((done.matched, done.acted), (5, 1), "{done:?}");
+    assert_eq!(
+        done.states,
+        [(State::Sent, 4), (State::Cancelled, 1)].into(),
+        "{done:?}"
+    );
+    assert_eq!(
+        counted.cancels.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "a cancel asked of a finished message"
+    );
+    queue.shutdown(Duration::from_secs(5)).await;
+    dispatcher.shutdown(Duration::from_secs(5)).await;
+}
+
 /// A cancel dropped before its write is answered (a selection's cancels
 /// after a store error) lets its claim on the message go: the message can
 /// still be cancelled, and is never seen as one a relay holds.
@@ -3439,11 +3497,13 @@ async fn a_cancel_dropped_half_way_lets_its_claim_go() {
 }
 
 /// A store whose commit marks (`mark`, `accept_marked`) take `delay`
-/// before they are written: a slow database.
+/// before they are written: a slow database. It counts the cancels it is
+/// asked for.
 #[derive(Debug)]
 struct SlowMarks {
     inner: Arc<dyn Store>,
     delay: Duration,
+    cancels: std::sync::atomic::AtomicUsize,
 }
 
 #[async_trait::async_trait]
@@ -3529,6 +3589,8 @@ impl Store for SlowMarks {
         self.inner.accept_settled(m, s).await
     }
     async fn cancel(&self, message_id: &str) -> Result<Cancel, StoreError> {
+        self.cancels
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.inner.cancel(message_id).await
     }
     async fn decide(&self, message_id: &str, d: Decision) -> Result<Decided, StoreError> {
@@ -3620,6 +3682,7 @@ async fn a_call_cancelled_while_its_mark_is_written_ends_cancelled() {
         let slow: Arc<dyn Store> = Arc::new(SlowMarks {
             inner: store.clone(),
             delay: Duration::from_millis(600),
+            cancels: Default::default(),
         });
         let settings = QueueSettings {
             store: StoreKind::Memory,

@@ -1041,7 +1041,7 @@ enum Bulk {
 async fn each(config: &Config, store: &dyn queue::Store, select: Select, bulk: Bulk) -> ExitCode {
     if !select.any() {
         eprintln!(
-            "mailmux: name a message_id, or select messages with --status, --caller, --batch or --recipient"
+            "mailmux: name a message_id, or select messages with --status, --caller, --batch, --tag or --recipient"
         );
         return ExitCode::from(EXIT_USAGE);
     }
@@ -1049,13 +1049,27 @@ async fn each(config: &Config, store: &dyn queue::Store, select: Select, bulk: B
         Ok(f) => f,
         Err(code) => return code,
     };
-    let ids = match queue::select(store, &filter).await {
-        Ok(ids) => ids,
+    let listed = match queue::select(store, &filter).await {
+        Ok(listed) => listed,
         Err(e) => {
             eprintln!("mailmux: {e}");
             return ExitCode::FAILURE;
         }
     };
+    let matched = listed.len();
+    // Why the others were left: their state, or that they are gone.
+    let mut left = std::collections::BTreeMap::<String, usize>::new();
+    // A finished message cannot be cancelled or decided on: no write to
+    // learn that (a campaign's tag may name a million sent messages). A
+    // retry acts on finished ones.
+    let mut ids = Vec::with_capacity(matched);
+    for (id, state) in listed {
+        if state.is_final() && !matches!(bulk, Bulk::Retry { .. }) {
+            *left.entry(state.as_str().to_owned()).or_default() += 1;
+        } else {
+            ids.push(id);
+        }
+    }
     let log = Told::open(config);
     let (verb, done_as) = match bulk {
         Bulk::Cancel => ("cancelled", "cancelled"),
@@ -1066,8 +1080,6 @@ async fn each(config: &Config, store: &dyn queue::Store, select: Select, bulk: B
     let bulk = &bulk;
     let log = &log;
     let mut done = 0usize;
-    // Why the others were left: their state, or that they are gone.
-    let mut left = std::collections::BTreeMap::<String, usize>::new();
     // A few at a time, in order: the store's writer folds them into shared
     // commits.
     let outcomes = stream::iter(&ids)
@@ -1118,14 +1130,14 @@ async fn each(config: &Config, store: &dyn queue::Store, select: Select, bulk: B
             }
             Ok(Some(why)) => *left.entry(why).or_default() += 1,
             Err(e) => {
-                say!("{verb} {done} of {} messages before an error", ids.len());
+                say!("{verb} {done} of {matched} messages before an error");
                 eprintln!("mailmux: {e}");
                 return ExitCode::FAILURE;
             }
         }
     }
     log.finish().await;
-    let mut summary = format!("{verb}: {done} of {} matching messages", ids.len());
+    let mut summary = format!("{verb}: {done} of {matched} matching messages");
     if !left.is_empty() {
         let rest: Vec<String> = left.iter().map(|(why, n)| format!("{n} {why}")).collect();
         summary.push_str(&format!("; left as they were: {}", rest.join(", ")));

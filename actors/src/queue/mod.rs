@@ -798,16 +798,22 @@ pub struct Purged {
 /// between the chunks.
 pub const PURGE_CHUNK: usize = 1000;
 
-/// The ids of every message `filter` names, newest first, read a page at a
-/// time: what an action on a selection (`cancel_message` with a
-/// `batch_id`, `mailmux queue cancel --batch`) goes through.
-pub async fn select(store: &dyn Store, filter: &Filter) -> Result<Vec<String>, StoreError> {
+/// The ids of every message `filter` names, newest first, each with its
+/// state as listed, read a page at a time: what an action on a selection
+/// (`cancel_message` with a `batch_id`, `mailmux queue cancel --batch`)
+/// goes through. A message listed in a final state ([`State::is_final`])
+/// can no longer be cancelled or decided on: those actions leave it
+/// without a write.
+pub async fn select(
+    store: &dyn Store,
+    filter: &Filter,
+) -> Result<Vec<(String, State)>, StoreError> {
     const PAGE: usize = 500;
     let mut ids = Vec::new();
     let mut cursor = None;
     loop {
         let (page, next) = store.list(filter, PAGE, cursor).await?;
-        ids.extend(page.into_iter().map(|m| m.message_id));
+        ids.extend(page.into_iter().map(|m| (m.message_id, m.state)));
         match next {
             Some(n) => cursor = Some(n),
             None => return Ok(ids),

@@ -1330,20 +1330,30 @@ impl Queue {
         .await
     }
 
-    /// Runs `act` on every message `filter` names, a few at a time: each
-    /// gives whether it acted and the message's state after, or `None` for
-    /// a message gone in between.
+    /// Runs `act` (a cancel, a decision) on every message `filter` names
+    /// that is not listed in a final state, a few at a time: each gives
+    /// whether it acted and the message's state after, or `None` for a
+    /// message gone in between. The finished ones count in their state.
     async fn each<F, Fut>(&self, filter: &Filter, act: F) -> Result<super::ActedOnMany, QueueError>
     where
         F: Fn(Queue, String) -> Fut,
         Fut: std::future::Future<Output = Result<Option<(bool, State)>, QueueError>>,
     {
         use futures_util::stream::{self, StreamExt as _};
-        let ids = super::select(self.inner.store.as_ref(), filter).await?;
+        let listed = super::select(self.inner.store.as_ref(), filter).await?;
         let mut out = super::ActedOnMany {
-            matched: ids.len(),
+            matched: listed.len(),
             ..Default::default()
         };
+        // A finished message stays as it is: no write to learn that.
+        let mut ids = Vec::with_capacity(listed.len());
+        for (id, state) in listed {
+            if state.is_final() {
+                *out.states.entry(state).or_default() += 1;
+            } else {
+                ids.push(id);
+            }
+        }
         let mut acts = stream::iter(ids)
             .map(|id| act(self.clone(), id))
             .buffer_unordered(super::AT_ONCE);
