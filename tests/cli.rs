@@ -508,18 +508,10 @@ fn the_queue_command_lists_by_recipient_past_a_page_of_the_search() {
         from: Some("a@example.org".into()),
         to: vec![to.into()],
         bytes: std::sync::Arc::from(&b"Subject: x\r\n\r\nbody\r\n"[..]),
-        prefer: None,
         queued_at: now_millis(),
         due_at: now_millis() + 3_600_000,
-        idempotency: None,
         caller: Some("local".into()),
-        meta: None,
-        hold: None,
-        only: None,
-        batch: None,
-        tag: None,
-        max_age: None,
-        priority: Default::default(),
+        ..NewMessage::default()
     };
     // Oldest first: 10 to Ada, a page of the search's rows to Bob, 3 to Ada.
     let mut all: Vec<NewMessage> = (0..10)

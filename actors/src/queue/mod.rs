@@ -232,7 +232,7 @@ pub fn duration(ms: Millis) -> Duration {
 }
 
 /// A message to store.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct NewMessage {
     pub message_id: String,
     /// MAIL FROM; `None` uses the relay's sender.
