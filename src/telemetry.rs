@@ -63,6 +63,12 @@ pub const SUPPRESSED: &str = "mailmux_suppressed_addresses";
 /// Addresses put on the suppression list by a bounce or complaint report
 /// read from a relay's mailbox, by reason (`bounced`, `complained`).
 pub const REPORTED: &str = "mailmux_suppressed_by_report_total";
+/// Bounce and complaint reports noted on messages, by caller and reason
+/// (`bounced`, `complained`): against `sent`, the rates mailbox providers
+/// judge a sender by.
+pub const REPORTS: &str = "mailmux_reports_total";
+/// The reasons of [`REPORTS`].
+const REPORT_REASONS: [&str; 2] = ["bounced", "complained"];
 /// HTTP requests refused by the transport's checks and bounds before any
 /// tool ran, by status (400 a body cut off, 401 token, 403 Host or Origin,
 /// 408 a body too slow, 413 too large, 429 a caller's bound, 503 the
@@ -153,6 +159,10 @@ pub fn zeroes(config: &crate::config::Config) {
         }
         metrics::counter!(REFUSED, "caller" => name.to_owned(), "code" => "policy_denied")
             .increment(0);
+        for reason in REPORT_REASONS {
+            metrics::counter!(REPORTS, "caller" => name.to_owned(), "reason" => reason)
+                .increment(0);
+        }
         for check in policy.content_checks.checks() {
             metrics::counter!(
                 CONTENT_CHECKS,
@@ -270,6 +280,10 @@ fn describe() {
         "Message events posted to the [notify] webhook, by outcome (sent, failed, dropped)."
     );
     describe_counter!(
+        REPORTS,
+        "Bounce and complaint reports read over IMAP and noted on the messages they name, by caller and reason (bounced, complained)."
+    );
+    describe_counter!(
         REPORTED,
         "Addresses put on the suppression list by a bounce or complaint report read over IMAP, by reason (bounced, complained)."
     );
@@ -351,11 +365,13 @@ pub struct MessageMeter {
 
 impl Observer for MessageMeter {
     fn event(&self, e: &Event<'_>) {
+        let caller = e.caller.unwrap_or("-");
         // A report tells of a message already counted by its outcome.
         if e.action.is_report() {
+            metrics::counter!(REPORTS, "caller" => caller.to_owned(), "reason" => e.action.as_str())
+                .increment(1);
             return;
         }
-        let caller = e.caller.unwrap_or("-");
         let status = e.action.as_str();
         if let Ok(handles) = self.handles.read()
             && let Some(c) = handles.get(caller).and_then(|m| m.get(status))

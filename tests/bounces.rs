@@ -149,9 +149,10 @@ async fn reports_list_unknown_and_complaining_recipients_of_the_daemons_own_mess
     let smtp = FaultSmtp::start(Script::ok()).await;
     let dir = tempfile::tempdir().unwrap();
     let (hook, hooks) = common::webhook().await;
+    let metrics = common::free_port();
     let cfg = format!(
         "{}\n[notify]\nurl = \"http://127.0.0.1:{hook}/hook/KEY-IN-PATH\"\n\
-         events = [\"bounced\", \"complained\"]\n",
+         events = [\"bounced\", \"complained\"]\n\n[metrics]\nbind = \"127.0.0.1:{metrics}\"\n",
         config(dir.path(), smtp.port(), imap.port)
     );
     let d = StdioDaemon::start(dir.path(), &cfg).await;
@@ -274,6 +275,26 @@ async fn reports_list_unknown_and_complaining_recipients_of_the_daemons_own_mess
             "an address posted: {p}"
         );
     }
+
+    // Counted by caller and reason, for the rates providers judge by.
+    let text = reqwest::get(format!("http://127.0.0.1:{metrics}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let count = |reason: &str| -> Option<String> {
+        text.lines()
+            .find(|l| {
+                l.starts_with("mailmux_reports_total{")
+                    && l.contains("caller=\"local\"")
+                    && l.contains(&format!("reason=\"{reason}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_owned)
+    };
+    assert_eq!(count("bounced").as_deref(), Some("1"), "{text}");
+    assert_eq!(count("complained").as_deref(), Some("1"), "{text}");
 
     // Each listing is audited, by the report, and so is each report noted
     // on a message: its one recipient and the report's detail.

@@ -587,6 +587,10 @@ tls = "none"
                 ("action", "reject"),
             ],
         ),
+        (
+            "mailmux_reports_total",
+            &[("caller", "default"), ("reason", "complained")],
+        ),
         ("mailmux_http_refused_total", &[("status", "401")]),
         (
             "mailmux_sent_copies_total",
