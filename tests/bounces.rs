@@ -225,6 +225,28 @@ async fn reports_list_unknown_and_complaining_recipients_of_the_daemons_own_mess
         let s = status(id.clone()).await;
         assert!(s.get("reports").is_none(), "{s}");
     }
+    // And a listing finds the messages a report came back for.
+    let listed = |reported: &str| {
+        let d = &d;
+        let args = json!({ "reported": reported });
+        async move { d.call("list_messages", args).await }
+    };
+    let ids = |v: &Value| -> Vec<String> {
+        v["messages"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{v}"))
+            .iter()
+            .map(|m| m["message_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(ids(&listed("bounced").await), [two.as_str()]);
+    assert_eq!(ids(&listed("complained").await), [one.as_str()]);
+    let bad = listed("spam").await;
+    assert_eq!(
+        (&bad["error"]["field"], &bad["error"]["rule"]),
+        (&json!("reported"), &json!("one_of")),
+        "{bad}"
+    );
 
     // In force: the next message to it is refused, nothing sent.
     let before = smtp.delivered().len();

@@ -1356,6 +1356,61 @@ async fn searches(store: &dyn Store) {
         pages("nobody@", Some("other"), 20).await,
         [Vec::<String>::new()]
     );
+
+    // By the reports noted on a message, searched the same way: bob-5 is
+    // past the first page's rows.
+    let report = |reason: &str, address: &str| ReportRecord {
+        at: now_millis(),
+        reason: reason.into(),
+        address: address.into(),
+        detail: "5.1.1".into(),
+    };
+    for (id, reason, address) in [
+        ("old-ada-1", "bounced", "ada@example.org"),
+        ("bob-5", "bounced", "bob@example.org"),
+        ("new-ada-0", "complained", "ada@example.org"),
+    ] {
+        let noted = store
+            .note_reports(id, vec![report(reason, address)])
+            .await
+            .unwrap();
+        assert_eq!(noted.len(), 1, "{id}");
+    }
+    // A report noted again is not new.
+    let again = store
+        .note_reports("bob-5", vec![report("bounced", "bob@example.org")])
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "{again:?}");
+    let reported = |reason: &'static str, needle: Option<&'static str>| async move {
+        let filter = Filter {
+            reported: Some(reason.into()),
+            recipient: needle.map(Into::into),
+            ..Filter::default()
+        };
+        let mut pages = Vec::new();
+        let mut cursor = None;
+        loop {
+            let (page, next) = store.list(&filter, 5, cursor).await.unwrap();
+            pages.push(page.into_iter().map(|m| m.message_id).collect::<Vec<_>>());
+            match next {
+                Some(n) => cursor = Some(n),
+                None => return pages,
+            }
+        }
+    };
+    assert_eq!(
+        reported("bounced", None).await,
+        [vec![], vec!["bob-5".to_string(), "old-ada-1".into()]]
+    );
+    assert_eq!(
+        reported("complained", None).await,
+        [vec!["new-ada-0".to_string()], vec![]]
+    );
+    assert_eq!(
+        reported("bounced", Some("ada@")).await,
+        [vec![], vec!["old-ada-1".to_string()]]
+    );
 }
 
 /// The counts per state that the SQLite store keeps are those of its rows.

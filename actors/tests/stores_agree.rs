@@ -350,6 +350,7 @@ impl Run {
             recipient: rng
                 .random_bool(0.3)
                 .then(|| ["EXAMPLE.org", "bob", "elsewhere"][rng.random_range(0..3)].into()),
+            reported: None,
         }
     }
 }

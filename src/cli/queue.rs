@@ -172,6 +172,7 @@ impl Select {
             batch: self.batch,
             tag: self.tag,
             recipient: self.recipient,
+            reported: None,
         })
     }
 }

@@ -396,6 +396,7 @@ async fn queue(
         recipient: nonempty(&q.recipient),
         batch: nonempty(&q.batch),
         tag: nonempty(&q.tag),
+        reported: None,
     };
     let listed = server.queue().list(&filter, PAGE, q.before).await;
     let (page, next) = match listed {

@@ -1096,8 +1096,9 @@ impl MailmuxServer {
     #[tool(
         name = "list_messages",
         description = "List the most recent messages, newest first, optionally only those in \
-                       one `status`, of one `send_batch` (`batch_id`), sent with one `tag`, or to \
-                       a `recipient` (an address or part of one, any case). \
+                       one `status`, of one `send_batch` (`batch_id`), sent with one `tag`, to \
+                       a `recipient` (an address or part of one, any case), or that a bounce or \
+                       complaint report came back for (`reported`: `bounced` or `complained`). \
                        At most `limit` (1-100, default 20) a page; pass `next_cursor` back \
                        as `cursor` for the next page. With `batch_id` or `tag`, the first page \
                        has `summary`: how many of those messages are in each status.",
@@ -1174,12 +1175,27 @@ impl MailmuxServer {
                 }
                 Some(r) => Some(r.to_owned()),
             };
+            let reported = match p.reported.as_deref() {
+                None => None,
+                Some(r @ ("bounced" | "complained")) => Some(r.to_owned()),
+                Some(other) => {
+                    return fail::<ListMessagesResult>(invalid(
+                        "reported",
+                        "one_of",
+                        format!(
+                            "reported {} is not one of bounced, complained",
+                            quoted(other)
+                        ),
+                    ));
+                }
+            };
             let filter = Filter {
                 state,
                 caller: Some(caller.name.to_string()),
                 batch: p.batch_id.clone(),
                 tag: p.tag.clone(),
                 recipient,
+                reported,
             };
             let (page, next) = match self.queue().list(&filter, limit as usize, cursor).await {
                 Ok(listed) => listed,
@@ -1213,9 +1229,9 @@ impl MailmuxServer {
             let mut text = format!("{} messages", out.messages.len());
             if out.next_cursor.is_some() {
                 text.push_str("; more with next_cursor");
-                if filter.recipient.is_some() && out.messages.len() < limit as usize {
+                if filter.searches() && out.messages.len() < limit as usize {
                     text.push_str(&format!(
-                        " (a search by recipient reads {SEARCH_ROWS} messages a page)"
+                        " (a search by recipient or report reads {SEARCH_ROWS} messages a page)"
                     ));
                 }
             }
@@ -1427,6 +1443,7 @@ impl MailmuxServer {
             batch: Some(batch.clone()),
             tag: None,
             recipient: None,
+            reported: None,
         };
         let done = match self.queue().cancel_each(&filter).await {
             Ok(done) => done,

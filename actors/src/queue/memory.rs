@@ -75,6 +75,7 @@ impl Row {
                 .as_ref()
                 .is_none_or(|t| r.tag.as_ref() == Some(t))
             && filter.recipient_matches(&r.to)
+            && filter.reported_matches(&r.reports)
     }
 }
 
@@ -538,8 +539,8 @@ impl Store for MemoryStore {
         let mem = self.lock();
         // A search by recipient reads at most SEARCH_ROWS of the rows the
         // other filters name, as the SQL stores do.
-        let others = filter.besides_recipient();
-        let searching = filter.recipient.is_some();
+        let others = filter.besides_search();
+        let searching = filter.searches();
         let (mut low, mut read) = (None, 0i64);
         let mut page: Vec<(i64, Summary)> = mem
             .rows
@@ -555,7 +556,10 @@ impl Store for MemoryStore {
                 low = Some(**seq);
                 read += 1;
             })
-            .filter(|(_, row)| filter.recipient_matches(&row.record.to))
+            .filter(|(_, row)| {
+                filter.recipient_matches(&row.record.to)
+                    && filter.reported_matches(&row.record.reports)
+            })
             .take(limit.saturating_add(1))
             .map(|(seq, row)| {
                 let r = &row.record;

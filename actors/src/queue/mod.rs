@@ -1011,6 +1011,9 @@ pub struct Filter {
     /// [`SEARCH_ROWS`] of the messages the other filters name, and may
     /// hold fewer than its limit, even none, with a cursor to go on.
     pub recipient: Option<String>,
+    /// Only messages a report of this reason (`bounced`, `complained`) was
+    /// noted on ([`Store::note_reports`]). Searched as `recipient` is.
+    pub reported: Option<String>,
 }
 
 impl Filter {
@@ -1022,10 +1025,24 @@ impl Filter {
         })
     }
 
-    /// The same filter without its recipient.
-    pub fn besides_recipient(&self) -> Filter {
+    /// Whether a report of the `reported` reason is among `reports`.
+    pub fn reported_matches(&self, reports: &[ReportRecord]) -> bool {
+        self.reported
+            .as_ref()
+            .is_none_or(|reason| reports.iter().any(|r| &r.reason == reason))
+    }
+
+    /// Whether it names what no index serves (a recipient, a report), so
+    /// that a page reads at most [`SEARCH_ROWS`] rows.
+    pub fn searches(&self) -> bool {
+        self.recipient.is_some() || self.reported.is_some()
+    }
+
+    /// The same filter without what it searches for.
+    pub fn besides_search(&self) -> Filter {
         Filter {
             recipient: None,
+            reported: None,
             ..self.clone()
         }
     }

@@ -2156,7 +2156,7 @@ impl Store for PgStore {
             last = Some(r.try_get::<i64, _>("seq").map_err(unavailable)?);
             page.push(summary(r).map_err(unavailable)?);
         }
-        let searched = if filter.recipient.is_some() && !more {
+        let searched = if filter.searches() && !more {
             let sql = rows::searched_sql('$', filter);
             let r = filtered(sql, filter, before, rows::page_rows(limit))
                 .fetch_one(&self.pool)
@@ -2679,6 +2679,7 @@ fn filtered<'q>(
         .bind(&filter.batch)
         .bind(filter.recipient.as_ref().map(|r| r.to_lowercase()))
         .bind(&filter.tag)
+        .bind(&filter.reported)
 }
 
 fn summary(r: &PgRow) -> Result<Summary, sqlx::Error> {

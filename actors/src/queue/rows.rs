@@ -53,16 +53,16 @@ pub(crate) fn page_rows(limit: usize) -> i64 {
 
 /// The listing's statement (`p` numbers its parameters): rows before seq
 /// `1`, newest first, at most `3`, filtered by state `2`, caller `4`,
-/// batch `5`, a recipient's substring `6` and tag `7`, each unset when
-/// null.
+/// batch `5`, a recipient's substring `6`, tag `7` and the reason of a
+/// report `8`, each unset when null.
 ///
 /// Neither SQLite nor PostgreSQL's generic plan uses an index for
 /// `4 IS NULL OR caller = 4`, so one filter, chosen by [`listed_by`], is
 /// also named on its own: the listing reads through that column's index
 /// from the newest match back, and checks the other filters on each row.
 ///
-/// No index serves part of an address: a search by recipient reads at
-/// most [`SEARCH_ROWS`] of the rows the other filters name, and
+/// No index serves part of an address or a report: a search by either
+/// reads at most [`SEARCH_ROWS`] of the rows the other filters name, and
 /// [`searched_sql`] tells where the next page goes on.
 pub(crate) fn list_sql(p: char, filter: &Filter) -> String {
     let (table, node, matching) = matching(p, filter);
@@ -70,20 +70,20 @@ pub(crate) fn list_sql(p: char, filter: &Filter) -> String {
         "seq, message_id, state, mail_from, rcpt, queued_at, updated_at, relay, caller, batch,
                 tag, priority{node}"
     );
-    if filter.recipient.is_none() {
+    if !filter.searches() {
         return format!(
             "SELECT {columns}
            FROM {table} WHERE {matching}
           ORDER BY seq DESC LIMIT {p}3"
         );
     }
-    let find = finds(p);
     format!(
         "SELECT {columns}
-           FROM (SELECT {columns} FROM {table} WHERE {matching}
+           FROM (SELECT {columns}, reports FROM {table} WHERE {matching}
                   ORDER BY seq DESC LIMIT {SEARCH_ROWS}) AS searched
-          WHERE {find} > 0
-          ORDER BY seq DESC LIMIT {p}3"
+          WHERE {searched}
+          ORDER BY seq DESC LIMIT {p}3",
+        searched = searched_for(p)
     )
 }
 
@@ -127,22 +127,24 @@ pub(crate) fn next_cursor(
 /// recipient, if given, is checked on each row.
 pub(crate) fn count_sql(p: char, filter: &Filter) -> String {
     let (table, _, matching) = matching(p, filter);
-    let find = finds(p);
     format!(
-        "SELECT state, COUNT(*) FROM {table} WHERE {matching}
-            AND ({p}6{cast} IS NULL OR {find} > 0)
+        "SELECT state, COUNT(*) FROM {table} WHERE {matching} AND {searched}
           GROUP BY state LIMIT {p}3",
-        cast = if p == '$' { "::text" } else { "" }
+        searched = searched_for(p)
     )
 }
 
-/// The position of parameter `6`, lowered, in a row's recipients (0 when
-/// absent).
-fn finds(p: char) -> &'static str {
+/// The conditions of what no index serves: parameter `6`, lowered, in a
+/// row's recipients, and a report of reason `8` among its reports (stored
+/// one a line, `at`, reason, address and detail tab-separated), each met
+/// when its parameter is null.
+fn searched_for(p: char) -> &'static str {
     if p == '$' {
-        "strpos(lower(rcpt), $6)"
+        "($6::text IS NULL OR strpos(lower(rcpt), $6) > 0)
+            AND ($8::text IS NULL OR strpos(reports, chr(9) || $8 || chr(9)) > 0)"
     } else {
-        "instr(lower(rcpt), ?6)"
+        "(?6 IS NULL OR instr(lower(rcpt), ?6) > 0)
+            AND (?8 IS NULL OR instr(reports, char(9) || ?8 || char(9)) > 0)"
     }
 }
 

@@ -2069,15 +2069,13 @@ impl Store for SqliteStore {
         cursor: Option<i64>,
     ) -> Result<(Vec<Summary>, Option<i64>), StoreError> {
         let sql = rows::list_sql('?', filter);
-        let searched = filter
-            .recipient
-            .is_some()
-            .then(|| rows::searched_sql('?', filter));
+        let searched = filter.searches().then(|| rows::searched_sql('?', filter));
         let bound = filter_params(filter, cursor.unwrap_or(i64::MAX), rows::page_rows(limit));
         self.read(move |c| {
             let mut stmt = c.prepare_cached(&sql)?;
+            let params = params_of(&stmt, &bound);
             let rows: Vec<(i64, Summary)> = stmt
-                .query_map(rusqlite::params_from_iter(bound.iter()), |r| {
+                .query_map(params, |r| {
                     Ok((
                         r.get(0)?,
                         Summary {
@@ -2100,12 +2098,11 @@ impl Store for SqliteStore {
             let more = rows.len() > limit;
             let page: Vec<(i64, Summary)> = rows.into_iter().take(limit).collect();
             let searched = match searched {
-                Some(sql) if !more => Some(
-                    c.prepare_cached(&sql)?
-                        .query_row(rusqlite::params_from_iter(bound), |r| {
-                            Ok((r.get(0)?, r.get(1)?))
-                        })?,
-                ),
+                Some(sql) if !more => {
+                    let mut stmt = c.prepare_cached(&sql)?;
+                    let params = params_of(&stmt, &bound);
+                    Some(stmt.query_row(params, |r| Ok((r.get(0)?, r.get(1)?)))?)
+                }
                 _ => None,
             };
             let next = rows::next_cursor(more, page.last().map(|(s, _)| *s), searched);
@@ -2119,7 +2116,8 @@ impl Store for SqliteStore {
         let bound = filter_params(filter, i64::MAX, State::ALL.len() as i64);
         self.read(move |c| {
             let mut stmt = c.prepare_cached(&sql)?;
-            stmt.query_map(rusqlite::params_from_iter(bound), |r| {
+            let params = params_of(&stmt, &bound);
+            stmt.query_map(params, |r| {
                 Ok((
                     rows::state(&r.get::<_, String>(0)?),
                     r.get::<_, i64>(1)? as u64,
@@ -2377,6 +2375,15 @@ impl Store for SqliteStore {
     }
 }
 
+/// Those of `bound` that `stmt` numbers: a statement that leaves out the
+/// last (a listing that searches for no report) takes fewer.
+fn params_of<'a>(
+    stmt: &rusqlite::Statement<'_>,
+    bound: &'a [rusqlite::types::Value],
+) -> rusqlite::ParamsFromIter<std::iter::Take<std::slice::Iter<'a, rusqlite::types::Value>>> {
+    rusqlite::params_from_iter(bound.iter().take(stmt.parameter_count()))
+}
+
 /// The parameters of [`rows::list_sql`] and [`rows::count_sql`]: `filter`,
 /// rows before seq `before`, at most `rows`.
 fn filter_params(filter: &Filter, before: i64, rows: i64) -> Vec<rusqlite::types::Value> {
@@ -2390,6 +2397,7 @@ fn filter_params(filter: &Filter, before: i64, rows: i64) -> Vec<rusqlite::types
         text(filter.batch.clone()),
         text(filter.recipient.as_ref().map(|r| r.to_lowercase())),
         text(filter.tag.clone()),
+        text(filter.reported.clone()),
     ]
 }
 
@@ -2924,14 +2932,13 @@ mod tests {
                         batch: batch.clone(),
                         tag: tag.clone(),
                         recipient: Some("r".into()),
+                        reported: None,
                     };
                     let plan = |filter: &Filter, sql: String, rows: i64| -> String {
-                        c.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-                            .unwrap()
-                            .query_map(
-                                rusqlite::params_from_iter(filter_params(filter, 1, rows)),
-                                |r| r.get::<_, String>(3),
-                            )
+                        let bound = filter_params(filter, 1, rows);
+                        let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+                        let params = params_of(&stmt, &bound);
+                        stmt.query_map(params, |r| r.get::<_, String>(3))
                             .unwrap()
                             .collect::<rusqlite::Result<Vec<_>>>()
                             .unwrap()
@@ -2983,6 +2990,7 @@ mod tests {
                 batch: batch.map(Into::into),
                 tag: Some("t".into()),
                 recipient: None,
+                reported: None,
             })
         };
         use rows::ListedBy;
