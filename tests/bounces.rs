@@ -299,12 +299,7 @@ async fn reports_list_unknown_and_complaining_recipients_of_the_daemons_own_mess
     }
 
     // Counted by caller and reason, for the rates providers judge by.
-    let text = reqwest::get(format!("http://127.0.0.1:{metrics}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = common::scrape(metrics).await;
     let count = |reason: &str| -> Option<String> {
         text.lines()
             .find(|l| {

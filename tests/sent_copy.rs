@@ -731,12 +731,7 @@ async fn copies_across_a_crash(first: Option<&str>, second: Option<&str>, pause:
             .await;
         assert_eq!(s["sent_copy"], json!({ "status": "pending" }), "{s}");
     }
-    let text = reqwest::get(format!("http://127.0.0.1:{metrics}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = common::scrape(metrics).await;
     assert!(
         text.lines().any(|l| l == "mailmux_sent_copies_waiting 20"),
         "every copy waits:\n{text}"

@@ -624,3 +624,14 @@ pub async fn hooks_taken(hooks: &Hooks, n: usize) -> Vec<Hook> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The Prometheus text a daemon's metrics listener on `port` (loopback,
+/// no token) serves.
+pub async fn scrape(port: u16) -> String {
+    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
