@@ -501,7 +501,9 @@ fn a_closed_output_does_not_stop_the_queue_command_half_way() {
 /// many rows a page of the store's search reads (`queue::SEARCH_ROWS`).
 #[test]
 fn the_queue_command_lists_by_recipient_past_a_page_of_the_search() {
-    use mailmux_actors::queue::{NewMessage, SEARCH_ROWS, Store, now_millis, sqlite::SqliteStore};
+    use mailmux_actors::queue::{
+        NewMessage, ReportRecord, SEARCH_ROWS, Store, now_millis, sqlite::SqliteStore,
+    };
     let dir = tempfile::tempdir().unwrap();
     let message = |id: String, to: &str| NewMessage {
         message_id: id,
@@ -524,6 +526,17 @@ fn the_queue_command_lists_by_recipient_past_a_page_of_the_search() {
         for chunk in all.chunks(1000) {
             store.accept_many(chunk.to_vec(), false).await.unwrap();
         }
+        // A bounce came back for the oldest message to Ada.
+        let bounce = ReportRecord {
+            at: now_millis(),
+            reason: "bounced".into(),
+            address: "ada@example.org".into(),
+            detail: "5.1.1".into(),
+        };
+        store
+            .note_reports("<old-ada-0@x>", vec![bounce])
+            .await
+            .unwrap();
     });
     let (code, out, err) = mailmux_in(
         dir.path(),
@@ -564,6 +577,13 @@ fn the_queue_command_lists_by_recipient_past_a_page_of_the_search() {
     );
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(out.lines().count(), 13, "{out}");
+    // By the reports that came back, searched the same way.
+    let (code, out, err) = mailmux_in(dir.path(), &["queue", "list", "--reported", "bounced"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.contains("<old-ada-0@x>"), "{out}");
+    let (code, _, err) = mailmux_in(dir.path(), &["queue", "list", "--reported", "spam"]);
+    assert_eq!(code, Some(2), "{err}");
 }
 
 /// `send --tag --metadata` labels a message (kept, not sent) and
@@ -1073,6 +1093,8 @@ const WORDS: &[&str] = &[
     "--metadata",
     "--max-age",
     "--recipient",
+    "--reported",
+    "bounced",
     "--limit",
     "--json",
     "--force",
@@ -1170,6 +1192,7 @@ const COMMANDS: &[CommandShape] = &[
             ("--batch", true),
             ("--tag", true),
             ("--recipient", true),
+            ("--reported", true),
             ("--limit", true),
             ("--json", false),
         ],

@@ -181,6 +181,9 @@ impl Select {
 pub struct ListArgs {
     #[command(flatten)]
     pub select: Select,
+    /// Only messages a bounce or complaint report came back for.
+    #[arg(long, value_parser = ["bounced", "complained"])]
+    pub reported: Option<String>,
     /// At most this many, newest first (at least 1).
     #[arg(long, default_value_t = 50, value_parser = at_least_one)]
     pub limit: usize,
@@ -728,7 +731,10 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
     match cmd {
         QueueCommand::List(a) => {
             let filter = match a.select.filter() {
-                Ok(f) => f,
+                Ok(f) => Filter {
+                    reported: a.reported,
+                    ..f
+                },
                 Err(code) => return code,
             };
             // A search by recipient reads a bounded number of rows a page
