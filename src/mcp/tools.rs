@@ -2324,6 +2324,17 @@ impl MailmuxServer {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        // Nothing stored because the daemon began to stop meanwhile: the
+        // whole call is refused, as one that came in after the stop began,
+        // so that the client makes it again elsewhere or later.
+        let stopped = results.iter().any(|r| {
+            r.error
+                .as_ref()
+                .is_some_and(|e| e.code == ToolError::unavailable().code)
+        });
+        if stopped && results.iter().all(|r| r.message_id.is_none()) {
+            return refuse_all(ToolError::unavailable());
+        }
         tracing::info!(batch = %batch_id, messages = results.len(), refused, "batch finished");
         let message = summary
             .contains_key(SendStatus::Queued.as_str())
