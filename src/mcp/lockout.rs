@@ -171,9 +171,7 @@ mod tests {
 
     #[test]
     fn addresses_that_refilled_are_forgotten() {
-        // Long enough that none refills while 5,000 are counted, in a debug
-        // build on a loaded machine too.
-        let l = lockout("1/500ms");
+        let l = lockout("1/20ms");
         let address = |i: u32| IpAddr::from((0x0a00_0000 + i).to_be_bytes());
         // None has refilled when the limiter first passes FORGET_PAST: it
         // keeps them all, and waits for twice as many.
@@ -183,7 +181,7 @@ mod tests {
         assert_eq!(l.limiter.len(), 5000);
         assert_eq!(l.forget_past.load(Ordering::Relaxed), 2 * (FORGET_PAST + 1));
         // Past that, the 5,000 that refilled meanwhile are forgotten.
-        std::thread::sleep(Duration::from_millis(600));
+        std::thread::sleep(Duration::from_millis(50));
         for i in 5000..9000 {
             l.failed(address(i));
         }
