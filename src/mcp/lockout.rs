@@ -20,7 +20,8 @@ use governor::clock::Clock;
 use crate::policy::rate::RateRule;
 
 /// Past this many addresses known to the limiter (or refused), the ones
-/// that have refilled are forgotten; then again past twice as many as were
+/// that have refilled are forgotten (by the limiter, once they have been
+/// refilled for a period); then again past twice as many as were
 /// left, so that many addresses failing at once cost a scan now and then,
 /// not one a failure.
 const FORGET_PAST: usize = 4096;
@@ -171,7 +172,10 @@ mod tests {
 
     #[test]
     fn addresses_that_refilled_are_forgotten() {
-        let l = lockout("1/20ms");
+        // The limiter forgets an address one period after it refilled, two
+        // after its failure: 1 s here, which the first loop does not
+        // outrun even in a loaded debug build.
+        let l = lockout("1/500ms");
         let address = |i: u32| IpAddr::from((0x0a00_0000 + i).to_be_bytes());
         // None has refilled when the limiter first passes FORGET_PAST: it
         // keeps them all, and waits for twice as many.
@@ -181,7 +185,7 @@ mod tests {
         assert_eq!(l.limiter.len(), 5000);
         assert_eq!(l.forget_past.load(Ordering::Relaxed), 2 * (FORGET_PAST + 1));
         // Past that, the 5,000 that refilled meanwhile are forgotten.
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(1100));
         for i in 5000..9000 {
             l.failed(address(i));
         }
