@@ -899,6 +899,28 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
         "{page}"
     );
     assert!(page.contains(&c), "every state is listed");
+    // So is a report reason; and no message of this daemon has a report.
+    let page = page_text(
+        &http,
+        &format!("{base}/console/queue?reported=bouncy"),
+        &cookie,
+    )
+    .await;
+    assert!(
+        page.contains("No report is named &quot;bouncy&quot;"),
+        "{page}"
+    );
+    assert!(page.contains(&c), "with or without reports, all are listed");
+    let page = page_text(
+        &http,
+        &format!("{base}/console/queue?reported=bounced"),
+        &cookie,
+    )
+    .await;
+    assert!(
+        page.contains("No message matches.") && !page.contains(&c),
+        "{page}"
+    );
 
     // A body appears only on its message's page and on the approvals page.
     for path in ["/console", "/console/queue", "/console/relays"] {

@@ -365,10 +365,28 @@ struct QueueQuery {
     state: Option<String>,
     caller: Option<String>,
     recipient: Option<String>,
+    reported: Option<String>,
     batch: Option<String>,
     tag: Option<String>,
     before: Option<i64>,
     notice: Option<String>,
+}
+
+/// The reasons of reports the queue page filters by, as `list_messages`'s
+/// `reported` takes them.
+const REPORT_REASONS: [&str; 2] = ["bounced", "complained"];
+
+/// The report reason a URL asks for: `Ok(None)` for none, `Err` with what
+/// it said when that is no reason (shown, and the filter left out).
+fn report_reason(asked: Option<&str>) -> Result<Option<&'static str>, String> {
+    match asked.map(str::trim).filter(|s| !s.is_empty()) {
+        None => Ok(None),
+        Some(s) => REPORT_REASONS
+            .into_iter()
+            .find(|r| *r == s)
+            .map(Some)
+            .ok_or_else(|| s.chars().take(64).collect()),
+    }
 }
 
 async fn queue(
@@ -389,14 +407,27 @@ async fn queue(
         let shown: String = s.chars().take(64).collect();
         format!("No state is named {shown:?}: every state is listed.")
     });
-    let notice = q.notice.as_deref().or(unknown.as_deref());
+    let (reported, unknown_reason) = match report_reason(q.reported.as_deref()) {
+        Ok(r) => (r, None),
+        Err(shown) => (
+            None,
+            Some(format!(
+                "No report is named {shown:?}: messages with or without reports are listed."
+            )),
+        ),
+    };
+    let notice = q
+        .notice
+        .as_deref()
+        .or(unknown.as_deref())
+        .or(unknown_reason.as_deref());
     let filter = Filter {
         state,
         caller: nonempty(&q.caller),
         recipient: nonempty(&q.recipient),
         batch: nonempty(&q.batch),
         tag: nonempty(&q.tag),
-        reported: None,
+        reported: reported.map(str::to_owned),
     };
     let listed = server.queue().list(&filter, PAGE, q.before).await;
     let (page, next) = match listed {
@@ -949,6 +980,16 @@ mod tests {
         assert_eq!(parse_hash("ab"), None);
         assert_eq!(parse_hash(&"zz".repeat(32)), None);
         assert_eq!(urlencode("a b&c"), "a%20b%26c");
+    }
+
+    #[test]
+    fn the_queue_page_takes_the_reasons_of_reports_list_messages_takes() {
+        assert_eq!(report_reason(None), Ok(None));
+        assert_eq!(report_reason(Some(" ")), Ok(None));
+        assert_eq!(report_reason(Some("bounced")), Ok(Some("bounced")));
+        assert_eq!(report_reason(Some(" complained ")), Ok(Some("complained")));
+        assert_eq!(report_reason(Some("Bounced")), Err("Bounced".to_owned()));
+        assert_eq!(report_reason(Some(&"x".repeat(100))).unwrap_err().len(), 64);
     }
 
     #[test]

@@ -504,6 +504,7 @@ pub fn queue(
         ("state", filter.state.map(|s| s.as_str().to_owned())),
         ("caller", filter.caller.clone()),
         ("recipient", filter.recipient.clone()),
+        ("reported", filter.reported.clone()),
         ("batch", filter.batch.clone()),
         ("tag", filter.tag.clone()),
     ] {
@@ -530,6 +531,15 @@ pub fn queue(
             }
             label { "caller" input type="text" name="caller" value=(filter.caller.as_deref().unwrap_or("")); }
             label { "recipient" input type="text" name="recipient" placeholder="part of an address" value=(filter.recipient.as_deref().unwrap_or("")); }
+            label {
+                "report"
+                select name="reported" {
+                    option value="" { "any" }
+                    @for reason in super::REPORT_REASONS {
+                        option value=(reason) selected[filter.reported.as_deref() == Some(reason)] { (reason) }
+                    }
+                }
+            }
             label { "tag" input type="text" name="tag" value=(filter.tag.as_deref().unwrap_or("")); }
             @if let Some(batch) = &filter.batch {
                 // Kept while filtering further; "Clear" drops it.
@@ -559,7 +569,7 @@ pub fn queue(
             }
         }
         @if page.is_empty() && next.is_some() {
-            div.card.muted { "No message matches among the " (mailmux_actors::queue::SEARCH_ROWS) " read: a search by recipient reads that many a page. Older ones follow." }
+            div.card.muted { "No message matches among the " (mailmux_actors::queue::SEARCH_ROWS) " read: a search by recipient or report reads that many a page. Older ones follow." }
         } @else if page.is_empty() {
             div.card.muted { "No message matches." }
         } @else {
@@ -1110,6 +1120,30 @@ mod tests {
         let page = queue(&op, None, &filter, None, &[], None).into_string();
         assert!(page.contains("No message matches."), "{page}");
         assert!(!page.contains("before="), "{page}");
+    }
+
+    #[test]
+    fn the_queue_page_keeps_a_report_filter_selected_and_in_its_older_link() {
+        let (op, _, _) = overview_of_sqlite();
+        let filter = Filter {
+            reported: Some("complained".into()),
+            ..Filter::default()
+        };
+        let page = queue(&op, None, &filter, None, &[], Some(7)).into_string();
+        assert!(
+            page.contains(r#"<option value="complained" selected>complained</option>"#),
+            "{page}"
+        );
+        assert!(
+            page.contains(r#"<option value="bounced">bounced</option>"#),
+            "{page}"
+        );
+        assert!(
+            page.contains(r#"href="/console/queue?before=7&amp;reported=complained""#),
+            "{page}"
+        );
+        let page = queue(&op, None, &Filter::default(), None, &[], None).into_string();
+        assert!(!page.contains("selected>complained"), "{page}");
     }
 
     #[test]
