@@ -2330,7 +2330,7 @@ impl MailmuxServer {
         let stopped = results.iter().any(|r| {
             r.error
                 .as_ref()
-                .is_some_and(|e| e.code == ToolError::unavailable().code)
+                .is_some_and(|e| e.code == ToolError::UNAVAILABLE)
         });
         if stopped && results.iter().all(|r| r.message_id.is_none()) {
             return refuse_all(ToolError::unavailable());

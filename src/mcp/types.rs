@@ -690,9 +690,12 @@ impl ToolError {
         }
     }
 
+    /// The code of [`ToolError::unavailable`].
+    pub const UNAVAILABLE: &'static str = "unavailable";
+
     pub fn unavailable() -> Self {
         ToolError::new(
-            "unavailable",
+            Self::UNAVAILABLE,
             "mailmux is shutting down and takes no new calls; retry on another instance or later",
         )
     }
