@@ -15,8 +15,9 @@ use mailmux_actors::queue::memory::MemoryStore;
 use mailmux_actors::queue::sqlite::SqliteStore;
 use mailmux_actors::queue::{
     self, Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Feed, Filter, Hold,
-    NewMessage, Priority, Purged, RejectedRecord, ReportRecord, Retry, Settle, State, Store,
-    StoreError, Suppression, SuppressionChange, SuppressionPage, SuppressionQuery, now_millis,
+    NewMessage, Priority, Purged, RateTake, RejectedRecord, ReportRecord, Retry, Settle, State,
+    Store, StoreError, Suppression, SuppressionChange, SuppressionPage, SuppressionQuery,
+    now_millis,
 };
 
 fn by_state(state: State) -> Filter {
@@ -2520,6 +2521,7 @@ async fn postgres_counts_survive_daemons_purges_and_migration() {
          DROP INDEX mailmux_messages_tag; ALTER TABLE mailmux_messages DROP COLUMN tag;
          ALTER TABLE mailmux_messages DROP COLUMN max_age;
          ALTER TABLE mailmux_messages DROP COLUMN priority;
+         DROP FUNCTION mailmux_take_rates; DROP TABLE mailmux_rates;
          DROP TABLE mailmux_report_cursors; ALTER TABLE mailmux_messages DROP COLUMN reports;
          DROP INDEX mailmux_messages_queued_at, mailmux_messages_retry;
          DELETE FROM mailmux_schema WHERE version >= 5",
@@ -2849,6 +2851,77 @@ async fn postgres_claims_let_go_are_taken_by_another_daemon_at_once() {
     );
     b.mark("g2").await.unwrap();
     a.mark("g0").await.unwrap();
+}
+
+/// Callers' rates kept in PostgreSQL for every daemon: many takes at once
+/// from two daemons pass the count once; a take of several buckets moves
+/// all of them or, when one is full, none; buckets full again are purged.
+#[tokio::test]
+async fn postgres_rates_are_taken_whole_or_not_at_all_by_every_daemon() {
+    let server = Postgres::start();
+    let url = server.database();
+    let a: Arc<dyn Store> = Arc::new(PgStore::open(&pg(&url, "a")).await.unwrap());
+    let b: Arc<dyn Store> = Arc::new(PgStore::open(&pg(&url, "b")).await.unwrap());
+    assert!(a.shares_rates());
+    let minute = 60_000_000_000;
+    let take = |key: &str, count: i64| RateTake {
+        key: key.into(),
+        cost_ns: minute / count,
+        period_ns: minute,
+    };
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        // Two buckets each, in key order, as the caller sorts them.
+        let takes = vec![
+            take("agent\nall 100/min", 100),
+            take("agent\nten 10/min", 10),
+        ];
+        tasks.push(tokio::spawn(async move { store.take_rates(&takes).await }));
+    }
+    let mut passed = 0;
+    for t in tasks {
+        match t.await.unwrap().unwrap() {
+            None => passed += 1,
+            Some((i, wait)) => {
+                assert_eq!(i, 1, "the 10/min bucket refuses");
+                assert!(
+                    wait > Duration::ZERO && wait <= Duration::from_secs(6),
+                    "{wait:?}"
+                );
+            }
+        }
+    }
+    assert_eq!(passed, 10, "10/min over two daemons");
+    // The 30 refused took nothing from 100/min: 90 are left of it.
+    let mut left = 0;
+    while b
+        .take_rates(&[take("agent\nall 100/min", 100)])
+        .await
+        .unwrap()
+        .is_none()
+    {
+        left += 1;
+        assert!(left <= 100);
+    }
+    assert_eq!(left, 90);
+    let db = url.rsplit('/').next().unwrap();
+    let rows = || server.psql(db, "SELECT COUNT(*) FROM mailmux_rates");
+    let brief = RateTake {
+        key: "other\n1/1ms".into(),
+        cost_ns: 1_000_000,
+        period_ns: 1_000_000,
+    };
+    assert_eq!(a.take_rates(&[brief]).await.unwrap(), None);
+    assert_eq!(rows(), "3");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    a.purge(0, 0, 100).await.unwrap();
+    assert_eq!(rows(), "2", "the full bucket is gone, the used ones stay");
+    // Without the database, a take is an error, not a pass.
+    let mut server = server;
+    server.stop();
+    let e = a.take_rates(&[take("agent\nall 100/min", 100)]).await;
+    assert!(matches!(e, Err(StoreError::Unavailable(_))), "{e:?}");
 }
 
 #[tokio::test]
@@ -3261,6 +3334,7 @@ async fn postgres_keys_of_version_7_are_scoped_to_their_callers() {
          DROP INDEX mailmux_messages_tag; ALTER TABLE mailmux_messages DROP COLUMN tag;
          ALTER TABLE mailmux_messages DROP COLUMN max_age;
          ALTER TABLE mailmux_messages DROP COLUMN priority;
+         DROP FUNCTION mailmux_take_rates; DROP TABLE mailmux_rates;
          DROP TABLE mailmux_report_cursors; ALTER TABLE mailmux_messages DROP COLUMN reports;
          DELETE FROM mailmux_schema WHERE version >= 8;",
     );

@@ -1073,6 +1073,20 @@ pub(crate) async fn accept_then_mark<S: Store + ?Sized>(
     store.mark(&id).await
 }
 
+/// One bucket of a rate limit that the daemons sharing a store keep
+/// together (a caller's `rate` on PostgreSQL), by GCRA: a take moves the
+/// bucket's theoretical arrival time on by `cost_ns`, and is refused when
+/// that time would then lie more than `period_ns` ahead of now (a full
+/// bucket holds one period's count).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateTake {
+    /// The bucket: whose, which limit, and for a per-recipient limit which
+    /// recipient.
+    pub key: String,
+    pub cost_ns: i64,
+    pub period_ns: i64,
+}
+
 /// A queue backend. Every write is durable when it returns `Ok` (for a
 /// durable store); the writes of concurrent callers may share one commit.
 #[async_trait::async_trait]
@@ -1105,6 +1119,24 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Ends the store's writer as a crash of it would, for fault tests.
     #[cfg(feature = "fault-hooks")]
     fn stop_writer(&self) {}
+    /// Whether the daemons sharing this store keep callers' rate limits in
+    /// it ([`Store::take_rates`]) rather than each in its own memory.
+    fn shares_rates(&self) -> bool {
+        false
+    }
+    /// Takes every one of `takes`, or none when one refuses: `None` when
+    /// all were taken, else the index of the first that refused and how
+    /// long until it would pass. Only a store that
+    /// [`shares_rates`](Store::shares_rates) keeps them.
+    async fn take_rates(
+        &self,
+        _takes: &[RateTake],
+    ) -> Result<Option<(usize, Duration)>, StoreError> {
+        Err(StoreError::Unavailable(format!(
+            "the {} store keeps no rate limits",
+            self.kind()
+        )))
+    }
     /// Stores a new message, or finds its idempotency key.
     async fn accept(&self, m: NewMessage) -> Result<Accepted, StoreError>;
     /// Stores several messages in one transaction: all of them, or (on an

@@ -31,9 +31,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::rows::{self, entry, lines};
 use super::{
     Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Feed, Filter, Millis, NewMessage,
-    Paused, Pending, Purged, Record, Recovered, ReportRecord, Retry, Settle, State, Stats, Store,
-    StoreError, Summary, Suppression, SuppressionChange, SuppressionPage, SuppressionQuery,
-    abandoned, now_millis,
+    Paused, Pending, Purged, RateTake, Record, Recovered, ReportRecord, Retry, Settle, State,
+    Stats, Store, StoreError, Summary, Suppression, SuppressionChange, SuppressionPage,
+    SuppressionQuery, abandoned, now_millis,
 };
 
 /// The schema, one migration per version; `mailmux_schema` records how many
@@ -244,6 +244,44 @@ ALTER TABLE mailmux_messages ADD COLUMN max_age BIGINT;
 ALTER TABLE mailmux_messages ADD COLUMN priority BIGINT;
 CREATE INDEX mailmux_messages_due_high ON mailmux_messages (next_attempt_at)
     WHERE state IN ('queued', 'scheduled') AND priority = 1;
+"#,
+    r#"
+-- Callers' rate limits, kept by every daemon together (GCRA): each
+-- bucket's theoretical arrival time, in nanoseconds of the database's
+-- clock. A bucket whose time has passed is full, as one with no row.
+CREATE TABLE mailmux_rates (
+    key TEXT PRIMARY KEY,
+    tat BIGINT NOT NULL
+);
+CREATE INDEX mailmux_rates_tat ON mailmux_rates (tat);
+
+-- Takes costs[i] from bucket keys[i] for every i, or nothing when one
+-- would pass its period: then answers {i - 1, nanoseconds until it would
+-- pass} for the first such i, else NULL. Each row is locked in the order
+-- of `keys`, which the caller sorts, so two takes never wait on each other
+-- in a cycle.
+CREATE FUNCTION mailmux_take_rates(keys TEXT[], costs BIGINT[], periods BIGINT[])
+RETURNS BIGINT[] LANGUAGE plpgsql AS $$
+DECLARE
+    now_ns BIGINT := (extract(epoch FROM clock_timestamp()) * 1000000000)::BIGINT;
+    tats BIGINT[] := '{}';
+    cur BIGINT;
+BEGIN
+    FOR i IN 1 .. coalesce(array_length(keys, 1), 0) LOOP
+        INSERT INTO mailmux_rates AS r (key, tat) VALUES (keys[i], now_ns)
+            ON CONFLICT (key) DO UPDATE SET tat = r.tat
+            RETURNING r.tat INTO cur;
+        cur := greatest(cur, now_ns) + costs[i];
+        IF cur - now_ns > periods[i] THEN
+            RETURN ARRAY[i - 1, cur - now_ns - periods[i]];
+        END IF;
+        tats := tats || cur;
+    END LOOP;
+    UPDATE mailmux_rates r SET tat = t.tat
+      FROM unnest(keys, tats) AS t(key, tat) WHERE r.key = t.key;
+    RETURN NULL;
+END
+$$;
 "#,
 ];
 
@@ -2453,6 +2491,36 @@ impl Store for PgStore {
         Ok(row.map(|(since, by, reason)| Paused { since, by, reason }))
     }
 
+    fn shares_rates(&self) -> bool {
+        true
+    }
+
+    async fn take_rates(
+        &self,
+        takes: &[RateTake],
+    ) -> Result<Option<(usize, Duration)>, StoreError> {
+        if takes.is_empty() {
+            return Ok(None);
+        }
+        let keys: Vec<&str> = takes.iter().map(|t| t.key.as_str()).collect();
+        let costs: Vec<i64> = takes.iter().map(|t| t.cost_ns).collect();
+        let periods: Vec<i64> = takes.iter().map(|t| t.period_ns).collect();
+        let refused: Option<Vec<i64>> = sqlx::query_scalar("SELECT mailmux_take_rates($1, $2, $3)")
+            .bind(keys)
+            .bind(costs)
+            .bind(periods)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(match refused.as_deref() {
+            Some([i, wait]) => Some((
+                usize::try_from(*i).unwrap_or(0),
+                Duration::from_nanos(u64::try_from(*wait).unwrap_or(0)),
+            )),
+            _ => None,
+        })
+    }
+
     async fn set_paused(&self, pause: Option<Paused>) -> Result<bool, StoreError> {
         let done = match pause {
             Some(p) => sqlx::query(
@@ -2580,6 +2648,17 @@ impl Store for PgStore {
         .map_err(unavailable)?;
         let messages = messages as u64;
         fold_counts(&mut tx, &self.node, self.lease_ms).await?;
+        // Buckets full again: as good as none.
+        sqlx::query(
+            "DELETE FROM mailmux_rates WHERE key IN
+                (SELECT key FROM mailmux_rates
+                  WHERE tat < (extract(epoch FROM clock_timestamp()) * 1000000000)::BIGINT
+                  LIMIT $1)",
+        )
+        .bind(limit)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
         let keys = sqlx::query(
             "DELETE FROM mailmux_idempotency WHERE key IN
                 (SELECT key FROM mailmux_idempotency WHERE created_at < $1

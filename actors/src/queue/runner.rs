@@ -27,8 +27,8 @@ use tracing::Instrument;
 use super::reserve::{Reserve, Short};
 use super::{
     Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Feed, Filter, Hold, Millis,
-    NewMessage, Paused, Pending, QueueSettings, Record, RejectedRecord, Settle, State, Stats,
-    Store, StoreError, StoreKind, Summary, now_millis, to_millis,
+    NewMessage, Paused, Pending, QueueSettings, RateTake, Record, RejectedRecord, Settle, State,
+    Stats, Store, StoreError, StoreKind, Summary, now_millis, to_millis,
 };
 use crate::dispatcher::{Dispatcher, cancelled};
 use crate::mail::{CommitMark, FailureReason, Mail, Reply, Report, Status};
@@ -719,6 +719,20 @@ impl Queue {
     /// How many daemons share the store (a shared store only).
     pub fn nodes(&self) -> Option<u32> {
         self.inner.store.nodes()
+    }
+
+    /// Whether callers' rate limits are kept in the store, for every daemon
+    /// that shares it ([`Store::shares_rates`]).
+    pub fn shares_rates(&self) -> bool {
+        self.inner.store.shares_rates()
+    }
+
+    /// [`Store::take_rates`].
+    pub async fn take_rates(
+        &self,
+        takes: &[RateTake],
+    ) -> Result<Option<(usize, Duration)>, StoreError> {
+        self.inner.store.take_rates(takes).await
     }
 
     /// False while the store refuses writes.
