@@ -2,8 +2,8 @@
 //! streamable HTTP and a throwaway PostgreSQL: a burst spread over three
 //! daemons with one killed by SIGKILL, one idempotency key sent to two
 //! daemons at once, PostgreSQL restarted mid-burst, a daemon paused past its
-//! lease, two daemons killed in turn under a relay that fails at random, and
-//! migrations. Every test reconciles what each call was told against what
+//! lease, two daemons killed in turn under a relay that fails at random,
+//! relay and caller rates that hold across daemons, and migrations. Every test reconciles what each call was told against what
 //! the SMTP sinks received.
 
 #[path = "reliability/chaos.rs"]
@@ -1030,6 +1030,89 @@ async fn a_relay_rate_holds_across_three_daemons() {
     assert_eq!(sink.received().len(), 30, "every message goes out in time");
     eprintln!(
         "cluster-wide rate 12/3s over 3 daemons: 30 messages in {:.1} s; at most {worst:.1} above 4/s at any sample",
+        start.elapsed().as_secs_f64()
+    );
+}
+
+/// A caller's `rate` holds across three daemons: its buckets are in the
+/// shared store, so calls spread over the daemons get each count once, not
+/// once per daemon; and a message one limit refuses takes nothing from the
+/// others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_callers_rate_holds_across_three_daemons() {
+    let pg = Postgres::start();
+    let url = pg.database();
+    let sink = FaultSmtp::start(Script::ok()).await;
+    let policy = "[policy]\nrate = [\"10/min\", \"per_recipient: 2/min\"]\n";
+    let mut nodes = Vec::new();
+    for name in ["c0", "c1", "c2"] {
+        nodes.push(Node::start(name, &config_toml(&url, name, sink.port(), "5s", policy)).await);
+    }
+    let start = Instant::now();
+    // One recipient, twice at each daemon: two pass in all.
+    let mut same = Vec::new();
+    for round in 0..2 {
+        for n in &nodes {
+            let args = json!({"to": "same@example.org", "subject": format!("same {round}"),
+                              "body": "b\n", "wait": false});
+            same.push(call(n.peer(), &n.name, "send_email", args, LIMIT).await);
+        }
+    }
+    let passed = same.iter().filter(|c| c.status() == Some("queued")).count();
+    assert_eq!(
+        passed, 2,
+        "per_recipient 2/min over three daemons: {same:?}"
+    );
+    for c in same.iter().filter(|c| c.status() != Some("queued")) {
+        let e = &c.value().unwrap()["error"];
+        assert_eq!(e["code"], "rate_limited", "{c:?}");
+        assert_eq!(e["rule"], "per_recipient: 2/min", "{c:?}");
+        assert_eq!(e["field"], "to[0]", "{c:?}");
+        assert!(
+            e["retry_after_s"].as_f64().is_some_and(|s| s > 0.0),
+            "{c:?}"
+        );
+    }
+    // Thirty recipients, ten at each daemon at once: what is left of 10/min
+    // passes. The four refused above took nothing from it.
+    let bursts: Vec<harness::Burst> = nodes
+        .iter()
+        .map(|n| {
+            let name = n.name.clone();
+            burst(n.peer(), &n.name, 10, 10, LIMIT, move |i| {
+                json!({"to": format!("{name}-{i}@example.org"), "subject": "many",
+                       "body": "b\n", "wait": false})
+            })
+        })
+        .collect();
+    let mut calls = Vec::new();
+    for b in bursts {
+        calls.extend(b.join().await);
+    }
+    // A message refills each 6 s.
+    let refilled = (start.elapsed().as_secs_f64() / 6.0).floor() as usize;
+    let passed = calls
+        .iter()
+        .filter(|c| c.status() == Some("queued"))
+        .count();
+    assert!(
+        (8..=8 + refilled).contains(&passed),
+        "10/min over three daemons, 2 taken before: {passed} passed ({refilled} refilled)"
+    );
+    for c in calls.iter().filter(|c| c.status() != Some("queued")) {
+        let e = &c.value().unwrap_or_else(|| panic!("{c:?}"))["error"];
+        assert_eq!(e["code"], "rate_limited", "{c:?}");
+        assert_eq!(e["rule"], "10/min", "{c:?}");
+    }
+    assert!(drained(&nodes[0], LIMIT).await);
+    assert_eq!(
+        sink.received().len(),
+        2 + passed,
+        "each passed message once"
+    );
+    eprintln!(
+        "caller rate 10/min and per_recipient 2/min over 3 daemons: {} of 36 calls passed in {:.1} s",
+        2 + passed,
         start.elapsed().as_secs_f64()
     );
 }

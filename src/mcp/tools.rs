@@ -40,6 +40,7 @@ use crate::compose::{
     compose_with,
 };
 use crate::config;
+use crate::policy::rate::Limited;
 use crate::policy::{Caller, Verdict};
 
 /// Serialises a result; `isError` follows the presence of its `error`.
@@ -122,6 +123,35 @@ pub(super) fn queue_error(e: &QueueError) -> ToolError {
         "queue_unavailable",
         format!("the queue store is unavailable: {e}"),
     )
+}
+
+/// Why a message did not get its caller's rate.
+enum RateRefusal {
+    /// Over a limit.
+    Limited(Limited),
+    /// The store that keeps the limits for every daemon did not answer.
+    Store(StoreError),
+}
+
+impl MailmuxServer {
+    /// Takes the message to `recipients` from the caller's rate limits:
+    /// in the store when the daemons sharing it keep them there, so that
+    /// a caller has its rate once over all of them; else in this daemon.
+    async fn take_rate(&self, caller: &Caller, recipients: &[String]) -> Result<(), RateRefusal> {
+        let recipients: Vec<&str> = recipients.iter().map(String::as_str).collect();
+        let queue = self.queue();
+        if !queue.shares_rates() {
+            return caller.take_rate(&recipients).map_err(RateRefusal::Limited);
+        }
+        let shared = caller
+            .shared_rate(&recipients)
+            .map_err(RateRefusal::Limited)?;
+        match queue.take_rates(&shared.takes).await {
+            Ok(None) => Ok(()),
+            Ok(Some((i, wait))) => Err(RateRefusal::Limited(shared.refused(i, wait))),
+            Err(e) => Err(RateRefusal::Store(e)),
+        }
+    }
 }
 
 /// The longest text `list_messages` searches recipients for: an address's
@@ -1779,15 +1809,16 @@ impl MailmuxServer {
         let repeat = caller.has_rate() && self.is_stored_key(caller, idempotency.as_ref()).await;
         if !repeat
             && caller.has_rate()
-            && let Err(limited) = caller.take_rate(
-                &envelope
-                    .recipients
-                    .iter()
-                    .map(String::as_str)
-                    .collect::<Vec<_>>(),
-            )
+            && let Err(refusal) = self.take_rate(caller, &envelope.recipients).await
             && !self.is_stored_key(caller, idempotency.as_ref()).await
         {
+            let limited = match refusal {
+                RateRefusal::Limited(limited) => limited,
+                RateRefusal::Store(e) => {
+                    let e = queue_unavailable(&QueueError::Store(e), None);
+                    return Prepared::Done(Box::new(self.refuse(caller, Ok(&composed), e)));
+                }
+            };
             // A `per_recipient` limit names the recipient that had its count.
             let recipient = limited.recipient.map(|i| {
                 let (list, at) = composed.fields.get(i).copied().unwrap_or(("to", i));

@@ -538,6 +538,12 @@ impl Caller {
         rate::take(&self.limits, &self.name, recipients)
     }
 
+    /// What the message to `recipients` takes from the caller's rate limits
+    /// when they are kept in a store the daemons share.
+    pub fn shared_rate(&self, recipients: &[&str]) -> Result<rate::Shared, Limited> {
+        rate::shared(&self.limits, &self.name, recipients)
+    }
+
     /// The relays this caller's messages may take, for routing.
     pub fn relays(&self) -> Option<Arc<[String]>> {
         self.policy

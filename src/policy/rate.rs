@@ -1,7 +1,10 @@
 //! Rate limits: `rate = ["30/min", "recipients: 1000/day",
 //! "per_recipient: 5/hour"]`, each a governor keyed limiter (one per
 //! distinct limit, keyed by caller name, and for `per_recipient` by caller
-//! and recipient), so that every caller has its own buckets.
+//! and recipient), so that every caller has its own buckets. On a store
+//! that several daemons share, the same buckets are kept in the store
+//! instead ([`Shared`]), so that a caller has its rate once, not once per
+//! daemon.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -10,6 +13,7 @@ use std::time::Duration;
 
 use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota};
+use mailmux_actors::queue::RateTake;
 
 /// What a limit counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -205,9 +209,147 @@ pub fn take(
     Ok(())
 }
 
+/// What one message takes from a caller's limits in a store the daemons
+/// share ([`mailmux_actors::queue::Store::take_rates`]): all of it or, when
+/// one bucket refuses, nothing, so that a refused message takes no rate.
+#[derive(Debug)]
+pub struct Shared {
+    /// Sorted by key, the order the store locks them in.
+    pub takes: Vec<RateTake>,
+    /// For each take, its limit's text, and for a `per_recipient` limit
+    /// the recipient's index in the envelope.
+    whose: Vec<(String, Option<usize>)>,
+}
+
+impl Shared {
+    /// The refusal of `takes[i]`, due to pass in `wait`.
+    pub fn refused(&self, i: usize, wait: Duration) -> Limited {
+        let (rule, recipient) = self.whose.get(i).cloned().unwrap_or_default();
+        Limited {
+            rule,
+            retry_after: Some(wait),
+            recipient,
+        }
+    }
+}
+
+/// The takes of one message to `recipients` from the limits of caller
+/// `key`: a bucket per limit, and per recipient for a `per_recipient`
+/// limit (an address twice in the envelope takes twice from one bucket),
+/// each costing its share of the limit's period as governor's would. A
+/// `recipients` limit with fewer than the message's recipients refuses it
+/// here, as it never can pass.
+pub fn shared(
+    limits: &[(RateRule, Limiter)],
+    key: &str,
+    recipients: &[&str],
+) -> Result<Shared, Limited> {
+    let mut takes: std::collections::BTreeMap<String, (RateTake, String, Option<usize>)> =
+        std::collections::BTreeMap::new();
+    let mut add = |rule: &RateRule, bucket: String, n: u64, recipient: Option<usize>| {
+        let period_ns = i64::try_from(rule.period.as_nanos()).unwrap_or(i64::MAX);
+        let cost = (i128::from(period_ns) * i128::from(n) / i128::from(rule.count)).max(1);
+        let cost_ns = i64::try_from(cost).unwrap_or(i64::MAX);
+        let entry = takes.entry(bucket.clone()).or_insert_with(|| {
+            let take = RateTake {
+                key: bucket,
+                cost_ns: 0,
+                period_ns,
+            };
+            (take, rule.text.clone(), recipient)
+        });
+        entry.0.cost_ns = entry.0.cost_ns.saturating_add(cost_ns);
+    };
+    for (rule, _) in limits {
+        // The limit as written is part of the bucket's name: a changed
+        // limit starts full, as governor's does after a reload.
+        let bucket = format!("{key}\n{}", rule.text);
+        match rule.unit {
+            Unit::Messages => add(rule, bucket, 1, None),
+            Unit::Recipients => {
+                let n = recipients.len() as u64;
+                if n > u64::from(rule.count) {
+                    return Err(Limited {
+                        rule: rule.text.clone(),
+                        retry_after: None,
+                        recipient: None,
+                    });
+                }
+                if n > 0 {
+                    add(rule, bucket, n, None);
+                }
+            }
+            Unit::PerRecipient => {
+                for (i, r) in recipients.iter().enumerate() {
+                    let address = crate::suppress::key(r).unwrap_or_else(|| r.to_lowercase());
+                    add(rule, format!("{bucket}\n{address}"), 1, Some(i));
+                }
+            }
+        }
+    }
+    let (takes, whose) = takes
+        .into_values()
+        .map(|(take, rule, recipient)| (take, (rule, recipient)))
+        .unzip();
+    Ok(Shared { takes, whose })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The buckets a message takes from on a shared store: one per limit,
+    /// one per recipient of a `per_recipient` limit, sorted, each costing
+    /// its share of the period; a refusal names the limit and recipient.
+    #[test]
+    fn a_shared_take_costs_each_bucket_its_share_of_the_period() {
+        let rules = ["10/min", "recipients: 4/2s", "per_recipient: 3/hour"];
+        let limits: Vec<_> = rules
+            .iter()
+            .map(|r| {
+                let rule = RateRule::parse(r).unwrap();
+                (rule.clone(), limiter(&rule))
+            })
+            .collect();
+        let s = shared(
+            &limits,
+            "agent",
+            &["Bo@Example.org", "al@example.org", "bo@example.org"],
+        )
+        .unwrap();
+        let got: Vec<(&str, i64, i64)> = s
+            .takes
+            .iter()
+            .map(|t| (t.key.as_str(), t.cost_ns, t.period_ns))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("agent\n10/min", 6_000_000_000, 60_000_000_000),
+                (
+                    "agent\nper_recipient: 3/hour\nal@example.org",
+                    1_200_000_000_000,
+                    3_600_000_000_000
+                ),
+                (
+                    "agent\nper_recipient: 3/hour\nbo@example.org",
+                    2_400_000_000_000,
+                    3_600_000_000_000
+                ),
+                ("agent\nrecipients: 4/2s", 1_500_000_000, 2_000_000_000),
+            ]
+        );
+        let refused = s.refused(2, Duration::from_secs(5));
+        assert_eq!(refused.rule, "per_recipient: 3/hour");
+        assert_eq!(refused.recipient, Some(0));
+        assert_eq!(refused.retry_after, Some(Duration::from_secs(5)));
+        let five = ["a", "b", "c", "d", "e"];
+        let never = shared(&limits, "agent", &five).unwrap_err();
+        assert_eq!(
+            (never.rule.as_str(), never.retry_after),
+            ("recipients: 4/2s", None)
+        );
+    }
 
     #[test]
     fn parses_the_written_forms() {
