@@ -1605,7 +1605,8 @@ pub struct CallerOut {
     pub approval: String,
     /// Allowed recipient rules; empty means anyone.
     pub allowed_recipients: usize,
-    /// The caller's rate limits, as written.
+    /// The caller's rate limits, as written; on a shared `postgres` queue
+    /// they hold over all its daemons together.
     pub rate: Vec<String>,
     /// Every message must name one of `templates`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
