@@ -248,12 +248,13 @@ CREATE INDEX mailmux_messages_due_high ON mailmux_messages (next_attempt_at)
     r#"
 -- Callers' rate limits, kept by every daemon together (GCRA): each
 -- bucket's theoretical arrival time, in nanoseconds of the database's
--- clock. A bucket whose time has passed is full, as one with no row.
+-- clock. A bucket whose time has passed is full, as one with no row. No
+-- index on `tat`, so that moving it on is a HOT update; the purge reads
+-- the table whole.
 CREATE TABLE mailmux_rates (
     key TEXT PRIMARY KEY,
     tat BIGINT NOT NULL
 );
-CREATE INDEX mailmux_rates_tat ON mailmux_rates (tat);
 
 -- Takes costs[i] from bucket keys[i] for every i, or nothing when one
 -- would pass its period: then answers {i - 1, nanoseconds until it would
