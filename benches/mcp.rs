@@ -38,8 +38,10 @@ usage: cargo bench --bench mcp -- [options]
                            stdio-batch-memory, stdio-postgres, stdio-lines,
                            stdio-lines-memory, http, http-memory,
                            http-policy, http-batch, http-batch-memory, http-postgres,
-                           http-postgres-2, http-postgres-3 (-policy: the memory store
-                           and a caller policy every message passes; -batch: the sqlite
+                           http-postgres-2, http-postgres-3, stdio-postgres-policy,
+                           http-postgres-policy (-policy: the memory store, or
+                           postgres, and a caller policy every message passes, its
+                           rates kept in the database on postgres; -batch: the sqlite
                            store, send_batch calls of 1000; -batch-memory: the same on
                            the memory store;
                            -postgres: a throwaway PostgreSQL with fsync on, and 1, 2
@@ -84,6 +86,9 @@ enum Store {
     BatchMemory,
     /// A PostgreSQL queue shared by this many daemons.
     Postgres(usize),
+    /// One daemon on a PostgreSQL queue, with the caller policy of
+    /// [`Store::MemoryPolicy`], whose rates are kept in the database.
+    PostgresPolicy,
 }
 
 /// Messages per `send_batch` call on the `-batch` paths.
@@ -94,7 +99,7 @@ impl Store {
         match self {
             Store::Sqlite | Store::Batch => "sqlite",
             Store::Memory | Store::MemoryPolicy | Store::BatchMemory => "memory",
-            Store::Postgres(_) => "postgres",
+            Store::Postgres(_) | Store::PostgresPolicy => "postgres",
         }
     }
 
@@ -106,7 +111,7 @@ impl Store {
     }
 
     fn policy(self) -> bool {
-        self == Store::MemoryPolicy
+        matches!(self, Store::MemoryPolicy | Store::PostgresPolicy)
     }
 
     fn batch(self) -> bool {
@@ -142,6 +147,8 @@ impl Path {
             Path::Mcp(Transport::Http, Store::Memory) => "MCP HTTP, memory",
             Path::Mcp(Transport::Stdio, Store::Postgres(_)) => "MCP stdio, postgres",
             Path::Mcp(Transport::Http, Store::Postgres(1)) => "MCP HTTP, postgres",
+            Path::Mcp(Transport::Stdio, Store::PostgresPolicy) => "MCP stdio, postgres, policy",
+            Path::Mcp(Transport::Http, Store::PostgresPolicy) => "MCP HTTP, postgres, policy",
             Path::Mcp(Transport::Http, Store::Postgres(2)) => "MCP HTTP, postgres, 2 daemons",
             Path::Mcp(Transport::Http, Store::Postgres(_)) => "MCP HTTP, postgres, 3 daemons",
         }
@@ -248,6 +255,12 @@ fn parse_args() -> anyhow::Result<Args> {
                         "http-postgres" => Ok(Path::Mcp(Transport::Http, Store::Postgres(1))),
                         "http-postgres-2" => Ok(Path::Mcp(Transport::Http, Store::Postgres(2))),
                         "http-postgres-3" => Ok(Path::Mcp(Transport::Http, Store::Postgres(3))),
+                        "stdio-postgres-policy" => {
+                            Ok(Path::Mcp(Transport::Stdio, Store::PostgresPolicy))
+                        }
+                        "http-postgres-policy" => {
+                            Ok(Path::Mcp(Transport::Http, Store::PostgresPolicy))
+                        }
                         other => bail!("--paths: unknown path {other:?}"),
                     })
                     .collect::<anyhow::Result<_>>()?;
@@ -454,7 +467,9 @@ async fn run_mcp(
 ) -> anyhow::Result<Measurement> {
     let sink = Sink::start(if store.batch() { 32 } else { c }, false)?;
     let url = match store {
-        Store::Postgres(_) => Some(pg.context("no PostgreSQL for a postgres path")?.database()),
+        Store::Postgres(_) | Store::PostgresPolicy => {
+            Some(pg.context("no PostgreSQL for a postgres path")?.database())
+        }
         _ => None,
     };
     let mut daemons = Vec::new();
@@ -1003,7 +1018,12 @@ fn table(rows: &[Row], memory: &[Memory], runs: usize) -> String {
     }
     let pg_rows: Vec<&Row> = rows
         .iter()
-        .filter(|r| matches!(r.path, Path::Mcp(_, Store::Postgres(_))))
+        .filter(|r| {
+            matches!(
+                r.path,
+                Path::Mcp(_, Store::Postgres(_) | Store::PostgresPolicy)
+            )
+        })
         .collect();
     if !pg_rows.is_empty() {
         let _ = writeln!(
@@ -1133,7 +1153,7 @@ fn main() -> anyhow::Result<()> {
     let pg = args
         .paths
         .iter()
-        .any(|p| matches!(p, Path::Mcp(_, Store::Postgres(_))))
+        .any(|p| matches!(p, Path::Mcp(_, Store::Postgres(_) | Store::PostgresPolicy)))
         .then(|| {
             let pg = Postgres::start_configured(
                 true,
