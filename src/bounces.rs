@@ -57,6 +57,12 @@ const WINDOWS_PER_READ: usize = 20;
 /// may be large, is not needed.
 const REPORT_BYTES: usize = 256 * 1024;
 
+/// The reasons a report is noted with, as `list_messages`, the queue
+/// command, the console and the metrics name them.
+pub const REASONS: [&str; 2] = [BOUNCED, COMPLAINED];
+const BOUNCED: &str = "bounced";
+const COMPLAINED: &str = "complained";
+
 /// What one report says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
@@ -150,7 +156,7 @@ pub fn parse(bytes: &[u8]) -> Option<Report> {
                 .collect();
             (!recipients.is_empty()).then_some(Report {
                 message_id,
-                reason: "bounced",
+                reason: BOUNCED,
                 recipients,
                 sole: false,
             })
@@ -171,7 +177,7 @@ pub fn parse(bytes: &[u8]) -> Option<Report> {
             let sole = recipients.is_empty();
             Some(Report {
                 message_id,
-                reason: "complained",
+                reason: COMPLAINED,
                 recipients,
                 sole,
             })

@@ -67,8 +67,6 @@ pub const REPORTED: &str = "mailmux_suppressed_by_report_total";
 /// (`bounced`, `complained`): against `sent`, the rates mailbox providers
 /// judge a sender by.
 pub const REPORTS: &str = "mailmux_reports_total";
-/// The reasons of [`REPORTS`].
-const REPORT_REASONS: [&str; 2] = ["bounced", "complained"];
 /// HTTP requests refused by the transport's checks and bounds before any
 /// tool ran, by status (400 a body cut off, 401 token, 403 Host or Origin,
 /// 408 a body too slow, 413 too large, 429 a caller's bound, 503 the
@@ -159,7 +157,7 @@ pub fn zeroes(config: &crate::config::Config) {
         }
         metrics::counter!(REFUSED, "caller" => name.to_owned(), "code" => "policy_denied")
             .increment(0);
-        for reason in REPORT_REASONS {
+        for reason in crate::bounces::REASONS {
             metrics::counter!(REPORTS, "caller" => name.to_owned(), "reason" => reason)
                 .increment(0);
         }

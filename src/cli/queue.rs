@@ -182,7 +182,7 @@ pub struct ListArgs {
     #[command(flatten)]
     pub select: Select,
     /// Only messages a bounce or complaint report came back for.
-    #[arg(long, value_parser = ["bounced", "complained"])]
+    #[arg(long, value_parser = crate::bounces::REASONS)]
     pub reported: Option<String>,
     /// At most this many, newest first (at least 1).
     #[arg(long, default_value_t = 50, value_parser = at_least_one)]

@@ -372,16 +372,12 @@ struct QueueQuery {
     notice: Option<String>,
 }
 
-/// The reasons of reports the queue page filters by, as `list_messages`'s
-/// `reported` takes them.
-const REPORT_REASONS: [&str; 2] = ["bounced", "complained"];
-
 /// The report reason a URL asks for: `Ok(None)` for none, `Err` with what
 /// it said when that is no reason (shown, and the filter left out).
 fn report_reason(asked: Option<&str>) -> Result<Option<&'static str>, String> {
     match asked.map(str::trim).filter(|s| !s.is_empty()) {
         None => Ok(None),
-        Some(s) => REPORT_REASONS
+        Some(s) => crate::bounces::REASONS
             .into_iter()
             .find(|r| *r == s)
             .map(Some)

@@ -535,7 +535,7 @@ pub fn queue(
                 "report"
                 select name="reported" {
                     option value="" { "any" }
-                    @for reason in super::REPORT_REASONS {
+                    @for reason in crate::bounces::REASONS {
                         option value=(reason) selected[filter.reported.as_deref() == Some(reason)] { (reason) }
                     }
                 }

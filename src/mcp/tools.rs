@@ -1207,14 +1207,15 @@ impl MailmuxServer {
             };
             let reported = match p.reported.as_deref() {
                 None => None,
-                Some(r @ ("bounced" | "complained")) => Some(r.to_owned()),
+                Some(r) if crate::bounces::REASONS.contains(&r) => Some(r.to_owned()),
                 Some(other) => {
                     return fail::<ListMessagesResult>(invalid(
                         "reported",
                         "one_of",
                         format!(
-                            "reported {} is not one of bounced, complained",
-                            quoted(other)
+                            "reported {} is not one of {}",
+                            quoted(other),
+                            crate::bounces::REASONS.join(", ")
                         ),
                     ));
                 }

@@ -74,8 +74,7 @@ impl Row {
                 .tag
                 .as_ref()
                 .is_none_or(|t| r.tag.as_ref() == Some(t))
-            && filter.recipient_matches(&r.to)
-            && filter.reported_matches(&r.reports)
+            && filter.search_matches(r)
     }
 }
 
@@ -556,10 +555,7 @@ impl Store for MemoryStore {
                 low = Some(**seq);
                 read += 1;
             })
-            .filter(|(_, row)| {
-                filter.recipient_matches(&row.record.to)
-                    && filter.reported_matches(&row.record.reports)
-            })
+            .filter(|(_, row)| filter.search_matches(&row.record))
             .take(limit.saturating_add(1))
             .map(|(seq, row)| {
                 let r = &row.record;

@@ -1017,19 +1017,17 @@ pub struct Filter {
 }
 
 impl Filter {
-    /// Whether one of `to` matches the recipient filter.
-    pub fn recipient_matches(&self, to: &[String]) -> bool {
+    /// Whether `r` has what the filter searches for: a recipient that
+    /// contains `recipient` (any case), and a report of the `reported`
+    /// reason.
+    pub fn search_matches(&self, r: &Record) -> bool {
         self.recipient.as_ref().is_none_or(|needle| {
             let needle = needle.to_lowercase();
-            to.iter().any(|t| t.to_lowercase().contains(&needle))
-        })
-    }
-
-    /// Whether a report of the `reported` reason is among `reports`.
-    pub fn reported_matches(&self, reports: &[ReportRecord]) -> bool {
-        self.reported
+            r.to.iter().any(|t| t.to_lowercase().contains(&needle))
+        }) && self
+            .reported
             .as_ref()
-            .is_none_or(|reason| reports.iter().any(|r| &r.reason == reason))
+            .is_none_or(|reason| r.reports.iter().any(|report| &report.reason == reason))
     }
 
     /// Whether it names what no index serves (a recipient, a report), so
