@@ -2521,7 +2521,8 @@ async fn postgres_counts_survive_daemons_purges_and_migration() {
          DROP INDEX mailmux_messages_tag; ALTER TABLE mailmux_messages DROP COLUMN tag;
          ALTER TABLE mailmux_messages DROP COLUMN max_age;
          ALTER TABLE mailmux_messages DROP COLUMN priority;
-         DROP FUNCTION mailmux_take_rates; DROP TABLE mailmux_rates;
+         DROP FUNCTION mailmux_take_rates; DROP FUNCTION mailmux_take_rate_groups;
+         DROP TABLE mailmux_rates;
          DROP TABLE mailmux_report_cursors; ALTER TABLE mailmux_messages DROP COLUMN reports;
          DROP INDEX mailmux_messages_queued_at, mailmux_messages_retry;
          DELETE FROM mailmux_schema WHERE version >= 5",
@@ -2855,7 +2856,8 @@ async fn postgres_claims_let_go_are_taken_by_another_daemon_at_once() {
 
 /// Callers' rates kept in PostgreSQL for every daemon: many takes at once
 /// from two daemons pass the count once; a take of several buckets moves
-/// all of them or, when one is full, none; buckets full again are purged.
+/// all of them or, when one is full, none, also among the takes a daemon
+/// sends together; buckets full again are purged.
 #[tokio::test]
 async fn postgres_rates_are_taken_whole_or_not_at_all_by_every_daemon() {
     let server = Postgres::start();
@@ -2917,6 +2919,37 @@ async fn postgres_rates_are_taken_whole_or_not_at_all_by_every_daemon() {
     tokio::time::sleep(Duration::from_millis(20)).await;
     a.purge(0, 0, 100).await.unwrap();
     assert_eq!(rows(), "2", "the full bucket is gone, the used ones stay");
+    // Takes that arrive together go in one transaction: there too a
+    // refused message moves none of its buckets, and the others move theirs.
+    let full = take("mixed\none 1/min", 1);
+    assert_eq!(
+        a.take_rates(std::slice::from_ref(&full)).await.unwrap(),
+        None
+    );
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let store = a.clone();
+        let mut takes = vec![take("mixed\nall 100/min", 100)];
+        if i % 2 == 0 {
+            takes.push(full.clone());
+        }
+        tasks.push(tokio::spawn(async move { store.take_rates(&takes).await }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let refused = t.await.unwrap().unwrap().map(|(at, _)| at);
+        assert_eq!(refused, (i % 2 == 0).then_some(1), "message {i}");
+    }
+    let mut left = 0;
+    while a
+        .take_rates(&[take("mixed\nall 100/min", 100)])
+        .await
+        .unwrap()
+        .is_none()
+    {
+        left += 1;
+        assert!(left <= 100);
+    }
+    assert_eq!(left, 80, "only the 20 that passed took from 100/min");
     // Without the database, a take is an error, not a pass.
     let mut server = server;
     server.stop();
@@ -3334,7 +3367,8 @@ async fn postgres_keys_of_version_7_are_scoped_to_their_callers() {
          DROP INDEX mailmux_messages_tag; ALTER TABLE mailmux_messages DROP COLUMN tag;
          ALTER TABLE mailmux_messages DROP COLUMN max_age;
          ALTER TABLE mailmux_messages DROP COLUMN priority;
-         DROP FUNCTION mailmux_take_rates; DROP TABLE mailmux_rates;
+         DROP FUNCTION mailmux_take_rates; DROP FUNCTION mailmux_take_rate_groups;
+         DROP TABLE mailmux_rates;
          DROP TABLE mailmux_report_cursors; ALTER TABLE mailmux_messages DROP COLUMN reports;
          DELETE FROM mailmux_schema WHERE version >= 8;",
     );

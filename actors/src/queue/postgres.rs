@@ -291,6 +291,61 @@ BEGIN
 END
 $$;
 "#,
+    r#"
+-- The takes of several messages in one transaction, so that the calls of
+-- one daemon that arrive together lock a caller's buckets once. `ukeys` are
+-- the distinct buckets, sorted by the caller (the lock order, as above);
+-- take i costs costs[i] from bucket ukeys[slots[i]]; message m has the
+-- takes after ends[m - 1] up to ends[m], each bucket at most once. In the
+-- order given, each message moves all its buckets on, or none when one
+-- would pass its period. Answers {m - 1, the refusing take's place in its
+-- message from 0, nanoseconds until it would pass} for each refused
+-- message, one after the other; empty when none was. mailmux_take_rates
+-- stays for the daemons built for schema version 18 until they are upgraded.
+CREATE FUNCTION mailmux_take_rate_groups(
+    ukeys TEXT[], slots INT[], costs BIGINT[], periods BIGINT[], ends INT[])
+RETURNS BIGINT[] LANGUAGE plpgsql AS $$
+DECLARE
+    now_ns BIGINT := (extract(epoch FROM clock_timestamp()) * 1000000000)::BIGINT;
+    tats BIGINT[] := '{}';
+    cur BIGINT;
+    refused BIGINT[] := '{}';
+    first INT := 1;
+    fits BOOLEAN;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    FOR k IN 1 .. coalesce(array_length(ukeys, 1), 0) LOOP
+        SELECT tat INTO cur FROM mailmux_rates WHERE key = ukeys[k] FOR UPDATE;
+        IF NOT FOUND THEN
+            INSERT INTO mailmux_rates (key, tat) VALUES (ukeys[k], now_ns)
+                ON CONFLICT (key) DO NOTHING;
+            SELECT tat INTO cur FROM mailmux_rates WHERE key = ukeys[k] FOR UPDATE;
+        END IF;
+        tats := tats || cur;
+    END LOOP;
+    FOR m IN 1 .. coalesce(array_length(ends, 1), 0) LOOP
+        fits := true;
+        FOR i IN first .. ends[m] LOOP
+            cur := greatest(tats[slots[i]], now_ns) + costs[i];
+            IF cur - now_ns > periods[i] THEN
+                refused := refused || ARRAY[m - 1, i - first, cur - now_ns - periods[i]]::BIGINT[];
+                fits := false;
+                EXIT;
+            END IF;
+        END LOOP;
+        IF fits THEN
+            FOR i IN first .. ends[m] LOOP
+                tats[slots[i]] := greatest(tats[slots[i]], now_ns) + costs[i];
+            END LOOP;
+        END IF;
+        first := ends[m] + 1;
+    END LOOP;
+    UPDATE mailmux_rates r SET tat = t.tat
+      FROM unnest(ukeys, tats) AS t(key, tat) WHERE r.key = t.key AND r.tat <> t.tat;
+    RETURN refused;
+END
+$$;
+"#,
 ];
 
 /// The schema version this build writes.
@@ -463,6 +518,9 @@ pub struct PgStore {
     /// The writer that folds concurrent accepts without an idempotency key
     /// into one INSERT.
     accepts: mpsc::UnboundedSender<AcceptOp>,
+    /// The taker that folds the rate takes of concurrent calls into one
+    /// transaction.
+    rates: mpsc::UnboundedSender<RateOp>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// When `due` last looked for leases that ran out (ms).
     taken_over: std::sync::atomic::AtomicI64,
@@ -505,6 +563,14 @@ struct AcceptOp {
     /// without the message's bytes (a settle that keeps them brings them).
     marked: bool,
     reply: oneshot::Sender<Result<State, StoreError>>,
+}
+
+/// One message's rate takes, for the rates taker: the answer is `None`
+/// when all were taken, else the refusing take and its wait.
+#[derive(Debug)]
+struct RateOp {
+    takes: Vec<RateTake>,
+    reply: oneshot::Sender<Result<Option<(usize, Duration)>, StoreError>>,
 }
 
 /// The epoch of the lease a daemon takes on a message it stores itself
@@ -590,6 +656,66 @@ async fn mark_loop(
         .fetch_all(&pool)
         .await;
         answer(batch.into_iter().map(|op| (op.id, op.reply)), done);
+    }
+}
+
+/// The rates taker: the takes of the messages that arrive while one
+/// transaction runs go together in the next (`mailmux_take_rate_groups`),
+/// each message whole or not at all, in the order they came.
+async fn rate_loop(pool: PgPool, mut rx: mpsc::UnboundedReceiver<RateOp>) {
+    let mut last = 0;
+    while let Some(batch) = next_batch(&mut rx, &mut last).await {
+        // The buckets of the whole group in one sorted order, the order
+        // every daemon locks them in.
+        let mut slots: std::collections::BTreeMap<&str, i32> = std::collections::BTreeMap::new();
+        for op in &batch {
+            for t in &op.takes {
+                slots.insert(t.key.as_str(), 0);
+            }
+        }
+        for (n, slot) in slots.values_mut().enumerate() {
+            *slot = i32::try_from(n + 1).unwrap_or(i32::MAX);
+        }
+        let mut of = Vec::new();
+        let (mut costs, mut periods, mut ends) = (Vec::new(), Vec::new(), Vec::new());
+        for op in &batch {
+            for t in &op.takes {
+                of.push(slots[t.key.as_str()]);
+                costs.push(t.cost_ns);
+                periods.push(t.period_ns);
+            }
+            ends.push(i32::try_from(of.len()).unwrap_or(i32::MAX));
+        }
+        let keys: Vec<&str> = slots.into_keys().collect();
+        let refused: Result<Option<Vec<i64>>, sqlx::Error> =
+            sqlx::query_scalar("SELECT mailmux_take_rate_groups($1, $2, $3, $4, $5)")
+                .bind(&keys)
+                .bind(&of)
+                .bind(&costs)
+                .bind(&periods)
+                .bind(&ends)
+                .fetch_one(&pool)
+                .await;
+        match refused {
+            Ok(refused) => {
+                let mut answers: Vec<Option<(usize, Duration)>> = vec![None; batch.len()];
+                for r in refused.unwrap_or_default().chunks_exact(3) {
+                    if let Some(a) = usize::try_from(r[0]).ok().and_then(|m| answers.get_mut(m)) {
+                        let wait = Duration::from_nanos(u64::try_from(r[2]).unwrap_or(0));
+                        *a = Some((usize::try_from(r[1]).unwrap_or(0), wait));
+                    }
+                }
+                for (op, a) in batch.into_iter().zip(answers) {
+                    let _ = op.reply.send(Ok(a));
+                }
+            }
+            Err(e) => {
+                let e = unavailable(e);
+                for op in batch {
+                    let _ = op.reply.send(Err(e.clone()));
+                }
+            }
+        }
     }
 }
 
@@ -1053,7 +1179,9 @@ impl PgStore {
         let (marks, marks_rx) = mpsc::unbounded_channel();
         let (settles, settles_rx) = mpsc::unbounded_channel();
         let (accepts, accepts_rx) = mpsc::unbounded_channel();
+        let (rates, rates_rx) = mpsc::unbounded_channel();
         let mut tasks = vec![
+            tokio::spawn(rate_loop(pool.clone(), rates_rx)),
             tokio::spawn(accept_loop(
                 pool.clone(),
                 claims.then(|| s.node_id.clone()),
@@ -1087,6 +1215,7 @@ impl PgStore {
             marks,
             settles,
             accepts,
+            rates,
             tasks,
             taken_over: std::sync::atomic::AtomicI64::new(0),
             untold: Mutex::new(Vec::new()),
@@ -2510,23 +2639,17 @@ impl Store for PgStore {
         if takes.is_empty() {
             return Ok(None);
         }
-        let keys: Vec<&str> = takes.iter().map(|t| t.key.as_str()).collect();
-        let costs: Vec<i64> = takes.iter().map(|t| t.cost_ns).collect();
-        let periods: Vec<i64> = takes.iter().map(|t| t.period_ns).collect();
-        let refused: Option<Vec<i64>> = sqlx::query_scalar("SELECT mailmux_take_rates($1, $2, $3)")
-            .bind(keys)
-            .bind(costs)
-            .bind(periods)
-            .fetch_one(&self.pool)
+        let (reply, answer) = oneshot::channel();
+        let op = RateOp {
+            takes: takes.to_vec(),
+            reply,
+        };
+        self.rates
+            .send(op)
+            .map_err(|_| unavailable("the store's rates taker has stopped"))?;
+        answer
             .await
-            .map_err(unavailable)?;
-        Ok(match refused.as_deref() {
-            Some([i, wait]) => Some((
-                usize::try_from(*i).unwrap_or(0),
-                Duration::from_nanos(u64::try_from(*wait).unwrap_or(0)),
-            )),
-            _ => None,
-        })
+            .map_err(|_| unavailable("the store's rates taker has stopped"))?
     }
 
     async fn set_paused(&self, pause: Option<Paused>) -> Result<bool, StoreError> {
