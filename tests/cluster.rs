@@ -1117,6 +1117,86 @@ async fn a_callers_rate_holds_across_three_daemons() {
     );
 }
 
+/// A batch takes its caller's rate in the database for all its messages
+/// together, in their order: the messages pass up to what is left of the
+/// limit (what another daemon took counted), one over a `per_recipient`
+/// limit is refused alone and takes nothing, and the 50 takes go in a few
+/// statements, not one each. A batch too large to hold takes the rates of
+/// what it held when it starts to stream, then one message at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_takes_its_callers_rate_in_order_and_together() {
+    let pg = Postgres::start_configured(
+        false,
+        "shared_preload_libraries = 'pg_stat_statements'\npg_stat_statements.track = all\n",
+    );
+    pg.psql("postgres", "CREATE EXTENSION pg_stat_statements");
+    let url = pg.database();
+    let sink = FaultSmtp::start(Script::ok()).await;
+    let policy = "[policy]\nrate = [\"60/hour\", \"per_recipient: 1/hour\"]\n";
+    let a = Node::start("a", &config_toml(&url, "a", sink.port(), "5s", policy)).await;
+    let b = Node::start("b", &config_toml(&url, "b", sink.port(), "5s", policy)).await;
+    let one = json!({"to": "first@example.org", "subject": "one", "body": "b\n", "wait": false});
+    let c = call(b.peer(), "b", "send_email", one, LIMIT).await;
+    assert_eq!(c.status(), Some("queued"), "{c:?}");
+
+    // 50 messages, the sixth to the fourth's recipient.
+    let mut args = common::batch_args("rated", 50, json!({"wait": false}));
+    args["messages"][5]["to"] = json!(["rated+3@example.org"]);
+    let c = call(a.peer(), "batch", "send_batch", args, LIMIT).await;
+    let out = c.value().unwrap_or_else(|| panic!("{c:?}"));
+    for (i, r) in out["results"].as_array().unwrap().iter().enumerate() {
+        if i == 5 {
+            assert_eq!(r["error"]["code"], "rate_limited", "{r}");
+            assert_eq!(r["error"]["rule"], "per_recipient: 1/hour", "{r}");
+            assert_eq!(r["error"]["field"], "messages[5].to[0]", "{r}");
+        } else {
+            assert_eq!(r["status"], "queued", "message {i}: {r}");
+        }
+    }
+    assert_eq!(out["summary"], json!({"queued": 49, "refused": 1}), "{out}");
+
+    // 12 messages of 400 KiB, more than a batch holds (4 MiB): 10 are left
+    // of 60/hour. The eleventh is refused with the ten held before it, the
+    // twelfth alone.
+    let body = format!("{}\n", "x".repeat(70)).repeat(5_900);
+    let mut args = common::batch_args("large", 12, json!({"wait": false}));
+    args["defaults"]["body"] = json!(body);
+    let c = call(a.peer(), "large", "send_batch", args, LIMIT).await;
+    let out = c.value().unwrap_or_else(|| panic!("{c:?}"));
+    for (i, r) in out["results"].as_array().unwrap().iter().enumerate() {
+        if i < 10 {
+            assert_eq!(r["status"], "queued", "message {i}: {r}");
+        } else {
+            assert_eq!(r["error"]["code"], "rate_limited", "{r}");
+            assert_eq!(r["error"]["rule"], "60/hour", "{r}");
+            assert_eq!(r["error"]["field"], format!("messages[{i}]"), "{r}");
+        }
+    }
+    // Nothing is left for b either.
+    let last = json!({"to": "last@example.org", "subject": "last", "body": "b\n", "wait": false});
+    let c = call(b.peer(), "b", "send_email", last, LIMIT).await;
+    let e = &c.value().unwrap_or_else(|| panic!("{c:?}"))["error"];
+    assert_eq!(e["code"], "rate_limited", "{c:?}");
+    assert!(drained(&a, LIMIT).await);
+    assert_eq!(sink.received().len(), 60, "each passed message once");
+
+    let n: u32 = pg
+        .psql(
+            "postgres",
+            "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements
+              WHERE query LIKE 'SELECT mailmux_take_rate_groups(%'",
+        )
+        .parse()
+        .unwrap();
+    // Two calls, the first batch in one or two, the second in one or two
+    // for what it held and one for the message it streamed.
+    assert!(
+        (5..=8).contains(&n),
+        "the 64 takes in a few statements: {n} in all"
+    );
+    eprintln!("the rate takes of two batches and two calls in {n} statements");
+}
+
 /// On a shared store a batch is one batch whichever daemon took it: sent
 /// through a, cancelled whole through b's `cancel_message`, and another
 /// one by `mailmux queue cancel --batch` on PostgreSQL. Nothing cancelled

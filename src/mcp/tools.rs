@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use mailmux_actors::queue::{
-    self, Cancel, Filter, Hold, QueueError, Record, SEARCH_ROWS, State, StoreError, Stream, Submit,
+    self, Cancel, Filter, Hold, QueueError, RateTake, Record, SEARCH_ROWS, State, StoreError,
+    Stream, Submit,
 };
 use mailmux_actors::{ControlError, Mail};
 use rmcp::RoleServer;
@@ -157,6 +158,92 @@ impl MailmuxServer {
 /// The longest text `list_messages` searches recipients for: an address's
 /// length (RFC 5321's path, less its angle brackets).
 const MAX_RECIPIENT_SEARCH: usize = 254;
+
+/// A batch message's error, its field named within `messages[i]`.
+fn within_message(i: usize, mut e: ToolError) -> ToolError {
+    e.field = Some(match e.field.take() {
+        Some(f) => format!("messages[{i}].{f}"),
+        None => format!("messages[{i}]"),
+    });
+    e
+}
+
+/// Takes out of a batch the held messages that did not get their rate
+/// (`refused`: each one's index and error): out of `ready`, their form
+/// out of `to_ask` and their size out of `total`, their error into
+/// `results`. Whether there were any.
+fn drop_refused(
+    refused: Vec<(usize, ToolError)>,
+    ready: &mut Vec<(usize, Submit)>,
+    results: &mut [BatchItemOut],
+    to_ask: &mut Vec<(usize, String, [u8; 32])>,
+    total: &mut usize,
+) -> bool {
+    let any = !refused.is_empty();
+    for (i, e) in refused {
+        if let Some(at) = ready.iter().position(|(j, _)| *j == i) {
+            let (_, s) = ready.remove(at);
+            *total -= s.mail.bytes.len();
+        }
+        to_ask.retain(|(j, ..)| *j != i);
+        if let Some(r) = results.get_mut(i) {
+            *r = BatchItemOut {
+                index: i,
+                error: Some(e),
+                ..BatchItemOut::default()
+            };
+        }
+    }
+    any
+}
+
+/// The refusal of a message to `recipients` (given in `fields`) that is
+/// over its caller's rate limit, or that has more recipients than one
+/// allows at all.
+fn rate_error(
+    caller: &Caller,
+    limited: Limited,
+    fields: &[(&'static str, usize)],
+    recipients: &[String],
+) -> ToolError {
+    // A `per_recipient` limit names the recipient that had its count.
+    let recipient = limited.recipient.map(|i| {
+        let (list, at) = fields.get(i).copied().unwrap_or(("to", i));
+        let address = recipients.get(i).map_or("", String::as_str);
+        (format!("{list}[{at}]"), address)
+    });
+    match limited.retry_after {
+        Some(after) => ToolError {
+            rule: Some(limited.rule.clone()),
+            field: recipient.as_ref().map(|(field, _)| field.clone()),
+            retry_after_s: Some((after.as_secs_f64() * 1000.0).ceil() / 1000.0),
+            ..ToolError::new(
+                "rate_limited",
+                format!(
+                    "caller {:?} is over its rate limit {}{}; try again in {:.1} s. Nothing was sent",
+                    caller.name,
+                    limited.rule,
+                    recipient
+                        .as_ref()
+                        .map(|(field, a)| format!(" for {field} {a}"))
+                        .unwrap_or_default(),
+                    after.as_secs_f64()
+                ),
+            )
+        },
+        None => ToolError {
+            field: Some("to".into()),
+            rule: Some("rate_exceeds_limit".into()),
+            ..ToolError::new(
+                "policy_denied",
+                format!(
+                    "the message has more recipients than the rate limit {} allows at all; nothing was sent",
+                    limited.rule
+                ),
+            )
+        },
+    }
+}
 
 fn invalid(field: &str, rule: &str, message: String) -> ToolError {
     ToolError {
@@ -592,6 +679,42 @@ struct Ready {
     /// The approval form's text, when the message is held.
     prompt: Option<String>,
     hold_hash: Option<[u8; 32]>,
+    /// Its caller's rate, not yet taken: a batch takes those of many
+    /// messages together ([`MailmuxServer::take_deferred`]).
+    rate: Option<Box<DeferredRate>>,
+}
+
+/// A refused message as the audit log describes it.
+#[derive(Debug, Default)]
+struct Described {
+    message_id: Option<String>,
+    from: Option<String>,
+    meta: Meta,
+    size: Option<usize>,
+}
+
+impl Described {
+    fn of(c: &Composed) -> Described {
+        Described {
+            message_id: Some(c.message_id.clone()),
+            from: Some(c.from.to_string()),
+            meta: meta_of(c),
+            size: Some(c.bytes.len()),
+        }
+    }
+}
+
+/// A message's rate takes, left for its batch to take with the others'
+/// in one statement of the store that keeps the rates, and what a
+/// refusal needs to say.
+struct DeferredRate {
+    shared: crate::policy::rate::Shared,
+    /// The envelope's recipients, and where each was given
+    /// (`to`|`cc`|`bcc`, index).
+    recipients: Vec<String>,
+    fields: Vec<(&'static str, usize)>,
+    idempotency: Option<(String, [u8; 32])>,
+    described: Option<Described>,
 }
 
 /// The audit description of a message: recipients by field, Reply-To,
@@ -1571,22 +1694,34 @@ impl MailmuxServer {
         message: Result<&Composed, &str>,
         e: ToolError,
     ) -> (SendResult, String) {
-        if self.audit().enabled() {
-            let composed = message.ok();
-            let meta = match message {
-                Ok(c) => Some(meta_of(c)),
-                Err(subject) => Some(Meta {
+        let described = self.audit().enabled().then(|| match message {
+            Ok(c) => Described::of(c),
+            Err(subject) => Described {
+                meta: Meta {
                     subject: subject.chars().take(MAX_AUDIT_SUBJECT).collect(),
                     ..Meta::default()
-                }),
-            };
-            let from = composed.map(|c| c.from.to_string());
+                },
+                ..Described::default()
+            },
+        });
+        self.refuse_described(caller, described.as_ref(), e)
+    }
+
+    /// [`MailmuxServer::refuse`], with the message as the audit log
+    /// describes it (`None` when the log is off).
+    fn refuse_described(
+        &self,
+        caller: &Caller,
+        described: Option<&Described>,
+        e: ToolError,
+    ) -> (SendResult, String) {
+        if let Some(d) = described {
             self.audit().refused(&Refusal {
                 caller: &caller.name,
-                message_id: composed.map(|c| c.message_id.as_str()),
-                from: from.as_deref(),
-                meta: meta.as_ref(),
-                size: composed.map(|c| c.bytes.len()),
+                message_id: d.message_id.as_deref(),
+                from: d.from.as_deref(),
+                meta: Some(&d.meta),
+                size: d.size,
                 code: &e.code,
                 rule: e.rule.as_deref(),
                 field: e.field.as_deref(),
@@ -1604,16 +1739,19 @@ impl MailmuxServer {
     /// (identity, policy, rate, approval, in that order). A refusal or a dry
     /// run is answered here; a message to store comes back as [`Ready`].
     async fn prepare(&self, caller: &Arc<Caller>, params: SendEmailParams) -> Prepared {
-        self.prepare_with(caller, params, None).await
+        self.prepare_with(caller, params, None, false).await
     }
 
     /// [`MailmuxServer::prepare`], with attachments decoded once for many
     /// messages (a batch's defaults) for a draft that has none of its own.
+    /// With `defer_rate`, a rate the store keeps for every daemon is left
+    /// in [`Ready::rate`] for the batch to take.
     async fn prepare_with(
         &self,
         caller: &Arc<Caller>,
         mut params: SendEmailParams,
         shared: Option<Arc<SharedAttachments>>,
+        defer_rate: bool,
     ) -> Prepared {
         let config = self.config();
         let QueueParams {
@@ -1808,56 +1946,37 @@ impl MailmuxServer {
         // (looked up only for a caller with a rate; one stored meanwhile
         // is found below, when the rate refuses).
         let repeat = caller.has_rate() && self.is_stored_key(caller, idempotency.as_ref()).await;
-        if !repeat
-            && caller.has_rate()
-            && let Err(refusal) = self.take_rate(caller, &envelope.recipients).await
-            && !self.is_stored_key(caller, idempotency.as_ref()).await
-        {
-            let limited = match refusal {
-                RateRefusal::Limited(limited) => limited,
-                RateRefusal::Store(e) => {
-                    let e = queue_unavailable(&QueueError::Store(e), None);
-                    return Prepared::Done(Box::new(self.refuse(caller, Ok(&composed), e)));
+        let mut rate = None;
+        if !repeat && caller.has_rate() {
+            let recipients = &envelope.recipients;
+            if defer_rate && self.queue().shares_rates() {
+                let addresses: Vec<&str> = recipients.iter().map(String::as_str).collect();
+                match caller.shared_rate(&addresses) {
+                    Ok(shared) => {
+                        rate = Some(Box::new(DeferredRate {
+                            shared,
+                            recipients: recipients.clone(),
+                            fields: composed.fields.clone(),
+                            idempotency: idempotency.clone(),
+                            described: self.audit().enabled().then(|| Described::of(&composed)),
+                        }));
+                    }
+                    Err(limited) => {
+                        let e = rate_error(caller, limited, &composed.fields, recipients);
+                        return Prepared::Done(Box::new(self.refuse(caller, Ok(&composed), e)));
+                    }
                 }
-            };
-            // A `per_recipient` limit names the recipient that had its count.
-            let recipient = limited.recipient.map(|i| {
-                let (list, at) = composed.fields.get(i).copied().unwrap_or(("to", i));
-                let address = envelope.recipients.get(i).map_or("", String::as_str);
-                (format!("{list}[{at}]"), address)
-            });
-            let e = match limited.retry_after {
-                Some(after) => ToolError {
-                    rule: Some(limited.rule.clone()),
-                    field: recipient.as_ref().map(|(field, _)| field.clone()),
-                    retry_after_s: Some((after.as_secs_f64() * 1000.0).ceil() / 1000.0),
-                    ..ToolError::new(
-                        "rate_limited",
-                        format!(
-                            "caller {:?} is over its rate limit {}{}; try again in {:.1} s. Nothing was sent",
-                            caller.name,
-                            limited.rule,
-                            recipient
-                                .as_ref()
-                                .map(|(field, a)| format!(" for {field} {a}"))
-                                .unwrap_or_default(),
-                            after.as_secs_f64()
-                        ),
-                    )
-                },
-                None => ToolError {
-                    field: Some("to".into()),
-                    rule: Some("rate_exceeds_limit".into()),
-                    ..ToolError::new(
-                        "policy_denied",
-                        format!(
-                            "the message has more recipients than the rate limit {} allows at all; nothing was sent",
-                            limited.rule
-                        ),
-                    )
-                },
-            };
-            return Prepared::Done(Box::new(self.refuse(caller, Ok(&composed), e)));
+            } else if let Err(refusal) = self.take_rate(caller, recipients).await
+                && !self.is_stored_key(caller, idempotency.as_ref()).await
+            {
+                let e = match refusal {
+                    RateRefusal::Limited(limited) => {
+                        rate_error(caller, limited, &composed.fields, recipients)
+                    }
+                    RateRefusal::Store(e) => queue_unavailable(&QueueError::Store(e), None),
+                };
+                return Prepared::Done(Box::new(self.refuse(caller, Ok(&composed), e)));
+            }
         }
         let policy = &caller.policy;
         let held_by = match &verdict {
@@ -1917,7 +2036,41 @@ impl MailmuxServer {
             wait,
             prompt,
             hold_hash,
+            rate,
         }))
+    }
+
+    /// Takes the rates a batch left in its messages ([`Ready::rate`]), all
+    /// at once and in their order (`Queue::take_rates_many`: PostgreSQL
+    /// folds them into one statement), each message whole or not at all. Answers each message that did not get its rate
+    /// (by its index in the batch) with its error, which the audit log and
+    /// the metrics have seen as a refusal.
+    async fn take_deferred(
+        &self,
+        caller: &Caller,
+        rates: Vec<(usize, Box<DeferredRate>)>,
+    ) -> Vec<(usize, ToolError)> {
+        let takes: Vec<&[RateTake]> = rates.iter().map(|(_, r)| &r.shared.takes[..]).collect();
+        let answers = self.queue().take_rates_many(&takes).await;
+        let mut refused = Vec::new();
+        for ((i, rate), answer) in rates.into_iter().zip(answers) {
+            let e = match answer {
+                Ok(None) => continue,
+                Ok(Some((at, wait))) => {
+                    // A repeat of a message stored meanwhile is answered by
+                    // the queue, as for send_email.
+                    if self.is_stored_key(caller, rate.idempotency.as_ref()).await {
+                        continue;
+                    }
+                    let limited = rate.shared.refused(at, wait);
+                    rate_error(caller, limited, &rate.fields, &rate.recipients)
+                }
+                Err(e) => queue_unavailable(&QueueError::Store(e), None),
+            };
+            let (out, _) = self.refuse_described(caller, rate.described.as_ref(), e.clone());
+            refused.push((i, within_message(i, out.error.unwrap_or(e))));
+        }
+        refused
     }
 
     /// Whether the call's idempotency key names a stored message: its
@@ -2049,6 +2202,12 @@ impl MailmuxServer {
         // The messages the policy holds: (index, prompt, content hash), put
         // to the client's user in one form once the batch is stored.
         let mut to_ask: Vec<(usize, String, [u8; 32])> = Vec::new();
+        // With a rate the store keeps for every daemon, the held messages'
+        // rates are taken together just before they are stored (one
+        // statement for many, rather than a round trip each); these are
+        // the held ones not yet taken.
+        let defer_rate = caller.has_rate() && self.queue().shares_rates();
+        let mut untaken: Vec<(usize, Box<DeferredRate>)> = Vec::new();
         for (i, mut item) in p.messages.into_iter().enumerate() {
             // Nothing is stored yet: a stream dropped here stores nothing.
             if cancel.as_ref().is_some_and(CancellationToken::is_cancelled) {
@@ -2057,6 +2216,7 @@ impl MailmuxServer {
             any_invalid |= results.last().is_some_and(|r| r.error.is_some());
             if atomic && any_invalid || total > limit {
                 ready.clear();
+                untaken.clear();
                 stream = None;
             }
             let item_error = |e: ToolError| BatchItemOut {
@@ -2125,18 +2285,12 @@ impl MailmuxServer {
             // ids of all the messages before it.
             let message = tracing::info_span!("message", index = i, message_id = Empty);
             match self
-                .prepare_with(&caller, params, shared)
+                .prepare_with(&caller, params, shared, defer_rate)
                 .instrument(message)
                 .await
             {
                 Prepared::Done(answer) => match answer.0.error.clone() {
-                    Some(mut e) => {
-                        e.field = Some(match e.field.take() {
-                            Some(f) => format!("messages[{i}].{f}"),
-                            None => format!("messages[{i}]"),
-                        });
-                        results.push(item_error(e));
-                    }
+                    Some(e) => results.push(item_error(within_message(i, e))),
                     None => results.push(BatchItemOut {
                         index: i,
                         message_id: answer.0.message_id,
@@ -2150,6 +2304,7 @@ impl MailmuxServer {
                         deadline: d,
                         prompt,
                         hold_hash,
+                        rate,
                         ..
                     } = *r;
                     // A key given twice in the batch for different messages
@@ -2181,15 +2336,33 @@ impl MailmuxServer {
                         continue;
                     }
                     if let Some(st) = &mut stream {
+                        // Streamed as composed: its rate is taken alone.
+                        let rate = rate.map(|r| (i, r)).into_iter().collect();
+                        if let Some((_, e)) = self.take_deferred(&caller, rate).await.pop() {
+                            results[i] = item_error(e);
+                            to_ask.retain(|(j, ..)| *j != i);
+                            total -= size;
+                            any_invalid = true;
+                            continue;
+                        }
                         st.push(s).await;
                         streamed.push(i);
                         continue;
                     }
                     ready.push((i, s));
+                    untaken.extend(rate.map(|r| (i, r)));
                     held += size;
                     if held > BATCH_HELD_BYTES
                         && let Ok(mut st) = self.queue().stream(atomic)
                     {
+                        let refused = self.take_deferred(&caller, std::mem::take(&mut untaken));
+                        any_invalid |= drop_refused(
+                            refused.await,
+                            &mut ready,
+                            &mut results,
+                            &mut to_ask,
+                            &mut total,
+                        );
                         for (i, s) in ready.drain(..) {
                             st.push(s).await;
                             streamed.push(i);
@@ -2198,6 +2371,10 @@ impl MailmuxServer {
                     }
                 }
             }
+        }
+        if !untaken.is_empty() {
+            let refused = self.take_deferred(&caller, untaken).await;
+            drop_refused(refused, &mut ready, &mut results, &mut to_ask, &mut total);
         }
         // Every message refused is listed, and none was queued.
         let atomic_refusal = |results: Vec<BatchItemOut>| {
@@ -2417,6 +2594,7 @@ impl MailmuxServer {
             wait,
             prompt,
             hold_hash,
+            rate: _, // taken already: prepare defers no rate
         } = match self.prepare(&caller, params).await {
             Prepared::Done(answer) => return *answer,
             Prepared::Ready(ready) => *ready,

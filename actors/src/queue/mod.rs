@@ -1135,6 +1135,18 @@ pub trait Store: Send + Sync + std::fmt::Debug {
             self.kind()
         )))
     }
+    /// [`Store::take_rates`] for several messages, taken in their order:
+    /// each one's answer. A store may fold them into few statements.
+    async fn take_rates_many(
+        &self,
+        messages: &[&[RateTake]],
+    ) -> Vec<Result<Option<(usize, Duration)>, StoreError>> {
+        let mut answers = Vec::with_capacity(messages.len());
+        for takes in messages {
+            answers.push(self.take_rates(takes).await);
+        }
+        answers
+    }
     /// Stores a new message, or finds its idempotency key.
     async fn accept(&self, m: NewMessage) -> Result<Accepted, StoreError>;
     /// Stores several messages in one transaction: all of them, or (on an

@@ -719,6 +719,21 @@ async fn rate_loop(pool: PgPool, mut rx: mpsc::UnboundedReceiver<RateOp>) {
     }
 }
 
+/// A message's takes as handed to the rates taker: the receiver of their
+/// answer (`None`: no takes, nothing to wait for).
+type RatesSent =
+    Result<Option<oneshot::Receiver<Result<Option<(usize, Duration)>, StoreError>>>, StoreError>;
+
+/// The answer of takes handed to the rates taker.
+async fn rates_answer(sent: RatesSent) -> Result<Option<(usize, Duration)>, StoreError> {
+    match sent? {
+        None => Ok(None),
+        Some(answer) => answer
+            .await
+            .map_err(|_| unavailable("the store's rates taker has stopped"))?,
+    }
+}
+
 /// Answers each op of a batch: whether its row was written.
 fn answer(
     ops: impl Iterator<Item = (String, oneshot::Sender<Result<bool, StoreError>>)>,
@@ -1168,6 +1183,22 @@ impl PgStore {
         let pool = connect(s).await?;
         migrate(&pool, s, false).await?;
         Ok(Self::with(pool, s, false, 1))
+    }
+
+    /// Hands one message's rate takes to the rates taker.
+    fn send_rates(&self, takes: &[RateTake]) -> RatesSent {
+        if takes.is_empty() {
+            return Ok(None);
+        }
+        let (reply, answer) = oneshot::channel();
+        let op = RateOp {
+            takes: takes.to_vec(),
+            reply,
+        };
+        self.rates
+            .send(op)
+            .map_err(|_| unavailable("the store's rates taker has stopped"))?;
+        Ok(Some(answer))
     }
 
     /// The store over `pool`, with its writers and, for a daemon
@@ -2636,20 +2667,21 @@ impl Store for PgStore {
         &self,
         takes: &[RateTake],
     ) -> Result<Option<(usize, Duration)>, StoreError> {
-        if takes.is_empty() {
-            return Ok(None);
+        rates_answer(self.send_rates(takes)).await
+    }
+
+    async fn take_rates_many(
+        &self,
+        messages: &[&[RateTake]],
+    ) -> Vec<Result<Option<(usize, Duration)>, StoreError>> {
+        // All sent before any answer is awaited: the taker takes them in
+        // this order, folded into as few statements as it can.
+        let sent: Vec<_> = messages.iter().map(|t| self.send_rates(t)).collect();
+        let mut answers = Vec::with_capacity(sent.len());
+        for s in sent {
+            answers.push(rates_answer(s).await);
         }
-        let (reply, answer) = oneshot::channel();
-        let op = RateOp {
-            takes: takes.to_vec(),
-            reply,
-        };
-        self.rates
-            .send(op)
-            .map_err(|_| unavailable("the store's rates taker has stopped"))?;
-        answer
-            .await
-            .map_err(|_| unavailable("the store's rates taker has stopped"))?
+        answers
     }
 
     async fn set_paused(&self, pause: Option<Paused>) -> Result<bool, StoreError> {

@@ -735,6 +735,14 @@ impl Queue {
         self.inner.store.take_rates(takes).await
     }
 
+    /// [`Store::take_rates_many`].
+    pub async fn take_rates_many(
+        &self,
+        messages: &[&[RateTake]],
+    ) -> Vec<Result<Option<(usize, Duration)>, StoreError>> {
+        self.inner.store.take_rates_many(messages).await
+    }
+
     /// False while the store refuses writes.
     pub fn available(&self) -> bool {
         self.inner.available.load(Ordering::Acquire)
