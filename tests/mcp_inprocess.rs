@@ -804,15 +804,21 @@ async fn subscriptions_are_bounded_and_end_with_their_message() {
 }
 
 /// `subscriptions/listen` (protocol 2026-07-28): the stream carries a
-/// resource update for each state change of the message it names, and none
-/// for a URI that is not a message.
+/// resource update for each state change of the message it names, and for
+/// a report (a bounce) noted on it once it was sent; none for a URI that
+/// is not a message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listen_stream_carries_the_updates_of_its_messages() {
-    use rmcp::model::{ProtocolVersion, ServerNotification, SubscriptionFilter};
+    use mailmux_actors::queue::ReportRecord;
+    use rmcp::model::{
+        ProtocolVersion, ReadResourceRequestParams, ResourceContents, ServerNotification,
+        SubscriptionFilter,
+    };
     use rmcp::service::{ClientLifecycleMode, ClientServiceExt};
 
     let smtp = Aiosmtpd::start();
-    let client_io = serve_in_memory(&smtp).await;
+    let server = server_for(&smtp).await;
+    let client_io = serve_on(server.clone());
     // A client of protocol 2026-07-28: `server/discover`, no `initialize`.
     let modern = ClientLifecycleMode::Discover {
         preferred_versions: vec![ProtocolVersion::V_2026_07_28],
@@ -869,6 +875,37 @@ async fn a_listen_stream_carries_the_updates_of_its_messages() {
     assert!(seen.iter().all(|u| *u == uri), "{seen:?}");
     assert!(!seen.contains(&other_uri));
     assert_eq!(smtp.wait_messages(2).len(), 2);
+
+    // A bounce comes back for the sent message, as the reader of
+    // [relays.bounces] notes one: one more update, and the resource has it.
+    let id = watched["message_id"].as_str().unwrap();
+    let queue = server.queue();
+    let record = queue.status(id).await.unwrap().unwrap();
+    let report = ReportRecord {
+        at: mailmux_actors::queue::now_millis(),
+        reason: "bounced".into(),
+        address: "a@example.org".into(),
+        detail: "5.1.1 no such user".into(),
+    };
+    queue.note_reports(&record, vec![report]).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("the report's update within 10 s")
+        .unwrap();
+    match next {
+        Some(ServerNotification::ResourceUpdatedNotification(n)) => assert_eq!(n.params.uri, uri),
+        other => panic!("unexpected {other:?}"),
+    }
+    let read = client
+        .read_resource(ReadResourceRequestParams::new(uri.clone()))
+        .await
+        .unwrap();
+    let ResourceContents::TextResourceContents { text, .. } = &read.contents[0] else {
+        panic!("not text: {read:?}");
+    };
+    let v: Value = serde_json::from_str(text).unwrap();
+    assert_eq!(v["status"], "sent", "{v}");
+    assert!(text.contains("bounced"), "{v}");
     sub.cancel().await.unwrap();
 
     // A stream watches as many messages as a caller may, no more: the

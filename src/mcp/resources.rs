@@ -1,7 +1,8 @@
 //! Each message as an MCP resource, `mailmux://messages/{message_id}`: its
 //! status as JSON (the same shape as `get_message_status`, never the body),
 //! and `notifications/resources/updated` to the clients subscribed to it
-//! whenever its state changes.
+//! whenever its state changes (and, on a `subscriptions/listen` stream,
+//! when a bounce or complaint report is noted on it after it was sent).
 //!
 //! Clients of 2025-06-18 and 2025-11-25 subscribe with `resources/subscribe`
 //! ([`Subscriptions`]): one listener on the queue's state changes starts with

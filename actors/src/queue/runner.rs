@@ -337,7 +337,8 @@ impl Submit {
     }
 }
 
-/// One message entered a state (stored).
+/// One message entered a state, or had a report noted on it in the state
+/// it is in (stored).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
     pub message_id: String,
@@ -1485,7 +1486,8 @@ impl Queue {
         Ok(result?)
     }
 
-    /// Every state change from now on, as it is stored.
+    /// Every state change from now on, as it is stored, and every report
+    /// this daemon notes on a message ([`Queue::note_reports`]).
     pub fn changes(&self) -> broadcast::Receiver<Change> {
         self.inner.changes.subscribe()
     }
@@ -1578,6 +1580,8 @@ impl Queue {
     /// observer of each that was new to it (`bounced` or `complained`,
     /// naming its one recipient, the report's detail as the reason):
     /// once, also when daemons that share a store read the same report.
+    /// Those following the message's changes ([`Queue::changes`]) hear of
+    /// it as a change to its state as it is.
     pub async fn note_reports(
         &self,
         record: &Record,
@@ -1591,6 +1595,7 @@ impl Queue {
         if added.is_empty() {
             return Ok(());
         }
+        self.inner.changed(&record.message_id, record.state);
         if let Some(o) = self.inner.observer.get() {
             for r in &added {
                 let action = match r.reason.as_str() {
