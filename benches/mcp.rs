@@ -39,11 +39,13 @@ usage: cargo bench --bench mcp -- [options]
                            stdio-lines-memory, http, http-memory,
                            http-policy, http-batch, http-batch-memory, http-postgres,
                            http-postgres-2, http-postgres-3, stdio-postgres-policy,
-                           http-postgres-policy (-policy: the memory store, or
+                           http-postgres-policy, stdio-batch-postgres, http-batch-postgres,
+                           stdio-batch-postgres-policy, http-batch-postgres-policy
+                           (-policy: the memory store, or
                            postgres, and a caller policy every message passes, its
                            rates kept in the database on postgres; -batch: the sqlite
                            store, send_batch calls of 1000; -batch-memory: the same on
-                           the memory store;
+                           the memory store; -batch-postgres: on postgres;
                            -postgres: a throwaway PostgreSQL with fsync on, and 1, 2
                            or 3 daemons sharing it, the calls spread over them;
                            ceiling: the HTTP client against a trivial rmcp tool in
@@ -89,6 +91,10 @@ enum Store {
     /// One daemon on a PostgreSQL queue, with the caller policy of
     /// [`Store::MemoryPolicy`], whose rates are kept in the database.
     PostgresPolicy,
+    /// One daemon on a PostgreSQL queue, with the messages sent as on
+    /// [`Store::Batch`]; with the policy of [`Store::PostgresPolicy`] too.
+    BatchPostgres,
+    BatchPostgresPolicy,
 }
 
 /// Messages per `send_batch` call on the `-batch` paths.
@@ -99,7 +105,10 @@ impl Store {
         match self {
             Store::Sqlite | Store::Batch => "sqlite",
             Store::Memory | Store::MemoryPolicy | Store::BatchMemory => "memory",
-            Store::Postgres(_) | Store::PostgresPolicy => "postgres",
+            Store::Postgres(_)
+            | Store::PostgresPolicy
+            | Store::BatchPostgres
+            | Store::BatchPostgresPolicy => "postgres",
         }
     }
 
@@ -111,11 +120,21 @@ impl Store {
     }
 
     fn policy(self) -> bool {
-        matches!(self, Store::MemoryPolicy | Store::PostgresPolicy)
+        matches!(
+            self,
+            Store::MemoryPolicy | Store::PostgresPolicy | Store::BatchPostgresPolicy
+        )
     }
 
     fn batch(self) -> bool {
-        matches!(self, Store::Batch | Store::BatchMemory)
+        matches!(
+            self,
+            Store::Batch | Store::BatchMemory | Store::BatchPostgres | Store::BatchPostgresPolicy
+        )
+    }
+
+    fn postgres(self) -> bool {
+        self.name() == "postgres"
     }
 }
 
@@ -143,6 +162,14 @@ impl Path {
             Path::Mcp(Transport::Http, Store::Batch) => "MCP HTTP, send_batch",
             Path::Mcp(Transport::Stdio, Store::BatchMemory) => "MCP stdio, send_batch, memory",
             Path::Mcp(Transport::Http, Store::BatchMemory) => "MCP HTTP, send_batch, memory",
+            Path::Mcp(Transport::Stdio, Store::BatchPostgres) => "MCP stdio, send_batch, postgres",
+            Path::Mcp(Transport::Http, Store::BatchPostgres) => "MCP HTTP, send_batch, postgres",
+            Path::Mcp(Transport::Stdio, Store::BatchPostgresPolicy) => {
+                "MCP stdio, send_batch, postgres, policy"
+            }
+            Path::Mcp(Transport::Http, Store::BatchPostgresPolicy) => {
+                "MCP HTTP, send_batch, postgres, policy"
+            }
             Path::Mcp(Transport::Http, Store::Sqlite) => "MCP HTTP, sqlite",
             Path::Mcp(Transport::Http, Store::Memory) => "MCP HTTP, memory",
             Path::Mcp(Transport::Stdio, Store::Postgres(_)) => "MCP stdio, postgres",
@@ -260,6 +287,18 @@ fn parse_args() -> anyhow::Result<Args> {
                         }
                         "http-postgres-policy" => {
                             Ok(Path::Mcp(Transport::Http, Store::PostgresPolicy))
+                        }
+                        "stdio-batch-postgres" => {
+                            Ok(Path::Mcp(Transport::Stdio, Store::BatchPostgres))
+                        }
+                        "http-batch-postgres" => {
+                            Ok(Path::Mcp(Transport::Http, Store::BatchPostgres))
+                        }
+                        "stdio-batch-postgres-policy" => {
+                            Ok(Path::Mcp(Transport::Stdio, Store::BatchPostgresPolicy))
+                        }
+                        "http-batch-postgres-policy" => {
+                            Ok(Path::Mcp(Transport::Http, Store::BatchPostgresPolicy))
                         }
                         other => bail!("--paths: unknown path {other:?}"),
                     })
@@ -466,11 +505,9 @@ async fn run_mcp(
     body: Arc<String>,
 ) -> anyhow::Result<Measurement> {
     let sink = Sink::start(if store.batch() { 32 } else { c }, false)?;
-    let url = match store {
-        Store::Postgres(_) | Store::PostgresPolicy => {
-            Some(pg.context("no PostgreSQL for a postgres path")?.database())
-        }
-        _ => None,
+    let url = match store.postgres() {
+        true => Some(pg.context("no PostgreSQL for a postgres path")?.database()),
+        false => None,
     };
     let mut daemons = Vec::new();
     for k in 0..store.daemons() {
@@ -1018,12 +1055,7 @@ fn table(rows: &[Row], memory: &[Memory], runs: usize) -> String {
     }
     let pg_rows: Vec<&Row> = rows
         .iter()
-        .filter(|r| {
-            matches!(
-                r.path,
-                Path::Mcp(_, Store::Postgres(_) | Store::PostgresPolicy)
-            )
-        })
+        .filter(|r| matches!(r.path, Path::Mcp(_, store) if store.postgres()))
         .collect();
     if !pg_rows.is_empty() {
         let _ = writeln!(
@@ -1032,8 +1064,15 @@ fn table(rows: &[Row], memory: &[Memory], runs: usize) -> String {
         );
         let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
         for r in &pg_rows {
-            let Path::Mcp(t, _) = r.path else { continue };
-            let vs = find(r.size, r.c, Path::Mcp(t, Store::Sqlite))
+            let Path::Mcp(t, store) = r.path else {
+                continue;
+            };
+            let on_sqlite = if store.batch() {
+                Store::Batch
+            } else {
+                Store::Sqlite
+            };
+            let vs = find(r.size, r.c, Path::Mcp(t, on_sqlite))
                 .map(|s| format!("{:.0} %", 100.0 * r.m.rate() / s.m.rate()))
                 .unwrap_or_default();
             let (statements, db_cpu, wal) = match r.m.db {
@@ -1153,7 +1192,7 @@ fn main() -> anyhow::Result<()> {
     let pg = args
         .paths
         .iter()
-        .any(|p| matches!(p, Path::Mcp(_, Store::Postgres(_) | Store::PostgresPolicy)))
+        .any(|p| matches!(p, Path::Mcp(_, store) if store.postgres()))
         .then(|| {
             let pg = Postgres::start_configured(
                 true,
