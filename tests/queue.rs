@@ -1605,7 +1605,8 @@ async fn idempotency_keys_send_once_across_calls_and_restarts() {
 
 /// A caller's `tag` and `metadata`: kept with the message across a
 /// SIGKILL, listed by tag (a batch's `defaults` tag every message of it,
-/// and a message's own `metadata` replaces the defaults'), shown in its
+/// and a message's own `metadata` replaces the defaults') and by one
+/// metadata name and value (`list_messages`, `mailmux queue list`), shown in its
 /// status, in the audit log (the tag only), and never sent; what still
 /// waits of a tag is cancelled by it. Bad labels
 /// are refused naming the field, and nothing is stored; a repeat of a
@@ -1734,6 +1735,62 @@ async fn tags_and_metadata_are_kept_listed_by_tag_and_never_sent() {
     let mut sorted = news.clone();
     sorted.sort();
     assert_eq!(newsletter, sorted);
+    // By one metadata name and its value, as sent; with the queue command
+    // too.
+    for (args, want) in [
+        (json!({"customer_id": "c-4242"}), vec![first.clone()]),
+        (json!({"customer_id": "c-9"}), vec![news[1].clone()]),
+        (json!({"list": "weekly"}), vec![news[0].clone()]),
+        (json!({"customer_id": "c-42"}), vec![]),
+        (json!({"order": "O-17"}), vec![]),
+    ] {
+        assert_eq!(
+            listed(d.peer(), json!({"metadata": args})).await,
+            want,
+            "{args}"
+        );
+    }
+    assert_eq!(
+        listed(
+            d.peer(),
+            json!({"metadata": {"list": "daily"}, "tag": "autumn"})
+        )
+        .await,
+        Vec::<String>::new()
+    );
+    for (args, rule, field) in [
+        (json!({}), "one_pair", "metadata"),
+        (json!({"a": "1", "b": "2"}), "one_pair", "metadata"),
+        (
+            json!({"bad name": "v"}),
+            "invalid_metadata",
+            "metadata.bad name",
+        ),
+    ] {
+        let c = call(
+            d.peer(),
+            "list",
+            "list_messages",
+            json!({"metadata": args}),
+            LIMIT,
+        )
+        .await;
+        let e = &c.value().unwrap_or_else(|| panic!("{c:?}"))["error"];
+        assert_eq!(
+            (e["rule"].as_str(), e["field"].as_str()),
+            (Some(rule), Some(field)),
+            "{args}: {e}"
+        );
+    }
+    let (code, out, err) = common::queue_cmd(
+        dir.path(),
+        &["list", "--metadata", "customer_id=c-4242", "--json"],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains(&first) && out.lines().count() == 1, "{out}");
+    let (code, _, err) = common::queue_cmd(dir.path(), &["list", "--metadata", "no pair"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("NAME=VALUE"), "{err}");
     let c = call(
         d.peer(),
         "list",

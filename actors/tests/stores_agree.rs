@@ -253,9 +253,12 @@ impl Run {
             due_at,
             idempotency,
             caller,
-            meta: rng
-                .random_bool(0.3)
-                .then(|| "{\"tool\":\"send_email\"}".into()),
+            meta: match rng.random_range(0..6) {
+                0 => Some("{\"tool\":\"send_email\"}".into()),
+                1 => Some("{\"subject\":\"s\",\"metadata\":{\"campaign\":\"spring\"}}".into()),
+                2 => Some("{\"metadata\":{\"campaign\":\"fall\",\"user.id\":\"7\"}}".into()),
+                _ => None,
+            },
             hold,
             only: rng
                 .random_bool(0.2)
@@ -351,6 +354,14 @@ impl Run {
                 .random_bool(0.3)
                 .then(|| ["EXAMPLE.org", "bob", "elsewhere"][rng.random_range(0..3)].into()),
             reported: None,
+            metadata: rng.random_bool(0.3).then(|| {
+                let (name, value) = [
+                    ("campaign", "spring"),
+                    ("user.id", "7"),
+                    ("campaign", "none"),
+                ][rng.random_range(0..3)];
+                (name.into(), value.into())
+            }),
         }
     }
 }

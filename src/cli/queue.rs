@@ -173,6 +173,7 @@ impl Select {
             tag: self.tag,
             recipient: self.recipient,
             reported: None,
+            metadata: None,
         })
     }
 }
@@ -184,6 +185,9 @@ pub struct ListArgs {
     /// Only messages a bounce or complaint report came back for.
     #[arg(long, value_parser = crate::bounces::REASONS)]
     pub reported: Option<String>,
+    /// Only messages sent with this metadata name and value (`NAME=VALUE`).
+    #[arg(long, value_name = "NAME=VALUE", value_parser = metadata_pair)]
+    pub metadata: Option<(String, String)>,
     /// At most this many, newest first (at least 1).
     #[arg(long, default_value_t = 50, value_parser = at_least_one)]
     pub limit: usize,
@@ -400,6 +404,16 @@ fn message_id(s: &str) -> Result<String, String> {
         "" => Err("a message id must not be empty".into()),
         id => Ok(id.to_owned()),
     }
+}
+
+/// `NAME=VALUE`, one metadata name and value as `send_email` takes them.
+fn metadata_pair(s: &str) -> Result<(String, String), String> {
+    let Some((name, value)) = s.split_once('=') else {
+        return Err("expected NAME=VALUE".into());
+    };
+    let one = std::collections::BTreeMap::from([(name.to_owned(), value.to_owned())]);
+    crate::compose::labels::check(None, &one).map_err(|e| e.message)?;
+    Ok((name.to_owned(), value.to_owned()))
 }
 
 fn at_least_one(s: &str) -> Result<usize, String> {
@@ -733,6 +747,7 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
             let filter = match a.select.filter() {
                 Ok(f) => Filter {
                     reported: a.reported,
+                    metadata: a.metadata,
                     ..f
                 },
                 Err(code) => return code,

@@ -424,6 +424,7 @@ async fn queue(
         batch: nonempty(&q.batch),
         tag: nonempty(&q.tag),
         reported: reported.map(str::to_owned),
+        metadata: None,
     };
     let listed = server.queue().list(&filter, PAGE, q.before).await;
     let (page, next) = match listed {

@@ -1251,7 +1251,8 @@ impl MailmuxServer {
         description = "List the most recent messages, newest first, optionally only those in \
                        one `status`, of one `send_batch` (`batch_id`), sent with one `tag`, to \
                        a `recipient` (an address or part of one, any case), or that a bounce or \
-                       complaint report came back for (`reported`: `bounced` or `complained`). \
+                       complaint report came back for (`reported`: `bounced` or `complained`), \
+                       or sent with one `metadata` name and value (`{\"campaign\": \"spring\"}`). \
                        At most `limit` (1-100, default 20) a page; pass `next_cursor` back \
                        as `cursor` for the next page. With `batch_id` or `tag`, the first page \
                        has `summary`: how many of those messages are in each status.",
@@ -1343,6 +1344,28 @@ impl MailmuxServer {
                     ));
                 }
             };
+            let metadata = match p.metadata.as_ref().map(|m| m.iter().collect::<Vec<_>>()) {
+                None => None,
+                Some(pairs) => match pairs[..] {
+                    [(name, value)] => {
+                        let one = std::collections::BTreeMap::from([(name.clone(), value.clone())]);
+                        if let Err(e) = crate::compose::labels::check(None, &one) {
+                            return fail::<ListMessagesResult>(ToolError::invalid_input(&e));
+                        }
+                        Some((name.clone(), value.clone()))
+                    }
+                    _ => {
+                        return fail::<ListMessagesResult>(invalid(
+                            "metadata",
+                            "one_pair",
+                            format!(
+                                "metadata must hold one name and its value, got {}",
+                                pairs.len()
+                            ),
+                        ));
+                    }
+                },
+            };
             let filter = Filter {
                 state,
                 caller: Some(caller.name.to_string()),
@@ -1350,6 +1373,7 @@ impl MailmuxServer {
                 tag: p.tag.clone(),
                 recipient,
                 reported,
+                metadata,
             };
             let (page, next) = match self.queue().list(&filter, limit as usize, cursor).await {
                 Ok(listed) => listed,
@@ -1385,7 +1409,7 @@ impl MailmuxServer {
                 text.push_str("; more with next_cursor");
                 if filter.searches() && out.messages.len() < limit as usize {
                     text.push_str(&format!(
-                        " (a search by recipient or report reads {SEARCH_ROWS} messages a page)"
+                        " (a search by recipient, report or metadata reads {SEARCH_ROWS} messages a page)"
                     ));
                 }
             }
@@ -1598,6 +1622,7 @@ impl MailmuxServer {
             tag: None,
             recipient: None,
             reported: None,
+            metadata: None,
         };
         let done = match self.queue().cancel_each(&filter).await {
             Ok(done) => done,

@@ -508,6 +508,11 @@ pub struct ListMessagesParams {
     /// Searched as `recipient` is, 10,000 messages a page.
     #[serde(default)]
     pub reported: Option<String>,
+    /// Only messages sent with this one name and value in their
+    /// `metadata`: `{"campaign": "spring"}`. Searched as `recipient` is,
+    /// 10,000 messages a page.
+    #[serde(default)]
+    pub metadata: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// Arguments of `cancel_message`.
@@ -597,6 +602,7 @@ impl Params for ListMessagesParams {
         "tag",
         "recipient",
         "reported",
+        "metadata",
     ];
 }
 

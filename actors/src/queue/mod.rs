@@ -1014,12 +1014,15 @@ pub struct Filter {
     /// Only messages a report of this reason (`bounced`, `complained`) was
     /// noted on ([`Store::note_reports`]). Searched as `recipient` is.
     pub reported: Option<String>,
+    /// Only messages sent with this name in their `metadata`, with this
+    /// value (their `meta`'s `metadata`). Searched as `recipient` is.
+    pub metadata: Option<(String, String)>,
 }
 
 impl Filter {
     /// Whether `r` has what the filter searches for: a recipient that
-    /// contains `recipient` (any case), and a report of the `reported`
-    /// reason.
+    /// contains `recipient` (any case), a report of the `reported` reason,
+    /// and the `metadata` name with its value.
     pub fn search_matches(&self, r: &Record) -> bool {
         self.recipient.as_ref().is_none_or(|needle| {
             let needle = needle.to_lowercase();
@@ -1028,12 +1031,15 @@ impl Filter {
             .reported
             .as_ref()
             .is_none_or(|reason| r.reports.iter().any(|report| &report.reason == reason))
+            && self.metadata.as_ref().is_none_or(|(name, value)| {
+                metadata_of(r.meta.as_deref(), name).as_ref() == Some(value)
+            })
     }
 
-    /// Whether it names what no index serves (a recipient, a report), so
-    /// that a page reads at most [`SEARCH_ROWS`] rows.
+    /// Whether it names what no index serves (a recipient, a report, a
+    /// metadata value), so that a page reads at most [`SEARCH_ROWS`] rows.
     pub fn searches(&self) -> bool {
-        self.recipient.is_some() || self.reported.is_some()
+        self.recipient.is_some() || self.reported.is_some() || self.metadata.is_some()
     }
 
     /// The same filter without what it searches for.
@@ -1041,9 +1047,16 @@ impl Filter {
         Filter {
             recipient: None,
             reported: None,
+            metadata: None,
             ..self.clone()
         }
     }
+}
+
+/// The value of `name` in the `metadata` of a message's `meta` (JSON).
+fn metadata_of(meta: Option<&str>, name: &str) -> Option<String> {
+    let meta: serde_json::Value = serde_json::from_str(meta?).ok()?;
+    Some(meta.get("metadata")?.get(name)?.as_str()?.to_owned())
 }
 
 /// What [`Store::accept_stream`] is fed.

@@ -2922,6 +2922,8 @@ fn filtered<'q>(
         .bind(filter.recipient.as_ref().map(|r| r.to_lowercase()))
         .bind(&filter.tag)
         .bind(&filter.reported)
+        .bind(filter.metadata.as_ref().map(|(name, _)| name))
+        .bind(filter.metadata.as_ref().map(|(_, value)| value))
 }
 
 fn summary(r: &PgRow) -> Result<Summary, sqlx::Error> {

@@ -79,7 +79,7 @@ pub(crate) fn list_sql(p: char, filter: &Filter) -> String {
     }
     format!(
         "SELECT {columns}
-           FROM (SELECT {columns}, reports FROM {table} WHERE {matching}
+           FROM (SELECT {columns}, reports, meta FROM {table} WHERE {matching}
                   ORDER BY seq DESC LIMIT {SEARCH_ROWS}) AS searched
           WHERE {searched}
           ORDER BY seq DESC LIMIT {p}3",
@@ -135,16 +135,20 @@ pub(crate) fn count_sql(p: char, filter: &Filter) -> String {
 }
 
 /// The conditions of what no index serves: parameter `6`, lowered, in a
-/// row's recipients, and a report of reason `8` among its reports (stored
-/// one a line, `at`, reason, address and detail tab-separated), each met
-/// when its parameter is null.
+/// row's recipients, a report of reason `8` among its reports (stored
+/// one a line, `at`, reason, address and detail tab-separated), and the
+/// value `10` of name `9` in the `metadata` of its `meta` (JSON; a name
+/// holds only letters, digits, `_`, `-` and `.`), each met when its
+/// parameter is null.
 fn searched_for(p: char) -> &'static str {
     if p == '$' {
         "($6::text IS NULL OR strpos(lower(rcpt), $6) > 0)
-            AND ($8::text IS NULL OR strpos(reports, chr(9) || $8 || chr(9)) > 0)"
+            AND ($8::text IS NULL OR strpos(reports, chr(9) || $8 || chr(9)) > 0)
+            AND ($9::text IS NULL OR (meta::jsonb -> 'metadata' ->> $9) = $10::text)"
     } else {
         "(?6 IS NULL OR instr(lower(rcpt), ?6) > 0)
-            AND (?8 IS NULL OR instr(reports, char(9) || ?8 || char(9)) > 0)"
+            AND (?8 IS NULL OR instr(reports, char(9) || ?8 || char(9)) > 0)
+            AND (?9 IS NULL OR json_extract(meta, '$.metadata.\"' || ?9 || '\"') = ?10)"
     }
 }
 

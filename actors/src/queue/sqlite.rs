@@ -2398,6 +2398,8 @@ fn filter_params(filter: &Filter, before: i64, rows: i64) -> Vec<rusqlite::types
         text(filter.recipient.as_ref().map(|r| r.to_lowercase())),
         text(filter.tag.clone()),
         text(filter.reported.clone()),
+        text(filter.metadata.as_ref().map(|(name, _)| name.clone())),
+        text(filter.metadata.as_ref().map(|(_, value)| value.clone())),
     ]
 }
 
@@ -2933,6 +2935,7 @@ mod tests {
                         tag: tag.clone(),
                         recipient: Some("r".into()),
                         reported: None,
+                        metadata: None,
                     };
                     let plan = |filter: &Filter, sql: String, rows: i64| -> String {
                         let bound = filter_params(filter, 1, rows);
@@ -2991,6 +2994,7 @@ mod tests {
                 tag: Some("t".into()),
                 recipient: None,
                 reported: None,
+                metadata: None,
             })
         };
         use rows::ListedBy;
