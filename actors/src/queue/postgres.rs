@@ -306,7 +306,7 @@ CREATE FUNCTION mailmux_take_rate_groups(
     ukeys TEXT[], slots INT[], costs BIGINT[], periods BIGINT[], ends INT[])
 RETURNS BIGINT[] LANGUAGE plpgsql AS $$
 DECLARE
-    now_ns BIGINT := (extract(epoch FROM clock_timestamp()) * 1000000000)::BIGINT;
+    now_ns BIGINT;
     tats BIGINT[] := '{}';
     cur BIGINT;
     refused BIGINT[] := '{}';
@@ -317,12 +317,16 @@ BEGIN
     FOR k IN 1 .. coalesce(array_length(ukeys, 1), 0) LOOP
         SELECT tat INTO cur FROM mailmux_rates WHERE key = ukeys[k] FOR UPDATE;
         IF NOT FOUND THEN
-            INSERT INTO mailmux_rates (key, tat) VALUES (ukeys[k], now_ns)
+            -- Full: a time long past.
+            INSERT INTO mailmux_rates (key, tat) VALUES (ukeys[k], 0)
                 ON CONFLICT (key) DO NOTHING;
             SELECT tat INTO cur FROM mailmux_rates WHERE key = ukeys[k] FOR UPDATE;
         END IF;
         tats := tats || cur;
     END LOOP;
+    -- Read once every bucket is locked: not before the takes it waited
+    -- for, which moved them on by their own clock readings.
+    now_ns := (extract(epoch FROM clock_timestamp()) * 1000000000)::BIGINT;
     FOR m IN 1 .. coalesce(array_length(ends, 1), 0) LOOP
         fits := true;
         FOR i IN first .. ends[m] LOOP
