@@ -1411,3 +1411,126 @@ async fn a_pause_holds_every_daemon_until_it_is_resumed() {
     ids.sort();
     assert_eq!(at_sink, ids, "each once");
 }
+
+/// Records the resource updates a client of 2025-06-18 is sent.
+#[derive(Clone, Default)]
+struct Updates(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl rmcp::ClientHandler for Updates {
+    async fn on_resource_updated(
+        &self,
+        params: rmcp::model::ResourceUpdatedNotificationParam,
+        _: rmcp::service::NotificationContext<RoleClient>,
+    ) {
+        self.0.lock().unwrap().push(params.uri);
+    }
+}
+
+/// What another daemon, or the queue command, does to a message reaches
+/// the `subscriptions/listen` streams and the `resources/subscribe`
+/// subscriptions held on this daemon, once each: scheduled messages
+/// accepted by `a` are cancelled through `b` and through the queue command,
+/// and `a`'s clients hear each within its poll of the watched messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_listen_stream_hears_what_another_daemon_did() {
+    use rmcp::model::{ProtocolVersion, ServerNotification, SubscriptionFilter};
+    use rmcp::service::{ClientLifecycleMode, ClientServiceExt};
+
+    let pg = Postgres::start();
+    let url = pg.database();
+    let sink = FaultSmtp::start(Script::ok()).await;
+    let a = Node::start("a", &config_toml(&url, "a", sink.port(), "5s", "")).await;
+    let b = Node::start("b", &config_toml(&url, "b", sink.port(), "5s", "")).await;
+    let mut ids = Vec::new();
+    for subject in ["by-b", "by-command", "subscribed"] {
+        let args = msg(subject, json!({"send_at": "1h"}));
+        let c = call(a.peer(), subject, "send_email", args, LIMIT).await;
+        let out = c.value().unwrap_or_else(|| panic!("{c:?}"));
+        assert_eq!(out["status"], "scheduled", "{out}");
+        ids.push(out["message_id"].as_str().unwrap().to_owned());
+    }
+    let uris: Vec<String> = ids
+        .iter()
+        .map(|id| format!("mailmux://messages/{id}"))
+        .collect();
+    let transport = |base: &str| {
+        StreamableHttpClientTransport::from_config(
+            StreamableHttpClientTransportConfig::with_uri(format!("{base}/mcp"))
+                .auth_header(TOKEN.to_string()),
+        )
+    };
+
+    // A client of 2026-07-28 listens on a to the first two.
+    let modern = ClientLifecycleMode::Discover {
+        preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+    };
+    let client = ().serve_with_lifecycle(transport(&a.base), modern).await.unwrap();
+    let filter = SubscriptionFilter::builder()
+        .resource_subscriptions(uris[..2].to_vec())
+        .build();
+    let mut sub = client.listen(filter).await.unwrap();
+    assert_eq!(
+        sub.acknowledged().resource_subscriptions,
+        Some(uris[..2].to_vec())
+    );
+    // A client of 2025-06-18 subscribes on a to the third.
+    let updates = Updates::default();
+    let old = updates.clone().serve(transport(&a.base)).await.unwrap();
+    #[allow(deprecated)] // resources/subscribe, as clients of 2025-06-18 send it
+    old.peer()
+        .subscribe(rmcp::model::SubscribeRequestParams::new(uris[2].clone()))
+        .await
+        .unwrap();
+
+    let cancel = |id: &str| {
+        let args = json!({ "message_id": id });
+        async { call(b.peer(), "cancel", "cancel_message", args, LIMIT).await }
+    };
+    let c = cancel(&ids[0]).await;
+    assert_eq!(c.value().unwrap()["cancelled"], true, "{c:?}");
+    let heard = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("b's cancel is heard on a within 10 s")
+        .unwrap();
+    let Some(ServerNotification::ResourceUpdatedNotification(n)) = heard else {
+        panic!("unexpected {heard:?}");
+    };
+    assert_eq!(n.params.uri, uris[0]);
+
+    let (code, text, err) = common::queue_cmd(b.dir.path(), &["cancel", &ids[1]]);
+    assert_eq!(code, Some(0), "{text}{err}");
+    let heard = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("the queue command's cancel is heard on a within 10 s")
+        .unwrap();
+    let Some(ServerNotification::ResourceUpdatedNotification(n)) = heard else {
+        panic!("unexpected {heard:?}");
+    };
+    assert_eq!(n.params.uri, uris[1]);
+
+    let c = cancel(&ids[2]).await;
+    assert_eq!(c.value().unwrap()["cancelled"], true, "{c:?}");
+    let heard = support::wait_until(
+        || !updates.0.lock().unwrap().is_empty(),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(heard, "b's cancel is not heard by a's subscriber");
+
+    // Once each: nothing more in two more polls.
+    let more = tokio::time::timeout(
+        2 * mailmux_actors::queue::WATCH_POLL + Duration::from_millis(500),
+        sub.next(),
+    )
+    .await;
+    assert!(more.is_err(), "another update: {more:?}");
+    assert_eq!(*updates.0.lock().unwrap(), vec![uris[2].clone()]);
+    let read = client
+        .read_resource(rmcp::model::ReadResourceRequestParams::new(uris[0].clone()))
+        .await
+        .unwrap();
+    let rmcp::model::ResourceContents::TextResourceContents { text, .. } = &read.contents[0] else {
+        panic!("not text: {read:?}");
+    };
+    assert!(text.contains("\"cancelled\""), "{text}");
+}

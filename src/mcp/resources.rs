@@ -13,7 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use mailmux_actors::queue::Queue;
+use mailmux_actors::queue::{Queue, Watch};
 use rmcp::RoleServer;
 use rmcp::model::ResourceUpdatedNotificationParam;
 use rmcp::service::{Peer, SubscriptionContext};
@@ -59,6 +59,9 @@ pub struct Subscriptions {
 struct Watched {
     by_id: HashMap<String, HashMap<Holder, Peer<RoleServer>>>,
     per_caller: HashMap<Arc<str>, usize>,
+    /// Each subscribed message's watch for the changes other processes
+    /// make (`Queue::watch`), for as long as it has a subscriber.
+    watches: HashMap<String, Watch>,
 }
 
 impl Watched {
@@ -69,6 +72,7 @@ impl Watched {
         let removed = peers.remove(holder).is_some();
         if peers.is_empty() {
             self.by_id.remove(id);
+            self.watches.remove(id);
         }
         if removed {
             self.release(&holder.0, 1);
@@ -95,6 +99,8 @@ impl Watched {
             });
             !peers.is_empty()
         });
+        let by_id = &self.by_id;
+        self.watches.retain(|id, _| by_id.contains_key(id));
         self.release(caller, dropped);
     }
 }
@@ -115,7 +121,7 @@ impl std::fmt::Display for TooMany {
 
 impl Subscriptions {
     /// Subscribes `session` of `caller` to the message `id`.
-    pub fn subscribe(
+    pub async fn subscribe(
         &self,
         queue: &Queue,
         caller: &Arc<str>,
@@ -124,6 +130,9 @@ impl Subscriptions {
         peer: Peer<RoleServer>,
     ) -> Result<(), TooMany> {
         let holder = (caller.clone(), session);
+        // Before the lock: it reads the message's state. Kept by the first
+        // subscriber of the message, dropped (unwatched) otherwise.
+        let watch = queue.watch(vec![id.to_owned()]).await;
         {
             let mut w = self.lock();
             if let Some(held) = w.by_id.get_mut(id).and_then(|p| p.get_mut(&holder)) {
@@ -140,6 +149,7 @@ impl Subscriptions {
                 .entry(id.to_owned())
                 .or_default()
                 .insert(holder, peer);
+            w.watches.entry(id.to_owned()).or_insert(watch);
             *w.per_caller.entry(caller.clone()).or_default() += 1;
         }
         self.listening.get_or_init(|| {
@@ -178,6 +188,7 @@ impl Subscriptions {
 /// state change of the messages `ids`, until the client cancels it or goes.
 pub async fn listen(queue: &Queue, ids: HashSet<String>, context: SubscriptionContext) {
     let mut changes = queue.changes();
+    let _watch = queue.watch(ids.iter().cloned().collect()).await;
     loop {
         tokio::select! {
             () = context.cancelled() => return,

@@ -3154,6 +3154,7 @@ impl ServerHandler for MailmuxServer {
                 id,
                 context.peer.clone(),
             )
+            .await
             .map_err(|e| ErrorData::invalid_request(e.to_string(), None))
     }
 

@@ -17,6 +17,7 @@ mod reserve;
 mod rows;
 mod runner;
 pub mod sqlite;
+mod watch;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,6 +30,7 @@ pub use runner::{
     Action, Change, Delivered, Drain, Event, Observer, Queue, QueueError, SUPPRESSED, Screen,
     Stream, Submit, Submitted,
 };
+pub use watch::{POLL as WATCH_POLL, Print, Watch};
 
 /// Where a message is in its life. Every change is stored with its time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -1274,6 +1276,24 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         Ok(out)
     }
     async fn get(&self, message_id: &str) -> Result<Option<Record>, StoreError>;
+    /// Whether other processes write the store too (the other daemons of a
+    /// shared store, the queue command), so that the watched messages are
+    /// read for their changes ([`Queue::watch`]).
+    fn others_write(&self) -> bool {
+        false
+    }
+    /// The state of each of `ids` that exists, with a measure of its
+    /// reports that grows with each one noted, in no order: what a watch
+    /// compares.
+    async fn prints(&self, ids: &[String]) -> Result<Vec<(String, Print)>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(r) = self.get(id).await? {
+                out.push((r.message_id, (r.state, r.reports.len() as u64)));
+            }
+        }
+        Ok(out)
+    }
     /// The message a caller's idempotency key names.
     async fn find_key(&self, caller: Option<&str>, key: &str)
     -> Result<Option<String>, StoreError>;

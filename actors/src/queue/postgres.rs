@@ -31,8 +31,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::rows::{self, entry, lines};
 use super::{
     Accepted, AttemptRecord, Cancel, CopyDue, Decided, Decision, Feed, Filter, Millis, NewMessage,
-    Paused, Pending, Purged, RateTake, Record, Recovered, ReportRecord, Retry, Settle, State,
-    Stats, Store, StoreError, Summary, Suppression, SuppressionChange, SuppressionPage,
+    Paused, Pending, Print, Purged, RateTake, Record, Recovered, ReportRecord, Retry, Settle,
+    State, Stats, Store, StoreError, Summary, Suppression, SuppressionChange, SuppressionPage,
     SuppressionQuery, abandoned, now_millis,
 };
 
@@ -2283,6 +2283,26 @@ impl Store for PgStore {
         .map(pending)
         .collect::<Result<_, _>>()
         .map_err(unavailable)
+    }
+
+    fn others_write(&self) -> bool {
+        true
+    }
+
+    async fn prints(&self, ids: &[String]) -> Result<Vec<(String, Print)>, StoreError> {
+        sqlx::query_as::<_, (String, String, i64)>(
+            "SELECT message_id, state, COALESCE(length(reports), 0)::bigint
+               FROM mailmux_messages WHERE message_id = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)
+        .map(|rows| {
+            rows.into_iter()
+                .map(|(id, state, n)| (id, (rows::state(&state), n as u64)))
+                .collect()
+        })
     }
 
     async fn get(&self, message_id: &str) -> Result<Option<Record>, StoreError> {

@@ -402,6 +402,10 @@ struct Inner {
     /// Every state change of every message, for whoever listens (resource
     /// subscriptions). Sending costs nothing while nobody listens.
     changes: broadcast::Sender<Change>,
+    /// The messages someone watches for the changes other processes make
+    /// ([`Queue::watch`]), and the poll that reads them, once started.
+    watches: Arc<super::watch::Watches>,
+    watching: OnceLock<()>,
     /// Callers waiting for the next round of a message.
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Report>>>>,
     /// The tokens of callers that wait and may cancel (`Submit::cancel`),
@@ -656,6 +660,8 @@ impl Inner {
             settings,
             delivers,
             changes: broadcast::channel(CHANGES_CAPACITY).0,
+            watches: Arc::default(),
+            watching: OnceLock::new(),
             claimed: Mutex::new(HashSet::new()),
             ready,
             wake: Notify::new(),
@@ -1490,6 +1496,39 @@ impl Queue {
     /// this daemon notes on a message ([`Queue::note_reports`]).
     pub fn changes(&self) -> broadcast::Receiver<Change> {
         self.inner.changes.subscribe()
+    }
+
+    /// Follows `ids` for the changes other processes make to them (the
+    /// other daemons of a shared store, the queue command), until the
+    /// [`Watch`](super::Watch) is dropped: each one is sent on
+    /// [`Queue::changes`] within about a [`WATCH_POLL`](super::WATCH_POLL),
+    /// as this daemon's own are. Their states are read now, so that what
+    /// changes after this call is sent. A store no other process writes
+    /// needs no watch.
+    pub async fn watch(&self, ids: Vec<String>) -> super::Watch {
+        let inner = &self.inner;
+        if !inner.store.others_write() {
+            return super::Watch {
+                watches: None,
+                ids: Vec::new(),
+            };
+        }
+        let new = inner.watches.add(&ids);
+        for chunk in new.chunks(super::watch::CHUNK) {
+            // Unread, a message is read by the next poll instead.
+            if let Ok(prints) = inner.store.prints(chunk).await {
+                for (id, print) in prints {
+                    inner.watches.read(&id, print);
+                }
+            }
+        }
+        inner.watching.get_or_init(|| {
+            tokio::spawn(poll_watched(Arc::downgrade(inner)));
+        });
+        super::Watch {
+            watches: Some(inner.watches.clone()),
+            ids,
+        }
     }
 
     pub async fn stats(&self) -> Result<Stats, QueueError> {
@@ -2365,10 +2404,45 @@ impl Inner {
 
     fn changed(&self, id: &str, state: State) {
         if self.changes.receiver_count() > 0 {
+            self.watches.own(id, state);
             let _ = self.changes.send(Change {
                 message_id: id.to_owned(),
                 state,
             });
+        }
+    }
+}
+
+/// Reads the watched messages once a [`WATCH_POLL`](super::WATCH_POLL) and
+/// sends each change another process made ([`Queue::watch`]), until the
+/// queue stops or is gone.
+async fn poll_watched(inner: std::sync::Weak<Inner>) {
+    use super::watch::{CHUNK, POLL, SETTLE};
+    loop {
+        tokio::time::sleep(POLL).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        if inner.stop.is_cancelled() {
+            return;
+        }
+        for chunk in inner.watches.ids().chunks(CHUNK) {
+            let prints = match inner.store.prints(chunk).await {
+                Ok(prints) => prints,
+                Err(e) => {
+                    tracing::debug!(error = %e, "watched messages not read");
+                    break;
+                }
+            };
+            tokio::time::sleep(SETTLE).await;
+            for (id, print) in prints {
+                if inner.watches.read(&id, print) {
+                    let _ = inner.changes.send(Change {
+                        message_id: id,
+                        state: print.0,
+                    });
+                }
+            }
         }
     }
 }

@@ -35,7 +35,7 @@ use tokio::sync::oneshot;
 use super::rows::{self, entry, lines};
 use super::{
     Accepted, Cancel, CopyDue, Decided, Decision, Feed, Filter, Millis, NewMessage, Paused,
-    Pending, Purged, Record, Recovered, ReportRecord, Retry, Settle, State, Stats, Store,
+    Pending, Print, Purged, Record, Recovered, ReportRecord, Retry, Settle, State, Stats, Store,
     StoreError, Summary, Suppression, SuppressionChange, SuppressionPage, SuppressionQuery,
     abandoned, cancelled_in_round, now_millis,
 };
@@ -2043,6 +2043,26 @@ impl Store for SqliteStore {
     async fn get(&self, message_id: &str) -> Result<Option<Record>, StoreError> {
         let id = message_id.to_owned();
         self.read(move |c| get(c, &id)).await
+    }
+
+    fn others_write(&self) -> bool {
+        true
+    }
+
+    async fn prints(&self, ids: &[String]) -> Result<Vec<(String, Print)>, StoreError> {
+        let ids = serde_json::to_string(ids).unwrap_or_else(|_| "[]".into());
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT message_id, state, COALESCE(length(reports), 0) FROM messages
+                  WHERE message_id IN (SELECT value FROM json_each(?1))",
+            )?
+            .query_map([ids], |r| {
+                let state: String = r.get(1)?;
+                Ok((r.get(0)?, (rows::state(&state), r.get::<_, i64>(2)? as u64)))
+            })?
+            .collect()
+        })
+        .await
     }
 
     async fn find_key(
