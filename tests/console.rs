@@ -444,10 +444,12 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
     let out = call(
         &mcp,
         "send_email",
-        json!({ "to": ["ok@example.org"], "subject": "hi", "body": "plain" }),
+        json!({ "to": ["ok@example.org"], "subject": "hi", "body": "plain",
+                "metadata": {"customer_id": "c-1"} }),
     )
     .await;
     assert_eq!(out["status"], "sent", "{out}");
+    let first = out["message_id"].as_str().unwrap().to_owned();
     flaky.kill().await;
     let out = call(
         &mcp,
@@ -921,6 +923,27 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
         page.contains("No message matches.") && !page.contains(&c),
         "{page}"
     );
+    // By one metadata name and value: the message sent with it, and the
+    // search kept in the form; one written wrong is said and left out.
+    let page = page_text(
+        &http,
+        &format!("{base}/console/queue?metadata=customer_id%3Dc-1"),
+        &cookie,
+    )
+    .await;
+    assert!(page.contains(&first) && !page.contains(&c), "{page}");
+    assert!(page.contains(r#"value="customer_id=c-1""#), "{page}");
+    let page = page_text(
+        &http,
+        &format!("{base}/console/queue?metadata=customer_id"),
+        &cookie,
+    )
+    .await;
+    assert!(
+        page.contains("No metadata search &quot;customer_id&quot;"),
+        "{page}"
+    );
+    assert!(page.contains(&c) && page.contains(&first), "{page}");
 
     // A body appears only on its message's page and on the approvals page.
     for path in ["/console", "/console/queue", "/console/relays"] {
@@ -1153,8 +1176,23 @@ async fn random_console_requests_are_answered_below_500() {
             _ => format!("/console/messages/{id}/{action}"),
         };
         let keys = [
-            "state", "caller", "batch", "before", "notice", "cursor", "m", "hash", "token", "csrf",
-            "address", "reason", "note",
+            "state",
+            "caller",
+            "batch",
+            "before",
+            "notice",
+            "cursor",
+            "m",
+            "hash",
+            "token",
+            "csrf",
+            "address",
+            "reason",
+            "note",
+            "recipient",
+            "reported",
+            "tag",
+            "metadata",
         ];
         let mut pairs = Vec::new();
         for _ in 0..rng.random_range(0..4) {

@@ -186,7 +186,7 @@ pub struct ListArgs {
     #[arg(long, value_parser = crate::bounces::REASONS)]
     pub reported: Option<String>,
     /// Only messages sent with this metadata name and value (`NAME=VALUE`).
-    #[arg(long, value_name = "NAME=VALUE", value_parser = metadata_pair)]
+    #[arg(long, value_name = "NAME=VALUE", value_parser = crate::compose::labels::pair)]
     pub metadata: Option<(String, String)>,
     /// At most this many, newest first (at least 1).
     #[arg(long, default_value_t = 50, value_parser = at_least_one)]
@@ -404,16 +404,6 @@ fn message_id(s: &str) -> Result<String, String> {
         "" => Err("a message id must not be empty".into()),
         id => Ok(id.to_owned()),
     }
-}
-
-/// `NAME=VALUE`, one metadata name and value as `send_email` takes them.
-fn metadata_pair(s: &str) -> Result<(String, String), String> {
-    let Some((name, value)) = s.split_once('=') else {
-        return Err("expected NAME=VALUE".into());
-    };
-    let one = std::collections::BTreeMap::from([(name.to_owned(), value.to_owned())]);
-    crate::compose::labels::check(None, &one).map_err(|e| e.message)?;
-    Ok((name.to_owned(), value.to_owned()))
 }
 
 fn at_least_one(s: &str) -> Result<usize, String> {

@@ -22,6 +22,18 @@ pub const MAX_NAME: usize = 40;
 /// The longest value in `metadata`, in characters.
 pub const MAX_VALUE: usize = 500;
 
+/// One metadata name and value written `NAME=VALUE`, as a search for it
+/// takes them (`mailmux queue list --metadata`, the console's queue page),
+/// checked as a send's `metadata` is; else why not.
+pub(crate) fn pair(s: &str) -> Result<(String, String), String> {
+    let Some((name, value)) = s.split_once('=') else {
+        return Err("expected NAME=VALUE".into());
+    };
+    let one = BTreeMap::from([(name.to_owned(), value.to_owned())]);
+    check(None, &one).map_err(|e| e.message)?;
+    Ok((name.to_owned(), value.to_owned()))
+}
+
 /// Checks `tag` and `metadata`.
 pub(crate) fn check(
     tag: Option<&str>,

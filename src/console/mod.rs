@@ -368,6 +368,8 @@ struct QueueQuery {
     reported: Option<String>,
     batch: Option<String>,
     tag: Option<String>,
+    /// One metadata name and value, `NAME=VALUE`.
+    metadata: Option<String>,
     before: Option<i64>,
     notice: Option<String>,
 }
@@ -412,11 +414,30 @@ async fn queue(
             )),
         ),
     };
+    // A search the URL writes wrong is said, and left out.
+    let (metadata, bad_metadata) = match nonempty(&q.metadata) {
+        None => (None, None),
+        Some(asked) => match crate::compose::labels::pair(&asked) {
+            Ok(pair) => (Some(pair), None),
+            Err(why) => {
+                let shown: String = asked.chars().take(64).collect();
+                let why: String = why.chars().take(120).collect();
+                (
+                    None,
+                    Some(format!(
+                        "No metadata search {shown:?} ({why}): write NAME=VALUE. \
+                         Messages with any metadata are listed."
+                    )),
+                )
+            }
+        },
+    };
     let notice = q
         .notice
         .as_deref()
         .or(unknown.as_deref())
-        .or(unknown_reason.as_deref());
+        .or(unknown_reason.as_deref())
+        .or(bad_metadata.as_deref());
     let filter = Filter {
         state,
         caller: nonempty(&q.caller),
@@ -424,7 +445,7 @@ async fn queue(
         batch: nonempty(&q.batch),
         tag: nonempty(&q.tag),
         reported: reported.map(str::to_owned),
-        metadata: None,
+        metadata,
     };
     let listed = server.queue().list(&filter, PAGE, q.before).await;
     let (page, next) = match listed {

@@ -507,6 +507,10 @@ pub fn queue(
         ("reported", filter.reported.clone()),
         ("batch", filter.batch.clone()),
         ("tag", filter.tag.clone()),
+        (
+            "metadata",
+            filter.metadata.as_ref().map(|(n, v)| format!("{n}={v}")),
+        ),
     ] {
         if let Some(v) = v {
             query.push_str(&format!("&{k}={}", super::urlencode(&v)));
@@ -541,6 +545,11 @@ pub fn queue(
                 }
             }
             label { "tag" input type="text" name="tag" value=(filter.tag.as_deref().unwrap_or("")); }
+            label {
+                "metadata"
+                input type="text" name="metadata" placeholder="name=value"
+                    value=(filter.metadata.as_ref().map(|(n, v)| format!("{n}={v}")).unwrap_or_default());
+            }
             @if let Some(batch) = &filter.batch {
                 // Kept while filtering further; "Clear" drops it.
                 input type="hidden" name="batch" value=(batch);
@@ -1144,6 +1153,21 @@ mod tests {
         );
         let page = queue(&op, None, &Filter::default(), None, &[], None).into_string();
         assert!(!page.contains("selected>complained"), "{page}");
+    }
+
+    #[test]
+    fn the_queue_page_keeps_a_metadata_search_in_its_form_and_older_link() {
+        let (op, _, _) = overview_of_sqlite();
+        let filter = Filter {
+            metadata: Some(("customer_id".into(), "c 42".into())),
+            ..Filter::default()
+        };
+        let page = queue(&op, None, &filter, None, &[], Some(7)).into_string();
+        assert!(page.contains(r#"value="customer_id=c 42""#), "{page}");
+        assert!(
+            page.contains(r#"href="/console/queue?before=7&amp;metadata=customer_id%3Dc%2042""#),
+            "{page}"
+        );
     }
 
     #[test]
