@@ -168,6 +168,15 @@ fn within_message(i: usize, mut e: ToolError) -> ToolError {
     e
 }
 
+/// Hands the messages a streaming batch held on to its store transaction,
+/// in their order.
+async fn hand_on(st: &mut Stream, ready: &mut Vec<(usize, Submit)>, streamed: &mut Vec<usize>) {
+    for (i, s) in ready.drain(..) {
+        st.push(s).await;
+        streamed.push(i);
+    }
+}
+
 /// Takes out of a batch the held messages that did not get their rate
 /// (`refused`: each one's index and error): out of `ready`, their form
 /// out of `to_ask` and their size out of `total`, their error into
@@ -317,6 +326,12 @@ const MAX_AUDIT_SUBJECT: usize = 998;
 /// than a few of them. Below it, the batch is stored with one write that
 /// may share its commit with other callers' writes.
 const BATCH_HELD_BYTES: usize = 4 * 1024 * 1024;
+
+/// The composed bytes a streaming `send_batch` holds back while their
+/// caller's rate is not taken yet: the rates of the messages held are taken
+/// together (one statement for several on PostgreSQL) before they are
+/// handed on to the store.
+const STREAM_RATE_BYTES: usize = 1024 * 1024;
 
 /// Longest idempotency key, in characters.
 const MAX_KEY_CHARS: usize = 200;
@@ -2212,7 +2227,8 @@ impl MailmuxServer {
         let mut results: Vec<BatchItemOut> = Vec::with_capacity(p.messages.len());
         // The valid messages, held while their total is small; past
         // BATCH_HELD_BYTES, each goes into the store's transaction as it is
-        // composed (`stream`), so that a batch never holds more than that.
+        // composed (`stream`, after its rate is taken), so that a batch
+        // never holds more than that.
         let mut ready: Vec<(usize, Submit)> = Vec::new();
         let mut held = 0usize;
         let mut stream: Option<Stream> = None;
@@ -2230,7 +2246,8 @@ impl MailmuxServer {
         // With a rate the store keeps for every daemon, the held messages'
         // rates are taken together just before they are stored (one
         // statement for many, rather than a round trip each); these are
-        // the held ones not yet taken.
+        // the held ones not yet taken. A streaming batch holds up to
+        // STREAM_RATE_BYTES of them at a time.
         let defer_rate = caller.has_rate() && self.queue().shares_rates();
         let mut untaken: Vec<(usize, Box<DeferredRate>)> = Vec::new();
         for (i, mut item) in p.messages.into_iter().enumerate() {
@@ -2361,17 +2378,27 @@ impl MailmuxServer {
                         continue;
                     }
                     if let Some(st) = &mut stream {
-                        // Streamed as composed: its rate is taken alone.
-                        let rate = rate.map(|r| (i, r)).into_iter().collect();
-                        if let Some((_, e)) = self.take_deferred(&caller, rate).await.pop() {
-                            results[i] = item_error(e);
-                            to_ask.retain(|(j, ..)| *j != i);
-                            total -= size;
-                            any_invalid = true;
+                        // Streamed as composed, once its rate is taken.
+                        let Some(rate) = rate else {
+                            st.push(s).await;
+                            streamed.push(i);
                             continue;
+                        };
+                        ready.push((i, s));
+                        untaken.push((i, rate));
+                        held += size;
+                        if held > STREAM_RATE_BYTES {
+                            let refused = self.take_deferred(&caller, std::mem::take(&mut untaken));
+                            any_invalid |= drop_refused(
+                                refused.await,
+                                &mut ready,
+                                &mut results,
+                                &mut to_ask,
+                                &mut total,
+                            );
+                            hand_on(st, &mut ready, &mut streamed).await;
+                            held = 0;
                         }
-                        st.push(s).await;
-                        streamed.push(i);
                         continue;
                     }
                     ready.push((i, s));
@@ -2388,10 +2415,8 @@ impl MailmuxServer {
                             &mut to_ask,
                             &mut total,
                         );
-                        for (i, s) in ready.drain(..) {
-                            st.push(s).await;
-                            streamed.push(i);
-                        }
+                        hand_on(&mut st, &mut ready, &mut streamed).await;
+                        held = 0;
                         stream = Some(st);
                     }
                 }
@@ -2400,6 +2425,9 @@ impl MailmuxServer {
         if !untaken.is_empty() {
             let refused = self.take_deferred(&caller, untaken).await;
             drop_refused(refused, &mut ready, &mut results, &mut to_ask, &mut total);
+        }
+        if let Some(st) = &mut stream {
+            hand_on(st, &mut ready, &mut streamed).await;
         }
         // Every message refused is listed, and none was queued.
         let atomic_refusal = |results: Vec<BatchItemOut>| {
