@@ -2417,7 +2417,7 @@ impl Inner {
 /// sends each change another process made ([`Queue::watch`]), until the
 /// queue stops or is gone.
 async fn poll_watched(inner: std::sync::Weak<Inner>) {
-    use super::watch::{CHUNK, POLL, SETTLE};
+    use super::watch::{CHUNK, PER_POLL, POLL, SETTLE};
     loop {
         tokio::time::sleep(POLL).await;
         let Some(inner) = inner.upgrade() else {
@@ -2426,7 +2426,7 @@ async fn poll_watched(inner: std::sync::Weak<Inner>) {
         if inner.stop.is_cancelled() {
             return;
         }
-        for chunk in inner.watches.ids().chunks(CHUNK) {
+        for chunk in inner.watches.next(PER_POLL).chunks(CHUNK) {
             let prints = match inner.store.prints(chunk).await {
                 Ok(prints) => prints,
                 Err(e) => {
