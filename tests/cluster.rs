@@ -1413,20 +1413,6 @@ async fn a_pause_holds_every_daemon_until_it_is_resumed() {
     assert_eq!(at_sink, ids, "each once");
 }
 
-/// Records the resource updates a client of 2025-06-18 is sent.
-#[derive(Clone, Default)]
-struct Updates(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
-
-impl rmcp::ClientHandler for Updates {
-    async fn on_resource_updated(
-        &self,
-        params: rmcp::model::ResourceUpdatedNotificationParam,
-        _: rmcp::service::NotificationContext<RoleClient>,
-    ) {
-        self.0.lock().unwrap().push(params.uri);
-    }
-}
-
 /// What another daemon, or the queue command, does to a message reaches
 /// the `subscriptions/listen` streams and the `resources/subscribe`
 /// subscriptions held on this daemon, once each: scheduled messages
@@ -1475,7 +1461,7 @@ async fn a_listen_stream_hears_what_another_daemon_did() {
         Some(uris[..2].to_vec())
     );
     // A client of 2025-06-18 subscribes on a to the third.
-    let updates = Updates::default();
+    let updates = common::Updates::default();
     let old = updates.clone().serve(transport(&a.base)).await.unwrap();
     #[allow(deprecated)] // resources/subscribe, as clients of 2025-06-18 send it
     old.peer()

@@ -625,20 +625,6 @@ fn serve_on(server: mailmux::mcp::MailmuxServer) -> tokio::io::DuplexStream {
     client_io
 }
 
-/// Records the resource updates the server notifies.
-#[derive(Clone, Default)]
-struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
-
-impl rmcp::ClientHandler for Recorder {
-    async fn on_resource_updated(
-        &self,
-        params: rmcp::model::ResourceUpdatedNotificationParam,
-        _context: rmcp::service::NotificationContext<rmcp::RoleClient>,
-    ) {
-        self.0.lock().unwrap().push(params.uri);
-    }
-}
-
 /// Each message is the resource `mailmux://messages/{id}`: a template, a
 /// listing, a read that matches `get_message_status` without the body, and
 /// `notifications/resources/updated` on each state change for a subscriber.
@@ -649,7 +635,7 @@ async fn messages_are_resources_with_updates_for_subscribers() {
 
     let smtp = Aiosmtpd::start();
     let client_io = serve_in_memory(&smtp).await;
-    let recorder = Recorder::default();
+    let recorder = common::Updates::default();
     let client = recorder.clone().serve(client_io).await.unwrap();
     let caps = client.peer_info().unwrap().capabilities.resources.clone();
     assert!(caps.is_some_and(|r| r.subscribe == Some(true)));
@@ -723,7 +709,7 @@ async fn subscriptions_are_bounded_and_end_with_their_message() {
 
     let smtp = Aiosmtpd::start();
     let server = server_for(&smtp).await;
-    let recorder = Recorder::default();
+    let recorder = common::Updates::default();
     let client = recorder
         .clone()
         .serve(serve_on(server.clone()))

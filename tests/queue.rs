@@ -21,8 +21,8 @@ use std::time::Duration;
 use harness::{Call, burst, call};
 use rmcp::model::{
     CallToolRequest, CallToolRequestParams, CallToolResponse, CancelTaskParams, ClientCapabilities,
-    ClientConfig, ClientRequest, GetTaskParams, GetTaskResult, Implementation, TaskPayload,
-    TaskStatus,
+    ClientConfig, ClientRequest, GetTaskParams, GetTaskResult, Implementation,
+    SubscribeRequestParams, TaskPayload, TaskStatus,
 };
 use rmcp::service::{Peer, PeerRequestOptions, RunningService};
 use rmcp::{ClientHandler, RoleClient, ServiceExt};
@@ -4291,4 +4291,43 @@ async fn send_email_is_a_task_for_clients_that_take_tasks() {
         0
     );
     assert_eq!(counts.get(&id), Some(&1));
+}
+
+/// On SQLite, what the queue command does to a message reaches the client
+/// subscribed to it on the daemon that owns the file, once: a scheduled
+/// message cancelled from the shell is told within the daemon's poll of
+/// the watched messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_hears_what_the_queue_command_did() {
+    let smtp = FaultSmtp::start(Script::ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(dir.path(), smtp.port(), "");
+    let updates = common::Updates::default();
+    let d = Daemon::start_as(dir.path(), &cfg, updates.clone()).await;
+    let c = send(d.peer(), msg("later", json!({"send_at": "1h"}))).await;
+    assert_eq!(c.status(), Some("scheduled"), "{c:?}");
+    let id = c.value().unwrap()["message_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let uri = format!("mailmux://messages/{id}");
+    #[allow(deprecated)] // resources/subscribe, as clients of 2025-06-18 send it
+    d.peer()
+        .subscribe(SubscribeRequestParams::new(uri.clone()))
+        .await
+        .unwrap();
+
+    let (code, out, err) = common::queue_cmd(dir.path(), &["cancel", &id]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let heard = support::wait_until(
+        || !updates.0.lock().unwrap().is_empty(),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(heard, "the queue command's cancel is not heard");
+    tokio::time::sleep(2 * mailmux_actors::queue::WATCH_POLL + Duration::from_millis(500)).await;
+    assert_eq!(*updates.0.lock().unwrap(), vec![uri]);
+    assert_eq!(status_of(d.peer(), &id).await["status"], "cancelled");
+    assert!(smtp.received().is_empty());
+    d.stop().await;
 }

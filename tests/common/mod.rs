@@ -635,3 +635,18 @@ pub async fn scrape(port: u16) -> String {
         .await
         .unwrap()
 }
+
+/// Records the resource updates a client subscribed with
+/// `resources/subscribe` is sent (the URIs, in order).
+#[derive(Clone, Default)]
+pub struct Updates(pub std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl rmcp::ClientHandler for Updates {
+    async fn on_resource_updated(
+        &self,
+        params: rmcp::model::ResourceUpdatedNotificationParam,
+        _: rmcp::service::NotificationContext<rmcp::RoleClient>,
+    ) {
+        self.0.lock().unwrap().push(params.uri);
+    }
+}
