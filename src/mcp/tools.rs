@@ -2377,17 +2377,26 @@ impl MailmuxServer {
                     if atomic && any_invalid || total > limit {
                         continue;
                     }
-                    if let Some(st) = &mut stream {
-                        // Streamed as composed, once its rate is taken.
-                        let Some(rate) = rate else {
-                            st.push(s).await;
-                            streamed.push(i);
-                            continue;
-                        };
-                        ready.push((i, s));
-                        untaken.push((i, rate));
-                        held += size;
-                        if held > STREAM_RATE_BYTES {
+                    if let (Some(st), None) = (&mut stream, &rate) {
+                        // Streamed as composed: no rate to take first.
+                        st.push(s).await;
+                        streamed.push(i);
+                        continue;
+                    }
+                    ready.push((i, s));
+                    untaken.extend(rate.map(|r| (i, r)));
+                    held += size;
+                    // Past BATCH_HELD_BYTES the batch streams; then it holds
+                    // back STREAM_RATE_BYTES at a time for their rates.
+                    let bound = match stream {
+                        Some(_) => STREAM_RATE_BYTES,
+                        None => BATCH_HELD_BYTES,
+                    };
+                    if held > bound {
+                        if stream.is_none() {
+                            stream = self.queue().stream(atomic).ok();
+                        }
+                        if let Some(st) = &mut stream {
                             let refused = self.take_deferred(&caller, std::mem::take(&mut untaken));
                             any_invalid |= drop_refused(
                                 refused.await,
@@ -2399,25 +2408,6 @@ impl MailmuxServer {
                             hand_on(st, &mut ready, &mut streamed).await;
                             held = 0;
                         }
-                        continue;
-                    }
-                    ready.push((i, s));
-                    untaken.extend(rate.map(|r| (i, r)));
-                    held += size;
-                    if held > BATCH_HELD_BYTES
-                        && let Ok(mut st) = self.queue().stream(atomic)
-                    {
-                        let refused = self.take_deferred(&caller, std::mem::take(&mut untaken));
-                        any_invalid |= drop_refused(
-                            refused.await,
-                            &mut ready,
-                            &mut results,
-                            &mut to_ask,
-                            &mut total,
-                        );
-                        hand_on(&mut st, &mut ready, &mut streamed).await;
-                        held = 0;
-                        stream = Some(st);
                     }
                 }
             }
