@@ -625,13 +625,26 @@ fn serve_on(server: mailmux::mcp::MailmuxServer) -> tokio::io::DuplexStream {
     client_io
 }
 
+/// A message's resource as read: its text and that text as JSON.
+async fn read_message(peer: &rmcp::service::Peer<rmcp::RoleClient>, uri: &str) -> (String, Value) {
+    use rmcp::model::{ReadResourceRequestParams, ResourceContents};
+    let read = peer
+        .read_resource(ReadResourceRequestParams::new(uri.to_owned()))
+        .await
+        .unwrap();
+    let ResourceContents::TextResourceContents { text, .. } = &read.contents[0] else {
+        panic!("not text: {read:?}");
+    };
+    (text.clone(), serde_json::from_str(text).unwrap())
+}
+
 /// Each message is the resource `mailmux://messages/{id}`: a template, a
 /// listing, a read that matches `get_message_status` without the body, and
 /// `notifications/resources/updated` on each state change for a subscriber.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_are_resources_with_updates_for_subscribers() {
     use rmcp::ServiceExt;
-    use rmcp::model::{ReadResourceRequestParams, ResourceContents, SubscribeRequestParams};
+    use rmcp::model::{ReadResourceRequestParams, SubscribeRequestParams};
 
     let smtp = Aiosmtpd::start();
     let client_io = serve_in_memory(&smtp).await;
@@ -674,14 +687,7 @@ async fn messages_are_resources_with_updates_for_subscribers() {
     .await;
     assert!(notified, "updates: {:?}", recorder.0.lock().unwrap());
     assert!(recorder.0.lock().unwrap().iter().all(|u| *u == uri));
-    let read = client
-        .read_resource(ReadResourceRequestParams::new(uri.clone()))
-        .await
-        .unwrap();
-    let ResourceContents::TextResourceContents { text, .. } = &read.contents[0] else {
-        panic!("not text: {read:?}");
-    };
-    let v: Value = serde_json::from_str(text).unwrap();
+    let (text, v) = read_message(&client, &uri).await;
     assert_eq!(v["status"], "sent", "{v}");
     assert_eq!(v["message_id"], id.as_str());
     assert!(
@@ -796,10 +802,7 @@ async fn subscriptions_are_bounded_and_end_with_their_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listen_stream_carries_the_updates_of_its_messages() {
     use mailmux_actors::queue::ReportRecord;
-    use rmcp::model::{
-        ProtocolVersion, ReadResourceRequestParams, ResourceContents, ServerNotification,
-        SubscriptionFilter,
-    };
+    use rmcp::model::{ProtocolVersion, ServerNotification, SubscriptionFilter};
     use rmcp::service::{ClientLifecycleMode, ClientServiceExt};
 
     let smtp = Aiosmtpd::start();
@@ -882,14 +885,7 @@ async fn a_listen_stream_carries_the_updates_of_its_messages() {
         Some(ServerNotification::ResourceUpdatedNotification(n)) => assert_eq!(n.params.uri, uri),
         other => panic!("unexpected {other:?}"),
     }
-    let read = client
-        .read_resource(ReadResourceRequestParams::new(uri.clone()))
-        .await
-        .unwrap();
-    let ResourceContents::TextResourceContents { text, .. } = &read.contents[0] else {
-        panic!("not text: {read:?}");
-    };
-    let v: Value = serde_json::from_str(text).unwrap();
+    let (text, v) = read_message(&client, &uri).await;
     assert_eq!(v["status"], "sent", "{v}");
     assert!(text.contains("bounced"), "{v}");
     sub.cancel().await.unwrap();

@@ -29,9 +29,13 @@ pub(crate) fn pair(s: &str) -> Result<(String, String), String> {
     let Some((name, value)) = s.split_once('=') else {
         return Err("expected NAME=VALUE".into());
     };
-    let one = BTreeMap::from([(name.to_owned(), value.to_owned())]);
-    check(None, &one).map_err(|e| e.message)?;
+    check_one(name, value).map_err(|e| e.message)?;
     Ok((name.to_owned(), value.to_owned()))
+}
+
+/// Checks one metadata name and value as a send's `metadata` is.
+pub(crate) fn check_one(name: &str, value: &str) -> Result<(), ComposeError> {
+    check(None, &BTreeMap::from([(name.to_owned(), value.to_owned())]))
 }
 
 /// Checks `tag` and `metadata`.

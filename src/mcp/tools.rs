@@ -1359,12 +1359,11 @@ impl MailmuxServer {
                     ));
                 }
             };
-            let metadata = match p.metadata.as_ref().map(|m| m.iter().collect::<Vec<_>>()) {
+            let metadata = match &p.metadata {
                 None => None,
-                Some(pairs) => match pairs[..] {
-                    [(name, value)] => {
-                        let one = std::collections::BTreeMap::from([(name.clone(), value.clone())]);
-                        if let Err(e) = crate::compose::labels::check(None, &one) {
+                Some(m) => match m.first_key_value() {
+                    Some((name, value)) if m.len() == 1 => {
+                        if let Err(e) = crate::compose::labels::check_one(name, value) {
                             return fail::<ListMessagesResult>(ToolError::invalid_input(&e));
                         }
                         Some((name.clone(), value.clone()))
@@ -1375,7 +1374,7 @@ impl MailmuxServer {
                             "one_pair",
                             format!(
                                 "metadata must hold one name and its value, got {}",
-                                pairs.len()
+                                m.len()
                             ),
                         ));
                     }
