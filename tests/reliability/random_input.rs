@@ -2,7 +2,9 @@
 //! with a few of its fields replaced by values of the wrong type, the wrong
 //! shape or the wrong content (CR/LF, NUL, long, non-ASCII, template
 //! markers, bad dates, paths outside the attachments folder), or removed,
-//! and unknown fields added. The same seed gives the same calls.
+//! and unknown fields added; and the message tools' filters and references
+//! (`list_messages`, `get_message_status`, `cancel_message`), right, wrong
+//! and naming nothing. The same seed gives the same calls.
 
 // Each test binary that includes this module uses a different subset of it.
 #![allow(dead_code)]
@@ -274,6 +276,130 @@ pub fn send_batch(rng: &mut StdRng, i: usize) -> Value {
     Value::Object(m)
 }
 
+/// Stands for the id of a message an earlier call of the run was answered
+/// with; the test puts one in its place when it makes the call.
+pub const EARLIER: &str = "$EARLIER";
+
+/// A message id, batch id or cursor: one the run made, one of the right
+/// shape that names nothing, or any string.
+fn reference(rng: &mut StdRng) -> Value {
+    match rng.random_range(0..6) {
+        0 | 1 => json!(EARLIER),
+        2 => json!(format!("<{EARLIER}>")),
+        3 => json!(format!("{:032x}@mailmux.localhost", rng.random::<u128>())),
+        4 => json!(format!("batch-{:016x}", rng.random::<u64>())),
+        _ => json!(string(rng)),
+    }
+}
+
+/// Up to `n` of `fields`, each with a value `pick` gives or any value; and
+/// now and then an unknown field.
+fn query(
+    rng: &mut StdRng,
+    fields: &[&str],
+    n: usize,
+    pick: fn(&mut StdRng, &str) -> Value,
+) -> Value {
+    let mut m = Map::new();
+    for _ in 0..rng.random_range(0..=n) {
+        let field = fields[rng.random_range(0..fields.len())];
+        let v = match rng.random_bool(0.8) {
+            true => pick(rng, field),
+            false => value(rng, 2),
+        };
+        m.insert(field.to_string(), v);
+    }
+    if rng.random_bool(0.05) {
+        m.insert(string(rng), value(rng, 1));
+    }
+    Value::Object(m)
+}
+
+/// Random `list_messages` arguments: filters that match, that match
+/// nothing, and that are wrong (an unknown state, a limit out of range, a
+/// cursor that is not one, metadata that is not one pair).
+pub fn list_messages(rng: &mut StdRng) -> Value {
+    const FIELDS: &[&str] = &[
+        "status",
+        "limit",
+        "cursor",
+        "batch_id",
+        "tag",
+        "recipient",
+        "reported",
+        "metadata",
+    ];
+    query(rng, FIELDS, 3, |rng, field| match field {
+        "status" | "reported" => {
+            const STATES: &[&str] = &[
+                "queued",
+                "sent",
+                "failed",
+                "held",
+                "bounced",
+                "complained",
+                "SENT",
+                "",
+            ];
+            match rng.random_bool(0.7) {
+                true => json!(STATES[rng.random_range(0..STATES.len())]),
+                false => json!(string(rng)),
+            }
+        }
+        "limit" => [
+            json!(0),
+            json!(1),
+            json!(20),
+            json!(100),
+            json!(101),
+            json!(u32::MAX),
+            json!(-1),
+            json!("5"),
+        ][rng.random_range(0..8)]
+        .clone(),
+        "cursor" | "batch_id" => reference(rng),
+        "metadata" => {
+            let mut m = Map::new();
+            for _ in 0..rng.random_range(0..3) {
+                let name = match rng.random_bool(0.5) {
+                    true => "campaign".to_string(),
+                    false => string(rng),
+                };
+                m.insert(name, json!(string(rng)));
+            }
+            Value::Object(m)
+        }
+        _ => json!(string(rng)),
+    })
+}
+
+/// Random `get_message_status` arguments: an id, a key, both or neither.
+pub fn get_message_status(rng: &mut StdRng) -> Value {
+    query(
+        rng,
+        &["message_id", "idempotency_key"],
+        2,
+        |rng, field| match field {
+            "message_id" => reference(rng),
+            _ => json!(string(rng)),
+        },
+    )
+}
+
+/// Random `cancel_message` arguments: a message, a batch or a tag (or
+/// several, or none).
+pub fn cancel_message(rng: &mut StdRng) -> Value {
+    query(
+        rng,
+        &["message_id", "batch_id", "tag"],
+        2,
+        |rng, field| match field {
+            "tag" => json!(string(rng)),
+            _ => reference(rng),
+        },
+    )
+}
+
 /// The tools a random request names; `reload_smtp_configuration` is left
 /// out, since it would replace the test's relays with the configuration's
 /// sources.
@@ -320,6 +446,9 @@ fn rpc(rng: &mut StdRng, i: usize) -> Value {
         let arguments = match name {
             "send_email" => send_email(rng, i),
             "send_batch" => send_batch(rng, i),
+            "list_messages" => list_messages(rng),
+            "get_message_status" => get_message_status(rng),
+            "cancel_message" => cancel_message(rng),
             _ => value(rng, 2),
         };
         json!({ "name": name, "arguments": arguments })
