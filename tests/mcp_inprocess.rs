@@ -795,6 +795,132 @@ async fn subscriptions_are_bounded_and_end_with_their_message() {
     assert!(smtp.messages().is_empty());
 }
 
+/// A `resources/subscribe` subscription to a message a relay took goes on
+/// after `sent`: a bounce report noted on it is one more update. At the
+/// bound such subscriptions give their places up, oldest first, before a
+/// new one is refused; one given up hears no more reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(deprecated)] // resources/subscribe, as clients of 2025-06-18 send it
+async fn a_subscription_hears_reports_after_sent_and_gives_its_place_up_first() {
+    use mailmux::mcp::resources::MAX_WATCHED;
+    use mailmux_actors::queue::ReportRecord;
+    use rmcp::ServiceExt;
+    use rmcp::model::SubscribeRequestParams;
+
+    let smtp = Aiosmtpd::start();
+    let server = server_for(&smtp).await;
+    let recorder = common::Updates::default();
+    let client = recorder
+        .clone()
+        .serve(serve_on(server.clone()))
+        .await
+        .unwrap();
+    let uri = |id: &str| format!("mailmux://messages/{id}");
+    let updates = |id: &str| {
+        let uri = uri(id);
+        recorder
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|u| **u == uri)
+            .count()
+    };
+    let subscribe = |id: &str| client.subscribe(SubscribeRequestParams::new(uri(id)));
+    let queue = server.queue();
+    let report = |reason: &str, address: &str| ReportRecord {
+        at: mailmux_actors::queue::now_millis(),
+        reason: reason.into(),
+        address: address.into(),
+        detail: "5.1.1 no such user".into(),
+    };
+
+    // Two messages sent (the call waits), each subscribed to after.
+    let mut sent = Vec::new();
+    for to in ["a@example.org", "b@example.org"] {
+        let params = CallToolRequestParams::new("send_email").with_arguments(
+            json!({"to": to, "subject": "s", "body": "x"})
+                .as_object()
+                .unwrap()
+                .clone(),
+        );
+        let out = client
+            .call_tool(params)
+            .await
+            .unwrap()
+            .structured_content
+            .unwrap();
+        assert_eq!(out["status"], "sent", "{out}");
+        let id = out["message_id"].as_str().unwrap().to_owned();
+        subscribe(&id).await.unwrap();
+        sent.push(id);
+    }
+    let (a, b) = (&sent[0], &sent[1]);
+    let record_a = queue.status(a).await.unwrap().unwrap();
+    let record_b = queue.status(b).await.unwrap().unwrap();
+    queue
+        .note_reports(&record_a, vec![report("bounced", "a@example.org")])
+        .await
+        .unwrap();
+    let told = support::wait_until(|| updates(a) == 1, Duration::from_secs(10)).await;
+    assert!(told, "no update for the report on a sent message");
+
+    // The bound filled with messages that wait: the subscription to `a`,
+    // the oldest to a sent message, gives its place up first, then `b`'s;
+    // then one more is refused.
+    let mut waiting = Vec::new();
+    while waiting.len() < MAX_WATCHED + 1 {
+        let n = (MAX_WATCHED + 1 - waiting.len()).min(1000);
+        let messages: Vec<Value> = (0..n)
+            .map(|i| json!({"to": [format!("r{i}@example.org")]}))
+            .collect();
+        let params = CallToolRequestParams::new("send_batch").with_arguments(
+            json!({"defaults": {"subject": "later", "body": "x"}, "messages": messages,
+                   "send_at": "1h", "wait": false})
+            .as_object()
+            .unwrap()
+            .clone(),
+        );
+        let out = client
+            .call_tool(params)
+            .await
+            .unwrap()
+            .structured_content
+            .unwrap();
+        for r in out["results"].as_array().unwrap() {
+            waiting.push(r["message_id"].as_str().unwrap().to_owned());
+        }
+    }
+    for id in &waiting[..MAX_WATCHED - 2] {
+        subscribe(id).await.unwrap();
+    }
+    subscribe(&waiting[MAX_WATCHED - 2]).await.unwrap();
+    queue
+        .note_reports(&record_a, vec![report("complained", "a@example.org")])
+        .await
+        .unwrap();
+    queue
+        .note_reports(&record_b, vec![report("bounced", "b@example.org")])
+        .await
+        .unwrap();
+    let told = support::wait_until(|| updates(b) == 1, Duration::from_secs(10)).await;
+    assert!(told, "no update for the report on the one still subscribed");
+    assert_eq!(
+        updates(a),
+        1,
+        "a subscription given up still heard a report"
+    );
+    subscribe(&waiting[MAX_WATCHED - 1]).await.unwrap();
+    let refused = subscribe(&waiting[MAX_WATCHED]).await.unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains(&format!("{MAX_WATCHED} messages")),
+        "{refused}"
+    );
+    assert_eq!(smtp.messages().len(), 2);
+}
+
 /// `subscriptions/listen` (protocol 2026-07-28): the stream carries a
 /// resource update for each state change of the message it names, and for
 /// a report (a bounce) noted on it once it was sent; none for a URI that

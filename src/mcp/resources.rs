@@ -1,8 +1,8 @@
 //! Each message as an MCP resource, `mailmux://messages/{message_id}`: its
 //! status as JSON (the same shape as `get_message_status`, never the body),
 //! and `notifications/resources/updated` to the clients subscribed to it
-//! whenever its state changes (and, on a `subscriptions/listen` stream,
-//! when a bounce or complaint report is noted on it after it was sent).
+//! whenever its state changes, and when a bounce or complaint report is
+//! noted on it after a relay took it.
 //!
 //! Clients of 2025-06-18 and 2025-11-25 subscribe with `resources/subscribe`
 //! ([`Subscriptions`]): one listener on the queue's state changes starts with
@@ -10,10 +10,10 @@
 //! it. Clients of 2026-07-28 open a `subscriptions/listen` stream instead
 //! ([`listen`]), which holds its own listener for as long as it is open.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use mailmux_actors::queue::{Queue, Watch};
+use mailmux_actors::queue::{Queue, State, Watch};
 use rmcp::RoleServer;
 use rmcp::model::ResourceUpdatedNotificationParam;
 use rmcp::service::{Peer, SubscriptionContext};
@@ -42,13 +42,22 @@ pub const MAX_WATCHED: usize = 5_000;
 /// header; none over stdio, which has one client).
 type Holder = (Arc<str>, String);
 
+/// Whether a message's subscriptions end at this state: a final state in
+/// which no relay took it. One a relay took (`sent`, `partial`, `unknown`)
+/// may still get a bounce or complaint report, so its subscriptions go on.
+pub fn ends_at(state: State) -> bool {
+    state.is_final() && !matches!(state, State::Sent | State::Partial | State::Unknown)
+}
+
 /// Which sessions are subscribed to which message (`resources/subscribe`).
 ///
 /// A session holds one subscription per message however often it asks; it
 /// ends with `resources/unsubscribe` from the same session, when the
-/// message reaches a final state (after that update), or when an update
-/// finds the session gone. A caller holds at most [`MAX_WATCHED`]; at that
-/// bound the subscriptions of its closed sessions are dropped first.
+/// message reaches a final state no relay took it in ([`ends_at`], after
+/// that update), or when an update finds the session gone. A caller holds
+/// at most [`MAX_WATCHED`]; at that bound the subscriptions of its closed
+/// sessions are dropped first, then its subscriptions to messages a relay
+/// took (which wait only for reports), oldest first.
 #[derive(Debug, Default, Clone)]
 pub struct Subscriptions {
     inner: Arc<Mutex<Watched>>,
@@ -62,6 +71,11 @@ struct Watched {
     /// Each subscribed message's watch for the changes other processes
     /// make (`Queue::watch`), for as long as it has a subscriber.
     watches: HashMap<String, Watch>,
+    /// Per caller, its subscriptions to messages a relay took, oldest
+    /// first (some may have ended since: they are skipped).
+    delivered: HashMap<Arc<str>, VecDeque<(String, Holder)>>,
+    /// The messages whose subscriptions are in `delivered`.
+    delivered_ids: HashSet<String>,
 }
 
 impl Watched {
@@ -73,6 +87,7 @@ impl Watched {
         if peers.is_empty() {
             self.by_id.remove(id);
             self.watches.remove(id);
+            self.delivered_ids.remove(id);
         }
         if removed {
             self.release(&holder.0, 1);
@@ -86,6 +101,47 @@ impl Watched {
                 self.per_caller.remove(caller);
             }
         }
+    }
+
+    /// Notes the subscriptions to `id`, which a relay took, as waiting only
+    /// for reports (once).
+    fn deliver(&mut self, id: &str) {
+        if !self.delivered_ids.insert(id.to_owned()) {
+            return;
+        }
+        let holders: Vec<Holder> = self
+            .by_id
+            .get(id)
+            .map(|p| p.keys().cloned().collect())
+            .unwrap_or_default();
+        for holder in holders {
+            self.queue_delivered(id, holder);
+        }
+    }
+
+    /// Queues `holder`'s subscription to `id`, a message a relay took.
+    fn queue_delivered(&mut self, id: &str, holder: Holder) {
+        let queue = self.delivered.entry(holder.0.clone()).or_default();
+        queue.push_back((id.to_owned(), holder));
+        // Ended ones are skipped when a place is needed; past twice the
+        // bound they are dropped, so the queue stays within it.
+        if queue.len() > 2 * MAX_WATCHED {
+            let by_id = &self.by_id;
+            queue.retain(|(id, h)| by_id.get(id).is_some_and(|p| p.contains_key(h)));
+        }
+    }
+
+    /// Ends `caller`'s oldest subscription to a message a relay took, if it
+    /// has one: whether a place was freed.
+    fn give_up_delivered(&mut self, caller: &Arc<str>) -> bool {
+        while let Some((id, holder)) = self.delivered.get_mut(caller).and_then(VecDeque::pop_front)
+        {
+            if self.by_id.get(&id).is_some_and(|p| p.contains_key(&holder)) {
+                self.remove(&id, &holder);
+                return true;
+            }
+        }
+        false
     }
 
     /// Drops the subscriptions of `caller`'s sessions that have closed.
@@ -120,13 +176,14 @@ impl std::fmt::Display for TooMany {
 }
 
 impl Subscriptions {
-    /// Subscribes `session` of `caller` to the message `id`.
+    /// Subscribes `session` of `caller` to the message `id`, in `state`.
     pub async fn subscribe(
         &self,
         queue: &Queue,
         caller: &Arc<str>,
         session: String,
         id: &str,
+        state: State,
         peer: Peer<RoleServer>,
     ) -> Result<(), TooMany> {
         let holder = (caller.clone(), session);
@@ -141,16 +198,23 @@ impl Subscriptions {
             }
             if w.per_caller.get(caller).copied().unwrap_or(0) >= MAX_WATCHED {
                 w.sweep(caller);
-                if w.per_caller.get(caller).copied().unwrap_or(0) >= MAX_WATCHED {
+                if w.per_caller.get(caller).copied().unwrap_or(0) >= MAX_WATCHED
+                    && !w.give_up_delivered(caller)
+                {
                     return Err(TooMany);
                 }
             }
+            let delivered = state.is_final() || w.delivered_ids.contains(id);
             w.by_id
                 .entry(id.to_owned())
                 .or_default()
-                .insert(holder, peer);
+                .insert(holder.clone(), peer);
             w.watches.entry(id.to_owned()).or_insert(watch);
             *w.per_caller.entry(caller.clone()).or_default() += 1;
+            if delivered {
+                w.delivered_ids.insert(id.to_owned());
+                w.queue_delivered(id, holder);
+            }
         }
         self.listening.get_or_init(|| {
             tokio::spawn(forward(self.clone(), queue.changes()));
@@ -163,18 +227,20 @@ impl Subscriptions {
         self.lock().remove(id, &(caller.clone(), session));
     }
 
-    /// The subscribers of `id`, for one state change; a final state ends
-    /// their subscriptions.
-    fn take(&self, id: &str, last: bool) -> Vec<(Holder, Peer<RoleServer>)> {
+    /// The subscribers of `id`, for one change to `state`: a final state
+    /// no relay took it in ends their subscriptions ([`ends_at`]).
+    fn take(&self, id: &str, state: State) -> Vec<(Holder, Peer<RoleServer>)> {
         let mut w = self.lock();
         let peers: Vec<_> = match w.by_id.get(id) {
             Some(p) => p.iter().map(|(h, p)| (h.clone(), p.clone())).collect(),
             None => return Vec::new(),
         };
-        if last {
+        if ends_at(state) {
             for (holder, _) in &peers {
                 w.remove(id, holder);
             }
+        } else if state.is_final() {
+            w.deliver(id);
         }
         peers
     }
@@ -222,7 +288,7 @@ async fn forward(
         match changes.recv().await {
             Ok(change) => {
                 let id = &change.message_id;
-                for (holder, peer) in subs.take(id, change.state.is_final()) {
+                for (holder, peer) in subs.take(id, change.state) {
                     let param = ResourceUpdatedNotificationParam::new(uri(id));
                     if peer.notify_resource_updated(param).await.is_err() {
                         tracing::debug!(message_id = %id, "a subscribed client is gone");

@@ -3157,8 +3157,9 @@ impl ServerHandler for MailmuxServer {
         let Ok(Some(record)) = self.owned_by(&caller, id).await else {
             return Err(not_found());
         };
-        // A final message changes no more: nothing to keep a place for.
-        if record.state.is_final() {
+        // A message that ended without a relay taking it changes no more:
+        // nothing to keep a place for. One a relay took may get a report.
+        if resources::ends_at(record.state) {
             return Ok(());
         }
         let session = super::cancel::session(&context.extensions);
@@ -3169,6 +3170,7 @@ impl ServerHandler for MailmuxServer {
                 &caller.name,
                 session,
                 id,
+                record.state,
                 context.peer.clone(),
             )
             .await
