@@ -1743,6 +1743,16 @@ async fn tags_and_metadata_are_kept_listed_by_tag_and_never_sent() {
         (json!({"list": "weekly"}), vec![news[0].clone()]),
         (json!({"customer_id": "c-42"}), vec![]),
         (json!({"order": "O-17"}), vec![]),
+        // Every name given, each with its value.
+        (
+            json!({"customer_id": "c-4242", "order": "o-17"}),
+            vec![first.clone()],
+        ),
+        (json!({"customer_id": "c-4242", "order": "o-18"}), vec![]),
+        (
+            json!({"list": "daily", "customer_id": "c-9"}),
+            vec![news[1].clone()],
+        ),
     ] {
         assert_eq!(
             listed(d.peer(), json!({"metadata": args})).await,
@@ -1758,9 +1768,11 @@ async fn tags_and_metadata_are_kept_listed_by_tag_and_never_sent() {
         .await,
         Vec::<String>::new()
     );
+    let too_many: serde_json::Map<String, Value> =
+        (0..21).map(|i| (format!("k{i}"), json!("v"))).collect();
     for (args, rule, field) in [
-        (json!({}), "one_pair", "metadata"),
-        (json!({"a": "1", "b": "2"}), "one_pair", "metadata"),
+        (json!({}), "empty", "metadata"),
+        (Value::Object(too_many), "invalid_metadata", "metadata"),
         (
             json!({"bad name": "v"}),
             "invalid_metadata",
@@ -1788,6 +1800,19 @@ async fn tags_and_metadata_are_kept_listed_by_tag_and_never_sent() {
     );
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains(&first) && out.lines().count() == 1, "{out}");
+    let (code, out, err) = common::queue_cmd(
+        dir.path(),
+        &[
+            "list",
+            "--metadata",
+            "customer_id=c-4242",
+            "--metadata",
+            "order=o-18",
+            "--json",
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.trim().is_empty(), "{out}");
     let (code, _, err) = common::queue_cmd(dir.path(), &["list", "--metadata", "no pair"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("NAME=VALUE"), "{err}");

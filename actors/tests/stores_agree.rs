@@ -355,12 +355,17 @@ impl Run {
                 .then(|| ["EXAMPLE.org", "bob", "elsewhere"][rng.random_range(0..3)].into()),
             reported: None,
             metadata: rng.random_bool(0.3).then(|| {
-                let (name, value) = [
-                    ("campaign", "spring"),
-                    ("user.id", "7"),
-                    ("campaign", "none"),
-                ][rng.random_range(0..3)];
-                (name.into(), value.into())
+                let pairs: &[(&str, &str)] = [
+                    &[("campaign", "spring")][..],
+                    &[("user.id", "7")],
+                    &[("campaign", "none")],
+                    &[("campaign", "fall"), ("user.id", "7")],
+                    &[("campaign", "spring"), ("user.id", "7")],
+                ][rng.random_range(0..5)];
+                pairs
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), v.to_string()))
+                    .collect()
             }),
         }
     }

@@ -185,9 +185,10 @@ pub struct ListArgs {
     /// Only messages a bounce or complaint report came back for.
     #[arg(long, value_parser = crate::bounces::REASONS)]
     pub reported: Option<String>,
-    /// Only messages sent with this metadata name and value (`NAME=VALUE`).
+    /// Only messages sent with this metadata name and value (`NAME=VALUE`);
+    /// given again, with each of them.
     #[arg(long, value_name = "NAME=VALUE", value_parser = crate::compose::labels::pair)]
-    pub metadata: Option<(String, String)>,
+    pub metadata: Vec<(String, String)>,
     /// At most this many, newest first (at least 1).
     #[arg(long, default_value_t = 50, value_parser = at_least_one)]
     pub limit: usize,
@@ -737,7 +738,7 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
             let filter = match a.select.filter() {
                 Ok(f) => Filter {
                     reported: a.reported,
-                    metadata: a.metadata,
+                    metadata: (!a.metadata.is_empty()).then(|| a.metadata.into_iter().collect()),
                     ..f
                 },
                 Err(code) => return code,

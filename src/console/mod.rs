@@ -418,7 +418,7 @@ async fn queue(
     let (metadata, bad_metadata) = match nonempty(&q.metadata) {
         None => (None, None),
         Some(asked) => match crate::compose::labels::pair(&asked) {
-            Ok(pair) => (Some(pair), None),
+            Ok(pair) => (Some(std::collections::BTreeMap::from([pair])), None),
             Err(why) => {
                 let shown: String = asked.chars().take(64).collect();
                 let why: String = why.chars().take(120).collect();

@@ -160,6 +160,13 @@ pub fn login(error: Option<&str>) -> Markup {
     )
 }
 
+/// The metadata search of a queue page as its form and links write it,
+/// `NAME=VALUE` (the console searches one pair).
+fn searched_metadata(filter: &Filter) -> Option<String> {
+    let (name, value) = filter.metadata.as_ref()?.first_key_value()?;
+    Some(format!("{name}={value}"))
+}
+
 fn state_badge(s: &str) -> Markup {
     html! { span class={ "state " (s) } { (s) } }
 }
@@ -507,10 +514,7 @@ pub fn queue(
         ("reported", filter.reported.clone()),
         ("batch", filter.batch.clone()),
         ("tag", filter.tag.clone()),
-        (
-            "metadata",
-            filter.metadata.as_ref().map(|(n, v)| format!("{n}={v}")),
-        ),
+        ("metadata", searched_metadata(filter)),
     ] {
         if let Some(v) = v {
             query.push_str(&format!("&{k}={}", super::urlencode(&v)));
@@ -548,7 +552,7 @@ pub fn queue(
             label {
                 "metadata"
                 input type="text" name="metadata" placeholder="name=value"
-                    value=(filter.metadata.as_ref().map(|(n, v)| format!("{n}={v}")).unwrap_or_default());
+                    value=(searched_metadata(filter).unwrap_or_default());
             }
             @if let Some(batch) = &filter.batch {
                 // Kept while filtering further; "Clear" drops it.
@@ -1159,7 +1163,7 @@ mod tests {
     fn the_queue_page_keeps_a_metadata_search_in_its_form_and_older_link() {
         let (op, _, _) = overview_of_sqlite();
         let filter = Filter {
-            metadata: Some(("customer_id".into(), "c 42".into())),
+            metadata: Some([("customer_id".into(), "c 42".into())].into()),
             ..Filter::default()
         };
         let page = queue(&op, None, &filter, None, &[], Some(7)).into_string();

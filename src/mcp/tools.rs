@@ -1267,7 +1267,8 @@ impl MailmuxServer {
                        one `status`, of one `send_batch` (`batch_id`), sent with one `tag`, to \
                        a `recipient` (an address or part of one, any case), or that a bounce or \
                        complaint report came back for (`reported`: `bounced` or `complained`), \
-                       or sent with one `metadata` name and value (`{\"campaign\": \"spring\"}`). \
+                       or sent with `metadata` names and values, all of them \
+                       (`{\"campaign\": \"spring\", \"segment\": \"vip\"}`). \
                        At most `limit` (1-100, default 20) a page; pass `next_cursor` back \
                        as `cursor` for the next page. With `batch_id` or `tag`, the first page \
                        has `summary`: how many of those messages are in each status.",
@@ -1361,24 +1362,19 @@ impl MailmuxServer {
             };
             let metadata = match &p.metadata {
                 None => None,
-                Some(m) => match m.first_key_value() {
-                    Some((name, value)) if m.len() == 1 => {
-                        if let Err(e) = crate::compose::labels::check_one(name, value) {
-                            return fail::<ListMessagesResult>(ToolError::invalid_input(&e));
-                        }
-                        Some((name.clone(), value.clone()))
+                Some(m) if m.is_empty() => {
+                    return fail::<ListMessagesResult>(invalid(
+                        "metadata",
+                        "empty",
+                        "metadata must hold at least one name and its value".into(),
+                    ));
+                }
+                Some(m) => {
+                    if let Err(e) = crate::compose::labels::check(None, m) {
+                        return fail::<ListMessagesResult>(ToolError::invalid_input(&e));
                     }
-                    _ => {
-                        return fail::<ListMessagesResult>(invalid(
-                            "metadata",
-                            "one_pair",
-                            format!(
-                                "metadata must hold one name and its value, got {}",
-                                m.len()
-                            ),
-                        ));
-                    }
-                },
+                    Some(m.clone())
+                }
             };
             let filter = Filter {
                 state,

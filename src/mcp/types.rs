@@ -508,9 +508,9 @@ pub struct ListMessagesParams {
     /// Searched as `recipient` is, 10,000 messages a page.
     #[serde(default)]
     pub reported: Option<String>,
-    /// Only messages sent with this one name and value in their
-    /// `metadata`: `{"campaign": "spring"}`. Searched as `recipient` is,
-    /// 10,000 messages a page.
+    /// Only messages sent with each of these names, each with its value,
+    /// in their `metadata` (1 to 20): `{"campaign": "spring"}`. Searched as
+    /// `recipient` is, 10,000 messages a page.
     #[serde(default)]
     pub metadata: Option<std::collections::BTreeMap<String, String>>,
 }

@@ -1016,15 +1016,16 @@ pub struct Filter {
     /// Only messages a report of this reason (`bounced`, `complained`) was
     /// noted on ([`Store::note_reports`]). Searched as `recipient` is.
     pub reported: Option<String>,
-    /// Only messages sent with this name in their `metadata`, with this
-    /// value (their `meta`'s `metadata`). Searched as `recipient` is.
-    pub metadata: Option<(String, String)>,
+    /// Only messages sent with each of these names in their `metadata`,
+    /// with its value (their `meta`'s `metadata`). Searched as `recipient`
+    /// is.
+    pub metadata: Option<std::collections::BTreeMap<String, String>>,
 }
 
 impl Filter {
     /// Whether `r` has what the filter searches for: a recipient that
     /// contains `recipient` (any case), a report of the `reported` reason,
-    /// and the `metadata` name with its value.
+    /// and every `metadata` name with its value.
     pub fn search_matches(&self, r: &Record) -> bool {
         self.recipient.as_ref().is_none_or(|needle| {
             let needle = needle.to_lowercase();
@@ -1033,8 +1034,10 @@ impl Filter {
             .reported
             .as_ref()
             .is_none_or(|reason| r.reports.iter().any(|report| &report.reason == reason))
-            && self.metadata.as_ref().is_none_or(|(name, value)| {
-                metadata_of(r.meta.as_deref(), name).as_ref() == Some(value)
+            && self.metadata.as_ref().is_none_or(|wanted| {
+                wanted.iter().all(|(name, value)| {
+                    metadata_of(r.meta.as_deref(), name).as_ref() == Some(value)
+                })
             })
     }
 

@@ -2946,8 +2946,7 @@ fn filtered<'q>(
         .bind(filter.recipient.as_ref().map(|r| r.to_lowercase()))
         .bind(&filter.tag)
         .bind(&filter.reported)
-        .bind(filter.metadata.as_ref().map(|(name, _)| name))
-        .bind(filter.metadata.as_ref().map(|(_, value)| value))
+        .bind(filter.metadata.as_ref().map(rows::metadata_json))
 }
 
 fn summary(r: &PgRow) -> Result<Summary, sqlx::Error> {

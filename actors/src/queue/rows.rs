@@ -136,20 +136,29 @@ pub(crate) fn count_sql(p: char, filter: &Filter) -> String {
 
 /// The conditions of what no index serves: parameter `6`, lowered, in a
 /// row's recipients, a report of reason `8` among its reports (stored
-/// one a line, `at`, reason, address and detail tab-separated), and the
-/// value `10` of name `9` in the `metadata` of its `meta` (JSON; a name
-/// holds only letters, digits, `_`, `-` and `.`), each met when its
-/// parameter is null.
+/// one a line, `at`, reason, address and detail tab-separated), and each
+/// name of the JSON object `9` with its value in the `metadata` of its
+/// `meta` (JSON; a name holds only letters, digits, `_`, `-` and `.`),
+/// each met when its parameter is null.
 fn searched_for(p: char) -> &'static str {
     if p == '$' {
         "($6::text IS NULL OR strpos(lower(rcpt), $6) > 0)
             AND ($8::text IS NULL OR strpos(reports, chr(9) || $8 || chr(9)) > 0)
-            AND ($9::text IS NULL OR (meta::jsonb -> 'metadata' ->> $9) = $10::text)"
+            AND ($9::text IS NULL OR (meta::jsonb -> 'metadata') @> $9::text::jsonb)"
     } else {
         "(?6 IS NULL OR instr(lower(rcpt), ?6) > 0)
             AND (?8 IS NULL OR instr(reports, char(9) || ?8 || char(9)) > 0)
-            AND (?9 IS NULL OR json_extract(meta, '$.metadata.\"' || ?9 || '\"') = ?10)"
+            AND (?9 IS NULL OR NOT EXISTS (
+                SELECT 1 FROM json_each(?9) AS wanted
+                 WHERE json_extract(meta, '$.metadata.\"' || wanted.key || '\"')
+                       IS NOT wanted.value))"
     }
+}
+
+/// The metadata a filter searches for, as parameter `9` of
+/// [`list_sql`] and [`count_sql`] takes it: a JSON object.
+pub(crate) fn metadata_json(wanted: &std::collections::BTreeMap<String, String>) -> String {
+    serde_json::to_string(wanted).unwrap_or_default()
 }
 
 /// The table, its `node` column (PostgreSQL's), and the conditions of

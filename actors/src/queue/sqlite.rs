@@ -2418,8 +2418,7 @@ fn filter_params(filter: &Filter, before: i64, rows: i64) -> Vec<rusqlite::types
         text(filter.recipient.as_ref().map(|r| r.to_lowercase())),
         text(filter.tag.clone()),
         text(filter.reported.clone()),
-        text(filter.metadata.as_ref().map(|(name, _)| name.clone())),
-        text(filter.metadata.as_ref().map(|(_, value)| value.clone())),
+        text(filter.metadata.as_ref().map(super::rows::metadata_json)),
     ]
 }
 
