@@ -702,6 +702,60 @@ async fn messages_are_resources_with_updates_for_subscribers() {
     assert!(missing.is_err());
 }
 
+/// A server relaying to its own aiosmtpd, and a client of it that records
+/// the resource updates it is sent.
+async fn subscriber() -> (
+    Aiosmtpd,
+    mailmux::mcp::MailmuxServer,
+    common::Updates,
+    rmcp::service::RunningService<rmcp::RoleClient, common::Updates>,
+) {
+    use rmcp::ServiceExt;
+    let smtp = Aiosmtpd::start();
+    let server = server_for(&smtp).await;
+    let recorder = common::Updates::default();
+    let client = recorder
+        .clone()
+        .serve(serve_on(server.clone()))
+        .await
+        .unwrap();
+    (smtp, server, recorder, client)
+}
+
+/// The structured answer of one tool call.
+async fn answer(
+    client: &rmcp::service::Peer<rmcp::RoleClient>,
+    tool: &'static str,
+    args: Value,
+) -> Value {
+    let params = CallToolRequestParams::new(tool).with_arguments(args.as_object().unwrap().clone());
+    client
+        .call_tool(params)
+        .await
+        .unwrap()
+        .structured_content
+        .unwrap()
+}
+
+/// The ids of `n` messages scheduled an hour ahead, sent by `client` in
+/// batches of at most 1,000.
+async fn scheduled(client: &rmcp::service::Peer<rmcp::RoleClient>, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    while ids.len() < n {
+        let messages: Vec<Value> = (0..(n - ids.len()).min(1000))
+            .map(|i| json!({"to": [format!("r{i}@example.org")]}))
+            .collect();
+        let args = json!({"defaults": {"subject": "later", "body": "x"}, "messages": messages,
+                          "send_at": "1h", "wait": false});
+        let out = answer(client, "send_batch", args).await;
+        for r in out["results"].as_array().unwrap() {
+            assert_eq!(r["status"], "scheduled", "{r}");
+            ids.push(r["message_id"].as_str().unwrap().to_owned());
+        }
+    }
+    ids
+}
+
 /// A caller watches at most `MAX_WATCHED` messages at once: past that,
 /// `resources/subscribe` is refused with the reason. A subscription ends
 /// when its message reaches a final state, and a closed connection's
@@ -713,38 +767,8 @@ async fn subscriptions_are_bounded_and_end_with_their_message() {
     use rmcp::ServiceExt;
     use rmcp::model::SubscribeRequestParams;
 
-    let smtp = Aiosmtpd::start();
-    let server = server_for(&smtp).await;
-    let recorder = common::Updates::default();
-    let client = recorder
-        .clone()
-        .serve(serve_on(server.clone()))
-        .await
-        .unwrap();
-    let mut ids = Vec::new();
-    while ids.len() <= MAX_WATCHED + 1 {
-        let n = (MAX_WATCHED + 2 - ids.len()).min(1000);
-        let messages: Vec<Value> = (0..n)
-            .map(|i| json!({"to": [format!("r{i}@example.org")]}))
-            .collect();
-        let params = CallToolRequestParams::new("send_batch").with_arguments(
-            json!({"defaults": {"subject": "later", "body": "x"}, "messages": messages,
-                   "send_at": "1h", "wait": false})
-            .as_object()
-            .unwrap()
-            .clone(),
-        );
-        let out = client
-            .call_tool(params)
-            .await
-            .unwrap()
-            .structured_content
-            .unwrap();
-        for r in out["results"].as_array().unwrap() {
-            assert_eq!(r["status"], "scheduled", "{r}");
-            ids.push(r["message_id"].as_str().unwrap().to_owned());
-        }
-    }
+    let (smtp, server, recorder, client) = subscriber().await;
+    let ids = scheduled(&client, MAX_WATCHED + 2).await;
     let uri = |id: &str| format!("mailmux://messages/{id}");
     let subscribe = |id: &str| client.subscribe(SubscribeRequestParams::new(uri(id)));
     for id in &ids[..MAX_WATCHED] {
@@ -804,17 +828,9 @@ async fn subscriptions_are_bounded_and_end_with_their_message() {
 async fn a_subscription_hears_reports_after_sent_and_gives_its_place_up_first() {
     use mailmux::mcp::resources::MAX_WATCHED;
     use mailmux_actors::queue::ReportRecord;
-    use rmcp::ServiceExt;
     use rmcp::model::SubscribeRequestParams;
 
-    let smtp = Aiosmtpd::start();
-    let server = server_for(&smtp).await;
-    let recorder = common::Updates::default();
-    let client = recorder
-        .clone()
-        .serve(serve_on(server.clone()))
-        .await
-        .unwrap();
+    let (smtp, server, recorder, client) = subscriber().await;
     let uri = |id: &str| format!("mailmux://messages/{id}");
     let updates = |id: &str| {
         let uri = uri(id);
@@ -838,18 +854,8 @@ async fn a_subscription_hears_reports_after_sent_and_gives_its_place_up_first() 
     // Two messages sent (the call waits), each subscribed to after.
     let mut sent = Vec::new();
     for to in ["a@example.org", "b@example.org"] {
-        let params = CallToolRequestParams::new("send_email").with_arguments(
-            json!({"to": to, "subject": "s", "body": "x"})
-                .as_object()
-                .unwrap()
-                .clone(),
-        );
-        let out = client
-            .call_tool(params)
-            .await
-            .unwrap()
-            .structured_content
-            .unwrap();
+        let args = json!({"to": to, "subject": "s", "body": "x"});
+        let out = answer(&client, "send_email", args).await;
         assert_eq!(out["status"], "sent", "{out}");
         let id = out["message_id"].as_str().unwrap().to_owned();
         subscribe(&id).await.unwrap();
@@ -868,29 +874,7 @@ async fn a_subscription_hears_reports_after_sent_and_gives_its_place_up_first() 
     // The bound filled with messages that wait: the subscription to `a`,
     // the oldest to a sent message, gives its place up first, then `b`'s;
     // then one more is refused.
-    let mut waiting = Vec::new();
-    while waiting.len() < MAX_WATCHED + 1 {
-        let n = (MAX_WATCHED + 1 - waiting.len()).min(1000);
-        let messages: Vec<Value> = (0..n)
-            .map(|i| json!({"to": [format!("r{i}@example.org")]}))
-            .collect();
-        let params = CallToolRequestParams::new("send_batch").with_arguments(
-            json!({"defaults": {"subject": "later", "body": "x"}, "messages": messages,
-                   "send_at": "1h", "wait": false})
-            .as_object()
-            .unwrap()
-            .clone(),
-        );
-        let out = client
-            .call_tool(params)
-            .await
-            .unwrap()
-            .structured_content
-            .unwrap();
-        for r in out["results"].as_array().unwrap() {
-            waiting.push(r["message_id"].as_str().unwrap().to_owned());
-        }
-    }
+    let waiting = scheduled(&client, MAX_WATCHED + 1).await;
     for id in &waiting[..MAX_WATCHED - 2] {
         subscribe(id).await.unwrap();
     }

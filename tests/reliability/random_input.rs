@@ -317,60 +317,56 @@ fn query(
 
 /// Random `list_messages` arguments: filters that match, that match
 /// nothing, and that are wrong (an unknown state, a limit out of range, a
-/// cursor that is not one, metadata that is not one pair).
+/// cursor that is not one, metadata with no name or a bad one).
 pub fn list_messages(rng: &mut StdRng) -> Value {
-    const FIELDS: &[&str] = &[
-        "status",
-        "limit",
-        "cursor",
-        "batch_id",
-        "tag",
-        "recipient",
-        "reported",
-        "metadata",
-    ];
-    query(rng, FIELDS, 3, |rng, field| match field {
-        "status" | "reported" => {
-            const STATES: &[&str] = &[
-                "queued",
-                "sent",
-                "failed",
-                "held",
-                "bounced",
-                "complained",
-                "SENT",
-                "",
-            ];
-            match rng.random_bool(0.7) {
-                true => json!(STATES[rng.random_range(0..STATES.len())]),
-                false => json!(string(rng)),
+    use mailmux::mcp::types::{ListMessagesParams, Params};
+    query(
+        rng,
+        ListMessagesParams::FIELDS,
+        3,
+        |rng, field| match field {
+            "status" | "reported" => {
+                const STATES: &[&str] = &[
+                    "queued",
+                    "sent",
+                    "failed",
+                    "held",
+                    "bounced",
+                    "complained",
+                    "SENT",
+                    "",
+                ];
+                match rng.random_bool(0.7) {
+                    true => json!(STATES[rng.random_range(0..STATES.len())]),
+                    false => json!(string(rng)),
+                }
             }
-        }
-        "limit" => [
-            json!(0),
-            json!(1),
-            json!(20),
-            json!(100),
-            json!(101),
-            json!(u32::MAX),
-            json!(-1),
-            json!("5"),
-        ][rng.random_range(0..8)]
-        .clone(),
-        "cursor" | "batch_id" => reference(rng),
-        "metadata" => {
-            let mut m = Map::new();
-            for _ in 0..rng.random_range(0..3) {
-                let name = match rng.random_bool(0.5) {
-                    true => "campaign".to_string(),
-                    false => string(rng),
-                };
-                m.insert(name, json!(string(rng)));
+            "limit" => [
+                json!(0),
+                json!(1),
+                json!(20),
+                json!(100),
+                json!(101),
+                json!(u32::MAX),
+                json!(-1),
+                json!("5"),
+            ][rng.random_range(0..8)]
+            .clone(),
+            "cursor" | "batch_id" => reference(rng),
+            "metadata" => {
+                let mut m = Map::new();
+                for _ in 0..rng.random_range(0..3) {
+                    let name = match rng.random_bool(0.5) {
+                        true => "campaign".to_string(),
+                        false => string(rng),
+                    };
+                    m.insert(name, json!(string(rng)));
+                }
+                Value::Object(m)
             }
-            Value::Object(m)
-        }
-        _ => json!(string(rng)),
-    })
+            _ => json!(string(rng)),
+        },
+    )
 }
 
 /// Random `get_message_status` arguments: an id, a key, both or neither.
