@@ -29,13 +29,9 @@ pub(crate) fn pair(s: &str) -> Result<(String, String), String> {
     let Some((name, value)) = s.split_once('=') else {
         return Err("expected NAME=VALUE".into());
     };
-    check_one(name, value).map_err(|e| e.message)?;
-    Ok((name.to_owned(), value.to_owned()))
-}
-
-/// Checks one metadata name and value as a send's `metadata` is.
-pub(crate) fn check_one(name: &str, value: &str) -> Result<(), ComposeError> {
-    check(None, &BTreeMap::from([(name.to_owned(), value.to_owned())]))
+    let pair = (name.to_owned(), value.to_owned());
+    check(None, &BTreeMap::from([pair.clone()])).map_err(|e| e.message)?;
+    Ok(pair)
 }
 
 /// Checks `tag` and `metadata`.

@@ -1034,11 +1034,10 @@ impl Filter {
             .reported
             .as_ref()
             .is_none_or(|reason| r.reports.iter().any(|report| &report.reason == reason))
-            && self.metadata.as_ref().is_none_or(|wanted| {
-                wanted.iter().all(|(name, value)| {
-                    metadata_of(r.meta.as_deref(), name).as_ref() == Some(value)
-                })
-            })
+            && self
+                .metadata
+                .as_ref()
+                .is_none_or(|wanted| has_metadata(r.meta.as_deref(), wanted))
     }
 
     /// Whether it names what no index serves (a recipient, a report, a
@@ -1058,10 +1057,18 @@ impl Filter {
     }
 }
 
-/// The value of `name` in the `metadata` of a message's `meta` (JSON).
-fn metadata_of(meta: Option<&str>, name: &str) -> Option<String> {
-    let meta: serde_json::Value = serde_json::from_str(meta?).ok()?;
-    Some(meta.get("metadata")?.get(name)?.as_str()?.to_owned())
+/// Whether the `metadata` of a message's `meta` (JSON, read once) holds
+/// each of `wanted`'s names with its value.
+fn has_metadata(meta: Option<&str>, wanted: &std::collections::BTreeMap<String, String>) -> bool {
+    if wanted.is_empty() {
+        return true;
+    }
+    let Some(meta) = meta.and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok()) else {
+        return false;
+    };
+    wanted
+        .iter()
+        .all(|(name, value)| meta["metadata"][name].as_str() == Some(value))
 }
 
 /// What [`Store::accept_stream`] is fed.
