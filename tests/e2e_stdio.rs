@@ -64,6 +64,16 @@ fn serve_lines(
     env: &[(&str, &str)],
     lines: &[&str],
 ) -> (std::collections::HashMap<u64, Value>, String) {
+    let (out, logs) = serve_lines_all(port, env, lines);
+    let by_id = out
+        .into_iter()
+        .filter_map(|v| Some((v.get("id")?.as_u64()?, v)))
+        .collect();
+    (by_id, logs)
+}
+
+/// Every line the daemon wrote, in order, and its log.
+fn serve_lines_all(port: u16, env: &[(&str, &str)], lines: &[&str]) -> (Vec<Value>, String) {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.jsonl");
     let output = dir.path().join("out.jsonl");
@@ -85,15 +95,13 @@ fn serve_lines(
     assert!(logs.contains("mode=Blocking"), "{logs}");
 
     let out = std::fs::read_to_string(&output).unwrap();
-    let mut by_id = std::collections::HashMap::new();
-    for line in out.lines().filter(|l| !l.trim().is_empty()) {
+    let out = out
+        .lines()
+        .filter(|l| !l.trim().is_empty())
         // stdout carries only JSON-RPC: every line parses.
-        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
-        if let Some(id) = v.get("id").and_then(Value::as_u64) {
-            by_id.insert(id, v);
-        }
-    }
-    (by_id, logs)
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}")))
+        .collect();
+    (out, logs)
 }
 
 const INITIALIZE: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"file-test","version":"1"}}}"#;
@@ -334,6 +342,59 @@ fn socket_pair_stdio_uses_the_socket_path() {
     assert_eq!(smtp.wait_messages(1).len(), 1);
 }
 
+/// Lines that are no request: one that is not JSON is ignored, one that is
+/// JSON but no message of the protocol gets one "Invalid request" error
+/// (no id), a notification of no standard method is skipped. Calls with
+/// `_meta` or a byte-order mark are read too, and each call is served once.
+#[test]
+fn lines_that_are_no_request_are_ignored_or_refused_and_each_call_served() {
+    let smtp = Aiosmtpd::start();
+    let call = |id: u64, extra: &str| {
+        format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"send_email","arguments":{{"to":"rcpt@example.org","subject":"line {id}","body":"b"}}{extra}}}}}"#
+        )
+    };
+    let bom = format!("\u{feff}{}", call(4, ""));
+    let lines = [
+        INITIALIZE,
+        INITIALIZED,
+        "not json",
+        r#"{"foo":1}"#,
+        r#"{"jsonrpc":"2.0","method":"notifications/custom"}"#,
+        "",
+        &call(2, ""),
+        &call(3, r#","_meta":{"progressToken":9}"#),
+        &bom,
+        &call(5, ""),
+    ];
+    let (out, logs) = serve_lines_all(smtp.port, &[], &lines);
+    let refused: Vec<&Value> = out.iter().filter(|v| v.get("error").is_some()).collect();
+    assert_eq!(refused.len(), 1, "{out:?}\n{logs}");
+    assert_eq!(refused[0]["error"]["code"], -32600, "{out:?}");
+    assert_eq!(refused[0]["id"], Value::Null, "{out:?}");
+    for id in 2..=5 {
+        let answers: Vec<&Value> = out.iter().filter(|v| v["id"] == id).collect();
+        assert_eq!(answers.len(), 1, "answers to {id}: {out:?}\n{logs}");
+        assert_eq!(
+            answers[0]["result"]["structuredContent"]["status"], "sent",
+            "{}",
+            answers[0]
+        );
+    }
+    let mut subjects: Vec<String> = smtp
+        .wait_messages(4)
+        .iter()
+        .map(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("Subject: "))
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    subjects.sort();
+    assert_eq!(subjects, ["line 2", "line 3", "line 4", "line 5"]);
+}
+
 /// A request is one line, at most `http.body_limit` bytes: a longer one is
 /// dropped unread (the log says so), and the requests after it are served.
 #[test]
@@ -362,7 +423,10 @@ fn a_line_longer_than_the_body_limit_is_dropped_and_the_next_served() {
         "the long line is not read: {:?}",
         by_id.get(&3)
     );
-    assert!(logs.contains("exceeded the maximum line length"), "{logs}");
+    assert!(
+        logs.contains("a request line is longer than http.body_limit; dropped unread"),
+        "{logs}"
+    );
     // The default max_message_bytes (10 MiB) cannot arrive in 4 KiB: said at start.
     assert!(
         logs.contains("max_message_bytes is above http.body_limit"),

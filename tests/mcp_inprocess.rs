@@ -45,11 +45,17 @@ async fn call(h: &InProcess, tool: &str, args: Value) -> (bool, Value, String) {
         .and_then(|c| c.as_text())
         .map(|t| t.text.clone())
         .unwrap_or_default();
-    (
-        result.is_error.unwrap_or(false),
-        result.structured_content.expect("structured content"),
-        text,
-    )
+    let structured = result.structured_content.expect("structured content");
+    // The sentence, then the structured result as JSON text, as the MCP
+    // specification asks of a tool that returns structured content.
+    assert_eq!(result.content.len(), 2, "{tool}: {:?}", result.content);
+    let json = result.content[1].as_text().expect("a text block");
+    assert_eq!(
+        serde_json::from_str::<Value>(&json.text).expect("JSON text"),
+        structured,
+        "{tool}"
+    );
+    (result.is_error.unwrap_or(false), structured, text)
 }
 
 fn header<'a>(message: &'a str, name: &str) -> Option<&'a str> {

@@ -7,6 +7,7 @@
 pub mod approval;
 pub mod cancel;
 pub mod http;
+pub mod lines;
 pub mod lockout;
 pub mod resources;
 pub mod schema;

@@ -46,16 +46,19 @@ use crate::policy::{Caller, Verdict};
 
 /// Serialises a result; `isError` follows the presence of its `error`.
 pub(super) fn respond<T: ToolOutput>(out: T, text: String) -> Result<CallToolResult, ErrorData> {
-    let is_error = out.error().is_some();
-    let value =
-        serde_json::to_value(&out).map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
-    let mut result = if is_error {
-        CallToolResult::structured_error(value)
+    let internal = |e: serde_json::Error| ErrorData::internal_error(e.to_string(), None);
+    let value = serde_json::to_value(&out).map_err(internal)?;
+    // The JSON text block, written as rmcp's `structured` writes it, but by
+    // serde_json's writer rather than through `Display` (half the cost).
+    let json = serde_json::to_string(&value).map_err(internal)?;
+    let mut result = if out.error().is_some() {
+        CallToolResult::structured_error(serde_json::Value::Null)
     } else {
-        CallToolResult::structured(value)
+        CallToolResult::structured(serde_json::Value::Null)
     };
     // The sentence comes first: clients that show one text block show it.
-    result.content.insert(0, ContentBlock::text(text));
+    result.content = vec![ContentBlock::text(text), ContentBlock::text(json)];
+    result.structured_content = Some(value);
     Ok(result)
 }
 

@@ -21,12 +21,12 @@ use rmcp::ServiceExt;
 use rmcp::model::{ClientNotification, JsonRpcMessage, RequestId};
 use rmcp::service::{RoleServer, RxJsonRpcMessage, TxJsonRpcMessage};
 use rmcp::transport::Transport;
-use rmcp::transport::async_rw::AsyncRwTransport;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
 use tokio_util::sync::CancellationToken;
 
+use super::lines::Lines;
 use super::{MailmuxServer, RunError, drain};
 
 /// A boxed reading half of a transport.
@@ -152,11 +152,10 @@ where
         gate: server.call_gate(),
         wait: None,
     };
-    // A request is one line, bounded as an HTTP request's body is. rmcp
-    // drops a longer line unread, with an error in the log: it cannot
-    // answer, having not read the request's id.
-    let transport = AsyncRwTransport::new_server(reader, writer)
-        .with_max_line_length(server.config().daemon.http.body_limit);
+    // A request is one line, bounded as an HTTP request's body is. A
+    // longer line is dropped unread, with an error in the log: there is no
+    // answer without the request's id.
+    let transport = Lines::new(reader, writer, server.config().daemon.http.body_limit);
     let open = Arc::new(Open::default());
     let transport = Answering {
         inner: transport,
