@@ -1504,16 +1504,12 @@ impl fmt::Display for Content<'_> {
             f.write_str(".")?;
         }
         let mut start = 0;
-        let mut from = 0;
-        while let Some(found) = text[from..].find('\n') {
-            let at = from + found;
-            from = at + 1;
-            if text.as_bytes().get(from) == Some(&b'.') {
-                // Up to and including the ".", then the stuffed one.
-                f.write_str(&text[start..=from])?;
-                f.write_str(".")?;
-                start = from + 1;
-            }
+        // Each LF followed by a "." (the pattern cannot overlap itself).
+        for at in memchr::memmem::find_iter(text.as_bytes(), b"\n.") {
+            // Up to and including the ".", then the stuffed one.
+            f.write_str(&text[start..at + 2])?;
+            f.write_str(".")?;
+            start = at + 2;
         }
         f.write_str(&text[start..])?;
         // The CRLF before the final "." ends the last line (RFC 5321
@@ -1716,6 +1712,9 @@ mod tests {
         assert_eq!(stuffed("a.\r\nb.c\r\n"), "a.\r\nb.c\r\n.\r\n");
         assert_eq!(stuffed("a\r\n\r\n"), "a\r\n\r\n.\r\n");
         assert_eq!(stuffed(""), "\r\n.\r\n");
+        // A bare LF starts a line too; dots on lines one after another.
+        assert_eq!(stuffed("a\n.b"), "a\n..b\r\n.\r\n");
+        assert_eq!(stuffed("\n.\n.\r\n."), "\n..\n..\r\n..\r\n.\r\n");
     }
 
     #[test]
