@@ -1816,6 +1816,19 @@ async fn tags_and_metadata_are_kept_listed_by_tag_and_never_sent() {
     let (code, _, err) = common::queue_cmd(dir.path(), &["list", "--metadata", "no pair"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("NAME=VALUE"), "{err}");
+    // One name twice is refused, not read as the last value given.
+    let (code, out, err) = common::queue_cmd(
+        dir.path(),
+        &[
+            "list",
+            "--metadata",
+            "order=o-18",
+            "--metadata",
+            "order=o-17",
+        ],
+    );
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(err.contains("--metadata order is given twice"), "{err}");
     let c = call(
         d.peer(),
         "list",

@@ -186,7 +186,7 @@ pub struct ListArgs {
     #[arg(long, value_parser = crate::bounces::REASONS)]
     pub reported: Option<String>,
     /// Only messages sent with this metadata name and value (`NAME=VALUE`);
-    /// given again, with each of them.
+    /// given again (for another name), with each of them.
     #[arg(long, value_name = "NAME=VALUE", value_parser = crate::compose::labels::pair)]
     pub metadata: Vec<(String, String)>,
     /// At most this many, newest first (at least 1).
@@ -735,10 +735,18 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
     };
     match cmd {
         QueueCommand::List(a) => {
+            let mut metadata = std::collections::BTreeMap::new();
+            for (name, value) in a.metadata {
+                if metadata.contains_key(&name) {
+                    eprintln!("mailmux: --metadata {name} is given twice");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+                metadata.insert(name, value);
+            }
             let filter = match a.select.filter() {
                 Ok(f) => Filter {
                     reported: a.reported,
-                    metadata: (!a.metadata.is_empty()).then(|| a.metadata.into_iter().collect()),
+                    metadata: (!metadata.is_empty()).then_some(metadata),
                     ..f
                 },
                 Err(code) => return code,
