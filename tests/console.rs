@@ -445,7 +445,7 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
         &mcp,
         "send_email",
         json!({ "to": ["ok@example.org"], "subject": "hi", "body": "plain",
-                "metadata": {"customer_id": "c-1"} }),
+                "metadata": {"customer_id": "c-1", "order": "o-9"} }),
     )
     .await;
     assert_eq!(out["status"], "sent", "{out}");
@@ -923,8 +923,9 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
         page.contains("No message matches.") && !page.contains(&c),
         "{page}"
     );
-    // By one metadata name and value: the message sent with it, and the
-    // search kept in the form; one written wrong is said and left out.
+    // By metadata names and values, one a line: the message sent with
+    // each of them, and the search kept in the form; one written wrong is
+    // said and left out.
     let page = page_text(
         &http,
         &format!("{base}/console/queue?metadata=customer_id%3Dc-1"),
@@ -932,7 +933,36 @@ async fn operators_sign_in_watch_relays_and_decide_held_mail(kind: Kind) {
     )
     .await;
     assert!(page.contains(&first) && !page.contains(&c), "{page}");
-    assert!(page.contains(r#"value="customer_id=c-1""#), "{page}");
+    assert!(page.contains(">customer_id=c-1</textarea>"), "{page}");
+    let page = page_text(
+        &http,
+        &format!("{base}/console/queue?metadata=order%3Do-9%0D%0Acustomer_id%3Dc-1%0A"),
+        &cookie,
+    )
+    .await;
+    assert!(page.contains(&first) && !page.contains(&c), "{page}");
+    assert!(
+        page.contains(">customer_id=c-1\norder=o-9</textarea>"),
+        "{page}"
+    );
+    let page = page_text(
+        &http,
+        &format!("{base}/console/queue?metadata=customer_id%3Dc-1%0Aorder%3Do-8"),
+        &cookie,
+    )
+    .await;
+    assert!(
+        page.contains("No message matches.") && !page.contains(&first),
+        "{page}"
+    );
+    let page = page_text(
+        &http,
+        &format!("{base}/console/queue?metadata=order%3Do-9%0Aorder%3Do-8"),
+        &cookie,
+    )
+    .await;
+    assert!(page.contains("order is given twice"), "{page}");
+    assert!(page.contains(&c) && page.contains(&first), "{page}");
     let page = page_text(
         &http,
         &format!("{base}/console/queue?metadata=customer_id"),

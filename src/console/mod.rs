@@ -368,7 +368,7 @@ struct QueueQuery {
     reported: Option<String>,
     batch: Option<String>,
     tag: Option<String>,
-    /// One metadata name and value, `NAME=VALUE`.
+    /// Metadata names and values, `NAME=VALUE`, one a line.
     metadata: Option<String>,
     before: Option<i64>,
     notice: Option<String>,
@@ -385,6 +385,26 @@ fn report_reason(asked: Option<&str>) -> Result<Option<&'static str>, String> {
             .map(Some)
             .ok_or_else(|| s.chars().take(64).collect()),
     }
+}
+
+/// A queue page's metadata search: `NAME=VALUE` a line, 1 to
+/// [`MAX_METADATA`](crate::compose::labels::MAX_METADATA) names, each once.
+fn metadata_search(asked: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let mut pairs = std::collections::BTreeMap::new();
+    for line in asked.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let (name, value) = crate::compose::labels::pair(line)?;
+        if pairs.contains_key(&name) {
+            return Err(format!("{name} is given twice"));
+        }
+        pairs.insert(name, value);
+    }
+    if pairs.len() > crate::compose::labels::MAX_METADATA {
+        return Err(format!(
+            "at most {} names",
+            crate::compose::labels::MAX_METADATA
+        ));
+    }
+    Ok(pairs)
 }
 
 async fn queue(
@@ -417,15 +437,15 @@ async fn queue(
     // A search the URL writes wrong is said, and left out.
     let (metadata, bad_metadata) = match nonempty(&q.metadata) {
         None => (None, None),
-        Some(asked) => match crate::compose::labels::pair(&asked) {
-            Ok(pair) => (Some(std::collections::BTreeMap::from([pair])), None),
+        Some(asked) => match metadata_search(&asked) {
+            Ok(pairs) => (Some(pairs), None),
             Err(why) => {
                 let shown: String = asked.chars().take(64).collect();
                 let why: String = why.chars().take(120).collect();
                 (
                     None,
                     Some(format!(
-                        "No metadata search {shown:?} ({why}): write NAME=VALUE. \
+                        "No metadata search {shown:?} ({why}): write NAME=VALUE, one a line. \
                          Messages with any metadata are listed."
                     )),
                 )

@@ -50,7 +50,7 @@ button.danger { background:#dc2626; border-color:#dc2626; color:#fff; }
 form.inline { display:inline; }
 form.filters { display:flex; gap:8px; align-items:end; flex-wrap:wrap; margin-bottom:12px; }
 label { display:flex; flex-direction:column; font-size:12px; color:#475569; gap:2px; }
-input, select { font:inherit; padding:6px 8px; border:1px solid #cbd5e1; border-radius:6px; background:#fff; }
+input, select, textarea { font:inherit; padding:6px 8px; border:1px solid #cbd5e1; border-radius:6px; background:#fff; }
 dl { display:grid; grid-template-columns:160px 1fr; gap:4px 12px; margin:0; }
 dt { color:var(--muted); }
 dd { margin:0; word-break:break-word; }
@@ -160,11 +160,16 @@ pub fn login(error: Option<&str>) -> Markup {
     )
 }
 
-/// The metadata search of a queue page as its form and links write it,
-/// `NAME=VALUE` (the console searches one pair).
+/// The metadata search of a queue page as its form and links write it:
+/// `NAME=VALUE`, one a line.
 fn searched_metadata(filter: &Filter) -> Option<String> {
-    let (name, value) = filter.metadata.as_ref()?.first_key_value()?;
-    Some(format!("{name}={value}"))
+    let pairs: Vec<String> = filter
+        .metadata
+        .as_ref()?
+        .iter()
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect();
+    (!pairs.is_empty()).then(|| pairs.join("\n"))
 }
 
 fn state_badge(s: &str) -> Markup {
@@ -550,9 +555,10 @@ pub fn queue(
             }
             label { "tag" input type="text" name="tag" value=(filter.tag.as_deref().unwrap_or("")); }
             label {
-                "metadata"
-                input type="text" name="metadata" placeholder="name=value"
-                    value=(searched_metadata(filter).unwrap_or_default());
+                "metadata (name=value, one a line)"
+                textarea name="metadata" rows="1" placeholder="name=value" {
+                    (searched_metadata(filter).unwrap_or_default())
+                }
             }
             @if let Some(batch) = &filter.batch {
                 // Kept while filtering further; "Clear" drops it.
@@ -1167,9 +1173,29 @@ mod tests {
             ..Filter::default()
         };
         let page = queue(&op, None, &filter, None, &[], Some(7)).into_string();
-        assert!(page.contains(r#"value="customer_id=c 42""#), "{page}");
+        assert!(page.contains(">customer_id=c 42</textarea>"), "{page}");
         assert!(
             page.contains(r#"href="/console/queue?before=7&amp;metadata=customer_id%3Dc%2042""#),
+            "{page}"
+        );
+        // Several names, one a line, in the form and the link alike.
+        let filter = Filter {
+            metadata: Some(
+                [
+                    ("customer_id".into(), "c 42".into()),
+                    ("order".into(), "o=18".into()),
+                ]
+                .into(),
+            ),
+            ..Filter::default()
+        };
+        let page = queue(&op, None, &filter, None, &[], Some(7)).into_string();
+        assert!(
+            page.contains(">customer_id=c 42\norder=o=18</textarea>"),
+            "{page}"
+        );
+        assert!(
+            page.contains("metadata=customer_id%3Dc%2042%0Aorder%3Do%3D18\""),
             "{page}"
         );
     }
