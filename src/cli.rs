@@ -410,24 +410,10 @@ fn draft_from_args(
             content_id: content_id.cloned(),
         });
     }
-    let mut headers = std::collections::BTreeMap::new();
-    for (name, value) in &args.header {
-        if headers.insert(name.clone(), value.clone()).is_some() {
-            return Err(format!("--header {name} is given twice"));
-        }
-    }
-    let mut vars = std::collections::BTreeMap::new();
-    for (name, value) in &args.vars {
-        if vars.insert(name.clone(), value.clone()).is_some() {
-            return Err(format!("--var {name} is given twice"));
-        }
-    }
-    let mut metadata = std::collections::BTreeMap::new();
-    for (name, value) in &args.metadata {
-        if metadata.insert(name.clone(), value.clone()).is_some() {
-            return Err(format!("--metadata {name} is given twice"));
-        }
-    }
+    use crate::compose::labels::by_name;
+    let headers = by_name(args.header.iter().cloned()).map_err(|e| format!("--header {e}"))?;
+    let vars = by_name(args.vars.iter().cloned()).map_err(|e| format!("--var {e}"))?;
+    let metadata = by_name(args.metadata.iter().cloned()).map_err(|e| format!("--metadata {e}"))?;
     Ok(Draft {
         template: args.template.clone(),
         template_vars: (!vars.is_empty()).then_some(vars),

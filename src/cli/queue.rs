@@ -735,14 +735,13 @@ async fn inspect(config: &Config, store: &dyn queue::Store, cmd: QueueCommand) -
     };
     match cmd {
         QueueCommand::List(a) => {
-            let mut metadata = std::collections::BTreeMap::new();
-            for (name, value) in a.metadata {
-                if metadata.contains_key(&name) {
-                    eprintln!("mailmux: --metadata {name} is given twice");
+            let metadata = match crate::compose::labels::by_name(a.metadata) {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("mailmux: --metadata {e}");
                     return ExitCode::from(EXIT_USAGE);
                 }
-                metadata.insert(name, value);
-            }
+            };
             let filter = match a.select.filter() {
                 Ok(f) => Filter {
                     reported: a.reported,

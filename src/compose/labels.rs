@@ -34,6 +34,21 @@ pub(crate) fn pair(s: &str) -> Result<(String, String), String> {
     Ok(pair)
 }
 
+/// Pairs given one at a time (repeated flags, the lines of a form) as a
+/// map; a name given twice is refused, not read as its last value.
+pub(crate) fn by_name(
+    pairs: impl IntoIterator<Item = (String, String)>,
+) -> Result<BTreeMap<String, String>, String> {
+    let mut map = BTreeMap::new();
+    for (name, value) in pairs {
+        if map.contains_key(&name) {
+            return Err(format!("{name} is given twice"));
+        }
+        map.insert(name, value);
+    }
+    Ok(map)
+}
+
 /// Checks `tag` and `metadata`.
 pub(crate) fn check(
     tag: Option<&str>,

@@ -390,14 +390,13 @@ fn report_reason(asked: Option<&str>) -> Result<Option<&'static str>, String> {
 /// A queue page's metadata search: `NAME=VALUE` a line, 1 to
 /// [`MAX_METADATA`](crate::compose::labels::MAX_METADATA) names, each once.
 fn metadata_search(asked: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
-    let mut pairs = std::collections::BTreeMap::new();
-    for line in asked.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        let (name, value) = crate::compose::labels::pair(line)?;
-        if pairs.contains_key(&name) {
-            return Err(format!("{name} is given twice"));
-        }
-        pairs.insert(name, value);
-    }
+    let pairs = asked
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(crate::compose::labels::pair)
+        .collect::<Result<Vec<_>, _>>()?;
+    let pairs = crate::compose::labels::by_name(pairs)?;
     if pairs.len() > crate::compose::labels::MAX_METADATA {
         return Err(format!(
             "at most {} names",

@@ -64,7 +64,6 @@ pub struct Lines<R, W> {
     max: usize,
     /// Dropping the rest of a line longer than `max`.
     discarding: bool,
-    decoder: JsonRpcMessageCodec<RxJsonRpcMessage<RoleServer>>,
     write: Arc<Mutex<Option<Writer<W>>>>,
     /// An "Invalid request" error owed to the client.
     owed: Option<Owed>,
@@ -86,6 +85,16 @@ enum Owed {
     Flush,
 }
 
+/// What one line holds.
+#[allow(clippy::large_enum_variant)] // returned once a line, never stored
+enum Parsed {
+    Message(RxJsonRpcMessage<RoleServer>),
+    /// Nothing to answer: empty, not JSON, or a notification rmcp skips.
+    Skip,
+    /// JSON, but no message of the protocol: answered "Invalid request".
+    Invalid,
+}
+
 enum Read {
     Line,
     Oversized,
@@ -104,7 +113,6 @@ where
             line: Vec::new(),
             max,
             discarding: false,
-            decoder: JsonRpcMessageCodec::default(),
             write: Arc::new(Mutex::new(Some(FramedWrite::new(write, Encode)))),
             owed: None,
         }
@@ -168,34 +176,6 @@ where
         }
         Some(())
     }
-
-    /// The message on one line (without its `\n`); `None` for a line to
-    /// skip.
-    fn parse(&mut self, line: &[u8]) -> Option<RxJsonRpcMessage<RoleServer>> {
-        if let Some(call) = tools_call(line) {
-            return Some(call);
-        }
-        let mut buf = BytesMut::with_capacity(line.len() + 1);
-        buf.extend_from_slice(line);
-        buf.extend_from_slice(b"\n");
-        match self.decoder.decode(&mut buf) {
-            Ok(message) => message,
-            Err(JsonRpcMessageCodecError::Serde(e)) => {
-                use serde_json::error::Category;
-                if matches!(e.classify(), Category::Data | Category::Io) {
-                    tracing::debug!(error = %e, "a request is no message of the protocol");
-                    self.owed = Some(Owed::Write);
-                } else {
-                    tracing::debug!(error = %e, "ignoring a line that is not JSON");
-                }
-                None
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "ignoring an unreadable line");
-                None
-            }
-        }
-    }
 }
 
 impl<R, W> Transport<RoleServer> for Lines<R, W>
@@ -239,19 +219,15 @@ where
                     return None;
                 }
             }
-            let line = std::mem::take(&mut self.line);
-            let text = line.strip_suffix(b"\n").unwrap_or(&line);
+            let text = self.line.strip_suffix(b"\n").unwrap_or(&self.line);
             let text = text.strip_suffix(b"\r").unwrap_or(text);
-            let message = if text.is_empty() {
-                None
-            } else {
-                self.parse(text)
-            };
+            let parsed = parse(text);
             // The buffer's room is kept for the next line.
-            self.line = line;
             self.line.clear();
-            if let Some(message) = message {
-                return Some(message);
+            match parsed {
+                Parsed::Message(message) => return Some(message),
+                Parsed::Invalid => self.owed = Some(Owed::Write),
+                Parsed::Skip => {}
             }
         }
     }
@@ -259,6 +235,37 @@ where
     async fn close(&mut self) -> Result<(), Self::Error> {
         drop(self.write.lock().await.take());
         Ok(())
+    }
+}
+
+/// The message on one line (without its line end).
+fn parse(line: &[u8]) -> Parsed {
+    if line.is_empty() {
+        return Parsed::Skip;
+    }
+    if let Some(call) = tools_call(line) {
+        return Parsed::Message(call);
+    }
+    let mut buf = BytesMut::with_capacity(line.len() + 1);
+    buf.extend_from_slice(line);
+    buf.extend_from_slice(b"\n");
+    match JsonRpcMessageCodec::<RxJsonRpcMessage<RoleServer>>::default().decode(&mut buf) {
+        Ok(Some(message)) => Parsed::Message(message),
+        Ok(None) => Parsed::Skip,
+        Err(JsonRpcMessageCodecError::Serde(e)) => {
+            use serde_json::error::Category;
+            if matches!(e.classify(), Category::Data | Category::Io) {
+                tracing::debug!(error = %e, "a request is no message of the protocol");
+                Parsed::Invalid
+            } else {
+                tracing::debug!(error = %e, "ignoring a line that is not JSON");
+                Parsed::Skip
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "ignoring an unreadable line");
+            Parsed::Skip
+        }
     }
 }
 

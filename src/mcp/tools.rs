@@ -51,13 +51,13 @@ pub(super) fn respond<T: ToolOutput>(out: T, text: String) -> Result<CallToolRes
     // The JSON text block, written as rmcp's `structured` writes it, but by
     // serde_json's writer rather than through `Display` (half the cost).
     let json = serde_json::to_string(&value).map_err(internal)?;
-    let mut result = if out.error().is_some() {
-        CallToolResult::structured_error(serde_json::Value::Null)
-    } else {
-        CallToolResult::structured(serde_json::Value::Null)
-    };
     // The sentence comes first: clients that show one text block show it.
-    result.content = vec![ContentBlock::text(text), ContentBlock::text(json)];
+    let content = vec![ContentBlock::text(text), ContentBlock::text(json)];
+    let mut result = if out.error().is_some() {
+        CallToolResult::error(content)
+    } else {
+        CallToolResult::success(content)
+    };
     result.structured_content = Some(value);
     Ok(result)
 }
