@@ -15,6 +15,7 @@ use common::{Aiosmtpd, config, free_port, relay};
 use mailmux::config::Sources;
 use mailmux::mcp::MailmuxServer;
 use mailmux_actors::Secret;
+use reqwest::header::HeaderMap;
 use rmcp::ServiceExt;
 use rmcp::model::CallToolRequestParams;
 use rmcp::transport::StreamableHttpClientTransport;
@@ -668,6 +669,95 @@ async fn stateless_mode_sends() {
     assert!(m[0].contains(&format!("<{id}>")));
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+}
+
+/// A stateless `send_email` call of the usual shape is answered by mailmux
+/// itself (`mailmux::mcp::stateless`), one with anything more in its
+/// `_meta` by rmcp. For each kind of call the two answers are the same:
+/// status, content type, and body but for the message's id and the digits
+/// of its times. Each call that sends is at the sink once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stateless_send_email_is_answered_as_rmcp_answers_it() {
+    let smtp = Aiosmtpd::start();
+    let (base, stop, task) = in_process(&smtp, false).await;
+    let url = format!("{base}/mcp");
+    let http = reqwest::Client::new();
+    let send = json!({"to": "rcpt@example.org", "subject": "stateless", "body": "hi"});
+    let with = |extra: Value| {
+        let mut args = send.clone();
+        args.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        args
+    };
+    let cases = [
+        ("sent", send.clone()),
+        ("not waiting", with(json!({"wait": false}))),
+        ("a dry run", with(json!({"dry_run": true}))),
+        ("an unknown field", with(json!({"subjekt": "x"}))),
+        ("a mistyped field", with(json!({"to": 5}))),
+        ("a bad address", with(json!({"to": "not an address"}))),
+        (
+            "a bad idempotency key",
+            with(json!({"idempotency_key": ""})),
+        ),
+        ("no arguments", Value::Null),
+    ];
+    let mut heads = HeaderMap::new();
+    for (name, value) in [
+        ("accept", "application/json, text/event-stream"),
+        ("content-type", "application/json"),
+        ("mcp-protocol-version", "2025-06-18"),
+    ] {
+        heads.insert(name, value.parse().unwrap());
+    }
+    for (i, (case, args)) in cases.iter().enumerate() {
+        let mut answers = Vec::new();
+        for (direct, meta) in [
+            (true, json!({"progressToken": i})),
+            (false, json!({"progressToken": i, "example.org/trace": "t"})),
+        ] {
+            let mut params = json!({"name": "send_email", "_meta": meta});
+            if !args.is_null() {
+                params["arguments"] = args.clone();
+            }
+            let body = json!({"jsonrpc": "2.0", "id": i, "method": "tools/call", "params": params})
+                .to_string();
+            assert_eq!(
+                mailmux::mcp::stateless::call(&heads, body.as_bytes()).is_some(),
+                direct,
+                "{case}"
+            );
+            let r = http
+                .post(&url)
+                .headers(heads.clone())
+                .bearer_auth(TOKEN)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let content_type = r.headers()["content-type"].to_str().unwrap().to_owned();
+            let text = r.text().await.unwrap();
+            let answer: Value = serde_json::from_str(&text).unwrap();
+            let mut text = text;
+            if let Some(id) = answer["result"]["structuredContent"]["message_id"].as_str() {
+                text = text.replace(id, "ID");
+            }
+            let text: String = text
+                .chars()
+                .map(|c| if c.is_ascii_digit() { '0' } else { c })
+                .collect();
+            answers.push((status, content_type, text));
+        }
+        assert_eq!(answers[0], answers[1], "{case}");
+        assert_eq!(answers[0].0, 200, "{case}");
+    }
+    // "sent" and "not waiting", each twice.
+    let m = smtp.wait_messages(4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(smtp.messages().len(), 4, "{m:?}");
+    stop_in_process(stop, task).await;
 }
 
 struct Daemon(Child);

@@ -110,6 +110,32 @@ pub fn prompt(c: &Composed, held_by: Option<&str>) -> String {
     out
 }
 
+/// Says why a held message's user is not asked when there is no client
+/// to ask: a stateless HTTP request (which declares no elicitation), or
+/// the CLI.
+pub fn not_asked(caller: &Caller) {
+    if !operator_only(caller) {
+        no_form();
+    }
+}
+
+/// Whether only an operator approves `caller`'s messages (said in the log).
+fn operator_only(caller: &Caller) -> bool {
+    let only = caller.policy.approver == Approver::Operator;
+    if only {
+        tracing::info!(
+            "held for approval; this caller's messages are approved by an operator only"
+        );
+    }
+    only
+}
+
+fn no_form() {
+    tracing::info!(
+        "held for approval; the client declared no form elicitation, so it waits for an operator"
+    );
+}
+
 /// Asks the user to approve `message_id` and records the answer. Returns
 /// the message as it is then (after delivery when `wait_until` is given
 /// and it was approved), or `None` when nobody was asked or nobody answered
@@ -178,19 +204,14 @@ fn batch_prompt<'a>(prompts: impl Iterator<Item = &'a str>, n: usize) -> Option<
 /// caller's policy leaves its messages to an operator (`approver =
 /// "operator"`), or nobody answered.
 async fn ask(peer: &Peer<RoleServer>, caller: &Caller, prompt: &str) -> Option<bool> {
-    if caller.policy.approver == Approver::Operator {
-        tracing::info!(
-            "held for approval; this caller's messages are approved by an operator only"
-        );
+    if operator_only(caller) {
         return None;
     }
     if !peer
         .supported_elicitation_modes()
         .contains(&rmcp::service::ElicitationMode::Form)
     {
-        tracing::info!(
-            "held for approval; the client declared no form elicitation, so it waits for an operator"
-        );
+        no_form();
         return None;
     }
     tracing::info!("held for approval; asking the client's user");

@@ -150,13 +150,13 @@ fn host_part(authority: &str) -> &str {
 
 /// A request refused by the checks or the bounds, before any tool ran:
 /// counted by status for `/metrics`, then answered as [`reject`] does.
-fn refuse(status: StatusCode, message: &str) -> Response {
+pub(super) fn refuse(status: StatusCode, message: &str) -> Response {
     metrics::counter!(crate::telemetry::HTTP_REFUSED, "status" => status.as_u16().to_string())
         .increment(1);
     reject(status, message)
 }
 
-fn reject(status: StatusCode, message: &str) -> Response {
+pub(super) fn reject(status: StatusCode, message: &str) -> Response {
     let mut resp = (status, axum::Json(json!({ "error": message }))).into_response();
     if status == StatusCode::UNAUTHORIZED {
         resp.headers_mut().insert(
@@ -288,6 +288,10 @@ struct Limits {
     sessions: Option<Sessions>,
     /// The request ids of each session that are being answered now.
     in_flight: Arc<std::sync::Mutex<HashSet<(String, String)>>>,
+    /// Without sessions, the server that answers the usual `send_email`
+    /// call itself (`super::stateless`), and the token that ends such
+    /// calls at shutdown.
+    direct: Option<(MailmuxServer, CancellationToken)>,
 }
 
 /// A request id of a session being answered, until its response ends.
@@ -544,7 +548,7 @@ fn too_large(e: &axum::Error) -> bool {
 }
 
 /// Whether a request says its body is JSON.
-fn is_json(headers: &HeaderMap) -> bool {
+pub(super) fn is_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -677,7 +681,18 @@ async fn limit(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> R
         None => None,
     };
     let json = req.uri().path().starts_with("/mcp") && is_json(req.headers());
-    let response = next.run(req).await;
+    let direct = limits
+        .direct
+        .as_ref()
+        .filter(|_| req.uri().path() == "/mcp")
+        .and_then(|d| Some((d, super::stateless::call(req.headers(), &body)?)));
+    let response = match direct {
+        Some(((server, closing), call)) => {
+            let (parts, _) = req.into_parts();
+            super::stateless::serve(server, parts, call, closing).await
+        }
+        None => next.run(req).await,
+    };
     if response.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE && json {
         return not_json_rpc(&body);
     }
@@ -1334,6 +1349,7 @@ pub fn app(server: &MailmuxServer, stateful: bool) -> (Router, CancellationToken
         listening: Arc::default(),
         sessions: stateful.then(|| Sessions::new(open.clone(), &http)),
         in_flight: Arc::default(),
+        direct: (!stateful).then(|| (server.clone(), cancel.child_token())),
     });
     let scrape = match stateful {
         true => get(metrics).layer(Extension(OpenSessions(open))),

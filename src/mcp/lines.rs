@@ -298,21 +298,44 @@ struct ToolsCallParams {
 /// that a request this reads is one rmcp reads the same: its `_meta` in
 /// the request's extensions, as rmcp puts it.
 pub fn tools_call(line: &[u8]) -> Option<RxJsonRpcMessage<RoleServer>> {
-    let call: ToolsCall<'_> = serde_json::from_slice(line).ok()?;
-    if call.method != "tools/call" {
-        return None;
-    }
-    let JsonRpcVersion2_0 = call.jsonrpc;
-    let mut params = CallToolRequestParams::new(call.params.name);
-    params.arguments = call.params.arguments;
+    let call = Call::read(line)?;
+    let mut params = CallToolRequestParams::new(call.name);
+    params.arguments = call.arguments;
     let mut request = Request::new(params);
-    if let Some(meta) = call.params.meta {
+    if let Some(meta) = call.meta {
         request.extensions.insert(RequestMetaObject::from(meta));
     }
     Some(JsonRpcMessage::Request(JsonRpcRequest::new(
         call.id,
         ClientRequest::CallToolRequest(request),
     )))
+}
+
+/// The parts of a `tools/call` request of the usual shape ([`tools_call`]).
+#[derive(Debug)]
+pub struct Call {
+    pub id: RequestId,
+    pub meta: Option<JsonObject>,
+    pub name: String,
+    pub arguments: Option<JsonObject>,
+}
+
+impl Call {
+    /// The request in `text`, when it is a `tools/call` that [`tools_call`]
+    /// reads.
+    pub fn read(text: &[u8]) -> Option<Call> {
+        let call: ToolsCall<'_> = serde_json::from_slice(text).ok()?;
+        if call.method != "tools/call" {
+            return None;
+        }
+        let JsonRpcVersion2_0 = call.jsonrpc;
+        Some(Call {
+            id: call.id,
+            meta: call.params.meta,
+            name: call.params.name,
+            arguments: call.params.arguments,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod lines;
 pub mod lockout;
 pub mod resources;
 pub mod schema;
+pub mod stateless;
 pub mod tasks;
 pub mod tls;
 pub mod tools;

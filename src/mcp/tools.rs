@@ -790,38 +790,9 @@ impl MailmuxServer {
         params: Parameters<Checked<SendEmailParams>>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
-        let span = tool_span("send_email");
-        let Some(caller) = caller_of(self, &ctx) else {
-            return fail::<SendResult>(no_caller()).map(Into::into);
-        };
-        span.record("caller", &*caller.name);
-        let mut params = params.0.0;
-        // A client that takes tasks gets one for a send that would wait:
-        // the message is stored, and the outcome read with `tasks/get`.
-        let as_task = super::tasks::wanted(&ctx)
-            && matches!(&mut params, Ok(p) if p.wait != Some(false) && p.dry_run != Some(true));
-        if as_task && let Ok(p) = &mut params {
-            p.wait = Some(false);
-        }
-        // Registered before anything is sent; only the client's
-        // `notifications/cancelled` fires it (see `cancel`).
-        let call = self
-            .cancellable()
-            .register(&caller, &ctx.extensions, ctx.id.clone());
-        let cancel = Some(call.token.clone());
-        let (out, text) = self
-            .send_email_checked(caller, params, Some(ctx.peer), cancel)
-            .instrument(span)
-            .await;
-        drop(call);
-        if as_task
-            && out.error.is_none()
-            && let Some(id) = &out.message_id
-            && let Ok(Some(record)) = self.queue().status(id).await
-        {
-            return Ok(super::tasks::created(&record, self.queue().settings()).into());
-        }
-        respond(out, text).map(Into::into)
+        let tasks = super::tasks::wanted(&ctx);
+        self.send_email_call(params.0.0, &ctx.extensions, ctx.id, Some(ctx.peer), tasks)
+            .await
     }
 
     /// Many messages in one call: a mail merge, or unrelated messages.
@@ -1699,6 +1670,67 @@ impl MailmuxServer {
             ..Default::default()
         };
         cancelled_many(out, cancelled, matched, summary, "waiting with that tag")
+    }
+
+    /// `send_email` with the parts of its request it needs: its
+    /// extensions (the caller, the session), its id (for a cancel), the
+    /// client to ask for an approval, and whether the client takes tasks.
+    pub(super) async fn send_email_call(
+        &self,
+        mut params: Result<SendEmailParams, ShapeError>,
+        extensions: &Extensions,
+        id: rmcp::model::RequestId,
+        peer: Option<Peer<RoleServer>>,
+        tasks: bool,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let span = tool_span("send_email");
+        let Some(caller) = caller_in(self, extensions) else {
+            return fail::<SendResult>(no_caller()).map(Into::into);
+        };
+        span.record("caller", &*caller.name);
+        // A client that takes tasks gets one for a send that would wait:
+        // the message is stored, and the outcome read with `tasks/get`.
+        let as_task = tasks
+            && matches!(&mut params, Ok(p) if p.wait != Some(false) && p.dry_run != Some(true));
+        if as_task && let Ok(p) = &mut params {
+            p.wait = Some(false);
+        }
+        // Registered before anything is sent; only the client's
+        // `notifications/cancelled` fires it (see `cancel`).
+        let call = self.cancellable().register(&caller, extensions, id);
+        let cancel = Some(call.token.clone());
+        let (out, text) = self
+            .send_email_checked(caller, params, peer, cancel)
+            .instrument(span)
+            .await;
+        drop(call);
+        if as_task
+            && out.error.is_none()
+            && let Some(id) = &out.message_id
+            && let Ok(Some(record)) = self.queue().status(id).await
+        {
+            return Ok(super::tasks::created(&record, self.queue().settings()).into());
+        }
+        respond(out, text).map(Into::into)
+    }
+
+    /// A `tools/call` of `send_email` served without rmcp's service (a
+    /// stateless HTTP request, `super::stateless`): what `call_tool` does
+    /// for it, arguments read and call counted alike. Such a request has
+    /// no client to ask and no tasks (it declared no capabilities).
+    pub(super) async fn send_email_stateless(
+        &self,
+        arguments: Option<rmcp::model::JsonObject>,
+        extensions: Extensions,
+        id: rmcp::model::RequestId,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let arguments = serde_json::Value::Object(arguments.unwrap_or_default());
+        let params = parse::<SendEmailParams>(arguments, SendEmailParams::FIELDS);
+        let result = self
+            .send_email_call(params, &extensions, id, None, false)
+            .await;
+        count_call("send_email".to_owned(), &result);
+        result
     }
 
     async fn send_email_checked(
@@ -2660,6 +2692,9 @@ impl MailmuxServer {
         };
         // A held message: ask the user when the client can be asked.
         let mut sub = sub;
+        if sub.record.state == State::Held && !sub.replay && peer.is_none() {
+            approval::not_asked(&caller);
+        }
         if sub.record.state == State::Held
             && !sub.replay
             && let (Some(peer), Some(prompt), Some(hash)) = (peer, prompt, hold_hash)
@@ -2937,6 +2972,16 @@ fn restart_only(old: &config::Config, new: &config::Config) -> Vec<String> {
     .collect()
 }
 
+/// Counts a tool call by tool and outcome.
+fn count_call(tool: String, result: &Result<CallToolResponse, ErrorData>) {
+    let outcome = match result {
+        Ok(CallToolResponse::Complete(r)) if r.is_error == Some(true) => "error",
+        Ok(_) => "ok",
+        Err(_) => "protocol_error",
+    };
+    crate::telemetry::call(tool, outcome);
+}
+
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for MailmuxServer {
     /// Calls the tool, and counts the call by tool and outcome.
@@ -2954,12 +2999,7 @@ impl ServerHandler for MailmuxServer {
         let tool = request.name.to_string();
         let tcc = ToolCallContext::new(self, request, context);
         let result = self.tool_router.call(tcc).await;
-        let outcome = match &result {
-            Ok(CallToolResponse::Complete(r)) if r.is_error == Some(true) => "error",
-            Ok(_) => "ok",
-            Err(_) => "protocol_error",
-        };
-        crate::telemetry::call(tool, outcome);
+        count_call(tool, &result);
         result
     }
 
