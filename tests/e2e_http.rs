@@ -760,6 +760,35 @@ async fn a_stateless_send_email_is_answered_as_rmcp_answers_it() {
     stop_in_process(stop, task).await;
 }
 
+/// A stateless `send_email` call still waiting when the daemon stops (its
+/// relay never answers) is answered 503 "shutting down" once the grace is
+/// over, never `sent` or `queued`, and the daemon stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stateless_call_waiting_at_shutdown_is_told_the_daemon_stops() {
+    let (mut cfg, held) = silent_relay().await;
+    cfg.daemon.shutdown_grace = Duration::from_secs(1);
+    let (base, stop, task) = in_process_with(cfg, false).await;
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+        "name": "send_email",
+        "arguments": {"to": "rcpt@example.org", "subject": "late", "body": "b"}}})
+    .to_string();
+    let http = reqwest::Client::new();
+    let call = tokio::spawn(
+        post(&http, &format!("{base}/mcp"))
+            .bearer_auth(TOKEN)
+            .body(body)
+            .send(),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!call.is_finished(), "the call waits for the silent relay");
+    stop_in_process(stop, task).await;
+    let r = call.await.unwrap().unwrap();
+    assert_eq!(r.status(), 503);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("shutting down"), "{text}");
+    held.abort();
+}
+
 struct Daemon(Child);
 
 impl Drop for Daemon {
