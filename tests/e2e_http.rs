@@ -930,6 +930,61 @@ async fn beyond_loopback_the_daemon_serves_only_with_a_token() {
     assert_eq!(out["status"], "sent", "{out}");
 }
 
+/// The official Python SDK against the binary serving without sessions
+/// (`--stateless`): its `send_email` calls are answered by mailmux
+/// directly (the debug log says so), and the full message (text and HTML
+/// parts, attachment, Bcc, UTF-8 template subject) is checked as aiosmtpd
+/// stored it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_sends_through_a_stateless_daemon() {
+    let smtp = Aiosmtpd::start();
+    let port = free_port();
+    let logs = tempfile::NamedTempFile::new().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_mailmux"))
+        .args([
+            "serve",
+            "--http",
+            &format!("127.0.0.1:{port}"),
+            "--stateless",
+        ])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "mailmux=debug")
+        .env("MAILMUX_QUEUE__PATH", common::queue_db())
+        .env("SMTP_HOST", "127.0.0.1")
+        .env("SMTP_PORT", smtp.port.to_string())
+        .env("SMTP_USE_TLS", "false")
+        .env("SMTP_FROM_EMAIL", "sender@example.org")
+        .env("MAILMUX_HTTP_TOKEN", TOKEN)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(logs.path()).unwrap())
+        .spawn()
+        .unwrap();
+    let _daemon = Daemon(child);
+    let base = format!("http://127.0.0.1:{port}");
+    wait_health(&base).await;
+    let maildir = smtp.dir.path().join("mail");
+    let py = tokio::process::Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e_client.py"))
+        .args(["http", &format!("{base}/mcp"), TOKEN])
+        .arg(&maildir)
+        .output()
+        .await
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&py.stdout);
+    let stderr = String::from_utf8_lossy(&py.stderr);
+    assert!(
+        py.status.success() && stdout.contains(" passed, 0 failed"),
+        "e2e_client.py http failed\n{stdout}\n{stderr}"
+    );
+    let log = std::fs::read_to_string(logs.path()).unwrap();
+    assert!(
+        log.contains("answered without rmcp's service"),
+        "the SDK's send_email went through rmcp"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_serves_http_with_a_token() {
     let smtp = Aiosmtpd::start();

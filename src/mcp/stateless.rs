@@ -95,6 +95,7 @@ pub async fn serve(
     closing: &CancellationToken,
 ) -> Response {
     let Call { id, arguments, .. } = call;
+    tracing::debug!(%id, "a stateless send_email call, answered without rmcp's service");
     let mut extensions = Extensions::new();
     extensions.insert(parts);
     let task = {
