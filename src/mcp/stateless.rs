@@ -101,7 +101,11 @@ pub async fn serve(
     let task = {
         let server = server.clone();
         let id = id.clone();
-        tokio::spawn(async move { server.send_email_stateless(arguments, extensions, id).await })
+        // Boxed: the call's future is several kilobytes, which the task
+        // would otherwise copy as it is spawned, finished and read.
+        tokio::spawn(Box::pin(async move {
+            server.send_email_stateless(arguments, extensions, id).await
+        }))
     };
     let result = tokio::select! {
         joined = task => joined,

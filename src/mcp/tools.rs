@@ -1699,10 +1699,13 @@ impl MailmuxServer {
         // `notifications/cancelled` fires it (see `cancel`).
         let call = self.cancellable().register(&caller, extensions, id);
         let cancel = Some(call.token.clone());
-        let (out, text) = self
-            .send_email_checked(caller, params, peer, cancel)
-            .instrument(span)
-            .await;
+        // Boxed, so that the layers above (rmcp's tool route moves its
+        // future several times) copy a pointer, not the send's state.
+        let (out, text) = Box::pin(
+            self.send_email_checked(caller, params, peer, cancel)
+                .instrument(span),
+        )
+        .await;
         drop(call);
         if as_task
             && out.error.is_none()
