@@ -36,7 +36,8 @@ usage: cargo bench --bench mcp -- [options]
   --runs R                 runs of each measurement; the best is reported (2)
   --paths P[,P...]         any of source, stdio, stdio-memory, stdio-policy, stdio-batch,
                            stdio-batch-memory, stdio-postgres, stdio-lines,
-                           stdio-lines-memory, http, http-memory,
+                           stdio-lines-memory, http, http-memory, http-posts,
+                           http-posts-memory,
                            http-policy, http-batch, http-batch-memory, http-postgres,
                            http-postgres-2, http-postgres-3, stdio-postgres-policy,
                            http-postgres-policy, stdio-batch-postgres, http-batch-postgres,
@@ -51,7 +52,10 @@ usage: cargo bench --bench mcp -- [options]
                            ceiling: the HTTP client against a trivial rmcp tool in
                            this process, the client's own limit; -lines: no rmcp
                            client, the bench writes and reads the JSON-RPC lines
-                           itself, as wrk does over HTTP)
+                           itself, as wrk does over HTTP; -posts: a daemon serving
+                           `--http --stateless`, and no rmcp client: the bench posts
+                           each call as one JSON-RPC request on connections it keeps,
+                           as wrk does)
                            (all five; stdio and http run on the default sqlite store)
   --burst N                concurrent calls of the memory measurement, 0 to skip it (1000)
   --batch-memory N         one send_batch of N messages of each --size (wait: true) on the
@@ -154,6 +158,8 @@ impl Path {
             Path::Ceiling => "HTTP client ceiling (trivial rmcp tool)",
             Path::Mcp(Transport::StdioLines, Store::Sqlite) => "MCP stdio-lines, sqlite",
             Path::Mcp(Transport::StdioLines, _) => "MCP stdio-lines, memory",
+            Path::Mcp(Transport::HttpPosts, Store::Sqlite) => "MCP HTTP posts, sqlite",
+            Path::Mcp(Transport::HttpPosts, _) => "MCP HTTP posts, memory",
             Path::Mcp(Transport::Stdio, Store::Sqlite) => "MCP stdio, sqlite",
             Path::Mcp(Transport::Stdio, Store::Memory) => "MCP stdio, memory",
             Path::Mcp(Transport::Stdio, Store::MemoryPolicy) => "MCP stdio, memory, policy",
@@ -269,6 +275,8 @@ fn parse_args() -> anyhow::Result<Args> {
                         "stdio" => Ok(Path::Mcp(Transport::Stdio, Store::Sqlite)),
                         "stdio-lines" => Ok(Path::Mcp(Transport::StdioLines, Store::Sqlite)),
                         "stdio-lines-memory" => Ok(Path::Mcp(Transport::StdioLines, Store::Memory)),
+                        "http-posts" => Ok(Path::Mcp(Transport::HttpPosts, Store::Sqlite)),
+                        "http-posts-memory" => Ok(Path::Mcp(Transport::HttpPosts, Store::Memory)),
                         "stdio-memory" => Ok(Path::Mcp(Transport::Stdio, Store::Memory)),
                         "stdio-policy" => Ok(Path::Mcp(Transport::Stdio, Store::MemoryPolicy)),
                         "http-policy" => Ok(Path::Mcp(Transport::Http, Store::MemoryPolicy)),
@@ -568,6 +576,21 @@ async fn run_mcp(
         tasks.spawn(lines_client(lines, c, n, body.clone()));
         callers = 0;
     }
+    if transport == Transport::HttpPosts {
+        let url = daemons[0].url().context("the daemon's address")?.to_owned();
+        let client = reqwest::Client::new();
+        for i in 0..c {
+            let k = share(n, c, i);
+            tasks.spawn(posts_client(
+                client.clone(),
+                url.clone(),
+                i,
+                k,
+                body.clone(),
+            ));
+        }
+        callers = 0;
+    }
     for i in 0..callers {
         let (peer, body) = (daemons[i % daemons.len()].peer(), body.clone());
         let k = share(n, c, i);
@@ -738,6 +761,52 @@ async fn lines_client(
         }
     }
     drop(writer.await);
+    (latencies, errors, first_error)
+}
+
+/// One of C callers of an `HttpPosts` daemon: `k` stateless `send_email`
+/// calls posted one after another, as wrk posts them, on a client that keeps
+/// its connections.
+async fn posts_client(
+    client: reqwest::Client,
+    url: String,
+    i: usize,
+    k: usize,
+    body: Arc<String>,
+) -> (Vec<Duration>, usize, Option<String>) {
+    let body = serde_json::to_string(body.as_str()).expect("a string");
+    let (mut latencies, mut errors, mut first_error) = (Vec::with_capacity(k), 0, None);
+    for j in 0..k {
+        let call = format!(
+            "{{\"jsonrpc\":\"2.0\",\"id\":{j},\"method\":\"tools/call\",\"params\":{{\"name\":\"send_email\",\"arguments\":{{\"to\":\"{}\",\"subject\":\"bench {i}.{j}\",\"body\":{body}}}}}}}",
+            load::TO
+        );
+        let start = Instant::now();
+        let answer = async {
+            client
+                .post(&url)
+                .header("Content-Type", "application/json")
+                .header("Accept", "application/json, text/event-stream")
+                .header("MCP-Protocol-Version", "2025-06-18")
+                .body(call)
+                .send()
+                .await?
+                .text()
+                .await
+        }
+        .await;
+        match answer {
+            Ok(text) if text.contains(r#""status":"sent""#) => latencies.push(start.elapsed()),
+            Ok(text) => {
+                errors += 1;
+                first_error.get_or_insert_with(|| text.chars().take(300).collect());
+            }
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
     (latencies, errors, first_error)
 }
 

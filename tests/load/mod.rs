@@ -254,6 +254,10 @@ pub enum Transport {
     /// that writes and reads JSON-RPC lines itself costs far less CPU a call
     /// than rmcp's, as wrk does over HTTP.
     StdioLines,
+    /// `serve --http --stateless` on a free port, and no rmcp client: the
+    /// caller posts JSON-RPC calls itself ([`Daemon::url`]) on connections
+    /// it keeps, as wrk does.
+    HttpPosts,
 }
 
 impl Transport {
@@ -262,6 +266,7 @@ impl Transport {
             Transport::Stdio => "stdio",
             Transport::Http => "http",
             Transport::StdioLines => "stdio-lines",
+            Transport::HttpPosts => "http-posts",
         }
     }
 }
@@ -333,6 +338,8 @@ pub struct Daemon {
     /// The HTTP daemon, or the `StdioLines` one: stopped by SIGTERM.
     child: Option<tokio::process::Child>,
     lines: Option<Lines>,
+    /// The `/mcp` address of an HTTP daemon.
+    url: Option<String>,
     dir: tempfile::TempDir,
 }
 
@@ -424,6 +431,7 @@ impl Daemon {
                     client: Some(client),
                     child: None,
                     lines: None,
+                    url: None,
                     dir,
                 })
             }
@@ -462,14 +470,17 @@ impl Daemon {
                     client: None,
                     child: Some(child),
                     lines: Some(Lines { stdin, stdout }),
+                    url: None,
                     dir,
                 })
             }
-            Transport::Http => {
+            Transport::Http | Transport::HttpPosts => {
                 let port = free_port()?;
-                cmd.arg("--http")
-                    .arg(format!("127.0.0.1:{port}"))
-                    .stdin(Stdio::null())
+                cmd.arg("--http").arg(format!("127.0.0.1:{port}"));
+                if o.transport == Transport::HttpPosts {
+                    cmd.arg("--stateless");
+                }
+                cmd.stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(Stdio::from(log))
                     .kill_on_drop(true);
@@ -488,11 +499,18 @@ impl Daemon {
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                let transport = http_client_transport(
-                    format!("http://127.0.0.1:{port}/mcp"),
-                    o.http_requests,
-                    o.http_pool,
-                );
+                let url = format!("http://127.0.0.1:{port}/mcp");
+                if o.transport == Transport::HttpPosts {
+                    return Ok(Daemon {
+                        pid,
+                        client: None,
+                        child: Some(child),
+                        lines: None,
+                        url: Some(url),
+                        dir,
+                    });
+                }
+                let transport = http_client_transport(url.clone(), o.http_requests, o.http_pool);
                 let client = if o.http_modern {
                     use rmcp::service::{ClientLifecycleMode, ClientServiceExt};
                     let modern = ClientLifecycleMode::Discover {
@@ -509,10 +527,16 @@ impl Daemon {
                     client: Some(client),
                     child: Some(child),
                     lines: None,
+                    url: Some(url),
                     dir,
                 })
             }
         }
+    }
+
+    /// The `/mcp` address of an HTTP daemon.
+    pub fn url(&self) -> Option<&str> {
+        self.url.as_deref()
     }
 
     /// The pipes of a `StdioLines` daemon, once.
