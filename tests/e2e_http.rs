@@ -791,6 +791,57 @@ async fn a_stateless_call_waiting_at_shutdown_is_told_the_daemon_stops() {
 
 struct Daemon(Child);
 
+/// The binary serving HTTP on `port` with the seed's SMTP_* variables (one
+/// relay: `smtp`), the bearer token, `args` after `serve --http ADDR`, its
+/// log in `log` at `rust_log`.
+fn seed_daemon(
+    smtp: &Aiosmtpd,
+    port: u16,
+    args: &[&str],
+    log: &std::path::Path,
+    rust_log: &str,
+) -> Daemon {
+    let child = Command::new(env!("CARGO_BIN_EXE_mailmux"))
+        .args(["serve", "--http", &format!("127.0.0.1:{port}")])
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", rust_log)
+        .env("MAILMUX_QUEUE__PATH", common::queue_db())
+        .env("SMTP_HOST", "127.0.0.1")
+        .env("SMTP_PORT", smtp.port.to_string())
+        .env("SMTP_USE_TLS", "false")
+        .env("SMTP_FROM_EMAIL", "sender@example.org")
+        .env("MAILMUX_HTTP_TOKEN", TOKEN)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    Daemon(child)
+}
+
+/// `tests/e2e_client.py http` against `url`: the official Python SDK sends
+/// the full message (text and HTML parts, attachment, Bcc, UTF-8 template
+/// subject) and checks it as `smtp` stored it. Its stderr.
+async fn python_sdk_over_http(smtp: &Aiosmtpd, url: &str) -> String {
+    let maildir = smtp.dir.path().join("mail");
+    let py = tokio::process::Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e_client.py"))
+        .args(["http", url, TOKEN])
+        .arg(&maildir)
+        .output()
+        .await
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&py.stdout);
+    let stderr = String::from_utf8_lossy(&py.stderr).into_owned();
+    assert!(
+        py.status.success() && stdout.contains(" passed, 0 failed"),
+        "e2e_client.py http failed\n{stdout}\n{stderr}"
+    );
+    stderr
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -940,44 +991,10 @@ async fn the_python_sdk_sends_through_a_stateless_daemon() {
     let smtp = Aiosmtpd::start();
     let port = free_port();
     let logs = tempfile::NamedTempFile::new().unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_mailmux"))
-        .args([
-            "serve",
-            "--http",
-            &format!("127.0.0.1:{port}"),
-            "--stateless",
-        ])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("RUST_LOG", "mailmux=debug")
-        .env("MAILMUX_QUEUE__PATH", common::queue_db())
-        .env("SMTP_HOST", "127.0.0.1")
-        .env("SMTP_PORT", smtp.port.to_string())
-        .env("SMTP_USE_TLS", "false")
-        .env("SMTP_FROM_EMAIL", "sender@example.org")
-        .env("MAILMUX_HTTP_TOKEN", TOKEN)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(logs.path()).unwrap())
-        .spawn()
-        .unwrap();
-    let _daemon = Daemon(child);
+    let _daemon = seed_daemon(&smtp, port, &["--stateless"], logs.path(), "mailmux=debug");
     let base = format!("http://127.0.0.1:{port}");
     wait_health(&base).await;
-    let maildir = smtp.dir.path().join("mail");
-    let py = tokio::process::Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e_client.py"))
-        .args(["http", &format!("{base}/mcp"), TOKEN])
-        .arg(&maildir)
-        .output()
-        .await
-        .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&py.stdout);
-    let stderr = String::from_utf8_lossy(&py.stderr);
-    assert!(
-        py.status.success() && stdout.contains(" passed, 0 failed"),
-        "e2e_client.py http failed\n{stdout}\n{stderr}"
-    );
+    python_sdk_over_http(&smtp, &format!("{base}/mcp")).await;
     let log = std::fs::read_to_string(logs.path()).unwrap();
     assert!(
         log.contains("answered without rmcp's service"),
@@ -990,22 +1007,7 @@ async fn binary_serves_http_with_a_token() {
     let smtp = Aiosmtpd::start();
     let port = free_port();
     let logs = tempfile::NamedTempFile::new().unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_mailmux"))
-        .args(["serve", "--http", &format!("127.0.0.1:{port}")])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("MAILMUX_QUEUE__PATH", common::queue_db())
-        .env("SMTP_HOST", "127.0.0.1")
-        .env("SMTP_PORT", smtp.port.to_string())
-        .env("SMTP_USE_TLS", "false")
-        .env("SMTP_FROM_EMAIL", "sender@example.org")
-        .env("MAILMUX_HTTP_TOKEN", TOKEN)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(logs.path()).unwrap())
-        .spawn()
-        .unwrap();
-    let mut daemon = Daemon(child);
+    let mut daemon = seed_daemon(&smtp, port, &[], logs.path(), "info");
     let base = format!("http://127.0.0.1:{port}");
     wait_health(&base).await;
     let url = format!("{base}/mcp");
@@ -1021,20 +1023,7 @@ async fn binary_serves_http_with_a_token() {
     // The official Python SDK over streamable HTTP: the full message (text
     // and HTML parts, attachment, Bcc, UTF-8 template subject) checked as
     // aiosmtpd stored it.
-    let maildir = smtp.dir.path().join("mail");
-    let py = tokio::process::Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e_client.py"))
-        .args(["http", &url, TOKEN])
-        .arg(&maildir)
-        .output()
-        .await
-        .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&py.stdout);
-    let stderr = String::from_utf8_lossy(&py.stderr);
-    assert!(
-        py.status.success() && stdout.contains(" passed, 0 failed"),
-        "e2e_client.py http failed\n{stdout}\n{stderr}"
-    );
+    let stderr = python_sdk_over_http(&smtp, &url).await;
     // The SDK ends its session with a DELETE and warns unless it gets 200
     // or 204.
     assert!(!stderr.contains("Session termination failed"), "{stderr}");
