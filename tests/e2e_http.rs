@@ -675,13 +675,12 @@ async fn stateless_mode_sends() {
 /// itself (`mailmux::mcp::stateless`), one with anything more in its
 /// `_meta` by rmcp. For each kind of call the two answers are the same:
 /// status, content type, and body but for the message's id and the digits
-/// of its times. Each call that sends is at the sink once.
+/// of its times. Each call that sends is at the sink once, and a message
+/// held for approval (nobody to ask either way) is answered `held`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stateless_send_email_is_answered_as_rmcp_answers_it() {
     let smtp = Aiosmtpd::start();
     let (base, stop, task) = in_process(&smtp, false).await;
-    let url = format!("{base}/mcp");
-    let http = reqwest::Client::new();
     let send = json!({"to": "rcpt@example.org", "subject": "stateless", "body": "hi"});
     let with = |extra: Value| {
         let mut args = send.clone();
@@ -703,6 +702,34 @@ async fn a_stateless_send_email_is_answered_as_rmcp_answers_it() {
         ),
         ("no arguments", Value::Null),
     ];
+    for (i, (case, args)) in cases.iter().enumerate() {
+        let answer = both_ways_alike(&base, i, case, args).await;
+        assert!(answer.contains(r#""isError":"#), "{case}: {answer}");
+    }
+    // "sent" and "not waiting", each twice.
+    let m = smtp.wait_messages(4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(smtp.messages().len(), 4, "{m:?}");
+    stop_in_process(stop, task).await;
+
+    // A caller whose every message is held: no client to ask either way.
+    let mut cfg = config(vec![relay("primary", smtp.port, 100)]);
+    cfg.daemon.http.token = Some(Secret::new(TOKEN));
+    cfg.safety.policy.approval = mailmux::policy::Approval::Always;
+    let (base, stop, task) = in_process_with(cfg, false).await;
+    let answer = both_ways_alike(&base, 0, "held", &send).await;
+    assert!(answer.contains(r#""status":"held""#), "{answer}");
+    stop_in_process(stop, task).await;
+    assert_eq!(smtp.messages().len(), 4, "nothing held is sent");
+}
+
+/// Posts the stateless `send_email` call `args` (none when null) to the
+/// daemon at `base` twice: as mailmux answers it itself, and with a member
+/// more in `_meta`, as rmcp answers it. Asserts that both answers have
+/// status 200, one content type and one body but for the message's id and
+/// the digits; that body.
+async fn both_ways_alike(base: &str, id: usize, case: &str, args: &Value) -> String {
+    let http = reqwest::Client::new();
     let mut heads = HeaderMap::new();
     for (name, value) in [
         ("accept", "application/json, text/event-stream"),
@@ -711,53 +738,50 @@ async fn a_stateless_send_email_is_answered_as_rmcp_answers_it() {
     ] {
         heads.insert(name, value.parse().unwrap());
     }
-    for (i, (case, args)) in cases.iter().enumerate() {
-        let mut answers = Vec::new();
-        for (direct, meta) in [
-            (true, json!({"progressToken": i})),
-            (false, json!({"progressToken": i, "example.org/trace": "t"})),
-        ] {
-            let mut params = json!({"name": "send_email", "_meta": meta});
-            if !args.is_null() {
-                params["arguments"] = args.clone();
-            }
-            let body = json!({"jsonrpc": "2.0", "id": i, "method": "tools/call", "params": params})
-                .to_string();
-            assert_eq!(
-                mailmux::mcp::stateless::call(&heads, body.as_bytes()).is_some(),
-                direct,
-                "{case}"
-            );
-            let r = http
-                .post(&url)
-                .headers(heads.clone())
-                .bearer_auth(TOKEN)
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            let status = r.status();
-            let content_type = r.headers()["content-type"].to_str().unwrap().to_owned();
-            let text = r.text().await.unwrap();
-            let answer: Value = serde_json::from_str(&text).unwrap();
-            let mut text = text;
-            if let Some(id) = answer["result"]["structuredContent"]["message_id"].as_str() {
-                text = text.replace(id, "ID");
-            }
-            let text: String = text
-                .chars()
-                .map(|c| if c.is_ascii_digit() { '0' } else { c })
-                .collect();
-            answers.push((status, content_type, text));
+    let mut answers = Vec::new();
+    for (direct, meta) in [
+        (true, json!({"progressToken": id})),
+        (
+            false,
+            json!({"progressToken": id, "example.org/trace": "t"}),
+        ),
+    ] {
+        let mut params = json!({"name": "send_email", "_meta": meta});
+        if !args.is_null() {
+            params["arguments"] = args.clone();
         }
-        assert_eq!(answers[0], answers[1], "{case}");
-        assert_eq!(answers[0].0, 200, "{case}");
+        let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": params})
+            .to_string();
+        assert_eq!(
+            mailmux::mcp::stateless::call(&heads, body.as_bytes()).is_some(),
+            direct,
+            "{case}"
+        );
+        let r = http
+            .post(format!("{base}/mcp"))
+            .headers(heads.clone())
+            .bearer_auth(TOKEN)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let content_type = r.headers()["content-type"].to_str().unwrap().to_owned();
+        let text = r.text().await.unwrap();
+        let answer: Value = serde_json::from_str(&text).unwrap();
+        let mut text = text;
+        if let Some(id) = answer["result"]["structuredContent"]["message_id"].as_str() {
+            text = text.replace(id, "ID");
+        }
+        let text: String = text
+            .chars()
+            .map(|c| if c.is_ascii_digit() { '0' } else { c })
+            .collect();
+        answers.push((status, content_type, text));
     }
-    // "sent" and "not waiting", each twice.
-    let m = smtp.wait_messages(4);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(smtp.messages().len(), 4, "{m:?}");
-    stop_in_process(stop, task).await;
+    assert_eq!(answers[0], answers[1], "{case}");
+    assert_eq!(answers[0].0, 200, "{case}");
+    answers.swap_remove(0).2
 }
 
 /// A stateless `send_email` call still waiting when the daemon stops (its
