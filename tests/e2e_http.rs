@@ -675,8 +675,9 @@ async fn stateless_mode_sends() {
 /// itself (`mailmux::mcp::stateless`), one with anything more in its
 /// `_meta` by rmcp. For each kind of call the two answers are the same:
 /// status, content type, and body but for the message's id and the digits
-/// of its times. Each call that sends is at the sink once, and a message
-/// held for approval (nobody to ask either way) is answered `held`.
+/// of its times. Each call that sends is at the sink once; a repeated
+/// idempotency key is a replay or a conflict either way; a message held
+/// for approval (nobody to ask either way) is answered `held`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stateless_send_email_is_answered_as_rmcp_answers_it() {
     let smtp = Aiosmtpd::start();
@@ -706,10 +707,25 @@ async fn a_stateless_send_email_is_answered_as_rmcp_answers_it() {
         let answer = both_ways_alike(&base, i, case, args).await;
         assert!(answer.contains(r#""isError":"#), "{case}: {answer}");
     }
-    // "sent" and "not waiting", each twice.
-    let m = smtp.wait_messages(4);
+    // A key used once: both ways a replay of that message, or a conflict.
+    let keyed = with(json!({"idempotency_key": "k-1"}));
+    let (is_error, out) = mcp_call(
+        &format!("{base}/mcp"),
+        Some(TOKEN),
+        "send_email",
+        keyed.clone(),
+    )
+    .await;
+    assert!(!is_error && out["status"] == "sent", "{out}");
+    let replay = both_ways_alike(&base, 91, "a replay", &keyed).await;
+    assert!(replay.contains(r#""idempotent_replay":true"#), "{replay}");
+    let conflict = with(json!({"idempotency_key": "k-1", "subject": "other"}));
+    let conflict = both_ways_alike(&base, 92, "a conflict", &conflict).await;
+    assert!(conflict.contains("idempotency_conflict"), "{conflict}");
+    // "sent" and "not waiting", each twice, and the keyed message once.
+    let m = smtp.wait_messages(5);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(smtp.messages().len(), 4, "{m:?}");
+    assert_eq!(smtp.messages().len(), 5, "{m:?}");
     stop_in_process(stop, task).await;
 
     // A caller whose every message is held: no client to ask either way.
@@ -720,7 +736,7 @@ async fn a_stateless_send_email_is_answered_as_rmcp_answers_it() {
     let answer = both_ways_alike(&base, 0, "held", &send).await;
     assert!(answer.contains(r#""status":"held""#), "{answer}");
     stop_in_process(stop, task).await;
-    assert_eq!(smtp.messages().len(), 4, "nothing held is sent");
+    assert_eq!(smtp.messages().len(), 5, "nothing held is sent");
 }
 
 /// Posts the stateless `send_email` call `args` (none when null) to the
