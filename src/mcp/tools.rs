@@ -2695,11 +2695,11 @@ impl MailmuxServer {
         };
         // A held message: ask the user when the client can be asked.
         let mut sub = sub;
-        if sub.record.state == State::Held && !sub.replay && peer.is_none() {
+        let held = sub.record.state == State::Held && !sub.replay;
+        if held && peer.is_none() {
             approval::not_asked(&caller);
         }
-        if sub.record.state == State::Held
-            && !sub.replay
+        if held
             && let (Some(peer), Some(prompt), Some(hash)) = (peer, prompt, hold_hash)
             && let Some(record) = approval::elicit(
                 self.queue(),
