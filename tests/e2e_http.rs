@@ -673,15 +673,17 @@ async fn stateless_mode_sends() {
 
 /// A stateless `send_email` call of the usual shape is answered by mailmux
 /// itself (`mailmux::mcp::stateless`), one with anything more in its
-/// `_meta` by rmcp. For each kind of call the two answers are the same:
-/// status, content type, and body but for the message's id and the digits
-/// of its times. Each call that sends is at the sink once; a repeated
-/// idempotency key is a replay or a conflict either way; a message held
-/// for approval (nobody to ask either way) is answered `held`.
+/// `_meta` by rmcp: calls of protocol 2025-06-18 to a daemon without
+/// sessions, and calls of 2026-07-28 (which rmcp serves without sessions)
+/// to a daemon either way. For each kind of call the two answers are the
+/// same: status, content type, and body but for the message's id and the
+/// digits of its times. Each call that sends is at the sink once; a
+/// repeated idempotency key is a replay or a conflict either way; a
+/// message held for approval (nobody to ask either way) is answered
+/// `held`; a client of 2026-07-28 that declares tasks gets a task.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stateless_send_email_is_answered_as_rmcp_answers_it() {
     let smtp = Aiosmtpd::start();
-    let (base, stop, task) = in_process(&smtp, false).await;
     let send = json!({"to": "rcpt@example.org", "subject": "stateless", "body": "hi"});
     let with = |extra: Value| {
         let mut args = send.clone();
@@ -703,40 +705,73 @@ async fn a_stateless_send_email_is_answered_as_rmcp_answers_it() {
         ),
         ("no arguments", Value::Null),
     ];
-    for (i, (case, args)) in cases.iter().enumerate() {
-        let answer = both_ways_alike(&base, i, case, args).await;
-        assert!(answer.contains(r#""isError":"#), "{case}: {answer}");
-    }
-    // A key used once: both ways a replay of that message, or a conflict.
-    let keyed = with(json!({"idempotency_key": "k-1"}));
-    let (is_error, out) = mcp_call(
-        &format!("{base}/mcp"),
-        Some(TOKEN),
-        "send_email",
-        keyed.clone(),
-    )
-    .await;
-    assert!(!is_error && out["status"] == "sent", "{out}");
-    let replay = both_ways_alike(&base, 91, "a replay", &keyed).await;
-    assert!(replay.contains(r#""idempotent_replay":true"#), "{replay}");
-    let conflict = with(json!({"idempotency_key": "k-1", "subject": "other"}));
-    let conflict = both_ways_alike(&base, 92, "a conflict", &conflict).await;
-    assert!(conflict.contains("idempotency_conflict"), "{conflict}");
-    // "sent" and "not waiting", each twice, and the keyed message once.
-    let m = smtp.wait_messages(5);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(smtp.messages().len(), 5, "{m:?}");
-    stop_in_process(stop, task).await;
+    let ways = [
+        Way::default(),
+        Way {
+            modern: true,
+            ..Way::default()
+        },
+        Way {
+            modern: true,
+            stateful: true,
+            ..Way::default()
+        },
+    ];
+    let mut sent = 0;
+    for (round, way) in ways.into_iter().enumerate() {
+        let (base, stop, task) = in_process(&smtp, way.stateful).await;
+        for (i, (case, args)) in cases.iter().enumerate() {
+            let answer = both_ways_alike(&base, way, i, case, args).await;
+            assert!(answer.contains(r#""isError":"#), "{case}: {answer}");
+        }
+        // A key used once: both ways a replay of that message, or a conflict.
+        let key = format!("k-{round}");
+        let keyed = with(json!({"idempotency_key": key}));
+        let (is_error, out) = mcp_call(
+            &format!("{base}/mcp"),
+            Some(TOKEN),
+            "send_email",
+            keyed.clone(),
+        )
+        .await;
+        assert!(!is_error && out["status"] == "sent", "{out}");
+        let replay = both_ways_alike(&base, way, 91, "a replay", &keyed).await;
+        assert!(replay.contains(r#""idempotent_replay":true"#), "{replay}");
+        let conflict = with(json!({"idempotency_key": key, "subject": "other"}));
+        let conflict = both_ways_alike(&base, way, 92, "a conflict", &conflict).await;
+        assert!(conflict.contains("idempotency_conflict"), "{conflict}");
+        // "sent" and "not waiting", each twice, and the keyed message once.
+        sent += 5;
+        if way.modern {
+            let tasks = Way { tasks: true, ..way };
+            let answer = both_ways_alike(&base, tasks, 93, "a task", &send).await;
+            assert!(answer.contains(r#""resultType":"task""#), "{answer}");
+            sent += 2;
+        }
+        let m = smtp.wait_messages(sent);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(smtp.messages().len(), sent, "{way:?}: {m:?}");
+        stop_in_process(stop, task).await;
 
-    // A caller whose every message is held: no client to ask either way.
-    let mut cfg = config(vec![relay("primary", smtp.port, 100)]);
-    cfg.daemon.http.token = Some(Secret::new(TOKEN));
-    cfg.safety.policy.approval = mailmux::policy::Approval::Always;
-    let (base, stop, task) = in_process_with(cfg, false).await;
-    let answer = both_ways_alike(&base, 0, "held", &send).await;
-    assert!(answer.contains(r#""status":"held""#), "{answer}");
-    stop_in_process(stop, task).await;
-    assert_eq!(smtp.messages().len(), 5, "nothing held is sent");
+        // A caller whose every message is held: no client to ask either way.
+        let mut cfg = config(vec![relay("primary", smtp.port, 100)]);
+        cfg.daemon.http.token = Some(Secret::new(TOKEN));
+        cfg.safety.policy.approval = mailmux::policy::Approval::Always;
+        let (base, stop, task) = in_process_with(cfg, way.stateful).await;
+        let answer = both_ways_alike(&base, way, 0, "held", &send).await;
+        assert!(answer.contains(r#""status":"held""#), "{answer}");
+        stop_in_process(stop, task).await;
+        assert_eq!(smtp.messages().len(), sent, "nothing held is sent");
+    }
+}
+
+/// How [`both_ways_alike`] posts its calls: to a daemon with sessions or
+/// without, at protocol 2026-07-28 or 2025-06-18, declaring tasks or not.
+#[derive(Clone, Copy, Debug, Default)]
+struct Way {
+    stateful: bool,
+    modern: bool,
+    tasks: bool,
 }
 
 /// Posts the stateless `send_email` call `args` (none when null) to the
@@ -744,35 +779,47 @@ async fn a_stateless_send_email_is_answered_as_rmcp_answers_it() {
 /// more in `_meta`, as rmcp answers it. Asserts that both answers have
 /// status 200, one content type and one body but for the message's id and
 /// the digits; that body.
-async fn both_ways_alike(base: &str, id: usize, case: &str, args: &Value) -> String {
+async fn both_ways_alike(base: &str, way: Way, id: usize, case: &str, args: &Value) -> String {
     let http = reqwest::Client::new();
     let mut heads = HeaderMap::new();
-    for (name, value) in [
+    let mut headers = vec![
         ("accept", "application/json, text/event-stream"),
         ("content-type", "application/json"),
-        ("mcp-protocol-version", "2025-06-18"),
-    ] {
+    ];
+    let mut meta = json!({"progressToken": id});
+    if way.modern {
+        headers.extend([
+            ("mcp-protocol-version", "2026-07-28"),
+            ("mcp-method", "tools/call"),
+            ("mcp-name", "send_email"),
+        ]);
+        let capabilities = match way.tasks {
+            true => json!({"extensions": {"io.modelcontextprotocol/tasks": {}}}),
+            false => json!({}),
+        };
+        meta["io.modelcontextprotocol/protocolVersion"] = json!("2026-07-28");
+        meta["io.modelcontextprotocol/clientCapabilities"] = capabilities;
+        meta["io.modelcontextprotocol/clientInfo"] = json!({"name": "t", "version": "1"});
+    } else {
+        headers.push(("mcp-protocol-version", "2025-06-18"));
+    }
+    for (name, value) in headers {
         heads.insert(name, value.parse().unwrap());
     }
     let mut answers = Vec::new();
-    for (direct, meta) in [
-        (true, json!({"progressToken": id})),
-        (
-            false,
-            json!({"progressToken": id, "example.org/trace": "t"}),
-        ),
-    ] {
+    for direct in [true, false] {
+        let mut meta = meta.clone();
+        if !direct {
+            meta["example.org/trace"] = json!("t");
+        }
         let mut params = json!({"name": "send_email", "_meta": meta});
         if !args.is_null() {
             params["arguments"] = args.clone();
         }
         let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": params})
             .to_string();
-        assert_eq!(
-            mailmux::mcp::stateless::call(&heads, body.as_bytes()).is_some(),
-            direct,
-            "{case}"
-        );
+        let taken = mailmux::mcp::stateless::call(&heads, body.as_bytes(), way.stateful);
+        assert_eq!(taken.is_some(), direct, "{case}");
         let r = http
             .post(format!("{base}/mcp"))
             .headers(heads.clone())
@@ -782,11 +829,18 @@ async fn both_ways_alike(base: &str, id: usize, case: &str, args: &Value) -> Str
             .await
             .unwrap();
         let status = r.status();
+        assert!(
+            r.headers().get("mcp-session-id").is_none(),
+            "{case}: no session"
+        );
         let content_type = r.headers()["content-type"].to_str().unwrap().to_owned();
         let text = r.text().await.unwrap();
         let answer: Value = serde_json::from_str(&text).unwrap();
         let mut text = text;
-        if let Some(id) = answer["result"]["structuredContent"]["message_id"].as_str() {
+        let id = answer["result"]["structuredContent"]["message_id"]
+            .as_str()
+            .or(answer["result"]["taskId"].as_str());
+        if let Some(id) = id {
             text = text.replace(id, "ID");
         }
         let text: String = text
@@ -795,7 +849,7 @@ async fn both_ways_alike(base: &str, id: usize, case: &str, args: &Value) -> Str
             .collect();
         answers.push((status, content_type, text));
     }
-    assert_eq!(answers[0], answers[1], "{case}");
+    assert_eq!(answers[0], answers[1], "{case} {way:?}");
     assert_eq!(answers[0].0, 200, "{case}");
     answers.swap_remove(0).2
 }
@@ -1039,6 +1093,58 @@ async fn the_python_sdk_sends_through_a_stateless_daemon() {
     assert!(
         log.contains("answered without rmcp's service"),
         "the SDK's send_email went through rmcp"
+    );
+}
+
+/// rmcp's client of protocol 2026-07-28 against the binary in its default
+/// mode (with sessions, which that version does without): its `send_email`
+/// calls, one that sends and one refused, are answered by mailmux directly
+/// (the debug log says so twice), and the message is at the sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_2026_07_28_sends_through_a_daemon_with_sessions() {
+    use rmcp::model::ProtocolVersion;
+    use rmcp::service::{ClientLifecycleMode, ClientServiceExt};
+
+    let smtp = Aiosmtpd::start();
+    let port = free_port();
+    let logs = tempfile::NamedTempFile::new().unwrap();
+    let _daemon = seed_daemon(&smtp, port, &[], logs.path(), "mailmux=debug");
+    let base = format!("http://127.0.0.1:{port}");
+    wait_health(&base).await;
+    let transport = StreamableHttpClientTransport::from_config(
+        StreamableHttpClientTransportConfig::with_uri(format!("{base}/mcp"))
+            .auth_header(TOKEN.to_string()),
+    );
+    let modern = ClientLifecycleMode::Discover {
+        preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+    };
+    let client = ().serve_with_lifecycle(transport, modern).await.unwrap();
+    let call = |args: Value| {
+        CallToolRequestParams::new("send_email").with_arguments(args.as_object().unwrap().clone())
+    };
+    let out = client
+        .call_tool(call(
+            json!({"to": "rcpt@example.org", "subject": "modern", "body": "hello"}),
+        ))
+        .await
+        .unwrap();
+    assert_ne!(out.is_error, Some(true), "{out:?}");
+    let out = out.structured_content.unwrap();
+    assert_eq!(out["status"], "sent", "{out}");
+    let refused = client
+        .call_tool(call(json!({"to": "not an address", "body": "b"})))
+        .await
+        .unwrap();
+    assert_eq!(refused.is_error, Some(true), "{refused:?}");
+    let m = smtp.wait_messages(1);
+    assert!(m[0].contains(&format!("<{}>", out["message_id"].as_str().unwrap())));
+    assert!(m[0].contains("Subject: modern"), "{}", m[0]);
+    let _ = client.cancel().await;
+    let log = std::fs::read_to_string(logs.path()).unwrap();
+    assert_eq!(
+        log.matches("answered without rmcp's service").count(),
+        2,
+        "each send_email was answered by mailmux"
     );
 }
 

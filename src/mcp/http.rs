@@ -288,10 +288,13 @@ struct Limits {
     sessions: Option<Sessions>,
     /// The request ids of each session that are being answered now.
     in_flight: Arc<std::sync::Mutex<HashSet<(String, String)>>>,
-    /// Without sessions, the server that answers the usual `send_email`
-    /// call itself (`super::stateless`), and the token that ends such
-    /// calls at shutdown.
-    direct: Option<(MailmuxServer, CancellationToken)>,
+    /// The server that answers the usual stateless `send_email` call
+    /// itself (`super::stateless`), and the token that ends such calls at
+    /// shutdown.
+    direct: (MailmuxServer, CancellationToken),
+    /// Whether the daemon keeps sessions: then only calls of protocol
+    /// 2026-07-28 and later are stateless.
+    stateful: bool,
 }
 
 /// A request id of a session being answered, until its response ends.
@@ -681,15 +684,14 @@ async fn limit(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> R
         None => None,
     };
     let json = req.uri().path().starts_with("/mcp") && is_json(req.headers());
-    let direct = limits
-        .direct
-        .as_ref()
-        .filter(|_| req.uri().path() == "/mcp")
-        .and_then(|d| Some((d, super::stateless::call(req.headers(), &body)?)));
+    let direct = (req.uri().path() == "/mcp")
+        .then(|| super::stateless::call(req.headers(), &body, limits.stateful))
+        .flatten();
     let response = match direct {
-        Some(((server, closing), call)) => {
+        Some(taken) => {
             let (parts, _) = req.into_parts();
-            super::stateless::serve(server, parts, call, closing).await
+            let (server, closing) = &limits.direct;
+            super::stateless::serve(server, parts, taken, closing).await
         }
         None => next.run(req).await,
     };
@@ -1349,7 +1351,8 @@ pub fn app(server: &MailmuxServer, stateful: bool) -> (Router, CancellationToken
         listening: Arc::default(),
         sessions: stateful.then(|| Sessions::new(open.clone(), &http)),
         in_flight: Arc::default(),
-        direct: (!stateful).then(|| (server.clone(), cancel.child_token())),
+        direct: (server.clone(), cancel.child_token()),
+        stateful,
     });
     let scrape = match stateful {
         true => get(metrics).layer(Extension(OpenSessions(open))),

@@ -1726,11 +1726,12 @@ impl MailmuxServer {
         arguments: Option<rmcp::model::JsonObject>,
         extensions: Extensions,
         id: rmcp::model::RequestId,
+        tasks: bool,
     ) -> Result<CallToolResponse, ErrorData> {
         let arguments = serde_json::Value::Object(arguments.unwrap_or_default());
         let params = parse::<SendEmailParams>(arguments, SendEmailParams::FIELDS);
         let result = self
-            .send_email_call(params, &extensions, id, None, false)
+            .send_email_call(params, &extensions, id, None, tasks)
             .await;
         count_call("send_email".to_owned(), &result);
         result
