@@ -1272,8 +1272,6 @@ async fn mcp_requests_past_the_bound_wait_unread() {
     let _ = task.await;
 }
 
-/// `subscriptions/listen` streams (protocol 2026-07-28) stay open for as long
-/// as the client listens. They do not hold the slots of
 /// A client of protocol 2026-07-28 (bearer `token`, if any), and the URI of
 /// a message it scheduled an hour ahead, to listen to.
 async fn modern_client_with_a_message(
@@ -1306,6 +1304,8 @@ async fn modern_client_with_a_message(
     (client, uri)
 }
 
+/// `subscriptions/listen` streams (protocol 2026-07-28) stay open for as long
+/// as the client listens, and hold none of the slots of
 /// `max_concurrent_calls`: with one slot and three streams open, a call
 /// still goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
