@@ -854,6 +854,44 @@ async fn both_ways_alike(base: &str, way: Way, id: usize, case: &str, args: &Val
     answers.swap_remove(0).2
 }
 
+/// In a daemon with sessions, calls of protocol 2026-07-28 (which has none)
+/// neither count against the caller's sessions nor close one: a caller at
+/// its bound keeps its session while it sends such calls, whether mailmux
+/// or rmcp answers them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_of_2026_07_28_leave_the_callers_session_open() {
+    let smtp = Aiosmtpd::start();
+    let mut cfg = config(vec![relay("primary", smtp.port, 100)]);
+    cfg.daemon.http.token = Some(Secret::new(TOKEN));
+    cfg.daemon.http.max_sessions = 1;
+    cfg.daemon.http.max_sessions_per_caller = 1;
+    let (base, stop, task) = in_process_with(cfg, true).await;
+    let url = format!("{base}/mcp");
+    let http = reqwest::Client::new();
+    let session = open_session(&http, &url).await;
+    let way = Way {
+        stateful: true,
+        modern: true,
+        tasks: false,
+    };
+    let send = json!({"to": "rcpt@example.org", "subject": "beside", "body": "b"});
+    for id in 0..3 {
+        let answer = both_ways_alike(&base, way, id, "sent", &send).await;
+        assert!(answer.contains(r#""status":"sent""#), "{answer}");
+    }
+    let r = post(&http, &url)
+        .bearer_auth(TOKEN)
+        .header("Mcp-Session-Id", &session)
+        .body(r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the session is still open");
+    assert!(r.text().await.unwrap().contains("send_email"));
+    assert_eq!(smtp.wait_messages(6).len(), 6);
+    stop_in_process(stop, task).await;
+}
+
 /// A stateless `send_email` call still waiting when the daemon stops (its
 /// relay never answers) is answered 503 "shutting down" once the grace is
 /// over, never `sent` or `queued`, and the daemon stops.

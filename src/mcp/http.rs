@@ -585,21 +585,32 @@ fn not_json_rpc(body: &[u8]) -> Response {
     (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
 }
 
-/// Whether `req` opens a `subscriptions/listen` stream. rmcp checks the
-/// `Mcp-Method` header against the body whenever the request's protocol
-/// version asks for the standard headers (2026-07-28 and later), and refuses
-/// a mismatch before any handler runs; so there the header says what the
-/// body is. Before that version it is not checked, and not trusted here.
-fn is_listen(req: &Request) -> bool {
-    let headers = req.headers();
+/// The request's method, as its `Mcp-Method` header names it, where that
+/// can be trusted. rmcp checks the header against the body whenever the
+/// request's protocol version asks for the standard headers (2026-07-28 and
+/// later), and refuses a mismatch before any handler runs; so there the
+/// header says what the body is. Before that version it is not checked, and
+/// not trusted here.
+fn checked_method(headers: &HeaderMap) -> Option<&header::HeaderValue> {
     let checked = headers
         .get("mcp-protocol-version")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v >= rmcp::model::ProtocolVersion::STANDARD_HEADERS.as_str());
     let mut methods = headers.get_all("mcp-method").iter();
-    checked
-        && methods.next().is_some_and(|m| m == "subscriptions/listen")
-        && methods.next().is_none()
+    let method = methods.next().filter(|_| checked)?;
+    methods.next().is_none().then_some(method)
+}
+
+/// Whether the request is of protocol 2026-07-28 or later and not an
+/// `initialize` (which picks a version of its own): rmcp serves it without
+/// a session even in stateful mode.
+fn sessionless(headers: &HeaderMap) -> bool {
+    checked_method(headers).is_some_and(|m| m != "initialize")
+}
+
+/// Whether `req` opens a `subscriptions/listen` stream.
+fn is_listen(req: &Request) -> bool {
+    checked_method(req.headers()).is_some_and(|m| m == "subscriptions/listen")
 }
 
 /// Bounds the MCP requests handled at once (`max_concurrent_calls`).
@@ -637,9 +648,12 @@ async fn limit(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> R
         .extensions()
         .get::<Arc<Caller>>()
         .map_or_else(|| Arc::from(""), |c| c.name.clone());
-    // A request without a session opens one (stateful mode).
+    // A request without a session opens one (stateful mode), unless it is
+    // of a protocol without sessions.
     let opens = limits.sessions.as_ref().filter(|_| {
-        req.uri().path().starts_with("/mcp") && !req.headers().contains_key("mcp-session-id")
+        req.uri().path().starts_with("/mcp")
+            && !req.headers().contains_key("mcp-session-id")
+            && !sessionless(req.headers())
     });
     if let Some(sessions) = opens
         && let Err(refused) = sessions.admit(&caller).await
@@ -1695,6 +1709,41 @@ mod tests {
         assert_eq!(id(r#"{"jsonrpc":"2.0","id":null,"method":"x"}"#), None);
         assert_eq!(id("[1,2]"), None);
         assert_eq!(id("{"), None);
+    }
+
+    #[test]
+    fn only_a_request_of_an_older_protocol_or_an_initialize_may_open_a_session() {
+        let heads = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (name, value) in pairs {
+                h.append(*name, header::HeaderValue::from_static(value));
+            }
+            h
+        };
+        let modern = ("mcp-protocol-version", "2026-07-28");
+        assert!(sessionless(&heads(&[modern, ("mcp-method", "tools/call")])));
+        assert!(sessionless(&heads(&[
+            modern,
+            ("mcp-method", "server/discover")
+        ])));
+        for h in [
+            heads(&[]),
+            heads(&[("mcp-method", "tools/call")]),
+            heads(&[
+                ("mcp-protocol-version", "2025-11-25"),
+                ("mcp-method", "tools/call"),
+            ]),
+            // rmcp refuses these; counted as opening, as before.
+            heads(&[modern]),
+            heads(&[
+                modern,
+                ("mcp-method", "tools/call"),
+                ("mcp-method", "tools/call"),
+            ]),
+            heads(&[modern, ("mcp-method", "initialize")]),
+        ] {
+            assert!(!sessionless(&h), "{h:?}");
+        }
     }
 
     async fn held(max: usize, per_caller: usize, callers: &[&str]) -> (Sessions, Vec<Arc<str>>) {
