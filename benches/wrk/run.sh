@@ -14,7 +14,9 @@
 # connection, so the rows show what TLS costs a call.
 #
 # The daemon logs at `warn` (RUST_LOG); MAILMUX_LOG=info runs it at the
-# level it has by default, which writes one line a call.
+# level it has by default, which writes one line a call. WRK_STATEFUL=1
+# starts it with sessions (the default mode, without `--stateless`), for
+# calls of protocol 2026-07-28 (WRK_PROTOCOL, see send_email.lua).
 #
 # Needs wrk, Postfix's smtp-sink and smtp-source. Everything listens on
 # 127.0.0.1 on free ports chosen by the kernel.
@@ -23,6 +25,8 @@ C=${1:-32}
 DURATION=${2:-10}
 HERE=$(cd "$(dirname "$0")" && pwd)
 BIN=${MAILMUX_BIN:-$HERE/../../target/release/mailmux}
+MODE=--stateless
+if [ "${WRK_STATEFUL:-0}" = 1 ]; then MODE=; fi
 # The daemon runs in a folder of its own: a relative path is the caller's.
 case $BIN in /*) ;; *) BIN=$PWD/$BIN ;; esac
 WORK=$(mktemp -d)
@@ -89,7 +93,7 @@ TOML
   if [ "$scheme" = https ]; then
     printf '\n[http]\ntls_cert = "%s"\ntls_key = "%s"\n' "$WORK/cert.pem" "$WORK/key.pem" >>"$DIR/mailmux.toml"
   fi
-  (cd "$DIR" && RUST_LOG=${MAILMUX_LOG:-warn} exec "$BIN" --config mailmux.toml serve --http "127.0.0.1:$PORT" --stateless) >"$DIR/daemon.log" 2>&1 &
+  (cd "$DIR" && RUST_LOG=${MAILMUX_LOG:-warn} exec "$BIN" --config mailmux.toml serve --http "127.0.0.1:$PORT" $MODE) >"$DIR/daemon.log" 2>&1 &
   D=$!; PIDS="$PIDS $D"; sleep 1
   before=$(ticks "$D")
   out=$(wrk -t1 -c"$C" -d"${DURATION}s" -s "$HERE/send_email.lua" "$scheme://127.0.0.1:$PORT/mcp")

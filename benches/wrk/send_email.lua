@@ -6,10 +6,28 @@
 --   wrk -t2 -c32 -d10s -s benches/wrk/send_email.lua http://127.0.0.1:8025/mcp
 --
 -- The body size can be set with WRK_BODY_BYTES (default 1024).
+-- WRK_PROTOCOL=2026-07-28 posts each call as a client of that version does
+-- (the standard headers, the version and the client's capabilities in
+-- `_meta`), which a daemon with sessions serves without one too;
+-- WRK_META_EXTRA=1 adds a member of another namespace to `_meta`, which
+-- leaves the call to rmcp's own service (to compare the two).
 
 local size = tonumber(os.getenv("WRK_BODY_BYTES") or "1024")
 local line = "The quick brown fox jumps over the lazy dog 0123456789 abcdefghij\\n"
 local body = string.rep(line, math.ceil(size / 64)):sub(1, size)
+local protocol = os.getenv("WRK_PROTOCOL") or "2025-06-18"
+local meta = ""
+if protocol >= "2026-07-28" then
+  meta = '"_meta":{"io.modelcontextprotocol/protocolVersion":"' .. protocol .. '",'
+    .. '"io.modelcontextprotocol/clientCapabilities":{},'
+    .. '"io.modelcontextprotocol/clientInfo":{"name":"wrk","version":"1"}'
+  if os.getenv("WRK_META_EXTRA") == "1" then
+    meta = meta .. ',"example.org/trace":"t"'
+  end
+  meta = meta .. '},'
+elseif os.getenv("WRK_META_EXTRA") == "1" then
+  meta = '"_meta":{"example.org/trace":"t"},'
+end
 
 local threads = {}
 counter = 0
@@ -25,15 +43,19 @@ function init(args)
   wrk.method = "POST"
   wrk.headers["Content-Type"] = "application/json"
   wrk.headers["Accept"] = "application/json, text/event-stream"
-  wrk.headers["MCP-Protocol-Version"] = "2025-06-18"
+  wrk.headers["MCP-Protocol-Version"] = protocol
+  if protocol >= "2026-07-28" then
+    wrk.headers["Mcp-Method"] = "tools/call"
+    wrk.headers["Mcp-Name"] = "send_email"
+  end
 end
 
 function request()
   counter = counter + 1
   local payload = string.format(
-    '{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{"name":"send_email",'
+    '{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{%s"name":"send_email",'
       .. '"arguments":{"to":["rcpt@localhost"],"subject":"wrk %d-%d","body":"%s"}}}',
-    counter, id, counter, body)
+    counter, meta, id, counter, body)
   return wrk.format(nil, nil, nil, payload)
 end
 
