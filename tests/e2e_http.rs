@@ -743,10 +743,13 @@ async fn a_stateless_send_email_is_answered_as_rmcp_answers_it() {
         // "sent" and "not waiting", each twice, and the keyed message once.
         sent += 5;
         if way.modern {
+            // Scheduled, so that the task's state when it is answered does
+            // not depend on how far delivery got.
             let tasks = Way { tasks: true, ..way };
-            let answer = both_ways_alike(&base, tasks, 93, "a task", &send).await;
+            let later = with(json!({"send_at": "1h"}));
+            let answer = both_ways_alike(&base, tasks, 93, "a task", &later).await;
             assert!(answer.contains(r#""resultType":"task""#), "{answer}");
-            sent += 2;
+            assert!(answer.contains(r#""status":"working""#), "{answer}");
         }
         let m = smtp.wait_messages(sent);
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -778,7 +781,7 @@ struct Way {
 /// daemon at `base` twice: as mailmux answers it itself, and with a member
 /// more in `_meta`, as rmcp answers it. Asserts that both answers have
 /// status 200, one content type and one body but for the message's id and
-/// the digits; that body.
+/// its numbers; that body.
 async fn both_ways_alike(base: &str, way: Way, id: usize, case: &str, args: &Value) -> String {
     let http = reqwest::Client::new();
     let mut heads = HeaderMap::new();
@@ -843,11 +846,17 @@ async fn both_ways_alike(base: &str, way: Way, id: usize, case: &str, args: &Val
         if let Some(id) = id {
             text = text.replace(id, "ID");
         }
-        let text: String = text
-            .chars()
-            .map(|c| if c.is_ascii_digit() { '0' } else { c })
-            .collect();
-        answers.push((status, content_type, text));
+        // Each number (a time, a duration) as one digit: a send that took
+        // 12 ms is alike one that took 8.
+        let mut digits = String::with_capacity(text.len());
+        for c in text.chars() {
+            match c.is_ascii_digit() {
+                true if digits.ends_with('0') => {}
+                true => digits.push('0'),
+                false => digits.push(c),
+            }
+        }
+        answers.push((status, content_type, digits));
     }
     assert_eq!(answers[0], answers[1], "{case} {way:?}");
     assert_eq!(answers[0].0, 200, "{case}");
