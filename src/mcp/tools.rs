@@ -1720,7 +1720,8 @@ impl MailmuxServer {
     /// A `tools/call` of `send_email` served without rmcp's service (a
     /// stateless HTTP request, `super::stateless`): what `call_tool` does
     /// for it, arguments read and call counted alike. Such a request has
-    /// no client to ask and no tasks (it declared no capabilities).
+    /// no client to ask; `tasks` is whether its `_meta` declared the tasks
+    /// extension (only a request of 2026-07-28 or later can).
     pub(super) async fn send_email_stateless(
         &self,
         arguments: Option<rmcp::model::JsonObject>,
