@@ -1429,6 +1429,256 @@ async fn a_burst_killed_mid_way_loses_nothing_and_doubles_nothing() {
     d.stop().await;
 }
 
+/// The built binary serving HTTP, killed (SIGKILL) when dropped.
+struct HttpDaemon(std::process::Child);
+
+impl Drop for HttpDaemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The built binary serving HTTP on `port` (with `args` after
+/// `serve --http ADDR`) on the configuration and the store in `dir`; its
+/// log in `log` at debug level, so that the calls mailmux answers itself
+/// are counted.
+fn http_daemon(dir: &Path, config: &str, port: u16, args: &[&str], log: &Path) -> HttpDaemon {
+    let path = dir.join("mailmux.toml");
+    std::fs::write(&path, config).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_mailmux"))
+        .arg("--config")
+        .arg(&path)
+        .args(["serve", "--http", &format!("127.0.0.1:{port}")])
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info,mailmux=debug")
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("mailmux starts");
+    HttpDaemon(child)
+}
+
+/// A call of `tool` with `args` as one HTTP request: of protocol
+/// 2026-07-28 when `modern` (the standard headers and its `_meta`, no
+/// session), else a stateless call of 2025-06-18. A `send_email` call of
+/// either kind is one that mailmux answers without rmcp's service.
+fn http_call(
+    http: &reqwest::Client,
+    url: &str,
+    id: usize,
+    modern: bool,
+    tool: &str,
+    args: Value,
+) -> reqwest::RequestBuilder {
+    let mut params = json!({"name": tool, "arguments": args});
+    let version = match modern {
+        true => "2026-07-28",
+        false => "2025-06-18",
+    };
+    let mut r = http
+        .post(url)
+        .header("Accept", "application/json, text/event-stream")
+        .header("Content-Type", "application/json")
+        .header("MCP-Protocol-Version", version);
+    if modern {
+        params["_meta"] = json!({
+            "io.modelcontextprotocol/protocolVersion": version,
+            "io.modelcontextprotocol/clientCapabilities": {},
+            "io.modelcontextprotocol/clientInfo": {"name": "kill-test", "version": "1"},
+        });
+        r = r
+            .header("Mcp-Method", "tools/call")
+            .header("Mcp-Name", tool);
+    }
+    r.body(
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": params}).to_string(),
+    )
+}
+
+/// What an HTTP call was told: the tool's result, or why there was none.
+async fn http_answer(label: String, sent: reqwest::RequestBuilder) -> Call {
+    let started = std::time::Instant::now();
+    let answer = match tokio::time::timeout(LIMIT, sent.send()).await {
+        Err(_) => harness::Answer::TimedOut,
+        Ok(Err(e)) => harness::Answer::Protocol(e.to_string()),
+        Ok(Ok(r)) => match r.text().await.map(|t| serde_json::from_str::<Value>(&t)) {
+            Ok(Ok(v)) if v["result"].is_object() => harness::Answer::Result {
+                is_error: v["result"]["isError"] == true,
+                value: v["result"]["structuredContent"].clone(),
+                text: String::new(),
+            },
+            Ok(Ok(v)) => harness::Answer::Protocol(v.to_string()),
+            Ok(Err(e)) => harness::Answer::Protocol(e.to_string()),
+            Err(e) => harness::Answer::Protocol(e.to_string()),
+        },
+    };
+    Call {
+        label,
+        answer,
+        elapsed: started.elapsed(),
+    }
+}
+
+/// A burst of 3,000 `send_email` calls over HTTP at C=32, each answered by
+/// mailmux itself (no rmcp service), the binary killed in the middle, then
+/// restarted over the same store: every call answered `queued` or `sent` is
+/// at the sink exactly once, or is `unknown` and there at most once, and
+/// nothing appears twice. Without sessions the calls are of 2025-06-18 and
+/// 2026-07-28 by turns; with sessions, of 2026-07-28 (older ones there go
+/// through rmcp). Half of them wait for the delivery, half do not.
+async fn http_burst_killed_mid_way(stateless: bool) {
+    const CALLS: usize = 3000;
+    let smtp = FaultSmtp::start(Script::ok()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(dir.path(), smtp.port(), "");
+    let port = common::free_port();
+    let args: &[&str] = if stateless { &["--stateless"] } else { &[] };
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let daemon = http_daemon(dir.path(), &cfg, port, args, log.path());
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let http = reqwest::Client::new();
+    serving(&http, port).await;
+
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+    let counter = done.clone();
+    let (client, target) = (http.clone(), url.clone());
+    let calls = tokio::spawn(async move {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..CALLS {
+            let permit = gate.clone().acquire_owned().await.unwrap();
+            let modern = !stateless || i % 2 == 0;
+            let args = msg(&format!("http burst {i}"), json!({"wait": i % 4 < 2}));
+            let request = http_call(&client, &target, i, modern, "send_email", args);
+            let counter = counter.clone();
+            set.spawn(async move {
+                let c = http_answer(format!("http burst {i}"), request).await;
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(permit);
+                c
+            });
+        }
+        set.join_all().await
+    });
+    // Kill at a moment that depends on the run: after 800 to 2,000 answers.
+    let at = 800 + (std::process::id() as usize % 1200);
+    let reached = support::wait_until(
+        || done.load(std::sync::atomic::Ordering::SeqCst) >= at,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(reached, "the burst never reached {at} answers");
+    // SIGKILL, and wait for the process to be gone.
+    drop(daemon);
+    let calls = calls.await.unwrap();
+    let direct = std::fs::read_to_string(log.path())
+        .unwrap()
+        .matches("answered without rmcp's service")
+        .count();
+
+    // The same daemon again, on the same store: the messages are the HTTP
+    // caller's, so they are asked after over HTTP.
+    let port = common::free_port();
+    let _daemon = http_daemon(dir.path(), &cfg, port, args, log.path());
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    serving(&http, port).await;
+    let ask = |tool: &'static str, args: Value| {
+        let request = http_call(&http, &url, 0, !stateless, tool, args);
+        async move { http_answer(tool.to_string(), request).await }
+    };
+    let stored: Vec<&Call> = calls
+        .iter()
+        .filter(|c| matches!(c.status(), Some("queued" | "sent")))
+        .collect();
+    let answered = calls.iter().filter(|c| c.value().is_some()).count();
+    assert!(
+        answered >= at,
+        "{answered} answers, {at} seen before the kill"
+    );
+    assert_eq!(stored.len(), answered, "every answer was queued or sent");
+    assert!(
+        direct >= answered,
+        "{answered} answers, {direct} calls answered by mailmux itself"
+    );
+    let drained = support::wait_until_async(
+        || async {
+            let st = ask("get_smtp_status", json!({})).await;
+            let counts = &st.value().expect("a status")["queue"]["counts"];
+            counts["queued"] == 0 && counts["sending"] == 0
+        },
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(drained, "the queue never drained");
+    let received = smtp.received();
+    let seen = copies(&received);
+    let (mut sent, mut unknown) = (0, 0);
+    let told_sent = stored.iter().filter(|c| c.status() == Some("sent")).count();
+    for c in &stored {
+        let id = c.message_id().unwrap();
+        let s = ask("get_message_status", json!({ "message_id": id })).await;
+        let s = s.value().cloned().unwrap_or(Value::Null);
+        if c.status() == Some("sent") {
+            assert_eq!(s["status"], "sent", "{id} was answered sent: {s}");
+        }
+        count_final(id, s["status"].as_str(), &seen, &mut sent, &mut unknown);
+    }
+    for (id, n) in &seen {
+        assert_eq!(*n, 1, "{id} reached the sink {n} times");
+    }
+    for r in &received {
+        let subject = subject_of(r).unwrap_or_default();
+        assert!(
+            subject.starts_with("http burst "),
+            "unasked-for message {subject:?}"
+        );
+    }
+    eprintln!(
+        "HTTP burst of {CALLS} ({}): killed after {at} answers; {answered} answered \
+         ({told_sent} sent, {} queued), all by mailmux itself ({direct} logged), {} unanswered; \
+         after restart {sent} sent exactly once, {unknown} unknown; {} messages at the sink, 0 duplicated",
+        if stateless {
+            "stateless"
+        } else {
+            "sessions, 2026-07-28"
+        },
+        stored.len() - told_sent,
+        CALLS - answered,
+        received.len()
+    );
+    assert_eq!(sent + unknown, stored.len());
+}
+
+/// Waits until the daemon on `port` answers its health check.
+async fn serving(http: &reqwest::Client, port: u16) {
+    let up = support::wait_until_async(
+        || async {
+            http.get(format!("http://127.0.0.1:{port}/health"))
+                .send()
+                .await
+                .is_ok()
+        },
+        LIMIT,
+    )
+    .await;
+    assert!(up, "the daemon never served");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stateless_http_burst_killed_mid_way_loses_nothing_and_doubles_nothing() {
+    http_burst_killed_mid_way(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_burst_of_2026_07_28_killed_mid_way_loses_nothing_and_doubles_nothing() {
+    http_burst_killed_mid_way(false).await;
+}
+
 /// Several SIGKILLs of the real binary while eight callers send, some with
 /// idempotency keys, some waiting, some in small batches, and the relay
 /// fails at random (after the final "." too). A caller whose call broke
