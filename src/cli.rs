@@ -513,7 +513,7 @@ async fn send(config: Config, sources: Sources, args: SendArgs) -> ExitCode {
     // The command line sends as the stdio caller, under its policy.
     let caller = server.gate().stdio_caller();
     let (out, text) = server
-        .send_email_params(caller, params, None, None)
+        .send_email_params(caller, params, &mut mcp::approval::Ask::Nobody, None)
         .instrument(mcp::tools::tool_span("send"))
         .await;
     queue.shutdown(grace).await;

@@ -1324,6 +1324,198 @@ async fn held_messages_go_out_only_when_a_person_approves() {
     assert_eq!(actions(&id), ["held", "expired"]);
 }
 
+/// A client of protocol 2026-07-28 (no session; the daemon cannot send it
+/// a request) against `d` as the caller `token`, with `handler`.
+async fn connect_modern<H: ClientHandler>(d: &Daemon, token: &str, handler: H) -> Client {
+    use rmcp::service::{ClientLifecycleMode, ClientServiceExt};
+    let cfg = StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp", d.base))
+        .auth_header(token.to_string());
+    let transport = StreamableHttpClientTransport::from_config(cfg);
+    let modern = ClientLifecycleMode::Discover {
+        preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+    };
+    handler
+        .into_dyn()
+        .serve_with_lifecycle(transport, modern)
+        .await
+        .expect("client of 2026-07-28 starts")
+}
+
+/// `send_email` through a client of 2026-07-28 that drives the round trips
+/// of its protocol itself (rmcp's `call_tool`): (isError, structured content).
+async fn call_modern(c: &Client, args: Value) -> (bool, Value) {
+    let params =
+        CallToolRequestParams::new("send_email").with_arguments(args.as_object().unwrap().clone());
+    let r = tokio::time::timeout(Duration::from_secs(30), c.call_tool(params))
+        .await
+        .expect("answer within 30 s")
+        .expect("no protocol error");
+    (
+        r.is_error.unwrap_or(false),
+        r.structured_content.unwrap_or(Value::Null),
+    )
+}
+
+/// A client of protocol 2026-07-28 that declares form elicitation is given
+/// a held message's approval form in the result of its call, and calls
+/// again with its user's answer: approved, the message goes out once;
+/// refused or declined, it is rejected and nothing goes out. The answer
+/// decides only the caller's own held message, bound to the content the
+/// form showed: a request state naming another caller's message, or one
+/// that is not mailmux's, is refused and decides nothing. A client that
+/// declares no elicitation, and a caller approved by operators only, get
+/// `held` as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_2026_07_28_approves_held_mail_through_the_calls_result() {
+    let (sink, other) = servers().await;
+    let d = start(&sink, &other, "").await;
+    let approver = |answer| Approver {
+        answer,
+        prompts: Arc::new(Mutex::new(Vec::new())),
+    };
+    let outside = json!({
+        "to": ["friend@outside.net"], "bcc": ["hidden@outside.net"],
+        "subject": "quarterly numbers", "body": format!("line one\n{BODY_MARKER}"),
+    });
+
+    let yes = approver(Answer::Approve);
+    let gamma = connect_modern(&d, GAMMA, yes.clone()).await;
+    let (is_error, out) = call_modern(&gamma, outside.clone()).await;
+    assert!(!is_error, "{out}");
+    assert_eq!(out["status"], "sent", "{out}");
+    let approved = out["message_id"].as_str().unwrap().to_owned();
+    let prompts = yes.prompts.lock().unwrap().clone();
+    assert_eq!(prompts.len(), 1, "{prompts:?}");
+    for needle in [
+        "To: friend@outside.net",
+        "Bcc (hidden from the others): hidden@outside.net",
+        "Subject: quarterly numbers",
+        "\n> line one\n",
+    ] {
+        assert!(
+            prompts[0].contains(needle),
+            "{needle:?} not in\n{}",
+            prompts[0]
+        );
+    }
+    let s = status(&gamma, &approved).await;
+    assert!(s["decided_by"].as_str().unwrap().contains("gamma"), "{s}");
+    assert_eq!(sink.delivered().len(), 1);
+
+    for answer in [Answer::Refuse, Answer::Decline] {
+        let c = connect_modern(&d, GAMMA, approver(answer)).await;
+        let (_, out) = call_modern(&c, outside.clone()).await;
+        assert_eq!(out["status"], "rejected", "{answer:?}: {out}");
+    }
+
+    // The first call alone: the form and its request state, and `held`
+    // meanwhile.
+    let first = CallToolRequestParams::new("send_email")
+        .with_arguments(outside.as_object().unwrap().clone());
+    let form = match gamma.call_tool_once(first.clone()).await.unwrap() {
+        CallToolResponse::InputRequired(form) => form,
+        other => panic!("no form: {other:?}"),
+    };
+    let state = form.request_state.clone().unwrap();
+    let id = state.split(':').nth(1).unwrap().to_owned();
+    assert_eq!(status(&gamma, &id).await["status"], "held");
+    let approve: rmcp::model::InputResponses = [(
+        "approval".to_owned(),
+        json!({"action": "accept", "content": {"approve": true}}),
+    )]
+    .into();
+    let again = |state: &str| {
+        let mut p = first.clone().with_input_responses(approve.clone());
+        p.request_state = Some(state.to_owned());
+        p
+    };
+    // Another caller cannot decide it, even with its state.
+    let delta = connect_modern(&d, DELTA, ()).await;
+    let refused = delta.call_tool_once(again(&state)).await.unwrap();
+    let CallToolResponse::Complete(refused) = refused else {
+        panic!("{refused:?}")
+    };
+    assert_eq!(refused.is_error, Some(true));
+    assert_eq!(
+        refused.structured_content.unwrap()["error"]["code"],
+        "not_found"
+    );
+    // Nor does a state that is not mailmux's, or that names other content.
+    let other_hash = format!("{}{}", &state[..state.len() - 64], "0".repeat(64));
+    for bad in ["x", other_hash.as_str()] {
+        let r = gamma.call_tool_once(again(bad)).await.unwrap();
+        let CallToolResponse::Complete(r) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(r.is_error.unwrap_or(false), bad == "x", "{bad}: {r:?}");
+        if bad != "x" {
+            assert_eq!(r.structured_content.unwrap()["status"], "held", "{bad}");
+        }
+    }
+    assert_eq!(status(&gamma, &id).await["status"], "held");
+    // Its own answer, with the state it was given, sends it.
+    let r = gamma.call_tool_once(again(&state)).await.unwrap();
+    let CallToolResponse::Complete(r) = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(r.structured_content.unwrap()["status"], "sent", "{id}");
+    assert_eq!(sink.delivered().len(), 2);
+
+    // The form is the same whether mailmux answers the call itself or
+    // through rmcp's service (a member of another namespace in `_meta`).
+    let mut forms = Vec::new();
+    for extra in [false, true] {
+        let mut meta = json!({
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {"elicitation": {}},
+        });
+        if extra {
+            meta["example.org/trace"] = json!("t");
+        }
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+            "name": "send_email", "arguments": outside, "_meta": meta}});
+        let r = reqwest::Client::new()
+            .post(format!("{}/mcp", d.base))
+            .bearer_auth(GAMMA)
+            .header("Accept", "application/json, text/event-stream")
+            .header("Content-Type", "application/json")
+            .header("MCP-Protocol-Version", "2026-07-28")
+            .header("Mcp-Method", "tools/call")
+            .header("Mcp-Name", "send_email")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let mut answer: Value = r.json().await.unwrap();
+        let result = &mut answer["result"];
+        assert_eq!(result["resultType"], "input_required", "{result}");
+        let state = result["requestState"].as_str().unwrap().to_owned();
+        assert!(state.starts_with("mailmux-approval:"), "{state}");
+        let id = state.split(':').nth(1).unwrap().to_owned();
+        assert_eq!(status(&gamma, &id).await["status"], "held");
+        result["requestState"] = json!("STATE");
+        let message = result["inputRequests"]["approval"]["params"]["message"].take();
+        let message = message.as_str().unwrap().to_owned();
+        assert!(message.contains("To: friend@outside.net"), "{message}");
+        forms.push(answer);
+    }
+    assert_eq!(forms[0], forms[1]);
+
+    // No elicitation declared: held, for an operator.
+    let plain = connect_modern(&d, GAMMA, ()).await;
+    let (_, out) = call_modern(&plain, outside.clone()).await;
+    assert_eq!(out["status"], "held", "{out}");
+    // A caller approved by operators only: held, no form.
+    let eager = approver(Answer::Approve);
+    let eta = connect_modern(&d, ETA, eager.clone()).await;
+    let (_, out) = call_modern(&eta, outside.clone()).await;
+    assert_eq!(out["status"], "held", "{out}");
+    assert!(eager.prompts.lock().unwrap().is_empty());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.delivered().len(), 2, "only approved mail went out");
+}
+
 /// A caller whose policy says `approver = "operator"` is never put an
 /// approval form, even by a client that declares elicitation and would
 /// approve anything: its held mail, one message or a batch, waits for an

@@ -588,7 +588,7 @@ async fn decide_batch(
         .iter()
         .filter(|(k, _)| k == "m")
         .filter_map(|(_, v)| v.split_once(' '))
-        .map(|(id, hash)| (id, parse_hash(hash)))
+        .map(|(id, hash)| (id, crate::policy::hash_from_text(hash)))
         .collect();
     if shown.is_empty() || shown.iter().any(|(_, h)| h.is_none()) {
         return back(
@@ -733,18 +733,6 @@ async fn reject(
     decide(server, op, id, form, false).await
 }
 
-fn parse_hash(hex: &str) -> Option<[u8; 32]> {
-    let hex = hex.trim();
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
 /// Approves or rejects a held message, bound to the content hash the
 /// operator's page showed.
 async fn decide(
@@ -754,7 +742,7 @@ async fn decide(
     form: CsrfForm,
     approve: bool,
 ) -> Response {
-    let Some(hash) = form.hash.as_deref().and_then(parse_hash) else {
+    let Some(hash) = form.hash.as_deref().and_then(crate::policy::hash_from_text) else {
         return back(
             "/console/approvals",
             "The form did not name the content it approves; nothing was changed.",
@@ -1013,9 +1001,12 @@ mod tests {
             "a=1; mailmux_console=abc; b=2".parse().unwrap(),
         );
         assert_eq!(session_id(&h), Some("abc"));
-        assert_eq!(parse_hash(&"ab".repeat(32)), Some([0xab; 32]));
-        assert_eq!(parse_hash("ab"), None);
-        assert_eq!(parse_hash(&"zz".repeat(32)), None);
+        assert_eq!(
+            crate::policy::hash_from_text(&"ab".repeat(32)),
+            Some([0xab; 32])
+        );
+        assert_eq!(crate::policy::hash_from_text("ab"), None);
+        assert_eq!(crate::policy::hash_from_text(&"zz".repeat(32)), None);
         assert_eq!(urlencode("a b&c"), "a%20b%26c");
     }
 

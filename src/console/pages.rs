@@ -769,13 +769,9 @@ fn attachment_list(list: &[(String, String, usize)]) -> Markup {
     }
 }
 
-fn hex(h: &[u8; 32]) -> String {
-    h.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// The hash of a held message's content, as its buttons carry it.
 fn content_hash(p: &Pending) -> String {
-    hex(&crate::policy::approval_hash(
+    crate::policy::hash_text(&crate::policy::approval_hash(
         p.from.as_deref().unwrap_or(""),
         &p.to,
         &p.bytes,

@@ -5,11 +5,23 @@
 //! `send_batch` call are put in one form, each shown in turn, and one answer
 //! decides them all. A client without elicitation, or one that does not
 //! answer in time, leaves them held for an operator.
+//!
+//! A client of protocol 2026-07-28 or later cannot be sent a request; one
+//! that declares form elicitation gets the form in the result of its
+//! `send_email` call instead ([`input_required`]: an `InputRequiredResult`,
+//! the round trips of that protocol), and calls again with the user's
+//! answer and the request state, which names the held message and the hash
+//! of its content ([`Answered::read`]). The message, not that call's
+//! arguments, is what the answer decides.
 
 use std::time::Duration;
 
 use mailmux_actors::queue::{Decided, Decision, Queue, Record};
 use rmcp::RoleServer;
+use rmcp::model::{
+    ClientCapabilities, ElicitRequest, ElicitRequestParams, ElicitResult, ElicitationAction,
+    ElicitationSchema, InputRequest, InputRequiredResult, InputResponses,
+};
 use rmcp::service::{ElicitationError, Peer};
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -230,6 +242,145 @@ async fn ask(peer: &Peer<RoleServer>, caller: &Caller, prompt: &str) -> Option<b
     }
 }
 
+/// How the user of a call's client is asked to approve a held message.
+#[derive(Debug)]
+pub enum Ask {
+    /// Nobody can be asked: the command line, or a stateless request of a
+    /// protocol before 2026-07-28 (which declares no elicitation).
+    Nobody,
+    /// Sent an `elicitation/create` request (a protocol before 2026-07-28).
+    Request(Peer<RoleServer>),
+    /// Given the form in the call's result (2026-07-28 or later, form
+    /// elicitation declared): the send leaves the form here.
+    InResult(Option<InputRequiredResult>),
+}
+
+/// Whether a client with `capabilities` takes form elicitation: it
+/// declares elicitation, with form mode or with no mode at all (the
+/// default, as rmcp reads it).
+pub fn elicits_forms(capabilities: &ClientCapabilities) -> bool {
+    capabilities
+        .elicitation
+        .as_ref()
+        .is_some_and(|e| e.form.is_some() || e.url.is_none())
+}
+
+/// The key of the approval form among an `InputRequiredResult`'s requests.
+pub const INPUT_KEY: &str = "approval";
+
+/// What a request state of an approval form starts with.
+const STATE_PREFIX: &str = "mailmux-approval";
+
+/// The approval form of the held `message_id` (content `hash`) for a
+/// client that is answered in the call's result rather than sent a
+/// request; `None` when the caller's messages are approved by an operator
+/// only.
+pub fn input_required(
+    caller: &Caller,
+    message_id: &str,
+    prompt: &str,
+    hash: [u8; 32],
+) -> Option<InputRequiredResult> {
+    if operator_only(caller) {
+        return None;
+    }
+    tracing::info!("held for approval; the form goes to the client's user in the call's result");
+    form(message_id, prompt, hash)
+}
+
+/// The form of [`input_required`], and its request state.
+fn form(message_id: &str, prompt: &str, hash: [u8; 32]) -> Option<InputRequiredResult> {
+    let schema = ElicitationSchema::from_type::<ApprovalForm>().ok()?;
+    let form = ElicitRequest::new(ElicitRequestParams::FormElicitationParams {
+        meta: None,
+        message: prompt.to_owned(),
+        requested_schema: schema,
+    });
+    let requests = [(INPUT_KEY.to_owned(), InputRequest::Elicitation(form))].into();
+    let state = format!(
+        "{STATE_PREFIX}:{message_id}:{}",
+        crate::policy::hash_text(&hash)
+    );
+    Some(InputRequiredResult::new(Some(requests), Some(state)))
+}
+
+/// A call that answers an approval form: the held message, the content
+/// hash the form showed, and the user's answer (`None`: no answer came
+/// back, so the message stays held).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Answered {
+    pub message_id: String,
+    pub hash: [u8; 32],
+    pub approve: Option<bool>,
+}
+
+impl Answered {
+    /// The answer a call carries, from its request state and input
+    /// responses; an error names what is wrong with them.
+    pub fn read(
+        state: Option<&str>,
+        responses: Option<&InputResponses>,
+    ) -> Result<Answered, &'static str> {
+        let parsed = state
+            .and_then(|s| {
+                s.strip_prefix(STATE_PREFIX)?
+                    .strip_prefix(':')?
+                    .rsplit_once(':')
+            })
+            .and_then(|(id, hash)| Some((id, crate::policy::hash_from_text(hash)?)))
+            .filter(|(id, _)| !id.is_empty());
+        let Some((message_id, hash)) = parsed else {
+            return Err("requestState is not the state of a mailmux approval form");
+        };
+        let approve = match responses.and_then(|r| r.get(INPUT_KEY)) {
+            None => None,
+            Some(v) => {
+                let answer: ElicitResult = serde_json::from_value(v.clone())
+                    .map_err(|_| "inputResponses.approval is not an elicitation result")?;
+                // As a form answered through a request: only an accepted
+                // form that says `approve: true` approves.
+                let approve = answer.action == ElicitationAction::Accept
+                    && answer.content.as_ref().and_then(|c| c.get("approve"))
+                        == Some(&serde_json::Value::Bool(true));
+                Some(approve)
+            }
+        };
+        Ok(Answered {
+            message_id: message_id.to_owned(),
+            hash,
+            approve,
+        })
+    }
+
+    /// Records the answer (when there is one) and returns the message as
+    /// it is then: after delivery when `wait_until` is given and it was
+    /// approved. The caller has been checked to own the message.
+    pub async fn decide(
+        &self,
+        queue: &Queue,
+        caller: &Caller,
+        wait_until: Option<tokio::time::Instant>,
+    ) -> Option<Record> {
+        match self.approve {
+            Some(approve) => {
+                decide(
+                    queue,
+                    caller,
+                    &self.message_id,
+                    approve,
+                    self.hash,
+                    wait_until,
+                )
+                .await
+            }
+            None => {
+                tracing::info!("no answer to the approval form; the message stays held");
+                queue.status(&self.message_id).await.ok().flatten()
+            }
+        }
+    }
+}
+
 /// Records the user's answer on `message_id` (for the content `hash`), and
 /// returns the message as it is then: after delivery when `wait_until` is
 /// given and it was approved.
@@ -276,6 +427,53 @@ async fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_is_read_from_the_state_the_form_was_given() {
+        let form = form("abc@mailmux.localhost", "Approve?", [7; 32]).unwrap();
+        let state = form.request_state.clone().unwrap();
+        let request = &form.input_requests.as_ref().unwrap()[INPUT_KEY];
+        let shown = serde_json::to_value(request).unwrap();
+        assert_eq!(shown["method"], "elicitation/create", "{shown}");
+        assert_eq!(shown["params"]["message"], "Approve?", "{shown}");
+        assert_eq!(
+            shown["params"]["requestedSchema"]["properties"]["approve"]["type"],
+            "boolean"
+        );
+        let responses = |v: serde_json::Value| -> InputResponses { [(INPUT_KEY.into(), v)].into() };
+        let read = |v| Answered::read(Some(&state), Some(&responses(v)));
+        let yes = serde_json::json!({"action": "accept", "content": {"approve": true}});
+        assert_eq!(
+            read(yes),
+            Ok(Answered {
+                message_id: "abc@mailmux.localhost".into(),
+                hash: [7; 32],
+                approve: Some(true),
+            })
+        );
+        for no in [
+            serde_json::json!({"action": "accept", "content": {"approve": false}}),
+            serde_json::json!({"action": "accept"}),
+            serde_json::json!({"action": "accept", "content": {"approve": "true"}}),
+            serde_json::json!({"action": "decline"}),
+            serde_json::json!({"action": "cancel"}),
+        ] {
+            assert_eq!(read(no.clone()).unwrap().approve, Some(false), "{no}");
+        }
+        assert!(read(serde_json::json!({"approve": true})).is_err());
+        assert_eq!(Answered::read(Some(&state), None).unwrap().approve, None);
+        for bad in [
+            "",
+            "abc@mailmux.localhost",
+            "mailmux-approval:abc@mailmux.localhost",
+            "mailmux-approval::0707070707070707070707070707070707070707070707070707070707070707",
+            "mailmux-approval:abc:07",
+            "other:abc:0707070707070707070707070707070707070707070707070707070707070707",
+        ] {
+            assert!(Answered::read(Some(bad), None).is_err(), "{bad}");
+        }
+        assert!(Answered::read(None, Some(&responses(serde_json::json!({})))).is_err());
+    }
 
     fn composed(body: &str) -> Composed {
         let draft = crate::compose::Draft {

@@ -38,7 +38,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use rmcp::RoleServer;
 use rmcp::model::{
-    ErrorCode, Extensions, JsonRpcMessage, ProtocolVersion, RequestMetaObject, ServerResult,
+    ClientCapabilities, ErrorCode, Extensions, JsonRpcMessage, ProtocolVersion, RequestMetaObject,
+    ServerResult,
 };
 use rmcp::service::TxJsonRpcMessage;
 use tokio_util::sync::CancellationToken;
@@ -54,6 +55,9 @@ pub struct Taken {
     pub modern: bool,
     /// The client declared the tasks extension in the request's `_meta`.
     pub tasks: bool,
+    /// The client declared form elicitation in the request's `_meta`: a
+    /// held message's approval form goes in the result.
+    pub forms: bool,
 }
 
 /// The `send_email` call in `body`, when [`serve`] may answer it. A daemon
@@ -74,11 +78,12 @@ pub fn call(headers: &HeaderMap, body: &[u8], stateful: bool) -> Option<Taken> {
     }
     match version {
         Some(v) if v >= ProtocolVersion::STANDARD_HEADERS.as_str() => {
-            let tasks = modern(headers, &mut call, v)?;
+            let capabilities = modern(headers, &mut call, v)?;
             Some(Taken {
                 call,
                 modern: true,
-                tasks,
+                tasks: capabilities.supports_tasks(),
+                forms: super::approval::elicits_forms(&capabilities),
             })
         }
         _ => {
@@ -90,6 +95,7 @@ pub fn call(headers: &HeaderMap, body: &[u8], stateful: bool) -> Option<Taken> {
                 call,
                 modern: false,
                 tasks: false,
+                forms: false,
             })
         }
     }
@@ -130,12 +136,12 @@ fn known(value: &HeaderValue) -> Option<&str> {
 }
 
 /// For a request of `version` (2026-07-28 or later): whether rmcp would
-/// call the tool with no check refusing it, and then whether the client
-/// declared tasks. rmcp asks that the standard headers match the body and
+/// call the tool with no check refusing it, and then the capabilities the
+/// client declared. rmcp asks that the standard headers match the body and
 /// that `_meta` name the same version and the client's capabilities. A
 /// request that carries a session id is left to rmcp, as `http::limit`
 /// counts it against that session.
-fn modern(headers: &HeaderMap, call: &mut Call, version: &str) -> Option<bool> {
+fn modern(headers: &HeaderMap, call: &mut Call, version: &str) -> Option<ClientCapabilities> {
     let one = |name: &str, value: &str| {
         let mut all = headers.get_all(name).iter();
         all.next().is_some_and(|v| v == value) && all.next().is_none()
@@ -155,7 +161,7 @@ fn modern(headers: &HeaderMap, call: &mut Call, version: &str) -> Option<bool> {
         .is_some_and(|v| v.as_str() == version);
     let capabilities = meta.client_capabilities()?;
     call.meta = Some(meta.0.0);
-    (keys_plain && client_plain && same_version).then(|| capabilities.supports_tasks())
+    (keys_plain && client_plain && same_version).then_some(capabilities)
 }
 
 /// Calls `send_email` and answers as rmcp answers a stateless request with
@@ -170,6 +176,7 @@ pub async fn serve(
         call: Call { id, arguments, .. },
         modern,
         tasks,
+        forms,
     } = taken;
     tracing::debug!(%id, modern, "a stateless send_email call, answered without rmcp's service");
     let mut extensions = Extensions::new();
@@ -181,7 +188,7 @@ pub async fn serve(
         // would otherwise copy as it is spawned, finished and read.
         tokio::spawn(Box::pin(async move {
             server
-                .send_email_stateless(arguments, extensions, id, tasks)
+                .send_email_stateless(arguments, extensions, id, forms, tasks)
                 .await
         }))
     };

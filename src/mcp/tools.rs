@@ -23,9 +23,10 @@ use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams,
     CancelledNotificationParam, ContentBlock, CustomRequest, CustomResult, Extensions,
     GetTaskParams, GetTaskResult, Implementation, ListResourceTemplatesResult, ListResourcesResult,
-    ListToolsResult, PaginatedRequestParams, ReadResourceRequestParams, ReadResourceResponse,
-    ReadResourceResult, Resource, ResourceContents, ResourceTemplate, ServerCapabilities,
-    ServerConfig, SubscribeRequestParams, SubscriptionFilter, UnsubscribeRequestParams,
+    ListToolsResult, PaginatedRequestParams, ProtocolVersion, ReadResourceRequestParams,
+    ReadResourceResponse, ReadResourceResult, Resource, ResourceContents, ResourceTemplate,
+    ServerCapabilities, ServerConfig, SubscribeRequestParams, SubscriptionFilter,
+    UnsubscribeRequestParams,
 };
 use rmcp::service::{NotificationContext, Peer, RequestContext, SubscriptionContext};
 use rmcp::{ErrorData, ServerHandler, tool, tool_handler, tool_router};
@@ -33,6 +34,7 @@ use sha2::Digest;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field::Empty};
 
+use super::approval::{Answered, Ask};
 use super::types::*;
 use super::{MailmuxServer, approval, resources};
 use crate::audit::{Meta, Refusal};
@@ -791,7 +793,20 @@ impl MailmuxServer {
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         let tasks = super::tasks::wanted(&ctx);
-        self.send_email_call(params.0.0, &ctx.extensions, ctx.id, Some(ctx.peer), tasks)
+        let modern = ctx
+            .protocol_version()
+            .is_some_and(|v| v.as_str() >= ProtocolVersion::V_2026_07_28.as_str());
+        let ask = match modern {
+            true if ctx
+                .client_capabilities()
+                .is_some_and(|c| approval::elicits_forms(&c)) =>
+            {
+                Ask::InResult(None)
+            }
+            true => Ask::Nobody,
+            false => Ask::Request(ctx.peer),
+        };
+        self.send_email_call(params.0.0, &ctx.extensions, ctx.id, ask, tasks)
             .await
     }
 
@@ -1673,14 +1688,15 @@ impl MailmuxServer {
     }
 
     /// `send_email` with the parts of its request it needs: its
-    /// extensions (the caller, the session), its id (for a cancel), the
-    /// client to ask for an approval, and whether the client takes tasks.
+    /// extensions (the caller, the session), its id (for a cancel), how
+    /// to ask the client's user for an approval, and whether the client
+    /// takes tasks.
     pub(super) async fn send_email_call(
         &self,
         mut params: Result<SendEmailParams, ShapeError>,
         extensions: &Extensions,
         id: rmcp::model::RequestId,
-        peer: Option<Peer<RoleServer>>,
+        mut ask: Ask,
         tasks: bool,
     ) -> Result<CallToolResponse, ErrorData> {
         let span = tool_span("send_email");
@@ -1702,11 +1718,14 @@ impl MailmuxServer {
         // Boxed, so that the layers above (rmcp's tool route moves its
         // future several times) copy a pointer, not the send's state.
         let (out, text) = Box::pin(
-            self.send_email_checked(caller, params, peer, cancel)
+            self.send_email_checked(caller, params, &mut ask, cancel)
                 .instrument(span),
         )
         .await;
         drop(call);
+        if let Ask::InResult(Some(form)) = ask {
+            return Ok(CallToolResponse::InputRequired(form));
+        }
         if as_task
             && out.error.is_none()
             && let Some(id) = &out.message_id
@@ -1720,33 +1739,116 @@ impl MailmuxServer {
     /// A `tools/call` of `send_email` served without rmcp's service (a
     /// stateless HTTP request, `super::stateless`): what `call_tool` does
     /// for it, arguments read and call counted alike. Such a request has
-    /// no client to ask; `tasks` is whether its `_meta` declared the tasks
-    /// extension (only a request of 2026-07-28 or later can).
+    /// no client to send a request to; `forms` and `tasks` are whether its
+    /// `_meta` declared form elicitation and the tasks extension (only a
+    /// request of 2026-07-28 or later can).
     pub(super) async fn send_email_stateless(
         &self,
         arguments: Option<rmcp::model::JsonObject>,
         extensions: Extensions,
         id: rmcp::model::RequestId,
+        forms: bool,
         tasks: bool,
     ) -> Result<CallToolResponse, ErrorData> {
         let arguments = serde_json::Value::Object(arguments.unwrap_or_default());
         let params = parse::<SendEmailParams>(arguments, SendEmailParams::FIELDS);
+        let ask = match forms {
+            true => Ask::InResult(None),
+            false => Ask::Nobody,
+        };
         let result = self
-            .send_email_call(params, &extensions, id, None, tasks)
+            .send_email_call(params, &extensions, id, ask, tasks)
             .await;
         count_call("send_email".to_owned(), &result);
         result
+    }
+
+    /// A `send_email` call made again with the answer to the approval form
+    /// its first call was given ([`approval::input_required`]): the answer
+    /// decides the held message its request state names, which must be
+    /// the caller's; the call's arguments are not sent again (only `wait`
+    /// is read). Answered as `send_email` answers a held message its user
+    /// decided.
+    async fn send_email_answered(
+        &self,
+        request: &CallToolRequestParams,
+        ctx: &RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let span = tool_span("send_email");
+        async {
+            let Some(caller) = caller_of(self, ctx) else {
+                return fail::<SendResult>(no_caller());
+            };
+            tracing::Span::current().record("caller", &*caller.name);
+            let _slot = self.call_gate().enter();
+            if self.is_closing() {
+                return fail::<SendResult>(ToolError::unavailable());
+            }
+            let answered = Answered::read(
+                request.request_state.as_deref(),
+                request.input_responses.as_ref(),
+            );
+            let answered = match answered {
+                Ok(a) => a,
+                Err(message) => {
+                    return fail::<SendResult>(invalid(
+                        "requestState",
+                        "invalid_request_state",
+                        message.to_owned(),
+                    ));
+                }
+            };
+            tracing::Span::current().record("message_id", answered.message_id.as_str());
+            match self.owned_by(&caller, &answered.message_id).await {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return fail::<SendResult>(ToolError::new(
+                        "not_found",
+                        "no such message (it may have been purged after queue.retain)",
+                    ));
+                }
+                Err(e) => return fail::<SendResult>(queue_error(&e)),
+            }
+            let wait = request
+                .arguments
+                .as_ref()
+                .and_then(|a| a.get("wait"))
+                .and_then(|w| w.as_bool())
+                .unwrap_or(true);
+            let deadline = tokio::time::Instant::now() + self.config().daemon.send_deadline;
+            let decided = answered
+                .decide(self.queue(), &caller, wait.then_some(deadline))
+                .await;
+            let record = match decided {
+                Some(r) => r,
+                None => match self.owned_by(&caller, &answered.message_id).await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => {
+                        return fail::<SendResult>(ToolError::new("not_found", "no such message"));
+                    }
+                    Err(e) => return fail::<SendResult>(queue_error(&e)),
+                },
+            };
+            let mut out = SendResult::from_record(&record);
+            out.caller = Some(caller.name.to_string());
+            let text = describe(&out, &record.message_id, false);
+            tracing::info!(status = out.status.as_str(), "send finished");
+            respond(out, text)
+        }
+        .instrument(span)
+        .await
+        .map(Into::into)
     }
 
     async fn send_email_checked(
         &self,
         caller: Arc<Caller>,
         params: Result<SendEmailParams, ShapeError>,
-        peer: Option<Peer<RoleServer>>,
+        ask: &mut Ask,
         cancel: Option<CancellationToken>,
     ) -> (SendResult, String) {
         match params {
-            Ok(p) => self.send_email_params(caller, p, peer, cancel).await,
+            Ok(p) => self.send_email_params(caller, p, ask, cancel).await,
             Err(e) => {
                 self.audit().refused(&Refusal {
                     caller: &caller.name,
@@ -2653,12 +2755,14 @@ impl MailmuxServer {
     /// compose, then send (or only render, for a dry run). Returns the result
     /// and a sentence for the caller.
     /// A call that waits and is cancelled by `cancel` (its client) cancels
-    /// its message if no relay began to commit it.
+    /// its message if no relay began to commit it. A held message's user
+    /// is asked as `ask` says; [`Ask::InResult`] is left holding the form
+    /// to answer the call with.
     pub async fn send_email_params(
         &self,
         caller: Arc<Caller>,
         params: SendEmailParams,
-        peer: Option<Peer<RoleServer>>,
+        ask: &mut Ask,
         cancel: Option<CancellationToken>,
     ) -> (SendResult, String) {
         let _slot = self.call_gate().enter();
@@ -2698,24 +2802,28 @@ impl MailmuxServer {
         // A held message: ask the user when the client can be asked.
         let mut sub = sub;
         let held = sub.record.state == State::Held && !sub.replay;
-        if held && peer.is_none() {
-            approval::not_asked(&caller);
-        }
-        if held
-            && let (Some(peer), Some(prompt), Some(hash)) = (peer, prompt, hold_hash)
-            && let Some(record) = approval::elicit(
-                self.queue(),
-                &peer,
-                &caller,
-                &sub.record.message_id,
-                &prompt,
-                hash,
-                wait.then_some(deadline),
-            )
-            .await
-        {
-            sub.report = None;
-            sub.record = record;
+        match (ask, prompt, hold_hash) {
+            (Ask::Nobody, _, _) if held => approval::not_asked(&caller),
+            (Ask::Request(peer), Some(prompt), Some(hash)) if held => {
+                let asked = approval::elicit(
+                    self.queue(),
+                    peer,
+                    &caller,
+                    &sub.record.message_id,
+                    &prompt,
+                    hash,
+                    wait.then_some(deadline),
+                )
+                .await;
+                if let Some(record) = asked {
+                    sub.report = None;
+                    sub.record = record;
+                }
+            }
+            (Ask::InResult(form), Some(prompt), Some(hash)) if held => {
+                *form = approval::input_required(&caller, &sub.record.message_id, &prompt, hash);
+            }
+            _ => {}
         }
         let record = &sub.record;
         // The report of the round this call saw, when it is the final word
@@ -3000,6 +3108,14 @@ impl ServerHandler for MailmuxServer {
             let tools = self.tool_router.list_all();
             let names: Vec<&str> = tools.iter().map(|t| t.name.as_ref()).collect();
             return Err(unknown_tool(&request.name, &names));
+        }
+        // A `send_email` call again, with the answer to its approval form.
+        if request.name == "send_email"
+            && (request.request_state.is_some() || request.input_responses.is_some())
+        {
+            let result = self.send_email_answered(&request, &context).await;
+            count_call("send_email".to_owned(), &result);
+            return result;
         }
         let tool = request.name.to_string();
         let tcc = ToolCallContext::new(self, request, context);

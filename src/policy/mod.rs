@@ -182,6 +182,25 @@ pub fn approval_hash(from: &str, to: &[String], bytes: &[u8]) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// An approval hash as text: 64 lowercase hexadecimal digits, as the
+/// console's buttons and an approval form's request state carry it.
+pub fn hash_text(h: &[u8; 32]) -> String {
+    h.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The hash [`hash_text`] wrote (surrounding blanks ignored).
+pub fn hash_from_text(text: &str) -> Option<[u8; 32]> {
+    let text = text.trim();
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
 /// A `[[callers]]` entry, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallerSettings {
