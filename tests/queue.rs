@@ -1408,17 +1408,7 @@ async fn a_burst_killed_mid_way_loses_nothing_and_doubles_nothing() {
         let s = status_of(d.peer(), id).await;
         count_final(id, s["status"].as_str(), &seen, &mut sent, &mut unknown);
     }
-    // No copy twice, answered or not, and nothing nobody asked for.
-    for (id, n) in &seen {
-        assert_eq!(*n, 1, "{id} reached the sink {n} times");
-    }
-    for r in &received {
-        let subject = subject_of(r).unwrap_or_default();
-        assert!(
-            subject.starts_with("burst "),
-            "unasked-for message {subject:?}"
-        );
-    }
+    only_once_and_only_asked(&received, &seen, "burst ");
     eprintln!(
         "burst of {CALLS}: killed after {at} answers; {} answered queued, {unanswered} unanswered; \
          after restart {sent} sent exactly once, {unknown} unknown; {} messages at the sink, 0 duplicated",
@@ -1628,16 +1618,7 @@ async fn http_burst_killed_mid_way(stateless: bool) {
         }
         count_final(id, s["status"].as_str(), &seen, &mut sent, &mut unknown);
     }
-    for (id, n) in &seen {
-        assert_eq!(*n, 1, "{id} reached the sink {n} times");
-    }
-    for r in &received {
-        let subject = subject_of(r).unwrap_or_default();
-        assert!(
-            subject.starts_with("http burst "),
-            "unasked-for message {subject:?}"
-        );
-    }
+    only_once_and_only_asked(&received, &seen, "http burst ");
     eprintln!(
         "HTTP burst of {CALLS} ({}): killed after {at} answers; {answered} answered \
          ({told_sent} sent, {} queued), all by mailmux itself ({direct} logged), {} unanswered; \
@@ -2783,6 +2764,25 @@ fn count_final(
             assert!(n <= 1, "{id}: unknown, {n} copies at the sink");
         }
         other => panic!("{id}: stored, now {other:?}"),
+    }
+}
+
+/// No message reached the sink twice, answered or not, and none that no
+/// call asked for: each subject starts with `asked`.
+fn only_once_and_only_asked(
+    received: &[Received],
+    seen: &std::collections::HashMap<String, usize>,
+    asked: &str,
+) {
+    for (id, n) in seen {
+        assert_eq!(*n, 1, "{id} reached the sink {n} times");
+    }
+    for r in received {
+        let subject = subject_of(r).unwrap_or_default();
+        assert!(
+            subject.starts_with(asked),
+            "unasked-for message {subject:?}"
+        );
     }
 }
 

@@ -425,6 +425,14 @@ impl ClientHandler for Approver {
     }
 }
 
+/// A client handler that answers an approval form with `answer`.
+fn approver(answer: Answer) -> Approver {
+    Approver {
+        answer,
+        prompts: Arc::new(Mutex::new(Vec::new())),
+    }
+}
+
 type Client = RunningService<RoleClient, Box<dyn rmcp::service::DynService<RoleClient>>>;
 
 async fn connect_with<H: ClientHandler>(d: &Daemon, token: &str, handler: H) -> Client {
@@ -1164,10 +1172,6 @@ async fn an_idempotency_key_stays_each_callers_own_across_a_crash() {
 async fn held_messages_go_out_only_when_a_person_approves() {
     let (sink, other) = servers().await;
     let d = start(&sink, &other, "").await;
-    let approver = |answer| Approver {
-        answer,
-        prompts: Arc::new(Mutex::new(Vec::new())),
-    };
     let outside = json!({
         "to": ["friend@outside.net"], "cc": ["a@example.org"], "bcc": ["hidden@outside.net"],
         "subject": "quarterly numbers", "body": format!("line one\n{BODY_MARKER}\nline three"),
@@ -1369,10 +1373,6 @@ async fn call_modern(c: &Client, args: Value) -> (bool, Value) {
 async fn a_client_of_2026_07_28_approves_held_mail_through_the_calls_result() {
     let (sink, other) = servers().await;
     let d = start(&sink, &other, "").await;
-    let approver = |answer| Approver {
-        answer,
-        prompts: Arc::new(Mutex::new(Vec::new())),
-    };
     let outside = json!({
         "to": ["friend@outside.net"], "bcc": ["hidden@outside.net"],
         "subject": "quarterly numbers", "body": format!("line one\n{BODY_MARKER}"),
