@@ -1345,11 +1345,12 @@ async fn connect_modern<H: ClientHandler>(d: &Daemon, token: &str, handler: H) -
         .expect("client of 2026-07-28 starts")
 }
 
-/// `send_email` through a client of 2026-07-28 that drives the round trips
-/// of its protocol itself (rmcp's `call_tool`): (isError, structured content).
-async fn call_modern(c: &Client, args: Value) -> (bool, Value) {
-    let params =
-        CallToolRequestParams::new("send_email").with_arguments(args.as_object().unwrap().clone());
+/// A call of `tool` through a client of 2026-07-28 that drives the round
+/// trips of its protocol itself (rmcp's `call_tool`): (isError, structured
+/// content).
+async fn call_modern(c: &Client, tool: &str, args: Value) -> (bool, Value) {
+    let params = CallToolRequestParams::new(tool.to_owned())
+        .with_arguments(args.as_object().unwrap().clone());
     let r = tokio::time::timeout(Duration::from_secs(30), c.call_tool(params))
         .await
         .expect("answer within 30 s")
@@ -1380,7 +1381,7 @@ async fn a_client_of_2026_07_28_approves_held_mail_through_the_calls_result() {
 
     let yes = approver(Answer::Approve);
     let gamma = connect_modern(&d, GAMMA, yes.clone()).await;
-    let (is_error, out) = call_modern(&gamma, outside.clone()).await;
+    let (is_error, out) = call_modern(&gamma, "send_email", outside.clone()).await;
     assert!(!is_error, "{out}");
     assert_eq!(out["status"], "sent", "{out}");
     let approved = out["message_id"].as_str().unwrap().to_owned();
@@ -1404,7 +1405,7 @@ async fn a_client_of_2026_07_28_approves_held_mail_through_the_calls_result() {
 
     for answer in [Answer::Refuse, Answer::Decline] {
         let c = connect_modern(&d, GAMMA, approver(answer)).await;
-        let (_, out) = call_modern(&c, outside.clone()).await;
+        let (_, out) = call_modern(&c, "send_email", outside.clone()).await;
         assert_eq!(out["status"], "rejected", "{answer:?}: {out}");
     }
 
@@ -1504,16 +1505,131 @@ async fn a_client_of_2026_07_28_approves_held_mail_through_the_calls_result() {
 
     // No elicitation declared: held, for an operator.
     let plain = connect_modern(&d, GAMMA, ()).await;
-    let (_, out) = call_modern(&plain, outside.clone()).await;
+    let (_, out) = call_modern(&plain, "send_email", outside.clone()).await;
     assert_eq!(out["status"], "held", "{out}");
     // A caller approved by operators only: held, no form.
     let eager = approver(Answer::Approve);
     let eta = connect_modern(&d, ETA, eager.clone()).await;
-    let (_, out) = call_modern(&eta, outside.clone()).await;
+    let (_, out) = call_modern(&eta, "send_email", outside.clone()).await;
     assert_eq!(out["status"], "held", "{out}");
     assert!(eager.prompts.lock().unwrap().is_empty());
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(sink.delivered().len(), 2, "only approved mail went out");
+}
+
+/// A `send_batch` call of a client of protocol 2026-07-28 that declares
+/// form elicitation is given its held messages' form (one for all) in its
+/// result, and the call made again with the answer is answered with the
+/// whole batch: the message sent at once, the invalid one's error, and the
+/// held ones decided. Another caller cannot decide them with the state,
+/// and a state whose index is out of the batch is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_2026_07_28_approves_a_held_batch_through_the_calls_result() {
+    let (sink, other) = servers().await;
+    let d = start(&sink, &other, "").await;
+    let batch = |tag: &str| {
+        json!({
+            "defaults": {"subject": "{tag} for {n}", "body": "dear {n}"},
+            "messages": [
+                {"to": ["a@outside.net"], "template_vars": {"tag": tag, "n": "ann"}},
+                {"to": ["c@example.org"], "template_vars": {"tag": tag, "n": "cy"}},
+                {"to": ["not an address"], "template_vars": {"tag": tag, "n": "x"}},
+                {"to": ["b@outside.net"], "template_vars": {"tag": tag, "n": "bo"}},
+            ],
+        })
+    };
+    let statuses = |out: &Value| -> Vec<String> {
+        out["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| match &r["error"] {
+                Value::Null => r["status"].as_str().unwrap_or("?").to_owned(),
+                e => e["code"].as_str().unwrap_or("?").to_owned(),
+            })
+            .collect()
+    };
+
+    let yes = approver(Answer::Approve);
+    let gamma = connect_modern(&d, GAMMA, yes.clone()).await;
+    let (is_error, out) = call_modern(&gamma, "send_batch", batch("offer")).await;
+    assert!(!is_error, "{out}");
+    assert_eq!(
+        statuses(&out),
+        ["sent", "sent", "invalid_input", "sent"],
+        "{out}"
+    );
+    assert_eq!(out["summary"], json!({"sent": 3, "refused": 1}), "{out}");
+    assert!(out["batch_id"].is_string(), "{out}");
+    let prompts = yes.prompts.lock().unwrap().clone();
+    assert_eq!(prompts.len(), 1, "one form for the batch: {prompts:?}");
+    for needle in [
+        "these 2 emails in one batch",
+        "To: a@outside.net",
+        "To: b@outside.net",
+    ] {
+        assert!(
+            prompts[0].contains(needle),
+            "{needle:?} not in\n{}",
+            prompts[0]
+        );
+    }
+    assert!(!prompts[0].contains("c@example.org"), "{}", prompts[0]);
+    assert_eq!(sink.delivered().len(), 3);
+
+    // Declined: the held two rejected, the rest as before.
+    let c = connect_modern(&d, GAMMA, approver(Answer::Decline)).await;
+    let (_, out) = call_modern(&c, "send_batch", batch("again")).await;
+    assert_eq!(
+        statuses(&out),
+        ["rejected", "sent", "invalid_input", "rejected"],
+        "{out}"
+    );
+    assert_eq!(sink.delivered().len(), 4);
+
+    // The first call alone: its form; then answers that decide nothing.
+    let first = CallToolRequestParams::new("send_batch")
+        .with_arguments(batch("third").as_object().unwrap().clone());
+    let form = match gamma.call_tool_once(first.clone()).await.unwrap() {
+        CallToolResponse::InputRequired(form) => form,
+        other => panic!("no form: {other:?}"),
+    };
+    let state = form.request_state.clone().unwrap();
+    assert!(state.starts_with("mailmux-approval-batch:"), "{state}");
+    let approve: rmcp::model::InputResponses = [(
+        "approval".to_owned(),
+        json!({"action": "accept", "content": {"approve": true}}),
+    )]
+    .into();
+    let again = |state: &str| {
+        let mut p = first.clone().with_input_responses(approve.clone());
+        p.request_state = Some(state.to_owned());
+        p
+    };
+    let complete = |r: CallToolResponse| match r {
+        CallToolResponse::Complete(r) => r.structured_content.unwrap(),
+        other => panic!("{other:?}"),
+    };
+    let delta = connect_modern(&d, DELTA, ()).await;
+    let out = complete(delta.call_tool_once(again(&state)).await.unwrap());
+    assert_eq!(out["error"]["code"], "not_found", "{out}");
+    let out_of_batch = state.replacen("[[0,", "[[9,", 1);
+    assert_ne!(out_of_batch, state);
+    let out = complete(gamma.call_tool_once(again(&out_of_batch)).await.unwrap());
+    assert_eq!(out["error"]["field"], "requestState", "{out}");
+    assert_eq!(
+        sink.delivered().len(),
+        5,
+        "only the one inside the allowlist"
+    );
+    // The caller's own answer sends the two.
+    let out = complete(gamma.call_tool_once(again(&state)).await.unwrap());
+    assert_eq!(
+        statuses(&out),
+        ["sent", "sent", "invalid_input", "sent"],
+        "{out}"
+    );
+    assert_eq!(sink.delivered().len(), 7);
 }
 
 /// A caller whose policy says `approver = "operator"` is never put an

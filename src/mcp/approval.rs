@@ -12,7 +12,9 @@
 //! the round trips of that protocol), and calls again with the user's
 //! answer and the request state, which names the held message and the hash
 //! of its content ([`Answered::read`]). The message, not that call's
-//! arguments, is what the answer decides.
+//! arguments, is what the answer decides. A batch's form goes the same way
+//! ([`batch_input_required`]); its state also carries the batch's answer,
+//! which the call made again answers with ([`BatchAnswered`]).
 
 use std::time::Duration;
 
@@ -24,8 +26,9 @@ use rmcp::model::{
 };
 use rmcp::service::{ElicitationError, Peer};
 use schemars::JsonSchema;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
+use super::types::SendBatchResult;
 use crate::compose::Composed;
 use crate::policy::{Approver, Caller, shown};
 
@@ -290,6 +293,15 @@ pub fn input_required(
 
 /// The form of [`input_required`], and its request state.
 fn form(message_id: &str, prompt: &str, hash: [u8; 32]) -> Option<InputRequiredResult> {
+    let state = format!(
+        "{STATE_PREFIX}:{message_id}:{}",
+        crate::policy::hash_text(&hash)
+    );
+    with_state(prompt, state)
+}
+
+/// The approval form showing `prompt`, with the request state `state`.
+fn with_state(prompt: &str, state: String) -> Option<InputRequiredResult> {
     let schema = ElicitationSchema::from_type::<ApprovalForm>().ok()?;
     let form = ElicitRequest::new(ElicitRequestParams::FormElicitationParams {
         meta: None,
@@ -297,11 +309,132 @@ fn form(message_id: &str, prompt: &str, hash: [u8; 32]) -> Option<InputRequiredR
         requested_schema: schema,
     });
     let requests = [(INPUT_KEY.to_owned(), InputRequest::Elicitation(form))].into();
-    let state = format!(
-        "{STATE_PREFIX}:{message_id}:{}",
-        crate::policy::hash_text(&hash)
-    );
     Some(InputRequiredResult::new(Some(requests), Some(state)))
+}
+
+/// What a request state of a batch's approval form starts with.
+const BATCH_STATE_PREFIX: &str = "mailmux-approval-batch:";
+
+/// What the request state of a batch's form carries: each held message
+/// (its index in the batch, its id and the hex of its content hash), and
+/// the batch's answer as it stood, for the call made again to answer with.
+/// The client could change it: the messages are checked to be the
+/// caller's and their hashes bind each decision, so a changed state can
+/// only mislead that client about its own batch.
+#[derive(Serialize, Deserialize)]
+struct BatchState {
+    held: Vec<(usize, String, String)>,
+    answer: SendBatchResult,
+}
+
+/// The form of a `send_batch` call's held messages (`index`, id, prompt
+/// and content hash each), one form for all as [`elicit_batch`] puts it,
+/// for a client answered in the call's result; `answer` is the call's
+/// answer as it stands. `None` when the caller's messages are approved by
+/// an operator only, or when the form would be too long to read.
+pub fn batch_input_required(
+    caller: &Caller,
+    held: &[(usize, String, String, [u8; 32])],
+    answer: &SendBatchResult,
+) -> Option<InputRequiredResult> {
+    if operator_only(caller) {
+        return None;
+    }
+    let text = batch_prompt(held.iter().map(|(_, _, p, _)| p.as_str()), held.len())?;
+    let state = BatchState {
+        held: held
+            .iter()
+            .map(|(i, id, _, hash)| (*i, id.clone(), crate::policy::hash_text(hash)))
+            .collect(),
+        answer: answer.clone(),
+    };
+    let state = format!(
+        "{BATCH_STATE_PREFIX}{}",
+        serde_json::to_string(&state).ok()?
+    );
+    tracing::info!(
+        messages = held.len(),
+        "held for approval; the batch's form goes to the client's user in the call's result"
+    );
+    with_state(&text, state)
+}
+
+/// A `send_batch` call that answers its batch's approval form: the held
+/// messages (index in the batch, id, content hash), the batch's answer as
+/// it stood, and the user's answer (`None`: none came back).
+#[derive(Debug)]
+pub struct BatchAnswered {
+    pub held: Vec<(usize, String, [u8; 32])>,
+    pub answer: SendBatchResult,
+    pub approve: Option<bool>,
+}
+
+impl BatchAnswered {
+    /// The answer a call carries; an error names what is wrong with it.
+    pub fn read(
+        state: Option<&str>,
+        responses: Option<&InputResponses>,
+    ) -> Result<BatchAnswered, &'static str> {
+        const NOT_OURS: &str = "requestState is not the state of a mailmux approval form";
+        let state: BatchState = state
+            .and_then(|s| s.strip_prefix(BATCH_STATE_PREFIX))
+            .and_then(|s| serde_json::from_str(s).ok())
+            .ok_or(NOT_OURS)?;
+        let mut held = Vec::with_capacity(state.held.len());
+        for (i, id, hash) in state.held {
+            let hash = crate::policy::hash_from_text(&hash).ok_or(NOT_OURS)?;
+            if i >= state.answer.results.len() || id.is_empty() {
+                return Err(NOT_OURS);
+            }
+            held.push((i, id, hash));
+        }
+        if held.is_empty() {
+            return Err(NOT_OURS);
+        }
+        Ok(BatchAnswered {
+            held,
+            answer: state.answer,
+            approve: approve_of(responses)?,
+        })
+    }
+
+    /// Records the answer on each held message (when there is one) and
+    /// returns each as it is then, in the order of `held`: after delivery
+    /// when `wait_until` is given and they were approved. The caller has
+    /// been checked to own them.
+    pub async fn decide(
+        &self,
+        queue: &Queue,
+        caller: &Caller,
+        wait_until: Option<tokio::time::Instant>,
+    ) -> Vec<Option<Record>> {
+        if self.approve.is_none() {
+            tracing::info!("no answer to the approval form; the messages stay held");
+        }
+        let each = self.held.iter().map(|(_, id, hash)| async move {
+            match self.approve {
+                Some(approve) => decide(queue, caller, id, approve, *hash, wait_until).await,
+                None => queue.status(id).await.ok().flatten(),
+            }
+        });
+        futures::future::join_all(each).await
+    }
+}
+
+/// The user's answer among `responses`: `None` when there is none.
+fn approve_of(responses: Option<&InputResponses>) -> Result<Option<bool>, &'static str> {
+    let Some(v) = responses.and_then(|r| r.get(INPUT_KEY)) else {
+        return Ok(None);
+    };
+    let answer: ElicitResult = serde_json::from_value(v.clone())
+        .map_err(|_| "inputResponses.approval is not an elicitation result")?;
+    // As a form answered through a request: only an accepted form that
+    // says `approve: true` approves.
+    Ok(Some(
+        answer.action == ElicitationAction::Accept
+            && answer.content.as_ref().and_then(|c| c.get("approve"))
+                == Some(&serde_json::Value::Bool(true)),
+    ))
 }
 
 /// A call that answers an approval form: the held message, the content
@@ -332,23 +465,10 @@ impl Answered {
         let Some((message_id, hash)) = parsed else {
             return Err("requestState is not the state of a mailmux approval form");
         };
-        let approve = match responses.and_then(|r| r.get(INPUT_KEY)) {
-            None => None,
-            Some(v) => {
-                let answer: ElicitResult = serde_json::from_value(v.clone())
-                    .map_err(|_| "inputResponses.approval is not an elicitation result")?;
-                // As a form answered through a request: only an accepted
-                // form that says `approve: true` approves.
-                let approve = answer.action == ElicitationAction::Accept
-                    && answer.content.as_ref().and_then(|c| c.get("approve"))
-                        == Some(&serde_json::Value::Bool(true));
-                Some(approve)
-            }
-        };
         Ok(Answered {
             message_id: message_id.to_owned(),
             hash,
-            approve,
+            approve: approve_of(responses)?,
         })
     }
 
@@ -487,6 +607,37 @@ mod tests {
             ..Default::default()
         };
         crate::compose::compose(&draft, &policy).expect("composes")
+    }
+
+    #[test]
+    fn a_batch_answer_names_held_messages_of_its_batch() {
+        let answer = SendBatchResult {
+            batch_id: Some("batch-1".into()),
+            results: vec![Default::default(), Default::default()],
+            ..Default::default()
+        };
+        let state = |held: serde_json::Value| {
+            let s = serde_json::json!({"held": held, "answer": answer});
+            format!("{BATCH_STATE_PREFIX}{s}")
+        };
+        let hash = "07".repeat(32);
+        let good = state(serde_json::json!([[1, "a@x", hash]]));
+        let read = BatchAnswered::read(Some(&good), None).unwrap();
+        assert_eq!(read.held, [(1, "a@x".to_owned(), [7; 32])]);
+        assert_eq!(read.answer, answer);
+        assert_eq!(read.approve, None);
+        for bad in [
+            state(serde_json::json!([])),
+            state(serde_json::json!([[2, "a@x", hash]])),
+            state(serde_json::json!([[0, "", hash]])),
+            state(serde_json::json!([[0, "a@x", "07"]])),
+            format!("{BATCH_STATE_PREFIX}{{}}"),
+            good.replacen(BATCH_STATE_PREFIX, "mailmux-approval:", 1),
+        ] {
+            assert!(BatchAnswered::read(Some(&bad), None).is_err(), "{bad}");
+        }
+        // Nor is a batch's state one message's, or the other way round.
+        assert!(Answered::read(Some(&good), None).is_err());
     }
 
     #[test]

@@ -28,7 +28,7 @@ use rmcp::model::{
     ServerCapabilities, ServerConfig, SubscribeRequestParams, SubscriptionFilter,
     UnsubscribeRequestParams,
 };
-use rmcp::service::{NotificationContext, Peer, RequestContext, SubscriptionContext};
+use rmcp::service::{NotificationContext, RequestContext, SubscriptionContext};
 use rmcp::{ErrorData, ServerHandler, tool, tool_handler, tool_router};
 use sha2::Digest;
 use tokio_util::sync::CancellationToken;
@@ -793,19 +793,7 @@ impl MailmuxServer {
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         let tasks = super::tasks::wanted(&ctx);
-        let modern = ctx
-            .protocol_version()
-            .is_some_and(|v| v.as_str() >= ProtocolVersion::V_2026_07_28.as_str());
-        let ask = match modern {
-            true if ctx
-                .client_capabilities()
-                .is_some_and(|c| approval::elicits_forms(&c)) =>
-            {
-                Ask::InResult(None)
-            }
-            true => Ask::Nobody,
-            false => Ask::Request(ctx.peer),
-        };
+        let ask = ask_of(&ctx);
         self.send_email_call(params.0.0, &ctx.extensions, ctx.id, ask, tasks)
             .await
     }
@@ -827,16 +815,17 @@ impl MailmuxServer {
         &self,
         params: Parameters<Checked<SendBatchParams>>,
         ctx: RequestContext<RoleServer>,
-    ) -> Result<CallToolResult, ErrorData> {
+    ) -> Result<CallToolResponse, ErrorData> {
         let span = tool_span("send_batch");
         let Some(caller) = caller_of(self, &ctx) else {
-            return fail::<SendBatchResult>(no_caller());
+            return fail::<SendBatchResult>(no_caller()).map(Into::into);
         };
         span.record("caller", &*caller.name);
         let p = match params.0.0 {
             Ok(p) => p,
-            Err(e) => return fail::<SendBatchResult>(shape(e)),
+            Err(e) => return fail::<SendBatchResult>(shape(e)).map(Into::into),
         };
+        let mut ask = ask_of(&ctx);
         // As for `send_email`: only the client's `notifications/cancelled`
         // fires it.
         let call = self
@@ -844,11 +833,14 @@ impl MailmuxServer {
             .register(&caller, &ctx.extensions, ctx.id.clone());
         let cancel = Some(call.token.clone());
         let (out, text) = self
-            .send_batch_params(caller, p, Some(ctx.peer), cancel)
+            .send_batch_params(caller, p, &mut ask, cancel)
             .instrument(span)
             .await;
         drop(call);
-        respond(out, text)
+        if let Ask::InResult(Some(form)) = ask {
+            return Ok(CallToolResponse::InputRequired(form));
+        }
+        respond(out, text).map(Into::into)
     }
 
     /// Probe relays: connect, TLS, EHLO, AUTH, NOOP.
@@ -1840,6 +1832,88 @@ impl MailmuxServer {
         .map(Into::into)
     }
 
+    /// A `send_batch` call made again with the answer to its held
+    /// messages' form ([`approval::batch_input_required`]): the answer
+    /// decides each held message the request state names, which must all
+    /// be the caller's, and the call is answered with the batch's answer
+    /// that the state carries, its held messages' statuses brought up to
+    /// date. Only `wait` is read from the call's arguments.
+    async fn send_batch_answered(
+        &self,
+        request: &CallToolRequestParams,
+        ctx: &RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let span = tool_span("send_batch");
+        async {
+            let Some(caller) = caller_of(self, ctx) else {
+                return fail::<SendBatchResult>(no_caller());
+            };
+            tracing::Span::current().record("caller", &*caller.name);
+            let _slot = self.call_gate().enter();
+            if self.is_closing() {
+                return fail::<SendBatchResult>(ToolError::unavailable());
+            }
+            let answered = approval::BatchAnswered::read(
+                request.request_state.as_deref(),
+                request.input_responses.as_ref(),
+            );
+            let mut answered = match answered {
+                Ok(a) => a,
+                Err(message) => {
+                    return fail::<SendBatchResult>(invalid(
+                        "requestState",
+                        "invalid_request_state",
+                        message.to_owned(),
+                    ));
+                }
+            };
+            for (_, id, _) in &answered.held {
+                match self.owned_by(&caller, id).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        return fail::<SendBatchResult>(ToolError::new(
+                            "not_found",
+                            format!(
+                                "no such message {id} (it may have been purged after queue.retain)"
+                            ),
+                        ));
+                    }
+                    Err(e) => return fail::<SendBatchResult>(queue_error(&e)),
+                }
+            }
+            let wait = request
+                .arguments
+                .as_ref()
+                .and_then(|a| a.get("wait"))
+                .and_then(|w| w.as_bool())
+                .unwrap_or(true);
+            let deadline = tokio::time::Instant::now() + self.config().daemon.send_deadline;
+            let records = answered
+                .decide(self.queue(), &caller, wait.then_some(deadline))
+                .await;
+            let mut out = std::mem::take(&mut answered.answer);
+            for ((i, _, _), record) in answered.held.iter().zip(records) {
+                if let Some(record) = record {
+                    out.results[*i].status = Some(record.state.into());
+                }
+            }
+            out.summary = batch_summary(&out.results);
+            out.message = out
+                .summary
+                .contains_key(SendStatus::Queued.as_str())
+                .then(|| self.paused_note())
+                .flatten();
+            out.caller = Some(caller.name.to_string());
+            let batch_id = out.batch_id.clone().unwrap_or_default();
+            let text = batch_text(&batch_id, &out.summary);
+            tracing::info!(batch = %batch_id, decided = answered.held.len(), "batch finished");
+            respond(out, text)
+        }
+        .instrument(span)
+        .await
+        .map(Into::into)
+    }
+
     async fn send_email_checked(
         &self,
         caller: Arc<Caller>,
@@ -2273,7 +2347,7 @@ impl MailmuxServer {
         &self,
         caller: Arc<Caller>,
         p: SendBatchParams,
-        peer: Option<Peer<RoleServer>>,
+        ask: &mut Ask,
         cancel: Option<CancellationToken>,
     ) -> (SendBatchResult, String) {
         let _slot = self.call_gate().enter();
@@ -2680,39 +2754,34 @@ impl MailmuxServer {
                 held.push((id.clone(), prompt, hash));
             }
         }
-        if let Some(peer) = peer.filter(|_| !held.is_empty())
-            && let Some(records) = approval::elicit_batch(
-                self.queue(),
-                &peer,
-                &caller,
-                &held,
-                deadline.filter(|_| wait),
-            )
-            .await
-        {
-            for (i, record) in indexes.into_iter().zip(records) {
-                if let Some(record) = record {
-                    results[i].status = Some(record.state.into());
+        let mut in_result = Vec::new();
+        match ask {
+            Ask::Request(peer) if !held.is_empty() => {
+                let asked = approval::elicit_batch(
+                    self.queue(),
+                    peer,
+                    &caller,
+                    &held,
+                    deadline.filter(|_| wait),
+                )
+                .await;
+                for (i, record) in indexes.into_iter().zip(asked.into_iter().flatten()) {
+                    if let Some(record) = record {
+                        results[i].status = Some(record.state.into());
+                    }
                 }
             }
+            Ask::InResult(_) => {
+                in_result = indexes
+                    .into_iter()
+                    .zip(held)
+                    .map(|(i, (id, prompt, hash))| (i, id, prompt, hash))
+                    .collect();
+            }
+            _ => {}
         }
-        let mut summary = std::collections::BTreeMap::new();
-        for r in &results {
-            let key = match (&r.error, r.status) {
-                (Some(_), _) => "refused".to_string(),
-                (None, Some(s)) => s.as_str().to_string(),
-                (None, None) => "unknown".to_string(),
-            };
-            *summary.entry(key).or_insert(0usize) += 1;
-        }
-        let text = format!(
-            "batch {batch_id}: {}",
-            summary
-                .iter()
-                .map(|(k, n)| format!("{n} {k}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        let summary = batch_summary(&results);
+        let text = batch_text(&batch_id, &summary);
         // Nothing stored because the daemon began to stop meanwhile: the
         // whole call is refused, as one that came in after the stop began,
         // so that the client makes it again elsewhere or later.
@@ -2737,6 +2806,11 @@ impl MailmuxServer {
             caller: Some(caller.name.to_string()),
             error: None,
         };
+        if let Ask::InResult(form) = ask
+            && !in_result.is_empty()
+        {
+            *form = approval::batch_input_required(&caller, &in_result, &out);
+        }
         (out, text)
     }
 
@@ -3085,6 +3159,53 @@ fn restart_only(old: &config::Config, new: &config::Config) -> Vec<String> {
     .collect()
 }
 
+/// How a held message's user is asked, for a call of `ctx`: a client of
+/// 2026-07-28 or later (which is sent no requests) is given the form in
+/// the call's result when it declares form elicitation, and is not asked
+/// otherwise; a client of an earlier protocol is sent the form as a
+/// request (when it declared elicitation; [`approval::elicit`] checks).
+fn ask_of(ctx: &RequestContext<RoleServer>) -> Ask {
+    let modern = ctx
+        .protocol_version()
+        .is_some_and(|v| v.as_str() >= ProtocolVersion::V_2026_07_28.as_str());
+    match modern {
+        true if ctx
+            .client_capabilities()
+            .is_some_and(|c| approval::elicits_forms(&c)) =>
+        {
+            Ask::InResult(None)
+        }
+        true => Ask::Nobody,
+        false => Ask::Request(ctx.peer.clone()),
+    }
+}
+
+/// A batch's messages per status, and `refused` for those not stored.
+fn batch_summary(results: &[BatchItemOut]) -> std::collections::BTreeMap<String, usize> {
+    let mut summary = std::collections::BTreeMap::new();
+    for r in results {
+        let key = match (&r.error, r.status) {
+            (Some(_), _) => "refused".to_string(),
+            (None, Some(s)) => s.as_str().to_string(),
+            (None, None) => "unknown".to_string(),
+        };
+        *summary.entry(key).or_insert(0usize) += 1;
+    }
+    summary
+}
+
+/// The sentence of a batch's answer.
+fn batch_text(batch_id: &str, summary: &std::collections::BTreeMap<String, usize>) -> String {
+    format!(
+        "batch {batch_id}: {}",
+        summary
+            .iter()
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
 /// Counts a tool call by tool and outcome.
 fn count_call(tool: String, result: &Result<CallToolResponse, ErrorData>) {
     let outcome = match result {
@@ -3109,13 +3230,18 @@ impl ServerHandler for MailmuxServer {
             let names: Vec<&str> = tools.iter().map(|t| t.name.as_ref()).collect();
             return Err(unknown_tool(&request.name, &names));
         }
-        // A `send_email` call again, with the answer to its approval form.
-        if request.name == "send_email"
-            && (request.request_state.is_some() || request.input_responses.is_some())
-        {
-            let result = self.send_email_answered(&request, &context).await;
-            count_call("send_email".to_owned(), &result);
-            return result;
+        // A `send_email` or `send_batch` call again, with the answer to
+        // its approval form.
+        if request.request_state.is_some() || request.input_responses.is_some() {
+            let result = match request.name.as_ref() {
+                "send_email" => Some(self.send_email_answered(&request, &context).await),
+                "send_batch" => Some(self.send_batch_answered(&request, &context).await),
+                _ => None,
+            };
+            if let Some(result) = result {
+                count_call(request.name.to_string(), &result);
+                return result;
+            }
         }
         let tool = request.name.to_string();
         let tcc = ToolCallContext::new(self, request, context);

@@ -428,15 +428,16 @@ pub struct SendBatchParams {
     pub atomic: Option<bool>,
 }
 
-/// One message of a `send_batch` answer, in input order.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
+/// One message of a `send_batch` answer, in input order. (Read back from
+/// the request state of a batch's approval form, too.)
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct BatchItemOut {
     pub index: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<SendStatus>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub idempotent_replay: bool,
     /// Why this message was refused; its `field` starts with `messages[i]`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -444,7 +445,7 @@ pub struct BatchItemOut {
 }
 
 /// The answer of `send_batch`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct SendBatchResult {
     /// Names the call; `list_messages` takes it as `batch_id`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -635,7 +636,7 @@ impl JsonSchema for NoParams {
 }
 
 /// A tool failure an agent can act on: a stable code and a sentence.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ToolError {
     /// Stable code: `invalid_input`, `unknown_relay`, `unavailable`,
     /// `invalid_config`, or a delivery failure (`rejected`,
@@ -708,7 +709,7 @@ impl ToolError {
 }
 
 /// An SMTP reply.
-#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct SmtpReply {
     pub code: u16,
     pub text: String,
@@ -736,7 +737,7 @@ macro_rules! tool_output {
 }
 
 /// Overall outcome of `send_email`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SendStatus {
     /// Every recipient accepted.
