@@ -411,13 +411,26 @@ impl BatchAnswered {
         if self.approve.is_none() {
             tracing::info!("no answer to the approval form; the messages stay held");
         }
-        let each = self.held.iter().map(|(_, id, hash)| async move {
-            match self.approve {
-                Some(approve) => decide(queue, caller, id, approve, *hash, wait_until).await,
-                None => queue.status(id).await.ok().flatten(),
-            }
+        let each = self.held.iter().map(|(_, id, hash)| {
+            decide_answered(queue, caller, id, self.approve, *hash, wait_until)
         });
         futures::future::join_all(each).await
+    }
+}
+
+/// Records `approve` on `message_id` (for the content `hash`) when the
+/// user answered, and returns the message as it is then.
+async fn decide_answered(
+    queue: &Queue,
+    caller: &Caller,
+    message_id: &str,
+    approve: Option<bool>,
+    hash: [u8; 32],
+    wait_until: Option<tokio::time::Instant>,
+) -> Option<Record> {
+    match approve {
+        Some(approve) => decide(queue, caller, message_id, approve, hash, wait_until).await,
+        None => queue.status(message_id).await.ok().flatten(),
     }
 }
 
@@ -481,23 +494,11 @@ impl Answered {
         caller: &Caller,
         wait_until: Option<tokio::time::Instant>,
     ) -> Option<Record> {
-        match self.approve {
-            Some(approve) => {
-                decide(
-                    queue,
-                    caller,
-                    &self.message_id,
-                    approve,
-                    self.hash,
-                    wait_until,
-                )
-                .await
-            }
-            None => {
-                tracing::info!("no answer to the approval form; the message stays held");
-                queue.status(&self.message_id).await.ok().flatten()
-            }
+        if self.approve.is_none() {
+            tracing::info!("no answer to the approval form; the message stays held");
         }
+        let (id, hash) = (&self.message_id, self.hash);
+        decide_answered(queue, caller, id, self.approve, hash, wait_until).await
     }
 }
 

@@ -1782,13 +1782,7 @@ impl MailmuxServer {
             );
             let answered = match answered {
                 Ok(a) => a,
-                Err(message) => {
-                    return fail::<SendResult>(invalid(
-                        "requestState",
-                        "invalid_request_state",
-                        message.to_owned(),
-                    ));
-                }
+                Err(message) => return fail::<SendResult>(bad_state(message)),
             };
             tracing::Span::current().record("message_id", answered.message_id.as_str());
             match self.owned_by(&caller, &answered.message_id).await {
@@ -1801,15 +1795,8 @@ impl MailmuxServer {
                 }
                 Err(e) => return fail::<SendResult>(queue_error(&e)),
             }
-            let wait = request
-                .arguments
-                .as_ref()
-                .and_then(|a| a.get("wait"))
-                .and_then(|w| w.as_bool())
-                .unwrap_or(true);
-            let deadline = tokio::time::Instant::now() + self.config().daemon.send_deadline;
             let decided = answered
-                .decide(self.queue(), &caller, wait.then_some(deadline))
+                .decide(self.queue(), &caller, self.wait_until(request))
                 .await;
             let record = match decided {
                 Some(r) => r,
@@ -1859,13 +1846,7 @@ impl MailmuxServer {
             );
             let mut answered = match answered {
                 Ok(a) => a,
-                Err(message) => {
-                    return fail::<SendBatchResult>(invalid(
-                        "requestState",
-                        "invalid_request_state",
-                        message.to_owned(),
-                    ));
-                }
+                Err(message) => return fail::<SendBatchResult>(bad_state(message)),
             };
             for (_, id, _) in &answered.held {
                 match self.owned_by(&caller, id).await {
@@ -1881,15 +1862,8 @@ impl MailmuxServer {
                     Err(e) => return fail::<SendBatchResult>(queue_error(&e)),
                 }
             }
-            let wait = request
-                .arguments
-                .as_ref()
-                .and_then(|a| a.get("wait"))
-                .and_then(|w| w.as_bool())
-                .unwrap_or(true);
-            let deadline = tokio::time::Instant::now() + self.config().daemon.send_deadline;
             let records = answered
-                .decide(self.queue(), &caller, wait.then_some(deadline))
+                .decide(self.queue(), &caller, self.wait_until(request))
                 .await;
             let mut out = std::mem::take(&mut answered.answer);
             for ((i, _, _), record) in answered.held.iter().zip(records) {
@@ -1912,6 +1886,18 @@ impl MailmuxServer {
         .instrument(span)
         .await
         .map(Into::into)
+    }
+
+    /// Until when a call made again with an approval's answer waits for
+    /// the delivery: its `wait` argument (default `true`), from now.
+    fn wait_until(&self, request: &CallToolRequestParams) -> Option<tokio::time::Instant> {
+        let wait = request
+            .arguments
+            .as_ref()
+            .and_then(|a| a.get("wait"))
+            .and_then(|w| w.as_bool())
+            .unwrap_or(true);
+        wait.then(|| tokio::time::Instant::now() + self.config().daemon.send_deadline)
     }
 
     async fn send_email_checked(
@@ -3178,6 +3164,11 @@ fn ask_of(ctx: &RequestContext<RoleServer>) -> Ask {
         true => Ask::Nobody,
         false => Ask::Request(ctx.peer.clone()),
     }
+}
+
+/// A request state that is not an approval form's, or does not hold.
+fn bad_state(message: &str) -> ToolError {
+    invalid("requestState", "invalid_request_state", message.to_owned())
 }
 
 /// A batch's messages per status, and `refused` for those not stored.
