@@ -1453,6 +1453,15 @@ async fn a_client_of_2026_07_28_approves_held_mail_through_the_calls_result() {
             assert_eq!(r.structured_content.unwrap()["status"], "held", "{bad}");
         }
     }
+    // An answer that is not an elicitation's result is refused, naming it.
+    let mut malformed = again(&state);
+    malformed.input_responses = Some([("approval".to_owned(), json!({"approve": true}))].into());
+    let r = gamma.call_tool_once(malformed).await.unwrap();
+    let CallToolResponse::Complete(r) = r else {
+        panic!("{r:?}")
+    };
+    let out = r.structured_content.unwrap();
+    assert_eq!(out["error"]["field"], "inputResponses.approval", "{out}");
     assert_eq!(status(&gamma, &id).await["status"], "held");
     // Its own answer, with the state it was given, sends it.
     let r = gamma.call_tool_once(again(&state)).await.unwrap();

@@ -369,13 +369,35 @@ pub struct BatchAnswered {
     pub approve: Option<bool>,
 }
 
+/// What is wrong with a call's answer to an approval form: the parameter
+/// at fault, the rule it broke, and a sentence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadAnswer {
+    pub field: &'static str,
+    pub rule: &'static str,
+    pub message: &'static str,
+}
+
+/// A request state that is not an approval form's, or does not hold.
+const NOT_OURS: BadAnswer = BadAnswer {
+    field: "requestState",
+    rule: "invalid_request_state",
+    message: "requestState is not the state of a mailmux approval form",
+};
+
+/// An answer to the form that is not an elicitation's result.
+const NOT_AN_ANSWER: BadAnswer = BadAnswer {
+    field: "inputResponses.approval",
+    rule: "invalid_input_response",
+    message: "inputResponses.approval is not an elicitation result",
+};
+
 impl BatchAnswered {
     /// The answer a call carries; an error names what is wrong with it.
     pub fn read(
         state: Option<&str>,
         responses: Option<&InputResponses>,
-    ) -> Result<BatchAnswered, &'static str> {
-        const NOT_OURS: &str = "requestState is not the state of a mailmux approval form";
+    ) -> Result<BatchAnswered, BadAnswer> {
         let state: BatchState = state
             .and_then(|s| s.strip_prefix(BATCH_STATE_PREFIX))
             .and_then(|s| serde_json::from_str(s).ok())
@@ -435,12 +457,11 @@ async fn decide_answered(
 }
 
 /// The user's answer among `responses`: `None` when there is none.
-fn approve_of(responses: Option<&InputResponses>) -> Result<Option<bool>, &'static str> {
+fn approve_of(responses: Option<&InputResponses>) -> Result<Option<bool>, BadAnswer> {
     let Some(v) = responses.and_then(|r| r.get(INPUT_KEY)) else {
         return Ok(None);
     };
-    let answer: ElicitResult = serde_json::from_value(v.clone())
-        .map_err(|_| "inputResponses.approval is not an elicitation result")?;
+    let answer: ElicitResult = serde_json::from_value(v.clone()).map_err(|_| NOT_AN_ANSWER)?;
     // As a form answered through a request: only an accepted form that
     // says `approve: true` approves.
     Ok(Some(
@@ -466,7 +487,7 @@ impl Answered {
     pub fn read(
         state: Option<&str>,
         responses: Option<&InputResponses>,
-    ) -> Result<Answered, &'static str> {
+    ) -> Result<Answered, BadAnswer> {
         let parsed = state
             .and_then(|s| {
                 s.strip_prefix(STATE_PREFIX)?
@@ -476,7 +497,7 @@ impl Answered {
             .and_then(|(id, hash)| Some((id, crate::policy::hash_from_text(hash)?)))
             .filter(|(id, _)| !id.is_empty());
         let Some((message_id, hash)) = parsed else {
-            return Err("requestState is not the state of a mailmux approval form");
+            return Err(NOT_OURS);
         };
         Ok(Answered {
             message_id: message_id.to_owned(),
@@ -581,8 +602,17 @@ mod tests {
         ] {
             assert_eq!(read(no.clone()).unwrap().approve, Some(false), "{no}");
         }
-        assert!(read(serde_json::json!({"approve": true})).is_err());
+        assert_eq!(
+            read(serde_json::json!({"approve": true}))
+                .unwrap_err()
+                .field,
+            "inputResponses.approval"
+        );
         assert_eq!(Answered::read(Some(&state), None).unwrap().approve, None);
+        assert_eq!(
+            Answered::read(Some("x"), None).unwrap_err().field,
+            "requestState"
+        );
         for bad in [
             "",
             "abc@mailmux.localhost",

@@ -1782,7 +1782,7 @@ impl MailmuxServer {
             );
             let answered = match answered {
                 Ok(a) => a,
-                Err(message) => return fail::<SendResult>(bad_state(message)),
+                Err(bad) => return fail::<SendResult>(bad_answer(bad)),
             };
             tracing::Span::current().record("message_id", answered.message_id.as_str());
             match self.owned_by(&caller, &answered.message_id).await {
@@ -1846,7 +1846,7 @@ impl MailmuxServer {
             );
             let mut answered = match answered {
                 Ok(a) => a,
-                Err(message) => return fail::<SendBatchResult>(bad_state(message)),
+                Err(bad) => return fail::<SendBatchResult>(bad_answer(bad)),
             };
             for (_, id, _) in &answered.held {
                 match self.owned_by(&caller, id).await {
@@ -3166,9 +3166,9 @@ fn ask_of(ctx: &RequestContext<RoleServer>) -> Ask {
     }
 }
 
-/// A request state that is not an approval form's, or does not hold.
-fn bad_state(message: &str) -> ToolError {
-    invalid("requestState", "invalid_request_state", message.to_owned())
+/// A call's answer to an approval form that does not hold.
+fn bad_answer(bad: approval::BadAnswer) -> ToolError {
+    invalid(bad.field, bad.rule, bad.message.to_owned())
 }
 
 /// A batch's messages per status, and `refused` for those not stored.
