@@ -1391,11 +1391,7 @@ async fn a_burst_killed_mid_way_loses_nothing_and_doubles_nothing() {
     let unanswered = calls.iter().filter(|c| c.value().is_none()).count();
     // Wait until the restarted daemon has nothing left to send.
     let drained = support::wait_until_async(
-        || async {
-            let st = harness::status(d.peer()).await;
-            let counts = &st["queue"]["counts"];
-            counts["queued"] == 0 && counts["sending"] == 0
-        },
+        || async { nothing_to_send(&harness::status(d.peer()).await) },
         Duration::from_secs(120),
     )
     .await;
@@ -1598,8 +1594,7 @@ async fn http_burst_killed_mid_way(stateless: bool) {
     let drained = support::wait_until_async(
         || async {
             let st = ask("get_smtp_status", json!({})).await;
-            let counts = &st.value().expect("a status")["queue"]["counts"];
-            counts["queued"] == 0 && counts["sending"] == 0
+            nothing_to_send(st.value().expect("a status"))
         },
         Duration::from_secs(120),
     )
@@ -2765,6 +2760,13 @@ fn count_final(
         }
         other => panic!("{id}: stored, now {other:?}"),
     }
+}
+
+/// Whether `get_smtp_status`'s answer `status` shows nothing queued or
+/// being sent.
+fn nothing_to_send(status: &Value) -> bool {
+    let counts = &status["queue"]["counts"];
+    counts["queued"] == 0 && counts["sending"] == 0
 }
 
 /// No message reached the sink twice, answered or not, and none that no
@@ -4357,11 +4359,7 @@ async fn a_backup_made_while_the_daemon_runs_restores_its_queue() {
     smtp.set_script(Script::ok());
     let d = Daemon::start(dir.path(), &cfg).await;
     let drained = support::wait_until_async(
-        || async {
-            let st = harness::status(d.peer()).await;
-            let counts = &st["queue"]["counts"];
-            counts["queued"] == 0 && counts["sending"] == 0
-        },
+        || async { nothing_to_send(&harness::status(d.peer()).await) },
         LIMIT,
     )
     .await;

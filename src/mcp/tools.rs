@@ -1230,10 +1230,7 @@ impl MailmuxServer {
                     respond(MessageStatusResult::from(&r), text)
                 }
                 // Another caller's message is not shown, nor said to exist.
-                Ok(_) => fail::<MessageStatusResult>(ToolError::new(
-                    "not_found",
-                    "no such message (it may have been purged after queue.retain)",
-                )),
+                Ok(_) => fail::<MessageStatusResult>(no_such_message()),
                 Err(e) => fail::<MessageStatusResult>(queue_error(&e)),
             }
         }
@@ -1787,12 +1784,7 @@ impl MailmuxServer {
             tracing::Span::current().record("message_id", answered.message_id.as_str());
             match self.owned_by(&caller, &answered.message_id).await {
                 Ok(Some(_)) => {}
-                Ok(None) => {
-                    return fail::<SendResult>(ToolError::new(
-                        "not_found",
-                        "no such message (it may have been purged after queue.retain)",
-                    ));
-                }
+                Ok(None) => return fail::<SendResult>(no_such_message()),
                 Err(e) => return fail::<SendResult>(queue_error(&e)),
             }
             let decided = answered
@@ -1802,9 +1794,7 @@ impl MailmuxServer {
                 Some(r) => r,
                 None => match self.owned_by(&caller, &answered.message_id).await {
                     Ok(Some(r)) => r,
-                    Ok(None) => {
-                        return fail::<SendResult>(ToolError::new("not_found", "no such message"));
-                    }
+                    Ok(None) => return fail::<SendResult>(no_such_message()),
                     Err(e) => return fail::<SendResult>(queue_error(&e)),
                 },
             };
@@ -3164,6 +3154,15 @@ fn ask_of(ctx: &RequestContext<RoleServer>) -> Ask {
         true => Ask::Nobody,
         false => Ask::Request(ctx.peer.clone()),
     }
+}
+
+/// A message that does not exist or is another caller's: not shown, nor
+/// said to exist.
+fn no_such_message() -> ToolError {
+    ToolError::new(
+        "not_found",
+        "no such message (it may have been purged after queue.retain)",
+    )
 }
 
 /// A call's answer to an approval form that does not hold.
